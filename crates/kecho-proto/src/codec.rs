@@ -1,0 +1,995 @@
+//! Frames and messages. See docs/PROTOCOL.md for the byte layout.
+//!
+//! A frame is a little-endian `u32` length, then that many bytes: a one-byte message kind and the message body. The
+//! decoder is a pure function over a byte buffer: it returns a message, "need more bytes" (`Ok(None)`), or a typed
+//! error; it never panics and never allocates more than the frame it was given.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::types::*;
+
+/// The protocol version this crate speaks. Peers with another version are refused in the handshake.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
+pub const MAGIC: u32 = 0x4b45_4348;
+/// Default maximum frame length (kind and body), 16 MiB.
+pub const MAX_FRAME_DEFAULT: usize = 16 << 20;
+/// Bytes before the body: the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Why a buffer is not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The length prefix announces more than the allowed maximum.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversized {
+        /// Announced length.
+        len: usize,
+        /// Allowed maximum.
+        max: usize,
+    },
+    /// A frame with length zero has no kind byte.
+    #[error("empty frame")]
+    Empty,
+    /// The kind byte names no message.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// The body ended before a field was complete.
+    #[error("message kind {kind} truncated")]
+    Truncated {
+        /// The message kind being decoded.
+        kind: u8,
+    },
+    /// Bytes were left over after the last field.
+    #[error("message kind {kind} has {extra} trailing bytes")]
+    Trailing {
+        /// The message kind.
+        kind: u8,
+        /// How many bytes were left.
+        extra: usize,
+    },
+    /// A string was not UTF-8.
+    #[error("invalid UTF-8 in message kind {kind}")]
+    Utf8 {
+        /// The message kind.
+        kind: u8,
+    },
+    /// An enumeration tag had no meaning.
+    #[error("invalid {what} tag {tag} in message kind {kind}")]
+    BadTag {
+        /// The message kind.
+        kind: u8,
+        /// Which field.
+        what: &'static str,
+        /// The tag seen.
+        tag: u8,
+    },
+}
+
+/// How a connection is meant to be used, stated in `Hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A node-to-node link carrying membership and events.
+    Node,
+    /// A registry client talking to a registry.
+    Registry,
+}
+
+/// Reason codes carried by [`Message::Close`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseCode {
+    /// Normal shutdown.
+    Normal,
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// The peer sent something that is not a valid frame.
+    Malformed,
+    /// A connection between the two nodes already exists and wins over this one.
+    Duplicate,
+    /// The peer broke the handshake rules (wrong first message, wrong magic, wrong purpose).
+    Handshake,
+    /// The peer said nothing for longer than the heartbeat timeout.
+    Timeout,
+    /// Any other code, kept for forward compatibility.
+    Other(u16),
+}
+
+impl CloseCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            CloseCode::Normal => 0,
+            CloseCode::VersionMismatch => 1,
+            CloseCode::Malformed => 2,
+            CloseCode::Duplicate => 3,
+            CloseCode::Handshake => 4,
+            CloseCode::Timeout => 5,
+            CloseCode::Other(c) => c,
+        }
+    }
+    fn from_u16(v: u16) -> Self {
+        match v {
+            0 => CloseCode::Normal,
+            1 => CloseCode::VersionMismatch,
+            2 => CloseCode::Malformed,
+            3 => CloseCode::Duplicate,
+            4 => CloseCode::Handshake,
+            5 => CloseCode::Timeout,
+            c => CloseCode::Other(c),
+        }
+    }
+}
+
+/// A node as listed in a join answer: who it is, where it listens, what it contributes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerEntry {
+    /// The node.
+    pub node: NodeId,
+    /// Its listening address, as `host:port`.
+    pub addr: String,
+    /// Its members in the channel.
+    pub snapshot: NodeSnapshot,
+}
+
+/// What a registry claim asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// Create the entry; fails if a live entry with this name exists.
+    Create,
+    /// Renew the caller's lease (re-creating the entry if the registry forgot it, e.g. after a restart); fails if
+    /// another node holds the contact role.
+    Renew,
+    /// Take over the contact role from `old`, which has left or died; fails if the holder is not `old`.
+    Takeover(NodeId),
+}
+
+/// A registry entry as the registry reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegEntry {
+    /// Channel name.
+    pub name: String,
+    /// Channel id.
+    pub channel: ChannelId,
+    /// The node that holds the contact role.
+    pub contact: NodeId,
+    /// Its address.
+    pub addr: String,
+    /// Sources in the channel, as last reported by the contact.
+    pub sources: u32,
+    /// Sinks in the channel, as last reported by the contact.
+    pub sinks: u32,
+    /// Milliseconds until the lease expires.
+    pub expires_in_ms: u64,
+}
+
+/// Error codes in registry replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegErrorCode {
+    /// No live entry with that name.
+    UnknownChannel,
+    /// A live entry with that name exists already.
+    Exists,
+    /// The caller does not hold the contact role (or the expected holder changed).
+    NotContact,
+    /// The request was invalid.
+    Invalid,
+    /// Any other code.
+    Other(u8),
+}
+
+impl RegErrorCode {
+    fn to_u8(self) -> u8 {
+        match self {
+            RegErrorCode::UnknownChannel => 1,
+            RegErrorCode::Exists => 2,
+            RegErrorCode::NotContact => 3,
+            RegErrorCode::Invalid => 4,
+            RegErrorCode::Other(c) => c,
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => RegErrorCode::UnknownChannel,
+            2 => RegErrorCode::Exists,
+            3 => RegErrorCode::NotContact,
+            4 => RegErrorCode::Invalid,
+            c => RegErrorCode::Other(c),
+        }
+    }
+}
+
+/// A registry reply body.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RegResult {
+    /// Done, nothing to report.
+    Ok,
+    /// One entry.
+    Entry(RegEntry),
+    /// A listing.
+    Entries(Vec<RegEntry>),
+    /// Refused.
+    Error {
+        /// Why.
+        code: RegErrorCode,
+        /// For humans.
+        message: String,
+    },
+}
+
+/// An event as carried on the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventMsg {
+    /// Channel.
+    pub channel: ChannelId,
+    /// The source on the sending node.
+    pub source: LocalId,
+    /// Per-source sequence number, starting at 1.
+    pub seq: u64,
+    /// Event type name.
+    pub ty: String,
+    /// Attribute list.
+    pub attrs: Attrs,
+    /// Payload, shared with the received frame (no copy).
+    pub payload: Bytes,
+}
+
+/// Every message kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// First message on every connection, from the side that dialled.
+    Hello {
+        /// Protocol version of the sender.
+        version: u16,
+        /// The sender's node id (random for registry clients).
+        node: NodeId,
+        /// The sender's listening address, empty if it does not listen.
+        addr: String,
+        /// What the connection is for.
+        purpose: Purpose,
+    },
+    /// The accepting side's answer to `Hello`.
+    HelloAck {
+        /// Protocol version of the sender.
+        version: u16,
+        /// The sender's node id.
+        node: NodeId,
+    },
+    /// Sent before closing a connection on purpose.
+    Close {
+        /// Why.
+        code: CloseCode,
+        /// For humans and logs.
+        reason: String,
+    },
+    /// Heartbeat request.
+    Ping(u64),
+    /// Heartbeat answer, echoing the nonce.
+    Pong(u64),
+    /// A node asks the channel's contact to let it join.
+    JoinRequest {
+        /// Channel.
+        channel: ChannelId,
+        /// The joiner's listening address.
+        addr: String,
+        /// The joiner's members.
+        snapshot: NodeSnapshot,
+    },
+    /// The contact's answer: every node currently in the channel.
+    JoinAccept {
+        /// Channel.
+        channel: ChannelId,
+        /// Current contact.
+        contact: NodeId,
+        /// Member nodes, excluding the joiner.
+        nodes: Vec<PeerEntry>,
+    },
+    /// The receiver is not (or no longer) the channel's contact; ask the registry again.
+    JoinRedirect {
+        /// Channel.
+        channel: ChannelId,
+    },
+    /// A node's members in a channel, sent to every other member node whenever they change. The contact also relays
+    /// joiners' snapshots, hence the explicit node and address.
+    Snapshot {
+        /// Channel.
+        channel: ChannelId,
+        /// Whose snapshot.
+        node: NodeId,
+        /// That node's address.
+        addr: String,
+        /// Its members; empty with `left` when it left.
+        snapshot: NodeSnapshot,
+        /// The node has left the channel.
+        left: bool,
+        /// The receiver should answer with its own snapshot (sent on first contact).
+        reply: bool,
+    },
+    /// An event.
+    Event(EventMsg),
+    /// The sender dropped `count` events of `source` for the receiving node because the link was full.
+    Lagged {
+        /// Channel.
+        channel: ChannelId,
+        /// The source whose events were dropped.
+        source: LocalId,
+        /// How many.
+        count: u64,
+    },
+    /// Registry: create, renew or take over an entry.
+    RegClaim {
+        /// Request id, echoed in the reply.
+        req: u32,
+        /// Channel name.
+        name: String,
+        /// Channel id.
+        channel: ChannelId,
+        /// Claiming node.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+        /// Lease length.
+        ttl_ms: u64,
+        /// Which kind of claim.
+        mode: ClaimMode,
+        /// Current source count.
+        sources: u32,
+        /// Current sink count.
+        sinks: u32,
+    },
+    /// Registry: look a channel up by name.
+    RegLookup {
+        /// Request id.
+        req: u32,
+        /// Channel name.
+        name: String,
+    },
+    /// Registry: remove an entry (only its contact may).
+    RegRemove {
+        /// Request id.
+        req: u32,
+        /// Channel name.
+        name: String,
+        /// Channel id.
+        channel: ChannelId,
+        /// The contact asking.
+        node: NodeId,
+    },
+    /// Registry: list live entries.
+    RegList {
+        /// Request id.
+        req: u32,
+    },
+    /// Registry: the answer to a request.
+    RegReply {
+        /// The request's id.
+        req: u32,
+        /// The outcome.
+        result: RegResult,
+    },
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const HELLO_ACK: u8 = 2;
+    pub const CLOSE: u8 = 3;
+    pub const PING: u8 = 4;
+    pub const PONG: u8 = 5;
+    pub const JOIN_REQUEST: u8 = 10;
+    pub const JOIN_ACCEPT: u8 = 11;
+    pub const JOIN_REDIRECT: u8 = 12;
+    pub const SNAPSHOT: u8 = 13;
+    pub const EVENT: u8 = 14;
+    pub const LAGGED: u8 = 15;
+    pub const REG_CLAIM: u8 = 20;
+    pub const REG_LOOKUP: u8 = 21;
+    pub const REG_REMOVE: u8 = 22;
+    pub const REG_LIST: u8 = 23;
+    pub const REG_REPLY: u8 = 24;
+}
+
+impl Message {
+    /// The kind byte of this message.
+    pub fn kind(&self) -> u8 {
+        use kind::*;
+        match self {
+            Message::Hello { .. } => HELLO,
+            Message::HelloAck { .. } => HELLO_ACK,
+            Message::Close { .. } => CLOSE,
+            Message::Ping(_) => PING,
+            Message::Pong(_) => PONG,
+            Message::JoinRequest { .. } => JOIN_REQUEST,
+            Message::JoinAccept { .. } => JOIN_ACCEPT,
+            Message::JoinRedirect { .. } => JOIN_REDIRECT,
+            Message::Snapshot { .. } => SNAPSHOT,
+            Message::Event(_) => EVENT,
+            Message::Lagged { .. } => LAGGED,
+            Message::RegClaim { .. } => REG_CLAIM,
+            Message::RegLookup { .. } => REG_LOOKUP,
+            Message::RegRemove { .. } => REG_REMOVE,
+            Message::RegList { .. } => REG_LIST,
+            Message::RegReply { .. } => REG_REPLY,
+        }
+    }
+
+    /// Appends this message as one complete frame (length prefix included) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        if let Message::Event(e) = self {
+            encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload);
+            return;
+        }
+        let start = begin_frame(dst, self.kind());
+        match self {
+            Message::Hello { version, node, addr, purpose } => {
+                dst.put_u32_le(MAGIC);
+                dst.put_u16_le(*version);
+                dst.put_u64_le(node.0);
+                put_str(dst, addr);
+                dst.put_u8(match purpose {
+                    Purpose::Node => 0,
+                    Purpose::Registry => 1,
+                });
+            }
+            Message::HelloAck { version, node } => {
+                dst.put_u16_le(*version);
+                dst.put_u64_le(node.0);
+            }
+            Message::Close { code, reason } => {
+                dst.put_u16_le(code.to_u16());
+                put_str(dst, reason);
+            }
+            Message::Ping(n) | Message::Pong(n) => dst.put_u64_le(*n),
+            Message::JoinRequest { channel, addr, snapshot } => {
+                dst.put_u64_le(channel.0);
+                put_str(dst, addr);
+                put_snapshot(dst, snapshot);
+            }
+            Message::JoinAccept { channel, contact, nodes } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(contact.0);
+                dst.put_u32_le(nodes.len() as u32);
+                for n in nodes {
+                    dst.put_u64_le(n.node.0);
+                    put_str(dst, &n.addr);
+                    put_snapshot(dst, &n.snapshot);
+                }
+            }
+            Message::JoinRedirect { channel } => dst.put_u64_le(channel.0),
+            Message::Snapshot { channel, node, addr, snapshot, left, reply } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(node.0);
+                put_str(dst, addr);
+                put_snapshot(dst, snapshot);
+                dst.put_u8(u8::from(*left) | (u8::from(*reply) << 1));
+            }
+            Message::Event(_) => unreachable!("handled above"),
+            Message::Lagged { channel, source, count } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(source.0);
+                dst.put_u64_le(*count);
+            }
+            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks } => {
+                dst.put_u32_le(*req);
+                put_str(dst, name);
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(node.0);
+                put_str(dst, addr);
+                dst.put_u64_le(*ttl_ms);
+                match mode {
+                    ClaimMode::Create => dst.put_u8(0),
+                    ClaimMode::Renew => dst.put_u8(1),
+                    ClaimMode::Takeover(old) => {
+                        dst.put_u8(2);
+                        dst.put_u64_le(old.0);
+                    }
+                }
+                dst.put_u32_le(*sources);
+                dst.put_u32_le(*sinks);
+            }
+            Message::RegLookup { req, name } => {
+                dst.put_u32_le(*req);
+                put_str(dst, name);
+            }
+            Message::RegRemove { req, name, channel, node } => {
+                dst.put_u32_le(*req);
+                put_str(dst, name);
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(node.0);
+            }
+            Message::RegList { req } => dst.put_u32_le(*req),
+            Message::RegReply { req, result } => {
+                dst.put_u32_le(*req);
+                match result {
+                    RegResult::Ok => dst.put_u8(0),
+                    RegResult::Entry(e) => {
+                        dst.put_u8(1);
+                        put_entry(dst, e);
+                    }
+                    RegResult::Entries(list) => {
+                        dst.put_u8(2);
+                        dst.put_u32_le(list.len() as u32);
+                        for e in list {
+                            put_entry(dst, e);
+                        }
+                    }
+                    RegResult::Error { code, message } => {
+                        dst.put_u8(3);
+                        dst.put_u8(code.to_u8());
+                        put_str(dst, message);
+                    }
+                }
+            }
+        }
+        end_frame(dst, start);
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+}
+
+/// Appends an event frame without building a [`Message`] first; this is the hot path of every submit. The result is
+/// the same as encoding `Message::Event`.
+pub fn encode_event(
+    dst: &mut BytesMut,
+    channel: ChannelId,
+    source: LocalId,
+    seq: u64,
+    ty: &str,
+    attrs: &Attrs,
+    payload: &[u8],
+) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8 + 4 + ty.len() + 4 + attrs.len() * 16 + payload.len());
+    let start = begin_frame(dst, kind::EVENT);
+    dst.put_u64_le(channel.0);
+    dst.put_u32_le(source.0);
+    dst.put_u64_le(seq);
+    put_str(dst, ty);
+    put_attrs(dst, attrs);
+    dst.put_slice(payload);
+    end_frame(dst, start);
+}
+
+/// Length of an encoded event frame, for size checks before encoding.
+pub fn event_frame_len(ty: &str, attrs: &Attrs, payload_len: usize) -> usize {
+    let mut n = LEN_PREFIX + 1 + 8 + 4 + 8 + 4 + ty.len() + 4 + payload_len;
+    for (name, v) in attrs.iter() {
+        n += 4 + name.len() + 1;
+        n += match v {
+            Value::Int(_) | Value::Float(_) => 8,
+            Value::Bool(_) => 1,
+            Value::Str(s) => 4 + s.len(),
+            Value::Bytes(b) => 4 + b.len(),
+        };
+    }
+    n
+}
+
+fn begin_frame(dst: &mut BytesMut, kind: u8) -> usize {
+    let start = dst.len();
+    dst.put_u32_le(0);
+    dst.put_u8(kind);
+    start
+}
+
+fn end_frame(dst: &mut BytesMut, start: usize) {
+    let len = (dst.len() - start - LEN_PREFIX) as u32;
+    dst[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_str(dst: &mut BytesMut, s: &str) {
+    dst.put_u32_le(s.len() as u32);
+    dst.put_slice(s.as_bytes());
+}
+
+fn put_attrs(dst: &mut BytesMut, attrs: &Attrs) {
+    dst.put_u32_le(attrs.len() as u32);
+    for (name, v) in attrs.iter() {
+        put_str(dst, name);
+        match v {
+            Value::Int(i) => {
+                dst.put_u8(0);
+                dst.put_i64_le(*i);
+            }
+            Value::Float(f) => {
+                dst.put_u8(1);
+                dst.put_f64_le(*f);
+            }
+            Value::Bool(b) => {
+                dst.put_u8(2);
+                dst.put_u8(u8::from(*b));
+            }
+            Value::Str(s) => {
+                dst.put_u8(3);
+                put_str(dst, s);
+            }
+            Value::Bytes(b) => {
+                dst.put_u8(4);
+                dst.put_u32_le(b.len() as u32);
+                dst.put_slice(b);
+            }
+        }
+    }
+}
+
+fn put_snapshot(dst: &mut BytesMut, s: &NodeSnapshot) {
+    dst.put_u64_le(s.version);
+    dst.put_u32_le(s.members.len() as u32);
+    for m in &s.members {
+        dst.put_u32_le(m.id.0);
+        match &m.role {
+            Role::Source => dst.put_u8(0),
+            Role::Sink { types, overflow } => {
+                dst.put_u8(1);
+                dst.put_u8(match overflow {
+                    Overflow::Block => 0,
+                    Overflow::DropOldest => 1,
+                    Overflow::DropNewest => 2,
+                });
+                match types {
+                    TypeFilter::All => dst.put_u8(0),
+                    TypeFilter::Only(list) => {
+                        dst.put_u8(1);
+                        dst.put_u32_le(list.len() as u32);
+                        for t in list {
+                            put_str(dst, t);
+                        }
+                    }
+                }
+            }
+        }
+        put_attrs(dst, &m.attrs);
+    }
+}
+
+fn put_entry(dst: &mut BytesMut, e: &RegEntry) {
+    put_str(dst, &e.name);
+    dst.put_u64_le(e.channel.0);
+    dst.put_u64_le(e.contact.0);
+    put_str(dst, &e.addr);
+    dst.put_u32_le(e.sources);
+    dst.put_u32_le(e.sinks);
+    dst.put_u64_le(e.expires_in_ms);
+}
+
+/// Takes one complete frame off the front of `buf` and decodes it.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (nothing is consumed then), and an error for an
+/// oversized or malformed frame (the connection should then be closed; what was consumed is unspecified).
+pub fn decode_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Message>, DecodeError> {
+    match split_frame(buf, max_frame)? {
+        Some(frame) => decode_body(frame).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Takes one complete frame (kind and body, without the length prefix) off the front of `buf`.
+pub fn split_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, DecodeError> {
+    if buf.len() < LEN_PREFIX {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max_frame {
+        return Err(DecodeError::Oversized { len, max: max_frame });
+    }
+    if len == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if buf.len() < LEN_PREFIX + len {
+        return Ok(None);
+    }
+    buf.advance(LEN_PREFIX);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Decodes one frame's kind and body (without the length prefix).
+pub fn decode_body(mut frame: Bytes) -> Result<Message, DecodeError> {
+    if frame.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let k = frame.get_u8();
+    let mut r = Reader { b: frame, kind: k };
+    let msg = r.message()?;
+    if !r.b.is_empty() {
+        return Err(DecodeError::Trailing { kind: k, extra: r.b.len() });
+    }
+    Ok(msg)
+}
+
+struct Reader {
+    b: Bytes,
+    kind: u8,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.b.len() < n {
+            Err(DecodeError::Truncated { kind: self.kind })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.b.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.b.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.b.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.b.get_u64_le())
+    }
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let n = self.u32()? as usize;
+        self.need(n)?;
+        Ok(self.b.split_to(n))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let raw = self.bytes()?;
+        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Utf8 { kind: self.kind })
+    }
+    /// A count of items each at least `min_size` bytes long, checked against what is left so that a lying count cannot
+    /// make us allocate.
+    fn count(&mut self, min_size: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size) > self.b.len() {
+            return Err(DecodeError::Truncated { kind: self.kind });
+        }
+        Ok(n)
+    }
+    fn bad(&self, what: &'static str, tag: u8) -> DecodeError {
+        DecodeError::BadTag { kind: self.kind, what, tag }
+    }
+    fn flag(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            t => Err(self.bad(what, t)),
+        }
+    }
+
+    fn attrs(&mut self) -> Result<Attrs, DecodeError> {
+        let n = self.count(5)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = self.string()?;
+            let value = match self.u8()? {
+                0 => Value::Int(self.u64()? as i64),
+                1 => Value::Float(f64::from_bits(self.u64()?)),
+                2 => Value::Bool(self.flag("bool")?),
+                3 => Value::Str(self.string()?),
+                4 => Value::Bytes(self.bytes()?),
+                t => return Err(self.bad("value", t)),
+            };
+            v.push((name, value));
+        }
+        Ok(Attrs(v))
+    }
+
+    fn snapshot(&mut self) -> Result<NodeSnapshot, DecodeError> {
+        let version = self.u64()?;
+        let n = self.count(9)?;
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = LocalId(self.u32()?);
+            let role = match self.u8()? {
+                0 => Role::Source,
+                1 => {
+                    let overflow = match self.u8()? {
+                        0 => Overflow::Block,
+                        1 => Overflow::DropOldest,
+                        2 => Overflow::DropNewest,
+                        t => return Err(self.bad("overflow", t)),
+                    };
+                    let types = match self.u8()? {
+                        0 => TypeFilter::All,
+                        1 => {
+                            let n = self.count(4)?;
+                            let mut list = Vec::with_capacity(n);
+                            for _ in 0..n {
+                                list.push(self.string()?);
+                            }
+                            TypeFilter::Only(list)
+                        }
+                        t => return Err(self.bad("type filter", t)),
+                    };
+                    Role::Sink { types, overflow }
+                }
+                t => return Err(self.bad("role", t)),
+            };
+            let attrs = self.attrs()?;
+            members.push(MemberInfo { id, role, attrs });
+        }
+        Ok(NodeSnapshot { version, members })
+    }
+
+    fn entry(&mut self) -> Result<RegEntry, DecodeError> {
+        Ok(RegEntry {
+            name: self.string()?,
+            channel: ChannelId(self.u64()?),
+            contact: NodeId(self.u64()?),
+            addr: self.string()?,
+            sources: self.u32()?,
+            sinks: self.u32()?,
+            expires_in_ms: self.u64()?,
+        })
+    }
+
+    fn message(&mut self) -> Result<Message, DecodeError> {
+        use kind::*;
+        Ok(match self.kind {
+            HELLO => {
+                let magic = self.u32()?;
+                if magic != MAGIC {
+                    return Err(DecodeError::BadTag { kind: self.kind, what: "magic", tag: (magic >> 24) as u8 });
+                }
+                let version = self.u16()?;
+                let node = NodeId(self.u64()?);
+                let addr = self.string()?;
+                let purpose = match self.u8()? {
+                    0 => Purpose::Node,
+                    1 => Purpose::Registry,
+                    t => return Err(self.bad("purpose", t)),
+                };
+                Message::Hello { version, node, addr, purpose }
+            }
+            HELLO_ACK => Message::HelloAck { version: self.u16()?, node: NodeId(self.u64()?) },
+            CLOSE => Message::Close { code: CloseCode::from_u16(self.u16()?), reason: self.string()? },
+            PING => Message::Ping(self.u64()?),
+            PONG => Message::Pong(self.u64()?),
+            JOIN_REQUEST => Message::JoinRequest {
+                channel: ChannelId(self.u64()?),
+                addr: self.string()?,
+                snapshot: self.snapshot()?,
+            },
+            JOIN_ACCEPT => {
+                let channel = ChannelId(self.u64()?);
+                let contact = NodeId(self.u64()?);
+                let n = self.count(24)?;
+                let mut nodes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    nodes.push(PeerEntry { node: NodeId(self.u64()?), addr: self.string()?, snapshot: self.snapshot()? });
+                }
+                Message::JoinAccept { channel, contact, nodes }
+            }
+            JOIN_REDIRECT => Message::JoinRedirect { channel: ChannelId(self.u64()?) },
+            SNAPSHOT => {
+                let channel = ChannelId(self.u64()?);
+                let node = NodeId(self.u64()?);
+                let addr = self.string()?;
+                let snapshot = self.snapshot()?;
+                let flags = self.u8()?;
+                if flags > 3 {
+                    return Err(self.bad("snapshot flags", flags));
+                }
+                Message::Snapshot { channel, node, addr, snapshot, left: flags & 1 != 0, reply: flags & 2 != 0 }
+            }
+            EVENT => {
+                let channel = ChannelId(self.u64()?);
+                let source = LocalId(self.u32()?);
+                let seq = self.u64()?;
+                let ty = self.string()?;
+                let attrs = self.attrs()?;
+                let payload = std::mem::take(&mut self.b);
+                Message::Event(EventMsg { channel, source, seq, ty, attrs, payload })
+            }
+            LAGGED => Message::Lagged {
+                channel: ChannelId(self.u64()?),
+                source: LocalId(self.u32()?),
+                count: self.u64()?,
+            },
+            REG_CLAIM => {
+                let req = self.u32()?;
+                let name = self.string()?;
+                let channel = ChannelId(self.u64()?);
+                let node = NodeId(self.u64()?);
+                let addr = self.string()?;
+                let ttl_ms = self.u64()?;
+                let mode = match self.u8()? {
+                    0 => ClaimMode::Create,
+                    1 => ClaimMode::Renew,
+                    2 => ClaimMode::Takeover(NodeId(self.u64()?)),
+                    t => return Err(self.bad("claim mode", t)),
+                };
+                let sources = self.u32()?;
+                let sinks = self.u32()?;
+                Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks }
+            }
+            REG_LOOKUP => Message::RegLookup { req: self.u32()?, name: self.string()? },
+            REG_REMOVE => Message::RegRemove {
+                req: self.u32()?,
+                name: self.string()?,
+                channel: ChannelId(self.u64()?),
+                node: NodeId(self.u64()?),
+            },
+            REG_LIST => Message::RegList { req: self.u32()? },
+            REG_REPLY => {
+                let req = self.u32()?;
+                let result = match self.u8()? {
+                    0 => RegResult::Ok,
+                    1 => RegResult::Entry(self.entry()?),
+                    2 => {
+                        let n = self.count(40)?;
+                        let mut list = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            list.push(self.entry()?);
+                        }
+                        RegResult::Entries(list)
+                    }
+                    3 => RegResult::Error { code: RegErrorCode::from_u8(self.u8()?), message: self.string()? },
+                    t => return Err(self.bad("registry result", t)),
+                };
+                Message::RegReply { req, result }
+            }
+            k => return Err(DecodeError::UnknownKind(k)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(m: Message) {
+        let mut b = BytesMut::new();
+        m.encode(&mut b);
+        let got = decode_frame(&mut b, MAX_FRAME_DEFAULT).unwrap().unwrap();
+        assert_eq!(got, m);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn event_round_trip() {
+        check(Message::Event(EventMsg {
+            channel: ChannelId(7),
+            source: LocalId(3),
+            seq: 42,
+            ty: "load".into(),
+            attrs: Attrs::new().with("cpu", 0.5).with("zone", "a").with("n", 3i64).with("ok", true),
+            payload: Bytes::from_static(b"hello"),
+        }));
+    }
+
+    #[test]
+    fn partial_frame_needs_more() {
+        let mut b = BytesMut::new();
+        Message::Ping(9).encode(&mut b);
+        let full = b.clone();
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert_eq!(decode_frame(&mut part, MAX_FRAME_DEFAULT), Ok(None));
+            assert_eq!(part.len(), cut, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn oversized_is_refused_before_reading_body() {
+        let mut b = BytesMut::new();
+        b.put_u32_le(1 << 30);
+        assert_eq!(
+            decode_frame(&mut b, MAX_FRAME_DEFAULT),
+            Err(DecodeError::Oversized { len: 1 << 30, max: MAX_FRAME_DEFAULT })
+        );
+    }
+
+    #[test]
+    fn lying_count_does_not_allocate() {
+        let mut b = BytesMut::new();
+        b.put_u32_le(1 + 4 + 1 + 4);
+        b.put_u8(kind::EVENT);
+        b.put_u32_le(u32::MAX);
+        b.put_u8(0);
+        b.put_u32_le(u32::MAX);
+        assert!(matches!(decode_frame(&mut b, MAX_FRAME_DEFAULT), Err(DecodeError::Truncated { .. })));
+    }
+}

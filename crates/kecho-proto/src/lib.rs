@@ -1,0 +1,18 @@
+//! kecho's protocol core. It does no I/O: it turns bytes into typed messages and back, and keeps the membership and
+//! liveness state machines, with the current time passed in by the caller.
+//!
+//! - [`codec`]: length-prefixed frames and every message kind, as pure functions over bytes.
+//! - [`types`]: identifiers, attribute values and member descriptions shared by all crates.
+//! - [`liveness`]: heartbeat bookkeeping for one link.
+//! - [`membership`]: the per-channel membership state machine (join, leave, contact role, takeover).
+//! - [`registry`]: the registry's lease table (the KECho paper's group server).
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod liveness;
+pub mod membership;
+pub mod registry;
+pub mod types;
+
+pub use codec::{DecodeError, Message, MAX_FRAME_DEFAULT, PROTOCOL_VERSION};
+pub use types::*;

@@ -1,0 +1,226 @@
+//! The registry's lease table: the KECho paper's group server, without I/O.
+//!
+//! A channel's contact stores `(name -> channel id, contact node, address)` here as a lease that it renews; a dead
+//! contact's lease expires. Another member may take the contact role over with a compare-and-set on the holder.
+//! Only the holder may renew or remove an entry.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::codec::{ClaimMode, Message, RegEntry, RegErrorCode, RegResult};
+use crate::types::{ChannelId, NodeId};
+
+/// Shortest lease granted.
+pub const MIN_TTL: Duration = Duration::from_millis(100);
+/// Longest lease granted.
+pub const MAX_TTL: Duration = Duration::from_secs(300);
+/// Longest channel name accepted, in bytes.
+pub const MAX_NAME: usize = 255;
+
+#[derive(Clone, Debug)]
+struct Lease {
+    channel: ChannelId,
+    contact: NodeId,
+    addr: String,
+    sources: u32,
+    sinks: u32,
+    expires: Instant,
+}
+
+/// The table of live leases.
+#[derive(Debug, Default)]
+pub struct RegistryTable {
+    entries: HashMap<String, Lease>,
+}
+
+impl RegistryTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Answers one registry request. Returns `None` for messages that are not registry requests.
+    pub fn handle(&mut self, msg: &Message, now: Instant) -> Option<Message> {
+        self.expire(now);
+        let (req, result) = match msg {
+            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks } => {
+                (*req, self.claim(name, *channel, *node, addr, *ttl_ms, *mode, *sources, *sinks, now))
+            }
+            Message::RegLookup { req, name } => (
+                *req,
+                match self.entries.get(name) {
+                    Some(l) => RegResult::Entry(entry(name, l, now)),
+                    None => unknown(name),
+                },
+            ),
+            Message::RegRemove { req, name, channel, node } => (
+                *req,
+                match self.entries.get(name) {
+                    None => RegResult::Ok,
+                    Some(l) if l.channel == *channel && l.contact == *node => {
+                        self.entries.remove(name);
+                        RegResult::Ok
+                    }
+                    Some(_) => not_contact(name),
+                },
+            ),
+            Message::RegList { req } => {
+                let mut list: Vec<RegEntry> = self.entries.iter().map(|(n, l)| entry(n, l, now)).collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                (*req, RegResult::Entries(list))
+            }
+            _ => return None,
+        };
+        Some(Message::RegReply { req, result })
+    }
+
+    /// Drops leases that have expired by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        self.entries.retain(|_, l| l.expires > now);
+    }
+
+    /// Number of live entries (as of the last call that was given the time).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn claim(
+        &mut self,
+        name: &str,
+        channel: ChannelId,
+        node: NodeId,
+        addr: &str,
+        ttl_ms: u64,
+        mode: ClaimMode,
+        sources: u32,
+        sinks: u32,
+        now: Instant,
+    ) -> RegResult {
+        if name.is_empty() || name.len() > MAX_NAME {
+            return RegResult::Error {
+                code: RegErrorCode::Invalid,
+                message: format!("channel name must be 1 to {MAX_NAME} bytes"),
+            };
+        }
+        if addr.is_empty() {
+            return RegResult::Error { code: RegErrorCode::Invalid, message: "contact address is empty".into() };
+        }
+        let ttl = Duration::from_millis(ttl_ms).clamp(MIN_TTL, MAX_TTL);
+        let fresh = Lease { channel, contact: node, addr: addr.to_owned(), sources, sinks, expires: now + ttl };
+        let allowed = match (self.entries.get(name), mode) {
+            (None, _) => true,
+            // A retried create by the same contact is not an error.
+            (Some(l), ClaimMode::Create) => l.channel == channel && l.contact == node,
+            (Some(l), ClaimMode::Renew) => l.channel == channel && l.contact == node,
+            (Some(l), ClaimMode::Takeover(old)) => l.channel == channel && (l.contact == old || l.contact == node),
+        };
+        if !allowed {
+            return match mode {
+                ClaimMode::Create => RegResult::Error {
+                    code: RegErrorCode::Exists,
+                    message: format!("channel {name:?} exists already"),
+                },
+                _ => not_contact(name),
+            };
+        }
+        self.entries.insert(name.to_owned(), fresh);
+        RegResult::Entry(entry(name, &self.entries[name], now))
+    }
+}
+
+fn entry(name: &str, l: &Lease, now: Instant) -> RegEntry {
+    RegEntry {
+        name: name.to_owned(),
+        channel: l.channel,
+        contact: l.contact,
+        addr: l.addr.clone(),
+        sources: l.sources,
+        sinks: l.sinks,
+        expires_in_ms: l.expires.saturating_duration_since(now).as_millis() as u64,
+    }
+}
+
+fn unknown(name: &str) -> RegResult {
+    RegResult::Error { code: RegErrorCode::UnknownChannel, message: format!("unknown channel {name:?}") }
+}
+
+fn not_contact(name: &str) -> RegResult {
+    RegResult::Error {
+        code: RegErrorCode::NotContact,
+        message: format!("another node holds the contact role of channel {name:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(name: &str, ch: u64, node: u64, mode: ClaimMode) -> Message {
+        Message::RegClaim {
+            req: 1,
+            name: name.into(),
+            channel: ChannelId(ch),
+            node: NodeId(node),
+            addr: format!("127.0.0.1:{node}"),
+            ttl_ms: 1000,
+            mode,
+            sources: 1,
+            sinks: 2,
+        }
+    }
+
+    fn code(reply: Option<Message>) -> Option<RegErrorCode> {
+        match reply {
+            Some(Message::RegReply { result: RegResult::Error { code, .. }, .. }) => Some(code),
+            Some(Message::RegReply { .. }) => None,
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lease_lifecycle() {
+        let t0 = Instant::now();
+        let mut t = RegistryTable::new();
+        assert_eq!(code(t.handle(&claim("a", 1, 10, ClaimMode::Create), t0)), None);
+        assert_eq!(code(t.handle(&claim("a", 2, 11, ClaimMode::Create), t0)), Some(RegErrorCode::Exists));
+        // Only the holder renews; a stranger is refused and the entry is untouched.
+        assert_eq!(code(t.handle(&claim("a", 1, 11, ClaimMode::Renew), t0)), Some(RegErrorCode::NotContact));
+        assert_eq!(code(t.handle(&claim("a", 1, 10, ClaimMode::Renew), t0)), None);
+        // Takeover is a compare-and-set on the holder.
+        let wrong_old = claim("a", 1, 12, ClaimMode::Takeover(NodeId(99)));
+        assert_eq!(code(t.handle(&wrong_old, t0)), Some(RegErrorCode::NotContact));
+        assert_eq!(code(t.handle(&claim("a", 1, 12, ClaimMode::Takeover(NodeId(10))), t0)), None);
+        assert_eq!(code(t.handle(&claim("a", 1, 10, ClaimMode::Renew), t0)), Some(RegErrorCode::NotContact));
+        // Leases expire.
+        let later = t0 + Duration::from_millis(1001);
+        let lookup = Message::RegLookup { req: 2, name: "a".into() };
+        assert_eq!(code(t.handle(&lookup, later)), Some(RegErrorCode::UnknownChannel));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn remove_only_by_holder() {
+        let t0 = Instant::now();
+        let mut t = RegistryTable::new();
+        t.handle(&claim("a", 1, 10, ClaimMode::Create), t0);
+        let by = |node| Message::RegRemove { req: 3, name: "a".into(), channel: ChannelId(1), node: NodeId(node) };
+        assert_eq!(code(t.handle(&by(11), t0)), Some(RegErrorCode::NotContact));
+        assert_eq!(t.len(), 1);
+        assert_eq!(code(t.handle(&by(10), t0)), None);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn renew_recreates_after_registry_restart() {
+        let t0 = Instant::now();
+        let mut t = RegistryTable::new();
+        assert_eq!(code(t.handle(&claim("a", 1, 10, ClaimMode::Renew), t0)), None);
+        assert_eq!(t.len(), 1);
+    }
+}
