@@ -1,1 +1,369 @@
-fn main(){}
+//! The `kecho` command.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kecho::{Node, Overflow, RecvError, SinkOptions, Value};
+use kecho_registry::RegistryServer;
+use tokio::io::AsyncBufReadExt;
+
+mod attrs;
+mod demo;
+
+const DEFAULT_REGISTRY: &str = "127.0.0.1:7400";
+
+#[derive(Parser, Debug)]
+#[command(name = "kecho", version, about = "Event channels after KECho: registry, publish, subscribe, demo")]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. info or kecho=debug.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RegistryArg {
+    /// Registry address [default: $KECHO_REGISTRY, then 127.0.0.1:7400].
+    #[arg(long, env = "KECHO_REGISTRY", default_value = DEFAULT_REGISTRY)]
+    registry: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the channel registry (the KECho group server).
+    Registry {
+        /// Address to listen on.
+        #[arg(long, default_value = DEFAULT_REGISTRY)]
+        listen: String,
+    },
+    /// Subscribe to a channel and print each event.
+    Sub(SubArgs),
+    /// Publish events on a channel.
+    Pub(PubArgs),
+    /// List the registry's channels with member counts.
+    Channels {
+        #[command(flatten)]
+        reg: RegistryArg,
+    },
+    /// Run an embedded registry and a small cluster on loopback; print what each sink got and delivery latency.
+    Demo {
+        /// Events per source in the latency run.
+        #[arg(long, default_value_t = 2000)]
+        events: u64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct SubArgs {
+    /// Channel name.
+    channel: String,
+    #[command(flatten)]
+    reg: RegistryArg,
+    /// Only these event types (repeatable); default all.
+    #[arg(long = "type", value_name = "T")]
+    types: Vec<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// What to do when events arrive faster than they are printed.
+    #[arg(long, value_enum, default_value_t = OverflowArg::Block)]
+    overflow: OverflowArg,
+    /// Queue capacity in events.
+    #[arg(long, default_value_t = 4096)]
+    capacity: usize,
+    /// Fail if the channel does not exist instead of creating it.
+    #[arg(long)]
+    existing: bool,
+    /// Address this node listens on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Give up after this many seconds (default: never).
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+struct PubArgs {
+    /// Channel name.
+    channel: String,
+    /// Payload text, or `-` to read one event per line from standard input.
+    payload: Option<String>,
+    #[command(flatten)]
+    reg: RegistryArg,
+    /// Event type.
+    #[arg(long = "type", value_name = "T", default_value = "event")]
+    ty: String,
+    /// Attribute KEY=VALUE (repeatable). VALUE is read as integer, float, true/false or text; force a type with
+    /// KEY:int=, KEY:float=, KEY:bool=, KEY:str= or KEY:hex= (bytes).
+    #[arg(long = "attr", value_name = "K=V")]
+    attrs: Vec<String>,
+    /// Number of events (default 1; with `-`, every line).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Events per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Payload size in bytes when no payload text is given (filled with 'x').
+    #[arg(long)]
+    size: Option<usize>,
+    /// Wait until this many sinks are present before publishing.
+    #[arg(long)]
+    wait_sinks: Option<usize>,
+    /// Seconds to wait for sinks (and for the channel).
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Fail if the channel does not exist instead of creating it.
+    #[arg(long)]
+    existing: bool,
+    /// Address this node listens on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum OverflowArg {
+    Block,
+    DropOldest,
+    DropNewest,
+}
+
+impl From<OverflowArg> for Overflow {
+    fn from(o: OverflowArg) -> Self {
+        match o {
+            OverflowArg::Block => Overflow::Block,
+            OverflowArg::DropOldest => Overflow::DropOldest,
+            OverflowArg::DropNewest => Overflow::DropNewest,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kecho: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kecho: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Registry { listen } => registry(&listen).await,
+        Cmd::Sub(a) => sub(a).await,
+        Cmd::Pub(a) => publish(a).await,
+        Cmd::Channels { reg } => channels(&reg).await,
+        Cmd::Demo { events } => demo::run(events).await,
+    }
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .with_context(|| format!("invalid {what} address {s:?}"))?
+        .next()
+        .with_context(|| format!("invalid {what} address {s:?}"))
+}
+
+async fn registry(listen: &str) -> Result<()> {
+    let addr = parse_addr("listen", listen)?;
+    let server = RegistryServer::bind(addr).await?;
+    eprintln!("kecho registry listening on {}", server.local_addr());
+    tokio::select! {
+        _ = server.run() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+async fn node(reg: &RegistryArg, listen: &str) -> Result<Node> {
+    let registry = parse_addr("registry", &reg.registry)?;
+    let listen = parse_addr("listen", listen)?;
+    let node = Node::builder().registry(registry).listen(listen).start().await?;
+    Ok(node)
+}
+
+async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel> {
+    let ch = if existing { node.open_channel(name).await? } else { node.channel(name).await? };
+    Ok(ch)
+}
+
+async fn sub(a: SubArgs) -> Result<()> {
+    let node = node(&a.reg, &a.listen).await?;
+    let ch = open(&node, &a.channel, a.existing).await?;
+    let mut sink = ch.sink(SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into()))?;
+    eprintln!("kecho: subscribed to {:?}", a.channel);
+    let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
+    let mut got = 0u64;
+    let mut out = std::io::stdout().lock();
+    let result = loop {
+        if a.count.is_some_and(|n| got >= n) {
+            break Ok(());
+        }
+        let next = async {
+            tokio::select! {
+                r = sink.recv() => Some(r),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        };
+        let r = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, next).await {
+                Ok(r) => r,
+                Err(_) => {
+                    break Err(anyhow::anyhow!(
+                        "timed out after {:.1} s with {got} event(s) received",
+                        a.timeout.unwrap_or_default()
+                    ))
+                }
+            },
+            None => next.await,
+        };
+        match r {
+            None => break Ok(()),
+            Some(Ok(ev)) => {
+                got += 1;
+                let line = match a.format {
+                    Format::Json => attrs::event_json(&ev).to_string(),
+                    Format::Text => attrs::event_text(&ev),
+                };
+                use std::io::Write;
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    break Ok(()); // stdout closed (e.g. piped into head)
+                }
+            }
+            Some(Err(RecvError::Lagged(n))) => eprintln!("kecho: missed {n} event(s)"),
+            Some(Err(RecvError::Closed)) => break Err(anyhow::anyhow!("channel closed")),
+            Some(Err(e)) => break Err(e.into()),
+        }
+    };
+    drop(out);
+    drop(sink);
+    node.shutdown().await;
+    result
+}
+
+async fn publish(a: PubArgs) -> Result<()> {
+    let attrs = attrs::parse_all(&a.attrs)?;
+    if a.ty.is_empty() {
+        bail!("--type must not be empty");
+    }
+    if let Some(r) = a.rate {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!("--rate must be a positive number of events per second");
+        }
+    }
+    if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a non-negative number of seconds");
+    }
+    let node = node(&a.reg, &a.listen).await?;
+    let ch = open(&node, &a.channel, a.existing).await?;
+    let mut src = ch.source()?;
+    if let Some(k) = a.wait_sinks {
+        ch.wait_for_sinks(k, Duration::from_secs_f64(a.timeout)).await?;
+    }
+    let mut ticker = a.rate.map(|r| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut sent = 0u64;
+    if a.payload.as_deref() == Some("-") {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("reading standard input")? {
+            if a.count.is_some_and(|n| sent >= n) {
+                break;
+            }
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            src.submit(&a.ty, &attrs, line.as_bytes()).await?;
+            sent += 1;
+        }
+    } else {
+        let payload: Vec<u8> = match (&a.payload, a.size) {
+            (Some(p), _) => p.clone().into_bytes(),
+            (None, Some(n)) => vec![b'x'; n],
+            (None, None) => Vec::new(),
+        };
+        let count = a.count.unwrap_or(1);
+        for _ in 0..count {
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            src.submit(&a.ty, &attrs, &payload).await?;
+            sent += 1;
+        }
+    }
+    let stats = ch.stats();
+    drop(src);
+    node.shutdown().await;
+    eprintln!("kecho: published {sent} event(s) ({} frame(s) sent, {} dropped)", stats.sent, stats.dropped);
+    Ok(())
+}
+
+async fn channels(reg: &RegistryArg) -> Result<()> {
+    let addr = parse_addr("registry", &reg.registry)?;
+    let client = kecho::RegistryClient::remote(addr);
+    let list = client.list().await?;
+    if list.is_empty() {
+        println!("no channels");
+        return Ok(());
+    }
+    println!("{:<32} {:>8} {:>8}  {:<21} {:>9}", "CHANNEL", "SOURCES", "SINKS", "CONTACT", "LEASE");
+    for e in list {
+        println!(
+            "{:<32} {:>8} {:>8}  {:<21} {:>8.1}s",
+            e.name,
+            e.sources,
+            e.sinks,
+            e.addr,
+            e.expires_in_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+/// Used by `demo` and by attribute printing.
+pub(crate) fn value_text(v: &Value) -> String {
+    match v {
+        Value::Str(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

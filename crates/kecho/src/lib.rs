@@ -1,1 +1,34 @@
-pub fn x(){}
+//! kecho: event channels after KECho (Poellabauer, Schwan, Eisenhauer, Kong).
+//!
+//! Services on many hosts coordinate through anonymous publish/subscribe channels. A [`Node`] (one per process, one
+//! listening port) opens any number of [`Channel`]s; a channel has any number of [`Source`]s and [`Sink`]s that join
+//! and leave at run time. Events go directly from each source to each interested sink over one TCP link per pair of
+//! nodes; a registry (the paper's group server) only tells joiners whom to contact.
+//!
+//! ```no_run
+//! # async fn demo() -> kecho::Result<()> {
+//! use kecho::{Attrs, Node, SinkOptions};
+//! let node = Node::start().await?; // in-process registry: nothing to start first
+//! let ch = node.channel("load").await?;
+//! let mut sink = ch.sink(SinkOptions::new().types(["cpu"]))?;
+//! let mut src = ch.source()?;
+//! src.submit("cpu", &Attrs::new().with("host", "a").with("util", 0.42), b"").await?;
+//! let ev = sink.recv().await.unwrap();
+//! assert_eq!(ev.attrs().get("util"), Some(&kecho::Value::Float(0.42)));
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod channel;
+mod error;
+mod link;
+mod node;
+mod queue;
+
+pub use channel::{Channel, ChannelStats, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
+pub use error::{Error, Result};
+pub use kecho_proto::membership::MembershipConfig;
+pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
+pub use kecho_registry::{RegistryClient, RegistryError};
+pub use node::{Node, NodeBuilder, NodeConfig};
+pub use queue::{Event, RecvError, TryRecvError};

@@ -1,0 +1,155 @@
+//! `kecho demo`: an embedded registry and four nodes on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use kecho::{Attrs, Node, SinkOptions, Value};
+use kecho_registry::RegistryServer;
+use serde::{Deserialize, Serialize};
+
+/// A load report, as in KECho's monitoring channel.
+#[derive(Serialize, Deserialize, Debug)]
+struct LoadReport {
+    node: String,
+    cpu: f64,
+    queue: u32,
+}
+
+pub(crate) async fn run(events: u64) -> Result<()> {
+    let server = RegistryServer::bind(([127, 0, 0, 1], 0).into()).await?;
+    let reg_addr = server.local_addr();
+    let _registry = server.spawn();
+    println!("kecho demo: embedded registry on {reg_addr}, 4 nodes on loopback\n");
+
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(Node::builder().registry(reg_addr).start().await?);
+    }
+    let names = ["node0", "node1", "node2", "node3"];
+
+    // 1. A monitoring channel: every node publishes typed load reports; node0 collects them.
+    let t0 = Instant::now();
+    let mon0 = nodes[0].create_channel("monitoring").await?;
+    let created = t0.elapsed();
+    let mut collector = mon0.typed_sink::<LoadReport>("load", SinkOptions::new())?;
+    let mut mon = vec![mon0.clone()];
+    let t1 = Instant::now();
+    for n in &nodes[1..] {
+        mon.push(n.open_channel("monitoring").await?);
+    }
+    let opened = t1.elapsed() / 3;
+    let mut reporters = Vec::new();
+    for ch in &mon {
+        reporters.push(ch.typed_source::<LoadReport>("load")?);
+    }
+    mon0.wait_for_sinks(1, Duration::from_secs(5)).await?;
+    for ch in &mon[1..] {
+        ch.wait_for_sinks(1, Duration::from_secs(5)).await?;
+    }
+    for (i, r) in reporters.iter_mut().enumerate() {
+        for round in 0..2u32 {
+            let cpu = ((i as f64 + 1.0) * 0.17 + round as f64 * 0.05).min(1.0);
+            let report = LoadReport { node: names[i].into(), cpu, queue: i as u32 * 3 + round };
+            let attrs = Attrs::new().with("host", names[i]).with("cpu", cpu);
+            r.submit(&report, &attrs).await?;
+        }
+    }
+    println!("channel \"monitoring\" (created in {created:?}, opened in {opened:?} on average):");
+    println!("  sink on node0 (type \"load\") received:");
+    for _ in 0..reporters.len() * 2 {
+        let got = tokio::time::timeout(Duration::from_secs(5), collector.recv()).await.context("load reports")??;
+        println!(
+            "    load #{} from {:<5} cpu={:.2} queue={}  attrs: {}",
+            got.event.seq(),
+            got.value.node,
+            got.value.cpu,
+            got.value.queue,
+            fmt_attrs(got.event.attrs())
+        );
+    }
+
+    // 2. A request channel with type filters: each sink gets only the types it asked for, filtered at the source.
+    let req0 = nodes[0].create_channel("requests").await?;
+    let mut sinks = Vec::new();
+    let wanted: [&[&str]; 3] = [&["get"], &["put"], &[]];
+    let mut req = Vec::new();
+    for (i, types) in wanted.iter().enumerate() {
+        let ch = nodes[i + 1].open_channel("requests").await?;
+        sinks.push(ch.sink(SinkOptions::new().types(types.iter().copied()))?);
+        req.push(ch);
+    }
+    req0.wait_for_sinks(3, Duration::from_secs(5)).await?;
+    let mut src = req0.source()?;
+    let kinds = ["get", "put", "delete"];
+    let total = 30u64;
+    for i in 0..total {
+        let ty = kinds[(i % 3) as usize];
+        let attrs = Attrs::new().with("path", format!("/item/{i}")).with("size", (i * 100) as i64);
+        src.submit(ty, &attrs, format!("request {i}").as_bytes()).await?;
+    }
+    println!("\nchannel \"requests\": node0 submitted {total} events (get, put, delete in turn):");
+    for (i, s) in sinks.iter_mut().enumerate() {
+        let expect = if wanted[i].is_empty() { total } else { total / 3 };
+        let mut by_type = BTreeMap::new();
+        let mut first = None;
+        for _ in 0..expect {
+            let ev = tokio::time::timeout(Duration::from_secs(5), s.recv()).await.context("requests")??;
+            *by_type.entry(ev.ty().to_owned()).or_insert(0u64) += 1;
+            first.get_or_insert_with(|| format!("{} #{} {}", ev.ty(), ev.seq(), fmt_attrs(ev.attrs())));
+        }
+        let types = if wanted[i].is_empty() { "all types".to_owned() } else { format!("types {:?}", wanted[i]) };
+        println!(
+            "  sink on {} ({types}): {} events {:?}; first: {}",
+            names[i + 1],
+            expect,
+            by_type,
+            first.unwrap_or_default()
+        );
+    }
+    let stats = req0.stats();
+    println!(
+        "  source side: {} events submitted, {} frames sent (types nobody wanted never left node0)",
+        stats.submitted, stats.sent
+    );
+
+    // 3. Delivery latency: node2 -> node3, one event in flight at a time (no queueing), timestamps in attributes.
+    let lat_src_ch = nodes[2].channel("latency").await?;
+    let lat_sink_ch = nodes[3].open_channel("latency").await?;
+    let mut lat_sink = lat_sink_ch.sink(SinkOptions::new().types(["ping"]))?;
+    lat_src_ch.wait_for_sinks(1, Duration::from_secs(5)).await?;
+    let mut lat_src = lat_src_ch.source()?;
+    let epoch = Arc::new(Instant::now());
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
+    let payload = vec![0u8; 100];
+    for _ in 0..events {
+        let sent_ns = epoch.elapsed().as_nanos() as i64;
+        lat_src.submit("ping", &Attrs::new().with("t", sent_ns), &payload).await?;
+        let ev = tokio::time::timeout(Duration::from_secs(5), lat_sink.recv()).await.context("latency events")??;
+        let now_ns = epoch.elapsed().as_nanos() as i64;
+        if let Some(Value::Int(t)) = ev.attrs().get("t") {
+            hist.record(((now_ns - t).max(1) / 1000).max(1) as u64).ok();
+        }
+    }
+    println!("\ndelivery latency node2 -> node3 over TCP loopback, {events} events of 100 B, one in flight:");
+    println!(
+        "  p50 {} us   p90 {} us   p99 {} us   p99.9 {} us   max {} us",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.9),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+    println!("  (KECho reported 250-300 us from socket arrival to handler in the kernel)");
+
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+fn fmt_attrs(a: &Attrs) -> String {
+    a.iter().map(|(k, v)| format!("{k}={}", crate::value_text(v))).collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,810 @@
+//! Channels, sources and sinks.
+//!
+//! A channel's membership is decided by its [`ChannelState`] (the sans-IO core); this module executes its outputs and
+//! keeps a routing table derived from it, which the submit path reads without touching the state machine.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::Stream;
+use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
+use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
+use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+
+use crate::error::{Error, Result};
+use crate::link::Peer;
+use crate::node::{now, NodeInner};
+use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, TryRecvError};
+
+#[derive(Clone, Debug, PartialEq)]
+enum Status {
+    Opening,
+    Ready,
+    Failed(OpenFailure),
+    Closed,
+}
+
+/// Per-channel counters, as seen by this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Events submitted by local sources.
+    pub submitted: u64,
+    /// Event frames queued to other nodes (one per destination node per event).
+    pub sent: u64,
+    /// Bytes of those frames.
+    pub bytes_sent: u64,
+    /// Events that arrived from other nodes or from local sources for local sinks.
+    pub received: u64,
+    /// Events lost: discarded at a full sink queue or a full link, in either direction.
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    received: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// One remote node's sinks, for the submit path.
+struct PeerRoute {
+    peer: Arc<Peer>,
+    sinks: Vec<(TypeFilter, Overflow)>,
+}
+
+impl PeerRoute {
+    /// Whether any sink there wants `ty`, and whether any of those blocks.
+    fn wants(&self, ty: &str) -> (bool, bool) {
+        let mut any = false;
+        let mut block = false;
+        for (types, overflow) in &self.sinks {
+            if types.accepts(ty) {
+                any = true;
+                block |= *overflow == Overflow::Block;
+            }
+        }
+        (any, block)
+    }
+}
+
+#[derive(Default)]
+struct Routes {
+    peers: Vec<PeerRoute>,
+}
+
+pub(crate) struct LocalSink {
+    id: LocalId,
+    types: TypeFilter,
+    queue: SinkQueue,
+}
+
+#[derive(Default)]
+struct LocalMembers {
+    next: u32,
+    sources: Vec<LocalId>,
+    sinks: Vec<Arc<LocalSink>>,
+}
+
+pub(crate) struct ChannelInner {
+    name: String,
+    node: Weak<NodeInner>,
+    state: Mutex<ChannelState>,
+    id: AtomicU64,
+    routes: RwLock<Arc<Routes>>,
+    local_sinks: RwLock<Arc<Vec<Arc<LocalSink>>>>,
+    members: Mutex<LocalMembers>,
+    status: watch::Sender<Status>,
+    sinks_present: watch::Sender<usize>,
+    timer: Notify,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+impl ChannelInner {
+    pub(crate) fn new(node: &Arc<NodeInner>, name: &str) -> Arc<Self> {
+        let fresh = ChannelId(rand::random());
+        let state = ChannelState::new(name, fresh, node.id, &node.addr.to_string(), node.cfg.membership.clone());
+        let ch = Arc::new(ChannelInner {
+            name: name.to_owned(),
+            node: Arc::downgrade(node),
+            state: Mutex::new(state),
+            id: AtomicU64::new(fresh.0),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            local_sinks: RwLock::new(Arc::new(Vec::new())),
+            members: Mutex::new(LocalMembers::default()),
+            status: watch::channel(Status::Opening).0,
+            sinks_present: watch::channel(0).0,
+            timer: Notify::new(),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        node.index_channel(None, fresh, &ch);
+        let weak = Arc::downgrade(&ch);
+        node.spawn(timer_loop(weak));
+        ch
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn id(&self) -> ChannelId {
+        ChannelId(self.id.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn open(self: &Arc<Self>, mode: OpenMode) {
+        self.state.lock().open(mode, now());
+        self.flush();
+    }
+
+    pub(crate) async fn wait_ready(&self) -> Result<()> {
+        let mut rx = self.status.subscribe();
+        let status = rx.wait_for(|s| *s != Status::Opening).await.map(|s| s.clone()).unwrap_or(Status::Closed);
+        match status {
+            Status::Ready => Ok(()),
+            Status::Failed(OpenFailure::UnknownChannel) => Err(Error::UnknownChannel(self.name.clone())),
+            Status::Failed(OpenFailure::Exists) => Err(Error::ChannelExists(self.name.clone())),
+            Status::Failed(OpenFailure::Timeout) => Err(Error::OpenTimeout(self.name.clone())),
+            Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why)),
+            Status::Opening | Status::Closed => Err(Error::Closed(self.name.clone())),
+        }
+    }
+
+    pub(crate) fn membership_input(self: &Arc<Self>, from: NodeId, msg: Message) {
+        self.state.lock().handle_message(from, msg, now());
+        self.flush();
+    }
+
+    pub(crate) fn peer_lost(self: &Arc<Self>, id: NodeId) {
+        self.state.lock().handle_peer_lost(id, now());
+        self.flush();
+    }
+
+    /// Executes everything the state machine asked for.
+    fn flush(self: &Arc<Self>) {
+        let Some(node) = self.node.upgrade() else { return };
+        loop {
+            let mut st = self.state.lock();
+            let Some(out) = st.poll_output() else {
+                let id = st.id();
+                drop(st);
+                let old = self.id();
+                if old != id {
+                    self.id.store(id.0, Ordering::Release);
+                    node.index_channel(Some(old), id, self);
+                }
+                break;
+            };
+            match out {
+                Output::Send { to, addr, msg } => {
+                    drop(st);
+                    node.send(to, &addr, &msg);
+                }
+                Output::Registry(op) => {
+                    let msg = st.registry_message(&op, 0);
+                    drop(st);
+                    let ch = self.clone();
+                    let registry = node.registry.clone();
+                    node.spawn(async move {
+                        let result = registry.request(msg).await.map_err(|e| e.to_string());
+                        ch.state.lock().handle_registry(result, now());
+                        ch.flush();
+                    });
+                }
+                Output::Changed => {
+                    drop(st);
+                    self.rebuild_routes(&node);
+                }
+                Output::Ready => {
+                    drop(st);
+                    self.status.send_replace(Status::Ready);
+                }
+                Output::Failed(why) => {
+                    drop(st);
+                    self.status.send_replace(Status::Failed(why));
+                }
+                Output::Contact(c) => {
+                    drop(st);
+                    tracing::debug!(channel = %self.name, contact = %c, "contact");
+                }
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    fn rebuild_routes(&self, node: &Arc<NodeInner>) {
+        let st = self.state.lock();
+        let mut peers = Vec::new();
+        let mut remote_sinks = 0;
+        for (id, p) in st.peers() {
+            let sinks: Vec<_> = p
+                .snapshot
+                .members
+                .iter()
+                .filter_map(|m| match &m.role {
+                    Role::Sink { types, overflow } => Some((types.clone(), *overflow)),
+                    Role::Source => None,
+                })
+                .collect();
+            if sinks.is_empty() {
+                continue;
+            }
+            remote_sinks += sinks.len();
+            peers.push(PeerRoute { peer: node.peer(*id, &p.addr), sinks });
+        }
+        drop(st);
+        *self.routes.write() = Arc::new(Routes { peers });
+        let local = self.local_sinks.read().len();
+        self.sinks_present.send_replace(remote_sinks + local);
+    }
+
+    /// Publishes the local members to the channel.
+    fn publish_members(self: &Arc<Self>) {
+        let m = self.members.lock();
+        let mut list: Vec<MemberInfo> =
+            m.sources.iter().map(|id| MemberInfo { id: *id, role: Role::Source, attrs: Attrs::new() }).collect();
+        list.extend(m.sinks.iter().map(|s| MemberInfo {
+            id: s.id,
+            role: Role::Sink { types: s.types.clone(), overflow: s.queue.overflow() },
+            attrs: Attrs::new(),
+        }));
+        *self.local_sinks.write() = Arc::new(m.sinks.clone());
+        drop(m);
+        self.state.lock().set_members(list, now());
+        self.flush();
+        if let Some(node) = self.node.upgrade() {
+            self.rebuild_routes(&node);
+        }
+    }
+
+    fn add_source(self: &Arc<Self>) -> LocalId {
+        let mut m = self.members.lock();
+        m.next += 1;
+        let id = LocalId(m.next);
+        m.sources.push(id);
+        drop(m);
+        self.publish_members();
+        id
+    }
+
+    fn add_sink(self: &Arc<Self>, types: TypeFilter, cap: usize, overflow: Overflow) -> Arc<LocalSink> {
+        let mut m = self.members.lock();
+        m.next += 1;
+        let sink = Arc::new(LocalSink { id: LocalId(m.next), types, queue: SinkQueue::new(cap, overflow) });
+        m.sinks.push(sink.clone());
+        drop(m);
+        self.publish_members();
+        sink
+    }
+
+    fn remove_member(self: &Arc<Self>, id: LocalId) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut m = self.members.lock();
+        m.sources.retain(|s| *s != id);
+        m.sinks.retain(|s| s.id != id);
+        drop(m);
+        self.publish_members();
+    }
+
+    /// Delivers an event that arrived from another node to the local sinks that want it.
+    pub(crate) async fn deliver_remote(&self, e: EventMsg) {
+        let sinks = self.local_sinks.read().clone();
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let ev = Event(Arc::new(EventInner { ty: e.ty, attrs: e.attrs, payload: e.payload, seq: e.seq }));
+        self.dispatch_local(&sinks, &ev).await;
+    }
+
+    async fn dispatch_local(&self, sinks: &[Arc<LocalSink>], ev: &Event) {
+        for s in sinks.iter().filter(|s| s.types.accepts(ev.ty())) {
+            let outcome = if s.queue.overflow() == Overflow::Block {
+                s.queue.offer_wait(ev.clone()).await
+            } else {
+                s.queue.offer(ev.clone())
+            };
+            if matches!(outcome, Offer::Dropped) {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Events for this node were dropped at the sending side's full link.
+    pub(crate) fn remote_lag(&self, count: u64) {
+        let sinks = self.local_sinks.read().clone();
+        self.counters.dropped.fetch_add(count, Ordering::Relaxed);
+        for s in sinks.iter().filter(|s| s.queue.overflow() != Overflow::Block) {
+            s.queue.add_lag(count);
+        }
+    }
+
+    pub(crate) async fn leave(self: &Arc<Self>) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.state.lock().leave(now());
+        self.flush_leave().await;
+        self.close_local();
+        if let Some(node) = self.node.upgrade() {
+            node.forget_channel(self);
+        }
+    }
+
+    /// Like `flush`, but waits (briefly) for the registry removal so that a last member's entry is gone on return.
+    async fn flush_leave(self: &Arc<Self>) {
+        let Some(node) = self.node.upgrade() else { return };
+        loop {
+            let mut st = self.state.lock();
+            let Some(out) = st.poll_output() else { break };
+            match out {
+                Output::Send { to, addr, msg } => {
+                    drop(st);
+                    node.send(to, &addr, &msg);
+                }
+                Output::Registry(op) => {
+                    let msg = st.registry_message(&op, 0);
+                    drop(st);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), node.registry.request(msg)).await;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(crate) fn close_local(&self) {
+        self.closed.store(true, Ordering::Release);
+        let sinks = std::mem::take(&mut self.members.lock().sinks);
+        for s in sinks {
+            s.queue.close();
+        }
+        *self.local_sinks.write() = Arc::new(Vec::new());
+        self.status.send_if_modified(|s| {
+            if *s == Status::Opening {
+                *s = Status::Closed;
+                true
+            } else {
+                false
+            }
+        });
+        self.timer.notify_one();
+    }
+
+    fn stats(&self) -> ChannelStats {
+        let c = &self.counters;
+        ChannelStats {
+            submitted: c.submitted.load(Ordering::Relaxed),
+            sent: c.sent.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn timer_loop(weak: Weak<ChannelInner>) {
+    loop {
+        let Some(ch) = weak.upgrade() else { return };
+        if ch.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = ch.state.lock().poll_timeout();
+        {
+            let notified = ch.timer.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match deadline {
+                Some(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(d.into()) => {
+                            ch.state.lock().handle_timeout(now());
+                            ch.flush();
+                        }
+                        _ = &mut notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+/// A handle on an open channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<ChannelInner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("name", &self.inner.name).finish()
+    }
+}
+
+/// Options for a new sink.
+#[derive(Clone, Debug, Default)]
+pub struct SinkOptions {
+    types: TypeFilter,
+    capacity: Option<usize>,
+    overflow: Overflow,
+}
+
+impl SinkOptions {
+    /// Every type, the node's default capacity, drop-oldest.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Receive only these event types (sources filter before sending).
+    pub fn types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let list: Vec<String> = types.into_iter().map(Into::into).collect();
+        self.types = if list.is_empty() { TypeFilter::All } else { TypeFilter::Only(list) };
+        self
+    }
+    /// Queue capacity in events.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = Some(n);
+        self
+    }
+    /// What to do when the queue is full.
+    pub fn overflow(mut self, o: Overflow) -> Self {
+        self.overflow = o;
+        self
+    }
+}
+
+impl Channel {
+    pub(crate) fn new(inner: Arc<ChannelInner>) -> Self {
+        Channel { inner }
+    }
+
+    /// The channel's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Adds a source (publisher).
+    pub fn source(&self) -> Result<Source> {
+        self.check_open()?;
+        let id = self.inner.add_source();
+        let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
+        Ok(Source {
+            ch: self.inner.clone(),
+            id,
+            seq: 0,
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_frame: node.cfg.max_frame,
+        })
+    }
+
+    /// Adds a sink (subscriber).
+    pub fn sink(&self, opts: SinkOptions) -> Result<Sink> {
+        self.check_open()?;
+        let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
+        let cap = opts.capacity.unwrap_or(node.cfg.sink_capacity);
+        let sink = self.inner.add_sink(opts.types, cap, opts.overflow);
+        Ok(Sink { ch: self.inner.clone(), sink })
+    }
+
+    /// A source of serde values of type `T`, sent as JSON with event type `ty`.
+    pub fn typed_source<T: serde::Serialize>(&self, ty: &str) -> Result<TypedSource<T>> {
+        Ok(TypedSource { src: self.source()?, ty: ty.to_owned(), _t: PhantomData })
+    }
+
+    /// A sink of serde values of type `T` carried by events of type `ty`.
+    pub fn typed_sink<T: serde::de::DeserializeOwned>(&self, ty: &str, opts: SinkOptions) -> Result<TypedSink<T>> {
+        Ok(TypedSink { sink: self.sink(opts.types([ty]))?, _t: PhantomData })
+    }
+
+    /// Sinks present in the channel (local and remote), as this node knows it.
+    pub fn sinks(&self) -> usize {
+        *self.inner.sinks_present.borrow()
+    }
+
+    /// Waits until at least `n` sinks are present, at most `timeout`.
+    pub async fn wait_for_sinks(&self, n: usize, timeout: Duration) -> Result<usize> {
+        let mut rx = self.inner.sinks_present.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n)).await.map(|r| r.map(|c| *c));
+        match waited {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(_)) => Err(Error::Closed(self.inner.name.clone())),
+            Err(_) => Err(Error::Timeout {
+                what: format!("{n} sink(s) on channel {:?} (have {})", self.inner.name, self.sinks()),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Counters for this channel on this node.
+    pub fn stats(&self) -> ChannelStats {
+        self.inner.stats()
+    }
+
+    /// Leaves the channel: other members are told, local sinks are closed.
+    pub async fn close(&self) {
+        self.inner.leave().await;
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::Closed(self.inner.name.clone()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Publishes events on a channel. Events from one source reach each sink in submission order.
+pub struct Source {
+    ch: Arc<ChannelInner>,
+    id: LocalId,
+    seq: u64,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("channel", &self.ch.name).field("seq", &self.seq).finish()
+    }
+}
+
+impl Source {
+    /// Submits an event; waits only if a sink with the Block policy is full. Returns the event's sequence number.
+    pub async fn submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        self.submit_inner(ty, attrs, payload, true).await
+    }
+
+    /// Submits without ever waiting: fails with [`Error::WouldBlock`] (sending nothing) if a Block sink is full.
+    pub fn try_submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        let fut = self.submit_inner(ty, attrs, payload, false);
+        // The non-waiting path never awaits anything pending, so one poll completes it.
+        futures_util::FutureExt::now_or_never(fut).unwrap_or(Err(Error::WouldBlock))
+    }
+
+    /// Blocking form of [`Source::submit`], for threads outside the runtime.
+    pub fn submit_blocking(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        block_on(self.submit_inner(ty, attrs, payload, true))?
+    }
+
+    /// Sinks present in the channel.
+    pub fn sinks(&self) -> usize {
+        *self.ch.sinks_present.borrow()
+    }
+
+    async fn submit_inner(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], wait: bool) -> Result<u64> {
+        if self.ch.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(self.ch.name.clone()));
+        }
+        if ty.is_empty() {
+            return Err(Error::Invalid("event type must not be empty".into()));
+        }
+        let len = event_frame_len(ty, attrs, payload.len());
+        if len > self.max_frame {
+            return Err(Error::Invalid(format!("event of {len} bytes exceeds the frame limit of {}", self.max_frame)));
+        }
+        let routes = self.ch.routes.read().clone();
+        let locals = self.ch.local_sinks.read().clone();
+        // Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
+        for r in &routes.peers {
+            let (wants, block) = r.wants(ty);
+            if wants && block && !r.peer.outbox.has_room(len) {
+                if !wait {
+                    return Err(Error::WouldBlock);
+                }
+                r.peer.outbox.wait_room(len).await;
+            }
+        }
+        let local_block_full =
+            locals.iter().any(|s| s.types.accepts(ty) && s.queue.overflow() == Overflow::Block && s.queue.is_full());
+        if !wait && local_block_full {
+            return Err(Error::WouldBlock);
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let channel = self.ch.id();
+        let c = &self.ch.counters;
+        c.submitted.fetch_add(1, Ordering::Relaxed);
+        let mut frame = None;
+        for r in &routes.peers {
+            if !r.wants(ty).0 {
+                continue;
+            }
+            let f = frame.get_or_insert_with(|| {
+                encode_event(&mut self.buf, channel, self.id, seq, ty, attrs, payload);
+                self.buf.split().freeze()
+            });
+            r.peer.flush_lag();
+            if r.peer.outbox.push_event(f.clone()) {
+                c.sent.fetch_add(1, Ordering::Relaxed);
+                c.bytes_sent.fetch_add(f.len() as u64, Ordering::Relaxed);
+            } else {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+                r.peer.add_lag(channel, self.id, 1);
+            }
+        }
+        if locals.iter().any(|s| s.types.accepts(ty)) {
+            // Share the encoded payload when there is one; copy it once otherwise.
+            let payload = match &frame {
+                Some(f) => f.slice(f.len() - payload.len()..),
+                None => bytes::Bytes::copy_from_slice(payload),
+            };
+            let ev = Event(Arc::new(EventInner { ty: ty.to_owned(), attrs: attrs.clone(), payload, seq }));
+            self.ch.counters.received.fetch_add(1, Ordering::Relaxed);
+            self.ch.dispatch_local(&locals, &ev).await;
+        }
+        Ok(seq)
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.ch.remove_member(self.id);
+    }
+}
+
+/// Receives events from a channel.
+pub struct Sink {
+    ch: Arc<ChannelInner>,
+    sink: Arc<LocalSink>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink").field("channel", &self.ch.name).finish()
+    }
+}
+
+impl Sink {
+    /// The next event, waiting for one. Returns [`RecvError::Lagged`] once where events were missed.
+    pub async fn recv(&mut self) -> Result<Event, RecvError> {
+        self.sink.queue.recv().await
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
+        self.sink.queue.try_recv()
+    }
+
+    /// The next event, blocking the thread (for code outside the runtime). `None` waits forever.
+    pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
+        self.sink.queue.recv_blocking(timeout)
+    }
+
+    /// Events (and lag notices) as an async stream; ends when the sink is closed.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Event, RecvError>> + Send {
+        futures_util::stream::unfold(self, |mut s| async move {
+            match s.recv().await {
+                Err(RecvError::Closed) => None,
+                r => Some((r, s)),
+            }
+        })
+    }
+
+    /// Runs `handler` on every event as it arrives, on a task of the current runtime. Lag notices are passed as
+    /// `Err`. The task ends when the sink is closed.
+    pub fn on_event<F>(mut self, mut handler: F) -> tokio::task::JoinHandle<()>
+    where
+        F: FnMut(Result<Event, RecvError>) + Send + 'static,
+    {
+        tokio::spawn(async move {
+            loop {
+                match self.recv().await {
+                    Err(RecvError::Closed) => return,
+                    r => handler(r),
+                }
+            }
+        })
+    }
+
+    /// Events received into this sink's queue so far.
+    pub fn received(&self) -> u64 {
+        self.sink.queue.received.load(Ordering::Relaxed)
+    }
+
+    /// Events this sink missed so far.
+    pub fn dropped(&self) -> u64 {
+        self.sink.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Events waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.sink.queue.len()
+    }
+
+    /// True if no events are waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.sink.queue.close();
+        self.ch.remove_member(self.sink.id);
+    }
+}
+
+/// A source of serde values, sent as JSON.
+pub struct TypedSource<T> {
+    src: Source,
+    ty: String,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T> std::fmt::Debug for TypedSource<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedSource").field("ty", &self.ty).finish()
+    }
+}
+
+impl<T: serde::Serialize> TypedSource<T> {
+    /// Submits a value with attributes.
+    pub async fn submit(&mut self, value: &T, attrs: &Attrs) -> Result<u64> {
+        let bytes = serde_json::to_vec(value)?;
+        self.src.submit(&self.ty, attrs, &bytes).await
+    }
+}
+
+/// A sink of serde values.
+pub struct TypedSink<T> {
+    sink: Sink,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for TypedSink<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedSink").finish()
+    }
+}
+
+/// What a typed sink yields.
+#[derive(Debug)]
+pub struct Typed<T> {
+    /// The decoded value.
+    pub value: T,
+    /// The event it came in (type, attributes, sequence number).
+    pub event: Event,
+}
+
+impl<T: serde::de::DeserializeOwned> TypedSink<T> {
+    /// The next value. A payload that does not decode as `T` is an error for that event only.
+    pub async fn recv(&mut self) -> Result<Typed<T>> {
+        loop {
+            match self.sink.recv().await {
+                Ok(event) => return Ok(Typed { value: event.decode()?, event }),
+                Err(RecvError::Lagged(n)) => tracing::debug!("typed sink missed {n} events"),
+                Err(RecvError::Closed) => return Err(Error::Closed(self.sink.ch.name.clone())),
+            }
+        }
+    }
+
+    /// The underlying untyped sink.
+    pub fn inner(&mut self) -> &mut Sink {
+        &mut self.sink
+    }
+}
+
+/// Runs a future to completion from synchronous code: inside a multi-threaded runtime without starving it, outside
+/// any runtime on a private one.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => Ok(tokio::task::block_in_place(|| h.block_on(f))),
+        Err(_) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| Error::Invalid(format!("cannot start a runtime to block on: {e}")))?;
+            Ok(rt.block_on(f))
+        }
+    }
+}

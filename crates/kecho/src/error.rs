@@ -1,0 +1,58 @@
+//! Errors of the node library.
+
+use std::net::SocketAddr;
+
+use kecho_registry::RegistryError;
+
+/// Everything that can go wrong in the node library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The node could not listen on its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not be used.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The registry refused a request or could not be reached while opening a channel.
+    #[error("registry: {0}")]
+    RegistryFailed(String),
+    /// The channel does not exist (opened without creating).
+    #[error("unknown channel {0:?}")]
+    UnknownChannel(String),
+    /// The channel exists already (created without opening).
+    #[error("channel {0:?} exists already")]
+    ChannelExists(String),
+    /// Opening the channel took longer than allowed.
+    #[error("timed out opening channel {0:?}: no contact answered")]
+    OpenTimeout(String),
+    /// Waiting for something took longer than allowed.
+    #[error("timed out after {secs:.1} s waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: f64,
+    },
+    /// The channel or node has been closed.
+    #[error("channel {0:?} is closed")]
+    Closed(String),
+    /// An argument was invalid (empty type name, event too large, ...).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// A typed payload could not be encoded or decoded.
+    #[error("payload codec: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// An event could not be delivered without waiting and the caller asked not to wait.
+    #[error("a sink with the Block policy is full")]
+    WouldBlock,
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

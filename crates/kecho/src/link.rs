@@ -1,0 +1,439 @@
+//! Node-to-node links over TCP: dialling, the handshake with its duplicate rule, and one reader and one writer task
+//! per connection. This is the transport boundary: everything above it sees a [`Peer`] with an outbox.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kecho_proto::codec::{self, CloseCode, Purpose};
+use kecho_proto::liveness::{Liveness, LivenessAction};
+use kecho_proto::{ChannelId, LocalId, Message, NodeId, PROTOCOL_VERSION};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+
+use crate::node::{now, NodeInner};
+use crate::queue::Outbox;
+
+/// Largest buffer the writer fills before one write call; many small frames go out in one system call.
+const WRITE_BATCH: usize = 256 * 1024;
+/// How long a connection may take to complete its handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Another node, as this node sees it.
+pub(crate) struct Peer {
+    pub(crate) id: NodeId,
+    pub(crate) addr: Mutex<String>,
+    pub(crate) outbox: Outbox,
+    link: Mutex<LinkState>,
+    lag: Mutex<Vec<(ChannelId, LocalId, u64)>>,
+    has_lag: AtomicBool,
+    pub(crate) frames_sent: AtomicU64,
+}
+
+enum LinkState {
+    Idle,
+    Dialing { gen: u64 },
+    Up { gen: u64, outbound: bool, tasks: [AbortHandle; 2] },
+}
+
+impl Peer {
+    pub(crate) fn new(id: NodeId, addr: String, limit: usize) -> Self {
+        Peer {
+            id,
+            addr: Mutex::new(addr),
+            outbox: Outbox::new(limit),
+            link: Mutex::new(LinkState::Idle),
+            lag: Mutex::new(Vec::new()),
+            has_lag: AtomicBool::new(false),
+            frames_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a control message and makes sure a link is up or coming.
+    pub(crate) fn send_control(self: &Arc<Self>, node: &Arc<NodeInner>, msg: &Message) {
+        self.outbox.push_control(msg.to_bytes());
+        self.ensure_link(node);
+    }
+
+    /// Starts dialling if there is no link.
+    pub(crate) fn ensure_link(self: &Arc<Self>, node: &Arc<NodeInner>) {
+        let mut link = self.link.lock();
+        if matches!(*link, LinkState::Idle) {
+            let gen = node.next_gen();
+            *link = LinkState::Dialing { gen };
+            drop(link);
+            let peer = self.clone();
+            let node = node.clone();
+            node.clone().spawn(async move { dial(node, peer, gen).await });
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(*self.link.lock(), LinkState::Up { .. })
+    }
+
+    /// Remembers that `n` events of `source` were dropped for this peer because the link was full.
+    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, n: u64) {
+        let mut lag = self.lag.lock();
+        match lag.iter_mut().find(|(c, s, _)| *c == channel && *s == source) {
+            Some(e) => e.2 += n,
+            None => lag.push((channel, source, n)),
+        }
+        self.has_lag.store(true, Ordering::Release);
+    }
+
+    /// Sends pending lag notices, if any, ahead of the next event.
+    pub(crate) fn flush_lag(&self) {
+        if !self.has_lag.load(Ordering::Acquire) {
+            return;
+        }
+        let pending = std::mem::take(&mut *self.lag.lock());
+        self.has_lag.store(false, Ordering::Release);
+        for (channel, source, count) in pending {
+            self.outbox.push_control(Message::Lagged { channel, source, count }.to_bytes());
+        }
+    }
+
+    /// Drops the link without telling anyone (used by `Node::kill` to simulate a crash).
+    pub(crate) fn abort(&self) {
+        let mut link = self.link.lock();
+        if let LinkState::Up { tasks, .. } = &*link {
+            for t in tasks {
+                t.abort();
+            }
+        }
+        *link = LinkState::Idle;
+    }
+
+    /// The link with generation `gen` ended. Returns true if it was the current one (the peer is then lost).
+    fn link_down(&self, gen: u64) -> bool {
+        let mut link = self.link.lock();
+        let current = match &*link {
+            LinkState::Up { gen: g, .. } | LinkState::Dialing { gen: g } => *g == gen,
+            LinkState::Idle => false,
+        };
+        if current {
+            if let LinkState::Up { tasks, .. } = &*link {
+                // Stop the other half of the link too (aborting the caller itself is harmless: it has no await left).
+                for t in tasks {
+                    t.abort();
+                }
+            }
+            *link = LinkState::Idle;
+            drop(link);
+            self.outbox.clear();
+        }
+        current
+    }
+}
+
+async fn dial(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64) {
+    let addr = peer.addr.lock().clone();
+    match dial_inner(&node, &peer, gen, &addr).await {
+        Ok(DialOutcome::Up) => {}
+        Ok(DialOutcome::Superseded) => {}
+        Ok(DialOutcome::Duplicate) => {
+            // The peer's own connection to us wins; it is on its way. If it never comes (its dial failed), try again.
+            if peer.link_down(gen) {
+                let node2 = node.clone();
+                node.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if !peer.is_up() && !peer.outbox.is_empty() && node2.is_peer_known(peer.id) {
+                        peer.ensure_link(&node2);
+                    }
+                });
+            }
+        }
+        Err(why) => {
+            tracing::debug!(peer = %peer.id, %addr, "dial failed: {why}");
+            if peer.link_down(gen) {
+                node.peer_lost(peer.id);
+            }
+        }
+    }
+}
+
+enum DialOutcome {
+    Up,
+    Superseded,
+    Duplicate,
+}
+
+async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &str) -> Result<DialOutcome, String> {
+    let connect = TcpStream::connect(addr);
+    let stream = tokio::time::timeout(node.cfg.connect_timeout, connect)
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        node: node.id,
+        addr: node.addr.to_string(),
+        purpose: Purpose::Node,
+    };
+    wr.write_all(&hello.to_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame))
+        .await
+        .map_err(|_| "handshake timed out".to_owned())??;
+    match first {
+        Message::HelloAck { version, node: their } if version == PROTOCOL_VERSION && their == peer.id => {}
+        Message::HelloAck { node: their, .. } if their != peer.id => {
+            return Err(format!("{addr} is node {their}, expected {}", peer.id));
+        }
+        Message::Close { code: CloseCode::Duplicate, .. } => return Ok(DialOutcome::Duplicate),
+        Message::Close { code: CloseCode::VersionMismatch, reason } => {
+            tracing::error!(%addr, "peer refused our protocol version: {reason}");
+            return Err(format!("version mismatch: {reason}"));
+        }
+        Message::Close { code, reason } => return Err(format!("refused ({code:?}): {reason}")),
+        other => return Err(format!("unexpected handshake answer kind {}", other.kind())),
+    }
+    let mut link = peer.link.lock();
+    if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
+        // An inbound connection from the peer won meanwhile.
+        return Ok(DialOutcome::Superseded);
+    }
+    let tasks = start_link(node, peer, gen, rd, wr, buf);
+    *link = LinkState::Up { gen, outbound: true, tasks };
+    Ok(DialOutcome::Up)
+}
+
+/// Serves one inbound connection: handshake, duplicate rule, then the link tasks.
+pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await
+    {
+        Ok(Ok(m)) => m,
+        Ok(Err(why)) => {
+            tracing::warn!(%remote, "closing connection before handshake: {why}");
+            let _ = wr.write_all(&close(CloseCode::Malformed, &why)).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "closing connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let (their, their_addr) = match first {
+        Message::Hello { version, node: their, addr, purpose: Purpose::Node } => {
+            if version != PROTOCOL_VERSION {
+                let why = format!(
+                    "protocol version mismatch: this node speaks version {PROTOCOL_VERSION}, the peer speaks version {version}"
+                );
+                tracing::warn!(%remote, "{why}");
+                let _ = wr.write_all(&close(CloseCode::VersionMismatch, &why)).await;
+                return;
+            }
+            (their, addr)
+        }
+        Message::Hello { purpose: Purpose::Registry, .. } => {
+            let why = "this is a kecho node, not a registry";
+            let _ = wr.write_all(&close(CloseCode::Handshake, why)).await;
+            return;
+        }
+        other => {
+            let why = format!("expected Hello, got message kind {}", other.kind());
+            tracing::warn!(%remote, "{why}");
+            let _ = wr.write_all(&close(CloseCode::Handshake, &why)).await;
+            return;
+        }
+    };
+    if their == node.id {
+        let _ = wr.write_all(&close(CloseCode::Handshake, "connection to self")).await;
+        return;
+    }
+    let peer = node.peer(their, &their_addr);
+    let ack = Message::HelloAck { version: PROTOCOL_VERSION, node: node.id }.to_bytes();
+    // Decide under the lock, write (if refused) after it: the guard must not live across an await.
+    let refused = {
+        let mut link = peer.link.lock();
+        let refuse = match &*link {
+            // A connection dialled by the lower node id wins over one dialled by the higher.
+            LinkState::Up { outbound: true, .. } | LinkState::Dialing { .. } => node.id < their,
+            // The peer dialled again: it believes the old link dead. The new one replaces it.
+            LinkState::Up { outbound: false, .. } | LinkState::Idle => false,
+        };
+        if refuse {
+            Some((rd, wr))
+        } else {
+            if let LinkState::Up { tasks, .. } = &*link {
+                for t in tasks {
+                    t.abort();
+                }
+            }
+            let gen = node.next_gen();
+            // The ack goes first through the outbox, so nothing can overtake it.
+            peer.outbox.push_front_control(ack);
+            let tasks = start_link(&node, &peer, gen, rd, wr, buf);
+            *link = LinkState::Up { gen, outbound: false, tasks };
+            None
+        }
+    };
+    if let Some((_rd, mut wr)) = refused {
+        let _ = wr.write_all(&close(CloseCode::Duplicate, "a connection between these nodes exists")).await;
+    }
+}
+
+fn close(code: CloseCode, reason: &str) -> Bytes {
+    Message::Close { code, reason: reason.to_owned() }.to_bytes()
+}
+
+async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> Result<Message, String> {
+    loop {
+        match codec::decode_frame(buf, max) {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        buf.reserve(4096);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn start_link(
+    node: &Arc<NodeInner>,
+    peer: &Arc<Peer>,
+    gen: u64,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+) -> [AbortHandle; 2] {
+    let live = Arc::new(Mutex::new(Liveness::new(now(), node.cfg.heartbeat_timeout)));
+    let remote = rd.peer_addr().ok();
+    let w = node.spawn(writer(node.clone(), peer.clone(), gen, wr, live.clone()));
+    let r = node.spawn(reader(node.clone(), peer.clone(), gen, rd, buf, live, remote));
+    tracing::debug!(peer = %peer.id, ?remote, "link up");
+    [w, r]
+}
+
+async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWriteHalf, live: Arc<Mutex<Liveness>>) {
+    let mut frames = VecDeque::new();
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let why = loop {
+        let wake = peer.outbox.readable.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        peer.outbox.take_all(&mut frames);
+        if frames.is_empty() {
+            let deadline = live.lock().deadline();
+            tokio::select! {
+                _ = &mut wake => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let action = live.lock().poll(now());
+                    match action {
+                        LivenessAction::Wait => continue,
+                        LivenessAction::SendPing => frames.push_back(Message::Ping(gen).to_bytes()),
+                        LivenessAction::Dead => break "heartbeat timeout".to_owned(),
+                    }
+                }
+            }
+        }
+        peer.outbox.writable.notify_waiters();
+        let n = frames.len() as u64;
+        if let Err(e) = write_frames(&mut wr, &mut frames, &mut batch).await {
+            break e.to_string();
+        }
+        peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+        live.lock().on_send(now());
+    };
+    tracing::debug!(peer = %peer.id, "writer stopped: {why}");
+    let _ = wr.shutdown().await;
+    if peer.link_down(gen) {
+        tracing::info!(peer = %peer.id, "link lost: {why}");
+        node.peer_lost(peer.id);
+    }
+}
+
+/// Writes frames, copying small ones into one buffer so that a burst costs one system call.
+async fn write_frames(
+    wr: &mut OwnedWriteHalf,
+    frames: &mut VecDeque<Bytes>,
+    batch: &mut BytesMut,
+) -> std::io::Result<()> {
+    while let Some(f) = frames.pop_front() {
+        if f.len() >= WRITE_BATCH / 4 {
+            if !batch.is_empty() {
+                wr.write_all(batch).await?;
+                batch.clear();
+            }
+            wr.write_all(&f).await?;
+            continue;
+        }
+        if batch.len() + f.len() > WRITE_BATCH {
+            wr.write_all(batch).await?;
+            batch.clear();
+        }
+        batch.extend_from_slice(&f);
+    }
+    if !batch.is_empty() {
+        wr.write_all(batch).await?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+async fn reader(
+    node: Arc<NodeInner>,
+    peer: Arc<Peer>,
+    gen: u64,
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    live: Arc<Mutex<Liveness>>,
+    remote: Option<SocketAddr>,
+) {
+    let why: String = 'outer: loop {
+        loop {
+            match codec::split_frame(&mut buf, node.cfg.max_frame) {
+                Ok(Some(frame)) => match codec::decode_body(frame) {
+                    Ok(msg) => {
+                        if let Err(why) = node.handle_frame(&peer, msg).await {
+                            peer.outbox.push_control(close(CloseCode::Handshake, &why));
+                            break 'outer why;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(?remote, peer = %peer.id, "malformed frame, closing link: {e}");
+                        peer.outbox.push_control(close(CloseCode::Malformed, &e.to_string()));
+                        break 'outer e.to_string();
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(?remote, peer = %peer.id, "bad frame, closing link: {e}");
+                    peer.outbox.push_control(close(CloseCode::Malformed, &e.to_string()));
+                    break 'outer e.to_string();
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => break "closed by peer".to_owned(),
+            Ok(_) => live.lock().on_receive(now()),
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(peer = %peer.id, "reader stopped: {why}");
+    // Give the writer a moment to send a Close we queued, then drop the link.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if peer.link_down(gen) {
+        tracing::info!(peer = %peer.id, "link lost: {why}");
+        node.peer_lost(peer.id);
+    }
+}

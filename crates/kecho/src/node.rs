@@ -1,0 +1,420 @@
+//! The node: one process, one listening port, any number of channels. It owns the links to other nodes and drives
+//! each channel's membership state machine.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use kecho_proto::membership::{MembershipConfig, OpenMode};
+use kecho_proto::{ChannelId, Message, NodeId, MAX_FRAME_DEFAULT};
+use kecho_registry::RegistryClient;
+use parking_lot::{Mutex, RwLock};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+use crate::channel::{Channel, ChannelInner};
+use crate::error::{Error, Result};
+use crate::link::{self, Peer};
+
+/// The current time as the protocol core wants it. Taken from tokio's clock so that tests with paused time work.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// How a node behaves. Build with [`Node::builder`].
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where the node listens for other nodes. Default `127.0.0.1:0` (any free port).
+    pub listen: SocketAddr,
+    /// The registry; `None` uses the process-wide in-process registry.
+    pub registry: Option<SocketAddr>,
+    /// A link silent for this long is declared dead and its members removed. Default 3 s.
+    pub heartbeat_timeout: Duration,
+    /// Bytes of events queued per link before the link counts as full. Default 8 MiB.
+    pub link_queue_bytes: usize,
+    /// Largest frame accepted or sent. Default 16 MiB.
+    pub max_frame: usize,
+    /// Default capacity of a sink's queue, in events. Default 1024.
+    pub sink_capacity: usize,
+    /// How long a dial may take.
+    pub connect_timeout: Duration,
+    /// Most connections (inbound and outbound) at once.
+    pub max_connections: usize,
+    /// Timing of channel membership (leases, join retries, open timeout).
+    pub membership: MembershipConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            registry: None,
+            heartbeat_timeout: Duration::from_secs(3),
+            link_queue_bytes: 8 << 20,
+            max_frame: MAX_FRAME_DEFAULT,
+            sink_capacity: 1024,
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 4096,
+            membership: MembershipConfig::default(),
+        }
+    }
+}
+
+/// Builds a [`Node`].
+#[derive(Clone, Debug, Default)]
+pub struct NodeBuilder {
+    cfg: NodeConfig,
+    registry: Option<RegistryClient>,
+}
+
+impl NodeBuilder {
+    /// Listening address.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.cfg.listen = addr;
+        self
+    }
+    /// Use the registry at `addr` instead of the in-process one.
+    pub fn registry(mut self, addr: SocketAddr) -> Self {
+        self.cfg.registry = Some(addr);
+        self
+    }
+    /// Use this registry client (e.g. a private in-process registry in tests).
+    pub fn registry_client(mut self, client: RegistryClient) -> Self {
+        self.registry = Some(client);
+        self
+    }
+    /// Heartbeat timeout.
+    pub fn heartbeat_timeout(mut self, t: Duration) -> Self {
+        self.cfg.heartbeat_timeout = t;
+        self
+    }
+    /// Per-link queue limit in bytes.
+    pub fn link_queue_bytes(mut self, n: usize) -> Self {
+        self.cfg.link_queue_bytes = n;
+        self
+    }
+    /// Default sink capacity.
+    pub fn sink_capacity(mut self, n: usize) -> Self {
+        self.cfg.sink_capacity = n;
+        self
+    }
+    /// Largest frame.
+    pub fn max_frame(mut self, n: usize) -> Self {
+        self.cfg.max_frame = n;
+        self
+    }
+    /// Membership timing.
+    pub fn membership(mut self, m: MembershipConfig) -> Self {
+        self.cfg.membership = m;
+        self
+    }
+    /// Replaces the whole configuration.
+    pub fn config(mut self, cfg: NodeConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Starts the node: binds the listening port and starts accepting links. Needs a tokio runtime.
+    pub async fn start(self) -> Result<Node> {
+        let cfg = self.cfg;
+        let listener =
+            TcpListener::bind(cfg.listen).await.map_err(|source| Error::Listen { addr: cfg.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| Error::Listen { addr: cfg.listen, source })?;
+        let registry = match (self.registry, cfg.registry) {
+            (Some(c), _) => c,
+            (None, Some(a)) => RegistryClient::remote(a),
+            (None, None) => RegistryClient::in_process(),
+        };
+        let inner = Arc::new(NodeInner {
+            id: NodeId(rand::random()),
+            addr,
+            conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            registry,
+            peers: Mutex::new(HashMap::new()),
+            by_id: RwLock::new(HashMap::new()),
+            by_name: Mutex::new(HashMap::new()),
+            gen: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        inner.spawn(accept_loop(weak, listener));
+        tracing::debug!(node = %inner.id, %addr, "node started");
+        Ok(Node { inner })
+    }
+}
+
+/// A kecho node. Cheap to clone; all clones are the same node.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("addr", &self.inner.addr).finish()
+    }
+}
+
+impl Node {
+    /// A builder with the default configuration.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// Starts a node with the default configuration (loopback, any port, in-process registry).
+    pub async fn start() -> Result<Node> {
+        NodeBuilder::default().start().await
+    }
+
+    /// The address other nodes reach this one at.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// The registry this node uses.
+    pub fn registry(&self) -> &RegistryClient {
+        &self.inner.registry
+    }
+
+    /// Creates a channel; fails if it exists.
+    pub async fn create_channel(&self, name: &str) -> Result<Channel> {
+        self.open_with(name, OpenMode::Create).await
+    }
+
+    /// Opens an existing channel; fails if there is none.
+    pub async fn open_channel(&self, name: &str) -> Result<Channel> {
+        self.open_with(name, OpenMode::Open).await
+    }
+
+    /// Opens a channel, creating it if it does not exist.
+    pub async fn channel(&self, name: &str) -> Result<Channel> {
+        self.open_with(name, OpenMode::OpenOrCreate).await
+    }
+
+    async fn open_with(&self, name: &str, mode: OpenMode) -> Result<Channel> {
+        if name.is_empty() || name.len() > kecho_proto::registry::MAX_NAME {
+            return Err(Error::Invalid(format!(
+                "channel name must be 1 to {} bytes",
+                kecho_proto::registry::MAX_NAME
+            )));
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(name.to_owned()));
+        }
+        let existing = self.inner.by_name.lock().get(name).cloned();
+        if let Some(ch) = existing {
+            ch.wait_ready().await?;
+            if mode == OpenMode::Create {
+                return Err(Error::ChannelExists(name.to_owned()));
+            }
+            return Ok(Channel::new(ch));
+        }
+        let ch = ChannelInner::new(&self.inner, name);
+        self.inner.by_name.lock().insert(name.to_owned(), ch.clone());
+        ch.open(mode);
+        match ch.wait_ready().await {
+            Ok(()) => Ok(Channel::new(ch)),
+            Err(e) => {
+                self.inner.forget_channel(&ch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Leaves every channel cleanly (members are told), then closes all links.
+    pub async fn shutdown(&self) {
+        let chans: Vec<_> = self.inner.by_name.lock().values().cloned().collect();
+        for ch in chans {
+            ch.leave().await;
+        }
+        // Let the leave messages drain.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let busy = self.inner.peers.lock().values().any(|p| p.is_up() && !p.outbox.is_empty());
+            if !busy || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.stop();
+    }
+
+    /// Stops everything at once without telling anyone, as if the process crashed. For tests.
+    pub fn kill(&self) {
+        self.inner.stop();
+    }
+}
+
+pub(crate) struct NodeInner {
+    pub(crate) id: NodeId,
+    pub(crate) addr: SocketAddr,
+    pub(crate) cfg: NodeConfig,
+    pub(crate) registry: RegistryClient,
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    by_id: RwLock<HashMap<ChannelId, Arc<ChannelInner>>>,
+    by_name: Mutex<HashMap<String, Arc<ChannelInner>>>,
+    gen: AtomicU64,
+    tasks: Mutex<Vec<AbortHandle>>,
+    conn_slots: Arc<Semaphore>,
+    pub(crate) closed: AtomicBool,
+}
+
+impl NodeInner {
+    pub(crate) fn next_gen(&self) -> u64 {
+        self.gen.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Spawns a task that dies with the node.
+    pub(crate) fn spawn<F>(&self, fut: F) -> AbortHandle
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let h = tokio::spawn(fut).abort_handle();
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h.clone());
+        h
+    }
+
+    fn stop(&self) {
+        self.closed.store(true, Ordering::Release);
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        for p in self.peers.lock().drain() {
+            p.1.abort();
+        }
+        for ch in self.by_name.lock().drain() {
+            ch.1.close_local();
+        }
+        self.by_id.write().clear();
+    }
+
+    /// The peer `id`, created (without a link) if unknown.
+    pub(crate) fn peer(&self, id: NodeId, addr: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock();
+        let p = peers.entry(id).or_insert_with(|| Arc::new(Peer::new(id, addr.to_owned(), self.cfg.link_queue_bytes)));
+        if !addr.is_empty() && *p.addr.lock() != addr {
+            *p.addr.lock() = addr.to_owned();
+        }
+        p.clone()
+    }
+
+    pub(crate) fn is_peer_known(&self, id: NodeId) -> bool {
+        self.peers.lock().contains_key(&id)
+    }
+
+    /// Sends a membership message, dialling if needed.
+    pub(crate) fn send(self: &Arc<Self>, to: NodeId, addr: &str, msg: &Message) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let p = self.peer(to, addr);
+        p.send_control(self, msg);
+    }
+
+    /// The link to `id` is gone: every channel drops its members.
+    pub(crate) fn peer_lost(&self, id: NodeId) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut peers = self.peers.lock();
+            if let Some(p) = peers.get(&id) {
+                if !p.is_up() {
+                    peers.remove(&id);
+                }
+            }
+        }
+        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
+        for ch in chans {
+            ch.peer_lost(id);
+        }
+    }
+
+    pub(crate) fn channel_by_id(&self, id: ChannelId) -> Option<Arc<ChannelInner>> {
+        self.by_id.read().get(&id).cloned()
+    }
+
+    pub(crate) fn index_channel(&self, old: Option<ChannelId>, new: ChannelId, ch: &Arc<ChannelInner>) {
+        let mut map = self.by_id.write();
+        if let Some(old) = old {
+            if map.get(&old).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+                map.remove(&old);
+            }
+        }
+        map.insert(new, ch.clone());
+    }
+
+    pub(crate) fn forget_channel(&self, ch: &Arc<ChannelInner>) {
+        let mut by_name = self.by_name.lock();
+        if by_name.get(ch.name()).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            by_name.remove(ch.name());
+        }
+        drop(by_name);
+        self.by_id.write().retain(|_, c| !Arc::ptr_eq(c, ch));
+    }
+
+    /// Handles one frame from an established link. An error closes the link.
+    pub(crate) async fn handle_frame(self: &Arc<Self>, peer: &Arc<Peer>, msg: Message) -> Result<(), String> {
+        match msg {
+            Message::Event(e) => {
+                if let Some(ch) = self.channel_by_id(e.channel) {
+                    ch.deliver_remote(e).await;
+                }
+            }
+            Message::Lagged { channel, count, .. } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.remote_lag(count);
+                }
+            }
+            Message::Ping(n) => peer.outbox.push_control(Message::Pong(n).to_bytes()),
+            Message::Pong(_) => {}
+            Message::Close { code, reason } => return Err(format!("peer closed the link ({code:?}): {reason}")),
+            Message::JoinRequest { channel, ref addr, .. } => match self.channel_by_id(channel) {
+                Some(ch) => ch.membership_input(peer.id, msg),
+                None => {
+                    let addr = addr.clone();
+                    self.send(peer.id, &addr, &Message::JoinRedirect { channel });
+                }
+            },
+            Message::JoinAccept { channel, .. }
+            | Message::JoinRedirect { channel }
+            | Message::Snapshot { channel, .. } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.membership_input(peer.id, msg);
+                }
+            }
+            other => return Err(format!("message kind {} is not allowed on a node link", other.kind())),
+        }
+        Ok(())
+    }
+}
+
+async fn accept_loop(node: Weak<NodeInner>, listener: TcpListener) {
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(node) = node.upgrade() else { return };
+        let Ok(slot) = node.conn_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many connections; refusing");
+            continue;
+        };
+        let n = node.clone();
+        node.spawn(async move {
+            let _slot = slot;
+            link::accept(n, stream, remote).await;
+        });
+    }
+}

@@ -1,0 +1,441 @@
+//! Bounded queues: a sink's event queue (with its overflow policy and lag markers) and a link's outbox.
+//!
+//! Both wake async waiters through `tokio::sync::Notify` and blocking waiters through a condition variable, so that a
+//! receiver sleeps until something arrives: there is no polling interval anywhere.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kecho_proto::{Attrs, Overflow};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::Notify;
+
+/// An event as a sink receives it. Cloning is cheap (one reference count).
+#[derive(Clone)]
+pub struct Event(pub(crate) Arc<EventInner>);
+
+pub(crate) struct EventInner {
+    pub(crate) ty: String,
+    pub(crate) attrs: Attrs,
+    pub(crate) payload: Bytes,
+    pub(crate) seq: u64,
+}
+
+impl Event {
+    /// The event's type name.
+    pub fn ty(&self) -> &str {
+        &self.0.ty
+    }
+    /// Its attribute list.
+    pub fn attrs(&self) -> &Attrs {
+        &self.0.attrs
+    }
+    /// Its payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.0.payload
+    }
+    /// Its per-source sequence number (1 for a source's first event).
+    pub fn seq(&self) -> u64 {
+        self.0.seq
+    }
+    /// Decodes a payload sent by a [`crate::TypedSource`].
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        Ok(serde_json::from_slice(&self.0.payload)?)
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Event")
+            .field("ty", &self.0.ty)
+            .field("seq", &self.0.seq)
+            .field("attrs", &self.0.attrs)
+            .field("payload_len", &self.0.payload.len())
+            .finish()
+    }
+}
+
+/// Why a receive returned no event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The sink missed this many events here (its queue overflowed, or a link to it did). The next receive continues
+    /// with the events that followed.
+    #[error("missed {0} events")]
+    Lagged(u64),
+    /// The sink or its channel is closed and the queue is empty.
+    #[error("sink closed")]
+    Closed,
+}
+
+/// Why a non-blocking receive returned no event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryRecvError {
+    /// Nothing queued.
+    #[error("no event queued")]
+    Empty,
+    /// See [`RecvError::Lagged`].
+    #[error("missed {0} events")]
+    Lagged(u64),
+    /// See [`RecvError::Closed`].
+    #[error("sink closed")]
+    Closed,
+}
+
+enum Item {
+    Event(Event),
+    Lagged(u64),
+}
+
+struct SinkQ {
+    items: VecDeque<Item>,
+    /// Events (not lag markers) in `items`.
+    events: usize,
+    closed: bool,
+}
+
+/// The queue behind one sink.
+pub(crate) struct SinkQueue {
+    cap: usize,
+    overflow: Overflow,
+    q: Mutex<SinkQ>,
+    cv: Condvar,
+    readable: Notify,
+    writable: Notify,
+    pub(crate) received: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+/// What happened to an offered event.
+pub(crate) enum Offer {
+    Queued,
+    /// Queued, and this many older events were discarded (DropOldest) or the event itself was (DropNewest).
+    Dropped,
+    /// The queue is full and the policy is Block: wait for room and offer again.
+    Full(Event),
+    Closed,
+}
+
+impl SinkQueue {
+    pub(crate) fn new(cap: usize, overflow: Overflow) -> Self {
+        SinkQueue {
+            cap: cap.max(1),
+            overflow,
+            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 1024)), events: 0, closed: false }),
+            cv: Condvar::new(),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            received: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn overflow(&self) -> Overflow {
+        self.overflow
+    }
+
+    /// Offers an event according to the overflow policy; never waits.
+    pub(crate) fn offer(&self, ev: Event) -> Offer {
+        let mut q = self.q.lock();
+        if q.closed {
+            return Offer::Closed;
+        }
+        let mut outcome = Offer::Queued;
+        if q.events >= self.cap {
+            match self.overflow {
+                Overflow::Block => return Offer::Full(ev),
+                Overflow::DropNewest => {
+                    push_lag(&mut q.items, 1);
+                    drop(q);
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.wake_readers();
+                    return Offer::Dropped;
+                }
+                Overflow::DropOldest => {
+                    // Discard the oldest event; a lag marker takes its place (merged with one already there).
+                    let mut lag = 1;
+                    while let Some(front) = q.items.pop_front() {
+                        match front {
+                            Item::Lagged(n) => lag += n,
+                            Item::Event(_) => {
+                                q.events -= 1;
+                                if let Some(Item::Lagged(n)) = q.items.front() {
+                                    lag += n;
+                                    q.items.pop_front();
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    q.items.push_front(Item::Lagged(lag));
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    outcome = Offer::Dropped;
+                }
+            }
+        }
+        q.items.push_back(Item::Event(ev));
+        q.events += 1;
+        drop(q);
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.wake_readers();
+        outcome
+    }
+
+    /// Offers an event, waiting for room if the policy is Block and the queue is full.
+    pub(crate) async fn offer_wait(&self, mut ev: Event) -> Offer {
+        loop {
+            let room = self.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.offer(ev) {
+                Offer::Full(back) => ev = back,
+                other => return other,
+            }
+            room.await;
+        }
+    }
+
+    /// Records that `n` events meant for this sink were lost before reaching it.
+    pub(crate) fn add_lag(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut q = self.q.lock();
+        push_lag(&mut q.items, n);
+        drop(q);
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.wake_readers();
+    }
+
+    pub(crate) fn close(&self) {
+        self.q.lock().closed = true;
+        self.wake_readers();
+        self.writable.notify_waiters();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.q.lock().events
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.q.lock().events >= self.cap
+    }
+
+    fn wake_readers(&self) {
+        self.readable.notify_one();
+        self.cv.notify_one();
+    }
+
+    pub(crate) fn try_recv(&self) -> Result<Event, TryRecvError> {
+        let mut q = self.q.lock();
+        let item = q.items.pop_front();
+        match item {
+            Some(Item::Event(e)) => {
+                q.events -= 1;
+                drop(q);
+                self.writable.notify_one();
+                Ok(e)
+            }
+            Some(Item::Lagged(n)) => Err(TryRecvError::Lagged(n)),
+            None if q.closed => Err(TryRecvError::Closed),
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    pub(crate) async fn recv(&self) -> Result<Event, RecvError> {
+        loop {
+            let arrived = self.readable.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            match self.try_recv() {
+                Ok(e) => return Ok(e),
+                Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => return Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => arrived.await,
+            }
+        }
+    }
+
+    pub(crate) fn recv_blocking(&self, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut q = self.q.lock();
+        loop {
+            match q.items.pop_front() {
+                Some(Item::Event(e)) => {
+                    q.events -= 1;
+                    drop(q);
+                    self.writable.notify_one();
+                    return Ok(e);
+                }
+                Some(Item::Lagged(n)) => return Err(TryRecvError::Lagged(n)),
+                None if q.closed => return Err(TryRecvError::Closed),
+                None => match deadline {
+                    Some(d) => {
+                        if self.cv.wait_until(&mut q, d).timed_out() && q.items.is_empty() {
+                            return Err(TryRecvError::Empty);
+                        }
+                    }
+                    None => self.cv.wait(&mut q),
+                },
+            }
+        }
+    }
+}
+
+fn push_lag(items: &mut VecDeque<Item>, n: u64) {
+    if let Some(Item::Lagged(m)) = items.back_mut() {
+        *m += n;
+    } else {
+        items.push_back(Item::Lagged(n));
+    }
+}
+
+/// A link's outgoing frames. Bounded in bytes for events; control frames are always admitted (they are small and
+/// rare, and must not be lost to congestion).
+pub(crate) struct Outbox {
+    limit: usize,
+    q: Mutex<OutQ>,
+    /// The writer waits here for frames.
+    pub(crate) readable: Notify,
+    /// Sources waiting for room (Block sinks) wait here.
+    pub(crate) writable: Notify,
+}
+
+pub(crate) struct OutQ {
+    pub(crate) frames: VecDeque<Bytes>,
+    pub(crate) bytes: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(limit: usize) -> Self {
+        Outbox {
+            limit,
+            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0 }),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        }
+    }
+
+    /// True if an event of `len` bytes fits now.
+    pub(crate) fn has_room(&self, len: usize) -> bool {
+        let q = self.q.lock();
+        q.bytes == 0 || q.bytes + len <= self.limit
+    }
+
+    /// Queues an event frame if there is room.
+    pub(crate) fn push_event(&self, frame: Bytes) -> bool {
+        let mut q = self.q.lock();
+        if q.bytes != 0 && q.bytes + frame.len() > self.limit {
+            return false;
+        }
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        self.readable.notify_one();
+        true
+    }
+
+    /// Queues a control frame regardless of the limit.
+    pub(crate) fn push_control(&self, frame: Bytes) {
+        let mut q = self.q.lock();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        self.readable.notify_one();
+    }
+
+    /// Queues a control frame ahead of everything else (the handshake answer).
+    pub(crate) fn push_front_control(&self, frame: Bytes) {
+        let mut q = self.q.lock();
+        q.bytes += frame.len();
+        q.frames.push_front(frame);
+        drop(q);
+        self.readable.notify_one();
+    }
+
+    /// Takes every queued frame.
+    pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
+        let mut q = self.q.lock();
+        std::mem::swap(&mut q.frames, into);
+        q.bytes = 0;
+    }
+
+    /// Waits until an event of `len` bytes fits.
+    pub(crate) async fn wait_room(&self, len: usize) {
+        loop {
+            let room = self.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.has_room(len) {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// Discards everything queued; returns how many frames were dropped.
+    pub(crate) fn clear(&self) -> usize {
+        let mut q = self.q.lock();
+        let n = q.frames.len();
+        q.frames.clear();
+        q.bytes = 0;
+        drop(q);
+        self.writable.notify_waiters();
+        n
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.q.lock().frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64) -> Event {
+        Event(Arc::new(EventInner { ty: "t".into(), attrs: Attrs::new(), payload: Bytes::new(), seq }))
+    }
+
+    fn drain(q: &SinkQueue) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            match q.try_recv() {
+                Ok(e) => out.push(e.seq().to_string()),
+                Err(TryRecvError::Lagged(n)) => out.push(format!("lag{n}")),
+                Err(_) => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn drop_oldest_reports_lag_in_place() {
+        let q = SinkQueue::new(2, Overflow::DropOldest);
+        for i in 1..=5 {
+            q.offer(ev(i));
+        }
+        assert_eq!(drain(&q), ["lag3", "4", "5"]);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn drop_newest_keeps_oldest() {
+        let q = SinkQueue::new(2, Overflow::DropNewest);
+        for i in 1..=5 {
+            q.offer(ev(i));
+        }
+        assert_eq!(drain(&q), ["1", "2", "lag3"]);
+    }
+
+    #[test]
+    fn block_refuses_when_full() {
+        let q = SinkQueue::new(1, Overflow::Block);
+        assert!(matches!(q.offer(ev(1)), Offer::Queued));
+        assert!(matches!(q.offer(ev(2)), Offer::Full(_)));
+        assert_eq!(drain(&q), ["1"]);
+    }
+}

@@ -1,0 +1,395 @@
+//! Several nodes in one process, real TCP links on loopback.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::{Attrs, Event, MembershipConfig, Node, Overflow, RecvError, RegistryClient, SinkOptions, TryRecvError, Value};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Nodes sharing a private in-process registry, with a short heartbeat so failure tests stay quick.
+async fn cluster(n: usize) -> Result<(RegistryClient, Vec<Node>)> {
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(node_on(&reg).await?);
+    }
+    Ok((reg, nodes))
+}
+
+async fn node_on(reg: &RegistryClient) -> Result<Node> {
+    let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
+    Ok(Node::builder()
+        .registry_client(reg.clone())
+        .heartbeat_timeout(Duration::from_millis(600))
+        .membership(m)
+        .start()
+        .await?)
+}
+
+async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
+    match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+        Ok(e) => Ok(e),
+        Err(e) => bail!("recv: {e}"),
+    }
+}
+
+fn attr_i(ev: &Event, k: &str) -> i64 {
+    match ev.attrs().get(k) {
+        Some(Value::Int(i)) => *i,
+        other => panic!("attribute {k}: {other:?}"),
+    }
+}
+
+/// Waits until `f` holds, polling every 10 ms, at most `T`.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_attributes_cross_nodes() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let a = nodes[0].create_channel("c").await?;
+    let b = nodes[1].open_channel("c").await?;
+    let c = nodes[2].open_channel("c").await?;
+    let mut sb = b.sink(SinkOptions::new())?;
+    let mut sc = c.sink(SinkOptions::new())?;
+    a.wait_for_sinks(2, T).await?;
+    let mut src = a.source()?;
+    let attrs = Attrs::new().with("i", 7i64).with("f", 0.25).with("b", true).with("s", "zone-a").with(
+        "raw",
+        bytes::Bytes::from_static(&[0, 1, 2, 255]),
+    );
+    let seq = src.submit("hello", &attrs, b"payload").await?;
+    assert_eq!(seq, 1);
+    for s in [&mut sb, &mut sc] {
+        let ev = recv(s).await?;
+        assert_eq!(ev.ty(), "hello");
+        assert_eq!(ev.seq(), 1);
+        assert_eq!(ev.attrs(), &attrs);
+        assert_eq!(&ev.payload()[..], b"payload");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_sources_and_sinks() -> Result<()> {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Load {
+        host: String,
+        cpu: f64,
+    }
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].channel("typed").await?;
+    let b = nodes[1].channel("typed").await?;
+    let mut sink = b.typed_sink::<Load>("load", SinkOptions::new())?;
+    a.wait_for_sinks(1, T).await?;
+    let mut src = a.typed_source::<Load>("load")?;
+    let mut other = a.source()?;
+    other.submit("noise", &Attrs::new(), b"x").await?;
+    let v = Load { host: "h1".into(), cpu: 0.5 };
+    src.submit(&v, &Attrs::new().with("cpu", 0.5)).await?;
+    let got = timeout(T, sink.recv()).await??;
+    assert_eq!(got.value, v);
+    assert_eq!(got.event.ty(), "load");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_are_filtered_at_the_source() -> Result<()> {
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].create_channel("f").await?;
+    let b = nodes[1].open_channel("f").await?;
+    let mut sink = b.sink(SinkOptions::new().types(["wanted"]))?;
+    a.wait_for_sinks(1, T).await?;
+    let mut src = a.source()?;
+    for i in 0..50i64 {
+        src.submit("wanted", &Attrs::new().with("i", i), b"").await?;
+        src.submit("unwanted", &Attrs::new().with("i", i), &[0u8; 1000]).await?;
+    }
+    for i in 0..50 {
+        let ev = recv(&mut sink).await?;
+        assert_eq!(ev.ty(), "wanted");
+        assert_eq!(attr_i(&ev, "i"), i);
+    }
+    let s = a.stats();
+    assert_eq!(s.submitted, 100);
+    // Only the wanted half left the source node, and none of the 1000-byte payloads.
+    assert_eq!(s.sent, 50);
+    assert!(s.bytes_sent < 50 * 200, "bytes sent {}", s.bytes_sent);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.stats().received, 50);
+    assert!(matches!(sink.try_recv(), Err(TryRecvError::Empty)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_order_with_many_sources() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let sink_ch = nodes[0].channel("order").await?;
+    let mut sink = sink_ch.sink(SinkOptions::new().overflow(Overflow::Block).capacity(64))?;
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let ch = n.channel("order").await?;
+        ch.wait_for_sinks(1, T).await?;
+        let mut src = ch.source()?;
+        tasks.push(tokio::spawn(async move {
+            for k in 1..=2000i64 {
+                src.submit("e", &Attrs::new().with("src", i as i64).with("k", k), b"").await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for _ in 0..3 * 2000 {
+        let ev = recv(&mut sink).await?;
+        let (src, k) = (attr_i(&ev, "src"), attr_i(&ev, "k"));
+        let prev = last.insert(src, k).unwrap_or(0);
+        assert_eq!(k, prev + 1, "source {src} out of order");
+        assert_eq!(ev.seq() as i64, k);
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave_while_events_flow() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let a = nodes[0].create_channel("flow").await?;
+    let mut src = a.source()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let producer = tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            n = src.submit("tick", &Attrs::new(), b"").await?;
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        anyhow::Ok(n)
+    });
+    // A sink joins mid-stream: it sees a gap-free run of sequence numbers from the point it joined.
+    let b = nodes[1].open_channel("flow").await?;
+    let mut sb = b.sink(SinkOptions::new())?;
+    let first = recv(&mut sb).await?.seq();
+    for k in 1..200 {
+        assert_eq!(recv(&mut sb).await?.seq(), first + k);
+    }
+    // Another node joins, then the first sink leaves; the source keeps going.
+    let c = nodes[2].open_channel("flow").await?;
+    let mut sc = c.sink(SinkOptions::new())?;
+    let first_c = recv(&mut sc).await?.seq();
+    drop(sb);
+    eventually("one sink left", || a.sinks() == 1).await?;
+    for k in 1..200 {
+        assert_eq!(recv(&mut sc).await?.seq(), first_c + k);
+    }
+    b.close().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = producer.await??;
+    assert!(sent > 400);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink_drop_policies_count_what_was_missed() -> Result<()> {
+    for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+        let (_reg, nodes) = cluster(3).await?;
+        let a = nodes[0].create_channel("slow").await?;
+        let b = nodes[1].open_channel("slow").await?;
+        let c = nodes[2].open_channel("slow").await?;
+        let mut slow = b.sink(SinkOptions::new().capacity(10).overflow(overflow))?;
+        let mut fast = c.sink(SinkOptions::new().capacity(10_000))?;
+        a.wait_for_sinks(2, T).await?;
+        let mut src = a.source()?;
+        for _ in 0..1000 {
+            src.submit("e", &Attrs::new(), b"").await?;
+        }
+        // The fast sink gets everything although the slow one never reads.
+        for k in 1..=1000 {
+            assert_eq!(recv(&mut fast).await?.seq(), k);
+        }
+        eventually("slow sink saw everything", || slow.received() + slow.dropped() >= 1000).await?;
+        let mut got = Vec::new();
+        let mut lagged = 0;
+        loop {
+            match slow.try_recv() {
+                Ok(e) => got.push(e.seq()),
+                Err(TryRecvError::Lagged(n)) => lagged += n,
+                Err(TryRecvError::Empty) => break,
+                Err(e) => bail!("{e}"),
+            }
+        }
+        assert_eq!(got.len(), 10);
+        assert_eq!(lagged, 990, "{overflow:?}");
+        let expect: Vec<u64> = match overflow {
+            Overflow::DropOldest => (991..=1000).collect(),
+            _ => (1..=10).collect(),
+        };
+        assert_eq!(got, expect, "{overflow:?}");
+        assert_eq!(b.stats().dropped, 990);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_slows_the_source_and_loses_nothing() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a_node = Node::builder().registry_client(reg.clone()).link_queue_bytes(4096).start().await?;
+    let b_node = node_on(&reg).await?;
+    let a = a_node.create_channel("block").await?;
+    let b = b_node.open_channel("block").await?;
+    let mut sink = b.sink(SinkOptions::new().capacity(4).overflow(Overflow::Block))?;
+    a.wait_for_sinks(1, T).await?;
+    let mut src = a.source()?;
+    // 32 MiB: more than the sink, the link queue and both sockets' kernel buffers can hold.
+    let n = 8000u64;
+    let producer = tokio::spawn(async move {
+        for _ in 0..n {
+            src.submit("e", &Attrs::new(), &[7u8; 4096]).await?;
+        }
+        anyhow::Ok(src)
+    });
+    // The producer cannot finish while nobody reads.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!producer.is_finished(), "a Block sink must hold the source back");
+    for k in 1..=n {
+        assert_eq!(recv(&mut sink).await?.seq(), k);
+    }
+    let mut src = timeout(T, producer).await???;
+    assert_eq!(sink.dropped(), 0);
+    // try_submit never waits: with the sink full it refuses.
+    for _ in 0..20_000 {
+        if let Err(e) = src.try_submit("e", &Attrs::new(), &[0u8; 4096]) {
+            assert!(matches!(e, kecho::Error::WouldBlock), "{e}");
+            return Ok(());
+        }
+    }
+    bail!("try_submit never reported a full Block sink");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_receive_style_wakes_on_arrival() -> Result<()> {
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].create_channel("styles").await?;
+    let b = nodes[1].open_channel("styles").await?;
+    let mut blocking = b.sink(SinkOptions::new().types(["x"]))?;
+    let stream_sink = b.sink(SinkOptions::new().types(["x"]))?;
+    let handler_sink = b.sink(SinkOptions::new().types(["x"]))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _h = handler_sink.on_event(move |r| {
+        let _ = tx.send(r.map(|e| e.seq()));
+    });
+    a.wait_for_sinks(3, T).await?;
+    let mut src = a.source()?;
+    let t = std::thread::spawn(move || blocking.recv_blocking(Some(T)).map(|e| e.seq()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    src.submit("x", &Attrs::new(), b"1").await?;
+    assert_eq!(t.join().expect("thread").expect("blocking recv"), 1);
+    use futures_util::StreamExt;
+    let mut stream = Box::pin(stream_sink.into_stream());
+    assert_eq!(timeout(T, stream.next()).await?.expect("stream item").expect("event").seq(), 1);
+    assert_eq!(timeout(T, rx.recv()).await?.expect("handler"), Ok(1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_member_is_removed_within_the_heartbeat_timeout() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let a = nodes[0].create_channel("crash").await?;
+    let b = nodes[1].open_channel("crash").await?;
+    let c = nodes[2].open_channel("crash").await?;
+    let _sb = b.sink(SinkOptions::new())?;
+    let mut sc = c.sink(SinkOptions::new())?;
+    a.wait_for_sinks(2, T).await?;
+    nodes[1].kill();
+    let took = eventually("crashed sink removed", || a.sinks() == 1).await?;
+    assert!(took < Duration::from_millis(2000), "took {took:?}");
+    // The others carry on.
+    let mut src = a.source()?;
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert_eq!(recv(&mut sc).await?.seq(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_survives_its_creator() -> Result<()> {
+    for crash in [false, true] {
+        let (reg, nodes) = cluster(3).await?;
+        let a = nodes[0].create_channel("survive").await?;
+        let b = nodes[1].open_channel("survive").await?;
+        let _sa = a.sink(SinkOptions::new())?;
+        let mut src = b.source()?;
+        b.wait_for_sinks(1, T).await?;
+        if crash {
+            nodes[0].kill();
+        } else {
+            nodes[0].shutdown().await;
+        }
+        eventually("creator gone", || b.sinks() == 0).await?;
+        // A newcomer still joins (through the member that took over) and gets events from the remaining source.
+        let newcomer = node_on(&reg).await?;
+        let c = timeout(T, newcomer.open_channel("survive")).await??;
+        let mut sc = c.sink(SinkOptions::new())?;
+        b.wait_for_sinks(1, T).await?;
+        src.submit("after", &Attrs::new(), b"").await?;
+        assert_eq!(recv(&mut sc).await?.ty(), "after");
+        drop(nodes);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_close_tells_the_others() -> Result<()> {
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].create_channel("bye").await?;
+    let b = nodes[1].open_channel("bye").await?;
+    let _s = b.sink(SinkOptions::new())?;
+    a.wait_for_sinks(1, T).await?;
+    b.close().await;
+    // Much faster than the heartbeat timeout: the leave message says so.
+    let took = eventually("sink gone", || a.sinks() == 0).await?;
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_errors_are_typed() -> Result<()> {
+    let (_reg, nodes) = cluster(1).await?;
+    match nodes[0].open_channel("nope").await {
+        Err(kecho::Error::UnknownChannel(n)) => assert_eq!(n, "nope"),
+        other => bail!("expected UnknownChannel, got {other:?}"),
+    }
+    nodes[0].create_channel("dup").await?;
+    match nodes[0].create_channel("dup").await {
+        Err(kecho::Error::ChannelExists(_)) => {}
+        other => bail!("expected ChannelExists, got {other:?}"),
+    }
+    let unreachable = Node::builder().registry("127.0.0.1:1".parse()?).start().await?;
+    match timeout(T, unreachable.channel("x")).await? {
+        Err(e) => assert!(e.to_string().contains("unreachable"), "{e}"),
+        Ok(_) => bail!("opened a channel without a registry"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_sink_reports_closed() -> Result<()> {
+    let (_reg, nodes) = cluster(1).await?;
+    let a = nodes[0].channel("closing").await?;
+    let mut s = a.sink(SinkOptions::new())?;
+    a.close().await;
+    assert_eq!(timeout(T, s.recv()).await?.unwrap_err(), RecvError::Closed);
+    assert!(a.source().is_err());
+    Ok(())
+}

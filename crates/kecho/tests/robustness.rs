@@ -1,0 +1,120 @@
+//! What a misbehaving peer can do to a node: nothing beyond losing its own connection.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use kecho::{Attrs, Node, RegistryClient, SinkOptions};
+use kecho_proto::codec::{decode_frame, CloseCode, Purpose};
+use kecho_proto::{Message, NodeId, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Two nodes with a channel and a flowing event, to show that they are unaffected.
+async fn pair() -> Result<(Node, Node, kecho::Source, kecho::Sink)> {
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).start().await?;
+    let b = Node::builder().registry_client(reg).start().await?;
+    let ca = a.create_channel("robust").await?;
+    let cb = b.open_channel("robust").await?;
+    let sink = cb.sink(SinkOptions::new())?;
+    ca.wait_for_sinks(1, T).await?;
+    let src = ca.source()?;
+    Ok((a, b, src, sink))
+}
+
+async fn still_flows(src: &mut kecho::Source, sink: &mut kecho::Sink) -> Result<()> {
+    let seq = src.submit("ok", &Attrs::new(), b"still here").await?;
+    let ev = timeout(T, sink.recv()).await?.context("recv")?;
+    assert_eq!(ev.seq(), seq);
+    Ok(())
+}
+
+/// Reads until the node closes the connection; returns every message it sent.
+async fn read_until_closed(s: &mut TcpStream) -> Result<Vec<Message>> {
+    let mut buf = BytesMut::new();
+    let mut msgs = Vec::new();
+    loop {
+        let n = timeout(T, s.read_buf(&mut buf)).await.context("node did not close the connection")?.unwrap_or(0);
+        while let Ok(Some(m)) = decode_frame(&mut buf, 1 << 20) {
+            msgs.push(m);
+        }
+        if n == 0 {
+            return Ok(msgs);
+        }
+    }
+}
+
+fn hello(version: u16) -> Vec<u8> {
+    Message::Hello { version, node: NodeId(42), addr: "127.0.0.1:9".into(), purpose: Purpose::Node }.to_bytes().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_only_that_connection() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let msgs = read_until_closed(&mut s).await?;
+    assert!(
+        msgs.iter().all(|m| matches!(m, Message::Close { .. })),
+        "only a Close may come back: {msgs:?}"
+    );
+    still_flows(&mut src, &mut sink).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_after_handshake_closes_only_that_connection() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION)).await?;
+    // Announce a 1 GiB frame.
+    s.write_all(&(1u32 << 30).to_le_bytes()).await?;
+    let msgs = read_until_closed(&mut s).await?;
+    assert!(matches!(msgs.first(), Some(Message::HelloAck { .. })), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| matches!(m, Message::Close { code: CloseCode::Malformed, .. })),
+        "expected a Close(Malformed): {msgs:?}"
+    );
+    still_flows(&mut src, &mut sink).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_mismatch_is_refused_with_a_reason() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION + 1)).await?;
+    let msgs = read_until_closed(&mut s).await?;
+    match msgs.as_slice() {
+        [Message::Close { code: CloseCode::VersionMismatch, reason }] => {
+            assert!(reason.contains(&format!("version {PROTOCOL_VERSION}")), "{reason}");
+            assert!(reason.contains(&format!("version {}", PROTOCOL_VERSION + 1)), "{reason}");
+        }
+        other => bail!("expected one Close(VersionMismatch), got {other:?}"),
+    }
+    still_flows(&mut src, &mut sink).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_after_the_handshake_timeout() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    let start = tokio::time::Instant::now();
+    let msgs = read_until_closed(&mut s).await?;
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert!(start.elapsed() >= Duration::from_secs(4), "closed too early: {:?}", start.elapsed());
+    still_flows(&mut src, &mut sink).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_messages_on_a_node_link_close_it() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION)).await?;
+    s.write_all(&Message::RegList { req: 1 }.to_bytes()).await?;
+    let msgs = read_until_closed(&mut s).await?;
+    assert!(msgs.iter().any(|m| matches!(m, Message::Close { .. })), "{msgs:?}");
+    still_flows(&mut src, &mut sink).await
+}
