@@ -330,6 +330,13 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWr
         wake.as_mut().enable();
         peer.outbox.take_all(&mut frames);
         if frames.is_empty() {
+            if node.closing.load(Ordering::Acquire) {
+                // Graceful shutdown: everything queued is written. Send FIN and let the reader see the peer's EOF, so
+                // that no unread data makes the kernel reset the connection and discard what we sent.
+                let _ = wr.shutdown().await;
+                tracing::debug!(peer = %peer.id, "writer finished for shutdown");
+                return;
+            }
             let deadline = live.lock().deadline();
             tokio::select! {
                 _ = &mut wake => continue,

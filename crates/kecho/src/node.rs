@@ -140,6 +140,7 @@ impl NodeBuilder {
             gen: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         inner.spawn(accept_loop(weak, listener));
@@ -232,13 +233,15 @@ impl Node {
         for ch in chans {
             ch.leave().await;
         }
-        // Let the leave messages drain.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        loop {
-            let busy = self.inner.peers.lock().values().any(|p| p.is_up() && !p.outbox.is_empty());
-            if !busy || tokio::time::Instant::now() >= deadline {
-                break;
-            }
+        // Let every link drain what it has queued (events and leave messages), then close it gracefully: each writer
+        // sends FIN once its queue is empty and the link ends when the peer closes its side.
+        self.inner.closing.store(true, Ordering::Release);
+        let peers: Vec<_> = self.inner.peers.lock().values().cloned().collect();
+        for p in &peers {
+            p.outbox.readable.notify_one();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline && peers.iter().any(|p| p.is_up()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.inner.stop();
@@ -262,6 +265,8 @@ pub(crate) struct NodeInner {
     tasks: Mutex<Vec<AbortHandle>>,
     conn_slots: Arc<Semaphore>,
     pub(crate) closed: AtomicBool,
+    /// Set by a graceful shutdown: writers finish their queues and close.
+    pub(crate) closing: AtomicBool,
 }
 
 impl NodeInner {

@@ -118,3 +118,41 @@ async fn registry_messages_on_a_node_link_close_it() -> Result<()> {
     assert!(msgs.iter().any(|m| matches!(m, Message::Close { .. })), "{msgs:?}");
     still_flows(&mut src, &mut sink).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
+    use kecho_proto::codec::RegResult;
+    use kecho_proto::{LocalId, MemberInfo, NodeSnapshot, Overflow, Role, TypeFilter};
+    let reg = RegistryClient::in_process_private();
+    let hb = Duration::from_millis(600);
+    let a = Node::builder().registry_client(reg.clone()).heartbeat_timeout(hb).start().await?;
+    let ch = a.create_channel("hb").await?;
+    let entry = match reg.request(Message::RegLookup { req: 0, name: "hb".into() }).await? {
+        RegResult::Entry(e) => e,
+        other => bail!("lookup: {other:?}"),
+    };
+    // A hand-made member: handshake, join with one sink, then never say anything again (a frozen process).
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION)).await?;
+    let sink = MemberInfo {
+        id: LocalId(1),
+        role: Role::Sink { types: TypeFilter::All, overflow: Overflow::DropOldest },
+        attrs: Default::default(),
+    };
+    let join = Message::JoinRequest {
+        channel: entry.channel,
+        addr: "127.0.0.1:9".into(),
+        snapshot: NodeSnapshot { version: 1, members: vec![sink] },
+    };
+    s.write_all(&join.to_bytes()).await?;
+    ch.wait_for_sinks(1, T).await?;
+    let joined = tokio::time::Instant::now();
+    while ch.sinks() != 0 {
+        assert!(joined.elapsed() < T, "the silent member was never removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = joined.elapsed();
+    assert!(took >= hb - Duration::from_millis(50), "removed before the timeout: {took:?}");
+    assert!(took < hb * 3, "removed too late: {took:?}");
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! The `kecho` binary, run as separate processes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const KECHO: &str = env!("CARGO_BIN_EXE_kecho");
+
+/// A child process killed when dropped, so a failing test leaves nothing behind.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str]) -> Result<Proc> {
+        let child = Command::new(KECHO)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Proc { child, name: name.to_owned() })
+    }
+
+    /// Waits for a line on standard error containing `needle`; the rest of stderr keeps draining in the background.
+    fn wait_stderr(&mut self, needle: &str) -> Result<()> {
+        let err = self.child.stderr.take().context("stderr taken")?;
+        let (tx, rx) = mpsc::channel();
+        let needle = needle.to_owned();
+        std::thread::spawn(move || {
+            let mut seen = false;
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if !seen && line.contains(&needle) {
+                    seen = true;
+                    let _ = tx.send(Ok(()));
+                }
+                if !seen {
+                    let _ = tx.send(Err(line));
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(line)) => lines.push(line),
+                Err(_) => bail!("{} never printed the expected line; stderr: {lines:?}", self.name),
+            }
+        }
+    }
+
+    /// Waits for exit (bounded) and returns the output.
+    fn finish(mut self, within: Duration) -> Result<Output> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {within:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn()?);
+        Ok(child.wait_with_output()?)
+    }
+
+    fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+fn free_port() -> Result<String> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+fn registry(addr: &str) -> Result<Proc> {
+    let mut r = Proc::spawn("registry", &["registry", "--listen", addr])?;
+    r.wait_stderr("listening")?;
+    Ok(r)
+}
+
+fn subscriber(addr: &str, channel: &str, extra: &[&str]) -> Result<Proc> {
+    let mut args = vec!["sub", channel, "--registry", addr];
+    args.extend_from_slice(extra);
+    let mut s = Proc::spawn("sub", &args)?;
+    s.wait_stderr("subscribed")?;
+    Ok(s)
+}
+
+/// Runs a command to completion (bounded).
+fn run(args: &[&str], stdin: Option<&str>) -> Result<Output> {
+    let mut child = Command::new(KECHO)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    }
+    Proc { child, name: args.join(" ") }.finish(Duration::from_secs(30))
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_lines(o: &Output) -> Result<Vec<serde_json::Value>> {
+    stdout(o).lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
+}
+
+/// Checks a failing command: non-zero exit, one line on stderr mentioning `needle`, no panic.
+fn check_error(args: &[&str], needle: &str) -> Result<()> {
+    let o = run(args, None)?;
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{args:?} panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err:?}");
+    Ok(())
+}
+
+#[test]
+fn pub_sub_json_across_processes() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let sub = subscriber(&addr, "news", &["--count", "3", "--format", "json"])?;
+    let p = run(
+        &[
+            "pub", "news", "--registry", &addr, "--type", "greet", "--attr", "lang=en", "--attr", "n=5", "--attr",
+            "raw:hex=00ff", "--count", "3", "--wait-sinks", "1", "hello",
+        ],
+        None,
+    )?;
+    assert!(p.status.success(), "pub failed: {}", stderr(&p));
+    let o = sub.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "sub failed: {}", stderr(&o));
+    let lines = json_lines(&o)?;
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["type"], "greet");
+        assert_eq!(l["seq"], i as u64 + 1);
+        assert_eq!(l["attrs"]["lang"], "en");
+        assert_eq!(l["attrs"]["n"], 5);
+        assert_eq!(l["attrs"]["raw"]["base64"], "AP8=");
+        assert_eq!(l["payload"], "hello");
+        assert_eq!(l["payload_encoding"], "utf8");
+    }
+    Ok(())
+}
+
+#[test]
+fn stdin_lines_and_type_filter() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let sub = subscriber(&addr, "logs", &["--type", "error", "--count", "2"])?;
+    let p = run(&["pub", "logs", "--registry", &addr, "--type", "info", "--wait-sinks", "1", "-"], Some("a\nb\n"))?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let p = run(&["pub", "logs", "--registry", &addr, "--type", "error", "--wait-sinks", "1", "-"], Some("x\ny\n"))?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = sub.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["error #1 | x", "error #2 | y"], "{out}");
+    Ok(())
+}
+
+#[test]
+fn channels_lists_member_counts() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let _s1 = subscriber(&addr, "room", &[])?;
+    let _s2 = subscriber(&addr, "room", &[])?;
+    // The contact reports counts with its lease renewal (every 3 s by default).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = run(&["channels", "--registry", &addr], None)?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let row = out.lines().find(|l| l.starts_with("room")).map(|l| l.split_whitespace().collect::<Vec<_>>());
+        if let Some(r) = row {
+            if r[1] == "0" && r[2] == "2" {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("channels never showed 2 sinks: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() -> Result<()> {
+    let dead = free_port()?;
+    check_error(&["channels", "--registry", &dead], "unreachable")?;
+    check_error(&["pub", "x", "--registry", &dead, "hi"], "unreachable")?;
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    check_error(&["pub", "missing", "--registry", &addr, "--existing", "hi"], "unknown channel")?;
+    check_error(&["sub", "missing", "--registry", &addr, "--existing"], "unknown channel")?;
+    check_error(&["pub", "c", "--registry", &addr, "--attr", "novalue", "hi"], "malformed --attr")?;
+    check_error(&["registry", "--listen", &addr], "in use")?;
+    check_error(&["pub", "lonely", "--registry", &addr, "--wait-sinks", "1", "--timeout", "0.5", "hi"], "timed out")?;
+    Ok(())
+}
+
+#[test]
+fn killed_subscriber_is_dropped_and_the_rest_carry_on() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let survivor = subscriber(&addr, "k", &["--count", "1", "--type", "after"])?;
+    let mut victim = subscriber(&addr, "k", &[])?;
+    let p = run(&["pub", "k", "--registry", &addr, "--type", "before", "--wait-sinks", "2"], None)?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    victim.kill9()?;
+    let p = run(&["pub", "k", "--registry", &addr, "--type", "after", "--wait-sinks", "1", "--timeout", "10"], None)?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = survivor.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("after #1"), "{}", stdout(&o));
+    Ok(())
+}
+
+#[test]
+fn creator_dies_and_newcomers_still_join() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let mut creator = subscriber(&addr, "phoenix", &[])?;
+    let member = subscriber(&addr, "phoenix", &["--count", "1"])?;
+    creator.kill9()?;
+    // The member takes the contact role over once the creator's link is found dead; a new publisher then joins.
+    let p = run(&["pub", "phoenix", "--registry", &addr, "--existing", "--wait-sinks", "1", "--timeout", "15", "hi"], None)?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = member.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("| hi"), "{}", stdout(&o));
+    Ok(())
+}
+
+#[test]
+fn registry_restart_is_survived() -> Result<()> {
+    let addr = free_port()?;
+    let mut reg = registry(&addr)?;
+    let member = subscriber(&addr, "durable", &["--count", "1"])?;
+    reg.kill9()?;
+    let _reg2 = registry(&addr)?;
+    // The contact renews its lease every 3 s and so re-registers the channel with the new registry.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !stdout(&run(&["channels", "--registry", &addr], None)?).contains("durable") {
+        if Instant::now() > deadline {
+            bail!("the channel never reappeared in the restarted registry");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let p = run(&["pub", "durable", "--registry", &addr, "--existing", "--wait-sinks", "1", "back"], None)?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = member.finish(Duration::from_secs(20))?;
+    assert!(stdout(&o).contains("| back"), "{}", stdout(&o));
+    Ok(())
+}
+
+#[test]
+fn demo_runs_and_reports_latency() -> Result<()> {
+    let o = run(&["demo", "--events", "200"], None)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in ["monitoring", "requests", "p50", "p99"] {
+        assert!(out.contains(needle), "demo output lacks {needle}: {out}");
+    }
+    Ok(())
+}
