@@ -228,7 +228,8 @@ async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel>
 async fn sub(a: SubArgs) -> Result<()> {
     let node = node(&a.reg, &a.listen).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
-    let mut sink = ch.sink(SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into()))?;
+    let mut sink =
+        ch.sink(SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into()))?;
     eprintln!("kecho: subscribed to {:?}", a.channel);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;

@@ -151,8 +151,23 @@ fn pub_sub_json_across_processes() -> Result<()> {
     let sub = subscriber(&addr, "news", &["--count", "3", "--format", "json"])?;
     let p = run(
         &[
-            "pub", "news", "--registry", &addr, "--type", "greet", "--attr", "lang=en", "--attr", "n=5", "--attr",
-            "raw:hex=00ff", "--count", "3", "--wait-sinks", "1", "hello",
+            "pub",
+            "news",
+            "--registry",
+            &addr,
+            "--type",
+            "greet",
+            "--attr",
+            "lang=en",
+            "--attr",
+            "n=5",
+            "--attr",
+            "raw:hex=00ff",
+            "--count",
+            "3",
+            "--wait-sinks",
+            "1",
+            "hello",
         ],
         None,
     )?;
@@ -254,7 +269,10 @@ fn creator_dies_and_newcomers_still_join() -> Result<()> {
     let member = subscriber(&addr, "phoenix", &["--count", "1"])?;
     creator.kill9()?;
     // The member takes the contact role over once the creator's link is found dead; a new publisher then joins.
-    let p = run(&["pub", "phoenix", "--registry", &addr, "--existing", "--wait-sinks", "1", "--timeout", "15", "hi"], None)?;
+    let p = run(
+        &["pub", "phoenix", "--registry", &addr, "--existing", "--wait-sinks", "1", "--timeout", "15", "hi"],
+        None,
+    )?;
     assert!(p.status.success(), "{}", stderr(&p));
     let o = member.finish(Duration::from_secs(20))?;
     assert!(o.status.success(), "{}", stderr(&o));

@@ -858,7 +858,11 @@ impl Reader {
                 let n = self.count(24)?;
                 let mut nodes = Vec::with_capacity(n);
                 for _ in 0..n {
-                    nodes.push(PeerEntry { node: NodeId(self.u64()?), addr: self.string()?, snapshot: self.snapshot()? });
+                    nodes.push(PeerEntry {
+                        node: NodeId(self.u64()?),
+                        addr: self.string()?,
+                        snapshot: self.snapshot()?,
+                    });
                 }
                 Message::JoinAccept { channel, contact, nodes }
             }
@@ -883,11 +887,9 @@ impl Reader {
                 let payload = std::mem::take(&mut self.b);
                 Message::Event(EventMsg { channel, source, seq, ty, attrs, payload })
             }
-            LAGGED => Message::Lagged {
-                channel: ChannelId(self.u64()?),
-                source: LocalId(self.u32()?),
-                count: self.u64()?,
-            },
+            LAGGED => {
+                Message::Lagged { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), count: self.u64()? }
+            }
             REG_CLAIM => {
                 let req = self.u32()?;
                 let name = self.string()?;

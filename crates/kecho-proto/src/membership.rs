@@ -109,9 +109,15 @@ enum Phase {
     Idle,
     LookingUp,
     Creating,
-    Joining { contact: NodeId, addr: String, since: Instant },
+    Joining {
+        contact: NodeId,
+        addr: String,
+        since: Instant,
+    },
     /// Waiting to retry the lookup.
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     Member,
     Left,
 }
@@ -500,12 +506,11 @@ impl ChannelState {
             return;
         }
         let mut nodes = vec![PeerEntry { node: self.me, addr: self.my_addr.clone(), snapshot: self.local.clone() }];
-        nodes.extend(
-            self.peers
-                .iter()
-                .filter(|(n, _)| **n != from)
-                .map(|(n, p)| PeerEntry { node: *n, addr: p.addr.clone(), snapshot: p.snapshot.clone() }),
-        );
+        nodes.extend(self.peers.iter().filter(|(n, _)| **n != from).map(|(n, p)| PeerEntry {
+            node: *n,
+            addr: p.addr.clone(),
+            snapshot: p.snapshot.clone(),
+        }));
         // Relay the joiner to everyone else, so that nobody depends on the joiner's own links alone.
         let relay: Vec<(NodeId, String)> =
             self.peers.iter().filter(|(n, _)| **n != from).map(|(n, p)| (*n, p.addr.clone())).collect();

@@ -122,10 +122,9 @@ impl RegistryTable {
         };
         if !allowed {
             return match mode {
-                ClaimMode::Create => RegResult::Error {
-                    code: RegErrorCode::Exists,
-                    message: format!("channel {name:?} exists already"),
-                },
+                ClaimMode::Create => {
+                    RegResult::Error { code: RegErrorCode::Exists, message: format!("channel {name:?} exists already") }
+                }
                 _ => not_contact(name),
             };
         }

@@ -341,19 +341,22 @@ impl ChannelInner {
     async fn flush_leave(self: &Arc<Self>) {
         let Some(node) = self.node.upgrade() else { return };
         loop {
-            let mut st = self.state.lock();
-            let Some(out) = st.poll_output() else { break };
-            match out {
-                Output::Send { to, addr, msg } => {
-                    drop(st);
-                    node.send(to, &addr, &msg);
+            // Take one output under the lock; the guard must be gone before any await.
+            let next = {
+                let mut st = self.state.lock();
+                match st.poll_output() {
+                    None => None,
+                    Some(Output::Registry(op)) => Some(Err(st.registry_message(&op, 0))),
+                    Some(other) => Some(Ok(other)),
                 }
-                Output::Registry(op) => {
-                    let msg = st.registry_message(&op, 0);
-                    drop(st);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), node.registry.request(msg)).await;
+            };
+            match next {
+                None => break,
+                Some(Ok(Output::Send { to, addr, msg })) => node.send(to, &addr, &msg),
+                Some(Ok(_)) => {}
+                Some(Err(registry_msg)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), node.registry.request(registry_msg)).await;
                 }
-                _ => {}
             }
         }
     }

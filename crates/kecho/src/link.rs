@@ -212,8 +212,7 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(4096);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await
-    {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await {
         Ok(Ok(m)) => m,
         Ok(Err(why)) => {
             tracing::warn!(%remote, "closing connection before handshake: {why}");

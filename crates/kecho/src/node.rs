@@ -199,10 +199,7 @@ impl Node {
 
     async fn open_with(&self, name: &str, mode: OpenMode) -> Result<Channel> {
         if name.is_empty() || name.len() > kecho_proto::registry::MAX_NAME {
-            return Err(Error::Invalid(format!(
-                "channel name must be 1 to {} bytes",
-                kecho_proto::registry::MAX_NAME
-            )));
+            return Err(Error::Invalid(format!("channel name must be 1 to {} bytes", kecho_proto::registry::MAX_NAME)));
         }
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(name.to_owned()));

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Event, MembershipConfig, Node, Overflow, RecvError, RegistryClient, SinkOptions, TryRecvError, Value};
+use kecho::{
+    Attrs, Event, MembershipConfig, Node, Overflow, RecvError, RegistryClient, SinkOptions, TryRecvError, Value,
+};
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
@@ -65,10 +67,12 @@ async fn events_with_attributes_cross_nodes() -> Result<()> {
     let mut sc = c.sink(SinkOptions::new())?;
     a.wait_for_sinks(2, T).await?;
     let mut src = a.source()?;
-    let attrs = Attrs::new().with("i", 7i64).with("f", 0.25).with("b", true).with("s", "zone-a").with(
-        "raw",
-        bytes::Bytes::from_static(&[0, 1, 2, 255]),
-    );
+    let attrs = Attrs::new()
+        .with("i", 7i64)
+        .with("f", 0.25)
+        .with("b", true)
+        .with("s", "zone-a")
+        .with("raw", bytes::Bytes::from_static(&[0, 1, 2, 255]));
     let seq = src.submit("hello", &attrs, b"payload").await?;
     assert_eq!(seq, 1);
     for s in [&mut sb, &mut sc] {

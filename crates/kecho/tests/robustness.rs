@@ -58,10 +58,7 @@ async fn garbage_closes_only_that_connection() -> Result<()> {
     let mut s = TcpStream::connect(a.local_addr()).await?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
     let msgs = read_until_closed(&mut s).await?;
-    assert!(
-        msgs.iter().all(|m| matches!(m, Message::Close { .. })),
-        "only a Close may come back: {msgs:?}"
-    );
+    assert!(msgs.iter().all(|m| matches!(m, Message::Close { .. })), "only a Close may come back: {msgs:?}");
     still_flows(&mut src, &mut sink).await
 }
 
