@@ -172,16 +172,15 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return };
         loop {
             let mut st = self.state.lock();
-            let Some(out) = st.poll_output() else {
-                let id = st.id();
-                drop(st);
-                let old = self.id();
-                if old != id {
-                    self.id.store(id.0, Ordering::Release);
-                    node.index_channel(Some(old), id, self);
-                }
-                break;
-            };
+            // The id is final once the registry named it; index it before sending anything, so that answers find
+            // the channel.
+            let id = st.id();
+            let old = self.id();
+            if old != id {
+                self.id.store(id.0, Ordering::Release);
+                node.index_channel(Some(old), id, self);
+            }
+            let Some(out) = st.poll_output() else { break };
             match out {
                 Output::Send { to, addr, msg } => {
                     drop(st);

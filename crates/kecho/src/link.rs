@@ -111,8 +111,14 @@ impl Peer {
         *link = LinkState::Idle;
     }
 
-    /// The link with generation `gen` ended. Returns true if it was the current one (the peer is then lost).
+    /// The link with generation `gen` ended. Returns true if it was the current one (the peer is then lost and
+    /// whatever was queued for it is dropped).
     fn link_down(&self, gen: u64) -> bool {
+        self.link_end(gen, true)
+    }
+
+    /// Ends the link with generation `gen`; keeps the queue if `clear` is false (the peer's own connection is coming).
+    fn link_end(&self, gen: u64, clear: bool) -> bool {
         let mut link = self.link.lock();
         let current = match &*link {
             LinkState::Up { gen: g, .. } | LinkState::Dialing { gen: g } => *g == gen,
@@ -127,7 +133,9 @@ impl Peer {
             }
             *link = LinkState::Idle;
             drop(link);
-            self.outbox.clear();
+            if clear {
+                self.outbox.clear();
+            }
         }
         current
     }
@@ -139,8 +147,9 @@ async fn dial(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64) {
         Ok(DialOutcome::Up) => {}
         Ok(DialOutcome::Superseded) => {}
         Ok(DialOutcome::Duplicate) => {
-            // The peer's own connection to us wins; it is on its way. If it never comes (its dial failed), try again.
-            if peer.link_down(gen) {
+            // The peer's own connection to us wins; it is on its way, and what we queued will go over it. If it never
+            // comes (its dial failed), try again.
+            if peer.link_end(gen, false) {
                 let node2 = node.clone();
                 node.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(500)).await;

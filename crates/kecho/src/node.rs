@@ -177,6 +177,11 @@ impl Node {
         self.inner.addr
     }
 
+    /// Open links to other nodes. There is at most one per pair of nodes, whatever the number of shared channels.
+    pub fn links(&self) -> usize {
+        self.inner.peers.lock().values().filter(|p| p.is_up()).count()
+    }
+
     /// The registry this node uses.
     pub fn registry(&self) -> &RegistryClient {
         &self.inner.registry

@@ -397,3 +397,40 @@ async fn closed_sink_reports_closed() -> Result<()> {
     assert!(a.source().is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_link_per_pair_of_nodes_carries_every_channel() -> Result<()> {
+    let (_reg, nodes) = cluster(4).await?;
+    // Every node opens every channel at the same time, so pairs of nodes dial each other concurrently.
+    let mut sinks = Vec::new();
+    let mut chans = Vec::new();
+    for c in 0..5 {
+        let name = format!("mux{c}");
+        let opened = futures_util::future::join_all(nodes.iter().map(|n| n.channel(&name))).await;
+        for ch in opened {
+            let ch = ch?;
+            sinks.push(ch.sink(SinkOptions::new())?);
+            chans.push(ch);
+        }
+    }
+    for ch in &chans {
+        ch.wait_for_sinks(4, T).await?;
+    }
+    let mut sources = Vec::new();
+    for ch in &chans {
+        sources.push(ch.source()?);
+    }
+    for s in sources.iter_mut() {
+        s.submit("e", &Attrs::new(), b"").await?;
+    }
+    // Each sink gets one event from each of the 4 sources of its channel.
+    for s in sinks.iter_mut() {
+        for _ in 0..4 {
+            recv(s).await?;
+        }
+    }
+    for n in &nodes {
+        assert_eq!(n.links(), 3, "one link to each other node");
+    }
+    Ok(())
+}
