@@ -293,6 +293,19 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
     }
 }
 
+/// Heartbeat state shared by a link's reader and writer.
+struct LinkLive {
+    live: Mutex<Liveness>,
+    /// The reader is waiting for room in a Block sink and so not reading: silence then says nothing about the peer.
+    reader_waiting: AtomicBool,
+}
+
+impl LinkLive {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Liveness> {
+        self.live.lock()
+    }
+}
+
 fn close(code: CloseCode, reason: &str) -> Bytes {
     Message::Close { code, reason: reason.to_owned() }.to_bytes()
 }
@@ -321,7 +334,10 @@ fn start_link(
     wr: OwnedWriteHalf,
     buf: BytesMut,
 ) -> [AbortHandle; 2] {
-    let live = Arc::new(Mutex::new(Liveness::new(now(), node.cfg.heartbeat_timeout)));
+    let live = Arc::new(LinkLive {
+        live: Mutex::new(Liveness::new(now(), node.cfg.heartbeat_timeout)),
+        reader_waiting: AtomicBool::new(false),
+    });
     let remote = rd.peer_addr().ok();
     let w = node.spawn(writer(node.clone(), peer.clone(), gen, wr, live.clone()));
     let r = node.spawn(reader(node.clone(), peer.clone(), gen, rd, buf, live, remote));
@@ -329,13 +345,15 @@ fn start_link(
     [w, r]
 }
 
-async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWriteHalf, live: Arc<Mutex<Liveness>>) {
+async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWriteHalf, live: Arc<LinkLive>) {
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
     let why = loop {
         let wake = peer.outbox.readable.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
+        // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
+        peer.flush_lag();
         peer.outbox.take_all(&mut frames);
         if frames.is_empty() {
             if node.closing.load(Ordering::Acquire) {
@@ -349,6 +367,9 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWr
             tokio::select! {
                 _ = &mut wake => continue,
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    if live.reader_waiting.load(Ordering::Acquire) {
+                        live.lock().on_receive(now());
+                    }
                     let action = live.lock().poll(now());
                     match action {
                         LivenessAction::Wait => continue,
@@ -408,7 +429,7 @@ async fn reader(
     gen: u64,
     mut rd: OwnedReadHalf,
     mut buf: BytesMut,
-    live: Arc<Mutex<Liveness>>,
+    live: Arc<LinkLive>,
     remote: Option<SocketAddr>,
 ) {
     let why: String = 'outer: loop {
@@ -416,7 +437,10 @@ async fn reader(
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
                 Ok(Some(frame)) => match codec::decode_body(frame) {
                     Ok(msg) => {
-                        if let Err(why) = node.handle_frame(&peer, msg).await {
+                        live.reader_waiting.store(true, Ordering::Release);
+                        let handled = node.handle_frame(&peer, msg).await;
+                        live.reader_waiting.store(false, Ordering::Release);
+                        if let Err(why) = handled {
                             peer.outbox.push_control(close(CloseCode::Handshake, &why));
                             break 'outer why;
                         }
@@ -441,6 +465,7 @@ async fn reader(
         match rd.read_buf(&mut buf).await {
             Ok(0) => break "closed by peer".to_owned(),
             Ok(_) => live.lock().on_receive(now()),
+            // (A reader that was held up by a Block sink resumes here; the data it now reads proves the peer alive.)
             Err(e) => break e.to_string(),
         }
     };
