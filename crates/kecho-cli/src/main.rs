@@ -32,6 +32,16 @@ struct RegistryArg {
     registry: String,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct NodeArgs {
+    /// Address this node listens on for other nodes.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Seconds of silence after which another node counts as dead and its members are removed.
+    #[arg(long, default_value_t = 3.0)]
+    heartbeat: f64,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve the channel registry (the KECho group server).
@@ -81,9 +91,8 @@ struct SubArgs {
     /// Fail if the channel does not exist instead of creating it.
     #[arg(long)]
     existing: bool,
-    /// Address this node listens on.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: String,
+    #[command(flatten)]
+    node: NodeArgs,
     /// Give up after this many seconds (default: never).
     #[arg(long)]
     timeout: Option<f64>,
@@ -122,9 +131,8 @@ struct PubArgs {
     /// Fail if the channel does not exist instead of creating it.
     #[arg(long)]
     existing: bool,
-    /// Address this node listens on.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: String,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,10 +221,18 @@ async fn registry(listen: &str) -> Result<()> {
     }
 }
 
-async fn node(reg: &RegistryArg, listen: &str) -> Result<Node> {
+async fn node(reg: &RegistryArg, args: &NodeArgs) -> Result<Node> {
     let registry = parse_addr("registry", &reg.registry)?;
-    let listen = parse_addr("listen", listen)?;
-    let node = Node::builder().registry(registry).listen(listen).start().await?;
+    let listen = parse_addr("listen", &args.listen)?;
+    if !(args.heartbeat > 0.0 && args.heartbeat.is_finite()) {
+        bail!("--heartbeat must be a positive number of seconds");
+    }
+    let node = Node::builder()
+        .registry(registry)
+        .listen(listen)
+        .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat))
+        .start()
+        .await?;
     Ok(node)
 }
 
@@ -226,7 +242,7 @@ async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel>
 }
 
 async fn sub(a: SubArgs) -> Result<()> {
-    let node = node(&a.reg, &a.listen).await?;
+    let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     let mut sink =
         ch.sink(SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into()))?;
@@ -293,7 +309,7 @@ async fn publish(a: PubArgs) -> Result<()> {
     if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a non-negative number of seconds");
     }
-    let node = node(&a.reg, &a.listen).await?;
+    let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     let mut src = ch.source()?;
     if let Some(k) = a.wait_sinks {

@@ -21,7 +21,7 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The registry refused a request or could not be reached while opening a channel.
-    #[error("registry: {0}")]
+    #[error("{0}")]
     RegistryFailed(String),
     /// The channel does not exist (opened without creating).
     #[error("unknown channel {0:?}")]
