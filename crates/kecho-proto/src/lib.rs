@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod liveness;
 pub mod membership;
 pub mod registry;

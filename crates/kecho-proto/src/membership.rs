@@ -302,6 +302,10 @@ impl ChannelState {
 
     /// A membership message from node `from`.
     pub fn handle_message(&mut self, from: NodeId, msg: Message, now: Instant) {
+        if from == self.me {
+            // Only a peer lying about its identity can get here; never let it make us our own peer.
+            return;
+        }
         match msg {
             Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot),
             Message::JoinAccept { contact, nodes, .. } => self.on_join_accept(from, contact, nodes),
@@ -406,6 +410,9 @@ impl ChannelState {
 
     /// The link to `node` is gone (closed, reset or silent past the heartbeat timeout).
     pub fn handle_peer_lost(&mut self, node: NodeId, now: Instant) {
+        if node == self.me {
+            return;
+        }
         if let Phase::Joining { contact, .. } = &self.phase {
             if *contact == node {
                 self.backoff(now);

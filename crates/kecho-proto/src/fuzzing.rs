@@ -1,0 +1,85 @@
+//! Entry points shared by the cargo-fuzz targets and the test that replays their corpus, so that both check the same
+//! properties.
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::codec::{decode_frame, ClaimMode, RegEntry, RegErrorCode, RegResult};
+use crate::membership::{ChannelState, MembershipConfig, OpenMode};
+use crate::{ChannelId, Message, NodeId};
+
+/// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
+pub fn decode_frames(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    for _ in 0..data.len() + 1 {
+        let before = buf.clone();
+        match decode_frame(&mut buf, 1 << 20) {
+            Ok(Some(msg)) => {
+                let consumed = before.len() - buf.len();
+                let again = msg.to_bytes();
+                assert_eq!(&again[..], &before[..consumed], "re-encoding differs for {msg:?}");
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+    panic!("decoder did not stop");
+}
+
+/// Feeds a channel's membership state machine with whatever messages `data` decodes to, from a few made-up peers,
+/// with registry answers and timeouts interleaved; it must never panic and its outputs must stay well-formed.
+pub fn drive_membership(data: &[u8]) {
+    let t0 = Instant::now();
+    let mut st = ChannelState::new("fuzz", ChannelId(1), NodeId(50), "127.0.0.1:1", MembershipConfig::default());
+    st.open(OpenMode::OpenOrCreate, t0);
+    let mut buf = BytesMut::from(data);
+    let mut now = t0;
+    for step in 0..256u64 {
+        let Some(first) = buf.first().copied() else { break };
+        now += Duration::from_millis(u64::from(first) * 10);
+        let from = NodeId(u64::from(first % 4) * 25);
+        match first % 5 {
+            0 => st.handle_timeout(now),
+            1 => st.handle_peer_lost(from, now),
+            2 => {
+                let result = match first % 3 {
+                    0 => Ok(RegResult::Entry(RegEntry {
+                        name: "fuzz".into(),
+                        channel: ChannelId(1),
+                        contact: from,
+                        addr: "127.0.0.1:2".into(),
+                        sources: 0,
+                        sinks: 0,
+                        expires_in_ms: 1000,
+                    })),
+                    1 => Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, message: String::new() }),
+                    _ => Err("down".to_owned()),
+                };
+                st.handle_registry(result, now);
+            }
+            _ => {}
+        }
+        match decode_frame(&mut buf, 1 << 20) {
+            Ok(Some(msg)) => st.handle_message(from, msg, now),
+            Ok(None) | Err(_) => {
+                // Skip one byte and go on, so that every input exercises the machine.
+                bytes::Buf::advance(&mut buf, 1);
+            }
+        }
+        while let Some(out) = st.poll_output() {
+            if let crate::membership::Output::Registry(op) = out {
+                let msg = st.registry_message(&op, step as u32);
+                assert!(matches!(
+                    msg,
+                    Message::RegClaim { .. } | Message::RegLookup { .. } | Message::RegRemove { .. }
+                ));
+                if let Message::RegClaim { mode: ClaimMode::Takeover(old), .. } = msg {
+                    assert_ne!(old, NodeId(50), "a node never takes the role over from itself");
+                }
+            }
+        }
+        if let Some(t) = st.poll_timeout() {
+            assert!(t >= t0, "timeouts are never in the past of the start");
+        }
+    }
+}
