@@ -205,6 +205,33 @@ fn stdin_lines_and_type_filter() -> Result<()> {
 }
 
 #[test]
+fn registry_address_comes_from_the_environment() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let spawn = |args: &[&str]| {
+        Command::new(KECHO)
+            .args(args)
+            .env("KECHO_REGISTRY", &addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let mut sub = Proc { child: spawn(&["sub", "env-channel", "--count", "1"])?, name: "sub".into() };
+    sub.wait_stderr("subscribed")?;
+    let p = Proc { child: spawn(&["pub", "env-channel", "--wait-sinks", "1", "via-env"])?, name: "pub".into() };
+    let p = p.finish(Duration::from_secs(20))?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = sub.finish(Duration::from_secs(20))?;
+    assert!(stdout(&o).contains("| via-env"), "{}", stdout(&o));
+    // The flag wins over the variable.
+    let o =
+        Command::new(KECHO).args(["channels", "--registry", "127.0.0.1:1"]).env("KECHO_REGISTRY", &addr).output()?;
+    assert!(String::from_utf8_lossy(&o.stderr).contains("127.0.0.1:1"), "{}", String::from_utf8_lossy(&o.stderr));
+    Ok(())
+}
+
+#[test]
 fn channels_lists_member_counts() -> Result<()> {
     let addr = free_port()?;
     let _reg = registry(&addr)?;

@@ -12,8 +12,7 @@ use kecho_proto::codec::{self, CloseCode, Purpose};
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, PROTOCOL_VERSION};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
@@ -211,7 +210,8 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(node, peer, gen, rd, wr, buf);
+    let remote = rd.peer_addr().ok();
+    let tasks = start_link(node, peer, gen, (rd, wr), remote, buf);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
@@ -283,7 +283,7 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
             let gen = node.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&node, &peer, gen, rd, wr, buf);
+            let tasks = start_link(&node, &peer, gen, (rd, wr), Some(remote), buf);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -310,7 +310,7 @@ fn close(code: CloseCode, reason: &str) -> Bytes {
     Message::Close { code, reason: reason.to_owned() }.to_bytes()
 }
 
-async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> Result<Message, String> {
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<Message, String> {
     loop {
         match codec::decode_frame(buf, max) {
             Ok(Some(m)) => return Ok(m),
@@ -326,26 +326,37 @@ async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> R
     }
 }
 
-fn start_link(
+/// Starts the reader and writer of an established link. Generic over the byte stream: this and the dial/accept
+/// functions above are all a new transport (QUIC streams, a same-host pipe) has to provide.
+fn start_link<R, W>(
     node: &Arc<NodeInner>,
     peer: &Arc<Peer>,
     gen: u64,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    (rd, wr): (R, W),
+    remote: Option<SocketAddr>,
     buf: BytesMut,
-) -> [AbortHandle; 2] {
+) -> [AbortHandle; 2]
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), node.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),
     });
-    let remote = rd.peer_addr().ok();
     let w = node.spawn(writer(node.clone(), peer.clone(), gen, wr, live.clone()));
     let r = node.spawn(reader(node.clone(), peer.clone(), gen, rd, buf, live, remote));
     tracing::debug!(peer = %peer.id, ?remote, "link up");
     [w, r]
 }
 
-async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWriteHalf, live: Arc<LinkLive>) {
+async fn writer<W: AsyncWrite + Unpin>(
+    node: Arc<NodeInner>,
+    peer: Arc<Peer>,
+    gen: u64,
+    mut wr: W,
+    live: Arc<LinkLive>,
+) {
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
     let why = loop {
@@ -396,8 +407,8 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, mut wr: OwnedWr
 }
 
 /// Writes frames, copying small ones into one buffer so that a burst costs one system call.
-async fn write_frames(
-    wr: &mut OwnedWriteHalf,
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     frames: &mut VecDeque<Bytes>,
     batch: &mut BytesMut,
 ) -> std::io::Result<()> {
@@ -423,11 +434,11 @@ async fn write_frames(
     Ok(())
 }
 
-async fn reader(
+async fn reader<R: AsyncRead + Unpin>(
     node: Arc<NodeInner>,
     peer: Arc<Peer>,
     gen: u64,
-    mut rd: OwnedReadHalf,
+    mut rd: R,
     mut buf: BytesMut,
     live: Arc<LinkLive>,
     remote: Option<SocketAddr>,

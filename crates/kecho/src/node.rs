@@ -380,7 +380,13 @@ impl NodeInner {
                     ch.remote_lag(count);
                 }
             }
-            Message::Ping(n) => peer.outbox.push_control(Message::Pong(n).to_bytes()),
+            Message::Ping(n) => {
+                // Any frame proves liveness, so a pong is only needed on an idle link. Skipping it otherwise keeps a
+                // peer that pings without reading from growing our queue.
+                if peer.outbox.is_empty() {
+                    peer.outbox.push_control(Message::Pong(n).to_bytes());
+                }
+            }
             Message::Pong(_) => {}
             Message::Close { code, reason } => return Err(format!("peer closed the link ({code:?}): {reason}")),
             Message::JoinRequest { channel, ref addr, .. } => match self.channel_by_id(channel) {
