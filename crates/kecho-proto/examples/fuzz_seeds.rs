@@ -11,7 +11,11 @@ fn main() -> std::io::Result<()> {
     let root = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
     let sink = MemberInfo {
         id: LocalId(2),
-        role: Role::Sink { types: TypeFilter::Only(vec!["load".into()]), overflow: Overflow::DropOldest },
+        role: Role::Sink {
+            types: TypeFilter::Only(vec!["load".into()]),
+            overflow: Overflow::DropOldest,
+            filter: Some("cpu > 0.5".into()),
+        },
         attrs: Attrs::new().with("zone", "a"),
     };
     let source = MemberInfo { id: LocalId(1), role: Role::Source, attrs: Attrs::new() };
@@ -73,6 +77,7 @@ fn main() -> std::io::Result<()> {
             payload: Bytes::from_static(b"payload"),
         }),
         Message::Lagged { channel: ch, source: LocalId(1), count: 9 },
+        Message::Targets { channel: ch, sinks: vec![LocalId(2), LocalId(5)] },
         Message::RegClaim {
             req: 1,
             name: "fuzz".into(),

@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::types::*;
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -308,6 +308,14 @@ pub enum Message {
     },
     /// An event.
     Event(EventMsg),
+    /// The next `Event` of `channel` on this link goes only to these sinks of the receiving node (chosen by the
+    /// source's OUT-filter), instead of to every local sink that accepts its type.
+    Targets {
+        /// Channel.
+        channel: ChannelId,
+        /// Sinks on the receiving node.
+        sinks: Vec<LocalId>,
+    },
     /// The sender dropped `count` events of `source` for the receiving node because the link was full.
     Lagged {
         /// Channel.
@@ -382,6 +390,7 @@ mod kind {
     pub const SNAPSHOT: u8 = 13;
     pub const EVENT: u8 = 14;
     pub const LAGGED: u8 = 15;
+    pub const TARGETS: u8 = 16;
     pub const REG_CLAIM: u8 = 20;
     pub const REG_LOOKUP: u8 = 21;
     pub const REG_REMOVE: u8 = 22;
@@ -405,6 +414,7 @@ impl Message {
             Message::Snapshot { .. } => SNAPSHOT,
             Message::Event(_) => EVENT,
             Message::Lagged { .. } => LAGGED,
+            Message::Targets { .. } => TARGETS,
             Message::RegClaim { .. } => REG_CLAIM,
             Message::RegLookup { .. } => REG_LOOKUP,
             Message::RegRemove { .. } => REG_REMOVE,
@@ -468,6 +478,13 @@ impl Message {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
                 dst.put_u64_le(*count);
+            }
+            Message::Targets { channel, sinks } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(sinks.len() as u32);
+                for s in sinks {
+                    dst.put_u32_le(s.0);
+                }
             }
             Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks } => {
                 dst.put_u32_le(*req);
@@ -623,7 +640,7 @@ fn put_snapshot(dst: &mut BytesMut, s: &NodeSnapshot) {
         dst.put_u32_le(m.id.0);
         match &m.role {
             Role::Source => dst.put_u8(0),
-            Role::Sink { types, overflow } => {
+            Role::Sink { types, overflow, filter } => {
                 dst.put_u8(1);
                 dst.put_u8(match overflow {
                     Overflow::Block => 0,
@@ -638,6 +655,13 @@ fn put_snapshot(dst: &mut BytesMut, s: &NodeSnapshot) {
                         for t in list {
                             put_str(dst, t);
                         }
+                    }
+                }
+                match filter {
+                    None => dst.put_u8(0),
+                    Some(f) => {
+                        dst.put_u8(1);
+                        put_str(dst, f);
                     }
                 }
             }
@@ -803,7 +827,8 @@ impl Reader {
                         }
                         t => return Err(self.bad("type filter", t)),
                     };
-                    Role::Sink { types, overflow }
+                    let filter = if self.flag("content filter")? { Some(self.string()?) } else { None };
+                    Role::Sink { types, overflow, filter }
                 }
                 t => return Err(self.bad("role", t)),
             };
@@ -889,6 +914,15 @@ impl Reader {
             }
             LAGGED => {
                 Message::Lagged { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), count: self.u64()? }
+            }
+            TARGETS => {
+                let channel = ChannelId(self.u64()?);
+                let n = self.count(4)?;
+                let mut sinks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sinks.push(LocalId(self.u32()?));
+                }
+                Message::Targets { channel, sinks }
             }
             REG_CLAIM => {
                 let req = self.u32()?;

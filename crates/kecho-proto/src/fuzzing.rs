@@ -62,8 +62,11 @@ pub fn drive_membership(data: &[u8]) {
         match decode_frame(&mut buf, 1 << 20) {
             Ok(Some(msg)) => st.handle_message(from, msg, now),
             Ok(None) | Err(_) => {
-                // Skip one byte and go on, so that every input exercises the machine.
-                bytes::Buf::advance(&mut buf, 1);
+                // Skip one byte and go on, so that every input exercises the machine. (An error may already have
+                // consumed the rest.)
+                if !buf.is_empty() {
+                    bytes::Buf::advance(&mut buf, 1);
+                }
             }
         }
         while let Some(out) = st.poll_output() {

@@ -129,6 +129,8 @@ pub struct Peer {
     pub addr: String,
     /// Its members.
     pub snapshot: NodeSnapshot,
+    /// When this node last received a newer snapshot of it (for the age of member attributes).
+    pub updated: Instant,
 }
 
 /// Membership of one channel as seen by one node.
@@ -307,8 +309,8 @@ impl ChannelState {
             return;
         }
         match msg {
-            Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot),
-            Message::JoinAccept { contact, nodes, .. } => self.on_join_accept(from, contact, nodes),
+            Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot, now),
+            Message::JoinAccept { contact, nodes, .. } => self.on_join_accept(from, contact, nodes, now),
             Message::JoinRedirect { .. } => {
                 if matches!(&self.phase, Phase::Joining { contact, .. } if *contact == from) {
                     self.backoff(now);
@@ -506,7 +508,7 @@ impl ChannelState {
         self.out.push_back(Output::Send { to, addr: peer.addr.clone(), msg });
     }
 
-    fn on_join_request(&mut self, from: NodeId, addr: String, snapshot: NodeSnapshot) {
+    fn on_join_request(&mut self, from: NodeId, addr: String, snapshot: NodeSnapshot, now: Instant) {
         if self.phase != Phase::Member || self.contact != Some(self.me) {
             let msg = Message::JoinRedirect { channel: self.id };
             self.out.push_back(Output::Send { to: from, addr, msg });
@@ -532,13 +534,13 @@ impl ChannelState {
             };
             self.out.push_back(Output::Send { to, addr: to_addr, msg });
         }
-        self.merge_peer(from, addr.clone(), snapshot);
+        self.merge_peer(from, addr.clone(), snapshot, now);
         let msg = Message::JoinAccept { channel: self.id, contact: self.me, nodes };
         self.out.push_back(Output::Send { to: from, addr, msg });
         self.out.push_back(Output::Changed);
     }
 
-    fn on_join_accept(&mut self, from: NodeId, contact: NodeId, nodes: Vec<PeerEntry>) {
+    fn on_join_accept(&mut self, from: NodeId, contact: NodeId, nodes: Vec<PeerEntry>, now: Instant) {
         let rejoin = self.phase == Phase::Member;
         if !rejoin && !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
             return;
@@ -552,7 +554,7 @@ impl ChannelState {
                 continue;
             }
             let known = self.peers.contains_key(&n.node);
-            self.merge_peer(n.node, n.addr, n.snapshot);
+            self.merge_peer(n.node, n.addr, n.snapshot, now);
             // Introduce ourselves to everyone but the contact, who has our snapshot already; ask for theirs in case
             // it changed since the contact's copy.
             if n.node != from || !known {
@@ -572,7 +574,7 @@ impl ChannelState {
         snapshot: NodeSnapshot,
         left: bool,
         reply: bool,
-        _now: Instant,
+        now: Instant,
     ) {
         if node == self.me || matches!(self.phase, Phase::Left | Phase::Idle) {
             return;
@@ -588,7 +590,7 @@ impl ChannelState {
             return;
         }
         let new_node = !self.peers.contains_key(&node);
-        if self.merge_peer(node, addr, snapshot) {
+        if self.merge_peer(node, addr, snapshot, now) {
             self.out.push_back(Output::Changed);
         }
         if (new_node || reply) && self.phase == Phase::Member {
@@ -597,16 +599,17 @@ impl ChannelState {
     }
 
     /// Stores a node's snapshot if it is newer than what we have. Returns true if anything changed.
-    fn merge_peer(&mut self, node: NodeId, addr: String, snapshot: NodeSnapshot) -> bool {
+    fn merge_peer(&mut self, node: NodeId, addr: String, snapshot: NodeSnapshot, now: Instant) -> bool {
         match self.peers.get_mut(&node) {
             Some(p) if p.snapshot.version >= snapshot.version => false,
             Some(p) => {
                 p.snapshot = snapshot;
                 p.addr = addr;
+                p.updated = now;
                 true
             }
             None => {
-                self.peers.insert(node, Peer { addr, snapshot });
+                self.peers.insert(node, Peer { addr, snapshot, updated: now });
                 true
             }
         }

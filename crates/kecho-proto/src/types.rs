@@ -189,6 +189,8 @@ pub enum Role {
         types: TypeFilter,
         /// Its overflow policy, so a source knows whether to wait for it.
         overflow: Overflow,
+        /// Its content filter: an expression over the event's type and attributes, evaluated at the source.
+        filter: Option<String>,
     },
 }
 

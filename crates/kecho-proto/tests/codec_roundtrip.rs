@@ -29,8 +29,14 @@ fn attrs() -> impl Strategy<Value = Attrs> {
 fn member() -> impl Strategy<Value = MemberInfo> {
     let overflow = prop_oneof![Just(Overflow::Block), Just(Overflow::DropOldest), Just(Overflow::DropNewest)];
     let types = prop_oneof![Just(TypeFilter::All), vec(name(), 0..4).prop_map(TypeFilter::Only)];
-    let role =
-        prop_oneof![Just(Role::Source), (types, overflow).prop_map(|(types, overflow)| Role::Sink { types, overflow })];
+    let role = prop_oneof![
+        Just(Role::Source),
+        (types, overflow, proptest::option::of(".{0,24}")).prop_map(|(types, overflow, filter)| Role::Sink {
+            types,
+            overflow,
+            filter
+        })
+    ];
     (any::<u32>(), role, attrs()).prop_map(|(id, role, attrs)| MemberInfo { id: LocalId(id), role, attrs })
 }
 
@@ -133,6 +139,8 @@ fn message() -> impl Strategy<Value = Message> {
                 payload: payload.into(),
             })
         ),
+        (ch.clone(), vec(any::<u32>(), 0..8))
+            .prop_map(|(channel, ids)| Message::Targets { channel, sinks: ids.into_iter().map(LocalId).collect() }),
         (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, count)| Message::Lagged {
             channel,
             source: LocalId(s),

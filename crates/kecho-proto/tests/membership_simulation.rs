@@ -44,7 +44,7 @@ struct Sim {
 
 fn member(id: u32, sink: bool) -> MemberInfo {
     let role = if sink {
-        Role::Sink { types: TypeFilter::Only(vec!["x".into()]), overflow: Overflow::DropOldest }
+        Role::Sink { types: TypeFilter::Only(vec!["x".into()]), overflow: Overflow::DropOldest, filter: None }
     } else {
         Role::Source
     };

@@ -6,17 +6,20 @@
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::Stream;
 use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
 use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
-use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter};
+use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter, Value};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::error::{Error, Result};
+use crate::filter::{
+    ContentFilter, EventView, FilterContext, InDecision, InEvent, InFilter, LocalSinks, OutFilter, SinkEntry, SinkView,
+};
 use crate::link::Peer;
 use crate::node::{now, NodeInner};
 use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, TryRecvError};
@@ -42,6 +45,8 @@ pub struct ChannelStats {
     pub received: u64,
     /// Events lost: discarded at a full sink queue or a full link, in either direction.
     pub dropped: u64,
+    /// Events discarded on purpose: by this node's IN-filter, or submitted when no sink was chosen.
+    pub filtered: u64,
 }
 
 #[derive(Default)]
@@ -51,46 +56,54 @@ struct Counters {
     bytes_sent: AtomicU64,
     received: AtomicU64,
     dropped: AtomicU64,
+    filtered: AtomicU64,
 }
 
-/// One remote node's sinks, for the submit path.
-struct PeerRoute {
-    peer: Arc<Peer>,
-    sinks: Vec<(TypeFilter, Overflow)>,
+/// Where a sink lives.
+enum Dest {
+    /// On another node: index into `Routes::peers`.
+    Remote(usize),
+    /// On this node.
+    Local(Arc<LocalSink>),
 }
 
-impl PeerRoute {
-    /// Whether any sink there wants `ty`, and whether any of those blocks.
-    fn wants(&self, ty: &str) -> (bool, bool) {
-        let mut any = false;
-        let mut block = false;
-        for (types, overflow) in &self.sinks {
-            if types.accepts(ty) {
-                any = true;
-                block |= *overflow == Overflow::Block;
-            }
-        }
-        (any, block)
-    }
+/// One sink of the channel, for the submit path.
+struct RouteSink {
+    entry: Arc<SinkEntry>,
+    types: TypeFilter,
+    overflow: Overflow,
+    filter: Option<Arc<ContentFilter>>,
+    dest: Dest,
 }
 
+/// Every sink of the channel (remote and local) and the links to their nodes; rebuilt when membership changes and
+/// read without locks on the submit path.
 #[derive(Default)]
 struct Routes {
-    peers: Vec<PeerRoute>,
+    sinks: Vec<RouteSink>,
+    peers: Vec<Arc<Peer>>,
+    /// Some sink has a content filter.
+    any_filter: bool,
 }
 
 pub(crate) struct LocalSink {
     id: LocalId,
     types: TypeFilter,
+    filter_expr: Option<String>,
+    filter: Option<Arc<ContentFilter>>,
+    attrs: Mutex<Attrs>,
     queue: SinkQueue,
 }
 
 #[derive(Default)]
 struct LocalMembers {
     next: u32,
-    sources: Vec<LocalId>,
+    sources: Vec<(LocalId, Attrs)>,
     sinks: Vec<Arc<LocalSink>>,
 }
+
+/// Member attribute updates are published at most this often per channel; updates in between are coalesced.
+const ATTR_INTERVAL: Duration = Duration::from_millis(20);
 
 pub(crate) struct ChannelInner {
     name: String,
@@ -105,6 +118,9 @@ pub(crate) struct ChannelInner {
     timer: Notify,
     closed: AtomicBool,
     counters: Counters,
+    in_filter: RwLock<Option<Arc<dyn InFilter>>>,
+    attrs_pending: AtomicBool,
+    last_publish: Mutex<Option<Instant>>,
 }
 
 impl ChannelInner {
@@ -124,6 +140,9 @@ impl ChannelInner {
             timer: Notify::new(),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            in_filter: RwLock::new(None),
+            attrs_pending: AtomicBool::new(false),
+            last_publish: Mutex::new(None),
         });
         node.index_channel(None, fresh, &ch);
         let weak = Arc::downgrade(&ch);
@@ -220,42 +239,83 @@ impl ChannelInner {
 
     fn rebuild_routes(&self, node: &Arc<NodeInner>) {
         let st = self.state.lock();
-        let mut peers = Vec::new();
+        let mut routes = Routes::default();
         let mut remote_sinks = 0;
         for (id, p) in st.peers() {
-            let sinks: Vec<_> = p
-                .snapshot
-                .members
-                .iter()
-                .filter_map(|m| match &m.role {
-                    Role::Sink { types, overflow } => Some((types.clone(), *overflow)),
-                    Role::Source => None,
-                })
-                .collect();
-            if sinks.is_empty() {
-                continue;
+            let mut peer_index = None;
+            for m in &p.snapshot.members {
+                let Role::Sink { types, overflow, filter } = &m.role else { continue };
+                let filter = match filter {
+                    None => None,
+                    Some(expr) => match node.content_filter(expr) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            // The sink compiled it with the same rules, so this means a newer peer: send it nothing
+                            // rather than what it did not ask for.
+                            tracing::warn!(channel = %self.name, "a remote sink's filter does not compile here: {e}");
+                            continue;
+                        }
+                    },
+                };
+                let index = *peer_index.get_or_insert_with(|| {
+                    routes.peers.push(node.peer(*id, &p.addr));
+                    routes.peers.len() - 1
+                });
+                remote_sinks += 1;
+                routes.sinks.push(RouteSink {
+                    entry: Arc::new(SinkEntry {
+                        node: *id,
+                        id: m.id,
+                        local: false,
+                        attrs: m.attrs.clone(),
+                        updated: p.updated,
+                    }),
+                    types: types.clone(),
+                    overflow: *overflow,
+                    filter,
+                    dest: Dest::Remote(index),
+                });
             }
-            remote_sinks += sinks.len();
-            peers.push(PeerRoute { peer: node.peer(*id, &p.addr), sinks });
         }
         drop(st);
-        *self.routes.write() = Arc::new(Routes { peers });
-        let local = self.local_sinks.read().len();
-        self.sinks_present.send_replace(remote_sinks + local);
+        let locals = self.local_sinks.read().clone();
+        let at = now();
+        for s in locals.iter() {
+            routes.sinks.push(RouteSink {
+                entry: Arc::new(SinkEntry {
+                    node: node.id,
+                    id: s.id,
+                    local: true,
+                    attrs: s.attrs.lock().clone(),
+                    updated: at,
+                }),
+                types: s.types.clone(),
+                overflow: s.queue.overflow(),
+                filter: s.filter.clone(),
+                dest: Dest::Local(s.clone()),
+            });
+        }
+        routes.any_filter = routes.sinks.iter().any(|r| r.filter.is_some());
+        *self.routes.write() = Arc::new(routes);
+        self.sinks_present.send_replace(remote_sinks + locals.len());
     }
 
     /// Publishes the local members to the channel.
     fn publish_members(self: &Arc<Self>) {
         let m = self.members.lock();
-        let mut list: Vec<MemberInfo> =
-            m.sources.iter().map(|id| MemberInfo { id: *id, role: Role::Source, attrs: Attrs::new() }).collect();
+        let mut list: Vec<MemberInfo> = m
+            .sources
+            .iter()
+            .map(|(id, attrs)| MemberInfo { id: *id, role: Role::Source, attrs: attrs.clone() })
+            .collect();
         list.extend(m.sinks.iter().map(|s| MemberInfo {
             id: s.id,
-            role: Role::Sink { types: s.types.clone(), overflow: s.queue.overflow() },
-            attrs: Attrs::new(),
+            role: Role::Sink { types: s.types.clone(), overflow: s.queue.overflow(), filter: s.filter_expr.clone() },
+            attrs: s.attrs.lock().clone(),
         }));
         *self.local_sinks.write() = Arc::new(m.sinks.clone());
         drop(m);
+        *self.last_publish.lock() = Some(now());
         self.state.lock().set_members(list, now());
         self.flush();
         if let Some(node) = self.node.upgrade() {
@@ -263,20 +323,56 @@ impl ChannelInner {
         }
     }
 
+    /// A member's attributes changed: publish soon, coalescing with other changes (at most one publication per
+    /// `ATTR_INTERVAL`, so a member updating thousands of times a second does not flood the channel).
+    fn attrs_changed(self: &Arc<Self>) {
+        if self.attrs_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(node) = self.node.upgrade() else { return };
+        let ch = self.clone();
+        node.spawn(async move {
+            let due = ch.last_publish.lock().map(|t| t + ATTR_INTERVAL);
+            if let Some(due) = due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            ch.attrs_pending.store(false, Ordering::Release);
+            if !ch.closed.load(Ordering::Acquire) {
+                ch.publish_members();
+            }
+        });
+    }
+
     fn add_source(self: &Arc<Self>) -> LocalId {
         let mut m = self.members.lock();
         m.next += 1;
         let id = LocalId(m.next);
-        m.sources.push(id);
+        m.sources.push((id, Attrs::new()));
         drop(m);
         self.publish_members();
         id
     }
 
-    fn add_sink(self: &Arc<Self>, types: TypeFilter, cap: usize, overflow: Overflow) -> Arc<LocalSink> {
+    fn set_source_attr(self: &Arc<Self>, id: LocalId, name: String, value: Value) {
+        let mut m = self.members.lock();
+        if let Some((_, attrs)) = m.sources.iter_mut().find(|(s, _)| *s == id) {
+            attrs.set(name, value);
+        }
+        drop(m);
+        self.attrs_changed();
+    }
+
+    fn add_sink(self: &Arc<Self>, opts: SinkOptions, cap: usize) -> Arc<LocalSink> {
         let mut m = self.members.lock();
         m.next += 1;
-        let sink = Arc::new(LocalSink { id: LocalId(m.next), types, queue: SinkQueue::new(cap, overflow) });
+        let sink = Arc::new(LocalSink {
+            id: LocalId(m.next),
+            types: opts.types,
+            filter_expr: opts.filter.as_ref().map(|f| f.expr().to_owned()),
+            filter: opts.filter,
+            attrs: Mutex::new(opts.attrs),
+            queue: SinkQueue::new(cap, opts.overflow),
+        });
         m.sinks.push(sink.clone());
         drop(m);
         self.publish_members();
@@ -288,22 +384,56 @@ impl ChannelInner {
             return;
         }
         let mut m = self.members.lock();
-        m.sources.retain(|s| *s != id);
+        m.sources.retain(|(s, _)| *s != id);
         m.sinks.retain(|s| s.id != id);
         drop(m);
         self.publish_members();
     }
 
-    /// Delivers an event that arrived from another node to the local sinks that want it.
-    pub(crate) async fn deliver_remote(&self, e: EventMsg) {
+    /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
+    /// source's OUT-filter named some).
+    pub(crate) async fn deliver_remote(&self, e: EventMsg, targets: Option<Vec<LocalId>>) {
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let ev = Event(Arc::new(EventInner { ty: e.ty, attrs: e.attrs, payload: e.payload, seq: e.seq }));
-        self.dispatch_local(&sinks, &ev).await;
+        let chosen: Vec<&Arc<LocalSink>> = match &targets {
+            None => sinks.iter().filter(|s| s.types.accepts(&e.ty)).collect(),
+            Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
+        };
+        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq).await;
     }
 
-    async fn dispatch_local(&self, sinks: &[Arc<LocalSink>], ev: &Event) {
-        for s in sinks.iter().filter(|s| s.types.accepts(ev.ty())) {
+    /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
+    async fn dispatch(
+        &self,
+        mut sinks: Vec<&Arc<LocalSink>>,
+        ty: String,
+        mut attrs: Attrs,
+        payload: bytes::Bytes,
+        seq: u64,
+    ) {
+        let filter = self.in_filter.read().clone();
+        if let Some(f) = filter {
+            let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();
+            let decision = {
+                let mut ev = InEvent { ty: &ty, attrs: &mut attrs, payload: &payload };
+                f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
+            };
+            match decision {
+                InDecision::Deliver => {}
+                InDecision::Drop => {
+                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                InDecision::Only(keep) => {
+                    sinks = sinks.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect();
+                }
+            }
+        }
+        if sinks.is_empty() {
+            return;
+        }
+        let ev = Event(Arc::new(EventInner { ty, attrs, payload, seq }));
+        for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await
             } else {
@@ -386,6 +516,7 @@ impl ChannelInner {
             bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             received: c.received.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            filtered: c.filtered.load(Ordering::Relaxed),
         }
     }
 }
@@ -430,11 +561,14 @@ impl std::fmt::Debug for Channel {
 }
 
 /// Options for a new sink.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct SinkOptions {
     types: TypeFilter,
     capacity: Option<usize>,
     overflow: Overflow,
+    attrs: Attrs,
+    filter: Option<Arc<ContentFilter>>,
+    filter_error: Option<crate::filter::FilterError>,
 }
 
 impl SinkOptions {
@@ -462,6 +596,21 @@ impl SinkOptions {
         self.overflow = o;
         self
     }
+    /// An attribute this sink supplies to the channel's filters (e.g. its load); change it later with
+    /// [`Sink::set_attr`].
+    pub fn attr(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.attrs.set(name, value);
+        self
+    }
+    /// A content filter: a CEL expression over the event's `type` and attributes, evaluated at every source (see
+    /// [`ContentFilter`]). An invalid expression makes [`Channel::sink`] fail with its position.
+    pub fn filter(mut self, expr: &str) -> Self {
+        match ContentFilter::compile(expr) {
+            Ok(f) => self.filter = Some(Arc::new(f)),
+            Err(e) => self.filter_error = Some(e),
+        }
+        self
+    }
 }
 
 impl Channel {
@@ -485,16 +634,28 @@ impl Channel {
             seq: 0,
             buf: BytesMut::with_capacity(64 * 1024),
             max_frame: node.cfg.max_frame,
+            out_filter: None,
+            cel: None,
+            scratch: Scratch::default(),
         })
     }
 
     /// Adds a sink (subscriber).
-    pub fn sink(&self, opts: SinkOptions) -> Result<Sink> {
+    pub fn sink(&self, mut opts: SinkOptions) -> Result<Sink> {
         self.check_open()?;
+        if let Some(e) = opts.filter_error.take() {
+            return Err(Error::Filter(e));
+        }
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
         let cap = opts.capacity.unwrap_or(node.cfg.sink_capacity);
-        let sink = self.inner.add_sink(opts.types, cap, opts.overflow);
+        let sink = self.inner.add_sink(opts, cap);
         Ok(Sink { ch: self.inner.clone(), sink })
+    }
+
+    /// Installs (or with `None` removes) this node's IN-filter for the channel: it sees every event before it is
+    /// dispatched to local sinks. Takes effect for the next event.
+    pub fn set_in_filter(&self, filter: Option<Arc<dyn InFilter>>) {
+        *self.inner.in_filter.write() = filter;
     }
 
     /// A source of serde values of type `T`, sent as JSON with event type `ty`.
@@ -552,6 +713,22 @@ pub struct Source {
     seq: u64,
     buf: BytesMut,
     max_frame: usize,
+    out_filter: Option<Arc<dyn OutFilter>>,
+    /// The CEL root context, built on the first event that meets a content filter and kept.
+    cel: Option<cel::Context<'static, 'static>>,
+    scratch: Scratch,
+}
+
+/// Buffers the submit path reuses, so that it does not allocate per event.
+#[derive(Default)]
+struct Scratch {
+    candidates: Vec<usize>,
+    view: Vec<Arc<SinkEntry>>,
+    chosen: Vec<usize>,
+    picked: Vec<bool>,
+    /// Per peer: sinks there accepting the type, sinks chosen, whether a chosen one blocks, chosen ids.
+    peers: Vec<(u32, u32, bool, Vec<LocalId>)>,
+    locals: Vec<Arc<LocalSink>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -583,6 +760,18 @@ impl Source {
         *self.ch.sinks_present.borrow()
     }
 
+    /// Installs (or with `None` removes) the OUT-filter that chooses which sinks get each event; the default sends
+    /// to every sink whose type and content filters accept it. Replacing it between two submits loses or repeats
+    /// nothing: each event sees exactly one filter.
+    pub fn set_out_filter(&mut self, filter: Option<Arc<dyn OutFilter>>) {
+        self.out_filter = filter;
+    }
+
+    /// Sets an attribute this source supplies to the channel (published promptly, coalesced).
+    pub fn set_attr(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        self.ch.set_source_attr(self.id, name.into(), value.into());
+    }
+
     async fn submit_inner(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], wait: bool) -> Result<u64> {
         if self.ch.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(self.ch.name.clone()));
@@ -595,54 +784,125 @@ impl Source {
             return Err(Error::Invalid(format!("event of {len} bytes exceeds the frame limit of {}", self.max_frame)));
         }
         let routes = self.ch.routes.read().clone();
-        let locals = self.ch.local_sinks.read().clone();
-        // Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
-        for r in &routes.peers {
-            let (wants, block) = r.wants(ty);
-            if wants && block && !r.peer.outbox.has_room(len) {
+        let sc = &mut self.scratch;
+        sc.peers.clear();
+        sc.peers.resize_with(routes.peers.len(), || (0, 0, false, Vec::new()));
+        sc.locals.clear();
+
+        // 1. The sinks whose type and content filters accept the event.
+        sc.candidates.clear();
+        if routes.any_filter && self.cel.is_none() {
+            self.cel = Some(cel::Context::default());
+        }
+        let root = self.cel.as_ref();
+        let mut ctx: Option<FilterContext<'_>> = None;
+        for (i, r) in routes.sinks.iter().enumerate() {
+            if !r.types.accepts(ty) {
+                continue;
+            }
+            if let Dest::Remote(p) = r.dest {
+                sc.peers[p].0 += 1;
+            }
+            if let (Some(f), Some(root)) = (&r.filter, root) {
+                let ctx = ctx.get_or_insert_with(|| FilterContext::new(root, ty, attrs));
+                if !f.matches_in(ctx) {
+                    continue;
+                }
+            }
+            sc.candidates.push(i);
+        }
+        drop(ctx);
+
+        // 2. The OUT-filter chooses among them.
+        if let Some(f) = &self.out_filter {
+            sc.view.clear();
+            sc.view.extend(sc.candidates.iter().map(|&i| routes.sinks[i].entry.clone()));
+            sc.chosen.clear();
+            let ev = EventView { ty, attrs, payload };
+            f.select(&ev, &SinkView { entries: &sc.view, now: now() }, &mut sc.chosen);
+            sc.picked.clear();
+            sc.picked.resize(sc.candidates.len(), false);
+            for &j in &sc.chosen {
+                if let Some(p) = sc.picked.get_mut(j) {
+                    *p = true;
+                }
+            }
+            let picked = &sc.picked;
+            let mut k = 0;
+            sc.candidates.retain(|_| {
+                k += 1;
+                picked[k - 1]
+            });
+        }
+        for &i in &sc.candidates {
+            let r = &routes.sinks[i];
+            match &r.dest {
+                Dest::Remote(p) => {
+                    let e = &mut sc.peers[*p];
+                    e.1 += 1;
+                    e.2 |= r.overflow == Overflow::Block;
+                    e.3.push(r.entry.id);
+                }
+                Dest::Local(l) => sc.locals.push(l.clone()),
+            }
+        }
+
+        // 3. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
+        for (p, e) in sc.peers.iter().enumerate() {
+            if e.1 > 0 && e.2 && !routes.peers[p].outbox.has_room(len) {
                 if !wait {
                     return Err(Error::WouldBlock);
                 }
-                r.peer.outbox.wait_room(len).await;
+                routes.peers[p].outbox.wait_room(len).await;
             }
         }
-        let local_block_full =
-            locals.iter().any(|s| s.types.accepts(ty) && s.queue.overflow() == Overflow::Block && s.queue.is_full());
+        let local_block_full = sc.locals.iter().any(|s| s.queue.overflow() == Overflow::Block && s.queue.is_full());
         if !wait && local_block_full {
             return Err(Error::WouldBlock);
         }
+
+        // 4. Send: encoded once, the same bytes on every link; a link where not every sink of the type was chosen
+        //    first gets the chosen sinks' ids.
         self.seq += 1;
         let seq = self.seq;
         let channel = self.ch.id();
         let c = &self.ch.counters;
         c.submitted.fetch_add(1, Ordering::Relaxed);
+        if sc.candidates.is_empty() {
+            c.filtered.fetch_add(1, Ordering::Relaxed);
+            return Ok(seq);
+        }
         let mut frame = None;
-        for r in &routes.peers {
-            if !r.wants(ty).0 {
+        for (p, e) in sc.peers.iter_mut().enumerate() {
+            if e.1 == 0 {
                 continue;
             }
+            let peer = &routes.peers[p];
             let f = frame.get_or_insert_with(|| {
                 encode_event(&mut self.buf, channel, self.id, seq, ty, attrs, payload);
                 self.buf.split().freeze()
             });
-            r.peer.flush_lag();
-            if r.peer.outbox.push_event(f.clone()) {
+            peer.flush_lag();
+            let targets = (e.1 < e.0).then(|| Message::Targets { channel, sinks: std::mem::take(&mut e.3) }.to_bytes());
+            if peer.outbox.push_event_with(targets, f.clone()) {
                 c.sent.fetch_add(1, Ordering::Relaxed);
                 c.bytes_sent.fetch_add(f.len() as u64, Ordering::Relaxed);
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
-                r.peer.add_lag(channel, self.id, 1);
+                peer.add_lag(channel, self.id, 1);
             }
+            e.3.clear();
         }
-        if locals.iter().any(|s| s.types.accepts(ty)) {
+        if !sc.locals.is_empty() {
             // Share the encoded payload when there is one; copy it once otherwise.
             let payload = match &frame {
                 Some(f) => f.slice(f.len() - payload.len()..),
                 None => bytes::Bytes::copy_from_slice(payload),
             };
-            let ev = Event(Arc::new(EventInner { ty: ty.to_owned(), attrs: attrs.clone(), payload, seq }));
             self.ch.counters.received.fetch_add(1, Ordering::Relaxed);
-            self.ch.dispatch_local(&locals, &ev).await;
+            let locals = std::mem::take(&mut sc.locals);
+            self.ch.dispatch(locals.iter().collect(), ty.to_owned(), attrs.clone(), payload, seq).await;
+            self.scratch.locals = locals;
         }
         Ok(seq)
     }
@@ -706,6 +966,12 @@ impl Sink {
                 }
             }
         })
+    }
+
+    /// Sets an attribute this sink supplies to the channel's filters (published promptly, coalesced).
+    pub fn set_attr(&self, name: impl Into<String>, value: impl Into<Value>) {
+        self.sink.attrs.lock().set(name, value);
+        self.ch.attrs_changed();
     }
 
     /// Events received into this sink's queue so far.

@@ -49,6 +49,9 @@ pub enum Error {
     /// A typed payload could not be encoded or decoded.
     #[error("payload codec: {0}")]
     Codec(#[from] serde_json::Error),
+    /// A content filter expression is invalid.
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
     /// An event could not be delivered without waiting and the caller asked not to wait.
     #[error("a sink with the Block policy is full")]
     WouldBlock,

@@ -21,6 +21,7 @@
 
 mod channel;
 mod error;
+pub mod filter;
 mod link;
 mod node;
 mod queue;

@@ -443,13 +443,14 @@ async fn reader<R: AsyncRead + Unpin>(
     live: Arc<LinkLive>,
     remote: Option<SocketAddr>,
 ) {
+    let mut targets = None;
     let why: String = 'outer: loop {
         loop {
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
                 Ok(Some(frame)) => match codec::decode_body(frame) {
                     Ok(msg) => {
                         live.reader_waiting.store(true, Ordering::Release);
-                        let handled = node.handle_frame(&peer, msg).await;
+                        let handled = node.handle_frame(&peer, msg, &mut targets).await;
                         live.reader_waiting.store(false, Ordering::Release);
                         if let Err(why) = handled {
                             peer.outbox.push_control(close(CloseCode::Handshake, &why));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use kecho_proto::membership::{MembershipConfig, OpenMode};
-use kecho_proto::{ChannelId, Message, NodeId, MAX_FRAME_DEFAULT};
+use kecho_proto::{ChannelId, LocalId, Message, NodeId, MAX_FRAME_DEFAULT};
 use kecho_registry::RegistryClient;
 use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpListener;
@@ -17,6 +17,7 @@ use tokio::task::AbortHandle;
 
 use crate::channel::{Channel, ChannelInner};
 use crate::error::{Error, Result};
+use crate::filter::ContentFilter;
 use crate::link::{self, Peer};
 
 /// The current time as the protocol core wants it. Taken from tokio's clock so that tests with paused time work.
@@ -132,6 +133,7 @@ impl NodeBuilder {
             id: NodeId(rand::random()),
             addr,
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
+            filters: Mutex::new(HashMap::new()),
             cfg,
             registry,
             peers: Mutex::new(HashMap::new()),
@@ -266,6 +268,7 @@ pub(crate) struct NodeInner {
     gen: AtomicU64,
     tasks: Mutex<Vec<AbortHandle>>,
     conn_slots: Arc<Semaphore>,
+    filters: Mutex<HashMap<String, Arc<ContentFilter>>>,
     pub(crate) closed: AtomicBool,
     /// Set by a graceful shutdown: writers finish their queues and close.
     pub(crate) closing: AtomicBool,
@@ -344,6 +347,20 @@ impl NodeInner {
         }
     }
 
+    /// A content filter compiled once per node and expression, shared by every route that uses it.
+    pub(crate) fn content_filter(&self, expr: &str) -> Result<Arc<ContentFilter>, crate::filter::FilterError> {
+        let mut cache = self.filters.lock();
+        if let Some(f) = cache.get(expr) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(ContentFilter::compile(expr)?);
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(expr.to_owned(), f.clone());
+        Ok(f)
+    }
+
     pub(crate) fn channel_by_id(&self, id: ChannelId) -> Option<Arc<ChannelInner>> {
         self.by_id.read().get(&id).cloned()
     }
@@ -368,11 +385,27 @@ impl NodeInner {
     }
 
     /// Handles one frame from an established link. An error closes the link.
-    pub(crate) async fn handle_frame(self: &Arc<Self>, peer: &Arc<Peer>, msg: Message) -> Result<(), String> {
+    /// `targets` holds the sink list of a `Targets` frame until the event it announces arrives.
+    pub(crate) async fn handle_frame(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        msg: Message,
+        targets: &mut Option<(ChannelId, Vec<LocalId>)>,
+    ) -> Result<(), String> {
         match msg {
             Message::Event(e) => {
+                let chosen = match targets.take() {
+                    Some((c, ids)) if c == e.channel => Some(ids),
+                    Some(_) => return Err("a Targets frame was not followed by its event".into()),
+                    None => None,
+                };
                 if let Some(ch) = self.channel_by_id(e.channel) {
-                    ch.deliver_remote(e).await;
+                    ch.deliver_remote(e, chosen).await;
+                }
+            }
+            Message::Targets { channel, sinks } => {
+                if targets.replace((channel, sinks)).is_some() {
+                    return Err("two Targets frames in a row".into());
                 }
             }
             Message::Lagged { channel, count, .. } => {

@@ -339,6 +339,22 @@ impl Outbox {
         true
     }
 
+    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
+    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes) -> bool {
+        let Some(first) = first else { return self.push_event(frame) };
+        let mut q = self.q.lock();
+        let len = first.len() + frame.len();
+        if q.bytes != 0 && q.bytes + len > self.limit {
+            return false;
+        }
+        q.bytes += len;
+        q.frames.push_back(first);
+        q.frames.push_back(frame);
+        drop(q);
+        self.readable.notify_one();
+        true
+    }
+
     /// Queues a control frame regardless of the limit.
     pub(crate) fn push_control(&self, frame: Bytes) {
         let mut q = self.q.lock();

@@ -133,7 +133,7 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     s.write_all(&hello(PROTOCOL_VERSION)).await?;
     let sink = MemberInfo {
         id: LocalId(1),
-        role: Role::Sink { types: TypeFilter::All, overflow: Overflow::DropOldest },
+        role: Role::Sink { types: TypeFilter::All, overflow: Overflow::DropOldest, filter: None },
         attrs: Default::default(),
     };
     let join = Message::JoinRequest {
