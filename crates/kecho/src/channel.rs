@@ -47,6 +47,8 @@ pub struct ChannelStats {
     pub dropped: u64,
     /// Events discarded on purpose: by this node's IN-filter, or submitted when no sink was chosen.
     pub filtered: u64,
+    /// Times this node published its members' snapshot (joins, leaves and coalesced attribute updates).
+    pub published: u64,
 }
 
 #[derive(Default)]
@@ -57,6 +59,7 @@ struct Counters {
     received: AtomicU64,
     dropped: AtomicU64,
     filtered: AtomicU64,
+    published: AtomicU64,
 }
 
 /// Where a sink lives.
@@ -316,6 +319,7 @@ impl ChannelInner {
         *self.local_sinks.write() = Arc::new(m.sinks.clone());
         drop(m);
         *self.last_publish.lock() = Some(now());
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
         self.state.lock().set_members(list, now());
         self.flush();
         if let Some(node) = self.node.upgrade() {
@@ -517,6 +521,7 @@ impl ChannelInner {
             received: c.received.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             filtered: c.filtered.load(Ordering::Relaxed),
+            published: c.published.load(Ordering::Relaxed),
         }
     }
 }

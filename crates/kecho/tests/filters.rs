@@ -1,0 +1,296 @@
+//! Channel filters across nodes: member attributes, OUT-filters, content filters at the source, IN-filters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::filter::{Dedupe, EventView, InDecision, InEvent, LocalSinks, Selector, SinkView};
+use kecho::{Attrs, Event, Node, RegistryClient, SinkOptions, TryRecvError, Value};
+use parking_lot::Mutex;
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn cluster(n: usize) -> Result<Vec<Node>> {
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::builder().registry_client(reg.clone()).start().await?);
+    }
+    Ok(nodes)
+}
+
+async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
+    match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+        Ok(e) => Ok(e),
+        Err(e) => bail!("recv: {e}"),
+    }
+}
+
+/// Everything queued now, after letting in-flight events land.
+async fn drain(sink: &mut kecho::Sink) -> Vec<Event> {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut out = Vec::new();
+    loop {
+        match sink.try_recv() {
+            Ok(e) => out.push(e),
+            Err(TryRecvError::Empty) => return out,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn int(ev: &Event, k: &str) -> i64 {
+    match ev.attrs().get(k) {
+        Some(Value::Int(i)) => *i,
+        other => panic!("{k}: {other:?}"),
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_attributes_reach_sources_with_their_age_and_updates_coalesce() -> Result<()> {
+    let nodes = cluster(2).await?;
+    let a = nodes[0].create_channel("attrs").await?;
+    let b = nodes[1].open_channel("attrs").await?;
+    let sink = b.sink(SinkOptions::new().attr("load", 0.5).attr("zone", "a"))?;
+    a.wait_for_sinks(1, T).await?;
+    // An OUT-filter that records what it sees.
+    let seen: Arc<Mutex<Vec<(Option<f64>, Duration)>>> = Arc::default();
+    let log = seen.clone();
+    let mut src = a.source()?;
+    src.set_out_filter(Some(Arc::new(move |_: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
+        let s = sinks.get(0);
+        log.lock().push((s.number("load"), s.age()));
+        chosen.push(0);
+    })));
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert_eq!(seen.lock()[0].0, Some(0.5));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert!(seen.lock()[1].1 >= Duration::from_millis(100), "attributes age: {:?}", seen.lock()[1]);
+
+    // 10,000 updates in a burst are published a handful of times, and the last value wins.
+    let before = b.stats().published;
+    let start = std::time::Instant::now();
+    for i in 0..10_000 {
+        sink.set_attr("load", f64::from(i) / 10_000.0);
+    }
+    sink.set_attr("load", 0.125);
+    let spent = start.elapsed();
+    eventually("last value seen at the source", || {
+        let _ = futures_util::FutureExt::now_or_never(src.submit("e", &Attrs::new(), b""));
+        seen.lock().last().map(|x| x.0) == Some(Some(0.125))
+    })
+    .await?;
+    let published = b.stats().published - before;
+    let allowed = 2 + (spent.as_millis() / 20) as u64 + 2;
+    assert!(published <= allowed, "{published} publications for 10,001 updates in {spent:?}");
+    assert!(seen.lock().last().expect("seen").1 < Duration::from_secs(1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_loaded_selector_sends_only_to_the_chosen_nodes() -> Result<()> {
+    let nodes = cluster(5).await?;
+    let a = nodes[0].create_channel("lb").await?;
+    let mut sinks = Vec::new();
+    let loads = [0.9, 0.1, 0.5, 0.2];
+    for (i, n) in nodes[1..].iter().enumerate() {
+        let ch = n.open_channel("lb").await?;
+        sinks.push((ch.clone(), ch.sink(SinkOptions::new().attr("load", loads[i]))?));
+    }
+    a.wait_for_sinks(4, T).await?;
+    let mut src = a.source()?;
+    src.set_out_filter(Some(Arc::new("least:load:2".parse::<Selector>()?)));
+    for i in 0..20i64 {
+        src.submit("req", &Attrs::new().with("i", i), b"").await?;
+    }
+    let got: Vec<usize> =
+        futures_util::future::join_all(sinks.iter_mut().map(|(_, s)| drain(s))).await.iter().map(Vec::len).collect();
+    assert_eq!(got, [0, 20, 0, 20], "only the two least loaded sinks receive");
+    // Frames went only to the chosen nodes.
+    assert_eq!(a.stats().sent, 40);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choosing_one_of_two_sinks_on_a_node_targets_it() -> Result<()> {
+    let nodes = cluster(2).await?;
+    let a = nodes[0].create_channel("targets").await?;
+    let b = nodes[1].open_channel("targets").await?;
+    let mut s1 = b.sink(SinkOptions::new().attr("n", 1))?;
+    let mut s2 = b.sink(SinkOptions::new().attr("n", 2))?;
+    a.wait_for_sinks(2, T).await?;
+    let mut src = a.source()?;
+    src.set_out_filter(Some(Arc::new(Selector::round_robin())));
+    for i in 0..10i64 {
+        src.submit("e", &Attrs::new().with("i", i), b"").await?;
+    }
+    let (g1, g2) = (drain(&mut s1).await, drain(&mut s2).await);
+    assert_eq!(g1.len(), 5);
+    assert_eq!(g2.len(), 5);
+    let mut all: Vec<i64> = g1.iter().chain(&g2).map(|e| int(e, "i")).collect();
+    all.sort();
+    assert_eq!(all, (0..10).collect::<Vec<_>>(), "each event exactly once");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_selector_keeps_sessions_on_one_sink() -> Result<()> {
+    let nodes = cluster(4).await?;
+    let a = nodes[0].create_channel("affinity").await?;
+    let mut sinks = Vec::new();
+    for n in &nodes[1..] {
+        sinks.push(n.open_channel("affinity").await?.sink(SinkOptions::new())?);
+    }
+    a.wait_for_sinks(3, T).await?;
+    let mut src = a.source()?;
+    src.set_out_filter(Some(Arc::new(Selector::hash("session"))));
+    for round in 0..5 {
+        for s in 0..12i64 {
+            src.submit("req", &Attrs::new().with("session", s).with("round", round), b"").await?;
+        }
+    }
+    let mut owner: HashMap<i64, usize> = HashMap::new();
+    let mut total = 0;
+    for (i, s) in sinks.iter_mut().enumerate() {
+        for ev in drain(s).await {
+            total += 1;
+            let prev = owner.insert(int(&ev, "session"), i);
+            assert!(prev.is_none() || prev == Some(i), "session moved between sinks");
+        }
+    }
+    assert_eq!(total, 60);
+    assert!(owner.values().collect::<std::collections::HashSet<_>>().len() > 1, "sessions spread over sinks");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_filters_run_at_the_source() -> Result<()> {
+    let nodes = cluster(2).await?;
+    let a = nodes[0].create_channel("content").await?;
+    let b = nodes[1].open_channel("content").await?;
+    let mut hot = b.sink(SinkOptions::new().filter(r#"type == "load" && cpu > 0.8 && zone in ["a", "b"]"#))?;
+    a.wait_for_sinks(1, T).await?;
+    let mut src = a.source()?;
+    let zones = ["a", "b", "c"];
+    let mut expected = Vec::new();
+    for i in 0..90i64 {
+        let cpu = (i % 10) as f64 / 10.0 + 0.05;
+        let zone = zones[(i % 3) as usize];
+        let ty = if i % 2 == 0 { "load" } else { "other" };
+        src.submit(ty, &Attrs::new().with("cpu", cpu).with("zone", zone).with("i", i), &[0u8; 500]).await?;
+        if ty == "load" && cpu > 0.8 && zone != "c" {
+            expected.push(i);
+        }
+    }
+    let got: Vec<i64> = drain(&mut hot).await.iter().map(|e| int(e, "i")).collect();
+    assert_eq!(got, expected);
+    // Rejected events never left the source node.
+    let s = a.stats();
+    assert_eq!(s.sent, expected.len() as u64);
+    assert!(s.bytes_sent < (expected.len() as u64 + 1) * 600, "{s:?}");
+    assert_eq!(s.filtered, 90 - expected.len() as u64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_expressions_are_refused_with_a_position() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let ch = nodes[0].channel("bad").await?;
+    match ch.sink(SinkOptions::new().filter("cpu > 0.8 &&")) {
+        Err(kecho::Error::Filter(e)) => {
+            assert_eq!(e.line, 1);
+            assert!(e.to_string().contains("column"), "{e}");
+        }
+        other => bail!("expected a filter error, got {other:?}"),
+    }
+    assert_eq!(ch.sinks(), 0, "the refused sink never joined");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_filter_drops_duplicate_responses_and_can_add_attributes() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let client = nodes[0].create_channel("responses").await?;
+    let mut sink = client.sink(SinkOptions::new())?;
+    client.set_in_filter(Some(Arc::new(Dedupe::new("req", Duration::from_secs(5)))));
+    let mut servers = Vec::new();
+    for n in &nodes[1..] {
+        let ch = n.open_channel("responses").await?;
+        ch.wait_for_sinks(1, T).await?;
+        servers.push(ch.source()?);
+    }
+    // Both servers answer requests 0..10; the client keeps the first answer of each.
+    for req in 0..10i64 {
+        for s in servers.iter_mut() {
+            s.submit("resp", &Attrs::new().with("req", req), b"").await?;
+        }
+    }
+    let got: Vec<i64> = drain(&mut sink).await.iter().map(|e| int(e, "req")).collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "exactly one answer per request");
+    assert_eq!(client.stats().filtered, 10);
+
+    // An IN-filter may annotate events and narrow the local sinks.
+    let mut second = client.sink(SinkOptions::new().attr("role", "audit"))?;
+    client.set_in_filter(Some(Arc::new(|ev: &mut InEvent<'_>, sinks: &LocalSinks<'_>| {
+        ev.attrs_mut().set("checked", true);
+        let audit: Vec<usize> =
+            (0..sinks.len()).filter(|&i| sinks.attrs(i).get("role") == Some(&Value::from("audit"))).collect();
+        InDecision::Only(audit)
+    })));
+    servers[0].submit("resp", &Attrs::new().with("req", 99i64), b"").await?;
+    let ev = recv(&mut second).await?;
+    assert_eq!(ev.attrs().get("checked"), Some(&Value::Bool(true)));
+    assert!(drain(&mut sink).await.is_empty(), "the other sink was not chosen");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_out_filter_while_events_flow_loses_and_repeats_nothing() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let a = nodes[0].create_channel("swap").await?;
+    let mut sinks = Vec::new();
+    for n in &nodes[1..] {
+        sinks.push(n.open_channel("swap").await?.sink(SinkOptions::new().capacity(100_000))?);
+    }
+    a.wait_for_sinks(2, T).await?;
+    let mut src = a.source()?;
+    let mut expected: HashMap<u64, usize> = HashMap::new();
+    for round in 0..30 {
+        let (filter, copies): (Option<Arc<dyn kecho::filter::OutFilter>>, usize) = match round % 3 {
+            0 => (None, 2),
+            1 => (Some(Arc::new(Selector::round_robin())), 1),
+            _ => (Some(Arc::new("none".parse::<Selector>()?)), 0),
+        };
+        src.set_out_filter(filter);
+        for _ in 0..50 {
+            let seq = src.submit("e", &Attrs::new(), b"").await?;
+            expected.insert(seq, copies);
+        }
+    }
+    let mut got: HashMap<u64, usize> = HashMap::new();
+    for s in sinks.iter_mut() {
+        for ev in drain(s).await {
+            *got.entry(ev.seq()).or_default() += 1;
+        }
+    }
+    for (seq, copies) in &expected {
+        assert_eq!(got.get(seq).copied().unwrap_or(0), *copies, "event {seq}");
+    }
+    Ok(())
+}
