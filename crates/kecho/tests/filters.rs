@@ -67,7 +67,9 @@ async fn sink_attributes_reach_sources_with_their_age_and_updates_coalesce() -> 
     let sink = b.sink(SinkOptions::new().attr("load", 0.5).attr("zone", "a"))?;
     a.wait_for_sinks(1, T).await?;
     // An OUT-filter that records what it sees.
-    let seen: Arc<Mutex<Vec<(Option<f64>, Duration)>>> = Arc::default();
+    // What the filter saw on each call: the sink's load and the age of its attributes.
+    type Seen = Vec<(Option<f64>, Duration)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let log = seen.clone();
     let mut src = a.source()?;
     src.set_out_filter(Some(Arc::new(move |_: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
