@@ -88,6 +88,13 @@ struct SubArgs {
     /// Queue capacity in events.
     #[arg(long, default_value_t = 4096)]
     capacity: usize,
+    /// Content filter, evaluated at every source: a CEL expression over `type` and the event's attributes, e.g.
+    /// 'type == "load" && cpu > 0.8 && zone in ["a", "b"]'.
+    #[arg(long, value_name = "EXPR")]
+    filter: Option<String>,
+    /// Attribute this sink advertises to the channel's filters, KEY=VALUE (repeatable; typed as for pub).
+    #[arg(long = "attr", value_name = "K=V")]
+    attrs: Vec<String>,
     /// Fail if the channel does not exist instead of creating it.
     #[arg(long)]
     existing: bool,
@@ -113,6 +120,10 @@ struct PubArgs {
     /// KEY:int=, KEY:float=, KEY:bool=, KEY:str= or KEY:hex= (bytes).
     #[arg(long = "attr", value_name = "K=V")]
     attrs: Vec<String>,
+    /// OUT-filter choosing which sinks get each event: all, none, rr, random, weighted:ATTR, hash:ATTR,
+    /// least:ATTR:N, most:ATTR:N or p2c:ATTR (ATTR is a sink attribute, or for hash an event attribute).
+    #[arg(long, value_name = "SPEC")]
+    select: Option<String>,
     /// Number of events (default 1; with `-`, every line).
     #[arg(long)]
     count: Option<u64>,
@@ -242,10 +253,18 @@ async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel>
 }
 
 async fn sub(a: SubArgs) -> Result<()> {
+    let mut opts = SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into());
+    for (k, v) in attrs::parse_all(&a.attrs)?.0 {
+        opts = opts.attr(k, v);
+    }
+    if let Some(expr) = &a.filter {
+        // Check before touching the network, so that a typo fails fast.
+        kecho::filter::ContentFilter::compile(expr)?;
+        opts = opts.filter(expr);
+    }
     let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
-    let mut sink =
-        ch.sink(SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into()))?;
+    let mut sink = ch.sink(opts)?;
     eprintln!("kecho: subscribed to {:?}", a.channel);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;
@@ -309,9 +328,16 @@ async fn publish(a: PubArgs) -> Result<()> {
     if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a non-negative number of seconds");
     }
+    let selector = match &a.select {
+        Some(spec) => Some(std::sync::Arc::new(spec.parse::<kecho::filter::Selector>()?)),
+        None => None,
+    };
     let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     let mut src = ch.source()?;
+    if let Some(sel) = selector {
+        src.set_out_filter(Some(sel));
+    }
     if let Some(k) = a.wait_sinks {
         ch.wait_for_sinks(k, Duration::from_secs_f64(a.timeout)).await?;
     }

@@ -339,3 +339,33 @@ fn demo_runs_and_reports_latency() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn filters_from_the_command_line() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    // Content filter: only events with n > 2 reach this sink.
+    let picky = subscriber(&addr, "f", &["--filter", "n > 2", "--count", "2"])?;
+    // Two sinks advertising their load; the publisher sends to the least loaded only.
+    let busy = subscriber(&addr, "lb", &["--attr", "load=0.9", "--timeout", "3"])?;
+    let idle = subscriber(&addr, "lb", &["--attr", "load=0.1", "--count", "3"])?;
+    for n in ["1", "5", "7"] {
+        let attr = format!("n={n}");
+        let p = run(&["pub", "f", "--registry", &addr, "--attr", &attr, "--wait-sinks", "1", n], None)?;
+        assert!(p.status.success(), "{}", stderr(&p));
+    }
+    let p = run(
+        &["pub", "lb", "--registry", &addr, "--select", "least:load:1", "--wait-sinks", "2", "--count", "3", "job"],
+        None,
+    )?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = picky.finish(Duration::from_secs(20))?;
+    assert_eq!(stdout(&o).lines().map(|l| l.rsplit(' ').next().unwrap_or("")).collect::<Vec<_>>(), ["5", "7"]);
+    let o = idle.finish(Duration::from_secs(20))?;
+    assert_eq!(stdout(&o).lines().count(), 3, "{}", stdout(&o));
+    let o = busy.finish(Duration::from_secs(20))?;
+    assert!(stdout(&o).is_empty(), "the busy sink got events: {}", stdout(&o));
+    check_error(&["sub", "f", "--registry", &addr, "--filter", "n > && 1"], "column 5")?;
+    check_error(&["pub", "f", "--registry", &addr, "--select", "fastest", "x"], "invalid selector")?;
+    Ok(())
+}

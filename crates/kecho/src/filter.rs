@@ -551,7 +551,7 @@ impl std::fmt::Debug for ContentFilter {
 
 /// An expression that does not compile, with the position of the problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid filter expression at line {line}, column {column}: {message}\n  {expr}\n  {marker}")]
+#[error("invalid filter expression at line {line}, column {column}: {message}")]
 pub struct FilterError {
     /// Line, from 1.
     pub line: usize,
@@ -561,6 +561,13 @@ pub struct FilterError {
     pub message: String,
     expr: String,
     marker: String,
+}
+
+impl FilterError {
+    /// The expression with a caret under the position of the problem, for display on two lines.
+    pub fn caret(&self) -> String {
+        format!("{}\n{}", self.expr, self.marker)
+    }
 }
 
 impl ContentFilter {
@@ -581,7 +588,8 @@ impl ContentFilter {
             Ok(Ok(program)) => Ok(ContentFilter { expr: expr.to_owned(), program }),
             Ok(Err(errs)) => {
                 let first = errs.errors.first();
-                let (line, column) = first.map_or((1, 1), |e| (e.pos.0.max(1) as usize, e.pos.1.max(0) as usize + 1));
+                // The parser reports 1-based lines and columns.
+                let (line, column) = first.map_or((1, 1), |e| (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize));
                 let message = first.map_or_else(|| errs.to_string(), |e| e.msg.clone());
                 let marker = format!("{}^", " ".repeat(column.saturating_sub(1)));
                 Err(FilterError { line, column, message, expr: expr.to_owned(), marker })
@@ -799,8 +807,8 @@ mod tests {
         // A missing attribute rejects instead of failing.
         assert!(!f.matches("load", &Attrs::new()));
         let e = ContentFilter::compile("cpu > && zone").unwrap_err();
-        assert_eq!(e.line, 1);
-        assert!(e.column > 1, "{e:?}");
+        assert_eq!((e.line, e.column), (1, 7), "{e:?}");
+        assert_eq!(e.caret(), "cpu > && zone\n      ^");
         assert!(e.to_string().contains("column"), "{e}");
         assert!(ContentFilter::compile("   ").is_err());
     }
