@@ -78,6 +78,13 @@ fn main() -> std::io::Result<()> {
         }),
         Message::Lagged { channel: ch, source: LocalId(1), count: 9 },
         Message::Targets { channel: ch, sinks: vec![LocalId(2), LocalId(5)] },
+        Message::InstallFilter {
+            channel: ch,
+            req: 3,
+            kind: FilterKind::Out,
+            module: Bytes::from_static(b"\0asm\x01\0\0\0"),
+        },
+        Message::FilterStatus { channel: ch, req: 3, ok: false, message: "trap".into() },
         Message::RegClaim {
             req: 1,
             name: "fuzz".into(),

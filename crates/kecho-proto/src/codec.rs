@@ -218,6 +218,15 @@ pub enum RegResult {
     },
 }
 
+/// Where a sandboxed filter runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterKind {
+    /// At each source, choosing sinks.
+    Out,
+    /// At the receiving node, before dispatch.
+    In,
+}
+
 /// An event as carried on the wire.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventMsg {
@@ -316,6 +325,28 @@ pub enum Message {
         /// Sinks on the receiving node.
         sinks: Vec<LocalId>,
     },
+    /// Install a sandboxed filter (a WebAssembly module) on the receiving node's channel.
+    InstallFilter {
+        /// Channel.
+        channel: ChannelId,
+        /// Request id, echoed in `FilterStatus`.
+        req: u32,
+        /// Which kind of filter.
+        kind: FilterKind,
+        /// The module, binary or text format.
+        module: Bytes,
+    },
+    /// The outcome of an `InstallFilter`, or later a fault of the installed module (`ok` false).
+    FilterStatus {
+        /// Channel.
+        channel: ChannelId,
+        /// The install request's id.
+        req: u32,
+        /// Installed and working.
+        ok: bool,
+        /// What happened.
+        message: String,
+    },
     /// The sender dropped `count` events of `source` for the receiving node because the link was full.
     Lagged {
         /// Channel.
@@ -391,6 +422,8 @@ mod kind {
     pub const EVENT: u8 = 14;
     pub const LAGGED: u8 = 15;
     pub const TARGETS: u8 = 16;
+    pub const INSTALL_FILTER: u8 = 17;
+    pub const FILTER_STATUS: u8 = 18;
     pub const REG_CLAIM: u8 = 20;
     pub const REG_LOOKUP: u8 = 21;
     pub const REG_REMOVE: u8 = 22;
@@ -415,6 +448,8 @@ impl Message {
             Message::Event(_) => EVENT,
             Message::Lagged { .. } => LAGGED,
             Message::Targets { .. } => TARGETS,
+            Message::InstallFilter { .. } => INSTALL_FILTER,
+            Message::FilterStatus { .. } => FILTER_STATUS,
             Message::RegClaim { .. } => REG_CLAIM,
             Message::RegLookup { .. } => REG_LOOKUP,
             Message::RegRemove { .. } => REG_REMOVE,
@@ -478,6 +513,22 @@ impl Message {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
                 dst.put_u64_le(*count);
+            }
+            Message::InstallFilter { channel, req, kind, module } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(*req);
+                dst.put_u8(match kind {
+                    FilterKind::Out => 0,
+                    FilterKind::In => 1,
+                });
+                dst.put_u32_le(module.len() as u32);
+                dst.put_slice(module);
+            }
+            Message::FilterStatus { channel, req, ok, message } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(*req);
+                dst.put_u8(u8::from(*ok));
+                put_str(dst, message);
             }
             Message::Targets { channel, sinks } => {
                 dst.put_u64_le(channel.0);
@@ -601,6 +652,11 @@ fn end_frame(dst: &mut BytesMut, start: usize) {
 fn put_str(dst: &mut BytesMut, s: &str) {
     dst.put_u32_le(s.len() as u32);
     dst.put_slice(s.as_bytes());
+}
+
+/// Appends an attribute list in its wire encoding (also what sandboxed filters read).
+pub fn encode_attrs(dst: &mut BytesMut, attrs: &Attrs) {
+    put_attrs(dst, attrs)
 }
 
 fn put_attrs(dst: &mut BytesMut, attrs: &Attrs) {
@@ -915,6 +971,22 @@ impl Reader {
             LAGGED => {
                 Message::Lagged { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), count: self.u64()? }
             }
+            INSTALL_FILTER => Message::InstallFilter {
+                channel: ChannelId(self.u64()?),
+                req: self.u32()?,
+                kind: match self.u8()? {
+                    0 => FilterKind::Out,
+                    1 => FilterKind::In,
+                    t => return Err(self.bad("filter kind", t)),
+                },
+                module: self.bytes()?,
+            },
+            FILTER_STATUS => Message::FilterStatus {
+                channel: ChannelId(self.u64()?),
+                req: self.u32()?,
+                ok: self.flag("ok")?,
+                message: self.string()?,
+            },
             TARGETS => {
                 let channel = ChannelId(self.u64()?);
                 let n = self.count(4)?;

@@ -23,6 +23,8 @@ use crate::filter::{
 use crate::link::Peer;
 use crate::node::{now, NodeInner};
 use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, TryRecvError};
+use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
+use kecho_proto::codec::FilterKind;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Status {
@@ -105,6 +107,31 @@ struct LocalMembers {
     sinks: Vec<Arc<LocalSink>>,
 }
 
+/// Sandboxed-filter bookkeeping of a channel.
+#[derive(Default)]
+struct Sandbox {
+    /// Other members may install filters here.
+    allowed: bool,
+    limits: WasmLimits,
+    next_req: u32,
+    /// Installs this node started: their kind, and where answers go while someone waits for them.
+    installs: std::collections::HashMap<u32, (FilterKind, Option<InstallAnswers>)>,
+}
+
+/// Where the answers to an install go: (installed, message) per member node.
+type InstallAnswers = tokio::sync::mpsc::UnboundedSender<(bool, String)>;
+
+/// What [`Channel::install_filter`] achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallReport {
+    /// Member nodes (this one included) where the filter now runs.
+    pub installed: usize,
+    /// Refusals, one message per refusing node.
+    pub refused: Vec<String>,
+    /// Member nodes that did not answer in time.
+    pub silent: usize,
+}
+
 /// Member attribute updates are published at most this often per channel; updates in between are coalesced.
 const ATTR_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -122,6 +149,10 @@ pub(crate) struct ChannelInner {
     closed: AtomicBool,
     counters: Counters,
     in_filter: RwLock<Option<Arc<dyn InFilter>>>,
+    /// An OUT-filter installed by another member, used by local sources that have none of their own.
+    out_default: RwLock<Option<Arc<dyn OutFilter>>>,
+    sandbox: Mutex<Sandbox>,
+    faults: tokio::sync::broadcast::Sender<FilterFault>,
     attrs_pending: AtomicBool,
     last_publish: Mutex<Option<Instant>>,
 }
@@ -144,6 +175,9 @@ impl ChannelInner {
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             in_filter: RwLock::new(None),
+            out_default: RwLock::new(None),
+            sandbox: Mutex::new(Sandbox::default()),
+            faults: tokio::sync::broadcast::channel(64).0,
             attrs_pending: AtomicBool::new(false),
             last_publish: Mutex::new(None),
         });
@@ -392,6 +426,70 @@ impl ChannelInner {
         m.sinks.retain(|s| s.id != id);
         drop(m);
         self.publish_members();
+    }
+
+    /// Installs a sandboxed filter sent by member node `from` (if this channel allows it) and answers.
+    pub(crate) fn install_remote(self: &Arc<Self>, from: NodeId, req: u32, kind: FilterKind, module: bytes::Bytes) {
+        let Some(node) = self.node.upgrade() else { return };
+        let addr = self.state.lock().peers().get(&from).map(|p| p.addr.clone()).unwrap_or_default();
+        let (allowed, limits) = {
+            let sb = self.sandbox.lock();
+            (sb.allowed, sb.limits)
+        };
+        let channel = self.id();
+        if !allowed {
+            let message = format!("remote filters are not allowed on channel {:?}", self.name);
+            node.send(from, &addr, &Message::FilterStatus { channel, req, ok: false, message });
+            return;
+        }
+        let ch = self.clone();
+        node.clone().spawn(async move {
+            // Compiling can take milliseconds: keep it off the link's reader.
+            let fault_ch = Arc::downgrade(&ch);
+            let fault_addr = addr.clone();
+            let on_fault = Box::new(move |reason: String| {
+                if let Some(ch) = fault_ch.upgrade() {
+                    ch.report_fault(kind, reason.clone());
+                    if let Some(node) = ch.node.upgrade() {
+                        let msg = Message::FilterStatus { channel: ch.id(), req, ok: false, message: reason };
+                        node.send(from, &fault_addr, &msg);
+                    }
+                }
+            });
+            let built = tokio::task::spawn_blocking(move || WasmFilter::new(kind, &module, limits, on_fault)).await;
+            let reply = match built {
+                Ok(Ok(f)) => {
+                    ch.set_sandboxed(kind, Arc::new(f));
+                    Message::FilterStatus { channel, req, ok: true, message: "installed".into() }
+                }
+                Ok(Err(e)) => Message::FilterStatus { channel, req, ok: false, message: e.to_string() },
+                Err(e) => Message::FilterStatus { channel, req, ok: false, message: format!("compile task: {e}") },
+            };
+            node.send(from, &addr, &reply);
+        });
+    }
+
+    fn set_sandboxed(&self, kind: FilterKind, f: Arc<WasmFilter>) {
+        match kind {
+            FilterKind::Out => *self.out_default.write() = Some(Arc::new(WasmOut(f))),
+            FilterKind::In => *self.in_filter.write() = Some(Arc::new(WasmIn(f))),
+        }
+    }
+
+    fn report_fault(&self, kind: FilterKind, reason: String) {
+        let _ = self.faults.send(FilterFault { channel: self.name.clone(), kind, reason });
+    }
+
+    /// A member node answered one of our installs, or reports that the filter it runs for us failed.
+    pub(crate) fn filter_status(&self, from: NodeId, req: u32, ok: bool, message: String) {
+        let sb = self.sandbox.lock();
+        let Some((kind, waiter)) = sb.installs.get(&req) else { return };
+        let kind = *kind;
+        let delivered = waiter.as_ref().is_some_and(|w| w.send((ok, message.clone())).is_ok());
+        drop(sb);
+        if !delivered && !ok {
+            self.report_fault(kind, format!("on node {from}: {message}"));
+        }
     }
 
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
@@ -657,6 +755,75 @@ impl Channel {
         Ok(Sink { ch: self.inner.clone(), sink })
     }
 
+    /// Lets other members install sandboxed filters on this node's part of the channel (default: refused).
+    pub fn set_remote_filters(&self, allowed: bool) {
+        self.inner.sandbox.lock().allowed = allowed;
+    }
+
+    /// Limits for sandboxed filters installed on this node's part of the channel from now on.
+    pub fn set_wasm_limits(&self, limits: WasmLimits) {
+        self.inner.sandbox.lock().limits = limits;
+    }
+
+    /// Reports of sandboxed filters that were disabled: those running here, and those this node installed elsewhere.
+    pub fn filter_faults(&self) -> tokio::sync::broadcast::Receiver<FilterFault> {
+        self.inner.faults.subscribe()
+    }
+
+    /// Installs a sandboxed filter (a WebAssembly module, binary or text format; see docs/FILTERS.md) on every
+    /// member node of the channel, this one included: an OUT-filter is used by sources that have none of their own,
+    /// an IN-filter replaces the node's IN-filter. Nodes that do not allow remote filters refuse. Waits at most
+    /// `timeout` for the answers.
+    pub async fn install_filter(&self, kind: FilterKind, module: &[u8], timeout: Duration) -> Result<InstallReport> {
+        let ch = &self.inner;
+        let node = ch.node.upgrade().ok_or_else(|| Error::Closed(ch.name.clone()))?;
+        let limits = ch.sandbox.lock().limits;
+        // Refuse a broken module here, before bothering anyone.
+        let weak = Arc::downgrade(ch);
+        let on_fault = Box::new(move |reason: String| {
+            if let Some(ch) = weak.upgrade() {
+                ch.report_fault(kind, reason);
+            }
+        });
+        let module_bytes = module.to_vec();
+        let local = tokio::task::spawn_blocking(move || WasmFilter::new(kind, &module_bytes, limits, on_fault))
+            .await
+            .map_err(|e| Error::Invalid(format!("compile task: {e}")))?
+            .map_err(Error::Wasm)?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = {
+            let mut sb = ch.sandbox.lock();
+            sb.next_req = sb.next_req.wrapping_add(1);
+            let req = sb.next_req;
+            sb.installs.insert(req, (kind, Some(tx)));
+            req
+        };
+        let peers: Vec<(NodeId, String)> =
+            ch.state.lock().peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
+        let msg = Message::InstallFilter { channel: ch.id(), req, kind, module: bytes::Bytes::copy_from_slice(module) };
+        for (id, addr) in &peers {
+            node.send(*id, addr, &msg);
+        }
+        ch.set_sandboxed(kind, Arc::new(local));
+        let mut report = InstallReport { installed: 1, ..InstallReport::default() };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut answered = 0;
+        while answered < peers.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((true, _))) => report.installed += 1,
+                Ok(Some((false, why))) => report.refused.push(why),
+                Ok(None) | Err(_) => break,
+            }
+            answered += 1;
+        }
+        report.silent = peers.len() - answered;
+        // Later reports about this filter are faults.
+        if let Some(entry) = ch.sandbox.lock().installs.get_mut(&req) {
+            entry.1 = None;
+        }
+        Ok(report)
+    }
+
     /// Installs (or with `None` removes) this node's IN-filter for the channel: it sees every event before it is
     /// dispatched to local sinks. Takes effect for the next event.
     pub fn set_in_filter(&self, filter: Option<Arc<dyn InFilter>>) {
@@ -818,8 +985,9 @@ impl Source {
         }
         drop(ctx);
 
-        // 2. The OUT-filter chooses among them.
-        if let Some(f) = &self.out_filter {
+        // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
+        let installed = if self.out_filter.is_none() { self.ch.out_default.read().clone() } else { None };
+        if let Some(f) = self.out_filter.as_ref().or(installed.as_ref()) {
             sc.view.clear();
             sc.view.extend(sc.candidates.iter().map(|&i| routes.sinks[i].entry.clone()));
             sc.chosen.clear();

@@ -52,6 +52,9 @@ pub enum Error {
     /// A content filter expression is invalid.
     #[error(transparent)]
     Filter(#[from] crate::filter::FilterError),
+    /// A sandboxed filter module is invalid.
+    #[error(transparent)]
+    Wasm(#[from] crate::wasm::WasmError),
     /// An event could not be delivered without waiting and the caller asked not to wait.
     #[error("a sink with the Block policy is full")]
     WouldBlock,

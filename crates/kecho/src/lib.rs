@@ -25,9 +25,11 @@ pub mod filter;
 mod link;
 mod node;
 mod queue;
+pub mod wasm;
 
-pub use channel::{Channel, ChannelStats, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
+pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
 pub use error::{Error, Result};
+pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};

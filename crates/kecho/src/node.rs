@@ -403,6 +403,16 @@ impl NodeInner {
                     ch.deliver_remote(e, chosen).await;
                 }
             }
+            Message::InstallFilter { channel, req, kind, module } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.install_remote(peer.id, req, kind, module);
+                }
+            }
+            Message::FilterStatus { channel, req, ok, message } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.filter_status(peer.id, req, ok, message);
+                }
+            }
             Message::Targets { channel, sinks } => {
                 if targets.replace((channel, sinks)).is_some() {
                     return Err("two Targets frames in a row".into());

@@ -1,0 +1,311 @@
+//! Sandboxed filters: WebAssembly modules run by wasmtime, with limits on fuel (CPU), memory and wall time.
+//!
+//! The ABI (version 1) is documented in docs/FILTERS.md. In short, a module exports `memory`, `kecho_buffer() -> i32`
+//! (where the host writes the input, at least 64 KiB), and `kecho_select(len: i32) -> i32` (an OUT-filter: returns
+//! -1 for every sink, or `n` after writing `n` little-endian `u32` sink indices at the buffer) or
+//! `kecho_accept(len: i32) -> i32` (an IN-filter: 1 deliver, 0 drop). The input at the buffer is:
+//!
+//! | offset | field |
+//! |---|---|
+//! | 0 | `u32` ABI version (1) |
+//! | 4 | `u32` number of sinks |
+//! | 8 | `u32` offset of the event (from the buffer) |
+//! | 12 | `u32` offset of the sinks |
+//! | event | `u32` type length, type bytes, attributes (wire encoding), `u32` payload length, payload |
+//! | sinks | per sink: attributes (wire encoding), `u64` age in milliseconds |
+//!
+//! A module that traps, runs out of fuel or wall time, grows memory past its limit, or returns nonsense is disabled
+//! for its channel: delivery falls back to the default (every sink / deliver) and a [`FilterFault`] is reported.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use kecho_proto::codec::{encode_attrs, FilterKind};
+use parking_lot::Mutex;
+use wasmtime::{Config, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
+
+use crate::filter::{EventView, InDecision, InEvent, InFilter, LocalSinks, OutFilter, SinkView};
+
+/// Size of the input region a module must offer.
+pub const MIN_BUFFER: usize = 64 * 1024;
+/// Largest module accepted, in bytes.
+pub const MAX_MODULE: usize = 1 << 20;
+/// The epoch ticks every this long; wall-time limits are counted in ticks.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Resource limits of one sandboxed filter.
+#[derive(Clone, Copy, Debug)]
+pub struct WasmLimits {
+    /// Fuel per call (roughly, WebAssembly instructions).
+    pub fuel: u64,
+    /// Largest linear memory, in bytes.
+    pub memory: usize,
+    /// Longest wall time per call.
+    pub wall_time: Duration,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits { fuel: 1_000_000, memory: 4 << 20, wall_time: Duration::from_millis(20) }
+    }
+}
+
+/// A sandboxed filter stopped working and was disabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterFault {
+    /// Channel.
+    pub channel: String,
+    /// OUT or IN.
+    pub kind: FilterKind,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Why a module was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid filter module: {0}")]
+pub struct WasmError(pub String);
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut cfg = Config::new();
+        cfg.consume_fuel(true).epoch_interruption(true);
+        let engine = Engine::new(&cfg).expect("the wasmtime configuration is valid");
+        // One thread ticks the epoch for every store in the process: it is what bounds wall time.
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("kecho-wasm-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                ticker.increment_epoch();
+            })
+            .expect("spawn the epoch thread");
+        engine
+    })
+}
+
+struct Instance1 {
+    store: Store<StoreLimits>,
+    memory: Memory,
+    buffer: usize,
+    select: Option<TypedFunc<i32, i32>>,
+    accept: Option<TypedFunc<i32, i32>>,
+}
+
+/// A compiled, instantiated filter module.
+pub(crate) struct WasmFilter {
+    kind: FilterKind,
+    limits: WasmLimits,
+    inst: Mutex<Instance1>,
+    disabled: AtomicBool,
+    input: Mutex<BytesMut>,
+    on_fault: Box<dyn Fn(String) + Send + Sync>,
+}
+
+impl std::fmt::Debug for WasmFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmFilter").field("kind", &self.kind).finish()
+    }
+}
+
+impl WasmFilter {
+    /// Compiles and instantiates `module` (binary or text format) as a filter of `kind`. `on_fault` is called once
+    /// if the module is ever disabled.
+    pub(crate) fn new(
+        kind: FilterKind,
+        module: &[u8],
+        limits: WasmLimits,
+        on_fault: Box<dyn Fn(String) + Send + Sync>,
+    ) -> Result<Self, WasmError> {
+        if module.len() > MAX_MODULE {
+            return Err(WasmError(format!("module of {} bytes exceeds {MAX_MODULE} bytes", module.len())));
+        }
+        let engine = engine();
+        let module = Module::new(engine, module).map_err(|e| WasmError(format!("{e:#}")))?;
+        let limiter = StoreLimitsBuilder::new().memory_size(limits.memory).instances(1).tables(4).build();
+        let mut store = Store::new(engine, limiter);
+        store.limiter(|l| l);
+        store.set_fuel(limits.fuel).map_err(|e| WasmError(e.to_string()))?;
+        store.set_epoch_deadline(ticks(limits.wall_time));
+        // No imports: a filter can compute, nothing else.
+        let instance: Instance = Linker::new(engine)
+            .instantiate(&mut store, &module)
+            .map_err(|e| WasmError(format!("cannot instantiate: {e:#}")))?;
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| WasmError("no exported memory".into()))?;
+        let buffer_fn = instance
+            .get_typed_func::<(), i32>(&mut store, "kecho_buffer")
+            .map_err(|_| WasmError("no `kecho_buffer: () -> i32` export".into()))?;
+        store.set_fuel(limits.fuel).map_err(|e| WasmError(e.to_string()))?;
+        store.set_epoch_deadline(ticks(limits.wall_time));
+        let buffer = buffer_fn.call(&mut store, ()).map_err(|e| WasmError(format!("kecho_buffer trapped: {e:#}")))?;
+        let buffer = usize::try_from(buffer).map_err(|_| WasmError("negative buffer offset".into()))?;
+        if buffer.checked_add(MIN_BUFFER).is_none_or(|end| end > memory.data_size(&store)) {
+            return Err(WasmError(format!("the buffer must hold {MIN_BUFFER} bytes inside the memory")));
+        }
+        let (select, accept) = match kind {
+            FilterKind::Out => (
+                Some(
+                    instance
+                        .get_typed_func::<i32, i32>(&mut store, "kecho_select")
+                        .map_err(|_| WasmError("an OUT-filter exports `kecho_select: (i32) -> i32`".into()))?,
+                ),
+                None,
+            ),
+            FilterKind::In => (
+                None,
+                Some(
+                    instance
+                        .get_typed_func::<i32, i32>(&mut store, "kecho_accept")
+                        .map_err(|_| WasmError("an IN-filter exports `kecho_accept: (i32) -> i32`".into()))?,
+                ),
+            ),
+        };
+        Ok(WasmFilter {
+            kind,
+            limits,
+            inst: Mutex::new(Instance1 { store, memory, buffer, select, accept }),
+            disabled: AtomicBool::new(false),
+            input: Mutex::new(BytesMut::with_capacity(4096)),
+            on_fault,
+        })
+    }
+
+    /// True once the module misbehaved.
+    pub(crate) fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Acquire)
+    }
+
+    fn fault(&self, reason: String) {
+        if !self.disabled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(kind = ?self.kind, "sandboxed filter disabled: {reason}");
+            (self.on_fault)(reason);
+        }
+    }
+
+    /// Runs the module on `input`; returns its result and the buffer contents it may have written, or the fault.
+    fn call(&self, input: &[u8], out: &mut Vec<u32>, max_out: usize) -> Result<i32, String> {
+        let mut g = self.inst.lock();
+        let inst = &mut *g;
+        if input.len() > MIN_BUFFER {
+            // Not the module's fault: skip it for this event.
+            return Err(String::new());
+        }
+        inst.memory
+            .write(&mut inst.store, inst.buffer, input)
+            .map_err(|_| "the buffer is no longer inside the memory".to_owned())?;
+        inst.store.set_fuel(self.limits.fuel).map_err(|e| e.to_string())?;
+        inst.store.set_epoch_deadline(ticks(self.limits.wall_time));
+        let f = inst.select.as_ref().or(inst.accept.as_ref()).ok_or("no entry point")?.clone();
+        let r = f.call(&mut inst.store, input.len() as i32).map_err(|e| describe_trap(&e))?;
+        if r > 0 && inst.select.is_some() {
+            let n = r as usize;
+            if n > max_out {
+                return Err(format!("returned {n} sinks, there are {max_out}"));
+            }
+            let mut raw = vec![0u8; n * 4];
+            inst.memory.read(&inst.store, inst.buffer, &mut raw).map_err(|_| "cannot read the answer".to_owned())?;
+            out.clear();
+            out.extend(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        }
+        Ok(r)
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64 + 1
+}
+
+fn describe_trap(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel (CPU limit)".into(),
+        Some(wasmtime::Trap::Interrupt) => "exceeded its wall-time limit".into(),
+        Some(t) => format!("trapped: {t}"),
+        None => format!("failed: {e:#}"),
+    }
+}
+
+fn encode_input(buf: &mut BytesMut, event: (&str, &kecho_proto::Attrs, &[u8]), sinks: &[(&kecho_proto::Attrs, u64)]) {
+    buf.clear();
+    buf.put_u32_le(1);
+    buf.put_u32_le(sinks.len() as u32);
+    buf.put_u32_le(16);
+    buf.put_u32_le(0);
+    buf.put_u32_le(event.0.len() as u32);
+    buf.put_slice(event.0.as_bytes());
+    encode_attrs(buf, event.1);
+    buf.put_u32_le(event.2.len() as u32);
+    buf.put_slice(event.2);
+    let sinks_at = buf.len() as u32;
+    buf[12..16].copy_from_slice(&sinks_at.to_le_bytes());
+    for (attrs, age) in sinks {
+        encode_attrs(buf, attrs);
+        buf.put_u64_le(*age);
+    }
+}
+
+/// A sandboxed OUT-filter.
+pub(crate) struct WasmOut(pub(crate) Arc<WasmFilter>);
+
+impl OutFilter for WasmOut {
+    fn select(&self, event: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>) {
+        let all = |chosen: &mut Vec<usize>| chosen.extend(0..sinks.len());
+        if self.0.is_disabled() {
+            return all(chosen);
+        }
+        let list: Vec<(&kecho_proto::Attrs, u64)> =
+            sinks.iter().map(|s| (s.attrs(), s.age().as_millis() as u64)).collect();
+        let mut input = self.0.input.lock();
+        encode_input(&mut input, (event.ty(), event.attrs(), event.payload()), &list);
+        let mut picked = Vec::new();
+        match self.0.call(&input, &mut picked, sinks.len()) {
+            Ok(-1) => all(chosen),
+            Ok(0) => {}
+            Ok(n) if n > 0 => {
+                if let Some(bad) = picked.iter().find(|&&i| i as usize >= sinks.len()) {
+                    self.0.fault(format!("chose sink {bad}, there are {}", sinks.len()));
+                    return all(chosen);
+                }
+                chosen.extend(picked.iter().map(|&i| i as usize));
+            }
+            Ok(n) => {
+                self.0.fault(format!("returned {n}"));
+                all(chosen)
+            }
+            Err(e) if e.is_empty() => all(chosen),
+            Err(e) => {
+                self.0.fault(e);
+                all(chosen)
+            }
+        }
+    }
+}
+
+/// A sandboxed IN-filter.
+pub(crate) struct WasmIn(pub(crate) Arc<WasmFilter>);
+
+impl InFilter for WasmIn {
+    fn filter(&self, event: &mut InEvent<'_>, sinks: &LocalSinks<'_>) -> InDecision {
+        if self.0.is_disabled() {
+            return InDecision::Deliver;
+        }
+        let list: Vec<(&kecho_proto::Attrs, u64)> = (0..sinks.len()).map(|i| (sinks.attrs(i), 0)).collect();
+        let mut input = self.0.input.lock();
+        encode_input(&mut input, (event.ty(), event.attrs(), event.payload()), &list);
+        match self.0.call(&input, &mut Vec::new(), 0) {
+            Ok(1) => InDecision::Deliver,
+            Ok(0) => InDecision::Drop,
+            Ok(n) => {
+                self.0.fault(format!("returned {n} (expected 0 or 1)"));
+                InDecision::Deliver
+            }
+            Err(e) if e.is_empty() => InDecision::Deliver,
+            Err(e) => {
+                self.0.fault(e);
+                InDecision::Deliver
+            }
+        }
+    }
+}
