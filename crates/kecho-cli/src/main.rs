@@ -40,6 +40,9 @@ struct NodeArgs {
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     heartbeat: f64,
+    /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
+    #[arg(long)]
+    allow_filters: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,11 +62,38 @@ enum Cmd {
         #[command(flatten)]
         reg: RegistryArg,
     },
+    /// Install a sandboxed filter (WebAssembly, .wat or .wasm) on every member of a channel.
+    Filter {
+        #[command(subcommand)]
+        cmd: FilterCmd,
+    },
     /// Run an embedded registry and a small cluster on loopback; print what each sink got and delivery latency.
     Demo {
         /// Events per source in the latency run.
         #[arg(long, default_value_t = 2000)]
         events: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FilterCmd {
+    /// Install FILE as an OUT-filter (--out) or IN-filter (--in) on every member node that allows it.
+    Install {
+        /// Channel name.
+        channel: String,
+        /// The module, WebAssembly text (.wat) or binary (.wasm); see docs/FILTERS.md for the ABI.
+        file: std::path::PathBuf,
+        /// Install as an OUT-filter (runs at sources, chooses sinks).
+        #[arg(long, conflicts_with = "in_filter", required_unless_present = "in_filter")]
+        out: bool,
+        /// Install as an IN-filter (runs at receiving nodes, before dispatch).
+        #[arg(long = "in")]
+        in_filter: bool,
+        #[command(flatten)]
+        reg: RegistryArg,
+        /// Seconds to wait for the members' answers.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
     },
 }
 
@@ -211,6 +241,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Pub(a) => publish(a).await,
         Cmd::Channels { reg } => channels(&reg).await,
         Cmd::Demo { events } => demo::run(events).await,
+        Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout } } => {
+            install_filter(&channel, &file, out, &reg, timeout).await
+        }
     }
 }
 
@@ -252,6 +285,37 @@ async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel>
     Ok(ch)
 }
 
+async fn install_filter(
+    channel: &str,
+    file: &std::path::Path,
+    out: bool,
+    reg: &RegistryArg,
+    timeout: f64,
+) -> Result<()> {
+    let module = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let node = node(reg, &NodeArgs { listen: "127.0.0.1:0".into(), heartbeat: 3.0, allow_filters: false }).await?;
+    let ch = node.open_channel(channel).await?;
+    let kind = if out { kecho::FilterKind::Out } else { kecho::FilterKind::In };
+    let report = ch.install_filter(kind, &module, Duration::from_secs_f64(timeout)).await;
+    node.shutdown().await;
+    let report = report?;
+    let remote = report.installed.saturating_sub(1);
+    println!("installed on {remote} member node(s)");
+    for r in &report.refused {
+        println!("refused: {r}");
+    }
+    if report.silent > 0 {
+        println!("{} member node(s) did not answer", report.silent);
+    }
+    if remote == 0 && (!report.refused.is_empty() || report.silent > 0) {
+        bail!("no member node installed the filter");
+    }
+    Ok(())
+}
+
 async fn sub(a: SubArgs) -> Result<()> {
     let mut opts = SinkOptions::new().types(a.types.clone()).capacity(a.capacity).overflow(a.overflow.into());
     for (k, v) in attrs::parse_all(&a.attrs)?.0 {
@@ -264,6 +328,7 @@ async fn sub(a: SubArgs) -> Result<()> {
     }
     let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
+    ch.set_remote_filters(a.node.allow_filters);
     let mut sink = ch.sink(opts)?;
     eprintln!("kecho: subscribed to {:?}", a.channel);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
@@ -334,6 +399,7 @@ async fn publish(a: PubArgs) -> Result<()> {
     };
     let node = node(&a.reg, &a.node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
+    ch.set_remote_filters(a.node.allow_filters);
     let mut src = ch.source()?;
     if let Some(sel) = selector {
         src.set_out_filter(Some(sel));

@@ -369,3 +369,25 @@ fn filters_from_the_command_line() -> Result<()> {
     check_error(&["pub", "f", "--registry", &addr, "--select", "fastest", "x"], "invalid selector")?;
     Ok(())
 }
+
+#[test]
+fn sandboxed_filter_installed_from_the_command_line() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let wat = format!("{}/../../examples/filters/drop_all.wat", env!("CARGO_MANIFEST_DIR"));
+    let guarded = subscriber(&addr, "sbx", &["--allow-filters", "--timeout", "3"])?;
+    let open = subscriber(&addr, "sbx", &["--count", "1"])?;
+    let o = run(&["filter", "install", "sbx", &wat, "--in", "--registry", &addr], None)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("installed on 1 member node(s)"), "{out}");
+    assert!(out.contains("refused: remote filters are not allowed"), "{out}");
+    let p = run(&["pub", "sbx", "--registry", &addr, "--wait-sinks", "2", "hello"], None)?;
+    assert!(p.status.success(), "{}", stderr(&p));
+    let o = open.finish(Duration::from_secs(20))?;
+    assert!(stdout(&o).contains("| hello"), "{}", stdout(&o));
+    let o = guarded.finish(Duration::from_secs(20))?;
+    assert!(stdout(&o).is_empty(), "the IN-filter should have dropped it: {}", stdout(&o));
+    check_error(&["filter", "install", "sbx", "/nonexistent.wat", "--out", "--registry", &addr], "cannot read")?;
+    Ok(())
+}
