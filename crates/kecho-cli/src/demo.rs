@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
+use kecho::filter::{Dedupe, Selector};
 use kecho::{Attrs, Node, SinkOptions, Value};
 use kecho_registry::RegistryServer;
 use serde::{Deserialize, Serialize};
@@ -118,7 +119,53 @@ pub(crate) async fn run(events: u64) -> Result<()> {
         stats.submitted * 3
     );
 
-    // 3. Delivery latency: node2 -> node3, one event in flight at a time (no queueing), timestamps in attributes.
+    // 3. KECho's load balancer in miniature: a data channel where node0 forwards requests to the 2 least-loaded
+    //    servers (OUT-filter on the servers' load attribute) and keeps only the first response (IN-filter).
+    let fwd = nodes[0].create_channel("data").await?;
+    fwd.set_in_filter(Some(std::sync::Arc::new(Dedupe::new("req", Duration::from_secs(5)))));
+    let mut responses = fwd.sink(SinkOptions::new().types(["response"]))?;
+    let mut forwarder = fwd.source()?;
+    forwarder.set_out_filter(Some(std::sync::Arc::new("least:load:2".parse::<Selector>()?)));
+    let loads = [0.8, 0.2, 0.4];
+    let mut servers = Vec::new();
+    for (i, load) in loads.iter().enumerate() {
+        let ch = nodes[i + 1].open_channel("data").await?;
+        let requests = ch.sink(SinkOptions::new().types(["request"]).attr("load", *load))?;
+        let answer = ch.source()?;
+        servers.push((ch, requests, answer));
+    }
+    fwd.wait_for_sinks(4, Duration::from_secs(5)).await?;
+    for (ch, ..) in &servers {
+        ch.wait_for_sinks(1, Duration::from_secs(5)).await?;
+    }
+    let requests = 12i64;
+    for r in 0..requests {
+        forwarder.submit("request", &Attrs::new().with("req", r), b"GET /").await?;
+    }
+    let mut handled = Vec::new();
+    for (i, (_, sink, answer)) in servers.iter_mut().enumerate() {
+        let mut n = 0;
+        while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(300), sink.recv()).await {
+            let req = ev.attrs().get("req").cloned().unwrap_or(Value::Int(-1));
+            answer.submit("response", &Attrs::new().with("req", req).with("server", names[i + 1]), b"200 OK").await?;
+            n += 1;
+        }
+        handled.push(n);
+    }
+    let mut first = 0;
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), responses.recv()).await {
+        first += 1;
+    }
+    println!("\nchannel \"data\": KECho's load balancer, {requests} requests forwarded to the 2 least-loaded servers:");
+    for (i, n) in handled.iter().enumerate() {
+        println!("  {} (load {:.1}) handled {n}", names[i + 1], loads[i]);
+    }
+    println!(
+        "  node0 kept {first} responses and its IN-filter discarded {} duplicates (first response wins)",
+        fwd.stats().filtered
+    );
+
+    // 4. Delivery latency: node2 -> node3, one event in flight at a time (no queueing), timestamps in attributes.
     let lat_src_ch = nodes[2].channel("latency").await?;
     let lat_sink_ch = nodes[3].open_channel("latency").await?;
     let mut lat_sink = lat_sink_ch.sink(SinkOptions::new().types(["ping"]))?;

@@ -334,7 +334,7 @@ fn demo_runs_and_reports_latency() -> Result<()> {
     let o = run(&["demo", "--events", "200"], None)?;
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    for needle in ["monitoring", "requests", "p50", "p99"] {
+    for needle in ["monitoring", "requests", "load balancer", "discarded", "p50", "p99"] {
         assert!(out.contains(needle), "demo output lacks {needle}: {out}");
     }
     Ok(())
