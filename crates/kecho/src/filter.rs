@@ -698,6 +698,22 @@ mod tests {
     }
 
     #[test]
+    fn all_none_and_random() {
+        let sinks = view(&[None, None, None, None]);
+        assert_eq!(pick(&Selector::all(), &sinks, &Attrs::new()), [0, 1, 2, 3]);
+        assert!(pick(&"none".parse().unwrap(), &sinks, &Attrs::new()).is_empty());
+        let random: Selector = "random".parse().unwrap();
+        let mut counts = [0; 4];
+        for _ in 0..4000 {
+            let p = pick(&random, &sinks, &Attrs::new());
+            assert_eq!(p.len(), 1);
+            counts[p[0]] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert!(pick(&random, &[], &Attrs::new()).is_empty());
+    }
+
+    #[test]
     fn round_robin_is_exact() {
         let sinks = view(&[None, None, None]);
         let rr = Selector::round_robin();

@@ -163,3 +163,26 @@ async fn invalid_modules_are_refused_before_sending() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_time_stops_a_module_that_fuel_would_not() -> Result<()> {
+    let mut s = setup(true).await?;
+    let limits = WasmLimits { fuel: u64::MAX / 2, memory: 1 << 20, wall_time: Duration::from_millis(5) };
+    s.a.set_wasm_limits(limits);
+    for (ch, _) in &s.sinks {
+        ch.set_wasm_limits(limits);
+    }
+    s.installer.set_wasm_limits(limits);
+    let mut faults = s.a.filter_faults();
+    s.installer.install_filter(FilterKind::Out, &wat("infinite_loop"), T).await?;
+    let mut src = s.a.source()?;
+    let start = std::time::Instant::now();
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    let fault = timeout(T, faults.recv()).await??;
+    assert!(fault.reason.contains("wall-time"), "{}", fault.reason);
+    for (_, k) in s.sinks.iter_mut() {
+        assert_eq!(drain(k).await.len(), 1, "fell back to every sink");
+    }
+    Ok(())
+}
