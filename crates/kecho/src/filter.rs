@@ -50,6 +50,13 @@ pub(crate) struct SinkEntry {
     pub(crate) updated: Instant,
 }
 
+impl SinkEntry {
+    fn key(&self) -> u64 {
+        // Cheap and stable: the node id is random already; mix in the local id.
+        mix(self.node.0 ^ u64::from(self.id.0).rotate_left(32))
+    }
+}
+
 /// The sinks an OUT-filter may choose from: those whose type and content filters accept the event.
 #[derive(Debug, Clone, Copy)]
 pub struct SinkView<'a> {
@@ -103,10 +110,7 @@ impl<'a> SinkRef<'a> {
     }
     /// A stable opaque key for the sink, for hashing (not its address or identity).
     pub fn key(&self) -> u64 {
-        let mut h = Fnv::default();
-        self.e.node.0.hash(&mut h);
-        self.e.id.0.hash(&mut h);
-        h.finish()
+        self.e.key()
     }
 }
 
@@ -262,6 +266,9 @@ impl OutFilter for Selector {
             return;
         }
         let value = |i: usize, attr: &str| sinks.get(i).number(attr);
+        // Attribute values looked up once per call (on the stack for up to 16 sinks).
+        let mut stack = [0f64; 16];
+        let mut heap = Vec::new();
         match &self.kind {
             SelectorKind::All => chosen.extend(0..k),
             SelectorKind::None => {}
@@ -271,14 +278,15 @@ impl OutFilter for Selector {
             }
             SelectorKind::Random => chosen.push((self.next_random() % k as u64) as usize),
             SelectorKind::Weighted(attr) => {
-                let total: f64 = (0..k).map(|i| value(i, attr).unwrap_or(0.0).max(0.0)).sum();
+                let w = attr_values(&mut stack, &mut heap, sinks, attr, 0.0);
+                let total: f64 = w.iter().map(|v| v.max(0.0)).sum();
                 if total <= 0.0 {
                     chosen.push((self.next_random() % k as u64) as usize);
                     return;
                 }
                 let mut r = (self.next_random() >> 11) as f64 / (1u64 << 53) as f64 * total;
-                for i in 0..k {
-                    let w = value(i, attr).unwrap_or(0.0).max(0.0);
+                for (i, w) in w.iter().enumerate() {
+                    let w = w.max(0.0);
                     if r < w {
                         chosen.push(i);
                         return;
@@ -301,16 +309,19 @@ impl OutFilter for Selector {
             SelectorKind::Lowest(attr, n) | SelectorKind::Highest(attr, n) => {
                 let lowest = matches!(self.kind, SelectorKind::Lowest(..));
                 // Sinks without the attribute rank after every sink that has it.
-                let rank = |i: usize| -> f64 {
-                    match value(i, attr) {
-                        Some(v) if lowest => v,
-                        Some(v) => -v,
-                        None => f64::INFINITY,
-                    }
-                };
+                let ranks = attr_values(&mut stack, &mut heap, sinks, attr, f64::NAN);
+                for r in ranks.iter_mut() {
+                    *r = if r.is_nan() {
+                        f64::INFINITY
+                    } else if lowest {
+                        *r
+                    } else {
+                        -*r
+                    };
+                }
                 chosen.extend(0..k);
                 if *n < k {
-                    chosen.select_nth_unstable_by(*n - 1, |a, b| rank(*a).total_cmp(&rank(*b)));
+                    chosen.select_nth_unstable_by(*n - 1, |a, b| ranks[*a].total_cmp(&ranks[*b]));
                     chosen.truncate(*n);
                 }
             }
@@ -331,6 +342,27 @@ impl OutFilter for Selector {
             }
         }
     }
+}
+
+/// Every sink's value of `attr` (`missing` where absent), in `stack` when it fits.
+fn attr_values<'s>(
+    stack: &'s mut [f64; 16],
+    heap: &'s mut Vec<f64>,
+    sinks: &SinkView<'_>,
+    attr: &str,
+    missing: f64,
+) -> &'s mut [f64] {
+    let k = sinks.len();
+    let slot: &mut [f64] = if k <= stack.len() {
+        &mut stack[..k]
+    } else {
+        heap.resize(k, 0.0);
+        &mut heap[..]
+    };
+    for (i, v) in slot.iter_mut().enumerate() {
+        *v = sinks.get(i).number(attr).unwrap_or(missing);
+    }
+    slot
 }
 
 fn hash_value(v: &Value, h: &mut Fnv) {
@@ -827,5 +859,80 @@ mod tests {
         assert_eq!(e.caret(), "cpu > && zone\n      ^");
         assert!(e.to_string().contains("column"), "{e}");
         assert!(ContentFilter::compile("   ").is_err());
+    }
+}
+
+/// Timing hooks for the benchmark programs (not part of the stable API).
+#[doc(hidden)]
+pub mod bench {
+    use super::*;
+
+    fn entries(sinks: &[Attrs]) -> Vec<Arc<SinkEntry>> {
+        let at = Instant::now();
+        sinks
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Arc::new(SinkEntry {
+                    node: NodeId(i as u64 + 1),
+                    id: LocalId(1),
+                    local: false,
+                    attrs: a.clone(),
+                    updated: at,
+                })
+            })
+            .collect()
+    }
+
+    /// Mean nanoseconds per call of `filter` choosing among `sinks` for an event with `attrs`.
+    pub fn out_filter_ns(filter: &dyn OutFilter, sinks: &[Attrs], attrs: &Attrs, iters: u64) -> f64 {
+        let entries = entries(sinks);
+        let view = SinkView { entries: &entries, now: Instant::now() };
+        let ev = EventView { ty: "request", attrs, payload: b"" };
+        let mut chosen = Vec::with_capacity(sinks.len());
+        let start = Instant::now();
+        for _ in 0..iters {
+            chosen.clear();
+            filter.select(std::hint::black_box(&ev), &view, &mut chosen);
+            std::hint::black_box(&chosen);
+        }
+        start.elapsed().as_nanos() as f64 / iters as f64
+    }
+
+    /// Mean nanoseconds to evaluate one content filter on one event, as the submit path does (the event's variables
+    /// are built once per event and shared by all sinks; this counts them for a single sink).
+    pub fn content_filter_ns(expr: &str, ty: &str, attrs: &Attrs, iters: u64) -> Result<(f64, f64), FilterError> {
+        let f = ContentFilter::compile(expr)?;
+        let root = cel::Context::default();
+        let start = Instant::now();
+        for _ in 0..iters {
+            let ctx = FilterContext::new(&root, ty, attrs);
+            std::hint::black_box(f.matches_in(&ctx));
+        }
+        let with_context = start.elapsed().as_nanos() as f64 / iters as f64;
+        let ctx = FilterContext::new(&root, ty, attrs);
+        let start = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(f.matches_in(std::hint::black_box(&ctx)));
+        }
+        let eval_only = start.elapsed().as_nanos() as f64 / iters as f64;
+        Ok((with_context, eval_only))
+    }
+
+    /// Mean nanoseconds per call of a sandboxed OUT-filter module.
+    pub fn wasm_out_ns(
+        module: &[u8],
+        sinks: &[Attrs],
+        attrs: &Attrs,
+        iters: u64,
+    ) -> Result<f64, crate::wasm::WasmError> {
+        let f = crate::wasm::WasmFilter::new(
+            kecho_proto::codec::FilterKind::Out,
+            module,
+            crate::wasm::WasmLimits::default(),
+            Box::new(|_| {}),
+        )?;
+        let out = crate::wasm::WasmOut(Arc::new(f));
+        Ok(out_filter_ns(&out, sinks, attrs, iters))
     }
 }
