@@ -2,7 +2,9 @@
 //!
 //! A frame is a little-endian `u32` length, then that many bytes: a one-byte message kind and the message body. The
 //! decoder is a pure function over a byte buffer: it returns a message, "need more bytes" (`Ok(None)`), or a typed
-//! error; it never panics and never allocates more than the frame it was given.
+//! error. It never panics, and what it allocates follows the items it actually decodes: a lying count reserves at most
+//! a few dozen items (decoded attributes and members do take more memory than their wire bytes, up to about 11 times
+//! the frame).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -16,6 +18,9 @@ pub const MAGIC: u32 = 0x4b45_4348;
 pub const MAX_FRAME_DEFAULT: usize = 16 << 20;
 /// Bytes before the body: the length prefix.
 pub const LEN_PREFIX: usize = 4;
+/// Most items reserved up front for a list; longer lists grow as items actually decode, so a lying count reserves
+/// nothing beyond this.
+const PREALLOC: usize = 64;
 
 /// Why a buffer is not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -818,8 +823,8 @@ impl Reader {
         let raw = self.bytes()?;
         String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Utf8 { kind: self.kind })
     }
-    /// A count of items each at least `min_size` bytes long, checked against what is left so that a lying count cannot
-    /// make us allocate.
+    /// A count of items each at least `min_size` bytes long, checked against what is left so that a list cannot claim
+    /// more items than the frame could hold.
     fn count(&mut self, min_size: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_size) > self.b.len() {
@@ -840,7 +845,7 @@ impl Reader {
 
     fn attrs(&mut self) -> Result<Attrs, DecodeError> {
         let n = self.count(5)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             let name = self.string()?;
             let value = match self.u8()? {
@@ -859,7 +864,7 @@ impl Reader {
     fn snapshot(&mut self) -> Result<NodeSnapshot, DecodeError> {
         let version = self.u64()?;
         let n = self.count(9)?;
-        let mut members = Vec::with_capacity(n);
+        let mut members = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             let id = LocalId(self.u32()?);
             let role = match self.u8()? {
@@ -875,7 +880,7 @@ impl Reader {
                         0 => TypeFilter::All,
                         1 => {
                             let n = self.count(4)?;
-                            let mut list = Vec::with_capacity(n);
+                            let mut list = Vec::with_capacity(n.min(PREALLOC));
                             for _ in 0..n {
                                 list.push(self.string()?);
                             }
@@ -937,7 +942,7 @@ impl Reader {
                 let channel = ChannelId(self.u64()?);
                 let contact = NodeId(self.u64()?);
                 let n = self.count(24)?;
-                let mut nodes = Vec::with_capacity(n);
+                let mut nodes = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     nodes.push(PeerEntry {
                         node: NodeId(self.u64()?),
@@ -990,7 +995,7 @@ impl Reader {
             TARGETS => {
                 let channel = ChannelId(self.u64()?);
                 let n = self.count(4)?;
-                let mut sinks = Vec::with_capacity(n);
+                let mut sinks = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     sinks.push(LocalId(self.u32()?));
                 }
@@ -1028,7 +1033,7 @@ impl Reader {
                     1 => RegResult::Entry(self.entry()?),
                     2 => {
                         let n = self.count(40)?;
-                        let mut list = Vec::with_capacity(n);
+                        let mut list = Vec::with_capacity(n.min(PREALLOC));
                         for _ in 0..n {
                             list.push(self.entry()?);
                         }
