@@ -449,11 +449,15 @@ async fn reader<R: AsyncRead + Unpin>(
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
                 Ok(Some(frame)) => match codec::decode_body(frame) {
                     Ok(msg) => {
+                        let was_close = matches!(msg, Message::Close { .. });
                         live.reader_waiting.store(true, Ordering::Release);
                         let handled = node.handle_frame(&peer, msg, &mut targets).await;
                         live.reader_waiting.store(false, Ordering::Release);
                         if let Err(why) = handled {
-                            peer.outbox.push_control(close(CloseCode::Handshake, &why));
+                            // A peer that closed the link needs no Close back.
+                            if !was_close {
+                                peer.outbox.push_control(close(CloseCode::Handshake, &why));
+                            }
                             break 'outer why;
                         }
                     }

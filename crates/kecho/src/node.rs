@@ -42,7 +42,7 @@ pub struct NodeConfig {
     pub sink_capacity: usize,
     /// How long a dial may take.
     pub connect_timeout: Duration,
-    /// Most connections (inbound and outbound) at once.
+    /// Most inbound connections in their handshake at once; more are closed at once.
     pub max_connections: usize,
     /// Timing of channel membership (leases, join retries, open timeout).
     pub membership: MembershipConfig,
