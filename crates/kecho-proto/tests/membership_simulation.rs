@@ -225,6 +225,17 @@ impl Sim {
         self.now - start
     }
 
+    /// Opens a channel on `ids` one after the other (the first creates it); optionally waits for full convergence.
+    fn start(&mut self, ids: &[u64], converge: bool) {
+        for (i, id) in ids.iter().copied().enumerate() {
+            self.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
+            self.run_until(LIMIT, "ready", |s| s.ready(id));
+        }
+        if converge {
+            self.run_until(LIMIT, "views converge", |s| s.converged());
+        }
+    }
+
     fn crash(&mut self, id: u64) {
         self.crashed.insert(NodeId(id));
     }
@@ -314,11 +325,7 @@ fn concurrent_creates_with_open_or_create_make_one_channel() {
 #[test]
 fn member_changes_reach_everyone() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 20, 30].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
-    sim.run_until(LIMIT, "views converge", |s| s.converged());
+    sim.start(&[10, 20, 30], true);
     let now = sim.now;
     let n20 = sim.nodes.get_mut(&NodeId(20)).expect("node");
     n20.st.set_members(vec![member(1, false), member(2, true), member(3, true)], now);
@@ -333,11 +340,7 @@ fn member_changes_reach_everyone() {
 #[test]
 fn clean_leave_of_a_member() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 20, 30].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
-    sim.run_until(LIMIT, "views converge", |s| s.converged());
+    sim.start(&[10, 20, 30], true);
     let now = sim.now;
     sim.nodes.get_mut(&NodeId(30)).expect("node").st.leave(now);
     sim.pump();
@@ -352,11 +355,7 @@ fn clean_leave_of_a_member() {
 #[test]
 fn contact_leaves_and_the_lowest_member_takes_over() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 30, 20].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
-    sim.run_until(LIMIT, "views converge", |s| s.converged());
+    sim.start(&[10, 30, 20], true);
     let now = sim.now;
     sim.nodes.get_mut(&NodeId(10)).expect("node").st.leave(now);
     sim.pump();
@@ -370,11 +369,7 @@ fn contact_leaves_and_the_lowest_member_takes_over() {
 #[test]
 fn contact_crash_is_detected_by_heartbeat_and_taken_over() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 20, 30].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
-    sim.run_until(LIMIT, "views converge", |s| s.converged());
+    sim.start(&[10, 20, 30], true);
     sim.crash(10);
     let took = sim.run_until(LIMIT, "crash detected", |s| {
         [20, 30].iter().all(|id| !s.nodes[&NodeId(*id)].st.peers().contains_key(&NodeId(10)))
@@ -391,11 +386,7 @@ fn contact_crash_is_detected_by_heartbeat_and_taken_over() {
 #[test]
 fn member_crash_is_removed_everywhere() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 20, 30, 40].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
-    sim.run_until(LIMIT, "views converge", |s| s.converged());
+    sim.start(&[10, 20, 30, 40], true);
     sim.crash(30);
     let took = sim.run_until(LIMIT, "removed", |s| s.converged());
     assert!(took <= HEARTBEAT + HEARTBEAT / 3, "took {took:?}");
@@ -449,10 +440,7 @@ fn joiner_of_a_dead_lone_contact_recreates_the_channel_after_the_lease() {
 #[test]
 fn registry_restart_is_repaired_by_renewal() {
     let mut sim = Sim::new();
-    for (i, id) in [10, 20].into_iter().enumerate() {
-        sim.open(id, if i == 0 { OpenMode::Create } else { OpenMode::Open });
-        sim.run_until(LIMIT, "ready", |s| s.ready(id));
-    }
+    sim.start(&[10, 20], false);
     sim.registry = RegistryTable::new();
     assert!(sim.registry_entry().is_none());
     let took = sim.run_until(LIMIT, "entry back", |s| s.entry_contact() == Some(NodeId(10)));
