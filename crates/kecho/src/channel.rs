@@ -87,8 +87,8 @@ struct RouteSink {
 struct Routes {
     sinks: Vec<RouteSink>,
     peers: Vec<Arc<Peer>>,
-    /// Some sink has a content filter.
-    any_filter: bool,
+    /// Some sink's content filter needs the CEL interpreter.
+    slow_filter: bool,
 }
 
 pub(crate) struct LocalSink {
@@ -332,7 +332,7 @@ impl ChannelInner {
                 dest: Dest::Local(s.clone()),
             });
         }
-        routes.any_filter = routes.sinks.iter().any(|r| r.filter.is_some());
+        routes.slow_filter = routes.sinks.iter().any(|r| r.filter.as_ref().is_some_and(|f| !f.is_fast()));
         *self.routes.write() = Arc::new(routes);
         self.sinks_present.send_replace(remote_sinks + locals.len());
     }
@@ -963,7 +963,7 @@ impl Source {
 
         // 1. The sinks whose type and content filters accept the event.
         sc.candidates.clear();
-        if routes.any_filter && self.cel.is_none() {
+        if routes.slow_filter && self.cel.is_none() {
             self.cel = Some(cel::Context::default());
         }
         let root = self.cel.as_ref();
@@ -975,9 +975,13 @@ impl Source {
             if let Dest::Remote(p) = r.dest {
                 sc.peers[p].0 += 1;
             }
-            if let (Some(f), Some(root)) = (&r.filter, root) {
-                let ctx = ctx.get_or_insert_with(|| FilterContext::new(root, ty, attrs));
-                if !f.matches_in(ctx) {
+            if let Some(f) = &r.filter {
+                let accepted = match (f.fast_matches(ty, attrs), root) {
+                    (Some(m), _) => m,
+                    (None, Some(root)) => f.matches_in(ctx.get_or_insert_with(|| FilterContext::new(root, ty, attrs))),
+                    (None, None) => false,
+                };
+                if !accepted {
                     continue;
                 }
             }
