@@ -21,7 +21,7 @@ use crate::filter::{
     ContentFilter, EventView, FilterContext, InDecision, InEvent, InFilter, LocalSinks, OutFilter, SinkEntry, SinkView,
 };
 use crate::link::Peer;
-use crate::node::{now, NodeInner};
+use crate::node::{now, NodeGuard, NodeInner};
 use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, TryRecvError};
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
 use kecho_proto::codec::FilterKind;
@@ -655,6 +655,7 @@ async fn timer_loop(weak: Weak<ChannelInner>) {
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<ChannelInner>,
+    guard: Arc<NodeGuard>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -717,8 +718,8 @@ impl SinkOptions {
 }
 
 impl Channel {
-    pub(crate) fn new(inner: Arc<ChannelInner>) -> Self {
-        Channel { inner }
+    pub(crate) fn new(inner: Arc<ChannelInner>, guard: Arc<NodeGuard>) -> Self {
+        Channel { inner, guard }
     }
 
     /// The channel's name.
@@ -732,6 +733,7 @@ impl Channel {
         let id = self.inner.add_source();
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
         Ok(Source {
+            _guard: self.guard.clone(),
             ch: self.inner.clone(),
             id,
             seq: 0,
@@ -752,7 +754,7 @@ impl Channel {
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
         let cap = opts.capacity.unwrap_or(node.cfg.sink_capacity);
         let sink = self.inner.add_sink(opts, cap);
-        Ok(Sink { ch: self.inner.clone(), sink })
+        Ok(Sink { ch: self.inner.clone(), sink, _guard: self.guard.clone() })
     }
 
     /// Lets other members install sandboxed filters on this node's part of the channel (default: refused).
@@ -880,6 +882,7 @@ impl Channel {
 
 /// Publishes events on a channel. Events from one source reach each sink in submission order.
 pub struct Source {
+    _guard: Arc<NodeGuard>,
     ch: Arc<ChannelInner>,
     id: LocalId,
     seq: u64,
@@ -1095,6 +1098,7 @@ impl Drop for Source {
 pub struct Sink {
     ch: Arc<ChannelInner>,
     sink: Arc<LocalSink>,
+    _guard: Arc<NodeGuard>,
 }
 
 impl std::fmt::Debug for Sink {

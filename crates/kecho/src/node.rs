@@ -147,7 +147,8 @@ impl NodeBuilder {
         let weak = Arc::downgrade(&inner);
         inner.spawn(accept_loop(weak, listener));
         tracing::debug!(node = %inner.id, %addr, "node started");
-        Ok(Node { inner })
+        let guard = Arc::new(NodeGuard { node: Arc::downgrade(&inner) });
+        Ok(Node { inner, guard })
     }
 }
 
@@ -155,6 +156,24 @@ impl NodeBuilder {
 #[derive(Clone)]
 pub struct Node {
     pub(crate) inner: Arc<NodeInner>,
+    pub(crate) guard: Arc<NodeGuard>,
+}
+
+/// Stops the node when the last handle on it (node, channel, source or sink) is dropped, as if the process ended:
+/// the node's tasks hold the node themselves, so without this it would run on unseen.
+pub(crate) struct NodeGuard {
+    node: std::sync::Weak<NodeInner>,
+}
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.node.upgrade() {
+            if !n.closed.load(Ordering::Acquire) {
+                tracing::debug!(node = %n.id, "last handle dropped; stopping the node");
+                n.stop();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -217,13 +236,13 @@ impl Node {
             if mode == OpenMode::Create {
                 return Err(Error::ChannelExists(name.to_owned()));
             }
-            return Ok(Channel::new(ch));
+            return Ok(Channel::new(ch, self.guard.clone()));
         }
         let ch = ChannelInner::new(&self.inner, name);
         self.inner.by_name.lock().insert(name.to_owned(), ch.clone());
         ch.open(mode);
         match ch.wait_ready().await {
-            Ok(()) => Ok(Channel::new(ch)),
+            Ok(()) => Ok(Channel::new(ch, self.guard.clone())),
             Err(e) => {
                 self.inner.forget_channel(&ch);
                 Err(e)

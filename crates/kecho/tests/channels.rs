@@ -223,7 +223,13 @@ async fn slow_sink_drop_policies_count_what_was_missed() -> Result<()> {
         for k in 1..=1000 {
             assert_eq!(recv(&mut fast).await?.seq(), k);
         }
-        eventually("slow sink saw everything", || slow.received() + slow.dropped() >= 1000).await?;
+        // Every event has reached the slow sink: with DropOldest each one entered the queue (pushing an older one
+        // out), with DropNewest each one either entered or was refused.
+        eventually("slow sink saw everything", || match overflow {
+            Overflow::DropOldest => slow.received() >= 1000,
+            _ => slow.received() + slow.dropped() >= 1000,
+        })
+        .await?;
         let mut got = Vec::new();
         let mut lagged = 0;
         loop {
@@ -490,5 +496,24 @@ async fn events_dropped_at_a_full_link_are_reported_to_the_sink() -> Result<()> 
     assert_eq!(lagged, dropped_at_source);
     assert_eq!(got + lagged, n);
     drain.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_stops_the_node() -> Result<()> {
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].create_channel("dropped").await?;
+    {
+        let b = nodes[1].open_channel("dropped").await?;
+        let _sink = b.sink(SinkOptions::new())?;
+        a.wait_for_sinks(1, T).await?;
+        // The channel and the sink keep the node alive after its own handle is gone.
+        let mut nodes = nodes;
+        drop(nodes.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.sinks(), 1, "still alive while a channel handle exists");
+    }
+    // Now nothing refers to node 1: it stops, its links close and the others drop its members.
+    eventually("the dropped node's sink removed", || a.sinks() == 0).await?;
     Ok(())
 }
