@@ -3,26 +3,30 @@
 //! A channel's contact stores its contact information here as a lease; joiners look it up. The lease table itself is
 //! [`kecho_proto::registry::RegistryTable`] (no I/O); this crate serves it over TCP ([`RegistryServer`]) and talks to
 //! it ([`RegistryClient`]), either over TCP or in-process, so that nodes in one process need no server at all.
+//!
+//! Both the server and the in-process client read the time from [`tokio::time::Instant`], so tests with paused time
+//! see leases expire when they advance the clock.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod client;
 mod server;
 
-pub use client::RegistryClient;
-pub use server::{RegistryHandle, RegistryServer};
+pub use client::{InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+pub use server::{RegistryHandle, RegistryServer, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 
 use std::net::SocketAddr;
 
 use kecho_proto::codec::RegErrorCode;
 
-/// Largest frame the registry accepts or expects.
+/// Largest frame (kind and body, without the length prefix) the registry server and its clients accept.
 pub const MAX_REGISTRY_FRAME: usize = 1 << 20;
 
 /// What can go wrong talking to or running a registry.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
-    /// The registry could not be reached.
+    /// The registry could not be reached, or the connection to it was lost.
     #[error("registry at {addr} is unreachable: {source}")]
     Unreachable {
         /// Its address.
@@ -31,7 +35,7 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
-    /// The registry did not answer in time.
+    /// The registry did not accept the connection or answer a request in time.
     #[error("registry at {addr} did not answer in time")]
     Timeout {
         /// Its address.
@@ -45,14 +49,20 @@ pub enum RegistryError {
         /// Theirs.
         theirs: u16,
     },
-    /// The registry (or whatever answered) broke the protocol.
+    /// The registry (or whatever answered at its address) broke the protocol.
     #[error("registry protocol error: {0}")]
     Protocol(String),
-    /// No such channel.
+    /// The message handed to [`RegistryClient::request`] is not a registry request.
+    #[error("message kind {kind} is not a registry request")]
+    NotARequest {
+        /// The message's kind byte.
+        kind: u8,
+    },
+    /// No live entry with that name.
     #[error("unknown channel {0:?}")]
     UnknownChannel(String),
     /// The registry refused the request.
-    #[error("registry refused: {message}")]
+    #[error("registry refused the request: {message}")]
     Refused {
         /// Why, as a code.
         code: RegErrorCode,
@@ -60,7 +70,7 @@ pub enum RegistryError {
         message: String,
     },
     /// The server could not listen.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {}", bind_reason(source))]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -68,4 +78,19 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn bind_reason(e: &std::io::Error) -> String {
+    let os = e.raw_os_error().map(|n| format!(" (os error {n})")).unwrap_or_default();
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!("address in use{os}; is another registry running?"),
+        std::io::ErrorKind::AddrNotAvailable => format!("address not available on this host{os}"),
+        std::io::ErrorKind::PermissionDenied => format!("permission denied{os}"),
+        _ => e.to_string(),
+    }
+}
+
+/// The registry's clock: tokio's, so that paused-time tests control lease expiry.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }

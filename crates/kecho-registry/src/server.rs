@@ -1,89 +1,149 @@
 //! The registry server: one task per connection around a shared lease table.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use kecho_proto::codec::{decode_frame, CloseCode, Purpose};
+use kecho_proto::codec::{decode_frame, CloseCode, Purpose, RegErrorCode, RegResult, LEN_PREFIX};
 use kecho_proto::registry::RegistryTable;
 use kecho_proto::{Message, NodeId, PROTOCOL_VERSION};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::{RegistryError, MAX_REGISTRY_FRAME};
+use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
 
-/// How long a client may take to say Hello.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to complete its `Hello` before the connection is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once by default; connections beyond it are closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long writing answers to a client may take before its connection is closed (a client that does not read).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers are collected up to this many bytes before they are written, when more requests are already buffered.
+const WRITE_BATCH: usize = 64 << 10;
 
-/// A registry listening on a TCP port.
+/// A registry listening on a TCP port, not yet serving.
+///
+/// [`RegistryServer::bind`] takes the port; [`RegistryServer::run`] serves on the current task, and
+/// [`RegistryServer::spawn`] on a task of its own, stopped through the returned [`RegistryHandle`].
 #[derive(Debug)]
 pub struct RegistryServer {
     listener: TcpListener,
     addr: SocketAddr,
     table: Arc<Mutex<RegistryTable>>,
+    max_connections: usize,
+    handshake_timeout: Duration,
 }
 
 impl RegistryServer {
-    /// Listens on `addr` (port 0 picks a free port).
+    /// Listens on `addr` (port 0 picks a free port) with `SO_REUSEADDR`, so that a restarted registry gets its port
+    /// back at once. A port that is taken is [`RegistryError::Bind`].
     pub async fn bind(addr: SocketAddr) -> Result<RegistryServer, RegistryError> {
         let bind = |source| RegistryError::Bind { addr, source };
         let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind)?;
-        // A restarted registry must get its port back at once, even with old connections in TIME_WAIT.
         socket.set_reuseaddr(true).map_err(bind)?;
         socket.bind(addr).map_err(bind)?;
         let listener = socket.listen(1024).map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
-        Ok(RegistryServer { listener, addr, table: Arc::new(Mutex::new(RegistryTable::new())) })
+        tracing::info!(%addr, "registry listening");
+        Ok(RegistryServer {
+            listener,
+            addr,
+            table: Arc::new(Mutex::new(RegistryTable::new())),
+            max_connections: MAX_CONNECTIONS,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        })
     }
 
-    /// The address it listens on.
+    /// Serves at most `n` connections at once (at least 1; default [`MAX_CONNECTIONS`]); further connections are
+    /// closed as soon as they are accepted, without a `Close`.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Closes connections that have not completed their `Hello` after `timeout` (default [`HANDSHAKE_TIMEOUT`]).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The address it listens on (with the actual port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Serves until the task is dropped or aborted.
+    /// Serves forever (until the future is dropped, which closes the listener and every connection).
     pub async fn run(self) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut conns = JoinSet::new();
-        loop {
-            let (stream, remote) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("registry accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            while conns.try_join_next().is_some() {}
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%remote, "registry: too many connections; closing");
-                continue;
-            };
-            let table = self.table.clone();
-            conns.spawn(async move {
-                let _slot = slot;
-                serve(stream, remote, table).await;
-            });
-        }
+        self.serve(std::future::pending()).await
     }
 
-    /// Serves on a task of its own; dropping or shutting down the handle stops it and every connection.
+    /// Serves on a task of its own. [`RegistryHandle::shutdown`] or dropping the handle stops it and closes every
+    /// connection; the lease table is lost, as when the process dies.
     pub fn spawn(self) -> RegistryHandle {
         let addr = self.addr;
-        RegistryHandle { addr, task: tokio::spawn(self.run()) }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve(async move {
+            let _ = stopped.await;
+        }));
+        RegistryHandle { addr, stop: Some(stop), task }
+    }
+
+    async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let RegistryServer { listener, addr, table, max_connections, handshake_timeout } = self;
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(done) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = done {
+                        if e.is_panic() {
+                            tracing::error!(%addr, "registry connection task panicked: {e}");
+                        }
+                    }
+                }
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Typically out of file descriptors: wait a little instead of spinning.
+                            tracing::warn!(%addr, "registry: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "registry: {max_connections} connections open already; closing this one");
+                        drop(stream);
+                        continue;
+                    };
+                    let table = table.clone();
+                    conns.spawn(async move {
+                        let _slot = slot;
+                        tracing::debug!(%peer, "registry: connection opened");
+                        connection(stream, peer, table, handshake_timeout).await;
+                        tracing::debug!(%peer, "registry: connection closed");
+                    });
+                }
+            }
+        }
+        drop(listener);
+        conns.shutdown().await;
+        tracing::info!(%addr, "registry stopped");
     }
 }
 
-/// A running registry. Stops when dropped.
+/// A registry serving on its own task. Dropping it aborts the registry like a killed process.
 #[derive(Debug)]
 pub struct RegistryHandle {
     addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -93,10 +153,12 @@ impl RegistryHandle {
         self.addr
     }
 
-    /// Stops the registry and closes every connection; the port is free when this returns.
-    pub async fn shutdown(self) {
-        self.task.abort();
-        let _ = (&mut { self }.task).await;
+    /// Stops the registry. When this returns the port is free and every connection is closed.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -106,100 +168,146 @@ impl Drop for RegistryHandle {
     }
 }
 
-async fn serve(mut stream: TcpStream, remote: SocketAddr, table: Arc<Mutex<RegistryTable>>) {
+/// Why a connection ends.
+enum End {
+    /// The client closed it (or sent `Close`).
+    Gone,
+    /// Reading or writing failed.
+    Io(std::io::Error),
+    /// We close it, telling the client why.
+    Refuse(CloseCode, String),
+}
+
+/// Serves one connection: the handshake, then requests until the client leaves or breaks the rules.
+async fn connection(mut stream: TcpStream, peer: SocketAddr, table: Arc<Mutex<RegistryTable>>, hello_within: Duration) {
+    let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_message(&mut stream, &mut buf)).await;
-    let close = |code, reason: String| Message::Close { code, reason }.to_bytes();
-    match hello {
-        Err(_) => {
-            tracing::warn!(%remote, "registry: no Hello within {HANDSHAKE_TIMEOUT:?}; closing");
-            return;
-        }
-        Ok(Err(why)) => {
-            tracing::warn!(%remote, "registry: closing connection: {why}");
-            let _ = stream.write_all(&close(CloseCode::Malformed, why)).await;
-            return;
-        }
-        Ok(Ok(Message::Hello { version, purpose: Purpose::Registry, .. })) => {
-            if version != PROTOCOL_VERSION {
-                let why = format!(
-                    "protocol version mismatch: this registry speaks version {PROTOCOL_VERSION}, the client speaks version {version}"
-                );
-                tracing::warn!(%remote, "registry: {why}");
-                let _ = stream.write_all(&close(CloseCode::VersionMismatch, why)).await;
-                return;
-            }
-        }
-        Ok(Ok(Message::Hello { .. })) => {
-            let why = "this is a kecho registry, not a node".to_owned();
-            let _ = stream.write_all(&close(CloseCode::Handshake, why)).await;
-            return;
-        }
-        Ok(Ok(other)) => {
-            let why = format!("expected Hello, got message kind {}", other.kind());
-            tracing::warn!(%remote, "registry: {why}");
-            let _ = stream.write_all(&close(CloseCode::Handshake, why)).await;
-            return;
-        }
-    }
-    let ack = Message::HelloAck { version: PROTOCOL_VERSION, node: NodeId(0) };
-    if stream.write_all(&ack.to_bytes()).await.is_err() {
-        return;
-    }
     let mut out = BytesMut::new();
+    let end = match tokio::time::timeout(hello_within, next_message(&mut stream, &mut buf)).await {
+        Err(_) => {
+            tracing::warn!(%peer, "registry: no Hello within {hello_within:?}; closing the connection");
+            End::Refuse(CloseCode::Timeout, format!("no Hello within {hello_within:?}"))
+        }
+        Ok(Err(end)) => end,
+        Ok(Ok(hello)) => match handshake(hello) {
+            Err(end) => end,
+            Ok(()) => {
+                Message::HelloAck { version: PROTOCOL_VERSION, node: NodeId(0) }.encode(&mut out);
+                requests(&mut stream, &mut buf, &mut out, &table).await
+            }
+        },
+    };
+    match end {
+        End::Gone => {}
+        End::Io(e) => tracing::debug!(%peer, "registry: connection failed: {e}"),
+        End::Refuse(code, reason) => {
+            if code != CloseCode::Timeout {
+                tracing::warn!(%peer, ?code, "registry: closing the connection: {reason}");
+            }
+            // Answers already owed go first, then the reason; all best effort.
+            Message::Close { code, reason }.encode(&mut out);
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
+        }
+    }
+}
+
+/// Checks the first message.
+fn handshake(first: Message) -> Result<(), End> {
+    match first {
+        Message::Hello { version, .. } if version != PROTOCOL_VERSION => Err(End::Refuse(
+            CloseCode::VersionMismatch,
+            format!(
+                "protocol version mismatch: this registry speaks version {PROTOCOL_VERSION}, the client speaks version \
+                 {version}"
+            ),
+        )),
+        Message::Hello { purpose: Purpose::Registry, .. } => Ok(()),
+        Message::Hello { purpose, .. } => Err(End::Refuse(
+            CloseCode::Handshake,
+            format!("this is a kecho registry; a {purpose:?} connection was asked for"),
+        )),
+        other => Err(End::Refuse(CloseCode::Handshake, format!("expected Hello, got message kind {}", other.kind()))),
+    }
+}
+
+/// Answers requests until the connection ends. `out` holds answers not yet written.
+async fn requests(stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut, table: &Mutex<RegistryTable>) -> End {
     loop {
-        let msg = match next_message(&mut stream, &mut buf).await {
-            Ok(m) => m,
-            Err(why) => {
-                if why != "connection closed" {
-                    tracing::warn!(%remote, "registry: closing connection: {why}");
-                    let _ = stream.write_all(&close(CloseCode::Malformed, why)).await;
+        // Write what is owed before waiting for more input, or when enough has piled up.
+        if !out.is_empty() && (!frame_buffered(buf) || out.len() >= WRITE_BATCH) {
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(out)).await {
+                Ok(Ok(())) => out.clear(),
+                Ok(Err(e)) => return End::Io(e),
+                Err(_) => {
+                    return End::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client does not read its answers",
+                    ))
                 }
-                return;
             }
+        }
+        let msg = match next_message(stream, buf).await {
+            Ok(m) => m,
+            Err(end) => return end,
         };
-        let now = tokio::time::Instant::now().into_std();
-        let reply = table.lock().handle(&msg, now);
+        if let Message::Close { .. } = msg {
+            return End::Gone;
+        }
+        let reply = table.lock().handle(&msg, now());
         match reply {
-            Some(r) => r.encode(&mut out),
+            Some(reply) => encode_reply(reply, out),
             None => {
-                let why = format!("message kind {} is not a registry request", msg.kind());
-                tracing::warn!(%remote, "registry: {why}");
-                let _ = stream.write_all(&close(CloseCode::Handshake, why)).await;
-                return;
+                return End::Refuse(
+                    CloseCode::Handshake,
+                    format!("message kind {} does not belong on a registry connection", msg.kind()),
+                )
             }
-        }
-        // Answer everything already buffered with one write.
-        if buf.len() < 4 || decode_ready(&buf) {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
         }
     }
 }
 
-/// True unless a complete frame is already waiting in `buf` (then the write can wait for its answer too).
-fn decode_ready(buf: &BytesMut) -> bool {
-    if buf.len() < 4 {
-        return true;
+/// Appends `reply`, replacing it by a refusal if it would not fit in a frame the client accepts (a listing of a huge
+/// table).
+fn encode_reply(reply: Message, out: &mut BytesMut) {
+    let start = out.len();
+    reply.encode(out);
+    let len = out.len() - start - LEN_PREFIX;
+    if len > MAX_REGISTRY_FRAME {
+        out.truncate(start);
+        let req = match reply {
+            Message::RegReply { req, .. } => req,
+            _ => 0,
+        };
+        let message = format!("the answer of {len} bytes exceeds the frame limit of {MAX_REGISTRY_FRAME} bytes");
+        tracing::warn!("registry: {message}");
+        Message::RegReply { req, result: RegResult::Error { code: RegErrorCode::Invalid, message } }.encode(out);
     }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    buf.len() < 4 + len
 }
 
-async fn next_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Message, String> {
+/// True if a complete frame (or a malformed one, which will end the connection) is waiting in `buf`.
+fn frame_buffered(buf: &BytesMut) -> bool {
+    match buf.get(..LEN_PREFIX) {
+        None => false,
+        Some(prefix) => {
+            let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            len == 0 || len > MAX_REGISTRY_FRAME || buf.len() - LEN_PREFIX >= len
+        }
+    }
+}
+
+/// Reads until `buf` holds a whole message.
+async fn next_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Message, End> {
     loop {
         match decode_frame(buf, MAX_REGISTRY_FRAME) {
             Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(End::Refuse(CloseCode::Malformed, e.to_string())),
         }
         buf.reserve(4096);
         match stream.read_buf(buf).await {
-            Ok(0) => return Err("connection closed".into()),
+            Ok(0) => return Err(End::Gone),
             Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(End::Io(e)),
         }
     }
 }
