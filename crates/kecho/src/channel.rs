@@ -107,6 +107,9 @@ struct LocalMembers {
     sinks: Vec<Arc<LocalSink>>,
 }
 
+/// The local sinks an event goes to; on the stack for the common case of a few.
+type SinkList<'a> = smallvec::SmallVec<[&'a Arc<LocalSink>; 8]>;
+
 /// Sandboxed-filter bookkeeping of a channel.
 #[derive(Default)]
 struct Sandbox {
@@ -497,7 +500,7 @@ impl ChannelInner {
     pub(crate) async fn deliver_remote(&self, e: EventMsg, targets: Option<Vec<LocalId>>) {
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let chosen: Vec<&Arc<LocalSink>> = match &targets {
+        let chosen: SinkList<'_> = match &targets {
             None => sinks.iter().filter(|s| s.types.accepts(&e.ty)).collect(),
             Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
         };
@@ -505,14 +508,7 @@ impl ChannelInner {
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
-    async fn dispatch(
-        &self,
-        mut sinks: Vec<&Arc<LocalSink>>,
-        ty: String,
-        mut attrs: Attrs,
-        payload: bytes::Bytes,
-        seq: u64,
-    ) {
+    async fn dispatch(&self, mut sinks: SinkList<'_>, ty: String, mut attrs: Attrs, payload: bytes::Bytes, seq: u64) {
         let filter = self.in_filter.read().clone();
         if let Some(f) = filter {
             let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();

@@ -247,6 +247,13 @@ impl SinkQueue {
     }
 
     pub(crate) async fn recv(&self) -> Result<Event, RecvError> {
+        // Fast path: something is queued, no need to register for a wake-up.
+        match self.try_recv() {
+            Ok(e) => return Ok(e),
+            Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+            Err(TryRecvError::Closed) => return Err(RecvError::Closed),
+            Err(TryRecvError::Empty) => {}
+        }
         loop {
             let arrived = self.readable.notified();
             tokio::pin!(arrived);
