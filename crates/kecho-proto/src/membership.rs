@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::codec::{ClaimMode, Message, PeerEntry, RegErrorCode, RegResult};
+use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
 use crate::types::{ChannelId, MemberInfo, NodeId, NodeSnapshot};
 
 /// Timing of the state machine.
@@ -147,8 +147,29 @@ pub struct ChannelState {
     local: NodeSnapshot,
     peers: BTreeMap<NodeId, Peer>,
     contact: Option<NodeId>,
-    reg_pending: Option<RegistryOp>,
+    /// Registry requests sent and not answered yet, oldest first. The registry answers in order, so each answer
+    /// belongs to the oldest; only the newest one's answer is acted upon.
+    reg_pending: VecDeque<RegistryOp>,
+    /// When a member next talks to the registry: the contact renews its lease; any other member checks who the contact
+    /// is (only while it has reason to doubt it, see `check_contact`).
     next_renew: Option<Instant>,
+    /// The claim the contact sends at its next renewal: `Renew`, or `Takeover(old)` until a takeover went through.
+    claim: ClaimMode,
+    /// The node our last `JoinRequest` went to, with its address and the snapshot version it carried.
+    join_sent: Option<(NodeId, String, u64)>,
+    /// The next contact check must join through the contact again even if we know it: we lost a link to a member,
+    /// which may well be alive (the link broke, not the node), and only the contact can introduce it to us again.
+    resync: bool,
+    /// Peers we heard of only from a third party (a relayed snapshot, a join answer's list), with the time by which
+    /// they must have spoken to us themselves. A node that left the channel (or never made it in) but is still up
+    /// answers nothing in it, yet its links live on: without this, stale news of it would keep it in views forever.
+    unconfirmed: BTreeMap<NodeId, Instant>,
+    /// Nodes outside our view that may count us in, with their address and since when: those our JoinRequests went
+    /// to (until they answer; a request held up in the network may still get us taken in), and peers dropped for not
+    /// confirming (our snapshot may have reached them). They hear our goodbye too when we leave. Kept for a lease.
+    outsiders: BTreeMap<NodeId, (String, Instant)>,
+    /// The id we moved away from when we joined a channel created anew under another id (see `on_contact_found`).
+    old_id: Option<ChannelId>,
     out: VecDeque<Output>,
 }
 
@@ -168,8 +189,14 @@ impl ChannelState {
             local: NodeSnapshot::default(),
             peers: BTreeMap::new(),
             contact: None,
-            reg_pending: None,
+            reg_pending: VecDeque::new(),
             next_renew: None,
+            claim: ClaimMode::Renew,
+            join_sent: None,
+            resync: false,
+            unconfirmed: BTreeMap::new(),
+            outsiders: BTreeMap::new(),
+            old_id: None,
             out: VecDeque::new(),
         }
     }
@@ -227,7 +254,8 @@ impl ChannelState {
             Phase::Backoff { until } => Some(*until),
             _ => None,
         };
-        [phase_timer, self.deadline, self.next_renew].into_iter().flatten().min()
+        let unconfirmed = self.unconfirmed.values().min().copied().filter(|_| self.phase == Phase::Member);
+        [phase_timer, self.deadline, self.next_renew, unconfirmed].into_iter().flatten().min()
     }
 
     /// Builds the registry request for `op` with request id `req`.
@@ -288,18 +316,20 @@ impl ChannelState {
         self.local.version += 1;
         self.local.members.clear();
         if was_member {
-            let targets: Vec<NodeId> = self.peers.keys().copied().collect();
-            for to in targets {
-                self.send_snapshot(to, true, false);
+            let targets: Vec<(NodeId, String)> = self.peers.iter().map(|(n, p)| (*n, p.addr.clone())).collect();
+            for (to, addr) in targets {
+                self.goodbye(to, addr);
             }
             if self.contact == Some(self.me) && self.peers.is_empty() {
                 self.registry(RegistryOp::Remove);
             }
         }
+        self.say_goodbye_to_others();
         self.phase = Phase::Left;
         self.deadline = None;
         self.next_renew = None;
         self.peers.clear();
+        self.unconfirmed.clear();
     }
 
     /// A membership message from node `from`.
@@ -308,34 +338,42 @@ impl ChannelState {
             // Only a peer lying about its identity can get here; never let it make us our own peer.
             return;
         }
+        // A node that speaks for itself in the channel is confirmed to be in it.
+        match &msg {
+            Message::JoinRequest { .. } | Message::JoinAccept { .. } => _ = self.unconfirmed.remove(&from),
+            Message::Snapshot { node, left: false, .. } if *node == from => _ = self.unconfirmed.remove(&from),
+            _ => {}
+        }
         match msg {
             Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot, now),
             Message::JoinAccept { contact, nodes, .. } => self.on_join_accept(from, contact, nodes, now),
             Message::JoinRedirect { .. } => {
-                if matches!(&self.phase, Phase::Joining { contact, .. } if *contact == from) {
-                    self.backoff(now);
-                }
+                // It did not take us in.
+                self.outsiders.remove(&from);
+                self.on_join_redirect(from, now)
             }
             Message::Snapshot { node, addr, snapshot, left, reply, .. } => {
-                self.on_snapshot(node, addr, snapshot, left, reply, now)
+                self.on_snapshot(from, node, addr, snapshot, left, reply, now)
             }
             _ => {}
         }
     }
 
-    /// The answer to the pending registry request: `Err` if the registry could not be reached.
+    /// The answer to the oldest registry request not answered yet: `Err` if the registry could not be reached.
+    /// Answers must be given in the order of the requests (the registry answers in order).
     pub fn handle_registry(&mut self, result: Result<RegResult, String>, now: Instant) {
-        let Some(op) = self.reg_pending.take() else { return };
+        // Match the answer with its request: acting on the answer to an older request as if it answered the newest
+        // one took, for instance, a lookup's entry for a successful takeover.
+        let Some(op) = self.reg_pending.pop_front() else { return };
+        if !self.reg_pending.is_empty() || self.phase == Phase::Left {
+            // Superseded by a newer request, whose answer is still to come; or too late to matter (a late answer must
+            // neither fail a failed open again nor start a lookup after the channel was given up).
+            return;
+        }
         match (op, result) {
             (RegistryOp::Lookup, Ok(RegResult::Entry(e))) => {
                 if self.phase == Phase::Member {
-                    // We were told we are not the contact: join through whoever is.
-                    self.contact = Some(e.contact);
-                    self.out.push_back(Output::Contact(e.contact));
-                    if e.contact != self.me {
-                        self.id = e.channel;
-                        self.send_join_request(e.contact, e.addr);
-                    }
+                    self.on_contact_found(e, now);
                     return;
                 }
                 if self.phase != Phase::LookingUp {
@@ -348,15 +386,16 @@ impl ChannelState {
                     return;
                 }
                 self.phase = Phase::Joining { contact: e.contact, addr: e.addr.clone(), since: now };
-                self.send_join_request(e.contact, e.addr);
+                self.send_join_request(e.contact, e.addr, now);
             }
             (RegistryOp::Lookup, Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, .. })) => {
-                if self.phase != Phase::LookingUp && self.phase != Phase::Member {
-                    return;
-                }
                 if self.phase == Phase::Member {
                     // The entry vanished: claim it for ourselves.
+                    self.claim = ClaimMode::Renew;
                     self.registry(RegistryOp::Claim(ClaimMode::Renew));
+                    return;
+                }
+                if self.phase != Phase::LookingUp {
                     return;
                 }
                 match self.mode {
@@ -368,7 +407,9 @@ impl ChannelState {
                 self.id = e.channel;
                 self.become_member_as_contact(now);
             }
-            (RegistryOp::Claim(ClaimMode::Create), Ok(RegResult::Error { code: RegErrorCode::Exists, .. })) => {
+            (RegistryOp::Claim(ClaimMode::Create), Ok(RegResult::Error { code: RegErrorCode::Exists, .. }))
+                if self.phase == Phase::Creating =>
+            {
                 match self.mode {
                     OpenMode::Create => self.fail(OpenFailure::Exists),
                     // Someone created it between our lookup and our create: join it.
@@ -376,10 +417,8 @@ impl ChannelState {
                 }
             }
             (RegistryOp::Claim(_), Ok(RegResult::Entry(_))) if self.phase == Phase::Member => {
-                if self.contact != Some(self.me) {
-                    self.contact = Some(self.me);
-                    self.out.push_back(Output::Contact(self.me));
-                }
+                self.set_contact(self.me);
+                self.claim = ClaimMode::Renew;
                 self.next_renew = Some(now + self.cfg.lease_ttl / 3);
             }
             (RegistryOp::Claim(_), Ok(RegResult::Error { code: RegErrorCode::NotContact, .. }))
@@ -387,23 +426,20 @@ impl ChannelState {
             {
                 // Someone else holds the role: find out who and join through them.
                 self.next_renew = None;
+                self.claim = ClaimMode::Renew;
                 self.registry(RegistryOp::Lookup);
             }
             (RegistryOp::Remove, _) => {}
             (_, Err(e)) => match self.phase {
                 Phase::LookingUp | Phase::Creating => self.fail(OpenFailure::Registry(e)),
-                Phase::Member if self.contact == Some(self.me) => {
-                    // Keep the role and try again at the next renewal.
-                    self.next_renew = Some(now + self.cfg.lease_ttl / 3);
-                }
-                Phase::Member => {
-                    // A lookup failed while re-checking the contact: try again later through the renewal timer.
-                    self.next_renew = Some(now + self.cfg.lease_ttl / 3);
-                }
+                // The contact keeps the role (and a pending takeover) and tries again at the next renewal; another
+                // member checks the contact again then.
+                Phase::Member => self.next_renew = Some(now + self.cfg.lease_ttl / 3),
                 _ => {}
             },
             (_, Ok(RegResult::Error { message, .. })) => match self.phase {
                 Phase::LookingUp | Phase::Creating => self.fail(OpenFailure::Registry(message)),
+                Phase::Member => self.next_renew = Some(now + self.cfg.lease_ttl / 3),
                 _ => {}
             },
             _ => {}
@@ -421,11 +457,14 @@ impl ChannelState {
                 return;
             }
         }
-        if self.peers.remove(&node).is_some() {
-            self.out.push_back(Output::Changed);
-            if self.phase == Phase::Member && self.contact == Some(node) {
-                self.elect();
+        if self.drop_peer(node) {
+            if self.phase == Phase::Member {
+                self.lost_member(node, now);
             }
+        } else if self.phase == Phase::Member && self.contact == Some(node) {
+            // The contact the registry named, which we were joining again through, cannot be reached: without this,
+            // a member that learnt of a dead contact from the registry would wait for it forever.
+            self.elect(node, now);
         }
     }
 
@@ -442,11 +481,22 @@ impl ChannelState {
             Phase::Backoff { until } if now >= until => self.start_lookup(),
             _ => {}
         }
+        if self.phase == Phase::Member {
+            let silent: Vec<NodeId> = self.unconfirmed.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
+            for node in silent {
+                if let Some(p) = self.peers.get(&node) {
+                    self.add_outsider(node, p.addr.clone(), now);
+                }
+                if self.drop_peer(node) {
+                    self.lost_member(node, now);
+                }
+            }
+        }
         if let Some(r) = self.next_renew {
             if now >= r && self.phase == Phase::Member {
                 self.next_renew = None;
                 if self.contact == Some(self.me) {
-                    self.registry(RegistryOp::Claim(ClaimMode::Renew));
+                    self.registry(RegistryOp::Claim(self.claim));
                 } else {
                     self.registry(RegistryOp::Lookup);
                 }
@@ -468,50 +518,114 @@ impl ChannelState {
         self.phase = Phase::Backoff { until: now + self.cfg.retry };
     }
 
+    /// On leaving or giving up, says goodbye to nodes outside our view that may still count us in: a node that our
+    /// JoinRequest reached may have taken us in (and told the others) although its answer has not reached us (when
+    /// joining, or joining again after a split), and peers we dropped for not confirming may have got our snapshot.
+    /// Their links to our node live on after we forget the channel, so nothing else would ever remove us.
+    fn say_goodbye_to_others(&mut self) {
+        self.join_sent = None;
+        let others: Vec<(NodeId, String)> = std::mem::take(&mut self.outsiders)
+            .into_iter()
+            .filter(|(n, _)| !self.peers.contains_key(n))
+            .map(|(n, (a, _))| (n, a))
+            .collect();
+        for (to, addr) in others {
+            self.goodbye(to, addr);
+        }
+    }
+
+    fn add_outsider(&mut self, node: NodeId, addr: String, now: Instant) {
+        let keep = self.cfg.lease_ttl;
+        self.outsiders.retain(|_, (_, t)| now.saturating_duration_since(*t) < keep);
+        self.outsiders.insert(node, (addr, now));
+    }
+
+    /// Sends our last snapshot with the *left* flag; also under the id we moved away from, if any, since nodes that
+    /// have not followed us to the new channel drop whatever comes under its id.
+    fn goodbye(&mut self, to: NodeId, addr: String) {
+        for channel in std::iter::once(self.id).chain(self.old_id) {
+            let msg = Message::Snapshot {
+                channel,
+                node: self.me,
+                addr: self.my_addr.clone(),
+                snapshot: self.local.clone(),
+                left: true,
+                reply: false,
+            };
+            self.out.push_back(Output::Send { to, addr: addr.clone(), msg });
+        }
+    }
+
     fn fail(&mut self, why: OpenFailure) {
+        self.local.version += 1;
+        self.local.members.clear();
+        self.say_goodbye_to_others();
+        self.peers.clear();
+        self.unconfirmed.clear();
         self.phase = Phase::Left;
         self.deadline = None;
         self.out.push_back(Output::Failed(why));
     }
 
     fn registry(&mut self, op: RegistryOp) {
-        // One request at a time: a newer request supersedes a pending one, whose answer is then ignored.
-        self.reg_pending = Some(op.clone());
+        // One request at a time matters: a newer request supersedes pending ones, whose answers are then ignored.
+        self.reg_pending.push_back(op.clone());
         self.out.push_back(Output::Registry(op));
+    }
+
+    fn set_contact(&mut self, contact: NodeId) {
+        if self.contact != Some(contact) {
+            self.contact = Some(contact);
+            self.out.push_back(Output::Contact(contact));
+            // A new contact may know nodes we do not (it may have taken the role over after a split, or have been
+            // elected with a view that differs from ours): the next check joins through it to get its view.
+            self.resync = contact != self.me;
+        }
+    }
+
+    /// Asks the registry who the contact is at `at` (or earlier if already due), unless we are the contact.
+    fn check_contact(&mut self, at: Instant) {
+        if self.phase == Phase::Member && self.contact != Some(self.me) {
+            self.next_renew = Some(self.next_renew.map_or(at, |t| t.min(at)));
+        }
     }
 
     fn become_member_as_contact(&mut self, now: Instant) {
         self.phase = Phase::Member;
         self.deadline = None;
         self.contact = Some(self.me);
+        self.claim = ClaimMode::Renew;
         self.next_renew = Some(now + self.cfg.lease_ttl / 3);
         self.out.push_back(Output::Contact(self.me));
         self.out.push_back(Output::Ready);
         self.out.push_back(Output::Changed);
     }
 
-    fn send_join_request(&mut self, contact: NodeId, addr: String) {
+    fn send_join_request(&mut self, contact: NodeId, addr: String, now: Instant) {
+        self.join_sent = Some((contact, addr.clone(), self.local.version));
+        self.add_outsider(contact, addr.clone(), now);
         let msg = Message::JoinRequest { channel: self.id, addr: self.my_addr.clone(), snapshot: self.local.clone() };
         self.out.push_back(Output::Send { to: contact, addr, msg });
     }
 
+    fn snapshot_message(&self, node: NodeId, addr: String, snapshot: NodeSnapshot, left: bool, reply: bool) -> Message {
+        Message::Snapshot { channel: self.id, node, addr, snapshot, left, reply }
+    }
+
     fn send_snapshot(&mut self, to: NodeId, left: bool, reply: bool) {
         let Some(peer) = self.peers.get(&to) else { return };
-        let msg = Message::Snapshot {
-            channel: self.id,
-            node: self.me,
-            addr: self.my_addr.clone(),
-            snapshot: self.local.clone(),
-            left,
-            reply,
-        };
-        self.out.push_back(Output::Send { to, addr: peer.addr.clone(), msg });
+        let addr = peer.addr.clone();
+        let msg = self.snapshot_message(self.me, self.my_addr.clone(), self.local.clone(), left, reply);
+        self.out.push_back(Output::Send { to, addr, msg });
     }
 
     fn on_join_request(&mut self, from: NodeId, addr: String, snapshot: NodeSnapshot, now: Instant) {
         if self.phase != Phase::Member || self.contact != Some(self.me) {
             let msg = Message::JoinRedirect { channel: self.id };
             self.out.push_back(Output::Send { to: from, addr, msg });
+            // Whoever sent this was told (by the registry) that we are the contact. Should the registry be right and
+            // our belief wrong, nobody would renew the lease nor let anyone in: check.
+            self.check_contact(now + self.cfg.retry);
             return;
         }
         let mut nodes = vec![PeerEntry { node: self.me, addr: self.my_addr.clone(), snapshot: self.local.clone() }];
@@ -520,21 +634,17 @@ impl ChannelState {
             addr: p.addr.clone(),
             snapshot: p.snapshot.clone(),
         }));
-        // Relay the joiner to everyone else, so that nobody depends on the joiner's own links alone.
+        // Relay the joiner to everyone else, so that nobody depends on the joiner's own links alone. A member joining
+        // again that we know as it is needs no relay: the members it does not know hear from it (it introduces
+        // itself to every listed node new to it), and those it knows know it.
         let relay: Vec<(NodeId, String)> =
             self.peers.iter().filter(|(n, _)| **n != from).map(|(n, p)| (*n, p.addr.clone())).collect();
-        for (to, to_addr) in relay {
-            let msg = Message::Snapshot {
-                channel: self.id,
-                node: from,
-                addr: addr.clone(),
-                snapshot: snapshot.clone(),
-                left: false,
-                reply: false,
-            };
-            self.out.push_back(Output::Send { to, addr: to_addr, msg });
+        if self.merge_peer(from, addr.clone(), snapshot.clone(), now) {
+            for (to, to_addr) in relay {
+                let msg = self.snapshot_message(from, addr.clone(), snapshot.clone(), false, false);
+                self.out.push_back(Output::Send { to, addr: to_addr, msg });
+            }
         }
-        self.merge_peer(from, addr.clone(), snapshot, now);
         let msg = Message::JoinAccept { channel: self.id, contact: self.me, nodes };
         self.out.push_back(Output::Send { to: from, addr, msg });
         self.out.push_back(Output::Changed);
@@ -542,23 +652,51 @@ impl ChannelState {
 
     fn on_join_accept(&mut self, from: NodeId, contact: NodeId, nodes: Vec<PeerEntry>, now: Instant) {
         let rejoin = self.phase == Phase::Member;
-        if !rejoin && !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
+        let asked = matches!(&self.join_sent, Some((to, ..)) if *to == from);
+        if rejoin {
+            // Only the answer of the node we last asked, and still take for the contact, counts: a late answer must
+            // not override what we learnt since (say, that we hold the role ourselves now).
+            if !asked || self.contact != Some(from) {
+                return;
+            }
+        } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
             return;
         }
+        let sent_version = self.join_sent.take().map(|(_, _, v)| v);
         self.phase = Phase::Member;
         self.deadline = None;
-        self.contact = Some(contact);
-        self.out.push_back(Output::Contact(contact));
+        self.set_contact(contact);
+        self.resync = false;
+        if contact != self.me {
+            // The contact answered: no need to check on it.
+            self.next_renew = None;
+        }
+        let listed: Vec<NodeId> = nodes.iter().map(|n| n.node).collect();
         for n in nodes {
             if n.node == self.me {
                 continue;
             }
-            let known = self.peers.contains_key(&n.node);
-            self.merge_peer(n.node, n.addr, n.snapshot, now);
-            // Introduce ourselves to everyone but the contact, who has our snapshot already; ask for theirs in case
-            // it changed since the contact's copy.
-            if n.node != from || !known {
-                self.send_snapshot(n.node, false, n.node != from);
+            if n.node != from && !self.peers.contains_key(&n.node) {
+                self.unconfirmed.insert(n.node, now + self.cfg.join_attempt);
+            }
+            let changed = self.merge_peer(n.node, n.addr, n.snapshot, now);
+            // Introduce ourselves to everyone but the contact, which has our snapshot already; ask for theirs in case
+            // it changed since the contact's copy. When joining again, the nodes we know already (at the version the
+            // contact has) know us too: whenever a node learns of another, it sends that node its snapshot.
+            if n.node != from && (changed || !rejoin) {
+                self.send_snapshot(n.node, false, true);
+            }
+        }
+        if sent_version != Some(self.local.version) {
+            // Our members changed after we sent the JoinRequest: the contact has an old snapshot of us.
+            self.send_snapshot(from, false, false);
+        }
+        // Nodes we heard of from others while joining have not been asked yet; everyone gets the time from now.
+        let waiting: Vec<NodeId> = self.unconfirmed.keys().copied().collect();
+        for node in waiting {
+            self.unconfirmed.insert(node, now + self.cfg.join_attempt);
+            if !listed.contains(&node) {
+                self.send_snapshot(node, false, true);
             }
         }
         if !rejoin {
@@ -567,8 +705,28 @@ impl ChannelState {
         self.out.push_back(Output::Changed);
     }
 
+    fn on_join_redirect(&mut self, from: NodeId, now: Instant) {
+        match &self.phase {
+            Phase::Joining { contact, .. } if *contact == from => self.backoff(now),
+            Phase::Member if self.contact == Some(from) => {
+                if self.peers.contains_key(&from) {
+                    // A member we took for the contact says it is not (it lost the role): ask the registry who is,
+                    // after a pause so that no redirect loop can spin.
+                    self.check_contact(now + self.cfg.retry);
+                } else {
+                    // The contact the registry named, which we asked to take us in again, has no such channel any
+                    // more (it left): the role is vacant.
+                    self.elect(from, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn on_snapshot(
         &mut self,
+        from: NodeId,
         node: NodeId,
         addr: String,
         snapshot: NodeSnapshot,
@@ -581,21 +739,85 @@ impl ChannelState {
         }
         if left {
             let newer = self.peers.get(&node).is_none_or(|p| snapshot.version >= p.snapshot.version);
-            if newer && self.peers.remove(&node).is_some() {
-                self.out.push_back(Output::Changed);
-                if self.phase == Phase::Member && self.contact == Some(node) {
-                    self.elect();
+            if newer && self.drop_peer(node) && self.phase == Phase::Member {
+                if self.contact == Some(self.me) {
+                    // The contact relays departures as it relays arrivals. A member whose relayed copy of a joiner's
+                    // snapshot arrived after the joiner's own goodbye (another link, another latency), or that joined
+                    // with a list naming a node that was leaving, would otherwise keep a node that left for as long as
+                    // the link to it lives.
+                    let relay: Vec<(NodeId, String)> = self.peers.iter().map(|(n, p)| (*n, p.addr.clone())).collect();
+                    for (to, to_addr) in relay {
+                        let msg = self.snapshot_message(node, addr.clone(), snapshot.clone(), true, false);
+                        self.out.push_back(Output::Send { to, addr: to_addr, msg });
+                    }
                 }
+                self.after_departure(node, now);
             }
             return;
         }
         let new_node = !self.peers.contains_key(&node);
+        if new_node && self.phase == Phase::Member && self.contact == Some(self.me) {
+            // The contact relays every node it learns of, not only those that join through it. When two halves of a
+            // channel merge, nodes of one half that reach the contact directly (they learnt of it from a member of
+            // their half) would otherwise stay unknown to the members of the other half.
+            let relay: Vec<(NodeId, String)> = self.peers.iter().map(|(n, p)| (*n, p.addr.clone())).collect();
+            for (to, to_addr) in relay {
+                let msg = self.snapshot_message(node, addr.clone(), snapshot.clone(), false, false);
+                self.out.push_back(Output::Send { to, addr: to_addr, msg });
+            }
+        }
         if self.merge_peer(node, addr, snapshot, now) {
             self.out.push_back(Output::Changed);
         }
-        if (new_node || reply) && self.phase == Phase::Member {
-            self.send_snapshot(node, false, false);
+        let direct = from == node;
+        if new_node && !direct {
+            self.unconfirmed.insert(node, now + self.cfg.join_attempt);
         }
+        if (new_node || reply) && self.phase == Phase::Member {
+            // Introduce ourselves to a node we just heard of; if we heard of it from someone else, ask it to answer.
+            self.send_snapshot(node, false, new_node && !direct);
+        }
+    }
+
+    /// A member's registry lookup named the contact.
+    fn on_contact_found(&mut self, e: RegEntry, now: Instant) {
+        let was_contact = self.contact == Some(self.me);
+        if e.contact == self.me {
+            // The registry names us (a lease of ours outlived our memory of it): we are the contact, and renew.
+            self.set_contact(self.me);
+            self.claim = ClaimMode::Renew;
+            self.next_renew = Some(now + self.cfg.lease_ttl / 3);
+            return;
+        }
+        if was_contact {
+            // We lost the role (our renewal was refused, e.g. after a partition during which a member took over).
+            // Members that still take us for the contact must ask the registry too, or our half of the channel would
+            // never merge with the other.
+            let old: Vec<(NodeId, String)> = self.peers.iter().map(|(n, p)| (*n, p.addr.clone())).collect();
+            for (to, addr) in old {
+                self.out.push_back(Output::Send { to, addr, msg: Message::JoinRedirect { channel: self.id } });
+            }
+        }
+        self.set_contact(e.contact);
+        if !was_contact && !self.resync && e.channel == self.id && self.peers.contains_key(&e.contact) {
+            // The contact is a member we know: all is well.
+            self.next_renew = None;
+            return;
+        }
+        if e.channel != self.id {
+            // The channel was created anew while we were cut off, and we move to the new one. Whatever our peers
+            // send under the old id is lost from now on (their goodbyes too): they must speak up in the new channel
+            // (they do once they follow us there), or we drop them.
+            let deadline = now + self.cfg.join_attempt;
+            for node in self.peers.keys() {
+                self.unconfirmed.insert(*node, deadline);
+            }
+            self.old_id = Some(self.id);
+            self.id = e.channel;
+        }
+        // Join (again) through it: it merges our view with its own. Ask again if no answer comes.
+        self.send_join_request(e.contact, e.addr, now);
+        self.next_renew = Some(now + self.cfg.join_attempt);
     }
 
     /// Stores a node's snapshot if it is newer than what we have. Returns true if anything changed.
@@ -615,14 +837,54 @@ impl ChannelState {
         }
     }
 
-    /// The contact is gone: the member with the lowest node id takes over.
-    fn elect(&mut self) {
-        let old = self.contact.unwrap_or(self.me);
-        let lowest = self.peers.keys().next().copied().map_or(self.me, |p| p.min(self.me));
-        self.contact = Some(lowest);
-        self.out.push_back(Output::Contact(lowest));
+    /// Removes a peer; true if it was one (and `Changed` was reported).
+    fn drop_peer(&mut self, node: NodeId) -> bool {
+        self.unconfirmed.remove(&node);
+        let was = self.peers.remove(&node).is_some();
+        if was {
+            self.out.push_back(Output::Changed);
+        }
+        was
+    }
+
+    /// Member node `node` was lost without saying goodbye (its link broke, or it never confirmed).
+    fn lost_member(&mut self, node: NodeId, now: Instant) {
+        if self.contact != Some(node) && self.contact != Some(self.me) {
+            // A lost link is not a dead node: after a partition between two members that both still reach the
+            // contact, neither would ever hear of the other again. Ask the contact for its view a little later (by
+            // then it has dropped the node too if the node died).
+            self.resync = true;
+            self.check_contact(now + self.cfg.join_attempt);
+        }
+        self.after_departure(node, now);
+    }
+
+    /// The member node with the lowest id, this one included.
+    fn lowest(&self) -> NodeId {
+        self.peers.keys().next().copied().map_or(self.me, |p| p.min(self.me))
+    }
+
+    /// Member node `node` is gone (left or lost).
+    fn after_departure(&mut self, node: NodeId, now: Instant) {
+        if self.contact == Some(node) {
+            self.elect(node, now);
+        } else if self.contact != Some(self.me) && self.lowest() == self.me {
+            // Had the departed node held the role without our knowing it, we would be the one to take over: check.
+            self.check_contact(now + self.cfg.join_attempt);
+        }
+    }
+
+    /// The contact `old` is gone: the member with the lowest node id takes over.
+    fn elect(&mut self, old: NodeId, now: Instant) {
+        let lowest = self.lowest();
+        self.set_contact(lowest);
         if lowest == self.me {
-            self.registry(RegistryOp::Claim(ClaimMode::Takeover(old)));
+            self.claim = ClaimMode::Takeover(old);
+            self.next_renew = None;
+            self.registry(RegistryOp::Claim(self.claim));
+        } else {
+            // Make sure it did: our view may differ from its view, and only the registry knows.
+            self.check_contact(now + self.cfg.join_attempt);
         }
     }
 }
