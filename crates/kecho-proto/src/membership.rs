@@ -32,6 +32,9 @@ pub struct MembershipConfig {
     pub open_timeout: Duration,
     /// Pause between join attempts.
     pub retry: Duration,
+    /// How soon after the channel's member counts change the contact tells the registry (so that listings are
+    /// current); changes within this delay go out together.
+    pub counts_delay: Duration,
 }
 
 impl Default for MembershipConfig {
@@ -41,6 +44,7 @@ impl Default for MembershipConfig {
             join_attempt: Duration::from_secs(2),
             open_timeout: Duration::from_secs(10),
             retry: Duration::from_millis(100),
+            counts_delay: Duration::from_millis(250),
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct ChannelState {
     outsiders: BTreeMap<NodeId, (String, Instant)>,
     /// The id we moved away from when we joined a channel created anew under another id (see `on_contact_found`).
     old_id: Option<ChannelId>,
+    /// The member counts the registry got with our last claim.
+    registered_counts: Option<(u32, u32)>,
     out: VecDeque<Output>,
 }
 
@@ -197,6 +203,7 @@ impl ChannelState {
             unconfirmed: BTreeMap::new(),
             outsiders: BTreeMap::new(),
             old_id: None,
+            registered_counts: None,
             out: VecDeque::new(),
         }
     }
@@ -292,7 +299,7 @@ impl ChannelState {
     }
 
     /// Replaces this node's members in the channel and tells every other member node.
-    pub fn set_members(&mut self, members: Vec<MemberInfo>, _now: Instant) {
+    pub fn set_members(&mut self, members: Vec<MemberInfo>, now: Instant) {
         if self.phase == Phase::Left {
             return;
         }
@@ -303,6 +310,22 @@ impl ChannelState {
             for to in targets {
                 self.send_snapshot(to, false, false);
             }
+        }
+        self.note_counts(now);
+    }
+
+    /// As the contact, renews soon when the member counts differ from what the registry has, so that `kecho channels`
+    /// and other listings show the channel as it is rather than as it was at the last renewal.
+    fn note_counts(&mut self, now: Instant) {
+        if self.phase != Phase::Member || self.contact != Some(self.me) || !self.reg_pending.is_empty() {
+            return;
+        }
+        if self.registered_counts == Some(self.counts()) {
+            return;
+        }
+        let soon = now + self.cfg.counts_delay;
+        if self.next_renew.is_none_or(|r| r > soon) {
+            self.next_renew = Some(soon);
         }
     }
 
@@ -334,6 +357,12 @@ impl ChannelState {
 
     /// A membership message from node `from`.
     pub fn handle_message(&mut self, from: NodeId, msg: Message, now: Instant) {
+        self.message(from, msg, now);
+        self.note_counts(now);
+    }
+
+    /// A membership message from node `from`.
+    fn message(&mut self, from: NodeId, msg: Message, now: Instant) {
         if from == self.me {
             // Only a peer lying about its identity can get here; never let it make us our own peer.
             return;
@@ -362,6 +391,13 @@ impl ChannelState {
     /// The answer to the oldest registry request not answered yet: `Err` if the registry could not be reached.
     /// Answers must be given in the order of the requests (the registry answers in order).
     pub fn handle_registry(&mut self, result: Result<RegResult, String>, now: Instant) {
+        self.registry_answer(result, now);
+        self.note_counts(now);
+    }
+
+    /// The answer to the oldest registry request not answered yet: `Err` if the registry could not be reached.
+    /// Answers must be given in the order of the requests (the registry answers in order).
+    fn registry_answer(&mut self, result: Result<RegResult, String>, now: Instant) {
         // Match the answer with its request: acting on the answer to an older request as if it answered the newest
         // one took, for instance, a lookup's entry for a successful takeover.
         let Some(op) = self.reg_pending.pop_front() else { return };
@@ -448,6 +484,12 @@ impl ChannelState {
 
     /// The link to `node` is gone (closed, reset or silent past the heartbeat timeout).
     pub fn handle_peer_lost(&mut self, node: NodeId, now: Instant) {
+        self.peer_lost(node, now);
+        self.note_counts(now);
+    }
+
+    /// The link to `node` is gone (closed, reset or silent past the heartbeat timeout).
+    fn peer_lost(&mut self, node: NodeId, now: Instant) {
         if node == self.me {
             return;
         }
@@ -470,6 +512,12 @@ impl ChannelState {
 
     /// Time has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.timeout(now);
+        self.note_counts(now);
+    }
+
+    /// Time has passed.
+    fn timeout(&mut self, now: Instant) {
         if let Some(d) = self.deadline {
             if now >= d && self.phase != Phase::Member && self.phase != Phase::Left {
                 self.fail(OpenFailure::Timeout);
@@ -568,6 +616,9 @@ impl ChannelState {
     }
 
     fn registry(&mut self, op: RegistryOp) {
+        if matches!(op, RegistryOp::Claim(_)) {
+            self.registered_counts = Some(self.counts());
+        }
         // One request at a time matters: a newer request supersedes pending ones, whose answers are then ignored.
         self.reg_pending.push_back(op.clone());
         self.out.push_back(Output::Registry(op));

@@ -153,6 +153,24 @@ fn member_changes_reach_everyone() {
     settle(&mut sim);
 }
 
+// 3b. The registry's member counts follow a change within `counts_delay`, not only at the next renewal.
+#[test]
+fn registry_counts_follow_member_changes_promptly() {
+    let mut sim = Sim::new(SimConfig::default());
+    build(&mut sim, 1, &[2, 3]);
+    let m = sim.cfg.membership.clone();
+    // Past the claims of the joins: the next renewal is a third of a lease away.
+    sim.run_for(m.counts_delay * 2);
+    let mut members = standard_members(3);
+    members.push(sink(9, &["x"]));
+    sim.set_members(3, CH, members);
+    let want = sim.st(1, CH).counts();
+    let took = sim.run_until(LIMIT, "registry counts", |s| s.entry(CH).is_some_and(|e| (e.sources, e.sinks) == want));
+    let bound = m.counts_delay + sim.cfg.latency + sim.cfg.registry_latency * 2 + Duration::from_millis(5);
+    assert!(took <= bound, "counts reached the registry after {took:?}, expected within {bound:?}");
+    assert!(took < m.lease_ttl / 3, "not merely at the renewal");
+}
+
 // 4.
 #[test]
 fn clean_leave_of_a_member() {

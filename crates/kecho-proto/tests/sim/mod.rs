@@ -46,6 +46,7 @@ impl Default for SimConfig {
                 join_attempt: Duration::from_millis(500),
                 open_timeout: Duration::from_millis(5000),
                 retry: Duration::from_millis(100),
+                counts_delay: Duration::from_millis(100),
             },
             heartbeat: Duration::from_millis(600),
             latency: Duration::from_millis(5),
