@@ -86,6 +86,7 @@ pub(crate) fn event_json(ev: &Event) -> serde_json::Value {
     json!({
         "type": ev.ty(),
         "seq": ev.seq(),
+        "source": ev.source().to_string(),
         "attrs": attrs,
         "payload": payload,
         "payload_encoding": encoding,

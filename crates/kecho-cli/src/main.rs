@@ -37,6 +37,10 @@ struct NodeArgs {
     /// Address this node listens on for other nodes.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// Address other nodes dial to reach this one, if not the listening address (needed with --listen 0.0.0.0:PORT,
+    /// or behind address translation); port 0 means the listening port.
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     heartbeat: f64,
@@ -271,13 +275,12 @@ async fn node(reg: &RegistryArg, args: &NodeArgs) -> Result<Node> {
     if !(args.heartbeat > 0.0 && args.heartbeat.is_finite()) {
         bail!("--heartbeat must be a positive number of seconds");
     }
-    let node = Node::builder()
-        .registry(registry)
-        .listen(listen)
-        .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat))
-        .start()
-        .await?;
-    Ok(node)
+    let mut builder =
+        Node::builder().registry(registry).listen(listen).heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
+    if let Some(a) = &args.advertise {
+        builder = builder.advertise(parse_addr("advertise", a)?);
+    }
+    Ok(builder.start().await?)
 }
 
 async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel> {
@@ -296,7 +299,9 @@ async fn install_filter(
     if !(timeout > 0.0 && timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let node = node(reg, &NodeArgs { listen: "127.0.0.1:0".into(), heartbeat: 3.0, allow_filters: false }).await?;
+    let node =
+        node(reg, &NodeArgs { listen: "127.0.0.1:0".into(), advertise: None, heartbeat: 3.0, allow_filters: false })
+            .await?;
     let ch = node.open_channel(channel).await?;
     let kind = if out { kecho::FilterKind::Out } else { kecho::FilterKind::In };
     let report = ch.install_filter(kind, &module, Duration::from_secs_f64(timeout)).await;

@@ -76,7 +76,8 @@ fn main() -> std::io::Result<()> {
                 .with("b", Bytes::from_static(b"\x00\x01")),
             payload: Bytes::from_static(b"payload"),
         }),
-        Message::Lagged { channel: ch, source: LocalId(1), count: 9 },
+        Message::Lagged { channel: ch, source: LocalId(1), count: 9, sinks: vec![LocalId(2)] },
+        Message::Routed { channel: ch, source: LocalId(1), skipped: 4 },
         Message::Targets { channel: ch, sinks: vec![LocalId(2), LocalId(5)] },
         Message::InstallFilter {
             channel: ch,

@@ -11,7 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::types::*;
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -352,14 +352,29 @@ pub enum Message {
         /// What happened.
         message: String,
     },
-    /// The sender dropped `count` events of `source` for the receiving node because the link was full.
+    /// The sender did not deliver `count` events of `source` meant for sinks of the receiving node: the link was
+    /// full, or the node was cut off from the channel when they were submitted.
     Lagged {
         /// Channel.
         channel: ChannelId,
-        /// The source whose events were dropped.
+        /// The source whose events were missed.
         source: LocalId,
         /// How many.
         count: u64,
+        /// The sinks that missed them; empty means every sink of the channel on the receiving node.
+        sinks: Vec<LocalId>,
+    },
+    /// Loss accounting: of `source`'s events up to and including the next one it sends on this link, `skipped` in
+    /// all were not meant for the receiving node (no sink there wanted them, or the OUT-filter chose others). The
+    /// receiver numbers the events meant for it as `seq - skipped`; a jump in that number is a loss in transit (a
+    /// link that broke with events on the way). Sent only when the value changes.
+    Routed {
+        /// Channel.
+        channel: ChannelId,
+        /// The source.
+        source: LocalId,
+        /// Its events not meant for the receiving node so far.
+        skipped: u64,
     },
     /// Registry: create, renew or take over an entry.
     RegClaim {
@@ -429,6 +444,7 @@ mod kind {
     pub const TARGETS: u8 = 16;
     pub const INSTALL_FILTER: u8 = 17;
     pub const FILTER_STATUS: u8 = 18;
+    pub const ROUTED: u8 = 19;
     pub const REG_CLAIM: u8 = 20;
     pub const REG_LOOKUP: u8 = 21;
     pub const REG_REMOVE: u8 = 22;
@@ -452,6 +468,7 @@ impl Message {
             Message::Snapshot { .. } => SNAPSHOT,
             Message::Event(_) => EVENT,
             Message::Lagged { .. } => LAGGED,
+            Message::Routed { .. } => ROUTED,
             Message::Targets { .. } => TARGETS,
             Message::InstallFilter { .. } => INSTALL_FILTER,
             Message::FilterStatus { .. } => FILTER_STATUS,
@@ -514,10 +531,19 @@ impl Message {
                 dst.put_u8(u8::from(*left) | (u8::from(*reply) << 1));
             }
             Message::Event(_) => unreachable!("handled above"),
-            Message::Lagged { channel, source, count } => {
+            Message::Lagged { channel, source, count, sinks } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
                 dst.put_u64_le(*count);
+                dst.put_u32_le(sinks.len() as u32);
+                for s in sinks {
+                    dst.put_u32_le(s.0);
+                }
+            }
+            Message::Routed { channel, source, skipped } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(source.0);
+                dst.put_u64_le(*skipped);
             }
             Message::InstallFilter { channel, req, kind, module } => {
                 dst.put_u64_le(channel.0);
@@ -832,6 +858,15 @@ impl Reader {
         }
         Ok(n)
     }
+    /// A `list<u32>` of local ids.
+    fn local_ids(&mut self) -> Result<Vec<LocalId>, DecodeError> {
+        let n = self.count(4)?;
+        let mut ids = Vec::with_capacity(n.min(PREALLOC));
+        for _ in 0..n {
+            ids.push(LocalId(self.u32()?));
+        }
+        Ok(ids)
+    }
     fn bad(&self, what: &'static str, tag: u8) -> DecodeError {
         DecodeError::BadTag { kind: self.kind, what, tag }
     }
@@ -974,7 +1009,14 @@ impl Reader {
                 Message::Event(EventMsg { channel, source, seq, ty, attrs, payload })
             }
             LAGGED => {
-                Message::Lagged { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), count: self.u64()? }
+                let channel = ChannelId(self.u64()?);
+                let source = LocalId(self.u32()?);
+                let count = self.u64()?;
+                let sinks = self.local_ids()?;
+                Message::Lagged { channel, source, count, sinks }
+            }
+            ROUTED => {
+                Message::Routed { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), skipped: self.u64()? }
             }
             INSTALL_FILTER => Message::InstallFilter {
                 channel: ChannelId(self.u64()?),
@@ -994,11 +1036,7 @@ impl Reader {
             },
             TARGETS => {
                 let channel = ChannelId(self.u64()?);
-                let n = self.count(4)?;
-                let mut sinks = Vec::with_capacity(n.min(PREALLOC));
-                for _ in 0..n {
-                    sinks.push(LocalId(self.u32()?));
-                }
+                let sinks = self.local_ids()?;
                 Message::Targets { channel, sinks }
             }
             REG_CLAIM => {

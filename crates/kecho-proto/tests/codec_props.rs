@@ -50,6 +50,7 @@ fn variant(m: &Message) -> &'static str {
         Message::InstallFilter { .. } => "InstallFilter",
         Message::FilterStatus { .. } => "FilterStatus",
         Message::Lagged { .. } => "Lagged",
+        Message::Routed { .. } => "Routed",
         Message::RegClaim { .. } => "RegClaim",
         Message::RegLookup { .. } => "RegLookup",
         Message::RegRemove { .. } => "RegRemove",
@@ -58,7 +59,7 @@ fn variant(m: &Message) -> &'static str {
     }
 }
 
-const VARIANTS: usize = 19;
+const VARIANTS: usize = 20;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -128,7 +129,8 @@ fn one_of_each() -> Vec<Message> {
             module: Bytes::from_static(b"\0asm\x01\0\0\0"),
         },
         Message::FilterStatus { channel: ChannelId(9), req: 11, ok: false, message: "out of fuel".into() },
-        Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42 },
+        Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
+        Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 },
         Message::RegClaim {
             req: 1,
             name: "chan".into(),

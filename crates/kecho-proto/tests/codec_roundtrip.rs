@@ -141,10 +141,13 @@ fn message() -> impl Strategy<Value = Message> {
         ),
         (ch.clone(), vec(any::<u32>(), 0..8))
             .prop_map(|(channel, ids)| Message::Targets { channel, sinks: ids.into_iter().map(LocalId).collect() }),
-        (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, count)| Message::Lagged {
+        (ch.clone(), any::<u32>(), any::<u64>(), vec(any::<u32>(), 0..4)).prop_map(|(channel, s, count, ids)| {
+            Message::Lagged { channel, source: LocalId(s), count, sinks: ids.into_iter().map(LocalId).collect() }
+        }),
+        (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, skipped)| Message::Routed {
             channel,
             source: LocalId(s),
-            count
+            skipped
         }),
         (any::<u32>(), name(), ch.clone(), node.clone(), name(), any::<u64>(), mode, any::<u32>(), any::<u32>())
             .prop_map(|(req, name, channel, node, addr, ttl_ms, mode, sources, sinks)| Message::RegClaim {

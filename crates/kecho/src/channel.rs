@@ -3,6 +3,8 @@
 //! A channel's membership is decided by its [`ChannelState`] (the sans-IO core); this module executes its outputs and
 //! keeps a routing table derived from it, which the submit path reads without touching the state machine.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -22,7 +24,7 @@ use crate::filter::{
 };
 use crate::link::Peer;
 use crate::node::{now, NodeGuard, NodeInner};
-use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, TryRecvError};
+use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, SourceKey, TryRecvError};
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
 use kecho_proto::codec::FilterKind;
 
@@ -45,10 +47,14 @@ pub struct ChannelStats {
     pub bytes_sent: u64,
     /// Events that arrived from other nodes or from local sources for local sinks.
     pub received: u64,
-    /// Events lost: discarded at a full sink queue or a full link, in either direction.
+    /// Events discarded here: at a full local sink queue, or at a full link to another node.
     pub dropped: u64,
     /// Events discarded on purpose: by this node's IN-filter, or submitted when no sink was chosen.
     pub filtered: u64,
+    /// Events meant for local sinks that never arrived: dropped at the sender's full link, lost in transit when a
+    /// link broke, or submitted while this node was cut off from their source. Each was reported to the sinks as a gap
+    /// ([`RecvError::Lagged`]).
+    pub missed: u64,
     /// Times this node published its members' snapshot (joins, leaves and coalesced attribute updates).
     pub published: u64,
 }
@@ -61,6 +67,7 @@ struct Counters {
     received: AtomicU64,
     dropped: AtomicU64,
     filtered: AtomicU64,
+    missed: AtomicU64,
     published: AtomicU64,
 }
 
@@ -70,6 +77,58 @@ enum Dest {
     Remote(usize),
     /// On this node.
     Local(Arc<LocalSink>),
+    /// On a node cut off from the channel (its link was lost) until the given time: nothing is sent, but events it
+    /// would have received are counted, and reported to it as missed if it comes back.
+    Ghost(NodeId, Instant),
+}
+
+/// A node whose link was lost while it had sinks in the channel, remembered for loss accounting.
+struct Ghost {
+    node: NodeId,
+    until: Instant,
+    sinks: Vec<(LocalId, TypeFilter, Option<Arc<ContentFilter>>)>,
+}
+
+/// Hashes ids that are already random (node ids) or small and distinct (local ids) by folding them, which is all a
+/// hash map of them needs.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Loss accounting at a source, per destination node: how many of its events were queued to that node, and what the
+/// node was last told about the others (see `Message::Routed`).
+#[derive(Default)]
+struct SendTrack {
+    routed: u64,
+    /// The `skipped` value last queued to the node, with the peer object and its epoch at the time: a new `Peer`, or
+    /// a new epoch of the same one, means queued frames were lost with a broken link, so the node must be told again.
+    told: Option<(u64, usize, u64)>,
+}
+
+/// Loss accounting at a receiver, per remote source.
+#[derive(Default)]
+struct RecvTrack {
+    skipped: u64,
+    /// The per-node number (`seq - skipped`) of the last event that arrived; 0 before the first.
+    last: u64,
 }
 
 /// One sink of the channel, for the submit path.
@@ -158,12 +217,16 @@ pub(crate) struct ChannelInner {
     faults: tokio::sync::broadcast::Sender<FilterFault>,
     attrs_pending: AtomicBool,
     last_publish: Mutex<Option<Instant>>,
+    /// Nodes cut off from the channel, for loss accounting at local sources.
+    ghosts: Mutex<Vec<Ghost>>,
+    /// Loss accounting of events arriving from remote sources.
+    tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
 }
 
 impl ChannelInner {
     pub(crate) fn new(node: &Arc<NodeInner>, name: &str) -> Arc<Self> {
         let fresh = ChannelId(rand::random());
-        let state = ChannelState::new(name, fresh, node.id, &node.addr.to_string(), node.cfg.membership.clone());
+        let state = ChannelState::new(name, fresh, node.id, &node.advertised.to_string(), node.cfg.membership.clone());
         let ch = Arc::new(ChannelInner {
             name: name.to_owned(),
             node: Arc::downgrade(node),
@@ -183,6 +246,8 @@ impl ChannelInner {
             faults: tokio::sync::broadcast::channel(64).0,
             attrs_pending: AtomicBool::new(false),
             last_publish: Mutex::new(None),
+            ghosts: Mutex::new(Vec::new()),
+            tracks: Mutex::new(IdMap::default()),
         });
         node.index_channel(None, fresh, &ch);
         let weak = Arc::downgrade(&ch);
@@ -222,7 +287,34 @@ impl ChannelInner {
     }
 
     pub(crate) fn peer_lost(self: &Arc<Self>, id: NodeId) {
-        self.state.lock().handle_peer_lost(id, now());
+        let mut st = self.state.lock();
+        if let (Some(p), Some(node)) = (st.peers().get(&id), self.node.upgrade()) {
+            // Remember its sinks: events they would have got while it is cut off are counted and reported to it as
+            // missed should it come back.
+            let sinks: Vec<_> = p
+                .snapshot
+                .members
+                .iter()
+                .filter_map(|m| match &m.role {
+                    Role::Sink { types, filter, .. } => {
+                        let filter = match filter {
+                            None => None,
+                            Some(expr) => Some(node.content_filter(expr).ok()?),
+                        };
+                        Some((m.id, types.clone(), filter))
+                    }
+                    Role::Source => None,
+                })
+                .collect();
+            if !sinks.is_empty() {
+                let until = now() + node.cfg.gap_memory;
+                let mut ghosts = self.ghosts.lock();
+                ghosts.retain(|g| g.node != id);
+                ghosts.push(Ghost { node: id, until, sinks });
+            }
+        }
+        st.handle_peer_lost(id, now());
+        drop(st);
         self.flush();
     }
 
@@ -317,9 +409,30 @@ impl ChannelInner {
                 });
             }
         }
+        let at = now();
+        {
+            let mut ghosts = self.ghosts.lock();
+            ghosts.retain(|g| g.until > at && !st.peers().contains_key(&g.node));
+            for g in ghosts.iter() {
+                for (id, types, filter) in &g.sinks {
+                    routes.sinks.push(RouteSink {
+                        entry: Arc::new(SinkEntry {
+                            node: g.node,
+                            id: *id,
+                            local: false,
+                            attrs: Attrs::new(),
+                            updated: at,
+                        }),
+                        types: types.clone(),
+                        overflow: Overflow::DropNewest,
+                        filter: filter.clone(),
+                        dest: Dest::Ghost(g.node, g.until),
+                    });
+                }
+            }
+        }
         drop(st);
         let locals = self.local_sinks.read().clone();
-        let at = now();
         for s in locals.iter() {
             routes.sinks.push(RouteSink {
                 entry: Arc::new(SinkEntry {
@@ -497,18 +610,47 @@ impl ChannelInner {
 
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
     /// source's OUT-filter named some).
-    pub(crate) async fn deliver_remote(&self, e: EventMsg, targets: Option<Vec<LocalId>>) {
+    pub(crate) async fn deliver_remote(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>) {
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let gap = {
+            let mut tracks = self.tracks.lock();
+            let t = tracks.entry((from, e.source)).or_default();
+            let n = e.seq.saturating_sub(t.skipped);
+            let gap = if t.last != 0 && n > t.last + 1 { n - t.last - 1 } else { 0 };
+            t.last = t.last.max(n);
+            gap
+        };
+        if gap > 0 {
+            // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
+            // wanted them is unknown here, so every sink is told.
+            self.counters.missed.fetch_add(gap, Ordering::Relaxed);
+            for s in sinks.iter() {
+                s.queue.add_lag(gap);
+            }
+        }
         let chosen: SinkList<'_> = match &targets {
             None => sinks.iter().filter(|s| s.types.accepts(&e.ty)).collect(),
             Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
         };
-        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq).await;
+        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source)).await;
+    }
+
+    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`).
+    pub(crate) fn routed(&self, from: NodeId, source: LocalId, skipped: u64) {
+        self.tracks.lock().entry((from, source)).or_default().skipped = skipped;
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
-    async fn dispatch(&self, mut sinks: SinkList<'_>, ty: String, mut attrs: Attrs, payload: bytes::Bytes, seq: u64) {
+    async fn dispatch(
+        &self,
+        mut sinks: SinkList<'_>,
+        ty: String,
+        mut attrs: Attrs,
+        payload: bytes::Bytes,
+        seq: u64,
+        source: SourceKey,
+    ) {
         let filter = self.in_filter.read().clone();
         if let Some(f) = filter {
             let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();
@@ -530,7 +672,7 @@ impl ChannelInner {
         if sinks.is_empty() {
             return;
         }
-        let ev = Event(Arc::new(EventInner { ty, attrs, payload, seq }));
+        let ev = Event(Arc::new(EventInner { ty, attrs, payload, seq, source }));
         for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await
@@ -543,11 +685,12 @@ impl ChannelInner {
         }
     }
 
-    /// Events for this node were dropped at the sending side's full link.
-    pub(crate) fn remote_lag(&self, count: u64) {
+    /// A source did not deliver `count` events meant for `ids` (every local sink if empty): its link was full, or
+    /// this node was cut off from the channel.
+    pub(crate) fn remote_lag(&self, count: u64, ids: &[LocalId]) {
         let sinks = self.local_sinks.read().clone();
-        self.counters.dropped.fetch_add(count, Ordering::Relaxed);
-        for s in sinks.iter().filter(|s| s.queue.overflow() != Overflow::Block) {
+        self.counters.missed.fetch_add(count, Ordering::Relaxed);
+        for s in sinks.iter().filter(|s| ids.is_empty() || ids.contains(&s.id)) {
             s.queue.add_lag(count);
         }
     }
@@ -615,6 +758,7 @@ impl ChannelInner {
             received: c.received.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             filtered: c.filtered.load(Ordering::Relaxed),
+            missed: c.missed.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
         }
     }
@@ -738,6 +882,9 @@ impl Channel {
             out_filter: None,
             cel: None,
             scratch: Scratch::default(),
+            key: SourceKey::new(node.id, id),
+            sent_to: IdMap::default(),
+            ghost_missed: IdMap::default(),
         })
     }
 
@@ -888,6 +1035,12 @@ pub struct Source {
     /// The CEL root context, built on the first event that meets a content filter and kept.
     cel: Option<cel::Context<'static, 'static>>,
     scratch: Scratch,
+    /// This source as sinks see it.
+    key: SourceKey,
+    /// Loss accounting per destination node.
+    sent_to: IdMap<NodeId, SendTrack>,
+    /// Events that sinks of cut-off nodes would have received, to report when those nodes come back.
+    ghost_missed: IdMap<(NodeId, LocalId), u64>,
 }
 
 /// Buffers the submit path reuses, so that it does not allocate per event.
@@ -900,6 +1053,8 @@ struct Scratch {
     /// Per peer: sinks there accepting the type, sinks chosen, whether a chosen one blocks, chosen ids.
     peers: Vec<(u32, u32, bool, Vec<LocalId>)>,
     locals: Vec<Arc<LocalSink>>,
+    /// Sinks of cut-off nodes that accept the event: (node, sink).
+    ghosts: Vec<(NodeId, LocalId)>,
 }
 
 impl std::fmt::Debug for Source {
@@ -967,12 +1122,16 @@ impl Source {
         }
         let root = self.cel.as_ref();
         let mut ctx: Option<FilterContext<'_>> = None;
+        sc.ghosts.clear();
+        let mut at = None;
         for (i, r) in routes.sinks.iter().enumerate() {
             if !r.types.accepts(ty) {
                 continue;
             }
-            if let Dest::Remote(p) = r.dest {
-                sc.peers[p].0 += 1;
+            match r.dest {
+                Dest::Remote(p) => sc.peers[p].0 += 1,
+                Dest::Ghost(_, until) if *at.get_or_insert_with(now) >= until => continue,
+                _ => {}
             }
             if let Some(f) = &r.filter {
                 let accepted = match (f.fast_matches(ty, attrs), root) {
@@ -984,6 +1143,10 @@ impl Source {
                     continue;
                 }
             }
+            if let Dest::Ghost(node, _) = r.dest {
+                sc.ghosts.push((node, r.entry.id));
+                continue;
+            }
             sc.candidates.push(i);
         }
         drop(ctx);
@@ -991,6 +1154,9 @@ impl Source {
         // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
         let installed = if self.out_filter.is_none() { self.ch.out_default.read().clone() } else { None };
         if let Some(f) = self.out_filter.as_ref().or(installed.as_ref()) {
+            // The OUT-filter chooses among present sinks only, so nobody can say whether a cut-off sink would have
+            // been chosen: it is not counted as missing anything.
+            sc.ghosts.clear();
             sc.view.clear();
             sc.view.extend(sc.candidates.iter().map(|&i| routes.sinks[i].entry.clone()));
             sc.chosen.clear();
@@ -1020,6 +1186,7 @@ impl Source {
                     e.3.push(r.entry.id);
                 }
                 Dest::Local(l) => sc.locals.push(l.clone()),
+                Dest::Ghost(..) => {}
             }
         }
 
@@ -1044,6 +1211,12 @@ impl Source {
         let channel = self.ch.id();
         let c = &self.ch.counters;
         c.submitted.fetch_add(1, Ordering::Relaxed);
+        for g in sc.ghosts.drain(..) {
+            *self.ghost_missed.entry(g).or_default() += 1;
+        }
+        if !self.ghost_missed.is_empty() {
+            report_ghost_missed(&mut self.ghost_missed, &routes, channel, self.id);
+        }
         if sc.candidates.is_empty() {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(seq);
@@ -1059,13 +1232,32 @@ impl Source {
                 self.buf.split().freeze()
             });
             peer.flush_lag();
-            let targets = (e.1 < e.0).then(|| Message::Targets { channel, sinks: std::mem::take(&mut e.3) }.to_bytes());
-            if peer.outbox.push_event_with(targets, f.clone()) {
+            // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
+            // every new link.
+            let track = self.sent_to.entry(peer.id).or_default();
+            let skipped = seq - (track.routed + 1);
+            let link = (Arc::as_ptr(peer) as usize, peer.epoch());
+            let tell = track.told != Some((skipped, link.0, link.1));
+            let prefix = if tell || e.1 < e.0 {
+                let mut b = BytesMut::new();
+                if tell {
+                    Message::Routed { channel, source: self.id, skipped }.encode(&mut b);
+                }
+                if e.1 < e.0 {
+                    Message::Targets { channel, sinks: e.3.clone() }.encode(&mut b);
+                }
+                Some(b.freeze())
+            } else {
+                None
+            };
+            if peer.outbox.push_event_with(prefix, f.clone()) {
+                track.routed += 1;
+                track.told = Some((skipped, link.0, link.1));
                 c.sent.fetch_add(1, Ordering::Relaxed);
                 c.bytes_sent.fetch_add(f.len() as u64, Ordering::Relaxed);
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
-                peer.add_lag(channel, self.id, 1);
+                peer.add_lag(channel, self.id, &e.3, 1);
             }
             e.3.clear();
         }
@@ -1077,11 +1269,29 @@ impl Source {
             };
             self.ch.counters.received.fetch_add(1, Ordering::Relaxed);
             let locals = std::mem::take(&mut sc.locals);
-            self.ch.dispatch(locals.iter().collect(), ty.to_owned(), attrs.clone(), payload, seq).await;
+            self.ch.dispatch(locals.iter().collect(), ty.to_owned(), attrs.clone(), payload, seq, self.key).await;
             self.scratch.locals = locals;
         }
         Ok(seq)
     }
+}
+
+/// Reports the events that sinks of cut-off nodes missed to those that are back (as `Lagged`, ahead of anything else
+/// this source sends them), and forgets the counts of nodes that are gone for good.
+fn report_ghost_missed(
+    missed: &mut IdMap<(NodeId, LocalId), u64>,
+    routes: &Routes,
+    channel: ChannelId,
+    source: LocalId,
+) {
+    missed.retain(|(node, sink), count| {
+        if let Some(peer) = routes.peers.iter().find(|p| p.id == *node) {
+            peer.outbox.push_control(Message::Lagged { channel, source, count: *count, sinks: vec![*sink] }.to_bytes());
+            return false;
+        }
+        // Still cut off (and remembered): keep counting.
+        routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == *node))
+    });
 }
 
 impl Drop for Source {

@@ -34,4 +34,4 @@ pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
 pub use node::{Node, NodeBuilder, NodeConfig};
-pub use queue::{Event, RecvError, TryRecvError};
+pub use queue::{Event, RecvError, SourceKey, TryRecvError};

@@ -30,9 +30,20 @@ pub(crate) struct Peer {
     pub(crate) addr: Mutex<String>,
     pub(crate) outbox: Outbox,
     link: Mutex<LinkState>,
-    lag: Mutex<Vec<(ChannelId, LocalId, u64)>>,
+    /// Events dropped at the full outbox, not reported yet.
+    lag: Mutex<Vec<PendingLag>>,
     has_lag: AtomicBool,
+    /// Counts the times queued frames were thrown away with a broken link; see `epoch`.
+    epoch: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
+}
+
+/// Events of one source, meant for the same sinks, dropped at a full outbox.
+struct PendingLag {
+    channel: ChannelId,
+    source: LocalId,
+    sinks: Vec<LocalId>,
+    count: u64,
 }
 
 enum LinkState {
@@ -50,6 +61,7 @@ impl Peer {
             link: Mutex::new(LinkState::Idle),
             lag: Mutex::new(Vec::new()),
             has_lag: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             frames_sent: AtomicU64::new(0),
         }
     }
@@ -77,14 +89,20 @@ impl Peer {
         matches!(*self.link.lock(), LinkState::Up { .. })
     }
 
-    /// Remembers that `n` events of `source` were dropped for this peer because the link was full.
-    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, n: u64) {
+    /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
+    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64) {
         let mut lag = self.lag.lock();
-        match lag.iter_mut().find(|(c, s, _)| *c == channel && *s == source) {
-            Some(e) => e.2 += n,
-            None => lag.push((channel, source, n)),
+        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks) {
+            Some(l) => l.count += n,
+            None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
         }
         self.has_lag.store(true, Ordering::Release);
+    }
+
+    /// Changes whenever frames queued for this peer were thrown away because its link broke: whatever a source told
+    /// the peer before may not have arrived.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Sends pending lag notices, if any, ahead of the next event.
@@ -94,8 +112,8 @@ impl Peer {
         }
         let pending = std::mem::take(&mut *self.lag.lock());
         self.has_lag.store(false, Ordering::Release);
-        for (channel, source, count) in pending {
-            self.outbox.push_control(Message::Lagged { channel, source, count }.to_bytes());
+        for PendingLag { channel, source, sinks, count } in pending {
+            self.outbox.push_control(Message::Lagged { channel, source, count, sinks }.to_bytes());
         }
     }
 
@@ -134,6 +152,7 @@ impl Peer {
             drop(link);
             if clear {
                 self.outbox.clear();
+                self.epoch.fetch_add(1, Ordering::AcqRel);
             }
         }
         current
@@ -184,7 +203,7 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
         node: node.id,
-        addr: node.addr.to_string(),
+        addr: node.advertised.to_string(),
         purpose: Purpose::Node,
     };
     wr.write_all(&hello.to_bytes()).await.map_err(|e| e.to_string())?;
@@ -392,8 +411,29 @@ async fn writer<W: AsyncWrite + Unpin>(
         }
         peer.outbox.writable.notify_waiters();
         let n = frames.len() as u64;
-        if let Err(e) = write_frames(&mut wr, &mut frames, &mut batch).await {
-            break e.to_string();
+        // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
+        // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
+        // declared dead.
+        let write = write_frames(&mut wr, &mut frames, &mut batch);
+        tokio::pin!(write);
+        let written = loop {
+            let deadline = live.lock().deadline();
+            tokio::select! {
+                r = &mut write => break r.map_err(|e| e.to_string()),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if live.reader_waiting.load(Ordering::Acquire) {
+                        live.lock().on_receive(now());
+                    }
+                    // Pings are not sent from here: the write in progress shows the peer we are alive once it
+                    // drains, and a ping could not overtake it anyway.
+                    if live.lock().poll(now()) == LivenessAction::Dead {
+                        break Err("heartbeat timeout while writing".to_owned());
+                    }
+                }
+            }
+        };
+        if let Err(e) = written {
+            break e;
         }
         peer.frames_sent.fetch_add(n, Ordering::Relaxed);
         live.lock().on_send(now());

@@ -30,6 +30,10 @@ pub(crate) fn now() -> Instant {
 pub struct NodeConfig {
     /// Where the node listens for other nodes. Default `127.0.0.1:0` (any free port).
     pub listen: SocketAddr,
+    /// The address other nodes dial to reach this one, if not the listening address: needed when listening on an
+    /// unspecified address (`0.0.0.0`), behind address translation, or through a proxy. A port of 0 means the port
+    /// the node listens on.
+    pub advertise: Option<SocketAddr>,
     /// The registry; `None` uses the process-wide in-process registry.
     pub registry: Option<SocketAddr>,
     /// A link silent for this long is declared dead and its members removed. Default 3 s.
@@ -46,12 +50,16 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Timing of channel membership (leases, join retries, open timeout).
     pub membership: MembershipConfig,
+    /// How long a source keeps counting the events that a node cut off from a channel (its link lost, not a clean
+    /// leave) would have received, to report them to it as missed if it comes back. Default 60 s.
+    pub gap_memory: Duration,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
             registry: None,
             heartbeat_timeout: Duration::from_secs(3),
             link_queue_bytes: 8 << 20,
@@ -60,6 +68,7 @@ impl Default for NodeConfig {
             connect_timeout: Duration::from_secs(2),
             max_connections: 4096,
             membership: MembershipConfig::default(),
+            gap_memory: Duration::from_secs(60),
         }
     }
 }
@@ -75,6 +84,11 @@ impl NodeBuilder {
     /// Listening address.
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.cfg.listen = addr;
+        self
+    }
+    /// The address other nodes dial to reach this one (see [`NodeConfig::advertise`]).
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.cfg.advertise = Some(addr);
         self
     }
     /// Use the registry at `addr` instead of the in-process one.
@@ -124,6 +138,20 @@ impl NodeBuilder {
         let listener =
             TcpListener::bind(cfg.listen).await.map_err(|source| Error::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Listen { addr: cfg.listen, source })?;
+        let advertised = match cfg.advertise {
+            Some(mut a) => {
+                if a.port() == 0 {
+                    a.set_port(addr.port());
+                }
+                a
+            }
+            None => addr,
+        };
+        if advertised.ip().is_unspecified() {
+            return Err(Error::Invalid(format!(
+                "this node listens on {addr}, which other nodes cannot dial: give an address to advertise"
+            )));
+        }
         let registry = match (self.registry, cfg.registry) {
             (Some(c), _) => c,
             (None, Some(a)) => RegistryClient::remote(a),
@@ -132,6 +160,7 @@ impl NodeBuilder {
         let inner = Arc::new(NodeInner {
             id: NodeId(rand::random()),
             addr,
+            advertised,
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
             filters: Mutex::new(HashMap::new()),
             cfg,
@@ -193,9 +222,14 @@ impl Node {
         NodeBuilder::default().start().await
     }
 
-    /// The address other nodes reach this one at.
+    /// The address this node listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// The address other nodes reach this one at: the advertised address, or the listening one.
+    pub fn advertised_addr(&self) -> SocketAddr {
+        self.inner.advertised
     }
 
     /// Open links to other nodes. There is at most one per pair of nodes, whatever the number of shared channels.
@@ -279,6 +313,8 @@ impl Node {
 pub(crate) struct NodeInner {
     pub(crate) id: NodeId,
     pub(crate) addr: SocketAddr,
+    /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
+    pub(crate) advertised: SocketAddr,
     pub(crate) cfg: NodeConfig,
     pub(crate) registry: RegistryClient,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
@@ -419,7 +455,7 @@ impl NodeInner {
                     None => None,
                 };
                 if let Some(ch) = self.channel_by_id(e.channel) {
-                    ch.deliver_remote(e, chosen).await;
+                    ch.deliver_remote(peer.id, e, chosen).await;
                 }
             }
             Message::InstallFilter { channel, req, kind, module } => {
@@ -437,9 +473,14 @@ impl NodeInner {
                     return Err("two Targets frames in a row".into());
                 }
             }
-            Message::Lagged { channel, count, .. } => {
+            Message::Lagged { channel, count, sinks, .. } => {
                 if let Some(ch) = self.channel_by_id(channel) {
-                    ch.remote_lag(count);
+                    ch.remote_lag(count, &sinks);
+                }
+            }
+            Message::Routed { channel, source, skipped } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.routed(peer.id, source, skipped);
                 }
             }
             Message::Ping(n) => {

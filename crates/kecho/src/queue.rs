@@ -22,6 +22,30 @@ pub(crate) struct EventInner {
     pub(crate) attrs: Attrs,
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
+    pub(crate) source: SourceKey,
+}
+
+/// An opaque name for the source an event came from: the same for every event of one source, different for different
+/// sources (with overwhelming probability), and saying nothing about the source's node or address. Together with
+/// [`Event::seq`] it lets a sink check per-source order and spot gaps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey(pub u64);
+
+impl SourceKey {
+    /// The key of source `local` on node `node`: a bijective mix, so distinct sources never share a key on one node.
+    pub(crate) fn new(node: kecho_proto::NodeId, local: kecho_proto::LocalId) -> Self {
+        let mut x = node.0 ^ u64::from(local.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // splitmix64's finaliser.
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        SourceKey(x ^ (x >> 31))
+    }
+}
+
+impl std::fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 impl Event {
@@ -37,9 +61,15 @@ impl Event {
     pub fn payload(&self) -> &Bytes {
         &self.0.payload
     }
-    /// Its per-source sequence number (1 for a source's first event).
+    /// Its per-source sequence number (1 for a source's first event). A sink sees gaps where the source's OUT-filter
+    /// or content filters sent events elsewhere; events that were meant for it and lost are reported as
+    /// [`RecvError::Lagged`] instead.
     pub fn seq(&self) -> u64 {
         self.0.seq
+    }
+    /// The source it came from, as an opaque key.
+    pub fn source(&self) -> SourceKey {
+        self.0.source
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
@@ -52,6 +82,7 @@ impl std::fmt::Debug for Event {
         f.debug_struct("Event")
             .field("ty", &self.0.ty)
             .field("seq", &self.0.seq)
+            .field("source", &self.0.source)
             .field("attrs", &self.0.attrs)
             .field("payload_len", &self.0.payload.len())
             .finish()
@@ -421,7 +452,8 @@ mod tests {
     use super::*;
 
     fn ev(seq: u64) -> Event {
-        Event(Arc::new(EventInner { ty: "t".into(), attrs: Attrs::new(), payload: Bytes::new(), seq }))
+        let source = SourceKey(1);
+        Event(Arc::new(EventInner { ty: "t".into(), attrs: Attrs::new(), payload: Bytes::new(), seq, source }))
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
