@@ -1,0 +1,23 @@
+//! Runs the web-farm experiment until `kecho webfarm` is wired: `cargo run --release -p kecho-lb --example webfarm
+//! -- --time-scale 10 --out webfarm-out` (`--demo` for the short version).
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Run the short version of `kecho demo`.
+    #[arg(long)]
+    demo: bool,
+    #[command(flatten)]
+    args: kecho_lb::WebfarmArgs,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = if cli.demo { kecho_lb::demo_webfarm().await } else { kecho_lb::run_webfarm(cli.args).await };
+    if let Err(e) = result {
+        eprintln!("kecho webfarm: {e:#}");
+        std::process::exit(1);
+    }
+}

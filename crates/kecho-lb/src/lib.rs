@@ -1,0 +1,28 @@
+//! Load distribution over kecho channels, after KECho's cluster load balancer (Poellabauer et al., sections 2.3,
+//! 4 and 5.4) and the load-distribution patterns (Front-End Dispatcher, Cooperating Servers, Smart Clients).
+//!
+//! - [`load`]: the load monitor (a load index from CPU, queue, connections and memory), its reports on a
+//!   monitoring channel (push, periodic and on change) and the soft-state table that ages silent nodes out.
+//! - [`alloc`]: server allocators, pure policy: round robin, weighted random, schedule, hash affinity, n least
+//!   loaded, power of two choices.
+//! - [`hedge`]: the adaptive hedging threshold, the budget of extra requests and the claim rule of cancel events.
+//! - [`mechanism`]: KECho's mechanism on a data channel: the load-aware OUT-filter and the event formats; the
+//!   IN-filter is kecho's own `Dedupe`.
+//! - [`farm`]: simulated web servers on real kecho nodes, in every distribution mode.
+//! - [`webfarm`]: the section 5.4 experiment, extended (`kecho webfarm`).
+//! - [`http`]: dispatchers over HTTP: the front end (proxy or redirect, with affinity), cooperating servers and
+//!   the smart client.
+#![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod error;
+pub mod farm;
+pub mod hedge;
+pub mod http;
+pub mod load;
+pub mod mechanism;
+pub mod overhead;
+pub mod webfarm;
+
+pub use error::{LbError, Result};
+pub use webfarm::{demo_webfarm, run_webfarm, WebfarmArgs};
