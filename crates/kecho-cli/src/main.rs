@@ -11,6 +11,7 @@ use kecho_registry::RegistryServer;
 use tokio::io::AsyncBufReadExt;
 
 mod attrs;
+mod certs;
 mod demo;
 
 const DEFAULT_REGISTRY: &str = "127.0.0.1:7400";
@@ -47,6 +48,35 @@ struct NodeArgs {
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
     #[arg(long)]
     allow_filters: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+struct TlsArgs {
+    /// Run node links over TLS with this certificate (PEM; see `kecho certs`); needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], env = "KECHO_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "KECHO_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate peers' certificates must chain to (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "KECHO_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Check this name in every peer's certificate instead of the address dialled.
+    #[arg(long, value_name = "NAME", requires = "tls_cert", env = "KECHO_TLS_NAME")]
+    tls_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn config(&self) -> Result<Option<kecho::TlsConfig>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return Ok(None) };
+        let mut cfg = kecho::TlsConfig::from_pem_files(cert, key, ca)?;
+        if let Some(name) = &self.tls_name {
+            cfg = cfg.server_name(name)?;
+        }
+        Ok(Some(cfg))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,6 +100,17 @@ enum Cmd {
     Filter {
         #[command(subcommand)]
         cmd: FilterCmd,
+    },
+    /// Make a CA and certificates for TLS node links (a development CA: keep ca.key safe or use your own PKI).
+    Certs {
+        /// Directory to write ca.pem, ca.key and NAME.pem / NAME.key per node into.
+        dir: std::path::PathBuf,
+        /// A node's name: an IP address or DNS name other nodes dial it by (repeatable). Each gets a certificate.
+        #[arg(long = "node", value_name = "NAME", required = true)]
+        nodes: Vec<String>,
+        /// An extra name put in every node certificate, for use with --tls-name.
+        #[arg(long, value_name = "NAME")]
+        shared_name: Option<String>,
     },
     /// Run an embedded registry and a small cluster on loopback; print what each sink got and delivery latency.
     Demo {
@@ -98,6 +139,8 @@ enum FilterCmd {
         /// Seconds to wait for the members' answers.
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
@@ -245,8 +288,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Pub(a) => publish(a).await,
         Cmd::Channels { reg } => channels(&reg).await,
         Cmd::Demo { events } => demo::run(events).await,
-        Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout } } => {
-            install_filter(&channel, &file, out, &reg, timeout).await
+        Cmd::Certs { dir, nodes, shared_name } => certs::write(&dir, &nodes, shared_name.as_deref()),
+        Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls } } => {
+            install_filter(&channel, &file, out, &reg, timeout, &tls).await
         }
     }
 }
@@ -269,7 +313,8 @@ async fn registry(listen: &str) -> Result<()> {
     }
 }
 
-async fn node(reg: &RegistryArg, args: &NodeArgs) -> Result<Node> {
+/// Starts this process's node; `open_timeout` bounds how long opening a channel may take (seconds).
+async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> Result<Node> {
     let registry = parse_addr("registry", &reg.registry)?;
     let listen = parse_addr("listen", &args.listen)?;
     if !(args.heartbeat > 0.0 && args.heartbeat.is_finite()) {
@@ -279,6 +324,13 @@ async fn node(reg: &RegistryArg, args: &NodeArgs) -> Result<Node> {
         Node::builder().registry(registry).listen(listen).heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(a) = &args.advertise {
         builder = builder.advertise(parse_addr("advertise", a)?);
+    }
+    if let Some(tls) = args.tls.config()? {
+        builder = builder.tls(tls);
+    }
+    if let Some(t) = open_timeout.filter(|t| *t > 0.0 && t.is_finite()) {
+        let m = kecho::MembershipConfig { open_timeout: Duration::from_secs_f64(t), ..Default::default() };
+        builder = builder.membership(m);
     }
     Ok(builder.start().await?)
 }
@@ -294,14 +346,24 @@ async fn install_filter(
     out: bool,
     reg: &RegistryArg,
     timeout: f64,
+    tls: &TlsArgs,
 ) -> Result<()> {
     let module = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     if !(timeout > 0.0 && timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let node =
-        node(reg, &NodeArgs { listen: "127.0.0.1:0".into(), advertise: None, heartbeat: 3.0, allow_filters: false })
-            .await?;
+    let node = node(
+        reg,
+        &NodeArgs {
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            heartbeat: 3.0,
+            allow_filters: false,
+            tls: tls.clone(),
+        },
+        Some(timeout),
+    )
+    .await?;
     let ch = node.open_channel(channel).await?;
     let kind = if out { kecho::FilterKind::Out } else { kecho::FilterKind::In };
     let report = ch.install_filter(kind, &module, Duration::from_secs_f64(timeout)).await;
@@ -331,7 +393,7 @@ async fn sub(a: SubArgs) -> Result<()> {
         kecho::filter::ContentFilter::compile(expr)?;
         opts = opts.filter(expr);
     }
-    let node = node(&a.reg, &a.node).await?;
+    let node = node(&a.reg, &a.node, a.timeout).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
     let mut sink = ch.sink(opts)?;
@@ -402,7 +464,7 @@ async fn publish(a: PubArgs) -> Result<()> {
         Some(spec) => Some(std::sync::Arc::new(spec.parse::<kecho::filter::Selector>()?)),
         None => None,
     };
-    let node = node(&a.reg, &a.node).await?;
+    let node = node(&a.reg, &a.node, Some(a.timeout)).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
     let mut src = ch.source()?;

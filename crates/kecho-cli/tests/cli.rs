@@ -184,6 +184,9 @@ fn pub_sub_json_across_processes() -> Result<()> {
         assert_eq!(l["attrs"]["raw"]["base64"], "AP8=");
         assert_eq!(l["payload"], "hello");
         assert_eq!(l["payload_encoding"], "utf8");
+        let source = l["source"].as_str().context("source")?;
+        assert!(source.len() == 16 && source.chars().all(|c| c.is_ascii_hexdigit()), "opaque source key {source}");
+        assert_eq!(l["source"], lines[0]["source"], "one source, one key");
     }
     Ok(())
 }
@@ -389,5 +392,58 @@ fn sandboxed_filter_installed_from_the_command_line() -> Result<()> {
     let o = guarded.finish(Duration::from_secs(20))?;
     assert!(stdout(&o).is_empty(), "the IN-filter should have dropped it: {}", stdout(&o));
     check_error(&["filter", "install", "sbx", "/nonexistent.wat", "--out", "--registry", &addr], "cannot read")?;
+    Ok(())
+}
+
+#[test]
+fn tls_links_from_the_command_line() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kecho-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().context("path")?.to_owned();
+    let o = run(&["certs", &d, "--node", "127.0.0.1"], None)?;
+    assert!(o.status.success(), "certs: {}", stderr(&o));
+    for f in ["ca.pem", "ca.key", "127.0.0.1.pem", "127.0.0.1.key"] {
+        assert!(dir.join(f).exists(), "{f} written");
+    }
+    check_error(&["certs", &d, "--node", "127.0.0.1"], "exists already")?;
+    let (cert, key, ca) = (format!("{d}/127.0.0.1.pem"), format!("{d}/127.0.0.1.key"), format!("{d}/ca.pem"));
+    let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--tls-ca", ca.as_str()];
+
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let mut extra = vec!["--count", "2", "--format", "json"];
+    extra.extend_from_slice(&tls);
+    let sub = subscriber(&addr, "secure", &extra)?;
+    let mut args = vec!["pub", "secure", "--registry", &addr, "--count", "2", "--wait-sinks", "1", "--existing"];
+    args.extend_from_slice(&tls);
+    args.push("over tls");
+    let p = run(&args, None)?;
+    assert!(p.status.success(), "pub over TLS failed: {}", stderr(&p));
+    let o = sub.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "sub failed: {}", stderr(&o));
+    let lines = json_lines(&o)?;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["payload"], "over tls");
+
+    // A plaintext node is refused, and told why (a warning when it happens, then the error).
+    let sub = subscriber(&addr, "secure", &extra)?;
+    let o =
+        run(&["pub", "secure", "--registry", &addr, "--existing", "--timeout", "3", "--wait-sinks", "1", "x"], None)?;
+    let err = stderr(&o);
+    assert!(!o.status.success(), "a plaintext node got in: {err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("kecho: timed out opening channel") && last.contains("requires TLS"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    drop(sub);
+    // Unusable files are one-line errors before anything starts.
+    let missing = format!("{d}/missing.pem");
+    check_error(
+        &["pub", "secure", "--registry", &addr, "--tls-cert", &missing, "--tls-key", &key, "--tls-ca", &ca, "x"],
+        "missing.pem",
+    )?;
+    // A certificate without its key and CA is a usage error (clap's, which explains over several lines).
+    let o = run(&["pub", "secure", "--registry", &addr, "--tls-cert", &cert, "x"], None)?;
+    assert!(!o.status.success() && stderr(&o).contains("--tls-key"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -275,7 +275,14 @@ impl ChannelInner {
             Status::Ready => Ok(()),
             Status::Failed(OpenFailure::UnknownChannel) => Err(Error::UnknownChannel(self.name.clone())),
             Status::Failed(OpenFailure::Exists) => Err(Error::ChannelExists(self.name.clone())),
-            Status::Failed(OpenFailure::Timeout) => Err(Error::OpenTimeout(self.name.clone())),
+            Status::Failed(OpenFailure::Timeout) => {
+                let cause = self.node.upgrade().and_then(|n| n.last_link_error.lock().clone());
+                Err(Error::OpenTimeout {
+                    channel: self.name.clone(),
+                    cause: cause
+                        .map_or_else(|| "no contact answered".to_owned(), |c| format!("last link failure: {c}")),
+                })
+            }
             Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why)),
             Status::Opening | Status::Closed => Err(Error::Closed(self.name.clone())),
         }

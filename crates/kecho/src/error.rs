@@ -30,8 +30,16 @@ pub enum Error {
     #[error("channel {0:?} exists already")]
     ChannelExists(String),
     /// Opening the channel took longer than allowed.
-    #[error("timed out opening channel {0:?}: no contact answered")]
-    OpenTimeout(String),
+    #[error("timed out opening channel {channel:?}: {cause}")]
+    OpenTimeout {
+        /// The channel.
+        channel: String,
+        /// What went wrong as far as this node can tell (the last failure to link with another node, if any).
+        cause: String,
+    },
+    /// The TLS configuration could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Waiting for something took longer than allowed.
     #[error("timed out after {secs:.1} s waiting for {what}")]
     Timeout {

@@ -25,6 +25,7 @@ pub mod filter;
 mod link;
 mod node;
 mod queue;
+pub mod tls;
 pub mod wasm;
 
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
@@ -35,3 +36,4 @@ pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
 pub use node::{Node, NodeBuilder, NodeConfig};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
+pub use tls::{TlsConfig, TlsError};

@@ -24,6 +24,74 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// How long a connection may take to complete its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The two halves of a link's byte stream, plain TCP or TLS over it.
+type Rd = Box<dyn AsyncRead + Unpin + Send>;
+type Wr = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// The first bytes of a kecho `Hello` frame after its length: kind 1 and the magic "KECH" (little-endian).
+const HELLO_START: [u8; 5] = [1, 0x48, 0x43, 0x45, 0x4b];
+
+/// Secures a dialled connection if this node uses TLS.
+async fn secure_dial(node: &NodeInner, stream: TcpStream, addr: &str) -> Result<(Rd, Wr), String> {
+    let Some(tls) = &node.cfg.tls else {
+        let (rd, wr) = stream.into_split();
+        return Ok((Box::new(rd), Box::new(wr)));
+    };
+    let name = tls.name_for(addr)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+        .await
+        .map_err(|_| format!("TLS handshake with {addr} timed out"))?
+        .map_err(|e| format!("TLS handshake with {addr} failed: {e} (does the peer use TLS with the same CA?)"))?;
+    let (rd, wr) = tokio::io::split(s);
+    Ok((Box::new(rd), Box::new(wr)))
+}
+
+/// Secures an accepted connection if this node uses TLS. A plaintext kecho node dialling a TLS node is told why it
+/// is refused, in plaintext, rather than left with a failed handshake it cannot explain.
+async fn secure_accept(node: &NodeInner, stream: TcpStream, remote: SocketAddr) -> Option<(Rd, Wr)> {
+    let Some(tls) = &node.cfg.tls else {
+        let (rd, wr) = stream.into_split();
+        return Some((Box::new(rd), Box::new(wr)));
+    };
+    let mut head = [0u8; 9];
+    let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            match stream.peek(&mut head).await {
+                Ok(n) if n >= head.len() || n == 0 => return n,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return 0,
+            }
+        }
+    })
+    .await;
+    match peeked {
+        Ok(n) if n == head.len() && head[4..] == HELLO_START => {
+            tracing::warn!(%remote, "refusing a plaintext connection: this node requires TLS");
+            let mut stream = stream;
+            let _ = stream.write_all(&close(CloseCode::Handshake, "this node requires TLS")).await;
+            return None;
+        }
+        Ok(n) if n > 0 => {}
+        _ => return None,
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            let (rd, wr) = tokio::io::split(s);
+            Some((Box::new(rd), Box::new(wr)))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "closing connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+            None
+        }
+    }
+}
+
 /// Another node, as this node sees it.
 pub(crate) struct Peer {
     pub(crate) id: NodeId,
@@ -178,7 +246,13 @@ async fn dial(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64) {
             }
         }
         Err(why) => {
-            tracing::debug!(peer = %peer.id, %addr, "dial failed: {why}");
+            // Failures that need an operator (TLS, versions, refusals) are warnings, once each while they repeat.
+            let repeated = node.last_link_error.lock().replace(why.clone()).as_deref() == Some(why.as_str());
+            if !repeated && (why.starts_with("TLS") || why.contains("refused") || why.contains("mismatch")) {
+                tracing::warn!(peer = %peer.id, %addr, "dial failed: {why}");
+            } else {
+                tracing::debug!(peer = %peer.id, %addr, "dial failed: {why}");
+            }
             if peer.link_down(gen) {
                 node.peer_lost(peer.id);
             }
@@ -199,7 +273,8 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
         .map_err(|_| format!("connect to {addr} timed out"))?
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let remote = stream.peer_addr().ok();
+    let (mut rd, mut wr) = secure_dial(node, stream, addr).await?;
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
         node: node.id,
@@ -229,7 +304,6 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let remote = rd.peer_addr().ok();
     let tasks = start_link(node, peer, gen, (rd, wr), remote, buf);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
@@ -238,7 +312,7 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
 /// Serves one inbound connection: handshake, duplicate rule, then the link tasks.
 pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let Some((mut rd, mut wr)) = secure_accept(&node, stream, remote).await else { return };
     let mut buf = BytesMut::with_capacity(4096);
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await {
         Ok(Ok(m)) => m,

@@ -53,6 +53,9 @@ pub struct NodeConfig {
     /// How long a source keeps counting the events that a node cut off from a channel (its link lost, not a clean
     /// leave) would have received, to report them to it as missed if it comes back. Default 60 s.
     pub gap_memory: Duration,
+    /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
+    /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +72,7 @@ impl Default for NodeConfig {
             max_connections: 4096,
             membership: MembershipConfig::default(),
             gap_memory: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -84,6 +88,11 @@ impl NodeBuilder {
     /// Listening address.
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.cfg.listen = addr;
+        self
+    }
+    /// Runs node links over TLS (see [`NodeConfig::tls`]).
+    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.cfg.tls = Some(tls);
         self
     }
     /// The address other nodes dial to reach this one (see [`NodeConfig::advertise`]).
@@ -161,6 +170,7 @@ impl NodeBuilder {
             id: NodeId(rand::random()),
             addr,
             advertised,
+            last_link_error: Mutex::new(None),
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
             filters: Mutex::new(HashMap::new()),
             cfg,
@@ -315,6 +325,8 @@ pub(crate) struct NodeInner {
     pub(crate) addr: SocketAddr,
     /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
     pub(crate) advertised: SocketAddr,
+    /// Why the last attempt to link with another node failed, to explain a channel that cannot be opened.
+    pub(crate) last_link_error: Mutex<Option<String>>,
     pub(crate) cfg: NodeConfig,
     pub(crate) registry: RegistryClient,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
