@@ -27,7 +27,7 @@ use crate::load::{
     LoadListener, LoadMonitor, LoadProbe, LoadReport, LoadSample, LoadTable, LoadWeights, MonitorConfig, ReportPolicy,
     RequestCounters, ServerId, SharedTable,
 };
-use crate::mechanism::{int, now, until, LoadAwareFilter, Placements, RequestMsg, Timed};
+use crate::mechanism::{int, now, until, LoadAwareFilter, LocalLoads, Placements, RequestMsg, Timed};
 use crate::overhead::{Overhead, OverheadSnapshot};
 
 /// How the farm distributes requests.
@@ -50,8 +50,9 @@ pub enum Mode {
     FrontRoundRobin,
     /// A front end sends every request to the lower-loaded of two servers drawn at random (load reports).
     FrontP2c,
-    /// Adaptive hedging: after the observed p95 wait, a copy goes to a server picked by power of two choices,
-    /// within the budget; copies use cancel events. KECho's fixed forwarding stays as the backstop.
+    /// Adaptive hedging: after the cluster's observed p95 wait, a copy goes to a server picked by power of two
+    /// choices, within the budget, and the copies use cancel events; over budget the request is moved instead
+    /// (KECho forwarding with the adaptive threshold, no extra request). The fixed threshold stays as a backstop.
     Hedge,
     /// Tied requests: a request that would wait is also queued on a second server (power of two choices), within
     /// the budget; the first to start cancels the other.
@@ -288,8 +289,10 @@ impl Server {
             RequestMsg { req, origin: self.id, arrived_ns: self.ns(t), work_ns: work.as_nanos() as u64, claim: false };
         let mut job = Job { msg, enqueued: t, hedged: false, stay: false };
         if self.cfg.mode == Mode::Tied {
-            let would_wait = self.backlog() >= self.cfg.workers;
-            if would_wait && self.budget.lock().try_spend() {
+            // Tie only a request that would wait longer than the cluster's recent p95 here.
+            let expected = work * (self.backlog() / self.cfg.workers) as u32;
+            let long = expected >= self.threshold.lock().threshold(t);
+            if long && self.budget.lock().try_spend() {
                 job.msg.claim = true;
                 job.hedged = self.send_copy(job.msg).await;
             }
@@ -371,8 +374,10 @@ impl Server {
                 }
                 self.overhead.add_forward(t0.elapsed());
             }
-            if msg.origin == self.id {
-                self.threshold.lock().record(t, start.saturating_duration_since(arrived));
+            {
+                let mut th = self.threshold.lock();
+                th.record(t, start.saturating_duration_since(arrived));
+                *self.counters.waits.lock() = th.summary(t);
             }
             self.stats.started.fetch_add(1, Ordering::Relaxed);
             self.busy_now.fetch_add(1, Ordering::Relaxed);
@@ -475,13 +480,14 @@ impl Server {
                 }
             }
             for msg in hedges {
+                let key = (msg.arrived_ns, msg.req);
                 if self.budget.lock().try_spend() && self.send_copy(msg).await {
-                    if let Some(j) = self.queue.lock().get_mut(&(msg.arrived_ns, msg.req)) {
+                    if let Some(j) = self.queue.lock().get_mut(&key) {
                         j.msg.claim = true;
                     }
-                } else if let Some(j) = self.queue.lock().get_mut(&(msg.arrived_ns, msg.req)) {
-                    // No budget or no server: the request stays local and the backstop may move it later.
-                    j.hedged = false;
+                } else if !moves.contains(&key) {
+                    // Over budget: no copy, but the request still leaves this queue; moving it costs no extra.
+                    moves.push(key);
                 }
             }
             for key in moves {
@@ -564,6 +570,8 @@ impl LoadProbe for SimProbe {
 /// A front end: a node that sends every client request to a server over the data channel.
 struct FrontEnd {
     id: ServerId,
+    placements: Placements,
+    outstanding: LocalLoads,
     src: tokio::sync::Mutex<Source>,
     epoch: Instant,
 }
@@ -658,10 +666,16 @@ impl Farm {
             let listener = LoadListener::spawn(&mon, table.clone(), fe_overhead.clone())?;
             data.set_in_filter(Some(Arc::new(Timed::new(Dedupe::new("rsp", cfg.timeout * 2), fe_overhead.clone()))));
             let mut src = data.source()?;
+            let placements: Placements = Arc::default();
+            let outstanding: LocalLoads = Arc::default();
             match cfg.mode {
                 Mode::FrontRoundRobin => src.set_out_filter(Some(Arc::new(Selector::round_robin()))),
+                // The front end knows exactly what it sent to each server and what came back: power of two
+                // choices ranks on that, and the load reports only say who is alive.
                 _ => src.set_out_filter(Some(Arc::new(
                     LoadAwareFilter::new(table.clone(), Box::new(PowerOfTwo::new(cfg.seed)), None)
+                        .placements(placements.clone())
+                        .local_loads(outstanding.clone())
                         .overhead(fe_overhead.clone()),
                 ))),
             }
@@ -669,15 +683,19 @@ impl Farm {
                 SinkOptions::new().types(["response"]).capacity(1 << 16).filter(&format!("origin == {}", id.0)),
             )?;
             let rec = recorder.clone();
+            let out = outstanding.clone();
             let resp_task = tokio::spawn(async move {
                 while let Ok(ev) = responses.recv().await {
                     if let (Some(req), Some(by)) = (int(ev.attrs(), "rsp"), int(ev.attrs(), "server")) {
-                        rec.complete(req, now(), ServerId(by as u32));
+                        let by = ServerId(by as u32);
+                        *out.lock().entry(by).or_insert(0.0) -= 1.0;
+                        rec.complete(req, now(), by);
                     }
                 }
             });
             let handles = vec![listener.task.abort_handle(), resp_task.abort_handle()];
-            Some((FrontEnd { id, src: tokio::sync::Mutex::new(src), epoch }, node, handles))
+            let fe = FrontEnd { id, placements, outstanding, src: tokio::sync::Mutex::new(src), epoch };
+            Some((fe, node, handles))
         } else {
             None
         };
@@ -725,6 +743,7 @@ impl Farm {
                     if let Ok(r) = serde_json::from_slice::<LoadReport>(ev.payload()) {
                         if r.server != s.id {
                             s.budget.lock().on_report(r.server, r.arrivals, r.extra);
+                            s.threshold.lock().set_remote(r.server, now(), r.waits.clone());
                         }
                         s.table.lock().update(r, now());
                     }
@@ -834,6 +853,12 @@ impl Farm {
             let t0 = Instant::now();
             fe.src.lock().await.submit("request", &msg.attrs(), b"GET /").await?;
             self.fe_overhead.add_forward(t0.elapsed());
+            if let Some(p) = fe.placements.lock().remove(&req) {
+                let mut out = fe.outstanding.lock();
+                for s in p {
+                    *out.entry(s).or_insert(0.0) += 1.0;
+                }
+            }
             return Ok(());
         }
         let s = self.servers.get(at).ok_or_else(|| LbError::Invalid(format!("no server {at}")))?;

@@ -13,16 +13,35 @@ use std::time::{Duration, Instant};
 
 use crate::load::ServerId;
 
-/// The wait after which to hedge: a quantile of recent waits.
+/// Buckets of the wait histogram: bucket `i` holds waits up to `100 µs * 1.25^(i+1)` (about 160 s for the last).
+pub const WAIT_BUCKETS: usize = 64;
+
+fn bucket(wait: Duration) -> usize {
+    let x = wait.as_secs_f64() / 100e-6;
+    if x <= 1.0 {
+        return 0;
+    }
+    ((x.ln() / 1.25f64.ln()) as usize).min(WAIT_BUCKETS - 1)
+}
+
+fn bucket_top(i: usize) -> Duration {
+    Duration::from_secs_f64(100e-6 * 1.25f64.powi(i as i32 + 1))
+}
+
+/// The wait after which to hedge: a quantile of the waits seen recently in the whole cluster. Each node keeps a
+/// histogram of its own waits over a sliding window, publishes it in its load reports, and merges the others'
+/// (so a node whose own waits are all long still hedges at the cluster's p95, not at its own). Quantiles are
+/// read at bucket resolution (25 %, rounded up).
 #[derive(Debug, Clone)]
 pub struct AdaptiveThreshold {
     quantile: f64,
     horizon: Duration,
     floor: Duration,
     ceiling: Duration,
-    min_samples: usize,
-    waits: VecDeque<(Instant, Duration)>,
-    sorted: Vec<Duration>,
+    min_samples: u64,
+    waits: VecDeque<(Instant, usize)>,
+    counts: [u32; WAIT_BUCKETS],
+    remote: HashMap<ServerId, (Instant, Vec<u32>)>,
 }
 
 impl AdaptiveThreshold {
@@ -36,33 +55,61 @@ impl AdaptiveThreshold {
             ceiling: ceiling.max(floor),
             min_samples: 20,
             waits: VecDeque::new(),
-            sorted: Vec::new(),
+            counts: [0; WAIT_BUCKETS],
+            remote: HashMap::new(),
         }
     }
     /// Records how long a request waited before it started.
     pub fn record(&mut self, now: Instant, wait: Duration) {
-        self.waits.push_back((now, wait));
-        // Bound memory whatever the rate: the window keeps at most 4096 waits.
-        if self.waits.len() > 4096 {
-            self.waits.pop_front();
+        let b = bucket(wait);
+        self.counts[b] += 1;
+        self.waits.push_back((now, b));
+        self.expire(now);
+    }
+    /// Another node's histogram, from its load report.
+    pub fn set_remote(&mut self, server: ServerId, now: Instant, counts: Vec<u32>) {
+        if counts.len() == WAIT_BUCKETS {
+            self.remote.insert(server, (now, counts));
         }
+    }
+    /// This node's histogram of the window, for its load reports.
+    pub fn summary(&mut self, now: Instant) -> Vec<u32> {
+        self.expire(now);
+        self.counts.to_vec()
     }
     /// The threshold at `now`.
     pub fn threshold(&mut self, now: Instant) -> Duration {
-        while let Some(&(t, _)) = self.waits.front() {
-            if now.saturating_duration_since(t) <= self.horizon {
+        self.expire(now);
+        let mut merged = self.counts.map(u64::from);
+        self.remote.retain(|_, (t, _)| now.saturating_duration_since(*t) <= self.horizon);
+        for (_, c) in self.remote.values() {
+            for (m, c) in merged.iter_mut().zip(c) {
+                *m += u64::from(*c);
+            }
+        }
+        let total: u64 = merged.iter().sum();
+        if total < self.min_samples {
+            return self.ceiling;
+        }
+        let rank = ((total as f64 * self.quantile).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in merged.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return bucket_top(i).clamp(self.floor, self.ceiling);
+            }
+        }
+        self.ceiling
+    }
+    fn expire(&mut self, now: Instant) {
+        // Bound memory whatever the rate: the window keeps at most 65536 waits.
+        while let Some(&(t, b)) = self.waits.front() {
+            if now.saturating_duration_since(t) <= self.horizon && self.waits.len() <= 65536 {
                 break;
             }
             self.waits.pop_front();
+            self.counts[b] -= 1;
         }
-        if self.waits.len() < self.min_samples {
-            return self.ceiling;
-        }
-        self.sorted.clear();
-        self.sorted.extend(self.waits.iter().map(|(_, w)| *w));
-        let i = ((self.sorted.len() as f64 * self.quantile).ceil() as usize).clamp(1, self.sorted.len()) - 1;
-        let (_, q, _) = self.sorted.select_nth_unstable(i);
-        (*q).clamp(self.floor, self.ceiling)
     }
 }
 
@@ -195,12 +242,25 @@ mod tests {
         for i in 1..=100u64 {
             a.record(t0, ms(i));
         }
-        assert_eq!(a.threshold(t0), ms(95));
+        let p95 = a.threshold(t0);
+        assert!(p95 >= ms(95) && p95 <= ms(95) * 5 / 4, "{p95:?}");
         assert_eq!(a.threshold(t0 + ms(1001)), ms(2500), "old waits leave the window");
         for _ in 0..50 {
             a.record(t0 + ms(1001), ms(1));
         }
         assert_eq!(a.threshold(t0 + ms(1001)), ms(10), "the floor");
+        // Other nodes' waits count: 1000 short waits elsewhere pull the p95 down to theirs.
+        let mut b = AdaptiveThreshold::new(0.95, ms(1000), ms(1), ms(2500));
+        for _ in 0..100 {
+            b.record(t0, ms(2000));
+        }
+        let mut other = AdaptiveThreshold::new(0.95, ms(1000), ms(1), ms(2500));
+        for _ in 0..1900 {
+            other.record(t0, ms(20));
+        }
+        b.set_remote(ServerId(3), t0, other.summary(t0));
+        let t = b.threshold(t0);
+        assert!(t >= ms(20) && t <= ms(25), "{t:?}");
     }
 
     #[test]

@@ -188,6 +188,9 @@ pub struct LoadReport {
     pub arrivals: u64,
     /// Extra requests (hedged or tied copies) this server sent so far.
     pub extra: u64,
+    /// Histogram of recent waits (see [`crate::hedge::AdaptiveThreshold`]); empty if not kept.
+    #[serde(default)]
+    pub waits: Vec<u32>,
 }
 
 /// When to publish a report: every `period`, and at once when the index moved by `threshold` or more since the
@@ -288,6 +291,8 @@ pub struct RequestCounters {
     pub arrivals: AtomicU64,
     /// Extra copies sent from here.
     pub extra: AtomicU64,
+    /// The latest histogram of waits here, copied into each report.
+    pub waits: Mutex<Vec<u32>>,
 }
 
 /// Samples a probe every `sample_every` and publishes on the monitoring channel what the [`ReportPolicy`] lets
@@ -345,6 +350,7 @@ impl LoadMonitor {
                     lifetime_ms: cfg.lifetime.as_millis() as u64,
                     arrivals: counters.arrivals.load(Ordering::Relaxed),
                     extra: counters.extra.load(Ordering::Relaxed),
+                    waits: counters.waits.lock().clone(),
                 };
                 let Ok(body) = serde_json::to_vec(&report) else { continue };
                 let attrs = Attrs::new().with("server", cfg.server.0).with("index", index);
@@ -405,6 +411,7 @@ mod tests {
             lifetime_ms,
             arrivals: 0,
             extra: 0,
+            waits: Vec::new(),
         }
     }
 

@@ -44,7 +44,11 @@ pub struct LoadAwareFilter {
     me: Option<ServerId>,
     placements: Option<Placements>,
     overhead: Arc<Overhead>,
+    local: Option<LocalLoads>,
 }
+
+/// Loads a dispatcher knows itself, e.g. the requests it sent to each server and not yet seen answered.
+pub type LocalLoads = Arc<Mutex<HashMap<ServerId, f64>>>;
 
 impl std::fmt::Debug for LoadAwareFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,11 +59,24 @@ impl std::fmt::Debug for LoadAwareFilter {
 impl LoadAwareFilter {
     /// Picks with `allocator` among the servers with a valid report in `table`, other than `me`.
     pub fn new(table: SharedTable, allocator: Box<dyn Allocator>, me: Option<ServerId>) -> Self {
-        LoadAwareFilter { table, allocator: Mutex::new(allocator), me, placements: None, overhead: Arc::default() }
+        LoadAwareFilter {
+            table,
+            allocator: Mutex::new(allocator),
+            me,
+            placements: None,
+            overhead: Arc::default(),
+            local: None,
+        }
     }
     /// Records each request's chosen servers (by its `req` attribute) in `placements`.
     pub fn placements(mut self, placements: Placements) -> Self {
         self.placements = Some(placements);
+        self
+    }
+    /// Ranks servers by `loads` (kept by the caller) instead of their reported index; the reports still decide
+    /// which servers are alive.
+    pub fn local_loads(mut self, loads: LocalLoads) -> Self {
+        self.local = Some(loads);
         self
     }
     /// Adds the time spent choosing to `overhead`.
@@ -77,13 +94,17 @@ impl OutFilter for LoadAwareFilter {
         let mut index = Vec::with_capacity(sinks.len());
         {
             let table = self.table.lock();
+            let local = self.local.as_ref().map(|l| l.lock());
             for (i, s) in sinks.iter().enumerate() {
                 let Some(id) = s.number("server") else { continue };
                 let id = ServerId(id as u32);
                 if Some(id) == self.me {
                     continue;
                 }
-                let Some(load) = table.index(id, now) else { continue };
+                let Some(mut load) = table.index(id, now) else { continue };
+                if let Some(l) = &local {
+                    load = l.get(&id).copied().unwrap_or(0.0);
+                }
                 cands.push(Candidate { server: id, load: Some(load), weight: s.number("weight").unwrap_or(1.0) });
                 index.push(i);
             }

@@ -129,7 +129,9 @@ impl WebfarmArgs {
             self.report_hz,
             self.overhead_rate,
         ];
-        if positive.iter().any(|v| !(v.is_finite() && *v > 0.0)) || !(self.idle_rate >= 0.0) {
+        if positive.iter().any(|v| !(v.is_finite() && *v > 0.0))
+            || !(self.idle_rate.is_finite() && self.idle_rate >= 0.0)
+        {
             return bad("times, rates and the time scale must be positive");
         }
         if self.forward_after >= self.timeout {
@@ -202,9 +204,14 @@ pub fn poisson_trace(seed: u64, rates: &[f64], duration: f64, service: f64, jitt
 pub fn ideal_queue(trace: &[Arrival], workers: usize, timeout: f64) -> Vec<Option<f64>> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    #[derive(PartialEq, PartialOrd)]
+    #[derive(PartialEq)]
     struct F(f64);
     impl Eq for F {}
+    impl PartialOrd for F {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
     impl Ord for F {
         fn cmp(&self, o: &Self) -> std::cmp::Ordering {
             self.0.total_cmp(&o.0)

@@ -1,0 +1,41 @@
+//! `kecho webfarm` in small, as CI runs it: a tiny sweep at a strong time scale, with plots.
+
+use kecho_lb::webfarm::{report, sweep, write_outputs, WebfarmArgs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_sweep_runs_and_reports() {
+    let dir = std::env::temp_dir().join(format!("kecho-webfarm-{}", std::process::id()));
+    let args = WebfarmArgs {
+        servers: 3,
+        rates: vec![15.0, 60.0],
+        duration: 4.0,
+        time_scale: 20.0,
+        modes: vec!["none".into(), "kecho:1".into(), "kecho:2".into(), "hedge".into(), "rr".into()],
+        overhead_hz: vec![1.0, 4.0],
+        overhead_rate: 15.0,
+        out: Some(dir.clone()),
+        ..WebfarmArgs::default()
+    };
+    let s = sweep(&args).await.unwrap();
+    // The ideal queue and five modes per rate, and the overhead runs.
+    assert_eq!(s.results.len(), 12);
+    assert_eq!(s.by_frequency.len(), 2);
+    for r in &s.results {
+        assert!(r.requests > 0 && r.p50 <= r.p95 && r.p95 <= r.p99, "{r:?}");
+        assert!(r.timeouts <= r.requests);
+    }
+    let at = |mode: &str, rate: f64| s.results.iter().find(|r| r.mode == mode && r.rate == rate).unwrap();
+    // At 60/s the loaded servers (42 and 78 requests/s against 26 each) are overloaded without balancing.
+    assert!(at("none", 60.0).timeouts > 0, "overload shows as time-outs");
+    assert!(at("kecho:1", 60.0).forwarded > 0.0, "KECho forwards under overload");
+    assert!(s.by_frequency[1].1.reports_per_s > s.by_frequency[0].1.reports_per_s, "more reports at 4/s");
+    let text = report(&args, &s);
+    assert!(text.contains("Time scale 20"), "the scaling is said");
+    assert!(text.contains("| 60 |") && text.contains("Targets:"));
+    write_outputs(&dir, &args, &s).unwrap();
+    for f in ["webfarm.csv", "fig8a.svg", "fig8b.svg", "fig9a.svg", "fig9b.svg", "p99.svg"] {
+        let len = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 100, "{f} written");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
