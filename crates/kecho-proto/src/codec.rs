@@ -296,6 +296,8 @@ pub enum Message {
         channel: ChannelId,
         /// Current contact.
         contact: NodeId,
+        /// The channel's secret, for the registry entry.
+        secret: ChannelSecret,
         /// Member nodes, excluding the joiner.
         nodes: Vec<PeerEntry>,
     },
@@ -396,6 +398,8 @@ pub enum Message {
         sources: u32,
         /// Current sink count.
         sinks: u32,
+        /// The channel's secret: set by `Create`, required by every later claim.
+        secret: ChannelSecret,
     },
     /// Registry: look a channel up by name.
     RegLookup {
@@ -414,6 +418,8 @@ pub enum Message {
         channel: ChannelId,
         /// The contact asking.
         node: NodeId,
+        /// The channel's secret.
+        secret: ChannelSecret,
     },
     /// Registry: list live entries.
     RegList {
@@ -512,9 +518,10 @@ impl Message {
                 put_str(dst, addr);
                 put_snapshot(dst, snapshot);
             }
-            Message::JoinAccept { channel, contact, nodes } => {
+            Message::JoinAccept { channel, contact, secret, nodes } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u64_le(contact.0);
+                dst.put_u128_le(secret.0);
                 dst.put_u32_le(nodes.len() as u32);
                 for n in nodes {
                     dst.put_u64_le(n.node.0);
@@ -568,7 +575,7 @@ impl Message {
                     dst.put_u32_le(s.0);
                 }
             }
-            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks } => {
+            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks, secret } => {
                 dst.put_u32_le(*req);
                 put_str(dst, name);
                 dst.put_u64_le(channel.0);
@@ -585,16 +592,18 @@ impl Message {
                 }
                 dst.put_u32_le(*sources);
                 dst.put_u32_le(*sinks);
+                dst.put_u128_le(secret.0);
             }
             Message::RegLookup { req, name } => {
                 dst.put_u32_le(*req);
                 put_str(dst, name);
             }
-            Message::RegRemove { req, name, channel, node } => {
+            Message::RegRemove { req, name, channel, node, secret } => {
                 dst.put_u32_le(*req);
                 put_str(dst, name);
                 dst.put_u64_le(channel.0);
                 dst.put_u64_le(node.0);
+                dst.put_u128_le(secret.0);
             }
             Message::RegList { req } => dst.put_u32_le(*req),
             Message::RegReply { req, result } => {
@@ -840,6 +849,10 @@ impl Reader {
         self.need(8)?;
         Ok(self.b.get_u64_le())
     }
+    fn u128(&mut self) -> Result<u128, DecodeError> {
+        self.need(16)?;
+        Ok(self.b.get_u128_le())
+    }
     fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u32()? as usize;
         self.need(n)?;
@@ -976,6 +989,7 @@ impl Reader {
             JOIN_ACCEPT => {
                 let channel = ChannelId(self.u64()?);
                 let contact = NodeId(self.u64()?);
+                let secret = ChannelSecret(self.u128()?);
                 let n = self.count(24)?;
                 let mut nodes = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
@@ -985,7 +999,7 @@ impl Reader {
                         snapshot: self.snapshot()?,
                     });
                 }
-                Message::JoinAccept { channel, contact, nodes }
+                Message::JoinAccept { channel, contact, secret, nodes }
             }
             JOIN_REDIRECT => Message::JoinRedirect { channel: ChannelId(self.u64()?) },
             SNAPSHOT => {
@@ -1054,7 +1068,8 @@ impl Reader {
                 };
                 let sources = self.u32()?;
                 let sinks = self.u32()?;
-                Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks }
+                let secret = ChannelSecret(self.u128()?);
+                Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks, secret }
             }
             REG_LOOKUP => Message::RegLookup { req: self.u32()?, name: self.string()? },
             REG_REMOVE => Message::RegRemove {
@@ -1062,6 +1077,7 @@ impl Reader {
                 name: self.string()?,
                 channel: ChannelId(self.u64()?),
                 node: NodeId(self.u64()?),
+                secret: ChannelSecret(self.u128()?),
             },
             REG_LIST => Message::RegList { req: self.u32()? },
             REG_REPLY => {

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 
 use crate::codec::{decode_frame, ClaimMode, RegEntry, RegErrorCode, RegResult};
 use crate::membership::{ChannelState, MembershipConfig, OpenMode};
-use crate::{ChannelId, Message, NodeId};
+use crate::{ChannelId, ChannelSecret, Message, NodeId};
 
 /// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
 pub fn decode_frames(data: &[u8]) {
@@ -30,7 +30,14 @@ pub fn decode_frames(data: &[u8]) {
 /// with registry answers and timeouts interleaved; it must never panic and its outputs must stay well-formed.
 pub fn drive_membership(data: &[u8]) {
     let t0 = Instant::now();
-    let mut st = ChannelState::new("fuzz", ChannelId(1), NodeId(50), "127.0.0.1:1", MembershipConfig::default());
+    let mut st = ChannelState::new(
+        "fuzz",
+        ChannelId(1),
+        ChannelSecret(1),
+        NodeId(50),
+        "127.0.0.1:1",
+        MembershipConfig::default(),
+    );
     st.open(OpenMode::OpenOrCreate, t0);
     let mut buf = BytesMut::from(data);
     let mut now = t0;

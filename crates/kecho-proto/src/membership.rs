@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
-use crate::types::{ChannelId, MemberInfo, NodeId, NodeSnapshot};
+use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId, NodeSnapshot};
 
 /// Timing of the state machine.
 #[derive(Clone, Debug)]
@@ -148,6 +148,8 @@ pub struct ChannelState {
     mode: OpenMode,
     phase: Phase,
     deadline: Option<Instant>,
+    /// The channel's secret (see `ChannelSecret`): ours if we created the channel, the contact's once we joined.
+    secret: ChannelSecret,
     local: NodeSnapshot,
     peers: BTreeMap<NodeId, Peer>,
     contact: Option<NodeId>,
@@ -182,10 +184,21 @@ pub struct ChannelState {
 impl ChannelState {
     /// A channel named `name` on node `me` (listening on `my_addr`). `fresh_id` is used if this node ends up creating
     /// the channel; otherwise the id comes from the registry.
-    pub fn new(name: &str, fresh_id: ChannelId, me: NodeId, my_addr: &str, cfg: MembershipConfig) -> Self {
+    ///
+    /// `fresh_id` and `fresh_secret` (both random, from the caller: the core has no randomness of its own) are used if
+    /// this node creates the channel; a joiner takes the channel's from the contact.
+    pub fn new(
+        name: &str,
+        fresh_id: ChannelId,
+        fresh_secret: ChannelSecret,
+        me: NodeId,
+        my_addr: &str,
+        cfg: MembershipConfig,
+    ) -> Self {
         ChannelState {
             name: name.to_owned(),
             id: fresh_id,
+            secret: fresh_secret,
             me,
             my_addr: my_addr.to_owned(),
             cfg,
@@ -280,8 +293,15 @@ impl ChannelState {
                 mode: *mode,
                 sources,
                 sinks,
+                secret: self.secret,
             },
-            RegistryOp::Remove => Message::RegRemove { req, name: self.name.clone(), channel: self.id, node: self.me },
+            RegistryOp::Remove => Message::RegRemove {
+                req,
+                name: self.name.clone(),
+                channel: self.id,
+                node: self.me,
+                secret: self.secret,
+            },
         }
     }
 
@@ -375,7 +395,9 @@ impl ChannelState {
         }
         match msg {
             Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot, now),
-            Message::JoinAccept { contact, nodes, .. } => self.on_join_accept(from, contact, nodes, now),
+            Message::JoinAccept { contact, secret, nodes, .. } => {
+                self.on_join_accept(from, contact, secret, nodes, now)
+            }
             Message::JoinRedirect { .. } => {
                 // It did not take us in.
                 self.outsiders.remove(&from);
@@ -696,12 +718,19 @@ impl ChannelState {
                 self.out.push_back(Output::Send { to, addr: to_addr, msg });
             }
         }
-        let msg = Message::JoinAccept { channel: self.id, contact: self.me, nodes };
+        let msg = Message::JoinAccept { channel: self.id, contact: self.me, secret: self.secret, nodes };
         self.out.push_back(Output::Send { to: from, addr, msg });
         self.out.push_back(Output::Changed);
     }
 
-    fn on_join_accept(&mut self, from: NodeId, contact: NodeId, nodes: Vec<PeerEntry>, now: Instant) {
+    fn on_join_accept(
+        &mut self,
+        from: NodeId,
+        contact: NodeId,
+        secret: ChannelSecret,
+        nodes: Vec<PeerEntry>,
+        now: Instant,
+    ) {
         let rejoin = self.phase == Phase::Member;
         let asked = matches!(&self.join_sent, Some((to, ..)) if *to == from);
         if rejoin {
@@ -714,6 +743,7 @@ impl ChannelState {
             return;
         }
         let sent_version = self.join_sent.take().map(|(_, _, v)| v);
+        self.secret = secret;
         self.phase = Phase::Member;
         self.deadline = None;
         self.set_contact(contact);

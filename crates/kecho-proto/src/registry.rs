@@ -2,13 +2,15 @@
 //!
 //! A channel's contact stores `(name -> channel id, contact node, address)` here as a lease that it renews; a dead
 //! contact's lease expires. Another member may take the contact role over with a compare-and-set on the holder.
-//! Only the holder may renew or remove an entry.
+//! Only the holder may renew or remove an entry, and every claim after the first must carry the channel's secret, which
+//! only members know: a node outside the channel cannot take over, overwrite or delete its entry, even knowing the
+//! channel id and contact that lookups reveal.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::codec::{ClaimMode, Message, RegEntry, RegErrorCode, RegResult};
-use crate::types::{ChannelId, NodeId};
+use crate::types::{ChannelId, ChannelSecret, NodeId};
 
 /// Shortest lease granted.
 pub const MIN_TTL: Duration = Duration::from_millis(100);
@@ -25,6 +27,7 @@ struct Lease {
     sources: u32,
     sinks: u32,
     expires: Instant,
+    secret: ChannelSecret,
 }
 
 /// The table of live leases.
@@ -43,8 +46,9 @@ impl RegistryTable {
     pub fn handle(&mut self, msg: &Message, now: Instant) -> Option<Message> {
         self.expire(now);
         let (req, result) = match msg {
-            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks } => {
-                (*req, self.claim(name, *channel, *node, addr, *ttl_ms, *mode, *sources, *sinks, now))
+            Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks, secret } => {
+                let counts = (*sources, *sinks);
+                (*req, self.claim(name, *channel, *node, addr, *ttl_ms, *mode, counts, *secret, now))
             }
             Message::RegLookup { req, name } => (
                 *req,
@@ -53,11 +57,11 @@ impl RegistryTable {
                     None => unknown(name),
                 },
             ),
-            Message::RegRemove { req, name, channel, node } => (
+            Message::RegRemove { req, name, channel, node, secret } => (
                 *req,
                 match self.entries.get(name) {
                     None => RegResult::Ok,
-                    Some(l) if l.channel == *channel && l.contact == *node => {
+                    Some(l) if l.channel == *channel && l.contact == *node && l.secret == *secret => {
                         self.entries.remove(name);
                         RegResult::Ok
                     }
@@ -98,8 +102,8 @@ impl RegistryTable {
         addr: &str,
         ttl_ms: u64,
         mode: ClaimMode,
-        sources: u32,
-        sinks: u32,
+        (sources, sinks): (u32, u32),
+        secret: ChannelSecret,
         now: Instant,
     ) -> RegResult {
         if name.is_empty() || name.len() > MAX_NAME {
@@ -112,9 +116,16 @@ impl RegistryTable {
             return RegResult::Error { code: RegErrorCode::Invalid, message: "contact address is empty".into() };
         }
         let ttl = Duration::from_millis(ttl_ms).clamp(MIN_TTL, MAX_TTL);
-        let fresh = Lease { channel, contact: node, addr: addr.to_owned(), sources, sinks, expires: now + ttl };
+        let fresh = Lease { channel, contact: node, addr: addr.to_owned(), sources, sinks, expires: now + ttl, secret };
         let allowed = match (self.entries.get(name), mode) {
             (None, _) => true,
+            (Some(l), ClaimMode::Create) if l.secret != secret => false,
+            (Some(l), _) if l.secret != secret => {
+                return RegResult::Error {
+                    code: RegErrorCode::NotContact,
+                    message: format!("channel {name:?} is held by others: the claim lacks the channel's secret"),
+                }
+            }
             // A retried create by the same contact is not an error.
             (Some(l), ClaimMode::Create) => l.channel == channel && l.contact == node,
             (Some(l), ClaimMode::Renew) => l.channel == channel && l.contact == node,
@@ -160,7 +171,13 @@ fn not_contact(name: &str) -> RegResult {
 mod tests {
     use super::*;
 
+    const SECRET: ChannelSecret = ChannelSecret(0x5ec2e7);
+
     fn claim(name: &str, ch: u64, node: u64, mode: ClaimMode) -> Message {
+        claim_with(name, ch, node, mode, SECRET)
+    }
+
+    fn claim_with(name: &str, ch: u64, node: u64, mode: ClaimMode, secret: ChannelSecret) -> Message {
         Message::RegClaim {
             req: 1,
             name: name.into(),
@@ -171,6 +188,7 @@ mod tests {
             mode,
             sources: 1,
             sinks: 2,
+            secret,
         }
     }
 
@@ -208,11 +226,42 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RegistryTable::new();
         t.handle(&claim("a", 1, 10, ClaimMode::Create), t0);
-        let by = |node| Message::RegRemove { req: 3, name: "a".into(), channel: ChannelId(1), node: NodeId(node) };
-        assert_eq!(code(t.handle(&by(11), t0)), Some(RegErrorCode::NotContact));
+        let by = |node, secret| Message::RegRemove {
+            req: 3,
+            name: "a".into(),
+            channel: ChannelId(1),
+            node: NodeId(node),
+            secret,
+        };
+        assert_eq!(code(t.handle(&by(11, SECRET), t0)), Some(RegErrorCode::NotContact));
+        // Knowing the id and contact (a lookup tells both) is not enough: the secret is needed.
+        assert_eq!(code(t.handle(&by(10, ChannelSecret(1)), t0)), Some(RegErrorCode::NotContact));
         assert_eq!(t.len(), 1);
-        assert_eq!(code(t.handle(&by(10), t0)), None);
+        assert_eq!(code(t.handle(&by(10, SECRET), t0)), None);
         assert_eq!(t.len(), 0);
+    }
+
+    /// Someone outside the channel learns its id and contact from a lookup, but without the secret can neither take
+    /// it over, nor renew or overwrite it as the contact.
+    #[test]
+    fn claims_without_the_secret_are_refused() {
+        let t0 = Instant::now();
+        let mut t = RegistryTable::new();
+        t.handle(&claim("a", 1, 10, ClaimMode::Create), t0);
+        let wrong = ChannelSecret(7);
+        for mode in [ClaimMode::Takeover(NodeId(10)), ClaimMode::Renew, ClaimMode::Create] {
+            let as_contact = claim_with("a", 1, 10, mode, wrong);
+            let expected = if mode == ClaimMode::Create { RegErrorCode::Exists } else { RegErrorCode::NotContact };
+            assert_eq!(code(t.handle(&as_contact, t0)), Some(expected), "{mode:?}");
+            assert_eq!(code(t.handle(&claim_with("a", 1, 66, mode, wrong), t0)), Some(expected), "{mode:?}");
+        }
+        let lookup = Message::RegLookup { req: 2, name: "a".into() };
+        match t.handle(&lookup, t0) {
+            Some(Message::RegReply { result: RegResult::Entry(e), .. }) => assert_eq!(e.contact, NodeId(10)),
+            other => panic!("entry changed: {other:?}"),
+        }
+        // A member (it has the secret) takes over.
+        assert_eq!(code(t.handle(&claim("a", 1, 11, ClaimMode::Takeover(NodeId(10))), t0)), None);
     }
 
     #[test]

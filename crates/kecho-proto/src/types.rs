@@ -26,6 +26,18 @@ impl fmt::Display for ChannelId {
     }
 }
 
+/// A channel's secret: 128 random bits that the creator registers with the name and that members learn when they are
+/// let in. Renewing, taking over or removing the registry entry needs it, so nobody outside the channel can hijack or
+/// delete the entry. Never shown in `Debug` output, logs or registry answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSecret(pub u128);
+
+impl fmt::Debug for ChannelSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChannelSecret(..)")
+    }
+}
+
 /// A source or sink, local to its node. Together with the node it names a member of a channel.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct LocalId(pub u32);

@@ -97,6 +97,7 @@ fn one_of_each() -> Vec<Message> {
         Message::JoinAccept {
             channel: ChannelId(9),
             contact: NodeId(3),
+            secret: ChannelSecret(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
             nodes: vec![PeerEntry { node: NodeId(4), addr: "h:4".into(), snapshot: snapshot.clone() }],
         },
         Message::JoinRedirect { channel: ChannelId(9) },
@@ -141,9 +142,16 @@ fn one_of_each() -> Vec<Message> {
             mode: ClaimMode::Takeover(NodeId(3)),
             sources: 1,
             sinks: 2,
+            secret: ChannelSecret(u128::MAX),
         },
         Message::RegLookup { req: 2, name: "chan".into() },
-        Message::RegRemove { req: 3, name: "chan".into(), channel: ChannelId(9), node: NodeId(3) },
+        Message::RegRemove {
+            req: 3,
+            name: "chan".into(),
+            channel: ChannelId(9),
+            node: NodeId(3),
+            secret: ChannelSecret(5),
+        },
         Message::RegList { req: 4 },
         Message::RegReply { req: 4, result: RegResult::Entries(vec![entry.clone(), entry]) },
     ]

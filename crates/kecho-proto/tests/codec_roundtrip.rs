@@ -111,10 +111,11 @@ fn message() -> impl Strategy<Value = Message> {
             addr,
             snapshot
         }),
-        (ch.clone(), node.clone(), vec((node.clone(), name(), snapshot()), 0..3)).prop_map(
-            |(channel, contact, nodes)| Message::JoinAccept {
+        (ch.clone(), node.clone(), any::<u128>(), vec((node.clone(), name(), snapshot()), 0..3)).prop_map(
+            |(channel, contact, secret, nodes)| Message::JoinAccept {
                 channel,
                 contact,
+                secret: ChannelSecret(secret),
                 nodes: nodes.into_iter().map(|(node, addr, snapshot)| PeerEntry { node, addr, snapshot }).collect(),
             }
         ),
@@ -149,24 +150,27 @@ fn message() -> impl Strategy<Value = Message> {
             source: LocalId(s),
             skipped
         }),
-        (any::<u32>(), name(), ch.clone(), node.clone(), name(), any::<u64>(), mode, any::<u32>(), any::<u32>())
-            .prop_map(|(req, name, channel, node, addr, ttl_ms, mode, sources, sinks)| Message::RegClaim {
-                req,
-                name,
-                channel,
-                node,
-                addr,
-                ttl_ms,
-                mode,
-                sources,
-                sinks
+        (
+            (any::<u32>(), name(), ch.clone(), node.clone(), name(), any::<u64>()),
+            (mode, any::<u32>(), any::<u32>(), any::<u128>())
+        )
+            .prop_map(|((req, name, channel, node, addr, ttl_ms), (mode, sources, sinks, secret))| {
+                Message::RegClaim {
+                    req,
+                    name,
+                    channel,
+                    node,
+                    addr,
+                    ttl_ms,
+                    mode,
+                    sources,
+                    sinks,
+                    secret: ChannelSecret(secret),
+                }
             }),
         (any::<u32>(), name()).prop_map(|(req, name)| Message::RegLookup { req, name }),
-        (any::<u32>(), name(), ch, node).prop_map(|(req, name, channel, node)| Message::RegRemove {
-            req,
-            name,
-            channel,
-            node
+        (any::<u32>(), name(), ch, node, any::<u128>()).prop_map(|(req, name, channel, node, secret)| {
+            Message::RegRemove { req, name, channel, node, secret: ChannelSecret(secret) }
         }),
         any::<u32>().prop_map(|req| Message::RegList { req }),
         (any::<u32>(), reg_result()).prop_map(|(req, result)| Message::RegReply { req, result }),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kecho_proto::codec::{ClaimMode, Message};
 use kecho_proto::membership::{OpenFailure, OpenMode, Output};
-use kecho_proto::{Attrs, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
+use kecho_proto::{Attrs, ChannelSecret, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
 
 use sim::{standard_members, Sim, SimConfig, XorShift, JOIN};
 
@@ -773,7 +773,7 @@ fn registry_answers_are_matched_in_order() {
     let me = NodeId(1);
     let (contact, other) = (NodeId(5), NodeId(9));
     let ch = ChannelId(77);
-    let mut st = ChannelState::new(CH, ChannelId(1), me, "a:1", cfg.clone());
+    let mut st = ChannelState::new(CH, ChannelId(1), ChannelSecret(1), me, "a:1", cfg.clone());
     st.open(OpenMode::Open, t0);
     let drain = |st: &mut ChannelState| std::iter::from_fn(|| st.poll_output()).collect::<Vec<_>>();
     assert_eq!(drain(&mut st), vec![Output::Registry(RegistryOp::Lookup)]);
@@ -791,7 +791,7 @@ fn registry_answers_are_matched_in_order() {
     let peer = |n: NodeId| PeerEntry { node: n, addr: format!("a:{}", n.0), snapshot: NodeSnapshot::default() };
     st.handle_message(
         contact,
-        Message::JoinAccept { channel: ch, contact, nodes: vec![peer(contact), peer(other)] },
+        Message::JoinAccept { channel: ch, contact, secret: ChannelSecret(2), nodes: vec![peer(contact), peer(other)] },
         t0,
     );
     assert!(st.is_member());

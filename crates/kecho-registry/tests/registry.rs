@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use bytes::BytesMut;
 use kecho_proto::codec::{decode_frame, ClaimMode, CloseCode, Purpose, RegErrorCode, RegResult};
-use kecho_proto::{ChannelId, Message, NodeId, PROTOCOL_VERSION};
+use kecho_proto::{ChannelId, ChannelSecret, Message, NodeId, PROTOCOL_VERSION};
 use kecho_registry::{RegistryClient, RegistryError, RegistryHandle, RegistryServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,7 @@ fn claim(name: &str, node: u64, ttl_ms: u64, mode: ClaimMode) -> Message {
         mode,
         sources: 1,
         sinks: 2,
+        secret: ChannelSecret(77),
     }
 }
 
@@ -74,7 +75,13 @@ async fn create_lookup_list_remove_over_tcp() -> Result<()> {
         assert!(e.expires_in_ms > 9_000 && e.expires_in_ms <= 10_000, "{}", e.expires_in_ms);
         let names: Vec<String> = c.list().await?.into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["a", "b"]);
-        let remove = |node| Message::RegRemove { req: 0, name: "a".into(), channel: ChannelId(7), node: NodeId(node) };
+        let remove = |node| Message::RegRemove {
+            req: 0,
+            name: "a".into(),
+            channel: ChannelId(7),
+            node: NodeId(node),
+            secret: ChannelSecret(77),
+        };
         assert_eq!(check(&c, remove(2)).await?, Some(RegErrorCode::NotContact));
         assert_eq!(check(&c, remove(1)).await?, None);
         // Removing what is not there is not an error.

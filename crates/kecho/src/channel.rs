@@ -226,7 +226,9 @@ pub(crate) struct ChannelInner {
 impl ChannelInner {
     pub(crate) fn new(node: &Arc<NodeInner>, name: &str) -> Arc<Self> {
         let fresh = ChannelId(rand::random());
-        let state = ChannelState::new(name, fresh, node.id, &node.advertised.to_string(), node.cfg.membership.clone());
+        let secret = kecho_proto::ChannelSecret(rand::random());
+        let addr = node.advertised.to_string();
+        let state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
         let ch = Arc::new(ChannelInner {
             name: name.to_owned(),
             node: Arc::downgrade(node),

@@ -21,7 +21,7 @@ use kecho_proto::codec::{ClaimMode, Message, RegEntry, RegResult};
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::membership::{ChannelState, MembershipConfig, OpenFailure, OpenMode, Output};
 use kecho_proto::registry::RegistryTable;
-use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
+use kecho_proto::{Attrs, ChannelId, ChannelSecret, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
 
 /// Timing of a simulation.
 #[derive(Clone, Debug)]
@@ -282,7 +282,9 @@ impl Sim {
         let node = self.nodes.get_mut(&NodeId(id)).expect("node");
         assert!(!node.crashed, "a crashed node opens nothing");
         assert!(!node.chans.contains_key(name), "node {id} has {name:?} open already");
-        let mut st = ChannelState::new(name, fresh, NodeId(id), &node.addr, cfg);
+        // Each node's would-be secret differs, as random ones would; the channel's is the creator's.
+        let secret = ChannelSecret(u128::from(fresh.0) << 64 | u128::from(id));
+        let mut st = ChannelState::new(name, fresh, secret, NodeId(id), &node.addr, cfg);
         st.set_members(members, now);
         st.open(mode, now);
         node.chans.insert(name.to_owned(), Chan { st, notices: Vec::new(), result: None });
@@ -794,7 +796,7 @@ fn short(msg: &Message) -> String {
         Message::JoinRequest { channel, snapshot, .. } => {
             format!("JoinRequest(v{}) [ch {:x}]", snapshot.version, ch(channel))
         }
-        Message::JoinAccept { channel, contact, nodes } => {
+        Message::JoinAccept { channel, contact, nodes, .. } => {
             let ids: Vec<u64> = nodes.iter().map(|n| n.node.0).collect();
             format!("JoinAccept(contact n{}, nodes {ids:?}) [ch {:x}]", contact.0, ch(channel))
         }
