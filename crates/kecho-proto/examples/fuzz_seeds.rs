@@ -107,7 +107,7 @@ fn main() -> std::io::Result<()> {
         Message::RegReply { req: 7, result: RegResult::Error { code: RegErrorCode::NotContact, message: "no".into() } },
         Message::RegReply { req: 8, result: RegResult::Ok },
     ];
-    for target in ["decode_frame", "membership"] {
+    for target in ["decode_frame", "membership", "handshake"] {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;
         for (i, m) in msgs.iter().enumerate() {

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::codec::{decode_frame, ClaimMode, RegEntry, RegErrorCode, RegResult};
+use crate::codec::{decode_frame, ClaimMode, Purpose, RegEntry, RegErrorCode, RegResult};
+use crate::handshake::{accept_first, dial_answer, Accept, Dial};
 use crate::membership::{ChannelState, MembershipConfig, OpenMode};
-use crate::{ChannelId, ChannelSecret, Message, NodeId};
+use crate::{ChannelId, ChannelSecret, Message, NodeId, PROTOCOL_VERSION};
 
 /// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
 pub fn decode_frames(data: &[u8]) {
@@ -90,6 +91,47 @@ pub fn drive_membership(data: &[u8]) {
         }
         if let Some(t) = st.poll_timeout() {
             assert!(t >= t0, "timeouts are never in the past of the start");
+        }
+    }
+}
+
+/// Runs both sides' handshake decisions on every message `data` decodes to: a connection is accepted exactly when its
+/// first message is a node's `Hello` of our version from another node, a dial succeeds exactly on a `HelloAck` of our
+/// version from the node we meant to reach, and every refusal says why.
+pub fn handshake(data: &[u8]) {
+    let me = NodeId(7);
+    let expected = NodeId(9);
+    let mut buf = BytesMut::from(data);
+    for _ in 0..64 {
+        let msg = match decode_frame(&mut buf, 1 << 20) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => return,
+        };
+        let acceptable = matches!(
+            &msg,
+            Message::Hello { version, node, purpose: Purpose::Node, .. } if *version == PROTOCOL_VERSION && *node != me
+        );
+        match accept_first(&msg, me) {
+            Accept::Node { peer, addr } => {
+                assert!(acceptable, "accepted {msg:?}");
+                assert!(matches!(&msg, Message::Hello { node, addr: a, .. } if *node == peer && *a == addr));
+            }
+            Accept::Refuse { reason, .. } => {
+                assert!(!acceptable, "refused {msg:?}");
+                assert!(!reason.is_empty(), "a refusal says why");
+            }
+        }
+        let up = matches!(
+            &msg,
+            Message::HelloAck { version, node } if *version == PROTOCOL_VERSION && *node == expected
+        );
+        match dial_answer(&msg, expected, "127.0.0.1:9") {
+            Dial::Up => assert!(up, "dial up on {msg:?}"),
+            Dial::Duplicate => assert!(matches!(msg, Message::Close { code: crate::codec::CloseCode::Duplicate, .. })),
+            Dial::Failed(why) => {
+                assert!(!up, "dial failed on {msg:?}");
+                assert!(!why.is_empty());
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`codec`]: length-prefixed frames and every message kind, as pure functions over bytes.
 //! - [`types`]: identifiers, attribute values and member descriptions shared by all crates.
+//! - [`handshake`]: the decisions of both sides of a connection's handshake.
 //! - [`liveness`]: heartbeat bookkeeping for one link.
 //! - [`membership`]: the per-channel membership state machine (join, leave, contact role, takeover).
 //! - [`registry`]: the registry's lease table (the KECho paper's group server).
@@ -11,6 +12,7 @@
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handshake;
 pub mod liveness;
 pub mod membership;
 pub mod registry;

@@ -29,3 +29,12 @@ fn membership_corpus() {
         kecho_proto::fuzzing::drive_membership(input);
     }
 }
+
+#[test]
+fn handshake_corpus() {
+    let inputs = corpus("handshake");
+    assert!(inputs.len() >= 20, "corpus too small: {}", inputs.len());
+    for input in &inputs {
+        kecho_proto::fuzzing::handshake(input);
+    }
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use kecho_proto::codec::{self, CloseCode, Purpose};
+use kecho_proto::handshake;
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, PROTOCOL_VERSION};
 use parking_lot::Mutex;
@@ -286,18 +287,10 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame))
         .await
         .map_err(|_| "handshake timed out".to_owned())??;
-    match first {
-        Message::HelloAck { version, node: their } if version == PROTOCOL_VERSION && their == peer.id => {}
-        Message::HelloAck { node: their, .. } if their != peer.id => {
-            return Err(format!("{addr} is node {their}, expected {}", peer.id));
-        }
-        Message::Close { code: CloseCode::Duplicate, .. } => return Ok(DialOutcome::Duplicate),
-        Message::Close { code: CloseCode::VersionMismatch, reason } => {
-            tracing::error!(%addr, "peer refused our protocol version: {reason}");
-            return Err(format!("version mismatch: {reason}"));
-        }
-        Message::Close { code, reason } => return Err(format!("refused ({code:?}): {reason}")),
-        other => return Err(format!("unexpected handshake answer kind {}", other.kind())),
+    match handshake::dial_answer(&first, peer.id, addr) {
+        handshake::Dial::Up => {}
+        handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
+        handshake::Dial::Failed(why) => return Err(why),
     }
     let mut link = peer.link.lock();
     if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
@@ -326,34 +319,14 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
             return;
         }
     };
-    let (their, their_addr) = match first {
-        Message::Hello { version, node: their, addr, purpose: Purpose::Node } => {
-            if version != PROTOCOL_VERSION {
-                let why = format!(
-                    "protocol version mismatch: this node speaks version {PROTOCOL_VERSION}, the peer speaks version {version}"
-                );
-                tracing::warn!(%remote, "{why}");
-                let _ = wr.write_all(&close(CloseCode::VersionMismatch, &why)).await;
-                return;
-            }
-            (their, addr)
-        }
-        Message::Hello { purpose: Purpose::Registry, .. } => {
-            let why = "this is a kecho node, not a registry";
-            let _ = wr.write_all(&close(CloseCode::Handshake, why)).await;
-            return;
-        }
-        other => {
-            let why = format!("expected Hello, got message kind {}", other.kind());
-            tracing::warn!(%remote, "{why}");
-            let _ = wr.write_all(&close(CloseCode::Handshake, &why)).await;
+    let (their, their_addr) = match handshake::accept_first(&first, node.id) {
+        handshake::Accept::Node { peer, addr } => (peer, addr),
+        handshake::Accept::Refuse { code, reason } => {
+            tracing::warn!(%remote, "refusing connection: {reason}");
+            let _ = wr.write_all(&close(code, &reason)).await;
             return;
         }
     };
-    if their == node.id {
-        let _ = wr.write_all(&close(CloseCode::Handshake, "connection to self")).await;
-        return;
-    }
     let peer = node.peer(their, &their_addr);
     let ack = Message::HelloAck { version: PROTOCOL_VERSION, node: node.id }.to_bytes();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
