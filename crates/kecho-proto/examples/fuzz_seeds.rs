@@ -40,6 +40,7 @@ fn main() -> std::io::Result<()> {
         Message::HelloAck { version: PROTOCOL_VERSION, node: NodeId(25) },
         Message::Close { code: CloseCode::Duplicate, reason: "dup".into() },
         Message::Ping(1),
+        handshake::Identity::from_secret([1; 32]).hello_proof(NodeId(25), "127.0.0.1:2"),
         Message::Pong(1),
         Message::JoinRequest { channel: ch, addr: "127.0.0.1:3".into(), snapshot: snap.clone() },
         Message::JoinAccept {

@@ -281,6 +281,15 @@ pub enum Message {
     Ping(u64),
     /// Heartbeat answer, echoing the nonce.
     Pong(u64),
+    /// Proof of a node's identity, right after its `Hello` (dialler) or `HelloAck` (acceptor) on node links: its
+    /// Ed25519 public key, from which its node id derives, and its signature over the handshake (see
+    /// `crate::handshake`).
+    Proof {
+        /// The public key.
+        key: [u8; 32],
+        /// The signature.
+        sig: [u8; 64],
+    },
     /// A node asks the channel's contact to let it join.
     JoinRequest {
         /// Channel.
@@ -441,6 +450,7 @@ mod kind {
     pub const CLOSE: u8 = 3;
     pub const PING: u8 = 4;
     pub const PONG: u8 = 5;
+    pub const PROOF: u8 = 6;
     pub const JOIN_REQUEST: u8 = 10;
     pub const JOIN_ACCEPT: u8 = 11;
     pub const JOIN_REDIRECT: u8 = 12;
@@ -468,6 +478,7 @@ impl Message {
             Message::Close { .. } => CLOSE,
             Message::Ping(_) => PING,
             Message::Pong(_) => PONG,
+            Message::Proof { .. } => PROOF,
             Message::JoinRequest { .. } => JOIN_REQUEST,
             Message::JoinAccept { .. } => JOIN_ACCEPT,
             Message::JoinRedirect { .. } => JOIN_REDIRECT,
@@ -513,6 +524,10 @@ impl Message {
                 put_str(dst, reason);
             }
             Message::Ping(n) | Message::Pong(n) => dst.put_u64_le(*n),
+            Message::Proof { key, sig } => {
+                dst.put_slice(key);
+                dst.put_slice(sig);
+            }
             Message::JoinRequest { channel, addr, snapshot } => {
                 dst.put_u64_le(channel.0);
                 put_str(dst, addr);
@@ -981,6 +996,14 @@ impl Reader {
             CLOSE => Message::Close { code: CloseCode::from_u16(self.u16()?), reason: self.string()? },
             PING => Message::Ping(self.u64()?),
             PONG => Message::Pong(self.u64()?),
+            PROOF => {
+                self.need(96)?;
+                let mut key = [0u8; 32];
+                let mut sig = [0u8; 64];
+                self.b.copy_to_slice(&mut key);
+                self.b.copy_to_slice(&mut sig);
+                Message::Proof { key, sig }
+            }
             JOIN_REQUEST => Message::JoinRequest {
                 channel: ChannelId(self.u64()?),
                 addr: self.string()?,

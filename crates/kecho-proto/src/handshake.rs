@@ -1,9 +1,114 @@
 //! The connection handshake as pure decisions: what the accepting side does with the first message of a connection,
-//! and what the dialling side concludes from the answer to its `Hello`. The node layer does the I/O around them.
+//! and what the dialling side concludes from the answer to its `Hello`; and node identities, which both sides prove
+//! with a `Proof` after `Hello` and after `HelloAck`. The node layer does the I/O around them.
+//!
+//! A node's id derives from its Ed25519 public key (the key's first eight bytes), and on a node link each side signs
+//! the handshake with the key, naming the other side. So no node can speak for another node id: events, snapshots and
+//! filter installs that arrive on a link come from the node the link names, and a member cannot make its events
+//! appear to come from another member's source. (Finding a key whose id matches a given node's takes about 2^64
+//! attempts.) The signature binds the two node ids and the dialler's address, so a proof shown to one node is useless
+//! towards another; on plaintext links someone who can record and replay traffic between the same two nodes could
+//! replay one, which is what TLS (`NodeConfig::tls`) is for.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::codec::{CloseCode, Message, Purpose};
 use crate::types::NodeId;
 use crate::PROTOCOL_VERSION;
+
+/// A node's identity: its signing key. Its node id derives from the public key.
+#[derive(Clone)]
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("node", &self.node_id()).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// The identity with this 32-byte secret (random, from the caller: the core has no randomness of its own).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Identity { key: SigningKey::from_bytes(&secret) }
+    }
+
+    /// The secret, to store an identity that should outlive the process.
+    pub fn secret(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        node_id_of(&self.public_key())
+    }
+
+    /// The proof that follows our `Hello` to node `to`, sent from listening address `addr`.
+    pub fn hello_proof(&self, to: NodeId, addr: &str) -> Message {
+        self.proof(&hello_transcript(self.node_id(), to, addr))
+    }
+
+    /// The proof that follows our `HelloAck` to the dialling node `to`.
+    pub fn ack_proof(&self, to: NodeId) -> Message {
+        self.proof(&ack_transcript(self.node_id(), to))
+    }
+
+    fn proof(&self, transcript: &[u8]) -> Message {
+        Message::Proof { key: self.public_key(), sig: self.key.sign(transcript).to_bytes() }
+    }
+}
+
+/// The node id that belongs to a public key.
+pub fn node_id_of(key: &[u8; 32]) -> NodeId {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&key[..8]);
+    NodeId(u64::from_le_bytes(id))
+}
+
+fn hello_transcript(from: NodeId, to: NodeId, addr: &str) -> Vec<u8> {
+    let mut t = b"kecho hello proof".to_vec();
+    t.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    t.extend_from_slice(&from.0.to_le_bytes());
+    t.extend_from_slice(&to.0.to_le_bytes());
+    t.extend_from_slice(addr.as_bytes());
+    t
+}
+
+fn ack_transcript(from: NodeId, to: NodeId) -> Vec<u8> {
+    let mut t = b"kecho ack proof".to_vec();
+    t.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    t.extend_from_slice(&from.0.to_le_bytes());
+    t.extend_from_slice(&to.0.to_le_bytes());
+    t
+}
+
+/// Checks the proof that followed a `Hello` from node `from` (listening at `addr`) to us, node `me`.
+pub fn check_hello_proof(proof: &Message, from: NodeId, addr: &str, me: NodeId) -> Result<(), String> {
+    check(proof, from, &hello_transcript(from, me, addr))
+}
+
+/// Checks the proof that followed the `HelloAck` of node `from` to us, node `me`.
+pub fn check_ack_proof(proof: &Message, from: NodeId, me: NodeId) -> Result<(), String> {
+    check(proof, from, &ack_transcript(from, me))
+}
+
+fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), String> {
+    let Message::Proof { key, sig } = proof else {
+        return Err(format!("expected an identity proof, got message kind {}", proof.kind()));
+    };
+    if node_id_of(key) != claimed {
+        return Err(format!("the identity proof's key is not node {claimed}'s"));
+    }
+    let key = VerifyingKey::from_bytes(key).map_err(|_| "the identity proof's key is invalid".to_owned())?;
+    key.verify_strict(transcript, &Signature::from_bytes(sig))
+        .map_err(|_| format!("node {claimed}'s identity proof does not verify"))
+}
 
 /// What the accepting side of a node link does with the connection's first message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,5 +176,37 @@ pub fn dial_answer(answer: &Message, expected: NodeId, addr: &str) -> Dial {
         }
         Message::Close { code, reason } => Dial::Failed(format!("refused ({code:?}): {reason}")),
         other => Dial::Failed(format!("unexpected handshake answer kind {}", other.kind())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_bind_both_nodes_and_the_key() {
+        let a = Identity::from_secret([1; 32]);
+        let b = Identity::from_secret([2; 32]);
+        let c = Identity::from_secret([3; 32]);
+        let (ia, ib, ic) = (a.node_id(), b.node_id(), c.node_id());
+        assert_ne!(ia, ib);
+        let hello = a.hello_proof(ib, "10.0.0.1:7");
+        assert_eq!(check_hello_proof(&hello, ia, "10.0.0.1:7", ib), Ok(()));
+        // Shown to another node, or with another address, or claimed by another node, it fails.
+        assert!(check_hello_proof(&hello, ia, "10.0.0.1:7", ic).is_err());
+        assert!(check_hello_proof(&hello, ia, "10.0.0.9:7", ib).is_err());
+        assert!(check_hello_proof(&hello, ic, "10.0.0.1:7", ib).is_err());
+        // C cannot make a proof for A's id.
+        let forged = match c.hello_proof(ib, "10.0.0.1:7") {
+            Message::Proof { sig, .. } => Message::Proof { key: a.public_key(), sig },
+            other => panic!("{other:?}"),
+        };
+        assert!(check_hello_proof(&forged, ia, "10.0.0.1:7", ib).is_err());
+        let ack = b.ack_proof(ia);
+        assert_eq!(check_ack_proof(&ack, ib, ia), Ok(()));
+        assert!(check_ack_proof(&ack, ib, ic).is_err());
+        assert!(check_ack_proof(&hello, ia, ib).is_err(), "a hello proof is no ack proof");
+        assert!(check_ack_proof(&Message::Ping(1), ib, ia).is_err());
+        assert_eq!(Identity::from_secret(a.secret()).node_id(), ia);
     }
 }

@@ -41,6 +41,7 @@ fn variant(m: &Message) -> &'static str {
         Message::Close { .. } => "Close",
         Message::Ping(_) => "Ping",
         Message::Pong(_) => "Pong",
+        Message::Proof { .. } => "Proof",
         Message::JoinRequest { .. } => "JoinRequest",
         Message::JoinAccept { .. } => "JoinAccept",
         Message::JoinRedirect { .. } => "JoinRedirect",
@@ -59,7 +60,7 @@ fn variant(m: &Message) -> &'static str {
     }
 }
 
-const VARIANTS: usize = 20;
+const VARIANTS: usize = 21;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -93,6 +94,7 @@ fn one_of_each() -> Vec<Message> {
         Message::Close { code: CloseCode::Duplicate, reason: "lower id wins".into() },
         Message::Ping(1),
         Message::Pong(u64::MAX),
+        Message::Proof { key: [7; 32], sig: [9; 64] },
         Message::JoinRequest { channel: ChannelId(9), addr: "h:1".into(), snapshot: snapshot.clone() },
         Message::JoinAccept {
             channel: ChannelId(9),

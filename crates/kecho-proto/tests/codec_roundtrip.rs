@@ -145,6 +145,8 @@ fn message() -> impl Strategy<Value = Message> {
         (ch.clone(), any::<u32>(), any::<u64>(), vec(any::<u32>(), 0..4)).prop_map(|(channel, s, count, ids)| {
             Message::Lagged { channel, source: LocalId(s), count, sinks: ids.into_iter().map(LocalId).collect() }
         }),
+        (any::<[u8; 32]>(), vec(any::<u8>(), 64))
+            .prop_map(|(key, sig)| Message::Proof { key, sig: sig.try_into().expect("64 bytes") }),
         (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, skipped)| Message::Routed {
             channel,
             source: LocalId(s),

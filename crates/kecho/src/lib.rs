@@ -31,6 +31,7 @@ pub mod wasm;
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
 pub use error::{Error, Result};
 pub use kecho_proto::codec::FilterKind;
+pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};

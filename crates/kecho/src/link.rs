@@ -276,21 +276,28 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
     let _ = stream.set_nodelay(true);
     let remote = stream.peer_addr().ok();
     let (mut rd, mut wr) = secure_dial(node, stream, addr).await?;
-    let hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        node: node.id,
-        addr: node.advertised.to_string(),
-        purpose: Purpose::Node,
-    };
-    wr.write_all(&hello.to_bytes()).await.map_err(|e| e.to_string())?;
+    let my_addr = node.advertised.to_string();
+    let mut hello = BytesMut::new();
+    Message::Hello { version: PROTOCOL_VERSION, node: node.id, addr: my_addr.clone(), purpose: Purpose::Node }
+        .encode(&mut hello);
+    node.identity.hello_proof(peer.id, &my_addr).encode(&mut hello);
+    wr.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(4096);
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame))
-        .await
-        .map_err(|_| "handshake timed out".to_owned())??;
-    match handshake::dial_answer(&first, peer.id, addr) {
-        handshake::Dial::Up => {}
-        handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
-        handshake::Dial::Failed(why) => return Err(why),
+    let answer = async {
+        let first = read_frame(&mut rd, &mut buf, node.cfg.max_frame).await?;
+        match handshake::dial_answer(&first, peer.id, addr) {
+            handshake::Dial::Up => {}
+            handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
+            handshake::Dial::Failed(why) => return Err(why),
+        }
+        // The peer proves it is the node we meant to reach.
+        let proof = read_frame(&mut rd, &mut buf, node.cfg.max_frame).await?;
+        handshake::check_ack_proof(&proof, peer.id, node.id)?;
+        Ok(DialOutcome::Up)
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| "handshake timed out".to_owned())?? {
+        DialOutcome::Up => {}
+        other => return Ok(other),
     }
     let mut link = peer.link.lock();
     if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
@@ -327,8 +334,23 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
             return;
         }
     };
+    // The dialler proves it is the node it claims to be, before it is let near any channel.
+    let proof = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await;
+    let checked = match proof {
+        Ok(Ok(p)) => handshake::check_hello_proof(&p, their, &their_addr, node.id),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!("no identity proof within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    if let Err(why) = checked {
+        tracing::warn!(%remote, "refusing connection: {why}");
+        let _ = wr.write_all(&close(CloseCode::Handshake, &why)).await;
+        return;
+    }
     let peer = node.peer(their, &their_addr);
-    let ack = Message::HelloAck { version: PROTOCOL_VERSION, node: node.id }.to_bytes();
+    let mut ack = BytesMut::new();
+    Message::HelloAck { version: PROTOCOL_VERSION, node: node.id }.encode(&mut ack);
+    node.identity.ack_proof(their).encode(&mut ack);
+    let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
     let refused = {
         let mut link = peer.link.lock();

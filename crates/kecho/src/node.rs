@@ -56,6 +56,9 @@ pub struct NodeConfig {
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub tls: Option<crate::TlsConfig>,
+    /// This node's identity (its signing key; its node id derives from it). `None` (the default) makes a new one at
+    /// start; give one to keep a node id across restarts.
+    pub identity: Option<kecho_proto::handshake::Identity>,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +76,7 @@ impl Default for NodeConfig {
             membership: MembershipConfig::default(),
             gap_memory: Duration::from_secs(60),
             tls: None,
+            identity: None,
         }
     }
 }
@@ -166,8 +170,11 @@ impl NodeBuilder {
             (None, Some(a)) => RegistryClient::remote(a),
             (None, None) => RegistryClient::in_process(),
         };
+        let identity =
+            cfg.identity.clone().unwrap_or_else(|| kecho_proto::handshake::Identity::from_secret(rand::random()));
         let inner = Arc::new(NodeInner {
-            id: NodeId(rand::random()),
+            id: identity.node_id(),
+            identity,
             addr,
             advertised,
             last_link_error: Mutex::new(None),
@@ -323,6 +330,8 @@ impl Node {
 pub(crate) struct NodeInner {
     pub(crate) id: NodeId,
     pub(crate) addr: SocketAddr,
+    /// Proves this node's id on every link.
+    pub(crate) identity: kecho_proto::handshake::Identity,
     /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
     pub(crate) advertised: SocketAddr,
     /// Why the last attempt to link with another node failed, to explain a channel that cannot be opened.

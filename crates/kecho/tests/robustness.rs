@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use kecho::{Attrs, Node, RegistryClient, SinkOptions};
+use kecho::{Attrs, Identity, Node, RegistryClient, SinkOptions};
 use kecho_proto::codec::{decode_frame, CloseCode, Purpose};
 use kecho_proto::{Message, NodeId, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,7 +16,9 @@ const T: Duration = Duration::from_secs(10);
 /// Two nodes with a channel and a flowing event, to show that they are unaffected.
 async fn pair() -> Result<(Node, Node, kecho::Source, kecho::Sink)> {
     let reg = RegistryClient::in_process_private();
-    let a = Node::builder().registry_client(reg.clone()).start().await?;
+    // Node a's identity is known, so that the tests can address proofs to it.
+    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
+    let a = Node::builder().config(cfg).registry_client(reg.clone()).start().await?;
     let b = Node::builder().registry_client(reg).start().await?;
     let ca = a.create_channel("robust").await?;
     let cb = b.open_channel("robust").await?;
@@ -48,8 +50,69 @@ async fn read_until_closed(s: &mut TcpStream) -> Result<Vec<Message>> {
     }
 }
 
+const A_SECRET: [u8; 32] = [0xa; 32];
+
+/// A `Hello` from a made-up node, with its identity proof for node a.
 fn hello(version: u16) -> Vec<u8> {
-    Message::Hello { version, node: NodeId(42), addr: "127.0.0.1:9".into(), purpose: Purpose::Node }.to_bytes().to_vec()
+    let me = Identity::from_secret([0x42; 32]);
+    let to = Identity::from_secret(A_SECRET).node_id();
+    let addr = "127.0.0.1:9";
+    let mut b = BytesMut::new();
+    Message::Hello { version, node: me.node_id(), addr: addr.into(), purpose: Purpose::Node }.encode(&mut b);
+    me.hello_proof(to, addr).encode(&mut b);
+    b.to_vec()
+}
+
+/// A node that claims another node's id is refused: it cannot prove it. Nor can a proof made for another node or
+/// another address be used, and a `Hello` without a proof is refused after the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_claim_another_nodes_id() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let a_id = Identity::from_secret(A_SECRET).node_id();
+    let victim = Identity::from_secret([0x55; 32]);
+    let mallory = Identity::from_secret([0x66; 32]);
+    let addr = "127.0.0.1:9";
+    let as_victim = |proof: Message, addr: &str| {
+        let mut b = BytesMut::new();
+        Message::Hello { version: PROTOCOL_VERSION, node: victim.node_id(), addr: addr.into(), purpose: Purpose::Node }
+            .encode(&mut b);
+        proof.encode(&mut b);
+        b
+    };
+    let forged = match mallory.hello_proof(a_id, addr) {
+        Message::Proof { sig, .. } => Message::Proof { key: victim.public_key(), sig },
+        other => bail!("{other:?}"),
+    };
+    let cases = [
+        ("mallory's own proof", as_victim(mallory.hello_proof(a_id, addr), addr)),
+        ("the victim's key with mallory's signature", as_victim(forged, addr)),
+        ("a proof made for another node", as_victim(victim.hello_proof(NodeId(1), addr), addr)),
+        ("a proof made for another address", as_victim(victim.hello_proof(a_id, "127.0.0.1:8"), addr)),
+    ];
+    for (what, bytes) in cases {
+        let mut s = TcpStream::connect(a.local_addr()).await?;
+        s.write_all(&bytes).await?;
+        let msgs = read_until_closed(&mut s).await?;
+        match msgs.as_slice() {
+            [Message::Close { code: CloseCode::Handshake, reason }] => {
+                assert!(reason.contains("proof"), "{what}: {reason}")
+            }
+            other => bail!("{what}: expected one Close(Handshake), got {other:?}"),
+        }
+    }
+    // The genuine article gets in.
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&as_victim(victim.hello_proof(a_id, addr), addr)).await?;
+    let mut buf = BytesMut::new();
+    let ack = loop {
+        timeout(T, s.read_buf(&mut buf)).await??;
+        if let Some(m) = decode_frame(&mut buf, 1 << 20)? {
+            break m;
+        }
+    };
+    assert!(matches!(ack, Message::HelloAck { node, .. } if node == a_id), "{ack:?}");
+    drop(s);
+    still_flows(&mut src, &mut sink).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +185,8 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     use kecho_proto::{LocalId, MemberInfo, NodeSnapshot, Overflow, Role, TypeFilter};
     let reg = RegistryClient::in_process_private();
     let hb = Duration::from_millis(600);
-    let a = Node::builder().registry_client(reg.clone()).heartbeat_timeout(hb).start().await?;
+    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
+    let a = Node::builder().config(cfg).registry_client(reg.clone()).heartbeat_timeout(hb).start().await?;
     let ch = a.create_channel("hb").await?;
     let entry = match reg.request(Message::RegLookup { req: 0, name: "hb".into() }).await? {
         RegResult::Entry(e) => e,
