@@ -112,12 +112,18 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         shared_name: Option<String>,
     },
-    /// Run an embedded registry and a small cluster on loopback; print what each sink got and delivery latency.
+    /// Run an embedded registry and a small cluster on loopback; print what each sink got and delivery latency, then
+    /// a short web-farm run (KECho's load balancer against other modes).
     Demo {
         /// Events per source in the latency run.
         #[arg(long, default_value_t = 2000)]
         events: u64,
+        /// Leave out the web-farm part.
+        #[arg(long)]
+        no_webfarm: bool,
     },
+    /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
+    Webfarm(kecho_lb::WebfarmArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -287,7 +293,15 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Sub(a) => sub(a).await,
         Cmd::Pub(a) => publish(a).await,
         Cmd::Channels { reg } => channels(&reg).await,
-        Cmd::Demo { events } => demo::run(events).await,
+        Cmd::Demo { events, no_webfarm } => {
+            demo::run(events).await?;
+            if !no_webfarm {
+                println!();
+                kecho_lb::demo_webfarm().await?;
+            }
+            Ok(())
+        }
+        Cmd::Webfarm(args) => kecho_lb::run_webfarm(args).await,
         Cmd::Certs { dir, nodes, shared_name } => certs::write(&dir, &nodes, shared_name.as_deref()),
         Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls } } => {
             install_filter(&channel, &file, out, &reg, timeout, &tls).await
