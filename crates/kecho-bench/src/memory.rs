@@ -119,9 +119,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     ]);
     s.tables.push(t);
     s.notes.push(
-        "VmRSS deltas: pages touched, not bytes allocated; a sink's queue grows with its contents, so an idle sink \
-         costs less than a full one (a full queue of 1024 events of 100 B adds roughly 1024 x (100 B + event \
-         header)). A source keeps a 64 KiB encode buffer, reserved but untouched until it sends."
+        "VmRSS deltas (pages touched, not bytes allocated), idle members: a sink's queued events come on top; a \
+         source's share is mostly its 64 KiB encode buffer, allocated when the source is made."
             .into(),
     );
     s.put("probe", &p);

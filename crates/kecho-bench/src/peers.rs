@@ -116,17 +116,15 @@ impl Peers {
     /// congestion control (a full link waits instead of dropping, as kecho's Block sinks do).
     pub async fn zenoh_topology(&self, sources: usize, sinks: usize) -> Result<(Vec<AnyTx>, Vec<AnyRx>, u64)> {
         let key = fresh_name("bench/tp");
-        // One session per member, all connected to the first (peer mode routes between them).
-        let hub_port = free_port()?;
+        // One session per member, each connected to every earlier one: a full mesh, because a peer does not
+        // forward other peers' data.
+        let mut ports = Vec::new();
         let mut rxs = Vec::new();
         let mut sessions = Vec::new();
-        for i in 0..sources + sinks {
-            let s = if i == 0 {
-                zenoh_session(hub_port, None).await?
-            } else {
-                zenoh_session(free_port()?, Some(hub_port)).await?
-            };
-            sessions.push(s);
+        for _ in 0..sources + sinks {
+            let port = free_port()?;
+            sessions.push(zenoh_session(port, &ports).await?);
+            ports.push(port);
         }
         for s in &sessions[sources..] {
             rxs.push(zenoh_sub(s, &key).await?);
@@ -188,27 +186,25 @@ impl NatsRx {
     }
 }
 
-/// A Zenoh session in peer mode listening on `port`, connected to `connect` if given; loopback only, no multicast
-/// scouting.
-async fn zenoh_session(port: u16, connect: Option<u16>) -> Result<zenoh::Session> {
+/// A Zenoh session in peer mode listening on `port`, connected to the sessions on `connect`; loopback only, no
+/// multicast scouting.
+async fn zenoh_session(port: u16, connect: &[u16]) -> Result<zenoh::Session> {
     let mut c = zenoh::Config::default();
     let set =
         |c: &mut zenoh::Config, k: &str, v: &str| c.insert_json5(k, v).map_err(|e| anyhow!("zenoh config {k}: {e}"));
     set(&mut c, "mode", r#""peer""#)?;
     set(&mut c, "scouting/multicast/enabled", "false")?;
     set(&mut c, "listen/endpoints", &format!(r#"["tcp/127.0.0.1:{port}"]"#))?;
-    match connect {
-        Some(p) => set(&mut c, "connect/endpoints", &format!(r#"["tcp/127.0.0.1:{p}"]"#))?,
-        None => set(&mut c, "connect/endpoints", "[]")?,
-    }
+    let endpoints: Vec<String> = connect.iter().map(|p| format!(r#""tcp/127.0.0.1:{p}""#)).collect();
+    set(&mut c, "connect/endpoints", &format!("[{}]", endpoints.join(",")))?;
     zenoh::open(c).await.map_err(|e| anyhow!("opening a zenoh session: {e}"))
 }
 
 /// Two connected sessions.
 async fn zenoh_sessions() -> Result<(zenoh::Session, zenoh::Session)> {
     let pa = free_port()?;
-    let a = zenoh_session(pa, None).await?;
-    let b = zenoh_session(free_port()?, Some(pa)).await?;
+    let a = zenoh_session(pa, &[]).await?;
+    let b = zenoh_session(free_port()?, &[pa]).await?;
     Ok((a, b))
 }
 

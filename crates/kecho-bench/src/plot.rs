@@ -106,6 +106,14 @@ fn submit_lines(data: &Value) -> Vec<Line> {
                 lines.push(Line { label: format!("{size} B, {what}"), points });
             }
         }
+        let raw: Vec<(f64, f64)> = rows(data)
+            .iter()
+            .filter(|r| r["size"].as_u64() == Some(size))
+            .filter_map(|r| Some((r["sinks"].as_f64()?, r["raw_ns"].as_f64()? / 1e3)))
+            .collect();
+        if !raw.is_empty() {
+            lines.push(Line { label: format!("{size} B, raw TCP writer"), points: raw });
+        }
     }
     lines
 }

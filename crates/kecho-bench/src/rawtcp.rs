@@ -101,3 +101,53 @@ pub async fn topology(sources: usize, sinks: usize) -> Result<(Vec<AnyTx>, Vec<A
     }
     Ok((txs, rxs, 1))
 }
+
+/// The floor for the submission cost: one thread writes each message to `sinks` loopback sockets (length-prefixed,
+/// batched in a 64 KiB buffer per socket, as kecho's writers batch), with a reader thread per socket. Returns the
+/// writing thread's CPU ns per message. On loopback the kernel delivers into the receiving socket inside the
+/// sender's `write`, so this cost grows with the number of sockets even though the payload is the same.
+pub fn source_cost(size: usize, sinks: usize, n: u64) -> Result<f64> {
+    use std::io::{BufReader as StdBufReader, BufWriter as StdBufWriter, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..sinks {
+        let w = std::net::TcpStream::connect(addr)?;
+        let (r, _) = listener.accept()?;
+        w.set_nodelay(true)?;
+        writers.push(StdBufWriter::with_capacity(BUF, w));
+        readers.push(std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut r = StdBufReader::with_capacity(BUF, r);
+            let mut buf = Vec::new();
+            let mut got = 0;
+            for _ in 0..n {
+                let mut len = [0u8; 4];
+                r.read_exact(&mut len)?;
+                buf.resize(u32::from_le_bytes(len) as usize, 0);
+                r.read_exact(&mut buf)?;
+                got += 1;
+            }
+            Ok(got)
+        }));
+    }
+    let payload = vec![0x5au8; size];
+    let t0 = crate::util::self_cpu_ns();
+    for _ in 0..n {
+        for w in &mut writers {
+            w.write_all(&(size as u32).to_le_bytes())?;
+            w.write_all(&payload)?;
+        }
+    }
+    for w in &mut writers {
+        w.flush()?;
+    }
+    let cpu = crate::util::self_cpu_ns() - t0;
+    for r in readers {
+        let got = r.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+        if got != n {
+            anyhow::bail!("raw TCP reader got {got} of {n}");
+        }
+    }
+    Ok(cpu as f64 / n as f64)
+}

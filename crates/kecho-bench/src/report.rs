@@ -22,8 +22,10 @@ impl Table {
         Table { title: title.into(), columns: columns.iter().map(|c| (*c).to_owned()).collect(), rows: Vec::new() }
     }
 
-    /// Adds a row; missing cells are left empty so that the Markdown stays well-formed.
+    /// Adds a row. A row that does not fit the columns is a bug in the workload: debug builds (the smoke test)
+    /// stop on it; release builds pad or cut it so that the Markdown stays well-formed.
     pub fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.columns.len(), "row {cells:?} for columns {:?}", self.columns);
         let mut cells = cells;
         cells.resize(self.columns.len(), String::new());
         self.rows.push(cells);

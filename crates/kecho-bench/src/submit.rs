@@ -142,6 +142,8 @@ struct Row {
     size: usize,
     sinks: usize,
     cost: SourceCost,
+    /// The raw TCP floor: CPU ns per message of one thread writing it to this many sockets (NaN with --no-peers).
+    raw_ns: f64,
 }
 
 pub fn run(args: &BenchArgs) -> Result<Section> {
@@ -152,7 +154,12 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         for sinks in [1, 2, 4, 8] {
             let cost = source_cost(size, sinks, None, sinks as u64, n, warmup)
                 .with_context(|| format!("{size} B to {sinks} sinks"))?;
-            rows.push(Row { size, sinks, cost });
+            let raw_ns = if args.no_peers {
+                f64::NAN
+            } else {
+                crate::rawtcp::source_cost(size, sinks, n).with_context(|| format!("raw TCP {size} B to {sinks}"))?
+            };
+            rows.push(Row { size, sinks, cost, raw_ns });
         }
     }
     let mut s = Section::new("submit");
@@ -165,11 +172,15 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             "submit call CPU / event",
             "wall / event",
             "node CPU vs 1 sink",
+            "raw TCP writer CPU / message",
+            "raw TCP vs 1 socket",
             "lost",
         ],
     );
     for r in &rows {
-        let one = rows.iter().find(|x| x.size == r.size && x.sinks == 1).map(|x| x.cost.node_ns).unwrap_or(f64::NAN);
+        let first = rows.iter().find(|x| x.size == r.size && x.sinks == 1);
+        let one = first.map(|x| x.cost.node_ns).unwrap_or(f64::NAN);
+        let raw_one = first.map(|x| x.raw_ns).unwrap_or(f64::NAN);
         t.row(vec![
             format!("{} B", r.size),
             r.sinks.to_string(),
@@ -177,6 +188,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             fmt_ns(r.cost.call_ns),
             fmt_ns(r.cost.wall_ns),
             fmt_ratio(r.cost.node_ns / one),
+            fmt_ns(r.raw_ns),
+            fmt_ratio(r.raw_ns / raw_one),
             r.cost.lost.to_string(),
         ]);
     }
