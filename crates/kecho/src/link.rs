@@ -93,6 +93,21 @@ async fn secure_accept(node: &NodeInner, stream: TcpStream, remote: SocketAddr) 
     }
 }
 
+/// Membership messages (joins, snapshots and their answers) a peer may send per second, and in one burst. Joins and
+/// attribute updates are rare and coalesced by well-behaved senders; this bounds what a misbehaving or hostile peer
+/// can make this node do.
+pub(crate) const MEMBERSHIP_RATE: f64 = 500.0;
+pub(crate) const MEMBERSHIP_BURST: f64 = 1000.0;
+
+/// The membership budget of one peer.
+struct MembershipGate {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Snapshots that arrived over budget, the newest per channel and node: they are applied later, not lost, since
+    /// only the newest counts anyway.
+    deferred: Vec<Message>,
+}
+
 /// Another node, as this node sees it.
 pub(crate) struct Peer {
     pub(crate) id: NodeId,
@@ -104,6 +119,7 @@ pub(crate) struct Peer {
     has_lag: AtomicBool,
     /// Counts the times queued frames were thrown away with a broken link; see `epoch`.
     epoch: AtomicU64,
+    membership: Mutex<MembershipGate>,
     pub(crate) frames_sent: AtomicU64,
 }
 
@@ -131,6 +147,11 @@ impl Peer {
             lag: Mutex::new(Vec::new()),
             has_lag: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            membership: Mutex::new(MembershipGate {
+                tokens: MEMBERSHIP_BURST,
+                at: std::time::Instant::now(),
+                deferred: Vec::new(),
+            }),
             frames_sent: AtomicU64::new(0),
         }
     }
@@ -166,6 +187,41 @@ impl Peer {
             None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
         }
         self.has_lag.store(true, Ordering::Release);
+    }
+
+    /// Takes one unit of this peer's membership budget; false if it is spent.
+    pub(crate) fn take_membership_token(&self) -> bool {
+        let mut g = self.membership.lock();
+        let now = std::time::Instant::now();
+        g.tokens =
+            (g.tokens + now.saturating_duration_since(g.at).as_secs_f64() * MEMBERSHIP_RATE).min(MEMBERSHIP_BURST);
+        g.at = now;
+        if g.tokens >= 1.0 {
+            g.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Keeps a snapshot that arrived over budget, in place of an older one of the same channel and node. Returns true
+    /// if nothing was waiting before (the caller then schedules `take_deferred`).
+    pub(crate) fn defer_snapshot(&self, msg: Message) -> bool {
+        let Message::Snapshot { channel, node, .. } = &msg else { return false };
+        let mut g = self.membership.lock();
+        let first = g.deferred.is_empty();
+        let same =
+            |m: &Message| matches!(m, Message::Snapshot { channel: c, node: n, .. } if c == channel && n == node);
+        match g.deferred.iter_mut().find(|m| same(m)) {
+            Some(slot) => *slot = msg,
+            None => g.deferred.push(msg),
+        }
+        first
+    }
+
+    /// The deferred snapshots, to apply now.
+    pub(crate) fn take_deferred(&self) -> Vec<Message> {
+        std::mem::take(&mut self.membership.lock().deferred)
     }
 
     /// Changes whenever frames queued for this peer were thrown away because its link broke: whatever a source told

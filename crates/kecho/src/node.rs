@@ -513,6 +513,30 @@ impl NodeInner {
             }
             Message::Pong(_) => {}
             Message::Close { code, reason } => return Err(format!("peer closed the link ({code:?}): {reason}")),
+            Message::JoinRequest { .. } | Message::JoinAccept { .. } | Message::JoinRedirect { .. }
+                if !peer.take_membership_token() =>
+            {
+                // Over budget: a genuine joiner asks again after `MembershipConfig::join_attempt`.
+                tracing::debug!(peer = %peer.id, "membership budget spent: dropping a {} message", msg.kind());
+            }
+            Message::Snapshot { .. } if !peer.take_membership_token() => {
+                if peer.defer_snapshot(msg) {
+                    let (node, peer) = (self.clone(), peer.clone());
+                    self.spawn(async move {
+                        // Apply the newest of what waited once the budget allows, one pass per refill.
+                        let wait =
+                            Duration::from_secs_f64(1.0 / crate::link::MEMBERSHIP_RATE).max(Duration::from_millis(20));
+                        tokio::time::sleep(wait).await;
+                        for m in peer.take_deferred() {
+                            if let Message::Snapshot { channel, .. } = &m {
+                                if let Some(ch) = node.channel_by_id(*channel) {
+                                    ch.membership_input(peer.id, m);
+                                }
+                            }
+                        }
+                    });
+                }
+            }
             Message::JoinRequest { channel, ref addr, .. } => match self.channel_by_id(channel) {
                 Some(ch) => ch.membership_input(peer.id, msg),
                 None => {

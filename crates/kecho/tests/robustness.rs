@@ -217,3 +217,103 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     assert!(took < hb * 3, "removed too late: {took:?}");
     Ok(())
 }
+
+/// A member that floods the node with snapshots and join requests costs the others nothing: events keep flowing, its
+/// snapshots are coalesced (the newest wins, none is lost) and its join requests beyond the budget go unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
+    use kecho_proto::codec::RegResult;
+    use kecho_proto::{LocalId, MemberInfo, NodeSnapshot, Overflow, Role, TypeFilter};
+    let reg = RegistryClient::in_process_private();
+    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
+    let a = Node::builder().config(cfg).registry_client(reg.clone()).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).start().await?;
+    let ca = a.create_channel("flood").await?;
+    let cb = b.open_channel("flood").await?;
+    let mut sink = cb.sink(SinkOptions::new())?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    let entry = match reg.request(Message::RegLookup { req: 0, name: "flood".into() }).await? {
+        RegResult::Entry(e) => e,
+        other => bail!("lookup: {other:?}"),
+    };
+    let sinks = |n: u32| NodeSnapshot {
+        version: 0,
+        members: (1..=n)
+            .map(|i| MemberInfo {
+                id: LocalId(i),
+                role: Role::Sink { types: TypeFilter::All, overflow: Overflow::DropOldest, filter: None },
+                attrs: Default::default(),
+            })
+            .collect(),
+    };
+    let me = Identity::from_secret([0x42; 32]);
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION)).await?;
+    let join = |snapshot| Message::JoinRequest { channel: entry.channel, addr: "127.0.0.1:9".into(), snapshot };
+    let mut first = sinks(1);
+    first.version = 1;
+    s.write_all(&join(first).to_bytes()).await?;
+    ca.wait_for_sinks(2, T).await?;
+
+    // The flood: 20,000 snapshots (1 to 4 sinks, the last with 3) and 3,000 join requests, as fast as TCP takes them.
+    const SNAPSHOTS: u64 = 20_000;
+    const JOINS: u64 = 3_000;
+    let (mut rd, mut wr) = s.into_split();
+    let answers = tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        let mut accepts = 0u64;
+        while let Ok(Ok(n)) = timeout(Duration::from_secs(3), rd.read_buf(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            while let Ok(Some(m)) = decode_frame(&mut buf, 1 << 24) {
+                accepts += u64::from(matches!(m, Message::JoinAccept { .. }));
+            }
+        }
+        accepts
+    });
+    let started = tokio::time::Instant::now();
+    let mut out = BytesMut::new();
+    for v in 0..SNAPSHOTS {
+        let n = if v == SNAPSHOTS - 1 { 3 } else { (v % 4) as u32 + 1 };
+        let mut snap = sinks(n);
+        snap.version = v + 2;
+        Message::Snapshot {
+            channel: entry.channel,
+            node: me.node_id(),
+            addr: "127.0.0.1:9".into(),
+            snapshot: snap,
+            left: false,
+            reply: false,
+        }
+        .encode(&mut out);
+        if v % 7 == 0 && v / 7 < JOINS {
+            let mut again = sinks(1);
+            again.version = 1;
+            join(again).encode(&mut out);
+        }
+        if out.len() > 64 * 1024 {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    wr.write_all(&out).await?;
+    let flood_took = started.elapsed();
+    // Events flow meanwhile, and the last snapshot wins.
+    still_flows(&mut src, &mut sink).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    while ca.sinks() != 1 + 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the newest snapshot was not applied: {} sinks", ca.sinks());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    still_flows(&mut src, &mut sink).await?;
+    drop(wr);
+    let accepts = timeout(T, answers).await??;
+    let allowed = 1.0 + 1000.0 + 500.0 * (started.elapsed().as_secs_f64() + 1.0);
+    assert!(
+        (accepts as f64) <= allowed && accepts < JOINS,
+        "{accepts} join answers to {JOINS} join requests sent in {flood_took:?}: more than the budget ({allowed:.0})"
+    );
+    Ok(())
+}
