@@ -122,6 +122,9 @@ enum Cmd {
         #[arg(long)]
         no_webfarm: bool,
     },
+    /// Run the benchmark suite: the KECho paper's measurements against raw TCP (and NATS and Zenoh when built with
+    /// the bench-peers feature); Markdown on standard output, JSON and SVG plots in --out. See BENCHMARKS.md.
+    Bench(kecho_bench::BenchArgs),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(kecho_lb::WebfarmArgs),
 }
@@ -302,6 +305,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Webfarm(args) => kecho_lb::run_webfarm(args).await,
+        Cmd::Bench(args) => kecho_bench::run(args).await,
         Cmd::Certs { dir, nodes, shared_name } => certs::write(&dir, &nodes, shared_name.as_deref()),
         Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls } } => {
             install_filter(&channel, &file, out, &reg, timeout, &tls).await
