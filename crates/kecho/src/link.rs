@@ -603,6 +603,19 @@ async fn reader<R: AsyncRead + Unpin>(
     node: Arc<NodeInner>,
     peer: Arc<Peer>,
     gen: u64,
+    rd: R,
+    buf: BytesMut,
+    live: Arc<LinkLive>,
+    remote: Option<SocketAddr>,
+) {
+    let later = std::cell::RefCell::new(Vec::new());
+    crate::queue::WAKE_LATER.scope(later, read_loop(node, peer, gen, rd, buf, live, remote)).await
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    node: Arc<NodeInner>,
+    peer: Arc<Peer>,
+    gen: u64,
     mut rd: R,
     mut buf: BytesMut,
     live: Arc<LinkLive>,
@@ -640,6 +653,8 @@ async fn reader<R: AsyncRead + Unpin>(
                 }
             }
         }
+        // Every complete frame read so far is handled: wake the sinks that got events, once each.
+        crate::queue::flush_deferred_wakes();
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
@@ -650,6 +665,7 @@ async fn reader<R: AsyncRead + Unpin>(
             Err(e) => break e.to_string(),
         }
     };
+    crate::queue::flush_deferred_wakes();
     tracing::debug!(peer = %peer.id, "reader stopped: {why}");
     // Give the writer a moment to send a Close we queued, then drop the link.
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -129,13 +129,41 @@ struct SinkQ {
     closed: bool,
 }
 
+/// How a sink's receivers are woken: async ones through `readable`, blocking ones through `cv`.
+pub(crate) struct Wake {
+    cv: Condvar,
+    readable: Notify,
+}
+
+impl Wake {
+    fn now(&self) {
+        self.readable.notify_one();
+        self.cv.notify_one();
+    }
+}
+
+tokio::task_local! {
+    /// Set while a link's reader handles the frames of one read: the sinks that got events then are woken once, when
+    /// the reader has handled every frame it read, instead of once per event. Waking a sleeping receiver can cost a
+    /// system call (a futex to unpark its thread); in a burst this turns one per event into one per read.
+    pub(crate) static WAKE_LATER: std::cell::RefCell<Vec<Arc<Wake>>>;
+}
+
+/// Wakes the receivers whose wake-up was deferred by the current task (a link reader), if any.
+pub(crate) fn flush_deferred_wakes() {
+    let pending = WAKE_LATER.try_with(|later| std::mem::take(&mut *later.borrow_mut()));
+    for w in pending.unwrap_or_default() {
+        w.now();
+    }
+}
+
 /// The queue behind one sink.
 pub(crate) struct SinkQueue {
     cap: usize,
     overflow: Overflow,
     q: Mutex<SinkQ>,
-    cv: Condvar,
-    readable: Notify,
+    /// Wakes receivers; shared so that a wake can be deferred to the end of a link's read (see `WAKE_LATER`).
+    wake: Arc<Wake>,
     writable: Notify,
     pub(crate) received: AtomicU64,
     pub(crate) dropped: AtomicU64,
@@ -157,8 +185,7 @@ impl SinkQueue {
             cap: cap.max(1),
             overflow,
             q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 1024)), events: 0, closed: false }),
-            cv: Condvar::new(),
-            readable: Notify::new(),
+            wake: Arc::new(Wake { cv: Condvar::new(), readable: Notify::new() }),
             writable: Notify::new(),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -226,6 +253,8 @@ impl SinkQueue {
                 Offer::Full(back) => ev = back,
                 other => return other,
             }
+            // The receivers must run to make room: wake whoever waits for events now.
+            flush_deferred_wakes();
             room.await;
         }
     }
@@ -244,7 +273,7 @@ impl SinkQueue {
 
     pub(crate) fn close(&self) {
         self.q.lock().closed = true;
-        self.wake_readers();
+        self.wake.now();
         self.writable.notify_waiters();
     }
 
@@ -257,8 +286,15 @@ impl SinkQueue {
     }
 
     fn wake_readers(&self) {
-        self.readable.notify_one();
-        self.cv.notify_one();
+        let deferred = WAKE_LATER.try_with(|later| {
+            let mut later = later.borrow_mut();
+            if !later.iter().any(|w| Arc::ptr_eq(w, &self.wake)) {
+                later.push(self.wake.clone());
+            }
+        });
+        if deferred.is_err() {
+            self.wake.now();
+        }
     }
 
     pub(crate) fn try_recv(&self) -> Result<Event, TryRecvError> {
@@ -286,7 +322,7 @@ impl SinkQueue {
             Err(TryRecvError::Empty) => {}
         }
         loop {
-            let arrived = self.readable.notified();
+            let arrived = self.wake.readable.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             match self.try_recv() {
@@ -313,11 +349,11 @@ impl SinkQueue {
                 None if q.closed => return Err(TryRecvError::Closed),
                 None => match deadline {
                     Some(d) => {
-                        if self.cv.wait_until(&mut q, d).timed_out() && q.items.is_empty() {
+                        if self.wake.cv.wait_until(&mut q, d).timed_out() && q.items.is_empty() {
                             return Err(TryRecvError::Empty);
                         }
                     }
-                    None => self.cv.wait(&mut q),
+                    None => self.wake.cv.wait(&mut q),
                 },
             }
         }
