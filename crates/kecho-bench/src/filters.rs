@@ -220,6 +220,19 @@ fn call_costs(iters: u64) -> Result<Vec<CallRow>> {
             ns: bench::out_filter_ns(&sel, &sinks, &event, iters),
         });
     }
+    // IN-filters: duplicate suppression over a window (KECho's "first response wins"), with one key, so that every
+    // call after the first looks a duplicate up; and a rate limit that never refuses.
+    let dedupe = kecho::filter::Dedupe::new("rsp", Duration::from_secs(1));
+    let keyed = event.clone().with("rsp", 7i64);
+    rows.push(CallRow {
+        filter: "IN-filter `Dedupe(rsp)`".into(),
+        ns: bench::in_filter_ns(&dedupe, &sinks, &keyed, iters),
+    });
+    let limit = kecho::filter::RateLimit::new(1e9, 1_000_000);
+    rows.push(CallRow {
+        filter: "IN-filter `RateLimit`".into(),
+        ns: bench::in_filter_ns(&limit, &sinks, &event, iters),
+    });
     let expr = r#"type == "load" && cpu > 0.8 && zone in ["a", "b"]"#;
     if let Some(ns) = bench::content_filter_fast_ns(expr, "load", &event, iters)? {
         rows.push(CallRow { filter: format!("expression `{expr}` (direct evaluation, used)"), ns });

@@ -1157,6 +1157,25 @@ pub mod bench {
         start.elapsed().as_nanos() as f64 / iters as f64
     }
 
+    /// Mean nanoseconds per call of an IN-filter deciding on an event with `attrs` for local sinks with `sinks`
+    /// attributes. The event's attributes are cloned per call, as an IN-filter may change them; that clone is timed
+    /// separately and subtracted.
+    pub fn in_filter_ns(filter: &dyn InFilter, sinks: &[Attrs], attrs: &Attrs, iters: u64) -> f64 {
+        let local = LocalSinks { attrs: sinks };
+        let start = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(attrs.clone());
+        }
+        let clone_ns = start.elapsed().as_nanos() as f64;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let mut a = attrs.clone();
+            let mut ev = InEvent { ty: "response", attrs: &mut a, payload: b"" };
+            std::hint::black_box(filter.filter(std::hint::black_box(&mut ev), &local));
+        }
+        ((start.elapsed().as_nanos() as f64 - clone_ns) / iters as f64).max(0.0)
+    }
+
     /// Mean nanoseconds of the direct evaluator (`None` if the expression is outside its subset).
     pub fn content_filter_fast_ns(expr: &str, ty: &str, attrs: &Attrs, iters: u64) -> Result<Option<f64>, FilterError> {
         let f = ContentFilter::compile(expr)?;
