@@ -48,6 +48,10 @@ struct NodeArgs {
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
     #[arg(long)]
     allow_filters: bool,
+    /// This node's identity (see `kecho identity new`), so that its node id stays the same across restarts; default
+    /// a new one per start.
+    #[arg(long, value_name = "FILE", env = "KECHO_IDENTITY")]
+    identity: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -101,6 +105,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FilterCmd,
     },
+    /// Make or show a node identity: the key a node proves its node id with (see --identity).
+    Identity {
+        #[command(subcommand)]
+        cmd: IdentityCmd,
+    },
     /// Make a CA and certificates for TLS node links (a development CA: keep ca.key safe or use your own PKI).
     Certs {
         /// Directory to write ca.pem, ca.key and NAME.pem / NAME.key per node into.
@@ -127,6 +136,20 @@ enum Cmd {
     Bench(kecho_bench::BenchArgs),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(kecho_lb::WebfarmArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCmd {
+    /// Write a new identity to FILE (refuses to overwrite) and print its node id.
+    New {
+        /// Where to keep it (readable by its owner only).
+        file: std::path::PathBuf,
+    },
+    /// Print the node id and public key of the identity in FILE.
+    Show {
+        /// The identity file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -305,6 +328,12 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Webfarm(args) => kecho_lb::run_webfarm(args).await,
+        Cmd::Identity { cmd: IdentityCmd::New { file } } => identity_new(&file),
+        Cmd::Identity { cmd: IdentityCmd::Show { file } } => {
+            let id = read_identity(&file)?;
+            println!("node {}  public key {}", id.node_id(), hex(&id.public_key()));
+            Ok(())
+        }
         Cmd::Bench(args) => kecho_bench::run(args).await,
         Cmd::Certs { dir, nodes, shared_name } => certs::write(&dir, &nodes, shared_name.as_deref()),
         Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls } } => {
@@ -346,6 +375,9 @@ async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> 
     if let Some(tls) = args.tls.config()? {
         builder = builder.tls(tls);
     }
+    if let Some(file) = &args.identity {
+        builder = builder.identity(read_identity(file)?);
+    }
     if let Some(t) = open_timeout.filter(|t| *t > 0.0 && t.is_finite()) {
         let m = kecho::MembershipConfig { open_timeout: Duration::from_secs_f64(t), ..Default::default() };
         builder = builder.membership(m);
@@ -377,6 +409,7 @@ async fn install_filter(
             advertise: None,
             heartbeat: 3.0,
             allow_filters: false,
+            identity: None,
             tls: tls.clone(),
         },
         Some(timeout),
@@ -532,6 +565,47 @@ async fn publish(a: PubArgs) -> Result<()> {
     Ok(())
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn identity_new(file: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let secret: [u8; 32] = rand_secret()?;
+    let id = kecho::Identity::from_secret(secret);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(file).with_context(|| format!("cannot create {} (it must not exist)", file.display()))?;
+    writeln!(f, "{}", hex(&secret)).with_context(|| format!("cannot write {}", file.display()))?;
+    println!("node {}  public key {}", id.node_id(), hex(&id.public_key()));
+    Ok(())
+}
+
+/// 32 random bytes from the operating system.
+fn rand_secret() -> Result<[u8; 32]> {
+    let mut b = [0u8; 32];
+    let mut f = std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?;
+    std::io::Read::read_exact(&mut f, &mut b).context("cannot read /dev/urandom")?;
+    Ok(b)
+}
+
+fn read_identity(file: &std::path::Path) -> Result<kecho::Identity> {
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!("cannot read identity {} (make one with `kecho identity new FILE`)", file.display())
+    })?;
+    let text = text.trim();
+    let bytes: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<_>>()
+        .unwrap_or_default();
+    let secret: [u8; 32] =
+        bytes.try_into().map_err(|_| anyhow::anyhow!("{} is not a kecho identity (64 hex digits)", file.display()))?;
+    Ok(kecho::Identity::from_secret(secret))
+}
+
 async fn channels(reg: &RegistryArg) -> Result<()> {
     let addr = parse_addr("registry", &reg.registry)?;
     let client = kecho::RegistryClient::remote(addr);
@@ -540,14 +614,18 @@ async fn channels(reg: &RegistryArg) -> Result<()> {
         println!("no channels");
         return Ok(());
     }
-    println!("{:<32} {:>8} {:>8}  {:<21} {:>9}", "CHANNEL", "SOURCES", "SINKS", "CONTACT", "LEASE");
+    println!(
+        "{:<32} {:>8} {:>8}  {:<21} {:<16} {:>9}",
+        "CHANNEL", "SOURCES", "SINKS", "CONTACT", "CONTACT NODE", "LEASE"
+    );
     for e in list {
         println!(
-            "{:<32} {:>8} {:>8}  {:<21} {:>8.1}s",
+            "{:<32} {:>8} {:>8}  {:<21} {:<16} {:>8.1}s",
             e.name,
             e.sources,
             e.sinks,
             e.addr,
+            e.contact.to_string(),
             e.expires_in_ms as f64 / 1000.0
         );
     }

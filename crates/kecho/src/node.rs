@@ -94,6 +94,11 @@ impl NodeBuilder {
         self.cfg.listen = addr;
         self
     }
+    /// This node's identity (see [`NodeConfig::identity`]).
+    pub fn identity(mut self, identity: kecho_proto::handshake::Identity) -> Self {
+        self.cfg.identity = Some(identity);
+        self
+    }
     /// Runs node links over TLS (see [`NodeConfig::tls`]).
     pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
         self.cfg.tls = Some(tls);
