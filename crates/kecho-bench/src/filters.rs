@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kecho::filter::{bench, EventView, InDecision, InEvent, LocalSinks, OutFilter, Selector, SinkView};
-use kecho::{Attrs, Node, Overflow, RecvError, SinkOptions};
+use kecho::{Attrs, Node, Overflow, SinkOptions};
 use serde::Serialize;
 
 use crate::pipe::{fresh_name, sink_capacity};
@@ -134,22 +134,8 @@ fn host_cost(k: usize, n: u64, warmup: u64) -> Result<InRow> {
         };
         ch.set_in_filter(Some(Arc::new(filter)));
         for _ in 0..SINKS {
-            let mut sink = ch.sink(SinkOptions::new().capacity(sink_capacity(SIZE)).overflow(Overflow::Block))?;
-            let (delivered, lost) = (delivered.clone(), lost.clone());
-            tokio::spawn(async move {
-                loop {
-                    match sink.recv().await {
-                        Ok(ev) => {
-                            std::hint::black_box(ev.payload().len());
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(RecvError::Lagged(x)) => {
-                            lost.fetch_add(x, Ordering::Relaxed);
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
+            let sink = ch.sink(SinkOptions::new().capacity(sink_capacity(SIZE)).overflow(Overflow::Block))?;
+            crate::pipe::spawn_counting_sink(sink, delivered.clone(), lost.clone());
         }
         Ok::<_, anyhow::Error>((node, ch))
     })?;

@@ -302,6 +302,30 @@ pub fn fresh_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Drains `sink` on the current runtime until it closes, counting the events delivered and those it was told it
+/// missed.
+pub fn spawn_counting_sink(
+    mut sink: kecho::Sink,
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        loop {
+            match sink.recv().await {
+                Ok(ev) => {
+                    std::hint::black_box(ev.payload().len());
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(kecho::RecvError::Lagged(k)) => {
+                    lost.fetch_add(k, Ordering::Relaxed);
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 /// Sink queue capacity for a payload size: deep enough to keep the link busy, bounded in bytes (Block policy, so a
 /// full queue back-pressures the source instead of losing events).
 pub fn sink_capacity(size: usize) -> usize {

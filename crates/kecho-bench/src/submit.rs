@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kecho::filter::OutFilter;
-use kecho::{Attrs, Node, Overflow, RecvError, SinkOptions};
+use kecho::{Attrs, Node, Overflow, SinkOptions};
 use serde::Serialize;
 
 use crate::pipe::{fresh_name, sink_capacity};
@@ -59,22 +59,8 @@ pub fn source_cost(
         for _ in 0..sinks {
             let node = Node::start().await?;
             let ch = node.channel(&name).await?;
-            let mut sink = ch.sink(SinkOptions::new().capacity(sink_capacity(size)).overflow(Overflow::Block))?;
-            let (delivered, lost) = (delivered.clone(), lost.clone());
-            tokio::spawn(async move {
-                loop {
-                    match sink.recv().await {
-                        Ok(ev) => {
-                            std::hint::black_box(ev.payload().len());
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(RecvError::Lagged(k)) => {
-                            lost.fetch_add(k, Ordering::Relaxed);
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
+            let sink = ch.sink(SinkOptions::new().capacity(sink_capacity(size)).overflow(Overflow::Block))?;
+            crate::pipe::spawn_counting_sink(sink, delivered.clone(), lost.clone());
             nodes.push(node);
         }
         Ok::<_, anyhow::Error>(nodes)
