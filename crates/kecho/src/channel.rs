@@ -148,7 +148,13 @@ struct Routes {
     peers: Vec<Arc<Peer>>,
     /// Some sink's content filter needs the CEL interpreter.
     slow_filter: bool,
+    /// Counts the tables built for this process (1 for the first), so that a source can tell a new one from one it
+    /// has seen.
+    generation: u64,
 }
+
+/// The generation of the next routing table.
+static ROUTES_BUILT: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) struct LocalSink {
     id: LocalId,
@@ -380,7 +386,7 @@ impl ChannelInner {
 
     fn rebuild_routes(&self, node: &Arc<NodeInner>) {
         let st = self.state.lock();
-        let mut routes = Routes::default();
+        let mut routes = Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), ..Routes::default() };
         let mut remote_sinks = 0;
         for (id, p) in st.peers() {
             let mut peer_index = None;
@@ -894,6 +900,7 @@ impl Channel {
             key: SourceKey::new(node.id, id),
             sent_to: IdMap::default(),
             ghost_missed: IdMap::default(),
+            ghosts_seen: 0,
         })
     }
 
@@ -1050,6 +1057,9 @@ pub struct Source {
     sent_to: IdMap<NodeId, SendTrack>,
     /// Events that sinks of cut-off nodes would have received, to report when those nodes come back.
     ghost_missed: IdMap<(NodeId, LocalId), u64>,
+    /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
+    /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
+    ghosts_seen: u64,
 }
 
 /// Buffers the submit path reuses, so that it does not allocate per event.
@@ -1223,7 +1233,8 @@ impl Source {
         for g in sc.ghosts.drain(..) {
             *self.ghost_missed.entry(g).or_default() += 1;
         }
-        if !self.ghost_missed.is_empty() {
+        if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
+            self.ghosts_seen = routes.generation;
             report_ghost_missed(&mut self.ghost_missed, &routes, channel, self.id);
         }
         if sc.candidates.is_empty() {
