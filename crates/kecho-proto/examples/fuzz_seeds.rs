@@ -19,7 +19,7 @@ fn main() -> std::io::Result<()> {
         attrs: Attrs::new().with("zone", "a"),
     };
     let source = MemberInfo { id: LocalId(1), role: Role::Source, attrs: Attrs::new() };
-    let snap = NodeSnapshot { version: 3, members: vec![source, sink] };
+    let snap = NodeSnapshot { version: 3, members: vec![source, sink], token: None };
     let ch = ChannelId(1);
     let entry = RegEntry {
         name: "fuzz".into(),
@@ -48,7 +48,9 @@ fn main() -> std::io::Result<()> {
             contact: NodeId(25),
             secret: ChannelSecret(3),
             nodes: vec![PeerEntry { node: NodeId(75), addr: "127.0.0.1:4".into(), snapshot: snap.clone() }],
+            policy: Some(access::Policy { authority: [5; 32], require: access::Roles::ALL }),
         },
+        Message::JoinRefused { channel: ch, reason: "no credential".into() },
         Message::JoinRedirect { channel: ch },
         Message::Snapshot {
             channel: ch,

@@ -8,10 +8,11 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::access::{Policy, Roles, Token};
 use crate::types::*;
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -309,6 +310,15 @@ pub enum Message {
         secret: ChannelSecret,
         /// Member nodes, excluding the joiner.
         nodes: Vec<PeerEntry>,
+        /// The channel's access policy, if it has one: every member checks every other member against it.
+        policy: Option<Policy>,
+    },
+    /// The contact refuses a joiner: its snapshot is not covered by the channel's access policy.
+    JoinRefused {
+        /// Channel.
+        channel: ChannelId,
+        /// Why, for the joiner's error.
+        reason: String,
     },
     /// The receiver is not (or no longer) the channel's contact; ask the registry again.
     JoinRedirect {
@@ -451,6 +461,7 @@ mod kind {
     pub const PING: u8 = 4;
     pub const PONG: u8 = 5;
     pub const PROOF: u8 = 6;
+    pub const JOIN_REFUSED: u8 = 9;
     pub const JOIN_REQUEST: u8 = 10;
     pub const JOIN_ACCEPT: u8 = 11;
     pub const JOIN_REDIRECT: u8 = 12;
@@ -481,6 +492,7 @@ impl Message {
             Message::Proof { .. } => PROOF,
             Message::JoinRequest { .. } => JOIN_REQUEST,
             Message::JoinAccept { .. } => JOIN_ACCEPT,
+            Message::JoinRefused { .. } => JOIN_REFUSED,
             Message::JoinRedirect { .. } => JOIN_REDIRECT,
             Message::Snapshot { .. } => SNAPSHOT,
             Message::Event(_) => EVENT,
@@ -533,7 +545,7 @@ impl Message {
                 put_str(dst, addr);
                 put_snapshot(dst, snapshot);
             }
-            Message::JoinAccept { channel, contact, secret, nodes } => {
+            Message::JoinAccept { channel, contact, secret, nodes, policy } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u64_le(contact.0);
                 dst.put_u128_le(secret.0);
@@ -543,6 +555,18 @@ impl Message {
                     put_str(dst, &n.addr);
                     put_snapshot(dst, &n.snapshot);
                 }
+                match policy {
+                    None => dst.put_u8(0),
+                    Some(p) => {
+                        dst.put_u8(1);
+                        dst.put_slice(&p.authority);
+                        dst.put_u8(p.require.bits());
+                    }
+                }
+            }
+            Message::JoinRefused { channel, reason } => {
+                dst.put_u64_le(channel.0);
+                put_str(dst, reason);
             }
             Message::JoinRedirect { channel } => dst.put_u64_le(channel.0),
             Message::Snapshot { channel, node, addr, snapshot, left, reply } => {
@@ -779,6 +803,15 @@ fn put_snapshot(dst: &mut BytesMut, s: &NodeSnapshot) {
         }
         put_attrs(dst, &m.attrs);
     }
+    match &s.token {
+        None => dst.put_u8(0),
+        Some(t) => {
+            dst.put_u8(1);
+            let b = t.to_bytes();
+            dst.put_u32_le(b.len() as u32);
+            dst.put_slice(&b);
+        }
+    }
 }
 
 fn put_entry(dst: &mut BytesMut, e: &RegEntry) {
@@ -959,7 +992,13 @@ impl Reader {
             let attrs = self.attrs()?;
             members.push(MemberInfo { id, role, attrs });
         }
-        Ok(NodeSnapshot { version, members })
+        let token = if self.flag("token")? {
+            let raw = self.bytes()?;
+            Some(std::sync::Arc::new(Token::from_bytes(&raw).map_err(|_| self.bad("token", 0))?))
+        } else {
+            None
+        };
+        Ok(NodeSnapshot { version, members, token })
     }
 
     fn entry(&mut self) -> Result<RegEntry, DecodeError> {
@@ -1022,8 +1061,19 @@ impl Reader {
                         snapshot: self.snapshot()?,
                     });
                 }
-                Message::JoinAccept { channel, contact, secret, nodes }
+                let policy = if self.flag("policy")? {
+                    self.need(33)?;
+                    let mut authority = [0u8; 32];
+                    self.b.copy_to_slice(&mut authority);
+                    let bits = self.u8()?;
+                    let require = Roles::from_bits(bits).ok_or_else(|| self.bad("roles", bits))?;
+                    Some(Policy { authority, require })
+                } else {
+                    None
+                };
+                Message::JoinAccept { channel, contact, secret, nodes, policy }
             }
+            JOIN_REFUSED => Message::JoinRefused { channel: ChannelId(self.u64()?), reason: self.string()? },
             JOIN_REDIRECT => Message::JoinRedirect { channel: ChannelId(self.u64()?) },
             SNAPSHOT => {
                 let channel = ChannelId(self.u64()?);

@@ -1,6 +1,7 @@
 //! kecho's protocol core. It does no I/O: it turns bytes into typed messages and back, and keeps the membership and
 //! liveness state machines, with the current time passed in by the caller.
 //!
+//! - [`access`]: per-channel access control: authorities, credentials (tokens) and policies.
 //! - [`codec`]: length-prefixed frames and every message kind, as pure functions over bytes.
 //! - [`types`]: identifiers, attribute values and member descriptions shared by all crates.
 //! - [`handshake`]: the decisions of both sides of a connection's handshake.
@@ -9,6 +10,7 @@
 //! - [`registry`]: the registry's lease table (the KECho paper's group server).
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;

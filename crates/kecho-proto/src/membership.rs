@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::access::{Denied, Policy, Roles, Token};
 use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
 use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId, NodeSnapshot};
 
@@ -71,6 +72,9 @@ pub enum OpenFailure {
     Registry(String),
     /// No contact answered in time.
     Timeout,
+    /// The channel's access policy does not let this node in (the contact refused it, or this node's own credential
+    /// does not cover it), or the channel's policy is not the one this node was configured with.
+    Refused(String),
 }
 
 /// A registry request the owner should send; the answer goes to [`ChannelState::handle_registry`].
@@ -106,6 +110,17 @@ pub enum Output {
     Failed(OpenFailure),
     /// This node now believes `NodeId` holds the contact role.
     Contact(NodeId),
+    /// This node refused node `node` (or dropped it from its view): its snapshot is not covered by the channel's
+    /// access policy.
+    Denied {
+        /// The node refused.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The contact refused to take this node in again (its credential expired, say), or answered with another
+    /// access policy than this node's; the node stays in its current view and tries again later.
+    Refused(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -135,6 +150,8 @@ pub struct Peer {
     pub snapshot: NodeSnapshot,
     /// When this node last received a newer snapshot of it (for the age of member attributes).
     pub updated: Instant,
+    /// Its rights under the channel's access policy (every right when the channel has none).
+    pub rights: Roles,
 }
 
 /// Membership of one channel as seen by one node.
@@ -178,6 +195,12 @@ pub struct ChannelState {
     old_id: Option<ChannelId>,
     /// The member counts the registry got with our last claim.
     registered_counts: Option<(u32, u32)>,
+    /// The channel's access policy: configured here (`policy_pinned`), or learnt from the contact.
+    policy: Option<Policy>,
+    /// The policy was configured on this node: a channel with another policy is refused rather than adopted.
+    policy_pinned: bool,
+    /// An instant and the Unix time in seconds at that instant, for credentials' expiry.
+    wall: Option<(Instant, u64)>,
     out: VecDeque<Output>,
 }
 
@@ -217,6 +240,9 @@ impl ChannelState {
             outsiders: BTreeMap::new(),
             old_id: None,
             registered_counts: None,
+            policy: None,
+            policy_pinned: false,
+            wall: None,
             out: VecDeque::new(),
         }
     }
@@ -262,6 +288,114 @@ impl ChannelState {
         all.fold((0, 0), |(so, si), s| (so + s.sources() as u32, si + s.sinks() as u32))
     }
 
+    /// Requires the access policy `policy` in this channel (see `crate::access`); `None` requires nothing and
+    /// adopts the channel's policy when joining. Call before [`ChannelState::open`].
+    pub fn set_policy(&mut self, policy: Option<Policy>) {
+        self.policy = policy;
+        self.policy_pinned = policy.is_some();
+    }
+
+    /// The channel's access policy, as configured or learnt from the contact.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
+    /// Tells the state machine the wall-clock time: at `now`, the Unix time is `unix_secs` seconds. Credentials with
+    /// an expiry are refused until it is known.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_secs: u64) {
+        self.wall = Some((now, unix_secs));
+    }
+
+    fn unix(&self, now: Instant) -> Option<u64> {
+        self.wall.map(|(at, secs)| secs + now.saturating_duration_since(at).as_secs())
+    }
+
+    /// This node's rights in the channel with its credential, or why it has none.
+    pub fn local_rights(&self, now: Instant) -> Result<Roles, Denied> {
+        match &self.policy {
+            None => Ok(Roles::ALL),
+            Some(p) => p.rights(&self.name, self.me, self.local.token.as_deref(), self.unix(now)),
+        }
+    }
+
+    /// True if node `node` (this node included) holds `role` in the channel.
+    pub fn permits(&self, node: NodeId, role: Roles, now: Instant) -> bool {
+        if self.policy.is_none() {
+            return true;
+        }
+        if node == self.me {
+            return self.local_rights(now).is_ok_and(|r| r.contains(role));
+        }
+        self.peers.get(&node).is_some_and(|p| p.rights.contains(role))
+    }
+
+    /// Replaces this node's credential in the channel (a renewed one, say) and tells every other member node.
+    pub fn set_token(&mut self, token: Option<Token>, now: Instant) {
+        if self.phase == Phase::Left {
+            return;
+        }
+        self.local.token = token.map(std::sync::Arc::new);
+        self.publish_local(now);
+    }
+
+    /// Node `node`'s rights if its snapshot `snapshot` is covered by the channel's policy.
+    fn admit(&self, node: NodeId, snapshot: &NodeSnapshot, now: Instant) -> Result<Roles, Denied> {
+        let Some(policy) = &self.policy else { return Ok(Roles::ALL) };
+        let unix = self.unix(now);
+        if let Some(p) = self.peers.get(&node) {
+            // The same credential as before needs no second signature check, only the expiry.
+            let valid = Policy::expiry(snapshot).is_none_or(|t| unix.is_some_and(|u| u < t));
+            if p.snapshot.token == snapshot.token && valid {
+                return policy.check_members(&self.name, snapshot, p.rights);
+            }
+        }
+        policy.admit(&self.name, node, snapshot, unix)
+    }
+
+    /// Like `admit`, reporting a refusal as `Output::Denied`.
+    fn checked(&mut self, node: NodeId, snapshot: &NodeSnapshot, now: Instant) -> Option<Roles> {
+        match self.admit(node, snapshot, now) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                self.out.push_back(Output::Denied { node, reason: why.to_string() });
+                None
+            }
+        }
+    }
+
+    /// Checks every peer again (after the policy changed, or credentials expired) and drops those no longer covered.
+    fn recheck_peers(&mut self, now: Instant) {
+        let nodes: Vec<NodeId> = self.peers.keys().copied().collect();
+        for node in nodes {
+            let Some(p) = self.peers.get(&node) else { continue };
+            let verdict = match &self.policy {
+                None => Ok(Roles::ALL),
+                Some(policy) => policy.admit(&self.name, node, &p.snapshot, self.unix(now)),
+            };
+            match verdict {
+                Ok(r) => {
+                    if let Some(p) = self.peers.get_mut(&node) {
+                        p.rights = r;
+                    }
+                }
+                Err(why) => {
+                    self.out.push_back(Output::Denied { node, reason: why.to_string() });
+                    if self.drop_peer(node) && self.phase == Phase::Member {
+                        self.after_departure(node, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the first peer credential expires.
+    fn next_expiry(&self) -> Option<Instant> {
+        self.policy?;
+        let (at, secs) = self.wall?;
+        let first = self.peers.values().filter_map(|p| Policy::expiry(&p.snapshot)).min()?;
+        Some(at + Duration::from_secs(first.saturating_sub(secs)))
+    }
+
     /// Next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -275,7 +409,8 @@ impl ChannelState {
             _ => None,
         };
         let unconfirmed = self.unconfirmed.values().min().copied().filter(|_| self.phase == Phase::Member);
-        [phase_timer, self.deadline, self.next_renew, unconfirmed].into_iter().flatten().min()
+        let expiry = self.next_expiry().filter(|_| self.phase == Phase::Member);
+        [phase_timer, self.deadline, self.next_renew, unconfirmed, expiry].into_iter().flatten().min()
     }
 
     /// Builds the registry request for `op` with request id `req`.
@@ -312,6 +447,13 @@ impl ChannelState {
         }
         self.mode = mode;
         self.deadline = Some(now + self.cfg.open_timeout);
+        if let Some(policy) = &self.policy {
+            // Our own credential first: better a clear error here than a refusal from every other member.
+            if let Err(why) = policy.admit(&self.name, self.me, &self.local, self.unix(now)) {
+                self.fail(OpenFailure::Refused(why.to_string()));
+                return;
+            }
+        }
         match mode {
             OpenMode::Create => self.start_create(),
             OpenMode::Open | OpenMode::OpenOrCreate => self.start_lookup(),
@@ -323,8 +465,13 @@ impl ChannelState {
         if self.phase == Phase::Left {
             return;
         }
-        self.local.version += 1;
         self.local.members = members;
+        self.publish_local(now);
+    }
+
+    /// Tells every other member node our new snapshot.
+    fn publish_local(&mut self, now: Instant) {
+        self.local.version += 1;
         if self.phase == Phase::Member {
             let targets: Vec<NodeId> = self.peers.keys().copied().collect();
             for to in targets {
@@ -395,14 +542,15 @@ impl ChannelState {
         }
         match msg {
             Message::JoinRequest { addr, snapshot, .. } => self.on_join_request(from, addr, snapshot, now),
-            Message::JoinAccept { contact, secret, nodes, .. } => {
-                self.on_join_accept(from, contact, secret, nodes, now)
+            Message::JoinAccept { contact, secret, nodes, policy, .. } => {
+                self.on_join_accept(from, contact, secret, nodes, policy, now)
             }
             Message::JoinRedirect { .. } => {
                 // It did not take us in.
                 self.outsiders.remove(&from);
                 self.on_join_redirect(from, now)
             }
+            Message::JoinRefused { reason, .. } => self.on_join_refused(from, reason),
             Message::Snapshot { node, addr, snapshot, left, reply, .. } => {
                 self.on_snapshot(from, node, addr, snapshot, left, reply, now)
             }
@@ -550,6 +698,9 @@ impl ChannelState {
             Phase::Joining { since, .. } if now >= since + self.cfg.join_attempt => self.start_lookup(),
             Phase::Backoff { until } if now >= until => self.start_lookup(),
             _ => {}
+        }
+        if self.phase == Phase::Member && self.next_expiry().is_some_and(|t| t <= now) {
+            self.recheck_peers(now);
         }
         if self.phase == Phase::Member {
             let silent: Vec<NodeId> = self.unconfirmed.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
@@ -701,6 +852,20 @@ impl ChannelState {
             self.check_contact(now + self.cfg.retry);
             return;
         }
+        let rights = match self.admit(from, &snapshot, now) {
+            Ok(r) => r,
+            Err(why) => {
+                let reason = why.to_string();
+                self.out.push_back(Output::Denied { node: from, reason: reason.clone() });
+                let msg = Message::JoinRefused { channel: self.id, reason };
+                self.out.push_back(Output::Send { to: from, addr, msg });
+                // A member joining again that is no longer covered (its credential expired) is a member no longer.
+                if self.drop_peer(from) {
+                    self.after_departure(from, now);
+                }
+                return;
+            }
+        };
         let mut nodes = vec![PeerEntry { node: self.me, addr: self.my_addr.clone(), snapshot: self.local.clone() }];
         nodes.extend(self.peers.iter().filter(|(n, _)| **n != from).map(|(n, p)| PeerEntry {
             node: *n,
@@ -712,13 +877,14 @@ impl ChannelState {
         // itself to every listed node new to it), and those it knows know it.
         let relay: Vec<(NodeId, String)> =
             self.peers.iter().filter(|(n, _)| **n != from).map(|(n, p)| (*n, p.addr.clone())).collect();
-        if self.merge_peer(from, addr.clone(), snapshot.clone(), now) {
+        if self.merge_peer(from, addr.clone(), snapshot.clone(), rights, now) {
             for (to, to_addr) in relay {
                 let msg = self.snapshot_message(from, addr.clone(), snapshot.clone(), false, false);
                 self.out.push_back(Output::Send { to, addr: to_addr, msg });
             }
         }
-        let msg = Message::JoinAccept { channel: self.id, contact: self.me, secret: self.secret, nodes };
+        let msg =
+            Message::JoinAccept { channel: self.id, contact: self.me, secret: self.secret, nodes, policy: self.policy };
         self.out.push_back(Output::Send { to: from, addr, msg });
         self.out.push_back(Output::Changed);
     }
@@ -729,6 +895,7 @@ impl ChannelState {
         contact: NodeId,
         secret: ChannelSecret,
         nodes: Vec<PeerEntry>,
+        policy: Option<Policy>,
         now: Instant,
     ) {
         let rejoin = self.phase == Phase::Member;
@@ -741,6 +908,34 @@ impl ChannelState {
             }
         } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
             return;
+        }
+        if policy != self.policy {
+            let describe = |p: &Option<Policy>| match p {
+                None => "no access policy".to_owned(),
+                Some(p) => {
+                    format!("a policy of authority {} requiring credentials for {}", hex8(&p.authority), p.require)
+                }
+            };
+            let why = format!(
+                "channel {:?} has {}, but this node expects {}",
+                self.name,
+                describe(&policy),
+                describe(&self.policy)
+            );
+            if rejoin {
+                // Not the channel we are in (created anew by someone else while we were cut off, say): stay apart.
+                self.join_sent = None;
+                self.out.push_back(Output::Refused(why));
+                return;
+            }
+            if self.policy_pinned {
+                // It took us in: our goodbye tells it (and fail's goodbye reaches it as an outsider).
+                self.fail(OpenFailure::Refused(why));
+                return;
+            }
+            self.policy = policy;
+            // Anyone we heard of before knowing the policy must pass it now.
+            self.recheck_peers(now);
         }
         let sent_version = self.join_sent.take().map(|(_, _, v)| v);
         self.secret = secret;
@@ -757,10 +952,13 @@ impl ChannelState {
             if n.node == self.me {
                 continue;
             }
+            let stale = self.peers.get(&n.node).is_some_and(|p| p.snapshot.version >= n.snapshot.version);
+            let rights = if stale { Some(Roles::NONE) } else { self.checked(n.node, &n.snapshot, now) };
+            let Some(rights) = rights else { continue };
             if n.node != from && !self.peers.contains_key(&n.node) {
                 self.unconfirmed.insert(n.node, now + self.cfg.join_attempt);
             }
-            let changed = self.merge_peer(n.node, n.addr, n.snapshot, now);
+            let changed = self.merge_peer(n.node, n.addr, n.snapshot, rights, now);
             // Introduce ourselves to everyone but the contact, which has our snapshot already; ask for theirs in case
             // it changed since the contact's copy. When joining again, the nodes we know already (at the version the
             // contact has) know us too: whenever a node learns of another, it sends that node its snapshot.
@@ -784,6 +982,21 @@ impl ChannelState {
             self.out.push_back(Output::Ready);
         }
         self.out.push_back(Output::Changed);
+    }
+
+    fn on_join_refused(&mut self, from: NodeId, reason: String) {
+        match &self.phase {
+            Phase::Joining { contact, .. } if *contact == from => {
+                self.outsiders.remove(&from);
+                self.fail(OpenFailure::Refused(reason));
+            }
+            Phase::Member if matches!(&self.join_sent, Some((to, ..)) if *to == from) => {
+                self.join_sent = None;
+                self.outsiders.remove(&from);
+                self.out.push_back(Output::Refused(reason));
+            }
+            _ => {}
+        }
     }
 
     fn on_join_redirect(&mut self, from: NodeId, now: Instant) {
@@ -836,6 +1049,22 @@ impl ChannelState {
             }
             return;
         }
+        let stale = self.peers.get(&node).is_some_and(|p| p.snapshot.version >= snapshot.version);
+        let rights = if stale {
+            Roles::NONE
+        } else {
+            match self.checked(node, &snapshot, now) {
+                Some(r) => r,
+                None => {
+                    // Not covered (a member without the credential its members need, or whose credential expired):
+                    // it is no member of ours, and we relay nothing of it.
+                    if self.drop_peer(node) && self.phase == Phase::Member {
+                        self.after_departure(node, now);
+                    }
+                    return;
+                }
+            }
+        };
         let new_node = !self.peers.contains_key(&node);
         if new_node && self.phase == Phase::Member && self.contact == Some(self.me) {
             // The contact relays every node it learns of, not only those that join through it. When two halves of a
@@ -847,7 +1076,7 @@ impl ChannelState {
                 self.out.push_back(Output::Send { to, addr: to_addr, msg });
             }
         }
-        if self.merge_peer(node, addr, snapshot, now) {
+        if self.merge_peer(node, addr, snapshot, rights, now) {
             self.out.push_back(Output::Changed);
         }
         let direct = from == node;
@@ -902,17 +1131,19 @@ impl ChannelState {
     }
 
     /// Stores a node's snapshot if it is newer than what we have. Returns true if anything changed.
-    fn merge_peer(&mut self, node: NodeId, addr: String, snapshot: NodeSnapshot, now: Instant) -> bool {
+    /// `rights` are the node's rights under this snapshot (see `admit`).
+    fn merge_peer(&mut self, node: NodeId, addr: String, snapshot: NodeSnapshot, rights: Roles, now: Instant) -> bool {
         match self.peers.get_mut(&node) {
             Some(p) if p.snapshot.version >= snapshot.version => false,
             Some(p) => {
                 p.snapshot = snapshot;
                 p.addr = addr;
                 p.updated = now;
+                p.rights = rights;
                 true
             }
             None => {
-                self.peers.insert(node, Peer { addr, snapshot, updated: now });
+                self.peers.insert(node, Peer { addr, snapshot, updated: now, rights });
                 true
             }
         }
@@ -968,4 +1199,9 @@ impl ChannelState {
             self.check_contact(now + self.cfg.join_attempt);
         }
     }
+}
+
+/// The first eight hex digits of a key, to name it in messages.
+fn hex8(key: &[u8; 32]) -> String {
+    key[..4].iter().map(|b| format!("{b:02x}")).collect()
 }

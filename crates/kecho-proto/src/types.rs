@@ -225,6 +225,8 @@ pub struct NodeSnapshot {
     pub version: u64,
     /// The node's members; empty when it has left.
     pub members: Vec<MemberInfo>,
+    /// The node's credential in the channel, for channels with an access policy (see `crate::access`).
+    pub token: Option<std::sync::Arc<crate::access::Token>>,
 }
 
 impl NodeSnapshot {

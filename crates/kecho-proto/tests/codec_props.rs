@@ -3,6 +3,7 @@
 //! until it has an example), the normalisation of numeric codes that have names, NaN payloads, and the frame limit.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use kecho_proto::access::{Authority, Policy, Roles};
 use kecho_proto::codec::*;
 use kecho_proto::*;
 use proptest::collection::vec;
@@ -44,6 +45,7 @@ fn variant(m: &Message) -> &'static str {
         Message::Proof { .. } => "Proof",
         Message::JoinRequest { .. } => "JoinRequest",
         Message::JoinAccept { .. } => "JoinAccept",
+        Message::JoinRefused { .. } => "JoinRefused",
         Message::JoinRedirect { .. } => "JoinRedirect",
         Message::Snapshot { .. } => "Snapshot",
         Message::Event(_) => "Event",
@@ -60,7 +62,7 @@ fn variant(m: &Message) -> &'static str {
     }
 }
 
-const VARIANTS: usize = 21;
+const VARIANTS: usize = 22;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -73,7 +75,9 @@ fn one_of_each() -> Vec<Message> {
         attrs: Attrs::new().with("zone", "eu").with("w", 3i64),
     };
     let source = MemberInfo { id: LocalId(1), role: Role::Source, attrs: Attrs::new() };
-    let snapshot = NodeSnapshot { version: 7, members: vec![source, sink] };
+    let holder = handshake::Identity::from_secret([3; 32]).public_key();
+    let token = Authority::from_secret([4; 32]).grant("chan", Roles::SOURCE.union(Roles::SINK), holder, 99).unwrap();
+    let snapshot = NodeSnapshot { version: 7, members: vec![source, sink], token: Some(token.into()) };
     let entry = RegEntry {
         name: "chan".into(),
         channel: ChannelId(9),
@@ -101,13 +105,15 @@ fn one_of_each() -> Vec<Message> {
             contact: NodeId(3),
             secret: ChannelSecret(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
             nodes: vec![PeerEntry { node: NodeId(4), addr: "h:4".into(), snapshot: snapshot.clone() }],
+            policy: Some(Policy { authority: [5; 32], require: Roles::SOURCE.union(Roles::FILTERS) }),
         },
+        Message::JoinRefused { channel: ChannelId(9), reason: "no credential".into() },
         Message::JoinRedirect { channel: ChannelId(9) },
         Message::Snapshot {
             channel: ChannelId(9),
             node: NodeId(4),
             addr: "h:4".into(),
-            snapshot: NodeSnapshot { version: 8, members: vec![] },
+            snapshot: NodeSnapshot { version: 8, members: vec![], token: None },
             left: true,
             reply: true,
         },

@@ -2,6 +2,7 @@
 //! input, however broken, makes the decoder panic or loop.
 
 use bytes::{Bytes, BytesMut};
+use kecho_proto::access::{Policy, Roles, Token};
 use kecho_proto::codec::*;
 use kecho_proto::*;
 use proptest::collection::vec;
@@ -40,8 +41,30 @@ fn member() -> impl Strategy<Value = MemberInfo> {
     (any::<u32>(), role, attrs()).prop_map(|(id, role, attrs)| MemberInfo { id: LocalId(id), role, attrs })
 }
 
+fn token() -> impl Strategy<Value = Token> {
+    // Signatures are not checked by the decoder: any bytes must round-trip.
+    ("[a-z*]{1,12}", 0u8..8, any::<[u8; 32]>(), any::<u64>(), any::<[u8; 32]>(), vec(any::<u8>(), 64)).prop_map(
+        |(channel, bits, holder, not_after, authority, sig)| Token {
+            channel,
+            roles: Roles::from_bits(bits).unwrap(),
+            holder,
+            not_after,
+            authority,
+            sig: sig.try_into().unwrap(),
+        },
+    )
+}
+
 fn snapshot() -> impl Strategy<Value = NodeSnapshot> {
-    (any::<u64>(), vec(member(), 0..4)).prop_map(|(version, members)| NodeSnapshot { version, members })
+    (any::<u64>(), vec(member(), 0..4), proptest::option::of(token()))
+        .prop_map(|(version, members, token)| NodeSnapshot { version, members, token: token.map(Into::into) })
+}
+
+fn policy() -> impl Strategy<Value = Option<Policy>> {
+    proptest::option::of(
+        (any::<[u8; 32]>(), 0u8..8)
+            .prop_map(|(authority, bits)| Policy { authority, require: Roles::from_bits(bits).unwrap() }),
+    )
 }
 
 fn entry() -> impl Strategy<Value = RegEntry> {
@@ -111,14 +134,16 @@ fn message() -> impl Strategy<Value = Message> {
             addr,
             snapshot
         }),
-        (ch.clone(), node.clone(), any::<u128>(), vec((node.clone(), name(), snapshot()), 0..3)).prop_map(
-            |(channel, contact, secret, nodes)| Message::JoinAccept {
+        (ch.clone(), node.clone(), any::<u128>(), vec((node.clone(), name(), snapshot()), 0..3), policy()).prop_map(
+            |(channel, contact, secret, nodes, policy)| Message::JoinAccept {
                 channel,
                 contact,
                 secret: ChannelSecret(secret),
                 nodes: nodes.into_iter().map(|(node, addr, snapshot)| PeerEntry { node, addr, snapshot }).collect(),
+                policy,
             }
         ),
+        (ch.clone(), ".{0,20}").prop_map(|(channel, reason)| Message::JoinRefused { channel, reason }),
         ch.clone().prop_map(|channel| Message::JoinRedirect { channel }),
         (ch.clone(), node.clone(), name(), snapshot(), any::<bool>(), any::<bool>()).prop_map(
             |(channel, node, addr, snapshot, left, reply)| Message::Snapshot {

@@ -791,7 +791,13 @@ fn registry_answers_are_matched_in_order() {
     let peer = |n: NodeId| PeerEntry { node: n, addr: format!("a:{}", n.0), snapshot: NodeSnapshot::default() };
     st.handle_message(
         contact,
-        Message::JoinAccept { channel: ch, contact, secret: ChannelSecret(2), nodes: vec![peer(contact), peer(other)] },
+        Message::JoinAccept {
+            channel: ch,
+            contact,
+            secret: ChannelSecret(2),
+            nodes: vec![peer(contact), peer(other)],
+            policy: None,
+        },
         t0,
     );
     assert!(st.is_member());
@@ -821,4 +827,214 @@ fn registry_answers_are_matched_in_order() {
         .iter()
         .any(|o| matches!(o, Output::Send { to, msg: Message::JoinRequest { .. }, .. } if *to == NodeId(3))));
     assert_eq!(st.contact(), Some(NodeId(3)));
+}
+
+// ----- access control (see `kecho_proto::access`) -----
+
+mod access {
+    use super::*;
+    use kecho_proto::access::{Authority, Policy, Roles, Token};
+    use kecho_proto::handshake::Identity;
+
+    /// Unix time at the simulation's start, as every node's wall clock tells it.
+    const T0: u64 = 1_000_000;
+
+    struct Cast {
+        authority: Authority,
+        /// Node ids derive from keys, so each simulated node has an identity.
+        nodes: Vec<Identity>,
+    }
+
+    impl Cast {
+        fn new(n: u8) -> Self {
+            Cast {
+                authority: Authority::from_secret([0xA0; 32]),
+                nodes: (1..=n).map(|i| Identity::from_secret([i; 32])).collect(),
+            }
+        }
+        fn id(&self, i: usize) -> u64 {
+            self.nodes[i].node_id().0
+        }
+        fn policy(&self) -> Policy {
+            self.authority.policy(Roles::ALL)
+        }
+        fn token(&self, i: usize, roles: Roles, not_after: u64) -> Token {
+            self.authority.grant(CH, roles, self.nodes[i].public_key(), not_after).unwrap()
+        }
+        /// Node `i` opens the channel with `policy` (pinned if given), credential `token` and `members`.
+        fn open(
+            &self,
+            sim: &mut Sim,
+            i: usize,
+            mode: OpenMode,
+            policy: Option<Policy>,
+            token: Option<Token>,
+            members: Vec<MemberInfo>,
+        ) {
+            let now = sim.now;
+            // Every node's wall clock started at T0 with the simulation.
+            let unix = T0 + sim.elapsed().as_secs();
+            sim.open_configured(self.id(i), CH, mode, members, |st| {
+                st.set_wall_clock(now, unix);
+                st.set_policy(policy);
+                st.set_token(token, now);
+            });
+        }
+    }
+
+    fn refusal(sim: &Sim, id: u64) -> String {
+        match sim.result(id, CH) {
+            Some(Err(OpenFailure::Refused(why))) => why,
+            other => panic!("n{id}: expected a refusal, got {other:?}\n{}", sim.dump()),
+        }
+    }
+
+    fn denied(sim: &Sim, at: u64, node: u64) -> Vec<String> {
+        sim.chan(at, CH)
+            .notices
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Output::Denied { node: n, reason } if n.0 == node => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    // A protected channel: joiners without the rights their members need are refused by the contact with the
+    // reason, and nobody keeps a trace of them; a joiner with a credential is let in, and adopts the policy.
+    #[test]
+    fn unauthorised_joins_are_refused_without_trace() {
+        let cast = Cast::new(4);
+        let mut sim = Sim::new(SimConfig::default());
+        let (a, b, c, d) = (cast.id(0), cast.id(1), cast.id(2), cast.id(3));
+        cast.open(
+            &mut sim,
+            0,
+            OpenMode::Create,
+            Some(cast.policy()),
+            Some(cast.token(0, Roles::ALL, 0)),
+            standard_members(a),
+        );
+        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        // d: a full credential, no policy of its own.
+        cast.open(
+            &mut sim,
+            3,
+            JOIN,
+            None,
+            Some(cast.token(3, Roles::SOURCE.union(Roles::SINK), 0)),
+            standard_members(d),
+        );
+        sim.run_until(LIMIT, "d ready", |s| s.ready(d, CH));
+        assert_eq!(sim.st(d, CH).policy(), Some(&cast.policy()), "the joiner adopts the channel's policy");
+        // b: a sink credential, but a source among its members.
+        cast.open(&mut sim, 1, JOIN, None, Some(cast.token(1, Roles::SINK, 0)), standard_members(b));
+        // c: no credential at all, and no members.
+        cast.open(&mut sim, 2, JOIN, None, None, vec![]);
+        sim.run_until(LIMIT, "b and c answered", |s| s.result(b, CH).is_some() && s.result(c, CH).is_some());
+        let why_b = refusal(&sim, b);
+        assert!(why_b.contains("requires a credential with the source role"), "{why_b}");
+        let why_c = refusal(&sim, c);
+        assert!(why_c.contains("none was given"), "{why_c}");
+        sim.run_for(Duration::from_secs(3));
+        for at in [a, d] {
+            let peers: Vec<u64> = sim.st(at, CH).peers().keys().map(|n| n.0).collect();
+            assert!(!peers.contains(&b) && !peers.contains(&c), "n{at} keeps a trace: {peers:?}\n{}", sim.dump());
+            assert_eq!(sim.st(at, CH).counts(), (2, 2));
+        }
+        assert!(!denied(&sim, a, b).is_empty() && !denied(&sim, a, c).is_empty(), "the contact reports refusals");
+        settle(&mut sim);
+    }
+
+    // A token issued to another node, by another authority, for another channel, or expired: each refused.
+    #[test]
+    fn borrowed_forged_and_expired_credentials_are_refused() {
+        let cast = Cast::new(3);
+        let mut sim = Sim::new(SimConfig::default());
+        let (a, b) = (cast.id(0), cast.id(1));
+        cast.open(
+            &mut sim,
+            0,
+            OpenMode::Create,
+            Some(cast.policy()),
+            Some(cast.token(0, Roles::ALL, 0)),
+            standard_members(a),
+        );
+        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        let cases: Vec<(Token, &str)> = vec![
+            (cast.token(2, Roles::ALL, 0), "issued to node"),
+            (
+                Authority::from_secret([0xB0; 32]).grant(CH, Roles::ALL, cast.nodes[1].public_key(), 0).unwrap(),
+                "another authority",
+            ),
+            (cast.authority.grant("other", Roles::ALL, cast.nodes[1].public_key(), 0).unwrap(), "not \"news\""),
+            (cast.token(1, Roles::ALL, T0 - 1), "expired"),
+        ];
+        for (token, expect) in cases {
+            cast.open(&mut sim, 1, JOIN, None, Some(token), standard_members(b));
+            sim.run_until(LIMIT, "answer", |s| s.result(b, CH).is_some());
+            let why = refusal(&sim, b);
+            assert!(why.contains(expect), "expected {expect:?} in {why:?}");
+            sim.nodes.get_mut(&NodeId(b)).unwrap().chans.remove(CH);
+            assert!(sim.st(a, CH).peers().is_empty());
+        }
+    }
+
+    // A node configured with a policy refuses a channel that has none (someone else's under that name) or another
+    // one; its own credential is checked before it asks anyone.
+    #[test]
+    fn pinned_policy_refuses_other_channels() {
+        let cast = Cast::new(2);
+        let mut sim = Sim::new(SimConfig::default());
+        let (a, b) = (cast.id(0), cast.id(1));
+        cast.open(&mut sim, 0, OpenMode::Create, None, None, standard_members(a));
+        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        cast.open(&mut sim, 1, JOIN, Some(cast.policy()), Some(cast.token(1, Roles::ALL, 0)), standard_members(b));
+        sim.run_until(LIMIT, "answer", |s| s.result(b, CH).is_some());
+        let why = refusal(&sim, b);
+        assert!(why.contains("has no access policy"), "{why}");
+        // Its goodbye reaches the contact: no trace there either.
+        sim.run_for(Duration::from_secs(1));
+        assert!(sim.st(a, CH).peers().is_empty(), "{}", sim.dump());
+        sim.nodes.get_mut(&NodeId(b)).unwrap().chans.remove(CH);
+        // Without a credential it does not even ask.
+        cast.open(&mut sim, 1, JOIN, Some(cast.policy()), None, standard_members(b));
+        let why = refusal(&sim, b);
+        assert!(why.contains("none was given"), "{why}");
+    }
+
+    // A member admitted as a sink that later lists a source (bypassing its own node's check) is dropped by every
+    // member, and so is one whose credential expires.
+    #[test]
+    fn members_check_each_other_and_credentials_expire() {
+        let cast = Cast::new(3);
+        let mut sim = Sim::new(SimConfig::default());
+        let (a, b, c) = (cast.id(0), cast.id(1), cast.id(2));
+        let sink_only = vec![standard_members(b)[0].clone()];
+        cast.open(
+            &mut sim,
+            0,
+            OpenMode::Create,
+            Some(cast.policy()),
+            Some(cast.token(0, Roles::ALL, 0)),
+            standard_members(a),
+        );
+        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        cast.open(&mut sim, 1, JOIN, None, Some(cast.token(1, Roles::SINK, 0)), sink_only);
+        // c's credential runs out 30 s into the run.
+        cast.open(&mut sim, 2, JOIN, None, Some(cast.token(2, Roles::ALL, T0 + 30)), standard_members(c));
+        sim.run_until(LIMIT, "joined", |s| s.ready(b, CH) && s.ready(c, CH));
+        settle(&mut sim);
+        assert_eq!(sim.st(a, CH).counts(), (2, 3));
+        sim.set_members(b, CH, standard_members(b));
+        sim.run_for(Duration::from_secs(1));
+        for at in [a, c] {
+            assert!(!sim.st(at, CH).peers().contains_key(&NodeId(b)), "n{at} still has b\n{}", sim.dump());
+            assert!(denied(&sim, at, b).iter().any(|r| r.contains("source role")), "n{at}: {:?}", denied(&sim, at, b));
+        }
+        assert!(sim.st(a, CH).peers().contains_key(&NodeId(c)));
+        sim.run_for(Duration::from_secs(30));
+        assert!(!sim.st(a, CH).peers().contains_key(&NodeId(c)), "c's credential expired\n{}", sim.dump());
+        assert!(denied(&sim, a, c).iter().any(|r| r.contains("expired")), "{:?}", denied(&sim, a, c));
+    }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::Stream;
 use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
+use kecho_proto::access::Roles;
 use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
 use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter, Value};
 use parking_lot::{Mutex, RwLock};
@@ -57,6 +58,9 @@ pub struct ChannelStats {
     pub missed: u64,
     /// Times this node published its members' snapshot (joins, leaves and coalesced attribute updates).
     pub published: u64,
+    /// Refusals under the channel's access policy: nodes this node refused or dropped from its view, and events that
+    /// arrived from a node holding no source right.
+    pub denied: u64,
 }
 
 #[derive(Default)]
@@ -69,6 +73,7 @@ struct Counters {
     filtered: AtomicU64,
     missed: AtomicU64,
     published: AtomicU64,
+    denied: AtomicU64,
 }
 
 /// Where a sink lives.
@@ -227,6 +232,10 @@ pub(crate) struct ChannelInner {
     ghosts: Mutex<Vec<Ghost>>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
+    /// The channel's policy requires a credential for sources: events are accepted only from `senders`.
+    guard_sources: AtomicBool,
+    /// The nodes holding the source right, when `guard_sources` is set.
+    senders: RwLock<Arc<Vec<NodeId>>>,
 }
 
 impl ChannelInner {
@@ -234,7 +243,24 @@ impl ChannelInner {
         let fresh = ChannelId(rand::random());
         let secret = kecho_proto::ChannelSecret(rand::random());
         let addr = node.advertised.to_string();
-        let state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
+        let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        state.set_wall_clock(now(), unix);
+        state.set_policy(node.cfg.access.policy_for(name));
+        let key = node.identity.public_key();
+        match node.cfg.access.token_for(name, &key) {
+            Some(t) => state.set_token(Some(t), now()),
+            None => {
+                if let Some(t) = node.cfg.access.tokens.iter().find(|t| t.covers(name)) {
+                    tracing::warn!(
+                        channel = name,
+                        holder = %t.holder_node(),
+                        node = %node.id,
+                        "the credential for this channel was issued to another node; it is not presented"
+                    );
+                }
+            }
+        }
         let ch = Arc::new(ChannelInner {
             name: name.to_owned(),
             node: Arc::downgrade(node),
@@ -256,6 +282,8 @@ impl ChannelInner {
             last_publish: Mutex::new(None),
             ghosts: Mutex::new(Vec::new()),
             tracks: Mutex::new(IdMap::default()),
+            guard_sources: AtomicBool::new(false),
+            senders: RwLock::new(Arc::new(Vec::new())),
         });
         node.index_channel(None, fresh, &ch);
         let weak = Arc::downgrade(&ch);
@@ -292,6 +320,9 @@ impl ChannelInner {
                 })
             }
             Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why)),
+            Status::Failed(OpenFailure::Refused(reason)) => {
+                Err(Error::AccessDenied { channel: self.name.clone(), reason })
+            }
             Status::Opening | Status::Closed => Err(Error::Closed(self.name.clone())),
         }
     }
@@ -379,6 +410,15 @@ impl ChannelInner {
                     drop(st);
                     tracing::debug!(channel = %self.name, contact = %c, "contact");
                 }
+                Output::Denied { node: peer, reason } => {
+                    drop(st);
+                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(channel = %self.name, node = %peer, "refused a node: {reason}");
+                }
+                Output::Refused(reason) => {
+                    drop(st);
+                    tracing::warn!(channel = %self.name, "the channel's contact refused this node: {reason}");
+                }
             }
         }
         self.timer.notify_one();
@@ -446,6 +486,13 @@ impl ChannelInner {
                 }
             }
         }
+        // Under a policy that requires a credential for sources, only nodes holding the right may send events.
+        let guarded = st.policy().is_some_and(|p| p.require.contains(Roles::SOURCE));
+        if guarded {
+            let senders = st.peers().iter().filter(|(_, p)| p.rights.contains(Roles::SOURCE)).map(|(n, _)| *n);
+            *self.senders.write() = Arc::new(senders.collect());
+        }
+        self.guard_sources.store(guarded, Ordering::Release);
         drop(st);
         let locals = self.local_sinks.read().clone();
         for s in locals.iter() {
@@ -562,7 +609,20 @@ impl ChannelInner {
     /// Installs a sandboxed filter sent by member node `from` (if this channel allows it) and answers.
     pub(crate) fn install_remote(self: &Arc<Self>, from: NodeId, req: u32, kind: FilterKind, module: bytes::Bytes) {
         let Some(node) = self.node.upgrade() else { return };
-        let addr = self.state.lock().peers().get(&from).map(|p| p.addr.clone()).unwrap_or_default();
+        let (addr, permitted) = {
+            let st = self.state.lock();
+            let addr = st.peers().get(&from).map(|p| p.addr.clone()).unwrap_or_default();
+            (addr, st.permits(from, Roles::FILTERS, now()))
+        };
+        if !permitted {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            let message = format!(
+                "access to channel {:?} denied: node {from} holds no credential with the filters role",
+                self.name
+            );
+            node.send(from, &addr, &Message::FilterStatus { channel: self.id(), req, ok: false, message });
+            return;
+        }
         let (allowed, limits) = {
             let sb = self.sandbox.lock();
             (sb.allowed, sb.limits)
@@ -626,6 +686,11 @@ impl ChannelInner {
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
     /// source's OUT-filter named some).
     pub(crate) async fn deliver_remote(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>) {
+        if self.guard_sources.load(Ordering::Acquire) && !self.senders.read().contains(&from) {
+            // A node without the source right: whatever it sends is not the channel's.
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let gap = {
@@ -775,6 +840,7 @@ impl ChannelInner {
             filtered: c.filtered.load(Ordering::Relaxed),
             missed: c.missed.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
+            denied: c.denied.load(Ordering::Relaxed),
         }
     }
 }
@@ -882,9 +948,11 @@ impl Channel {
         &self.inner.name
     }
 
-    /// Adds a source (publisher).
+    /// Adds a source (publisher). In a channel with an access policy this node's credential must grant the source
+    /// role (unless the role is open to all).
     pub fn source(&self) -> Result<Source> {
         self.check_open()?;
+        self.check_right(Roles::SOURCE)?;
         let id = self.inner.add_source();
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
         Ok(Source {
@@ -904,9 +972,11 @@ impl Channel {
         })
     }
 
-    /// Adds a sink (subscriber).
+    /// Adds a sink (subscriber). In a channel with an access policy this node's credential must grant the sink role
+    /// (unless the role is open to all).
     pub fn sink(&self, mut opts: SinkOptions) -> Result<Sink> {
         self.check_open()?;
+        self.check_right(Roles::SINK)?;
         if let Some(e) = opts.filter_error.take() {
             return Err(Error::Filter(e));
         }
@@ -936,6 +1006,7 @@ impl Channel {
     /// an IN-filter replaces the node's IN-filter. Nodes that do not allow remote filters refuse. Waits at most
     /// `timeout` for the answers.
     pub async fn install_filter(&self, kind: FilterKind, module: &[u8], timeout: Duration) -> Result<InstallReport> {
+        self.check_right(Roles::FILTERS)?;
         let ch = &self.inner;
         let node = ch.node.upgrade().ok_or_else(|| Error::Closed(ch.name.clone()))?;
         let limits = ch.sandbox.lock().limits;
@@ -1028,6 +1099,46 @@ impl Channel {
     /// Leaves the channel: other members are told, local sinks are closed.
     pub async fn close(&self) {
         self.inner.leave().await;
+    }
+
+    /// Presents credential `token` from now on (a renewed one before the current one expires, say); every other
+    /// member checks it. `None` withdraws it.
+    pub fn set_token(&self, token: Option<kecho_proto::access::Token>) -> Result<()> {
+        self.check_open()?;
+        let mut st = self.inner.state.lock();
+        if let (Some(policy), Some(t)) = (st.policy().copied(), &token) {
+            let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            policy.check_token(&self.inner.name, node.id, t, Some(unix)).map_err(|e| Error::AccessDenied {
+                channel: self.inner.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        st.set_token(token, now());
+        drop(st);
+        self.inner.flush();
+        Ok(())
+    }
+
+    /// This node's rights in the channel under its access policy (every right if it has none).
+    pub fn rights(&self) -> Result<Roles> {
+        self.inner
+            .state
+            .lock()
+            .local_rights(now())
+            .map_err(|e| Error::AccessDenied { channel: self.inner.name.clone(), reason: e.to_string() })
+    }
+
+    fn check_right(&self, role: Roles) -> Result<()> {
+        let rights = self.rights()?;
+        if rights.contains(role) {
+            Ok(())
+        } else {
+            Err(Error::AccessDenied {
+                channel: self.inner.name.clone(),
+                reason: format!("this node's credential grants {rights}, not the {role} role"),
+            })
+        }
     }
 
     fn check_open(&self) -> Result<()> {

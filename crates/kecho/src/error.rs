@@ -63,6 +63,14 @@ pub enum Error {
     /// A sandboxed filter module is invalid.
     #[error(transparent)]
     Wasm(#[from] crate::wasm::WasmError),
+    /// The channel's access policy does not allow this: joining it, adding a source or sink, installing filters.
+    #[error("access to channel {channel:?} denied: {reason}")]
+    AccessDenied {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
     /// An event could not be delivered without waiting and the caller asked not to wait.
     #[error("a sink with the Block policy is full")]
     WouldBlock,

@@ -35,6 +35,7 @@ pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use node::{Node, NodeBuilder, NodeConfig};
+pub use kecho_proto::access::{Authority, Policy, Roles, Token};
+pub use node::{AccessConfig, Node, NodeBuilder, NodeConfig};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 pub use tls::{TlsConfig, TlsError};

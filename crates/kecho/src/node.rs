@@ -59,6 +59,39 @@ pub struct NodeConfig {
     /// This node's identity (its signing key; its node id derives from it). `None` (the default) makes a new one at
     /// start; give one to keep a node id across restarts.
     pub identity: Option<kecho_proto::handshake::Identity>,
+    /// Access control: the policies this node requires in channels and the credentials it presents (see
+    /// [`AccessConfig`]). Default: none.
+    pub access: AccessConfig,
+}
+
+/// Which access policies a node requires and which credentials it presents, per channel (see `kecho_proto::access`).
+///
+/// A channel created by a node with a policy for its name has that policy; a node joining a channel with a policy
+/// of its own refuses a channel with any other (someone else's channel under that name), and a node without one
+/// adopts the channel's. Give every node of a deployment the policy, so that whoever creates the channel first
+/// creates it protected.
+#[derive(Clone, Debug, Default)]
+pub struct AccessConfig {
+    /// Policies by channel pattern: a name, or a prefix followed by `*`. The first match applies.
+    pub policies: Vec<(String, kecho_proto::access::Policy)>,
+    /// Credentials; for each channel the first one that covers it and was issued to this node is presented.
+    pub tokens: Vec<kecho_proto::access::Token>,
+}
+
+impl AccessConfig {
+    /// The policy this node requires in channel `name`.
+    pub fn policy_for(&self, name: &str) -> Option<kecho_proto::access::Policy> {
+        let matches = |pattern: &str| match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pattern == name,
+        };
+        self.policies.iter().find(|(p, _)| matches(p)).map(|(_, p)| *p)
+    }
+
+    /// The credential a node with public key `holder` presents in channel `name`.
+    pub fn token_for(&self, name: &str, holder: &[u8; 32]) -> Option<kecho_proto::access::Token> {
+        self.tokens.iter().find(|t| t.covers(name) && &t.holder == holder).cloned()
+    }
 }
 
 impl Default for NodeConfig {
@@ -77,6 +110,7 @@ impl Default for NodeConfig {
             gap_memory: Duration::from_secs(60),
             tls: None,
             identity: None,
+            access: AccessConfig::default(),
         }
     }
 }
@@ -94,6 +128,19 @@ impl NodeBuilder {
         self.cfg.listen = addr;
         self
     }
+    /// Requires access policy `policy` in the channels matching `pattern` (a name, or a prefix followed by `*`).
+    pub fn policy(mut self, pattern: &str, policy: kecho_proto::access::Policy) -> Self {
+        self.cfg.access.policies.push((pattern.to_owned(), policy));
+        self
+    }
+
+    /// Presents credential `token` in the channels it covers. It must have been issued to this node's identity
+    /// (see [`NodeBuilder::identity`]).
+    pub fn token(mut self, token: kecho_proto::access::Token) -> Self {
+        self.cfg.access.tokens.push(token);
+        self
+    }
+
     /// This node's identity (see [`NodeConfig::identity`]).
     pub fn identity(mut self, identity: kecho_proto::handshake::Identity) -> Self {
         self.cfg.identity = Some(identity);
@@ -518,7 +565,10 @@ impl NodeInner {
             }
             Message::Pong(_) => {}
             Message::Close { code, reason } => return Err(format!("peer closed the link ({code:?}): {reason}")),
-            Message::JoinRequest { .. } | Message::JoinAccept { .. } | Message::JoinRedirect { .. }
+            Message::JoinRequest { .. }
+            | Message::JoinAccept { .. }
+            | Message::JoinRedirect { .. }
+            | Message::JoinRefused { .. }
                 if !peer.take_membership_token() =>
             {
                 // Over budget: a genuine joiner asks again after `MembershipConfig::join_attempt`.
@@ -551,6 +601,7 @@ impl NodeInner {
             },
             Message::JoinAccept { channel, .. }
             | Message::JoinRedirect { channel }
+            | Message::JoinRefused { channel, .. }
             | Message::Snapshot { channel, .. } => {
                 if let Some(ch) = self.channel_by_id(channel) {
                     ch.membership_input(peer.id, msg);

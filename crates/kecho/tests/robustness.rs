@@ -203,7 +203,7 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     let join = Message::JoinRequest {
         channel: entry.channel,
         addr: "127.0.0.1:9".into(),
-        snapshot: NodeSnapshot { version: 1, members: vec![sink] },
+        snapshot: NodeSnapshot { version: 1, members: vec![sink], token: None },
     };
     s.write_all(&join.to_bytes()).await?;
     ch.wait_for_sinks(1, T).await?;
@@ -246,6 +246,7 @@ async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
                 attrs: Default::default(),
             })
             .collect(),
+        token: None,
     };
     let me = Identity::from_secret([0x42; 32]);
     let mut s = TcpStream::connect(a.local_addr()).await?;

@@ -274,6 +274,18 @@ impl Sim {
 
     /// Node `id` (added if needed) opens channel `name` with `members`.
     pub fn open_with(&mut self, id: u64, name: &str, mode: OpenMode, members: Vec<MemberInfo>) {
+        self.open_configured(id, name, mode, members, |_| {});
+    }
+
+    /// Like `open_with`, with `configure` applied to the state machine first (access policy, credential, clock).
+    pub fn open_configured(
+        &mut self,
+        id: u64,
+        name: &str,
+        mode: OpenMode,
+        members: Vec<MemberInfo>,
+        configure: impl FnOnce(&mut ChannelState),
+    ) {
         self.add_node(id);
         let fresh = ChannelId(0xC000_0000 + self.next_channel);
         self.next_channel += 1;
@@ -285,6 +297,7 @@ impl Sim {
         // Each node's would-be secret differs, as random ones would; the channel's is the creator's.
         let secret = ChannelSecret(u128::from(fresh.0) << 64 | u128::from(id));
         let mut st = ChannelState::new(name, fresh, secret, NodeId(id), &node.addr, cfg);
+        configure(&mut st);
         st.set_members(members, now);
         st.open(mode, now);
         node.chans.insert(name.to_owned(), Chan { st, notices: Vec::new(), result: None });
@@ -733,6 +746,7 @@ impl Sim {
             Message::JoinRequest { channel, .. }
             | Message::JoinAccept { channel, .. }
             | Message::JoinRedirect { channel }
+            | Message::JoinRefused { channel, .. }
             | Message::Snapshot { channel, .. } => {
                 trace!(self, "n{} <- n{}: {}", to.0, from.0, short(&msg));
                 let node = self.nodes.get_mut(&to).expect("node");
