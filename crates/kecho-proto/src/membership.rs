@@ -199,8 +199,8 @@ pub struct ChannelState {
     policy: Option<Policy>,
     /// The policy was configured on this node: a channel with another policy is refused rather than adopted.
     policy_pinned: bool,
-    /// An instant and the Unix time in seconds at that instant, for credentials' expiry.
-    wall: Option<(Instant, u64)>,
+    /// An instant and the time since the Unix epoch at that instant, for credentials' expiry.
+    wall: Option<(Instant, Duration)>,
     out: VecDeque<Output>,
 }
 
@@ -300,14 +300,15 @@ impl ChannelState {
         self.policy.as_ref()
     }
 
-    /// Tells the state machine the wall-clock time: at `now`, the Unix time is `unix_secs` seconds. Credentials with
-    /// an expiry are refused until it is known.
-    pub fn set_wall_clock(&mut self, now: Instant, unix_secs: u64) {
-        self.wall = Some((now, unix_secs));
+    /// Tells the state machine the wall-clock time: at `now`, `since_epoch` has passed since the Unix epoch.
+    /// Credentials with an expiry are refused until it is known.
+    pub fn set_wall_clock(&mut self, now: Instant, since_epoch: Duration) {
+        self.wall = Some((now, since_epoch));
     }
 
+    /// Unix time in seconds at `now`.
     fn unix(&self, now: Instant) -> Option<u64> {
-        self.wall.map(|(at, secs)| secs + now.saturating_duration_since(at).as_secs())
+        self.wall.map(|(at, epoch)| (epoch + now.saturating_duration_since(at)).as_secs())
     }
 
     /// This node's rights in the channel with its credential, or why it has none.
@@ -391,9 +392,9 @@ impl ChannelState {
     /// When the first peer credential expires.
     fn next_expiry(&self) -> Option<Instant> {
         self.policy?;
-        let (at, secs) = self.wall?;
+        let (at, epoch) = self.wall?;
         let first = self.peers.values().filter_map(|p| Policy::expiry(&p.snapshot)).min()?;
-        Some(at + Duration::from_secs(first.saturating_sub(secs)))
+        Some(at + Duration::from_secs(first).saturating_sub(epoch))
     }
 
     /// Next output, if any.

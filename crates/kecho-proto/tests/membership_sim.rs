@@ -873,7 +873,7 @@ mod access {
         ) {
             let now = sim.now;
             // Every node's wall clock started at T0 with the simulation.
-            let unix = T0 + sim.elapsed().as_secs();
+            let unix = Duration::from_secs(T0) + sim.elapsed();
             sim.open_configured(self.id(i), CH, mode, members, |st| {
                 st.set_wall_clock(now, unix);
                 st.set_policy(policy);

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::Stream;
-use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
 use kecho_proto::access::Roles;
+use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
 use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
 use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter, Value};
 use parking_lot::{Mutex, RwLock};
@@ -244,8 +244,8 @@ impl ChannelInner {
         let secret = kecho_proto::ChannelSecret(rand::random());
         let addr = node.advertised.to_string();
         let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
-        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        state.set_wall_clock(now(), unix);
+        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        state.set_wall_clock(now(), epoch);
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {
@@ -1109,10 +1109,9 @@ impl Channel {
         if let (Some(policy), Some(t)) = (st.policy().copied(), &token) {
             let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
             let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            policy.check_token(&self.inner.name, node.id, t, Some(unix)).map_err(|e| Error::AccessDenied {
-                channel: self.inner.name.clone(),
-                reason: e.to_string(),
-            })?;
+            policy
+                .check_token(&self.inner.name, node.id, t, Some(unix))
+                .map_err(|e| Error::AccessDenied { channel: self.inner.name.clone(), reason: e.to_string() })?;
         }
         st.set_token(token, now());
         drop(st);

@@ -30,12 +30,12 @@ pub mod wasm;
 
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
 pub use error::{Error, Result};
+pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use node::{AccessConfig, Node, NodeBuilder, NodeConfig};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 pub use tls::{TlsConfig, TlsError};
