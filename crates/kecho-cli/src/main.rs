@@ -10,6 +10,7 @@ use kecho::{Node, Overflow, RecvError, SinkOptions, Value};
 use kecho_registry::RegistryServer;
 use tokio::io::AsyncBufReadExt;
 
+mod access;
 mod attrs;
 mod certs;
 mod demo;
@@ -54,6 +55,8 @@ struct NodeArgs {
     identity: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    access: access::AccessArgs,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -110,6 +113,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IdentityCmd,
     },
+    /// Make or show an access authority: the key that signs credentials for protected channels (see
+    /// --authority-pub and `kecho grant`).
+    Authority {
+        #[command(subcommand)]
+        cmd: access::AuthorityCmd,
+    },
+    /// Issue a credential: the right to join a protected channel as a source or sink, or to install filters in it,
+    /// for one node key.
+    Grant(access::GrantArgs),
     /// Make a CA and certificates for TLS node links (a development CA: keep ca.key safe or use your own PKI).
     Certs {
         /// Directory to write ca.pem, ca.key and NAME.pem / NAME.key per node into.
@@ -173,6 +185,11 @@ enum FilterCmd {
         timeout: f64,
         #[command(flatten)]
         tls: TlsArgs,
+        /// This node's identity (needed with --token).
+        #[arg(long, value_name = "FILE", env = "KECHO_IDENTITY")]
+        identity: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        access: access::AccessArgs,
     },
 }
 
@@ -334,10 +351,23 @@ async fn run(cmd: Cmd) -> Result<()> {
             println!("node {}  public key {}", id.node_id(), hex(&id.public_key()));
             Ok(())
         }
+        Cmd::Authority { cmd } => access::authority(cmd),
+        Cmd::Grant(args) => access::grant(args),
         Cmd::Bench(args) => kecho_bench::run(args).await,
         Cmd::Certs { dir, nodes, shared_name } => certs::write(&dir, &nodes, shared_name.as_deref()),
-        Cmd::Filter { cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls } } => {
-            install_filter(&channel, &file, out, &reg, timeout, &tls).await
+        Cmd::Filter {
+            cmd: FilterCmd::Install { channel, file, out, in_filter: _, reg, timeout, tls, identity, access },
+        } => {
+            let args = NodeArgs {
+                listen: "127.0.0.1:0".into(),
+                advertise: None,
+                heartbeat: 3.0,
+                allow_filters: false,
+                identity,
+                tls,
+                access,
+            };
+            install_filter(&channel, &file, out, &reg, timeout, &args).await
         }
     }
 }
@@ -375,9 +405,11 @@ async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> 
     if let Some(tls) = args.tls.config()? {
         builder = builder.tls(tls);
     }
-    if let Some(file) = &args.identity {
-        builder = builder.identity(read_identity(file)?);
+    let identity = args.identity.as_deref().map(read_identity).transpose()?;
+    if let Some(id) = &identity {
+        builder = builder.identity(id.clone());
     }
+    builder = args.access.apply(builder, identity.as_ref())?;
     if let Some(t) = open_timeout.filter(|t| *t > 0.0 && t.is_finite()) {
         let m = kecho::MembershipConfig { open_timeout: Duration::from_secs_f64(t), ..Default::default() };
         builder = builder.membership(m);
@@ -396,25 +428,13 @@ async fn install_filter(
     out: bool,
     reg: &RegistryArg,
     timeout: f64,
-    tls: &TlsArgs,
+    args: &NodeArgs,
 ) -> Result<()> {
     let module = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     if !(timeout > 0.0 && timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let node = node(
-        reg,
-        &NodeArgs {
-            listen: "127.0.0.1:0".into(),
-            advertise: None,
-            heartbeat: 3.0,
-            allow_filters: false,
-            identity: None,
-            tls: tls.clone(),
-        },
-        Some(timeout),
-    )
-    .await?;
+    let node = node(reg, args, Some(timeout)).await?;
     let ch = node.open_channel(channel).await?;
     let kind = if out { kecho::FilterKind::Out } else { kecho::FilterKind::In };
     let report = ch.install_filter(kind, &module, Duration::from_secs_f64(timeout)).await;
@@ -570,17 +590,22 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn identity_new(file: &std::path::Path) -> Result<()> {
-    use std::io::Write;
     let secret: [u8; 32] = rand_secret()?;
+    write_secret(file, &secret)?;
     let id = kecho::Identity::from_secret(secret);
+    println!("node {}  public key {}", id.node_id(), hex(&id.public_key()));
+    Ok(())
+}
+
+/// Writes a 32-byte secret as hex to a new file readable by its owner only.
+fn write_secret(file: &std::path::Path, secret: &[u8; 32]) -> Result<()> {
+    use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(file).with_context(|| format!("cannot create {} (it must not exist)", file.display()))?;
-    writeln!(f, "{}", hex(&secret)).with_context(|| format!("cannot write {}", file.display()))?;
-    println!("node {}  public key {}", id.node_id(), hex(&id.public_key()));
-    Ok(())
+    writeln!(f, "{}", hex(secret)).with_context(|| format!("cannot write {}", file.display()))
 }
 
 /// 32 random bytes from the operating system.
@@ -592,18 +617,16 @@ fn rand_secret() -> Result<[u8; 32]> {
 }
 
 fn read_identity(file: &std::path::Path) -> Result<kecho::Identity> {
-    let text = std::fs::read_to_string(file).with_context(|| {
-        format!("cannot read identity {} (make one with `kecho identity new FILE`)", file.display())
-    })?;
-    let text = text.trim();
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect::<Option<_>>()
-        .unwrap_or_default();
-    let secret: [u8; 32] =
-        bytes.try_into().map_err(|_| anyhow::anyhow!("{} is not a kecho identity (64 hex digits)", file.display()))?;
-    Ok(kecho::Identity::from_secret(secret))
+    Ok(kecho::Identity::from_secret(read_secret(file, "identity", "kecho identity new FILE")?))
+}
+
+/// Reads a 32-byte secret kept as hex (an identity or an authority).
+fn read_secret(file: &std::path::Path, what: &str, make: &str) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {what} {} (make one with `{make}`)", file.display()))?;
+    kecho_proto::access::parse_hex(text.trim())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| anyhow::anyhow!("{} is not a kecho {what} (64 hex digits)", file.display()))
 }
 
 async fn channels(reg: &RegistryArg) -> Result<()> {

@@ -478,3 +478,97 @@ fn identities_keep_a_node_id_across_restarts() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Access control as a user sets it up: an authority, node identities, credentials from `kecho grant`; a protected
+/// channel lets in what the credentials grant and refuses the rest with a one-line reason.
+#[test]
+fn protected_channel_from_the_command_line() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kecho-cli-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let o = run(&["authority", "new", &path("auth.key")], None)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let auth = stdout(&o).split_whitespace().last().context("authority key printed")?.to_owned();
+    assert_eq!(auth.len(), 64, "{auth}");
+    let mut keys = Vec::new();
+    for who in ["a", "b", "c"] {
+        let o = run(&["identity", "new", &path(&format!("{who}.id"))], None)?;
+        keys.push(stdout(&o).split_whitespace().last().context("key printed")?.to_owned());
+    }
+    let grant = |who: &str, roles: &str, holder: &[&str]| -> Result<()> {
+        let (auth_key, tok) = (path("auth.key"), path(&format!("{who}.tok")));
+        let mut args = vec!["grant", "--authority", &auth_key, "--channel", "vault", "--roles", roles, "--out", &tok];
+        args.extend_from_slice(holder);
+        let o = run(&args, None)?;
+        assert!(o.status.success(), "grant {who}: {}", stderr(&o));
+        Ok(())
+    };
+    grant("a", "all", &["--holder-identity", &path("a.id")])?;
+    grant("b", "sink", &["--holder", &keys[1], "--valid-for", "1h"])?;
+    check_error(
+        &["grant", "--authority", &path("auth.key"), "--channel", "vault", "--roles", "root", "--holder", &keys[1]],
+        "unknown role",
+    )?;
+    check_error(
+        &["grant", "--authority", &path("b.id"), "--channel", "vault", "--roles", "sink", "--holder", "xyz"],
+        "64 hex digits",
+    )?;
+
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    let (a_id, a_tok, b_id, b_tok, c_id) = (path("a.id"), path("a.tok"), path("b.id"), path("b.tok"), path("c.id"));
+    let _a = subscriber(&addr, "vault", &["--identity", &a_id, "--token", &a_tok, "--authority-pub", &auth])?;
+    let b = subscriber(&addr, "vault", &["--identity", &b_id, "--token", &b_tok, "--count", "1", "--format", "json"])?;
+    // Refused, each with its reason: no credential; the sink role used to publish; someone else's credential; a
+    // credential without the identity it was issued to; a channel without the policy this node requires.
+    check_error(&["sub", "vault", "--registry", &addr, "--identity", &c_id], "admits only nodes with a credential")?;
+    // (Its own identity: two processes with one identity would be one node twice.)
+    let e_id = path("e.id");
+    assert!(run(&["identity", "new", &e_id], None)?.status.success());
+    grant("e", "sink", &["--holder-identity", &e_id])?;
+    let o = run(&["pub", "vault", "--registry", &addr, "--identity", &e_id, "--token", &path("e.tok")], Some("x\n"))?;
+    assert!(!o.status.success() && stderr(&o).contains("not the source role"), "{}", stderr(&o));
+    check_error(&["sub", "vault", "--registry", &addr, "--identity", &c_id, "--token", &b_tok], "was issued to node")?;
+    check_error(&["sub", "vault", "--registry", &addr, "--token", &b_tok], "needs --identity")?;
+    let _open = subscriber(&addr, "open", &[])?;
+    let any_tok = path("any.tok");
+    let (auth_key, any) = (path("auth.key"), any_tok.as_str());
+    let args = [
+        "grant",
+        "--authority",
+        &auth_key,
+        "--channel",
+        "*",
+        "--roles",
+        "all",
+        "--holder-identity",
+        &a_id,
+        "--out",
+        any,
+    ];
+    assert!(run(&args, None)?.status.success());
+    check_error(
+        &["sub", "open", "--registry", &addr, "--authority-pub", &auth, "--identity", &a_id, "--token", any],
+        "has no access policy",
+    )?;
+    // Nobody refused left a trace: one source (a's, below) and two sinks.
+    let o = run(&["pub", "vault", "--registry", &addr, "--identity", &path("c.id")], Some("x\n"))?;
+    assert!(!o.status.success());
+    let o = run(&["channels", "--registry", &addr], None)?;
+    let row = stdout(&o).lines().find(|l| l.starts_with("vault")).context("listed")?.to_owned();
+    assert_eq!(row.split_whitespace().nth(2), Some("2"), "{row}");
+    // b, with its sink credential, gets what a member with the source role publishes.
+    grant("p", "source", &["--holder-identity", &path("c.id")])?;
+    let p_tok = path("p.tok");
+    let args =
+        ["pub", "vault", "--registry", &addr, "--identity", &c_id, "--token", &p_tok, "--wait-sinks", "2", "hello"];
+    let o = run(&args, None)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = b.finish(Duration::from_secs(10))?;
+    let got = json_lines(&o)?;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["payload"], "hello");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
