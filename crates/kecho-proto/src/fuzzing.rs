@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
+use crate::access::{Policy, Roles};
 use crate::codec::{decode_frame, ClaimMode, Purpose, RegEntry, RegErrorCode, RegResult};
 use crate::handshake::{accept_first, dial_answer, Accept, Dial};
 use crate::membership::{ChannelState, MembershipConfig, OpenMode};
@@ -28,7 +29,10 @@ pub fn decode_frames(data: &[u8]) {
 }
 
 /// Feeds a channel's membership state machine with whatever messages `data` decodes to, from a few made-up peers,
-/// with registry answers and timeouts interleaved; it must never panic and its outputs must stay well-formed.
+/// with registry answers and timeouts interleaved; it must never panic and its outputs must stay well-formed. The first
+/// byte's top bits choose an access policy (none, or one leaving some role open); under a policy, no peer the policy
+/// does not admit may ever be in the view (the fuzzer cannot forge a credential, so only nodes without one whose
+/// members use open roles are admitted).
 pub fn drive_membership(data: &[u8]) {
     let t0 = Instant::now();
     let mut st = ChannelState::new(
@@ -39,6 +43,14 @@ pub fn drive_membership(data: &[u8]) {
         "127.0.0.1:1",
         MembershipConfig::default(),
     );
+    let require = match data.first().map(|b| b >> 6) {
+        Some(1) => Some(Roles::SOURCE),
+        Some(2) => Some(Roles::SINK),
+        Some(3) => Some(Roles::SOURCE.union(Roles::FILTERS)),
+        _ => None,
+    };
+    st.set_wall_clock(t0, Duration::from_secs(1_800_000_000));
+    st.set_policy(require.map(|require| Policy { authority: [9; 32], require }));
     st.open(OpenMode::OpenOrCreate, t0);
     let mut buf = BytesMut::from(data);
     let mut now = t0;
@@ -91,6 +103,12 @@ pub fn drive_membership(data: &[u8]) {
         }
         if let Some(t) = st.poll_timeout() {
             assert!(t >= t0, "timeouts are never in the past of the start");
+        }
+        if let Some(policy) = st.policy() {
+            for (node, p) in st.peers() {
+                let verdict = policy.admit("fuzz", *node, &p.snapshot, Some(1_800_000_000));
+                assert!(verdict.is_ok(), "node {node} in the view against the policy: {verdict:?}");
+            }
         }
     }
 }
