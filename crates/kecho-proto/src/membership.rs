@@ -201,6 +201,8 @@ pub struct ChannelState {
     policy_pinned: bool,
     /// An instant and the time since the Unix epoch at that instant, for credentials' expiry.
     wall: Option<(Instant, Duration)>,
+    /// The owner was told that this node's own credential expired (`Output::Refused`).
+    expiry_told: bool,
     out: VecDeque<Output>,
 }
 
@@ -243,6 +245,7 @@ impl ChannelState {
             policy: None,
             policy_pinned: false,
             wall: None,
+            expiry_told: false,
             out: VecDeque::new(),
         }
     }
@@ -336,6 +339,7 @@ impl ChannelState {
             return;
         }
         self.local.token = token.map(std::sync::Arc::new);
+        self.expiry_told = false;
         self.publish_local(now);
     }
 
@@ -397,6 +401,16 @@ impl ChannelState {
         Some(at + Duration::from_secs(first).saturating_sub(epoch))
     }
 
+    /// When this node's own credential expires, unless the owner was told already.
+    fn own_expiry(&self) -> Option<Instant> {
+        self.policy?;
+        if self.expiry_told {
+            return None;
+        }
+        let (at, epoch) = self.wall?;
+        Some(at + Duration::from_secs(Policy::expiry(&self.local)?).saturating_sub(epoch))
+    }
+
     /// Next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -411,7 +425,8 @@ impl ChannelState {
         };
         let unconfirmed = self.unconfirmed.values().min().copied().filter(|_| self.phase == Phase::Member);
         let expiry = self.next_expiry().filter(|_| self.phase == Phase::Member);
-        [phase_timer, self.deadline, self.next_renew, unconfirmed, expiry].into_iter().flatten().min()
+        let own = self.own_expiry().filter(|_| self.phase == Phase::Member);
+        [phase_timer, self.deadline, self.next_renew, unconfirmed, expiry, own].into_iter().flatten().min()
     }
 
     /// Builds the registry request for `op` with request id `req`.
@@ -702,6 +717,15 @@ impl ChannelState {
         }
         if self.phase == Phase::Member && self.next_expiry().is_some_and(|t| t <= now) {
             self.recheck_peers(now);
+        }
+        if self.phase == Phase::Member && self.own_expiry().is_some_and(|t| t <= now) {
+            // The others drop this node now: say so, so that the owner renews (`set_token`).
+            self.expiry_told = true;
+            self.out.push_back(Output::Refused(format!(
+                "this node's credential for channel {:?} expired; the other members drop it until it presents a \
+                 valid one",
+                self.name
+            )));
         }
         if self.phase == Phase::Member {
             let silent: Vec<NodeId> = self.unconfirmed.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();

@@ -1036,5 +1036,9 @@ mod access {
         sim.run_for(Duration::from_secs(30));
         assert!(!sim.st(a, CH).peers().contains_key(&NodeId(c)), "c's credential expired\n{}", sim.dump());
         assert!(denied(&sim, a, c).iter().any(|r| r.contains("expired")), "{:?}", denied(&sim, a, c));
+        // c itself is told.
+        let told =
+            sim.chan(c, CH).notices.iter().any(|(_, o)| matches!(o, Output::Refused(r) if r.contains("expired")));
+        assert!(told, "c was not told that its credential expired");
     }
 }
