@@ -417,7 +417,7 @@ impl ChannelInner {
                 }
                 Output::Refused(reason) => {
                     drop(st);
-                    tracing::warn!(channel = %self.name, "the channel's contact refused this node: {reason}");
+                    tracing::warn!(channel = %self.name, "access refused: {reason}");
                 }
             }
         }
