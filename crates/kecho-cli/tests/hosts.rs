@@ -189,3 +189,93 @@ fn briefly_frozen_sink_loses_nothing() -> Result<()> {
     Ledger::of(&s)?.check_complete(&[("p", 500)], "frozen")?;
     Ok(())
 }
+
+/// A protected channel across hosts: the owner on one host, a publisher with the source role on another; on a third
+/// host a node without a credential and one with only the sink role try to join and to publish. Each is refused with
+/// its reason, and the members lose nothing.
+#[test]
+fn protected_channel_across_hosts() -> Result<()> {
+    let net = Net::new(4)?;
+    let _reg = registry(&net, 1)?;
+    let dir = std::env::temp_dir().join(format!("kecho-hosts-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    // Keys and credentials, made with the CLI as an operator would (on host 1; no network needed).
+    let tool = |args: &[&str]| -> Result<String> {
+        let mut p = net.kecho(1, "tool", args)?;
+        let status = p.finish(WAIT)?;
+        ensure!(status.success(), "kecho {args:?}: {}", p.stderr_text());
+        Ok(p.stdout().iter().map(|l| l.text.clone()).collect::<Vec<_>>().join("\n"))
+    };
+    let auth = tool(&["authority", "new", &path("auth.key")])?.split_whitespace().last().unwrap_or("").to_owned();
+    for (who, roles) in [("owner", "all"), ("pub", "source"), ("reader", "sink")] {
+        tool(&["identity", "new", &path(&format!("{who}.id"))])?;
+        let (id, tok) = (path(&format!("{who}.id")), path(&format!("{who}.tok")));
+        let key = path("auth.key");
+        tool(&[
+            "grant",
+            "--authority",
+            &key,
+            "--channel",
+            "vault",
+            "--roles",
+            roles,
+            "--holder-identity",
+            &id,
+            "--out",
+            &tok,
+        ])?;
+    }
+    tool(&["identity", "new", &path("stranger.id")])?;
+    let creds = |who: &str| {
+        vec!["--identity".to_owned(), path(&format!("{who}.id")), "--token".into(), path(&format!("{who}.tok"))]
+    };
+    let owner_args: Vec<String> = [creds("owner"), vec!["--authority-pub".into(), auth.clone()]].concat();
+    let mut owner =
+        sink(&net, 2, "owner", "vault", HEARTBEAT, &owner_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+
+    // Refused on host 4: a node without a credential, and one whose credential grants only the sink role publishing.
+    let stranger_args = ["--identity".to_owned(), path("stranger.id")];
+    let mut args = vec!["sub".to_owned(), "vault".into()];
+    args.extend(cli::node_args(&net, 4, HEARTBEAT));
+    args.extend(stranger_args.iter().cloned());
+    let mut stranger = net.kecho(4, "stranger", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let status = stranger.finish(WAIT)?;
+    ensure!(!status.success(), "the stranger got in");
+    ensure!(stranger.stderr_text().contains("admits only nodes with a credential"), "{}", stranger.stderr_text());
+    let reader = creds("reader");
+    let mut wrong = publisher_with(
+        &net,
+        4,
+        "wrong",
+        "vault",
+        10,
+        100,
+        1,
+        HEARTBEAT,
+        &reader.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let status = wrong.finish(WAIT)?;
+    ensure!(!status.success(), "a sink credential published");
+    ensure!(wrong.stderr_text().contains("not the source role"), "{}", wrong.stderr_text());
+
+    // The publisher with the source role on host 3: the owner gets everything.
+    let pub_creds = creds("pub");
+    let mut p = publisher_with(
+        &net,
+        3,
+        "p",
+        "vault",
+        200,
+        200,
+        1,
+        HEARTBEAT,
+        &pub_creds.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    check_published(&mut p)?;
+    wait_seq(&mut owner, "p", 200, WAIT)?;
+    Ledger::of(&owner)?.check_complete(&[("p", 200)], "owner")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
