@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kecho::filter::{Dedupe, Selector};
+use kecho::filter::Selector;
 use kecho::{Attrs, Channel, Node, SinkOptions, Source};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -27,7 +27,7 @@ use crate::load::{
     LoadListener, LoadMonitor, LoadProbe, LoadReport, LoadSample, LoadTable, LoadWeights, MonitorConfig, ReportPolicy,
     RequestCounters, ServerId, SharedTable,
 };
-use crate::mechanism::{int, now, until, LoadAwareFilter, LocalLoads, Placements, RequestMsg, Timed};
+use crate::mechanism::{int, now, until, FirstResponse, LoadAwareFilter, LocalLoads, Placements, RequestMsg, Timed};
 use crate::overhead::{Overhead, OverheadSnapshot};
 
 /// How the farm distributes requests.
@@ -48,11 +48,17 @@ pub enum Mode {
     },
     /// A front end sends every request to the servers in turn (kecho's `rr` selector).
     FrontRoundRobin,
-    /// A front end sends every request to the lower-loaded of two servers drawn at random (load reports).
+    /// A front end sends every request to the lower-loaded of two servers drawn at random, loads being the
+    /// requests it sent each server and has not seen answered (the load reports say who is alive).
     FrontP2c,
-    /// Adaptive hedging: after the cluster's observed p95 wait, a copy goes to a server picked by power of two
-    /// choices, within the budget, and the copies use cancel events; over budget the request is moved instead
-    /// (KECho forwarding with the adaptive threshold, no extra request). The fixed threshold stays as a backstop.
+    /// A front end sends every request to the server with the fewest requests it sent and has not seen answered
+    /// (join the shortest queue; ties rotate).
+    FrontJsq,
+    /// Adaptive hedging: a request whose expected wait here (backlog times its work) reaches the cluster's
+    /// observed p95 wait is moved at once to the least-loaded other server, if that one has a shorter queue (no
+    /// extra request); a request that has waited the p95 wait gets a copy at a server picked by power of two
+    /// choices, within the budget, and the copies use cancel events; over budget it is moved instead. The fixed
+    /// threshold stays as a backstop.
     Hedge,
     /// Tied requests: a request that would wait is also queued on a second server (power of two choices), within
     /// the budget; the first to start cancels the other.
@@ -61,7 +67,7 @@ pub enum Mode {
 
 impl Mode {
     fn front_end(self) -> bool {
-        matches!(self, Mode::FrontRoundRobin | Mode::FrontP2c)
+        matches!(self, Mode::FrontRoundRobin | Mode::FrontP2c | Mode::FrontJsq)
     }
 }
 
@@ -100,6 +106,9 @@ pub struct FarmConfig {
     pub name: String,
     /// Heartbeat timeout of the nodes.
     pub heartbeat_timeout: Duration,
+    /// Servers rank the others by their reported load plus the requests they forwarded or copied to each since
+    /// that report (fresher than the report alone); false: by the reported load only, as in the paper.
+    pub fresh_loads: bool,
 }
 
 impl FarmConfig {
@@ -122,6 +131,7 @@ impl FarmConfig {
             seed: 1,
             name: name.to_owned(),
             heartbeat_timeout: Duration::from_secs(3),
+            fresh_loads: true,
         }
     }
 }
@@ -221,6 +231,7 @@ pub struct Server {
     threshold: Mutex<AdaptiveThreshold>,
     inflight: Mutex<HashMap<u64, (RequestMsg, Instant)>>,
     placements: Placements,
+    est: LocalLoads,
     recorder: Arc<Recorder>,
     /// Time spent on load balancing here.
     pub overhead: Arc<Overhead>,
@@ -288,6 +299,17 @@ impl Server {
         let msg =
             RequestMsg { req, origin: self.id, arrived_ns: self.ns(t), work_ns: work.as_nanos() as u64, claim: false };
         let mut job = Job { msg, enqueued: t, hedged: false, stay: false };
+        if self.cfg.mode == Mode::Hedge {
+            // Move at arrival a request that would wait the cluster's p95 here, if a shorter queue is known.
+            let expected = work * (self.backlog() / self.cfg.workers) as u32;
+            if expected >= self.threshold.lock().threshold(t)
+                && self.shorter_queue_elsewhere()
+                && self.forward(msg).await
+            {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         if self.cfg.mode == Mode::Tied {
             // Tie only a request that would wait longer than the cluster's recent p95 here.
             let expected = work * (self.backlog() / self.cfg.workers) as u32;
@@ -309,13 +331,37 @@ impl Server {
         self.placements.lock().remove(&msg.req);
         let sent = src.submit("request", &msg.attrs(), b"GET /").await.is_ok();
         self.overhead.add_forward(t0.elapsed());
-        let chosen = self.placements.lock().get(&msg.req).is_some_and(|p| !p.is_empty());
+        let chosen = self.placed(msg.req) > 0;
         if sent && chosen {
             self.stats.extra.fetch_add(1, Ordering::Relaxed);
             self.counters.extra.fetch_add(1, Ordering::Relaxed);
             self.inflight.lock().insert(msg.req, (msg, now()));
         }
         sent && chosen
+    }
+
+    /// How many servers `req` was just sent to; each counts one more request in their estimated load.
+    fn placed(&self, req: u64) -> usize {
+        let p = self.placements.lock();
+        let Some(p) = p.get(&req) else { return 0 };
+        let mut est = self.est.lock();
+        for s in p {
+            *est.entry(*s).or_insert(0.0) += 1.0;
+        }
+        p.len()
+    }
+
+    /// Whether some other server's estimated load is at least one request below this server's backlog.
+    fn shorter_queue_elsewhere(&self) -> bool {
+        let t = now();
+        let mine = self.backlog() as f64 / self.cfg.workers as f64;
+        let table = self.table.lock();
+        let est = self.est.lock();
+        let shorter = table.fresh(t).filter(|r| r.server != self.id).any(|r| {
+            let load = if self.cfg.fresh_loads { est.get(&r.server).copied().unwrap_or(r.index) } else { r.index };
+            load + 1.0 <= mine
+        });
+        shorter
     }
 
     /// Forwards (moves) `msg` to the n least-loaded other servers; false if none was available.
@@ -326,7 +372,7 @@ impl Server {
         self.placements.lock().remove(&msg.req);
         let sent = src.submit("request", &msg.attrs(), b"GET /").await.is_ok();
         self.overhead.add_forward(t0.elapsed());
-        let n = self.placements.lock().get(&msg.req).map_or(0, Vec::len);
+        let n = self.placed(msg.req);
         if !sent || n == 0 {
             return false;
         }
@@ -570,6 +616,7 @@ impl LoadProbe for SimProbe {
 /// A front end: a node that sends every client request to a server over the data channel.
 struct FrontEnd {
     id: ServerId,
+    table: SharedTable,
     placements: Placements,
     outstanding: LocalLoads,
     src: tokio::sync::Mutex<Source>,
@@ -586,6 +633,7 @@ pub struct Farm {
     recorder: Arc<Recorder>,
     fe_overhead: Arc<Overhead>,
     epoch: Instant,
+    unplaced: AtomicU64,
 }
 
 impl std::fmt::Debug for Farm {
@@ -646,6 +694,7 @@ impl Farm {
                 )),
                 inflight: Mutex::new(HashMap::new()),
                 placements: Arc::default(),
+                est: Arc::default(),
                 recorder: recorder.clone(),
                 overhead: overhead.clone(),
                 stats: ServerStats::default(),
@@ -664,19 +713,31 @@ impl Farm {
             let id = ServerId(cfg.servers as u32);
             let table: SharedTable = Arc::new(Mutex::new(LoadTable::new()));
             let listener = LoadListener::spawn(&mon, table.clone(), fe_overhead.clone())?;
-            data.set_in_filter(Some(Arc::new(Timed::new(Dedupe::new("rsp", cfg.timeout * 2), fe_overhead.clone()))));
+            data.set_in_filter(Some(Arc::new(Timed::new(
+                FirstResponse::new("rsp", cfg.timeout * 2),
+                fe_overhead.clone(),
+            ))));
             let mut src = data.source()?;
             let placements: Placements = Arc::default();
             let outstanding: LocalLoads = Arc::default();
             match cfg.mode {
                 Mode::FrontRoundRobin => src.set_out_filter(Some(Arc::new(Selector::round_robin()))),
                 // The front end knows exactly what it sent to each server and what came back: power of two
-                // choices ranks on that, and the load reports only say who is alive.
+                // choices (or the least) ranks on that, and the load reports only say who is alive.
                 _ => src.set_out_filter(Some(Arc::new(
-                    LoadAwareFilter::new(table.clone(), Box::new(PowerOfTwo::new(cfg.seed)), None)
-                        .placements(placements.clone())
-                        .local_loads(outstanding.clone())
-                        .overhead(fe_overhead.clone()),
+                    LoadAwareFilter::new(
+                        table.clone(),
+                        if cfg.mode == Mode::FrontJsq {
+                            Box::new(LeastLoaded::new(1))
+                        } else {
+                            Box::new(PowerOfTwo::new(cfg.seed))
+                        },
+                        None,
+                    )
+                    .placements(placements.clone())
+                    .local_loads(outstanding.clone())
+                    .fallback_to_all(true)
+                    .overhead(fe_overhead.clone()),
                 ))),
             }
             let mut responses = data.sink(
@@ -694,12 +755,22 @@ impl Farm {
                 }
             });
             let handles = vec![listener.task.abort_handle(), resp_task.abort_handle()];
-            let fe = FrontEnd { id, placements, outstanding, src: tokio::sync::Mutex::new(src), epoch };
+            let fe = FrontEnd { id, table, placements, outstanding, src: tokio::sync::Mutex::new(src), epoch };
             Some((fe, node, handles))
         } else {
             None
         };
-        let farm = Farm { cfg: cfg.clone(), servers, nodes, tasks, front, recorder, fe_overhead, epoch };
+        let farm = Farm {
+            cfg: cfg.clone(),
+            servers,
+            nodes,
+            tasks,
+            front,
+            recorder,
+            fe_overhead,
+            epoch,
+            unplaced: AtomicU64::new(0),
+        };
         // Everyone sees every sink, and every server (and the front end) knows every server's load.
         let fe = usize::from(farm.front.is_some());
         let data_sinks = cfg.servers * SINKS_PER_SERVER + fe;
@@ -707,7 +778,14 @@ impl Farm {
             data.wait_for_sinks(data_sinks, Duration::from_secs(10)).await?;
         }
         let all = cfg.servers;
-        let tables: Vec<SharedTable> = farm.servers.iter().map(|s| s.table.clone()).collect();
+        // The front end's table too: before, a release build could start sending while the front end knew no
+        // server, and the OUT-filter sent those requests nowhere.
+        let tables: Vec<SharedTable> = farm
+            .servers
+            .iter()
+            .map(|s| s.table.clone())
+            .chain(farm.front.iter().map(|(fe, ..)| fe.table.clone()))
+            .collect();
         let ready = until(Duration::from_secs(10) + cfg.report_period * 3, || {
             tables.iter().all(|t| t.lock().fresh(now()).count() >= all)
         })
@@ -745,7 +823,11 @@ impl Farm {
                             s.budget.lock().on_report(r.server, r.arrivals, r.extra);
                             s.threshold.lock().set_remote(r.server, now(), r.waits.clone());
                         }
-                        s.table.lock().update(r, now());
+                        let (server, index) = (r.server, r.index);
+                        if s.table.lock().update(r, now()) {
+                            // A new report: what was sent there before it is in its index now.
+                            s.est.lock().insert(server, index);
+                        }
                     }
                     s.overhead.add_handling(t0.elapsed());
                 }
@@ -754,7 +836,10 @@ impl Farm {
         );
         *server.data.lock() = Some(data.clone());
         // The data channel: the IN-filter keeps the first response per request.
-        data.set_in_filter(Some(Arc::new(Timed::new(Dedupe::new("rsp", cfg.timeout * 2), server.overhead.clone()))));
+        data.set_in_filter(Some(Arc::new(Timed::new(
+            FirstResponse::new("rsp", cfg.timeout * 2),
+            server.overhead.clone(),
+        ))));
         let mut requests = data.sink(SinkOptions::new().types(["request"]).capacity(1 << 16).attr("server", id.0))?;
         let mut responses =
             data.sink(SinkOptions::new().types(["response"]).capacity(1 << 16).filter(&format!("origin == {}", id.0)))?;
@@ -763,19 +848,17 @@ impl Farm {
             Mode::Kecho { n } | Mode::Cancel { n } => n,
             _ => 1,
         };
-        let mut fwd = data.source()?;
-        fwd.set_out_filter(Some(Arc::new(
-            LoadAwareFilter::new(server.table.clone(), Box::new(LeastLoaded::new(n)), Some(id))
+        let filter = |alloc: Box<dyn crate::alloc::Allocator>| {
+            let f = LoadAwareFilter::new(server.table.clone(), alloc, Some(id))
                 .placements(server.placements.clone())
-                .overhead(server.overhead.clone()),
-        )));
+                .overhead(server.overhead.clone());
+            Arc::new(if cfg.fresh_loads { f.local_loads(server.est.clone()) } else { f })
+        };
+        let mut fwd = data.source()?;
+        fwd.set_out_filter(Some(filter(Box::new(LeastLoaded::new(n)))));
         *server.fwd_src.lock().await = Some(fwd);
         let mut copy = data.source()?;
-        copy.set_out_filter(Some(Arc::new(
-            LoadAwareFilter::new(server.table.clone(), Box::new(PowerOfTwo::new(cfg.seed ^ u64::from(id.0))), Some(id))
-                .placements(server.placements.clone())
-                .overhead(server.overhead.clone()),
-        )));
+        copy.set_out_filter(Some(filter(Box::new(PowerOfTwo::new(cfg.seed ^ u64::from(id.0))))));
         *server.copy_src.lock().await = Some(copy);
         let s = server.clone();
         handles.push(
@@ -853,11 +936,14 @@ impl Farm {
             let t0 = Instant::now();
             fe.src.lock().await.submit("request", &msg.attrs(), b"GET /").await?;
             self.fe_overhead.add_forward(t0.elapsed());
-            if let Some(p) = fe.placements.lock().remove(&req) {
-                let mut out = fe.outstanding.lock();
-                for s in p {
-                    *out.entry(s).or_insert(0.0) += 1.0;
-                }
+            let placed = fe.placements.lock().remove(&req).unwrap_or_default();
+            if placed.is_empty() && self.cfg.mode != Mode::FrontRoundRobin {
+                // No server to send it to: the client's request is lost, and counted.
+                self.unplaced.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut out = fe.outstanding.lock();
+            for s in placed {
+                *out.entry(s).or_insert(0.0) += 1.0;
             }
             return Ok(());
         }
@@ -866,6 +952,10 @@ impl Farm {
         Ok(())
     }
 
+    /// Client requests the front end could send to no server (lost).
+    pub fn unplaced(&self) -> u64 {
+        self.unplaced.load(Ordering::Relaxed)
+    }
     /// The servers.
     pub fn servers(&self) -> &[Arc<Server>] {
         &self.servers

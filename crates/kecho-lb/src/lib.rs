@@ -7,7 +7,7 @@
 //!   loaded, power of two choices.
 //! - [`hedge`]: the adaptive hedging threshold, the budget of extra requests and the claim rule of cancel events.
 //! - [`mechanism`]: KECho's mechanism on a data channel: the load-aware OUT-filter and the event formats; the
-//!   IN-filter is kecho's own `Dedupe`.
+//!   IN-filter is `FirstResponse` (kecho's `Dedupe` on tokio's clock).
 //! - [`farm`]: simulated web servers on real kecho nodes, in every distribution mode.
 //! - [`webfarm`]: the section 5.4 experiment, extended (`kecho webfarm`).
 //! - [`http`]: dispatchers over HTTP: the front end (proxy or redirect, with affinity), cooperating servers and

@@ -1,7 +1,7 @@
 //! KECho's load-balancing mechanism on kecho channels (paper, section 4): a *data channel* carries forwarded
 //! requests, their responses and cancel events; an OUT-filter sends a forwarded request to the servers an
-//! [`Allocator`] picks from the load reports of the *monitoring channel*; an IN-filter (kecho's
-//! [`Dedupe`](kecho::filter::Dedupe)) discards duplicate responses, so the first response wins.
+//! [`Allocator`] picks from the load reports of the *monitoring channel*; an IN-filter ([`FirstResponse`], kecho's
+//! `Dedupe` on tokio's clock) discards duplicate responses, so the first response wins.
 //!
 //! Event types on the data channel and their attributes:
 //!
@@ -45,6 +45,7 @@ pub struct LoadAwareFilter {
     placements: Option<Placements>,
     overhead: Arc<Overhead>,
     local: Option<LocalLoads>,
+    fallback: bool,
 }
 
 /// Loads a dispatcher knows itself, e.g. the requests it sent to each server and not yet seen answered.
@@ -66,7 +67,16 @@ impl LoadAwareFilter {
             placements: None,
             overhead: Arc::default(),
             local: None,
+            fallback: false,
         }
+    }
+    /// When no server has a valid report (at start, or when every report aged out), chooses among all the
+    /// servers' sinks, their load unknown (or the local loads, if kept), instead of none. For a front end, which
+    /// cannot serve a request itself: without it, a request submitted while it knows no load reaches no server and
+    /// is lost. A forwarding server leaves it off: with nobody known, it keeps the request.
+    pub fn fallback_to_all(mut self, on: bool) -> Self {
+        self.fallback = on;
+        self
     }
     /// Records each request's chosen servers (by its `req` attribute) in `placements`.
     pub fn placements(mut self, placements: Placements) -> Self {
@@ -95,18 +105,27 @@ impl OutFilter for LoadAwareFilter {
         {
             let table = self.table.lock();
             let local = self.local.as_ref().map(|l| l.lock());
-            for (i, s) in sinks.iter().enumerate() {
-                let Some(id) = s.number("server") else { continue };
-                let id = ServerId(id as u32);
-                if Some(id) == self.me {
-                    continue;
+            // First the servers with a valid report; if there is none and the fallback is on, every server.
+            for all in [false, true] {
+                if all && (!self.fallback || !cands.is_empty()) {
+                    break;
                 }
-                let Some(mut load) = table.index(id, now) else { continue };
-                if let Some(l) = &local {
-                    load = l.get(&id).copied().unwrap_or(0.0);
+                for (i, s) in sinks.iter().enumerate() {
+                    let Some(id) = s.number("server") else { continue };
+                    let id = ServerId(id as u32);
+                    if Some(id) == self.me {
+                        continue;
+                    }
+                    let mut load = table.index(id, now);
+                    if load.is_none() && !all {
+                        continue;
+                    }
+                    if let Some(l) = &local {
+                        load = Some(l.get(&id).copied().unwrap_or(0.0));
+                    }
+                    cands.push(Candidate { server: id, load, weight: s.number("weight").unwrap_or(1.0) });
+                    index.push(i);
                 }
-                cands.push(Candidate { server: id, load: Some(load), weight: s.number("weight").unwrap_or(1.0) });
-                index.push(i);
             }
         }
         let key = match event.attrs().get("key") {
@@ -121,6 +140,96 @@ impl OutFilter for LoadAwareFilter {
             p.lock().insert(*req as u64, out.iter().map(|&o| cands[o].server).collect());
         }
         self.overhead.add_out_filter(t0.elapsed());
+    }
+}
+
+/// The first response wins: an IN-filter that drops an event whose `key` attribute (e.g. `rsp`) was seen within
+/// the last `window`; events without the key pass. It does what kecho's [`Dedupe`](kecho::filter::Dedupe) does,
+/// but on tokio's clock ([`now`]), so a test can run it with paused time; at most `capacity` keys are remembered
+/// (oldest forgotten first). `kecho::filter::Dedupe` reads `std::time::Instant` and cannot be driven that way.
+#[derive(Debug)]
+pub struct FirstResponse {
+    key: String,
+    seen: Mutex<FirstWins>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl FirstResponse {
+    /// Duplicates by `key` within `window`.
+    pub fn new(key: &str, window: Duration) -> Self {
+        FirstResponse { key: key.to_owned(), seen: Mutex::new(FirstWins::new(window, 1 << 16)), dropped: 0.into() }
+    }
+    /// Remembers at most `n` keys.
+    pub fn capacity(self, n: usize) -> Self {
+        let window = self.seen.lock().window;
+        *self.seen.lock() = FirstWins::new(window, n);
+        self
+    }
+    /// The decision for an event whose key attribute is `value`, at tokio's `now`.
+    pub fn decide(&self, value: &Value) -> InDecision {
+        if self.seen.lock().first(value_key(value), now()) {
+            InDecision::Deliver
+        } else {
+            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            InDecision::Drop
+        }
+    }
+    /// Events dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl InFilter for FirstResponse {
+    fn filter(&self, event: &mut InEvent<'_>, _sinks: &LocalSinks<'_>) -> InDecision {
+        match event.attrs().get(&self.key) {
+            Some(v) => self.decide(v),
+            None => InDecision::Deliver,
+        }
+    }
+}
+
+/// A stable 64-bit key of an attribute value.
+fn value_key(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => crate::alloc::mix(*i as u64),
+        Value::Str(s) => crate::alloc::fnv(s.as_bytes()),
+        Value::Bytes(b) => crate::alloc::fnv(b),
+        other => crate::alloc::fnv(format!("{other:?}").as_bytes()),
+    }
+}
+
+/// Which keys were seen within a window: the pure state machine behind [`FirstResponse`], time passed in.
+#[derive(Debug)]
+pub struct FirstWins {
+    window: Duration,
+    capacity: usize,
+    at: HashMap<u64, Instant>,
+    order: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl FirstWins {
+    /// Keys seen within `window`, at most `capacity` of them.
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        FirstWins { window, capacity: capacity.max(1), at: HashMap::new(), order: Default::default() }
+    }
+    /// True if `key` was not seen within the window before `now` (and remembers it); false for a duplicate.
+    pub fn first(&mut self, key: u64, now: Instant) -> bool {
+        while let Some(&(k, t)) = self.order.front() {
+            if now.saturating_duration_since(t) < self.window && self.order.len() < self.capacity {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&k) == Some(&t) {
+                self.at.remove(&k);
+            }
+        }
+        if self.at.get(&key).is_some_and(|t| now.saturating_duration_since(*t) < self.window) {
+            return false;
+        }
+        self.at.insert(key, now);
+        self.order.push_back((key, now));
+        true
     }
 }
 
@@ -202,4 +311,32 @@ pub(crate) async fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> bo
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_response_wins_within_the_window_on_tokios_clock() {
+        let s = Duration::from_secs;
+        let f = FirstResponse::new("rsp", s(10));
+        assert_eq!(f.decide(&Value::Int(7)), InDecision::Deliver);
+        assert_eq!(f.decide(&Value::Int(7)), InDecision::Drop, "a duplicate");
+        assert_eq!(f.decide(&Value::Int(8)), InDecision::Deliver);
+        tokio::time::advance(s(9)).await;
+        assert_eq!(f.decide(&Value::Int(7)), InDecision::Drop, "still within the window");
+        tokio::time::advance(s(2)).await;
+        // Eleven seconds passed on tokio's (paused) clock and none on the wall clock: only a filter on tokio's
+        // clock forgets the key here.
+        assert_eq!(f.decide(&Value::Int(7)), InDecision::Deliver, "the window passed");
+        assert_eq!(f.dropped(), 2);
+        let f = FirstResponse::new("rsp", s(10)).capacity(2);
+        for k in [1, 2, 3] {
+            assert_eq!(f.decide(&Value::Int(k)), InDecision::Deliver);
+        }
+        assert_eq!(f.decide(&Value::Int(1)), InDecision::Deliver, "beyond the capacity the oldest key is forgotten");
+        assert_eq!(f.decide(&Value::Str("a".into())), InDecision::Deliver);
+        assert_eq!(f.decide(&Value::Str("a".into())), InDecision::Drop);
+    }
 }

@@ -57,7 +57,7 @@ pub struct WebfarmArgs {
     /// Runs this many times faster than real time (all times scaled together).
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
-    /// Modes to run: none, kecho:N (or kecho for 1..5), cancel:N, rr, p2c, hedge, tied; or all.
+    /// Modes to run: none, kecho:N (or kecho for 1..5), cancel:N, rr, p2c, jsq, hedge, tied; or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     pub modes: Vec<String>,
     /// Load reports per second.
@@ -75,6 +75,10 @@ pub struct WebfarmArgs {
     /// Seed of the arrival generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Servers rank each other by the reported load only (as in the paper), not by the report plus what they sent
+    /// each server since.
+    #[arg(long)]
+    pub reported_loads_only: bool,
     /// Directory for the SVG plots and the CSV of results; none if not given.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -100,6 +104,7 @@ impl Default for WebfarmArgs {
             overhead_hz: vec![1.0, 2.0, 5.0, 10.0],
             overhead_rate: 25.0,
             seed: 1,
+            reported_loads_only: false,
             out: None,
         }
     }
@@ -302,6 +307,7 @@ fn parse_modes(specs: &[String]) -> Result<Vec<(String, Mode)>> {
                 out.push(("cancel:3".into(), Mode::Cancel { n: 3 }));
                 out.push(("rr".into(), Mode::FrontRoundRobin));
                 out.push(("p2c".into(), Mode::FrontP2c));
+                out.push(("jsq".into(), Mode::FrontJsq));
                 out.push(("hedge".into(), Mode::Hedge));
                 out.push(("tied".into(), Mode::Tied));
             }
@@ -316,11 +322,12 @@ fn parse_modes(specs: &[String]) -> Result<Vec<(String, Mode)>> {
             None if spec == "none" => out.push(("none".into(), Mode::None)),
             None if spec == "rr" => out.push(("rr".into(), Mode::FrontRoundRobin)),
             None if spec == "p2c" => out.push(("p2c".into(), Mode::FrontP2c)),
+            None if spec == "jsq" => out.push(("jsq".into(), Mode::FrontJsq)),
             None if spec == "hedge" => out.push(("hedge".into(), Mode::Hedge)),
             None if spec == "tied" => out.push(("tied".into(), Mode::Tied)),
             _ => {
                 return Err(LbError::Invalid(format!(
-                    "unknown mode {spec:?} (expected none, kecho[:N], cancel[:N], rr, p2c, hedge, tied or all)"
+                    "unknown mode {spec:?} (expected none, kecho[:N], cancel[:N], rr, p2c, jsq, hedge, tied or all)"
                 )))
             }
         }
@@ -352,6 +359,7 @@ pub async fn run_one(
     cfg.hedge_window = wall(10.0);
     cfg.budget_ratio = args.budget;
     cfg.seed = args.seed;
+    cfg.fresh_loads = !args.reported_loads_only;
     let farm = Farm::start(cfg).await?;
     let before = farm.overhead();
     let t0 = tokio::time::Instant::now();
@@ -859,7 +867,7 @@ mod tests {
         }
         assert!(parse_modes(&["kecho:0".into()]).is_err());
         assert!(parse_modes(&["bogus".into()]).is_err());
-        assert_eq!(parse_modes(&["all".into()]).unwrap().len(), 11);
+        assert_eq!(parse_modes(&["all".into()]).unwrap().len(), 12);
     }
 
     #[test]

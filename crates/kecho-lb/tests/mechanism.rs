@@ -6,11 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kecho::Node;
+use kecho::{Attrs, Node, SinkOptions};
+use kecho_lb::alloc::PowerOfTwo;
 use kecho_lb::farm::{Farm, FarmConfig, Mode, Server};
 use kecho_lb::load::{
     LoadListener, LoadMonitor, LoadProbe, LoadSample, LoadTable, LoadWeights, MonitorConfig, ReportPolicy, ServerId,
+    SharedTable,
 };
+use kecho_lb::mechanism::{LoadAwareFilter, Placements};
 use kecho_lb::overhead::Overhead;
 use parking_lot::Mutex;
 
@@ -162,4 +165,53 @@ async fn load_reports_flow_on_change_and_age_out() {
     check(5, "the silent node ages out", || table.lock().index(ServerId(9), now()).is_none()).await;
     assert!(overhead.snapshot().reports >= 2);
     assert!(overhead.snapshot().handling_ns > 0);
+}
+
+/// The release demo's bug: a p2c front end started sending before it had any load report, and its OUT-filter,
+/// which chose among servers with a valid report only, sent those requests to no server at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_end_that_knows_no_load_still_sends_every_request() {
+    let a = Node::start().await.unwrap();
+    let b = Node::start().await.unwrap();
+    let da = a.channel("lb-fallback-data").await.unwrap();
+    let db = b.channel("lb-fallback-data").await.unwrap();
+    let mut sink = db.sink(SinkOptions::new().types(["request"]).attr("server", 1)).unwrap();
+    da.wait_for_sinks(1, Duration::from_secs(5)).await.unwrap();
+    let table: SharedTable = Arc::default(); // no report at all
+    let placed: Placements = Arc::default();
+    let mut front = da.source().unwrap();
+    front.set_out_filter(Some(Arc::new(
+        LoadAwareFilter::new(table.clone(), Box::new(PowerOfTwo::new(1)), None)
+            .placements(placed.clone())
+            .fallback_to_all(true),
+    )));
+    for req in 0..5i64 {
+        front.submit("request", &Attrs::new().with("req", req), b"GET /").await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), sink.recv()).await.expect("the request reached a server");
+        assert_eq!(ev.unwrap().attrs().get("req"), Some(&kecho::Value::Int(req)));
+        assert_eq!(placed.lock()[&(req as u64)], vec![ServerId(1)]);
+    }
+    // A forwarding server keeps the strict rule: with nobody known it forwards to nobody (and keeps the request).
+    let strict: Placements = Arc::default();
+    let mut fwd = da.source().unwrap();
+    fwd.set_out_filter(Some(Arc::new(
+        LoadAwareFilter::new(table, Box::new(PowerOfTwo::new(1)), None).placements(strict.clone()),
+    )));
+    fwd.submit("request", &Attrs::new().with("req", 99i64), b"GET /").await.unwrap();
+    assert_eq!(strict.lock().get(&99), Some(&vec![]));
+}
+
+/// End to end: a p2c front end answers every request sent right after the farm started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p2c_front_end_answers_every_request_from_the_start() {
+    let mut cfg = config(3, Mode::FrontP2c, "p2c-start");
+    cfg.report_period = Duration::from_millis(500);
+    cfg.lifetime = Duration::from_millis(1500);
+    let farm = Farm::start(cfg).await.unwrap();
+    for req in 0..60 {
+        farm.arrive(0, req, Duration::from_millis(2)).await.unwrap();
+    }
+    check(10, "every request answered", || farm.recorder().answered() == 60).await;
+    assert_eq!(farm.unplaced(), 0, "no request was sent nowhere");
+    farm.shutdown().await;
 }
