@@ -54,11 +54,11 @@ pub enum Mode {
     /// A front end sends every request to the server with the fewest requests it sent and has not seen answered
     /// (join the shortest queue; ties rotate).
     FrontJsq,
-    /// Adaptive hedging: a request whose expected wait here (backlog times its work) reaches the cluster's
-    /// observed p95 wait is moved at once to the least-loaded other server, if that one has a shorter queue (no
-    /// extra request); a request that has waited the p95 wait gets a copy at a server picked by power of two
-    /// choices, within the budget, and the copies use cancel events; over budget it is moved instead. The fixed
-    /// threshold stays as a backstop.
+    /// Adaptive hedging: a request that would wait here at least its own work (queued work plus what is left of
+    /// the running request) is moved at once to the least-loaded other server if that one's queue is at least one
+    /// request shorter (no extra request; loads as in [`FarmConfig::fresh_loads`]); a request that has waited the
+    /// cluster's observed p95 wait gets a copy at a server picked by power of two choices, within the budget, and
+    /// the copies use cancel events; over budget it is moved instead. The fixed threshold stays as a backstop.
     Hedge,
     /// Tied requests: a request that would wait is also queued on a second server (power of two choices), within
     /// the budget; the first to start cancels the other.
@@ -225,6 +225,7 @@ pub struct Server {
     abort: Notify,
     busy_ns: AtomicU64,
     busy_now: AtomicU32,
+    ends: Mutex<HashMap<u64, Instant>>,
     table: SharedTable,
     counters: Arc<RequestCounters>,
     budget: Mutex<Budget>,
@@ -290,6 +291,14 @@ impl Server {
     }
 
     /// A client request arrives here.
+    /// How long a request arriving now would wait here: the work of every queued request and what is left of the
+    /// running ones, spread over the workers.
+    fn expected_wait(&self, t: Instant) -> Duration {
+        let queued: u64 = self.queue.lock().values().map(|j| j.msg.work_ns).sum();
+        let running: Duration = self.ends.lock().values().map(|e| e.saturating_duration_since(t)).sum();
+        (Duration::from_nanos(queued) + running) / self.cfg.workers as u32
+    }
+
     async fn arrive(&self, req: u64, work: Duration) {
         let t = now();
         self.stats.arrivals.fetch_add(1, Ordering::Relaxed);
@@ -300,19 +309,18 @@ impl Server {
             RequestMsg { req, origin: self.id, arrived_ns: self.ns(t), work_ns: work.as_nanos() as u64, claim: false };
         let mut job = Job { msg, enqueued: t, hedged: false, stay: false };
         if self.cfg.mode == Mode::Hedge {
-            // Move at arrival a request that would wait the cluster's p95 here, if a shorter queue is known.
-            let expected = work * (self.backlog() / self.cfg.workers) as u32;
-            if expected >= self.threshold.lock().threshold(t)
-                && self.shorter_queue_elsewhere()
-                && self.forward(msg).await
-            {
+            // Move at arrival a request that would wait here at least its own work, if a queue at least one
+            // request shorter is known (no extra request: it leaves this queue).
+            let expected = self.expected_wait(t);
+            let ahead = expected.as_secs_f64() / work.as_secs_f64().max(1e-9);
+            if expected >= work && self.shorter_queue_elsewhere(ahead) && self.forward(msg).await {
                 self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         if self.cfg.mode == Mode::Tied {
             // Tie only a request that would wait longer than the cluster's recent p95 here.
-            let expected = work * (self.backlog() / self.cfg.workers) as u32;
+            let expected = self.expected_wait(t);
             let long = expected >= self.threshold.lock().threshold(t);
             if long && self.budget.lock().try_spend() {
                 job.msg.claim = true;
@@ -351,10 +359,10 @@ impl Server {
         p.len()
     }
 
-    /// Whether some other server's estimated load is at least one request below this server's backlog.
-    fn shorter_queue_elsewhere(&self) -> bool {
+    /// Whether some other server's estimated load (requests) is at least one request below `mine`, the requests'
+    /// worth of work ahead of a new request here.
+    fn shorter_queue_elsewhere(&self, mine: f64) -> bool {
         let t = now();
-        let mine = self.backlog() as f64 / self.cfg.workers as f64;
         let table = self.table.lock();
         let est = self.est.lock();
         let shorter = table.fresh(t).filter(|r| r.server != self.id).any(|r| {
@@ -428,6 +436,7 @@ impl Server {
             self.stats.started.fetch_add(1, Ordering::Relaxed);
             self.busy_now.fetch_add(1, Ordering::Relaxed);
             let deadline = start + Duration::from_nanos(msg.work_ns);
+            self.ends.lock().insert(msg.req, deadline);
             let finished = match mine {
                 None => {
                     tokio::time::sleep_until(deadline.into()).await;
@@ -436,6 +445,7 @@ impl Server {
                 Some(claim) => self.process_claimed(msg.req, claim, deadline).await,
             };
             self.busy_now.fetch_sub(1, Ordering::Relaxed);
+            self.ends.lock().remove(&msg.req);
             self.running.lock().remove(&msg.req);
             let end = if finished { deadline } else { now().min(deadline) };
             self.busy_ns.fetch_add(end.saturating_duration_since(start).as_nanos() as u64, Ordering::Relaxed);
@@ -683,6 +693,7 @@ impl Farm {
                 abort: Notify::new(),
                 busy_ns: AtomicU64::new(0),
                 busy_now: AtomicU32::new(0),
+                ends: Mutex::new(HashMap::new()),
                 table: Arc::new(Mutex::new(LoadTable::new())),
                 counters: Arc::default(),
                 budget: Mutex::new(Budget::new(cfg.budget_ratio, cfg.budget_burst)),

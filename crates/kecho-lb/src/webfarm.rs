@@ -604,10 +604,12 @@ fn targets(args: &WebfarmArgs, sweep: &Sweep) -> String {
     let kecho: Vec<&RunResult> =
         sweep.results.iter().filter(|r| r.mode.starts_with("kecho") && servable.contains(&r.rate)).collect();
     let worst = kecho.iter().map(|r| r.p99).fold(0.0, f64::max);
+    let each: Vec<String> = kecho.iter().map(|r| format!("{} at {}: {:.0}", r.mode, r.rate, r.p99)).collect();
     let _ = writeln!(
         s,
-        "- KECho p99 below threshold + 2 service times ({bound:.0} ms) at servable rates: {} (worst {worst:.0} ms)",
-        verdict(!kecho.is_empty() && worst < bound)
+        "- KECho p99 below threshold + 2 service times ({bound:.0} ms) at servable rates: {} (worst {worst:.0} ms; {})",
+        verdict(!kecho.is_empty() && worst < bound),
+        each.join(", ")
     );
     for &rate in &servable {
         let Some(ideal) = at("ideal", rate) else { continue };

@@ -39,3 +39,35 @@ async fn a_tiny_sweep_runs_and_reports() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `kecho webfarm` from its command line (the same `WebfarmArgs` the binary flattens), with the front ends of the
+/// release demo's bug: at 40 % load no request may time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_runs_a_tiny_sweep_of_the_front_ends() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WebfarmArgs,
+    }
+    let cli = Cli::try_parse_from([
+        "kecho-webfarm",
+        "--servers",
+        "3",
+        "--rates",
+        "15",
+        "--duration",
+        "3",
+        "--time-scale",
+        "20",
+        "--modes",
+        "p2c,jsq,rr",
+    ])
+    .unwrap();
+    let s = sweep(&cli.args).await.unwrap();
+    assert_eq!(s.results.len(), 4, "the ideal queue and three front ends");
+    for r in s.results.iter().filter(|r| r.mode != "ideal") {
+        assert_eq!(r.timeouts, 0, "{} at 40 % load: {r:?}", r.mode);
+    }
+    kecho_lb::run_webfarm(cli.args).await.unwrap();
+}
