@@ -686,7 +686,7 @@ impl ChannelInner {
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
     /// source's OUT-filter named some).
     pub(crate) async fn deliver_remote(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>) {
-        if self.guard_sources.load(Ordering::Acquire) && !self.senders.read().contains(&from) {
+        if !self.may_send(from) {
             // A node without the source right: whatever it sends is not the channel's.
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
             return;
@@ -714,6 +714,11 @@ impl ChannelInner {
             Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
         };
         self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source)).await;
+    }
+
+    /// False if the channel's policy requires the source right and node `from` does not hold it.
+    fn may_send(&self, from: NodeId) -> bool {
+        !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
     }
 
     /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`).
@@ -767,7 +772,11 @@ impl ChannelInner {
 
     /// A source did not deliver `count` events meant for `ids` (every local sink if empty): its link was full, or
     /// this node was cut off from the channel.
-    pub(crate) fn remote_lag(&self, count: u64, ids: &[LocalId]) {
+    pub(crate) fn remote_lag(&self, from: NodeId, count: u64, ids: &[LocalId]) {
+        if !self.may_send(from) {
+            // Only a node that may publish can have missed events for our sinks.
+            return;
+        }
         let sinks = self.local_sinks.read().clone();
         self.counters.missed.fetch_add(count, Ordering::Relaxed);
         for s in sinks.iter().filter(|s| ids.is_empty() || ids.contains(&s.id)) {

@@ -548,7 +548,7 @@ impl NodeInner {
             }
             Message::Lagged { channel, count, sinks, .. } => {
                 if let Some(ch) = self.channel_by_id(channel) {
-                    ch.remote_lag(count, &sinks);
+                    ch.remote_lag(peer.id, count, &sinks);
                 }
             }
             Message::Routed { channel, source, skipped } => {
