@@ -3,10 +3,10 @@
 //! Eight simulated web servers on real kecho nodes (one process, loopback) get open-loop Poisson arrivals from a
 //! seeded generator, skewed so that one server stays under 10 % utilisation; each request needs about 38 ms of
 //! processing and times out after 5 s. The same arrival trace runs under every mode (no balancing, KECho
-//! forwarding to the n least loaded, cancel events, a round-robin and a power-of-two-choices front end, adaptive
-//! hedging, tied requests), and an ideal central queue computed on that trace is the reference. A time scale runs
-//! the sweep faster: every time (arrivals, processing, thresholds, time-outs, report periods) is divided by it
-//! during the run, and the results are converted back.
+//! forwarding to the n least loaded, cancel events, round-robin, power-of-two-choices and shortest-queue front
+//! ends, adaptive hedging, tied requests), and an ideal central queue computed on that trace is the reference. A
+//! time scale runs the sweep faster: every time (arrivals, processing, thresholds, time-outs, report periods) is
+//! divided by it during the run, and the results are converted back.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
