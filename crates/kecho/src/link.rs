@@ -622,10 +622,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     remote: Option<SocketAddr>,
 ) {
     let mut targets = None;
+    let mut names = codec::TypeNames::default();
     let why: String = 'outer: loop {
         loop {
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
-                Ok(Some(frame)) => match codec::decode_body(frame) {
+                Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
                     Ok(msg) => {
                         let was_close = matches!(msg, Message::Close { .. });
                         live.reader_waiting.store(true, Ordering::Release);

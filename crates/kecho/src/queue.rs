@@ -13,17 +13,23 @@ use kecho_proto::{Attrs, Overflow};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::Notify;
 
-/// An event as a sink receives it. Cloning is cheap (one reference count).
+/// An event as a sink receives it. Cloning is cheap (two or three reference counts, no allocation).
+///
+/// Its parts are shared rather than the whole: the type name with every event of that type that arrived on the same
+/// link, the payload with the frame it arrived in, the attributes (when there are any) with the event's copies in
+/// other sinks. So an arriving event without attributes costs no allocation of its own.
 #[derive(Clone)]
-pub struct Event(pub(crate) Arc<EventInner>);
-
-pub(crate) struct EventInner {
-    pub(crate) ty: String,
-    pub(crate) attrs: Attrs,
+pub struct Event {
+    pub(crate) ty: Arc<str>,
+    /// `None` when there are no attributes.
+    pub(crate) attrs: Option<Arc<Attrs>>,
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
     pub(crate) source: SourceKey,
 }
+
+/// What [`Event::attrs`] returns for an event without attributes.
+static NO_ATTRS: Attrs = Attrs(Vec::new());
 
 /// An opaque name for the source an event came from: the same for every event of one source, different for different
 /// sources (with overwhelming probability), and saying nothing about the source's node or address. Together with
@@ -51,40 +57,40 @@ impl std::fmt::Display for SourceKey {
 impl Event {
     /// The event's type name.
     pub fn ty(&self) -> &str {
-        &self.0.ty
+        &self.ty
     }
     /// Its attribute list.
     pub fn attrs(&self) -> &Attrs {
-        &self.0.attrs
+        self.attrs.as_deref().unwrap_or(&NO_ATTRS)
     }
     /// Its payload.
     pub fn payload(&self) -> &Bytes {
-        &self.0.payload
+        &self.payload
     }
     /// Its per-source sequence number (1 for a source's first event). A sink sees gaps where the source's OUT-filter
     /// or content filters sent events elsewhere; events that were meant for it and lost are reported as
     /// [`RecvError::Lagged`] instead.
     pub fn seq(&self) -> u64 {
-        self.0.seq
+        self.seq
     }
     /// The source it came from, as an opaque key.
     pub fn source(&self) -> SourceKey {
-        self.0.source
+        self.source
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
-        Ok(serde_json::from_slice(&self.0.payload)?)
+        Ok(serde_json::from_slice(&self.payload)?)
     }
 }
 
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Event")
-            .field("ty", &self.0.ty)
-            .field("seq", &self.0.seq)
-            .field("source", &self.0.source)
-            .field("attrs", &self.0.attrs)
-            .field("payload_len", &self.0.payload.len())
+            .field("ty", &self.ty)
+            .field("seq", &self.seq)
+            .field("source", &self.source)
+            .field("attrs", self.attrs())
+            .field("payload_len", &self.payload.len())
             .finish()
     }
 }
@@ -184,7 +190,8 @@ impl SinkQueue {
         SinkQueue {
             cap: cap.max(1),
             overflow,
-            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 1024)), events: 0, closed: false }),
+            // Sized on demand: an idle sink holds little, a busy one grows its queue once.
+            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 32)), events: 0, closed: false }),
             wake: Arc::new(Wake { cv: Condvar::new(), readable: Notify::new() }),
             writable: Notify::new(),
             received: AtomicU64::new(0),
@@ -489,7 +496,7 @@ mod tests {
 
     fn ev(seq: u64) -> Event {
         let source = SourceKey(1);
-        Event(Arc::new(EventInner { ty: "t".into(), attrs: Attrs::new(), payload: Bytes::new(), seq, source }))
+        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source }
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
