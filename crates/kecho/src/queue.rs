@@ -4,13 +4,15 @@
 //! receiver sleeps until something arrives: there is no polling interval anywhere.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kecho_proto::{Attrs, Overflow};
 use parking_lot::{Condvar, Mutex};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// An event as a sink receives it. Cloning is cheap (two or three reference counts, no allocation).
@@ -384,20 +386,51 @@ pub(crate) struct Outbox {
     pub(crate) readable: Notify,
     /// Sources waiting for room (Block sinks) wait here.
     pub(crate) writable: Notify,
+    /// An event went out through a direct write since the writer last looked (it counts as sending for heartbeats).
+    sent_direct: AtomicBool,
+    /// Events written directly by submitting threads, for tests and statistics.
+    pub(crate) direct_writes: AtomicU64,
+    /// See [`DIRECT_QUIET`].
+    quiet: Duration,
 }
 
 pub(crate) struct OutQ {
     pub(crate) frames: VecDeque<Bytes>,
     pub(crate) bytes: usize,
+    /// The writer took frames and has not finished writing them: nothing may be written around it.
+    writing: bool,
+    /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
+    /// is no link).
+    direct: Option<Arc<OwnedWriteHalf>>,
+    /// When the link was last seen quiet: the writer ran out of frames, or the last direct write.
+    quiet_since: Instant,
 }
+
+/// A submitting thread writes an event to the socket itself only if the link has been quiet this long: under load the
+/// writer task batches many events per system call, which a write per event would undo.
+const DIRECT_QUIET: Duration = Duration::from_micros(5);
 
 impl Outbox {
     pub(crate) fn new(limit: usize) -> Self {
+        Self::with_quiet(limit, DIRECT_QUIET)
+    }
+
+    /// An outbox whose link counts as quiet after `quiet` (tests use a long one to be independent of timing).
+    pub(crate) fn with_quiet(limit: usize, quiet: Duration) -> Self {
         Outbox {
+            quiet,
             limit,
-            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0 }),
+            q: Mutex::new(OutQ {
+                frames: VecDeque::new(),
+                bytes: 0,
+                writing: false,
+                direct: None,
+                quiet_since: Instant::now(),
+            }),
             readable: Notify::new(),
             writable: Notify::new(),
+            sent_direct: AtomicBool::new(false),
+            direct_writes: AtomicU64::new(0),
         }
     }
 
@@ -407,33 +440,70 @@ impl Outbox {
         q.bytes == 0 || q.bytes + len <= self.limit
     }
 
-    /// Queues an event frame if there is room.
-    pub(crate) fn push_event(&self, frame: Bytes) -> bool {
+    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
+    ///
+    /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
+    /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
+    /// for an event on an idle link). The check and the write happen under the queue's lock, so no frame can be
+    /// queued or written meanwhile and per-link order holds. What a non-blocking write leaves (a partial write, or a
+    /// full socket buffer) is queued for the writer, ahead of anything else.
+    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes) -> bool {
         let mut q = self.q.lock();
-        if q.bytes != 0 && q.bytes + frame.len() > self.limit {
+        let len = first.as_ref().map_or(0, Bytes::len) + frame.len();
+        if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
+        let mut written = 0;
+        if q.frames.is_empty() && !q.writing {
+            if let Some(sock) = &q.direct {
+                let now = Instant::now();
+                if now.saturating_duration_since(q.quiet_since) >= self.quiet {
+                    let iov = [IoSlice::new(first.as_deref().unwrap_or_default()), IoSlice::new(&frame)];
+                    // An error is the writer's (or reader's) to find; the frames are then queued like any other.
+                    written = sock.try_write_vectored(&iov).unwrap_or(0);
+                    q.quiet_since = now;
+                }
+            }
+        }
+        if written == len {
+            drop(q);
+            self.sent_direct.store(true, Ordering::Release);
+            self.direct_writes.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        q.bytes += len - written;
+        match first {
+            Some(f) if written < f.len() => {
+                q.frames.push_back(f.slice(written..));
+                q.frames.push_back(frame);
+            }
+            Some(f) => q.frames.push_back(frame.slice(written - f.len()..)),
+            None => q.frames.push_back(frame.slice(written..)),
+        }
         drop(q);
         self.readable.notify_one();
         true
     }
 
-    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
-    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes) -> bool {
-        let Some(first) = first else { return self.push_event(frame) };
+    /// Gives the outbox the link's socket for direct writes (`None`: no more direct writes). The writer is idle on a
+    /// new link until it takes frames.
+    pub(crate) fn set_direct(&self, sock: Option<Arc<OwnedWriteHalf>>) {
         let mut q = self.q.lock();
-        let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
-            return false;
+        q.direct = sock;
+        q.writing = false;
+    }
+
+    /// Stops direct writes to `sock` if it is still the outbox's socket (a newer link's is left alone).
+    pub(crate) fn clear_direct(&self, sock: &Arc<OwnedWriteHalf>) {
+        let mut q = self.q.lock();
+        if q.direct.as_ref().is_some_and(|d| Arc::ptr_eq(d, sock)) {
+            q.direct = None;
         }
-        q.bytes += len;
-        q.frames.push_back(first);
-        q.frames.push_back(frame);
-        drop(q);
-        self.readable.notify_one();
-        true
+    }
+
+    /// True once after events went out through direct writes.
+    pub(crate) fn take_sent_direct(&self) -> bool {
+        self.sent_direct.swap(false, Ordering::AcqRel)
     }
 
     /// Queues a control frame regardless of the limit.
@@ -454,11 +524,15 @@ impl Outbox {
         self.readable.notify_one();
     }
 
-    /// Takes every queued frame.
+    /// Takes every queued frame (the caller is the writer: until it comes back for more, it is writing them).
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
         let mut q = self.q.lock();
         std::mem::swap(&mut q.frames, into);
         q.bytes = 0;
+        if into.is_empty() && q.writing {
+            q.quiet_since = Instant::now();
+        }
+        q.writing = !into.is_empty();
     }
 
     /// Waits until an event of `len` bytes fits.
