@@ -24,7 +24,7 @@ use crate::filter::{
 };
 use crate::link::Peer;
 use crate::node::{now, NodeGuard, NodeInner};
-use crate::queue::{Event, Offer, RecvError, SinkQueue, SourceKey, TryRecvError};
+use crate::queue::{Event, Offer, RecvError, SinkQueue, SourceGate, SourceKey, TryRecvError};
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
 use kecho_proto::codec::FilterKind;
 
@@ -899,6 +899,7 @@ impl Channel {
             cel: None,
             scratch: Scratch::default(),
             ty_name: None,
+            gate: SourceGate::default(),
             key: SourceKey::new(node.id, id),
             sent_to: IdMap::default(),
             ghost_missed: IdMap::default(),
@@ -1055,6 +1056,8 @@ pub struct Source {
     scratch: Scratch,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
+    /// Whether this source has been idle long enough to write to a quiet link itself.
+    gate: SourceGate,
     /// This source as sinks see it.
     key: SourceKey,
     /// Loss accounting per destination node.
@@ -1309,7 +1312,7 @@ impl Source {
             } else {
                 None
             };
-            if peer.outbox.push_event_with(prefix, f.clone()) {
+            if peer.outbox.push_event_with(prefix, f.clone(), &mut self.gate) {
                 track.routed += 1;
                 track.told = Some((skipped, link.0, link.1));
                 c.sent.fetch_add(1, Ordering::Relaxed);
@@ -1320,6 +1323,7 @@ impl Source {
             }
             e.3.clear();
         }
+        self.gate.done();
         if !sc.locals.is_empty() {
             // Share the encoded payload when there is one; copy it once otherwise.
             let payload = match &frame {

@@ -159,10 +159,17 @@ tokio::task_local! {
 
 /// Wakes the receivers whose wake-up was deferred by the current task (a link reader), if any.
 pub(crate) fn flush_deferred_wakes() {
-    let pending = WAKE_LATER.try_with(|later| std::mem::take(&mut *later.borrow_mut()));
-    for w in pending.unwrap_or_default() {
-        w.now();
-    }
+    let _ = WAKE_LATER.try_with(|later| {
+        let mut pending = std::mem::take(&mut *later.borrow_mut());
+        for w in pending.drain(..) {
+            w.now();
+        }
+        // Give the list back, so that its memory serves the next read too.
+        let mut slot = later.borrow_mut();
+        if slot.is_empty() {
+            *slot = pending;
+        }
+    });
 }
 
 /// The queue behind one sink.
@@ -392,6 +399,8 @@ pub(crate) struct Outbox {
     pub(crate) direct_writes: AtomicU64,
     /// See [`DIRECT_QUIET`].
     quiet: Duration,
+    /// See [`SOURCE_IDLE`].
+    source_idle: Duration,
 }
 
 pub(crate) struct OutQ {
@@ -402,31 +411,60 @@ pub(crate) struct OutQ {
     /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
     /// is no link).
     direct: Option<Arc<OwnedWriteHalf>>,
-    /// When the link was last seen quiet: the writer ran out of frames, or the last direct write.
-    quiet_since: Instant,
+    /// When the link counts as quiet (`None`: now): [`DIRECT_QUIET`] after the writer ran out of frames or after the
+    /// last direct write. A deadline rather than a time stamp, so that the check is one comparison.
+    quiet_at: Option<Instant>,
 }
 
-/// A submitting thread writes an event to the socket itself only if the link has been quiet this long: under load the
-/// writer task batches many events per system call, which a write per event would undo.
-const DIRECT_QUIET: Duration = Duration::from_micros(5);
+/// A submitting thread writes an event to the socket itself only if the link and the source have been quiet this long:
+/// under load the writer task batches many events per system call, which a write per event would undo.
+pub(crate) const DIRECT_QUIET: Duration = Duration::from_micros(5);
+
+/// How long a source must have been idle for its submit to write directly: measured from the end of its last direct
+/// write, so shorter than [`DIRECT_QUIET`] (which the link measures from the start of its last write). A source in a
+/// loop comes back within a microsecond or so; one waiting for anything at all (an answer, a timer) takes longer.
+pub(crate) const SOURCE_IDLE: Duration = Duration::from_micros(2);
+
+/// A source's side of the direct-write rule: it was idle for [`SOURCE_IDLE`] before this submit (since the end of
+/// its last submit that wrote directly, or the start of the last one that did not). The clock is read at most once
+/// per submit, and only when a link could take a direct write.
+#[derive(Default)]
+pub(crate) struct SourceGate {
+    last: Option<Instant>,
+    now: Option<Instant>,
+    wrote: bool,
+}
+
+impl SourceGate {
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
+    }
+
+    fn idle(&mut self, quiet: Duration) -> bool {
+        let now = self.now();
+        self.last.is_none_or(|t| now.saturating_duration_since(t) >= quiet)
+    }
+
+    /// Ends a submit.
+    pub(crate) fn done(&mut self) {
+        if let Some(now) = self.now.take() {
+            self.last = Some(if std::mem::take(&mut self.wrote) { Instant::now() } else { now });
+        }
+    }
+}
 
 impl Outbox {
     pub(crate) fn new(limit: usize) -> Self {
-        Self::with_quiet(limit, DIRECT_QUIET)
+        Outbox { source_idle: SOURCE_IDLE, ..Self::with_quiet(limit, DIRECT_QUIET) }
     }
 
     /// An outbox whose link counts as quiet after `quiet` (tests use a long one to be independent of timing).
     pub(crate) fn with_quiet(limit: usize, quiet: Duration) -> Self {
         Outbox {
             quiet,
+            source_idle: quiet,
             limit,
-            q: Mutex::new(OutQ {
-                frames: VecDeque::new(),
-                bytes: 0,
-                writing: false,
-                direct: None,
-                quiet_since: Instant::now(),
-            }),
+            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0, writing: false, direct: None, quiet_at: None }),
             readable: Notify::new(),
             writable: Notify::new(),
             sent_direct: AtomicBool::new(false),
@@ -447,7 +485,10 @@ impl Outbox {
     /// for an event on an idle link). The check and the write happen under the queue's lock, so no frame can be
     /// queued or written meanwhile and per-link order holds. What a non-blocking write leaves (a partial write, or a
     /// full socket buffer) is queued for the writer, ahead of anything else.
-    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes) -> bool {
+    ///
+    /// The source must have been idle too (see [`SourceGate`]): with several links, a source writing to each itself
+    /// would otherwise take so long per event that every link looks quiet again at its next event.
+    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes, gate: &mut SourceGate) -> bool {
         let mut q = self.q.lock();
         let len = first.as_ref().map_or(0, Bytes::len) + frame.len();
         if q.bytes != 0 && q.bytes + len > self.limit {
@@ -456,12 +497,13 @@ impl Outbox {
         let mut written = 0;
         if q.frames.is_empty() && !q.writing {
             if let Some(sock) = &q.direct {
-                let now = Instant::now();
-                if now.saturating_duration_since(q.quiet_since) >= self.quiet {
+                let now = gate.now();
+                if q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle) {
                     let iov = [IoSlice::new(first.as_deref().unwrap_or_default()), IoSlice::new(&frame)];
                     // An error is the writer's (or reader's) to find; the frames are then queued like any other.
                     written = sock.try_write_vectored(&iov).unwrap_or(0);
-                    q.quiet_since = now;
+                    q.quiet_at = now.checked_add(self.quiet);
+                    gate.wrote = true;
                 }
             }
         }
@@ -530,7 +572,7 @@ impl Outbox {
         std::mem::swap(&mut q.frames, into);
         q.bytes = 0;
         if into.is_empty() && q.writing {
-            q.quiet_since = Instant::now();
+            q.quiet_at = Instant::now().checked_add(self.quiet);
         }
         q.writing = !into.is_empty();
     }
@@ -609,5 +651,25 @@ mod tests {
         assert!(matches!(q.offer(ev(1)), Offer::Queued));
         assert!(matches!(q.offer(ev(2)), Offer::Full(_)));
         assert_eq!(drain(&q), ["1"]);
+    }
+
+    #[test]
+    fn a_source_that_just_wrote_directly_is_not_idle() {
+        let quiet = Duration::from_millis(200);
+        let mut gate = SourceGate::default();
+        assert!(gate.idle(quiet), "a source's first event finds it idle");
+        assert!(gate.idle(quiet), "every link of one submit sees the same answer");
+        gate.wrote = true;
+        // The direct writes took long: idleness counts from their end, not from the submit's start.
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        gate.done();
+        assert!(!gate.idle(quiet), "the next submit right after is not idle");
+        gate.done();
+        assert!(!gate.idle(quiet), "nor the one after (measured from the start of the last)");
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        assert!(!gate.idle(quiet), "the answer is fixed at the first look within a submit");
+        gate.done();
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        assert!(gate.idle(quiet), "after a pause the source is idle again");
     }
 }
