@@ -6,6 +6,8 @@
 //! a few dozen items (decoded attributes and members do take more memory than their wire bytes, up to about 11 times
 //! the frame).
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::access::{Policy, Roles, Token};
@@ -242,8 +244,8 @@ pub struct EventMsg {
     pub source: LocalId,
     /// Per-source sequence number, starting at 1.
     pub seq: u64,
-    /// Event type name.
-    pub ty: String,
+    /// Event type name; shared with other events of the type when decoded through a [`TypeNames`] cache.
+    pub ty: Arc<str>,
     /// Attribute list.
     pub attrs: Attrs,
     /// Payload, shared with the received frame (no copy).
@@ -511,9 +513,11 @@ impl Message {
 
     /// Appends this message as one complete frame (length prefix included) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
-        if let Message::Event(e) = self {
-            encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload);
-            return;
+        match self {
+            Message::Event(e) => return encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload),
+            Message::Routed { channel, source, skipped } => return encode_routed(dst, *channel, *source, *skipped),
+            Message::Targets { channel, sinks } => return encode_targets(dst, *channel, sinks),
+            _ => {}
         }
         let start = begin_frame(dst, self.kind());
         match self {
@@ -576,7 +580,7 @@ impl Message {
                 put_snapshot(dst, snapshot);
                 dst.put_u8(u8::from(*left) | (u8::from(*reply) << 1));
             }
-            Message::Event(_) => unreachable!("handled above"),
+            Message::Event(_) | Message::Routed { .. } | Message::Targets { .. } => unreachable!("handled above"),
             Message::Lagged { channel, source, count, sinks } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
@@ -585,11 +589,6 @@ impl Message {
                 for s in sinks {
                     dst.put_u32_le(s.0);
                 }
-            }
-            Message::Routed { channel, source, skipped } => {
-                dst.put_u64_le(channel.0);
-                dst.put_u32_le(source.0);
-                dst.put_u64_le(*skipped);
             }
             Message::InstallFilter { channel, req, kind, module } => {
                 dst.put_u64_le(channel.0);
@@ -606,13 +605,6 @@ impl Message {
                 dst.put_u32_le(*req);
                 dst.put_u8(u8::from(*ok));
                 put_str(dst, message);
-            }
-            Message::Targets { channel, sinks } => {
-                dst.put_u64_le(channel.0);
-                dst.put_u32_le(sinks.len() as u32);
-                for s in sinks {
-                    dst.put_u32_le(s.0);
-                }
             }
             Message::RegClaim { req, name, channel, node, addr, ttl_ms, mode, sources, sinks, secret } => {
                 dst.put_u32_le(*req);
@@ -698,6 +690,28 @@ pub fn encode_event(
     put_str(dst, ty);
     put_attrs(dst, attrs);
     dst.put_slice(payload);
+    end_frame(dst, start);
+}
+
+/// Appends a `Routed` frame without building a [`Message`] (submit path).
+pub fn encode_routed(dst: &mut BytesMut, channel: ChannelId, source: LocalId, skipped: u64) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8);
+    let start = begin_frame(dst, kind::ROUTED);
+    dst.put_u64_le(channel.0);
+    dst.put_u32_le(source.0);
+    dst.put_u64_le(skipped);
+    end_frame(dst, start);
+}
+
+/// Appends a `Targets` frame without building a [`Message`] (submit path).
+pub fn encode_targets(dst: &mut BytesMut, channel: ChannelId, sinks: &[LocalId]) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 4 * sinks.len());
+    let start = begin_frame(dst, kind::TARGETS);
+    dst.put_u64_le(channel.0);
+    dst.put_u32_le(sinks.len() as u32);
+    for s in sinks {
+        dst.put_u32_le(s.0);
+    }
     end_frame(dst, start);
 }
 
@@ -855,11 +869,47 @@ pub fn split_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>
 }
 
 /// Decodes one frame's kind and body (without the length prefix).
-pub fn decode_body(mut frame: Bytes) -> Result<Message, DecodeError> {
+pub fn decode_body(frame: Bytes) -> Result<Message, DecodeError> {
+    decode_body_with(frame, &mut TypeNames::default())
+}
+
+/// Event type names seen recently on one connection, so that decoding an event of such a type shares the name
+/// instead of allocating a new one. A sender uses few types; the cache keeps the last [`TypeNames::SIZE`].
+#[derive(Debug, Default)]
+pub struct TypeNames {
+    names: Vec<Arc<str>>,
+    /// The slot replaced next once the cache is full.
+    next: usize,
+}
+
+impl TypeNames {
+    /// How many names are kept.
+    pub const SIZE: usize = 16;
+
+    fn name(&mut self, raw: &[u8], kind: u8) -> Result<Arc<str>, DecodeError> {
+        if let Some(n) = self.names.iter().find(|n| n.as_bytes() == raw) {
+            return Ok(n.clone());
+        }
+        let name: Arc<str> = std::str::from_utf8(raw).map_err(|_| DecodeError::Utf8 { kind })?.into();
+        if self.names.len() < Self::SIZE {
+            self.names.push(name.clone());
+        } else {
+            self.names[self.next] = name.clone();
+            self.next = (self.next + 1) % Self::SIZE;
+        }
+        Ok(name)
+    }
+}
+
+/// [`decode_body`] with a connection's cache of event type names.
+pub fn decode_body_with(mut frame: Bytes, names: &mut TypeNames) -> Result<Message, DecodeError> {
     if frame.is_empty() {
         return Err(DecodeError::Empty);
     }
     let k = frame.get_u8();
+    if k == kind::EVENT {
+        return Reader { b: frame, kind: k }.event(names);
+    }
     let mut r = Reader { b: frame, kind: k };
     let msg = r.message()?;
     if !r.b.is_empty() {
@@ -937,6 +987,22 @@ impl Reader {
             1 => Ok(true),
             t => Err(self.bad(what, t)),
         }
+    }
+
+    /// The body of an event frame (the hot path of every arriving event): its payload is the rest of the frame, so
+    /// nothing can trail it.
+    fn event(mut self, names: &mut TypeNames) -> Result<Message, DecodeError> {
+        self.need(8 + 4 + 8 + 4)?;
+        let channel = ChannelId(self.b.get_u64_le());
+        let source = LocalId(self.b.get_u32_le());
+        let seq = self.b.get_u64_le();
+        let n = self.b.get_u32_le() as usize;
+        self.need(n)?;
+        let ty = names.name(&self.b[..n], self.kind)?;
+        self.b.advance(n);
+        let attrs = self.attrs()?;
+        let payload = self.b;
+        Ok(Message::Event(EventMsg { channel, source, seq, ty, attrs, payload }))
     }
 
     fn attrs(&mut self) -> Result<Attrs, DecodeError> {
@@ -1086,15 +1152,7 @@ impl Reader {
                 }
                 Message::Snapshot { channel, node, addr, snapshot, left: flags & 1 != 0, reply: flags & 2 != 0 }
             }
-            EVENT => {
-                let channel = ChannelId(self.u64()?);
-                let source = LocalId(self.u32()?);
-                let seq = self.u64()?;
-                let ty = self.string()?;
-                let attrs = self.attrs()?;
-                let payload = std::mem::take(&mut self.b);
-                Message::Event(EventMsg { channel, source, seq, ty, attrs, payload })
-            }
+            EVENT => unreachable!("decoded by Reader::event"),
             LAGGED => {
                 let channel = ChannelId(self.u64()?);
                 let source = LocalId(self.u32()?);
@@ -1231,5 +1289,54 @@ mod tests {
         b.put_u8(0);
         b.put_u32_le(u32::MAX);
         assert!(matches!(decode_frame(&mut b, MAX_FRAME_DEFAULT), Err(DecodeError::Truncated { .. })));
+    }
+
+    fn event_frame(ty: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        let start = begin_frame(&mut b, kind::EVENT);
+        b.put_u64_le(1);
+        b.put_u32_le(2);
+        b.put_u64_le(3);
+        b.put_u32_le(ty.len() as u32);
+        b.put_slice(ty);
+        b.put_u32_le(0);
+        b.put_slice(b"payload");
+        end_frame(&mut b, start);
+        b.freeze().slice(LEN_PREFIX..)
+    }
+
+    fn decoded_ty(frame: Bytes, names: &mut TypeNames) -> Arc<str> {
+        match decode_body_with(frame, names) {
+            Ok(Message::Event(e)) => {
+                assert_eq!(&e.payload[..], b"payload");
+                e.ty
+            }
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn type_names_are_shared_and_evicted() {
+        let mut names = TypeNames::default();
+        let a = decoded_ty(event_frame(b"load"), &mut names);
+        let b = decoded_ty(event_frame(b"load"), &mut names);
+        assert_eq!(&*a, "load");
+        assert!(Arc::ptr_eq(&a, &b), "a cached name is shared");
+        // More types than the cache holds: every name still decodes right, and "load" is evicted.
+        for i in 0..TypeNames::SIZE {
+            let ty = format!("t{i}");
+            assert_eq!(&*decoded_ty(event_frame(ty.as_bytes()), &mut names), ty);
+        }
+        let c = decoded_ty(event_frame(b"load"), &mut names);
+        assert_eq!(&*c, "load");
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(
+            decode_body_with(event_frame(b"\xff\xfe"), &mut names),
+            Err(DecodeError::Utf8 { kind: kind::EVENT })
+        );
+        assert_eq!(
+            decode_body_with(event_frame(b"x").slice(..10), &mut names),
+            Err(DecodeError::Truncated { kind: kind::EVENT })
+        );
     }
 }

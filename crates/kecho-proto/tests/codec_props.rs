@@ -241,7 +241,7 @@ fn nan_keeps_its_bits() {
             channel: ChannelId(1),
             source: LocalId(1),
             seq: 1,
-            ty: String::new(),
+            ty: "".into(),
             attrs: Attrs::new().with("nan", f64::from_bits(bits)),
             payload: Bytes::new(),
         });

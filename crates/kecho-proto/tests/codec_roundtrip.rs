@@ -160,7 +160,7 @@ fn message() -> impl Strategy<Value = Message> {
                 channel,
                 source: LocalId(source),
                 seq,
-                ty,
+                ty: ty.into(),
                 attrs,
                 payload: payload.into(),
             })
@@ -247,7 +247,7 @@ proptest! {
         let mut fast = BytesMut::new();
         encode_event(&mut fast, ChannelId(channel), LocalId(source), seq, &ty, &attrs, &payload);
         let msg = Message::Event(EventMsg {
-            channel: ChannelId(channel), source: LocalId(source), seq, ty: ty.clone(), attrs: attrs.clone(),
+            channel: ChannelId(channel), source: LocalId(source), seq, ty: ty.as_str().into(), attrs: attrs.clone(),
             payload: payload.clone().into(),
         });
         prop_assert_eq!(&fast[..], &msg.to_bytes()[..]);

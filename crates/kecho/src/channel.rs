@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::Stream;
 use kecho_proto::access::Roles;
-use kecho_proto::codec::{encode_event, event_frame_len, EventMsg};
+use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len, EventMsg};
 use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
 use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter, Value};
 use parking_lot::{Mutex, RwLock};
@@ -25,7 +25,7 @@ use crate::filter::{
 };
 use crate::link::Peer;
 use crate::node::{now, NodeGuard, NodeInner};
-use crate::queue::{Event, EventInner, Offer, RecvError, SinkQueue, SourceKey, TryRecvError};
+use crate::queue::{Event, Offer, RecvError, SinkQueue, SourceGate, SourceKey, TryRecvError};
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
 use kecho_proto::codec::FilterKind;
 
@@ -730,7 +730,7 @@ impl ChannelInner {
     async fn dispatch(
         &self,
         mut sinks: SinkList<'_>,
-        ty: String,
+        ty: Arc<str>,
         mut attrs: Attrs,
         payload: bytes::Bytes,
         seq: u64,
@@ -757,7 +757,8 @@ impl ChannelInner {
         if sinks.is_empty() {
             return;
         }
-        let ev = Event(Arc::new(EventInner { ty, attrs, payload, seq, source }));
+        let attrs = if attrs.is_empty() { None } else { Some(Arc::new(attrs)) };
+        let ev = Event { ty, attrs, payload, seq, source };
         for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await
@@ -969,11 +970,13 @@ impl Channel {
             ch: self.inner.clone(),
             id,
             seq: 0,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: EncodeBuf::default(),
             max_frame: node.cfg.max_frame,
             out_filter: None,
             cel: None,
             scratch: Scratch::default(),
+            ty_name: None,
+            gate: SourceGate::default(),
             key: SourceKey::new(node.id, id),
             sent_to: IdMap::default(),
             ghost_missed: IdMap::default(),
@@ -1164,12 +1167,16 @@ pub struct Source {
     ch: Arc<ChannelInner>,
     id: LocalId,
     seq: u64,
-    buf: BytesMut,
+    buf: EncodeBuf,
     max_frame: usize,
     out_filter: Option<Arc<dyn OutFilter>>,
     /// The CEL root context, built on the first event that meets a content filter and kept.
     cel: Option<cel::Context<'static, 'static>>,
     scratch: Scratch,
+    /// The type name of the last event given to local sinks.
+    ty_name: Option<Arc<str>>,
+    /// Whether this source has been idle long enough to write to a quiet link itself.
+    gate: SourceGate,
     /// This source as sinks see it.
     key: SourceKey,
     /// Loss accounting per destination node.
@@ -1179,6 +1186,34 @@ pub struct Source {
     /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
     /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
     ghosts_seen: u64,
+}
+
+/// Where a source encodes its frames: chunks of [`ENCODE_CHUNK`] bytes that frames are cut from (and share until
+/// they are written). A chunk whose frames are all gone is used again rather than freed, so that a busy source neither
+/// allocates nor touches fresh pages per chunk; nothing is allocated before the first event is sent.
+#[derive(Default)]
+struct EncodeBuf {
+    cur: BytesMut,
+    /// The chunk used before `cur`, kept to be reclaimed once its last frame is dropped.
+    spare: BytesMut,
+}
+
+/// Size of an encoding chunk (larger frames get a chunk of their own size).
+const ENCODE_CHUNK: usize = 64 * 1024;
+
+impl EncodeBuf {
+    /// The buffer to encode into, with room for at least `need` more bytes.
+    fn room(&mut self, need: usize) -> &mut BytesMut {
+        if self.cur.capacity() - self.cur.len() < need {
+            let want = need.max(ENCODE_CHUNK);
+            if self.spare.try_reclaim(want) {
+                std::mem::swap(&mut self.cur, &mut self.spare);
+            } else if !self.cur.try_reclaim(want) {
+                self.spare = std::mem::replace(&mut self.cur, BytesMut::with_capacity(want));
+            }
+        }
+        &mut self.cur
+    }
 }
 
 /// Buffers the submit path reuses, so that it does not allocate per event.
@@ -1249,7 +1284,12 @@ impl Source {
         }
         let routes = self.ch.routes.read().clone();
         let sc = &mut self.scratch;
-        sc.peers.clear();
+        // Reset in place: each peer's list of chosen ids keeps its allocation from one submit to the next.
+        sc.peers.truncate(routes.peers.len());
+        for e in &mut sc.peers {
+            (e.0, e.1, e.2) = (0, 0, false);
+            e.3.clear();
+        }
         sc.peers.resize_with(routes.peers.len(), || (0, 0, false, Vec::new()));
         sc.locals.clear();
 
@@ -1367,8 +1407,9 @@ impl Source {
             }
             let peer = &routes.peers[p];
             let f = frame.get_or_insert_with(|| {
-                encode_event(&mut self.buf, channel, self.id, seq, ty, attrs, payload);
-                self.buf.split().freeze()
+                let b = self.buf.room(len + 16 * attrs.len());
+                encode_event(b, channel, self.id, seq, ty, attrs, payload);
+                b.split().freeze()
             });
             peer.flush_lag();
             // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
@@ -1378,18 +1419,19 @@ impl Source {
             let link = (Arc::as_ptr(peer) as usize, peer.epoch());
             let tell = track.told != Some((skipped, link.0, link.1));
             let prefix = if tell || e.1 < e.0 {
-                let mut b = BytesMut::new();
+                // Encoded into the source's buffer too, so that it costs no allocation of its own.
+                let b = self.buf.room(64 + 4 * e.3.len());
                 if tell {
-                    Message::Routed { channel, source: self.id, skipped }.encode(&mut b);
+                    encode_routed(b, channel, self.id, skipped);
                 }
                 if e.1 < e.0 {
-                    Message::Targets { channel, sinks: e.3.clone() }.encode(&mut b);
+                    encode_targets(b, channel, &e.3);
                 }
-                Some(b.freeze())
+                Some(b.split().freeze())
             } else {
                 None
             };
-            if peer.outbox.push_event_with(prefix, f.clone()) {
+            if peer.outbox.push_event_with(prefix, f.clone(), &mut self.gate) {
                 track.routed += 1;
                 track.told = Some((skipped, link.0, link.1));
                 c.sent.fetch_add(1, Ordering::Relaxed);
@@ -1400,6 +1442,7 @@ impl Source {
             }
             e.3.clear();
         }
+        self.gate.done();
         if !sc.locals.is_empty() {
             // Share the encoded payload when there is one; copy it once otherwise.
             let payload = match &frame {
@@ -1408,7 +1451,12 @@ impl Source {
             };
             self.ch.counters.received.fetch_add(1, Ordering::Relaxed);
             let locals = std::mem::take(&mut sc.locals);
-            self.ch.dispatch(locals.iter().collect(), ty.to_owned(), attrs.clone(), payload, seq, self.key).await;
+            // The type's name is shared by the events of this source while it keeps sending that type.
+            let name = match &self.ty_name {
+                Some(n) if **n == *ty => n.clone(),
+                _ => self.ty_name.insert(Arc::from(ty)).clone(),
+            };
+            self.ch.dispatch(locals.iter().collect(), name, attrs.clone(), payload, seq, self.key).await;
             self.scratch.locals = locals;
         }
         Ok(seq)

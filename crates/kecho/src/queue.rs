@@ -4,26 +4,34 @@
 //! receiver sleeps until something arrives: there is no polling interval anywhere.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kecho_proto::{Attrs, Overflow};
 use parking_lot::{Condvar, Mutex};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-/// An event as a sink receives it. Cloning is cheap (one reference count).
+/// An event as a sink receives it. Cloning is cheap (two or three reference counts, no allocation).
+///
+/// Its parts are shared rather than the whole: the type name with every event of that type that arrived on the same
+/// link, the payload with the frame it arrived in, the attributes (when there are any) with the event's copies in
+/// other sinks. So an arriving event without attributes costs no allocation of its own.
 #[derive(Clone)]
-pub struct Event(pub(crate) Arc<EventInner>);
-
-pub(crate) struct EventInner {
-    pub(crate) ty: String,
-    pub(crate) attrs: Attrs,
+pub struct Event {
+    pub(crate) ty: Arc<str>,
+    /// `None` when there are no attributes.
+    pub(crate) attrs: Option<Arc<Attrs>>,
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
     pub(crate) source: SourceKey,
 }
+
+/// What [`Event::attrs`] returns for an event without attributes.
+static NO_ATTRS: Attrs = Attrs(Vec::new());
 
 /// An opaque name for the source an event came from: the same for every event of one source, different for different
 /// sources (with overwhelming probability), and saying nothing about the source's node or address. Together with
@@ -51,40 +59,40 @@ impl std::fmt::Display for SourceKey {
 impl Event {
     /// The event's type name.
     pub fn ty(&self) -> &str {
-        &self.0.ty
+        &self.ty
     }
     /// Its attribute list.
     pub fn attrs(&self) -> &Attrs {
-        &self.0.attrs
+        self.attrs.as_deref().unwrap_or(&NO_ATTRS)
     }
     /// Its payload.
     pub fn payload(&self) -> &Bytes {
-        &self.0.payload
+        &self.payload
     }
     /// Its per-source sequence number (1 for a source's first event). A sink sees gaps where the source's OUT-filter
     /// or content filters sent events elsewhere; events that were meant for it and lost are reported as
     /// [`RecvError::Lagged`] instead.
     pub fn seq(&self) -> u64 {
-        self.0.seq
+        self.seq
     }
     /// The source it came from, as an opaque key.
     pub fn source(&self) -> SourceKey {
-        self.0.source
+        self.source
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
-        Ok(serde_json::from_slice(&self.0.payload)?)
+        Ok(serde_json::from_slice(&self.payload)?)
     }
 }
 
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Event")
-            .field("ty", &self.0.ty)
-            .field("seq", &self.0.seq)
-            .field("source", &self.0.source)
-            .field("attrs", &self.0.attrs)
-            .field("payload_len", &self.0.payload.len())
+            .field("ty", &self.ty)
+            .field("seq", &self.seq)
+            .field("source", &self.source)
+            .field("attrs", self.attrs())
+            .field("payload_len", &self.payload.len())
             .finish()
     }
 }
@@ -151,10 +159,17 @@ tokio::task_local! {
 
 /// Wakes the receivers whose wake-up was deferred by the current task (a link reader), if any.
 pub(crate) fn flush_deferred_wakes() {
-    let pending = WAKE_LATER.try_with(|later| std::mem::take(&mut *later.borrow_mut()));
-    for w in pending.unwrap_or_default() {
-        w.now();
-    }
+    let _ = WAKE_LATER.try_with(|later| {
+        let mut pending = std::mem::take(&mut *later.borrow_mut());
+        for w in pending.drain(..) {
+            w.now();
+        }
+        // Give the list back, so that its memory serves the next read too.
+        let mut slot = later.borrow_mut();
+        if slot.is_empty() {
+            *slot = pending;
+        }
+    });
 }
 
 /// The queue behind one sink.
@@ -184,7 +199,8 @@ impl SinkQueue {
         SinkQueue {
             cap: cap.max(1),
             overflow,
-            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 1024)), events: 0, closed: false }),
+            // Sized on demand: an idle sink holds little, a busy one grows its queue once.
+            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 32)), events: 0, closed: false }),
             wake: Arc::new(Wake { cv: Condvar::new(), readable: Notify::new() }),
             writable: Notify::new(),
             received: AtomicU64::new(0),
@@ -377,20 +393,82 @@ pub(crate) struct Outbox {
     pub(crate) readable: Notify,
     /// Sources waiting for room (Block sinks) wait here.
     pub(crate) writable: Notify,
+    /// An event went out through a direct write since the writer last looked (it counts as sending for heartbeats).
+    sent_direct: AtomicBool,
+    /// Events written directly by submitting threads, for tests and statistics.
+    pub(crate) direct_writes: AtomicU64,
+    /// See [`DIRECT_QUIET`].
+    quiet: Duration,
+    /// See [`SOURCE_IDLE`].
+    source_idle: Duration,
 }
 
 pub(crate) struct OutQ {
     pub(crate) frames: VecDeque<Bytes>,
     pub(crate) bytes: usize,
+    /// The writer took frames and has not finished writing them: nothing may be written around it.
+    writing: bool,
+    /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
+    /// is no link).
+    direct: Option<Arc<OwnedWriteHalf>>,
+    /// When the link counts as quiet (`None`: now): [`DIRECT_QUIET`] after the writer ran out of frames or after the
+    /// last direct write. A deadline rather than a time stamp, so that the check is one comparison.
+    quiet_at: Option<Instant>,
+}
+
+/// A submitting thread writes an event to the socket itself only if the link and the source have been quiet this long:
+/// under load the writer task batches many events per system call, which a write per event would undo.
+pub(crate) const DIRECT_QUIET: Duration = Duration::from_micros(5);
+
+/// How long a source must have been idle for its submit to write directly: measured from the end of its last direct
+/// write, so shorter than [`DIRECT_QUIET`] (which the link measures from the start of its last write). A source in a
+/// loop comes back within a microsecond or so; one waiting for anything at all (an answer, a timer) takes longer.
+pub(crate) const SOURCE_IDLE: Duration = Duration::from_micros(2);
+
+/// A source's side of the direct-write rule: it was idle for [`SOURCE_IDLE`] before this submit (since the end of
+/// its last submit that wrote directly, or the start of the last one that did not). The clock is read at most once
+/// per submit, and only when a link could take a direct write.
+#[derive(Default)]
+pub(crate) struct SourceGate {
+    last: Option<Instant>,
+    now: Option<Instant>,
+    wrote: bool,
+}
+
+impl SourceGate {
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
+    }
+
+    fn idle(&mut self, quiet: Duration) -> bool {
+        let now = self.now();
+        self.last.is_none_or(|t| now.saturating_duration_since(t) >= quiet)
+    }
+
+    /// Ends a submit.
+    pub(crate) fn done(&mut self) {
+        if let Some(now) = self.now.take() {
+            self.last = Some(if std::mem::take(&mut self.wrote) { Instant::now() } else { now });
+        }
+    }
 }
 
 impl Outbox {
     pub(crate) fn new(limit: usize) -> Self {
+        Outbox { source_idle: SOURCE_IDLE, ..Self::with_quiet(limit, DIRECT_QUIET) }
+    }
+
+    /// An outbox whose link counts as quiet after `quiet` (tests use a long one to be independent of timing).
+    pub(crate) fn with_quiet(limit: usize, quiet: Duration) -> Self {
         Outbox {
+            quiet,
+            source_idle: quiet,
             limit,
-            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0 }),
+            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0, writing: false, direct: None, quiet_at: None }),
             readable: Notify::new(),
             writable: Notify::new(),
+            sent_direct: AtomicBool::new(false),
+            direct_writes: AtomicU64::new(0),
         }
     }
 
@@ -400,33 +478,74 @@ impl Outbox {
         q.bytes == 0 || q.bytes + len <= self.limit
     }
 
-    /// Queues an event frame if there is room.
-    pub(crate) fn push_event(&self, frame: Bytes) -> bool {
+    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
+    ///
+    /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
+    /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
+    /// for an event on an idle link). The check and the write happen under the queue's lock, so no frame can be
+    /// queued or written meanwhile and per-link order holds. What a non-blocking write leaves (a partial write, or a
+    /// full socket buffer) is queued for the writer, ahead of anything else.
+    ///
+    /// The source must have been idle too (see [`SourceGate`]): with several links, a source writing to each itself
+    /// would otherwise take so long per event that every link looks quiet again at its next event.
+    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes, gate: &mut SourceGate) -> bool {
         let mut q = self.q.lock();
-        if q.bytes != 0 && q.bytes + frame.len() > self.limit {
+        let len = first.as_ref().map_or(0, Bytes::len) + frame.len();
+        if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
+        let mut written = 0;
+        if q.frames.is_empty() && !q.writing {
+            if let Some(sock) = &q.direct {
+                let now = gate.now();
+                if q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle) {
+                    let iov = [IoSlice::new(first.as_deref().unwrap_or_default()), IoSlice::new(&frame)];
+                    // An error is the writer's (or reader's) to find; the frames are then queued like any other.
+                    written = sock.try_write_vectored(&iov).unwrap_or(0);
+                    q.quiet_at = now.checked_add(self.quiet);
+                    gate.wrote = true;
+                }
+            }
+        }
+        if written == len {
+            drop(q);
+            self.sent_direct.store(true, Ordering::Release);
+            self.direct_writes.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        q.bytes += len - written;
+        match first {
+            Some(f) if written < f.len() => {
+                q.frames.push_back(f.slice(written..));
+                q.frames.push_back(frame);
+            }
+            Some(f) => q.frames.push_back(frame.slice(written - f.len()..)),
+            None => q.frames.push_back(frame.slice(written..)),
+        }
         drop(q);
         self.readable.notify_one();
         true
     }
 
-    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
-    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes) -> bool {
-        let Some(first) = first else { return self.push_event(frame) };
+    /// Gives the outbox the link's socket for direct writes (`None`: no more direct writes). The writer is idle on a
+    /// new link until it takes frames.
+    pub(crate) fn set_direct(&self, sock: Option<Arc<OwnedWriteHalf>>) {
         let mut q = self.q.lock();
-        let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
-            return false;
+        q.direct = sock;
+        q.writing = false;
+    }
+
+    /// Stops direct writes to `sock` if it is still the outbox's socket (a newer link's is left alone).
+    pub(crate) fn clear_direct(&self, sock: &Arc<OwnedWriteHalf>) {
+        let mut q = self.q.lock();
+        if q.direct.as_ref().is_some_and(|d| Arc::ptr_eq(d, sock)) {
+            q.direct = None;
         }
-        q.bytes += len;
-        q.frames.push_back(first);
-        q.frames.push_back(frame);
-        drop(q);
-        self.readable.notify_one();
-        true
+    }
+
+    /// True once after events went out through direct writes.
+    pub(crate) fn take_sent_direct(&self) -> bool {
+        self.sent_direct.swap(false, Ordering::AcqRel)
     }
 
     /// Queues a control frame regardless of the limit.
@@ -447,11 +566,15 @@ impl Outbox {
         self.readable.notify_one();
     }
 
-    /// Takes every queued frame.
+    /// Takes every queued frame (the caller is the writer: until it comes back for more, it is writing them).
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
         let mut q = self.q.lock();
         std::mem::swap(&mut q.frames, into);
         q.bytes = 0;
+        if into.is_empty() && q.writing {
+            q.quiet_at = Instant::now().checked_add(self.quiet);
+        }
+        q.writing = !into.is_empty();
     }
 
     /// Waits until an event of `len` bytes fits.
@@ -489,7 +612,7 @@ mod tests {
 
     fn ev(seq: u64) -> Event {
         let source = SourceKey(1);
-        Event(Arc::new(EventInner { ty: "t".into(), attrs: Attrs::new(), payload: Bytes::new(), seq, source }))
+        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source }
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
@@ -528,5 +651,25 @@ mod tests {
         assert!(matches!(q.offer(ev(1)), Offer::Queued));
         assert!(matches!(q.offer(ev(2)), Offer::Full(_)));
         assert_eq!(drain(&q), ["1"]);
+    }
+
+    #[test]
+    fn a_source_that_just_wrote_directly_is_not_idle() {
+        let quiet = Duration::from_millis(200);
+        let mut gate = SourceGate::default();
+        assert!(gate.idle(quiet), "a source's first event finds it idle");
+        assert!(gate.idle(quiet), "every link of one submit sees the same answer");
+        gate.wrote = true;
+        // The direct writes took long: idleness counts from their end, not from the submit's start.
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        gate.done();
+        assert!(!gate.idle(quiet), "the next submit right after is not idle");
+        gate.done();
+        assert!(!gate.idle(quiet), "nor the one after (measured from the start of the last)");
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        assert!(!gate.idle(quiet), "the answer is fixed at the first look within a submit");
+        gate.done();
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        assert!(gate.idle(quiet), "after a pause the source is idle again");
     }
 }
