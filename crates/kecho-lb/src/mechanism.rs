@@ -144,9 +144,10 @@ impl OutFilter for LoadAwareFilter {
 }
 
 /// The first response wins: an IN-filter that drops an event whose `key` attribute (e.g. `rsp`) was seen within
-/// the last `window`; events without the key pass. It does what kecho's [`Dedupe`](kecho::filter::Dedupe) does,
-/// but on tokio's clock ([`now`]), so a test can run it with paused time; at most `capacity` keys are remembered
-/// (oldest forgotten first). `kecho::filter::Dedupe` reads `std::time::Instant` and cannot be driven that way.
+/// the last `window`; events without the key pass. It does what kecho's [`Dedupe`](kecho::filter::Dedupe) does, on
+/// the same clock (tokio's), and adds [`FirstResponse::decide`], so that a test outside the core can drive the
+/// decision itself (an IN-filter's input cannot be built outside `kecho`); at most `capacity` keys are remembered
+/// (oldest forgotten first).
 #[derive(Debug)]
 pub struct FirstResponse {
     key: String,

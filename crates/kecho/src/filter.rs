@@ -479,13 +479,15 @@ where
 }
 
 /// Drops an event whose `key` attribute was seen within the last `window`: the first response wins, as in KECho's
-/// load balancer. Events without the key pass. At most `capacity` keys are remembered (oldest forgotten first).
+/// load balancer. Events without the key pass. At most `capacity` keys are remembered (oldest forgotten first). Time
+/// is tokio's clock, so tests can drive it with paused time.
 #[derive(Debug)]
 pub struct Dedupe {
     key: String,
     window: Duration,
     capacity: usize,
     seen: Mutex<DedupeState>,
+    dropped: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -497,7 +499,18 @@ struct DedupeState {
 impl Dedupe {
     /// Duplicates by `key` within `window`.
     pub fn new(key: &str, window: Duration) -> Self {
-        Dedupe { key: key.to_owned(), window, capacity: 1 << 16, seen: Mutex::new(DedupeState::default()) }
+        Dedupe {
+            key: key.to_owned(),
+            window,
+            capacity: 1 << 16,
+            seen: Mutex::new(DedupeState::default()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Duplicates dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Remembers at most `n` keys.
@@ -513,7 +526,7 @@ impl InFilter for Dedupe {
         let mut h = Fnv::default();
         hash_value(v, &mut h);
         let key = h.finish();
-        let now = Instant::now();
+        let now = crate::node::now();
         let mut s = self.seen.lock();
         while let Some(&(k, t)) = s.order.front() {
             if now.saturating_duration_since(t) < self.window && s.order.len() < self.capacity {
@@ -526,6 +539,7 @@ impl InFilter for Dedupe {
         }
         if let Some(t) = s.at.get(&key) {
             if now.saturating_duration_since(*t) < self.window {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
                 return InDecision::Drop;
             }
         }
@@ -535,7 +549,8 @@ impl InFilter for Dedupe {
     }
 }
 
-/// Lets through at most `rate` events per second on average, with bursts of up to `burst` (a token bucket).
+/// Lets through at most `rate` events per second on average, with bursts of up to `burst` (a token bucket), on
+/// tokio's clock.
 #[derive(Debug)]
 pub struct RateLimit {
     rate: f64,
@@ -547,13 +562,13 @@ impl RateLimit {
     /// `rate` events per second, bursts of `burst`.
     pub fn new(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
-        RateLimit { rate: rate.max(0.0), burst, bucket: Mutex::new((burst, Instant::now())) }
+        RateLimit { rate: rate.max(0.0), burst, bucket: Mutex::new((burst, crate::node::now())) }
     }
 }
 
 impl InFilter for RateLimit {
     fn filter(&self, _event: &mut InEvent<'_>, _sinks: &LocalSinks<'_>) -> InDecision {
-        let now = Instant::now();
+        let now = crate::node::now();
         let mut b = self.bucket.lock();
         let elapsed = now.saturating_duration_since(b.1).as_secs_f64();
         b.0 = (b.0 + elapsed * self.rate).min(self.burst);
@@ -1024,8 +1039,8 @@ mod tests {
         assert!((2.5..3.5).contains(&ratio), "{counts:?}");
     }
 
-    #[test]
-    fn dedupe_first_wins_within_window() {
+    #[tokio::test(start_paused = true)]
+    async fn dedupe_first_wins_within_window() {
         let d = Dedupe::new("req", Duration::from_millis(200));
         let sinks = LocalSinks { attrs: &[] };
         let run = |id: i64| {
@@ -1035,23 +1050,30 @@ mod tests {
         assert_eq!(run(1), InDecision::Deliver);
         assert_eq!(run(1), InDecision::Drop);
         assert_eq!(run(2), InDecision::Deliver);
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(run(1), InDecision::Drop, "still within the window");
+        tokio::time::advance(Duration::from_millis(100)).await;
         assert_eq!(run(1), InDecision::Deliver);
+        assert_eq!(d.dropped(), 2);
         let mut no_key = Attrs::new();
         assert_eq!(d.filter(&mut InEvent { ty: "x", attrs: &mut no_key, payload: b"" }, &sinks), InDecision::Deliver);
     }
 
-    #[test]
-    fn rate_limit_allows_the_burst_then_the_rate() {
-        let r = RateLimit::new(0.0, 3);
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_allows_the_burst_then_the_rate() {
+        let r = RateLimit::new(2.0, 3);
         let sinks = LocalSinks { attrs: &[] };
         let mut attrs = Attrs::new();
-        let passed = (0..10)
-            .filter(|_| {
-                r.filter(&mut InEvent { ty: "x", attrs: &mut attrs, payload: b"" }, &sinks) == InDecision::Deliver
-            })
-            .count();
-        assert_eq!(passed, 3);
+        let mut passed = |n: usize| {
+            (0..n)
+                .filter(|_| {
+                    r.filter(&mut InEvent { ty: "x", attrs: &mut attrs, payload: b"" }, &sinks) == InDecision::Deliver
+                })
+                .count()
+        };
+        assert_eq!(passed(10), 3, "the burst");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(passed(10), 2, "two per second after it");
     }
 
     #[test]
