@@ -239,6 +239,7 @@ impl NodeBuilder {
             by_name: Mutex::new(HashMap::new()),
             gen: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
             closed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
         });
@@ -395,6 +396,9 @@ pub(crate) struct NodeInner {
     by_name: Mutex<HashMap<String, Arc<ChannelInner>>>,
     gen: AtomicU64,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// The runtime the node started on: its tasks run there even when the call that needs one comes from another
+    /// thread (a `Source` dropped on a plain thread must still be able to dial to announce its departure).
+    runtime: tokio::runtime::Handle,
     conn_slots: Arc<Semaphore>,
     filters: Mutex<HashMap<String, Arc<ContentFilter>>>,
     pub(crate) closed: AtomicBool,
@@ -412,7 +416,7 @@ impl NodeInner {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let h = tokio::spawn(fut).abort_handle();
+        let h = self.runtime.spawn(fut).abort_handle();
         let mut tasks = self.tasks.lock();
         tasks.retain(|t| !t.is_finished());
         tasks.push(h.clone());
