@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::filter::{
     ContentFilter, EventView, FilterContext, InDecision, InEvent, InFilter, LocalSinks, OutFilter, SinkEntry, SinkView,
 };
-use crate::link::Peer;
+use crate::link::{Peer, COPY_BELOW};
 use crate::node::{now, NodeGuard, NodeInner};
 use crate::queue::{Event, Offer, RecvError, SinkQueue, SourceGate, SourceKey, TryRecvError};
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
@@ -175,6 +175,11 @@ struct LocalMembers {
     next: u32,
     sources: Vec<(LocalId, Attrs)>,
     sinks: Vec<Arc<LocalSink>>,
+}
+
+/// The bit mask of the sinks (at most 64) for which `f` holds.
+fn mask(sinks: &[Arc<LocalSink>], f: impl Fn(&LocalSink) -> bool) -> u64 {
+    sinks.iter().enumerate().fold(0, |m, (j, s)| if f(s) { m | 1 << j } else { m })
 }
 
 /// The local sinks an event goes to; on the stack for the common case of a few.
@@ -716,6 +721,121 @@ impl ChannelInner {
         self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source)).await;
     }
 
+    /// Delivers events that arrived together from node `from` (the frames of one read, in order), each with the
+    /// sink ids of its `Targets` frame if it had one. The same as `deliver_remote` per event, but the channel's state
+    /// is read once and each sink's queue is locked once for the lot instead of once per event.
+    pub(crate) async fn deliver_batch(&self, from: NodeId, events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>) {
+        if !self.may_send(from) {
+            self.counters.denied.fetch_add(events.len() as u64, Ordering::Relaxed);
+            events.clear();
+            return;
+        }
+        let sinks = self.local_sinks.read().clone();
+        if sinks.len() > 64 || self.in_filter.read().is_some() {
+            // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
+            for (e, chosen) in events.drain(..) {
+                self.deliver_remote(from, e, chosen).await;
+            }
+            return;
+        }
+        self.counters.received.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut staged: Vec<(Event, u64)> = Vec::with_capacity(events.len());
+        // Which sinks accept the last type seen (events of one link share their type name's allocation).
+        let mut by_type: Option<(Arc<str>, u64)> = None;
+        let mut evs = events.drain(..);
+        loop {
+            // Loss accounting under one lock for a run of events; a gap ends the run, since the sinks must see its lag
+            // notice after the events before it and before the event that revealed it.
+            let mut after_gap = None;
+            {
+                let mut tracks = self.tracks.lock();
+                for (e, chosen) in evs.by_ref() {
+                    let t = tracks.entry((from, e.source)).or_default();
+                    let n = e.seq.saturating_sub(t.skipped);
+                    let gap = if t.last != 0 && n > t.last + 1 { n - t.last - 1 } else { 0 };
+                    t.last = t.last.max(n);
+                    let types = match &by_type {
+                        Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
+                        _ => {
+                            let m = mask(&sinks, |s| s.types.accepts(&e.ty));
+                            by_type = Some((e.ty.clone(), m));
+                            m
+                        }
+                    };
+                    let m = match &chosen {
+                        None => types,
+                        Some(ids) => types & mask(&sinks, |s| ids.contains(&s.id)),
+                    };
+                    let attrs = if e.attrs.is_empty() { None } else { Some(Arc::new(e.attrs)) };
+                    let ev = Event {
+                        ty: e.ty,
+                        attrs,
+                        payload: e.payload,
+                        seq: e.seq,
+                        source: SourceKey::new(from, e.source),
+                    };
+                    if gap > 0 {
+                        after_gap = Some((gap, ev, m));
+                        break;
+                    }
+                    if m != 0 {
+                        staged.push((ev, m));
+                    }
+                }
+            }
+            self.offer_staged(&sinks, &mut staged).await;
+            let Some((gap, ev, m)) = after_gap else { return };
+            // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
+            // wanted them is unknown here, so every sink is told.
+            self.counters.missed.fetch_add(gap, Ordering::Relaxed);
+            for s in sinks.iter() {
+                s.queue.add_lag(gap);
+            }
+            if m != 0 {
+                staged.push((ev, m));
+            }
+        }
+    }
+
+    /// Offers staged events (each with the mask of the local sinks it goes to) sink by sink, in order, and empties
+    /// the list.
+    async fn offer_staged(&self, sinks: &[Arc<LocalSink>], staged: &mut Vec<(Event, u64)>) {
+        let all = staged.iter().fold(0, |acc, (_, m)| acc | m);
+        for (j, s) in sinks.iter().enumerate() {
+            let bit = 1u64 << j;
+            if all & bit == 0 {
+                continue;
+            }
+            if all >> j == 1 {
+                // The last sink takes the events themselves rather than copies.
+                self.offer_to(s, staged.drain(..).filter(|(_, m)| m & bit != 0).map(|(e, _)| e)).await;
+            } else {
+                self.offer_to(s, staged.iter().filter(|(_, m)| m & bit != 0).map(|(e, _)| e.clone())).await;
+            }
+        }
+        staged.clear();
+    }
+
+    /// Offers events to one sink under its overflow policy, waiting for room if it blocks.
+    async fn offer_to(&self, s: &LocalSink, mut evs: impl Iterator<Item = Event>) {
+        loop {
+            let (_, dropped, stop) = s.queue.offer_many(&mut evs);
+            if dropped > 0 {
+                self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
+            match stop {
+                Some(Offer::Full(ev)) => match s.queue.offer_wait(ev).await {
+                    Offer::Dropped => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Offer::Closed => return,
+                    _ => {}
+                },
+                _ => return,
+            }
+        }
+    }
+
     /// False if the channel's policy requires the source right and node `from` does not hold it.
     fn may_send(&self, from: NodeId) -> bool {
         !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
@@ -976,6 +1096,8 @@ impl Channel {
             cel: None,
             scratch: Scratch::default(),
             ty_name: None,
+            small: BytesMut::new(),
+            prefix: BytesMut::new(),
             gate: SourceGate::default(),
             key: SourceKey::new(node.id, id),
             sent_to: IdMap::default(),
@@ -995,7 +1117,7 @@ impl Channel {
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
         let cap = opts.capacity.unwrap_or(node.cfg.sink_capacity);
         let sink = self.inner.add_sink(opts, cap);
-        Ok(Sink { ch: self.inner.clone(), sink, _guard: self.guard.clone() })
+        Ok(Sink { ch: self.inner.clone(), sink, taken: Default::default(), _guard: self.guard.clone() })
     }
 
     /// Lets other members install sandboxed filters on this node's part of the channel (default: refused).
@@ -1175,6 +1297,10 @@ pub struct Source {
     scratch: Scratch,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
+    /// The last small event frame, encoded once and copied into each link's outbox.
+    small: BytesMut,
+    /// The routing prefix of a small event frame for one link.
+    prefix: BytesMut,
     /// Whether this source has been idle long enough to write to a quiet link itself.
     gate: SourceGate,
     /// This source as sinks see it.
@@ -1401,16 +1527,18 @@ impl Source {
             return Ok(seq);
         }
         let mut frame = None;
+        // A small event that no local sink shares is copied into each link's outbox (see `Outbox::push_event_copied`)
+        // from a buffer used again for the next; larger ones are shared by every link.
+        let copied = sc.locals.is_empty() && len < COPY_BELOW;
+        if copied {
+            self.small.clear();
+            encode_event(&mut self.small, channel, self.id, seq, ty, attrs, payload);
+        }
         for (p, e) in sc.peers.iter_mut().enumerate() {
             if e.1 == 0 {
                 continue;
             }
             let peer = &routes.peers[p];
-            let f = frame.get_or_insert_with(|| {
-                let b = self.buf.room(len + 16 * attrs.len());
-                encode_event(b, channel, self.id, seq, ty, attrs, payload);
-                b.split().freeze()
-            });
             peer.flush_lag();
             // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
             // every new link.
@@ -1418,24 +1546,35 @@ impl Source {
             let skipped = seq - (track.routed + 1);
             let link = (Arc::as_ptr(peer) as usize, peer.epoch());
             let tell = track.told != Some((skipped, link.0, link.1));
-            let prefix = if tell || e.1 < e.0 {
-                // Encoded into the source's buffer too, so that it costs no allocation of its own.
-                let b = self.buf.room(64 + 4 * e.3.len());
+            let prefixed = tell || e.1 < e.0;
+            let b = if copied { &mut self.prefix } else { self.buf.room(64 + 4 * e.3.len()) };
+            if prefixed {
+                // Encoded into a buffer of the source's too, so that it costs no allocation of its own.
                 if tell {
                     encode_routed(b, channel, self.id, skipped);
                 }
                 if e.1 < e.0 {
                     encode_targets(b, channel, &e.3);
                 }
-                Some(b.split().freeze())
+            }
+            let (pushed, sent) = if copied {
+                let pushed = peer.outbox.push_event_copied(b, &self.small, &mut self.gate);
+                b.clear();
+                (pushed, self.small.len())
             } else {
-                None
+                let prefix = prefixed.then(|| b.split().freeze());
+                let f = frame.get_or_insert_with(|| {
+                    let b = self.buf.room(len + 16 * attrs.len());
+                    encode_event(b, channel, self.id, seq, ty, attrs, payload);
+                    b.split().freeze()
+                });
+                (peer.outbox.push_event_with(prefix, f.clone(), &mut self.gate), f.len())
             };
-            if peer.outbox.push_event_with(prefix, f.clone(), &mut self.gate) {
+            if pushed {
                 track.routed += 1;
                 track.told = Some((skipped, link.0, link.1));
                 c.sent.fetch_add(1, Ordering::Relaxed);
-                c.bytes_sent.fetch_add(f.len() as u64, Ordering::Relaxed);
+                c.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 peer.add_lag(channel, self.id, &e.3, 1);
@@ -1491,6 +1630,8 @@ impl Drop for Source {
 pub struct Sink {
     ch: Arc<ChannelInner>,
     sink: Arc<LocalSink>,
+    /// Events taken from the queue in one go and not yet returned.
+    taken: crate::queue::Taken,
     _guard: Arc<NodeGuard>,
 }
 
@@ -1503,17 +1644,17 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     /// The next event, waiting for one. Returns [`RecvError::Lagged`] once where events were missed.
     pub async fn recv(&mut self) -> Result<Event, RecvError> {
-        self.sink.queue.recv().await
+        self.sink.queue.recv(&mut self.taken).await
     }
 
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
-        self.sink.queue.try_recv()
+        self.sink.queue.try_recv(&mut self.taken)
     }
 
     /// The next event, blocking the thread (for code outside the runtime). `None` waits forever.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
-        self.sink.queue.recv_blocking(timeout)
+        self.sink.queue.recv_blocking(&mut self.taken, timeout)
     }
 
     /// Events (and lag notices) as an async stream; ends when the sink is closed.
@@ -1560,7 +1701,7 @@ impl Sink {
 
     /// Events waiting in the queue.
     pub fn len(&self) -> usize {
-        self.sink.queue.len()
+        self.sink.queue.len(&self.taken)
     }
 
     /// True if no events are waiting.

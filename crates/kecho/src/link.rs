@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{self, CloseCode, Purpose};
+use kecho_proto::codec::{self, CloseCode, EventMsg, Purpose};
 use kecho_proto::handshake;
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, PROTOCOL_VERSION};
@@ -29,7 +29,7 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Most segments given to one vectored write (Linux takes up to 1024).
 const MAX_IOV: usize = 64;
 /// Frames this long or longer are written from where they are rather than copied (see `write_frames`).
-const COPY_BELOW: usize = 512;
+pub(crate) const COPY_BELOW: usize = 512;
 /// How long a connection may take to complete its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -825,11 +825,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let mut targets = None;
     let mut names = codec::TypeNames::default();
+    // Consecutive events of one channel, delivered together (see `ChannelInner::deliver_batch`).
+    let mut events = Vec::new();
+    let mut events_on = ChannelId(0);
     let why: String = 'outer: loop {
         loop {
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
                 Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
+                    Ok(Message::Event(e)) => {
+                        let chosen = match crate::node::take_targets(&mut targets, e.channel) {
+                            Ok(c) => c,
+                            Err(why) => {
+                                peer.outbox.push_control(close(CloseCode::Handshake, &why));
+                                break 'outer why;
+                            }
+                        };
+                        if e.channel != events_on || events.len() >= MAX_BATCH {
+                            deliver(&node, &peer, &live, events_on, &mut events).await;
+                            events_on = e.channel;
+                        }
+                        events.push((e, chosen));
+                    }
                     Ok(msg) => {
+                        deliver(&node, &peer, &live, events_on, &mut events).await;
                         let was_close = matches!(msg, Message::Close { .. });
                         live.reader_waiting.store(true, Ordering::Release);
                         let handled = node.handle_frame(&peer, msg, &mut targets).await;
@@ -848,7 +866,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         break 'outer e.to_string();
                     }
                 },
-                Ok(None) => break,
+                Ok(None) => {
+                    deliver(&node, &peer, &live, events_on, &mut events).await;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(?remote, peer = %peer.id, "bad frame, closing link: {e}");
                     peer.outbox.push_control(close(CloseCode::Malformed, &e.to_string()));
@@ -868,6 +889,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Err(e) => break e.to_string(),
         }
     };
+    // Events read before whatever stopped the reader are delivered.
+    deliver(&node, &peer, &live, events_on, &mut events).await;
     crate::queue::flush_deferred_wakes();
     tracing::debug!(peer = %peer.id, "reader stopped: {why}");
     // Give the writer a moment to send a Close we queued, then drop the link.
@@ -876,6 +899,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tracing::info!(peer = %peer.id, "link lost: {why}");
         node.peer_lost(peer.id);
     }
+}
+
+/// At most this many events are delivered as one batch.
+const MAX_BATCH: usize = 256;
+
+/// Delivers the events gathered so far, if any.
+async fn deliver(
+    node: &NodeInner,
+    peer: &Peer,
+    live: &LinkLive,
+    channel: ChannelId,
+    events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>,
+) {
+    if events.is_empty() {
+        return;
+    }
+    live.reader_waiting.store(true, Ordering::Release);
+    node.deliver_events(peer, channel, events).await;
+    live.reader_waiting.store(false, Ordering::Release);
 }
 
 #[cfg(test)]

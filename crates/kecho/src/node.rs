@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use kecho_proto::codec::EventMsg;
 use kecho_proto::membership::{MembershipConfig, OpenMode};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, MAX_FRAME_DEFAULT};
 use kecho_registry::RegistryClient;
@@ -518,6 +519,19 @@ impl NodeInner {
 
     /// Handles one frame from an established link. An error closes the link.
     /// `targets` holds the sink list of a `Targets` frame until the event it announces arrives.
+    /// Delivers events that arrived together on one link, all on `channel` (see `ChannelInner::deliver_batch`).
+    pub(crate) async fn deliver_events(
+        &self,
+        peer: &Peer,
+        channel: ChannelId,
+        events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>,
+    ) {
+        match self.channel_by_id(channel) {
+            Some(ch) => ch.deliver_batch(peer.id, events).await,
+            None => events.clear(),
+        }
+    }
+
     pub(crate) async fn handle_frame(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -526,11 +540,7 @@ impl NodeInner {
     ) -> Result<(), String> {
         match msg {
             Message::Event(e) => {
-                let chosen = match targets.take() {
-                    Some((c, ids)) if c == e.channel => Some(ids),
-                    Some(_) => return Err("a Targets frame was not followed by its event".into()),
-                    None => None,
-                };
+                let chosen = take_targets(targets, e.channel)?;
                 if let Some(ch) = self.channel_by_id(e.channel) {
                     ch.deliver_remote(peer.id, e, chosen).await;
                 }
@@ -614,6 +624,18 @@ impl NodeInner {
             other => return Err(format!("message kind {} is not allowed on a node link", other.kind())),
         }
         Ok(())
+    }
+}
+
+/// The sink ids of the `Targets` frame before an event on `channel`, if there was one.
+pub(crate) fn take_targets(
+    targets: &mut Option<(ChannelId, Vec<LocalId>)>,
+    channel: ChannelId,
+) -> Result<Option<Vec<LocalId>>, String> {
+    match targets.take() {
+        Some((c, ids)) if c == channel => Ok(Some(ids)),
+        Some(_) => Err("a Targets frame was not followed by its event".into()),
+        None => Ok(None),
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kecho_proto::{Attrs, Overflow};
 use parking_lot::{Condvar, Mutex};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -135,6 +135,31 @@ struct SinkQ {
     /// Events (not lag markers) in `items`.
     events: usize,
     closed: bool,
+    /// An offer found the queue full (Block policy) and its offerer waits on `writable`: the receiver must notify
+    /// when it makes room. Without it the receiver would notify on every event it takes.
+    blocked: bool,
+}
+
+/// The events a sink's receiver has taken from the shared queue and not yet returned: a receiver takes everything
+/// queued under one lock (except under DropOldest, which must be able to discard the oldest event until it is
+/// received), so that a busy sink locks the queue once per batch, not once per event.
+#[derive(Default)]
+pub(crate) struct Taken {
+    items: VecDeque<Item>,
+    /// Events (not lag markers) in `items`.
+    events: usize,
+}
+
+impl Taken {
+    fn pop(&mut self) -> Option<Result<Event, TryRecvError>> {
+        Some(match self.items.pop_front()? {
+            Item::Event(e) => {
+                self.events -= 1;
+                Ok(e)
+            }
+            Item::Lagged(n) => Err(TryRecvError::Lagged(n)),
+        })
+    }
 }
 
 /// How a sink's receivers are woken: async ones through `readable`, blocking ones through `cv`.
@@ -200,7 +225,12 @@ impl SinkQueue {
             cap: cap.max(1),
             overflow,
             // Sized on demand: an idle sink holds little, a busy one grows its queue once.
-            q: Mutex::new(SinkQ { items: VecDeque::with_capacity(cap.clamp(1, 32)), events: 0, closed: false }),
+            q: Mutex::new(SinkQ {
+                items: VecDeque::with_capacity(cap.clamp(1, 32)),
+                events: 0,
+                closed: false,
+                blocked: false,
+            }),
             wake: Arc::new(Wake { cv: Condvar::new(), readable: Notify::new() }),
             writable: Notify::new(),
             received: AtomicU64::new(0),
@@ -215,18 +245,55 @@ impl SinkQueue {
     /// Offers an event according to the overflow policy; never waits.
     pub(crate) fn offer(&self, ev: Event) -> Offer {
         let mut q = self.q.lock();
+        let outcome = self.offer_locked(&mut q, ev);
+        drop(q);
+        self.after_offer(&outcome, 1);
+        outcome
+    }
+
+    /// Offers events in order under one lock. Stops at the first that does not fit a full Block queue and returns
+    /// it (the caller waits for room, then offers it and the rest again), or at a closed queue. Returns how many
+    /// were queued (whole or in place of discarded ones) and what stopped it.
+    pub(crate) fn offer_many(&self, evs: impl Iterator<Item = Event>) -> (u64, u64, Option<Offer>) {
+        let mut q = self.q.lock();
+        let (mut queued, mut dropped) = (0, 0);
+        let mut stop = None;
+        for ev in evs {
+            match self.offer_locked(&mut q, ev) {
+                Offer::Queued => queued += 1,
+                Offer::Dropped => {
+                    queued += u64::from(self.overflow == Overflow::DropOldest);
+                    dropped += 1;
+                }
+                other => {
+                    stop = Some(other);
+                    break;
+                }
+            }
+        }
+        drop(q);
+        self.received.fetch_add(queued, Ordering::Relaxed);
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        if queued + dropped > 0 || matches!(stop, Some(Offer::Full(_))) {
+            self.wake_readers();
+        }
+        (queued, dropped, stop)
+    }
+
+    /// The policy's decision for one event, under the queue's lock; counters and wake-ups are the caller's.
+    fn offer_locked(&self, q: &mut SinkQ, ev: Event) -> Offer {
         if q.closed {
             return Offer::Closed;
         }
         let mut outcome = Offer::Queued;
         if q.events >= self.cap {
             match self.overflow {
-                Overflow::Block => return Offer::Full(ev),
+                Overflow::Block => {
+                    q.blocked = true;
+                    return Offer::Full(ev);
+                }
                 Overflow::DropNewest => {
                     push_lag(&mut q.items, 1);
-                    drop(q);
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    self.wake_readers();
                     return Offer::Dropped;
                 }
                 Overflow::DropOldest => {
@@ -246,21 +313,39 @@ impl SinkQueue {
                         }
                     }
                     q.items.push_front(Item::Lagged(lag));
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
                     outcome = Offer::Dropped;
                 }
             }
         }
         q.items.push_back(Item::Event(ev));
         q.events += 1;
-        drop(q);
-        self.received.fetch_add(1, Ordering::Relaxed);
-        self.wake_readers();
         outcome
     }
 
+    /// Counters and wake-ups after `offer_locked` decided on `n` events.
+    fn after_offer(&self, outcome: &Offer, n: u64) {
+        match outcome {
+            Offer::Queued => {
+                self.received.fetch_add(n, Ordering::Relaxed);
+            }
+            Offer::Dropped => {
+                if self.overflow == Overflow::DropOldest {
+                    self.received.fetch_add(n, Ordering::Relaxed);
+                }
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+            Offer::Full(_) | Offer::Closed => return,
+        }
+        self.wake_readers();
+    }
+
     /// Offers an event, waiting for room if the policy is Block and the queue is full.
-    pub(crate) async fn offer_wait(&self, mut ev: Event) -> Offer {
+    pub(crate) async fn offer_wait(&self, ev: Event) -> Offer {
+        // Fast path: room now, so no need to register for a wake-up.
+        let mut ev = match self.offer(ev) {
+            Offer::Full(back) => back,
+            other => return other,
+        };
         loop {
             let room = self.writable.notified();
             tokio::pin!(room);
@@ -293,8 +378,9 @@ impl SinkQueue {
         self.writable.notify_waiters();
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.q.lock().events
+    /// Events queued, counting those a receiver took and has not returned yet.
+    pub(crate) fn len(&self, taken: &Taken) -> usize {
+        self.q.lock().events + taken.events
     }
 
     pub(crate) fn is_full(&self) -> bool {
@@ -313,25 +399,44 @@ impl SinkQueue {
         }
     }
 
-    pub(crate) fn try_recv(&self) -> Result<Event, TryRecvError> {
+    /// The next event: from what the receiver took before, else from the queue (taking everything queued).
+    pub(crate) fn try_recv(&self, taken: &mut Taken) -> Result<Event, TryRecvError> {
+        if let Some(r) = taken.pop() {
+            return r;
+        }
         let mut q = self.q.lock();
-        let item = q.items.pop_front();
-        match item {
-            Some(Item::Event(e)) => {
-                q.events -= 1;
-                drop(q);
-                self.writable.notify_one();
-                Ok(e)
+        if q.items.is_empty() {
+            return Err(if q.closed { TryRecvError::Closed } else { TryRecvError::Empty });
+        }
+        self.take(&mut q, taken);
+        taken.pop().expect("took a non-empty queue")
+    }
+
+    /// Moves queued items to the receiver's side (all of them, or the oldest under DropOldest) and lets a blocked
+    /// offerer know there is room.
+    fn take(&self, q: &mut parking_lot::MutexGuard<'_, SinkQ>, taken: &mut Taken) {
+        if self.overflow == Overflow::DropOldest {
+            if let Some(item) = q.items.pop_front() {
+                if matches!(item, Item::Event(_)) {
+                    q.events -= 1;
+                    taken.events += 1;
+                }
+                taken.items.push_back(item);
             }
-            Some(Item::Lagged(n)) => Err(TryRecvError::Lagged(n)),
-            None if q.closed => Err(TryRecvError::Closed),
-            None => Err(TryRecvError::Empty),
+        } else {
+            // The receiver's buffer is empty here: swapping hands its allocation to the queue.
+            debug_assert!(taken.items.is_empty());
+            std::mem::swap(&mut q.items, &mut taken.items);
+            taken.events = std::mem::take(&mut q.events);
+        }
+        if std::mem::take(&mut q.blocked) {
+            self.writable.notify_waiters();
         }
     }
 
-    pub(crate) async fn recv(&self) -> Result<Event, RecvError> {
+    pub(crate) async fn recv(&self, taken: &mut Taken) -> Result<Event, RecvError> {
         // Fast path: something is queued, no need to register for a wake-up.
-        match self.try_recv() {
+        match self.try_recv(taken) {
             Ok(e) => return Ok(e),
             Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
             Err(TryRecvError::Closed) => return Err(RecvError::Closed),
@@ -341,7 +446,7 @@ impl SinkQueue {
             let arrived = self.wake.readable.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            match self.try_recv() {
+            match self.try_recv(taken) {
                 Ok(e) => return Ok(e),
                 Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
                 Err(TryRecvError::Closed) => return Err(RecvError::Closed),
@@ -350,27 +455,28 @@ impl SinkQueue {
         }
     }
 
-    pub(crate) fn recv_blocking(&self, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
+    pub(crate) fn recv_blocking(&self, taken: &mut Taken, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
+        if let Some(r) = taken.pop() {
+            return r;
+        }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut q = self.q.lock();
         loop {
-            match q.items.pop_front() {
-                Some(Item::Event(e)) => {
-                    q.events -= 1;
-                    drop(q);
-                    self.writable.notify_one();
-                    return Ok(e);
-                }
-                Some(Item::Lagged(n)) => return Err(TryRecvError::Lagged(n)),
-                None if q.closed => return Err(TryRecvError::Closed),
-                None => match deadline {
-                    Some(d) => {
-                        if self.wake.cv.wait_until(&mut q, d).timed_out() && q.items.is_empty() {
-                            return Err(TryRecvError::Empty);
-                        }
+            if !q.items.is_empty() {
+                self.take(&mut q, taken);
+                drop(q);
+                return taken.pop().expect("took a non-empty queue");
+            }
+            if q.closed {
+                return Err(TryRecvError::Closed);
+            }
+            match deadline {
+                Some(d) => {
+                    if self.wake.cv.wait_until(&mut q, d).timed_out() && q.items.is_empty() {
+                        return Err(TryRecvError::Empty);
                     }
-                    None => self.wake.cv.wait(&mut q),
-                },
+                }
+                None => self.wake.cv.wait(&mut q),
             }
         }
     }
@@ -405,6 +511,9 @@ pub(crate) struct Outbox {
 
 pub(crate) struct OutQ {
     pub(crate) frames: VecDeque<Bytes>,
+    /// Small event frames copied in by sources, after everything in `frames`: a burst of them is written from here
+    /// as one segment, with no reference count per frame and no copy by the writer.
+    open: BytesMut,
     pub(crate) bytes: usize,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
     writing: bool,
@@ -414,6 +523,24 @@ pub(crate) struct OutQ {
     /// When the link counts as quiet (`None`: now): [`DIRECT_QUIET`] after the writer ran out of frames or after the
     /// last direct write. A deadline rather than a time stamp, so that the check is one comparison.
     quiet_at: Option<Instant>,
+}
+
+/// The size of the memory small frames are copied into (see `OutQ::open`).
+const OPEN_CHUNK: usize = 64 * 1024;
+
+impl OutQ {
+    /// Nothing is queued.
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.open.is_empty()
+    }
+
+    /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
+    fn seal(&mut self) {
+        if !self.open.is_empty() {
+            let run = self.open.split().freeze();
+            self.frames.push_back(run);
+        }
+    }
 }
 
 /// A submitting thread writes an event to the socket itself only if the link and the source have been quiet this long:
@@ -464,7 +591,14 @@ impl Outbox {
             quiet,
             source_idle: quiet,
             limit,
-            q: Mutex::new(OutQ { frames: VecDeque::new(), bytes: 0, writing: false, direct: None, quiet_at: None }),
+            q: Mutex::new(OutQ {
+                frames: VecDeque::new(),
+                open: BytesMut::new(),
+                bytes: 0,
+                writing: false,
+                direct: None,
+                quiet_at: None,
+            }),
             readable: Notify::new(),
             writable: Notify::new(),
             sent_direct: AtomicBool::new(false),
@@ -494,25 +628,13 @@ impl Outbox {
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
-        let mut written = 0;
-        if q.frames.is_empty() && !q.writing {
-            if let Some(sock) = &q.direct {
-                let now = gate.now();
-                if q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle) {
-                    let iov = [IoSlice::new(first.as_deref().unwrap_or_default()), IoSlice::new(&frame)];
-                    // An error is the writer's (or reader's) to find; the frames are then queued like any other.
-                    written = sock.try_write_vectored(&iov).unwrap_or(0);
-                    q.quiet_at = now.checked_add(self.quiet);
-                    gate.wrote = true;
-                }
-            }
-        }
+        let written = self.try_direct(&mut q, first.as_deref().unwrap_or_default(), &frame, gate);
         if written == len {
             drop(q);
-            self.sent_direct.store(true, Ordering::Release);
-            self.direct_writes.fetch_add(1, Ordering::Relaxed);
+            self.direct_done();
             return true;
         }
+        q.seal();
         q.bytes += len - written;
         match first {
             Some(f) if written < f.len() => {
@@ -525,6 +647,62 @@ impl Outbox {
         drop(q);
         self.readable.notify_one();
         true
+    }
+
+    /// Queues a small event frame, preceded by `first` (its target list, or empty), by copying both; the same rules as
+    /// `push_event_with` otherwise (room, direct writes). For frames below the writer's copy threshold, where a
+    /// copy costs less than sharing the bytes.
+    pub(crate) fn push_event_copied(&self, first: &[u8], frame: &[u8], gate: &mut SourceGate) -> bool {
+        let mut q = self.q.lock();
+        let len = first.len() + frame.len();
+        if q.bytes != 0 && q.bytes + len > self.limit {
+            return false;
+        }
+        let written = self.try_direct(&mut q, first, frame, gate);
+        if written == len {
+            drop(q);
+            self.direct_done();
+            return true;
+        }
+        q.bytes += len - written;
+        let open = &mut q.open;
+        if open.capacity() - open.len() < len {
+            // Reclaims the chunk in place once the writer has dropped every run cut from it.
+            open.reserve(len.max(OPEN_CHUNK));
+        }
+        if written < first.len() {
+            open.extend_from_slice(&first[written..]);
+            open.extend_from_slice(frame);
+        } else {
+            open.extend_from_slice(&frame[written - first.len()..]);
+        }
+        drop(q);
+        self.readable.notify_one();
+        true
+    }
+
+    /// Writes `first` and `frame` to the socket from the submitting thread if the link and the source are quiet (see
+    /// `push_event_with`); returns how many bytes went out.
+    fn try_direct(&self, q: &mut OutQ, first: &[u8], frame: &[u8], gate: &mut SourceGate) -> usize {
+        if !q.is_empty() || q.writing {
+            return 0;
+        }
+        let Some(sock) = &q.direct else { return 0 };
+        let now = gate.now();
+        if !(q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle)) {
+            return 0;
+        }
+        let iov = [IoSlice::new(first), IoSlice::new(frame)];
+        // An error is the writer's (or reader's) to find; the frames are then queued like any other.
+        let written = sock.try_write_vectored(&iov).unwrap_or(0);
+        q.quiet_at = now.checked_add(self.quiet);
+        gate.wrote = true;
+        written
+    }
+
+    fn direct_done(&self) {
+        self.sent_direct.store(true, Ordering::Release);
+        self.direct_writes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Gives the outbox the link's socket for direct writes (`None`: no more direct writes). The writer is idle on a
@@ -551,6 +729,7 @@ impl Outbox {
     /// Queues a control frame regardless of the limit.
     pub(crate) fn push_control(&self, frame: Bytes) {
         let mut q = self.q.lock();
+        q.seal();
         q.bytes += frame.len();
         q.frames.push_back(frame);
         drop(q);
@@ -569,6 +748,7 @@ impl Outbox {
     /// Takes every queued frame (the caller is the writer: until it comes back for more, it is writing them).
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
         let mut q = self.q.lock();
+        q.seal();
         std::mem::swap(&mut q.frames, into);
         q.bytes = 0;
         if into.is_empty() && q.writing {
@@ -593,6 +773,7 @@ impl Outbox {
     /// Discards everything queued; returns how many frames were dropped.
     pub(crate) fn clear(&self) -> usize {
         let mut q = self.q.lock();
+        q.seal();
         let n = q.frames.len();
         q.frames.clear();
         q.bytes = 0;
@@ -602,7 +783,7 @@ impl Outbox {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.q.lock().frames.is_empty()
+        self.q.lock().is_empty()
     }
 }
 
@@ -617,8 +798,9 @@ mod tests {
 
     fn drain(q: &SinkQueue) -> Vec<String> {
         let mut out = Vec::new();
+        let mut taken = Taken::default();
         loop {
-            match q.try_recv() {
+            match q.try_recv(&mut taken) {
                 Ok(e) => out.push(e.seq().to_string()),
                 Err(TryRecvError::Lagged(n)) => out.push(format!("lag{n}")),
                 Err(_) => return out,
