@@ -25,7 +25,10 @@ use crate::filter::{
 };
 use crate::link::{Peer, COPY_BELOW};
 use crate::node::{now, NodeGuard, NodeInner};
-use crate::queue::{Event, Offer, RecvError, SinkQueue, SourceGate, SourceKey, TryRecvError};
+use crate::queue::{ChunkBuf, Event, Offer, RecvError, SinkQueue, SourceGate, SourceKey, TryRecvError};
+
+/// Size of a source's encoding chunk (larger frames get a chunk of their own size).
+const ENCODE_CHUNK: usize = 64 * 1024;
 use crate::wasm::{FilterFault, WasmFilter, WasmIn, WasmLimits, WasmOut};
 use kecho_proto::codec::FilterKind;
 
@@ -1090,7 +1093,7 @@ impl Channel {
             ch: self.inner.clone(),
             id,
             seq: 0,
-            buf: EncodeBuf::default(),
+            buf: ChunkBuf::default(),
             max_frame: node.cfg.max_frame,
             out_filter: None,
             cel: None,
@@ -1289,7 +1292,8 @@ pub struct Source {
     ch: Arc<ChannelInner>,
     id: LocalId,
     seq: u64,
-    buf: EncodeBuf,
+    /// Where frames shared by several links or local sinks are encoded.
+    buf: ChunkBuf,
     max_frame: usize,
     out_filter: Option<Arc<dyn OutFilter>>,
     /// The CEL root context, built on the first event that meets a content filter and kept.
@@ -1312,34 +1316,6 @@ pub struct Source {
     /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
     /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
     ghosts_seen: u64,
-}
-
-/// Where a source encodes its frames: chunks of [`ENCODE_CHUNK`] bytes that frames are cut from (and share until
-/// they are written). A chunk whose frames are all gone is used again rather than freed, so that a busy source neither
-/// allocates nor touches fresh pages per chunk; nothing is allocated before the first event is sent.
-#[derive(Default)]
-struct EncodeBuf {
-    cur: BytesMut,
-    /// The chunk used before `cur`, kept to be reclaimed once its last frame is dropped.
-    spare: BytesMut,
-}
-
-/// Size of an encoding chunk (larger frames get a chunk of their own size).
-const ENCODE_CHUNK: usize = 64 * 1024;
-
-impl EncodeBuf {
-    /// The buffer to encode into, with room for at least `need` more bytes.
-    fn room(&mut self, need: usize) -> &mut BytesMut {
-        if self.cur.capacity() - self.cur.len() < need {
-            let want = need.max(ENCODE_CHUNK);
-            if self.spare.try_reclaim(want) {
-                std::mem::swap(&mut self.cur, &mut self.spare);
-            } else if !self.cur.try_reclaim(want) {
-                self.spare = std::mem::replace(&mut self.cur, BytesMut::with_capacity(want));
-            }
-        }
-        &mut self.cur
-    }
 }
 
 /// Buffers the submit path reuses, so that it does not allocate per event.
@@ -1547,7 +1523,7 @@ impl Source {
             let link = (Arc::as_ptr(peer) as usize, peer.epoch());
             let tell = track.told != Some((skipped, link.0, link.1));
             let prefixed = tell || e.1 < e.0;
-            let b = if copied { &mut self.prefix } else { self.buf.room(64 + 4 * e.3.len()) };
+            let b = if copied { &mut self.prefix } else { self.buf.room(64 + 4 * e.3.len(), ENCODE_CHUNK) };
             if prefixed {
                 // Encoded into a buffer of the source's too, so that it costs no allocation of its own.
                 if tell {
@@ -1564,7 +1540,7 @@ impl Source {
             } else {
                 let prefix = prefixed.then(|| b.split().freeze());
                 let f = frame.get_or_insert_with(|| {
-                    let b = self.buf.room(len + 16 * attrs.len());
+                    let b = self.buf.room(len + 16 * attrs.len(), ENCODE_CHUNK);
                     encode_event(b, channel, self.id, seq, ty, attrs, payload);
                     b.split().freeze()
                 });

@@ -513,7 +513,7 @@ pub(crate) struct OutQ {
     pub(crate) frames: VecDeque<Bytes>,
     /// Small event frames copied in by sources, after everything in `frames`: a burst of them is written from here
     /// as one segment, with no reference count per frame and no copy by the writer.
-    open: BytesMut,
+    open: ChunkBuf,
     pub(crate) bytes: usize,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
     writing: bool,
@@ -525,19 +525,62 @@ pub(crate) struct OutQ {
     quiet_at: Option<Instant>,
 }
 
+/// Memory that frames are cut from (and share until they are written): chunks of a given size. A chunk whose frames
+/// are all gone is used again rather than freed, so that a busy sender neither allocates nor touches fresh pages per
+/// chunk (freed chunks of this size tend to go back to the system and come back as page faults); nothing is
+/// allocated before the first use.
+#[derive(Default)]
+pub(crate) struct ChunkBuf {
+    cur: BytesMut,
+    /// The chunk used before `cur`, kept to be reclaimed once its last frame is dropped.
+    spare: BytesMut,
+}
+
+impl ChunkBuf {
+    /// Room left in the current chunk.
+    pub(crate) fn left(&self) -> usize {
+        self.cur.capacity() - self.cur.len()
+    }
+
+    /// The buffer to write into, with room for at least `need` more bytes (in a chunk of `chunk` bytes or more). If
+    /// the current chunk lacks room, what was written to it must have been cut off (`split`) first.
+    pub(crate) fn room(&mut self, need: usize, chunk: usize) -> &mut BytesMut {
+        if self.left() < need {
+            debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
+            let want = need.max(chunk);
+            if self.spare.try_reclaim(want) {
+                std::mem::swap(&mut self.cur, &mut self.spare);
+            } else if !self.cur.try_reclaim(want) {
+                self.spare = std::mem::replace(&mut self.cur, BytesMut::with_capacity(want));
+            }
+        }
+        &mut self.cur
+    }
+
+    /// The bytes written since the last `split`.
+    pub(crate) fn pending(&self) -> usize {
+        self.cur.len()
+    }
+
+    /// Cuts off the bytes written since the last `split`.
+    pub(crate) fn split(&mut self) -> Bytes {
+        self.cur.split().freeze()
+    }
+}
+
 /// The size of the memory small frames are copied into (see `OutQ::open`).
 const OPEN_CHUNK: usize = 64 * 1024;
 
 impl OutQ {
     /// Nothing is queued.
     fn is_empty(&self) -> bool {
-        self.frames.is_empty() && self.open.is_empty()
+        self.frames.is_empty() && self.open.pending() == 0
     }
 
     /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
     fn seal(&mut self) {
-        if !self.open.is_empty() {
-            let run = self.open.split().freeze();
+        if self.open.pending() != 0 {
+            let run = self.open.split();
             self.frames.push_back(run);
         }
     }
@@ -593,7 +636,7 @@ impl Outbox {
             limit,
             q: Mutex::new(OutQ {
                 frames: VecDeque::new(),
-                open: BytesMut::new(),
+                open: ChunkBuf::default(),
                 bytes: 0,
                 writing: false,
                 direct: None,
@@ -665,11 +708,10 @@ impl Outbox {
             return true;
         }
         q.bytes += len - written;
-        let open = &mut q.open;
-        if open.capacity() - open.len() < len {
-            // Reclaims the chunk in place once the writer has dropped every run cut from it.
-            open.reserve(len.max(OPEN_CHUNK));
+        if q.open.left() < len {
+            q.seal();
         }
+        let open = q.open.room(len, OPEN_CHUNK);
         if written < first.len() {
             open.extend_from_slice(&first[written..]);
             open.extend_from_slice(frame);
