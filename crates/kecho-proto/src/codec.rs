@@ -877,7 +877,9 @@ pub fn decode_body(frame: Bytes) -> Result<Message, DecodeError> {
 /// instead of allocating a new one. A sender uses few types; the cache keeps the last [`TypeNames::SIZE`].
 #[derive(Debug, Default)]
 pub struct TypeNames {
-    names: Vec<Arc<str>>,
+    /// Each name's bytes (a copy the decoding thread alone reads, so that matching a name does not touch the shared
+    /// name's memory, which other threads' reference counting keeps moving between cores) and the shared name.
+    names: Vec<(Box<[u8]>, Arc<str>)>,
     /// The slot replaced next once the cache is full.
     next: usize,
 }
@@ -887,14 +889,15 @@ impl TypeNames {
     pub const SIZE: usize = 16;
 
     fn name(&mut self, raw: &[u8], kind: u8) -> Result<Arc<str>, DecodeError> {
-        if let Some(n) = self.names.iter().find(|n| n.as_bytes() == raw) {
+        if let Some((_, n)) = self.names.iter().find(|(b, _)| **b == *raw) {
             return Ok(n.clone());
         }
         let name: Arc<str> = std::str::from_utf8(raw).map_err(|_| DecodeError::Utf8 { kind })?.into();
+        let entry = (Box::from(raw), name.clone());
         if self.names.len() < Self::SIZE {
-            self.names.push(name.clone());
+            self.names.push(entry);
         } else {
-            self.names[self.next] = name.clone();
+            self.names[self.next] = entry;
             self.next = (self.next + 1) % Self::SIZE;
         }
         Ok(name)

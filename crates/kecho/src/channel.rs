@@ -222,6 +222,9 @@ pub(crate) struct ChannelInner {
     state: Mutex<ChannelState>,
     id: AtomicU64,
     routes: RwLock<Arc<Routes>>,
+    /// Counts changes to `routes` and `out_default`: a source keeps its own copy of both and reads them again only
+    /// when this moved.
+    routing_gen: AtomicU64,
     local_sinks: RwLock<Arc<Vec<Arc<LocalSink>>>>,
     members: Mutex<LocalMembers>,
     status: watch::Sender<Status>,
@@ -275,6 +278,7 @@ impl ChannelInner {
             state: Mutex::new(state),
             id: AtomicU64::new(fresh.0),
             routes: RwLock::new(Arc::new(Routes::default())),
+            routing_gen: AtomicU64::new(1),
             local_sinks: RwLock::new(Arc::new(Vec::new())),
             members: Mutex::new(LocalMembers::default()),
             status: watch::channel(Status::Opening).0,
@@ -520,6 +524,7 @@ impl ChannelInner {
         }
         routes.slow_filter = routes.sinks.iter().any(|r| r.filter.as_ref().is_some_and(|f| !f.is_fast()));
         *self.routes.write() = Arc::new(routes);
+        self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
     }
 
@@ -670,7 +675,10 @@ impl ChannelInner {
 
     fn set_sandboxed(&self, kind: FilterKind, f: Arc<WasmFilter>) {
         match kind {
-            FilterKind::Out => *self.out_default.write() = Some(Arc::new(WasmOut(f))),
+            FilterKind::Out => {
+                *self.out_default.write() = Some(Arc::new(WasmOut(f)));
+                self.routing_gen.fetch_add(1, Ordering::AcqRel);
+            }
             FilterKind::In => *self.in_filter.write() = Some(Arc::new(WasmIn(f))),
         }
     }
@@ -1099,6 +1107,7 @@ impl Channel {
             cel: None,
             scratch: Scratch::default(),
             ty_name: None,
+            routing: (0, Arc::default(), None),
             small: BytesMut::new(),
             prefix: BytesMut::new(),
             gate: SourceGate::default(),
@@ -1301,6 +1310,8 @@ pub struct Source {
     scratch: Scratch,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
+    /// The channel's routing table and installed OUT-filter as of `ChannelInner::routing_gen` (the first).
+    routing: (u64, Arc<Routes>, Option<Arc<dyn OutFilter>>),
     /// The last small event frame, encoded once and copied into each link's outbox.
     small: BytesMut,
     /// The routing prefix of a small event frame for one link.
@@ -1384,7 +1395,11 @@ impl Source {
         if len > self.max_frame {
             return Err(Error::Invalid(format!("event of {len} bytes exceeds the frame limit of {}", self.max_frame)));
         }
-        let routes = self.ch.routes.read().clone();
+        let gen = self.ch.routing_gen.load(Ordering::Acquire);
+        if self.routing.0 != gen {
+            self.routing = (gen, self.ch.routes.read().clone(), self.ch.out_default.read().clone());
+        }
+        let routes = &*self.routing.1;
         let sc = &mut self.scratch;
         // Reset in place: each peer's list of chosen ids keeps its allocation from one submit to the next.
         sc.peers.truncate(routes.peers.len());
@@ -1432,7 +1447,7 @@ impl Source {
         drop(ctx);
 
         // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
-        let installed = if self.out_filter.is_none() { self.ch.out_default.read().clone() } else { None };
+        let installed = if self.out_filter.is_none() { self.routing.2.clone() } else { None };
         if let Some(f) = self.out_filter.as_ref().or(installed.as_ref()) {
             // The OUT-filter chooses among present sinks only, so nobody can say whether a cut-off sink would have
             // been chosen: it is not counted as missing anything.
@@ -1496,7 +1511,7 @@ impl Source {
         }
         if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
             self.ghosts_seen = routes.generation;
-            report_ghost_missed(&mut self.ghost_missed, &routes, channel, self.id);
+            report_ghost_missed(&mut self.ghost_missed, routes, channel, self.id);
         }
         if sc.candidates.is_empty() {
             c.filtered.fetch_add(1, Ordering::Relaxed);
@@ -1510,6 +1525,8 @@ impl Source {
             self.small.clear();
             encode_event(&mut self.small, channel, self.id, seq, ty, attrs, payload);
         }
+        // Counted once per submit rather than per link.
+        let (mut sent_to, mut sent_bytes) = (0, 0);
         for (p, e) in sc.peers.iter_mut().enumerate() {
             if e.1 == 0 {
                 continue;
@@ -1549,13 +1566,17 @@ impl Source {
             if pushed {
                 track.routed += 1;
                 track.told = Some((skipped, link.0, link.1));
-                c.sent.fetch_add(1, Ordering::Relaxed);
-                c.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+                sent_to += 1;
+                sent_bytes += sent as u64;
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 peer.add_lag(channel, self.id, &e.3, 1);
             }
             e.3.clear();
+        }
+        if sent_to > 0 {
+            c.sent.fetch_add(sent_to, Ordering::Relaxed);
+            c.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
         }
         self.gate.done();
         if !sc.locals.is_empty() {

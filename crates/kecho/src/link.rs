@@ -198,11 +198,19 @@ pub(crate) struct Peer {
     link: Mutex<LinkState>,
     /// Events dropped at the full outbox, not reported yet.
     lag: Mutex<Vec<PendingLag>>,
-    has_lag: AtomicBool,
-    /// Counts the times queued frames were thrown away with a broken link; see `epoch`.
-    epoch: AtomicU64,
+    /// Read by every submit: kept off the cache lines the link's tasks write.
+    flags: PeerFlags,
     membership: Mutex<MembershipGate>,
     pub(crate) frames_sent: AtomicU64,
+}
+
+/// A peer's flags that every submit reads, on a cache line of their own.
+#[repr(align(64))]
+struct PeerFlags {
+    /// `Peer::lag` holds something.
+    has_lag: AtomicBool,
+    /// Counts the times queued frames were thrown away with a broken link; see `Peer::epoch`.
+    epoch: AtomicU64,
 }
 
 /// Events of one source, meant for the same sinks, dropped at a full outbox.
@@ -227,8 +235,7 @@ impl Peer {
             outbox: Outbox::new(limit),
             link: Mutex::new(LinkState::Idle),
             lag: Mutex::new(Vec::new()),
-            has_lag: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
+            flags: PeerFlags { has_lag: AtomicBool::new(false), epoch: AtomicU64::new(0) },
             membership: Mutex::new(MembershipGate {
                 tokens: MEMBERSHIP_BURST,
                 at: std::time::Instant::now(),
@@ -268,7 +275,7 @@ impl Peer {
             Some(l) => l.count += n,
             None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
         }
-        self.has_lag.store(true, Ordering::Release);
+        self.flags.has_lag.store(true, Ordering::Release);
     }
 
     /// Takes one unit of this peer's membership budget; false if it is spent.
@@ -309,16 +316,16 @@ impl Peer {
     /// Changes whenever frames queued for this peer were thrown away because its link broke: whatever a source told
     /// the peer before may not have arrived.
     pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.flags.epoch.load(Ordering::Acquire)
     }
 
     /// Sends pending lag notices, if any, ahead of the next event.
     pub(crate) fn flush_lag(&self) {
-        if !self.has_lag.load(Ordering::Acquire) {
+        if !self.flags.has_lag.load(Ordering::Acquire) {
             return;
         }
         let pending = std::mem::take(&mut *self.lag.lock());
-        self.has_lag.store(false, Ordering::Release);
+        self.flags.has_lag.store(false, Ordering::Release);
         for PendingLag { channel, source, sinks, count } in pending {
             self.outbox.push_control(Message::Lagged { channel, source, count, sinks }.to_bytes());
         }
@@ -362,7 +369,7 @@ impl Peer {
             self.outbox.set_direct(None);
             if clear {
                 self.outbox.clear();
-                self.epoch.fetch_add(1, Ordering::AcqRel);
+                self.flags.epoch.fetch_add(1, Ordering::AcqRel);
             }
         }
         current

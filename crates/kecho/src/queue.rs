@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -507,6 +507,8 @@ pub(crate) struct Outbox {
     quiet: Duration,
     /// See [`SOURCE_IDLE`].
     source_idle: Duration,
+    /// `OutQ::bytes` as of the last change, for a room check without the lock.
+    queued: AtomicUsize,
 }
 
 pub(crate) struct OutQ {
@@ -646,13 +648,15 @@ impl Outbox {
             writable: Notify::new(),
             sent_direct: AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
         }
     }
 
-    /// True if an event of `len` bytes fits now.
+    /// True if an event of `len` bytes fits now (read without the lock: the answer may be out of date by the time
+    /// the caller acts on it, as any answer would be once the lock was released).
     pub(crate) fn has_room(&self, len: usize) -> bool {
-        let q = self.q.lock();
-        q.bytes == 0 || q.bytes + len <= self.limit
+        let bytes = self.queued.load(Ordering::Acquire);
+        bytes == 0 || bytes + len <= self.limit
     }
 
     /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
@@ -679,6 +683,7 @@ impl Outbox {
         }
         q.seal();
         q.bytes += len - written;
+        self.queued.store(q.bytes, Ordering::Release);
         match first {
             Some(f) if written < f.len() => {
                 q.frames.push_back(f.slice(written..));
@@ -687,8 +692,12 @@ impl Outbox {
             Some(f) => q.frames.push_back(frame.slice(written - f.len()..)),
             None => q.frames.push_back(frame.slice(written..)),
         }
+        // A writer that is writing comes back for more on its own: only an idle one needs waking.
+        let idle = !q.writing;
         drop(q);
-        self.readable.notify_one();
+        if idle {
+            self.readable.notify_one();
+        }
         true
     }
 
@@ -708,6 +717,7 @@ impl Outbox {
             return true;
         }
         q.bytes += len - written;
+        self.queued.store(q.bytes, Ordering::Release);
         if q.open.left() < len {
             q.seal();
         }
@@ -718,8 +728,11 @@ impl Outbox {
         } else {
             open.extend_from_slice(&frame[written - first.len()..]);
         }
+        let idle = !q.writing;
         drop(q);
-        self.readable.notify_one();
+        if idle {
+            self.readable.notify_one();
+        }
         true
     }
 
@@ -773,6 +786,7 @@ impl Outbox {
         let mut q = self.q.lock();
         q.seal();
         q.bytes += frame.len();
+        self.queued.store(q.bytes, Ordering::Release);
         q.frames.push_back(frame);
         drop(q);
         self.readable.notify_one();
@@ -782,6 +796,7 @@ impl Outbox {
     pub(crate) fn push_front_control(&self, frame: Bytes) {
         let mut q = self.q.lock();
         q.bytes += frame.len();
+        self.queued.store(q.bytes, Ordering::Release);
         q.frames.push_front(frame);
         drop(q);
         self.readable.notify_one();
@@ -793,6 +808,7 @@ impl Outbox {
         q.seal();
         std::mem::swap(&mut q.frames, into);
         q.bytes = 0;
+        self.queued.store(q.bytes, Ordering::Release);
         if into.is_empty() && q.writing {
             q.quiet_at = Instant::now().checked_add(self.quiet);
         }
@@ -819,6 +835,7 @@ impl Outbox {
         let n = q.frames.len();
         q.frames.clear();
         q.bytes = 0;
+        self.queued.store(q.bytes, Ordering::Release);
         drop(q);
         self.writable.notify_waiters();
         n
