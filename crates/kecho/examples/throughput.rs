@@ -26,10 +26,17 @@ async fn main() -> kecho::Result<()> {
         }
         Ok::<(), kecho::Error>(())
     });
-    let mut last = 0;
-    for _ in 0..n {
-        last = sink.recv().await.expect("event").seq();
-    }
+    // With a third argument `task`, the sink is read by a task of the runtime instead of the main thread (as in
+    // `kecho bench throughput`, where every party is a task).
+    let receive = async move {
+        let mut last = 0;
+        for _ in 0..n {
+            last = sink.recv().await.expect("event").seq();
+        }
+        (last, sink)
+    };
+    let (last, sink) =
+        if args.next().as_deref() == Some("task") { tokio::spawn(receive).await.expect("join") } else { receive.await };
     producer.await.expect("join")?;
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(last, n);
