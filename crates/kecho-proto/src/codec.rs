@@ -904,6 +904,24 @@ impl TypeNames {
     }
 }
 
+/// True if a frame's body (as `split_frame` returns it) is an event.
+pub fn is_event(frame: &[u8]) -> bool {
+    frame.first() == Some(&kind::EVENT)
+}
+
+/// Decodes an event frame's body (see [`is_event`]) without building a [`Message`]: the hot path of a receiving
+/// link, where moving the larger enum around cost more than the decoding.
+pub fn decode_event_with(mut frame: Bytes, names: &mut TypeNames) -> Result<EventMsg, DecodeError> {
+    if frame.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let k = frame.get_u8();
+    if k != kind::EVENT {
+        return Err(DecodeError::UnknownKind(k));
+    }
+    Reader { b: frame, kind: k }.event_msg(names)
+}
+
 /// [`decode_body`] with a connection's cache of event type names.
 pub fn decode_body_with(mut frame: Bytes, names: &mut TypeNames) -> Result<Message, DecodeError> {
     if frame.is_empty() {
@@ -994,7 +1012,11 @@ impl Reader {
 
     /// The body of an event frame (the hot path of every arriving event): its payload is the rest of the frame, so
     /// nothing can trail it.
-    fn event(mut self, names: &mut TypeNames) -> Result<Message, DecodeError> {
+    fn event(self, names: &mut TypeNames) -> Result<Message, DecodeError> {
+        self.event_msg(names).map(Message::Event)
+    }
+
+    fn event_msg(mut self, names: &mut TypeNames) -> Result<EventMsg, DecodeError> {
         self.need(8 + 4 + 8 + 4)?;
         let channel = ChannelId(self.b.get_u64_le());
         let source = LocalId(self.b.get_u32_le());
@@ -1005,7 +1027,7 @@ impl Reader {
         self.b.advance(n);
         let attrs = self.attrs()?;
         let payload = self.b;
-        Ok(Message::Event(EventMsg { channel, source, seq, ty, attrs, payload }))
+        Ok(EventMsg { channel, source, seq, ty, attrs, payload })
     }
 
     fn attrs(&mut self) -> Result<Attrs, DecodeError> {

@@ -838,8 +838,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let why: String = 'outer: loop {
         loop {
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
-                Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
-                    Ok(Message::Event(e)) => {
+                Ok(Some(frame)) if codec::is_event(&frame) => match codec::decode_event_with(frame, &mut names) {
+                    Ok(e) => {
                         let chosen = match crate::node::take_targets(&mut targets, e.channel) {
                             Ok(c) => c,
                             Err(why) => {
@@ -853,6 +853,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         }
                         events.push((e, chosen));
                     }
+                    Err(e) => {
+                        tracing::warn!(?remote, peer = %peer.id, "malformed frame, closing link: {e}");
+                        peer.outbox.push_control(close(CloseCode::Malformed, &e.to_string()));
+                        break 'outer e.to_string();
+                    }
+                },
+                Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
                     Ok(msg) => {
                         deliver(&node, &peer, &live, events_on, &mut events).await;
                         let was_close = matches!(msg, Message::Close { .. });
