@@ -856,10 +856,13 @@ mod tests {
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
+        drain_with(q, &mut Taken::default())
+    }
+
+    fn drain_with(q: &SinkQueue, taken: &mut Taken) -> Vec<String> {
         let mut out = Vec::new();
-        let mut taken = Taken::default();
         loop {
-            match q.try_recv(&mut taken) {
+            match q.try_recv(taken) {
                 Ok(e) => out.push(e.seq().to_string()),
                 Err(TryRecvError::Lagged(n)) => out.push(format!("lag{n}")),
                 Err(_) => return out,
@@ -892,6 +895,124 @@ mod tests {
         assert!(matches!(q.offer(ev(1)), Offer::Queued));
         assert!(matches!(q.offer(ev(2)), Offer::Full(_)));
         assert_eq!(drain(&q), ["1"]);
+    }
+
+    #[test]
+    fn a_receiver_takes_the_queue_in_one_go_and_order_holds() {
+        let q = SinkQueue::new(4, Overflow::Block);
+        let mut taken = Taken::default();
+        for i in 1..=4 {
+            assert!(matches!(q.offer(ev(i)), Offer::Queued));
+        }
+        assert!(matches!(q.offer(ev(5)), Offer::Full(_)), "the queue is full before anything is received");
+        assert_eq!(q.try_recv(&mut taken).map(|e| e.seq()), Ok(1));
+        // The rest went to the receiver's side with it: the queue has room for a whole capacity again, and `len`
+        // still counts what the receiver holds.
+        assert_eq!(q.len(&taken), 3);
+        let (queued, dropped, stop) = q.offer_many((5..=9).map(ev));
+        assert_eq!((queued, dropped), (4, 0));
+        assert!(matches!(stop, Some(Offer::Full(e)) if e.seq() == 9), "the fifth of a full Block queue comes back");
+        assert_eq!(q.len(&taken), 7);
+        let mut got = Vec::new();
+        while let Ok(e) = q.try_recv(&mut taken) {
+            got.push(e.seq());
+        }
+        assert_eq!(got, [2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(q.received.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn drop_oldest_still_drops_the_oldest_not_yet_received() {
+        // Under DropOldest a receiver takes one event at a time, so that the policy can still discard the oldest.
+        let q = SinkQueue::new(2, Overflow::DropOldest);
+        let mut taken = Taken::default();
+        q.offer(ev(1));
+        q.offer(ev(2));
+        assert_eq!(q.try_recv(&mut taken).map(|e| e.seq()), Ok(1));
+        q.offer(ev(3));
+        q.offer(ev(4));
+        assert_eq!(drain(&q), ["lag1", "3", "4"]);
+    }
+
+    #[test]
+    fn offer_many_under_drop_policies_counts_what_it_dropped() {
+        let q = SinkQueue::new(2, Overflow::DropNewest);
+        let (queued, dropped, stop) = q.offer_many((1..=5).map(ev));
+        assert_eq!((queued, dropped), (2, 3));
+        assert!(stop.is_none());
+        assert_eq!(drain(&q), ["1", "2", "lag3"]);
+        let q = SinkQueue::new(2, Overflow::DropOldest);
+        let (queued, dropped, _) = q.offer_many((1..=5).map(ev));
+        assert_eq!((queued, dropped), (5, 3));
+        assert_eq!(drain(&q), ["lag3", "4", "5"]);
+        q.close();
+        assert!(matches!(q.offer_many((6..=7).map(ev)).2, Some(Offer::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_offer_resumes_when_the_receiver_takes() {
+        let q = Arc::new(SinkQueue::new(2, Overflow::Block));
+        q.offer(ev(1));
+        q.offer(ev(2));
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { matches!(q.offer_wait(ev(3)).await, Offer::Queued) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "a full Block queue holds the offer back");
+        let mut taken = Taken::default();
+        assert_eq!(q.try_recv(&mut taken).map(|e| e.seq()), Ok(1));
+        let queued = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("offer woken").unwrap();
+        assert!(queued);
+        assert_eq!(drain_with(&q, &mut taken), ["2", "3"]);
+    }
+
+    #[test]
+    fn copied_frames_keep_their_place_among_shared_and_control_frames() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        assert!(out.push_event_copied(b"", b"e1", &mut gate));
+        assert!(out.push_event_copied(b"", b"e2", &mut gate));
+        out.push_control(Bytes::from_static(b"c1"));
+        assert!(out.push_event_copied(b"t3", b"e3", &mut gate));
+        assert!(out.push_event_with(Some(Bytes::from_static(b"t4")), Bytes::from_static(b"e4"), &mut gate));
+        assert!(out.push_event_copied(b"", b"e5", &mut gate));
+        out.push_front_control(Bytes::from_static(b"h0"));
+        assert!(!out.has_room(1 << 20), "queued bytes count against the limit");
+        let mut frames = VecDeque::new();
+        out.take_all(&mut frames);
+        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert_eq!(bytes, b"h0e1e2c1t3e3t4e4e5");
+        assert!(out.has_room(1 << 20));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_copied_frames() {
+        let out = Outbox::with_quiet(8, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        assert!(out.push_event_copied(b"", b"123456", &mut gate));
+        assert!(!out.push_event_copied(b"", b"789", &mut gate));
+        let mut frames = VecDeque::new();
+        out.take_all(&mut frames);
+        assert!(out.push_event_copied(b"", b"789", &mut gate), "room again once the writer took the frames");
+    }
+
+    #[test]
+    fn chunk_memory_is_used_again_once_its_frames_are_gone() {
+        let mut c = ChunkBuf::default();
+        c.room(10, 64).extend_from_slice(&[1; 60]);
+        let first = c.split();
+        let at = first.as_ptr();
+        // The first chunk's frame is still alive: a new chunk is needed.
+        c.room(10, 64).extend_from_slice(&[2; 60]);
+        let second = c.split();
+        assert_ne!(second.as_ptr(), at);
+        drop(first);
+        // The first chunk is free again and comes back instead of a new allocation.
+        let again = c.room(10, 64).as_ptr();
+        assert_eq!(again, at);
+        drop(second);
     }
 
     #[test]

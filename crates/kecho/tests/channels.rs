@@ -136,6 +136,55 @@ async fn types_are_filtered_at_the_source() -> Result<()> {
     Ok(())
 }
 
+/// A burst large enough to arrive in many reads and batches, to three sinks on one node that want different types:
+/// each gets exactly its events, in order, with their attributes (the receiving link delivers the events of one read
+/// together, choosing per event which sinks get it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_each_local_sink_by_its_types() -> Result<()> {
+    const N: i64 = 20_000;
+    let (_reg, nodes) = cluster(2).await?;
+    let a = nodes[0].create_channel("burst").await?;
+    let b = nodes[1].open_channel("burst").await?;
+    let opts = || SinkOptions::new().capacity(N as usize).overflow(kecho::Overflow::Block);
+    let mut all = b.sink(opts())?;
+    let mut only_a = b.sink(opts().types(["a"]))?;
+    let mut only_b = b.sink(opts().types(["b"]))?;
+    a.wait_for_sinks(3, T).await?;
+    let mut src = a.source()?;
+    let ty = |i: i64| ["a", "b", "c"][(i % 3) as usize];
+    for i in 0..N {
+        let attrs = if i % 5 == 0 { Attrs::new().with("i", i) } else { Attrs::new() };
+        src.submit(ty(i), &attrs, &i.to_le_bytes()).await?;
+    }
+    // Everything is queued at the receiving node before anything is taken: `len` counts it all, and still does once
+    // a receive has taken the queue's contents to the receiver's side.
+    eventually("all queued", || all.len() == N as usize).await?;
+    let first = recv(&mut all).await?;
+    assert_eq!(first.seq(), 1);
+    assert_eq!(all.len(), N as usize - 1);
+    for i in 1..N {
+        let ev = recv(&mut all).await?;
+        assert_eq!((ev.ty(), ev.seq()), (ty(i), i as u64 + 1));
+        assert_eq!(ev.payload()[..], i.to_le_bytes());
+        assert_eq!(ev.attrs().get("i").is_some(), i % 5 == 0);
+    }
+    for (sink, want) in [(&mut only_a, "a"), (&mut only_b, "b")] {
+        for i in (0..N).filter(|&i| ty(i) == want) {
+            let ev = recv(sink).await?;
+            assert_eq!((ev.ty(), ev.seq()), (want, i as u64 + 1));
+            assert_eq!(ev.payload()[..], i.to_le_bytes());
+            if i % 5 == 0 {
+                assert_eq!(attr_i(&ev, "i"), i);
+            }
+        }
+        assert!(matches!(sink.try_recv(), Err(TryRecvError::Empty)));
+    }
+    assert!(matches!(all.try_recv(), Err(TryRecvError::Empty)));
+    assert_eq!(b.stats().received, N as u64);
+    assert_eq!(b.stats().dropped, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_source_order_with_many_sources() -> Result<()> {
     let (_reg, nodes) = cluster(3).await?;
