@@ -836,6 +836,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut events = Vec::new();
     let mut events_on = ChannelId(0);
     let mut busy = false;
+    // The buffer read into before `buf`: its events may still be queued at sinks, and once they are gone its memory
+    // serves again (see `more_room`).
+    let mut spare = BytesMut::new();
     let why: String = 'outer: loop {
         loop {
             match codec::split_frame(&mut buf, node.cfg.max_frame) {
@@ -898,7 +901,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // reads then cost fewer system calls and wake-ups per event.
         let want = if busy { READ_BIG } else { READ_SMALL };
         if buf.capacity() - buf.len() < want / 4 {
-            buf.reserve(want);
+            more_room(&mut buf, &mut spare, want);
         }
         let free = buf.capacity() - buf.len();
         match rd.read_buf(&mut buf).await {
@@ -926,6 +929,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// How much a link's reader reads at a time: on a quiet link, and on a busy one (its last read filled the buffer).
 const READ_SMALL: usize = 64 * 1024;
 const READ_BIG: usize = 256 * 1024;
+
+/// Gives a reader's buffer at least `want` bytes of free room, keeping the bytes it holds (the start of a frame not
+/// read whole yet). Events hold on to the memory they were read into, so a buffer can rarely grow in place; rather than
+/// a new allocation each time (whose pages the kernel must fault in afresh), the previous buffer is used again once
+/// nothing refers to it any more.
+fn more_room(buf: &mut BytesMut, spare: &mut BytesMut, want: usize) {
+    if buf.try_reclaim(want) {
+        return;
+    }
+    let mut next = if spare.try_reclaim(want + buf.len()) {
+        std::mem::take(spare)
+    } else {
+        BytesMut::with_capacity(want.max(2 * buf.len()))
+    };
+    next.extend_from_slice(buf);
+    *spare = std::mem::replace(buf, next);
+    spare.clear();
+}
 
 /// At most this many events are delivered as one batch.
 const MAX_BATCH: usize = 256;
