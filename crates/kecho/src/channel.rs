@@ -180,6 +180,14 @@ struct LocalMembers {
     sinks: Vec<Arc<LocalSink>>,
 }
 
+/// Events that arrived together on one link for one channel (see `ChannelInner::deliver_batch`), each with the sink
+/// ids of its `Targets` frame if it had one; and the list they are staged in for delivery, kept for its memory.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub(crate) events: Vec<(EventMsg, Option<Vec<LocalId>>)>,
+    staged: Vec<(Event, u64)>,
+}
+
 /// The bit mask of the sinks (at most 64) for which `f` holds.
 fn mask(sinks: &[Arc<LocalSink>], f: impl Fn(&LocalSink) -> bool) -> u64 {
     sinks.iter().enumerate().fold(0, |m, (j, s)| if f(s) { m | 1 << j } else { m })
@@ -735,7 +743,8 @@ impl ChannelInner {
     /// Delivers events that arrived together from node `from` (the frames of one read, in order), each with the
     /// sink ids of its `Targets` frame if it had one. The same as `deliver_remote` per event, but the channel's state
     /// is read once and each sink's queue is locked once for the lot instead of once per event.
-    pub(crate) async fn deliver_batch(&self, from: NodeId, events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>) {
+    pub(crate) async fn deliver_batch(&self, from: NodeId, batch: &mut Batch) {
+        let Batch { events, staged } = batch;
         if !self.may_send(from) {
             self.counters.denied.fetch_add(events.len() as u64, Ordering::Relaxed);
             events.clear();
@@ -750,7 +759,7 @@ impl ChannelInner {
             return;
         }
         self.counters.received.fetch_add(events.len() as u64, Ordering::Relaxed);
-        let mut staged: Vec<(Event, u64)> = Vec::with_capacity(events.len());
+        staged.clear();
         // Which sinks accept the last type seen (events of one link share their type name's allocation).
         let mut by_type: Option<(Arc<str>, u64)> = None;
         let mut evs = events.drain(..);
@@ -794,7 +803,7 @@ impl ChannelInner {
                     }
                 }
             }
-            self.offer_staged(&sinks, &mut staged).await;
+            self.offer_staged(&sinks, staged).await;
             let Some((gap, ev, m)) = after_gap else { return };
             // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
             // wanted them is unknown here, so every sink is told.

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{self, CloseCode, EventMsg, Purpose};
+use kecho_proto::codec::{self, CloseCode, Purpose};
 use kecho_proto::handshake;
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, PROTOCOL_VERSION};
@@ -833,7 +833,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut targets = None;
     let mut names = codec::TypeNames::default();
     // Consecutive events of one channel, delivered together (see `ChannelInner::deliver_batch`).
-    let mut events = Vec::new();
+    let mut events = crate::channel::Batch::default();
     let mut events_on = ChannelId(0);
     let mut busy = false;
     // The buffer read into before `buf`: its events may still be queued at sinks, and once they are gone its memory
@@ -851,11 +851,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 break 'outer why;
                             }
                         };
-                        if e.channel != events_on || events.len() >= MAX_BATCH {
+                        if e.channel != events_on || events.events.len() >= MAX_BATCH {
                             deliver(&node, &peer, &live, events_on, &mut events).await;
                             events_on = e.channel;
                         }
-                        events.push((e, chosen));
+                        events.events.push((e, chosen));
                     }
                     Err(e) => {
                         tracing::warn!(?remote, peer = %peer.id, "malformed frame, closing link: {e}");
@@ -957,13 +957,13 @@ async fn deliver(
     peer: &Peer,
     live: &LinkLive,
     channel: ChannelId,
-    events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>,
+    batch: &mut crate::channel::Batch,
 ) {
-    if events.is_empty() {
+    if batch.events.is_empty() {
         return;
     }
     live.reader_waiting.store(true, Ordering::Release);
-    node.deliver_events(peer, channel, events).await;
+    node.deliver_events(peer, channel, batch).await;
     live.reader_waiting.store(false, Ordering::Release);
 }
 

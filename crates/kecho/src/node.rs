@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use kecho_proto::codec::EventMsg;
 use kecho_proto::membership::{MembershipConfig, OpenMode};
 use kecho_proto::{ChannelId, LocalId, Message, NodeId, MAX_FRAME_DEFAULT};
 use kecho_registry::RegistryClient;
@@ -520,15 +519,10 @@ impl NodeInner {
     /// Handles one frame from an established link. An error closes the link.
     /// `targets` holds the sink list of a `Targets` frame until the event it announces arrives.
     /// Delivers events that arrived together on one link, all on `channel` (see `ChannelInner::deliver_batch`).
-    pub(crate) async fn deliver_events(
-        &self,
-        peer: &Peer,
-        channel: ChannelId,
-        events: &mut Vec<(EventMsg, Option<Vec<LocalId>>)>,
-    ) {
+    pub(crate) async fn deliver_events(&self, peer: &Peer, channel: ChannelId, batch: &mut crate::channel::Batch) {
         match self.channel_by_id(channel) {
-            Some(ch) => ch.deliver_batch(peer.id, events).await,
-            None => events.clear(),
+            Some(ch) => ch.deliver_batch(peer.id, batch).await,
+            None => batch.events.clear(),
         }
     }
 
