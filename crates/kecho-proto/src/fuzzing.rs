@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use crate::access::{Policy, Roles};
-use crate::codec::{decode_frame, ClaimMode, Purpose, RegEntry, RegErrorCode, RegResult};
+use crate::codec::{
+    decode_body_with, decode_event_with, decode_frame, is_event, split_frame, ClaimMode, Purpose, RegEntry,
+    RegErrorCode, RegResult, TypeNames,
+};
 use crate::handshake::{accept_first, dial_answer, Accept, Dial};
 use crate::membership::{ChannelState, MembershipConfig, OpenMode};
 use crate::{ChannelId, ChannelSecret, Message, NodeId, PROTOCOL_VERSION};
@@ -14,15 +17,27 @@ use crate::{ChannelId, ChannelSecret, Message, NodeId, PROTOCOL_VERSION};
 /// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
 pub fn decode_frames(data: &[u8]) {
     let mut buf = BytesMut::from(data);
+    // One type-name cache per decoder, kept across frames as a link keeps it.
+    let (mut names, mut event_names) = (TypeNames::default(), TypeNames::default());
     for _ in 0..data.len() + 1 {
         let before = buf.clone();
-        match decode_frame(&mut buf, 1 << 20) {
-            Ok(Some(msg)) => {
+        let frame = match split_frame(&mut buf, 1 << 20) {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => return,
+        };
+        let decoded = decode_body_with(frame.clone(), &mut names);
+        if is_event(&frame) {
+            // A receiving link decodes event frames through their own path: it must agree with the general one.
+            let fast = decode_event_with(frame, &mut event_names).map(Message::Event);
+            assert_eq!(fast, decoded, "the event decoder disagrees");
+        }
+        match decoded {
+            Ok(msg) => {
                 let consumed = before.len() - buf.len();
                 let again = msg.to_bytes();
                 assert_eq!(&again[..], &before[..consumed], "re-encoding differs for {msg:?}");
             }
-            Ok(None) | Err(_) => return,
+            Err(_) => return,
         }
     }
     panic!("decoder did not stop");
