@@ -29,7 +29,11 @@ pub fn decode_frames(data: &[u8]) {
         if is_event(&frame) {
             // A receiving link decodes event frames through their own path: it must agree with the general one.
             let fast = decode_event_with(frame, &mut event_names).map(Message::Event);
-            assert_eq!(fast, decoded, "the event decoder disagrees");
+            match (&fast, &decoded) {
+                // Compared by their encoding: an attribute may be a NaN, which equals nothing.
+                (Ok(a), Ok(b)) => assert_eq!(a.to_bytes(), b.to_bytes(), "the event decoder disagrees"),
+                _ => assert_eq!(fast, decoded, "the event decoder disagrees"),
+            }
         }
         match decoded {
             Ok(msg) => {
