@@ -1061,7 +1061,9 @@ impl SinkOptions {
         self.types = if list.is_empty() { TypeFilter::All } else { TypeFilter::Only(list) };
         self
     }
-    /// Queue capacity in events.
+    /// Queue capacity in events: how many may wait for the sink's receiver. A receive takes every waiting event at
+    /// once (except under [`Overflow::DropOldest`], which needs them in the queue to discard the oldest), so while the
+    /// receiver works through those, up to this many more may queue behind them.
     pub fn capacity(mut self, n: usize) -> Self {
         self.capacity = Some(n);
         self
