@@ -880,6 +880,20 @@ mod access {
                 st.set_token(token, now);
             });
         }
+
+        /// Node 0 creates the protected channel with a full credential and its standard members, and is ready.
+        fn create(&self, sim: &mut Sim) {
+            let a = self.id(0);
+            self.open(
+                sim,
+                0,
+                OpenMode::Create,
+                Some(self.policy()),
+                Some(self.token(0, Roles::ALL, 0)),
+                standard_members(a),
+            );
+            sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        }
     }
 
     fn refusal(sim: &Sim, id: u64) -> String {
@@ -907,15 +921,7 @@ mod access {
         let cast = Cast::new(4);
         let mut sim = Sim::new(SimConfig::default());
         let (a, b, c, d) = (cast.id(0), cast.id(1), cast.id(2), cast.id(3));
-        cast.open(
-            &mut sim,
-            0,
-            OpenMode::Create,
-            Some(cast.policy()),
-            Some(cast.token(0, Roles::ALL, 0)),
-            standard_members(a),
-        );
-        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        cast.create(&mut sim);
         // d: a full credential, no policy of its own.
         cast.open(
             &mut sim,
@@ -952,15 +958,7 @@ mod access {
         let cast = Cast::new(3);
         let mut sim = Sim::new(SimConfig::default());
         let (a, b) = (cast.id(0), cast.id(1));
-        cast.open(
-            &mut sim,
-            0,
-            OpenMode::Create,
-            Some(cast.policy()),
-            Some(cast.token(0, Roles::ALL, 0)),
-            standard_members(a),
-        );
-        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        cast.create(&mut sim);
         let cases: Vec<(Token, &str)> = vec![
             (cast.token(2, Roles::ALL, 0), "issued to node"),
             (
@@ -1011,15 +1009,7 @@ mod access {
         let mut sim = Sim::new(SimConfig::default());
         let (a, b, c) = (cast.id(0), cast.id(1), cast.id(2));
         let sink_only = vec![standard_members(b)[0].clone()];
-        cast.open(
-            &mut sim,
-            0,
-            OpenMode::Create,
-            Some(cast.policy()),
-            Some(cast.token(0, Roles::ALL, 0)),
-            standard_members(a),
-        );
-        sim.run_until(LIMIT, "creator ready", |s| s.ready(a, CH));
+        cast.create(&mut sim);
         cast.open(&mut sim, 1, JOIN, None, Some(cast.token(1, Roles::SINK, 0)), sink_only);
         // c's credential runs out 30 s into the run.
         cast.open(&mut sim, 2, JOIN, None, Some(cast.token(2, Roles::ALL, T0 + 30)), standard_members(c));
