@@ -1325,7 +1325,7 @@ pub struct Source {
     routing: (u64, Arc<Routes>, Option<Arc<dyn OutFilter>>),
     /// The last small event frame, encoded once and copied into each link's outbox.
     small: BytesMut,
-    /// The routing prefix of a small event frame for one link.
+    /// The routing and target frames that precede an event on one link.
     prefix: BytesMut,
     /// Whether this source has been idle long enough to write to a quiet link itself.
     gate: SourceGate,
@@ -1550,30 +1550,24 @@ impl Source {
             let skipped = seq - (track.routed + 1);
             let link = (Arc::as_ptr(peer) as usize, peer.epoch());
             let tell = track.told != Some((skipped, link.0, link.1));
-            let prefixed = tell || e.1 < e.0;
-            let b = if copied { &mut self.prefix } else { self.buf.room(64 + 4 * e.3.len(), ENCODE_CHUNK) };
-            if prefixed {
-                // Encoded into a buffer of the source's too, so that it costs no allocation of its own.
-                if tell {
-                    encode_routed(b, channel, self.id, skipped);
-                }
-                if e.1 < e.0 {
-                    encode_targets(b, channel, &e.3);
-                }
+            // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
+            if tell {
+                encode_routed(&mut self.prefix, channel, self.id, skipped);
+            }
+            if e.1 < e.0 {
+                encode_targets(&mut self.prefix, channel, &e.3);
             }
             let (pushed, sent) = if copied {
-                let pushed = peer.outbox.push_event_copied(b, &self.small, &mut self.gate);
-                b.clear();
-                (pushed, self.small.len())
+                (peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate), self.small.len())
             } else {
-                let prefix = prefixed.then(|| b.split().freeze());
                 let f = frame.get_or_insert_with(|| {
                     let b = self.buf.room(len + 16 * attrs.len(), ENCODE_CHUNK);
                     encode_event(b, channel, self.id, seq, ty, attrs, payload);
                     b.split().freeze()
                 });
-                (peer.outbox.push_event_with(prefix, f.clone(), &mut self.gate), f.len())
+                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate), f.len())
             };
+            self.prefix.clear();
             if pushed {
                 track.routed += 1;
                 track.told = Some((skipped, link.0, link.1));

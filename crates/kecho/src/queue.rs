@@ -579,6 +579,14 @@ impl OutQ {
         self.frames.is_empty() && self.open.pending() == 0
     }
 
+    /// Copies bytes into the open run.
+    fn append(&mut self, bytes: &[u8]) {
+        if self.open.left() < bytes.len() {
+            self.seal();
+        }
+        self.open.room(bytes.len(), OPEN_CHUNK).extend_from_slice(bytes);
+    }
+
     /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
     fn seal(&mut self) {
         if self.open.pending() != 0 {
@@ -659,7 +667,8 @@ impl Outbox {
         bytes == 0 || bytes + len <= self.limit
     }
 
-    /// Queues an event frame, preceded by `first` (its target list) if given, if there is room for both.
+    /// Queues a shared event frame, preceded by `first` (its routing and target frames, or empty; copied), if there is
+    /// room for both.
     ///
     /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
     /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
@@ -669,35 +678,30 @@ impl Outbox {
     ///
     /// The source must have been idle too (see [`SourceGate`]): with several links, a source writing to each itself
     /// would otherwise take so long per event that every link looks quiet again at its next event.
-    pub(crate) fn push_event_with(&self, first: Option<Bytes>, frame: Bytes, gate: &mut SourceGate) -> bool {
+    pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate) -> bool {
         let mut q = self.q.lock();
-        let len = first.as_ref().map_or(0, Bytes::len) + frame.len();
+        let len = first.len() + frame.len();
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
-        let written = self.try_direct(&mut q, first.as_deref().unwrap_or_default(), &frame, gate);
+        let written = self.try_direct(&mut q, first, &frame, gate);
         if written == len {
             drop(q);
             self.direct_done();
             return true;
         }
-        q.seal();
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        match first {
-            Some(f) if written < f.len() => {
-                q.frames.push_back(f.slice(written..));
-                q.frames.push_back(frame);
-            }
-            Some(f) => q.frames.push_back(frame.slice(written - f.len()..)),
-            None => q.frames.push_back(frame.slice(written..)),
+        if written < first.len() {
+            // The target list is small: copied like a small frame, and the shared frame follows it.
+            q.append(&first[written..]);
+            q.seal();
+            q.frames.push_back(frame);
+        } else {
+            q.seal();
+            q.frames.push_back(frame.slice(written - first.len()..));
         }
-        // A writer that is writing comes back for more on its own: only an idle one needs waking.
-        let idle = !q.writing;
-        drop(q);
-        if idle {
-            self.readable.notify_one();
-        }
+        self.queued_wake(q);
         true
     }
 
@@ -718,22 +722,24 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        if q.open.left() < len {
-            q.seal();
-        }
-        let open = q.open.room(len, OPEN_CHUNK);
         if written < first.len() {
-            open.extend_from_slice(&first[written..]);
-            open.extend_from_slice(frame);
+            q.append(&first[written..]);
+            q.append(frame);
         } else {
-            open.extend_from_slice(&frame[written - first.len()..]);
+            q.append(&frame[written - first.len()..]);
         }
+        self.queued_wake(q);
+        true
+    }
+
+    /// Releases the lock after queueing; wakes the writer if it is idle (one that is writing comes back for more on
+    /// its own).
+    fn queued_wake(&self, q: parking_lot::MutexGuard<'_, OutQ>) {
         let idle = !q.writing;
         drop(q);
         if idle {
             self.readable.notify_one();
         }
-        true
     }
 
     /// Writes `first` and `frame` to the socket from the submitting thread if the link and the source are quiet (see
@@ -975,7 +981,7 @@ mod tests {
         assert!(out.push_event_copied(b"", b"e2", &mut gate));
         out.push_control(Bytes::from_static(b"c1"));
         assert!(out.push_event_copied(b"t3", b"e3", &mut gate));
-        assert!(out.push_event_with(Some(Bytes::from_static(b"t4")), Bytes::from_static(b"e4"), &mut gate));
+        assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate));
         assert!(out.push_event_copied(b"", b"e5", &mut gate));
         out.push_front_control(Bytes::from_static(b"h0"));
         assert!(!out.has_room(1 << 20), "queued bytes count against the limit");
