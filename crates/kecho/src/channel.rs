@@ -139,6 +139,16 @@ struct RecvTrack {
     last: u64,
 }
 
+impl RecvTrack {
+    /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it.
+    fn arrived(&mut self, seq: u64) -> u64 {
+        let n = seq.saturating_sub(self.skipped);
+        let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
+        self.last = self.last.max(n);
+        gap
+    }
+}
+
 /// One sink of the channel, for the submit path.
 struct RouteSink {
     entry: Arc<SinkEntry>,
@@ -717,14 +727,7 @@ impl ChannelInner {
         }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let gap = {
-            let mut tracks = self.tracks.lock();
-            let t = tracks.entry((from, e.source)).or_default();
-            let n = e.seq.saturating_sub(t.skipped);
-            let gap = if t.last != 0 && n > t.last + 1 { n - t.last - 1 } else { 0 };
-            t.last = t.last.max(n);
-            gap
-        };
+        let gap = self.tracks.lock().entry((from, e.source)).or_default().arrived(e.seq);
         if gap > 0 {
             // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
             // wanted them is unknown here, so every sink is told.
@@ -770,10 +773,7 @@ impl ChannelInner {
             {
                 let mut tracks = self.tracks.lock();
                 for (e, chosen) in evs.by_ref() {
-                    let t = tracks.entry((from, e.source)).or_default();
-                    let n = e.seq.saturating_sub(t.skipped);
-                    let gap = if t.last != 0 && n > t.last + 1 { n - t.last - 1 } else { 0 };
-                    t.last = t.last.max(n);
+                    let gap = tracks.entry((from, e.source)).or_default().arrived(e.seq);
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {
