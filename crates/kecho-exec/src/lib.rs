@@ -1,0 +1,27 @@
+//! Remote execution and automatic configuration for kecho, after the Cooperating Peers pattern (remote task
+//! submission, execution, monitoring and checkpointing on independently owned workstations) and 2K's Automatic
+//! Configuration Service (components with hardware and software prerequisites, a component repository, and the
+//! runtime dependency graph that tells dependents when a component fails).
+//!
+//! - [`app`]: application files (`APP.toml`, one `[component.NAME]` table per component), parsed into typed specs
+//!   with errors that name the line.
+//! - [`graph`]: the dependency graph (petgraph): a cycle or a missing dependency is refused with the path that shows
+//!   it; deploy waves in dependency order and undeploy in reverse.
+//! - [`plan`]: the deploy planner, pure: which components may start now, what happens when one fails (which
+//!   dependents are told, what the failure policy does), the all-or-nothing placement rule.
+//! - [`place`]: the boundary to resource management: the [`place::Placer`] trait that the resources crate will
+//!   implement, and an in-memory placer for tests.
+//! - [`repo`]: the content-addressed component repository: artifacts named by their SHA-256, verified before
+//!   anything runs, and a local cache in front of a remote store.
+//! - [`task`]: task supervision on one host (the agent side of `kecho run`): spawn with the task's environment in its
+//!   own process group, ordered output chunks, exit status as a shell reports it, cgroup v2 or rlimit limits, the
+//!   checkpoint file, and stop.
+//! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
+//! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod graph;
+pub mod place;
+pub mod plan;
+pub mod repo;
