@@ -25,3 +25,5 @@ pub mod graph;
 pub mod place;
 pub mod plan;
 pub mod repo;
+pub mod restart;
+pub mod task;
