@@ -27,3 +27,4 @@ pub mod plan;
 pub mod repo;
 pub mod restart;
 pub mod task;
+pub mod wire;

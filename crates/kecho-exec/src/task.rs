@@ -36,8 +36,8 @@ use crate::place::AgentName;
 /// The largest output chunk (bytes): a chunk travels as one kecho event.
 pub const MAX_CHUNK: usize = 16 << 10;
 
-/// The largest checkpoint the agent reads back (16 MiB).
-pub const MAX_CHECKPOINT: u64 = 16 << 20;
+/// The largest checkpoint the agent reads back (8 MiB: in base64 it still fits one kecho frame of 16 MiB).
+pub const MAX_CHECKPOINT: u64 = 8 << 20;
 
 /// How many output chunks may wait for the agent before the task's pipes fill and the task blocks on write (output
 /// is never dropped).
