@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod deploy;
 pub mod graph;
 pub mod place;
 pub mod plan;

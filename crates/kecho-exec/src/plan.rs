@@ -11,13 +11,15 @@
 //! - When a component fails, every component that needs it, directly or not, is told (2K's Automatic Configuration
 //!   Service "inspects its dependencies and informs the proper components about the failure"), and its failure policy
 //!   applies: restart it in place, replace it on another node, or stop its dependents (furthest first). A component
-//!   that fails more than `max_attempts` times in a row without becoming ready is given up: if the application has
+//!   that fails more than `max_attempts` times in a row without staying up is given up: if the application has
 //!   never been fully ready, the deploy is aborted and everything started is stopped (nothing half-starts);
-//!   otherwise its dependents are stopped.
+//!   otherwise its dependents are stopped. "Staying up" is the deployer's call, which knows the time: it reports
+//!   [`Deployment::on_stable`] once a component has been ready long enough, and that clears its failure count (a
+//!   component that becomes ready and crashes at once is still a crash loop).
 //! - Undeploy stops components in reverse dependency order: a component stops only after everything that needs it
 //!   has stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::app::{AppSpec, ComponentName, FailurePolicy};
 use crate::graph::AppGraph;
@@ -96,6 +98,8 @@ pub struct Deployment {
     attempts: BTreeMap<ComponentName, u32>,
     /// Components that failed since they were last ready (to announce their recovery).
     recovering: BTreeMap<ComponentName, bool>,
+    /// Dependents of a failed component (policy stop-dependents) that are still to be stopped.
+    to_stop: BTreeSet<ComponentName>,
     max_attempts: u32,
     ever_ready: bool,
     undeploying: bool,
@@ -117,6 +121,7 @@ impl Deployment {
             attempts: names.iter().map(|n| (n.clone(), 0)).collect(),
             recovering: BTreeMap::new(),
             graph,
+            to_stop: BTreeSet::new(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             ever_ready: false,
             undeploying: false,
@@ -165,7 +170,6 @@ impl Deployment {
             return Vec::new();
         }
         self.state.insert(c.clone(), ComponentState::Ready);
-        self.attempts.insert(c.clone(), 0);
         let mut out = Vec::new();
         if self.recovering.remove(c).is_some() {
             out.push(self.notify(c, AppEvent::Recovered));
@@ -175,6 +179,18 @@ impl Deployment {
         }
         out.extend(self.start_unblocked());
         out
+    }
+
+    /// A component has stayed ready long enough to count as up: its failures in a row are forgotten.
+    pub fn on_stable(&mut self, c: &ComponentName) {
+        if self.state.get(c) == Some(&ComponentState::Ready) {
+            self.attempts.insert(c.clone(), 0);
+        }
+    }
+
+    /// How many times in a row the component has failed without staying up.
+    pub fn attempts(&self, c: &ComponentName) -> u32 {
+        self.attempts.get(c).copied().unwrap_or(0)
     }
 
     /// A component failed: its process exited, its node was lost, or its readiness check timed out.
@@ -231,11 +247,7 @@ impl Deployment {
             return Vec::new();
         }
         self.state.insert(c.clone(), ComponentState::Stopped);
-        if self.undeploying {
-            self.stop_unblocked()
-        } else {
-            Vec::new()
-        }
+        self.stop_unblocked()
     }
 
     /// Begins undeploy: components stop in reverse dependency order; [`Deployment::on_stopped`] releases the next.
@@ -253,15 +265,14 @@ impl Deployment {
         Action::Notify { about: c.clone(), event, to: self.graph.dependents(c) }
     }
 
-    /// Stops every running dependent of `c`, furthest first; those still waiting will not start.
+    /// Stops every running dependent of `c`, furthest first (a component stops only after its own dependents have);
+    /// those still waiting will not start.
     fn stop_dependents(&mut self, c: &ComponentName) -> Vec<Action> {
-        let mut out = Vec::new();
-        for d in self.graph.dependents(c).into_iter().rev() {
+        for d in self.graph.dependents(c) {
             match self.state[&d] {
                 ComponentState::Starting | ComponentState::Ready => {
-                    self.state.insert(d.clone(), ComponentState::Stopping);
                     self.recovering.remove(&d);
-                    out.push(Action::Stop(d));
+                    self.to_stop.insert(d);
                 }
                 ComponentState::Waiting => {
                     self.state.insert(d, ComponentState::Stopped);
@@ -269,7 +280,7 @@ impl Deployment {
                 _ => {}
             }
         }
-        out
+        self.stop_unblocked()
     }
 
     fn start_unblocked(&mut self) -> Vec<Action> {
@@ -289,10 +300,14 @@ impl Deployment {
         out
     }
 
+    /// Stops the components due to stop (all of them when undeploying) whose dependents have all stopped.
     fn stop_unblocked(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         for c in self.graph.start_order().into_iter().rev() {
             if !matches!(self.state[&c], ComponentState::Starting | ComponentState::Ready) {
+                continue;
+            }
+            if !self.undeploying && !self.to_stop.contains(&c) {
                 continue;
             }
             let dependents_down = self
@@ -301,6 +316,7 @@ impl Deployment {
                 .iter()
                 .all(|d| matches!(self.state[d], ComponentState::Stopped | ComponentState::Failed));
             if dependents_down {
+                self.to_stop.remove(&c);
                 self.state.insert(c.clone(), ComponentState::Stopping);
                 out.push(Action::Stop(c));
             }
@@ -397,11 +413,13 @@ mod tests {
                 },
                 Action::Stop(n("web")),
                 Action::Stop(n("worker")),
-                Action::Stop(n("api")),
             ]
         );
         assert_eq!(d2.state(&n("db")), Some(ComponentState::Failed));
-        assert_eq!(d2.on_stopped(&n("web")), vec![], "not undeploying: nothing more to stop");
+        assert_eq!(d2.on_stopped(&n("worker")), vec![], "api waits for web");
+        assert_eq!(d2.on_stopped(&n("web")), vec![Action::Stop(n("api"))]);
+        assert_eq!(d2.on_stopped(&n("api")), vec![]);
+        assert!(d2.all_stopped());
     }
 
     #[test]
@@ -424,6 +442,27 @@ mod tests {
         assert_eq!(d.on_stopped(&n("worker")), vec![Action::Stop(n("db"))]);
         assert_eq!(d.on_stopped(&n("db")), vec![]);
         assert!(d.all_stopped());
+    }
+
+    #[test]
+    fn only_a_stable_component_has_its_failures_forgotten() {
+        let mut d = shop(FailurePolicy::Restart).with_max_attempts(2);
+        bring_up(&mut d);
+        for _ in 0..2 {
+            assert_eq!(d.on_failed(&n("web"))[1], Action::Restart(n("web")));
+            d.on_ready(&n("web"));
+        }
+        assert_eq!(d.attempts(&n("web")), 2, "ready and crashing again is still a crash loop");
+        d.on_stable(&n("web"));
+        assert_eq!(d.attempts(&n("web")), 0);
+        assert_eq!(d.on_failed(&n("web"))[1], Action::Restart(n("web")));
+        d.on_ready(&n("web"));
+        d.on_failed(&n("web"));
+        d.on_ready(&n("web"));
+        let out = d.on_failed(&n("web"));
+        assert_eq!(out[0], Action::Notify { about: n("web"), event: AppEvent::GivenUp, to: vec![] });
+        assert_eq!(out.len(), 1, "given up after the whole application was ready once: no abort, no dependents");
+        assert_eq!(d.state(&n("web")), Some(ComponentState::Failed));
     }
 
     #[test]
@@ -486,7 +525,7 @@ mod tests {
                         Action::Stop(c) => {
                             for dep in graph.direct_dependents(&c) {
                                 prop_assert!(
-                                    matches!(d.state(&dep), Some(ComponentState::Stopped | ComponentState::Failed | ComponentState::Stopping)),
+                                    matches!(d.state(&dep), Some(ComponentState::Stopped | ComponentState::Failed)),
                                     "{} stopped while its dependent {} is {:?}", c, dep, d.state(&dep)
                                 );
                             }

@@ -65,6 +65,10 @@ pub struct TaskSpec {
     pub argv: Vec<String>,
     /// Extra environment variables (the submitter's `--env`); `KECHO_*` names are reserved.
     pub env: Vec<(String, String)>,
+    /// Variables kecho itself hands the task (a deployed component's `KECHO_APP`, `KECHO_COMPONENT`,
+    /// `KECHO_DEP_<NAME>`): every name starts with `KECHO_`, and none may be one the agent sets.
+    #[serde(default)]
+    pub kecho_env: Vec<(String, String)>,
     /// The reservation's limits.
     pub limits: Limits,
     /// The last checkpoint of a restarted task, written to `$KECHO_STATE` before it starts.
@@ -364,6 +368,7 @@ impl Supervisor {
             .arg("IFS= read -r _ || exit 125; exec \"$0\" \"$@\" </dev/null")
             .args(&spec.argv)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(spec.kecho_env.iter().map(|(k, v)| (k, v)))
             .env("KECHO_AGENT", &self.agent.0)
             .env("KECHO_TASK", &spec.id.0)
             .env("KECHO_STATE", &state_path)
@@ -504,13 +509,19 @@ fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     {
         return Err(TaskError::Invalid(format!("`{id}` is not a task id (letters, digits, `-_.:`, at most 128)")));
     }
-    for (k, v) in &spec.env {
+    for (k, v) in spec.env.iter().chain(&spec.kecho_env) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(TaskError::Invalid(format!("`{k}` is not an environment variable name")));
         }
-        if k.starts_with("KECHO_") {
-            return Err(TaskError::Invalid(format!("`{k}` is reserved: KECHO_* variables are set by the agent")));
-        }
+    }
+    if let Some((k, _)) = spec.env.iter().find(|(k, _)| k.starts_with("KECHO_")) {
+        return Err(TaskError::Invalid(format!("`{k}` is reserved: KECHO_* variables are set by kecho")));
+    }
+    let agent_set = ["KECHO_AGENT", "KECHO_TASK", "KECHO_STATE"];
+    if let Some((k, _)) =
+        spec.kecho_env.iter().find(|(k, _)| !k.starts_with("KECHO_") || agent_set.contains(&k.as_str()))
+    {
+        return Err(TaskError::Invalid(format!("`{k}` cannot be handed in as a kecho variable")));
     }
     Ok(())
 }

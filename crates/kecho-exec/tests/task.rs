@@ -25,6 +25,7 @@ fn spec(id: &str, script: &str) -> TaskSpec {
         id: TaskId(id.into()),
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec![],
+        kecho_env: vec![],
         limits: Limits::default(),
         state: None,
     }
@@ -67,12 +68,16 @@ fn alive(pid: i32) -> bool {
 async fn environment_output_and_exit_code() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let sup = supervisor(dir.path(), rlimits());
-    let mut s = spec("t1", "echo \"$KECHO_AGENT $KECHO_TASK $FOO\"; echo oops >&2; test -n \"$KECHO_STATE\" && exit 3");
+    let mut s = spec(
+        "t1",
+        "echo \"$KECHO_AGENT $KECHO_TASK $FOO $KECHO_APP\"; echo oops >&2; test -n \"$KECHO_STATE\" && exit 3",
+    );
     s.env.push(("FOO".into(), "bar baz".into()));
+    s.kecho_env.push(("KECHO_APP".into(), "shop".into()));
     let task = sup.spawn(s).await?;
     assert_eq!(task.limits.mechanism, "none");
     let (out, err, _, exit) = check(task).await?;
-    assert_eq!(String::from_utf8(out)?, "agent-7 t1 bar baz\n");
+    assert_eq!(String::from_utf8(out)?, "agent-7 t1 bar baz shop\n");
     assert_eq!(String::from_utf8(err)?, "oops\n");
     assert_eq!(exit, TaskExit { code: 3, signal: None });
     Ok(())
@@ -218,7 +223,11 @@ async fn bad_specs_are_refused() -> Result<()> {
     let mut empty = spec("t9", "true");
     empty.argv.clear();
     let traversal = spec("../x", "true");
-    for bad in [reserved, empty, traversal] {
+    let mut forged = spec("t9", "true");
+    forged.kecho_env.push(("KECHO_AGENT".into(), "someone-else".into()));
+    let mut not_kecho = spec("t9", "true");
+    not_kecho.kecho_env.push(("PATH".into(), "/tmp".into()));
+    for bad in [reserved, empty, traversal, forged, not_kecho] {
         match sup.spawn(bad).await {
             Err(TaskError::Invalid(_)) => {}
             other => bail!("not refused: {other:?}"),
