@@ -9,6 +9,9 @@
 //!   it; deploy waves in dependency order and undeploy in reverse.
 //! - [`plan`]: the deploy planner, pure: which components may start now, what happens when one fails (which
 //!   dependents are told, what the failure policy does), the all-or-nothing placement rule.
+//! - [`deploy`]: the deployer, the thin I/O layer that carries out the planner's actions: artifacts resolved and
+//!   verified, placement all or nothing, start in dependency order, readiness checks, failure policies, notices,
+//!   undeploy; components run through a [`deploy::Launcher`] ([`deploy::LocalLauncher`] on this host).
 //! - [`place`]: the boundary to resource management: the [`place::Placer`] trait that the resources crate will
 //!   implement, and an in-memory placer for tests.
 //! - [`repo`]: the content-addressed component repository: artifacts named by their SHA-256, verified before
@@ -16,10 +19,13 @@
 //! - [`task`]: task supervision on one host (the agent side of `kecho run`): spawn with the task's environment in its
 //!   own process group, ordered output chunks, exit status as a shell reports it, cgroup v2 or rlimit limits, the
 //!   checkpoint file, and stop.
+//! - [`agent`]: the agent's bookkeeping around tasks, pure: the output kept for `kecho logs`, submitter leases (a
+//!   silent submitter's tasks are stopped), when checkpoints are shipped.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod app;
 pub mod deploy;
 pub mod graph;
