@@ -195,7 +195,7 @@ impl AppSpec {
         let name = match raw.name {
             Some(n) => {
                 let span = n.span();
-                AppName::from_str(n.get_ref()).map_err(|m| lines.invalid(&span, m))?
+                AppName::from_str(n.get_ref()).map_err(|m| lines.invalid(&span, m.to_string()))?
             }
             None => {
                 let stem = default_name.ok_or(AppError::NoName)?;
@@ -248,6 +248,11 @@ impl AppSpec {
     }
 }
 
+/// A text that is not a valid application or component name (the message says what is allowed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadName(String);
+
 impl AppName {
     /// The name as text.
     pub fn as_str(&self) -> &str {
@@ -256,9 +261,9 @@ impl AppName {
 }
 
 impl FromStr for AppName {
-    type Err = String;
+    type Err = BadName;
 
-    fn from_str(s: &str) -> Result<AppName, String> {
+    fn from_str(s: &str) -> Result<AppName, BadName> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -266,15 +271,17 @@ impl FromStr for AppName {
         if ok {
             Ok(AppName(s.to_string()))
         } else {
-            Err(format!("`{s}` is not an application name (letters, digits, `-`, `_`, `.`; 1 to 64 characters)"))
+            Err(BadName(format!(
+                "`{s}` is not an application name (letters, digits, `-`, `_`, `.`; 1 to 64 characters)"
+            )))
         }
     }
 }
 
 impl TryFrom<String> for AppName {
-    type Error = String;
+    type Error = BadName;
 
-    fn try_from(s: String) -> Result<AppName, String> {
+    fn try_from(s: String) -> Result<AppName, BadName> {
         s.parse()
     }
 }
@@ -304,9 +311,9 @@ impl ComponentName {
 }
 
 impl FromStr for ComponentName {
-    type Err = String;
+    type Err = BadName;
 
-    fn from_str(s: &str) -> Result<ComponentName, String> {
+    fn from_str(s: &str) -> Result<ComponentName, BadName> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -314,17 +321,17 @@ impl FromStr for ComponentName {
         if ok {
             Ok(ComponentName(s.to_string()))
         } else {
-            Err(format!(
+            Err(BadName(format!(
                 "`{s}` is not a component name (a lowercase letter, then lowercase letters, digits, `-`, `_`; at most 64)"
-            ))
+            )))
         }
     }
 }
 
 impl TryFrom<String> for ComponentName {
-    type Error = String;
+    type Error = BadName;
 
-    fn try_from(s: String) -> Result<ComponentName, String> {
+    fn try_from(s: String) -> Result<ComponentName, BadName> {
         s.parse()
     }
 }
@@ -491,7 +498,7 @@ impl RawComponent {
         for dep in self.after {
             let span = dep.span();
             after_lines.push(lines.line(span.start));
-            let dep = ComponentName::from_str(dep.get_ref()).map_err(|m| lines.invalid(&span, m))?;
+            let dep = ComponentName::from_str(dep.get_ref()).map_err(|m| lines.invalid(&span, m.to_string()))?;
             if dep == name {
                 return Err(lines.invalid(&span, format!("component `{name}` lists itself in `after`")));
             }

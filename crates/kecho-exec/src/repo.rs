@@ -188,11 +188,8 @@ impl Store {
 
     /// Stores bytes under their digest and returns it. Storing what is already there is a no-op.
     pub fn put(&self, bytes: &[u8]) -> Result<Digest, RepoError> {
-        self.check_size(bytes.len() as u64)?;
         let digest = Digest::of(bytes);
-        if !self.contains(&digest) {
-            self.write_atomically(&digest, |f| f.write_all(bytes))?;
-        }
+        self.store_as(&digest, bytes)?;
         Ok(digest)
     }
 
@@ -202,7 +199,16 @@ impl Store {
         if actual != *expected {
             return Err(RepoError::HashMismatch { expected: *expected, actual });
         }
-        self.put(bytes).map(|_| ())
+        self.store_as(expected, bytes)
+    }
+
+    /// Writes bytes already known to hash to `digest`.
+    fn store_as(&self, digest: &Digest, bytes: &[u8]) -> Result<(), RepoError> {
+        self.check_size(bytes.len() as u64)?;
+        if !self.contains(digest) {
+            self.write_atomically(digest, |f| f.write_all(bytes))?;
+        }
+        Ok(())
     }
 
     /// Stores a file's content, hashing it as it is copied, and returns its digest.
@@ -292,11 +298,12 @@ impl Store {
         self.persist(tmp, digest)
     }
 
-    /// Makes the temporary file read-only and executable, flushes it, and renames it to its digest.
+    /// Makes the temporary file read-only and executable and renames it to its digest. The file is not synced to
+    /// disk: a file that a crash left short or empty fails verification on its next read and is fetched again, so
+    /// integrity does not depend on durability.
     fn persist(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<(), RepoError> {
         let file = tmp.as_file();
         file.set_permissions(fs::Permissions::from_mode(0o555)).map_err(io_err(tmp.path()))?;
-        file.sync_all().map_err(io_err(tmp.path()))?;
         let dest = self.path_of(digest);
         tmp.persist(&dest).map_err(|e| RepoError::Io { path: dest, source: e.error })?;
         Ok(())
@@ -418,7 +425,8 @@ impl<F: Fetch> Cache<F> {
             return Err(e);
         }
         self.fetched.fetch_add(1, Ordering::Relaxed);
-        self.local.verified_path(digest)
+        // Just verified and written; verified again whenever it is read back.
+        Ok(self.local.path_of(digest))
     }
 
     /// The artifact's verified bytes (fetched once, as for [`Cache::ensure`]).
