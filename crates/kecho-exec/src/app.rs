@@ -253,6 +253,34 @@ impl AppSpec {
 #[error("{0}")]
 pub struct BadName(String);
 
+/// Replaces `${NAME}` in a command's argument with the value kecho hands the component (`KECHO_DEP_DB`,
+/// `KECHO_APP`, ...), so that an argv needs no shell to use its dependencies' addresses. A name kecho does not set,
+/// and a `$` not followed by `{NAME}`, stay as written.
+pub fn expand_vars(arg: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                match vars.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => out.push_str(&rest[start..start + 2 + end + 1]),
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 impl AppName {
     /// The name as text.
     pub fn as_str(&self) -> &str {
@@ -698,6 +726,39 @@ mem = 1048576
     #[test]
     fn empty_application_is_refused() {
         assert!(matches!(AppSpec::parse("name = \"x\"\n", None), Err(AppError::Empty)));
+    }
+
+    #[test]
+    fn variables_in_arguments() {
+        let vars = vec![("KECHO_DEP_DB".to_string(), "10.0.0.2:5432".to_string())];
+        assert_eq!(expand_vars("postgres://${KECHO_DEP_DB}/x", &vars), "postgres://10.0.0.2:5432/x");
+        assert_eq!(expand_vars("${KECHO_DEP_DB}${KECHO_DEP_DB}", &vars), "10.0.0.2:5432".repeat(2));
+        assert_eq!(expand_vars("${HOME} $5 ${unclosed", &vars), "${HOME} $5 ${unclosed");
+        assert_eq!(expand_vars("", &vars), "");
+    }
+
+    #[test]
+    fn the_example_application_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/apps/shop.toml");
+        let app = AppSpec::load(&path).unwrap();
+        assert_eq!(app.name.as_str(), "shop");
+        let waves: Vec<Vec<&str>> =
+            app.graph.waves().iter().map(|w| w.iter().map(ComponentName::as_str).collect()).collect();
+        assert_eq!(waves, vec![vec!["db"], vec!["api"], vec!["web"]]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_is_refused_or_parsed_never_a_panic(text in "(\\[component\\.[a-c]\\]\n|cmd = \"x\"\n|after = \\[\"[a-d]\"\\]\n|[ -~]{0,12}\n){0,12}") {
+            if let Err(e) = AppSpec::parse(&text, Some("app")) {
+                let line = match &e {
+                    AppError::Syntax { line, .. } | AppError::Invalid { line, .. } => *line,
+                    AppError::Graph(g) => g.line().max(1),
+                    _ => 1,
+                };
+                proptest::prop_assert!(line >= 1 && line <= text.lines().count().max(1), "line {} of {}: {}", line, text.lines().count(), e);
+            }
+        }
     }
 
     #[test]

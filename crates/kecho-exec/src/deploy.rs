@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::app::{AppSpec, ComponentName, ReadyCheck, Run};
+use crate::app::{expand_vars, AppSpec, ComponentName, ReadyCheck, Run};
 use crate::place::{place_all, AgentName, PlaceError, Placement, Placer};
 use crate::plan::{Action, AppEvent, ComponentState, Deployment};
 use crate::repo::{Cache, Digest, Fetch, RepoError};
@@ -471,21 +471,23 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             return;
         };
         let spec = &self.app.components[c];
+        let placements = &self.placements;
+        let kecho_env = self.app.dependency_env(c, &|d| placements.get(d).map(|p| p.host.clone()));
         let argv = match &spec.run {
+            // The shell expands variables itself.
             Run::Shell(line) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
-            Run::Argv(v) => v.clone(),
+            Run::Argv(v) => v.iter().map(|a| expand_vars(a, &kecho_env)).collect(),
             Run::Artifact { digest, args } => {
                 let mut v = vec![self.artifacts.get(digest).map(|p| p.display().to_string()).unwrap_or_default()];
-                v.extend(args.iter().cloned());
+                v.extend(args.iter().map(|a| expand_vars(a, &kecho_env)));
                 v
             }
         };
-        let placements = &self.placements;
         let task = TaskSpec {
             id: TaskId(format!("{}.{}.{}", self.app.name, c, generation)),
             argv,
             env: spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            kecho_env: self.app.dependency_env(c, &|d| placements.get(d).map(|p| p.host.clone())),
+            kecho_env,
             limits: Limits { cpus: spec.reservation.cpus, mem: spec.reservation.mem },
             state: None,
         };
@@ -525,6 +527,42 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                 Err(why) => Internal::Failed(name, generation, why),
             });
         });
+    }
+}
+
+/// The `kecho status APP` table: one line per component in start order, with its wave, state, agent, pid,
+/// restarts and the components it needs.
+pub fn render_status(app: &AppSpec, status: &BTreeMap<ComponentName, ComponentStatus>) -> String {
+    let mut out = format!(
+        "{:<5} {:<20} {:<9} {:<16} {:>8} {:>8}  needs\n",
+        "wave", "component", "state", "agent", "pid", "restarts"
+    );
+    for (wave, names) in app.graph.waves().iter().enumerate() {
+        for c in names {
+            let s = status.get(c);
+            let state = s.map(|s| state_name(s.state)).unwrap_or("unknown");
+            let agent = s.and_then(|s| s.agent.as_ref()).map(|a| a.0.as_str()).unwrap_or("-");
+            let pid = s.and_then(|s| s.pid).map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let restarts = s.map(|s| s.restarts).unwrap_or(0);
+            let needs: Vec<String> = app.graph.needs(c).iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "{wave:<5} {:<20} {state:<9} {agent:<16} {pid:>8} {restarts:>8}  {}\n",
+                c.as_str(),
+                if needs.is_empty() { "-".to_string() } else { needs.join(", ") }
+            ));
+        }
+    }
+    out
+}
+
+fn state_name(s: ComponentState) -> &'static str {
+    match s {
+        ComponentState::Waiting => "waiting",
+        ComponentState::Starting => "starting",
+        ComponentState::Ready => "ready",
+        ComponentState::Failed => "failed",
+        ComponentState::Stopping => "stopping",
+        ComponentState::Stopped => "stopped",
     }
 }
 

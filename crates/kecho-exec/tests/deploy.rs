@@ -233,3 +233,31 @@ async fn artifacts_are_verified_before_anything_starts() -> Result<()> {
     tokio::time::timeout(BOUND, app.undeploy()).await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn argv_gets_the_dependencies_addresses_without_a_shell() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let text = format!(
+        "[component.a]\ncmd = \"exec sleep 300\"\nport = 9\n\
+         [component.b]\ncmd = [\"sh\", \"-c\", \"echo \\\"$0\\\" > {}/b.arg; exec sleep 300\", \"a=${{KECHO_DEP_A}} ${{HOME}}\"]\nafter = [\"a\"]\n",
+        d.display()
+    );
+    let mut app = start(AppSpec::parse(&text, Some("vars"))?, agents(1, 1 << 30), d).await?;
+    tokio::time::timeout(BOUND, app.ready()).await??;
+    tokio::time::timeout(BOUND, async {
+        while std::fs::metadata(d.join("b.arg")).map(|m| m.len()).unwrap_or(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    assert_eq!(std::fs::read_to_string(d.join("b.arg"))?, "a=127.0.0.1:9 ${HOME}\n");
+    let shown = kecho_exec::deploy::render_status(&AppSpec::parse(&text, Some("vars"))?, &app.status());
+    assert!(
+        shown.lines().nth(1).is_some_and(|l| l.contains("a") && l.contains("ready") && l.contains("agent-0")),
+        "{shown}"
+    );
+    assert!(shown.lines().nth(2).is_some_and(|l| l.contains("b") && l.contains("a")), "{shown}");
+    tokio::time::timeout(BOUND, app.undeploy()).await??;
+    Ok(())
+}
