@@ -347,6 +347,9 @@ impl Supervisor {
     }
 
     /// Starts a task. Must be called within a tokio runtime.
+    ///
+    /// When the command (the group's leader) ends, whatever it left running in its process group or cgroup is
+    /// killed: nothing outlives a task and its reservation (as systemd's default for a service's control group).
     pub async fn spawn(&self, spec: TaskSpec) -> Result<Task, TaskError> {
         validate(&spec)?;
         let state_path = self.state_path(&spec.id);
@@ -425,10 +428,22 @@ impl Supervisor {
                     TaskExit { code: 255, signal: None }
                 }
             };
+            // A task ends with its leader: whatever it left running in its group (or cgroup) is killed now, while the
+            // group id cannot have been reused (it was reaped a moment ago), and before the end is published, so
+            // nothing outlives the task and its reservation.
+            let _ = kill_process_group(pid, Signal::KILL);
+            if let Some(dir) = &cleanup {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            }
             let _ = exit_tx.send(Some(exit));
             if let Some(dir) = cleanup {
-                // Succeeds once no process is left in it; stragglers keep it until a stop kills them.
-                let _ = tokio::fs::remove_dir(&dir).await;
+                // Succeeds once the killed processes are gone; a leftover empty directory is harmless.
+                for _ in 0..50 {
+                    if tokio::fs::remove_dir(&dir).await.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         });
         tracing::info!(task = %spec.id, pid = pid.as_raw_nonzero().get(), %limits, "task started");
@@ -581,18 +596,22 @@ impl TaskControl {
         }
     }
 
-    /// Stops the task and its children: SIGTERM to its process group, then, after `grace` or as soon as the task has
-    /// ended, SIGKILL to the group (and `cgroup.kill` under cgroups) for whatever is left. Returns how the task ended.
+    /// Stops the task and its children: SIGTERM to its process group, then, if the task has not ended within
+    /// `grace`, SIGKILL to the group (and `cgroup.kill` under cgroups). When the task's leader ends, whatever is left
+    /// of its group is killed (see [`Supervisor::spawn`]), so a child that ignores SIGTERM does not outlive the stop.
+    /// A task that has already ended is not signalled: its group id may belong to someone else by now. Returns how
+    /// the task ended.
     pub async fn stop(&self, grace: Duration) -> TaskExit {
         let pid = self.inner.pid;
-        if self.exit_now().is_none() {
-            let _ = kill_process_group(pid, Signal::TERM);
-            let _ = tokio::time::timeout(grace, self.wait()).await;
+        if self.exit_now().is_some() {
+            return self.wait().await;
         }
-        // The leader may be gone while children that ignored SIGTERM remain in its group.
-        let _ = kill_process_group(pid, Signal::KILL);
-        if let Some(dir) = &self.inner.cgroup {
-            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        let _ = kill_process_group(pid, Signal::TERM);
+        if tokio::time::timeout(grace, self.wait()).await.is_err() {
+            let _ = kill_process_group(pid, Signal::KILL);
+            if let Some(dir) = &self.inner.cgroup {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            }
         }
         self.wait().await
     }

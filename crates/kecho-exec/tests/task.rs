@@ -152,6 +152,24 @@ async fn stop_with_sigterm_ends_a_cooperative_task_and_its_children() -> Result<
 }
 
 #[tokio::test]
+async fn nothing_outlives_the_task() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    // The leader exits at once, leaving a background child that would run for minutes.
+    let (out, _, _, exit) = check(sup.spawn(spec("t10", "sleep 300 & echo $!")).await?).await?;
+    assert!(exit.success());
+    let orphan: i32 = String::from_utf8(out)?.trim().parse()?;
+    tokio::time::timeout(BOUND, async {
+        while alive(orphan) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("a child outlived its task")?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn checkpoint_is_handed_in_and_read_back() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let sup = supervisor(dir.path(), rlimits());
