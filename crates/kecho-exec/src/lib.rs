@@ -21,6 +21,8 @@
 //!   checkpoint file, and stop.
 //! - [`agent`]: the agent's bookkeeping around tasks, pure: the output kept for `kecho logs`, submitter leases (a
 //!   silent submitter's tasks are stopped), when checkpoints are shipped.
+//! - [`submit`]: the submitter side of `kecho run`, pure: place, send, print output in order, restart where the
+//!   policy says from the last checkpoint, exit with the task's status.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
 #![forbid(unsafe_code)]
@@ -33,5 +35,6 @@ pub mod place;
 pub mod plan;
 pub mod repo;
 pub mod restart;
+pub mod submit;
 pub mod task;
 pub mod wire;
