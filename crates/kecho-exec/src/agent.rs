@@ -1,8 +1,12 @@
 //! The agent's bookkeeping around running tasks, pure (time passed in): what `kecho logs` replays, when a silent
-//! submitter's tasks are stopped, and when a checkpoint is shipped.
+//! submitter's tasks are stopped, and when a checkpoint is shipped; and the audit log of who asked for what.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use crate::repo::Digest;
 use crate::task::{OutputChunk, TaskId};
@@ -148,6 +152,71 @@ impl CheckpointShipper {
     }
 }
 
+/// One line of an agent's audit log: every task, deploy and configure action, with who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who asked (the submitter's node identity).
+    pub who: String,
+    /// What (`run`, `stop`, `drain`, `deploy`, `configure`, `refuse`, ...).
+    pub action: String,
+    /// On what (a task id, a component, an artifact digest).
+    pub target: String,
+    /// Details (the command line, the reason of a refusal).
+    pub detail: String,
+}
+
+/// An append-only file of [`AuditEntry`]s, one JSON object per line. Each entry is written with a single `write` on
+/// a file opened for appending, so concurrent writers do not interleave within a line.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the log at `path`.
+    pub fn open(path: &Path) -> std::io::Result<AuditLog> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(AuditLog { path: path.to_path_buf(), file })
+    }
+
+    /// Appends an entry stamped with the current time, and mirrors it to the agent's log.
+    pub fn record(&mut self, who: &str, action: &str, target: &str, detail: &str) -> std::io::Result<AuditEntry> {
+        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let entry = AuditEntry {
+            at_ms,
+            who: who.to_string(),
+            action: action.to_string(),
+            target: target.to_string(),
+            detail: detail.to_string(),
+        };
+        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        tracing::info!(who, action, target, detail, "audit");
+        Ok(entry)
+    }
+
+    /// Reads every entry back (for `kecho agent audit`); a line that does not parse is an error naming it.
+    pub fn read_all(&self) -> std::io::Result<Vec<AuditEntry>> {
+        let text = std::fs::read_to_string(&self.path)?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}:{}: {e}", self.path.display(), i + 1),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +224,24 @@ mod tests {
 
     fn chunk(seq: u64, len: usize) -> OutputChunk {
         OutputChunk { seq, stream: Stream::Stdout, data: vec![b'x'; len] }
+    }
+
+    #[test]
+    fn the_audit_log_keeps_who_asked_for_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        let first = log.record("node-7f3a", "run", "task-1", "sh -c 'make test'").unwrap();
+        log.record("node-9b21", "refuse", "task-2", "no exec right").unwrap();
+        drop(log);
+        let log = AuditLog::open(&path).unwrap();
+        let entries = log.read_all().unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0], first);
+        assert_eq!((entries[1].who.as_str(), entries[1].action.as_str()), ("node-9b21", "refuse"));
+        std::fs::write(&path, "{\"at_ms\":1}\n").unwrap();
+        let err = log.read_all().unwrap_err();
+        assert!(err.to_string().contains("audit.jsonl:1"), "{err}");
     }
 
     #[test]
