@@ -245,6 +245,7 @@ where
         artifacts,
         placements,
         running: BTreeMap::new(),
+        checkers: BTreeMap::new(),
         generation: BTreeMap::new(),
         restarts: BTreeMap::new(),
         internal: internal_tx,
@@ -265,6 +266,8 @@ struct Driver<P, L> {
     artifacts: BTreeMap<Digest, PathBuf>,
     placements: BTreeMap<ComponentName, Placement>,
     running: BTreeMap<ComponentName, TaskControl>,
+    /// The readiness check of each component's current instance.
+    checkers: BTreeMap<ComponentName, tokio::task::JoinHandle<()>>,
     /// Bumped at every start and stop, so that events of an earlier instance are recognised and ignored.
     generation: BTreeMap<ComponentName, u64>,
     restarts: BTreeMap<ComponentName, u32>,
@@ -307,7 +310,8 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                         }
                         Internal::Failed(c, g, why) if self.current(&c, g) => {
                             tracing::warn!(app = %self.app.name, component = %c, %why, "component failed");
-                            self.running.remove(&c);
+                            // A readiness timeout leaves the process running: whatever the policy, it goes.
+                            self.kill_instance(&c).await;
                             self.deployment.on_failed(&c)
                         }
                         Internal::Stopped(c) => {
@@ -434,8 +438,12 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
         });
     }
 
-    /// Kills what is left of a failed instance (a readiness timeout leaves the process running).
+    /// Kills what is left of a failed instance (a readiness timeout leaves the process running) and ends its
+    /// readiness check.
     async fn kill_instance(&mut self, c: &ComponentName) {
+        if let Some(checker) = self.checkers.remove(c) {
+            checker.abort();
+        }
         if let Some(control) = self.running.remove(c) {
             control.stop(Duration::ZERO).await;
         }
@@ -517,7 +525,7 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
         });
         let internal = self.internal.clone();
         let name = c.clone();
-        tokio::spawn(async move {
+        let checker = tokio::spawn(async move {
             let verdict = match readiness {
                 None => Ok(()),
                 Some(r) => wait_ready(&r.check, &placement.host, r.timeout).await,
@@ -527,6 +535,10 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                 Err(why) => Internal::Failed(name, generation, why),
             });
         });
+        // A check still polling for an earlier instance has nothing left to check.
+        if let Some(old) = self.checkers.insert(c.clone(), checker) {
+            old.abort();
+        }
     }
 }
 

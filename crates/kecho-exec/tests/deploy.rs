@@ -261,3 +261,29 @@ async fn argv_gets_the_dependencies_addresses_without_a_shell() -> Result<()> {
     tokio::time::timeout(BOUND, app.undeploy()).await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn instances_that_never_become_ready_are_killed_not_leaked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let text = format!(
+        "[component.slow]\ncmd = \"echo $$ >> {}/pids; exec sleep 300\"\nready = {{ cmd = \"false\", timeout = 0.2 }}\n",
+        d.display()
+    );
+    let mut app = start(AppSpec::parse(&text, Some("slow"))?, agents(1, 1 << 30), d).await?;
+    match tokio::time::timeout(BOUND, app.ready()).await? {
+        Err(DeployError::Aborted(c)) => assert_eq!(c, n("slow")),
+        other => bail!("not aborted: {other:?}"),
+    }
+    let pids: Vec<i32> =
+        std::fs::read_to_string(d.join("pids"))?.lines().map(|l| l.trim().parse()).collect::<Result<_, _>>()?;
+    assert_eq!(pids.len(), 4, "the first start and three restarts (the default allows 3 failures in a row)");
+    tokio::time::timeout(BOUND, async {
+        while pids.iter().any(|p| alive(*p)) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("an instance that timed out is still running")?;
+    Ok(())
+}
