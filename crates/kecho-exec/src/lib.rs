@@ -31,6 +31,7 @@ pub mod agent;
 pub mod app;
 pub mod deploy;
 pub mod graph;
+pub mod inspect;
 pub mod place;
 pub mod plan;
 pub mod repo;
