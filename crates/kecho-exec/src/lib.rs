@@ -12,6 +12,8 @@
 //! - [`deploy`]: the deployer, the thin I/O layer that carries out the planner's actions: artifacts resolved and
 //!   verified, placement all or nothing, start in dependency order, readiness checks, failure policies, notices,
 //!   undeploy; components run through a [`deploy::Launcher`] ([`deploy::LocalLauncher`] on this host).
+//! - [`inspect`]: inspection and configuration agents over kecho channels (2K's mobile agents, fanned out by kecho
+//!   instead of walking a chain), with the one-by-one point-to-point baseline.
 //! - [`place`]: the boundary to resource management: the [`place::Placer`] trait that the resources crate will
 //!   implement, and an in-memory placer for tests.
 //! - [`repo`]: the content-addressed component repository: artifacts named by their SHA-256, verified before
