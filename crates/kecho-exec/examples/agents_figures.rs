@@ -19,7 +19,7 @@ struct Cluster {
     _nodes: Vec<Node>,
     _serving: Vec<tokio::task::JoinHandle<()>>,
     inspector: Inspector,
-    direct: Vec<kecho::TypedSource<kecho_exec::inspect::AgentRequest>>,
+    direct: Vec<kecho::Source>,
     _channels: Vec<kecho::Channel>,
     n: usize,
 }

@@ -6,6 +6,10 @@
 //! digest, keeps it in its repository store, and answers. The baseline is 2K's "conventional point-to-point
 //! approach": one request per node, one after another, each on that node's own channel.
 //!
+//! Requests travel as raw kecho events: the id, the asker and the digest as event attributes, a component's bytes as
+//! the payload (no JSON, no base64: the source encodes the frame once and kecho sends it to every node). Replies are
+//! small JSON events.
+//!
 //! The node report here is what a node knows without the resources crate: its name, kecho's version, CPUs, memory,
 //! load and the artifacts it holds. Selecting nodes (`--where`) and sandboxed WebAssembly inspection modules wait for
 //! the agents of the resources crate.
@@ -13,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kecho::{Attrs, Node, SinkOptions, TypedSink, TypedSource};
+use kecho::{Attrs, Event, Node, RecvError, Sink, SinkOptions, Source, TypedSink, TypedSource, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::repo::{Digest, Store};
@@ -21,8 +25,10 @@ use crate::repo::{Digest, Store};
 /// The prefix of the agents' channel names in a kecho deployment (tests and separate clusters sharing a registry use
 /// their own).
 pub const DEFAULT_PREFIX: &str = "kecho";
-/// The event type of a request.
-pub const REQUEST_TYPE: &str = "agent.request";
+/// The event type of an inspection request.
+pub const INSPECT_TYPE: &str = "agent.inspect";
+/// The event type of a configuration request (the component is the payload).
+pub const LOAD_TYPE: &str = "agent.load";
 /// The event type of a reply.
 pub const REPLY_TYPE: &str = "agent.reply";
 
@@ -65,6 +71,58 @@ pub enum AgentRequest {
         #[serde(with = "crate::wire::b64")]
         bytes: Vec<u8>,
     },
+}
+
+impl AgentRequest {
+    /// The request's id.
+    pub fn id(&self) -> u64 {
+        match self {
+            AgentRequest::Inspect { id, .. } | AgentRequest::Load { id, .. } => *id,
+        }
+    }
+
+    /// Submits the request on a source as a raw event.
+    pub async fn submit(&self, source: &mut Source) -> Result<(), InspectError> {
+        match self {
+            AgentRequest::Inspect { id, by } => {
+                let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
+                source.submit(INSPECT_TYPE, &attrs, &[]).await?;
+            }
+            AgentRequest::Load { id, by, digest, bytes } => {
+                let attrs =
+                    Attrs::default().with("id", *id as i64).with("by", by.as_str()).with("digest", digest.to_string());
+                source.submit(LOAD_TYPE, &attrs, bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a request from an event; `None` (with the reason logged) when it is not one.
+    pub fn from_event(event: &Event) -> Option<AgentRequest> {
+        let attrs = event.attrs();
+        let id = match attrs.get("id") {
+            Some(Value::Int(i)) if *i >= 0 => *i as u64,
+            _ => {
+                tracing::warn!(ty = event.ty(), "an agent request without an id");
+                return None;
+            }
+        };
+        let by = match attrs.get("by") {
+            Some(Value::Str(s)) => s.clone(),
+            _ => String::from("?"),
+        };
+        match event.ty() {
+            INSPECT_TYPE => Some(AgentRequest::Inspect { id, by }),
+            LOAD_TYPE => {
+                let digest = match attrs.get("digest") {
+                    Some(Value::Str(s)) => s.parse().ok()?,
+                    _ => return None,
+                };
+                Some(AgentRequest::Load { id, by, digest, bytes: event.payload().to_vec() })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A node's answer.
@@ -138,20 +196,28 @@ pub async fn serve(
     let agents = node.channel(&agents_channel(prefix)).await?;
     let own = node.channel(&node_channel(prefix, &name)).await?;
     let replies = node.channel(&replies_channel(prefix)).await?;
-    let mut fanout: TypedSink<AgentRequest> =
-        agents.typed_sink(REQUEST_TYPE, SinkOptions::new().types([REQUEST_TYPE]))?;
-    let mut direct: TypedSink<AgentRequest> = own.typed_sink(REQUEST_TYPE, SinkOptions::new().types([REQUEST_TYPE]))?;
+    let mut fanout: Sink = agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
+    let mut direct: Sink = own.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
     let mut out: TypedSource<AgentReply> = replies.typed_source(REPLY_TYPE)?;
     Ok(tokio::spawn(async move {
         // The channels must live as long as the loop.
         let _keep = (agents, own, replies);
         loop {
-            let request = tokio::select! {
-                r = fanout.recv() => r,
-                r = direct.recv() => r,
+            let event = tokio::select! {
+                e = fanout.recv() => e,
+                e = direct.recv() => e,
             };
-            let Ok(request) = request else { break };
-            let reply = answer(&name, &store, request.value);
+            let event = match event {
+                Ok(e) => e,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(node = %name, missed = n, "agent requests missed");
+                    continue;
+                }
+                // Closed, or a kind of error this loop does not know: the sink is done.
+                Err(_) => break,
+            };
+            let Some(request) = AgentRequest::from_event(&event) else { continue };
+            let reply = answer(&name, &store, request);
             if out.submit(&reply, &Attrs::default()).await.is_err() {
                 break;
             }
@@ -200,7 +266,7 @@ fn report(name: &str, store: &Store) -> NodeReport {
 pub struct Inspector {
     who: String,
     next_id: u64,
-    requests: TypedSource<AgentRequest>,
+    requests: Source,
     replies: TypedSink<AgentReply>,
     _channels: (kecho::Channel, kecho::Channel),
 }
@@ -217,7 +283,7 @@ impl Inspector {
         let agents = node.channel(&agents_channel(prefix)).await?;
         let replies_ch = node.channel(&replies_channel(prefix)).await?;
         let replies = replies_ch.typed_sink(REPLY_TYPE, SinkOptions::new().types([REPLY_TYPE]))?;
-        let requests = agents.typed_source(REQUEST_TYPE)?;
+        let requests = agents.source()?;
         agents.wait_for_sinks(nodes, timeout).await?;
         Ok(Inspector { who: who.to_string(), next_id: 1, requests, replies, _channels: (agents, replies_ch) })
     }
@@ -225,7 +291,7 @@ impl Inspector {
     /// Inspects every agent node at once; waits for `expect` reports.
     pub async fn inspect(&mut self, expect: usize, timeout: Duration) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
-        self.requests.submit(&AgentRequest::Inspect { id, by: self.who.clone() }, &Attrs::default()).await?;
+        AgentRequest::Inspect { id, by: self.who.clone() }.submit(&mut self.requests).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -238,7 +304,7 @@ impl Inspector {
     ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
         let request = AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() };
-        self.requests.submit(&request, &Attrs::default()).await?;
+        request.submit(&mut self.requests).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -246,7 +312,7 @@ impl Inspector {
     /// next (`targets` are sources opened with [`Inspector::direct`]).
     pub async fn one_by_one(
         &mut self,
-        targets: &mut [TypedSource<AgentRequest>],
+        targets: &mut [Source],
         load: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Vec<AgentReply>, InspectError> {
@@ -259,7 +325,7 @@ impl Inspector {
                 }
                 None => AgentRequest::Inspect { id, by: self.who.clone() },
             };
-            target.submit(&request, &Attrs::default()).await?;
+            request.submit(target).await?;
             all.extend(self.gather(id, 1, timeout).await?);
         }
         Ok(all)
@@ -271,9 +337,9 @@ impl Inspector {
         prefix: &str,
         name: &str,
         timeout: Duration,
-    ) -> Result<(kecho::Channel, TypedSource<AgentRequest>), InspectError> {
+    ) -> Result<(kecho::Channel, Source), InspectError> {
         let ch = node.channel(&node_channel(prefix, name)).await?;
-        let src = ch.typed_source(REQUEST_TYPE)?;
+        let src = ch.source()?;
         ch.wait_for_sinks(1, timeout).await?;
         Ok((ch, src))
     }

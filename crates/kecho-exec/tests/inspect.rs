@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use kecho::{Attrs, Node};
+use kecho::Node;
 use kecho_exec::inspect::{serve, AgentRequest, Inspector, Outcome};
 use kecho_exec::repo::{Digest, Store};
 
@@ -88,7 +88,7 @@ async fn a_component_that_does_not_match_its_digest_is_refused() -> Result<()> {
     let claimed = Digest::of(b"the real component");
     let forged =
         AgentRequest::Load { id: 99, by: "mallory".into(), digest: claimed, bytes: b"something else".to_vec() };
-    src.submit(&forged, &Attrs::default()).await?;
+    forged.submit(&mut src).await?;
     let replies = inspector.gather(99, 1, BOUND).await?;
     match &replies[0].outcome {
         Err(why) => assert!(why.contains("refused"), "{why}"),
