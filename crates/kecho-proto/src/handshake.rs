@@ -12,9 +12,8 @@
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::codec::{CloseCode, Message, Purpose};
+use crate::codec::{CloseCode, Message, Purpose, PROTOCOL_VERSION};
 use crate::types::NodeId;
-use crate::PROTOCOL_VERSION;
 
 /// A node's identity: its signing key. Its node id derives from the public key.
 #[derive(Clone)]
@@ -46,7 +45,7 @@ impl Identity {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        node_id_of(&self.public_key())
+        NodeId::from_public_key(&self.public_key())
     }
 
     /// The proof that follows our `Hello` to node `to`, sent from listening address `addr`.
@@ -62,13 +61,6 @@ impl Identity {
     fn proof(&self, transcript: &[u8]) -> Message {
         Message::Proof { key: self.public_key(), sig: self.key.sign(transcript).to_bytes() }
     }
-}
-
-/// The node id that belongs to a public key.
-pub fn node_id_of(key: &[u8; 32]) -> NodeId {
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&key[..8]);
-    NodeId(u64::from_le_bytes(id))
 }
 
 fn hello_transcript(from: NodeId, to: NodeId, addr: &str) -> Vec<u8> {
@@ -102,7 +94,7 @@ fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), Stri
     let Message::Proof { key, sig } = proof else {
         return Err(format!("expected an identity proof, got message kind {}", proof.kind()));
     };
-    if node_id_of(key) != claimed {
+    if NodeId::from_public_key(key) != claimed {
         return Err(format!("the identity proof's key is not node {claimed}'s"));
     }
     let key = VerifyingKey::from_bytes(key).map_err(|_| "the identity proof's key is invalid".to_owned())?;

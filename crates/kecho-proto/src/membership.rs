@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::access::{Denied, Policy, Roles, Token};
 use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
-use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId, NodeSnapshot};
+use crate::snapshot::NodeSnapshot;
+use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId};
 
 /// Timing of the state machine.
 #[derive(Clone, Debug)]
