@@ -13,7 +13,9 @@
 
 // The credential types live in their own module, below snapshots (which carry tokens) and this one (which judges
 // snapshots); this is where users name them.
-pub use crate::credential::{parse_hex, Authority, Denied, Roles, Token, MAX_PATTERN};
+pub use crate::credential::{
+    parse_hex, Authority, Denied, GrantError, Roles, RolesError, Token, TokenError, MAX_PATTERN,
+};
 use crate::snapshot::NodeSnapshot;
 use crate::types::{NodeId, Role};
 

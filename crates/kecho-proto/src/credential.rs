@@ -85,10 +85,10 @@ impl fmt::Debug for Roles {
 }
 
 impl FromStr for Roles {
-    type Err = String;
+    type Err = RolesError;
 
     /// A comma-separated list of `source`, `sink`, `filters`, or `all`, or `none`.
-    fn from_str(s: &str) -> Result<Roles, String> {
+    fn from_str(s: &str) -> Result<Roles, RolesError> {
         let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim) {
             roles = roles.union(match part {
@@ -97,9 +97,7 @@ impl FromStr for Roles {
                 "filters" | "filter" => Roles::FILTERS,
                 "all" => Roles::ALL,
                 "none" => Roles::NONE,
-                other => {
-                    return Err(format!("unknown role {other:?}: expected source, sink, filters, all or none"));
-                }
+                other => return Err(RolesError::Unknown(other.to_owned())),
             });
         }
         Ok(roles)
@@ -185,8 +183,8 @@ impl Token {
     }
 
     /// Reads a token's binary form; the signature is not checked here.
-    pub fn from_bytes(b: &[u8]) -> Result<Token, String> {
-        let bad = || "not a kecho token (malformed)".to_owned();
+    pub fn from_bytes(b: &[u8]) -> Result<Token, TokenError> {
+        let bad = || TokenError::Malformed;
         let n = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
         if n > MAX_PATTERN || b.len() != 4 + n + 1 + 32 + 8 + 32 + 64 {
             return Err(bad());
@@ -215,14 +213,11 @@ impl Token {
     }
 
     /// Reads the text form (surrounding white space is ignored). The signature is checked.
-    pub fn from_text(s: &str) -> Result<Token, String> {
-        let hex = s
-            .trim()
-            .strip_prefix(TEXT_PREFIX)
-            .ok_or_else(|| format!("not a kecho token (it should start with {TEXT_PREFIX})"))?;
-        let bytes = parse_hex(hex).ok_or_else(|| "not a kecho token (bad hex digits)".to_owned())?;
+    pub fn from_text(s: &str) -> Result<Token, TokenError> {
+        let hex = s.trim().strip_prefix(TEXT_PREFIX).ok_or(TokenError::NoPrefix)?;
+        let bytes = parse_hex(hex).ok_or(TokenError::BadHex)?;
         let token = Token::from_bytes(&bytes)?;
-        token.verify_signature().map_err(|e| e.to_string())?;
+        token.verify_signature().map_err(|_| TokenError::BadSignature)?;
         Ok(token)
     }
 }
@@ -265,23 +260,70 @@ impl Authority {
 
     /// Grants `roles` in the channel(s) `channel` (a name, or a prefix followed by `*`) to the node with key
     /// `holder`, valid until `not_after` (Unix seconds; 0 for no expiry).
-    pub fn grant(&self, channel: &str, roles: Roles, holder: [u8; 32], not_after: u64) -> Result<Token, String> {
+    pub fn grant(&self, channel: &str, roles: Roles, holder: [u8; 32], not_after: u64) -> Result<Token, GrantError> {
         if channel.is_empty() || channel.len() > MAX_PATTERN {
-            return Err(format!("a token's channel must be 1 to {MAX_PATTERN} bytes"));
+            return Err(GrantError::PatternLength { len: channel.len() });
         }
         if channel[..channel.len() - 1].contains('*') {
-            return Err("`*` may only end a token's channel pattern".into());
+            return Err(GrantError::InnerWildcard);
         }
         if VerifyingKey::from_bytes(&holder).is_err() {
-            return Err("the holder's key is not a valid Ed25519 public key".into());
+            return Err(GrantError::BadHolderKey);
         }
         let sig = self.key.sign(&Token::transcript(channel, roles, &holder, not_after)).to_bytes();
         Ok(Token { channel: channel.to_owned(), roles, holder, not_after, authority: self.public_key(), sig })
     }
 }
 
-/// Why a node is refused.
+/// Why a list of roles does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RolesError {
+    /// A name that is no role.
+    #[error("unknown role {0:?}: expected source, sink, filters, all or none")]
+    Unknown(String),
+}
+
+/// Why bytes or text are not a credential.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// The text does not start with the token prefix.
+    #[error("not a kecho token (it should start with {TEXT_PREFIX})")]
+    NoPrefix,
+    /// The text after the prefix is not hex digits.
+    #[error("not a kecho token (bad hex digits)")]
+    BadHex,
+    /// The binary form has the wrong length or an invalid field.
+    #[error("not a kecho token (malformed)")]
+    Malformed,
+    /// The authority's signature does not verify (the token was altered, or is not the authority's).
+    #[error("the credential's signature does not verify")]
+    BadSignature,
+}
+
+/// Why an authority cannot grant a credential.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// The channel pattern is empty or longer than [`MAX_PATTERN`].
+    #[error("a token's channel must be 1 to {MAX_PATTERN} bytes (got {len})")]
+    PatternLength {
+        /// The pattern's length in bytes.
+        len: usize,
+    },
+    /// A `*` that does not end the pattern.
+    #[error("`*` may only end a token's channel pattern")]
+    InnerWildcard,
+    /// The holder's key is not an Ed25519 public key.
+    #[error("the holder's key is not a valid Ed25519 public key")]
+    BadHolderKey,
+}
+
+/// Why a node, or the credential it presents, is refused in a channel. This is the typed reason that the membership
+/// state machine reports and that the node layer's access errors carry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Denied {
     /// No credential, and the channel admits nobody without one.
     #[error(
@@ -348,7 +390,9 @@ mod tests {
         assert_eq!("all".parse::<Roles>().unwrap(), Roles::ALL);
         assert_eq!(Roles::ALL.to_string(), "source,sink,filters");
         assert_eq!(Roles::NONE.to_string(), "none");
-        assert!("sauce".parse::<Roles>().unwrap_err().contains("sauce"));
+        let e = "sauce".parse::<Roles>().unwrap_err();
+        assert_eq!(e, RolesError::Unknown("sauce".into()));
+        assert!(e.to_string().contains("sauce"), "{e}");
         assert_eq!(Roles::from_bits(8), None);
     }
 
@@ -357,13 +401,21 @@ mod tests {
         let auth = Authority::from_secret([7; 32]);
         let t = auth.grant("prices", Roles::SINK, Authority::from_secret([1; 32]).public_key(), 42).unwrap();
         assert_eq!(Token::from_text(&format!(" {}\n", t.to_text())).unwrap(), t);
-        assert!(Token::from_text("hello").unwrap_err().contains("kecho-token-1:"));
-        assert!(Token::from_text("kecho-token-1:zz").is_err());
+        let e = Token::from_text("hello").unwrap_err();
+        assert_eq!(e, TokenError::NoPrefix);
+        assert!(e.to_string().contains("kecho-token-1:"), "{e}");
+        assert_eq!(Token::from_text("kecho-token-1:zz"), Err(TokenError::BadHex));
+        assert_eq!(Token::from_text("kecho-token-1:00"), Err(TokenError::Malformed));
         let mut text = t.to_text();
         let last = text.pop().unwrap();
         text.push(if last == '0' { '1' } else { '0' });
-        assert!(Token::from_text(&text).unwrap_err().contains("signature"));
-        assert!(auth.grant("a*b", Roles::ALL, [1; 32], 0).is_err());
-        assert!(auth.grant("", Roles::ALL, [1; 32], 0).is_err());
+        let e = Token::from_text(&text).unwrap_err();
+        assert_eq!(e, TokenError::BadSignature);
+        assert!(e.to_string().contains("signature"), "{e}");
+        let holder = Authority::from_secret([1; 32]).public_key();
+        assert_eq!(auth.grant("a*b", Roles::ALL, holder, 0), Err(GrantError::InnerWildcard));
+        assert_eq!(auth.grant("", Roles::ALL, holder, 0), Err(GrantError::PatternLength { len: 0 }));
+        let not_a_key = (0..=255u8).map(|b| [b; 32]).find(|k| VerifyingKey::from_bytes(k).is_err()).unwrap();
+        assert_eq!(auth.grant("a*", Roles::ALL, not_a_key, 0), Err(GrantError::BadHolderKey));
     }
 }

@@ -11,7 +11,7 @@ use crate::codec::{
     RegErrorCode, RegResult, TypeNames, PROTOCOL_VERSION,
 };
 use crate::handshake::{accept_first, dial_answer, Accept, Dial};
-use crate::membership::{ChannelState, MembershipConfig, OpenMode};
+use crate::membership::{ChannelState, MembershipConfig, OpenMode, RegistryUnreachable};
 use crate::types::{ChannelId, ChannelSecret, NodeId};
 
 /// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
@@ -92,7 +92,7 @@ pub fn drive_membership(data: &[u8]) {
                         expires_in_ms: 1000,
                     })),
                     1 => Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, message: String::new() }),
-                    _ => Err("down".to_owned()),
+                    _ => Err(RegistryUnreachable("down".to_owned())),
                 };
                 st.handle_registry(result, now);
             }

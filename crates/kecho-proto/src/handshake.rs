@@ -81,25 +81,51 @@ fn ack_transcript(from: NodeId, to: NodeId) -> Vec<u8> {
 }
 
 /// Checks the proof that followed a `Hello` from node `from` (listening at `addr`) to us, node `me`.
-pub fn check_hello_proof(proof: &Message, from: NodeId, addr: &str, me: NodeId) -> Result<(), String> {
+pub fn check_hello_proof(proof: &Message, from: NodeId, addr: &str, me: NodeId) -> Result<(), ProofError> {
     check(proof, from, &hello_transcript(from, me, addr))
 }
 
 /// Checks the proof that followed the `HelloAck` of node `from` to us, node `me`.
-pub fn check_ack_proof(proof: &Message, from: NodeId, me: NodeId) -> Result<(), String> {
+pub fn check_ack_proof(proof: &Message, from: NodeId, me: NodeId) -> Result<(), ProofError> {
     check(proof, from, &ack_transcript(from, me))
 }
 
-fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), String> {
+/// Why an identity proof is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProofError {
+    /// Another message came where the proof was due.
+    #[error("expected an identity proof, got message kind {kind}")]
+    NotAProof {
+        /// The kind of the message that came instead.
+        kind: u8,
+    },
+    /// The proof's key does not belong to the node id claimed.
+    #[error("the identity proof's key is not node {claimed}'s")]
+    WrongKey {
+        /// The node id the peer claimed.
+        claimed: NodeId,
+    },
+    /// The proof's key is not an Ed25519 public key.
+    #[error("the identity proof's key is invalid")]
+    InvalidKey,
+    /// The signature does not verify over this handshake (forged, or made for another node or address).
+    #[error("node {claimed}'s identity proof does not verify")]
+    BadSignature {
+        /// The node id the peer claimed.
+        claimed: NodeId,
+    },
+}
+
+fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), ProofError> {
     let Message::Proof { key, sig } = proof else {
-        return Err(format!("expected an identity proof, got message kind {}", proof.kind()));
+        return Err(ProofError::NotAProof { kind: proof.kind() });
     };
     if NodeId::from_public_key(key) != claimed {
-        return Err(format!("the identity proof's key is not node {claimed}'s"));
+        return Err(ProofError::WrongKey { claimed });
     }
-    let key = VerifyingKey::from_bytes(key).map_err(|_| "the identity proof's key is invalid".to_owned())?;
-    key.verify_strict(transcript, &Signature::from_bytes(sig))
-        .map_err(|_| format!("node {claimed}'s identity proof does not verify"))
+    let key = VerifyingKey::from_bytes(key).map_err(|_| ProofError::InvalidKey)?;
+    key.verify_strict(transcript, &Signature::from_bytes(sig)).map_err(|_| ProofError::BadSignature { claimed })
 }
 
 /// What the accepting side of a node link does with the connection's first message.
@@ -185,20 +211,21 @@ mod tests {
         let hello = a.hello_proof(ib, "10.0.0.1:7");
         assert_eq!(check_hello_proof(&hello, ia, "10.0.0.1:7", ib), Ok(()));
         // Shown to another node, or with another address, or claimed by another node, it fails.
-        assert!(check_hello_proof(&hello, ia, "10.0.0.1:7", ic).is_err());
-        assert!(check_hello_proof(&hello, ia, "10.0.0.9:7", ib).is_err());
-        assert!(check_hello_proof(&hello, ic, "10.0.0.1:7", ib).is_err());
+        assert_eq!(check_hello_proof(&hello, ia, "10.0.0.1:7", ic), Err(ProofError::BadSignature { claimed: ia }));
+        assert_eq!(check_hello_proof(&hello, ia, "10.0.0.9:7", ib), Err(ProofError::BadSignature { claimed: ia }));
+        assert_eq!(check_hello_proof(&hello, ic, "10.0.0.1:7", ib), Err(ProofError::WrongKey { claimed: ic }));
         // C cannot make a proof for A's id.
         let forged = match c.hello_proof(ib, "10.0.0.1:7") {
             Message::Proof { sig, .. } => Message::Proof { key: a.public_key(), sig },
             other => panic!("{other:?}"),
         };
-        assert!(check_hello_proof(&forged, ia, "10.0.0.1:7", ib).is_err());
+        assert_eq!(check_hello_proof(&forged, ia, "10.0.0.1:7", ib), Err(ProofError::BadSignature { claimed: ia }));
         let ack = b.ack_proof(ia);
         assert_eq!(check_ack_proof(&ack, ib, ia), Ok(()));
         assert!(check_ack_proof(&ack, ib, ic).is_err());
         assert!(check_ack_proof(&hello, ia, ib).is_err(), "a hello proof is no ack proof");
-        assert!(check_ack_proof(&Message::Ping(1), ib, ia).is_err());
+        let e = check_ack_proof(&Message::Ping(1), ib, ia).unwrap_err();
+        assert!(matches!(e, ProofError::NotAProof { .. }), "{e}");
         assert_eq!(Identity::from_secret(a.secret()).node_id(), ia);
     }
 }

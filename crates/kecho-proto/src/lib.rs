@@ -14,6 +14,7 @@
 //! `access`); `snapshot`; `access`; `codec` (with `codec::registry`, the registry's wire types); `handshake`,
 //! `registry`, `membership`; `liveness` stands alone. ARCHITECTURE.md draws the graph.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod access;
 pub mod codec;
