@@ -2,6 +2,7 @@
 //! out when silent) and the load-aware OUT-filter of a front end that knows no load yet. The whole mechanism in a
 //! farm of servers is tested in the crate kecho-webfarm.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,15 +25,19 @@ async fn check(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-struct Fixed(Arc<Mutex<u32>>);
+/// A probe with a queue length set by the test, counting the samples taken.
+struct Fixed(Arc<Mutex<u32>>, Arc<AtomicU64>);
 
 impl LoadProbe for Fixed {
     fn sample(&mut self) -> LoadSample {
+        self.1.fetch_add(1, Ordering::Relaxed);
         LoadSample { queue: *self.0.lock(), ..LoadSample::default() }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On paused time: the monitor samples every 10 ms of tokio's clock, and the test reads the monitor's own count of
+/// reports, so what it asserts does not depend on how fast the machine is.
+#[tokio::test(start_paused = true)]
 async fn load_reports_flow_on_change_and_age_out() {
     let a = Node::start().await.unwrap();
     let b = Node::start().await.unwrap();
@@ -51,13 +56,19 @@ async fn load_reports_flow_on_change_and_age_out() {
         sample_every: Duration::from_millis(10),
         lifetime: Duration::from_millis(400),
     };
-    let monitor =
-        LoadMonitor::spawn(&ma, Box::new(Fixed(queue.clone())), cfg, Arc::default(), overhead.clone()).unwrap();
+    let samples = Arc::new(AtomicU64::new(0));
+    let probe = Box::new(Fixed(queue.clone(), samples.clone()));
+    let monitor = LoadMonitor::spawn(&ma, probe, cfg, Arc::default(), overhead.clone()).unwrap();
     let now = || tokio::time::Instant::now().into_std();
     check(5, "the first report", || table.lock().index(ServerId(9), now()) == Some(1.0)).await;
+    let reports = overhead.snapshot().reports;
+    assert_eq!(reports, 1);
     *queue.lock() = 3;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(table.lock().index(ServerId(9), now()), Some(1.0), "a small change waits for the period");
+    // Ten samples of the small change: the monitor decides on each, and sends nothing.
+    let seen = samples.load(Ordering::Relaxed);
+    check(5, "ten samples of the small change", || samples.load(Ordering::Relaxed) >= seen + 10).await;
+    assert_eq!(overhead.snapshot().reports, reports, "a small change waits for the period");
+    assert_eq!(table.lock().index(ServerId(9), now()), Some(1.0));
     *queue.lock() = 20;
     check(5, "a large change is reported at once", || table.lock().index(ServerId(9), now()) == Some(20.0)).await;
     monitor.task.abort();
