@@ -175,7 +175,49 @@ pub enum Dial {
     /// The peer has a link with us already (its own dial won the duplicate rule): use that one.
     Duplicate,
     /// The link failed, for this reason.
-    Failed(String),
+    Failed(DialError),
+}
+
+/// Why the answer to our `Hello` does not bring the link up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// Another node answered at the address.
+    #[error("{addr} is node {node}, expected {expected}")]
+    WrongNode {
+        /// The address dialled.
+        addr: String,
+        /// The node that answered.
+        node: NodeId,
+        /// The node we meant to reach.
+        expected: NodeId,
+    },
+    /// The peer answered with another protocol version.
+    #[error("version mismatch: the peer answered with version {theirs}")]
+    VersionMismatch {
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peer refused us because it speaks another protocol version (its reason says which).
+    #[error("version mismatch: {reason}")]
+    PeerVersionMismatch {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The peer closed the connection with this code and reason.
+    #[error("refused ({code:?}): {reason}")]
+    Refused {
+        /// The close code.
+        code: CloseCode,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// Another message came where `HelloAck` or `Close` was due.
+    #[error("unexpected handshake answer kind {kind}")]
+    Unexpected {
+        /// The kind of the message that came.
+        kind: u8,
+    },
 }
 
 /// Decides on the answer to our `Hello`, sent to `addr` where we expected node `expected`.
@@ -183,17 +225,15 @@ pub fn dial_answer(answer: &Message, expected: NodeId, addr: &str) -> Dial {
     match answer {
         Message::HelloAck { version, node } if *version == PROTOCOL_VERSION && *node == expected => Dial::Up,
         Message::HelloAck { node, .. } if *node != expected => {
-            Dial::Failed(format!("{addr} is node {node}, expected {expected}"))
+            Dial::Failed(DialError::WrongNode { addr: addr.to_owned(), node: *node, expected })
         }
-        Message::HelloAck { version, .. } => {
-            Dial::Failed(format!("version mismatch: the peer answered with version {version}"))
-        }
+        Message::HelloAck { version, .. } => Dial::Failed(DialError::VersionMismatch { theirs: *version }),
         Message::Close { code: CloseCode::Duplicate, .. } => Dial::Duplicate,
         Message::Close { code: CloseCode::VersionMismatch, reason } => {
-            Dial::Failed(format!("version mismatch: {reason}"))
+            Dial::Failed(DialError::PeerVersionMismatch { reason: reason.clone() })
         }
-        Message::Close { code, reason } => Dial::Failed(format!("refused ({code:?}): {reason}")),
-        other => Dial::Failed(format!("unexpected handshake answer kind {}", other.kind())),
+        Message::Close { code, reason } => Dial::Failed(DialError::Refused { code: *code, reason: reason.clone() }),
+        other => Dial::Failed(DialError::Unexpected { kind: other.kind() }),
     }
 }
 
@@ -227,5 +267,23 @@ mod tests {
         let e = check_ack_proof(&Message::Ping(1), ib, ia).unwrap_err();
         assert!(matches!(e, ProofError::NotAProof { .. }), "{e}");
         assert_eq!(Identity::from_secret(a.secret()).node_id(), ia);
+    }
+
+    #[test]
+    fn dial_answers_say_why_they_fail() {
+        let (me, other) = (NodeId(1), NodeId(2));
+        let ack = |version, node| Message::HelloAck { version, node };
+        assert_eq!(dial_answer(&ack(PROTOCOL_VERSION, me), me, "a:1"), Dial::Up);
+        let wrong = dial_answer(&ack(PROTOCOL_VERSION, other), me, "a:1");
+        assert_eq!(wrong, Dial::Failed(DialError::WrongNode { addr: "a:1".into(), node: other, expected: me }));
+        let Dial::Failed(e) = dial_answer(&ack(PROTOCOL_VERSION + 1, me), me, "a:1") else { panic!("not a failure") };
+        assert_eq!(e.to_string(), format!("version mismatch: the peer answered with version {}", PROTOCOL_VERSION + 1));
+        let close = |code, reason: &str| Message::Close { code, reason: reason.into() };
+        assert_eq!(dial_answer(&close(CloseCode::Duplicate, ""), me, "a:1"), Dial::Duplicate);
+        let Dial::Failed(e) = dial_answer(&close(CloseCode::VersionMismatch, "v9"), me, "a:1") else { panic!() };
+        assert_eq!(e.to_string(), "version mismatch: v9");
+        let Dial::Failed(e) = dial_answer(&close(CloseCode::Handshake, "no"), me, "a:1") else { panic!() };
+        assert_eq!(e.to_string(), "refused (Handshake): no");
+        assert!(matches!(dial_answer(&Message::Ping(1), me, "a:1"), Dial::Failed(DialError::Unexpected { .. })));
     }
 }

@@ -442,7 +442,7 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
         match handshake::dial_answer(&first, peer.id, addr) {
             handshake::Dial::Up => {}
             handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
-            handshake::Dial::Failed(why) => return Err(why),
+            handshake::Dial::Failed(why) => return Err(why.to_string()),
         }
         // The peer proves it is the node we meant to reach.
         let proof = read_frame(&mut rd, &mut buf, node.cfg.max_frame).await?;
