@@ -6,9 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
-use kecho::{
-    Attrs, Authority, Error, FilterKind, Identity, Node, NodeConfig, Policy, RegistryClient, Roles, SinkOptions, Token,
-};
+use kecho::{Attrs, Authority, Error, FilterKind, Identity, Node, Policy, RegistryClient, Roles, SinkOptions, Token};
 use kecho_proto::codec::{decode_frame, EventMsg, Purpose, RegResult};
 use kecho_proto::{LocalId, MemberInfo, Message, NodeSnapshot, Overflow, Role, TypeFilter, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +46,7 @@ impl World {
 
     /// A node with identity `id`, requiring `policy` in the channel (if any) and presenting `token` (if any).
     async fn node(&self, id: &Identity, policy: Option<Policy>, token: Option<Token>) -> Result<Node> {
-        let mut b = Node::builder().config(NodeConfig { identity: Some(id.clone()), ..Default::default() });
+        let mut b = Node::builder().identity(id.clone());
         if let Some(p) = policy {
             b = b.policy(CH, p);
         }
@@ -141,6 +139,7 @@ async fn open_roles_need_no_credential() -> Result<()> {
 }
 
 /// Members with the filters role install filters; others are refused by every node they try.
+#[cfg(feature = "wasm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installing_filters_needs_the_filters_role() -> Result<()> {
     let w = World::new();

@@ -219,6 +219,7 @@ async fn per_source_order_with_many_sources() -> Result<()> {
 /// Single events on a quiet link are written by the submitting task itself, bursts go through the link's writer;
 /// mixed, and with a `Targets` prefix before most events (a second sink on the node takes only some of them, by its
 /// content filter), every event still arrives once and in order.
+#[cfg(feature = "cel")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_holds_when_direct_and_queued_writes_mix() -> Result<()> {
     let (_reg, nodes) = cluster(2).await?;

@@ -179,6 +179,7 @@ async fn hash_selector_keeps_sessions_on_one_sink() -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cel")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_filters_run_at_the_source() -> Result<()> {
     let nodes = cluster(2).await?;
@@ -208,6 +209,7 @@ async fn content_filters_run_at_the_source() -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cel")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_expressions_are_refused_with_a_position() -> Result<()> {
     let nodes = cluster(1).await?;

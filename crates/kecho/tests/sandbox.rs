@@ -1,4 +1,5 @@
 //! Sandboxed (WebAssembly) filters installed by one member on the others, and misbehaving modules contained.
+#![cfg(feature = "wasm")]
 
 use std::sync::Arc;
 use std::time::Duration;
