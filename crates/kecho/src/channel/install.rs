@@ -121,6 +121,7 @@ impl ChannelInner {
     }
 }
 impl Channel {
+    /// Lets other members install sandboxed filters on this node's part of the channel (default: refused).
     pub fn set_remote_filters(&self, allowed: bool) {
         self.inner.sandbox.lock().allowed = allowed;
     }

@@ -134,32 +134,47 @@ impl WasmFilter {
     }
 
     /// Runs the module on `input`; returns its result and the buffer contents it may have written, or the fault.
-    fn call(&self, input: &[u8], out: &mut Vec<u32>, max_out: usize) -> Result<i32, String> {
+    fn call(&self, input: &[u8], out: &mut Vec<u32>, max_out: usize) -> Result<i32, CallError> {
         let mut g = self.inst.lock();
         let inst = &mut *g;
         if input.len() > MIN_BUFFER {
             // Not the module's fault: skip it for this event.
-            return Err(String::new());
+            return Err(CallError::Skip);
         }
         inst.memory
             .write(&mut inst.store, inst.buffer, input)
-            .map_err(|_| "the buffer is no longer inside the memory".to_owned())?;
-        inst.store.set_fuel(self.limits.fuel).map_err(|e| e.to_string())?;
+            .map_err(|_| CallError::Fault("the buffer is no longer inside the memory".into()))?;
+        inst.store.set_fuel(self.limits.fuel).map_err(|e| CallError::Fault(e.to_string()))?;
         inst.store.set_epoch_deadline(ticks(self.limits.wall_time));
-        let f = inst.select.as_ref().or(inst.accept.as_ref()).ok_or("no entry point")?.clone();
-        let r = f.call(&mut inst.store, input.len() as i32).map_err(|e| describe_trap(&e))?;
+        let f = inst
+            .select
+            .as_ref()
+            .or(inst.accept.as_ref())
+            .ok_or_else(|| CallError::Fault("no entry point".into()))?
+            .clone();
+        let r = f.call(&mut inst.store, input.len() as i32).map_err(|e| CallError::Fault(describe_trap(&e)))?;
         if r > 0 && inst.select.is_some() {
             let n = r as usize;
             if n > max_out {
-                return Err(format!("returned {n} sinks, there are {max_out}"));
+                return Err(CallError::Fault(format!("returned {n} sinks, there are {max_out}")));
             }
             let mut raw = vec![0u8; n * 4];
-            inst.memory.read(&inst.store, inst.buffer, &mut raw).map_err(|_| "cannot read the answer".to_owned())?;
+            inst.memory
+                .read(&inst.store, inst.buffer, &mut raw)
+                .map_err(|_| CallError::Fault("cannot read the answer".into()))?;
             out.clear();
             out.extend(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         }
         Ok(r)
     }
+}
+
+/// Why a call of the module gave no answer.
+enum CallError {
+    /// Not the module's fault (the input does not fit its buffer): skip it for this event.
+    Skip,
+    /// The module misbehaved; it is disabled.
+    Fault(String),
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -222,8 +237,8 @@ impl OutFilter for WasmOut {
                 self.0.fault(format!("returned {n}"));
                 all(chosen)
             }
-            Err(e) if e.is_empty() => all(chosen),
-            Err(e) => {
+            Err(CallError::Skip) => all(chosen),
+            Err(CallError::Fault(e)) => {
                 self.0.fault(e);
                 all(chosen)
             }
@@ -249,8 +264,8 @@ impl InFilter for WasmIn {
                 self.0.fault(format!("returned {n} (expected 0 or 1)"));
                 InDecision::Deliver
             }
-            Err(e) if e.is_empty() => InDecision::Deliver,
-            Err(e) => {
+            Err(CallError::Skip) => InDecision::Deliver,
+            Err(CallError::Fault(e)) => {
                 self.0.fault(e);
                 InDecision::Deliver
             }
