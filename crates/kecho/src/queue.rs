@@ -635,7 +635,8 @@ mod tests {
         assert!(matches!(q.offer_many((6..=7).map(ev)).2, Some(Offer::Closed)));
     }
 
-    #[tokio::test]
+    // Paused time: the sleep below ends only once every task is idle, so the offer has run up to its wait by then.
+    #[tokio::test(start_paused = true)]
     async fn a_blocked_offer_resumes_when_the_receiver_takes() {
         let q = Arc::new(SinkQueue::new(2, Overflow::Block));
         q.offer(ev(1));
