@@ -6,14 +6,15 @@
 //! (a') OUT-filter: a source with 8 remote sinks whose OUT-filter chooses 8, 1 or none of them; the source node's
 //! CPU time per event, measured as in the submission workload.
 //! (b) One filter call: native selectors, content-filter expressions and a WebAssembly module, with 8 sinks, from
-//! `kecho::filter::bench`.
+//! `kecho::cost`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kecho::filter::{bench, EventView, InDecision, InEvent, LocalSinks, OutFilter, Selector, SinkView};
+use kecho::cost as bench;
+use kecho::filter::{EventView, InDecision, InEvent, LocalSinks, OutFilter, Selector, SinkView};
 use kecho::{Attrs, Node, Overflow, SinkOptions};
 use serde::Serialize;
 

@@ -8,7 +8,7 @@
 //! appear to come from another member's source. (Finding a key whose id matches a given node's takes about 2^64
 //! attempts.) The signature binds the two node ids and the dialler's address, so a proof shown to one node is useless
 //! towards another; on plaintext links someone who can record and replay traffic between the same two nodes could
-//! replay one, which is what TLS (`NodeConfig::tls`) is for.
+//! replay one, which is what TLS (`NodeBuilder::tls` in kecho) is for.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 

@@ -1,7 +1,7 @@
 //! Cost of one filter call: native selectors, CEL content filters and sandboxed WebAssembly, with 8 sinks.
 //! `cargo run --release -p kecho --example filter_cost`
 
-use kecho::filter::bench;
+use kecho::cost as bench;
 use kecho::filter::Selector;
 use kecho::Attrs;
 

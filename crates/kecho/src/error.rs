@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use kecho_proto::access::{Denied, Roles};
 use kecho_registry::RegistryError;
 
 /// Everything that can go wrong in the node library.
@@ -22,7 +23,7 @@ pub enum Error {
     Registry(#[from] RegistryError),
     /// The registry refused a request or could not be reached while opening a channel.
     #[error("{0}")]
-    RegistryFailed(String),
+    RegistryFailed(kecho_proto::membership::RegistryFailure),
     /// The channel does not exist (opened without creating).
     #[error("unknown channel {0:?}")]
     UnknownChannel(String),
@@ -38,6 +39,7 @@ pub enum Error {
         cause: String,
     },
     /// The TLS configuration could not be used.
+    #[cfg(feature = "tls")]
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// Waiting for something took longer than allowed.
@@ -55,8 +57,8 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     Invalid(String),
     /// A typed payload could not be encoded or decoded.
-    #[error("payload codec: {0}")]
-    Codec(#[from] serde_json::Error),
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
     /// A content filter expression is invalid.
     #[error(transparent)]
     Filter(#[from] crate::filter::FilterError),
@@ -69,11 +71,49 @@ pub enum Error {
         /// The channel.
         channel: String,
         /// Why.
-        reason: String,
+        reason: Refusal,
     },
     /// An event could not be delivered without waiting and the caller asked not to wait.
     #[error("a sink with the Block policy is full")]
     WouldBlock,
+}
+
+/// Why the access policy of a channel refused something (see [`Error::AccessDenied`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// This node's credential does not cover it, as the channel's policy decides (no credential, wrong channel,
+    /// authority or holder, expired).
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// This node's credential is valid but does not grant the role.
+    #[error("this node's credential grants {have}, not the {need} role")]
+    MissingRole {
+        /// The rights the credential grants.
+        have: Roles,
+        /// The role asked for.
+        need: Roles,
+    },
+    /// The channel's members refused this node (or it refused the channel's policy), with the reason given.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A typed payload could not be encoded or decoded (see [`crate::TypedSource`], [`crate::Event::decode`]).
+#[derive(Debug, thiserror::Error)]
+#[error("payload codec: {0}")]
+pub struct PayloadError(#[source] serde_json::Error);
+
+impl PayloadError {
+    pub(crate) fn new(e: serde_json::Error) -> Self {
+        PayloadError(e)
+    }
+
+    /// The position in the payload where decoding failed: line and column, from 1 (0 when not known, as for
+    /// encoding errors).
+    pub fn position(&self) -> (usize, usize) {
+        (self.0.line(), self.0.column())
+    }
 }
 
 /// Result with [`Error`].

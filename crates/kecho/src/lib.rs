@@ -18,24 +18,31 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod channel;
+mod clock;
+mod config;
+pub mod cost;
 mod error;
 pub mod filter;
 mod link;
 mod node;
 mod queue;
+mod tasks;
+#[cfg(feature = "tls")]
 pub mod tls;
 pub mod wasm;
 
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
-pub use error::{Error, Result};
+pub use error::{Error, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use node::{AccessConfig, Node, NodeBuilder, NodeConfig};
+pub use node::{Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
+#[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};

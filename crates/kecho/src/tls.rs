@@ -1,5 +1,5 @@
 //! TLS for node links, after 2K's switchable security policy: plaintext on a trusted network, TLS (rustls) between
-//! domains, chosen per deployment with [`crate::NodeConfig::tls`].
+//! domains, chosen per deployment with [`crate::NodeBuilder::tls`].
 //!
 //! Links are mutually authenticated: every node presents a certificate signed by the deployment's CA and accepts
 //! only peers whose certificate chains to that CA. A dialling node checks the peer's certificate against the address
@@ -105,7 +105,7 @@ impl TlsConfig {
     }
 
     /// The name to verify when dialling `addr` (`host:port`).
-    pub(crate) fn name_for(&self, addr: &str) -> Result<ServerName<'static>, String> {
+    pub(crate) fn name_for(&self, addr: &str) -> Result<ServerName<'static>, TlsError> {
         if let Some(n) = &self.server_name {
             return Ok(n.clone());
         }
@@ -113,7 +113,7 @@ impl TlsConfig {
             Ok(a) => return Ok(ServerName::IpAddress(a.ip().into())),
             Err(_) => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
         };
-        ServerName::try_from(host.to_owned()).map_err(|_| format!("cannot verify TLS name of {addr}"))
+        ServerName::try_from(host.to_owned()).map_err(|_| TlsError::Name(host.to_owned()))
     }
 }
 

@@ -17,8 +17,7 @@ const T: Duration = Duration::from_secs(10);
 async fn pair() -> Result<(Node, Node, kecho::Source, kecho::Sink)> {
     let reg = RegistryClient::in_process_private();
     // Node a's identity is known, so that the tests can address proofs to it.
-    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
-    let a = Node::builder().config(cfg).registry_client(reg.clone()).start().await?;
+    let a = Node::builder().identity(Identity::from_secret(A_SECRET)).registry_client(reg.clone()).start().await?;
     let b = Node::builder().registry_client(reg).start().await?;
     let ca = a.create_channel("robust").await?;
     let cb = b.open_channel("robust").await?;
@@ -185,8 +184,12 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     use kecho_proto::{LocalId, MemberInfo, NodeSnapshot, Overflow, Role, TypeFilter};
     let reg = RegistryClient::in_process_private();
     let hb = Duration::from_millis(600);
-    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
-    let a = Node::builder().config(cfg).registry_client(reg.clone()).heartbeat_timeout(hb).start().await?;
+    let a = Node::builder()
+        .identity(Identity::from_secret(A_SECRET))
+        .registry_client(reg.clone())
+        .heartbeat_timeout(hb)
+        .start()
+        .await?;
     let ch = a.create_channel("hb").await?;
     let entry = match reg.request(Message::RegLookup { req: 0, name: "hb".into() }).await? {
         RegResult::Entry(e) => e,
@@ -225,8 +228,7 @@ async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
     use kecho_proto::codec::RegResult;
     use kecho_proto::{LocalId, MemberInfo, NodeSnapshot, Overflow, Role, TypeFilter};
     let reg = RegistryClient::in_process_private();
-    let cfg = kecho::NodeConfig { identity: Some(Identity::from_secret(A_SECRET)), ..Default::default() };
-    let a = Node::builder().config(cfg).registry_client(reg.clone()).start().await?;
+    let a = Node::builder().identity(Identity::from_secret(A_SECRET)).registry_client(reg.clone()).start().await?;
     let b = Node::builder().registry_client(reg.clone()).start().await?;
     let ca = a.create_channel("flood").await?;
     let cb = b.open_channel("flood").await?;

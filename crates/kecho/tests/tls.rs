@@ -1,5 +1,6 @@
 //! TLS node links: mutual authentication against a CA, refusal of strangers and of plaintext nodes, clear errors for
 //! unusable certificate files.
+#![cfg(feature = "tls")]
 
 use std::time::Duration;
 

@@ -1,21 +1,5 @@
-//! Sandboxed filters: WebAssembly modules run by wasmtime, with limits on fuel (CPU), memory and wall time.
-//!
-//! The ABI (version 1) is documented in docs/FILTERS.md. In short, a module exports `memory`, `kecho_buffer() -> i32`
-//! (where the host writes the input, at least 64 KiB), and `kecho_select(len: i32) -> i32` (an OUT-filter: returns
-//! -1 for every sink, or `n` after writing `n` little-endian `u32` sink indices at the buffer) or
-//! `kecho_accept(len: i32) -> i32` (an IN-filter: 1 deliver, 0 drop). The input at the buffer is:
-//!
-//! | offset | field |
-//! |---|---|
-//! | 0 | `u32` ABI version (1) |
-//! | 4 | `u32` number of sinks |
-//! | 8 | `u32` offset of the event (from the buffer) |
-//! | 12 | `u32` offset of the sinks |
-//! | event | `u32` type length, type bytes, attributes (wire encoding), `u32` payload length, payload |
-//! | sinks | per sink: attributes (wire encoding), `u64` age in milliseconds |
-//!
-//! A module that traps, runs out of fuel or wall time, grows memory past its limit, or returns nonsense is disabled
-//! for its channel: delivery falls back to the default (every sink / deliver) and a [`FilterFault`] is reported.
+//! The sandbox itself: wasmtime with fuel, memory and epoch (wall-time) limits, the ABI's input encoding, and the
+//! fall-back when a module misbehaves.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -26,47 +10,11 @@ use kecho_proto::codec::{encode_attrs, FilterKind};
 use parking_lot::Mutex;
 use wasmtime::{Config, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
+use super::{WasmError, WasmLimits, MAX_MODULE, MIN_BUFFER};
 use crate::filter::{EventView, InDecision, InEvent, InFilter, LocalSinks, OutFilter, SinkView};
 
-/// Size of the input region a module must offer.
-pub const MIN_BUFFER: usize = 64 * 1024;
-/// Largest module accepted, in bytes.
-pub const MAX_MODULE: usize = 1 << 20;
 /// The epoch ticks every this long; wall-time limits are counted in ticks.
 const TICK: Duration = Duration::from_millis(1);
-
-/// Resource limits of one sandboxed filter.
-#[derive(Clone, Copy, Debug)]
-pub struct WasmLimits {
-    /// Fuel per call (roughly, WebAssembly instructions).
-    pub fuel: u64,
-    /// Largest linear memory, in bytes.
-    pub memory: usize,
-    /// Longest wall time per call.
-    pub wall_time: Duration,
-}
-
-impl Default for WasmLimits {
-    fn default() -> Self {
-        WasmLimits { fuel: 1_000_000, memory: 4 << 20, wall_time: Duration::from_millis(20) }
-    }
-}
-
-/// A sandboxed filter stopped working and was disabled.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FilterFault {
-    /// Channel.
-    pub channel: String,
-    /// OUT or IN.
-    pub kind: FilterKind,
-    /// What went wrong.
-    pub reason: String,
-}
-
-/// Why a module was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid filter module: {0}")]
-pub struct WasmError(pub String);
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -186,32 +134,47 @@ impl WasmFilter {
     }
 
     /// Runs the module on `input`; returns its result and the buffer contents it may have written, or the fault.
-    fn call(&self, input: &[u8], out: &mut Vec<u32>, max_out: usize) -> Result<i32, String> {
+    fn call(&self, input: &[u8], out: &mut Vec<u32>, max_out: usize) -> Result<i32, CallError> {
         let mut g = self.inst.lock();
         let inst = &mut *g;
         if input.len() > MIN_BUFFER {
             // Not the module's fault: skip it for this event.
-            return Err(String::new());
+            return Err(CallError::Skip);
         }
         inst.memory
             .write(&mut inst.store, inst.buffer, input)
-            .map_err(|_| "the buffer is no longer inside the memory".to_owned())?;
-        inst.store.set_fuel(self.limits.fuel).map_err(|e| e.to_string())?;
+            .map_err(|_| CallError::Fault("the buffer is no longer inside the memory".into()))?;
+        inst.store.set_fuel(self.limits.fuel).map_err(|e| CallError::Fault(e.to_string()))?;
         inst.store.set_epoch_deadline(ticks(self.limits.wall_time));
-        let f = inst.select.as_ref().or(inst.accept.as_ref()).ok_or("no entry point")?.clone();
-        let r = f.call(&mut inst.store, input.len() as i32).map_err(|e| describe_trap(&e))?;
+        let f = inst
+            .select
+            .as_ref()
+            .or(inst.accept.as_ref())
+            .ok_or_else(|| CallError::Fault("no entry point".into()))?
+            .clone();
+        let r = f.call(&mut inst.store, input.len() as i32).map_err(|e| CallError::Fault(describe_trap(&e)))?;
         if r > 0 && inst.select.is_some() {
             let n = r as usize;
             if n > max_out {
-                return Err(format!("returned {n} sinks, there are {max_out}"));
+                return Err(CallError::Fault(format!("returned {n} sinks, there are {max_out}")));
             }
             let mut raw = vec![0u8; n * 4];
-            inst.memory.read(&inst.store, inst.buffer, &mut raw).map_err(|_| "cannot read the answer".to_owned())?;
+            inst.memory
+                .read(&inst.store, inst.buffer, &mut raw)
+                .map_err(|_| CallError::Fault("cannot read the answer".into()))?;
             out.clear();
             out.extend(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         }
         Ok(r)
     }
+}
+
+/// Why a call of the module gave no answer.
+enum CallError {
+    /// Not the module's fault (the input does not fit its buffer): skip it for this event.
+    Skip,
+    /// The module misbehaved; it is disabled.
+    Fault(String),
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -274,8 +237,8 @@ impl OutFilter for WasmOut {
                 self.0.fault(format!("returned {n}"));
                 all(chosen)
             }
-            Err(e) if e.is_empty() => all(chosen),
-            Err(e) => {
+            Err(CallError::Skip) => all(chosen),
+            Err(CallError::Fault(e)) => {
                 self.0.fault(e);
                 all(chosen)
             }
@@ -301,8 +264,8 @@ impl InFilter for WasmIn {
                 self.0.fault(format!("returned {n} (expected 0 or 1)"));
                 InDecision::Deliver
             }
-            Err(e) if e.is_empty() => InDecision::Deliver,
-            Err(e) => {
+            Err(CallError::Skip) => InDecision::Deliver,
+            Err(CallError::Fault(e)) => {
                 self.0.fault(e);
                 InDecision::Deliver
             }

@@ -1,0 +1,251 @@
+//! Events arriving from other nodes: loss accounting, the IN-filter, and offering them to local sinks under their
+//! overflow policies; and lag notices from sources.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kecho_proto::codec::EventMsg;
+use kecho_proto::{Attrs, LocalId, NodeId, Overflow};
+
+use super::sink::LocalSink;
+use super::ChannelInner;
+use crate::filter::{InDecision, InEvent, LocalSinks};
+use crate::link::{Arrived, Batch};
+use crate::queue::{Event, Offer, SourceKey};
+
+/// Loss accounting at a receiver, per remote source.
+#[derive(Default)]
+pub(super) struct RecvTrack {
+    skipped: u64,
+    /// The per-node number (`seq - skipped`) of the last event that arrived; 0 before the first.
+    last: u64,
+}
+
+impl RecvTrack {
+    /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it.
+    fn arrived(&mut self, seq: u64) -> u64 {
+        let n = seq.saturating_sub(self.skipped);
+        let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
+        self.last = self.last.max(n);
+        gap
+    }
+}
+
+/// The bit mask of the sinks (at most 64) for which `f` holds.
+fn mask(sinks: &[Arc<LocalSink>], f: impl Fn(&LocalSink) -> bool) -> u64 {
+    sinks.iter().enumerate().fold(0, |m, (j, s)| if f(s) { m | 1 << j } else { m })
+}
+
+/// The local sinks an event goes to; on the stack for the common case of a few.
+pub(super) type SinkList<'a> = smallvec::SmallVec<[&'a Arc<LocalSink>; 8]>;
+
+impl ChannelInner {
+    /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
+    /// source's OUT-filter named some).
+    async fn deliver_one(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>) {
+        if !self.may_send(from) {
+            // A node without the source right: whatever it sends is not the channel's.
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let sinks = self.local_sinks.read().clone();
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let gap = self.tracks.lock().entry((from, e.source)).or_default().arrived(e.seq);
+        if gap > 0 {
+            // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
+            // wanted them is unknown here, so every sink is told.
+            self.counters.missed.fetch_add(gap, Ordering::Relaxed);
+            for s in sinks.iter() {
+                s.queue.add_lag(gap);
+            }
+        }
+        let chosen: SinkList<'_> = match &targets {
+            None => sinks.iter().filter(|s| s.types.accepts(&e.ty)).collect(),
+            Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
+        };
+        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source)).await;
+    }
+
+    /// Delivers events that arrived together from node `from` (the frames of one read, in order), each with the
+    /// sink ids of its `Targets` frame if it had one. The same as `deliver_remote` per event, but the channel's state
+    /// is read once and each sink's queue is locked once for the lot instead of once per event.
+    pub(crate) async fn deliver_batch(&self, from: NodeId, batch: &mut Batch) {
+        let Batch { events, staged } = batch;
+        if !self.may_send(from) {
+            self.counters.denied.fetch_add(events.len() as u64, Ordering::Relaxed);
+            events.clear();
+            return;
+        }
+        let sinks = self.local_sinks.read().clone();
+        if sinks.len() > 64 || self.in_filter.read().is_some() {
+            // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
+            for Arrived { event, targets } in events.drain(..) {
+                self.deliver_one(from, event, targets).await;
+            }
+            return;
+        }
+        self.counters.received.fetch_add(events.len() as u64, Ordering::Relaxed);
+        staged.clear();
+        // Which sinks accept the last type seen (events of one link share their type name's allocation).
+        let mut by_type: Option<(Arc<str>, u64)> = None;
+        let mut evs = events.drain(..);
+        loop {
+            // Loss accounting under one lock for a run of events; a gap ends the run, since the sinks must see its lag
+            // notice after the events before it and before the event that revealed it.
+            let mut after_gap = None;
+            {
+                let mut tracks = self.tracks.lock();
+                for Arrived { event: e, targets: chosen } in evs.by_ref() {
+                    let gap = tracks.entry((from, e.source)).or_default().arrived(e.seq);
+                    let types = match &by_type {
+                        Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
+                        _ => {
+                            let m = mask(&sinks, |s| s.types.accepts(&e.ty));
+                            by_type = Some((e.ty.clone(), m));
+                            m
+                        }
+                    };
+                    let m = match &chosen {
+                        None => types,
+                        Some(ids) => types & mask(&sinks, |s| ids.contains(&s.id)),
+                    };
+                    let attrs = if e.attrs.is_empty() { None } else { Some(Arc::new(e.attrs)) };
+                    let ev = Event {
+                        ty: e.ty,
+                        attrs,
+                        payload: e.payload,
+                        seq: e.seq,
+                        source: SourceKey::new(from, e.source),
+                    };
+                    if gap > 0 {
+                        after_gap = Some((gap, ev, m));
+                        break;
+                    }
+                    if m != 0 {
+                        staged.push((ev, m));
+                    }
+                }
+            }
+            self.offer_staged(&sinks, staged).await;
+            let Some((gap, ev, m)) = after_gap else { return };
+            // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
+            // wanted them is unknown here, so every sink is told.
+            self.counters.missed.fetch_add(gap, Ordering::Relaxed);
+            for s in sinks.iter() {
+                s.queue.add_lag(gap);
+            }
+            if m != 0 {
+                staged.push((ev, m));
+            }
+        }
+    }
+
+    /// Offers staged events (each with the mask of the local sinks it goes to) sink by sink, in order, and empties
+    /// the list.
+    async fn offer_staged(&self, sinks: &[Arc<LocalSink>], staged: &mut Vec<(Event, u64)>) {
+        let all = staged.iter().fold(0, |acc, (_, m)| acc | m);
+        for (j, s) in sinks.iter().enumerate() {
+            let bit = 1u64 << j;
+            if all & bit == 0 {
+                continue;
+            }
+            if all >> j == 1 {
+                // The last sink takes the events themselves rather than copies.
+                self.offer_to(s, staged.drain(..).filter(|(_, m)| m & bit != 0).map(|(e, _)| e)).await;
+            } else {
+                self.offer_to(s, staged.iter().filter(|(_, m)| m & bit != 0).map(|(e, _)| e.clone())).await;
+            }
+        }
+        staged.clear();
+    }
+
+    /// Offers events to one sink under its overflow policy, waiting for room if it blocks.
+    async fn offer_to(&self, s: &LocalSink, mut evs: impl Iterator<Item = Event>) {
+        loop {
+            let (_, dropped, stop) = s.queue.offer_many(&mut evs);
+            if dropped > 0 {
+                self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
+            match stop {
+                Some(Offer::Full(ev)) => match s.queue.offer_wait(ev).await {
+                    Offer::Dropped => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Offer::Closed => return,
+                    _ => {}
+                },
+                _ => return,
+            }
+        }
+    }
+
+    /// False if the channel's policy requires the source right and node `from` does not hold it.
+    fn may_send(&self, from: NodeId) -> bool {
+        !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
+    }
+
+    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`).
+    pub(crate) fn routed(&self, from: NodeId, source: LocalId, skipped: u64) {
+        self.tracks.lock().entry((from, source)).or_default().skipped = skipped;
+    }
+
+    /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
+    pub(super) async fn dispatch(
+        &self,
+        mut sinks: SinkList<'_>,
+        ty: Arc<str>,
+        mut attrs: Attrs,
+        payload: Bytes,
+        seq: u64,
+        source: SourceKey,
+    ) {
+        let filter = self.in_filter.read().clone();
+        if let Some(f) = filter {
+            let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();
+            let decision = {
+                let mut ev = InEvent { ty: &ty, attrs: &mut attrs, payload: &payload };
+                f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
+            };
+            match decision {
+                InDecision::Deliver => {}
+                InDecision::Drop => {
+                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                InDecision::Only(keep) => {
+                    sinks = sinks.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect();
+                }
+            }
+        }
+        if sinks.is_empty() {
+            return;
+        }
+        let attrs = if attrs.is_empty() { None } else { Some(Arc::new(attrs)) };
+        let ev = Event { ty, attrs, payload, seq, source };
+        for s in sinks {
+            let outcome = if s.queue.overflow() == Overflow::Block {
+                s.queue.offer_wait(ev.clone()).await
+            } else {
+                s.queue.offer(ev.clone())
+            };
+            if matches!(outcome, Offer::Dropped) {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A source did not deliver `count` events meant for `ids` (every local sink if empty): its link was full, or
+    /// this node was cut off from the channel.
+    pub(crate) fn remote_lag(&self, from: NodeId, count: u64, ids: &[LocalId]) {
+        if !self.may_send(from) {
+            // Only a node that may publish can have missed events for our sinks.
+            return;
+        }
+        let sinks = self.local_sinks.read().clone();
+        self.counters.missed.fetch_add(count, Ordering::Relaxed);
+        for s in sinks.iter().filter(|s| ids.is_empty() || ids.contains(&s.id)) {
+            s.queue.add_lag(count);
+        }
+    }
+}

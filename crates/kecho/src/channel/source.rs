@@ -1,0 +1,520 @@
+//! Sources and the submit path: choosing the sinks an event goes to, waiting for room at Block sinks, encoding it
+//! once and queueing it on every chosen link, loss accounting towards each node, and handing it to local sinks.
+//!
+//! `Source::submit_inner` runs the steps in order; each is a method of the part of the source it works on, so that
+//! the routing table can stay borrowed (not cloned) through all of them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len};
+use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
+
+use super::deliver::SinkList;
+use super::routes::{Dest, IdMap, Routes};
+use super::sink::LocalSink;
+use super::{block_on, ChannelInner, Counters, NodeGuard};
+use crate::clock::now;
+use crate::error::{Error, Result};
+use crate::filter::{CelRoot, EventView, FilterContext, OutFilter, SinkEntry, SinkView};
+use crate::link::{Peer, SourceGate, COPY_BELOW};
+use crate::queue::{ChunkBuf, SourceKey};
+
+/// Size of a source's encoding chunk (larger frames get a chunk of their own size).
+const ENCODE_CHUNK: usize = 64 * 1024;
+
+/// Publishes events on a channel. Events from one source reach each sink in submission order.
+pub struct Source {
+    _guard: Arc<NodeGuard>,
+    ch: Arc<ChannelInner>,
+    id: LocalId,
+    /// This source as sinks see it.
+    key: SourceKey,
+    seq: u64,
+    max_frame: usize,
+    out_filter: Option<Arc<dyn OutFilter>>,
+    routing: Routing,
+    pick: Pick,
+    enc: Encoder,
+    loss: LossTrack,
+    /// The type name of the last event given to local sinks.
+    ty_name: Option<Arc<str>>,
+}
+
+/// The channel's routing table and installed OUT-filter, as of a routing generation: a source reads the channel's
+/// again only when the generation moved.
+struct Routing {
+    /// `ChannelInner::routing_gen` when read (0: never).
+    gen: u64,
+    routes: Arc<Routes>,
+    /// An OUT-filter installed on the channel by a member, for sources without one of their own.
+    installed: Option<Arc<dyn OutFilter>>,
+}
+
+/// Choosing an event's sinks: buffers reused from one submit to the next, so that the path does not allocate per
+/// event.
+#[derive(Default)]
+struct Pick {
+    /// The CEL root context, built on the first event that meets a content filter needing the interpreter, and kept.
+    cel: Option<CelRoot>,
+    /// Indices into `Routes::sinks` of the sinks that get the event.
+    candidates: Vec<usize>,
+    /// The OUT-filter's view of the candidates, its choice, and that choice as a mask over the candidates.
+    view: Vec<Arc<SinkEntry>>,
+    chosen: Vec<usize>,
+    picked: Vec<bool>,
+    /// Per peer (as `Routes::peers`): what goes to that node.
+    peers: Vec<PeerPick>,
+    /// Local sinks that get the event.
+    locals: Vec<Arc<LocalSink>>,
+    /// Sinks of cut-off nodes that accept the event.
+    ghosts: Vec<RemoteSink>,
+}
+
+/// What one peer node gets of an event.
+#[derive(Default)]
+struct PeerPick {
+    /// Its sinks that accept the event's type.
+    accepting: u32,
+    /// Those chosen (by content filters and the OUT-filter).
+    chosen: u32,
+    /// A chosen one has the Block policy.
+    blocks: bool,
+    /// The chosen sinks' ids (sent as a `Targets` frame when not all accepting sinks were chosen).
+    ids: Vec<LocalId>,
+}
+
+/// A sink on another node.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct RemoteSink {
+    node: NodeId,
+    sink: LocalId,
+}
+
+/// Encoding: the event is encoded once per submit, whatever the number of links.
+#[derive(Default)]
+struct Encoder {
+    /// Where frames shared by several links or local sinks are encoded.
+    buf: ChunkBuf,
+    /// The last small event frame, encoded once and copied into each link's outbox.
+    small: BytesMut,
+    /// The routing and target frames that precede an event on one link.
+    prefix: BytesMut,
+    /// Whether this source has been idle long enough to write to a quiet link itself.
+    gate: SourceGate,
+}
+
+/// Loss accounting at the source (see docs/PROTOCOL.md, "Loss accounting").
+#[derive(Default)]
+struct LossTrack {
+    /// Per destination node.
+    sent_to: IdMap<NodeId, SendTrack>,
+    /// Events that sinks of cut-off nodes would have received, to report when those nodes come back.
+    ghost_missed: IdMap<RemoteSink, u64>,
+    /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
+    /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
+    ghosts_seen: u64,
+}
+
+/// Loss accounting at a source, per destination node: how many of its events were queued to that node, and what the
+/// node was last told about the others (see `Message::Routed`).
+#[derive(Default)]
+struct SendTrack {
+    routed: u64,
+    /// What was last told to the node, if anything.
+    told: Option<Told>,
+}
+
+/// The `skipped` value last queued to a node, with the link it went on: a new `Peer`, or a new epoch of the same one,
+/// means queued frames were lost with a broken link, so the node must be told again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Told {
+    skipped: u64,
+    /// The `Peer` object, by address.
+    peer: usize,
+    /// Its epoch (`Peer::epoch`).
+    epoch: u64,
+}
+
+/// Which event is being sent: what its frames carry besides the event itself.
+#[derive(Clone, Copy)]
+struct Head {
+    channel: ChannelId,
+    source: LocalId,
+    seq: u64,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("channel", &self.ch.name).field("seq", &self.seq).finish()
+    }
+}
+
+impl Source {
+    pub(super) fn new(
+        ch: Arc<ChannelInner>,
+        guard: Arc<NodeGuard>,
+        id: LocalId,
+        key: SourceKey,
+        max_frame: usize,
+    ) -> Self {
+        Source {
+            _guard: guard,
+            ch,
+            id,
+            key,
+            seq: 0,
+            max_frame,
+            out_filter: None,
+            routing: Routing { gen: 0, routes: Arc::default(), installed: None },
+            pick: Pick::default(),
+            enc: Encoder::default(),
+            loss: LossTrack::default(),
+            ty_name: None,
+        }
+    }
+
+    /// Submits an event; waits only if a sink with the Block policy is full. Returns the event's sequence number.
+    pub async fn submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        self.submit_inner(ty, attrs, payload, true).await
+    }
+
+    /// Submits without ever waiting: fails with [`Error::WouldBlock`] (sending nothing) if a Block sink is full.
+    pub fn try_submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        let fut = self.submit_inner(ty, attrs, payload, false);
+        // The non-waiting path never awaits anything pending, so one poll completes it.
+        futures_util::FutureExt::now_or_never(fut).unwrap_or(Err(Error::WouldBlock))
+    }
+
+    /// Blocking form of [`Source::submit`], for threads outside the runtime.
+    pub fn submit_blocking(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        block_on(self.submit_inner(ty, attrs, payload, true))?
+    }
+
+    /// Sinks present in the channel.
+    pub fn sinks(&self) -> usize {
+        *self.ch.sinks_present.borrow()
+    }
+
+    /// Installs (or with `None` removes) the OUT-filter that chooses which sinks get each event; the default sends
+    /// to every sink whose type and content filters accept it. Replacing it between two submits loses or repeats
+    /// nothing: each event sees exactly one filter.
+    pub fn set_out_filter(&mut self, filter: Option<Arc<dyn OutFilter>>) {
+        self.out_filter = filter;
+    }
+
+    /// Sets an attribute this source supplies to the channel (published promptly, coalesced).
+    pub fn set_attr(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        self.ch.set_source_attr(self.id, name.into(), value.into());
+    }
+
+    /// The submit path. `wait`: wait for room at full Block sinks (else fail with `WouldBlock`, sending nothing).
+    async fn submit_inner(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], wait: bool) -> Result<u64> {
+        let len = self.check(ty, attrs, payload)?;
+        self.routing.refresh(&self.ch);
+        let routes = &*self.routing.routes;
+        let pick = &mut self.pick;
+        pick.reset(routes);
+        // 1. The sinks whose type and content filters accept the event.
+        pick.accepting(routes, ty, attrs);
+        // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
+        if let Some(f) = self.out_filter.as_ref().or(self.routing.installed.as_ref()) {
+            pick.out_filter(&**f, routes, &EventView { ty, attrs, payload });
+        }
+        // 3. Where they are: per peer node, and local.
+        pick.by_place(routes);
+        // 4. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
+        pick.wait_for_room(routes, len, wait).await?;
+
+        // 5. Number and count it, and what cut-off nodes missed.
+        self.seq += 1;
+        let head = Head { channel: self.ch.id(), source: self.id, seq: self.seq };
+        let c = &self.ch.counters;
+        c.submitted.fetch_add(1, Ordering::Relaxed);
+        self.loss.count_ghosts(&mut pick.ghosts, routes, head);
+        if pick.candidates.is_empty() {
+            c.filtered.fetch_add(1, Ordering::Relaxed);
+            return Ok(head.seq);
+        }
+        // 6. Send: encoded once, the same bytes on every link.
+        let ev = EventView { ty, attrs, payload };
+        let frame = self.enc.send(&mut pick.peers, routes, &mut self.loss, c, head, ev, len, pick.locals.is_empty());
+        // 7. Local sinks get the event without any encoding.
+        if !pick.locals.is_empty() {
+            // Share the encoded payload when there is one; copy it once otherwise.
+            let payload = match &frame {
+                Some(f) => f.slice(f.len() - payload.len()..),
+                None => Bytes::copy_from_slice(payload),
+            };
+            c.received.fetch_add(1, Ordering::Relaxed);
+            let locals = std::mem::take(&mut pick.locals);
+            // The type's name is shared by the events of this source while it keeps sending that type.
+            let name = match &self.ty_name {
+                Some(n) if **n == *ty => n.clone(),
+                _ => self.ty_name.insert(Arc::from(ty)).clone(),
+            };
+            self.ch
+                .dispatch(locals.iter().collect::<SinkList<'_>>(), name, attrs.clone(), payload, head.seq, self.key)
+                .await;
+            self.pick.locals = locals;
+        }
+        Ok(head.seq)
+    }
+
+    /// Checks that the event may be submitted; returns its frame's length.
+    fn check(&self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<usize> {
+        if self.ch.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(self.ch.name.clone()));
+        }
+        if ty.is_empty() {
+            return Err(Error::Invalid("event type must not be empty".into()));
+        }
+        let len = event_frame_len(ty, attrs, payload.len());
+        if len > self.max_frame {
+            return Err(Error::Invalid(format!("event of {len} bytes exceeds the frame limit of {}", self.max_frame)));
+        }
+        Ok(len)
+    }
+}
+
+impl Routing {
+    /// Reads the channel's routing table and installed OUT-filter again if they changed.
+    fn refresh(&mut self, ch: &ChannelInner) {
+        let gen = ch.routing_gen.load(Ordering::Acquire);
+        if self.gen != gen {
+            *self = Routing { gen, routes: ch.routes.read().clone(), installed: ch.out_default.read().clone() };
+        }
+    }
+}
+
+impl Pick {
+    /// Empties the buffers for an event, one `PeerPick` per peer of `routes` (each keeping its list's memory).
+    fn reset(&mut self, routes: &Routes) {
+        self.peers.truncate(routes.peers.len());
+        for p in &mut self.peers {
+            (p.accepting, p.chosen, p.blocks) = (0, 0, false);
+            p.ids.clear();
+        }
+        self.peers.resize_with(routes.peers.len(), PeerPick::default);
+        self.locals.clear();
+        self.candidates.clear();
+        self.ghosts.clear();
+    }
+
+    /// Step 1: the sinks whose type and content filters accept the event go to `candidates` (sinks of cut-off nodes
+    /// to `ghosts`); each peer counts its sinks accepting the type.
+    fn accepting(&mut self, routes: &Routes, ty: &str, attrs: &Attrs) {
+        if routes.slow_filter && self.cel.is_none() {
+            self.cel = Some(CelRoot::default());
+        }
+        let root = self.cel.as_ref();
+        let mut ctx: Option<FilterContext<'_>> = None;
+        let mut at = None;
+        for (i, r) in routes.sinks.iter().enumerate() {
+            if !r.types.accepts(ty) {
+                continue;
+            }
+            match r.dest {
+                Dest::Remote(p) => self.peers[p].accepting += 1,
+                Dest::Ghost(_, until) if *at.get_or_insert_with(now) >= until => continue,
+                _ => {}
+            }
+            if let Some(f) = &r.filter {
+                let accepted = match (f.fast_matches(ty, attrs), root) {
+                    (Some(m), _) => m,
+                    (None, Some(root)) => f.matches_in(ctx.get_or_insert_with(|| FilterContext::new(root, ty, attrs))),
+                    (None, None) => false,
+                };
+                if !accepted {
+                    continue;
+                }
+            }
+            if let Dest::Ghost(node, _) = r.dest {
+                self.ghosts.push(RemoteSink { node, sink: r.entry.id });
+                continue;
+            }
+            self.candidates.push(i);
+        }
+    }
+
+    /// Step 2: keeps the candidates the OUT-filter chooses.
+    fn out_filter(&mut self, f: &dyn OutFilter, routes: &Routes, ev: &EventView<'_>) {
+        // The OUT-filter chooses among present sinks only, so nobody can say whether a cut-off sink would have been
+        // chosen: it is not counted as missing anything.
+        self.ghosts.clear();
+        self.view.clear();
+        self.view.extend(self.candidates.iter().map(|&i| routes.sinks[i].entry.clone()));
+        self.chosen.clear();
+        f.select(ev, &SinkView { entries: &self.view, now: now() }, &mut self.chosen);
+        self.picked.clear();
+        self.picked.resize(self.candidates.len(), false);
+        for &j in &self.chosen {
+            if let Some(p) = self.picked.get_mut(j) {
+                *p = true;
+            }
+        }
+        let picked = &self.picked;
+        let mut k = 0;
+        self.candidates.retain(|_| {
+            k += 1;
+            picked[k - 1]
+        });
+    }
+
+    /// Step 3: sorts the candidates by where they live.
+    fn by_place(&mut self, routes: &Routes) {
+        for &i in &self.candidates {
+            let r = &routes.sinks[i];
+            match &r.dest {
+                Dest::Remote(p) => {
+                    let p = &mut self.peers[*p];
+                    p.chosen += 1;
+                    p.blocks |= r.overflow == Overflow::Block;
+                    p.ids.push(r.entry.id);
+                }
+                Dest::Local(l) => self.locals.push(l.clone()),
+                Dest::Ghost(..) => {}
+            }
+        }
+    }
+
+    /// Step 4: waits until every chosen Block sink has room for an event of `len` bytes (or, if not `wait`, fails
+    /// when one has none).
+    async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool) -> Result<()> {
+        for (p, pick) in self.peers.iter().enumerate() {
+            if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len) {
+                if !wait {
+                    return Err(Error::WouldBlock);
+                }
+                routes.peers[p].outbox.wait_room(len).await;
+            }
+        }
+        if !wait && self.locals.iter().any(|s| s.queue.overflow() == Overflow::Block && s.queue.is_full()) {
+            return Err(Error::WouldBlock);
+        }
+        Ok(())
+    }
+}
+
+impl LossTrack {
+    /// Counts the event for sinks of cut-off nodes that would have got it, and reports what they missed to nodes
+    /// that are back.
+    fn count_ghosts(&mut self, ghosts: &mut Vec<RemoteSink>, routes: &Routes, head: Head) {
+        for g in ghosts.drain(..) {
+            *self.ghost_missed.entry(g).or_default() += 1;
+        }
+        if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
+            self.ghosts_seen = routes.generation;
+            report_ghost_missed(&mut self.ghost_missed, routes, head.channel, head.source);
+        }
+    }
+}
+
+impl SendTrack {
+    /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
+    /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
+    fn before(&self, peer: &Arc<Peer>, seq: u64) -> (Told, bool) {
+        let now = Told { skipped: seq - (self.routed + 1), peer: Arc::as_ptr(peer) as usize, epoch: peer.epoch() };
+        (now, self.told != Some(now))
+    }
+
+    /// The event was queued to the node, which then knows `told`.
+    fn sent(&mut self, told: Told) {
+        self.routed += 1;
+        self.told = Some(told);
+    }
+}
+
+impl Encoder {
+    /// Step 6: encodes the event once and queues it on every link with chosen sinks, each preceded by its routing and
+    /// target frames where needed. `copy`: no local sink shares the frame, so a small one is copied into each outbox.
+    /// Returns the shared frame, if one was made.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        peers: &mut [PeerPick],
+        routes: &Routes,
+        loss: &mut LossTrack,
+        c: &Counters,
+        head: Head,
+        ev: EventView<'_>,
+        len: usize,
+        copy: bool,
+    ) -> Option<Bytes> {
+        let mut frame = None;
+        // A small event that no local sink shares is copied into each link's outbox (see `Outbox::push_event_copied`)
+        // from a buffer used again for the next; larger ones are shared by every link.
+        let copied = copy && len < COPY_BELOW;
+        if copied {
+            self.small.clear();
+            encode_event(&mut self.small, head.channel, head.source, head.seq, ev.ty, ev.attrs, ev.payload);
+        }
+        // Counted once per submit rather than per link.
+        let (mut sent_to, mut sent_bytes) = (0, 0);
+        for (p, pick) in peers.iter_mut().enumerate() {
+            if pick.chosen == 0 {
+                continue;
+            }
+            let peer = &routes.peers[p];
+            peer.flush_lag();
+            // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
+            // every new link.
+            let track = loss.sent_to.entry(peer.id).or_default();
+            let (told, tell) = track.before(peer, head.seq);
+            // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
+            if tell {
+                encode_routed(&mut self.prefix, head.channel, head.source, told.skipped);
+            }
+            if pick.chosen < pick.accepting {
+                encode_targets(&mut self.prefix, head.channel, &pick.ids);
+            }
+            let (pushed, sent) = if copied {
+                (peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate), self.small.len())
+            } else {
+                let f = frame.get_or_insert_with(|| {
+                    let b = self.buf.room(len + 16 * ev.attrs.len(), ENCODE_CHUNK);
+                    encode_event(b, head.channel, head.source, head.seq, ev.ty, ev.attrs, ev.payload);
+                    b.split().freeze()
+                });
+                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate), f.len())
+            };
+            self.prefix.clear();
+            if pushed {
+                track.sent(told);
+                sent_to += 1;
+                sent_bytes += sent as u64;
+            } else {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+                peer.add_lag(head.channel, head.source, &pick.ids, 1);
+            }
+            pick.ids.clear();
+        }
+        if sent_to > 0 {
+            c.sent.fetch_add(sent_to, Ordering::Relaxed);
+            c.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
+        }
+        self.gate.done();
+        frame
+    }
+}
+
+/// Reports the events that sinks of cut-off nodes missed to those that are back (as `Lagged`, ahead of anything else
+/// this source sends them), and forgets the counts of nodes that are gone for good.
+fn report_ghost_missed(missed: &mut IdMap<RemoteSink, u64>, routes: &Routes, channel: ChannelId, source: LocalId) {
+    missed.retain(|g, count| {
+        if let Some(peer) = routes.peers.iter().find(|p| p.id == g.node) {
+            let msg = Message::Lagged { channel, source, count: *count, sinks: vec![g.sink] };
+            peer.outbox.push_control(msg.to_bytes());
+            return false;
+        }
+        // Still cut off (and remembered): keep counting.
+        routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node))
+    });
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.ch.remove_member(self.id);
+    }
+}

@@ -1,0 +1,104 @@
+//! A node's configuration, as [`crate::NodeBuilder`] collects it (each setting is documented there).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kecho_proto::membership::MembershipConfig;
+use kecho_proto::MAX_FRAME_DEFAULT;
+
+/// TLS for node links as configured: a `TlsConfig`, or nothing at all in a build without the `tls` feature.
+#[cfg(feature = "tls")]
+pub(crate) type TlsSetting = crate::tls::TlsConfig;
+/// TLS for node links as configured: a `TlsConfig`, or nothing at all in a build without the `tls` feature.
+#[cfg(not(feature = "tls"))]
+pub(crate) type TlsSetting = std::convert::Infallible;
+
+/// How a node behaves.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeConfig {
+    /// Where the node listens for other nodes. Default `127.0.0.1:0` (any free port).
+    pub(crate) listen: SocketAddr,
+    /// The address other nodes dial to reach this one, if not the listening address: needed when listening on an
+    /// unspecified address (`0.0.0.0`), behind address translation, or through a proxy. A port of 0 means the port
+    /// the node listens on.
+    pub(crate) advertise: Option<SocketAddr>,
+    /// The registry; `None` uses the process-wide in-process registry.
+    pub(crate) registry: Option<SocketAddr>,
+    /// A link silent for this long is declared dead and its members removed. Default 3 s.
+    pub(crate) heartbeat_timeout: Duration,
+    /// Bytes of events queued per link before the link counts as full. Default 8 MiB.
+    pub(crate) link_queue_bytes: usize,
+    /// Largest frame accepted or sent. Default 16 MiB.
+    pub(crate) max_frame: usize,
+    /// Default capacity of a sink's queue, in events. Default 1024.
+    pub(crate) sink_capacity: usize,
+    /// How long a dial may take.
+    pub(crate) connect_timeout: Duration,
+    /// Most inbound connections in their handshake at once; more are closed at once.
+    pub(crate) max_connections: usize,
+    /// Timing of channel membership (leases, join retries, open timeout).
+    pub(crate) membership: MembershipConfig,
+    /// How long a source keeps counting the events that a node cut off from a channel (its link lost, not a clean
+    /// leave) would have received, to report them to it as missed if it comes back. Default 60 s.
+    pub(crate) gap_memory: Duration,
+    /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
+    /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
+    pub(crate) tls: Option<TlsSetting>,
+    /// This node's identity (its signing key; its node id derives from it). `None` (the default) makes a new one at
+    /// start; give one to keep a node id across restarts.
+    pub(crate) identity: Option<kecho_proto::handshake::Identity>,
+    /// Access control: the policies this node requires in channels and the credentials it presents (see
+    /// [`AccessConfig`]). Default: none.
+    pub(crate) access: AccessConfig,
+}
+
+/// Which access policies a node requires and which credentials it presents, per channel (see `kecho_proto::access`).
+///
+/// A channel created by a node with a policy for its name has that policy; a node joining a channel with a policy
+/// of its own refuses a channel with any other (someone else's channel under that name), and a node without one
+/// adopts the channel's. Give every node of a deployment the policy, so that whoever creates the channel first
+/// creates it protected.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AccessConfig {
+    /// Policies by channel pattern: a name, or a prefix followed by `*`. The first match applies.
+    pub(crate) policies: Vec<(String, kecho_proto::access::Policy)>,
+    /// Credentials; for each channel the first one that covers it and was issued to this node is presented.
+    pub(crate) tokens: Vec<kecho_proto::access::Token>,
+}
+
+impl AccessConfig {
+    /// The policy this node requires in channel `name`.
+    pub(crate) fn policy_for(&self, name: &str) -> Option<kecho_proto::access::Policy> {
+        let matches = |pattern: &str| match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pattern == name,
+        };
+        self.policies.iter().find(|(p, _)| matches(p)).map(|(_, p)| *p)
+    }
+
+    /// The credential a node with public key `holder` presents in channel `name`.
+    pub(crate) fn token_for(&self, name: &str, holder: &[u8; 32]) -> Option<kecho_proto::access::Token> {
+        self.tokens.iter().find(|t| t.covers(name) && &t.holder == holder).cloned()
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            registry: None,
+            heartbeat_timeout: Duration::from_secs(3),
+            link_queue_bytes: 8 << 20,
+            max_frame: MAX_FRAME_DEFAULT,
+            sink_capacity: 1024,
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 4096,
+            membership: MembershipConfig::default(),
+            gap_memory: Duration::from_secs(60),
+            tls: None,
+            identity: None,
+            access: AccessConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Setting links up: dialling, accepting (with a bound on connections in their handshake), the kecho handshake with
+//! its identity proofs and duplicate rule, and starting a link's reader and writer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kecho_proto::codec::{self, CloseCode, Purpose};
+use kecho_proto::handshake;
+use kecho_proto::liveness::Liveness;
+use kecho_proto::{Message, PROTOCOL_VERSION};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+use super::tls::{secure_accept, secure_dial, Wr};
+use super::{close, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
+use crate::clock::now;
+
+/// Accepts connections from other nodes until the node stops.
+pub(crate) async fn accept_loop<H: LinkHandler>(links: Weak<Links<H>>, listener: TcpListener) {
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(links) = links.upgrade() else { return };
+        let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many connections; refusing");
+            continue;
+        };
+        let l = links.clone();
+        links.tasks.spawn(async move {
+            let _slot = slot;
+            accept(l, stream, remote).await;
+        });
+    }
+}
+
+/// Dials `peer` for the link of generation `gen`; on failure the peer is lost.
+pub(crate) async fn dial<H: LinkHandler>(links: Arc<Links<H>>, peer: Arc<Peer>, gen: u64) {
+    let addr = peer.addr.lock().clone();
+    match dial_inner(&links, &peer, gen, &addr).await {
+        Ok(DialOutcome::Up) => {}
+        Ok(DialOutcome::Superseded) => {}
+        Ok(DialOutcome::Duplicate) => {
+            // The peer's own connection to us wins; it is on its way, and what we queued will go over it. If it never
+            // comes (its dial failed), try again.
+            if peer.link_end(gen, false) {
+                let l = links.clone();
+                links.tasks.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if !peer.is_up() && !peer.outbox.is_empty() && l.is_peer_known(peer.id) {
+                        peer.ensure_link(&l);
+                    }
+                });
+            }
+        }
+        Err(why) => {
+            // Failures that need an operator (TLS, versions, refusals) are warnings, once each while they repeat.
+            let text = why.to_string();
+            let repeated = links.last_error.lock().replace(text.clone()).as_deref() == Some(text.as_str());
+            if !repeated && why.needs_operator() {
+                tracing::warn!(peer = %peer.id, %addr, "dial failed: {why}");
+            } else {
+                tracing::debug!(peer = %peer.id, %addr, "dial failed: {why}");
+            }
+            if peer.link_down(gen) {
+                links.peer_lost(peer.id);
+            }
+        }
+    }
+}
+
+enum DialOutcome {
+    Up,
+    Superseded,
+    Duplicate,
+}
+
+async fn dial_inner<H: LinkHandler>(
+    links: &Arc<Links<H>>,
+    peer: &Arc<Peer>,
+    gen: u64,
+    addr: &str,
+) -> Result<DialOutcome, LinkError> {
+    let connect = TcpStream::connect(addr);
+    let stream = tokio::time::timeout(links.cfg.connect_timeout, connect)
+        .await
+        .map_err(|_| LinkError::ConnectTimeout { addr: addr.to_owned() })?
+        .map_err(|source| LinkError::Connect { addr: addr.to_owned(), source })?;
+    let _ = stream.set_nodelay(true);
+    let remote = stream.peer_addr().ok();
+    let (mut rd, mut wr) = secure_dial(links.cfg.tls.as_ref(), stream, addr).await?;
+    let my_addr = links.advertised.to_string();
+    let mut hello = BytesMut::new();
+    Message::Hello { version: PROTOCOL_VERSION, node: links.id, addr: my_addr.clone(), purpose: Purpose::Node }
+        .encode(&mut hello);
+    links.identity.hello_proof(peer.id, &my_addr).encode(&mut hello);
+    wr.write_all(&hello).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let answer = async {
+        let first = read_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
+        match handshake::dial_answer(&first, peer.id, addr) {
+            handshake::Dial::Up => {}
+            handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
+            handshake::Dial::Failed(why) => return Err(LinkError::Handshake(why.to_string())),
+        }
+        // The peer proves it is the node we meant to reach.
+        let proof = read_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
+        handshake::check_ack_proof(&proof, peer.id, links.id).map_err(|e| LinkError::Handshake(e.to_string()))?;
+        Ok(DialOutcome::Up)
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
+        DialOutcome::Up => {}
+        other => return Ok(other),
+    }
+    let mut link = peer.link.lock();
+    if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
+        // An inbound connection from the peer won meanwhile.
+        return Ok(DialOutcome::Superseded);
+    }
+    let tasks = start_link(links, peer, gen, (rd, wr), remote, buf);
+    *link = LinkState::Up { gen, outbound: true, tasks };
+    Ok(DialOutcome::Up)
+}
+
+/// Serves one inbound connection: handshake, duplicate rule, then the link tasks.
+async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let Some((mut rd, mut wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
+    let mut buf = BytesMut::with_capacity(4096);
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
+    {
+        Ok(Ok(m)) => m,
+        Ok(Err(why)) => {
+            tracing::warn!(%remote, "closing connection before handshake: {why}");
+            let _ = wr.write_all(&close(CloseCode::Malformed, &why.to_string())).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "closing connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let (their, their_addr) = match handshake::accept_first(&first, links.id) {
+        handshake::Accept::Node { peer, addr } => (peer, addr),
+        handshake::Accept::Refuse { code, reason } => {
+            tracing::warn!(%remote, "refusing connection: {reason}");
+            let _ = wr.write_all(&close(code, &reason)).await;
+            return;
+        }
+    };
+    // The dialler proves it is the node it claims to be, before it is let near any channel.
+    let proof = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
+    let checked = match proof {
+        Ok(Ok(p)) => handshake::check_hello_proof(&p, their, &their_addr, links.id).map_err(|e| e.to_string()),
+        Ok(Err(why)) => Err(why.to_string()),
+        Err(_) => Err(format!("no identity proof within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    if let Err(why) = checked {
+        tracing::warn!(%remote, "refusing connection: {why}");
+        let _ = wr.write_all(&close(CloseCode::Handshake, &why)).await;
+        return;
+    }
+    let peer = links.peer(their, &their_addr);
+    let mut ack = BytesMut::new();
+    Message::HelloAck { version: PROTOCOL_VERSION, node: links.id }.encode(&mut ack);
+    links.identity.ack_proof(their).encode(&mut ack);
+    let ack = ack.freeze();
+    // Decide under the lock, write (if refused) after it: the guard must not live across an await.
+    let refused = {
+        let mut link = peer.link.lock();
+        let refuse = match &*link {
+            // A connection dialled by the lower node id wins over one dialled by the higher.
+            LinkState::Up { outbound: true, .. } | LinkState::Dialing { .. } => links.id < their,
+            // The peer dialled again: it believes the old link dead. The new one replaces it.
+            LinkState::Up { outbound: false, .. } | LinkState::Idle => false,
+        };
+        if refuse {
+            Some((rd, wr))
+        } else {
+            if let LinkState::Up { tasks, .. } = &*link {
+                for t in tasks {
+                    t.abort();
+                }
+            }
+            let gen = links.next_gen();
+            // The ack goes first through the outbox, so nothing can overtake it.
+            peer.outbox.push_front_control(ack);
+            let tasks = start_link(&links, &peer, gen, (rd, wr), Some(remote), buf);
+            *link = LinkState::Up { gen, outbound: false, tasks };
+            None
+        }
+    };
+    if let Some((_rd, mut wr)) = refused {
+        let _ = wr.write_all(&close(CloseCode::Duplicate, "a connection between these nodes exists")).await;
+    }
+}
+
+/// Reads one whole frame during the handshake.
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<Message, LinkError> {
+    loop {
+        if let Some(m) = codec::decode_frame(buf, max)? {
+            return Ok(m);
+        }
+        buf.reserve(4096);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(LinkError::Eof);
+        }
+    }
+}
+
+/// Starts the reader and writer of an established link. Generic over the byte stream: this and the dial/accept
+/// functions above are all a new transport (QUIC streams, a same-host pipe) has to provide (its write half as
+/// `Wr::Stream`).
+fn start_link<H: LinkHandler, R>(
+    links: &Arc<Links<H>>,
+    peer: &Arc<Peer>,
+    gen: u64,
+    (rd, wr): (R, Wr),
+    remote: Option<SocketAddr>,
+    buf: BytesMut,
+) -> [AbortHandle; 2]
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let live = Arc::new(LinkLive {
+        live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
+        reader_waiting: AtomicBool::new(false),
+    });
+    let w = links.tasks.spawn(super::writer::writer(links.clone(), peer.clone(), gen, wr, live.clone()));
+    let r = links.tasks.spawn(super::reader::reader(links.clone(), peer.clone(), gen, rd, buf, live, remote));
+    tracing::debug!(peer = %peer.id, ?remote, "link up");
+    [w, r]
+}

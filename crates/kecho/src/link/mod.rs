@@ -1,0 +1,492 @@
+//! The link layer: one TCP (or TLS) link per pair of nodes, multiplexing all channels. It owns everything that is
+//! about the link rather than a channel: dialling and accepting with the handshake and its duplicate rule
+//! ([`dial`]), TLS ([`tls`]), the outbox and its socket writes ([`outbox`], [`writer`]), heartbeats (Ping/Pong),
+//! `Targets` frames, the membership budget, and splitting arriving frames ([`reader`]).
+//!
+//! What arrives for channels goes up through one narrow interface, [`LinkHandler`]: batches of events, the other
+//! channel frames, and the loss of a peer. This module knows nothing about channels.
+
+pub(crate) mod dial;
+pub(crate) mod outbox;
+pub(crate) mod reader;
+pub(crate) mod tls;
+pub(crate) mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kecho_proto::codec::{CloseCode, EventMsg};
+use kecho_proto::handshake::Identity;
+use kecho_proto::liveness::Liveness;
+use kecho_proto::{ChannelId, LocalId, Message, NodeId};
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+use crate::config::NodeConfig;
+use crate::queue::Event;
+use crate::tasks::Tasks;
+pub(crate) use outbox::{Outbox, SourceGate};
+pub(crate) use writer::COPY_BELOW;
+
+/// How long a connection may take to complete its handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the link layer hands to the channels above it: the one interface between the two.
+///
+/// Implemented by the node's channel table. Frames arrive in link order; `deliver` may wait (a sink with the Block
+/// policy is full), which holds up that link's reader, as back-pressure should.
+pub(crate) trait LinkHandler: Send + Sync + 'static {
+    /// Events that arrived together on one link from node `from`, all on `channel`, in order. Leaves
+    /// `batch.events` empty.
+    fn deliver<'a>(
+        &'a self,
+        from: NodeId,
+        channel: ChannelId,
+        batch: &'a mut Batch,
+    ) -> impl Future<Output = ()> + Send + 'a;
+
+    /// A channel frame other than an event (membership, filter installs and their answers, loss accounting) from
+    /// node `from`.
+    fn control(&self, from: NodeId, msg: Message);
+
+    /// The link to node `id` is gone (and no new one is up): its members left every channel.
+    fn peer_lost(&self, id: NodeId);
+}
+
+/// An event that arrived, with the sink ids of the `Targets` frame before it if it had one.
+pub(crate) struct Arrived {
+    pub(crate) event: EventMsg,
+    pub(crate) targets: Option<Vec<LocalId>>,
+}
+
+/// Events that arrived together on one link for one channel, and the list the handler stages them in for delivery:
+/// both kept from read to read for their memory.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub(crate) events: Vec<Arrived>,
+    /// The handler's: events with the mask of the local sinks they go to.
+    pub(crate) staged: Vec<(Event, u64)>,
+}
+
+/// Why a link could not be set up or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum LinkError {
+    /// The TCP connection could not be made in time.
+    #[error("connect to {addr} timed out")]
+    ConnectTimeout {
+        /// The address dialled.
+        addr: String,
+    },
+    /// The TCP connection failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS could not be set up with the peer.
+    #[cfg(feature = "tls")]
+    #[error("TLS handshake with {addr} {why}")]
+    Tls {
+        /// The address dialled.
+        addr: String,
+        /// What happened (timed out, or failed and why).
+        why: String,
+    },
+    /// The kecho handshake failed or was refused (the peer's or this node's reason).
+    #[error("{0}")]
+    Handshake(String),
+    /// The handshake took too long.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// The peer closed the link with a reason.
+    #[error("peer closed the link ({code:?}): {reason}")]
+    ClosedByPeer {
+        /// Its close code.
+        code: CloseCode,
+        /// Its reason.
+        reason: String,
+    },
+    /// The connection ended.
+    #[error("connection closed")]
+    Eof,
+    /// The peer sent something it must not.
+    #[error("{0}")]
+    Protocol(&'static str),
+    /// A frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] kecho_proto::codec::DecodeError),
+    /// A message kind that has no place on a node link.
+    #[error("message kind {0} is not allowed on a node link")]
+    Unexpected(u8),
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The peer did not prove liveness in time.
+    #[error("heartbeat timeout{0}")]
+    Heartbeat(&'static str),
+}
+
+impl LinkError {
+    /// True for failures an operator must fix (TLS, versions, refusals by the peer): logged as warnings. A failed
+    /// connect is not one: it is what dialling a node that has just left looks like (a normal shutdown), and an open
+    /// that times out names the last link failure anyway.
+    fn needs_operator(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if matches!(self, LinkError::Tls { .. }) {
+            return true;
+        }
+        if matches!(self, LinkError::Connect { .. } | LinkError::ConnectTimeout { .. }) {
+            return false;
+        }
+        let why = self.to_string();
+        why.contains("refused") || why.contains("mismatch")
+    }
+
+    /// The close code to tell the peer when this error ends a link.
+    fn close_code(&self) -> CloseCode {
+        match self {
+            LinkError::Decode(_) => CloseCode::Malformed,
+            _ => CloseCode::Handshake,
+        }
+    }
+}
+
+/// The node's links: the peer table and what dialling, accepting and running links need. `H` is the handler of
+/// what arrives (the node's channel table).
+pub(crate) struct Links<H> {
+    pub(crate) id: NodeId,
+    /// Proves this node's id on every link.
+    identity: Identity,
+    /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
+    pub(crate) advertised: SocketAddr,
+    cfg: Arc<NodeConfig>,
+    pub(crate) tasks: Arc<Tasks>,
+    handler: Weak<H>,
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    gen: AtomicU64,
+    conn_slots: Arc<Semaphore>,
+    /// Set by a graceful shutdown: writers finish their queues and close.
+    closing: AtomicBool,
+    /// Why the last attempt to link with another node failed, to explain a channel that cannot be opened.
+    last_error: Mutex<Option<String>>,
+}
+
+impl<H: LinkHandler> Links<H> {
+    pub(crate) fn new(
+        identity: Identity,
+        advertised: SocketAddr,
+        cfg: Arc<NodeConfig>,
+        tasks: Arc<Tasks>,
+        handler: Weak<H>,
+    ) -> Self {
+        Links {
+            id: identity.node_id(),
+            identity,
+            advertised,
+            conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            tasks,
+            handler,
+            peers: Mutex::new(HashMap::new()),
+            gen: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn next_gen(&self) -> u64 {
+        self.gen.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The peer `id`, created (without a link) if unknown.
+    pub(crate) fn peer(&self, id: NodeId, addr: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock();
+        let p = peers.entry(id).or_insert_with(|| Arc::new(Peer::new(id, addr.to_owned(), self.cfg.link_queue_bytes)));
+        if !addr.is_empty() && *p.addr.lock() != addr {
+            *p.addr.lock() = addr.to_owned();
+        }
+        p.clone()
+    }
+
+    fn is_peer_known(&self, id: NodeId) -> bool {
+        self.peers.lock().contains_key(&id)
+    }
+
+    /// Open links.
+    pub(crate) fn up(&self) -> usize {
+        self.peers.lock().values().filter(|p| p.is_up()).count()
+    }
+
+    /// Sends a control message to node `to` (at `addr`), dialling if needed.
+    pub(crate) fn send(self: &Arc<Self>, to: NodeId, addr: &str, msg: &Message) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        let p = self.peer(to, addr);
+        p.outbox.push_control(msg.to_bytes());
+        p.ensure_link(self);
+    }
+
+    /// Why the last attempt to link with another node failed, if one did.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    /// The link to `id` is gone: forget the peer unless a new link is up, and tell the handler.
+    fn peer_lost(&self, id: NodeId) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        {
+            let mut peers = self.peers.lock();
+            if peers.get(&id).is_some_and(|p| !p.is_up()) {
+                peers.remove(&id);
+            }
+        }
+        if let Some(h) = self.handler.upgrade() {
+            h.peer_lost(id);
+        }
+    }
+
+    /// Lets every link drain what it has queued, then close gracefully (each writer sends FIN once its queue is
+    /// empty and the link ends when the peer closes its side); waits at most `limit`.
+    pub(crate) async fn drain(&self, limit: Duration) {
+        self.closing.store(true, Ordering::Release);
+        let peers: Vec<_> = self.peers.lock().values().cloned().collect();
+        for p in &peers {
+            p.outbox.readable.notify_one();
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline && peers.iter().any(|p| p.is_up()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Drops every link at once without telling anyone.
+    pub(crate) fn abort_all(&self) {
+        for (_, p) in self.peers.lock().drain() {
+            p.abort();
+        }
+    }
+}
+
+/// Heartbeat state shared by a link's reader and writer.
+pub(crate) struct LinkLive {
+    live: Mutex<Liveness>,
+    /// The reader is waiting for room in a Block sink and so not reading: silence then says nothing about the peer.
+    reader_waiting: AtomicBool,
+}
+
+impl LinkLive {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Liveness> {
+        self.live.lock()
+    }
+}
+
+/// A `Close` frame.
+fn close(code: CloseCode, reason: &str) -> Bytes {
+    Message::Close { code, reason: reason.to_owned() }.to_bytes()
+}
+
+/// Membership messages (joins, snapshots and their answers) a peer may send per second, and in one burst. Joins and
+/// attribute updates are rare and coalesced by well-behaved senders; this bounds what a misbehaving or hostile peer
+/// can make this node do.
+const MEMBERSHIP_RATE: f64 = 500.0;
+const MEMBERSHIP_BURST: f64 = 1000.0;
+
+/// The membership budget of one peer.
+struct MembershipGate {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Snapshots that arrived over budget, the newest per channel and node: they are applied later, not lost, since
+    /// only the newest counts anyway.
+    deferred: Vec<Message>,
+}
+
+/// Another node, as this node sees it.
+pub(crate) struct Peer {
+    pub(crate) id: NodeId,
+    pub(crate) addr: Mutex<String>,
+    pub(crate) outbox: Outbox,
+    link: Mutex<LinkState>,
+    /// Events dropped at the full outbox, not reported yet.
+    lag: Mutex<Vec<PendingLag>>,
+    /// Read by every submit: kept off the cache lines the link's tasks write.
+    flags: PeerFlags,
+    membership: Mutex<MembershipGate>,
+    frames_sent: AtomicU64,
+}
+
+/// A peer's flags that every submit reads, on a cache line of their own.
+#[repr(align(64))]
+struct PeerFlags {
+    /// `Peer::lag` holds something.
+    has_lag: AtomicBool,
+    /// Counts the times queued frames were thrown away with a broken link; see `Peer::epoch`.
+    epoch: AtomicU64,
+}
+
+/// Events of one source, meant for the same sinks, dropped at a full outbox.
+struct PendingLag {
+    channel: ChannelId,
+    source: LocalId,
+    sinks: Vec<LocalId>,
+    count: u64,
+}
+
+enum LinkState {
+    Idle,
+    Dialing { gen: u64 },
+    Up { gen: u64, outbound: bool, tasks: [AbortHandle; 2] },
+}
+
+impl Peer {
+    pub(crate) fn new(id: NodeId, addr: String, limit: usize) -> Self {
+        Peer {
+            id,
+            addr: Mutex::new(addr),
+            outbox: Outbox::new(limit),
+            link: Mutex::new(LinkState::Idle),
+            lag: Mutex::new(Vec::new()),
+            flags: PeerFlags { has_lag: AtomicBool::new(false), epoch: AtomicU64::new(0) },
+            membership: Mutex::new(MembershipGate {
+                tokens: MEMBERSHIP_BURST,
+                at: std::time::Instant::now(),
+                deferred: Vec::new(),
+            }),
+            frames_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts dialling if there is no link.
+    fn ensure_link<H: LinkHandler>(self: &Arc<Self>, links: &Arc<Links<H>>) {
+        let mut link = self.link.lock();
+        if matches!(*link, LinkState::Idle) {
+            let gen = links.next_gen();
+            *link = LinkState::Dialing { gen };
+            drop(link);
+            links.tasks.spawn(dial::dial(links.clone(), self.clone(), gen));
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(*self.link.lock(), LinkState::Up { .. })
+    }
+
+    /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
+    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64) {
+        let mut lag = self.lag.lock();
+        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks) {
+            Some(l) => l.count += n,
+            None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
+        }
+        self.flags.has_lag.store(true, Ordering::Release);
+    }
+
+    /// Takes one unit of this peer's membership budget; false if it is spent.
+    fn take_membership_token(&self) -> bool {
+        let mut g = self.membership.lock();
+        let now = std::time::Instant::now();
+        g.tokens =
+            (g.tokens + now.saturating_duration_since(g.at).as_secs_f64() * MEMBERSHIP_RATE).min(MEMBERSHIP_BURST);
+        g.at = now;
+        if g.tokens >= 1.0 {
+            g.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Keeps a snapshot that arrived over budget, in place of an older one of the same channel and node. Returns true
+    /// if nothing was waiting before (the caller then schedules `take_deferred`).
+    fn defer_snapshot(&self, msg: Message) -> bool {
+        let Message::Snapshot { channel, node, .. } = &msg else { return false };
+        let mut g = self.membership.lock();
+        let first = g.deferred.is_empty();
+        let same =
+            |m: &Message| matches!(m, Message::Snapshot { channel: c, node: n, .. } if c == channel && n == node);
+        match g.deferred.iter_mut().find(|m| same(m)) {
+            Some(slot) => *slot = msg,
+            None => g.deferred.push(msg),
+        }
+        first
+    }
+
+    /// The deferred snapshots, to apply now.
+    fn take_deferred(&self) -> Vec<Message> {
+        std::mem::take(&mut self.membership.lock().deferred)
+    }
+
+    /// Changes whenever frames queued for this peer were thrown away because its link broke: whatever a source told
+    /// the peer before may not have arrived.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.flags.epoch.load(Ordering::Acquire)
+    }
+
+    /// Sends pending lag notices, if any, ahead of the next event.
+    pub(crate) fn flush_lag(&self) {
+        if !self.flags.has_lag.load(Ordering::Acquire) {
+            return;
+        }
+        let pending = std::mem::take(&mut *self.lag.lock());
+        self.flags.has_lag.store(false, Ordering::Release);
+        for PendingLag { channel, source, sinks, count } in pending {
+            self.outbox.push_control(Message::Lagged { channel, source, count, sinks }.to_bytes());
+        }
+    }
+
+    /// Drops the link without telling anyone (used by `Node::kill` to simulate a crash).
+    fn abort(&self) {
+        let mut link = self.link.lock();
+        if let LinkState::Up { tasks, .. } = &*link {
+            for t in tasks {
+                t.abort();
+            }
+        }
+        *link = LinkState::Idle;
+        // The aborted writer's socket must close with it, not live on for direct writes.
+        self.outbox.set_direct(None);
+    }
+
+    /// The link with generation `gen` ended. Returns true if it was the current one (the peer is then lost and
+    /// whatever was queued for it is dropped).
+    fn link_down(&self, gen: u64) -> bool {
+        self.link_end(gen, true)
+    }
+
+    /// Ends the link with generation `gen`; keeps the queue if `clear` is false (the peer's own connection is coming).
+    fn link_end(&self, gen: u64, clear: bool) -> bool {
+        let mut link = self.link.lock();
+        let current = match &*link {
+            LinkState::Up { gen: g, .. } | LinkState::Dialing { gen: g } => *g == gen,
+            LinkState::Idle => false,
+        };
+        if current {
+            if let LinkState::Up { tasks, .. } = &*link {
+                // Stop the other half of the link too (aborting the caller itself is harmless: it has no await left).
+                for t in tasks {
+                    t.abort();
+                }
+            }
+            *link = LinkState::Idle;
+            drop(link);
+            self.outbox.set_direct(None);
+            if clear {
+                self.outbox.clear();
+                self.flags.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        current
+    }
+}

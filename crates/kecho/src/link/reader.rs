@@ -1,0 +1,238 @@
+//! A link's reader: reads the byte stream, splits frames off it and decides what each is. Link frames (`Targets`,
+//! `Ping`/`Pong`, `Close`) are handled here; membership frames pass the peer's budget first; events are gathered per
+//! channel into batches; everything for channels goes up through [`LinkHandler`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kecho_proto::codec::{self, EventMsg};
+use kecho_proto::{ChannelId, LocalId, Message};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{close, Arrived, Batch, LinkError, LinkHandler, LinkLive, Links, Peer, MEMBERSHIP_RATE};
+use crate::clock::now;
+
+/// How much a link's reader reads at a time: on a quiet link, and on a busy one (its last read filled the buffer).
+const READ_SMALL: usize = 64 * 1024;
+const READ_BIG: usize = 256 * 1024;
+
+/// At most this many events are delivered as one batch.
+const MAX_BATCH: usize = 256;
+
+/// Runs a link's reader until the link fails; then the link is dropped and, if it was the current one, the peer lost.
+pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
+    links: Arc<Links<H>>,
+    peer: Arc<Peer>,
+    gen: u64,
+    rd: R,
+    buf: BytesMut,
+    live: Arc<LinkLive>,
+    remote: Option<SocketAddr>,
+) {
+    // The handler lives as long as the node; a reader of a node being dropped has nothing to deliver to.
+    let Some(handler) = links.handler.upgrade() else { return };
+    let later = std::cell::RefCell::new(Vec::new());
+    let mut rx =
+        Receiver { handler, peer: peer.clone(), live, targets: None, batch: Batch::default(), on: ChannelId(0) };
+    let why = crate::queue::WAKE_LATER.scope(later, rx.read_loop(&links, rd, buf, remote)).await;
+    tracing::debug!(peer = %peer.id, "reader stopped: {why}");
+    // Give the writer a moment to send a Close we queued, then drop the link.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if peer.link_down(gen) {
+        tracing::info!(peer = %peer.id, "link lost: {why}");
+        links.peer_lost(peer.id);
+    }
+}
+
+/// The sink ids of a `Targets` frame, held until the event it announces arrives.
+struct PendingTargets {
+    channel: ChannelId,
+    sinks: Vec<LocalId>,
+}
+
+/// A reader's state between frames.
+struct Receiver<H> {
+    handler: Arc<H>,
+    peer: Arc<Peer>,
+    live: Arc<LinkLive>,
+    targets: Option<PendingTargets>,
+    /// Consecutive events of one channel (`on`), delivered together.
+    batch: Batch,
+    on: ChannelId,
+}
+
+impl<H: LinkHandler> Receiver<H> {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        links: &Links<H>,
+        mut rd: R,
+        mut buf: BytesMut,
+        remote: Option<SocketAddr>,
+    ) -> LinkError {
+        let max_frame = links.cfg.max_frame;
+        let mut names = codec::TypeNames::default();
+        let mut busy = false;
+        // The buffer read into before `buf`: its events may still be queued at sinks, and once they are gone its
+        // memory serves again (see `more_room`).
+        let mut spare = BytesMut::new();
+        let why = 'outer: loop {
+            loop {
+                let handled = match codec::split_frame(&mut buf, max_frame) {
+                    Ok(Some(frame)) if codec::is_event(&frame) => match codec::decode_event_with(frame, &mut names) {
+                        Ok(e) => self.event(e).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
+                        Ok(msg) => self.frame(links, msg).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    Ok(None) => break,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(why) = handled {
+                    match &why {
+                        // A peer that closed the link needs no Close back.
+                        LinkError::ClosedByPeer { .. } => {}
+                        LinkError::Decode(_) => {
+                            tracing::warn!(?remote, peer = %self.peer.id, "malformed frame, closing link: {why}");
+                            self.peer.outbox.push_control(close(why.close_code(), &why.to_string()));
+                        }
+                        _ => self.peer.outbox.push_control(close(why.close_code(), &why.to_string())),
+                    }
+                    break 'outer why;
+                }
+            }
+            self.deliver().await;
+            // Every complete frame read so far is handled: wake the sinks that got events, once each.
+            crate::queue::flush_deferred_wakes();
+            // Reads of up to READ_SMALL on a quiet link; a link whose last read filled the buffer is busy, and larger
+            // reads then cost fewer system calls and wake-ups per event.
+            let want = if busy { READ_BIG } else { READ_SMALL };
+            if buf.capacity() - buf.len() < want / 4 {
+                more_room(&mut buf, &mut spare, want);
+            }
+            let free = buf.capacity() - buf.len();
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => break LinkError::Eof,
+                Ok(n) => {
+                    busy = n == free;
+                    self.live.lock().on_receive(now());
+                }
+                // (A reader that was held up by a Block sink resumes here; the data it now reads proves the peer
+                // alive.)
+                Err(e) => break LinkError::Io(e),
+            }
+        };
+        // Events read before whatever stopped the reader are delivered.
+        self.deliver().await;
+        crate::queue::flush_deferred_wakes();
+        why
+    }
+
+    /// An event: joins the batch of its channel (the batch so far is delivered first if it is another channel's).
+    async fn event(&mut self, e: EventMsg) -> Result<(), LinkError> {
+        let targets = match self.targets.take() {
+            Some(t) if t.channel == e.channel => Some(t.sinks),
+            Some(_) => return Err(LinkError::Protocol("a Targets frame was not followed by its event")),
+            None => None,
+        };
+        if e.channel != self.on || self.batch.events.len() >= MAX_BATCH {
+            self.deliver().await;
+            self.on = e.channel;
+        }
+        self.batch.events.push(Arrived { event: e, targets });
+        Ok(())
+    }
+
+    /// Any frame but an event's fast path.
+    async fn frame(&mut self, links: &Links<H>, msg: Message) -> Result<(), LinkError> {
+        match msg {
+            Message::Event(e) => return self.event(e).await,
+            Message::Targets { channel, sinks } => {
+                if self.targets.replace(PendingTargets { channel, sinks }).is_some() {
+                    return Err(LinkError::Protocol("two Targets frames in a row"));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        // Frames of other kinds keep their place after the events before them.
+        self.deliver().await;
+        let peer = &self.peer;
+        match msg {
+            Message::Ping(n) => {
+                // Any frame proves liveness, so a pong is only needed on an idle link. Skipping it otherwise keeps a
+                // peer that pings without reading from growing our queue.
+                if peer.outbox.is_empty() {
+                    peer.outbox.push_control(Message::Pong(n).to_bytes());
+                }
+            }
+            Message::Pong(_) => {}
+            Message::Close { code, reason } => return Err(LinkError::ClosedByPeer { code, reason }),
+            Message::JoinRequest { .. }
+            | Message::JoinAccept { .. }
+            | Message::JoinRedirect { .. }
+            | Message::JoinRefused { .. }
+                if !peer.take_membership_token() =>
+            {
+                // Over budget: a genuine joiner asks again after `MembershipConfig::join_attempt`.
+                tracing::debug!(peer = %peer.id, "membership budget spent: dropping a {} message", msg.kind());
+            }
+            Message::Snapshot { .. } if !peer.take_membership_token() => {
+                if peer.defer_snapshot(msg) {
+                    let (handler, peer) = (self.handler.clone(), peer.clone());
+                    links.tasks.spawn(async move {
+                        // Apply the newest of what waited once the budget allows, one pass per refill.
+                        let wait = Duration::from_secs_f64(1.0 / MEMBERSHIP_RATE).max(Duration::from_millis(20));
+                        tokio::time::sleep(wait).await;
+                        for m in peer.take_deferred() {
+                            handler.control(peer.id, m);
+                        }
+                    });
+                }
+            }
+            Message::JoinRequest { .. }
+            | Message::JoinAccept { .. }
+            | Message::JoinRedirect { .. }
+            | Message::JoinRefused { .. }
+            | Message::Snapshot { .. }
+            | Message::InstallFilter { .. }
+            | Message::FilterStatus { .. }
+            | Message::Lagged { .. }
+            | Message::Routed { .. } => self.handler.control(peer.id, msg),
+            other => return Err(LinkError::Unexpected(other.kind())),
+        }
+        Ok(())
+    }
+
+    /// Delivers the events gathered so far, if any.
+    async fn deliver(&mut self) {
+        if self.batch.events.is_empty() {
+            return;
+        }
+        self.live.reader_waiting.store(true, Ordering::Release);
+        self.handler.deliver(self.peer.id, self.on, &mut self.batch).await;
+        self.live.reader_waiting.store(false, Ordering::Release);
+    }
+}
+
+/// Gives a reader's buffer at least `want` bytes of free room, keeping the bytes it holds (the start of a frame not
+/// read whole yet). Events hold on to the memory they were read into, so a buffer can rarely grow in place; rather than
+/// a new allocation each time (whose pages the kernel must fault in afresh), the previous buffer is used again once
+/// nothing refers to it any more.
+fn more_room(buf: &mut BytesMut, spare: &mut BytesMut, want: usize) {
+    if buf.try_reclaim(want) {
+        return;
+    }
+    let mut next = if spare.try_reclaim(want + buf.len()) {
+        std::mem::take(spare)
+    } else {
+        BytesMut::with_capacity(want.max(2 * buf.len()))
+    };
+    next.extend_from_slice(buf);
+    *spare = std::mem::replace(buf, next);
+    spare.clear();
+}

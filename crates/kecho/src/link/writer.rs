@@ -1,0 +1,501 @@
+//! A link's writer: the task that takes every frame queued in the peer's outbox and writes them with one system call,
+//! sends heartbeats, and watches the heartbeat deadline while a write is blocked; and the socket writes themselves,
+//! including the direct write a submitting thread makes on a quiet link (see `Outbox::push_event_with`).
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use kecho_proto::liveness::LivenessAction;
+use kecho_proto::Message;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+
+use super::outbox::Outbox;
+use super::tls::Wr;
+use super::{LinkError, LinkHandler, LinkLive, Links, Peer};
+use crate::clock::now;
+
+/// Largest buffer the writer fills before one write call; many small frames go out in one system call.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Most segments given to one vectored write (Linux takes up to 1024).
+const MAX_IOV: usize = 64;
+/// Frames this long or longer are written from where they are rather than copied (see `write_frames`).
+pub(crate) const COPY_BELOW: usize = 512;
+
+/// The write half as a link's writer holds it.
+enum LinkWr {
+    /// Plain TCP, shared with the outbox.
+    Tcp(Arc<OwnedWriteHalf>),
+    Stream(Box<dyn AsyncWrite + Unpin + Send>),
+}
+
+impl LinkWr {
+    async fn write(&mut self, frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) -> std::io::Result<()> {
+        match self {
+            LinkWr::Tcp(sock) => write_frames_tcp(sock, frames, batch).await,
+            LinkWr::Stream(w) => write_frames(w, frames, batch).await,
+        }
+    }
+
+    /// Sends FIN (no more direct writes first).
+    async fn shutdown(self, outbox: &Outbox) {
+        match self {
+            LinkWr::Tcp(sock) => {
+                outbox.clear_direct(&sock);
+                // The outbox held the only other reference, and only under its lock: this one is now alone.
+                if let Ok(mut w) = Arc::try_unwrap(sock) {
+                    let _ = w.shutdown().await;
+                }
+            }
+            LinkWr::Stream(mut w) => {
+                let _ = w.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Runs a link's writer until the link fails or, in a graceful shutdown, its outbox is empty.
+pub(super) async fn writer<H: LinkHandler>(
+    links: Arc<Links<H>>,
+    peer: Arc<Peer>,
+    gen: u64,
+    wr: Wr,
+    live: Arc<LinkLive>,
+) {
+    let mut wr = match wr {
+        Wr::Tcp(w) => {
+            let sock = Arc::new(w);
+            peer.outbox.set_direct(Some(sock.clone()));
+            LinkWr::Tcp(sock)
+        }
+        Wr::Stream(w) => LinkWr::Stream(w),
+    };
+    let mut frames = VecDeque::new();
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let why = loop {
+        let wake = peer.outbox.readable.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
+        peer.flush_lag();
+        peer.outbox.take_all(&mut frames);
+        if frames.is_empty() {
+            if links.closing.load(Ordering::Acquire) {
+                // Graceful shutdown: everything queued is written. Send FIN and let the reader see the peer's EOF, so
+                // that no unread data makes the kernel reset the connection and discard what we sent.
+                wr.shutdown(&peer.outbox).await;
+                tracing::debug!(peer = %peer.id, "writer finished for shutdown");
+                return;
+            }
+            let deadline = live.lock().deadline();
+            tokio::select! {
+                _ = &mut wake => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if live.reader_waiting.load(Ordering::Acquire) {
+                        live.lock().on_receive(now());
+                    }
+                    if peer.outbox.take_sent_direct() {
+                        live.lock().on_send(now());
+                    }
+                    let action = live.lock().poll(now());
+                    match action {
+                        LivenessAction::Wait => continue,
+                        // Through the outbox, so that no direct write can interleave with it.
+                        LivenessAction::SendPing => {
+                            peer.outbox.push_control(Message::Ping(gen).to_bytes());
+                            continue;
+                        }
+                        LivenessAction::Dead => break LinkError::Heartbeat(""),
+                    }
+                }
+            }
+        }
+        peer.outbox.writable.notify_waiters();
+        let n = frames.len() as u64;
+        // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
+        // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
+        // declared dead.
+        let write = wr.write(&mut frames, &mut batch);
+        tokio::pin!(write);
+        let written = loop {
+            let deadline = live.lock().deadline();
+            tokio::select! {
+                r = &mut write => break r.map_err(LinkError::Io),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if live.reader_waiting.load(Ordering::Acquire) {
+                        live.lock().on_receive(now());
+                    }
+                    // Pings are not sent from here: the write in progress shows the peer we are alive once it
+                    // drains, and a ping could not overtake it anyway.
+                    if live.lock().poll(now()) == LivenessAction::Dead {
+                        break Err(LinkError::Heartbeat(" while writing"));
+                    }
+                }
+            }
+        };
+        if let Err(e) = written {
+            break e;
+        }
+        peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+        live.lock().on_send(now());
+    };
+    tracing::debug!(peer = %peer.id, "writer stopped: {why}");
+    wr.shutdown(&peer.outbox).await;
+    if peer.link_down(gen) {
+        tracing::info!(peer = %peer.id, "link lost: {why}");
+        links.peer_lost(peer.id);
+    }
+}
+
+/// Writes frames, a burst in one system call. Where the stream takes vectored writes (plain TCP), frames of
+/// [`COPY_BELOW`] bytes or more go out from where they are, without a copy: an event frame is shared by every link it
+/// is sent on and by local sinks, so copying it into each link's buffer cost one copy per link. Runs of smaller frames
+/// are still copied into one segment, which costs less than one vector entry each. Other streams (TLS) get every
+/// frame copied into one buffer.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frames: &mut VecDeque<Bytes>,
+    batch: &mut BytesMut,
+) -> std::io::Result<()> {
+    if !wr.is_write_vectored() {
+        return write_frames_copied(wr, frames, batch).await;
+    }
+    coalesce(frames, batch);
+    // Bytes of the first segment already written by an earlier, partial write.
+    let mut done = 0;
+    while !frames.is_empty() {
+        let written = {
+            let mut iov: smallvec::SmallVec<[IoSlice<'_>; MAX_IOV]> = smallvec::SmallVec::new();
+            for f in frames.iter().take(MAX_IOV) {
+                iov.push(IoSlice::new(&f[if iov.is_empty() { done } else { 0 }..]));
+            }
+            wr.write_vectored(&iov).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done = consume(frames, done, written);
+    }
+    Ok(())
+}
+
+/// Replaces each run of frames shorter than [`COPY_BELOW`] by one segment holding their bytes (cut from `batch`,
+/// whose memory is used again once the segments are written and dropped).
+fn coalesce(frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) {
+    if frames.iter().all(|f| f.len() >= COPY_BELOW) {
+        return;
+    }
+    for _ in 0..frames.len() {
+        let Some(f) = frames.pop_front() else { break };
+        if f.len() < COPY_BELOW {
+            if batch.capacity() - batch.len() < f.len() {
+                // Never let the buffer grow under a run: that would move the bytes copied so far. Close the run and
+                // start the next in reclaimed (or new) memory instead.
+                if !batch.is_empty() {
+                    frames.push_back(batch.split().freeze());
+                }
+                batch.reserve(WRITE_BATCH);
+            }
+            batch.extend_from_slice(&f);
+            if batch.len() < WRITE_BATCH {
+                continue;
+            }
+        } else if !batch.is_empty() {
+            frames.push_back(batch.split().freeze());
+        }
+        if f.len() >= COPY_BELOW {
+            frames.push_back(f);
+        } else {
+            frames.push_back(batch.split().freeze());
+        }
+    }
+    if !batch.is_empty() {
+        frames.push_back(batch.split().freeze());
+    }
+}
+
+/// `write_frames` for the shared plain TCP socket (non-blocking writes, waiting for the socket in between).
+async fn write_frames_tcp(
+    sock: &OwnedWriteHalf,
+    frames: &mut VecDeque<Bytes>,
+    batch: &mut BytesMut,
+) -> std::io::Result<()> {
+    coalesce(frames, batch);
+    let mut done = 0;
+    while !frames.is_empty() {
+        let tried = {
+            let mut iov: smallvec::SmallVec<[IoSlice<'_>; MAX_IOV]> = smallvec::SmallVec::new();
+            for f in frames.iter().take(MAX_IOV) {
+                iov.push(IoSlice::new(&f[if iov.is_empty() { done } else { 0 }..]));
+            }
+            sock.try_write_vectored(&iov)
+        };
+        match tried {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done = consume(frames, done, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the frames a write of `written` bytes completed, `done` bytes of the first having been written before;
+/// returns how much of the new first frame is written.
+fn consume(frames: &mut VecDeque<Bytes>, mut done: usize, mut written: usize) -> usize {
+    while written > 0 {
+        let Some(rest) = frames.front().map(|f| f.len() - done) else { break };
+        if written < rest {
+            return done + written;
+        }
+        written -= rest;
+        done = 0;
+        frames.pop_front();
+    }
+    done
+}
+
+/// Writes frames, copying small ones into one buffer so that a burst costs one system call.
+async fn write_frames_copied<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frames: &mut VecDeque<Bytes>,
+    batch: &mut BytesMut,
+) -> std::io::Result<()> {
+    while let Some(f) = frames.pop_front() {
+        if f.len() >= WRITE_BATCH / 4 {
+            if !batch.is_empty() {
+                wr.write_all(batch).await?;
+                batch.clear();
+            }
+            wr.write_all(&f).await?;
+            continue;
+        }
+        if batch.len() + f.len() > WRITE_BATCH {
+            wr.write_all(batch).await?;
+            batch.clear();
+        }
+        batch.extend_from_slice(&f);
+    }
+    if !batch.is_empty() {
+        wr.write_all(batch).await?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+/// Writes `first` and `frame` to the socket without waiting (a submitting thread's direct write); returns how many
+/// bytes went out. An error is the writer's (or reader's) to find; what was not written is then queued like any
+/// other frame.
+pub(super) fn write_now(sock: &OwnedWriteHalf, first: &[u8], frame: &[u8]) -> usize {
+    let iov = [IoSlice::new(first), IoSlice::new(frame)];
+    sock.try_write_vectored(&iov).unwrap_or(0)
+}
+#[cfg(test)]
+mod tests {
+    use super::super::outbox::SourceGate;
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+
+    /// A stream that takes at most `chunk` bytes per write call, as a socket with a nearly full send buffer does.
+    struct Trickle {
+        out: Vec<u8>,
+        chunk: usize,
+        vectored: bool,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.chunk);
+            self.out.extend_from_slice(&buf[..n]);
+            self.calls += 1;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut left = self.chunk;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.out.extend_from_slice(&b[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            self.calls += 1;
+            Poll::Ready(Ok(self.chunk - left))
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Writes `n` frames of 1 to 1301 bytes (small ones copied, large ones not) through `Trickle`; returns the calls.
+    fn check(chunk: usize, vectored: bool, n: u32) -> usize {
+        let frames: Vec<Bytes> = (0..n)
+            .map(|i| Bytes::from((0..(i * 397 % 1301 + 1)).map(|j| (i + j) as u8).collect::<Vec<u8>>()))
+            .collect();
+        let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let mut q: VecDeque<Bytes> = frames.into_iter().collect();
+        let mut wr = Trickle { out: Vec::new(), chunk, vectored, calls: 0 };
+        let mut batch = BytesMut::new();
+        futures_util::FutureExt::now_or_never(write_frames(&mut wr, &mut q, &mut batch)).unwrap().unwrap();
+        assert!(q.is_empty());
+        assert_eq!(wr.out.len(), want.len(), "chunk {chunk}, vectored {vectored}");
+        assert!(wr.out == want, "bytes out of order with chunk {chunk}, vectored {vectored}");
+        wr.calls
+    }
+
+    #[test]
+    fn partial_writes_keep_every_byte_in_order() {
+        for chunk in [1, 7, 100, 151, 4096, 1 << 20] {
+            check(chunk, true, 300);
+            check(chunk, false, 300);
+        }
+    }
+
+    #[test]
+    fn a_burst_is_one_write_call() {
+        // 40 frames, about 60 % of them large: fewer segments than one vectored write takes.
+        assert_eq!(check(1 << 20, true, 40), 1);
+        assert_eq!(check(1 << 20, false, 40), 1);
+    }
+
+    #[test]
+    fn consume_counts_partial_frames() {
+        let mut q: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"].into_iter().map(Bytes::from_static).collect();
+        assert_eq!(consume(&mut q, 0, 2), 2);
+        assert_eq!(q.len(), 3);
+        assert_eq!(consume(&mut q, 2, 1), 0);
+        assert_eq!(q.len(), 2);
+        assert_eq!(consume(&mut q, 0, 3), 1);
+        assert_eq!(q.front().map(|f| &f[..]), Some(&b"fghi"[..]));
+        assert_eq!(consume(&mut q, 1, 3), 0);
+        assert!(q.is_empty());
+    }
+
+    /// A connected loopback pair: the write half of one end (shared, as a link's writer holds it) and the other end.
+    async fn socket_pair() -> (Arc<OwnedWriteHalf>, tokio::net::tcp::OwnedReadHalf, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        let (ra, wa) = a.into_split();
+        (Arc::new(wa), ra, b)
+    }
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        Bytes::from(vec![n; len])
+    }
+
+    /// How long the tests' links take to count as quiet: long enough that a slow debug build cannot pass it by
+    /// accident between two pushes.
+    const QUIET: Duration = Duration::from_millis(200);
+
+    /// Lets the link count as quiet for a direct write.
+    fn quiet() {
+        std::thread::sleep(QUIET + Duration::from_millis(10));
+    }
+
+    fn direct(out: &Outbox) -> u64 {
+        out.direct_writes.load(Ordering::Relaxed)
+    }
+
+    /// Reads what `want` holds from `b` and checks it arrived as `want`.
+    async fn expect(b: &mut TcpStream, want: &[u8]) {
+        let mut got = vec![0; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "bytes on the wire differ from the frames in their order");
+    }
+
+    #[tokio::test]
+    async fn direct_writes_never_overtake_queued_frames() {
+        let (sock, _ra, mut b) = socket_pair().await;
+        let out = Outbox::with_quiet(1 << 30, QUIET);
+        out.set_direct(Some(sock.clone()));
+        let mut batch = BytesMut::new();
+        let mut taken = VecDeque::new();
+        let mut wire = Vec::new();
+        let mut push = |out: &Outbox, first: Option<Bytes>, f: Bytes| {
+            if f[0] != 6 {
+                wire.extend_from_slice(first.as_deref().unwrap_or_default());
+                wire.extend_from_slice(&f);
+            }
+            assert!(out.push_event_with(first.as_deref().unwrap_or_default(), f, &mut SourceGate::default()));
+            wire.clone()
+        };
+        // A quiet link: written at once, with its prefix.
+        quiet();
+        push(&out, Some(frame(0, 3)), frame(1, 100));
+        assert_eq!((direct(&out), out.is_empty()), (1, true));
+        // Right after that the link is not quiet: queued for the writer.
+        push(&out, None, frame(2, 100));
+        assert_eq!((direct(&out), out.is_empty()), (1, false));
+        // Quiet again, but a frame is queued: this one must queue behind it.
+        quiet();
+        push(&out, None, frame(3, 600));
+        assert_eq!(direct(&out), 1);
+        // The writer took them and is writing: nothing may go around it either.
+        out.take_all(&mut taken);
+        quiet();
+        push(&out, None, frame(4, 100));
+        assert_eq!(direct(&out), 1);
+        write_frames_tcp(&sock, &mut taken, &mut batch).await.unwrap();
+        out.take_all(&mut taken);
+        write_frames_tcp(&sock, &mut taken, &mut batch).await.unwrap();
+        // The writer comes back to an empty queue: it is idle, and the next event on a quiet link goes directly.
+        out.take_all(&mut taken);
+        assert!(taken.is_empty());
+        quiet();
+        let wire = push(&out, None, frame(5, 100));
+        assert_eq!((direct(&out), out.is_empty()), (2, true));
+        assert!(out.take_sent_direct());
+        expect(&mut b, &wire).await;
+        // Without a socket (TLS, or the link is gone) everything is queued.
+        out.set_direct(None);
+        quiet();
+        push(&out, None, frame(6, 100));
+        assert_eq!((direct(&out), out.is_empty()), (2, false));
+    }
+
+    #[tokio::test]
+    async fn a_partial_direct_write_leaves_the_rest_queued_in_order() {
+        let (sock, _ra, mut b) = socket_pair().await;
+        let out = Outbox::with_quiet(1 << 30, QUIET);
+        out.set_direct(Some(sock.clone()));
+        // Far more than the socket buffers take while nobody reads: the direct write is partial.
+        let big: Bytes = (0..32u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+        quiet();
+        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default()));
+        assert_eq!(direct(&out), 0, "the write cannot have been complete");
+        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default()));
+        let mut taken = VecDeque::new();
+        out.take_all(&mut taken);
+        let rest = taken.front().map_or(0, Bytes::len);
+        assert!(rest < big.len() + 5 && rest > 0, "the queue holds the remainder ({rest} bytes)");
+        assert_eq!(taken.len(), 2);
+        let mut wire = frame(7, 5).to_vec();
+        wire.extend_from_slice(&big);
+        wire.extend_from_slice(&frame(8, 100));
+        let reader = tokio::spawn(async move {
+            expect(&mut b, &wire).await;
+        });
+        write_frames_tcp(&sock, &mut taken, &mut BytesMut::new()).await.unwrap();
+        reader.await.unwrap();
+    }
+}
