@@ -10,6 +10,7 @@
 //! The design is in docs/FLOWS.md.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod endpoint;
 pub mod ladder;
 pub mod record;

@@ -439,26 +439,15 @@ impl FlowHandle {
     }
     /// Changes the priority.
     pub fn set_priority(&self, p: u32) {
-        self.sh.priority.store(p.max(1), Ordering::Relaxed);
-        self.rebalance();
+        self.watcher().set_priority(p);
     }
     /// Changes the rate limit.
     pub fn set_rate(&self, r: Option<u64>) {
-        *self.sh.own_rate.lock() = r;
-        self.sh.apply_rate(r, Instant::now());
-        self.rebalance();
-    }
-    fn rebalance(&self) {
-        if let Some(s) = self.sh.scheduler.as_ref().and_then(Weak::upgrade) {
-            s.rebalance();
-        }
+        self.watcher().set_rate(r);
     }
     /// Asks the flow to stop (blocked reads and writes on sockets and children are interrupted).
     pub fn stop(&self) {
-        self.sh.stop.store(true, Ordering::Release);
-        for f in self.sh.interrupters.lock().iter() {
-            f();
-        }
+        self.watcher().stop();
     }
     /// Waits for the end; the final counters, or why the flow failed.
     pub fn wait(mut self) -> Result<FlowStats, FlowError> {
@@ -466,7 +455,7 @@ impl FlowHandle {
             Some(j) => j.join().unwrap_or_else(|_| Err(FlowError::Transform("the flow thread panicked".into()))),
             None => Ok(()),
         };
-        self.rebalance();
+        self.watcher().rebalance();
         r.map(|()| self.sh.snapshot())
     }
     /// A handle to the counters that outlives this handle (for a control socket).
@@ -475,14 +464,41 @@ impl FlowHandle {
     }
 }
 
-/// Read-only access to a flow's counters.
+/// A cloneable remote control of a flow (counters, priority, rate, stop), e.g. for a control socket.
 #[derive(Debug, Clone)]
 pub struct FlowWatcher(Arc<Shared>);
 
 impl FlowWatcher {
+    /// The flow's id.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
     /// Counters now.
     pub fn stats(&self) -> FlowStats {
         self.0.snapshot()
+    }
+    /// See [`FlowHandle::stop`].
+    pub fn stop(&self) {
+        self.0.stop.store(true, Ordering::Release);
+        for f in self.0.interrupters.lock().iter() {
+            f();
+        }
+    }
+    /// See [`FlowHandle::set_priority`].
+    pub fn set_priority(&self, p: u32) {
+        self.0.priority.store(p.max(1), Ordering::Relaxed);
+        self.rebalance();
+    }
+    /// See [`FlowHandle::set_rate`].
+    pub fn set_rate(&self, r: Option<u64>) {
+        *self.0.own_rate.lock() = r;
+        self.0.apply_rate(r, Instant::now());
+        self.rebalance();
+    }
+    fn rebalance(&self) {
+        if let Some(s) = self.0.scheduler.as_ref().and_then(Weak::upgrade) {
+            s.rebalance();
+        }
     }
 }
 
