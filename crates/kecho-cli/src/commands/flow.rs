@@ -13,7 +13,7 @@ use crate::node_args::{node, open, NodeArgs, RegistryArg};
 pub enum Args {
     /// Run a flow until its source ends: `kecho flow run 'tcp-listen:0.0.0.0:9000 ! decrypt aes-256-gcm key=k !
     /// file:/data/out'`. The words may also be given unquoted.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the running flows on this host (their control sockets).
     Ls(ListArgs),
     /// Per-stage counters of running flows: bytes, rate, busy fraction, system calls, user-space copies.
@@ -80,7 +80,7 @@ pub struct StatsArgs {
 
 pub async fn run(a: Args) -> Result<()> {
     match a {
-        Args::Run(r) => run_flow(r).await,
+        Args::Run(r) => run_flow(*r).await,
         Args::Ls(l) => {
             let flows = control::list(&l.dir.unwrap_or_else(control::default_dir));
             if l.json {
