@@ -401,6 +401,7 @@ impl Shared {
             syscalls: stages.iter().map(|s| s.syscalls).sum(),
             priority: self.priority.load(Ordering::Relaxed),
             rate: *self.own_rate.lock(),
+            effective_rate: self.bucket.lock().as_ref().map(TokenBucket::rate),
             bound: sched::bottleneck(&loads).map(|i| stages[i].name.clone()),
             stages,
             results: self.results.lock().clone(),

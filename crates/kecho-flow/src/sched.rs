@@ -110,6 +110,11 @@ impl TokenBucket {
         TokenBucket { rate: rate.max(1) as f64, burst, tokens: burst, last: now }
     }
 
+    /// The rate in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+
     /// Changes the rate (keeps the tokens).
     pub fn set_rate(&mut self, rate: u64, now: Instant) {
         self.refill(now);

@@ -141,8 +141,10 @@ pub struct FlowStats {
     pub syscalls: u64,
     /// Priority.
     pub priority: u32,
-    /// Rate limit in effect, bytes/s.
+    /// The flow's own rate limit, bytes/s.
     pub rate: Option<u64>,
+    /// The rate in effect: its own limit or its share of a scheduler's budget, bytes/s.
+    pub effective_rate: Option<u64>,
     /// The stage that bounds the flow (most busy time per replica).
     pub bound: Option<String>,
     /// Stages: source, transforms, sinks.

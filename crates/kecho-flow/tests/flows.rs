@@ -384,3 +384,84 @@ fn stop_by_handle_and_rate_limit() {
     assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
     assert_eq!(s.priority, 5);
 }
+
+#[test]
+fn a_scheduler_shares_its_budget_by_priority() {
+    let sched = kecho_flow::Scheduler::new(Some(30_000_000));
+    let start = |p: u32| {
+        Flow::from_spec(&parse("tcp-listen:127.0.0.1:0 ! checksum ! -").unwrap())
+            .priority(p)
+            .scheduler(sched.clone())
+            .start()
+            .unwrap()
+    };
+    let a = start(1);
+    let b = start(2);
+    assert_eq!(a.stats().effective_rate, Some(10_000_000));
+    assert_eq!(b.stats().effective_rate, Some(20_000_000));
+    // Reprioritise: a now weighs 4 against 2.
+    a.set_priority(4);
+    assert_eq!(a.stats().effective_rate, Some(20_000_000));
+    assert_eq!(b.stats().effective_rate, Some(10_000_000));
+    // A flow's own limit below its share frees the rest for the other.
+    b.set_rate(Some(1_000_000));
+    assert_eq!(b.stats().effective_rate, Some(1_000_000));
+    assert_eq!(a.stats().effective_rate, Some(29_000_000));
+    a.stop();
+    b.stop();
+    assert!(matches!(a.wait(), Err(FlowError::Stopped)));
+    assert!(matches!(b.wait(), Err(FlowError::Stopped)));
+}
+
+#[test]
+fn kecho_channel_in_and_out() {
+    // A flow from a file into a kecho channel, and a flow from that channel into a file, on one in-process node.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let d = Dir::new("channel");
+    let input = data(50_000);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let (node, ch) = rt.block_on(async {
+        let node =
+            kecho::Node::builder().registry_client(kecho::RegistryClient::in_process_private()).start().await.unwrap();
+        let ch = node.channel("flows-test").await.unwrap();
+        (node, ch)
+    });
+    let sink = ch.sink(kecho::SinkOptions::new().capacity(100_000)).unwrap();
+    let reader = Flow::from_spec(&parse(&format!("kecho:flows-test ! file:{}", d.path("out"))).unwrap())
+        .channel_source("flows-test", sink)
+        .start()
+        .unwrap();
+    let writer = Flow::from_spec(&parse(&format!("file:{} chunk=4K ! kecho:flows-test", d.path("in"))).unwrap())
+        .channel_sink("flows-test", ch.source().unwrap())
+        .start()
+        .unwrap();
+    writer.wait().unwrap();
+    let t = Instant::now();
+    while reader.stats().bytes_out < input.len() as u64 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader.stop();
+    let _ = reader.wait();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+
+    // Rung 3's event on a channel: a failing flow tells the application's channel.
+    let ev_ch = rt.block_on(node.channel("flows-events")).unwrap();
+    let mut events = ev_ch.sink(kecho::SinkOptions::new().types(["flow.event"])).unwrap();
+    let failing = Flow::from_spec(
+        &parse(&format!("file:{} ! checksum ! tcp-connect:{} retries=0", d.path("in"), closed_port())).unwrap(),
+    )
+    .notify_channel(ev_ch.source().unwrap())
+    .start()
+    .unwrap();
+    assert!(failing.wait().is_err());
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.recv_blocking(Some(Duration::from_secs(5))) {
+        let e: kecho_flow::FlowEvent = serde_json::from_slice(ev.payload()).unwrap();
+        seen.push(e.what);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, vec!["notify".to_owned(), "terminated".to_owned()]);
+    drop(node);
+}
