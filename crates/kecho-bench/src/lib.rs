@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 mod channel_ops;
 mod child;
 mod filters;
+mod flows;
 mod latency;
 mod memory;
 mod pipe;
@@ -105,6 +106,9 @@ pub enum Workload {
     Filters,
     /// Resident memory: an idle node, per channel, per member.
     Memory,
+    /// Flows (not in `all`): receive -> decrypt -> store against a memory-centric program, pure moves against a
+    /// read/write loop and socat, replicated decryption, and the machine's limits. See docs/FLOWS.md.
+    Flows,
 }
 
 impl Workload {
@@ -134,6 +138,7 @@ impl Workload {
             Workload::Throughput => "throughput",
             Workload::Filters => "filters",
             Workload::Memory => "memory",
+            Workload::Flows => "flows",
         }
     }
 }
@@ -195,5 +200,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Throughput => throughput::run(args),
         Workload::Filters => filters::run(args),
         Workload::Memory => memory::run(args),
+        Workload::Flows => flows::run(args),
     }
 }

@@ -61,6 +61,12 @@ enum Cmd {
     /// Run the benchmark suite: the KECho paper's measurements against raw TCP (and NATS and Zenoh when built with
     /// the bench-peers feature); Markdown on standard output, JSON and SVG plots in --out. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// Declared data paths: `kecho flow run 'SOURCE ! TRANSFORM args ! SINK'`, `kecho flow ls`, `kecho flow stats`
+    /// (see docs/FLOWS.md).
+    Flow {
+        #[command(subcommand)]
+        cmd: flow::Args,
+    },
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
 }
@@ -79,6 +85,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Webfarm(a) => webfarm::run(a).await,
+        Cmd::Flow { cmd } => flow::run(cmd).await,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod channels;
 pub mod demo;
 pub mod filter;
+pub mod flow;
 pub mod grant;
 pub mod identity;
 pub mod publish;

@@ -1,0 +1,123 @@
+//! `kecho flow` as a user runs it: encrypt and decrypt files, a corrupted record, a bad spec, ls/stats/stop.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const KECHO: &str = env!("CARGO_BIN_EXE_kecho");
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("kecho-flow-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn path(&self, f: &str) -> String {
+        self.0.join(f).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn kecho(dir: &Dir, args: &[&str]) -> Result<Output> {
+    let out = Command::new(KECHO).args(args).env("KECHO_FLOW_DIR", dir.path("ctl")).output().context("run kecho")?;
+    Ok(out)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn encrypt_decrypt_and_corruption_from_the_command_line() -> Result<()> {
+    let d = Dir::new("crypt");
+    let key = d.path("key");
+    std::fs::write(&key, [42u8; 32])?;
+    let input: Vec<u8> = (0..500_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    std::fs::write(d.path("in"), &input)?;
+    let enc = format!("file:{} ! encrypt aes-256-gcm key={key} record=1000 ! file:{}", d.path("in"), d.path("enc"));
+    let out = kecho(&d, &["flow", "run", &enc])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Unquoted words work too.
+    let dec = format!("file:{} ! decrypt aes-256-gcm key={key} ! file:{}", d.path("enc"), d.path("out"));
+    let words: Vec<&str> = dec.split(' ').collect();
+    let mut args = vec!["flow", "run"];
+    args.extend(&words);
+    let out = kecho(&d, &args)?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("done: "), "{}", text(&out.stderr));
+    assert!(std::fs::read(d.path("out"))? == input);
+
+    // One flipped byte in record 5 (each record is 4 + 1000 + 16 bytes after the 44-byte header).
+    let mut bytes = std::fs::read(d.path("enc"))?;
+    bytes[44 + 5 * 1020 + 500] ^= 1;
+    std::fs::write(d.path("enc"), &bytes)?;
+    let out = kecho(&d, &["flow", "run", &dec])?;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("authentication failed for record 5 at byte offset {}", 44 + 5 * 1020)), "{err}");
+    assert_eq!(std::fs::read(d.path("out"))?, &input[..5000], "only the records before the bad one are written");
+    Ok(())
+}
+
+#[test]
+fn a_bad_spec_shows_a_caret_under_the_token() -> Result<()> {
+    let d = Dir::new("caret");
+    let out = kecho(&d, &["flow", "run", "file:a ! compress brotli ! file:b"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("unknown codec `brotli`"), "{err}");
+    assert!(err.contains("  file:a ! compress brotli ! file:b\n"), "{err}");
+    assert!(err.contains(&format!("\n  {}^^^^^^", " ".repeat(18))), "{err}");
+    Ok(())
+}
+
+#[test]
+fn ls_stats_and_stop_a_running_flow() -> Result<()> {
+    let d = Dir::new("ls");
+    let mut child = Command::new(KECHO)
+        .args(["flow", "run", &format!("tcp-listen:127.0.0.1:0 ! checksum ! file:{}", d.path("out"))])
+        .env("KECHO_FLOW_DIR", d.path("ctl"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let line = lines.next().context("no output")??;
+    let addr = line.rsplit(' ').next().context("address")?.to_owned();
+    assert!(line.contains("listening on"), "{line}");
+    let mut conn = std::net::TcpStream::connect(&addr)?;
+    std::io::Write::write_all(&mut conn, &[7u8; 100_000])?;
+    // Wait until the flow registered and moved the bytes.
+    let t = Instant::now();
+    let ls = loop {
+        let out = kecho(&d, &["flow", "ls"])?;
+        let s = text(&out.stdout);
+        if s.contains("running") && s.contains("100000") {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("flow not listed: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ls.contains("checksum crc32"), "{ls}");
+    let id = ls.lines().nth(1).and_then(|l| l.split_whitespace().next()).context("id")?.to_owned();
+    let stats = text(&kecho(&d, &["flow", "stats", &id])?.stdout);
+    assert!(stats.contains("STAGE") && stats.contains("bound by:"), "{stats}");
+    let out = kecho(&d, &["flow", "stop", &id])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = child.wait()?;
+    assert!(!status.success(), "a stopped flow exits with failure");
+    assert!(text(&kecho(&d, &["flow", "ls"])?.stdout).contains("no flows"));
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! Endpoints: opening kernel objects, reading into pooled buffers, vectored writes, and the zero-copy moves
+//! (copy_file_range, sendfile, splice) with their "unsupported" verdict for the ladder's fallback rung.
+
+use std::fs::File;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rustix::io::Errno;
+
+use crate::spec::Endpoint;
+use crate::stats::StageStat;
+
+/// An open kernel object.
+#[derive(Debug)]
+pub enum Conn {
+    /// A file.
+    File(File),
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix stream connection.
+    Unix(UnixStream),
+    /// A child's stdout (source).
+    ChildOut(Child, ChildStdout),
+    /// A child's stdin (sink).
+    ChildIn(Child, ChildStdin),
+    /// This process's stdin.
+    Stdin(io::Stdin),
+    /// This process's stdout.
+    Stdout(io::Stdout),
+}
+
+impl Conn {
+    /// The file descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::File(f) => f.as_fd(),
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
+            Conn::ChildOut(_, o) => o.as_fd(),
+            Conn::ChildIn(_, i) => i.as_fd(),
+            Conn::Stdin(s) => s.as_fd(),
+            Conn::Stdout(s) => s.as_fd(),
+        }
+    }
+
+    /// True for regular files (copy_file_range and sendfile sources).
+    pub fn is_file(&self) -> bool {
+        matches!(self, Conn::File(f) if f.metadata().is_ok_and(|m| m.is_file()))
+    }
+
+    /// Something that, called from another thread, makes blocked reads and writes on this object return.
+    pub fn interrupter(&self) -> Option<Box<dyn Fn() + Send + Sync>> {
+        match self {
+            Conn::Tcp(s) => {
+                let s = s.try_clone().ok()?;
+                Some(Box::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }))
+            }
+            Conn::Unix(s) => {
+                let s = s.try_clone().ok()?;
+                Some(Box::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }))
+            }
+            Conn::ChildOut(c, _) | Conn::ChildIn(c, _) => {
+                let pid = rustix::process::Pid::from_raw(c.id() as i32)?;
+                Some(Box::new(move || {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends the object cleanly after the last write (sockets: half-close; children: close stdin and wait).
+    pub fn close(self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
+            Conn::ChildIn(mut c, i) => {
+                drop(i);
+                c.wait().map(|_| ())
+            }
+            Conn::ChildOut(mut c, o) => {
+                drop(o);
+                c.wait().map(|_| ())
+            }
+            Conn::File(f) => {
+                drop(f);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn ignore_not_connected(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotConnected {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// A bound listener, ready before the flow's thread starts (so that a port 0 is known at once).
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix.
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Binds `ep` if it is a listening endpoint.
+    pub fn bind(ep: &Endpoint) -> io::Result<Option<Listener>> {
+        Ok(match ep {
+            Endpoint::TcpListen(a) => {
+                let l = TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                Some(Listener::Tcp(l))
+            }
+            Endpoint::UnixListen(p) => {
+                if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(p)?;
+                }
+                let l = UnixListener::bind(p)?;
+                l.set_nonblocking(true)?;
+                Some(Listener::Unix(l, p.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    /// The bound TCP address.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// Waits for the first connection, checking `stop` every 100 ms.
+    pub fn accept(&self, stop: &AtomicBool) -> io::Result<Conn> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"));
+            }
+            let r = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    s.set_nonblocking(false).map(|_| Conn::Tcp(s))
+                }),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| s.set_nonblocking(false).map(|_| Conn::Unix(s))),
+            };
+            match r {
+                Ok(c) => return c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let fd = match self {
+                        Listener::Tcp(l) => l.as_fd(),
+                        Listener::Unix(l, _) => l.as_fd(),
+                    };
+                    let mut p = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                    let t = rustix::time::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+                    match rustix::event::poll(&mut p, Some(&t)) {
+                        Ok(_) | Err(Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Opens a non-listening endpoint as a source (`sink == false`) or sink.
+pub fn open(ep: &Endpoint, sink: bool, append: bool) -> io::Result<Conn> {
+    Ok(match ep {
+        Endpoint::File(p) if sink => {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true);
+            if append {
+                o.append(true);
+            } else {
+                o.truncate(true);
+            }
+            Conn::File(o.open(p)?)
+        }
+        Endpoint::File(p) => Conn::File(File::open(p)?),
+        Endpoint::TcpConnect(a) => {
+            let s = TcpStream::connect(a)?;
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        }
+        Endpoint::UnixConnect(p) => Conn::Unix(UnixStream::connect(p)?),
+        Endpoint::Exec(cmd) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(cmd);
+            if sink {
+                let mut child = c.stdin(Stdio::piped()).spawn()?;
+                let i = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+                Conn::ChildIn(child, i)
+            } else {
+                let mut child = c.stdout(Stdio::piped()).spawn()?;
+                let o = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+                Conn::ChildOut(child, o)
+            }
+        }
+        Endpoint::Stdio if sink => Conn::Stdout(io::stdout()),
+        Endpoint::Stdio => Conn::Stdin(io::stdin()),
+        Endpoint::TcpListen(_) | Endpoint::UnixListen(_) | Endpoint::Channel(_) => {
+            return Err(io::Error::other(format!("{ep} is not opened directly")))
+        }
+    })
+}
+
+/// Reads once into the spare capacity of `buf` (no zero-fill); returns the bytes read (0 at end of input).
+pub fn read_into(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, stat: &StageStat) -> io::Result<usize> {
+    loop {
+        stat.syscall();
+        match rustix::io::read(fd, rustix::buffer::spare_capacity(buf)) {
+            Ok(n) => return Ok(n),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Writes the ranges of `buf` with as few `writev` calls as the kernel allows (at most 1024 ranges per call),
+/// starting `skip` bytes into the data. On failure returns the bytes written by this call and the error.
+pub fn write_ranges(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    segs: &[std::ops::Range<usize>],
+    mut skip: usize,
+    stat: &StageStat,
+) -> Result<usize, (usize, io::Error)> {
+    const MAX_IOV: usize = 1024;
+    let mut written = 0;
+    let mut i = 0;
+    // Skip whole ranges already written.
+    while i < segs.len() && skip >= segs[i].len() {
+        skip -= segs[i].len();
+        i += 1;
+    }
+    let mut first_off = skip;
+    while i < segs.len() {
+        let end = (i + MAX_IOV).min(segs.len());
+        let mut iov: Vec<io::IoSlice<'_>> = Vec::with_capacity(end - i);
+        iov.push(io::IoSlice::new(&buf[segs[i].start + first_off..segs[i].end]));
+        for r in &segs[i + 1..end] {
+            iov.push(io::IoSlice::new(&buf[r.clone()]));
+        }
+        stat.syscall();
+        let n = match rustix::io::writev(fd, &iov) {
+            Ok(n) => n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err((written, e.into())),
+        };
+        if n == 0 {
+            return Err((written, io::Error::new(io::ErrorKind::WriteZero, "wrote nothing")));
+        }
+        written += n;
+        // Advance over what was written.
+        let mut left = n;
+        while i < segs.len() && left > 0 {
+            let avail = segs[i].len() - first_off;
+            if left >= avail {
+                left -= avail;
+                first_off = 0;
+                i += 1;
+            } else {
+                first_off += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// How the zero-copy path moves bytes between two objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `copy_file_range` (file to file, in the kernel, possibly by reflink).
+    CopyFileRange,
+    /// `sendfile` (file to anything).
+    Sendfile,
+    /// `splice` through a pipe (socket or pipe to anything).
+    Splice,
+}
+
+impl Method {
+    /// Picks the call for a source and sink.
+    pub fn choose(src: &Conn, dst: &Conn) -> Method {
+        match (src.is_file(), dst.is_file()) {
+            (true, true) => Method::CopyFileRange,
+            (true, false) => Method::Sendfile,
+            _ => Method::Splice,
+        }
+    }
+
+    /// Name for stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::CopyFileRange => "zero-copy (copy_file_range)",
+            Method::Sendfile => "zero-copy (sendfile)",
+            Method::Splice => "zero-copy (splice)",
+        }
+    }
+}
+
+/// The zero-copy move's end.
+#[derive(Debug)]
+pub enum Moved {
+    /// All input moved.
+    Done,
+    /// Stopped on request.
+    Stopped,
+    /// The kernel refused the method before any byte moved: use the copying path (ladder rung 4).
+    Unsupported(io::Error),
+}
+
+fn unsupported(e: Errno) -> bool {
+    matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP | Errno::XDEV | Errno::BADF)
+}
+
+/// Moves everything from `src` to `dst` without the bytes entering user space. `pace(n)` is called before each
+/// call with the most it may move (rate limits); `stat_in`/`stat_out` count bytes and calls.
+#[allow(clippy::too_many_arguments)]
+pub fn zero_copy(
+    src: &Conn,
+    dst: &Conn,
+    method: Method,
+    stop: &AtomicBool,
+    step: usize,
+    pace: &mut dyn FnMut(usize),
+    stat_in: &StageStat,
+    stat_out: &StageStat,
+) -> io::Result<Moved> {
+    let mut total = 0u64;
+    let pipe = if method == Method::Splice {
+        let (r, w) = rustix::pipe::pipe()?;
+        // A bigger pipe means fewer calls; the default (64 KiB) is the fallback if the limit forbids it.
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, step.min(1 << 20));
+        Some((r, w))
+    } else {
+        None
+    };
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(Moved::Stopped);
+        }
+        pace(step);
+        let t = std::time::Instant::now();
+        stat_in.syscall();
+        let r = match method {
+            Method::CopyFileRange => rustix::fs::copy_file_range(src.fd(), None, dst.fd(), None, step),
+            Method::Sendfile => rustix::fs::sendfile(dst.fd(), src.fd(), None, step),
+            Method::Splice => {
+                let (_, w) = pipe.as_ref().expect("a pipe for splice");
+                rustix::pipe::splice(
+                    src.fd(),
+                    None,
+                    w,
+                    None,
+                    step,
+                    rustix::pipe::SpliceFlags::MOVE | rustix::pipe::SpliceFlags::MORE,
+                )
+            }
+        };
+        stat_in.busy(t.elapsed());
+        let n = match r {
+            Ok(0) if stop.load(Ordering::Acquire) => return Ok(Moved::Stopped),
+            Ok(0) => return Ok(Moved::Done),
+            Ok(n) => n,
+            Err(Errno::INTR | Errno::AGAIN) => continue,
+            Err(e) if total == 0 && unsupported(e) => return Ok(Moved::Unsupported(e.into())),
+            Err(e) => return Err(e.into()),
+        };
+        total += n as u64;
+        stat_in.moved(n, n);
+        if let Some((r, _)) = &pipe {
+            let mut left = n;
+            while left > 0 {
+                let t = std::time::Instant::now();
+                stat_out.syscall();
+                let m = rustix::pipe::splice(
+                    r,
+                    None,
+                    dst.fd(),
+                    None,
+                    left,
+                    rustix::pipe::SpliceFlags::MOVE | rustix::pipe::SpliceFlags::MORE,
+                );
+                stat_out.busy(t.elapsed());
+                match m {
+                    Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "splice wrote nothing")),
+                    Ok(m) => {
+                        left -= m;
+                        stat_out.moved(m, m);
+                    }
+                    Err(Errno::INTR | Errno::AGAIN) => continue,
+                    Err(e) if total == n as u64 && left == n && unsupported(e) => {
+                        // The sink refuses splice (e.g. a file opened for appending): hand over what is in the
+                        // pipe by copying, then let the ladder switch the flow to the copying path.
+                        let mut buf = Vec::with_capacity(n);
+                        while buf.len() < n {
+                            if read_into(r.as_fd(), &mut buf, stat_out)? == 0 {
+                                break;
+                            }
+                        }
+                        stat_out.copied(buf.len());
+                        let all = 0..buf.len();
+                        write_ranges(dst.fd(), &buf, std::slice::from_ref(&all), 0, stat_out).map_err(|(_, e)| e)?;
+                        stat_out.moved(0, buf.len());
+                        return Ok(Moved::Unsupported(e.into()));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        } else {
+            stat_out.moved(n, n);
+        }
+    }
+}
+
+/// Sleeps up to `d`, waking early when `stop` is set.
+pub fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = std::time::Instant::now() + d;
+    while !stop.load(Ordering::Acquire) {
+        let now = std::time::Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}

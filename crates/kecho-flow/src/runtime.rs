@@ -1,0 +1,1315 @@
+//! The runtime: the builder, the flow's threads, the sinks with their exception ladder, and the handle.
+//!
+//! A flow runs on its own thread (reading, transforming and, with one sink, writing run to completion on each
+//! chunk, so a byte is read once into a pooled buffer and written once from it). A replicated stage adds worker
+//! threads and a tail thread that puts chunks back in order; several sinks add one thread and one bounded queue per
+//! sink, so that a slow sink never holds up the others (its queue's policy decides what happens to it instead).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::endpoint::{self, Conn, Listener, Method, Moved};
+use crate::ladder::{Action, Decision, FaultKind, Ladder};
+use crate::sched::{self, Reorder, StageLoad, TokenBucket};
+use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
+use crate::stage::{self, Chunk, Parallel, Pool, Stage, Work};
+use crate::stats::{FlowStats, StageStat};
+use crate::FlowError;
+
+/// A fault or a step of the exception ladder, as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowEvent {
+    /// The flow.
+    pub flow: u64,
+    /// The ladder's rung (1 retry, 2 redirect, 3 notify, 4 fallback, 5 terminate); 0 for information.
+    pub rung: u8,
+    /// What happened, in a word: `retry`, `reconnected`, `resumed`, `redirect`, `notify`, `detached`, `fallback`,
+    /// `terminated`.
+    pub what: String,
+    /// The endpoint concerned.
+    pub endpoint: String,
+    /// Details (the error).
+    pub detail: String,
+}
+
+/// What the application is asked at rung 3.
+pub type FaultCallback = Arc<dyn Fn(&FlowEvent) -> Decision + Send + Sync>;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Entry point: `Flow::builder()` or `Flow::from_spec(&spec)`.
+#[derive(Debug)]
+pub struct Flow;
+
+impl Flow {
+    /// An empty builder.
+    pub fn builder() -> FlowBuilder {
+        FlowBuilder::default()
+    }
+
+    /// A builder holding a parsed spec.
+    pub fn from_spec(spec: &FlowSpec) -> FlowBuilder {
+        let mut b = FlowBuilder { source: Some(spec.source.clone()), ..Default::default() };
+        b.stages = spec.stages.clone();
+        b.sinks = spec.sinks.clone();
+        b.priority = spec.priority;
+        b.rate = spec.rate;
+        b.chunk = spec.chunk;
+        b
+    }
+}
+
+/// Builds and starts a flow.
+pub struct FlowBuilder {
+    name: Option<String>,
+    source: Option<EndpointSpec>,
+    stages: Vec<StageSpec>,
+    sinks: Vec<EndpointSpec>,
+    priority: u32,
+    rate: Option<u64>,
+    chunk: usize,
+    on_fault: Option<FaultCallback>,
+    notify: Option<kecho::Source>,
+    channel_in: HashMap<String, kecho::Sink>,
+    channel_out: HashMap<String, kecho::Source>,
+    scheduler: Option<Arc<Scheduler>>,
+}
+
+impl Default for FlowBuilder {
+    fn default() -> Self {
+        FlowBuilder {
+            name: None,
+            source: None,
+            stages: Vec::new(),
+            sinks: Vec::new(),
+            priority: 1,
+            rate: None,
+            chunk: 256 << 10,
+            on_fault: None,
+            notify: None,
+            channel_in: HashMap::new(),
+            channel_out: HashMap::new(),
+            scheduler: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for FlowBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowBuilder").field("source", &self.source).field("stages", &self.stages).finish()
+    }
+}
+
+impl From<Endpoint> for EndpointSpec {
+    fn from(e: Endpoint) -> Self {
+        EndpointSpec::new(e)
+    }
+}
+
+impl From<TransformSpec> for StageSpec {
+    fn from(t: TransformSpec) -> Self {
+        StageSpec { transform: t, replicas: Replicas::Fixed(1) }
+    }
+}
+
+impl FlowBuilder {
+    /// A name for stats (default: the stages joined like a spec).
+    pub fn name(mut self, n: impl Into<String>) -> Self {
+        self.name = Some(n.into());
+        self
+    }
+    /// The source.
+    pub fn source(mut self, e: impl Into<EndpointSpec>) -> Self {
+        self.source = Some(e.into());
+        self
+    }
+    /// Appends a transform.
+    pub fn transform(mut self, t: impl Into<StageSpec>) -> Self {
+        self.stages.push(t.into());
+        self
+    }
+    /// Adds a sink (several: fan-out, one queue each).
+    pub fn sink(mut self, e: impl Into<EndpointSpec>) -> Self {
+        self.sinks.push(e.into());
+        self
+    }
+    /// Priority (shares of a scheduler's budget).
+    pub fn priority(mut self, p: u32) -> Self {
+        self.priority = p.max(1);
+        self
+    }
+    /// Rate limit, bytes per second.
+    pub fn rate(mut self, r: Option<u64>) -> Self {
+        self.rate = r;
+        self
+    }
+    /// Source read size.
+    pub fn chunk(mut self, n: usize) -> Self {
+        self.chunk = n.clamp(4096, 64 << 20);
+        self
+    }
+    /// Rung 3: called when the ladder has nothing left to try; its answer decides.
+    pub fn on_fault(mut self, f: impl Fn(&FlowEvent) -> Decision + Send + Sync + 'static) -> Self {
+        self.on_fault = Some(Arc::new(f));
+        self
+    }
+    /// Every ladder event is also submitted on this kecho channel source as a `flow.event` (JSON payload).
+    pub fn notify_channel(mut self, s: kecho::Source) -> Self {
+        self.notify = Some(s);
+        self
+    }
+    /// The kecho sink that a `kecho:NAME` source endpoint reads events from.
+    pub fn channel_source(mut self, name: impl Into<String>, sink: kecho::Sink) -> Self {
+        self.channel_in.insert(name.into(), sink);
+        self
+    }
+    /// The kecho source that a `kecho:NAME` sink endpoint submits to.
+    pub fn channel_sink(mut self, name: impl Into<String>, source: kecho::Source) -> Self {
+        self.channel_out.insert(name.into(), source);
+        self
+    }
+    /// Registers the flow with a scheduler (priorities share its budget).
+    pub fn scheduler(mut self, s: Arc<Scheduler>) -> Self {
+        self.scheduler = Some(s);
+        self
+    }
+
+    /// Starts the flow on its own threads. Files named in the spec are read and listeners bound here, so that
+    /// configuration errors come back at once.
+    pub fn start(mut self) -> Result<FlowHandle, FlowError> {
+        let source = self.source.take().ok_or_else(|| FlowError::Config("a flow needs a source".into()))?;
+        if self.sinks.is_empty() {
+            return Err(FlowError::Config("a flow needs at least one sink".into()));
+        }
+        let mut stages = Vec::new();
+        for s in &self.stages {
+            stages.push(stage::build(&s.transform)?);
+        }
+        let name = self.name.clone().unwrap_or_else(|| {
+            let mut parts = vec![source.endpoint.to_string()];
+            parts.extend(self.stages.iter().map(|s| s.transform.name()));
+            parts.push(self.sinks.iter().map(|s| s.endpoint.to_string()).collect::<Vec<_>>().join(" "));
+            parts.join(" ! ")
+        });
+        let listener = Listener::bind(&source.endpoint)
+            .map_err(|e| FlowError::Io { what: format!("bind {}", source.endpoint), source: e })?;
+        let local_addr = listener.as_ref().and_then(|l| l.local_addr());
+        let mut stats = vec![StageStat::new(source.endpoint.to_string(), "source", false)];
+        for (s, st) in self.stages.iter().zip(&stages) {
+            stats.push(StageStat::new(s.transform.name(), "transform", st.parallel().is_some()));
+        }
+        for s in &self.sinks {
+            stats.push(StageStat::new(s.endpoint.to_string(), "sink", false));
+        }
+        let now = Instant::now();
+        let sh = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            stop: AtomicBool::new(false),
+            stats,
+            path: Mutex::new("starting".into()),
+            state: Mutex::new("running".into()),
+            started: now,
+            ended: Mutex::new(None),
+            priority: AtomicU32::new(self.priority),
+            own_rate: Mutex::new(self.rate),
+            bucket: Mutex::new(self.rate.map(|r| TokenBucket::new(r, (r / 10).max(self.chunk as u64), now))),
+            interrupters: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
+            on_fault: self.on_fault.take(),
+            notify: Mutex::new(self.notify.take()),
+            results: Mutex::new(Vec::new()),
+            scheduler: self.scheduler.as_ref().map(Arc::downgrade),
+        });
+        if let Some(s) = &self.scheduler {
+            s.flows.lock().push(Arc::downgrade(&sh));
+            s.rebalance();
+        }
+        let ctx = Ctx {
+            source,
+            listener,
+            specs: self.stages.clone(),
+            stages,
+            sinks: self.sinks.clone(),
+            chunk: self.chunk,
+            channel_in: std::mem::take(&mut self.channel_in),
+            channel_out: std::mem::take(&mut self.channel_out),
+        };
+        let sh2 = sh.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("kecho-flow-{}", sh.id))
+            .spawn(move || {
+                let r = run(&sh2, ctx);
+                *sh2.ended.lock() = Some(Instant::now());
+                *sh2.state.lock() = match &r {
+                    Ok(()) => "done".into(),
+                    Err(FlowError::Stopped) => "stopped".into(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                r
+            })
+            .map_err(|e| FlowError::Io { what: "spawn the flow thread".into(), source: e })?;
+        Ok(FlowHandle { sh, join: Some(join), local_addr })
+    }
+}
+
+/// Shares a byte budget among flows by priority.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    flows: Mutex<Vec<Weak<Shared>>>,
+    budget: Mutex<Option<u64>>,
+}
+
+impl Scheduler {
+    /// A scheduler; `budget` bytes/s shared by its flows (None: flows are limited only by their own rates).
+    pub fn new(budget: Option<u64>) -> Arc<Self> {
+        Arc::new(Scheduler { flows: Mutex::new(Vec::new()), budget: Mutex::new(budget) })
+    }
+
+    /// Changes the budget.
+    pub fn set_budget(&self, b: Option<u64>) {
+        *self.budget.lock() = b;
+        self.rebalance();
+    }
+
+    /// Recomputes every flow's rate from the budget, the priorities and the flows' own limits.
+    pub fn rebalance(&self) {
+        let mut flows = self.flows.lock();
+        flows.retain(|w| w.upgrade().is_some_and(|f| f.ended.lock().is_none()));
+        let live: Vec<Arc<Shared>> = flows.iter().filter_map(Weak::upgrade).collect();
+        drop(flows);
+        let now = Instant::now();
+        let Some(budget) = *self.budget.lock() else {
+            for f in &live {
+                f.apply_rate(*f.own_rate.lock(), now);
+            }
+            return;
+        };
+        let want: Vec<(u32, u64)> =
+            live.iter().map(|f| (f.priority.load(Ordering::Relaxed), f.own_rate.lock().unwrap_or(budget))).collect();
+        for (f, share) in live.iter().zip(sched::fair_shares(budget, &want)) {
+            f.apply_rate(Some(share.max(1)), now);
+        }
+    }
+}
+
+/// State shared by a flow's threads and its handle.
+pub struct Shared {
+    id: u64,
+    name: String,
+    stop: AtomicBool,
+    stats: Vec<StageStat>,
+    path: Mutex<String>,
+    state: Mutex<String>,
+    started: Instant,
+    ended: Mutex<Option<Instant>>,
+    priority: AtomicU32,
+    own_rate: Mutex<Option<u64>>,
+    bucket: Mutex<Option<TokenBucket>>,
+    interrupters: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    events: Mutex<Vec<FlowEvent>>,
+    on_fault: Option<FaultCallback>,
+    notify: Mutex<Option<kecho::Source>>,
+    results: Mutex<Vec<String>>,
+    scheduler: Option<Weak<Scheduler>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("id", &self.id).field("name", &self.name).finish()
+    }
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn apply_rate(&self, r: Option<u64>, now: Instant) {
+        let mut b = self.bucket.lock();
+        match (r, b.as_mut()) {
+            (None, _) => *b = None,
+            (Some(r), Some(tb)) => tb.set_rate(r, now),
+            (Some(r), None) => *b = Some(TokenBucket::new(r, (r / 10).max(64 << 10), now)),
+        }
+    }
+
+    /// Waits as the rate limit requires before moving `n` bytes.
+    fn pace(&self, n: usize) {
+        let wait = match self.bucket.lock().as_mut() {
+            Some(b) => b.take(n as u64, Instant::now()),
+            None => return,
+        };
+        if !wait.is_zero() {
+            endpoint::sleep_unless(&self.stop, wait);
+        }
+    }
+
+    fn interrupt_on_stop(&self, c: &Conn) {
+        if let Some(f) = c.interrupter() {
+            self.interrupters.lock().push(f);
+        }
+        // A stop that raced with the connection still takes effect.
+        if self.stopped() {
+            for f in self.interrupters.lock().iter() {
+                f();
+            }
+        }
+    }
+
+    /// Records an event, tells the channel, and at rung 3 asks the application.
+    fn event(&self, rung: u8, what: &str, endpoint: &str, detail: String) -> Decision {
+        let ev = FlowEvent { flow: self.id, rung, what: what.into(), endpoint: endpoint.into(), detail };
+        tracing::info!(flow = self.id, rung, what, endpoint, "{}", ev.detail);
+        self.events.lock().push(ev.clone());
+        if let Some(src) = self.notify.lock().as_mut() {
+            if let Ok(json) = serde_json::to_vec(&ev) {
+                let _ = src.try_submit("flow.event", &kecho::Attrs::new(), &json);
+            }
+        }
+        match (&self.on_fault, rung) {
+            (Some(cb), 3) => cb(&ev),
+            _ => Decision::Terminate,
+        }
+    }
+
+    fn snapshot(&self) -> FlowStats {
+        let end = self.ended.lock().unwrap_or_else(Instant::now);
+        let wall = end.saturating_duration_since(self.started);
+        let stages: Vec<_> = self.stats.iter().map(|s| s.snapshot(wall)).collect();
+        let loads: Vec<StageLoad> = self
+            .stats
+            .iter()
+            .map(|s| StageLoad { busy: s.busy_time(), stateless: s.stateless, replicas: s.replicas() })
+            .collect();
+        let sinks = stages.iter().filter(|s| s.kind == "sink");
+        FlowStats {
+            id: self.id,
+            name: self.name.clone(),
+            state: self.state.lock().clone(),
+            path: self.path.lock().clone(),
+            elapsed_s: wall.as_secs_f64(),
+            bytes_in: stages[0].bytes_in,
+            bytes_out: sinks.map(|s| s.bytes_out).sum(),
+            user_copied: stages.iter().map(|s| s.copied).sum(),
+            syscalls: stages.iter().map(|s| s.syscalls).sum(),
+            priority: self.priority.load(Ordering::Relaxed),
+            rate: *self.own_rate.lock(),
+            effective_rate: self.bucket.lock().as_ref().map(TokenBucket::rate),
+            bound: sched::bottleneck(&loads).map(|i| stages[i].name.clone()),
+            stages,
+            results: self.results.lock().clone(),
+        }
+    }
+}
+
+/// A running flow.
+#[derive(Debug)]
+pub struct FlowHandle {
+    sh: Arc<Shared>,
+    join: Option<JoinHandle<Result<(), FlowError>>>,
+    local_addr: Option<std::net::SocketAddr>,
+}
+
+impl FlowHandle {
+    /// The flow's id.
+    pub fn id(&self) -> u64 {
+        self.sh.id
+    }
+    /// The address a `tcp-listen` source is bound to.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local_addr
+    }
+    /// Counters now.
+    pub fn stats(&self) -> FlowStats {
+        self.sh.snapshot()
+    }
+    /// Events so far (the ladder's steps).
+    pub fn events(&self) -> Vec<FlowEvent> {
+        self.sh.events.lock().clone()
+    }
+    /// True once the flow ended.
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(|j| j.is_finished())
+    }
+    /// Changes the priority.
+    pub fn set_priority(&self, p: u32) {
+        self.watcher().set_priority(p);
+    }
+    /// Changes the rate limit.
+    pub fn set_rate(&self, r: Option<u64>) {
+        self.watcher().set_rate(r);
+    }
+    /// Asks the flow to stop (blocked reads and writes on sockets and children are interrupted).
+    pub fn stop(&self) {
+        self.watcher().stop();
+    }
+    /// Waits for the end; the final counters, or why the flow failed.
+    pub fn wait(mut self) -> Result<FlowStats, FlowError> {
+        let r = match self.join.take() {
+            Some(j) => j.join().unwrap_or_else(|_| Err(FlowError::Transform("the flow thread panicked".into()))),
+            None => Ok(()),
+        };
+        self.watcher().rebalance();
+        r.map(|()| self.sh.snapshot())
+    }
+    /// A handle to the counters that outlives this handle (for a control socket).
+    pub fn watcher(&self) -> FlowWatcher {
+        FlowWatcher(self.sh.clone())
+    }
+}
+
+/// A cloneable remote control of a flow (counters, priority, rate, stop), e.g. for a control socket.
+#[derive(Debug, Clone)]
+pub struct FlowWatcher(Arc<Shared>);
+
+impl FlowWatcher {
+    /// The flow's id.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+    /// Counters now.
+    pub fn stats(&self) -> FlowStats {
+        self.0.snapshot()
+    }
+    /// See [`FlowHandle::stop`].
+    pub fn stop(&self) {
+        self.0.stop.store(true, Ordering::Release);
+        for f in self.0.interrupters.lock().iter() {
+            f();
+        }
+    }
+    /// See [`FlowHandle::set_priority`].
+    pub fn set_priority(&self, p: u32) {
+        self.0.priority.store(p.max(1), Ordering::Relaxed);
+        self.rebalance();
+    }
+    /// See [`FlowHandle::set_rate`].
+    pub fn set_rate(&self, r: Option<u64>) {
+        *self.0.own_rate.lock() = r;
+        self.0.apply_rate(r, Instant::now());
+        self.rebalance();
+    }
+    fn rebalance(&self) {
+        if let Some(s) = self.0.scheduler.as_ref().and_then(Weak::upgrade) {
+            s.rebalance();
+        }
+    }
+}
+
+struct Ctx {
+    source: EndpointSpec,
+    listener: Option<Listener>,
+    specs: Vec<StageSpec>,
+    stages: Vec<Box<dyn Stage>>,
+    sinks: Vec<EndpointSpec>,
+    chunk: usize,
+    channel_in: HashMap<String, kecho::Sink>,
+    channel_out: HashMap<String, kecho::Source>,
+}
+
+enum SourceIo {
+    Fd(Conn),
+    Channel(kecho::Sink),
+}
+
+fn io_err(what: impl std::fmt::Display, e: io::Error) -> FlowError {
+    FlowError::Io { what: what.to_string(), source: e }
+}
+
+fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
+    let src = match (&ctx.listener, &ctx.source.endpoint) {
+        (Some(l), ep) => match l.accept(&sh.stop) {
+            Ok(c) => SourceIo::Fd(c),
+            Err(_) if sh.stopped() => return Err(FlowError::Stopped),
+            Err(e) => return Err(io_err(format!("accept on {ep}"), e)),
+        },
+        (None, Endpoint::Channel(n)) => SourceIo::Channel(
+            ctx.channel_in.remove(n).ok_or_else(|| FlowError::Config(format!("no kecho sink given for kecho:{n}")))?,
+        ),
+        (None, ep) => SourceIo::Fd(endpoint::open(ep, false, false).map_err(|e| io_err(format!("open {ep}"), e))?),
+    };
+    drop(ctx.listener.take());
+    if let SourceIo::Fd(c) = &src {
+        sh.interrupt_on_stop(c);
+    }
+    let t = ctx.stages.len();
+    let mut sinks = Vec::new();
+    for (j, spec) in ctx.sinks.iter().enumerate() {
+        let io = match &spec.endpoint {
+            Endpoint::Channel(n) => Some(SinkIo::Channel(
+                ctx.channel_out
+                    .remove(n)
+                    .ok_or_else(|| FlowError::Config(format!("no kecho source given for kecho:{n}")))?,
+                spec.event_type.clone(),
+            )),
+            _ => None,
+        };
+        let mut s = SinkRt::new(sh.clone(), spec.clone(), 1 + t + j, io);
+        if s.io.is_none() {
+            s.connect_or_recover()?;
+        }
+        sinks.push(s);
+    }
+    // The zero-copy path: no transform, one sink, two kernel objects.
+    if t == 0 && sinks.len() == 1 && !ctx.source.force_copy && !ctx.sinks[0].force_copy {
+        if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
+            let method = Method::choose(s, d);
+            *sh.path.lock() = method.name().into();
+            let mut pace = |n| sh.pace(n);
+            let step = ctx.chunk.max(1 << 20);
+            match endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
+                |e| io_err(format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint), e),
+            )? {
+                Moved::Done => {
+                    let s0 = sinks.remove(0);
+                    return s0.close();
+                }
+                Moved::Stopped => return Err(FlowError::Stopped),
+                Moved::Unsupported(e) => {
+                    sh.event(
+                        4,
+                        "fallback",
+                        &ctx.sinks[0].endpoint.to_string(),
+                        format!("{}: {e}; copying instead", method.name()),
+                    );
+                    *sh.path.lock() = format!("copy (fallback: {} refused: {e})", method.name());
+                }
+            }
+        }
+    }
+    if sh.path.lock().as_str() == "starting" {
+        *sh.path.lock() = "copy".into();
+    }
+    pipeline(sh, src, ctx.specs, ctx.stages, sinks, ctx.chunk)
+}
+
+#[allow(clippy::large_enum_variant)]
+enum SinkIo {
+    Fd(Conn),
+    Channel(kecho::Source, String),
+}
+
+const REPLAY: usize = 8 << 20;
+
+/// One sink with its ladder.
+struct SinkRt {
+    sh: Arc<Shared>,
+    spec: EndpointSpec,
+    current: Endpoint,
+    io: Option<SinkIo>,
+    ladder: Ladder,
+    stat: usize,
+    written: u64,
+    replay: std::collections::VecDeque<u8>,
+}
+
+fn connection_fault(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | TimedOut | UnexpectedEof
+    ) || e.raw_os_error() == Some(rustix::io::Errno::HOSTUNREACH.raw_os_error())
+}
+
+impl SinkRt {
+    fn new(sh: Arc<Shared>, spec: EndpointSpec, stat: usize, io: Option<SinkIo>) -> Self {
+        let ladder = Ladder::new(spec.retries, spec.alternates.len());
+        SinkRt { sh, current: spec.endpoint.clone(), spec, io, ladder, stat, written: 0, replay: Default::default() }
+    }
+
+    fn stat(&self) -> &StageStat {
+        &self.sh.stats[self.stat]
+    }
+
+    fn connect(&mut self) -> io::Result<()> {
+        let c = endpoint::open(&self.current, true, self.spec.append)?;
+        if self.spec.resume {
+            // The resume protocol: the peer first says how many bytes of this stream it holds (u64 BE).
+            let mut b = [0u8; 8];
+            std::io::Read::read_exact(&mut ConnRead(&c), &mut b)?;
+            let has = u64::from_be_bytes(b);
+            let kept = self.replay.len() as u64;
+            if has > self.written || self.written - has > kept {
+                return Err(io::Error::other(format!(
+                    "cannot resume: the peer holds {has} bytes, {} were sent and the last {kept} are kept",
+                    self.written
+                )));
+            }
+            let from = (kept - (self.written - has)) as usize;
+            let (a, b) = self.replay.as_slices();
+            let mut again = Vec::with_capacity(kept as usize - from);
+            again.extend_from_slice(a);
+            again.extend_from_slice(b);
+            again.drain(..from);
+            endpoint::write_ranges(c.fd(), &again, std::slice::from_ref(&(0..again.len())), 0, self.stat())
+                .map_err(|(_, e)| e)?;
+            if self.written > 0 {
+                self.sh.event(
+                    1,
+                    "resumed",
+                    &self.current.to_string(),
+                    format!("at byte {has}, {} bytes sent again", again.len()),
+                );
+            }
+        }
+        self.sh.interrupt_on_stop(&c);
+        self.io = Some(SinkIo::Fd(c));
+        Ok(())
+    }
+
+    fn connect_or_recover(&mut self) -> Result<(), FlowError> {
+        match self.connect() {
+            Ok(()) => Ok(()),
+            Err(e) if connection_fault(&e) => self.recover(e),
+            Err(e) => Err(io_err(format!("open {}", self.current), e)),
+        }
+    }
+
+    /// Climbs the ladder after a connection fault until connected again or out of rungs.
+    fn recover(&mut self, first: io::Error) -> Result<(), FlowError> {
+        let mut err = first;
+        let mut action = self.ladder.on_fault(FaultKind::Connection);
+        loop {
+            if self.sh.stopped() {
+                return Err(FlowError::Stopped);
+            }
+            let ep = self.current.to_string();
+            match action {
+                Action::Retry { attempt, after } => {
+                    self.sh.event(1, "retry", &ep, format!("attempt {attempt} in {after:?} after: {err}"));
+                    endpoint::sleep_unless(&self.sh.stop, after);
+                }
+                Action::Redirect { n } => {
+                    self.current = self.spec.alternates[n].clone();
+                    self.sh.event(2, "redirect", &ep, format!("to {} after: {err}", self.current));
+                }
+                Action::Notify => {
+                    let d = self.sh.event(3, "notify", &ep, format!("no retries or alternates left: {err}"));
+                    action = self.ladder.decided(d);
+                    continue;
+                }
+                Action::Fallback | Action::Terminate => {
+                    self.sh.event(5, "terminated", &ep, err.to_string());
+                    return Err(FlowError::Terminated { endpoint: ep, reason: err.to_string() });
+                }
+            }
+            match self.connect() {
+                Ok(()) => {
+                    self.sh.event(0, "reconnected", &self.current.to_string(), String::new());
+                    return Ok(());
+                }
+                Err(e) if connection_fault(&e) => {
+                    err = e;
+                    action = self.ladder.on_fault(FaultKind::Connection);
+                }
+                Err(e) => return Err(io_err(format!("open {}", self.current), e)),
+            }
+        }
+    }
+
+    fn keep(&mut self, chunk: &Chunk, from: usize, n: usize) {
+        if !self.spec.resume || n == 0 {
+            return;
+        }
+        let (mut skip, mut left) = (from, n);
+        for r in &chunk.segs {
+            if skip >= r.len() {
+                skip -= r.len();
+                continue;
+            }
+            let take = (r.len() - skip).min(left);
+            self.replay.extend(&chunk.buf[r.start + skip..r.start + skip + take]);
+            left -= take;
+            skip = 0;
+            if left == 0 {
+                break;
+            }
+        }
+        self.stat().copied(n);
+        let over = self.replay.len().saturating_sub(REPLAY);
+        self.replay.drain(..over);
+    }
+
+    fn write(&mut self, chunk: &Chunk) -> Result<(), FlowError> {
+        let mut skip = 0;
+        let total = chunk.len();
+        let t = Instant::now();
+        let r = loop {
+            match &mut self.io {
+                Some(SinkIo::Channel(src, ty)) => {
+                    // One event per range: a decrypted record, or what one read delivered.
+                    let mut r = Ok(());
+                    for seg in &chunk.segs {
+                        self.sh.stats[self.stat].syscall();
+                        if let Err(e) = src.submit_blocking(ty, &kecho::Attrs::new(), &chunk.buf[seg.clone()]) {
+                            r = Err(FlowError::Channel(e.to_string()));
+                            break;
+                        }
+                    }
+                    break r;
+                }
+                Some(SinkIo::Fd(c)) => {
+                    match endpoint::write_ranges(c.fd(), &chunk.buf, &chunk.segs, skip, &self.sh.stats[self.stat]) {
+                        Ok(n) => {
+                            self.keep(chunk, skip, n);
+                            self.written += n as u64;
+                            self.ladder.succeeded();
+                            break Ok(());
+                        }
+                        Err((n, e)) => {
+                            self.keep(chunk, skip, n);
+                            self.written += n as u64;
+                            skip += n;
+                            if !connection_fault(&e) || self.sh.stopped() {
+                                break Err(if self.sh.stopped() {
+                                    FlowError::Stopped
+                                } else {
+                                    io_err(format!("write {}", self.current), e)
+                                });
+                            }
+                            self.io = None;
+                            if let Err(e) = self.recover(e) {
+                                break Err(e);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    if let Err(e) = self.connect_or_recover() {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        let st = self.stat();
+        st.busy(t.elapsed());
+        st.moved(total, total);
+        r
+    }
+
+    fn close(self) -> Result<(), FlowError> {
+        match self.io {
+            Some(SinkIo::Fd(c)) => c.close().map_err(|e| io_err(format!("close {}", self.current), e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct ConnRead<'a>(&'a Conn);
+
+impl std::io::Read for ConnRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        rustix::io::read(self.0.fd(), buf).map_err(Into::into)
+    }
+}
+
+/// Where processed chunks go: one sink inline, or one queue and thread per sink.
+enum Delivery {
+    One(Box<SinkRt>),
+    Fan(Vec<Fan>),
+}
+
+struct Fan {
+    tx: Option<crossbeam_channel::Sender<Arc<Chunk>>>,
+    full: FullPolicy,
+    stat: usize,
+    name: String,
+    thread: Option<JoinHandle<Result<(), FlowError>>>,
+}
+
+impl Delivery {
+    fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize) -> Result<Self, FlowError> {
+        if sinks.len() == 1 {
+            return Ok(Delivery::One(Box::new(sinks.remove(0))));
+        }
+        let mut fans = Vec::new();
+        for mut s in sinks {
+            let cap = (s.spec.queue / chunk.max(1)).max(2);
+            let (tx, rx) = crossbeam_channel::bounded::<Arc<Chunk>>(cap);
+            let (full, stat, name) = (s.spec.full, s.stat, s.spec.endpoint.to_string());
+            let thread = std::thread::Builder::new()
+                .name(format!("kecho-flow-{}-sink{}", sh.id, stat))
+                .spawn(move || {
+                    for c in rx {
+                        s.write(&c)?;
+                    }
+                    s.close()
+                })
+                .map_err(|e| io_err("spawn a sink thread", e))?;
+            fans.push(Fan { tx: Some(tx), full, stat, name, thread: Some(thread) });
+        }
+        Ok(Delivery::Fan(fans))
+    }
+
+    fn deliver(&mut self, sh: &Shared, chunk: Chunk) -> Result<(), FlowError> {
+        match self {
+            Delivery::One(s) => s.write(&chunk),
+            Delivery::Fan(fans) => {
+                let len = chunk.len();
+                let c = Arc::new(chunk);
+                for f in fans.iter_mut() {
+                    let Some(tx) = &f.tx else { continue };
+                    let cut = match tx.try_send(c.clone()) {
+                        Ok(()) => false,
+                        Err(crossbeam_channel::TrySendError::Full(c)) => match f.full {
+                            FullPolicy::Block => tx.send(c).is_err(),
+                            FullPolicy::Drop => {
+                                sh.stats[f.stat].dropped(len);
+                                false
+                            }
+                            FullPolicy::Detach => {
+                                sh.event(
+                                    3,
+                                    "detached",
+                                    &f.name,
+                                    format!("queue full; the other sinks go on ({len} bytes not sent)"),
+                                );
+                                true
+                            }
+                        },
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => true,
+                    };
+                    if cut {
+                        f.tx = None;
+                        sh.stats[f.stat].detach();
+                    }
+                }
+                if fans.iter().all(|f| f.tx.is_none()) {
+                    return Err(FlowError::Terminated {
+                        endpoint: "all sinks".into(),
+                        reason: "every sink failed or was detached".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn close(self, sh: &Shared) -> Result<(), FlowError> {
+        match self {
+            Delivery::One(s) => s.close(),
+            Delivery::Fan(fans) => {
+                let mut ok = false;
+                let mut first = None;
+                for mut f in fans {
+                    drop(f.tx.take());
+                    match f.thread.take().map(|t| t.join()) {
+                        Some(Ok(Ok(()))) => ok |= !sh.stats[f.stat].snapshot(Duration::ZERO).detached,
+                        Some(Ok(Err(e))) => {
+                            sh.stats[f.stat].detach();
+                            sh.event(0, "sink failed", &f.name, e.to_string());
+                            first.get_or_insert(e);
+                        }
+                        _ => {}
+                    }
+                }
+                match (ok, first) {
+                    (false, Some(e)) => Err(e),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The stages from `first` on, and the delivery: run on the flow thread, or on the tail thread once a stage is
+/// replicated.
+struct Tail {
+    sh: Arc<Shared>,
+    first: usize,
+    stages: Vec<Box<dyn Stage>>,
+    parts: Vec<Option<Arc<dyn Parallel>>>,
+    work: Vec<Work>,
+    delivery: Delivery,
+}
+
+impl Tail {
+    fn run_stage(
+        sh: &Shared,
+        gi: usize,
+        st: &mut dyn Stage,
+        part: Option<&Arc<dyn Parallel>>,
+        work: &Work,
+        chunk: &mut Chunk,
+        par: bool,
+    ) -> Result<(), FlowError> {
+        let t = Instant::now();
+        let before = chunk.len();
+        st.sequential(chunk, work)?;
+        if par {
+            if let Some(p) = part {
+                p.run(chunk, work);
+            }
+        }
+        let stat = &sh.stats[1 + gi];
+        stat.busy(t.elapsed());
+        stat.moved(before, chunk.len());
+        stat.copied(work.copied.swap(0, Ordering::Relaxed) as usize);
+        chunk.done = gi + 1;
+        Ok(())
+    }
+
+    fn process(&mut self, mut chunk: Chunk) -> Result<(), FlowError> {
+        for k in 0..self.stages.len() {
+            let gi = self.first + k;
+            if chunk.done > gi {
+                continue;
+            }
+            Self::run_stage(
+                &self.sh,
+                gi,
+                &mut *self.stages[k],
+                self.parts[k].as_ref(),
+                &self.work[k],
+                &mut chunk,
+                true,
+            )?;
+        }
+        let err = chunk.error.take();
+        self.delivery.deliver(&self.sh, chunk)?;
+        err.map_or(Ok(()), Err)
+    }
+
+    fn finish(mut self, mut seq: u64, pool: &Arc<Pool>) -> Result<(), FlowError> {
+        for k in 0..self.stages.len() {
+            if let Some(mut c) = self.stages[k].finish(seq, pool)? {
+                seq += 1;
+                c.done = self.first + k + 1;
+                self.process(c)?;
+            }
+        }
+        for s in &self.stages {
+            if let Some(r) = s.summary() {
+                self.sh.results.lock().push(format!("{}: {r}", s.name()));
+            }
+        }
+        self.delivery.close(&self.sh)
+    }
+}
+
+/// The flow thread's view: all stages inline, or a front part feeding replicas of stage `r`.
+enum Mode {
+    Inline(Tail),
+    Split {
+        r: usize,
+        front: Vec<Box<dyn Stage>>,
+        front_work: Vec<Work>,
+        tx: Option<crossbeam_channel::Sender<Chunk>>,
+        workers: Vec<JoinHandle<()>>,
+        tail: Option<JoinHandle<Result<(), FlowError>>>,
+    },
+}
+
+fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> Result<Mode, FlowError> {
+    let Tail { sh: _, first, mut stages, parts, work, delivery } = tail;
+    debug_assert_eq!(first, 0);
+    let rest = stages.split_off(r + 1);
+    let mut parts_rest = parts;
+    let part = parts_rest[r].clone().ok_or_else(|| FlowError::Config("that stage cannot be replicated".into()))?;
+    let parts_rest = parts_rest.split_off(r + 1);
+    let mut work = work;
+    let work_rest = work.split_off(r + 1);
+    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(2 * n);
+    let (dtx, drx) = crossbeam_channel::bounded::<Chunk>(4 * n);
+    let mut workers = Vec::new();
+    sh.stats[1 + r].set_replicas(n);
+    for i in 0..n {
+        let (rx, dtx, part, sh) = (rx.clone(), dtx.clone(), part.clone(), sh.clone());
+        let w = std::thread::Builder::new()
+            .name(format!("kecho-flow-{}-s{r}r{i}", sh.id))
+            .spawn(move || {
+                let work = Work::default();
+                for mut c in rx {
+                    if c.done <= r {
+                        let t = Instant::now();
+                        let before = c.len();
+                        part.run(&mut c, &work);
+                        let st = &sh.stats[1 + r];
+                        st.busy(t.elapsed());
+                        st.moved(before, c.len());
+                        st.copied(work.copied.swap(0, Ordering::Relaxed) as usize);
+                        c.done = r + 1;
+                    }
+                    if dtx.send(c).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| io_err("spawn a replica", e))?;
+        workers.push(w);
+    }
+    drop(dtx);
+    let mut t = Tail { sh: sh.clone(), first: r + 1, stages: rest, parts: parts_rest, work: work_rest, delivery };
+    let sh2 = sh.clone();
+    let tail = std::thread::Builder::new()
+        .name(format!("kecho-flow-{}-tail", sh.id))
+        .spawn(move || {
+            let mut order = Reorder::default();
+            let mut last = 0;
+            for c in drx {
+                last = last.max(c.seq + 1);
+                let _ = order.push(c.seq, c);
+                while let Some(c) = order.pop() {
+                    t.process(c)?;
+                }
+            }
+            if order.held() > 0 {
+                return Err(FlowError::Transform(format!("{} chunks lost between replicas", order.held())));
+            }
+            let _ = &sh2;
+            t.finish(last + 1_000_000, &pool)
+        })
+        .map_err(|e| io_err("spawn the tail thread", e))?;
+    Ok(Mode::Split { r, front: stages, front_work: work, tx: Some(tx), workers, tail: Some(tail) })
+}
+
+fn pipeline(
+    sh: &Arc<Shared>,
+    mut src: SourceIo,
+    specs: Vec<StageSpec>,
+    mut stages: Vec<Box<dyn Stage>>,
+    sinks: Vec<SinkRt>,
+    chunk: usize,
+) -> Result<(), FlowError> {
+    let pool = Pool::new(chunk + 4096);
+    let parts: Vec<_> = stages.iter().map(|s| s.parallel()).collect();
+    let work = stages.iter().map(|_| Work::default()).collect();
+    let delivery = Delivery::new(sh, sinks, chunk)?;
+    let has_first = !stages.is_empty();
+    let tail = Tail { sh: sh.clone(), first: 0, stages: std::mem::take(&mut stages), parts, work, delivery };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let fixed = specs.iter().enumerate().find_map(|(i, s)| match s.replicas {
+        Replicas::Fixed(n) if n > 1 => Some((i, n)),
+        _ => None,
+    });
+    let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
+    let mut mode = match fixed {
+        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone())?,
+        _ => Mode::Inline(tail),
+    };
+    let mut carry: Vec<u8> = Vec::new();
+    let mut seq = 0u64;
+    let mut eof = false;
+    let start = Instant::now();
+    let src_stat = &sh.stats[0];
+    let result: Result<(), FlowError> = (|| {
+        while !eof {
+            if sh.stopped() {
+                return Err(FlowError::Stopped);
+            }
+            let mut buf = pool.get(chunk + carry.len());
+            if !carry.is_empty() {
+                buf.extend_from_slice(&carry);
+                src_stat.copied(carry.len());
+                carry.clear();
+            }
+            let t = Instant::now();
+            let n = match &mut src {
+                SourceIo::Fd(c) => match endpoint::read_into(c.fd(), &mut buf, src_stat) {
+                    Ok(n) => n,
+                    Err(_) if sh.stopped() => return Err(FlowError::Stopped),
+                    Err(e) => return Err(io_err("read the source", e)),
+                },
+                SourceIo::Channel(sink) => read_channel(sh, sink, &mut buf, chunk)?,
+            };
+            src_stat.busy(t.elapsed());
+            src_stat.moved(n, n);
+            src_stat.copied(n);
+            if n == 0 && sh.stopped() {
+                // An interrupted read looks like the end of input.
+                return Err(FlowError::Stopped);
+            }
+            eof = n == 0;
+            // The first stage may take whole units only (records); the rest waits for the next read.
+            let take = match (&mut mode, has_first) {
+                (Mode::Inline(tail), true) => tail.stages[0].frame(&buf)?,
+                (Mode::Split { front, .. }, true) => front[0].frame(&buf)?,
+                _ => buf.len(),
+            };
+            carry.extend_from_slice(&buf[take..]);
+            buf.truncate(take);
+            if buf.is_empty() {
+                continue;
+            }
+            sh.pace(buf.len());
+            let c = Chunk::new(seq, buf, Some(pool.clone()));
+            seq += 1;
+            send(sh, &mut mode, c)?;
+            // Auto replication: after a warm-up, ask the scheduler once.
+            if auto && seq == 64 {
+                if let Mode::Inline(_) = &mode {
+                    let loads: Vec<StageLoad> = sh
+                        .stats
+                        .iter()
+                        .map(|s| StageLoad { busy: s.busy_time(), stateless: s.stateless, replicas: s.replicas() })
+                        .collect();
+                    if let Some((i, n)) = sched::plan_replicas(&loads, start.elapsed(), cores) {
+                        if (1..=specs.len()).contains(&i) && specs[i - 1].replicas == Replicas::Auto {
+                            let Mode::Inline(tail) = std::mem::replace(&mut mode, Mode::Inline(empty_tail(sh))) else {
+                                unreachable!("checked above")
+                            };
+                            mode = split(sh, tail, i - 1, n, pool.clone())?;
+                            sh.event(0, "replicated", &specs[i - 1].transform.name(), format!("{n} replicas"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    // Leftover bytes the first stage did not take go through it unframed, so that it can judge them (a decrypt
+    // stage reports a truncated record with its offset).
+    let result = result.and_then(|()| {
+        if !carry.is_empty() {
+            let mut buf = pool.get(carry.len());
+            buf.extend_from_slice(&carry);
+            let c = Chunk::new(seq, buf, Some(pool.clone()));
+            seq += 1;
+            send(sh, &mut mode, c)?;
+        }
+        Ok(())
+    });
+    finish(sh, mode, result, seq, &pool)
+}
+
+fn empty_tail(sh: &Arc<Shared>) -> Tail {
+    Tail {
+        sh: sh.clone(),
+        first: 0,
+        stages: Vec::new(),
+        parts: Vec::new(),
+        work: Vec::new(),
+        delivery: Delivery::Fan(Vec::new()),
+    }
+}
+
+fn send(sh: &Arc<Shared>, mode: &mut Mode, c: Chunk) -> Result<(), FlowError> {
+    match mode {
+        Mode::Inline(tail) => tail.process(c),
+        Mode::Split { r, front, front_work, tx, .. } => front_send(sh, *r, front, front_work, tx.as_ref(), c),
+    }
+}
+
+/// Runs the front stages up to the replicated one's sequential part and hands the chunk to the replicas.
+fn front_send(
+    sh: &Arc<Shared>,
+    r: usize,
+    front: &mut [Box<dyn Stage>],
+    work: &[Work],
+    tx: Option<&crossbeam_channel::Sender<Chunk>>,
+    mut c: Chunk,
+) -> Result<(), FlowError> {
+    for k in 0..=r {
+        if c.done > k {
+            continue;
+        }
+        let part = front[k].parallel();
+        Tail::run_stage(sh, k, &mut *front[k], part.as_ref(), &work[k], &mut c, k < r)?;
+        if k == r {
+            // The replicas run the parallel part and mark the stage done.
+            c.done = r;
+        }
+    }
+    let tx = tx.ok_or(FlowError::Stopped)?;
+    tx.send(c).map_err(|_| FlowError::Transform("the replicas stopped".into()))
+}
+
+fn finish(
+    sh: &Arc<Shared>,
+    mode: Mode,
+    result: Result<(), FlowError>,
+    seq: u64,
+    pool: &Arc<Pool>,
+) -> Result<(), FlowError> {
+    match mode {
+        Mode::Inline(tail) => match result {
+            Ok(()) => tail.finish(seq, pool),
+            Err(e) => {
+                let _ = tail.delivery.close(sh);
+                Err(e)
+            }
+        },
+        Mode::Split { r, mut front, front_work, tx, workers, mut tail } => {
+            let mut result = result;
+            let mut seq = seq;
+            if result.is_ok() {
+                for k in 0..=r {
+                    match front[k].finish(seq, pool) {
+                        Ok(Some(mut c)) => {
+                            seq += 1;
+                            c.done = k + 1;
+                            if let Err(e) = front_send(sh, r, &mut front, &front_work, tx.as_ref(), c) {
+                                result = Err(e);
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                for s in &front {
+                    if let Some(r) = s.summary() {
+                        sh.results.lock().push(format!("{}: {r}", s.name()));
+                    }
+                }
+            }
+            drop(tx);
+            for w in workers {
+                let _ = w.join();
+            }
+            let tail_result = tail
+                .take()
+                .map(|t| t.join().unwrap_or_else(|_| Err(FlowError::Transform("the tail thread panicked".into()))));
+            // The tail's error (an authentication failure found by a replica) explains a front-side send failure.
+            match (result, tail_result) {
+                (Ok(()), Some(r)) => r,
+                (Ok(()), None) => Ok(()),
+                (Err(_), Some(Err(e))) => Err(e),
+                (Err(e), _) => Err(e),
+            }
+        }
+    }
+}
+
+/// Reads events from a kecho sink into `buf` (their payloads back to back), waiting in slices of 100 ms so that a
+/// stop request is seen. A closed sink is the end of input.
+fn read_channel(sh: &Shared, sink: &mut kecho::Sink, buf: &mut Vec<u8>, chunk: usize) -> Result<usize, FlowError> {
+    let start = buf.len();
+    loop {
+        if sh.stopped() {
+            return Err(FlowError::Stopped);
+        }
+        sh.stats[0].syscall();
+        match sink.recv_blocking(Some(Duration::from_millis(100))) {
+            Ok(ev) => {
+                buf.extend_from_slice(ev.payload());
+                break;
+            }
+            Err(kecho::TryRecvError::Empty) => continue,
+            Err(kecho::TryRecvError::Lagged(n)) => {
+                sh.stats[0].dropped(n as usize);
+                sh.event(0, "lagged", "kecho sink", format!("the channel dropped {n} events for this flow"));
+            }
+            Err(_) => return Ok(0),
+        }
+    }
+    // Whatever else is queued joins the same chunk.
+    while buf.len() - start < chunk {
+        match sink.try_recv() {
+            Ok(ev) => buf.extend_from_slice(ev.payload()),
+            Err(kecho::TryRecvError::Lagged(n)) => sh.stats[0].dropped(n as usize),
+            Err(_) => break,
+        }
+    }
+    Ok(buf.len() - start)
+}

@@ -1,0 +1,467 @@
+//! Flows over real files, sockets and threads: round trips, corruption, the zero-copy path and its fallback,
+//! replication, fan-out with a slow sink, and each rung of the exception ladder with the fault injected.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kecho_flow::record::{self, Key, RecordError};
+use kecho_flow::{parse, Decision, Flow, FlowError, FlowStats};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("kecho-flow-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn path(&self, f: &str) -> String {
+        self.0.join(f).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn data(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn run(spec: &str) -> Result<FlowStats, FlowError> {
+    Flow::from_spec(&parse(spec).map_err(FlowError::from)?).start()?.wait()
+}
+
+fn key_file(d: &Dir) -> String {
+    let k = d.path("key");
+    std::fs::write(&k, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    k
+}
+
+#[test]
+fn encrypt_then_decrypt_round_trips() {
+    let d = Dir::new("roundtrip");
+    let k = key_file(&d);
+    let input = data(1_000_003);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let s = run(&format!(
+        "file:{} chunk=64K ! encrypt aes-256-gcm key={k} record=1000 ! file:{}",
+        d.path("in"),
+        d.path("enc")
+    ))
+    .unwrap();
+    assert_eq!(s.bytes_in, input.len() as u64);
+    let enc = std::fs::read(d.path("enc")).unwrap();
+    // Another program can decrypt it: the documented format, through the pure decoder.
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    assert_eq!(record::open_all(&key, &enc).unwrap(), input);
+    let s = run(&format!("file:{} chunk=10K ! decrypt aes-256-gcm key={k} ! file:{}", d.path("enc"), d.path("out")))
+        .unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert_eq!(s.path, "copy");
+    // Decryption is in place: the only user-space copies are the reads and the partial records carried over.
+    let dec = &s.stages[1];
+    assert_eq!(dec.copied, 0, "{s:#?}");
+}
+
+#[test]
+fn replicated_decrypt_keeps_order() {
+    let d = Dir::new("replicas");
+    let k = key_file(&d);
+    let input = data(3_000_000);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1024)).unwrap();
+    let s = run(&format!(
+        "file:{} chunk=16K ! decrypt aes-256-gcm key={k} replicas=2 ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    assert_eq!(s.stages[1].replicas, 2);
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+}
+
+#[test]
+fn corrupt_record_fails_with_its_offset_and_is_not_written() {
+    let d = Dir::new("corrupt");
+    let k = key_file(&d);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    let input = data(10_000);
+    let mut enc = record::seal_all(&key, &input, 1000);
+    // Record 3 starts at 44 + 3 * 1020; flip a byte inside its ciphertext.
+    let at = 44 + 3 * 1020 + 100;
+    enc[at] ^= 0x40;
+    std::fs::write(d.path("enc"), &enc).unwrap();
+    for replicas in [1, 2] {
+        let e = run(&format!(
+            "file:{} ! decrypt aes-256-gcm key={k} replicas={replicas} ! file:{}",
+            d.path("enc"),
+            d.path("out")
+        ))
+        .unwrap_err();
+        match e {
+            FlowError::Record(RecordError::Authentication { index, offset }) => {
+                assert_eq!((index, offset), (3, 44 + 3 * 1020));
+            }
+            other => panic!("expected an authentication failure, got {other}"),
+        }
+        // The three good records are out; nothing of the bad one.
+        assert_eq!(std::fs::read(d.path("out")).unwrap(), &input[..3000]);
+    }
+    // Truncation at a record boundary is caught too.
+    std::fs::write(d.path("cut"), &record::seal_all(&key, &input, 1000)[..44 + 2 * 1020]).unwrap();
+    let e = run(&format!("file:{} ! decrypt aes-256-gcm key={k} ! file:{}", d.path("cut"), d.path("out"))).unwrap_err();
+    assert!(matches!(e, FlowError::Record(RecordError::Truncated { offset: 2084 })), "{e}");
+}
+
+#[test]
+fn untransformed_flows_take_the_zero_copy_path() {
+    let d = Dir::new("zerocopy");
+    let input = data(5 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let s = run(&format!("file:{} ! file:{}", d.path("in"), d.path("out"))).unwrap();
+    assert_eq!(s.path, "zero-copy (copy_file_range)");
+    assert_eq!(s.user_copied, 0);
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+
+    // TCP to file: splice.
+    let f =
+        Flow::from_spec(&parse(&format!("tcp-listen:127.0.0.1:0 ! file:{}", d.path("tcp"))).unwrap()).start().unwrap();
+    let addr = f.local_addr().unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(&input).unwrap();
+    drop(c);
+    let s = f.wait().unwrap();
+    assert_eq!(s.path, "zero-copy (splice)");
+    assert_eq!(s.user_copied, 0);
+    assert_eq!(std::fs::read(d.path("tcp")).unwrap(), input);
+
+    // File to TCP: sendfile.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
+    });
+    let s = run(&format!("file:{} ! tcp-connect:{addr}", d.path("in"))).unwrap();
+    assert_eq!(s.path, "zero-copy (sendfile)");
+    assert_eq!(reader.join().unwrap(), input);
+}
+
+#[test]
+fn rung4_falls_back_to_copying_when_the_kernel_refuses() {
+    // copy_file_range and splice refuse a destination opened for appending: the flow copies instead.
+    let d = Dir::new("fallback");
+    let input = data(300_000);
+    std::fs::write(d.path("in"), &input).unwrap();
+    std::fs::write(d.path("out"), b"head:").unwrap();
+    let f = Flow::from_spec(&parse(&format!("file:{} ! file:{} append", d.path("in"), d.path("out"))).unwrap())
+        .start()
+        .unwrap();
+    let s = f.wait().unwrap();
+    assert!(s.path.starts_with("copy (fallback"), "{}", s.path);
+    let mut want = b"head:".to_vec();
+    want.extend_from_slice(&input);
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), want);
+}
+
+#[test]
+fn compress_checksum_and_back() {
+    let d = Dir::new("compress");
+    let mut input = data(200_000);
+    input.extend(std::iter::repeat_n(b'a', 500_000));
+    std::fs::write(d.path("in"), &input).unwrap();
+    for codec in ["zstd", "lz4"] {
+        let s = run(&format!("file:{} chunk=32K ! checksum ! compress {codec} ! file:{}", d.path("in"), d.path("z")))
+            .unwrap();
+        assert!(s.results[0].contains(&format!("{:08x}", crc32fast::hash(&input))), "{:?}", s.results);
+        assert!(std::fs::metadata(d.path("z")).unwrap().len() < input.len() as u64);
+        run(&format!("file:{} chunk=8K ! decompress {codec} ! file:{}", d.path("z"), d.path("out"))).unwrap();
+        assert_eq!(std::fs::read(d.path("out")).unwrap(), input, "{codec}");
+    }
+}
+
+#[test]
+fn wasm_transform_runs_sandboxed() {
+    let d = Dir::new("wasm");
+    // Upper-cases ASCII letters in place.
+    let wat = r#"(module
+      (memory (export "memory") 2)
+      (func (export "kecho_buffer") (result i32) (i32.const 0))
+      (func (export "kecho_transform") (param $n i32) (result i32) (local $i i32) (local $c i32)
+        (block $done (loop $l
+          (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+          (local.set $c (i32.load8_u (local.get $i)))
+          (if (i32.and (i32.ge_u (local.get $c) (i32.const 97)) (i32.le_u (local.get $c) (i32.const 122)))
+            (then (i32.store8 (local.get $i) (i32.sub (local.get $c) (i32.const 32)))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br $l)))
+        (local.get $n)))"#;
+    std::fs::write(d.path("up.wat"), wat).unwrap();
+    let input = b"hello, flows! ".repeat(10_000);
+    std::fs::write(d.path("in"), &input).unwrap();
+    run(&format!("file:{} ! wasm module={} ! file:{}", d.path("in"), d.path("up.wat"), d.path("out"))).unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input.to_ascii_uppercase());
+    // A module that loops forever runs out of fuel and fails the flow.
+    std::fs::write(
+        d.path("spin.wat"),
+        r#"(module (memory (export "memory") 2)
+      (func (export "kecho_buffer") (result i32) (i32.const 0))
+      (func (export "kecho_transform") (param i32) (result i32) (loop $l (br $l)) (i32.const 0)))"#,
+    )
+    .unwrap();
+    let e = run(&format!(
+        "file:{} ! wasm module={} fuel=100000 ! file:{}",
+        d.path("in"),
+        d.path("spin.wat"),
+        d.path("out")
+    ))
+    .unwrap_err();
+    assert!(matches!(e, FlowError::Transform(_)), "{e}");
+}
+
+#[test]
+fn a_slow_sink_is_detached_and_the_others_go_on() {
+    let d = Dir::new("fanout");
+    let input = data(8 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    // A peer that accepts and never reads: its socket buffers fill, then its queue.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hold = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(s);
+    });
+    let spec =
+        format!("file:{} chunk=64K ! tcp-connect:{addr} queue=256K full=detach file:{}", d.path("in"), d.path("out"));
+    let s = run(&spec).unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert!(s.stages[1].detached, "{s:#?}");
+    assert!(!s.stages[2].detached);
+    hold.join().unwrap();
+}
+
+fn closed_port() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[test]
+fn rungs_1_and_2_retry_then_redirect_to_the_alternate() {
+    let d = Dir::new("redirect");
+    let input = data(100_000);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let good = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = good.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        good.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
+    });
+    let spec =
+        format!("file:{} ! checksum ! tcp-connect:{} retries=2 alt=tcp-connect:{addr}", d.path("in"), closed_port());
+    let f = Flow::from_spec(&parse(&spec).unwrap()).start().unwrap();
+    while !f.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let steps: Vec<(u8, String)> = f.events().into_iter().map(|e| (e.rung, e.what)).collect();
+    assert_eq!(
+        steps,
+        vec![(1, "retry".into()), (1, "retry".into()), (2, "redirect".into()), (0, "reconnected".into())]
+    );
+    let s = f.wait().unwrap();
+    assert_eq!(s.bytes_out, input.len() as u64);
+    assert_eq!(reader.join().unwrap(), input);
+}
+
+#[test]
+fn rung_3_and_5_notify_the_application_then_terminate() {
+    let d = Dir::new("notify");
+    std::fs::write(d.path("in"), data(1000)).unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let a = asked.clone();
+    let spec =
+        parse(&format!("file:{} ! compress zstd ! tcp-connect:{} retries=1", d.path("in"), closed_port())).unwrap();
+    let f = Flow::from_spec(&spec)
+        .on_fault(move |ev| {
+            assert_eq!(ev.rung, 3);
+            // First time: try once more; second time: give up.
+            if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                Decision::Retry
+            } else {
+                Decision::Terminate
+            }
+        })
+        .start()
+        .unwrap();
+    let watcher = f.watcher();
+    let e = f.wait().unwrap_err();
+    assert!(matches!(e, FlowError::Terminated { .. }), "{e}");
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert!(watcher.stats().state.starts_with("failed: terminated"));
+}
+
+#[test]
+fn ladder_events_are_recorded_in_order() {
+    let d = Dir::new("events");
+    std::fs::write(d.path("in"), data(1000)).unwrap();
+    let spec = parse(&format!("file:{} ! checksum ! tcp-connect:{} retries=1", d.path("in"), closed_port())).unwrap();
+    let f = Flow::from_spec(&spec).start().unwrap();
+    while !f.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rungs: Vec<(u8, String)> = f.events().into_iter().map(|e| (e.rung, e.what)).collect();
+    assert_eq!(rungs, vec![(1, "retry".into()), (3, "notify".into()), (5, "terminated".into())]);
+}
+
+#[test]
+fn rung_1_resumes_a_dropped_connection_at_the_peers_offset() {
+    let d = Dir::new("resume");
+    let input = data(4 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // A resume-capable peer: says how much it holds, takes 1 MB, drops the connection; then takes the rest.
+    let peer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&0u64.to_be_bytes()).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).unwrap();
+        got.extend_from_slice(&buf);
+        drop(s);
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(got.len() as u64).to_be_bytes()).unwrap();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let spec = format!("file:{} chunk=64K ! checksum ! tcp-connect:{addr} resume retries=5", d.path("in"));
+    let f = Flow::from_spec(&parse(&spec).unwrap()).start().unwrap();
+    let s = f.wait().unwrap();
+    let got = peer.join().unwrap();
+    assert_eq!(got.len(), input.len());
+    assert!(got == input);
+    assert!(s.bytes_out >= input.len() as u64);
+}
+
+#[test]
+fn stop_by_handle_and_rate_limit() {
+    let f = Flow::from_spec(&parse("tcp-listen:127.0.0.1:0 ! checksum ! -").unwrap()).start().unwrap();
+    let addr = f.local_addr().unwrap();
+    let _c = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    f.stop();
+    assert!(matches!(f.wait(), Err(FlowError::Stopped)));
+
+    let d = Dir::new("rate");
+    std::fs::write(d.path("in"), data(2 << 20)).unwrap();
+    let t = Instant::now();
+    let f = Flow::from_spec(
+        &parse(&format!("file:{} rate=8M chunk=64K ! checksum ! file:{}", d.path("in"), d.path("out"))).unwrap(),
+    )
+    .start()
+    .unwrap();
+    f.set_priority(5);
+    let s = f.wait().unwrap();
+    // 2 MiB at 8 MiB/s with a burst of 0.8 MiB needs at least 0.15 s.
+    assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
+    assert_eq!(s.priority, 5);
+}
+
+#[test]
+fn a_scheduler_shares_its_budget_by_priority() {
+    let sched = kecho_flow::Scheduler::new(Some(30_000_000));
+    let start = |p: u32| {
+        Flow::from_spec(&parse("tcp-listen:127.0.0.1:0 ! checksum ! -").unwrap())
+            .priority(p)
+            .scheduler(sched.clone())
+            .start()
+            .unwrap()
+    };
+    let a = start(1);
+    let b = start(2);
+    assert_eq!(a.stats().effective_rate, Some(10_000_000));
+    assert_eq!(b.stats().effective_rate, Some(20_000_000));
+    // Reprioritise: a now weighs 4 against 2.
+    a.set_priority(4);
+    assert_eq!(a.stats().effective_rate, Some(20_000_000));
+    assert_eq!(b.stats().effective_rate, Some(10_000_000));
+    // A flow's own limit below its share frees the rest for the other.
+    b.set_rate(Some(1_000_000));
+    assert_eq!(b.stats().effective_rate, Some(1_000_000));
+    assert_eq!(a.stats().effective_rate, Some(29_000_000));
+    a.stop();
+    b.stop();
+    assert!(matches!(a.wait(), Err(FlowError::Stopped)));
+    assert!(matches!(b.wait(), Err(FlowError::Stopped)));
+}
+
+#[test]
+fn kecho_channel_in_and_out() {
+    // A flow from a file into a kecho channel, and a flow from that channel into a file, on one in-process node.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let d = Dir::new("channel");
+    let input = data(50_000);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let (node, ch) = rt.block_on(async {
+        let node =
+            kecho::Node::builder().registry_client(kecho::RegistryClient::in_process_private()).start().await.unwrap();
+        let ch = node.channel("flows-test").await.unwrap();
+        (node, ch)
+    });
+    let sink = ch.sink(kecho::SinkOptions::new().capacity(100_000)).unwrap();
+    let reader = Flow::from_spec(&parse(&format!("kecho:flows-test ! file:{}", d.path("out"))).unwrap())
+        .channel_source("flows-test", sink)
+        .start()
+        .unwrap();
+    let writer = Flow::from_spec(&parse(&format!("file:{} chunk=4K ! kecho:flows-test", d.path("in"))).unwrap())
+        .channel_sink("flows-test", ch.source().unwrap())
+        .start()
+        .unwrap();
+    writer.wait().unwrap();
+    let t = Instant::now();
+    while reader.stats().bytes_out < input.len() as u64 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader.stop();
+    let _ = reader.wait();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+
+    // Rung 3's event on a channel: a failing flow tells the application's channel.
+    let ev_ch = rt.block_on(node.channel("flows-events")).unwrap();
+    let mut events = ev_ch.sink(kecho::SinkOptions::new().types(["flow.event"])).unwrap();
+    let failing = Flow::from_spec(
+        &parse(&format!("file:{} ! checksum ! tcp-connect:{} retries=0", d.path("in"), closed_port())).unwrap(),
+    )
+    .notify_channel(ev_ch.source().unwrap())
+    .start()
+    .unwrap();
+    assert!(failing.wait().is_err());
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.recv_blocking(Some(Duration::from_secs(5))) {
+        let e: kecho_flow::FlowEvent = serde_json::from_slice(ev.payload()).unwrap();
+        seen.push(e.what);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, vec!["notify".to_owned(), "terminated".to_owned()]);
+    drop(node);
+}
