@@ -629,7 +629,7 @@ mod tests {
                         }
                     }
                     Op::Holders { present } => {
-                        l.holders(|hid| hid.0.parse::<u8>().map_or(false, |x| present & (1 << x) != 0), now);
+                        l.holders(|hid| hid.0.parse::<u8>().is_ok_and(|x| present & (1 << x) != 0), now);
                     }
                     Op::Wait { ms } => {
                         now += Duration::from_millis(ms);

@@ -12,6 +12,8 @@
 //! view and the requester are a thin tokio layer over kecho channels. See docs/RESOURCES.md.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod client;
 pub mod error;
 pub mod expr;
 pub mod ledger;
@@ -19,10 +21,14 @@ pub mod measure;
 pub mod negotiate;
 pub mod types;
 pub mod view;
+pub mod watch;
 pub mod wire;
 
+pub use agent::{Agent, AgentConfig};
+pub use client::{Held, Requester, Reservation, Spec};
 pub use error::{Error, ParseError, Result};
 pub use expr::{Rank, Requirement};
 pub use ledger::{Ledger, LedgerConfig, LedgerError, Refusal};
 pub use types::{Amounts, HolderId, ReservationId};
 pub use view::{ClusterView, Report};
+pub use watch::View;

@@ -84,7 +84,7 @@ pub fn explain<'a>(
     if considered == 0 {
         return "no agent is on the channel".into();
     }
-    short.sort_by(|a, b| b.1.cmp(&a.1));
+    short.sort_by_key(|s| std::cmp::Reverse(s.1));
     if let Some((r, _, best, agent)) = short.first() {
         return format!(
             "no agent has {r}_free >= {}; best offer {} on {agent}",
