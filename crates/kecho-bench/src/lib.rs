@@ -26,6 +26,7 @@ mod plot;
 mod poll;
 mod rawtcp;
 mod report;
+mod resources;
 mod submit;
 mod syscalls;
 mod systems;
@@ -105,6 +106,9 @@ pub enum Workload {
     Filters,
     /// Resident memory: an idle node, per channel, per member.
     Memory,
+    /// Resource management: placement latency, rate, overcommit and quality against central allocators (not in
+    /// `all`; see docs/RESOURCES.md).
+    Resources,
 }
 
 impl Workload {
@@ -134,6 +138,7 @@ impl Workload {
             Workload::Throughput => "throughput",
             Workload::Filters => "filters",
             Workload::Memory => "memory",
+            Workload::Resources => "resources",
         }
     }
 }
@@ -195,5 +200,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Throughput => throughput::run(args),
         Workload::Filters => filters::run(args),
         Workload::Memory => memory::run(args),
+        Workload::Resources => resources::run(args),
     }
 }

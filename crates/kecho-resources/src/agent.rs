@@ -38,8 +38,13 @@ pub struct AgentConfig {
     pub report_every: Duration,
     /// How long a report stays valid in a view (a silent agent drops out after this).
     pub lifetime: Duration,
-    /// Least time between two reports: a change is reported at once unless one went out less than this ago.
+    /// Least time between two reports (and updates of the attributes requesters screen on): a change is reported at
+    /// once unless one went out less than this ago.
     pub min_report_gap: Duration,
+    /// Least time between two updates of the request sink's attributes, which requesters' OUT-filters screen on.
+    /// Each update makes kecho send the node's snapshot to every member of the channel, which re-derives its
+    /// routes: far dearer than a report, which goes to view sinks only (see docs/RESOURCES.md, "Costs").
+    pub attr_gap: Duration,
     /// How often it checks which holders are still on the channel.
     pub probe_every: Duration,
     /// Hold time, lease limit, holder grace.
@@ -47,7 +52,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults: measure the host, report every second with a lifetime of 3 s, at most one report per 50 ms.
+    /// Defaults: measure the host, report every second with a lifetime of 3 s, at most one report per 100 ms.
     pub fn new(name: impl Into<String>) -> Self {
         AgentConfig {
             name: name.into(),
@@ -58,7 +63,8 @@ impl AgentConfig {
             measure: true,
             report_every: Duration::from_secs(1),
             lifetime: Duration::from_secs(3),
-            min_report_gap: Duration::from_millis(50),
+            min_report_gap: Duration::from_millis(100),
+            attr_gap: Duration::from_secs(1),
             probe_every: Duration::from_secs(1),
             ledger: LedgerConfig::default(),
         }
@@ -119,10 +125,12 @@ impl Agent {
             host,
             measurer,
             attrs: Attrs::new(),
+            on_sink: Attrs::new(),
             requirements: Default::default(),
             ranks: Default::default(),
             dirty: true,
             last_report: None,
+            last_attrs: Some(Instant::now()),
         };
         state.refresh_attrs();
         let sink_opts = {
@@ -135,6 +143,7 @@ impl Agent {
             for (k, v) in state.attrs.iter() {
                 o = o.attr(k, v.clone());
             }
+            state.on_sink = state.attrs.clone();
             o
         };
         let sink = channel.sink(sink_opts)?;
@@ -221,10 +230,13 @@ struct State {
     measurer: Measurer,
     /// Everything it publishes.
     attrs: Attrs,
+    /// The request sink's attributes as last set.
+    on_sink: Attrs,
     requirements: lru::Cache<Requirement>,
     ranks: lru::Cache<Rank>,
     dirty: bool,
     last_report: Option<Instant>,
+    last_attrs: Option<Instant>,
 }
 
 /// A small cache of compiled expressions by their text (requesters tend to send the same few).
@@ -357,8 +369,15 @@ async fn run(mut st: State, mut io: Io) {
 
 async fn publish(st: &mut State, io: &mut Io) {
     let a = st.report_attrs();
-    for (k, v) in st.attrs.iter() {
-        io.sink.set_attr(k, v.clone());
+    let now = Instant::now();
+    if st.last_attrs.is_none_or(|t| now >= t + st.cfg.attr_gap) {
+        for (k, v) in st.attrs.iter() {
+            if st.on_sink.get(k) != Some(v) {
+                io.sink.set_attr(k, v.clone());
+            }
+        }
+        st.on_sink = st.attrs.clone();
+        st.last_attrs = Some(now);
     }
     if let Err(e) = io.replies.submit(wire::REPORT, &a, b"").await {
         tracing::warn!(error = %e, "report not sent");
@@ -378,17 +397,9 @@ async fn handle(st: &mut State, io: &mut Io, ev: &Event) {
             tracing::warn!(error = %e, "answer not sent");
         }
     }
-    if st.dirty {
-        // Requesters' OUT-filters screen on the request sink's attributes: keep them as fresh as the ledger.
-        st.refresh_attrs();
-        for (k, _) in st.ledger.lock().capacity().iter() {
-            for name in [format!("{k}_free"), format!("{k}_reserved")] {
-                if let Some(v) = st.attrs.get(&name) {
-                    io.sink.set_attr(name.clone(), v.clone());
-                }
-            }
-        }
-    }
+    // The request sink's attributes (what requesters' OUT-filters screen on) and the report go out together, at
+    // most once per `min_report_gap`: every attribute change makes kecho send this node's snapshot to every member,
+    // so updating them per request would cost every node of the channel work per request.
 }
 
 fn on_request(st: &mut State, a: &Attrs) -> Option<(&'static str, Attrs)> {
@@ -404,9 +415,12 @@ fn on_request(st: &mut State, a: &Attrs) -> Option<(&'static str, Attrs)> {
         Err(e) => return refuse(out, e.to_string()),
     };
     let now = Instant::now().into_std();
-    // The published attributes must show the ledger as it is now (offers may have lapsed since the last refresh).
+    // The requirement is checked on the attributes as they are now (offers may have been made or lapsed since the
+    // last report).
     if !st.ledger.lock().expire(now).is_empty() {
         st.dirty = true;
+    }
+    if st.dirty {
         st.refresh_attrs();
     }
     if let Some(text) = wire::opt_str(a, "require") {

@@ -119,6 +119,8 @@ struct Screening {
     require: Option<Arc<Requirement>>,
     rank: Option<Arc<Rank>>,
     fanout: usize,
+    /// Reservations wanted.
+    count: usize,
     /// Count only: choose nobody.
     dry: bool,
     found: Mutex<Found>,
@@ -245,6 +247,7 @@ impl Requester {
             require,
             rank,
             fanout: spec.fanout,
+            count: spec.count,
             dry,
             found: Mutex::default(),
         })
@@ -543,19 +546,33 @@ fn route(inner: &Inner, ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut V
     let Some(s) = inner.current.lock().clone() else { return };
     let mut found = s.found.lock();
     let mut ok: Vec<(usize, Option<f64>, u64)> = Vec::new();
+    let mut short: Vec<(usize, Option<f64>, u64)> = Vec::new();
     for (i, r) in sinks.iter().enumerate() {
         let a = r.attrs();
         let Some(Value::Str(name)) = a.get("agent") else { continue };
         found.agents += 1;
         match screen(&s.amounts, s.require.as_deref(), a) {
             Ok(()) => ok.push((i, s.rank.as_ref().and_then(|x| x.eval(a)), rand::random())),
-            Err(m) => found.misses.push((name.clone(), m)),
+            Err(m) => {
+                if matches!(m, Miss::Short { .. }) && s.require.as_ref().is_none_or(|r| r.matches(a)) {
+                    short.push((i, None, rand::random()));
+                }
+                found.misses.push((name.clone(), m));
+            }
         }
     }
     if s.dry {
         return;
     }
     pick(&mut ok, s.fanout);
+    // The sink attributes lag the agents' ledgers (they are updated about once a second, see AgentConfig::attr_gap):
+    // when too few agents look free enough, also ask those that looked short; their own admission control answers
+    // with the truth.
+    if ok.len() < s.count {
+        let room = if s.fanout == 0 { 0 } else { s.fanout.max(s.count).saturating_sub(ok.len()).max(1) };
+        pick(&mut short, room);
+        ok.extend(short);
+    }
     found.chosen = ok.len();
     chosen.extend(ok.iter().map(|c| c.0));
 }
