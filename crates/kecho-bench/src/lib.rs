@@ -27,6 +27,7 @@ mod plot;
 mod poll;
 mod rawtcp;
 mod report;
+mod resources;
 mod submit;
 mod syscalls;
 mod systems;
@@ -109,6 +110,9 @@ pub enum Workload {
     /// Flows (not in `all`): receive -> decrypt -> store against a memory-centric program, pure moves against a
     /// read/write loop and socat, replicated decryption, and the machine's limits. See docs/FLOWS.md.
     Flows,
+    /// Resource management: placement latency, rate, overcommit and quality against central allocators (not in
+    /// `all`; see docs/RESOURCES.md).
+    Resources,
 }
 
 impl Workload {
@@ -139,6 +143,7 @@ impl Workload {
             Workload::Filters => "filters",
             Workload::Memory => "memory",
             Workload::Flows => "flows",
+            Workload::Resources => "resources",
         }
     }
 }
@@ -201,5 +206,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Filters => filters::run(args),
         Workload::Memory => memory::run(args),
         Workload::Flows => flows::run(args),
+        Workload::Resources => resources::run(args),
     }
 }

@@ -63,7 +63,7 @@ fn hex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-fn value_json(v: &Value) -> serde_json::Value {
+pub(crate) fn value_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Int(i) => json!(i),
         Value::Float(f) => json!(f),

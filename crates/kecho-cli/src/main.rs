@@ -69,6 +69,14 @@ enum Cmd {
     },
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
+    /// Run a resource agent for this host: measure it, publish its attributes, admit and hold reservations.
+    Agent(agent::Args),
+    /// Show the cluster view: one line per agent (what it has, what is free and reserved, the report's age).
+    Resources(resources::Args),
+    /// Reserve resources on the agents by QoS specification (amounts, requirement, rank, lease, count).
+    Reserve(reserve::Args),
+    /// Release reservations by id.
+    Release(release::Args),
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -86,6 +94,10 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Webfarm(a) => webfarm::run(a).await,
         Cmd::Flow { cmd } => flow::run(cmd).await,
+        Cmd::Agent(a) => agent::run(a).await,
+        Cmd::Resources(a) => resources::run(a).await,
+        Cmd::Reserve(a) => reserve::run(a).await,
+        Cmd::Release(a) => release::run(a).await,
     }
 }
 

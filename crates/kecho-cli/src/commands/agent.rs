@@ -1,0 +1,119 @@
+//! `kecho agent`: a resource agent for this host (2K's Local Resource Manager).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho_resources::types::parse_size;
+use kecho_resources::{Agent, AgentConfig, Amounts};
+
+use crate::attrs;
+use crate::node_args::{node, NodeArgs, RegistryArg};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The agent's name [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// A static attribute, KEY=VALUE (repeatable; typed as for pub), e.g. --attr zone=a.
+    #[arg(long = "attr", value_name = "K=V")]
+    attrs: Vec<String>,
+    /// Cores it offers to others [default: all it measures].
+    #[arg(long)]
+    cpus: Option<u64>,
+    /// Memory it offers in bytes (suffixes k, M, G, Ki, Mi, Gi) [default: all it measures].
+    #[arg(long, value_name = "BYTES")]
+    mem: Option<String>,
+    /// Another counted resource, NAME=COUNT (repeatable), e.g. --resource gpu=2.
+    #[arg(long = "resource", value_name = "NAME=COUNT")]
+    resources: Vec<String>,
+    /// Seconds between reports when nothing changes.
+    #[arg(long, default_value_t = 1.0)]
+    report: f64,
+    /// Seconds a report stays valid (a silent agent drops out of every view after this).
+    #[arg(long, default_value_t = 3.0)]
+    lifetime: f64,
+    /// Seconds an offer holds capacity for the requester to confirm it.
+    #[arg(long, default_value_t = 2.0)]
+    hold: f64,
+    /// Seconds a running holder's reservation outlives the holder once its node has left the channel.
+    #[arg(long, default_value_t = 3.0)]
+    holder_grace: f64,
+    /// Do not measure the host: offer only --cpus, --mem and --resource, publish no host_* attributes.
+    #[arg(long)]
+    no_measure: bool,
+    /// The channel agents and requesters meet on.
+    #[arg(long, default_value = kecho_resources::wire::CHANNEL)]
+    channel: String,
+    #[command(flatten)]
+    reg: RegistryArg,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+fn secs(what: &str, v: f64) -> Result<Duration> {
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("--{what} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "agent".into())
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let mut cfg = AgentConfig::new(a.name.clone().unwrap_or_else(host_name));
+    cfg.attrs = attrs::parse_all(&a.attrs)?;
+    cfg.cpus = a.cpus;
+    cfg.mem = a.mem.as_deref().map(parse_size).transpose().context("--mem")?;
+    let mut res = Amounts::new();
+    for r in &a.resources {
+        let one: Amounts = r.parse().with_context(|| format!("--resource {r}"))?;
+        for (k, v) in one.iter() {
+            res.set(k, v);
+        }
+    }
+    cfg.resources = res;
+    cfg.measure = !a.no_measure;
+    cfg.report_every = secs("report", a.report)?;
+    cfg.lifetime = secs("lifetime", a.lifetime)?;
+    cfg.ledger.hold = secs("hold", a.hold)?;
+    cfg.ledger.holder_grace = secs("holder-grace", a.holder_grace)?;
+    kecho_resources::agent::check_agent_name(&cfg.name)?;
+    let node = node(&a.reg, &a.node, None).await?;
+    let ch = node.channel(&a.channel).await?;
+    let agent = Agent::start_on(&ch, cfg).await?;
+    let offered = agent.with_ledger(|l| l.capacity().to_string());
+    eprintln!("kecho: agent {} offering {offered} on {:?}", agent.name(), a.channel);
+    wait_for_stop().await;
+    agent.stop().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
