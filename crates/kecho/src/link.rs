@@ -202,6 +202,17 @@ pub(crate) struct Peer {
     flags: PeerFlags,
     membership: Mutex<MembershipGate>,
     pub(crate) frames_sent: AtomicU64,
+    /// Counters for `Node::link_stats`.
+    pub(crate) counters: LinkCounters,
+}
+
+/// A link's counters beyond `frames_sent`, read by `Node::link_stats`.
+#[derive(Default)]
+pub(crate) struct LinkCounters {
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) heartbeat_timeouts: AtomicU64,
 }
 
 /// A peer's flags that every submit reads, on a cache line of their own.
@@ -242,6 +253,7 @@ impl Peer {
                 deferred: Vec::new(),
             }),
             frames_sent: AtomicU64::new(0),
+            counters: LinkCounters::default(),
         }
     }
 
@@ -576,6 +588,7 @@ fn start_link<R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    peer.counters.connects.fetch_add(1, Ordering::Relaxed);
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), node.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),
@@ -630,13 +643,17 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, wr: Wr, live: A
                             peer.outbox.push_control(Message::Ping(gen).to_bytes());
                             continue;
                         }
-                        LivenessAction::Dead => break "heartbeat timeout".to_owned(),
+                        LivenessAction::Dead => {
+                            peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+                            break "heartbeat timeout".to_owned();
+                        }
                     }
                 }
             }
         }
         peer.outbox.writable.notify_waiters();
         let n = frames.len() as u64;
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
         // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
         // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
         // declared dead.
@@ -653,6 +670,7 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, wr: Wr, live: A
                     // Pings are not sent from here: the write in progress shows the peer we are alive once it
                     // drains, and a ping could not overtake it anyway.
                     if live.lock().poll(now()) == LivenessAction::Dead {
+                        peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
                         break Err("heartbeat timeout while writing".to_owned());
                     }
                 }
@@ -662,6 +680,7 @@ async fn writer(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64, wr: Wr, live: A
             break e;
         }
         peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+        peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         live.lock().on_send(now());
     };
     tracing::debug!(peer = %peer.id, "writer stopped: {why}");
@@ -907,6 +926,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match rd.read_buf(&mut buf).await {
             Ok(0) => break "closed by peer".to_owned(),
             Ok(n) => {
+                peer.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 busy = n == free;
                 live.lock().on_receive(now());
             }

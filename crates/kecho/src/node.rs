@@ -251,6 +251,31 @@ impl NodeBuilder {
     }
 }
 
+/// Counters of one link (the TCP connection to another node, over all its connections in turn), from
+/// [`Node::link_stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStats {
+    /// The other node.
+    pub node: NodeId,
+    /// The address it is dialled at.
+    pub addr: String,
+    /// A connection is up now.
+    pub up: bool,
+    /// Frames written (events and control messages).
+    pub frames_sent: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+    /// Bytes read.
+    pub bytes_received: u64,
+    /// Bytes queued for the link and not written yet.
+    pub queued_bytes: usize,
+    /// Connections that came up (dialled or accepted); more than one means the link was re-established.
+    pub connects: u64,
+    /// Connections declared dead because the other node fell silent for the heartbeat timeout.
+    pub heartbeat_timeouts: u64,
+}
+
 /// A kecho node. Cheap to clone; all clones are the same node.
 #[derive(Clone)]
 pub struct Node {
@@ -305,6 +330,34 @@ impl Node {
     /// Open links to other nodes. There is at most one per pair of nodes, whatever the number of shared channels.
     pub fn links(&self) -> usize {
         self.inner.peers.lock().values().filter(|p| p.is_up()).count()
+    }
+
+    /// Counters of every link this node has had (up or not), one entry per other node, in no particular order.
+    pub fn link_stats(&self) -> Vec<LinkStats> {
+        let peers: Vec<_> = self.inner.peers.lock().values().cloned().collect();
+        peers
+            .iter()
+            .map(|p| {
+                let c = &p.counters;
+                LinkStats {
+                    node: p.id,
+                    addr: p.addr.lock().clone(),
+                    up: p.is_up(),
+                    frames_sent: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
+                    bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
+                    bytes_received: c.bytes_received.load(Ordering::Relaxed),
+                    queued_bytes: p.outbox.queued_bytes(),
+                    connects: c.connects.load(Ordering::Relaxed),
+                    heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Handles on the channels this node has open, in no particular order.
+    pub fn channels(&self) -> Vec<Channel> {
+        let chans: Vec<_> = self.inner.by_name.lock().values().cloned().collect();
+        chans.into_iter().filter(|c| c.is_ready()).map(|c| Channel::new(c, self.guard.clone())).collect()
     }
 
     /// The registry this node uses.

@@ -503,6 +503,8 @@ pub(crate) struct Outbox {
     sent_direct: AtomicBool,
     /// Events written directly by submitting threads, for tests and statistics.
     pub(crate) direct_writes: AtomicU64,
+    /// Bytes written directly by submitting threads, for statistics.
+    pub(crate) direct_bytes: AtomicU64,
     /// See [`DIRECT_QUIET`].
     quiet: Duration,
     /// See [`SOURCE_IDLE`].
@@ -656,8 +658,14 @@ impl Outbox {
             writable: Notify::new(),
             sent_direct: AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
+            direct_bytes: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes queued and not yet written, as of the last change.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// True if an event of `len` bytes fits now (read without the lock: the answer may be out of date by the time
@@ -756,6 +764,7 @@ impl Outbox {
         let iov = [IoSlice::new(first), IoSlice::new(frame)];
         // An error is the writer's (or reader's) to find; the frames are then queued like any other.
         let written = sock.try_write_vectored(&iov).unwrap_or(0);
+        self.direct_bytes.fetch_add(written as u64, Ordering::Relaxed);
         q.quiet_at = now.checked_add(self.quiet);
         gate.wrote = true;
         written
