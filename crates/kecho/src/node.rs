@@ -262,8 +262,10 @@ pub struct LinkStats {
     pub addr: String,
     /// A connection is up now.
     pub up: bool,
-    /// Frames written (events and control messages).
-    pub frames_sent: u64,
+    /// Event frames sent on the link (written or queued), one per event whatever the number of sinks behind it.
+    pub event_frames: u64,
+    /// Writes to the socket (each carries one or more frames, events and control messages).
+    pub writes: u64,
     /// Bytes written.
     pub bytes_sent: u64,
     /// Bytes read.
@@ -343,7 +345,8 @@ impl Node {
                     node: p.id,
                     addr: p.addr.lock().clone(),
                     up: p.is_up(),
-                    frames_sent: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
+                    event_frames: p.outbox.events(),
+                    writes: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
                     bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
                     bytes_received: c.bytes_received.load(Ordering::Relaxed),
                     queued_bytes: p.outbox.queued_bytes(),

@@ -519,6 +519,8 @@ pub(crate) struct OutQ {
     /// as one segment, with no reference count per frame and no copy by the writer.
     open: ChunkBuf,
     pub(crate) bytes: usize,
+    /// Event frames accepted (written directly or queued), for statistics.
+    events: u64,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
     writing: bool,
     /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
@@ -650,6 +652,7 @@ impl Outbox {
                 frames: VecDeque::new(),
                 open: ChunkBuf::default(),
                 bytes: 0,
+                events: 0,
                 writing: false,
                 direct: None,
                 quiet_at: None,
@@ -661,6 +664,11 @@ impl Outbox {
             direct_bytes: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
         }
+    }
+
+    /// Event frames accepted so far (written directly or queued).
+    pub(crate) fn events(&self) -> u64 {
+        self.q.lock().events
     }
 
     /// Bytes queued and not yet written, as of the last change.
@@ -692,6 +700,7 @@ impl Outbox {
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
+        q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
         if written == len {
             drop(q);
@@ -722,6 +731,7 @@ impl Outbox {
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
+        q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
         if written == len {
             drop(q);
