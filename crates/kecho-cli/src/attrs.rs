@@ -97,7 +97,7 @@ pub(crate) fn event_json(ev: &Event) -> serde_json::Value {
 pub(crate) fn event_text(ev: &Event) -> String {
     let mut s = format!("{} #{}", ev.ty(), ev.seq());
     for (k, v) in ev.attrs().iter() {
-        s.push_str(&format!(" {k}={}", crate::value_text(v)));
+        s.push_str(&format!(" {k}={}", value_text(v)));
     }
     match std::str::from_utf8(ev.payload()) {
         Ok(p) if !p.is_empty() => s.push_str(&format!(" | {p}")),
@@ -105,6 +105,14 @@ pub(crate) fn event_text(ev: &Event) -> String {
         Err(_) => s.push_str(&format!(" | <{} bytes>", ev.payload().len())),
     }
     s
+}
+
+/// An attribute value as text: strings without quotes, everything else as it displays.
+pub(crate) fn value_text(v: &kecho::Value) -> String {
+    match v {
+        kecho::Value::Str(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -340,6 +340,10 @@ fn demo_runs_and_reports_latency() -> Result<()> {
     for needle in ["monitoring", "requests", "load balancer", "discarded", "p50", "p99"] {
         assert!(out.contains(needle), "demo output lacks {needle}: {out}");
     }
+    // A normal shutdown is not a warning, and captured output carries no terminal colour codes.
+    let err = stderr(&o);
+    assert!(!err.contains("WARN") && !err.contains('\x1b'), "demo printed warnings: {err}");
+    assert!(!out.contains('\x1b'), "demo output has colour codes: {out}");
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //! that stop reading. Every publisher attaches `src=NAME` to its events and every sink prints JSON, so the loss
 //! accounting can check per source that each sequence number arrived, in order, or was reported missing.
 //!
-//! These tests need root (namespaces, iptables); without it they fail and say so. The figures they print (run with
+//! These tests need root (namespaces, iptables), so they are marked ignored with that reason: an ordinary user's
+//! `cargo test` lists them as ignored, and `.ci/run` (as root) runs them with `--ignored`. Run as root without it, a
+//! test fails and says why. The figures they print (run with
 //! `--nocapture`) are recorded in RELIABILITY.md.
 
 #[path = "hosts/cli.rs"]
@@ -18,6 +20,7 @@ use cli::{check_published, publisher, publisher_with, registry, secs, sink, wait
 use harness::{Ledger, Net, REGISTRY_PORT};
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn killed_member_is_detected_and_the_others_lose_nothing() -> Result<()> {
     let net = Net::new(4)?;
     let _reg = registry(&net, 1)?;
@@ -36,6 +39,7 @@ fn killed_member_is_detected_and_the_others_lose_nothing() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn killed_creator_is_replaced_and_newcomers_join() -> Result<()> {
     let net = Net::new(5)?;
     let _reg = registry(&net, 1)?;
@@ -64,6 +68,7 @@ fn killed_creator_is_replaced_and_newcomers_join() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn killed_registry_stops_no_traffic_and_the_channel_comes_back() -> Result<()> {
     let net = Net::new(4)?;
     let mut reg = registry(&net, 1)?;
@@ -96,6 +101,7 @@ fn killed_registry_stops_no_traffic_and_the_channel_comes_back() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn lossy_and_narrow_links_lose_nothing() -> Result<()> {
     let net = Net::new(3)?;
     let _reg = registry(&net, 1)?;
@@ -130,6 +136,7 @@ fn lossy_and_narrow_links_lose_nothing() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn delayed_link_keeps_each_source_in_order() -> Result<()> {
     let mut net = Net::new(4)?;
     let _reg = registry(&net, 1)?;
@@ -151,6 +158,7 @@ fn delayed_link_keeps_each_source_in_order() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn sink_that_stops_reading_is_told_what_it_missed() -> Result<()> {
     let net = Net::new(4)?;
     let _reg = registry(&net, 1)?;
@@ -174,6 +182,7 @@ fn sink_that_stops_reading_is_told_what_it_missed() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn briefly_frozen_sink_loses_nothing() -> Result<()> {
     let net = Net::new(3)?;
     let _reg = registry(&net, 1)?;
@@ -194,6 +203,7 @@ fn briefly_frozen_sink_loses_nothing() -> Result<()> {
 /// host a node without a credential and one with only the sink role try to join and to publish. Each is refused with
 /// its reason, and the members lose nothing.
 #[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
 fn protected_channel_across_hosts() -> Result<()> {
     let net = Net::new(4)?;
     let _reg = registry(&net, 1)?;

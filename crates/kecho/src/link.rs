@@ -407,9 +407,15 @@ async fn dial(node: Arc<NodeInner>, peer: Arc<Peer>, gen: u64) {
             }
         }
         Err(why) => {
-            // Failures that need an operator (TLS, versions, refusals) are warnings, once each while they repeat.
+            // Failures that need an operator (TLS, versions, refusals by the peer) are warnings, once each while they
+            // repeat. A failed connect is not: it is what dialling a node that has just left looks like (a normal
+            // shutdown), and an open that times out names the last link failure anyway.
             let repeated = node.last_link_error.lock().replace(why.clone()).as_deref() == Some(why.as_str());
-            if !repeated && (why.starts_with("TLS") || why.contains("refused") || why.contains("mismatch")) {
+            let connect_failed = why.starts_with("connect to ");
+            if !repeated
+                && !connect_failed
+                && (why.starts_with("TLS") || why.contains("refused") || why.contains("mismatch"))
+            {
                 tracing::warn!(peer = %peer.id, %addr, "dial failed: {why}");
             } else {
                 tracing::debug!(peer = %peer.id, %addr, "dial failed: {why}");

@@ -4,9 +4,27 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair};
+use std::path::PathBuf;
+
+/// `kecho certs`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory to write ca.pem, ca.key and NAME.pem / NAME.key per node into.
+    dir: PathBuf,
+    /// A node's name: an IP address or DNS name other nodes dial it by (repeatable). Each gets a certificate.
+    #[arg(long = "node", value_name = "NAME", required = true)]
+    nodes: Vec<String>,
+    /// An extra name put in every node certificate, for use with --tls-name.
+    #[arg(long, value_name = "NAME")]
+    shared_name: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    write(&a.dir, &a.nodes, a.shared_name.as_deref())
+}
 
 /// Writes `ca.pem` and `ca.key`, and `NAME.pem` / `NAME.key` for every node name, into `dir`. Refuses to overwrite.
-pub(crate) fn write(dir: &Path, nodes: &[String], shared: Option<&str>) -> Result<()> {
+fn write(dir: &Path, nodes: &[String], shared: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut files = vec!["ca.pem".to_owned(), "ca.key".to_owned()];
     for n in nodes {

@@ -19,7 +19,28 @@ struct LoadReport {
     queue: u32,
 }
 
-pub(crate) async fn run(events: u64) -> Result<()> {
+/// `kecho demo`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Events per source in the latency run.
+    #[arg(long, default_value_t = 2000)]
+    events: u64,
+    /// Leave out the web-farm part.
+    #[arg(long)]
+    no_webfarm: bool,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    channels(a.events).await?;
+    if !a.no_webfarm {
+        println!();
+        kecho_lb::demo_webfarm().await?;
+    }
+    Ok(())
+}
+
+/// The channel part: typed events among four nodes, what each sink got and the delivery latency.
+async fn channels(events: u64) -> Result<()> {
     let server = RegistryServer::bind(([127, 0, 0, 1], 0).into()).await?;
     let reg_addr = server.local_addr();
     let _registry = server.spawn();
@@ -201,5 +222,5 @@ pub(crate) async fn run(events: u64) -> Result<()> {
 }
 
 fn fmt_attrs(a: &Attrs) -> String {
-    a.iter().map(|(k, v)| format!("{k}={}", crate::value_text(v))).collect::<Vec<_>>().join(" ")
+    a.iter().map(|(k, v)| format!("{k}={}", crate::attrs::value_text(v))).collect::<Vec<_>>().join(" ")
 }

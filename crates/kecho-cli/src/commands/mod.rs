@@ -1,0 +1,14 @@
+//! One module per `kecho` command: each has its arguments (`Args`, a clap struct or subcommand enum) and its `run`.
+
+pub mod authority;
+pub mod bench;
+pub mod certs;
+pub mod channels;
+pub mod demo;
+pub mod filter;
+pub mod grant;
+pub mod identity;
+pub mod publish;
+pub mod registry;
+pub mod sub;
+pub mod webfarm;

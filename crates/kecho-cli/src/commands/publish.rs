@@ -1,0 +1,117 @@
+//! `kecho pub`: publish events on a channel.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncBufReadExt;
+
+use crate::attrs;
+use crate::node_args::{node, open, NodeArgs, RegistryArg};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Channel name.
+    channel: String,
+    /// Payload text, or `-` to read one event per line from standard input.
+    payload: Option<String>,
+    #[command(flatten)]
+    reg: RegistryArg,
+    /// Event type.
+    #[arg(long = "type", value_name = "T", default_value = "event")]
+    ty: String,
+    /// Attribute KEY=VALUE (repeatable). VALUE is read as integer, float, true/false or text; force a type with
+    /// KEY:int=, KEY:float=, KEY:bool=, KEY:str= or KEY:hex= (bytes).
+    #[arg(long = "attr", value_name = "K=V")]
+    attrs: Vec<String>,
+    /// OUT-filter choosing which sinks get each event: all, none, rr, random, weighted:ATTR, hash:ATTR,
+    /// least:ATTR:N, most:ATTR:N or p2c:ATTR (ATTR is a sink attribute, or for hash an event attribute).
+    #[arg(long, value_name = "SPEC")]
+    select: Option<String>,
+    /// Number of events (default 1; with `-`, every line).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Events per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Payload size in bytes when no payload text is given (filled with 'x').
+    #[arg(long)]
+    size: Option<usize>,
+    /// Wait until this many sinks are present before publishing.
+    #[arg(long)]
+    wait_sinks: Option<usize>,
+    /// Seconds to wait for sinks (and for the channel).
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Fail if the channel does not exist instead of creating it.
+    #[arg(long)]
+    existing: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let attrs = attrs::parse_all(&a.attrs)?;
+    if a.ty.is_empty() {
+        bail!("--type must not be empty");
+    }
+    if let Some(r) = a.rate {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!("--rate must be a positive number of events per second");
+        }
+    }
+    if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a non-negative number of seconds");
+    }
+    let selector = match &a.select {
+        Some(spec) => Some(std::sync::Arc::new(spec.parse::<kecho::filter::Selector>()?)),
+        None => None,
+    };
+    let node = node(&a.reg, &a.node, Some(a.timeout)).await?;
+    let ch = open(&node, &a.channel, a.existing).await?;
+    ch.set_remote_filters(a.node.allow_filters);
+    let mut src = ch.source()?;
+    if let Some(sel) = selector {
+        src.set_out_filter(Some(sel));
+    }
+    if let Some(k) = a.wait_sinks {
+        ch.wait_for_sinks(k, Duration::from_secs_f64(a.timeout)).await?;
+    }
+    let mut ticker = a.rate.map(|r| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut sent = 0u64;
+    if a.payload.as_deref() == Some("-") {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("reading standard input")? {
+            if a.count.is_some_and(|n| sent >= n) {
+                break;
+            }
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            src.submit(&a.ty, &attrs, line.as_bytes()).await?;
+            sent += 1;
+        }
+    } else {
+        let payload: Vec<u8> = match (&a.payload, a.size) {
+            (Some(p), _) => p.clone().into_bytes(),
+            (None, Some(n)) => vec![b'x'; n],
+            (None, None) => Vec::new(),
+        };
+        let count = a.count.unwrap_or(1);
+        for _ in 0..count {
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            src.submit(&a.ty, &attrs, &payload).await?;
+            sent += 1;
+        }
+    }
+    let stats = ch.stats();
+    drop(src);
+    node.shutdown().await;
+    eprintln!("kecho: published {sent} event(s) ({} frame(s) sent, {} dropped)", stats.sent, stats.dropped);
+    Ok(())
+}

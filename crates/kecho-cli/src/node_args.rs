@@ -1,0 +1,113 @@
+//! The flags and set-up every command that runs a node shares: the registry address, the node's listening and
+//! advertised addresses, heartbeat, identity, TLS and access control.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::Node;
+
+use crate::access;
+use crate::secrets::read_identity;
+
+/// The registry address used when neither --registry nor $KECHO_REGISTRY is given.
+pub const DEFAULT_REGISTRY: &str = "127.0.0.1:7400";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistryArg {
+    /// Registry address [default: $KECHO_REGISTRY, then 127.0.0.1:7400].
+    #[arg(long, env = "KECHO_REGISTRY", default_value = DEFAULT_REGISTRY)]
+    pub registry: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Address this node listens on for other nodes.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Address other nodes dial to reach this one, if not the listening address (needed with --listen 0.0.0.0:PORT,
+    /// or behind address translation); port 0 means the listening port.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Seconds of silence after which another node counts as dead and its members are removed.
+    #[arg(long, default_value_t = 3.0)]
+    pub heartbeat: f64,
+    /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
+    #[arg(long)]
+    pub allow_filters: bool,
+    /// This node's identity (see `kecho identity new`), so that its node id stays the same across restarts; default
+    /// a new one per start.
+    #[arg(long, value_name = "FILE", env = "KECHO_IDENTITY")]
+    pub identity: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub access: access::AccessArgs,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Run node links over TLS with this certificate (PEM; see `kecho certs`); needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], env = "KECHO_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "KECHO_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate peers' certificates must chain to (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "KECHO_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Check this name in every peer's certificate instead of the address dialled.
+    #[arg(long, value_name = "NAME", requires = "tls_cert", env = "KECHO_TLS_NAME")]
+    pub tls_name: Option<String>,
+}
+
+impl TlsArgs {
+    pub fn config(&self) -> Result<Option<kecho::TlsConfig>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return Ok(None) };
+        let mut cfg = kecho::TlsConfig::from_pem_files(cert, key, ca)?;
+        if let Some(name) = &self.tls_name {
+            cfg = cfg.server_name(name)?;
+        }
+        Ok(Some(cfg))
+    }
+}
+
+pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .with_context(|| format!("invalid {what} address {s:?}"))?
+        .next()
+        .with_context(|| format!("invalid {what} address {s:?}"))
+}
+
+/// Starts this process's node; `open_timeout` bounds how long opening a channel may take (seconds).
+pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> Result<Node> {
+    let registry = parse_addr("registry", &reg.registry)?;
+    let listen = parse_addr("listen", &args.listen)?;
+    if !(args.heartbeat > 0.0 && args.heartbeat.is_finite()) {
+        bail!("--heartbeat must be a positive number of seconds");
+    }
+    let mut builder =
+        Node::builder().registry(registry).listen(listen).heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
+    if let Some(a) = &args.advertise {
+        builder = builder.advertise(parse_addr("advertise", a)?);
+    }
+    if let Some(tls) = args.tls.config()? {
+        builder = builder.tls(tls);
+    }
+    let identity = args.identity.as_deref().map(read_identity).transpose()?;
+    if let Some(id) = &identity {
+        builder = builder.identity(id.clone());
+    }
+    builder = args.access.apply(builder, identity.as_ref())?;
+    if let Some(t) = open_timeout.filter(|t| *t > 0.0 && t.is_finite()) {
+        let m = kecho::MembershipConfig { open_timeout: Duration::from_secs_f64(t), ..Default::default() };
+        builder = builder.membership(m);
+    }
+    Ok(builder.start().await?)
+}
+
+pub async fn open(node: &Node, name: &str, existing: bool) -> Result<kecho::Channel> {
+    let ch = if existing { node.open_channel(name).await? } else { node.channel(name).await? };
+    Ok(ch)
+}
