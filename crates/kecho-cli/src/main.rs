@@ -10,6 +10,7 @@ mod access;
 mod attrs;
 mod commands;
 mod node_args;
+mod observe;
 mod secrets;
 
 use commands::*;

@@ -43,6 +43,7 @@
 //! | `kecho_registry_*` | | see [`register_registry`] |
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 mod error;
 mod node;
 mod registry;

@@ -33,7 +33,7 @@ pub fn register_node(registry: &mut Registry, node: &Node) -> DeliveryLatency {
 /// Adds [`SENT_AT_ATTR`] (now) to `attrs`, so that sinks can measure delivery latency.
 pub fn stamp(attrs: &mut Attrs) {
     let us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    *attrs = std::mem::take(attrs).with(SENT_AT_ATTR, i64::try_from(us).unwrap_or(i64::MAX));
+    attrs.set(SENT_AT_ATTR, i64::try_from(us).unwrap_or(i64::MAX));
 }
 
 /// The delivery latency histogram, per channel. Cheap to clone; clones share the histogram.
