@@ -62,6 +62,8 @@ enum Cmd {
     /// Run the benchmark suite: the KECho paper's measurements against raw TCP (and NATS and Zenoh when built with
     /// the bench-peers feature); Markdown on standard output, JSON and SVG plots in --out. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// A live terminal view of the registry's channels, their members, event rates, drops and links (q quits).
+    Top(top::Args),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
 }
@@ -80,6 +82,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Webfarm(a) => webfarm::run(a).await,
+        Cmd::Top(a) => top::run(a).await,
     }
 }
 

@@ -11,4 +11,5 @@ pub mod identity;
 pub mod publish;
 pub mod registry;
 pub mod sub;
+pub mod top;
 pub mod webfarm;
