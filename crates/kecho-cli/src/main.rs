@@ -64,6 +64,8 @@ enum Cmd {
     Bench(bench::Args),
     /// A live terminal view of the registry's channels, their members, event rates, drops and links (q quits).
     Top(top::Args),
+    /// Serve a web page of the cluster: channels, members, rates, drops and links, updated live.
+    Ui(ui::Args),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
 }
@@ -83,6 +85,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Webfarm(a) => webfarm::run(a).await,
         Cmd::Top(a) => top::run(a).await,
+        Cmd::Ui(a) => ui::run(a).await,
     }
 }
 

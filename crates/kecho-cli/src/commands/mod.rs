@@ -12,4 +12,5 @@ pub mod publish;
 pub mod registry;
 pub mod sub;
 pub mod top;
+pub mod ui;
 pub mod webfarm;

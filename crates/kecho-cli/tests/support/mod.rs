@@ -110,3 +110,61 @@ pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Result
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Sends `method path` with a JSON body to `addr`: the status code and the body as JSON (null if empty).
+pub fn http_json(addr: &str, method: &str, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.to_string();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    // Read until the body is complete: some servers (chromedriver) keep the connection open despite
+    // `Connection: close`.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head, body) = loop {
+        let n = s.read(&mut chunk)?;
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let lower = head.to_ascii_lowercase();
+            let len = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let chunked = lower.contains("transfer-encoding: chunked");
+            let complete = match len {
+                Some(len) => rest.len() >= len,
+                None if chunked => rest.ends_with("0\r\n\r\n"),
+                None => n == 0,
+            };
+            if complete {
+                let body = if chunked { dechunk(rest)? } else { rest.to_owned() };
+                break (head.to_owned(), body);
+            }
+        }
+        if n == 0 {
+            bail!("connection closed before the response was complete");
+        }
+    };
+    let code = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    let json = if body.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(&body)? };
+    Ok((code, json))
+}
+
+fn dechunk(mut s: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").context("bad chunk")?;
+        let n = usize::from_str_radix(size.trim(), 16)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..n).context("short chunk")?);
+        s = rest.get(n + 2..).context("short chunk")?;
+    }
+}
