@@ -1244,6 +1244,18 @@ impl Channel {
         self.inner.state.lock().counts().0 as usize
     }
 
+    /// The attributes of every sink present in the channel (local and remote) with the node it lives on, as this
+    /// node knows it; sinks of nodes cut off from the channel are left out.
+    pub fn sink_attrs(&self) -> Vec<(kecho_proto::NodeId, Attrs)> {
+        let routes = self.inner.routes.read().clone();
+        routes
+            .sinks
+            .iter()
+            .filter(|s| !matches!(s.dest, Dest::Ghost(..)))
+            .map(|s| (s.entry.node, s.entry.attrs.clone()))
+            .collect()
+    }
+
     /// Member nodes of the channel other than this one, as this node knows it.
     pub fn member_nodes(&self) -> Vec<kecho_proto::NodeId> {
         self.inner.state.lock().peers().keys().copied().collect()
