@@ -66,6 +66,9 @@ enum Cmd {
     Top(top::Args),
     /// Serve a web page of the cluster: channels, members, rates, drops and links, updated live.
     Ui(ui::Args),
+    /// An HTTP load balancer over servers given by URL or discovered from a channel's members (rr, p2c, jsq,
+    /// hash:HEADER, kecho:N; proxy or --redirect; cookie affinity).
+    Balance(balance::Args),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
 }
@@ -85,6 +88,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Webfarm(a) => webfarm::run(a).await,
         Cmd::Top(a) => top::run(a).await,
+        Cmd::Balance(a) => balance::run(a).await,
         Cmd::Ui(a) => ui::run(a).await,
     }
 }

@@ -10,11 +10,14 @@
 //!   IN-filter is `FirstResponse` (kecho's `Dedupe` on tokio's clock).
 //! - [`farm`]: simulated web servers on real kecho nodes, in every distribution mode.
 //! - [`webfarm`]: the section 5.4 experiment, extended (`kecho webfarm`).
+//! - [`balance`]: a load balancer to run (`kecho balance`): a front end over a pool given by URL or discovered
+//!   from a channel's sinks, health from channel membership.
 //! - [`http`]: dispatchers over HTTP: the front end (proxy or redirect, with affinity), cooperating servers and
 //!   the smart client.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod balance;
 pub mod error;
 pub mod farm;
 pub mod hedge;

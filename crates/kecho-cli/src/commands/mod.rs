@@ -1,6 +1,7 @@
 //! One module per `kecho` command: each has its arguments (`Args`, a clap struct or subcommand enum) and its `run`.
 
 pub mod authority;
+pub mod balance;
 pub mod bench;
 pub mod certs;
 pub mod channels;
