@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+mod balance;
 mod channel_ops;
 mod child;
 mod filters;
@@ -105,6 +106,8 @@ pub enum Workload {
     Filters,
     /// Resident memory: an idle node, per channel, per member.
     Memory,
+    /// HTTP load balancing (`kecho balance`) against a plain round-robin proxy (not part of `all`).
+    Balance,
 }
 
 impl Workload {
@@ -134,6 +137,7 @@ impl Workload {
             Workload::Throughput => "throughput",
             Workload::Filters => "filters",
             Workload::Memory => "memory",
+            Workload::Balance => "balance",
         }
     }
 }
@@ -195,5 +199,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Throughput => throughput::run(args),
         Workload::Filters => filters::run(args),
         Workload::Memory => memory::run(args),
+        Workload::Balance => balance::run(args),
     }
 }
