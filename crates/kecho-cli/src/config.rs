@@ -1,6 +1,7 @@
 //! `--config FILE` (or `$KECHO_CONFIG`): a TOML file whose keys are the commands' long flag names, read before the
-//! command line. Top-level keys apply to every command that has that flag; a table named after a command (`[sub]`,
-//! `[registry]`, ...) applies to that command only and wins over the top level. Flags on the command line override
+//! command line. Top-level keys apply to every command that has that flag; a table `[commands.NAME]` (`[commands.sub]`,
+//! `[commands.registry]`, ...) applies to that command only and wins over the top level. (Command tables have a
+//! table of their own because a key and a table cannot share a name: `registry` is both a flag and a command.) Flags on the command line override
 //! the file, and so do environment variables (`$KECHO_REGISTRY`, ...).
 //!
 //! ```toml
@@ -8,11 +9,11 @@
 //! heartbeat = 2.0
 //! tls-cert = "/etc/kecho/node.pem"
 //!
-//! [registry]
+//! [commands.registry]
 //! listen = "0.0.0.0:7400"
 //! metrics = "0.0.0.0:9464"
 //!
-//! [sub]
+//! [commands.sub]
 //! report = true
 //! attr = ["zone=eu"]
 //! ```
@@ -54,8 +55,16 @@ pub fn apply_text(mut cmd: Command, text: &str) -> Result<Command> {
     let mut per: Vec<(String, toml::Table)> = Vec::new();
     for (k, v) in table {
         match v {
-            toml::Value::Table(t) if names.contains(&k) => per.push((k, t)),
-            toml::Value::Table(_) => bail!("[{k}]: not a command"),
+            toml::Value::Table(commands) if k == "commands" => {
+                for (name, t) in commands {
+                    match t {
+                        toml::Value::Table(t) if names.contains(&name) => per.push((name, t)),
+                        toml::Value::Table(_) => bail!("[commands.{name}]: not a command"),
+                        _ => bail!("commands.{name}: expected a table of flags, [commands.{name}]"),
+                    }
+                }
+            }
+            toml::Value::Table(_) => bail!("[{k}]: unknown table (a command's flags go in [commands.{k}])"),
             v => global.push((k, v)),
         }
     }
@@ -78,7 +87,7 @@ pub fn apply_text(mut cmd: Command, text: &str) -> Result<Command> {
         let sub = cmd.find_subcommand(&name).cloned().context("subcommand")?;
         for (k, _) in &own {
             if !sub.get_arguments().any(|a| a.get_long() == Some(k.as_str())) {
-                bail!("[{name}] {k}: not a flag of `kecho {name}`");
+                bail!("[commands.{name}] {k}: not a flag of `kecho {name}`");
             }
         }
         let mut sub2 = sub.clone();
@@ -103,4 +112,32 @@ fn values(key: &str, v: &toml::Value) -> Result<Vec<String>> {
         toml::Value::Array(a) => a.iter().map(|x| values(key, x).map(|mut v| v.remove(0))).collect::<Result<_>>()?,
         _ => bail!("{key}: expected a string, number, boolean or a list of them"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::Cli;
+
+    #[test]
+    fn the_example_config_in_docs_is_accepted_and_sets_the_flags() {
+        let cmd = apply_text(Cli::command(), include_str!("../../../docs/systemd/kecho.toml")).unwrap();
+        let m = cmd.try_get_matches_from(["kecho", "balance", "--mode", "rr"]).unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        let text = format!("{cli:?}");
+        assert!(text.contains("http_listen: \"0.0.0.0:8080\""), "{text}");
+        assert!(text.contains("mode: \"rr\""), "the flag wins: {text}");
+        assert!(text.contains("affinity_cookie: Some(\"kecho_server\")"), "{text}");
+        assert!(text.contains("report: true"), "{text}");
+        assert!(text.contains("registry: \"10.0.0.1:7400\""), "{text}");
+    }
+
+    #[test]
+    fn config_path_comes_from_the_flag_then_the_environment() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(path(&args(&["kecho", "--config", "a.toml", "sub", "x"])), Some(PathBuf::from("a.toml")));
+        assert_eq!(path(&args(&["kecho", "sub", "--config=b.toml"])), Some(PathBuf::from("b.toml")));
+    }
 }

@@ -22,7 +22,7 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. info or kecho=debug.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
-    /// A TOML file of flag values (keys are long flag names; a [COMMAND] table for one command); flags override it.
+    /// A TOML file of flag values (keys are long flag names; [commands.NAME] tables for one command); flags override it.
     #[arg(long, global = true, value_name = "FILE", env = "KECHO_CONFIG")]
     config: Option<std::path::PathBuf>,
     #[command(subcommand)]

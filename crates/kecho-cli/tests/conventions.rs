@@ -19,7 +19,10 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() -> Result<()> {
     let dir = temp_dir("cfg")?;
     let (from_file, metrics) = (free_port()?, free_port()?);
     let file = dir.join("kecho.toml");
-    std::fs::write(&file, format!("log = \"warn\"\n[registry]\nlisten = \"{from_file}\"\nmetrics = \"{metrics}\"\n"))?;
+    std::fs::write(
+        &file,
+        format!("log = \"warn\"\n[commands.registry]\nlisten = \"{from_file}\"\nmetrics = \"{metrics}\"\n"),
+    )?;
     let file_s = file.to_string_lossy().into_owned();
 
     let mut r = Proc::spawn("registry", &["--config", &file_s, "registry"])?;
@@ -50,8 +53,9 @@ fn config_mistakes_are_clear_errors() -> Result<()> {
     let dir = temp_dir("bad")?;
     for (text, needle) in [
         ("nonsense = 1\n", "nonsense: not a flag of any command"),
-        ("[registry]\nheartbeat = 1\n", "[registry] heartbeat: not a flag of `kecho registry`"),
-        ("[nothing]\n", "[nothing]: not a command"),
+        ("[commands.registry]\nheartbeat = 1\n", "[commands.registry] heartbeat: not a flag of `kecho registry`"),
+        ("[commands.nothing]\n", "[commands.nothing]: not a command"),
+        ("[nothing]\n", "[nothing]: unknown table"),
         ("registry = \n", "not valid TOML"),
     ] {
         let file = dir.join("bad.toml");
