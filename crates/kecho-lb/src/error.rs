@@ -45,14 +45,6 @@ pub enum LbError {
     /// An I/O operation failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    /// A plot could not be drawn.
-    #[error("plot {path}: {why}")]
-    Plot {
-        /// The output file.
-        path: String,
-        /// Why.
-        why: String,
-    },
 }
 
 /// Result with [`LbError`].

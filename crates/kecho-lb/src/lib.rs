@@ -8,24 +8,25 @@
 //! - [`hedge`]: the adaptive hedging threshold, the budget of extra requests and the claim rule of cancel events.
 //! - [`mechanism`]: KECho's mechanism on a data channel: the load-aware OUT-filter and the event formats; the
 //!   IN-filter is `FirstResponse` (kecho's `Dedupe` on tokio's clock).
-//! - [`farm`]: simulated web servers on real kecho nodes, in every distribution mode.
-//! - [`webfarm`]: the section 5.4 experiment, extended (`kecho webfarm`).
 //! - [`balance`]: a load balancer to run (`kecho balance`): a front end over a pool given by URL or discovered
 //!   from a channel's sinks, health from channel membership.
 //! - [`http`]: dispatchers over HTTP: the front end (proxy or redirect, with affinity), cooperating servers and
 //!   the smart client.
+//! - [`overhead`]: counters of the time spent on load balancing (monitoring, handling reports, filtering,
+//!   forwarding).
+//!
+//! The web-farm experiment that drives all of this (`kecho webfarm`) is the crate `kecho-webfarm`; this crate has no
+//! command-line or plotting dependencies.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod alloc;
 pub mod balance;
 pub mod error;
-pub mod farm;
 pub mod hedge;
 pub mod http;
 pub mod load;
 pub mod mechanism;
 pub mod overhead;
-pub mod webfarm;
 
 pub use error::{LbError, Result};
-pub use webfarm::{demo_webfarm, run_webfarm, WebfarmArgs};

@@ -294,24 +294,13 @@ impl RequestMsg {
     }
 }
 
-/// A non-negative integer attribute.
-pub(crate) fn int(a: &Attrs, name: &str) -> Option<u64> {
+/// The attribute `name` of `a` as a non-negative integer, if it is one (request ids, server ids and times in the
+/// events of the mechanism are carried so).
+pub fn int(a: &Attrs, name: &str) -> Option<u64> {
     match a.get(name)? {
         Value::Int(i) if *i >= 0 => Some(*i as u64),
         _ => None,
     }
-}
-
-/// Waits for `cond` to hold, polling every 2 ms, at most `limit`.
-pub(crate) async fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    true
 }
 
 #[cfg(test)]

@@ -7,112 +7,17 @@
 //! [`Roles`], the holder's node key and an expiry. Because node ids derive from node keys and every link proves its
 //! node's key (see `crate::handshake`), a token is worthless to any node but its holder.
 //!
-//! Tokens travel in the holder's [`NodeSnapshot`](crate::types::NodeSnapshot); the channel's policy travels in the
+//! Tokens travel in the holder's [`NodeSnapshot`](crate::NodeSnapshot); the channel's policy travels in the
 //! contact's `JoinAccept`, so every member checks every other member itself, not only the contact
 //! ([`crate::membership::ChannelState`] refuses or drops nodes whose snapshot is not covered).
 
-use std::fmt;
-use std::str::FromStr;
-
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-
-use crate::handshake::node_id_of;
-use crate::types::{NodeId, NodeSnapshot, Role};
-
-/// A set of rights in a channel.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Roles(u8);
-
-impl Roles {
-    /// No rights.
-    pub const NONE: Roles = Roles(0);
-    /// Publish events (own source members).
-    pub const SOURCE: Roles = Roles(1);
-    /// Receive events (own sink members).
-    pub const SINK: Roles = Roles(2);
-    /// Install filters on other members' nodes.
-    pub const FILTERS: Roles = Roles(4);
-    /// Every right.
-    pub const ALL: Roles = Roles(7);
-
-    /// The set with these bits; `None` if a bit names no role.
-    pub fn from_bits(bits: u8) -> Option<Roles> {
-        (bits & !Roles::ALL.0 == 0).then_some(Roles(bits))
-    }
-
-    /// The bits of this set.
-    pub fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// True if every role of `other` is in this set.
-    pub fn contains(self, other: Roles) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// True if the set is empty.
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// The roles in either set.
-    pub fn union(self, other: Roles) -> Roles {
-        Roles(self.0 | other.0)
-    }
-
-    /// The roles of this set that are not in `other`.
-    pub fn minus(self, other: Roles) -> Roles {
-        Roles(self.0 & !other.0)
-    }
-}
-
-impl fmt::Display for Roles {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_empty() {
-            return f.write_str("none");
-        }
-        let names = [(Roles::SOURCE, "source"), (Roles::SINK, "sink"), (Roles::FILTERS, "filters")];
-        let mut first = true;
-        for (r, name) in names {
-            if self.contains(r) {
-                if !first {
-                    f.write_str(",")?;
-                }
-                f.write_str(name)?;
-                first = false;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Roles {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Roles({self})")
-    }
-}
-
-impl FromStr for Roles {
-    type Err = String;
-
-    /// A comma-separated list of `source`, `sink`, `filters`, or `all`, or `none`.
-    fn from_str(s: &str) -> Result<Roles, String> {
-        let mut roles = Roles::NONE;
-        for part in s.split(',').map(str::trim) {
-            roles = roles.union(match part {
-                "source" | "sources" => Roles::SOURCE,
-                "sink" | "sinks" => Roles::SINK,
-                "filters" | "filter" => Roles::FILTERS,
-                "all" => Roles::ALL,
-                "none" => Roles::NONE,
-                other => {
-                    return Err(format!("unknown role {other:?}: expected source, sink, filters, all or none"));
-                }
-            });
-        }
-        Ok(roles)
-    }
-}
+// The credential types live in their own module, below snapshots (which carry tokens) and this one (which judges
+// snapshots); this is where users name them.
+pub use crate::credential::{
+    parse_hex, Authority, Denied, GrantError, Roles, RolesError, Token, TokenError, MAX_PATTERN,
+};
+use crate::snapshot::NodeSnapshot;
+use crate::types::{NodeId, Role};
 
 /// A channel's access policy: which authority issues its credentials, and which roles need one. Roles not in
 /// `require` are open to every node.
@@ -124,241 +29,11 @@ pub struct Policy {
     pub require: Roles,
 }
 
-/// A credential: the authority's grant of `roles` in channel `channel` to the node with key `holder`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token {
-    /// The channel's name, or a prefix of names followed by `*` (`*` alone: every channel).
-    pub channel: String,
-    /// The rights granted.
-    pub roles: Roles,
-    /// The holder's node public key (see `crate::handshake::Identity::public_key`).
-    pub holder: [u8; 32],
-    /// Valid until this time, in seconds since the Unix epoch; 0 means it does not expire.
-    pub not_after: u64,
-    /// The issuing authority's public key.
-    pub authority: [u8; 32],
-    /// The authority's signature.
-    pub sig: [u8; 64],
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Token")
-            .field("channel", &self.channel)
-            .field("roles", &self.roles)
-            .field("holder", &node_id_of(&self.holder))
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The prefix of a token's text form.
-const TEXT_PREFIX: &str = "kecho-token-1:";
-
-/// Longest channel pattern in a token (the registry's longest name).
-pub const MAX_PATTERN: usize = crate::registry::MAX_NAME;
-
-impl Token {
-    fn transcript(channel: &str, roles: Roles, holder: &[u8; 32], not_after: u64) -> Vec<u8> {
-        let mut t = b"kecho channel token 1".to_vec();
-        t.extend_from_slice(&(channel.len() as u32).to_le_bytes());
-        t.extend_from_slice(channel.as_bytes());
-        t.push(roles.bits());
-        t.extend_from_slice(holder);
-        t.extend_from_slice(&not_after.to_le_bytes());
-        t
-    }
-
-    /// True if the token's channel pattern covers channel `name`.
-    pub fn covers(&self, name: &str) -> bool {
-        match self.channel.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => self.channel == name,
-        }
-    }
-
-    /// The node id of the holder.
-    pub fn holder_node(&self) -> NodeId {
-        node_id_of(&self.holder)
-    }
-
-    /// Checks the authority's signature.
-    pub fn verify_signature(&self) -> Result<(), Denied> {
-        let key = VerifyingKey::from_bytes(&self.authority).map_err(|_| Denied::BadSignature)?;
-        let t = Token::transcript(&self.channel, self.roles, &self.holder, self.not_after);
-        key.verify_strict(&t, &Signature::from_bytes(&self.sig)).map_err(|_| Denied::BadSignature)
-    }
-
-    /// The token's binary form (also carried in snapshots).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(4 + self.channel.len() + 1 + 32 + 8 + 32 + 64);
-        b.extend_from_slice(&(self.channel.len() as u32).to_le_bytes());
-        b.extend_from_slice(self.channel.as_bytes());
-        b.push(self.roles.bits());
-        b.extend_from_slice(&self.holder);
-        b.extend_from_slice(&self.not_after.to_le_bytes());
-        b.extend_from_slice(&self.authority);
-        b.extend_from_slice(&self.sig);
-        b
-    }
-
-    /// Reads a token's binary form; the signature is not checked here.
-    pub fn from_bytes(b: &[u8]) -> Result<Token, String> {
-        let bad = || "not a kecho token (malformed)".to_owned();
-        let n = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
-        if n > MAX_PATTERN || b.len() != 4 + n + 1 + 32 + 8 + 32 + 64 {
-            return Err(bad());
-        }
-        let channel = std::str::from_utf8(&b[4..4 + n]).map_err(|_| bad())?.to_owned();
-        let mut at = 4 + n;
-        let roles = Roles::from_bits(b[at]).ok_or_else(bad)?;
-        at += 1;
-        let holder: [u8; 32] = b[at..at + 32].try_into().map_err(|_| bad())?;
-        at += 32;
-        let not_after = u64::from_le_bytes(b[at..at + 8].try_into().map_err(|_| bad())?);
-        at += 8;
-        let authority: [u8; 32] = b[at..at + 32].try_into().map_err(|_| bad())?;
-        at += 32;
-        let sig: [u8; 64] = b[at..at + 64].try_into().map_err(|_| bad())?;
-        Ok(Token { channel, roles, holder, not_after, authority, sig })
-    }
-
-    /// The token as one line of text, to keep in a file or pass around.
-    pub fn to_text(&self) -> String {
-        let mut s = String::from(TEXT_PREFIX);
-        for b in self.to_bytes() {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
-    }
-
-    /// Reads the text form (surrounding white space is ignored). The signature is checked.
-    pub fn from_text(s: &str) -> Result<Token, String> {
-        let hex = s
-            .trim()
-            .strip_prefix(TEXT_PREFIX)
-            .ok_or_else(|| format!("not a kecho token (it should start with {TEXT_PREFIX})"))?;
-        let bytes = parse_hex(hex).ok_or_else(|| "not a kecho token (bad hex digits)".to_owned())?;
-        let token = Token::from_bytes(&bytes)?;
-        token.verify_signature().map_err(|e| e.to_string())?;
-        Ok(token)
-    }
-}
-
-/// Decodes lowercase or uppercase hex digits.
-pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
-/// An authority: the key that signs tokens.
-#[derive(Clone)]
-pub struct Authority {
-    key: SigningKey,
-}
-
-impl fmt::Debug for Authority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Authority").finish_non_exhaustive()
-    }
-}
-
 impl Authority {
-    /// The authority with this 32-byte secret (random, from the caller).
-    pub fn from_secret(secret: [u8; 32]) -> Self {
-        Authority { key: SigningKey::from_bytes(&secret) }
-    }
-
-    /// The secret, to store the authority.
-    pub fn secret(&self) -> [u8; 32] {
-        self.key.to_bytes()
-    }
-
-    /// The public key, which policies name.
-    pub fn public_key(&self) -> [u8; 32] {
-        self.key.verifying_key().to_bytes()
-    }
-
     /// A policy of this authority requiring a credential for `require`.
     pub fn policy(&self, require: Roles) -> Policy {
         Policy { authority: self.public_key(), require }
     }
-
-    /// Grants `roles` in the channel(s) `channel` (a name, or a prefix followed by `*`) to the node with key
-    /// `holder`, valid until `not_after` (Unix seconds; 0 for no expiry).
-    pub fn grant(&self, channel: &str, roles: Roles, holder: [u8; 32], not_after: u64) -> Result<Token, String> {
-        if channel.is_empty() || channel.len() > MAX_PATTERN {
-            return Err(format!("a token's channel must be 1 to {MAX_PATTERN} bytes"));
-        }
-        if channel[..channel.len() - 1].contains('*') {
-            return Err("`*` may only end a token's channel pattern".into());
-        }
-        if VerifyingKey::from_bytes(&holder).is_err() {
-            return Err("the holder's key is not a valid Ed25519 public key".into());
-        }
-        let sig = self.key.sign(&Token::transcript(channel, roles, &holder, not_after)).to_bytes();
-        Ok(Token { channel: channel.to_owned(), roles, holder, not_after, authority: self.public_key(), sig })
-    }
-}
-
-/// Why a node is refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    /// No credential, and the channel admits nobody without one.
-    #[error(
-        "channel {channel:?} admits only nodes with a credential (roles requiring one: {require}); none was given"
-    )]
-    NoCredential {
-        /// The channel.
-        channel: String,
-        /// The roles its policy requires a credential for.
-        require: Roles,
-    },
-    /// The members need roles the credential (if any) does not grant.
-    #[error("channel {channel:?} requires a credential with the {missing} role; {have}")]
-    MissingRole {
-        /// The channel.
-        channel: String,
-        /// The roles missing.
-        missing: Roles,
-        /// What the node has, for the message.
-        have: String,
-    },
-    /// The credential was issued by another authority.
-    #[error("the credential was issued by another authority than channel {channel:?}'s")]
-    WrongAuthority {
-        /// The channel.
-        channel: String,
-    },
-    /// The credential is for other channels.
-    #[error("the credential is for channel {pattern:?}, not {channel:?}")]
-    WrongChannel {
-        /// The channel.
-        channel: String,
-        /// The token's pattern.
-        pattern: String,
-    },
-    /// The credential belongs to another node.
-    #[error("the credential was issued to node {holder}, not to node {node}")]
-    WrongHolder {
-        /// Its holder.
-        holder: NodeId,
-        /// The node presenting it.
-        node: NodeId,
-    },
-    /// The credential has expired.
-    #[error("the credential expired at {not_after} (Unix time; now {now})")]
-    Expired {
-        /// Its expiry.
-        not_after: u64,
-        /// The current time, or 0 if the checking node does not know it.
-        now: u64,
-    },
-    /// The signature does not verify.
-    #[error("the credential's signature does not verify")]
-    BadSignature,
 }
 
 impl Policy {
@@ -444,8 +119,14 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handshake::Identity;
     use crate::types::{Attrs, LocalId, MemberInfo, Overflow, TypeFilter};
+
+    /// A node's public key and id. An authority's key is an Ed25519 key pair like a node identity's, so tests need
+    /// not reach up to `handshake` for one.
+    fn node(seed: u8) -> ([u8; 32], NodeId) {
+        let key = Authority::from_secret([seed; 32]).public_key();
+        (key, NodeId::from_public_key(&key))
+    }
 
     fn sink() -> MemberInfo {
         MemberInfo {
@@ -464,29 +145,18 @@ mod tests {
     }
 
     #[test]
-    fn roles_parse_and_print() {
-        assert_eq!("source,sink".parse::<Roles>().unwrap(), Roles::SOURCE.union(Roles::SINK));
-        assert_eq!("all".parse::<Roles>().unwrap(), Roles::ALL);
-        assert_eq!(Roles::ALL.to_string(), "source,sink,filters");
-        assert_eq!(Roles::NONE.to_string(), "none");
-        assert!("sauce".parse::<Roles>().unwrap_err().contains("sauce"));
-        assert_eq!(Roles::from_bits(8), None);
-    }
-
-    #[test]
     fn grant_and_admit() {
         let auth = Authority::from_secret([7; 32]);
-        let node = Identity::from_secret([1; 32]);
-        let other = Identity::from_secret([2; 32]);
+        let (key, me) = node(1);
+        let (_, other) = node(2);
         let policy = auth.policy(Roles::ALL);
-        let t = auth.grant("prices", Roles::SINK, node.public_key(), 0).unwrap();
-        let me = node.node_id();
+        let t = auth.grant("prices", Roles::SINK, key, 0).unwrap();
         assert_eq!(policy.admit("prices", me, &snap(vec![sink()], Some(t.clone())), Some(5)), Ok(Roles::SINK));
         // A sink token does not make a source.
         let e = policy.admit("prices", me, &snap(vec![source()], Some(t.clone())), Some(5)).unwrap_err();
         assert!(matches!(e, Denied::MissingRole { missing, .. } if missing == Roles::SOURCE), "{e}");
         // Another node cannot use it.
-        let e = policy.admit("prices", other.node_id(), &snap(vec![sink()], Some(t.clone())), Some(5)).unwrap_err();
+        let e = policy.admit("prices", other, &snap(vec![sink()], Some(t.clone())), Some(5)).unwrap_err();
         assert!(matches!(e, Denied::WrongHolder { .. }), "{e}");
         // Nor can it be used in another channel.
         let e = policy.admit("orders", me, &snap(vec![sink()], Some(t.clone())), Some(5)).unwrap_err();
@@ -503,7 +173,7 @@ mod tests {
     #[test]
     fn open_roles_need_no_token() {
         let auth = Authority::from_secret([7; 32]);
-        let me = Identity::from_secret([1; 32]).node_id();
+        let (_, me) = node(1);
         let policy = auth.policy(Roles::SOURCE);
         assert_eq!(policy.admit("c", me, &snap(vec![sink()], None), None), Ok(Roles::SINK.union(Roles::FILTERS)));
         assert!(policy.admit("c", me, &snap(vec![sink(), source()], None), None).is_err());
@@ -512,38 +182,23 @@ mod tests {
     #[test]
     fn expiry_and_tampering() {
         let auth = Authority::from_secret([7; 32]);
-        let node = Identity::from_secret([1; 32]);
+        let (key, me) = node(1);
         let policy = auth.policy(Roles::ALL);
-        let t = auth.grant("c*", Roles::ALL, node.public_key(), 100).unwrap();
+        let t = auth.grant("c*", Roles::ALL, key, 100).unwrap();
         let s = snap(vec![sink()], Some(t.clone()));
-        assert!(policy.admit("c.1", node.node_id(), &s, Some(99)).is_ok());
-        assert!(matches!(policy.admit("c.1", node.node_id(), &s, Some(100)), Err(Denied::Expired { .. })));
+        assert!(policy.admit("c.1", me, &s, Some(99)).is_ok());
+        assert!(matches!(policy.admit("c.1", me, &s, Some(100)), Err(Denied::Expired { .. })));
         // Unknown time: an expiring token is not trusted.
-        assert!(matches!(policy.admit("c.1", node.node_id(), &s, None), Err(Denied::Expired { .. })));
+        assert!(matches!(policy.admit("c.1", me, &s, None), Err(Denied::Expired { .. })));
         // Raising one's own roles or extending the expiry breaks the signature.
         let mut forged = t.clone();
         forged.not_after = 0;
-        let e = policy.admit("c.1", node.node_id(), &snap(vec![sink()], Some(forged)), Some(5)).unwrap_err();
+        let e = policy.admit("c.1", me, &snap(vec![sink()], Some(forged)), Some(5)).unwrap_err();
         assert_eq!(e, Denied::BadSignature);
-        let sink_only = auth.grant("c", Roles::SINK, node.public_key(), 0).unwrap();
+        let sink_only = auth.grant("c", Roles::SINK, key, 0).unwrap();
         let mut forged = sink_only;
         forged.roles = Roles::ALL;
-        let e = policy.admit("c", node.node_id(), &snap(vec![source()], Some(forged)), Some(5)).unwrap_err();
+        let e = policy.admit("c", me, &snap(vec![source()], Some(forged)), Some(5)).unwrap_err();
         assert_eq!(e, Denied::BadSignature);
-    }
-
-    #[test]
-    fn text_form_round_trips_and_rejects_garbage() {
-        let auth = Authority::from_secret([7; 32]);
-        let t = auth.grant("prices", Roles::SINK, Identity::from_secret([1; 32]).public_key(), 42).unwrap();
-        assert_eq!(Token::from_text(&format!(" {}\n", t.to_text())).unwrap(), t);
-        assert!(Token::from_text("hello").unwrap_err().contains("kecho-token-1:"));
-        assert!(Token::from_text("kecho-token-1:zz").is_err());
-        let mut text = t.to_text();
-        let last = text.pop().unwrap();
-        text.push(if last == '0' { '1' } else { '0' });
-        assert!(Token::from_text(&text).unwrap_err().contains("signature"));
-        assert!(auth.grant("a*b", Roles::ALL, [1; 32], 0).is_err());
-        assert!(auth.grant("", Roles::ALL, [1; 32], 0).is_err());
     }
 }

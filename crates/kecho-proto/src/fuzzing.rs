@@ -7,12 +7,12 @@ use bytes::BytesMut;
 
 use crate::access::{Policy, Roles};
 use crate::codec::{
-    decode_body_with, decode_event_with, decode_frame, is_event, split_frame, ClaimMode, Purpose, RegEntry,
-    RegErrorCode, RegResult, TypeNames,
+    decode_body_with, decode_event_with, decode_frame, is_event, split_frame, ClaimMode, Message, Purpose, RegEntry,
+    RegErrorCode, RegResult, TypeNames, PROTOCOL_VERSION,
 };
 use crate::handshake::{accept_first, dial_answer, Accept, Dial};
-use crate::membership::{ChannelState, MembershipConfig, OpenMode};
-use crate::{ChannelId, ChannelSecret, Message, NodeId, PROTOCOL_VERSION};
+use crate::membership::{ChannelState, MembershipConfig, OpenMode, RegistryUnreachable};
+use crate::types::{ChannelId, ChannelSecret, NodeId};
 
 /// Decodes every frame in `data`; each decoded message must encode to the very bytes it came from.
 pub fn decode_frames(data: &[u8]) {
@@ -92,7 +92,7 @@ pub fn drive_membership(data: &[u8]) {
                         expires_in_ms: 1000,
                     })),
                     1 => Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, message: String::new() }),
-                    _ => Err("down".to_owned()),
+                    _ => Err(RegistryUnreachable("down".to_owned())),
                 };
                 st.handle_registry(result, now);
             }
@@ -160,7 +160,7 @@ pub fn handshake(data: &[u8]) {
         }
         // Proofs made up by the fuzzer never verify (that would be a forged signature); checking them never panics.
         if let Message::Proof { key, .. } = &msg {
-            let claimed = crate::handshake::node_id_of(key);
+            let claimed = NodeId::from_public_key(key);
             assert!(crate::handshake::check_hello_proof(&msg, claimed, "127.0.0.1:9", me).is_err(), "forged proof");
             assert!(crate::handshake::check_ack_proof(&msg, claimed, me).is_err(), "forged proof");
         }
@@ -173,7 +173,7 @@ pub fn handshake(data: &[u8]) {
             Dial::Duplicate => assert!(matches!(msg, Message::Close { code: crate::codec::CloseCode::Duplicate, .. })),
             Dial::Failed(why) => {
                 assert!(!up, "dial failed on {msg:?}");
-                assert!(!why.is_empty());
+                assert!(!why.to_string().is_empty());
             }
         }
     }

@@ -12,9 +12,8 @@
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::codec::{CloseCode, Message, Purpose};
+use crate::codec::{CloseCode, Message, Purpose, PROTOCOL_VERSION};
 use crate::types::NodeId;
-use crate::PROTOCOL_VERSION;
 
 /// A node's identity: its signing key. Its node id derives from the public key.
 #[derive(Clone)]
@@ -46,7 +45,7 @@ impl Identity {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        node_id_of(&self.public_key())
+        NodeId::from_public_key(&self.public_key())
     }
 
     /// The proof that follows our `Hello` to node `to`, sent from listening address `addr`.
@@ -62,13 +61,6 @@ impl Identity {
     fn proof(&self, transcript: &[u8]) -> Message {
         Message::Proof { key: self.public_key(), sig: self.key.sign(transcript).to_bytes() }
     }
-}
-
-/// The node id that belongs to a public key.
-pub fn node_id_of(key: &[u8; 32]) -> NodeId {
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&key[..8]);
-    NodeId(u64::from_le_bytes(id))
 }
 
 fn hello_transcript(from: NodeId, to: NodeId, addr: &str) -> Vec<u8> {
@@ -89,25 +81,51 @@ fn ack_transcript(from: NodeId, to: NodeId) -> Vec<u8> {
 }
 
 /// Checks the proof that followed a `Hello` from node `from` (listening at `addr`) to us, node `me`.
-pub fn check_hello_proof(proof: &Message, from: NodeId, addr: &str, me: NodeId) -> Result<(), String> {
+pub fn check_hello_proof(proof: &Message, from: NodeId, addr: &str, me: NodeId) -> Result<(), ProofError> {
     check(proof, from, &hello_transcript(from, me, addr))
 }
 
 /// Checks the proof that followed the `HelloAck` of node `from` to us, node `me`.
-pub fn check_ack_proof(proof: &Message, from: NodeId, me: NodeId) -> Result<(), String> {
+pub fn check_ack_proof(proof: &Message, from: NodeId, me: NodeId) -> Result<(), ProofError> {
     check(proof, from, &ack_transcript(from, me))
 }
 
-fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), String> {
+/// Why an identity proof is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProofError {
+    /// Another message came where the proof was due.
+    #[error("expected an identity proof, got message kind {kind}")]
+    NotAProof {
+        /// The kind of the message that came instead.
+        kind: u8,
+    },
+    /// The proof's key does not belong to the node id claimed.
+    #[error("the identity proof's key is not node {claimed}'s")]
+    WrongKey {
+        /// The node id the peer claimed.
+        claimed: NodeId,
+    },
+    /// The proof's key is not an Ed25519 public key.
+    #[error("the identity proof's key is invalid")]
+    InvalidKey,
+    /// The signature does not verify over this handshake (forged, or made for another node or address).
+    #[error("node {claimed}'s identity proof does not verify")]
+    BadSignature {
+        /// The node id the peer claimed.
+        claimed: NodeId,
+    },
+}
+
+fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), ProofError> {
     let Message::Proof { key, sig } = proof else {
-        return Err(format!("expected an identity proof, got message kind {}", proof.kind()));
+        return Err(ProofError::NotAProof { kind: proof.kind() });
     };
-    if node_id_of(key) != claimed {
-        return Err(format!("the identity proof's key is not node {claimed}'s"));
+    if NodeId::from_public_key(key) != claimed {
+        return Err(ProofError::WrongKey { claimed });
     }
-    let key = VerifyingKey::from_bytes(key).map_err(|_| "the identity proof's key is invalid".to_owned())?;
-    key.verify_strict(transcript, &Signature::from_bytes(sig))
-        .map_err(|_| format!("node {claimed}'s identity proof does not verify"))
+    let key = VerifyingKey::from_bytes(key).map_err(|_| ProofError::InvalidKey)?;
+    key.verify_strict(transcript, &Signature::from_bytes(sig)).map_err(|_| ProofError::BadSignature { claimed })
 }
 
 /// What the accepting side of a node link does with the connection's first message.
@@ -157,7 +175,49 @@ pub enum Dial {
     /// The peer has a link with us already (its own dial won the duplicate rule): use that one.
     Duplicate,
     /// The link failed, for this reason.
-    Failed(String),
+    Failed(DialError),
+}
+
+/// Why the answer to our `Hello` does not bring the link up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// Another node answered at the address.
+    #[error("{addr} is node {node}, expected {expected}")]
+    WrongNode {
+        /// The address dialled.
+        addr: String,
+        /// The node that answered.
+        node: NodeId,
+        /// The node we meant to reach.
+        expected: NodeId,
+    },
+    /// The peer answered with another protocol version.
+    #[error("version mismatch: the peer answered with version {theirs}")]
+    VersionMismatch {
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peer refused us because it speaks another protocol version (its reason says which).
+    #[error("version mismatch: {reason}")]
+    PeerVersionMismatch {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The peer closed the connection with this code and reason.
+    #[error("refused ({code:?}): {reason}")]
+    Refused {
+        /// The close code.
+        code: CloseCode,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// Another message came where `HelloAck` or `Close` was due.
+    #[error("unexpected handshake answer kind {kind}")]
+    Unexpected {
+        /// The kind of the message that came.
+        kind: u8,
+    },
 }
 
 /// Decides on the answer to our `Hello`, sent to `addr` where we expected node `expected`.
@@ -165,17 +225,15 @@ pub fn dial_answer(answer: &Message, expected: NodeId, addr: &str) -> Dial {
     match answer {
         Message::HelloAck { version, node } if *version == PROTOCOL_VERSION && *node == expected => Dial::Up,
         Message::HelloAck { node, .. } if *node != expected => {
-            Dial::Failed(format!("{addr} is node {node}, expected {expected}"))
+            Dial::Failed(DialError::WrongNode { addr: addr.to_owned(), node: *node, expected })
         }
-        Message::HelloAck { version, .. } => {
-            Dial::Failed(format!("version mismatch: the peer answered with version {version}"))
-        }
+        Message::HelloAck { version, .. } => Dial::Failed(DialError::VersionMismatch { theirs: *version }),
         Message::Close { code: CloseCode::Duplicate, .. } => Dial::Duplicate,
         Message::Close { code: CloseCode::VersionMismatch, reason } => {
-            Dial::Failed(format!("version mismatch: {reason}"))
+            Dial::Failed(DialError::PeerVersionMismatch { reason: reason.clone() })
         }
-        Message::Close { code, reason } => Dial::Failed(format!("refused ({code:?}): {reason}")),
-        other => Dial::Failed(format!("unexpected handshake answer kind {}", other.kind())),
+        Message::Close { code, reason } => Dial::Failed(DialError::Refused { code: *code, reason: reason.clone() }),
+        other => Dial::Failed(DialError::Unexpected { kind: other.kind() }),
     }
 }
 
@@ -193,20 +251,39 @@ mod tests {
         let hello = a.hello_proof(ib, "10.0.0.1:7");
         assert_eq!(check_hello_proof(&hello, ia, "10.0.0.1:7", ib), Ok(()));
         // Shown to another node, or with another address, or claimed by another node, it fails.
-        assert!(check_hello_proof(&hello, ia, "10.0.0.1:7", ic).is_err());
-        assert!(check_hello_proof(&hello, ia, "10.0.0.9:7", ib).is_err());
-        assert!(check_hello_proof(&hello, ic, "10.0.0.1:7", ib).is_err());
+        assert_eq!(check_hello_proof(&hello, ia, "10.0.0.1:7", ic), Err(ProofError::BadSignature { claimed: ia }));
+        assert_eq!(check_hello_proof(&hello, ia, "10.0.0.9:7", ib), Err(ProofError::BadSignature { claimed: ia }));
+        assert_eq!(check_hello_proof(&hello, ic, "10.0.0.1:7", ib), Err(ProofError::WrongKey { claimed: ic }));
         // C cannot make a proof for A's id.
         let forged = match c.hello_proof(ib, "10.0.0.1:7") {
             Message::Proof { sig, .. } => Message::Proof { key: a.public_key(), sig },
             other => panic!("{other:?}"),
         };
-        assert!(check_hello_proof(&forged, ia, "10.0.0.1:7", ib).is_err());
+        assert_eq!(check_hello_proof(&forged, ia, "10.0.0.1:7", ib), Err(ProofError::BadSignature { claimed: ia }));
         let ack = b.ack_proof(ia);
         assert_eq!(check_ack_proof(&ack, ib, ia), Ok(()));
         assert!(check_ack_proof(&ack, ib, ic).is_err());
         assert!(check_ack_proof(&hello, ia, ib).is_err(), "a hello proof is no ack proof");
-        assert!(check_ack_proof(&Message::Ping(1), ib, ia).is_err());
+        let e = check_ack_proof(&Message::Ping(1), ib, ia).unwrap_err();
+        assert!(matches!(e, ProofError::NotAProof { .. }), "{e}");
         assert_eq!(Identity::from_secret(a.secret()).node_id(), ia);
+    }
+
+    #[test]
+    fn dial_answers_say_why_they_fail() {
+        let (me, other) = (NodeId(1), NodeId(2));
+        let ack = |version, node| Message::HelloAck { version, node };
+        assert_eq!(dial_answer(&ack(PROTOCOL_VERSION, me), me, "a:1"), Dial::Up);
+        let wrong = dial_answer(&ack(PROTOCOL_VERSION, other), me, "a:1");
+        assert_eq!(wrong, Dial::Failed(DialError::WrongNode { addr: "a:1".into(), node: other, expected: me }));
+        let Dial::Failed(e) = dial_answer(&ack(PROTOCOL_VERSION + 1, me), me, "a:1") else { panic!("not a failure") };
+        assert_eq!(e.to_string(), format!("version mismatch: the peer answered with version {}", PROTOCOL_VERSION + 1));
+        let close = |code, reason: &str| Message::Close { code, reason: reason.into() };
+        assert_eq!(dial_answer(&close(CloseCode::Duplicate, ""), me, "a:1"), Dial::Duplicate);
+        let Dial::Failed(e) = dial_answer(&close(CloseCode::VersionMismatch, "v9"), me, "a:1") else { panic!() };
+        assert_eq!(e.to_string(), "version mismatch: v9");
+        let Dial::Failed(e) = dial_answer(&close(CloseCode::Handshake, "no"), me, "a:1") else { panic!() };
+        assert_eq!(e.to_string(), "refused (Handshake): no");
+        assert!(matches!(dial_answer(&Message::Ping(1), me, "a:1"), Dial::Failed(DialError::Unexpected { .. })));
     }
 }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::access::{Denied, Policy, Roles, Token};
 use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
-use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId, NodeSnapshot};
+use crate::snapshot::NodeSnapshot;
+use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId};
 
 /// Timing of the state machine.
 #[derive(Clone, Debug)]
@@ -62,19 +63,88 @@ pub enum OpenMode {
 }
 
 /// Why opening a channel failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Not `#[non_exhaustive]` on purpose: the node layer maps every failure to an error of its own, and a new kind of
+/// failure should make it decide how.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OpenFailure {
     /// The registry has no such channel.
+    #[error("unknown channel")]
     UnknownChannel,
     /// The channel exists already (with [`OpenMode::Create`]).
+    #[error("the channel exists already")]
     Exists,
     /// The registry could not be reached or refused the request.
-    Registry(String),
+    #[error(transparent)]
+    Registry(RegistryFailure),
     /// No contact answered in time.
+    #[error("no contact answered in time")]
     Timeout,
     /// The channel's access policy does not let this node in (the contact refused it, or this node's own credential
     /// does not cover it), or the channel's policy is not the one this node was configured with.
-    Refused(String),
+    #[error(transparent)]
+    Refused(Refusal),
+}
+
+/// The node layer could not get an answer from the registry: the I/O layer's description of what went wrong (this
+/// crate does no I/O, so it only carries it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RegistryUnreachable(pub String);
+
+/// Why the registry did not serve a request of the channel.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryFailure {
+    /// No answer: the registry could not be reached.
+    #[error(transparent)]
+    Unreachable(#[from] RegistryUnreachable),
+    /// The registry answered with an error.
+    #[error("{message}")]
+    Refused {
+        /// The registry's error code.
+        code: RegErrorCode,
+        /// The registry's explanation.
+        message: String,
+    },
+}
+
+/// Why this node is not let into a channel, or is dropped from it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// This node's own credential does not cover its members (checked before asking anyone).
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The contact refused this node, with this reason (the contact's words, from its `JoinRefused`).
+    #[error("{0}")]
+    ByContact(String),
+    /// The channel's access policy is not the one this node was configured with.
+    #[error("channel {channel:?} has {}, but this node expects {}", describe_policy(.found), describe_policy(.expected))]
+    PolicyMismatch {
+        /// The channel.
+        channel: String,
+        /// The policy the contact announced.
+        found: Option<Policy>,
+        /// The policy this node was configured with.
+        expected: Option<Policy>,
+    },
+    /// This node's credential expired; the other members drop it until it presents a valid one.
+    #[error(
+        "this node's credential for channel {channel:?} expired; the other members drop it until it presents a valid \
+         one"
+    )]
+    Expired {
+        /// The channel.
+        channel: String,
+    },
+}
+
+fn describe_policy(p: &Option<Policy>) -> String {
+    match p {
+        None => "no access policy".to_owned(),
+        Some(p) => format!("a policy of authority {} requiring credentials for {}", hex8(&p.authority), p.require),
+    }
 }
 
 /// A registry request the owner should send; the answer goes to [`ChannelState::handle_registry`].
@@ -116,11 +186,11 @@ pub enum Output {
         /// The node refused.
         node: NodeId,
         /// Why.
-        reason: String,
+        reason: Denied,
     },
     /// The contact refused to take this node in again (its credential expired, say), or answered with another
     /// access policy than this node's; the node stays in its current view and tries again later.
-    Refused(String),
+    Refused(Refusal),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -362,7 +432,7 @@ impl ChannelState {
         match self.admit(node, snapshot, now) {
             Ok(r) => Some(r),
             Err(why) => {
-                self.out.push_back(Output::Denied { node, reason: why.to_string() });
+                self.out.push_back(Output::Denied { node, reason: why });
                 None
             }
         }
@@ -384,7 +454,7 @@ impl ChannelState {
                     }
                 }
                 Err(why) => {
-                    self.out.push_back(Output::Denied { node, reason: why.to_string() });
+                    self.out.push_back(Output::Denied { node, reason: why });
                     if self.drop_peer(node) && self.phase == Phase::Member {
                         self.after_departure(node, now);
                     }
@@ -466,7 +536,7 @@ impl ChannelState {
         if let Some(policy) = &self.policy {
             // Our own credential first: better a clear error here than a refusal from every other member.
             if let Err(why) = policy.admit(&self.name, self.me, &self.local, self.unix(now)) {
-                self.fail(OpenFailure::Refused(why.to_string()));
+                self.fail(OpenFailure::Refused(Refusal::Denied(why)));
                 return;
             }
         }
@@ -566,7 +636,7 @@ impl ChannelState {
                 self.outsiders.remove(&from);
                 self.on_join_redirect(from, now)
             }
-            Message::JoinRefused { reason, .. } => self.on_join_refused(from, reason),
+            Message::JoinRefused { reason, .. } => self.on_join_refused(from, Refusal::ByContact(reason)),
             Message::Snapshot { node, addr, snapshot, left, reply, .. } => {
                 self.on_snapshot(from, node, addr, snapshot, left, reply, now)
             }
@@ -576,14 +646,14 @@ impl ChannelState {
 
     /// The answer to the oldest registry request not answered yet: `Err` if the registry could not be reached.
     /// Answers must be given in the order of the requests (the registry answers in order).
-    pub fn handle_registry(&mut self, result: Result<RegResult, String>, now: Instant) {
+    pub fn handle_registry(&mut self, result: Result<RegResult, RegistryUnreachable>, now: Instant) {
         self.registry_answer(result, now);
         self.note_counts(now);
     }
 
     /// The answer to the oldest registry request not answered yet: `Err` if the registry could not be reached.
     /// Answers must be given in the order of the requests (the registry answers in order).
-    fn registry_answer(&mut self, result: Result<RegResult, String>, now: Instant) {
+    fn registry_answer(&mut self, result: Result<RegResult, RegistryUnreachable>, now: Instant) {
         // Match the answer with its request: acting on the answer to an older request as if it answered the newest
         // one took, for instance, a lookup's entry for a successful takeover.
         let Some(op) = self.reg_pending.pop_front() else { return };
@@ -653,14 +723,16 @@ impl ChannelState {
             }
             (RegistryOp::Remove, _) => {}
             (_, Err(e)) => match self.phase {
-                Phase::LookingUp | Phase::Creating => self.fail(OpenFailure::Registry(e)),
+                Phase::LookingUp | Phase::Creating => self.fail(OpenFailure::Registry(e.into())),
                 // The contact keeps the role (and a pending takeover) and tries again at the next renewal; another
                 // member checks the contact again then.
                 Phase::Member => self.next_renew = Some(now + self.cfg.lease_ttl / 3),
                 _ => {}
             },
-            (_, Ok(RegResult::Error { message, .. })) => match self.phase {
-                Phase::LookingUp | Phase::Creating => self.fail(OpenFailure::Registry(message)),
+            (_, Ok(RegResult::Error { code, message })) => match self.phase {
+                Phase::LookingUp | Phase::Creating => {
+                    self.fail(OpenFailure::Registry(RegistryFailure::Refused { code, message }))
+                }
                 Phase::Member => self.next_renew = Some(now + self.cfg.lease_ttl / 3),
                 _ => {}
             },
@@ -721,11 +793,7 @@ impl ChannelState {
         if self.phase == Phase::Member && self.own_expiry().is_some_and(|t| t <= now) {
             // The others drop this node now: say so, so that the owner renews (`set_token`).
             self.expiry_told = true;
-            self.out.push_back(Output::Refused(format!(
-                "this node's credential for channel {:?} expired; the other members drop it until it presents a \
-                 valid one",
-                self.name
-            )));
+            self.out.push_back(Output::Refused(Refusal::Expired { channel: self.name.clone() }));
         }
         if self.phase == Phase::Member {
             let silent: Vec<NodeId> = self.unconfirmed.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
@@ -880,9 +948,8 @@ impl ChannelState {
         let rights = match self.admit(from, &snapshot, now) {
             Ok(r) => r,
             Err(why) => {
-                let reason = why.to_string();
-                self.out.push_back(Output::Denied { node: from, reason: reason.clone() });
-                let msg = Message::JoinRefused { channel: self.id, reason };
+                let msg = Message::JoinRefused { channel: self.id, reason: why.to_string() };
+                self.out.push_back(Output::Denied { node: from, reason: why });
                 self.out.push_back(Output::Send { to: from, addr, msg });
                 // A member joining again that is no longer covered (its credential expired) is a member no longer.
                 if self.drop_peer(from) {
@@ -935,18 +1002,7 @@ impl ChannelState {
             return;
         }
         if policy != self.policy {
-            let describe = |p: &Option<Policy>| match p {
-                None => "no access policy".to_owned(),
-                Some(p) => {
-                    format!("a policy of authority {} requiring credentials for {}", hex8(&p.authority), p.require)
-                }
-            };
-            let why = format!(
-                "channel {:?} has {}, but this node expects {}",
-                self.name,
-                describe(&policy),
-                describe(&self.policy)
-            );
+            let why = Refusal::PolicyMismatch { channel: self.name.clone(), found: policy, expected: self.policy };
             if rejoin {
                 // Not the channel we are in (created anew by someone else while we were cut off, say): stay apart.
                 self.join_sent = None;
@@ -1009,7 +1065,7 @@ impl ChannelState {
         self.out.push_back(Output::Changed);
     }
 
-    fn on_join_refused(&mut self, from: NodeId, reason: String) {
+    fn on_join_refused(&mut self, from: NodeId, reason: Refusal) {
         match &self.phase {
             Phase::Joining { contact, .. } if *contact == from => {
                 self.outsiders.remove(&from);

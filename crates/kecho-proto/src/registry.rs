@@ -10,14 +10,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::codec::{ClaimMode, Message, RegEntry, RegErrorCode, RegResult};
-use crate::types::{ChannelId, ChannelSecret, NodeId};
+use crate::types::{ChannelId, ChannelSecret, NodeId, MAX_CHANNEL_NAME};
 
 /// Shortest lease granted.
 pub const MIN_TTL: Duration = Duration::from_millis(100);
 /// Longest lease granted.
 pub const MAX_TTL: Duration = Duration::from_secs(300);
-/// Longest channel name accepted, in bytes.
-pub const MAX_NAME: usize = 255;
+/// Longest channel name accepted, in bytes (the same as [`MAX_CHANNEL_NAME`]).
+pub const MAX_NAME: usize = MAX_CHANNEL_NAME;
 
 #[derive(Clone, Debug)]
 struct Lease {

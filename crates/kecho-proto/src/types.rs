@@ -9,11 +9,24 @@ use bytes::Bytes;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct NodeId(pub u64);
 
+impl NodeId {
+    /// The node id that belongs to an Ed25519 public key: the key's first eight bytes (see `crate::handshake` for
+    /// why a node id cannot be claimed without the key).
+    pub fn from_public_key(key: &[u8; 32]) -> NodeId {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&key[..8]);
+        NodeId(u64::from_le_bytes(id))
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
     }
 }
+
+/// Longest channel name, in bytes: the registry refuses longer names, and a credential's channel pattern is no longer.
+pub const MAX_CHANNEL_NAME: usize = 255;
 
 /// A channel's identity on the wire. The creator picks it at random and stores it in the registry beside the name, so
 /// events carry eight bytes instead of the name.
@@ -215,28 +228,4 @@ pub struct MemberInfo {
     pub role: Role,
     /// Attributes it supplies to filters (used by channel filters).
     pub attrs: Attrs,
-}
-
-/// Everything one node contributes to one channel: its members, versioned so that a newer snapshot replaces an older
-/// one whatever the order of arrival.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub struct NodeSnapshot {
-    /// Increases by one with every change the node makes to its membership in this channel.
-    pub version: u64,
-    /// The node's members; empty when it has left.
-    pub members: Vec<MemberInfo>,
-    /// The node's credential in the channel, for channels with an access policy (see `crate::access`).
-    pub token: Option<std::sync::Arc<crate::access::Token>>,
-}
-
-impl NodeSnapshot {
-    /// Number of sinks.
-    pub fn sinks(&self) -> usize {
-        self.members.iter().filter(|m| matches!(m.role, Role::Sink { .. })).count()
-    }
-
-    /// Number of sources.
-    pub fn sources(&self) -> usize {
-        self.members.iter().filter(|m| matches!(m.role, Role::Source)).count()
-    }
 }

@@ -898,7 +898,7 @@ mod access {
 
     fn refusal(sim: &Sim, id: u64) -> String {
         match sim.result(id, CH) {
-            Some(Err(OpenFailure::Refused(why))) => why,
+            Some(Err(OpenFailure::Refused(why))) => why.to_string(),
             other => panic!("n{id}: expected a refusal, got {other:?}\n{}", sim.dump()),
         }
     }
@@ -908,7 +908,7 @@ mod access {
             .notices
             .iter()
             .filter_map(|(_, o)| match o {
-                Output::Denied { node: n, reason } if n.0 == node => Some(reason.clone()),
+                Output::Denied { node: n, reason } if n.0 == node => Some(reason.to_string()),
                 _ => None,
             })
             .collect()
@@ -1027,8 +1027,11 @@ mod access {
         assert!(!sim.st(a, CH).peers().contains_key(&NodeId(c)), "c's credential expired\n{}", sim.dump());
         assert!(denied(&sim, a, c).iter().any(|r| r.contains("expired")), "{:?}", denied(&sim, a, c));
         // c itself is told.
-        let told =
-            sim.chan(c, CH).notices.iter().any(|(_, o)| matches!(o, Output::Refused(r) if r.contains("expired")));
+        let told = sim
+            .chan(c, CH)
+            .notices
+            .iter()
+            .any(|(_, o)| matches!(o, Output::Refused(r) if r.to_string().contains("expired")));
         assert!(told, "c was not told that its credential expired");
     }
 }

@@ -98,7 +98,9 @@ async fn create_lookup_list_remove_over_tcp() -> Result<()> {
     .await
 }
 
-#[tokio::test]
+/// On paused time (the server reads tokio's clock), so that renewing every 80 ms a lease of 200 ms does not depend on
+/// how fast the machine answers.
+#[tokio::test(start_paused = true)]
 async fn leases_expire_unless_renewed() -> Result<()> {
     within(async {
         let (addr, _h) = server().await?;
@@ -389,7 +391,7 @@ async fn handshake_rules_are_enforced_with_a_reason() -> Result<()> {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_silent_connection_is_closed_after_the_handshake_timeout() -> Result<()> {
     within(async {
         let s = RegistryServer::bind(([127, 0, 0, 1], 0).into()).await?;
@@ -497,7 +499,7 @@ async fn the_client_reports_a_version_mismatch() -> Result<()> {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_silent_registry_times_out_and_the_next_request_reconnects() -> Result<()> {
     within(async {
         let (addr, accepted) =

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use futures_util::Stream;
 use kecho_proto::access::Roles;
 use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len, EventMsg};
-use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output};
+use kecho_proto::membership::{ChannelState, OpenFailure, OpenMode, Output, RegistryUnreachable};
 use kecho_proto::{Attrs, ChannelId, LocalId, MemberInfo, Message, NodeId, Overflow, Role, TypeFilter, Value};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
@@ -354,9 +354,9 @@ impl ChannelInner {
                         .map_or_else(|| "no contact answered".to_owned(), |c| format!("last link failure: {c}")),
                 })
             }
-            Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why)),
+            Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why.to_string())),
             Status::Failed(OpenFailure::Refused(reason)) => {
-                Err(Error::AccessDenied { channel: self.name.clone(), reason })
+                Err(Error::AccessDenied { channel: self.name.clone(), reason: reason.to_string() })
             }
             Status::Opening | Status::Closed => Err(Error::Closed(self.name.clone())),
         }
@@ -424,7 +424,7 @@ impl ChannelInner {
                     let ch = self.clone();
                     let registry = node.registry.clone();
                     node.spawn(async move {
-                        let result = registry.request(msg).await.map_err(|e| e.to_string());
+                        let result = registry.request(msg).await.map_err(|e| RegistryUnreachable(e.to_string()));
                         ch.state.lock().handle_registry(result, now());
                         ch.flush();
                     });

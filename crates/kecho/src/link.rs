@@ -454,11 +454,11 @@ async fn dial_inner(node: &Arc<NodeInner>, peer: &Arc<Peer>, gen: u64, addr: &st
         match handshake::dial_answer(&first, peer.id, addr) {
             handshake::Dial::Up => {}
             handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
-            handshake::Dial::Failed(why) => return Err(why),
+            handshake::Dial::Failed(why) => return Err(why.to_string()),
         }
         // The peer proves it is the node we meant to reach.
         let proof = read_frame(&mut rd, &mut buf, node.cfg.max_frame).await?;
-        handshake::check_ack_proof(&proof, peer.id, node.id)?;
+        handshake::check_ack_proof(&proof, peer.id, node.id).map_err(|e| e.to_string())?;
         Ok(DialOutcome::Up)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| "handshake timed out".to_owned())?? {
@@ -503,7 +503,7 @@ pub(crate) async fn accept(node: Arc<NodeInner>, stream: TcpStream, remote: Sock
     // The dialler proves it is the node it claims to be, before it is let near any channel.
     let proof = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, node.cfg.max_frame)).await;
     let checked = match proof {
-        Ok(Ok(p)) => handshake::check_hello_proof(&p, their, &their_addr, node.id),
+        Ok(Ok(p)) => handshake::check_hello_proof(&p, their, &their_addr, node.id).map_err(|e| e.to_string()),
         Ok(Err(why)) => Err(why),
         Err(_) => Err(format!("no identity proof within {HANDSHAKE_TIMEOUT:?}")),
     };

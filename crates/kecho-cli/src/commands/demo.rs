@@ -34,7 +34,7 @@ pub async fn run(a: Args) -> Result<()> {
     channels(a.events).await?;
     if !a.no_webfarm {
         println!();
-        kecho_lb::demo_webfarm().await?;
+        kecho_webfarm::demo_webfarm().await?;
     }
     Ok(())
 }

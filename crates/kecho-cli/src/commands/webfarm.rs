@@ -1,7 +1,7 @@
-//! `kecho webfarm`: KECho's web-farm experiment, extended (crate kecho-lb).
+//! `kecho webfarm`: KECho's web-farm experiment, extended (crate kecho-webfarm).
 
-pub use kecho_lb::WebfarmArgs as Args;
+pub use kecho_webfarm::WebfarmArgs as Args;
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    kecho_lb::run_webfarm(a).await
+    Ok(kecho_webfarm::run_webfarm(a).await?)
 }

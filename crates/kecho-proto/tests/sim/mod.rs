@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use kecho_proto::codec::{ClaimMode, Message, RegEntry, RegResult};
 use kecho_proto::liveness::{Liveness, LivenessAction};
-use kecho_proto::membership::{ChannelState, MembershipConfig, OpenFailure, OpenMode, Output};
+use kecho_proto::membership::{ChannelState, MembershipConfig, OpenFailure, OpenMode, Output, RegistryUnreachable};
 use kecho_proto::registry::RegistryTable;
 use kecho_proto::{Attrs, ChannelId, ChannelSecret, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
 
@@ -106,7 +106,7 @@ struct InFlight {
 #[derive(Debug)]
 enum RegEvent {
     Request { from: NodeId, chan: String, msg: Message },
-    Reply { to: NodeId, chan: String, result: Result<RegResult, String> },
+    Reply { to: NodeId, chan: String, result: Result<RegResult, RegistryUnreachable> },
 }
 
 /// A registry request as it reached the registry.
@@ -781,7 +781,7 @@ impl Sim {
                         other => self.fail(&format!("registry answered {other:?}")),
                     }
                 } else {
-                    Err("registry unreachable".to_owned())
+                    Err(RegistryUnreachable("registry unreachable".to_owned()))
                 };
                 trace!(self, "registry <- n{}: {} => {}", from.0, short(&msg), short_result(&result));
                 self.reg_log.push(RegRecord { at: self.elapsed(), from, msg, answered: reachable });
@@ -830,7 +830,7 @@ fn short(msg: &Message) -> String {
     }
 }
 
-fn short_result(r: &Result<RegResult, String>) -> String {
+fn short_result(r: &Result<RegResult, RegistryUnreachable>) -> String {
     match r {
         Ok(RegResult::Entry(e)) => {
             format!("Entry(contact n{}, ch {:x}, {}/{})", e.contact.0, e.channel.0 & 0xfff, e.sources, e.sinks)

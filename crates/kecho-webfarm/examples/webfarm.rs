@@ -1,4 +1,4 @@
-//! Runs the web-farm experiment until `kecho webfarm` is wired: `cargo run --release -p kecho-lb --example webfarm
+//! Runs the web-farm experiment until `kecho webfarm` is wired: `cargo run --release -p kecho-webfarm --example webfarm
 //! -- --time-scale 10 --out webfarm-out` (`--demo` for the short version).
 
 use clap::Parser;
@@ -9,13 +9,14 @@ struct Cli {
     #[arg(long)]
     demo: bool,
     #[command(flatten)]
-    args: kecho_lb::WebfarmArgs,
+    args: kecho_webfarm::WebfarmArgs,
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let result = if cli.demo { kecho_lb::demo_webfarm().await } else { kecho_lb::run_webfarm(cli.args).await };
+    let result =
+        if cli.demo { kecho_webfarm::demo_webfarm().await } else { kecho_webfarm::run_webfarm(cli.args).await };
     if let Err(e) = result {
         eprintln!("kecho webfarm: {e:#}");
         std::process::exit(1);

@@ -16,10 +16,11 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{LbError, Result};
-use crate::farm::{Farm, FarmConfig, Mode};
-use crate::mechanism::{now, until};
-use crate::overhead::OverheadSnapshot;
+use kecho_lb::mechanism::now;
+use kecho_lb::overhead::OverheadSnapshot;
+
+use crate::error::{Result, WebfarmError};
+use crate::farm::{until, Farm, FarmConfig, Mode};
 
 /// Options of `kecho webfarm`.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,9 +67,9 @@ pub struct WebfarmArgs {
     /// Extra requests allowed for hedging and tying, as a share of all requests.
     #[arg(long, default_value_t = 0.1)]
     pub budget: f64,
-    /// Report frequencies for the overhead sweep (Fig. 9a); empty to skip.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,5,10")]
-    pub overhead_hz: Vec<f64>,
+    /// Report frequencies for the overhead sweep (Fig. 9a), comma-separated; empty to skip.
+    #[arg(long, default_value = "1,2,5,10")]
+    pub overhead_hz: Frequencies,
     /// Arrival rate of the overhead sweep (Figs. 9a and 9b).
     #[arg(long, default_value_t = 25.0)]
     pub overhead_rate: f64,
@@ -82,6 +83,22 @@ pub struct WebfarmArgs {
     /// Directory for the SVG plots and the CSV of results; none if not given.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// A comma-separated list of frequencies in Hz, possibly empty (`""`). A list argument of clap's own would read `""`
+/// as one empty number and refuse it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Frequencies(pub Vec<f64>);
+
+impl std::str::FromStr for Frequencies {
+    type Err = std::num::ParseFloatError;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Ok(Frequencies(Vec::new()));
+        }
+        s.split(',').map(|f| f.trim().parse()).collect::<std::result::Result<_, _>>().map(Frequencies)
+    }
 }
 
 impl Default for WebfarmArgs {
@@ -101,7 +118,7 @@ impl Default for WebfarmArgs {
             modes: vec!["all".into()],
             report_hz: 1.0,
             budget: 0.1,
-            overhead_hz: vec![1.0, 2.0, 5.0, 10.0],
+            overhead_hz: Frequencies(vec![1.0, 2.0, 5.0, 10.0]),
             overhead_rate: 25.0,
             seed: 1,
             reported_loads_only: false,
@@ -112,7 +129,7 @@ impl Default for WebfarmArgs {
 
 impl WebfarmArgs {
     fn check(&self) -> Result<()> {
-        let bad = |what: &str| Err(LbError::Invalid(what.to_owned()));
+        let bad = |what: &str| Err(WebfarmError::Invalid(what.to_owned()));
         if self.servers < 2 {
             return bad("--servers must be at least 2");
         }
@@ -142,7 +159,7 @@ impl WebfarmArgs {
         if self.forward_after >= self.timeout {
             return bad("--forward-after must be shorter than --timeout");
         }
-        if self.overhead_hz.iter().any(|h| !(h.is_finite() && *h > 0.0)) {
+        if self.overhead_hz.0.iter().any(|h| !(h.is_finite() && *h > 0.0)) {
             return bad("--overhead-hz must be positive");
         }
         if !(0.0..=1.0).contains(&self.budget) {
@@ -295,7 +312,7 @@ fn parse_modes(specs: &[String]) -> Result<Vec<(String, Mode)>> {
         let n = |s: &str| -> Result<usize> {
             match s.parse::<usize>() {
                 Ok(n) if (1..=16).contains(&n) => Ok(n),
-                _ => Err(LbError::Invalid(format!("mode {spec:?}: N must be 1 to 16"))),
+                _ => Err(WebfarmError::Invalid(format!("mode {spec:?}: N must be 1 to 16"))),
             }
         };
         match spec.split_once(':') {
@@ -326,14 +343,14 @@ fn parse_modes(specs: &[String]) -> Result<Vec<(String, Mode)>> {
             None if spec == "hedge" => out.push(("hedge".into(), Mode::Hedge)),
             None if spec == "tied" => out.push(("tied".into(), Mode::Tied)),
             _ => {
-                return Err(LbError::Invalid(format!(
+                return Err(WebfarmError::Invalid(format!(
                     "unknown mode {spec:?} (expected none, kecho[:N], cancel[:N], rr, p2c, jsq, hedge, tied or all)"
                 )))
             }
         }
     }
     if out.is_empty() {
-        return Err(LbError::Invalid("no mode given".into()));
+        return Err(WebfarmError::Invalid("no mode given".into()));
     }
     Ok(out)
 }
@@ -487,7 +504,7 @@ pub async fn sweep(args: &WebfarmArgs) -> Result<Sweep> {
     if modes.iter().any(|(_, m)| *m == Mode::Kecho { n: 1 }) {
         let rates = args.server_rates(args.overhead_rate);
         let trace = poisson_trace(args.seed + 1000, &rates, args.duration, service, args.jitter);
-        for &hz in &args.overhead_hz {
+        for &hz in &args.overhead_hz.0 {
             let r = run_one(args, "kecho:1", Mode::Kecho { n: 1 }, args.overhead_rate, &trace, hz).await?;
             eprintln!("  overhead at {hz} reports/s: {:?} µs/s", r.overhead_us.map(|v| (v * 10.0).round() / 10.0));
             out.by_frequency.push((hz, r));
@@ -749,7 +766,7 @@ pub fn write_outputs(dir: &Path, args: &WebfarmArgs, sweep: &Sweep) -> Result<()
 
 fn plot(path: &Path, title: &str, x: &str, y: &str, series: &[(String, Vec<(f64, f64)>)], log: bool) -> Result<()> {
     use plotters::prelude::*;
-    let err = |e: &dyn std::fmt::Display| LbError::Plot { path: path.display().to_string(), why: e.to_string() };
+    let err = |e: &dyn std::fmt::Display| WebfarmError::Plot { path: path.display().to_string(), why: e.to_string() };
     let pts = || series.iter().flat_map(|(_, p)| p.iter());
     let (x0, x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
     let y1 = pts().fold(0.0f64, |a, (_, y)| a.max(*y)).max(1e-3) * 1.1;
@@ -796,7 +813,7 @@ fn plot(path: &Path, title: &str, x: &str, y: &str, series: &[(String, Vec<(f64,
 }
 
 /// `kecho webfarm`: runs the sweep, prints the table and the targets, writes plots and CSV if asked.
-pub async fn run_webfarm(args: WebfarmArgs) -> anyhow::Result<()> {
+pub async fn run_webfarm(args: WebfarmArgs) -> Result<()> {
     let started = now();
     let sweep = sweep(&args).await?;
     println!("{}", report(&args, &sweep));
@@ -809,14 +826,14 @@ pub async fn run_webfarm(args: WebfarmArgs) -> anyhow::Result<()> {
 }
 
 /// A short version for `kecho demo`: four servers, two rates, four modes, 20 times faster than real time.
-pub async fn demo_webfarm() -> anyhow::Result<()> {
+pub async fn demo_webfarm() -> Result<()> {
     let args = WebfarmArgs {
         servers: 4,
         rates: vec![20.0, 30.0],
         duration: 15.0,
         time_scale: 20.0,
         modes: vec!["none".into(), "kecho:1".into(), "p2c".into(), "hedge".into()],
-        overhead_hz: vec![],
+        overhead_hz: Frequencies(vec![]),
         ..WebfarmArgs::default()
     };
     println!("web farm (KECho section 5.4, in small): {} servers on kecho channels", args.servers);
@@ -865,11 +882,36 @@ mod tests {
             WebfarmArgs { forward_after: 6.0, ..WebfarmArgs::default() },
         ];
         for a in bad {
-            assert!(matches!(a.check(), Err(LbError::Invalid(_))), "{a:?}");
+            assert!(matches!(a.check(), Err(WebfarmError::Invalid(_))), "{a:?}");
         }
         assert!(parse_modes(&["kecho:0".into()]).is_err());
         assert!(parse_modes(&["bogus".into()]).is_err());
         assert_eq!(parse_modes(&["all".into()]).unwrap().len(), 12);
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WebfarmArgs,
+    }
+
+    fn parse(argv: &[&str]) -> std::result::Result<WebfarmArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("webfarm").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn overhead_frequencies_parse_and_may_be_empty() {
+        assert_eq!(parse(&[]).unwrap().overhead_hz, Frequencies(vec![1.0, 2.0, 5.0, 10.0]));
+        // "Empty to skip", as the help says.
+        let a = parse(&["--overhead-hz", ""]).unwrap();
+        assert_eq!(a.overhead_hz, Frequencies(vec![]));
+        assert!(a.check().is_ok(), "an empty list passes the checks");
+        assert_eq!(parse(&["--overhead-hz", "0.5, 3"]).unwrap().overhead_hz, Frequencies(vec![0.5, 3.0]));
+        let e = parse(&["--overhead-hz", "1,x"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+        let a = parse(&["--overhead-hz", "0"]).unwrap();
+        assert!(matches!(a.check(), Err(WebfarmError::Invalid(_))), "zero is refused by the checks");
     }
 
     #[test]

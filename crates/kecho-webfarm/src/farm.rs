@@ -20,15 +20,15 @@ use kecho::{Attrs, Channel, Node, SinkOptions, Source};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::alloc::{LeastLoaded, PowerOfTwo};
-use crate::error::{LbError, Result};
-use crate::hedge::{AdaptiveThreshold, Budget, Claim, ClaimResult, ClaimTable};
-use crate::load::{
+use kecho_lb::alloc::{LeastLoaded, PowerOfTwo};
+use kecho_lb::hedge::{AdaptiveThreshold, Budget, Claim, ClaimResult, ClaimTable};
+use kecho_lb::load::{
     LoadListener, LoadMonitor, LoadProbe, LoadReport, LoadSample, LoadTable, LoadWeights, MonitorConfig, ReportPolicy,
     RequestCounters, ServerId, SharedTable,
 };
-use crate::mechanism::{int, now, until, FirstResponse, LoadAwareFilter, LocalLoads, Placements, RequestMsg, Timed};
-use crate::overhead::{Overhead, OverheadSnapshot};
+use kecho_lb::mechanism::{int, now, FirstResponse, LoadAwareFilter, LocalLoads, Placements, RequestMsg, Timed};
+use kecho_lb::overhead::{Overhead, OverheadSnapshot};
+use kecho_lb::{LbError, Result};
 
 /// How the farm distributes requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -859,7 +859,7 @@ impl Farm {
             Mode::Kecho { n } | Mode::Cancel { n } => n,
             _ => 1,
         };
-        let filter = |alloc: Box<dyn crate::alloc::Allocator>| {
+        let filter = |alloc: Box<dyn kecho_lb::alloc::Allocator>| {
             let f = LoadAwareFilter::new(server.table.clone(), alloc, Some(id))
                 .placements(server.placements.clone())
                 .overhead(server.overhead.clone());
@@ -1013,4 +1013,16 @@ impl Farm {
             n.kill();
         }
     }
+}
+
+/// Waits for `cond` to hold, polling every 2 ms, at most `limit` (tokio's clock).
+pub(crate) async fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
 }

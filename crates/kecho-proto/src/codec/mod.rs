@@ -11,7 +11,13 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::access::{Policy, Roles, Token};
+use crate::snapshot::NodeSnapshot;
 use crate::types::*;
+
+mod registry;
+
+// The registry's messages carry these; they are named from here like every other message field.
+pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
 pub const PROTOCOL_VERSION: u16 = 4;
@@ -138,92 +144,6 @@ pub struct PeerEntry {
     pub addr: String,
     /// Its members in the channel.
     pub snapshot: NodeSnapshot,
-}
-
-/// What a registry claim asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClaimMode {
-    /// Create the entry; fails if a live entry with this name exists.
-    Create,
-    /// Renew the caller's lease (re-creating the entry if the registry forgot it, e.g. after a restart); fails if
-    /// another node holds the contact role.
-    Renew,
-    /// Take over the contact role from `old`, which has left or died; fails if the holder is not `old`.
-    Takeover(NodeId),
-}
-
-/// A registry entry as the registry reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RegEntry {
-    /// Channel name.
-    pub name: String,
-    /// Channel id.
-    pub channel: ChannelId,
-    /// The node that holds the contact role.
-    pub contact: NodeId,
-    /// Its address.
-    pub addr: String,
-    /// Sources in the channel, as last reported by the contact.
-    pub sources: u32,
-    /// Sinks in the channel, as last reported by the contact.
-    pub sinks: u32,
-    /// Milliseconds until the lease expires.
-    pub expires_in_ms: u64,
-}
-
-/// Error codes in registry replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RegErrorCode {
-    /// No live entry with that name.
-    UnknownChannel,
-    /// A live entry with that name exists already.
-    Exists,
-    /// The caller does not hold the contact role (or the expected holder changed).
-    NotContact,
-    /// The request was invalid.
-    Invalid,
-    /// Any other code.
-    Other(u8),
-}
-
-impl RegErrorCode {
-    fn to_u8(self) -> u8 {
-        match self {
-            RegErrorCode::UnknownChannel => 1,
-            RegErrorCode::Exists => 2,
-            RegErrorCode::NotContact => 3,
-            RegErrorCode::Invalid => 4,
-            RegErrorCode::Other(c) => c,
-        }
-    }
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => RegErrorCode::UnknownChannel,
-            2 => RegErrorCode::Exists,
-            3 => RegErrorCode::NotContact,
-            4 => RegErrorCode::Invalid,
-            c => RegErrorCode::Other(c),
-        }
-    }
-}
-
-/// A registry reply body.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RegResult {
-    /// Done, nothing to report.
-    Ok,
-    /// One entry.
-    Entry(RegEntry),
-    /// A listing.
-    Entries(Vec<RegEntry>),
-    /// Refused.
-    Error {
-        /// Why.
-        code: RegErrorCode,
-        /// For humans.
-        message: String,
-    },
 }
 
 /// Where a sandboxed filter runs.

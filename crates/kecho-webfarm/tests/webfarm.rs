@@ -1,6 +1,6 @@
 //! `kecho webfarm` in small, as CI runs it: a tiny sweep at a strong time scale, with plots.
 
-use kecho_lb::webfarm::{report, sweep, write_outputs, WebfarmArgs};
+use kecho_webfarm::webfarm::{report, sweep, write_outputs, Frequencies, WebfarmArgs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_sweep_runs_and_reports() {
@@ -11,7 +11,7 @@ async fn a_tiny_sweep_runs_and_reports() {
         duration: 4.0,
         time_scale: 20.0,
         modes: vec!["none".into(), "kecho:1".into(), "kecho:2".into(), "hedge".into(), "rr".into()],
-        overhead_hz: vec![1.0, 4.0],
+        overhead_hz: Frequencies(vec![1.0, 4.0]),
         overhead_rate: 15.0,
         out: Some(dir.clone()),
         ..WebfarmArgs::default()
@@ -70,5 +70,5 @@ async fn the_command_line_runs_a_tiny_sweep_of_the_front_ends() {
     for r in s.results.iter().filter(|r| r.mode != "ideal") {
         assert_eq!(r.timeouts, 0, "{} at 40 % load: {r:?}", r.mode);
     }
-    kecho_lb::run_webfarm(cli.args).await.unwrap();
+    kecho_webfarm::run_webfarm(cli.args).await.unwrap();
 }

@@ -1,0 +1,370 @@
+//! Inspection and configuration agents over kecho channels, after 2K's mobile configuration agents (section 3.2).
+//!
+//! 2K sends an agent along a route through the ORBs; kecho fans out instead of walking a chain: the inspector submits
+//! one request on the agents' channel, kecho delivers it to every agent node at once, and each answers on the reply
+//! channel. A *configuration* request carries a component (an artifact's bytes): each node verifies it against its
+//! digest, keeps it in its repository store, and answers. The baseline is 2K's "conventional point-to-point
+//! approach": one request per node, one after another, each on that node's own channel.
+//!
+//! Requests travel as raw kecho events: the id, the asker and the digest as event attributes, a component's bytes as
+//! the payload (no JSON, no base64: the source encodes the frame once and kecho sends it to every node). Replies are
+//! small JSON events.
+//!
+//! The node report here is what a node knows without the resources crate: its name, kecho's version, CPUs, memory,
+//! load and the artifacts it holds. Selecting nodes (`--where`) and sandboxed WebAssembly inspection modules wait for
+//! the agents of the resources crate.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kecho::{Attrs, Event, Node, RecvError, Sink, SinkOptions, Source, TypedSink, TypedSource, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::repo::{Digest, Store};
+
+/// The prefix of the agents' channel names in a kecho deployment (tests and separate clusters sharing a registry use
+/// their own).
+pub const DEFAULT_PREFIX: &str = "kecho";
+/// The event type of an inspection request.
+pub const INSPECT_TYPE: &str = "agent.inspect";
+/// The event type of a configuration request (the component is the payload).
+pub const LOAD_TYPE: &str = "agent.load";
+/// The event type of a reply.
+pub const REPLY_TYPE: &str = "agent.reply";
+
+/// The channel every agent node listens on for requests: `PREFIX.agents`.
+pub fn agents_channel(prefix: &str) -> String {
+    format!("{prefix}.agents")
+}
+
+/// The channel agents answer on: `PREFIX.agents.replies`.
+pub fn replies_channel(prefix: &str) -> String {
+    format!("{prefix}.agents.replies")
+}
+
+/// The channel of one agent node, for point-to-point requests: `PREFIX.agent.NAME`.
+pub fn node_channel(prefix: &str, name: &str) -> String {
+    format!("{prefix}.agent.{name}")
+}
+
+/// A request to agent nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum AgentRequest {
+    /// Report this node's state.
+    Inspect {
+        /// Matches the replies to the request.
+        id: u64,
+        /// Who asks (logged).
+        by: String,
+    },
+    /// Keep this component in the repository store.
+    Load {
+        /// Matches the replies to the request.
+        id: u64,
+        /// Who asks (logged).
+        by: String,
+        /// The component's digest; bytes that do not match are refused.
+        digest: Digest,
+        /// The component.
+        #[serde(with = "crate::wire::b64")]
+        bytes: Vec<u8>,
+    },
+}
+
+impl AgentRequest {
+    /// The request's id.
+    pub fn id(&self) -> u64 {
+        match self {
+            AgentRequest::Inspect { id, .. } | AgentRequest::Load { id, .. } => *id,
+        }
+    }
+
+    /// Submits the request on a source as a raw event.
+    pub async fn submit(&self, source: &mut Source) -> Result<(), InspectError> {
+        match self {
+            AgentRequest::Inspect { id, by } => {
+                let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
+                source.submit(INSPECT_TYPE, &attrs, &[]).await?;
+            }
+            AgentRequest::Load { id, by, digest, bytes } => {
+                let attrs =
+                    Attrs::default().with("id", *id as i64).with("by", by.as_str()).with("digest", digest.to_string());
+                source.submit(LOAD_TYPE, &attrs, bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a request from an event; `None` (with the reason logged) when it is not one.
+    pub fn from_event(event: &Event) -> Option<AgentRequest> {
+        let attrs = event.attrs();
+        let id = match attrs.get("id") {
+            Some(Value::Int(i)) if *i >= 0 => *i as u64,
+            _ => {
+                tracing::warn!(ty = event.ty(), "an agent request without an id");
+                return None;
+            }
+        };
+        let by = match attrs.get("by") {
+            Some(Value::Str(s)) => s.clone(),
+            _ => String::from("?"),
+        };
+        match event.ty() {
+            INSPECT_TYPE => Some(AgentRequest::Inspect { id, by }),
+            LOAD_TYPE => {
+                let digest = match attrs.get("digest") {
+                    Some(Value::Str(s)) => s.parse().ok()?,
+                    _ => return None,
+                };
+                Some(AgentRequest::Load { id, by, digest, bytes: event.payload().to_vec() })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReply {
+    /// The request answered.
+    pub id: u64,
+    /// The node.
+    pub node: String,
+    /// What it found or did, or why it could not.
+    pub outcome: Result<Outcome, String>,
+}
+
+/// What a node did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Its report.
+    Report(NodeReport),
+    /// The component is in its store.
+    Loaded {
+        /// The component's digest.
+        digest: Digest,
+    },
+}
+
+/// What an inspection reports about a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The node's name.
+    pub name: String,
+    /// kecho's version on the node.
+    pub version: String,
+    /// CPUs available to it.
+    pub cpus: usize,
+    /// Total memory, bytes (0 when unknown).
+    pub mem_total: u64,
+    /// The one-minute load average (0 when unknown).
+    pub load1: f64,
+    /// The artifacts in its repository store.
+    pub artifacts: Vec<Digest>,
+}
+
+/// Why an inspection failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InspectError {
+    /// A kecho operation failed.
+    #[error(transparent)]
+    Kecho(#[from] kecho::Error),
+    /// Not every expected node answered in time.
+    #[error("{got} of {expected} node(s) answered within {timeout:?}")]
+    Incomplete {
+        /// Answers received.
+        got: usize,
+        /// Answers expected.
+        expected: usize,
+        /// The time allowed.
+        timeout: Duration,
+    },
+}
+
+/// Serves inspection and configuration requests on a node until the returned task is aborted.
+pub async fn serve(
+    node: &Node,
+    prefix: &str,
+    name: String,
+    store: Store,
+) -> Result<tokio::task::JoinHandle<()>, InspectError> {
+    let agents = node.channel(&agents_channel(prefix)).await?;
+    let own = node.channel(&node_channel(prefix, &name)).await?;
+    let replies = node.channel(&replies_channel(prefix)).await?;
+    let mut fanout: Sink = agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
+    let mut direct: Sink = own.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
+    let mut out: TypedSource<AgentReply> = replies.typed_source(REPLY_TYPE)?;
+    Ok(tokio::spawn(async move {
+        // The channels must live as long as the loop.
+        let _keep = (agents, own, replies);
+        loop {
+            let event = tokio::select! {
+                e = fanout.recv() => e,
+                e = direct.recv() => e,
+            };
+            let event = match event {
+                Ok(e) => e,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(node = %name, missed = n, "agent requests missed");
+                    continue;
+                }
+                // Closed, or a kind of error this loop does not know: the sink is done.
+                Err(_) => break,
+            };
+            let Some(request) = AgentRequest::from_event(&event) else { continue };
+            let reply = answer(&name, &store, request);
+            if out.submit(&reply, &Attrs::default()).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+fn answer(name: &str, store: &Store, request: AgentRequest) -> AgentReply {
+    match request {
+        AgentRequest::Inspect { id, by } => {
+            tracing::info!(who = %by, action = "inspect", "audit");
+            AgentReply { id, node: name.to_string(), outcome: Ok(Outcome::Report(report(name, store))) }
+        }
+        AgentRequest::Load { id, by, digest, bytes } => {
+            tracing::info!(who = %by, action = "configure", %digest, "audit");
+            let outcome =
+                store.put_expecting(&digest, &bytes).map(|()| Outcome::Loaded { digest }).map_err(|e| e.to_string());
+            AgentReply { id, node: name.to_string(), outcome }
+        }
+    }
+}
+
+fn report(name: &str, store: &Store) -> NodeReport {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_total = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024);
+    let load1 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    NodeReport {
+        name: name.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        mem_total,
+        load1,
+        artifacts: store.list().unwrap_or_default(),
+    }
+}
+
+/// Sends requests to agent nodes and gathers their answers.
+#[derive(Debug)]
+pub struct Inspector {
+    who: String,
+    next_id: u64,
+    requests: Source,
+    replies: TypedSink<AgentReply>,
+    _channels: (kecho::Channel, kecho::Channel),
+}
+
+impl Inspector {
+    /// An inspector on `node` for the agents under `prefix`, waiting up to `timeout` until `nodes` agent nodes listen.
+    pub async fn new(
+        node: &Node,
+        prefix: &str,
+        who: &str,
+        nodes: usize,
+        timeout: Duration,
+    ) -> Result<Inspector, InspectError> {
+        let agents = node.channel(&agents_channel(prefix)).await?;
+        let replies_ch = node.channel(&replies_channel(prefix)).await?;
+        let replies = replies_ch.typed_sink(REPLY_TYPE, SinkOptions::new().types([REPLY_TYPE]))?;
+        let requests = agents.source()?;
+        agents.wait_for_sinks(nodes, timeout).await?;
+        Ok(Inspector { who: who.to_string(), next_id: 1, requests, replies, _channels: (agents, replies_ch) })
+    }
+
+    /// Inspects every agent node at once; waits for `expect` reports.
+    pub async fn inspect(&mut self, expect: usize, timeout: Duration) -> Result<Vec<AgentReply>, InspectError> {
+        let id = self.id();
+        AgentRequest::Inspect { id, by: self.who.clone() }.submit(&mut self.requests).await?;
+        self.gather(id, expect, timeout).await
+    }
+
+    /// Loads a component onto every agent node at once; waits for `expect` answers.
+    pub async fn configure(
+        &mut self,
+        bytes: &[u8],
+        expect: usize,
+        timeout: Duration,
+    ) -> Result<Vec<AgentReply>, InspectError> {
+        let id = self.id();
+        let request = AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() };
+        request.submit(&mut self.requests).await?;
+        self.gather(id, expect, timeout).await
+    }
+
+    /// The baseline: the same request to each node in turn on its own channel, waiting for each answer before the
+    /// next (`targets` are sources opened with [`Inspector::direct`]).
+    pub async fn one_by_one(
+        &mut self,
+        targets: &mut [Source],
+        load: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<AgentReply>, InspectError> {
+        let mut all = Vec::with_capacity(targets.len());
+        for target in targets.iter_mut() {
+            let id = self.id();
+            let request = match load {
+                Some(bytes) => {
+                    AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() }
+                }
+                None => AgentRequest::Inspect { id, by: self.who.clone() },
+            };
+            request.submit(target).await?;
+            all.extend(self.gather(id, 1, timeout).await?);
+        }
+        Ok(all)
+    }
+
+    /// A source on one node's own channel, for [`Inspector::one_by_one`]; waits until that node listens.
+    pub async fn direct(
+        node: &Node,
+        prefix: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(kecho::Channel, Source), InspectError> {
+        let ch = node.channel(&node_channel(prefix, name)).await?;
+        let src = ch.source()?;
+        ch.wait_for_sinks(1, timeout).await?;
+        Ok((ch, src))
+    }
+
+    fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Waits for `expect` answers (from distinct nodes) to request `id`.
+    pub async fn gather(&mut self, id: u64, expect: usize, timeout: Duration) -> Result<Vec<AgentReply>, InspectError> {
+        let mut got = Vec::with_capacity(expect);
+        let mut nodes = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while got.len() < expect {
+            match tokio::time::timeout_at(deadline, self.replies.recv()).await {
+                Ok(Ok(reply)) if reply.value.id == id && nodes.insert(reply.value.node.clone()) => {
+                    got.push(reply.value)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(InspectError::Incomplete { got: got.len(), expected: expect, timeout }),
+            }
+        }
+        Ok(got)
+    }
+}

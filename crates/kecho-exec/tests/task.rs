@@ -1,0 +1,264 @@
+//! Task supervision with real short processes (`sh -c ...`), every wait bounded.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho_exec::place::AgentName;
+use kecho_exec::task::{
+    CgroupTree, Confinement, Limits, OutputChunk, Stream, Supervisor, Task, TaskError, TaskExit, TaskId, TaskSpec,
+};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+fn supervisor(dir: &Path, confinement: Confinement) -> Supervisor {
+    Supervisor::new(AgentName("agent-7".into()), dir.join("state"), confinement)
+}
+
+fn rlimits() -> Confinement {
+    Confinement::Rlimits { reason: "test".into() }
+}
+
+fn spec(id: &str, script: &str) -> TaskSpec {
+    TaskSpec {
+        id: TaskId(id.into()),
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![],
+        kecho_env: vec![],
+        limits: Limits::default(),
+        state: None,
+    }
+}
+
+/// Collects all output (until both pipes close) and the exit, within the bound.
+async fn check(task: Task) -> Result<(Vec<u8>, Vec<u8>, Vec<OutputChunk>, TaskExit)> {
+    let Task { mut output, control, .. } = task;
+    tokio::time::timeout(BOUND, async move {
+        let mut chunks = Vec::new();
+        while let Some(c) = output.recv().await {
+            chunks.push(c);
+        }
+        let exit = control.wait().await;
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.seq, i as u64, "sequence numbers are contiguous and in order");
+            assert!(!c.data.is_empty() && c.data.len() <= kecho_exec::task::MAX_CHUNK);
+            match c.stream {
+                Stream::Stdout => out.extend_from_slice(&c.data),
+                Stream::Stderr => err.extend_from_slice(&c.data),
+            }
+        }
+        (out, err, chunks, exit)
+    })
+    .await
+    .context("task did not finish in time")
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has ended; only a process in any other state is alive.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn environment_output_and_exit_code() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let mut s = spec(
+        "t1",
+        "echo \"$KECHO_AGENT $KECHO_TASK $FOO $KECHO_APP\"; echo oops >&2; test -n \"$KECHO_STATE\" && exit 3",
+    );
+    s.env.push(("FOO".into(), "bar baz".into()));
+    s.kecho_env.push(("KECHO_APP".into(), "shop".into()));
+    let task = sup.spawn(s).await?;
+    assert_eq!(task.limits.mechanism, "none");
+    let (out, err, _, exit) = check(task).await?;
+    assert_eq!(String::from_utf8(out)?, "agent-7 t1 bar baz shop\n");
+    assert_eq!(String::from_utf8(err)?, "oops\n");
+    assert_eq!(exit, TaskExit { code: 3, signal: None });
+    Ok(())
+}
+
+#[tokio::test]
+async fn signal_death_is_128_plus_n_and_missing_command_is_127() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let (_, _, _, exit) = check(sup.spawn(spec("t2", "kill -KILL $$")).await?).await?;
+    assert_eq!(exit, TaskExit { code: 137, signal: Some(9) });
+    let mut missing = spec("t3", "");
+    missing.argv = vec!["/nonexistent/kecho-no-such-program".into()];
+    let (_, err, _, exit) = check(sup.spawn(missing).await?).await?;
+    assert_eq!(exit.code, 127, "stderr: {}", String::from_utf8_lossy(&err));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lot_of_output_arrives_whole_and_in_order() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let (out, _, chunks, exit) =
+        check(sup.spawn(spec("t4", "i=0; while [ $i -lt 20000 ]; do echo $i; i=$((i+1)); done")).await?).await?;
+    assert!(exit.success());
+    let expected: String = (0..20000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(String::from_utf8(out)?, expected);
+    assert!(chunks.len() > 1, "more than one chunk for {} bytes", expected.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_kills_the_process_group_including_children_that_ignore_sigterm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    // The child ignores SIGTERM and its own child (sleep) inherits that; SIGKILL after the grace must end both.
+    let mut task = sup.spawn(spec("t5", "trap '' TERM; sleep 300 & echo $!; wait")).await?;
+    let first = tokio::time::timeout(BOUND, task.output.recv()).await?.context("no output")?;
+    let grandchild: i32 = String::from_utf8(first.data)?.trim().parse()?;
+    assert!(alive(grandchild));
+    let exit = tokio::time::timeout(BOUND, task.control.stop(Duration::from_millis(200))).await?;
+    assert_eq!(exit, TaskExit { code: 137, signal: Some(9) }, "the leader ignored SIGTERM, so SIGKILL ended it");
+    tokio::time::timeout(BOUND, async {
+        while alive(grandchild) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the task's child survived the stop")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_with_sigterm_ends_a_cooperative_task_and_its_children() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let mut task = sup.spawn(spec("t6", "sleep 300 & echo $!; wait")).await?;
+    let first = tokio::time::timeout(BOUND, task.output.recv()).await?.context("no output")?;
+    let grandchild: i32 = String::from_utf8(first.data)?.trim().parse()?;
+    let exit = tokio::time::timeout(BOUND, task.control.stop(Duration::from_secs(10))).await?;
+    assert_eq!(exit, TaskExit { code: 143, signal: Some(15) });
+    tokio::time::timeout(BOUND, async {
+        while alive(grandchild) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the task's child survived the stop")?;
+    // Stopping an ended task is harmless and reports the same exit.
+    assert_eq!(task.control.stop(Duration::from_millis(10)).await, exit);
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_outlives_the_task() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    // The leader exits at once, leaving a background child that would run for minutes.
+    let (out, _, _, exit) = check(sup.spawn(spec("t10", "sleep 300 & echo $!")).await?).await?;
+    assert!(exit.success());
+    let orphan: i32 = String::from_utf8(out)?.trim().parse()?;
+    tokio::time::timeout(BOUND, async {
+        while alive(orphan) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("a child outlived its task")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn checkpoint_is_handed_in_and_read_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let mut s = spec("t7", "cat \"$KECHO_STATE\"; printf 'step 2' > \"$KECHO_STATE\"");
+    s.state = Some(b"step 1".to_vec());
+    let task = sup.spawn(s).await?;
+    let control = task.control.clone();
+    let (out, _, _, exit) = check(task).await?;
+    assert!(exit.success());
+    assert_eq!(out, b"step 1", "a restarted task starts from its last state");
+    assert_eq!(control.checkpoint().await?, Some(b"step 2".to_vec()));
+    // A fresh task has no state: an old file is not left for it.
+    let task = sup.spawn(spec("t7", "test -e \"$KECHO_STATE\" && echo stale; exit 0")).await?;
+    let control = task.control.clone();
+    let (out, _, _, _) = check(task).await?;
+    assert!(out.is_empty());
+    assert_eq!(control.checkpoint().await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rlimits_apply_before_the_command_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let mut s = spec("t8", "grep 'Max address space' /proc/self/limits");
+    s.limits = Limits { cpus: Some(0.5), mem: Some(512 << 20) };
+    let task = sup.spawn(s).await?;
+    assert_eq!(task.limits.mechanism, "rlimit");
+    assert_eq!(task.limits.applied, vec![format!("RLIMIT_AS={}", 512u64 << 20)]);
+    assert_eq!(task.limits.not_enforced.len(), 1, "a CPU share is reported as not enforced");
+    let (out, _, _, exit) = check(task).await?;
+    assert!(exit.success());
+    let line = String::from_utf8(out)?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], [(512u64 << 20).to_string(), (512u64 << 20).to_string()], "{line}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cgroup_limits_are_written_and_the_task_joins_before_it_runs() -> Result<()> {
+    // A plain directory stands in for a delegated cgroup v2 subtree: the agent writes the same files.
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cg");
+    std::fs::create_dir(&root)?;
+    let tree = CgroupTree { root: root.clone(), controllers: BTreeSet::from(["memory".into(), "cpu".into()]) };
+    let sup = supervisor(dir.path(), Confinement::Cgroup(tree));
+    let mut s = spec("job:9", "echo $$");
+    s.limits = Limits { cpus: Some(1.5), mem: Some(1 << 30) };
+    let task = sup.spawn(s).await?;
+    let cg = task.limits.cgroup.clone().context("no cgroup")?;
+    assert_eq!(cg, root.join("kecho-task-job_9"));
+    assert_eq!(task.limits.mechanism, "cgroup");
+    let pid = task.control.pid();
+    let (out, _, _, exit) = check(task).await?;
+    assert!(exit.success());
+    assert_eq!(String::from_utf8(out)?.trim(), pid.to_string(), "the command runs as the confined pid");
+    assert_eq!(std::fs::read_to_string(cg.join("memory.max"))?, (1u64 << 30).to_string());
+    assert_eq!(std::fs::read_to_string(cg.join("cpu.max"))?, "150000 100000");
+    assert_eq!(std::fs::read_to_string(cg.join("cgroup.procs"))?, pid.to_string());
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor(dir.path(), rlimits());
+    let mut reserved = spec("t9", "true");
+    reserved.env.push(("KECHO_TASK".into(), "forged".into()));
+    let mut empty = spec("t9", "true");
+    empty.argv.clear();
+    let traversal = spec("../x", "true");
+    let mut forged = spec("t9", "true");
+    forged.kecho_env.push(("KECHO_AGENT".into(), "someone-else".into()));
+    let mut not_kecho = spec("t9", "true");
+    not_kecho.kecho_env.push(("PATH".into(), "/tmp".into()));
+    for bad in [reserved, empty, traversal, forged, not_kecho] {
+        match sup.spawn(bad).await {
+            Err(TaskError::Invalid(_)) => {}
+            other => bail!("not refused: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn confinement_on_a_plain_directory_falls_back_to_rlimits_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    match Confinement::detect(Some(dir.path())) {
+        Confinement::Rlimits { reason } => assert!(reason.contains("not a cgroup v2 directory"), "{reason}"),
+        other => panic!("a plain directory accepted as a cgroup: {other:?}"),
+    }
+}

@@ -1,0 +1,30 @@
+//! What one node contributes to one channel: its members and its credential, versioned by the node.
+
+use std::sync::Arc;
+
+use crate::credential::Token;
+use crate::types::{MemberInfo, Role};
+
+/// Everything one node contributes to one channel: its members, versioned so that a newer snapshot replaces an older
+/// one whatever the order of arrival.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct NodeSnapshot {
+    /// Increases by one with every change the node makes to its membership in this channel.
+    pub version: u64,
+    /// The node's members; empty when it has left.
+    pub members: Vec<MemberInfo>,
+    /// The node's credential in the channel, for channels with an access policy (see [`crate::access`]).
+    pub token: Option<Arc<Token>>,
+}
+
+impl NodeSnapshot {
+    /// Number of sinks.
+    pub fn sinks(&self) -> usize {
+        self.members.iter().filter(|m| matches!(m.role, Role::Sink { .. })).count()
+    }
+
+    /// Number of sources.
+    pub fn sources(&self) -> usize {
+        self.members.iter().filter(|m| matches!(m.role, Role::Source)).count()
+    }
+}
