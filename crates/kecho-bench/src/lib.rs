@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+mod balance;
 mod channel_ops;
 mod child;
 mod filters;
@@ -113,6 +114,8 @@ pub enum Workload {
     /// Resource management: placement latency, rate, overcommit and quality against central allocators (not in
     /// `all`; see docs/RESOURCES.md).
     Resources,
+    /// HTTP load balancing (`kecho balance`) against a plain round-robin proxy (not part of `all`).
+    Balance,
 }
 
 impl Workload {
@@ -144,6 +147,7 @@ impl Workload {
             Workload::Memory => "memory",
             Workload::Flows => "flows",
             Workload::Resources => "resources",
+            Workload::Balance => "balance",
         }
     }
 }
@@ -207,5 +211,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Memory => memory::run(args),
         Workload::Flows => flows::run(args),
         Workload::Resources => resources::run(args),
+        Workload::Balance => balance::run(args),
     }
 }

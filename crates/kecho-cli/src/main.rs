@@ -4,12 +4,14 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod access;
 mod attrs;
 mod commands;
+mod config;
 mod node_args;
+mod observe;
 mod secrets;
 
 use commands::*;
@@ -20,6 +22,9 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. info or kecho=debug.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// A TOML file of flag values (keys are long flag names; [commands.NAME] tables for one command); flags override it.
+    #[arg(long, global = true, value_name = "FILE", env = "KECHO_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -67,6 +72,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: flow::Args,
     },
+    /// A live terminal view of the registry's channels, their members, event rates, drops and links (q quits).
+    Top(top::Args),
+    /// Serve a web page of the cluster: channels, members, rates, drops and links, updated live.
+    Ui(ui::Args),
+    /// An HTTP load balancer over servers given by URL or discovered from a channel's members (rr, p2c, jsq,
+    /// hash:HEADER, kecho:N; proxy or --redirect; cookie affinity).
+    Balance(balance::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::Args),
+    /// Print the manual page (or write one per command with --out DIR).
+    Man(man::Args),
     /// Reproduce KECho's web-farm experiment (section 5.4), extended: balancing modes, the ideal queue, plots.
     Webfarm(webfarm::Args),
     /// Run a resource agent for this host: measure it, publish its attributes, admit and hold reservations.
@@ -98,11 +114,22 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Resources(a) => resources::run(a).await,
         Cmd::Reserve(a) => reserve::run(a).await,
         Cmd::Release(a) => release::run(a).await,
+        Cmd::Top(a) => top::run(a).await,
+        Cmd::Balance(a) => balance::run(a).await,
+        Cmd::Completions(a) => completions::run(a, Cli::command()),
+        Cmd::Man(a) => man::run(a, Cli::command()),
+        Cmd::Ui(a) => ui::run(a).await,
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("kecho: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
@@ -124,6 +151,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, over the config file's values if there is one.
+fn parse() -> Result<Cli> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(file) = config::path(&args) {
+        cmd = config::apply(cmd, &file)?;
+    }
+    let matches = cmd.get_matches_from(args);
+    Ok(Cli::from_arg_matches(&matches).map_err(|e| e.exit()).unwrap_or_else(|never| never))
 }
 
 /// The error and its causes on one line.

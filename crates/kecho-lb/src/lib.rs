@@ -8,6 +8,8 @@
 //! - [`hedge`]: the adaptive hedging threshold, the budget of extra requests and the claim rule of cancel events.
 //! - [`mechanism`]: KECho's mechanism on a data channel: the load-aware OUT-filter and the event formats; the
 //!   IN-filter is `FirstResponse` (kecho's `Dedupe` on tokio's clock).
+//! - [`balance`]: a load balancer to run (`kecho balance`): a front end over a pool given by URL or discovered
+//!   from a channel's sinks, health from channel membership.
 //! - [`http`]: dispatchers over HTTP: the front end (proxy or redirect, with affinity), cooperating servers and
 //!   the smart client.
 //! - [`overhead`]: counters of the time spent on load balancing (monitoring, handling reports, filtering,
@@ -19,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod balance;
 pub mod error;
 pub mod hedge;
 pub mod http;

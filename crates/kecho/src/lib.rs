@@ -40,9 +40,9 @@ pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
-pub use kecho_proto::{Attrs, Overflow, TypeFilter, Value};
+pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use node::{Node, NodeBuilder};
+pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 #[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};

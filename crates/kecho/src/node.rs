@@ -13,6 +13,7 @@ use crate::channel::{Channel, Channels, NodeGuard};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::link::dial::accept_loop;
+pub use crate::link::LinkStats;
 
 /// Configures and starts a [`Node`]: the one way to set a node up. Every setting has a default (see each method), so
 /// `Node::builder().start()` is a node on loopback with the in-process registry.
@@ -207,6 +208,16 @@ impl Node {
     /// Open links to other nodes. There is at most one per pair of nodes, whatever the number of shared channels.
     pub fn links(&self) -> usize {
         self.channels.links.up()
+    }
+
+    /// Counters of every link this node has had (up or not), one entry per other node, in no particular order.
+    pub fn link_stats(&self) -> Vec<LinkStats> {
+        self.channels.links.stats()
+    }
+
+    /// Handles on the channels this node has open, in no particular order.
+    pub fn channels(&self) -> Vec<Channel> {
+        self.channels.ready().into_iter().map(|c| Channel::new(c, self.guard.clone())).collect()
     }
 
     /// The registry this node uses.

@@ -2,18 +2,23 @@
 
 pub mod agent;
 pub mod authority;
+pub mod balance;
 pub mod bench;
 pub mod certs;
 pub mod channels;
+pub mod completions;
 pub mod demo;
 pub mod filter;
 pub mod flow;
 pub mod grant;
 pub mod identity;
+pub mod man;
 pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod reserve;
 pub mod resources;
 pub mod sub;
+pub mod top;
+pub mod ui;
 pub mod webfarm;

@@ -45,8 +45,14 @@ pub struct Args {
     /// Fail if the channel does not exist instead of creating it.
     #[arg(long)]
     existing: bool,
+    /// Add the attribute kecho.sent_us (the submit time, microseconds since the Unix epoch) to every event, so that
+    /// sinks with --metrics measure delivery latency (across hosts, as exact as their clocks agree).
+    #[arg(long)]
+    stamp: bool,
     #[command(flatten)]
     node: NodeArgs,
+    #[command(flatten)]
+    observe: crate::observe::ObserveArgs,
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -67,9 +73,11 @@ pub async fn run(a: Args) -> Result<()> {
         None => None,
     };
     let node = node(&a.reg, &a.node, Some(a.timeout)).await?;
+    let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
     let mut src = ch.source()?;
+    let mut attrs = attrs;
     if let Some(sel) = selector {
         src.set_out_filter(Some(sel));
     }
@@ -91,6 +99,9 @@ pub async fn run(a: Args) -> Result<()> {
             if let Some(t) = ticker.as_mut() {
                 t.tick().await;
             }
+            if a.stamp {
+                kecho_metrics::stamp(&mut attrs);
+            }
             src.submit(&a.ty, &attrs, line.as_bytes()).await?;
             sent += 1;
         }
@@ -105,12 +116,16 @@ pub async fn run(a: Args) -> Result<()> {
             if let Some(t) = ticker.as_mut() {
                 t.tick().await;
             }
+            if a.stamp {
+                kecho_metrics::stamp(&mut attrs);
+            }
             src.submit(&a.ty, &attrs, &payload).await?;
             sent += 1;
         }
     }
     let stats = ch.stats();
     drop(src);
+    drop(observer);
     node.shutdown().await;
     eprintln!("kecho: published {sent} event(s) ({} frame(s) sent, {} dropped)", stats.sent, stats.dropped);
     Ok(())

@@ -10,6 +10,8 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = DEFAULT_REGISTRY)]
     listen: String,
+    #[command(flatten)]
+    metrics: crate::observe::MetricsArg,
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -17,6 +19,11 @@ pub async fn run(a: Args) -> Result<()> {
     let addr = parse_addr("listen", listen)?;
     let server = RegistryServer::bind(addr).await?;
     eprintln!("kecho registry listening on {}", server.local_addr());
+    // The registry's metrics come from listing it through its own port, as any client would.
+    let mut registry = crate::observe::prometheus_client_registry::Registry::default();
+    let client = kecho::RegistryClient::remote(server.local_addr());
+    let _collector = kecho_metrics::register_registry(&mut registry, client, crate::observe::REPORT_EVERY);
+    let _metrics = a.metrics.serve(registry).await?;
     tokio::select! {
         _ = server.run() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),

@@ -41,6 +41,8 @@ pub struct Args {
     existing: bool,
     #[command(flatten)]
     node: NodeArgs,
+    #[command(flatten)]
+    observe: crate::observe::ObserveArgs,
     /// Give up after this many seconds (default: never).
     #[arg(long)]
     timeout: Option<f64>,
@@ -80,6 +82,7 @@ pub async fn run(a: Args) -> Result<()> {
         opts = opts.filter(expr);
     }
     let node = node(&a.reg, &a.node, a.timeout).await?;
+    let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
     let mut sink = ch.sink(opts)?;
@@ -113,6 +116,9 @@ pub async fn run(a: Args) -> Result<()> {
             None => break Ok(()),
             Some(Ok(ev)) => {
                 got += 1;
+                if let Some(l) = &observer.latency {
+                    l.observe(&a.channel, &ev);
+                }
                 let line = match a.format {
                     Format::Json => attrs::event_json(&ev).to_string(),
                     Format::Text => attrs::event_text(&ev),
@@ -129,6 +135,7 @@ pub async fn run(a: Args) -> Result<()> {
     };
     drop(out);
     drop(sink);
+    drop(observer);
     node.shutdown().await;
     result
 }

@@ -199,6 +199,11 @@ impl ChannelInner {
         self.flush();
     }
 
+    /// The channel is open (not opening, failed or closed).
+    pub(crate) fn is_ready(&self) -> bool {
+        *self.status.borrow() == Status::Ready
+    }
+
     pub(crate) async fn wait_ready(&self) -> Result<()> {
         let mut rx = self.status.subscribe();
         let status = rx.wait_for(|s| *s != Status::Opening).await.map(|s| s.clone()).unwrap_or(Status::Closed);
@@ -544,6 +549,28 @@ impl Channel {
     /// Sinks present in the channel (local and remote), as this node knows it.
     pub fn sinks(&self) -> usize {
         *self.inner.sinks_present.borrow()
+    }
+
+    /// Sources present in the channel (local and remote), as this node knows it.
+    pub fn sources(&self) -> usize {
+        self.inner.state.lock().counts().0 as usize
+    }
+
+    /// The attributes of every sink present in the channel (local and remote) with the node it lives on, as this
+    /// node knows it; sinks of nodes cut off from the channel are left out.
+    pub fn sink_attrs(&self) -> Vec<(kecho_proto::NodeId, Attrs)> {
+        let routes = self.inner.routes.read().clone();
+        routes
+            .sinks
+            .iter()
+            .filter(|s| !matches!(s.dest, routes::Dest::Ghost(..)))
+            .map(|s| (s.entry.node, s.entry.attrs.clone()))
+            .collect()
+    }
+
+    /// Member nodes of the channel other than this one, as this node knows it.
+    pub fn member_nodes(&self) -> Vec<kecho_proto::NodeId> {
+        self.inner.state.lock().peers().keys().copied().collect()
     }
 
     /// Waits until at least `n` sinks are present, at most `timeout`.

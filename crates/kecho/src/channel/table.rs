@@ -38,6 +38,12 @@ pub(crate) struct Channels {
 }
 
 impl Channels {
+    /// The channels that are open (not opening, failed or closed).
+    pub(crate) fn ready(&self) -> Vec<Arc<ChannelInner>> {
+        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
+        chans.into_iter().filter(|c| c.is_ready()).collect()
+    }
+
     /// The channel table of a new node, with its links (which hand what arrives to it).
     pub(crate) fn new(
         identity: Identity,

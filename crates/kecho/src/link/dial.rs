@@ -232,6 +232,7 @@ fn start_link<H: LinkHandler, R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),

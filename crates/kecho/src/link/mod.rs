@@ -227,6 +227,29 @@ impl<H: LinkHandler> Links<H> {
         self.peers.lock().values().filter(|p| p.is_up()).count()
     }
 
+    /// Counters of every link (up or not), one entry per other node.
+    pub(crate) fn stats(&self) -> Vec<LinkStats> {
+        let peers: Vec<_> = self.peers.lock().values().cloned().collect();
+        peers
+            .iter()
+            .map(|p| {
+                let c = &p.counters;
+                LinkStats {
+                    node: p.id,
+                    addr: p.addr.lock().clone(),
+                    up: p.is_up(),
+                    event_frames: p.outbox.events(),
+                    writes: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
+                    bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
+                    bytes_received: c.bytes_received.load(Ordering::Relaxed),
+                    queued_bytes: p.outbox.queued_bytes(),
+                    connects: c.connects.load(Ordering::Relaxed),
+                    heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
     /// Sends a control message to node `to` (at `addr`), dialling if needed.
     pub(crate) fn send(self: &Arc<Self>, to: NodeId, addr: &str, msg: &Message) {
         if self.tasks.is_closed() {
@@ -313,6 +336,33 @@ struct MembershipGate {
     deferred: Vec<Message>,
 }
 
+/// Counters of one link (the TCP connection to another node, over all its connections in turn), from
+/// `Node::link_stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStats {
+    /// The other node.
+    pub node: NodeId,
+    /// The address it is dialled at.
+    pub addr: String,
+    /// A connection is up now.
+    pub up: bool,
+    /// Event frames sent on the link (written or queued), one per event whatever the number of sinks behind it.
+    pub event_frames: u64,
+    /// Writes to the socket (each carries one or more frames, events and control messages).
+    pub writes: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+    /// Bytes read.
+    pub bytes_received: u64,
+    /// Bytes queued for the link and not written yet.
+    pub queued_bytes: usize,
+    /// Connections that came up (dialled or accepted); more than one means the link was re-established.
+    pub connects: u64,
+    /// Connections declared dead because the other node fell silent for the heartbeat timeout.
+    pub heartbeat_timeouts: u64,
+}
+
 /// Another node, as this node sees it.
 pub(crate) struct Peer {
     pub(crate) id: NodeId,
@@ -324,7 +374,18 @@ pub(crate) struct Peer {
     /// Read by every submit: kept off the cache lines the link's tasks write.
     flags: PeerFlags,
     membership: Mutex<MembershipGate>,
-    frames_sent: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    /// Counters for `Node::link_stats`.
+    pub(crate) counters: LinkCounters,
+}
+
+/// A link's counters beyond `frames_sent`, read by `Node::link_stats`.
+#[derive(Default)]
+pub(crate) struct LinkCounters {
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) heartbeat_timeouts: AtomicU64,
 }
 
 /// A peer's flags that every submit reads, on a cache line of their own.
@@ -365,6 +426,7 @@ impl Peer {
                 deferred: Vec::new(),
             }),
             frames_sent: AtomicU64::new(0),
+            counters: LinkCounters::default(),
         }
     }
 

@@ -26,6 +26,8 @@ pub(crate) struct Outbox {
     sent_direct: AtomicBool,
     /// Events written directly by submitting threads, for tests and statistics.
     pub(crate) direct_writes: AtomicU64,
+    /// Bytes written directly by submitting threads, for statistics.
+    pub(crate) direct_bytes: AtomicU64,
     /// See [`DIRECT_QUIET`].
     quiet: Duration,
     /// See [`SOURCE_IDLE`].
@@ -40,6 +42,8 @@ pub(crate) struct OutQ {
     /// as one segment, with no reference count per frame and no copy by the writer.
     open: ChunkBuf,
     pub(crate) bytes: usize,
+    /// Event frames accepted (written directly or queued), for statistics.
+    events: u64,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
     writing: bool,
     /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
@@ -128,6 +132,7 @@ impl Outbox {
                 frames: VecDeque::new(),
                 open: ChunkBuf::default(),
                 bytes: 0,
+                events: 0,
                 writing: false,
                 direct: None,
                 quiet_at: None,
@@ -136,8 +141,19 @@ impl Outbox {
             writable: Notify::new(),
             sent_direct: AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
+            direct_bytes: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
         }
+    }
+
+    /// Event frames accepted so far (written directly or queued).
+    pub(crate) fn events(&self) -> u64 {
+        self.q.lock().events
+    }
+
+    /// Bytes queued and not yet written, as of the last change.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// True if an event of `len` bytes fits now (read without the lock: the answer may be out of date by the time
@@ -164,6 +180,7 @@ impl Outbox {
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
+        q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
         if written == len {
             drop(q);
@@ -194,6 +211,7 @@ impl Outbox {
         if q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
+        q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
         if written == len {
             drop(q);
@@ -234,6 +252,7 @@ impl Outbox {
             return 0;
         }
         let written = super::writer::write_now(sock, first, frame);
+        self.direct_bytes.fetch_add(written as u64, Ordering::Relaxed);
         q.quiet_at = now.checked_add(self.quiet);
         gate.wrote = true;
         written

@@ -118,6 +118,7 @@ impl<H: LinkHandler> Receiver<H> {
             match rd.read_buf(&mut buf).await {
                 Ok(0) => break LinkError::Eof,
                 Ok(n) => {
+                    self.peer.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                     busy = n == free;
                     self.live.lock().on_receive(now());
                 }

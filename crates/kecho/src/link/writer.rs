@@ -108,13 +108,17 @@ pub(super) async fn writer<H: LinkHandler>(
                             peer.outbox.push_control(Message::Ping(gen).to_bytes());
                             continue;
                         }
-                        LivenessAction::Dead => break LinkError::Heartbeat(""),
+                        LivenessAction::Dead => {
+                            peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+                            break LinkError::Heartbeat("");
+                        }
                     }
                 }
             }
         }
         peer.outbox.writable.notify_waiters();
         let n = frames.len() as u64;
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
         // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
         // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
         // declared dead.
@@ -131,6 +135,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     // Pings are not sent from here: the write in progress shows the peer we are alive once it
                     // drains, and a ping could not overtake it anyway.
                     if live.lock().poll(now()) == LivenessAction::Dead {
+                        peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
                         break Err(LinkError::Heartbeat(" while writing"));
                     }
                 }
@@ -140,6 +145,7 @@ pub(super) async fn writer<H: LinkHandler>(
             break e;
         }
         peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+        peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         live.lock().on_send(now());
     };
     tracing::debug!(peer = %peer.id, "writer stopped: {why}");

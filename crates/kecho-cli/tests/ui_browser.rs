@@ -1,0 +1,135 @@
+//! `kecho ui` in a real headless Chromium, driven over the WebDriver protocol (chromedriver): the page loads, shows
+//! a channel the test created, and updates when a member joins.
+//!
+//! Needs Debian's `chromium` and `chromium-driver`. Where they are missing the test says so and passes, except under
+//! CI (`CI` set), where it fails: .ci/run installs them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+mod support;
+use support::*;
+
+fn find(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
+}
+
+struct Driver {
+    child: Child,
+    addr: String,
+    session: Option<String>,
+    profile: PathBuf,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            let _ = http_json(&self.addr, "DELETE", &format!("/session/{s}"), &json!({}));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+impl Driver {
+    fn start(driver: &PathBuf, browser: &PathBuf) -> Result<Driver> {
+        let addr = free_port()?;
+        let port = addr.rsplit(':').next().context("port")?;
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start chromedriver")?;
+        let profile = std::env::temp_dir().join(format!("kecho-ui-test-{}", std::process::id()));
+        let mut d = Driver { child, addr, session: None, profile };
+        eventually(Duration::from_secs(20), "chromedriver", || {
+            Ok(http_json(&d.addr, "GET", "/status", &json!({})).ok().filter(|(c, _)| *c == 200))
+        })?;
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": browser,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--no-first-run",
+                         "--disable-dev-shm-usage", format!("--user-data-dir={}", d.profile.display())]
+            }
+        }}});
+        let (code, v) = http_json(&d.addr, "POST", "/session", &caps)?;
+        if code != 200 {
+            bail!("chromedriver refused the session: {v}");
+        }
+        d.session = Some(v["value"]["sessionId"].as_str().context("no session id")?.to_owned());
+        Ok(d)
+    }
+
+    fn cmd(&self, method: &str, what: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let s = self.session.as_deref().context("no session")?;
+        let (code, v) = http_json(&self.addr, method, &format!("/session/{s}/{what}"), &body)?;
+        if code != 200 {
+            bail!("{what}: {code} {v}");
+        }
+        Ok(v["value"].clone())
+    }
+
+    fn eval(&self, script: &str) -> Result<serde_json::Value> {
+        self.cmd("POST", "execute/sync", json!({"script": script, "args": []}))
+    }
+}
+
+/// The sinks cell of channel `name` in the page, if the row is there.
+fn sinks_cell(d: &Driver, name: &str) -> Result<Option<String>> {
+    let v = d.eval(&format!(
+        "const r = document.querySelector('#channels tr[data-key=\"{name}\"] td.sinks'); return r ? r.textContent : null;"
+    ))?;
+    Ok(v.as_str().map(str::to_owned))
+}
+
+#[test]
+fn the_page_shows_a_channel_and_updates_when_a_member_joins() -> Result<()> {
+    let browser = find(&["chromium", "chromium-browser", "google-chrome"]);
+    let driver = find(&["chromedriver"])
+        .or_else(|| Some(PathBuf::from("/usr/lib/chromium/chromedriver")).filter(|p| p.is_file()));
+    let (Some(browser), Some(driver)) = (browser, driver) else {
+        let why = "chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)";
+        if std::env::var_os("CI").is_some() {
+            bail!("{why}; under CI this test must run");
+        }
+        eprintln!("skipped: {why}");
+        return Ok(());
+    };
+    let reg = free_port()?;
+    let _r = registry(&reg, &[])?;
+    let ui_addr = free_port()?;
+    let mut ui = Proc::spawn("ui", &["ui", "--listen", &ui_addr, "--registry", &reg])?;
+    ui.wait_stderr("kecho ui on")?;
+    let mut first = Proc::spawn("sub", &["sub", "browsed", "--registry", &reg, "--report"])?;
+    first.wait_stderr("subscribed")?;
+
+    let d = Driver::start(&driver, &browser)?;
+    d.cmd("POST", "url", json!({"url": format!("http://{ui_addr}/")}))?;
+    let title = d.cmd("GET", "title", json!({}))?;
+    assert_eq!(title, "kecho cluster");
+    let w = Duration::from_secs(30);
+    eventually(w, "the channel with one sink on the page", || Ok(sinks_cell(&d, "browsed")?.filter(|s| s == "1")))?;
+    let updates_before = d.eval("return Number(document.body.dataset.updates || 0);")?.as_u64().unwrap_or(0);
+
+    let mut second = Proc::spawn("sub", &["sub", "browsed", "--registry", &reg, "--report"])?;
+    second.wait_stderr("subscribed")?;
+    eventually(w, "two sinks on the page, without reloading it", || {
+        Ok(sinks_cell(&d, "browsed")?.filter(|s| s == "2"))
+    })?;
+    let updates = d.eval("return Number(document.body.dataset.updates || 0);")?.as_u64().unwrap_or(0);
+    assert!(updates > updates_before, "the page was not updated live ({updates_before} -> {updates})");
+    eventually(w, "both members reporting", || {
+        let n = d.eval("return document.querySelectorAll('#members tbody tr[data-key^=\"browsed \"]').length;")?;
+        Ok(n.as_u64().filter(|n| *n == 2))
+    })?;
+    Ok(())
+}
