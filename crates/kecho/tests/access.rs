@@ -110,11 +110,21 @@ async fn a_protected_channel_lets_in_exactly_what_credentials_grant() -> Result<
     // so both are counted by the time c's and d's opens failed).
     assert_eq!(ca.sinks(), 1);
     assert!(ca.stats().denied >= 2, "{:?}", ca.stats());
-    let listed = match w.reg.request(Message::RegList { req: 0 }).await? {
-        RegResult::Entries(e) => e,
-        other => bail!("list: {other:?}"),
-    };
-    assert_eq!((listed[0].sources, listed[0].sinks), (1, 1));
+    // The registry's counts follow membership within a lease renewal (250 ms): wait for them to show a and b only.
+    // A refused node that left a trace would keep them above (1, 1), and the wait would end in a failure.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = match w.reg.request(Message::RegList { req: 0 }).await? {
+            RegResult::Entries(e) => e,
+            other => bail!("list: {other:?}"),
+        };
+        let counts = (listed[0].sources, listed[0].sinks);
+        if counts == (1, 1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the registry still counts {counts:?}, not (1, 1)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
