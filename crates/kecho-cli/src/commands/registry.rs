@@ -18,12 +18,13 @@ pub async fn run(a: Args) -> Result<()> {
     let listen = a.listen.as_str();
     let addr = parse_addr("listen", listen)?;
     let server = RegistryServer::bind(addr).await?;
-    eprintln!("kecho registry listening on {}", server.local_addr());
     // The registry's metrics come from listing it through its own port, as any client would.
     let mut registry = crate::observe::prometheus_client_registry::Registry::default();
     let client = kecho::RegistryClient::remote(server.local_addr());
     let _collector = kecho_metrics::register_registry(&mut registry, client, crate::observe::REPORT_EVERY);
     let _metrics = a.metrics.serve(registry).await?;
+    // Announced once everything it serves (the registry and its metrics) accepts connections.
+    eprintln!("kecho registry listening on {}", server.local_addr());
     tokio::select! {
         _ = server.run() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
