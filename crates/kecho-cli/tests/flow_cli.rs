@@ -102,7 +102,8 @@ fn ls_stats_and_stop_a_running_flow() -> Result<()> {
     let ls = loop {
         let out = kecho(&d, &["flow", "ls"])?;
         let s = text(&out.stdout);
-        if s.contains("running") && s.contains("100000") {
+        // The stage list shows once the flow's stages have started, which may be after its bytes are counted.
+        if s.contains("running") && s.contains("100000") && s.contains("checksum crc32") {
             break s;
         }
         if t.elapsed() > Duration::from_secs(10) {
