@@ -197,13 +197,13 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// A registry listing (or why it failed) arrived.
-    pub fn on_listing(&mut self, listing: Result<Vec<Listed>, String>) {
+    pub fn on_listing(&mut self, listing: Result<Vec<Listed>, kecho::RegistryError>) {
         match listing {
             Ok(l) => {
                 self.listed = l;
                 self.registry_error = None;
             }
-            Err(e) => self.registry_error = Some(e),
+            Err(e) => self.registry_error = Some(e.to_string()),
         }
     }
 
@@ -395,7 +395,7 @@ pub async fn watch(registry: SocketAddr, every: Duration) -> kecho::Result<tokio
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let listing = node.registry().list().await.map_err(|e| e.to_string()).map(|l| {
+                    let listing = node.registry().list().await.map(|l| {
                         l.into_iter()
                             .map(|e| Listed { name: e.name, sources: e.sources, sinks: e.sinks, contact: e.addr })
                             .collect()
@@ -472,8 +472,9 @@ mod tests {
         assert_eq!(v.channels.len(), 1, "the listed channel stays, its silent member goes");
         assert!(v.channels[0].members.is_empty());
 
-        c.on_listing(Err("connection refused".into()));
-        assert_eq!(c.view().registry_error.as_deref(), Some("connection refused"));
+        let addr = "127.0.0.1:7000".parse().expect("address");
+        c.on_listing(Err(kecho::RegistryError::Timeout { addr }));
+        assert_eq!(c.view().registry_error.as_deref(), Some("registry at 127.0.0.1:7000 did not answer in time"));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use kecho_proto::access::{Denied, Roles};
 use kecho_registry::RegistryError;
 
+use crate::link::LinkFailure;
+
 /// Everything that can go wrong in the node library.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,12 +33,13 @@ pub enum Error {
     #[error("channel {0:?} exists already")]
     ChannelExists(String),
     /// Opening the channel took longer than allowed.
-    #[error("timed out opening channel {channel:?}: {cause}")]
+    #[error("timed out opening channel {channel:?}: {}", open_timeout_cause(.cause.as_ref()))]
     OpenTimeout {
         /// The channel.
         channel: String,
-        /// What went wrong as far as this node can tell (the last failure to link with another node, if any).
-        cause: String,
+        /// What went wrong as far as this node can tell: the last failure to link with another node, or `None` when
+        /// no link failed (no contact answered).
+        cause: Option<LinkFailure>,
     },
     /// The TLS configuration could not be used.
     #[cfg(feature = "tls")]
@@ -114,6 +117,10 @@ impl PayloadError {
     pub fn position(&self) -> (usize, usize) {
         (self.0.line(), self.0.column())
     }
+}
+
+fn open_timeout_cause(cause: Option<&LinkFailure>) -> String {
+    cause.map_or_else(|| "no contact answered".to_owned(), |c| format!("last link failure: {c}"))
 }
 
 /// Result with [`Error`].

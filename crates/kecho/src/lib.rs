@@ -42,6 +42,7 @@ pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
+pub use link::LinkFailure;
 pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 #[cfg(feature = "tls")]

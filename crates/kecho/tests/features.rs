@@ -38,7 +38,10 @@ async fn installing_a_sandboxed_filter_without_wasm_is_refused_with_the_reason()
     let n = node().await?;
     let ch = n.create_channel("plain").await?;
     match ch.install_filter(FilterKind::In, b"(module)", T).await {
-        Err(Error::Wasm(e)) => assert!(e.to_string().contains("`wasm` feature"), "{e}"),
+        Err(Error::Wasm(e)) => {
+            assert_eq!(e, kecho::wasm::WasmError::Unsupported);
+            assert!(e.to_string().contains("`wasm` feature"), "{e}");
+        }
         other => panic!("expected a module error, got {other:?}"),
     }
     Ok(())

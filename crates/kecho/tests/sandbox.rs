@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::wasm::WasmLimits;
-use kecho::{Attrs, Event, FilterKind, Node, RegistryClient, SinkOptions, TryRecvError};
+use kecho::wasm::{WasmError, WasmLimits};
+use kecho::{Attrs, Error, Event, FilterKind, Node, RegistryClient, SinkOptions, TryRecvError};
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
@@ -170,13 +170,20 @@ async fn misbehaving_modules_are_contained() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_modules_are_refused_before_sending() -> Result<()> {
     let s = setup(true).await?;
-    for (module, needle) in [
-        (b"not wasm at all".to_vec(), "invalid filter module"),
-        (b"(module (memory (export \"memory\") 2))".to_vec(), "kecho_buffer"),
-        (wat("drop_all"), "kecho_select"),
-    ] {
+    let missing = |name| move |e: &WasmError| matches!(e, WasmError::MissingExport { name: n, .. } if *n == name);
+    let checks: [(Vec<u8>, &str, Box<dyn Fn(&WasmError) -> bool>); 4] = [
+        (b"not wasm at all".to_vec(), "invalid filter module", Box::new(|e| matches!(e, WasmError::Compile { .. }))),
+        (b"(module (memory (export \"memory\") 2))".to_vec(), "kecho_buffer", Box::new(missing("kecho_buffer"))),
+        (wat("drop_all"), "kecho_select", Box::new(missing("kecho_select"))),
+        (vec![0; kecho::wasm::MAX_MODULE + 1], "exceeds", Box::new(|e| matches!(e, WasmError::TooLarge { .. }))),
+    ];
+    for (module, needle, kind) in checks {
         match s.installer.install_filter(FilterKind::Out, &module, T).await {
-            Err(e) => assert!(e.to_string().contains(needle), "{e}"),
+            Err(Error::Wasm(e)) => {
+                assert!(e.to_string().contains(needle), "{e}");
+                assert!(kind(&e), "{needle}: wrong kind {e:?}");
+            }
+            Err(e) => bail!("refused for another reason: {e}"),
             Ok(r) => bail!("accepted a bad module: {r:?}"),
         }
     }

@@ -213,11 +213,7 @@ impl ChannelInner {
             Status::Failed(OpenFailure::Exists) => Err(Error::ChannelExists(self.name.clone())),
             Status::Failed(OpenFailure::Timeout) => {
                 let cause = self.node.upgrade().and_then(|n| n.links.last_error());
-                Err(Error::OpenTimeout {
-                    channel: self.name.clone(),
-                    cause: cause
-                        .map_or_else(|| "no contact answered".to_owned(), |c| format!("last link failure: {c}")),
-                })
+                Err(Error::OpenTimeout { channel: self.name.clone(), cause })
             }
             Status::Failed(OpenFailure::Registry(why)) => Err(Error::RegistryFailed(why)),
             Status::Failed(OpenFailure::Refused(reason)) => {

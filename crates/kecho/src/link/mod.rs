@@ -136,6 +136,36 @@ pub(crate) enum LinkError {
     Heartbeat(&'static str),
 }
 
+/// Why an attempt to link with another node failed (see [`crate::Error::OpenTimeout`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct LinkFailure(Arc<LinkError>);
+
+impl LinkFailure {
+    pub(crate) fn new(e: LinkError) -> Self {
+        LinkFailure(Arc::new(e))
+    }
+
+    /// True when TLS could not be set up with the peer (certificates, names, a plaintext peer).
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if matches!(*self.0, LinkError::Tls { .. }) {
+            return true;
+        }
+        false
+    }
+
+    /// True when the connection itself could not be made (refused, unreachable, timed out): the node may have left.
+    pub fn is_connect(&self) -> bool {
+        matches!(*self.0, LinkError::Connect { .. } | LinkError::ConnectTimeout { .. })
+    }
+
+    /// True when the peer or this node refused the kecho handshake (versions, identity proofs, access).
+    pub fn is_handshake(&self) -> bool {
+        matches!(*self.0, LinkError::Handshake(_) | LinkError::HandshakeTimeout | LinkError::ClosedByPeer { .. })
+    }
+}
+
 impl LinkError {
     /// True for failures an operator must fix (TLS, versions, refusals by the peer): logged as warnings. A failed
     /// connect is not one: it is what dialling a node that has just left looks like (a normal shutdown), and an open
@@ -178,7 +208,7 @@ pub(crate) struct Links<H> {
     /// Set by a graceful shutdown: writers finish their queues and close.
     closing: AtomicBool,
     /// Why the last attempt to link with another node failed, to explain a channel that cannot be opened.
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<LinkFailure>>,
 }
 
 impl<H: LinkHandler> Links<H> {
@@ -261,7 +291,7 @@ impl<H: LinkHandler> Links<H> {
     }
 
     /// Why the last attempt to link with another node failed, if one did.
-    pub(crate) fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<LinkFailure> {
         self.last_error.lock().clone()
     }
 

@@ -21,7 +21,7 @@ impl WasmFilter {
         _limits: WasmLimits,
         _on_fault: Box<dyn Fn(String) + Send + Sync>,
     ) -> Result<Self, WasmError> {
-        Err(WasmError("sandboxed filters need kecho's `wasm` feature, which this build of the node leaves out".into()))
+        Err(WasmError::Unsupported)
     }
 }
 

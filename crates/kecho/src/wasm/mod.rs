@@ -63,5 +63,53 @@ pub struct FilterFault {
 
 /// Why a module was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid filter module: {0}")]
-pub struct WasmError(pub String);
+#[non_exhaustive]
+pub enum WasmError {
+    /// This build of the node has no WebAssembly runtime (kecho's `wasm` feature is off).
+    #[error("sandboxed filters need kecho's `wasm` feature, which this build of the node leaves out")]
+    Unsupported,
+    /// The module is larger than [`MAX_MODULE`].
+    #[error("invalid filter module: module of {len} bytes exceeds {MAX_MODULE} bytes")]
+    TooLarge {
+        /// Its size in bytes.
+        len: usize,
+    },
+    /// The module did not compile (binary or text format), with the runtime's explanation.
+    #[error("invalid filter module: {message}")]
+    Compile {
+        /// The runtime's explanation.
+        message: String,
+    },
+    /// The module compiled but could not be instantiated (it imports something, or its start function trapped).
+    #[error("invalid filter module: cannot instantiate: {message}")]
+    Instantiate {
+        /// The runtime's explanation.
+        message: String,
+    },
+    /// The module lacks an export the ABI requires, or has it with another type.
+    #[error("invalid filter module: no `{name}: {signature}` export")]
+    MissingExport {
+        /// The export's name.
+        name: &'static str,
+        /// Its required type.
+        signature: &'static str,
+    },
+    /// `kecho_buffer` trapped.
+    #[error("invalid filter module: kecho_buffer trapped: {message}")]
+    BufferTrapped {
+        /// The runtime's explanation.
+        message: String,
+    },
+    /// The buffer `kecho_buffer` returned does not hold [`MIN_BUFFER`] bytes inside the module's memory.
+    #[error("invalid filter module: the buffer must hold {MIN_BUFFER} bytes inside the memory (offset {offset})")]
+    BadBuffer {
+        /// The offset it returned.
+        offset: i64,
+    },
+    /// The runtime refused the limits (fuel) set for the module.
+    #[error("invalid filter module: cannot set its limits: {message}")]
+    Limits {
+        /// The runtime's explanation.
+        message: String,
+    },
+}

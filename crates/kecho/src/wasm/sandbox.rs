@@ -69,36 +69,40 @@ impl WasmFilter {
         on_fault: Box<dyn Fn(String) + Send + Sync>,
     ) -> Result<Self, WasmError> {
         if module.len() > MAX_MODULE {
-            return Err(WasmError(format!("module of {} bytes exceeds {MAX_MODULE} bytes", module.len())));
+            return Err(WasmError::TooLarge { len: module.len() });
         }
         let engine = engine();
-        let module = Module::new(engine, module).map_err(|e| WasmError(format!("{e:#}")))?;
+        let module = Module::new(engine, module).map_err(|e| WasmError::Compile { message: format!("{e:#}") })?;
         let limiter = StoreLimitsBuilder::new().memory_size(limits.memory).instances(1).tables(4).build();
         let mut store = Store::new(engine, limiter);
         store.limiter(|l| l);
-        store.set_fuel(limits.fuel).map_err(|e| WasmError(e.to_string()))?;
+        store.set_fuel(limits.fuel).map_err(|e| WasmError::Limits { message: e.to_string() })?;
         store.set_epoch_deadline(ticks(limits.wall_time));
         // No imports: a filter can compute, nothing else.
         let instance: Instance = Linker::new(engine)
             .instantiate(&mut store, &module)
-            .map_err(|e| WasmError(format!("cannot instantiate: {e:#}")))?;
-        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| WasmError("no exported memory".into()))?;
+            .map_err(|e| WasmError::Instantiate { message: format!("{e:#}") })?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or(WasmError::MissingExport { name: "memory", signature: "memory" })?;
         let buffer_fn = instance
             .get_typed_func::<(), i32>(&mut store, "kecho_buffer")
-            .map_err(|_| WasmError("no `kecho_buffer: () -> i32` export".into()))?;
-        store.set_fuel(limits.fuel).map_err(|e| WasmError(e.to_string()))?;
+            .map_err(|_| WasmError::MissingExport { name: "kecho_buffer", signature: "() -> i32" })?;
+        store.set_fuel(limits.fuel).map_err(|e| WasmError::Limits { message: e.to_string() })?;
         store.set_epoch_deadline(ticks(limits.wall_time));
-        let buffer = buffer_fn.call(&mut store, ()).map_err(|e| WasmError(format!("kecho_buffer trapped: {e:#}")))?;
-        let buffer = usize::try_from(buffer).map_err(|_| WasmError("negative buffer offset".into()))?;
+        let buffer =
+            buffer_fn.call(&mut store, ()).map_err(|e| WasmError::BufferTrapped { message: format!("{e:#}") })?;
+        let offset = i64::from(buffer);
+        let buffer = usize::try_from(buffer).map_err(|_| WasmError::BadBuffer { offset })?;
         if buffer.checked_add(MIN_BUFFER).is_none_or(|end| end > memory.data_size(&store)) {
-            return Err(WasmError(format!("the buffer must hold {MIN_BUFFER} bytes inside the memory")));
+            return Err(WasmError::BadBuffer { offset });
         }
         let (select, accept) = match kind {
             FilterKind::Out => (
                 Some(
                     instance
                         .get_typed_func::<i32, i32>(&mut store, "kecho_select")
-                        .map_err(|_| WasmError("an OUT-filter exports `kecho_select: (i32) -> i32`".into()))?,
+                        .map_err(|_| WasmError::MissingExport { name: "kecho_select", signature: "(i32) -> i32" })?,
                 ),
                 None,
             ),
@@ -107,7 +111,7 @@ impl WasmFilter {
                 Some(
                     instance
                         .get_typed_func::<i32, i32>(&mut store, "kecho_accept")
-                        .map_err(|_| WasmError("an IN-filter exports `kecho_accept: (i32) -> i32`".into()))?,
+                        .map_err(|_| WasmError::MissingExport { name: "kecho_accept", signature: "(i32) -> i32" })?,
                 ),
             ),
         };
