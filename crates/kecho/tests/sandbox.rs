@@ -171,7 +171,8 @@ async fn misbehaving_modules_are_contained() -> Result<()> {
 async fn invalid_modules_are_refused_before_sending() -> Result<()> {
     let s = setup(true).await?;
     let missing = |name| move |e: &WasmError| matches!(e, WasmError::MissingExport { name: n, .. } if *n == name);
-    let checks: [(Vec<u8>, &str, Box<dyn Fn(&WasmError) -> bool>); 4] = [
+    type Kind = Box<dyn Fn(&WasmError) -> bool>;
+    let checks: [(Vec<u8>, &str, Kind); 4] = [
         (b"not wasm at all".to_vec(), "invalid filter module", Box::new(|e| matches!(e, WasmError::Compile { .. }))),
         (b"(module (memory (export \"memory\") 2))".to_vec(), "kecho_buffer", Box::new(missing("kecho_buffer"))),
         (wat("drop_all"), "kecho_select", Box::new(missing("kecho_select"))),
