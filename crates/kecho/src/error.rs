@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 
 use kecho_proto::access::{Denied, Roles};
-use kecho_registry::RegistryError;
+use std::sync::Arc;
 
-use crate::link::LinkFailure;
+use kecho_registry::RegistryError;
 
 /// Everything that can go wrong in the node library.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,39 @@ impl PayloadError {
     /// encoding errors).
     pub fn position(&self) -> (usize, usize) {
         (self.0.line(), self.0.column())
+    }
+}
+
+/// Why an attempt to link with another node failed (see [`Error::OpenTimeout`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{source}")]
+pub struct LinkFailure {
+    kind: LinkFailureKind,
+    source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+/// What kind of failure a [`LinkFailure`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkFailureKind {
+    /// The connection could not be made (refused, unreachable, timed out): the node may have left.
+    Connect,
+    /// TLS could not be set up with the peer (certificates, names, a plaintext peer).
+    Tls,
+    /// The peer or this node refused the kecho handshake (versions, identity proofs, access), or it timed out.
+    Handshake,
+    /// The link ended otherwise (the connection closed, a malformed frame, a heartbeat timeout).
+    Other,
+}
+
+impl LinkFailure {
+    pub(crate) fn new(kind: LinkFailureKind, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        LinkFailure { kind, source: Arc::new(source) }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> LinkFailureKind {
+        self.kind
     }
 }
 

@@ -35,14 +35,13 @@ pub mod tls;
 pub mod wasm;
 
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
-pub use error::{Error, PayloadError, Refusal, Result};
+pub use error::{Error, LinkFailure, LinkFailureKind, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::MembershipConfig;
 pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use link::LinkFailure;
 pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 #[cfg(feature = "tls")]

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use super::tls::{secure_accept, secure_dial, Wr};
-use super::{close, LinkError, LinkFailure, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
+use super::{close, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
 use crate::clock::now;
 
 /// Accepts connections from other nodes until the node stops.
@@ -65,9 +65,9 @@ pub(crate) async fn dial<H: LinkHandler>(links: Arc<Links<H>>, peer: Arc<Peer>, 
         }
         Err(why) => {
             // Failures that need an operator (TLS, versions, refusals) are warnings, once each while they repeat.
-            let text = why.to_string();
             let needs_operator = why.needs_operator();
-            let previous = links.last_error.lock().replace(LinkFailure::new(why));
+            let text = why.to_string();
+            let previous = links.last_error.lock().replace(why.into_failure());
             let repeated = previous.is_some_and(|p| p.to_string() == text);
             if !repeated && needs_operator {
                 tracing::warn!(peer = %peer.id, %addr, "dial failed: {text}");

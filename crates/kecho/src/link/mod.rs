@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
 use crate::config::NodeConfig;
+use crate::error::{LinkFailure, LinkFailureKind};
 use crate::queue::Event;
 use crate::tasks::Tasks;
 pub(crate) use outbox::{Outbox, SourceGate};
@@ -136,37 +137,22 @@ pub(crate) enum LinkError {
     Heartbeat(&'static str),
 }
 
-/// Why an attempt to link with another node failed (see [`crate::Error::OpenTimeout`]).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error(transparent)]
-pub struct LinkFailure(Arc<LinkError>);
-
-impl LinkFailure {
-    pub(crate) fn new(e: LinkError) -> Self {
-        LinkFailure(Arc::new(e))
-    }
-
-    /// True when TLS could not be set up with the peer (certificates, names, a plaintext peer).
-    pub fn is_tls(&self) -> bool {
-        #[cfg(feature = "tls")]
-        if matches!(*self.0, LinkError::Tls { .. }) {
-            return true;
-        }
-        false
-    }
-
-    /// True when the connection itself could not be made (refused, unreachable, timed out): the node may have left.
-    pub fn is_connect(&self) -> bool {
-        matches!(*self.0, LinkError::Connect { .. } | LinkError::ConnectTimeout { .. })
-    }
-
-    /// True when the peer or this node refused the kecho handshake (versions, identity proofs, access).
-    pub fn is_handshake(&self) -> bool {
-        matches!(*self.0, LinkError::Handshake(_) | LinkError::HandshakeTimeout | LinkError::ClosedByPeer { .. })
-    }
-}
-
 impl LinkError {
+    /// This failure as the public, typed [`LinkFailure`] (which the error module defines: it imports nothing of the
+    /// link layer).
+    pub(crate) fn into_failure(self) -> LinkFailure {
+        let kind = match &self {
+            #[cfg(feature = "tls")]
+            LinkError::Tls { .. } => LinkFailureKind::Tls,
+            LinkError::Connect { .. } | LinkError::ConnectTimeout { .. } => LinkFailureKind::Connect,
+            LinkError::Handshake(_) | LinkError::HandshakeTimeout | LinkError::ClosedByPeer { .. } => {
+                LinkFailureKind::Handshake
+            }
+            _ => LinkFailureKind::Other,
+        };
+        LinkFailure::new(kind, self)
+    }
+
     /// True for failures an operator must fix (TLS, versions, refusals by the peer): logged as warnings. A failed
     /// connect is not one: it is what dialling a node that has just left looks like (a normal shutdown), and an open
     /// that times out names the last link failure anyway.
