@@ -80,6 +80,13 @@ impl Proc {
         Ok(child.wait_with_output()?)
     }
 
+    /// Sends SIGINT (what Ctrl-C does): a subscriber stops cleanly.
+    fn interrupt(&self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        Ok(())
+    }
+
     fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
@@ -354,7 +361,9 @@ fn filters_from_the_command_line() -> Result<()> {
     // Content filter: only events with n > 2 reach this sink.
     let picky = subscriber(&addr, "f", &["--filter", "n > 2", "--count", "2"])?;
     // Two sinks advertising their load; the publisher sends to the least loaded only.
-    let busy = subscriber(&addr, "lb", &["--attr", "load=0.9", "--timeout", "3"])?;
+    // It runs until interrupted below (a timeout of its own could end it before the publisher comes on a loaded
+    // machine, and the publisher would then wait for two sinks forever).
+    let busy = subscriber(&addr, "lb", &["--attr", "load=0.9"])?;
     let idle = subscriber(&addr, "lb", &["--attr", "load=0.1", "--count", "3"])?;
     for n in ["1", "5", "7"] {
         let attr = format!("n={n}");
@@ -370,7 +379,9 @@ fn filters_from_the_command_line() -> Result<()> {
     assert_eq!(stdout(&o).lines().map(|l| l.rsplit(' ').next().unwrap_or("")).collect::<Vec<_>>(), ["5", "7"]);
     let o = idle.finish(Duration::from_secs(20))?;
     assert_eq!(stdout(&o).lines().count(), 3, "{}", stdout(&o));
+    busy.interrupt()?;
     let o = busy.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "the busy sink got events: {}", stdout(&o));
     check_error(&["sub", "f", "--registry", &addr, "--filter", "n > && 1"], "column 5")?;
     check_error(&["pub", "f", "--registry", &addr, "--select", "fastest", "x"], "invalid selector")?;
