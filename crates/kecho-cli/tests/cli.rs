@@ -393,7 +393,8 @@ fn sandboxed_filter_installed_from_the_command_line() -> Result<()> {
     let addr = free_port()?;
     let _reg = registry(&addr)?;
     let wat = format!("{}/../../examples/filters/drop_all.wat", env!("CARGO_MANIFEST_DIR"));
-    let guarded = subscriber(&addr, "sbx", &["--allow-filters", "--timeout", "3"])?;
+    // It runs until interrupted below: a timeout of its own could end it before the publisher comes.
+    let guarded = subscriber(&addr, "sbx", &["--allow-filters"])?;
     let open = subscriber(&addr, "sbx", &["--count", "1"])?;
     let o = run(&["filter", "install", "sbx", &wat, "--in", "--registry", &addr], None)?;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -404,7 +405,9 @@ fn sandboxed_filter_installed_from_the_command_line() -> Result<()> {
     assert!(p.status.success(), "{}", stderr(&p));
     let o = open.finish(Duration::from_secs(20))?;
     assert!(stdout(&o).contains("| hello"), "{}", stdout(&o));
+    guarded.interrupt()?;
     let o = guarded.finish(Duration::from_secs(20))?;
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "the IN-filter should have dropped it: {}", stdout(&o));
     check_error(&["filter", "install", "sbx", "/nonexistent.wat", "--out", "--registry", &addr], "cannot read")?;
     Ok(())
