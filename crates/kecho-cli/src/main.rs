@@ -93,6 +93,13 @@ enum Cmd {
     Reserve(reserve::Args),
     /// Release reservations by id.
     Release(release::Args),
+    /// Run a command on a fitting agent (`kecho run [--cpus N] [--restart on-node-loss] -- CMD ARGS`): output
+    /// streamed back, exit status as a shell reports it.
+    Run(run::Args),
+    /// List the tasks the exec agents run (agent, state, since, restarts).
+    Ps(ps::Args),
+    /// Replay a task's recent output.
+    Logs(logs::Args),
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -114,6 +121,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Resources(a) => resources::run(a).await,
         Cmd::Reserve(a) => reserve::run(a).await,
         Cmd::Release(a) => release::run(a).await,
+        Cmd::Run(a) => run::run(a).await,
+        Cmd::Ps(a) => ps::run(a).await,
+        Cmd::Logs(a) => logs::run(a).await,
         Cmd::Top(a) => top::run(a).await,
         Cmd::Balance(a) => balance::run(a).await,
         Cmd::Completions(a) => completions::run(a, Cli::command()),

@@ -292,7 +292,12 @@ mod tests {
     }
 
     fn at(agent: &str, id: u64) -> Placement {
-        Placement { reservation: ReservationId(id), agent: AgentName(agent.into()), host: format!("{agent}.lan") }
+        Placement {
+            reservation: ReservationId(id),
+            agent: AgentName(agent.into()),
+            host: format!("{agent}.lan"),
+            lease: None,
+        }
     }
 
     fn exit(run: u32, code: i32) -> ExecMsg {

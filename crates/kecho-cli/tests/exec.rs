@@ -1,0 +1,303 @@
+//! `kecho run`, `kecho ps`, `kecho logs` and `kecho agent drain` as a user runs them: separate processes on loopback,
+//! a registry and two agents started with `--allow-exec`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use support::{eventually, free_port, registry, Proc, KECHO};
+
+/// A registry and two exec agents, `NAMEa` and `NAMEb` (names differ per test so that their state stays apart).
+struct Cluster {
+    addr: String,
+    agents: Vec<Proc>,
+    _reg: Proc,
+}
+
+fn cluster(prefix: &str) -> Result<Cluster> {
+    let addr = free_port()?;
+    let reg = registry(&addr, &[])?;
+    let mut agents = Vec::new();
+    for n in ["a", "b"] {
+        let name = format!("{prefix}{n}");
+        let dir = format!("{}/exec-{name}-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+        let mut p = Proc::spawn(
+            &name,
+            &[
+                "agent",
+                "--name",
+                &name,
+                "--cpus",
+                "2",
+                "--mem",
+                "1G",
+                "--no-measure",
+                "--registry",
+                &addr,
+                "--report",
+                "0.3",
+                "--lifetime",
+                "1",
+                "--holder-grace",
+                "0.5",
+                "--heartbeat",
+                "1",
+                "--allow-exec",
+                "--exec-dir",
+                &dir,
+            ],
+        )?;
+        p.wait_stderr("runs tasks")?;
+        agents.push(p);
+    }
+    Ok(Cluster { addr, agents, _reg: reg })
+}
+
+/// Runs a kecho command to completion (30 s at most).
+fn kecho(args: &[&str]) -> Result<Output> {
+    let mut child = Command::new(KECHO)
+        .args(args)
+        .env_remove("KECHO_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = mpsc::channel();
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait().map(|s| (s, child)));
+    });
+    let (status, _child) = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(r) => r?,
+        Err(_) => bail!("{args:?} did not exit within 30 s"),
+    };
+    let stdout = t1.join().map_err(|_| anyhow::anyhow!("reader"))?;
+    let stderr = t2.join().map_err(|_| anyhow::anyhow!("reader"))?;
+    Ok(Output { status, stdout, stderr })
+}
+
+/// A `kecho run` in the background whose output lines are read as they come.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<(bool, String)>,
+    seen: Vec<(bool, String)>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Result<Running> {
+        let mut child = Command::new(KECHO)
+            .args(args)
+            .env_remove("KECHO_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((true, l));
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send((false, l));
+            }
+        });
+        Ok(Running { child, lines: rx, seen: Vec::new() })
+    }
+
+    /// Waits (20 s at most) for a line on stdout (`stdout`) or stderr matching `f`.
+    fn expect(&mut self, stdout: bool, what: &str, f: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((o, l)) => {
+                    self.seen.push((o, l.clone()));
+                    if o == stdout && f(&l) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => bail!("never saw {what}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the exit and the rest of the output.
+    fn finish(&mut self) -> Result<i32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return s.code().context("killed by a signal");
+            }
+            if Instant::now() > deadline {
+                bail!("kecho run did not finish; saw {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stdout(&self) -> Vec<&str> {
+        self.seen.iter().filter(|(o, _)| *o).map(|(_, l)| l.as_str()).collect()
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
+    let o = kecho(&["ps", "--format", "json", "--registry", &c.addr])?;
+    if !o.status.success() {
+        bail!("kecho ps failed: {}", text(&o.stderr));
+    }
+    text(&o.stdout).lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
+}
+
+#[test]
+fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
+    let c = cluster("r")?;
+    let o = kecho(&["run", "--registry", &c.addr, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"])?;
+    assert_eq!(text(&o.stdout), "hi\n", "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", text(&o.stderr));
+
+    // The task sees its agent and id, and the --env it was given; a signal death is 128+N.
+    let o = kecho(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--require",
+        "agent == \"rb\"",
+        "--env",
+        "GREETING=hello",
+        "--",
+        "sh",
+        "-c",
+        "echo $KECHO_AGENT $GREETING ${KECHO_TASK:+task}; kill -9 $$",
+    ])?;
+    assert_eq!(text(&o.stdout), "rb hello task\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(137), "stderr: {}", text(&o.stderr));
+
+    // No agent fits: 125, with the reason.
+    let o = kecho(&["run", "--registry", &c.addr, "--cpus", "64", "--", "true"])?;
+    assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cannot be placed"), "{}", text(&o.stderr));
+
+    // ps lists the ended tasks; logs replays one.
+    let rows = ps(&c)?;
+    let hi = rows
+        .iter()
+        .find(|r| r["argv"][2].as_str().is_some_and(|a| a.starts_with("echo hi")))
+        .context("the first task is not listed")?;
+    assert_eq!(hi["state"], "exited 3", "{rows:?}");
+    let task = hi["task"].as_str().context("task id")?;
+    let o = kecho(&["logs", task, "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "hi\n");
+    assert!(text(&o.stderr).contains("oops"));
+    Ok(())
+}
+
+#[test]
+fn a_killed_submitter_has_its_task_stopped() -> Result<()> {
+    let c = cluster("k")?;
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--heartbeat",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 60",
+    ])?;
+    run.expect(true, "the task's first line", |l| l == "started")?;
+    let running = ps(&c)?;
+    assert!(running.iter().any(|r| r["state"] == "running"), "{running:?}");
+    let killed = Instant::now();
+    run.child.kill()?;
+    let state = eventually(Duration::from_secs(15), "the task stopped", || {
+        let rows = ps(&c)?;
+        Ok(rows.iter().find(|r| r["argv"][2] == "echo started; sleep 60").and_then(|r| {
+            let s = r["state"].as_str().unwrap_or("");
+            (s != "running").then(|| s.to_owned())
+        }))
+    })?;
+    assert!(state.starts_with("stopped"), "{state}");
+    eprintln!("submitter killed to task stopped: {:?}", killed.elapsed());
+    Ok(())
+}
+
+#[test]
+fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()> {
+    let c = cluster("d")?;
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
+                  while [ $n -lt 30 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--restart",
+        "on-node-loss",
+        "--checkpoint-every",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])?;
+    let first = run.expect(true, "the fifth line", |l| l.ends_with(" 5"))?;
+    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let drained_at = Instant::now();
+    let o = kecho(&["agent", "drain", &agent, "--registry", &c.addr])?;
+    assert!(o.status.success(), "drain failed: {}", text(&o.stderr));
+    let other = if agent == "da" { "db" } else { "da" };
+    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    let restart = drained_at.elapsed();
+    assert_eq!(run.finish()?, 0, "{:?}", run.seen);
+    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
+    let last_before: u32 = run
+        .stdout()
+        .iter()
+        .filter(|l| l.starts_with(&agent))
+        .filter_map(|l| l.split_once(' ').and_then(|(_, n)| n.parse().ok()))
+        .max()
+        .unwrap_or(0);
+    assert!(n > 1 && n.abs_diff(last_before + 1) <= 1, "resumed at {n} after {last_before}");
+    assert_eq!(run.stdout().last().copied(), Some(format!("{other} 30").as_str()));
+    assert!(run.seen.iter().any(|(o, l)| !o && l.contains("drained")), "{:?}", run.seen);
+    eprintln!("drain to first line on the other agent: {restart:?}");
+    drop(c.agents);
+    Ok(())
+}

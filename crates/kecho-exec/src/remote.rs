@@ -1,0 +1,316 @@
+//! The submitter side over kecho channels: the thin I/O layer that carries out a [`RunSession`]'s actions (`kecho
+//! run`), and the queries of `kecho ps` and `kecho logs`, and `kecho agent drain`.
+//!
+//! A submitter has an id ([`submitter_id`]) that addresses its sink on [`CHANNEL`]; it sends a heartbeat to every
+//! agent at a third of the heartbeat timeout (agents stop the tasks of a silent submitter), and counts its task's
+//! agent as lost when that agent's [`ExecMsg::Alive`] stops for the timeout.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kecho::{Attrs, Channel, Overflow, Sink, SinkOptions, Source, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::place::{AgentName, Placer};
+use crate::service::{CHANNEL, EVERYONE};
+use crate::submit::{RunAction, RunSession};
+use crate::task::{Stream, TaskId};
+use crate::wire::{ExecMsg, LogChunk, TaskRow};
+
+/// The message types a submitter receives.
+pub const SUBMITTER_TYPES: &[&str] = &[
+    "exec.started",
+    "exec.refused",
+    "exec.output",
+    "exec.exit",
+    "exec.checkpoint",
+    "exec.drain",
+    "exec.alive",
+    "exec.tasks",
+    "exec.log",
+];
+
+/// Errors of the submitter's channel layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// The channel refused a sink or source, or closed.
+    #[error("exec channel: {0}")]
+    Channel(#[from] kecho::Error),
+    /// The agent named was not seen on the channel in time.
+    #[error("agent {agent} is not on channel {CHANNEL} (waited {waited:?})")]
+    NoAgent {
+        /// The agent.
+        agent: String,
+        /// How long.
+        waited: Duration,
+    },
+}
+
+/// A new submitter id: `HOST-PID-RANDOM` (letters, digits and `-` only, so that it is safe in a filter).
+pub fn submitter_id(host: &str) -> String {
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{host}-{}-{:08x}", std::process::id(), nanos ^ std::process::id().rotate_left(16))
+}
+
+/// A submitter's endpoint on the exec channel.
+pub struct Submitter {
+    id: String,
+    channel: Channel,
+    source: Source,
+    sink: Sink,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitter").field("id", &self.id).finish()
+    }
+}
+
+impl Submitter {
+    /// Opens a sink for messages to `id` and a source on `channel` (normally [`CHANNEL`]).
+    pub fn on(channel: &Channel, id: String) -> Result<Submitter, RemoteError> {
+        let sink = channel.sink(
+            SinkOptions::new()
+                .types(SUBMITTER_TYPES.iter().copied())
+                .filter(&format!("to == \"{id}\" || type == \"exec.alive\""))
+                .attr("submitter", id.clone())
+                .capacity(65_536)
+                .overflow(Overflow::Block),
+        )?;
+        let source = channel.source()?;
+        Ok(Submitter { id, channel: channel.clone(), source, sink })
+    }
+
+    /// This submitter's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sends `msg` to `to` (an agent's name or [`EVERYONE`]).
+    pub async fn send(&mut self, to: &str, msg: &ExecMsg) -> Result<(), RemoteError> {
+        let attrs = Attrs::new().with("to", to.to_owned());
+        self.source.submit(msg.event_type(), &attrs, &msg.encode()).await?;
+        Ok(())
+    }
+
+    /// The next message, `None` when the channel closed.
+    pub async fn recv(&mut self) -> Option<ExecMsg> {
+        loop {
+            match self.sink.recv().await {
+                Ok(ev) => match ExecMsg::decode(ev.payload()) {
+                    Ok(m) => return Some(m),
+                    Err(e) => tracing::warn!(error = %e, "an exec message that could not be read"),
+                },
+                Err(kecho::RecvError::Closed) => return None,
+                Err(e) => tracing::warn!(error = %e, "exec sink"),
+            }
+        }
+    }
+
+    /// The agents whose exec sinks this node knows.
+    pub fn agents(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .channel
+            .sink_attrs()
+            .into_iter()
+            .filter_map(|(_, a)| match a.get("agent") {
+                Some(Value::Str(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Waits until `agent`'s exec sink is known here (at most `timeout`).
+    pub async fn wait_for_agent(&self, agent: &str, timeout: Duration) -> Result<(), RemoteError> {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.agents().iter().any(|a| a == agent) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(RemoteError::NoAgent { agent: agent.to_owned(), waited: timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until at least one exec agent is known (at most `timeout`); returns how many are.
+    pub async fn wait_for_agents(&self, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            let n = self.agents().len();
+            if n > 0 || Instant::now() >= end {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks every agent for its tasks and gathers the answers for `wait`.
+    pub async fn list(&mut self, wait: Duration) -> Result<Vec<(AgentName, Vec<TaskRow>)>, RemoteError> {
+        let expected = self.agents().len();
+        self.send(EVERYONE, &ExecMsg::List { reply_to: self.id.clone() }).await?;
+        let mut got: BTreeMap<AgentName, Vec<TaskRow>> = BTreeMap::new();
+        let end = Instant::now() + wait;
+        while got.len() < expected {
+            match tokio::time::timeout_at(end, self.recv()).await {
+                Ok(Some(ExecMsg::Tasks { agent, tasks })) => {
+                    got.insert(agent, tasks);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(got.into_iter().collect())
+    }
+
+    /// Asks every agent for a task's recent output; the first answer wins.
+    pub async fn logs(
+        &mut self,
+        task: &TaskId,
+        wait: Duration,
+    ) -> Result<Option<(AgentName, (u64, u64), Vec<LogChunk>)>, RemoteError> {
+        self.send(EVERYONE, &ExecMsg::Logs { reply_to: self.id.clone(), task: task.clone() }).await?;
+        let end = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(end, self.recv()).await {
+                Ok(Some(ExecMsg::Log { agent, task: t, dropped, chunks })) if t == *task => {
+                    return Ok(Some((agent, dropped, chunks)))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Drains `agent`: its tasks are checkpointed and stopped, and it takes no new ones.
+    pub async fn drain(&mut self, agent: &str, by: &str, wait: Duration) -> Result<(), RemoteError> {
+        self.wait_for_agent(agent, wait).await?;
+        let msg = ExecMsg::Drain { agent: AgentName(agent.to_owned()), by: by.to_owned() };
+        self.send(agent, &msg).await
+    }
+}
+
+/// Where a run's output and notes go.
+pub trait RunOutput {
+    /// Output of the task.
+    fn print(&mut self, stream: Stream, data: &[u8]);
+    /// A note for the user (stderr).
+    fn note(&mut self, note: &str);
+}
+
+/// How a run is driven.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Agents silent this long are lost; heartbeats go out at a third of it.
+    pub heartbeat_timeout: Duration,
+    /// SIGTERM to SIGKILL when the submitter is interrupted.
+    pub stop_grace: Duration,
+    /// How long to wait for the placed agent's exec sink to be known here.
+    pub agent_wait: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            heartbeat_timeout: Duration::from_secs(3),
+            stop_grace: Duration::from_secs(5),
+            agent_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs a session to its end: places the task, sends it, prints its output, restarts it where its policy says, and
+/// returns the exit status. Each message on `interrupts` (Ctrl-C, SIGTERM) stops the remote task; a second one gives
+/// up waiting for it (status 130).
+pub async fn drive<P: Placer>(
+    sub: &mut Submitter,
+    placer: &P,
+    mut session: RunSession,
+    opts: &RunOptions,
+    interrupts: &mut mpsc::UnboundedReceiver<()>,
+    out: &mut (dyn RunOutput + Send),
+) -> Result<i32, RemoteError> {
+    let mut queue: Vec<RunAction> = session.start();
+    let mut wake: Option<Instant> = None;
+    let mut last_alive: Option<Instant> = None;
+    let mut interrupted = 0u32;
+    let mut heartbeat = tokio::time::interval(opts.heartbeat_timeout / 3);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while !queue.is_empty() {
+            for action in std::mem::take(&mut queue) {
+                match action {
+                    RunAction::Place { spec, avoid } => match placer.place(&spec, &avoid).await {
+                        Ok(p) => {
+                            if let Err(e) = sub.wait_for_agent(&p.agent.0, opts.agent_wait).await {
+                                out.note(&e.to_string());
+                            }
+                            last_alive = Some(Instant::now());
+                            queue.extend(session.placed(p, Instant::now().into_std()));
+                        }
+                        Err(e) => queue.extend(session.place_failed(&e.to_string())),
+                    },
+                    RunAction::Release(p) => {
+                        if let Err(e) = placer.release(&p).await {
+                            tracing::warn!(error = %e, agent = %p.agent, "release failed");
+                        }
+                    }
+                    RunAction::Send(agent, msg) => sub.send(&agent.0, &msg).await?,
+                    RunAction::WakeAt(t) => wake = Some(Instant::from_std(t)),
+                    RunAction::Print(stream, data) => out.print(stream, &data),
+                    RunAction::Note(n) => out.note(&n),
+                    RunAction::Exit(code) => return Ok(code),
+                }
+            }
+        }
+        let lost_at = last_alive.map(|t| t + opts.heartbeat_timeout);
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            msg = sub.recv() => {
+                let Some(msg) = msg else { return Err(RemoteError::Channel(kecho::Error::Closed(CHANNEL.into()))) };
+                if let ExecMsg::Alive { agent, .. } = &msg {
+                    if session.placement().is_some_and(|p| p.agent == *agent) {
+                        last_alive = Some(Instant::now());
+                    }
+                    continue;
+                }
+                queue.extend(session.handle(msg, Instant::now().into_std()));
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => {
+                wake = None;
+                last_alive = Some(Instant::now());
+                queue.extend(session.resubmit(Instant::now().into_std()));
+            }
+            _ = tokio::time::sleep_until(lost_at.unwrap_or(far)), if lost_at.is_some() && session.placement().is_some() => {
+                last_alive = None;
+                out.note(&format!(
+                    "agent {} silent for {:?}",
+                    session.placement().map(|p| p.agent.0.as_str()).unwrap_or("?"),
+                    opts.heartbeat_timeout
+                ));
+                queue.extend(session.agent_lost(Instant::now().into_std()));
+            }
+            Some(()) = interrupts.recv() => {
+                interrupted += 1;
+                if interrupted > 1 {
+                    out.note("interrupted again: not waiting for the remote task");
+                    if let Some(p) = session.placement().cloned() {
+                        let _ = placer.release(&p).await;
+                    }
+                    return Ok(130);
+                }
+                queue.extend(session.interrupt(opts.stop_grace.as_millis() as u64));
+            }
+            _ = heartbeat.tick() => {
+                sub.send(EVERYONE, &ExecMsg::Heartbeat { submitter: sub.id().to_owned() }).await?;
+            }
+        }
+    }
+}
