@@ -100,6 +100,15 @@ enum Cmd {
     Ps(ps::Args),
     /// Replay a task's recent output.
     Logs(logs::Args),
+    /// The component repository on this node: add (put), ls, rm artifacts by their SHA-256.
+    Repo {
+        #[command(subcommand)]
+        cmd: repo::Args,
+    },
+    /// Send an inspection agent to every exec agent at once and gather their reports.
+    Inspect(inspect::Args),
+    /// Load a component onto every exec agent at once (verified by its SHA-256 and kept in each node's store).
+    Configure(inspect::ConfigureArgs),
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -124,6 +133,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Run(a) => run::run(a).await,
         Cmd::Ps(a) => ps::run(a).await,
         Cmd::Logs(a) => logs::run(a).await,
+        Cmd::Repo { cmd } => repo::run(cmd),
+        Cmd::Inspect(a) => inspect::run(a).await,
+        Cmd::Configure(a) => inspect::configure(a).await,
         Cmd::Top(a) => top::run(a).await,
         Cmd::Balance(a) => balance::run(a).await,
         Cmd::Completions(a) => completions::run(a, Cli::command()),

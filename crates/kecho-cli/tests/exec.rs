@@ -301,3 +301,37 @@ fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()
     drop(c.agents);
     Ok(())
 }
+
+#[test]
+fn inspect_configure_and_the_repository() -> Result<()> {
+    let c = cluster("i")?;
+    let o = kecho(&["inspect", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let names: Vec<String> =
+        text(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
+    assert_eq!(names, ["ia", "ib"], "{}", text(&o.stdout));
+
+    let dir = format!("{}/repo-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    std::fs::create_dir_all(&dir)?;
+    let file = format!("{dir}/component.bin");
+    std::fs::write(&file, (0..30_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>())?;
+    let o = kecho(&["repo", "add", &file, "--repo-dir", &format!("{dir}/store")])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let digest = text(&o.stdout).trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
+    assert_eq!(text(&o.stdout), format!("{digest}  30000\n"));
+
+    let o = kecho(&["configure", "--load", &file, "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).matches(&format!("loaded {digest}")).count(), 2, "{}", text(&o.stdout));
+    // The nodes now report the component.
+    let o = kecho(&["inspect", "--registry", &c.addr])?;
+    assert_eq!(text(&o.stdout).matches(&digest).count(), 2, "{}", text(&o.stdout));
+
+    let o = kecho(&["repo", "rm", &digest, "--repo-dir", &format!("{dir}/store")])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
+    assert_eq!(text(&o.stdout), "");
+    Ok(())
+}

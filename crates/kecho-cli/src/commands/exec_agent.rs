@@ -45,13 +45,28 @@ pub enum AgentAction {
     },
 }
 
-/// Starts the exec service beside resource agent `agent` when `--allow-exec` is given.
+/// The exec service and the inspection/configuration agent of one node.
+pub struct Exec {
+    service: ExecService,
+    inspect: tokio::task::JoinHandle<()>,
+}
+
+impl Exec {
+    /// Stops the tasks and the services.
+    pub async fn stop(self) {
+        self.inspect.abort();
+        self.service.stop().await;
+    }
+}
+
+/// Starts the exec service beside resource agent `agent` when `--allow-exec` is given, with the inspection and
+/// configuration agent (`kecho inspect`, `kecho configure`) over the node's repository store DIR/repo.
 pub async fn start(
     a: &ExecArgs,
     node: &kecho::Node,
     agent: &kecho_resources::Agent,
     heartbeat: f64,
-) -> Result<Option<ExecService>> {
+) -> Result<Option<Exec>> {
     if !a.allow_exec {
         return Ok(None);
     }
@@ -64,9 +79,11 @@ pub async fn start(
     cfg.audit = Some(a.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl")));
     cfg.check = Some(kecho_exec::resplace::ledger_check(agent));
     let ch = node.channel(CHANNEL).await?;
-    let svc = ExecService::start(&ch, cfg).await?;
+    let service = ExecService::start(&ch, cfg).await?;
+    let store = kecho_exec::repo::Store::open(dir.join("repo"))?;
+    let inspect = kecho_exec::inspect::serve(node, kecho_exec::inspect::DEFAULT_PREFIX, name.clone(), store).await?;
     eprintln!("kecho: agent {name} runs tasks (exec allowed); limits by {}", confinement.describe());
-    Ok(Some(svc))
+    Ok(Some(Exec { service, inspect }))
 }
 
 pub async fn action(act: AgentAction) -> Result<()> {
