@@ -159,6 +159,9 @@ impl Running {
                 return s.code().context("killed by a signal");
             }
             if Instant::now() > deadline {
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
                 bail!("kecho run did not finish; saw {:?}", self.seen);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -333,5 +336,46 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
     assert_eq!(text(&o.stdout), "");
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<()> {
+    let mut c = cluster("n")?;
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
+                  while [ $n -lt 40 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--heartbeat",
+        "1",
+        "--restart",
+        "on-node-loss",
+        "--checkpoint-every",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])?;
+    let first = run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?;
+    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let idx = if agent == "na" { 0 } else { 1 };
+    let killed = Instant::now();
+    // kill -9: no goodbye, no drain; the task's process group goes with the agent's death only if it notices, so
+    // the test also checks the restarted run's numbering rather than the old one's silence.
+    c.agents[idx].child.kill()?;
+    let _ = c.agents[idx].child.wait();
+    let other = if agent == "na" { "nb" } else { "na" };
+    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    let restart = killed.elapsed();
+    assert_eq!(run.finish()?, 0, "{:?}", run.seen);
+    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
+    assert!(n > 5, "resumed at {n}: not from a checkpoint");
+    assert_eq!(run.stdout().last().copied(), Some(format!("{other} 40").as_str()));
+    assert!(run.seen.iter().any(|(o, l)| !o && l.contains("silent")), "{:?}", run.seen);
+    eprintln!("agent killed to first line on the other agent: {restart:?} (heartbeat timeout 1 s)");
     Ok(())
 }

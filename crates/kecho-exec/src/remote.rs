@@ -227,11 +227,11 @@ impl Default for RunOptions {
 }
 
 /// Runs a session to its end: places the task, sends it, prints its output, restarts it where its policy says, and
-/// returns the exit status. Each message on `interrupts` (Ctrl-C, SIGTERM) stops the remote task; a second one gives
+/// returns the exit status. Reservations are released in the background (a lost agent answers no release). Each message on `interrupts` (Ctrl-C, SIGTERM) stops the remote task; a second one gives
 /// up waiting for it (status 130).
-pub async fn drive<P: Placer>(
+pub async fn drive<P: Placer + Send + Sync + 'static>(
     sub: &mut Submitter,
-    placer: &P,
+    placer: &std::sync::Arc<P>,
     mut session: RunSession,
     opts: &RunOptions,
     interrupts: &mut mpsc::UnboundedReceiver<()>,
@@ -241,7 +241,9 @@ pub async fn drive<P: Placer>(
     let mut wake: Option<Instant> = None;
     let mut last_alive: Option<Instant> = None;
     let mut interrupted = 0u32;
-    let mut heartbeat = tokio::time::interval(opts.heartbeat_timeout / 3);
+    // Heartbeats go out three times per timeout, the shorter of this submitter's and any agent's it has heard of.
+    let mut beat = opts.heartbeat_timeout / 3;
+    let mut heartbeat = tokio::time::interval(beat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while !queue.is_empty() {
@@ -258,9 +260,13 @@ pub async fn drive<P: Placer>(
                         Err(e) => queue.extend(session.place_failed(&e.to_string())),
                     },
                     RunAction::Release(p) => {
-                        if let Err(e) = placer.release(&p).await {
-                            tracing::warn!(error = %e, agent = %p.agent, "release failed");
-                        }
+                        // In the background: a lost agent answers no release, and the run must not wait for it.
+                        let placer = placer.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = placer.release(&p).await {
+                                tracing::info!(error = %e, agent = %p.agent, "release failed");
+                            }
+                        });
                     }
                     RunAction::Send(agent, msg) => sub.send(&agent.0, &msg).await?,
                     RunAction::WakeAt(t) => wake = Some(Instant::from_std(t)),
@@ -275,9 +281,15 @@ pub async fn drive<P: Placer>(
         tokio::select! {
             msg = sub.recv() => {
                 let Some(msg) = msg else { return Err(RemoteError::Channel(kecho::Error::Closed(CHANNEL.into()))) };
-                if let ExecMsg::Alive { agent, .. } = &msg {
+                if let ExecMsg::Alive { agent, heartbeat_ms, .. } = &msg {
                     if session.placement().is_some_and(|p| p.agent == *agent) {
                         last_alive = Some(Instant::now());
+                    }
+                    let theirs = Duration::from_millis(*heartbeat_ms) / 3;
+                    if *heartbeat_ms > 0 && theirs < beat {
+                        beat = theirs.max(Duration::from_millis(10));
+                        heartbeat = tokio::time::interval(beat);
+                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                     continue;
                 }

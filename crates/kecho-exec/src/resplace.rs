@@ -26,6 +26,7 @@ pub struct ResourcePlacer {
     window: Duration,
     next: AtomicU64,
     held: Mutex<BTreeMap<ReservationId, Held>>,
+    releasing: std::sync::atomic::AtomicUsize,
 }
 
 impl ResourcePlacer {
@@ -37,6 +38,7 @@ impl ResourcePlacer {
             window: Duration::from_millis(250),
             next: AtomicU64::new(1),
             held: Mutex::new(BTreeMap::new()),
+            releasing: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -49,6 +51,11 @@ impl ResourcePlacer {
     /// How many reservations this placer holds now.
     pub fn held(&self) -> usize {
         self.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    /// Reservations held or being released now (a process waits for this to reach 0 before it leaves).
+    pub fn outstanding(&self) -> usize {
+        self.held() + self.releasing.load(Ordering::Acquire)
     }
 
     /// Whether the reservation behind `placement` is still held and its lease has not run out.
@@ -137,7 +144,10 @@ impl Placer for ResourcePlacer {
             .map_err(|_| PlaceError::Unavailable("placer state poisoned".into()))?
             .remove(&placement.reservation)
             .ok_or(PlaceError::UnknownReservation(placement.reservation))?;
-        held.release().await.map(|_| ()).map_err(|e| PlaceError::Unavailable(e.to_string()))
+        self.releasing.fetch_add(1, Ordering::AcqRel);
+        let r = held.release().await.map(|_| ()).map_err(|e| PlaceError::Unavailable(e.to_string()));
+        self.releasing.fetch_sub(1, Ordering::AcqRel);
+        r
     }
 }
 

@@ -462,8 +462,13 @@ impl State {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         if now >= self.next_alive {
-            self.next_alive = now + Duration::from_secs(1);
-            let msg = ExecMsg::Alive { agent: self.cfg.name.clone(), drained: self.drained };
+            // Three announcements per heartbeat timeout (at most one a second), so one lost event is no loss.
+            self.next_alive = now + (self.cfg.heartbeat_timeout / 3).min(Duration::from_secs(1));
+            let msg = ExecMsg::Alive {
+                agent: self.cfg.name.clone(),
+                drained: self.drained,
+                heartbeat_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
+            };
             self.send(EVERYONE, &msg).await;
         }
         for (submitter, tasks) in self.leases.expire(now.into_std()) {

@@ -96,13 +96,16 @@ pub enum ExecMsg {
         /// The submitter.
         submitter: String,
     },
-    /// Agent → everyone, every second: the agent is alive (a submitter counts its task's node as lost when these stop
+    /// Agent → everyone, three times per heartbeat timeout (at most every second): the agent is alive (a submitter counts its task's node as lost when these stop
     /// for the heartbeat timeout).
     Alive {
         /// The agent.
         agent: AgentName,
         /// Whether it is drained (it takes no new tasks).
         drained: bool,
+        /// Its heartbeat timeout, milliseconds: submitters send heartbeats at least three times within it.
+        #[serde(default)]
+        heartbeat_ms: u64,
     },
     /// Anyone → agents: list your tasks (`kecho ps`); answered with [`ExecMsg::Tasks`] to `reply_to`.
     List {

@@ -184,9 +184,7 @@ pub async fn run(a: Args) -> Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         interrupt_txs.push(tx);
         let (placer, opts) = (placer.clone(), opts.clone());
-        runs.push(tokio::spawn(async move {
-            drive(&mut sub, placer.as_ref(), session, &opts, &mut rx, &mut Terminal).await
-        }));
+        runs.push(tokio::spawn(async move { drive(&mut sub, &placer, session, &opts, &mut rx, &mut Terminal).await }));
     }
     let signals = tokio::spawn(async move {
         loop {
@@ -204,6 +202,13 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     signals.abort();
-    node.shutdown().await;
+    // Let the background releases finish (each waits 2 s at most for its agent).
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    while placer.outstanding() > 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if tokio::time::timeout(Duration::from_secs(2), node.shutdown()).await.is_err() {
+        tracing::warn!("the node did not shut down within 2 s");
+    }
     std::process::exit(code);
 }
