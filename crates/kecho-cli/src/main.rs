@@ -109,6 +109,12 @@ enum Cmd {
     Inspect(inspect::Args),
     /// Load a component onto every exec agent at once (verified by its SHA-256 and kept in each node's store).
     Configure(inspect::ConfigureArgs),
+    /// Deploy an application (APP.toml): components placed, started in dependency order, readiness, failure policy.
+    Deploy(deploy::Args),
+    /// Show deployed applications' components: agent, state, generation.
+    Status(status::Args),
+    /// Stop a deployed application in reverse dependency order.
+    Undeploy(undeploy::Args),
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -136,6 +142,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Repo { cmd } => repo::run(cmd),
         Cmd::Inspect(a) => inspect::run(a).await,
         Cmd::Configure(a) => inspect::configure(a).await,
+        Cmd::Deploy(a) => deploy::run(a).await,
+        Cmd::Status(a) => status::run(a).await,
+        Cmd::Undeploy(a) => undeploy::run(a).await,
         Cmd::Top(a) => top::run(a).await,
         Cmd::Balance(a) => balance::run(a).await,
         Cmd::Completions(a) => completions::run(a, Cli::command()),

@@ -379,3 +379,69 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
     eprintln!("agent killed to first line on the other agent: {restart:?} (heartbeat timeout 1 s)");
     Ok(())
 }
+
+#[test]
+fn deploy_starts_an_application_in_dependency_order_and_recovers_its_middle_component() -> Result<()> {
+    let c = cluster("p")?;
+    let d = format!("{}/app-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    // Each component records its start, says it is ready with a file, and refuses to start before its dependency.
+    let app = format!(
+        r#"
+name = "shop"
+on_failure = "restart"
+
+[component.db]
+cmd = "echo db >> {d}/order; touch {d}/db.ready; exec sleep 60"
+cpus = 1
+port = 7001
+ready = {{ cmd = "test -f {d}/db.ready", timeout = 20 }}
+
+[component.api]
+cmd = "test -f {d}/db.ready || exit 1; echo api >> {d}/order; echo $KECHO_DEP_DB > {d}/api.dep; echo $$ > {d}/api.pid; touch {d}/api.ready; exec sleep 60"
+after = ["db"]
+cpus = 1
+ready = {{ cmd = "test -f {d}/api.ready", timeout = 20 }}
+
+[component.web]
+cmd = "test -f {d}/api.ready || exit 1; echo web >> {d}/order; touch {d}/web.ready; exec sleep 60"
+after = ["api"]
+cpus = 1
+ready = {{ cmd = "test -f {d}/web.ready", timeout = 20 }}
+on_failure = "stop-dependents"
+"#
+    );
+    let file = format!("{d}/shop.toml");
+    std::fs::write(&file, app)?;
+    let mut dep = Running::start(&["deploy", &file, "--registry", &c.addr, "--heartbeat", "1"])?;
+    dep.expect(false, "ready", |l| l.contains("shop ready"))?;
+    assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\n");
+    assert_eq!(std::fs::read_to_string(format!("{d}/api.dep"))?.trim(), "127.0.0.1:7001");
+
+    let o = kecho(&["status", "shop", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let running = text(&o.stdout).lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();
+    assert_eq!(running, 3, "{}", text(&o.stdout));
+
+    // Kill the middle component: its dependent is told and the policy (restart) brings it back.
+    let pid = std::fs::read_to_string(format!("{d}/api.pid"))?.trim().to_owned();
+    // Its readiness file goes too, so that the restarted instance must say it is ready again.
+    std::fs::remove_file(format!("{d}/api.ready"))?;
+    let killed = Instant::now();
+    let st = Command::new("kill").args(["-9", &pid]).status()?;
+    assert!(st.success());
+    let failed = dep.expect(false, "the failure notice", |l| l.contains("api Failed"))?;
+    assert!(failed.contains("told: web"), "{failed}");
+    dep.expect(false, "the recovery", |l| l.contains("api Recovered"))?;
+    let recovered = killed.elapsed();
+    assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\napi\n");
+
+    let o = kecho(&["undeploy", "shop", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+    let rows = ps(&c)?;
+    assert!(rows.iter().all(|r| r["state"] != "running"), "{rows:?}");
+    eprintln!("middle component killed to recovered (ready again): {recovered:?}");
+    Ok(())
+}

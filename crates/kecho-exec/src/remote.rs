@@ -29,6 +29,7 @@ pub const SUBMITTER_TYPES: &[&str] = &[
     "exec.alive",
     "exec.tasks",
     "exec.log",
+    "exec.undeploy",
 ];
 
 /// Errors of the submitter's channel layer.
@@ -324,5 +325,180 @@ pub async fn drive<P: Placer + Send + Sync + 'static>(
                 sub.send(EVERYONE, &ExecMsg::Heartbeat { submitter: sub.id().to_owned() }).await?;
             }
         }
+    }
+}
+
+/// Looks an agent's host up in its exec sink's attributes (`host`, the address its node advertises).
+pub fn host_lookup(channel: &Channel) -> crate::resplace::HostOf {
+    let channel = channel.clone();
+    std::sync::Arc::new(move |agent: &str| {
+        channel.sink_attrs().into_iter().find_map(|(_, a)| {
+            let is = matches!(a.get("agent"), Some(Value::Str(s)) if s == agent);
+            match a.get("host") {
+                Some(Value::Str(h)) if is && !h.is_empty() => Some(h.clone()),
+                _ => None,
+            }
+        })
+    })
+}
+
+/// Runs a deployment's components on exec agents ([`crate::deploy::Launcher`] over kecho channels): each component is
+/// submitted to the agent its placement names, its output and end come back as messages, a stop is a message; an
+/// agent silent for the heartbeat timeout ends its components with status 255 (the deploy's failure policy follows).
+#[derive(Debug, Clone)]
+pub struct RemoteLauncher {
+    cmds: mpsc::UnboundedSender<LaunchCmd>,
+}
+
+#[derive(Debug)]
+enum LaunchCmd {
+    Launch(
+        crate::place::Placement,
+        crate::task::TaskSpec,
+        tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>,
+    ),
+    Stop(TaskId, Duration),
+}
+
+struct Remote {
+    agent: String,
+    output: mpsc::Sender<crate::task::OutputChunk>,
+    exit: tokio::sync::watch::Sender<Option<crate::task::TaskExit>>,
+    pending:
+        Option<(crate::task::Task, tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>)>,
+}
+
+impl RemoteLauncher {
+    /// Starts the launcher's I/O task over `sub`; `undeploy` receives the `kecho undeploy` requests addressed to this
+    /// submitter (the application's name).
+    pub fn start(mut sub: Submitter, heartbeat_timeout: Duration) -> (RemoteLauncher, mpsc::UnboundedReceiver<String>) {
+        let (cmds, mut rx) = mpsc::unbounded_channel::<LaunchCmd>();
+        let (undeploy_tx, undeploy) = mpsc::unbounded_channel();
+        let stop_tx = cmds.clone();
+        tokio::spawn(async move {
+            let mut tasks: BTreeMap<TaskId, Remote> = BTreeMap::new();
+            let mut alive: BTreeMap<String, Instant> = BTreeMap::new();
+            let mut tick = tokio::time::interval(heartbeat_timeout / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        None => break,
+                        Some(LaunchCmd::Launch(placement, spec, reply)) => {
+                            let agent = placement.agent.0.clone();
+                            if let Err(e) = sub.wait_for_agent(&agent, Duration::from_secs(5)).await {
+                                let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
+                                continue;
+                            }
+                            let submit = crate::wire::Submit {
+                                task: spec.id.clone(),
+                                run: 0,
+                                submitter: sub.id().to_owned(),
+                                argv: spec.argv,
+                                env: spec.env,
+                                kecho_env: spec.kecho_env,
+                                spec: crate::place::ReservationSpec { cpus: spec.limits.cpus, mem: spec.limits.mem, ..Default::default() },
+                                placement: Some(placement),
+                                restart: crate::restart::RestartPolicy::Never,
+                                checkpoint_every_ms: None,
+                                state: spec.state,
+                            };
+                            if let Err(e) = sub.send(&agent, &ExecMsg::Submit(submit)).await {
+                                let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
+                                continue;
+                            }
+                            let (out_tx, out_rx) = mpsc::channel(1024);
+                            let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
+                            let (stop_req, mut stop_rx) = mpsc::unbounded_channel::<Duration>();
+                            let (id, cmds) = (spec.id.clone(), stop_tx.clone());
+                            tokio::spawn(async move {
+                                while let Some(grace) = stop_rx.recv().await {
+                                    let _ = cmds.send(LaunchCmd::Stop(id.clone(), grace));
+                                }
+                            });
+                            let task = crate::task::Task {
+                                output: out_rx,
+                                control: crate::task::TaskControl::remote(spec.id.clone(), exit_rx, stop_req),
+                                limits: crate::task::LimitReport::default(),
+                            };
+                            alive.insert(agent.clone(), Instant::now());
+                            tasks.insert(spec.id, Remote { agent, output: out_tx, exit: exit_tx, pending: Some((task, reply)) });
+                        }
+                        Some(LaunchCmd::Stop(id, grace)) => {
+                            if let Some(r) = tasks.get(&id) {
+                                let agent = r.agent.clone();
+                                let _ = sub.send(&agent, &ExecMsg::Stop { task: id, grace_ms: grace.as_millis() as u64 }).await;
+                            }
+                        }
+                    },
+                    msg = sub.recv() => match msg {
+                        None => break,
+                        Some(ExecMsg::Started { task, limits, .. }) => {
+                            if let Some((mut t, reply)) = tasks.get_mut(&task).and_then(|r| r.pending.take()) {
+                                t.limits = limits;
+                                let _ = reply.send(Ok(t));
+                            }
+                        }
+                        Some(ExecMsg::Refused { task, agent, reason }) => {
+                            if let Some(mut r) = tasks.remove(&task) {
+                                if let Some((_, reply)) = r.pending.take() {
+                                    let _ = reply.send(Err(crate::task::TaskError::Remote(format!("agent {agent} refused: {reason}"))));
+                                }
+                            }
+                        }
+                        Some(ExecMsg::Output { task, seq, stream, data, .. }) => {
+                            if let Some(r) = tasks.get(&task) {
+                                let _ = r.output.send(crate::task::OutputChunk { seq, stream, data }).await;
+                            }
+                        }
+                        Some(ExecMsg::Exit { task, exit, .. }) => {
+                            if let Some(r) = tasks.remove(&task) {
+                                let _ = r.exit.send(Some(exit.unwrap_or(crate::task::TaskExit { code: 255, signal: None })));
+                            }
+                        }
+                        Some(ExecMsg::Alive { agent, .. }) => {
+                            alive.insert(agent.0, Instant::now());
+                        }
+                        Some(ExecMsg::Undeploy { app, .. }) => {
+                            let _ = undeploy_tx.send(app);
+                        }
+                        Some(_) => {}
+                    },
+                    _ = tick.tick() => {
+                        let _ = sub.send(EVERYONE, &ExecMsg::Heartbeat { submitter: sub.id().to_owned() }).await;
+                        let now = Instant::now();
+                        let lost: Vec<TaskId> = tasks
+                            .iter()
+                            .filter(|(_, r)| alive.get(&r.agent).is_none_or(|t| now.duration_since(*t) > heartbeat_timeout))
+                            .map(|(id, _)| id.clone())
+                            .collect();
+                        for id in lost {
+                            if let Some(mut r) = tasks.remove(&id) {
+                                tracing::warn!(task = %id, agent = %r.agent, "agent silent: its component counts as failed");
+                                if let Some((_, reply)) = r.pending.take() {
+                                    let _ = reply.send(Err(crate::task::TaskError::Remote(format!("agent {} silent", r.agent))));
+                                }
+                                let _ = r.exit.send(Some(crate::task::TaskExit { code: 255, signal: None }));
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        (RemoteLauncher { cmds }, undeploy)
+    }
+}
+
+impl crate::deploy::Launcher for RemoteLauncher {
+    async fn launch(
+        &self,
+        placement: &crate::place::Placement,
+        spec: crate::task::TaskSpec,
+    ) -> Result<crate::task::Task, crate::task::TaskError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cmds
+            .send(LaunchCmd::Launch(placement.clone(), spec, tx))
+            .map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?;
+        rx.await.map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?
     }
 }

@@ -19,7 +19,6 @@ use crate::place::{AgentName, PlaceError, Placement, Placer, ReservationId, Rese
 pub const DEFAULT_CPUS: u64 = 1;
 
 /// A placer over the agents of the resources crate.
-#[derive(Debug)]
 pub struct ResourcePlacer {
     requester: Requester,
     lease: Duration,
@@ -27,6 +26,16 @@ pub struct ResourcePlacer {
     next: AtomicU64,
     held: Mutex<BTreeMap<ReservationId, Held>>,
     releasing: std::sync::atomic::AtomicUsize,
+    hosts: Option<HostOf>,
+}
+
+/// Where an agent's node is reached (its `host`), by agent name.
+pub type HostOf = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+impl std::fmt::Debug for ResourcePlacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourcePlacer").field("lease", &self.lease).field("held", &self.held()).finish()
+    }
 }
 
 impl ResourcePlacer {
@@ -39,12 +48,19 @@ impl ResourcePlacer {
             next: AtomicU64::new(1),
             held: Mutex::new(BTreeMap::new()),
             releasing: std::sync::atomic::AtomicUsize::new(0),
+            hosts: None,
         }
     }
 
     /// How long to collect offers for one placement (default 250 ms).
     pub fn window(mut self, window: Duration) -> ResourcePlacer {
         self.window = window;
+        self
+    }
+
+    /// How a placement's `host` is found from its agent's name (default: the agent's name itself).
+    pub fn hosts(mut self, hosts: HostOf) -> ResourcePlacer {
+        self.hosts = Some(hosts);
         self
     }
 
@@ -129,7 +145,7 @@ impl Placer for ResourcePlacer {
         let placement = Placement {
             reservation: id,
             agent: AgentName(r.id.agent.clone()),
-            host: r.id.agent.clone(),
+            host: self.hosts.as_ref().and_then(|h| h(&r.id.agent)).unwrap_or_else(|| r.id.agent.clone()),
             lease: Some((r.id.to_string(), r.fence)),
         };
         let held = self.requester.hold(r);

@@ -57,6 +57,8 @@ pub struct ServiceConfig {
     pub keep_ended: usize,
     /// The reservation check; `None` runs tasks without one (tests, a host without a resource agent).
     pub check: Option<ReservationCheck>,
+    /// The address other nodes reach this host at (a deployed component's dependents get it); empty: unknown.
+    pub host: String,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -85,6 +87,7 @@ impl ServiceConfig {
             log_bytes: 256 << 10,
             keep_ended: 64,
             check: None,
+            host: String::new(),
         }
     }
 }
@@ -121,6 +124,7 @@ impl ExecService {
                 .types(AGENT_TYPES.iter().copied())
                 .filter(&format!("to == \"{}\" || to == \"{EVERYONE}\"", cfg.name.0))
                 .attr("agent", cfg.name.0.clone())
+                .attr("host", cfg.host.clone())
                 .capacity(65_536)
                 .overflow(Overflow::Block),
         )?;
@@ -350,7 +354,7 @@ impl State {
             id: s.task.clone(),
             argv: s.argv.clone(),
             env: s.env.clone(),
-            kecho_env: Vec::new(),
+            kecho_env: s.kecho_env.clone(),
             limits: Limits { cpus: s.spec.cpus, mem: s.spec.mem },
             state: s.state.clone(),
         };

@@ -282,6 +282,7 @@ mod tests {
             submitter: "me".into(),
             argv: vec!["work".into()],
             env: vec![],
+            kecho_env: vec![],
             spec: ReservationSpec { cpus: Some(1.0), ..Default::default() },
             placement: None,
             restart: policy,

@@ -126,6 +126,13 @@ pub enum ExecMsg {
         /// The task.
         task: TaskId,
     },
+    /// Anyone → a deploying process (`kecho undeploy APP`): stop application `app` in reverse dependency order.
+    Undeploy {
+        /// The application.
+        app: String,
+        /// Who asked.
+        by: String,
+    },
     /// Agent → asker: a task's recent output, in order.
     Log {
         /// The agent.
@@ -181,6 +188,9 @@ pub struct Submit {
     pub argv: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// kecho's own variables for a deployed component (`KECHO_APP`, `KECHO_COMPONENT`, `KECHO_DEP_<NAME>`).
+    #[serde(default)]
+    pub kecho_env: Vec<(String, String)>,
     /// The reservation spec.
     pub spec: ReservationSpec,
     /// The reservation made for this run.
@@ -224,6 +234,7 @@ impl ExecMsg {
             ExecMsg::Tasks { .. } => "exec.tasks",
             ExecMsg::Logs { .. } => "exec.logs",
             ExecMsg::Log { .. } => "exec.log",
+            ExecMsg::Undeploy { .. } => "exec.undeploy",
         }
     }
 
@@ -366,6 +377,7 @@ mod tests {
                         submitter,
                         argv,
                         env,
+                        kecho_env: vec![("KECHO_APP".into(), "shop".into())],
                         spec: ReservationSpec { require, rank: None, cpus: Some(1.5), mem },
                         placement: None,
                         restart: RestartPolicy::OnNodeLoss,

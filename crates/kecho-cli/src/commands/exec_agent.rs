@@ -78,6 +78,7 @@ pub async fn start(
     cfg.heartbeat_timeout = Duration::from_secs_f64(heartbeat);
     cfg.audit = Some(a.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl")));
     cfg.check = Some(kecho_exec::resplace::ledger_check(agent));
+    cfg.host = node.advertised_addr().ip().to_string();
     let ch = node.channel(CHANNEL).await?;
     let service = ExecService::start(&ch, cfg).await?;
     let store = kecho_exec::repo::Store::open(dir.join("repo"))?;

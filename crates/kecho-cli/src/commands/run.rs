@@ -174,6 +174,7 @@ pub async fn run(a: Args) -> Result<()> {
             submitter: id,
             argv: a.cmd.clone(),
             env: env.clone(),
+            kecho_env: Vec::new(),
             spec: spec.clone(),
             placement: None,
             restart,
