@@ -352,12 +352,15 @@ pub struct RemoteLauncher {
 
 #[derive(Debug)]
 enum LaunchCmd {
-    Launch(
-        crate::place::Placement,
-        crate::task::TaskSpec,
-        tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>,
-    ),
+    Launch(Box<Launch>),
     Stop(TaskId, Duration),
+}
+
+#[derive(Debug)]
+struct Launch {
+    placement: crate::place::Placement,
+    spec: crate::task::TaskSpec,
+    reply: tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>,
 }
 
 struct Remote {
@@ -384,7 +387,8 @@ impl RemoteLauncher {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         None => break,
-                        Some(LaunchCmd::Launch(placement, spec, reply)) => {
+                        Some(LaunchCmd::Launch(l)) => {
+                            let Launch { placement, spec, reply } = *l;
                             let agent = placement.agent.0.clone();
                             if let Err(e) = sub.wait_for_agent(&agent, Duration::from_secs(5)).await {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
@@ -497,7 +501,7 @@ impl crate::deploy::Launcher for RemoteLauncher {
     ) -> Result<crate::task::Task, crate::task::TaskError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cmds
-            .send(LaunchCmd::Launch(placement.clone(), spec, tx))
+            .send(LaunchCmd::Launch(Box::new(Launch { placement: placement.clone(), spec, reply: tx })))
             .map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?;
         rx.await.map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?
     }

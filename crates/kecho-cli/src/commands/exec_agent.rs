@@ -32,17 +32,20 @@ pub struct ExecArgs {
 pub enum AgentAction {
     /// Drain agent NAME: its owner reclaims the node. Its tasks are checkpointed and stopped; those submitted with
     /// `--restart on-node-loss` (or on-failure) continue on another agent from their last checkpoint.
-    Drain {
-        /// The agent.
-        name: String,
-        /// Seconds to wait for the agent to be seen on the exec channel.
-        #[arg(long, default_value_t = 5.0)]
-        wait: f64,
-        #[command(flatten)]
-        reg: RegistryArg,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
+    Drain(Box<DrainArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DrainArgs {
+    /// The agent.
+    name: String,
+    /// Seconds to wait for the agent to be seen on the exec channel.
+    #[arg(long, default_value_t = 5.0)]
+    wait: f64,
+    #[command(flatten)]
+    reg: RegistryArg,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 /// The exec service and the inspection/configuration agent of one node.
@@ -89,7 +92,8 @@ pub async fn start(
 
 pub async fn action(act: AgentAction) -> Result<()> {
     match act {
-        AgentAction::Drain { name, wait, reg, node: na } => {
+        AgentAction::Drain(d) => {
+            let DrainArgs { name, wait, reg, node: na } = *d;
             let node = node(&reg, &na, None).await?;
             let ch = node.channel(CHANNEL).await?;
             let by = submitter_id(&crate::commands::agent::host_name());
