@@ -332,6 +332,15 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     let o = kecho(&["inspect", "--registry", &c.addr])?;
     assert_eq!(text(&o.stdout).matches(&digest).count(), 2, "{}", text(&o.stdout));
 
+    // Each agent wrote the configuration to its audit log with who asked.
+    let audit =
+        std::fs::read_to_string(format!("{}/exec-ia-{}/audit.jsonl", env!("CARGO_TARGET_TMPDIR"), std::process::id()))?;
+    let line: serde_json::Value = serde_json::from_str(
+        audit.lines().find(|l| l.contains("\"configure\"")).context("no configure entry in the audit log")?,
+    )?;
+    assert_eq!(line["target"], digest.as_str());
+    assert!(line["who"].as_str().is_some_and(|w| !w.is_empty()), "{line}");
+
     let o = kecho(&["repo", "rm", &digest, "--repo-dir", &format!("{dir}/store")])?;
     assert!(o.status.success(), "{}", text(&o.stderr));
     let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;

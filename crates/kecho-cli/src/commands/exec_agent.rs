@@ -79,13 +79,16 @@ pub async fn start(
     let confinement = Confinement::detect(None);
     let mut cfg = ServiceConfig::new(AgentName(name.clone()), dir.join("tasks"), confinement.clone());
     cfg.heartbeat_timeout = Duration::from_secs_f64(heartbeat);
-    cfg.audit = Some(a.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl")));
+    let audit = a.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl"));
+    cfg.audit = Some(audit.clone());
     cfg.check = Some(kecho_exec::resplace::ledger_check(agent));
     cfg.host = node.advertised_addr().ip().to_string();
     let ch = node.channel(CHANNEL).await?;
     let service = ExecService::start(&ch, cfg).await?;
     let store = kecho_exec::repo::Store::open(dir.join("repo"))?;
-    let inspect = kecho_exec::inspect::serve(node, kecho_exec::inspect::DEFAULT_PREFIX, name.clone(), store).await?;
+    let log = kecho_exec::agent::AuditLog::open(&audit).with_context(|| format!("--audit {}", audit.display()))?;
+    let prefix = kecho_exec::inspect::DEFAULT_PREFIX;
+    let inspect = kecho_exec::inspect::serve_audited(node, prefix, name.clone(), store, Some(log)).await?;
     eprintln!("kecho: agent {name} runs tasks (exec allowed); limits by {}", confinement.describe());
     Ok(Some(Exec { service, inspect }))
 }
