@@ -215,23 +215,24 @@ async fn serve(mut st: State, mut sink: Sink, mut rx: mpsc::UnboundedReceiver<In
             _ = tick.tick() => st.on_tick().await,
         }
     }
-    // Stop every task, and report their ends as far as the channel still carries them.
-    let controls: Vec<TaskControl> = st.runs.values().map(|r| r.control.clone()).collect();
+    // Stop every task at once, and report their ends as far as the channel still carries them.
     let grace = st.cfg.stop_grace;
     for r in st.runs.values_mut() {
         r.stopping = true;
     }
-    let stops = controls.iter().map(|c| c.stop(grace));
-    futures_join_all(stops).await;
+    let stops: Vec<_> = st
+        .runs
+        .values()
+        .map(|r| {
+            let c = r.control.clone();
+            tokio::spawn(async move { c.stop(grace).await })
+        })
+        .collect();
+    for s in stops {
+        let _ = s.await;
+    }
     while let Ok(i) = rx.try_recv() {
         st.on_internal(i).await;
-    }
-}
-
-/// Awaits every future (a tiny join_all so that the crate needs no futures dependency).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) {
-    for f in futs {
-        f.await;
     }
 }
 
