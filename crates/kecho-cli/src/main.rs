@@ -93,6 +93,28 @@ enum Cmd {
     Reserve(reserve::Args),
     /// Release reservations by id.
     Release(release::Args),
+    /// Run a command on a fitting agent (`kecho run [--cpus N] [--restart on-node-loss] -- CMD ARGS`): output
+    /// streamed back, exit status as a shell reports it.
+    Run(run::Args),
+    /// List the tasks the exec agents run (agent, state, since, restarts).
+    Ps(ps::Args),
+    /// Replay a task's recent output.
+    Logs(logs::Args),
+    /// The component repository on this node: add (put), ls, rm artifacts by their SHA-256.
+    Repo {
+        #[command(subcommand)]
+        cmd: repo::Args,
+    },
+    /// Send an inspection agent to every exec agent at once and gather their reports.
+    Inspect(inspect::Args),
+    /// Load a component onto every exec agent at once (verified by its SHA-256 and kept in each node's store).
+    Configure(inspect::ConfigureArgs),
+    /// Deploy an application (APP.toml): components placed, started in dependency order, readiness, failure policy.
+    Deploy(deploy::Args),
+    /// Show deployed applications' components: agent, state, generation.
+    Status(status::Args),
+    /// Stop a deployed application in reverse dependency order.
+    Undeploy(undeploy::Args),
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -114,6 +136,15 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Resources(a) => resources::run(a).await,
         Cmd::Reserve(a) => reserve::run(a).await,
         Cmd::Release(a) => release::run(a).await,
+        Cmd::Run(a) => run::run(a).await,
+        Cmd::Ps(a) => ps::run(a).await,
+        Cmd::Logs(a) => logs::run(a).await,
+        Cmd::Repo { cmd } => repo::run(cmd),
+        Cmd::Inspect(a) => inspect::run(a).await,
+        Cmd::Configure(a) => inspect::configure(a).await,
+        Cmd::Deploy(a) => deploy::run(a).await,
+        Cmd::Status(a) => status::run(a).await,
+        Cmd::Undeploy(a) => undeploy::run(a).await,
         Cmd::Top(a) => top::run(a).await,
         Cmd::Balance(a) => balance::run(a).await,
         Cmd::Completions(a) => completions::run(a, Cli::command()),

@@ -41,8 +41,8 @@ const READY_POLL: Duration = Duration::from_millis(20);
 
 /// Starts component processes on agents.
 pub trait Launcher: Send + Sync + 'static {
-    /// Starts `spec` on `agent`.
-    fn launch(&self, agent: &AgentName, spec: TaskSpec) -> impl Future<Output = Result<Task, TaskError>> + Send;
+    /// Starts `spec` under `placement` (on its agent, within its reservation).
+    fn launch(&self, placement: &Placement, spec: TaskSpec) -> impl Future<Output = Result<Task, TaskError>> + Send;
 }
 
 /// Runs every component on this host, as if on the agent it was placed on.
@@ -60,7 +60,8 @@ impl LocalLauncher {
 }
 
 impl Launcher for LocalLauncher {
-    async fn launch(&self, agent: &AgentName, spec: TaskSpec) -> Result<Task, TaskError> {
+    async fn launch(&self, placement: &Placement, spec: TaskSpec) -> Result<Task, TaskError> {
+        let agent = &placement.agent;
         let dir = self.state_dir.join(&agent.0);
         Supervisor::new(agent.clone(), dir, self.confinement.clone()).spawn(spec).await
     }
@@ -500,7 +501,7 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             state: None,
         };
         let readiness = spec.readiness.clone();
-        let task = match self.launcher.launch(&placement.agent, task).await {
+        let task = match self.launcher.launch(&placement, task).await {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.internal.send(Internal::Failed(c.clone(), generation, e.to_string()));

@@ -193,6 +193,17 @@ pub async fn serve(
     name: String,
     store: Store,
 ) -> Result<tokio::task::JoinHandle<()>, InspectError> {
+    serve_audited(node, prefix, name, store, None).await
+}
+
+/// As [`serve`], also writing every inspection and configuration, with who asked, to the agent's audit log.
+pub async fn serve_audited(
+    node: &Node,
+    prefix: &str,
+    name: String,
+    store: Store,
+    mut audit: Option<crate::agent::AuditLog>,
+) -> Result<tokio::task::JoinHandle<()>, InspectError> {
     let agents = node.channel(&agents_channel(prefix)).await?;
     let own = node.channel(&node_channel(prefix, &name)).await?;
     let replies = node.channel(&replies_channel(prefix)).await?;
@@ -217,6 +228,17 @@ pub async fn serve(
                 Err(_) => break,
             };
             let Some(request) = AgentRequest::from_event(&event) else { continue };
+            if let Some(log) = &mut audit {
+                let written = match &request {
+                    AgentRequest::Inspect { by, .. } => log.record(by, "inspect", &name, ""),
+                    AgentRequest::Load { by, digest, bytes, .. } => {
+                        log.record(by, "configure", &digest.to_string(), &format!("{} bytes", bytes.len()))
+                    }
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "audit log write failed");
+                }
+            }
             let reply = answer(&name, &store, request);
             if out.submit(&reply, &Attrs::default()).await.is_err() {
                 break;

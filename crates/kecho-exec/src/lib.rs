@@ -25,6 +25,11 @@
 //!   silent submitter's tasks are stopped), when checkpoints are shipped.
 //! - [`submit`]: the submitter side of `kecho run`, pure: place, send, print output in order, restart where the
 //!   policy says from the last checkpoint, exit with the task's status.
+//! - [`resplace`]: the real [`place::Placer`]: attached, renewed reservations negotiated with the resource agents.
+//! - [`service`]: the agent side over kecho channels (`kecho agent --allow-exec`): tasks run within their
+//!   reservation, output streamed back in order, silent submitters' tasks stopped, drain, audit.
+//! - [`remote`]: the submitter side over kecho channels: drives a [`submit::RunSession`] (`kecho run`), and `kecho
+//!   ps`, `kecho logs`, `kecho agent drain`.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
 #![forbid(unsafe_code)]
@@ -36,8 +41,11 @@ pub mod graph;
 pub mod inspect;
 pub mod place;
 pub mod plan;
+pub mod remote;
 pub mod repo;
+pub mod resplace;
 pub mod restart;
+pub mod service;
 pub mod submit;
 pub mod task;
 pub mod wire;

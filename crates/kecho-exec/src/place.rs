@@ -48,6 +48,10 @@ pub struct Placement {
     pub agent: AgentName,
     /// The host name or address dependents reach the agent's node at.
     pub host: String,
+    /// The resources crate's reservation id (`AGENT:EPOCH:N`) and fence, which the agent checks against its ledger
+    /// before it runs anything under the reservation (`None` from placers without real reservations).
+    #[serde(default)]
+    pub lease: Option<(String, u64)>,
 }
 
 /// Why a placement failed.
@@ -184,7 +188,7 @@ impl InMemoryPlacer {
         st.next += 1;
         st.reservations.insert(id, (i, cpus, mem));
         let agent = &st.agents[i];
-        Ok(Placement { reservation: id, agent: agent.name.clone(), host: agent.host.clone() })
+        Ok(Placement { reservation: id, agent: agent.name.clone(), host: agent.host.clone(), lease: None })
     }
 
     fn release_now(&self, placement: &Placement) -> Result<(), PlaceError> {

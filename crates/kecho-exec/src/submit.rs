@@ -24,6 +24,8 @@ pub const EXIT_LOST: i32 = 255;
 const MAX_REFUSALS: usize = 3;
 
 /// What the submitter does next.
+// A handful of actions per run, each consumed at once: boxing the message would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum RunAction {
@@ -282,6 +284,7 @@ mod tests {
             submitter: "me".into(),
             argv: vec!["work".into()],
             env: vec![],
+            kecho_env: vec![],
             spec: ReservationSpec { cpus: Some(1.0), ..Default::default() },
             placement: None,
             restart: policy,
@@ -292,7 +295,12 @@ mod tests {
     }
 
     fn at(agent: &str, id: u64) -> Placement {
-        Placement { reservation: ReservationId(id), agent: AgentName(agent.into()), host: format!("{agent}.lan") }
+        Placement {
+            reservation: ReservationId(id),
+            agent: AgentName(agent.into()),
+            host: format!("{agent}.lan"),
+            lease: None,
+        }
     }
 
     fn exit(run: u32, code: i32) -> ExecMsg {

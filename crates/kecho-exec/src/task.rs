@@ -161,6 +161,9 @@ pub enum TaskError {
     /// A limit could not be applied; the task was killed before it ran.
     #[error("cannot apply limits: {0}")]
     Limits(String),
+    /// The agent asked to run it refused it or could not be reached.
+    #[error("remote: {0}")]
+    Remote(String),
 }
 
 /// How an agent confines its tasks.
@@ -271,7 +274,7 @@ pub fn own_cgroup(proc_cgroup: &str) -> Option<String> {
 }
 
 /// What limits a task got.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LimitReport {
     /// `cgroup` or `rlimit` (or `none` when the task asked for no limits).
     pub mechanism: String,
@@ -324,10 +327,13 @@ pub struct TaskControl {
 #[derive(Debug)]
 struct ControlInner {
     id: TaskId,
-    pid: Pid,
+    /// `None` for a task on another node.
+    pid: Option<Pid>,
     state_path: PathBuf,
     cgroup: Option<PathBuf>,
     exit: watch::Receiver<Option<TaskExit>>,
+    /// For a task on another node: where a stop request (its grace) goes.
+    remote_stop: Option<mpsc::UnboundedSender<Duration>>,
 }
 
 impl Supervisor {
@@ -447,7 +453,7 @@ impl Supervisor {
             }
         });
         tracing::info!(task = %spec.id, pid = pid.as_raw_nonzero().get(), %limits, "task started");
-        let inner = ControlInner { id: spec.id, pid, state_path, cgroup, exit };
+        let inner = ControlInner { id: spec.id, pid: Some(pid), state_path, cgroup, exit, remote_stop: None };
         Ok(Task { output, control: TaskControl { inner: Arc::new(inner) }, limits })
     }
 
@@ -565,14 +571,33 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, stream: Stream, order: Arc<Mutex
 }
 
 impl TaskControl {
+    /// A handle on a task that runs on another node: its end arrives on `exit`, and a stop is a request sent on
+    /// `stop` (the grace period) to whoever talks to that node.
+    pub fn remote(
+        id: TaskId,
+        exit: watch::Receiver<Option<TaskExit>>,
+        stop: mpsc::UnboundedSender<Duration>,
+    ) -> TaskControl {
+        TaskControl {
+            inner: Arc::new(ControlInner {
+                id,
+                pid: None,
+                state_path: PathBuf::new(),
+                cgroup: None,
+                exit,
+                remote_stop: Some(stop),
+            }),
+        }
+    }
+
     /// The task's id.
     pub fn id(&self) -> &TaskId {
         &self.inner.id
     }
 
-    /// The task's pid (also its process group id).
+    /// The task's pid (also its process group id); 0 for a task on another node.
     pub fn pid(&self) -> i32 {
-        self.inner.pid.as_raw_nonzero().get()
+        self.inner.pid.map_or(0, |p| p.as_raw_nonzero().get())
     }
 
     /// The task's cgroup directory, if it has one.
@@ -602,10 +627,15 @@ impl TaskControl {
     /// A task that has already ended is not signalled: its group id may belong to someone else by now. Returns how
     /// the task ended.
     pub async fn stop(&self, grace: Duration) -> TaskExit {
-        let pid = self.inner.pid;
         if self.exit_now().is_some() {
             return self.wait().await;
         }
+        let Some(pid) = self.inner.pid else {
+            if let Some(tx) = &self.inner.remote_stop {
+                let _ = tx.send(grace);
+            }
+            return self.wait().await;
+        };
         let _ = kill_process_group(pid, Signal::TERM);
         if tokio::time::timeout(grace, self.wait()).await.is_err() {
             let _ = kill_process_group(pid, Signal::KILL);
@@ -618,6 +648,10 @@ impl TaskControl {
 
     /// Reads the task's checkpoint (`$KECHO_STATE`): `None` if it has not written one.
     pub async fn checkpoint(&self) -> Result<Option<Vec<u8>>, TaskError> {
+        if self.inner.pid.is_none() {
+            // A remote task's checkpoints travel as messages, not through this handle.
+            return Ok(None);
+        }
         read_checkpoint(&self.inner.state_path).await
     }
 }

@@ -96,6 +96,83 @@ pub enum ExecMsg {
         /// The submitter.
         submitter: String,
     },
+    /// Agent → everyone, three times per heartbeat timeout (at most every second): the agent is alive (a submitter counts its task's node as lost when these stop
+    /// for the heartbeat timeout).
+    Alive {
+        /// The agent.
+        agent: AgentName,
+        /// Whether it is drained (it takes no new tasks).
+        drained: bool,
+        /// Its heartbeat timeout, milliseconds: submitters send heartbeats at least three times within it.
+        #[serde(default)]
+        heartbeat_ms: u64,
+    },
+    /// Anyone → agents: list your tasks (`kecho ps`); answered with [`ExecMsg::Tasks`] to `reply_to`.
+    List {
+        /// Where the answer goes.
+        reply_to: String,
+    },
+    /// Agent → asker: the tasks it runs or ran recently.
+    Tasks {
+        /// The agent.
+        agent: AgentName,
+        /// Its tasks.
+        tasks: Vec<TaskRow>,
+    },
+    /// Anyone → agents: replay a task's recent output (`kecho logs`); answered with [`ExecMsg::Log`].
+    Logs {
+        /// Where the answer goes.
+        reply_to: String,
+        /// The task.
+        task: TaskId,
+    },
+    /// Anyone → a deploying process (`kecho undeploy APP`): stop application `app` in reverse dependency order.
+    Undeploy {
+        /// The application.
+        app: String,
+        /// Who asked.
+        by: String,
+    },
+    /// Agent → asker: a task's recent output, in order.
+    Log {
+        /// The agent.
+        agent: AgentName,
+        /// The task.
+        task: TaskId,
+        /// Chunks the bounded log no longer holds (chunks, bytes).
+        dropped: (u64, u64),
+        /// The chunks it holds.
+        chunks: Vec<LogChunk>,
+    },
+}
+
+/// One task as `kecho ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRow {
+    /// The task.
+    pub task: TaskId,
+    /// Which run.
+    pub run: u32,
+    /// Who submitted it.
+    pub submitter: String,
+    /// The command line.
+    pub argv: Vec<String>,
+    /// `running`, `exited N`, `stopped`, `drained`.
+    pub state: String,
+    /// Milliseconds since the Unix epoch when the run started.
+    pub since_ms: u64,
+    /// The limits that applied.
+    pub limits: String,
+}
+
+/// A chunk of a task's recent output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// Which stream.
+    pub stream: Stream,
+    /// The bytes.
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
 }
 
 /// A task submission.
@@ -111,6 +188,9 @@ pub struct Submit {
     pub argv: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// kecho's own variables for a deployed component (`KECHO_APP`, `KECHO_COMPONENT`, `KECHO_DEP_<NAME>`).
+    #[serde(default)]
+    pub kecho_env: Vec<(String, String)>,
     /// The reservation spec.
     pub spec: ReservationSpec,
     /// The reservation made for this run.
@@ -149,6 +229,12 @@ impl ExecMsg {
             ExecMsg::Stop { .. } => "exec.stop",
             ExecMsg::Drain { .. } => "exec.drain",
             ExecMsg::Heartbeat { .. } => "exec.heartbeat",
+            ExecMsg::Alive { .. } => "exec.alive",
+            ExecMsg::List { .. } => "exec.list",
+            ExecMsg::Tasks { .. } => "exec.tasks",
+            ExecMsg::Logs { .. } => "exec.logs",
+            ExecMsg::Log { .. } => "exec.log",
+            ExecMsg::Undeploy { .. } => "exec.undeploy",
         }
     }
 
@@ -291,6 +377,7 @@ mod tests {
                         submitter,
                         argv,
                         env,
+                        kecho_env: vec![("KECHO_APP".into(), "shop".into())],
                         spec: ReservationSpec { require, rank: None, cpus: Some(1.5), mem },
                         placement: None,
                         restart: RestartPolicy::OnNodeLoss,

@@ -92,6 +92,7 @@ async fn a_drained_agent_task_continues_elsewhere_from_its_checkpoint() -> Resul
         submitter: "tester".into(),
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec![],
+        kecho_env: vec![],
         spec: ReservationSpec { cpus: Some(2.0), mem: Some(256 << 20), ..Default::default() },
         placement: None,
         restart: RestartPolicy::OnNodeLoss,

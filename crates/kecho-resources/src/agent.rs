@@ -181,6 +181,17 @@ impl Agent {
     pub fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
         f(&mut self.ledger.lock())
     }
+    /// A check for remote execution, usable after the agent moved: `Ok` when `id` is a confirmed reservation of this
+    /// agent whose fence is `fence` (see [`Ledger::check`]).
+    pub fn reservation_check(
+        &self,
+    ) -> impl Fn(&crate::types::ReservationId, u64) -> std::result::Result<(), crate::ledger::LedgerError>
+           + Send
+           + Sync
+           + 'static {
+        let ledger = self.ledger.clone();
+        move |id, fence| ledger.lock().check(id, fence, Instant::now().into_std()).map(|_| ())
+    }
     /// Says goodbye on the channel and stops.
     pub async fn stop(self) {
         self.stop.notify_one();

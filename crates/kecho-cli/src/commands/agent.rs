@@ -10,7 +10,12 @@ use crate::attrs;
 use crate::node_args::{node, NodeArgs, RegistryArg};
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    action: Option<crate::commands::exec_agent::AgentAction>,
+    #[command(flatten)]
+    exec: crate::commands::exec_agent::ExecArgs,
     /// The agent's name [default: the host name].
     #[arg(long)]
     name: Option<String>,
@@ -67,6 +72,9 @@ pub fn host_name() -> String {
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    if let Some(act) = a.action {
+        return crate::commands::exec_agent::action(act).await;
+    }
     let mut cfg = AgentConfig::new(a.name.clone().unwrap_or_else(host_name));
     cfg.attrs = attrs::parse_all(&a.attrs)?;
     cfg.cpus = a.cpus;
@@ -90,7 +98,11 @@ pub async fn run(a: Args) -> Result<()> {
     let agent = Agent::start_on(&ch, cfg).await?;
     let offered = agent.with_ledger(|l| l.capacity().to_string());
     eprintln!("kecho: agent {} offering {offered} on {:?}", agent.name(), a.channel);
+    let exec = crate::commands::exec_agent::start(&a.exec, &node, &agent, a.node.heartbeat).await?;
     wait_for_stop().await;
+    if let Some(e) = exec {
+        e.stop().await;
+    }
     agent.stop().await;
     node.shutdown().await;
     Ok(())

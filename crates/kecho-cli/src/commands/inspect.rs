@@ -1,0 +1,124 @@
+//! `kecho inspect` and `kecho configure`: 2K's mobile agents for inspection and configuration, fanned out by kecho
+//! to every exec agent at once instead of walking a chain.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho_exec::inspect::{Inspector, Outcome, DEFAULT_PREFIX};
+use kecho_exec::remote::{submitter_id, Submitter};
+use kecho_exec::service::CHANNEL;
+use serde_json::json;
+
+use crate::commands::agent::host_name;
+use crate::node_args::{node, NodeArgs, RegistryArg};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// How many nodes must answer [default: every exec agent seen within --wait].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Seconds to wait for agents and for their answers.
+    #[arg(long, default_value_t = 5.0)]
+    wait: f64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = crate::commands::resources::Format::Text)]
+    format: crate::commands::resources::Format,
+    #[command(flatten)]
+    reg: RegistryArg,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConfigureArgs {
+    /// The component to load onto every node (kept in each node's repository store under its SHA-256).
+    #[arg(long, value_name = "FILE")]
+    load: std::path::PathBuf,
+    #[command(flatten)]
+    common: Args,
+}
+
+async fn inspector(a: &Args) -> Result<(kecho::Node, Inspector, usize, Duration)> {
+    if !(a.wait > 0.0 && a.wait.is_finite()) {
+        bail!("--wait must be a positive number of seconds");
+    }
+    let wait = Duration::from_secs_f64(a.wait);
+    let node = node(&a.reg, &a.node, None).await?;
+    let expect = match a.nodes {
+        Some(n) => n,
+        None => {
+            let exec = node.channel(CHANNEL).await?;
+            let sub = Submitter::on(&exec, submitter_id(&host_name()))?;
+            // Agents announce themselves within a moment of each other; count them once the first is seen.
+            if sub.wait_for_agents(wait).await == 0 {
+                node.shutdown().await;
+                bail!("no exec agent (kecho agent --allow-exec) seen within {:?}", wait);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sub.agents().len()
+        }
+    };
+    let who = submitter_id(&host_name());
+    let insp = Inspector::new(&node, DEFAULT_PREFIX, &who, expect, wait).await?;
+    Ok((node, insp, expect, wait))
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let (node, mut insp, expect, wait) = inspector(&a).await?;
+    let started = std::time::Instant::now();
+    let got = insp.inspect(expect, wait).await;
+    let took = started.elapsed();
+    node.shutdown().await;
+    let mut replies = got?;
+    replies.sort_by(|x, y| x.node.cmp(&y.node));
+    for r in &replies {
+        match (&r.outcome, a.format) {
+            (Ok(Outcome::Report(rep)), crate::commands::resources::Format::Text) => println!(
+                "{:<12} kecho {}  cpus {}  mem {}  load1 {:.2}  artifacts {}",
+                rep.name,
+                rep.version,
+                rep.cpus,
+                kecho_resources::types::human("mem", rep.mem_total),
+                rep.load1,
+                rep.artifacts.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+            ),
+            (Ok(o), crate::commands::resources::Format::Json) => println!("{}", json!({"node": r.node, "outcome": o})),
+            (Ok(o), _) => println!("{:<12} {o:?}", r.node),
+            (Err(e), _) => println!("{:<12} error: {e}", r.node),
+        }
+    }
+    eprintln!("kecho: {} node(s) inspected in {:.2} ms", replies.len(), took.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+pub async fn configure(a: ConfigureArgs) -> Result<()> {
+    let bytes = std::fs::read(&a.load).with_context(|| format!("--load {}", a.load.display()))?;
+    let (node, mut insp, expect, wait) = inspector(&a.common).await?;
+    let started = std::time::Instant::now();
+    let got = insp.configure(&bytes, expect, wait).await;
+    let took = started.elapsed();
+    node.shutdown().await;
+    let mut replies = got?;
+    replies.sort_by(|x, y| x.node.cmp(&y.node));
+    let mut failed = 0;
+    for r in &replies {
+        match &r.outcome {
+            Ok(Outcome::Loaded { digest }) => println!("{:<12} loaded {digest}", r.node),
+            Ok(o) => println!("{:<12} {o:?}", r.node),
+            Err(e) => {
+                failed += 1;
+                println!("{:<12} refused: {e}", r.node);
+            }
+        }
+    }
+    eprintln!(
+        "kecho: {} byte(s) loaded onto {} node(s) in {:.2} ms",
+        bytes.len(),
+        replies.len(),
+        took.as_secs_f64() * 1e3
+    );
+    if failed > 0 {
+        bail!("{failed} node(s) refused the component");
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! `kecho run`, `kecho ps`, `kecho logs` and `kecho agent drain` as a user runs them: separate processes on loopback,
+//! a registry and two agents started with `--allow-exec`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use support::{eventually, free_port, registry, Proc, KECHO};
+
+/// A registry and two exec agents, `NAMEa` and `NAMEb` (names differ per test so that their state stays apart).
+struct Cluster {
+    addr: String,
+    agents: Vec<Proc>,
+    _reg: Proc,
+}
+
+fn cluster(prefix: &str) -> Result<Cluster> {
+    let addr = free_port()?;
+    let reg = registry(&addr, &[])?;
+    let mut agents = Vec::new();
+    for n in ["a", "b"] {
+        let name = format!("{prefix}{n}");
+        let dir = format!("{}/exec-{name}-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+        let mut p = Proc::spawn(
+            &name,
+            &[
+                "agent",
+                "--name",
+                &name,
+                "--cpus",
+                "2",
+                "--mem",
+                "1G",
+                "--no-measure",
+                "--registry",
+                &addr,
+                "--report",
+                "0.3",
+                "--lifetime",
+                "1",
+                "--holder-grace",
+                "0.5",
+                "--heartbeat",
+                "1",
+                "--allow-exec",
+                "--exec-dir",
+                &dir,
+            ],
+        )?;
+        p.wait_stderr("runs tasks")?;
+        agents.push(p);
+    }
+    Ok(Cluster { addr, agents, _reg: reg })
+}
+
+/// Runs a kecho command to completion (30 s at most).
+fn kecho(args: &[&str]) -> Result<Output> {
+    let mut child = Command::new(KECHO)
+        .args(args)
+        .env_remove("KECHO_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = mpsc::channel();
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait().map(|s| (s, child)));
+    });
+    let (status, _child) = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(r) => r?,
+        Err(_) => bail!("{args:?} did not exit within 30 s"),
+    };
+    let stdout = t1.join().map_err(|_| anyhow::anyhow!("reader"))?;
+    let stderr = t2.join().map_err(|_| anyhow::anyhow!("reader"))?;
+    Ok(Output { status, stdout, stderr })
+}
+
+/// A `kecho run` in the background whose output lines are read as they come.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<(bool, String)>,
+    seen: Vec<(bool, String)>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Result<Running> {
+        let mut child = Command::new(KECHO)
+            .args(args)
+            .env_remove("KECHO_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((true, l));
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send((false, l));
+            }
+        });
+        Ok(Running { child, lines: rx, seen: Vec::new() })
+    }
+
+    /// Waits (20 s at most) for a line on stdout (`stdout`) or stderr matching `f`.
+    fn expect(&mut self, stdout: bool, what: &str, f: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((o, l)) => {
+                    self.seen.push((o, l.clone()));
+                    if o == stdout && f(&l) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => bail!("never saw {what}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the exit and the rest of the output.
+    fn finish(&mut self) -> Result<i32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return s.code().context("killed by a signal");
+            }
+            if Instant::now() > deadline {
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
+                bail!("kecho run did not finish; saw {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stdout(&self) -> Vec<&str> {
+        self.seen.iter().filter(|(o, _)| *o).map(|(_, l)| l.as_str()).collect()
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
+    let o = kecho(&["ps", "--format", "json", "--registry", &c.addr])?;
+    if !o.status.success() {
+        bail!("kecho ps failed: {}", text(&o.stderr));
+    }
+    text(&o.stdout).lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
+}
+
+#[test]
+fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
+    let c = cluster("r")?;
+    let o = kecho(&["run", "--registry", &c.addr, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"])?;
+    assert_eq!(text(&o.stdout), "hi\n", "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", text(&o.stderr));
+
+    // The task sees its agent and id, and the --env it was given; a signal death is 128+N.
+    let o = kecho(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--require",
+        "agent == \"rb\"",
+        "--env",
+        "GREETING=hello",
+        "--",
+        "sh",
+        "-c",
+        "echo $KECHO_AGENT $GREETING ${KECHO_TASK:+task}; kill -9 $$",
+    ])?;
+    assert_eq!(text(&o.stdout), "rb hello task\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(137), "stderr: {}", text(&o.stderr));
+
+    // No agent fits: 125, with the reason.
+    let o = kecho(&["run", "--registry", &c.addr, "--cpus", "64", "--", "true"])?;
+    assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cannot be placed"), "{}", text(&o.stderr));
+
+    // ps lists the ended tasks; logs replays one.
+    let rows = ps(&c)?;
+    let hi = rows
+        .iter()
+        .find(|r| r["argv"][2].as_str().is_some_and(|a| a.starts_with("echo hi")))
+        .context("the first task is not listed")?;
+    assert_eq!(hi["state"], "exited 3", "{rows:?}");
+    let task = hi["task"].as_str().context("task id")?;
+    let o = kecho(&["logs", task, "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "hi\n");
+    assert!(text(&o.stderr).contains("oops"));
+    Ok(())
+}
+
+#[test]
+fn a_killed_submitter_has_its_task_stopped() -> Result<()> {
+    let c = cluster("k")?;
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--heartbeat",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 60",
+    ])?;
+    run.expect(true, "the task's first line", |l| l == "started")?;
+    let running = ps(&c)?;
+    assert!(running.iter().any(|r| r["state"] == "running"), "{running:?}");
+    let killed = Instant::now();
+    run.child.kill()?;
+    let state = eventually(Duration::from_secs(15), "the task stopped", || {
+        let rows = ps(&c)?;
+        Ok(rows.iter().find(|r| r["argv"][2] == "echo started; sleep 60").and_then(|r| {
+            let s = r["state"].as_str().unwrap_or("");
+            (s != "running").then(|| s.to_owned())
+        }))
+    })?;
+    assert!(state.starts_with("stopped"), "{state}");
+    eprintln!("submitter killed to task stopped: {:?}", killed.elapsed());
+    Ok(())
+}
+
+#[test]
+fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()> {
+    let c = cluster("d")?;
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
+                  while [ $n -lt 30 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--restart",
+        "on-node-loss",
+        "--checkpoint-every",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])?;
+    let first = run.expect(true, "the fifth line", |l| l.ends_with(" 5"))?;
+    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let drained_at = Instant::now();
+    let o = kecho(&["agent", "drain", &agent, "--registry", &c.addr])?;
+    assert!(o.status.success(), "drain failed: {}", text(&o.stderr));
+    let other = if agent == "da" { "db" } else { "da" };
+    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    let restart = drained_at.elapsed();
+    assert_eq!(run.finish()?, 0, "{:?}", run.seen);
+    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
+    let last_before: u32 = run
+        .stdout()
+        .iter()
+        .filter(|l| l.starts_with(&agent))
+        .filter_map(|l| l.split_once(' ').and_then(|(_, n)| n.parse().ok()))
+        .max()
+        .unwrap_or(0);
+    assert!(n > 1 && n.abs_diff(last_before + 1) <= 1, "resumed at {n} after {last_before}");
+    assert_eq!(run.stdout().last().copied(), Some(format!("{other} 30").as_str()));
+    assert!(run.seen.iter().any(|(o, l)| !o && l.contains("drained")), "{:?}", run.seen);
+    eprintln!("drain to first line on the other agent: {restart:?}");
+    drop(c.agents);
+    Ok(())
+}
+
+#[test]
+fn inspect_configure_and_the_repository() -> Result<()> {
+    let c = cluster("i")?;
+    let o = kecho(&["inspect", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let names: Vec<String> =
+        text(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
+    assert_eq!(names, ["ia", "ib"], "{}", text(&o.stdout));
+
+    let dir = format!("{}/repo-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    std::fs::create_dir_all(&dir)?;
+    let file = format!("{dir}/component.bin");
+    std::fs::write(&file, (0..30_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>())?;
+    let o = kecho(&["repo", "add", &file, "--repo-dir", &format!("{dir}/store")])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let digest = text(&o.stdout).trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
+    assert_eq!(text(&o.stdout), format!("{digest}  30000\n"));
+
+    let o = kecho(&["configure", "--load", &file, "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).matches(&format!("loaded {digest}")).count(), 2, "{}", text(&o.stdout));
+    // The nodes now report the component.
+    let o = kecho(&["inspect", "--registry", &c.addr])?;
+    assert_eq!(text(&o.stdout).matches(&digest).count(), 2, "{}", text(&o.stdout));
+
+    // Each agent wrote the configuration to its audit log with who asked.
+    let audit =
+        std::fs::read_to_string(format!("{}/exec-ia-{}/audit.jsonl", env!("CARGO_TARGET_TMPDIR"), std::process::id()))?;
+    let line: serde_json::Value = serde_json::from_str(
+        audit.lines().find(|l| l.contains("\"configure\"")).context("no configure entry in the audit log")?,
+    )?;
+    assert_eq!(line["target"], digest.as_str());
+    assert!(line["who"].as_str().is_some_and(|w| !w.is_empty()), "{line}");
+
+    let o = kecho(&["repo", "rm", &digest, "--repo-dir", &format!("{dir}/store")])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
+    assert_eq!(text(&o.stdout), "");
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<()> {
+    let mut c = cluster("n")?;
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
+                  while [ $n -lt 40 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let mut run = Running::start(&[
+        "run",
+        "--registry",
+        &c.addr,
+        "--heartbeat",
+        "1",
+        "--restart",
+        "on-node-loss",
+        "--checkpoint-every",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])?;
+    let first = run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?;
+    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let idx = if agent == "na" { 0 } else { 1 };
+    let killed = Instant::now();
+    // kill -9: no goodbye, no drain; the task's process group goes with the agent's death only if it notices, so
+    // the test also checks the restarted run's numbering rather than the old one's silence.
+    c.agents[idx].child.kill()?;
+    let _ = c.agents[idx].child.wait();
+    let other = if agent == "na" { "nb" } else { "na" };
+    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    let restart = killed.elapsed();
+    assert_eq!(run.finish()?, 0, "{:?}", run.seen);
+    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
+    assert!(n > 5, "resumed at {n}: not from a checkpoint");
+    assert_eq!(run.stdout().last().copied(), Some(format!("{other} 40").as_str()));
+    assert!(run.seen.iter().any(|(o, l)| !o && l.contains("silent")), "{:?}", run.seen);
+    eprintln!("agent killed to first line on the other agent: {restart:?} (heartbeat timeout 1 s)");
+    Ok(())
+}
+
+#[test]
+fn deploy_starts_an_application_in_dependency_order_and_recovers_its_middle_component() -> Result<()> {
+    let c = cluster("p")?;
+    let d = format!("{}/app-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    // Each component records its start, says it is ready with a file, and refuses to start before its dependency.
+    let app = format!(
+        r#"
+name = "shop"
+on_failure = "restart"
+
+[component.db]
+cmd = "echo db >> {d}/order; touch {d}/db.ready; exec sleep 60"
+cpus = 1
+port = 7001
+ready = {{ cmd = "test -f {d}/db.ready", timeout = 20 }}
+
+[component.api]
+cmd = "test -f {d}/db.ready || exit 1; echo api >> {d}/order; echo $KECHO_DEP_DB > {d}/api.dep; echo $$ > {d}/api.pid; touch {d}/api.ready; exec sleep 60"
+after = ["db"]
+cpus = 1
+ready = {{ cmd = "test -f {d}/api.ready", timeout = 20 }}
+
+[component.web]
+cmd = "test -f {d}/api.ready || exit 1; echo web >> {d}/order; touch {d}/web.ready; exec sleep 60"
+after = ["api"]
+cpus = 1
+ready = {{ cmd = "test -f {d}/web.ready", timeout = 20 }}
+on_failure = "stop-dependents"
+"#
+    );
+    let file = format!("{d}/shop.toml");
+    std::fs::write(&file, app)?;
+    let mut dep = Running::start(&["deploy", &file, "--registry", &c.addr, "--heartbeat", "1"])?;
+    dep.expect(false, "ready", |l| l.contains("shop ready"))?;
+    assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\n");
+    assert_eq!(std::fs::read_to_string(format!("{d}/api.dep"))?.trim(), "127.0.0.1:7001");
+
+    let o = kecho(&["status", "shop", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let running = text(&o.stdout).lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();
+    assert_eq!(running, 3, "{}", text(&o.stdout));
+
+    // Kill the middle component: its dependent is told and the policy (restart) brings it back.
+    let pid = std::fs::read_to_string(format!("{d}/api.pid"))?.trim().to_owned();
+    // Its readiness file goes too, so that the restarted instance must say it is ready again.
+    std::fs::remove_file(format!("{d}/api.ready"))?;
+    let killed = Instant::now();
+    let st = Command::new("kill").args(["-9", &pid]).status()?;
+    assert!(st.success());
+    let failed = dep.expect(false, "the failure notice", |l| l.contains("api Failed"))?;
+    assert!(failed.contains("told: web"), "{failed}");
+    dep.expect(false, "the recovery", |l| l.contains("api Recovered"))?;
+    let recovered = killed.elapsed();
+    assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\napi\n");
+
+    let o = kecho(&["undeploy", "shop", "--registry", &c.addr])?;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+    let rows = ps(&c)?;
+    assert!(rows.iter().all(|r| r["state"] != "running"), "{rows:?}");
+    eprintln!("middle component killed to recovered (ready again): {recovered:?}");
+    Ok(())
+}
