@@ -10,7 +10,10 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod raft;
+mod replica;
 mod server;
+pub mod wire;
 
 pub use client::{InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
 pub use server::{RegistryHandle, RegistryServer, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
