@@ -393,7 +393,7 @@ impl RemoteRegistry {
                 return Err(failure.into_error(addr));
             }
             // After a round without an answer (an election is under way), wait a little before the next round.
-            if misses % n == 0 {
+            if misses.is_multiple_of(n) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -234,7 +234,7 @@ impl Sim {
                 // A new create: a unique name, and every fourth one a name another client also creates.
                 let k = cl.next_req;
                 cl.next_req += 1;
-                let name = if k % 4 == 0 { format!("shared-{}", k / 4) } else { format!("c{}-{k}", cl.id) };
+                let name = if k.is_multiple_of(4) { format!("shared-{}", k / 4) } else { format!("c{}-{k}", cl.id) };
                 let msg = Message::RegClaim {
                     req: k,
                     name,
