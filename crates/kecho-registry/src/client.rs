@@ -25,6 +25,10 @@ use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time allowed for the handshake and for each request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for the TCP connection to one replica of a replicated registry.
+pub const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A replica that failed a request is avoided for this long (unless every replica failed).
+const AVOID_FAILED: Duration = Duration::from_secs(2);
 /// Requests are written together up to this many bytes.
 const WRITE_BATCH: usize = 64 << 10;
 
@@ -87,10 +91,14 @@ impl RegistryClient {
     /// address's absence: every request fails as unreachable.
     pub fn replicated(addrs: Vec<SocketAddr>) -> Self {
         let addrs = if addrs.is_empty() { vec![SocketAddr::from(([127, 0, 0, 1], 0))] } else { addrs };
+        // With replicas to fall back on, a replica that does not accept soon is left for the next.
+        let connect_timeout = if addrs.len() > 1 { REPLICA_CONNECT_TIMEOUT } else { CONNECT_TIMEOUT };
+        let n = addrs.len();
         RegistryClient::Remote(RemoteRegistry {
             shared: Arc::new(Shared {
                 addrs,
                 current: AtomicUsize::new(0),
+                failed: Mutex::new(vec![None; n]),
                 node: NodeId(random_u64()),
                 next_req: AtomicU32::new(1),
                 link: Mutex::new(None),
@@ -98,7 +106,7 @@ impl RegistryClient {
                 attempts: AtomicU64::new(0),
                 last_failure: Mutex::new(None),
             }),
-            connect_timeout: CONNECT_TIMEOUT,
+            connect_timeout,
             request_timeout: REQUEST_TIMEOUT,
         })
     }
@@ -248,6 +256,8 @@ struct Shared {
     addrs: Vec<SocketAddr>,
     /// The replica asked now (the leader, as far as the client knows).
     current: AtomicUsize,
+    /// When each replica last failed a request.
+    failed: Mutex<Vec<Option<tokio::time::Instant>>>,
     /// The random node id sent in `Hello`.
     node: NodeId,
     next_req: AtomicU32,
@@ -376,19 +386,26 @@ impl RemoteRegistry {
                 Ok(RegResult::Error { code: RegErrorCode::NotLeader, message }) => {
                     let hint: Option<SocketAddr> = message.parse().ok();
                     match hint.and_then(|h| self.shared.addrs.iter().position(|a| *a == h)) {
-                        Some(leader) if leader != used => {
+                        Some(leader) if leader != used && !self.avoided(leader) => {
                             self.switch(used, leader);
                             continue;
                         }
                         _ => Failure::Protocol(format!("{addr} is not the registry's leader and knows of none")),
                     }
                 }
-                Ok(result) => return Ok(result),
+                Ok(result) => {
+                    self.shared.failed.lock()[used] = None;
+                    return Ok(result);
+                }
                 Err(f) => f,
             };
             tracing::debug!(%addr, ?failure, "registry replica did not answer; asking the next one");
             misses += 1;
-            self.switch(used, (used + 1) % n);
+            if !matches!(failure, Failure::Protocol(_)) {
+                self.shared.failed.lock()[used] = Some(tokio::time::Instant::now());
+            }
+            let next = (1..n).map(|k| (used + k) % n).find(|i| !self.avoided(*i)).unwrap_or((used + 1) % n);
+            self.switch(used, next);
             if tokio::time::Instant::now() >= deadline {
                 return Err(failure.into_error(addr));
             }
@@ -397,6 +414,11 @@ impl RemoteRegistry {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Whether replica `i` failed a request recently.
+    fn avoided(&self, i: usize) -> bool {
+        self.shared.failed.lock()[i].is_some_and(|t| t.elapsed() < AVOID_FAILED)
     }
 
     /// Asks replica `to` from now on, unless another request moved on from `from` already.

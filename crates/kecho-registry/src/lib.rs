@@ -15,7 +15,9 @@ mod replica;
 mod server;
 pub mod wire;
 
-pub use client::{InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+pub use client::{
+    InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REPLICA_CONNECT_TIMEOUT, REQUEST_TIMEOUT,
+};
 pub use server::{RegistryHandle, RegistryServer, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 
 use std::net::SocketAddr;

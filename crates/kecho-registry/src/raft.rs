@@ -344,7 +344,9 @@ impl<T> Replica<T> {
             }
         };
         if self.role != Role::Leader {
-            let hint = self.leader.map(|l| self.addrs[l].clone()).unwrap_or_default();
+            // Name the leader only while it is heard from: one that went silent may be dead or cut off.
+            let fresh = self.leader_contact.is_some_and(|t| now < t + self.cfg.election_min);
+            let hint = self.leader.filter(|_| fresh).map(|l| self.addrs[l].clone()).unwrap_or_default();
             let result = RegResult::Error { code: RegErrorCode::NotLeader, message: hint };
             return self.out.push_back(Output::Reply { token, reply: Message::RegReply { req, result } });
         }
