@@ -13,6 +13,7 @@ mod client;
 pub mod raft;
 mod replica;
 mod server;
+mod store;
 pub mod wire;
 
 pub use client::{
@@ -73,6 +74,15 @@ pub enum RegistryError {
         code: RegErrorCode,
         /// Why, for humans.
         message: String,
+    },
+    /// A replica's state directory could not be read or created.
+    #[error("replica state in {}: {source}", path.display())]
+    Storage {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The server could not listen.
     #[error("cannot listen on {addr}: {}", bind_reason(source))]

@@ -189,6 +189,48 @@ pub struct Persistent {
     pub log: Vec<Entry>,
 }
 
+/// Changes to a replica's [`Persistent`] state, to be written in this order: the snapshot (which replaces every
+/// entry up to its index), the term and vote, then the log from `truncate_from` on (everything at and after it is
+/// replaced by `entries`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    /// The new term and vote.
+    pub hard: Option<(u64, Option<ReplicaId>)>,
+    /// A new snapshot.
+    pub snapshot: Option<Snapshot>,
+    /// The first log index rewritten.
+    pub truncate_from: Option<u64>,
+    /// The entries from `truncate_from` on, with their indices.
+    pub entries: Vec<(u64, Entry)>,
+}
+
+impl Changes {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.hard.is_none() && self.snapshot.is_none() && self.truncate_from.is_none()
+    }
+}
+
+impl Persistent {
+    /// Applies `c`: what a store that kept this state does with the changes (the simulation checks that the result
+    /// is the replica's own state).
+    pub fn apply(&mut self, c: &Changes) {
+        if let Some(snap) = &c.snapshot {
+            let drop = (snap.index.saturating_sub(self.snap.index) as usize).min(self.log.len());
+            self.log.drain(..drop);
+            self.snap = snap.clone();
+        }
+        if let Some((term, vote)) = c.hard {
+            self.term = term;
+            self.voted_for = vote;
+        }
+        if let Some(from) = c.truncate_from {
+            self.log.truncate(from.saturating_sub(self.snap.index + 1) as usize);
+            self.log.extend(c.entries.iter().map(|(_, e)| e.clone()));
+        }
+    }
+}
+
 /// Leader-only bookkeeping, per replica.
 #[derive(Debug)]
 struct Leading {
@@ -231,6 +273,11 @@ pub struct Replica<T> {
     origin: Instant,
     /// Clients waiting for an entry to be applied, by log index (leader only).
     waiting: HashMap<u64, T>,
+    /// What of the persistent state was last handed out by [`Replica::take_changes`].
+    saved_hard: (u64, Option<ReplicaId>),
+    saved_snap: u64,
+    /// The lowest log index changed since then.
+    dirty_from: Option<u64>,
     out: VecDeque<Output<T>>,
 }
 
@@ -262,8 +309,13 @@ impl<T> Replica<T> {
             table: RegistryTable::new(),
             origin: Instant::now(),
             waiting: HashMap::new(),
+            saved_hard: (0, None),
+            saved_snap: 0,
+            dirty_from: None,
             out: VecDeque::new(),
         };
+        r.saved_hard = (r.p.term, r.p.voted_for);
+        r.saved_snap = r.p.snap.index;
         r.restore_table();
         r.reset_election(now);
         r
@@ -314,6 +366,31 @@ impl<T> Replica<T> {
     pub fn read_local(&mut self, msg: &Message, now: u64) -> Option<Message> {
         let at = self.at(now.max(self.last_stamp()));
         self.table.handle(msg, at)
+    }
+
+    /// What changed in the persistent state since the last call. A replica that keeps its state on disk writes these
+    /// (and syncs) before it sends the outputs that follow them; that is what makes its votes and acknowledgements
+    /// survive a crash.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut c = Changes::default();
+        if (self.p.term, self.p.voted_for) != self.saved_hard {
+            self.saved_hard = (self.p.term, self.p.voted_for);
+            c.hard = Some(self.saved_hard);
+        }
+        if self.p.snap.index != self.saved_snap {
+            self.saved_snap = self.p.snap.index;
+            c.snapshot = Some(self.p.snap.clone());
+        }
+        if let Some(from) = self.dirty_from.take() {
+            let from = from.max(self.p.snap.index + 1);
+            c.truncate_from = Some(from);
+            c.entries = (from..=self.last_index()).filter_map(|i| self.entry(i).map(|e| (i, e.clone()))).collect();
+        }
+        c
+    }
+
+    fn dirty(&mut self, index: u64) {
+        self.dirty_from = Some(self.dirty_from.map_or(index, |d| d.min(index)));
     }
 
     /// The next output, if any.
@@ -528,6 +605,7 @@ impl<T> Replica<T> {
         let stamp = now.max(self.last_stamp());
         self.p.log.push(Entry { term: self.p.term, stamp, cmd });
         let index = self.last_index();
+        self.dirty(index);
         if let Some(l) = &mut self.leading {
             l.matched[self.id] = index;
         }
@@ -605,8 +683,12 @@ impl<T> Replica<T> {
                     // A conflicting entry: drop it and everything after.
                     self.p.log.truncate((index - self.p.snap.index - 1) as usize);
                     self.p.log.push(e);
+                    self.dirty(index);
                 }
-                None => self.p.log.push(e),
+                None => {
+                    self.p.log.push(e);
+                    self.dirty(index);
+                }
             }
         }
         let new_commit = commit.min(index);
@@ -631,6 +713,7 @@ impl<T> Replica<T> {
                 self.p.log.drain(..keep.min(self.p.log.len()));
             } else {
                 self.p.log.clear();
+                self.dirty(index + 1);
             }
             self.p.snap = snap;
             self.commit = index;

@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::raft::{Output, PeerMsg, RaftConfig, Replica, ReplicaId};
+use crate::raft::{Output, PeerMsg, Persistent, RaftConfig, Replica, ReplicaId};
+use crate::store::Store;
 use crate::wire::PeerFrame;
 
 /// How a replica connection waits before dialling again after a failure.
@@ -76,10 +77,19 @@ impl Members {
 }
 
 /// Starts the driver and the senders; returns the driver's input.
-pub(crate) fn start(members: &Members, cfg: RaftConfig, tasks: &mut tokio::task::JoinSet<()>) -> mpsc::Sender<Input> {
+pub(crate) fn start(
+    members: &Members,
+    cfg: RaftConfig,
+    store: Option<(Store, Persistent)>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> mpsc::Sender<Input> {
     let clock = Clock::new();
     let seed = clock.now() ^ u64::from(std::process::id()) << 32;
-    let replica = Replica::new(members.me, members.names(), cfg, seed, clock.now());
+    let (store, saved) = match store {
+        Some((s, p)) => (Some(s), p),
+        None => (None, Persistent::default()),
+    };
+    let replica = Replica::recover(members.me, members.names(), cfg, seed, saved, clock.now());
     let (tx, rx) = mpsc::channel(4096);
     let mut peers = Vec::new();
     for (id, addr) in members.addrs.iter().enumerate() {
@@ -92,7 +102,7 @@ pub(crate) fn start(members: &Members, cfg: RaftConfig, tasks: &mut tokio::task:
         let hello = PeerFrame::Hello { me: members.addrs[members.me].to_string(), members: members.names() };
         tasks.spawn(sender(*addr, hello, prx));
     }
-    tasks.spawn(drive(replica, rx, peers, clock));
+    tasks.spawn(drive(replica, rx, peers, clock, store));
     tx
 }
 
@@ -101,6 +111,7 @@ async fn drive(
     mut rx: mpsc::Receiver<Input>,
     peers: Vec<Option<mpsc::Sender<PeerMsg>>>,
     clock: Clock,
+    mut store: Option<Store>,
 ) {
     let handle = |replica: &mut Replica<Token>, input: Input| match input {
         Input::Request { token, msg } => replica.handle_request(token, msg, clock.now()),
@@ -121,6 +132,15 @@ async fn drive(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => replica.handle_timeout(clock.now()),
+        }
+        // Votes, terms and entries reach the disk before anything that depends on them leaves. The write blocks this
+        // task (a sync per batch of requests); the registry does nothing else that could wait for it.
+        let changes = replica.take_changes();
+        if let (Some(s), false) = (&mut store, changes.is_empty()) {
+            if let Err(e) = s.write(&changes, replica.persistent()) {
+                tracing::error!("cannot write the replica's state: {e}; this replica stops answering");
+                return;
+            }
         }
         while let Some(out) = replica.poll_output() {
             match out {

@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::raft::RaftConfig;
+use crate::raft::{Persistent, RaftConfig};
 use crate::replica::{self, Input, Members};
+use crate::store::Store;
 use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
 
 /// How long a client may take to complete its `Hello` before the connection is closed.
@@ -44,6 +45,8 @@ pub struct RegistryServer {
     /// This replica's address as the others know it (default: the listening address).
     advertise: Option<SocketAddr>,
     raft: RaftConfig,
+    /// The replica's state on disk, if kept there.
+    store: Option<(Store, Persistent)>,
 }
 
 /// What answers requests: a table of its own, or the replica driver.
@@ -73,6 +76,7 @@ impl RegistryServer {
             peers: Vec::new(),
             advertise: None,
             raft: RaftConfig::default(),
+            store: None,
         })
     }
 
@@ -90,6 +94,16 @@ impl RegistryServer {
     pub fn with_advertise(mut self, addr: SocketAddr) -> Self {
         self.advertise = Some(addr);
         self
+    }
+
+    /// Keeps this replica's Raft state (term, vote, log, snapshots) in `dir`, synced before it answers or votes, so
+    /// that it can restart without endangering the others' guarantees. Without it the state is in memory only: a
+    /// replica that restarts comes back empty, which is safe as long as no other replica fails before it has caught
+    /// up (docs/REGISTRY.md).
+    pub fn with_data_dir(mut self, dir: &std::path::Path) -> Result<Self, RegistryError> {
+        let store = Store::open(dir).map_err(|source| RegistryError::Storage { path: dir.to_owned(), source })?;
+        self.store = Some(store);
+        Ok(self)
     }
 
     /// The replicas' timing (election timeouts, heartbeat); see [`RaftConfig`].
@@ -133,7 +147,8 @@ impl RegistryServer {
     }
 
     async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let RegistryServer { listener, addr, table, max_connections, handshake_timeout, peers, advertise, raft } = self;
+        let RegistryServer { listener, addr, table, max_connections, handshake_timeout, peers, advertise, raft, store } =
+            self;
         let slots = Arc::new(Semaphore::new(max_connections));
         let mut conns = JoinSet::new();
         let mut replica_tasks = JoinSet::new();
@@ -147,7 +162,7 @@ impl RegistryServer {
             addrs.dedup();
             let members = Members { me: addrs.iter().position(|a| *a == me).unwrap_or(0), addrs };
             tracing::info!(%me, replicas = ?members.addrs, "registry replica starting");
-            let driver = replica::start(&members, raft, &mut replica_tasks);
+            let driver = replica::start(&members, raft, store, &mut replica_tasks);
             Backend::Replicated(driver, Arc::new(members))
         };
         tokio::pin!(shutdown);

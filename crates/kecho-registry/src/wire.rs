@@ -93,15 +93,7 @@ impl PeerFrame {
                 }
                 dst.put_u32_le(entries.len() as u32);
                 for e in entries {
-                    dst.put_u64_le(e.term);
-                    dst.put_u64_le(e.stamp);
-                    match &e.cmd {
-                        Command::Noop => dst.put_u8(0),
-                        Command::Request(m) => {
-                            dst.put_u8(1);
-                            m.encode(dst);
-                        }
-                    }
+                    put_entry(dst, e);
                 }
             }
             PeerFrame::Raft(PeerMsg::AppendReply { term, ok, index, sent }) => {
@@ -113,13 +105,10 @@ impl PeerFrame {
             }
             PeerFrame::Raft(PeerMsg::Install { term, snap, sent }) => {
                 dst.put_u8(INSTALL);
-                for v in [*term, *sent, snap.index, snap.term, snap.stamp] {
+                for v in [*term, *sent] {
                     dst.put_u64_le(v);
                 }
-                dst.put_u32_le(snap.claims.len() as u32);
-                for m in &snap.claims {
-                    m.encode(dst);
-                }
+                put_snapshot(dst, snap);
             }
         }
         let len = (dst.len() - start - 4) as u32;
@@ -161,29 +150,62 @@ fn decode_body(b: &mut BytesMut) -> Result<PeerFrame, WireError> {
             let n = u32_(b)? as usize;
             let mut entries = Vec::with_capacity(n.min(64));
             for _ in 0..n {
-                let (term, stamp) = (u64_(b)?, u64_(b)?);
-                let cmd = match u8_(b)? {
-                    0 => Command::Noop,
-                    1 => Command::Request(request(b)?),
-                    tag => return Err(WireError::Tag { what: "command", tag }),
-                };
-                entries.push(Entry { term, stamp, cmd });
+                entries.push(get_entry(b)?);
             }
             PeerMsg::Append { term, prev_index, prev_term, entries, commit, sent }
         }
         APPEND_REPLY => PeerMsg::AppendReply { term: u64_(b)?, ok: bool_(b)?, index: u64_(b)?, sent: u64_(b)? },
         INSTALL => {
-            let (term, sent, index, snap_term, stamp) = (u64_(b)?, u64_(b)?, u64_(b)?, u64_(b)?, u64_(b)?);
-            let n = u32_(b)? as usize;
-            let mut claims = Vec::with_capacity(n.min(64));
-            for _ in 0..n {
-                claims.push(request(b)?);
-            }
-            PeerMsg::Install { term, snap: Snapshot { index, term: snap_term, stamp, claims }, sent }
+            let (term, sent) = (u64_(b)?, u64_(b)?);
+            PeerMsg::Install { term, snap: get_snapshot(b)?, sent }
         }
         tag => return Err(WireError::Tag { what: "frame kind", tag }),
     };
     Ok(PeerFrame::Raft(msg))
+}
+
+/// One log entry: term, stamp, then 0 (no-op) or 1 and the request's frame.
+pub(crate) fn put_entry(dst: &mut BytesMut, e: &Entry) {
+    dst.put_u64_le(e.term);
+    dst.put_u64_le(e.stamp);
+    match &e.cmd {
+        Command::Noop => dst.put_u8(0),
+        Command::Request(m) => {
+            dst.put_u8(1);
+            m.encode(dst);
+        }
+    }
+}
+
+pub(crate) fn get_entry(b: &mut BytesMut) -> Result<Entry, WireError> {
+    let (term, stamp) = (u64_(b)?, u64_(b)?);
+    let cmd = match u8_(b)? {
+        0 => Command::Noop,
+        1 => Command::Request(request(b)?),
+        tag => return Err(WireError::Tag { what: "command", tag }),
+    };
+    Ok(Entry { term, stamp, cmd })
+}
+
+/// A snapshot: index, term, stamp, then the claims.
+pub(crate) fn put_snapshot(dst: &mut BytesMut, snap: &Snapshot) {
+    for v in [snap.index, snap.term, snap.stamp] {
+        dst.put_u64_le(v);
+    }
+    dst.put_u32_le(snap.claims.len() as u32);
+    for m in &snap.claims {
+        m.encode(dst);
+    }
+}
+
+pub(crate) fn get_snapshot(b: &mut BytesMut) -> Result<Snapshot, WireError> {
+    let (index, term, stamp) = (u64_(b)?, u64_(b)?, u64_(b)?);
+    let n = u32_(b)? as usize;
+    let mut claims = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        claims.push(request(b)?);
+    }
+    Ok(Snapshot { index, term, stamp, claims })
 }
 
 /// A whole kecho frame holding a registry request that changes the table.
@@ -205,7 +227,7 @@ fn need(b: &BytesMut, n: usize) -> Result<(), WireError> {
     }
 }
 
-fn u8_(b: &mut BytesMut) -> Result<u8, WireError> {
+pub(crate) fn u8_(b: &mut BytesMut) -> Result<u8, WireError> {
     need(b, 1)?;
     Ok(b.get_u8())
 }
@@ -223,7 +245,7 @@ fn u32_(b: &mut BytesMut) -> Result<u32, WireError> {
     Ok(b.get_u32_le())
 }
 
-fn u64_(b: &mut BytesMut) -> Result<u64, WireError> {
+pub(crate) fn u64_(b: &mut BytesMut) -> Result<u64, WireError> {
     need(b, 8)?;
     Ok(b.get_u64_le())
 }

@@ -17,6 +17,10 @@ pub struct Args {
     /// The address the other replicas know this one by, if not --listen (needed with --listen 0.0.0.0:PORT).
     #[arg(long, value_name = "ADDR", requires = "peers")]
     advertise: Option<String>,
+    /// Keep this replica's state (term, vote, log) in DIR, so that a restart keeps the replicas' guarantees; without
+    /// it a restarted replica comes back empty (see docs/REGISTRY.md).
+    #[arg(long, value_name = "DIR", requires = "peers")]
+    data: Option<std::path::PathBuf>,
     #[command(flatten)]
     metrics: crate::observe::MetricsArg,
 }
@@ -46,6 +50,9 @@ pub async fn run(a: Args) -> Result<()> {
             );
         }
         server = server.with_peers(peers).with_advertise(me);
+        if let Some(dir) = &a.data {
+            server = server.with_data_dir(dir)?;
+        }
     }
     // The registry's metrics come from listing it through the replicas' ports, as any client would.
     let mut registry = crate::observe::prometheus_client_registry::Registry::default();
