@@ -13,12 +13,20 @@ use kecho_proto::codec::{RegErrorCode, RegResult};
 use kecho_proto::Message;
 use support::{free_port, Proc};
 
+/// A replica keeping its state in a directory of its own (so that a restart keeps it).
 fn replica(me: &str, all: &[String]) -> Result<Proc> {
     let peers: Vec<&str> = all.iter().map(String::as_str).filter(|a| *a != me).collect();
     let peers = peers.join(",");
-    let mut p = Proc::spawn(&format!("registry {me}"), &["registry", "--listen", me, "--peers", &peers])?;
+    let data = data_dir(me);
+    let data = data.to_str().context("path")?;
+    let args = ["registry", "--listen", me, "--peers", &peers, "--data", data];
+    let mut p = Proc::spawn(&format!("registry {me}"), &args)?;
     p.wait_stderr("listening")?;
     Ok(p)
+}
+
+fn data_dir(me: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kecho-replica-test-{}-{}", std::process::id(), me.replace([':', '.'], "_")))
 }
 
 /// The replica that answers a listing itself (the others say `NotLeader`).
@@ -95,7 +103,7 @@ async fn creates_and_joins_survive_kill_9_of_a_follower_and_of_the_leader() -> R
     let normal = took.iter().filter(|(t, _)| *t < kill_at).map(|(_, d)| *d).max().unwrap_or_default();
     let follower_gap = interruption(&took, kill_at);
 
-    // Bring it back (empty: it catches up from the leader), then kill the leader.
+    // Bring it back (from its state on disk; it catches up from the leader), then kill the leader.
     procs[follower] = Some(replica(&addrs[follower], &addrs)?);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let lead = leader(&addrs).await?;
@@ -127,6 +135,10 @@ async fn creates_and_joins_survive_kill_9_of_a_follower_and_of_the_leader() -> R
     let again = b.open_channel("long-lived").await?;
     drop(again);
     drop(long_lived);
+    drop(procs);
+    for a in &addrs {
+        let _ = std::fs::remove_dir_all(data_dir(a));
+    }
     Ok(())
 }
 
