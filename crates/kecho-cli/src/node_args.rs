@@ -15,9 +15,36 @@ pub const DEFAULT_REGISTRY: &str = "127.0.0.1:7400";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RegistryArg {
-    /// Registry address [default: $KECHO_REGISTRY, then 127.0.0.1:7400].
+    /// Registry address, or the replicas' addresses of a replicated registry separated by commas
+    /// [default: $KECHO_REGISTRY, then 127.0.0.1:7400].
     #[arg(long, env = "KECHO_REGISTRY", default_value = DEFAULT_REGISTRY)]
     pub registry: String,
+}
+
+impl RegistryArg {
+    /// The registry's address, or its replicas' addresses.
+    pub fn addrs(&self) -> Result<Vec<SocketAddr>> {
+        parse_addrs("registry", &self.registry)
+    }
+
+    /// A client of the registry (or of its replicas).
+    pub fn client(&self) -> Result<kecho::RegistryClient> {
+        Ok(kecho::RegistryClient::replicated(self.addrs()?))
+    }
+}
+
+/// A comma-separated list of addresses (at least one).
+pub fn parse_addrs(what: &str, s: &str) -> Result<Vec<SocketAddr>> {
+    let addrs = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| parse_addr(what, a))
+        .collect::<Result<Vec<_>>>()?;
+    if addrs.is_empty() {
+        bail!("no {what} address given");
+    }
+    Ok(addrs)
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -82,13 +109,15 @@ pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
 
 /// Starts this process's node; `open_timeout` bounds how long opening a channel may take (seconds).
 pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> Result<Node> {
-    let registry = parse_addr("registry", &reg.registry)?;
+    let registry = reg.addrs()?;
     let listen = parse_addr("listen", &args.listen)?;
     if !(args.heartbeat > 0.0 && args.heartbeat.is_finite()) {
         bail!("--heartbeat must be a positive number of seconds");
     }
-    let mut builder =
-        Node::builder().registry(registry).listen(listen).heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
+    let mut builder = Node::builder()
+        .registry_replicas(registry)
+        .listen(listen)
+        .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(a) = &args.advertise {
         builder = builder.advertise(parse_addr("advertise", a)?);
     }

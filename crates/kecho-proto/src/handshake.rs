@@ -158,7 +158,7 @@ pub fn accept_first(first: &Message, me: NodeId) -> Accept {
                  {version}"
             ),
         ),
-        Message::Hello { purpose: Purpose::Registry, .. } => {
+        Message::Hello { purpose: Purpose::Registry | Purpose::RegistryPeer, .. } => {
             refuse(CloseCode::Handshake, "this is a kecho node, not a registry".into())
         }
         Message::Hello { node, .. } if *node == me => refuse(CloseCode::Handshake, "connection to self".into()),

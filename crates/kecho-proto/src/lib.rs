@@ -21,6 +21,7 @@ pub mod codec;
 mod credential;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gossip;
 pub mod handshake;
 pub mod liveness;
 pub mod membership;

@@ -83,6 +83,32 @@ impl RegistryTable {
         self.entries.retain(|_, l| l.expires > now);
     }
 
+    /// The live entries as of `now`, as `Renew` claims (with each lease's remaining time and the channel's secret)
+    /// sorted by name: applying them to an empty table at the same `now` rebuilds this table. A replicated registry
+    /// ships its state this way (a snapshot).
+    pub fn export(&self, now: Instant) -> Vec<Message> {
+        let mut names: Vec<&String> = self.entries.iter().filter(|(_, l)| l.expires > now).map(|(n, _)| n).collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let l = &self.entries[name];
+                Message::RegClaim {
+                    req: 0,
+                    name: name.clone(),
+                    channel: l.channel,
+                    node: l.contact,
+                    addr: l.addr.clone(),
+                    ttl_ms: l.expires.saturating_duration_since(now).as_millis().max(1) as u64,
+                    mode: ClaimMode::Renew,
+                    sources: l.sources,
+                    sinks: l.sinks,
+                    secret: l.secret,
+                }
+            })
+            .collect()
+    }
+
     /// Number of live entries (as of the last call that was given the time).
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -262,6 +288,24 @@ mod tests {
         }
         // A member (it has the secret) takes over.
         assert_eq!(code(t.handle(&claim("a", 1, 11, ClaimMode::Takeover(NodeId(10))), t0)), None);
+    }
+
+    #[test]
+    fn export_rebuilds_the_table() {
+        let t0 = Instant::now();
+        let mut t = RegistryTable::new();
+        t.handle(&claim("b", 2, 20, ClaimMode::Create), t0);
+        t.handle(&claim("a", 1, 10, ClaimMode::Create), t0);
+        let later = t0 + Duration::from_millis(400);
+        let mut copy = RegistryTable::new();
+        for m in t.export(later) {
+            copy.handle(&m, later);
+        }
+        let list = Message::RegList { req: 1 };
+        assert_eq!(t.handle(&list, later), copy.handle(&list, later));
+        // The copy's leases end when the original's do.
+        let end = t0 + Duration::from_millis(1001);
+        assert_eq!(copy.handle(&list, end), Some(Message::RegReply { req: 1, result: RegResult::Entries(vec![]) }));
     }
 
     #[test]

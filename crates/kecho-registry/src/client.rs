@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -25,6 +25,10 @@ use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time allowed for the handshake and for each request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for the TCP connection to one replica of a replicated registry.
+pub const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A replica that failed a request is avoided for this long (unless every replica failed).
+const AVOID_FAILED: Duration = Duration::from_secs(2);
 /// Requests are written together up to this many bytes.
 const WRITE_BATCH: usize = 64 << 10;
 
@@ -62,7 +66,7 @@ pub struct RemoteRegistry {
 impl fmt::Debug for RemoteRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteRegistry")
-            .field("addr", &self.shared.addr)
+            .field("addrs", &self.shared.addrs)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("connected", &self.shared.link.lock().as_ref().is_some_and(|l| l.state.alive()))
@@ -77,9 +81,24 @@ impl RegistryClient {
     /// [`CONNECT_TIMEOUT`]); every request must be answered within [`REQUEST_TIMEOUT`]. See
     /// [`RegistryClient::with_timeouts`].
     pub fn remote(addr: SocketAddr) -> Self {
+        Self::replicated(vec![addr])
+    }
+
+    /// A replicated registry whose replicas are at `addrs` (one address is [`RegistryClient::remote`]). Requests go
+    /// to the leader: a replica that is not the leader names it, and the client asks there; a replica that is down
+    /// or cut off is left for the next. A request fails only when no leader answered within twice the request
+    /// timeout; each attempt on one replica gets a quarter of it. An empty list is treated as the default registry
+    /// address's absence: every request fails as unreachable.
+    pub fn replicated(addrs: Vec<SocketAddr>) -> Self {
+        let addrs = if addrs.is_empty() { vec![SocketAddr::from(([127, 0, 0, 1], 0))] } else { addrs };
+        // With replicas to fall back on, a replica that does not accept soon is left for the next.
+        let connect_timeout = if addrs.len() > 1 { REPLICA_CONNECT_TIMEOUT } else { CONNECT_TIMEOUT };
+        let n = addrs.len();
         RegistryClient::Remote(RemoteRegistry {
             shared: Arc::new(Shared {
-                addr,
+                addrs,
+                current: AtomicUsize::new(0),
+                failed: Mutex::new(vec![None; n]),
                 node: NodeId(random_u64()),
                 next_req: AtomicU32::new(1),
                 link: Mutex::new(None),
@@ -87,7 +106,7 @@ impl RegistryClient {
                 attempts: AtomicU64::new(0),
                 last_failure: Mutex::new(None),
             }),
-            connect_timeout: CONNECT_TIMEOUT,
+            connect_timeout,
             request_timeout: REQUEST_TIMEOUT,
         })
     }
@@ -118,7 +137,7 @@ impl RegistryClient {
     pub fn describe(&self) -> String {
         match self {
             RegistryClient::InProcess(_) => "in-process".to_owned(),
-            RegistryClient::Remote(r) => r.shared.addr.to_string(),
+            RegistryClient::Remote(r) => r.shared.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
         }
     }
 
@@ -233,7 +252,12 @@ impl Failure {
 
 /// State shared by every clone of a remote client.
 struct Shared {
-    addr: SocketAddr,
+    /// The registry's address, or its replicas' addresses.
+    addrs: Vec<SocketAddr>,
+    /// The replica asked now (the leader, as far as the client knows).
+    current: AtomicUsize,
+    /// When each replica last failed a request.
+    failed: Mutex<Vec<Option<tokio::time::Instant>>>,
     /// The random node id sent in `Hello`.
     node: NodeId,
     next_req: AtomicU32,
@@ -321,8 +345,93 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl RemoteRegistry {
-    async fn request(&self, mut msg: Message) -> Result<RegResult, RegistryError> {
-        let addr = self.shared.addr;
+    async fn request(&self, msg: Message) -> Result<RegResult, RegistryError> {
+        if self.shared.addrs.len() > 1 {
+            return self.request_replicated(msg).await;
+        }
+        self.request_single(msg).await
+    }
+
+    fn addr(&self) -> SocketAddr {
+        let i = self.shared.current.load(Ordering::Relaxed) % self.shared.addrs.len();
+        self.shared.addrs[i]
+    }
+
+    /// Asks the replicas in turn, starting with the one believed to lead, following `NotLeader` hints.
+    async fn request_replicated(&self, mut msg: Message) -> Result<RegResult, RegistryError> {
+        let id = self.shared.next_req.fetch_add(1, Ordering::Relaxed);
+        set_req(&mut msg, id)?;
+        let frame = msg.to_bytes();
+        let deadline = tokio::time::Instant::now() + 2 * self.request_timeout;
+        let attempt = self.request_timeout / 4;
+        let n = self.shared.addrs.len();
+        let mut misses = 0usize;
+        loop {
+            let used = self.shared.current.load(Ordering::Relaxed) % n;
+            let addr = self.shared.addrs[used];
+            let outcome = match tokio::time::timeout(attempt, async {
+                let (link, _) = self.link().await?;
+                let r = self.exchange(&link, id, frame.clone()).await;
+                if r.is_err() {
+                    self.drop_link(&link, Failure::closed());
+                }
+                r
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Timeout),
+            };
+            let failure = match outcome {
+                Ok(RegResult::Error { code: RegErrorCode::NotLeader, message }) => {
+                    let hint: Option<SocketAddr> = message.parse().ok();
+                    match hint.and_then(|h| self.shared.addrs.iter().position(|a| *a == h)) {
+                        Some(leader) if leader != used && !self.avoided(leader) => {
+                            self.switch(used, leader);
+                            continue;
+                        }
+                        _ => Failure::Protocol(format!("{addr} is not the registry's leader and knows of none")),
+                    }
+                }
+                Ok(result) => {
+                    self.shared.failed.lock()[used] = None;
+                    return Ok(result);
+                }
+                Err(f) => f,
+            };
+            tracing::debug!(%addr, ?failure, "registry replica did not answer; asking the next one");
+            misses += 1;
+            if !matches!(failure, Failure::Protocol(_)) {
+                self.shared.failed.lock()[used] = Some(tokio::time::Instant::now());
+            }
+            let next = (1..n).map(|k| (used + k) % n).find(|i| !self.avoided(*i)).unwrap_or((used + 1) % n);
+            self.switch(used, next);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(failure.into_error(addr));
+            }
+            // After a round without an answer (an election is under way), wait a little before the next round.
+            if misses.is_multiple_of(n) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Whether replica `i` failed a request recently.
+    fn avoided(&self, i: usize) -> bool {
+        self.shared.failed.lock()[i].is_some_and(|t| t.elapsed() < AVOID_FAILED)
+    }
+
+    /// Asks replica `to` from now on, unless another request moved on from `from` already.
+    fn switch(&self, from: usize, to: usize) {
+        if self.shared.current.compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if let Some(link) = self.shared.link.lock().take() {
+                link.kill(Failure::closed());
+            }
+        }
+    }
+
+    async fn request_single(&self, mut msg: Message) -> Result<RegResult, RegistryError> {
+        let addr = self.addr();
         let id = self.shared.next_req.fetch_add(1, Ordering::Relaxed);
         set_req(&mut msg, id)?;
         let frame = msg.to_bytes();
@@ -362,7 +471,7 @@ impl RemoteRegistry {
             Ok(Err(_)) => Err(link.state.failure()),
             Err(_) => {
                 // A registry that does not answer is treated as gone: the next request connects again.
-                tracing::debug!(addr = %self.shared.addr, "registry request timed out; dropping the connection");
+                tracing::debug!(addr = %self.addr(), "registry request timed out; dropping the connection");
                 self.drop_link(link, Failure::Timeout);
                 Err(Failure::Timeout)
             }
@@ -410,7 +519,7 @@ impl RemoteRegistry {
 
     /// Connects, says `Hello`, and starts the connection's tasks.
     async fn connect(&self) -> Result<Link, Failure> {
-        let addr = self.shared.addr;
+        let addr = self.addr();
         tracing::debug!(%addr, "connecting to the registry");
         let mut stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,

@@ -10,9 +10,15 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod raft;
+mod replica;
 mod server;
+mod store;
+pub mod wire;
 
-pub use client::{InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+pub use client::{
+    InProcessRegistry, RegistryClient, RemoteRegistry, CONNECT_TIMEOUT, REPLICA_CONNECT_TIMEOUT, REQUEST_TIMEOUT,
+};
 pub use server::{RegistryHandle, RegistryServer, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 
 use std::net::SocketAddr;
@@ -68,6 +74,15 @@ pub enum RegistryError {
         code: RegErrorCode,
         /// Why, for humans.
         message: String,
+    },
+    /// A replica's state directory could not be read or created.
+    #[error("replica state in {}: {source}", path.display())]
+    Storage {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The server could not listen.
     #[error("cannot listen on {addr}: {}", bind_reason(source))]

@@ -12,9 +12,12 @@ use kecho_proto::{Message, NodeId, PROTOCOL_VERSION};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::raft::{Persistent, RaftConfig};
+use crate::replica::{self, Input, Members};
+use crate::store::Store;
 use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
 
 /// How long a client may take to complete its `Hello` before the connection is closed.
@@ -37,6 +40,20 @@ pub struct RegistryServer {
     table: Arc<Mutex<RegistryTable>>,
     max_connections: usize,
     handshake_timeout: Duration,
+    /// The other replicas' addresses (none: a single registry).
+    peers: Vec<SocketAddr>,
+    /// This replica's address as the others know it (default: the listening address).
+    advertise: Option<SocketAddr>,
+    raft: RaftConfig,
+    /// The replica's state on disk, if kept there.
+    store: Option<(Store, Persistent)>,
+}
+
+/// What answers requests: a table of its own, or the replica driver.
+#[derive(Clone)]
+enum Backend {
+    Single(Arc<Mutex<RegistryTable>>),
+    Replicated(mpsc::Sender<Input>, Arc<Members>),
 }
 
 impl RegistryServer {
@@ -56,7 +73,43 @@ impl RegistryServer {
             table: Arc::new(Mutex::new(RegistryTable::new())),
             max_connections: MAX_CONNECTIONS,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            peers: Vec::new(),
+            advertise: None,
+            raft: RaftConfig::default(),
+            store: None,
         })
+    }
+
+    /// Makes this registry one replica of a replicated registry whose other replicas listen at `peers` (every
+    /// replica is given the others; the set must be the same everywhere). The replicas elect a leader with Raft and
+    /// every change to the table is applied once a majority has it, so any minority of replicas may fail. An empty
+    /// list is a single registry (the default). See docs/REGISTRY.md.
+    pub fn with_peers(mut self, peers: Vec<SocketAddr>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// The address the other replicas know this one by, when it is not the listening address (e.g. listening on
+    /// `0.0.0.0`).
+    pub fn with_advertise(mut self, addr: SocketAddr) -> Self {
+        self.advertise = Some(addr);
+        self
+    }
+
+    /// Keeps this replica's Raft state (term, vote, log, snapshots) in `dir`, synced before it answers or votes, so
+    /// that it can restart without endangering the others' guarantees. Without it the state is in memory only: a
+    /// replica that restarts comes back empty, which is safe as long as no other replica fails before it has caught
+    /// up (docs/REGISTRY.md).
+    pub fn with_data_dir(mut self, dir: &std::path::Path) -> Result<Self, RegistryError> {
+        let store = Store::open(dir).map_err(|source| RegistryError::Storage { path: dir.to_owned(), source })?;
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    /// The replicas' timing (election timeouts, heartbeat); see [`RaftConfig`].
+    pub fn with_raft_config(mut self, cfg: RaftConfig) -> Self {
+        self.raft = cfg;
+        self
     }
 
     /// Serves at most `n` connections at once (at least 1; default [`MAX_CONNECTIONS`]); further connections are
@@ -94,9 +147,24 @@ impl RegistryServer {
     }
 
     async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let RegistryServer { listener, addr, table, max_connections, handshake_timeout } = self;
+        let RegistryServer { listener, addr, table, max_connections, handshake_timeout, peers, advertise, raft, store } =
+            self;
         let slots = Arc::new(Semaphore::new(max_connections));
         let mut conns = JoinSet::new();
+        let mut replica_tasks = JoinSet::new();
+        let backend = if peers.is_empty() {
+            Backend::Single(table)
+        } else {
+            let me = advertise.unwrap_or(addr);
+            let mut addrs = peers;
+            addrs.push(me);
+            addrs.sort();
+            addrs.dedup();
+            let members = Members { me: addrs.iter().position(|a| *a == me).unwrap_or(0), addrs };
+            tracing::info!(%me, replicas = ?members.addrs, "registry replica starting");
+            let driver = replica::start(&members, raft, store, &mut replica_tasks);
+            Backend::Replicated(driver, Arc::new(members))
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -123,11 +191,11 @@ impl RegistryServer {
                         drop(stream);
                         continue;
                     };
-                    let table = table.clone();
+                    let backend = backend.clone();
                     conns.spawn(async move {
                         let _slot = slot;
                         tracing::debug!(%peer, "registry: connection opened");
-                        connection(stream, peer, table, handshake_timeout).await;
+                        connection(stream, peer, backend, handshake_timeout).await;
                         tracing::debug!(%peer, "registry: connection closed");
                     });
                 }
@@ -135,6 +203,7 @@ impl RegistryServer {
         }
         drop(listener);
         conns.shutdown().await;
+        replica_tasks.shutdown().await;
         tracing::info!(%addr, "registry stopped");
     }
 }
@@ -179,7 +248,7 @@ enum End {
 }
 
 /// Serves one connection: the handshake, then requests until the client leaves or breaks the rules.
-async fn connection(mut stream: TcpStream, peer: SocketAddr, table: Arc<Mutex<RegistryTable>>, hello_within: Duration) {
+async fn connection(mut stream: TcpStream, peer: SocketAddr, backend: Backend, hello_within: Duration) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::new();
@@ -189,11 +258,23 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, table: Arc<Mutex<Re
             End::Refuse(CloseCode::Timeout, format!("no Hello within {hello_within:?}"))
         }
         Ok(Err(end)) => end,
-        Ok(Ok(hello)) => match handshake(hello) {
-            Err(end) => end,
-            Ok(()) => {
+        Ok(Ok(hello)) => match (handshake(hello), &backend) {
+            (Err(end), _) => end,
+            (Ok(Purpose::RegistryPeer), Backend::Replicated(driver, members)) => {
+                replica::peer_connection(stream, buf, peer, members, driver).await;
+                return;
+            }
+            (Ok(Purpose::RegistryPeer), Backend::Single(_)) => End::Refuse(
+                CloseCode::Handshake,
+                "this registry is not replicated (it was started without peers)".into(),
+            ),
+            (Ok(_), Backend::Single(table)) => {
                 Message::HelloAck { version: PROTOCOL_VERSION, node: NodeId(0) }.encode(&mut out);
-                requests(&mut stream, &mut buf, &mut out, &table).await
+                requests(&mut stream, &mut buf, &mut out, table).await
+            }
+            (Ok(_), Backend::Replicated(driver, _)) => {
+                Message::HelloAck { version: PROTOCOL_VERSION, node: NodeId(0) }.encode(&mut out);
+                replicated_requests(&mut stream, &mut buf, &mut out, driver).await
             }
         },
     };
@@ -211,8 +292,8 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, table: Arc<Mutex<Re
     }
 }
 
-/// Checks the first message.
-fn handshake(first: Message) -> Result<(), End> {
+/// Checks the first message; returns the connection's purpose (a client's, or another replica's).
+fn handshake(first: Message) -> Result<Purpose, End> {
     match first {
         Message::Hello { version, .. } if version != PROTOCOL_VERSION => Err(End::Refuse(
             CloseCode::VersionMismatch,
@@ -221,7 +302,7 @@ fn handshake(first: Message) -> Result<(), End> {
                  {version}"
             ),
         )),
-        Message::Hello { purpose: Purpose::Registry, .. } => Ok(()),
+        Message::Hello { purpose: p @ (Purpose::Registry | Purpose::RegistryPeer), .. } => Ok(p),
         Message::Hello { purpose, .. } => Err(End::Refuse(
             CloseCode::Handshake,
             format!("this is a kecho registry; a {purpose:?} connection was asked for"),
@@ -261,6 +342,60 @@ async fn requests(stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut
                     CloseCode::Handshake,
                     format!("message kind {} does not belong on a registry connection", msg.kind()),
                 )
+            }
+        }
+    }
+}
+
+/// Passes requests to the replica driver and writes its answers as they come (pipelined requests may be answered
+/// out of order: clients match answers by request id), until the connection ends.
+async fn replicated_requests(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    driver: &mpsc::Sender<Input>,
+) -> End {
+    let (token, mut answers) = mpsc::unbounded_channel::<Message>();
+    loop {
+        if !out.is_empty() {
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(out)).await {
+                Ok(Ok(())) => out.clear(),
+                Ok(Err(e)) => return End::Io(e),
+                Err(_) => {
+                    return End::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client does not read its answers",
+                    ))
+                }
+            }
+        }
+        tokio::select! {
+            // Reading is cancel-safe: what was read stays in `buf`.
+            msg = next_message(stream, buf) => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(end) => return end,
+                };
+                match msg {
+                    Message::Close { .. } => return End::Gone,
+                    Message::RegClaim { .. } | Message::RegLookup { .. } | Message::RegRemove { .. } | Message::RegList { .. } => {
+                        if driver.send(Input::Request { token: token.clone(), msg }).await.is_err() {
+                            return End::Refuse(CloseCode::Normal, "the registry is stopping".into());
+                        }
+                    }
+                    other => {
+                        return End::Refuse(
+                            CloseCode::Handshake,
+                            format!("message kind {} does not belong on a registry connection", other.kind()),
+                        )
+                    }
+                }
+            }
+            Some(answer) = answers.recv() => {
+                encode_reply(answer, out);
+                while let Ok(answer) = answers.try_recv() {
+                    encode_reply(answer, out);
+                }
             }
         }
     }

@@ -44,6 +44,17 @@ impl NodeBuilder {
         self
     }
 
+    /// Uses the replicated registry whose replicas are at `addrs` (see [`RegistryClient::replicated`]): the node asks
+    /// the leader and fails over to another replica when one dies. One address is the same as
+    /// [`NodeBuilder::registry`].
+    pub fn registry_replicas(mut self, addrs: Vec<SocketAddr>) -> Self {
+        match addrs.as_slice() {
+            [one] => self.cfg.registry = Some(*one),
+            _ => self.registry = Some(RegistryClient::replicated(addrs)),
+        }
+        self
+    }
+
     /// Uses this registry client (e.g. a private in-process registry in tests).
     pub fn registry_client(mut self, client: RegistryClient) -> Self {
         self.registry = Some(client);

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::node_args::{parse_addr, RegistryArg};
+use crate::node_args::RegistryArg;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -11,9 +11,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let reg = &a.reg;
-    let addr = parse_addr("registry", &reg.registry)?;
-    let client = kecho::RegistryClient::remote(addr);
+    let client = a.reg.client()?;
     let list = client.list().await?;
     if list.is_empty() {
         println!("no channels");

@@ -88,6 +88,9 @@ pub enum Purpose {
     Node,
     /// A registry client talking to a registry.
     Registry,
+    /// A replica of a replicated registry talking to another replica (its frames after `Hello` are the replicas'
+    /// own, described in docs/PROTOCOL.md).
+    RegistryPeer,
 }
 
 /// Reason codes carried by [`Message::Close`].
@@ -449,6 +452,7 @@ impl Message {
                 dst.put_u8(match purpose {
                     Purpose::Node => 0,
                     Purpose::Registry => 1,
+                    Purpose::RegistryPeer => 2,
                 });
             }
             Message::HelloAck { version, node } => {
@@ -1038,6 +1042,7 @@ impl Reader {
                 let purpose = match self.u8()? {
                     0 => Purpose::Node,
                     1 => Purpose::Registry,
+                    2 => Purpose::RegistryPeer,
                     t => return Err(self.bad("purpose", t)),
                 };
                 Message::Hello { version, node, addr, purpose }

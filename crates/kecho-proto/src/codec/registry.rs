@@ -46,6 +46,9 @@ pub enum RegErrorCode {
     NotContact,
     /// The request was invalid.
     Invalid,
+    /// This replica of a replicated registry is not its leader; the message is the leader's address when known
+    /// (empty otherwise): the client asks there, or another replica.
+    NotLeader,
     /// Any other code.
     Other(u8),
 }
@@ -57,6 +60,7 @@ impl RegErrorCode {
             RegErrorCode::Exists => 2,
             RegErrorCode::NotContact => 3,
             RegErrorCode::Invalid => 4,
+            RegErrorCode::NotLeader => 5,
             RegErrorCode::Other(c) => c,
         }
     }
@@ -66,6 +70,7 @@ impl RegErrorCode {
             2 => RegErrorCode::Exists,
             3 => RegErrorCode::NotContact,
             4 => RegErrorCode::Invalid,
+            5 => RegErrorCode::NotLeader,
             c => RegErrorCode::Other(c),
         }
     }

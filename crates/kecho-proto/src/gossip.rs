@@ -1,0 +1,602 @@
+//! Membership and dissemination for large channels, without I/O: HyParView partial views (Leitão, Pereira and
+//! Rodrigues, 2007) and Plumtree epidemic broadcast trees (Leitão, Pereira and Rodrigues, 2007), as iroh-gossip keeps
+//! them, written for kecho. Not yet wired into channels (docs/SCALE.md has the plan and the simulation's figures).
+//!
+//! Each member keeps a small **active view** (its links, at most [`GossipConfig::active`]) and a larger **passive
+//! view** (addresses to replace failed links from), both bounded whatever the channel's size. Joins walk the overlay
+//! (`ForwardJoin` with a time to live), so a join costs O(walk length) messages, not O(N). Events travel along a
+//! spanning tree carved out of the active views: a member sends an event in full to its *eager* peers and announces
+//! it (`IHave`) to its *lazy* ones; a duplicate makes the receiver `Prune` the sender to lazy, and an announcement of
+//! an event that does not arrive in time makes the receiver `Graft` the announcer back, which repairs the tree after
+//! failures. Events carry `(source, seq)`; each member delivers them per source in order and reports gaps it gives up
+//! on as lost (never silently skipped).
+//!
+//! Inputs carry `now` in milliseconds; outputs are drained with [`Gossip::poll_output`]; randomness is seeded.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use crate::types::NodeId;
+
+/// Sizes and timers.
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    /// Largest active view: the links a member keeps.
+    pub active: usize,
+    /// Largest passive view.
+    pub passive: usize,
+    /// Length of a join's random walk.
+    pub arwl: u8,
+    /// At which remaining walk length the joiner is put in passive views.
+    pub prwl: u8,
+    /// How often a member exchanges passive-view samples (ms).
+    pub shuffle_every: u64,
+    /// How long an announced event may take before the announcer is grafted (ms).
+    pub graft_after: u64,
+    /// How long a gap in a source's sequence may stay open before it is reported lost (ms).
+    pub loss_after: u64,
+    /// Events kept per member to answer grafts.
+    pub cache: usize,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            active: 5,
+            passive: 30,
+            arwl: 6,
+            prwl: 3,
+            shuffle_every: 10_000,
+            graft_after: 250,
+            loss_after: 2_000,
+            cache: 4096,
+        }
+    }
+}
+
+/// An event's identity: its source and its number there (from 1, consecutive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId {
+    /// The member that published it.
+    pub source: NodeId,
+    /// Its sequence number at that source.
+    pub seq: u64,
+}
+
+/// A message between members.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GossipMsg {
+    /// A newcomer asks its contact to take it in.
+    Join,
+    /// A join's random walk.
+    ForwardJoin {
+        /// The newcomer.
+        joiner: NodeId,
+        /// Steps left.
+        ttl: u8,
+    },
+    /// Asks to become an active peer (`high`: the asker has no active peer left, so it must be accepted).
+    Neighbor {
+        /// Priority.
+        high: bool,
+    },
+    /// The answer to `Neighbor`.
+    NeighborReply {
+        /// Accepted.
+        accepted: bool,
+    },
+    /// The sender drops the receiver from its active view (it stays in passive views).
+    Disconnect,
+    /// A passive-view sample on its walk.
+    Shuffle {
+        /// Who started it.
+        origin: NodeId,
+        /// Steps left.
+        ttl: u8,
+        /// The sample.
+        peers: Vec<NodeId>,
+    },
+    /// The answer to a `Shuffle`, straight to its origin.
+    ShuffleReply {
+        /// A sample of the answerer's passive view.
+        peers: Vec<NodeId>,
+    },
+    /// An event in full.
+    Event {
+        /// Its identity.
+        id: EventId,
+        /// Hops from its source.
+        hops: u16,
+        /// Its bytes.
+        payload: bytes::Bytes,
+    },
+    /// Announces events the sender has.
+    IHave {
+        /// The events.
+        ids: Vec<EventId>,
+    },
+    /// Asks for an event and makes the link eager again.
+    Graft {
+        /// The event.
+        id: EventId,
+    },
+    /// Makes the link lazy for events of `source`.
+    Prune {
+        /// Whose tree.
+        source: NodeId,
+    },
+}
+
+impl GossipMsg {
+    /// Membership messages (everything but events, announcements, grafts and prunes).
+    pub fn is_membership(&self) -> bool {
+        !matches!(
+            self,
+            GossipMsg::Event { .. } | GossipMsg::IHave { .. } | GossipMsg::Graft { .. } | GossipMsg::Prune { .. }
+        )
+    }
+}
+
+/// What a member asks its I/O layer to do or tells its application.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GossipOut {
+    /// Send a message (opening a link if there is none).
+    Send {
+        /// To whom.
+        to: NodeId,
+        /// What.
+        msg: GossipMsg,
+    },
+    /// An event for the application, in its source's order.
+    Deliver {
+        /// Its identity.
+        id: EventId,
+        /// Its bytes.
+        payload: bytes::Bytes,
+    },
+    /// Events of `source` that will not come: `count` from `first` on.
+    Lost {
+        /// The source.
+        source: NodeId,
+        /// The first missing number.
+        first: u64,
+        /// How many.
+        count: u64,
+    },
+}
+
+/// Per-source delivery state.
+#[derive(Debug, Default)]
+struct SourceState {
+    /// The next number to deliver.
+    next: u64,
+    /// Events received ahead of `next`.
+    ahead: BTreeMap<u64, bytes::Bytes>,
+    /// Since when a gap has been open.
+    gap_since: Option<u64>,
+}
+
+/// One member's HyParView and Plumtree state.
+#[derive(Debug)]
+pub struct Gossip {
+    me: NodeId,
+    cfg: GossipConfig,
+    active: Vec<NodeId>,
+    passive: Vec<NodeId>,
+    /// Per source, the active peers its events are pushed to in full (the rest of the active view gets
+    /// announcements): one tree per source, so that pruning for one source's events never cuts another's tree. A
+    /// source not in the map has every active peer eager.
+    eager: HashMap<NodeId, HashSet<NodeId>>,
+    /// Events received (for duplicates and grafts), oldest first.
+    seen: HashMap<EventId, bytes::Bytes>,
+    order: VecDeque<EventId>,
+    /// Announced events not received: who announced them, and when to graft.
+    missing: HashMap<EventId, (VecDeque<NodeId>, u64)>,
+    sources: HashMap<NodeId, SourceState>,
+    next_seq: u64,
+    next_shuffle: u64,
+    /// Rejected `Neighbor` requests since the last failure.
+    refill_tries: u8,
+    rng: u64,
+    out: VecDeque<GossipOut>,
+}
+
+impl Gossip {
+    /// A member that knows nobody yet.
+    pub fn new(me: NodeId, cfg: GossipConfig, seed: u64, now: u64) -> Self {
+        let next_shuffle = now + cfg.shuffle_every;
+        Gossip {
+            me,
+            cfg,
+            active: Vec::new(),
+            passive: Vec::new(),
+            eager: HashMap::new(),
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            missing: HashMap::new(),
+            sources: HashMap::new(),
+            next_seq: 1,
+            next_shuffle,
+            refill_tries: 0,
+            rng: seed | 1,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Joins through `contact`, a member found in the registry.
+    pub fn join(&mut self, contact: NodeId, _now: u64) {
+        if contact != self.me {
+            self.add_active(contact);
+            self.send(contact, GossipMsg::Join);
+        }
+    }
+
+    /// The active view: this member's links.
+    pub fn active(&self) -> &[NodeId] {
+        &self.active
+    }
+
+    /// The passive view.
+    pub fn passive(&self) -> &[NodeId] {
+        &self.passive
+    }
+
+    /// The next output.
+    pub fn poll_output(&mut self) -> Option<GossipOut> {
+        self.out.pop_front()
+    }
+
+    /// When [`Gossip::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> u64 {
+        let graft = self.missing.values().map(|(_, at)| *at).min();
+        let loss = self.sources.values().filter_map(|s| s.gap_since).min().map(|t| t + self.cfg.loss_after);
+        [Some(self.next_shuffle), graft, loss].into_iter().flatten().min().unwrap_or(u64::MAX)
+    }
+
+    /// Publishes an event from this member; returns its identity.
+    pub fn broadcast(&mut self, payload: bytes::Bytes, now: u64) -> EventId {
+        let id = EventId { source: self.me, seq: self.next_seq };
+        self.next_seq += 1;
+        self.remember(id, payload.clone());
+        self.sources.entry(self.me).or_default().next = id.seq + 1;
+        self.push(id, 0, payload, None, now);
+        id
+    }
+
+    /// The link to `peer` failed (or it could not be reached).
+    pub fn peer_failed(&mut self, peer: NodeId, _now: u64) {
+        self.passive.retain(|p| *p != peer);
+        if self.active.contains(&peer) {
+            self.remove_active(peer);
+            self.refill_tries = 0;
+            self.refill();
+        }
+        for (announcers, _) in self.missing.values_mut() {
+            announcers.retain(|p| *p != peer);
+        }
+    }
+
+    /// A message from `from`.
+    pub fn handle(&mut self, from: NodeId, msg: GossipMsg, now: u64) {
+        if from == self.me {
+            return;
+        }
+        match msg {
+            GossipMsg::Join => {
+                self.add_active(from);
+                for p in self.active.clone() {
+                    if p != from {
+                        self.send(p, GossipMsg::ForwardJoin { joiner: from, ttl: self.cfg.arwl });
+                    }
+                }
+            }
+            GossipMsg::ForwardJoin { joiner, ttl } => {
+                if joiner == self.me {
+                    return;
+                }
+                if ttl == 0 || self.active.len() <= 1 {
+                    if !self.active.contains(&joiner) {
+                        self.add_active(joiner);
+                        self.send(joiner, GossipMsg::Neighbor { high: true });
+                    }
+                    return;
+                }
+                if ttl == self.cfg.prwl {
+                    self.add_passive(joiner);
+                }
+                match self.random_active_except(&[from, joiner]) {
+                    Some(next) => self.send(next, GossipMsg::ForwardJoin { joiner, ttl: ttl - 1 }),
+                    None => {
+                        if !self.active.contains(&joiner) {
+                            self.add_active(joiner);
+                            self.send(joiner, GossipMsg::Neighbor { high: true });
+                        }
+                    }
+                }
+            }
+            GossipMsg::Neighbor { high } => {
+                let accepted = self.active.contains(&from) || high || self.active.len() < self.cfg.active;
+                if accepted {
+                    self.add_active(from);
+                }
+                if !high {
+                    self.send(from, GossipMsg::NeighborReply { accepted });
+                }
+            }
+            GossipMsg::NeighborReply { accepted } => {
+                if accepted {
+                    self.refill_tries = 0;
+                    self.add_active(from);
+                } else {
+                    self.add_passive(from);
+                    // A bounded number of tries per failure, so that full views do not bounce requests forever.
+                    if self.refill_tries < 3 {
+                        self.refill_tries += 1;
+                        self.refill_except(from);
+                    }
+                }
+            }
+            GossipMsg::Disconnect => {
+                if self.active.contains(&from) {
+                    self.remove_active(from);
+                    self.add_passive(from);
+                    // Dropped to make room for a newcomer: refill only a view that became small.
+                    if self.active.len() < self.cfg.active / 2 {
+                        self.refill_tries = 0;
+                        self.refill_except(from);
+                    }
+                }
+            }
+            GossipMsg::Shuffle { origin, ttl, peers } => {
+                if origin == self.me {
+                    return;
+                }
+                match self.random_active_except(&[from, origin]) {
+                    Some(next) if ttl > 1 => self.send(next, GossipMsg::Shuffle { origin, ttl: ttl - 1, peers }),
+                    _ => {
+                        let sample = self.sample(&self.passive.clone(), peers.len());
+                        self.send(origin, GossipMsg::ShuffleReply { peers: sample });
+                        for p in peers {
+                            self.add_passive(p);
+                        }
+                    }
+                }
+            }
+            GossipMsg::ShuffleReply { peers } => {
+                for p in peers {
+                    self.add_passive(p);
+                }
+            }
+            GossipMsg::Event { id, hops, payload } => {
+                if self.seen.contains_key(&id) || id.seq < self.sources.get(&id.source).map_or(1, |s| s.next) {
+                    // A second copy: this link need not carry this source's events in full, in either direction.
+                    self.eager_of(id.source).remove(&from);
+                    self.send(from, GossipMsg::Prune { source: id.source });
+                    return;
+                }
+                self.missing.remove(&id);
+                if self.active.contains(&from) {
+                    self.eager_of(id.source).insert(from);
+                }
+                self.remember(id, payload.clone());
+                self.accept(id, payload.clone(), now);
+                self.push(id, hops + 1, payload, Some(from), now);
+            }
+            GossipMsg::IHave { ids } => {
+                for id in ids {
+                    let done =
+                        self.seen.contains_key(&id) || id.seq < self.sources.get(&id.source).map_or(1, |s| s.next);
+                    if done {
+                        continue;
+                    }
+                    let graft_at = now + self.cfg.graft_after;
+                    let entry = self.missing.entry(id).or_insert_with(|| (VecDeque::new(), graft_at));
+                    if !entry.0.contains(&from) {
+                        entry.0.push_back(from);
+                    }
+                }
+            }
+            GossipMsg::Graft { id } => {
+                if self.active.contains(&from) {
+                    self.eager_of(id.source).insert(from);
+                }
+                if let Some(payload) = self.seen.get(&id).cloned() {
+                    self.send(from, GossipMsg::Event { id, hops: 0, payload });
+                }
+            }
+            GossipMsg::Prune { source } => {
+                self.eager_of(source).remove(&from);
+            }
+        }
+    }
+
+    /// Timers: grafts for announced events that did not come, lost gaps, shuffles.
+    pub fn handle_timeout(&mut self, now: u64) {
+        let mut due: Vec<EventId> = self.missing.iter().filter(|(_, (_, at))| *at <= now).map(|(id, _)| *id).collect();
+        // In a fixed order, so that a run depends on its seed only.
+        due.sort_unstable();
+        for id in due {
+            let Some((announcers, at)) = self.missing.get_mut(&id) else { continue };
+            match announcers.pop_front() {
+                Some(p) => {
+                    *at = now + self.cfg.graft_after;
+                    if self.active.contains(&p) {
+                        self.eager_of(id.source).insert(p);
+                    }
+                    self.send(p, GossipMsg::Graft { id });
+                }
+                None => {
+                    self.missing.remove(&id);
+                }
+            }
+        }
+        let loss_after = self.cfg.loss_after;
+        let mut lost = Vec::new();
+        let mut srcs: Vec<NodeId> = self.sources.keys().copied().collect();
+        srcs.sort_unstable();
+        for src in &srcs {
+            let Some(s) = self.sources.get_mut(src) else { continue };
+            if s.gap_since.is_some_and(|t| now >= t + loss_after) {
+                if let Some((&first_ahead, _)) = s.ahead.iter().next() {
+                    lost.push(GossipOut::Lost { source: *src, first: s.next, count: first_ahead - s.next });
+                    s.next = first_ahead;
+                }
+                s.gap_since = None;
+            }
+        }
+        for l in lost {
+            self.out.push_back(l);
+        }
+        for src in srcs {
+            self.drain_source(src, now);
+        }
+        if now >= self.next_shuffle {
+            self.next_shuffle = now + self.cfg.shuffle_every;
+            if let Some(to) = self.random_active_except(&[]) {
+                let mut peers = vec![self.me];
+                peers.extend(self.sample(&self.active.clone(), 3));
+                peers.extend(self.sample(&self.passive.clone(), 4));
+                self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: self.cfg.arwl, peers });
+            }
+        }
+    }
+
+    // ---- dissemination ---------------------------------------------------------------------------------------
+
+    fn push(&mut self, id: EventId, hops: u16, payload: bytes::Bytes, from: Option<NodeId>, _now: u64) {
+        let eager = self.eager_of(id.source).clone();
+        for p in self.active.clone() {
+            if Some(p) == from {
+                continue;
+            }
+            if eager.contains(&p) {
+                self.send(p, GossipMsg::Event { id, hops, payload: payload.clone() });
+            } else {
+                self.send(p, GossipMsg::IHave { ids: vec![id] });
+            }
+        }
+    }
+
+    fn remember(&mut self, id: EventId, payload: bytes::Bytes) {
+        self.seen.insert(id, payload);
+        self.order.push_back(id);
+        while self.order.len() > self.cfg.cache {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Delivers in per-source order, holding events that arrive ahead of a gap.
+    fn accept(&mut self, id: EventId, payload: bytes::Bytes, now: u64) {
+        // A source first heard of now is followed from this event on (a member that joins late does not count what
+        // was published before it joined as lost).
+        let s = self.sources.entry(id.source).or_insert_with(|| SourceState { next: id.seq, ..Default::default() });
+        s.ahead.insert(id.seq, payload);
+        self.drain_source(id.source, now);
+    }
+
+    fn drain_source(&mut self, src: NodeId, now: u64) {
+        let Some(s) = self.sources.get_mut(&src) else { return };
+        while let Some(payload) = s.ahead.remove(&s.next) {
+            self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
+            s.next += 1;
+        }
+        s.gap_since = if s.ahead.is_empty() { None } else { Some(s.gap_since.unwrap_or(now)) };
+    }
+
+    // ---- views -----------------------------------------------------------------------------------------------
+
+    fn add_active(&mut self, p: NodeId) {
+        if p == self.me || self.active.contains(&p) {
+            return;
+        }
+        self.passive.retain(|x| *x != p);
+        if self.active.len() >= self.cfg.active {
+            let i = self.below(self.active.len());
+            let dropped = self.active[i];
+            self.remove_active(dropped);
+            self.send(dropped, GossipMsg::Disconnect);
+            self.add_passive(dropped);
+        }
+        self.active.push(p);
+        // A new link carries every tree in full until duplicates prune it.
+        for e in self.eager.values_mut() {
+            e.insert(p);
+        }
+    }
+
+    fn remove_active(&mut self, p: NodeId) {
+        self.active.retain(|x| *x != p);
+        for e in self.eager.values_mut() {
+            e.remove(&p);
+        }
+    }
+
+    /// The eager peers of `source`'s tree (every active peer for a source not seen before).
+    fn eager_of(&mut self, source: NodeId) -> &mut HashSet<NodeId> {
+        let active = &self.active;
+        self.eager.entry(source).or_insert_with(|| active.iter().copied().collect())
+    }
+
+    fn add_passive(&mut self, p: NodeId) {
+        if p == self.me || self.active.contains(&p) || self.passive.contains(&p) {
+            return;
+        }
+        if self.passive.len() >= self.cfg.passive {
+            let i = self.below(self.passive.len());
+            self.passive.swap_remove(i);
+        }
+        self.passive.push(p);
+    }
+
+    fn refill(&mut self) {
+        self.refill_except(self.me);
+    }
+
+    /// Asks a passive peer to become active while the active view has room.
+    fn refill_except(&mut self, not: NodeId) {
+        if self.active.len() >= self.cfg.active {
+            return;
+        }
+        let candidates: Vec<NodeId> = self.passive.iter().copied().filter(|p| *p != not).collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let p = candidates[self.below(candidates.len())];
+        let high = self.active.is_empty();
+        self.send(p, GossipMsg::Neighbor { high });
+        if high {
+            self.add_active(p);
+        }
+    }
+
+    fn random_active_except(&mut self, not: &[NodeId]) -> Option<NodeId> {
+        let c: Vec<NodeId> = self.active.iter().copied().filter(|p| !not.contains(p)).collect();
+        if c.is_empty() {
+            None
+        } else {
+            Some(c[self.below(c.len())])
+        }
+    }
+
+    fn sample(&mut self, from: &[NodeId], n: usize) -> Vec<NodeId> {
+        let mut v = from.to_vec();
+        let mut out = Vec::new();
+        while out.len() < n && !v.is_empty() {
+            let i = self.below(v.len());
+            out.push(v.swap_remove(i));
+        }
+        out
+    }
+
+    fn send(&mut self, to: NodeId, msg: GossipMsg) {
+        self.out.push_back(GossipOut::Send { to, msg });
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % n.max(1) as u64) as usize
+    }
+}

@@ -1,0 +1,29 @@
+//! The gossip membership and broadcast state machine (`kecho_proto::gossip`) at 1,000 members in virtual time
+//! (`tests/gossip/mod.rs`; `examples/gossip_scale.rs` runs it up to 10,000 and prints docs/SCALE.md's table).
+
+mod gossip;
+
+#[test]
+fn a_thousand_members_keep_bounded_links_one_copy_per_event_and_constant_join_cost() {
+    let small = gossip::run(500, 3);
+    let f = gossip::run(1000, 3);
+    eprintln!("{small:?}\n{f:?}");
+    assert!(f.links_max <= 8, "links per member {}", f.links_max);
+    assert!(f.join_last_ms < 1000, "the last join took {} ms", f.join_last_ms);
+    assert!(f.storm_ms < 2000, "a storm of 100 joins took {} ms to settle", f.storm_ms);
+    assert!(f.copies_per_event <= 1.1, "{} copies per event per member", f.copies_per_event);
+    assert_eq!(f.delivered_steady, 1.0, "every member gets every event in the steady state");
+    // A join costs a random walk, not a message per member: doubling the channel does not double it.
+    assert!(f.msgs_per_join < 2.0 * small.msgs_per_join.max(10.0), "{} vs {}", f.msgs_per_join, small.msgs_per_join);
+    assert!(f.msgs_per_join < 60.0, "{} membership messages for one join", f.msgs_per_join);
+    // After 30 % die at once: today 97 to 99 % arrive (the target, 99.9 % with the rest reported, is not met yet;
+    // docs/SCALE.md says why).
+    assert!(f.delivered_after_kill > 0.95, "{} delivered after 30 % were killed", f.delivered_after_kill);
+}
+
+#[test]
+fn runs_are_deterministic() {
+    let a = gossip::run(300, 9);
+    let b = gossip::run(300, 9);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+}
