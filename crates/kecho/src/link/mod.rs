@@ -8,6 +8,8 @@
 
 pub(crate) mod dial;
 pub(crate) mod outbox;
+#[cfg(feature = "quic")]
+pub(crate) mod quic;
 pub(crate) mod reader;
 pub(crate) mod tls;
 pub(crate) mod writer;
@@ -93,6 +95,15 @@ pub(crate) enum LinkError {
         #[source]
         source: std::io::Error,
     },
+    /// The QUIC connection could not be set up.
+    #[cfg(feature = "quic")]
+    #[error("QUIC link to {addr}: {why}")]
+    Quic {
+        /// The address dialled.
+        addr: String,
+        /// What happened.
+        why: String,
+    },
     /// TLS could not be set up with the peer.
     #[cfg(feature = "tls")]
     #[error("TLS handshake with {addr} {why}")]
@@ -145,6 +156,10 @@ impl LinkError {
         if matches!(self, LinkError::Tls { .. }) {
             return true;
         }
+        #[cfg(feature = "quic")]
+        if matches!(self, LinkError::Quic { .. }) {
+            return true;
+        }
         if matches!(self, LinkError::Connect { .. } | LinkError::ConnectTimeout { .. }) {
             return false;
         }
@@ -167,8 +182,11 @@ pub(crate) struct Links<H> {
     pub(crate) id: NodeId,
     /// Proves this node's id on every link.
     identity: Identity,
-    /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
-    pub(crate) advertised: SocketAddr,
+    /// The address as other nodes read it: the endpoints of every transport this node speaks (`transport.rs`).
+    pub(crate) addr: String,
+    /// The node's QUIC endpoint, if it speaks QUIC (set once, when the node starts).
+    #[cfg(feature = "quic")]
+    pub(crate) quic: std::sync::OnceLock<quic::QuicEndpoint>,
     cfg: Arc<NodeConfig>,
     pub(crate) tasks: Arc<Tasks>,
     handler: Weak<H>,
@@ -192,7 +210,9 @@ impl<H: LinkHandler> Links<H> {
         Links {
             id: identity.node_id(),
             identity,
-            advertised,
+            addr: crate::transport::advertise(cfg.transport, advertised),
+            #[cfg(feature = "quic")]
+            quic: std::sync::OnceLock::new(),
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             tasks,
@@ -245,6 +265,7 @@ impl<H: LinkHandler> Links<H> {
                     queued_bytes: p.outbox.queued_bytes(),
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                    transport: *p.transport.lock(),
                 }
             })
             .collect()
@@ -299,6 +320,10 @@ impl<H: LinkHandler> Links<H> {
     pub(crate) fn abort_all(&self) {
         for (_, p) in self.peers.lock().drain() {
             p.abort();
+        }
+        #[cfg(feature = "quic")]
+        if let Some(ep) = self.quic.get() {
+            ep.close();
         }
     }
 }
@@ -361,6 +386,8 @@ pub struct LinkStats {
     pub connects: u64,
     /// Connections declared dead because the other node fell silent for the heartbeat timeout.
     pub heartbeat_timeouts: u64,
+    /// The transport of the current (or last) connection: TCP or QUIC.
+    pub transport: crate::Transport,
 }
 
 /// Another node, as this node sees it.
@@ -375,6 +402,8 @@ pub(crate) struct Peer {
     flags: PeerFlags,
     membership: Mutex<MembershipGate>,
     pub(crate) frames_sent: AtomicU64,
+    /// The transport of the current (or last) connection.
+    transport: Mutex<crate::Transport>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,
 }
@@ -426,6 +455,7 @@ impl Peer {
                 deferred: Vec::new(),
             }),
             frames_sent: AtomicU64::new(0),
+            transport: Mutex::new(crate::Transport::Tcp),
             counters: LinkCounters::default(),
         }
     }
