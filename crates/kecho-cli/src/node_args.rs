@@ -56,6 +56,10 @@ pub struct NodeArgs {
     /// or behind address translation); port 0 means the listening port.
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
+    /// Transports of this node's links: tcp, quic (UDP, on the same port number) or both; nodes use QUIC when
+    /// both speak it and TCP otherwise.
+    #[arg(long, default_value = "tcp", value_name = "tcp|quic|both", env = "KECHO_TRANSPORT")]
+    pub transport: kecho::Transport,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
@@ -117,6 +121,7 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
     let mut builder = Node::builder()
         .registry_replicas(registry)
         .listen(listen)
+        .transport(args.transport)
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(a) = &args.advertise {
         builder = builder.advertise(parse_addr("advertise", a)?);

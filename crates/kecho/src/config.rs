@@ -44,6 +44,8 @@ pub(crate) struct NodeConfig {
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub(crate) tls: Option<TlsSetting>,
+    /// The transports this node listens and dials on. Default TCP.
+    pub(crate) transport: crate::transport::Transport,
     /// This node's identity (its signing key; its node id derives from it). `None` (the default) makes a new one at
     /// start; give one to keep a node id across restarts.
     pub(crate) identity: Option<kecho_proto::handshake::Identity>,
@@ -97,6 +99,7 @@ impl Default for NodeConfig {
             membership: MembershipConfig::default(),
             gap_memory: Duration::from_secs(60),
             tls: None,
+            transport: crate::transport::Transport::Tcp,
             identity: None,
             access: AccessConfig::default(),
         }

@@ -135,6 +135,8 @@ pub enum LinkFailureKind {
     Connect,
     /// TLS could not be set up with the peer (certificates, names, a plaintext peer).
     Tls,
+    /// The nodes have no transport in common, or the QUIC connection could not be set up (its TLS included).
+    Transport,
     /// The peer or this node refused the kecho handshake (versions, identity proofs, access), or it timed out.
     Handshake,
     /// The link ended otherwise (the connection closed, a malformed frame, a heartbeat timeout).

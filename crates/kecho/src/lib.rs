@@ -32,6 +32,7 @@ mod queue;
 mod tasks;
 #[cfg(feature = "tls")]
 pub mod tls;
+mod transport;
 pub mod wasm;
 
 pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
@@ -46,3 +47,4 @@ pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 #[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};
+pub use transport::{Transport, UnknownTransport};

@@ -14,6 +14,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::link::dial::accept_loop;
 pub use crate::link::LinkStats;
+use crate::transport::Transport;
 
 /// Configures and starts a [`Node`]: the one way to set a node up. Every setting has a default (see each method), so
 /// `Node::builder().start()` is a node on loopback with the in-process registry.
@@ -119,6 +120,15 @@ impl NodeBuilder {
         self
     }
 
+    /// The transports this node's links use (default TCP). A node listens on every transport it speaks (QUIC on
+    /// the UDP port with the same number as its TCP port) and says so in the address other nodes read; a dialler
+    /// uses QUIC when both nodes speak it and TCP otherwise. With [`NodeBuilder::tls`], QUIC authenticates with the
+    /// same certificates. Needs the `quic` feature for [`Transport::Quic`] and [`Transport::Both`].
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.cfg.transport = transport;
+        self
+    }
+
     /// This node's identity (its signing key; its node id derives from it). By default a new one is made at start;
     /// give one to keep a node id across restarts, and to present credentials issued to it.
     pub fn identity(mut self, identity: kecho_proto::handshake::Identity) -> Self {
@@ -146,12 +156,9 @@ impl NodeBuilder {
     }
 
     /// Starts the node: binds the listening port and starts accepting links. Needs a tokio runtime.
-    /// Starts the node: binds the listening port and starts accepting links. Needs a tokio runtime.
     pub async fn start(self) -> Result<Node> {
         let cfg = self.cfg;
-        let listener =
-            TcpListener::bind(cfg.listen).await.map_err(|source| Error::Listen { addr: cfg.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| Error::Listen { addr: cfg.listen, source })?;
+        let (listener, quic, addr) = bind(&cfg).await?;
         let advertised = match cfg.advertise {
             Some(mut a) => {
                 if a.port() == 0 {
@@ -174,10 +181,65 @@ impl NodeBuilder {
         let identity =
             cfg.identity.clone().unwrap_or_else(|| kecho_proto::handshake::Identity::from_secret(rand::random()));
         let channels = Channels::new(identity, advertised, Arc::new(cfg), registry);
-        channels.spawn(accept_loop(Arc::downgrade(&channels.links), listener));
+        if let Some(listener) = listener {
+            channels.spawn(accept_loop(Arc::downgrade(&channels.links), listener));
+        }
+        #[cfg(feature = "quic")]
+        if let Some(ep) = quic {
+            let _ = channels.links.quic.set(ep.clone());
+            channels.spawn(crate::link::dial::quic_accept_loop(Arc::downgrade(&channels.links), ep));
+        }
+        #[cfg(not(feature = "quic"))]
+        let _: Option<std::convert::Infallible> = quic;
         tracing::debug!(node = %channels.id, %addr, "node started");
         let guard = Arc::new(NodeGuard::new(&channels));
         Ok(Node { channels, addr, guard })
+    }
+}
+
+/// The QUIC endpoint, as `bind` returns it (nothing in a build without QUIC).
+#[cfg(feature = "quic")]
+type QuicBound = crate::link::quic::QuicEndpoint;
+#[cfg(not(feature = "quic"))]
+type QuicBound = std::convert::Infallible;
+
+/// Binds the node's TCP listener and QUIC endpoint as its transport asks; returns them and the address bound (one
+/// port number for both).
+async fn bind(cfg: &NodeConfig) -> Result<(Option<TcpListener>, Option<QuicBound>, SocketAddr)> {
+    let listen_err = |source| Error::Listen { addr: cfg.listen, source };
+    if !cfg.transport.quic() {
+        let listener = TcpListener::bind(cfg.listen).await.map_err(listen_err)?;
+        let addr = listener.local_addr().map_err(listen_err)?;
+        return Ok((Some(listener), None, addr));
+    }
+    #[cfg(not(feature = "quic"))]
+    return Err(Error::Invalid(format!("transport {} needs kecho built with the quic feature", cfg.transport)));
+    #[cfg(feature = "quic")]
+    {
+        use crate::link::quic::{BindError, QuicEndpoint};
+        let quic_at = |addr: SocketAddr| {
+            QuicEndpoint::bind(addr, cfg.tls.as_ref(), cfg.heartbeat_timeout).map_err(|e| match e {
+                BindError::Io(source) => Error::Listen { addr, source },
+                BindError::Tls(e) => Error::Tls(e),
+            })
+        };
+        if !cfg.transport.tcp() {
+            let ep = quic_at(cfg.listen)?;
+            let addr = ep.local_addr().map_err(listen_err)?;
+            return Ok((None, Some(ep), addr));
+        }
+        // Both: the UDP port takes the TCP port's number. With port 0, another process may hold that UDP port:
+        // try a few TCP ports.
+        let mut tries = if cfg.listen.port() == 0 { 16 } else { 1 };
+        loop {
+            let listener = TcpListener::bind(cfg.listen).await.map_err(listen_err)?;
+            let addr = listener.local_addr().map_err(listen_err)?;
+            match quic_at(addr) {
+                Ok(ep) => return Ok((Some(listener), Some(ep), addr)),
+                Err(Error::Listen { .. }) if tries > 1 => tries -= 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

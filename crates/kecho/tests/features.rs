@@ -1,7 +1,7 @@
 //! A node built without an optional part refuses what needs it, with a reason naming the feature, rather than
 //! failing later or panicking: content filters without `cel`, sandboxed filters without `wasm` (asked for locally or
-//! sent by a peer). With every feature on (the default) this file has nothing to check.
-#![cfg(any(not(feature = "cel"), not(feature = "wasm")))]
+//! sent by a peer), QUIC links without `quic`. With every feature on (the default) this file has nothing to check.
+#![cfg(any(not(feature = "cel"), not(feature = "wasm"), not(feature = "quic")))]
 
 use std::time::Duration;
 
@@ -14,6 +14,19 @@ const T: Duration = Duration::from_secs(10);
 
 async fn node() -> Result<Node> {
     Ok(Node::builder().registry_client(RegistryClient::in_process_private()).start().await?)
+}
+
+#[cfg(not(feature = "quic"))]
+#[tokio::test]
+async fn quic_without_the_quic_feature_is_refused_with_the_reason() -> Result<()> {
+    for t in [kecho::Transport::Quic, kecho::Transport::Both] {
+        let started = Node::builder().registry_client(RegistryClient::in_process_private()).transport(t).start().await;
+        match started {
+            Err(Error::Invalid(why)) => assert!(why.contains("quic feature"), "{why}"),
+            other => panic!("expected a refusal naming the feature, got {other:?}"),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cel"))]

@@ -42,6 +42,7 @@ pub async fn run(cmd: Args) -> Result<()> {
     let args = NodeArgs {
         listen: "127.0.0.1:0".into(),
         advertise: None,
+        transport: kecho::Transport::Tcp,
         heartbeat: 3.0,
         allow_filters: false,
         identity,

@@ -136,7 +136,7 @@ impl ChannelInner {
     pub(crate) fn new(node: &Arc<Channels>, name: &str) -> Arc<Self> {
         let fresh = ChannelId(rand::random());
         let secret = kecho_proto::ChannelSecret(rand::random());
-        let addr = node.advertised.to_string();
+        let addr = node.links.addr.clone();
         let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         state.set_wall_clock(now(), epoch);

@@ -16,9 +16,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use super::tls::{secure_accept, secure_dial, Wr};
+use super::tls::{secure_accept, secure_dial, Rd, Wr};
 use super::{close, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
 use crate::clock::now;
+use crate::transport::Transport;
 
 /// Accepts connections from other nodes until the node stops.
 pub(crate) async fn accept_loop<H: LinkHandler>(links: Weak<Links<H>>, listener: TcpListener) {
@@ -93,15 +94,27 @@ async fn dial_inner<H: LinkHandler>(
     gen: u64,
     addr: &str,
 ) -> Result<DialOutcome, LinkError> {
-    let connect = TcpStream::connect(addr);
-    let stream = tokio::time::timeout(links.cfg.connect_timeout, connect)
-        .await
-        .map_err(|_| LinkError::ConnectTimeout { addr: addr.to_owned() })?
-        .map_err(|source| LinkError::Connect { addr: addr.to_owned(), source })?;
-    let _ = stream.set_nodelay(true);
-    let remote = stream.peer_addr().ok();
-    let (mut rd, mut wr) = secure_dial(links.cfg.tls.as_ref(), stream, addr).await?;
-    let my_addr = links.advertised.to_string();
+    let (transport, at) = crate::transport::pick(links.cfg.transport, addr)?;
+    let (mut rd, mut wr, remote) = match transport {
+        #[cfg(feature = "quic")]
+        Transport::Quic => {
+            let Some(ep) = links.quic.get() else { return Err(LinkError::Handshake("QUIC is not running".into())) };
+            let (rd, wr, remote) = ep.dial(at, links.cfg.connect_timeout).await?;
+            (rd, wr, Some(remote))
+        }
+        _ => {
+            let connect = TcpStream::connect(at);
+            let stream = tokio::time::timeout(links.cfg.connect_timeout, connect)
+                .await
+                .map_err(|_| LinkError::ConnectTimeout { addr: at.to_owned() })?
+                .map_err(|source| LinkError::Connect { addr: at.to_owned(), source })?;
+            let _ = stream.set_nodelay(true);
+            let remote = stream.peer_addr().ok();
+            let (rd, wr) = secure_dial(links.cfg.tls.as_ref(), stream, at).await?;
+            (rd, wr, remote)
+        }
+    };
+    let my_addr = links.addr.clone();
     let mut hello = BytesMut::new();
     Message::Hello { version: PROTOCOL_VERSION, node: links.id, addr: my_addr.clone(), purpose: Purpose::Node }
         .encode(&mut hello);
@@ -129,22 +142,53 @@ async fn dial_inner<H: LinkHandler>(
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr), remote, buf);
+    let tasks = start_link(links, peer, gen, (rd, wr), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
 
-/// Serves one inbound connection: handshake, duplicate rule, then the link tasks.
+/// Serves one inbound TCP connection.
 async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let Some((mut rd, mut wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
+    let Some((rd, wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
+    accept_link(links, rd, wr, remote, Transport::Tcp).await;
+}
+
+/// Accepts QUIC connections from other nodes until the node stops.
+#[cfg(feature = "quic")]
+pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
+    while let Some(incoming) = ep.endpoint.accept().await {
+        let Some(links) = links.upgrade() else { return };
+        let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "too many connections; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let l = links.clone();
+        links.tasks.spawn(async move {
+            let _slot = slot;
+            if let Some((rd, wr, remote)) = super::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
+                accept_link(l, rd, wr, remote, Transport::Quic).await;
+            }
+        });
+    }
+}
+
+/// Serves one inbound connection of any transport: handshake, duplicate rule, then the link tasks.
+async fn accept_link<H: LinkHandler>(
+    links: Arc<Links<H>>,
+    mut rd: Rd,
+    wr: Wr,
+    remote: SocketAddr,
+    transport: Transport,
+) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
     {
         Ok(Ok(m)) => m,
         Ok(Err(why)) => {
             tracing::warn!(%remote, "closing connection before handshake: {why}");
-            let _ = wr.write_all(&close(CloseCode::Malformed, &why.to_string())).await;
+            refuse(rd, wr, close(CloseCode::Malformed, &why.to_string())).await;
             return;
         }
         Err(_) => {
@@ -156,7 +200,7 @@ async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote:
         handshake::Accept::Node { peer, addr } => (peer, addr),
         handshake::Accept::Refuse { code, reason } => {
             tracing::warn!(%remote, "refusing connection: {reason}");
-            let _ = wr.write_all(&close(code, &reason)).await;
+            refuse(rd, wr, close(code, &reason)).await;
             return;
         }
     };
@@ -169,7 +213,7 @@ async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote:
     };
     if let Err(why) = checked {
         tracing::warn!(%remote, "refusing connection: {why}");
-        let _ = wr.write_all(&close(CloseCode::Handshake, &why)).await;
+        refuse(rd, wr, close(CloseCode::Handshake, &why)).await;
         return;
     }
     let peer = links.peer(their, &their_addr);
@@ -197,14 +241,29 @@ async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote:
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr), Some(remote), buf);
+            let tasks = start_link(&links, &peer, gen, (rd, wr), Some(remote), buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
     };
-    if let Some((_rd, mut wr)) = refused {
-        let _ = wr.write_all(&close(CloseCode::Duplicate, "a connection between these nodes exists")).await;
+    if let Some((rd, wr)) = refused {
+        refuse(rd, wr, close(CloseCode::Duplicate, "a connection between these nodes exists")).await;
     }
+}
+
+/// Refuses a connection with a `Close` frame, and keeps it open until the dialler has read it and hung up (at most
+/// a second): on QUIC, dropping the connection at once could discard the frame unsent, and the dialler would not
+/// know why it was refused (a `Duplicate` refusal is not a failure).
+async fn refuse(mut rd: Rd, mut wr: Wr, frame: bytes::Bytes) {
+    if wr.write_all(&frame).await.is_err() {
+        return;
+    }
+    let _ = wr.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Reads one whole frame during the handshake.
@@ -230,11 +289,13 @@ fn start_link<H: LinkHandler, R>(
     (rd, wr): (R, Wr),
     remote: Option<SocketAddr>,
     buf: BytesMut,
+    transport: Transport,
 ) -> [AbortHandle; 2]
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
     peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *peer.transport.lock() = transport;
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),

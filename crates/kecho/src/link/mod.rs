@@ -8,6 +8,8 @@
 
 pub(crate) mod dial;
 pub(crate) mod outbox;
+#[cfg(feature = "quic")]
+pub(crate) mod quic;
 pub(crate) mod reader;
 pub(crate) mod tls;
 pub(crate) mod writer;
@@ -94,6 +96,18 @@ pub(crate) enum LinkError {
         #[source]
         source: std::io::Error,
     },
+    /// The peer's address names no transport this node speaks.
+    #[error(transparent)]
+    NoTransport(#[from] crate::transport::NoCommonTransport),
+    /// The QUIC connection could not be set up.
+    #[cfg(feature = "quic")]
+    #[error("QUIC link to {addr}: {why}")]
+    Quic {
+        /// The address dialled.
+        addr: String,
+        /// What happened.
+        why: String,
+    },
     /// TLS could not be set up with the peer.
     #[cfg(feature = "tls")]
     #[error("TLS handshake with {addr} {why}")]
@@ -145,6 +159,9 @@ impl LinkError {
             #[cfg(feature = "tls")]
             LinkError::Tls { .. } => LinkFailureKind::Tls,
             LinkError::Connect { .. } | LinkError::ConnectTimeout { .. } => LinkFailureKind::Connect,
+            #[cfg(feature = "quic")]
+            LinkError::Quic { .. } => LinkFailureKind::Transport,
+            LinkError::NoTransport(_) => LinkFailureKind::Transport,
             LinkError::Handshake(_) | LinkError::HandshakeTimeout | LinkError::ClosedByPeer { .. } => {
                 LinkFailureKind::Handshake
             }
@@ -159,6 +176,10 @@ impl LinkError {
     fn needs_operator(&self) -> bool {
         #[cfg(feature = "tls")]
         if matches!(self, LinkError::Tls { .. }) {
+            return true;
+        }
+        #[cfg(feature = "quic")]
+        if matches!(self, LinkError::Quic { .. }) {
             return true;
         }
         if matches!(self, LinkError::Connect { .. } | LinkError::ConnectTimeout { .. }) {
@@ -183,8 +204,11 @@ pub(crate) struct Links<H> {
     pub(crate) id: NodeId,
     /// Proves this node's id on every link.
     identity: Identity,
-    /// The address other nodes dial (`NodeConfig::advertise`, or the listening address).
-    pub(crate) advertised: SocketAddr,
+    /// The address as other nodes read it: the endpoints of every transport this node speaks (`transport.rs`).
+    pub(crate) addr: String,
+    /// The node's QUIC endpoint, if it speaks QUIC (set once, when the node starts).
+    #[cfg(feature = "quic")]
+    pub(crate) quic: std::sync::OnceLock<quic::QuicEndpoint>,
     cfg: Arc<NodeConfig>,
     pub(crate) tasks: Arc<Tasks>,
     handler: Weak<H>,
@@ -208,7 +232,9 @@ impl<H: LinkHandler> Links<H> {
         Links {
             id: identity.node_id(),
             identity,
-            advertised,
+            addr: crate::transport::advertise(cfg.transport, advertised),
+            #[cfg(feature = "quic")]
+            quic: std::sync::OnceLock::new(),
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             tasks,
@@ -261,6 +287,7 @@ impl<H: LinkHandler> Links<H> {
                     queued_bytes: p.outbox.queued_bytes(),
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                    transport: *p.transport.lock(),
                 }
             })
             .collect()
@@ -315,6 +342,10 @@ impl<H: LinkHandler> Links<H> {
     pub(crate) fn abort_all(&self) {
         for (_, p) in self.peers.lock().drain() {
             p.abort();
+        }
+        #[cfg(feature = "quic")]
+        if let Some(ep) = self.quic.get() {
+            ep.close();
         }
     }
 }
@@ -377,6 +408,8 @@ pub struct LinkStats {
     pub connects: u64,
     /// Connections declared dead because the other node fell silent for the heartbeat timeout.
     pub heartbeat_timeouts: u64,
+    /// The transport of the current (or last) connection: TCP or QUIC.
+    pub transport: crate::Transport,
 }
 
 /// Another node, as this node sees it.
@@ -391,6 +424,8 @@ pub(crate) struct Peer {
     flags: PeerFlags,
     membership: Mutex<MembershipGate>,
     pub(crate) frames_sent: AtomicU64,
+    /// The transport of the current (or last) connection.
+    transport: Mutex<crate::Transport>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,
 }
@@ -442,6 +477,7 @@ impl Peer {
                 deferred: Vec::new(),
             }),
             frames_sent: AtomicU64::new(0),
+            transport: Mutex::new(crate::Transport::Tcp),
             counters: LinkCounters::default(),
         }
     }

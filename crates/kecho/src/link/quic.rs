@@ -1,0 +1,203 @@
+//! QUIC links (quinn): the node's UDP endpoint, dialling and accepting connections. A link is one QUIC connection per
+//! pair of nodes; its frames travel on one bidirectional stream that the dialler opens, so everything above (the
+//! kecho handshake with its identity proofs, the reader, the writer, heartbeats, loss accounting) is the same code as
+//! over TCP: the stream's halves are a link's `Rd` and `Wr::Stream`.
+//!
+//! TLS: with [`crate::NodeBuilder::tls`], QUIC uses the node's certificates and CA exactly as TLS over TCP does
+//! (mutual authentication). Without it, QUIC still encrypts (it has no plaintext mode): each node makes a
+//! self-signed certificate at start and a dialler accepts any certificate whose handshake signature verifies. That
+//! authenticates nothing, as plaintext TCP does not either; node identities are proven by the kecho handshake above
+//! it either way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::tls::{Rd, Wr};
+use super::LinkError;
+use crate::config::TlsSetting;
+use crate::tls::TlsError;
+
+/// The ALPN protocol name of kecho links.
+const ALPN: &[u8] = b"kecho/1";
+/// The name a dialler asks for when the node has no TLS configuration (nothing checks it).
+const ANONYMOUS_NAME: &str = "kecho";
+
+/// A node's QUIC endpoint: listens and dials on one UDP socket. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct QuicEndpoint {
+    pub(crate) endpoint: quinn::Endpoint,
+    tls: Option<TlsSetting>,
+}
+
+/// The transport parameters of a link: windows sized like the TCP link's queue, and an idle timeout that leaves
+/// declaring a peer dead to kecho's heartbeats (it only reaps a connection nobody closed).
+fn transport(heartbeat: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = (heartbeat * 3).max(Duration::from_secs(5));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t.keep_alive_interval(Some(heartbeat / 3));
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.send_window(16 << 20);
+    // Links open one stream each way; the rest are for future use (priorities) and bounded.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(16));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    Arc::new(t)
+}
+
+impl QuicEndpoint {
+    /// Binds the node's UDP socket at `addr`.
+    pub(crate) fn bind(addr: SocketAddr, tls: Option<&TlsSetting>, heartbeat: Duration) -> Result<Self, BindError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (server, client) = match tls {
+            Some(tls) => {
+                let mut server = (*tls.server).clone();
+                let mut client = (*tls.client).clone();
+                server.alpn_protocols = vec![ALPN.to_vec()];
+                client.alpn_protocols = vec![ALPN.to_vec()];
+                (server, client)
+            }
+            None => {
+                let cert = rcgen::generate_simple_self_signed(vec![ANONYMOUS_NAME.to_owned()])
+                    .map_err(|e| BindError::Tls(TlsError::Verifier(format!("self-signed certificate: {e}"))))?;
+                let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+                let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(|e| BindError::Tls(e.into()))?
+                    .with_no_client_auth()
+                    .with_single_cert(vec![cert.cert.der().clone()], key)
+                    .map_err(|e| BindError::Tls(e.into()))?;
+                let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(|e| BindError::Tls(e.into()))?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                    .with_no_client_auth();
+                server.alpn_protocols = vec![ALPN.to_vec()];
+                client.alpn_protocols = vec![ALPN.to_vec()];
+                (server, client)
+            }
+        };
+        let crypto = |e: quinn::crypto::rustls::NoInitialCipherSuite| {
+            BindError::Tls(TlsError::Verifier(format!("QUIC needs TLS 1.3 with an AES-GCM suite: {e}")))
+        };
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).map_err(crypto)?));
+        server.transport_config(transport(heartbeat));
+        let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(crypto)?));
+        client.transport_config(transport(heartbeat));
+        let mut endpoint = quinn::Endpoint::server(server, addr).map_err(BindError::Io)?;
+        endpoint.set_default_client_config(client);
+        Ok(QuicEndpoint { endpoint, tls: tls.cloned() })
+    }
+
+    /// The UDP address it is bound to.
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Dials `addr` (`host:port`) and opens the link's stream. Bounded by `timeout` for the QUIC handshake.
+    pub(crate) async fn dial(&self, addr: &str, timeout: Duration) -> Result<(Rd, Wr, SocketAddr), LinkError> {
+        let fail = |why: String| LinkError::Quic { addr: addr.to_owned(), why };
+        let to = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|source| LinkError::Connect { addr: addr.to_owned(), source })?
+            .next()
+            .ok_or_else(|| fail("resolves to no address".into()))?;
+        let name = match &self.tls {
+            Some(tls) => tls.name_for(addr).map_err(|e| fail(format!("cannot start: {e}")))?.to_str().into_owned(),
+            None => ANONYMOUS_NAME.to_owned(),
+        };
+        let connecting = self.endpoint.connect(to, &name).map_err(|e| fail(format!("cannot start: {e}")))?;
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| LinkError::ConnectTimeout { addr: addr.to_owned() })?
+            .map_err(|e| fail(format!("handshake failed: {e}")))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| fail(format!("cannot open a stream: {e}")))?;
+        Ok((Box::new(recv), Wr::Stream(Box::new(send)), to))
+    }
+
+    /// Closes the endpoint: every connection ends at once.
+    pub(crate) fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"node stopped");
+    }
+}
+
+/// Completes an incoming connection and takes the stream its dialler opens; `None` if it fails in time.
+pub(crate) async fn accept(incoming: quinn::Incoming, timeout: Duration) -> Option<(Rd, Wr, SocketAddr)> {
+    let remote = incoming.remote_address();
+    let up = async {
+        let conn = incoming.await.map_err(|e| format!("QUIC handshake failed: {e}"))?;
+        let (send, recv) = conn.accept_bi().await.map_err(|e| format!("no link stream: {e}"))?;
+        Ok::<_, String>((send, recv))
+    };
+    match tokio::time::timeout(timeout, up).await {
+        Ok(Ok((send, recv))) => Some((Box::new(recv), Wr::Stream(Box::new(send)), remote)),
+        Ok(Err(why)) => {
+            tracing::warn!(%remote, "refusing a QUIC connection: {why}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "closing a QUIC connection: no link stream within {timeout:?}");
+            None
+        }
+    }
+}
+
+/// Why the QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum BindError {
+    /// The UDP socket could not be bound.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The TLS configuration does not suit QUIC.
+    #[error(transparent)]
+    Tls(TlsError),
+}
+
+/// Accepts any server certificate whose handshake signature verifies: for nodes without a TLS configuration, whose
+/// identities the kecho handshake proves instead.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

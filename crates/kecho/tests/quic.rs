@@ -1,0 +1,335 @@
+//! QUIC links: the channel cases that matter most for a transport (order, loss accounting, liveness, one link per
+//! pair under concurrent dials, identity and access, TLS) over QUIC, and the choice of transport between nodes that
+//! speak different ones.
+#![cfg(feature = "quic")]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::{
+    Attrs, Authority, Error, Event, Identity, LinkFailureKind, MembershipConfig, Node, Overflow, RecvError,
+    RegistryClient, Roles, SinkOptions, Transport, Value,
+};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn node(reg: &RegistryClient, transport: Transport) -> Result<Node> {
+    let m = MembershipConfig {
+        lease_ttl: Duration::from_millis(1500),
+        open_timeout: Duration::from_secs(3),
+        ..MembershipConfig::default()
+    };
+    Ok(Node::builder()
+        .registry_client(reg.clone())
+        .transport(transport)
+        .heartbeat_timeout(Duration::from_millis(600))
+        .membership(m)
+        .start()
+        .await?)
+}
+
+async fn cluster(n: usize) -> Result<(RegistryClient, Vec<Node>)> {
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(node(&reg, Transport::Quic).await?);
+    }
+    Ok((reg, nodes))
+}
+
+async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
+    match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+        Ok(e) => Ok(e),
+        Err(e) => bail!("recv: {e}"),
+    }
+}
+
+fn attr_i(ev: &Event, k: &str) -> i64 {
+    match ev.attrs().get(k) {
+        Some(Value::Int(i)) => *i,
+        other => panic!("attribute {k}: {other:?}"),
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Every link of `n` is up over `want`.
+fn check_transport(n: &Node, want: Transport) {
+    for l in n.link_stats().iter().filter(|l| l.up) {
+        assert_eq!(l.transport, want, "link to {} ({})", l.node, l.addr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_order_with_many_sources_over_quic() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let sink_ch = nodes[0].channel("order").await?;
+    let mut sink = sink_ch.sink(SinkOptions::new().overflow(Overflow::Block).capacity(64))?;
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let ch = n.channel("order").await?;
+        ch.wait_for_sinks(1, T).await?;
+        let mut src = ch.source()?;
+        tasks.push(tokio::spawn(async move {
+            for k in 1..=2000i64 {
+                src.submit("e", &Attrs::new().with("src", i as i64).with("k", k), &[7u8; 300]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for _ in 0..3 * 2000 {
+        let ev = recv(&mut sink).await?;
+        let (src, k) = (attr_i(&ev, "src"), attr_i(&ev, "k"));
+        let prev = last.insert(src, k).unwrap_or(0);
+        assert_eq!(k, prev + 1, "source {src} out of order");
+        assert_eq!(ev.seq() as i64, k);
+    }
+    for t in tasks {
+        t.await??;
+    }
+    check_transport(&nodes[0], Transport::Quic);
+    assert_eq!(nodes[0].links(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_quic_connection_per_pair_under_concurrent_dials() -> Result<()> {
+    let (_reg, nodes) = cluster(4).await?;
+    let mut sinks = Vec::new();
+    let mut chans = Vec::new();
+    for c in 0..3 {
+        let name = format!("mux{c}");
+        let opened = futures_util::future::join_all(nodes.iter().map(|n| n.channel(&name))).await;
+        for ch in opened {
+            let ch = ch?;
+            sinks.push(ch.sink(SinkOptions::new())?);
+            chans.push(ch);
+        }
+    }
+    for ch in &chans {
+        ch.wait_for_sinks(4, T).await?;
+    }
+    let mut sources = Vec::new();
+    for ch in &chans {
+        sources.push(ch.source()?);
+    }
+    for s in sources.iter_mut() {
+        s.submit("e", &Attrs::new(), b"").await?;
+    }
+    for s in sinks.iter_mut() {
+        for _ in 0..4 {
+            recv(s).await?;
+        }
+    }
+    for n in &nodes {
+        assert_eq!(n.links(), 3, "one link to each other node");
+        check_transport(n, Transport::Quic);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_quic_member_is_removed_and_the_others_carry_on() -> Result<()> {
+    let (_reg, nodes) = cluster(3).await?;
+    let a = nodes[0].create_channel("crash").await?;
+    let b = nodes[1].open_channel("crash").await?;
+    let c = nodes[2].open_channel("crash").await?;
+    let _sb = b.sink(SinkOptions::new())?;
+    let mut sc = c.sink(SinkOptions::new())?;
+    a.wait_for_sinks(2, T).await?;
+    nodes[1].kill();
+    let took = eventually("crashed sink removed", || a.sinks() == 1).await?;
+    assert!(took < Duration::from_millis(2000), "took {took:?}");
+    let mut src = a.source()?;
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert_eq!(recv(&mut sc).await?.seq(), 1);
+    Ok(())
+}
+
+/// A Block sink nobody reads stalls the link; the events of another channel that find the link full are dropped at
+/// the source and reported to their sink, exactly, once the link moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_dropped_at_a_full_quic_link_are_reported() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a_node = Node::builder()
+        .registry_client(reg.clone())
+        .transport(Transport::Quic)
+        .link_queue_bytes(64 * 1024)
+        .start()
+        .await?;
+    let b_node = node(&reg, Transport::Quic).await?;
+    let ax = a_node.create_channel("x").await?;
+    let bx = b_node.open_channel("x").await?;
+    let mut blocker = bx.sink(SinkOptions::new().capacity(1).overflow(Overflow::Block))?;
+    let ay = a_node.create_channel("y").await?;
+    let by = b_node.open_channel("y").await?;
+    let mut lossy = by.sink(SinkOptions::new().capacity(100_000).overflow(Overflow::DropNewest))?;
+    ax.wait_for_sinks(1, T).await?;
+    ay.wait_for_sinks(1, T).await?;
+    let mut sx = ax.source()?;
+    let mut sy = ay.source()?;
+    let mut filled = 0u64;
+    let mut refusals = 0;
+    while refusals < 5 {
+        match sx.try_submit("x", &Attrs::new(), &[0u8; 4096]) {
+            Ok(_) => {
+                filled += 1;
+                refusals = 0;
+            }
+            Err(_) => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert!(filled < 100_000, "the link never filled up");
+    }
+    let n = 1000u64;
+    for _ in 0..n {
+        sy.submit("y", &Attrs::new(), b"").await?;
+    }
+    let dropped_at_source = ay.stats().dropped;
+    assert!(dropped_at_source > 0, "nothing was dropped at the full link");
+    let drain =
+        tokio::spawn(async move { while let Ok(Ok(_)) = timeout(Duration::from_millis(500), blocker.recv()).await {} });
+    let (mut got, mut lagged) = (0u64, 0u64);
+    while got + lagged < n {
+        match timeout(T, lossy.recv()).await.context("y events")? {
+            Ok(_) => got += 1,
+            Err(RecvError::Lagged(n)) => lagged += n,
+            Err(e) => bail!("{e}"),
+        }
+    }
+    assert_eq!(lagged, dropped_at_source);
+    assert_eq!(got + lagged, n);
+    drain.abort();
+    Ok(())
+}
+
+/// Nodes pick what both speak: QUIC between QUIC speakers, TCP with a TCP-only node, and a node that speaks both
+/// serves either; a TCP-only and a QUIC-only node have nothing in common and the joiner is told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_pick_the_transport_both_speak() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let both = node(&reg, Transport::Both).await?;
+    let tcp = node(&reg, Transport::Tcp).await?;
+    let quic = node(&reg, Transport::Quic).await?;
+    let ch = both.create_channel("mixed").await?;
+    let mut sink = ch.sink(SinkOptions::new())?;
+    let ct = tcp.open_channel("mixed").await?;
+    let cq = quic.open_channel("mixed").await?;
+    ct.wait_for_sinks(1, T).await?;
+    cq.wait_for_sinks(1, T).await?;
+    let mut st = ct.source()?;
+    let mut sq = cq.source()?;
+    st.submit("t", &Attrs::new(), b"").await?;
+    sq.submit("q", &Attrs::new(), b"").await?;
+    let mut types = vec![recv(&mut sink).await?.ty().to_owned(), recv(&mut sink).await?.ty().to_owned()];
+    types.sort();
+    assert_eq!(types, ["q", "t"]);
+    let t_link = tcp.link_stats().into_iter().find(|l| l.up).context("tcp node's link")?;
+    let q_link = quic.link_stats().into_iter().find(|l| l.up && l.transport == Transport::Quic);
+    assert_eq!(t_link.transport, Transport::Tcp);
+    assert!(q_link.is_some(), "the QUIC node reached the other QUIC speaker over QUIC");
+    // The TCP-only and QUIC-only nodes share the channel but cannot link: each learns why.
+    let lone = node(&reg, Transport::Quic).await?;
+    let tcp_only = node(&reg, Transport::Tcp).await?;
+    lone.create_channel("apart").await?;
+    match tcp_only.open_channel("apart").await {
+        Err(e @ Error::OpenTimeout { .. }) => {
+            assert!(e.to_string().contains("no transport in common"), "{e}");
+            assert!(
+                matches!(&e, Error::OpenTimeout { cause: Some(c), .. } if c.kind() == LinkFailureKind::Transport),
+                "{e:?}"
+            );
+        }
+        other => bail!("expected a timeout naming the missing transport, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// A protected channel over QUIC: the credential holder is admitted, a node without one is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_access_hold_over_quic() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let authority = Authority::from_secret([0xA5; 32]);
+    let policy = authority.policy(Roles::ALL);
+    let (ia, ib, ic) = (Identity::from_secret([1; 32]), Identity::from_secret([2; 32]), Identity::from_secret([3; 32]));
+    // Nodes with a credential require the policy; the one without does not, so that the contact (over QUIC) is
+    // the one to refuse it.
+    let start = |id: &Identity, roles: Option<Roles>| {
+        let mut b = Node::builder().registry_client(reg.clone()).transport(Transport::Quic).identity(id.clone());
+        if let Some(r) = roles {
+            b = b.policy("vault", policy).token(authority.grant("vault", r, id.public_key(), 0).unwrap());
+        }
+        b.start()
+    };
+    let a = start(&ia, Some(Roles::ALL)).await?;
+    let b = start(&ib, Some(Roles::SINK)).await?;
+    let c = start(&ic, None).await?;
+    let ca = a.create_channel("vault").await?;
+    let cb = b.open_channel("vault").await?;
+    let mut sink = cb.sink(SinkOptions::new())?;
+    ca.wait_for_sinks(1, T).await?;
+    ca.source()?.submit("e", &Attrs::new(), b"for b").await?;
+    assert_eq!(&recv(&mut sink).await?.payload()[..], b"for b");
+    // b may not publish; c may do nothing at all.
+    assert!(matches!(cb.source(), Err(Error::AccessDenied { .. })), "a sink-only node got a source");
+    match c.open_channel("vault").await {
+        Err(e @ Error::AccessDenied { .. }) => {
+            let why = e.to_string();
+            assert!(why.contains("admits only nodes with a credential"), "{why}");
+        }
+        other => bail!("a node without a credential was not refused: {other:?}"),
+    }
+    check_transport(&a, Transport::Quic);
+    Ok(())
+}
+
+/// With a TLS configuration QUIC authenticates against the node's CA: nodes of one CA link, a stranger does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_uses_the_nodes_tls_certificates() -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca_config = || -> Result<_> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+    };
+    let tls_for = |issuer: &CertifiedIssuer<'static, KeyPair>| -> Result<kecho::TlsConfig> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, issuer)?;
+        Ok(kecho::TlsConfig::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), issuer.pem().as_bytes())?)
+    };
+    let (ours, theirs) = (ca_config()?, ca_config()?);
+    let reg = RegistryClient::in_process_private();
+    let m = MembershipConfig { open_timeout: Duration::from_secs(3), ..MembershipConfig::default() };
+    let start = |tls: kecho::TlsConfig| {
+        Node::builder().registry_client(reg.clone()).membership(m.clone()).transport(Transport::Quic).tls(tls).start()
+    };
+    let a = start(tls_for(&ours)?).await?;
+    let b = start(tls_for(&ours)?).await?;
+    let ca = a.create_channel("secure").await?;
+    let cb = b.open_channel("secure").await?;
+    let mut sink = cb.sink(SinkOptions::new())?;
+    ca.wait_for_sinks(1, T).await?;
+    ca.source()?.submit("e", &Attrs::new(), b"secret").await?;
+    assert_eq!(&recv(&mut sink).await?.payload()[..], b"secret");
+    check_transport(&a, Transport::Quic);
+    let stranger = start(tls_for(&theirs)?).await?;
+    match stranger.open_channel("secure").await {
+        Err(e @ Error::OpenTimeout { .. }) => assert!(e.to_string().contains("QUIC"), "{e}"),
+        other => bail!("a node of another CA linked: {other:?}"),
+    }
+    Ok(())
+}
