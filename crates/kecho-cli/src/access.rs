@@ -19,8 +19,14 @@ pub struct AccessArgs {
     #[arg(long, value_name = "HEX", env = "KECHO_AUTHORITY")]
     pub authority_pub: Option<String>,
     /// The roles that need a credential under --authority-pub: a comma-separated list of source, sink, filters, or
-    /// all.
-    #[arg(long, value_name = "ROLES", default_value = "all", requires = "authority_pub")]
+    /// all (also --require-roles, the name `kecho reserve` takes it under).
+    #[arg(
+        long,
+        visible_alias = "require-roles",
+        value_name = "ROLES",
+        default_value = "all",
+        requires = "authority_pub"
+    )]
     pub require: String,
 }
 

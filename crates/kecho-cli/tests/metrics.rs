@@ -75,3 +75,19 @@ fn a_bad_metrics_address_is_a_clear_error() -> Result<()> {
     assert!(err.contains("invalid metrics address"), "{err}");
     Ok(())
 }
+
+/// The resource agent serves its node's metrics too: its channel `kecho.resources`, with its reports counted.
+#[test]
+fn the_agent_serves_metrics() -> Result<()> {
+    let reg = free_port()?;
+    let _r = registry(&reg, &[])?;
+    let m = free_port()?;
+    let args = ["agent", "--name", "m", "--cpus", "1", "--no-measure", "--report", "0.2", "--registry", &reg];
+    let mut agent = Proc::spawn("agent", &[&args[..], &["--metrics", &m]].concat())?;
+    agent.wait_stderr("offering")?;
+    let ch = [("channel", "kecho.resources")];
+    eventually(Duration::from_secs(20), "the agent's events submitted", || {
+        Ok(metric(&m, "kecho_channel_events_submitted_total", &ch)?.filter(|v| *v >= 2.0))
+    })?;
+    Ok(())
+}

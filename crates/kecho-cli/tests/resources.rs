@@ -217,3 +217,130 @@ fn a_held_reservation_lives_with_its_command() -> Result<()> {
     wait_reserved(&c, "b", 0)?;
     Ok(())
 }
+
+/// `kecho reserve` takes the access-control flags of every node command (the roles flag under the name
+/// `--require-roles`, since `--require` is its requirement expression): on a protected `kecho.resources`, a requester
+/// with a credential reserves with a requirement, one without is refused with the reason.
+#[test]
+fn reserve_on_a_protected_channel_takes_access_flags_and_a_requirement() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kecho-res-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let o = run(&["authority", "new", &path("auth.key")])?;
+    assert!(o.status.success(), "{}", err(&o));
+    let auth = out(&o).split_whitespace().last().context("authority key printed")?.to_owned();
+    for who in ["agent", "req", "stranger"] {
+        let o = run(&["identity", "new", &path(&format!("{who}.id"))])?;
+        assert!(o.status.success(), "{}", err(&o));
+    }
+    for who in ["agent", "req"] {
+        let (key, id, tok) = (path("auth.key"), path(&format!("{who}.id")), path(&format!("{who}.tok")));
+        let args = ["grant", "--authority", &key, "--channel", "kecho.resources", "--roles", "all"];
+        let o = run(&[&args[..], &["--holder-identity", &id, "--out", &tok]].concat())?;
+        assert!(o.status.success(), "grant {who}: {}", err(&o));
+    }
+    let addr = free_port()?;
+    let mut reg = Proc::spawn("registry", &["registry", "--listen", &addr])?;
+    reg.wait_line(false, "listening")?;
+    let (agent_id, agent_tok) = (path("agent.id"), path("agent.tok"));
+    let mut agent = Proc::spawn(
+        "agent",
+        &[
+            "agent",
+            "--name",
+            "a",
+            "--cpus",
+            "2",
+            "--no-measure",
+            "--attr",
+            "zone=a",
+            "--registry",
+            &addr,
+            "--authority-pub",
+            &auth,
+            "--require-roles",
+            "all",
+            "--identity",
+            &agent_id,
+            "--token",
+            &agent_tok,
+        ],
+    )?;
+    agent.wait_line(false, "offering")?;
+    let (req_id, req_tok) = (path("req.id"), path("req.tok"));
+    // The roles flag is applied: a requester expecting another policy than the channel's is refused.
+    let o = run(&[
+        "reserve",
+        "--registry",
+        &addr,
+        "--cpus",
+        "1",
+        "--require",
+        "zone == \"a\"",
+        "--for",
+        "30",
+        "--authority-pub",
+        &auth,
+        "--require-roles",
+        "source,sink",
+        "--identity",
+        &req_id,
+        "--token",
+        &req_tok,
+    ])?;
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("expects a policy") && err(&o).contains("requiring credentials for source,sink"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&[
+        "reserve",
+        "--registry",
+        &addr,
+        "--cpus",
+        "1",
+        "--require",
+        "zone == \"a\"",
+        "--for",
+        "30",
+        "--authority-pub",
+        &auth,
+        "--require-roles",
+        "all",
+        "--identity",
+        &req_id,
+        "--token",
+        &req_tok,
+    ])?;
+    assert!(o.status.success(), "reserve with a credential failed: {}", err(&o));
+    assert!(out(&o).contains("agent a") && out(&o).contains("cpus=1"), "{}", out(&o));
+    // A requirement nothing satisfies is still the requirement, not the roles.
+    let o = run(&[
+        "reserve",
+        "--registry",
+        &addr,
+        "--cpus",
+        "1",
+        "--require",
+        "zone == \"b\"",
+        "--authority-pub",
+        &auth,
+        "--identity",
+        &req_id,
+        "--token",
+        &req_tok,
+    ])?;
+    assert!(!o.status.success());
+    assert!(err(&o).contains("zone == \"b\""), "{}", err(&o));
+    // Without a credential: refused by the channel's policy, with the reason.
+    let o = run(&["reserve", "--registry", &addr, "--cpus", "1", "--wait", "2", "--identity", &path("stranger.id")])?;
+    assert!(!o.status.success());
+    assert!(err(&o).contains("credential"), "{}", err(&o));
+    let o = run(&["reserve", "--registry", &addr, "--cpus", "1", "--require-roles", "sink"])?;
+    assert!(!o.status.success() && err(&o).contains("--authority-pub"), "{}", err(&o));
+    drop(agent);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -41,9 +41,10 @@ pub struct AgentConfig {
     /// Least time between two reports (and updates of the attributes requesters screen on): a change is reported at
     /// once unless one went out less than this ago.
     pub min_report_gap: Duration,
-    /// Least time between two updates of the request sink's attributes, which requesters' OUT-filters screen on.
-    /// Each update makes kecho send the node's snapshot to every member of the channel, which re-derives its
-    /// routes: far dearer than a report, which goes to view sinks only (see docs/RESOURCES.md, "Costs").
+    /// Least time between two updates of the request sink's attributes, which requesters' OUT-filters screen on
+    /// until they hold a report of the agent (they screen on its newest report from then on). Each update makes
+    /// kecho send the node's snapshot to every member of the channel, which re-derives its routes: far dearer than
+    /// a report, which goes to view sinks only (see docs/RESOURCES.md, "Costs").
     pub attr_gap: Duration,
     /// How often it checks which holders are still on the channel.
     pub probe_every: Duration,
@@ -64,7 +65,7 @@ impl AgentConfig {
             report_every: Duration::from_secs(1),
             lifetime: Duration::from_secs(3),
             min_report_gap: Duration::from_millis(100),
-            attr_gap: Duration::from_secs(1),
+            attr_gap: Duration::from_secs(10),
             probe_every: Duration::from_secs(1),
             ledger: LedgerConfig::default(),
         }
@@ -147,12 +148,17 @@ impl Agent {
             o
         };
         let sink = channel.sink(sink_opts)?;
-        let replies = channel.source()?;
-        let mut probe = channel.source()?;
+        // One source for answers, reports and the holder probe: its OUT-filter sends every event where the sinks'
+        // filters let it, except the probe, which it only uses to read which holders' reply sinks are present.
+        let mut replies = channel.source()?;
         let seen: Arc<Mutex<HashSet<HolderId>>> = Arc::default();
         let seen2 = seen.clone();
-        probe.set_out_filter(Some(Arc::new(
-            move |_ev: &EventView<'_>, sinks: &SinkView<'_>, _chosen: &mut Vec<usize>| {
+        replies.set_out_filter(Some(Arc::new(
+            move |ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
+                if ev.ty() != wire::HOLDERS {
+                    chosen.extend(0..sinks.len());
+                    return;
+                }
                 let mut s = seen2.lock();
                 s.clear();
                 for r in sinks.iter() {
@@ -163,7 +169,7 @@ impl Agent {
             },
         )));
         let stop = Arc::new(Notify::new());
-        let io = Io { sink, replies, probe, seen, stop: stop.clone() };
+        let io = Io { sink, replies, seen, stop: stop.clone() };
         let name = state.cfg.name.clone();
         let task = tokio::spawn(run(state, io));
         Ok(Agent { name, epoch, ledger, stop, task })
@@ -227,7 +233,6 @@ fn capacity(cfg: &AgentConfig, host: &HostSample) -> Result<Amounts> {
 struct Io {
     sink: kecho::Sink,
     replies: Source,
-    probe: Source,
     seen: Arc<Mutex<HashSet<HolderId>>>,
     stop: Arc<Notify>,
 }
@@ -337,7 +342,7 @@ async fn run(mut st: State, mut io: Io) {
             next_report = now + st.cfg.report_every;
         }
         if now >= next_probe {
-            io.probe.submit(wire::HOLDERS, &Attrs::new(), b"").await.ok();
+            io.replies.submit(wire::HOLDERS, &Attrs::new(), b"").await.ok();
             let seen = io.seen.lock().clone();
             let ended = st.ledger.lock().holders(|h| seen.contains(h), now.into_std());
             if !ended.is_empty() {

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::expr::{Rank, Requirement};
 use crate::negotiate::{explain, pick, screen, Decision, Miss, Negotiation, OfferInfo};
 use crate::types::{Amounts, HolderId, ReservationId};
+use crate::watch::View;
 use crate::wire::{self, Op};
 
 /// A QoS request.
@@ -140,6 +141,8 @@ enum Reply {
 
 struct Inner {
     holder: HolderId,
+    /// This requester's own cluster view, from the agents' reports (fresher than their sinks' attributes).
+    view: View,
     source: tokio::sync::Mutex<Source>,
     current: Mutex<Option<Arc<Screening>>>,
     waiting: Mutex<HashMap<i64, mpsc::UnboundedSender<Reply>>>,
@@ -187,8 +190,10 @@ impl Requester {
                 .overflow(Overflow::Block),
         )?;
         let source = channel.source()?;
+        let view = View::start_on(channel)?;
         let inner = Arc::new(Inner {
             holder,
+            view,
             source: tokio::sync::Mutex::new(channel.source()?),
             current: Mutex::new(None),
             waiting: Mutex::new(HashMap::new()),
@@ -547,20 +552,24 @@ fn route(inner: &Inner, ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut V
     let mut found = s.found.lock();
     let mut ok: Vec<(usize, Option<f64>, u64)> = Vec::new();
     let mut short: Vec<(usize, Option<f64>, u64)> = Vec::new();
-    for (i, r) in sinks.iter().enumerate() {
-        let a = r.attrs();
-        let Some(Value::Str(name)) = a.get("agent") else { continue };
-        found.agents += 1;
-        match screen(&s.amounts, s.require.as_deref(), a) {
-            Ok(()) => ok.push((i, s.rank.as_ref().and_then(|x| x.eval(a)), rand::random())),
-            Err(m) => {
-                if matches!(m, Miss::Short { .. }) && s.require.as_ref().is_none_or(|r| r.matches(a)) {
-                    short.push((i, None, rand::random()));
+    inner.view.with(|view| {
+        for (i, r) in sinks.iter().enumerate() {
+            let Some(Value::Str(name)) = r.attrs().get("agent") else { continue };
+            // The agent's newest report, which goes out at once on a change (at most one per 100 ms); its sink's
+            // attributes (updated rarely, see AgentConfig::attr_gap) until this requester has one.
+            let a = view.get(name).map_or(r.attrs(), |e| &e.report.attrs);
+            found.agents += 1;
+            match screen(&s.amounts, s.require.as_deref(), a) {
+                Ok(()) => ok.push((i, s.rank.as_ref().and_then(|x| x.eval(a)), rand::random())),
+                Err(m) => {
+                    if matches!(m, Miss::Short { .. }) && s.require.as_ref().is_none_or(|r| r.matches(a)) {
+                        short.push((i, None, rand::random()));
+                    }
+                    found.misses.push((name.clone(), m));
                 }
-                found.misses.push((name.clone(), m));
             }
         }
-    }
+    });
     if s.dry {
         return;
     }

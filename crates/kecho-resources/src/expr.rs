@@ -1,8 +1,6 @@
 //! The two expressions of a request, in CEL over an agent's attributes (the language of kecho's content filters):
 //! a requirement that must hold (`mem_free >= 2e9 && zone == "a"`) and a rank, a number where higher is better.
 
-use std::sync::Arc;
-
 use kecho::filter::ContentFilter;
 use kecho::{Attrs, Value};
 
@@ -36,6 +34,9 @@ impl Requirement {
 pub struct Rank {
     expr: String,
     program: cel::Program,
+    /// The attribute's name when the rank is one attribute (`cpus_free`, the common case): read directly, without
+    /// building the interpreter's variables.
+    var: Option<String>,
 }
 
 impl std::fmt::Debug for Rank {
@@ -54,7 +55,11 @@ impl Rank {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| Error::Config(format!("rank expression `{expr}` could not be compiled")))?;
-        Ok(Rank { expr: expr.to_owned(), program })
+        let var = match &program.expression().expr {
+            cel::common::ast::Expr::Ident(name) => Some(name.clone()),
+            _ => None,
+        };
+        Ok(Rank { expr: expr.to_owned(), program, var })
     }
     /// The source text.
     pub fn expr(&self) -> &str {
@@ -62,23 +67,25 @@ impl Rank {
     }
     /// The rank of an agent with these attributes, `None` if it is not a finite number.
     pub fn eval(&self, attrs: &Attrs) -> Option<f64> {
-        let mut ctx = cel::Context::default();
-        for (k, v) in attrs.iter() {
-            let v = match v {
-                Value::Int(i) => cel::Value::Int(*i),
-                Value::Float(f) => cel::Value::Float(*f),
-                Value::Bool(b) => cel::Value::Bool(*b),
-                Value::Str(s) => cel::Value::String(Arc::new(s.clone())),
-                Value::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
-            };
-            ctx.add_variable_from_value(k.to_owned(), v);
-        }
-        let v = match self.program.execute(&ctx).ok()? {
-            cel::Value::Int(i) => i as f64,
-            cel::Value::UInt(u) => u as f64,
-            cel::Value::Float(f) => f,
-            cel::Value::Bool(b) => f64::from(u8::from(b)),
-            _ => return None,
+        let v = match &self.var {
+            Some(name) => match attrs.get(name)? {
+                Value::Int(i) => *i as f64,
+                Value::Float(f) => *f,
+                Value::Bool(b) => f64::from(u8::from(*b)),
+                _ => return None,
+            },
+            None => {
+                // The attributes as content filters see them (kecho's conversion).
+                let mut ctx = cel::Context::default();
+                kecho::filter::add_cel_variables(&mut ctx, attrs);
+                match self.program.execute(&ctx).ok()? {
+                    cel::Value::Int(i) => i as f64,
+                    cel::Value::UInt(u) => u as f64,
+                    cel::Value::Float(f) => f,
+                    cel::Value::Bool(b) => f64::from(u8::from(b)),
+                    _ => return None,
+                }
+            }
         };
         v.is_finite().then_some(v)
     }
@@ -94,6 +101,14 @@ mod tests {
         assert!(Requirement::compile("mem_free >= 2e9 && zone == \"a\"").unwrap().matches(&a));
         assert!(!Requirement::compile("gpu_free >= 1").unwrap().matches(&a));
         assert_eq!(Rank::compile("cpus_free * 2").unwrap().eval(&a), Some(6.0));
+        // A bare attribute is read directly, with the interpreter's results.
+        assert_eq!(Rank::compile("cpus_free").unwrap().eval(&a), Some(3.0));
+        assert_eq!(Rank::compile("(cpus_free)").unwrap().eval(&a), Some(3.0));
+        assert_eq!(Rank::compile("gpu_free").unwrap().eval(&a), None);
+        assert_eq!(Rank::compile("zone").unwrap().eval(&Attrs::new().with("zone", 1.5f64)), Some(1.5));
+        let nan = Attrs::new().with("x", f64::NAN);
+        assert_eq!(Rank::compile("x").unwrap().eval(&nan), None);
+        assert_eq!(Rank::compile("x + 0.0").unwrap().eval(&nan), None);
         assert_eq!(Rank::compile("double(mem_free) / 1e9").unwrap().eval(&a), Some(3.0));
         // CEL does not mix int and double in arithmetic: such a rank does not evaluate.
         assert_eq!(Rank::compile("mem_free / 1e9").unwrap().eval(&a), None);

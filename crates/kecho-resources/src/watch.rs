@@ -97,6 +97,13 @@ impl View {
         s.clone()
     }
 
+    /// Runs `f` on the view now (expired reports removed), without copying it.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        let mut s = self.state.lock();
+        s.expire(Instant::now().into_std());
+        f(&s)
+    }
+
     /// Waits until the view changes (an agent joined, reported, left or timed out).
     pub async fn changed(&mut self) -> Result<()> {
         self.changed.changed().await.map_err(|_| Error::Stopped)

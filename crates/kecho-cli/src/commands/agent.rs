@@ -53,6 +53,9 @@ pub struct Args {
     reg: RegistryArg,
     #[command(flatten)]
     node: NodeArgs,
+    // `--metrics ADDR` only: `--report` is the report period here.
+    #[command(flatten)]
+    metrics: crate::observe::MetricsArg,
 }
 
 fn secs(what: &str, v: f64) -> Result<Duration> {
@@ -94,6 +97,9 @@ pub async fn run(a: Args) -> Result<()> {
     cfg.ledger.holder_grace = secs("holder-grace", a.holder_grace)?;
     kecho_resources::agent::check_agent_name(&cfg.name)?;
     let node = node(&a.reg, &a.node, None).await?;
+    let mut registry = crate::observe::prometheus_client_registry::Registry::default();
+    let _latency = a.metrics.metrics.is_some().then(|| kecho_metrics::register_node(&mut registry, &node));
+    let _metrics = a.metrics.serve(registry).await?;
     let ch = node.channel(&a.channel).await?;
     let agent = Agent::start_on(&ch, cfg).await?;
     let offered = agent.with_ledger(|l| l.capacity().to_string());

@@ -12,8 +12,10 @@ use kecho_resources::types::{human, parse_size};
 use kecho_resources::{Amounts, Requester, Reservation, Spec};
 use serde_json::json;
 
+use crate::access::AccessArgs;
 use crate::commands::agent::wait_for_stop;
 use crate::node_args::{parse_addr, RegistryArg, TlsArgs};
+use crate::secrets::read_identity;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -62,10 +64,40 @@ pub struct Args {
     /// Seconds of silence after which another node counts as dead.
     #[arg(long, default_value_t = 3.0)]
     heartbeat: f64,
-    // The node flags of other commands except access control, whose `--require ROLES` would clash with the
-    // requirement expression.
+    /// This node's identity (see `kecho identity new`); needed with --token.
+    #[arg(long, value_name = "FILE", env = "KECHO_IDENTITY")]
+    identity: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    access: AccessFlags,
+}
+
+/// The access-control flags of every command that runs a node, with the roles flag under its other name: here
+/// `--require` is the requirement expression (the issue's `kecho reserve --require EXPR`).
+#[derive(clap::Args, Debug, Clone, Default)]
+struct AccessFlags {
+    /// Present this credential (see `kecho grant`; repeatable). It was issued to one node key: pass that node's
+    /// --identity too.
+    #[arg(long = "token", value_name = "FILE")]
+    tokens: Vec<std::path::PathBuf>,
+    /// Require the access policy of this authority (its public key, 64 hex digits; see `kecho authority new`).
+    #[arg(long, value_name = "HEX", env = "KECHO_AUTHORITY")]
+    authority_pub: Option<String>,
+    /// The roles that need a credential under --authority-pub (--require ROLES of the other commands): a
+    /// comma-separated list of source, sink, filters, or all.
+    #[arg(long = "require-roles", value_name = "ROLES", default_value = "all", requires = "authority_pub")]
+    require_roles: String,
+}
+
+impl From<&AccessFlags> for AccessArgs {
+    fn from(f: &AccessFlags) -> Self {
+        AccessArgs {
+            tokens: f.tokens.clone(),
+            authority_pub: f.authority_pub.clone(),
+            require: f.require_roles.clone(),
+        }
+    }
 }
 
 async fn start_node(a: &Args) -> Result<kecho::Node> {
@@ -82,6 +114,11 @@ async fn start_node(a: &Args) -> Result<kecho::Node> {
     if let Some(tls) = a.tls.config()? {
         b = b.tls(tls);
     }
+    let identity = a.identity.as_deref().map(read_identity).transpose()?;
+    if let Some(id) = &identity {
+        b = b.identity(id.clone());
+    }
+    b = AccessArgs::from(&a.access).apply(b, identity.as_ref())?;
     Ok(b.start().await?)
 }
 
@@ -177,7 +214,22 @@ pub async fn run(a: Args) -> Result<()> {
     }
     eprintln!("kecho: holding {} reservation(s); Ctrl-C releases", got.len());
     let held: Vec<_> = got.into_iter().map(|r| requester.hold(r)).collect();
-    wait_for_stop().await;
+    // Held until stopped, or until a reservation is lost (its agent refused a renewal, e.g. after a cut that outlasted
+    // the lease or the holder grace: the agent fenced it and may have granted the capacity to someone else).
+    let lost = tokio::select! {
+        _ = wait_for_stop() => None,
+        id = async {
+            loop {
+                if let Some(h) = held.iter().find(|h| !h.is_valid()) {
+                    break h.reservation().id;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => Some(id),
+    };
+    if let Some(id) = &lost {
+        eprintln!("kecho: reservation {id} lost: its agent no longer holds it for us (lease ended or fenced)");
+    }
     for h in held {
         let id = h.reservation().id;
         if let Err(e) = h.release().await {
@@ -185,5 +237,8 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     node.shutdown().await;
+    if let Some(id) = lost {
+        bail!("reservation {id} lost");
+    }
     Ok(())
 }

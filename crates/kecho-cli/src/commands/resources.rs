@@ -130,7 +130,8 @@ fn line(e: &ViewEntry, now: std::time::Instant) -> String {
     format!("{:<16} {}  {}  age {:.1}s", r.agent, parts.join(", "), extra.join(" "), e.age(now).as_secs_f64())
 }
 
-fn json_line(e: &ViewEntry, now: std::time::Instant) -> serde_json::Value {
+/// An agent as JSON: `name`, `attrs`, `capacity`, `free`, `reserved`, `unknown`, `age_ms` (also `kecho ui`'s).
+pub(crate) fn json_line(e: &ViewEntry, now: std::time::Instant) -> serde_json::Value {
     let r = &e.report;
     let mut attrs = Map::new();
     for (k, v) in r.attrs.iter() {

@@ -294,17 +294,27 @@ impl<'a> FilterContext<'a> {
     pub(crate) fn new(root: &'a CelRoot, ty: &str, attrs: &Attrs) -> Self {
         let mut ctx = root.new_inner_scope();
         ctx.add_variable_from_value("type", ty.to_owned());
-        for (k, v) in attrs.iter() {
-            let v = match v {
-                Value::Int(i) => cel::Value::Int(*i),
-                Value::Float(f) => cel::Value::Float(*f),
-                Value::Bool(b) => cel::Value::Bool(*b),
-                Value::Str(s) => cel::Value::String(Arc::new(s.clone())),
-                Value::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
-            };
-            ctx.add_variable_from_value(k.to_owned(), v);
-        }
+        add_cel_variables(&mut ctx, attrs);
         FilterContext { ctx }
+    }
+}
+
+/// The CEL value an attribute value is in content filters: ints, doubles, bools, strings and bytes as themselves.
+pub fn cel_value(v: &Value) -> cel::Value {
+    match v {
+        Value::Int(i) => cel::Value::Int(*i),
+        Value::Float(f) => cel::Value::Float(*f),
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Str(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
+    }
+}
+
+/// Adds every attribute to `ctx` as a CEL variable of its own name, as content filters see them, so that other
+/// CEL expressions over attributes (a resource request's rank, say) read them the same way.
+pub fn add_cel_variables(ctx: &mut cel::Context<'_, '_>, attrs: &Attrs) {
+    for (k, v) in attrs.iter() {
+        ctx.add_variable_from_value(k.to_owned(), cel_value(v));
     }
 }
 

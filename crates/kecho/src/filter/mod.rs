@@ -28,6 +28,8 @@ use kecho_proto::{Attrs, LocalId, NodeId, Value};
 
 pub use builtin::{Dedupe, RateLimit};
 pub use content::ContentFilter;
+#[cfg(feature = "cel")]
+pub use content::{add_cel_variables, cel_value};
 pub(crate) use content::{CelRoot, FilterContext};
 pub use selector::{Selector, SelectorError};
 
