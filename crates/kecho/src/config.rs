@@ -41,6 +41,10 @@ pub(crate) struct NodeConfig {
     /// How long a source keeps counting the events that a node cut off from a channel (its link lost, not a clean
     /// leave) would have received, to report them to it as missed if it comes back. Default 60 s.
     pub(crate) gap_memory: Duration,
+    /// How long a sink's node waits, after losing the node of a source it received from, for that node to come back
+    /// or for word of how far the source got, before telling its sinks that the source is gone with an unknown number
+    /// of events missed (`RecvError::SourceLost`). Default 10 s.
+    pub(crate) source_grace: Duration,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub(crate) tls: Option<TlsSetting>,
@@ -96,6 +100,7 @@ impl Default for NodeConfig {
             max_connections: 4096,
             membership: MembershipConfig::default(),
             gap_memory: Duration::from_secs(60),
+            source_grace: Duration::from_secs(10),
             tls: None,
             identity: None,
             access: AccessConfig::default(),

@@ -17,9 +17,13 @@ use crate::queue::{Event, Offer, SourceKey};
 /// Loss accounting at a receiver, per remote source.
 #[derive(Default)]
 pub(super) struct RecvTrack {
-    skipped: u64,
+    pub(super) skipped: u64,
     /// The per-node number (`seq - skipped`) of the last event that arrived; 0 before the first.
-    last: u64,
+    pub(super) last: u64,
+    /// The source's own sequence number of the last event that arrived; 0 before the first.
+    pub(super) last_seq: u64,
+    /// How the source's end is accounted for (see `channel::ends`).
+    pub(super) end: super::ends::EndTrack,
 }
 
 impl RecvTrack {
@@ -28,6 +32,8 @@ impl RecvTrack {
         let n = seq.saturating_sub(self.skipped);
         let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
         self.last = self.last.max(n);
+        self.last_seq = self.last_seq.max(seq);
+        self.end.alive();
         gap
     }
 }

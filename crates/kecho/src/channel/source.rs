@@ -4,11 +4,11 @@
 //! `Source::submit_inner` runs the steps in order; each is a method of the part of the source it works on, so that
 //! the routing table can stay borrowed (not cloned) through all of them.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len};
+use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len, EndDest};
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
 
 use super::deliver::SinkList;
@@ -32,6 +32,8 @@ pub struct Source {
     /// This source as sinks see it.
     key: SourceKey,
     seq: u64,
+    /// `seq` as the channel sees it, for the source's end should the node leave while the source is open.
+    shared_seq: Arc<AtomicU64>,
     max_frame: usize,
     out_filter: Option<Arc<dyn OutFilter>>,
     routing: Routing,
@@ -158,6 +160,7 @@ impl Source {
         id: LocalId,
         key: SourceKey,
         max_frame: usize,
+        shared_seq: Arc<AtomicU64>,
     ) -> Self {
         Source {
             _guard: guard,
@@ -165,6 +168,7 @@ impl Source {
             id,
             key,
             seq: 0,
+            shared_seq,
             max_frame,
             out_filter: None,
             routing: Routing { gen: 0, routes: Arc::default(), installed: None },
@@ -229,6 +233,7 @@ impl Source {
 
         // 5. Number and count it, and what cut-off nodes missed.
         self.seq += 1;
+        self.shared_seq.store(self.seq, Ordering::Release);
         let head = Head { channel: self.ch.id(), source: self.id, seq: self.seq };
         let c = &self.ch.counters;
         c.submitted.fetch_add(1, Ordering::Relaxed);
@@ -411,6 +416,21 @@ impl LossTrack {
     }
 }
 
+impl LossTrack {
+    /// What this source knows of each node's share of its events, for its `SourceEnd`.
+    fn dests(&self) -> Vec<EndDest> {
+        let mut out: Vec<EndDest> =
+            self.sent_to.iter().map(|(n, t)| EndDest { node: *n, routed: t.routed, missed: Vec::new() }).collect();
+        for (g, n) in &self.ghost_missed {
+            match out.iter_mut().find(|d| d.node == g.node) {
+                Some(d) => d.missed.push((g.sink, *n)),
+                None => out.push(EndDest { node: g.node, routed: 0, missed: vec![(g.sink, *n)] }),
+            }
+        }
+        out
+    }
+}
+
 impl SendTrack {
     /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
     /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
@@ -515,6 +535,20 @@ fn report_ghost_missed(missed: &mut IdMap<RemoteSink, u64>, routes: &Routes, cha
 
 impl Drop for Source {
     fn drop(&mut self) {
+        if self.seq > 0 && !self.ch.closed.load(Ordering::Acquire) {
+            // The end: nodes that are back get what they missed while cut off, pending lag notices go out, and then
+            // every member learns how far this source got and what it sent where (docs/PROTOCOL.md, "Sources that
+            // end").
+            self.routing.refresh(&self.ch);
+            let routes = &*self.routing.routes;
+            if !self.loss.ghost_missed.is_empty() {
+                report_ghost_missed(&mut self.loss.ghost_missed, routes, self.ch.id(), self.id);
+            }
+            for p in &routes.peers {
+                p.flush_lag();
+            }
+            self.ch.source_ended(self.id, self.seq, self.loss.dests());
+        }
         self.ch.remove_member(self.id);
     }
 }
