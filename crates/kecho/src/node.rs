@@ -108,6 +108,14 @@ impl NodeBuilder {
         self
     }
 
+    /// What every source of this node keeps, by default, of the events that sinks of cut-off nodes miss, to replay
+    /// to them in order should their node come back ([`crate::Source::set_history`] sets it per source). Default:
+    /// nothing, and returning sinks are told how many events they missed. See docs/DURABILITY.md.
+    pub fn history(mut self, h: crate::History) -> Self {
+        self.cfg.history = h;
+        self
+    }
+
     /// Runs node links over TLS, mutually authenticated against a CA; without it (the default) they run in
     /// plaintext. Every node of a deployment must agree: a plaintext node dialling a TLS node is refused with a
     /// reason.

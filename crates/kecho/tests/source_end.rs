@@ -249,3 +249,69 @@ async fn a_source_whose_node_dies_unseen_is_reported_gone_with_an_unknown_loss()
     assert_eq!(t_keep.seqs.len(), 400, "{t_keep:?}");
     Ok(())
 }
+
+/// One run of a cut with the source keeping `history`: 300 events before the cut, 500 during it, then 200 after the
+/// heal. Returns what the cut-off sink got.
+async fn cut_and_heal_with_history(history: kecho::History) -> Result<Tally> {
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("keep").await?;
+    let mut keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("keep").await?;
+    let mut back = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("keep").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.set_history(history);
+
+    publish(&mut src, 300).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 300 events", |t| t.seqs.len() == 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    publish(&mut src, 500).await?;
+    cut_between((&a, &pa), (&b, &pb), false);
+    eventually("the cut-off sink back", || ca.sinks() == 2).await?;
+    publish(&mut src, 200).await?;
+    t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&1000)).await?;
+    let mut k = Tally::default();
+    k.until(&mut keep, "all 1000 events", |t| t.seqs.len() == 1000).await?;
+    assert_eq!((k.missed, k.lost.len()), (0, 0), "the connected sink missed nothing: {k:?}");
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 1000, "received + missed = published: {t:?}");
+    drop(src);
+    Ok(t)
+}
+
+/// With a history as long as the cut, a sink whose node comes back gets every event submitted while it was cut off,
+/// in order, without duplicates, before the newer ones; only what was in flight on the link that broke is missed
+/// (and reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_sink_gets_the_events_it_missed_replayed_from_the_history() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::events(10_000)).await?;
+    // The first 300 arrived before the cut and the 500 of the cut were submitted once the source's node had dropped
+    // the sink's (none in flight on the link that broke): all of them are replayed.
+    assert_eq!(t.seqs, (1..=1000).collect::<Vec<u64>>(), "every event, in order, once");
+    assert_eq!(t.missed, 0);
+    Ok(())
+}
+
+/// A history shorter than the cut replays its last events; the older ones are reported missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_falls_outside_the_history_is_reported_missed() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::events(100)).await?;
+    assert_eq!(t.missed, 400, "100 of the 500 replayed: {t:?}");
+    assert!((701..=800).all(|s| t.seqs.contains(&s)), "the last 100 of the cut replayed: {t:?}");
+    Ok(())
+}
+
+/// Without a history the returning sink is told of everything it missed, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_a_returning_sink_is_told_what_it_missed() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::off()).await?;
+    assert_eq!(t.missed, 500, "{t:?}");
+    assert!(!(301..=800).any(|s| t.seqs.contains(&s)), "nothing replayed: {t:?}");
+    Ok(())
+}

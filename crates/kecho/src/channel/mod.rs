@@ -13,6 +13,7 @@
 
 mod deliver;
 mod ends;
+mod history;
 mod install;
 mod routes;
 mod sink;
@@ -30,6 +31,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use deliver::RecvTrack;
+pub use history::History;
 pub use install::InstallReport;
 use install::Sandbox;
 use routes::{Ghost, IdMap, Routes};
@@ -534,7 +536,7 @@ impl Channel {
         self.check_right(Roles::SOURCE)?;
         let (id, seq) = self.inner.add_source();
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
-        Ok(Source::new(self.inner.clone(), self.guard.clone(), id, SourceKey::new(node.id, id), node.cfg.max_frame, seq))
+        Ok(Source::new(self.inner.clone(), self.guard.clone(), id, SourceKey::new(node.id, id), node.cfg.max_frame, seq, node.cfg.history))
     }
 
     /// Adds a sink (subscriber). In a channel with an access policy this node's credential must grant the sink role

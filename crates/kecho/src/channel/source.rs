@@ -12,6 +12,7 @@ use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_fram
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
 
 use super::deliver::SinkList;
+use super::history::{History, Kept, RemoteSink};
 use super::routes::{Dest, IdMap, Routes};
 use super::sink::LocalSink;
 use super::{block_on, ChannelInner, Counters, NodeGuard};
@@ -40,6 +41,8 @@ pub struct Source {
     pick: Pick,
     enc: Encoder,
     loss: LossTrack,
+    /// Events cut-off sinks missed, kept to replay to them should their node come back.
+    kept: Kept,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
 }
@@ -87,12 +90,6 @@ struct PeerPick {
     ids: Vec<LocalId>,
 }
 
-/// A sink on another node.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct RemoteSink {
-    node: NodeId,
-    sink: LocalId,
-}
 
 /// Encoding: the event is encoded once per submit, whatever the number of links.
 #[derive(Default)]
@@ -161,7 +158,10 @@ impl Source {
         key: SourceKey,
         max_frame: usize,
         shared_seq: Arc<AtomicU64>,
+        history: History,
     ) -> Self {
+        let mut kept = Kept::default();
+        kept.set_limits(history, now());
         Source {
             _guard: guard,
             ch,
@@ -175,6 +175,7 @@ impl Source {
             pick: Pick::default(),
             enc: Encoder::default(),
             loss: LossTrack::default(),
+            kept,
             ty_name: None,
         }
     }
@@ -208,6 +209,13 @@ impl Source {
         self.out_filter = filter;
     }
 
+    /// Sets how much of the events that sinks of cut-off nodes miss this source keeps, to replay to them (in order,
+    /// before anything newer) should their node come back; what falls outside is reported to them as missed. The
+    /// default is the node's ([`crate::NodeBuilder::history`]). See docs/DURABILITY.md.
+    pub fn set_history(&mut self, history: History) {
+        self.kept.set_limits(history, now());
+    }
+
     /// Sets an attribute this source supplies to the channel (published promptly, coalesced).
     pub fn set_attr(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         self.ch.set_source_attr(self.id, name.into(), value.into());
@@ -237,7 +245,13 @@ impl Source {
         let head = Head { channel: self.ch.id(), source: self.id, seq: self.seq };
         let c = &self.ch.counters;
         c.submitted.fetch_add(1, Ordering::Relaxed);
-        self.loss.count_ghosts(&mut pick.ghosts, routes, head);
+        if !pick.ghosts.is_empty() && self.kept.is_on() {
+            // Kept for the cut-off sinks that would have received it (only while some node is cut off).
+            let b = self.enc.buf.room(len + 16 * attrs.len(), ENCODE_CHUNK);
+            encode_event(b, head.channel, head.source, head.seq, ty, attrs, payload);
+            self.kept.keep(head.seq, b.split().freeze(), &pick.ghosts, now());
+        }
+        self.loss.count_ghosts(&mut pick.ghosts, routes, head, &mut self.kept, &mut self.enc);
         if pick.candidates.is_empty() {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(head.seq);
@@ -405,13 +419,84 @@ impl Pick {
 impl LossTrack {
     /// Counts the event for sinks of cut-off nodes that would have got it, and reports what they missed to nodes
     /// that are back.
-    fn count_ghosts(&mut self, ghosts: &mut Vec<RemoteSink>, routes: &Routes, head: Head) {
+    fn count_ghosts(
+        &mut self,
+        ghosts: &mut Vec<RemoteSink>,
+        routes: &Routes,
+        head: Head,
+        kept: &mut Kept,
+        enc: &mut Encoder,
+    ) {
         for g in ghosts.drain(..) {
             *self.ghost_missed.entry(g).or_default() += 1;
         }
         if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
             self.ghosts_seen = routes.generation;
-            report_ghost_missed(&mut self.ghost_missed, routes, head.channel, head.source);
+            self.report_ghost_missed(routes, head.channel, head.source, kept, enc);
+        }
+    }
+
+    /// Nodes that are back get what their sinks missed while cut off: the kept events, replayed in order (ahead of
+    /// anything newer this source sends them), and a `Lagged` frame per sink for those that fell out of the history
+    /// (ahead of the replay, since they are older). The counts of nodes gone for good are forgotten.
+    fn report_ghost_missed(
+        &mut self,
+        routes: &Routes,
+        channel: ChannelId,
+        source: LocalId,
+        kept: &mut Kept,
+        enc: &mut Encoder,
+    ) {
+        let mut back: Vec<NodeId> = Vec::new();
+        let mut gone: Vec<NodeId> = Vec::new();
+        for g in self.ghost_missed.keys() {
+            if routes.peers.iter().any(|p| p.id == g.node) {
+                if !back.contains(&g.node) {
+                    back.push(g.node);
+                }
+            } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node)) {
+                gone.push(g.node);
+            }
+        }
+        for node in gone {
+            self.ghost_missed.retain(|g, _| g.node != node);
+            kept.forget(node);
+        }
+        let at = now();
+        for node in back {
+            let Some(peer) = routes.peers.iter().find(|p| p.id == node) else { continue };
+            let replays = kept.take_for(node, at);
+            let mut replayed: IdMap<LocalId, u64> = IdMap::default();
+            for r in &replays {
+                for s in &r.sinks {
+                    *replayed.entry(*s).or_default() += 1;
+                }
+            }
+            self.ghost_missed.retain(|g, count| {
+                if g.node != node {
+                    return true;
+                }
+                let left = count.saturating_sub(replayed.get(&g.sink).copied().unwrap_or(0));
+                if left > 0 {
+                    let msg = Message::Lagged { channel, source, count: left, sinks: vec![g.sink] };
+                    peer.outbox.push_control(msg.to_bytes());
+                }
+                false
+            });
+            let track = self.sent_to.entry(node).or_default();
+            for r in replays {
+                let (told, tell) = track.before(peer, r.seq);
+                if tell {
+                    encode_routed(&mut enc.prefix, channel, source, told.skipped);
+                }
+                encode_targets(&mut enc.prefix, channel, &r.sinks);
+                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate) {
+                    track.sent(told);
+                } else {
+                    peer.add_lag(channel, source, &r.sinks, 1);
+                }
+                enc.prefix.clear();
+            }
         }
     }
 }
@@ -435,7 +520,7 @@ impl SendTrack {
     /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
     /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
     fn before(&self, peer: &Arc<Peer>, seq: u64) -> (Told, bool) {
-        let now = Told { skipped: seq - (self.routed + 1), peer: Arc::as_ptr(peer) as usize, epoch: peer.epoch() };
+        let now = Told { skipped: seq.saturating_sub(self.routed + 1), peer: Arc::as_ptr(peer) as usize, epoch: peer.epoch() };
         (now, self.told != Some(now))
     }
 
@@ -519,20 +604,6 @@ impl Encoder {
     }
 }
 
-/// Reports the events that sinks of cut-off nodes missed to those that are back (as `Lagged`, ahead of anything else
-/// this source sends them), and forgets the counts of nodes that are gone for good.
-fn report_ghost_missed(missed: &mut IdMap<RemoteSink, u64>, routes: &Routes, channel: ChannelId, source: LocalId) {
-    missed.retain(|g, count| {
-        if let Some(peer) = routes.peers.iter().find(|p| p.id == g.node) {
-            let msg = Message::Lagged { channel, source, count: *count, sinks: vec![g.sink] };
-            peer.outbox.push_control(msg.to_bytes());
-            return false;
-        }
-        // Still cut off (and remembered): keep counting.
-        routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node))
-    });
-}
-
 impl Drop for Source {
     fn drop(&mut self) {
         if self.seq > 0 && !self.ch.closed.load(Ordering::Acquire) {
@@ -542,7 +613,8 @@ impl Drop for Source {
             self.routing.refresh(&self.ch);
             let routes = &*self.routing.routes;
             if !self.loss.ghost_missed.is_empty() {
-                report_ghost_missed(&mut self.loss.ghost_missed, routes, self.ch.id(), self.id);
+                self.loss.report_ghost_missed(routes, self.ch.id(), self.id, &mut self.kept, &mut self.enc);
+                self.enc.gate.done();
             }
             for p in &routes.peers {
                 p.flush_lag();
