@@ -78,3 +78,75 @@ fn a_publisher_that_leaves_soon_after_a_cut_heals_leaves_no_sink_unaware() -> Re
     ensure!(lost_some > 0, "no run lost anything: the scenario did not cut the sink off");
     Ok(())
 }
+
+/// The publisher finishes and exits while the cut lasts: the cut-off sink is told of everything it missed (by the
+/// other member, which heard the publisher's end) and its `--count` ends.
+#[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
+fn a_publisher_gone_before_the_heal_leaves_no_sink_unaware() -> Result<()> {
+    const N: u64 = 2000;
+    let net = Net::new(4)?;
+    let _reg = registry(&net, 1)?;
+    let n = N.to_string();
+    let mut keep = sink(&net, 2, "keep", "gone", HEARTBEAT, &["--count", &n])?;
+    let mut victim = sink(&net, 4, "victim", "gone", HEARTBEAT, &["--count", &n])?;
+    let mut p = publisher(&net, 3, "p", "gone", N, RATE, 2)?;
+    wait_seq(&mut victim, "p", 400, WAIT)?;
+    let publisher_ip = net.ip_of(3).to_string();
+    net.iptables(4, &["-A", "INPUT", "-s", &publisher_ip, "-j", "DROP"])?;
+    check_published(&mut p)?;
+    let status = victim.finish(WAIT).context("the cut-off sink's --count never ended")?;
+    net.iptables(4, &["-D", "INPUT", "-s", &publisher_ip, "-j", "DROP"])?;
+    let l = Ledger::of(&victim)?;
+    eprintln!(
+        "FIGURE publisher gone before the heal: the cut-off sink received {} of {N}, told of {} missed",
+        l.seqs("p").len(),
+        l.reported_missing
+    );
+    l.check_accounted(&[("p", N)], "victim")?;
+    ensure!(l.reported_missing > 0 && !status.success(), "the cut cost nothing?");
+    ensure!(keep.finish(WAIT)?.success(), "the connected sink: {}", keep.stderr_text());
+    Ledger::of(&keep)?.check_complete(&[("p", N)], "keep")?;
+    Ok(())
+}
+
+/// The publisher keeps publishing through the cut and after the heal; returns what the cut-off sink missed.
+fn publisher_still_running(channel: &str, history: &[&str]) -> Result<u64> {
+    const N: u64 = 6000;
+    let net = Net::new(4)?;
+    let _reg = registry(&net, 1)?;
+    let n = N.to_string();
+    let mut keep = sink(&net, 2, "keep", channel, HEARTBEAT, &["--count", &n])?;
+    let mut victim = sink(&net, 4, "victim", channel, HEARTBEAT, &["--count", &n])?;
+    let mut p = cli::publisher_with(&net, 3, "p", channel, N, RATE, 2, HEARTBEAT, history)?;
+    wait_seq(&mut victim, "p", 400, WAIT)?;
+    let publisher_ip = net.ip_of(3).to_string();
+    net.iptables(4, &["-A", "INPUT", "-s", &publisher_ip, "-j", "DROP"])?;
+    std::thread::sleep(Duration::from_secs(3));
+    net.iptables(4, &["-D", "INPUT", "-s", &publisher_ip, "-j", "DROP"])?;
+    check_published(&mut p)?;
+    victim.finish(WAIT).context("the cut-off sink's --count never ended")?;
+    let l = Ledger::of(&victim)?;
+    eprintln!(
+        "FIGURE publisher still running, history {history:?}: the cut-off sink received {} of {N}, told of {} missed",
+        l.seqs("p").len(),
+        l.reported_missing
+    );
+    l.check_accounted(&[("p", N)], "victim")?;
+    ensure!(keep.finish(WAIT)?.success(), "the connected sink: {}", keep.stderr_text());
+    Ledger::of(&keep)?.check_complete(&[("p", N)], "keep")?;
+    Ok(l.reported_missing)
+}
+
+/// Publisher still running: without a history every missed event is reported; with one, the events submitted
+/// while the sink's node was cut off are replayed, and only those in flight on the link that broke are missed (and
+/// reported).
+#[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
+fn a_history_replays_the_cut_to_a_returning_sink() -> Result<()> {
+    let without = publisher_still_running("nohist", &[])?;
+    let with = publisher_still_running("hist", &["--history-events", "100000"])?;
+    ensure!(without > 0, "the cut cost nothing without a history");
+    ensure!(with * 2 < without, "the history replayed little: {with} missed with it, {without} without");
+    Ok(())
+}
