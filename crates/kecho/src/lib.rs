@@ -34,7 +34,9 @@ mod tasks;
 pub mod tls;
 pub mod wasm;
 
-pub use channel::{Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
+pub use channel::{
+    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource,
+};
 pub use error::{Error, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;

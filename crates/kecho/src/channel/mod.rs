@@ -536,7 +536,15 @@ impl Channel {
         self.check_right(Roles::SOURCE)?;
         let (id, seq) = self.inner.add_source();
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
-        Ok(Source::new(self.inner.clone(), self.guard.clone(), id, SourceKey::new(node.id, id), node.cfg.max_frame, seq, node.cfg.history))
+        Ok(Source::new(
+            self.inner.clone(),
+            self.guard.clone(),
+            id,
+            SourceKey::new(node.id, id),
+            node.cfg.max_frame,
+            seq,
+            node.cfg.history,
+        ))
     }
 
     /// Adds a sink (subscriber). In a channel with an access policy this node's credential must grant the sink role

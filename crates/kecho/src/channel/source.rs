@@ -90,7 +90,6 @@ struct PeerPick {
     ids: Vec<LocalId>,
 }
 
-
 /// Encoding: the event is encoded once per submit, whatever the number of links.
 #[derive(Default)]
 struct Encoder {
@@ -520,7 +519,11 @@ impl SendTrack {
     /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
     /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
     fn before(&self, peer: &Arc<Peer>, seq: u64) -> (Told, bool) {
-        let now = Told { skipped: seq.saturating_sub(self.routed + 1), peer: Arc::as_ptr(peer) as usize, epoch: peer.epoch() };
+        let now = Told {
+            skipped: seq.saturating_sub(self.routed + 1),
+            peer: Arc::as_ptr(peer) as usize,
+            epoch: peer.epoch(),
+        };
         (now, self.told != Some(now))
     }
 
