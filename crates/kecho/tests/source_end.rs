@@ -315,3 +315,58 @@ async fn without_a_history_a_returning_sink_is_told_what_it_missed() -> Result<(
     assert!(!(301..=800).any(|s| t.seqs.contains(&s)), "nothing replayed: {t:?}");
     Ok(())
 }
+
+/// The cut starts while the source is publishing, so events are in flight on the link that breaks: with a history
+/// they are replayed too (the sink's node drops those it had), and the returning sink gets every event exactly once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_flight_when_the_link_broke_are_replayed_once() -> Result<()> {
+    let t = cut_while_publishing(kecho::History::events(100_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=IN_FLIGHT_N + 100).collect::<Vec<u64>>(), "every event once, in order");
+    Ok(())
+}
+
+/// The same without a history: the events of the cut are reported missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_events_of_a_cut_while_publishing_are_reported() -> Result<()> {
+    let t = cut_while_publishing(kecho::History::off()).await?;
+    assert!(t.missed > 0, "{t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, IN_FLIGHT_N + 100, "{t:?}");
+    Ok(())
+}
+
+const IN_FLIGHT_N: u64 = 1500;
+
+async fn cut_while_publishing(history: kecho::History) -> Result<Tally> {
+    const N: u64 = IN_FLIGHT_N;
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("flight").await?;
+    let _keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("flight").await?;
+    let mut back = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("flight").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.set_history(history);
+    let publisher = tokio::spawn(async move {
+        publish(&mut src, N).await?;
+        anyhow::Ok(src)
+    });
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 300 events", |t| t.seqs.len() >= 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut_between((&a, &pa), (&b, &pb), false);
+    eventually("the cut-off sink back", || ca.sinks() == 2).await?;
+    let mut src = tokio::time::timeout(T, publisher).await???;
+    // What the sink missed goes to it with the source's next event (or its end).
+    publish(&mut src, 100).await?;
+    t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&(N + 100))).await?;
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    Ok(t)
+}

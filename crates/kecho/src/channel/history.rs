@@ -35,6 +35,22 @@ pub(super) struct Kept {
     limits: History,
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// Events queued to other nodes, to replay to a node whose link broke with some of them in flight.
+    sent: VecDeque<Sent>,
+    sent_bytes: usize,
+}
+
+/// Where one kept event went: the node, the event's number in that node's numbering (see `Message::Routed`), and the
+/// sinks it was meant for if not all of the node's accepting sinks (its `Targets`).
+pub(super) type SentTo = (NodeId, u64, Option<Vec<LocalId>>);
+
+/// An event queued to other nodes.
+#[derive(Debug)]
+struct Sent {
+    seq: u64,
+    at: Instant,
+    frame: Bytes,
+    to: smallvec::SmallVec<[SentTo; 1]>,
 }
 
 /// An event to replay to a node that came back: its sequence number, frame, and the node's sinks that want it.
@@ -63,6 +79,35 @@ impl Kept {
         self.bytes += frame.len();
         self.entries.push_back(Entry { seq, at: now, frame, sinks: sinks.to_vec() });
         self.trim(now);
+    }
+
+    /// Keeps event `seq` (encoded as `frame`), queued to the nodes in `to`, then drops what the bounds no longer
+    /// allow.
+    pub(super) fn sent(&mut self, seq: u64, frame: Bytes, to: smallvec::SmallVec<[SentTo; 1]>, now: Instant) {
+        if !self.is_on() || to.is_empty() {
+            return;
+        }
+        self.sent_bytes += frame.len();
+        self.sent.push_back(Sent { seq, at: now, frame, to });
+        let l = self.limits;
+        while let Some(front) = self.sent.front() {
+            let old = l.age.is_some_and(|a| now.saturating_duration_since(front.at) > a);
+            if self.sent.len() > l.events || self.sent_bytes > l.bytes || old {
+                self.sent_bytes -= front.frame.len();
+                self.sent.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The kept events queued to node `node`, oldest first: (sequence number, its number in the node's numbering,
+    /// frame, targets).
+    pub(super) fn sent_to(&self, node: NodeId) -> impl Iterator<Item = (u64, u64, &Bytes, Option<&[LocalId]>)> + '_ {
+        self.sent.iter().filter_map(move |s| {
+            let (_, n, t) = s.to.iter().find(|(d, _, _)| *d == node)?;
+            Some((s.seq, *n, &s.frame, t.as_deref()))
+        })
     }
 
     fn trim(&mut self, now: Instant) {

@@ -12,7 +12,7 @@ use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_fram
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
 
 use super::deliver::SinkList;
-use super::history::{History, Kept, RemoteSink};
+use super::history::{History, Kept, RemoteSink, SentTo};
 use super::routes::{Dest, IdMap, Routes};
 use super::sink::LocalSink;
 use super::{block_on, ChannelInner, Counters, NodeGuard};
@@ -122,6 +122,8 @@ struct SendTrack {
     routed: u64,
     /// What was last told to the node, if anything.
     told: Option<Told>,
+    /// The link (`Peer` address and epoch) the kept events in flight were last replayed on.
+    replayed_on: Option<(usize, u64)>,
 }
 
 /// The `skipped` value last queued to a node, with the link it went on: a new `Peer`, or a new epoch of the same one,
@@ -257,7 +259,17 @@ impl Source {
         }
         // 6. Send: encoded once, the same bytes on every link.
         let ev = EventView { ty, attrs, payload };
-        let frame = self.enc.send(&mut pick.peers, routes, &mut self.loss, c, head, ev, len, pick.locals.is_empty());
+        let frame = self.enc.send(
+            &mut pick.peers,
+            routes,
+            &mut self.loss,
+            c,
+            head,
+            ev,
+            len,
+            pick.locals.is_empty(),
+            &mut self.kept,
+        );
         // 7. Local sinks get the event without any encoding.
         if !pick.locals.is_empty() {
             // Share the encoded payload when there is one; copy it once otherwise.
@@ -464,6 +476,12 @@ impl LossTrack {
         let at = now();
         for node in back {
             let Some(peer) = routes.peers.iter().find(|p| p.id == node) else { continue };
+            if kept.is_on() {
+                let track = self.sent_to.entry(node).or_default();
+                if track.relinked(peer) {
+                    track.replay_in_flight(peer, kept, channel, source, enc);
+                }
+            }
             let replays = kept.take_for(node, at);
             let mut replayed: IdMap<LocalId, u64> = IdMap::default();
             for r in &replays {
@@ -527,6 +545,37 @@ impl SendTrack {
         (now, self.told != Some(now))
     }
 
+    /// True if events went to the node on a link that is not `peer`'s current one (it broke, perhaps with some of
+    /// them in flight) and they were not replayed on this one yet.
+    fn relinked(&self, peer: &Arc<Peer>) -> bool {
+        let link = (Arc::as_ptr(peer) as usize, peer.epoch());
+        self.replayed_on != Some(link) && self.told.is_some_and(|t| (t.peer, t.epoch) != link)
+    }
+
+    /// Replays to `peer` the kept events queued to it before (on a link that broke), with their original numbers so
+    /// that the node drops those it has and counts nothing twice; ahead of anything newer.
+    fn replay_in_flight(
+        &mut self,
+        peer: &Arc<Peer>,
+        kept: &Kept,
+        channel: ChannelId,
+        source: LocalId,
+        enc: &mut Encoder,
+    ) {
+        self.replayed_on = Some((Arc::as_ptr(peer) as usize, peer.epoch()));
+        for (seq, n, frame, targets) in kept.sent_to(peer.id) {
+            encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
+            if let Some(t) = targets {
+                encode_targets(&mut enc.prefix, channel, t);
+            }
+            // A full link drops the copy; the node then reports the gap in transit as for any lost event.
+            let _ = peer.outbox.push_event_with(&enc.prefix, frame.clone(), &mut enc.gate);
+            enc.prefix.clear();
+        }
+        // The next event tells the node its current numbering again.
+        self.told = None;
+    }
+
     /// The event was queued to the node, which then knows `told`.
     fn sent(&mut self, told: Told) {
         self.routed += 1;
@@ -549,7 +598,10 @@ impl Encoder {
         ev: EventView<'_>,
         len: usize,
         copy: bool,
+        kept: &mut Kept,
     ) -> Option<Bytes> {
+        let keep = kept.is_on();
+        let mut went: smallvec::SmallVec<[SentTo; 1]> = smallvec::SmallVec::new();
         let mut frame = None;
         // A small event that no local sink shares is copied into each link's outbox (see `Outbox::push_event_copied`)
         // from a buffer used again for the next; larger ones are shared by every link.
@@ -569,6 +621,9 @@ impl Encoder {
             // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
             // every new link.
             let track = loss.sent_to.entry(peer.id).or_default();
+            if keep && track.relinked(peer) {
+                track.replay_in_flight(peer, kept, head.channel, head.source, self);
+            }
             let (told, tell) = track.before(peer, head.seq);
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
@@ -590,6 +645,10 @@ impl Encoder {
             self.prefix.clear();
             if pushed {
                 track.sent(told);
+                if keep {
+                    let targets = (pick.chosen < pick.accepting).then(|| pick.ids.clone());
+                    went.push((peer.id, track.routed, targets));
+                }
                 sent_to += 1;
                 sent_bytes += sent as u64;
             } else {
@@ -603,6 +662,18 @@ impl Encoder {
             c.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
         }
         self.gate.done();
+        if !went.is_empty() {
+            // Kept for a node whose link breaks with it in flight.
+            let f = match &frame {
+                Some(f) => f.clone(),
+                None => {
+                    let b = self.buf.room(self.small.len(), ENCODE_CHUNK);
+                    b.extend_from_slice(&self.small);
+                    b.split().freeze()
+                }
+            };
+            kept.sent(head.seq, f, went, now());
+        }
         frame
     }
 }
