@@ -48,7 +48,8 @@ pub(super) type SentTo = (NodeId, u64, Option<Vec<LocalId>>);
 #[derive(Debug)]
 struct Sent {
     seq: u64,
-    at: Instant,
+    /// When it was sent, if the bounds include an age.
+    at: Option<Instant>,
     frame: Bytes,
     to: smallvec::SmallVec<[SentTo; 1]>,
 }
@@ -71,6 +72,11 @@ impl Kept {
         self.limits.is_on()
     }
 
+    /// True if the bounds include an age, so that `sent` needs the time.
+    pub(super) fn needs_time(&self) -> bool {
+        self.limits.age.is_some()
+    }
+
     /// Keeps event `seq` (encoded as `frame`) for cut-off sinks `sinks`, then drops what the bounds no longer allow.
     pub(super) fn keep(&mut self, seq: u64, frame: Bytes, sinks: &[RemoteSink], now: Instant) {
         if !self.is_on() || sinks.is_empty() {
@@ -83,15 +89,19 @@ impl Kept {
 
     /// Keeps event `seq` (encoded as `frame`), queued to the nodes in `to`, then drops what the bounds no longer
     /// allow.
-    pub(super) fn sent(&mut self, seq: u64, frame: Bytes, to: smallvec::SmallVec<[SentTo; 1]>, now: Instant) {
+    /// `now` is needed only under an age bound ([`Kept::needs_time`]); without one the entries' times are not read.
+    pub(super) fn sent(&mut self, seq: u64, frame: Bytes, to: smallvec::SmallVec<[SentTo; 1]>, now: Option<Instant>) {
         if !self.is_on() || to.is_empty() {
             return;
         }
         self.sent_bytes += frame.len();
-        self.sent.push_back(Sent { seq, at: now, frame, to });
         let l = self.limits;
+        self.sent.push_back(Sent { seq, at: now, frame, to });
         while let Some(front) = self.sent.front() {
-            let old = l.age.is_some_and(|a| now.saturating_duration_since(front.at) > a);
+            let old = match (l.age, now) {
+                (Some(a), Some(now)) => front.at.is_some_and(|at| now.saturating_duration_since(at) > a),
+                _ => false,
+            };
             if self.sent.len() > l.events || self.sent_bytes > l.bytes || old {
                 self.sent_bytes -= front.frame.len();
                 self.sent.pop_front();
@@ -225,5 +235,31 @@ mod tests {
         k.keep(2, frame(1), &[rs(1, 1)], t0 + Duration::from_secs(4));
         let r = k.take_for(NodeId(1), t0 + Duration::from_secs(6));
         assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn events_sent_are_kept_with_their_numbers_per_node_within_the_bounds() {
+        let t0 = Instant::now();
+        let mut k = Kept::default();
+        k.sent(1, frame(10), smallvec::smallvec![(NodeId(1), 1, None)], None);
+        assert_eq!(k.sent_to(NodeId(1)).count(), 0, "off keeps nothing");
+        k.set_limits(History::events(2), t0);
+        for seq in 1..=3 {
+            let to = smallvec::smallvec![(NodeId(1), seq, None), (NodeId(2), seq * 10, Some(vec![LocalId(4)]))];
+            k.sent(seq, frame(10), to, None);
+        }
+        let one: Vec<(u64, u64)> = k.sent_to(NodeId(1)).map(|(s, n, _, _)| (s, n)).collect();
+        assert_eq!(one, vec![(2, 2), (3, 3)], "the oldest fell out");
+        let two: Vec<(u64, u64, Option<Vec<LocalId>>)> =
+            k.sent_to(NodeId(2)).map(|(s, n, _, t)| (s, n, t.map(<[LocalId]>::to_vec))).collect();
+        assert_eq!(two, vec![(2, 20, Some(vec![LocalId(4)])), (3, 30, Some(vec![LocalId(4)]))]);
+        assert_eq!(k.sent_to(NodeId(3)).count(), 0);
+        // An age bound drops what is older.
+        let mut k = Kept::default();
+        k.set_limits(History::events(10).age(Duration::from_secs(1)), t0);
+        k.sent(4, frame(10), smallvec::smallvec![(NodeId(1), 4, None)], Some(t0));
+        k.sent(5, frame(10), smallvec::smallvec![(NodeId(1), 5, None)], Some(t0 + Duration::from_secs(2)));
+        let one: Vec<u64> = k.sent_to(NodeId(1)).map(|(s, ..)| s).collect();
+        assert_eq!(one, vec![5], "4 is too old");
     }
 }

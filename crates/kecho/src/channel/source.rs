@@ -672,7 +672,8 @@ impl Encoder {
                     b.split().freeze()
                 }
             };
-            kept.sent(head.seq, f, went, now());
+            let at = kept.needs_time().then(now);
+            kept.sent(head.seq, f, went, at);
         }
         frame
     }
