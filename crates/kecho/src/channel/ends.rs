@@ -69,9 +69,17 @@ pub(super) struct EndTrack {
     told_unknown: bool,
     /// When the source's node left this node's view with the source not settled.
     lost_at: Option<Instant>,
+    /// The source's node has been in this node's view: only then does its absence mean that it left (events and a
+    /// relayed end can arrive before its snapshot does).
+    seen: bool,
 }
 
 impl EndTrack {
+    /// A relayed end waits to be accounted for.
+    pub(super) fn has_pending(&self) -> bool {
+        self.pending.is_some() && !self.settled
+    }
+
     /// An event of the source arrived: it is alive (its node came back).
     #[inline]
     pub(super) fn alive(&mut self) {
@@ -98,6 +106,10 @@ pub(super) fn verdict(track: &RecvTrack, end: &End) -> Verdict {
         None if end.listed => Verdict::Quiet,
         // Its node left without closing it first: only its last sequence number is known.
         None if track.last_seq >= end.last => Verdict::Quiet,
+        // Every event so far was meant for this node (the source never said otherwise): the rest were too.
+        None if track.skipped == 0 && track.last_seq > 0 => {
+            Verdict::Missed { all: end.last - track.last_seq, sinks: Vec::new() }
+        }
         None => Verdict::Unknown,
     }
 }
@@ -130,11 +142,9 @@ impl RecvTrack {
     /// The source's node is out of this node's view at `now`: account for a relayed end if one came; otherwise start
     /// the grace period (returns true when it starts, so that the caller arms the timer).
     pub(super) fn node_gone(&mut self, now: Instant) -> (Option<Verdict>, bool) {
-        if self.end.settled {
+        if self.end.settled || !self.end.seen || self.end.pending.is_some() {
+            // A relayed end is accounted for by its own timer (`pending_due`).
             return (None, false);
-        }
-        if let Some(end) = self.end.pending.take() {
-            return (self.end_now(&end), false);
         }
         if self.end.lost_at.is_none() && !self.end.told_unknown {
             self.end.lost_at = Some(now);
@@ -154,9 +164,17 @@ impl RecvTrack {
         Some(Verdict::Unknown)
     }
 
-    /// The source's node is back in this node's view: stop waiting for it.
+    /// The source's node is (back) in this node's view: stop waiting for it.
     pub(super) fn node_back(&mut self) {
         self.end.lost_at = None;
+        self.end.seen = true;
+    }
+
+    /// A relayed end waited long enough (see `ChannelInner::source_end`) and the source's node is out of view:
+    /// account for it.
+    pub(super) fn pending_due(&mut self) -> Option<Verdict> {
+        let end = self.end.pending.take()?;
+        self.end_now(&end)
     }
 }
 
@@ -181,7 +199,14 @@ impl ChannelInner {
     }
 
     /// A `SourceEnd` arrived from node `from`.
-    pub(crate) fn source_end(&self, from: NodeId, origin: NodeId, source: LocalId, last: u64, dests: Vec<EndDest>) {
+    pub(crate) fn source_end(
+        self: &Arc<Self>,
+        from: NodeId,
+        origin: NodeId,
+        source: LocalId,
+        last: u64,
+        dests: Vec<EndDest>,
+    ) {
         let Some(node) = self.node.upgrade() else { return };
         if origin == node.id {
             return;
@@ -210,7 +235,6 @@ impl ChannelInner {
             }
             ends.push(Remembered { at, origin, msg });
         }
-        let present = self.state.lock().peers().contains_key(&origin);
         let key = (origin, source);
         let verdict = {
             let mut tracks = self.tracks.lock();
@@ -220,13 +244,19 @@ impl ChannelInner {
                 None if end.mine.is_some() => tracks.entry(key).or_default(),
                 None => return,
             };
-            if direct || !present {
+            if direct {
                 track.end_now(&end)
             } else {
+                // Relayed: the source's own copy, on the link from its node, may still be behind events in flight
+                // (that link may even still be coming up), so wait a heartbeat timeout, then account for it if the
+                // node is out of view by then (else when it leaves the view, see `view_changed`).
                 track.end_later(end);
                 None
             }
         };
+        if !direct {
+            self.pending_later(origin, source, node.cfg.heartbeat_timeout);
+        }
         if let Some(v) = verdict {
             self.tell(SourceKey::new(origin, source), v);
         }
@@ -238,16 +268,25 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return };
         let at = now();
         let mut verdicts = Vec::new();
+        let mut pending = Vec::new();
         let mut arm = false;
         {
+            let before = self.seen_peers.lock().clone();
             let mut tracks = self.tracks.lock();
             for ((origin, source), t) in tracks.iter_mut() {
                 if peers.iter().any(|(p, _)| p == origin) {
                     t.node_back();
                     continue;
                 }
+                if before.contains(origin) {
+                    // In the view before this change (the track may have begun since the last one).
+                    t.node_back();
+                }
                 let (v, start) = t.node_gone(at);
                 arm |= start;
+                if t.end.has_pending() {
+                    pending.push((*origin, *source));
+                }
                 if let Some(v) = v {
                     verdicts.push((SourceKey::new(*origin, *source), v));
                 }
@@ -255,6 +294,9 @@ impl ChannelInner {
         }
         for (key, v) in verdicts {
             self.tell(key, v);
+        }
+        for (origin, source) in pending {
+            self.pending_later(origin, source, node.cfg.heartbeat_timeout);
         }
         if arm {
             let grace = node.cfg.source_grace;
@@ -297,6 +339,30 @@ impl ChannelInner {
         }
     }
 
+    /// Calls `pending_due` after `delay`.
+    fn pending_later(self: &Arc<Self>, origin: NodeId, source: LocalId, delay: std::time::Duration) {
+        let Some(node) = self.node.upgrade() else { return };
+        let weak = Arc::downgrade(self);
+        node.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(ch) = weak.upgrade() {
+                ch.pending_due(origin, source);
+            }
+        });
+    }
+
+    /// A relayed end has waited: account for it unless the source's node is in view (then it is accounted for when
+    /// the node leaves the view, or by the node's own copy).
+    fn pending_due(&self, origin: NodeId, source: LocalId) {
+        if self.state.lock().peers().contains_key(&origin) {
+            return;
+        }
+        let v = self.tracks.lock().get_mut(&(origin, source)).and_then(RecvTrack::pending_due);
+        if let Some(v) = v {
+            self.tell(SourceKey::new(origin, source), v);
+        }
+    }
+
     /// Tells the local sinks what they missed of source `key`.
     fn tell(&self, key: SourceKey, v: Verdict) {
         let sinks = self.local_sinks.read().clone();
@@ -320,7 +386,8 @@ impl ChannelInner {
                 self.counters.missed.fetch_add(total, Ordering::Relaxed);
             }
             Verdict::Unknown => {
-                tracing::warn!(channel = %self.name, source = %key, "a source is gone; how many of its events were missed is unknown");
+                // The sinks are told; nothing here needs an operator's attention.
+                tracing::info!(channel = %self.name, source = %key, "a source is gone; how many of its events were missed is unknown");
                 for s in sinks.iter() {
                     s.queue.add_lost(key);
                 }
@@ -338,8 +405,20 @@ mod tests {
         EndDest { node: NodeId(node), routed, missed: missed.iter().map(|&(s, n)| (LocalId(s), n)).collect() }
     }
 
+    /// A track of a source whose node has been in view.
     fn track(last: u64, last_seq: u64) -> RecvTrack {
-        RecvTrack { last, last_seq, ..RecvTrack::default() }
+        let mut t = RecvTrack { last, last_seq, ..RecvTrack::default() };
+        t.node_back();
+        t
+    }
+
+    #[test]
+    fn a_node_never_seen_in_view_is_not_taken_for_gone() {
+        let me = NodeId(7);
+        let mut t = RecvTrack { last: 3, last_seq: 3, ..RecvTrack::default() };
+        assert_eq!(t.node_gone(Instant::now()), (None, false), "events came before its snapshot");
+        t.end_later(End::of(me, 3, &[dest(7, 3, &[])]));
+        assert_eq!(t.pending_due(), Some(Verdict::Quiet), "the grace period over, the relayed end counts");
     }
 
     #[test]
@@ -358,7 +437,10 @@ mod tests {
         assert_eq!(track(0, 0).end_now(&End::of(me, 10, &[dest(6, 10, &[])])), Some(Verdict::Quiet));
         // Without a list (its node left first) only the last sequence number is known.
         assert_eq!(track(9, 10).end_now(&End::of(me, 10, &[])), Some(Verdict::Quiet));
-        assert_eq!(track(9, 9).end_now(&End::of(me, 10, &[])), Some(Verdict::Unknown));
+        assert_eq!(track(9, 9).end_now(&End::of(me, 10, &[])), Some(Verdict::Missed { all: 1, sinks: vec![] }));
+        let mut filtered = track(9, 9);
+        filtered.skipped = 2;
+        assert_eq!(filtered.end_now(&End::of(me, 10, &[])), Some(Verdict::Unknown), "some were not meant for it");
     }
 
     #[test]
@@ -372,10 +454,12 @@ mod tests {
         t.last_seq = 500;
         assert_eq!(t.end_now(&End::of(me, 500, &[dest(7, 500, &[])])), Some(Verdict::Quiet));
         assert_eq!(t.node_gone(t0), (None, false), "settled: nothing more");
-        // The node leaves the view before its own copy arrives: the relayed one is used.
+        // The node leaves the view before its own copy arrives: the relayed one is used (once it has waited).
         let mut t = track(100, 100);
         t.end_later(End::of(me, 500, &[dest(7, 500, &[])]));
-        assert_eq!(t.node_gone(t0), (Some(Verdict::Missed { all: 400, sinks: vec![] }), false));
+        assert_eq!(t.node_gone(t0), (None, false));
+        assert!(t.end.has_pending());
+        assert_eq!(t.pending_due(), Some(Verdict::Missed { all: 400, sinks: vec![] }));
     }
 
     #[test]
