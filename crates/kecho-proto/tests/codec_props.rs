@@ -59,10 +59,11 @@ fn variant(m: &Message) -> &'static str {
         Message::RegRemove { .. } => "RegRemove",
         Message::RegList { .. } => "RegList",
         Message::RegReply { .. } => "RegReply",
+        Message::SourceEnd { .. } => "SourceEnd",
     }
 }
 
-const VARIANTS: usize = 22;
+const VARIANTS: usize = 23;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -140,6 +141,16 @@ fn one_of_each() -> Vec<Message> {
         Message::FilterStatus { channel: ChannelId(9), req: 11, ok: false, message: "out of fuel".into() },
         Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
         Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 },
+        Message::SourceEnd {
+            channel: ChannelId(9),
+            origin: NodeId(4),
+            source: LocalId(1),
+            last: 4000,
+            dests: vec![
+                EndDest { node: NodeId(5), routed: 1248, missed: vec![(LocalId(3), 2400), (LocalId(6), 7)] },
+                EndDest { node: NodeId(6), routed: 4000, missed: vec![] },
+            ],
+        },
         Message::RegClaim {
             req: 1,
             name: "chan".into(),

@@ -172,6 +172,27 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<[u8; 32]>(), vec(any::<u8>(), 64))
             .prop_map(|(key, sig)| Message::Proof { key, sig: sig.try_into().expect("64 bytes") }),
+        (
+            ch.clone(),
+            node.clone(),
+            any::<u32>(),
+            any::<u64>(),
+            vec((any::<u64>(), any::<u64>(), vec((any::<u32>(), any::<u64>()), 0..3)), 0..3)
+        )
+            .prop_map(|(channel, origin, s, last, dests)| Message::SourceEnd {
+                channel,
+                origin,
+                source: LocalId(s),
+                last,
+                dests: dests
+                    .into_iter()
+                    .map(|(n, routed, missed)| EndDest {
+                        node: NodeId(n),
+                        routed,
+                        missed: missed.into_iter().map(|(id, c)| (LocalId(id), c)).collect(),
+                    })
+                    .collect(),
+            }),
         (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, skipped)| Message::Routed {
             channel,
             source: LocalId(s),

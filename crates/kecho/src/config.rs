@@ -41,6 +41,12 @@ pub(crate) struct NodeConfig {
     /// How long a source keeps counting the events that a node cut off from a channel (its link lost, not a clean
     /// leave) would have received, to report them to it as missed if it comes back. Default 60 s.
     pub(crate) gap_memory: Duration,
+    /// How long a sink's node waits, after losing the node of a source it received from, for that node to come back
+    /// or for word of how far the source got, before telling its sinks that the source is gone with an unknown number
+    /// of events missed (`RecvError::SourceLost`). Default 10 s.
+    pub(crate) source_grace: Duration,
+    /// What each source keeps of the events cut-off sinks miss, to replay to them (`NodeBuilder::history`).
+    pub(crate) history: History,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub(crate) tls: Option<TlsSetting>,
@@ -98,10 +104,51 @@ impl Default for NodeConfig {
             max_connections: 4096,
             membership: MembershipConfig::default(),
             gap_memory: Duration::from_secs(60),
+            source_grace: Duration::from_secs(10),
+            history: History::off(),
             tls: None,
             transport: crate::transport::Transport::Tcp,
             identity: None,
             access: AccessConfig::default(),
         }
+    }
+}
+
+/// How much of the events missed by cut-off sinks a source keeps for them. Every bound that is set applies; the
+/// default keeps nothing (gaps are reported, as without durability).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    pub(crate) events: usize,
+    pub(crate) bytes: usize,
+    pub(crate) age: Option<Duration>,
+}
+
+impl History {
+    /// Keeps nothing: sinks that return are told how many events they missed.
+    pub fn off() -> Self {
+        History::default()
+    }
+
+    /// Keeps at most the last `n` events missed by cut-off sinks (further bounded by [`History::bytes`] and
+    /// [`History::age`] if set).
+    pub fn events(n: usize) -> Self {
+        History { events: n, bytes: usize::MAX, age: None }
+    }
+
+    /// Also keeps at most `n` bytes of encoded events.
+    pub fn bytes(mut self, n: usize) -> Self {
+        self.bytes = n;
+        self
+    }
+
+    /// Also keeps no event older than `t`.
+    pub fn age(mut self, t: Duration) -> Self {
+        self.age = Some(t);
+        self
+    }
+
+    /// True if this keeps anything.
+    pub fn is_on(&self) -> bool {
+        self.events > 0 && self.bytes > 0 && self.age.is_none_or(|a| !a.is_zero())
     }
 }

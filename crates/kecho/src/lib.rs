@@ -35,7 +35,9 @@ pub mod tls;
 mod transport;
 pub mod wasm;
 
-pub use channel::{Channel, ChannelStats, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource};
+pub use channel::{
+    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource,
+};
 pub use error::{Error, LinkFailure, LinkFailureKind, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;

@@ -111,6 +111,23 @@ impl NodeBuilder {
         self
     }
 
+    /// How long a sink's node waits, after losing the node of a source its sinks received events from, for that node
+    /// to come back or for another member to relay how far the source got (`SourceEnd`), before telling its sinks
+    /// that the source is gone with an unknown number of events missed ([`crate::RecvError::SourceLost`]).
+    /// Default 10 s.
+    pub fn source_grace(mut self, t: Duration) -> Self {
+        self.cfg.source_grace = t;
+        self
+    }
+
+    /// What every source of this node keeps, by default, of the events that sinks of cut-off nodes miss, to replay
+    /// to them in order should their node come back ([`crate::Source::set_history`] sets it per source). Default:
+    /// nothing, and returning sinks are told how many events they missed. See docs/DURABILITY.md.
+    pub fn history(mut self, h: crate::History) -> Self {
+        self.cfg.history = h;
+        self
+    }
+
     /// Runs node links over TLS, mutually authenticated against a CA; without it (the default) they run in
     /// plaintext. Every node of a deployment must agree: a plaintext node dialling a TLS node is refused with a
     /// reason.
@@ -266,6 +283,11 @@ impl Node {
     /// Starts a node with the default configuration (loopback, any port, in-process registry).
     pub async fn start() -> Result<Node> {
         NodeBuilder::default().start().await
+    }
+
+    /// This node's id (derived from its identity's public key).
+    pub fn id(&self) -> kecho_proto::NodeId {
+        self.channels.id
     }
 
     /// The address this node listens on.

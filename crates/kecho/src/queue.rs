@@ -104,6 +104,11 @@ pub enum RecvError {
     /// with the events that followed.
     #[error("missed {0} events")]
     Lagged(u64),
+    /// A source this sink received events from is gone (its node was lost and did not come back, or it ended without
+    /// saying how far it got), and how many of its events this sink missed is unknown. Where the number is known it
+    /// comes as [`RecvError::Lagged`] instead.
+    #[error("source {0} is gone; an unknown number of its events may have been missed")]
+    SourceLost(SourceKey),
     /// The sink or its channel is closed and the queue is empty.
     #[error("sink closed")]
     Closed,
@@ -119,6 +124,9 @@ pub enum TryRecvError {
     /// See [`RecvError::Lagged`].
     #[error("missed {0} events")]
     Lagged(u64),
+    /// See [`RecvError::SourceLost`].
+    #[error("source {0} is gone; an unknown number of its events may have been missed")]
+    SourceLost(SourceKey),
     /// See [`RecvError::Closed`].
     #[error("sink closed")]
     Closed,
@@ -127,6 +135,8 @@ pub enum TryRecvError {
 enum Item {
     Event(Event),
     Lagged(u64),
+    /// A source is gone with an unknown number of events missed.
+    Lost(SourceKey),
 }
 
 struct SinkQ {
@@ -157,6 +167,7 @@ impl Taken {
                 Ok(e)
             }
             Item::Lagged(n) => Err(TryRecvError::Lagged(n)),
+            Item::Lost(k) => Err(TryRecvError::SourceLost(k)),
         })
     }
 }
@@ -298,9 +309,11 @@ impl SinkQueue {
                 Overflow::DropOldest => {
                     // Discard the oldest event; a lag marker takes its place (merged with one already there).
                     let mut lag = 1;
+                    let mut lost = Vec::new();
                     while let Some(front) = q.items.pop_front() {
                         match front {
                             Item::Lagged(n) => lag += n,
+                            Item::Lost(k) => lost.push(k),
                             Item::Event(_) => {
                                 q.events -= 1;
                                 if let Some(Item::Lagged(n)) = q.items.front() {
@@ -312,6 +325,9 @@ impl SinkQueue {
                         }
                     }
                     q.items.push_front(Item::Lagged(lag));
+                    for k in lost.into_iter().rev() {
+                        q.items.push_front(Item::Lost(k));
+                    }
                     outcome = Offer::Dropped;
                 }
             }
@@ -368,6 +384,12 @@ impl SinkQueue {
         push_lag(&mut q.items, n);
         drop(q);
         self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.wake_readers();
+    }
+
+    /// Records that source `key` is gone with an unknown number of events meant for this sink missed.
+    pub(crate) fn add_lost(&self, key: SourceKey) {
+        self.q.lock().items.push_back(Item::Lost(key));
         self.wake_readers();
     }
 
@@ -438,6 +460,7 @@ impl SinkQueue {
         match self.try_recv(taken) {
             Ok(e) => return Ok(e),
             Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+            Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
             Err(TryRecvError::Closed) => return Err(RecvError::Closed),
             Err(TryRecvError::Empty) => {}
         }
@@ -448,6 +471,7 @@ impl SinkQueue {
             match self.try_recv(taken) {
                 Ok(e) => return Ok(e),
                 Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+                Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
                 Err(TryRecvError::Closed) => return Err(RecvError::Closed),
                 Err(TryRecvError::Empty) => arrived.await,
             }

@@ -49,6 +49,17 @@ pub struct Args {
     /// sinks with --metrics measure delivery latency (across hosts, as exact as their clocks agree).
     #[arg(long)]
     stamp: bool,
+    /// Durability: keep up to this many of the events that cut-off sinks miss, and replay them to those sinks when
+    /// their node comes back (in order, before newer events); what falls outside is reported missed. See
+    /// docs/DURABILITY.md.
+    #[arg(long, value_name = "N")]
+    history_events: Option<usize>,
+    /// Durability: keep at most this many bytes of such events (with --history-events, or alone).
+    #[arg(long, value_name = "BYTES")]
+    history_bytes: Option<usize>,
+    /// Durability: keep no such event longer than this many seconds (with --history-events, or alone).
+    #[arg(long, value_name = "SECS")]
+    history_secs: Option<f64>,
     #[command(flatten)]
     node: NodeArgs,
     #[command(flatten)]
@@ -77,6 +88,9 @@ pub async fn run(a: Args) -> Result<()> {
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
     let mut src = ch.source()?;
+    if let Some(h) = history(&a)? {
+        src.set_history(h);
+    }
     let mut attrs = attrs;
     if let Some(sel) = selector {
         src.set_out_filter(Some(sel));
@@ -129,4 +143,22 @@ pub async fn run(a: Args) -> Result<()> {
     node.shutdown().await;
     eprintln!("kecho: published {sent} event(s) ({} frame(s) sent, {} dropped)", stats.sent, stats.dropped);
     Ok(())
+}
+
+/// The source's history from the --history-* flags, if any is given.
+fn history(a: &Args) -> Result<Option<kecho::History>> {
+    if a.history_events.is_none() && a.history_bytes.is_none() && a.history_secs.is_none() {
+        return Ok(None);
+    }
+    let mut h = kecho::History::events(a.history_events.unwrap_or(usize::MAX));
+    if let Some(b) = a.history_bytes {
+        h = h.bytes(b);
+    }
+    if let Some(s) = a.history_secs {
+        if !(s > 0.0 && s.is_finite()) {
+            bail!("--history-secs must be a positive number of seconds");
+        }
+        h = h.age(Duration::from_secs_f64(s));
+    }
+    Ok(Some(h))
 }

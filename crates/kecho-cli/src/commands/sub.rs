@@ -17,7 +17,9 @@ pub struct Args {
     /// Only these event types (repeatable); default all.
     #[arg(long = "type", value_name = "T")]
     types: Vec<String>,
-    /// Exit after this many events.
+    /// Exit after this many events. Events reported missed count too: once the events received and those reported
+    /// missed reach the count, or once every source is gone with an unknown number missed, it exits with a statement
+    /// of the loss (and a failure status) rather than waiting forever.
     #[arg(long)]
     count: Option<u64>,
     /// Output format.
@@ -89,10 +91,24 @@ pub async fn run(a: Args) -> Result<()> {
     eprintln!("kecho: subscribed to {:?}", a.channel);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;
+    // Events reported missed, and sources gone with an unknown number missed.
+    let mut missed = 0u64;
+    let mut lost = 0u64;
     let mut out = std::io::stdout().lock();
     let result = loop {
-        if a.count.is_some_and(|n| got >= n) {
-            break Ok(());
+        if let Some(n) = a.count {
+            if got >= n {
+                break Ok(());
+            }
+            if got + missed >= n {
+                break Err(anyhow::anyhow!("received {got} of {n} event(s); {missed} reported missed"));
+            }
+            if lost > 0 && ch.sources() == 0 && sink.is_empty() {
+                break Err(anyhow::anyhow!(
+                    "received {got} of {n} event(s); {missed} reported missed, and {lost} source(s) gone with an \
+                     unknown number missed; no source is left"
+                ));
+            }
         }
         let next = async {
             tokio::select! {
@@ -128,7 +144,14 @@ pub async fn run(a: Args) -> Result<()> {
                     break Ok(()); // stdout closed (e.g. piped into head)
                 }
             }
-            Some(Err(RecvError::Lagged(n))) => eprintln!("kecho: missed {n} event(s)"),
+            Some(Err(RecvError::Lagged(n))) => {
+                missed += n;
+                eprintln!("kecho: missed {n} event(s)");
+            }
+            Some(Err(RecvError::SourceLost(k))) => {
+                lost += 1;
+                eprintln!("kecho: source {k} is gone; an unknown number of its events were missed");
+            }
             Some(Err(RecvError::Closed)) => break Err(anyhow::anyhow!("channel closed")),
             Some(Err(e)) => break Err(e.into()),
         }

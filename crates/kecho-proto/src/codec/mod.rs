@@ -20,7 +20,7 @@ mod registry;
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -147,6 +147,18 @@ pub struct PeerEntry {
     pub addr: String,
     /// Its members in the channel.
     pub snapshot: NodeSnapshot,
+}
+
+/// One node's share of an ended source's events, as the source knew it (in `Message::SourceEnd`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndDest {
+    /// The node.
+    pub node: NodeId,
+    /// How many of the source's events were queued to that node in all (the receiver's own numbering of the events
+    /// meant for it, see `Message::Routed`): whatever of these did not arrive was lost in transit.
+    pub routed: u64,
+    /// Events sinks of that node would have received while it was cut off, per sink, not yet reported to it.
+    pub missed: Vec<(LocalId, u64)>,
 }
 
 /// Where a sandboxed filter runs.
@@ -322,6 +334,23 @@ pub enum Message {
         /// Its events not meant for the receiving node so far.
         skipped: u64,
     },
+    /// Loss accounting when a source ends (it was closed, or its node left): its last sequence number and, per node
+    /// it queued events to or counted events for while that node was cut off, what it knows of that node's share. The
+    /// source's node sends it to every member node after the source's last event; each receiver relays it once (the
+    /// same message, `origin` unchanged) to the other members it knows and to members that appear later, so that a
+    /// node cut off from the source learns of the end from anyone. See docs/PROTOCOL.md, "Sources that end".
+    SourceEnd {
+        /// Channel.
+        channel: ChannelId,
+        /// The source's node.
+        origin: NodeId,
+        /// The source.
+        source: LocalId,
+        /// Its last sequence number (0: it sent nothing).
+        last: u64,
+        /// What it knows of each node's share; empty when the source's node left without closing the source first.
+        dests: Vec<EndDest>,
+    },
     /// Registry: create, renew or take over an entry.
     RegClaim {
         /// Request id, echoed in the reply.
@@ -402,6 +431,7 @@ mod kind {
     pub const REG_REMOVE: u8 = 22;
     pub const REG_LIST: u8 = 23;
     pub const REG_REPLY: u8 = 24;
+    pub const SOURCE_END: u8 = 25;
 }
 
 impl Message {
@@ -431,6 +461,7 @@ impl Message {
             Message::RegRemove { .. } => REG_REMOVE,
             Message::RegList { .. } => REG_LIST,
             Message::RegReply { .. } => REG_REPLY,
+            Message::SourceEnd { .. } => SOURCE_END,
         }
     }
 
@@ -505,6 +536,22 @@ impl Message {
                 dst.put_u8(u8::from(*left) | (u8::from(*reply) << 1));
             }
             Message::Event(_) | Message::Routed { .. } | Message::Targets { .. } => unreachable!("handled above"),
+            Message::SourceEnd { channel, origin, source, last, dests } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(origin.0);
+                dst.put_u32_le(source.0);
+                dst.put_u64_le(*last);
+                dst.put_u32_le(dests.len() as u32);
+                for d in dests {
+                    dst.put_u64_le(d.node.0);
+                    dst.put_u64_le(d.routed);
+                    dst.put_u32_le(d.missed.len() as u32);
+                    for (sink, n) in &d.missed {
+                        dst.put_u32_le(sink.0);
+                        dst.put_u64_le(*n);
+                    }
+                }
+            }
             Message::Lagged { channel, source, count, sinks } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
@@ -1109,6 +1156,25 @@ impl Reader {
                 let count = self.u64()?;
                 let sinks = self.local_ids()?;
                 Message::Lagged { channel, source, count, sinks }
+            }
+            SOURCE_END => {
+                let channel = ChannelId(self.u64()?);
+                let origin = NodeId(self.u64()?);
+                let source = LocalId(self.u32()?);
+                let last = self.u64()?;
+                let n = self.count(20)?;
+                let mut dests = Vec::with_capacity(n.min(PREALLOC));
+                for _ in 0..n {
+                    let node = NodeId(self.u64()?);
+                    let routed = self.u64()?;
+                    let m = self.count(12)?;
+                    let mut missed = Vec::with_capacity(m.min(PREALLOC));
+                    for _ in 0..m {
+                        missed.push((LocalId(self.u32()?), self.u64()?));
+                    }
+                    dests.push(EndDest { node, routed, missed });
+                }
+                Message::SourceEnd { channel, origin, source, last, dests }
             }
             ROUTED => {
                 Message::Routed { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), skipped: self.u64()? }

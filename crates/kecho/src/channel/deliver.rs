@@ -17,18 +17,29 @@ use crate::queue::{Event, Offer, SourceKey};
 /// Loss accounting at a receiver, per remote source.
 #[derive(Default)]
 pub(super) struct RecvTrack {
-    skipped: u64,
+    pub(super) skipped: u64,
     /// The per-node number (`seq - skipped`) of the last event that arrived; 0 before the first.
-    last: u64,
+    pub(super) last: u64,
+    /// The source's own sequence number of the last event that arrived; 0 before the first.
+    pub(super) last_seq: u64,
+    /// How the source's end is accounted for (see `channel::ends`).
+    pub(super) end: super::ends::EndTrack,
 }
 
 impl RecvTrack {
-    /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it.
-    fn arrived(&mut self, seq: u64) -> u64 {
+    /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it, or
+    /// `None` if it arrived before (a source replays the events that were in flight on a link that broke, some of
+    /// which had arrived: see docs/DURABILITY.md).
+    fn arrived(&mut self, seq: u64) -> Option<u64> {
         let n = seq.saturating_sub(self.skipped);
+        if self.last != 0 && n <= self.last {
+            return None;
+        }
         let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
         self.last = self.last.max(n);
-        gap
+        self.last_seq = self.last_seq.max(seq);
+        self.end.alive();
+        Some(gap)
     }
 }
 
@@ -51,7 +62,9 @@ impl ChannelInner {
         }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let gap = self.tracks.lock().entry((from, e.source)).or_default().arrived(e.seq);
+        let Some(gap) = self.tracks.lock().entry((from, e.source)).or_default().arrived(e.seq) else {
+            return;
+        };
         if gap > 0 {
             // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
             // wanted them is unknown here, so every sink is told.
@@ -97,7 +110,9 @@ impl ChannelInner {
             {
                 let mut tracks = self.tracks.lock();
                 for Arrived { event: e, targets: chosen } in evs.by_ref() {
-                    let gap = tracks.entry((from, e.source)).or_default().arrived(e.seq);
+                    let Some(gap) = tracks.entry((from, e.source)).or_default().arrived(e.seq) else {
+                        continue;
+                    };
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {

@@ -7,10 +7,13 @@
 //! - `routes`: the routing table derived from membership, which the submit path reads without locks;
 //! - `source`: [`Source`] and the submit path;
 //! - `deliver`: events arriving from other nodes, loss accounting, the IN-filter, offering to local sinks;
+//! - `ends`: sources that end, and what their sinks missed (`SourceEnd`, relayed by every member);
 //! - `sink`: [`Sink`], its options and the typed wrappers;
 //! - `install`: sandboxed filters installed by members.
 
 mod deliver;
+mod ends;
+mod history;
 mod install;
 mod routes;
 mod sink;
@@ -28,6 +31,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use deliver::RecvTrack;
+pub use history::History;
 pub use install::InstallReport;
 use install::Sandbox;
 use routes::{Ghost, IdMap, Routes};
@@ -93,6 +97,8 @@ struct Counters {
 struct LocalMembers {
     next: u32,
     sources: Vec<(LocalId, Attrs)>,
+    /// Each local source's last sequence number, for its `SourceEnd` should the node leave while it is open.
+    seqs: Vec<(LocalId, Arc<AtomicU64>)>,
     sinks: Vec<Arc<LocalSink>>,
 }
 
@@ -126,6 +132,10 @@ pub(crate) struct ChannelInner {
     ghosts: Mutex<Vec<Ghost>>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
+    /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
+    ends: Mutex<Vec<ends::Remembered>>,
+    /// The member nodes as of the last membership change, to tell the ones that appear.
+    seen_peers: Mutex<Vec<NodeId>>,
     /// The channel's policy requires a credential for sources: events are accepted only from `senders`.
     guard_sources: AtomicBool,
     /// The nodes holding the source right, when `guard_sources` is set.
@@ -177,6 +187,8 @@ impl ChannelInner {
             last_publish: Mutex::new(None),
             ghosts: Mutex::new(Vec::new()),
             tracks: Mutex::new(IdMap::default()),
+            ends: Mutex::new(Vec::new()),
+            seen_peers: Mutex::new(Vec::new()),
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
         });
@@ -335,14 +347,16 @@ impl ChannelInner {
         });
     }
 
-    fn add_source(self: &Arc<Self>) -> LocalId {
+    fn add_source(self: &Arc<Self>) -> (LocalId, Arc<AtomicU64>) {
         let mut m = self.members.lock();
         m.next += 1;
         let id = LocalId(m.next);
         m.sources.push((id, Attrs::new()));
+        let seq = Arc::new(AtomicU64::new(0));
+        m.seqs.push((id, seq.clone()));
         drop(m);
         self.publish_members();
-        id
+        (id, seq)
     }
 
     fn set_source_attr(self: &Arc<Self>, id: LocalId, name: String, value: Value) {
@@ -377,6 +391,7 @@ impl ChannelInner {
         }
         let mut m = self.members.lock();
         m.sources.retain(|(s, _)| *s != id);
+        m.seqs.retain(|(s, _)| *s != id);
         m.sinks.retain(|s| s.id != id);
         drop(m);
         self.publish_members();
@@ -385,6 +400,14 @@ impl ChannelInner {
     pub(crate) async fn leave(self: &Arc<Self>) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
+        }
+        // Sources still open end here: the members learn how far each got (though not what it sent where).
+        let open: Vec<(LocalId, u64)> =
+            self.members.lock().seqs.iter().map(|(id, s)| (*id, s.load(Ordering::Acquire))).collect();
+        for (id, last) in open {
+            if last > 0 {
+                self.source_ended(id, last, Vec::new());
+            }
         }
         self.state.lock().leave(now());
         self.flush_leave().await;
@@ -507,9 +530,17 @@ impl Channel {
     pub fn source(&self) -> Result<Source> {
         self.check_open()?;
         self.check_right(Roles::SOURCE)?;
-        let id = self.inner.add_source();
+        let (id, seq) = self.inner.add_source();
         let node = self.inner.node.upgrade().ok_or_else(|| Error::Closed(self.inner.name.clone()))?;
-        Ok(Source::new(self.inner.clone(), self.guard.clone(), id, SourceKey::new(node.id, id), node.cfg.max_frame))
+        Ok(Source::new(
+            self.inner.clone(),
+            self.guard.clone(),
+            id,
+            SourceKey::new(node.id, id),
+            node.cfg.max_frame,
+            seq,
+            node.cfg.history,
+        ))
     }
 
     /// Adds a sink (subscriber). In a channel with an access policy this node's credential must grant the sink role

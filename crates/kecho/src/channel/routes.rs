@@ -125,8 +125,9 @@ impl ChannelInner {
     }
 
     /// Builds the routing table anew from membership, the cut-off nodes and the local sinks.
-    pub(super) fn rebuild_routes(&self, node: &Arc<Channels>) {
+    pub(super) fn rebuild_routes(self: &Arc<Self>, node: &Arc<Channels>) {
         let st = self.state.lock();
+        let view: Vec<(NodeId, String)> = st.peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         let mut routes = Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), ..Routes::default() };
         let mut remote_sinks = 0;
         for (id, p) in st.peers() {
@@ -215,5 +216,6 @@ impl ChannelInner {
         *self.routes.write() = Arc::new(routes);
         self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
+        self.view_changed(&view);
     }
 }

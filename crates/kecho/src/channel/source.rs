@@ -4,14 +4,15 @@
 //! `Source::submit_inner` runs the steps in order; each is a method of the part of the source it works on, so that
 //! the routing table can stay borrowed (not cloned) through all of them.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len};
+use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len, EndDest};
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
 
 use super::deliver::SinkList;
+use super::history::{History, Kept, RemoteSink, SentTo};
 use super::routes::{Dest, IdMap, Routes};
 use super::sink::LocalSink;
 use super::{block_on, ChannelInner, Counters, NodeGuard};
@@ -32,12 +33,16 @@ pub struct Source {
     /// This source as sinks see it.
     key: SourceKey,
     seq: u64,
+    /// `seq` as the channel sees it, for the source's end should the node leave while the source is open.
+    shared_seq: Arc<AtomicU64>,
     max_frame: usize,
     out_filter: Option<Arc<dyn OutFilter>>,
     routing: Routing,
     pick: Pick,
     enc: Encoder,
     loss: LossTrack,
+    /// Events cut-off sinks missed, kept to replay to them should their node come back.
+    kept: Kept,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
 }
@@ -85,13 +90,6 @@ struct PeerPick {
     ids: Vec<LocalId>,
 }
 
-/// A sink on another node.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct RemoteSink {
-    node: NodeId,
-    sink: LocalId,
-}
-
 /// Encoding: the event is encoded once per submit, whatever the number of links.
 #[derive(Default)]
 struct Encoder {
@@ -124,6 +122,8 @@ struct SendTrack {
     routed: u64,
     /// What was last told to the node, if anything.
     told: Option<Told>,
+    /// The link (`Peer` address and epoch) the kept events in flight were last replayed on.
+    replayed_on: Option<(usize, u64)>,
 }
 
 /// The `skipped` value last queued to a node, with the link it went on: a new `Peer`, or a new epoch of the same one,
@@ -158,19 +158,25 @@ impl Source {
         id: LocalId,
         key: SourceKey,
         max_frame: usize,
+        shared_seq: Arc<AtomicU64>,
+        history: History,
     ) -> Self {
+        let mut kept = Kept::default();
+        kept.set_limits(history, now());
         Source {
             _guard: guard,
             ch,
             id,
             key,
             seq: 0,
+            shared_seq,
             max_frame,
             out_filter: None,
             routing: Routing { gen: 0, routes: Arc::default(), installed: None },
             pick: Pick::default(),
             enc: Encoder::default(),
             loss: LossTrack::default(),
+            kept,
             ty_name: None,
         }
     }
@@ -204,6 +210,13 @@ impl Source {
         self.out_filter = filter;
     }
 
+    /// Sets how much of the events that sinks of cut-off nodes miss this source keeps, to replay to them (in order,
+    /// before anything newer) should their node come back; what falls outside is reported to them as missed. The
+    /// default is the node's ([`crate::NodeBuilder::history`]). See docs/DURABILITY.md.
+    pub fn set_history(&mut self, history: History) {
+        self.kept.set_limits(history, now());
+    }
+
     /// Sets an attribute this source supplies to the channel (published promptly, coalesced).
     pub fn set_attr(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         self.ch.set_source_attr(self.id, name.into(), value.into());
@@ -229,17 +242,34 @@ impl Source {
 
         // 5. Number and count it, and what cut-off nodes missed.
         self.seq += 1;
+        self.shared_seq.store(self.seq, Ordering::Release);
         let head = Head { channel: self.ch.id(), source: self.id, seq: self.seq };
         let c = &self.ch.counters;
         c.submitted.fetch_add(1, Ordering::Relaxed);
-        self.loss.count_ghosts(&mut pick.ghosts, routes, head);
+        if !pick.ghosts.is_empty() && self.kept.is_on() {
+            // Kept for the cut-off sinks that would have received it (only while some node is cut off).
+            let b = self.enc.buf.room(len + 16 * attrs.len(), ENCODE_CHUNK);
+            encode_event(b, head.channel, head.source, head.seq, ty, attrs, payload);
+            self.kept.keep(head.seq, b.split().freeze(), &pick.ghosts, now());
+        }
+        self.loss.count_ghosts(&mut pick.ghosts, routes, head, &mut self.kept, &mut self.enc);
         if pick.candidates.is_empty() {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(head.seq);
         }
         // 6. Send: encoded once, the same bytes on every link.
         let ev = EventView { ty, attrs, payload };
-        let frame = self.enc.send(&mut pick.peers, routes, &mut self.loss, c, head, ev, len, pick.locals.is_empty());
+        let frame = self.enc.send(
+            &mut pick.peers,
+            routes,
+            &mut self.loss,
+            c,
+            head,
+            ev,
+            len,
+            pick.locals.is_empty(),
+            &mut self.kept,
+        );
         // 7. Local sinks get the event without any encoding.
         if !pick.locals.is_empty() {
             // Share the encoded payload when there is one; copy it once otherwise.
@@ -400,14 +430,106 @@ impl Pick {
 impl LossTrack {
     /// Counts the event for sinks of cut-off nodes that would have got it, and reports what they missed to nodes
     /// that are back.
-    fn count_ghosts(&mut self, ghosts: &mut Vec<RemoteSink>, routes: &Routes, head: Head) {
+    fn count_ghosts(
+        &mut self,
+        ghosts: &mut Vec<RemoteSink>,
+        routes: &Routes,
+        head: Head,
+        kept: &mut Kept,
+        enc: &mut Encoder,
+    ) {
         for g in ghosts.drain(..) {
             *self.ghost_missed.entry(g).or_default() += 1;
         }
         if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
             self.ghosts_seen = routes.generation;
-            report_ghost_missed(&mut self.ghost_missed, routes, head.channel, head.source);
+            self.report_ghost_missed(routes, head.channel, head.source, kept, enc);
         }
+    }
+
+    /// Nodes that are back get what their sinks missed while cut off: the kept events, replayed in order (ahead of
+    /// anything newer this source sends them), and a `Lagged` frame per sink for those that fell out of the history
+    /// (ahead of the replay, since they are older). The counts of nodes gone for good are forgotten.
+    fn report_ghost_missed(
+        &mut self,
+        routes: &Routes,
+        channel: ChannelId,
+        source: LocalId,
+        kept: &mut Kept,
+        enc: &mut Encoder,
+    ) {
+        let mut back: Vec<NodeId> = Vec::new();
+        let mut gone: Vec<NodeId> = Vec::new();
+        for g in self.ghost_missed.keys() {
+            if routes.peers.iter().any(|p| p.id == g.node) {
+                if !back.contains(&g.node) {
+                    back.push(g.node);
+                }
+            } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node)) {
+                gone.push(g.node);
+            }
+        }
+        for node in gone {
+            self.ghost_missed.retain(|g, _| g.node != node);
+            kept.forget(node);
+        }
+        let at = now();
+        for node in back {
+            let Some(peer) = routes.peers.iter().find(|p| p.id == node) else { continue };
+            if kept.is_on() {
+                let track = self.sent_to.entry(node).or_default();
+                if track.relinked(peer) {
+                    track.replay_in_flight(peer, kept, channel, source, enc);
+                }
+            }
+            let replays = kept.take_for(node, at);
+            let mut replayed: IdMap<LocalId, u64> = IdMap::default();
+            for r in &replays {
+                for s in &r.sinks {
+                    *replayed.entry(*s).or_default() += 1;
+                }
+            }
+            self.ghost_missed.retain(|g, count| {
+                if g.node != node {
+                    return true;
+                }
+                let left = count.saturating_sub(replayed.get(&g.sink).copied().unwrap_or(0));
+                if left > 0 {
+                    let msg = Message::Lagged { channel, source, count: left, sinks: vec![g.sink] };
+                    peer.outbox.push_control(msg.to_bytes());
+                }
+                false
+            });
+            let track = self.sent_to.entry(node).or_default();
+            for r in replays {
+                let (told, tell) = track.before(peer, r.seq);
+                if tell {
+                    encode_routed(&mut enc.prefix, channel, source, told.skipped);
+                }
+                encode_targets(&mut enc.prefix, channel, &r.sinks);
+                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate) {
+                    track.sent(told);
+                } else {
+                    peer.add_lag(channel, source, &r.sinks, 1);
+                }
+                enc.prefix.clear();
+            }
+        }
+    }
+}
+
+impl LossTrack {
+    /// What this source knows of each node's share of its events, for its `SourceEnd`.
+    fn dests(&self) -> Vec<EndDest> {
+        let mut out: Vec<EndDest> =
+            self.sent_to.iter().map(|(n, t)| EndDest { node: *n, routed: t.routed, missed: Vec::new() }).collect();
+        for (g, n) in &self.ghost_missed {
+            match out.iter_mut().find(|d| d.node == g.node) {
+                Some(d) => d.missed.push((g.sink, *n)),
+                None => out.push(EndDest { node: g.node, routed: 0, missed: vec![(g.sink, *n)] }),
+            }
+        }
+        out
     }
 }
 
@@ -415,8 +537,43 @@ impl SendTrack {
     /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
     /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
     fn before(&self, peer: &Arc<Peer>, seq: u64) -> (Told, bool) {
-        let now = Told { skipped: seq - (self.routed + 1), peer: Arc::as_ptr(peer) as usize, epoch: peer.epoch() };
+        let now = Told {
+            skipped: seq.saturating_sub(self.routed + 1),
+            peer: Arc::as_ptr(peer) as usize,
+            epoch: peer.epoch(),
+        };
         (now, self.told != Some(now))
+    }
+
+    /// True if events went to the node on a link that is not `peer`'s current one (it broke, perhaps with some of
+    /// them in flight) and they were not replayed on this one yet.
+    fn relinked(&self, peer: &Arc<Peer>) -> bool {
+        let link = (Arc::as_ptr(peer) as usize, peer.epoch());
+        self.replayed_on != Some(link) && self.told.is_some_and(|t| (t.peer, t.epoch) != link)
+    }
+
+    /// Replays to `peer` the kept events queued to it before (on a link that broke), with their original numbers so
+    /// that the node drops those it has and counts nothing twice; ahead of anything newer.
+    fn replay_in_flight(
+        &mut self,
+        peer: &Arc<Peer>,
+        kept: &Kept,
+        channel: ChannelId,
+        source: LocalId,
+        enc: &mut Encoder,
+    ) {
+        self.replayed_on = Some((Arc::as_ptr(peer) as usize, peer.epoch()));
+        for (seq, n, frame, targets) in kept.sent_to(peer.id) {
+            encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
+            if let Some(t) = targets {
+                encode_targets(&mut enc.prefix, channel, t);
+            }
+            // A full link drops the copy; the node then reports the gap in transit as for any lost event.
+            let _ = peer.outbox.push_event_with(&enc.prefix, frame.clone(), &mut enc.gate);
+            enc.prefix.clear();
+        }
+        // The next event tells the node its current numbering again.
+        self.told = None;
     }
 
     /// The event was queued to the node, which then knows `told`.
@@ -441,7 +598,10 @@ impl Encoder {
         ev: EventView<'_>,
         len: usize,
         copy: bool,
+        kept: &mut Kept,
     ) -> Option<Bytes> {
+        let keep = kept.is_on();
+        let mut went: smallvec::SmallVec<[SentTo; 1]> = smallvec::SmallVec::new();
         let mut frame = None;
         // A small event that no local sink shares is copied into each link's outbox (see `Outbox::push_event_copied`)
         // from a buffer used again for the next; larger ones are shared by every link.
@@ -461,6 +621,9 @@ impl Encoder {
             // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
             // every new link.
             let track = loss.sent_to.entry(peer.id).or_default();
+            if keep && track.relinked(peer) {
+                track.replay_in_flight(peer, kept, head.channel, head.source, self);
+            }
             let (told, tell) = track.before(peer, head.seq);
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
@@ -482,6 +645,10 @@ impl Encoder {
             self.prefix.clear();
             if pushed {
                 track.sent(told);
+                if keep {
+                    let targets = (pick.chosen < pick.accepting).then(|| pick.ids.clone());
+                    went.push((peer.id, track.routed, targets));
+                }
                 sent_to += 1;
                 sent_bytes += sent as u64;
             } else {
@@ -495,26 +662,40 @@ impl Encoder {
             c.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
         }
         self.gate.done();
+        if !went.is_empty() {
+            // Kept for a node whose link breaks with it in flight.
+            let f = match &frame {
+                Some(f) => f.clone(),
+                None => {
+                    let b = self.buf.room(self.small.len(), ENCODE_CHUNK);
+                    b.extend_from_slice(&self.small);
+                    b.split().freeze()
+                }
+            };
+            let at = kept.needs_time().then(now);
+            kept.sent(head.seq, f, went, at);
+        }
         frame
     }
 }
 
-/// Reports the events that sinks of cut-off nodes missed to those that are back (as `Lagged`, ahead of anything else
-/// this source sends them), and forgets the counts of nodes that are gone for good.
-fn report_ghost_missed(missed: &mut IdMap<RemoteSink, u64>, routes: &Routes, channel: ChannelId, source: LocalId) {
-    missed.retain(|g, count| {
-        if let Some(peer) = routes.peers.iter().find(|p| p.id == g.node) {
-            let msg = Message::Lagged { channel, source, count: *count, sinks: vec![g.sink] };
-            peer.outbox.push_control(msg.to_bytes());
-            return false;
-        }
-        // Still cut off (and remembered): keep counting.
-        routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node))
-    });
-}
-
 impl Drop for Source {
     fn drop(&mut self) {
+        if self.seq > 0 && !self.ch.closed.load(Ordering::Acquire) {
+            // The end: nodes that are back get what they missed while cut off, pending lag notices go out, and then
+            // every member learns how far this source got and what it sent where (docs/PROTOCOL.md, "Sources that
+            // end").
+            self.routing.refresh(&self.ch);
+            let routes = &*self.routing.routes;
+            if !self.loss.ghost_missed.is_empty() {
+                self.loss.report_ghost_missed(routes, self.ch.id(), self.id, &mut self.kept, &mut self.enc);
+                self.enc.gate.done();
+            }
+            for p in &routes.peers {
+                p.flush_lag();
+            }
+            self.ch.source_ended(self.id, self.seq, self.loss.dests());
+        }
         self.ch.remove_member(self.id);
     }
 }

@@ -203,6 +203,11 @@ impl LinkHandler for Channels {
                     ch.remote_lag(from, count, &sinks);
                 }
             }
+            Message::SourceEnd { channel, origin, source, last, dests } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.source_end(from, origin, source, last, dests);
+                }
+            }
             Message::Routed { channel, source, skipped } => {
                 if let Some(ch) = self.channel_by_id(channel) {
                     ch.routed(from, source, skipped);

@@ -203,6 +203,7 @@ impl<H: LinkHandler> Receiver<H> {
             | Message::InstallFilter { .. }
             | Message::FilterStatus { .. }
             | Message::Lagged { .. }
+            | Message::SourceEnd { .. }
             | Message::Routed { .. } => self.handler.control(peer.id, msg),
             other => return Err(LinkError::Unexpected(other.kind())),
         }

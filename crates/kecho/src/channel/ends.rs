@@ -1,0 +1,493 @@
+//! Sources that end: a sink must never be left unaware that a source it received from is gone with events
+//! unaccounted for (docs/PROTOCOL.md, "Sources that end").
+//!
+//! A source that is closed (or whose node leaves) sends `SourceEnd` to every member node after its last event: its
+//! last sequence number and, per node, how many events it queued to that node and how many each sink of a cut-off
+//! node would have received. The receivers relay it once to the other members, and again to members that appear later
+//! (within `gap_memory`), so that a node cut off from the source learns of the end from anyone. A sink's node then
+//! knows exactly how many events it missed: those queued to it and never arrived, plus those counted for its sinks
+//! while it was cut off. When the source's node is lost and no word of its end comes within `source_grace`, its sinks
+//! are told that the source is gone with an unknown number missed.
+//!
+//! The decisions (`EndTrack`, `verdict`) are pure and take the time as input; `ChannelInner`'s methods here apply
+//! them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kecho_proto::codec::EndDest;
+use kecho_proto::{LocalId, Message, NodeId};
+
+use super::deliver::RecvTrack;
+use super::ChannelInner;
+use crate::clock::now;
+use crate::queue::SourceKey;
+
+/// Ends remembered by a node that got them from the source itself, to relay to members that appear later, at most.
+const REMEMBERED_ENDS: usize = 1024;
+
+/// A source's end as a receiver keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct End {
+    /// The source's last sequence number.
+    pub(super) last: u64,
+    /// The source listed what it knew per node (it was closed while its node was up).
+    pub(super) listed: bool,
+    /// This node's share, if the source listed one.
+    pub(super) mine: Option<EndDest>,
+}
+
+impl End {
+    /// The end carried by a `SourceEnd` message, as node `me` sees it.
+    pub(super) fn of(me: NodeId, last: u64, dests: &[EndDest]) -> End {
+        End { last, listed: !dests.is_empty(), mine: dests.iter().find(|d| d.node == me).cloned() }
+    }
+}
+
+/// What a node's sinks are told about an ended or lost source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Nothing was missed (or nothing is known to have been meant for this node).
+    Quiet,
+    /// Events were missed: `all` lost in transit (which local sinks wanted them is unknown, so every sink is told) and
+    /// per sink those it would have received while its node was cut off.
+    Missed { all: u64, sinks: Vec<(LocalId, u64)> },
+    /// The source is gone and how many of its events were missed is unknown.
+    Unknown,
+}
+
+/// Where a receiver stands with a remote source's end.
+#[derive(Default, Debug)]
+pub(super) struct EndTrack {
+    /// The end as another member relayed it, kept until the source's node leaves this node's view: the source's own
+    /// copy, on the link from it, may still be behind events in flight.
+    pending: Option<End>,
+    /// The end was accounted for (reported, or found loss-free): nothing more is said of this source.
+    settled: bool,
+    /// The sinks were told the source is gone with an unknown number missed (an exact account may still follow).
+    told_unknown: bool,
+    /// When the source's node left this node's view with the source not settled.
+    lost_at: Option<Instant>,
+    /// The source's node has been in this node's view: only then does its absence mean that it left (events and a
+    /// relayed end can arrive before its snapshot does).
+    seen: bool,
+}
+
+impl EndTrack {
+    /// A relayed end waits to be accounted for.
+    pub(super) fn has_pending(&self) -> bool {
+        self.pending.is_some() && !self.settled
+    }
+
+    /// An event of the source arrived: it is alive (its node came back).
+    #[inline]
+    pub(super) fn alive(&mut self) {
+        if self.lost_at.is_some() || self.told_unknown {
+            self.lost_at = None;
+            self.told_unknown = false;
+        }
+    }
+}
+
+/// What to tell the sinks, given the end `end` and what arrived (`track`); `None` if nothing more is to be said.
+pub(super) fn verdict(track: &RecvTrack, end: &End) -> Verdict {
+    match &end.mine {
+        Some(d) => {
+            let all = d.routed.saturating_sub(track.last);
+            let sinks: Vec<(LocalId, u64)> = d.missed.iter().copied().filter(|(_, n)| *n > 0).collect();
+            if all == 0 && sinks.is_empty() {
+                Verdict::Quiet
+            } else {
+                Verdict::Missed { all, sinks }
+            }
+        }
+        // The source knew what it had sent where, and nothing was meant for this node.
+        None if end.listed => Verdict::Quiet,
+        // Its node left without closing it first: only its last sequence number is known.
+        None if track.last_seq >= end.last => Verdict::Quiet,
+        // Every event so far was meant for this node (the source never said otherwise): the rest were too.
+        None if track.skipped == 0 && track.last_seq > 0 => {
+            Verdict::Missed { all: end.last - track.last_seq, sinks: Vec::new() }
+        }
+        None => Verdict::Unknown,
+    }
+}
+
+impl RecvTrack {
+    /// The end of the source arrived on the link from its own node (after all its events) or, `present` false, from
+    /// another member while its node is out of this node's view: account for it now. Returns what to tell the sinks.
+    pub(super) fn end_now(&mut self, end: &End) -> Option<Verdict> {
+        if self.end.settled {
+            return None;
+        }
+        let v = verdict(self, end);
+        if v == Verdict::Unknown && self.end.told_unknown {
+            return None;
+        }
+        self.end.settled = v != Verdict::Unknown;
+        self.end.told_unknown |= v == Verdict::Unknown;
+        self.end.pending = None;
+        Some(v)
+    }
+
+    /// Another member relayed the source's end while its node is still in this node's view: keep it until the node
+    /// leaves the view.
+    pub(super) fn end_later(&mut self, end: End) {
+        if !self.end.settled {
+            self.end.pending = Some(end);
+        }
+    }
+
+    /// The source's node is out of this node's view at `now`: account for a relayed end if one came; otherwise start
+    /// the grace period (returns true when it starts, so that the caller arms the timer).
+    pub(super) fn node_gone(&mut self, now: Instant) -> (Option<Verdict>, bool) {
+        if self.end.settled || !self.end.seen || self.end.pending.is_some() {
+            // A relayed end is accounted for by its own timer (`pending_due`).
+            return (None, false);
+        }
+        if self.end.lost_at.is_none() && !self.end.told_unknown {
+            self.end.lost_at = Some(now);
+            return (None, true);
+        }
+        (None, false)
+    }
+
+    /// The grace period that started at `since` is over and the node is still out of view: the source is gone with an
+    /// unknown number missed, unless something happened in between.
+    pub(super) fn grace_over(&mut self, since: Instant) -> Option<Verdict> {
+        if self.end.settled || self.end.told_unknown || self.end.lost_at != Some(since) {
+            return None;
+        }
+        self.end.lost_at = None;
+        self.end.told_unknown = true;
+        Some(Verdict::Unknown)
+    }
+
+    /// The source's node is (back) in this node's view: stop waiting for it.
+    pub(super) fn node_back(&mut self) {
+        self.end.lost_at = None;
+        self.end.seen = true;
+    }
+
+    /// A relayed end waited long enough (see `ChannelInner::source_end`) and the source's node is out of view:
+    /// account for it.
+    pub(super) fn pending_due(&mut self) -> Option<Verdict> {
+        let end = self.end.pending.take()?;
+        self.end_now(&end)
+    }
+}
+
+/// A `SourceEnd` that arrived from the source's own node, kept to relay to members that appear later.
+pub(super) struct Remembered {
+    at: Instant,
+    origin: NodeId,
+    msg: Message,
+}
+
+impl ChannelInner {
+    /// Local source `source` ends after event `last`: every member node is told, with what the source knew of each
+    /// node's share (`dests`; empty if it is unknown here).
+    pub(super) fn source_ended(&self, source: LocalId, last: u64, dests: Vec<EndDest>) {
+        let Some(node) = self.node.upgrade() else { return };
+        let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };
+        let peers: Vec<(NodeId, String)> =
+            self.state.lock().peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
+        for (to, addr) in peers {
+            node.send(to, &addr, &msg);
+        }
+    }
+
+    /// A `SourceEnd` arrived from node `from`.
+    pub(crate) fn source_end(
+        self: &Arc<Self>,
+        from: NodeId,
+        origin: NodeId,
+        source: LocalId,
+        last: u64,
+        dests: Vec<EndDest>,
+    ) {
+        let Some(node) = self.node.upgrade() else { return };
+        if origin == node.id {
+            return;
+        }
+        let end = End::of(node.id, last, &dests);
+        let direct = from == origin;
+        if direct {
+            // Relay it once to every other member, and to members that appear later.
+            let msg = Message::SourceEnd { channel: self.id(), origin, source, last, dests };
+            let peers: Vec<(NodeId, String)> = self
+                .state
+                .lock()
+                .peers()
+                .iter()
+                .filter(|(id, _)| **id != origin)
+                .map(|(id, p)| (*id, p.addr.clone()))
+                .collect();
+            for (to, addr) in peers {
+                node.send(to, &addr, &msg);
+            }
+            let at = now();
+            let mut ends = self.ends.lock();
+            ends.retain(|r| at.duration_since(r.at) < node.cfg.gap_memory);
+            if ends.len() >= REMEMBERED_ENDS {
+                ends.remove(0);
+            }
+            ends.push(Remembered { at, origin, msg });
+        }
+        let key = (origin, source);
+        let verdict = {
+            let mut tracks = self.tracks.lock();
+            // A source this node never heard from matters only if it says something was meant for this node.
+            let track = match tracks.get_mut(&key) {
+                Some(t) => t,
+                None if end.mine.is_some() => tracks.entry(key).or_default(),
+                None => return,
+            };
+            if direct {
+                track.end_now(&end)
+            } else {
+                // Relayed: the source's own copy, on the link from its node, may still be behind events in flight
+                // (that link may even still be coming up), so wait a heartbeat timeout, then account for it if the
+                // node is out of view by then (else when it leaves the view, see `view_changed`).
+                track.end_later(end);
+                None
+            }
+        };
+        if !direct {
+            self.pending_later(origin, source, node.cfg.heartbeat_timeout);
+        }
+        if let Some(v) = verdict {
+            self.tell(SourceKey::new(origin, source), v);
+        }
+    }
+
+    /// After a membership change: accounts for sources whose node left the view, arms the grace timer for those lost
+    /// without word of their end, stops it for those back, and relays remembered ends to members that appeared.
+    pub(super) fn view_changed(self: &Arc<Self>, peers: &[(NodeId, String)]) {
+        let Some(node) = self.node.upgrade() else { return };
+        let at = now();
+        let mut verdicts = Vec::new();
+        let mut pending = Vec::new();
+        let mut arm = false;
+        {
+            let before = self.seen_peers.lock().clone();
+            let mut tracks = self.tracks.lock();
+            for ((origin, source), t) in tracks.iter_mut() {
+                if peers.iter().any(|(p, _)| p == origin) {
+                    t.node_back();
+                    continue;
+                }
+                if before.contains(origin) {
+                    // In the view before this change (the track may have begun since the last one).
+                    t.node_back();
+                }
+                let (v, start) = t.node_gone(at);
+                arm |= start;
+                if t.end.has_pending() {
+                    pending.push((*origin, *source));
+                }
+                if let Some(v) = v {
+                    verdicts.push((SourceKey::new(*origin, *source), v));
+                }
+            }
+        }
+        for (key, v) in verdicts {
+            self.tell(key, v);
+        }
+        for (origin, source) in pending {
+            self.pending_later(origin, source, node.cfg.heartbeat_timeout);
+        }
+        if arm {
+            let grace = node.cfg.source_grace;
+            let weak = Arc::downgrade(self);
+            node.spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Some(ch) = weak.upgrade() {
+                    ch.grace_over(at);
+                }
+            });
+        }
+        // Members that appeared since the last change hear of the ends this node relays.
+        let mut seen = self.seen_peers.lock();
+        let fresh: Vec<&(NodeId, String)> = peers.iter().filter(|(p, _)| !seen.contains(p)).collect();
+        if !fresh.is_empty() {
+            let ends = self.ends.lock();
+            for (to, addr) in fresh {
+                for r in ends.iter().filter(|r| r.origin != *to && at.duration_since(r.at) < node.cfg.gap_memory) {
+                    node.send(*to, addr, &r.msg);
+                }
+            }
+        }
+        *seen = peers.iter().map(|(p, _)| *p).collect();
+    }
+
+    /// The grace period armed at `since` is over: sources whose node is still out of view and of whose end no word
+    /// came are reported gone.
+    fn grace_over(&self, since: Instant) {
+        let verdicts: Vec<(SourceKey, Verdict)> = {
+            let peers = self.state.lock().peers().keys().copied().collect::<Vec<_>>();
+            let mut tracks = self.tracks.lock();
+            tracks
+                .iter_mut()
+                .filter(|((origin, _), _)| !peers.contains(origin))
+                .filter_map(|((origin, source), t)| Some((SourceKey::new(*origin, *source), t.grace_over(since)?)))
+                .collect()
+        };
+        for (key, v) in verdicts {
+            self.tell(key, v);
+        }
+    }
+
+    /// Calls `pending_due` after `delay`.
+    fn pending_later(self: &Arc<Self>, origin: NodeId, source: LocalId, delay: std::time::Duration) {
+        let Some(node) = self.node.upgrade() else { return };
+        let weak = Arc::downgrade(self);
+        node.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(ch) = weak.upgrade() {
+                ch.pending_due(origin, source);
+            }
+        });
+    }
+
+    /// A relayed end has waited: account for it unless the source's node is in view (then it is accounted for when
+    /// the node leaves the view, or by the node's own copy).
+    fn pending_due(&self, origin: NodeId, source: LocalId) {
+        if self.state.lock().peers().contains_key(&origin) {
+            return;
+        }
+        let v = self.tracks.lock().get_mut(&(origin, source)).and_then(RecvTrack::pending_due);
+        if let Some(v) = v {
+            self.tell(SourceKey::new(origin, source), v);
+        }
+    }
+
+    /// Tells the local sinks what they missed of source `key`.
+    fn tell(&self, key: SourceKey, v: Verdict) {
+        let sinks = self.local_sinks.read().clone();
+        match v {
+            Verdict::Quiet => {}
+            Verdict::Missed { all, sinks: per_sink } => {
+                let mut total = 0;
+                if all > 0 {
+                    total += all * sinks.len() as u64;
+                    for s in sinks.iter() {
+                        s.queue.add_lag(all);
+                    }
+                }
+                for (id, n) in per_sink {
+                    if let Some(s) = sinks.iter().find(|s| s.id == id) {
+                        total += n;
+                        s.queue.add_lag(n);
+                    }
+                }
+                tracing::info!(channel = %self.name, source = %key, missed = total, "a source ended; its missed events were reported");
+                self.counters.missed.fetch_add(total, Ordering::Relaxed);
+            }
+            Verdict::Unknown => {
+                // The sinks are told; nothing here needs an operator's attention.
+                tracing::info!(channel = %self.name, source = %key, "a source is gone; how many of its events were missed is unknown");
+                for s in sinks.iter() {
+                    s.queue.add_lost(key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dest(node: u64, routed: u64, missed: &[(u32, u64)]) -> EndDest {
+        EndDest { node: NodeId(node), routed, missed: missed.iter().map(|&(s, n)| (LocalId(s), n)).collect() }
+    }
+
+    /// A track of a source whose node has been in view.
+    fn track(last: u64, last_seq: u64) -> RecvTrack {
+        let mut t = RecvTrack { last, last_seq, ..RecvTrack::default() };
+        t.node_back();
+        t
+    }
+
+    #[test]
+    fn a_node_never_seen_in_view_is_not_taken_for_gone() {
+        let me = NodeId(7);
+        let mut t = RecvTrack { last: 3, last_seq: 3, ..RecvTrack::default() };
+        assert_eq!(t.node_gone(Instant::now()), (None, false), "events came before its snapshot");
+        t.end_later(End::of(me, 3, &[dest(7, 3, &[])]));
+        assert_eq!(t.pending_due(), Some(Verdict::Quiet), "the grace period over, the relayed end counts");
+    }
+
+    #[test]
+    fn an_end_counts_what_was_queued_and_not_received_and_what_was_counted_while_cut_off() {
+        let me = NodeId(7);
+        let end = End::of(me, 4000, &[dest(6, 4000, &[]), dest(7, 1300, &[(2, 2400), (3, 0)])]);
+        let mut t = track(1248, 1248);
+        assert_eq!(t.end_now(&end), Some(Verdict::Missed { all: 52, sinks: vec![(LocalId(2), 2400)] }));
+        assert_eq!(t.end_now(&end), None, "told once");
+    }
+
+    #[test]
+    fn an_end_with_nothing_missing_or_nothing_meant_here_is_quiet() {
+        let me = NodeId(7);
+        assert_eq!(track(10, 10).end_now(&End::of(me, 10, &[dest(7, 10, &[])])), Some(Verdict::Quiet));
+        assert_eq!(track(0, 0).end_now(&End::of(me, 10, &[dest(6, 10, &[])])), Some(Verdict::Quiet));
+        // Without a list (its node left first) only the last sequence number is known.
+        assert_eq!(track(9, 10).end_now(&End::of(me, 10, &[])), Some(Verdict::Quiet));
+        assert_eq!(track(9, 9).end_now(&End::of(me, 10, &[])), Some(Verdict::Missed { all: 1, sinks: vec![] }));
+        let mut filtered = track(9, 9);
+        filtered.skipped = 2;
+        assert_eq!(filtered.end_now(&End::of(me, 10, &[])), Some(Verdict::Unknown), "some were not meant for it");
+    }
+
+    #[test]
+    fn a_relayed_end_waits_for_the_node_to_leave_the_view() {
+        let me = NodeId(7);
+        let t0 = Instant::now();
+        let mut t = track(100, 100);
+        t.end_later(End::of(me, 500, &[dest(7, 500, &[])]));
+        // Events still in flight on the direct link arrive, then the source's own copy of its end.
+        t.last = 500;
+        t.last_seq = 500;
+        assert_eq!(t.end_now(&End::of(me, 500, &[dest(7, 500, &[])])), Some(Verdict::Quiet));
+        assert_eq!(t.node_gone(t0), (None, false), "settled: nothing more");
+        // The node leaves the view before its own copy arrives: the relayed one is used (once it has waited).
+        let mut t = track(100, 100);
+        t.end_later(End::of(me, 500, &[dest(7, 500, &[])]));
+        assert_eq!(t.node_gone(t0), (None, false));
+        assert!(t.end.has_pending());
+        assert_eq!(t.pending_due(), Some(Verdict::Missed { all: 400, sinks: vec![] }));
+    }
+
+    #[test]
+    fn a_lost_node_with_no_word_of_its_end_is_reported_unknown_once_the_grace_is_over() {
+        let me = NodeId(7);
+        let t0 = Instant::now();
+        let mut t = track(100, 100);
+        assert_eq!(t.node_gone(t0), (None, true), "the grace period starts");
+        assert_eq!(t.node_gone(t0 + Duration::from_secs(1)), (None, false), "armed once");
+        assert_eq!(t.grace_over(Instant::now() + Duration::from_secs(99)), None, "another period's timer");
+        assert_eq!(t.grace_over(t0), Some(Verdict::Unknown));
+        assert_eq!(t.grace_over(t0), None, "told once");
+        // Word of the end comes after all: the exact account follows.
+        let end = End::of(me, 300, &[dest(7, 300, &[])]);
+        assert_eq!(t.end_now(&end), Some(Verdict::Missed { all: 200, sinks: vec![] }));
+    }
+
+    #[test]
+    fn a_node_that_comes_back_stops_the_grace_period() {
+        let t0 = Instant::now();
+        let mut t = track(100, 100);
+        assert_eq!(t.node_gone(t0), (None, true));
+        t.node_back();
+        assert_eq!(t.grace_over(t0), None);
+        // Lost again later: a new period.
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(t.node_gone(t1), (None, true));
+        t.end.alive();
+        assert_eq!(t.grace_over(t1), None, "its events flow again");
+    }
+}

@@ -1,0 +1,372 @@
+//! Sources that end while a sink's node is cut off from them: the sink is told how many events it missed (word of
+//! the end comes through another member), or that the source is gone with an unknown number missed, never left
+//! waiting. Nodes reach each other through proxies on loopback that cut the links between chosen pairs of nodes (a
+//! proxy knows who dialled from the node id in the `Hello` frame), so the rest of the channel stays connected.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use kecho::{Attrs, MembershipConfig, Node, NodeId, RecvError, RegistryClient, SinkOptions, SourceKey};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
+/// (in both directions; nothing is closed, so only heartbeats notice).
+struct Proxy {
+    cut: Arc<Mutex<HashSet<u64>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Result<(Proxy, SocketAddr)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let c = cut.clone();
+        let accept = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((down, _)) = listener.accept().await {
+                let cut = c.clone();
+                conns.push(tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    // The dialler's node id is in its Hello: length (4), kind (1), magic (4), version (2), node (8).
+                    let mut hello = [0u8; 19];
+                    if dr.read_exact(&mut hello).await.is_err() || uw.write_all(&hello).await.is_err() {
+                        return;
+                    }
+                    let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
+                    let c2 = cut.clone();
+                    tokio::select! {
+                        _ = relay(&mut dr, &mut uw, &cut, dialler) => {}
+                        _ = relay(&mut ur, &mut dw, &c2, dialler) => {}
+                    }
+                }));
+            }
+            for c in conns {
+                c.abort();
+            }
+        });
+        Ok((Proxy { cut, accept }, addr))
+    }
+
+    fn cut(&self, dialler: NodeId, on: bool) {
+        let mut cut = self.cut.lock();
+        if on {
+            cut.insert(dialler.0);
+        } else {
+            cut.remove(&dialler.0);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn relay(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    cut: &Mutex<HashSet<u64>>,
+    dialler: u64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut.lock().contains(&dialler) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node reachable only through its own proxy.
+async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Proxy)> {
+    // The node must advertise the proxy's address, which exists only once the node's own listener does: start the
+    // proxy towards a placeholder listener, then the node, then point the proxy at it.
+    let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
+    let hold = TcpListener::bind("127.0.0.1:0").await?;
+    let node_addr = hold.local_addr()?;
+    drop(hold);
+    let (proxy, addr) = Proxy::start(node_addr).await?;
+    let node = Node::builder()
+        .registry_client(reg.clone())
+        .listen(node_addr)
+        .heartbeat_timeout(Duration::from_millis(600))
+        .membership(m)
+        .source_grace(grace)
+        .advertise(addr)
+        .start()
+        .await?;
+    Ok((node, proxy))
+}
+
+/// Cuts (or heals) the links between nodes `x` and `y`, whichever dialled.
+fn cut_between(x: (&Node, &Proxy), y: (&Node, &Proxy), on: bool) {
+    x.1.cut(y.0.id(), on);
+    y.1.cut(x.0.id(), on);
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// What a sink got of one source.
+#[derive(Default, Debug)]
+struct Tally {
+    seqs: Vec<u64>,
+    missed: u64,
+    lost: Vec<SourceKey>,
+}
+
+impl Tally {
+    /// Receives until `done` holds of the tally, at most `T`.
+    async fn until(&mut self, sink: &mut kecho::Sink, what: &str, done: impl Fn(&Tally) -> bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + T;
+        while !done(self) {
+            let r = match tokio::time::timeout_at(deadline, sink.recv()).await {
+                Ok(r) => r,
+                Err(_) => bail!("timed out waiting for {what}: {} received, {self:?}", self.seqs.len()),
+            };
+            match r {
+                Ok(ev) => self.seqs.push(ev.seq()),
+                Err(RecvError::Lagged(n)) => self.missed += n,
+                Err(RecvError::SourceLost(k)) => self.lost.push(k),
+                Err(e) => bail!("sink: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publishes `n` events, one per millisecond, numbered on from what the source sent before.
+async fn publish(src: &mut kecho::Source, n: u64) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..n {
+        tick.tick().await;
+        src.submit("e", &Attrs::new(), b"0123456789").await?;
+    }
+    Ok(())
+}
+
+/// The scenario in one process: the source's node is cut off from one sink's node (and only from it), the
+/// source publishes on, then ends and its node leaves before the cut heals. The cut-off sink learns from the other
+/// member exactly how many events it missed; the other sink got everything and is told nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_ends_while_a_sink_is_cut_off_is_accounted_for_through_another_member() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (c, pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("ends").await?;
+    let mut keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("ends").await?;
+    let mut cut_off = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("ends").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+
+    publish(&mut src, 300).await?;
+    let mut t_cut = Tally::default();
+    t_cut.until(&mut cut_off, "the first 300 events", |t| t.seqs.len() == 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    eventually("the cut-off node dropped the source", || cb.sources() == 0).await?;
+    publish(&mut src, 500).await?;
+    drop(src);
+    a.shutdown().await;
+
+    t_cut.until(&mut cut_off, "800 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 800).await?;
+    let mut t_keep = Tally::default();
+    t_keep.until(&mut keep, "all 800 events", |t| t.seqs.len() == 800).await?;
+
+    assert!(t_cut.seqs.windows(2).all(|w| w[0] < w[1]), "order: {t_cut:?}");
+    assert!(t_cut.missed >= 500, "the events published during the cut are reported missed: {t_cut:?}");
+    assert_eq!(t_cut.seqs.len() as u64 + t_cut.missed, 800, "received + missed = published: {t_cut:?}");
+    assert!(t_cut.lost.is_empty(), "the loss is known, not unknown: {t_cut:?}");
+    assert_eq!(cb.stats().missed, t_cut.missed);
+    assert_eq!((t_keep.missed, t_keep.lost.len()), (0, 0), "the connected sink missed nothing: {t_keep:?}");
+    assert!(keep.is_empty(), "nothing beyond the 800 events");
+    drop((pa, pb, pc));
+    Ok(())
+}
+
+/// A source's node that dies (no goodbye, no word of how far it got) while a sink's node is cut off from it: once
+/// the grace period is over the sink is told the source is gone with an unknown number of events missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_node_dies_unseen_is_reported_gone_with_an_unknown_loss() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let grace = Duration::from_millis(500);
+    let (c, _pc) = proxied_node(&reg, grace).await?;
+    let (b, pb) = proxied_node(&reg, grace).await?;
+    let (a, pa) = proxied_node(&reg, grace).await?;
+    let cc = c.create_channel("gone").await?;
+    let mut keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("gone").await?;
+    let mut cut_off = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("gone").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    publish(&mut src, 200).await?;
+    let mut t_cut = Tally::default();
+    t_cut.until(&mut cut_off, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    publish(&mut src, 200).await?;
+    let mut t_keep = Tally::default();
+    t_keep.until(&mut keep, "all 400 events", |t| t.seqs.len() == 400).await?;
+    a.kill();
+    drop(src);
+
+    t_cut.until(&mut cut_off, "word that the source is gone", |t| !t.lost.is_empty()).await?;
+    let key = t_cut.lost[0];
+    assert_eq!(t_cut.lost, vec![key], "told once: {t_cut:?}");
+    assert_eq!(t_cut.missed, 0, "no number was known: {t_cut:?}");
+    // The connected sink cannot know either whether the source sent more before it died.
+    t_keep.until(&mut keep, "word that the source is gone", |t| !t.lost.is_empty()).await?;
+    assert_eq!(t_keep.lost, vec![key], "{t_keep:?}");
+    assert_eq!(t_keep.seqs.len(), 400, "{t_keep:?}");
+    Ok(())
+}
+
+/// One run of a cut with the source keeping `history`: 300 events before the cut, 500 during it, then 200 after the
+/// heal. Returns what the cut-off sink got.
+async fn cut_and_heal_with_history(history: kecho::History) -> Result<Tally> {
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("keep").await?;
+    let mut keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("keep").await?;
+    let mut back = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("keep").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.set_history(history);
+
+    publish(&mut src, 300).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 300 events", |t| t.seqs.len() == 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    publish(&mut src, 500).await?;
+    cut_between((&a, &pa), (&b, &pb), false);
+    eventually("the cut-off sink back", || ca.sinks() == 2).await?;
+    publish(&mut src, 200).await?;
+    t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&1000)).await?;
+    let mut k = Tally::default();
+    k.until(&mut keep, "all 1000 events", |t| t.seqs.len() == 1000).await?;
+    assert_eq!((k.missed, k.lost.len()), (0, 0), "the connected sink missed nothing: {k:?}");
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 1000, "received + missed = published: {t:?}");
+    drop(src);
+    Ok(t)
+}
+
+/// With a history as long as the cut, a sink whose node comes back gets every event submitted while it was cut off,
+/// in order, without duplicates, before the newer ones; only what was in flight on the link that broke is missed
+/// (and reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_sink_gets_the_events_it_missed_replayed_from_the_history() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::events(10_000)).await?;
+    // The first 300 arrived before the cut and the 500 of the cut were submitted once the source's node had dropped
+    // the sink's (none in flight on the link that broke): all of them are replayed.
+    assert_eq!(t.seqs, (1..=1000).collect::<Vec<u64>>(), "every event, in order, once");
+    assert_eq!(t.missed, 0);
+    Ok(())
+}
+
+/// A history shorter than the cut replays its last events; the older ones are reported missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_falls_outside_the_history_is_reported_missed() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::events(100)).await?;
+    assert_eq!(t.missed, 400, "100 of the 500 replayed: {t:?}");
+    assert!((701..=800).all(|s| t.seqs.contains(&s)), "the last 100 of the cut replayed: {t:?}");
+    Ok(())
+}
+
+/// Without a history the returning sink is told of everything it missed, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_a_returning_sink_is_told_what_it_missed() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::off()).await?;
+    assert_eq!(t.missed, 500, "{t:?}");
+    assert!(!(301..=800).any(|s| t.seqs.contains(&s)), "nothing replayed: {t:?}");
+    Ok(())
+}
+
+/// The cut starts while the source is publishing, so events are in flight on the link that breaks: with a history
+/// they are replayed too (the sink's node drops those it had), and the returning sink gets every event exactly once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_flight_when_the_link_broke_are_replayed_once() -> Result<()> {
+    let t = cut_while_publishing(kecho::History::events(100_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=IN_FLIGHT_N + 100).collect::<Vec<u64>>(), "every event once, in order");
+    Ok(())
+}
+
+/// The same without a history: the events of the cut are reported missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_events_of_a_cut_while_publishing_are_reported() -> Result<()> {
+    let t = cut_while_publishing(kecho::History::off()).await?;
+    assert!(t.missed > 0, "{t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, IN_FLIGHT_N + 100, "{t:?}");
+    Ok(())
+}
+
+const IN_FLIGHT_N: u64 = 1500;
+
+async fn cut_while_publishing(history: kecho::History) -> Result<Tally> {
+    const N: u64 = IN_FLIGHT_N;
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("flight").await?;
+    let _keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel("flight").await?;
+    let mut back = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel("flight").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.set_history(history);
+    let publisher = tokio::spawn(async move {
+        publish(&mut src, N).await?;
+        anyhow::Ok(src)
+    });
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 300 events", |t| t.seqs.len() >= 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut_between((&a, &pa), (&b, &pb), false);
+    eventually("the cut-off sink back", || ca.sinks() == 2).await?;
+    let mut src = tokio::time::timeout(T, publisher).await???;
+    // What the sink missed goes to it with the source's next event (or its end).
+    publish(&mut src, 100).await?;
+    t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&(N + 100))).await?;
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    Ok(t)
+}
