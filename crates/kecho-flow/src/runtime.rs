@@ -402,7 +402,7 @@ impl Shared {
             priority: self.priority.load(Ordering::Relaxed),
             rate: *self.own_rate.lock(),
             effective_rate: self.bucket.lock().as_ref().map(TokenBucket::rate),
-            bound: sched::bottleneck(&loads).map(|i| stages[i].name.clone()),
+            bound: sched::bound(&loads, wall).map(|i| stages[i].name.clone()),
             stages,
             results: self.results.lock().clone(),
         }

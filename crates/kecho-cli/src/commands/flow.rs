@@ -87,27 +87,8 @@ pub async fn run(a: Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&flows.iter().map(|f| &f.1).collect::<Vec<_>>())?);
                 return Ok(());
             }
-            if flows.is_empty() {
-                println!("no flows");
-                return Ok(());
-            }
-            println!(
-                "{:>4} {:<10} {:<30} {:>12} {:>9} {:<22} NAME",
-                "ID", "STATE", "PATH", "BYTES", "MB/s", "BOUND BY"
-            );
-            for (_, s) in flows {
-                let rate = if s.elapsed_s > 0.0 { s.bytes_out as f64 / 1e6 / s.elapsed_s } else { 0.0 };
-                println!(
-                    "{:>4} {:<10} {:<30} {:>12} {:>9.1} {:<22} {}",
-                    s.id,
-                    s.state,
-                    s.path,
-                    s.bytes_in,
-                    rate,
-                    s.bound.as_deref().unwrap_or("-"),
-                    s.name
-                );
-            }
+            let flows: Vec<FlowStats> = flows.into_iter().map(|f| f.1).collect();
+            print!("{}", ls_table(&flows));
             Ok(())
         }
         Args::Stats(st) => {
@@ -226,6 +207,44 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `kecho flow ls` table: one line per flow with its path, bytes, rate, bounding stage, and its stages (as a
+/// spec with the canonical transform names) with how busy each is.
+fn ls_table(flows: &[FlowStats]) -> String {
+    use std::fmt::Write;
+    if flows.is_empty() {
+        return "no flows\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>4} {:<10} {:<24} {:>12} {:>9} {:<24} STAGES (busy)",
+        "ID", "STATE", "PATH", "BYTES", "MB/s", "BOUND BY"
+    );
+    for s in flows {
+        let rate = if s.elapsed_s > 0.0 { s.bytes_out as f64 / 1e6 / s.elapsed_s } else { 0.0 };
+        let stages: Vec<String> = s
+            .stages
+            .iter()
+            .map(|st| {
+                let repl = if st.replicas > 1 { format!(" x{}", st.replicas) } else { String::new() };
+                format!("{} {:.0}%{repl}", st.name, st.busy * 100.0)
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:>4} {:<10} {:<24} {:>12} {:>9.1} {:<24} {}",
+            s.id,
+            s.state,
+            s.path,
+            s.bytes_in,
+            rate,
+            s.bound.as_deref().unwrap_or("- (idle)"),
+            stages.join(" ! ")
+        );
+    }
+    out
+}
+
 fn print_stats(f: &FlowStats) {
     println!("flow {} [{}] {} — {}", f.id, f.state, f.path, f.name);
     println!(
@@ -248,5 +267,66 @@ fn print_stats(f: &FlowStats) {
             if s.detached { " detached" } else { "" }
         );
     }
-    println!("  bound by: {}", f.bound.as_deref().unwrap_or("-"));
+    println!("  bound by: {}", f.bound.as_deref().unwrap_or("- (idle)"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kecho_flow::StageStats;
+
+    fn stage(name: &str, kind: &str, busy: f64) -> StageStats {
+        StageStats {
+            name: name.into(),
+            kind: kind.into(),
+            bytes_in: 100_000,
+            bytes_out: 100_000,
+            mb_per_s: 0.0,
+            busy_s: 0.0,
+            busy,
+            syscalls: 1,
+            copied: 0,
+            dropped: 0,
+            replicas: 1,
+            detached: false,
+        }
+    }
+
+    fn flow(bound: Option<&str>) -> FlowStats {
+        FlowStats {
+            id: 7,
+            name: "tcp-listen:127.0.0.1:0 ! checksum ! file:out".into(),
+            state: "running".into(),
+            path: "copy".into(),
+            elapsed_s: 10.0,
+            bytes_in: 100_000,
+            bytes_out: 100_000,
+            user_copied: 100_000,
+            syscalls: 3,
+            priority: 1,
+            rate: None,
+            effective_rate: None,
+            bound: bound.map(Into::into),
+            stages: vec![
+                stage("tcp-listen:127.0.0.1:0", "source", 0.0),
+                stage("checksum crc32", "transform", 0.31),
+                stage("file:out", "sink", 0.0),
+            ],
+            results: Vec::new(),
+        }
+    }
+
+    /// The listing names every stage of a flow, whichever stage (if any) bounds it: a listing that showed the
+    /// transform only when it happened to be the bounding stage passed or failed by chance.
+    #[test]
+    fn the_listing_shows_every_stage_whatever_bounds_the_flow() {
+        for bound in [None, Some("file:out"), Some("tcp-listen:127.0.0.1:0"), Some("checksum crc32")] {
+            let t = ls_table(&[flow(bound)]);
+            let line = t.lines().nth(1).unwrap_or_default();
+            assert!(line.contains("tcp-listen:127.0.0.1:0 0% ! checksum crc32 31% ! file:out 0%"), "{t}");
+            assert!(line.starts_with("   7 running    copy"), "{t}");
+            assert!(line.contains(bound.unwrap_or("- (idle)")), "{t}");
+        }
+        assert_eq!(ls_table(&[]), "no flows\n");
+    }
 }
