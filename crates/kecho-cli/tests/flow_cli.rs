@@ -125,3 +125,35 @@ fn ls_stats_and_stop_a_running_flow() -> Result<()> {
     assert!(text(&kecho(&d, &["flow", "ls"])?.stdout).contains("no flows"));
     Ok(())
 }
+
+/// `-` is this process's standard input as a source and standard output as a sink: untransformed (splice between
+/// the pipes) and through compress/decompress.
+#[test]
+fn stdin_and_stdout_endpoints() -> Result<()> {
+    let d = Dir::new("stdio");
+    let input: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8 ^ (i / 4093) as u8).collect();
+    let pipe_through = |spec: &str, data: &[u8]| -> Result<Vec<u8>> {
+        let mut child = Command::new(KECHO)
+            .args(["flow", "run", spec])
+            .env("KECHO_FLOW_DIR", d.path("ctl"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let data = data.to_vec();
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+        let out = child.wait_with_output()?;
+        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        if !out.status.success() {
+            bail!("{spec}: {}", text(&out.stderr));
+        }
+        assert!(text(&out.stderr).contains("done: "), "{}", text(&out.stderr));
+        Ok(out.stdout)
+    };
+    assert!(pipe_through("- ! -", &input)? == input);
+    let z = pipe_through("- ! compress zstd ! -", &input)?;
+    assert!(z.len() < input.len() / 2, "compressed {} of {}", z.len(), input.len());
+    assert!(pipe_through("- ! decompress zstd ! checksum ! -", &z)? == input);
+    Ok(())
+}

@@ -84,8 +84,14 @@ impl Conn {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
             Conn::ChildIn(mut c, i) => {
+                // The end of input for the child; its exit status says whether it took the data.
                 drop(i);
-                c.wait().map(|_| ())
+                let status = c.wait()?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!("the sink process exited with {status}")))
+                }
             }
             Conn::ChildOut(mut c, o) => {
                 drop(o);

@@ -465,3 +465,76 @@ fn kecho_channel_in_and_out() {
     assert_eq!(seen, vec!["notify".to_owned(), "terminated".to_owned()]);
     drop(node);
 }
+
+/// Unix stream sockets both ways: a listening source (zero-copy splice into a file) and a connecting sink behind a
+/// transform (the copying path), with the bytes checked end to end.
+#[test]
+fn unix_socket_endpoints_listen_and_connect() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let d = Dir::new("unix");
+    let input = data(3 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+
+    // unix-listen source -> file: splice, no user-space copy.
+    let sock = d.path("src.sock");
+    let f = Flow::from_spec(&parse(&format!("unix-listen:{sock} ! file:{}", d.path("out"))).unwrap()).start().unwrap();
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.write_all(&input).unwrap();
+    drop(c);
+    let s = f.wait().unwrap();
+    assert_eq!(s.path, "zero-copy (splice)");
+    assert_eq!(s.user_copied, 0);
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert!(!std::path::Path::new(&sock).exists(), "the listening socket's file is removed");
+
+    // file -> checksum -> unix sink (connect): the copying path.
+    let sink = d.path("sink.sock");
+    let l = UnixListener::bind(&sink).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
+    });
+    let s = run(&format!("file:{} ! checksum ! unix:{sink}", d.path("in"))).unwrap();
+    assert_eq!(s.path, "copy");
+    assert_eq!(reader.join().unwrap(), input);
+    assert!(s.results[0].contains(&format!("{:08x}", crc32fast::hash(&input))), "{:?}", s.results);
+
+    // A unix sink nobody listens on is a connection fault: the ladder retries, then terminates.
+    let err = run(&format!("file:{} ! unix:{} retries=1", d.path("in"), d.path("nobody.sock"))).unwrap_err();
+    assert!(matches!(err, FlowError::Terminated { .. } | FlowError::Io { .. }), "{err}");
+}
+
+/// A process's stdout as a source and a process's stdin as a sink (`sh -c`), untransformed and transformed; a
+/// sink process that exits early fails the flow instead of hanging it.
+#[test]
+fn exec_endpoints_read_stdout_and_write_stdin() {
+    let d = Dir::new("exec");
+    let input = data(2 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+
+    // exec source (a pipe) -> file: splice.
+    let s = run(&format!("exec:'cat {}' ! file:{}", d.path("in"), d.path("a"))).unwrap();
+    assert_eq!(s.path, "zero-copy (splice)");
+    assert_eq!(std::fs::read(d.path("a")).unwrap(), input);
+
+    // file -> exec sink: sendfile into the child's stdin; the flow waits for the child to finish.
+    let s = run(&format!("file:{} ! exec:'cat > {}'", d.path("in"), d.path("b"))).unwrap();
+    assert_eq!(s.path, "zero-copy (sendfile)");
+    assert_eq!(std::fs::read(d.path("b")).unwrap(), input);
+
+    // exec -> compress -> exec, and back through decompress: what the child gets is what the other child wrote.
+    run(&format!("exec:'cat {}' ! compress zstd ! exec:'cat > {}'", d.path("in"), d.path("z"))).unwrap();
+    run(&format!("file:{} ! decompress zstd ! file:{}", d.path("z"), d.path("c"))).unwrap();
+    assert_eq!(std::fs::read(d.path("c")).unwrap(), input);
+
+    // A sink process that exits at once: the flow ends with an error (a broken pipe), it does not hang.
+    let t = Instant::now();
+    let err = run(&format!("file:{} ! checksum ! exec:'exit 3'", d.path("in"))).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(err.to_string().contains("pipe") || matches!(err, FlowError::Terminated { .. }), "{err}");
+
+    // A sink process that reads everything but fails: its exit status fails the flow.
+    let err = run(&format!("file:{} ! exec:'cat > /dev/null; exit 4'", d.path("in"))).unwrap_err();
+    assert!(err.to_string().contains("exit status: 4"), "{err}");
+}
