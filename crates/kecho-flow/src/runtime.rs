@@ -810,10 +810,58 @@ impl std::io::Read for ConnRead<'_> {
     }
 }
 
-/// Where processed chunks go: one sink inline, or one queue and thread per sink.
+/// Where processed chunks go: one sink inline, one sink behind a short queue on its own thread, or one queue and
+/// thread per sink.
 enum Delivery {
     One(Box<SinkRt>),
+    Behind(Behind),
     Fan(Vec<Fan>),
+}
+
+/// Chunks a single sink's thread may hold: enough that writing one chunk overlaps reading and transforming the
+/// next, few enough that the buffers stay warm in the cache.
+const BEHIND_QUEUE: usize = 4;
+
+/// A single sink written on its own thread: the flow thread reads and transforms the next chunks while this one
+/// writes (the paper's devices with command queues: the stages work at once, not in turn). The queue blocks when
+/// full: with one sink there is nothing else its pace could hold up.
+struct Behind {
+    tx: Option<crossbeam_channel::Sender<Chunk>>,
+    thread: Option<JoinHandle<Result<(), FlowError>>>,
+}
+
+impl Drop for Behind {
+    /// However the flow ends (an error in a stage included), what was handed to the sink is written before the flow
+    /// reports its end, as when the sink was written inline.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+impl Behind {
+    fn start(sh: &Arc<Shared>, mut s: SinkRt) -> Result<Self, FlowError> {
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(BEHIND_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name(format!("kecho-flow-{}-sink", sh.id))
+            .spawn(move || {
+                for c in rx {
+                    s.write(&c)?;
+                }
+                s.close()
+            })
+            .map_err(|e| io_err("spawn the sink thread", e))?;
+        Ok(Behind { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// The sink thread's result once it ended (its queue closed or it failed).
+    fn join(&mut self) -> Result<(), FlowError> {
+        drop(self.tx.take());
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(FlowError::Transform("the sink thread panicked".into())),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Fan {
@@ -827,7 +875,13 @@ struct Fan {
 impl Delivery {
     fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize) -> Result<Self, FlowError> {
         if sinks.len() == 1 {
-            return Ok(Delivery::One(Box::new(sinks.remove(0))));
+            let s = sinks.remove(0);
+            // A kernel object is written on its own thread (overlapping the flow thread's reads and transforms); a
+            // kecho channel's submit is cheap and stays inline.
+            return Ok(match s.io {
+                Some(SinkIo::Channel(..)) => Delivery::One(Box::new(s)),
+                _ => Delivery::Behind(Behind::start(sh, s)?),
+            });
         }
         let mut fans = Vec::new();
         for mut s in sinks {
@@ -851,6 +905,15 @@ impl Delivery {
     fn deliver(&mut self, sh: &Shared, chunk: Chunk) -> Result<(), FlowError> {
         match self {
             Delivery::One(s) => s.write(&chunk),
+            Delivery::Behind(b) => {
+                let sent = b.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+                if sent {
+                    return Ok(());
+                }
+                // The sink thread ended early: its error is the flow's.
+                b.join()?;
+                Err(FlowError::Terminated { endpoint: "sink".into(), reason: "the sink stopped taking data".into() })
+            }
             Delivery::Fan(fans) => {
                 let len = chunk.len();
                 let c = Arc::new(chunk);
@@ -895,6 +958,7 @@ impl Delivery {
     fn close(self, sh: &Shared) -> Result<(), FlowError> {
         match self {
             Delivery::One(s) => s.close(),
+            Delivery::Behind(mut b) => b.join(),
             Delivery::Fan(fans) => {
                 let mut ok = false;
                 let mut first = None;
