@@ -343,7 +343,8 @@ pub enum Moved {
     Unsupported(io::Error),
 }
 
-fn unsupported(e: Errno) -> bool {
+/// True for the errors with which the kernel refuses a zero-copy call for these objects (the ladder's rung 4).
+pub(crate) fn unsupported(e: Errno) -> bool {
     matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP | Errno::XDEV | Errno::BADF)
 }
 

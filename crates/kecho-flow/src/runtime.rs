@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rustix::io::Errno;
 
 use crate::endpoint::{self, Conn, Listener, Method, Moved};
 use crate::ladder::{Action, Decision, FaultKind, Ladder};
@@ -540,6 +541,13 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         sh.interrupt_on_stop(c);
     }
     let t = ctx.stages.len();
+    // A file sent untransformed to one sink goes by sendfile, which can resume a dropped connection at any offset
+    // the peer names: its sink takes the peer's offset rather than replaying from user memory.
+    let zc_file = t == 0
+        && ctx.sinks.len() == 1
+        && !ctx.source.force_copy
+        && !ctx.sinks[0].force_copy
+        && matches!(&src, SourceIo::Fd(c) if c.is_file());
     let mut sinks = Vec::new();
     for (j, spec) in ctx.sinks.iter().enumerate() {
         let io = match &spec.endpoint {
@@ -552,6 +560,7 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             _ => None,
         };
         let mut s = SinkRt::new(sh.clone(), spec.clone(), 1 + t + j, io);
+        s.zero_copy = zc_file;
         if s.io.is_none() {
             s.connect_or_recover()?;
         }
@@ -564,15 +573,33 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             *sh.path.lock() = method.name().into();
             let mut pace = |n| sh.pace(n);
             let step = ctx.chunk.max(1 << 20);
-            match endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
-                |e| io_err(format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint), e),
-            )? {
+            let moved = if method == Method::Sendfile {
+                sendfile_with_ladder(sh, s, &mut sinks[0], step)?
+            } else {
+                endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
+                    |e| {
+                        io_err(
+                            format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint),
+                            e,
+                        )
+                    },
+                )?
+            };
+            match moved {
                 Moved::Done => {
                     let s0 = sinks.remove(0);
                     return s0.close();
                 }
                 Moved::Stopped => return Err(FlowError::Stopped),
                 Moved::Unsupported(e) => {
+                    // The copying path starts where the peer stands (a resumed peer may hold a prefix already).
+                    let at = sinks[0].peer_has.take().unwrap_or(0);
+                    sinks[0].zero_copy = false;
+                    if at > 0 {
+                        rustix::fs::seek(s.fd(), rustix::fs::SeekFrom::Start(at))
+                            .map_err(|e| io_err("seek the source to the peer's offset", e.into()))?;
+                        sinks[0].written = at;
+                    }
                     sh.event(
                         4,
                         "fallback",
@@ -588,6 +615,71 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         *sh.path.lock() = "copy".into();
     }
     pipeline(sh, src, ctx.specs, ctx.stages, sinks, ctx.chunk)
+}
+
+/// The zero-copy move of a file to one sink by `sendfile`, with the sink's exception ladder: a dropped connection
+/// is re-established (retries, alternates, the application's decision) and, with `resume`, the file is sent again
+/// from the offset the new connection's peer names, since a file can be read at any offset without keeping a byte.
+/// A peer that already holds a prefix when the flow starts (a restarted transfer) gets only the rest.
+fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: usize) -> Result<Moved, FlowError> {
+    let mut off = sink.peer_has.take().unwrap_or(0);
+    if off > 0 {
+        sh.event(1, "resumed", &sink.current.to_string(), format!("at byte {off}, 0 bytes sent again"));
+    }
+    let mut total = 0u64;
+    loop {
+        if sh.stopped() {
+            return Ok(Moved::Stopped);
+        }
+        sh.pace(step);
+        let r = match &sink.io {
+            Some(SinkIo::Fd(d)) => {
+                let t = Instant::now();
+                sh.stats[0].syscall();
+                let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
+                sh.stats[0].busy(t.elapsed());
+                r
+            }
+            _ => {
+                sink.connect_or_recover()?;
+                off = sink.peer_has.take().unwrap_or(off);
+                continue;
+            }
+        };
+        let e = match r {
+            Ok(0) if sh.stopped() => return Ok(Moved::Stopped),
+            Ok(0) => return Ok(Moved::Done),
+            Ok(n) => {
+                total += n as u64;
+                sh.stats[0].moved(n, n);
+                sink.stat().moved(n, n);
+                sink.written += n as u64;
+                sink.ladder.succeeded();
+                continue;
+            }
+            Err(Errno::INTR | Errno::AGAIN) => continue,
+            Err(e) if total == 0 && endpoint::unsupported(e) => return Ok(Moved::Unsupported(e.into())),
+            Err(e) => io::Error::from(e),
+        };
+        if sh.stopped() {
+            return Ok(Moved::Stopped);
+        }
+        if !connection_fault(&e) {
+            return Err(io_err(format!("sendfile to {}", sink.current), e));
+        }
+        sink.io = None;
+        sink.recover(e)?;
+        if sink.spec.resume {
+            let has = sink.peer_has.take().unwrap_or(0);
+            if has > off {
+                let reason = format!("cannot resume: the peer holds {has} bytes, {off} were sent");
+                sh.event(5, "terminated", &sink.current.to_string(), reason.clone());
+                return Err(FlowError::Terminated { endpoint: sink.current.to_string(), reason });
+            }
+            sh.event(1, "resumed", &sink.current.to_string(), format!("at byte {has}, {} bytes sent again", off - has));
+            off = has;
+        }
+    }
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -608,6 +700,11 @@ struct SinkRt {
     stat: usize,
     written: u64,
     replay: std::collections::VecDeque<u8>,
+    /// The zero-copy path feeds this sink from a file: a resuming peer's offset is kept in `peer_has` for it
+    /// rather than answered from `replay`.
+    zero_copy: bool,
+    /// The offset the last connection's peer reported (zero-copy resume).
+    peer_has: Option<u64>,
 }
 
 fn connection_fault(e: &io::Error) -> bool {
@@ -621,7 +718,18 @@ fn connection_fault(e: &io::Error) -> bool {
 impl SinkRt {
     fn new(sh: Arc<Shared>, spec: EndpointSpec, stat: usize, io: Option<SinkIo>) -> Self {
         let ladder = Ladder::new(spec.retries, spec.alternates.len());
-        SinkRt { sh, current: spec.endpoint.clone(), spec, io, ladder, stat, written: 0, replay: Default::default() }
+        SinkRt {
+            sh,
+            current: spec.endpoint.clone(),
+            spec,
+            io,
+            ladder,
+            stat,
+            written: 0,
+            replay: Default::default(),
+            zero_copy: false,
+            peer_has: None,
+        }
     }
 
     fn stat(&self) -> &StageStat {
@@ -635,6 +743,12 @@ impl SinkRt {
             let mut b = [0u8; 8];
             std::io::Read::read_exact(&mut ConnRead(&c), &mut b)?;
             let has = u64::from_be_bytes(b);
+            if self.zero_copy {
+                self.peer_has = Some(has);
+                self.sh.interrupt_on_stop(&c);
+                self.io = Some(SinkIo::Fd(c));
+                return Ok(());
+            }
             let kept = self.replay.len() as u64;
             if has > self.written || self.written - has > kept {
                 return Err(io::Error::other(format!(

@@ -538,3 +538,56 @@ fn exec_endpoints_read_stdout_and_write_stdin() {
     let err = run(&format!("file:{} ! exec:'cat > /dev/null; exit 4'", d.path("in"))).unwrap_err();
     assert!(err.to_string().contains("exit status: 4"), "{err}");
 }
+
+/// The zero-copy path resumes too: a file sent by `sendfile` to a peer that drops the connection after 1 MB is
+/// sent again from the offset the peer names on the new connection, without a byte entering user space; and a peer
+/// that already holds a prefix when the flow starts (a restarted transfer) gets only the rest.
+#[test]
+fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
+    let d = Dir::new("zcresume");
+    let input = data(4 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&0u64.to_be_bytes()).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).unwrap();
+        got.extend_from_slice(&buf);
+        drop(s);
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(got.len() as u64).to_be_bytes()).unwrap();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume retries=5", d.path("in"))).unwrap())
+        .start()
+        .unwrap();
+    let s = f.wait().unwrap();
+    let got = peer.join().unwrap();
+    assert_eq!(s.path, "zero-copy (sendfile)");
+    assert_eq!(s.user_copied, 0, "{s:?}");
+    assert_eq!(got.len(), input.len());
+    assert!(got == input, "the bytes lost with the first connection were sent again, none twice");
+
+    // A peer holding the first 1.5 MB from an earlier transfer.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let prefix = 3 << 19;
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(prefix as u64).to_be_bytes()).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        rest
+    });
+    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume", d.path("in"))).unwrap())
+        .start()
+        .unwrap();
+    let s = f.wait().unwrap();
+    assert!(peer.join().unwrap() == input[prefix..]);
+    assert_eq!(s.bytes_out, (input.len() - prefix) as u64);
+    assert_eq!(s.user_copied, 0);
+}
