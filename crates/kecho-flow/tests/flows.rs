@@ -241,21 +241,66 @@ fn a_slow_sink_is_detached_and_the_others_go_on() {
     let d = Dir::new("fanout");
     let input = data(8 << 20);
     std::fs::write(d.path("in"), &input).unwrap();
-    // A peer that accepts and never reads: its socket buffers fill, then its queue.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let hold = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        std::thread::sleep(Duration::from_secs(3));
-        drop(s);
+    // Both fan-outs: zero-copy (tee into one pipe per sink) and, with `copy`, the copying one (a queue per sink).
+    for (copy, path) in [("", "zero-copy (splice + tee)"), (" copy", "copy")] {
+        // A peer that accepts and never reads: its socket buffers fill, then its queue.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let hold = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let spec = format!(
+            "file:{}{copy} chunk=64K ! tcp-connect:{addr} queue=256K full=detach file:{}",
+            d.path("in"),
+            d.path("out")
+        );
+        let s = run(&spec).unwrap();
+        assert_eq!(s.path, path);
+        assert!(std::fs::read(d.path("out")).unwrap() == input, "{path}");
+        assert!(s.stages[1].detached, "{s:#?}");
+        assert!(!s.stages[2].detached);
+        hold.join().unwrap();
+    }
+}
+
+/// Untransformed fan-out to several kernel objects keeps the bytes in the kernel: `tee` duplicates the pipe's pages
+/// for each sink, and every sink gets the whole stream.
+#[test]
+fn tee_fans_out_without_a_user_space_copy() {
+    use std::os::unix::net::UnixListener;
+    let d = Dir::new("tee");
+    let input = data(6 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let sock = d.path("u.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
     });
-    let spec =
-        format!("file:{} chunk=64K ! tcp-connect:{addr} queue=256K full=detach file:{}", d.path("in"), d.path("out"));
+    let spec = format!("file:{} ! file:{} unix:{sock} exec:'cat > {}'", d.path("in"), d.path("a"), d.path("c"));
     let s = run(&spec).unwrap();
-    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
-    assert!(s.stages[1].detached, "{s:#?}");
-    assert!(!s.stages[2].detached);
-    hold.join().unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert_eq!(s.user_copied, 0, "{s:#?}");
+    assert!(std::fs::read(d.path("a")).unwrap() == input);
+    assert!(reader.join().unwrap() == input);
+    assert!(std::fs::read(d.path("c")).unwrap() == input);
+    for st in &s.stages[1..] {
+        assert_eq!(st.bytes_out, input.len() as u64, "{}", st.name);
+        assert!(!st.detached, "{}", st.name);
+    }
+    // A sink that refuses splice (a file opened for appending) is copied to, alone (rung 4); the others are not.
+    std::fs::write(d.path("app"), b"head:").unwrap();
+    let s = run(&format!("file:{} ! file:{} append file:{}", d.path("in"), d.path("app"), d.path("b"))).unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert_eq!(s.stages[1].copied, input.len() as u64);
+    assert_eq!(s.stages[2].copied, 0);
+    let mut want = b"head:".to_vec();
+    want.extend_from_slice(&input);
+    assert!(std::fs::read(d.path("app")).unwrap() == want);
+    assert!(std::fs::read(d.path("b")).unwrap() == input);
 }
 
 fn closed_port() -> std::net::SocketAddr {
