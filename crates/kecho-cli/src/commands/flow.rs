@@ -170,12 +170,13 @@ async fn run_flow(a: RunArgs) -> Result<()> {
         _node = Some(n);
     }
     let flow = b.start().map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(addr) = flow.local_addr() {
-        eprintln!("kecho: flow {} listening on {addr}", flow.id());
-    }
     let mut registry = crate::observe::prometheus_client_registry::Registry::default();
     registry.register_collector(Box::new(FlowCollector(flow.watcher())));
     let _metrics = a.metrics.serve(registry).await?;
+    // Announced once what it serves (its listener and its metrics) accepts connections.
+    if let Some(addr) = flow.local_addr() {
+        eprintln!("kecho: flow {} listening on {addr}", flow.id());
+    }
     let dir = a.dir.unwrap_or_else(control::default_dir);
     let ctl = Control::serve(&dir, flow.watcher()).with_context(|| format!("control socket in {}", dir.display()))?;
     let w = flow.watcher();
