@@ -835,9 +835,9 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
                         match o.full {
                             FullPolicy::Block => {}
                             FullPolicy::Drop => {
+                                // Still full since then: the next bytes are dropped at once, until a tee succeeds.
                                 st.dropped(n);
                                 o.pos = n;
-                                o.full_since = None;
                                 progress = true;
                             }
                             FullPolicy::Detach => {
@@ -1124,11 +1124,20 @@ impl SinkRt {
         use rustix::pipe::{splice, SpliceFlags};
         let mut copying = false;
         let mut buf = Vec::new();
+        let mut nonblocking = false;
         loop {
             let Some(SinkIo::Fd(c)) = &self.io else {
                 self.connect_or_recover()?;
+                nonblocking = false;
                 continue;
             };
+            // A splice into a full socket or pipe sleeps holding the pipe's lock, and the flow thread's `tee` into
+            // this pipe would wait for that lock however it is flagged: the sink is made non-blocking and waited
+            // for with poll instead, so a full sink never holds up the flow thread.
+            if !nonblocking && !c.is_file() {
+                let _ = rustix::io::ioctl_fionbio(c.fd(), true);
+                nonblocking = true;
+            }
             let st = &self.sh.stats[self.stat];
             let t = Instant::now();
             let r = if copying {
@@ -1153,6 +1162,15 @@ impl SinkRt {
                     self.ladder.succeeded();
                 }
                 Err((_, e)) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
+                Err((_, e)) if e.raw_os_error() == Some(Errno::AGAIN.raw_os_error()) => {
+                    if self.sh.stopped() {
+                        return Err(FlowError::Stopped);
+                    }
+                    let fd = c.fd();
+                    let mut p = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
+                    let t = rustix::time::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+                    let _ = rustix::event::poll(&mut p, Some(&t));
+                }
                 Err((_, e))
                     if !copying
                         && self.written == 0

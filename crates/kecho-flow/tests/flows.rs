@@ -636,3 +636,43 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
     assert_eq!(s.bytes_out, (input.len() - prefix) as u64);
     assert_eq!(s.user_copied, 0);
 }
+
+/// `full=drop` on the zero-copy fan-out: the slow sink's bytes are skipped (and counted) while it holds the others
+/// up, instead of cutting it off; the other sink gets everything.
+#[test]
+fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
+    let d = Dir::new("teedrop");
+    let input = data(24 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // Never reads until the flow is over, then takes what was queued for it.
+        let _ = rx.recv();
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v);
+        v.len()
+    });
+    let f = Flow::from_spec(
+        &parse(&format!("file:{} ! tcp-connect:{addr} queue=64K full=drop file:{}", d.path("in"), d.path("out")))
+            .unwrap(),
+    )
+    .start()
+    .unwrap();
+    // The file sink finishes while the TCP sink's bytes are dropped; then the peer drains what it was given.
+    let t = Instant::now();
+    while std::fs::metadata(d.path("out")).map(|m| m.len()).unwrap_or(0) < input.len() as u64 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the file sink was held up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tx.send(()).unwrap();
+    let s = f.wait().unwrap();
+    let got = hold.join().unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    assert!(s.stages[1].dropped > 0, "{s:#?}");
+    assert!(!s.stages[1].detached);
+    assert_eq!(got as u64 + s.stages[1].dropped, input.len() as u64, "every byte is either sent or counted as dropped");
+}
