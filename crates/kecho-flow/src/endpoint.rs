@@ -78,14 +78,40 @@ impl Conn {
         }
     }
 
+    /// Ends a connection whose peer speaks the resume protocol: half-closes it and waits for the peer to close its
+    /// side, which it does once it has read everything. A reset instead means the peer lost the end of the
+    /// stream: the error is a connection fault, and the caller resumes.
+    pub fn close_confirmed(&self) -> io::Result<()> {
+        let (sock, fd) = match self {
+            Conn::Tcp(s) => (s.shutdown(std::net::Shutdown::Write), s.as_fd()),
+            Conn::Unix(s) => (s.shutdown(std::net::Shutdown::Write), s.as_fd()),
+            _ => return Ok(()),
+        };
+        sock?;
+        let mut b = [0u8; 512];
+        loop {
+            match rustix::io::read(fd, &mut b) {
+                Ok(0) => return Ok(()),
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Ends the object cleanly after the last write (sockets: half-close; children: close stdin and wait).
     pub fn close(self) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write).or_else(ignore_not_connected),
             Conn::ChildIn(mut c, i) => {
+                // The end of input for the child; its exit status says whether it took the data.
                 drop(i);
-                c.wait().map(|_| ())
+                let status = c.wait()?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!("the sink process exited with {status}")))
+                }
             }
             Conn::ChildOut(mut c, o) => {
                 drop(o);
@@ -337,7 +363,8 @@ pub enum Moved {
     Unsupported(io::Error),
 }
 
-fn unsupported(e: Errno) -> bool {
+/// True for the errors with which the kernel refuses a zero-copy call for these objects (the ladder's rung 4).
+pub(crate) fn unsupported(e: Errno) -> bool {
     matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP | Errno::XDEV | Errno::BADF)
 }
 

@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rustix::io::Errno;
 
 use crate::endpoint::{self, Conn, Listener, Method, Moved};
 use crate::ladder::{Action, Decision, FaultKind, Ladder};
@@ -402,7 +404,7 @@ impl Shared {
             priority: self.priority.load(Ordering::Relaxed),
             rate: *self.own_rate.lock(),
             effective_rate: self.bucket.lock().as_ref().map(TokenBucket::rate),
-            bound: sched::bottleneck(&loads).map(|i| stages[i].name.clone()),
+            bound: sched::bound(&loads, wall).map(|i| stages[i].name.clone()),
             stages,
             results: self.results.lock().clone(),
         }
@@ -540,6 +542,13 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         sh.interrupt_on_stop(c);
     }
     let t = ctx.stages.len();
+    // A file sent untransformed to one sink goes by sendfile, which can resume a dropped connection at any offset
+    // the peer names: its sink takes the peer's offset rather than replaying from user memory.
+    let zc_file = t == 0
+        && ctx.sinks.len() == 1
+        && !ctx.source.force_copy
+        && !ctx.sinks[0].force_copy
+        && matches!(&src, SourceIo::Fd(c) if c.is_file());
     let mut sinks = Vec::new();
     for (j, spec) in ctx.sinks.iter().enumerate() {
         let io = match &spec.endpoint {
@@ -552,6 +561,7 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             _ => None,
         };
         let mut s = SinkRt::new(sh.clone(), spec.clone(), 1 + t + j, io);
+        s.zero_copy = zc_file;
         if s.io.is_none() {
             s.connect_or_recover()?;
         }
@@ -564,15 +574,33 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             *sh.path.lock() = method.name().into();
             let mut pace = |n| sh.pace(n);
             let step = ctx.chunk.max(1 << 20);
-            match endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
-                |e| io_err(format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint), e),
-            )? {
+            let moved = if method == Method::Sendfile {
+                sendfile_with_ladder(sh, s, &mut sinks[0], step)?
+            } else {
+                endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
+                    |e| {
+                        io_err(
+                            format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint),
+                            e,
+                        )
+                    },
+                )?
+            };
+            match moved {
                 Moved::Done => {
                     let s0 = sinks.remove(0);
                     return s0.close();
                 }
                 Moved::Stopped => return Err(FlowError::Stopped),
                 Moved::Unsupported(e) => {
+                    // The copying path starts where the peer stands (a resumed peer may hold a prefix already).
+                    let at = sinks[0].peer_has.take().unwrap_or(0);
+                    sinks[0].zero_copy = false;
+                    if at > 0 {
+                        rustix::fs::seek(s.fd(), rustix::fs::SeekFrom::Start(at))
+                            .map_err(|e| io_err("seek the source to the peer's offset", e.into()))?;
+                        sinks[0].written = at;
+                    }
                     sh.event(
                         4,
                         "fallback",
@@ -584,10 +612,283 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             }
         }
     }
+    // Zero-copy fan-out: no transform, several sinks, all kernel objects, none resuming (resume keeps the bytes).
+    let tee_ok = t == 0
+        && sinks.len() > 1
+        && !ctx.source.force_copy
+        && matches!(src, SourceIo::Fd(_))
+        && sinks.iter().all(|s| !s.spec.force_copy && !s.spec.resume && matches!(s.io, Some(SinkIo::Fd(_))));
+    if tee_ok {
+        if let SourceIo::Fd(s) = &src {
+            *sh.path.lock() = "zero-copy (splice + tee)".into();
+            return tee_fan_out(sh, s, sinks, ctx.chunk.max(1 << 20));
+        }
+    }
     if sh.path.lock().as_str() == "starting" {
         *sh.path.lock() = "copy".into();
     }
     pipeline(sh, src, ctx.specs, ctx.stages, sinks, ctx.chunk)
+}
+
+/// The zero-copy move of a file to one sink by `sendfile`, with the sink's exception ladder: a dropped connection
+/// is re-established (retries, alternates, the application's decision) and, with `resume`, the file is sent again
+/// from the offset the new connection's peer names, since a file can be read at any offset without keeping a byte.
+/// A peer that already holds a prefix when the flow starts (a restarted transfer) gets only the rest.
+fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: usize) -> Result<Moved, FlowError> {
+    let mut off = sink.peer_has.take().unwrap_or(0);
+    if off > 0 {
+        sh.event(1, "resumed", &sink.current.to_string(), format!("at byte {off}, 0 bytes sent again"));
+    }
+    let mut total = 0u64;
+    loop {
+        if sh.stopped() {
+            return Ok(Moved::Stopped);
+        }
+        sh.pace(step);
+        let r = match &sink.io {
+            Some(SinkIo::Fd(d)) => {
+                let t = Instant::now();
+                sh.stats[0].syscall();
+                let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
+                sh.stats[0].busy(t.elapsed());
+                r
+            }
+            _ => {
+                sink.connect_or_recover()?;
+                off = sink.peer_has.take().unwrap_or(off);
+                continue;
+            }
+        };
+        let e = match r {
+            Ok(0) if sh.stopped() => return Ok(Moved::Stopped),
+            Ok(0) if !sink.spec.resume => return Ok(Moved::Done),
+            // A resuming peer confirms the end by closing its side; a reset means it lost the tail: resume.
+            Ok(0) => match &sink.io {
+                Some(SinkIo::Fd(d)) => match d.close_confirmed() {
+                    Ok(()) => return Ok(Moved::Done),
+                    Err(e) => e,
+                },
+                _ => return Ok(Moved::Done),
+            },
+            Ok(n) => {
+                total += n as u64;
+                sh.stats[0].moved(n, n);
+                sink.stat().moved(n, n);
+                sink.written += n as u64;
+                sink.ladder.succeeded();
+                continue;
+            }
+            Err(Errno::INTR | Errno::AGAIN) => continue,
+            Err(e) if total == 0 && endpoint::unsupported(e) => return Ok(Moved::Unsupported(e.into())),
+            Err(e) => io::Error::from(e),
+        };
+        if sh.stopped() {
+            return Ok(Moved::Stopped);
+        }
+        if !connection_fault(&e) {
+            return Err(io_err(format!("sendfile to {}", sink.current), e));
+        }
+        sink.io = None;
+        sink.recover(e)?;
+        if sink.spec.resume {
+            let has = sink.peer_has.take().unwrap_or(0);
+            if has > off {
+                let reason = format!("cannot resume: the peer holds {has} bytes, {off} were sent");
+                sh.event(5, "terminated", &sink.current.to_string(), reason.clone());
+                return Err(FlowError::Terminated { endpoint: sink.current.to_string(), reason });
+            }
+            sh.event(1, "resumed", &sink.current.to_string(), format!("at byte {has}, {} bytes sent again", off - has));
+            off = has;
+        }
+    }
+}
+
+/// Pipe size of each sink in a zero-copy fan-out (at most: its `queue=`); 1 MiB is the limit an unprivileged
+/// process may set by default (`/proc/sys/fs/pipe-max-size`).
+const TEE_PIPE: usize = 1 << 20;
+
+/// How long a fan-out sink's pipe may stay full while another sink waits for it before its `full=` policy applies.
+const TEE_GRACE: Duration = Duration::from_millis(500);
+
+/// One sink of a zero-copy fan-out: its pipe's write end (the flow thread `tee`s into it) and its thread, which
+/// `splice`s from the pipe's read end into the sink.
+struct TeeSink {
+    w: Option<rustix::fd::OwnedFd>,
+    stat: usize,
+    name: String,
+    full: FullPolicy,
+    /// Bytes of the flow's pipe this sink already has (the pipe is consumed once every live sink has them).
+    pos: usize,
+    /// Since when its pipe has been full.
+    full_since: Option<Instant>,
+    thread: Option<JoinHandle<Result<(), FlowError>>>,
+}
+
+/// Zero-copy fan-out: the source is spliced into a pipe, `tee` duplicates the pipe's pages (references, no copy)
+/// into one pipe per sink, and each sink's thread splices from its pipe into the sink. A sink's pipe is its queue:
+/// when it stays full for [`TEE_GRACE`] while another sink waits for it, the sink's policy decides (`detach`: cut
+/// off; `drop`: skip these bytes for it, counted; `block`: wait for it), so one slow sink holds up the source and
+/// the others for half a second at most unless asked to. When every sink is full the flow waits: it is bound by
+/// its sinks, and none is slower than the others.
+fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) -> Result<(), FlowError> {
+    use rustix::pipe::{splice, tee, SpliceFlags};
+    let pipe = |size: usize| -> Result<(rustix::fd::OwnedFd, rustix::fd::OwnedFd), FlowError> {
+        let (r, w) = rustix::pipe::pipe().map_err(|e| io_err("create a pipe", e.into()))?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, size);
+        Ok((r, w))
+    };
+    let (mr, mw) = pipe(step.min(TEE_PIPE))?;
+    let cap = rustix::pipe::fcntl_getpipe_size(&mw).map_err(|e| io_err("pipe size", e.into()))?;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| io_err("open /dev/null", e))?;
+    let mut outs = Vec::new();
+    for mut s in sinks {
+        let (r, w) = pipe(s.spec.queue.clamp(64 << 10, TEE_PIPE))?;
+        let (stat, name, full) = (s.stat, s.current.to_string(), s.spec.full);
+        let thread = std::thread::Builder::new()
+            .name(format!("kecho-flow-{}-sink{stat}", sh.id))
+            .spawn(move || {
+                s.splice_from(&r)?;
+                s.close()
+            })
+            .map_err(|e| io_err("spawn a sink thread", e))?;
+        outs.push(TeeSink { w: Some(w), stat, name, full, pos: 0, full_since: None, thread: Some(thread) });
+    }
+    let cut = |t: &mut TeeSink, why: String| {
+        drop(t.w.take());
+        sh.stats[t.stat].detach();
+        sh.event(3, "detached", &t.name, why);
+    };
+    let result: Result<(), FlowError> = (|| loop {
+        if sh.stopped() {
+            return Err(FlowError::Stopped);
+        }
+        sh.pace(cap);
+        let t = Instant::now();
+        sh.stats[0].syscall();
+        let r = splice(src.fd(), None, &mw, None, cap, SpliceFlags::MOVE | SpliceFlags::MORE);
+        sh.stats[0].busy(t.elapsed());
+        let mut n = match r {
+            Ok(0) if sh.stopped() => return Err(FlowError::Stopped),
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(Errno::INTR | Errno::AGAIN) => continue,
+            Err(_) if sh.stopped() => return Err(FlowError::Stopped),
+            Err(e) => return Err(io_err("splice from the source", e.into())),
+        };
+        sh.stats[0].moved(n, n);
+        for o in outs.iter_mut() {
+            o.pos = 0;
+        }
+        // `tee` always starts at the front of the flow's pipe: only the sinks that have least of it can take more;
+        // what every live sink has is then dropped from the front.
+        while n > 0 {
+            let live: Vec<usize> = (0..outs.len()).filter(|&j| outs[j].w.is_some()).collect();
+            if live.is_empty() {
+                return Err(FlowError::Terminated {
+                    endpoint: "all sinks".into(),
+                    reason: "every sink failed or was detached".into(),
+                });
+            }
+            let least = live.iter().map(|&j| outs[j].pos).min().unwrap_or(n);
+            if least > 0 {
+                let mut left = least;
+                while left > 0 {
+                    match splice(&mr, None, &null, None, left, SpliceFlags::MOVE) {
+                        Ok(0) => return Err(io_err("drain the flow's pipe", io::ErrorKind::WriteZero.into())),
+                        Ok(m) => left -= m,
+                        Err(Errno::INTR) => {}
+                        Err(e) => return Err(io_err("drain the flow's pipe", e.into())),
+                    }
+                }
+                n -= least;
+                for &j in &live {
+                    outs[j].pos -= least;
+                }
+                continue;
+            }
+            let mut progress = false;
+            let held_up = live.iter().any(|&j| outs[j].pos > 0);
+            for &j in &live {
+                let o = &mut outs[j];
+                if o.pos > 0 {
+                    continue;
+                }
+                let Some(w) = &o.w else { continue };
+                let st = &sh.stats[o.stat];
+                let t = Instant::now();
+                st.syscall();
+                let r = tee(&mr, w, n, SpliceFlags::NONBLOCK);
+                st.busy(t.elapsed());
+                match r {
+                    Ok(m) if m > 0 => {
+                        o.pos = m;
+                        o.full_since = None;
+                        progress = true;
+                    }
+                    Ok(_) | Err(Errno::AGAIN) => {
+                        let since = *o.full_since.get_or_insert_with(Instant::now);
+                        // A full sink is slow only if another sink is waiting for it, and for a while: when all
+                        // sinks are full the flow is simply bound by its sinks and waits.
+                        if !held_up || since.elapsed() < TEE_GRACE {
+                            continue;
+                        }
+                        match o.full {
+                            FullPolicy::Block => {}
+                            FullPolicy::Drop => {
+                                // Still full since then: the next bytes are dropped at once, until a tee succeeds.
+                                st.dropped(n);
+                                o.pos = n;
+                                progress = true;
+                            }
+                            FullPolicy::Detach => {
+                                cut(o, format!("its pipe stayed full; the other sinks go on ({n} bytes not sent)"));
+                                progress = true;
+                            }
+                        }
+                    }
+                    Err(Errno::INTR) => progress = true,
+                    // The sink's thread ended (it failed): its pipe has no reader.
+                    Err(Errno::PIPE) => {
+                        drop(o.w.take());
+                        st.detach();
+                        progress = true;
+                    }
+                    Err(e) => return Err(io_err(format!("tee to {}", o.name), e.into())),
+                }
+            }
+            if !progress {
+                // Every sink that still needs these bytes blocks on a full pipe (policy `block`): wait for room.
+                let fds: Vec<_> =
+                    live.iter().filter(|&&j| outs[j].pos == 0).filter_map(|&j| outs[j].w.as_ref()).collect();
+                let mut p: Vec<_> =
+                    fds.iter().map(|w| rustix::event::PollFd::new(*w, rustix::event::PollFlags::OUT)).collect();
+                let t = rustix::time::Timespec { tv_sec: 0, tv_nsec: 20_000_000 };
+                let _ = rustix::event::poll(&mut p, Some(&t));
+                if sh.stopped() {
+                    return Err(FlowError::Stopped);
+                }
+            }
+        }
+    })();
+    let mut ok = false;
+    let mut first = None;
+    for mut o in outs {
+        drop(o.w.take());
+        match o.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(()))) => ok |= !sh.stats[o.stat].snapshot(Duration::ZERO).detached,
+            Some(Ok(Err(e))) => {
+                sh.stats[o.stat].detach();
+                sh.event(0, "sink failed", &o.name, e.to_string());
+                first.get_or_insert(e);
+            }
+            _ => {}
+        }
+    }
+    match (result, ok, first) {
+        (Err(e), _, _) => Err(e),
+        (Ok(()), false, Some(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -608,6 +909,11 @@ struct SinkRt {
     stat: usize,
     written: u64,
     replay: std::collections::VecDeque<u8>,
+    /// The zero-copy path feeds this sink from a file: a resuming peer's offset is kept in `peer_has` for it
+    /// rather than answered from `replay`.
+    zero_copy: bool,
+    /// The offset the last connection's peer reported (zero-copy resume).
+    peer_has: Option<u64>,
 }
 
 fn connection_fault(e: &io::Error) -> bool {
@@ -621,7 +927,18 @@ fn connection_fault(e: &io::Error) -> bool {
 impl SinkRt {
     fn new(sh: Arc<Shared>, spec: EndpointSpec, stat: usize, io: Option<SinkIo>) -> Self {
         let ladder = Ladder::new(spec.retries, spec.alternates.len());
-        SinkRt { sh, current: spec.endpoint.clone(), spec, io, ladder, stat, written: 0, replay: Default::default() }
+        SinkRt {
+            sh,
+            current: spec.endpoint.clone(),
+            spec,
+            io,
+            ladder,
+            stat,
+            written: 0,
+            replay: Default::default(),
+            zero_copy: false,
+            peer_has: None,
+        }
     }
 
     fn stat(&self) -> &StageStat {
@@ -635,6 +952,12 @@ impl SinkRt {
             let mut b = [0u8; 8];
             std::io::Read::read_exact(&mut ConnRead(&c), &mut b)?;
             let has = u64::from_be_bytes(b);
+            if self.zero_copy {
+                self.peer_has = Some(has);
+                self.sh.interrupt_on_stop(&c);
+                self.io = Some(SinkIo::Fd(c));
+                return Ok(());
+            }
             let kept = self.replay.len() as u64;
             if has > self.written || self.written - has > kept {
                 return Err(io::Error::other(format!(
@@ -794,10 +1117,98 @@ impl SinkRt {
         r
     }
 
-    fn close(self) -> Result<(), FlowError> {
-        match self.io {
-            Some(SinkIo::Fd(c)) => c.close().map_err(|e| io_err(format!("close {}", self.current), e)),
-            _ => Ok(()),
+    /// Moves everything from the pipe `r` into the sink with `splice` until the pipe's writer closes it; a
+    /// connection fault climbs the ladder (no resume: the bytes were never kept), and a sink that refuses splice
+    /// (e.g. a file opened for appending) is written by copying instead (rung 4, for this sink only).
+    fn splice_from(&mut self, r: &rustix::fd::OwnedFd) -> Result<(), FlowError> {
+        use rustix::pipe::{splice, SpliceFlags};
+        let mut copying = false;
+        let mut buf = Vec::new();
+        let mut nonblocking = false;
+        loop {
+            let Some(SinkIo::Fd(c)) = &self.io else {
+                self.connect_or_recover()?;
+                nonblocking = false;
+                continue;
+            };
+            // A splice into a full socket or pipe sleeps holding the pipe's lock, and the flow thread's `tee` into
+            // this pipe would wait for that lock however it is flagged: the sink is made non-blocking and waited
+            // for with poll instead, so a full sink never holds up the flow thread.
+            if !nonblocking && !c.is_file() {
+                let _ = rustix::io::ioctl_fionbio(c.fd(), true);
+                nonblocking = true;
+            }
+            let st = &self.sh.stats[self.stat];
+            let t = Instant::now();
+            let r = if copying {
+                buf.clear();
+                buf.reserve(TEE_PIPE);
+                endpoint::read_into(r.as_fd(), &mut buf, st).map_err(|e| (0, e)).and_then(|n| {
+                    st.copied(n);
+                    let all = 0..n;
+                    endpoint::write_ranges(c.fd(), &buf, std::slice::from_ref(&all), 0, st).map(|_| n)
+                })
+            } else {
+                st.syscall();
+                splice(r, None, c.fd(), None, TEE_PIPE, SpliceFlags::MOVE | SpliceFlags::MORE)
+                    .map_err(|e| (0, io::Error::from(e)))
+            };
+            st.busy(t.elapsed());
+            match r {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    st.moved(n, n);
+                    self.written += n as u64;
+                    self.ladder.succeeded();
+                }
+                Err((_, e)) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
+                Err((_, e)) if e.raw_os_error() == Some(Errno::AGAIN.raw_os_error()) => {
+                    if self.sh.stopped() {
+                        return Err(FlowError::Stopped);
+                    }
+                    let fd = c.fd();
+                    let mut p = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
+                    let t = rustix::time::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+                    let _ = rustix::event::poll(&mut p, Some(&t));
+                }
+                Err((_, e))
+                    if !copying
+                        && self.written == 0
+                        && e.raw_os_error().map(Errno::from_raw_os_error).is_some_and(endpoint::unsupported) =>
+                {
+                    self.sh.event(4, "fallback", &self.current.to_string(), format!("splice: {e}; copying instead"));
+                    copying = true;
+                }
+                Err((n, e)) => {
+                    st.moved(n, n);
+                    if self.sh.stopped() {
+                        return Err(FlowError::Stopped);
+                    }
+                    if !connection_fault(&e) {
+                        return Err(io_err(format!("write {}", self.current), e));
+                    }
+                    self.io = None;
+                    self.recover(e)?;
+                }
+            }
+        }
+    }
+
+    fn close(mut self) -> Result<(), FlowError> {
+        loop {
+            match self.io.take() {
+                Some(SinkIo::Fd(c)) if self.spec.resume && !self.zero_copy => match c.close_confirmed() {
+                    Ok(()) => return Ok(()),
+                    // The peer lost the end of the stream: reconnect, which replays from its offset, and confirm
+                    // again.
+                    Err(e) if connection_fault(&e) && !self.sh.stopped() => self.recover(e)?,
+                    Err(e) => return Err(io_err(format!("close {}", self.current), e)),
+                },
+                Some(SinkIo::Fd(c)) => {
+                    return c.close().map_err(|e| io_err(format!("close {}", self.current), e));
+                }
+                _ => return Ok(()),
+            }
         }
     }
 }
@@ -810,10 +1221,58 @@ impl std::io::Read for ConnRead<'_> {
     }
 }
 
-/// Where processed chunks go: one sink inline, or one queue and thread per sink.
+/// Where processed chunks go: one sink inline, one sink behind a short queue on its own thread, or one queue and
+/// thread per sink.
 enum Delivery {
     One(Box<SinkRt>),
+    Behind(Behind),
     Fan(Vec<Fan>),
+}
+
+/// Chunks a single sink's thread may hold: enough that writing one chunk overlaps reading and transforming the
+/// next, few enough that the buffers stay warm in the cache.
+const BEHIND_QUEUE: usize = 4;
+
+/// A single sink written on its own thread: the flow thread reads and transforms the next chunks while this one
+/// writes (the paper's devices with command queues: the stages work at once, not in turn). The queue blocks when
+/// full: with one sink there is nothing else its pace could hold up.
+struct Behind {
+    tx: Option<crossbeam_channel::Sender<Chunk>>,
+    thread: Option<JoinHandle<Result<(), FlowError>>>,
+}
+
+impl Drop for Behind {
+    /// However the flow ends (an error in a stage included), what was handed to the sink is written before the flow
+    /// reports its end, as when the sink was written inline.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+impl Behind {
+    fn start(sh: &Arc<Shared>, mut s: SinkRt) -> Result<Self, FlowError> {
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(BEHIND_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name(format!("kecho-flow-{}-sink", sh.id))
+            .spawn(move || {
+                for c in rx {
+                    s.write(&c)?;
+                }
+                s.close()
+            })
+            .map_err(|e| io_err("spawn the sink thread", e))?;
+        Ok(Behind { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// The sink thread's result once it ended (its queue closed or it failed).
+    fn join(&mut self) -> Result<(), FlowError> {
+        drop(self.tx.take());
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(FlowError::Transform("the sink thread panicked".into())),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Fan {
@@ -827,7 +1286,13 @@ struct Fan {
 impl Delivery {
     fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize) -> Result<Self, FlowError> {
         if sinks.len() == 1 {
-            return Ok(Delivery::One(Box::new(sinks.remove(0))));
+            let s = sinks.remove(0);
+            // A kernel object is written on its own thread (overlapping the flow thread's reads and transforms); a
+            // kecho channel's submit is cheap and stays inline.
+            return Ok(match s.io {
+                Some(SinkIo::Channel(..)) => Delivery::One(Box::new(s)),
+                _ => Delivery::Behind(Behind::start(sh, s)?),
+            });
         }
         let mut fans = Vec::new();
         for mut s in sinks {
@@ -851,6 +1316,15 @@ impl Delivery {
     fn deliver(&mut self, sh: &Shared, chunk: Chunk) -> Result<(), FlowError> {
         match self {
             Delivery::One(s) => s.write(&chunk),
+            Delivery::Behind(b) => {
+                let sent = b.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+                if sent {
+                    return Ok(());
+                }
+                // The sink thread ended early: its error is the flow's.
+                b.join()?;
+                Err(FlowError::Terminated { endpoint: "sink".into(), reason: "the sink stopped taking data".into() })
+            }
             Delivery::Fan(fans) => {
                 let len = chunk.len();
                 let c = Arc::new(chunk);
@@ -895,6 +1369,7 @@ impl Delivery {
     fn close(self, sh: &Shared) -> Result<(), FlowError> {
         match self {
             Delivery::One(s) => s.close(),
+            Delivery::Behind(mut b) => b.join(),
             Delivery::Fan(fans) => {
                 let mut ok = false;
                 let mut first = None;

@@ -26,6 +26,19 @@ pub fn bottleneck(loads: &[StageLoad]) -> Option<usize> {
     loads.iter().enumerate().filter(|(_, l)| !l.busy.is_zero()).max_by_key(|(_, l)| per(l)).map(|(i, _)| i)
 }
 
+/// Busy fraction (per replica, of the flow's wall time) below which no stage is said to bound the flow: the flow
+/// is idle, waiting for input, and which stage spent a few microseconds more is noise.
+pub const IDLE_BELOW: f64 = 0.02;
+
+/// The stage that bounds a flow that has run for `wall`: the [`bottleneck`], unless even it was busy for less than
+/// [`IDLE_BELOW`] of the time (then `None`: the flow is idle).
+pub fn bound(loads: &[StageLoad], wall: Duration) -> Option<usize> {
+    let i = bottleneck(loads)?;
+    let l = loads[i];
+    let busy = l.busy.as_secs_f64() / l.replicas.max(1) as f64;
+    (!wall.is_zero() && busy >= IDLE_BELOW * wall.as_secs_f64()).then_some(i)
+}
+
 /// Busy fraction above which a bounding stage is worth replicating.
 pub const REPLICATE_ABOVE: f64 = 0.6;
 
@@ -189,6 +202,19 @@ mod tests {
         let l = [load(100, false, 1), load(900, true, 4), load(300, false, 1)];
         assert_eq!(bottleneck(&l), Some(2));
         assert_eq!(bottleneck(&[load(0, true, 1)]), None);
+    }
+
+    #[test]
+    fn an_idle_flow_has_no_bound() {
+        // 100 KB through a flow that then waits for more input: microseconds of work in 10 s.
+        let l = [load(0, false, 1), load(1, true, 1), load(0, false, 1)];
+        assert_eq!(bound(&l, Duration::from_secs(10)), None);
+        assert_eq!(bound(&l, Duration::ZERO), None);
+        let l = [load(100, false, 1), load(900, true, 1), load(300, false, 1)];
+        assert_eq!(bound(&l, Duration::from_secs(1)), Some(1));
+        // The busiest stage: 900 ms in 10 s is 9% busy, in 100 s under the 2% threshold.
+        assert_eq!(bound(&l, Duration::from_secs(10)), Some(1));
+        assert_eq!(bound(&l, Duration::from_secs(100)), None);
     }
 
     #[test]

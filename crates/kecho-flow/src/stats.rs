@@ -145,7 +145,8 @@ pub struct FlowStats {
     pub rate: Option<u64>,
     /// The rate in effect: its own limit or its share of a scheduler's budget, bytes/s.
     pub effective_rate: Option<u64>,
-    /// The stage that bounds the flow (most busy time per replica).
+    /// The stage that bounds the flow (most busy time per replica); `None` while the flow is idle (no stage busy
+    /// for 2% of the time).
     pub bound: Option<String>,
     /// Stages: source, transforms, sinks.
     pub stages: Vec<StageStats>,

@@ -241,21 +241,66 @@ fn a_slow_sink_is_detached_and_the_others_go_on() {
     let d = Dir::new("fanout");
     let input = data(8 << 20);
     std::fs::write(d.path("in"), &input).unwrap();
-    // A peer that accepts and never reads: its socket buffers fill, then its queue.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let hold = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        std::thread::sleep(Duration::from_secs(3));
-        drop(s);
+    // Both fan-outs: zero-copy (tee into one pipe per sink) and, with `copy`, the copying one (a queue per sink).
+    for (copy, path) in [("", "zero-copy (splice + tee)"), (" copy", "copy")] {
+        // A peer that accepts and never reads: its socket buffers fill, then its queue.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let hold = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let spec = format!(
+            "file:{}{copy} chunk=64K ! tcp-connect:{addr} queue=256K full=detach file:{}",
+            d.path("in"),
+            d.path("out")
+        );
+        let s = run(&spec).unwrap();
+        assert_eq!(s.path, path);
+        assert!(std::fs::read(d.path("out")).unwrap() == input, "{path}");
+        assert!(s.stages[1].detached, "{s:#?}");
+        assert!(!s.stages[2].detached);
+        hold.join().unwrap();
+    }
+}
+
+/// Untransformed fan-out to several kernel objects keeps the bytes in the kernel: `tee` duplicates the pipe's pages
+/// for each sink, and every sink gets the whole stream.
+#[test]
+fn tee_fans_out_without_a_user_space_copy() {
+    use std::os::unix::net::UnixListener;
+    let d = Dir::new("tee");
+    let input = data(6 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let sock = d.path("u.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
     });
-    let spec =
-        format!("file:{} chunk=64K ! tcp-connect:{addr} queue=256K full=detach file:{}", d.path("in"), d.path("out"));
+    let spec = format!("file:{} ! file:{} unix:{sock} exec:'cat > {}'", d.path("in"), d.path("a"), d.path("c"));
     let s = run(&spec).unwrap();
-    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
-    assert!(s.stages[1].detached, "{s:#?}");
-    assert!(!s.stages[2].detached);
-    hold.join().unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert_eq!(s.user_copied, 0, "{s:#?}");
+    assert!(std::fs::read(d.path("a")).unwrap() == input);
+    assert!(reader.join().unwrap() == input);
+    assert!(std::fs::read(d.path("c")).unwrap() == input);
+    for st in &s.stages[1..] {
+        assert_eq!(st.bytes_out, input.len() as u64, "{}", st.name);
+        assert!(!st.detached, "{}", st.name);
+    }
+    // A sink that refuses splice (a file opened for appending) is copied to, alone (rung 4); the others are not.
+    std::fs::write(d.path("app"), b"head:").unwrap();
+    let s = run(&format!("file:{} ! file:{} append file:{}", d.path("in"), d.path("app"), d.path("b"))).unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert_eq!(s.stages[1].copied, input.len() as u64);
+    assert_eq!(s.stages[2].copied, 0);
+    let mut want = b"head:".to_vec();
+    want.extend_from_slice(&input);
+    assert!(std::fs::read(d.path("app")).unwrap() == want);
+    assert!(std::fs::read(d.path("b")).unwrap() == input);
 }
 
 fn closed_port() -> std::net::SocketAddr {
@@ -464,4 +509,170 @@ fn kecho_channel_in_and_out() {
     }
     assert_eq!(seen, vec!["notify".to_owned(), "terminated".to_owned()]);
     drop(node);
+}
+
+/// Unix stream sockets both ways: a listening source (zero-copy splice into a file) and a connecting sink behind a
+/// transform (the copying path), with the bytes checked end to end.
+#[test]
+fn unix_socket_endpoints_listen_and_connect() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let d = Dir::new("unix");
+    let input = data(3 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+
+    // unix-listen source -> file: splice, no user-space copy.
+    let sock = d.path("src.sock");
+    let f = Flow::from_spec(&parse(&format!("unix-listen:{sock} ! file:{}", d.path("out"))).unwrap()).start().unwrap();
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.write_all(&input).unwrap();
+    drop(c);
+    let s = f.wait().unwrap();
+    assert_eq!(s.path, "zero-copy (splice)");
+    assert_eq!(s.user_copied, 0);
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert!(!std::path::Path::new(&sock).exists(), "the listening socket's file is removed");
+
+    // file -> checksum -> unix sink (connect): the copying path.
+    let sink = d.path("sink.sock");
+    let l = UnixListener::bind(&sink).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
+        v
+    });
+    let s = run(&format!("file:{} ! checksum ! unix:{sink}", d.path("in"))).unwrap();
+    assert_eq!(s.path, "copy");
+    assert_eq!(reader.join().unwrap(), input);
+    assert!(s.results[0].contains(&format!("{:08x}", crc32fast::hash(&input))), "{:?}", s.results);
+
+    // A unix sink nobody listens on is a connection fault: the ladder retries, then terminates.
+    let err = run(&format!("file:{} ! unix:{} retries=1", d.path("in"), d.path("nobody.sock"))).unwrap_err();
+    assert!(matches!(err, FlowError::Terminated { .. } | FlowError::Io { .. }), "{err}");
+}
+
+/// A process's stdout as a source and a process's stdin as a sink (`sh -c`), untransformed and transformed; a
+/// sink process that exits early fails the flow instead of hanging it.
+#[test]
+fn exec_endpoints_read_stdout_and_write_stdin() {
+    let d = Dir::new("exec");
+    let input = data(2 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+
+    // exec source (a pipe) -> file: splice.
+    let s = run(&format!("exec:'cat {}' ! file:{}", d.path("in"), d.path("a"))).unwrap();
+    assert_eq!(s.path, "zero-copy (splice)");
+    assert_eq!(std::fs::read(d.path("a")).unwrap(), input);
+
+    // file -> exec sink: sendfile into the child's stdin; the flow waits for the child to finish.
+    let s = run(&format!("file:{} ! exec:'cat > {}'", d.path("in"), d.path("b"))).unwrap();
+    assert_eq!(s.path, "zero-copy (sendfile)");
+    assert_eq!(std::fs::read(d.path("b")).unwrap(), input);
+
+    // exec -> compress -> exec, and back through decompress: what the child gets is what the other child wrote.
+    run(&format!("exec:'cat {}' ! compress zstd ! exec:'cat > {}'", d.path("in"), d.path("z"))).unwrap();
+    run(&format!("file:{} ! decompress zstd ! file:{}", d.path("z"), d.path("c"))).unwrap();
+    assert_eq!(std::fs::read(d.path("c")).unwrap(), input);
+
+    // A sink process that exits at once: the flow ends with an error (a broken pipe), it does not hang.
+    let t = Instant::now();
+    let err = run(&format!("file:{} ! checksum ! exec:'exit 3'", d.path("in"))).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(err.to_string().contains("pipe") || matches!(err, FlowError::Terminated { .. }), "{err}");
+
+    // A sink process that reads everything but fails: its exit status fails the flow.
+    let err = run(&format!("file:{} ! exec:'cat > /dev/null; exit 4'", d.path("in"))).unwrap_err();
+    assert!(err.to_string().contains("exit status: 4"), "{err}");
+}
+
+/// The zero-copy path resumes too: a file sent by `sendfile` to a peer that drops the connection after 1 MB is
+/// sent again from the offset the peer names on the new connection, without a byte entering user space; and a peer
+/// that already holds a prefix when the flow starts (a restarted transfer) gets only the rest.
+#[test]
+fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
+    let d = Dir::new("zcresume");
+    let input = data(4 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&0u64.to_be_bytes()).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).unwrap();
+        got.extend_from_slice(&buf);
+        drop(s);
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(got.len() as u64).to_be_bytes()).unwrap();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume retries=5", d.path("in"))).unwrap())
+        .start()
+        .unwrap();
+    let s = f.wait().unwrap();
+    let got = peer.join().unwrap();
+    assert_eq!(s.path, "zero-copy (sendfile)");
+    assert_eq!(s.user_copied, 0, "{s:?}");
+    assert_eq!(got.len(), input.len());
+    assert!(got == input, "the bytes lost with the first connection were sent again, none twice");
+
+    // A peer holding the first 1.5 MB from an earlier transfer.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let prefix = 3 << 19;
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(prefix as u64).to_be_bytes()).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        rest
+    });
+    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume", d.path("in"))).unwrap())
+        .start()
+        .unwrap();
+    let s = f.wait().unwrap();
+    assert!(peer.join().unwrap() == input[prefix..]);
+    assert_eq!(s.bytes_out, (input.len() - prefix) as u64);
+    assert_eq!(s.user_copied, 0);
+}
+
+/// `full=drop` on the zero-copy fan-out: the slow sink's bytes are skipped (and counted) while it holds the others
+/// up, instead of cutting it off; the other sink gets everything.
+#[test]
+fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
+    let d = Dir::new("teedrop");
+    let input = data(24 << 20);
+    std::fs::write(d.path("in"), &input).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let hold = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // Never reads until the flow is over, then takes what was queued for it.
+        let _ = rx.recv();
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v);
+        v.len()
+    });
+    let f = Flow::from_spec(
+        &parse(&format!("file:{} ! tcp-connect:{addr} queue=64K full=drop file:{}", d.path("in"), d.path("out")))
+            .unwrap(),
+    )
+    .start()
+    .unwrap();
+    // The file sink finishes while the TCP sink's bytes are dropped; then the peer drains what it was given.
+    let t = Instant::now();
+    while std::fs::metadata(d.path("out")).map(|m| m.len()).unwrap_or(0) < input.len() as u64 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the file sink was held up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tx.send(()).unwrap();
+    let s = f.wait().unwrap();
+    let got = hold.join().unwrap();
+    assert_eq!(s.path, "zero-copy (splice + tee)");
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    assert!(s.stages[1].dropped > 0, "{s:#?}");
+    assert!(!s.stages[1].detached);
+    assert_eq!(got as u64 + s.stages[1].dropped, input.len() as u64, "every byte is either sent or counted as dropped");
 }

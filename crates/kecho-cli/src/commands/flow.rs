@@ -56,6 +56,9 @@ pub struct RunArgs {
     reg: RegistryArg,
     #[command(flatten)]
     node: NodeArgs,
+    /// `--metrics ADDR`: the flow's per-stage counters as Prometheus metrics (`kecho_flow_*`).
+    #[command(flatten)]
+    metrics: crate::observe::MetricsArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,27 +90,8 @@ pub async fn run(a: Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&flows.iter().map(|f| &f.1).collect::<Vec<_>>())?);
                 return Ok(());
             }
-            if flows.is_empty() {
-                println!("no flows");
-                return Ok(());
-            }
-            println!(
-                "{:>4} {:<10} {:<30} {:>12} {:>9} {:<22} NAME",
-                "ID", "STATE", "PATH", "BYTES", "MB/s", "BOUND BY"
-            );
-            for (_, s) in flows {
-                let rate = if s.elapsed_s > 0.0 { s.bytes_out as f64 / 1e6 / s.elapsed_s } else { 0.0 };
-                println!(
-                    "{:>4} {:<10} {:<30} {:>12} {:>9.1} {:<22} {}",
-                    s.id,
-                    s.state,
-                    s.path,
-                    s.bytes_in,
-                    rate,
-                    s.bound.as_deref().unwrap_or("-"),
-                    s.name
-                );
-            }
+            let flows: Vec<FlowStats> = flows.into_iter().map(|f| f.1).collect();
+            print!("{}", ls_table(&flows));
             Ok(())
         }
         Args::Stats(st) => {
@@ -186,6 +170,10 @@ async fn run_flow(a: RunArgs) -> Result<()> {
         _node = Some(n);
     }
     let flow = b.start().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut registry = crate::observe::prometheus_client_registry::Registry::default();
+    registry.register_collector(Box::new(FlowCollector(flow.watcher())));
+    let _metrics = a.metrics.serve(registry).await?;
+    // Announced once what it serves (its listener and its metrics) accepts connections.
     if let Some(addr) = flow.local_addr() {
         eprintln!("kecho: flow {} listening on {addr}", flow.id());
     }
@@ -226,6 +214,131 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// A flow's counters as Prometheus metrics, read at each scrape (nothing is counted twice or costs anything between
+/// scrapes). Labels: `flow` (id); per stage also `stage` (its name), `index` (its place in the path: 0 is the
+/// source) and `kind` (source, transform, sink).
+///
+/// | metric | what |
+/// |---|---|
+/// | `kecho_flow_running` | 1 while the flow runs |
+/// | `kecho_flow_priority` | its priority |
+/// | `kecho_flow_rate_limit_bytes_per_second` | the rate in effect (absent: unlimited) |
+/// | `kecho_flow_bound` | 1 on the stage that bounds the flow (none while it is idle) |
+/// | `kecho_flow_stage_{in,out}_bytes_total` | bytes into and out of each stage |
+/// | `kecho_flow_stage_busy_seconds_total` | time each stage spent working (summed over replicas) |
+/// | `kecho_flow_stage_syscalls_total` | system calls on the data path |
+/// | `kecho_flow_stage_copied_bytes_total` | bytes copied in user space (a `read` into user memory counts) |
+/// | `kecho_flow_stage_dropped_bytes_total` | bytes a full fan-out queue dropped |
+/// | `kecho_flow_stage_replicas` | replicas of the stage |
+/// | `kecho_flow_stage_detached` | 1 once a fan-out sink was cut off |
+#[derive(Debug)]
+struct FlowCollector(kecho_flow::FlowWatcher);
+
+impl kecho_metrics::prometheus_client::collector::Collector for FlowCollector {
+    fn encode(
+        &self,
+        mut enc: kecho_metrics::prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::result::Result<(), std::fmt::Error> {
+        use kecho_metrics::prometheus_client::encoding::EncodeMetric;
+        use kecho_metrics::prometheus_client::metrics::counter::ConstCounter;
+        use kecho_metrics::prometheus_client::metrics::gauge::ConstGauge;
+        use kecho_metrics::prometheus_client::metrics::MetricType;
+        let s = self.0.stats();
+        let id = s.id.to_string();
+        let flow = [("flow", id.as_str())];
+        let (g, c) = (MetricType::Gauge, MetricType::Counter);
+        let mut m = enc.encode_descriptor("kecho_flow_running", "1 while the flow runs", None, g)?;
+        ConstGauge::new(i64::from(s.state == "running")).encode(m.encode_family(&flow)?)?;
+        let mut m = enc.encode_descriptor("kecho_flow_priority", "The flow's priority", None, g)?;
+        ConstGauge::new(i64::from(s.priority)).encode(m.encode_family(&flow)?)?;
+        if let Some(r) = s.effective_rate {
+            let mut m =
+                enc.encode_descriptor("kecho_flow_rate_limit_bytes_per_second", "The rate in effect", None, g)?;
+            ConstGauge::new(r as i64).encode(m.encode_family(&flow)?)?;
+        }
+        let index: Vec<String> = (0..s.stages.len()).map(|i| i.to_string()).collect();
+        let labels = |i: usize| {
+            let st = &s.stages[i];
+            [
+                ("flow", id.as_str()),
+                ("stage", st.name.as_str()),
+                ("index", index[i].as_str()),
+                ("kind", st.kind.as_str()),
+            ]
+        };
+        let mut m = enc.encode_descriptor("kecho_flow_bound", "1 on the stage that bounds the flow", None, g)?;
+        for (i, st) in s.stages.iter().enumerate() {
+            ConstGauge::new(i64::from(s.bound.as_deref() == Some(st.name.as_str())))
+                .encode(m.encode_family(&labels(i))?)?;
+        }
+        type Get = fn(&kecho_flow::StageStats) -> u64;
+        let counters: [(&str, &str, Get); 5] = [
+            ("kecho_flow_stage_in_bytes", "Bytes into the stage", |st| st.bytes_in),
+            ("kecho_flow_stage_out_bytes", "Bytes out of the stage", |st| st.bytes_out),
+            ("kecho_flow_stage_syscalls", "System calls on the data path", |st| st.syscalls),
+            ("kecho_flow_stage_copied_bytes", "Bytes copied in user space", |st| st.copied),
+            ("kecho_flow_stage_dropped_bytes", "Bytes a full fan-out queue dropped", |st| st.dropped),
+        ];
+        for (name, help, get) in counters {
+            let mut m = enc.encode_descriptor(name, help, None, c)?;
+            for (i, st) in s.stages.iter().enumerate() {
+                ConstCounter::new(get(st)).encode(m.encode_family(&labels(i))?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("kecho_flow_stage_busy_seconds", "Time the stage spent working", None, c)?;
+        for (i, st) in s.stages.iter().enumerate() {
+            ConstCounter::new(st.busy_s).encode(m.encode_family(&labels(i))?)?;
+        }
+        let mut m = enc.encode_descriptor("kecho_flow_stage_replicas", "Replicas of the stage", None, g)?;
+        for (i, st) in s.stages.iter().enumerate() {
+            ConstGauge::new(st.replicas as i64).encode(m.encode_family(&labels(i))?)?;
+        }
+        let mut m = enc.encode_descriptor("kecho_flow_stage_detached", "1 once a fan-out sink was cut off", None, g)?;
+        for (i, st) in s.stages.iter().enumerate() {
+            ConstGauge::new(i64::from(st.detached)).encode(m.encode_family(&labels(i))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `kecho flow ls` table: one line per flow with its path, bytes, rate, bounding stage, and its stages (as a
+/// spec with the canonical transform names) with how busy each is.
+fn ls_table(flows: &[FlowStats]) -> String {
+    use std::fmt::Write;
+    if flows.is_empty() {
+        return "no flows\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>4} {:<10} {:<24} {:>12} {:>9} {:<24} STAGES (busy)",
+        "ID", "STATE", "PATH", "BYTES", "MB/s", "BOUND BY"
+    );
+    for s in flows {
+        let rate = if s.elapsed_s > 0.0 { s.bytes_out as f64 / 1e6 / s.elapsed_s } else { 0.0 };
+        let stages: Vec<String> = s
+            .stages
+            .iter()
+            .map(|st| {
+                let repl = if st.replicas > 1 { format!(" x{}", st.replicas) } else { String::new() };
+                format!("{} {:.0}%{repl}", st.name, st.busy * 100.0)
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:>4} {:<10} {:<24} {:>12} {:>9.1} {:<24} {}",
+            s.id,
+            s.state,
+            s.path,
+            s.bytes_in,
+            rate,
+            s.bound.as_deref().unwrap_or("- (idle)"),
+            stages.join(" ! ")
+        );
+    }
+    out
+}
+
 fn print_stats(f: &FlowStats) {
     println!("flow {} [{}] {} — {}", f.id, f.state, f.path, f.name);
     println!(
@@ -248,5 +361,66 @@ fn print_stats(f: &FlowStats) {
             if s.detached { " detached" } else { "" }
         );
     }
-    println!("  bound by: {}", f.bound.as_deref().unwrap_or("-"));
+    println!("  bound by: {}", f.bound.as_deref().unwrap_or("- (idle)"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kecho_flow::StageStats;
+
+    fn stage(name: &str, kind: &str, busy: f64) -> StageStats {
+        StageStats {
+            name: name.into(),
+            kind: kind.into(),
+            bytes_in: 100_000,
+            bytes_out: 100_000,
+            mb_per_s: 0.0,
+            busy_s: 0.0,
+            busy,
+            syscalls: 1,
+            copied: 0,
+            dropped: 0,
+            replicas: 1,
+            detached: false,
+        }
+    }
+
+    fn flow(bound: Option<&str>) -> FlowStats {
+        FlowStats {
+            id: 7,
+            name: "tcp-listen:127.0.0.1:0 ! checksum ! file:out".into(),
+            state: "running".into(),
+            path: "copy".into(),
+            elapsed_s: 10.0,
+            bytes_in: 100_000,
+            bytes_out: 100_000,
+            user_copied: 100_000,
+            syscalls: 3,
+            priority: 1,
+            rate: None,
+            effective_rate: None,
+            bound: bound.map(Into::into),
+            stages: vec![
+                stage("tcp-listen:127.0.0.1:0", "source", 0.0),
+                stage("checksum crc32", "transform", 0.31),
+                stage("file:out", "sink", 0.0),
+            ],
+            results: Vec::new(),
+        }
+    }
+
+    /// The listing names every stage of a flow, whichever stage (if any) bounds it: a listing that showed the
+    /// transform only when it happened to be the bounding stage passed or failed by chance.
+    #[test]
+    fn the_listing_shows_every_stage_whatever_bounds_the_flow() {
+        for bound in [None, Some("file:out"), Some("tcp-listen:127.0.0.1:0"), Some("checksum crc32")] {
+            let t = ls_table(&[flow(bound)]);
+            let line = t.lines().nth(1).unwrap_or_default();
+            assert!(line.contains("tcp-listen:127.0.0.1:0 0% ! checksum crc32 31% ! file:out 0%"), "{t}");
+            assert!(line.starts_with("   7 running    copy"), "{t}");
+            assert!(line.contains(bound.unwrap_or("- (idle)")), "{t}");
+        }
+        assert_eq!(ls_table(&[]), "no flows\n");
+    }
 }
