@@ -173,7 +173,9 @@ fn the_page_data_lists_agents_and_streams_their_changes() -> Result<()> {
     let reg = free_port()?;
     let _r = registry(&reg, &[])?;
     let ui_addr = free_port()?;
-    let mut ui = Proc::spawn("ui", &["ui", "--listen", &ui_addr, "--registry", &reg, "--interval", "0.5"])?;
+    // A list of registry addresses (as a replicated registry has) is taken too; the second one has nothing behind it.
+    let list = format!("{reg},{}", free_port()?);
+    let mut ui = Proc::spawn("ui", &["ui", "--listen", &ui_addr, "--registry", &list, "--interval", "0.5"])?;
     ui.wait_stderr("kecho ui on")?;
     let mut agent = Proc::spawn("agent", &agent_args(&reg))?;
     agent.wait_stderr("offering")?;
@@ -209,7 +211,7 @@ fn the_page_data_lists_agents_and_streams_their_changes() -> Result<()> {
     };
     let first = next_view()?;
     assert!(agent_in(&first)?.is_some(), "the first view lacks the agent: {first}");
-    reserve(&reg)?;
+    reserve(&list)?;
     let end = std::time::Instant::now() + w;
     loop {
         let v = next_view()?;

@@ -383,8 +383,8 @@ pub struct NodeView {
 
 /// Watches the cluster of the registry at `registry`: starts a node of its own, joins [`STATS_CHANNEL`] as a sink,
 /// lists the registry every `every` and sends the view after each listing. Ends when every receiver is gone.
-pub async fn watch(registry: SocketAddr, every: Duration) -> kecho::Result<tokio::sync::watch::Receiver<View>> {
-    let node = Node::builder().registry(registry).start().await?;
+pub async fn watch(registry: Vec<SocketAddr>, every: Duration) -> kecho::Result<tokio::sync::watch::Receiver<View>> {
+    let node = Node::builder().registry_replicas(registry).start().await?;
     let ch = node.channel(STATS_CHANNEL).await?;
     let mut sink = ch.sink(kecho::SinkOptions::new().overflow(kecho::Overflow::DropOldest))?;
     let (tx, rx) = tokio::sync::watch::channel(View::default());

@@ -21,7 +21,7 @@ async fn wait_for(rx: &mut tokio::sync::watch::Receiver<View>, what: &str, f: im
 async fn the_view_shows_channels_members_and_rates() -> Result<()> {
     let server = kecho_registry::RegistryServer::bind("127.0.0.1:0".parse()?).await?.spawn();
     let reg = server.local_addr();
-    let mut rx = cluster::watch(reg, EVERY).await?;
+    let mut rx = cluster::watch(vec![reg], EVERY).await?;
     let a = Node::builder().registry(reg).start().await?;
     let b = Node::builder().registry(reg).start().await?;
     let _ra = Reporter::start(&a, EVERY).await?;

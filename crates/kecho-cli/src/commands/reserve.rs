@@ -105,7 +105,7 @@ async fn start_node(a: &Args) -> Result<kecho::Node> {
         bail!("--heartbeat must be a positive number of seconds");
     }
     let mut b = kecho::Node::builder()
-        .registry(parse_addr("registry", &a.reg.registry)?)
+        .registry_replicas(a.reg.addrs()?)
         .listen(parse_addr("listen", &a.listen)?)
         .heartbeat_timeout(Duration::from_secs_f64(a.heartbeat));
     if let Some(adv) = &a.advertise {

@@ -87,7 +87,7 @@ pub async fn client_node(
     tls: &TlsArgs,
 ) -> Result<kecho::Node> {
     let mut b = kecho::Node::builder()
-        .registry(parse_addr("registry", &reg.registry)?)
+        .registry_replicas(reg.addrs()?)
         .listen(parse_addr("listen", listen)?)
         .heartbeat_timeout(positive("heartbeat", heartbeat)?);
     if let Some(adv) = advertise {

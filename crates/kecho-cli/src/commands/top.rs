@@ -12,7 +12,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Row, Table};
 use ratatui::Frame;
 
-use crate::node_args::{parse_addr, RegistryArg};
+use crate::node_args::RegistryArg;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -27,7 +27,7 @@ pub async fn run(a: Args) -> Result<()> {
     if !(a.interval > 0.0 && a.interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
-    let reg = parse_addr("registry", &a.reg.registry)?;
+    let reg = a.reg.addrs()?;
     let mut views = kecho_metrics::cluster::watch(reg, Duration::from_secs_f64(a.interval)).await?;
     // Keys are read on a thread of their own (crossterm's reads block); it ends with the process.
     let (keys_tx, mut keys) = tokio::sync::mpsc::unbounded_channel();
@@ -50,7 +50,7 @@ pub async fn run(a: Args) -> Result<()> {
         }
     });
     let mut terminal = ratatui::try_init()?;
-    let title = format!("kecho top: registry {reg}");
+    let title = format!("kecho top: registry {}", a.reg.registry);
     let result = async {
         loop {
             let view = views.borrow_and_update().clone();

@@ -41,14 +41,14 @@ pub async fn run(a: Args) -> Result<()> {
     if !(a.interval > 0.0 && a.interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
-    let reg = parse_addr("registry", &a.reg.registry)?;
+    let reg = a.reg.addrs()?;
     let listen = parse_addr("listen", &a.listen)?;
     let interval = Duration::from_secs_f64(a.interval);
-    let views = kecho_metrics::cluster::watch(reg, interval).await?;
+    let views = kecho_metrics::cluster::watch(reg.clone(), interval).await?;
     let agents = if a.no_agents { None } else { Some(agents(reg, a.resources_channel.clone(), interval)) };
     let pages = merge(views, agents);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    eprintln!("kecho ui on http://{}/ (registry {reg})", listener.local_addr()?);
+    eprintln!("kecho ui on http://{}/ (registry {})", listener.local_addr()?, a.reg.registry);
     let app = router(pages);
     tokio::select! {
         r = axum::serve(listener, app) => r.context("the web server stopped"),
@@ -65,12 +65,12 @@ struct Agents {
 }
 
 /// Follows the agents' reports from a node of its own; retries (every 2 s) until the registry lets it join.
-fn agents(registry: std::net::SocketAddr, channel: String, interval: Duration) -> watch::Receiver<Agents> {
+fn agents(registry: Vec<std::net::SocketAddr>, channel: String, interval: Duration) -> watch::Receiver<Agents> {
     let (tx, rx) = watch::channel(Agents::default());
     tokio::spawn(async move {
         let (_node, mut view) = loop {
             let started = async {
-                let node = kecho::Node::builder().registry(registry).start().await?;
+                let node = kecho::Node::builder().registry_replicas(registry.clone()).start().await?;
                 let ch = node.channel(&channel).await?;
                 let view = kecho_resources::View::start_on(&ch)?;
                 anyhow::Ok((node, view))
