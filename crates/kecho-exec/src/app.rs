@@ -386,9 +386,35 @@ impl fmt::Display for FailurePolicy {
     }
 }
 
+/// A byte count that [`parse_bytes`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ByteCountError {
+    /// The unit is not K, M, G or T (with an optional `i` and `B`).
+    #[error("`{text}`: unknown unit `{unit}` (use K, M, G or T)")]
+    UnknownUnit {
+        /// The text given.
+        text: String,
+        /// Its unit.
+        unit: String,
+    },
+    /// The number does not parse.
+    #[error("`{text}` is not a byte count")]
+    NotANumber {
+        /// The text given.
+        text: String,
+    },
+    /// Less than one byte, or more than 2^64.
+    #[error("`{text}` is not a usable byte count")]
+    OutOfRange {
+        /// The text given.
+        text: String,
+    },
+}
+
 /// Parses a byte count: an integer, or a number with a unit (`K`, `M`, `G`, `T`, powers of 1024, with an optional
 /// `i` and `B`: `512M`, `2GiB`, `1.5G`).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -399,12 +425,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "M" => 1 << 20,
         "G" => 1 << 30,
         "T" => 1 << 40,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use K, M, G or T)")),
+        _ => return Err(ByteCountError::UnknownUnit { text: s.to_owned(), unit: unit.to_owned() }),
     };
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a byte count"))?;
+    let value: f64 = num.parse().map_err(|_| ByteCountError::NotANumber { text: s.to_owned() })?;
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(format!("`{s}` is not a usable byte count"));
+        return Err(ByteCountError::OutOfRange { text: s.to_owned() });
     }
     Ok(bytes as u64)
 }
@@ -517,7 +543,7 @@ impl RawComponent {
                 match m.into_inner() {
                     RawBytes::Count(0) => return Err(lines.invalid(&span, "`mem` must be positive".to_string())),
                     RawBytes::Count(n) => Some(n),
-                    RawBytes::Text(t) => Some(parse_bytes(&t).map_err(|e| lines.invalid(&span, e))?),
+                    RawBytes::Text(t) => Some(parse_bytes(&t).map_err(|e| lines.invalid(&span, e.to_string()))?),
                 }
             }
         };

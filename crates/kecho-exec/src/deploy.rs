@@ -533,7 +533,7 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             };
             let _ = internal.send(match verdict {
                 Ok(()) => Internal::Ready(name, generation),
-                Err(why) => Internal::Failed(name, generation, why),
+                Err(why) => Internal::Failed(name, generation, why.to_string()),
             });
         });
         // A check still polling for an earlier instance has nothing left to check.
@@ -579,8 +579,20 @@ fn state_name(s: ComponentState) -> &'static str {
     }
 }
 
+/// Why a readiness check did not pass.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// The readiness command could not be started.
+    #[error("readiness command cannot start: {0}")]
+    CannotStart(#[source] std::io::Error),
+    /// The check did not pass in time.
+    #[error("not ready within {0:?}")]
+    TimedOut(Duration),
+}
+
 /// Runs a readiness check until it passes or `timeout` has gone by.
-pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Result<(), String> {
+pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Result<(), NotReady> {
     let deadline = Instant::now() + timeout;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -602,7 +614,7 @@ pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Re
                     .spawn()
                 {
                     Ok(c) => c,
-                    Err(e) => return Err(format!("readiness command cannot start: {e}")),
+                    Err(e) => return Err(NotReady::CannotStart(e)),
                 };
                 matches!(tokio::time::timeout(remaining, child.wait()).await, Ok(Ok(s)) if s.success())
             }
@@ -611,7 +623,7 @@ pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Re
             return Ok(());
         }
         if Instant::now() + READY_POLL >= deadline {
-            return Err(format!("not ready within {timeout:?}"));
+            return Err(NotReady::TimedOut(timeout));
         }
         tokio::time::sleep(READY_POLL).await;
     }
@@ -642,11 +654,11 @@ mod tests {
         let port = probe.local_addr().unwrap().port();
         drop(probe);
         let err = wait_ready(&ReadyCheck::Tcp(port), "127.0.0.1", Duration::from_millis(100)).await.unwrap_err();
-        assert!(err.contains("not ready"), "{err}");
+        assert!(matches!(err, NotReady::TimedOut(_)), "{err:?}");
         let err = wait_ready(&ReadyCheck::Command("exit 1".into()), "127.0.0.1", Duration::from_millis(100))
             .await
             .unwrap_err();
-        assert!(err.contains("not ready"), "{err}");
+        assert!(matches!(err, NotReady::TimedOut(_)), "{err:?}");
         wait_ready(&ReadyCheck::Command("exit 0".into()), "127.0.0.1", Duration::from_secs(5)).await.unwrap();
     }
 }

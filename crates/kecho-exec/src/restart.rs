@@ -31,15 +31,20 @@ pub enum RestartPolicy {
     OnNodeLoss,
 }
 
-impl FromStr for RestartPolicy {
-    type Err = String;
+/// A restart policy name that is not `never`, `on-failure` or `on-node-loss`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a restart policy (never, on-failure, on-node-loss)")]
+pub struct UnknownRestartPolicy(pub String);
 
-    fn from_str(s: &str) -> Result<RestartPolicy, String> {
+impl FromStr for RestartPolicy {
+    type Err = UnknownRestartPolicy;
+
+    fn from_str(s: &str) -> Result<RestartPolicy, UnknownRestartPolicy> {
         match s {
             "never" => Ok(RestartPolicy::Never),
             "on-failure" => Ok(RestartPolicy::OnFailure),
             "on-node-loss" => Ok(RestartPolicy::OnNodeLoss),
-            _ => Err(format!("`{s}` is not a restart policy (never, on-failure, on-node-loss)")),
+            _ => Err(UnknownRestartPolicy(s.to_owned())),
         }
     }
 }
@@ -201,7 +206,7 @@ mod tests {
         assert_eq!(case(OnNodeLoss, NodeLost), RestartElsewhere { after: Duration::ZERO });
         assert_eq!(case(OnNodeLoss, Drained), RestartElsewhere { after: Duration::ZERO });
         assert_eq!("on-node-loss".parse::<RestartPolicy>(), Ok(OnNodeLoss));
-        assert!("always".parse::<RestartPolicy>().is_err());
+        assert_eq!("always".parse::<RestartPolicy>(), Err(UnknownRestartPolicy("always".into())));
     }
 
     #[test]

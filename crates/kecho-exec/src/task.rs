@@ -193,7 +193,7 @@ impl Confinement {
     pub fn detect(root: Option<&Path>) -> Confinement {
         match detect_cgroup(root) {
             Ok(tree) => Confinement::Cgroup(tree),
-            Err(reason) => Confinement::Rlimits { reason },
+            Err(why) => Confinement::Rlimits { reason: why.to_string() },
         }
     }
 
@@ -210,15 +210,67 @@ impl Confinement {
     }
 }
 
-fn detect_cgroup(root: Option<&Path>) -> Result<CgroupTree, String> {
+/// Why cgroup v2 cannot confine tasks here (and rlimits are used instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CgroupError {
+    /// A file that says where cgroups are could not be read.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No cgroup v2 hierarchy is mounted.
+    #[error("cgroup v2 is not mounted")]
+    NotMounted,
+    /// This process is in no cgroup v2.
+    #[error("this process has no cgroup v2 membership")]
+    NoMembership,
+    /// The directory is not a cgroup v2 directory.
+    #[error("{} is not a cgroup v2 directory: {source}", path.display())]
+    NotCgroup {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent cannot create child cgroups there.
+    #[error("{} is not writable: {source}", path.display())]
+    NotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither the memory nor the cpu controller can be given to children there.
+    #[error(
+        "{} cannot give its children the memory or cpu controller (a cgroup with processes of its own cannot \
+         delegate controllers: run the agent in a leaf of a delegated subtree)",
+        path.display()
+    )]
+    NoControllers {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+fn read(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Unreadable { path: path.to_path_buf(), source })
+}
+
+fn detect_cgroup(root: Option<&Path>) -> Result<CgroupTree, CgroupError> {
     let root = match root {
         Some(r) => r.to_path_buf(),
         None => {
-            let mountinfo =
-                std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-            let mount = cgroup2_mount(&mountinfo).ok_or("cgroup v2 is not mounted")?;
-            let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-            let rel = own_cgroup(&own).ok_or("this process has no cgroup v2 membership")?;
+            let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+            let mount = cgroup2_mount(&mountinfo).ok_or(CgroupError::NotMounted)?;
+            let own = read(Path::new("/proc/self/cgroup"))?;
+            let rel = own_cgroup(&own).ok_or(CgroupError::NoMembership)?;
             mount.join(rel.trim_start_matches('/'))
         }
     };
@@ -228,19 +280,15 @@ fn detect_cgroup(root: Option<&Path>) -> Result<CgroupTree, String> {
 impl CgroupTree {
     /// Checks that `root` is a cgroup v2 directory this process can create children in, enables `memory` and `cpu`
     /// for its children where it can, and reports the controllers they get.
-    pub fn open(root: &Path) -> Result<CgroupTree, String> {
+    pub fn open(root: &Path) -> Result<CgroupTree, CgroupError> {
         let available = std::fs::read_to_string(root.join("cgroup.controllers"))
-            .map_err(|e| format!("{} is not a cgroup v2 directory: {e}", root.display()))?;
+            .map_err(|source| CgroupError::NotCgroup { path: root.to_path_buf(), source })?;
         let available: BTreeSet<String> = available.split_whitespace().map(str::to_string).collect();
         let probe = root.join(format!("kecho-probe-{}", std::process::id()));
-        std::fs::create_dir(&probe).map_err(|e| format!("{} is not writable: {e}", root.display()))?;
+        std::fs::create_dir(&probe).map_err(|source| CgroupError::NotWritable { path: root.to_path_buf(), source })?;
         let _ = std::fs::remove_dir(&probe);
         let subtree_path = root.join("cgroup.subtree_control");
-        let mut enabled: BTreeSet<String> = std::fs::read_to_string(&subtree_path)
-            .map_err(|e| format!("{}: {e}", subtree_path.display()))?
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
+        let mut enabled: BTreeSet<String> = read(&subtree_path)?.split_whitespace().map(str::to_string).collect();
         for c in ["memory", "cpu"] {
             if available.contains(c) && !enabled.contains(c) && std::fs::write(&subtree_path, format!("+{c}")).is_ok() {
                 enabled.insert(c.to_string());
@@ -248,11 +296,7 @@ impl CgroupTree {
         }
         enabled.retain(|c| c == "memory" || c == "cpu" || c == "pids");
         if !enabled.contains("memory") && !enabled.contains("cpu") {
-            return Err(format!(
-                "{} cannot give its children the memory or cpu controller (a cgroup with processes of its own cannot \
-                 delegate controllers: run the agent in a leaf of a delegated subtree)",
-                root.display()
-            ));
+            return Err(CgroupError::NoControllers { path: root.to_path_buf() });
         }
         Ok(CgroupTree { root: root.to_path_buf(), controllers: enabled })
     }
@@ -704,6 +748,7 @@ mod tests {
     fn cgroup_tree_refuses_a_plain_directory() {
         let dir = tempfile::tempdir().unwrap();
         let err = CgroupTree::open(dir.path()).unwrap_err();
-        assert!(err.contains("not a cgroup v2 directory"), "{err}");
+        assert!(matches!(err, CgroupError::NotCgroup { .. }), "{err:?}");
+        assert!(err.to_string().contains("not a cgroup v2 directory"), "{err}");
     }
 }

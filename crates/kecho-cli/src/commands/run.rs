@@ -114,7 +114,8 @@ impl RunOutput for Terminal {
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let restart: RestartPolicy = a.restart.parse().map_err(|e: String| anyhow::anyhow!("--restart: {e}"))?;
+    let restart: RestartPolicy =
+        a.restart.parse().map_err(|e: kecho_exec::restart::UnknownRestartPolicy| anyhow::anyhow!("--restart: {e}"))?;
     let mut env = Vec::new();
     for kv in &a.env {
         let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv}: expected K=V"))?;
