@@ -59,12 +59,13 @@ pub enum RepoError {
         max: u64,
     },
     /// The remote could not be asked.
-    #[error("fetching {digest} failed: {reason}")]
+    #[error("fetching {digest} failed: {source}")]
     Fetch {
         /// The artifact.
         digest: Digest,
-        /// Why.
-        reason: String,
+        /// Why (the remote's own error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -312,16 +313,19 @@ impl Store {
 
 /// Where a cache fetches artifacts it lacks. The answer is not trusted: the cache verifies it.
 pub trait Fetch {
+    /// Why a fetch failed.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// The artifact's bytes, or `Ok(None)` when the remote does not have it.
-    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send;
+    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, Self::Error>> + Send;
 }
 
 impl Fetch for Store {
-    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send {
+    type Error = RepoError;
+    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, RepoError>> + Send {
         let answer = match self.get(digest) {
             Ok(b) => Ok(Some(b)),
             Err(RepoError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         std::future::ready(answer)
     }
@@ -350,7 +354,8 @@ impl MemRemote {
 }
 
 impl Fetch for MemRemote {
-    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send {
+    type Error = std::convert::Infallible;
+    fn fetch(&self, digest: &Digest) -> impl Future<Output = Result<Option<Vec<u8>>, Self::Error>> + Send {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let found = self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned();
         std::future::ready(Ok(found))
@@ -416,7 +421,7 @@ impl<F: Fetch> Cache<F> {
             .remote
             .fetch(digest)
             .await
-            .map_err(|reason| RepoError::Fetch { digest: *digest, reason })?
+            .map_err(|e| RepoError::Fetch { digest: *digest, source: Box::new(e) })?
             .ok_or(RepoError::NotFound(*digest))?;
         if let Err(e) = self.local.put_expecting(digest, &bytes) {
             if matches!(e, RepoError::HashMismatch { .. }) {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use kecho_resources::{Amounts, Held, Requester, Spec};
 
 use crate::place::{AgentName, PlaceError, Placement, Placer, ReservationId, ReservationSpec};
+use crate::service::NoReservation;
 
 /// CPUs reserved when a spec names neither CPUs nor memory: every task takes at least one core's share.
 pub const DEFAULT_CPUS: u64 = 1;
@@ -172,9 +173,9 @@ impl Placer for ResourcePlacer {
 pub fn ledger_check(agent: &kecho_resources::Agent) -> crate::service::ReservationCheck {
     let check = agent.reservation_check();
     std::sync::Arc::new(move |p: &Placement| {
-        let Some((id, fence)) = &p.lease else { return Err("the submission carries no reservation id".into()) };
-        let id: kecho_resources::ReservationId = id.parse().map_err(|e: kecho_resources::ParseError| e.to_string())?;
-        check(&id, *fence).map_err(|e| e.to_string())
+        let Some((id, fence)) = &p.lease else { return Err(NoReservation::Missing) };
+        let id: kecho_resources::ReservationId = id.parse()?;
+        Ok(check(&id, *fence)?)
     })
 }
 

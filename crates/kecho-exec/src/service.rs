@@ -34,7 +34,22 @@ pub const AGENT_TYPES: &[&str] =
     &["exec.submit", "exec.stop", "exec.drain", "exec.heartbeat", "exec.list", "exec.logs"];
 
 /// Checks that a placement names a live reservation of this agent (its id and fence), with the reason when not.
-pub type ReservationCheck = Arc<dyn Fn(&Placement) -> Result<(), String> + Send + Sync>;
+pub type ReservationCheck = Arc<dyn Fn(&Placement) -> Result<(), NoReservation> + Send + Sync>;
+
+/// Why a placement does not name a live reservation of this agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NoReservation {
+    /// The submission carries no reservation id.
+    #[error("the submission carries no reservation id")]
+    Missing,
+    /// The reservation id does not parse.
+    #[error(transparent)]
+    BadId(#[from] kecho_resources::ParseError),
+    /// The agent's ledger does not confirm it (unknown, expired, released or fenced off).
+    #[error(transparent)]
+    Ledger(#[from] kecho_resources::LedgerError),
+}
 
 /// How an exec agent runs.
 #[derive(Clone)]
