@@ -10,6 +10,7 @@
 //!
 //! Benchmarks are programs, not timed tests: nothing here asserts timing. Correctness is asserted (events lost must
 //! be 0 wherever the configuration promises no loss), so a tiny run (`--scale 0.001`) keeps the suite working in CI.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;

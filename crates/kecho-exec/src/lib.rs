@@ -32,6 +32,7 @@
 //!   ps`, `kecho logs`, `kecho agent drain`.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod agent;

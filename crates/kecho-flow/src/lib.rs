@@ -8,6 +8,7 @@
 //!
 //! The pure modules do no I/O; the runtime that moves bytes is a thin layer of threads and system calls on top.
 //! The design is in docs/FLOWS.md.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod control;

@@ -41,6 +41,7 @@
 //! | `kecho_node_links` | | links up |
 //! | `kecho_delivery_latency_seconds` | `channel` | histogram, source's stamp to the sink's receive |
 //! | `kecho_registry_*` | | see [`register_registry`] |
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod cluster;

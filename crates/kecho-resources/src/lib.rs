@@ -10,6 +10,7 @@
 //!
 //! The decisions are pure and take the time as an input ([`ledger`], [`negotiate`], [`view`]); the agent, the
 //! view and the requester are a thin tokio layer over kecho channels. See docs/RESOURCES.md.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod agent;
