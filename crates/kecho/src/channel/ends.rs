@@ -369,21 +369,23 @@ impl ChannelInner {
         match v {
             Verdict::Quiet => {}
             Verdict::Missed { all, sinks: per_sink } => {
-                let mut total = 0;
+                let per_sink: Vec<_> = per_sink
+                    .into_iter()
+                    .filter_map(|(id, n)| sinks.iter().find(|s| s.id == id).map(|s| (s, n)))
+                    .collect();
+                let total = all * sinks.len() as u64 + per_sink.iter().map(|(_, n)| n).sum::<u64>();
+                // Counted before any sink is told, so a sink that reads the channel's stats after its lag report sees
+                // the loss in them.
+                self.counters.missed.fetch_add(total, Ordering::Relaxed);
+                tracing::info!(channel = %self.name, source = %key, missed = total, "a source ended; its missed events were reported");
                 if all > 0 {
-                    total += all * sinks.len() as u64;
                     for s in sinks.iter() {
                         s.queue.add_lag(all);
                     }
                 }
-                for (id, n) in per_sink {
-                    if let Some(s) = sinks.iter().find(|s| s.id == id) {
-                        total += n;
-                        s.queue.add_lag(n);
-                    }
+                for (s, n) in per_sink {
+                    s.queue.add_lag(n);
                 }
-                tracing::info!(channel = %self.name, source = %key, missed = total, "a source ended; its missed events were reported");
-                self.counters.missed.fetch_add(total, Ordering::Relaxed);
             }
             Verdict::Unknown => {
                 // The sinks are told; nothing here needs an operator's attention.
