@@ -405,7 +405,16 @@ async fn block_policy_slows_the_source_and_loses_nothing() -> Result<()> {
     assert_eq!(b_node.links(), 1, "the link survived the reader's wait");
     assert!(!producer.is_finished(), "a Block sink must hold the source back");
     for k in 1..=n {
-        assert_eq!(recv(&mut sink).await?.seq(), k);
+        // On failure, say where and what the links went through (a reconnect or a heartbeat timeout explains a loss).
+        let links = || {
+            let s = |n: &Node| n.link_stats().iter().map(|l| (l.connects, l.heartbeat_timeouts)).collect::<Vec<_>>();
+            format!(
+                "event {k}; (connects, heartbeat timeouts) source side {:?}, sink side {:?}",
+                s(&a_node),
+                s(&b_node)
+            )
+        };
+        assert_eq!(recv(&mut sink).await.with_context(links)?.seq(), k);
     }
     let mut src = timeout(T, producer).await???;
     assert_eq!(sink.dropped(), 0);
