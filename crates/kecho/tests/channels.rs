@@ -559,8 +559,24 @@ async fn one_link_per_pair_of_nodes_carries_every_channel() -> Result<()> {
             chans.push(ch);
         }
     }
-    for ch in &chans {
-        ch.wait_for_sinks(4, T).await?;
+    for (i, ch) in chans.iter().enumerate() {
+        if let Err(e) = ch.wait_for_sinks(4, T).await {
+            // Say who sees whom and what the links went through: a member that never learns of another is a
+            // membership defect, and a link replaced while frames were in flight is the suspect.
+            let views: Vec<_> = chans
+                .iter()
+                .map(|c| c.sink_attrs().iter().map(|(n, _)| n.to_string()[..6].to_owned()).collect::<Vec<_>>())
+                .collect();
+            let links: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    let stats = n.link_stats();
+                    let l = stats.iter().map(|l| (l.node.to_string()[..6].to_owned(), l.up, l.connects));
+                    (n.id().to_string()[..6].to_owned(), l.collect::<Vec<_>>())
+                })
+                .collect();
+            bail!("channel handle {i}: {e}\nsinks seen per handle: {views:?}\nlinks (node, up, connects): {links:?}");
+        }
     }
     let mut sources = Vec::new();
     for ch in &chans {
