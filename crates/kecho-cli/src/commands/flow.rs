@@ -342,18 +342,19 @@ fn ls_table(flows: &[FlowStats]) -> String {
 fn print_stats(f: &FlowStats) {
     println!("flow {} [{}] {} — {}", f.id, f.state, f.path, f.name);
     println!(
-        "  {:<28} {:<9} {:>12} {:>12} {:>9} {:>6} {:>4} {:>9} {:>12} {:>9}",
-        "STAGE", "KIND", "IN", "OUT", "MB/s", "BUSY", "REPL", "SYSCALLS", "COPIED", "DROPPED"
+        "  {:<28} {:<9} {:>12} {:>12} {:>9} {:>6} {:>8} {:>4} {:>9} {:>12} {:>9}",
+        "STAGE", "KIND", "IN", "OUT", "MB/s", "BUSY", "CPU s", "REPL", "SYSCALLS", "COPIED", "DROPPED"
     );
     for s in &f.stages {
         println!(
-            "  {:<28} {:<9} {:>12} {:>12} {:>9.1} {:>5.0}% {:>4} {:>9} {:>12} {:>9}{}",
+            "  {:<28} {:<9} {:>12} {:>12} {:>9.1} {:>5.0}% {:>8.3} {:>4} {:>9} {:>12} {:>9}{}",
             s.name,
             s.kind,
             s.bytes_in,
             s.bytes_out,
             s.mb_per_s,
             s.busy * 100.0,
+            s.cpu_s,
             s.replicas,
             s.syscalls,
             s.copied,
@@ -378,6 +379,7 @@ mod tests {
             mb_per_s: 0.0,
             busy_s: 0.0,
             busy,
+            cpu_s: 0.0,
             syscalls: 1,
             copied: 0,
             dropped: 0,
