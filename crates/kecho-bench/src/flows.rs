@@ -444,11 +444,19 @@ fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// One line of stage figures: each stage's busy fraction per replica and its replicas.
+/// One line of stage figures: each stage's busy fraction per replica, its CPU time and its replicas.
 fn stage_line(fs: &kecho_flow::FlowStats) -> String {
     fs.stages
         .iter()
-        .map(|x| format!("{} {:.0}% x{}", x.name.split(':').next().unwrap_or(""), x.busy * 100.0, x.replicas))
+        .map(|x| {
+            format!(
+                "{} {:.0}% ({:.2} s CPU) x{}",
+                x.name.split(':').next().unwrap_or(""),
+                x.busy * 100.0,
+                x.cpu_s,
+                x.replicas
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -546,7 +554,7 @@ fn decrypt_part(
                 }
                 if round == 0 {
                     s.notes.push(format!(
-                        "{label} {size} B (round 1): bound by {}; stage busy (per replica): {}",
+                        "{label} {size} B (round 1): bound by {}; stage busy per replica (CPU): {}",
                         fs.bound.as_deref().unwrap_or("-"),
                         stage_line(&fs)
                     ));
@@ -607,7 +615,7 @@ fn replicas_part(
             "flow's cores",
             "machine's cores busy",
             "others' cores",
-            "stage busy (per replica)",
+            "stage busy per replica (CPU)",
             "bound by",
             "speed-up",
         ],

@@ -251,7 +251,7 @@ pub fn open(ep: &Endpoint, sink: bool, append: bool) -> io::Result<Conn> {
         }
         Endpoint::Stdio if sink => Conn::Stdout(io::stdout()),
         Endpoint::Stdio => Conn::Stdin(io::stdin()),
-        Endpoint::TcpListen(_) | Endpoint::UnixListen(_) | Endpoint::Channel(_) => {
+        Endpoint::TcpListen(_) | Endpoint::UnixListen(_) | Endpoint::Channel(_) | Endpoint::App(_) => {
             return Err(io::Error::other(format!("{ep} is not opened directly")))
         }
     })

@@ -80,6 +80,7 @@ pub struct FlowBuilder {
     notify: Option<kecho::Source>,
     channel_in: HashMap<String, kecho::Sink>,
     channel_out: HashMap<String, kecho::Source>,
+    app_out: HashMap<String, AppSink>,
     scheduler: Option<Arc<Scheduler>>,
 }
 
@@ -97,6 +98,7 @@ impl Default for FlowBuilder {
             notify: None,
             channel_in: HashMap::new(),
             channel_out: HashMap::new(),
+            app_out: HashMap::new(),
             scheduler: None,
         }
     }
@@ -176,6 +178,16 @@ impl FlowBuilder {
         self.channel_out.insert(name.into(), source);
         self
     }
+    /// The function that an `app:NAME` sink endpoint calls with the flow's output, one call per record or read, in
+    /// order, on a thread of the flow's. An `Err` terminates the flow with that reason (rung 5).
+    pub fn app_sink(
+        mut self,
+        name: impl Into<String>,
+        f: impl FnMut(&[u8]) -> Result<(), String> + Send + 'static,
+    ) -> Self {
+        self.app_out.insert(name.into(), Box::new(f));
+        self
+    }
     /// Registers the flow with a scheduler (priorities share its budget).
     pub fn scheduler(mut self, s: Arc<Scheduler>) -> Self {
         self.scheduler = Some(s);
@@ -186,6 +198,17 @@ impl FlowBuilder {
     /// configuration errors come back at once.
     pub fn start(mut self) -> Result<FlowHandle, FlowError> {
         let source = self.source.take().ok_or_else(|| FlowError::Config("a flow needs a source".into()))?;
+        if let Endpoint::App(n) = &source.endpoint {
+            return Err(FlowError::Config(format!(
+                "app:{n} is a sink only (a flow's source is a kernel or kecho object)"
+            )));
+        }
+        if let Some(n) = self.sinks.iter().find_map(|s| match &s.endpoint {
+            Endpoint::App(n) if !self.app_out.contains_key(n) => Some(n),
+            _ => None,
+        }) {
+            return Err(FlowError::Config(format!("no function given for app:{n} (FlowBuilder::app_sink)")));
+        }
         if self.sinks.is_empty() {
             return Err(FlowError::Config("a flow needs at least one sink".into()));
         }
@@ -242,6 +265,7 @@ impl FlowBuilder {
             chunk: self.chunk,
             channel_in: std::mem::take(&mut self.channel_in),
             channel_out: std::mem::take(&mut self.channel_out),
+            app_out: std::mem::take(&mut self.app_out),
         };
         let sh2 = sh.clone();
         let join = std::thread::Builder::new()
@@ -510,7 +534,11 @@ struct Ctx {
     chunk: usize,
     channel_in: HashMap<String, kecho::Sink>,
     channel_out: HashMap<String, kecho::Source>,
+    app_out: HashMap<String, AppSink>,
 }
+
+/// The application's own sink function (`app:NAME`).
+type AppSink = Box<dyn FnMut(&[u8]) -> Result<(), String> + Send>;
 
 enum SourceIo {
     Fd(Conn),
@@ -553,6 +581,9 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
                     .remove(n)
                     .ok_or_else(|| FlowError::Config(format!("no kecho source given for kecho:{n}")))?,
                 spec.event_type.clone(),
+            )),
+            Endpoint::App(n) => Some(SinkIo::App(
+                ctx.app_out.remove(n).ok_or_else(|| FlowError::Config(format!("no function given for app:{n}")))?,
             )),
             _ => None,
         };
@@ -891,6 +922,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
 enum SinkIo {
     Fd(Conn),
     Channel(kecho::Source, String),
+    App(AppSink),
 }
 
 const REPLAY: usize = 8 << 20;
@@ -1069,6 +1101,16 @@ impl SinkRt {
                         self.sh.stats[self.stat].syscall();
                         if let Err(e) = src.submit_blocking(ty, &kecho::Attrs::new(), &chunk.buf[seg.clone()]) {
                             r = Err(FlowError::Channel(e.to_string()));
+                            break;
+                        }
+                    }
+                    break r;
+                }
+                Some(SinkIo::App(f)) => {
+                    let mut r = Ok(());
+                    for seg in &chunk.segs {
+                        if let Err(reason) = f(&chunk.buf[seg.clone()]) {
+                            r = Err(FlowError::Terminated { endpoint: self.current.to_string(), reason });
                             break;
                         }
                     }

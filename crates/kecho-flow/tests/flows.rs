@@ -631,3 +631,43 @@ fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
     assert!(!s.stages[1].detached);
     assert_eq!(got as u64 + s.stages[1].dropped, input.len() as u64, "every byte is either sent or counted as dropped");
 }
+
+/// The application sees the bytes only where it asks to: an `app:` sink gets the decrypted records, in order, beside
+/// a file sink; a function that fails terminates the flow with its reason; a missing function is a configuration
+/// error at start.
+#[test]
+fn an_app_sink_sees_the_bytes_it_asked_for() {
+    let (d, input) = with_input("app", 300_000);
+    let k = key_file(&d);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1000)).unwrap();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (s2, c2) = (seen.clone(), calls.clone());
+    let spec = format!("file:{} ! decrypt aes-256-gcm key={k} ! app:mine file:{}", d.path("enc"), d.path("out"));
+    let s = Flow::from_spec(&parse(&spec).unwrap())
+        .app_sink("mine", move |b| {
+            c2.fetch_add(1, Ordering::Relaxed);
+            s2.lock().extend_from_slice(b);
+            Ok(())
+        })
+        .start()
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(*seen.lock() == input);
+    assert_eq!(calls.load(Ordering::Relaxed), 300, "one call per decrypted record");
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    assert_eq!(s.stages[2].name, "app:mine");
+
+    let e = Flow::from_spec(&parse(&format!("file:{} ! app:picky", d.path("in"))).unwrap())
+        .app_sink("picky", |_| Err("no thanks".into()))
+        .start()
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(matches!(&e, FlowError::Terminated { reason, .. } if reason == "no thanks"), "{e}");
+
+    let e = Flow::from_spec(&parse(&format!("file:{} ! app:nobody", d.path("in"))).unwrap()).start().unwrap_err();
+    assert!(matches!(e, FlowError::Config(_)), "{e}");
+}
