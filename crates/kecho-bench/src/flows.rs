@@ -200,7 +200,10 @@ fn fed(feed: Feed) -> Result<(TcpListener, std::thread::JoinHandle<Result<u64>>)
 }
 
 /// A drained loopback listener: its address, and the drainer (CPU time, bytes).
-fn drained() -> Result<(std::net::SocketAddr, std::thread::JoinHandle<Result<(u64, u64)>>)> {
+/// A drainer thread: its CPU time and the bytes it read.
+type Drainer = std::thread::JoinHandle<Result<(u64, u64)>>;
+
+fn drained() -> Result<(std::net::SocketAddr, Drainer)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok((l.local_addr()?, drainer(l)))
 }
@@ -251,7 +254,7 @@ enum Peer {
     /// A feeder connects to the flow's listening source.
     Feed(Feed),
     /// A drainer behind the flow's connecting sink (already listening; the spec names its address).
-    Drain(std::thread::JoinHandle<Result<(u64, u64)>>),
+    Drain(Drainer),
 }
 
 /// Runs the flow `spec` with its peer; the bytes are the sink's (or the drainer's).
@@ -305,7 +308,7 @@ fn rw_socket_to_file(data: std::sync::Arc<Vec<u8>>, out: &Path) -> Result<Run> {
 }
 
 /// A thread that drains a listener and returns its CPU time and the byte count.
-fn drainer(l: TcpListener) -> std::thread::JoinHandle<Result<(u64, u64)>> {
+fn drainer(l: TcpListener) -> Drainer {
     named("drainer", move || {
         let (mut s, _) = l.accept()?;
         let mut buf = vec![0u8; 256 << 10];
@@ -509,8 +512,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     Ok(s)
 }
 
-/// 1. Receive -> decrypt -> store: the memory-centric program and the flows alternate, `rounds` times; the table
-/// shows each program's median round and the ratio of the medians.
+/// Receive -> decrypt -> store: the memory-centric program and the flows alternate, `rounds` times; the table shows
+/// each program's median round and the ratio of the medians.
 fn decrypt_part(
     args: &BenchArgs,
     s: &mut Section,
@@ -524,6 +527,7 @@ fn decrypt_part(
         &["records", "program", "records/s", "MB/s", "CPU s/GB", "syscalls/record", "flow / memory-centric"],
     );
     let rounds = count(args, 5, 1) as usize;
+    let mut all_rounds = Vec::new();
     for (size, paper) in [(64usize, 1.13), (1024, 1.93)] {
         let n = count(args, 1_000_000, 1000);
         // The stream is sent from a file by sendfile: the feeder must not be what bounds both programs.
@@ -536,10 +540,14 @@ fn decrypt_part(
         let mut mcs = Vec::new();
         let mut flows: Vec<Vec<Run>> = vec![Vec::new(); programs.len()];
         let mut ratios = Vec::new();
+        let mut round_rows = Vec::new();
         for round in 0..rounds {
             let mc = memory_centric(key, data.clone(), &out, n, size)?;
             std::fs::remove_file(&out)?;
             anyhow::ensure!(mc.bytes == n * size as u64, "memory-centric moved {} bytes", mc.bytes);
+            round_rows.push(serde_json::json!({
+                "size": size, "round": round + 1, "program": "memory-centric", "records_per_s": mc.rec_s()
+            }));
             for (k, (reps, label)) in programs.iter().enumerate() {
                 let spec = format!(
                     "tcp-listen:127.0.0.1:0 ! decrypt aes-256-gcm key={} replicas={reps} ! file:{}",
@@ -559,6 +567,9 @@ fn decrypt_part(
                         stage_line(&fs)
                     ));
                 }
+                round_rows.push(serde_json::json!({
+                    "size": size, "round": round + 1, "program": label, "records_per_s": fl.rec_s()
+                }));
                 flows[k].push(fl);
             }
             mcs.push(mc);
@@ -587,16 +598,18 @@ fn decrypt_part(
             "x",
         ));
         std::fs::remove_file(&streamed)?;
+        all_rounds.extend(round_rows);
         runs.extend(mcs);
         runs.extend(flows.into_iter().flatten());
     }
     s.tables.push(t);
+    s.put("decrypt_rounds", all_rounds);
     Ok(())
 }
 
-/// 2. Replicated decrypt: file -> decrypt -> /dev/null, 1 KB records, 1 and 2 replicas alternating; with the CPU
-/// each stage used and how busy the machine's cores were (other processes included), which says whether a second
-/// core was free to take the replica.
+/// Replicated decrypt: file -> decrypt -> /dev/null, 1 KB records, 1 and 2 replicas alternating; with the CPU each
+/// stage used and how busy the machine's cores were (other processes included), which says whether a second core
+/// was free to take the replica.
 fn replicas_part(
     args: &BenchArgs,
     s: &mut Section,
@@ -668,7 +681,7 @@ fn replicas_part(
     Ok(())
 }
 
-/// 3. Pure moves: socket -> file and file -> socket, the flow against a read/write loop and socat.
+/// Pure moves: socket -> file and file -> socket, the flow against a read/write loop and socat.
 fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut Vec<Run>) -> Result<()> {
     let socat = have_socat();
     if !socat {
@@ -683,6 +696,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         .map(|&b| ((b as f64 * args.scale.min(1.0)) as u64).max(64 << 10))
         .collect();
     let mut worst = 0.0f64;
+    let mut points = Vec::new();
     for &size in &sizes {
         let data = std::sync::Arc::new(vec![0x5au8; size as usize]);
         let out = scratch.file("moved");
@@ -692,6 +706,9 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                 worst = worst.max(ratio);
             }
             for r in &rows {
+                points.push(serde_json::json!({
+                    "direction": name, "size": size, "program": r.what, "cpu_s_per_gb": r.cpu_per_gb(), "mb_s": r.mb_s()
+                }));
                 t.row(vec![
                     name.into(),
                     fmt_bytes(size),
@@ -729,6 +746,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         direction("file -> socket", rows);
     }
     s.tables.push(t);
+    s.put("moves", points);
     s.checks.push(Check::at_most(
         "pure move: flow CPU per GB / read-write loop's (worst of 64 MiB and up, both directions)",
         worst,
