@@ -157,6 +157,17 @@ fn replicated_decrypt_keeps_order() {
     .unwrap();
     assert_eq!(s.stages[1].replicas, 2);
     assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    // `auto` decides after 64 chunks (here about 190) whether the stage moves off the reading thread, on 1 or more
+    // threads, depending on the cores free now: whichever it chose, the output is whole and in order, and the
+    // stages' CPU time is counted.
+    let s = run(&format!(
+        "file:{} chunk=16K ! decrypt aes-256-gcm key={k} replicas=auto ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
 #[test]
