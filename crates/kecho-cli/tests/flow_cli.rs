@@ -238,3 +238,20 @@ fn a_running_flow_serves_prometheus_metrics() -> Result<()> {
     assert!(status.success());
     Ok(())
 }
+
+/// A reader that goes away (`kecho flow run --json ... | head -1`) is not a crash: the flow's result stands.
+#[test]
+fn a_closed_standard_output_is_not_a_crash() -> Result<()> {
+    let d = Dir::new("epipe");
+    std::fs::write(d.path("in"), vec![5u8; 200_000])?;
+    let spec = format!("file:{} ! checksum ! file:{}", d.path("in"), d.path("out"));
+    let mut child =
+        command(&d, &["flow", "run", "--json", &spec]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+    assert_eq!(std::fs::read(d.path("out"))?.len(), 200_000);
+    Ok(())
+}
