@@ -1669,7 +1669,8 @@ fn pipeline(
                                 unreachable!("checked above")
                             };
                             mode = split(sh, tail, i - 1, n, pool.clone())?;
-                            sh.event(0, "replicated", &specs[i - 1].transform.name(), format!("{n} replicas"));
+                            let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
+                            sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
                         }
                     }
                 }
