@@ -224,6 +224,11 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
 /// The child: hosts member nodes of `channel`, started on the parent's word (`join K`: one node, answered when it
 /// knows K sinks; `storm M K`: M nodes at once, answered when every node here knows K sinks; `rss`).
 pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
+    // RUST_LOG=kecho=debug (say) shows what the member nodes do, on standard error.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let filter = tracing_subscriber::EnvFilter::from_default_env();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
     let rt = runtime()?;
     let mut members: Vec<(Node, Channel, Sink)> = Vec::new();
     let stdin = std::io::stdin();
@@ -236,7 +241,9 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 let k: usize = k.parse()?;
                 rt.block_on(async {
                     let t0 = Instant::now();
-                    let (m, opened) = tokio::time::timeout(STEP_LIMIT, join(registry, channel, k)).await??;
+                    let (m, opened) =
+                        tokio::time::timeout(STEP_LIMIT + Duration::from_secs(10), join(registry, channel, k))
+                            .await??;
                     let known = t0.elapsed();
                     members.push(m);
                     Ok::<_, anyhow::Error>(format!("ok {} {}", (opened - t0).as_nanos(), known.as_nanos()))
@@ -246,7 +253,7 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 let (m, k): (usize, usize) = (m.parse()?, k.parse()?);
                 rt.block_on(async {
                     let t0 = Instant::now();
-                    let joined = tokio::time::timeout(STEP_LIMIT, async {
+                    let joined = tokio::time::timeout(STEP_LIMIT + Duration::from_secs(10), async {
                         let mut all = tokio::task::JoinSet::new();
                         for _ in 0..m {
                             let channel = channel.to_owned();
@@ -278,10 +285,12 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
 
 async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, Channel, Sink), Instant)> {
     let membership = MembershipConfig { open_timeout: STEP_LIMIT, ..MembershipConfig::default() };
-    let node = Node::builder().registry(registry).membership(membership).start().await?;
-    let ch = node.channel(channel).await?;
+    let node = Node::builder().registry(registry).membership(membership).start().await.context("starting a node")?;
+    let ch = node.channel(channel).await.context("opening the channel")?;
     let opened = Instant::now();
     let sink = ch.sink(SinkOptions::new())?;
-    ch.wait_for_sinks(k, STEP_LIMIT).await?;
+    ch.wait_for_sinks(k, STEP_LIMIT)
+        .await
+        .with_context(|| format!("{} member nodes known", ch.member_nodes().len()))?;
     Ok(((node, ch, sink), opened))
 }
