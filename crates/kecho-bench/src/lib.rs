@@ -23,6 +23,7 @@ mod child;
 mod filters;
 mod flows;
 mod latency;
+mod members;
 mod memory;
 mod pipe;
 mod plot;
@@ -117,6 +118,9 @@ pub enum Workload {
     Resources,
     /// HTTP load balancing (`kecho balance`) against a plain round-robin proxy (not part of `all`).
     Balance,
+    /// Channels of many member nodes in a few processes: join time of the Nth node, a storm of joins (not part of
+    /// `all`; see docs/SCALE.md).
+    Members,
 }
 
 impl Workload {
@@ -149,6 +153,7 @@ impl Workload {
             Workload::Flows => "flows",
             Workload::Resources => "resources",
             Workload::Balance => "balance",
+            Workload::Members => "members",
         }
     }
 }
@@ -213,5 +218,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Flows => flows::run(args),
         Workload::Resources => resources::run(args),
         Workload::Balance => balance::run(args),
+        Workload::Members => members::run(args),
     }
 }

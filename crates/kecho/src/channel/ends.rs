@@ -12,6 +12,7 @@
 //! The decisions (`EndTrack`, `verdict`) are pure and take the time as input; `ChannelInner`'s methods here apply
 //! them.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -270,11 +271,13 @@ impl ChannelInner {
         let mut verdicts = Vec::new();
         let mut pending = Vec::new();
         let mut arm = false;
+        // Sets, so that a change costs O(members) and not O(members^2) in a large channel.
+        let present: HashSet<NodeId> = peers.iter().map(|(p, _)| *p).collect();
         {
-            let before = self.seen_peers.lock().clone();
+            let before: HashSet<NodeId> = self.seen_peers.lock().iter().copied().collect();
             let mut tracks = self.tracks.lock();
             for ((origin, source), t) in tracks.iter_mut() {
-                if peers.iter().any(|(p, _)| p == origin) {
+                if present.contains(origin) {
                     t.node_back();
                     continue;
                 }
@@ -310,7 +313,10 @@ impl ChannelInner {
         }
         // Members that appeared since the last change hear of the ends this node relays.
         let mut seen = self.seen_peers.lock();
-        let fresh: Vec<&(NodeId, String)> = peers.iter().filter(|(p, _)| !seen.contains(p)).collect();
+        let fresh: Vec<&(NodeId, String)> = {
+            let seen: HashSet<NodeId> = seen.iter().copied().collect();
+            peers.iter().filter(|(p, _)| !seen.contains(p)).collect()
+        };
         if !fresh.is_empty() {
             let ends = self.ends.lock();
             for (to, addr) in fresh {
