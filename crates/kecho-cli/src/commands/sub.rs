@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use kecho::{RecvError, SinkOptions};
+use kecho::{Event, RecvError, Sink, SinkOptions};
+use kecho_store::{DurableError, DurableSink};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -48,6 +49,47 @@ pub struct Args {
     /// Give up after this many seconds (default: never).
     #[arg(long)]
     timeout: Option<f64>,
+    /// A durable sink named NAME: its position per source is kept in --state-dir, and after a restart it prints
+    /// nothing twice and reports the events it missed while it was away (docs/DURABILITY.md).
+    #[arg(long, value_name = "NAME", requires = "state_dir")]
+    durable: Option<String>,
+    /// Where durable sinks keep their positions (a directory per name).
+    #[arg(long, value_name = "DIR", requires = "durable")]
+    state_dir: Option<std::path::PathBuf>,
+}
+
+/// The sink, plain or durable.
+enum Input {
+    Plain(Sink),
+    Durable(Box<DurableSink>),
+}
+
+impl Input {
+    async fn recv(&mut self) -> Result<Result<Event, RecvError>> {
+        match self {
+            Input::Plain(s) => Ok(s.recv().await),
+            Input::Durable(d) => match d.recv().await {
+                Ok(ev) => Ok(Ok(ev)),
+                Err(DurableError::Recv(e)) => Ok(Err(e)),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Input::Plain(s) => s.is_empty(),
+            Input::Durable(d) => d.is_empty(),
+        }
+    }
+
+    /// Writes the durable sink's position of the last event printed.
+    fn commit(&mut self) -> Result<()> {
+        if let Input::Durable(d) = self {
+            d.commit()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +129,11 @@ pub async fn run(a: Args) -> Result<()> {
     let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
-    let mut sink = ch.sink(opts)?;
+    let sink = ch.sink(opts)?;
+    let mut sink = match (&a.durable, &a.state_dir) {
+        (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
+        _ => Input::Plain(sink),
+    };
     eprintln!("kecho: subscribed to {:?}", a.channel);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;
@@ -116,7 +162,7 @@ pub async fn run(a: Args) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => None,
             }
         };
-        let r = match deadline {
+        let r: Option<Result<Result<Event, RecvError>>> = match deadline {
             Some(d) => match tokio::time::timeout_at(d, next).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -127,6 +173,11 @@ pub async fn run(a: Args) -> Result<()> {
                 }
             },
             None => next.await,
+        };
+        let r = match r {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => break Err(e),
         };
         match r {
             None => break Ok(()),
@@ -156,9 +207,11 @@ pub async fn run(a: Args) -> Result<()> {
             Some(Err(e)) => break Err(e.into()),
         }
     };
+    let committed = sink.commit();
     drop(out);
     drop(sink);
     drop(observer);
     node.shutdown().await;
+    committed?;
     result
 }
