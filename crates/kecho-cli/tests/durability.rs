@@ -113,8 +113,8 @@ fn registry() -> Result<(Proc, String)> {
     Ok((r, addr))
 }
 
-fn publish(reg: &str, channel: &str, count: u64, rate: u64) -> Result<Proc> {
-    let (count, rate) = (count.to_string(), rate.to_string());
+fn publish(reg: &str, channel: &str, count: u64, rate: u64, sinks: usize) -> Result<Proc> {
+    let (count, rate, sinks) = (count.to_string(), rate.to_string(), sinks.to_string());
     Proc::spawn(
         "pub",
         &[
@@ -129,7 +129,7 @@ fn publish(reg: &str, channel: &str, count: u64, rate: u64) -> Result<Proc> {
             "--rate",
             &rate,
             "--wait-sinks",
-            "1",
+            &sinks,
             "--timeout",
             "30",
             "x",
@@ -166,7 +166,7 @@ fn a_recording_keeps_every_event_once_across_restarts_and_cuts_a_torn_tail() -> 
     let d = dir.path().to_str().context("path")?;
     let mut rec = Proc::spawn("record", &["record", "rec", "--dir", d, "--registry", &addr, "--count", "500"])?;
     rec.wait_stderr("recording")?;
-    let mut p = publish(&addr, "rec", 500, 5000)?;
+    let mut p = publish(&addr, "rec", 500, 5000, 1)?;
     ensure!(p.finish()?, "pub: {}", p.stderr());
     ensure!(rec.finish()?, "record: {}", rec.stderr());
     ensure!(rec.stderr().contains("recorded 500 event(s); 0 missed"), "{}", rec.stderr());
@@ -176,7 +176,7 @@ fn a_recording_keeps_every_event_once_across_restarts_and_cuts_a_torn_tail() -> 
     // Restarted, the recorder goes on after what it has (a second source's events join the first's).
     let mut rec = Proc::spawn("record", &["record", "rec", "--dir", d, "--registry", &addr, "--count", "100"])?;
     rec.wait_stderr("500 event(s) so far")?;
-    let mut p = publish(&addr, "rec", 100, 5000)?;
+    let mut p = publish(&addr, "rec", 100, 5000, 1)?;
     ensure!(p.finish()?, "pub: {}", p.stderr());
     ensure!(rec.finish()?, "record: {}", rec.stderr());
     let (got, _) = print_recording(dir.path())?;
@@ -194,26 +194,40 @@ fn a_recording_keeps_every_event_once_across_restarts_and_cuts_a_torn_tail() -> 
     Ok(())
 }
 
-#[test]
-fn a_durable_sink_killed_and_restarted_prints_nothing_twice_and_is_told_what_it_missed() -> Result<()> {
+/// A durable sink printing JSON, killed (SIGKILL) once it printed 300 events and started again under the same name
+/// after `away` (or, `away` None, once the publisher is gone). Returns (events printed twice, events missing, events
+/// reported missed).
+fn durable_sink_killed_and_restarted(channel: &str, recorder: bool, away: Option<Duration>) -> Result<(u64, u64)> {
     const N: u64 = 2000;
     let (_reg, addr) = registry()?;
     let state = tempfile::tempdir()?;
+    let rec_dir = tempfile::tempdir()?;
+    let _rec = if recorder {
+        let d = rec_dir.path().to_str().context("path")?;
+        let mut r = Proc::spawn("record", &["record", channel, "--dir", d, "--registry", &addr])?;
+        r.wait_stderr("recording")?;
+        Some(r)
+    } else {
+        None
+    };
     let s = state.path().to_str().context("path")?;
-    let args = ["sub", "dur", "--registry", &addr, "--format", "json", "--durable", "d1", "--state-dir", s];
+    let args = ["sub", channel, "--registry", &addr, "--format", "json", "--durable", "d1", "--state-dir", s];
     let mut first = Proc::spawn("sink-1", &args)?;
     first.wait_stderr("subscribed")?;
-    let mut p = publish(&addr, "dur", N, 1000)?;
+    let mut p = publish(&addr, channel, N, 1000, if recorder { 2 } else { 1 })?;
     first.wait("300 events", |o, _| o.len() >= 300)?;
     first.child.kill()?;
     first.finish()?;
     let run1 = seqs(&first.stdout())?;
-    // Away while events go on; then back under the same name.
-    std::thread::sleep(Duration::from_millis(300));
+    match away {
+        Some(t) => std::thread::sleep(t),
+        None => ensure!(p.finish()?, "pub: {}", p.stderr()),
+    }
     let mut second = Proc::spawn("sink-2", &args)?;
     second.wait_stderr("subscribed")?;
     ensure!(p.finish()?, "pub: {}", p.stderr());
-    second.wait("the last event", |o, _| o.iter().any(|l| l.contains(&format!("\"seq\":{N}"))))?;
+    let last = format!("\"seq\":{N},");
+    second.wait("the last event", |o, _| o.iter().any(|l| l.contains(&last)))?;
     second.child.kill()?;
     second.finish()?;
     let run2 = seqs(&second.stdout())?;
@@ -222,17 +236,58 @@ fn a_durable_sink_killed_and_restarted_prints_nothing_twice_and_is_told_what_it_
     let last1 = *run1.last().context("first run printed nothing")?;
     let dup: Vec<u64> = run2.iter().copied().filter(|s| run1.contains(s)).collect();
     ensure!(dup.is_empty() || dup == [last1], "printed twice: {dup:?}");
+    ensure!(run2.windows(2).all(|w| w[0] < w[1]), "the second run out of order: {run2:?}");
     let all: BTreeSet<u64> = run1.iter().chain(&run2).copied().collect();
     let lost = N - all.len() as u64;
     eprintln!(
-        "FIGURE durable sink: first run printed {} (up to {last1}), second {} from {:?}; {lost} missing, {reported} \
-         reported missed",
+        "FIGURE durable sink ({}, publisher {}): first run printed {} (up to {last1}), second {} from {:?}; {lost} \
+         missing, {reported} reported missed",
+        if recorder { "with a recorder" } else { "no recorder" },
+        if away.is_some() { "running" } else { "gone before the restart" },
         run1.len(),
         run2.len(),
         run2.first()
     );
-    ensure!(lost > 0, "nothing was published while the sink was away");
     ensure!(lost == reported, "{lost} missing but {reported} reported: {}", second.stderr());
-    ensure!(run2.windows(2).all(|w| w[0] < w[1]), "the second run out of order");
+    Ok((lost, reported))
+}
+
+#[test]
+fn a_durable_sink_killed_and_restarted_prints_nothing_twice_and_is_told_what_it_missed() -> Result<()> {
+    let (lost, _) = durable_sink_killed_and_restarted("dur", false, Some(Duration::from_millis(300)))?;
+    ensure!(lost > 0, "nothing was published while the sink was away");
+    Ok(())
+}
+
+#[test]
+fn with_a_recorder_a_durable_sink_killed_and_restarted_misses_nothing_even_with_its_publisher_gone() -> Result<()> {
+    let (lost, _) = durable_sink_killed_and_restarted("durrec", true, Some(Duration::from_millis(300)))?;
+    ensure!(lost == 0, "{lost} missed with a recorder");
+    let (lost, _) = durable_sink_killed_and_restarted("durgone", true, None)?;
+    ensure!(lost == 0, "{lost} missed with a recorder, the publisher gone");
+    Ok(())
+}
+
+#[test]
+fn a_late_joiner_gets_the_newest_events_from_a_recorder_then_the_live_ones() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().context("path")?;
+    let mut rec = Proc::spawn("record", &["record", "late", "--dir", d, "--registry", &addr])?;
+    rec.wait_stderr("recording")?;
+    let mut p = publish(&addr, "late", 100, 5000, 1)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    // The recorder takes the events it has queued before any request (see `kecho record`).
+    let mut late = Proc::spawn(
+        "late",
+        &["sub", "late", "--registry", &addr, "--format", "json", "--last", "10", "--count", "30"],
+    )?;
+    late.wait_stderr("replayed from a recorder")?;
+    let mut p2 = publish(&addr, "late", 20, 5000, 2)?;
+    ensure!(p2.finish()?, "pub: {}", p2.stderr());
+    ensure!(late.finish()?, "late: {}", late.stderr());
+    let got = seqs(&late.stdout())?;
+    let want: Vec<u64> = (91..=100).chain(1..=20).collect();
+    ensure!(got == want, "got {got:?}; stderr: {}", late.stderr());
     Ok(())
 }

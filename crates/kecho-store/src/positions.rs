@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use kecho::{Event, RecvError, Sink, SourceKey};
 
 use crate::log::{Log, LogError, LogOptions};
+use crate::record::Recorded;
+use crate::replay::{ReplayClient, ReplayError};
 
 /// What to do with an arriving event.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +59,20 @@ impl Positions {
         }
     }
 
+    /// Replayed event `seq` of `source` (from a recorder) arrived: `None` if the application has it, else how many
+    /// events of the source came between the position and it (0 for a source without a position). The source's
+    /// first live event after it then counts what came between as missed.
+    pub fn replay(&mut self, source: SourceKey, seq: u64) -> Option<u64> {
+        let missed = match self.last.get(&source) {
+            Some(&last) if seq <= last => return None,
+            Some(&last) => seq - last - 1,
+            None => 0,
+        };
+        self.last.insert(source, seq);
+        self.resumed.insert(source, ());
+        Some(missed)
+    }
+
     /// The application has event `seq` of `source`.
     pub fn handed(&mut self, source: SourceKey, seq: u64) {
         let e = self.last.entry(source).or_default();
@@ -90,6 +106,18 @@ pub enum DurableError {
     /// The sink itself.
     #[error(transparent)]
     Recv(#[from] RecvError),
+    /// A replay from a recorder failed.
+    #[error("replay: {0}")]
+    Replay(#[from] ReplayError),
+}
+
+/// What a catch-up hands over, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatchUp {
+    /// Events missed before the next one (the recorder does not have them either).
+    Missed(u64),
+    /// A recorded event.
+    Event(Recorded),
 }
 
 fn check_name(name: &str) -> Result<(), DurableError> {
@@ -109,7 +137,8 @@ fn check_name(name: &str) -> Result<(), DurableError> {
 pub struct DurableSink {
     sink: Sink,
     positions: Positions,
-    log: Log,
+    /// Where the positions are kept; none for [`DurableSink::in_memory`].
+    log: Option<Log>,
     /// Handed over and not yet written.
     pending: Option<(SourceKey, u64)>,
     /// An event held back behind its missed-count report.
@@ -123,7 +152,48 @@ impl DurableSink {
         check_name(name)?;
         let dir = state_dir.join(name);
         let (log, last) = load(&dir)?;
-        Ok(DurableSink { sink, positions: Positions::resumed(last), log, pending: None, held: None, dir })
+        Ok(DurableSink { sink, positions: Positions::resumed(last), log: Some(log), pending: None, held: None, dir })
+    }
+
+    /// Wraps `sink` with its positions kept in memory only: a replay ([`DurableSink::catch_up`]) is then merged with
+    /// the live events without duplicates (a late joiner's `--last N`).
+    pub fn in_memory(sink: Sink) -> DurableSink {
+        DurableSink { sink, positions: Positions::default(), log: None, pending: None, held: None, dir: PathBuf::new() }
+    }
+
+    /// Asks the channel's recorders (through `client`) for the events after this sink's positions and for the
+    /// newest `last` events, and returns what to hand over before any live event, in order (each recorded event
+    /// once, after what the application has; events missed ahead of them counted). `None` if no recorder appears
+    /// within `wait`. The positions of what is returned are written.
+    pub async fn catch_up(
+        &mut self,
+        client: &mut ReplayClient,
+        last: u64,
+        wait: std::time::Duration,
+    ) -> Result<Option<Vec<CatchUp>>, DurableError> {
+        let after: Vec<(SourceKey, u64)> = self.positions.all().collect();
+        if after.is_empty() && last == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let Some(got) = client.fetch(after, last, wait).await? else { return Ok(None) };
+        let mut out = Vec::new();
+        let mut newest: HashMap<SourceKey, u64> = HashMap::new();
+        for r in got {
+            match self.positions.replay(r.source, r.seq) {
+                None => continue,
+                Some(0) => {}
+                Some(n) => out.push(CatchUp::Missed(n)),
+            }
+            newest.insert(r.source, r.seq);
+            out.push(CatchUp::Event(r));
+        }
+        if let Some(log) = &mut self.log {
+            for (k, s) in newest {
+                log.append(&record(k, s))?;
+            }
+            log.flush()?;
+        }
+        Ok(Some(out))
     }
 
     /// The directory holding the positions.
@@ -165,8 +235,10 @@ impl DurableSink {
     /// Writes the position of the last event handed over (it then survives the process being killed).
     pub fn commit(&mut self) -> Result<(), DurableError> {
         if let Some((k, s)) = self.pending.take() {
-            self.log.append(&record(k, s))?;
-            self.log.flush()?;
+            if let Some(log) = &mut self.log {
+                log.append(&record(k, s))?;
+                log.flush()?;
+            }
         }
         Ok(())
     }
@@ -228,6 +300,21 @@ mod tests {
         assert_eq!(p.admit(b, 5), Admit::Deliver { missed: 0 }, "a source never seen");
         let mut p = Positions::resumed(HashMap::from([(a, 10)]));
         assert_eq!(p.admit(a, 11), Admit::Deliver { missed: 0 }, "right where it left off");
+    }
+
+    #[test]
+    fn a_replay_goes_after_the_position_and_live_events_after_the_replay() {
+        let a = SourceKey(1);
+        let b = SourceKey(2);
+        let mut p = Positions::resumed(HashMap::from([(a, 10)]));
+        assert_eq!(p.replay(a, 9), None, "the application has it");
+        assert_eq!(p.replay(a, 13), Some(2), "11 and 12 are not recorded");
+        assert_eq!(p.replay(a, 14), Some(0));
+        assert_eq!(p.replay(b, 5), Some(0), "a late joiner's first event");
+        // Live events that were buffered meanwhile: the replayed ones are dropped, the gap after them counted.
+        assert_eq!(p.admit(a, 14), Admit::Duplicate);
+        assert_eq!(p.admit(a, 15), Admit::Deliver { missed: 0 });
+        assert_eq!(p.admit(b, 8), Admit::Deliver { missed: 2 });
     }
 
     #[test]

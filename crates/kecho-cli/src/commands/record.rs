@@ -1,15 +1,17 @@
 //! `kecho record`: a recorder member. It joins a channel as a sink and appends every event, once, to a segmented
 //! log with a checksum per record in `--dir` (`kecho_store`), so the channel's history outlives its sources and the
-//! recorder's own restarts. `--print` writes what is recorded as JSON lines and exits.
+//! recorder's own restarts. It answers replay requests on `CHANNEL.replay` (`kecho_store::replay`): sinks that come
+//! back or join late get what it recorded. `--print` writes what is recorded as JSON lines and exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kecho::{RecvError, SinkOptions};
+use kecho_store::replay::{self, Request};
 use kecho_store::{LogOptions, Recorded, Recorder};
 
-use crate::attrs::value_json;
+use crate::attrs::recorded_json;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +65,10 @@ pub async fn run(a: Args) -> Result<()> {
     let node = node(&a.reg, &a.node, a.timeout).await?;
     let ch = open(&node, &a.channel, false).await?;
     let mut sink = ch.sink(SinkOptions::new().capacity(65_536))?;
+    let rch = open(&node, &replay::channel_of(&a.channel), false).await?;
+    let mut requests =
+        rch.sink(SinkOptions::new().types([replay::REQUEST]).attr(replay::RECORDER_ATTR, true).capacity(1024))?;
+    let mut answers = rch.source()?;
     eprintln!("kecho: recording {:?} into {} ({} event(s) so far)", a.channel, a.dir.display(), rec.opened().records);
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let (mut recorded, mut missed) = (0u64, 0u64);
@@ -71,8 +77,11 @@ pub async fn run(a: Args) -> Result<()> {
             break Ok(());
         }
         let next = async {
+            // Events first: a request is answered with everything that arrived before it.
             tokio::select! {
-                r = sink.recv() => Some(r),
+                biased;
+                r = sink.recv() => Some(Ok(r)),
+                r = requests.recv() => Some(Err(r)),
                 _ = tokio::signal::ctrl_c() => None,
             }
         };
@@ -82,6 +91,22 @@ pub async fn run(a: Args) -> Result<()> {
                 Err(_) => break Err(anyhow::anyhow!("timed out with {recorded} event(s) recorded")),
             },
             None => next.await,
+        };
+        let r = match r {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(Ok(req))) => {
+                rec.flush()?;
+                match Request::from_attrs(req.attrs()) {
+                    Ok(req) => {
+                        let n = serve(&mut rec, &mut answers, &req).await?;
+                        eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                    }
+                    Err(e) => eprintln!("kecho: ignored a replay request: {e}"),
+                }
+                continue;
+            }
+            Some(Err(Err(e))) => break Err(anyhow::anyhow!("replay requests: {e}")),
         };
         match r {
             None => break Ok(()),
@@ -112,22 +137,16 @@ pub async fn run(a: Args) -> Result<()> {
     result
 }
 
-fn recorded_json(r: &Recorded) -> serde_json::Value {
-    let attrs: serde_json::Map<String, serde_json::Value> =
-        r.attrs.iter().map(|(k, v)| (k.to_owned(), value_json(v))).collect();
-    let (payload, encoding) = match std::str::from_utf8(&r.payload) {
-        Ok(s) => (s.to_owned(), "utf8"),
-        Err(_) => {
-            use base64::Engine;
-            (base64::engine::general_purpose::STANDARD.encode(&r.payload), "base64")
-        }
-    };
-    serde_json::json!({
-        "type": r.ty,
-        "seq": r.seq,
-        "source": r.source.to_string(),
-        "attrs": attrs,
-        "payload": payload,
-        "payload_encoding": encoding,
-    })
+/// Answers replay request `req` from the recording: the events it asks for, then the end of the answer.
+async fn serve(rec: &mut Recorder, out: &mut kecho::Source, req: &Request) -> Result<u64> {
+    let all = rec.events(0)?;
+    let chosen: Vec<&Recorded> = replay::answer(req, &all);
+    for r in &chosen {
+        out.submit(replay::REPLAY, &replay::replay_attrs(&req.id, r), &r.payload).await?;
+    }
+    let mut done = kecho::Attrs::default();
+    done.set("replay_for", req.id.as_str());
+    done.set("replay_count", chosen.len() as i64);
+    out.submit(replay::DONE, &done, &[]).await?;
+    Ok(chosen.len() as u64)
 }

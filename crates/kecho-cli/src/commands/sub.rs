@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kecho::{Event, RecvError, Sink, SinkOptions};
-use kecho_store::{DurableError, DurableSink};
+use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -56,6 +56,12 @@ pub struct Args {
     /// Where durable sinks keep their positions (a directory per name).
     #[arg(long, value_name = "DIR", requires = "durable")]
     state_dir: Option<std::path::PathBuf>,
+    /// Start with the newest N events of the channel, from a recorder (`kecho record`), before the live ones.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    last: u64,
+    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    replay_wait: f64,
 }
 
 /// The sink, plain or durable.
@@ -132,15 +138,52 @@ pub async fn run(a: Args) -> Result<()> {
     let sink = ch.sink(opts)?;
     let mut sink = match (&a.durable, &a.state_dir) {
         (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
+        _ if a.last > 0 => Input::Durable(Box::new(DurableSink::in_memory(sink))),
         _ => Input::Plain(sink),
     };
     eprintln!("kecho: subscribed to {:?}", a.channel);
+    // A durable sink that comes back, or a late joiner asking for the newest events: what a recorder has first.
+    let mut replayed = Vec::new();
+    if let Input::Durable(d) = &mut sink {
+        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("last"));
+        let mut client = ReplayClient::open(&node, &a.channel, &who).await?;
+        let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
+        match d.catch_up(&mut client, a.last, wait).await? {
+            Some(items) => {
+                let n = items.iter().filter(|i| matches!(i, CatchUp::Event(_))).count();
+                eprintln!("kecho: {n} event(s) replayed from a recorder");
+                replayed = items;
+            }
+            None if a.last > 0 || d.positions().all().next().is_some() => {
+                eprintln!("kecho: no recorder on the channel; nothing replayed")
+            }
+            None => {}
+        }
+    }
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;
     // Events reported missed, and sources gone with an unknown number missed.
     let mut missed = 0u64;
     let mut lost = 0u64;
     let mut out = std::io::stdout().lock();
+    for item in replayed {
+        use std::io::Write;
+        match item {
+            CatchUp::Missed(n) => {
+                missed += n;
+                eprintln!("kecho: missed {n} event(s)");
+            }
+            CatchUp::Event(r) => {
+                got += 1;
+                let line = match a.format {
+                    Format::Json => attrs::recorded_json(&r).to_string(),
+                    Format::Text => attrs::recorded_text(&r),
+                };
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    std::io::Write::flush(&mut out)?;
     let result = loop {
         if let Some(n) = a.count {
             if got >= n {
