@@ -60,16 +60,18 @@ impl Positions {
     }
 
     /// Replayed event `seq` of `source` (from a recorder) arrived: `None` if the application has it, else how many
-    /// events of the source came between the position and it (0 for a source without a position). The source's
-    /// first live event after it then counts what came between as missed.
-    pub fn replay(&mut self, source: SourceKey, seq: u64) -> Option<u64> {
+    /// events of the source came between the position and it (0 for a source without a position). With `resume`,
+    /// the source's first live event after it then counts what came between as missed.
+    pub fn replay(&mut self, source: SourceKey, seq: u64, resume: bool) -> Option<u64> {
         let missed = match self.last.get(&source) {
             Some(&last) if seq <= last => return None,
             Some(&last) => seq - last - 1,
             None => 0,
         };
         self.last.insert(source, seq);
-        self.resumed.insert(source, ());
+        if resume {
+            self.resumed.insert(source, ());
+        }
         Some(missed)
     }
 
@@ -164,12 +166,15 @@ impl DurableSink {
     /// Asks the channel's recorders (through `client`) for the events after this sink's positions and for the
     /// newest `last` events, and returns what to hand over before any live event, in order (each recorded event
     /// once, after what the application has; events missed ahead of them counted). `None` if no recorder appears
-    /// within `wait`. The positions of what is returned are written.
+    /// within `wait`. The positions of what is returned are written. `resume`: the first live event of each source
+    /// replayed counts the events between the replay and it as missed (for a sink that starts; not for one filling a
+    /// loss the channel reported, whose count already covers them).
     pub async fn catch_up(
         &mut self,
         client: &mut ReplayClient,
         last: u64,
         wait: std::time::Duration,
+        resume: bool,
     ) -> Result<Option<Vec<CatchUp>>, DurableError> {
         let after: Vec<(SourceKey, u64)> = self.positions.all().collect();
         if after.is_empty() && last == 0 {
@@ -179,7 +184,7 @@ impl DurableSink {
         let mut out = Vec::new();
         let mut newest: HashMap<SourceKey, u64> = HashMap::new();
         for r in got {
-            match self.positions.replay(r.source, r.seq) {
+            match self.positions.replay(r.source, r.seq, resume) {
                 None => continue,
                 Some(0) => {}
                 Some(n) => out.push(CatchUp::Missed(n)),
@@ -207,11 +212,17 @@ impl DurableSink {
     }
 
     /// The next event, or what was missed: events handed over before are dropped, and the first event of a source
-    /// this sink had a position for is preceded by `Lagged` with the events missed since.
+    /// this sink had a position for is preceded by `Lagged` with the events missed since. A recorder may have those:
+    /// a [`DurableSink::catch_up`] right after the report brings them (the event held back behind the report is then
+    /// handed over only if the catch-up did not bring it too). That is worth doing after a first catch-up: the
+    /// sources may start sending to a new sink only after its first catch-up was answered.
     pub async fn recv(&mut self) -> Result<Event, DurableError> {
         self.commit()?;
         if let Some(ev) = self.held.take() {
-            return Ok(self.hand(ev));
+            // Unless a catch-up since its report brought it already.
+            if self.positions.get(ev.source()).is_none_or(|p| ev.seq() > p) {
+                return Ok(self.hand(ev));
+            }
         }
         loop {
             let ev = self.sink.recv().await?;
@@ -307,10 +318,10 @@ mod tests {
         let a = SourceKey(1);
         let b = SourceKey(2);
         let mut p = Positions::resumed(HashMap::from([(a, 10)]));
-        assert_eq!(p.replay(a, 9), None, "the application has it");
-        assert_eq!(p.replay(a, 13), Some(2), "11 and 12 are not recorded");
-        assert_eq!(p.replay(a, 14), Some(0));
-        assert_eq!(p.replay(b, 5), Some(0), "a late joiner's first event");
+        assert_eq!(p.replay(a, 9, true), None, "the application has it");
+        assert_eq!(p.replay(a, 13, true), Some(2), "11 and 12 are not recorded");
+        assert_eq!(p.replay(a, 14, true), Some(0));
+        assert_eq!(p.replay(b, 5, true), Some(0), "a late joiner's first event");
         // Live events that were buffered meanwhile: the replayed ones are dropped, the gap after them counted.
         assert_eq!(p.admit(a, 14), Admit::Duplicate);
         assert_eq!(p.admit(a, 15), Admit::Deliver { missed: 0 });

@@ -59,6 +59,10 @@ pub struct Args {
     /// Start with the newest N events of the channel, from a recorder (`kecho record`), before the live ones.
     #[arg(long, value_name = "N", default_value_t = 0)]
     last: u64,
+    /// When events are reported missed, fetch them from a recorder (`kecho record`) if one is present; only those
+    /// it does not have either are reported (--durable and --last sinks always do).
+    #[arg(long)]
+    recover: bool,
     /// How long to wait for a recorder to replay from (with --durable or --last), in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     replay_wait: f64,
@@ -138,17 +142,18 @@ pub async fn run(a: Args) -> Result<()> {
     let sink = ch.sink(opts)?;
     let mut sink = match (&a.durable, &a.state_dir) {
         (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
-        _ if a.last > 0 => Input::Durable(Box::new(DurableSink::in_memory(sink))),
+        _ if a.last > 0 || a.recover => Input::Durable(Box::new(DurableSink::in_memory(sink))),
         _ => Input::Plain(sink),
     };
     eprintln!("kecho: subscribed to {:?}", a.channel);
+    let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
     // A durable sink that comes back, or a late joiner asking for the newest events: what a recorder has first.
     let mut replayed = Vec::new();
+    let mut client = None;
     if let Input::Durable(d) = &mut sink {
-        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("last"));
-        let mut client = ReplayClient::open(&node, &a.channel, &who).await?;
-        let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
-        match d.catch_up(&mut client, a.last, wait).await? {
+        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
+        let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
+        match d.catch_up(c, a.last, wait, true).await? {
             Some(items) => {
                 let n = items.iter().filter(|i| matches!(i, CatchUp::Event(_))).count();
                 eprintln!("kecho: {n} event(s) replayed from a recorder");
@@ -166,24 +171,9 @@ pub async fn run(a: Args) -> Result<()> {
     let mut missed = 0u64;
     let mut lost = 0u64;
     let mut out = std::io::stdout().lock();
-    for item in replayed {
-        use std::io::Write;
-        match item {
-            CatchUp::Missed(n) => {
-                missed += n;
-                eprintln!("kecho: missed {n} event(s)");
-            }
-            CatchUp::Event(r) => {
-                got += 1;
-                let line = match a.format {
-                    Format::Json => attrs::recorded_json(&r).to_string(),
-                    Format::Text => attrs::recorded_text(&r),
-                };
-                writeln!(out, "{line}")?;
-            }
-        }
-    }
-    std::io::Write::flush(&mut out)?;
+    let (n, m) = print_replayed(&mut out, replayed, a.format, true)?;
+    got += n;
+    missed += m;
     let result = loop {
         if let Some(n) = a.count {
             if got >= n {
@@ -239,8 +229,24 @@ pub async fn run(a: Args) -> Result<()> {
                 }
             }
             Some(Err(RecvError::Lagged(n))) => {
-                missed += n;
-                eprintln!("kecho: missed {n} event(s)");
+                // With --recover (or --durable, or --last), a recorder may have them: fetch what follows each
+                // source's last event here. (A durable sink or a late joiner also gets here when its sources began
+                // sending to it only after its first catch-up was answered; the recorder has what came between.)
+                let mut left = n;
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    if let Some(items) = d.catch_up(c, 0, Duration::ZERO, false).await? {
+                        let (r, gaps) = print_replayed(&mut out, items, a.format, false)?;
+                        got += r;
+                        // Replayed events beyond the loss (a source still sending) make this a lower bound; the gaps
+                        // the recorder has too are certain.
+                        left = n.saturating_sub(r).max(gaps);
+                        eprintln!("kecho: {r} event(s) of {n} missed recovered from a recorder");
+                    }
+                }
+                if left > 0 {
+                    missed += left;
+                    eprintln!("kecho: missed {left} event(s)");
+                }
             }
             Some(Err(RecvError::SourceLost(k))) => {
                 lost += 1;
@@ -257,4 +263,29 @@ pub async fn run(a: Args) -> Result<()> {
     node.shutdown().await;
     committed?;
     result
+}
+
+/// Prints a catch-up's events; returns (events printed, events missed), and with `say` says what was missed.
+fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Format, say: bool) -> Result<(u64, u64)> {
+    let (mut got, mut missed) = (0, 0);
+    for item in items {
+        match item {
+            CatchUp::Missed(n) => {
+                missed += n;
+                if say {
+                    eprintln!("kecho: missed {n} event(s)");
+                }
+            }
+            CatchUp::Event(r) => {
+                got += 1;
+                let line = match format {
+                    Format::Json => attrs::recorded_json(&r).to_string(),
+                    Format::Text => attrs::recorded_text(&r),
+                };
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok((got, missed))
 }
