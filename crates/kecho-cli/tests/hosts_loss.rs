@@ -2,6 +2,10 @@
 //! `kecho sub` sinks; one sink's host drops everything from the publisher's host for 3 s (an asymmetric cut:
 //! `iptables -A INPUT -s PUBLISHER -j DROP`), then heals; the publisher finishes and exits soon after. The cut-off sink
 //! must be told of every event it missed, and its `--count` must end with a statement of the loss rather than hang.
+//! With durability (issue 17, part 2): a source's history replays the cut to a sink that returns while the publisher
+//! runs; a recorder (`kecho record`) on a fifth host gives a sink whose publisher left before the heal everything it
+//! missed (`sub --recover`); a durable sink (`sub --durable`) killed and restarted resumes with no gap and no
+//! duplicate.
 //! The harness is `hosts/harness.rs`. These tests need root, so they are marked ignored with that reason; `.ci/run`
 //! (as root) runs them with `--ignored`.
 
