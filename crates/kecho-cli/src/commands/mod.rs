@@ -19,6 +19,7 @@ pub mod logs;
 pub mod man;
 pub mod ps;
 pub mod publish;
+pub mod record;
 pub mod registry;
 pub mod release;
 pub mod repo;

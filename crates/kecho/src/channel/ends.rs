@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kecho_proto::codec::EndDest;
 use kecho_proto::{LocalId, Message, NodeId};
@@ -27,6 +27,10 @@ use crate::queue::SourceKey;
 
 /// Ends remembered by a node that got them from the source itself, to relay to members that appear later, at most.
 const REMEMBERED_ENDS: usize = 1024;
+
+/// How long a node that leaves a channel waits, at most, for the ends of the remote sources it received from, so
+/// that it relays an end that was on its way behind their last events (see `ChannelInner::await_ends_in_flight`).
+const LEAVE_LINGER: Duration = Duration::from_millis(250);
 
 /// A source's end as a receiver keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +83,11 @@ impl EndTrack {
     /// A relayed end waits to be accounted for.
     pub(super) fn has_pending(&self) -> bool {
         self.pending.is_some() && !self.settled
+    }
+
+    /// Nothing is known of the source's end yet.
+    pub(super) fn open(&self) -> bool {
+        !self.settled && self.pending.is_none() && !self.told_unknown
     }
 
     /// An event of the source arrived: it is alive (its node came back).
@@ -197,6 +206,27 @@ impl ChannelInner {
         for (to, addr) in peers {
             node.send(to, &addr, &msg);
         }
+    }
+
+    /// Before this node leaves: waits (at most `LEAVE_LINGER`) until every remote source it received from, whose
+    /// node is in view, has ended, if some other member could need this node to relay that end. A sink that stops as
+    /// soon as it has a source's last event (`kecho sub --count`) would otherwise leave before the end that follows
+    /// that event arrives, and a member cut off from the source would never hear of it (the source, gone, cannot say
+    /// it again).
+    pub(super) async fn await_ends_in_flight(&self) {
+        let deadline = tokio::time::Instant::now() + LEAVE_LINGER;
+        while self.ends_in_flight() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Some remote source this node received from may still end with another member depending on this node's relay.
+    fn ends_in_flight(&self) -> bool {
+        let peers: Vec<NodeId> = self.state.lock().peers().keys().copied().collect();
+        let tracks = self.tracks.lock();
+        tracks.iter().any(|((origin, _), t)| {
+            t.last > 0 && t.end.open() && peers.contains(origin) && peers.iter().any(|p| p != origin)
+        })
     }
 
     /// A `SourceEnd` arrived from node `from`.

@@ -401,6 +401,11 @@ impl ChannelInner {
     }
 
     pub(crate) async fn leave(self: &Arc<Self>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // An end may be in flight behind the last events this node received: hand it on before going.
+        self.await_ends_in_flight().await;
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -569,7 +569,7 @@ impl SendTrack {
                 encode_targets(&mut enc.prefix, channel, t);
             }
             // A full link drops the copy; the node then reports the gap in transit as for any lost event.
-            let _ = peer.outbox.push_event_with(&enc.prefix, frame.clone(), &mut enc.gate);
+            let _ = peer.outbox.push_event_with(&enc.prefix, frame, &mut enc.gate);
             enc.prefix.clear();
         }
         // The next event tells the node its current numbering again.
@@ -664,16 +664,11 @@ impl Encoder {
         self.gate.done();
         if !went.is_empty() {
             // Kept for a node whose link breaks with it in flight.
-            let f = match &frame {
-                Some(f) => f.clone(),
-                None => {
-                    let b = self.buf.room(self.small.len(), ENCODE_CHUNK);
-                    b.extend_from_slice(&self.small);
-                    b.split().freeze()
-                }
-            };
             let at = kept.needs_time().then(now);
-            kept.sent(head.seq, f, went, at);
+            match &frame {
+                Some(f) => kept.sent(head.seq, f.clone(), went, at),
+                None => kept.sent_small(head.seq, &self.small, went, at),
+            }
         }
         frame
     }
