@@ -118,6 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let baseline_tuning = Tuning { fanout: 4, attr_gap, report_gap: Duration::from_millis(100), tell_free: false };
     let mut outcomes = Vec::new();
     let mut base_over = 0;
+    let mut base_trace = None;
     if std::env::var("KECHO_BENCH_RES_BASELINE").as_deref() != Ok("0") {
         let base = rt
             .block_on(distributed(32, 1, conc, n, 0.02, &baseline_tuning, false, None))
@@ -126,6 +127,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         o.system = format!("baseline settings ({}), 32 agents", baseline_tuning.describe());
         outcomes.push(o);
         base_over = base.outcome.overcommit;
+        base_trace = Some(base.trace);
         eprintln!("kecho-bench: resources: baseline done: {} placed", base.outcome.placed);
     }
     let small = rt.block_on(distributed(32, 1, conc, n, 0.02, &tuning, false, None)).context("32 agents")?;
@@ -315,6 +317,9 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     section.notes.push(format!("requests: 1, 2, 4 or 8 cores; jobs exponential, mean 20 ms; rank cpus_free; {}; {conc} concurrent requesters on 4 requester nodes; sink attributes updated at most every {} ms; agents of 16 cores, one per node (32 agents) or 50 per node (larger runs)", tuning.describe(), attr_gap.as_millis()));
     section.put("outcomes", &outcomes);
     section.put("trace_32", &small.trace);
+    if let Some(t) = &base_trace {
+        section.put("trace_base", t);
+    }
     Ok(section)
 }
 
