@@ -15,6 +15,7 @@ pub mod flow;
 pub mod grant;
 pub mod identity;
 pub mod inspect;
+pub mod live;
 pub mod logs;
 pub mod man;
 pub mod ps;
