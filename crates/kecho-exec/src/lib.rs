@@ -30,6 +30,8 @@
 //!   reservation, output streamed back in order, silent submitters' tasks stopped, drain, audit.
 //! - [`remote`]: the submitter side over kecho channels: drives a [`submit::RunSession`] (`kecho run`), and `kecho
 //!   ps`, `kecho logs`, `kecho agent drain`.
+//! - [`auth`]: the `exec` right: requests signed with the submitter's node key and carrying its credential, checked
+//!   by the agent under an access policy.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
 #![warn(missing_docs)]
@@ -37,6 +39,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod auth;
 pub mod deploy;
 pub mod graph;
 pub mod inspect;

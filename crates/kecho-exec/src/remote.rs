@@ -47,6 +47,22 @@ pub enum RemoteError {
         /// How long.
         waited: Duration,
     },
+    /// The agent refused the request.
+    #[error("agent {agent} refused: {reason}")]
+    Refused {
+        /// The agent.
+        agent: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent did not answer in time.
+    #[error("agent {agent} did not answer within {waited:?}")]
+    NoAnswer {
+        /// The agent.
+        agent: String,
+        /// How long.
+        waited: Duration,
+    },
 }
 
 /// A new submitter id: `HOST-PID-RANDOM` (letters, digits and `-` only, so that it is safe in a filter).
@@ -59,6 +75,7 @@ pub fn submitter_id(host: &str) -> String {
 /// A submitter's endpoint on the exec channel.
 pub struct Submitter {
     id: String,
+    credential: Option<crate::auth::Credential>,
     channel: Channel,
     source: Source,
     sink: Sink,
@@ -82,7 +99,14 @@ impl Submitter {
                 .overflow(Overflow::Block),
         )?;
         let source = channel.source()?;
-        Ok(Submitter { id, channel: channel.clone(), source, sink })
+        Ok(Submitter { id, credential: None, channel: channel.clone(), source, sink })
+    }
+
+    /// Signs every request that starts, stops or moves work with `credential` (the `exec` right an agent under an
+    /// access policy asks for; [`crate::auth`]).
+    pub fn with_credential(mut self, credential: Option<crate::auth::Credential>) -> Submitter {
+        self.credential = credential;
+        self
     }
 
     /// This submitter's id.
@@ -92,8 +116,14 @@ impl Submitter {
 
     /// Sends `msg` to `to` (an agent's name or [`EVERYONE`]).
     pub async fn send(&mut self, to: &str, msg: &ExecMsg) -> Result<(), RemoteError> {
-        let attrs = Attrs::new().with("to", to.to_owned());
-        self.source.submit(msg.event_type(), &attrs, &msg.encode()).await?;
+        let mut attrs = Attrs::new().with("to", to.to_owned());
+        let payload = msg.encode();
+        let request = matches!(msg, ExecMsg::Submit(_) | ExecMsg::Stop { .. } | ExecMsg::Drain { .. });
+        if let (true, Some(c)) = (request, &self.credential) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            attrs = c.sign(attrs, msg.event_type(), to, &payload, now as u64);
+        }
+        self.source.submit(msg.event_type(), &attrs, &payload).await?;
         Ok(())
     }
 
@@ -190,11 +220,24 @@ impl Submitter {
         }
     }
 
-    /// Drains `agent`: its tasks are checkpointed and stopped, and it takes no new ones.
+    /// Drains `agent`: its tasks are checkpointed and stopped, and it takes no new ones. Waits (at most `wait`) for
+    /// the agent's confirmation or refusal.
     pub async fn drain(&mut self, agent: &str, by: &str, wait: Duration) -> Result<(), RemoteError> {
         self.wait_for_agent(agent, wait).await?;
-        let msg = ExecMsg::Drain { agent: AgentName(agent.to_owned()), by: by.to_owned() };
-        self.send(agent, &msg).await
+        let name = AgentName(agent.to_owned());
+        let msg = ExecMsg::Drain { agent: name.clone(), by: by.to_owned() };
+        self.send(agent, &msg).await?;
+        let end = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(end, self.recv()).await {
+                Ok(Some(ExecMsg::Drain { agent: a, .. })) if a == name => return Ok(()),
+                Ok(Some(ExecMsg::Refused { agent: a, reason, .. })) if a == name => {
+                    return Err(RemoteError::Refused { agent: agent.to_owned(), reason })
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return Err(RemoteError::NoAnswer { agent: agent.to_owned(), waited: wait }),
+            }
+        }
     }
 }
 

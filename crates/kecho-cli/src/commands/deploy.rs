@@ -42,6 +42,7 @@ pub async fn run(a: Args) -> Result<()> {
     let app = AppSpec::load(&a.file)?;
     let name = app.name.to_string();
     let heartbeat = Duration::from_secs_f64(a.node.heartbeat);
+    let credential = crate::commands::exec_agent::credential_of(&a.node)?;
     let node = node(&a.reg, &a.node, None).await?;
     let requester = Requester::on(&node.channel(kecho_resources::wire::CHANNEL).await?)?;
     let wait = Duration::from_secs_f64(if a.wait.is_finite() { a.wait.max(0.0) } else { 5.0 });
@@ -50,7 +51,7 @@ pub async fn run(a: Args) -> Result<()> {
         anyhow::bail!("no agent on channel {} within {:?}", kecho_resources::wire::CHANNEL, wait);
     }
     let exec = node.channel(CHANNEL).await?;
-    let sub = Submitter::on(&exec, owner_id(&name))?;
+    let sub = Submitter::on(&exec, owner_id(&name))?.with_credential(credential);
     sub.wait_for_agents(wait).await;
     let placer = std::sync::Arc::new(ResourcePlacer::new(requester, heartbeat * 3).hosts(host_lookup(&exec)));
     let (launcher, mut undeploy) = RemoteLauncher::start(sub, heartbeat);
