@@ -241,6 +241,63 @@ impl Submitter {
     }
 }
 
+/// Every agent's tasks (`kecho ps`, `kecho status`): opens the exec channel on `node` as a new submitter from host
+/// `host`, waits (at most `wait`) until an agent is known, and gathers the answers for `wait`.
+pub async fn list_tasks(
+    node: &kecho::Node,
+    host: &str,
+    wait: Duration,
+) -> Result<Vec<(AgentName, Vec<TaskRow>)>, RemoteError> {
+    let mut sub = Submitter::on(&node.channel(CHANNEL).await?, submitter_id(host))?;
+    sub.wait_for_agents(wait).await;
+    sub.list(wait).await
+}
+
+/// One component of a deployed application as the agents run it: its latest generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentRow {
+    /// The generation (one more per restart or replacement).
+    pub generation: u64,
+    /// The agent running it.
+    pub agent: AgentName,
+    /// Its task's state.
+    pub state: String,
+}
+
+/// The latest generation of each component of each application (only `app` if given) in the agents' task lists,
+/// from the task ids `APP.COMPONENT.GENERATION` that a deployment gives its components.
+pub fn components(
+    answers: Vec<(AgentName, Vec<TaskRow>)>,
+    app: Option<&str>,
+) -> BTreeMap<String, BTreeMap<String, ComponentRow>> {
+    let mut apps: BTreeMap<String, BTreeMap<String, ComponentRow>> = BTreeMap::new();
+    for (agent, tasks) in answers {
+        for t in tasks {
+            if !t.submitter.starts_with("app-") {
+                continue;
+            }
+            let Some((rest, generation)) = t.task.0.rsplit_once('.') else { continue };
+            let Some((name, component)) = rest.rsplit_once('.') else { continue };
+            if app.is_some_and(|want| want != name) {
+                continue;
+            }
+            let Ok(generation) = generation.parse::<u64>() else { continue };
+            let row = ComponentRow { generation, agent: agent.clone(), state: t.state };
+            let slot = apps.entry(name.to_owned()).or_default().entry(component.to_owned());
+            match slot {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(row);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) if generation >= o.get().generation => {
+                    o.insert(row);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {}
+            }
+        }
+    }
+    apps
+}
+
 /// Where a run's output and notes go.
 pub trait RunOutput {
     /// Output of the task.
@@ -547,5 +604,40 @@ impl crate::deploy::Launcher for RemoteLauncher {
             .send(LaunchCmd::Launch(Box::new(Launch { placement: placement.clone(), spec, reply: tx })))
             .map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?;
         rx.await.map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(task: &str, submitter: &str, state: &str) -> TaskRow {
+        TaskRow {
+            task: TaskId(task.into()),
+            run: 0,
+            submitter: submitter.into(),
+            argv: vec![],
+            state: state.into(),
+            since_ms: 0,
+            limits: String::new(),
+        }
+    }
+
+    #[test]
+    fn components_keep_the_latest_generation_of_deployed_tasks_only() {
+        let a = AgentName("a".into());
+        let b = AgentName("b".into());
+        let answers = vec![
+            (a.clone(), vec![row("shop.api.0", "app-shop", "exited 137"), row("x-1-2", "host-1", "running")]),
+            (b.clone(), vec![row("shop.api.1", "app-shop", "running"), row("shop.db.0", "app-shop", "running")]),
+            (a.clone(), vec![row("blog.web.3", "app-blog", "running"), row("odd", "app-odd", "running")]),
+        ];
+        let all = components(answers.clone(), None);
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["blog", "shop"]);
+        let api = &all["shop"]["api"];
+        assert_eq!((api.generation, &api.agent, api.state.as_str()), (1, &b, "running"));
+        assert_eq!(all["shop"].len(), 2);
+        let shop = components(answers, Some("shop"));
+        assert_eq!(shop.keys().collect::<Vec<_>>(), ["shop"]);
     }
 }

@@ -142,3 +142,21 @@ pub fn credential(identity: Option<&Path>, tokens: &[PathBuf]) -> Result<Option<
     }
     Ok(None)
 }
+
+/// Seconds given as a flag (`--wait`), or `default` when not a finite number; never negative.
+pub fn wait_secs(v: f64, default: f64) -> Duration {
+    Duration::from_secs_f64(if v.is_finite() { v.max(0.0) } else { default })
+}
+
+/// Every exec agent's tasks within `wait` (the set-up `kecho ps` and `kecho status` share): starts a node, asks,
+/// and stops the node.
+pub async fn task_lists(
+    reg: &RegistryArg,
+    na: &NodeArgs,
+    wait: Duration,
+) -> Result<Vec<(AgentName, Vec<kecho_exec::wire::TaskRow>)>> {
+    let node = node(reg, na, None).await?;
+    let answers = kecho_exec::remote::list_tasks(&node, &crate::commands::agent::host_name(), wait).await;
+    node.shutdown().await;
+    Ok(answers?)
+}
