@@ -191,6 +191,8 @@ impl RunningApp {
 }
 
 /// Deploys `app`: resolves artifacts through `cache`, places every component with `placer`, and starts the driver.
+/// Without a cache, artifacts are left to the agents: a component's program is then its digest (`sha256:...`), which
+/// [`crate::remote::RemoteLauncher`] hands to the agent to fetch and verify.
 pub async fn deploy<P, L, F>(
     app: AppSpec,
     placer: Arc<P>,
@@ -206,10 +208,8 @@ where
     let mut artifacts = BTreeMap::new();
     for c in &order {
         if let Run::Artifact { digest, .. } = &app.components[c].run {
-            let path = match cache {
-                Some(cache) => cache.ensure(digest).await,
-                None => Err(RepoError::NotFound(*digest)),
-            };
+            let Some(cache) = cache else { continue };
+            let path = cache.ensure(digest).await;
             let path = path.map_err(|source| DeployError::Artifact { component: c.clone(), source })?;
             artifacts.insert(*digest, path);
         }
@@ -487,7 +487,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             Run::Shell(line) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
             Run::Argv(v) => v.iter().map(|a| expand_vars(a, &kecho_env)).collect(),
             Run::Artifact { digest, args } => {
-                let mut v = vec![self.artifacts.get(digest).map(|p| p.display().to_string()).unwrap_or_default()];
+                let program =
+                    self.artifacts.get(digest).map_or_else(|| digest.to_string(), |p| p.display().to_string());
+                let mut v = vec![program];
                 v.extend(args.iter().map(|a| expand_vars(a, &kecho_env)));
                 v
             }

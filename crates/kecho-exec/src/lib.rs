@@ -25,6 +25,8 @@
 //!   silent submitter's tasks are stopped), when checkpoints are shipped.
 //! - [`submit`]: the submitter side of `kecho run`, pure: place, send, print output in order, restart where the
 //!   policy says from the last checkpoint, exit with the task's status.
+//! - [`repo_net`]: the repository over kecho channels: repository nodes serve their store, agents fetch what they
+//!   lack by digest (and verify it through their cache).
 //! - [`resplace`]: the real [`place::Placer`]: attached, renewed reservations negotiated with the resource agents.
 //! - [`service`]: the agent side over kecho channels (`kecho agent --allow-exec`): tasks run within their
 //!   reservation, output streamed back in order, silent submitters' tasks stopped, drain, audit.
@@ -47,6 +49,7 @@ pub mod place;
 pub mod plan;
 pub mod remote;
 pub mod repo;
+pub mod repo_net;
 pub mod resplace;
 pub mod restart;
 pub mod service;

@@ -494,6 +494,9 @@ impl RemoteLauncher {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
                                 continue;
                             }
+                            // A component that is a repository artifact the deployer did not resolve itself names
+                            // it by its digest: the agent fetches and verifies it.
+                            let artifact = spec.argv.first().and_then(|a| a.parse::<crate::repo::Digest>().ok());
                             let submit = crate::wire::Submit {
                                 task: spec.id.clone(),
                                 run: 0,
@@ -506,6 +509,7 @@ impl RemoteLauncher {
                                 restart: crate::restart::RestartPolicy::Never,
                                 checkpoint_every_ms: None,
                                 state: spec.state,
+                                artifact,
                             };
                             if let Err(e) = sub.send(&agent, &ExecMsg::Submit(submit)).await {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));

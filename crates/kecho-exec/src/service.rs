@@ -22,6 +22,8 @@ use tokio::time::Instant;
 use crate::agent::{AuditLog, CheckpointShipper, OutputLog, SubmitterLeases};
 use crate::auth::{AuthError, ExecPolicy};
 use crate::place::{AgentName, Placement};
+use crate::repo::Cache;
+use crate::repo_net::ChannelFetch;
 use crate::restart::Ending;
 use crate::task::{Confinement, Limits, OutputChunk, Supervisor, TaskControl, TaskExit, TaskId, TaskSpec};
 use crate::wire::{ExecMsg, LogChunk, Submit, TaskRow};
@@ -79,6 +81,9 @@ pub struct ServiceConfig {
     /// ([`crate::auth`]). `None`: anyone who reaches the channel may (the agent still runs only with
     /// `--allow-exec`).
     pub policy: Option<ExecPolicy>,
+    /// The agent's artifact cache in front of the repository nodes: a submission that names an artifact runs its
+    /// verified copy. `None`: such submissions are refused.
+    pub artifacts: Option<Arc<Cache<ChannelFetch>>>,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -110,6 +115,7 @@ impl ServiceConfig {
             check: None,
             host: String::new(),
             policy: None,
+            artifacts: None,
         }
     }
 }
@@ -426,10 +432,23 @@ impl State {
             }
             _ => {}
         }
+        let mut argv = s.argv.clone();
+        if let Some(digest) = &s.artifact {
+            let Some(cache) = self.cfg.artifacts.clone() else {
+                return self
+                    .refuse(&s, &who, format!("task names artifact {digest}, and this agent has no repository"))
+                    .await;
+            };
+            // A wrong or damaged artifact is refused here (the cache verifies it against its digest): never run.
+            match cache.ensure(digest).await {
+                Ok(path) => argv[0] = path.display().to_string(),
+                Err(e) => return self.refuse(&s, &who, e.to_string()).await,
+            }
+        }
         self.audit(&who, "task", &s.task.0, &format!("run {}: {}", s.run, s.argv.join(" ")));
         let spec = TaskSpec {
             id: s.task.clone(),
-            argv: s.argv.clone(),
+            argv,
             env: s.env.clone(),
             kecho_env: s.kecho_env.clone(),
             limits: Limits { cpus: s.spec.cpus, mem: s.spec.mem },

@@ -298,6 +298,7 @@ mod tests {
             restart: policy,
             checkpoint_every_ms: Some(1000),
             state: None,
+            artifact: None,
         };
         RunSession::new(submit, RestartLimits::default())
     }

@@ -31,6 +31,7 @@ fn submit(sub: &Submitter, task: &str) -> ExecMsg {
         restart: RestartPolicy::Never,
         checkpoint_every_ms: None,
         state: None,
+        artifact: None,
     })
 }
 

@@ -53,12 +53,14 @@ pub struct DrainArgs {
 pub struct Exec {
     service: ExecService,
     inspect: tokio::task::JoinHandle<()>,
+    repo: (tokio::task::JoinHandle<()>, kecho::Channel),
 }
 
 impl Exec {
     /// Stops the tasks and the services.
     pub async fn stop(self) {
         self.inspect.abort();
+        self.repo.0.abort();
         self.service.stop().await;
     }
 }
@@ -91,15 +93,20 @@ pub async fn start(
     cfg.audit = Some(audit.clone());
     cfg.check = Some(kecho_exec::resplace::ledger_check(agent));
     cfg.host = node.advertised_addr().ip().to_string();
+    // The agent's repository store: served to the other nodes, and the cache of what its tasks run.
+    let store = kecho_exec::repo::Store::open(dir.join("repo"))?;
+    let repo_ch = node.channel(kecho_exec::repo_net::CHANNEL).await?;
+    let repo_serve = kecho_exec::repo_net::serve(&repo_ch, &name, store.clone())?;
+    let fetch = kecho_exec::repo_net::ChannelFetch::new(&repo_ch, &format!("agent-{name}"), Duration::from_secs(10))?;
+    cfg.artifacts = Some(std::sync::Arc::new(kecho_exec::repo::Cache::new(store.clone(), fetch)));
     let ch = node.channel(CHANNEL).await?;
     let service = ExecService::start(&ch, cfg).await?;
-    let store = kecho_exec::repo::Store::open(dir.join("repo"))?;
     let log = kecho_exec::agent::AuditLog::open(&audit).with_context(|| format!("--audit {}", audit.display()))?;
     let prefix = kecho_exec::inspect::DEFAULT_PREFIX;
     let inspect = kecho_exec::inspect::serve_audited(node, prefix, name.clone(), store, Some(log)).await?;
     let who = if policy.is_some() { "holders of an exec credential" } else { "anyone on the channel" };
     eprintln!("kecho: agent {name} runs tasks for {who} (exec allowed); limits by {}", confinement.describe());
-    Ok(Some(Exec { service, inspect }))
+    Ok(Some(Exec { service, inspect, repo: (repo_serve, repo_ch) }))
 }
 
 pub async fn action(act: AgentAction) -> Result<()> {

@@ -198,6 +198,7 @@ pub async fn run(a: Args) -> Result<()> {
             restart,
             checkpoint_every_ms,
             state: None,
+            artifact: None,
         };
         let session = RunSession::new(submit, RestartLimits::default());
         let (tx, mut rx) = mpsc::unbounded_channel();
