@@ -529,3 +529,38 @@ fn under_an_access_policy_only_holders_of_the_exec_right_run_work() -> Result<()
     assert!(audit.lines().any(|l| l.contains("\"refuse\"") && l.contains("exec credential")), "{audit}");
     Ok(())
 }
+
+#[test]
+fn deploy_runs_a_repository_artifact_that_the_agent_fetches_and_verifies() -> Result<()> {
+    let c = cluster("f")?;
+    let d = format!("{}/artifact-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let store = format!("{d}/store");
+    let program = format!("{d}/tool.sh");
+    std::fs::write(&program, format!("#!/bin/sh\necho \"$1 $KECHO_AGENT\" > {d}/ran; exec sleep 60\n"))?;
+    let digest = check(&["repo", "add", &program, "--repo-dir", &store])?.trim().to_owned();
+    let app = format!(
+        "[component.tool]\nartifact = \"{digest}\"\nargs = [\"fetched\"]\nready = {{ cmd = \"test -f {d}/ran\", timeout = 20 }}\n"
+    );
+    std::fs::write(format!("{d}/tools.toml"), app)?;
+    let mut dep = Running::start(&["deploy", &format!("{d}/tools.toml"), "--repo-dir", &store, "--registry", &c.addr])?;
+    dep.expect(false, "ready", |l| l.contains("tools ready"))?;
+    let ran = std::fs::read_to_string(format!("{d}/ran"))?;
+    let agent = ran.split_whitespace().nth(1).context("no agent")?.to_owned();
+    assert_eq!(ran, format!("fetched {agent}\n"));
+    // The agent keeps the verified artifact in its own store.
+    let kept = format!("{}/exec-{agent}-{}/repo", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    assert!(check(&["repo", "ls", "--repo-dir", &kept])?.contains(&digest), "{kept} lacks {digest}");
+    check(&["undeploy", "tools", "--registry", &c.addr])?;
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+
+    // An artifact no repository holds: the deploy fails with the reason, and nothing keeps running.
+    let missing = "sha256:".to_owned() + &"ab".repeat(32);
+    std::fs::write(format!("{d}/ghost.toml"), format!("[component.ghost]\nartifact = \"{missing}\"\n"))?;
+    let o = kecho(&["deploy", &format!("{d}/ghost.toml"), "--repo-dir", &store, "--registry", &c.addr])?;
+    assert!(!o.status.success(), "a deploy of a missing artifact succeeded");
+    assert!(text(&o.stderr).contains(&missing), "{}", text(&o.stderr));
+    assert!(ps(&c)?.iter().all(|r| r["state"] != "running"), "something still runs");
+    Ok(())
+}

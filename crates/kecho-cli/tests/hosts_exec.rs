@@ -262,3 +262,37 @@ ready = {{ cmd = "test -f {d}/web.ready", timeout = 20 }}
     ensure!(dep.finish(Duration::from_secs(30))?.success(), "deploy: {}", dep.stderr_text());
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root: network namespaces (run by .ci/run)"]
+fn a_repository_artifact_is_fetched_by_the_agent_on_another_host() -> Result<()> {
+    let c = cluster("artifact")?;
+    let d = format!("{}/hosts-exec-artifact-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    // The program reports the host it runs on by the addresses it sees.
+    let program = format!("{d}/where.sh");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\nip -4 -o addr show > {d}/addrs; echo $KECHO_AGENT > {d}/ran; exec sleep 120\n"),
+    )?;
+    let store = format!("{d}/store");
+    let mut add = c.net.kecho(4, "repo", &["repo", "add", &program, "--repo-dir", &store])?;
+    ensure!(add.finish(Duration::from_secs(20))?.success(), "repo add: {}", add.stderr_text());
+    let digest = add.stdout().first().map(|l| l.text.trim().to_owned()).context("no digest printed")?;
+    let app = format!(
+        "[component.where]\nartifact = \"{digest}\"\nrequire = 'agent == \"b\"'\nready = {{ cmd = \"test -f {d}/ran\", timeout = 20 }}\n"
+    );
+    std::fs::write(format!("{d}/where.toml"), app)?;
+    let started = Instant::now();
+    let mut dep = c.kecho("deploy", &["deploy", &format!("{d}/where.toml"), "--repo-dir", &store])?;
+    dep.wait_stderr("where ready", WAIT)?;
+    eprintln!("FIGURE deploy of a repository artifact fetched across hosts: ready after {}", secs(started.elapsed()));
+    let addrs = std::fs::read_to_string(format!("{d}/addrs"))?;
+    ensure!(addrs.contains(&format!(" {}/", c.net.ip_of(3))), "the artifact did not run on host 3: {addrs}");
+    ensure!(!addrs.contains(&format!(" {}/", c.net.ip_of(4))), "the artifact ran on the deploying host: {addrs}");
+    let mut undeploy = c.kecho("undeploy", &["undeploy", "where"])?;
+    ensure!(undeploy.finish(Duration::from_secs(30))?.success(), "undeploy: {}", undeploy.stderr_text());
+    ensure!(dep.finish(Duration::from_secs(30))?.success(), "deploy: {}", dep.stderr_text());
+    Ok(())
+}
