@@ -337,6 +337,14 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     let out = check(&["inspect", "--registry", &c.addr])?;
     let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(names, ["ia", "ib"], "{out}");
+    // --where: only the agents whose attributes satisfy the expression are asked.
+    let out = check(&["inspect", "--where", "agent == \"ib\" && cpus >= 2", "--registry", &c.addr])?;
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["ib"], "{out}");
+    let o = kecho(&["inspect", "--where", "cpus >= 64", "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("no exec agent satisfies"), "{}", text(&o.stderr));
+    let o = kecho(&["inspect", "--where", "cpus >=", "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("--where"), "{}", text(&o.stderr));
 
     let dir = format!("{}/repo-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
     std::fs::create_dir_all(&dir)?;
@@ -347,6 +355,11 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     assert!(digest.starts_with("sha256:"), "{digest}");
     assert_eq!(check(&["repo", "ls", "--repo-dir", &store])?, format!("{digest}  30000\n"));
 
+    // configure --where loads onto the selected node only; then onto every node.
+    let out = check(&["configure", "--where", "agent == \"ia\"", "--load", &file, "--registry", &c.addr])?;
+    assert_eq!(out.lines().collect::<Vec<_>>(), [format!("ia           loaded {digest}")], "{out}");
+    let out = check(&["inspect", "--registry", &c.addr])?;
+    assert_eq!(out.matches(&digest).count(), 1, "{out}");
     let out = check(&["configure", "--load", &file, "--registry", &c.addr])?;
     assert_eq!(out.matches(&format!("loaded {digest}")).count(), 2, "{out}");
     // The nodes now report the component.

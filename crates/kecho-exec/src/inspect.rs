@@ -11,11 +11,15 @@
 //! small JSON events.
 //!
 //! The node report here is what a node knows without the resources crate: its name, kecho's version, CPUs, memory,
-//! load and the artifacts it holds. Selecting nodes (`--where`) and sandboxed WebAssembly inspection modules wait for
-//! the agents of the resources crate.
+//! load and the artifacts it holds. An inspection or configuration can be limited to some nodes
+//! ([`Inspector::only`], `--where EXPR` over the resource agents' attributes, [`agents_where`]): the request's
+//! OUT-filter then sends it to those nodes' sinks alone, so the others never see it.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use kecho::filter::{EventView, SinkView};
 
 use kecho::{Attrs, Event, Node, RecvError, Sink, SinkOptions, Source, TypedSink, TypedSource, Value};
 use serde::{Deserialize, Serialize};
@@ -207,7 +211,8 @@ pub async fn serve_audited(
     let agents = node.channel(&agents_channel(prefix)).await?;
     let own = node.channel(&node_channel(prefix, &name)).await?;
     let replies = node.channel(&replies_channel(prefix)).await?;
-    let mut fanout: Sink = agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
+    let mut fanout: Sink =
+        agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]).attr("agent", name.clone()))?;
     let mut direct: Sink = own.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
     let mut out: TypedSource<AgentReply> = replies.typed_source(REPLY_TYPE)?;
     Ok(tokio::spawn(async move {
@@ -283,11 +288,25 @@ fn report(name: &str, store: &Store) -> NodeReport {
     }
 }
 
+/// The agents whose attributes on the resources channel `resources` (`kecho.resources`: name, CPUs, memory, free
+/// capacity and the operator's attributes, as each agent publishes them) satisfy `require`.
+pub fn agents_where(resources: &kecho::Channel, require: &kecho_resources::Requirement) -> BTreeSet<String> {
+    resources
+        .sink_attrs()
+        .into_iter()
+        .filter_map(|(_, a)| match a.get("agent") {
+            Some(Value::Str(name)) if require.matches(&a) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Sends requests to agent nodes and gathers their answers.
 #[derive(Debug)]
 pub struct Inspector {
     who: String,
     next_id: u64,
+    only: Arc<Mutex<Option<BTreeSet<String>>>>,
     requests: Source,
     replies: TypedSink<AgentReply>,
     _channels: (kecho::Channel, kecho::Channel),
@@ -305,9 +324,29 @@ impl Inspector {
         let agents = node.channel(&agents_channel(prefix)).await?;
         let replies_ch = node.channel(&replies_channel(prefix)).await?;
         let replies = replies_ch.typed_sink(REPLY_TYPE, SinkOptions::new().types([REPLY_TYPE]))?;
-        let requests = agents.source()?;
+        let mut requests = agents.source()?;
+        let only: Arc<Mutex<Option<BTreeSet<String>>>> = Arc::default();
+        let chosen_names = only.clone();
+        let select = move |_: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
+            let names = chosen_names.lock().unwrap_or_else(|e| e.into_inner());
+            match &*names {
+                None => chosen.extend(0..sinks.len()),
+                Some(names) => {
+                    chosen.extend(sinks.iter().enumerate().filter_map(|(i, s)| match s.attrs().get("agent") {
+                        Some(Value::Str(n)) if names.contains(n) => Some(i),
+                        _ => None,
+                    }))
+                }
+            }
+        };
+        requests.set_out_filter(Some(Arc::new(select)));
         agents.wait_for_sinks(nodes, timeout).await?;
-        Ok(Inspector { who: who.to_string(), next_id: 1, requests, replies, _channels: (agents, replies_ch) })
+        Ok(Inspector { who: who.to_string(), next_id: 1, only, requests, replies, _channels: (agents, replies_ch) })
+    }
+
+    /// Sends the following requests only to the agent nodes named (`None`: to every one).
+    pub fn only(&self, names: Option<BTreeSet<String>>) {
+        *self.only.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     /// Inspects every agent node at once; waits for `expect` reports.

@@ -1,10 +1,11 @@
 //! `kecho inspect` and `kecho configure`: 2K's mobile agents for inspection and configuration, fanned out by kecho
 //! to every exec agent at once instead of walking a chain.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho_exec::inspect::{Inspector, Outcome, DEFAULT_PREFIX};
+use kecho_exec::inspect::{agents_where, Inspector, Outcome, DEFAULT_PREFIX};
 use kecho_exec::remote::{submitter_id, Submitter};
 use kecho_exec::service::CHANNEL;
 use serde_json::json;
@@ -14,9 +15,13 @@ use crate::node_args::{node, NodeArgs, RegistryArg};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// How many nodes must answer [default: every exec agent seen within --wait].
+    /// How many nodes must answer [default: every exec agent seen within --wait (that --where selects)].
     #[arg(long)]
     nodes: Option<usize>,
+    /// Only the agents whose attributes satisfy this CEL expression (as `kecho resources` shows them), e.g.
+    /// 'cpus >= 4 && zone == "b"'; the request reaches no other node.
+    #[arg(long = "where", value_name = "EXPR")]
+    where_: Option<String>,
     /// Seconds to wait for agents and for their answers.
     #[arg(long, default_value_t = 5.0)]
     wait: f64,
@@ -43,23 +48,58 @@ async fn inspector(a: &Args) -> Result<(kecho::Node, Inspector, usize, Duration)
         bail!("--wait must be a positive number of seconds");
     }
     let wait = Duration::from_secs_f64(a.wait);
+    let require = match &a.where_ {
+        Some(e) => Some(kecho_resources::Requirement::compile(e).with_context(|| format!("--where {e}"))?),
+        None => None,
+    };
     let node = node(&a.reg, &a.node, None).await?;
-    let expect = match a.nodes {
-        Some(n) => n,
-        None => {
-            let exec = node.channel(CHANNEL).await?;
-            let sub = Submitter::on(&exec, submitter_id(&host_name()))?;
-            // Agents announce themselves within a moment of each other; count them once the first is seen.
-            if sub.wait_for_agents(wait).await == 0 {
-                node.shutdown().await;
-                bail!("no exec agent (kecho agent --allow-exec) seen within {:?}", wait);
+    let exec = node.channel(CHANNEL).await?;
+    let sub = Submitter::on(&exec, submitter_id(&host_name()))?;
+    // Agents announce themselves within a moment of each other; count them once the first is seen.
+    if sub.wait_for_agents(wait).await == 0 {
+        node.shutdown().await;
+        bail!("no exec agent (kecho agent --allow-exec) seen within {:?}", wait);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exec_agents: BTreeSet<String> = sub.agents().into_iter().collect();
+    let selected = match &require {
+        None => None,
+        Some(req) => {
+            // The resource agents' attributes, once every exec agent's are known here (or --wait is over).
+            let resources = node.channel(kecho_resources::wire::CHANNEL).await?;
+            let end = tokio::time::Instant::now() + wait;
+            let known = |r: &kecho::Channel| {
+                let names: BTreeSet<String> = r
+                    .sink_attrs()
+                    .into_iter()
+                    .filter_map(|(_, at)| match at.get("agent") {
+                        Some(kecho::Value::Str(n)) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                exec_agents.is_subset(&names)
+            };
+            while !known(&resources) && tokio::time::Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            sub.agents().len()
+            let chosen: BTreeSet<String> = agents_where(&resources, req).intersection(&exec_agents).cloned().collect();
+            if chosen.is_empty() {
+                node.shutdown().await;
+                bail!(
+                    "no exec agent satisfies --where {} ({} considered)",
+                    a.where_.as_deref().unwrap_or(""),
+                    exec_agents.len()
+                );
+            }
+            Some(chosen)
         }
     };
+    let expect = a.nodes.unwrap_or_else(|| selected.as_ref().map_or(exec_agents.len(), BTreeSet::len));
     let who = submitter_id(&host_name());
-    let insp = Inspector::new(&node, DEFAULT_PREFIX, &who, expect, wait).await?;
+    // Every agent node listens on the request channel; the OUT-filter picks the selected ones.
+    let listening = if selected.is_some() { exec_agents.len() } else { expect };
+    let insp = Inspector::new(&node, DEFAULT_PREFIX, &who, listening, wait).await?;
+    insp.only(selected);
     Ok((node, insp, expect, wait))
 }
 
