@@ -521,6 +521,20 @@ fn under_an_access_policy_only_holders_of_the_exec_right_run_work() -> Result<()
     let o = kecho(&["run", "--registry", &c.addr, "--identity", &stranger, "--token", &token, "--", "true"])?;
     assert!(!o.status.success() && text(&o.stderr).contains("issued to node"), "{}", text(&o.stderr));
 
+    // A configuration needs the right too; inspection does not.
+    let component = format!("{dir}/component.bin");
+    std::fs::write(&component, b"a component")?;
+    let o = kecho(&["configure", "--load", &component, "--registry", &c.addr])?;
+    assert!(!o.status.success(), "configured without the right: {}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains("not allowed") && text(&o.stdout).contains("exec credential"),
+        "{}",
+        text(&o.stdout)
+    );
+    let out = check(&["configure", "--load", &component, "--registry", &c.addr, "--identity", &me, "--token", &token])?;
+    assert_eq!(out.matches("loaded sha256:").count(), 2, "{out}");
+    check(&["inspect", "--registry", &c.addr])?;
+
     // With it: the task runs.
     let out = check(&["run", "--registry", &c.addr, "--identity", &me, "--token", &token, "--", "echo", "ran"])?;
     assert_eq!(out, "ran\n");

@@ -87,14 +87,27 @@ impl AgentRequest {
 
     /// Submits the request on a source as a raw event.
     pub async fn submit(&self, source: &mut Source) -> Result<(), InspectError> {
+        self.submit_signed(source, None).await
+    }
+
+    /// Submits the request, a configuration signed with `credential` (the `exec` right an agent under an access
+    /// policy asks for, [`crate::auth`]).
+    pub async fn submit_signed(
+        &self,
+        source: &mut Source,
+        credential: Option<&crate::auth::Credential>,
+    ) -> Result<(), InspectError> {
         match self {
             AgentRequest::Inspect { id, by } => {
                 let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
                 source.submit(INSPECT_TYPE, &attrs, &[]).await?;
             }
             AgentRequest::Load { id, by, digest, bytes } => {
-                let attrs =
+                let mut attrs =
                     Attrs::default().with("id", *id as i64).with("by", by.as_str()).with("digest", digest.to_string());
+                if let Some(c) = credential {
+                    attrs = c.sign(attrs, LOAD_TYPE, "", bytes, unix_ms());
+                }
                 source.submit(LOAD_TYPE, &attrs, bytes).await?;
             }
         }
@@ -200,13 +213,31 @@ pub async fn serve(
     serve_audited(node, prefix, name, store, None).await
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// As [`serve`], also writing every inspection and configuration, with who asked, to the agent's audit log.
 pub async fn serve_audited(
     node: &Node,
     prefix: &str,
     name: String,
     store: Store,
+    audit: Option<crate::agent::AuditLog>,
+) -> Result<tokio::task::JoinHandle<()>, InspectError> {
+    serve_with(node, prefix, name, store, audit, None).await
+}
+
+/// As [`serve_audited`]; under `policy`, a configuration is taken only from a holder of the `exec` right (its
+/// credential for [`crate::service::CHANNEL`], [`crate::auth`]), and refused with the reason otherwise. Inspection
+/// needs no right.
+pub async fn serve_with(
+    node: &Node,
+    prefix: &str,
+    name: String,
+    store: Store,
     mut audit: Option<crate::agent::AuditLog>,
+    policy: Option<crate::auth::ExecPolicy>,
 ) -> Result<tokio::task::JoinHandle<()>, InspectError> {
     let agents = node.channel(&agents_channel(prefix)).await?;
     let own = node.channel(&node_channel(prefix, &name)).await?;
@@ -233,6 +264,20 @@ pub async fn serve_audited(
                 Err(_) => break,
             };
             let Some(request) = AgentRequest::from_event(&event) else { continue };
+            if let (Some(p), AgentRequest::Load { id, by, digest, .. }) = (&policy, &request) {
+                let channel = crate::service::CHANNEL;
+                if let Err(e) = p.verify(channel, LOAD_TYPE, "", event.payload(), event.attrs(), unix_ms()) {
+                    let reason = format!("not allowed: {e}");
+                    if let Some(log) = &mut audit {
+                        let _ = log.record(by, "refuse-configure", &digest.to_string(), &reason);
+                    }
+                    let reply = AgentReply { id: *id, node: name.clone(), outcome: Err(reason) };
+                    if out.submit(&reply, &Attrs::default()).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
             if let Some(log) = &mut audit {
                 let written = match &request {
                     AgentRequest::Inspect { by, .. } => log.record(by, "inspect", &name, ""),
@@ -305,6 +350,7 @@ pub fn agents_where(resources: &kecho::Channel, require: &kecho_resources::Requi
 #[derive(Debug)]
 pub struct Inspector {
     who: String,
+    credential: Option<crate::auth::Credential>,
     next_id: u64,
     only: Arc<Mutex<Option<BTreeSet<String>>>>,
     requests: Source,
@@ -341,7 +387,23 @@ impl Inspector {
         };
         requests.set_out_filter(Some(Arc::new(select)));
         agents.wait_for_sinks(nodes, timeout).await?;
-        Ok(Inspector { who: who.to_string(), next_id: 1, only, requests, replies, _channels: (agents, replies_ch) })
+        let channels = (agents, replies_ch);
+        Ok(Inspector {
+            who: who.to_string(),
+            credential: None,
+            next_id: 1,
+            only,
+            requests,
+            replies,
+            _channels: channels,
+        })
+    }
+
+    /// Signs configurations with `credential` (agents under an access policy take them only from holders of the
+    /// `exec` right).
+    pub fn with_credential(mut self, credential: Option<crate::auth::Credential>) -> Inspector {
+        self.credential = credential;
+        self
     }
 
     /// Sends the following requests only to the agent nodes named (`None`: to every one).
@@ -365,7 +427,7 @@ impl Inspector {
     ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
         let request = AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() };
-        request.submit(&mut self.requests).await?;
+        request.submit_signed(&mut self.requests, self.credential.as_ref()).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -386,7 +448,7 @@ impl Inspector {
                 }
                 None => AgentRequest::Inspect { id, by: self.who.clone() },
             };
-            request.submit(target).await?;
+            request.submit_signed(target, self.credential.as_ref()).await?;
             all.extend(self.gather(id, 1, timeout).await?);
         }
         Ok(all)

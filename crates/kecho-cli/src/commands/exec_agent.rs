@@ -103,7 +103,7 @@ pub async fn start(
     let service = ExecService::start(&ch, cfg).await?;
     let log = kecho_exec::agent::AuditLog::open(&audit).with_context(|| format!("--audit {}", audit.display()))?;
     let prefix = kecho_exec::inspect::DEFAULT_PREFIX;
-    let inspect = kecho_exec::inspect::serve_audited(node, prefix, name.clone(), store, Some(log)).await?;
+    let inspect = kecho_exec::inspect::serve_with(node, prefix, name.clone(), store, Some(log), policy).await?;
     let who = if policy.is_some() { "holders of an exec credential" } else { "anyone on the channel" };
     eprintln!("kecho: agent {name} runs tasks for {who} (exec allowed); limits by {}", confinement.describe());
     Ok(Some(Exec { service, inspect, repo: (repo_serve, repo_ch) }))

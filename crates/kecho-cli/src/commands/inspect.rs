@@ -98,7 +98,8 @@ async fn inspector(a: &Args) -> Result<(kecho::Node, Inspector, usize, Duration)
     let who = submitter_id(&host_name());
     // Every agent node listens on the request channel; the OUT-filter picks the selected ones.
     let listening = if selected.is_some() { exec_agents.len() } else { expect };
-    let insp = Inspector::new(&node, DEFAULT_PREFIX, &who, listening, wait).await?;
+    let credential = crate::commands::exec_agent::credential_of(&a.node)?;
+    let insp = Inspector::new(&node, DEFAULT_PREFIX, &who, listening, wait).await?.with_credential(credential);
     insp.only(selected);
     Ok((node, insp, expect, wait))
 }
