@@ -341,6 +341,32 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     let out = check(&["inspect", "--where", "agent == \"ib\" && cpus >= 2", "--registry", &c.addr])?;
     let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(names, ["ib"], "{out}");
+    // --module: a sandboxed WebAssembly program runs on each node over its report (this one echoes it); one that
+    // spins is stopped by its limits and reported as an error, not a hang.
+    let dir = format!("{}/modules-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    std::fs::create_dir_all(&dir)?;
+    let echo = format!("{dir}/echo.wat");
+    std::fs::write(
+        &echo,
+        r#"(module (memory (export "memory") 2)
+             (func (export "kecho_buffer") (result i32) (i32.const 0))
+             (func (export "kecho_inspect") (param $len i32) (result i32) (local.get $len)))"#,
+    )?;
+    let out = check(&["inspect", "--module", &echo, "--registry", &c.addr])?;
+    for n in ["ia", "ib"] {
+        let line =
+            out.lines().find(|l| l.starts_with(&format!("{n} ")) && l.contains("module:")).context("no answer")?;
+        assert!(line.contains(&format!("\"name\":\"{n}\"")), "{out}");
+    }
+    let spin = format!("{dir}/spin.wat");
+    std::fs::write(
+        &spin,
+        r#"(module (memory (export "memory") 2)
+             (func (export "kecho_buffer") (result i32) (i32.const 0))
+             (func (export "kecho_inspect") (param i32) (result i32) (loop $l (br $l)) (i32.const 0)))"#,
+    )?;
+    let out = check(&["inspect", "--module", &spin, "--registry", &c.addr])?;
+    assert_eq!(out.matches("module error: the module failed").count(), 2, "{out}");
     let o = kecho(&["inspect", "--where", "cpus >= 64", "--registry", &c.addr])?;
     assert!(!o.status.success() && text(&o.stderr).contains("no exec agent satisfies"), "{}", text(&o.stderr));
     let o = kecho(&["inspect", "--where", "cpus >=", "--registry", &c.addr])?;

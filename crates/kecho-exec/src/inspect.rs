@@ -62,6 +62,9 @@ pub enum AgentRequest {
         id: u64,
         /// Who asks (logged).
         by: String,
+        /// An inspection module to run over the report ([`crate::module`]); its answer joins the report.
+        #[serde(with = "crate::wire::b64_opt", default)]
+        module: Option<Vec<u8>>,
     },
     /// Keep this component in the repository store.
     Load {
@@ -98,9 +101,9 @@ impl AgentRequest {
         credential: Option<&crate::auth::Credential>,
     ) -> Result<(), InspectError> {
         match self {
-            AgentRequest::Inspect { id, by } => {
+            AgentRequest::Inspect { id, by, module } => {
                 let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
-                source.submit(INSPECT_TYPE, &attrs, &[]).await?;
+                source.submit(INSPECT_TYPE, &attrs, module.as_deref().unwrap_or(&[])).await?;
             }
             AgentRequest::Load { id, by, digest, bytes } => {
                 let mut attrs =
@@ -129,7 +132,10 @@ impl AgentRequest {
             _ => String::from("?"),
         };
         match event.ty() {
-            INSPECT_TYPE => Some(AgentRequest::Inspect { id, by }),
+            INSPECT_TYPE => {
+                let module = (!event.payload().is_empty()).then(|| event.payload().to_vec());
+                Some(AgentRequest::Inspect { id, by, module })
+            }
             LOAD_TYPE => {
                 let digest = match attrs.get("digest") {
                     Some(Value::Str(s)) => s.parse().ok()?,
@@ -182,6 +188,9 @@ pub struct NodeReport {
     pub load1: f64,
     /// The artifacts in its repository store.
     pub artifacts: Vec<Digest>,
+    /// The inspection module's answer, or why it gave none (when the request carried a module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<Result<String, String>>,
 }
 
 /// Why an inspection failed.
@@ -280,7 +289,10 @@ pub async fn serve_with(
             }
             if let Some(log) = &mut audit {
                 let written = match &request {
-                    AgentRequest::Inspect { by, .. } => log.record(by, "inspect", &name, ""),
+                    AgentRequest::Inspect { by, module, .. } => {
+                        let detail = module.as_ref().map_or(String::new(), |m| format!("module of {} bytes", m.len()));
+                        log.record(by, "inspect", &name, &detail)
+                    }
                     AgentRequest::Load { by, digest, bytes, .. } => {
                         log.record(by, "configure", &digest.to_string(), &format!("{} bytes", bytes.len()))
                     }
@@ -289,7 +301,24 @@ pub async fn serve_with(
                     tracing::warn!(error = %e, "audit log write failed");
                 }
             }
-            let reply = answer(&name, &store, request);
+            let reply = match request {
+                // A module runs on a blocking thread (within its wall-time limit), not on the node's runtime.
+                AgentRequest::Inspect { id, by, module: Some(module) } => {
+                    tracing::info!(who = %by, action = "inspect", module_bytes = module.len(), "audit");
+                    let mut rep = report(&name, &store);
+                    let input = serde_json::to_vec(&rep).unwrap_or_default();
+                    let ran = tokio::task::spawn_blocking(move || {
+                        crate::module::run(&module, &input, kecho::wasm::WasmLimits::default())
+                    })
+                    .await;
+                    rep.module = Some(match ran {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("the module's thread failed: {e}")),
+                    });
+                    AgentReply { id, node: name.clone(), outcome: Ok(Outcome::Report(rep)) }
+                }
+                request => answer(&name, &store, request),
+            };
             if out.submit(&reply, &Attrs::default()).await.is_err() {
                 break;
             }
@@ -299,7 +328,7 @@ pub async fn serve_with(
 
 fn answer(name: &str, store: &Store, request: AgentRequest) -> AgentReply {
     match request {
-        AgentRequest::Inspect { id, by } => {
+        AgentRequest::Inspect { id, by, .. } => {
             tracing::info!(who = %by, action = "inspect", "audit");
             AgentReply { id, node: name.to_string(), outcome: Ok(Outcome::Report(report(name, store))) }
         }
@@ -330,6 +359,7 @@ fn report(name: &str, store: &Store) -> NodeReport {
         mem_total,
         load1,
         artifacts: store.list().unwrap_or_default(),
+        module: None,
     }
 }
 
@@ -413,8 +443,20 @@ impl Inspector {
 
     /// Inspects every agent node at once; waits for `expect` reports.
     pub async fn inspect(&mut self, expect: usize, timeout: Duration) -> Result<Vec<AgentReply>, InspectError> {
+        self.inspect_with(None, expect, timeout).await
+    }
+
+    /// Inspects every agent node at once, running inspection module `module` on each ([`crate::module`]); waits
+    /// for `expect` reports.
+    pub async fn inspect_with(
+        &mut self,
+        module: Option<&[u8]>,
+        expect: usize,
+        timeout: Duration,
+    ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
-        AgentRequest::Inspect { id, by: self.who.clone() }.submit(&mut self.requests).await?;
+        let module = module.map(<[u8]>::to_vec);
+        AgentRequest::Inspect { id, by: self.who.clone(), module }.submit(&mut self.requests).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -446,7 +488,7 @@ impl Inspector {
                 Some(bytes) => {
                     AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() }
                 }
-                None => AgentRequest::Inspect { id, by: self.who.clone() },
+                None => AgentRequest::Inspect { id, by: self.who.clone(), module: None },
             };
             request.submit_signed(target, self.credential.as_ref()).await?;
             all.extend(self.gather(id, 1, timeout).await?);

@@ -14,6 +14,7 @@
 //!   undeploy; components run through a [`deploy::Launcher`] ([`deploy::LocalLauncher`] on this host).
 //! - [`inspect`]: inspection and configuration agents over kecho channels (2K's mobile agents, fanned out by kecho
 //!   instead of walking a chain), with the one-by-one point-to-point baseline.
+//! - [`module`]: inspection modules, sandboxed WebAssembly programs that run on every inspected node.
 //! - [`place`]: the boundary to resource management: the [`place::Placer`] trait that the resources crate will
 //!   implement, and an in-memory placer for tests.
 //! - [`repo`]: the content-addressed component repository: artifacts named by their SHA-256, verified before
@@ -45,6 +46,7 @@ pub mod auth;
 pub mod deploy;
 pub mod graph;
 pub mod inspect;
+pub mod module;
 pub mod place;
 pub mod plan;
 pub mod remote;

@@ -331,7 +331,7 @@ pub(crate) mod b64 {
     }
 }
 
-mod b64_opt {
+pub(crate) mod b64_opt {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {

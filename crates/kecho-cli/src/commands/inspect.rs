@@ -22,6 +22,11 @@ pub struct Args {
     /// 'cpus >= 4 && zone == "b"'; the request reaches no other node.
     #[arg(long = "where", value_name = "EXPR")]
     where_: Option<String>,
+    /// (inspect) An inspection module to run on every node, sandboxed with the limits of filters: WebAssembly,
+    /// text or binary, exporting memory, kecho_buffer() -> i32 and kecho_inspect(len: i32) -> i32 (it gets the
+    /// node's report as JSON at the buffer and returns the length of its answer there; docs/CONFIG.md).
+    #[arg(long, value_name = "FILE.wat")]
+    module: Option<std::path::PathBuf>,
     /// Seconds to wait for agents and for their answers.
     #[arg(long, default_value_t = 5.0)]
     wait: f64,
@@ -105,24 +110,35 @@ async fn inspector(a: &Args) -> Result<(kecho::Node, Inspector, usize, Duration)
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    let module = match &a.module {
+        Some(f) => Some(std::fs::read(f).with_context(|| format!("--module {}", f.display()))?),
+        None => None,
+    };
     let (node, mut insp, expect, wait) = inspector(&a).await?;
     let started = std::time::Instant::now();
-    let got = insp.inspect(expect, wait).await;
+    let got = insp.inspect_with(module.as_deref(), expect, wait).await;
     let took = started.elapsed();
     node.shutdown().await;
     let mut replies = got?;
     replies.sort_by(|x, y| x.node.cmp(&y.node));
     for r in &replies {
         match (&r.outcome, a.format) {
-            (Ok(Outcome::Report(rep)), crate::commands::resources::Format::Text) => println!(
-                "{:<12} kecho {}  cpus {}  mem {}  load1 {:.2}  artifacts {}",
-                rep.name,
-                rep.version,
-                rep.cpus,
-                kecho_resources::types::human("mem", rep.mem_total),
-                rep.load1,
-                rep.artifacts.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
-            ),
+            (Ok(Outcome::Report(rep)), crate::commands::resources::Format::Text) => {
+                println!(
+                    "{:<12} kecho {}  cpus {}  mem {}  load1 {:.2}  artifacts {}",
+                    rep.name,
+                    rep.version,
+                    rep.cpus,
+                    kecho_resources::types::human("mem", rep.mem_total),
+                    rep.load1,
+                    rep.artifacts.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+                );
+                match &rep.module {
+                    Some(Ok(answer)) => println!("{:<12} module: {answer}", rep.name),
+                    Some(Err(e)) => println!("{:<12} module error: {e}", rep.name),
+                    None => {}
+                }
+            }
             (Ok(o), crate::commands::resources::Format::Json) => println!("{}", json!({"node": r.node, "outcome": o})),
             (Ok(o), _) => println!("{:<12} {o:?}", r.node),
             (Err(e), _) => println!("{:<12} error: {e}", r.node),
