@@ -310,7 +310,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                             Vec::new()
                         }
                         Internal::Failed(c, g, why) if self.current(&c, g) => {
-                            tracing::warn!(app = %self.app.name, component = %c, %why, "component failed");
+                            // Info, not a warning: the failure reaches the deployer as a notice (`Failed`), which says
+                            // it to the user with what the policy does about it.
+                            tracing::info!(app = %self.app.name, component = %c, %why, "component failed");
                             // A readiness timeout leaves the process running: whatever the policy, it goes.
                             self.kill_instance(&c).await;
                             self.deployment.on_failed(&c)
