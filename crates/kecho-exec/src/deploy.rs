@@ -88,8 +88,13 @@ pub enum DeployError {
         source: PlaceError,
     },
     /// The application failed while starting and was stopped (nothing is left half-started).
-    #[error("component `{0}` could not be made ready; the application was stopped")]
-    Aborted(ComponentName),
+    #[error("component `{component}` could not be made ready ({why}); the application was stopped")]
+    Aborted {
+        /// The component.
+        component: ComponentName,
+        /// Its last failure.
+        why: String,
+    },
     /// The driver is gone.
     #[error("the deployment's driver has ended")]
     Gone,
@@ -128,7 +133,7 @@ pub struct RunningApp {
     pub notices: mpsc::UnboundedReceiver<Notice>,
     status: watch::Receiver<BTreeMap<ComponentName, ComponentStatus>>,
     commands: mpsc::UnboundedSender<Command>,
-    done: watch::Receiver<Option<Result<(), ComponentName>>>,
+    done: watch::Receiver<Option<Result<(), (ComponentName, String)>>>,
 }
 
 #[derive(Debug)]
@@ -156,8 +161,8 @@ impl RunningApp {
         let mut status = self.status.clone();
         let mut done = self.done.clone();
         loop {
-            if let Some(Err(c)) = done.borrow().clone() {
-                return Err(DeployError::Aborted(c));
+            if let Some(Err((component, why))) = done.borrow().clone() {
+                return Err(DeployError::Aborted { component, why });
             }
             if status.borrow().values().all(|s| s.state == ComponentState::Ready) {
                 return Ok(());
@@ -254,6 +259,7 @@ where
         notices: notices_tx,
         done: done_tx,
         undeploy_waiters: Vec::new(),
+        last_failure: BTreeMap::new(),
     };
     tokio::spawn(driver.run(internal_rx, commands_rx));
     Ok(RunningApp { notices, status, commands, done })
@@ -275,7 +281,9 @@ struct Driver<P, L> {
     internal: mpsc::UnboundedSender<Internal>,
     status: watch::Sender<BTreeMap<ComponentName, ComponentStatus>>,
     notices: mpsc::UnboundedSender<Notice>,
-    done: watch::Sender<Option<Result<(), ComponentName>>>,
+    /// Each component's last failure, for the abort's reason.
+    last_failure: BTreeMap<ComponentName, String>,
+    done: watch::Sender<Option<Result<(), (ComponentName, String)>>>,
     undeploy_waiters: Vec<oneshot::Sender<()>>,
 }
 
@@ -313,6 +321,7 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                             // Info, not a warning: the failure reaches the deployer as a notice (`Failed`), which says
                             // it to the user with what the policy does about it.
                             tracing::info!(app = %self.app.name, component = %c, %why, "component failed");
+                            self.last_failure.insert(c.clone(), why.to_string());
                             // A readiness timeout leaves the process running: whatever the policy, it goes.
                             self.kill_instance(&c).await;
                             self.deployment.on_failed(&c)
@@ -416,8 +425,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                     let _ = self.notices.send(Notice { about, event, to, agent });
                 }
                 Action::Abort { component } => {
-                    tracing::warn!(app = %self.app.name, %component, "deploy aborted");
-                    let _ = self.done.send(Some(Err(component)));
+                    let why = self.last_failure.get(&component).cloned().unwrap_or_else(|| "no reason given".into());
+                    tracing::warn!(app = %self.app.name, %component, %why, "deploy aborted");
+                    let _ = self.done.send(Some(Err((component, why))));
                 }
             }
         }
