@@ -1520,7 +1520,9 @@ enum Mode {
     },
 }
 
-fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> Result<Mode, FlowError> {
+/// Splits the flow at stage `r` into `n` replicas; `next` is the sequence number of the next chunk the source reads
+/// (0 from the start; later when `replicas=auto` splits after its warm-up, the chunks before having gone through inline).
+fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next: u64) -> Result<Mode, FlowError> {
     let Tail { sh: _, first, mut stages, parts, work, delivery } = tail;
     debug_assert_eq!(first, 0);
     let rest = stages.split_off(r + 1);
@@ -1564,8 +1566,8 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> R
     let tail = std::thread::Builder::new()
         .name(format!("kecho-flow-{}-tail", sh.id))
         .spawn(move || {
-            let mut order = Reorder::default();
-            let mut last = 0;
+            let mut order = Reorder::starting_at(next);
+            let mut last = next;
             for c in drx {
                 last = last.max(c.seq + 1);
                 let _ = order.push(c.seq, c);
@@ -1604,7 +1606,7 @@ fn pipeline(
     });
     let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
     let mut mode = match fixed {
-        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone())?,
+        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0)?,
         _ => Mode::Inline(tail),
     };
     let mut carry: Vec<u8> = Vec::new();
@@ -1668,7 +1670,7 @@ fn pipeline(
                             let Mode::Inline(tail) = std::mem::replace(&mut mode, Mode::Inline(empty_tail(sh))) else {
                                 unreachable!("checked above")
                             };
-                            mode = split(sh, tail, i - 1, n, pool.clone())?;
+                            mode = split(sh, tail, i - 1, n, pool.clone(), seq)?;
                             let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
                             sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
                         }
