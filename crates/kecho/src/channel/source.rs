@@ -507,7 +507,7 @@ impl LossTrack {
                     encode_routed(&mut enc.prefix, channel, source, told.skipped);
                 }
                 encode_targets(&mut enc.prefix, channel, &r.sinks);
-                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate) {
+                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, false) {
                     track.sent(told);
                 } else {
                     peer.add_lag(channel, source, &r.sinks, 1);
@@ -569,7 +569,7 @@ impl SendTrack {
                 encode_targets(&mut enc.prefix, channel, t);
             }
             // A full link drops the copy; the node then reports the gap in transit as for any lost event.
-            let _ = peer.outbox.push_event_with(&enc.prefix, frame, &mut enc.gate);
+            let _ = peer.outbox.push_event_with(&enc.prefix, frame, &mut enc.gate, false);
             enc.prefix.clear();
         }
         // The next event tells the node its current numbering again.
@@ -633,14 +633,17 @@ impl Encoder {
                 encode_targets(&mut self.prefix, head.channel, &pick.ids);
             }
             let (pushed, sent) = if copied {
-                (peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate), self.small.len())
+                (
+                    peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate, pick.blocks),
+                    self.small.len(),
+                )
             } else {
                 let f = frame.get_or_insert_with(|| {
                     let b = self.buf.room(len + 16 * ev.attrs.len(), ENCODE_CHUNK);
                     encode_event(b, head.channel, head.source, head.seq, ev.ty, ev.attrs, ev.payload);
                     b.split().freeze()
                 });
-                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate), f.len())
+                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate, pick.blocks), f.len())
             };
             self.prefix.clear();
             if pushed {

@@ -164,7 +164,9 @@ impl Outbox {
     }
 
     /// Queues a shared event frame, preceded by `first` (its routing and target frames, or empty; copied), if there is
-    /// room for both.
+    /// room for both, or regardless if `blocks`: a sink it goes to has the Block policy and the source waited for room
+    /// before (`wait_room`), so the frame must not be dropped though a control frame, a replay or the frame's own
+    /// prefix took some of that room meanwhile (the limit is then exceeded by at most one event of that source).
     ///
     /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
     /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
@@ -174,10 +176,10 @@ impl Outbox {
     ///
     /// The source must have been idle too (see [`SourceGate`]): with several links, a source writing to each itself
     /// would otherwise take so long per event that every link looks quiet again at its next event.
-    pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate) -> bool {
+    pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate, blocks: bool) -> bool {
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
+        if !blocks && q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -205,10 +207,10 @@ impl Outbox {
     /// Queues a small event frame, preceded by `first` (its target list, or empty), by copying both; the same rules as
     /// `push_event_with` otherwise (room, direct writes). For frames below the writer's copy threshold, where a
     /// copy costs less than sharing the bytes.
-    pub(crate) fn push_event_copied(&self, first: &[u8], frame: &[u8], gate: &mut SourceGate) -> bool {
+    pub(crate) fn push_event_copied(&self, first: &[u8], frame: &[u8], gate: &mut SourceGate, blocks: bool) -> bool {
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
+        if !blocks && q.bytes != 0 && q.bytes + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -357,12 +359,12 @@ mod tests {
     fn copied_frames_keep_their_place_among_shared_and_control_frames() {
         let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
         let mut gate = SourceGate::default();
-        assert!(out.push_event_copied(b"", b"e1", &mut gate));
-        assert!(out.push_event_copied(b"", b"e2", &mut gate));
+        assert!(out.push_event_copied(b"", b"e1", &mut gate, false));
+        assert!(out.push_event_copied(b"", b"e2", &mut gate, false));
         out.push_control(Bytes::from_static(b"c1"));
-        assert!(out.push_event_copied(b"t3", b"e3", &mut gate));
-        assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate));
-        assert!(out.push_event_copied(b"", b"e5", &mut gate));
+        assert!(out.push_event_copied(b"t3", b"e3", &mut gate, false));
+        assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate, false));
+        assert!(out.push_event_copied(b"", b"e5", &mut gate, false));
         out.push_front_control(Bytes::from_static(b"h0"));
         assert!(!out.has_room(1 << 20), "queued bytes count against the limit");
         let mut frames = VecDeque::new();
@@ -377,11 +379,18 @@ mod tests {
     fn a_full_outbox_refuses_copied_frames() {
         let out = Outbox::with_quiet(8, Duration::from_secs(60));
         let mut gate = SourceGate::default();
-        assert!(out.push_event_copied(b"", b"123456", &mut gate));
-        assert!(!out.push_event_copied(b"", b"789", &mut gate));
+        assert!(out.push_event_copied(b"", b"123456", &mut gate, false));
+        assert!(!out.push_event_copied(b"", b"789", &mut gate, false));
         let mut frames = VecDeque::new();
         out.take_all(&mut frames);
-        assert!(out.push_event_copied(b"", b"789", &mut gate), "room again once the writer took the frames");
+        assert!(out.push_event_copied(b"", b"789", &mut gate, false), "room again once the writer took the frames");
+        // An event for a Block sink is never refused: its source waited for room, and what took some of that room
+        // meanwhile must not make it lose the event.
+        assert!(!out.push_event_copied(b"", b"abcdef", &mut gate, false));
+        assert!(out.push_event_copied(b"", b"abcdef", &mut gate, true));
+        out.take_all(&mut frames);
+        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert_eq!(bytes, b"789abcdef");
     }
 
     #[test]

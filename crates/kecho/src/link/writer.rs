@@ -442,7 +442,7 @@ mod tests {
                 wire.extend_from_slice(first.as_deref().unwrap_or_default());
                 wire.extend_from_slice(&f);
             }
-            assert!(out.push_event_with(first.as_deref().unwrap_or_default(), f, &mut SourceGate::default()));
+            assert!(out.push_event_with(first.as_deref().unwrap_or_default(), f, &mut SourceGate::default(), false));
             wire.clone()
         };
         // A quiet link: written at once, with its prefix.
@@ -487,9 +487,9 @@ mod tests {
         // Far more than the socket buffers take while nobody reads: the direct write is partial.
         let big: Bytes = (0..32u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         quiet();
-        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default()));
+        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default(), false));
         assert_eq!(direct(&out), 0, "the write cannot have been complete");
-        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default()));
+        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default(), false));
         let mut taken = VecDeque::new();
         out.take_all(&mut taken);
         let rest = taken.front().map_or(0, Bytes::len);
