@@ -2,60 +2,26 @@
 //! access policy runs a submission only when it carries an `exec` credential of its authority, signed by the
 //! credential's holder; everything else is refused with the reason, and the refusal is audited.
 
-use std::time::Duration;
+mod common;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use common::{outcome, submit, BOUND};
 use kecho::{Authority, Identity, Node, Roles};
 use kecho_exec::agent::AuditLog;
 use kecho_exec::auth::{Credential, ExecPolicy};
-use kecho_exec::place::{AgentName, ReservationSpec};
+use kecho_exec::place::AgentName;
 use kecho_exec::remote::Submitter;
-use kecho_exec::restart::RestartPolicy;
 use kecho_exec::service::{ExecService, ServiceConfig};
-use kecho_exec::task::{Confinement, TaskId};
-use kecho_exec::wire::{ExecMsg, Submit};
+use kecho_exec::task::Confinement;
 
-const BOUND: Duration = Duration::from_secs(20);
 const CHANNEL: &str = "kecho.exec.right-test";
-
-fn submit(sub: &Submitter, task: &str) -> ExecMsg {
-    ExecMsg::Submit(Submit {
-        task: TaskId(task.into()),
-        run: 0,
-        submitter: sub.id().to_owned(),
-        argv: vec!["sh".into(), "-c".into(), "echo ran".into()],
-        env: vec![],
-        kecho_env: vec![],
-        spec: ReservationSpec::default(),
-        placement: None,
-        restart: RestartPolicy::Never,
-        checkpoint_every_ms: None,
-        state: None,
-        artifact: None,
-    })
-}
 
 /// Submits a task and returns what came of it: `Ok(output)` when it ran to exit 0, `Err(reason)` when refused.
 async fn check(sub: &mut Submitter, task: &str) -> Result<std::result::Result<String, String>> {
     sub.wait_for_agent("a", BOUND).await?;
-    let msg = submit(sub, task);
+    let msg = submit(sub, task, vec!["sh".into(), "-c".into(), "echo ran".into()], None);
     sub.send("a", &msg).await?;
-    let mut out = String::new();
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, sub.recv()).await.context("no answer")?.context("closed")?;
-        match msg {
-            ExecMsg::Refused { task: t, reason, .. } if t.0 == task => return Ok(Err(reason)),
-            ExecMsg::Output { task: t, data, .. } if t.0 == task => out.push_str(&String::from_utf8_lossy(&data)),
-            ExecMsg::Exit { task: t, exit, .. } if t.0 == task => {
-                if exit.map(|e| e.code) != Some(0) {
-                    bail!("task {task} ended {exit:?}");
-                }
-                return Ok(Ok(out));
-            }
-            _ => {}
-        }
-    }
+    outcome(sub, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,52 +5,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+mod common;
+
+use anyhow::Result;
+use common::{outcome, submit, BOUND};
 use kecho::{Attrs, Node, SinkOptions, Value};
-use kecho_exec::place::{AgentName, ReservationSpec};
+use kecho_exec::place::AgentName;
 use kecho_exec::remote::Submitter;
 use kecho_exec::repo::{Cache, Digest, Store};
 use kecho_exec::repo_net::{self, ChannelFetch, ARTIFACT_TYPE, FETCH_TYPE};
-use kecho_exec::restart::RestartPolicy;
 use kecho_exec::service::{ExecService, ServiceConfig};
-use kecho_exec::task::{Confinement, TaskId};
-use kecho_exec::wire::{ExecMsg, Submit};
-
-const BOUND: Duration = Duration::from_secs(20);
+use kecho_exec::task::Confinement;
 
 /// Submits a task running `artifact` and returns `Ok(output)` when it ran to exit 0, `Err(reason)` when refused.
 async fn check(sub: &mut Submitter, task: &str, artifact: Digest) -> Result<std::result::Result<String, String>> {
     sub.wait_for_agent("a", BOUND).await?;
-    let msg = ExecMsg::Submit(Submit {
-        task: TaskId(task.into()),
-        run: 0,
-        submitter: sub.id().to_owned(),
-        argv: vec![artifact.to_string(), "world".into()],
-        env: vec![],
-        kecho_env: vec![],
-        spec: ReservationSpec::default(),
-        placement: None,
-        restart: RestartPolicy::Never,
-        checkpoint_every_ms: None,
-        state: None,
-        artifact: Some(artifact),
-    });
+    let msg = submit(sub, task, vec![artifact.to_string(), "world".into()], Some(artifact));
     sub.send("a", &msg).await?;
-    let mut out = String::new();
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
-        match tokio::time::timeout_at(deadline, sub.recv()).await.context("no answer")?.context("closed")? {
-            ExecMsg::Refused { task: t, reason, .. } if t.0 == task => return Ok(Err(reason)),
-            ExecMsg::Output { task: t, data, .. } if t.0 == task => out.push_str(&String::from_utf8_lossy(&data)),
-            ExecMsg::Exit { task: t, exit, .. } if t.0 == task => {
-                if exit.map(|e| e.code) != Some(0) {
-                    bail!("task {task} ended {exit:?}");
-                }
-                return Ok(Ok(out));
-            }
-            _ => {}
-        }
-    }
+    outcome(sub, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
