@@ -132,6 +132,10 @@ pub(crate) struct ChannelInner {
     ghosts: Mutex<Vec<Ghost>>,
     /// The remote part of `routes`, kept per node so that a membership change recomputes only what changed.
     book: Mutex<RouteBook>,
+    /// Held for the whole of a routes rebuild, so that rebuilds finish in the order they read membership: two
+    /// threads rebuilding at once (two links delivering membership frames) could otherwise store the older table
+    /// last, and it would stay until the next change (a member's sink missing from the routes for good).
+    rebuilding: Mutex<()>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
     /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
@@ -189,6 +193,7 @@ impl ChannelInner {
             last_publish: Mutex::new(None),
             ghosts: Mutex::new(Vec::new()),
             book: Mutex::new(RouteBook::default()),
+            rebuilding: Mutex::new(()),
             tracks: Mutex::new(IdMap::default()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),

@@ -251,7 +251,11 @@ impl ChannelInner {
     /// whose snapshot, address or link changed since the last update have their routes recomputed (`RouteBook`);
     /// the others' are reused as they were, so a join or a leave costs the joiner's or leaver's sinks, not the whole
     /// channel's.
+    ///
+    /// Rebuilds are serialised (`rebuilding`): the table, the sink count and the view each rebuild stores are then
+    /// those of the latest membership it read, never an older rebuild's finishing late. The caller holds no lock.
     pub(super) fn rebuild_routes(self: &Arc<Self>, node: &Arc<Channels>) {
+        let _serial = self.rebuilding.lock();
         let st = self.state.lock();
         let view: Vec<(NodeId, String)> = st.peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         let mut routes = Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), ..Routes::default() };
