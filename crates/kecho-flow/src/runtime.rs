@@ -82,7 +82,17 @@ pub struct FlowBuilder {
     channel_out: HashMap<String, kecho::Source>,
     app_out: HashMap<String, AppSink>,
     scheduler: Option<Arc<Scheduler>>,
+    planner: Option<ReplicaPlanner>,
 }
+
+/// Decides `replicas=auto` once the flow has warmed up ([`WARM_UP_CHUNKS`]): given the stages' loads, the wall time
+/// so far, how many stages run on the flow's thread, and the cores the flow can count on, the stage to replicate
+/// and how many replicas (1: a thread of its own). The default is [`sched::plan_replicas`].
+pub type ReplicaPlanner =
+    Arc<dyn Fn(&[StageLoad], Duration, usize, sched::Capacity) -> Option<(usize, usize)> + Send + Sync>;
+
+/// Chunks a flow with `replicas=auto` moves before it asks its [`ReplicaPlanner`].
+pub const WARM_UP_CHUNKS: u64 = 64;
 
 impl Default for FlowBuilder {
     fn default() -> Self {
@@ -100,6 +110,7 @@ impl Default for FlowBuilder {
             channel_out: HashMap::new(),
             app_out: HashMap::new(),
             scheduler: None,
+            planner: None,
         }
     }
 }
@@ -194,6 +205,17 @@ impl FlowBuilder {
         self
     }
 
+    /// Replaces the decision `replicas=auto` takes after its warm-up (default: [`sched::plan_replicas`] on the
+    /// cores the machine has free). For tests and for applications that know their machine better: a planner that
+    /// always answers forces the split, whatever the cores.
+    pub fn replica_planner(
+        mut self,
+        f: impl Fn(&[StageLoad], Duration, usize, sched::Capacity) -> Option<(usize, usize)> + Send + Sync + 'static,
+    ) -> Self {
+        self.planner = Some(Arc::new(f));
+        self
+    }
+
     /// Starts the flow on its own threads. Files named in the spec are read and listeners bound here, so that
     /// configuration errors come back at once.
     pub fn start(mut self) -> Result<FlowHandle, FlowError> {
@@ -251,6 +273,7 @@ impl FlowBuilder {
             notify: Mutex::new(self.notify.take()),
             results: Mutex::new(Vec::new()),
             scheduler: self.scheduler.as_ref().map(Arc::downgrade),
+            planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
         });
         if let Some(s) = &self.scheduler {
             s.flows.lock().push(Arc::downgrade(&sh));
@@ -344,6 +367,7 @@ pub struct Shared {
     notify: Mutex<Option<kecho::Source>>,
     results: Mutex<Vec<String>>,
     scheduler: Option<Weak<Scheduler>>,
+    planner: ReplicaPlanner,
 }
 
 impl std::fmt::Debug for Shared {
@@ -1659,13 +1683,13 @@ fn pipeline(
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.
-            if auto && seq == 64 {
+            if auto && seq == WARM_UP_CHUNKS {
                 if let Mode::Inline(_) = &mode {
                     let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
                     let cap = machine0.capacity(cores, &loads, start.elapsed());
                     // The source and every transform run on this thread now.
                     let inline = 1 + specs.len();
-                    if let Some((i, n)) = sched::plan_replicas(&loads, start.elapsed(), inline, cap) {
+                    if let Some((i, n)) = (sh.planner)(&loads, start.elapsed(), inline, cap) {
                         if (1..=specs.len()).contains(&i) && specs[i - 1].replicas == Replicas::Auto {
                             let Mode::Inline(tail) = std::mem::replace(&mut mode, Mode::Inline(empty_tail(sh))) else {
                                 unreachable!("checked above")

@@ -2,7 +2,7 @@
 //!
 //! - [`bottleneck`]: which stage bounds a flow: the one with the most busy time per replica.
 //! - [`plan_replicas`]: whether and how far to replicate a stateless stage that bounds its flow, given the cores the
-//!   flow can count on ([`Capacity`]) and the rate [`predicted_rate`] expects.
+//!   flow can count on ([`Capacity`]), rating each choice with the discrete-event model ([`simulate_waits`]).
 //! - [`simulate`]: a discrete-event model of a pipeline of stages with replicas on shared cores, against which the
 //!   decisions are tested.
 //! - [`Reorder`]: puts the output of replicated stages back in input order.
@@ -66,17 +66,31 @@ impl Capacity {
     }
 }
 
-/// The rate a flow is expected to run at, in units per second, when its threads, grouped as `(work, threads)`,
-/// take `work` seconds per unit spread over `threads` threads, all of them together use `cpu` CPU-seconds per
-/// unit, and the flow may use `available` cores: the slowest group per thread bounds it, or all the CPU over the
-/// available cores, whichever is slower.
-pub fn predicted_rate(groups: &[(f64, usize)], cpu: f64, available: f64) -> f64 {
-    let stage = groups.iter().map(|(b, r)| b / (*r).max(1) as f64).fold(0.0, f64::max);
-    let per_unit = stage.max(cpu / available.max(1e-9));
-    if per_unit <= 0.0 {
-        f64::INFINITY
-    } else {
-        1.0 / per_unit
+/// Units the planner's simulations run (enough that filling the pipeline weighs little).
+const PLAN_UNITS: usize = 400;
+
+/// Queue length between stages in the planner's simulations (chunks queued between the runtime's threads).
+const PLAN_QUEUE: usize = 4;
+
+/// A layout of a flow's stages on threads: each group of consecutive stages runs on `replicas` threads.
+type Layout = Vec<(std::ops::Range<usize>, usize)>;
+
+/// What [`plan_replicas`] knows of each stage, per unit of data (a unit: what the flow moved in one second of the
+/// warm-up): the CPU time it needs, and the time it held data off a core for reasons of its own (blocked on its
+/// device), as opposed to waiting for a core the flow's other threads had.
+struct Demand {
+    cpu: Vec<f64>,
+    off_core: Vec<f64>,
+}
+
+impl Demand {
+    /// The rate (units per second) the discrete-event model predicts for `layout` on `available` cores.
+    fn rate(&self, layout: &Layout, available: f64) -> f64 {
+        let sum = |v: &[f64], r: &std::ops::Range<usize>| v[r.clone()].iter().sum::<f64>();
+        let cost: Vec<f64> = layout.iter().map(|(g, _)| sum(&self.cpu, g)).collect();
+        let wait: Vec<f64> = layout.iter().map(|(g, _)| sum(&self.off_core, g)).collect();
+        let replicas: Vec<usize> = layout.iter().map(|(_, r)| *r).collect();
+        simulate_waits(&cost, &wait, &replicas, available, PLAN_UNITS, PLAN_QUEUE).rate
     }
 }
 
@@ -84,60 +98,91 @@ pub fn predicted_rate(groups: &[(f64, usize)], cpu: f64, available: f64) -> f64 
 ///
 /// The flow runs its first `inline` stages (the source, and the transforms run on the flow's thread) on one thread
 /// now; a stage given `r` replicas leaves that thread (the stages before it stay, the ones after it move to one tail
-/// thread). Each thread's work per unit of data is its stages' busy time (a source's CPU time: waiting for input is
-/// not work), a replicated stage's split over its replicas; [`predicted_rate`] (the slowest thread, or all the CPU
-/// over the available cores) rates every replica count from 1 to `cap.cores`. The best (the smallest within 2%) is
-/// chosen if it gains at least [`MIN_GAIN`] over now and the thread that bounds now is busy for more than
-/// [`REPLICATE_ABOVE`] of `wall`: on a machine whose cores are taken by other work, more threads would only compete
-/// for them. Returns `(stage, replicas)` when that differs from now.
+/// thread). The choice is made on a model of the flow, not on the busy fractions alone: busy time measured while the
+/// flow's threads shared the cores includes the time each waited for a core, and that wait grows when replicas add
+/// threads. So each stage's demand per unit of data is its CPU time, plus the time it held data off a core that
+/// sharing the cores does not explain (blocked on its device; found by running the model of the current layout and
+/// comparing its busy times with the measured ones). A source's held time is its CPU time: waiting for input is not
+/// work. [`simulate_waits`] then rates every replica count from 1 to `cap.cores` on the `cap.available` cores. The
+/// best (the smallest within 2%) is chosen if it gains at least [`MIN_GAIN`] over now and the thread that bounds now
+/// is busy for more than [`REPLICATE_ABOVE`] of `wall`: on a machine whose cores are taken by other work, more threads
+/// would only compete for them. Returns `(stage, replicas)` when that differs from now.
 pub fn plan_replicas(loads: &[StageLoad], wall: Duration, inline: usize, cap: Capacity) -> Option<(usize, usize)> {
-    if wall.is_zero() || loads.is_empty() {
+    if wall.is_zero() || loads.is_empty() || cap.available <= 0.0 {
         return None;
     }
     let w = wall.as_secs_f64();
-    let inline = inline.clamp(1, loads.len());
-    // Work per unit of time at the current rate: busy fractions (the source's CPU).
-    let work: Vec<f64> =
-        loads.iter().enumerate().map(|(k, x)| if k == 0 { x.cpu } else { x.busy }.as_secs_f64() / w).collect();
-    let cpu: f64 = loads.iter().map(|x| x.cpu.as_secs_f64() / w).sum();
-    let rest = |from: usize| (from..loads.len()).map(|k| (work[k], loads[k].replicas.max(1)));
-    let now: Vec<(f64, usize)> = std::iter::once((work[..inline].iter().sum(), 1)).chain(rest(inline)).collect();
-    // The candidate: the stateless stage with the most work per replica (the source is never replicated).
-    let i = (1..loads.len()).filter(|&k| loads[k].stateless).max_by(|&a, &b| {
-        (work[a] / loads[a].replicas.max(1) as f64).total_cmp(&(work[b] / loads[b].replicas.max(1) as f64))
-    })?;
-    let bound_now = now.iter().map(|(b, r)| b / *r as f64).fold(0.0, f64::max);
-    let i_bounds = if i < inline {
-        work[..inline].iter().sum::<f64>() >= bound_now
-    } else {
-        work[i] / loads[i].replicas.max(1) as f64 >= bound_now
-    };
-    if !i_bounds || bound_now < REPLICATE_ABOVE {
+    let n = loads.len();
+    let inline = inline.clamp(1, n);
+    let reps = |k: usize| loads[k].replicas.max(1);
+    let cpu: Vec<f64> = loads.iter().map(|x| x.cpu.as_secs_f64() / w).collect();
+    // Time each stage held data per unit of time (the source: its CPU time).
+    let held: Vec<f64> =
+        loads.iter().enumerate().map(|(k, x)| if k == 0 { cpu[0] } else { x.busy.as_secs_f64() / w }).collect();
+    let now: Layout = std::iter::once((0..inline, 1)).chain((inline..n).map(|k| (k..k + 1, reps(k)))).collect();
+    let held_now: Vec<f64> = now.iter().map(|(g, r)| held[g.clone()].iter().sum::<f64>() / *r as f64).collect();
+    let bound_now = held_now.iter().copied().fold(0.0, f64::max);
+    // The candidate: the stateless stage with the most held time per replica (the source is never replicated).
+    let i = (1..n)
+        .filter(|&k| loads[k].stateless)
+        .max_by(|&a, &b| (held[a] / reps(a) as f64).total_cmp(&(held[b] / reps(b) as f64)))?;
+    let i_bounds = if i < inline { held_now[0] >= bound_now } else { held[i] / reps(i) as f64 >= bound_now };
+    if !i_bounds || bound_now <= REPLICATE_ABOVE {
         return None;
     }
-    let rate_now = predicted_rate(&now, cpu, cap.available);
-    let current = if i < inline { 0 } else { loads[i].replicas.max(1) };
-    let mut best = (current, rate_now);
+    // Calibrate: the model of the current layout on CPU alone says how much of each thread's held time was waiting
+    // for a core; what the measurement holds beyond that is the stage's own time off a core.
+    let cpu_only = Demand { cpu: cpu.clone(), off_core: vec![0.0; n] };
+    let model = {
+        let cost: Vec<f64> = now.iter().map(|(g, _)| cpu[g.clone()].iter().sum()).collect();
+        let replicas: Vec<usize> = now.iter().map(|(_, r)| *r).collect();
+        simulate(&cost, &replicas, cap.available, PLAN_UNITS, PLAN_QUEUE)
+    };
+    let mut off_core = vec![0.0; n];
+    for (t, (g, _)) in now.iter().enumerate() {
+        let cost: f64 = cpu[g.clone()].iter().sum();
+        // Held time per unit of CPU in the model: 1 with a core to itself, more when it waited for one.
+        let stretch = if cost > 0.0 && model.time > 0.0 { model.busy[t] / PLAN_UNITS as f64 / cost } else { 1.0 };
+        for k in g.clone().filter(|&k| k > 0) {
+            off_core[k] = (held[k] - cpu[k] * stretch.max(1.0)).max(0.0);
+        }
+    }
+    let demand = Demand { off_core, ..cpu_only };
+    let rate_now = demand.rate(&now, cap.available);
+    let current = if i < inline { 0 } else { reps(i) };
+    let layout = |r: usize| -> Layout {
+        if i < inline {
+            [(0..i, 1), (i..i + 1, r), (i + 1..inline, 1)]
+                .into_iter()
+                .filter(|(g, _)| !g.is_empty())
+                .chain(now[1..].iter().cloned())
+                .collect()
+        } else {
+            now.iter().map(|(g, x)| if g.start == i { (g.clone(), r) } else { (g.clone(), *x) }).collect()
+        }
+    };
+    // The gain over now: the model's ratio, but never past the CPU bound (the flow moves one unit per second now
+    // on `cpu` cores' worth of CPU, and no layout makes more of the available cores than all of them). Where the
+    // machine does not share its cores as evenly as the model does, the model's own rate for now is off, and the
+    // ratio alone would promise gains the measured CPU rules out.
+    let cpu_total: f64 = demand.cpu.iter().sum();
+    let ceiling = if cpu_total > 0.0 { cap.available / cpu_total } else { f64::INFINITY };
+    let gain = |rate: f64| if rate_now > 0.0 { (rate / rate_now).min(ceiling) } else { 0.0 };
+    let mut best = (current, 1.0);
     for r in 1..=cap.cores.max(1) {
         if r == current {
             continue;
         }
-        let mut groups: Vec<(f64, usize)> = Vec::new();
-        if i < inline {
-            groups.push((work[..i].iter().sum(), 1));
-            groups.push((work[i], r));
-            groups.push((work[i + 1..inline].iter().sum(), 1));
-            groups.extend(rest(inline));
-        } else {
-            groups = now.clone();
-            groups[1 + i - inline] = (work[i], r);
+        // Past the best by three replicas without gaining, more will not gain either.
+        if r > best.0.max(1) + 3 {
+            break;
         }
-        let rate = predicted_rate(&groups, cpu, cap.available);
-        if rate > best.1 * 1.02 {
-            best = (r, rate);
+        let g = gain(demand.rate(&layout(r), cap.available));
+        if g > best.1 * 1.02 {
+            best = (r, g);
         }
     }
-    (best.0 != current && best.1 >= rate_now * MIN_GAIN).then_some((i, best.0))
+    (best.0 != current && best.1 >= MIN_GAIN).then_some((i, best.0))
 }
 
 /// What [`simulate`] found.
@@ -184,17 +229,33 @@ impl Simulated {
 /// unit and runs on `replicas[i]` threads; between stages are queues of `queue` units; the flow's runnable threads
 /// share `cores` cores equally (processor sharing; other processes' load is modelled as cores taken away).
 pub fn simulate(cost: &[f64], replicas: &[usize], cores: f64, units: usize, queue: usize) -> Simulated {
+    simulate_waits(cost, &[], replicas, cores, units, queue)
+}
+
+/// [`simulate`] with stages that also spend `wait[i]` seconds per unit off a core (blocked on their device) before
+/// their CPU work: a missing entry is 0. Busy time counts both; CPU time only the work.
+pub fn simulate_waits(
+    cost: &[f64],
+    wait: &[f64],
+    replicas: &[usize],
+    cores: f64,
+    units: usize,
+    queue: usize,
+) -> Simulated {
     let n = cost.len();
     let mut busy = vec![0.0; n];
     let mut cpu = vec![0.0; n];
     if n == 0 || units == 0 || cores <= 0.0 {
         return Simulated { rate: 0.0, time: 0.0, busy, cpu };
     }
-    // Per stage: units waiting in its input queue (stage 0: the source's supply), and per thread the work left on
-    // the unit it holds (None: idle) and whether it holds a finished unit it cannot pass on yet.
+    const DONE: f64 = 1e-12;
+    // Per stage: units waiting in its input queue (stage 0: the source's supply), and per thread the unit it holds
+    // (None: idle) as (time off a core left, work left), and whether it holds a finished unit it cannot pass on yet.
     let mut waiting = vec![0usize; n];
     waiting[0] = units;
-    let mut threads: Vec<Vec<(Option<f64>, bool)>> = replicas.iter().map(|&r| vec![(None, false); r.max(1)]).collect();
+    type Thread = (Option<(f64, f64)>, bool);
+    let mut threads: Vec<Vec<Thread>> =
+        (0..n).map(|i| vec![(None, false); replicas.get(i).copied().unwrap_or(1).max(1)]).collect();
     let (mut time, mut done) = (0.0f64, 0usize);
     while done < units {
         // Finished units move on where there is room; idle threads take units.
@@ -213,7 +274,7 @@ pub fn simulate(cost: &[f64], replicas: &[usize], cores: f64, units: usize, queu
                     }
                     if threads[i][t].0.is_none() && !threads[i][t].1 && waiting[i] > 0 {
                         waiting[i] -= 1;
-                        threads[i][t].0 = Some(cost[i].max(0.0));
+                        threads[i][t].0 = Some((wait.get(i).copied().unwrap_or(0.0).max(0.0), cost[i].max(0.0)));
                         moved = true;
                     }
                 }
@@ -222,21 +283,29 @@ pub fn simulate(cost: &[f64], replicas: &[usize], cores: f64, units: usize, queu
                 break;
             }
         }
-        let running: Vec<(usize, usize)> = (0..n)
+        let holding: Vec<(usize, usize, f64, f64)> = (0..n)
             .flat_map(|i| (0..threads[i].len()).map(move |t| (i, t)))
-            .filter(|&(i, t)| threads[i][t].0.is_some())
+            .filter_map(|(i, t)| threads[i][t].0.map(|(off, work)| (i, t, off, work)))
             .collect();
-        if running.is_empty() {
+        if holding.is_empty() {
             break;
         }
-        let speed = (cores / running.len() as f64).min(1.0);
-        let dt = running.iter().map(|&(i, t)| threads[i][t].0.unwrap_or(0.0)).fold(f64::INFINITY, f64::min) / speed;
+        let running = holding.iter().filter(|h| h.2 <= DONE).count();
+        let speed = if running == 0 { 1.0 } else { (cores / running as f64).min(1.0) };
+        let dt = holding
+            .iter()
+            .map(|&(_, _, off, work)| if off > DONE { off } else { work / speed })
+            .fold(f64::INFINITY, f64::min);
         time += dt;
-        for (i, t) in running {
+        for (i, t, off, work) in holding {
             busy[i] += dt;
-            cpu[i] += dt * speed;
-            let left = threads[i][t].0.unwrap_or(0.0) - dt * speed;
-            threads[i][t] = if left <= 1e-12 { (None, true) } else { (Some(left), false) };
+            let next = if off > DONE {
+                (off - dt, work)
+            } else {
+                cpu[i] += dt * speed;
+                (0.0, work - dt * speed)
+            };
+            threads[i][t] = if next.0 <= DONE && next.1 <= DONE { (None, true) } else { (Some(next), false) };
         }
     }
     let rate = if time <= 0.0 { f64::INFINITY } else { done as f64 / time };
@@ -421,7 +490,7 @@ mod tests {
         let l = [load(300, false, 1), load(600, true, 1), load(270, false, 1)];
         assert!(matches!(plan_replicas(&l, wall, 2, Capacity::idle(2)), Some((1, 1 | 2))));
         assert_eq!(plan_replicas(&l, wall, 2, Capacity { cores: 2, available: 1.2 }), None);
-        // Counted as separate threads, the same loads bound nothing above 60%: no change.
+        // Counted as separate threads, the same loads bound nothing above 60% (decryption is at 60%): no change.
         assert_eq!(plan_replicas(&l, wall, 1, Capacity::idle(2)), None);
     }
 
@@ -489,18 +558,68 @@ mod tests {
         assert_eq!(fair_shares(300, &[(1, 0), (2, 1000)]), vec![0, 300]);
     }
 
-    proptest! {
-        // A fixed seed, so that CI is repeatable: a random search found a case where the plan replicates and the
-        // simulation gains only 4.5% (cost [0.299, 0.602, 0.194, 0.498], stateless 3, cores 3, taken 0.0525), a
-        // defect of `predicted_rate`'s CPU bound that is still open.
-        #![proptest_config(ProptestConfig {
-            rng_seed: proptest::test_runner::RngSeed::Fixed(0x006b_6563_686f),
-            ..ProptestConfig::default()
-        })]
+    /// Checks the scheduler's choice for `cost` (stage `stateless` may be replicated) on `cores` cores of which the
+    /// fraction `taken` is held by other processes: it runs (in the simulation) as fast as the best replica count but
+    /// for the gain it does not chase ([`MIN_GAIN`]) and 5% of model error, and when it replicates it gains.
+    fn check_plan(cost: &[f64], stateless: usize, cores: usize, taken: f64) -> Result<(), String> {
+        let (plan, gains) = decide(cost, stateless, cores, cores as f64 * (1.0 - taken));
+        let best = gains.iter().copied().fold(0.0, f64::max);
+        let got = match plan {
+            Some((i, r)) if i == stateless => gains[r - 1],
+            Some(p) => return Err(format!("chose {p:?}, not stage {stateless}")),
+            None => 1.0,
+        };
+        if got * MIN_GAIN * 1.05 < best {
+            return Err(format!("chose {plan:?}: {got} against the best {best} ({gains:?})"));
+        }
+        if plan.is_some() && got < 1.05 {
+            return Err(format!("replicated for {got} ({gains:?})"));
+        }
+        Ok(())
+    }
 
-        /// Whatever the stages cost and however many cores are free, the scheduler's choice runs (in the
-        /// simulation) as fast as the best replica count but for the gain it does not chase ([`MIN_GAIN`]) and 5%
-        /// of model error, and when it replicates it gains.
+    /// A case a random search found against the earlier closed-form predictor (slowest thread's busy fraction, or
+    /// all the CPU over the available cores): it replicated the 0.602 stage expecting 16% and the simulation gained
+    /// 4.5%, because five threads on 2.84 cores wait for cores more than four did, which busy fractions measured at
+    /// four threads cannot tell.
+    #[test]
+    fn no_replication_for_a_gain_that_core_sharing_eats() {
+        check_plan(&[0.299, 0.602, 0.194, 0.498], 1, 3, 0.0525).unwrap();
+    }
+
+    /// A stage that spends most of its time blocked off a core (a sink waiting on its device) bounds the flow
+    /// however many cores the stateless stage gets: the planner learns that from busy time the model of core
+    /// sharing does not explain, and does not replicate.
+    #[test]
+    fn off_core_time_is_not_mistaken_for_core_sharing() {
+        let wall = Duration::from_secs(1);
+        let l = |busy: u64, cpu: u64, stateless: bool| StageLoad {
+            busy: Duration::from_millis(busy),
+            cpu: Duration::from_millis(cpu),
+            stateless,
+            replicas: 1,
+        };
+        // The sink is 95% busy with 10% CPU: the disk bounds; decryption (70%) would gain nothing.
+        let loads = [l(300, 300, false), l(700, 700, true), l(950, 100, false)];
+        assert_eq!(plan_replicas(&loads, wall, 1, Capacity::idle(4)), None);
+        // The same decryption with a sink that waits for nothing: worth a second replica.
+        let loads = [l(300, 300, false), l(950, 950, true), l(100, 100, false)];
+        assert!(matches!(plan_replicas(&loads, wall, 1, Capacity::idle(4)), Some((1, 2..=4))));
+    }
+
+    #[test]
+    fn off_core_waits_take_no_core() {
+        // A stage waiting 10 ms per unit off a core and computing 10 ms, then one computing 10 ms, on one core:
+        // the wait overlaps the other's work, so the first stage's 20 ms bound the rate (50/s), not the 30 ms of
+        // CPU the two need together (33/s).
+        let s = simulate_waits(&[0.01, 0.01], &[0.01, 0.0], &[1, 1], 1.0, 2000, 4);
+        assert!((s.rate - 50.0).abs() < 1.0, "{s:?}");
+        assert!((s.cpu[0] / 2000.0 - 0.01).abs() < 1e-6 && s.busy[0] / 2000.0 >= 0.02 - 1e-6, "{s:?}");
+    }
+
+    proptest! {
+        /// Whatever the stages cost and however many cores are free, the scheduler's choice is right in the
+        /// simulation ([`check_plan`]).
         #[test]
         fn the_plan_is_right_in_the_simulation(
             cost in proptest::collection::vec(0.05f64..1.0, 2..5),
@@ -509,15 +628,8 @@ mod tests {
             taken in 0.0f64..0.9,
         ) {
             let stateless = 1 + stateless % (cost.len() - 1);
-            let (plan, gains) = decide(&cost, stateless, cores, cores as f64 * (1.0 - taken));
-            let best = gains.iter().copied().fold(0.0, f64::max);
-            let got = match plan {
-                Some((i, r)) => { prop_assert_eq!(i, stateless); gains[r - 1] }
-                None => 1.0,
-            };
-            prop_assert!(got * MIN_GAIN * 1.05 >= best, "chose {plan:?}: {got} against the best {best} ({gains:?})");
-            if plan.is_some() {
-                prop_assert!(got >= 1.05, "replicated for {got} ({gains:?})");
+            if let Err(e) = check_plan(&cost, stateless, cores, taken) {
+                return Err(TestCaseError::fail(e));
             }
         }
 

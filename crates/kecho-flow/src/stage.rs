@@ -32,11 +32,17 @@ impl Pool {
         Arc::new(Pool { free: Mutex::new(Vec::new()), size })
     }
 
-    /// An empty buffer with at least `want` bytes of capacity.
+    /// An empty buffer with at least `want` bytes of capacity, and not more than twice that: a source reads into
+    /// the whole capacity, so a buffer grown elsewhere (a transform's larger output) would make its reads, and the
+    /// flow's chunks, larger than asked.
     pub fn get(&self, want: usize) -> Vec<u8> {
+        let want = want.max(self.size);
         let mut v = self.free.lock().pop().unwrap_or_default();
         v.clear();
-        v.reserve(want.max(self.size));
+        if v.capacity() > 2 * want {
+            v.shrink_to(want);
+        }
+        v.reserve(want);
         v
     }
 

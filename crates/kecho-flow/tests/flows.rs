@@ -170,6 +170,78 @@ fn replicated_decrypt_keeps_order() {
     assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
+/// `replicas=auto` split mid-flow, forced: the planner is told to answer, whatever the cores, so that the split
+/// after the warm-up happens on every machine. The chunks before it went through inline, the ones after through the
+/// replicas and the reordering tail, which must start from the chunk after the warm-up: the output is the input,
+/// whole and in order, for a split onto a thread of its own, onto several replicas, and for a second transform
+/// split away from a first one that stays on the flow's thread.
+#[test]
+fn auto_replicas_split_mid_flow_and_lose_nothing() {
+    let d = Dir::new("auto-split");
+    let k = key_file(&d);
+    let input = data(3_000_000);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1024)).unwrap();
+    let plain = d.path("plain");
+    std::fs::write(&plain, &input).unwrap();
+    let cases = [
+        // (spec, the stage forced, replicas)
+        (
+            format!(
+                "file:{} chunk=16K ! decrypt aes-256-gcm key={k} replicas=auto ! file:{}",
+                d.path("enc"),
+                d.path("out")
+            ),
+            1,
+            2,
+        ),
+        (
+            format!(
+                "file:{} chunk=16K ! decrypt aes-256-gcm key={k} replicas=auto ! file:{}",
+                d.path("enc"),
+                d.path("out")
+            ),
+            1,
+            1,
+        ),
+        (
+            format!(
+                "file:{plain} chunk=16K ! encrypt aes-256-gcm key={k} record=1000 ! decrypt aes-256-gcm key={k} \
+                 replicas=auto ! file:{}",
+                d.path("out")
+            ),
+            2,
+            3,
+        ),
+    ];
+    for (spec, stage, n) in cases {
+        let _ = std::fs::remove_file(d.path("out"));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let seen = asked.clone();
+        let f = Flow::from_spec(&parse(&spec).unwrap())
+            .replica_planner(move |loads, wall, inline, _cap| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                // Asked once, after the warm-up: the source and the transforms all ran on the flow's thread.
+                assert_eq!(inline, loads.len() - 1, "{loads:?}");
+                assert!(!wall.is_zero() && loads[0].busy > Duration::ZERO, "{loads:?}");
+                Some((stage, n))
+            })
+            .start()
+            .unwrap();
+        await_end(&f);
+        let events = f.events();
+        let s = f.wait().unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "{spec}: {s:#?}");
+        assert!(events.iter().any(|e| e.what == "replicated"), "{spec}: {events:?}");
+        assert_eq!(s.stages[stage].replicas, n, "{spec}: {s:#?}");
+        let out = std::fs::read(d.path("out")).unwrap();
+        assert_eq!(out.len(), input.len(), "{spec}");
+        assert!(out == input, "{spec}: the output differs from the input");
+        // The split came mid-flow: more chunks than the warm-up went through the flow.
+        assert!(s.bytes_in > kecho_flow::WARM_UP_CHUNKS * (16 << 10), "{spec}: {s:#?}");
+    }
+}
+
 #[test]
 fn corrupt_record_fails_with_its_offset_and_is_not_written() {
     let d = Dir::new("corrupt");
