@@ -127,14 +127,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     for i in 0..ROUNDS.min(rows[0].round_p99.len()) {
         let (d, p, k) = (rows[0].round_p99[i], plain.round_p99[i], kecho.round_p99[i]);
         added_rounds.push(k - d);
-        rounds.row(vec![
-            (i + 1).to_string(),
-            fmt_ns(d),
-            fmt_ns(p),
-            fmt_ns(k),
-            fmt_ns(k - d),
-            fmt_ns(k - p),
-        ]);
+        rounds.row(vec![(i + 1).to_string(), fmt_ns(d), fmt_ns(p), fmt_ns(k), fmt_ns(k - d), fmt_ns(k - p)]);
     }
     s.tables.push(rounds);
     added_rounds.sort_by(f64::total_cmp);

@@ -54,7 +54,10 @@ impl View {
     /// Starts following reports on an open channel.
     pub fn start_on(channel: &Channel) -> Result<View> {
         let mut sink = channel.sink(
-            SinkOptions::new().types([wire::REPORT, wire::FREE, wire::BYE]).capacity(16_384).overflow(Overflow::DropOldest),
+            SinkOptions::new()
+                .types([wire::REPORT, wire::FREE, wire::BYE])
+                .capacity(16_384)
+                .overflow(Overflow::DropOldest),
         )?;
         let state = Arc::new(Mutex::new(ClusterView::new()));
         let (tx, rx) = watch::channel(0u64);
