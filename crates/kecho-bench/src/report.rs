@@ -246,6 +246,9 @@ pub fn fmt_num(x: f64) -> String {
 pub fn fmt_ns(ns: f64) -> String {
     if !ns.is_finite() {
         "n/a".into()
+    } else if ns < 0.0 {
+        // A difference of latencies (an added latency) may be negative.
+        format!("-{}", fmt_ns(-ns))
     } else if ns >= 1e9 {
         format!("{:.2} s", ns / 1e9)
     } else if ns >= 1e6 {

@@ -100,8 +100,9 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut section = Section::new("resources");
     let n = count(args, 100_000, 200) as usize;
-    // Experiments: KECHO_BENCH_RES="CONCURRENCY,FANOUT,BIG,ATTR_GAP_MS,RATE_REQUESTERS,REPORT_GAP_MS,TELL"
-    // (defaults 16,2,1,600000,64,20,1; BIG=0 skips the large runs; TELL=0: answers do not carry what is free).
+    // Experiments: KECHO_BENCH_RES="CONCURRENCY,FANOUT,BIG,ATTR_GAP_MS,RATE_REQUESTERS,REPORT_GAP_MS,TELL,BRIEF"
+    // (defaults 16,2,1,600000,64,20,1,1; BIG=0 skips the large runs; TELL=0: answers do not carry what is free;
+    // BRIEF=0: every change sends a whole report instead of a brief `free` update).
     let env = std::env::var("KECHO_BENCH_RES").unwrap_or_default();
     let p: Vec<usize> = env.split(',').filter_map(|x| x.parse().ok()).collect();
     let (conc, run_big) = (p.first().copied().unwrap_or(16), p.get(2) != Some(&0));
@@ -111,11 +112,13 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         attr_gap,
         report_gap: Duration::from_millis(p.get(5).copied().unwrap_or(20) as u64),
         tell_free: p.get(6) != Some(&0),
+        brief: p.get(7) != Some(&0),
     };
     // The baseline, run first in the same process on the same trace: the protocol's settings before the changes of
     // 2026-12-05 (ask the best 4, reports at most every 100 ms, answers that do not say what is free).
     // KECHO_BENCH_RES_BASELINE=0 skips it.
-    let baseline_tuning = Tuning { fanout: 4, attr_gap, report_gap: Duration::from_millis(100), tell_free: false };
+    let baseline_tuning =
+        Tuning { fanout: 4, attr_gap, report_gap: Duration::from_millis(100), tell_free: false, brief: false };
     let mut outcomes = Vec::new();
     let mut base_over = 0;
     let mut base_trace = None;
@@ -334,13 +337,16 @@ struct Tuning {
     report_gap: Duration,
     /// Answers carry what is free.
     tell_free: bool,
+    /// A change between periodic reports goes out as a brief `free` update, not a whole report.
+    brief: bool,
 }
 
 impl Tuning {
     fn describe(&self) -> String {
         format!(
-            "fanout {}, reports >= {} ms apart, answers {}",
+            "fanout {}, {} >= {} ms apart, answers {}",
             self.fanout,
+            if self.brief { "brief updates" } else { "reports" },
             self.report_gap.as_millis(),
             if self.tell_free { "say what is free" } else { "silent" }
         )
@@ -408,6 +414,7 @@ async fn distributed(
         cfg.attr_gap = tuning.attr_gap;
         cfg.min_report_gap = tuning.report_gap;
         cfg.tell_free = tuning.tell_free;
+        cfg.brief_updates = tuning.brief;
         all.push(Arc::new(Agent::start_on(ch, cfg).await?));
     }
     eprintln!("kecho-bench: resources: {agents} agents started after {:.1} s", setup.elapsed().as_secs_f64());
@@ -417,7 +424,7 @@ async fn distributed(
     // One node that counts the view's update traffic.
     let viewer = patient().await?;
     let vch = viewer.channel(&channel).await?;
-    let mut reports = vch.sink(SinkOptions::new().types(["report"]).capacity(1 << 16))?;
+    let mut reports = vch.sink(SinkOptions::new().types(["report", "free"]).capacity(1 << 16))?;
     let counted = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let c2 = counted.clone();
     let counter = tokio::spawn(async move {

@@ -590,3 +590,33 @@ fn protected_channel_from_the_command_line() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `kecho webfarm --overhead-hz ""` skips the overhead sweep, as its help says ("empty to skip"), and runs the rest.
+#[test]
+fn webfarm_with_an_empty_overhead_sweep_runs_and_skips_it() -> Result<()> {
+    let args = [
+        "webfarm",
+        "--overhead-hz",
+        "",
+        "--modes",
+        "kecho:1",
+        "--rates",
+        "20",
+        "--servers",
+        "2",
+        "--duration",
+        "2",
+        "--time-scale",
+        "20",
+    ];
+    let o = run(&args, None)?;
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("kecho:1"), "the kecho:1 run is missing: {err}");
+    assert!(!err.contains("overhead at"), "the overhead sweep ran: {err}");
+    // A bad list is still refused, with the reason.
+    let o = run(&["webfarm", "--overhead-hz", "1,x"], None)?;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("overhead-hz"), "{}", stderr(&o));
+    Ok(())
+}

@@ -79,6 +79,19 @@ fn completions_and_man_pages_come_from_the_command_line_definition() -> Result<(
     let o = Command::new(KECHO).args(["completions", "zsh"]).output()?;
     assert!(o.status.success() && String::from_utf8(o.stdout)?.contains("#compdef kecho"));
 
+    // A reader that stops early (`kecho completions bash | head`) is no error: no panic, status 0.
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let mut child = Command::new(KECHO)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        let o = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.is_empty(), "{args:?}: {:?} {err}", o.status);
+    }
+
     let o = Command::new(KECHO).arg("man").output()?;
     let man = String::from_utf8(o.stdout)?;
     assert!(o.status.success() && man.contains(".TH kecho") && man.contains("registry"), "{man}");

@@ -54,6 +54,10 @@ pub struct AgentConfig {
     /// Its answers (offers, refusals, acknowledgements) say what is free now and the ledger's version, so that the
     /// requester's view learns of a change at once instead of with the next report (docs/RESOURCES.md, "Costs").
     pub tell_free: bool,
+    /// A change of the ledger between two periodic reports goes out as a brief `free` update (what is free, the
+    /// ledger's version: a quarter of a report's size, and what requesters screen on) instead of a whole report;
+    /// the whole report still goes out every `report_every`. Off: every change sends a whole report.
+    pub brief_updates: bool,
     /// Hold time, lease limit, holder grace.
     pub ledger: LedgerConfig,
 }
@@ -75,6 +79,7 @@ impl AgentConfig {
             attr_gap: Duration::from_secs(600),
             probe_every: Duration::from_secs(1),
             tell_free: true,
+            brief_updates: true,
             ledger: LedgerConfig::default(),
         }
     }
@@ -320,6 +325,38 @@ impl State {
         self.attrs = a;
     }
 
+    /// Brings the ledger's amounts in the published attributes up to date, in place (no other attribute changes
+    /// between reports, and admission checks requirements on fresh amounts once per request).
+    fn refresh_ledger_attrs(&mut self) {
+        let l = self.ledger.lock();
+        if l.version() == self.attrs_lv {
+            return;
+        }
+        let free = l.free();
+        let reserved = l.reserved();
+        let mut found = 0;
+        for (k, v) in self.attrs.0.iter_mut() {
+            let (r, amount) = if let Some(r) = k.strip_suffix("_free") {
+                (r, free.amount(r))
+            } else if let Some(r) = k.strip_suffix("_reserved") {
+                (r, reserved.amount(r))
+            } else {
+                continue;
+            };
+            if l.capacity().iter().any(|(c, _)| c == r) {
+                *v = Value::Int(to_i64(amount));
+                found += 1;
+            }
+        }
+        let complete = found == 2 * l.capacity().iter().count();
+        self.attrs_lv = l.version();
+        drop(l);
+        if !complete {
+            // The set of resources is not the one the attributes were built for.
+            self.refresh_attrs();
+        }
+    }
+
     /// What an answer says of the ledger (if configured): `free_now` (the free amounts), `lv` and `lv_epoch`.
     fn tell(&self, out: &mut Attrs) {
         if !self.cfg.tell_free {
@@ -347,7 +384,9 @@ fn to_i64(v: u64) -> i64 {
 }
 
 async fn run(mut st: State, mut io: Io) {
-    let mut next_report = Instant::now();
+    // The next whole report (periodic), and the next report or brief update of a change (never later).
+    let mut next_full = Instant::now();
+    let mut next_report = next_full;
     let mut next_probe = Instant::now() + st.cfg.probe_every;
     let mut batch: Vec<Event> = Vec::new();
     loop {
@@ -357,13 +396,23 @@ async fn run(mut st: State, mut io: Io) {
             let soon = st.last_report.map_or(now, |t| t + st.cfg.min_report_gap);
             next_report = next_report.min(soon);
         }
-        if now >= next_report {
+        if now >= next_full {
             if st.cfg.measure {
                 st.host = st.measurer.sample(now.into_std());
             }
             st.refresh_attrs();
             publish(&mut st, &mut io).await;
-            next_report = now + st.cfg.report_every;
+            next_full = now + st.cfg.report_every;
+            next_report = next_full;
+        } else if now >= next_report {
+            if st.cfg.brief_updates {
+                publish_free(&mut st, &mut io).await;
+            } else {
+                st.refresh_attrs();
+                publish(&mut st, &mut io).await;
+                next_full = now + st.cfg.report_every;
+            }
+            next_report = next_full;
         }
         if now >= next_probe {
             io.replies.submit(wire::HOLDERS, &Attrs::new(), b"").await.ok();
@@ -426,6 +475,23 @@ async fn publish(st: &mut State, io: &mut Io) {
     st.last_report = Some(Instant::now());
 }
 
+/// A brief update: what the ledger has free now and its version, which views take like an answer's `free_now`.
+async fn publish_free(st: &mut State, io: &mut Io) {
+    st.refresh_ledger_attrs();
+    let mut a = Attrs::new().with("agent", st.cfg.name.clone());
+    {
+        let l = st.ledger.lock();
+        a.set("free_now", l.free().to_string());
+        a.set("lv", to_i64(l.version()));
+    }
+    a.set("lv_epoch", wire::epoch_attr(st.epoch));
+    if let Err(e) = io.replies.submit(wire::FREE, &a, b"").await {
+        tracing::warn!(error = %e, "update not sent");
+    }
+    st.dirty = false;
+    st.last_report = Some(Instant::now());
+}
+
 async fn handle(st: &mut State, io: &mut Io, ev: &Event) {
     let r = match ev.ty() {
         wire::REQUEST => on_request(st, ev.attrs()),
@@ -462,7 +528,7 @@ fn on_request(st: &mut State, a: &Attrs) -> Option<(&'static str, Attrs)> {
         st.dirty = true;
     }
     if st.dirty {
-        st.refresh_attrs();
+        st.refresh_ledger_attrs();
     }
     if let Some(text) = wire::opt_str(a, "require") {
         match st.requirements.get(text, Requirement::compile) {

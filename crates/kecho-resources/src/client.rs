@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::expr::{Rank, Requirement};
-use crate::negotiate::{explain, pick, screen, Decision, Miss, Negotiation, OfferInfo};
+use crate::negotiate::{explain, pick, Decision, Miss, Negotiation, OfferInfo, Screen};
 use crate::types::{Amounts, HolderId, ReservationId};
 use crate::watch::View;
 use crate::wire::{self, Op};
@@ -117,6 +117,8 @@ pub struct Reservation {
 /// What the OUT-filter needs to route one request, and what it found.
 struct Screening {
     amounts: Amounts,
+    /// The amounts' attribute names, built once for every agent screened.
+    screen: Screen,
     require: Option<Arc<Requirement>>,
     rank: Option<Arc<Rank>>,
     fanout: usize,
@@ -131,6 +133,9 @@ struct Screening {
 struct Found {
     agents: usize,
     chosen: usize,
+    /// Agents that could not serve.
+    missed: usize,
+    /// Why each could not, collected only when the reasons are needed (nobody chosen, or a dry run).
     misses: Vec<(String, Miss)>,
 }
 
@@ -145,6 +150,8 @@ struct Inner {
     view: View,
     source: tokio::sync::Mutex<Source>,
     current: Mutex<Option<Arc<Screening>>>,
+    /// Compiled requirements and ranks by their text (a requester sends the same few many times).
+    exprs: Mutex<Exprs>,
     waiting: Mutex<HashMap<i64, mpsc::UnboundedSender<Reply>>>,
     acks: Mutex<HashMap<i64, oneshot::Sender<Attrs>>>,
     next: AtomicI64,
@@ -196,6 +203,7 @@ impl Requester {
             view,
             source: tokio::sync::Mutex::new(channel.source()?),
             current: Mutex::new(None),
+            exprs: Mutex::default(),
             waiting: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             next: AtomicI64::new(1),
@@ -222,7 +230,7 @@ impl Requester {
         let s = Arc::new(self.screening(spec, true)?);
         self.submit_request(-1, spec, &s).await?;
         let f = s.found.lock();
-        Ok((f.agents, f.agents - f.misses.len()))
+        Ok((f.agents, f.agents - f.missed))
     }
 
     /// Waits until the channel knows at least `n` agents.
@@ -245,10 +253,15 @@ impl Requester {
     }
 
     fn screening(&self, spec: &Spec, dry: bool) -> Result<Screening> {
-        let require = spec.require.as_deref().map(Requirement::compile).transpose()?.map(Arc::new);
-        let rank = spec.rank.as_deref().map(Rank::compile).transpose()?.map(Arc::new);
+        let (require, rank) = {
+            let mut e = self.inner.exprs.lock();
+            let require = spec.require.as_deref().map(|t| e.requirement(t)).transpose()?;
+            let rank = spec.rank.as_deref().map(|t| e.rank(t)).transpose()?;
+            (require, rank)
+        };
         Ok(Screening {
             amounts: spec.amounts.clone(),
+            screen: Screen::new(&spec.amounts),
             require,
             rank,
             fanout: spec.fanout,
@@ -571,37 +584,51 @@ fn route(inner: &Inner, ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut V
     let mut ok: Vec<(usize, Option<f64>, u64)> = Vec::new();
     let mut short: Vec<(usize, Option<f64>, u64)> = Vec::new();
     inner.view.with(|view| {
+        // The agent's newest report, which goes out at once on a change (at most one per `min_report_gap`); its
+        // sink's attributes (updated rarely, see AgentConfig::attr_gap) until this requester has one.
         for (i, r) in sinks.iter().enumerate() {
             let Some(Value::Str(name)) = r.attrs().get("agent") else { continue };
-            // The agent's newest report, which goes out at once on a change (at most one per 100 ms); its sink's
-            // attributes (updated rarely, see AgentConfig::attr_gap) until this requester has one.
             let a = view.get(name).map_or(r.attrs(), |e| &e.report.attrs);
             found.agents += 1;
-            match screen(&s.amounts, s.require.as_deref(), a) {
+            match s.screen.passes(s.require.as_deref(), a) {
                 Ok(()) => ok.push((i, s.rank.as_ref().and_then(|x| x.eval(a)), rand::random())),
-                Err(m) => {
-                    if matches!(m, Miss::Short { .. }) && s.require.as_ref().is_none_or(|r| r.matches(a)) {
+                Err(was_short) => {
+                    found.missed += 1;
+                    if was_short && s.require.as_ref().is_none_or(|r| r.matches(a)) {
                         short.push((i, None, rand::random()));
                     }
-                    found.misses.push((name.clone(), m));
                 }
             }
         }
     });
+    if !s.dry {
+        pick(&mut ok, s.fanout);
+        // The view lags the agents' ledgers: when too few agents look free enough, also ask those that looked
+        // short; their own admission control answers with the truth.
+        if ok.len() < s.count {
+            let room = if s.fanout == 0 { 0 } else { s.fanout.max(s.count).saturating_sub(ok.len()).max(1) };
+            pick(&mut short, room);
+            ok.extend(short);
+        }
+        found.chosen = ok.len();
+        chosen.extend(ok.iter().map(|c| c.0));
+    }
+    if found.chosen == 0 && found.missed > 0 {
+        // The reasons, for the caller's error or the dry run's count: the rare path, so the allocations for them
+        // are made only here.
+        inner.view.with(|view| {
+            for r in sinks.iter() {
+                let Some(Value::Str(name)) = r.attrs().get("agent") else { continue };
+                let a = view.get(name).map_or(r.attrs(), |e| &e.report.attrs);
+                if let Err(m) = s.screen.check(s.require.as_deref(), a) {
+                    found.misses.push((name.clone(), m));
+                }
+            }
+        });
+    }
     if s.dry {
         return;
     }
-    pick(&mut ok, s.fanout);
-    // The sink attributes lag the agents' ledgers (they are updated about once a second, see AgentConfig::attr_gap):
-    // when too few agents look free enough, also ask those that looked short; their own admission control answers
-    // with the truth.
-    if ok.len() < s.count {
-        let room = if s.fanout == 0 { 0 } else { s.fanout.max(s.count).saturating_sub(ok.len()).max(1) };
-        pick(&mut short, room);
-        ok.extend(short);
-    }
-    found.chosen = ok.len();
-    chosen.extend(ok.iter().map(|c| c.0));
     // Until they answer, what this requester asked of them counts as taken in its view, so that its next
     // concurrent requests do not all go to the same few agents.
     inner.view.with(|view| {
@@ -611,6 +638,38 @@ fn route(inner: &Inner, ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut V
             }
         }
     });
+}
+
+/// Compiled expressions by their text, bounded (cleared when it holds 256 of a kind).
+#[derive(Default)]
+struct Exprs {
+    requirements: HashMap<String, Arc<Requirement>>,
+    ranks: HashMap<String, Arc<Rank>>,
+}
+
+impl Exprs {
+    fn requirement(&mut self, text: &str) -> Result<Arc<Requirement>> {
+        if let Some(r) = self.requirements.get(text) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Requirement::compile(text)?);
+        if self.requirements.len() >= 256 {
+            self.requirements.clear();
+        }
+        self.requirements.insert(text.to_owned(), r.clone());
+        Ok(r)
+    }
+    fn rank(&mut self, text: &str) -> Result<Arc<Rank>> {
+        if let Some(r) = self.ranks.get(text) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Rank::compile(text)?);
+        if self.ranks.len() >= 256 {
+            self.ranks.clear();
+        }
+        self.ranks.insert(text.to_owned(), r.clone());
+        Ok(r)
+    }
 }
 
 /// The answer task: hands offers and refusals to their negotiation, acknowledgements to their operation, and

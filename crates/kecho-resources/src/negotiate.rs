@@ -36,20 +36,56 @@ pub fn attr_u64(attrs: &Attrs, name: &str) -> Option<u64> {
 
 /// Can an agent with these attributes (`NAME_free` per resource) serve `amounts` under `require`?
 pub fn screen(amounts: &Amounts, require: Option<&Requirement>, attrs: &Attrs) -> Result<(), Miss> {
-    for (r, want) in amounts.iter() {
-        let Some(free) = attr_u64(attrs, &format!("{r}_free")) else {
-            return Err(Miss::Unknown(r.to_owned()));
-        };
-        if free < want {
-            return Err(Miss::Short { resource: r.to_owned(), free });
+    Screen::new(amounts).check(require, attrs)
+}
+
+/// [`screen`] prepared once for many agents: the attribute names (`NAME_free`) are built once, not per agent (a
+/// requester screens every agent of the channel for every request).
+#[derive(Debug, Clone)]
+pub struct Screen {
+    /// Per resource: its name, its `NAME_free` attribute, the amount wanted.
+    wants: Vec<(String, String, u64)>,
+}
+
+impl Screen {
+    /// Screening for these amounts.
+    pub fn new(amounts: &Amounts) -> Self {
+        Screen { wants: amounts.iter().map(|(r, want)| (r.to_owned(), format!("{r}_free"), want)).collect() }
+    }
+
+    /// Can an agent with these attributes serve the amounts under `require`?
+    pub fn check(&self, require: Option<&Requirement>, attrs: &Attrs) -> Result<(), Miss> {
+        for (r, key, want) in &self.wants {
+            let Some(free) = attr_u64(attrs, key) else {
+                return Err(Miss::Unknown(r.clone()));
+            };
+            if free < *want {
+                return Err(Miss::Short { resource: r.clone(), free });
+            }
+        }
+        if let Some(req) = require {
+            if !req.matches(attrs) {
+                return Err(Miss::Requirement);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Screen::check`] without saying why: no allocation (the common case of a request that many agents pass or
+    /// fail, when the reasons are not needed). `Some(true)` means the agent was short of a resource it counts.
+    pub fn passes(&self, require: Option<&Requirement>, attrs: &Attrs) -> Result<(), bool> {
+        for (_, key, want) in &self.wants {
+            match attr_u64(attrs, key) {
+                None => return Err(false),
+                Some(free) if free < *want => return Err(true),
+                Some(_) => {}
+            }
+        }
+        match require {
+            Some(req) if !req.matches(attrs) => Err(false),
+            _ => Ok(()),
         }
     }
-    if let Some(req) = require {
-        if !req.matches(attrs) {
-            return Err(Miss::Requirement);
-        }
-    }
-    Ok(())
 }
 
 /// The reason for people when no agent can serve: the resource most agents lacked, with the best on offer, e.g.

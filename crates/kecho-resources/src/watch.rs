@@ -15,6 +15,18 @@ use crate::types::Amounts;
 use crate::view::{ClusterView, Report, ViewEntry};
 use crate::wire;
 
+/// Takes in what an agent's answer or brief update said is free (`agent`, `lv_epoch`, `lv`, `free_now`); returns
+/// whether the view changed.
+fn learn(view: &mut ClusterView, a: &kecho::Attrs) -> bool {
+    let (Ok(agent), Ok(epoch), Ok(lv)) =
+        (wire::str_attr(a, "agent"), wire::epoch_of(a, "lv_epoch"), wire::int_attr(a, "lv"))
+    else {
+        return false;
+    };
+    let Some(Ok(free)) = wire::opt_str(a, "free_now").map(str::parse::<Amounts>) else { return false };
+    view.learn(agent, epoch, u64::try_from(lv).unwrap_or(0), &free)
+}
+
 /// A cluster view held by this node. Cheap to clone; the task stops when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct View {
@@ -42,7 +54,10 @@ impl View {
     /// Starts following reports on an open channel.
     pub fn start_on(channel: &Channel) -> Result<View> {
         let mut sink = channel.sink(
-            SinkOptions::new().types([wire::REPORT, wire::BYE]).capacity(16_384).overflow(Overflow::DropOldest),
+            SinkOptions::new()
+                .types([wire::REPORT, wire::FREE, wire::BYE])
+                .capacity(16_384)
+                .overflow(Overflow::DropOldest),
         )?;
         let state = Arc::new(Mutex::new(ClusterView::new()));
         let (tx, rx) = watch::channel(0u64);
@@ -64,6 +79,7 @@ impl View {
                                         false
                                     }
                                 },
+                                wire::FREE => learn(&mut st.lock(), ev.attrs()),
                                 wire::BYE => match (wire::str_attr(ev.attrs(), "agent"), wire::epoch_of(ev.attrs(), "epoch")) {
                                     (Ok(a), Ok(e)) => st.lock().remove(a, e),
                                     _ => false,
@@ -106,13 +122,7 @@ impl View {
 
     /// Takes in what an agent's answer said is free (see [`ClusterView::learn`]); answers without it are ignored.
     pub(crate) fn learn_from(&self, answer: &kecho::Attrs) {
-        let (Ok(agent), Ok(epoch), Ok(lv)) =
-            (wire::str_attr(answer, "agent"), wire::epoch_of(answer, "lv_epoch"), wire::int_attr(answer, "lv"))
-        else {
-            return;
-        };
-        let Some(Ok(free)) = wire::opt_str(answer, "free_now").map(str::parse::<Amounts>) else { return };
-        self.state.lock().learn(agent, epoch, u64::try_from(lv).unwrap_or(0), &free);
+        learn(&mut self.state.lock(), answer);
     }
 
     /// See [`ClusterView::credit`].

@@ -14,6 +14,9 @@ pub const CHANNEL: &str = "kecho.resources";
 
 /// Agent to everyone: its attributes, as soft state with a lifetime.
 pub const REPORT: &str = "report";
+/// Agent to everyone: what its ledger has free now (`agent`, `lv_epoch`, `lv`, `free_now`), sent on a change of the
+/// ledger between two reports instead of a whole report (see `AgentConfig::brief_updates`).
+pub const FREE: &str = "free";
 /// Agent to everyone: it is leaving (its reports stop).
 pub const BYE: &str = "bye";
 /// Requester to the agents whose attributes satisfy it: a QoS request.

@@ -263,3 +263,38 @@ async fn the_view_follows_agents_and_a_silent_one_leaves() -> Result<()> {
     view.wait_until(Duration::from_secs(2), |v| v.is_empty()).await?;
     Ok(())
 }
+
+/// Between two periodic reports, a change of the ledger reaches every view as a brief `free` update (the report
+/// itself, its `seq`, stays the one of the period); with brief updates off, the change sends a whole report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_views_as_a_brief_update_between_reports() -> Result<()> {
+    for brief in [true, false] {
+        let ch = if brief { "res.test.brief.on" } else { "res.test.brief.off" };
+        let mut cfg = config("a", 8, 1 << 30);
+        cfg.report_every = Duration::from_secs(3);
+        cfg.lifetime = Duration::from_secs(9);
+        cfg.brief_updates = brief;
+        let _c = cluster(ch, vec![cfg]).await?;
+        let node = Node::start().await?;
+        let mut view = View::start_on(&node.channel(ch).await?)?;
+        let (_rn, r) = requester(ch, 1).await?;
+        view.wait_until(Duration::from_secs(10), |v| v.len() == 1).await?;
+        let seq_of = |view: &View| view.snapshot().get("a").map(|e| e.report.seq).unwrap_or_default();
+        // Right after a periodic report, the next one is 3 s away.
+        let s0 = seq_of(&view);
+        view.wait_until(Duration::from_secs(10), |v| v.get("a").is_some_and(|e| e.report.seq > s0)).await?;
+        let seq = seq_of(&view);
+        r.reserve(&Spec::new(Amounts::new().with("cpus", 3))).await?;
+        view.wait_until(Duration::from_secs(2), |v| {
+            v.get("a").is_some_and(|e| e.report.reserved().amount("cpus") == 3 && e.report.free().amount("cpus") == 5)
+        })
+        .await?;
+        let now = seq_of(&view);
+        if brief {
+            assert_eq!(now, seq, "the change came as a whole report");
+        } else {
+            assert!(now > seq, "no whole report for the change");
+        }
+    }
+    Ok(())
+}

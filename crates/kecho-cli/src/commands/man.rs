@@ -11,7 +11,9 @@ pub struct Args {
 
 pub fn run(a: Args, cmd: clap::Command) -> Result<()> {
     let Some(dir) = a.out else {
-        return clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).context("writing the man page");
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page).context("rendering the man page")?;
+        return super::completions::to_stdout(&page).context("writing the man page");
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = cmd;
