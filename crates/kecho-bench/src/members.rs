@@ -6,7 +6,10 @@
 //! registry server in this process. Each node has one sink; a join is timed from the node's start until it knows all
 //! N sinks (so it can send to all of them), the other members learning of it meanwhile. Nodes join one at a time,
 //! each in the next process; then STORM nodes join at once (spread over the processes) and the storm is timed until
-//! every member in every process knows every sink. The channel is a full mesh (each node links to every other), so a
+//! every member in every process knows every sink. Then the first node publishes 200 events of 100 B (its thread's
+//! CPU per event, what every sink received or was told it missed, and the event frames per event per member), and each
+//! process reports its resident memory, the links up per node, heartbeat timeouts and the longest delay of a 50 ms
+//! timer on its runtime (how long its tasks could not run). The channel is a full mesh (each node links to every other), so a
 //! run is bounded by file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory.
 
 use std::io::{BufRead, BufReader, Write};
