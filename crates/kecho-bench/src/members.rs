@@ -265,7 +265,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             "per node (KiB)",
             "links per node",
             "longest stall (ms)",
-            "heartbeat timeouts",
+            "heartbeat timeouts (known peers)",
         ],
     );
     for (i, p) in procs_rows.iter().enumerate() {
