@@ -6,7 +6,10 @@
 //! registry server in this process. Each node has one sink; a join is timed from the node's start until it knows all
 //! N sinks (so it can send to all of them), the other members learning of it meanwhile. Nodes join one at a time,
 //! each in the next process; then STORM nodes join at once (spread over the processes) and the storm is timed until
-//! every member in every process knows every sink. The channel is a full mesh (each node links to every other), so a
+//! every member in every process knows every sink. Then the first node publishes 200 events of 100 B (its thread's
+//! CPU per event, what every sink received or was told it missed, and the event frames per event per member), and each
+//! process reports its resident memory, the links up per node, heartbeat timeouts and the longest delay of a 50 ms
+//! timer on its runtime (how long its tasks could not run). The channel is a full mesh (each node links to every other), so a
 //! run is bounded by file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory.
 
 use std::io::{BufRead, BufReader, Write};
@@ -48,6 +51,24 @@ struct StormRow {
 struct ProcRow {
     nodes: usize,
     rss_kib: u64,
+    /// Longest delay of a 50 ms timer on the process's runtime beyond its period (ms).
+    stall_ms: u64,
+    /// Links up at the end, summed over the process's nodes (each link counted at both of its ends).
+    links: usize,
+    /// Links declared dead on a heartbeat timeout during the run, summed over the nodes.
+    heartbeat_timeouts: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct EventRow {
+    sinks: usize,
+    events: u64,
+    /// CPU time of the publishing thread per event (µs).
+    source_cpu_us: f64,
+    /// Events received by sinks, reported missed, and event frames that arrived at member nodes.
+    received: u64,
+    missed: u64,
+    copies: u64,
 }
 
 fn settings(args: &BenchArgs) -> Result<(usize, usize, usize)> {
@@ -164,11 +185,25 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             Some(e) => stopped = Some(e),
         }
     }
+    let mut events = Vec::new();
+    if stopped.is_none() {
+        match publish(&mut hosts, EVENTS) {
+            Ok(row) => events.push(row),
+            Err(e) => stopped = Some(format!("events: {e:#}")),
+        }
+    }
     let mut procs_rows = Vec::new();
     for h in &mut hosts {
         h.ask("rss")?;
-        let rss = h.answer().ok().and_then(|w| w.first()?.parse().ok()).unwrap_or(0);
-        procs_rows.push(ProcRow { nodes: h.nodes, rss_kib: rss });
+        let w = h.answer().unwrap_or_default();
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        procs_rows.push(ProcRow {
+            nodes: h.nodes,
+            rss_kib: num(0),
+            stall_ms: num(1),
+            links: num(2) as usize,
+            heartbeat_timeouts: num(3),
+        });
     }
     drop(hosts);
     rt.block_on(reg.shutdown());
@@ -198,10 +233,53 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         s.tables.push(t);
         s.checks.push(Check::at_most("storm convergence", st.converged_ms / 1e3, 2.0, "s"));
     }
-    let mut t = Table::new("member processes", &["process", "nodes", "resident (MiB)", "per node (KiB)"]);
+    if let Some(e) = events.first() {
+        let mut t = Table::new(
+            "events from one source to every member",
+            &[
+                "sinks",
+                "events",
+                "source CPU per event (µs)",
+                "received",
+                "reported missed",
+                "copies per event per member",
+            ],
+        );
+        let copies = e.copies as f64 / (e.events as f64 * (e.sinks.saturating_sub(1)).max(1) as f64);
+        t.row(vec![
+            e.sinks.to_string(),
+            e.events.to_string(),
+            format!("{:.1}", e.source_cpu_us),
+            e.received.to_string(),
+            e.missed.to_string(),
+            format!("{copies:.3}"),
+        ]);
+        s.tables.push(t);
+    }
+    let mut t = Table::new(
+        "member processes",
+        &[
+            "process",
+            "nodes",
+            "resident (MiB)",
+            "per node (KiB)",
+            "links per node",
+            "longest stall (ms)",
+            "heartbeat timeouts (known peers)",
+        ],
+    );
     for (i, p) in procs_rows.iter().enumerate() {
         let per = if p.nodes > 0 { p.rss_kib / p.nodes as u64 } else { 0 };
-        t.row(vec![i.to_string(), p.nodes.to_string(), format!("{:.0}", p.rss_kib as f64 / 1024.0), per.to_string()]);
+        let links = if p.nodes > 0 { p.links as f64 / p.nodes as f64 } else { 0.0 };
+        t.row(vec![
+            i.to_string(),
+            p.nodes.to_string(),
+            format!("{:.0}", p.rss_kib as f64 / 1024.0),
+            per.to_string(),
+            format!("{links:.1}"),
+            p.stall_ms.to_string(),
+            p.heartbeat_timeouts.to_string(),
+        ]);
     }
     s.tables.push(t);
     if let Some(last) = joins.last() {
@@ -218,7 +296,32 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     s.put("joins", &joins);
     s.put("storms", &storms);
     s.put("processes", &procs_rows);
+    s.put("events", &events);
     Ok(s)
+}
+
+/// Events the first node publishes once every member has joined.
+const EVENTS: u64 = 200;
+
+/// The first node (in the first process) publishes `n` events of 100 B; every sink (its own included) must get them.
+fn publish(hosts: &mut [Host], n: u64) -> Result<EventRow> {
+    let sinks: usize = hosts.iter().map(|h| h.nodes).sum();
+    hosts[0].ask(&format!("publish {n}"))?;
+    let cpu_ns = hosts[0].answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<u64>()?;
+    let (mut received, mut missed, mut copies) = (0, 0, 0);
+    for h in hosts.iter_mut() {
+        h.ask(&format!("count {n}"))?;
+    }
+    for h in hosts.iter_mut() {
+        let w = h.answer()?;
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        received += num(0);
+        missed += num(1);
+        copies += num(2);
+    }
+    // The source's own sink gets its events locally; they count as received there but are no copy over a link.
+    let copies = copies.saturating_sub(n);
+    Ok(EventRow { sinks, events: n, source_cpu_us: cpu_ns as f64 / 1e3, received, missed, copies })
 }
 
 /// The child: hosts member nodes of `channel`, started on the parent's word (`join K`: one node, answered when it
@@ -230,6 +333,22 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
     let rt = runtime()?;
+    // The longest time a 50 ms timer on this runtime waited beyond its period: how long the nodes' tasks (their
+    // heartbeats among them) could not run.
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let meter = stall.clone();
+    rt.spawn(async move {
+        let period = Duration::from_millis(50);
+        let mut t = tokio::time::interval(period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        loop {
+            t.tick().await;
+            let late = last.elapsed().saturating_sub(period);
+            last = Instant::now();
+            meter.fetch_max(late.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
     let mut members: Vec<(Node, Channel, Sink)> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -272,7 +391,54 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                     Ok(format!("ok {}", t0.elapsed().as_nanos()))
                 })
             }
-            ["rss"] => Ok(format!("ok {}", rss_kib())),
+            ["rss"] => {
+                let links: usize = members.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).sum();
+                let timeouts: u64 =
+                    members.iter().flat_map(|(n, _, _)| n.link_stats()).map(|l| l.heartbeat_timeouts).sum();
+                let stall = stall.load(std::sync::atomic::Ordering::Relaxed);
+                Ok(format!("ok {} {stall} {links} {timeouts}", rss_kib()))
+            }
+            ["publish", n] => {
+                // The first node here publishes n events; the answer is the CPU time of this thread per event (the
+                // submit path runs on the caller: encoding and queueing to every member's link).
+                let n: u64 = n.parse()?;
+                let (_, ch, _) = members.first().ok_or_else(|| anyhow!("no node here"))?;
+                let mut src = ch.source()?;
+                let attrs = kecho::Attrs::new();
+                let payload = [7u8; 100];
+                rt.block_on(async {
+                    let cpu = crate::util::self_cpu_ns();
+                    for _ in 0..n {
+                        src.submit("m", &attrs, &payload).await?;
+                    }
+                    Ok::<_, anyhow::Error>(format!("ok {}", (crate::util::self_cpu_ns() - cpu) / n.max(1)))
+                })
+            }
+            ["count", n] => {
+                // Waits until every sink here has n events (or a step limit), then answers the events received, the
+                // events reported missed, and the event frames that arrived at the nodes here (copies).
+                let n: u64 = n.parse()?;
+                rt.block_on(async {
+                    let (mut got, mut missed) = (0u64, 0u64);
+                    let deadline = tokio::time::Instant::now() + STEP_LIMIT;
+                    for (_, _, sink) in members.iter_mut() {
+                        let mut here = 0;
+                        while here < n {
+                            match tokio::time::timeout_at(deadline, sink.recv()).await {
+                                Ok(Ok(_)) => here += 1,
+                                Ok(Err(kecho::RecvError::Lagged(k))) => {
+                                    missed += k;
+                                    here += k;
+                                }
+                                Ok(Err(_)) | Err(_) => break,
+                            }
+                        }
+                        got += here;
+                    }
+                    let copies: u64 = members.iter().map(|(_, ch, _)| ch.stats().received).sum();
+                    Ok::<_, anyhow::Error>(format!("ok {got} {missed} {copies}"))
+                })
+            }
             _ => Err(anyhow!("unknown command {line:?}")),
         };
         let line = answer.unwrap_or_else(|e| format!("err {e:#}").replace('\n', " "));

@@ -118,7 +118,8 @@ async fn dial_inner<H: LinkHandler>(
     let mut hello = BytesMut::new();
     Message::Hello { version: PROTOCOL_VERSION, node: links.id, addr: my_addr.clone(), purpose: Purpose::Node }
         .encode(&mut hello);
-    links.identity.hello_proof(peer.id, &my_addr).encode(&mut hello);
+    let (identity, to, from) = (links.identity.clone(), peer.id, my_addr.clone());
+    off_workers(move || identity.hello_proof(to, &from)).await?.encode(&mut hello);
     wr.write_all(&hello).await?;
     let mut buf = BytesMut::with_capacity(4096);
     let answer = async {
@@ -130,7 +131,10 @@ async fn dial_inner<H: LinkHandler>(
         }
         // The peer proves it is the node we meant to reach.
         let proof = read_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
-        handshake::check_ack_proof(&proof, peer.id, links.id).map_err(|e| LinkError::Handshake(e.to_string()))?;
+        let (from, me) = (peer.id, links.id);
+        off_workers(move || handshake::check_ack_proof(&proof, from, me))
+            .await?
+            .map_err(|e| LinkError::Handshake(e.to_string()))?;
         Ok(DialOutcome::Up)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
@@ -207,7 +211,13 @@ async fn accept_link<H: LinkHandler>(
     // The dialler proves it is the node it claims to be, before it is let near any channel.
     let proof = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
     let checked = match proof {
-        Ok(Ok(p)) => handshake::check_hello_proof(&p, their, &their_addr, links.id).map_err(|e| e.to_string()),
+        Ok(Ok(p)) => {
+            let (addr, me) = (their_addr.clone(), links.id);
+            match off_workers(move || handshake::check_hello_proof(&p, their, &addr, me)).await {
+                Ok(checked) => checked.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         Ok(Err(why)) => Err(why.to_string()),
         Err(_) => Err(format!("no identity proof within {HANDSHAKE_TIMEOUT:?}")),
     };
@@ -216,10 +226,12 @@ async fn accept_link<H: LinkHandler>(
         refuse(rd, wr, close(CloseCode::Handshake, &why)).await;
         return;
     }
+    let identity = links.identity.clone();
+    let Ok(proof) = off_workers(move || identity.ack_proof(their)).await else { return };
     let peer = links.peer(their, &their_addr);
     let mut ack = BytesMut::new();
     Message::HelloAck { version: PROTOCOL_VERSION, node: links.id }.encode(&mut ack);
-    links.identity.ack_proof(their).encode(&mut ack);
+    proof.encode(&mut ack);
     let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
     let refused = {
@@ -264,6 +276,14 @@ async fn refuse(mut rd: Rd, mut wr: Wr, frame: bytes::Bytes) {
         while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+/// Runs a handshake's signature or check on the blocking pool. Ed25519 costs about 0.1 ms a proof in a release build
+/// but 10 to 20 ms in a debug one; on the runtime's workers, a node that opens dozens of links at once (a joiner of a
+/// full mesh, or every member after a cut) held them for seconds, and the heartbeats of every other link in the
+/// process went unsent and unread until links timed out in bursts.
+async fn off_workers<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, LinkError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| LinkError::Handshake(format!("identity proof task: {e}")))
 }
 
 /// Reads one whole frame during the handshake.

@@ -100,7 +100,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     if peer.outbox.take_sent_direct() {
                         live.lock().on_send(now());
                     }
-                    let action = live.lock().poll(now());
+                    let action = live.lock().poll_due(now(), deadline);
                     match action {
                         LivenessAction::Wait => continue,
                         // Through the outbox, so that no direct write can interleave with it.
@@ -134,7 +134,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     }
                     // Pings are not sent from here: the write in progress shows the peer we are alive once it
                     // drains, and a ping could not overtake it anyway.
-                    if live.lock().poll(now()) == LivenessAction::Dead {
+                    if live.lock().poll_due(now(), deadline) == LivenessAction::Dead {
                         peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
                         break Err(LinkError::Heartbeat(" while writing"));
                     }
