@@ -215,6 +215,12 @@ fn other(prefix: &str, agent: &str) -> String {
     }
 }
 
+/// Whether a process runs (a zombie has ended).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
 fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
     let out = check(&["ps", "--format", "json", "--registry", &c.addr])?;
     out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
@@ -409,7 +415,11 @@ fn inspect_configure_and_the_repository() -> Result<()> {
 #[test]
 fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<()> {
     let mut c = cluster("n")?;
-    let script = counter(40);
+    let pids = format!("{}/pids-n-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&pids);
+    // Each run keeps a background child and notes its agent, the pid of its shell and the child's.
+    let script = format!("sleep 300 & echo \"$KECHO_AGENT $$ $!\" >> \"$PIDS\"; {}", counter(40));
+    let env = format!("PIDS={pids}");
     let mut run = Running::start(&[
         "run",
         "--registry",
@@ -420,6 +430,8 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
         "on-node-loss",
         "--checkpoint-every",
         "0.2",
+        "--env",
+        &env,
         "--",
         "sh",
         "-c",
@@ -428,10 +440,22 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
     let (agent, _) = agent_count(&run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?)?;
     let idx = if agent == "na" { 0 } else { 1 };
     let killed = Instant::now();
-    // kill -9: no goodbye, no drain; the task's process group goes with the agent's death only if it notices, so
-    // the test also checks the restarted run's numbering rather than the old one's silence.
+    let first_pids: Vec<i32> = std::fs::read_to_string(&pids)?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{agent} ")).map(str::to_owned))
+        .with_context(|| format!("no pids noted by the run on {agent}"))?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    assert!(first_pids.len() == 2 && first_pids.iter().all(|&p| alive(p)), "the task runs on {agent}: {first_pids:?}");
+    // kill -9: no goodbye, no drain.
     c.agents[idx].child.kill()?;
     let _ = c.agents[idx].child.wait();
+    // The orphaned run dies with its agent (its lifeline closes), not when it next writes to a dead pipe.
+    eventually(Duration::from_secs(5), "the killed agent's task and its child to end", || {
+        Ok(first_pids.iter().all(|&p| !alive(p)).then_some(()))
+    })?;
+    eprintln!("agent killed to its task gone (polled every 100 ms): {:?}", killed.elapsed());
     let other = other("n", &agent);
     let (_, n) = agent_count(&run.expect(true, "a line from the other agent", |l| l.starts_with(&other))?)?;
     let restart = killed.elapsed();
