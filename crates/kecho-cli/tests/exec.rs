@@ -474,16 +474,18 @@ fn deploy_starts_an_application_in_dependency_order_and_recovers_its_middle_comp
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     // Each component records its start, says it is ready with a file, and refuses to start before its dependency.
+    // db's readiness command runs on its agent, in its directory and with its environment: it notes where it ran,
+    // and the file it tests is one db made in its own directory (which the deploying process's directory lacks).
     let app = format!(
         r#"
 name = "shop"
 on_failure = "restart"
 
 [component.db]
-cmd = "echo db >> {d}/order; touch {d}/db.ready; exec sleep 60"
+cmd = "echo db >> {d}/order; touch db.ready {d}/db.ready; exec sleep 60"
 cpus = 1
 port = 7001
-ready = {{ cmd = "test -f {d}/db.ready", timeout = 20 }}
+ready = {{ cmd = "echo $KECHO_AGENT $KECHO_COMPONENT $PWD >> {d}/db.checked; test -f db.ready", timeout = 20 }}
 
 [component.api]
 cmd = "test -f {d}/db.ready || exit 1; echo api >> {d}/order; echo $KECHO_DEP_DB > {d}/api.dep; echo $$ > {d}/api.pid; touch {d}/api.ready; exec sleep 60"
@@ -505,6 +507,20 @@ on_failure = "stop-dependents"
     dep.expect(false, "ready", |l| l.contains("shop ready"))?;
     assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\n");
     assert_eq!(std::fs::read_to_string(format!("{d}/api.dep"))?.trim(), "127.0.0.1:7001");
+    let checked = std::fs::read_to_string(format!("{d}/db.checked"))?;
+    let rows = ps(&c)?;
+    let db_agent = rows
+        .iter()
+        .find(|r| r["task"].as_str().is_some_and(|t| t.starts_with("shop.db.")))
+        .and_then(|r| r["agent"].as_str())
+        .with_context(|| format!("no db task in {rows:?}"))?
+        .to_owned();
+    assert!(!checked.is_empty(), "db's readiness command never ran");
+    for line in checked.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f[..2], [db_agent.as_str(), "db"], "the check ran on db's agent, with its environment: {line}");
+        assert!(f[2].contains(&format!("exec-{db_agent}-")), "the check ran in db's directory: {line}");
+    }
 
     let out = check(&["status", "shop", "--registry", &c.addr])?;
     let running = out.lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();

@@ -367,6 +367,15 @@ impl fmt::Display for LimitReport {
     }
 }
 
+/// Where a command about a task runs (its readiness check): a directory and extra environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeEnv {
+    /// The working directory (the task's own), or the caller's.
+    pub dir: Option<PathBuf>,
+    /// Environment variables on top of the caller's (the task's).
+    pub env: Vec<(String, String)>,
+}
+
 /// Runs tasks on this host.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
@@ -418,6 +427,16 @@ impl Supervisor {
     /// The path of a task's checkpoint file (`$KECHO_STATE`).
     pub fn state_path(&self, id: &TaskId) -> PathBuf {
         self.state_dir.join(&id.0).join("state")
+    }
+
+    /// Where a command about task `spec` runs (its readiness check): the task's directory and environment.
+    pub fn probe_env(&self, spec: &TaskSpec) -> ProbeEnv {
+        let state_path = self.state_path(&spec.id);
+        let mut env: Vec<(String, String)> = spec.env.iter().chain(&spec.kecho_env).cloned().collect();
+        env.push(("KECHO_AGENT".into(), self.agent.0.clone()));
+        env.push(("KECHO_TASK".into(), spec.id.0.clone()));
+        env.push(("KECHO_STATE".into(), state_path.display().to_string()));
+        ProbeEnv { dir: state_path.parent().map(Path::to_path_buf), env }
     }
 
     /// Starts a task. Must be called within a tokio runtime.
