@@ -657,3 +657,48 @@ fn deploy_runs_a_repository_artifact_that_the_agent_fetches_and_verifies() -> Re
     assert!(ps(&c)?.iter().all(|r| r["state"] != "running"), "something still runs");
     Ok(())
 }
+
+#[test]
+fn repo_serve_lets_agents_and_other_nodes_fetch_an_artifact_by_digest() -> Result<()> {
+    let c = cluster("g")?;
+    let d = format!("{}/served-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let served = format!("{d}/served");
+    let program = format!("{d}/tool.sh");
+    std::fs::write(&program, format!("#!/bin/sh\necho \"$1 $KECHO_AGENT\" > {d}/ran; exec sleep 60\n"))?;
+    let digest = check(&["repo", "add", &program, "--repo-dir", &served])?.trim().to_owned();
+    let mut repo =
+        Proc::spawn("repo", &["repo", "serve", "--name", "r1", "--repo-dir", &served, "--registry", &c.addr])?;
+    repo.wait_stderr("serves")?;
+
+    // Another node fetches it by digest into its own store, verified.
+    let got = check(&["repo", "get", &digest, "--repo-dir", &format!("{d}/got"), "--registry", &c.addr])?;
+    assert_eq!(std::fs::read(got.trim())?, std::fs::read(&program)?);
+
+    // A deploy from a user whose own store is empty: the agent fetches the artifact from the repository node.
+    let app = format!("[component.tool]\nartifact = \"{digest}\"\nargs = [\"served\"]\n");
+    std::fs::write(format!("{d}/tools.toml"), app)?;
+    let empty = format!("{d}/empty");
+    let mut dep = Running::start(&["deploy", &format!("{d}/tools.toml"), "--repo-dir", &empty, "--registry", &c.addr])?;
+    dep.expect(false, "ready", |l| l.contains("tools ready"))?;
+    eventually(Duration::from_secs(10), "the artifact to run", || {
+        Ok(std::fs::read_to_string(format!("{d}/ran")).ok().filter(|r| r.starts_with("served g")))
+    })?;
+    check(&["undeploy", "tools", "--registry", &c.addr])?;
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+
+    // A damaged copy on the repository node is never sent: a fetch finds no valid copy and keeps nothing. (A second
+    // artifact: the agent that ran the first keeps and serves a verified copy of it.)
+    let other = format!("{d}/other.sh");
+    std::fs::write(&other, "#!/bin/sh\necho other\n")?;
+    let digest = check(&["repo", "add", &other, "--repo-dir", &served])?.trim().to_owned();
+    let hex = digest.trim_start_matches("sha256:");
+    std::fs::write(format!("{served}/{hex}"), b"#!/bin/sh\necho tampered\n")?;
+    let fresh = format!("{d}/fresh");
+    let o = kecho(&["repo", "get", &digest, "--repo-dir", &fresh, "--wait", "3", "--registry", &c.addr])?;
+    assert!(!o.status.success(), "a damaged artifact was fetched: {}", text(&o.stdout));
+    assert!(text(&o.stderr).contains(hex), "{}", text(&o.stderr));
+    assert_eq!(check(&["repo", "ls", "--repo-dir", &fresh])?, "");
+    Ok(())
+}
