@@ -102,7 +102,8 @@ enum Cmd {
     Ps(ps::Args),
     /// Replay a task's recent output.
     Logs(logs::Args),
-    /// The component repository on this node: add (put), ls, rm artifacts by their SHA-256.
+    /// The component repository: add (put), ls, rm artifacts by their SHA-256 on this node; serve the store to
+    /// agents, get an artifact by digest.
     Repo {
         #[command(subcommand)]
         cmd: repo::Args,
@@ -142,7 +143,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Run(a) => run::run(a).await,
         Cmd::Ps(a) => ps::run(a).await,
         Cmd::Logs(a) => logs::run(a).await,
-        Cmd::Repo { cmd } => repo::run(cmd),
+        Cmd::Repo { cmd } => repo::run(cmd).await,
         Cmd::Inspect(a) => inspect::run(a).await,
         Cmd::Configure(a) => inspect::configure(a).await,
         Cmd::Deploy(a) => deploy::run(a).await,

@@ -215,6 +215,12 @@ fn other(prefix: &str, agent: &str) -> String {
     }
 }
 
+/// Whether a process runs (a zombie has ended).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
 fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
     let out = check(&["ps", "--format", "json", "--registry", &c.addr])?;
     out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
@@ -409,7 +415,11 @@ fn inspect_configure_and_the_repository() -> Result<()> {
 #[test]
 fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<()> {
     let mut c = cluster("n")?;
-    let script = counter(40);
+    let pids = format!("{}/pids-n-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&pids);
+    // Each run keeps a background child and notes its agent, the pid of its shell and the child's.
+    let script = format!("sleep 300 & echo \"$KECHO_AGENT $$ $!\" >> \"$PIDS\"; {}", counter(40));
+    let env = format!("PIDS={pids}");
     let mut run = Running::start(&[
         "run",
         "--registry",
@@ -420,6 +430,8 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
         "on-node-loss",
         "--checkpoint-every",
         "0.2",
+        "--env",
+        &env,
         "--",
         "sh",
         "-c",
@@ -428,10 +440,22 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
     let (agent, _) = agent_count(&run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?)?;
     let idx = if agent == "na" { 0 } else { 1 };
     let killed = Instant::now();
-    // kill -9: no goodbye, no drain; the task's process group goes with the agent's death only if it notices, so
-    // the test also checks the restarted run's numbering rather than the old one's silence.
+    let first_pids: Vec<i32> = std::fs::read_to_string(&pids)?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{agent} ")).map(str::to_owned))
+        .with_context(|| format!("no pids noted by the run on {agent}"))?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    assert!(first_pids.len() == 2 && first_pids.iter().all(|&p| alive(p)), "the task runs on {agent}: {first_pids:?}");
+    // kill -9: no goodbye, no drain.
     c.agents[idx].child.kill()?;
     let _ = c.agents[idx].child.wait();
+    // The orphaned run dies with its agent (its lifeline closes), not when it next writes to a dead pipe.
+    eventually(Duration::from_secs(5), "the killed agent's task and its child to end", || {
+        Ok(first_pids.iter().all(|&p| !alive(p)).then_some(()))
+    })?;
+    eprintln!("agent killed to its task gone (polled every 100 ms): {:?}", killed.elapsed());
     let other = other("n", &agent);
     let (_, n) = agent_count(&run.expect(true, "a line from the other agent", |l| l.starts_with(&other))?)?;
     let restart = killed.elapsed();
@@ -450,16 +474,18 @@ fn deploy_starts_an_application_in_dependency_order_and_recovers_its_middle_comp
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     // Each component records its start, says it is ready with a file, and refuses to start before its dependency.
+    // db's readiness command runs on its agent, in its directory and with its environment: it notes where it ran,
+    // and the file it tests is one db made in its own directory (which the deploying process's directory lacks).
     let app = format!(
         r#"
 name = "shop"
 on_failure = "restart"
 
 [component.db]
-cmd = "echo db >> {d}/order; touch {d}/db.ready; exec sleep 60"
+cmd = "echo db >> {d}/order; touch db.ready {d}/db.ready; exec sleep 60"
 cpus = 1
 port = 7001
-ready = {{ cmd = "test -f {d}/db.ready", timeout = 20 }}
+ready = {{ cmd = "echo $KECHO_AGENT $KECHO_COMPONENT $PWD >> {d}/db.checked; test -f db.ready", timeout = 20 }}
 
 [component.api]
 cmd = "test -f {d}/db.ready || exit 1; echo api >> {d}/order; echo $KECHO_DEP_DB > {d}/api.dep; echo $$ > {d}/api.pid; touch {d}/api.ready; exec sleep 60"
@@ -481,6 +507,20 @@ on_failure = "stop-dependents"
     dep.expect(false, "ready", |l| l.contains("shop ready"))?;
     assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\n");
     assert_eq!(std::fs::read_to_string(format!("{d}/api.dep"))?.trim(), "127.0.0.1:7001");
+    let checked = std::fs::read_to_string(format!("{d}/db.checked"))?;
+    let rows = ps(&c)?;
+    let db_agent = rows
+        .iter()
+        .find(|r| r["task"].as_str().is_some_and(|t| t.starts_with("shop.db.")))
+        .and_then(|r| r["agent"].as_str())
+        .with_context(|| format!("no db task in {rows:?}"))?
+        .to_owned();
+    assert!(!checked.is_empty(), "db's readiness command never ran");
+    for line in checked.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f[..2], [db_agent.as_str(), "db"], "the check ran on db's agent, with its environment: {line}");
+        assert!(f[2].contains(&format!("exec-{db_agent}-")), "the check ran in db's directory: {line}");
+    }
 
     let out = check(&["status", "shop", "--registry", &c.addr])?;
     let running = out.lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();
@@ -615,5 +655,50 @@ fn deploy_runs_a_repository_artifact_that_the_agent_fetches_and_verifies() -> Re
     assert!(!o.status.success(), "a deploy of a missing artifact succeeded");
     assert!(text(&o.stderr).contains(&missing), "{}", text(&o.stderr));
     assert!(ps(&c)?.iter().all(|r| r["state"] != "running"), "something still runs");
+    Ok(())
+}
+
+#[test]
+fn repo_serve_lets_agents_and_other_nodes_fetch_an_artifact_by_digest() -> Result<()> {
+    let c = cluster("g")?;
+    let d = format!("{}/served-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let served = format!("{d}/served");
+    let program = format!("{d}/tool.sh");
+    std::fs::write(&program, format!("#!/bin/sh\necho \"$1 $KECHO_AGENT\" > {d}/ran; exec sleep 60\n"))?;
+    let digest = check(&["repo", "add", &program, "--repo-dir", &served])?.trim().to_owned();
+    let mut repo =
+        Proc::spawn("repo", &["repo", "serve", "--name", "r1", "--repo-dir", &served, "--registry", &c.addr])?;
+    repo.wait_stderr("serves")?;
+
+    // Another node fetches it by digest into its own store, verified.
+    let got = check(&["repo", "get", &digest, "--repo-dir", &format!("{d}/got"), "--registry", &c.addr])?;
+    assert_eq!(std::fs::read(got.trim())?, std::fs::read(&program)?);
+
+    // A deploy from a user whose own store is empty: the agent fetches the artifact from the repository node.
+    let app = format!("[component.tool]\nartifact = \"{digest}\"\nargs = [\"served\"]\n");
+    std::fs::write(format!("{d}/tools.toml"), app)?;
+    let empty = format!("{d}/empty");
+    let mut dep = Running::start(&["deploy", &format!("{d}/tools.toml"), "--repo-dir", &empty, "--registry", &c.addr])?;
+    dep.expect(false, "ready", |l| l.contains("tools ready"))?;
+    eventually(Duration::from_secs(10), "the artifact to run", || {
+        Ok(std::fs::read_to_string(format!("{d}/ran")).ok().filter(|r| r.starts_with("served g")))
+    })?;
+    check(&["undeploy", "tools", "--registry", &c.addr])?;
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+
+    // A damaged copy on the repository node is never sent: a fetch finds no valid copy and keeps nothing. (A second
+    // artifact: the agent that ran the first keeps and serves a verified copy of it.)
+    let other = format!("{d}/other.sh");
+    std::fs::write(&other, "#!/bin/sh\necho other\n")?;
+    let digest = check(&["repo", "add", &other, "--repo-dir", &served])?.trim().to_owned();
+    let hex = digest.trim_start_matches("sha256:");
+    std::fs::write(format!("{served}/{hex}"), b"#!/bin/sh\necho tampered\n")?;
+    let fresh = format!("{d}/fresh");
+    let o = kecho(&["repo", "get", &digest, "--repo-dir", &fresh, "--wait", "3", "--registry", &c.addr])?;
+    assert!(!o.status.success(), "a damaged artifact was fetched: {}", text(&o.stdout));
+    assert!(text(&o.stderr).contains(hex), "{}", text(&o.stderr));
+    assert_eq!(check(&["repo", "ls", "--repo-dir", &fresh])?, "");
     Ok(())
 }

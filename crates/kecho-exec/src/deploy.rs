@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::app::{expand_vars, AppSpec, ComponentName, ReadyCheck, Run};
+use crate::app::{expand_vars, AppSpec, ComponentName, Readiness, ReadyCheck, Run};
 use crate::place::{place_all, AgentName, PlaceError, Placement, Placer};
 use crate::plan::{Action, AppEvent, ComponentState, Deployment};
 use crate::repo::{Cache, Digest, Fetch, RepoError};
-use crate::task::{Confinement, Limits, Supervisor, Task, TaskControl, TaskError, TaskId, TaskSpec};
+use crate::task::{Confinement, Limits, ProbeEnv, Supervisor, Task, TaskControl, TaskError, TaskId, TaskSpec};
 
 /// How long a stopped component gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -39,10 +39,58 @@ pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// How often a readiness check is retried.
 const READY_POLL: Duration = Duration::from_millis(20);
 
+/// How much longer than a readiness check's timeout the deployer waits for the verdict from the component's agent.
+const VERDICT_MARGIN: Duration = Duration::from_secs(5);
+
 /// Starts component processes on agents.
 pub trait Launcher: Send + Sync + 'static {
-    /// Starts `spec` under `placement` (on its agent, within its reservation).
-    fn launch(&self, placement: &Placement, spec: TaskSpec) -> impl Future<Output = Result<Task, TaskError>> + Send;
+    /// Starts `spec` under `placement` (on its agent, within its reservation) and checks its readiness, if it has a
+    /// check, where the component runs: a readiness command runs on the component's node, with the component's
+    /// environment and in its directory (a command such as `test -e ready.flag` or `pg_isready` means nothing on
+    /// the deploying host).
+    fn launch(
+        &self,
+        placement: &Placement,
+        spec: TaskSpec,
+        ready: Option<Readiness>,
+    ) -> impl Future<Output = Result<Launched, TaskError>> + Send;
+}
+
+/// A launched component: its task and the verdict of its readiness check to come.
+#[derive(Debug)]
+pub struct Launched {
+    /// The component's task.
+    pub task: Task,
+    /// `Ok` once it is ready (at once without a check), or why not. A launcher that can no longer tell (the
+    /// component ended, its agent was lost) drops the sender.
+    pub ready: oneshot::Receiver<Result<(), String>>,
+}
+
+/// Runs readiness check `ready` from this host against `host` (a TCP port) or here (a command, with `env`), and
+/// sends the verdict; stops checking when the receiver is dropped. Without a check the verdict is `Ok` at once.
+pub fn check_ready_here(
+    ready: Option<Readiness>,
+    host: String,
+    env: ProbeEnv,
+) -> oneshot::Receiver<Result<(), String>> {
+    let (tx, rx) = oneshot::channel();
+    match ready {
+        None => {
+            let _ = tx.send(Ok(()));
+        }
+        Some(r) => {
+            tokio::spawn(async move {
+                let mut tx = tx;
+                tokio::select! {
+                    verdict = wait_ready(&r.check, &host, r.timeout, &env) => {
+                        let _ = tx.send(verdict.map_err(|e| e.to_string()));
+                    }
+                    _ = tx.closed() => {}
+                }
+            });
+        }
+    }
+    rx
 }
 
 /// Runs every component on this host, as if on the agent it was placed on.
@@ -60,10 +108,18 @@ impl LocalLauncher {
 }
 
 impl Launcher for LocalLauncher {
-    async fn launch(&self, placement: &Placement, spec: TaskSpec) -> Result<Task, TaskError> {
+    async fn launch(
+        &self,
+        placement: &Placement,
+        spec: TaskSpec,
+        ready: Option<Readiness>,
+    ) -> Result<Launched, TaskError> {
         let agent = &placement.agent;
         let dir = self.state_dir.join(&agent.0);
-        Supervisor::new(agent.clone(), dir, self.confinement.clone()).spawn(spec).await
+        let supervisor = Supervisor::new(agent.clone(), dir, self.confinement.clone());
+        let env = supervisor.probe_env(&spec);
+        let task = supervisor.spawn(spec).await?;
+        Ok(Launched { task, ready: check_ready_here(ready, placement.host.clone(), env) })
     }
 }
 
@@ -515,7 +571,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             state: None,
         };
         let readiness = spec.readiness.clone();
-        let task = match self.launcher.launch(&placement, task).await {
+        // The deployer's own bound on the verdict: the check's timeout and a margin for the messages.
+        let bound = readiness.as_ref().map(|r| r.timeout + VERDICT_MARGIN);
+        let Launched { task, ready } = match self.launcher.launch(&placement, task, readiness).await {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.internal.send(Internal::Failed(c.clone(), generation, e.to_string()));
@@ -541,13 +599,16 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
         let internal = self.internal.clone();
         let name = c.clone();
         let checker = tokio::spawn(async move {
-            let verdict = match readiness {
-                None => Ok(()),
-                Some(r) => wait_ready(&r.check, &placement.host, r.timeout).await,
+            let verdict = match bound {
+                None => ready.await,
+                Some(bound) => tokio::time::timeout(bound, ready)
+                    .await
+                    .unwrap_or_else(|_| Ok(Err(format!("no readiness verdict within {bound:?}")))),
             };
             let _ = internal.send(match verdict {
-                Ok(()) => Internal::Ready(name, generation),
-                Err(why) => Internal::Failed(name, generation, why.to_string()),
+                Ok(Ok(())) => Internal::Ready(name, generation),
+                Ok(Err(why)) => Internal::Failed(name, generation, why),
+                Err(_) => Internal::Failed(name, generation, "ended before its readiness was known".into()),
             });
         });
         // A check still polling for an earlier instance has nothing left to check.
@@ -605,8 +666,9 @@ pub enum NotReady {
     TimedOut(Duration),
 }
 
-/// Runs a readiness check until it passes or `timeout` has gone by.
-pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Result<(), NotReady> {
+/// Runs a readiness check until it passes or `timeout` has gone by: a TCP connect to `host`, or a shell command run
+/// here with `env` (the component's directory and environment).
+pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration, env: &ProbeEnv) -> Result<(), NotReady> {
     let deadline = Instant::now() + timeout;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -618,9 +680,14 @@ pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration) -> Re
                 )
             }
             ReadyCheck::Command(cmd) => {
-                let mut child = match tokio::process::Command::new("/bin/sh")
+                let mut command = tokio::process::Command::new("/bin/sh");
+                if let Some(dir) = &env.dir {
+                    command.current_dir(dir);
+                }
+                let mut child = match command
                     .arg("-c")
                     .arg(cmd)
+                    .envs(env.env.iter().map(|(k, v)| (k, v)))
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -658,7 +725,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(l);
         });
-        wait_ready(&ReadyCheck::Tcp(port), "127.0.0.1", Duration::from_secs(5)).await.unwrap();
+        wait_ready(&ReadyCheck::Tcp(port), "127.0.0.1", Duration::from_secs(5), &ProbeEnv::default()).await.unwrap();
         late.abort();
     }
 
@@ -667,12 +734,21 @@ mod tests {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let err = wait_ready(&ReadyCheck::Tcp(port), "127.0.0.1", Duration::from_millis(100)).await.unwrap_err();
-        assert!(matches!(err, NotReady::TimedOut(_)), "{err:?}");
-        let err = wait_ready(&ReadyCheck::Command("exit 1".into()), "127.0.0.1", Duration::from_millis(100))
+        let err = wait_ready(&ReadyCheck::Tcp(port), "127.0.0.1", Duration::from_millis(100), &ProbeEnv::default())
             .await
             .unwrap_err();
         assert!(matches!(err, NotReady::TimedOut(_)), "{err:?}");
-        wait_ready(&ReadyCheck::Command("exit 0".into()), "127.0.0.1", Duration::from_secs(5)).await.unwrap();
+        let err = wait_ready(
+            &ReadyCheck::Command("exit 1".into()),
+            "127.0.0.1",
+            Duration::from_millis(100),
+            &ProbeEnv::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, NotReady::TimedOut(_)), "{err:?}");
+        wait_ready(&ReadyCheck::Command("exit 0".into()), "127.0.0.1", Duration::from_secs(5), &ProbeEnv::default())
+            .await
+            .unwrap();
     }
 }

@@ -30,6 +30,7 @@ pub const SUBMITTER_TYPES: &[&str] = &[
     "exec.tasks",
     "exec.log",
     "exec.undeploy",
+    "exec.ready",
 ];
 
 /// Errors of the submitter's channel layer.
@@ -456,19 +457,23 @@ enum LaunchCmd {
     Stop(TaskId, Duration),
 }
 
+type LaunchReply = tokio::sync::oneshot::Sender<Result<crate::deploy::Launched, crate::task::TaskError>>;
+
 #[derive(Debug)]
 struct Launch {
     placement: crate::place::Placement,
     spec: crate::task::TaskSpec,
-    reply: tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>,
+    ready: Option<crate::app::Readiness>,
+    reply: LaunchReply,
 }
 
 struct Remote {
     agent: String,
     output: mpsc::Sender<crate::task::OutputChunk>,
     exit: tokio::sync::watch::Sender<Option<crate::task::TaskExit>>,
-    pending:
-        Option<(crate::task::Task, tokio::sync::oneshot::Sender<Result<crate::task::Task, crate::task::TaskError>>)>,
+    pending: Option<(crate::deploy::Launched, LaunchReply)>,
+    /// Where the agent's verdict on the readiness command goes (dropped with the task: no verdict).
+    ready: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 impl RemoteLauncher {
@@ -488,7 +493,7 @@ impl RemoteLauncher {
                     cmd = rx.recv() => match cmd {
                         None => break,
                         Some(LaunchCmd::Launch(l)) => {
-                            let Launch { placement, spec, reply } = *l;
+                            let Launch { placement, spec, ready, reply } = *l;
                             let agent = placement.agent.0.clone();
                             if let Err(e) = sub.wait_for_agent(&agent, Duration::from_secs(5)).await {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
@@ -497,6 +502,19 @@ impl RemoteLauncher {
                             // A component that is a repository artifact the deployer did not resolve itself names
                             // it by its digest: the agent fetches and verifies it.
                             let artifact = spec.argv.first().and_then(|a| a.parse::<crate::repo::Digest>().ok());
+                            // A readiness command runs on the agent (the component's node); a TCP port is tried
+                            // from here, against the node's address, as the component's dependents will reach it.
+                            let (probe, verdict, ready_tx) = match ready {
+                                Some(crate::app::Readiness { check: crate::app::ReadyCheck::Command(cmd), timeout }) => {
+                                    let (tx, rx) = tokio::sync::oneshot::channel();
+                                    let probe = crate::wire::ReadyProbe { cmd, timeout_ms: timeout.as_millis() as u64 };
+                                    (Some(probe), rx, Some(tx))
+                                }
+                                other => {
+                                    let env = crate::task::ProbeEnv::default();
+                                    (None, crate::deploy::check_ready_here(other, placement.host.clone(), env), None)
+                                }
+                            };
                             let submit = crate::wire::Submit {
                                 task: spec.id.clone(),
                                 run: 0,
@@ -510,6 +528,7 @@ impl RemoteLauncher {
                                 checkpoint_every_ms: None,
                                 state: spec.state,
                                 artifact,
+                                ready: probe,
                             };
                             if let Err(e) = sub.send(&agent, &ExecMsg::Submit(submit)).await {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
@@ -529,8 +548,10 @@ impl RemoteLauncher {
                                 control: crate::task::TaskControl::remote(spec.id.clone(), exit_rx, stop_req),
                                 limits: crate::task::LimitReport::default(),
                             };
+                            let launched = crate::deploy::Launched { task, ready: verdict };
                             alive.insert(agent.clone(), Instant::now());
-                            tasks.insert(spec.id, Remote { agent, output: out_tx, exit: exit_tx, pending: Some((task, reply)) });
+                            let remote = Remote { agent, output: out_tx, exit: exit_tx, pending: Some((launched, reply)), ready: ready_tx };
+                            tasks.insert(spec.id, remote);
                         }
                         Some(LaunchCmd::Stop(id, grace)) => {
                             if let Some(r) = tasks.get(&id) {
@@ -543,8 +564,13 @@ impl RemoteLauncher {
                         None => break,
                         Some(ExecMsg::Started { task, limits, .. }) => {
                             if let Some((mut t, reply)) = tasks.get_mut(&task).and_then(|r| r.pending.take()) {
-                                t.limits = limits;
+                                t.task.limits = limits;
                                 let _ = reply.send(Ok(t));
+                            }
+                        }
+                        Some(ExecMsg::Ready { task, error, .. }) => {
+                            if let Some(tx) = tasks.get_mut(&task).and_then(|r| r.ready.take()) {
+                                let _ = tx.send(error.map_or(Ok(()), Err));
                             }
                         }
                         Some(ExecMsg::Refused { task, agent, reason }) => {
@@ -602,10 +628,11 @@ impl crate::deploy::Launcher for RemoteLauncher {
         &self,
         placement: &crate::place::Placement,
         spec: crate::task::TaskSpec,
-    ) -> Result<crate::task::Task, crate::task::TaskError> {
+        ready: Option<crate::app::Readiness>,
+    ) -> Result<crate::deploy::Launched, crate::task::TaskError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cmds
-            .send(LaunchCmd::Launch(Box::new(Launch { placement: placement.clone(), spec, reply: tx })))
+            .send(LaunchCmd::Launch(Box::new(Launch { placement: placement.clone(), spec, ready, reply: tx })))
             .map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?;
         rx.await.map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?
     }

@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::agent::{AuditLog, CheckpointShipper, OutputLog, SubmitterLeases};
+use crate::app::ReadyCheck;
 use crate::auth::{AuthError, ExecPolicy};
+use crate::deploy::wait_ready;
 use crate::place::{AgentName, Placement};
 use crate::repo::Cache;
 use crate::repo_net::ChannelFetch;
@@ -191,6 +193,8 @@ impl ExecService {
 enum Internal {
     Chunk(TaskId, u32, OutputChunk),
     Ended(TaskId, u32, TaskExit),
+    /// The verdict of a task's readiness command.
+    Ready(TaskId, u32, Result<(), String>),
 }
 
 struct Run {
@@ -445,7 +449,11 @@ impl State {
                 Err(e) => return self.refuse(&s, &who, e.to_string()).await,
             }
         }
-        self.audit(&who, "task", &s.task.0, &format!("run {}: {}", s.run, s.argv.join(" ")));
+        let mut detail = format!("run {}: {}", s.run, s.argv.join(" "));
+        if let Some(probe) = &s.ready {
+            detail.push_str(&format!(" (readiness: {})", probe.cmd));
+        }
+        self.audit(&who, "task", &s.task.0, &detail);
         let spec = TaskSpec {
             id: s.task.clone(),
             argv,
@@ -454,6 +462,7 @@ impl State {
             limits: Limits { cpus: s.spec.cpus, mem: s.spec.mem },
             state: s.state.clone(),
         };
+        let probe_env = self.supervisor.probe_env(&spec);
         let mut task = match self.supervisor.spawn(spec).await {
             Ok(t) => t,
             Err(e) => return self.refuse(&s, &who, e.to_string()).await,
@@ -479,6 +488,21 @@ impl State {
             let exit = waiter.wait().await;
             let _ = tx.send(Internal::Ended(id, run, exit));
         });
+        if let Some(probe) = s.ready.clone() {
+            // The readiness command runs here, on the component's node, until it passes, its timeout passes, or the
+            // task ends (its exit then says enough).
+            let (tx, id, run, waiter) = (self.internal.clone(), s.task.clone(), s.run, control.clone());
+            let check = ReadyCheck::Command(probe.cmd);
+            let timeout = Duration::from_millis(probe.timeout_ms);
+            tokio::spawn(async move {
+                tokio::select! {
+                    verdict = wait_ready(&check, "127.0.0.1", timeout, &probe_env) => {
+                        let _ = tx.send(Internal::Ready(id, run, verdict.map_err(|e| e.to_string())));
+                    }
+                    _ = waiter.wait() => {}
+                }
+            });
+        }
         let shipper = s.checkpoint_every().map(|every| CheckpointShipper::new(every, now.into_std()));
         let run = Run {
             submitter: s.submitter,
@@ -532,6 +556,12 @@ impl State {
 
     async fn on_internal(&mut self, i: Internal) {
         match i {
+            Internal::Ready(task, run, verdict) => {
+                let Some(r) = self.runs.get(&task).filter(|r| r.run == run) else { return };
+                let to = r.submitter.clone();
+                let msg = ExecMsg::Ready { task, run, agent: self.cfg.name.clone(), error: verdict.err() };
+                self.send(&to, &msg).await;
+            }
             Internal::Chunk(task, run, chunk) => {
                 let Some(r) = self.runs.get_mut(&task).filter(|r| r.run == run) else { return };
                 r.log.push(chunk.clone());

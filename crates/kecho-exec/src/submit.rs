@@ -299,6 +299,7 @@ mod tests {
             checkpoint_every_ms: Some(1000),
             state: None,
             artifact: None,
+            ready: None,
         };
         RunSession::new(submit, RestartLimits::default())
     }

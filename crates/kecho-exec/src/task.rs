@@ -7,11 +7,13 @@
 //!
 //! **Limits without a race, in safe Rust.** Limits must hold from the task's first instruction, but safe Rust cannot
 //! run code in the child between fork and exec (`pre_exec` is unsafe). So the command is started behind a gate: the
-//! child is `/bin/sh -c 'read -r _ || exit 125; exec "$0" "$@" </dev/null' CMD ARGS...`, which blocks reading its
-//! standard input. While it waits, the agent applies the limits from outside: it moves the child into the task's
-//! cgroup (writing its pid to `cgroup.procs`) or sets its rlimits (`prlimit` on its pid), then writes the newline that
-//! opens the gate. The shell then replaces itself with the command (same pid, same process group, limits inherited),
-//! whose standard input is `/dev/null`. A command that does not exist exits 127, as in a shell.
+//! child is `/bin/sh -c 'IFS= read -r cg || exit 125; ...; exec "$0" "$@" </dev/null' CMD ARGS...` ([`GATE`]), which
+//! blocks reading its standard input. While it waits, the agent applies the limits from outside: it moves the child
+//! into the task's cgroup (writing its pid to `cgroup.procs`) or sets its rlimits (`prlimit` on its pid), then
+//! writes the line that opens the gate. The shell then replaces itself with the command (same pid, same process group, limits inherited),
+//! whose standard input is `/dev/null`. A command that does not exist exits 127, as in a shell. The pipe then stays
+//! open as the task's lifeline: when the agent dies, even by SIGKILL, a watcher the gate left behind kills the task's
+//! process group and cgroup, so no task outlives its agent.
 //!
 //! **Which limits apply** is decided once per agent by [`Confinement::detect`]: cgroup v2 where the agent's cgroup is
 //! a writable subtree with the `memory` and `cpu` controllers (memory → `memory.max`, CPUs → `cpu.max`; a stop also
@@ -45,6 +47,28 @@ const OUTPUT_QUEUE: usize = 64;
 
 /// The cgroup `cpu.max` period, microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// The gate every task starts behind, run as `/bin/sh -c GATE CMD ARGS...` with its standard input a pipe from the
+/// agent (the *lifeline*).
+///
+/// 1. `read` blocks until the agent has applied the limits from outside and writes one line: the task's cgroup
+///    directory, or an empty line. End of file instead (the agent gave up) exits 125 without running anything.
+/// 2. A watcher is started, detached (a double fork, so the task does not get an extra child to reap): it ignores
+///    the polite signals, reads the lifeline to its end, and then kills the task's cgroup (`cgroup.kill`) and its
+///    process group. The agent writes nothing more and keeps the pipe open until the task's leader has ended, so the
+///    watcher wakes only when the agent closes it after the task ended (the group is being killed anyway) or when the
+///    agent dies, even by SIGKILL: the kernel closes its end, and the task dies with its agent instead of running on
+///    with nobody owning it, outside any live reservation. The watcher is in the task's process group and cgroup,
+///    so the agent's own kill at the task's end takes it too.
+/// 3. The shell replaces itself with the command (same pid, same group, limits inherited), whose standard input is
+///    `/dev/null` and which does not see the lifeline.
+///
+/// This is the safe-Rust substitute for `PR_SET_PDEATHSIG` (which needs `pre_exec`, unsafe, and would reach only
+/// the leader, not its children, and fires when the spawning *thread* ends rather than the agent).
+pub const GATE: &str = "IFS= read -r cg || exit 125; exec 3<&0; \
+    ( ( trap '' HUP INT TERM PIPE; IFS= read -r _ <&3; \
+        if [ -n \"$cg\" ]; then echo 1 > \"$cg/cgroup.kill\"; fi; kill -s KILL 0 ) </dev/null >/dev/null 2>&1 & ); \
+    exec \"$0\" \"$@\" </dev/null 3<&-";
 
 /// A task's id, unique per submitter (the submitter's node id and a counter, say).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -343,6 +367,15 @@ impl fmt::Display for LimitReport {
     }
 }
 
+/// Where a command about a task runs (its readiness check): a directory and extra environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeEnv {
+    /// The working directory (the task's own), or the caller's.
+    pub dir: Option<PathBuf>,
+    /// Environment variables on top of the caller's (the task's).
+    pub env: Vec<(String, String)>,
+}
+
 /// Runs tasks on this host.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
@@ -396,6 +429,16 @@ impl Supervisor {
         self.state_dir.join(&id.0).join("state")
     }
 
+    /// Where a command about task `spec` runs (its readiness check): the task's directory and environment.
+    pub fn probe_env(&self, spec: &TaskSpec) -> ProbeEnv {
+        let state_path = self.state_path(&spec.id);
+        let mut env: Vec<(String, String)> = spec.env.iter().chain(&spec.kecho_env).cloned().collect();
+        env.push(("KECHO_AGENT".into(), self.agent.0.clone()));
+        env.push(("KECHO_TASK".into(), spec.id.0.clone()));
+        env.push(("KECHO_STATE".into(), state_path.display().to_string()));
+        ProbeEnv { dir: state_path.parent().map(Path::to_path_buf), env }
+    }
+
     /// Starts a task. Must be called within a tokio runtime.
     ///
     /// When the command (the group's leader) ends, whatever it left running in its process group or cgroup is
@@ -418,7 +461,7 @@ impl Supervisor {
 
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg("IFS= read -r _ || exit 125; exec \"$0\" \"$@\" </dev/null")
+            .arg(GATE)
             .args(&spec.argv)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .envs(spec.kecho_env.iter().map(|(k, v)| (k, v)))
@@ -447,11 +490,19 @@ impl Supervisor {
                 return Err(e);
             }
         };
+        // The gate line names the task's cgroup (empty without one) for the lifeline watcher; the pipe then stays
+        // open as the lifeline until the task has ended (see [`GATE`]).
+        let line = match &limits.cgroup {
+            Some(dir) => match dir.to_str() {
+                Some(d) if !d.contains('\n') => format!("{d}\n"),
+                _ => "\n".to_string(),
+            },
+            None => "\n".to_string(),
+        };
         let opened = match gate.as_mut() {
-            Some(stdin) => stdin.write_all(b"go\n").await.and(stdin.flush().await),
+            Some(stdin) => stdin.write_all(line.as_bytes()).await.and(stdin.flush().await),
             None => Err(std::io::Error::other("no gate pipe")),
         };
-        drop(gate);
         if let Err(e) = opened {
             let _ = kill_process_group(pid, Signal::KILL);
             let _ = child.wait().await;
@@ -471,6 +522,8 @@ impl Supervisor {
         let id = spec.id.clone();
         let cleanup = cgroup.clone();
         tokio::spawn(async move {
+            // The lifeline: held open while the leader runs, closed by the kernel if this process dies first.
+            let lifeline = gate;
             let exit = match child.wait().await {
                 Ok(status) => TaskExit::from_status(status),
                 Err(e) => {
@@ -485,6 +538,7 @@ impl Supervisor {
             if let Some(dir) = &cleanup {
                 let _ = std::fs::write(dir.join("cgroup.kill"), "1");
             }
+            drop(lifeline);
             let _ = exit_tx.send(Some(exit));
             if let Some(dir) = cleanup {
                 // Succeeds once the killed processes are gone; a leftover empty directory is harmless.

@@ -135,6 +135,17 @@ pub enum ExecMsg {
         /// Who asked.
         by: String,
     },
+    /// Agent → submitter: the verdict of the task's readiness command ([`Submit::ready`]), run on the agent.
+    Ready {
+        /// The task.
+        task: TaskId,
+        /// Which run.
+        run: u32,
+        /// The agent that ran the check.
+        agent: AgentName,
+        /// Why it did not pass; `None` when it did.
+        error: Option<String>,
+    },
     /// Agent → asker: a task's recent output, in order.
     Log {
         /// The agent.
@@ -208,6 +219,21 @@ pub struct Submit {
     /// digest, verifies it and runs its verified copy, or refuses the task.
     #[serde(default)]
     pub artifact: Option<crate::repo::Digest>,
+    /// A deployed component's readiness command, run by the agent on the component's node (with the task's
+    /// environment, in its directory) until it exits 0 or the timeout passes; the verdict comes back as
+    /// [`ExecMsg::Ready`]. It is part of the submission, so it is covered by the submission's signature and `exec`
+    /// right.
+    #[serde(default)]
+    pub ready: Option<ReadyProbe>,
+}
+
+/// A readiness command for the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyProbe {
+    /// The shell command (`/bin/sh -c`).
+    pub cmd: String,
+    /// How long the component may take to pass it, milliseconds.
+    pub timeout_ms: u64,
 }
 
 impl Submit {
@@ -241,6 +267,7 @@ impl ExecMsg {
             ExecMsg::Logs { .. } => "exec.logs",
             ExecMsg::Log { .. } => "exec.log",
             ExecMsg::Undeploy { .. } => "exec.undeploy",
+            ExecMsg::Ready { .. } => "exec.ready",
         }
     }
 
@@ -389,6 +416,7 @@ mod tests {
                         restart: RestartPolicy::OnNodeLoss,
                         checkpoint_every_ms: every,
                         artifact: state.as_ref().map(|s| crate::repo::Digest::of(s)),
+                        ready: every.map(|ms| ReadyProbe { cmd: "test -e ready".into(), timeout_ms: ms }),
                         state,
                     })
                 }),
@@ -414,6 +442,8 @@ mod tests {
                 agent,
                 reason
             }),
+            (task.clone(), any::<u32>(), agent.clone(), proptest::option::of(arb_text()))
+                .prop_map(|(task, run, agent, error)| ExecMsg::Ready { task, run, agent, error }),
             (task, any::<u32>(), agent).prop_map(|(task, run, agent)| ExecMsg::Started {
                 task,
                 run,

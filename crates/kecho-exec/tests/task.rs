@@ -262,3 +262,59 @@ fn confinement_on_a_plain_directory_falls_back_to_rlimits_and_says_why() {
         other => panic!("a plain directory accepted as a cgroup: {other:?}"),
     }
 }
+
+/// Set in the copy of this test binary that plays the agent in [`a_task_and_its_children_die_with_a_killed_agent`].
+const AS_AGENT: &str = "KECHO_EXEC_TEST_AS_AGENT";
+
+#[test]
+fn a_task_and_its_children_die_with_a_killed_agent() -> Result<()> {
+    use std::io::BufRead;
+    if let Ok(dir) = std::env::var(AS_AGENT) {
+        // The agent: starts a task with a background child and prints their pids, then runs until killed.
+        let rt = tokio::runtime::Runtime::new()?;
+        return rt.block_on(async {
+            let sup = supervisor(Path::new(&dir), rlimits());
+            let mut task = sup.spawn(spec("t-orphan", "sleep 300 & echo \"PIDS $$ $!\"; wait")).await?;
+            let chunk = task.output.recv().await.context("no output")?;
+            println!("{}", String::from_utf8_lossy(&chunk.data).trim());
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            bail!("the agent was not killed");
+        });
+    }
+    let dir = tempfile::tempdir()?;
+    let mut agent = std::process::Command::new(std::env::current_exe()?)
+        .args(["a_task_and_its_children_die_with_a_killed_agent", "--exact", "--nocapture", "--test-threads", "1"])
+        .env(AS_AGENT, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = agent.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            // libtest may have printed the test's name on the same line.
+            if let Some((_, pids)) = line.split_once("PIDS ") {
+                let _ = tx.send(pids.to_string());
+            }
+        }
+    });
+    let pids = match rx.recv_timeout(BOUND) {
+        Ok(p) => p,
+        Err(_) => {
+            let _ = agent.kill();
+            bail!("the agent never started its task");
+        }
+    };
+    let pids: Vec<i32> = pids.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(pids.iter().all(|&p| alive(p)), "the task runs before its agent is killed");
+    agent.kill()?; // SIGKILL: the agent has no chance to stop anything itself.
+    agent.wait()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| alive(p)) {
+        if std::time::Instant::now() > deadline {
+            bail!("the task's processes {pids:?} outlived their agent by 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -199,6 +199,7 @@ pub async fn run(a: Args) -> Result<()> {
             checkpoint_every_ms,
             state: None,
             artifact: None,
+            ready: None,
         };
         let session = RunSession::new(submit, RestartLimits::default());
         let (tx, mut rx) = mpsc::unbounded_channel();

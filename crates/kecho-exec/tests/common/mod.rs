@@ -28,6 +28,7 @@ pub fn submit(sub: &Submitter, task: &str, argv: Vec<String>, artifact: Option<D
         checkpoint_every_ms: None,
         state: None,
         artifact,
+        ready: None,
     })
 }
 
