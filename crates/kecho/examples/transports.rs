@@ -19,8 +19,20 @@ async fn pair(t: Transport) -> kecho::Result<(Node, Node)> {
     Ok((a, b))
 }
 
-/// Events of `size` bytes per second from one node to the other.
-async fn throughput(t: Transport, n: u64, size: usize) -> kecho::Result<f64> {
+/// CPU time (user + system) the process has used, in seconds, from /proc/self/stat (clock ticks of 10 ms): a
+/// figure per event that the machine's load does not change as much as it changes the rate.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) are space-separated; utime and stime are the 14th
+    // and 15th of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+/// Events of `size` bytes per second from one node to the other, and the CPU microseconds per event both nodes
+/// used (they share the process).
+async fn throughput(t: Transport, n: u64, size: usize) -> kecho::Result<(f64, f64)> {
     let (a, b) = pair(t).await?;
     let ca = a.channel("tp").await?;
     let cb = b.channel("tp").await?;
@@ -29,6 +41,7 @@ async fn throughput(t: Transport, n: u64, size: usize) -> kecho::Result<f64> {
     let mut src = ca.source()?;
     let payload = vec![0u8; size];
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
             src.submit("e", &Attrs::new(), &payload).await?;
@@ -40,9 +53,10 @@ async fn throughput(t: Transport, n: u64, size: usize) -> kecho::Result<f64> {
     }
     producer.await.expect("join")?;
     let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds() - cpu0) * 1e6 / n as f64;
     a.shutdown().await;
     b.shutdown().await;
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
 /// One-way latencies (us) of `n` 100 B events sent one at a time; with `bulk`, while another channel's source
@@ -118,13 +132,16 @@ async fn main() -> kecho::Result<()> {
     let lat_n = 2000;
     let transports = [Transport::Tcp, Transport::Quic];
     let mut tp = [Vec::new(), Vec::new()];
+    let mut cpu = [Vec::new(), Vec::new()];
     let mut idle = [Vec::new(), Vec::new()];
     let mut busy = [Vec::new(), Vec::new()];
     for r in 0..rounds {
         // Alternate which transport goes first, so that neither always runs on a warmer machine.
         let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
         for &i in &order {
-            tp[i].push(throughput(transports[i], n, 1024).await?);
+            let (rate, us) = throughput(transports[i], n, 1024).await?;
+            tp[i].push(rate);
+            cpu[i].push(us);
             idle[i].extend(latency(transports[i], lat_n, false).await?);
             busy[i].extend(latency(transports[i], lat_n / 4, true).await?);
         }
@@ -134,6 +151,8 @@ async fn main() -> kecho::Result<()> {
     println!("|---|---|---|---|");
     let (t0, t1) = (median(&mut tp[0]) / 1e3, median(&mut tp[1]) / 1e3);
     println!("| throughput, 1 KB events (k events/s, median round) | {t0:.0} | {t1:.0} | {:.2} |", t1 / t0);
+    let (c0, c1) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    println!("| CPU per 1 KB event, both nodes (us, median round) | {c0:.2} | {c1:.2} | {:.2} |", c1 / c0);
     for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
         let (a, b) = (pct(&mut idle[0], p), pct(&mut idle[1], p));
         println!("| one-way latency 100 B, idle link, {name} (us) | {a:.1} | {b:.1} | {:.2} |", b / a);
