@@ -74,6 +74,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Bytes a TCP link may leave unsent in the kernel (`TCP_NOTSENT_LOWAT`): kept short so that a high-priority
+    /// event queued behind a bulk transfer waits for little more than the outbox's lanes let it (see
+    /// [`crate::Priority`]). `None` leaves the kernel's default (which holds megabytes on a busy link). Default
+    /// 128 KiB.
+    pub fn send_lowat(mut self, bytes: Option<u32>) -> Self {
+        self.cfg.send_lowat = bytes;
+        self
+    }
+
     /// Largest frame accepted or sent. Default 16 MiB.
     pub fn max_frame(mut self, n: usize) -> Self {
         self.cfg.max_frame = n;

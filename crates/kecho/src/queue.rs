@@ -27,6 +27,9 @@ pub struct Event {
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
     pub(crate) source: SourceKey,
+    /// When it must be received by, in microseconds since the Unix epoch; a receive after that reports it as
+    /// [`RecvError::Expired`] instead.
+    pub(crate) deadline: Option<u64>,
 }
 
 /// What [`Event::attrs`] returns for an event without attributes.
@@ -78,6 +81,10 @@ impl Event {
     pub fn source(&self) -> SourceKey {
         self.source
     }
+    /// The time it had to be received by, if its source gave it a deadline.
+    pub fn deadline(&self) -> Option<std::time::SystemTime> {
+        self.deadline.map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
+    }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
         serde_json::from_slice(&self.payload).map_err(|e| crate::Error::Payload(crate::error::PayloadError::new(e)))
@@ -109,6 +116,11 @@ pub enum RecvError {
     /// comes as [`RecvError::Lagged`] instead.
     #[error("source {0} is gone; an unknown number of its events may have been missed")]
     SourceLost(SourceKey),
+    /// This many events meant for the sink passed their deadline before it could receive them (at the source's
+    /// node, on the way, or waiting in this queue): they were not delivered. The next receive continues with the
+    /// events that followed.
+    #[error("{0} events expired")]
+    Expired(u64),
     /// The sink or its channel is closed and the queue is empty.
     #[error("sink closed")]
     Closed,
@@ -127,6 +139,9 @@ pub enum TryRecvError {
     /// See [`RecvError::SourceLost`].
     #[error("source {0} is gone; an unknown number of its events may have been missed")]
     SourceLost(SourceKey),
+    /// See [`RecvError::Expired`].
+    #[error("{0} events expired")]
+    Expired(u64),
     /// See [`RecvError::Closed`].
     #[error("sink closed")]
     Closed,
@@ -137,6 +152,8 @@ enum Item {
     Lagged(u64),
     /// A source is gone with an unknown number of events missed.
     Lost(SourceKey),
+    /// Events that passed their deadline before they got here.
+    Expired(u64),
 }
 
 struct SinkQ {
@@ -160,7 +177,27 @@ pub(crate) struct Taken {
 }
 
 impl Taken {
-    fn pop(&mut self) -> Option<Result<Event, TryRecvError>> {
+    /// The next item; events past their deadline at `now_us` (microseconds since the Unix epoch, read only when an
+    /// event has a deadline) are returned as one `Expired` for each run of them, and counted in `expired`.
+    fn pop(&mut self, now_us: impl Fn() -> u64, expired: &AtomicU64) -> Option<Result<Event, TryRecvError>> {
+        let mut late = 0;
+        let mut now = None;
+        loop {
+            let is_late = match self.items.front() {
+                Some(Item::Event(Event { deadline: Some(d), .. })) => *now.get_or_insert_with(&now_us) > *d,
+                _ => false,
+            };
+            if !is_late {
+                break;
+            }
+            self.items.pop_front();
+            self.events -= 1;
+            late += 1;
+        }
+        if late > 0 {
+            expired.fetch_add(late, Ordering::Relaxed);
+            return Some(Err(TryRecvError::Expired(late)));
+        }
         Some(match self.items.pop_front()? {
             Item::Event(e) => {
                 self.events -= 1;
@@ -168,8 +205,14 @@ impl Taken {
             }
             Item::Lagged(n) => Err(TryRecvError::Lagged(n)),
             Item::Lost(k) => Err(TryRecvError::SourceLost(k)),
+            Item::Expired(n) => Err(TryRecvError::Expired(n)),
         })
     }
+}
+
+/// Now, in microseconds since the Unix epoch (the clock deadlines are in).
+pub(crate) fn unix_now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// How a sink's receivers are woken: async ones through `readable`, blocking ones through `cv`.
@@ -217,6 +260,8 @@ pub(crate) struct SinkQueue {
     writable: Notify,
     pub(crate) received: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Events found past their deadline at a receive, reported to this sink as expired.
+    pub(crate) expired: AtomicU64,
 }
 
 /// What happened to an offered event.
@@ -245,6 +290,7 @@ impl SinkQueue {
             writable: Notify::new(),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
         }
     }
 
@@ -313,7 +359,7 @@ impl SinkQueue {
                     while let Some(front) = q.items.pop_front() {
                         match front {
                             Item::Lagged(n) => lag += n,
-                            Item::Lost(k) => lost.push(k),
+                            marker @ (Item::Lost(_) | Item::Expired(_)) => lost.push(marker),
                             Item::Event(_) => {
                                 q.events -= 1;
                                 if let Some(Item::Lagged(n)) = q.items.front() {
@@ -325,8 +371,8 @@ impl SinkQueue {
                         }
                     }
                     q.items.push_front(Item::Lagged(lag));
-                    for k in lost.into_iter().rev() {
-                        q.items.push_front(Item::Lost(k));
+                    for marker in lost.into_iter().rev() {
+                        q.items.push_front(marker);
                     }
                     outcome = Offer::Dropped;
                 }
@@ -387,6 +433,26 @@ impl SinkQueue {
         self.wake_readers();
     }
 
+    /// Records that `n` events meant for this sink passed their deadline before they got here (the caller counts
+    /// them; `expired` counts only those found late in this queue).
+    pub(crate) fn add_expired(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut q = self.q.lock();
+        match q.items.back_mut() {
+            Some(Item::Expired(m)) => *m += n,
+            _ => q.items.push_back(Item::Expired(n)),
+        }
+        drop(q);
+        self.wake_readers();
+    }
+
+    /// The next item the receiver took, with expired events reported as such.
+    fn pop(&self, taken: &mut Taken) -> Option<Result<Event, TryRecvError>> {
+        taken.pop(unix_now_us, &self.expired)
+    }
+
     /// Records that source `key` is gone with an unknown number of events meant for this sink missed.
     pub(crate) fn add_lost(&self, key: SourceKey) {
         self.q.lock().items.push_back(Item::Lost(key));
@@ -422,7 +488,7 @@ impl SinkQueue {
 
     /// The next event: from what the receiver took before, else from the queue (taking everything queued).
     pub(crate) fn try_recv(&self, taken: &mut Taken) -> Result<Event, TryRecvError> {
-        if let Some(r) = taken.pop() {
+        if let Some(r) = self.pop(taken) {
             return r;
         }
         let mut q = self.q.lock();
@@ -430,7 +496,8 @@ impl SinkQueue {
             return Err(if q.closed { TryRecvError::Closed } else { TryRecvError::Empty });
         }
         self.take(&mut q, taken);
-        taken.pop().expect("took a non-empty queue")
+        drop(q);
+        self.pop(taken).expect("took a non-empty queue")
     }
 
     /// Moves queued items to the receiver's side (all of them, or the oldest under DropOldest) and lets a blocked
@@ -461,6 +528,7 @@ impl SinkQueue {
             Ok(e) => return Ok(e),
             Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
             Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
+            Err(TryRecvError::Expired(n)) => return Err(RecvError::Expired(n)),
             Err(TryRecvError::Closed) => return Err(RecvError::Closed),
             Err(TryRecvError::Empty) => {}
         }
@@ -472,6 +540,7 @@ impl SinkQueue {
                 Ok(e) => return Ok(e),
                 Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
                 Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
+                Err(TryRecvError::Expired(n)) => return Err(RecvError::Expired(n)),
                 Err(TryRecvError::Closed) => return Err(RecvError::Closed),
                 Err(TryRecvError::Empty) => arrived.await,
             }
@@ -479,7 +548,7 @@ impl SinkQueue {
     }
 
     pub(crate) fn recv_blocking(&self, taken: &mut Taken, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
-        if let Some(r) = taken.pop() {
+        if let Some(r) = self.pop(taken) {
             return r;
         }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
@@ -488,7 +557,7 @@ impl SinkQueue {
             if !q.items.is_empty() {
                 self.take(&mut q, taken);
                 drop(q);
-                return taken.pop().expect("took a non-empty queue");
+                return self.pop(taken).expect("took a non-empty queue");
             }
             if q.closed {
                 return Err(TryRecvError::Closed);
@@ -562,7 +631,7 @@ mod tests {
 
     fn ev(seq: u64) -> Event {
         let source = SourceKey(1);
-        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source }
+        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source, deadline: None }
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
@@ -578,6 +647,40 @@ mod tests {
                 Err(_) => return out,
             }
         }
+    }
+
+    #[test]
+    fn events_past_their_deadline_are_reported_as_expired_at_the_receive() {
+        // Block: the receiver takes the whole queue at once, so a run of late events is one report.
+        let q = SinkQueue::new(16, Overflow::Block);
+        let timely = |seq, d| Event { deadline: Some(d), ..ev(seq) };
+        for e in [timely(1, 100), timely(2, 120), ev(3), timely(4, 200), timely(5, 90)] {
+            q.offer(e);
+        }
+        q.add_expired(2);
+        q.add_expired(1);
+        q.offer(ev(6));
+        let mut taken = Taken::default();
+        let mut out = Vec::new();
+        // The receiver reads the clock at 150 us: events 1 and 2 are late (one report for the run), 4 is not, and 5
+        // is late again.
+        loop {
+            let take = |t: &mut Taken| {
+                if t.items.is_empty() {
+                    let mut g = q.q.lock();
+                    q.take(&mut g, t);
+                }
+            };
+            take(&mut taken);
+            match taken.pop(|| 150, &q.expired) {
+                Some(Ok(e)) => out.push(e.seq().to_string()),
+                Some(Err(TryRecvError::Expired(n))) => out.push(format!("expired{n}")),
+                Some(Err(other)) => out.push(format!("{other:?}")),
+                None => break,
+            }
+        }
+        assert_eq!(out, ["expired2", "3", "4", "expired1", "expired3", "6"]);
+        assert_eq!(q.expired.load(Ordering::Relaxed), 3, "only those found late here count in the queue");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::config::NodeConfig;
 use crate::error::{LinkFailure, LinkFailureKind};
 use crate::queue::Event;
 use crate::tasks::Tasks;
-pub(crate) use outbox::{Outbox, SourceGate};
+pub(crate) use outbox::{Expiry, Held, Outbox, SourceGate, Urgency};
 pub(crate) use writer::COPY_BELOW;
 
 /// How long a connection may take to complete its handshake.
@@ -62,10 +62,12 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
     fn peer_lost(&self, id: NodeId);
 }
 
-/// An event that arrived, with the sink ids of the `Targets` frame before it if it had one.
+/// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
+/// its `Deadline` frame (microseconds since the Unix epoch) if it had one.
 pub(crate) struct Arrived {
     pub(crate) event: EventMsg,
     pub(crate) targets: Option<Vec<LocalId>>,
+    pub(crate) deadline: Option<u64>,
 }
 
 /// Events that arrived together on one link for one channel, and the list the handler stages them in for delivery:
@@ -287,6 +289,7 @@ impl<H: LinkHandler> Links<H> {
                     queued_bytes: p.outbox.queued_bytes(),
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                    expired: p.outbox.expired.load(Ordering::Relaxed),
                     transport: *p.transport.lock(),
                 }
             })
@@ -408,6 +411,8 @@ pub struct LinkStats {
     pub connects: u64,
     /// Connections declared dead because the other node fell silent for the heartbeat timeout.
     pub heartbeat_timeouts: u64,
+    /// Events that passed their deadline while queued for this link: not sent, their expiry notice went instead.
+    pub expired: u64,
     /// The transport of the current (or last) connection: TCP or QUIC.
     pub transport: crate::Transport,
 }
@@ -450,6 +455,8 @@ struct PeerFlags {
 
 /// Events of one source, meant for the same sinks, dropped at a full outbox.
 struct PendingLag {
+    /// The outbox lane of the source's events, where the notice keeps its place among them.
+    lane: u8,
     channel: ChannelId,
     source: LocalId,
     sinks: Vec<LocalId>,
@@ -498,11 +505,13 @@ impl Peer {
     }
 
     /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
-    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64) {
+    /// `lane`: the outbox lane of the source's events.
+    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64, lane: u8) {
         let mut lag = self.lag.lock();
-        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks) {
+        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks && l.lane == lane)
+        {
             Some(l) => l.count += n,
-            None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
+            None => lag.push(PendingLag { lane, channel, source, sinks: sinks.to_vec(), count: n }),
         }
         self.flags.has_lag.store(true, Ordering::Release);
     }
@@ -555,8 +564,8 @@ impl Peer {
         }
         let pending = std::mem::take(&mut *self.lag.lock());
         self.flags.has_lag.store(false, Ordering::Release);
-        for PendingLag { channel, source, sinks, count } in pending {
-            self.outbox.push_control(Message::Lagged { channel, source, count, sinks }.to_bytes());
+        for PendingLag { lane, channel, source, sinks, count } in pending {
+            self.outbox.push_control_in(lane, Message::Lagged { channel, source, count, sinks }.to_bytes());
         }
     }
 

@@ -301,7 +301,7 @@ pub(super) fn write_now(sock: &OwnedWriteHalf, first: &[u8], frame: &[u8]) -> us
 }
 #[cfg(test)]
 mod tests {
-    use super::super::outbox::SourceGate;
+    use super::super::outbox::{Held, SourceGate, Urgency};
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -442,7 +442,12 @@ mod tests {
                 wire.extend_from_slice(first.as_deref().unwrap_or_default());
                 wire.extend_from_slice(&f);
             }
-            assert!(out.push_event_with(first.as_deref().unwrap_or_default(), f, &mut SourceGate::default()));
+            assert!(out.push_event_with(
+                first.as_deref().unwrap_or_default(),
+                f,
+                &mut SourceGate::default(),
+                Urgency::plain(&mut Held::default())
+            ));
             wire.clone()
         };
         // A quiet link: written at once, with its prefix.
@@ -487,9 +492,19 @@ mod tests {
         // Far more than the socket buffers take while nobody reads: the direct write is partial.
         let big: Bytes = (0..32u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         quiet();
-        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default()));
+        assert!(out.push_event_with(
+            &frame(7, 5),
+            big.clone(),
+            &mut SourceGate::default(),
+            Urgency::plain(&mut Held::default())
+        ));
         assert_eq!(direct(&out), 0, "the write cannot have been complete");
-        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default()));
+        assert!(out.push_event_with(
+            &[],
+            frame(8, 100),
+            &mut SourceGate::default(),
+            Urgency::plain(&mut Held::default())
+        ));
         let mut taken = VecDeque::new();
         out.take_all(&mut taken);
         let rest = taken.front().map_or(0, Bytes::len);

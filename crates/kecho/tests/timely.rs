@@ -1,0 +1,120 @@
+//! Priorities and deadlines over real TCP links on loopback: an urgent event overtakes a low-priority backlog queued
+//! for the link (and, with no priority, waits behind it), and an event whose deadline passes while it waits is
+//! reported to its sink as expired, never delivered.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::{Attrs, EventOptions, Node, Overflow, Priority, RecvError, RegistryClient, Sink, SinkOptions};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(20);
+/// Bulk events: 64 KiB each, far more than the socket buffers hold, so most wait in the source node's outbox.
+const BULK: usize = 600;
+const BULK_SIZE: usize = 64 << 10;
+
+async fn pair() -> Result<(Node, Node)> {
+    let reg = RegistryClient::in_process_private();
+    let start = || Node::builder().registry_client(reg.clone()).link_queue_bytes(64 << 20).start();
+    Ok((start().await?, start().await?))
+}
+
+/// What a sink saw, in order: "bulk", "urgent", "late" (an event with a deadline that arrived) or "expired<n>".
+async fn drain(sink: &mut Sink, events: usize) -> Result<Vec<String>> {
+    let mut seen = Vec::new();
+    let mut got = 0;
+    while got < events {
+        match timeout(T, sink.recv()).await.context("timed out receiving")? {
+            Ok(e) => {
+                seen.push(e.ty().to_owned());
+                got += 1;
+            }
+            Err(RecvError::Expired(n)) => {
+                seen.push(format!("expired{n}"));
+                got += n as usize;
+            }
+            Err(e) => bail!("unexpected: {e}"),
+        }
+    }
+    Ok(seen)
+}
+
+/// A backlog of bulk events from one source of node `a` to a Block sink on `b` that does not read yet, then one
+/// "urgent" event from another source with `urgent` options; returns the order the sink sees them in.
+async fn urgent_behind_bulk(urgent: EventOptions) -> Result<Vec<String>> {
+    let (a, b) = pair().await?;
+    let ch_b = b.channel("timely").await?;
+    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(8))?;
+    let ch_a = a.channel("timely").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    let mut bulk = ch_a.source()?;
+    let mut alarm = ch_a.source()?;
+    let payload = vec![0u8; BULK_SIZE];
+    for _ in 0..BULK {
+        bulk.submit("bulk", &Attrs::new(), &payload).await?;
+    }
+    alarm.submit_with("urgent", &Attrs::new(), b"now", urgent).await?;
+    drain(&mut sink, BULK + 1).await
+}
+
+fn position(seen: &[String], what: &str) -> Result<usize> {
+    seen.iter().position(|s| s == what).with_context(|| format!("no {what} in {seen:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_event_overtakes_a_low_priority_backlog() -> Result<()> {
+    let plain = urgent_behind_bulk(EventOptions::new()).await?;
+    assert_eq!(position(&plain, "urgent")?, BULK, "without a priority the event waits behind the whole backlog");
+    let urgent = urgent_behind_bulk(EventOptions::new().priority(Priority::HIGHEST)).await?;
+    let at = position(&urgent, "urgent")?;
+    // What was already taken by the writer, in the socket buffers and in the sink's queue goes first; the outbox's
+    // backlog does not.
+    eprintln!("the urgent event came after {at} of {BULK} bulk events");
+    assert!(at < BULK / 2, "the urgent event came after {at} of {BULK} bulk events");
+    assert_eq!(urgent.iter().filter(|s| *s == "bulk").count(), BULK, "every bulk event arrived");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_past_its_deadline_is_reported_as_expired_not_delivered() -> Result<()> {
+    let (a, b) = pair().await?;
+    let ch_b = b.channel("deadline").await?;
+    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(8))?;
+    let ch_a = a.channel("deadline").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    let mut src = ch_a.source()?;
+    let payload = vec![0u8; BULK_SIZE];
+    for _ in 0..BULK / 2 {
+        src.submit("bulk", &Attrs::new(), &payload).await?;
+    }
+    // Behind the backlog (same source, default priority), with 50 ms to live; then one that has all the time it needs.
+    src.submit_with("late", &Attrs::new(), b"x", EventOptions::new().deadline(Duration::from_millis(50))).await?;
+    src.submit_with("fresh", &Attrs::new(), b"y", EventOptions::new().deadline(Duration::from_secs(60))).await?;
+    // The sink starts reading only once the first deadline has passed.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let seen = drain(&mut sink, BULK / 2 + 2).await?;
+    assert_eq!(&seen[BULK / 2..], ["expired1", "fresh"], "the late event is reported in its place");
+    assert!(!seen.iter().any(|s| s == "late"), "an expired event was delivered");
+    assert_eq!(ch_b.stats().expired, 1, "counted once at the sink's node");
+    assert_eq!(ch_b.stats().missed, 0, "an expired event is not a loss");
+    let link_expired: u64 = a.link_stats().iter().map(|l| l.expired).sum();
+    assert!(link_expired <= 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_sink_gets_expired_events_reported_too() -> Result<()> {
+    let (a, _b) = pair().await?;
+    let ch = a.channel("local").await?;
+    let mut sink = ch.sink(SinkOptions::new().overflow(Overflow::Block).capacity(16))?;
+    let mut src = ch.source()?;
+    src.set_type_options("tick", EventOptions::new().deadline(Duration::from_millis(20)));
+    src.submit("tick", &Attrs::new(), b"1").await?;
+    src.submit_with("tick", &Attrs::new(), b"2", EventOptions::new().deadline(Duration::from_secs(60))).await?;
+    src.submit("tock", &Attrs::new(), b"3").await?;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let seen = drain(&mut sink, 3).await?;
+    assert_eq!(seen, ["expired1", "tick", "tock"]);
+    assert_eq!(ch.stats().expired, 1);
+    Ok(())
+}
