@@ -29,7 +29,8 @@ pub struct Event {
     pub(crate) source: SourceKey,
     /// When it must be received by, in microseconds since the Unix epoch; a receive after that reports it as
     /// [`RecvError::Expired`] instead.
-    pub(crate) deadline: Option<u64>,
+    /// (`NonZeroU64`: no bigger than a `u64`, for the events without one.)
+    pub(crate) deadline: Option<std::num::NonZeroU64>,
 }
 
 /// What [`Event::attrs`] returns for an event without attributes.
@@ -83,7 +84,7 @@ impl Event {
     }
     /// The time it had to be received by, if its source gave it a deadline.
     pub fn deadline(&self) -> Option<std::time::SystemTime> {
-        self.deadline.map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
+        self.deadline.map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us.get()))
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
@@ -184,7 +185,7 @@ impl Taken {
         let mut now = None;
         loop {
             let is_late = match self.items.front() {
-                Some(Item::Event(Event { deadline: Some(d), .. })) => *now.get_or_insert_with(&now_us) > *d,
+                Some(Item::Event(Event { deadline: Some(d), .. })) => *now.get_or_insert_with(&now_us) > d.get(),
                 _ => false,
             };
             if !is_late {
@@ -653,7 +654,7 @@ mod tests {
     fn events_past_their_deadline_are_reported_as_expired_at_the_receive() {
         // Block: the receiver takes the whole queue at once, so a run of late events is one report.
         let q = SinkQueue::new(16, Overflow::Block);
-        let timely = |seq, d| Event { deadline: Some(d), ..ev(seq) };
+        let timely = |seq, d| Event { deadline: std::num::NonZeroU64::new(d), ..ev(seq) };
         for e in [timely(1, 100), timely(2, 120), ev(3), timely(4, 200), timely(5, 90)] {
             q.offer(e);
         }

@@ -132,7 +132,7 @@ impl ChannelInner {
                         payload: e.payload,
                         seq: e.seq,
                         source: SourceKey::new(from, e.source),
-                        deadline,
+                        deadline: deadline.and_then(std::num::NonZeroU64::new),
                     };
                     if gap > 0 {
                         after_gap = Some((gap, ev, m));
@@ -207,6 +207,7 @@ impl ChannelInner {
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn dispatch(
         &self,
         mut sinks: SinkList<'_>,
@@ -239,7 +240,7 @@ impl ChannelInner {
             return;
         }
         let attrs = if attrs.is_empty() { None } else { Some(Arc::new(attrs)) };
-        let ev = Event { ty, attrs, payload, seq, source, deadline };
+        let ev = Event { ty, attrs, payload, seq, source, deadline: deadline.and_then(std::num::NonZeroU64::new) };
         for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await

@@ -316,7 +316,7 @@ impl Source {
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
         // 4. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
-        pick.wait_for_room(routes, len, wait).await?;
+        pick.wait_for_room(routes, len, wait, timing.lane).await?;
 
         // 5. Number and count it, and what cut-off nodes missed.
         self.seq += 1;
@@ -507,13 +507,13 @@ impl Pick {
 
     /// Step 4: waits until every chosen Block sink has room for an event of `len` bytes (or, if not `wait`, fails
     /// when one has none).
-    async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool) -> Result<()> {
+    async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool, lane: u8) -> Result<()> {
         for (p, pick) in self.peers.iter().enumerate() {
-            if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len) {
+            if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len, lane) {
                 if !wait {
                     return Err(Error::WouldBlock);
                 }
-                routes.peers[p].outbox.wait_room(len).await;
+                routes.peers[p].outbox.wait_room(len, lane).await;
             }
         }
         if !wait && self.locals.iter().any(|s| s.queue.overflow() == Overflow::Block && s.queue.is_full()) {

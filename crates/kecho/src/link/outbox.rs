@@ -34,6 +34,9 @@ pub(crate) struct Outbox {
     pub(crate) direct_writes: AtomicU64,
     /// Bytes written directly by submitting threads, for statistics.
     pub(crate) direct_bytes: AtomicU64,
+    /// An event of a priority above the default was queued here (a copy of `OutQ::prioritised`, read by the writer
+    /// without the lock).
+    pub(crate) prioritised: AtomicBool,
     /// Events that passed their deadline in this outbox and were replaced by their expiry notice.
     pub(crate) expired: AtomicU64,
     /// See [`DIRECT_QUIET`].
@@ -179,6 +182,14 @@ const OPEN_CHUNK: usize = 64 * 1024;
 pub(crate) const TAKE_BUDGET: usize = 64 * 1024;
 
 impl OutQ {
+    /// Bytes queued in lane `lane` and above.
+    fn bytes_from(&self, lane: u8) -> usize {
+        if lane == 0 {
+            return self.bytes;
+        }
+        self.lanes[usize::from(lane).min(LANES - 1)..].iter().map(|l| (l.pushed - l.taken) as usize).sum()
+    }
+
     /// Nothing is queued.
     fn is_empty(&self) -> bool {
         self.lanes.iter().all(Lane::is_empty)
@@ -260,6 +271,7 @@ impl Outbox {
             direct_writes: AtomicU64::new(0),
             direct_bytes: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            prioritised: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
         }
     }
@@ -279,10 +291,12 @@ impl Outbox {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// True if an event of `len` bytes fits now (read without the lock: the answer may be out of date by the time
-    /// the caller acts on it, as any answer would be once the lock was released).
-    pub(crate) fn has_room(&self, len: usize) -> bool {
-        let bytes = self.queued.load(Ordering::Acquire);
+    /// True if an event of `len` bytes fits now in lane `lane` (for lane 0 read without the lock: the answer may be
+    /// out of date by the time the caller acts on it, as any answer would be once the lock was released). The limit
+    /// applies to the bytes queued in that lane and the lanes above it: an urgent event does not wait for room
+    /// behind a backlog of lower priority.
+    pub(crate) fn has_room(&self, len: usize, lane: u8) -> bool {
+        let bytes = if lane == 0 { self.queued.load(Ordering::Acquire) } else { self.q.lock().bytes_from(lane) };
         bytes == 0 || bytes + len <= self.limit
     }
 
@@ -303,7 +317,9 @@ impl Outbox {
     pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate, u: Urgency<'_>) -> bool {
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
+        let lane = q.lane_for(self.id(), &u);
+        let queued = q.bytes_from(lane as u8);
+        if queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -315,8 +331,10 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        let lane = q.lane_for(self.id(), &u);
-        q.prioritised |= lane > 0;
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
+        }
         let timely = written == 0 && u.expiry.is_some();
         let l = &mut q.lanes[lane];
         if timely {
@@ -347,7 +365,9 @@ impl Outbox {
         }
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if q.bytes != 0 && q.bytes + len > self.limit {
+        let lane = q.lane_for(self.id(), &u);
+        let queued = q.bytes_from(lane as u8);
+        if queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -359,8 +379,10 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        let lane = q.lane_for(self.id(), &u);
-        q.prioritised |= lane > 0;
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
+        }
         let l = &mut q.lanes[lane];
         if written < first.len() {
             l.append_both(&first[written..], frame);
@@ -521,13 +543,13 @@ impl Outbox {
         }
     }
 
-    /// Waits until an event of `len` bytes fits.
-    pub(crate) async fn wait_room(&self, len: usize) {
+    /// Waits until an event of `len` bytes fits in lane `lane`.
+    pub(crate) async fn wait_room(&self, len: usize, lane: u8) {
         loop {
             let room = self.writable.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if self.has_room(len) {
+            if self.has_room(len, lane) {
                 return;
             }
             room.await;
@@ -687,12 +709,12 @@ mod tests {
         assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate, Urgency::plain(&mut Held::default())));
         assert!(out.push_event_copied(b"", b"e5", &mut gate, Urgency::plain(&mut Held::default())));
         out.push_front_control(Bytes::from_static(b"h0"));
-        assert!(!out.has_room(1 << 20), "queued bytes count against the limit");
+        assert!(!out.has_room(1 << 20, 0), "queued bytes count against the limit");
         let mut frames = VecDeque::new();
         out.take_all(&mut frames);
         let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert_eq!(bytes, b"h0e1e2c1t3e3t4e4e5");
-        assert!(out.has_room(1 << 20));
+        assert!(out.has_room(1 << 20, 0));
         assert!(out.is_empty());
     }
 

@@ -75,6 +75,7 @@ pub(super) async fn writer<H: LinkHandler>(
     };
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let mut lowat = links.cfg.send_lowat;
     let why = loop {
         let wake = peer.outbox.readable.notified();
         tokio::pin!(wake);
@@ -117,6 +118,16 @@ pub(super) async fn writer<H: LinkHandler>(
             }
         }
         peer.outbox.writable.notify_waiters();
+        if lowat.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
+            // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
+            // lanes, not the socket's FIFO, decide what waits.
+            if let (Some(n), LinkWr::Tcp(sock)) = (lowat.take(), &wr) {
+                let stream: &tokio::net::TcpStream = (**sock).as_ref();
+                if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                    tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                }
+            }
+        }
         let n = frames.len() as u64;
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
