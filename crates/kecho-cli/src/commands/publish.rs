@@ -87,6 +87,8 @@ pub async fn run(a: Args) -> Result<()> {
     if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a non-negative number of seconds");
     }
+    // Checked before anything starts, so that a bad value is the error reported.
+    let opts = options(&a)?;
     let selector = match &a.select {
         Some(spec) => Some(std::sync::Arc::new(spec.parse::<kecho::filter::Selector>()?)),
         None => None,
@@ -99,7 +101,7 @@ pub async fn run(a: Args) -> Result<()> {
     if let Some(h) = history(&a)? {
         src.set_history(h);
     }
-    src.set_options(options(&a)?);
+    src.set_options(opts);
     let mut attrs = attrs;
     if let Some(sel) = selector {
         src.set_out_filter(Some(sel));
