@@ -37,6 +37,7 @@ pub fn run(role: &str) -> Result<()> {
         ["source", registry, channel, n, size] => source(registry.parse()?, channel, n.parse()?, size.parse()?),
         ["sink", registry, channel, n] => sink(registry.parse()?, channel, n.parse()?),
         ["memory", channels, members] => crate::memory::child(channels.parse()?, members.parse()?),
+        ["members", registry, channel] => crate::members::child(registry.parse()?, channel),
         _ => bail!("unknown child role {role:?}"),
     }
 }

@@ -112,7 +112,7 @@ enum Feed {
 
 /// A thread that sends `feed` to `addr` and returns its own CPU time.
 fn feeder(addr: std::net::SocketAddr, feed: Feed) -> std::thread::JoinHandle<Result<u64>> {
-    std::thread::spawn(move || {
+    named("feeder", move || {
         let mut s = connect_retry(addr)?;
         match feed {
             Feed::Bytes(data) => {
@@ -128,6 +128,15 @@ fn feeder(addr: std::net::SocketAddr, feed: Feed) -> std::thread::JoinHandle<Res
         drop(s);
         Ok(self_cpu_ns())
     })
+}
+
+/// A thread with a name (so that a profile tells the peer from the program under test).
+fn named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    spawned.unwrap_or_else(|e| std::thread::spawn(move || Err(anyhow::anyhow!("spawn a peer thread: {e}"))))
 }
 
 fn connect_retry(addr: std::net::SocketAddr) -> Result<TcpStream> {
@@ -154,117 +163,153 @@ fn stream(key: &Key, n: u64, size: usize) -> Vec<u8> {
     out
 }
 
+/// What a measured body reports: the bytes it moved, its system calls, and the CPU time its peer thread (the feeder
+/// or drainer standing in for the network) spent, which is not the measured program's.
+struct Moved {
+    bytes: u64,
+    syscalls: u64,
+    peer_cpu_ns: u64,
+}
+
+/// Runs `body` and measures it: wall time, and the CPU time read by `clock` (the process's, or its children's for an
+/// external program) minus the peer's.
+fn measure(
+    what: impl Into<String>,
+    records: u64,
+    clock: fn() -> u64,
+    body: impl FnOnce() -> Result<Moved>,
+) -> Result<Run> {
+    let cpu0 = clock();
+    let t = Instant::now();
+    let m = body()?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = clock().saturating_sub(cpu0).saturating_sub(m.peer_cpu_ns);
+    Ok(Run { what: what.into(), bytes: m.bytes, records, secs, cpu_s: cpu as f64 / 1e9, syscalls: m.syscalls })
+}
+
+/// Joins a peer thread.
+fn join<T>(h: std::thread::JoinHandle<Result<T>>) -> Result<T> {
+    h.join().map_err(|_| anyhow::anyhow!("a peer thread panicked"))?
+}
+
+/// A loopback listener and the feeder connected to it; the caller accepts.
+fn fed(feed: Feed) -> Result<(TcpListener, std::thread::JoinHandle<Result<u64>>)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let h = feeder(l.local_addr()?, feed);
+    Ok((l, h))
+}
+
+/// A drained loopback listener: its address, and the drainer (CPU time, bytes).
+/// A drainer thread: its CPU time and the bytes it read.
+type Drainer = std::thread::JoinHandle<Result<(u64, u64)>>;
+
+fn drained() -> Result<(std::net::SocketAddr, Drainer)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok((l.local_addr()?, drainer(l)))
+}
+
 /// Figure 1: the program as applications are usually written.
 fn memory_centric(key: &Key, data: Feed, out: &Path, records: u64, size: usize) -> Result<Run> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let cpu0 = process_cpu_ns();
-    let t = Instant::now();
-    let feed = feeder(addr, data);
-    let (sock, _) = l.accept()?;
-    let mut r = BufReader::with_capacity(64 << 10, CountingRead(sock, 0));
-    let mut w = BufWriter::with_capacity(64 << 10, CountingWrite(std::fs::File::create(out)?, 0));
-    let mut header = [0u8; HEADER_LEN];
-    r.read_exact(&mut header)?;
-    let opener = Opener::new(key, &header)?;
-    let (mut index, mut offset, mut position) = (0u64, 0u64, HEADER_LEN as u64);
-    let mut moved = 0u64;
-    loop {
-        let mut word = [0u8; 4];
-        r.read_exact(&mut word)?;
-        let wv = u32::from_be_bytes(word);
-        let len = (wv & 0x00ff_ffff) as usize;
-        // Read the record into its own buffer, then decrypt into a new one (the copy of Figure 1).
-        let mut rec = vec![0u8; WORD_LEN + len + TAG_LEN];
-        rec[..4].copy_from_slice(&word);
-        r.read_exact(&mut rec[4..])?;
-        let mut plain = rec.clone();
-        let rr = record::RecordRef { start: 0, len, index, offset, position, word: wv };
-        let range = opener.open(&rr, &mut plain)?;
-        w.write_all(&plain[range])?;
-        moved += len as u64;
-        if wv & (1 << 31) != 0 {
-            break;
+    measure(format!("memory-centric {size} B"), records, process_cpu_ns, || {
+        let (l, feed) = fed(data)?;
+        let (sock, _) = l.accept()?;
+        let mut r = BufReader::with_capacity(64 << 10, CountingRead(sock, 0));
+        let mut w = BufWriter::with_capacity(64 << 10, CountingWrite(std::fs::File::create(out)?, 0));
+        let mut header = [0u8; HEADER_LEN];
+        r.read_exact(&mut header)?;
+        let opener = Opener::new(key, &header)?;
+        let (mut index, mut offset, mut position) = (0u64, 0u64, HEADER_LEN as u64);
+        let mut moved = 0u64;
+        loop {
+            let mut word = [0u8; 4];
+            r.read_exact(&mut word)?;
+            let wv = u32::from_be_bytes(word);
+            let len = (wv & 0x00ff_ffff) as usize;
+            // Read the record into its own buffer, then decrypt into a new one (the copy of Figure 1).
+            let mut rec = vec![0u8; WORD_LEN + len + TAG_LEN];
+            rec[..4].copy_from_slice(&word);
+            r.read_exact(&mut rec[4..])?;
+            let mut plain = rec.clone();
+            let rr = record::RecordRef { start: 0, len, index, offset, position, word: wv };
+            let range = opener.open(&rr, &mut plain)?;
+            w.write_all(&plain[range])?;
+            moved += len as u64;
+            if wv & (1 << 31) != 0 {
+                break;
+            }
+            index += 1;
+            offset += len as u64;
+            position += rr.wire_len() as u64;
         }
-        index += 1;
-        offset += len as u64;
-        position += rr.wire_len() as u64;
-    }
-    w.flush()?;
-    let secs = t.elapsed().as_secs_f64();
-    let feeder_cpu = feed.join().map_err(|_| anyhow::anyhow!("feeder panicked"))??;
-    let cpu = process_cpu_ns() - cpu0;
-    let syscalls = r.get_ref().1 + w.get_ref().1;
-    Ok(Run {
-        what: format!("memory-centric {size} B"),
-        bytes: moved,
-        records,
-        secs,
-        cpu_s: cpu.saturating_sub(feeder_cpu) as f64 / 1e9,
-        syscalls,
+        w.flush()?;
+        let syscalls = r.get_ref().1 + w.get_ref().1;
+        Ok(Moved { bytes: moved, syscalls, peer_cpu_ns: join(feed)? })
     })
 }
 
-fn flow_run(spec: &str, feed: Option<Feed>, records: u64, what: String) -> Result<(Run, kecho_flow::FlowStats)> {
-    let cpu0 = process_cpu_ns();
-    let t = Instant::now();
-    let f = Flow::from_spec(&parse(spec).map_err(|e| anyhow::anyhow!("{e}"))?)
-        .start()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let feeder_thread = match (feed, f.local_addr()) {
-        (Some(d), Some(a)) => Some(feeder(a, d)),
-        _ => None,
-    };
-    let s = f.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let secs = t.elapsed().as_secs_f64();
-    let feeder_cpu = match feeder_thread {
-        Some(h) => h.join().map_err(|_| anyhow::anyhow!("feeder panicked"))??,
-        None => 0,
-    };
-    let cpu = process_cpu_ns() - cpu0;
-    let bytes = s.stages.last().map(|x| x.bytes_out).unwrap_or(0);
-    Ok((
-        Run { what, bytes, records, secs, cpu_s: cpu.saturating_sub(feeder_cpu) as f64 / 1e9, syscalls: s.syscalls },
-        s,
-    ))
+/// The network peer of a flow under test.
+enum Peer {
+    /// None: file to file.
+    None,
+    /// A feeder connects to the flow's listening source.
+    Feed(Feed),
+    /// A drainer behind the flow's connecting sink (already listening; the spec names its address).
+    Drain(Drainer),
 }
 
-/// Socket -> file with a plain read/write loop (64 KiB buffer).
-fn rw_socket_to_file(data: std::sync::Arc<Vec<u8>>, out: &Path) -> Result<Run> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let cpu0 = process_cpu_ns();
-    let t = Instant::now();
-    let feed = feeder(addr, Feed::Bytes(data));
-    let (mut s, _) = l.accept()?;
-    let mut f = std::fs::File::create(out)?;
+/// Runs the flow `spec` with its peer; the bytes are the sink's (or the drainer's).
+fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, kecho_flow::FlowStats)> {
+    let mut stats = None;
+    let run = measure(what, records, process_cpu_ns, || {
+        let f = Flow::from_spec(&parse(spec).map_err(|e| anyhow::anyhow!("{e}"))?)
+            .start()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let feed = match (&peer, f.local_addr()) {
+            (Peer::Feed(d), Some(a)) => Some(feeder(a, d.clone())),
+            _ => None,
+        };
+        let s = f.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (peer_cpu_ns, bytes) = match (peer, feed) {
+            (_, Some(h)) => (join(h)?, s.stages.last().map(|x| x.bytes_out).unwrap_or(0)),
+            (Peer::Drain(h), None) => join(h)?,
+            _ => (0, s.stages.last().map(|x| x.bytes_out).unwrap_or(0)),
+        };
+        let syscalls = s.syscalls;
+        stats = Some(s);
+        Ok(Moved { bytes, syscalls, peer_cpu_ns })
+    })?;
+    Ok((run, stats.ok_or_else(|| anyhow::anyhow!("no stats"))?))
+}
+
+/// Copies `from` to `to` with a plain read/write loop (64 KiB buffer); returns bytes and system calls.
+fn read_write_loop(mut from: impl Read, mut to: impl Write) -> Result<(u64, u64)> {
     let mut buf = vec![0u8; 64 << 10];
     let (mut n, mut calls) = (0u64, 0u64);
     loop {
         calls += 1;
-        let k = s.read(&mut buf)?;
+        let k = from.read(&mut buf)?;
         if k == 0 {
-            break;
+            return Ok((n, calls));
         }
         calls += 1;
-        f.write_all(&buf[..k])?;
+        to.write_all(&buf[..k])?;
         n += k as u64;
     }
-    let secs = t.elapsed().as_secs_f64();
-    let fc = feed.join().map_err(|_| anyhow::anyhow!("feeder panicked"))??;
-    Ok(Run {
-        what: "read/write loop".into(),
-        bytes: n,
-        records: 0,
-        secs,
-        cpu_s: (process_cpu_ns() - cpu0).saturating_sub(fc) as f64 / 1e9,
-        syscalls: calls,
+}
+
+/// Socket -> file with a plain read/write loop.
+fn rw_socket_to_file(data: std::sync::Arc<Vec<u8>>, out: &Path) -> Result<Run> {
+    measure("read/write loop", 0, process_cpu_ns, || {
+        let (l, feed) = fed(Feed::Bytes(data))?;
+        let (s, _) = l.accept()?;
+        let (bytes, syscalls) = read_write_loop(s, std::fs::File::create(out)?)?;
+        Ok(Moved { bytes, syscalls, peer_cpu_ns: join(feed)? })
     })
 }
 
 /// A thread that drains a listener and returns its CPU time and the byte count.
-fn drainer(l: TcpListener) -> std::thread::JoinHandle<Result<(u64, u64)>> {
-    std::thread::spawn(move || {
+fn drainer(l: TcpListener) -> Drainer {
+    named("drainer", move || {
         let (mut s, _) = l.accept()?;
         let mut buf = vec![0u8; 256 << 10];
         let mut n = 0u64;
@@ -279,35 +324,13 @@ fn drainer(l: TcpListener) -> std::thread::JoinHandle<Result<(u64, u64)>> {
     })
 }
 
+/// File -> socket with a plain read/write loop.
 fn rw_file_to_socket(input: &Path) -> Result<Run> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let cpu0 = process_cpu_ns();
-    let t = Instant::now();
-    let d = drainer(l);
-    let mut s = TcpStream::connect(addr)?;
-    let mut f = std::fs::File::open(input)?;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut calls = 0u64;
-    loop {
-        calls += 1;
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        calls += 1;
-        s.write_all(&buf[..k])?;
-    }
-    drop(s);
-    let (dc, n) = d.join().map_err(|_| anyhow::anyhow!("drainer panicked"))??;
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Run {
-        what: "read/write loop".into(),
-        bytes: n,
-        records: 0,
-        secs,
-        cpu_s: (process_cpu_ns() - cpu0).saturating_sub(dc) as f64 / 1e9,
-        syscalls: calls,
+    measure("read/write loop", 0, process_cpu_ns, || {
+        let (addr, d) = drained()?;
+        let (_, syscalls) = read_write_loop(std::fs::File::open(input)?, TcpStream::connect(addr)?)?;
+        let (peer_cpu_ns, bytes) = join(d)?;
+        Ok(Moved { bytes, syscalls, peer_cpu_ns })
     })
 }
 
@@ -319,47 +342,28 @@ fn have_socat() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// socat's own CPU (its children's clock); the feeder or drainer is a thread of this process, not counted.
 fn socat_socket_to_file(data: std::sync::Arc<Vec<u8>>, out: &Path) -> Result<Run> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let c0 = children_cpu_ns();
-    let t = Instant::now();
-    let mut child = std::process::Command::new("socat")
-        .args(["-u", &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"), &format!("CREATE:{}", out.display())])
-        .spawn()?;
-    let feed = feeder(format!("127.0.0.1:{port}").parse()?, Feed::Bytes(data));
-    feed.join().map_err(|_| anyhow::anyhow!("feeder panicked"))??;
-    child.wait()?;
-    let secs = t.elapsed().as_secs_f64();
-    let n = std::fs::metadata(out)?.len();
-    Ok(Run {
-        what: "socat".into(),
-        bytes: n,
-        records: 0,
-        secs,
-        cpu_s: (children_cpu_ns() - c0) as f64 / 1e9,
-        syscalls: 0,
+    measure("socat", 0, children_cpu_ns, || {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut child = std::process::Command::new("socat")
+            .args(["-u", &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"), &format!("CREATE:{}", out.display())])
+            .spawn()?;
+        join(feeder(format!("127.0.0.1:{port}").parse()?, Feed::Bytes(data)))?;
+        child.wait()?;
+        Ok(Moved { bytes: std::fs::metadata(out)?.len(), syscalls: 0, peer_cpu_ns: 0 })
     })
 }
 
 fn socat_file_to_socket(input: &Path) -> Result<Run> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let c0 = children_cpu_ns();
-    let t = Instant::now();
-    let d = drainer(l);
-    let mut child = std::process::Command::new("socat")
-        .args(["-u", &format!("OPEN:{},rdonly", input.display()), &format!("TCP:{addr}")])
-        .spawn()?;
-    child.wait()?;
-    let (_, n) = d.join().map_err(|_| anyhow::anyhow!("drainer panicked"))??;
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Run {
-        what: "socat".into(),
-        bytes: n,
-        records: 0,
-        secs,
-        cpu_s: (children_cpu_ns() - c0) as f64 / 1e9,
-        syscalls: 0,
+    measure("socat", 0, children_cpu_ns, || {
+        let (addr, d) = drained()?;
+        let mut child = std::process::Command::new("socat")
+            .args(["-u", &format!("OPEN:{},rdonly", input.display()), &format!("TCP:{addr}")])
+            .spawn()?;
+        child.wait()?;
+        let (_, bytes) = join(d)?;
+        Ok(Moved { bytes, syscalls: 0, peer_cpu_ns: 0 })
     })
 }
 
@@ -414,65 +418,165 @@ fn limits(scratch: &Scratch, args: &BenchArgs) -> Result<(Table, serde_json::Val
     Ok((t, serde_json::json!({ "memcpy_gb_s": memcpy, "aes_gcm_mb_s": aes, "file_write_mb_s": write })))
 }
 
+/// The machine's CPU counters (all cores, from /proc/stat, in clock ticks): busy and total.
+#[derive(Debug, Clone, Copy)]
+struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
+        let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> =
+            s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+        let total: u64 = f.iter().take(8).sum();
+        let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+        MachineCpu { busy: total - idle, total }
+    }
+
+    /// Cores busy on average since `earlier` (0 to the number of cores), over `cores` cores.
+    fn cores_busy_since(&self, earlier: MachineCpu, cores: usize) -> f64 {
+        let dt = self.total.saturating_sub(earlier.total).max(1) as f64;
+        (self.busy.saturating_sub(earlier.busy)) as f64 / dt * cores as f64
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// One line of stage figures: each stage's busy fraction per replica, its CPU time and its replicas.
+fn stage_line(fs: &kecho_flow::FlowStats) -> String {
+    fs.stages
+        .iter()
+        .map(|x| {
+            format!(
+                "{} {:.0}% ({:.2} s CPU) x{}",
+                x.name.split(':').next().unwrap_or(""),
+                x.busy * 100.0,
+                x.cpu_s,
+                x.replicas
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The run of `runs` (one program's rounds) with the median records/s (the lower one of an even count).
+fn median_run(runs: &[Run]) -> Run {
+    let mut v: Vec<&Run> = runs.iter().collect();
+    v.sort_by(|a, b| a.rec_s().total_cmp(&b.rec_s()));
+    v[(v.len() - 1) / 2].clone()
+}
+
+/// Which parts run: `KECHO_BENCH_FLOWS=limits,decrypt,replicas,moves` (any subset; default all), e.g. to profile
+/// one part alone.
+fn part(name: &str) -> bool {
+    std::env::var("KECHO_BENCH_FLOWS").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
+}
+
 pub fn run(args: &BenchArgs) -> Result<Section> {
     let mut s = Section::new("flows");
     let scratch = Scratch::new()?;
     let key = Key::new([7; 32]);
     let keyfile = scratch.file("key");
     std::fs::write(&keyfile, [7u8; 32])?;
-    let (lt, lj) = limits(&scratch, args)?;
-    s.tables.push(lt);
-    s.put("limits", lj);
+    if part("limits") {
+        let (lt, lj) = limits(&scratch, args)?;
+        s.tables.push(lt);
+        s.put("limits", lj);
+    }
+    let mut runs = Vec::new();
+    if part("decrypt") {
+        decrypt_part(args, &mut s, &scratch, &key, &keyfile, &mut runs)?;
+    }
+    if part("replicas") {
+        replicas_part(args, &mut s, &scratch, &key, &keyfile, &mut runs)?;
+    }
+    if part("moves") {
+        moves_part(args, &mut s, &scratch, &mut runs)?;
+    }
+    s.put("runs", &runs);
+    s.notes.push("CPU s/GB counts this process minus the peer thread that feeds or drains the socket; socat's is its own (children, 10 ms ticks).".into());
+    Ok(s)
+}
 
-    // 1. Receive -> decrypt -> store.
+/// Receive -> decrypt -> store: the memory-centric program and the flows alternate, `rounds` times; the table shows
+/// each program's median round and the ratio of the medians.
+fn decrypt_part(
+    args: &BenchArgs,
+    s: &mut Section,
+    scratch: &Scratch,
+    key: &Key,
+    keyfile: &Path,
+    runs: &mut Vec<Run>,
+) -> Result<()> {
     let mut t = Table::new(
-        "TCP receive -> AES-256-GCM decrypt -> file (paper section 4, Figures 1 and 2)",
+        "TCP receive -> AES-256-GCM decrypt -> file (paper section 4, Figures 1 and 2): median of alternating rounds",
         &["records", "program", "records/s", "MB/s", "CPU s/GB", "syscalls/record", "flow / memory-centric"],
     );
-    let mut runs = Vec::new();
+    let rounds = count(args, 5, 1) as usize;
+    let mut all_rounds = Vec::new();
     for (size, paper) in [(64usize, 1.13), (1024, 1.93)] {
         let n = count(args, 1_000_000, 1000);
         // The stream is sent from a file by sendfile: the feeder must not be what bounds both programs.
         let streamed = scratch.file("stream");
-        std::fs::write(&streamed, stream(&key, n, size))?;
+        std::fs::write(&streamed, stream(key, n, size))?;
         let data = Feed::File(streamed.clone());
         let out = scratch.file("decrypted");
-        let mc = memory_centric(&key, data.clone(), &out, n, size)?;
-        std::fs::remove_file(&out)?;
         // The flow as declared (the scheduler may replicate decryption), and pinned to one decrypting core.
-        let mut flows = Vec::new();
-        for (reps, label) in [("auto", "flow"), ("1", "flow, 1 decrypt core")] {
-            let spec = format!(
-                "tcp-listen:127.0.0.1:0 ! decrypt aes-256-gcm key={} replicas={reps} ! file:{}",
-                keyfile.display(),
-                out.display()
-            );
-            let (fl, fs) = flow_run(&spec, Some(data.clone()), n, format!("{label} {size} B"))?;
+        let programs = [("auto", "flow"), ("1", "flow, 1 decrypt core")];
+        let mut mcs = Vec::new();
+        let mut flows: Vec<Vec<Run>> = vec![Vec::new(); programs.len()];
+        let mut ratios = Vec::new();
+        let mut round_rows = Vec::new();
+        for round in 0..rounds {
+            let mc = memory_centric(key, data.clone(), &out, n, size)?;
             std::fs::remove_file(&out)?;
-            anyhow::ensure!(
-                fl.bytes == mc.bytes && mc.bytes == n * size as u64,
-                "byte counts differ: {} {}",
-                fl.bytes,
-                mc.bytes
-            );
-            s.notes.push(format!(
-                "{label} {size} B: bound by {}; stage busy (per replica): {}",
-                fs.bound.as_deref().unwrap_or("-"),
-                fs.stages
-                    .iter()
-                    .map(|x| format!(
-                        "{} {:.0}% x{}",
-                        x.name.split(':').next().unwrap_or(""),
-                        x.busy * 100.0,
-                        x.replicas
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            flows.push(fl);
+            anyhow::ensure!(mc.bytes == n * size as u64, "memory-centric moved {} bytes", mc.bytes);
+            round_rows.push(serde_json::json!({
+                "size": size, "round": round + 1, "program": "memory-centric", "records_per_s": mc.rec_s()
+            }));
+            for (k, (reps, label)) in programs.iter().enumerate() {
+                let spec = format!(
+                    "tcp-listen:127.0.0.1:0 ! decrypt aes-256-gcm key={} replicas={reps} ! file:{}",
+                    keyfile.display(),
+                    out.display()
+                );
+                let (fl, fs) = flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B"))?;
+                std::fs::remove_file(&out)?;
+                anyhow::ensure!(fl.bytes == mc.bytes, "byte counts differ: {} {}", fl.bytes, mc.bytes);
+                if k == 0 {
+                    ratios.push(fl.rec_s() / mc.rec_s());
+                }
+                if round == 0 {
+                    s.notes.push(format!(
+                        "{label} {size} B (round 1): bound by {}; stage busy per replica (CPU): {}",
+                        fs.bound.as_deref().unwrap_or("-"),
+                        stage_line(&fs)
+                    ));
+                }
+                round_rows.push(serde_json::json!({
+                    "size": size, "round": round + 1, "program": label, "records_per_s": fl.rec_s()
+                }));
+                flows[k].push(fl);
+            }
+            mcs.push(mc);
         }
-        let ratio = flows[0].rec_s() / mc.rec_s();
-        for r in std::iter::once(&mc).chain(&flows) {
+        let mc = median_run(&mcs);
+        let meds: Vec<Run> = flows.iter().map(|f| median_run(f)).collect();
+        for r in std::iter::once(&mc).chain(&meds) {
             t.row(vec![
                 format!("{} x {size} B", fmt_num(n as f64)),
                 r.what.clone(),
@@ -483,53 +587,102 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
                 if r.what.starts_with("flow") { fmt_ratio(r.rec_s() / mc.rec_s()) } else { String::new() },
             ]);
         }
+        s.notes.push(format!(
+            "{size} B, flow / memory-centric per round (alternating, {rounds} rounds): {}",
+            ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ")
+        ));
         s.checks.push(Check::at_least(
-            format!("flow / memory-centric throughput at {size} B (paper {paper}x)"),
-            ratio,
+            format!("flow / memory-centric throughput at {size} B (paper {paper}x; median of rounds)"),
+            meds[0].rec_s() / mc.rec_s(),
             if size == 64 { 1.13 } else { 2.0 },
             "x",
         ));
         std::fs::remove_file(&streamed)?;
-        runs.push(mc);
-        runs.extend(flows);
+        all_rounds.extend(round_rows);
+        runs.extend(mcs);
+        runs.extend(flows.into_iter().flatten());
     }
     s.tables.push(t);
+    s.put("decrypt_rounds", all_rounds);
+    Ok(())
+}
 
-    // 2. Replicated decrypt: file -> decrypt -> /dev/null, 1 KB records.
+/// Replicated decrypt: file -> decrypt -> /dev/null, 1 KB records, 1 and 2 replicas alternating; with the CPU each
+/// stage used and how busy the machine's cores were (other processes included), which says whether a second core
+/// was free to take the replica.
+fn replicas_part(
+    args: &BenchArgs,
+    s: &mut Section,
+    scratch: &Scratch,
+    key: &Key,
+    keyfile: &Path,
+    runs: &mut Vec<Run>,
+) -> Result<()> {
     let mut t = Table::new(
-        "decrypt replicated on 2 cores (file -> decrypt -> /dev/null, 1 KB records)",
-        &["replicas", "MB/s", "CPU s/GB", "bound by", "speed-up"],
+        "decrypt replicated on 2 cores (file -> decrypt -> /dev/null, 1 KB records), alternating rounds",
+        &[
+            "round",
+            "replicas",
+            "MB/s",
+            "CPU s/GB",
+            "flow's cores",
+            "machine's cores busy",
+            "others' cores",
+            "stage busy per replica (CPU)",
+            "bound by",
+            "speed-up",
+        ],
     );
     let n = count(args, 1_000_000, 1000);
     let enc = scratch.file("enc");
-    std::fs::write(&enc, stream(&key, n, 1024))?;
-    let mut base = 0.0;
-    for reps in [1, 2] {
-        let spec = format!(
-            "file:{} ! decrypt aes-256-gcm key={} replicas={reps} ! file:/dev/null",
-            enc.display(),
-            keyfile.display()
-        );
-        let (r, fs) = flow_run(&spec, None, n, format!("{reps} replicas"))?;
-        if reps == 1 {
-            base = r.mb_s();
+    std::fs::write(&enc, stream(key, n, 1024))?;
+    let ncores = cores();
+    let mut speedups = Vec::new();
+    for round in 0..count(args, 3, 1) {
+        let mut base = 0.0;
+        for reps in [1, 2] {
+            let spec = format!(
+                "file:{} ! decrypt aes-256-gcm key={} replicas={reps} ! file:/dev/null",
+                enc.display(),
+                keyfile.display()
+            );
+            let m0 = MachineCpu::now();
+            let (r, fs) = flow_run(&spec, Peer::None, n, format!("{reps} replicas"))?;
+            let machine = MachineCpu::now().cores_busy_since(m0, ncores);
+            let own = r.cpu_s / r.secs;
+            if reps == 1 {
+                base = r.mb_s();
+            } else {
+                speedups.push(r.mb_s() / base);
+            }
+            t.row(vec![
+                (round + 1).to_string(),
+                reps.to_string(),
+                format!("{:.0}", r.mb_s()),
+                format!("{:.2}", r.cpu_per_gb()),
+                format!("{own:.2}"),
+                format!("{machine:.2} of {ncores}"),
+                format!("{:.2}", (machine - own).max(0.0)),
+                stage_line(&fs),
+                fs.bound.clone().unwrap_or_default(),
+                fmt_ratio(r.mb_s() / base),
+            ]);
+            runs.push(r);
         }
-        t.row(vec![
-            reps.to_string(),
-            format!("{:.0}", r.mb_s()),
-            format!("{:.2}", r.cpu_per_gb()),
-            fs.bound.clone().unwrap_or_default(),
-            fmt_ratio(r.mb_s() / base),
-        ]);
-        if reps == 2 {
-            s.checks.push(Check::at_least("2 decrypt replicas / 1 (decryption bound)", r.mb_s() / base, 1.7, "x"));
-        }
-        runs.push(r);
     }
+    s.checks.push(Check::at_least(
+        "2 decrypt replicas / 1 (decryption bound; median of rounds)",
+        median(speedups),
+        1.7,
+        "x",
+    ));
     std::fs::remove_file(&enc)?;
     s.tables.push(t);
+    Ok(())
+}
 
-    // 3. Pure moves.
+/// Pure moves: socket -> file and file -> socket, the flow against a read/write loop and socat.
+fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut Vec<Run>) -> Result<()> {
     let socat = have_socat();
     if !socat {
         s.notes.push("socat is not installed: its rows are left out".into());
@@ -543,99 +696,64 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         .map(|&b| ((b as f64 * args.scale.min(1.0)) as u64).max(64 << 10))
         .collect();
     let mut worst = 0.0f64;
+    let mut points = Vec::new();
     for &size in &sizes {
         let data = std::sync::Arc::new(vec![0x5au8; size as usize]);
         let out = scratch.file("moved");
+        let mut direction = |name: &str, rows: Vec<Run>| {
+            let ratio = rows[0].cpu_s / rows[1].cpu_s.max(1e-9);
+            if size >= 64 << 20 {
+                worst = worst.max(ratio);
+            }
+            for r in &rows {
+                points.push(serde_json::json!({
+                    "direction": name, "size": size, "program": r.what, "cpu_s_per_gb": r.cpu_per_gb(), "mb_s": r.mb_s()
+                }));
+                t.row(vec![
+                    name.into(),
+                    fmt_bytes(size),
+                    r.what.clone(),
+                    format!("{:.0}", r.mb_s()),
+                    format!("{:.3}", r.cpu_per_gb()),
+                    r.syscalls.to_string(),
+                    if r.what.starts_with("flow") { fmt_ratio(ratio) } else { String::new() },
+                ]);
+            }
+            runs.extend(rows);
+        };
         // Socket -> file.
         let spec = format!("tcp-listen:127.0.0.1:0 ! file:{}", out.display());
-        let (fl, _) = flow_run(&spec, Some(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?;
+        let mut rows = vec![flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?.0];
         std::fs::remove_file(&out)?;
-        let rw = rw_socket_to_file(data.clone(), &out)?;
+        rows.push(rw_socket_to_file(data.clone(), &out)?);
         std::fs::remove_file(&out)?;
-        let mut rows = vec![fl.clone(), rw.clone()];
         if socat {
             rows.push(socat_socket_to_file(data.clone(), &out)?);
             std::fs::remove_file(&out)?;
         }
-        let r1 = fl.cpu_s / rw.cpu_s.max(1e-9);
-        if size >= 64 << 20 {
-            worst = worst.max(r1);
-        }
-        for r in &rows {
-            t.row(vec![
-                "socket -> file".into(),
-                fmt_bytes(size),
-                r.what.clone(),
-                format!("{:.0}", r.mb_s()),
-                format!("{:.3}", r.cpu_per_gb()),
-                r.syscalls.to_string(),
-                if r.what.starts_with("flow") { fmt_ratio(r1) } else { String::new() },
-            ]);
-        }
-        runs.extend(rows);
+        direction("socket -> file", rows);
         // File -> socket.
         std::fs::write(&out, &*data)?;
         drop(data);
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?;
-        let d = drainer(l);
-        let (mut fl, _) = {
-            let cpu0 = process_cpu_ns();
-            let t0 = Instant::now();
-            let st = Flow::from_spec(
-                &parse(&format!("file:{} ! tcp-connect:{addr}", out.display())).map_err(|e| anyhow::anyhow!("{e}"))?,
-            )
-            .start()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .wait()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (dc, n) = d.join().map_err(|_| anyhow::anyhow!("drainer panicked"))??;
-            (
-                Run {
-                    what: "flow (sendfile)".into(),
-                    bytes: n,
-                    records: 0,
-                    secs: t0.elapsed().as_secs_f64(),
-                    cpu_s: (process_cpu_ns() - cpu0).saturating_sub(dc) as f64 / 1e9,
-                    syscalls: st.syscalls,
-                },
-                st,
-            )
-        };
-        fl.what = "flow (sendfile)".into();
-        let rw = rw_file_to_socket(&out)?;
-        let mut rows = vec![fl.clone(), rw.clone()];
+        let (addr, d) = drained()?;
+        let spec = format!("file:{} ! tcp-connect:{addr}", out.display());
+        let mut rows = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (sendfile)".into())?.0];
+        rows.push(rw_file_to_socket(&out)?);
         if socat {
             rows.push(socat_file_to_socket(&out)?);
         }
         std::fs::remove_file(&out)?;
-        let r2 = fl.cpu_s / rw.cpu_s.max(1e-9);
-        if size >= 64 << 20 {
-            worst = worst.max(r2);
-        }
-        for r in &rows {
-            t.row(vec![
-                "file -> socket".into(),
-                fmt_bytes(size),
-                r.what.clone(),
-                format!("{:.0}", r.mb_s()),
-                format!("{:.3}", r.cpu_per_gb()),
-                r.syscalls.to_string(),
-                if r.what.starts_with("flow") { fmt_ratio(r2) } else { String::new() },
-            ]);
-        }
-        runs.extend(rows);
+        direction("file -> socket", rows);
     }
     s.tables.push(t);
+    s.put("moves", points);
     s.checks.push(Check::at_most(
         "pure move: flow CPU per GB / read-write loop's (worst of 64 MiB and up, both directions)",
         worst,
         0.5,
         "x",
     ));
-    s.put("runs", &runs);
-    s.notes.push("CPU s/GB counts this process minus the peer thread that feeds or drains the socket; socat's is its own (children, 10 ms ticks).".into());
-    Ok(s)
+    Ok(())
 }
 
 fn fmt_bytes(b: u64) -> String {

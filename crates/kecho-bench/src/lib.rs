@@ -23,6 +23,7 @@ mod child;
 mod filters;
 mod flows;
 mod latency;
+mod members;
 mod memory;
 mod pipe;
 mod plot;
@@ -121,6 +122,9 @@ pub enum Workload {
     /// Urgent 100 B events behind a 64 KB bulk stream: idle link, no priority, priority 3, and priority 3 without
     /// `TCP_NOTSENT_LOWAT` (not part of `all`).
     Priority,
+    /// Channels of many member nodes in a few processes: join time of the Nth node, a storm of joins (not part of
+    /// `all`; see docs/SCALE.md).
+    Members,
 }
 
 impl Workload {
@@ -154,6 +158,7 @@ impl Workload {
             Workload::Resources => "resources",
             Workload::Balance => "balance",
             Workload::Priority => "priority",
+            Workload::Members => "members",
         }
     }
 }
@@ -219,5 +224,6 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Resources => resources::run(args),
         Workload::Balance => balance::run(args),
         Workload::Priority => priority::run(args),
+        Workload::Members => members::run(args),
     }
 }

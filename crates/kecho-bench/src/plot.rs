@@ -60,10 +60,105 @@ pub fn draw(sections: &[Section], dir: &Path) -> Result<Vec<PathBuf>> {
                     written.push(path);
                 }
             }
+            "flows" => {
+                for (size, lines) in flows_round_lines(&s.data) {
+                    let path = dir.join(format!("flows-decrypt-{size}B.svg"));
+                    let title = format!("TCP -> decrypt -> file, {size} B records: records/s per alternating round");
+                    plot(&path, &title, "round", "records/s", false, &lines, None)?;
+                    written.push(path);
+                }
+                for (direction, lines) in flows_move_lines(&s.data) {
+                    let path = dir.join(format!("flows-move-{}.svg", direction.replace(" -> ", "-to-")));
+                    let title = format!("pure move {direction}: CPU seconds per GB vs size");
+                    plot(&path, &title, "bytes moved (log)", "CPU s/GB", true, &lines, None)?;
+                    written.push(path);
+                }
+            }
+            "resources" => {
+                let lines = placement_lines(&s.data);
+                if !lines.is_empty() {
+                    let path = dir.join("resources-placement-cdf.svg");
+                    let title = "placement latency, 32 agents, 16 requesters: CDF";
+                    plot(
+                        &path,
+                        title,
+                        "request to confirmed reservation (ms, log)",
+                        "fraction of placements",
+                        true,
+                        &lines,
+                        Some((0.0, 1.0)),
+                    )?;
+                    written.push(path);
+                }
+            }
             _ => {}
         }
     }
     Ok(written)
+}
+
+/// Lines of `rows` (objects) grouped by the string field `group` and then `label`, points (`x`, `y`).
+fn grouped(rows: &[Value], group: &str, label: &str, x: &str, y: &str) -> Vec<(String, Vec<Line>)> {
+    let mut out: Vec<(String, Vec<Line>)> = Vec::new();
+    for r in rows {
+        let (Some(g), Some(l), Some(px), Some(py)) = (
+            r[group].as_str().map(str::to_owned).or_else(|| r[group].as_u64().map(|v| v.to_string())),
+            r[label].as_str(),
+            r[x].as_f64(),
+            r[y].as_f64(),
+        ) else {
+            continue;
+        };
+        let gi = match out.iter().position(|(k, _)| *k == g) {
+            Some(i) => i,
+            None => {
+                out.push((g, Vec::new()));
+                out.len() - 1
+            }
+        };
+        let lines = &mut out[gi].1;
+        match lines.iter_mut().find(|line| line.label == l) {
+            Some(line) => line.points.push((px, py)),
+            None => lines.push(Line { label: l.to_owned(), points: vec![(px, py)] }),
+        }
+    }
+    out
+}
+
+fn flows_round_lines(data: &Value) -> Vec<(String, Vec<Line>)> {
+    let rows = data.get("decrypt_rounds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    grouped(rows, "size", "program", "round", "records_per_s")
+}
+
+fn flows_move_lines(data: &Value) -> Vec<(String, Vec<Line>)> {
+    let rows = data.get("moves").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    grouped(rows, "direction", "program", "size", "cpu_s_per_gb")
+}
+
+/// The placement latency CDFs of the resources workload's traces (`trace_base`: baseline settings, `trace_32`:
+/// current settings), in milliseconds.
+fn placement_lines(data: &Value) -> Vec<Line> {
+    let mut lines = Vec::new();
+    for (key, label) in [("trace_base", "baseline settings"), ("trace_32", "current settings")] {
+        let mut ms: Vec<f64> = data[key]
+            .as_array()
+            .map(|t| t.iter().filter_map(|r| r["latency"].as_f64()).map(|s| (s * 1e3).max(1e-3)).collect())
+            .unwrap_or_default();
+        if ms.is_empty() {
+            continue;
+        }
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len() as f64;
+        // At most 500 points: every k-th sorted latency with its rank.
+        let step = (ms.len() / 500).max(1);
+        let mut points: Vec<(f64, f64)> =
+            ms.iter().enumerate().step_by(step).map(|(i, v)| (*v, (i + 1) as f64 / n)).collect();
+        if let Some(last) = ms.last() {
+            points.push((*last, 1.0));
+        }
+        lines.push(Line { label: label.to_owned(), points });
+    }
+    lines
 }
 
 fn rows(data: &Value) -> &[Value] {

@@ -58,6 +58,20 @@ struct Outcome {
     agree_low: f64,
     agree_all: f64,
     overcommit: u64,
+    /// CPU time of the whole process (every node, agent and requester) per placement, microseconds (`None` where
+    /// not measured: the simulated baselines, or no /proc).
+    cpu_us_per_placement: Option<f64>,
+}
+
+/// This process's CPU time (user + system) in seconds, from /proc/self/stat (Linux; `None` elsewhere).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
 }
 
 struct Rng(u64);
@@ -86,14 +100,40 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut section = Section::new("resources");
     let n = count(args, 100_000, 200) as usize;
-    // Experiments: KECHO_BENCH_RES="CONCURRENCY,FANOUT,BIG,ATTR_GAP_MS" (defaults 16,4,1,1000; BIG=0 skips the 1,000-agent run).
+    // Experiments: KECHO_BENCH_RES="CONCURRENCY,FANOUT,BIG,ATTR_GAP_MS,RATE_REQUESTERS,REPORT_GAP_MS,TELL"
+    // (defaults 16,2,1,600000,64,20,1; BIG=0 skips the large runs; TELL=0: answers do not carry what is free).
     let env = std::env::var("KECHO_BENCH_RES").unwrap_or_default();
     let p: Vec<usize> = env.split(',').filter_map(|x| x.parse().ok()).collect();
-    let (conc, fanout, run_big) =
-        (p.first().copied().unwrap_or(16), p.get(1).copied().unwrap_or(4), p.get(2) != Some(&0));
-    let gap = p.get(3).map_or(AgentConfig::new("x").attr_gap, |ms| Duration::from_millis(*ms as u64));
-    let small = rt.block_on(distributed(32, 1, conc, n, 0.02, fanout, gap, false)).context("32 agents")?;
-    let mut outcomes = vec![small.outcome.clone()];
+    let (conc, run_big) = (p.first().copied().unwrap_or(16), p.get(2) != Some(&0));
+    let attr_gap = p.get(3).map_or(AgentConfig::new("x").attr_gap, |ms| Duration::from_millis(*ms as u64));
+    let tuning = Tuning {
+        fanout: p.get(1).copied().unwrap_or(2),
+        attr_gap,
+        report_gap: Duration::from_millis(p.get(5).copied().unwrap_or(20) as u64),
+        tell_free: p.get(6) != Some(&0),
+    };
+    // The baseline, run first in the same process on the same trace: the protocol's settings before the changes of
+    // 2026-12-05 (ask the best 4, reports at most every 100 ms, answers that do not say what is free).
+    // KECHO_BENCH_RES_BASELINE=0 skips it.
+    let baseline_tuning = Tuning { fanout: 4, attr_gap, report_gap: Duration::from_millis(100), tell_free: false };
+    let mut outcomes = Vec::new();
+    let mut base_over = 0;
+    let mut base_trace = None;
+    if std::env::var("KECHO_BENCH_RES_BASELINE").as_deref() != Ok("0") {
+        let base = rt
+            .block_on(distributed(32, 1, conc, n, 0.02, &baseline_tuning, false, None))
+            .context("32 agents, baseline")?;
+        let mut o = base.outcome.clone();
+        o.system = format!("baseline settings ({}), 32 agents", baseline_tuning.describe());
+        outcomes.push(o);
+        base_over = base.outcome.overcommit;
+        base_trace = Some(base.trace);
+        eprintln!("kecho-bench: resources: baseline done: {} placed", base.outcome.placed);
+    }
+    let small = rt.block_on(distributed(32, 1, conc, n, 0.02, &tuning, false, None)).context("32 agents")?;
+    let mut o = small.outcome.clone();
+    o.system = format!("kecho agents ({}), 32 agents", tuning.describe());
+    outcomes.push(o);
     outcomes.push(omniscient(&small.trace, 32));
     outcomes.push(matchmaker(&small.trace, 32, 1.0));
     eprintln!("kecho-bench: resources: 32 agents done: {} placed", small.outcome.placed);
@@ -101,37 +141,85 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     // (the job runs and is released on the side), so the rate is what the negotiation sustains, not the number of
     // requesters over the job length as above.
     let rate_conc = p.get(4).copied().unwrap_or(64);
-    let rate = rt.block_on(distributed(32, 1, rate_conc, n, 0.02, fanout, gap, true)).context("32 agents, rate")?;
+    let rate = rt.block_on(distributed(32, 1, rate_conc, n, 0.02, &tuning, true, None)).context("32 agents, rate")?;
     let mut o = rate.outcome.clone();
     o.system = format!("kecho agents, 32 agents, {rate_conc} requesters back to back (rate run)");
     outcomes.push(o);
     eprintln!("kecho-bench: resources: rate run done: {} placed", rate.outcome.placed);
+    // The large runs: KECHO_BENCH_RES_SIZES="100,250,500,1000" (default 1000; BIG=0 skips them), 50 agents per node,
+    // each bounded in time; a size that fails is reported with how far it got.
+    let sizes: Vec<usize> = match std::env::var("KECHO_BENCH_RES_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => vec![1000],
+    };
     let big_n = count(args, 20_000, 100) as usize;
-    let big = match if run_big {
-        // Bounded: a run that does not finish in 10 minutes is reported as such.
-        rt.block_on(async {
-            let limit = Duration::from_secs(600);
-            tokio::time::timeout(limit, distributed(1000, 50, conc, big_n, 0.02, fanout, gap, false))
+    let mut bigs: Vec<Distributed> = Vec::new();
+    let mut scale = Table::new(
+        "scale: agents on few nodes (50 per node), 4 requester nodes",
+        &[
+            "agents",
+            "nodes",
+            "agents started",
+            "all seen by requesters",
+            "placed",
+            "p50",
+            "p99",
+            "placements/s",
+            "agree <50%",
+            "outcome",
+        ],
+    );
+    for &size in if run_big { sizes.as_slice() } else { &[] } {
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let limit = Duration::from_secs(600);
+        let r = rt.block_on(async {
+            let run = distributed(size, 50, conc, big_n, 0.02, &tuning, false, Some(progress.clone()));
+            tokio::time::timeout(limit, run)
                 .await
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("did not finish within {} s", limit.as_secs())))
-        })
-    } else {
-        Err(anyhow::anyhow!("skipped"))
-    } {
-        Ok(b) => {
-            let mut o = b.outcome.clone();
-            o.system = "kecho agents, 1,000 agents on 20 nodes".into();
-            outcomes.push(o);
-            outcomes.push(omniscient(&b.trace, 1000));
-            outcomes.push(matchmaker(&b.trace, 1000, 1.0));
-            Some(b)
+        });
+        let p = progress.lock().clone();
+        let secs = |t: Option<f64>| t.map_or_else(|| "-".to_owned(), |t| format!("{t:.1} s"));
+        match r {
+            Ok(b) => {
+                let o = &b.outcome;
+                scale.row(vec![
+                    size.to_string(),
+                    size.div_ceil(50).to_string(),
+                    secs(p.started),
+                    secs(p.seen),
+                    o.placed.to_string(),
+                    format!("{:.2} ms", o.p50_ms),
+                    format!("{:.2} ms", o.p99_ms),
+                    fmt_num(o.placements_per_s),
+                    format!("{:.1} %", o.agree_low * 100.0),
+                    "completed".into(),
+                ]);
+                let mut o = b.outcome.clone();
+                o.system = format!("kecho agents, {size} agents on {} nodes", size.div_ceil(50));
+                outcomes.push(o);
+                outcomes.push(omniscient(&b.trace, size));
+                outcomes.push(matchmaker(&b.trace, size, 1.0));
+                bigs.push(b);
+            }
+            Err(e) => {
+                scale.row(vec![
+                    size.to_string(),
+                    size.div_ceil(50).to_string(),
+                    secs(p.started),
+                    secs(p.seen),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("failed: {e:#}").chars().take(100).collect(),
+                ]);
+                section.notes.push(format!("the {size}-agent run failed: {e:#}"));
+            }
         }
-        Err(e) => {
-            section.notes.push(format!("the 1,000-agent run failed: {e:#}"));
-            None
-        }
-    };
-
+        eprintln!("kecho-bench: resources: {size}-agent run done");
+    }
     let mut t = Table::new(
         "placement: latency, rate, quality (agreement: chosen agent had the most free cores when asked)",
         &[
@@ -145,6 +233,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             "top-1 agree <50% util",
             "top-1 agree all",
             "overcommit",
+            "CPU per placement",
         ],
     );
     for o in &outcomes {
@@ -159,6 +248,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             format!("{:.1} %", o.agree_low * 100.0),
             format!("{:.1} %", o.agree_all * 100.0),
             o.overcommit.to_string(),
+            o.cpu_us_per_placement.map_or_else(|| "-".to_owned(), |c| format!("{c:.0} us")),
         ]);
     }
     section.tables.push(t);
@@ -166,7 +256,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         "cluster view update traffic (reports received by one view)",
         &["agents", "reports/s per agent", "bytes/s per agent", "report size"],
     );
-    for d in std::iter::once(&small).chain(big.as_ref()) {
+    for d in std::iter::once(&small).chain(bigs.iter()) {
         v.row(vec![
             d.agents.to_string(),
             format!("{:.2}", d.reports_per_agent_s),
@@ -175,6 +265,9 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         ]);
     }
     section.tables.push(v);
+    if !scale.rows.is_empty() {
+        section.tables.push(scale);
+    }
     let o = &small.outcome;
     section.checks.push(Check::at_most("32 agents: placement p50", o.p50_ms, 2.0, "ms"));
     section.checks.push(Check::at_most("32 agents: placement p99", o.p99_ms, 10.0, "ms"));
@@ -190,10 +283,10 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         95.0,
         "%",
     ));
-    let big_over = big.as_ref().map_or(0, |b| b.outcome.overcommit);
+    let big_over: u64 = bigs.iter().map(|b| b.outcome.overcommit).sum();
     section.checks.push(Check::at_most(
         "overcommit (all runs)",
-        (small.outcome.overcommit + rate.outcome.overcommit + big_over) as f64,
+        (base_over + small.outcome.overcommit + rate.outcome.overcommit + big_over) as f64,
         0.0,
         "reservations",
     ));
@@ -211,19 +304,56 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         rate.errors,
         rate.reasons
     ));
-    if let Some(b) = &big {
-        section.notes.push(format!("refusal reasons, 1,000 agents: {:?}", b.reasons));
+    for b in &bigs {
+        section.notes.push(format!("refusal reasons, {} agents: {:?}", b.agents, b.reasons));
         section.notes.push(format!(
-            "every request reserved or refused with a reason, 1,000 agents: {} of {} (other errors: {})",
+            "every request reserved or refused with a reason, {} agents: {} of {} (other errors: {})",
+            b.agents,
             b.outcome.placed + b.outcome.refused,
             b.outcome.requests,
             b.errors
         ));
     }
-    section.notes.push(format!("requests: 1, 2, 4 or 8 cores; jobs exponential, mean 20 ms; rank cpus_free; fanout {fanout}; {conc} concurrent requesters on 4 requester nodes; sink attributes updated at most every {} ms; agents of 16 cores, one per node (32 agents) or 50 per node (1,000 agents)", gap.as_millis()));
+    section.notes.push(format!("requests: 1, 2, 4 or 8 cores; jobs exponential, mean 20 ms; rank cpus_free; {}; {conc} concurrent requesters on 4 requester nodes; sink attributes updated at most every {} ms; agents of 16 cores, one per node (32 agents) or 50 per node (larger runs)", tuning.describe(), attr_gap.as_millis()));
     section.put("outcomes", &outcomes);
     section.put("trace_32", &small.trace);
+    if let Some(t) = &base_trace {
+        section.put("trace_base", t);
+    }
     Ok(section)
+}
+
+/// The protocol's settings a run uses.
+#[derive(Debug, Clone)]
+struct Tuning {
+    /// Agents asked per request.
+    fanout: usize,
+    /// Least time between updates of an agent's sink attributes.
+    attr_gap: Duration,
+    /// Least time between two reports of an agent.
+    report_gap: Duration,
+    /// Answers carry what is free.
+    tell_free: bool,
+}
+
+impl Tuning {
+    fn describe(&self) -> String {
+        format!(
+            "fanout {}, reports >= {} ms apart, answers {}",
+            self.fanout,
+            self.report_gap.as_millis(),
+            if self.tell_free { "say what is free" } else { "silent" }
+        )
+    }
+}
+
+/// How far a run got, for a run that does not finish.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Seconds until every agent had started.
+    started: Option<f64>,
+    /// Seconds until every requester saw every agent.
+    seen: Option<f64>,
 }
 
 struct Distributed {
@@ -245,11 +375,15 @@ async fn distributed(
     concurrency: usize,
     n: usize,
     mean_job: f64,
-    fanout: usize,
-    gap: Duration,
+    tuning: &Tuning,
     detach_jobs: bool,
+    progress: Option<Arc<Mutex<Progress>>>,
 ) -> Result<Distributed> {
-    let channel = format!("kecho.resources.bench.{}", std::process::id() ^ agents as u32);
+    // A channel of its own per run: the nodes of an earlier run, killed, may still be listed on the registry for a
+    // while, and joining their channel would wait for them.
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let channel = format!("kecho.resources.bench.{}.{agents}.{run}", std::process::id());
     let setup = Instant::now();
     let mut nodes = Vec::new();
     let mut chans = Vec::new();
@@ -271,10 +405,15 @@ async fn distributed(
         cfg.measure = false;
         cfg.cpus = Some(CPUS);
         cfg.mem = Some(64_000_000_000);
-        cfg.attr_gap = gap;
+        cfg.attr_gap = tuning.attr_gap;
+        cfg.min_report_gap = tuning.report_gap;
+        cfg.tell_free = tuning.tell_free;
         all.push(Arc::new(Agent::start_on(ch, cfg).await?));
     }
     eprintln!("kecho-bench: resources: {agents} agents started after {:.1} s", setup.elapsed().as_secs_f64());
+    if let Some(p) = &progress {
+        p.lock().started = Some(setup.elapsed().as_secs_f64());
+    }
     // One node that counts the view's update traffic.
     let viewer = patient().await?;
     let vch = viewer.channel(&channel).await?;
@@ -302,9 +441,13 @@ async fn distributed(
         "kecho-bench: resources: every requester sees the {agents} agents after {:.1} s",
         setup.elapsed().as_secs_f64()
     );
+    if let Some(p) = &progress {
+        p.lock().seen = Some(setup.elapsed().as_secs_f64());
+    }
     // Let the agents' sink attributes settle everywhere.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let fanout = tuning.fanout;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let plan: Arc<Vec<(u64, f64)>> =
         Arc::new((0..n).map(|_| (SIZES[(rng.next() % 4) as usize], -mean_job * (1.0 - rng.unit()).ln())).collect());
@@ -328,6 +471,7 @@ async fn distributed(
     };
     let reasons: Arc<Mutex<std::collections::BTreeMap<String, u64>>> = Arc::default();
     let start = Instant::now();
+    let cpu0 = process_cpu_s();
     let reports0 = (counted.0.load(Ordering::Relaxed), counted.1.load(Ordering::Relaxed));
     let mut tasks = Vec::new();
     let jobs: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -399,6 +543,7 @@ async fn distributed(
         t.await?;
     }
     let wall = start.elapsed().as_secs_f64();
+    let cpu1 = process_cpu_s();
     let detached: Vec<_> = std::mem::take(&mut *jobs.lock());
     for j in detached {
         j.await?;
@@ -426,6 +571,7 @@ async fn distributed(
         agree_low: low.iter().filter(|r| r.agrees).count() as f64 / low.len().max(1) as f64,
         agree_all: trace.iter().filter(|r| r.agrees).count() as f64 / placed.max(1) as f64,
         overcommit: overcommit.load(Ordering::Relaxed) + final_over,
+        cpu_us_per_placement: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / placed.max(1) as f64),
     };
     let nrep = (reports1.0 - reports0.0) as f64;
     let mut reasons: Vec<(String, u64)> = reasons.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
@@ -507,6 +653,7 @@ fn omniscient(trace: &[Rec], agents: usize) -> Outcome {
         agree_low: 1.0,
         agree_all: 1.0,
         overcommit: 0,
+        cpu_us_per_placement: None,
     }
 }
 
@@ -578,5 +725,6 @@ fn matchmaker(trace: &[Rec], agents: usize, cycle: f64) -> Outcome {
         agree_low: agree_low as f64 / n_low.max(1) as f64,
         agree_all: agree as f64 / placed.max(1) as f64,
         overcommit: 0,
+        cpu_us_per_placement: None,
     }
 }

@@ -11,7 +11,7 @@ use kecho_proto::access::parse_hex;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AccessArgs {
     /// Present this credential (see `kecho grant`; repeatable). It was issued to one node key: pass that node's
-    /// --identity too.
+    /// --identity too. A credential with the exec right is also presented to exec agents with each request.
     #[arg(long = "token", value_name = "FILE")]
     pub tokens: Vec<PathBuf>,
     /// Require the access policy of this authority (its public key, 64 hex digits; see `kecho authority new`): a
@@ -47,6 +47,11 @@ impl AccessArgs {
         };
         for file in &self.tokens {
             let token = read_token(file)?;
+            if token.roles.minus(Roles::EXEC).is_empty() {
+                // An exec credential only: it travels with exec requests (`kecho run`, `deploy`, ...), not in
+                // channel snapshots, where it would stand in for a channel credential and grant nothing.
+                continue;
+            }
             if token.holder != identity.public_key() {
                 bail!(
                     "{} was issued to node {}, not to this node ({})",
@@ -70,7 +75,7 @@ pub(crate) fn read_authority(file: &Path) -> Result<Authority> {
     Ok(Authority::from_secret(secret))
 }
 
-fn read_token(file: &Path) -> Result<Token> {
+pub(crate) fn read_token(file: &Path) -> Result<Token> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read credential {} (issue one with `kecho grant`)", file.display()))?;
     Token::from_text(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))

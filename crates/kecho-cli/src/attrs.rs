@@ -115,6 +115,37 @@ pub(crate) fn value_text(v: &kecho::Value) -> String {
     }
 }
 
+/// A recorded event (from `kecho record` or a replay) as JSON, like [`event_json`].
+pub(crate) fn recorded_json(r: &kecho_store::Recorded) -> serde_json::Value {
+    let attrs: Map<String, serde_json::Value> = r.attrs.iter().map(|(k, v)| (k.to_owned(), value_json(v))).collect();
+    let (payload, encoding) = match std::str::from_utf8(&r.payload) {
+        Ok(s) => (s.to_owned(), "utf8"),
+        Err(_) => (base64::engine::general_purpose::STANDARD.encode(&r.payload), "base64"),
+    };
+    json!({
+        "type": r.ty,
+        "seq": r.seq,
+        "source": r.source.to_string(),
+        "attrs": attrs,
+        "payload": payload,
+        "payload_encoding": encoding,
+    })
+}
+
+/// A recorded event as one line of text, like [`event_text`].
+pub(crate) fn recorded_text(r: &kecho_store::Recorded) -> String {
+    let mut s = format!("{} #{}", r.ty, r.seq);
+    for (k, v) in r.attrs.iter() {
+        s.push_str(&format!(" {k}={}", value_text(v)));
+    }
+    match std::str::from_utf8(&r.payload) {
+        Ok(p) if !p.is_empty() => s.push_str(&format!(" | {p}")),
+        Ok(_) => {}
+        Err(_) => s.push_str(&format!(" | <{} bytes>", r.payload.len())),
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,8 @@ enum Cmd {
     Sub(sub::Args),
     /// Publish events on a channel.
     Pub(publish::Args),
+    /// Record every event of a channel into a log on disk (a recorder member).
+    Record(record::Args),
     /// List the registry's channels with member counts.
     Channels(channels::Args),
     /// Install a sandboxed filter (WebAssembly, .wat or .wasm) on every member of a channel.
@@ -122,6 +124,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Registry(a) => registry::run(a).await,
         Cmd::Sub(a) => sub::run(a).await,
         Cmd::Pub(a) => publish::run(a).await,
+        Cmd::Record(a) => record::run(a).await,
         Cmd::Channels(a) => channels::run(a).await,
         Cmd::Filter { cmd } => filter::run(cmd).await,
         Cmd::Identity { cmd } => identity::run(cmd),

@@ -344,7 +344,7 @@ fn demo_runs_and_reports_latency() -> Result<()> {
     let o = run(&["demo", "--events", "200"], None)?;
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    for needle in ["monitoring", "requests", "load balancer", "discarded", "p50", "p99"] {
+    for needle in ["monitoring", "requests", "load balancer", "discarded", "p50", "p99", "deploy:", "api Recovered"] {
         assert!(out.contains(needle), "demo output lacks {needle}: {out}");
     }
     // A normal shutdown is not a warning, and captured output carries no terminal colour codes.

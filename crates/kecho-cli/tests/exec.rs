@@ -19,53 +19,64 @@ struct Cluster {
 }
 
 fn cluster(prefix: &str) -> Result<Cluster> {
+    cluster_with(prefix, &[])
+}
+
+/// [`cluster`] with extra arguments for every agent.
+fn cluster_with(prefix: &str, extra: &[&str]) -> Result<Cluster> {
     let addr = free_port()?;
     let reg = registry(&addr, &[])?;
     let mut agents = Vec::new();
     for n in ["a", "b"] {
         let name = format!("{prefix}{n}");
         let dir = format!("{}/exec-{name}-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
-        let mut p = Proc::spawn(
+        let mut args = vec![
+            "agent",
+            "--name",
             &name,
-            &[
-                "agent",
-                "--name",
-                &name,
-                "--cpus",
-                "2",
-                "--mem",
-                "1G",
-                "--no-measure",
-                "--registry",
-                &addr,
-                "--report",
-                "0.3",
-                "--lifetime",
-                "1",
-                "--holder-grace",
-                "0.5",
-                "--heartbeat",
-                "1",
-                "--allow-exec",
-                "--exec-dir",
-                &dir,
-            ],
-        )?;
+            "--cpus",
+            "2",
+            "--mem",
+            "1G",
+            "--no-measure",
+            "--registry",
+            &addr,
+            "--report",
+            "0.3",
+            "--lifetime",
+            "1",
+            "--holder-grace",
+            "0.5",
+            "--heartbeat",
+            "1",
+            "--allow-exec",
+            "--exec-dir",
+            &dir,
+        ];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(&name, &args)?;
         p.wait_stderr("runs tasks")?;
         agents.push(p);
     }
     Ok(Cluster { addr, agents, _reg: reg })
 }
 
-/// Runs a kecho command to completion (30 s at most).
-fn kecho(args: &[&str]) -> Result<Output> {
-    let mut child = Command::new(KECHO)
+/// Starts a kecho command with its output piped.
+fn spawn(args: &[&str]) -> Result<Child> {
+    Ok(Command::new(KECHO)
         .args(args)
         .env_remove("KECHO_CONFIG")
+        .env_remove("KECHO_IDENTITY")
+        .env_remove("KECHO_AUTHORITY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
+        .spawn()?)
+}
+
+/// Runs a kecho command to completion (30 s at most).
+fn kecho(args: &[&str]) -> Result<Output> {
+    let mut child = spawn(args)?;
     let (tx, rx) = mpsc::channel();
     let mut out = child.stdout.take().context("stdout")?;
     let mut err = child.stderr.take().context("stderr")?;
@@ -107,13 +118,7 @@ impl Drop for Running {
 
 impl Running {
     fn start(args: &[&str]) -> Result<Running> {
-        let mut child = Command::new(KECHO)
-            .args(args)
-            .env_remove("KECHO_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut child = spawn(args)?;
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().context("stdout")?;
         let err = child.stderr.take().context("stderr")?;
@@ -177,12 +182,42 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
-    let o = kecho(&["ps", "--format", "json", "--registry", &c.addr])?;
+/// Runs a kecho command that must succeed; its standard output.
+fn check(args: &[&str]) -> Result<String> {
+    let o = kecho(args)?;
     if !o.status.success() {
-        bail!("kecho ps failed: {}", text(&o.stderr));
+        bail!("{args:?} failed ({}): {}", o.status, text(&o.stderr));
     }
-    text(&o.stdout).lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
+    Ok(text(&o.stdout))
+}
+
+/// A task that counts from its last checkpoint (or 0) to `to`, a line `AGENT N` every 0.1 s, saving its count.
+fn counter(to: u32) -> String {
+    format!(
+        "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
+         while [ $n -lt {to} ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
+         echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done"
+    )
+}
+
+/// A counter's line: the agent and the count.
+fn agent_count(line: &str) -> Result<(String, u32)> {
+    let (agent, n) = line.split_once(' ').with_context(|| format!("not AGENT N: {line}"))?;
+    Ok((agent.to_owned(), n.parse().with_context(|| format!("not AGENT N: {line}"))?))
+}
+
+/// The other agent of a two-agent cluster.
+fn other(prefix: &str, agent: &str) -> String {
+    if agent == format!("{prefix}a") {
+        format!("{prefix}b")
+    } else {
+        format!("{prefix}a")
+    }
+}
+
+fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
+    let out = check(&["ps", "--format", "json", "--registry", &c.addr])?;
+    out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
 }
 
 #[test]
@@ -226,7 +261,7 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     let o = kecho(&["logs", task, "--registry", &c.addr])?;
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "hi\n");
-    assert!(text(&o.stderr).contains("oops"));
+    assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
     Ok(())
 }
 
@@ -264,9 +299,7 @@ fn a_killed_submitter_has_its_task_stopped() -> Result<()> {
 #[test]
 fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()> {
     let c = cluster("d")?;
-    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
-                  while [ $n -lt 30 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
-                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let script = counter(30);
     let mut run = Running::start(&[
         "run",
         "--registry",
@@ -278,25 +311,18 @@ fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()
         "--",
         "sh",
         "-c",
-        script,
+        &script,
     ])?;
-    let first = run.expect(true, "the fifth line", |l| l.ends_with(" 5"))?;
-    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let (agent, _) = agent_count(&run.expect(true, "the fifth line", |l| l.ends_with(" 5"))?)?;
     let drained_at = Instant::now();
-    let o = kecho(&["agent", "drain", &agent, "--registry", &c.addr])?;
-    assert!(o.status.success(), "drain failed: {}", text(&o.stderr));
-    let other = if agent == "da" { "db" } else { "da" };
-    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    check(&["agent", "drain", &agent, "--registry", &c.addr])?;
+    let other = other("d", &agent);
+    let (_, n) = agent_count(&run.expect(true, "a line from the other agent", |l| l.starts_with(&other))?)?;
     let restart = drained_at.elapsed();
     assert_eq!(run.finish()?, 0, "{:?}", run.seen);
-    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
-    let last_before: u32 = run
-        .stdout()
-        .iter()
-        .filter(|l| l.starts_with(&agent))
-        .filter_map(|l| l.split_once(' ').and_then(|(_, n)| n.parse().ok()))
-        .max()
-        .unwrap_or(0);
+    let last_before =
+        run.stdout().iter().filter_map(|l| agent_count(l).ok()).filter(|(a, _)| *a == agent).map(|(_, n)| n).max();
+    let last_before = last_before.unwrap_or(0);
     assert!(n > 1 && n.abs_diff(last_before + 1) <= 1, "resumed at {n} after {last_before}");
     assert_eq!(run.stdout().last().copied(), Some(format!("{other} 30").as_str()));
     assert!(run.seen.iter().any(|(o, l)| !o && l.contains("drained")), "{:?}", run.seen);
@@ -308,29 +334,63 @@ fn a_drained_agent_moves_an_on_node_loss_task_with_its_checkpoint() -> Result<()
 #[test]
 fn inspect_configure_and_the_repository() -> Result<()> {
     let c = cluster("i")?;
-    let o = kecho(&["inspect", "--registry", &c.addr])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let names: Vec<String> =
-        text(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
-    assert_eq!(names, ["ia", "ib"], "{}", text(&o.stdout));
+    let out = check(&["inspect", "--registry", &c.addr])?;
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["ia", "ib"], "{out}");
+    // --where: only the agents whose attributes satisfy the expression are asked.
+    let out = check(&["inspect", "--where", "agent == \"ib\" && cpus >= 2", "--registry", &c.addr])?;
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["ib"], "{out}");
+    // --module: a sandboxed WebAssembly program runs on each node over its report (this one echoes it); one that
+    // spins is stopped by its limits and reported as an error, not a hang.
+    let dir = format!("{}/modules-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    std::fs::create_dir_all(&dir)?;
+    let echo = format!("{dir}/echo.wat");
+    std::fs::write(
+        &echo,
+        r#"(module (memory (export "memory") 2)
+             (func (export "kecho_buffer") (result i32) (i32.const 0))
+             (func (export "kecho_inspect") (param $len i32) (result i32) (local.get $len)))"#,
+    )?;
+    let out = check(&["inspect", "--module", &echo, "--registry", &c.addr])?;
+    for n in ["ia", "ib"] {
+        let line =
+            out.lines().find(|l| l.starts_with(&format!("{n} ")) && l.contains("module:")).context("no answer")?;
+        assert!(line.contains(&format!("\"name\":\"{n}\"")), "{out}");
+    }
+    let spin = format!("{dir}/spin.wat");
+    std::fs::write(
+        &spin,
+        r#"(module (memory (export "memory") 2)
+             (func (export "kecho_buffer") (result i32) (i32.const 0))
+             (func (export "kecho_inspect") (param i32) (result i32) (loop $l (br $l)) (i32.const 0)))"#,
+    )?;
+    let out = check(&["inspect", "--module", &spin, "--registry", &c.addr])?;
+    assert_eq!(out.matches("module error: the module failed").count(), 2, "{out}");
+    let o = kecho(&["inspect", "--where", "cpus >= 64", "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("no exec agent satisfies"), "{}", text(&o.stderr));
+    let o = kecho(&["inspect", "--where", "cpus >=", "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("--where"), "{}", text(&o.stderr));
 
     let dir = format!("{}/repo-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
     std::fs::create_dir_all(&dir)?;
     let file = format!("{dir}/component.bin");
     std::fs::write(&file, (0..30_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>())?;
-    let o = kecho(&["repo", "add", &file, "--repo-dir", &format!("{dir}/store")])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let digest = text(&o.stdout).trim().to_owned();
+    let store = format!("{dir}/store");
+    let digest = check(&["repo", "add", &file, "--repo-dir", &store])?.trim().to_owned();
     assert!(digest.starts_with("sha256:"), "{digest}");
-    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
-    assert_eq!(text(&o.stdout), format!("{digest}  30000\n"));
+    assert_eq!(check(&["repo", "ls", "--repo-dir", &store])?, format!("{digest}  30000\n"));
 
-    let o = kecho(&["configure", "--load", &file, "--registry", &c.addr])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).matches(&format!("loaded {digest}")).count(), 2, "{}", text(&o.stdout));
+    // configure --where loads onto the selected node only; then onto every node.
+    let out = check(&["configure", "--where", "agent == \"ia\"", "--load", &file, "--registry", &c.addr])?;
+    assert_eq!(out.lines().collect::<Vec<_>>(), [format!("ia           loaded {digest}")], "{out}");
+    let out = check(&["inspect", "--registry", &c.addr])?;
+    assert_eq!(out.matches(&digest).count(), 1, "{out}");
+    let out = check(&["configure", "--load", &file, "--registry", &c.addr])?;
+    assert_eq!(out.matches(&format!("loaded {digest}")).count(), 2, "{out}");
     // The nodes now report the component.
-    let o = kecho(&["inspect", "--registry", &c.addr])?;
-    assert_eq!(text(&o.stdout).matches(&digest).count(), 2, "{}", text(&o.stdout));
+    let out = check(&["inspect", "--registry", &c.addr])?;
+    assert_eq!(out.matches(&digest).count(), 2, "{out}");
 
     // Each agent wrote the configuration to its audit log with who asked.
     let audit =
@@ -341,19 +401,15 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     assert_eq!(line["target"], digest.as_str());
     assert!(line["who"].as_str().is_some_and(|w| !w.is_empty()), "{line}");
 
-    let o = kecho(&["repo", "rm", &digest, "--repo-dir", &format!("{dir}/store")])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let o = kecho(&["repo", "ls", "--repo-dir", &format!("{dir}/store")])?;
-    assert_eq!(text(&o.stdout), "");
+    check(&["repo", "rm", &digest, "--repo-dir", &store])?;
+    assert_eq!(check(&["repo", "ls", "--repo-dir", &store])?, "");
     Ok(())
 }
 
 #[test]
 fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<()> {
     let mut c = cluster("n")?;
-    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); \
-                  while [ $n -lt 40 ]; do n=$((n+1)); echo \"$KECHO_AGENT $n\"; \
-                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; sleep 0.1; done";
+    let script = counter(40);
     let mut run = Running::start(&[
         "run",
         "--registry",
@@ -367,21 +423,19 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
         "--",
         "sh",
         "-c",
-        script,
+        &script,
     ])?;
-    let first = run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?;
-    let agent = first.split_once(' ').context("agent")?.0.to_owned();
+    let (agent, _) = agent_count(&run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?)?;
     let idx = if agent == "na" { 0 } else { 1 };
     let killed = Instant::now();
     // kill -9: no goodbye, no drain; the task's process group goes with the agent's death only if it notices, so
     // the test also checks the restarted run's numbering rather than the old one's silence.
     c.agents[idx].child.kill()?;
     let _ = c.agents[idx].child.wait();
-    let other = if agent == "na" { "nb" } else { "na" };
-    let resumed = run.expect(true, "a line from the other agent", |l| l.starts_with(other))?;
+    let other = other("n", &agent);
+    let (_, n) = agent_count(&run.expect(true, "a line from the other agent", |l| l.starts_with(&other))?)?;
     let restart = killed.elapsed();
     assert_eq!(run.finish()?, 0, "{:?}", run.seen);
-    let n: u32 = resumed.split_once(' ').context("count")?.1.parse()?;
     assert!(n > 5, "resumed at {n}: not from a checkpoint");
     assert_eq!(run.stdout().last().copied(), Some(format!("{other} 40").as_str()));
     assert!(run.seen.iter().any(|(o, l)| !o && l.contains("silent")), "{:?}", run.seen);
@@ -428,10 +482,9 @@ on_failure = "stop-dependents"
     assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\n");
     assert_eq!(std::fs::read_to_string(format!("{d}/api.dep"))?.trim(), "127.0.0.1:7001");
 
-    let o = kecho(&["status", "shop", "--registry", &c.addr])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let running = text(&o.stdout).lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();
-    assert_eq!(running, 3, "{}", text(&o.stdout));
+    let out = check(&["status", "shop", "--registry", &c.addr])?;
+    let running = out.lines().filter(|l| l.starts_with("shop") && l.contains("running")).count();
+    assert_eq!(running, 3, "{out}");
 
     // Kill the middle component: its dependent is told and the policy (restart) brings it back.
     let pid = std::fs::read_to_string(format!("{d}/api.pid"))?.trim().to_owned();
@@ -446,11 +499,121 @@ on_failure = "stop-dependents"
     let recovered = killed.elapsed();
     assert_eq!(std::fs::read_to_string(format!("{d}/order"))?, "db\napi\nweb\napi\n");
 
-    let o = kecho(&["undeploy", "shop", "--registry", &c.addr])?;
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    check(&["undeploy", "shop", "--registry", &c.addr])?;
     assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
     let rows = ps(&c)?;
     assert!(rows.iter().all(|r| r["state"] != "running"), "{rows:?}");
     eprintln!("middle component killed to recovered (ready again): {recovered:?}");
+    Ok(())
+}
+
+#[test]
+fn under_an_access_policy_only_holders_of_the_exec_right_run_work() -> Result<()> {
+    let dir = format!("{}/right-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (auth, me, token) = (format!("{dir}/authority"), format!("{dir}/me.id"), format!("{dir}/exec.token"));
+    let public = check(&["authority", "new", &auth])?;
+    let public = public.split_whitespace().last().context("no public key printed")?.to_owned();
+    check(&["identity", "new", &me])?;
+    check(&[
+        "grant",
+        "--authority",
+        &auth,
+        "--channel",
+        "kecho.exec",
+        "--roles",
+        "exec",
+        "--holder-identity",
+        &me,
+        "--out",
+        &token,
+    ])?;
+    // The agents protect their channels with the authority's policy (only filters need a credential there), and run
+    // work only for holders of its exec right.
+    let c = cluster_with("x", &["--authority-pub", &public, "--require-roles", "filters"])?;
+
+    // Without the right: every agent refuses, with the reason; `kecho run` says so and exits 126.
+    let o = kecho(&["run", "--registry", &c.addr, "--", "echo", "ran"])?;
+    assert_eq!(o.status.code(), Some(126), "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "");
+    assert!(text(&o.stderr).contains("exec credential"), "{}", text(&o.stderr));
+    let o = kecho(&["agent", "drain", "xa", "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("exec credential"), "{}", text(&o.stderr));
+
+    // A credential for another node key is refused before anything is sent.
+    let stranger = format!("{dir}/stranger.id");
+    check(&["identity", "new", &stranger])?;
+    let o = kecho(&["run", "--registry", &c.addr, "--identity", &stranger, "--token", &token, "--", "true"])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("issued to node"), "{}", text(&o.stderr));
+
+    // A configuration needs the right too; inspection does not.
+    let component = format!("{dir}/component.bin");
+    std::fs::write(&component, b"a component")?;
+    let o = kecho(&["configure", "--load", &component, "--registry", &c.addr])?;
+    assert!(!o.status.success(), "configured without the right: {}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains("not allowed") && text(&o.stdout).contains("exec credential"),
+        "{}",
+        text(&o.stdout)
+    );
+    let out = check(&["configure", "--load", &component, "--registry", &c.addr, "--identity", &me, "--token", &token])?;
+    assert_eq!(out.matches("loaded sha256:").count(), 2, "{out}");
+    check(&["inspect", "--registry", &c.addr])?;
+
+    // With it: the task runs.
+    let out = check(&["run", "--registry", &c.addr, "--identity", &me, "--token", &token, "--", "echo", "ran"])?;
+    assert_eq!(out, "ran\n");
+    // The agent's audit log names the node that asked.
+    let node = check(&["identity", "show", &me])?;
+    let node = node.split_whitespace().nth(1).context("no node id printed")?.to_owned();
+    let audit = ["xa", "xb"]
+        .iter()
+        .map(|a| {
+            std::fs::read_to_string(format!(
+                "{}/exec-{a}-{}/audit.jsonl",
+                env!("CARGO_TARGET_TMPDIR"),
+                std::process::id()
+            ))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?
+        .concat();
+    assert!(audit.lines().any(|l| l.contains("\"task\"") && l.contains(&node)), "{audit}");
+    assert!(audit.lines().any(|l| l.contains("\"refuse\"") && l.contains("exec credential")), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn deploy_runs_a_repository_artifact_that_the_agent_fetches_and_verifies() -> Result<()> {
+    let c = cluster("f")?;
+    let d = format!("{}/artifact-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let store = format!("{d}/store");
+    let program = format!("{d}/tool.sh");
+    std::fs::write(&program, format!("#!/bin/sh\necho \"$1 $KECHO_AGENT\" > {d}/ran; exec sleep 60\n"))?;
+    let digest = check(&["repo", "add", &program, "--repo-dir", &store])?.trim().to_owned();
+    let app = format!(
+        "[component.tool]\nartifact = \"{digest}\"\nargs = [\"fetched\"]\nready = {{ cmd = \"test -f {d}/ran\", timeout = 20 }}\n"
+    );
+    std::fs::write(format!("{d}/tools.toml"), app)?;
+    let mut dep = Running::start(&["deploy", &format!("{d}/tools.toml"), "--repo-dir", &store, "--registry", &c.addr])?;
+    dep.expect(false, "ready", |l| l.contains("tools ready"))?;
+    let ran = std::fs::read_to_string(format!("{d}/ran"))?;
+    let agent = ran.split_whitespace().nth(1).context("no agent")?.to_owned();
+    assert_eq!(ran, format!("fetched {agent}\n"));
+    // The agent keeps the verified artifact in its own store.
+    let kept = format!("{}/exec-{agent}-{}/repo", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    assert!(check(&["repo", "ls", "--repo-dir", &kept])?.contains(&digest), "{kept} lacks {digest}");
+    check(&["undeploy", "tools", "--registry", &c.addr])?;
+    assert_eq!(dep.finish()?, 0, "{:?}", dep.seen);
+
+    // An artifact no repository holds: the deploy fails with the reason, and nothing keeps running.
+    let missing = "sha256:".to_owned() + &"ab".repeat(32);
+    std::fs::write(format!("{d}/ghost.toml"), format!("[component.ghost]\nartifact = \"{missing}\"\n"))?;
+    let o = kecho(&["deploy", &format!("{d}/ghost.toml"), "--repo-dir", &store, "--registry", &c.addr])?;
+    assert!(!o.status.success(), "a deploy of a missing artifact succeeded");
+    assert!(text(&o.stderr).contains(&missing), "{}", text(&o.stderr));
+    assert!(ps(&c)?.iter().all(|r| r["state"] != "running"), "something still runs");
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -29,9 +29,50 @@ impl Drop for Dir {
     }
 }
 
+/// `kecho ARGS` with the test's own control-socket directory.
+fn command(dir: &Dir, args: &[&str]) -> Command {
+    let mut c = Command::new(KECHO);
+    c.args(args).env("KECHO_FLOW_DIR", dir.path("ctl"));
+    c
+}
+
 fn kecho(dir: &Dir, args: &[&str]) -> Result<Output> {
-    let out = Command::new(KECHO).args(args).env("KECHO_FLOW_DIR", dir.path("ctl")).output().context("run kecho")?;
-    Ok(out)
+    command(dir, args).output().context("run kecho")
+}
+
+/// Starts `kecho flow run [OPTIONS] SPEC` (a `tcp-listen:` source on port 0) and returns the child and the address
+/// it printed on standard error. The rest of its standard error is drained by a thread (a closed pipe would fail the
+/// child's next message).
+fn spawn_listening(dir: &Dir, options: &[&str], spec: &str) -> Result<(Child, String)> {
+    let mut args = vec!["flow", "run"];
+    args.extend_from_slice(options);
+    args.push(spec);
+    let mut child = command(dir, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    for line in lines.by_ref().take(5) {
+        let line = line?;
+        if line.contains("listening on") {
+            let addr = line.rsplit(' ').next().context("address")?.to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok((child, addr));
+        }
+    }
+    let _ = child.kill();
+    bail!("no `listening on` line")
+}
+
+/// Polls `f` every 50 ms until it returns a value, for at most 10 s (`what` names what was awaited).
+fn await_some<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -85,31 +126,15 @@ fn a_bad_spec_shows_a_caret_under_the_token() -> Result<()> {
 #[test]
 fn ls_stats_and_stop_a_running_flow() -> Result<()> {
     let d = Dir::new("ls");
-    let mut child = Command::new(KECHO)
-        .args(["flow", "run", &format!("tcp-listen:127.0.0.1:0 ! checksum ! file:{}", d.path("out"))])
-        .env("KECHO_FLOW_DIR", d.path("ctl"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let line = lines.next().context("no output")??;
-    let addr = line.rsplit(' ').next().context("address")?.to_owned();
-    assert!(line.contains("listening on"), "{line}");
+    let (mut child, addr) =
+        spawn_listening(&d, &[], &format!("tcp-listen:127.0.0.1:0 ! checksum ! file:{}", d.path("out")))?;
     let mut conn = std::net::TcpStream::connect(&addr)?;
     std::io::Write::write_all(&mut conn, &[7u8; 100_000])?;
     // Wait until the flow registered and moved the bytes.
-    let t = Instant::now();
-    let ls = loop {
-        let out = kecho(&d, &["flow", "ls"])?;
-        let s = text(&out.stdout);
-        if s.contains("running") && s.contains("100000") {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("flow not listed: {s}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ls = await_some("the flow in `flow ls`", || {
+        let s = text(&kecho(&d, &["flow", "ls"])?.stdout);
+        Ok((s.contains("running") && s.contains("100000")).then_some(s))
+    })?;
     // Every stage is listed with how busy it is, whichever stage (if any) bounds the flow; it is idle now.
     let line = ls.lines().nth(1).context("a flow line")?;
     assert!(line.contains(" copy "), "{ls}");
@@ -133,9 +158,7 @@ fn stdin_and_stdout_endpoints() -> Result<()> {
     let d = Dir::new("stdio");
     let input: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8 ^ (i / 4093) as u8).collect();
     let pipe_through = |spec: &str, data: &[u8]| -> Result<Vec<u8>> {
-        let mut child = Command::new(KECHO)
-            .args(["flow", "run", spec])
-            .env("KECHO_FLOW_DIR", d.path("ctl"))
+        let mut child = command(&d, &["flow", "run", spec])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -166,28 +189,11 @@ fn a_running_flow_serves_prometheus_metrics() -> Result<()> {
     let d = Dir::new("metrics");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let metrics = format!("127.0.0.1:{port}");
-    let mut child = Command::new(KECHO)
-        .args([
-            "flow",
-            "run",
-            "--metrics",
-            &metrics,
-            &format!("tcp-listen:127.0.0.1:0 ! checksum ! file:{}", d.path("out")),
-        ])
-        .env("KECHO_FLOW_DIR", d.path("ctl"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let mut addr = None;
-    for line in lines.by_ref().take(5) {
-        let line = line?;
-        if line.contains("listening on") {
-            addr = line.rsplit(' ').next().map(str::to_owned);
-            break;
-        }
-    }
-    let addr = addr.context("no listening line")?;
+    let (mut child, addr) = spawn_listening(
+        &d,
+        &["--metrics", &metrics],
+        &format!("tcp-listen:127.0.0.1:0 ! checksum ! file:{}", d.path("out")),
+    )?;
     let scrape = || -> Result<Vec<kecho_metrics::text::Sample>> {
         let mut s = std::net::TcpStream::connect(&metrics)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -218,24 +224,34 @@ fn a_running_flow_serves_prometheus_metrics() -> Result<()> {
     for round in 1..=2u64 {
         std::io::Write::write_all(&mut conn, &[round as u8; 70_000])?;
         sent += 70_000;
-        let t = Instant::now();
-        loop {
+        let now = await_some(&format!("the sink's bytes to reach {sent}"), || {
             let now = scrape()?;
-            if get(&now, "kecho_flow_stage_out_bytes_total", &sink) == Some(sent as f64) {
-                assert_eq!(get(&now, "kecho_flow_stage_in_bytes_total", &checksum), Some(sent as f64));
-                assert!(get(&now, "kecho_flow_stage_syscalls_total", &sink).is_some_and(|v| v >= round as f64));
-                assert!(get(&now, "kecho_flow_stage_busy_seconds_total", &checksum).is_some_and(|v| v > 0.0));
-                assert_eq!(get(&now, "kecho_flow_stage_replicas", &checksum), Some(1.0));
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("the sink's bytes never reached {sent}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok((get(&now, "kecho_flow_stage_out_bytes_total", &sink) == Some(sent as f64)).then_some(now))
+        })?;
+        assert_eq!(get(&now, "kecho_flow_stage_in_bytes_total", &checksum), Some(sent as f64));
+        assert!(get(&now, "kecho_flow_stage_syscalls_total", &sink).is_some_and(|v| v >= round as f64));
+        assert!(get(&now, "kecho_flow_stage_busy_seconds_total", &checksum).is_some_and(|v| v > 0.0));
+        assert_eq!(get(&now, "kecho_flow_stage_replicas", &checksum), Some(1.0));
     }
     drop(conn);
     let status = child.wait()?;
     assert!(status.success());
+    Ok(())
+}
+
+/// A reader that goes away (`kecho flow run --json ... | head -1`) is not a crash: the flow's result stands.
+#[test]
+fn a_closed_standard_output_is_not_a_crash() -> Result<()> {
+    let d = Dir::new("epipe");
+    std::fs::write(d.path("in"), vec![5u8; 200_000])?;
+    let spec = format!("file:{} ! checksum ! file:{}", d.path("in"), d.path("out"));
+    let mut child =
+        command(&d, &["flow", "run", "--json", &spec]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+    assert_eq!(std::fs::read(d.path("out"))?.len(), 200_000);
     Ok(())
 }

@@ -88,8 +88,13 @@ pub enum DeployError {
         source: PlaceError,
     },
     /// The application failed while starting and was stopped (nothing is left half-started).
-    #[error("component `{0}` could not be made ready; the application was stopped")]
-    Aborted(ComponentName),
+    #[error("component `{component}` could not be made ready ({why}); the application was stopped")]
+    Aborted {
+        /// The component.
+        component: ComponentName,
+        /// Its last failure.
+        why: String,
+    },
     /// The driver is gone.
     #[error("the deployment's driver has ended")]
     Gone,
@@ -128,7 +133,7 @@ pub struct RunningApp {
     pub notices: mpsc::UnboundedReceiver<Notice>,
     status: watch::Receiver<BTreeMap<ComponentName, ComponentStatus>>,
     commands: mpsc::UnboundedSender<Command>,
-    done: watch::Receiver<Option<Result<(), ComponentName>>>,
+    done: watch::Receiver<Option<Result<(), (ComponentName, String)>>>,
 }
 
 #[derive(Debug)]
@@ -156,8 +161,8 @@ impl RunningApp {
         let mut status = self.status.clone();
         let mut done = self.done.clone();
         loop {
-            if let Some(Err(c)) = done.borrow().clone() {
-                return Err(DeployError::Aborted(c));
+            if let Some(Err((component, why))) = done.borrow().clone() {
+                return Err(DeployError::Aborted { component, why });
             }
             if status.borrow().values().all(|s| s.state == ComponentState::Ready) {
                 return Ok(());
@@ -191,6 +196,8 @@ impl RunningApp {
 }
 
 /// Deploys `app`: resolves artifacts through `cache`, places every component with `placer`, and starts the driver.
+/// Without a cache, artifacts are left to the agents: a component's program is then its digest (`sha256:...`), which
+/// [`crate::remote::RemoteLauncher`] hands to the agent to fetch and verify.
 pub async fn deploy<P, L, F>(
     app: AppSpec,
     placer: Arc<P>,
@@ -206,10 +213,8 @@ where
     let mut artifacts = BTreeMap::new();
     for c in &order {
         if let Run::Artifact { digest, .. } = &app.components[c].run {
-            let path = match cache {
-                Some(cache) => cache.ensure(digest).await,
-                None => Err(RepoError::NotFound(*digest)),
-            };
+            let Some(cache) = cache else { continue };
+            let path = cache.ensure(digest).await;
             let path = path.map_err(|source| DeployError::Artifact { component: c.clone(), source })?;
             artifacts.insert(*digest, path);
         }
@@ -254,6 +259,7 @@ where
         notices: notices_tx,
         done: done_tx,
         undeploy_waiters: Vec::new(),
+        last_failure: BTreeMap::new(),
     };
     tokio::spawn(driver.run(internal_rx, commands_rx));
     Ok(RunningApp { notices, status, commands, done })
@@ -275,7 +281,9 @@ struct Driver<P, L> {
     internal: mpsc::UnboundedSender<Internal>,
     status: watch::Sender<BTreeMap<ComponentName, ComponentStatus>>,
     notices: mpsc::UnboundedSender<Notice>,
-    done: watch::Sender<Option<Result<(), ComponentName>>>,
+    /// Each component's last failure, for the abort's reason.
+    last_failure: BTreeMap<ComponentName, String>,
+    done: watch::Sender<Option<Result<(), (ComponentName, String)>>>,
     undeploy_waiters: Vec<oneshot::Sender<()>>,
 }
 
@@ -310,7 +318,10 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                             Vec::new()
                         }
                         Internal::Failed(c, g, why) if self.current(&c, g) => {
-                            tracing::warn!(app = %self.app.name, component = %c, %why, "component failed");
+                            // Info, not a warning: the failure reaches the deployer as a notice (`Failed`), which says
+                            // it to the user with what the policy does about it.
+                            tracing::info!(app = %self.app.name, component = %c, %why, "component failed");
+                            self.last_failure.insert(c.clone(), why.to_string());
                             // A readiness timeout leaves the process running: whatever the policy, it goes.
                             self.kill_instance(&c).await;
                             self.deployment.on_failed(&c)
@@ -414,8 +425,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                     let _ = self.notices.send(Notice { about, event, to, agent });
                 }
                 Action::Abort { component } => {
-                    tracing::warn!(app = %self.app.name, %component, "deploy aborted");
-                    let _ = self.done.send(Some(Err(component)));
+                    let why = self.last_failure.get(&component).cloned().unwrap_or_else(|| "no reason given".into());
+                    tracing::warn!(app = %self.app.name, %component, %why, "deploy aborted");
+                    let _ = self.done.send(Some(Err((component, why))));
                 }
             }
         }
@@ -487,7 +499,9 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
             Run::Shell(line) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
             Run::Argv(v) => v.iter().map(|a| expand_vars(a, &kecho_env)).collect(),
             Run::Artifact { digest, args } => {
-                let mut v = vec![self.artifacts.get(digest).map(|p| p.display().to_string()).unwrap_or_default()];
+                let program =
+                    self.artifacts.get(digest).map_or_else(|| digest.to_string(), |p| p.display().to_string());
+                let mut v = vec![program];
                 v.extend(args.iter().map(|a| expand_vars(a, &kecho_env)));
                 v
             }

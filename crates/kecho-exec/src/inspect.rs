@@ -11,11 +11,15 @@
 //! small JSON events.
 //!
 //! The node report here is what a node knows without the resources crate: its name, kecho's version, CPUs, memory,
-//! load and the artifacts it holds. Selecting nodes (`--where`) and sandboxed WebAssembly inspection modules wait for
-//! the agents of the resources crate.
+//! load and the artifacts it holds. An inspection or configuration can be limited to some nodes
+//! ([`Inspector::only`], `--where EXPR` over the resource agents' attributes, [`agents_where`]): the request's
+//! OUT-filter then sends it to those nodes' sinks alone, so the others never see it.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use kecho::filter::{EventView, SinkView};
 
 use kecho::{Attrs, Event, Node, RecvError, Sink, SinkOptions, Source, TypedSink, TypedSource, Value};
 use serde::{Deserialize, Serialize};
@@ -58,6 +62,9 @@ pub enum AgentRequest {
         id: u64,
         /// Who asks (logged).
         by: String,
+        /// An inspection module to run over the report ([`crate::module`]); its answer joins the report.
+        #[serde(with = "crate::wire::b64_opt", default)]
+        module: Option<Vec<u8>>,
     },
     /// Keep this component in the repository store.
     Load {
@@ -83,14 +90,27 @@ impl AgentRequest {
 
     /// Submits the request on a source as a raw event.
     pub async fn submit(&self, source: &mut Source) -> Result<(), InspectError> {
+        self.submit_signed(source, None).await
+    }
+
+    /// Submits the request, a configuration signed with `credential` (the `exec` right an agent under an access
+    /// policy asks for, [`crate::auth`]).
+    pub async fn submit_signed(
+        &self,
+        source: &mut Source,
+        credential: Option<&crate::auth::Credential>,
+    ) -> Result<(), InspectError> {
         match self {
-            AgentRequest::Inspect { id, by } => {
+            AgentRequest::Inspect { id, by, module } => {
                 let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
-                source.submit(INSPECT_TYPE, &attrs, &[]).await?;
+                source.submit(INSPECT_TYPE, &attrs, module.as_deref().unwrap_or(&[])).await?;
             }
             AgentRequest::Load { id, by, digest, bytes } => {
-                let attrs =
+                let mut attrs =
                     Attrs::default().with("id", *id as i64).with("by", by.as_str()).with("digest", digest.to_string());
+                if let Some(c) = credential {
+                    attrs = c.sign(attrs, LOAD_TYPE, "", bytes, unix_ms());
+                }
                 source.submit(LOAD_TYPE, &attrs, bytes).await?;
             }
         }
@@ -112,7 +132,10 @@ impl AgentRequest {
             _ => String::from("?"),
         };
         match event.ty() {
-            INSPECT_TYPE => Some(AgentRequest::Inspect { id, by }),
+            INSPECT_TYPE => {
+                let module = (!event.payload().is_empty()).then(|| event.payload().to_vec());
+                Some(AgentRequest::Inspect { id, by, module })
+            }
             LOAD_TYPE => {
                 let digest = match attrs.get("digest") {
                     Some(Value::Str(s)) => s.parse().ok()?,
@@ -165,6 +188,9 @@ pub struct NodeReport {
     pub load1: f64,
     /// The artifacts in its repository store.
     pub artifacts: Vec<Digest>,
+    /// The inspection module's answer, or why it gave none (when the request carried a module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<Result<String, String>>,
 }
 
 /// Why an inspection failed.
@@ -196,18 +222,37 @@ pub async fn serve(
     serve_audited(node, prefix, name, store, None).await
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// As [`serve`], also writing every inspection and configuration, with who asked, to the agent's audit log.
 pub async fn serve_audited(
     node: &Node,
     prefix: &str,
     name: String,
     store: Store,
+    audit: Option<crate::agent::AuditLog>,
+) -> Result<tokio::task::JoinHandle<()>, InspectError> {
+    serve_with(node, prefix, name, store, audit, None).await
+}
+
+/// As [`serve_audited`]; under `policy`, a configuration is taken only from a holder of the `exec` right (its
+/// credential for [`crate::service::CHANNEL`], [`crate::auth`]), and refused with the reason otherwise. Inspection
+/// needs no right.
+pub async fn serve_with(
+    node: &Node,
+    prefix: &str,
+    name: String,
+    store: Store,
     mut audit: Option<crate::agent::AuditLog>,
+    policy: Option<crate::auth::ExecPolicy>,
 ) -> Result<tokio::task::JoinHandle<()>, InspectError> {
     let agents = node.channel(&agents_channel(prefix)).await?;
     let own = node.channel(&node_channel(prefix, &name)).await?;
     let replies = node.channel(&replies_channel(prefix)).await?;
-    let mut fanout: Sink = agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
+    let mut fanout: Sink =
+        agents.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]).attr("agent", name.clone()))?;
     let mut direct: Sink = own.sink(SinkOptions::new().types([INSPECT_TYPE, LOAD_TYPE]))?;
     let mut out: TypedSource<AgentReply> = replies.typed_source(REPLY_TYPE)?;
     Ok(tokio::spawn(async move {
@@ -228,9 +273,26 @@ pub async fn serve_audited(
                 Err(_) => break,
             };
             let Some(request) = AgentRequest::from_event(&event) else { continue };
+            if let (Some(p), AgentRequest::Load { id, by, digest, .. }) = (&policy, &request) {
+                let channel = crate::service::CHANNEL;
+                if let Err(e) = p.verify(channel, LOAD_TYPE, "", event.payload(), event.attrs(), unix_ms()) {
+                    let reason = format!("not allowed: {e}");
+                    if let Some(log) = &mut audit {
+                        let _ = log.record(by, "refuse-configure", &digest.to_string(), &reason);
+                    }
+                    let reply = AgentReply { id: *id, node: name.clone(), outcome: Err(reason) };
+                    if out.submit(&reply, &Attrs::default()).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
             if let Some(log) = &mut audit {
                 let written = match &request {
-                    AgentRequest::Inspect { by, .. } => log.record(by, "inspect", &name, ""),
+                    AgentRequest::Inspect { by, module, .. } => {
+                        let detail = module.as_ref().map_or(String::new(), |m| format!("module of {} bytes", m.len()));
+                        log.record(by, "inspect", &name, &detail)
+                    }
                     AgentRequest::Load { by, digest, bytes, .. } => {
                         log.record(by, "configure", &digest.to_string(), &format!("{} bytes", bytes.len()))
                     }
@@ -239,7 +301,24 @@ pub async fn serve_audited(
                     tracing::warn!(error = %e, "audit log write failed");
                 }
             }
-            let reply = answer(&name, &store, request);
+            let reply = match request {
+                // A module runs on a blocking thread (within its wall-time limit), not on the node's runtime.
+                AgentRequest::Inspect { id, by, module: Some(module) } => {
+                    tracing::info!(who = %by, action = "inspect", module_bytes = module.len(), "audit");
+                    let mut rep = report(&name, &store);
+                    let input = serde_json::to_vec(&rep).unwrap_or_default();
+                    let ran = tokio::task::spawn_blocking(move || {
+                        crate::module::run(&module, &input, kecho::wasm::WasmLimits::default())
+                    })
+                    .await;
+                    rep.module = Some(match ran {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("the module's thread failed: {e}")),
+                    });
+                    AgentReply { id, node: name.clone(), outcome: Ok(Outcome::Report(rep)) }
+                }
+                request => answer(&name, &store, request),
+            };
             if out.submit(&reply, &Attrs::default()).await.is_err() {
                 break;
             }
@@ -249,7 +328,7 @@ pub async fn serve_audited(
 
 fn answer(name: &str, store: &Store, request: AgentRequest) -> AgentReply {
     match request {
-        AgentRequest::Inspect { id, by } => {
+        AgentRequest::Inspect { id, by, .. } => {
             tracing::info!(who = %by, action = "inspect", "audit");
             AgentReply { id, node: name.to_string(), outcome: Ok(Outcome::Report(report(name, store))) }
         }
@@ -280,14 +359,30 @@ fn report(name: &str, store: &Store) -> NodeReport {
         mem_total,
         load1,
         artifacts: store.list().unwrap_or_default(),
+        module: None,
     }
+}
+
+/// The agents whose attributes on the resources channel `resources` (`kecho.resources`: name, CPUs, memory, free
+/// capacity and the operator's attributes, as each agent publishes them) satisfy `require`.
+pub fn agents_where(resources: &kecho::Channel, require: &kecho_resources::Requirement) -> BTreeSet<String> {
+    resources
+        .sink_attrs()
+        .into_iter()
+        .filter_map(|(_, a)| match a.get("agent") {
+            Some(Value::Str(name)) if require.matches(&a) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Sends requests to agent nodes and gathers their answers.
 #[derive(Debug)]
 pub struct Inspector {
     who: String,
+    credential: Option<crate::auth::Credential>,
     next_id: u64,
+    only: Arc<Mutex<Option<BTreeSet<String>>>>,
     requests: Source,
     replies: TypedSink<AgentReply>,
     _channels: (kecho::Channel, kecho::Channel),
@@ -305,15 +400,63 @@ impl Inspector {
         let agents = node.channel(&agents_channel(prefix)).await?;
         let replies_ch = node.channel(&replies_channel(prefix)).await?;
         let replies = replies_ch.typed_sink(REPLY_TYPE, SinkOptions::new().types([REPLY_TYPE]))?;
-        let requests = agents.source()?;
+        let mut requests = agents.source()?;
+        let only: Arc<Mutex<Option<BTreeSet<String>>>> = Arc::default();
+        let chosen_names = only.clone();
+        let select = move |_: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
+            let names = chosen_names.lock().unwrap_or_else(|e| e.into_inner());
+            match &*names {
+                None => chosen.extend(0..sinks.len()),
+                Some(names) => {
+                    chosen.extend(sinks.iter().enumerate().filter_map(|(i, s)| match s.attrs().get("agent") {
+                        Some(Value::Str(n)) if names.contains(n) => Some(i),
+                        _ => None,
+                    }))
+                }
+            }
+        };
+        requests.set_out_filter(Some(Arc::new(select)));
         agents.wait_for_sinks(nodes, timeout).await?;
-        Ok(Inspector { who: who.to_string(), next_id: 1, requests, replies, _channels: (agents, replies_ch) })
+        let channels = (agents, replies_ch);
+        Ok(Inspector {
+            who: who.to_string(),
+            credential: None,
+            next_id: 1,
+            only,
+            requests,
+            replies,
+            _channels: channels,
+        })
+    }
+
+    /// Signs configurations with `credential` (agents under an access policy take them only from holders of the
+    /// `exec` right).
+    pub fn with_credential(mut self, credential: Option<crate::auth::Credential>) -> Inspector {
+        self.credential = credential;
+        self
+    }
+
+    /// Sends the following requests only to the agent nodes named (`None`: to every one).
+    pub fn only(&self, names: Option<BTreeSet<String>>) {
+        *self.only.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     /// Inspects every agent node at once; waits for `expect` reports.
     pub async fn inspect(&mut self, expect: usize, timeout: Duration) -> Result<Vec<AgentReply>, InspectError> {
+        self.inspect_with(None, expect, timeout).await
+    }
+
+    /// Inspects every agent node at once, running inspection module `module` on each ([`crate::module`]); waits
+    /// for `expect` reports.
+    pub async fn inspect_with(
+        &mut self,
+        module: Option<&[u8]>,
+        expect: usize,
+        timeout: Duration,
+    ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
-        AgentRequest::Inspect { id, by: self.who.clone() }.submit(&mut self.requests).await?;
+        let module = module.map(<[u8]>::to_vec);
+        AgentRequest::Inspect { id, by: self.who.clone(), module }.submit(&mut self.requests).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -326,7 +469,7 @@ impl Inspector {
     ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
         let request = AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() };
-        request.submit(&mut self.requests).await?;
+        request.submit_signed(&mut self.requests, self.credential.as_ref()).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -345,9 +488,9 @@ impl Inspector {
                 Some(bytes) => {
                     AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() }
                 }
-                None => AgentRequest::Inspect { id, by: self.who.clone() },
+                None => AgentRequest::Inspect { id, by: self.who.clone(), module: None },
             };
-            request.submit(target).await?;
+            request.submit_signed(target, self.credential.as_ref()).await?;
             all.extend(self.gather(id, 1, timeout).await?);
         }
         Ok(all)

@@ -14,6 +14,7 @@
 //!   undeploy; components run through a [`deploy::Launcher`] ([`deploy::LocalLauncher`] on this host).
 //! - [`inspect`]: inspection and configuration agents over kecho channels (2K's mobile agents, fanned out by kecho
 //!   instead of walking a chain), with the one-by-one point-to-point baseline.
+//! - [`module`]: inspection modules, sandboxed WebAssembly programs that run on every inspected node.
 //! - [`place`]: the boundary to resource management: the [`place::Placer`] trait that the resources crate will
 //!   implement, and an in-memory placer for tests.
 //! - [`repo`]: the content-addressed component repository: artifacts named by their SHA-256, verified before
@@ -25,11 +26,15 @@
 //!   silent submitter's tasks are stopped), when checkpoints are shipped.
 //! - [`submit`]: the submitter side of `kecho run`, pure: place, send, print output in order, restart where the
 //!   policy says from the last checkpoint, exit with the task's status.
+//! - [`repo_net`]: the repository over kecho channels: repository nodes serve their store, agents fetch what they
+//!   lack by digest (and verify it through their cache).
 //! - [`resplace`]: the real [`place::Placer`]: attached, renewed reservations negotiated with the resource agents.
 //! - [`service`]: the agent side over kecho channels (`kecho agent --allow-exec`): tasks run within their
 //!   reservation, output streamed back in order, silent submitters' tasks stopped, drain, audit.
 //! - [`remote`]: the submitter side over kecho channels: drives a [`submit::RunSession`] (`kecho run`), and `kecho
 //!   ps`, `kecho logs`, `kecho agent drain`.
+//! - [`auth`]: the `exec` right: requests signed with the submitter's node key and carrying its credential, checked
+//!   by the agent under an access policy.
 //! - [`restart`]: the restart policy decision (never, on-failure, on-node-loss) with backoff, pure.
 //! - [`wire`]: the messages between submitter and agent (submit, output, exit, stop, drain) as serde types.
 #![warn(missing_docs)]
@@ -37,13 +42,16 @@
 
 pub mod agent;
 pub mod app;
+pub mod auth;
 pub mod deploy;
 pub mod graph;
 pub mod inspect;
+pub mod module;
 pub mod place;
 pub mod plan;
 pub mod remote;
 pub mod repo;
+pub mod repo_net;
 pub mod resplace;
 pub mod restart;
 pub mod service;

@@ -47,6 +47,22 @@ pub enum RemoteError {
         /// How long.
         waited: Duration,
     },
+    /// The agent refused the request.
+    #[error("agent {agent} refused: {reason}")]
+    Refused {
+        /// The agent.
+        agent: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent did not answer in time.
+    #[error("agent {agent} did not answer within {waited:?}")]
+    NoAnswer {
+        /// The agent.
+        agent: String,
+        /// How long.
+        waited: Duration,
+    },
 }
 
 /// A new submitter id: `HOST-PID-RANDOM` (letters, digits and `-` only, so that it is safe in a filter).
@@ -59,6 +75,7 @@ pub fn submitter_id(host: &str) -> String {
 /// A submitter's endpoint on the exec channel.
 pub struct Submitter {
     id: String,
+    credential: Option<crate::auth::Credential>,
     channel: Channel,
     source: Source,
     sink: Sink,
@@ -82,7 +99,14 @@ impl Submitter {
                 .overflow(Overflow::Block),
         )?;
         let source = channel.source()?;
-        Ok(Submitter { id, channel: channel.clone(), source, sink })
+        Ok(Submitter { id, credential: None, channel: channel.clone(), source, sink })
+    }
+
+    /// Signs every request that starts, stops or moves work with `credential` (the `exec` right an agent under an
+    /// access policy asks for; [`crate::auth`]).
+    pub fn with_credential(mut self, credential: Option<crate::auth::Credential>) -> Submitter {
+        self.credential = credential;
+        self
     }
 
     /// This submitter's id.
@@ -92,8 +116,14 @@ impl Submitter {
 
     /// Sends `msg` to `to` (an agent's name or [`EVERYONE`]).
     pub async fn send(&mut self, to: &str, msg: &ExecMsg) -> Result<(), RemoteError> {
-        let attrs = Attrs::new().with("to", to.to_owned());
-        self.source.submit(msg.event_type(), &attrs, &msg.encode()).await?;
+        let mut attrs = Attrs::new().with("to", to.to_owned());
+        let payload = msg.encode();
+        let request = matches!(msg, ExecMsg::Submit(_) | ExecMsg::Stop { .. } | ExecMsg::Drain { .. });
+        if let (true, Some(c)) = (request, &self.credential) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            attrs = c.sign(attrs, msg.event_type(), to, &payload, now as u64);
+        }
+        self.source.submit(msg.event_type(), &attrs, &payload).await?;
         Ok(())
     }
 
@@ -190,12 +220,82 @@ impl Submitter {
         }
     }
 
-    /// Drains `agent`: its tasks are checkpointed and stopped, and it takes no new ones.
+    /// Drains `agent`: its tasks are checkpointed and stopped, and it takes no new ones. Waits (at most `wait`) for
+    /// the agent's confirmation or refusal.
     pub async fn drain(&mut self, agent: &str, by: &str, wait: Duration) -> Result<(), RemoteError> {
         self.wait_for_agent(agent, wait).await?;
-        let msg = ExecMsg::Drain { agent: AgentName(agent.to_owned()), by: by.to_owned() };
-        self.send(agent, &msg).await
+        let name = AgentName(agent.to_owned());
+        let msg = ExecMsg::Drain { agent: name.clone(), by: by.to_owned() };
+        self.send(agent, &msg).await?;
+        let end = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(end, self.recv()).await {
+                Ok(Some(ExecMsg::Drain { agent: a, .. })) if a == name => return Ok(()),
+                Ok(Some(ExecMsg::Refused { agent: a, reason, .. })) if a == name => {
+                    return Err(RemoteError::Refused { agent: agent.to_owned(), reason })
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return Err(RemoteError::NoAnswer { agent: agent.to_owned(), waited: wait }),
+            }
+        }
     }
+}
+
+/// Every agent's tasks (`kecho ps`, `kecho status`): opens the exec channel on `node` as a new submitter from host
+/// `host`, waits (at most `wait`) until an agent is known, and gathers the answers for `wait`.
+pub async fn list_tasks(
+    node: &kecho::Node,
+    host: &str,
+    wait: Duration,
+) -> Result<Vec<(AgentName, Vec<TaskRow>)>, RemoteError> {
+    let mut sub = Submitter::on(&node.channel(CHANNEL).await?, submitter_id(host))?;
+    sub.wait_for_agents(wait).await;
+    sub.list(wait).await
+}
+
+/// One component of a deployed application as the agents run it: its latest generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentRow {
+    /// The generation (one more per restart or replacement).
+    pub generation: u64,
+    /// The agent running it.
+    pub agent: AgentName,
+    /// Its task's state.
+    pub state: String,
+}
+
+/// The latest generation of each component of each application (only `app` if given) in the agents' task lists,
+/// from the task ids `APP.COMPONENT.GENERATION` that a deployment gives its components.
+pub fn components(
+    answers: Vec<(AgentName, Vec<TaskRow>)>,
+    app: Option<&str>,
+) -> BTreeMap<String, BTreeMap<String, ComponentRow>> {
+    let mut apps: BTreeMap<String, BTreeMap<String, ComponentRow>> = BTreeMap::new();
+    for (agent, tasks) in answers {
+        for t in tasks {
+            if !t.submitter.starts_with("app-") {
+                continue;
+            }
+            let Some((rest, generation)) = t.task.0.rsplit_once('.') else { continue };
+            let Some((name, component)) = rest.rsplit_once('.') else { continue };
+            if app.is_some_and(|want| want != name) {
+                continue;
+            }
+            let Ok(generation) = generation.parse::<u64>() else { continue };
+            let row = ComponentRow { generation, agent: agent.clone(), state: t.state };
+            let slot = apps.entry(name.to_owned()).or_default().entry(component.to_owned());
+            match slot {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(row);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) if generation >= o.get().generation => {
+                    o.insert(row);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {}
+            }
+        }
+    }
+    apps
 }
 
 /// Where a run's output and notes go.
@@ -394,6 +494,9 @@ impl RemoteLauncher {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
                                 continue;
                             }
+                            // A component that is a repository artifact the deployer did not resolve itself names
+                            // it by its digest: the agent fetches and verifies it.
+                            let artifact = spec.argv.first().and_then(|a| a.parse::<crate::repo::Digest>().ok());
                             let submit = crate::wire::Submit {
                                 task: spec.id.clone(),
                                 run: 0,
@@ -406,6 +509,7 @@ impl RemoteLauncher {
                                 restart: crate::restart::RestartPolicy::Never,
                                 checkpoint_every_ms: None,
                                 state: spec.state,
+                                artifact,
                             };
                             if let Err(e) = sub.send(&agent, &ExecMsg::Submit(submit)).await {
                                 let _ = reply.send(Err(crate::task::TaskError::Remote(e.to_string())));
@@ -504,5 +608,40 @@ impl crate::deploy::Launcher for RemoteLauncher {
             .send(LaunchCmd::Launch(Box::new(Launch { placement: placement.clone(), spec, reply: tx })))
             .map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?;
         rx.await.map_err(|_| crate::task::TaskError::Remote("the launcher stopped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(task: &str, submitter: &str, state: &str) -> TaskRow {
+        TaskRow {
+            task: TaskId(task.into()),
+            run: 0,
+            submitter: submitter.into(),
+            argv: vec![],
+            state: state.into(),
+            since_ms: 0,
+            limits: String::new(),
+        }
+    }
+
+    #[test]
+    fn components_keep_the_latest_generation_of_deployed_tasks_only() {
+        let a = AgentName("a".into());
+        let b = AgentName("b".into());
+        let answers = vec![
+            (a.clone(), vec![row("shop.api.0", "app-shop", "exited 137"), row("x-1-2", "host-1", "running")]),
+            (b.clone(), vec![row("shop.api.1", "app-shop", "running"), row("shop.db.0", "app-shop", "running")]),
+            (a.clone(), vec![row("blog.web.3", "app-blog", "running"), row("odd", "app-odd", "running")]),
+        ];
+        let all = components(answers.clone(), None);
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["blog", "shop"]);
+        let api = &all["shop"]["api"];
+        assert_eq!((api.generation, &api.agent, api.state.as_str()), (1, &b, "running"));
+        assert_eq!(all["shop"].len(), 2);
+        let shop = components(answers, Some("shop"));
+        assert_eq!(shop.keys().collect::<Vec<_>>(), ["shop"]);
     }
 }

@@ -20,7 +20,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::agent::{AuditLog, CheckpointShipper, OutputLog, SubmitterLeases};
+use crate::auth::{AuthError, ExecPolicy};
 use crate::place::{AgentName, Placement};
+use crate::repo::Cache;
+use crate::repo_net::ChannelFetch;
 use crate::restart::Ending;
 use crate::task::{Confinement, Limits, OutputChunk, Supervisor, TaskControl, TaskExit, TaskId, TaskSpec};
 use crate::wire::{ExecMsg, LogChunk, Submit, TaskRow};
@@ -74,6 +77,13 @@ pub struct ServiceConfig {
     pub check: Option<ReservationCheck>,
     /// The address other nodes reach this host at (a deployed component's dependents get it); empty: unknown.
     pub host: String,
+    /// Under an access policy: only holders of this authority's `exec` credential may submit, stop or drain
+    /// ([`crate::auth`]). `None`: anyone who reaches the channel may (the agent still runs only with
+    /// `--allow-exec`).
+    pub policy: Option<ExecPolicy>,
+    /// The agent's artifact cache in front of the repository nodes: a submission that names an artifact runs its
+    /// verified copy. `None`: such submissions are refused.
+    pub artifacts: Option<Arc<Cache<ChannelFetch>>>,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -84,6 +94,7 @@ impl std::fmt::Debug for ServiceConfig {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("audit", &self.audit)
             .field("checks_reservations", &self.check.is_some())
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -103,6 +114,8 @@ impl ServiceConfig {
             keep_ended: 64,
             check: None,
             host: String::new(),
+            policy: None,
+            artifacts: None,
         }
     }
 }
@@ -182,6 +195,8 @@ enum Internal {
 
 struct Run {
     submitter: String,
+    /// The node whose `exec` credential signed the submission (only it may stop the task), if signed.
+    by_node: Option<kecho::NodeId>,
     run: u32,
     argv: Vec<String>,
     control: TaskControl,
@@ -208,6 +223,21 @@ struct State {
     next_alive: Instant,
 }
 
+/// Who asked, for the audit log: the node that signed the request and the submitter's id, or the id alone.
+fn who_text(node: Option<kecho::NodeId>, submitter: &str) -> String {
+    match node {
+        Some(n) => format!("{submitter} (node {n})"),
+        None => submitter.to_owned(),
+    }
+}
+
+fn refusal_detail(who: &Result<Option<kecho::NodeId>, AuthError>, needed: &str) -> String {
+    match who {
+        Err(e) => format!("not allowed: {e}"),
+        Ok(_) => format!("not allowed: only {needed} may"),
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -220,7 +250,10 @@ async fn serve(mut st: State, mut sink: Sink, mut rx: mpsc::UnboundedReceiver<In
             _ = stop.notified() => break,
             ev = sink.recv() => match ev {
                 Ok(ev) => match ExecMsg::decode(ev.payload()) {
-                    Ok(msg) => st.on_message(msg).await,
+                    Ok(msg) => {
+                        let who = st.authenticate(&ev);
+                        st.on_message(msg, who).await
+                    }
                     Err(e) => tracing::warn!(error = %e, "an exec message that could not be read"),
                 },
                 Err(kecho::RecvError::Closed) => break,
@@ -268,19 +301,52 @@ impl State {
         }
     }
 
-    async fn on_message(&mut self, msg: ExecMsg) {
+    /// Who signed a request: under a policy, the node holding the `exec` right or why the request is refused;
+    /// without one, the node whose credential signed it, if any.
+    fn authenticate(&self, ev: &kecho::Event) -> Result<Option<kecho::NodeId>, AuthError> {
+        let to = match ev.attrs().get("to") {
+            Some(Value::Str(s)) => s.as_str(),
+            _ => "",
+        };
+        match &self.cfg.policy {
+            Some(p) => p.verify(self.channel.name(), ev.ty(), to, ev.payload(), ev.attrs(), unix_ms()).map(Some),
+            None => Ok(crate::auth::signer(ev.ty(), to, ev.payload(), ev.attrs())),
+        }
+    }
+
+    async fn on_message(&mut self, msg: ExecMsg, who: Result<Option<kecho::NodeId>, AuthError>) {
         let now = Instant::now();
         match msg {
-            ExecMsg::Submit(s) => self.submit(s).await,
+            ExecMsg::Submit(s) => match who {
+                Ok(node) => self.submit(s, node).await,
+                Err(e) => {
+                    self.wait_for_submitter(&s.submitter).await;
+                    let by = s.submitter.clone();
+                    self.refuse(&s, &by, format!("not allowed: {e}")).await
+                }
+            },
             ExecMsg::Stop { task, grace_ms } => {
                 let Some(r) = self.runs.get_mut(&task) else { return };
+                let asked = who.as_ref().ok().copied().flatten();
+                if self.cfg.policy.is_some() && (asked.is_none() || asked != r.by_node) {
+                    let (target, detail) = (task.0.clone(), refusal_detail(&who, "the task's submitter"));
+                    return self.audit(&who_text(asked, "?"), "refuse-stop", &target, &detail);
+                }
                 r.stopping = true;
-                let who = r.submitter.clone();
+                let by = who_text(r.by_node, &r.submitter);
                 let control = r.control.clone();
                 tokio::spawn(async move { control.stop(Duration::from_millis(grace_ms)).await });
-                self.audit(&who, "stop", &task.0, &format!("grace {grace_ms} ms"));
+                self.audit(&by, "stop", &task.0, &format!("grace {grace_ms} ms"));
             }
-            ExecMsg::Drain { agent, by } if agent == self.cfg.name => self.drain(&by).await,
+            ExecMsg::Drain { agent, by } if agent == self.cfg.name => match who {
+                Ok(node) => self.drain(&by, node).await,
+                Err(e) => {
+                    let reason = format!("not allowed: {e}");
+                    self.audit(&by, "refuse-drain", &agent.0, &reason);
+                    let msg = ExecMsg::Refused { task: TaskId(format!("drain:{agent}")), agent, reason };
+                    self.send(&by, &msg).await;
+                }
+            },
             ExecMsg::Heartbeat { submitter } => self.leases.heard(&submitter, now.into_std()),
             ExecMsg::List { reply_to } => {
                 let tasks: Vec<TaskRow> = self
@@ -331,13 +397,14 @@ impl State {
         }
     }
 
-    async fn refuse(&mut self, s: &Submit, reason: String) {
-        self.audit(&s.submitter, "refuse", &s.task.0, &reason);
+    async fn refuse(&mut self, s: &Submit, who: &str, reason: String) {
+        self.audit(who, "refuse", &s.task.0, &reason);
         let msg = ExecMsg::Refused { task: s.task.clone(), agent: self.cfg.name.clone(), reason };
         self.send(&s.submitter, &msg).await;
     }
 
-    async fn submit(&mut self, s: Submit) {
+    async fn submit(&mut self, s: Submit, node: Option<kecho::NodeId>) {
+        let who = who_text(node, &s.submitter);
         if !self.wait_for_submitter(&s.submitter).await {
             tracing::warn!(submitter = %s.submitter, task = %s.task, "the submitter's sink is not known here yet");
         }
@@ -348,27 +415,40 @@ impl State {
             }
         }
         if self.drained {
-            return self.refuse(&s, format!("agent {} is drained", self.cfg.name)).await;
+            return self.refuse(&s, &who, format!("agent {} is drained", self.cfg.name)).await;
         }
         if s.argv.is_empty() {
-            return self.refuse(&s, "no command".into()).await;
+            return self.refuse(&s, &who, "no command".into()).await;
         }
         match (&s.placement, &self.cfg.check) {
             (Some(p), _) if p.agent != self.cfg.name => {
-                return self.refuse(&s, format!("placed on {}, not here", p.agent)).await;
+                return self.refuse(&s, &who, format!("placed on {}, not here", p.agent)).await;
             }
-            (None, Some(_)) => return self.refuse(&s, "no reservation".into()).await,
+            (None, Some(_)) => return self.refuse(&s, &who, "no reservation".into()).await,
             (Some(p), Some(check)) => {
                 if let Err(reason) = check(p) {
-                    return self.refuse(&s, format!("reservation: {reason}")).await;
+                    return self.refuse(&s, &who, format!("reservation: {reason}")).await;
                 }
             }
             _ => {}
         }
-        self.audit(&s.submitter, "task", &s.task.0, &format!("run {}: {}", s.run, s.argv.join(" ")));
+        let mut argv = s.argv.clone();
+        if let Some(digest) = &s.artifact {
+            let Some(cache) = self.cfg.artifacts.clone() else {
+                return self
+                    .refuse(&s, &who, format!("task names artifact {digest}, and this agent has no repository"))
+                    .await;
+            };
+            // A wrong or damaged artifact is refused here (the cache verifies it against its digest): never run.
+            match cache.ensure(digest).await {
+                Ok(path) => argv[0] = path.display().to_string(),
+                Err(e) => return self.refuse(&s, &who, e.to_string()).await,
+            }
+        }
+        self.audit(&who, "task", &s.task.0, &format!("run {}: {}", s.run, s.argv.join(" ")));
         let spec = TaskSpec {
             id: s.task.clone(),
-            argv: s.argv.clone(),
+            argv,
             env: s.env.clone(),
             kecho_env: s.kecho_env.clone(),
             limits: Limits { cpus: s.spec.cpus, mem: s.spec.mem },
@@ -376,7 +456,7 @@ impl State {
         };
         let mut task = match self.supervisor.spawn(spec).await {
             Ok(t) => t,
-            Err(e) => return self.refuse(&s, e.to_string()).await,
+            Err(e) => return self.refuse(&s, &who, e.to_string()).await,
         };
         let now = Instant::now();
         let limits = task.limits.to_string();
@@ -402,6 +482,7 @@ impl State {
         let shipper = s.checkpoint_every().map(|every| CheckpointShipper::new(every, now.into_std()));
         let run = Run {
             submitter: s.submitter,
+            by_node: node,
             run: s.run,
             argv: s.argv,
             control,
@@ -425,10 +506,10 @@ impl State {
         }
     }
 
-    async fn drain(&mut self, by: &str) {
+    async fn drain(&mut self, by: &str, node: Option<kecho::NodeId>) {
         self.drained = true;
         let name = self.cfg.name.clone();
-        self.audit(by, "drain", &name.0, &format!("{} task(s)", self.runs.len()));
+        self.audit(&who_text(node, by), "drain", &name.0, &format!("{} task(s)", self.runs.len()));
         let mut told = Vec::new();
         for r in self.runs.values_mut() {
             if r.state != "running" {
@@ -440,6 +521,8 @@ impl State {
             let grace = self.cfg.stop_grace;
             tokio::spawn(async move { control.stop(grace).await });
         }
+        // The one who asked is told too: that is its confirmation.
+        told.push(by.to_owned());
         told.sort();
         told.dedup();
         for s in told {

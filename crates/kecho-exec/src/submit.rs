@@ -119,9 +119,17 @@ impl RunSession {
         vec![RunAction::Send(agent, ExecMsg::Submit(submit))]
     }
 
-    /// No agent could take the task.
+    /// No agent could take the task. When agents have refused it before and no other fits, the run ends as refused
+    /// (126): the refusals, not the lack of room, are why it did not run.
     pub fn place_failed(&mut self, reason: &str) -> Vec<RunAction> {
-        self.finish(EXIT_NOT_PLACED, format!("task {} cannot be placed: {reason}", self.template.task))
+        let task = self.template.task.clone();
+        match self.refused_by.len() {
+            0 => self.finish(EXIT_NOT_PLACED, format!("task {task} cannot be placed: {reason}")),
+            n => {
+                let note = format!("task {task} was refused by {n} agent(s), and no other fits: {reason}");
+                self.finish(EXIT_REFUSED, note)
+            }
+        }
     }
 
     /// A message from the agent running the task.
@@ -290,6 +298,7 @@ mod tests {
             restart: policy,
             checkpoint_every_ms: Some(1000),
             state: None,
+            artifact: None,
         };
         RunSession::new(submit, RestartLimits::default())
     }

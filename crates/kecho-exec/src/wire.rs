@@ -17,6 +17,8 @@ use crate::task::{LimitReport, OutputChunk, Stream, TaskExit, TaskId};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 #[non_exhaustive]
+// A message is decoded, handled and dropped one at a time; boxing the submission would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ExecMsg {
     /// Submitter → agent: run this task within this reservation.
     Submit(Submit),
@@ -202,6 +204,10 @@ pub struct Submit {
     /// The last checkpoint, for a restarted task.
     #[serde(with = "b64_opt", default)]
     pub state: Option<Vec<u8>>,
+    /// The program is this artifact of the component repository (`argv[0]` names it): the agent fetches it by its
+    /// digest, verifies it and runs its verified copy, or refuses the task.
+    #[serde(default)]
+    pub artifact: Option<crate::repo::Digest>,
 }
 
 impl Submit {
@@ -325,7 +331,7 @@ pub(crate) mod b64 {
     }
 }
 
-mod b64_opt {
+pub(crate) mod b64_opt {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
@@ -382,6 +388,7 @@ mod tests {
                         placement: None,
                         restart: RestartPolicy::OnNodeLoss,
                         checkpoint_every_ms: every,
+                        artifact: state.as_ref().map(|s| crate::repo::Digest::of(s)),
                         state,
                     })
                 }),

@@ -189,7 +189,7 @@ async fn a_component_that_never_becomes_ready_aborts_and_stops_the_rest() -> Res
     .concat();
     let mut app = start(AppSpec::parse(&text, Some("broken"))?, agents(1, 1 << 30), d).await?;
     match tokio::time::timeout(BOUND, app.ready()).await? {
-        Err(DeployError::Aborted(c)) => assert_eq!(c, n("api")),
+        Err(DeployError::Aborted { component, .. }) => assert_eq!(component, n("api")),
         other => bail!("not aborted: {other:?}"),
     }
     tokio::time::timeout(
@@ -272,7 +272,7 @@ async fn instances_that_never_become_ready_are_killed_not_leaked() -> Result<()>
     );
     let mut app = start(AppSpec::parse(&text, Some("slow"))?, agents(1, 1 << 30), d).await?;
     match tokio::time::timeout(BOUND, app.ready()).await? {
-        Err(DeployError::Aborted(c)) => assert_eq!(c, n("slow")),
+        Err(DeployError::Aborted { component, .. }) => assert_eq!(component, n("slow")),
         other => bail!("not aborted: {other:?}"),
     }
     let pids: Vec<i32> =

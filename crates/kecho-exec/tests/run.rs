@@ -98,6 +98,7 @@ async fn a_drained_agent_task_continues_elsewhere_from_its_checkpoint() -> Resul
         restart: RestartPolicy::OnNodeLoss,
         checkpoint_every_ms: None,
         state: None,
+        artifact: None,
     };
     let mut session = RunSession::new(submit, RestartLimits::default());
     let (to_submitter, mut inbox) = mpsc::unbounded_channel::<ExecMsg>();

@@ -251,7 +251,7 @@ pub fn open(ep: &Endpoint, sink: bool, append: bool) -> io::Result<Conn> {
         }
         Endpoint::Stdio if sink => Conn::Stdout(io::stdout()),
         Endpoint::Stdio => Conn::Stdin(io::stdin()),
-        Endpoint::TcpListen(_) | Endpoint::UnixListen(_) | Endpoint::Channel(_) => {
+        Endpoint::TcpListen(_) | Endpoint::UnixListen(_) | Endpoint::Channel(_) | Endpoint::App(_) => {
             return Err(io::Error::other(format!("{ep} is not opened directly")))
         }
     })
@@ -395,7 +395,7 @@ pub fn zero_copy(
             return Ok(Moved::Stopped);
         }
         pace(step);
-        let t = std::time::Instant::now();
+        let t = crate::stats::Timing::start();
         stat_in.syscall();
         let r = match method {
             Method::CopyFileRange => rustix::fs::copy_file_range(src.fd(), None, dst.fd(), None, step),
@@ -412,7 +412,7 @@ pub fn zero_copy(
                 )
             }
         };
-        stat_in.busy(t.elapsed());
+        stat_in.busy(&t);
         let n = match r {
             Ok(0) if stop.load(Ordering::Acquire) => return Ok(Moved::Stopped),
             Ok(0) => return Ok(Moved::Done),
@@ -426,7 +426,7 @@ pub fn zero_copy(
         if let Some((r, _)) = &pipe {
             let mut left = n;
             while left > 0 {
-                let t = std::time::Instant::now();
+                let t = crate::stats::Timing::start();
                 stat_out.syscall();
                 let m = rustix::pipe::splice(
                     r,
@@ -436,7 +436,7 @@ pub fn zero_copy(
                     left,
                     rustix::pipe::SpliceFlags::MOVE | rustix::pipe::SpliceFlags::MORE,
                 );
-                stat_out.busy(t.elapsed());
+                stat_out.busy(&t);
                 match m {
                     Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "splice wrote nothing")),
                     Ok(m) => {

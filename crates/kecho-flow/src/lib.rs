@@ -3,7 +3,8 @@
 //!
 //! - [`spec`]: the SPEC language (`tcp-listen:0.0.0.0:9000 ! decrypt aes-256-gcm key=k ! file:/data/out`).
 //! - [`record`]: the documented AES-256-GCM record format of encrypted flows.
-//! - [`sched`]: the scheduler's decisions (bounding stage, replication, reordering, rate limits, shares).
+//! - [`sched`]: the scheduler's decisions (bounding stage, replication on the cores free, reordering, rate limits,
+//!   shares) and the pipeline simulation they are tested against.
 //! - [`ladder`]: the exception ladder's decisions.
 //!
 //! The pure modules do no I/O; the runtime that moves bytes is a thin layer of threads and system calls on top.

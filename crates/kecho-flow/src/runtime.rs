@@ -21,7 +21,7 @@ use crate::ladder::{Action, Decision, FaultKind, Ladder};
 use crate::sched::{self, Reorder, StageLoad, TokenBucket};
 use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
 use crate::stage::{self, Chunk, Parallel, Pool, Stage, Work};
-use crate::stats::{FlowStats, StageStat};
+use crate::stats::{FlowStats, StageStat, Timing};
 use crate::FlowError;
 
 /// A fault or a step of the exception ladder, as the application sees it.
@@ -80,6 +80,7 @@ pub struct FlowBuilder {
     notify: Option<kecho::Source>,
     channel_in: HashMap<String, kecho::Sink>,
     channel_out: HashMap<String, kecho::Source>,
+    app_out: HashMap<String, AppSink>,
     scheduler: Option<Arc<Scheduler>>,
 }
 
@@ -97,6 +98,7 @@ impl Default for FlowBuilder {
             notify: None,
             channel_in: HashMap::new(),
             channel_out: HashMap::new(),
+            app_out: HashMap::new(),
             scheduler: None,
         }
     }
@@ -176,6 +178,16 @@ impl FlowBuilder {
         self.channel_out.insert(name.into(), source);
         self
     }
+    /// The function that an `app:NAME` sink endpoint calls with the flow's output, one call per record or read, in
+    /// order, on a thread of the flow's. An `Err` terminates the flow with that reason (rung 5).
+    pub fn app_sink(
+        mut self,
+        name: impl Into<String>,
+        f: impl FnMut(&[u8]) -> Result<(), String> + Send + 'static,
+    ) -> Self {
+        self.app_out.insert(name.into(), Box::new(f));
+        self
+    }
     /// Registers the flow with a scheduler (priorities share its budget).
     pub fn scheduler(mut self, s: Arc<Scheduler>) -> Self {
         self.scheduler = Some(s);
@@ -186,6 +198,17 @@ impl FlowBuilder {
     /// configuration errors come back at once.
     pub fn start(mut self) -> Result<FlowHandle, FlowError> {
         let source = self.source.take().ok_or_else(|| FlowError::Config("a flow needs a source".into()))?;
+        if let Endpoint::App(n) = &source.endpoint {
+            return Err(FlowError::Config(format!(
+                "app:{n} is a sink only (a flow's source is a kernel or kecho object)"
+            )));
+        }
+        if let Some(n) = self.sinks.iter().find_map(|s| match &s.endpoint {
+            Endpoint::App(n) if !self.app_out.contains_key(n) => Some(n),
+            _ => None,
+        }) {
+            return Err(FlowError::Config(format!("no function given for app:{n} (FlowBuilder::app_sink)")));
+        }
         if self.sinks.is_empty() {
             return Err(FlowError::Config("a flow needs at least one sink".into()));
         }
@@ -242,6 +265,7 @@ impl FlowBuilder {
             chunk: self.chunk,
             channel_in: std::mem::take(&mut self.channel_in),
             channel_out: std::mem::take(&mut self.channel_out),
+            app_out: std::mem::take(&mut self.app_out),
         };
         let sh2 = sh.clone();
         let join = std::thread::Builder::new()
@@ -385,11 +409,7 @@ impl Shared {
         let end = self.ended.lock().unwrap_or_else(Instant::now);
         let wall = end.saturating_duration_since(self.started);
         let stages: Vec<_> = self.stats.iter().map(|s| s.snapshot(wall)).collect();
-        let loads: Vec<StageLoad> = self
-            .stats
-            .iter()
-            .map(|s| StageLoad { busy: s.busy_time(), stateless: s.stateless, replicas: s.replicas() })
-            .collect();
+        let loads: Vec<StageLoad> = self.stats.iter().map(StageStat::load).collect();
         let sinks = stages.iter().filter(|s| s.kind == "sink");
         FlowStats {
             id: self.id,
@@ -514,7 +534,11 @@ struct Ctx {
     chunk: usize,
     channel_in: HashMap<String, kecho::Sink>,
     channel_out: HashMap<String, kecho::Source>,
+    app_out: HashMap<String, AppSink>,
 }
+
+/// The application's own sink function (`app:NAME`).
+type AppSink = Box<dyn FnMut(&[u8]) -> Result<(), String> + Send>;
 
 enum SourceIo {
     Fd(Conn),
@@ -557,6 +581,9 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
                     .remove(n)
                     .ok_or_else(|| FlowError::Config(format!("no kecho source given for kecho:{n}")))?,
                 spec.event_type.clone(),
+            )),
+            Endpoint::App(n) => Some(SinkIo::App(
+                ctx.app_out.remove(n).ok_or_else(|| FlowError::Config(format!("no function given for app:{n}")))?,
             )),
             _ => None,
         };
@@ -647,10 +674,10 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
         sh.pace(step);
         let r = match &sink.io {
             Some(SinkIo::Fd(d)) => {
-                let t = Instant::now();
+                let t = Timing::start();
                 sh.stats[0].syscall();
                 let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
-                sh.stats[0].busy(t.elapsed());
+                sh.stats[0].busy(&t);
                 r
             }
             _ => {
@@ -763,10 +790,10 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
             return Err(FlowError::Stopped);
         }
         sh.pace(cap);
-        let t = Instant::now();
+        let t = Timing::start();
         sh.stats[0].syscall();
         let r = splice(src.fd(), None, &mw, None, cap, SpliceFlags::MOVE | SpliceFlags::MORE);
-        sh.stats[0].busy(t.elapsed());
+        sh.stats[0].busy(&t);
         let mut n = match r {
             Ok(0) if sh.stopped() => return Err(FlowError::Stopped),
             Ok(0) => return Ok(()),
@@ -815,10 +842,10 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
                 }
                 let Some(w) = &o.w else { continue };
                 let st = &sh.stats[o.stat];
-                let t = Instant::now();
+                let t = Timing::start();
                 st.syscall();
                 let r = tee(&mr, w, n, SpliceFlags::NONBLOCK);
-                st.busy(t.elapsed());
+                st.busy(&t);
                 match r {
                     Ok(m) if m > 0 => {
                         o.pos = m;
@@ -895,6 +922,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
 enum SinkIo {
     Fd(Conn),
     Channel(kecho::Source, String),
+    App(AppSink),
 }
 
 const REPLAY: usize = 8 << 20;
@@ -1063,7 +1091,7 @@ impl SinkRt {
     fn write(&mut self, chunk: &Chunk) -> Result<(), FlowError> {
         let mut skip = 0;
         let total = chunk.len();
-        let t = Instant::now();
+        let t = Timing::start();
         let r = loop {
             match &mut self.io {
                 Some(SinkIo::Channel(src, ty)) => {
@@ -1073,6 +1101,16 @@ impl SinkRt {
                         self.sh.stats[self.stat].syscall();
                         if let Err(e) = src.submit_blocking(ty, &kecho::Attrs::new(), &chunk.buf[seg.clone()]) {
                             r = Err(FlowError::Channel(e.to_string()));
+                            break;
+                        }
+                    }
+                    break r;
+                }
+                Some(SinkIo::App(f)) => {
+                    let mut r = Ok(());
+                    for seg in &chunk.segs {
+                        if let Err(reason) = f(&chunk.buf[seg.clone()]) {
+                            r = Err(FlowError::Terminated { endpoint: self.current.to_string(), reason });
                             break;
                         }
                     }
@@ -1112,7 +1150,7 @@ impl SinkRt {
             }
         };
         let st = self.stat();
-        st.busy(t.elapsed());
+        st.busy(&t);
         st.moved(total, total);
         r
     }
@@ -1139,7 +1177,7 @@ impl SinkRt {
                 nonblocking = true;
             }
             let st = &self.sh.stats[self.stat];
-            let t = Instant::now();
+            let t = Timing::start();
             let r = if copying {
                 buf.clear();
                 buf.reserve(TEE_PIPE);
@@ -1153,7 +1191,7 @@ impl SinkRt {
                 splice(r, None, c.fd(), None, TEE_PIPE, SpliceFlags::MOVE | SpliceFlags::MORE)
                     .map_err(|e| (0, io::Error::from(e)))
             };
-            st.busy(t.elapsed());
+            st.busy(&t);
             match r {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
@@ -1415,7 +1453,7 @@ impl Tail {
         chunk: &mut Chunk,
         par: bool,
     ) -> Result<(), FlowError> {
-        let t = Instant::now();
+        let t = Timing::start();
         let before = chunk.len();
         st.sequential(chunk, work)?;
         if par {
@@ -1424,7 +1462,7 @@ impl Tail {
             }
         }
         let stat = &sh.stats[1 + gi];
-        stat.busy(t.elapsed());
+        stat.busy(&t);
         stat.moved(before, chunk.len());
         stat.copied(work.copied.swap(0, Ordering::Relaxed) as usize);
         chunk.done = gi + 1;
@@ -1482,7 +1520,9 @@ enum Mode {
     },
 }
 
-fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> Result<Mode, FlowError> {
+/// Splits the flow at stage `r` into `n` replicas; `next` is the sequence number of the next chunk the source reads
+/// (0 from the start; later when `replicas=auto` splits after its warm-up, the chunks before having gone through inline).
+fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next: u64) -> Result<Mode, FlowError> {
     let Tail { sh: _, first, mut stages, parts, work, delivery } = tail;
     debug_assert_eq!(first, 0);
     let rest = stages.split_off(r + 1);
@@ -1503,11 +1543,11 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> R
                 let work = Work::default();
                 for mut c in rx {
                     if c.done <= r {
-                        let t = Instant::now();
+                        let t = Timing::start();
                         let before = c.len();
                         part.run(&mut c, &work);
                         let st = &sh.stats[1 + r];
-                        st.busy(t.elapsed());
+                        st.busy(&t);
                         st.moved(before, c.len());
                         st.copied(work.copied.swap(0, Ordering::Relaxed) as usize);
                         c.done = r + 1;
@@ -1526,8 +1566,8 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>) -> R
     let tail = std::thread::Builder::new()
         .name(format!("kecho-flow-{}-tail", sh.id))
         .spawn(move || {
-            let mut order = Reorder::default();
-            let mut last = 0;
+            let mut order = Reorder::starting_at(next);
+            let mut last = next;
             for c in drx {
                 last = last.max(c.seq + 1);
                 let _ = order.push(c.seq, c);
@@ -1566,13 +1606,14 @@ fn pipeline(
     });
     let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
     let mut mode = match fixed {
-        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone())?,
+        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0)?,
         _ => Mode::Inline(tail),
     };
     let mut carry: Vec<u8> = Vec::new();
     let mut seq = 0u64;
     let mut eof = false;
     let start = Instant::now();
+    let machine0 = MachineCpu::now();
     let src_stat = &sh.stats[0];
     let result: Result<(), FlowError> = (|| {
         while !eof {
@@ -1585,7 +1626,7 @@ fn pipeline(
                 src_stat.copied(carry.len());
                 carry.clear();
             }
-            let t = Instant::now();
+            let t = Timing::start();
             let n = match &mut src {
                 SourceIo::Fd(c) => match endpoint::read_into(c.fd(), &mut buf, src_stat) {
                     Ok(n) => n,
@@ -1594,7 +1635,7 @@ fn pipeline(
                 },
                 SourceIo::Channel(sink) => read_channel(sh, sink, &mut buf, chunk)?,
             };
-            src_stat.busy(t.elapsed());
+            src_stat.busy(&t);
             src_stat.moved(n, n);
             src_stat.copied(n);
             if n == 0 && sh.stopped() {
@@ -1620,18 +1661,18 @@ fn pipeline(
             // Auto replication: after a warm-up, ask the scheduler once.
             if auto && seq == 64 {
                 if let Mode::Inline(_) = &mode {
-                    let loads: Vec<StageLoad> = sh
-                        .stats
-                        .iter()
-                        .map(|s| StageLoad { busy: s.busy_time(), stateless: s.stateless, replicas: s.replicas() })
-                        .collect();
-                    if let Some((i, n)) = sched::plan_replicas(&loads, start.elapsed(), cores) {
+                    let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
+                    let cap = machine0.capacity(cores, &loads, start.elapsed());
+                    // The source and every transform run on this thread now.
+                    let inline = 1 + specs.len();
+                    if let Some((i, n)) = sched::plan_replicas(&loads, start.elapsed(), inline, cap) {
                         if (1..=specs.len()).contains(&i) && specs[i - 1].replicas == Replicas::Auto {
                             let Mode::Inline(tail) = std::mem::replace(&mut mode, Mode::Inline(empty_tail(sh))) else {
                                 unreachable!("checked above")
                             };
-                            mode = split(sh, tail, i - 1, n, pool.clone())?;
-                            sh.event(0, "replicated", &specs[i - 1].transform.name(), format!("{n} replicas"));
+                            mode = split(sh, tail, i - 1, n, pool.clone(), seq)?;
+                            let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
+                            sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
                         }
                     }
                 }
@@ -1652,6 +1693,35 @@ fn pipeline(
         Ok(())
     });
     finish(sh, mode, result, seq, &pool)
+}
+
+/// The machine's CPU counters (all cores, from /proc/stat, in clock ticks), to tell how many cores were idle while
+/// the flow warmed up. `None` where /proc is not mounted.
+struct MachineCpu(Option<(u64, u64)>);
+
+impl MachineCpu {
+    fn now() -> Self {
+        let read = || -> Option<(u64, u64)> {
+            let s = std::fs::read_to_string("/proc/stat").ok()?;
+            let f: Vec<u64> =
+                s.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+            let idle = f.get(3)? + f.get(4)?;
+            Some((f.iter().sum(), idle))
+        };
+        MachineCpu(read())
+    }
+
+    /// The cores the flow can count on: those it used since this reading plus those idle meanwhile. Without
+    /// /proc/stat: all of them.
+    fn capacity(&self, cores: usize, loads: &[StageLoad], wall: Duration) -> sched::Capacity {
+        let (Some((t0, i0)), Some((t1, i1))) = (self.0, MachineCpu::now().0) else {
+            return sched::Capacity::idle(cores);
+        };
+        let idle = (i1.saturating_sub(i0)) as f64 / (t1.saturating_sub(t0)).max(1) as f64 * cores as f64;
+        let used = loads.iter().map(|l| l.cpu.as_secs_f64()).sum::<f64>() / wall.as_secs_f64().max(1e-9);
+        sched::Capacity { cores, available: (used + idle).min(cores as f64) }
+    }
 }
 
 fn empty_tail(sh: &Arc<Shared>) -> Tail {

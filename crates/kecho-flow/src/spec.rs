@@ -74,6 +74,10 @@ pub enum Endpoint {
     Stdio,
     /// A kecho channel: as a source each event's payload, as a sink one event per chunk.
     Channel(String),
+    /// A sink in the application itself (`app:NAME`): the function given to
+    /// [`FlowBuilder::app_sink`](crate::FlowBuilder::app_sink) under that name sees the bytes. The application
+    /// sees the data only where it asks to.
+    App(String),
 }
 
 impl fmt::Display for Endpoint {
@@ -87,6 +91,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Exec(c) => write!(f, "exec:{c}"),
             Endpoint::Stdio => write!(f, "-"),
             Endpoint::Channel(c) => write!(f, "kecho:{c}"),
+            Endpoint::App(n) => write!(f, "app:{n}"),
         }
     }
 }
@@ -374,6 +379,7 @@ fn parse_endpoint(spec: &str, t: &Token) -> Result<Endpoint, SpecError> {
         "unix" => Endpoint::UnixConnect(rest.into()),
         "exec" => Endpoint::Exec(rest.to_owned()),
         "kecho" => Endpoint::Channel(rest.to_owned()),
+        "app" => Endpoint::App(rest.to_owned()),
         _ => return Err(err(format!("unknown endpoint kind `{scheme}:`"))),
     })
 }

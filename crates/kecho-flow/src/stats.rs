@@ -1,7 +1,27 @@
 //! Counters: per stage (endpoints included) and per flow. Atomics written on the data path, read by `stats()`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The start of a piece of a stage's work: the wall clock and the calling thread's CPU clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    wall: Instant,
+    cpu: Duration,
+}
+
+/// The calling thread's CPU time.
+pub fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+impl Timing {
+    /// Now.
+    pub fn start() -> Self {
+        Timing { wall: Instant::now(), cpu: thread_cpu() }
+    }
+}
 
 /// Live counters of one stage.
 #[derive(Debug, Default)]
@@ -15,6 +35,7 @@ pub struct StageStat {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     busy_ns: AtomicU64,
+    cpu_ns: AtomicU64,
     syscalls: AtomicU64,
     copied: AtomicU64,
     dropped: AtomicU64,
@@ -33,9 +54,11 @@ impl StageStat {
     pub fn syscall(&self) {
         self.syscalls.fetch_add(1, Relaxed);
     }
-    /// Time spent working.
-    pub fn busy(&self, d: Duration) {
-        self.busy_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    /// Time spent working since `t` (wall time: a stage blocked in the kernel on its device counts as busy) and
+    /// the CPU time of it.
+    pub fn busy(&self, t: &Timing) {
+        self.busy_ns.fetch_add(t.wall.elapsed().as_nanos() as u64, Relaxed);
+        self.cpu_ns.fetch_add(thread_cpu().saturating_sub(t.cpu).as_nanos() as u64, Relaxed);
     }
     /// Bytes in and out.
     pub fn moved(&self, inp: usize, out: usize) {
@@ -66,6 +89,20 @@ impl StageStat {
     pub fn busy_time(&self) -> Duration {
         Duration::from_nanos(self.busy_ns.load(Relaxed))
     }
+    /// CPU time so far (all replicas).
+    pub fn cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.cpu_ns.load(Relaxed))
+    }
+
+    /// What the scheduler needs of it.
+    pub fn load(&self) -> crate::sched::StageLoad {
+        crate::sched::StageLoad {
+            busy: self.busy_time(),
+            cpu: self.cpu_time(),
+            stateless: self.stateless,
+            replicas: self.replicas(),
+        }
+    }
 
     /// A snapshot.
     pub fn snapshot(&self, wall: Duration) -> StageStats {
@@ -79,6 +116,7 @@ impl StageStat {
             bytes_out: out,
             mb_per_s: if wall.is_zero() { 0.0 } else { out as f64 / 1e6 / wall.as_secs_f64() },
             busy_s: busy.as_secs_f64(),
+            cpu_s: self.cpu_time().as_secs_f64(),
             busy: if wall.is_zero() { 0.0 } else { busy.as_secs_f64() / wall.as_secs_f64() / replicas.max(1) as f64 },
             syscalls: self.syscalls.load(Relaxed),
             copied: self.copied.load(Relaxed),
@@ -106,6 +144,10 @@ pub struct StageStats {
     pub busy_s: f64,
     /// Fraction of wall time busy, per replica (0..1).
     pub busy: f64,
+    /// CPU time, seconds (all replicas): what the stage cost the machine; `busy_s` less this is time blocked in the
+    /// kernel (waiting for input, or for a device).
+    #[serde(default)]
+    pub cpu_s: f64,
     /// System calls.
     pub syscalls: u64,
     /// Bytes copied in user space.

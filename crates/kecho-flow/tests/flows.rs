@@ -6,10 +6,11 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kecho_flow::record::{self, Key, RecordError};
-use kecho_flow::{parse, Decision, Flow, FlowError, FlowStats};
+use kecho_flow::{parse, Decision, Flow, FlowError, FlowHandle, FlowStats};
 
 struct Dir(PathBuf);
 
@@ -47,6 +48,70 @@ fn run(spec: &str) -> Result<FlowStats, FlowError> {
     Flow::from_spec(&parse(spec).map_err(FlowError::from)?).start()?.wait()
 }
 
+/// Starts the flow `spec` (which must parse and start).
+fn start(spec: &str) -> FlowHandle {
+    Flow::from_spec(&parse(spec).unwrap()).start().unwrap()
+}
+
+/// A scratch directory named `name` holding `n` bytes of test data in the file `in`, and those bytes.
+fn with_input(name: &str, n: usize) -> (Dir, Vec<u8>) {
+    let d = Dir::new(name);
+    let input = data(n);
+    std::fs::write(d.path("in"), &input).unwrap();
+    (d, input)
+}
+
+/// A TCP peer on loopback that accepts one connection and returns everything it read.
+fn tcp_reader() -> (std::net::SocketAddr, JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    (addr, std::thread::spawn(move || read_all(l.accept().unwrap().0)))
+}
+
+/// A Unix socket peer at `path` that accepts one connection and returns everything it read.
+fn unix_reader(path: &str) -> JoinHandle<Vec<u8>> {
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || read_all(l.accept().unwrap().0))
+}
+
+fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).unwrap();
+    v
+}
+
+/// A resume-capable TCP peer: it starts each connection by sending how many bytes of the stream it holds (u64 BE),
+/// holding `prefix` (zero-filled stand-ins) at first; with `drop_after`, it drops its first connection after taking
+/// that many bytes and takes the rest on the next. Returns the bytes it received, the prefix left out.
+fn resuming_peer(prefix: u64, drop_after: Option<usize>) -> (std::net::SocketAddr, JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        if let Some(n) = drop_after {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(&prefix.to_be_bytes()).unwrap();
+            let mut buf = vec![0u8; n];
+            s.read_exact(&mut buf).unwrap();
+            got.extend_from_slice(&buf);
+        }
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&(prefix + got.len() as u64).to_be_bytes()).unwrap();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    (addr, peer)
+}
+
+/// Waits (at most 30 s) until the flow has ended, leaving its handle to read the events and the result.
+fn await_end(f: &FlowHandle) {
+    let t = Instant::now();
+    while !f.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the flow did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn key_file(d: &Dir) -> String {
     let k = d.path("key");
     std::fs::write(&k, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
@@ -55,10 +120,8 @@ fn key_file(d: &Dir) -> String {
 
 #[test]
 fn encrypt_then_decrypt_round_trips() {
-    let d = Dir::new("roundtrip");
+    let (d, input) = with_input("roundtrip", 1_000_003);
     let k = key_file(&d);
-    let input = data(1_000_003);
-    std::fs::write(d.path("in"), &input).unwrap();
     let s = run(&format!(
         "file:{} chunk=64K ! encrypt aes-256-gcm key={k} record=1000 ! file:{}",
         d.path("in"),
@@ -94,6 +157,17 @@ fn replicated_decrypt_keeps_order() {
     .unwrap();
     assert_eq!(s.stages[1].replicas, 2);
     assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    // `auto` decides after 64 chunks (here about 190) whether the stage moves off the reading thread, on 1 or more
+    // threads, depending on the cores free now: whichever it chose, the output is whole and in order, and the
+    // stages' CPU time is counted.
+    let s = run(&format!(
+        "file:{} chunk=16K ! decrypt aes-256-gcm key={k} replicas=auto ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
 #[test]
@@ -131,17 +205,14 @@ fn corrupt_record_fails_with_its_offset_and_is_not_written() {
 
 #[test]
 fn untransformed_flows_take_the_zero_copy_path() {
-    let d = Dir::new("zerocopy");
-    let input = data(5 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("zerocopy", 5 << 20);
     let s = run(&format!("file:{} ! file:{}", d.path("in"), d.path("out"))).unwrap();
     assert_eq!(s.path, "zero-copy (copy_file_range)");
     assert_eq!(s.user_copied, 0);
     assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
 
     // TCP to file: splice.
-    let f =
-        Flow::from_spec(&parse(&format!("tcp-listen:127.0.0.1:0 ! file:{}", d.path("tcp"))).unwrap()).start().unwrap();
+    let f = start(&format!("tcp-listen:127.0.0.1:0 ! file:{}", d.path("tcp")));
     let addr = f.local_addr().unwrap();
     let mut c = TcpStream::connect(addr).unwrap();
     c.write_all(&input).unwrap();
@@ -152,13 +223,7 @@ fn untransformed_flows_take_the_zero_copy_path() {
     assert_eq!(std::fs::read(d.path("tcp")).unwrap(), input);
 
     // File to TCP: sendfile.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
-        v
-    });
+    let (addr, reader) = tcp_reader();
     let s = run(&format!("file:{} ! tcp-connect:{addr}", d.path("in"))).unwrap();
     assert_eq!(s.path, "zero-copy (sendfile)");
     assert_eq!(reader.join().unwrap(), input);
@@ -167,14 +232,9 @@ fn untransformed_flows_take_the_zero_copy_path() {
 #[test]
 fn rung4_falls_back_to_copying_when_the_kernel_refuses() {
     // copy_file_range and splice refuse a destination opened for appending: the flow copies instead.
-    let d = Dir::new("fallback");
-    let input = data(300_000);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("fallback", 300_000);
     std::fs::write(d.path("out"), b"head:").unwrap();
-    let f = Flow::from_spec(&parse(&format!("file:{} ! file:{} append", d.path("in"), d.path("out"))).unwrap())
-        .start()
-        .unwrap();
-    let s = f.wait().unwrap();
+    let s = run(&format!("file:{} ! file:{} append", d.path("in"), d.path("out"))).unwrap();
     assert!(s.path.starts_with("copy (fallback"), "{}", s.path);
     let mut want = b"head:".to_vec();
     want.extend_from_slice(&input);
@@ -238,9 +298,7 @@ fn wasm_transform_runs_sandboxed() {
 
 #[test]
 fn a_slow_sink_is_detached_and_the_others_go_on() {
-    let d = Dir::new("fanout");
-    let input = data(8 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("fanout", 8 << 20);
     // Both fan-outs: zero-copy (tee into one pipe per sink) and, with `copy`, the copying one (a queue per sink).
     for (copy, path) in [("", "zero-copy (splice + tee)"), (" copy", "copy")] {
         // A peer that accepts and never reads: its socket buffers fill, then its queue.
@@ -269,17 +327,9 @@ fn a_slow_sink_is_detached_and_the_others_go_on() {
 /// for each sink, and every sink gets the whole stream.
 #[test]
 fn tee_fans_out_without_a_user_space_copy() {
-    use std::os::unix::net::UnixListener;
-    let d = Dir::new("tee");
-    let input = data(6 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("tee", 6 << 20);
     let sock = d.path("u.sock");
-    let l = UnixListener::bind(&sock).unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
-        v
-    });
+    let reader = unix_reader(&sock);
     let spec = format!("file:{} ! file:{} unix:{sock} exec:'cat > {}'", d.path("in"), d.path("a"), d.path("c"));
     let s = run(&spec).unwrap();
     assert_eq!(s.path, "zero-copy (splice + tee)");
@@ -310,22 +360,14 @@ fn closed_port() -> std::net::SocketAddr {
 
 #[test]
 fn rungs_1_and_2_retry_then_redirect_to_the_alternate() {
-    let d = Dir::new("redirect");
-    let input = data(100_000);
-    std::fs::write(d.path("in"), &input).unwrap();
-    let good = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = good.local_addr().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        good.accept().unwrap().0.read_to_end(&mut v).unwrap();
-        v
-    });
-    let spec =
-        format!("file:{} ! checksum ! tcp-connect:{} retries=2 alt=tcp-connect:{addr}", d.path("in"), closed_port());
-    let f = Flow::from_spec(&parse(&spec).unwrap()).start().unwrap();
-    while !f.is_finished() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (d, input) = with_input("redirect", 100_000);
+    let (addr, reader) = tcp_reader();
+    let f = start(&format!(
+        "file:{} ! checksum ! tcp-connect:{} retries=2 alt=tcp-connect:{addr}",
+        d.path("in"),
+        closed_port()
+    ));
+    await_end(&f);
     let steps: Vec<(u8, String)> = f.events().into_iter().map(|e| (e.rung, e.what)).collect();
     assert_eq!(
         steps,
@@ -338,8 +380,7 @@ fn rungs_1_and_2_retry_then_redirect_to_the_alternate() {
 
 #[test]
 fn rung_3_and_5_notify_the_application_then_terminate() {
-    let d = Dir::new("notify");
-    std::fs::write(d.path("in"), data(1000)).unwrap();
+    let (d, _) = with_input("notify", 1000);
     let asked = Arc::new(AtomicUsize::new(0));
     let a = asked.clone();
     let spec =
@@ -365,41 +406,19 @@ fn rung_3_and_5_notify_the_application_then_terminate() {
 
 #[test]
 fn ladder_events_are_recorded_in_order() {
-    let d = Dir::new("events");
-    std::fs::write(d.path("in"), data(1000)).unwrap();
-    let spec = parse(&format!("file:{} ! checksum ! tcp-connect:{} retries=1", d.path("in"), closed_port())).unwrap();
-    let f = Flow::from_spec(&spec).start().unwrap();
-    while !f.is_finished() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (d, _) = with_input("events", 1000);
+    let f = start(&format!("file:{} ! checksum ! tcp-connect:{} retries=1", d.path("in"), closed_port()));
+    await_end(&f);
     let rungs: Vec<(u8, String)> = f.events().into_iter().map(|e| (e.rung, e.what)).collect();
     assert_eq!(rungs, vec![(1, "retry".into()), (3, "notify".into()), (5, "terminated".into())]);
 }
 
 #[test]
 fn rung_1_resumes_a_dropped_connection_at_the_peers_offset() {
-    let d = Dir::new("resume");
-    let input = data(4 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
+    let (d, input) = with_input("resume", 4 << 20);
     // A resume-capable peer: says how much it holds, takes 1 MB, drops the connection; then takes the rest.
-    let peer = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let (mut s, _) = l.accept().unwrap();
-        s.write_all(&0u64.to_be_bytes()).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        s.read_exact(&mut buf).unwrap();
-        got.extend_from_slice(&buf);
-        drop(s);
-        let (mut s, _) = l.accept().unwrap();
-        s.write_all(&(got.len() as u64).to_be_bytes()).unwrap();
-        s.read_to_end(&mut got).unwrap();
-        got
-    });
-    let spec = format!("file:{} chunk=64K ! checksum ! tcp-connect:{addr} resume retries=5", d.path("in"));
-    let f = Flow::from_spec(&parse(&spec).unwrap()).start().unwrap();
-    let s = f.wait().unwrap();
+    let (addr, peer) = resuming_peer(0, Some(1 << 20));
+    let s = run(&format!("file:{} chunk=64K ! checksum ! tcp-connect:{addr} resume retries=5", d.path("in"))).unwrap();
     let got = peer.join().unwrap();
     assert_eq!(got.len(), input.len());
     assert!(got == input);
@@ -408,21 +427,16 @@ fn rung_1_resumes_a_dropped_connection_at_the_peers_offset() {
 
 #[test]
 fn stop_by_handle_and_rate_limit() {
-    let f = Flow::from_spec(&parse("tcp-listen:127.0.0.1:0 ! checksum ! -").unwrap()).start().unwrap();
+    let f = start("tcp-listen:127.0.0.1:0 ! checksum ! -");
     let addr = f.local_addr().unwrap();
     let _c = TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     f.stop();
     assert!(matches!(f.wait(), Err(FlowError::Stopped)));
 
-    let d = Dir::new("rate");
-    std::fs::write(d.path("in"), data(2 << 20)).unwrap();
+    let (d, _) = with_input("rate", 2 << 20);
     let t = Instant::now();
-    let f = Flow::from_spec(
-        &parse(&format!("file:{} rate=8M chunk=64K ! checksum ! file:{}", d.path("in"), d.path("out"))).unwrap(),
-    )
-    .start()
-    .unwrap();
+    let f = start(&format!("file:{} rate=8M chunk=64K ! checksum ! file:{}", d.path("in"), d.path("out")));
     f.set_priority(5);
     let s = f.wait().unwrap();
     // 2 MiB at 8 MiB/s with a burst of 0.8 MiB needs at least 0.15 s.
@@ -462,9 +476,7 @@ fn a_scheduler_shares_its_budget_by_priority() {
 fn kecho_channel_in_and_out() {
     // A flow from a file into a kecho channel, and a flow from that channel into a file, on one in-process node.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let d = Dir::new("channel");
-    let input = data(50_000);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("channel", 50_000);
     let (node, ch) = rt.block_on(async {
         let node =
             kecho::Node::builder().registry_client(kecho::RegistryClient::in_process_private()).start().await.unwrap();
@@ -515,14 +527,12 @@ fn kecho_channel_in_and_out() {
 /// transform (the copying path), with the bytes checked end to end.
 #[test]
 fn unix_socket_endpoints_listen_and_connect() {
-    use std::os::unix::net::{UnixListener, UnixStream};
-    let d = Dir::new("unix");
-    let input = data(3 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    use std::os::unix::net::UnixStream;
+    let (d, input) = with_input("unix", 3 << 20);
 
     // unix-listen source -> file: splice, no user-space copy.
     let sock = d.path("src.sock");
-    let f = Flow::from_spec(&parse(&format!("unix-listen:{sock} ! file:{}", d.path("out"))).unwrap()).start().unwrap();
+    let f = start(&format!("unix-listen:{sock} ! file:{}", d.path("out")));
     let mut c = UnixStream::connect(&sock).unwrap();
     c.write_all(&input).unwrap();
     drop(c);
@@ -534,12 +544,7 @@ fn unix_socket_endpoints_listen_and_connect() {
 
     // file -> checksum -> unix sink (connect): the copying path.
     let sink = d.path("sink.sock");
-    let l = UnixListener::bind(&sink).unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        l.accept().unwrap().0.read_to_end(&mut v).unwrap();
-        v
-    });
+    let reader = unix_reader(&sink);
     let s = run(&format!("file:{} ! checksum ! unix:{sink}", d.path("in"))).unwrap();
     assert_eq!(s.path, "copy");
     assert_eq!(reader.join().unwrap(), input);
@@ -554,9 +559,7 @@ fn unix_socket_endpoints_listen_and_connect() {
 /// sink process that exits early fails the flow instead of hanging it.
 #[test]
 fn exec_endpoints_read_stdout_and_write_stdin() {
-    let d = Dir::new("exec");
-    let input = data(2 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("exec", 2 << 20);
 
     // exec source (a pipe) -> file: splice.
     let s = run(&format!("exec:'cat {}' ! file:{}", d.path("in"), d.path("a"))).unwrap();
@@ -589,28 +592,9 @@ fn exec_endpoints_read_stdout_and_write_stdin() {
 /// that already holds a prefix when the flow starts (a restarted transfer) gets only the rest.
 #[test]
 fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
-    let d = Dir::new("zcresume");
-    let input = data(4 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let peer = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let (mut s, _) = l.accept().unwrap();
-        s.write_all(&0u64.to_be_bytes()).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        s.read_exact(&mut buf).unwrap();
-        got.extend_from_slice(&buf);
-        drop(s);
-        let (mut s, _) = l.accept().unwrap();
-        s.write_all(&(got.len() as u64).to_be_bytes()).unwrap();
-        s.read_to_end(&mut got).unwrap();
-        got
-    });
-    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume retries=5", d.path("in"))).unwrap())
-        .start()
-        .unwrap();
-    let s = f.wait().unwrap();
+    let (d, input) = with_input("zcresume", 4 << 20);
+    let (addr, peer) = resuming_peer(0, Some(1 << 20));
+    let s = run(&format!("file:{} ! tcp-connect:{addr} resume retries=5", d.path("in"))).unwrap();
     let got = peer.join().unwrap();
     assert_eq!(s.path, "zero-copy (sendfile)");
     assert_eq!(s.user_copied, 0, "{s:?}");
@@ -618,20 +602,9 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
     assert!(got == input, "the bytes lost with the first connection were sent again, none twice");
 
     // A peer holding the first 1.5 MB from an earlier transfer.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
     let prefix = 3 << 19;
-    let peer = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        s.write_all(&(prefix as u64).to_be_bytes()).unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-        rest
-    });
-    let f = Flow::from_spec(&parse(&format!("file:{} ! tcp-connect:{addr} resume", d.path("in"))).unwrap())
-        .start()
-        .unwrap();
-    let s = f.wait().unwrap();
+    let (addr, peer) = resuming_peer(prefix as u64, None);
+    let s = run(&format!("file:{} ! tcp-connect:{addr} resume", d.path("in"))).unwrap();
     assert!(peer.join().unwrap() == input[prefix..]);
     assert_eq!(s.bytes_out, (input.len() - prefix) as u64);
     assert_eq!(s.user_copied, 0);
@@ -641,9 +614,7 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
 /// up, instead of cutting it off; the other sink gets everything.
 #[test]
 fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
-    let d = Dir::new("teedrop");
-    let input = data(24 << 20);
-    std::fs::write(d.path("in"), &input).unwrap();
+    let (d, input) = with_input("teedrop", 24 << 20);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -655,12 +626,7 @@ fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
         let _ = s.read_to_end(&mut v);
         v.len()
     });
-    let f = Flow::from_spec(
-        &parse(&format!("file:{} ! tcp-connect:{addr} queue=64K full=drop file:{}", d.path("in"), d.path("out")))
-            .unwrap(),
-    )
-    .start()
-    .unwrap();
+    let f = start(&format!("file:{} ! tcp-connect:{addr} queue=64K full=drop file:{}", d.path("in"), d.path("out")));
     // The file sink finishes while the TCP sink's bytes are dropped; then the peer drains what it was given.
     let t = Instant::now();
     while std::fs::metadata(d.path("out")).map(|m| m.len()).unwrap_or(0) < input.len() as u64 {
@@ -675,4 +641,44 @@ fn tee_drop_policy_skips_bytes_for_the_slow_sink_only() {
     assert!(s.stages[1].dropped > 0, "{s:#?}");
     assert!(!s.stages[1].detached);
     assert_eq!(got as u64 + s.stages[1].dropped, input.len() as u64, "every byte is either sent or counted as dropped");
+}
+
+/// The application sees the bytes only where it asks to: an `app:` sink gets the decrypted records, in order, beside
+/// a file sink; a function that fails terminates the flow with its reason; a missing function is a configuration
+/// error at start.
+#[test]
+fn an_app_sink_sees_the_bytes_it_asked_for() {
+    let (d, input) = with_input("app", 300_000);
+    let k = key_file(&d);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1000)).unwrap();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (s2, c2) = (seen.clone(), calls.clone());
+    let spec = format!("file:{} ! decrypt aes-256-gcm key={k} ! app:mine file:{}", d.path("enc"), d.path("out"));
+    let s = Flow::from_spec(&parse(&spec).unwrap())
+        .app_sink("mine", move |b| {
+            c2.fetch_add(1, Ordering::Relaxed);
+            s2.lock().extend_from_slice(b);
+            Ok(())
+        })
+        .start()
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(*seen.lock() == input);
+    assert_eq!(calls.load(Ordering::Relaxed), 300, "one call per decrypted record");
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    assert_eq!(s.stages[2].name, "app:mine");
+
+    let e = Flow::from_spec(&parse(&format!("file:{} ! app:picky", d.path("in"))).unwrap())
+        .app_sink("picky", |_| Err("no thanks".into()))
+        .start()
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(matches!(&e, FlowError::Terminated { reason, .. } if reason == "no thanks"), "{e}");
+
+    let e = Flow::from_spec(&parse(&format!("file:{} ! app:nobody", d.path("in"))).unwrap()).start().unwrap_err();
+    assert!(matches!(e, FlowError::Config(_)), "{e}");
 }

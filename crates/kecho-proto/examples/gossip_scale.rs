@@ -8,13 +8,13 @@ fn main() {
     let seed = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     println!(
         "| members | join of the last (ms) | storm of 100 (ms) | links max / mean | copies per event per member | \
-         delivered (steady) | delivered after 30 % killed | reported lost | membership msgs per join |"
+         delivered (steady) | delivered after 30 % killed | reported lost | neither | rejoins | membership msgs per join |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in [1_000, 2_000, 5_000, 10_000] {
         let f = gossip::run(n, seed);
         println!(
-            "| {} | {} | {} | {} / {:.1} | {:.3} | {:.4} | {:.4} | {:.4} | {} |",
+            "| {} | {} | {} | {} / {:.1} | {:.3} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} |",
             f.n,
             f.join_last_ms,
             f.storm_ms,
@@ -24,6 +24,8 @@ fn main() {
             f.delivered_steady,
             f.delivered_after_kill,
             f.reported_after_kill,
+            (1.0 - f.delivered_after_kill - f.reported_after_kill).max(0.0),
+            f.rejoins,
             f.msgs_per_join
         );
     }

@@ -24,12 +24,15 @@ impl Roles {
     pub const SINK: Roles = Roles(2);
     /// Install filters on other members' nodes.
     pub const FILTERS: Roles = Roles(4);
-    /// Every right.
+    /// Every right in a channel (`all`). [`Roles::EXEC`] is not among them: it is granted by name.
     pub const ALL: Roles = Roles(7);
+    /// Start work on exec agents (`kecho run`, `deploy`, `configure`, `agent drain`). Not a channel right: an agent
+    /// under an access policy checks it on every request it is sent (the credential travels with the request).
+    pub const EXEC: Roles = Roles(8);
 
     /// The set with these bits; `None` if a bit names no role.
     pub fn from_bits(bits: u8) -> Option<Roles> {
-        (bits & !Roles::ALL.0 == 0).then_some(Roles(bits))
+        (bits & !(Roles::ALL.0 | Roles::EXEC.0) == 0).then_some(Roles(bits))
     }
 
     /// The bits of this set.
@@ -63,7 +66,8 @@ impl fmt::Display for Roles {
         if self.is_empty() {
             return f.write_str("none");
         }
-        let names = [(Roles::SOURCE, "source"), (Roles::SINK, "sink"), (Roles::FILTERS, "filters")];
+        let names =
+            [(Roles::SOURCE, "source"), (Roles::SINK, "sink"), (Roles::FILTERS, "filters"), (Roles::EXEC, "exec")];
         let mut first = true;
         for (r, name) in names {
             if self.contains(r) {
@@ -87,7 +91,7 @@ impl fmt::Debug for Roles {
 impl FromStr for Roles {
     type Err = RolesError;
 
-    /// A comma-separated list of `source`, `sink`, `filters`, or `all`, or `none`.
+    /// A comma-separated list of `source`, `sink`, `filters`, `exec`, or `all` (the three channel rights), or `none`.
     fn from_str(s: &str) -> Result<Roles, RolesError> {
         let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim) {
@@ -95,6 +99,7 @@ impl FromStr for Roles {
                 "source" | "sources" => Roles::SOURCE,
                 "sink" | "sinks" => Roles::SINK,
                 "filters" | "filter" => Roles::FILTERS,
+                "exec" => Roles::EXEC,
                 "all" => Roles::ALL,
                 "none" => Roles::NONE,
                 other => return Err(RolesError::Unknown(other.to_owned())),
@@ -280,7 +285,7 @@ impl Authority {
 #[non_exhaustive]
 pub enum RolesError {
     /// A name that is no role.
-    #[error("unknown role {0:?}: expected source, sink, filters, all or none")]
+    #[error("unknown role {0:?}: expected source, sink, filters, exec, all or none")]
     Unknown(String),
 }
 
@@ -393,7 +398,11 @@ mod tests {
         let e = "sauce".parse::<Roles>().unwrap_err();
         assert_eq!(e, RolesError::Unknown("sauce".into()));
         assert!(e.to_string().contains("sauce"), "{e}");
-        assert_eq!(Roles::from_bits(8), None);
+        assert_eq!("exec".parse::<Roles>().unwrap(), Roles::EXEC);
+        assert_eq!("all,exec".parse::<Roles>().unwrap().to_string(), "source,sink,filters,exec");
+        assert!(!Roles::ALL.contains(Roles::EXEC));
+        assert_eq!(Roles::from_bits(8), Some(Roles::EXEC));
+        assert_eq!(Roles::from_bits(16), None);
     }
 
     #[test]

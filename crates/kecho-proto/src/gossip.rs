@@ -20,7 +20,8 @@ use crate::types::NodeId;
 /// Sizes and timers.
 #[derive(Clone, Debug)]
 pub struct GossipConfig {
-    /// Largest active view: the links a member keeps.
+    /// The active view's target size: the links a member keeps. A member asked politely for a link when its view
+    /// is full accepts one more, so a view holds at most one more than this.
     pub active: usize,
     /// Largest passive view.
     pub passive: usize,
@@ -36,6 +37,16 @@ pub struct GossipConfig {
     pub loss_after: u64,
     /// Events kept per member to answer grafts.
     pub cache: usize,
+    /// How often a member tells each active peer the newest event it has of every recently active source (ms), so
+    /// that a member whose tree parent died learns of events it missed even when no later event comes (Plumtree's
+    /// lazy queue, batched).
+    pub summary_every: u64,
+    /// A source counts as recently active this long after its last event (ms).
+    pub summary_for: u64,
+    /// How often a member with fewer than half of [`GossipConfig::active`] links asks for more (ms).
+    pub refill_every: u64,
+    /// Most events of one source a summary can make a member ask for at once.
+    pub max_graft_run: u64,
 }
 
 impl Default for GossipConfig {
@@ -49,6 +60,10 @@ impl Default for GossipConfig {
             graft_after: 250,
             loss_after: 2_000,
             cache: 4096,
+            summary_every: 500,
+            summary_for: 10_000,
+            refill_every: 500,
+            max_graft_run: 256,
         }
     }
 }
@@ -153,6 +168,10 @@ pub enum GossipOut {
         /// Its bytes.
         payload: bytes::Bytes,
     },
+    /// This member has no link left and no address to make one with: the I/O layer should join again through a
+    /// member it finds in the registry ([`Gossip::join`]). Repeated every [`GossipConfig::refill_every`] while
+    /// it lasts.
+    Isolated,
     /// Events of `source` that will not come: `count` from `first` on.
     Lost {
         /// The source.
@@ -173,6 +192,10 @@ struct SourceState {
     ahead: BTreeMap<u64, bytes::Bytes>,
     /// Since when a gap has been open.
     gap_since: Option<u64>,
+    /// The highest number known to exist (received or announced).
+    heard: u64,
+    /// When its last event arrived or was published (for summaries).
+    last_at: u64,
 }
 
 /// One member's HyParView and Plumtree state.
@@ -194,8 +217,12 @@ pub struct Gossip {
     sources: HashMap<NodeId, SourceState>,
     next_seq: u64,
     next_shuffle: u64,
+    next_summary: u64,
+    next_refill: u64,
     /// Rejected `Neighbor` requests since the last failure.
     refill_tries: u8,
+    /// Periodic refills in a row that were needed (the period doubles with each, up to 16 times).
+    refill_backoff: u8,
     rng: u64,
     out: VecDeque<GossipOut>,
 }
@@ -204,6 +231,7 @@ impl Gossip {
     /// A member that knows nobody yet.
     pub fn new(me: NodeId, cfg: GossipConfig, seed: u64, now: u64) -> Self {
         let next_shuffle = now + cfg.shuffle_every;
+        let (next_summary, next_refill) = (now + cfg.summary_every, now + cfg.refill_every);
         Gossip {
             me,
             cfg,
@@ -216,7 +244,10 @@ impl Gossip {
             sources: HashMap::new(),
             next_seq: 1,
             next_shuffle,
+            next_summary,
+            next_refill,
             refill_tries: 0,
+            refill_backoff: 0,
             rng: seed | 1,
             out: VecDeque::new(),
         }
@@ -249,7 +280,9 @@ impl Gossip {
     pub fn poll_timeout(&self) -> u64 {
         let graft = self.missing.values().map(|(_, at)| *at).min();
         let loss = self.sources.values().filter_map(|s| s.gap_since).min().map(|t| t + self.cfg.loss_after);
-        [Some(self.next_shuffle), graft, loss].into_iter().flatten().min().unwrap_or(u64::MAX)
+        let refill = (self.active.len() < self.cfg.active / 2).then_some(self.next_refill);
+        let summary = (!self.active.is_empty() && !self.sources.is_empty()).then_some(self.next_summary);
+        [Some(self.next_shuffle), graft, loss, refill, summary].into_iter().flatten().min().unwrap_or(u64::MAX)
     }
 
     /// Publishes an event from this member; returns its identity.
@@ -257,7 +290,10 @@ impl Gossip {
         let id = EventId { source: self.me, seq: self.next_seq };
         self.next_seq += 1;
         self.remember(id, payload.clone());
-        self.sources.entry(self.me).or_default().next = id.seq + 1;
+        let s = self.sources.entry(self.me).or_default();
+        s.next = id.seq + 1;
+        s.heard = id.seq;
+        s.last_at = now;
         self.push(id, 0, payload, None, now);
         id
     }
@@ -314,8 +350,17 @@ impl Gossip {
                 }
             }
             GossipMsg::Neighbor { high } => {
-                let accepted = self.active.contains(&from) || high || self.active.len() < self.cfg.active;
-                if accepted {
+                let accepted = self.active.contains(&from) || high || self.active.len() <= self.cfg.active;
+                if accepted && !high && self.active.len() == self.cfg.active {
+                    // One link over the target for a member short of links: HyParView would refuse, and a member
+                    // whose every candidate has a full view would stay with one link. Joins bring the view back
+                    // to the target (they replace a link rather than add one).
+                    self.passive.retain(|x| *x != from);
+                    self.active.push(from);
+                    for e in self.eager.values_mut() {
+                        e.insert(from);
+                    }
+                } else if accepted {
                     self.add_active(from);
                 }
                 if !high {
@@ -325,6 +370,7 @@ impl Gossip {
             GossipMsg::NeighborReply { accepted } => {
                 if accepted {
                     self.refill_tries = 0;
+                    self.refill_backoff = 0;
                     self.add_active(from);
                 } else {
                     self.add_passive(from);
@@ -383,16 +429,7 @@ impl Gossip {
             }
             GossipMsg::IHave { ids } => {
                 for id in ids {
-                    let done =
-                        self.seen.contains_key(&id) || id.seq < self.sources.get(&id.source).map_or(1, |s| s.next);
-                    if done {
-                        continue;
-                    }
-                    let graft_at = now + self.cfg.graft_after;
-                    let entry = self.missing.entry(id).or_insert_with(|| (VecDeque::new(), graft_at));
-                    if !entry.0.contains(&from) {
-                        entry.0.push_back(from);
-                    }
+                    self.announced(from, id, now);
                 }
             }
             GossipMsg::Graft { id } => {
@@ -436,9 +473,14 @@ impl Gossip {
         for src in &srcs {
             let Some(s) = self.sources.get_mut(src) else { continue };
             if s.gap_since.is_some_and(|t| now >= t + loss_after) {
-                if let Some((&first_ahead, _)) = s.ahead.iter().next() {
-                    lost.push(GossipOut::Lost { source: *src, first: s.next, count: first_ahead - s.next });
-                    s.next = first_ahead;
+                // Up to the first event held ahead, or, with none held, up to the newest announced.
+                let upto = s.ahead.keys().next().copied().unwrap_or(s.heard + 1);
+                if upto > s.next {
+                    lost.push(GossipOut::Lost { source: *src, first: s.next, count: upto - s.next });
+                    for seq in s.next..upto {
+                        self.missing.remove(&EventId { source: *src, seq });
+                    }
+                    s.next = upto;
                 }
                 s.gap_since = None;
             }
@@ -448,6 +490,33 @@ impl Gossip {
         }
         for src in srcs {
             self.drain_source(src, now);
+        }
+        if now >= self.next_summary {
+            self.next_summary = now + self.cfg.summary_every;
+            self.summarize(now);
+        }
+        if now >= self.next_refill {
+            self.next_refill = now + (self.cfg.refill_every << self.refill_backoff);
+            if self.active.len() < self.cfg.active / 2 {
+                // Refused requests stop after a few tries per failure; a member still short of links tries again
+                // here, and one with nobody to ask asks a peer for addresses.
+                self.refill_tries = 0;
+                if self.active.is_empty() && self.passive.is_empty() {
+                    self.out.push_back(GossipOut::Isolated);
+                } else if self.passive.is_empty() {
+                    if let Some(to) = self.random_active_except(&[]) {
+                        let mut peers = vec![self.me];
+                        peers.extend(self.sample(&self.active.clone(), 3));
+                        self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: 1, peers });
+                    }
+                } else {
+                    // A request that must be accepted would make the asked member drop a random link, which can
+                    // cut a small group off the overlay: ask politely, less often each time (up to 16 times the
+                    // period), so that members with full views are not asked again and again.
+                    self.refill();
+                    self.refill_backoff = (self.refill_backoff + 1).min(4);
+                }
+            }
         }
         if now >= self.next_shuffle {
             self.next_shuffle = now + self.cfg.shuffle_every;
@@ -461,6 +530,59 @@ impl Gossip {
     }
 
     // ---- dissemination ---------------------------------------------------------------------------------------
+
+    /// `from` has event `id`: every event of its source up to it that this member lacks is missing (asked for
+    /// with a graft if it does not come within `graft_after`), and a gap opens so that what never comes is reported.
+    fn announced(&mut self, from: NodeId, id: EventId, now: u64) {
+        let Some(s) = self.sources.get_mut(&id.source) else {
+            // A source first heard of through an announcement is followed from that event on, as from an event.
+            let s =
+                SourceState { next: id.seq, heard: id.seq, last_at: now, gap_since: Some(now), ..Default::default() };
+            self.sources.insert(id.source, s);
+            self.want(from, id, now);
+            return;
+        };
+        if id.seq < s.next {
+            return;
+        }
+        let first = s.next.max(id.seq.saturating_sub(self.cfg.max_graft_run - 1));
+        s.heard = s.heard.max(id.seq);
+        s.last_at = s.last_at.max(now);
+        if s.gap_since.is_none() {
+            s.gap_since = Some(now);
+        }
+        for seq in first..=id.seq {
+            let e = EventId { source: id.source, seq };
+            if !self.seen.contains_key(&e) {
+                self.want(from, e, now);
+            }
+        }
+    }
+
+    fn want(&mut self, from: NodeId, id: EventId, now: u64) {
+        let graft_at = now + self.cfg.graft_after;
+        let entry = self.missing.entry(id).or_insert_with(|| (VecDeque::new(), graft_at));
+        if !entry.0.contains(&from) {
+            entry.0.push_back(from);
+        }
+    }
+
+    /// Tells every active peer the newest event of each recently active source this member delivered up to.
+    fn summarize(&mut self, now: u64) {
+        let mut ids: Vec<EventId> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.next > 1 && now.saturating_sub(s.last_at) < self.cfg.summary_for)
+            .map(|(src, s)| EventId { source: *src, seq: s.next - 1 })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort_unstable();
+        for p in self.active.clone() {
+            self.send(p, GossipMsg::IHave { ids: ids.clone() });
+        }
+    }
 
     fn push(&mut self, id: EventId, hops: u16, payload: bytes::Bytes, from: Option<NodeId>, _now: u64) {
         let eager = self.eager_of(id.source).clone();
@@ -491,6 +613,8 @@ impl Gossip {
         // A source first heard of now is followed from this event on (a member that joins late does not count what
         // was published before it joined as lost).
         let s = self.sources.entry(id.source).or_insert_with(|| SourceState { next: id.seq, ..Default::default() });
+        s.heard = s.heard.max(id.seq);
+        s.last_at = now;
         s.ahead.insert(id.seq, payload);
         self.drain_source(id.source, now);
     }
@@ -501,7 +625,8 @@ impl Gossip {
             self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
             s.next += 1;
         }
-        s.gap_since = if s.ahead.is_empty() { None } else { Some(s.gap_since.unwrap_or(now)) };
+        let gap = !s.ahead.is_empty() || s.heard >= s.next;
+        s.gap_since = if gap { Some(s.gap_since.unwrap_or(now)) } else { None };
     }
 
     // ---- views -----------------------------------------------------------------------------------------------
@@ -555,6 +680,12 @@ impl Gossip {
 
     /// Asks a passive peer to become active while the active view has room.
     fn refill_except(&mut self, not: NodeId) {
+        let high = self.active.is_empty();
+        self.refill_with(not, high);
+    }
+
+    /// Asks a passive peer other than `not` to become active (`high`: it must accept, and the link counts at once).
+    fn refill_with(&mut self, not: NodeId, high: bool) {
         if self.active.len() >= self.cfg.active {
             return;
         }
@@ -563,7 +694,6 @@ impl Gossip {
             return;
         }
         let p = candidates[self.below(candidates.len())];
-        let high = self.active.is_empty();
         self.send(p, GossipMsg::Neighbor { high });
         if high {
             self.add_active(p);

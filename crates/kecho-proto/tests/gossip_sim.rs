@@ -9,6 +9,7 @@ fn a_thousand_members_keep_bounded_links_one_copy_per_event_and_constant_join_co
     let f = gossip::run(1000, 3);
     eprintln!("{small:?}\n{f:?}");
     assert!(f.links_max <= 8, "links per member {}", f.links_max);
+    assert!(small.storm_ms < 2000, "a storm of 100 joins at 500 members took {} ms to settle", small.storm_ms);
     assert!(f.join_last_ms < 1000, "the last join took {} ms", f.join_last_ms);
     assert!(f.storm_ms < 2000, "a storm of 100 joins took {} ms to settle", f.storm_ms);
     assert!(f.copies_per_event <= 1.1, "{} copies per event per member", f.copies_per_event);
@@ -16,9 +17,11 @@ fn a_thousand_members_keep_bounded_links_one_copy_per_event_and_constant_join_co
     // A join costs a random walk, not a message per member: doubling the channel does not double it.
     assert!(f.msgs_per_join < 2.0 * small.msgs_per_join.max(10.0), "{} vs {}", f.msgs_per_join, small.msgs_per_join);
     assert!(f.msgs_per_join < 60.0, "{} membership messages for one join", f.msgs_per_join);
-    // After 30 % die at once: today 97 to 99 % arrive (the target, 99.9 % with the rest reported, is not met yet;
-    // docs/SCALE.md says why).
-    assert!(f.delivered_after_kill > 0.95, "{} delivered after 30 % were killed", f.delivered_after_kill);
+    // After 30 % die at once, the survivors get 99.9 % of the events, and learn of the rest (periodic summaries on
+    // every link reveal events a member missed even when no later event of their source comes).
+    assert!(f.delivered_after_kill >= 0.999, "{} delivered after 30 % were killed", f.delivered_after_kill);
+    let unaccounted = 1.0 - f.delivered_after_kill - f.reported_after_kill;
+    assert!(unaccounted < 1e-9, "{unaccounted} of (survivor, event) pairs neither delivered nor reported lost");
 }
 
 #[test]

@@ -44,16 +44,23 @@ pub struct AgentConfig {
     /// Least time between two updates of the request sink's attributes, which requesters' OUT-filters screen on
     /// until they hold a report of the agent (they screen on its newest report from then on). Each update makes
     /// kecho send the node's snapshot to every member of the channel, which re-derives its routes: far dearer than
-    /// a report, which goes to view sinks only (see docs/RESOURCES.md, "Costs").
+    /// a report, which goes to view sinks only (see docs/RESOURCES.md, "Costs"); with N agents the channel's
+    /// members re-derive their routes N / `attr_gap` times a second, each time over every sink. 10 minutes by
+    /// default: requesters screen on reports, and the sink's attributes are only their fallback for an agent they
+    /// have not heard from yet.
     pub attr_gap: Duration,
     /// How often it checks which holders are still on the channel.
     pub probe_every: Duration,
+    /// Its answers (offers, refusals, acknowledgements) say what is free now and the ledger's version, so that the
+    /// requester's view learns of a change at once instead of with the next report (docs/RESOURCES.md, "Costs").
+    pub tell_free: bool,
     /// Hold time, lease limit, holder grace.
     pub ledger: LedgerConfig,
 }
 
 impl AgentConfig {
-    /// Defaults: measure the host, report every second with a lifetime of 3 s, at most one report per 100 ms.
+    /// Defaults: measure the host, report every second with a lifetime of 3 s, at most one report per 20 ms,
+    /// answers that say what is free.
     pub fn new(name: impl Into<String>) -> Self {
         AgentConfig {
             name: name.into(),
@@ -64,9 +71,10 @@ impl AgentConfig {
             measure: true,
             report_every: Duration::from_secs(1),
             lifetime: Duration::from_secs(3),
-            min_report_gap: Duration::from_millis(100),
-            attr_gap: Duration::from_secs(10),
+            min_report_gap: Duration::from_millis(20),
+            attr_gap: Duration::from_secs(600),
             probe_every: Duration::from_secs(1),
+            tell_free: true,
             ledger: LedgerConfig::default(),
         }
     }
@@ -126,6 +134,7 @@ impl Agent {
             host,
             measurer,
             attrs: Attrs::new(),
+            attrs_lv: 0,
             on_sink: Attrs::new(),
             requirements: Default::default(),
             ranks: Default::default(),
@@ -246,6 +255,8 @@ struct State {
     measurer: Measurer,
     /// Everything it publishes.
     attrs: Attrs,
+    /// The ledger's version when `attrs` was built.
+    attrs_lv: u64,
     /// The request sink's attributes as last set.
     on_sink: Attrs,
     requirements: lru::Cache<Requirement>,
@@ -304,8 +315,20 @@ impl State {
             a.set(format!("{r}_reserved"), to_i64(l.reserved().amount(r)));
         }
         a.set("agent", self.cfg.name.clone());
+        self.attrs_lv = l.version();
         drop(l);
         self.attrs = a;
+    }
+
+    /// What an answer says of the ledger (if configured): `free_now` (the free amounts), `lv` and `lv_epoch`.
+    fn tell(&self, out: &mut Attrs) {
+        if !self.cfg.tell_free {
+            return;
+        }
+        let l = self.ledger.lock();
+        out.set("free_now", l.free().to_string());
+        out.set("lv", to_i64(l.version()));
+        out.set("lv_epoch", wire::epoch_attr(self.epoch));
     }
 
     fn report_attrs(&mut self) -> Attrs {
@@ -314,6 +337,7 @@ impl State {
         a.set("epoch", wire::epoch_attr(self.epoch));
         a.set("seq", to_i64(self.seq));
         a.set("lifetime_ms", wire::ms(self.cfg.lifetime));
+        a.set("lv", to_i64(self.attrs_lv));
         a
     }
 }
@@ -386,7 +410,7 @@ async fn run(mut st: State, mut io: Io) {
 async fn publish(st: &mut State, io: &mut Io) {
     let a = st.report_attrs();
     let now = Instant::now();
-    if st.last_attrs.is_none_or(|t| now >= t + st.cfg.attr_gap) {
+    if st.last_attrs.is_none_or(|t| t.checked_add(st.cfg.attr_gap).is_some_and(|due| now >= due)) {
         for (k, v) in st.attrs.iter() {
             if st.on_sink.get(k) != Some(v) {
                 io.sink.set_attr(k, v.clone());
@@ -408,7 +432,8 @@ async fn handle(st: &mut State, io: &mut Io, ev: &Event) {
         wire::OP => on_op(st, ev.attrs()),
         _ => return,
     };
-    if let Some((ty, attrs)) = r {
+    if let Some((ty, mut attrs)) = r {
+        st.tell(&mut attrs);
         if let Err(e) = io.replies.submit(ty, &attrs, b"").await {
             tracing::warn!(error = %e, "answer not sent");
         }

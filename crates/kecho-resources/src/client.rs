@@ -284,9 +284,10 @@ impl Requester {
         let mut last = String::new();
         for attempt in 0..spec.attempts.max(1) {
             if attempt > 0 {
-                // Agents publish a change within tens of milliseconds; a round that failed on stale attributes or
-                // lost a race for capacity gets a fresher picture after a short pause.
-                tokio::time::sleep(Duration::from_millis(30 * u64::from(attempt))).await;
+                // The refusals of the failed round already told this requester's view what the agents it asked
+                // have free (`free_now`); other agents publish a change within tens of milliseconds. A short pause
+                // lets a race for capacity settle.
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
             }
             match self.round(spec).await? {
                 Ok(r) => return Ok(r),
@@ -349,19 +350,30 @@ impl Requester {
         match neg.decide(&spec.amounts) {
             Decision::Fail { reason, declined } => {
                 for o in declined {
-                    self.op_nowait(Op::Decline, &o.id, &Attrs::new()).await;
+                    self.decline(&o).await;
                 }
                 Ok(Err((reason, true)))
             }
             Decision::Confirm { chosen, declined } => {
-                for o in declined {
-                    self.op_nowait(Op::Decline, &o.id, &Attrs::new()).await;
-                }
+                // Confirmations first (they are what the caller waits for), then the declines.
                 let extra = Attrs::new().with("lease_ms", wire::ms(spec.lease)).with("attached", spec.attached);
                 let mut pending = Vec::new();
+                let mut failed_start = None;
                 for o in &chosen {
                     let sent = Instant::now();
-                    pending.push((o, sent, self.op_start(Op::Confirm, &o.id, &extra).await?));
+                    match self.op_start(Op::Confirm, &o.id, &extra).await {
+                        Ok(rx) => pending.push((o, sent, rx)),
+                        Err(e) => {
+                            failed_start = Some(e);
+                            break;
+                        }
+                    }
+                }
+                for o in declined {
+                    self.decline(&o).await;
+                }
+                if let Some(e) = failed_start {
+                    return Err(e);
                 }
                 let mut got = Vec::new();
                 let mut failed = None;
@@ -381,6 +393,12 @@ impl Requester {
                 Ok(Ok(got))
             }
         }
+    }
+
+    /// Withdraws an offer; this requester's view counts its amounts as free again.
+    async fn decline(&self, o: &OfferInfo) {
+        self.op_nowait(Op::Decline, &o.id, &Attrs::new()).await;
+        self.inner.view.credit(&o.id.agent, o.id.epoch, &o.amounts);
     }
 
     async fn op_nowait(&self, op: Op, id: &ReservationId, extra: &Attrs) {
@@ -584,6 +602,15 @@ fn route(inner: &Inner, ev: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut V
     }
     found.chosen = ok.len();
     chosen.extend(ok.iter().map(|c| c.0));
+    // Until they answer, what this requester asked of them counts as taken in its view, so that its next
+    // concurrent requests do not all go to the same few agents.
+    inner.view.with(|view| {
+        for c in &ok {
+            if let Some(Value::Str(name)) = sinks.get(c.0).attrs().get("agent") {
+                view.debit(name, &s.amounts);
+            }
+        }
+    });
 }
 
 /// The answer task: hands offers and refusals to their negotiation, acknowledgements to their operation, and
@@ -597,6 +624,10 @@ async fn receive(inner: std::sync::Weak<Inner>, mut sink: kecho::Sink, mut decli
         };
         let Some(inner) = inner.upgrade() else { return };
         let a = ev.attrs();
+        if matches!(ev.ty(), wire::OFFER | wire::REFUSE | wire::ACK) {
+            // The agent's state as of this answer: fresher than its last report.
+            inner.view.learn_from(a);
+        }
         match ev.ty() {
             wire::OFFER => {
                 let Ok(req) = wire::int_attr(a, "req") else { continue };

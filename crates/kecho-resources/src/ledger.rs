@@ -176,13 +176,25 @@ pub struct Ledger {
     entries: BTreeMap<u64, Entry>,
     next: u64,
     fence: u64,
+    /// Counts changes of what is reserved.
+    version: u64,
 }
 
 impl Ledger {
     /// An empty ledger for agent `agent` in incarnation `epoch`, with the capacity it offers.
     pub fn new(agent: impl Into<String>, epoch: u64, capacity: Amounts, cfg: LedgerConfig) -> Self {
         let reserved = capacity.iter().fold(Amounts::new(), |a, (k, _)| a.with(k, 0));
-        Ledger { agent: agent.into(), epoch, cfg, capacity, reserved, entries: BTreeMap::new(), next: 1, fence: 0 }
+        Ledger {
+            agent: agent.into(),
+            epoch,
+            cfg,
+            capacity,
+            reserved,
+            entries: BTreeMap::new(),
+            next: 1,
+            fence: 0,
+            version: 0,
+        }
     }
 
     /// The agent's name.
@@ -204,6 +216,11 @@ impl Ledger {
     /// What offers and reservations hold, by resource.
     pub fn reserved(&self) -> &Amounts {
         &self.reserved
+    }
+    /// A number that grows with every change of what is reserved (an offer, a resize, an entry's end): the order of
+    /// the agent's statements about what is free, so that a view keeps the newest of a report and an answer.
+    pub fn version(&self) -> u64 {
+        self.version
     }
     /// What is free, by resource.
     pub fn free(&self) -> Amounts {
@@ -247,6 +264,7 @@ impl Ledger {
         let n = self.next;
         self.next += 1;
         self.reserved.add(amounts);
+        self.version += 1;
         let id = ReservationId { agent: self.agent.clone(), epoch: self.epoch, n };
         let entry = Entry {
             id,
@@ -364,6 +382,7 @@ impl Ledger {
         self.admits(&growth)?;
         self.reserved.sub(&old);
         self.reserved.add(&new);
+        self.version += 1;
         let e = self.entries.get_mut(&id.n).ok_or(LedgerError::Unknown)?;
         e.amounts = new;
         Ok(Grant { id: e.id.clone(), amounts: e.amounts.clone(), until: e.until, fence: e.fence })
@@ -391,6 +410,7 @@ impl Ledger {
     fn remove(&mut self, n: u64) -> Option<Entry> {
         let e = self.entries.remove(&n)?;
         self.reserved.sub(&e.amounts);
+        self.version += 1;
         Some(e)
     }
 

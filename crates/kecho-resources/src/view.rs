@@ -28,6 +28,9 @@ pub struct Report {
     pub resources: Vec<String>,
     /// Attributes the agent could not measure here.
     pub unknown: Vec<String>,
+    /// The agent's ledger version when it stated what is free (`lv`; 0 from an agent that does not say): orders
+    /// reports and the free amounts its answers carry (see [`ClusterView::learn`]).
+    pub lv: u64,
     /// All attributes: measured, static, capacity, free and reserved, and the fields above.
     pub attrs: Attrs,
 }
@@ -45,6 +48,7 @@ impl Report {
             lifetime: wire::dur(attrs, "lifetime_ms")?,
             resources: list(wire::opt_str(attrs, "resources")),
             unknown: list(wire::opt_str(attrs, "unknown")),
+            lv: wire::int_attr(attrs, "lv").ok().and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
             attrs: attrs.clone(),
         })
     }
@@ -118,11 +122,23 @@ impl ClusterView {
 
     /// Takes in a report received at `now`. A report of another incarnation replaces the old one (the agent
     /// restarted); within an incarnation only a newer sequence number counts.
-    pub fn apply(&mut self, report: Report, now: Instant) -> Applied {
+    pub fn apply(&mut self, mut report: Report, now: Instant) -> Applied {
         match self.entries.get_mut(&report.agent) {
             Some(e) if e.report.epoch == report.epoch && e.report.seq >= report.seq => Applied::Stale,
             Some(e) => {
                 let restarted = e.report.epoch != report.epoch;
+                if !restarted && e.report.lv > report.lv {
+                    // An answer told this view of a newer state of the ledger than the report: keep what it said.
+                    for r in &report.resources {
+                        for k in [format!("{r}_free"), format!("{r}_reserved")] {
+                            if let Some(v) = e.report.attrs.get(&k) {
+                                report.attrs.set(k, v.clone());
+                            }
+                        }
+                    }
+                    report.lv = e.report.lv;
+                    report.attrs.set("lv", i64::try_from(report.lv).unwrap_or(i64::MAX));
+                }
                 *e = ViewEntry { report, received: now };
                 if restarted {
                     Applied::Joined
@@ -134,6 +150,63 @@ impl ClusterView {
                 self.entries.insert(report.agent.clone(), ViewEntry { report, received: now });
                 Applied::Joined
             }
+        }
+    }
+
+    /// An agent's answer (offer, refusal, acknowledgement) said what was free at its ledger version `lv`: if that
+    /// is newer than what this view holds of the same incarnation, its `R_free` and `R_reserved` are updated
+    /// (the report's other attributes and its age stay). Returns whether it was newer.
+    pub fn learn(&mut self, agent: &str, epoch: u64, lv: u64, free: &Amounts) -> bool {
+        let Some(e) = self.entries.get_mut(agent) else { return false };
+        if e.report.epoch != epoch || e.report.lv >= lv {
+            return false;
+        }
+        let cap = e.report.capacity();
+        for (r, f) in free.iter() {
+            let Some(c) = cap.get(r) else { continue };
+            let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            e.report.attrs.set(format!("{r}_free"), i(f));
+            e.report.attrs.set(format!("{r}_reserved"), i(c.saturating_sub(f)));
+        }
+        e.report.lv = lv;
+        e.report.attrs.set("lv", i64::try_from(lv).unwrap_or(i64::MAX));
+        true
+    }
+
+    /// This view's holder withdrew an offer of `amounts` that the agent's last statement counted as held: they are
+    /// free again as far as this view knows, until the agent's next statement. Only for an agent that states its
+    /// ledger version (`lv` > 0), whose last statement in this view then followed the offer.
+    pub fn credit(&mut self, agent: &str, epoch: u64, amounts: &Amounts) {
+        let Some(e) = self.entries.get_mut(agent) else { return };
+        if e.report.epoch != epoch || e.report.lv == 0 {
+            return;
+        }
+        let (cap, mut free) = (e.report.capacity(), e.report.free());
+        for (r, a) in amounts.iter() {
+            let (Some(c), Some(f)) = (cap.get(r), free.get(r)) else { continue };
+            let f = f.saturating_add(a).min(c);
+            free.set(r, f);
+            let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            e.report.attrs.set(format!("{r}_free"), i(f));
+            e.report.attrs.set(format!("{r}_reserved"), i(c - f));
+        }
+    }
+
+    /// This view's holder asked the agent for `amounts`, which the agent will hold for it if it admits them: they
+    /// count as taken here until the agent's answer or next report says what is free (so that the holder's next
+    /// requests, sent before that, go elsewhere). Only for an agent that states its ledger version.
+    pub fn debit(&mut self, agent: &str, amounts: &Amounts) {
+        let Some(e) = self.entries.get_mut(agent) else { return };
+        if e.report.lv == 0 {
+            return;
+        }
+        let (cap, free) = (e.report.capacity(), e.report.free());
+        for (r, a) in amounts.iter() {
+            let (Some(c), Some(f)) = (cap.get(r), free.get(r)) else { continue };
+            let f = f.saturating_sub(a);
+            let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            e.report.attrs.set(format!("{r}_free"), i(f));
+            e.report.attrs.set(format!("{r}_reserved"), i(c - f));
         }
     }
 
@@ -233,6 +306,54 @@ mod tests {
         assert!(!v.remove("b", 1));
         assert!(v.remove("b", 2));
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn answers_update_what_is_free_until_a_newer_report() {
+        let t0 = Instant::now();
+        let with_lv = |seq, free, lv: i64| {
+            let mut r = report("a", 1, seq, 1000, free);
+            r.attrs.set("lv", lv);
+            Report::from_attrs(&r.attrs).unwrap()
+        };
+        let mut v = ClusterView::new();
+        v.apply(with_lv(1, 8, 10), t0);
+        let cpus = |v: &ClusterView| v.get("a").unwrap().report.free().amount("cpus");
+        // An answer at a newer ledger version is taken; one at an older version, another incarnation's or an
+        // unknown agent's is not.
+        assert!(v.learn("a", 1, 12, &Amounts::new().with("cpus", 5)));
+        assert_eq!((cpus(&v), v.get("a").unwrap().report.reserved().amount("cpus")), (5, 3));
+        assert!(!v.learn("a", 1, 11, &Amounts::new().with("cpus", 7)));
+        assert!(!v.learn("a", 2, 20, &Amounts::new().with("cpus", 7)));
+        assert!(!v.learn("b", 1, 20, &Amounts::new().with("cpus", 7)));
+        assert_eq!(cpus(&v), 5);
+        // A report sent before the answer (older version) refreshes the age but keeps the answer's amounts.
+        assert_eq!(v.apply(with_lv(2, 8, 11), t0 + Duration::from_millis(100)), Applied::Updated);
+        assert_eq!(cpus(&v), 5);
+        assert_eq!(v.get("a").unwrap().received, t0 + Duration::from_millis(100));
+        // A newer report wins.
+        v.apply(with_lv(3, 6, 13), t0);
+        assert_eq!((cpus(&v), v.get("a").unwrap().report.lv), (6, 13));
+        // A declined offer is free again (never beyond the capacity) until the agent's next statement.
+        v.credit("a", 1, &Amounts::new().with("cpus", 1));
+        assert_eq!(cpus(&v), 7);
+        v.credit("a", 1, &Amounts::new().with("cpus", 4));
+        assert_eq!((cpus(&v), v.get("a").unwrap().report.reserved().amount("cpus")), (8, 0));
+        v.credit("a", 2, &Amounts::new().with("cpus", 4));
+        assert!(v.learn("a", 1, 14, &Amounts::new().with("cpus", 3)));
+        assert_eq!(cpus(&v), 3);
+        // A request sent counts as taken until the answer.
+        v.debit("a", &Amounts::new().with("cpus", 2));
+        assert_eq!(cpus(&v), 1);
+        v.debit("a", &Amounts::new().with("cpus", 2));
+        assert_eq!((cpus(&v), v.get("a").unwrap().report.reserved().amount("cpus")), (0, 8));
+        assert!(v.learn("a", 1, 15, &Amounts::new().with("cpus", 2)));
+        assert_eq!(cpus(&v), 2);
+        // Not for an agent that does not state its version.
+        v.apply(report("c", 1, 1, 1000, 2), t0);
+        v.debit("c", &Amounts::new().with("cpus", 1));
+        v.credit("c", 1, &Amounts::new().with("cpus", 4));
+        assert_eq!(v.get("c").unwrap().report.free().amount("cpus"), 2);
     }
 
     #[test]

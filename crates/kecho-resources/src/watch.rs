@@ -98,10 +98,26 @@ impl View {
     }
 
     /// Runs `f` on the view now (expired reports removed), without copying it.
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut ClusterView) -> R) -> R {
         let mut s = self.state.lock();
         s.expire(Instant::now().into_std());
-        f(&s)
+        f(&mut s)
+    }
+
+    /// Takes in what an agent's answer said is free (see [`ClusterView::learn`]); answers without it are ignored.
+    pub(crate) fn learn_from(&self, answer: &kecho::Attrs) {
+        let (Ok(agent), Ok(epoch), Ok(lv)) =
+            (wire::str_attr(answer, "agent"), wire::epoch_of(answer, "lv_epoch"), wire::int_attr(answer, "lv"))
+        else {
+            return;
+        };
+        let Some(Ok(free)) = wire::opt_str(answer, "free_now").map(str::parse::<Amounts>) else { return };
+        self.state.lock().learn(agent, epoch, u64::try_from(lv).unwrap_or(0), &free);
+    }
+
+    /// See [`ClusterView::credit`].
+    pub(crate) fn credit(&self, agent: &str, epoch: u64, amounts: &Amounts) {
+        self.state.lock().credit(agent, epoch, amounts);
     }
 
     /// Waits until the view changes (an agent joined, reported, left or timed out).

@@ -69,7 +69,8 @@ impl Op {
 }
 
 /// Attribute names that agents set themselves; a static attribute may not use them.
-pub const RESERVED_ATTRS: &[&str] = &["agent", "epoch", "seq", "lifetime_ms", "resources", "unknown", "holder", "to"];
+pub const RESERVED_ATTRS: &[&str] =
+    &["agent", "epoch", "seq", "lifetime_ms", "lv", "resources", "unknown", "holder", "to"];
 
 pub(crate) fn str_attr<'a>(a: &'a Attrs, name: &str) -> Result<&'a str, ParseError> {
     match a.get(name) {

@@ -32,7 +32,12 @@ async fn node_on(reg: &RegistryClient) -> Result<Node> {
 }
 
 async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
-    match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+    let waited = timeout(T, sink.recv()).await;
+    let Ok(got) = waited else {
+        // Says whether the event never came or came and the receiver was not woken.
+        bail!("timed out waiting for an event ({} queued at the sink)", sink.len());
+    };
+    match got {
         Ok(e) => Ok(e),
         Err(e) => bail!("recv: {e}"),
     }
@@ -261,6 +266,34 @@ async fn order_holds_when_direct_and_queued_writes_mix() -> Result<()> {
     Ok(())
 }
 
+/// Two Block sinks on one node, read in lockstep by one task: each event must reach both before a full sink holds
+/// back the next one, or the reader waits on one sink for an event stuck behind the other (the events of one read
+/// from the link were once offered sink by sink, so a full first sink withheld the second sink's share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_block_sink_does_not_withhold_events_from_another() -> Result<()> {
+    let (_reg, nodes) = cluster(2).await?;
+    let ch_b = nodes[1].channel("lockstep").await?;
+    let mut first = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(2))?;
+    let mut second = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(2))?;
+    let ch_a = nodes[0].channel("lockstep").await?;
+    ch_a.wait_for_sinks(2, T).await?;
+    let mut src = ch_a.source()?;
+    let total = 3000u64;
+    let sender = tokio::spawn(async move {
+        for _ in 0..total {
+            src.submit("e", &Attrs::new(), &[1u8; 16]).await?;
+        }
+        anyhow::Ok(())
+    });
+    for k in 1..=total {
+        assert_eq!(recv(&mut first).await.with_context(|| format!("first sink, event {k}"))?.seq(), k);
+        assert_eq!(recv(&mut second).await.with_context(|| format!("second sink, event {k}"))?.seq(), k);
+    }
+    timeout(T, sender).await???;
+    assert_eq!(first.dropped() + second.dropped(), 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_and_leave_while_events_flow() -> Result<()> {
     let (_reg, nodes) = cluster(3).await?;
@@ -372,7 +405,16 @@ async fn block_policy_slows_the_source_and_loses_nothing() -> Result<()> {
     assert_eq!(b_node.links(), 1, "the link survived the reader's wait");
     assert!(!producer.is_finished(), "a Block sink must hold the source back");
     for k in 1..=n {
-        assert_eq!(recv(&mut sink).await?.seq(), k);
+        // On failure, say where and what the links went through (a reconnect or a heartbeat timeout explains a loss).
+        let links = || {
+            let s = |n: &Node| n.link_stats().iter().map(|l| (l.connects, l.heartbeat_timeouts)).collect::<Vec<_>>();
+            format!(
+                "event {k}; (connects, heartbeat timeouts) source side {:?}, sink side {:?}",
+                s(&a_node),
+                s(&b_node)
+            )
+        };
+        assert_eq!(recv(&mut sink).await.with_context(links)?.seq(), k);
     }
     let mut src = timeout(T, producer).await???;
     assert_eq!(sink.dropped(), 0);
@@ -517,8 +559,24 @@ async fn one_link_per_pair_of_nodes_carries_every_channel() -> Result<()> {
             chans.push(ch);
         }
     }
-    for ch in &chans {
-        ch.wait_for_sinks(4, T).await?;
+    for (i, ch) in chans.iter().enumerate() {
+        if let Err(e) = ch.wait_for_sinks(4, T).await {
+            // Say who sees whom and what the links went through: a member that never learns of another is a
+            // membership defect, and a link replaced while frames were in flight is the suspect.
+            let views: Vec<_> = chans
+                .iter()
+                .map(|c| c.sink_attrs().iter().map(|(n, _)| n.to_string()[..6].to_owned()).collect::<Vec<_>>())
+                .collect();
+            let links: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    let stats = n.link_stats();
+                    let l = stats.iter().map(|l| (l.node.to_string()[..6].to_owned(), l.up, l.connects));
+                    (n.id().to_string()[..6].to_owned(), l.collect::<Vec<_>>())
+                })
+                .collect();
+            bail!("channel handle {i}: {e}\nsinks seen per handle: {views:?}\nlinks (node, up, connects): {links:?}");
+        }
     }
     let mut sources = Vec::new();
     for ch in &chans {

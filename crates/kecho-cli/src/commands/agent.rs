@@ -104,7 +104,7 @@ pub async fn run(a: Args) -> Result<()> {
     let agent = Agent::start_on(&ch, cfg).await?;
     let offered = agent.with_ledger(|l| l.capacity().to_string());
     eprintln!("kecho: agent {} offering {offered} on {:?}", agent.name(), a.channel);
-    let exec = crate::commands::exec_agent::start(&a.exec, &node, &agent, a.node.heartbeat).await?;
+    let exec = crate::commands::exec_agent::start(&a.exec, &node, &agent, &a.node).await?;
     wait_for_stop().await;
     if let Some(e) = exec {
         e.stop().await;

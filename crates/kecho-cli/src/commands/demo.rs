@@ -28,10 +28,16 @@ pub struct Args {
     /// Leave out the web-farm part.
     #[arg(long)]
     no_webfarm: bool,
+    /// Leave out the deploy part.
+    #[arg(long)]
+    no_deploy: bool,
 }
 
 pub async fn run(a: Args) -> Result<()> {
     channels(a.events).await?;
+    if !a.no_deploy {
+        deploy_demo().await?;
+    }
     if !a.no_webfarm {
         println!();
         kecho_webfarm::demo_webfarm().await?;
@@ -223,4 +229,70 @@ async fn channels(events: u64) -> Result<()> {
 
 fn fmt_attrs(a: &Attrs) -> String {
     a.iter().map(|(k, v)| format!("{k}={}", crate::attrs::value_text(v))).collect::<Vec<_>>().join(" ")
+}
+
+/// The deploy part (2K's automatic configuration, docs/CONFIG.md): a three-component application on three simulated
+/// agents of this host, started in dependency order; its middle component is killed and comes back, its dependent
+/// told; then it is stopped in reverse order.
+async fn deploy_demo() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kecho-demo-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+    let result = deploy_in(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn deploy_in(dir: &std::path::Path) -> Result<()> {
+    use kecho_exec::app::{AppSpec, ComponentName};
+    use kecho_exec::deploy::{deploy, render_status, LocalLauncher};
+    use kecho_exec::place::{AgentName, InMemoryPlacer, MemAgent};
+    use kecho_exec::plan::AppEvent;
+    use kecho_exec::task::Confinement;
+
+    let d = dir.display();
+    let component = |name: &str, after: &str| {
+        format!(
+            "[component.{name}]\ncmd = \"echo $$ > {d}/{name}.pid; exec sleep 300\"\nafter = [{after}]\ncpus = 1\n\
+             ready = {{ cmd = \"kill -0 $(cat {d}/{name}.pid 2>/dev/null) 2>/dev/null\" }}\n"
+        )
+    };
+    let text = [component("db", ""), component("api", "\"db\""), component("web", "\"api\"")].concat();
+    let app = AppSpec::parse(&text, Some("shop"))?;
+    let agents = (0..3)
+        .map(|i| MemAgent {
+            name: AgentName(format!("agent-{i}")),
+            host: "127.0.0.1".into(),
+            cpus: 1.0,
+            mem: 1 << 30,
+            labels: Default::default(),
+        })
+        .collect();
+    let launcher = Arc::new(LocalLauncher::new(dir.join("agents"), Confinement::detect(None)));
+    let started = Instant::now();
+    let mut running =
+        deploy::<_, _, kecho_exec::repo::Store>(app.clone(), Arc::new(InMemoryPlacer::new(agents)), launcher, None)
+            .await?;
+    running.ready().await?;
+    println!(
+        "\ndeploy: application \"shop\" (db <- api <- web, one CPU each on three agents), ready in {:.1} ms:",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    print!("{}", render_status(&app, &running.status()));
+    let pid = std::fs::read_to_string(dir.join("api.pid"))?.trim().to_owned();
+    let killed = Instant::now();
+    let status = std::process::Command::new("kill").args(["-9", &pid]).status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    let api: ComponentName = "api".parse()?;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), running.notices.recv()).await?.context("closed")?;
+        let told = n.to.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+        println!("  api killed (-9): {} {:?}, told: {told}", n.about, n.event);
+        if n.about == api && n.event == AppEvent::Recovered {
+            break;
+        }
+    }
+    println!("  recovered in {:.1} ms (policy: restart in place)", killed.elapsed().as_secs_f64() * 1e3);
+    running.undeploy().await?;
+    println!("  undeployed in reverse order (web, api, db)");
+    Ok(())
 }

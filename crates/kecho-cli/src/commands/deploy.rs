@@ -26,6 +26,10 @@ pub struct Args {
     /// Seconds to wait for the first agent to be seen.
     #[arg(long, default_value_t = 5.0)]
     wait: f64,
+    /// The repository whose artifacts this application's components may name: served to the agents (who fetch
+    /// by digest and verify) while the application runs.
+    #[command(flatten)]
+    repo: crate::commands::repo::Dir,
     #[command(flatten)]
     reg: RegistryArg,
     #[command(flatten)]
@@ -42,6 +46,7 @@ pub async fn run(a: Args) -> Result<()> {
     let app = AppSpec::load(&a.file)?;
     let name = app.name.to_string();
     let heartbeat = Duration::from_secs_f64(a.node.heartbeat);
+    let credential = crate::commands::exec_agent::credential_of(&a.node)?;
     let node = node(&a.reg, &a.node, None).await?;
     let requester = Requester::on(&node.channel(kecho_resources::wire::CHANNEL).await?)?;
     let wait = Duration::from_secs_f64(if a.wait.is_finite() { a.wait.max(0.0) } else { 5.0 });
@@ -49,8 +54,18 @@ pub async fn run(a: Args) -> Result<()> {
         node.shutdown().await;
         anyhow::bail!("no agent on channel {} within {:?}", kecho_resources::wire::CHANNEL, wait);
     }
+    // Components that are repository artifacts are fetched by the agents: this process serves the user's store.
+    let has_artifacts = app.components.values().any(|c| matches!(c.run, kecho_exec::app::Run::Artifact { .. }));
+    let _serving = match has_artifacts {
+        true => {
+            let store = a.repo.open()?;
+            let repo_ch = node.channel(kecho_exec::repo_net::CHANNEL).await?;
+            Some((kecho_exec::repo_net::serve(&repo_ch, &owner_id(&name), store)?, repo_ch))
+        }
+        false => None,
+    };
     let exec = node.channel(CHANNEL).await?;
-    let sub = Submitter::on(&exec, owner_id(&name))?;
+    let sub = Submitter::on(&exec, owner_id(&name))?.with_credential(credential);
     sub.wait_for_agents(wait).await;
     let placer = std::sync::Arc::new(ResourcePlacer::new(requester, heartbeat * 3).hosts(host_lookup(&exec)));
     let (launcher, mut undeploy) = RemoteLauncher::start(sub, heartbeat);

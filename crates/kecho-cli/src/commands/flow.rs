@@ -87,11 +87,11 @@ pub async fn run(a: Args) -> Result<()> {
         Args::Ls(l) => {
             let flows = control::list(&l.dir.unwrap_or_else(control::default_dir));
             if l.json {
-                println!("{}", serde_json::to_string_pretty(&flows.iter().map(|f| &f.1).collect::<Vec<_>>())?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&flows.iter().map(|f| &f.1).collect::<Vec<_>>())?))?;
                 return Ok(());
             }
             let flows: Vec<FlowStats> = flows.into_iter().map(|f| f.1).collect();
-            print!("{}", ls_table(&flows));
+            emit(&ls_table(&flows))?;
             Ok(())
         }
         Args::Stats(st) => {
@@ -104,11 +104,9 @@ pub async fn run(a: Args) -> Result<()> {
                 bail!("no such flow running");
             }
             if st.json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&flows)?))?;
             } else {
-                for f in &flows {
-                    print_stats(f);
-                }
+                emit(&flows.iter().map(stats_table).collect::<String>())?;
             }
             Ok(())
         }
@@ -190,7 +188,7 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     drop(ctl);
     let s = r.map_err(|e| anyhow::anyhow!("flow failed: {e}"))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
     } else {
         eprintln!(
             "kecho: flow {} done: {} bytes in {:.3} s ({:.1} MB/s), {}, {} system calls, {} bytes copied in user space{}",
@@ -339,21 +337,36 @@ fn ls_table(flows: &[FlowStats]) -> String {
     out
 }
 
-fn print_stats(f: &FlowStats) {
-    println!("flow {} [{}] {} — {}", f.id, f.state, f.path, f.name);
-    println!(
-        "  {:<28} {:<9} {:>12} {:>12} {:>9} {:>6} {:>4} {:>9} {:>12} {:>9}",
-        "STAGE", "KIND", "IN", "OUT", "MB/s", "BUSY", "REPL", "SYSCALLS", "COPIED", "DROPPED"
+/// Writes to standard output; a reader that went away (`kecho flow ls | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn stats_table(f: &FlowStats) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(t, "flow {} [{}] {} — {}", f.id, f.state, f.path, f.name);
+    let _ = writeln!(
+        t,
+        "  {:<28} {:<9} {:>12} {:>12} {:>9} {:>6} {:>8} {:>4} {:>9} {:>12} {:>9}",
+        "STAGE", "KIND", "IN", "OUT", "MB/s", "BUSY", "CPU s", "REPL", "SYSCALLS", "COPIED", "DROPPED"
     );
     for s in &f.stages {
-        println!(
-            "  {:<28} {:<9} {:>12} {:>12} {:>9.1} {:>5.0}% {:>4} {:>9} {:>12} {:>9}{}",
+        let _ = writeln!(
+            t,
+            "  {:<28} {:<9} {:>12} {:>12} {:>9.1} {:>5.0}% {:>8.3} {:>4} {:>9} {:>12} {:>9}{}",
             s.name,
             s.kind,
             s.bytes_in,
             s.bytes_out,
             s.mb_per_s,
             s.busy * 100.0,
+            s.cpu_s,
             s.replicas,
             s.syscalls,
             s.copied,
@@ -361,7 +374,8 @@ fn print_stats(f: &FlowStats) {
             if s.detached { " detached" } else { "" }
         );
     }
-    println!("  bound by: {}", f.bound.as_deref().unwrap_or("- (idle)"));
+    let _ = writeln!(t, "  bound by: {}", f.bound.as_deref().unwrap_or("- (idle)"));
+    t
 }
 
 #[cfg(test)]
@@ -378,6 +392,7 @@ mod tests {
             mb_per_s: 0.0,
             busy_s: 0.0,
             busy,
+            cpu_s: 0.0,
             syscalls: 1,
             copied: 0,
             dropped: 0,

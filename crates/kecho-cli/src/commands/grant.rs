@@ -17,7 +17,8 @@ pub struct Args {
     /// The channel, or a prefix of channel names followed by `*` (`*` alone: every channel).
     #[arg(long)]
     pub channel: String,
-    /// The rights: a comma-separated list of source, sink, filters, or all.
+    /// The rights: a comma-separated list of source, sink, filters, exec (start work on exec agents: `kecho run`,
+    /// `deploy`, `configure`, `agent drain`; grant it on channel kecho.exec), or all (the three channel rights).
     #[arg(long, value_name = "ROLES")]
     pub roles: String,
     /// The holder's node public key (64 hex digits, as `kecho identity show` prints it).

@@ -1,7 +1,6 @@
 //! `kecho logs TASK`: replays a task's recent output, as its agent keeps it.
 
 use std::io::Write;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use kecho_exec::remote::{submitter_id, Submitter};
@@ -25,7 +24,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let wait = Duration::from_secs_f64(if a.wait.is_finite() { a.wait.max(0.0) } else { 2.0 });
+    let wait = crate::commands::exec_agent::wait_secs(a.wait, 2.0);
     let node = node(&a.reg, &a.node, None).await?;
     let ch = node.channel(CHANNEL).await?;
     let mut sub = Submitter::on(&ch, submitter_id(&host_name()))?;

@@ -1,14 +1,12 @@
 //! `kecho ps`: the tasks the exec agents run or ran recently (agent, state, since, restarts).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use kecho_exec::remote::{submitter_id, Submitter};
-use kecho_exec::service::CHANNEL;
 use serde_json::json;
 
-use crate::commands::agent::host_name;
-use crate::node_args::{node, NodeArgs, RegistryArg};
+use crate::commands::exec_agent::{task_lists, wait_secs};
+use crate::node_args::{NodeArgs, RegistryArg};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,19 +23,13 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let wait = Duration::from_secs_f64(if a.wait.is_finite() { a.wait.max(0.0) } else { 1.0 });
-    let node = node(&a.reg, &a.node, None).await?;
-    let ch = node.channel(CHANNEL).await?;
-    let mut sub = Submitter::on(&ch, submitter_id(&host_name()))?;
-    sub.wait_for_agents(wait).await;
-    let answers = sub.list(wait).await;
-    node.shutdown().await;
+    let answers = task_lists(&a.reg, &a.node, wait_secs(a.wait, 1.0)).await?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let text = matches!(a.format, crate::commands::resources::Format::Text);
     if text {
         println!("{:<28} {:<10} {:<14} {:>8} {:>8}  COMMAND", "TASK", "AGENT", "STATE", "SINCE", "RESTARTS");
     }
-    for (agent, tasks) in answers? {
+    for (agent, tasks) in answers {
         for t in tasks {
             let ago = now_ms.saturating_sub(t.since_ms) / 1000;
             if text {

@@ -39,7 +39,8 @@ pub struct Dir {
 }
 
 impl Dir {
-    fn open(&self) -> Result<Store> {
+    /// The store (created if need be).
+    pub fn open(&self) -> Result<Store> {
         let dir = match &self.dir {
             Some(d) => d.clone(),
             None => {

@@ -114,7 +114,7 @@ fn line(e: &ViewEntry, now: std::time::Instant) -> String {
     let mut extra = Vec::new();
     let derived = |k: &str| {
         cap.iter().any(|(r, _)| k == r || k == format!("{r}_free") || k == format!("{r}_reserved"))
-            || matches!(k, "agent" | "epoch" | "seq" | "lifetime_ms" | "resources")
+            || matches!(k, "agent" | "epoch" | "seq" | "lifetime_ms" | "lv" | "resources")
     };
     for (k, v) in r.attrs.iter() {
         if derived(k) || (k == "unknown" && matches!(v, Value::Str(s) if s.is_empty())) {

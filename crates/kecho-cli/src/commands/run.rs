@@ -67,6 +67,13 @@ pub struct Args {
     heartbeat: f64,
     #[command(flatten)]
     tls: TlsArgs,
+    /// This node's identity (see `kecho identity new`): the key an exec credential (--token) was issued to.
+    #[arg(long, value_name = "FILE", env = "KECHO_IDENTITY")]
+    identity: Option<std::path::PathBuf>,
+    /// A credential (see `kecho grant`; repeatable): one with the exec right is presented to the agent with every
+    /// request (agents under an access policy run work only for its holders); others are presented in channels.
+    #[arg(long = "token", value_name = "FILE")]
+    tokens: Vec<std::path::PathBuf>,
     /// The command and its arguments (after `--`).
     #[arg(required = true, last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -85,6 +92,8 @@ pub async fn client_node(
     advertise: Option<&str>,
     heartbeat: f64,
     tls: &TlsArgs,
+    identity: Option<&std::path::Path>,
+    tokens: &[std::path::PathBuf],
 ) -> Result<kecho::Node> {
     let mut b = kecho::Node::builder()
         .registry_replicas(reg.addrs()?)
@@ -95,6 +104,11 @@ pub async fn client_node(
     }
     if let Some(tls) = tls.config()? {
         b = b.tls(tls);
+    }
+    if let Some(file) = identity {
+        let id = crate::secrets::read_identity(file)?;
+        let access = crate::access::AccessArgs { tokens: tokens.to_vec(), ..Default::default() };
+        b = access.apply(b.identity(id.clone()), Some(&id))?;
     }
     Ok(b.start().await?)
 }
@@ -151,7 +165,10 @@ pub async fn run(a: Args) -> Result<()> {
         stop_grace: positive("grace", a.grace)?,
         agent_wait: Duration::from_secs(5),
     };
-    let node = client_node(&a.reg, &a.listen, a.advertise.as_deref(), a.heartbeat, &a.tls).await?;
+    let credential = crate::commands::exec_agent::credential(a.identity.as_deref(), &a.tokens)?;
+    let node =
+        client_node(&a.reg, &a.listen, a.advertise.as_deref(), a.heartbeat, &a.tls, a.identity.as_deref(), &a.tokens)
+            .await?;
     let requester = Requester::on(&node.channel(kecho_resources::wire::CHANNEL).await?)?;
     let wait = positive("wait", a.wait)?;
     if requester.wait_for_agents(1, wait).await.is_err() {
@@ -167,7 +184,7 @@ pub async fn run(a: Args) -> Result<()> {
     for i in 0..a.replicas {
         let id = submitter_id(&host);
         let task = if a.replicas == 1 { TaskId(id.clone()) } else { TaskId(format!("{id}.{i}")) };
-        let mut sub = Submitter::on(&exec, id.clone())?;
+        let mut sub = Submitter::on(&exec, id.clone())?.with_credential(credential.clone());
         sub.wait_for_agents(wait).await;
         let submit = Submit {
             task,
@@ -181,6 +198,7 @@ pub async fn run(a: Args) -> Result<()> {
             restart,
             checkpoint_every_ms,
             state: None,
+            artifact: None,
         };
         let session = RunSession::new(submit, RestartLimits::default());
         let (tx, mut rx) = mpsc::unbounded_channel();

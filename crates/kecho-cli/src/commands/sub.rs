@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use kecho::{RecvError, SinkOptions};
+use kecho::{Event, RecvError, Sink, SinkOptions};
+use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -48,6 +49,57 @@ pub struct Args {
     /// Give up after this many seconds (default: never).
     #[arg(long)]
     timeout: Option<f64>,
+    /// A durable sink named NAME: its position per source is kept in --state-dir, and after a restart it prints
+    /// nothing twice and reports the events it missed while it was away (docs/DURABILITY.md).
+    #[arg(long, value_name = "NAME", requires = "state_dir")]
+    durable: Option<String>,
+    /// Where durable sinks keep their positions (a directory per name).
+    #[arg(long, value_name = "DIR", requires = "durable")]
+    state_dir: Option<std::path::PathBuf>,
+    /// Start with the newest N events of the channel, from a recorder (`kecho record`), before the live ones.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    last: u64,
+    /// When events are reported missed, fetch them from a recorder (`kecho record`) if one is present; only those
+    /// it does not have either are reported (--durable and --last sinks always do).
+    #[arg(long)]
+    recover: bool,
+    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    replay_wait: f64,
+}
+
+/// The sink, plain or durable.
+enum Input {
+    Plain(Sink),
+    Durable(Box<DurableSink>),
+}
+
+impl Input {
+    async fn recv(&mut self) -> Result<Result<Event, RecvError>> {
+        match self {
+            Input::Plain(s) => Ok(s.recv().await),
+            Input::Durable(d) => match d.recv().await {
+                Ok(ev) => Ok(Ok(ev)),
+                Err(DurableError::Recv(e)) => Ok(Err(e)),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Input::Plain(s) => s.is_empty(),
+            Input::Durable(d) => d.is_empty(),
+        }
+    }
+
+    /// Writes the durable sink's position of the last event printed.
+    fn commit(&mut self) -> Result<()> {
+        if let Input::Durable(d) = self {
+            d.commit()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,14 +139,41 @@ pub async fn run(a: Args) -> Result<()> {
     let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
-    let mut sink = ch.sink(opts)?;
+    let sink = ch.sink(opts)?;
+    let mut sink = match (&a.durable, &a.state_dir) {
+        (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
+        _ if a.last > 0 || a.recover => Input::Durable(Box::new(DurableSink::in_memory(sink))),
+        _ => Input::Plain(sink),
+    };
     eprintln!("kecho: subscribed to {:?}", a.channel);
+    let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
+    // A durable sink that comes back, or a late joiner asking for the newest events: what a recorder has first.
+    let mut replayed = Vec::new();
+    let mut client = None;
+    if let Input::Durable(d) = &mut sink {
+        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
+        let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
+        match d.catch_up(c, a.last, wait, true).await? {
+            Some(items) => {
+                let n = items.iter().filter(|i| matches!(i, CatchUp::Event(_))).count();
+                eprintln!("kecho: {n} event(s) replayed from a recorder");
+                replayed = items;
+            }
+            None if a.last > 0 || d.positions().all().next().is_some() => {
+                eprintln!("kecho: no recorder on the channel; nothing replayed")
+            }
+            None => {}
+        }
+    }
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let mut got = 0u64;
     // Events reported missed, and sources gone with an unknown number missed.
     let mut missed = 0u64;
     let mut lost = 0u64;
     let mut out = std::io::stdout().lock();
+    let (n, m) = print_replayed(&mut out, replayed, a.format, true)?;
+    got += n;
+    missed += m;
     let result = loop {
         if let Some(n) = a.count {
             if got >= n {
@@ -116,7 +195,7 @@ pub async fn run(a: Args) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => None,
             }
         };
-        let r = match deadline {
+        let r: Option<Result<Result<Event, RecvError>>> = match deadline {
             Some(d) => match tokio::time::timeout_at(d, next).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -127,6 +206,11 @@ pub async fn run(a: Args) -> Result<()> {
                 }
             },
             None => next.await,
+        };
+        let r = match r {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => break Err(e),
         };
         match r {
             None => break Ok(()),
@@ -145,8 +229,24 @@ pub async fn run(a: Args) -> Result<()> {
                 }
             }
             Some(Err(RecvError::Lagged(n))) => {
-                missed += n;
-                eprintln!("kecho: missed {n} event(s)");
+                // With --recover (or --durable, or --last), a recorder may have them: fetch what follows each
+                // source's last event here. (A durable sink or a late joiner also gets here when its sources began
+                // sending to it only after its first catch-up was answered; the recorder has what came between.)
+                let mut left = n;
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    if let Some(items) = d.catch_up(c, 0, Duration::ZERO, false).await? {
+                        let (r, gaps) = print_replayed(&mut out, items, a.format, false)?;
+                        got += r;
+                        // Replayed events beyond the loss (a source still sending) make this a lower bound; the gaps
+                        // the recorder has too are certain.
+                        left = n.saturating_sub(r).max(gaps);
+                        eprintln!("kecho: {r} event(s) of {n} missed recovered from a recorder");
+                    }
+                }
+                if left > 0 {
+                    missed += left;
+                    eprintln!("kecho: missed {left} event(s)");
+                }
             }
             Some(Err(RecvError::SourceLost(k))) => {
                 lost += 1;
@@ -157,9 +257,36 @@ pub async fn run(a: Args) -> Result<()> {
             Some(Err(e)) => break Err(e.into()),
         }
     };
+    let committed = sink.commit();
     drop(out);
     drop(sink);
     drop(observer);
     node.shutdown().await;
+    committed?;
     result
+}
+
+/// Prints a catch-up's events; returns (events printed, events missed), and with `say` says what was missed.
+fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Format, say: bool) -> Result<(u64, u64)> {
+    let (mut got, mut missed) = (0, 0);
+    for item in items {
+        match item {
+            CatchUp::Missed(n) => {
+                missed += n;
+                if say {
+                    eprintln!("kecho: missed {n} event(s)");
+                }
+            }
+            CatchUp::Event(r) => {
+                got += 1;
+                let line = match format {
+                    Format::Json => attrs::recorded_json(&r).to_string(),
+                    Format::Text => attrs::recorded_text(&r),
+                };
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok((got, missed))
 }

@@ -37,6 +37,8 @@ pub struct Net {
     /// Events each member delivered, and reported lost.
     pub delivered_by: Vec<u64>,
     pub lost_by: Vec<u64>,
+    /// Members that found themselves isolated and joined again.
+    pub rejoins: u64,
 }
 
 impl Net {
@@ -56,6 +58,7 @@ impl Net {
             delivered: HashMap::new(),
             delivered_by: Vec::new(),
             lost_by: Vec::new(),
+            rejoins: 0,
         }
     }
 
@@ -127,6 +130,13 @@ impl Net {
                     self.delivered_by[i] += 1;
                 }
                 GossipOut::Lost { count, .. } => self.lost_by[i] += count,
+                GossipOut::Isolated => {
+                    // As the node layer would: join again through a member the registry names.
+                    self.rejoins += 1;
+                    let c = self.random_alive();
+                    let now = self.now;
+                    self.nodes[i].join(NodeId(c as u64), now);
+                }
             }
         }
         let t = self.nodes[i].poll_timeout();
@@ -212,6 +222,8 @@ pub struct Figures {
     /// Share of (survivor, event) pairs delivered after 30 % were killed, and the share reported lost.
     pub delivered_after_kill: f64,
     pub reported_after_kill: f64,
+    /// Members that found themselves isolated after the kill and joined again.
+    pub rejoins: u64,
     /// Membership messages caused by one join.
     pub msgs_per_join: f64,
     /// Share of (member, event) pairs delivered in the steady state.
@@ -292,6 +304,7 @@ pub fn run(n: usize, seed: u64) -> Figures {
         }
     }
     let survivors: Vec<usize> = (0..m).filter(|i| net.alive[*i]).collect();
+    let rejoins_before = net.rejoins;
     let base_delivered: Vec<u64> = survivors.iter().map(|i| net.delivered_by[*i]).collect();
     let base_lost: Vec<u64> = survivors.iter().map(|i| net.lost_by[*i]).collect();
     let mut after = Vec::new();
@@ -315,6 +328,7 @@ pub fn run(n: usize, seed: u64) -> Figures {
         copies_per_event,
         delivered_after_kill: got as f64 / pairs,
         reported_after_kill: lost as f64 / pairs,
+        rejoins: net.rejoins - rejoins_before,
         msgs_per_join,
         delivered_steady,
     }

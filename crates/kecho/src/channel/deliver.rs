@@ -161,6 +161,10 @@ impl ChannelInner {
     /// the list.
     async fn offer_staged(&self, sinks: &[Arc<LocalSink>], staged: &mut Vec<(Event, u64)>) {
         let all = staged.iter().fold(0, |acc, (_, m)| acc | m);
+        if all & all.wrapping_sub(1) != 0 && sinks.iter().any(|s| s.queue.overflow() == Overflow::Block) {
+            return self.offer_staged_in_step(sinks, staged).await;
+        }
+        // One sink, or none that waits: no sink can hold back another's share.
         for (j, s) in sinks.iter().enumerate() {
             let bit = 1u64 << j;
             if all & bit == 0 {
@@ -171,6 +175,52 @@ impl ChannelInner {
                 self.offer_to(s, staged.drain(..).filter(|(_, m)| m & bit != 0).map(|(e, _)| e)).await;
             } else {
                 self.offer_to(s, staged.iter().filter(|(_, m)| m & bit != 0).map(|(e, _)| e.clone())).await;
+            }
+        }
+        staged.clear();
+    }
+
+    /// `offer_staged` for several sinks of which some block: as on the per-event path, a sink waits for room for an
+    /// event only once every sink has been offered every event before it. Each sink takes what fits without waiting;
+    /// then the wait is for the earliest event a full sink refused. Offering sink by sink instead would let a full
+    /// sink withhold events another sink has room for, and a reader of both in turn would wait forever.
+    async fn offer_staged_in_step(&self, sinks: &[Arc<LocalSink>], staged: &mut Vec<(Event, u64)>) {
+        // Per sink, the index in `staged` of the next event to offer it.
+        let mut next = vec![0usize; sinks.len()];
+        loop {
+            // The earliest refused event: (its index, the sink).
+            let mut earliest: Option<(usize, usize)> = None;
+            for (j, s) in sinks.iter().enumerate() {
+                let bit = 1u64 << j;
+                let start = next[j];
+                let mut reached = staged.len();
+                let evs = staged[start..].iter().enumerate().filter(|(_, (_, m))| m & bit != 0).map(|(i, (e, _))| {
+                    reached = start + i;
+                    e.clone()
+                });
+                let (_, dropped, stop) = s.queue.offer_many(evs);
+                if dropped > 0 {
+                    self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+                }
+                next[j] = match stop {
+                    Some(Offer::Full(_)) => {
+                        if earliest.is_none_or(|(at, _)| reached < at) {
+                            earliest = Some((reached, j));
+                        }
+                        reached
+                    }
+                    // Everything offered, or the sink is closed.
+                    _ => staged.len(),
+                };
+            }
+            let Some((at, j)) = earliest else { break };
+            match sinks[j].queue.offer_wait(staged[at].0.clone()).await {
+                Offer::Dropped => {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    next[j] = at + 1;
+                }
+                Offer::Closed => next[j] = staged.len(),
+                _ => next[j] = at + 1,
             }
         }
         staged.clear();

@@ -12,9 +12,10 @@
 //! The decisions (`EndTrack`, `verdict`) are pure and take the time as input; `ChannelInner`'s methods here apply
 //! them.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kecho_proto::codec::EndDest;
 use kecho_proto::{LocalId, Message, NodeId};
@@ -26,6 +27,10 @@ use crate::queue::SourceKey;
 
 /// Ends remembered by a node that got them from the source itself, to relay to members that appear later, at most.
 const REMEMBERED_ENDS: usize = 1024;
+
+/// How long a node that leaves a channel waits, at most, for the ends of the remote sources it received from, so
+/// that it relays an end that was on its way behind their last events (see `ChannelInner::await_ends_in_flight`).
+const LEAVE_LINGER: Duration = Duration::from_millis(250);
 
 /// A source's end as a receiver keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +83,11 @@ impl EndTrack {
     /// A relayed end waits to be accounted for.
     pub(super) fn has_pending(&self) -> bool {
         self.pending.is_some() && !self.settled
+    }
+
+    /// Nothing is known of the source's end yet.
+    pub(super) fn open(&self) -> bool {
+        !self.settled && self.pending.is_none() && !self.told_unknown
     }
 
     /// An event of the source arrived: it is alive (its node came back).
@@ -198,6 +208,27 @@ impl ChannelInner {
         }
     }
 
+    /// Before this node leaves: waits (at most `LEAVE_LINGER`) until every remote source it received from, whose
+    /// node is in view, has ended, if some other member could need this node to relay that end. A sink that stops as
+    /// soon as it has a source's last event (`kecho sub --count`) would otherwise leave before the end that follows
+    /// that event arrives, and a member cut off from the source would never hear of it (the source, gone, cannot say
+    /// it again).
+    pub(super) async fn await_ends_in_flight(&self) {
+        let deadline = tokio::time::Instant::now() + LEAVE_LINGER;
+        while self.ends_in_flight() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Some remote source this node received from may still end with another member depending on this node's relay.
+    fn ends_in_flight(&self) -> bool {
+        let peers: Vec<NodeId> = self.state.lock().peers().keys().copied().collect();
+        let tracks = self.tracks.lock();
+        tracks.iter().any(|((origin, _), t)| {
+            t.last > 0 && t.end.open() && peers.contains(origin) && peers.iter().any(|p| p != origin)
+        })
+    }
+
     /// A `SourceEnd` arrived from node `from`.
     pub(crate) fn source_end(
         self: &Arc<Self>,
@@ -270,11 +301,13 @@ impl ChannelInner {
         let mut verdicts = Vec::new();
         let mut pending = Vec::new();
         let mut arm = false;
+        // Sets, so that a change costs O(members) and not O(members^2) in a large channel.
+        let present: HashSet<NodeId> = peers.iter().map(|(p, _)| *p).collect();
         {
-            let before = self.seen_peers.lock().clone();
+            let before: HashSet<NodeId> = self.seen_peers.lock().iter().copied().collect();
             let mut tracks = self.tracks.lock();
             for ((origin, source), t) in tracks.iter_mut() {
-                if peers.iter().any(|(p, _)| p == origin) {
+                if present.contains(origin) {
                     t.node_back();
                     continue;
                 }
@@ -310,7 +343,10 @@ impl ChannelInner {
         }
         // Members that appeared since the last change hear of the ends this node relays.
         let mut seen = self.seen_peers.lock();
-        let fresh: Vec<&(NodeId, String)> = peers.iter().filter(|(p, _)| !seen.contains(p)).collect();
+        let fresh: Vec<&(NodeId, String)> = {
+            let seen: HashSet<NodeId> = seen.iter().copied().collect();
+            peers.iter().filter(|(p, _)| !seen.contains(p)).collect()
+        };
         if !fresh.is_empty() {
             let ends = self.ends.lock();
             for (to, addr) in fresh {

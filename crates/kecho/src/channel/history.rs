@@ -38,6 +38,8 @@ pub(super) struct Kept {
     /// Events queued to other nodes, to replay to a node whose link broke with some of them in flight.
     sent: VecDeque<Sent>,
     sent_bytes: usize,
+    /// The small frames of `sent`, oldest first, back to back.
+    ring: VecDeque<u8>,
 }
 
 /// Where one kept event went: the node, the event's number in that node's numbering (see `Message::Routed`), and the
@@ -50,8 +52,26 @@ struct Sent {
     seq: u64,
     /// When it was sent, if the bounds include an age.
     at: Option<Instant>,
-    frame: Bytes,
+    frame: Frame,
     to: smallvec::SmallVec<[SentTo; 1]>,
+}
+
+/// A kept frame: shared with the links (a large event), or copied into the history's own ring of bytes (a small
+/// one: no allocation, no reference count per event; it is the oldest bytes of the ring once it is the oldest
+/// entry).
+#[derive(Debug)]
+enum Frame {
+    Shared(Bytes),
+    Ring(u32),
+}
+
+impl Frame {
+    fn len(&self) -> usize {
+        match self {
+            Frame::Shared(b) => b.len(),
+            Frame::Ring(n) => *n as usize,
+        }
+    }
 }
 
 /// An event to replay to a node that came back: its sequence number, frame, and the node's sinks that want it.
@@ -94,6 +114,26 @@ impl Kept {
         if !self.is_on() || to.is_empty() {
             return;
         }
+        self.push_sent(seq, Frame::Shared(frame), to, now);
+    }
+
+    /// Like [`Kept::sent`] for a small frame, copied into the history's ring.
+    pub(super) fn sent_small(
+        &mut self,
+        seq: u64,
+        frame: &[u8],
+        to: smallvec::SmallVec<[SentTo; 1]>,
+        now: Option<Instant>,
+    ) {
+        if !self.is_on() || to.is_empty() {
+            return;
+        }
+        let Ok(n) = u32::try_from(frame.len()) else { return };
+        self.ring.extend(frame);
+        self.push_sent(seq, Frame::Ring(n), to, now);
+    }
+
+    fn push_sent(&mut self, seq: u64, frame: Frame, to: smallvec::SmallVec<[SentTo; 1]>, now: Option<Instant>) {
         self.sent_bytes += frame.len();
         let l = self.limits;
         self.sent.push_back(Sent { seq, at: now, frame, to });
@@ -104,6 +144,9 @@ impl Kept {
             };
             if self.sent.len() > l.events || self.sent_bytes > l.bytes || old {
                 self.sent_bytes -= front.frame.len();
+                if let Frame::Ring(n) = front.frame {
+                    self.ring.drain(..n as usize);
+                }
                 self.sent.pop_front();
             } else {
                 break;
@@ -113,10 +156,19 @@ impl Kept {
 
     /// The kept events queued to node `node`, oldest first: (sequence number, its number in the node's numbering,
     /// frame, targets).
-    pub(super) fn sent_to(&self, node: NodeId) -> impl Iterator<Item = (u64, u64, &Bytes, Option<&[LocalId]>)> + '_ {
+    pub(super) fn sent_to(&self, node: NodeId) -> impl Iterator<Item = (u64, u64, Bytes, Option<&[LocalId]>)> + '_ {
+        let mut at = 0usize;
         self.sent.iter().filter_map(move |s| {
+            let start = at;
+            if let Frame::Ring(n) = s.frame {
+                at += n as usize;
+            }
             let (_, n, t) = s.to.iter().find(|(d, _, _)| *d == node)?;
-            Some((s.seq, *n, &s.frame, t.as_deref()))
+            let frame = match &s.frame {
+                Frame::Shared(b) => b.clone(),
+                Frame::Ring(len) => self.ring.range(start..start + *len as usize).copied().collect::<Vec<u8>>().into(),
+            };
+            Some((s.seq, *n, frame, t.as_deref()))
         })
     }
 
@@ -261,5 +313,20 @@ mod tests {
         k.sent(5, frame(10), smallvec::smallvec![(NodeId(1), 5, None)], Some(t0 + Duration::from_secs(2)));
         let one: Vec<u64> = k.sent_to(NodeId(1)).map(|(s, ..)| s).collect();
         assert_eq!(one, vec![5], "4 is too old");
+        // Small frames live in the ring, and leave it with their entry.
+        let mut k = Kept::default();
+        k.set_limits(History::events(2), t0);
+        for seq in 1..=3u8 {
+            let f = [seq; 3];
+            let to = smallvec::smallvec![(NodeId(1), u64::from(seq), None)];
+            if seq == 2 {
+                k.sent(u64::from(seq), Bytes::copy_from_slice(&f), to, None);
+            } else {
+                k.sent_small(u64::from(seq), &f, to, None);
+            }
+        }
+        let frames: Vec<(u64, Bytes)> = k.sent_to(NodeId(1)).map(|(s, _, f, _)| (s, f)).collect();
+        assert_eq!(frames, vec![(2, Bytes::from_static(&[2; 3])), (3, Bytes::from_static(&[3; 3]))]);
+        assert_eq!(k.ring.len(), 3, "event 1's bytes left with it");
     }
 }

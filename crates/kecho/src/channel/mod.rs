@@ -34,7 +34,7 @@ use deliver::RecvTrack;
 pub use history::History;
 pub use install::InstallReport;
 use install::Sandbox;
-use routes::{Ghost, IdMap, Routes};
+use routes::{Ghost, IdMap, RouteBook, Routes};
 use sink::LocalSink;
 pub use sink::{Sink, SinkOptions, Typed, TypedSink, TypedSource};
 pub use source::Source;
@@ -136,6 +136,8 @@ pub(crate) struct ChannelInner {
     last_publish: Mutex<Option<Instant>>,
     /// Nodes cut off from the channel, for loss accounting at local sources.
     ghosts: Mutex<Vec<Ghost>>,
+    /// The remote part of `routes`, kept per node so that a membership change recomputes only what changed.
+    book: Mutex<RouteBook>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
     /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
@@ -192,6 +194,7 @@ impl ChannelInner {
             attrs_pending: AtomicBool::new(false),
             last_publish: Mutex::new(None),
             ghosts: Mutex::new(Vec::new()),
+            book: Mutex::new(RouteBook::default()),
             tracks: Mutex::new(IdMap::default()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),
@@ -404,6 +407,11 @@ impl ChannelInner {
     }
 
     pub(crate) async fn leave(self: &Arc<Self>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // An end may be in flight behind the last events this node received: hand it on before going.
+        self.await_ends_in_flight().await;
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }

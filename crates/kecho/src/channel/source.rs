@@ -75,8 +75,8 @@ impl Timing {
     }
 
     /// The outbox placement of this event for one node.
-    fn urgency<'a>(&self, held: &'a mut Held, expiry: Option<Expiry>) -> Urgency<'a> {
-        Urgency { lane: self.lane, expiry, held }
+    fn urgency<'a>(&self, held: &'a mut Held, expiry: Option<Expiry>, blocks: bool) -> Urgency<'a> {
+        Urgency { lane: self.lane, expiry, held, blocks }
     }
 }
 
@@ -736,7 +736,7 @@ impl Encoder {
                 let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
                 Expiry { deadline: at, instead: expired_notice(head, ev.ty, targets, tell.then_some(told.skipped)) }
             });
-            let urgency = timing.urgency(&mut track.held, expiry);
+            let urgency = timing.urgency(&mut track.held, expiry, pick.blocks);
             let (pushed, sent) = if copied {
                 (peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate, urgency), self.small.len())
             } else {
@@ -770,16 +770,11 @@ impl Encoder {
         self.gate.done();
         if !went.is_empty() {
             // Kept for a node whose link breaks with it in flight.
-            let f = match &frame {
-                Some(f) => f.clone(),
-                None => {
-                    let b = self.buf.room(self.small.len(), ENCODE_CHUNK);
-                    b.extend_from_slice(&self.small);
-                    b.split().freeze()
-                }
-            };
             let at = kept.needs_time().then(now);
-            kept.sent(head.seq, f, went, at);
+            match &frame {
+                Some(f) => kept.sent(head.seq, f.clone(), went, at),
+                None => kept.sent_small(head.seq, &self.small, went, at),
+            }
         }
         frame
     }
@@ -807,7 +802,7 @@ impl Encoder {
             let (told, tell) = track.before(peer, head.seq);
             let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
             let notice = expired_notice(head, ty, targets, tell.then_some(told.skipped));
-            let urgency = timing.urgency(&mut track.held, None);
+            let urgency = timing.urgency(&mut track.held, None, pick.blocks);
             if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
                 track.sent(told);
             } else {

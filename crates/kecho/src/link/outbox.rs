@@ -145,12 +145,14 @@ pub(crate) struct Urgency<'a> {
     pub(crate) lane: u8,
     pub(crate) expiry: Option<Expiry>,
     pub(crate) held: &'a mut Held,
+    /// A sink the event goes to has the Block policy: the source waited for room, and the push never refuses it.
+    pub(crate) blocks: bool,
 }
 
 impl<'a> Urgency<'a> {
     /// The default lane, no deadline.
     pub(crate) fn plain(held: &'a mut Held) -> Self {
-        Urgency { lane: 0, expiry: None, held }
+        Urgency { lane: 0, expiry: None, held, blocks: false }
     }
 }
 
@@ -301,7 +303,10 @@ impl Outbox {
     }
 
     /// Queues a shared event frame, preceded by `first` (its routing and target frames, or empty; copied), if there is
-    /// room for both, in the lane `u` says (see [`Outbox`]).
+    /// room for both, in the lane `u` says (see [`Outbox`]), or regardless of room if `u.blocks`: a sink it goes to has
+    /// the Block policy and the source waited for room before (`wait_room`), so the frame must not be dropped though a
+    /// control frame, a replay or the frame's own prefix took some of that room meanwhile (the limit is then exceeded by
+    /// at most one event of that source).
     ///
     /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
     /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
@@ -319,7 +324,7 @@ impl Outbox {
         let len = first.len() + frame.len();
         let lane = q.lane_for(self.id(), &u);
         let queued = q.bytes_from(lane as u8);
-        if queued != 0 && queued + len > self.limit {
+        if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -367,7 +372,7 @@ impl Outbox {
         let len = first.len() + frame.len();
         let lane = q.lane_for(self.id(), &u);
         let queued = q.bytes_from(lane as u8);
-        if queued != 0 && queued + len > self.limit {
+        if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -584,7 +589,7 @@ mod tests {
     use super::*;
 
     fn lane(l: u8, held: &mut Held) -> Urgency<'_> {
-        Urgency { lane: l, expiry: None, held }
+        Urgency { lane: l, expiry: None, held, blocks: false }
     }
 
     /// Takes what the writer would (the clock at `now`), as one byte string.
@@ -675,13 +680,13 @@ mod tests {
             b"p",
             b"e1",
             &mut gate,
-            Urgency { lane: 1, expiry: expiry(10), held: &mut held }
+            Urgency { lane: 1, expiry: expiry(10), held: &mut held, blocks: false }
         ));
         assert!(out.push_event_copied(
             b"p",
             b"e2",
             &mut gate,
-            Urgency { lane: 1, expiry: expiry(30), held: &mut held }
+            Urgency { lane: 1, expiry: expiry(30), held: &mut held, blocks: false }
         ));
         assert!(out.push_event_copied(b"", b"e3", &mut gate, lane(1, &mut held)));
         // At 20 ms the first has expired (its prefix with it), the second has not.
@@ -691,7 +696,7 @@ mod tests {
             b"p",
             b"e4",
             &mut gate,
-            Urgency { lane: 0, expiry: expiry(30), held: &mut held }
+            Urgency { lane: 0, expiry: expiry(30), held: &mut held, blocks: false }
         ));
         assert_eq!(take_at(&out, t + Duration::from_millis(30)), b"X", "due at the deadline itself");
         assert_eq!(out.expired.load(Ordering::Relaxed), 2);
@@ -730,6 +735,16 @@ mod tests {
             out.push_event_copied(b"", b"789", &mut gate, Urgency::plain(&mut Held::default())),
             "room again once the writer took the frames"
         );
+        // An event for a Block sink is never refused: its source waited for room, and what took some of that room
+        // meanwhile must not make it lose the event.
+        assert!(!out.push_event_copied(b"", b"abcdef", &mut gate, Urgency::plain(&mut Held::default())));
+        let mut held = Held::default();
+        let blocking = Urgency { blocks: true, ..Urgency::plain(&mut held) };
+        assert!(out.push_event_copied(b"", b"abcdef", &mut gate, blocking));
+        frames.clear();
+        out.take_all(&mut frames);
+        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert_eq!(bytes, b"789abcdef");
     }
 
     #[test]

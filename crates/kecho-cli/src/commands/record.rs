@@ -1,0 +1,152 @@
+//! `kecho record`: a recorder member. It joins a channel as a sink and appends every event, once, to a segmented
+//! log with a checksum per record in `--dir` (`kecho_store`), so the channel's history outlives its sources and the
+//! recorder's own restarts. It answers replay requests on `CHANNEL.replay` (`kecho_store::replay`): sinks that come
+//! back or join late get what it recorded. `--print` writes what is recorded as JSON lines and exits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kecho::{RecvError, SinkOptions};
+use kecho_store::replay::{self, Request};
+use kecho_store::{LogOptions, Recorded, Recorder};
+
+use crate::attrs::recorded_json;
+use crate::node_args::{node, open, NodeArgs, RegistryArg};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Channel name.
+    channel: String,
+    /// The recording's directory (created if missing; reopened and continued if it exists).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Print the recorded events as JSON lines, oldest first, and exit (no network).
+    #[arg(long)]
+    print: bool,
+    /// A log segment rolls over at this many MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    segment_mb: u64,
+    /// The oldest segments are deleted while the recording holds more than this many MiB (default: no bound).
+    #[arg(long, value_name = "MIB")]
+    max_mb: Option<u64>,
+    /// Exit after recording this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Give up after this many seconds (default: never).
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    reg: RegistryArg,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(a.segment_mb > 0, "--segment-mb must be at least 1");
+    let opts = LogOptions { segment_bytes: a.segment_mb << 20, max_bytes: a.max_mb.map_or(u64::MAX, |m| m << 20) };
+    let mut rec =
+        Recorder::open(&a.dir, opts).with_context(|| format!("opening the recording in {}", a.dir.display()))?;
+    if let Some((seg, bytes, why)) = &rec.opened().truncated {
+        eprintln!(
+            "kecho: {}: cut a torn record off its end ({bytes} byte(s): {why}); a write was interrupted, the whole \
+             records before it are kept",
+            seg.display()
+        );
+    }
+    if a.print {
+        let mut out = std::io::stdout().lock();
+        for r in rec.events(0)? {
+            use std::io::Write;
+            writeln!(out, "{}", recorded_json(&r))?;
+        }
+        return Ok(());
+    }
+    let node = node(&a.reg, &a.node, a.timeout).await?;
+    let ch = open(&node, &a.channel, false).await?;
+    let mut sink = ch.sink(SinkOptions::new().capacity(65_536))?;
+    let rch = open(&node, &replay::channel_of(&a.channel), false).await?;
+    let mut requests =
+        rch.sink(SinkOptions::new().types([replay::REQUEST]).attr(replay::RECORDER_ATTR, true).capacity(1024))?;
+    let mut answers = rch.source()?;
+    eprintln!("kecho: recording {:?} into {} ({} event(s) so far)", a.channel, a.dir.display(), rec.opened().records);
+    let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
+    let (mut recorded, mut missed) = (0u64, 0u64);
+    let result = loop {
+        if a.count.is_some_and(|n| recorded >= n) {
+            break Ok(());
+        }
+        let next = async {
+            // Events first: a request is answered with everything that arrived before it.
+            tokio::select! {
+                biased;
+                r = sink.recv() => Some(Ok(r)),
+                r = requests.recv() => Some(Err(r)),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        };
+        let r = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, next).await {
+                Ok(r) => r,
+                Err(_) => break Err(anyhow::anyhow!("timed out with {recorded} event(s) recorded")),
+            },
+            None => next.await,
+        };
+        let r = match r {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(Ok(req))) => {
+                rec.flush()?;
+                match Request::from_attrs(req.attrs()) {
+                    Ok(req) => {
+                        let n = serve(&mut rec, &mut answers, &req).await?;
+                        eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                    }
+                    Err(e) => eprintln!("kecho: ignored a replay request: {e}"),
+                }
+                continue;
+            }
+            Some(Err(Err(e))) => break Err(anyhow::anyhow!("replay requests: {e}")),
+        };
+        match r {
+            None => break Ok(()),
+            Some(Ok(ev)) => {
+                if rec.record(&Recorded::of(&ev))? {
+                    recorded += 1;
+                }
+                // Handed to the kernel once the burst is written: it then survives this process being killed.
+                if sink.is_empty() {
+                    rec.flush()?;
+                }
+            }
+            Some(Err(RecvError::Lagged(n))) => {
+                missed += n;
+                eprintln!("kecho: the recording misses {n} event(s)");
+            }
+            Some(Err(RecvError::SourceLost(k))) => {
+                eprintln!("kecho: source {k} is gone; an unknown number of its events are not recorded");
+            }
+            Some(Err(RecvError::Closed)) => break Err(anyhow::anyhow!("channel closed")),
+            Some(Err(e)) => break Err(e.into()),
+        }
+    };
+    rec.flush()?;
+    eprintln!("kecho: recorded {recorded} event(s); {missed} missed");
+    drop(sink);
+    node.shutdown().await;
+    result
+}
+
+/// Answers replay request `req` from the recording: the events it asks for, then the end of the answer.
+async fn serve(rec: &mut Recorder, out: &mut kecho::Source, req: &Request) -> Result<u64> {
+    let all = rec.events(0)?;
+    let chosen: Vec<&Recorded> = replay::answer(req, &all);
+    for r in &chosen {
+        out.submit(replay::REPLAY, &replay::replay_attrs(&req.id, r), &r.payload).await?;
+    }
+    let mut done = kecho::Attrs::default();
+    done.set("replay_for", req.id.as_str());
+    done.set("replay_count", chosen.len() as i64);
+    out.submit(replay::DONE, &done, &[]).await?;
+    Ok(chosen.len() as u64)
+}
