@@ -302,7 +302,19 @@ impl<H: LinkHandler> Links<H> {
             return;
         }
         let p = self.peer(to, addr);
-        p.outbox.push_control(msg.to_bytes());
+        if matches!(
+            msg,
+            Message::JoinRequest { .. }
+                | Message::JoinAccept { .. }
+                | Message::JoinRedirect { .. }
+                | Message::JoinRefused { .. }
+        ) {
+            // No event depends on a join message's place among them (the joiner is not a member yet): it goes ahead
+            // of any backlog. Snapshots, ends and lag notices keep their place after the events queued before them.
+            p.outbox.push_link_control(msg.to_bytes());
+        } else {
+            p.outbox.push_control(msg.to_bytes());
+        }
         p.ensure_link(self);
     }
 

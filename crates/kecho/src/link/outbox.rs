@@ -209,6 +209,18 @@ impl OutQ {
     }
 }
 
+/// The lane a frame is queued in after `written` of its bytes went out through a direct write: a frame begun on the
+/// socket must be finished before any other byte is written, so its rest goes to the highest lane (a direct write
+/// happens only when nothing is queued, so that puts it first). Anything queued later, whatever its lane, follows it;
+/// queued in the frame's own lane, a more urgent frame would be taken first and land in the middle of it.
+fn rest_lane(lane: usize, written: usize) -> usize {
+    if written > 0 {
+        LANES - 1
+    } else {
+        lane
+    }
+}
+
 /// A submitting thread writes an event to the socket itself only if the link and the source have been quiet this long:
 /// under load the writer task batches many events per system call, which a write per event would undo.
 pub(crate) const DIRECT_QUIET: Duration = Duration::from_micros(5);
@@ -340,6 +352,7 @@ impl Outbox {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
         }
+        let lane = rest_lane(lane, written);
         let timely = written == 0 && u.expiry.is_some();
         let l = &mut q.lanes[lane];
         if timely {
@@ -388,6 +401,7 @@ impl Outbox {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
         }
+        let lane = rest_lane(lane, written);
         let l = &mut q.lanes[lane];
         if written < first.len() {
             l.append_both(&first[written..], frame);
@@ -456,6 +470,14 @@ impl Outbox {
     /// Queues a control frame regardless of the limit, in the lowest lane (behind every event queued before it).
     pub(crate) fn push_control(&self, frame: Bytes) {
         self.push_control_in(0, frame);
+    }
+
+    /// Queues a control frame that no event needs to precede (a ping, a pong, a join message) regardless of the limit,
+    /// in the highest lane: it overtakes every event of a lower priority queued before it, so that a link's
+    /// heartbeats and a node's joins never wait behind a bulk transfer (with priorities in use, at most one take of
+    /// [`TAKE_BUDGET`] bytes and the urgent events queued before it go first; without, the write in progress).
+    pub(crate) fn push_link_control(&self, frame: Bytes) {
+        self.push_control_in(LANES as u8 - 1, frame);
     }
 
     /// Queues a control frame regardless of the limit in lane `lane` (a lag notice goes where its source's events
@@ -660,6 +682,38 @@ mod tests {
             rest += more.len();
         }
         assert_eq!(first.len() + second.len() + rest, 300 * 1003 + 12);
+    }
+
+    #[test]
+    fn link_control_frames_overtake_event_backlogs_and_ordered_control_frames_do_not() {
+        let t = Instant::now();
+        let big = Bytes::from(vec![b'x'; 1000]);
+        for prioritised in [false, true] {
+            let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
+            let mut gate = SourceGate::default();
+            let (mut bulk, mut urgent) = (Held::default(), Held::default());
+            if prioritised {
+                assert!(out.push_event_copied(b"", b"U0", &mut gate, lane(3, &mut urgent)));
+            }
+            for _ in 0..300 {
+                assert!(out.push_event_with(b"", big.clone(), &mut gate, lane(0, &mut bulk)));
+            }
+            out.push_control(Bytes::from_static(b"END"));
+            out.push_link_control(Bytes::from_static(b"PING"));
+            let first = take_at(&out, t);
+            let expect: &[u8] = if prioritised { b"U0PING" } else { b"PING" };
+            assert!(first.starts_with(expect), "a ping goes before the bulk backlog ({prioritised})");
+            let mut all = first;
+            loop {
+                let more = take_at(&out, t);
+                if more.is_empty() {
+                    break;
+                }
+                all.extend_from_slice(&more);
+            }
+            assert!(all.ends_with(b"xEND"), "an ordered control frame stays behind the events before it");
+            assert_eq!(all.len(), expect.len() + 300 * 1000 + 3);
+        }
     }
 
     #[test]

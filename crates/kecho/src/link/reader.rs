@@ -188,7 +188,7 @@ impl<H: LinkHandler> Receiver<H> {
                 // Any frame proves liveness, so a pong is only needed on an idle link. Skipping it otherwise keeps a
                 // peer that pings without reading from growing our queue.
                 if peer.outbox.is_empty() {
-                    peer.outbox.push_control(Message::Pong(n).to_bytes());
+                    peer.outbox.push_link_control(Message::Pong(n).to_bytes());
                 }
             }
             Message::Pong(_) => {}

@@ -104,9 +104,10 @@ pub(super) async fn writer<H: LinkHandler>(
                     let action = live.lock().poll(now());
                     match action {
                         LivenessAction::Wait => continue,
-                        // Through the outbox, so that no direct write can interleave with it.
+                        // Through the outbox, so that no direct write can interleave with it; in its highest lane, so
+                        // that no backlog of events delays it.
                         LivenessAction::SendPing => {
-                            peer.outbox.push_control(Message::Ping(gen).to_bytes());
+                            peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
                             continue;
                         }
                         LivenessAction::Dead => {
@@ -528,6 +529,44 @@ mod tests {
             expect(&mut b, &wire).await;
         });
         write_frames_tcp(&sock, &mut taken, &mut BytesMut::new()).await.unwrap();
+        reader.await.unwrap();
+    }
+
+    /// The rest of a partially written frame is finished before any other frame, whatever its lane: an urgent event
+    /// or a ping queued after it must not be written into the middle of it (the peer would read garbage and close the
+    /// link; seen as links re-established under a bulk transfer once urgent events were in use).
+    #[tokio::test]
+    async fn nothing_overtakes_the_rest_of_a_partial_direct_write() {
+        let (sock, _ra, mut b) = socket_pair().await;
+        let out = Outbox::with_quiet(1 << 30, QUIET);
+        out.set_direct(Some(sock.clone()));
+        let big: Bytes = (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+        quiet();
+        let mut bulk = Held::default();
+        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default(), Urgency::plain(&mut bulk)));
+        assert!(out.direct_bytes.load(Ordering::Relaxed) > 0, "part of the frame went out directly");
+        let mut urgent = Held::default();
+        let top = Urgency { lane: 3, expiry: None, held: &mut urgent, blocks: false };
+        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default(), top));
+        out.push_link_control(frame(9, 10));
+        // The bulk source's next event, in its own lane, comes after all of it.
+        assert!(out.push_event_copied(&[], &frame(10, 50), &mut SourceGate::default(), Urgency::plain(&mut bulk)));
+        let mut wire = frame(7, 5).to_vec();
+        wire.extend_from_slice(&big);
+        wire.extend_from_slice(&frame(8, 100));
+        wire.extend_from_slice(&frame(9, 10));
+        wire.extend_from_slice(&frame(10, 50));
+        let reader = tokio::spawn(async move {
+            expect(&mut b, &wire).await;
+        });
+        let mut taken = VecDeque::new();
+        loop {
+            out.take_all(&mut taken);
+            if taken.is_empty() {
+                break;
+            }
+            write_frames_tcp(&sock, &mut taken, &mut BytesMut::new()).await.unwrap();
+        }
         reader.await.unwrap();
     }
 }
