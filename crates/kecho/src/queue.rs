@@ -22,15 +22,20 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub struct Event {
     pub(crate) ty: Arc<str>,
-    /// `None` when there are no attributes.
-    pub(crate) attrs: Option<Arc<Attrs>>,
+    /// The attributes and the deadline; `None` when there are neither (the common case: no allocation, and an
+    /// `Event` no bigger than it was before deadlines existed, which every sink queue moves).
+    pub(crate) extra: Option<Arc<Extra>>,
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
     pub(crate) source: SourceKey,
+}
+
+/// What an event carries besides its type, payload and numbering, when it carries any of it.
+pub(crate) struct Extra {
+    attrs: Attrs,
     /// When it must be received by, in microseconds since the Unix epoch; a receive after that reports it as
     /// [`RecvError::Expired`] instead.
-    /// (`NonZeroU64`: no bigger than a `u64`, for the events without one.)
-    pub(crate) deadline: Option<std::num::NonZeroU64>,
+    deadline: Option<std::num::NonZeroU64>,
 }
 
 /// What [`Event::attrs`] returns for an event without attributes.
@@ -60,13 +65,33 @@ impl std::fmt::Display for SourceKey {
 }
 
 impl Event {
+    /// An event as a sink queue holds it. `deadline`: microseconds since the Unix epoch (0 or `None`: none).
+    pub(crate) fn new(
+        ty: Arc<str>,
+        attrs: Attrs,
+        payload: Bytes,
+        seq: u64,
+        source: SourceKey,
+        deadline: Option<u64>,
+    ) -> Event {
+        let deadline = deadline.and_then(std::num::NonZeroU64::new);
+        let extra =
+            if attrs.is_empty() && deadline.is_none() { None } else { Some(Arc::new(Extra { attrs, deadline })) };
+        Event { ty, extra, payload, seq, source }
+    }
+
+    /// The deadline in microseconds since the Unix epoch, if it has one.
+    fn deadline_us(&self) -> Option<u64> {
+        self.extra.as_ref().and_then(|x| x.deadline).map(std::num::NonZeroU64::get)
+    }
+
     /// The event's type name.
     pub fn ty(&self) -> &str {
         &self.ty
     }
     /// Its attribute list.
     pub fn attrs(&self) -> &Attrs {
-        self.attrs.as_deref().unwrap_or(&NO_ATTRS)
+        self.extra.as_ref().map_or(&NO_ATTRS, |x| &x.attrs)
     }
     /// Its payload.
     pub fn payload(&self) -> &Bytes {
@@ -84,7 +109,7 @@ impl Event {
     }
     /// The time it had to be received by, if its source gave it a deadline.
     pub fn deadline(&self) -> Option<std::time::SystemTime> {
-        self.deadline.map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us.get()))
+        self.deadline_us().map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
@@ -161,6 +186,8 @@ struct SinkQ {
     items: VecDeque<Item>,
     /// Events (not lag markers) in `items`.
     events: usize,
+    /// An event with a deadline was ever queued here: only then does a receive look at deadlines.
+    timely: bool,
     closed: bool,
     /// An offer found the queue full (Block policy) and its offerer waits on `writable`: the receiver must notify
     /// when it makes room. Without it the receiver would notify on every event it takes.
@@ -175,29 +202,19 @@ pub(crate) struct Taken {
     items: VecDeque<Item>,
     /// Events (not lag markers) in `items`.
     events: usize,
+    /// Some of `items` may have a deadline (see `SinkQ::timely`).
+    timely: bool,
 }
 
 impl Taken {
     /// The next item; events past their deadline at `now_us` (microseconds since the Unix epoch, read only when an
     /// event has a deadline) are returned as one `Expired` for each run of them, and counted in `expired`.
+    #[inline]
     fn pop(&mut self, now_us: impl Fn() -> u64, expired: &AtomicU64) -> Option<Result<Event, TryRecvError>> {
-        let mut late = 0;
-        let mut now = None;
-        loop {
-            let is_late = match self.items.front() {
-                Some(Item::Event(Event { deadline: Some(d), .. })) => *now.get_or_insert_with(&now_us) > d.get(),
-                _ => false,
-            };
-            if !is_late {
-                break;
+        if self.timely {
+            if let Some(late) = self.pop_late(now_us, expired) {
+                return Some(Err(late));
             }
-            self.items.pop_front();
-            self.events -= 1;
-            late += 1;
-        }
-        if late > 0 {
-            expired.fetch_add(late, Ordering::Relaxed);
-            return Some(Err(TryRecvError::Expired(late)));
         }
         Some(match self.items.pop_front()? {
             Item::Event(e) => {
@@ -208,6 +225,31 @@ impl Taken {
             Item::Lost(k) => Err(TryRecvError::SourceLost(k)),
             Item::Expired(n) => Err(TryRecvError::Expired(n)),
         })
+    }
+
+    /// Removes the run of events past their deadline at the front, if there is one, and reports it (only for sinks
+    /// that were ever sent an event with a deadline: the default path does not look).
+    #[cold]
+    fn pop_late(&mut self, now_us: impl Fn() -> u64, expired: &AtomicU64) -> Option<TryRecvError> {
+        let mut late = 0;
+        let mut now = None;
+        loop {
+            let is_late = match self.items.front() {
+                Some(Item::Event(e)) => e.deadline_us().is_some_and(|d| *now.get_or_insert_with(&now_us) > d),
+                _ => false,
+            };
+            if !is_late {
+                break;
+            }
+            self.items.pop_front();
+            self.events -= 1;
+            late += 1;
+        }
+        if late == 0 {
+            return None;
+        }
+        expired.fetch_add(late, Ordering::Relaxed);
+        Some(TryRecvError::Expired(late))
     }
 }
 
@@ -284,6 +326,7 @@ impl SinkQueue {
             q: Mutex::new(SinkQ {
                 items: VecDeque::with_capacity(cap.clamp(1, 32)),
                 events: 0,
+                timely: false,
                 closed: false,
                 blocked: false,
             }),
@@ -379,6 +422,7 @@ impl SinkQueue {
                 }
             }
         }
+        q.timely |= ev.extra.as_ref().is_some_and(|x| x.deadline.is_some());
         q.items.push_back(Item::Event(ev));
         q.events += 1;
         outcome
@@ -450,6 +494,7 @@ impl SinkQueue {
     }
 
     /// The next item the receiver took, with expired events reported as such.
+    #[inline]
     fn pop(&self, taken: &mut Taken) -> Option<Result<Event, TryRecvError>> {
         taken.pop(unix_now_us, &self.expired)
     }
@@ -512,11 +557,13 @@ impl SinkQueue {
                 }
                 taken.items.push_back(item);
             }
+            taken.timely = q.timely;
         } else {
             // The receiver's buffer is empty here: swapping hands its allocation to the queue.
             debug_assert!(taken.items.is_empty());
             std::mem::swap(&mut q.items, &mut taken.items);
             taken.events = std::mem::take(&mut q.events);
+            taken.timely = q.timely;
         }
         if std::mem::take(&mut q.blocked) {
             self.writable.notify_waiters();
@@ -632,7 +679,7 @@ mod tests {
 
     fn ev(seq: u64) -> Event {
         let source = SourceKey(1);
-        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source, deadline: None }
+        Event::new("t".into(), Attrs::new(), Bytes::new(), seq, source, None)
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
@@ -654,7 +701,7 @@ mod tests {
     fn events_past_their_deadline_are_reported_as_expired_at_the_receive() {
         // Block: the receiver takes the whole queue at once, so a run of late events is one report.
         let q = SinkQueue::new(16, Overflow::Block);
-        let timely = |seq, d| Event { deadline: std::num::NonZeroU64::new(d), ..ev(seq) };
+        let timely = |seq, d| Event::new("t".into(), Attrs::new(), Bytes::new(), seq, SourceKey(1), Some(d));
         for e in [timely(1, 100), timely(2, 120), ev(3), timely(4, 200), timely(5, 90)] {
             q.offer(e);
         }

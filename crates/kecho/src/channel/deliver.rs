@@ -94,7 +94,7 @@ impl ChannelInner {
         if sinks.len() > 64 || self.in_filter.read().is_some() {
             // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
             for Arrived { event, targets, deadline } in events.drain(..) {
-                self.deliver_one(from, event, targets, deadline).await;
+                self.deliver_one(from, event, targets, deadline.map(std::num::NonZeroU64::get)).await;
             }
             return;
         }
@@ -125,15 +125,8 @@ impl ChannelInner {
                         None => types,
                         Some(ids) => types & mask(&sinks, |s| ids.contains(&s.id)),
                     };
-                    let attrs = if e.attrs.is_empty() { None } else { Some(Arc::new(e.attrs)) };
-                    let ev = Event {
-                        ty: e.ty,
-                        attrs,
-                        payload: e.payload,
-                        seq: e.seq,
-                        source: SourceKey::new(from, e.source),
-                        deadline: deadline.and_then(std::num::NonZeroU64::new),
-                    };
+                    let deadline = deadline.map(std::num::NonZeroU64::get);
+                    let ev = Event::new(e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source), deadline);
                     if gap > 0 {
                         after_gap = Some((gap, ev, m));
                         break;
@@ -289,8 +282,7 @@ impl ChannelInner {
         if sinks.is_empty() {
             return;
         }
-        let attrs = if attrs.is_empty() { None } else { Some(Arc::new(attrs)) };
-        let ev = Event { ty, attrs, payload, seq, source, deadline: deadline.and_then(std::num::NonZeroU64::new) };
+        let ev = Event::new(ty, attrs, payload, seq, source, deadline);
         for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await

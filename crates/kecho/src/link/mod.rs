@@ -67,7 +67,8 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 pub(crate) struct Arrived {
     pub(crate) event: EventMsg,
     pub(crate) targets: Option<Vec<LocalId>>,
-    pub(crate) deadline: Option<u64>,
+    /// (`NonZeroU64`: no bigger than a `u64`; a larger `Arrived` costs a call to `memcpy` per event pushed.)
+    pub(crate) deadline: Option<std::num::NonZeroU64>,
 }
 
 /// Events that arrived together on one link for one channel, and the list the handler stages them in for delivery:

@@ -519,10 +519,14 @@ impl Outbox {
         let mut took = 0usize;
         let mut expired = 0u64;
         let mut timely_taken = 0usize;
+        let whole = budget == usize::MAX && q.timely == 0;
         let OutQ { lanes, .. } = &mut *q;
         'lanes: for lane in lanes.iter_mut().rev() {
+            if lane.is_empty() {
+                continue;
+            }
             lane.seal();
-            if budget == usize::MAX && into.is_empty() && lane.frames.iter().all(|f| f.expiry.is_none()) {
+            if whole && into.is_empty() {
                 // The common case (one lane in use, no deadlines): the whole queue at once, without touching each
                 // frame.
                 let n: usize = lane.frames.iter().map(|f| f.bytes.len()).sum();
