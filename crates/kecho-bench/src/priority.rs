@@ -57,6 +57,11 @@ const URGENT_SIZE: usize = 100;
 const PACE: Duration = Duration::from_micros(1000);
 
 pub fn run(args: &BenchArgs) -> Result<Section> {
+    // RUST_LOG=kecho=info (say) shows why a link was lost, on standard error.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let filter = tracing_subscriber::EnvFilter::from_default_env();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
     let n = count(args, 2000, 20);
     let rounds = if args.scale < 0.1 { 1 } else { 3 };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

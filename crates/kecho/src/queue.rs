@@ -66,6 +66,7 @@ impl std::fmt::Display for SourceKey {
 
 impl Event {
     /// An event as a sink queue holds it. `deadline`: microseconds since the Unix epoch (0 or `None`: none).
+    #[inline]
     pub(crate) fn new(
         ty: Arc<str>,
         attrs: Attrs,
@@ -649,6 +650,7 @@ impl ChunkBuf {
 
     /// The buffer to write into, with room for at least `need` more bytes (in a chunk of `chunk` bytes or more). If
     /// the current chunk lacks room, what was written to it must have been cut off (`split`) first.
+    #[inline]
     pub(crate) fn room(&mut self, need: usize, chunk: usize) -> &mut BytesMut {
         if self.left() < need {
             debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");

@@ -126,3 +126,71 @@ async fn a_local_sink_gets_expired_events_reported_too() -> Result<()> {
     assert_eq!(ch.stats().expired, 1);
     Ok(())
 }
+
+/// A saturating bulk stream and urgent events on one link, as `kecho-bench priority` runs them: the link must stay up
+/// (one connection, no heartbeat timeout) and every urgent event arrive, none reported missed. The rest of a 64 KB
+/// frame begun by a direct write was once overtaken by an urgent frame, which the peer read as garbage: the link was
+/// dropped and re-established, and events were lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_with_urgent_events_keeps_its_link() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let start = || Node::builder().registry_client(reg.clone()).start();
+    let (a, b) = (start().await?, start().await?);
+    let ch_b = b.channel("urgent").await?;
+    let mut urgent_sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(4096))?;
+    let bulk_b = b.channel("bulk").await?;
+    let mut bulk_sink = bulk_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1024))?;
+    let ch_a = a.channel("urgent").await?;
+    let bulk_a = a.channel("bulk").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    bulk_a.wait_for_sinks(1, T).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn(async move {
+        let mut bulk = 0u64;
+        loop {
+            match bulk_sink.recv().await {
+                Ok(_) => bulk += 1,
+                Err(RecvError::Closed) => return Ok(bulk),
+                Err(e) => bail!("bulk sink: {e}"),
+            }
+        }
+    });
+    let writer = {
+        let mut src = bulk_a.source()?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let payload = vec![0u8; BULK_SIZE];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                src.submit("bulk", &Attrs::new(), &payload).await?;
+                tokio::task::yield_now().await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut src = ch_a.source()?;
+    const URGENT: usize = 400;
+    for i in 0..URGENT {
+        let opts = EventOptions::new().priority(Priority::HIGHEST);
+        src.submit_with("urgent", &Attrs::new(), &(i as u64).to_le_bytes(), opts).await?;
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    for i in 0..URGENT {
+        let e = match timeout(T, urgent_sink.recv()).await.context("urgent events stopped arriving")? {
+            Ok(e) => e,
+            Err(e) => bail!("urgent event {i}: {e} (links of A: {:?})", a.link_stats()),
+        };
+        assert_eq!(e.payload()[..], (i as u64).to_le_bytes(), "urgent events arrive in order");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    timeout(T, writer).await.context("bulk source stuck")???;
+    let links = a.link_stats();
+    assert_eq!(links.len(), 1);
+    assert_eq!((links[0].connects, links[0].heartbeat_timeouts), (1, 0), "the link stayed up: {links:?}");
+    assert_eq!(ch_b.stats().missed + bulk_b.stats().missed, 0, "nothing was lost");
+    drop(bulk_b);
+    b.kill();
+    let bulk = timeout(T, reader).await.context("bulk sink")???;
+    assert!(bulk > 0, "bulk events arrived");
+    Ok(())
+}

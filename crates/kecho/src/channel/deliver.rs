@@ -11,7 +11,7 @@ use kecho_proto::{Attrs, LocalId, NodeId, Overflow};
 use super::sink::LocalSink;
 use super::ChannelInner;
 use crate::filter::{InDecision, InEvent, LocalSinks};
-use crate::link::{Arrived, Batch};
+use crate::link::Batch;
 use crate::queue::{Event, Offer, SourceKey};
 
 /// Loss accounting at a receiver, per remote source.
@@ -93,8 +93,9 @@ impl ChannelInner {
         let sinks = self.local_sinks.read().clone();
         if sinks.len() > 64 || self.in_filter.read().is_some() {
             // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
-            for Arrived { event, targets, deadline } in events.drain(..) {
-                self.deliver_one(from, event, targets, deadline.map(std::num::NonZeroU64::get)).await;
+            for a in events.drain(..) {
+                let (event, targets, deadline) = a.parts();
+                self.deliver_one(from, event, targets, deadline).await;
             }
             return;
         }
@@ -109,7 +110,8 @@ impl ChannelInner {
             let mut after_gap = None;
             {
                 let mut tracks = self.tracks.lock();
-                for Arrived { event: e, targets: chosen, deadline } in evs.by_ref() {
+                for a in evs.by_ref() {
+                    let (e, chosen, deadline) = a.parts();
                     let Some(gap) = tracks.entry((from, e.source)).or_default().arrived(e.seq) else {
                         continue;
                     };
@@ -125,7 +127,6 @@ impl ChannelInner {
                         None => types,
                         Some(ids) => types & mask(&sinks, |s| ids.contains(&s.id)),
                     };
-                    let deadline = deadline.map(std::num::NonZeroU64::get);
                     let ev = Event::new(e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source), deadline);
                     if gap > 0 {
                         after_gap = Some((gap, ev, m));

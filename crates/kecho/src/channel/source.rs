@@ -262,7 +262,11 @@ impl Source {
     }
 
     /// The options an event of type `ty` submitted with `opts` gets.
+    #[inline]
     fn options(&self, ty: &str, opts: EventOptions) -> EventOptions {
+        if self.type_opts.is_empty() {
+            return opts.or(self.opts);
+        }
         let by_type = self.type_opts.iter().find(|(t, _)| t == ty).map(|(_, o)| *o).unwrap_or_default();
         opts.or(by_type).or(self.opts)
     }

@@ -64,11 +64,34 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 
 /// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
 /// its `Deadline` frame (microseconds since the Unix epoch) if it had one.
+/// Both are rare, and boxed together: the reader moves every event's `Arrived` into a batch, and the smaller it is
+/// the less that costs (inline, they made it large enough for a call to `memcpy` per event).
 pub(crate) struct Arrived {
-    pub(crate) event: EventMsg,
-    pub(crate) targets: Option<Vec<LocalId>>,
-    /// (`NonZeroU64`: no bigger than a `u64`; a larger `Arrived` costs a call to `memcpy` per event pushed.)
-    pub(crate) deadline: Option<std::num::NonZeroU64>,
+    event: EventMsg,
+    more: Option<Box<TargetsDeadline>>,
+}
+
+/// The sink ids of an event's `Targets` frame and the deadline of its `Deadline` frame.
+type TargetsDeadline = (Option<Vec<LocalId>>, Option<u64>);
+
+impl Arrived {
+    #[inline]
+    pub(crate) fn new(event: EventMsg, targets: Option<Vec<LocalId>>, deadline: Option<u64>) -> Self {
+        let more = if targets.is_none() && deadline.is_none() { None } else { Some(Box::new((targets, deadline))) };
+        Arrived { event, more }
+    }
+
+    /// The event, its targets and its deadline.
+    #[inline]
+    pub(crate) fn parts(self) -> (EventMsg, Option<Vec<LocalId>>, Option<u64>) {
+        match self.more {
+            None => (self.event, None, None),
+            Some(more) => {
+                let (targets, deadline) = *more;
+                (self.event, targets, deadline)
+            }
+        }
+    }
 }
 
 /// Events that arrived together on one link for one channel, and the list the handler stages them in for delivery:

@@ -19,8 +19,9 @@ use crate::queue::ChunkBuf;
 /// Frames wait in one of [`LANES`] lanes, one per priority: the writer takes the highest lane first, so a frame
 /// overtakes every frame queued in lower lanes. Within a lane the order is FIFO. A source never overtakes its own
 /// frames: while frames of its are still queued in a lower lane, its next frame goes to that lane (see [`Held`]).
-/// Control frames go to the lowest lane, behind every event queued before them (a `SourceEnd` must follow the
-/// source's events).
+/// Control frames that keep their place among events go to the lowest lane, behind every event queued before them (a
+/// `SourceEnd` must follow the source's events); those that need no place (pings, pongs, join messages) go to the
+/// highest, ahead of any backlog (`push_link_control`). The rest of a frame begun by a direct write goes first of all.
 pub(crate) struct Outbox {
     limit: usize,
     q: Mutex<OutQ>,
@@ -309,6 +310,7 @@ impl Outbox {
     /// out of date by the time the caller acts on it, as any answer would be once the lock was released). The limit
     /// applies to the bytes queued in that lane and the lanes above it: an urgent event does not wait for room
     /// behind a backlog of lower priority.
+    #[inline]
     pub(crate) fn has_room(&self, len: usize, lane: u8) -> bool {
         let bytes = if lane == 0 { self.queued.load(Ordering::Acquire) } else { self.q.lock().bytes_from(lane) };
         bytes == 0 || bytes + len <= self.limit

@@ -150,7 +150,7 @@ impl<H: LinkHandler> Receiver<H> {
             None => None,
         };
         let deadline = match self.deadline.take() {
-            Some((c, d)) if c == e.channel => std::num::NonZeroU64::new(d),
+            Some((c, d)) if c == e.channel => Some(d),
             Some(_) => return Err(LinkError::Protocol("a Deadline frame was not followed by its event")),
             None => None,
         };
@@ -158,7 +158,7 @@ impl<H: LinkHandler> Receiver<H> {
             self.deliver().await;
             self.on = e.channel;
         }
-        self.batch.events.push(Arrived { event: e, targets, deadline });
+        self.batch.events.push(Arrived::new(e, targets, deadline));
         Ok(())
     }
 
