@@ -28,6 +28,7 @@ mod memory;
 mod pipe;
 mod plot;
 mod poll;
+mod priority;
 mod rawtcp;
 mod report;
 mod resources;
@@ -118,6 +119,9 @@ pub enum Workload {
     Resources,
     /// HTTP load balancing (`kecho balance`) against a plain round-robin proxy (not part of `all`).
     Balance,
+    /// Urgent 100 B events behind a 64 KB bulk stream: idle link, no priority, priority 3, and priority 3 without
+    /// `TCP_NOTSENT_LOWAT` (not part of `all`).
+    Priority,
     /// Channels of many member nodes in a few processes: join time of the Nth node, a storm of joins (not part of
     /// `all`; see docs/SCALE.md).
     Members,
@@ -153,6 +157,7 @@ impl Workload {
             Workload::Flows => "flows",
             Workload::Resources => "resources",
             Workload::Balance => "balance",
+            Workload::Priority => "priority",
             Workload::Members => "members",
         }
     }
@@ -218,6 +223,7 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Flows => flows::run(args),
         Workload::Resources => resources::run(args),
         Workload::Balance => balance::run(args),
+        Workload::Priority => priority::run(args),
         Workload::Members => members::run(args),
     }
 }

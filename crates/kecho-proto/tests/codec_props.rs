@@ -60,10 +60,12 @@ fn variant(m: &Message) -> &'static str {
         Message::RegList { .. } => "RegList",
         Message::RegReply { .. } => "RegReply",
         Message::SourceEnd { .. } => "SourceEnd",
+        Message::Deadline { .. } => "Deadline",
+        Message::Expired { .. } => "Expired",
     }
 }
 
-const VARIANTS: usize = 23;
+const VARIANTS: usize = 25;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -141,6 +143,14 @@ fn one_of_each() -> Vec<Message> {
         Message::FilterStatus { channel: ChannelId(9), req: 11, ok: false, message: "out of fuel".into() },
         Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
         Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 },
+        Message::Deadline { channel: ChannelId(9), unix_us: 1_764_900_000_000_000 },
+        Message::Expired {
+            channel: ChannelId(9),
+            source: LocalId(1),
+            seq: 12,
+            ty: "alarm".into(),
+            sinks: vec![LocalId(3), LocalId(4)],
+        },
         Message::SourceEnd {
             channel: ChannelId(9),
             origin: NodeId(4),

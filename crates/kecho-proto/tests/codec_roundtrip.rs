@@ -193,6 +193,16 @@ fn message() -> impl Strategy<Value = Message> {
                     })
                     .collect(),
             }),
+        (ch.clone(), any::<u64>()).prop_map(|(channel, unix_us)| Message::Deadline { channel, unix_us }),
+        (ch.clone(), any::<u32>(), any::<u64>(), name(), vec(any::<u32>(), 0..4)).prop_map(
+            |(channel, s, seq, ty, ids)| Message::Expired {
+                channel,
+                source: LocalId(s),
+                seq,
+                ty,
+                sinks: ids.into_iter().map(LocalId).collect()
+            }
+        ),
         (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, skipped)| Message::Routed {
             channel,
             source: LocalId(s),

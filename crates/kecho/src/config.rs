@@ -30,6 +30,13 @@ pub(crate) struct NodeConfig {
     pub(crate) link_queue_bytes: usize,
     /// Largest frame accepted or sent. Default 16 MiB.
     pub(crate) max_frame: usize,
+    /// `TCP_NOTSENT_LOWAT` of a TCP link once it carries an event of a priority above the default: at most about
+    /// this many bytes wait unsent in the kernel, so that what is queued in the outbox (where priorities apply) is
+    /// not hidden behind megabytes in the socket. `None` leaves the kernel's default. Default 128 KiB.
+    pub(crate) send_lowat: Option<u32>,
+    /// `SO_RCVBUF` of TCP links (`None`: the kernel's autotuned default). A small one bounds what can wait in the
+    /// receiving kernel ahead of an urgent event when the receiver is the slower side. Default `None`.
+    pub(crate) recv_buffer: Option<usize>,
     /// Default capacity of a sink's queue, in events. Default 1024.
     pub(crate) sink_capacity: usize,
     /// How long a dial may take.
@@ -99,6 +106,8 @@ impl Default for NodeConfig {
             heartbeat_timeout: Duration::from_secs(3),
             link_queue_bytes: 8 << 20,
             max_frame: MAX_FRAME_DEFAULT,
+            send_lowat: Some(128 << 10),
+            recv_buffer: None,
             sink_capacity: 1024,
             connect_timeout: Duration::from_secs(2),
             max_connections: 4096,

@@ -30,6 +30,7 @@ mod link;
 mod node;
 mod queue;
 mod tasks;
+mod timely;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod transport;
@@ -47,6 +48,7 @@ pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
 pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
+pub use timely::{EventOptions, InvalidPriority, Priority};
 #[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};
 pub use transport::{Transport, UnknownTransport};

@@ -74,6 +74,25 @@ impl NodeBuilder {
         self
     }
 
+    /// Bytes a TCP link may leave unsent in the kernel (`TCP_NOTSENT_LOWAT`) once it carries an event of a priority
+    /// above the default: kept short so that a high-priority event queued behind a bulk transfer waits for little
+    /// more than the outbox's lanes let it (see [`crate::Priority`]). Links without priorities keep the kernel's
+    /// default (which holds megabytes on a busy link), as does `None`. Default 128 KiB.
+    pub fn send_lowat(mut self, bytes: Option<u32>) -> Self {
+        self.cfg.send_lowat = bytes;
+        self
+    }
+
+    /// The kernel receive buffer of TCP links (`SO_RCVBUF`; `None`, the default, leaves the kernel's autotuning,
+    /// which grows it to megabytes on a busy link). When the receiving node is the slower side of a link, that is
+    /// where a backlog waits, in arrival order, ahead of any urgent event: a small buffer (a few hundred KiB) keeps
+    /// the backlog at the sender, where priorities apply, at the cost of throughput on links with a large
+    /// bandwidth-delay product.
+    pub fn recv_buffer(mut self, bytes: Option<usize>) -> Self {
+        self.cfg.recv_buffer = bytes;
+        self
+    }
+
     /// Largest frame accepted or sent. Default 16 MiB.
     pub fn max_frame(mut self, n: usize) -> Self {
         self.cfg.max_frame = n;

@@ -22,11 +22,20 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub struct Event {
     pub(crate) ty: Arc<str>,
-    /// `None` when there are no attributes.
-    pub(crate) attrs: Option<Arc<Attrs>>,
+    /// The attributes and the deadline; `None` when there are neither (the common case: no allocation, and an
+    /// `Event` no bigger than it was before deadlines existed, which every sink queue moves).
+    pub(crate) extra: Option<Arc<Extra>>,
     pub(crate) payload: Bytes,
     pub(crate) seq: u64,
     pub(crate) source: SourceKey,
+}
+
+/// What an event carries besides its type, payload and numbering, when it carries any of it.
+pub(crate) struct Extra {
+    attrs: Attrs,
+    /// When it must be received by, in microseconds since the Unix epoch; a receive after that reports it as
+    /// [`RecvError::Expired`] instead.
+    deadline: Option<std::num::NonZeroU64>,
 }
 
 /// What [`Event::attrs`] returns for an event without attributes.
@@ -56,13 +65,34 @@ impl std::fmt::Display for SourceKey {
 }
 
 impl Event {
+    /// An event as a sink queue holds it. `deadline`: microseconds since the Unix epoch (0 or `None`: none).
+    #[inline]
+    pub(crate) fn new(
+        ty: Arc<str>,
+        attrs: Attrs,
+        payload: Bytes,
+        seq: u64,
+        source: SourceKey,
+        deadline: Option<u64>,
+    ) -> Event {
+        let deadline = deadline.and_then(std::num::NonZeroU64::new);
+        let extra =
+            if attrs.is_empty() && deadline.is_none() { None } else { Some(Arc::new(Extra { attrs, deadline })) };
+        Event { ty, extra, payload, seq, source }
+    }
+
+    /// The deadline in microseconds since the Unix epoch, if it has one.
+    fn deadline_us(&self) -> Option<u64> {
+        self.extra.as_ref().and_then(|x| x.deadline).map(std::num::NonZeroU64::get)
+    }
+
     /// The event's type name.
     pub fn ty(&self) -> &str {
         &self.ty
     }
     /// Its attribute list.
     pub fn attrs(&self) -> &Attrs {
-        self.attrs.as_deref().unwrap_or(&NO_ATTRS)
+        self.extra.as_ref().map_or(&NO_ATTRS, |x| &x.attrs)
     }
     /// Its payload.
     pub fn payload(&self) -> &Bytes {
@@ -77,6 +107,10 @@ impl Event {
     /// The source it came from, as an opaque key.
     pub fn source(&self) -> SourceKey {
         self.source
+    }
+    /// The time it had to be received by, if its source gave it a deadline.
+    pub fn deadline(&self) -> Option<std::time::SystemTime> {
+        self.deadline_us().map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
     }
     /// Decodes a payload sent by a [`crate::TypedSource`].
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
@@ -109,6 +143,11 @@ pub enum RecvError {
     /// comes as [`RecvError::Lagged`] instead.
     #[error("source {0} is gone; an unknown number of its events may have been missed")]
     SourceLost(SourceKey),
+    /// This many events meant for the sink passed their deadline before it could receive them (at the source's
+    /// node, on the way, or waiting in this queue): they were not delivered. The next receive continues with the
+    /// events that followed.
+    #[error("{0} events expired")]
+    Expired(u64),
     /// The sink or its channel is closed and the queue is empty.
     #[error("sink closed")]
     Closed,
@@ -127,6 +166,9 @@ pub enum TryRecvError {
     /// See [`RecvError::SourceLost`].
     #[error("source {0} is gone; an unknown number of its events may have been missed")]
     SourceLost(SourceKey),
+    /// See [`RecvError::Expired`].
+    #[error("{0} events expired")]
+    Expired(u64),
     /// See [`RecvError::Closed`].
     #[error("sink closed")]
     Closed,
@@ -137,12 +179,16 @@ enum Item {
     Lagged(u64),
     /// A source is gone with an unknown number of events missed.
     Lost(SourceKey),
+    /// Events that passed their deadline before they got here.
+    Expired(u64),
 }
 
 struct SinkQ {
     items: VecDeque<Item>,
     /// Events (not lag markers) in `items`.
     events: usize,
+    /// An event with a deadline was ever queued here: only then does a receive look at deadlines.
+    timely: bool,
     closed: bool,
     /// An offer found the queue full (Block policy) and its offerer waits on `writable`: the receiver must notify
     /// when it makes room. Without it the receiver would notify on every event it takes.
@@ -157,10 +203,20 @@ pub(crate) struct Taken {
     items: VecDeque<Item>,
     /// Events (not lag markers) in `items`.
     events: usize,
+    /// Some of `items` may have a deadline (see `SinkQ::timely`).
+    timely: bool,
 }
 
 impl Taken {
-    fn pop(&mut self) -> Option<Result<Event, TryRecvError>> {
+    /// The next item; events past their deadline at `now_us` (microseconds since the Unix epoch, read only when an
+    /// event has a deadline) are returned as one `Expired` for each run of them, and counted in `expired`.
+    #[inline]
+    fn pop(&mut self, now_us: impl Fn() -> u64, expired: &AtomicU64) -> Option<Result<Event, TryRecvError>> {
+        if self.timely {
+            if let Some(late) = self.pop_late(now_us, expired) {
+                return Some(Err(late));
+            }
+        }
         Some(match self.items.pop_front()? {
             Item::Event(e) => {
                 self.events -= 1;
@@ -168,8 +224,39 @@ impl Taken {
             }
             Item::Lagged(n) => Err(TryRecvError::Lagged(n)),
             Item::Lost(k) => Err(TryRecvError::SourceLost(k)),
+            Item::Expired(n) => Err(TryRecvError::Expired(n)),
         })
     }
+
+    /// Removes the run of events past their deadline at the front, if there is one, and reports it (only for sinks
+    /// that were ever sent an event with a deadline: the default path does not look).
+    #[cold]
+    fn pop_late(&mut self, now_us: impl Fn() -> u64, expired: &AtomicU64) -> Option<TryRecvError> {
+        let mut late = 0;
+        let mut now = None;
+        loop {
+            let is_late = match self.items.front() {
+                Some(Item::Event(e)) => e.deadline_us().is_some_and(|d| *now.get_or_insert_with(&now_us) > d),
+                _ => false,
+            };
+            if !is_late {
+                break;
+            }
+            self.items.pop_front();
+            self.events -= 1;
+            late += 1;
+        }
+        if late == 0 {
+            return None;
+        }
+        expired.fetch_add(late, Ordering::Relaxed);
+        Some(TryRecvError::Expired(late))
+    }
+}
+
+/// Now, in microseconds since the Unix epoch (the clock deadlines are in).
+pub(crate) fn unix_now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// How a sink's receivers are woken: async ones through `readable`, blocking ones through `cv`.
@@ -217,6 +304,8 @@ pub(crate) struct SinkQueue {
     writable: Notify,
     pub(crate) received: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Events found past their deadline at a receive, reported to this sink as expired.
+    pub(crate) expired: AtomicU64,
 }
 
 /// What happened to an offered event.
@@ -238,6 +327,7 @@ impl SinkQueue {
             q: Mutex::new(SinkQ {
                 items: VecDeque::with_capacity(cap.clamp(1, 32)),
                 events: 0,
+                timely: false,
                 closed: false,
                 blocked: false,
             }),
@@ -245,6 +335,7 @@ impl SinkQueue {
             writable: Notify::new(),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
         }
     }
 
@@ -313,7 +404,7 @@ impl SinkQueue {
                     while let Some(front) = q.items.pop_front() {
                         match front {
                             Item::Lagged(n) => lag += n,
-                            Item::Lost(k) => lost.push(k),
+                            marker @ (Item::Lost(_) | Item::Expired(_)) => lost.push(marker),
                             Item::Event(_) => {
                                 q.events -= 1;
                                 if let Some(Item::Lagged(n)) = q.items.front() {
@@ -325,13 +416,14 @@ impl SinkQueue {
                         }
                     }
                     q.items.push_front(Item::Lagged(lag));
-                    for k in lost.into_iter().rev() {
-                        q.items.push_front(Item::Lost(k));
+                    for marker in lost.into_iter().rev() {
+                        q.items.push_front(marker);
                     }
                     outcome = Offer::Dropped;
                 }
             }
         }
+        q.timely |= ev.extra.as_ref().is_some_and(|x| x.deadline.is_some());
         q.items.push_back(Item::Event(ev));
         q.events += 1;
         outcome
@@ -387,6 +479,27 @@ impl SinkQueue {
         self.wake_readers();
     }
 
+    /// Records that `n` events meant for this sink passed their deadline before they got here (the caller counts
+    /// them; `expired` counts only those found late in this queue).
+    pub(crate) fn add_expired(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut q = self.q.lock();
+        match q.items.back_mut() {
+            Some(Item::Expired(m)) => *m += n,
+            _ => q.items.push_back(Item::Expired(n)),
+        }
+        drop(q);
+        self.wake_readers();
+    }
+
+    /// The next item the receiver took, with expired events reported as such.
+    #[inline]
+    fn pop(&self, taken: &mut Taken) -> Option<Result<Event, TryRecvError>> {
+        taken.pop(unix_now_us, &self.expired)
+    }
+
     /// Records that source `key` is gone with an unknown number of events meant for this sink missed.
     pub(crate) fn add_lost(&self, key: SourceKey) {
         self.q.lock().items.push_back(Item::Lost(key));
@@ -422,7 +535,7 @@ impl SinkQueue {
 
     /// The next event: from what the receiver took before, else from the queue (taking everything queued).
     pub(crate) fn try_recv(&self, taken: &mut Taken) -> Result<Event, TryRecvError> {
-        if let Some(r) = taken.pop() {
+        if let Some(r) = self.pop(taken) {
             return r;
         }
         let mut q = self.q.lock();
@@ -430,7 +543,8 @@ impl SinkQueue {
             return Err(if q.closed { TryRecvError::Closed } else { TryRecvError::Empty });
         }
         self.take(&mut q, taken);
-        taken.pop().expect("took a non-empty queue")
+        drop(q);
+        self.pop(taken).expect("took a non-empty queue")
     }
 
     /// Moves queued items to the receiver's side (all of them, or the oldest under DropOldest) and lets a blocked
@@ -444,11 +558,13 @@ impl SinkQueue {
                 }
                 taken.items.push_back(item);
             }
+            taken.timely = q.timely;
         } else {
             // The receiver's buffer is empty here: swapping hands its allocation to the queue.
             debug_assert!(taken.items.is_empty());
             std::mem::swap(&mut q.items, &mut taken.items);
             taken.events = std::mem::take(&mut q.events);
+            taken.timely = q.timely;
         }
         if std::mem::take(&mut q.blocked) {
             self.writable.notify_waiters();
@@ -461,6 +577,7 @@ impl SinkQueue {
             Ok(e) => return Ok(e),
             Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
             Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
+            Err(TryRecvError::Expired(n)) => return Err(RecvError::Expired(n)),
             Err(TryRecvError::Closed) => return Err(RecvError::Closed),
             Err(TryRecvError::Empty) => {}
         }
@@ -472,6 +589,7 @@ impl SinkQueue {
                 Ok(e) => return Ok(e),
                 Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
                 Err(TryRecvError::SourceLost(k)) => return Err(RecvError::SourceLost(k)),
+                Err(TryRecvError::Expired(n)) => return Err(RecvError::Expired(n)),
                 Err(TryRecvError::Closed) => return Err(RecvError::Closed),
                 Err(TryRecvError::Empty) => arrived.await,
             }
@@ -479,7 +597,7 @@ impl SinkQueue {
     }
 
     pub(crate) fn recv_blocking(&self, taken: &mut Taken, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
-        if let Some(r) = taken.pop() {
+        if let Some(r) = self.pop(taken) {
             return r;
         }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
@@ -488,7 +606,7 @@ impl SinkQueue {
             if !q.items.is_empty() {
                 self.take(&mut q, taken);
                 drop(q);
-                return taken.pop().expect("took a non-empty queue");
+                return self.pop(taken).expect("took a non-empty queue");
             }
             if q.closed {
                 return Err(TryRecvError::Closed);
@@ -532,6 +650,7 @@ impl ChunkBuf {
 
     /// The buffer to write into, with room for at least `need` more bytes (in a chunk of `chunk` bytes or more). If
     /// the current chunk lacks room, what was written to it must have been cut off (`split`) first.
+    #[inline]
     pub(crate) fn room(&mut self, need: usize, chunk: usize) -> &mut BytesMut {
         if self.left() < need {
             debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
@@ -562,7 +681,7 @@ mod tests {
 
     fn ev(seq: u64) -> Event {
         let source = SourceKey(1);
-        Event { ty: "t".into(), attrs: None, payload: Bytes::new(), seq, source }
+        Event::new("t".into(), Attrs::new(), Bytes::new(), seq, source, None)
     }
 
     fn drain(q: &SinkQueue) -> Vec<String> {
@@ -578,6 +697,40 @@ mod tests {
                 Err(_) => return out,
             }
         }
+    }
+
+    #[test]
+    fn events_past_their_deadline_are_reported_as_expired_at_the_receive() {
+        // Block: the receiver takes the whole queue at once, so a run of late events is one report.
+        let q = SinkQueue::new(16, Overflow::Block);
+        let timely = |seq, d| Event::new("t".into(), Attrs::new(), Bytes::new(), seq, SourceKey(1), Some(d));
+        for e in [timely(1, 100), timely(2, 120), ev(3), timely(4, 200), timely(5, 90)] {
+            q.offer(e);
+        }
+        q.add_expired(2);
+        q.add_expired(1);
+        q.offer(ev(6));
+        let mut taken = Taken::default();
+        let mut out = Vec::new();
+        // The receiver reads the clock at 150 us: events 1 and 2 are late (one report for the run), 4 is not, and 5
+        // is late again.
+        loop {
+            let take = |t: &mut Taken| {
+                if t.items.is_empty() {
+                    let mut g = q.q.lock();
+                    q.take(&mut g, t);
+                }
+            };
+            take(&mut taken);
+            match taken.pop(|| 150, &q.expired) {
+                Some(Ok(e)) => out.push(e.seq().to_string()),
+                Some(Err(TryRecvError::Expired(n))) => out.push(format!("expired{n}")),
+                Some(Err(other)) => out.push(format!("{other:?}")),
+                None => break,
+            }
+        }
+        assert_eq!(out, ["expired2", "3", "4", "expired1", "expired3", "6"]);
+        assert_eq!(q.expired.load(Ordering::Relaxed), 3, "only those found late here count in the queue");
     }
 
     #[test]

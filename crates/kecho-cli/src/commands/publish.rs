@@ -60,6 +60,14 @@ pub struct Args {
     /// Durability: keep no such event longer than this many seconds (with --history-events, or alone).
     #[arg(long, value_name = "SECS")]
     history_secs: Option<f64>,
+    /// Priority of the events, 0 (the default) to 3: at this node's links they overtake queued events of lower
+    /// priority from other sources.
+    #[arg(long, value_name = "N")]
+    priority: Option<u8>,
+    /// Deadline of each event, in milliseconds from its submission: an event not received by then is not sent or
+    /// delivered, and its sinks are told it expired (across hosts, as exact as their clocks agree).
+    #[arg(long, value_name = "MS")]
+    deadline_ms: Option<f64>,
     #[command(flatten)]
     node: NodeArgs,
     #[command(flatten)]
@@ -79,6 +87,8 @@ pub async fn run(a: Args) -> Result<()> {
     if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a non-negative number of seconds");
     }
+    // Checked before anything starts, so that a bad value is the error reported.
+    let opts = options(&a)?;
     let selector = match &a.select {
         Some(spec) => Some(std::sync::Arc::new(spec.parse::<kecho::filter::Selector>()?)),
         None => None,
@@ -91,6 +101,7 @@ pub async fn run(a: Args) -> Result<()> {
     if let Some(h) = history(&a)? {
         src.set_history(h);
     }
+    src.set_options(opts);
     let mut attrs = attrs;
     if let Some(sel) = selector {
         src.set_out_filter(Some(sel));
@@ -141,8 +152,26 @@ pub async fn run(a: Args) -> Result<()> {
     drop(src);
     drop(observer);
     node.shutdown().await;
-    eprintln!("kecho: published {sent} event(s) ({} frame(s) sent, {} dropped)", stats.sent, stats.dropped);
+    eprintln!(
+        "kecho: published {sent} event(s) ({} frame(s) sent, {} dropped, {} expired)",
+        stats.sent, stats.dropped, stats.expired
+    );
     Ok(())
+}
+
+/// The events' priority and deadline from --priority and --deadline-ms.
+fn options(a: &Args) -> Result<kecho::EventOptions> {
+    let mut o = kecho::EventOptions::new();
+    if let Some(p) = a.priority {
+        o = o.priority(kecho::Priority::new(p).context("--priority")?);
+    }
+    if let Some(ms) = a.deadline_ms {
+        if !(ms > 0.0 && ms.is_finite()) {
+            bail!("--deadline-ms must be a positive number of milliseconds");
+        }
+        o = o.deadline(Duration::from_secs_f64(ms / 1000.0));
+    }
+    Ok(o)
 }
 
 /// The source's history from the --history-* flags, if any is given.

@@ -252,6 +252,7 @@ pub async fn run(a: Args) -> Result<()> {
                 lost += 1;
                 eprintln!("kecho: source {k} is gone; an unknown number of its events were missed");
             }
+            Some(Err(RecvError::Expired(n))) => eprintln!("kecho: {n} event(s) expired before they could be received"),
             Some(Err(RecvError::Closed)) => break Err(anyhow::anyhow!("channel closed")),
             Some(Err(e)) => break Err(e.into()),
         }

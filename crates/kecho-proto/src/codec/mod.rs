@@ -20,7 +20,7 @@ mod registry;
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -322,6 +322,29 @@ pub enum Message {
         /// The sinks that missed them; empty means every sink of the channel on the receiving node.
         sinks: Vec<LocalId>,
     },
+    /// The next `Event` of `channel` on this link must not be delivered after `unix_us` (microseconds since the Unix
+    /// epoch, the sender's clock): a receiver that has it later reports it to its sinks as expired instead.
+    Deadline {
+        /// Channel.
+        channel: ChannelId,
+        /// The deadline, in microseconds since the Unix epoch.
+        unix_us: u64,
+    },
+    /// Event `seq` of `source`, of type `ty`, passed its deadline before the sender wrote it: it is not sent, and
+    /// stands in its place on the link (it counts in the receiver's numbering of the source's events as the event
+    /// would have). The receiver reports it to the sinks that would have received it as expired.
+    Expired {
+        /// Channel.
+        channel: ChannelId,
+        /// The source.
+        source: LocalId,
+        /// The expired event's sequence number.
+        seq: u64,
+        /// Its type (the sinks that accept it are the ones told).
+        ty: String,
+        /// The sinks it was meant for on the receiving node; empty means every sink there accepting `ty`.
+        sinks: Vec<LocalId>,
+    },
     /// Loss accounting: of `source`'s events up to and including the next one it sends on this link, `skipped` in
     /// all were not meant for the receiving node (no sink there wanted them, or the OUT-filter chose others). The
     /// receiver numbers the events meant for it as `seq - skipped`; a jump in that number is a loss in transit (a
@@ -432,6 +455,8 @@ mod kind {
     pub const REG_LIST: u8 = 23;
     pub const REG_REPLY: u8 = 24;
     pub const SOURCE_END: u8 = 25;
+    pub const DEADLINE: u8 = 30;
+    pub const EXPIRED: u8 = 31;
 }
 
 impl Message {
@@ -462,6 +487,8 @@ impl Message {
             Message::RegList { .. } => REG_LIST,
             Message::RegReply { .. } => REG_REPLY,
             Message::SourceEnd { .. } => SOURCE_END,
+            Message::Deadline { .. } => DEADLINE,
+            Message::Expired { .. } => EXPIRED,
         }
     }
 
@@ -471,6 +498,7 @@ impl Message {
             Message::Event(e) => return encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload),
             Message::Routed { channel, source, skipped } => return encode_routed(dst, *channel, *source, *skipped),
             Message::Targets { channel, sinks } => return encode_targets(dst, *channel, sinks),
+            Message::Deadline { channel, unix_us } => return encode_deadline(dst, *channel, *unix_us),
             _ => {}
         }
         let start = begin_frame(dst, self.kind());
@@ -535,7 +563,19 @@ impl Message {
                 put_snapshot(dst, snapshot);
                 dst.put_u8(u8::from(*left) | (u8::from(*reply) << 1));
             }
-            Message::Event(_) | Message::Routed { .. } | Message::Targets { .. } => unreachable!("handled above"),
+            Message::Event(_) | Message::Routed { .. } | Message::Targets { .. } | Message::Deadline { .. } => {
+                unreachable!("handled above")
+            }
+            Message::Expired { channel, source, seq, ty, sinks } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(source.0);
+                dst.put_u64_le(*seq);
+                put_str(dst, ty);
+                dst.put_u32_le(sinks.len() as u32);
+                for s in sinks {
+                    dst.put_u32_le(s.0);
+                }
+            }
             Message::SourceEnd { channel, origin, source, last, dests } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u64_le(origin.0);
@@ -683,6 +723,15 @@ pub fn encode_targets(dst: &mut BytesMut, channel: ChannelId, sinks: &[LocalId])
     for s in sinks {
         dst.put_u32_le(s.0);
     }
+    end_frame(dst, start);
+}
+
+/// Appends a `Deadline` frame without building a [`Message`] (submit path).
+pub fn encode_deadline(dst: &mut BytesMut, channel: ChannelId, unix_us: u64) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 8);
+    let start = begin_frame(dst, kind::DEADLINE);
+    dst.put_u64_le(channel.0);
+    dst.put_u64_le(unix_us);
     end_frame(dst, start);
 }
 
@@ -1199,6 +1248,15 @@ impl Reader {
                 let channel = ChannelId(self.u64()?);
                 let sinks = self.local_ids()?;
                 Message::Targets { channel, sinks }
+            }
+            DEADLINE => Message::Deadline { channel: ChannelId(self.u64()?), unix_us: self.u64()? },
+            EXPIRED => {
+                let channel = ChannelId(self.u64()?);
+                let source = LocalId(self.u32()?);
+                let seq = self.u64()?;
+                let ty = self.string()?;
+                let sinks = self.local_ids()?;
+                Message::Expired { channel, source, seq, ty, sinks }
             }
             REG_CLAIM => {
                 let req = self.u32()?;

@@ -11,7 +11,7 @@ use kecho_proto::{Attrs, LocalId, NodeId, Overflow};
 use super::sink::LocalSink;
 use super::ChannelInner;
 use crate::filter::{InDecision, InEvent, LocalSinks};
-use crate::link::{Arrived, Batch};
+use crate::link::Batch;
 use crate::queue::{Event, Offer, SourceKey};
 
 /// Loss accounting at a receiver, per remote source.
@@ -54,7 +54,7 @@ pub(super) type SinkList<'a> = smallvec::SmallVec<[&'a Arc<LocalSink>; 8]>;
 impl ChannelInner {
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
     /// source's OUT-filter named some).
-    async fn deliver_one(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>) {
+    async fn deliver_one(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>, deadline: Option<u64>) {
         if !self.may_send(from) {
             // A node without the source right: whatever it sends is not the channel's.
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
@@ -77,7 +77,7 @@ impl ChannelInner {
             None => sinks.iter().filter(|s| s.types.accepts(&e.ty)).collect(),
             Some(ids) => sinks.iter().filter(|s| ids.contains(&s.id) && s.types.accepts(&e.ty)).collect(),
         };
-        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source)).await;
+        self.dispatch(chosen, e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source), deadline).await;
     }
 
     /// Delivers events that arrived together from node `from` (the frames of one read, in order), each with the
@@ -93,8 +93,9 @@ impl ChannelInner {
         let sinks = self.local_sinks.read().clone();
         if sinks.len() > 64 || self.in_filter.read().is_some() {
             // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
-            for Arrived { event, targets } in events.drain(..) {
-                self.deliver_one(from, event, targets).await;
+            for a in events.drain(..) {
+                let (event, targets, deadline) = a.parts();
+                self.deliver_one(from, event, targets, deadline).await;
             }
             return;
         }
@@ -109,7 +110,8 @@ impl ChannelInner {
             let mut after_gap = None;
             {
                 let mut tracks = self.tracks.lock();
-                for Arrived { event: e, targets: chosen } in evs.by_ref() {
+                for a in evs.by_ref() {
+                    let (e, chosen, deadline) = a.parts();
                     let Some(gap) = tracks.entry((from, e.source)).or_default().arrived(e.seq) else {
                         continue;
                     };
@@ -125,14 +127,7 @@ impl ChannelInner {
                         None => types,
                         Some(ids) => types & mask(&sinks, |s| ids.contains(&s.id)),
                     };
-                    let attrs = if e.attrs.is_empty() { None } else { Some(Arc::new(e.attrs)) };
-                    let ev = Event {
-                        ty: e.ty,
-                        attrs,
-                        payload: e.payload,
-                        seq: e.seq,
-                        source: SourceKey::new(from, e.source),
-                    };
+                    let ev = Event::new(e.ty, e.attrs, e.payload, e.seq, SourceKey::new(from, e.source), deadline);
                     if gap > 0 {
                         after_gap = Some((gap, ev, m));
                         break;
@@ -256,6 +251,7 @@ impl ChannelInner {
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn dispatch(
         &self,
         mut sinks: SinkList<'_>,
@@ -264,6 +260,7 @@ impl ChannelInner {
         payload: Bytes,
         seq: u64,
         source: SourceKey,
+        deadline: Option<u64>,
     ) {
         let filter = self.in_filter.read().clone();
         if let Some(f) = filter {
@@ -286,8 +283,7 @@ impl ChannelInner {
         if sinks.is_empty() {
             return;
         }
-        let attrs = if attrs.is_empty() { None } else { Some(Arc::new(attrs)) };
-        let ev = Event { ty, attrs, payload, seq, source };
+        let ev = Event::new(ty, attrs, payload, seq, source, deadline);
         for s in sinks {
             let outcome = if s.queue.overflow() == Overflow::Block {
                 s.queue.offer_wait(ev.clone()).await
@@ -297,6 +293,29 @@ impl ChannelInner {
             if matches!(outcome, Offer::Dropped) {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Event `seq` of remote source `source` (of type `ty`, meant for `ids`, or every local sink accepting `ty` if
+    /// empty) passed its deadline before its node sent it: it counts as arrived in the source's numbering, and its
+    /// sinks are told it expired.
+    pub(crate) fn remote_expired(&self, from: NodeId, source: LocalId, seq: u64, ty: &str, ids: &[LocalId]) {
+        if !self.may_send(from) {
+            return;
+        }
+        let sinks = self.local_sinks.read().clone();
+        let Some(gap) = self.tracks.lock().entry((from, source)).or_default().arrived(seq) else {
+            return;
+        };
+        if gap > 0 {
+            self.counters.missed.fetch_add(gap, Ordering::Relaxed);
+            for s in sinks.iter() {
+                s.queue.add_lag(gap);
+            }
+        }
+        self.counters.expired.fetch_add(1, Ordering::Relaxed);
+        for s in sinks.iter().filter(|s| (ids.is_empty() || ids.contains(&s.id)) && s.types.accepts(ty)) {
+            s.queue.add_expired(1);
         }
     }
 

@@ -78,6 +78,11 @@ pub struct ChannelStats {
     /// Refusals under the channel's access policy: nodes this node refused or dropped from its view, and events that
     /// arrived from a node holding no source right.
     pub denied: u64,
+    /// Events past their deadline, reported to their sinks as expired ([`crate::RecvError::Expired`]) instead of
+    /// delivered: at submission (counted once per event), announced by another node whose link held them too long,
+    /// or found late at a local sink's receive. Events that expire in this node's link queues are counted per link
+    /// ([`crate::LinkStats::expired`]).
+    pub expired: u64,
 }
 
 #[derive(Default)]
@@ -91,6 +96,7 @@ struct Counters {
     missed: AtomicU64,
     published: AtomicU64,
     denied: AtomicU64,
+    expired: AtomicU64,
 }
 
 #[derive(Default)]
@@ -484,6 +490,8 @@ impl ChannelInner {
             missed: c.missed.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
             denied: c.denied.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed)
+                + self.local_sinks.read().iter().map(|s| s.queue.expired.load(Ordering::Relaxed)).sum::<u64>(),
         }
     }
 }

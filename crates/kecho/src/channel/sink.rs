@@ -236,6 +236,7 @@ impl<T: serde::de::DeserializeOwned> TypedSink<T> {
                 Ok(event) => return Ok(Typed { value: event.decode()?, event }),
                 Err(RecvError::Lagged(n)) => tracing::debug!("typed sink missed {n} events"),
                 Err(RecvError::SourceLost(k)) => tracing::debug!("typed sink: source {k} is gone"),
+                Err(RecvError::Expired(n)) => tracing::debug!("typed sink: {n} events expired"),
                 Err(RecvError::Closed) => return Err(Error::Closed(self.sink.ch.name.clone())),
             }
         }

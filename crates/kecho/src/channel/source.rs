@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{encode_event, encode_routed, encode_targets, event_frame_len, EndDest};
+use std::time::Instant;
+
+use kecho_proto::codec::{encode_deadline, encode_event, encode_routed, encode_targets, event_frame_len, EndDest};
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
 
 use super::deliver::SinkList;
@@ -19,8 +21,9 @@ use super::{block_on, ChannelInner, Counters, NodeGuard};
 use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::filter::{CelRoot, EventView, FilterContext, OutFilter, SinkEntry, SinkView};
-use crate::link::{Peer, SourceGate, COPY_BELOW};
+use crate::link::{Expiry, Held, Peer, SourceGate, Urgency, COPY_BELOW};
 use crate::queue::{ChunkBuf, SourceKey};
+use crate::timely::{unix_us, EventOptions, Priority};
 
 /// Size of a source's encoding chunk (larger frames get a chunk of their own size).
 const ENCODE_CHUNK: usize = 64 * 1024;
@@ -45,6 +48,36 @@ pub struct Source {
     kept: Kept,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
+    /// The priority and deadline of events that set none themselves: per type, then for all.
+    type_opts: Vec<(String, EventOptions)>,
+    opts: EventOptions,
+}
+
+/// An event's priority and deadline, as the submit path uses them.
+#[derive(Clone, Copy, Default)]
+struct Timing {
+    /// The outbox lane (the priority's level).
+    lane: u8,
+    /// The deadline: on this node's clock, and as sent (microseconds since the Unix epoch).
+    deadline: Option<(Instant, u64)>,
+}
+
+impl Timing {
+    /// The timing of an event submitted now with options `o`.
+    fn of(o: EventOptions) -> Timing {
+        Timing {
+            lane: o.priority_set().unwrap_or(Priority::DEFAULT).level(),
+            deadline: o.deadline_set().map(|d| {
+                let at = now().checked_add(d).unwrap_or_else(|| now() + std::time::Duration::from_secs(1 << 32));
+                (at, unix_us(std::time::SystemTime::now()).saturating_add(d.as_micros() as u64))
+            }),
+        }
+    }
+
+    /// The outbox placement of this event for one node.
+    fn urgency<'a>(&self, held: &'a mut Held, expiry: Option<Expiry>, blocks: bool) -> Urgency<'a> {
+        Urgency { lane: self.lane, expiry, held, blocks }
+    }
 }
 
 /// The channel's routing table and installed OUT-filter, as of a routing generation: a source reads the channel's
@@ -124,6 +157,8 @@ struct SendTrack {
     told: Option<Told>,
     /// The link (`Peer` address and epoch) the kept events in flight were last replayed on.
     replayed_on: Option<(usize, u64)>,
+    /// Where this source's last frame to the node went in the link's outbox (its next must not overtake it).
+    held: Held,
 }
 
 /// The `skipped` value last queued to a node, with the link it went on: a new `Peer`, or a new epoch of the same one,
@@ -178,24 +213,62 @@ impl Source {
             loss: LossTrack::default(),
             kept,
             ty_name: None,
+            type_opts: Vec::new(),
+            opts: EventOptions::default(),
         }
     }
 
     /// Submits an event; waits only if a sink with the Block policy is full. Returns the event's sequence number.
     pub async fn submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
-        self.submit_inner(ty, attrs, payload, true).await
+        self.submit_inner(ty, attrs, payload, true, EventOptions::default()).await
+    }
+
+    /// Submits an event with its own priority and deadline (see [`EventOptions`]; what it leaves unset comes from
+    /// [`Source::set_type_options`] and [`Source::set_options`]). An event whose deadline passes before it reaches a
+    /// sink's receiver is not delivered: the sink gets [`crate::RecvError::Expired`] in its place.
+    pub async fn submit_with(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], opts: EventOptions) -> Result<u64> {
+        self.submit_inner(ty, attrs, payload, true, opts).await
     }
 
     /// Submits without ever waiting: fails with [`Error::WouldBlock`] (sending nothing) if a Block sink is full.
     pub fn try_submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
-        let fut = self.submit_inner(ty, attrs, payload, false);
+        self.try_submit_with(ty, attrs, payload, EventOptions::default())
+    }
+
+    /// [`Source::try_submit`] with the event's own priority and deadline.
+    pub fn try_submit_with(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], opts: EventOptions) -> Result<u64> {
+        let fut = self.submit_inner(ty, attrs, payload, false, opts);
         // The non-waiting path never awaits anything pending, so one poll completes it.
         futures_util::FutureExt::now_or_never(fut).unwrap_or(Err(Error::WouldBlock))
     }
 
     /// Blocking form of [`Source::submit`], for threads outside the runtime.
     pub fn submit_blocking(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
-        block_on(self.submit_inner(ty, attrs, payload, true))?
+        block_on(self.submit_inner(ty, attrs, payload, true, EventOptions::default()))?
+    }
+
+    /// Sets the priority and deadline of this source's events that set none themselves (and whose type has none,
+    /// see [`Source::set_type_options`]).
+    pub fn set_options(&mut self, opts: EventOptions) {
+        self.opts = opts;
+    }
+
+    /// Sets the priority and deadline of this source's events of type `ty` that set none themselves.
+    pub fn set_type_options(&mut self, ty: &str, opts: EventOptions) {
+        match self.type_opts.iter_mut().find(|(t, _)| t == ty) {
+            Some((_, o)) => *o = opts,
+            None => self.type_opts.push((ty.to_owned(), opts)),
+        }
+    }
+
+    /// The options an event of type `ty` submitted with `opts` gets.
+    #[inline]
+    fn options(&self, ty: &str, opts: EventOptions) -> EventOptions {
+        if self.type_opts.is_empty() {
+            return opts.or(self.opts);
+        }
+        let by_type = self.type_opts.iter().find(|(t, _)| t == ty).map(|(_, o)| *o).unwrap_or_default();
+        opts.or(by_type).or(self.opts)
     }
 
     /// Sinks present in the channel.
@@ -223,8 +296,17 @@ impl Source {
     }
 
     /// The submit path. `wait`: wait for room at full Block sinks (else fail with `WouldBlock`, sending nothing).
-    async fn submit_inner(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], wait: bool) -> Result<u64> {
+    async fn submit_inner(
+        &mut self,
+        ty: &str,
+        attrs: &Attrs,
+        payload: &[u8],
+        wait: bool,
+        opts: EventOptions,
+    ) -> Result<u64> {
         let len = self.check(ty, attrs, payload)?;
+        let opts = self.options(ty, opts);
+        let timing = if opts == EventOptions::default() { Timing::default() } else { Timing::of(opts) };
         self.routing.refresh(&self.ch);
         let routes = &*self.routing.routes;
         let pick = &mut self.pick;
@@ -238,7 +320,7 @@ impl Source {
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
         // 4. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
-        pick.wait_for_room(routes, len, wait).await?;
+        pick.wait_for_room(routes, len, wait, timing.lane).await?;
 
         // 5. Number and count it, and what cut-off nodes missed.
         self.seq += 1;
@@ -257,6 +339,15 @@ impl Source {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(head.seq);
         }
+        if timing.deadline.is_some_and(|(at, _)| now() >= at) {
+            // It expired while waiting for room: its sinks are told, nothing is sent.
+            c.expired.fetch_add(1, Ordering::Relaxed);
+            self.enc.send_expired(&mut pick.peers, routes, &mut self.loss, head, ty, timing);
+            for l in &pick.locals {
+                l.queue.add_expired(1);
+            }
+            return Ok(head.seq);
+        }
         // 6. Send: encoded once, the same bytes on every link.
         let ev = EventView { ty, attrs, payload };
         let frame = self.enc.send(
@@ -269,6 +360,7 @@ impl Source {
             len,
             pick.locals.is_empty(),
             &mut self.kept,
+            timing,
         );
         // 7. Local sinks get the event without any encoding.
         if !pick.locals.is_empty() {
@@ -285,7 +377,15 @@ impl Source {
                 _ => self.ty_name.insert(Arc::from(ty)).clone(),
             };
             self.ch
-                .dispatch(locals.iter().collect::<SinkList<'_>>(), name, attrs.clone(), payload, head.seq, self.key)
+                .dispatch(
+                    locals.iter().collect::<SinkList<'_>>(),
+                    name,
+                    attrs.clone(),
+                    payload,
+                    head.seq,
+                    self.key,
+                    timing.deadline.map(|(_, unix)| unix),
+                )
                 .await;
             self.pick.locals = locals;
         }
@@ -411,13 +511,13 @@ impl Pick {
 
     /// Step 4: waits until every chosen Block sink has room for an event of `len` bytes (or, if not `wait`, fails
     /// when one has none).
-    async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool) -> Result<()> {
+    async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool, lane: u8) -> Result<()> {
         for (p, pick) in self.peers.iter().enumerate() {
-            if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len) {
+            if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len, lane) {
                 if !wait {
                     return Err(Error::WouldBlock);
                 }
-                routes.peers[p].outbox.wait_room(len).await;
+                routes.peers[p].outbox.wait_room(len, lane).await;
             }
         }
         if !wait && self.locals.iter().any(|s| s.queue.overflow() == Overflow::Block && s.queue.is_full()) {
@@ -507,10 +607,10 @@ impl LossTrack {
                     encode_routed(&mut enc.prefix, channel, source, told.skipped);
                 }
                 encode_targets(&mut enc.prefix, channel, &r.sinks);
-                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, false) {
+                if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, Urgency::plain(&mut track.held)) {
                     track.sent(told);
                 } else {
-                    peer.add_lag(channel, source, &r.sinks, 1);
+                    peer.add_lag(channel, source, &r.sinks, 1, 0);
                 }
                 enc.prefix.clear();
             }
@@ -569,7 +669,8 @@ impl SendTrack {
                 encode_targets(&mut enc.prefix, channel, t);
             }
             // A full link drops the copy; the node then reports the gap in transit as for any lost event.
-            let _ = peer.outbox.push_event_with(&enc.prefix, frame, &mut enc.gate, false);
+            let _ =
+                peer.outbox.push_event_with(&enc.prefix, frame.clone(), &mut enc.gate, Urgency::plain(&mut self.held));
             enc.prefix.clear();
         }
         // The next event tells the node its current numbering again.
@@ -599,6 +700,7 @@ impl Encoder {
         len: usize,
         copy: bool,
         kept: &mut Kept,
+        timing: Timing,
     ) -> Option<Bytes> {
         let keep = kept.is_on();
         let mut went: smallvec::SmallVec<[SentTo; 1]> = smallvec::SmallVec::new();
@@ -632,18 +734,22 @@ impl Encoder {
             if pick.chosen < pick.accepting {
                 encode_targets(&mut self.prefix, head.channel, &pick.ids);
             }
+            // With a deadline: the frame carries it, and the outbox knows what to send instead should it pass.
+            let expiry = timing.deadline.map(|(at, unix)| {
+                encode_deadline(&mut self.prefix, head.channel, unix);
+                let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
+                Expiry { deadline: at, instead: expired_notice(head, ev.ty, targets, tell.then_some(told.skipped)) }
+            });
+            let urgency = timing.urgency(&mut track.held, expiry, pick.blocks);
             let (pushed, sent) = if copied {
-                (
-                    peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate, pick.blocks),
-                    self.small.len(),
-                )
+                (peer.outbox.push_event_copied(&self.prefix, &self.small, &mut self.gate, urgency), self.small.len())
             } else {
                 let f = frame.get_or_insert_with(|| {
                     let b = self.buf.room(len + 16 * ev.attrs.len(), ENCODE_CHUNK);
                     encode_event(b, head.channel, head.source, head.seq, ev.ty, ev.attrs, ev.payload);
                     b.split().freeze()
                 });
-                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate, pick.blocks), f.len())
+                (peer.outbox.push_event_with(&self.prefix, f.clone(), &mut self.gate, urgency), f.len())
             };
             self.prefix.clear();
             if pushed {
@@ -656,7 +762,8 @@ impl Encoder {
                 sent_bytes += sent as u64;
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
-                peer.add_lag(head.channel, head.source, &pick.ids, 1);
+                let lane = track.held.lane().map_or(timing.lane, |l| l.min(timing.lane));
+                peer.add_lag(head.channel, head.source, &pick.ids, 1, lane);
             }
             pick.ids.clear();
         }
@@ -675,6 +782,57 @@ impl Encoder {
         }
         frame
     }
+}
+
+impl Encoder {
+    /// Sends, in place of an event that expired before it was sent, its expiry notice to every node with chosen
+    /// sinks (in the event's place in the node's numbering, so that it is not taken for a loss).
+    fn send_expired(
+        &mut self,
+        peers: &mut [PeerPick],
+        routes: &Routes,
+        loss: &mut LossTrack,
+        head: Head,
+        ty: &str,
+        timing: Timing,
+    ) {
+        for (p, pick) in peers.iter_mut().enumerate() {
+            if pick.chosen == 0 {
+                continue;
+            }
+            let peer = &routes.peers[p];
+            peer.flush_lag();
+            let track = loss.sent_to.entry(peer.id).or_default();
+            let (told, tell) = track.before(peer, head.seq);
+            let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
+            let notice = expired_notice(head, ty, targets, tell.then_some(told.skipped));
+            let urgency = timing.urgency(&mut track.held, None, pick.blocks);
+            if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
+                track.sent(told);
+            } else {
+                peer.add_lag(head.channel, head.source, &pick.ids, 1, timing.lane);
+            }
+            pick.ids.clear();
+        }
+        self.gate.done();
+    }
+}
+
+/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one, and `Expired`.
+fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>) -> Bytes {
+    let mut b = BytesMut::new();
+    if let Some(skipped) = routed {
+        encode_routed(&mut b, head.channel, head.source, skipped);
+    }
+    Message::Expired {
+        channel: head.channel,
+        source: head.source,
+        seq: head.seq,
+        ty: ty.to_owned(),
+        sinks: targets.to_vec(),
+    }
+    .encode(&mut b);
+    b.freeze()
 }
 
 impl Drop for Source {

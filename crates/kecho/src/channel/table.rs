@@ -208,6 +208,11 @@ impl LinkHandler for Channels {
                     ch.source_end(from, origin, source, last, dests);
                 }
             }
+            Message::Expired { channel, source, seq, ty, sinks } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.remote_expired(from, source, seq, &ty, &sinks);
+                }
+            }
             Message::Routed { channel, source, skipped } => {
                 if let Some(ch) = self.channel_by_id(channel) {
                     ch.routed(from, source, skipped);

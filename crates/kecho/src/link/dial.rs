@@ -108,7 +108,7 @@ async fn dial_inner<H: LinkHandler>(
                 .await
                 .map_err(|_| LinkError::ConnectTimeout { addr: at.to_owned() })?
                 .map_err(|source| LinkError::Connect { addr: at.to_owned(), source })?;
-            let _ = stream.set_nodelay(true);
+            tune(&stream, &links.cfg);
             let remote = stream.peer_addr().ok();
             let (rd, wr) = secure_dial(links.cfg.tls.as_ref(), stream, at).await?;
             (rd, wr, remote)
@@ -151,9 +151,22 @@ async fn dial_inner<H: LinkHandler>(
     Ok(DialOutcome::Up)
 }
 
+/// Socket options of a TCP link: no Nagle delay, and the receive buffer if one is configured
+/// (`NodeBuilder::recv_buffer`). Failures leave the kernel's defaults (a link works without). The short unsent queue
+/// (`TCP_NOTSENT_LOWAT`) is set by the writer once the link carries priorities.
+fn tune(stream: &TcpStream, cfg: &crate::config::NodeConfig) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    if let Some(n) = cfg.recv_buffer {
+        if let Err(e) = sock.set_recv_buffer_size(n) {
+            tracing::debug!("SO_RCVBUF not set: {e}");
+        }
+    }
+}
+
 /// Serves one inbound TCP connection.
 async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+    tune(&stream, &links.cfg);
     let Some((rd, wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
     accept_link(links, rd, wr, remote, Transport::Tcp).await;
 }

@@ -34,7 +34,7 @@ use crate::config::NodeConfig;
 use crate::error::{LinkFailure, LinkFailureKind};
 use crate::queue::Event;
 use crate::tasks::Tasks;
-pub(crate) use outbox::{Outbox, SourceGate};
+pub(crate) use outbox::{Expiry, Held, Outbox, SourceGate, Urgency};
 pub(crate) use writer::COPY_BELOW;
 
 /// How long a connection may take to complete its handshake.
@@ -62,10 +62,36 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
     fn peer_lost(&self, id: NodeId);
 }
 
-/// An event that arrived, with the sink ids of the `Targets` frame before it if it had one.
+/// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
+/// its `Deadline` frame (microseconds since the Unix epoch) if it had one.
+/// Both are rare, and boxed together: the reader moves every event's `Arrived` into a batch, and the smaller it is
+/// the less that costs (inline, they made it large enough for a call to `memcpy` per event).
 pub(crate) struct Arrived {
-    pub(crate) event: EventMsg,
-    pub(crate) targets: Option<Vec<LocalId>>,
+    event: EventMsg,
+    more: Option<Box<TargetsDeadline>>,
+}
+
+/// The sink ids of an event's `Targets` frame and the deadline of its `Deadline` frame.
+type TargetsDeadline = (Option<Vec<LocalId>>, Option<u64>);
+
+impl Arrived {
+    #[inline]
+    pub(crate) fn new(event: EventMsg, targets: Option<Vec<LocalId>>, deadline: Option<u64>) -> Self {
+        let more = if targets.is_none() && deadline.is_none() { None } else { Some(Box::new((targets, deadline))) };
+        Arrived { event, more }
+    }
+
+    /// The event, its targets and its deadline.
+    #[inline]
+    pub(crate) fn parts(self) -> (EventMsg, Option<Vec<LocalId>>, Option<u64>) {
+        match self.more {
+            None => (self.event, None, None),
+            Some(more) => {
+                let (targets, deadline) = *more;
+                (self.event, targets, deadline)
+            }
+        }
+    }
 }
 
 /// Events that arrived together on one link for one channel, and the list the handler stages them in for delivery:
@@ -287,6 +313,7 @@ impl<H: LinkHandler> Links<H> {
                     queued_bytes: p.outbox.queued_bytes(),
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
+                    expired: p.outbox.expired.load(Ordering::Relaxed),
                     transport: *p.transport.lock(),
                 }
             })
@@ -299,7 +326,19 @@ impl<H: LinkHandler> Links<H> {
             return;
         }
         let p = self.peer(to, addr);
-        p.outbox.push_control(msg.to_bytes());
+        if matches!(
+            msg,
+            Message::JoinRequest { .. }
+                | Message::JoinAccept { .. }
+                | Message::JoinRedirect { .. }
+                | Message::JoinRefused { .. }
+        ) {
+            // No event depends on a join message's place among them (the joiner is not a member yet): it goes ahead
+            // of any backlog. Snapshots, ends and lag notices keep their place after the events queued before them.
+            p.outbox.push_link_control(msg.to_bytes());
+        } else {
+            p.outbox.push_control(msg.to_bytes());
+        }
         p.ensure_link(self);
     }
 
@@ -408,6 +447,8 @@ pub struct LinkStats {
     pub connects: u64,
     /// Connections declared dead because the other node fell silent for the heartbeat timeout.
     pub heartbeat_timeouts: u64,
+    /// Events that passed their deadline while queued for this link: not sent, their expiry notice went instead.
+    pub expired: u64,
     /// The transport of the current (or last) connection: TCP or QUIC.
     pub transport: crate::Transport,
 }
@@ -450,6 +491,8 @@ struct PeerFlags {
 
 /// Events of one source, meant for the same sinks, dropped at a full outbox.
 struct PendingLag {
+    /// The outbox lane of the source's events, where the notice keeps its place among them.
+    lane: u8,
     channel: ChannelId,
     source: LocalId,
     sinks: Vec<LocalId>,
@@ -498,11 +541,13 @@ impl Peer {
     }
 
     /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
-    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64) {
+    /// `lane`: the outbox lane of the source's events.
+    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64, lane: u8) {
         let mut lag = self.lag.lock();
-        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks) {
+        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks && l.lane == lane)
+        {
             Some(l) => l.count += n,
-            None => lag.push(PendingLag { channel, source, sinks: sinks.to_vec(), count: n }),
+            None => lag.push(PendingLag { lane, channel, source, sinks: sinks.to_vec(), count: n }),
         }
         self.flags.has_lag.store(true, Ordering::Release);
     }
@@ -555,8 +600,8 @@ impl Peer {
         }
         let pending = std::mem::take(&mut *self.lag.lock());
         self.flags.has_lag.store(false, Ordering::Release);
-        for PendingLag { channel, source, sinks, count } in pending {
-            self.outbox.push_control(Message::Lagged { channel, source, count, sinks }.to_bytes());
+        for PendingLag { lane, channel, source, sinks, count } in pending {
+            self.outbox.push_control_in(lane, Message::Lagged { channel, source, count, sinks }.to_bytes());
         }
     }
 

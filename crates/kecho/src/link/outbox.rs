@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -15,6 +15,13 @@ use crate::queue::ChunkBuf;
 
 /// A link's outgoing frames. Bounded in bytes for events; control frames are always admitted (they are small and
 /// rare, and must not be lost to congestion).
+///
+/// Frames wait in one of [`LANES`] lanes, one per priority: the writer takes the highest lane first, so a frame
+/// overtakes every frame queued in lower lanes. Within a lane the order is FIFO. A source never overtakes its own
+/// frames: while frames of its are still queued in a lower lane, its next frame goes to that lane (see [`Held`]).
+/// Control frames that keep their place among events go to the lowest lane, behind every event queued before them (a
+/// `SourceEnd` must follow the source's events); those that need no place (pings, pongs, join messages) go to the
+/// highest, ahead of any backlog (`push_link_control`). The rest of a frame begun by a direct write goes first of all.
 pub(crate) struct Outbox {
     limit: usize,
     q: Mutex<OutQ>,
@@ -28,6 +35,11 @@ pub(crate) struct Outbox {
     pub(crate) direct_writes: AtomicU64,
     /// Bytes written directly by submitting threads, for statistics.
     pub(crate) direct_bytes: AtomicU64,
+    /// An event of a priority above the default was queued here (a copy of `OutQ::prioritised`, read by the writer
+    /// without the lock).
+    pub(crate) prioritised: AtomicBool,
+    /// Events that passed their deadline in this outbox and were replaced by their expiry notice.
+    pub(crate) expired: AtomicU64,
     /// See [`DIRECT_QUIET`].
     quiet: Duration,
     /// See [`SOURCE_IDLE`].
@@ -36,12 +48,123 @@ pub(crate) struct Outbox {
     queued: AtomicUsize,
 }
 
-pub(crate) struct OutQ {
-    pub(crate) frames: VecDeque<Bytes>,
+/// How many priorities an outbox keeps apart: priorities 0 (the default) to `LANES - 1`; higher goes first.
+pub(crate) const LANES: usize = 4;
+
+/// When a frame expires and what is written in its place then (empty: nothing).
+pub(crate) struct Expiry {
+    pub(crate) deadline: Instant,
+    pub(crate) instead: Bytes,
+}
+
+/// A queued frame.
+struct Queued {
+    bytes: Bytes,
+    /// Only frames with a deadline have one (boxed: they are the rare case).
+    expiry: Option<Box<Expiry>>,
+    /// Ends with the prefix (routing and target frames) of the next entry's event: the writer takes both together,
+    /// so that no frame of another lane can come between them.
+    glued: bool,
+}
+
+/// One priority's queue.
+#[derive(Default)]
+struct Lane {
+    frames: VecDeque<Queued>,
     /// Small event frames copied in by sources, after everything in `frames`: a burst of them is written from here
     /// as one segment, with no reference count per frame and no copy by the writer.
     open: ChunkBuf,
+    /// Bytes ever queued in this lane, and ever taken from it (or discarded): a source's frames are all gone once
+    /// `taken` reaches the position its last frame ended at.
+    pushed: u64,
+    taken: u64,
+}
+
+impl Lane {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.open.pending() == 0
+    }
+
+    /// Copies bytes into the open run.
+    fn append(&mut self, bytes: &[u8]) {
+        if self.open.left() < bytes.len() {
+            self.seal();
+        }
+        self.open.room(bytes.len(), OPEN_CHUNK).extend_from_slice(bytes);
+        self.pushed += bytes.len() as u64;
+    }
+
+    /// Copies a prefix and its frame into the open run, into one segment (never split by a seal between them).
+    fn append_both(&mut self, first: &[u8], frame: &[u8]) {
+        if self.open.left() < first.len() + frame.len() {
+            self.seal();
+        }
+        self.open.room(first.len() + frame.len(), OPEN_CHUNK).extend_from_slice(first);
+        self.open.room(frame.len(), OPEN_CHUNK).extend_from_slice(frame);
+        self.pushed += (first.len() + frame.len()) as u64;
+    }
+
+    fn push(&mut self, bytes: Bytes, expiry: Option<Box<Expiry>>) {
+        self.seal();
+        self.pushed += bytes.len() as u64;
+        self.frames.push_back(Queued { bytes, expiry, glued: false });
+    }
+
+    /// Pushes an event frame whose prefix was just copied into the open run: the run is glued to it.
+    fn push_after_prefix(&mut self, bytes: Bytes) {
+        self.seal();
+        if let Some(run) = self.frames.back_mut() {
+            run.glued = true;
+        }
+        self.push(bytes, None);
+    }
+
+    /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
+    fn seal(&mut self) {
+        if self.open.pending() != 0 {
+            let run = self.open.split();
+            self.frames.push_back(Queued { bytes: run, expiry: None, glued: false });
+        }
+    }
+}
+
+/// Where one source's last frame went in one outbox, so that its next frame does not overtake it: the outbox (by
+/// address), the lane and the lane's position after the frame.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct Held(Option<(usize, u8, u64)>);
+
+impl Held {
+    /// The lane of the last frame, if any.
+    pub(crate) fn lane(&self) -> Option<u8> {
+        self.0.map(|(_, l, _)| l)
+    }
+}
+
+/// How a source wants its next frame queued: the lane of its priority, its deadline (if it has one), and where
+/// its frames went before in this outbox.
+pub(crate) struct Urgency<'a> {
+    pub(crate) lane: u8,
+    pub(crate) expiry: Option<Expiry>,
+    pub(crate) held: &'a mut Held,
+    /// A sink the event goes to has the Block policy: the source waited for room, and the push never refuses it.
+    pub(crate) blocks: bool,
+}
+
+impl<'a> Urgency<'a> {
+    /// The default lane, no deadline.
+    pub(crate) fn plain(held: &'a mut Held) -> Self {
+        Urgency { lane: 0, expiry: None, held, blocks: false }
+    }
+}
+
+pub(crate) struct OutQ {
+    lanes: [Lane; LANES],
     pub(crate) bytes: usize,
+    /// Frames with a deadline queued (the writer reads the clock only when there are some).
+    timely: usize,
+    /// A frame was queued in a lane above 0: from then on the writer takes at most [`TAKE_BUDGET`] bytes at a time,
+    /// so that a frame of a higher lane never waits behind a whole queue of lower ones.
+    prioritised: bool,
     /// Event frames accepted (written directly or queued), for statistics.
     events: u64,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
@@ -54,29 +177,48 @@ pub(crate) struct OutQ {
     quiet_at: Option<Instant>,
 }
 
-/// The size of the memory small frames are copied into (see `OutQ::open`).
+/// The size of the memory small frames are copied into (see `Lane::open`).
 const OPEN_CHUNK: usize = 64 * 1024;
 
+/// Once priorities are in use on a link, the writer takes at most this many bytes (and at least one frame) at a
+/// time: a higher-priority frame queued meanwhile then waits for at most this much (plus what the socket holds).
+pub(crate) const TAKE_BUDGET: usize = 64 * 1024;
+
 impl OutQ {
+    /// Bytes queued in lane `lane` and above.
+    fn bytes_from(&self, lane: u8) -> usize {
+        if lane == 0 {
+            return self.bytes;
+        }
+        self.lanes[usize::from(lane).min(LANES - 1)..].iter().map(|l| (l.pushed - l.taken) as usize).sum()
+    }
+
     /// Nothing is queued.
     fn is_empty(&self) -> bool {
-        self.frames.is_empty() && self.open.pending() == 0
+        self.lanes.iter().all(Lane::is_empty)
     }
 
-    /// Copies bytes into the open run.
-    fn append(&mut self, bytes: &[u8]) {
-        if self.open.left() < bytes.len() {
-            self.seal();
+    /// The lane a source's frame goes to: its own, unless frames of this source are still queued in a lower one.
+    fn lane_for(&self, id: usize, u: &Urgency<'_>) -> usize {
+        let want = usize::from(u.lane).min(LANES - 1);
+        match u.held.0 {
+            Some((o, l, pos)) if o == id && usize::from(l) < want && self.lanes[usize::from(l)].taken < pos => {
+                usize::from(l)
+            }
+            _ => want,
         }
-        self.open.room(bytes.len(), OPEN_CHUNK).extend_from_slice(bytes);
     }
+}
 
-    /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
-    fn seal(&mut self) {
-        if self.open.pending() != 0 {
-            let run = self.open.split();
-            self.frames.push_back(run);
-        }
+/// The lane a frame is queued in after `written` of its bytes went out through a direct write: a frame begun on the
+/// socket must be finished before any other byte is written, so its rest goes to the highest lane (a direct write
+/// happens only when nothing is queued, so that puts it first). Anything queued later, whatever its lane, follows it;
+/// queued in the frame's own lane, a more urgent frame would be taken first and land in the middle of it.
+fn rest_lane(lane: usize, written: usize) -> usize {
+    if written > 0 {
+        LANES - 1
+    } else {
+        lane
     }
 }
 
@@ -129,9 +271,10 @@ impl Outbox {
             source_idle: quiet,
             limit,
             q: Mutex::new(OutQ {
-                frames: VecDeque::new(),
-                open: ChunkBuf::default(),
+                lanes: Default::default(),
                 bytes: 0,
+                timely: 0,
+                prioritised: false,
                 events: 0,
                 writing: false,
                 direct: None,
@@ -142,8 +285,15 @@ impl Outbox {
             sent_direct: AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
             direct_bytes: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            prioritised: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
         }
+    }
+
+    /// This outbox's identity for [`Held`].
+    fn id(&self) -> usize {
+        self as *const Outbox as usize
     }
 
     /// Event frames accepted so far (written directly or queued).
@@ -156,17 +306,21 @@ impl Outbox {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// True if an event of `len` bytes fits now (read without the lock: the answer may be out of date by the time
-    /// the caller acts on it, as any answer would be once the lock was released).
-    pub(crate) fn has_room(&self, len: usize) -> bool {
-        let bytes = self.queued.load(Ordering::Acquire);
+    /// True if an event of `len` bytes fits now in lane `lane` (for lane 0 read without the lock: the answer may be
+    /// out of date by the time the caller acts on it, as any answer would be once the lock was released). The limit
+    /// applies to the bytes queued in that lane and the lanes above it: an urgent event does not wait for room
+    /// behind a backlog of lower priority.
+    #[inline]
+    pub(crate) fn has_room(&self, len: usize, lane: u8) -> bool {
+        let bytes = if lane == 0 { self.queued.load(Ordering::Acquire) } else { self.q.lock().bytes_from(lane) };
         bytes == 0 || bytes + len <= self.limit
     }
 
     /// Queues a shared event frame, preceded by `first` (its routing and target frames, or empty; copied), if there is
-    /// room for both, or regardless if `blocks`: a sink it goes to has the Block policy and the source waited for room
-    /// before (`wait_room`), so the frame must not be dropped though a control frame, a replay or the frame's own
-    /// prefix took some of that room meanwhile (the limit is then exceeded by at most one event of that source).
+    /// room for both, in the lane `u` says (see [`Outbox`]), or regardless of room if `u.blocks`: a sink it goes to has
+    /// the Block policy and the source waited for room before (`wait_room`), so the frame must not be dropped though a
+    /// control frame, a replay or the frame's own prefix took some of that room meanwhile (the limit is then exceeded by
+    /// at most one event of that source).
     ///
     /// The fast path: when nothing is queued, the writer is not writing and the link has been quiet for
     /// [`DIRECT_QUIET`], the frames are written to the socket here, without waking the writer task (one hop less
@@ -176,10 +330,15 @@ impl Outbox {
     ///
     /// The source must have been idle too (see [`SourceGate`]): with several links, a source writing to each itself
     /// would otherwise take so long per event that every link looks quiet again at its next event.
-    pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate, blocks: bool) -> bool {
+    ///
+    /// A frame with an expiry is queued as one entry with `first` (copied together): should it pass its deadline
+    /// before the writer takes it, the expiry's notice is written in its place.
+    pub(crate) fn push_event_with(&self, first: &[u8], frame: Bytes, gate: &mut SourceGate, u: Urgency<'_>) -> bool {
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if !blocks && q.bytes != 0 && q.bytes + len > self.limit {
+        let lane = q.lane_for(self.id(), &u);
+        let queued = q.bytes_from(lane as u8);
+        if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -191,26 +350,44 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        if written < first.len() {
-            // The target list is small: copied like a small frame, and the shared frame follows it.
-            q.append(&first[written..]);
-            q.seal();
-            q.frames.push_back(frame);
-        } else {
-            q.seal();
-            q.frames.push_back(frame.slice(written - first.len()..));
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
         }
+        let lane = rest_lane(lane, written);
+        let timely = written == 0 && u.expiry.is_some();
+        let l = &mut q.lanes[lane];
+        if timely {
+            // Both parts in one entry, so that they expire together.
+            let mut b = BytesMut::with_capacity(len);
+            b.extend_from_slice(first);
+            b.extend_from_slice(&frame);
+            l.push(b.freeze(), u.expiry.map(Box::new));
+        } else if written < first.len() {
+            // The target list is small: copied like a small frame, and the shared frame follows it.
+            l.append(&first[written..]);
+            l.push_after_prefix(frame);
+        } else {
+            l.push(frame.slice(written - first.len()..), None);
+        }
+        *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
+        q.timely += usize::from(timely);
         self.queued_wake(q);
         true
     }
 
     /// Queues a small event frame, preceded by `first` (its target list, or empty), by copying both; the same rules as
-    /// `push_event_with` otherwise (room, direct writes). For frames below the writer's copy threshold, where a
-    /// copy costs less than sharing the bytes.
-    pub(crate) fn push_event_copied(&self, first: &[u8], frame: &[u8], gate: &mut SourceGate, blocks: bool) -> bool {
+    /// `push_event_with` otherwise (room, direct writes, lanes). For frames below the writer's copy threshold, where a
+    /// copy costs less than sharing the bytes. A frame with an expiry goes through `push_event_with`.
+    pub(crate) fn push_event_copied(&self, first: &[u8], frame: &[u8], gate: &mut SourceGate, u: Urgency<'_>) -> bool {
+        if u.expiry.is_some() {
+            return self.push_event_with(first, Bytes::copy_from_slice(frame), gate, u);
+        }
         let mut q = self.q.lock();
         let len = first.len() + frame.len();
-        if !blocks && q.bytes != 0 && q.bytes + len > self.limit {
+        let lane = q.lane_for(self.id(), &u);
+        let queued = q.bytes_from(lane as u8);
+        if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
         q.events += 1;
@@ -222,12 +399,18 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        if written < first.len() {
-            q.append(&first[written..]);
-            q.append(frame);
-        } else {
-            q.append(&frame[written - first.len()..]);
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
         }
+        let lane = rest_lane(lane, written);
+        let l = &mut q.lanes[lane];
+        if written < first.len() {
+            l.append_both(&first[written..], frame);
+        } else {
+            l.append(&frame[written - first.len()..]);
+        }
+        *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
         self.queued_wake(q);
         true
     }
@@ -286,13 +469,26 @@ impl Outbox {
         self.sent_direct.swap(false, Ordering::AcqRel)
     }
 
-    /// Queues a control frame regardless of the limit.
+    /// Queues a control frame regardless of the limit, in the lowest lane (behind every event queued before it).
     pub(crate) fn push_control(&self, frame: Bytes) {
+        self.push_control_in(0, frame);
+    }
+
+    /// Queues a control frame that no event needs to precede (a ping, a pong, a join message) regardless of the limit,
+    /// in the highest lane: it overtakes every event of a lower priority queued before it, so that a link's
+    /// heartbeats and a node's joins never wait behind a bulk transfer (with priorities in use, at most one take of
+    /// [`TAKE_BUDGET`] bytes and the urgent events queued before it go first; without, the write in progress).
+    pub(crate) fn push_link_control(&self, frame: Bytes) {
+        self.push_control_in(LANES as u8 - 1, frame);
+    }
+
+    /// Queues a control frame regardless of the limit in lane `lane` (a lag notice goes where its source's events
+    /// go, so that it keeps its place among them).
+    pub(crate) fn push_control_in(&self, lane: u8, frame: Bytes) {
         let mut q = self.q.lock();
-        q.seal();
         q.bytes += frame.len();
         self.queued.store(q.bytes, Ordering::Release);
-        q.frames.push_back(frame);
+        q.lanes[usize::from(lane).min(LANES - 1)].push(frame, None);
         drop(q);
         self.readable.notify_one();
     }
@@ -302,31 +498,91 @@ impl Outbox {
         let mut q = self.q.lock();
         q.bytes += frame.len();
         self.queued.store(q.bytes, Ordering::Release);
-        q.frames.push_front(frame);
+        let top = &mut q.lanes[LANES - 1];
+        top.pushed += frame.len() as u64;
+        top.frames.push_front(Queued { bytes: frame, expiry: None, glued: false });
         drop(q);
         self.readable.notify_one();
     }
 
-    /// Takes every queued frame (the caller is the writer: until it comes back for more, it is writing them).
+    /// Takes the queued frames, highest lane first (the caller is the writer: until it comes back for more, it is
+    /// writing them). Once priorities are in use on the link it takes at most [`TAKE_BUDGET`] bytes (at least one
+    /// frame), so that what is queued in a higher lane meanwhile goes next. A frame past its deadline at `now` (read
+    /// only if a queued frame has one) is replaced by its expiry notice.
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
+        self.take(into, crate::clock::now)
+    }
+
+    /// `take_all` with the clock passed in.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, clock: impl FnOnce() -> Instant) {
         let mut q = self.q.lock();
-        q.seal();
-        std::mem::swap(&mut q.frames, into);
-        q.bytes = 0;
+        let now = if q.timely > 0 { Some(clock()) } else { None };
+        let budget = if q.prioritised { TAKE_BUDGET } else { usize::MAX };
+        let mut took = 0usize;
+        let mut expired = 0u64;
+        let mut timely_taken = 0usize;
+        let whole = budget == usize::MAX && q.timely == 0;
+        let OutQ { lanes, .. } = &mut *q;
+        'lanes: for lane in lanes.iter_mut().rev() {
+            if lane.is_empty() {
+                continue;
+            }
+            lane.seal();
+            if whole && into.is_empty() {
+                // The common case (one lane in use, no deadlines): the whole queue at once, without touching each
+                // frame.
+                let n: usize = lane.frames.iter().map(|f| f.bytes.len()).sum();
+                took += n;
+                lane.taken += n as u64;
+                into.extend(lane.frames.drain(..).map(|f| f.bytes));
+                continue;
+            }
+            let mut glued = false;
+            while let Some(f) = lane.frames.pop_front() {
+                if took >= budget && !into.is_empty() && !glued {
+                    lane.frames.push_front(f);
+                    break 'lanes;
+                }
+                glued = f.glued;
+                let n = f.bytes.len();
+                took += n;
+                lane.taken += n as u64;
+                match f.expiry {
+                    None => into.push_back(f.bytes),
+                    Some(e) => {
+                        timely_taken += 1;
+                        if now.is_some_and(|now| now >= e.deadline) {
+                            expired += 1;
+                            if !e.instead.is_empty() {
+                                into.push_back(e.instead);
+                            }
+                        } else {
+                            into.push_back(f.bytes);
+                        }
+                    }
+                }
+            }
+        }
+        q.timely -= timely_taken;
+        q.bytes -= took.min(q.bytes);
         self.queued.store(q.bytes, Ordering::Release);
         if into.is_empty() && q.writing {
             q.quiet_at = Instant::now().checked_add(self.quiet);
         }
         q.writing = !into.is_empty();
+        drop(q);
+        if expired > 0 {
+            self.expired.fetch_add(expired, Ordering::Relaxed);
+        }
     }
 
-    /// Waits until an event of `len` bytes fits.
-    pub(crate) async fn wait_room(&self, len: usize) {
+    /// Waits until an event of `len` bytes fits in lane `lane`.
+    pub(crate) async fn wait_room(&self, len: usize, lane: u8) {
         loop {
             let room = self.writable.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if self.has_room(len) {
+            if self.has_room(len, lane) {
                 return;
             }
             room.await;
@@ -336,10 +592,15 @@ impl Outbox {
     /// Discards everything queued; returns how many frames were dropped.
     pub(crate) fn clear(&self) -> usize {
         let mut q = self.q.lock();
-        q.seal();
-        let n = q.frames.len();
-        q.frames.clear();
+        let mut n = 0;
+        for lane in &mut q.lanes {
+            lane.seal();
+            n += lane.frames.len();
+            lane.frames.clear();
+            lane.taken = lane.pushed;
+        }
         q.bytes = 0;
+        q.timely = 0;
         self.queued.store(q.bytes, Ordering::Release);
         drop(q);
         self.writable.notify_waiters();
@@ -355,23 +616,170 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn lane(l: u8, held: &mut Held) -> Urgency<'_> {
+        Urgency { lane: l, expiry: None, held, blocks: false }
+    }
+
+    /// Takes what the writer would (the clock at `now`), as one byte string.
+    fn take_at(out: &Outbox, now: Instant) -> Vec<u8> {
+        let mut frames = VecDeque::new();
+        out.take(&mut frames, || now);
+        frames.iter().flat_map(|f| f.iter().copied()).collect()
+    }
+
+    #[test]
+    fn higher_lanes_overtake_lower_ones_but_a_source_never_overtakes_itself() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut a, mut b) = (Held::default(), Held::default());
+        let t = Instant::now();
+        assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(0, &mut a)));
+        assert!(out.push_event_with(b"", Bytes::from_static(b"a2"), &mut gate, lane(0, &mut a)));
+        assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(3, &mut b)));
+        // A's urgent event must not overtake A's own queued ones: it joins them in lane 0.
+        assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+        out.push_control(Bytes::from_static(b"c1"));
+        assert!(out.push_event_copied(b"t", b"b2", &mut gate, lane(2, &mut b)));
+        assert_eq!(take_at(&out, t), b"b1tb2a1a2a3c1");
+        // Once A's frames are taken, its urgent events overtake again.
+        assert!(out.push_event_copied(b"", b"b3", &mut gate, lane(0, &mut b)));
+        assert!(out.push_event_copied(b"", b"a4", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"b4", &mut gate, lane(1, &mut b)), "b3 is in a lower lane: b4 joins it");
+        assert_eq!(take_at(&out, t), b"a4b3b4");
+        assert!(out.is_empty());
+        // Discarded frames (a broken link) count as gone.
+        assert!(out.push_event_copied(b"", b"a5", &mut gate, lane(0, &mut a)));
+        out.clear();
+        assert!(out.push_event_copied(b"", b"a6", &mut gate, lane(2, &mut a)));
+        assert!(out.push_event_copied(b"", b"b5", &mut gate, lane(1, &mut b)));
+        assert_eq!(take_at(&out, t), b"a6b5");
+    }
+
+    #[test]
+    fn with_priorities_in_use_a_take_is_bounded_and_keeps_prefixes_with_their_events() {
+        let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut bulk, mut urgent) = (Held::default(), Held::default());
+        let t = Instant::now();
+        let big = Bytes::from(vec![b'x'; 1000]);
+        for _ in 0..300 {
+            assert!(out.push_event_with(b"<p>", big.clone(), &mut gate, lane(0, &mut bulk)));
+        }
+        // Before any priority was used, the writer takes everything at once.
+        assert_eq!(take_at(&out, t).len(), 300 * 1003);
+        for _ in 0..300 {
+            assert!(out.push_event_with(b"<p>", big.clone(), &mut gate, lane(0, &mut bulk)));
+        }
+        assert!(out.push_event_copied(b"", b"URGENT", &mut gate, lane(3, &mut urgent)));
+        let first = take_at(&out, t);
+        assert!(first.starts_with(b"URGENT"), "the urgent frame goes first");
+        assert!(first.len() <= TAKE_BUDGET + 1003 + 6, "a take is bounded ({} bytes)", first.len());
+        assert_eq!((first.len() - 6) % 1003, 0, "no prefix is taken without its event");
+        assert!(out.push_event_copied(b"", b"URGENT", &mut gate, lane(3, &mut urgent)));
+        let second = take_at(&out, t);
+        assert!(second.starts_with(b"URGENT<p>x"), "the next urgent frame goes before the rest of the bulk");
+        let mut rest = 0;
+        loop {
+            let more = take_at(&out, t);
+            if more.is_empty() {
+                break;
+            }
+            assert_eq!(more.len() % 1003, 0);
+            rest += more.len();
+        }
+        assert_eq!(first.len() + second.len() + rest, 300 * 1003 + 12);
+    }
+
+    #[test]
+    fn link_control_frames_overtake_event_backlogs_and_ordered_control_frames_do_not() {
+        let t = Instant::now();
+        let big = Bytes::from(vec![b'x'; 1000]);
+        for prioritised in [false, true] {
+            let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
+            let mut gate = SourceGate::default();
+            let (mut bulk, mut urgent) = (Held::default(), Held::default());
+            if prioritised {
+                assert!(out.push_event_copied(b"", b"U0", &mut gate, lane(3, &mut urgent)));
+            }
+            for _ in 0..300 {
+                assert!(out.push_event_with(b"", big.clone(), &mut gate, lane(0, &mut bulk)));
+            }
+            out.push_control(Bytes::from_static(b"END"));
+            out.push_link_control(Bytes::from_static(b"PING"));
+            let first = take_at(&out, t);
+            let expect: &[u8] = if prioritised { b"U0PING" } else { b"PING" };
+            assert!(first.starts_with(expect), "a ping goes before the bulk backlog ({prioritised})");
+            let mut all = first;
+            loop {
+                let more = take_at(&out, t);
+                if more.is_empty() {
+                    break;
+                }
+                all.extend_from_slice(&more);
+            }
+            assert!(all.ends_with(b"xEND"), "an ordered control frame stays behind the events before it");
+            assert_eq!(all.len(), expect.len() + 300 * 1000 + 3);
+        }
+    }
+
+    #[test]
+    fn a_frame_past_its_deadline_is_replaced_by_its_notice() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let mut held = Held::default();
+        let t = Instant::now();
+        let expiry = |ms| Some(Expiry { deadline: t + Duration::from_millis(ms), instead: Bytes::from_static(b"X") });
+        // Without frames that have a deadline, the writer does not read the clock at all.
+        assert!(out.push_event_copied(b"", b"e0", &mut gate, lane(0, &mut held)));
+        let mut frames = VecDeque::new();
+        out.take(&mut frames, || panic!("the clock was read"));
+        assert_eq!(frames.len(), 1);
+        frames.clear();
+        out.take(&mut frames, || t);
+        assert!(out.push_event_copied(
+            b"p",
+            b"e1",
+            &mut gate,
+            Urgency { lane: 1, expiry: expiry(10), held: &mut held, blocks: false }
+        ));
+        assert!(out.push_event_copied(
+            b"p",
+            b"e2",
+            &mut gate,
+            Urgency { lane: 1, expiry: expiry(30), held: &mut held, blocks: false }
+        ));
+        assert!(out.push_event_copied(b"", b"e3", &mut gate, lane(1, &mut held)));
+        // At 20 ms the first has expired (its prefix with it), the second has not.
+        assert_eq!(take_at(&out, t + Duration::from_millis(20)), b"Xpe2e3");
+        assert_eq!(out.expired.load(Ordering::Relaxed), 1);
+        assert!(out.push_event_copied(
+            b"p",
+            b"e4",
+            &mut gate,
+            Urgency { lane: 0, expiry: expiry(30), held: &mut held, blocks: false }
+        ));
+        assert_eq!(take_at(&out, t + Duration::from_millis(30)), b"X", "due at the deadline itself");
+        assert_eq!(out.expired.load(Ordering::Relaxed), 2);
+        assert_eq!(out.queued_bytes(), 0);
+    }
+
     #[test]
     fn copied_frames_keep_their_place_among_shared_and_control_frames() {
         let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
         let mut gate = SourceGate::default();
-        assert!(out.push_event_copied(b"", b"e1", &mut gate, false));
-        assert!(out.push_event_copied(b"", b"e2", &mut gate, false));
+        assert!(out.push_event_copied(b"", b"e1", &mut gate, Urgency::plain(&mut Held::default())));
+        assert!(out.push_event_copied(b"", b"e2", &mut gate, Urgency::plain(&mut Held::default())));
         out.push_control(Bytes::from_static(b"c1"));
-        assert!(out.push_event_copied(b"t3", b"e3", &mut gate, false));
-        assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate, false));
-        assert!(out.push_event_copied(b"", b"e5", &mut gate, false));
+        assert!(out.push_event_copied(b"t3", b"e3", &mut gate, Urgency::plain(&mut Held::default())));
+        assert!(out.push_event_with(b"t4", Bytes::from_static(b"e4"), &mut gate, Urgency::plain(&mut Held::default())));
+        assert!(out.push_event_copied(b"", b"e5", &mut gate, Urgency::plain(&mut Held::default())));
         out.push_front_control(Bytes::from_static(b"h0"));
-        assert!(!out.has_room(1 << 20), "queued bytes count against the limit");
+        assert!(!out.has_room(1 << 20, 0), "queued bytes count against the limit");
         let mut frames = VecDeque::new();
         out.take_all(&mut frames);
         let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert_eq!(bytes, b"h0e1e2c1t3e3t4e4e5");
-        assert!(out.has_room(1 << 20));
+        assert!(out.has_room(1 << 20, 0));
         assert!(out.is_empty());
     }
 
@@ -379,15 +787,21 @@ mod tests {
     fn a_full_outbox_refuses_copied_frames() {
         let out = Outbox::with_quiet(8, Duration::from_secs(60));
         let mut gate = SourceGate::default();
-        assert!(out.push_event_copied(b"", b"123456", &mut gate, false));
-        assert!(!out.push_event_copied(b"", b"789", &mut gate, false));
+        assert!(out.push_event_copied(b"", b"123456", &mut gate, Urgency::plain(&mut Held::default())));
+        assert!(!out.push_event_copied(b"", b"789", &mut gate, Urgency::plain(&mut Held::default())));
         let mut frames = VecDeque::new();
         out.take_all(&mut frames);
-        assert!(out.push_event_copied(b"", b"789", &mut gate, false), "room again once the writer took the frames");
+        assert!(
+            out.push_event_copied(b"", b"789", &mut gate, Urgency::plain(&mut Held::default())),
+            "room again once the writer took the frames"
+        );
         // An event for a Block sink is never refused: its source waited for room, and what took some of that room
         // meanwhile must not make it lose the event.
-        assert!(!out.push_event_copied(b"", b"abcdef", &mut gate, false));
-        assert!(out.push_event_copied(b"", b"abcdef", &mut gate, true));
+        assert!(!out.push_event_copied(b"", b"abcdef", &mut gate, Urgency::plain(&mut Held::default())));
+        let mut held = Held::default();
+        let blocking = Urgency { blocks: true, ..Urgency::plain(&mut held) };
+        assert!(out.push_event_copied(b"", b"abcdef", &mut gate, blocking));
+        frames.clear();
         out.take_all(&mut frames);
         let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert_eq!(bytes, b"789abcdef");

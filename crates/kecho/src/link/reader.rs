@@ -35,8 +35,15 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     // The handler lives as long as the node; a reader of a node being dropped has nothing to deliver to.
     let Some(handler) = links.handler.upgrade() else { return };
     let later = std::cell::RefCell::new(Vec::new());
-    let mut rx =
-        Receiver { handler, peer: peer.clone(), live, targets: None, batch: Batch::default(), on: ChannelId(0) };
+    let mut rx = Receiver {
+        handler,
+        peer: peer.clone(),
+        live,
+        targets: None,
+        deadline: None,
+        batch: Batch::default(),
+        on: ChannelId(0),
+    };
     let why = crate::queue::WAKE_LATER.scope(later, rx.read_loop(&links, rd, buf, remote)).await;
     tracing::debug!(peer = %peer.id, "reader stopped: {why}");
     // Give the writer a moment to send a Close we queued, then drop the link.
@@ -59,6 +66,8 @@ struct Receiver<H> {
     peer: Arc<Peer>,
     live: Arc<LinkLive>,
     targets: Option<PendingTargets>,
+    /// The deadline of a `Deadline` frame (channel, microseconds since the Unix epoch), held for its event.
+    deadline: Option<(ChannelId, u64)>,
     /// Consecutive events of one channel (`on`), delivered together.
     batch: Batch,
     on: ChannelId,
@@ -140,11 +149,16 @@ impl<H: LinkHandler> Receiver<H> {
             Some(_) => return Err(LinkError::Protocol("a Targets frame was not followed by its event")),
             None => None,
         };
+        let deadline = match self.deadline.take() {
+            Some((c, d)) if c == e.channel => Some(d),
+            Some(_) => return Err(LinkError::Protocol("a Deadline frame was not followed by its event")),
+            None => None,
+        };
         if e.channel != self.on || self.batch.events.len() >= MAX_BATCH {
             self.deliver().await;
             self.on = e.channel;
         }
-        self.batch.events.push(Arrived { event: e, targets });
+        self.batch.events.push(Arrived::new(e, targets, deadline));
         Ok(())
     }
 
@@ -158,6 +172,12 @@ impl<H: LinkHandler> Receiver<H> {
                 }
                 return Ok(());
             }
+            Message::Deadline { channel, unix_us } => {
+                if self.deadline.replace((channel, unix_us)).is_some() {
+                    return Err(LinkError::Protocol("two Deadline frames in a row"));
+                }
+                return Ok(());
+            }
             _ => {}
         }
         // Frames of other kinds keep their place after the events before them.
@@ -168,7 +188,7 @@ impl<H: LinkHandler> Receiver<H> {
                 // Any frame proves liveness, so a pong is only needed on an idle link. Skipping it otherwise keeps a
                 // peer that pings without reading from growing our queue.
                 if peer.outbox.is_empty() {
-                    peer.outbox.push_control(Message::Pong(n).to_bytes());
+                    peer.outbox.push_link_control(Message::Pong(n).to_bytes());
                 }
             }
             Message::Pong(_) => {}
@@ -204,6 +224,7 @@ impl<H: LinkHandler> Receiver<H> {
             | Message::FilterStatus { .. }
             | Message::Lagged { .. }
             | Message::SourceEnd { .. }
+            | Message::Expired { .. }
             | Message::Routed { .. } => self.handler.control(peer.id, msg),
             other => return Err(LinkError::Unexpected(other.kind())),
         }

@@ -75,6 +75,7 @@ pub(super) async fn writer<H: LinkHandler>(
     };
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let mut lowat = links.cfg.send_lowat;
     let why = loop {
         let wake = peer.outbox.readable.notified();
         tokio::pin!(wake);
@@ -103,9 +104,10 @@ pub(super) async fn writer<H: LinkHandler>(
                     let action = live.lock().poll_due(now(), deadline);
                     match action {
                         LivenessAction::Wait => continue,
-                        // Through the outbox, so that no direct write can interleave with it.
+                        // Through the outbox, so that no direct write can interleave with it; in its highest lane, so
+                        // that no backlog of events delays it.
                         LivenessAction::SendPing => {
-                            peer.outbox.push_control(Message::Ping(gen).to_bytes());
+                            peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
                             continue;
                         }
                         LivenessAction::Dead => {
@@ -117,6 +119,16 @@ pub(super) async fn writer<H: LinkHandler>(
             }
         }
         peer.outbox.writable.notify_waiters();
+        if lowat.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
+            // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
+            // lanes, not the socket's FIFO, decide what waits.
+            if let (Some(n), LinkWr::Tcp(sock)) = (lowat.take(), &wr) {
+                let stream: &tokio::net::TcpStream = (**sock).as_ref();
+                if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                    tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                }
+            }
+        }
         let n = frames.len() as u64;
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
@@ -301,7 +313,7 @@ pub(super) fn write_now(sock: &OwnedWriteHalf, first: &[u8], frame: &[u8]) -> us
 }
 #[cfg(test)]
 mod tests {
-    use super::super::outbox::SourceGate;
+    use super::super::outbox::{Held, SourceGate, Urgency};
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -442,7 +454,12 @@ mod tests {
                 wire.extend_from_slice(first.as_deref().unwrap_or_default());
                 wire.extend_from_slice(&f);
             }
-            assert!(out.push_event_with(first.as_deref().unwrap_or_default(), f, &mut SourceGate::default(), false));
+            assert!(out.push_event_with(
+                first.as_deref().unwrap_or_default(),
+                f,
+                &mut SourceGate::default(),
+                Urgency::plain(&mut Held::default())
+            ));
             wire.clone()
         };
         // A quiet link: written at once, with its prefix.
@@ -487,9 +504,19 @@ mod tests {
         // Far more than the socket buffers take while nobody reads: the direct write is partial.
         let big: Bytes = (0..32u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         quiet();
-        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default(), false));
+        assert!(out.push_event_with(
+            &frame(7, 5),
+            big.clone(),
+            &mut SourceGate::default(),
+            Urgency::plain(&mut Held::default())
+        ));
         assert_eq!(direct(&out), 0, "the write cannot have been complete");
-        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default(), false));
+        assert!(out.push_event_with(
+            &[],
+            frame(8, 100),
+            &mut SourceGate::default(),
+            Urgency::plain(&mut Held::default())
+        ));
         let mut taken = VecDeque::new();
         out.take_all(&mut taken);
         let rest = taken.front().map_or(0, Bytes::len);
@@ -502,6 +529,44 @@ mod tests {
             expect(&mut b, &wire).await;
         });
         write_frames_tcp(&sock, &mut taken, &mut BytesMut::new()).await.unwrap();
+        reader.await.unwrap();
+    }
+
+    /// The rest of a partially written frame is finished before any other frame, whatever its lane: an urgent event
+    /// or a ping queued after it must not be written into the middle of it (the peer would read garbage and close the
+    /// link; seen as links re-established under a bulk transfer once urgent events were in use).
+    #[tokio::test]
+    async fn nothing_overtakes_the_rest_of_a_partial_direct_write() {
+        let (sock, _ra, mut b) = socket_pair().await;
+        let out = Outbox::with_quiet(1 << 30, QUIET);
+        out.set_direct(Some(sock.clone()));
+        let big: Bytes = (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+        quiet();
+        let mut bulk = Held::default();
+        assert!(out.push_event_with(&frame(7, 5), big.clone(), &mut SourceGate::default(), Urgency::plain(&mut bulk)));
+        assert!(out.direct_bytes.load(Ordering::Relaxed) > 0, "part of the frame went out directly");
+        let mut urgent = Held::default();
+        let top = Urgency { lane: 3, expiry: None, held: &mut urgent, blocks: false };
+        assert!(out.push_event_with(&[], frame(8, 100), &mut SourceGate::default(), top));
+        out.push_link_control(frame(9, 10));
+        // The bulk source's next event, in its own lane, comes after all of it.
+        assert!(out.push_event_copied(&[], &frame(10, 50), &mut SourceGate::default(), Urgency::plain(&mut bulk)));
+        let mut wire = frame(7, 5).to_vec();
+        wire.extend_from_slice(&big);
+        wire.extend_from_slice(&frame(8, 100));
+        wire.extend_from_slice(&frame(9, 10));
+        wire.extend_from_slice(&frame(10, 50));
+        let reader = tokio::spawn(async move {
+            expect(&mut b, &wire).await;
+        });
+        let mut taken = VecDeque::new();
+        loop {
+            out.take_all(&mut taken);
+            if taken.is_empty() {
+                break;
+            }
+            write_frames_tcp(&sock, &mut taken, &mut BytesMut::new()).await.unwrap();
+        }
         reader.await.unwrap();
     }
 }
