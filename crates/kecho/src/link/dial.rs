@@ -158,7 +158,7 @@ async fn dial_inner<H: LinkHandler>(
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr), remote, buf, transport, poller);
+    let tasks = start_link(links, peer, gen, (rd, wr, poller), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
@@ -291,7 +291,7 @@ pub(super) async fn accept_link<H: LinkHandler>(
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr), remote, buf, transport, poller);
+            let tasks = start_link(&links, &peer, gen, (rd, wr, poller), remote, buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -336,11 +336,10 @@ fn start_link<H: LinkHandler, R>(
     links: &Arc<Links<H>>,
     peer: &Arc<Peer>,
     gen: u64,
-    (rd, wr): (R, Wr),
+    (rd, wr, poller): (R, Wr, Option<super::spin::Poller>),
     remote: Option<SocketAddr>,
     buf: BytesMut,
     transport: Transport,
-    poller: Option<super::spin::Poller>,
 ) -> [AbortHandle; 2]
 where
     R: AsyncRead + Unpin + Send + 'static,

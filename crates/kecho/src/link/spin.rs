@@ -14,6 +14,7 @@
 //! byte streams whose bytes are the link's own (TCP without TLS, Unix-domain sockets) can be polled so; on the others
 //! the mode does nothing.
 
+use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -84,8 +85,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for Spin<R> {
                 Poll::Ready(Ok(()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
-                // Ask to be polled again at once: other tasks on this thread run in between.
-                cx.waker().wake_by_ref();
+                // Be polled again soon, as a task that yields: tokio runs the other tasks of this thread and polls
+                // its I/O driver (without blocking) first, and wakes no other thread for it (a plain self-wake would
+                // go to the LIFO slot and then keep waking idle workers to steal it).
+                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(e)),
