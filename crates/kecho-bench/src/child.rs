@@ -38,6 +38,13 @@ pub fn run(role: &str) -> Result<()> {
         ["sink", registry, channel, n] => sink(registry.parse()?, channel, n.parse()?),
         ["memory", channels, members] => crate::memory::child(channels.parse()?, members.parse()?),
         ["members", registry, channel] => crate::members::child(registry.parse()?, channel),
+        ["local-echo", addr, n] => crate::local::echo_child(addr.parse()?, n.parse()?),
+        ["local-kecho", registry, channel, ll, sh, n] => {
+            crate::local::kecho_child(registry.parse()?, channel, ll, sh, n.parse()?)
+        }
+        ["local-count", registry, channel, ll, sh, n] => {
+            crate::local::count_child(registry.parse()?, channel, ll, sh, n.parse()?)
+        }
         _ => bail!("unknown child role {role:?}"),
     }
 }

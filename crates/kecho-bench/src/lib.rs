@@ -23,6 +23,7 @@ mod child;
 mod filters;
 mod flows;
 mod latency;
+mod local;
 mod members;
 mod memory;
 mod pipe;
@@ -122,6 +123,10 @@ pub enum Workload {
     /// Urgent 100 B events behind a 64 KB bulk stream: idle link, no priority, priority 3, and priority 3 without
     /// `TCP_NOTSENT_LOWAT` (not part of `all`).
     Priority,
+    /// Two processes on one host: 100 B ping-pong against a blocking-socket floor, kecho's default and low-latency
+    /// receive modes over TCP and same-host links, with CPU per message; 100 B 1->1 throughput over TCP and
+    /// same-host links (not part of `all`).
+    Local,
     /// Channels of many member nodes in a few processes: join time of the Nth node, a storm of joins (not part of
     /// `all`; see docs/SCALE.md).
     Members,
@@ -158,6 +163,7 @@ impl Workload {
             Workload::Resources => "resources",
             Workload::Balance => "balance",
             Workload::Priority => "priority",
+            Workload::Local => "local",
             Workload::Members => "members",
         }
     }
@@ -224,6 +230,7 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Resources => resources::run(args),
         Workload::Balance => balance::run(args),
         Workload::Priority => priority::run(args),
+        Workload::Local => local::run(args),
         Workload::Members => members::run(args),
     }
 }

@@ -60,6 +60,15 @@ pub struct NodeArgs {
     /// both speak it and TCP otherwise.
     #[arg(long, default_value = "tcp", value_name = "tcp|quic|both", env = "KECHO_TRANSPORT")]
     pub transport: kecho::Transport,
+    /// Link to nodes of this host over Unix-domain sockets (when they run with --same-host too) instead of TCP or
+    /// QUIC.
+    #[arg(long, env = "KECHO_SAME_HOST")]
+    pub same_host: bool,
+    /// Low-latency receive mode: a link's reader polls its socket for up to this many microseconds after it found
+    /// it empty before it sleeps (events are taken without a thread's wake-up; costs up to one core while it
+    /// polls). 0: off.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub low_latency_us: u64,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
@@ -122,6 +131,8 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
         .registry_replicas(registry)
         .listen(listen)
         .transport(args.transport)
+        .same_host(args.same_host)
+        .low_latency(Duration::from_micros(args.low_latency_us))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(a) = &args.advertise {
         builder = builder.advertise(parse_addr("advertise", a)?);

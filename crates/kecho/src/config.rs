@@ -37,6 +37,13 @@ pub(crate) struct NodeConfig {
     /// `SO_RCVBUF` of TCP links (`None`: the kernel's autotuned default). A small one bounds what can wait in the
     /// receiving kernel ahead of an urgent event when the receiver is the slower side. Default `None`.
     pub(crate) recv_buffer: Option<usize>,
+    /// The low-latency receive mode: how long a link's reader keeps polling its socket after it found it empty
+    /// before it parks (`link/spin.rs`). `None` (the default) parks at once.
+    pub(crate) low_latency: Option<Duration>,
+    /// Links to nodes of this host go over Unix-domain sockets (`link/local.rs`). Default off.
+    pub(crate) same_host: bool,
+    /// This node's same-host endpoint (`unix://HOST/PATH`), set when the node starts with `same_host`.
+    pub(crate) local_endpoint: Option<String>,
     /// Default capacity of a sink's queue, in events. Default 1024.
     pub(crate) sink_capacity: usize,
     /// How long a dial may take.
@@ -108,6 +115,9 @@ impl Default for NodeConfig {
             max_frame: MAX_FRAME_DEFAULT,
             send_lowat: Some(128 << 10),
             recv_buffer: None,
+            low_latency: None,
+            same_host: false,
+            local_endpoint: None,
             sink_capacity: 1024,
             connect_timeout: Duration::from_secs(2),
             max_connections: 4096,

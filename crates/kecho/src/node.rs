@@ -156,6 +156,26 @@ impl NodeBuilder {
         self
     }
 
+    /// The low-latency receive mode: a link's reader that finds its socket empty keeps polling it (non-blocking
+    /// reads) for up to `budget` before it parks, so that an event arriving meanwhile is taken at once instead of
+    /// after the wake-up of a parked thread. It costs CPU: for every quiet gap on a link, the thread running its
+    /// reader spins for the shorter of the gap and `budget` (see BENCHMARKS.md for the figures). Applies to plaintext
+    /// TCP and same-host links (not TLS or QUIC). A zero budget turns the mode off; default off.
+    pub fn low_latency(mut self, budget: Duration) -> Self {
+        self.cfg.low_latency = (!budget.is_zero()).then_some(budget);
+        self
+    }
+
+    /// Links to other nodes of this host go over Unix-domain sockets instead of TCP or QUIC when both nodes run
+    /// with this on: the node also listens on a socket file (in `$XDG_RUNTIME_DIR`, or the temporary directory;
+    /// removed when the node stops) and its address says which host it is on. Everything else about a link is as
+    /// over TCP (handshake, order, bounded queues, loss reports, heartbeats). A node on another host, or one that
+    /// cannot reach the socket, is dialled as without. Default off. See docs/PROTOCOL.md.
+    pub fn same_host(mut self, on: bool) -> Self {
+        self.cfg.same_host = on;
+        self
+    }
+
     /// The transports this node's links use (default TCP). A node listens on every transport it speaks (QUIC on
     /// the UDP port with the same number as its TCP port) and says so in the address other nodes read; a dialler
     /// uses QUIC when both nodes speak it and TCP otherwise. With [`NodeBuilder::tls`], QUIC authenticates with the
@@ -193,8 +213,21 @@ impl NodeBuilder {
 
     /// Starts the node: binds the listening port and starts accepting links. Needs a tokio runtime.
     pub async fn start(self) -> Result<Node> {
-        let cfg = self.cfg;
+        let mut cfg = self.cfg;
         let (listener, quic, addr) = bind(&cfg).await?;
+        let local = match (cfg.same_host, crate::link::local::host_id()) {
+            (false, _) => None,
+            (true, None) => {
+                tracing::warn!("same-host links off: the kernel does not say which host this is (no boot_id)");
+                None
+            }
+            (true, Some(host)) => {
+                let l = crate::link::local::LocalListener::bind()
+                    .map_err(|e| Error::Invalid(format!("cannot listen for same-host links: {e}")))?;
+                cfg.local_endpoint = Some(crate::link::local::endpoint(host, l.path()));
+                Some(l)
+            }
+        };
         let advertised = match cfg.advertise {
             Some(mut a) => {
                 if a.port() == 0 {
@@ -219,6 +252,9 @@ impl NodeBuilder {
         let channels = Channels::new(identity, advertised, Arc::new(cfg), registry);
         if let Some(listener) = listener {
             channels.spawn(accept_loop(Arc::downgrade(&channels.links), listener));
+        }
+        if let Some(l) = local {
+            channels.spawn(crate::link::local::accept_loop(Arc::downgrade(&channels.links), l));
         }
         #[cfg(feature = "quic")]
         if let Some(ep) = quic {

@@ -43,6 +43,8 @@ pub async fn run(cmd: Args) -> Result<()> {
         listen: "127.0.0.1:0".into(),
         advertise: None,
         transport: kecho::Transport::Tcp,
+        same_host: false,
+        low_latency_us: 0,
         heartbeat: 3.0,
         allow_filters: false,
         identity,

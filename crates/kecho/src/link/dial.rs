@@ -95,14 +95,29 @@ async fn dial_inner<H: LinkHandler>(
     addr: &str,
 ) -> Result<DialOutcome, LinkError> {
     let (transport, at) = crate::transport::pick(links.cfg.transport, addr)?;
-    let (mut rd, mut wr, remote) = match transport {
+    let local = match same_host_path(links, addr) {
+        Some(path) => match super::local::dial(path, links.cfg.connect_timeout).await {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::debug!(peer = %peer.id, "same-host dial failed, dialling {transport}: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let (mut rd, mut wr, remote, poller) = match (local, transport) {
+        (Some(stream), _) => {
+            let poller = poller(&stream, &links.cfg);
+            let (rd, wr) = super::local::split(stream);
+            (rd, wr, None, poller)
+        }
         #[cfg(feature = "quic")]
-        Transport::Quic => {
+        (None, Transport::Quic) => {
             let Some(ep) = links.quic.get() else { return Err(LinkError::Handshake("QUIC is not running".into())) };
             let (rd, wr, remote) = ep.dial(at, links.cfg.connect_timeout).await?;
-            (rd, wr, Some(remote))
+            (rd, wr, Some(remote), None)
         }
-        _ => {
+        (None, _) => {
             let connect = TcpStream::connect(at);
             let stream = tokio::time::timeout(links.cfg.connect_timeout, connect)
                 .await
@@ -110,8 +125,9 @@ async fn dial_inner<H: LinkHandler>(
                 .map_err(|source| LinkError::Connect { addr: at.to_owned(), source })?;
             tune(&stream, &links.cfg);
             let remote = stream.peer_addr().ok();
+            let poller = poller(&stream, &links.cfg);
             let (rd, wr) = secure_dial(links.cfg.tls.as_ref(), stream, at).await?;
-            (rd, wr, remote)
+            (rd, wr, remote, poller)
         }
     };
     let my_addr = links.addr.clone();
@@ -146,7 +162,7 @@ async fn dial_inner<H: LinkHandler>(
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr), remote, buf, transport);
+    let tasks = start_link(links, peer, gen, (rd, wr, poller), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
@@ -164,11 +180,30 @@ fn tune(stream: &TcpStream, cfg: &crate::config::NodeConfig) {
     }
 }
 
+/// The socket path to dial for a same-host link to a node advertising `addr`, if both nodes run same-host on this
+/// host.
+fn same_host_path<'a, H>(links: &Links<H>, addr: &'a str) -> Option<&'a str> {
+    if !links.cfg.same_host {
+        return None;
+    }
+    super::local::reachable(addr, super::local::host_id()?)
+}
+
+/// The low-latency mode's second handle on a link's socket, if the node asks for the mode and the link's bytes are
+/// the socket's own (no TLS).
+pub(super) fn poller(fd: impl std::os::fd::AsFd, cfg: &crate::config::NodeConfig) -> Option<super::spin::Poller> {
+    match (cfg.low_latency, &cfg.tls) {
+        (Some(budget), None) => super::spin::Poller::new(fd, budget),
+        _ => None,
+    }
+}
+
 /// Serves one inbound TCP connection.
 async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
     tune(&stream, &links.cfg);
+    let poller = poller(&stream, &links.cfg);
     let Some((rd, wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
-    accept_link(links, rd, wr, remote, Transport::Tcp).await;
+    accept_link(links, rd, wr, Some(remote), Transport::Tcp, poller).await;
 }
 
 /// Accepts QUIC connections from other nodes until the node stops.
@@ -185,38 +220,40 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
         links.tasks.spawn(async move {
             let _slot = slot;
             if let Some((rd, wr, remote)) = super::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
-                accept_link(l, rd, wr, remote, Transport::Quic).await;
+                accept_link(l, rd, wr, Some(remote), Transport::Quic, None).await;
             }
         });
     }
 }
 
-/// Serves one inbound connection of any transport: handshake, duplicate rule, then the link tasks.
-async fn accept_link<H: LinkHandler>(
+/// Serves one inbound connection of any transport: handshake, duplicate rule, then the link tasks. `remote` is
+/// `None` for a same-host (Unix-domain) connection.
+pub(super) async fn accept_link<H: LinkHandler>(
     links: Arc<Links<H>>,
     mut rd: Rd,
     wr: Wr,
-    remote: SocketAddr,
+    remote: Option<SocketAddr>,
     transport: Transport,
+    poller: Option<super::spin::Poller>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
     {
         Ok(Ok(m)) => m,
         Ok(Err(why)) => {
-            tracing::warn!(%remote, "closing connection before handshake: {why}");
+            tracing::warn!(?remote, "closing connection before handshake: {why}");
             refuse(rd, wr, close(CloseCode::Malformed, &why.to_string())).await;
             return;
         }
         Err(_) => {
-            tracing::warn!(%remote, "closing connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            tracing::warn!(?remote, "closing connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
     let (their, their_addr) = match handshake::accept_first(&first, links.id) {
         handshake::Accept::Node { peer, addr } => (peer, addr),
         handshake::Accept::Refuse { code, reason } => {
-            tracing::warn!(%remote, "refusing connection: {reason}");
+            tracing::warn!(?remote, "refusing connection: {reason}");
             refuse(rd, wr, close(code, &reason)).await;
             return;
         }
@@ -235,7 +272,7 @@ async fn accept_link<H: LinkHandler>(
         Err(_) => Err(format!("no identity proof within {HANDSHAKE_TIMEOUT:?}")),
     };
     if let Err(why) = checked {
-        tracing::warn!(%remote, "refusing connection: {why}");
+        tracing::warn!(?remote, "refusing connection: {why}");
         refuse(rd, wr, close(CloseCode::Handshake, &why)).await;
         return;
     }
@@ -266,7 +303,7 @@ async fn accept_link<H: LinkHandler>(
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr), Some(remote), buf, transport);
+            let tasks = start_link(&links, &peer, gen, (rd, wr, poller), remote, buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -312,14 +349,14 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: u
     }
 }
 
-/// Starts the reader and writer of an established link. Generic over the byte stream: this and the dial/accept
+/// Starts the reader and writer of an established link (`remote` is `None` for a same-host link). Generic over the byte stream: this and the dial/accept
 /// functions above are all a new transport (QUIC streams, a same-host pipe) has to provide (its write half as
 /// `Wr::Stream`).
 fn start_link<H: LinkHandler, R>(
     links: &Arc<Links<H>>,
     peer: &Arc<Peer>,
     gen: u64,
-    (rd, wr): (R, Wr),
+    (rd, wr, poller): (R, Wr, Option<super::spin::Poller>),
     remote: Option<SocketAddr>,
     buf: BytesMut,
     transport: Transport,
@@ -329,11 +366,13 @@ where
 {
     peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *peer.transport.lock() = transport;
+    super::local::mark(peer, remote.is_none());
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),
     });
     let w = links.tasks.spawn(super::writer::writer(links.clone(), peer.clone(), gen, wr, live.clone()));
+    let rd = super::spin::Spin::new(rd, poller);
     let r = links.tasks.spawn(super::reader::reader(links.clone(), peer.clone(), gen, rd, buf, live, remote));
     tracing::debug!(peer = %peer.id, ?remote, "link up");
     [w, r]

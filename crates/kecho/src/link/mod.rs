@@ -7,10 +7,12 @@
 //! channel frames, and the loss of a peer. This module knows nothing about channels.
 
 pub(crate) mod dial;
+pub(crate) mod local;
 pub(crate) mod outbox;
 #[cfg(feature = "quic")]
 pub(crate) mod quic;
 pub(crate) mod reader;
+mod spin;
 pub(crate) mod tls;
 pub(crate) mod writer;
 
@@ -258,7 +260,10 @@ impl<H: LinkHandler> Links<H> {
         Links {
             id: identity.node_id(),
             identity,
-            addr: crate::transport::advertise(cfg.transport, advertised),
+            addr: match &cfg.local_endpoint {
+                Some(local) => format!("{},{local}", crate::transport::advertise(cfg.transport, advertised)),
+                None => crate::transport::advertise(cfg.transport, advertised),
+            },
             #[cfg(feature = "quic")]
             quic: std::sync::OnceLock::new(),
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -315,6 +320,7 @@ impl<H: LinkHandler> Links<H> {
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
                     expired: p.outbox.expired.load(Ordering::Relaxed),
                     transport: *p.transport.lock(),
+                    same_host: c.same_host.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -451,6 +457,9 @@ pub struct LinkStats {
     pub expired: u64,
     /// The transport of the current (or last) connection: TCP or QUIC.
     pub transport: crate::Transport,
+    /// The current (or last) connection is a same-host one (a Unix-domain socket; see
+    /// [`crate::NodeBuilder::same_host`]); `transport` then says `Tcp`, whose link it replaces.
+    pub same_host: bool,
 }
 
 /// Another node, as this node sees it.
@@ -478,6 +487,8 @@ pub(crate) struct LinkCounters {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) heartbeat_timeouts: AtomicU64,
+    /// The current (or last) connection is a same-host one (`local.rs`).
+    pub(crate) same_host: AtomicBool,
 }
 
 /// A peer's flags that every submit reads, on a cache line of their own.

@@ -1,0 +1,305 @@
+//! Two processes on one host, as `kecho bench local` measures them, without the suite's heavy dependencies (so that a
+//! release build is quick): 100 B ping-pong (half the round trip) between this process and a child, in alternated
+//! rounds: blocking std sockets in both (the floor), then kecho over loopback TCP and over same-host links, each in
+//! the default and the low-latency receive mode; with each process's CPU per message. Then 100 B events 1->1 as fast
+//! as the source submits them, over TCP and same-host links.
+//! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]`
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kecho::{Attrs, Node, Overflow, RecvError, SinkOptions};
+
+const SIZE: usize = 100;
+const ROUNDS: usize = 4;
+const T: Duration = Duration::from_secs(20);
+
+/// CPU time of this process so far (user + system), in seconds (10 ms ticks).
+fn cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn builder(registry: SocketAddr, ll_us: u64, same_host: bool) -> kecho::NodeBuilder {
+    Node::builder().registry(registry).low_latency(Duration::from_micros(ll_us)).same_host(same_host)
+}
+
+fn child(args: &[String]) -> Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the child")
+}
+
+fn line(c: &mut Child) -> Result<String> {
+    let out = c.stdout.as_mut().context("stdout")?;
+    let mut l = Vec::new();
+    let mut b = [0u8; 1];
+    while out.read(&mut b)? == 1 && b[0] != b'\n' {
+        l.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&l).into_owned())
+}
+
+/// The child's last line: its CPU seconds.
+fn finish(mut c: Child) -> Result<f64> {
+    let l = line(&mut c)?;
+    c.wait()?;
+    l.strip_prefix("cpu ").and_then(|v| v.parse().ok()).with_context(|| format!("child said {l:?}"))
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("echo-tcp") => return echo_tcp(argv[1].parse()?, argv[2].parse()?),
+        Some("echo") => {
+            return echo(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4] == "1", argv[5].parse()?);
+        }
+        Some("count") => return count(argv[1].parse()?, &argv[2], argv[3] == "1", argv[4].parse()?),
+        _ => {}
+    }
+    let n: u64 = argv.first().and_then(|a| a.parse().ok()).unwrap_or(5000);
+    let budget: u64 = argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
+    let events: u64 = argv.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
+    let rt = runtime()?;
+    let registry = rt.block_on(async {
+        let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = server.local_addr();
+        std::mem::forget(server.spawn());
+        Ok::<_, anyhow::Error>(addr)
+    })?;
+    let modes = [(0, false), (budget, false), (0, true), (budget, true)];
+    let names: Vec<String> = std::iter::once("blocking sockets (floor)".to_owned())
+        .chain(modes.iter().map(|&(ll, sh)| {
+            format!(
+                "kecho {}, {}",
+                if sh { "same-host" } else { "TCP" },
+                if ll > 0 { "low-latency" } else { "default" }
+            )
+        }))
+        .collect();
+    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut cpus = vec![(0.0, 0.0); names.len()];
+    for round in 0..ROUNDS {
+        let (l, c) = floor(n)?;
+        lat[0].extend(l);
+        cpus[0].0 += c.0;
+        cpus[0].1 += c.1;
+        for (i, &(ll, sh)) in modes.iter().enumerate() {
+            let channel = format!("pp{round}-{i}");
+            let (l, c) = rt.block_on(async move { tokio::spawn(pingpong(registry, channel, ll, sh, n)).await? })?;
+            lat[i + 1].extend(l);
+            cpus[i + 1].0 += c.0;
+            cpus[i + 1].1 += c.1;
+        }
+    }
+    let total = (n * ROUNDS as u64) as f64;
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    };
+    let floor_p50 = pct(&mut lat[0], 0.5);
+    println!("| 100 B ping-pong, rtt/2, {ROUNDS} rounds x {n} | p50 (us) | p99 (us) | p50 / floor | CPU us/msg parent | CPU us/msg child |");
+    println!("|---|---|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let (p50, p99) = (pct(&mut lat[i], 0.5), pct(&mut lat[i], 0.99));
+        println!(
+            "| {name} | {p50:.1} | {p99:.1} | {:.2} | {:.1} | {:.1} |",
+            p50 / floor_p50,
+            cpus[i].0 / total * 1e6,
+            cpus[i].1 / total * 1e6
+        );
+    }
+    println!();
+    println!("| 100 B events 1->1, two processes, {events} events | M events/s |");
+    println!("|---|---|");
+    for sh in [false, true] {
+        let rate = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
+        println!("| kecho {} | {:.2} |", if sh { "same-host" } else { "TCP" }, rate / 1e6);
+    }
+    Ok(())
+}
+
+/// Blocking ping-pong with a child: latencies (us) and CPU seconds (parent, child).
+fn floor(n: u64) -> Result<(Vec<f64>, (f64, f64))> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let c = child(&["echo-tcp".into(), l.local_addr()?.to_string(), n.to_string()])?;
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let msg = [0x5au8; SIZE];
+    let mut back = [0u8; SIZE];
+    let mut out = Vec::with_capacity(n as usize);
+    let c0 = cpu();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        out.push(t0.elapsed().as_nanos() as f64 / 2e3);
+    }
+    let mine = cpu() - c0;
+    Ok((out, (mine, finish(c)?)))
+}
+
+fn echo_tcp(addr: SocketAddr, n: u64) -> Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; SIZE];
+    let c0 = cpu();
+    for _ in 0..n {
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
+    }
+    println!("cpu {}", cpu() - c0);
+    Ok(())
+}
+
+async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: bool, n: u64) -> Result<(Vec<f64>, (f64, f64))> {
+    let node = builder(registry, ll, sh).start().await?;
+    let ping = node.create_channel(&format!("{channel}.ping")).await?;
+    let pong = node.create_channel(&format!("{channel}.pong")).await?;
+    let mut sink = pong.sink(SinkOptions::new().overflow(Overflow::Block))?;
+    let mut src = ping.source()?;
+    let warm = 200;
+    let args = [
+        "echo".into(),
+        registry.to_string(),
+        channel.clone(),
+        ll.to_string(),
+        u8::from(sh).to_string(),
+        (n + warm).to_string(),
+    ];
+    let mut c = child(&args)?;
+    let ready = tokio::task::block_in_place(|| line(&mut c))?;
+    if ready != "ready" {
+        bail!("child said {ready:?}");
+    }
+    ping.wait_for_sinks(1, T).await?;
+    let (attrs, payload) = (Attrs::new(), [0x5au8; SIZE]);
+    let mut out = Vec::with_capacity(n as usize);
+    let mut c0 = cpu();
+    for i in 0..n + warm {
+        if i == warm {
+            c0 = cpu();
+        }
+        let t0 = Instant::now();
+        src.submit("e", &attrs, &payload).await?;
+        match tokio::time::timeout(T, sink.recv()).await {
+            Ok(Ok(_)) => {}
+            other => bail!("pong: {other:?}"),
+        }
+        if i >= warm {
+            out.push(t0.elapsed().as_nanos() as f64 / 2e3);
+        }
+    }
+    let mine = cpu() - c0;
+    let theirs = tokio::task::block_in_place(|| finish(c))?;
+    drop((src, sink));
+    node.shutdown().await;
+    Ok((out, (mine, theirs)))
+}
+
+fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: bool, n: u64) -> Result<()> {
+    let channel = channel.to_owned();
+    let cpu_used = runtime()?.block_on(async move {
+        tokio::spawn(async move {
+            let node = builder(registry, ll, sh).start().await?;
+            let ping = node.open_channel(&format!("{channel}.ping")).await?;
+            let pong = node.open_channel(&format!("{channel}.pong")).await?;
+            let mut sink = ping.sink(SinkOptions::new().overflow(Overflow::Block))?;
+            let mut src = pong.source()?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            pong.wait_for_sinks(1, T).await?;
+            let attrs = Attrs::new();
+            let mut c0 = cpu();
+            for i in 0..n {
+                if i == 200 {
+                    c0 = cpu();
+                }
+                let ev = match tokio::time::timeout(T, sink.recv()).await {
+                    Ok(Ok(ev)) => ev,
+                    other => bail!("ping: {other:?}"),
+                };
+                src.submit("e", &attrs, ev.payload()).await?;
+            }
+            let used = cpu() - c0;
+            drop((src, sink));
+            node.shutdown().await;
+            Ok::<_, anyhow::Error>(used)
+        })
+        .await
+    })??;
+    println!("cpu {cpu_used}");
+    Ok(())
+}
+
+/// Events per second from this process's source to a child's sink.
+async fn stream(registry: SocketAddr, sh: bool, n: u64) -> Result<f64> {
+    let node = builder(registry, 0, sh).start().await?;
+    let channel = format!("stream-{sh}");
+    let ch = node.create_channel(&channel).await?;
+    let mut c = child(&["count".into(), registry.to_string(), channel, u8::from(sh).to_string(), n.to_string()])?;
+    let ready = tokio::task::block_in_place(|| line(&mut c))?;
+    if ready != "ready" {
+        bail!("child said {ready:?}");
+    }
+    ch.wait_for_sinks(1, T).await?;
+    let mut src = ch.source()?;
+    let (attrs, payload) = (Attrs::new(), [0x5au8; SIZE]);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        src.submit("e", &attrs, &payload).await?;
+    }
+    let done = tokio::task::block_in_place(|| line(&mut c))?;
+    let secs = t0.elapsed().as_secs_f64();
+    tokio::task::block_in_place(|| finish(c))?;
+    if done != format!("received {n} lost 0") {
+        bail!("child said {done:?} of {n}");
+    }
+    drop(src);
+    node.shutdown().await;
+    Ok(n as f64 / secs)
+}
+
+fn count(registry: SocketAddr, channel: &str, sh: bool, n: u64) -> Result<()> {
+    let channel = channel.to_owned();
+    let used = runtime()?.block_on(async move {
+        tokio::spawn(async move {
+            let node = builder(registry, 0, sh).start().await?;
+            let ch = node.open_channel(&channel).await?;
+            let mut sink = ch.sink(SinkOptions::new().capacity(65_536).overflow(Overflow::Block))?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            let (mut got, mut lost) = (0u64, 0u64);
+            let c0 = cpu();
+            while got + lost < n {
+                match tokio::time::timeout(T, sink.recv()).await {
+                    Ok(Ok(_)) => got += 1,
+                    Ok(Err(RecvError::Lagged(k))) => lost += k,
+                    _ => break,
+                }
+            }
+            println!("received {got} lost {lost}");
+            std::io::stdout().flush()?;
+            let used = cpu() - c0;
+            drop(sink);
+            node.shutdown().await;
+            Ok::<_, anyhow::Error>(used)
+        })
+        .await
+    })??;
+    println!("cpu {used}");
+    Ok(())
+}
