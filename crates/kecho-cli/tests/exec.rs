@@ -694,7 +694,10 @@ fn repo_serve_lets_agents_and_other_nodes_fetch_an_artifact_by_digest() -> Resul
     std::fs::write(&other, "#!/bin/sh\necho other\n")?;
     let digest = check(&["repo", "add", &other, "--repo-dir", &served])?.trim().to_owned();
     let hex = digest.trim_start_matches("sha256:");
-    std::fs::write(format!("{served}/{hex}"), b"#!/bin/sh\necho tampered\n")?;
+    // The store keeps artifacts read-only: replace the file, as root could write it in place but an ordinary user not.
+    let stored = format!("{served}/{hex}");
+    std::fs::remove_file(&stored)?;
+    std::fs::write(&stored, b"#!/bin/sh\necho tampered\n")?;
     let fresh = format!("{d}/fresh");
     let o = kecho(&["repo", "get", &digest, "--repo-dir", &fresh, "--wait", "3", "--registry", &c.addr])?;
     assert!(!o.status.success(), "a damaged artifact was fetched: {}", text(&o.stdout));
