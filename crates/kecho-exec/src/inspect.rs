@@ -35,6 +35,34 @@ pub const INSPECT_TYPE: &str = "agent.inspect";
 pub const LOAD_TYPE: &str = "agent.load";
 /// The event type of a reply.
 pub const REPLY_TYPE: &str = "agent.reply";
+/// The request attribute naming the node whose sinks wait for the replies (its id in decimal).
+pub const REPLY_TO_ATTR: &str = "reply_to";
+/// How long an agent waits to learn of the asker's reply sink before it answers anyway.
+pub const REPLY_SINK_WAIT: Duration = Duration::from_secs(3);
+
+/// The node a request asks the replies to be sent to, if it names one.
+fn reply_node(event: &Event) -> Option<kecho::NodeId> {
+    match event.attrs().get(REPLY_TO_ATTR) {
+        Some(Value::Str(s)) => s.parse().ok().map(kecho::NodeId),
+        _ => None,
+    }
+}
+
+/// Waits until `replies` has a sink on node `node` (the asker), at most `wait`; returns whether it has one. Each
+/// `kecho inspect` is a new node: the request can reach an agent before the agent has learned of the asker's
+/// reply sink, and a reply submitted then would reach no sink.
+async fn await_reply_sink(replies: &kecho::Channel, node: kecho::NodeId, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if replies.sink_attrs().iter().any(|(n, _)| *n == node) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// The channel every agent node listens on for requests: `PREFIX.agents`.
 pub fn agents_channel(prefix: &str) -> String {
@@ -100,14 +128,33 @@ impl AgentRequest {
         source: &mut Source,
         credential: Option<&crate::auth::Credential>,
     ) -> Result<(), InspectError> {
+        self.submit_to(source, credential, None).await
+    }
+
+    /// Submits the request (signed with `credential` if given), asking for the replies on the sinks of node
+    /// `reply_to`: an agent that does not know a reply sink of that node yet (the asker joined the replies channel
+    /// a moment ago) waits for it, up to [`REPLY_SINK_WAIT`], instead of answering to no one.
+    pub async fn submit_to(
+        &self,
+        source: &mut Source,
+        credential: Option<&crate::auth::Credential>,
+        reply_to: Option<kecho::NodeId>,
+    ) -> Result<(), InspectError> {
+        let base = |id: u64, by: &str| {
+            let attrs = Attrs::default().with("id", id as i64).with("by", by);
+            match reply_to {
+                // Node ids use all 64 bits; the attribute keeps them as text.
+                Some(node) => attrs.with(REPLY_TO_ATTR, node.0.to_string()),
+                None => attrs,
+            }
+        };
         match self {
             AgentRequest::Inspect { id, by, module } => {
-                let attrs = Attrs::default().with("id", *id as i64).with("by", by.as_str());
+                let attrs = base(*id, by);
                 source.submit(INSPECT_TYPE, &attrs, module.as_deref().unwrap_or(&[])).await?;
             }
             AgentRequest::Load { id, by, digest, bytes } => {
-                let mut attrs =
-                    Attrs::default().with("id", *id as i64).with("by", by.as_str()).with("digest", digest.to_string());
+                let mut attrs = base(*id, by).with("digest", digest.to_string());
                 if let Some(c) = credential {
                     attrs = c.sign(attrs, LOAD_TYPE, "", bytes, unix_ms());
                 }
@@ -257,7 +304,7 @@ pub async fn serve_with(
     let mut out: TypedSource<AgentReply> = replies.typed_source(REPLY_TYPE)?;
     Ok(tokio::spawn(async move {
         // The channels must live as long as the loop.
-        let _keep = (agents, own, replies);
+        let _keep = (agents, own);
         loop {
             let event = tokio::select! {
                 e = fanout.recv() => e,
@@ -273,6 +320,11 @@ pub async fn serve_with(
                 Err(_) => break,
             };
             let Some(request) = AgentRequest::from_event(&event) else { continue };
+            if let Some(asker) = reply_node(&event) {
+                if !await_reply_sink(&replies, asker, REPLY_SINK_WAIT).await {
+                    tracing::warn!(node = %name, asker = %asker.0, "no reply sink of the asker known; answering anyway");
+                }
+            }
             if let (Some(p), AgentRequest::Load { id, by, digest, .. }) = (&policy, &request) {
                 let channel = crate::service::CHANNEL;
                 if let Err(e) = p.verify(channel, LOAD_TYPE, "", event.payload(), event.attrs(), unix_ms()) {
@@ -381,6 +433,8 @@ pub fn agents_where(resources: &kecho::Channel, require: &kecho_resources::Requi
 pub struct Inspector {
     who: String,
     credential: Option<crate::auth::Credential>,
+    /// The node the inspector runs on: requests ask for the replies there.
+    node: kecho::NodeId,
     next_id: u64,
     only: Arc<Mutex<Option<BTreeSet<String>>>>,
     requests: Source,
@@ -421,7 +475,11 @@ impl Inspector {
         Ok(Inspector {
             who: who.to_string(),
             credential: None,
-            next_id: 1,
+            node: node.id(),
+            // Every inspector's sink sees every reply on the channel: ids start where another inspector's (an
+            // earlier `kecho inspect`, another operator) are unlikely to be, so replies to them are not taken for
+            // answers here. Attributes carry them as non-negative i64.
+            next_id: (node.id().0 ^ unix_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 12,
             only,
             requests,
             replies,
@@ -456,7 +514,9 @@ impl Inspector {
     ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
         let module = module.map(<[u8]>::to_vec);
-        AgentRequest::Inspect { id, by: self.who.clone(), module }.submit(&mut self.requests).await?;
+        AgentRequest::Inspect { id, by: self.who.clone(), module }
+            .submit_to(&mut self.requests, None, Some(self.node))
+            .await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -469,7 +529,7 @@ impl Inspector {
     ) -> Result<Vec<AgentReply>, InspectError> {
         let id = self.id();
         let request = AgentRequest::Load { id, by: self.who.clone(), digest: Digest::of(bytes), bytes: bytes.to_vec() };
-        request.submit_signed(&mut self.requests, self.credential.as_ref()).await?;
+        request.submit_to(&mut self.requests, self.credential.as_ref(), Some(self.node)).await?;
         self.gather(id, expect, timeout).await
     }
 
@@ -490,7 +550,7 @@ impl Inspector {
                 }
                 None => AgentRequest::Inspect { id, by: self.who.clone(), module: None },
             };
-            request.submit_signed(target, self.credential.as_ref()).await?;
+            request.submit_to(target, self.credential.as_ref(), Some(self.node)).await?;
             all.extend(self.gather(id, 1, timeout).await?);
         }
         Ok(all)

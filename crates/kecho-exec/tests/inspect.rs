@@ -97,3 +97,26 @@ async fn a_component_that_does_not_match_its_digest_is_refused() -> Result<()> {
     assert!(!c.stores[0].contains(&claimed), "a wrong component is never kept");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waits_for_the_askers_reply_sink_before_it_answers() -> Result<()> {
+    // The request reaches the agent before the asker has any sink on the replies channel (as when a new
+    // `kecho inspect` node's request outruns its reply sink's news): the agent must hold its answer until it knows
+    // the asker's sink, not send it to no one.
+    let c = cluster(1, "late").await?;
+    let agents = c.inspector_node.channel(&kecho_exec::inspect::agents_channel(&c.tag)).await?;
+    let mut requests = agents.source()?;
+    agents.wait_for_sinks(1, BOUND).await?;
+    let request = AgentRequest::Inspect { id: 4242, by: "tester".into(), module: None };
+    request.submit_to(&mut requests, None, Some(c.inspector_node.id())).await?;
+    // Only now does the asker open its reply sink.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replies = c.inspector_node.channel(&kecho_exec::inspect::replies_channel(&c.tag)).await?;
+    let mut sink = replies.typed_sink::<kecho_exec::inspect::AgentReply>(
+        kecho_exec::inspect::REPLY_TYPE,
+        kecho::SinkOptions::new().types([kecho_exec::inspect::REPLY_TYPE]),
+    )?;
+    let reply = tokio::time::timeout(BOUND, sink.recv()).await??;
+    assert_eq!((reply.value.id, reply.value.node.as_str()), (4242, c.names[0].as_str()));
+    Ok(())
+}

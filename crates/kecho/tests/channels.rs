@@ -9,6 +9,8 @@ use kecho::{
 };
 use tokio::time::timeout;
 
+mod common;
+
 const T: Duration = Duration::from_secs(10);
 
 /// Nodes sharing a private in-process registry, with a short heartbeat so failure tests stay quick.
@@ -602,56 +604,7 @@ async fn events_dropped_at_a_full_link_are_reported_to_the_sink() -> Result<()> 
     let reg = RegistryClient::in_process_private();
     let a_node = Node::builder().registry_client(reg.clone()).link_queue_bytes(64 * 1024).start().await?;
     let b_node = node_on(&reg).await?;
-    // Channel x has a Block sink that nobody reads: it stalls the a->b link (the documented trade-off).
-    let ax = a_node.create_channel("x").await?;
-    let bx = b_node.open_channel("x").await?;
-    let mut blocker = bx.sink(SinkOptions::new().capacity(1).overflow(Overflow::Block))?;
-    let ay = a_node.create_channel("y").await?;
-    let by = b_node.open_channel("y").await?;
-    let mut lossy = by.sink(SinkOptions::new().capacity(100_000).overflow(Overflow::DropNewest))?;
-    ax.wait_for_sinks(1, T).await?;
-    ay.wait_for_sinks(1, T).await?;
-    let mut sx = ax.source()?;
-    let mut sy = ay.source()?;
-    // Fill the link until it stays full: the Block sink refuses, and the sockets' buffers are full too.
-    let mut filled = 0u64;
-    let mut refusals = 0;
-    while refusals < 5 {
-        match sx.try_submit("x", &Attrs::new(), &[0u8; 4096]) {
-            Ok(_) => {
-                filled += 1;
-                refusals = 0;
-            }
-            Err(_) => {
-                refusals += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        assert!(filled < 100_000, "the link never filled up: {:?} {:?} {}", ax.stats(), bx.stats(), blocker.len());
-    }
-    // Now channel y's events fill what room is left and the rest are dropped at the source, counted.
-    let n = 1000u64;
-    for _ in 0..n {
-        sy.submit("y", &Attrs::new(), b"").await?;
-    }
-    let dropped_at_source = ay.stats().dropped;
-    assert!(dropped_at_source > 0, "nothing was dropped at the full link");
-    // Unblock the link: the sink of y learns exactly how many it missed, in place, then gets the rest.
-    let drain =
-        tokio::spawn(async move { while let Ok(Ok(_)) = timeout(Duration::from_millis(500), blocker.recv()).await {} });
-    let mut got = 0u64;
-    let mut lagged = 0u64;
-    while got + lagged < n {
-        match timeout(T, lossy.recv()).await.context("y events")? {
-            Ok(_) => got += 1,
-            Err(RecvError::Lagged(n)) => lagged += n,
-            Err(e) => bail!("{e}"),
-        }
-    }
-    assert_eq!(lagged, dropped_at_source);
-    assert_eq!(got + lagged, n);
-    drain.abort();
-    Ok(())
+    common::events_dropped_at_a_full_link_are_reported(&a_node, &b_node, || {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,7 @@ pub async fn events_dropped_at_a_full_link_are_reported(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        assert!(filled < 100_000, "the link never filled up");
+        assert!(filled < 100_000, "the link never filled up: {:?} {:?} {}", ax.stats(), bx.stats(), blocker.len());
     }
     let n = 1000u64;
     for _ in 0..n {
