@@ -17,7 +17,11 @@ mod secrets;
 use commands::*;
 
 #[derive(Parser, Debug)]
-#[command(name = "kecho", version, about = "Event channels after KECho: registry, publish, subscribe, demo")]
+#[command(
+    name = "kecho",
+    version,
+    about = "Event channels after KECho, and the systems on them: resource agents and reservations, remote execution and deployment, data flows, load balancing"
+)]
 struct Cli {
     /// Log filter (also RUST_LOG), e.g. info or kecho=debug.
     #[arg(long, global = true, default_value = "warn")]

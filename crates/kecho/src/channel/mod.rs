@@ -142,6 +142,13 @@ pub(crate) struct ChannelInner {
     /// threads rebuilding at once (two links delivering membership frames) could otherwise store the older table
     /// last, and it would stay until the next change (a member's sink missing from the routes for good).
     rebuilding: Mutex<()>,
+    /// Registry requests are sent at once, each from its own task, but the membership state machine must get their
+    /// answers in the order of the requests (it matches an answer with the oldest request not answered; applied out
+    /// of order, a lookup's entry naming another contact would be taken for our own claim's success). Each request
+    /// takes a ticket when the state machine emits it; its answer waits until `reg_answered` reaches the ticket.
+    reg_tickets: AtomicU64,
+    /// How many registry answers have been given to the state machine, in ticket order.
+    reg_answered: watch::Sender<u64>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
     /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
@@ -200,6 +207,8 @@ impl ChannelInner {
             ghosts: Mutex::new(Vec::new()),
             book: Mutex::new(RouteBook::default()),
             rebuilding: Mutex::new(()),
+            reg_tickets: AtomicU64::new(0),
+            reg_answered: watch::channel(0).0,
             tracks: Mutex::new(IdMap::default()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),
@@ -275,6 +284,8 @@ impl ChannelInner {
                 }
                 Output::Registry(op) => {
                     let msg = st.registry_message(&op, 0);
+                    // Taken under the state lock: tickets follow the order the state machine emitted the requests.
+                    let ticket = self.reg_tickets.fetch_add(1, Ordering::Relaxed);
                     drop(st);
                     let ch = self.clone();
                     let registry = node.registry.clone();
@@ -283,7 +294,13 @@ impl ChannelInner {
                             .request(msg)
                             .await
                             .map_err(|e| kecho_proto::membership::RegistryUnreachable(e.to_string()));
+                        // Every request ends (the client bounds each by its timeouts), so the earlier tickets come.
+                        let mut answered = ch.reg_answered.subscribe();
+                        if answered.wait_for(|n| *n >= ticket).await.is_err() {
+                            return;
+                        }
                         ch.state.lock().handle_registry(result, now());
+                        ch.reg_answered.send_modify(|n| *n += 1);
                         ch.flush();
                     });
                 }
