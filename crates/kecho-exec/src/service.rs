@@ -24,6 +24,7 @@ use crate::app::ReadyCheck;
 use crate::auth::{AuthError, ExecPolicy};
 use crate::deploy::wait_ready;
 use crate::place::{AgentName, Placement};
+use crate::reaper::Reaper;
 use crate::repo::Cache;
 use crate::repo_net::ChannelFetch;
 use crate::restart::Ending;
@@ -86,6 +87,8 @@ pub struct ServiceConfig {
     /// The agent's artifact cache in front of the repository nodes: a submission that names an artifact runs its
     /// verified copy. `None`: such submissions are refused.
     pub artifacts: Option<Arc<Cache<ChannelFetch>>>,
+    /// The program every task starts under ([`crate::reaper`]).
+    pub reaper: Reaper,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -103,7 +106,7 @@ impl std::fmt::Debug for ServiceConfig {
 
 impl ServiceConfig {
     /// Defaults: a 3 s heartbeat timeout, 5 s grace, 256 KiB of output per task, 64 ended tasks remembered, no
-    /// audit log, no reservation check.
+    /// audit log, no reservation check, the reaper [`Reaper::locate`] finds.
     pub fn new(name: AgentName, state_dir: impl Into<PathBuf>, confinement: Confinement) -> ServiceConfig {
         ServiceConfig {
             name,
@@ -118,6 +121,7 @@ impl ServiceConfig {
             host: String::new(),
             policy: None,
             artifacts: None,
+            reaper: Reaper::locate(),
         }
     }
 }
@@ -167,7 +171,8 @@ impl ExecService {
         let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let st = State {
-            supervisor: Supervisor::new(cfg.name.clone(), cfg.state_dir.clone(), cfg.confinement.clone()),
+            supervisor: Supervisor::new(cfg.name.clone(), cfg.state_dir.clone(), cfg.confinement.clone())
+                .with_reaper(cfg.reaper.clone()),
             leases: SubmitterLeases::new(cfg.heartbeat_timeout),
             cfg,
             channel: channel.clone(),
@@ -467,6 +472,8 @@ impl State {
             Ok(t) => t,
             Err(e) => return self.refuse(&s, &who, e.to_string()).await,
         };
+        // The readiness command runs within the task's bounds: its process group, its cgroup or its rlimits.
+        let probe_env = probe_env.within(&task.control);
         let now = Instant::now();
         let limits = task.limits.to_string();
         let started = ExecMsg::Started {

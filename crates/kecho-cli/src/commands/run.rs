@@ -152,11 +152,13 @@ pub async fn run(a: Args) -> Result<()> {
     if let Some(r) = &a.rank {
         kecho_resources::Rank::compile(r)?;
     }
+    let mem = a.mem.as_deref().map(parse_size).transpose().context("--mem")?;
     let spec = ReservationSpec {
         require: a.requirement.clone(),
         rank: a.rank.clone(),
-        cpus: a.cpus,
-        mem: a.mem.as_deref().map(parse_size).transpose().context("--mem")?,
+        // The default reservation (one core) is the task's limit too, so that what applied is said of it.
+        cpus: a.cpus.or(if mem.is_none() { Some(1.0) } else { None }),
+        mem,
     };
     let checkpoint_every_ms =
         a.checkpoint_every.map(|s| positive("checkpoint-every", s).map(|d| d.as_millis() as u64)).transpose()?;
