@@ -263,6 +263,10 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     assert_eq!(text(&o.stdout), "hi\n", "stderr: {}", text(&o.stderr));
     assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(3), "stderr: {}", text(&o.stderr));
+    // The default reservation (one core) is the task's limit, and what applied is said: cpu.max under cgroups, a CPU
+    // share reported as not enforced under rlimits.
+    let said = text(&o.stderr);
+    assert!(said.contains("cpu.max=100000 100000") || said.contains("not enforced: cpus=1"), "{said}");
 
     // The task sees its agent and id, and the --env it was given; a signal death is 128+N.
     let o = kecho(&[
@@ -446,8 +450,12 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     assert_eq!(out.lines().collect::<Vec<_>>(), [format!("ia           loaded {digest}")], "{out}");
     let out = check(&["inspect", "--registry", &c.addr])?;
     assert_eq!(out.matches(&digest).count(), 1, "{out}");
-    let out = check(&["configure", "--load", &file, "--registry", &c.addr])?;
+    // By its digest, from the repository it was put in (as `kecho repo put` printed it).
+    let out = check(&["configure", "--load", &digest, "--repo-dir", &store, "--registry", &c.addr])?;
     assert_eq!(out.matches(&format!("loaded {digest}")).count(), 2, "{out}");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let o = kecho(&["configure", "--load", &missing, "--repo-dir", &store, "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("from the repository"), "{}", text(&o.stderr));
     // The nodes now report the component.
     let out = check(&["inspect", "--registry", &c.addr])?;
     assert_eq!(out.matches(&digest).count(), 2, "{out}");
