@@ -285,6 +285,13 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     assert_eq!(text(&o.stdout), "rb hello task\n", "stderr: {}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(137), "stderr: {}", text(&o.stderr));
 
+    // --restart on-failure restarts in place from the last state the task saved: it fails twice, then succeeds.
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); n=$((n+1)); \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; echo try $n; [ $n -ge 3 ]";
+    let o = kecho(&["run", "--registry", &c.addr, "--restart", "on-failure", "--", "sh", "-c", script])?;
+    assert_eq!(text(&o.stdout), "try 1\ntry 2\ntry 3\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+
     // No agent fits: 125, with the reason.
     let o = kecho(&["run", "--registry", &c.addr, "--cpus", "64", "--", "true"])?;
     assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));

@@ -27,7 +27,7 @@ use crate::place::{AgentName, Placement};
 use crate::reaper::Reaper;
 use crate::repo::Cache;
 use crate::repo_net::ChannelFetch;
-use crate::restart::Ending;
+use crate::restart::{Ending, RestartPolicy};
 use crate::task::{Confinement, Limits, OutputChunk, Supervisor, TaskControl, TaskExit, TaskId, TaskSpec};
 use crate::wire::{ExecMsg, LogChunk, Submit, TaskRow};
 
@@ -216,6 +216,8 @@ struct Run {
     log: OutputLog,
     draining: bool,
     stopping: bool,
+    /// Whether the submitter may restart the task after a failure (its last state then goes back with its end).
+    restarts_on_failure: bool,
 }
 
 struct State {
@@ -524,6 +526,7 @@ impl State {
             log: OutputLog::new(self.cfg.log_bytes),
             draining: false,
             stopping: false,
+            restarts_on_failure: s.restart == RestartPolicy::OnFailure,
         };
         if let Some(old) = self.runs.insert(s.task.clone(), run) {
             self.remember(s.task, old);
@@ -587,7 +590,11 @@ impl State {
                     (Ending::Exited(exit.code), Some(exit), format!("exited {}", exit.code))
                 };
                 r.state = state;
-                let checkpoint = if r.draining { r.control.checkpoint().await.ok().flatten() } else { None };
+                // A drained task's last state goes back so that it continues elsewhere, and so does a failed one's
+                // that its submitter restarts on failure: the restarted run starts from the last state it saved.
+                let failed_restartable = r.restarts_on_failure && !r.stopping && !exit.success();
+                let checkpoint =
+                    if r.draining || failed_restartable { r.control.checkpoint().await.ok().flatten() } else { None };
                 if let Some(state) = checkpoint {
                     self.send(&to, &ExecMsg::Checkpoint { task: task.clone(), run, state }).await;
                 }
