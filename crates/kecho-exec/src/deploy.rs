@@ -434,7 +434,8 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                 let s = m.entry(c.clone()).or_insert(ComponentStatus { state, agent: None, pid: None, restarts: 0 });
                 s.state = state;
                 s.agent = self.placements.get(&c).map(|p| p.agent.clone());
-                s.pid = self.running.get(&c).map(TaskControl::pid);
+                // A component on another node has no pid here (0): shown as `-`.
+                s.pid = self.running.get(&c).map(TaskControl::pid).filter(|&p| p > 0);
                 s.restarts = self.restarts.get(&c).copied().unwrap_or(0);
             }
         });
