@@ -292,6 +292,17 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     assert_eq!(text(&o.stdout), "try 1\ntry 2\ntry 3\n", "stderr: {}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
 
+    // An agent that only offers resources (no --allow-exec) is never chosen for a task it would not run.
+    let mut plain = Proc::spawn(
+        "rc",
+        &["agent", "--name", "rc", "--cpus", "8", "--no-measure", "--registry", &c.addr, "--report", "0.3"],
+    )?;
+    plain.wait_stderr("offering")?;
+    let o = kecho(&["run", "--registry", &c.addr, "--require", "agent == \"rc\"", "--", "true"])?;
+    assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("exec == true"), "{}", text(&o.stderr));
+    drop(plain);
+
     // No agent fits: 125, with the reason.
     let o = kecho(&["run", "--registry", &c.addr, "--cpus", "64", "--", "true"])?;
     assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));

@@ -178,7 +178,10 @@ pub async fn run(a: Args) -> Result<()> {
         bail!("no agent on channel {} within {} s", kecho_resources::wire::CHANNEL, a.wait);
     }
     // A lease three heartbeats long, renewed at a third of it: a dead submitter's reservation ends soon after.
-    let placer = std::sync::Arc::new(ResourcePlacer::new(requester, opts.heartbeat_timeout * 3));
+    let placer = std::sync::Arc::new(
+        ResourcePlacer::new(requester, opts.heartbeat_timeout * 3)
+            .also_require(format!("{} == true", kecho_exec::resplace::EXEC_ATTR)),
+    );
     let exec = node.channel(CHANNEL).await?;
     let host = host_name();
     let mut interrupt_txs = Vec::new();
