@@ -162,6 +162,8 @@ async fn run(cmd: Cmd) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `kecho` is also the reaper every exec task runs under (kecho_exec::reaper): that use returns no further.
+    kecho_exec::reaper::serve_if_invoked();
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {

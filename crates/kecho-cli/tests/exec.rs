@@ -221,6 +221,36 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
+/// A link to `sleep` named `sleep-MARKER-SUFFIX` for each suffix (in the target's temporary directory), so that a
+/// task's processes can be found by their command line whatever session or process group they moved to. Returns the
+/// path without the suffix, and the marker.
+fn marked_sleep(name: &str, suffixes: &[&str]) -> Result<(String, String)> {
+    let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("no sleep program")?;
+    let marker = format!("kecho-mark-{}-{name}", std::process::id());
+    let base = format!("{}/sleep-{marker}", env!("CARGO_TARGET_TMPDIR"));
+    for s in suffixes {
+        let path = format!("{base}{s}");
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(sleep, &path)?;
+    }
+    Ok((base, marker))
+}
+
+/// The live processes whose command line carries `marker`.
+fn marked(marker: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .collect()
+}
+
 fn ps(c: &Cluster) -> Result<Vec<serde_json::Value>> {
     let out = check(&["ps", "--format", "json", "--registry", &c.addr])?;
     out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))).collect()
@@ -233,6 +263,10 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     assert_eq!(text(&o.stdout), "hi\n", "stderr: {}", text(&o.stderr));
     assert!(text(&o.stderr).contains("oops"), "{}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(3), "stderr: {}", text(&o.stderr));
+    // The default reservation (one core) is the task's limit, and what applied is said: cpu.max under cgroups, a CPU
+    // share reported as not enforced under rlimits.
+    let said = text(&o.stderr);
+    assert!(said.contains("cpu.max=100000 100000") || said.contains("not enforced: cpus=1"), "{said}");
 
     // The task sees its agent and id, and the --env it was given; a signal death is 128+N.
     let o = kecho(&[
@@ -250,6 +284,24 @@ fn run_prints_the_remote_output_and_exits_with_its_status() -> Result<()> {
     ])?;
     assert_eq!(text(&o.stdout), "rb hello task\n", "stderr: {}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(137), "stderr: {}", text(&o.stderr));
+
+    // --restart on-failure restarts in place from the last state the task saved: it fails twice, then succeeds.
+    let script = "n=$(cat \"$KECHO_STATE\" 2>/dev/null || echo 0); n=$((n+1)); \
+                  echo $n > \"$KECHO_STATE.tmp\" && mv \"$KECHO_STATE.tmp\" \"$KECHO_STATE\"; echo try $n; [ $n -ge 3 ]";
+    let o = kecho(&["run", "--registry", &c.addr, "--restart", "on-failure", "--", "sh", "-c", script])?;
+    assert_eq!(text(&o.stdout), "try 1\ntry 2\ntry 3\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+
+    // An agent that only offers resources (no --allow-exec) is never chosen for a task it would not run.
+    let mut plain = Proc::spawn(
+        "rc",
+        &["agent", "--name", "rc", "--cpus", "8", "--no-measure", "--registry", &c.addr, "--report", "0.3"],
+    )?;
+    plain.wait_stderr("offering")?;
+    let o = kecho(&["run", "--registry", &c.addr, "--require", "agent == \"rc\"", "--", "true"])?;
+    assert_eq!(o.status.code(), Some(125), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("exec == true"), "{}", text(&o.stderr));
+    drop(plain);
 
     // No agent fits: 125, with the reason.
     let o = kecho(&["run", "--registry", &c.addr, "--cpus", "64", "--", "true"])?;
@@ -299,6 +351,30 @@ fn a_killed_submitter_has_its_task_stopped() -> Result<()> {
     })?;
     assert!(state.starts_with("stopped"), "{state}");
     eprintln!("submitter killed to task stopped: {:?}", killed.elapsed());
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_stops_the_remote_task_and_what_left_its_process_group() -> Result<()> {
+    let c = cluster("i")?;
+    let (mark, marker) = marked_sleep("ctrlc", &[""])?;
+    let env = format!("M={mark}");
+    // Two processes leave the task's group (one orphaned by a double fork); a third ignores SIGTERM as well.
+    let script = "setsid \"$M\" 1000 & (setsid \"$M\" 1001 &); setsid sh -c 'trap \"\" TERM; exec \"$M\" 1002' & \
+                  echo started; wait";
+    let mut run = Running::start(&["run", "--registry", &c.addr, "--env", &env, "--", "sh", "-c", script])?;
+    run.expect(true, "the task's first line", |l| l == "started")?;
+    eventually(Duration::from_secs(10), "the escaped processes to start", || {
+        Ok((marked(&marker).len() >= 3).then_some(()))
+    })?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(run.child.id())?);
+    let interrupted = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    assert_eq!(run.finish()?, 143, "the task's shell ends by SIGTERM: {:?}", run.seen);
+    eventually(Duration::from_secs(5), "every process of the task to end", || {
+        Ok(marked(&marker).is_empty().then_some(()))
+    })?;
+    eprintln!("Ctrl-C to kecho run's exit, the task and its escapes gone: {:?}", interrupted.elapsed());
     Ok(())
 }
 
@@ -392,8 +468,12 @@ fn inspect_configure_and_the_repository() -> Result<()> {
     assert_eq!(out.lines().collect::<Vec<_>>(), [format!("ia           loaded {digest}")], "{out}");
     let out = check(&["inspect", "--registry", &c.addr])?;
     assert_eq!(out.matches(&digest).count(), 1, "{out}");
-    let out = check(&["configure", "--load", &file, "--registry", &c.addr])?;
+    // By its digest, from the repository it was put in (as `kecho repo put` printed it).
+    let out = check(&["configure", "--load", &digest, "--repo-dir", &store, "--registry", &c.addr])?;
     assert_eq!(out.matches(&format!("loaded {digest}")).count(), 2, "{out}");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let o = kecho(&["configure", "--load", &missing, "--repo-dir", &store, "--registry", &c.addr])?;
+    assert!(!o.status.success() && text(&o.stderr).contains("from the repository"), "{}", text(&o.stderr));
     // The nodes now report the component.
     let out = check(&["inspect", "--registry", &c.addr])?;
     assert_eq!(out.matches(&digest).count(), 2, "{out}");
@@ -417,9 +497,16 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
     let mut c = cluster("n")?;
     let pids = format!("{}/pids-n-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
     let _ = std::fs::remove_file(&pids);
-    // Each run keeps a background child and notes its agent, the pid of its shell and the child's.
-    let script = format!("sleep 300 & echo \"$KECHO_AGENT $$ $!\" >> \"$PIDS\"; {}", counter(40));
+    let (mark, marker) = marked_sleep("agentkill", &["-na", "-nb"])?;
+    // Each run keeps a background child and notes its agent, the pid of its shell and the child's; it also starts a
+    // process that leaves its group (`setsid`) and one orphaned in a session of its own, marked with its agent.
+    let script = format!(
+        "setsid \"$M$KECHO_AGENT\" 1000 & (setsid \"$M$KECHO_AGENT\" 1001 &); \
+         sleep 300 & echo \"$KECHO_AGENT $$ $!\" >> \"$PIDS\"; {}",
+        counter(40)
+    );
     let env = format!("PIDS={pids}");
+    let env_mark = format!("M={mark}-");
     let mut run = Running::start(&[
         "run",
         "--registry",
@@ -432,12 +519,16 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
         "0.2",
         "--env",
         &env,
+        "--env",
+        &env_mark,
         "--",
         "sh",
         "-c",
         &script,
     ])?;
     let (agent, _) = agent_count(&run.expect(true, "the tenth line", |l| l.ends_with(" 10"))?)?;
+    let escaped = format!("{marker}-{agent}");
+    assert_eq!(marked(&escaped).len(), 2, "the escaped processes run on {agent}");
     let idx = if agent == "na" { 0 } else { 1 };
     let killed = Instant::now();
     let first_pids: Vec<i32> = std::fs::read_to_string(&pids)?
@@ -456,6 +547,9 @@ fn a_killed_agent_task_restarts_elsewhere_from_its_last_checkpoint() -> Result<(
         Ok(first_pids.iter().all(|&p| !alive(p)).then_some(()))
     })?;
     eprintln!("agent killed to its task gone (polled every 100 ms): {:?}", killed.elapsed());
+    eventually(Duration::from_secs(5), "the processes that left the task's group to end", || {
+        Ok(marked(&escaped).is_empty().then_some(()))
+    })?;
     let other = other("n", &agent);
     let (_, n) = agent_count(&run.expect(true, "a line from the other agent", |l| l.starts_with(&other))?)?;
     let restart = killed.elapsed();

@@ -194,8 +194,13 @@ fn repository(runs: usize, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // This program is also the reaper its tasks start under (kecho_exec::reaper).
+    kecho_exec::reaper::serve_if_invoked();
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     let runs: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(20).max(1);
     let dir = tempfile::tempdir()?;
     println!(

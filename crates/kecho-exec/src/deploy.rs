@@ -119,6 +119,7 @@ impl Launcher for LocalLauncher {
         let supervisor = Supervisor::new(agent.clone(), dir, self.confinement.clone());
         let env = supervisor.probe_env(&spec);
         let task = supervisor.spawn(spec).await?;
+        let env = env.within(&task.control);
         Ok(Launched { task, ready: check_ready_here(ready, placement.host.clone(), env) })
     }
 }
@@ -433,7 +434,8 @@ impl<P: Placer + Send + Sync + 'static, L: Launcher> Driver<P, L> {
                 let s = m.entry(c.clone()).or_insert(ComponentStatus { state, agent: None, pid: None, restarts: 0 });
                 s.state = state;
                 s.agent = self.placements.get(&c).map(|p| p.agent.clone());
-                s.pid = self.running.get(&c).map(TaskControl::pid);
+                // A component on another node has no pid here (0): shown as `-`.
+                s.pid = self.running.get(&c).map(TaskControl::pid).filter(|&p| p > 0);
                 s.restarts = self.restarts.get(&c).copied().unwrap_or(0);
             }
         });
@@ -680,20 +682,8 @@ pub async fn wait_ready(check: &ReadyCheck, host: &str, timeout: Duration, env: 
                 )
             }
             ReadyCheck::Command(cmd) => {
-                let mut command = tokio::process::Command::new("/bin/sh");
-                if let Some(dir) = &env.dir {
-                    command.current_dir(dir);
-                }
-                let mut child = match command
-                    .arg("-c")
-                    .arg(cmd)
-                    .envs(env.env.iter().map(|(k, v)| (k, v)))
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn()
-                {
+                // Within the task's bounds when it has them (its group, its cgroup or rlimits): see ProbeEnv::spawn.
+                let mut child = match env.spawn(cmd).await {
                     Ok(c) => c,
                     Err(e) => return Err(NotReady::CannotStart(e)),
                 };

@@ -22,6 +22,8 @@
 //! - [`task`]: task supervision on one host (the agent side of `kecho run`): spawn with the task's environment in its
 //!   own process group, ordered output chunks, exit status as a shell reports it, cgroup v2 or rlimit limits, the
 //!   checkpoint file, and stop.
+//! - [`reaper`]: the per-task reaper process (a child subreaper): every descendant of a task stays within reach,
+//!   even one that left its process group (`setsid`), and dies with the task or with its agent.
 //! - [`agent`]: the agent's bookkeeping around tasks, pure: the output kept for `kecho logs`, submitter leases (a
 //!   silent submitter's tasks are stopped), when checkpoints are shipped.
 //! - [`submit`]: the submitter side of `kecho run`, pure: place, send, print output in order, restart where the
@@ -49,6 +51,7 @@ pub mod inspect;
 pub mod module;
 pub mod place;
 pub mod plan;
+pub mod reaper;
 pub mod remote;
 pub mod repo;
 pub mod repo_net;

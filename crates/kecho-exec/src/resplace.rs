@@ -28,7 +28,11 @@ pub struct ResourcePlacer {
     held: Mutex<BTreeMap<ReservationId, Held>>,
     releasing: std::sync::atomic::AtomicUsize,
     hosts: Option<HostOf>,
+    also_require: Option<String>,
 }
+
+/// The attribute an agent that executes tasks (`kecho agent --allow-exec`) publishes, `true`.
+pub const EXEC_ATTR: &str = "exec";
 
 /// Where an agent's node is reached (its `host`), by agent name.
 pub type HostOf = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -50,7 +54,16 @@ impl ResourcePlacer {
             held: Mutex::new(BTreeMap::new()),
             releasing: std::sync::atomic::AtomicUsize::new(0),
             hosts: None,
+            also_require: None,
         }
+    }
+
+    /// Places only on agents that also satisfy `expr` (a CEL expression over their attributes), e.g.
+    /// `exec == true` for the agents that execute tasks: an agent that only offers resources is never chosen for a
+    /// task it would not run.
+    pub fn also_require(mut self, expr: impl Into<String>) -> ResourcePlacer {
+        self.also_require = Some(expr.into());
+        self
     }
 
     /// How long to collect offers for one placement (default 250 ms).
@@ -134,7 +147,14 @@ fn cel_string(s: &str) -> String {
 
 impl Placer for ResourcePlacer {
     async fn place(&self, spec: &ReservationSpec, avoid: &[AgentName]) -> Result<Placement, PlaceError> {
-        let s = resource_spec(spec, avoid)?.lease(self.lease).window(self.window);
+        let mut spec = spec.clone();
+        if let Some(base) = &self.also_require {
+            spec.require = Some(match spec.require.take() {
+                Some(r) => format!("({base}) && ({r})"),
+                None => base.clone(),
+            });
+        }
+        let s = resource_spec(&spec, avoid)?.lease(self.lease).window(self.window);
         let got = self.requester.reserve(&s).await.map_err(|e| match e {
             kecho_resources::Error::Unsatisfied { reason } => PlaceError::NoFit(reason),
             other => PlaceError::Unavailable(other.to_string()),

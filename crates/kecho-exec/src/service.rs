@@ -24,9 +24,10 @@ use crate::app::ReadyCheck;
 use crate::auth::{AuthError, ExecPolicy};
 use crate::deploy::wait_ready;
 use crate::place::{AgentName, Placement};
+use crate::reaper::Reaper;
 use crate::repo::Cache;
 use crate::repo_net::ChannelFetch;
-use crate::restart::Ending;
+use crate::restart::{Ending, RestartPolicy};
 use crate::task::{Confinement, Limits, OutputChunk, Supervisor, TaskControl, TaskExit, TaskId, TaskSpec};
 use crate::wire::{ExecMsg, LogChunk, Submit, TaskRow};
 
@@ -86,6 +87,8 @@ pub struct ServiceConfig {
     /// The agent's artifact cache in front of the repository nodes: a submission that names an artifact runs its
     /// verified copy. `None`: such submissions are refused.
     pub artifacts: Option<Arc<Cache<ChannelFetch>>>,
+    /// The program every task starts under ([`crate::reaper`]).
+    pub reaper: Reaper,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -103,7 +106,7 @@ impl std::fmt::Debug for ServiceConfig {
 
 impl ServiceConfig {
     /// Defaults: a 3 s heartbeat timeout, 5 s grace, 256 KiB of output per task, 64 ended tasks remembered, no
-    /// audit log, no reservation check.
+    /// audit log, no reservation check, the reaper [`Reaper::locate`] finds.
     pub fn new(name: AgentName, state_dir: impl Into<PathBuf>, confinement: Confinement) -> ServiceConfig {
         ServiceConfig {
             name,
@@ -118,6 +121,7 @@ impl ServiceConfig {
             host: String::new(),
             policy: None,
             artifacts: None,
+            reaper: Reaper::locate(),
         }
     }
 }
@@ -167,7 +171,8 @@ impl ExecService {
         let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let st = State {
-            supervisor: Supervisor::new(cfg.name.clone(), cfg.state_dir.clone(), cfg.confinement.clone()),
+            supervisor: Supervisor::new(cfg.name.clone(), cfg.state_dir.clone(), cfg.confinement.clone())
+                .with_reaper(cfg.reaper.clone()),
             leases: SubmitterLeases::new(cfg.heartbeat_timeout),
             cfg,
             channel: channel.clone(),
@@ -211,6 +216,8 @@ struct Run {
     log: OutputLog,
     draining: bool,
     stopping: bool,
+    /// Whether the submitter may restart the task after a failure (its last state then goes back with its end).
+    restarts_on_failure: bool,
 }
 
 struct State {
@@ -467,6 +474,8 @@ impl State {
             Ok(t) => t,
             Err(e) => return self.refuse(&s, &who, e.to_string()).await,
         };
+        // The readiness command runs within the task's bounds: its process group, its cgroup or its rlimits.
+        let probe_env = probe_env.within(&task.control);
         let now = Instant::now();
         let limits = task.limits.to_string();
         let started = ExecMsg::Started {
@@ -517,6 +526,7 @@ impl State {
             log: OutputLog::new(self.cfg.log_bytes),
             draining: false,
             stopping: false,
+            restarts_on_failure: s.restart == RestartPolicy::OnFailure,
         };
         if let Some(old) = self.runs.insert(s.task.clone(), run) {
             self.remember(s.task, old);
@@ -580,7 +590,11 @@ impl State {
                     (Ending::Exited(exit.code), Some(exit), format!("exited {}", exit.code))
                 };
                 r.state = state;
-                let checkpoint = if r.draining { r.control.checkpoint().await.ok().flatten() } else { None };
+                // A drained task's last state goes back so that it continues elsewhere, and so does a failed one's
+                // that its submitter restarts on failure: the restarted run starts from the last state it saved.
+                let failed_restartable = r.restarts_on_failure && !r.stopping && !exit.success();
+                let checkpoint =
+                    if r.draining || failed_restartable { r.control.checkpoint().await.ok().flatten() } else { None };
                 if let Some(state) = checkpoint {
                     self.send(&to, &ExecMsg::Checkpoint { task: task.clone(), run, state }).await;
                 }

@@ -5,15 +5,17 @@
 //! reservation's limits, and returns a [`Task`]: its output as ordered [`OutputChunk`]s and a [`TaskControl`] to wait
 //! for its [`TaskExit`], stop it, and read its checkpoint.
 //!
-//! **Limits without a race, in safe Rust.** Limits must hold from the task's first instruction, but safe Rust cannot
-//! run code in the child between fork and exec (`pre_exec` is unsafe). So the command is started behind a gate: the
-//! child is `/bin/sh -c 'IFS= read -r cg || exit 125; ...; exec "$0" "$@" </dev/null' CMD ARGS...` ([`GATE`]), which
-//! blocks reading its standard input. While it waits, the agent applies the limits from outside: it moves the child
-//! into the task's cgroup (writing its pid to `cgroup.procs`) or sets its rlimits (`prlimit` on its pid), then
-//! writes the line that opens the gate. The shell then replaces itself with the command (same pid, same process group, limits inherited),
-//! whose standard input is `/dev/null`. A command that does not exist exits 127, as in a shell. The pipe then stays
-//! open as the task's lifeline: when the agent dies, even by SIGKILL, a watcher the gate left behind kills the task's
-//! process group and cgroup, so no task outlives its agent.
+//! **Limits without a race, in safe Rust, and no descendant out of reach.** Limits must hold from the task's first
+//! instruction, but safe Rust cannot run code in the child between fork and exec (`pre_exec` is unsafe), and a task
+//! can leave its process group (`setsid`) or be orphaned by a double fork. So every task starts under a *reaper*
+//! ([`crate::reaper`]), a process of its own that is a child subreaper: the agent moves the reaper into the task's
+//! cgroup (under cgroups) and writes it one line with the limits; the reaper starts the command behind a gate
+//! (`/bin/sh -c 'read; exec CMD ARGS'`, in a process group of its own), applies `RLIMIT_AS` to it, tells the agent its
+//! pid, and opens the gate: the command runs with its limits from its first instruction, as the same pid. Every
+//! orphaned descendant is re-parented to the reaper, so a `/proc` walk from it finds the whole task. The reaper's
+//! standard input stays open as the task's lifeline: when the agent closes it, or dies, even by SIGKILL, the reaper
+//! kills the whole tree, and when the command ends it kills whatever the command left; it then exits as the command
+//! did. No task, nor anything it started, outlives its agent or itself.
 //!
 //! **Which limits apply** is decided once per agent by [`Confinement::detect`]: cgroup v2 where the agent's cgroup is
 //! a writable subtree with the `memory` and `cpu` controllers (memory → `memory.max`, CPUs → `cpu.max`; a stop also
@@ -28,12 +30,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::process::{kill_process_group, prlimit, Pid, Resource, Rlimit, Signal};
+use rustix::process::{kill_process, kill_process_group, prlimit, Pid, Resource, Rlimit, Signal};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::place::AgentName;
+use crate::reaper::{Gate, Reaper};
 
 /// The largest output chunk (bytes): a chunk travels as one kecho event.
 pub const MAX_CHUNK: usize = 16 << 10;
@@ -48,27 +51,16 @@ const OUTPUT_QUEUE: usize = 64;
 /// The cgroup `cpu.max` period, microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// The gate every task starts behind, run as `/bin/sh -c GATE CMD ARGS...` with its standard input a pipe from the
-/// agent (the *lifeline*).
-///
-/// 1. `read` blocks until the agent has applied the limits from outside and writes one line: the task's cgroup
-///    directory, or an empty line. End of file instead (the agent gave up) exits 125 without running anything.
-/// 2. A watcher is started, detached (a double fork, so the task does not get an extra child to reap): it ignores
-///    the polite signals, reads the lifeline to its end, and then kills the task's cgroup (`cgroup.kill`) and its
-///    process group. The agent writes nothing more and keeps the pipe open until the task's leader has ended, so the
-///    watcher wakes only when the agent closes it after the task ended (the group is being killed anyway) or when the
-///    agent dies, even by SIGKILL: the kernel closes its end, and the task dies with its agent instead of running on
-///    with nobody owning it, outside any live reservation. The watcher is in the task's process group and cgroup,
-///    so the agent's own kill at the task's end takes it too.
-/// 3. The shell replaces itself with the command (same pid, same group, limits inherited), whose standard input is
-///    `/dev/null` and which does not see the lifeline.
-///
-/// This is the safe-Rust substitute for `PR_SET_PDEATHSIG` (which needs `pre_exec`, unsafe, and would reach only
-/// the leader, not its children, and fires when the spawning *thread* ends rather than the agent).
-pub const GATE: &str = "IFS= read -r cg || exit 125; exec 3<&0; \
-    ( ( trap '' HUP INT TERM PIPE; IFS= read -r _ <&3; \
-        if [ -n \"$cg\" ]; then echo 1 > \"$cg/cgroup.kill\"; fi; kill -s KILL 0 ) </dev/null >/dev/null 2>&1 & ); \
-    exec \"$0\" \"$@\" </dev/null 3<&-";
+/// How long the agent waits for a task's reaper to start and answer.
+const REAPER_ANSWER: Duration = Duration::from_secs(10);
+
+/// How long a stop waits for the reaper to kill the task's tree after the lifeline closed, before it kills the
+/// reaper and the task's group itself.
+const REAPER_KILL: Duration = Duration::from_secs(2);
+
+/// A readiness check starts behind this gate (`/bin/sh -c PROBE_GATE CMD`), so that it is in the task's cgroup or
+/// under its `RLIMIT_AS` before its first instruction.
+const PROBE_GATE: &str = "IFS= read -r _ || exit 125; exec /bin/sh -c \"$0\" </dev/null";
 
 /// A task's id, unique per submitter (the submitter's node id and a counter, say).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -367,13 +359,82 @@ impl fmt::Display for LimitReport {
     }
 }
 
-/// Where a command about a task runs (its readiness check): a directory and extra environment variables.
+/// Where a command about a task runs (its readiness check): a directory, extra environment variables, and the task's
+/// bounds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProbeEnv {
     /// The working directory (the task's own), or the caller's.
     pub dir: Option<PathBuf>,
     /// Environment variables on top of the caller's (the task's).
     pub env: Vec<(String, String)>,
+    /// The task's bounds, once it runs: the command joins them before its first instruction. `None`: unbounded (a
+    /// check run by the deployer on its own host).
+    pub bounds: Option<ProbeBounds>,
+}
+
+/// The bounds a task's readiness check runs within: the task's process group, its cgroup (so that its CPU and memory
+/// count against the reservation and a `cgroup.kill` takes it), or the task's `RLIMIT_AS` where rlimits apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeBounds {
+    /// The task's process group (its leader's pid): a stop's signals to the group reach the check too.
+    pub pgid: i32,
+    /// The task's cgroup, under cgroups.
+    pub cgroup: Option<PathBuf>,
+    /// `RLIMIT_AS` (bytes) where rlimits apply.
+    pub rlimit_as: Option<u64>,
+}
+
+impl ProbeEnv {
+    /// This environment within `task`'s bounds (its group, its cgroup or its rlimits); a task on another node has
+    /// none here.
+    pub fn within(mut self, task: &TaskControl) -> ProbeEnv {
+        self.bounds = task.probe_bounds();
+        self
+    }
+
+    /// Starts `/bin/sh -c CMD` here, its output discarded, killed when the returned child is dropped. With bounds it
+    /// starts behind a gate: it joins the task's process group at once, then the agent moves it into the task's
+    /// cgroup or sets its `RLIMIT_AS`, and only then does the command run.
+    pub async fn spawn(&self, cmd: &str) -> std::io::Result<tokio::process::Child> {
+        let mut command = tokio::process::Command::new("/bin/sh");
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let Some(b) = &self.bounds else {
+            return command.arg("-c").arg(cmd).stdin(Stdio::null()).spawn();
+        };
+        command.arg("-c").arg(PROBE_GATE).arg(cmd).stdin(Stdio::piped()).process_group(b.pgid);
+        let mut child = command.spawn()?;
+        let pid = child.id().and_then(|id| i32::try_from(id).ok()).and_then(Pid::from_raw);
+        let applied = match pid {
+            None => Err(std::io::Error::other("the readiness check exited before it could be bounded")),
+            Some(pid) => (|| -> std::io::Result<()> {
+                if let Some(dir) = &b.cgroup {
+                    std::fs::write(dir.join("cgroup.procs"), pid.as_raw_nonzero().get().to_string())?;
+                }
+                if let Some(mem) = b.rlimit_as {
+                    prlimit(Some(pid), Resource::As, Rlimit { current: Some(mem), maximum: Some(mem) })?;
+                }
+                Ok(())
+            })(),
+        };
+        let opened = match (applied, child.stdin.take()) {
+            (Ok(()), Some(mut gate)) => gate.write_all(b"\n").await.and(gate.flush().await),
+            (Ok(()), None) => Err(std::io::Error::other("no gate pipe")),
+            (Err(e), _) => Err(e),
+        };
+        if let Err(e) = opened {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+        Ok(child)
+    }
 }
 
 /// Runs tasks on this host.
@@ -382,6 +443,7 @@ pub struct Supervisor {
     agent: AgentName,
     state_dir: PathBuf,
     confinement: Confinement,
+    reaper: Reaper,
 }
 
 /// A running task: its output and its control.
@@ -401,11 +463,16 @@ pub struct TaskControl {
     inner: Arc<ControlInner>,
 }
 
+/// The write end of a reaper's lifeline: `term` lines, then closed to kill the task's tree.
+type Lifeline = Arc<Mutex<Option<tokio::process::ChildStdin>>>;
+
 #[derive(Debug)]
 struct ControlInner {
     id: TaskId,
-    /// `None` for a task on another node.
+    /// The command's pid (its process group id); `None` for a task on another node.
     pid: Option<Pid>,
+    /// The task's reaper, its lifeline, and the `RLIMIT_AS` it applied; `None` for a task on another node.
+    reaper: Option<(Pid, Lifeline, Option<u64>)>,
     state_path: PathBuf,
     cgroup: Option<PathBuf>,
     exit: watch::Receiver<Option<TaskExit>>,
@@ -414,9 +481,16 @@ struct ControlInner {
 }
 
 impl Supervisor {
-    /// A supervisor for agent `agent`, keeping task state under `state_dir`, confining tasks as `confinement` says.
+    /// A supervisor for agent `agent`, keeping task state under `state_dir`, confining tasks as `confinement` says,
+    /// starting each under the default [`Reaper`] ([`Reaper::locate`]).
     pub fn new(agent: AgentName, state_dir: impl Into<PathBuf>, confinement: Confinement) -> Supervisor {
-        Supervisor { agent, state_dir: state_dir.into(), confinement }
+        Supervisor { agent, state_dir: state_dir.into(), confinement, reaper: Reaper::locate() }
+    }
+
+    /// Starts each task under `reaper`.
+    pub fn with_reaper(mut self, reaper: Reaper) -> Supervisor {
+        self.reaper = reaper;
+        self
     }
 
     /// How tasks are confined here.
@@ -429,20 +503,21 @@ impl Supervisor {
         self.state_dir.join(&id.0).join("state")
     }
 
-    /// Where a command about task `spec` runs (its readiness check): the task's directory and environment.
+    /// Where a command about task `spec` runs (its readiness check): the task's directory and environment; add the
+    /// task's bounds with [`ProbeEnv::within`] once it runs.
     pub fn probe_env(&self, spec: &TaskSpec) -> ProbeEnv {
         let state_path = self.state_path(&spec.id);
         let mut env: Vec<(String, String)> = spec.env.iter().chain(&spec.kecho_env).cloned().collect();
         env.push(("KECHO_AGENT".into(), self.agent.0.clone()));
         env.push(("KECHO_TASK".into(), spec.id.0.clone()));
         env.push(("KECHO_STATE".into(), state_path.display().to_string()));
-        ProbeEnv { dir: state_path.parent().map(Path::to_path_buf), env }
+        ProbeEnv { dir: state_path.parent().map(Path::to_path_buf), env, bounds: None }
     }
 
-    /// Starts a task. Must be called within a tokio runtime.
+    /// Starts a task under its reaper ([`crate::reaper`]). Must be called within a tokio runtime.
     ///
-    /// When the command (the group's leader) ends, whatever it left running in its process group or cgroup is
-    /// killed: nothing outlives a task and its reservation (as systemd's default for a service's control group).
+    /// When the command (the group's leader) ends, whatever it started is killed, even what left its process group:
+    /// nothing outlives a task and its reservation (as systemd's default for a service's control group).
     pub async fn spawn(&self, spec: TaskSpec) -> Result<Task, TaskError> {
         validate(&spec)?;
         let state_path = self.state_path(&spec.id);
@@ -459,59 +534,84 @@ impl Supervisor {
         }
         .map_err(|source| TaskError::Io { path: state_path.clone(), source })?;
 
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(GATE)
+        let (program, arg) = self.reaper.command();
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.arg(arg)
+            .arg("--")
             .args(&spec.argv)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .envs(spec.kecho_env.iter().map(|(k, v)| (k, v)))
             .env("KECHO_AGENT", &self.agent.0)
             .env("KECHO_TASK", &spec.id.0)
             .env("KECHO_STATE", &state_path)
+            .env_remove(crate::reaper::ENV)
             .current_dir(&task_dir)
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(TaskError::Spawn)?;
+        let mut child = cmd.spawn().map_err(|e| {
+            TaskError::Spawn(std::io::Error::new(e.kind(), format!("the task reaper {}: {e}", program.display())))
+        })?;
         let raw = child.id().and_then(|id| i32::try_from(id).ok()).and_then(Pid::from_raw);
-        let Some(pid) = raw else {
-            return Err(TaskError::Spawn(std::io::Error::other("the child exited before it could be confined")));
+        let Some(reaper) = raw else {
+            return Err(TaskError::Spawn(std::io::Error::other("the task reaper exited at once")));
         };
-        let confined = self.confine(&spec, pid);
-        let mut gate = child.stdin.take();
-        let limits = match confined {
-            Ok(report) => report,
+        let mut lifeline = child.stdin.take();
+        let mut stdout = child.stdout.take();
+        let started = async {
+            let (limits, gate) = self.confine(&spec, reaper)?;
+            let mut line = serde_json::to_string(&gate).map_err(|e| TaskError::Spawn(std::io::Error::other(e)))?;
+            line.push('\n');
+            if let Some(pipe) = lifeline.as_mut() {
+                // A reaper that failed already has said why on its output: read that rather than the write error.
+                let _ = pipe.write_all(line.as_bytes()).await;
+                let _ = pipe.flush().await;
+            }
+            let answer = match stdout.as_mut() {
+                Some(out) => tokio::time::timeout(REAPER_ANSWER, read_answer(out)).await,
+                None => Ok(String::new()),
+            };
+            let leader = match answer.as_deref().map(|a| a.strip_prefix(crate::reaper::HELLO).map(str::trim)) {
+                Ok(Some(a)) => match a.split_once(' ').unwrap_or((a, "")) {
+                    ("ok", pid) => pid.parse().ok().and_then(Pid::from_raw).ok_or_else(|| {
+                        TaskError::Spawn(std::io::Error::other(format!("the task reaper said {a:?}")))
+                    })?,
+                    ("limits", why) => return Err(TaskError::Limits(why.to_owned())),
+                    (_, why) => return Err(TaskError::Spawn(std::io::Error::other(why.to_owned()))),
+                },
+                Ok(None) => {
+                    return Err(TaskError::Spawn(std::io::Error::other(format!(
+                        "{} is not a kecho task reaper (it answered {:?}; it must call kecho_exec::reaper::\
+                         serve_if_invoked first in main, or set {})",
+                        program.display(),
+                        answer.as_deref().unwrap_or(""),
+                        crate::reaper::ENV
+                    ))))
+                }
+                Err(_) => {
+                    return Err(TaskError::Spawn(std::io::Error::other(format!(
+                        "the task reaper {} did not answer within {REAPER_ANSWER:?}",
+                        program.display()
+                    ))))
+                }
+            };
+            Ok::<_, TaskError>((limits, gate, leader))
+        };
+        let (limits, gate, pid) = match started.await {
+            Ok(v) => v,
             Err(e) => {
-                // The gate stays shut: kill the shell before it runs anything.
-                let _ = kill_process_group(pid, Signal::KILL);
+                // Nothing of the task has run: the reaper opens the gate only after its answer.
+                let _ = kill_process(reaper, Signal::KILL);
                 let _ = child.wait().await;
                 return Err(e);
             }
         };
-        // The gate line names the task's cgroup (empty without one) for the lifeline watcher; the pipe then stays
-        // open as the lifeline until the task has ended (see [`GATE`]).
-        let line = match &limits.cgroup {
-            Some(dir) => match dir.to_str() {
-                Some(d) if !d.contains('\n') => format!("{d}\n"),
-                _ => "\n".to_string(),
-            },
-            None => "\n".to_string(),
-        };
-        let opened = match gate.as_mut() {
-            Some(stdin) => stdin.write_all(line.as_bytes()).await.and(stdin.flush().await),
-            None => Err(std::io::Error::other("no gate pipe")),
-        };
-        if let Err(e) = opened {
-            let _ = kill_process_group(pid, Signal::KILL);
-            let _ = child.wait().await;
-            return Err(TaskError::Spawn(e));
-        }
 
         let (tx, output) = mpsc::channel(OUTPUT_QUEUE);
         let order = Arc::new(Mutex::new((0u64, tx)));
-        if let Some(out) = child.stdout.take() {
+        if let Some(out) = stdout {
             tokio::spawn(pump(out, Stream::Stdout, order.clone()));
         }
         if let Some(err) = child.stderr.take() {
@@ -521,9 +621,10 @@ impl Supervisor {
         let cgroup = limits.cgroup.clone();
         let id = spec.id.clone();
         let cleanup = cgroup.clone();
+        let lifeline: Lifeline = Arc::new(Mutex::new(lifeline));
+        let held = lifeline.clone();
         tokio::spawn(async move {
-            // The lifeline: held open while the leader runs, closed by the kernel if this process dies first.
-            let lifeline = gate;
+            // The reaper exits as the command did, once it has killed and reaped everything the command left.
             let exit = match child.wait().await {
                 Ok(status) => TaskExit::from_status(status),
                 Err(e) => {
@@ -531,14 +632,11 @@ impl Supervisor {
                     TaskExit { code: 255, signal: None }
                 }
             };
-            // A task ends with its leader: whatever it left running in its group (or cgroup) is killed now, while the
-            // group id cannot have been reused (it was reaped a moment ago), and before the end is published, so
-            // nothing outlives the task and its reservation.
-            let _ = kill_process_group(pid, Signal::KILL);
+            // Whatever else is in the task's cgroup (a readiness check's children) goes too.
             if let Some(dir) = &cleanup {
                 let _ = std::fs::write(dir.join("cgroup.kill"), "1");
             }
-            drop(lifeline);
+            drop(held.lock().await.take());
             let _ = exit_tx.send(Some(exit));
             if let Some(dir) = cleanup {
                 // Succeeds once the killed processes are gone; a leftover empty directory is harmless.
@@ -551,18 +649,28 @@ impl Supervisor {
             }
         });
         tracing::info!(task = %spec.id, pid = pid.as_raw_nonzero().get(), %limits, "task started");
-        let inner = ControlInner { id: spec.id, pid: Some(pid), state_path, cgroup, exit, remote_stop: None };
+        let inner = ControlInner {
+            id: spec.id,
+            pid: Some(pid),
+            reaper: Some((reaper, lifeline, gate.rlimit_as)),
+            state_path,
+            cgroup,
+            exit,
+            remote_stop: None,
+        };
         Ok(Task { output, control: TaskControl { inner: Arc::new(inner) }, limits })
     }
 
-    /// Applies the spec's limits to the gated child `pid`.
-    fn confine(&self, spec: &TaskSpec, pid: Pid) -> Result<LimitReport, TaskError> {
+    /// Applies the spec's limits to the waiting reaper `pid` (under cgroups: moves it into the task's cgroup), and
+    /// says what the reaper applies to the command (`RLIMIT_AS`).
+    fn confine(&self, spec: &TaskSpec, pid: Pid) -> Result<(LimitReport, Gate), TaskError> {
         let Limits { cpus, mem } = spec.limits;
         let mut report =
             LimitReport { mechanism: String::new(), cgroup: None, applied: Vec::new(), not_enforced: Vec::new() };
+        let mut gate = Gate::default();
         if cpus.is_none() && mem.is_none() {
             report.mechanism = "none".into();
-            return Ok(report);
+            return Ok((report, Gate::default()));
         }
         match &self.confinement {
             Confinement::Cgroup(tree) => {
@@ -599,9 +707,8 @@ impl Supervisor {
             Confinement::Rlimits { reason } => {
                 report.mechanism = "rlimit".into();
                 if let Some(mem) = mem {
-                    let limit = Rlimit { current: Some(mem), maximum: Some(mem) };
-                    prlimit(Some(pid), Resource::As, limit)
-                        .map_err(|e| TaskError::Limits(format!("RLIMIT_AS={mem}: {e}")))?;
+                    // The reaper applies it to the command (and fails the start if it cannot).
+                    gate.rlimit_as = Some(mem);
                     report.applied.push(format!("RLIMIT_AS={mem}"));
                 }
                 if let Some(cpus) = cpus {
@@ -609,7 +716,8 @@ impl Supervisor {
                 }
             }
         }
-        Ok(report)
+        gate.cgroup = report.cgroup.clone();
+        Ok((report, gate))
     }
 }
 
@@ -649,6 +757,19 @@ fn sanitize(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
+/// Reads the reaper's one-line answer (at most 4 KiB) from the task's output pipe, byte by byte so that nothing of
+/// the task's own output is taken with it.
+async fn read_answer(out: &mut tokio::process::ChildStdout) -> String {
+    let mut line = Vec::new();
+    while line.len() < 4096 {
+        match out.read_u8().await {
+            Ok(b'\n') | Err(_) => break,
+            Ok(b) => line.push(b),
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
 /// Reads one pipe into chunks; the sequence number is taken and the chunk queued under one lock, so sequence order is
 /// queue order across both streams.
 async fn pump(mut pipe: impl AsyncRead + Unpin, stream: Stream, order: Arc<Mutex<(u64, mpsc::Sender<OutputChunk>)>>) {
@@ -680,6 +801,7 @@ impl TaskControl {
             inner: Arc::new(ControlInner {
                 id,
                 pid: None,
+                reaper: None,
                 state_path: PathBuf::new(),
                 cgroup: None,
                 exit,
@@ -698,9 +820,23 @@ impl TaskControl {
         self.inner.pid.map_or(0, |p| p.as_raw_nonzero().get())
     }
 
+    /// The pid of the task's reaper (the parent of the command and of every orphan of the task); 0 for a task on
+    /// another node.
+    pub fn reaper_pid(&self) -> i32 {
+        self.inner.reaper.as_ref().map_or(0, |(p, _, _)| p.as_raw_nonzero().get())
+    }
+
     /// The task's cgroup directory, if it has one.
     pub fn cgroup(&self) -> Option<&Path> {
         self.inner.cgroup.as_deref()
+    }
+
+    /// The bounds a readiness check of this task runs within (see [`ProbeEnv::within`]); `None` for a task on
+    /// another node.
+    pub fn probe_bounds(&self) -> Option<ProbeBounds> {
+        let pid = self.inner.pid?;
+        let (_, _, rlimit_as) = self.inner.reaper.as_ref()?;
+        Some(ProbeBounds { pgid: pid.as_raw_nonzero().get(), cgroup: self.inner.cgroup.clone(), rlimit_as: *rlimit_as })
     }
 
     /// How the task ended, if it has.
@@ -719,26 +855,38 @@ impl TaskControl {
         }
     }
 
-    /// Stops the task and its children: SIGTERM to its process group, then, if the task has not ended within
-    /// `grace`, SIGKILL to the group (and `cgroup.kill` under cgroups). When the task's leader ends, whatever is left
-    /// of its group is killed (see [`Supervisor::spawn`]), so a child that ignores SIGTERM does not outlive the stop.
-    /// A task that has already ended is not signalled: its group id may belong to someone else by now. Returns how
-    /// the task ended.
+    /// Stops the task and everything it started: SIGTERM to its process group and, through its reaper, to its
+    /// descendants that left the group; then, if the task has not ended within `grace`, the reaper's lifeline is
+    /// closed and the reaper kills the whole tree with SIGKILL (should the reaper not be done within 2 s, the agent
+    /// kills it and the group itself, and writes `cgroup.kill` under cgroups). When the task's leader ends, whatever
+    /// is left of the task is killed (see [`Supervisor::spawn`]), so a child that ignores SIGTERM does not outlive the
+    /// stop. A task that has already ended is not signalled: its group id may belong to someone else by now. Returns
+    /// how the task ended.
     pub async fn stop(&self, grace: Duration) -> TaskExit {
         if self.exit_now().is_some() {
             return self.wait().await;
         }
-        let Some(pid) = self.inner.pid else {
+        let (Some(pid), Some((reaper, lifeline, _))) = (self.inner.pid, &self.inner.reaper) else {
             if let Some(tx) = &self.inner.remote_stop {
                 let _ = tx.send(grace);
             }
             return self.wait().await;
         };
         let _ = kill_process_group(pid, Signal::TERM);
+        if let Some(pipe) = lifeline.lock().await.as_mut() {
+            let line = format!("{}\n", crate::reaper::TERM_LINE);
+            let _ = pipe.write_all(line.as_bytes()).await;
+            let _ = pipe.flush().await;
+        }
         if tokio::time::timeout(grace, self.wait()).await.is_err() {
-            let _ = kill_process_group(pid, Signal::KILL);
-            if let Some(dir) = &self.inner.cgroup {
-                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            drop(lifeline.lock().await.take());
+            if tokio::time::timeout(REAPER_KILL, self.wait()).await.is_err() {
+                tracing::warn!(task = %self.inner.id, "the task's reaper did not end it: killing its group");
+                let _ = kill_process(*reaper, Signal::KILL);
+                let _ = kill_process_group(pid, Signal::KILL);
+                if let Some(dir) = &self.inner.cgroup {
+                    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+                }
             }
         }
         self.wait().await

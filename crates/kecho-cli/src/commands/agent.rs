@@ -80,6 +80,11 @@ pub async fn run(a: Args) -> Result<()> {
     }
     let mut cfg = AgentConfig::new(a.name.clone().unwrap_or_else(host_name));
     cfg.attrs = attrs::parse_all(&a.attrs)?;
+    if a.exec.allows() {
+        // Submitters place tasks only on agents that run them (`exec == true`).
+        let set = std::mem::take(&mut cfg.attrs);
+        cfg.attrs = set.with(kecho_exec::resplace::EXEC_ATTR, true);
+    }
     cfg.cpus = a.cpus;
     cfg.mem = a.mem.as_deref().map(parse_size).transpose().context("--mem")?;
     let mut res = Amounts::new();

@@ -67,7 +67,11 @@ pub async fn run(a: Args) -> Result<()> {
     let exec = node.channel(CHANNEL).await?;
     let sub = Submitter::on(&exec, owner_id(&name))?.with_credential(credential);
     sub.wait_for_agents(wait).await;
-    let placer = std::sync::Arc::new(ResourcePlacer::new(requester, heartbeat * 3).hosts(host_lookup(&exec)));
+    let placer = std::sync::Arc::new(
+        ResourcePlacer::new(requester, heartbeat * 3)
+            .hosts(host_lookup(&exec))
+            .also_require(format!("{} == true", kecho_exec::resplace::EXEC_ATTR)),
+    );
     let (launcher, mut undeploy) = RemoteLauncher::start(sub, heartbeat);
     let started = std::time::Instant::now();
     let mut running =

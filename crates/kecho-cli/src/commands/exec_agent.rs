@@ -29,6 +29,13 @@ pub struct ExecArgs {
     audit: Option<PathBuf>,
 }
 
+impl ExecArgs {
+    /// Whether this agent executes tasks (`--allow-exec`).
+    pub fn allows(&self) -> bool {
+        self.allow_exec
+    }
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum AgentAction {
     /// Drain agent NAME: its owner reclaims the node. Its tasks are checkpointed and stopped; those submitted with

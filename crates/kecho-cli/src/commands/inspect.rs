@@ -41,11 +41,26 @@ pub struct Args {
 
 #[derive(clap::Args, Debug)]
 pub struct ConfigureArgs {
-    /// The component to load onto every node (kept in each node's repository store under its SHA-256).
-    #[arg(long, value_name = "FILE")]
+    /// The component to load onto every node (kept in each node's repository store under its SHA-256): a file, or
+    /// an artifact of this node's repository by its digest (`sha256:HEX`, as `kecho repo put` printed it; verified
+    /// before it is sent).
+    #[arg(long, value_name = "FILE|sha256:HEX")]
     load: std::path::PathBuf,
     #[command(flatten)]
+    repo: crate::commands::repo::Dir,
+    #[command(flatten)]
     common: Args,
+}
+
+/// The bytes `--load` names: a file, else a repository artifact by digest.
+fn load_bytes(a: &ConfigureArgs) -> Result<Vec<u8>> {
+    let text = a.load.to_string_lossy();
+    if a.load.exists() || !text.starts_with("sha256:") {
+        return std::fs::read(&a.load).with_context(|| format!("--load {}", a.load.display()));
+    }
+    let digest: kecho_exec::repo::Digest = text.parse().map_err(|e| anyhow::anyhow!("--load {text}: {e}"))?;
+    let store = a.repo.open()?;
+    store.get(&digest).with_context(|| format!("--load {digest} from the repository {}", store.dir().display()))
 }
 
 async fn inspector(a: &Args) -> Result<(kecho::Node, Inspector, usize, Duration)> {
@@ -149,7 +164,7 @@ pub async fn run(a: Args) -> Result<()> {
 }
 
 pub async fn configure(a: ConfigureArgs) -> Result<()> {
-    let bytes = std::fs::read(&a.load).with_context(|| format!("--load {}", a.load.display()))?;
+    let bytes = load_bytes(&a)?;
     let (node, mut insp, expect, wait) = inspector(&a.common).await?;
     let started = std::time::Instant::now();
     let got = insp.configure(&bytes, expect, wait).await;

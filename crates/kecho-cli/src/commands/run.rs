@@ -152,11 +152,13 @@ pub async fn run(a: Args) -> Result<()> {
     if let Some(r) = &a.rank {
         kecho_resources::Rank::compile(r)?;
     }
+    let mem = a.mem.as_deref().map(parse_size).transpose().context("--mem")?;
     let spec = ReservationSpec {
         require: a.requirement.clone(),
         rank: a.rank.clone(),
-        cpus: a.cpus,
-        mem: a.mem.as_deref().map(parse_size).transpose().context("--mem")?,
+        // The default reservation (one core) is the task's limit too, so that what applied is said of it.
+        cpus: a.cpus.or(if mem.is_none() { Some(1.0) } else { None }),
+        mem,
     };
     let checkpoint_every_ms =
         a.checkpoint_every.map(|s| positive("checkpoint-every", s).map(|d| d.as_millis() as u64)).transpose()?;
@@ -176,7 +178,10 @@ pub async fn run(a: Args) -> Result<()> {
         bail!("no agent on channel {} within {} s", kecho_resources::wire::CHANNEL, a.wait);
     }
     // A lease three heartbeats long, renewed at a third of it: a dead submitter's reservation ends soon after.
-    let placer = std::sync::Arc::new(ResourcePlacer::new(requester, opts.heartbeat_timeout * 3));
+    let placer = std::sync::Arc::new(
+        ResourcePlacer::new(requester, opts.heartbeat_timeout * 3)
+            .also_require(format!("{} == true", kecho_exec::resplace::EXEC_ATTR)),
+    );
     let exec = node.channel(CHANNEL).await?;
     let host = host_name();
     let mut interrupt_txs = Vec::new();
