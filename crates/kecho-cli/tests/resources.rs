@@ -344,3 +344,27 @@ fn reserve_on_a_protected_channel_takes_access_flags_and_a_requirement() -> Resu
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn an_agent_started_before_its_registry_waits_for_it() -> Result<()> {
+    // An init system may start the agent first: it says it is waiting and joins once the registry listens.
+    let addr = free_port()?;
+    let mut agent =
+        Proc::spawn("agent", &["agent", "--name", "early", "--no-measure", "--cpus", "1", "--registry", &addr])?;
+    // The first failure to reach the registry is reported, not fatal.
+    let line = agent.wait_line(false, "cannot be reached")?;
+    assert!(line.contains("trying again"), "{line}");
+    assert!(agent.child.try_wait()?.is_none(), "the agent exited instead of waiting for its registry");
+    let _reg = Proc::spawn("registry", &["registry", "--listen", &addr])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = run(&["resources", "--registry", &addr])?;
+        if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("early ")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never joined once the registry listened: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -105,7 +105,10 @@ pub async fn run(a: Args) -> Result<()> {
     let mut registry = crate::observe::prometheus_client_registry::Registry::default();
     let _latency = a.metrics.metrics.is_some().then(|| kecho_metrics::register_node(&mut registry, &node));
     let _metrics = a.metrics.serve(registry).await?;
-    let ch = node.channel(&a.channel).await?;
+    let Some(ch) = open_waiting_for_the_registry(&node, &a.channel).await? else {
+        node.shutdown().await;
+        return Ok(());
+    };
     let agent = Agent::start_on(&ch, cfg).await?;
     let offered = agent.with_ledger(|l| l.capacity().to_string());
     eprintln!("kecho: agent {} offering {offered} on {:?}", agent.name(), a.channel);
@@ -117,6 +120,42 @@ pub async fn run(a: Args) -> Result<()> {
     agent.stop().await;
     node.shutdown().await;
     Ok(())
+}
+
+/// Opens the agents' channel; while the registry cannot be reached (an agent started by its init system before the
+/// registry, or a registry restarting), says so and tries again, backing off from 0.5 s to 5 s, until it opens or the
+/// agent is stopped (`None`). Any other failure is returned at once.
+async fn open_waiting_for_the_registry(node: &kecho::Node, channel: &str) -> Result<Option<kecho::Channel>> {
+    let mut pause = std::time::Duration::from_millis(500);
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        match node.channel(channel).await {
+            Ok(ch) => return Ok(Some(ch)),
+            Err(e) if registry_unreachable(&e) => {
+                eprintln!("kecho: the registry cannot be reached ({e}); trying again in {:.1} s", pause.as_secs_f64());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = &mut stop => return Ok(None),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// Whether opening a channel failed only because no registry answered (as opposed to a refusal, bad credentials or
+/// a bad name, which waiting does not mend).
+fn registry_unreachable(e: &kecho::Error) -> bool {
+    use kecho_proto::membership::RegistryFailure;
+    match e {
+        kecho::Error::RegistryFailed(RegistryFailure::Unreachable(_)) => true,
+        kecho::Error::Registry(r) => {
+            matches!(r, kecho::RegistryError::Unreachable { .. } | kecho::RegistryError::Timeout { .. })
+        }
+        _ => false,
+    }
 }
 
 /// Ctrl-C or SIGTERM.
