@@ -78,7 +78,7 @@ impl Mode {
             .registry(registry)
             .low_latency(Duration::from_micros(self.low_latency_us))
             .same_host(self.link != Link::Tcp)
-            .shared_memory((self.link == Link::Shm).then_some(1 << 20))
+            .shared_memory((self.link == Link::Shm).then_some(256 << 10))
     }
 }
 

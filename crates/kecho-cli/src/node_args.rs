@@ -66,7 +66,7 @@ pub struct NodeArgs {
     pub same_host: bool,
     /// KiB of each shared-memory ring of the same-host links this node dials (per direction); 0 carries their bytes
     /// over the Unix-domain socket itself.
-    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    #[arg(long, value_name = "KIB", default_value_t = 256)]
     pub same_host_ring_kib: usize,
     /// Low-latency receive mode: a link's reader polls its socket for up to this many microseconds after it found
     /// it empty before it sleeps (events are taken without a thread's wake-up; costs up to one core while it

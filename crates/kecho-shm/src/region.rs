@@ -408,6 +408,11 @@ impl Consumer {
     pub fn consumed(&self) -> u64 {
         self.tail
     }
+
+    /// Bytes the ring holds.
+    pub fn capacity(&self) -> usize {
+        self.ring.cap
+    }
 }
 
 #[cfg(test)]

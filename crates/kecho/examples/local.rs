@@ -5,7 +5,9 @@
 //! mode; with each process's CPU per message. Then 100 B events 1->1 as fast as the source submits them over the
 //! three, in alternated rounds, and the transports alone (100 B writes through a shared-memory ring and through a
 //! Unix socket, no kecho above them), as the bound a transport puts on the rate.
-//! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]`
+//! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]
+//! [links]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1 same-host socket,
+//! 2 shared memory, 3 and 4 the transports alone; default all), e.g. to profile one of them.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -89,6 +91,8 @@ fn main() -> Result<()> {
     let n: u64 = argv.first().and_then(|a| a.parse().ok()).unwrap_or(5000);
     let budget: u64 = argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
     let events: u64 = argv.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
+    let links: String = argv.get(3).cloned().unwrap_or_else(|| "01234".into());
+    let runs = |i: u8| links.contains(char::from(b'0' + i));
     let rt = runtime()?;
     let registry = rt.block_on(async {
         let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -105,7 +109,7 @@ fn main() -> Result<()> {
             .collect();
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut cpus = vec![(0.0, 0.0); names.len()];
-    for round in 0..ROUNDS {
+    for round in 0..if n > 0 { ROUNDS } else { 0 } {
         let (l, c) = floor(n)?;
         lat[0].extend(l);
         cpus[0].0 += c.0;
@@ -118,6 +122,43 @@ fn main() -> Result<()> {
             cpus[i + 1].1 += c.1;
         }
     }
+    if n > 0 {
+        latency_table(n, &names, &mut lat, &cpus);
+    }
+    println!();
+    println!("| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds |");
+    println!("|---|---|---|");
+    let mut rates = vec![Vec::new(); 5];
+    for _ in 0..ROUNDS {
+        for sh in (0..3u8).filter(|&i| runs(i)) {
+            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
+            rates[sh as usize].push(r);
+        }
+        for (i, shm) in [(3, true), (4, false)] {
+            if runs(i) {
+                rates[i as usize].push(raw(shm, events * 4)?);
+            }
+        }
+    }
+    let names = [
+        "kecho TCP".to_owned(),
+        format!("kecho {}", link_name(1)),
+        format!("kecho {}", link_name(2)),
+        "transport alone: shared-memory ring, 100 B writes".to_owned(),
+        "transport alone: Unix socket, 100 B blocking writes".to_owned(),
+    ];
+    for (name, mut r) in names.iter().zip(rates) {
+        if r.is_empty() {
+            continue;
+        }
+        r.sort_by(f64::total_cmp);
+        let all: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        println!("| {name} | {:.2} | {} |", r[r.len() / 2] / 1e6, all.join(", "));
+    }
+    Ok(())
+}
+
+fn latency_table(n: u64, names: &[String], lat: &mut [Vec<f64>], cpus: &[(f64, f64)]) {
     let total = (n * ROUNDS as u64) as f64;
     let pct = |v: &mut Vec<f64>, p: f64| {
         v.sort_by(f64::total_cmp);
@@ -135,32 +176,6 @@ fn main() -> Result<()> {
             cpus[i].1 / total * 1e6
         );
     }
-    println!();
-    println!("| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds |");
-    println!("|---|---|---|");
-    let mut rates = vec![Vec::new(); 5];
-    for _ in 0..ROUNDS {
-        for sh in 0..3u8 {
-            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
-            rates[sh as usize].push(r);
-        }
-        for (i, shm) in [(3, true), (4, false)] {
-            rates[i].push(raw(shm, events * 4)?);
-        }
-    }
-    let names = [
-        "kecho TCP".to_owned(),
-        format!("kecho {}", link_name(1)),
-        format!("kecho {}", link_name(2)),
-        "transport alone: shared-memory ring, 100 B writes".to_owned(),
-        "transport alone: Unix socket, 100 B blocking writes".to_owned(),
-    ];
-    for (name, mut r) in names.iter().zip(rates) {
-        r.sort_by(f64::total_cmp);
-        let all: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
-        println!("| {name} | {:.2} | {} |", r[r.len() / 2] / 1e6, all.join(", "));
-    }
-    Ok(())
 }
 
 /// Blocking ping-pong with a child: latencies (us) and CPU seconds (parent, child).

@@ -43,7 +43,7 @@ pub(crate) struct NodeConfig {
     /// Links to nodes of this host go over Unix-domain sockets (`link/local.rs`). Default off.
     pub(crate) same_host: bool,
     /// Same-host links this node dials carry their bytes through shared-memory rings of this many bytes per
-    /// direction (the socket then carries wake-ups only); `None`: through the socket. Default 1 MiB.
+    /// direction (the socket then carries wake-ups only); `None`: through the socket. Default 256 KiB.
     pub(crate) shared_memory: Option<usize>,
     /// This node's same-host endpoint (`unix://HOST/PATH`), set when the node starts with `same_host`.
     pub(crate) local_endpoint: Option<String>,

@@ -182,7 +182,7 @@ impl NodeBuilder {
     /// The shared-memory rings of the same-host links this node dials ([`NodeBuilder::same_host`]): `Some(bytes)`
     /// per direction (rounded up to a power of two, 4 KiB to 1 GiB), which with the link's queue bounds what waits
     /// for a peer; `None` carries the bytes over the Unix-domain socket itself. A node accepts either. Default
-    /// `Some(1 MiB)`.
+    /// `Some(256 KiB)`.
     pub fn shared_memory(mut self, ring_bytes: Option<usize>) -> Self {
         self.cfg.shared_memory = ring_bytes;
         self

@@ -21,7 +21,7 @@ struct Mode {
     low_latency: Duration,
 }
 
-const SAME_HOST: Mode = Mode { same_host: true, ring: Some(1 << 20), low_latency: Duration::ZERO };
+const SAME_HOST: Mode = Mode { same_host: true, ring: Some(kecho_shm::DEFAULT_RING), low_latency: Duration::ZERO };
 const SOCKET: Mode = Mode { same_host: true, ring: None, low_latency: Duration::ZERO };
 const TCP: Mode = Mode { same_host: false, ring: None, low_latency: Duration::ZERO };
 
