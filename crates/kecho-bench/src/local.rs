@@ -331,30 +331,34 @@ pub fn kecho_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u
     let mode = Mode::parse(ll, sh)?;
     let rt = runtime()?;
     let channel = channel.to_owned();
-    let cpu = rt.block_on(tokio::spawn(async move {
-        let node = mode.builder(registry).start().await?;
-        let ping = node.open_channel(&format!("{channel}.ping")).await?;
-        let pong = node.open_channel(&format!("{channel}.pong")).await?;
-        let mut sink = ping.sink(SinkOptions::new().capacity(1024).overflow(Overflow::Block))?;
-        let mut src = pong.source()?;
-        println!("ready");
-        std::io::stdout().flush()?;
-        pong.wait_for_sinks(1, Duration::from_secs(10)).await?;
-        let attrs = Attrs::new();
-        let cpu0 = process_cpu_ns();
-        for _ in 0..n {
-            let ev = match tokio::time::timeout(Duration::from_secs(10), sink.recv()).await {
-                Ok(Ok(ev)) => ev,
-                Ok(Err(e)) => bail!("ping sink: {e}"),
-                Err(_) => bail!("no ping within 10 s"),
-            };
-            src.submit("e", &attrs, ev.payload()).await?;
-        }
-        let cpu = process_cpu_ns() - cpu0;
-        drop((src, sink));
-        node.shutdown().await;
-        Ok::<_, anyhow::Error>(cpu)
-    }))??;
+    // Spawned inside the runtime (`tokio::spawn` outside `block_on` panics: no reactor), on a worker thread.
+    let cpu = rt.block_on(async move {
+        tokio::spawn(async move {
+            let node = mode.builder(registry).start().await?;
+            let ping = node.open_channel(&format!("{channel}.ping")).await?;
+            let pong = node.open_channel(&format!("{channel}.pong")).await?;
+            let mut sink = ping.sink(SinkOptions::new().capacity(1024).overflow(Overflow::Block))?;
+            let mut src = pong.source()?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            pong.wait_for_sinks(1, Duration::from_secs(10)).await?;
+            let attrs = Attrs::new();
+            let cpu0 = process_cpu_ns();
+            for _ in 0..n {
+                let ev = match tokio::time::timeout(Duration::from_secs(10), sink.recv()).await {
+                    Ok(Ok(ev)) => ev,
+                    Ok(Err(e)) => bail!("ping sink: {e}"),
+                    Err(_) => bail!("no ping within 10 s"),
+                };
+                src.submit("e", &attrs, ev.payload()).await?;
+            }
+            let cpu = process_cpu_ns() - cpu0;
+            drop((src, sink));
+            node.shutdown().await;
+            Ok::<_, anyhow::Error>(cpu)
+        })
+        .await
+    })??;
     println!("cpu {cpu}");
     Ok(())
 }
