@@ -20,9 +20,9 @@ use tokio::net::UnixStream;
 use crate::region::{Consumer, Producer, Region, Side, VERSION};
 use crate::ShmError;
 
-/// The default size of each ring: about a Unix socket's default send buffer. Rings of 1 MiB made a 1->1 stream of
-/// 100 B events about half as fast (1.1 against 2.3-2.8 M events/s, measured alternated with 128 and 256 KiB rings):
-/// the bytes in flight no longer stay in the caches between the writer's copy in and the reader's copy out.
+/// The default size of each ring: about a Unix socket's default send buffer. Rings of 64 KiB to 1 MiB gave a 1->1
+/// stream of 100 B events the same rate within noise (2.35-2.65 M events/s, BENCHMARKS.md); the smaller ring keeps
+/// less memory per link and less in flight ahead of an urgent frame.
 pub const DEFAULT_RING: usize = 256 << 10;
 
 /// The first four bytes of a set-up message. A kecho frame cannot start so (its length would be over 1 GB).
@@ -291,10 +291,10 @@ impl ShmReader {
 
     /// Takes what the ring holds into `buf`; wakes the writer if it waits for room and half the ring is free.
     ///
-    /// Waking the writer as soon as any room is free made it write a little, sleep and be woken again for every
-    /// read (a wake-up of the other process each time): a 1->1 stream ran at half the rate of the same link over the
-    /// Unix socket, whose kernel wakes a writer only once half its buffer is free. This reader reads on until the
-    /// ring is empty before it sleeps, so a writer that waits is woken at the latest then.
+    /// Waking the writer as soon as any room is free would make it write a little, sleep and be woken again for
+    /// every read (a wake-up of the other process each time); a socket's kernel too wakes a writer only once enough
+    /// of its buffer is free. This reader reads on until the ring is empty before it sleeps, so a writer that waits
+    /// is woken at the latest then.
     fn take(&mut self, buf: &mut ReadBuf<'_>) -> std::io::Result<usize> {
         let n = self.consumer.read_buf(buf).map_err(corrupt)?;
         if n > 0

@@ -6,8 +6,9 @@
 //! three, in alternated rounds, and the transports alone (100 B writes through a shared-memory ring and through a
 //! Unix socket, no kecho above them), as the bound a transport puts on the rate.
 //! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]
-//! [links]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1 same-host socket,
-//! 2 shared memory, 3 and 4 the transports alone; default all), e.g. to profile one of them.
+//! [links] [ring KiB]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1 same-host
+//! socket, 2 shared memory, 3 and 4 the transports alone; default all), e.g. to profile one of them; `ring KiB` sets
+//! the shared-memory rings (default `kecho_shm::DEFAULT_RING`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,13 +35,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
+/// The shared-memory rings' size: the fifth argument (KiB), passed to children in `KECHO_LOCAL_RING_KIB`.
+fn ring_bytes() -> usize {
+    std::env::var("KECHO_LOCAL_RING_KIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(kecho_shm::DEFAULT_RING, |k| k << 10)
+}
+
 /// Links: 0 TCP, 1 same-host over the Unix socket, 2 same-host through shared memory.
 fn builder(registry: SocketAddr, ll_us: u64, link: u8) -> kecho::NodeBuilder {
     Node::builder()
         .registry(registry)
         .low_latency(Duration::from_micros(ll_us))
         .same_host(link > 0)
-        .shared_memory((link == 2).then_some(kecho_shm::DEFAULT_RING))
+        .shared_memory((link == 2).then(ring_bytes))
 }
 
 fn link_name(link: u8) -> &'static str {
@@ -93,6 +102,10 @@ fn main() -> Result<()> {
     let events: u64 = argv.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
     let links: String = argv.get(3).cloned().unwrap_or_else(|| "01234".into());
     let runs = |i: u8| links.contains(char::from(b'0' + i));
+    if let Some(kib) = argv.get(4) {
+        // Read by this process and inherited by the children.
+        std::env::set_var("KECHO_LOCAL_RING_KIB", kib);
+    }
     let rt = runtime()?;
     let registry = rt.block_on(async {
         let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
