@@ -4,8 +4,9 @@
 //! flight. The floor is the same ping-pong over a plain TCP socket with blocking reads and writes in both processes,
 //! measured in the same run, in turns with kecho (short rounds, so that a burst of other work on the machine hits
 //! every configuration alike). kecho runs in its default mode and in the low-latency receive mode
-//! (`NodeBuilder::low_latency`), over loopback TCP and over the same-host transport. The CPU each process spent per
-//! message is printed beside, since the low-latency mode trades CPU for wake-ups.
+//! (`NodeBuilder::low_latency`), over loopback TCP and over the same-host transport (through shared memory, and over
+//! the Unix socket itself). The CPU each process spent per message is printed beside, since the low-latency mode
+//! trades CPU for wake-ups.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,16 +28,30 @@ const ROUNDS: u64 = 4;
 /// The spin budget of the low-latency runs.
 const BUDGET: Duration = Duration::from_micros(200);
 
-/// How a kecho node of the run is configured (passed to the child as `LOWLAT_US,SAME_HOST`).
+/// The links of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Link {
+    Tcp,
+    /// Same-host, over the Unix socket itself.
+    Socket,
+    /// Same-host, through shared memory.
+    Shm,
+}
+
+/// How a kecho node of the run is configured (passed to the child as `LOWLAT_US,LINK`, LINK 0, 1 or 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 struct Mode {
     low_latency_us: u64,
-    same_host: bool,
+    link: Link,
 }
 
 impl Mode {
     fn name(self) -> String {
-        let t = if self.same_host { "kecho same-host" } else { "kecho TCP" };
+        let t = match self.link {
+            Link::Tcp => "kecho TCP",
+            Link::Socket => "kecho same-host socket",
+            Link::Shm => "kecho same-host shm",
+        };
         if self.low_latency_us > 0 {
             format!("{t}, low-latency {} us", self.low_latency_us)
         } else {
@@ -45,26 +60,36 @@ impl Mode {
     }
 
     fn arg(self) -> String {
-        format!("{},{}", self.low_latency_us, u8::from(self.same_host))
+        format!("{},{}", self.low_latency_us, self.link as u8)
     }
 
-    fn parse(ll: &str, sh: &str) -> Result<Mode> {
-        Ok(Mode { low_latency_us: ll.parse()?, same_host: sh == "1" })
+    fn parse(ll: &str, link: &str) -> Result<Mode> {
+        let link = match link {
+            "0" => Link::Tcp,
+            "1" => Link::Socket,
+            "2" => Link::Shm,
+            other => bail!("link {other:?}"),
+        };
+        Ok(Mode { low_latency_us: ll.parse()?, link })
     }
 
     fn builder(self, registry: SocketAddr) -> kecho::NodeBuilder {
         Node::builder()
             .registry(registry)
             .low_latency(Duration::from_micros(self.low_latency_us))
-            .same_host(self.same_host)
+            .same_host(self.link != Link::Tcp)
+            .shared_memory((self.link == Link::Shm).then_some(256 << 10))
     }
 }
 
-const MODES: [Mode; 4] = [
-    Mode { low_latency_us: 0, same_host: false },
-    Mode { low_latency_us: BUDGET.as_micros() as u64, same_host: false },
-    Mode { low_latency_us: 0, same_host: true },
-    Mode { low_latency_us: BUDGET.as_micros() as u64, same_host: true },
+const LL: u64 = BUDGET.as_micros() as u64;
+const MODES: [Mode; 6] = [
+    Mode { low_latency_us: 0, link: Link::Tcp },
+    Mode { low_latency_us: LL, link: Link::Tcp },
+    Mode { low_latency_us: 0, link: Link::Socket },
+    Mode { low_latency_us: LL, link: Link::Socket },
+    Mode { low_latency_us: 0, link: Link::Shm },
+    Mode { low_latency_us: LL, link: Link::Shm },
 ];
 
 #[derive(Debug, Serialize)]
@@ -132,7 +157,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
 
     let tn = count(args, 2_000_000, 1_000);
     let mut trows = Vec::new();
-    for mode in [MODES[0], MODES[2]] {
+    for mode in [MODES[0], MODES[2], MODES[4]] {
         let channel = format!("local-stream-{}", mode.arg().replace(',', "-"));
         let (events, secs) =
             rt.block_on(kecho_stream(args, registry, &channel, mode, tn)).with_context(|| mode.name())?;
@@ -173,12 +198,12 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     if let Some(ll) = p50(&MODES[1].name()) {
         s.checks.push(Check::at_most("low-latency p50 (TCP) / blocking socket p50", ll / floor, 2.0, "x"));
     }
-    if let Some(ll) = p50(&MODES[3].name()) {
-        s.checks.push(Check::at_most("low-latency p50 (same-host) / blocking socket p50", ll / floor, 2.0, "x"));
-        s.checks.push(Check::at_most("low-latency p50 (same-host)", ll / 1000.0, 5.0, "us"));
+    if let Some(ll) = p50(&MODES[5].name()) {
+        s.checks.push(Check::at_most("low-latency p50 (same-host shm) / blocking socket p50", ll / floor, 2.0, "x"));
+        s.checks.push(Check::at_most("low-latency p50 (same-host shm)", ll / 1000.0, 5.0, "us"));
     }
-    if let Some(r) = trows.iter().find(|r| r.system == MODES[2].name()) {
-        s.checks.push(Check::at_least("same-host 100 B 1->1", r.rate / 1e6, 15.0, "M/s"));
+    if let Some(r) = trows.iter().find(|r| r.system == MODES[4].name()) {
+        s.checks.push(Check::at_least("same-host shm 100 B 1->1", r.rate / 1e6, 15.0, "M/s"));
     }
     s.put("latency", &rows);
     s.put("throughput", &trows);
@@ -306,30 +331,34 @@ pub fn kecho_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u
     let mode = Mode::parse(ll, sh)?;
     let rt = runtime()?;
     let channel = channel.to_owned();
-    let cpu = rt.block_on(tokio::spawn(async move {
-        let node = mode.builder(registry).start().await?;
-        let ping = node.open_channel(&format!("{channel}.ping")).await?;
-        let pong = node.open_channel(&format!("{channel}.pong")).await?;
-        let mut sink = ping.sink(SinkOptions::new().capacity(1024).overflow(Overflow::Block))?;
-        let mut src = pong.source()?;
-        println!("ready");
-        std::io::stdout().flush()?;
-        pong.wait_for_sinks(1, Duration::from_secs(10)).await?;
-        let attrs = Attrs::new();
-        let cpu0 = process_cpu_ns();
-        for _ in 0..n {
-            let ev = match tokio::time::timeout(Duration::from_secs(10), sink.recv()).await {
-                Ok(Ok(ev)) => ev,
-                Ok(Err(e)) => bail!("ping sink: {e}"),
-                Err(_) => bail!("no ping within 10 s"),
-            };
-            src.submit("e", &attrs, ev.payload()).await?;
-        }
-        let cpu = process_cpu_ns() - cpu0;
-        drop((src, sink));
-        node.shutdown().await;
-        Ok::<_, anyhow::Error>(cpu)
-    }))??;
+    // Spawned inside the runtime (`tokio::spawn` outside `block_on` panics: no reactor), on a worker thread.
+    let cpu = rt.block_on(async move {
+        tokio::spawn(async move {
+            let node = mode.builder(registry).start().await?;
+            let ping = node.open_channel(&format!("{channel}.ping")).await?;
+            let pong = node.open_channel(&format!("{channel}.pong")).await?;
+            let mut sink = ping.sink(SinkOptions::new().capacity(1024).overflow(Overflow::Block))?;
+            let mut src = pong.source()?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            pong.wait_for_sinks(1, Duration::from_secs(10)).await?;
+            let attrs = Attrs::new();
+            let cpu0 = process_cpu_ns();
+            for _ in 0..n {
+                let ev = match tokio::time::timeout(Duration::from_secs(10), sink.recv()).await {
+                    Ok(Ok(ev)) => ev,
+                    Ok(Err(e)) => bail!("ping sink: {e}"),
+                    Err(_) => bail!("no ping within 10 s"),
+                };
+                src.submit("e", &attrs, ev.payload()).await?;
+            }
+            let cpu = process_cpu_ns() - cpu0;
+            drop((src, sink));
+            node.shutdown().await;
+            Ok::<_, anyhow::Error>(cpu)
+        })
+        .await
+    })??;
     println!("cpu {cpu}");
     Ok(())
 }

@@ -60,10 +60,14 @@ pub struct NodeArgs {
     /// both speak it and TCP otherwise.
     #[arg(long, default_value = "tcp", value_name = "tcp|quic|both", env = "KECHO_TRANSPORT")]
     pub transport: kecho::Transport,
-    /// Link to nodes of this host over Unix-domain sockets (when they run with --same-host too) instead of TCP or
-    /// QUIC.
+    /// Link to nodes of this host through shared memory, set up over Unix-domain sockets (when they run with
+    /// --same-host too), instead of TCP or QUIC.
     #[arg(long, env = "KECHO_SAME_HOST")]
     pub same_host: bool,
+    /// KiB of each shared-memory ring of the same-host links this node dials (per direction); 0 carries their bytes
+    /// over the Unix-domain socket itself.
+    #[arg(long, value_name = "KIB", default_value_t = 256)]
+    pub same_host_ring_kib: usize,
     /// Low-latency receive mode: a link's reader polls its socket for up to this many microseconds after it found
     /// it empty before it sleeps (events are taken without a thread's wake-up; costs up to one core while it
     /// polls). 0: off.
@@ -132,6 +136,7 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
         .listen(listen)
         .transport(args.transport)
         .same_host(args.same_host)
+        .shared_memory((args.same_host_ring_kib > 0).then(|| args.same_host_ring_kib.saturating_mul(1024)))
         .low_latency(Duration::from_micros(args.low_latency_us))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(a) = &args.advertise {

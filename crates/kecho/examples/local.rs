@@ -1,9 +1,14 @@
 //! Two processes on one host, as `kecho bench local` measures them, without the suite's heavy dependencies (so that a
 //! release build is quick): 100 B ping-pong (half the round trip) between this process and a child, in alternated
-//! rounds: blocking std sockets in both (the floor), then kecho over loopback TCP and over same-host links, each in
-//! the default and the low-latency receive mode; with each process's CPU per message. Then 100 B events 1->1 as fast
-//! as the source submits them, over TCP and same-host links.
-//! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]`
+//! rounds: blocking std sockets in both (the floor), then kecho over loopback TCP, over same-host links on the Unix
+//! socket itself and over same-host links through shared memory, each in the default and the low-latency receive
+//! mode; with each process's CPU per message. Then 100 B events 1->1 as fast as the source submits them over the
+//! three, in alternated rounds, and the transports alone (100 B writes through a shared-memory ring and through a
+//! Unix socket, no kecho above them), as the bound a transport puts on the rate.
+//! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]
+//! [links] [ring KiB]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1 same-host
+//! socket, 2 shared memory, 3 and 4 the transports alone; default all), e.g. to profile one of them; `ring KiB` sets
+//! the shared-memory rings (default `kecho_shm::DEFAULT_RING`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,8 +35,29 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-fn builder(registry: SocketAddr, ll_us: u64, same_host: bool) -> kecho::NodeBuilder {
-    Node::builder().registry(registry).low_latency(Duration::from_micros(ll_us)).same_host(same_host)
+/// The shared-memory rings' size: the fifth argument (KiB), passed to children in `KECHO_LOCAL_RING_KIB`.
+fn ring_bytes() -> usize {
+    std::env::var("KECHO_LOCAL_RING_KIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(kecho_shm::DEFAULT_RING, |k| k << 10)
+}
+
+/// Links: 0 TCP, 1 same-host over the Unix socket, 2 same-host through shared memory.
+fn builder(registry: SocketAddr, ll_us: u64, link: u8) -> kecho::NodeBuilder {
+    Node::builder()
+        .registry(registry)
+        .low_latency(Duration::from_micros(ll_us))
+        .same_host(link > 0)
+        .shared_memory((link == 2).then(ring_bytes))
+}
+
+fn link_name(link: u8) -> &'static str {
+    match link {
+        0 => "TCP",
+        1 => "same-host socket",
+        _ => "same-host shared memory",
+    }
 }
 
 fn child(args: &[String]) -> Result<Child> {
@@ -65,14 +91,21 @@ fn main() -> Result<()> {
     match argv.first().map(String::as_str) {
         Some("echo-tcp") => return echo_tcp(argv[1].parse()?, argv[2].parse()?),
         Some("echo") => {
-            return echo(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4] == "1", argv[5].parse()?);
+            return echo(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4].parse()?, argv[5].parse()?);
         }
-        Some("count") => return count(argv[1].parse()?, &argv[2], argv[3] == "1", argv[4].parse()?),
+        Some("count") => return count(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4].parse()?),
+        Some("raw-count") => return raw_count(&argv[1], argv[2] == "shm", argv[3].parse()?),
         _ => {}
     }
     let n: u64 = argv.first().and_then(|a| a.parse().ok()).unwrap_or(5000);
     let budget: u64 = argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
     let events: u64 = argv.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
+    let links: String = argv.get(3).cloned().unwrap_or_else(|| "01234".into());
+    let runs = |i: u8| links.contains(char::from(b'0' + i));
+    if let Some(kib) = argv.get(4) {
+        // Read by this process and inherited by the children.
+        std::env::set_var("KECHO_LOCAL_RING_KIB", kib);
+    }
     let rt = runtime()?;
     let registry = rt.block_on(async {
         let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -80,19 +113,16 @@ fn main() -> Result<()> {
         std::mem::forget(server.spawn());
         Ok::<_, anyhow::Error>(addr)
     })?;
-    let modes = [(0, false), (budget, false), (0, true), (budget, true)];
-    let names: Vec<String> = std::iter::once("blocking sockets (floor)".to_owned())
-        .chain(modes.iter().map(|&(ll, sh)| {
-            format!(
-                "kecho {}, {}",
-                if sh { "same-host" } else { "TCP" },
-                if ll > 0 { "low-latency" } else { "default" }
-            )
-        }))
-        .collect();
+    let modes = [(0, 0), (budget, 0), (0, 1), (budget, 1), (0, 2), (budget, 2)];
+    let names: Vec<String> =
+        std::iter::once("blocking sockets (floor)".to_owned())
+            .chain(modes.iter().map(|&(ll, sh)| {
+                format!("kecho {}, {}", link_name(sh), if ll > 0 { "low-latency" } else { "default" })
+            }))
+            .collect();
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut cpus = vec![(0.0, 0.0); names.len()];
-    for round in 0..ROUNDS {
+    for round in 0..if n > 0 { ROUNDS } else { 0 } {
         let (l, c) = floor(n)?;
         lat[0].extend(l);
         cpus[0].0 += c.0;
@@ -105,6 +135,43 @@ fn main() -> Result<()> {
             cpus[i + 1].1 += c.1;
         }
     }
+    if n > 0 {
+        latency_table(n, &names, &mut lat, &cpus);
+    }
+    println!();
+    println!("| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds |");
+    println!("|---|---|---|");
+    let mut rates = vec![Vec::new(); 5];
+    for _ in 0..ROUNDS {
+        for sh in (0..3u8).filter(|&i| runs(i)) {
+            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
+            rates[sh as usize].push(r);
+        }
+        for (i, shm) in [(3, true), (4, false)] {
+            if runs(i) {
+                rates[i as usize].push(raw(shm, events * 4)?);
+            }
+        }
+    }
+    let names = [
+        "kecho TCP".to_owned(),
+        format!("kecho {}", link_name(1)),
+        format!("kecho {}", link_name(2)),
+        "transport alone: shared-memory ring, 100 B writes".to_owned(),
+        "transport alone: Unix socket, 100 B blocking writes".to_owned(),
+    ];
+    for (name, mut r) in names.iter().zip(rates) {
+        if r.is_empty() {
+            continue;
+        }
+        r.sort_by(f64::total_cmp);
+        let all: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        println!("| {name} | {:.2} | {} |", r[r.len() / 2] / 1e6, all.join(", "));
+    }
+    Ok(())
+}
+
+fn latency_table(n: u64, names: &[String], lat: &mut [Vec<f64>], cpus: &[(f64, f64)]) {
     let total = (n * ROUNDS as u64) as f64;
     let pct = |v: &mut Vec<f64>, p: f64| {
         v.sort_by(f64::total_cmp);
@@ -122,14 +189,6 @@ fn main() -> Result<()> {
             cpus[i].1 / total * 1e6
         );
     }
-    println!();
-    println!("| 100 B events 1->1, two processes, {events} events | M events/s |");
-    println!("|---|---|");
-    for sh in [false, true] {
-        let rate = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
-        println!("| kecho {} | {:.2} |", if sh { "same-host" } else { "TCP" }, rate / 1e6);
-    }
-    Ok(())
 }
 
 /// Blocking ping-pong with a child: latencies (us) and CPU seconds (parent, child).
@@ -165,21 +224,15 @@ fn echo_tcp(addr: SocketAddr, n: u64) -> Result<()> {
     Ok(())
 }
 
-async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: bool, n: u64) -> Result<(Vec<f64>, (f64, f64))> {
+async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: u8, n: u64) -> Result<(Vec<f64>, (f64, f64))> {
     let node = builder(registry, ll, sh).start().await?;
     let ping = node.create_channel(&format!("{channel}.ping")).await?;
     let pong = node.create_channel(&format!("{channel}.pong")).await?;
     let mut sink = pong.sink(SinkOptions::new().overflow(Overflow::Block))?;
     let mut src = ping.source()?;
     let warm = 200;
-    let args = [
-        "echo".into(),
-        registry.to_string(),
-        channel.clone(),
-        ll.to_string(),
-        u8::from(sh).to_string(),
-        (n + warm).to_string(),
-    ];
+    let args =
+        ["echo".into(), registry.to_string(), channel.clone(), ll.to_string(), sh.to_string(), (n + warm).to_string()];
     let mut c = child(&args)?;
     let ready = tokio::task::block_in_place(|| line(&mut c))?;
     if ready != "ready" {
@@ -210,7 +263,7 @@ async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: bool, n: u
     Ok((out, (mine, theirs)))
 }
 
-fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: bool, n: u64) -> Result<()> {
+fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: u8, n: u64) -> Result<()> {
     let channel = channel.to_owned();
     let cpu_used = runtime()?.block_on(async move {
         tokio::spawn(async move {
@@ -246,11 +299,12 @@ fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: bool, n: u64) -> Resul
 }
 
 /// Events per second from this process's source to a child's sink.
-async fn stream(registry: SocketAddr, sh: bool, n: u64) -> Result<f64> {
+async fn stream(registry: SocketAddr, sh: u8, n: u64) -> Result<f64> {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let node = builder(registry, 0, sh).start().await?;
-    let channel = format!("stream-{sh}");
+    let channel = format!("stream-{sh}-{}", RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let ch = node.create_channel(&channel).await?;
-    let mut c = child(&["count".into(), registry.to_string(), channel, u8::from(sh).to_string(), n.to_string()])?;
+    let mut c = child(&["count".into(), registry.to_string(), channel, sh.to_string(), n.to_string()])?;
     let ready = tokio::task::block_in_place(|| line(&mut c))?;
     if ready != "ready" {
         bail!("child said {ready:?}");
@@ -273,7 +327,7 @@ async fn stream(registry: SocketAddr, sh: bool, n: u64) -> Result<f64> {
     Ok(n as f64 / secs)
 }
 
-fn count(registry: SocketAddr, channel: &str, sh: bool, n: u64) -> Result<()> {
+fn count(registry: SocketAddr, channel: &str, sh: u8, n: u64) -> Result<()> {
     let channel = channel.to_owned();
     let used = runtime()?.block_on(async move {
         tokio::spawn(async move {
@@ -301,5 +355,88 @@ fn count(registry: SocketAddr, channel: &str, sh: bool, n: u64) -> Result<()> {
         .await
     })??;
     println!("cpu {used}");
+    Ok(())
+}
+
+/// The transport alone: `n` writes of 100 B from this process to a child, through a shared-memory ring (tokio, as a
+/// link uses it) or a Unix socket (blocking std writes, one system call each); returns writes per second, timed until
+/// the child has read them all.
+fn raw(shm: bool, n: u64) -> Result<f64> {
+    let path = std::env::temp_dir().join(format!("kecho-local-{}-{}.sock", std::process::id(), u8::from(shm)));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let mut c = child(&[
+        "raw-count".into(),
+        path.display().to_string(),
+        if shm { "shm" } else { "socket" }.into(),
+        n.to_string(),
+    ])?;
+    let (sock, _) = listener.accept()?;
+    let _ = std::fs::remove_file(&path);
+    let msg = [0x5au8; SIZE];
+    let t0;
+    if shm {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        t0 = rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            sock.set_nonblocking(true)?;
+            let s = tokio::net::UnixStream::from_std(sock)?;
+            let (_r, mut w) = kecho_shm::connect(s, &kecho_shm::Options::default()).await?;
+            let t0 = Instant::now();
+            for _ in 0..n {
+                w.write_all(&msg).await?;
+            }
+            w.shutdown().await?;
+            Ok::<_, anyhow::Error>(t0)
+        })?;
+    } else {
+        let mut sock = sock;
+        t0 = Instant::now();
+        for _ in 0..n {
+            sock.write_all(&msg)?;
+        }
+        drop(sock);
+    }
+    let done = line(&mut c)?;
+    let secs = t0.elapsed().as_secs_f64();
+    c.wait()?;
+    if done != format!("read {}", n * SIZE as u64) {
+        bail!("raw child said {done:?}");
+    }
+    Ok(n as f64 / secs)
+}
+
+/// The child of `raw`: reads to the end of the stream in 64 KiB reads and says how many bytes came.
+fn raw_count(path: &str, shm: bool, _n: u64) -> Result<()> {
+    let sock = std::os::unix::net::UnixStream::connect(path)?;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    if shm {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        total = rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            sock.set_nonblocking(true)?;
+            let s = tokio::net::UnixStream::from_std(sock)?;
+            let kecho_shm::Accepted::Shm(mut r, _w) = kecho_shm::accept(s, None).await? else {
+                bail!("no shared-memory set-up")
+            };
+            let mut total = 0u64;
+            loop {
+                match r.read(&mut buf).await? {
+                    0 => return Ok::<_, anyhow::Error>(total),
+                    k => total += k as u64,
+                }
+            }
+        })?;
+    } else {
+        let mut sock = sock;
+        loop {
+            match sock.read(&mut buf)? {
+                0 => break,
+                k => total += k as u64,
+            }
+        }
+    }
+    println!("read {total}");
     Ok(())
 }

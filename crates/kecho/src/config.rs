@@ -42,6 +42,9 @@ pub(crate) struct NodeConfig {
     pub(crate) low_latency: Option<Duration>,
     /// Links to nodes of this host go over Unix-domain sockets (`link/local.rs`). Default off.
     pub(crate) same_host: bool,
+    /// Same-host links this node dials carry their bytes through shared-memory rings of this many bytes per
+    /// direction (the socket then carries wake-ups only); `None`: through the socket. Default 256 KiB.
+    pub(crate) shared_memory: Option<usize>,
     /// This node's same-host endpoint (`unix://HOST/PATH`), set when the node starts with `same_host`.
     pub(crate) local_endpoint: Option<String>,
     /// Default capacity of a sink's queue, in events. Default 1024.
@@ -117,6 +120,7 @@ impl Default for NodeConfig {
             recv_buffer: None,
             low_latency: None,
             same_host: false,
+            shared_memory: Some(kecho_shm::DEFAULT_RING),
             local_endpoint: None,
             sink_capacity: 1024,
             connect_timeout: Duration::from_secs(2),

@@ -157,22 +157,34 @@ impl NodeBuilder {
     }
 
     /// The low-latency receive mode: a link's reader that finds its socket empty keeps polling it (non-blocking
-    /// reads) for up to `budget` before it parks, so that an event arriving meanwhile is taken at once instead of
-    /// after the wake-up of a parked thread. It costs CPU: for every quiet gap on a link, the thread running its
-    /// reader spins for the shorter of the gap and `budget` (see BENCHMARKS.md for the figures). Applies to plaintext
-    /// TCP and same-host links (not TLS or QUIC). A zero budget turns the mode off; default off.
+    /// reads, or loads from a shared-memory ring) for up to `budget` before it parks, so that an event arriving
+    /// meanwhile is taken at once instead of after the wake-up of a parked thread. It costs CPU: for every quiet gap
+    /// on a link, the thread running its reader spins for the shorter of the gap and `budget` (see BENCHMARKS.md for
+    /// the figures). Applies to plaintext TCP and same-host links (not TLS or QUIC). A zero budget turns the mode
+    /// off; default off.
     pub fn low_latency(mut self, budget: Duration) -> Self {
         self.cfg.low_latency = (!budget.is_zero()).then_some(budget);
         self
     }
 
-    /// Links to other nodes of this host go over Unix-domain sockets instead of TCP or QUIC when both nodes run
-    /// with this on: the node also listens on a socket file (in `$XDG_RUNTIME_DIR`, or the temporary directory;
-    /// removed when the node stops) and its address says which host it is on. Everything else about a link is as
-    /// over TCP (handshake, order, bounded queues, loss reports, heartbeats). A node on another host, or one that
-    /// cannot reach the socket, is dialled as without. Default off. See docs/PROTOCOL.md.
+    /// Links to other nodes of this host go through shared memory instead of TCP or QUIC when both nodes run with
+    /// this on: the node also listens on a Unix-domain socket (a file in `$XDG_RUNTIME_DIR`, or the temporary
+    /// directory; removed when the node stops) and its address says which host it is on. A dialler passes the
+    /// acceptor a memory file with a byte ring per direction over the socket ([`NodeBuilder::shared_memory`]); the
+    /// socket then carries wake-ups only, and its end tells a crashed peer. Everything else about a link is as over
+    /// TCP (handshake, order, bounded queues, loss reports, heartbeats). A node on another host, or one that cannot
+    /// reach the socket, is dialled as without. Default off. See docs/PROTOCOL.md.
     pub fn same_host(mut self, on: bool) -> Self {
         self.cfg.same_host = on;
+        self
+    }
+
+    /// The shared-memory rings of the same-host links this node dials ([`NodeBuilder::same_host`]): `Some(bytes)`
+    /// per direction (rounded up to a power of two, 4 KiB to 1 GiB), which with the link's queue bounds what waits
+    /// for a peer; `None` carries the bytes over the Unix-domain socket itself. A node accepts either. Default
+    /// `Some(256 KiB)`.
+    pub fn shared_memory(mut self, ring_bytes: Option<usize>) -> Self {
+        self.cfg.shared_memory = ring_bytes;
         self
     }
 

@@ -44,6 +44,7 @@ pub async fn run(cmd: Args) -> Result<()> {
         advertise: None,
         transport: kecho::Transport::Tcp,
         same_host: false,
+        same_host_ring_kib: 0,
         low_latency_us: 0,
         heartbeat: 3.0,
         allow_filters: false,

@@ -96,7 +96,7 @@ async fn dial_inner<H: LinkHandler>(
 ) -> Result<DialOutcome, LinkError> {
     let (transport, at) = crate::transport::pick(links.cfg.transport, addr)?;
     let local = match same_host_path(links, addr) {
-        Some(path) => match super::local::dial(path, links.cfg.connect_timeout).await {
+        Some(path) => match super::local::dial(path, &links.cfg).await {
             Ok(stream) => Some(stream),
             Err(e) => {
                 tracing::debug!(peer = %peer.id, "same-host dial failed, dialling {transport}: {e}");
@@ -106,11 +106,7 @@ async fn dial_inner<H: LinkHandler>(
         None => None,
     };
     let (mut rd, mut wr, remote, poller) = match (local, transport) {
-        (Some(stream), _) => {
-            let poller = poller(&stream, &links.cfg);
-            let (rd, wr) = super::local::split(stream);
-            (rd, wr, None, poller)
-        }
+        (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
         (None, Transport::Quic) => {
             let Some(ep) = links.quic.get() else { return Err(LinkError::Handshake("QUIC is not running".into())) };
@@ -366,7 +362,7 @@ where
 {
     peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *peer.transport.lock() = transport;
-    super::local::mark(peer, remote.is_none());
+    super::local::mark(peer, remote.is_none(), &wr);
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),

@@ -1,31 +1,40 @@
-//! The same-host transport: links between nodes of one host over Unix-domain stream sockets.
+//! The same-host transport: links between nodes of one host through shared memory, set up over Unix-domain stream
+//! sockets.
 //!
 //! A node started with [`crate::NodeBuilder::same_host`] also listens on a Unix-domain socket (a file in
 //! `$XDG_RUNTIME_DIR`, or the temporary directory, removed when the node stops) and adds `unix://HOST/PATH` to the
 //! address other nodes read, where `HOST` names this host for this boot (the kernel's `boot_id`). A dialler that
 //! runs same-host itself and reads its own `HOST` there dials the socket instead of the node's TCP or QUIC endpoint;
-//! if that fails (another mount namespace, a removed file) it dials as it would have without. Nodes that do not know
-//! the scheme ignore it.
+//! if that fails (another mount namespace, a removed file, a refused set-up) it dials as it would have without. Nodes
+//! that do not know the scheme ignore it.
 //!
-//! The link over it is the same as over TCP: the same handshake with identity proofs, frames, outbox, heartbeats,
-//! loss accounting and duplicate rule (`dial.rs`, `reader.rs`, `writer.rs`); only the byte stream differs. A stream
-//! socket keeps order and reports a peer's end (its process exiting or crashing closes it: the reader sees the end
-//! of the stream at once); a peer that hangs without closing is found by the heartbeat, as over TCP. The socket's
-//! send buffer bounds what waits in the kernel, the outbox what waits in the node.
+//! Right after connecting, the dialler sets the link up over shared memory (crate `kecho-shm`): it passes the
+//! acceptor a sealed memory file holding one byte ring per direction (`SCM_RIGHTS`), and from then on the link's
+//! bytes go through the rings; the socket carries only one-byte wake-ups for a side that said it sleeps, and its end
+//! is the peer's end (a process that exits or crashes closes it; the reader sees it at once). The acceptor tells a
+//! set-up from a plain link by its first bytes, so a dialler with [`crate::NodeBuilder::shared_memory`] `None` links
+//! over the socket itself, as before. Either way the link above is the same as over TCP: the same handshake (run over
+//! the rings) with identity proofs, frames, outbox, heartbeats, loss accounting and duplicate rule (`dial.rs`,
+//! `reader.rs`, `writer.rs`); only the byte stream differs. The ring (or the socket's send buffer) bounds what waits
+//! between the nodes, the outbox what waits in the node. A peer that hangs without closing is found by the
+//! heartbeat, as over TCP.
 //!
-//! Why a socket and not shared memory: a ring in shared memory needs `unsafe` code (mapping, atomics over memory
-//! another process writes) and a wake-up of its own (a futex or an eventfd: the same kernel wake-up a socket costs),
-//! and the workspace forbids `unsafe`. The socket skips the TCP/IP stack (no checksums, segments or ACKs) and is the
-//! honest first step; see BENCHMARKS.md for what it gains over loopback TCP.
+//! All `unsafe` code (the mapping, atomics over memory another process writes) lives in `kecho-shm`, which checks
+//! every index it reads from shared memory, so a corrupt or hostile peer makes a malformed stream (the link closes),
+//! never undefined behaviour here; this crate stays `#![forbid(unsafe_code)]`. In the low-latency mode
+//! ([`crate::NodeBuilder::low_latency`]) the ring's reader polls the ring itself (loads from memory, no system call)
+//! before it sleeps; over a plain socket the mode is `spin.rs`'s. See BENCHMARKS.md for what each gains.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use super::tls::{Rd, Wr};
-use super::{LinkError, LinkHandler, Links};
+use super::{LinkError, LinkHandler, Links, HANDSHAKE_TIMEOUT};
+use crate::config::NodeConfig;
 
 /// The scheme of a same-host endpoint in a node's address.
 pub(crate) const SCHEME: &str = "unix://";
@@ -110,31 +119,61 @@ pub(crate) async fn accept_loop<H: LinkHandler>(links: Weak<Links<H>>, l: LocalL
         let l = links.clone();
         links.tasks.spawn(async move {
             let _slot = slot;
-            let poller = super::dial::poller(&stream, &l.cfg);
-            let (rd, wr) = split(stream);
+            let Some((rd, wr, poller)) = accept(stream, &l.cfg).await else { return };
             super::dial::accept_link(l, rd, wr, None, crate::Transport::Tcp, poller).await;
         });
     }
 }
 
-/// Dials the socket at `path`.
-pub(crate) async fn dial(path: &str, timeout: Duration) -> Result<UnixStream, LinkError> {
+/// Takes an accepted connection: shared memory if the dialler sets it up, the socket itself if not. `None`: the
+/// set-up failed (logged).
+async fn accept(stream: UnixStream, cfg: &NodeConfig) -> Option<(Rd, Wr, Option<super::spin::Poller>)> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, kecho_shm::accept(stream, cfg.low_latency)).await {
+        Ok(Ok(kecho_shm::Accepted::Shm(rd, wr))) => Some((Box::new(rd), Wr::Shm(Box::new(wr)), None)),
+        Ok(Ok(kecho_shm::Accepted::Plain { stream, prefix })) => {
+            let poller = super::dial::poller(&stream, cfg);
+            let (rd, wr) = stream.into_split();
+            // The bytes read while looking for a set-up come first.
+            let rd: Rd = Box::new(std::io::Cursor::new(prefix).chain(rd));
+            Some((rd, Wr::Stream(Box::new(wr)), poller))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("refusing a same-host connection: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("closing a same-host connection: no set-up within {HANDSHAKE_TIMEOUT:?}");
+            None
+        }
+    }
+}
+
+/// Dials the socket at `path` and sets the link's byte stream up: shared-memory rings unless the node says
+/// otherwise ([`crate::NodeBuilder::shared_memory`]), the socket itself then.
+pub(crate) async fn dial(path: &str, cfg: &NodeConfig) -> Result<(Rd, Wr, Option<super::spin::Poller>), LinkError> {
     let addr = || format!("{SCHEME}{path}");
-    tokio::time::timeout(timeout, UnixStream::connect(path))
+    let stream = tokio::time::timeout(cfg.connect_timeout, UnixStream::connect(path))
         .await
         .map_err(|_| LinkError::ConnectTimeout { addr: addr() })?
-        .map_err(|source| LinkError::Connect { addr: addr(), source })
+        .map_err(|source| LinkError::Connect { addr: addr(), source })?;
+    let Some(ring_bytes) = cfg.shared_memory else {
+        let poller = super::dial::poller(&stream, cfg);
+        let (rd, wr) = stream.into_split();
+        return Ok((Box::new(rd), Wr::Stream(Box::new(wr)), poller));
+    };
+    let opts = kecho_shm::Options { ring_bytes, spin: cfg.low_latency };
+    let (rd, wr) = tokio::time::timeout(HANDSHAKE_TIMEOUT, kecho_shm::connect(stream, &opts))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout)?
+        .map_err(|e| LinkError::Handshake(format!("shared-memory set-up with {}: {e}", addr())))?;
+    Ok((Box::new(rd), Wr::Shm(Box::new(wr)), None))
 }
 
-/// A connected socket's halves as a link's byte stream.
-pub(crate) fn split(stream: UnixStream) -> (Rd, Wr) {
-    let (rd, wr) = stream.into_split();
-    (Box::new(rd), Wr::Stream(Box::new(wr)))
-}
-
-/// Marks `peer`'s current link as same-host or not (for `Node::link_stats`).
-pub(crate) fn mark(peer: &Arc<super::Peer>, same_host: bool) {
-    peer.counters.same_host.store(same_host, std::sync::atomic::Ordering::Relaxed);
+/// Marks `peer`'s current link as same-host or not, and over shared memory or not (for `Node::link_stats`).
+pub(crate) fn mark(peer: &Arc<super::Peer>, same_host: bool, wr: &Wr) {
+    use std::sync::atomic::Ordering::Relaxed;
+    peer.counters.same_host.store(same_host, Relaxed);
+    peer.counters.shared_memory.store(matches!(wr, Wr::Shm(_)), Relaxed);
 }
 
 #[cfg(test)]

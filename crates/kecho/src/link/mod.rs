@@ -321,6 +321,7 @@ impl<H: LinkHandler> Links<H> {
                     expired: p.outbox.expired.load(Ordering::Relaxed),
                     transport: *p.transport.lock(),
                     same_host: c.same_host.load(Ordering::Relaxed),
+                    shared_memory: c.shared_memory.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -460,6 +461,9 @@ pub struct LinkStats {
     /// The current (or last) connection is a same-host one (a Unix-domain socket; see
     /// [`crate::NodeBuilder::same_host`]); `transport` then says `Tcp`, whose link it replaces.
     pub same_host: bool,
+    /// The current (or last) connection is a same-host one whose bytes go through shared-memory rings (see
+    /// [`crate::NodeBuilder::shared_memory`]); `false` for one over the socket itself.
+    pub shared_memory: bool,
 }
 
 /// Another node, as this node sees it.
@@ -489,6 +493,8 @@ pub(crate) struct LinkCounters {
     pub(crate) heartbeat_timeouts: AtomicU64,
     /// The current (or last) connection is a same-host one (`local.rs`).
     pub(crate) same_host: AtomicBool,
+    /// ... and runs over shared memory.
+    pub(crate) shared_memory: AtomicBool,
 }
 
 /// A peer's flags that every submit reads, on a cache line of their own.

@@ -28,6 +28,8 @@ pub(crate) enum Wr {
     /// Any other byte stream (TLS; the hook for other transports).
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Stream(Box<dyn AsyncWrite + Unpin + Send>),
+    /// A same-host link's shared-memory ring (`link/local.rs`); the writer task takes it as a `Stream`.
+    Shm(Box<kecho_shm::ShmWriter>),
 }
 
 impl AsyncWrite for Wr {
@@ -35,6 +37,7 @@ impl AsyncWrite for Wr {
         match self.get_mut() {
             Wr::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             Wr::Stream(w) => Pin::new(w).poll_write(cx, buf),
+            Wr::Shm(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -45,24 +48,28 @@ impl AsyncWrite for Wr {
         match self.get_mut() {
             Wr::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             Wr::Stream(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            Wr::Shm(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Wr::Tcp(w) => w.is_write_vectored(),
             Wr::Stream(w) => w.is_write_vectored(),
+            Wr::Shm(w) => w.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Wr::Tcp(w) => Pin::new(w).poll_flush(cx),
             Wr::Stream(w) => Pin::new(w).poll_flush(cx),
+            Wr::Shm(w) => Pin::new(w).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Wr::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             Wr::Stream(w) => Pin::new(w).poll_shutdown(cx),
+            Wr::Shm(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -72,6 +72,7 @@ pub(super) async fn writer<H: LinkHandler>(
             LinkWr::Tcp(sock)
         }
         Wr::Stream(w) => LinkWr::Stream(w),
+        Wr::Shm(w) => LinkWr::Stream(w),
     };
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
