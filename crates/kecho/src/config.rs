@@ -40,6 +40,9 @@ pub(crate) struct NodeConfig {
     /// The low-latency receive mode: how long a link's reader keeps polling its socket after it found it empty
     /// before it parks (`link/spin.rs`). `None` (the default) parks at once.
     pub(crate) low_latency: Option<Duration>,
+    /// Test hook (`NodeBuilder::drop_datagrams_every`): QUIC links drop every Nth best-effort datagram before it is
+    /// sent, as a lossy network would. 0 (the default): none.
+    pub(crate) drop_datagrams_every: u64,
     /// Links to nodes of this host go over Unix-domain sockets (`link/local.rs`). Default off.
     pub(crate) same_host: bool,
     /// Same-host links this node dials carry their bytes through shared-memory rings of this many bytes per
@@ -119,6 +122,7 @@ impl Default for NodeConfig {
             send_lowat: Some(128 << 10),
             recv_buffer: None,
             low_latency: None,
+            drop_datagrams_every: 0,
             same_host: false,
             shared_memory: Some(kecho_shm::DEFAULT_RING),
             local_endpoint: None,

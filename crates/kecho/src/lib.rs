@@ -48,7 +48,7 @@ pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
 pub use node::{LinkStats, Node, NodeBuilder};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
-pub use timely::{EventOptions, InvalidPriority, Priority};
+pub use timely::{EventOptions, InvalidPriority, Priority, BEST_EFFORT_ATTR};
 #[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};
 pub use transport::{Transport, UnknownTransport};

@@ -77,7 +77,8 @@ impl NodeBuilder {
     /// Bytes a TCP link may leave unsent in the kernel (`TCP_NOTSENT_LOWAT`) once it carries an event of a priority
     /// above the default: kept short so that a high-priority event queued behind a bulk transfer waits for little
     /// more than the outbox's lanes let it (see [`crate::Priority`]). Links without priorities keep the kernel's
-    /// default (which holds megabytes on a busy link), as does `None`. Default 128 KiB.
+    /// default (which holds megabytes on a busy link), as does `None`. On a QUIC link the same bound applies to the
+    /// connection's send window (the bytes quinn holds unsent or unacknowledged). Default 128 KiB.
     pub fn send_lowat(mut self, bytes: Option<u32>) -> Self {
         self.cfg.send_lowat = bytes;
         self
@@ -164,6 +165,14 @@ impl NodeBuilder {
     /// off; default off.
     pub fn low_latency(mut self, budget: Duration) -> Self {
         self.cfg.low_latency = (!budget.is_zero()).then_some(budget);
+        self
+    }
+
+    /// Test hook: QUIC links drop every `n`th best-effort datagram before sending it, as a lossy network would, so
+    /// that tests can check that the receiver reports each such loss (0, the default: none).
+    #[doc(hidden)]
+    pub fn drop_datagrams_every(mut self, n: u64) -> Self {
+        self.cfg.drop_datagrams_every = n;
         self
     }
 
@@ -302,9 +311,11 @@ async fn bind(cfg: &NodeConfig) -> Result<(Option<TcpListener>, Option<QuicBound
     {
         use crate::link::quic::{BindError, QuicEndpoint};
         let quic_at = |addr: SocketAddr| {
-            QuicEndpoint::bind(addr, cfg.tls.as_ref(), cfg.heartbeat_timeout).map_err(|e| match e {
-                BindError::Io(source) => Error::Listen { addr, source },
-                BindError::Tls(e) => Error::Tls(e),
+            QuicEndpoint::bind(addr, cfg.tls.as_ref(), cfg.heartbeat_timeout, cfg.drop_datagrams_every).map_err(|e| {
+                match e {
+                    BindError::Io(source) => Error::Listen { addr, source },
+                    BindError::Tls(e) => Error::Tls(e),
+                }
             })
         };
         if !cfg.transport.tcp() {

@@ -68,6 +68,11 @@ pub struct Args {
     /// delivered, and its sinks are told it expired (across hosts, as exact as their clocks agree).
     #[arg(long, value_name = "MS")]
     deadline_ms: Option<f64>,
+    /// Best-effort events: over QUIC links, each event that fits in a datagram is sent as one (never waiting for a
+    /// retransmission or behind other traffic; a lost one is reported to its sinks as missed, order kept). Over TCP
+    /// nothing changes.
+    #[arg(long)]
+    best_effort: bool,
     #[command(flatten)]
     node: NodeArgs,
     #[command(flatten)]
@@ -159,9 +164,12 @@ pub async fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The events' priority and deadline from --priority and --deadline-ms.
+/// The events' priority, deadline and delivery from --priority, --deadline-ms and --best-effort.
 fn options(a: &Args) -> Result<kecho::EventOptions> {
     let mut o = kecho::EventOptions::new();
+    if a.best_effort {
+        o = o.best_effort(true);
+    }
     if let Some(p) = a.priority {
         o = o.priority(kecho::Priority::new(p).context("--priority")?);
     }

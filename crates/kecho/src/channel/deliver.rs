@@ -11,7 +11,8 @@ use kecho_proto::{Attrs, LocalId, NodeId, Overflow};
 use super::sink::LocalSink;
 use super::ChannelInner;
 use crate::filter::{InDecision, InEvent, LocalSinks};
-use crate::link::Batch;
+use crate::link::datagram::{verdict, Verdict};
+use crate::link::{Batch, Numbered};
 use crate::queue::{Event, Offer, SourceKey};
 
 /// Loss accounting at a receiver, per remote source.
@@ -41,6 +42,22 @@ impl RecvTrack {
         self.end.alive();
         Some(gap)
     }
+
+    /// `arrived` for an event that came as a datagram, `numbered` (`None`: from the stream). A datagram carries its
+    /// number; one that is late or would overtake its source's stream is dropped (`None`) and counted in the gap
+    /// that a later event reports (see `link::datagram::verdict`).
+    fn arrived_as(&mut self, seq: u64, numbered: Option<Numbered>) -> Option<u64> {
+        let Some(Numbered { number, after }) = numbered else { return self.arrived(seq) };
+        match verdict(self.last, number, after) {
+            Verdict::Deliver { gap } => {
+                self.last = number;
+                self.last_seq = self.last_seq.max(seq);
+                self.end.alive();
+                Some(gap)
+            }
+            Verdict::Late | Verdict::Overtook => None,
+        }
+    }
 }
 
 /// The bit mask of the sinks (at most 64) for which `f` holds.
@@ -54,7 +71,14 @@ pub(super) type SinkList<'a> = smallvec::SmallVec<[&'a Arc<LocalSink>; 8]>;
 impl ChannelInner {
     /// Delivers an event that arrived from another node to the local sinks that want it (only to `targets` if the
     /// source's OUT-filter named some).
-    async fn deliver_one(&self, from: NodeId, e: EventMsg, targets: Option<Vec<LocalId>>, deadline: Option<u64>) {
+    async fn deliver_one(
+        &self,
+        from: NodeId,
+        e: EventMsg,
+        targets: Option<Vec<LocalId>>,
+        deadline: Option<u64>,
+        numbered: Option<Numbered>,
+    ) {
         if !self.may_send(from) {
             // A node without the source right: whatever it sends is not the channel's.
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
@@ -62,7 +86,7 @@ impl ChannelInner {
         }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let Some(gap) = self.tracks.lock().entry((from, e.source)).or_default().arrived(e.seq) else {
+        let Some(gap) = self.tracks.lock().entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
             return;
         };
         if gap > 0 {
@@ -94,8 +118,9 @@ impl ChannelInner {
         if sinks.len() > 64 || self.in_filter.read().is_some() {
             // An IN-filter decides per event; more sinks than a mask holds are rare. Both take the per-event path.
             for a in events.drain(..) {
+                let numbered = a.numbered();
                 let (event, targets, deadline) = a.parts();
-                self.deliver_one(from, event, targets, deadline).await;
+                self.deliver_one(from, event, targets, deadline, numbered).await;
             }
             return;
         }
@@ -111,8 +136,9 @@ impl ChannelInner {
             {
                 let mut tracks = self.tracks.lock();
                 for a in evs.by_ref() {
+                    let numbered = a.numbered();
                     let (e, chosen, deadline) = a.parts();
-                    let Some(gap) = tracks.entry((from, e.source)).or_default().arrived(e.seq) else {
+                    let Some(gap) = tracks.entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
                         continue;
                     };
                     let types = match &by_type {

@@ -21,9 +21,10 @@ use super::{block_on, ChannelInner, Counters, NodeGuard};
 use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::filter::{CelRoot, EventView, FilterContext, OutFilter, SinkEntry, SinkView};
+use crate::link::datagram;
 use crate::link::{Expiry, Held, Peer, SourceGate, Urgency, COPY_BELOW};
 use crate::queue::{ChunkBuf, SourceKey};
-use crate::timely::{unix_us, EventOptions, Priority};
+use crate::timely::{unix_us, EventOptions, Priority, BEST_EFFORT_ATTR};
 
 /// Size of a source's encoding chunk (larger frames get a chunk of their own size).
 const ENCODE_CHUNK: usize = 64 * 1024;
@@ -51,6 +52,8 @@ pub struct Source {
     /// The priority and deadline of events that set none themselves: per type, then for all.
     type_opts: Vec<(String, EventOptions)>,
     opts: EventOptions,
+    /// The value of the source's [`BEST_EFFORT_ATTR`] attribute as last published (empty: none).
+    best_effort_attr: String,
 }
 
 /// An event's priority and deadline, as the submit path uses them.
@@ -60,6 +63,8 @@ struct Timing {
     lane: u8,
     /// The deadline: on this node's clock, and as sent (microseconds since the Unix epoch).
     deadline: Option<(Instant, u64)>,
+    /// Best-effort: sent as a datagram where the link has them and it fits.
+    best_effort: bool,
 }
 
 impl Timing {
@@ -71,6 +76,7 @@ impl Timing {
                 let at = now().checked_add(d).unwrap_or_else(|| now() + std::time::Duration::from_secs(1 << 32));
                 (at, unix_us(std::time::SystemTime::now()).saturating_add(d.as_micros() as u64))
             }),
+            best_effort: o.best_effort_set() == Some(true),
         }
     }
 
@@ -153,6 +159,9 @@ struct LossTrack {
 #[derive(Default)]
 struct SendTrack {
     routed: u64,
+    /// The number (in `routed`'s count) of the last event sent to the node on the link's stream: a datagram sent
+    /// after it names it, so that the node never delivers the datagram ahead of it (`link::datagram`).
+    stream_last: u64,
     /// What was last told to the node, if anything.
     told: Option<Told>,
     /// The link (`Peer` address and epoch) the kept events in flight were last replayed on.
@@ -215,6 +224,7 @@ impl Source {
             ty_name: None,
             type_opts: Vec::new(),
             opts: EventOptions::default(),
+            best_effort_attr: String::new(),
         }
     }
 
@@ -251,13 +261,36 @@ impl Source {
     /// see [`Source::set_type_options`]).
     pub fn set_options(&mut self, opts: EventOptions) {
         self.opts = opts;
+        self.publish_best_effort();
     }
 
-    /// Sets the priority and deadline of this source's events of type `ty` that set none themselves.
+    /// Sets the priority, deadline and best-effort delivery of this source's events of type `ty` that set none
+    /// themselves.
     pub fn set_type_options(&mut self, ty: &str, opts: EventOptions) {
         match self.type_opts.iter_mut().find(|(t, _)| t == ty) {
             Some((_, o)) => *o = opts,
             None => self.type_opts.push((ty.to_owned(), opts)),
+        }
+        self.publish_best_effort();
+    }
+
+    /// Tells the channel's members which types this source declared best-effort (its [`BEST_EFFORT_ATTR`]
+    /// attribute), when that changed.
+    fn publish_best_effort(&mut self) {
+        let value = if self.opts.best_effort_set() == Some(true) {
+            "*".to_owned()
+        } else {
+            let types: Vec<&str> = self
+                .type_opts
+                .iter()
+                .filter(|(_, o)| o.best_effort_set() == Some(true))
+                .map(|(t, _)| t.as_str())
+                .collect();
+            types.join(",")
+        };
+        if value != self.best_effort_attr {
+            self.best_effort_attr = value.clone();
+            self.ch.set_source_attr(self.id, BEST_EFFORT_ATTR.to_owned(), Value::Str(value));
         }
     }
 
@@ -664,6 +697,7 @@ impl SendTrack {
     ) {
         self.replayed_on = Some((Arc::as_ptr(peer) as usize, peer.epoch()));
         for (seq, n, frame, targets) in kept.sent_to(peer.id) {
+            self.stream_last = self.stream_last.max(n);
             encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
             if let Some(t) = targets {
                 encode_targets(&mut enc.prefix, channel, t);
@@ -680,7 +714,14 @@ impl SendTrack {
     /// The event was queued to the node, which then knows `told`.
     fn sent(&mut self, told: Told) {
         self.routed += 1;
+        self.stream_last = self.routed;
         self.told = Some(told);
+    }
+
+    /// The event went to the node as a datagram, which carries its number itself: what the stream told the node
+    /// stays as it was.
+    fn sent_datagram(&mut self) {
+        self.routed += 1;
     }
 }
 
@@ -727,6 +768,31 @@ impl Encoder {
                 track.replay_in_flight(peer, kept, head.channel, head.source, self);
             }
             let (told, tell) = track.before(peer, head.seq);
+            // A best-effort event goes as a datagram where the link has them, it fits, no sink there waits for room
+            // (a Block sink is promised every event) and none of the source's frames wait in the outbox ahead of it.
+            if timing.best_effort && !pick.blocks && peer.has_datagrams() && !peer.outbox.holds(&track.held) {
+                let bytes: &[u8] = if copied {
+                    &self.small
+                } else {
+                    frame.get_or_insert_with(|| {
+                        let b = self.buf.room(len + 16 * ev.attrs.len(), ENCODE_CHUNK);
+                        encode_event(b, head.channel, head.source, head.seq, ev.ty, ev.attrs, ev.payload);
+                        b.split().freeze()
+                    })
+                };
+                let targets = (pick.chosen < pick.accepting).then_some(&pick.ids[..]);
+                let numbers = (track.routed + 1, track.stream_last);
+                if send_datagram(peer, &mut self.prefix, head, numbers, targets, timing, bytes) {
+                    track.sent_datagram();
+                    if keep {
+                        went.push((peer.id, track.routed, targets.map(<[LocalId]>::to_vec)));
+                    }
+                    sent_to += 1;
+                    sent_bytes += bytes.len() as u64;
+                    pick.ids.clear();
+                    continue;
+                }
+            }
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
                 encode_routed(&mut self.prefix, head.channel, head.source, told.skipped);
@@ -816,6 +882,36 @@ impl Encoder {
         }
         self.gate.done();
     }
+}
+
+/// Sends event frame `ev` to `peer` as a datagram if it fits (see `link::datagram` for the layout), with `numbers`
+/// (its number towards the node, and that of the source's last event sent on the stream) and its `Targets` and
+/// `Deadline` frames; `buf` is scratch space, left empty. False if it did not go (the caller sends it on the
+/// stream).
+fn send_datagram(
+    peer: &Peer,
+    buf: &mut BytesMut,
+    head: Head,
+    (number, after): (u64, u64),
+    targets: Option<&[LocalId]>,
+    timing: Timing,
+    ev: &[u8],
+) -> bool {
+    buf.clear();
+    datagram::encode_header(buf, number, after);
+    if let Some(ids) = targets {
+        encode_targets(buf, head.channel, ids);
+    }
+    if let Some((_, unix)) = timing.deadline {
+        encode_deadline(buf, head.channel, unix);
+    }
+    let len = buf.len() + ev.len();
+    let sent = peer.send_datagram(len, || {
+        buf.extend_from_slice(ev);
+        buf.split().freeze()
+    });
+    buf.clear();
+    sent
 }
 
 /// The frames that stand in for an expired event on one link: its `Routed` frame if it had one, and `Expired`.

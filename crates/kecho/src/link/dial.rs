@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use super::tls::{secure_accept, secure_dial, Rd, Wr};
-use super::{close, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
+use super::{close, Datagrams, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
 use crate::clock::now;
 use crate::transport::Transport;
 
@@ -105,12 +105,15 @@ async fn dial_inner<H: LinkHandler>(
         },
         None => None,
     };
+    #[cfg_attr(not(feature = "quic"), allow(unused_mut))]
+    let mut datagrams: Option<Arc<Datagrams>> = None;
     let (mut rd, mut wr, remote, poller) = match (local, transport) {
         (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
         (None, Transport::Quic) => {
             let Some(ep) = links.quic.get() else { return Err(LinkError::Handshake("QUIC is not running".into())) };
-            let (rd, wr, remote) = ep.dial(at, links.cfg.connect_timeout).await?;
+            let (rd, wr, remote, d) = ep.dial(at, links.cfg.connect_timeout).await?;
+            datagrams = Some(d);
             (rd, wr, Some(remote), None)
         }
         (None, _) => {
@@ -158,7 +161,7 @@ async fn dial_inner<H: LinkHandler>(
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr, poller), remote, buf, transport);
+    let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
@@ -212,11 +215,11 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
             incoming.refuse();
             continue;
         };
-        let l = links.clone();
+        let (l, ep) = (links.clone(), ep.clone());
         links.tasks.spawn(async move {
             let _slot = slot;
-            if let Some((rd, wr, remote)) = super::quic::accept(incoming, HANDSHAKE_TIMEOUT).await {
-                accept_link(l, rd, wr, Some(remote), Transport::Quic, None).await;
+            if let Some((rd, wr, remote, datagrams)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await {
+                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams)).await;
             }
         });
     }
@@ -226,11 +229,24 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
 /// `None` for a same-host (Unix-domain) connection.
 pub(super) async fn accept_link<H: LinkHandler>(
     links: Arc<Links<H>>,
+    rd: Rd,
+    wr: Wr,
+    remote: Option<SocketAddr>,
+    transport: Transport,
+    poller: Option<super::spin::Poller>,
+) {
+    accept_link_with(links, rd, wr, remote, transport, poller, None).await
+}
+
+/// `accept_link` for a connection that has a datagram path besides its byte stream (QUIC).
+async fn accept_link_with<H: LinkHandler>(
+    links: Arc<Links<H>>,
     mut rd: Rd,
     wr: Wr,
     remote: Option<SocketAddr>,
     transport: Transport,
     poller: Option<super::spin::Poller>,
+    datagrams: Option<Arc<Datagrams>>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
@@ -299,7 +315,7 @@ pub(super) async fn accept_link<H: LinkHandler>(
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr, poller), remote, buf, transport);
+            let tasks = start_link(&links, &peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -352,7 +368,7 @@ fn start_link<H: LinkHandler, R>(
     links: &Arc<Links<H>>,
     peer: &Arc<Peer>,
     gen: u64,
-    (rd, wr, poller): (R, Wr, Option<super::spin::Poller>),
+    (rd, wr, poller, datagrams): (R, Wr, Option<super::spin::Poller>, Option<Arc<Datagrams>>),
     remote: Option<SocketAddr>,
     buf: BytesMut,
     transport: Transport,
@@ -363,13 +379,15 @@ where
     peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *peer.transport.lock() = transport;
     super::local::mark(peer, remote.is_none(), &wr);
+    *peer.datagrams.lock() = datagrams.clone();
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),
     });
     let w = links.tasks.spawn(super::writer::writer(links.clone(), peer.clone(), gen, wr, live.clone()));
     let rd = super::spin::Spin::new(rd, poller);
-    let r = links.tasks.spawn(super::reader::reader(links.clone(), peer.clone(), gen, rd, buf, live, remote));
+    let r =
+        links.tasks.spawn(super::reader::reader(links.clone(), peer.clone(), gen, (rd, datagrams), buf, live, remote));
     tracing::debug!(peer = %peer.id, ?remote, "link up");
     [w, r]
 }

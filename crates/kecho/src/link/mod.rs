@@ -6,6 +6,7 @@
 //! What arrives for channels goes up through one narrow interface, [`LinkHandler`]: batches of events, the other
 //! channel frames, and the loss of a peer. This module knows nothing about channels.
 
+pub(crate) mod datagram;
 pub(crate) mod dial;
 pub(crate) mod local;
 pub(crate) mod outbox;
@@ -38,6 +39,30 @@ use crate::queue::Event;
 use crate::tasks::Tasks;
 pub(crate) use outbox::{Expiry, Held, Outbox, SourceGate, Urgency};
 pub(crate) use writer::COPY_BELOW;
+
+/// A QUIC link's datagram path (see `quic::Datagrams`).
+#[cfg(feature = "quic")]
+pub(crate) use quic::Datagrams;
+
+/// Without QUIC no link has datagrams: the type has no values.
+#[cfg(not(feature = "quic"))]
+pub(crate) enum Datagrams {}
+
+#[cfg(not(feature = "quic"))]
+impl Datagrams {
+    pub(crate) fn max_size(&self) -> Option<usize> {
+        match *self {}
+    }
+    pub(crate) fn send(&self, _: Bytes) -> Option<bool> {
+        match *self {}
+    }
+    pub(crate) async fn recv(&self) -> Option<Bytes> {
+        match *self {}
+    }
+    pub(crate) fn set_send_window(&self, _: u64) {
+        match *self {}
+    }
+}
 
 /// How long a connection may take to complete its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,14 +98,40 @@ pub(crate) struct Arrived {
     more: Option<Box<TargetsDeadline>>,
 }
 
-/// The sink ids of an event's `Targets` frame and the deadline of its `Deadline` frame.
-type TargetsDeadline = (Option<Vec<LocalId>>, Option<u64>);
+/// The sink ids of an event's `Targets` frame, the deadline of its `Deadline` frame, and for an event that came as
+/// a datagram its header's numbers (`datagram.rs`).
+type TargetsDeadline = (Option<Vec<LocalId>>, Option<u64>, Option<Numbered>);
+
+/// A datagram's numbers: the event's number in its source's numbering towards this node, and the number of the
+/// source's last event sent before it on the link's stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Numbered {
+    pub(crate) number: u64,
+    pub(crate) after: u64,
+}
 
 impl Arrived {
     #[inline]
     pub(crate) fn new(event: EventMsg, targets: Option<Vec<LocalId>>, deadline: Option<u64>) -> Self {
-        let more = if targets.is_none() && deadline.is_none() { None } else { Some(Box::new((targets, deadline))) };
+        let more =
+            if targets.is_none() && deadline.is_none() { None } else { Some(Box::new((targets, deadline, None))) };
         Arrived { event, more }
+    }
+
+    /// An event that came as a datagram.
+    pub(crate) fn datagram(
+        event: EventMsg,
+        targets: Option<Vec<LocalId>>,
+        deadline: Option<u64>,
+        numbered: Numbered,
+    ) -> Self {
+        Arrived { event, more: Some(Box::new((targets, deadline, Some(numbered)))) }
+    }
+
+    /// The datagram's numbers, if the event came as one.
+    #[inline]
+    pub(crate) fn numbered(&self) -> Option<Numbered> {
+        self.more.as_ref().and_then(|m| m.2)
     }
 
     /// The event, its targets and its deadline.
@@ -89,7 +140,7 @@ impl Arrived {
         match self.more {
             None => (self.event, None, None),
             Some(more) => {
-                let (targets, deadline) = *more;
+                let (targets, deadline, _) = *more;
                 (self.event, targets, deadline)
             }
         }
@@ -322,6 +373,8 @@ impl<H: LinkHandler> Links<H> {
                     transport: *p.transport.lock(),
                     same_host: c.same_host.load(Ordering::Relaxed),
                     shared_memory: c.shared_memory.load(Ordering::Relaxed),
+                    datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
+                    datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -464,6 +517,11 @@ pub struct LinkStats {
     /// The current (or last) connection is a same-host one whose bytes go through shared-memory rings (see
     /// [`crate::NodeBuilder::shared_memory`]); `false` for one over the socket itself.
     pub shared_memory: bool,
+    /// Best-effort events sent as QUIC datagrams (see [`crate::EventOptions::best_effort`]); not counted in
+    /// `event_frames`, `writes` or `bytes_sent`, which are the stream's.
+    pub datagrams_sent: u64,
+    /// Datagrams that arrived (each one best-effort event, delivered or, if late, dropped and counted as missed).
+    pub datagrams_received: u64,
 }
 
 /// Another node, as this node sees it.
@@ -480,6 +538,8 @@ pub(crate) struct Peer {
     pub(crate) frames_sent: AtomicU64,
     /// The transport of the current (or last) connection.
     transport: Mutex<crate::Transport>,
+    /// The current connection's datagram path (QUIC links only).
+    datagrams: Mutex<Option<Arc<Datagrams>>>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,
 }
@@ -495,6 +555,8 @@ pub(crate) struct LinkCounters {
     pub(crate) same_host: AtomicBool,
     /// ... and runs over shared memory.
     pub(crate) shared_memory: AtomicBool,
+    pub(crate) datagrams_sent: AtomicU64,
+    pub(crate) datagrams_received: AtomicU64,
 }
 
 /// A peer's flags that every submit reads, on a cache line of their own.
@@ -538,6 +600,7 @@ impl Peer {
             }),
             frames_sent: AtomicU64::new(0),
             transport: Mutex::new(crate::Transport::Tcp),
+            datagrams: Mutex::new(None),
             counters: LinkCounters::default(),
         }
     }
@@ -555,6 +618,38 @@ impl Peer {
 
     pub(crate) fn is_up(&self) -> bool {
         matches!(*self.link.lock(), LinkState::Up { .. })
+    }
+
+    /// Sends a best-effort event as a datagram if the link has a datagram path and `len` bytes fit in one now:
+    /// `make` writes the datagram. False if it did not go that way (the caller queues the event on the stream); true
+    /// if it went, or was dropped by the test hook as a network would.
+    pub(crate) fn send_datagram(&self, len: usize, make: impl FnOnce() -> Bytes) -> bool {
+        let Some(d) = self.datagrams.lock().clone() else { return false };
+        if d.max_size().is_none_or(|max| len > max) {
+            return false;
+        }
+        match d.send(make()) {
+            None => false,
+            Some(sent) => {
+                if sent {
+                    self.counters.datagrams_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+        }
+    }
+
+    /// Bounds what a QUIC link's connection holds unsent or unacknowledged to `bytes` (the link carries priorities:
+    /// see `NodeBuilder::send_lowat`); other links have no such queue outside the kernel's.
+    pub(crate) fn shorten_send_queue(&self, bytes: u32) {
+        if let Some(d) = self.datagrams.lock().as_ref() {
+            d.set_send_window(u64::from(bytes));
+        }
+    }
+
+    /// The link has a datagram path now.
+    pub(crate) fn has_datagrams(&self) -> bool {
+        self.datagrams.lock().is_some()
     }
 
     /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
@@ -633,6 +728,7 @@ impl Peer {
         *link = LinkState::Idle;
         // The aborted writer's socket must close with it, not live on for direct writes.
         self.outbox.set_direct(None);
+        *self.datagrams.lock() = None;
     }
 
     /// The link with generation `gen` ended. Returns true if it was the current one (the peer is then lost and
@@ -658,6 +754,7 @@ impl Peer {
             *link = LinkState::Idle;
             drop(link);
             self.outbox.set_direct(None);
+            *self.datagrams.lock() = None;
             if clear {
                 self.outbox.clear();
                 self.flags.epoch.fetch_add(1, Ordering::AcqRel);

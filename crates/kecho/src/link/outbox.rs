@@ -296,6 +296,15 @@ impl Outbox {
         self as *const Outbox as usize
     }
 
+    /// Frames of the source whose last frame went where `held` says are still queued here (the writer has not taken
+    /// them): its next event must not go around them (as a datagram, say).
+    pub(crate) fn holds(&self, held: &Held) -> bool {
+        match held.0 {
+            Some((o, l, pos)) if o == self.id() => self.q.lock().lanes[usize::from(l).min(LANES - 1)].taken < pos,
+            _ => false,
+        }
+    }
+
     /// Event frames accepted so far (written directly or queued).
     pub(crate) fn events(&self) -> u64 {
         self.q.lock().events

@@ -7,12 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use kecho_proto::codec::{self, EventMsg};
 use kecho_proto::{ChannelId, LocalId, Message};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{close, Arrived, Batch, LinkError, LinkHandler, LinkLive, Links, Peer, MEMBERSHIP_RATE};
+use super::{
+    close, Arrived, Batch, Datagrams, LinkError, LinkHandler, LinkLive, Links, Numbered, Peer, MEMBERSHIP_RATE,
+};
 use crate::clock::now;
 
 /// How much a link's reader reads at a time: on a quiet link, and on a busy one (its last read filled the buffer).
@@ -23,11 +25,13 @@ const READ_BIG: usize = 256 * 1024;
 const MAX_BATCH: usize = 256;
 
 /// Runs a link's reader until the link fails; then the link is dropped and, if it was the current one, the peer lost.
+/// A QUIC link's reader also takes its datagrams (best-effort events), in the same task, so that they are delivered
+/// in turn with the stream's events and never at the same time.
 pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     links: Arc<Links<H>>,
     peer: Arc<Peer>,
     gen: u64,
-    rd: R,
+    (rd, datagrams): (R, Option<Arc<Datagrams>>),
     buf: BytesMut,
     live: Arc<LinkLive>,
     remote: Option<SocketAddr>,
@@ -44,7 +48,7 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
         batch: Batch::default(),
         on: ChannelId(0),
     };
-    let why = crate::queue::WAKE_LATER.scope(later, rx.read_loop(&links, rd, buf, remote)).await;
+    let why = crate::queue::WAKE_LATER.scope(later, rx.read_loop(&links, rd, datagrams, buf, remote)).await;
     tracing::debug!(peer = %peer.id, "reader stopped: {why}");
     // Give the writer a moment to send a Close we queued, then drop the link.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -52,6 +56,12 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
         tracing::info!(peer = %peer.id, "link lost: {why}");
         links.peer_lost(peer.id);
     }
+}
+
+/// What a reader's wait brought: bytes of the stream, or a datagram (`None`: the connection is gone).
+enum Got {
+    Read(std::io::Result<usize>),
+    Datagram(Option<Bytes>),
 }
 
 /// The sink ids of a `Targets` frame, held until the event it announces arrives.
@@ -78,6 +88,7 @@ impl<H: LinkHandler> Receiver<H> {
         &mut self,
         links: &Links<H>,
         mut rd: R,
+        mut datagrams: Option<Arc<Datagrams>>,
         mut buf: BytesMut,
         remote: Option<SocketAddr>,
     ) -> LinkError {
@@ -124,7 +135,36 @@ impl<H: LinkHandler> Receiver<H> {
                 more_room(&mut buf, &mut spare, want);
             }
             let free = buf.capacity() - buf.len();
-            match rd.read_buf(&mut buf).await {
+            let got = match &datagrams {
+                None => Got::Read(rd.read_buf(&mut buf).await),
+                // Whichever is ready (at random when both are, so that neither a busy stream nor a flood of
+                // datagrams starves the other). A datagram taken before the stream bytes sent ahead of it is dropped
+                // and reported missed by the channel's loss accounting (`link::datagram::Verdict::Overtook`).
+                Some(d) => tokio::select! {
+                    r = rd.read_buf(&mut buf) => Got::Read(r),
+                    g = d.recv() => Got::Datagram(g),
+                },
+            };
+            let read = match got {
+                Got::Read(r) => r,
+                Got::Datagram(Some(dgram)) => {
+                    self.peer.counters.datagrams_received.fetch_add(1, Ordering::Relaxed);
+                    self.peer.counters.bytes_received.fetch_add(dgram.len() as u64, Ordering::Relaxed);
+                    self.live.lock().on_receive(now());
+                    if let Err(why) = self.datagram(dgram, &mut names, max_frame).await {
+                        tracing::warn!(?remote, peer = %self.peer.id, "malformed datagram, closing link: {why}");
+                        self.peer.outbox.push_control(close(why.close_code(), &why.to_string()));
+                        break 'outer why;
+                    }
+                    continue;
+                }
+                // The connection is gone: the stream's read says why.
+                Got::Datagram(None) => {
+                    datagrams = None;
+                    continue;
+                }
+            };
+            match read {
                 Ok(0) => break LinkError::Eof,
                 Ok(n) => {
                     self.peer.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
@@ -154,12 +194,63 @@ impl<H: LinkHandler> Receiver<H> {
             Some(_) => return Err(LinkError::Protocol("a Deadline frame was not followed by its event")),
             None => None,
         };
-        if e.channel != self.on || self.batch.events.len() >= MAX_BATCH {
-            self.deliver().await;
-            self.on = e.channel;
-        }
-        self.batch.events.push(Arrived::new(e, targets, deadline));
+        let channel = e.channel;
+        self.stage(channel, Arrived::new(e, targets, deadline)).await;
         Ok(())
+    }
+
+    /// Adds an arrived event to the batch of `channel`.
+    async fn stage(&mut self, channel: ChannelId, a: Arrived) {
+        if channel != self.on || self.batch.events.len() >= MAX_BATCH {
+            self.deliver().await;
+            self.on = channel;
+        }
+        self.batch.events.push(a);
+    }
+
+    /// A datagram: one best-effort event with its own `Targets` and `Deadline` frames (`datagram.rs`), staged like an
+    /// event from the stream, with its numbers for the channel's loss accounting. The stream's pending `Targets` and
+    /// `Deadline` frames (for its next event) are not touched.
+    async fn datagram(
+        &mut self,
+        mut d: Bytes,
+        names: &mut codec::TypeNames,
+        max_frame: usize,
+    ) -> Result<(), LinkError> {
+        let (number, after) = super::datagram::split_header(&mut d).map_err(LinkError::Protocol)?;
+        let mut frames = BytesMut::from(d);
+        let (mut targets, mut deadline) = (None, None);
+        loop {
+            let Some(frame) = codec::split_frame(&mut frames, max_frame)? else {
+                return Err(LinkError::Protocol("a datagram without a whole event"));
+            };
+            if codec::is_event(&frame) {
+                let e = codec::decode_event_with(frame, names)?;
+                if !frames.is_empty() {
+                    return Err(LinkError::Protocol("bytes after a datagram's event"));
+                }
+                let of = |c: Option<ChannelId>| c.is_none_or(|c| c == e.channel);
+                if !of(targets.as_ref().map(|t: &PendingTargets| t.channel)) || !of(deadline.map(|(c, _)| c)) {
+                    return Err(LinkError::Protocol("a datagram's frames name different channels"));
+                }
+                let channel = e.channel;
+                let a = Arrived::datagram(
+                    e,
+                    targets.map(|t| t.sinks),
+                    deadline.map(|(_, d)| d),
+                    Numbered { number, after },
+                );
+                self.stage(channel, a).await;
+                return Ok(());
+            }
+            match codec::decode_body_with(frame, names)? {
+                Message::Targets { channel, sinks } if targets.is_none() => {
+                    targets = Some(PendingTargets { channel, sinks })
+                }
+                Message::Deadline { channel, unix_us } if deadline.is_none() => deadline = Some((channel, unix_us)),
+                _ => return Err(LinkError::Protocol("a datagram holds a frame other than Targets, Deadline or Event")),
+            }
+        }
     }
 
     /// Any frame but an event's fast path.

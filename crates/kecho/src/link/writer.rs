@@ -123,11 +123,16 @@ pub(super) async fn writer<H: LinkHandler>(
         if lowat.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
             // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
             // lanes, not the socket's FIFO, decide what waits.
-            if let (Some(n), LinkWr::Tcp(sock)) = (lowat.take(), &wr) {
-                let stream: &tokio::net::TcpStream = (**sock).as_ref();
-                if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
-                    tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+            match (lowat.take(), &wr) {
+                (Some(n), LinkWr::Tcp(sock)) => {
+                    let stream: &tokio::net::TcpStream = (**sock).as_ref();
+                    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                        tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                    }
                 }
+                // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged).
+                (Some(n), LinkWr::Stream(_)) => peer.shorten_send_queue(n),
+                (None, _) => {}
             }
         }
         let n = frames.len() as u64;

@@ -1,0 +1,165 @@
+//! Best-effort events (`EventOptions::best_effort`): over QUIC they travel as datagrams, every loss is reported to the
+//! sinks in its place, a sink never gets a source's events out of order and reliable events of the same source are
+//! never lost; over TCP, and towards Block sinks, nothing changes.
+#![cfg(feature = "quic")]
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::{Attrs, EventOptions, LinkStats, Node, Overflow, RecvError, RegistryClient, SinkOptions, Transport};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Two nodes linked by `transport`; the first drops every `drop_every`th datagram it would send (0: none).
+async fn pair(transport: Transport, drop_every: u64) -> Result<(Node, Node)> {
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).transport(transport).drop_datagrams_every(drop_every);
+    let b = Node::builder().registry_client(reg).transport(transport);
+    Ok((a.start().await?, b.start().await?))
+}
+
+/// What a sink got: `(type, seq, events reported missed just before it)` per event, up to and including the first
+/// event of type `last`.
+async fn drain(sink: &mut kecho::Sink, last: &str) -> Result<Vec<(String, u64, u64)>> {
+    let mut got = Vec::new();
+    let mut missed = 0;
+    loop {
+        match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+            Ok(e) => {
+                got.push((e.ty().to_owned(), e.seq(), std::mem::take(&mut missed)));
+                if e.ty() == last {
+                    return Ok(got);
+                }
+            }
+            Err(RecvError::Lagged(n)) => missed += n,
+            Err(e) => bail!("recv: {e}"),
+        }
+    }
+}
+
+/// Checks the per-source account: sequence numbers only grow, and every number skipped between two delivered events
+/// was reported missed right there (all events of the source go to this sink).
+fn check_account(got: &[(String, u64, u64)]) {
+    let mut prev = 0;
+    for (ty, seq, missed) in got {
+        assert!(*seq > prev, "event {seq} ({ty}) delivered after {prev}: order broken");
+        assert_eq!(*missed, seq - prev - 1, "events missed before {seq} ({ty}) not reported exactly in place");
+        prev = *seq;
+    }
+}
+
+fn link_to(n: &Node, other: &Node) -> LinkStats {
+    n.link_stats().into_iter().find(|l| l.node == other.id()).expect("a link between the two nodes")
+}
+
+/// Sends `n` best-effort events of `size` bytes of type `be` (a little paced: the datagram buffers are not what is
+/// tested), then one reliable event of type `end`.
+async fn send_best_effort(src: &mut kecho::Source, n: u64, size: usize) -> Result<()> {
+    src.set_type_options("be", EventOptions::new().best_effort(true));
+    let payload = vec![7u8; size];
+    for i in 0..n {
+        src.submit("be", &Attrs::new(), &payload).await?;
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_events_go_as_datagrams_over_quic() -> Result<()> {
+    let (a, b) = pair(Transport::Quic, 0).await?;
+    let ca = a.channel("be").await?;
+    let cb = b.channel("be").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropNewest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    send_best_effort(&mut src, 2000, 100).await?;
+    let got = drain(&mut sink, "end").await?;
+    check_account(&got);
+    assert_eq!(got.last().map(|g| g.1), Some(2001));
+    let delivered = got.iter().filter(|g| g.0 == "be").count();
+    assert!(delivered >= 1000, "only {delivered} of 2000 best-effort events arrived on loopback");
+    let (sent, received) = (link_to(&a, &b), link_to(&b, &a));
+    assert_eq!(sent.datagrams_sent, 2000, "every best-effort event went as a datagram");
+    assert!(received.datagrams_received >= delivered as u64);
+    // The reliable event went on the stream.
+    assert_eq!(sent.event_frames, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_datagram_is_reported_as_missed_in_its_place() -> Result<()> {
+    let (a, b) = pair(Transport::Quic, 5).await?;
+    let ca = a.channel("loss").await?;
+    let cb = b.channel("loss").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    send_best_effort(&mut src, 1000, 64).await?;
+    let got = drain(&mut sink, "end").await?;
+    check_account(&got);
+    let missed: u64 = got.iter().map(|g| g.2).sum();
+    assert!(missed >= 200, "every fifth datagram was dropped at the sender, {missed} reported missed");
+    assert!(got.iter().all(|g| g.0 != "be" || g.1 % 5 != 0), "a dropped datagram arrived");
+    assert_eq!(got.len() as u64 + missed, 1001, "every event delivered or reported missed");
+    assert_eq!(cb.stats().missed, missed);
+    assert_eq!(link_to(&a, &b).datagrams_sent, 800);
+    Ok(())
+}
+
+/// A best-effort source whose large events (above a datagram) go on the stream and small ones as datagrams, with a
+/// reliable type in between and datagrams dropped: order holds, every reliable event arrives, the account is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_paths_keep_order_and_reliable_events() -> Result<()> {
+    let (a, b) = pair(Transport::Quic, 3).await?;
+    let ca = a.channel("mixed").await?;
+    let cb = b.channel("mixed").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    src.set_type_options("be", EventOptions::new().best_effort(true));
+    let (small, large) = (vec![1u8; 80], vec![2u8; 6000]);
+    let mut reliable = 0;
+    for i in 0..3000u32 {
+        match i % 7 {
+            0 => src.submit("be", &Attrs::new(), &large).await?,
+            3 => {
+                reliable += 1;
+                src.submit("rel", &Attrs::new(), &small).await?
+            }
+            _ => src.submit("be", &Attrs::new(), &small).await?,
+        };
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    let got = drain(&mut sink, "end").await?;
+    check_account(&got);
+    assert_eq!(got.iter().filter(|g| g.0 == "rel").count(), reliable, "a reliable event was lost");
+    assert!(link_to(&a, &b).datagrams_sent > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_is_reliable_over_tcp_and_towards_block_sinks() -> Result<()> {
+    for (transport, overflow) in [(Transport::Tcp, Overflow::DropNewest), (Transport::Quic, Overflow::Block)] {
+        let (a, b) = pair(transport, 2).await?;
+        let ca = a.channel("plain").await?;
+        let cb = b.channel("plain").await?;
+        let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(overflow))?;
+        ca.wait_for_sinks(1, T).await?;
+        let mut src = ca.source()?;
+        send_best_effort(&mut src, 500, 100).await?;
+        let got = drain(&mut sink, "end").await?;
+        check_account(&got);
+        assert_eq!(got.len(), 501, "{transport}, {overflow:?}: every event arrives");
+        assert_eq!(link_to(&a, &b).datagrams_sent, 0, "{transport}, {overflow:?}: no datagram");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+    Ok(())
+}
