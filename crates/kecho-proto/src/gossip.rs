@@ -632,12 +632,19 @@ impl Gossip {
 
     fn drain_source(&mut self, src: NodeId, now: u64) {
         let Some(s) = self.sources.get_mut(&src) else { return };
+        let before = s.next;
         while let Some(payload) = s.ahead.remove(&s.next) {
             self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
             s.next += 1;
         }
         let gap = !s.ahead.is_empty() || s.heard >= s.next;
-        s.gap_since = if gap { Some(s.gap_since.unwrap_or(now)) } else { None };
+        // The loss timer counts time without progress: in a busy stream whose announcements run ahead of its events
+        // (a slow tree parent), a gap is open all the time, but not for the same events.
+        s.gap_since = match (gap, s.next != before) {
+            (false, _) => None,
+            (true, true) => Some(now),
+            (true, false) => Some(s.gap_since.unwrap_or(now)),
+        };
     }
 
     // ---- views -----------------------------------------------------------------------------------------------

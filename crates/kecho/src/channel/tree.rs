@@ -473,7 +473,7 @@ impl ChannelInner {
                 match out {
                     GossipOut::Send { to, msg } => self.gossip_send(node, to, msg, &mut encoded),
                     GossipOut::Deliver { id, payload } => self.gossip_deliver(node, id, payload),
-                    GossipOut::Lost { source, first, count } => self.gossip_lost(source, first, count),
+                    GossipOut::Lost { source, first, count } => self.gossip_lost(node, source, first, count),
                     GossipOut::Isolated => self.tree_rejoin(node),
                 }
             }
@@ -621,13 +621,35 @@ impl ChannelInner {
     }
 
     /// Events `first..first + count` of stream `stream` will not come.
-    fn gossip_lost(&self, stream: NodeId, first: u64, count: u64) {
+    fn gossip_lost(&self, node: &Arc<Channels>, stream: NodeId, first: u64, count: u64) {
         let events = {
             let t = self.tree.inner.lock();
             t.event_streams.contains(&stream)
         } || self.state.lock().peers().contains_key(&stream);
         if !events {
-            tracing::debug!(channel = %self.name, %stream, first, count, "membership messages lost in the overlay");
+            // Snapshots of a member the overlay did not deliver (a graft that took too long on a loaded host, say):
+            // ask the member directly, so that this node does not miss its members for good.
+            let origin = NodeId(stream.0 ^ MEMBERSHIP_STREAM);
+            tracing::debug!(channel = %self.name, node = %origin, first, count, "snapshots lost in the overlay: asking");
+            let st = self.state.lock();
+            let known = st.peers().get(&origin).map(|p| p.addr.clone());
+            let Some(addr) = known
+                .or_else(|| self.tree.inner.lock().book.get(&origin).cloned())
+                .or_else(|| node.links.addr_of(origin))
+            else {
+                return;
+            };
+            let ask = Message::Snapshot {
+                channel: self.id(),
+                node: node.id,
+                addr: node.links.addr.clone(),
+                snapshot: st.local().clone(),
+                left: false,
+                reply: true,
+            };
+            drop(st);
+            self.tree.inner.lock().recent.insert(origin, now());
+            node.send(origin, &addr, &ask);
             return;
         }
         tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
