@@ -334,6 +334,15 @@ impl ChannelState {
         }
     }
 
+    /// Asks the contact for its view again soon (a lookup in the registry, then a `JoinRequest` whose answer lists
+    /// every member): the node layer's overlay lost snapshots of a member this node may not know of.
+    pub fn resync(&mut self, now: Instant) {
+        if self.phase == Phase::Member && self.contact != Some(self.me) {
+            self.resync = true;
+            self.check_contact(now);
+        }
+    }
+
     /// Channel name.
     pub fn name(&self) -> &str {
         &self.name

@@ -48,11 +48,20 @@ const LINK_GRACE: Duration = Duration::from_secs(5);
 /// A lost link to a node this channel sent to this recently counts as a failure of that node even if it is not an
 /// overlay neighbour (a dial that failed).
 const TRIED: Duration = Duration::from_secs(1);
+/// A node asks the contact for its view (having lost snapshots of an unknown member) at most this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
 /// How often a node in tree mode closes the links no channel needs.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A node's membership stream is its id with these bits flipped: a stream of its own, so that a gap in it is not
 /// reported to sinks as missed events.
 const MEMBERSHIP_STREAM: u64 = 0x6b65_6368_6f2e_6d62;
+
+/// The overlay's settings: the simulation's, but a gap is given 5 s without progress (not 2 s) before it is reported
+/// missed, since a real host can stall for seconds (a loaded machine), and a report is final (an event that comes
+/// after it is dropped as old).
+fn gossip_config() -> GossipConfig {
+    GossipConfig { loss_after: 5_000, ..GossipConfig::default() }
+}
 
 fn membership_stream(node: NodeId) -> NodeId {
     NodeId(node.0 ^ MEMBERSHIP_STREAM)
@@ -107,6 +116,8 @@ struct TreeInner {
     broadcast_version: u64,
     /// Streams known to carry events (a gap in them is reported to sinks), and membership streams.
     event_streams: HashSet<NodeId>,
+    /// When this node last asked the contact for its view.
+    last_resync: Option<Instant>,
 }
 
 impl Default for Tree {
@@ -123,6 +134,7 @@ impl Default for Tree {
                 recent: HashMap::new(),
                 broadcast_version: 0,
                 event_streams: HashSet::new(),
+                last_resync: None,
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -187,7 +199,7 @@ impl ChannelInner {
         {
             let mut t = self.tree.inner.lock();
             let ms = t.ms(at);
-            let mut g = Gossip::new(node.id, GossipConfig::default(), rand::random(), ms);
+            let mut g = Gossip::new(node.id, gossip_config(), rand::random(), ms);
             for (id, p) in st.peers() {
                 t.book.insert(*id, p.addr.clone());
             }
@@ -631,12 +643,23 @@ impl ChannelInner {
             // ask the member directly, so that this node does not miss its members for good.
             let origin = NodeId(stream.0 ^ MEMBERSHIP_STREAM);
             tracing::debug!(channel = %self.name, node = %origin, first, count, "snapshots lost in the overlay: asking");
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             let known = st.peers().get(&origin).map(|p| p.addr.clone());
             let Some(addr) = known
                 .or_else(|| self.tree.inner.lock().book.get(&origin).cloned())
                 .or_else(|| node.links.addr_of(origin))
             else {
+                // A member this node does not know at all: the contact's view lists it (asked at most every
+                // `RESYNC_EVERY`, so that a node does not flood the contact with joins).
+                let at = now();
+                let mut t = self.tree.inner.lock();
+                if t.last_resync.is_none_or(|r| at.saturating_duration_since(r) >= RESYNC_EVERY) {
+                    t.last_resync = Some(at);
+                    drop(t);
+                    st.resync(at);
+                    drop(st);
+                    self.timer.notify_one();
+                }
                 return;
             };
             let ask = Message::Snapshot {
