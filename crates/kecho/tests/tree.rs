@@ -1,7 +1,7 @@
 //! Tree mode (docs/SCALE.md): 40 nodes in one process, real TCP links on loopback, a tree threshold of 8. Every
 //! sink gets every event in per-source order, each node keeps at most 8 links, each event reaches each node about
 //! once, and when a node that forwarded events is killed, the sinks behind it get what they missed by graft or are
-//! told of it.
+//! told of it, and every member drops the killed node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,9 +148,11 @@ async fn forty_nodes_in_tree_mode() -> Result<()> {
     eprintln!("steady state: {frames} event frames for {delivered} deliveries, {copies:.3} copies per event per node");
     assert_eq!(delivered, 2 * STEADY * (NODES as u64 - 1), "each node delivers the other nodes' events once");
     assert!(copies <= 1.2, "copies per event per node {copies:.3}");
-    for (i, n) in nodes.iter().enumerate() {
-        assert!(up_links(n) <= THRESHOLD, "node {i} has {} links", up_links(n));
-    }
+    // Still bounded once the traffic is over (a link that failed under load is dialled again for a while).
+    eventually(&format!("at most {THRESHOLD} links per node after the events"), || {
+        nodes.iter().all(|n| up_links(n) <= THRESHOLD)
+    })
+    .await?;
 
     // Kill the node (not a source's) that forwarded most of source a's events: a parent in a's tree.
     let forwarded = |i: usize| after[i].forwarded - before[i].forwarded;
@@ -186,5 +188,11 @@ async fn forty_nodes_in_tree_mode() -> Result<()> {
         CUT * survivors.len() as u64,
         survivors.len()
     );
+    // Its neighbours found it gone and told everyone (no other member had a link to it).
+    let gone = eventually("every survivor to drop the killed node", || {
+        survivors.iter().all(|i| chans[*i].sinks() == NODES - 1)
+    })
+    .await?;
+    eprintln!("every survivor dropped the killed node {:.1} s after the events", gone.as_secs_f64());
     Ok(())
 }

@@ -335,34 +335,75 @@ impl ChannelInner {
 
     /// The link to `id` is gone. Returns true if tree mode handled it (the caller then leaves the channel's view
     /// alone). A link that the other side closed as unneeded says nothing about its node. A neighbour's link that
-    /// failed does: the node is taken for gone, as in full-mesh mode, and since no other member may have a link to
-    /// it, this node tells them, with a goodbye on its behalf through the overlay (a node that is alive and hears
-    /// it answers with a newer snapshot).
+    /// failed may: this node dials it again, and if no link is up two heartbeat timeouts later, takes the node for
+    /// gone, as in full-mesh mode, and, since no other member may have a link to it, tells them with a goodbye on
+    /// its behalf through the overlay (a node that is alive and hears it publishes a newer snapshot). The dial keeps
+    /// a node that only stalled for a while (a loaded host) in the channel.
     pub(super) fn tree_peer_lost(self: &Arc<Self>, id: NodeId) -> bool {
         if !self.tree_on() {
             return false;
         }
         let Some(node) = self.node.upgrade() else { return true };
         let neighbour = {
-            let t = self.tree.inner.lock();
-            t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
+            let at = now();
+            let mut t = self.tree.inner.lock();
+            let ms = t.ms(at);
+            let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&id));
+            // A link that ends without this node having used it lately was closed by the other side as unneeded:
+            // the node stays a candidate neighbour (in the passive view). A neighbour's link, or one this node just
+            // tried to use (a dial that failed), is a failure.
+            let tried = t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < TRIED);
+            if let Some(g) = t.gossip.as_mut() {
+                if tried || neighbour {
+                    g.peer_failed(id, ms);
+                }
+            }
+            neighbour
         };
+        self.tree_pump(&node);
+        let member = self.state.lock().is_member();
+        if !member {
+            // A joiner (that may have lost its contact): the usual path.
+            return false;
+        }
+        if neighbour {
+            // An empty sample: a message that changes nothing but needs a link.
+            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new() }, &mut None);
+            let weak = Arc::downgrade(self);
+            // Long enough to dial a node whose process runs; shorter than `LINK_GRACE`, so that the link the dial
+            // made is still there when looked at.
+            let wait = (node.cfg.heartbeat_timeout * 2).min(LINK_GRACE - SWEEP_EVERY);
+            node.spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Some(ch) = weak.upgrade() {
+                    ch.tree_confirm_gone(id);
+                }
+            });
+        }
+        true
+    }
+
+    /// A neighbour's link failed a while ago: unless a link to it is up again, the node is gone.
+    fn tree_confirm_gone(self: &Arc<Self>, id: NodeId) {
+        let Some(node) = self.node.upgrade() else { return };
+        if self.closed.load(Ordering::Acquire) || node.links.is_linked_or_dialing(id) {
+            // Up again, or still being dialled (its process runs slowly, or a handshake waits for it): not gone.
+            return;
+        }
         let goodbye = {
             let st = self.state.lock();
-            match (st.is_member(), st.peers().get(&id)) {
-                (true, Some(p)) if neighbour => Some(Message::Snapshot {
-                    channel: self.id(),
-                    node: id,
-                    addr: p.addr.clone(),
-                    snapshot: NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
-                    left: true,
-                    reply: false,
-                }),
-                _ => None,
-            }
+            st.peers().get(&id).map(|p| Message::Snapshot {
+                channel: self.id(),
+                node: id,
+                addr: p.addr.clone(),
+                snapshot: NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
+                left: true,
+                reply: false,
+            })
         };
-        if let Some(msg) = goodbye {
-            tracing::debug!(channel = %self.name, node = %id, "a neighbour's link failed: telling the members");
+        let Some(msg) = goodbye else { return };
+        tracing::debug!(channel = %self.name, node = %id, "a neighbour is gone: telling the members");
+        {
             let at = now();
             let mut t = self.tree.inner.lock();
             let ms = t.ms(at);
@@ -370,23 +411,9 @@ impl ChannelInner {
                 g.broadcast_on(membership_stream(node.id), msg.to_bytes(), ms);
             }
         }
-        {
-            let at = now();
-            let mut t = self.tree.inner.lock();
-            let ms = t.ms(at);
-            // A link that ends without this node having used it lately was closed by the other side as unneeded:
-            // the node stays a candidate neighbour (in the passive view). A neighbour's link, or one this node just
-            // tried to use (a dial that failed), is a failure.
-            let tried = t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < TRIED);
-            if let Some(g) = t.gossip.as_mut() {
-                if tried || g.active().contains(&id) {
-                    g.peer_failed(id, ms);
-                }
-            }
-        }
         self.tree_pump(&node);
-        // The usual path for a neighbour that failed, and for a joiner (that may have lost its contact).
-        !neighbour && self.state.lock().is_member()
+        self.state.lock().handle_peer_lost(id, now());
+        self.flush();
     }
 
     /// Publishes an event of local source `source` in tree mode: encoded once, broadcast on this node's stream, and

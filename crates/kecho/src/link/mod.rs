@@ -364,6 +364,11 @@ impl<H: LinkHandler> Links<H> {
         self.peers.lock().get(&id).is_some_and(|p| p.is_up())
     }
 
+    /// A link to `id` is up or being dialled.
+    pub(crate) fn is_linked_or_dialing(&self, id: NodeId) -> bool {
+        self.peers.lock().get(&id).is_some_and(|p| !matches!(*p.link.lock(), LinkState::Idle))
+    }
+
     /// The address node `id` is dialled at, if this node knows it.
     pub(crate) fn addr_of(&self, id: NodeId) -> Option<String> {
         let p = self.peers.lock().get(&id).cloned()?;
