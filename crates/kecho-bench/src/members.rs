@@ -6,11 +6,14 @@
 //! registry server in this process. Each node has one sink; a join is timed from the node's start until it knows all
 //! N sinks (so it can send to all of them), the other members learning of it meanwhile. Nodes join one at a time,
 //! each in the next process; then STORM nodes join at once (spread over the processes) and the storm is timed until
-//! every member in every process knows every sink. Then the first node publishes 200 events of 100 B (its thread's
+//! every member in every process knows every sink. Then the first node publishes 20 events 50 ms apart (not
+//! counted: in tree mode they shape its tree) and 200 events of 100 B (its thread's
 //! CPU per event, what every sink received or was told it missed, and the event frames per event per member), and each
 //! process reports its resident memory, the links up per node, heartbeat timeouts and the longest delay of a 50 ms
-//! timer on its runtime (how long its tasks could not run). The channel is a full mesh (each node links to every other), so a
-//! run is bounded by file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory.
+//! timer on its runtime (how long its tasks could not run). Up to the nodes' tree threshold (64, or
+//! `KECHO_BENCH_TREE=THRESHOLD`) the channel is a full mesh (each node links to every other), so a run is bounded by
+//! file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory; above it the channel runs
+//! in tree mode (about 5 links per node; docs/SCALE.md).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -210,7 +213,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
 
     let mut s = Section::new("members");
     let mut t = Table::new(
-        "join of the Nth member node (full mesh)",
+        "join of the Nth member node",
         &["N", "open (ms)", "all sinks known (ms)", "mean of the 10 joins up to N (ms)"],
     );
     let marks: Vec<usize> = [1usize, 10, 25, 50, 100, 150, 200, 250, 300, 400, 500, 750, 1000]
@@ -287,8 +290,10 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     }
     s.notes.push(format!(
         "{} member nodes in {procs} processes on loopback, one sink each, one registry server; nodes join one at a \
-         time, then {storm} at once. Full mesh: node N links to the N-1 others.",
-        joins.len()
+         time, then {storm} at once. Tree threshold {}: up to it a full mesh (node N links to the N-1 others), above \
+         it tree mode (bounded links, events along per-source trees).",
+        joins.len(),
+        tree_threshold().map_or("64 (the default)".to_owned(), |t| t.to_string()),
     ));
     if let Some(why) = &stopped {
         s.notes.push(format!("The run stopped early: {why}"));
@@ -302,10 +307,27 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
 
 /// Events the first node publishes once every member has joined.
 const EVENTS: u64 = 200;
+/// Events published before those, 50 ms apart, and not counted.
+const WARM_UP: u64 = 20;
 
 /// The first node (in the first process) publishes `n` events of 100 B; every sink (its own included) must get them.
 fn publish(hosts: &mut [Host], n: u64) -> Result<EventRow> {
     let sinks: usize = hosts.iter().map(|h| h.nodes).sum();
+    // First a few events 50 ms apart, not counted: in tree mode they shape the source's tree (the first events of a
+    // source go to every neighbour until duplicates prune the links), so that the figures are the steady state's.
+    hosts[0].ask(&format!("publish {WARM_UP} 50"))?;
+    hosts[0].answer()?;
+    for h in hosts.iter_mut() {
+        h.ask(&format!("count {WARM_UP}"))?;
+    }
+    for h in hosts.iter_mut() {
+        h.answer()?;
+    }
+    // Event frames are counted from here (in tree mode, membership messages travel as overlay events too).
+    for h in hosts.iter_mut() {
+        h.ask("mark")?;
+        h.answer()?;
+    }
     hosts[0].ask(&format!("publish {n}"))?;
     let cpu_ns = hosts[0].answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<u64>()?;
     let (mut received, mut missed, mut copies) = (0, 0, 0);
@@ -350,6 +372,10 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
         }
     });
     let mut members: Vec<(Node, Channel, Sink)> = Vec::new();
+    // Event frames that arrived here up to the last `mark`.
+    let mut marked = 0u64;
+    // The first node's source, made at the first `publish` and kept (a new source would change the node's members).
+    let mut source: Option<kecho::Source> = None;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
@@ -391,6 +417,10 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                     Ok(format!("ok {}", t0.elapsed().as_nanos()))
                 })
             }
+            ["mark"] => {
+                marked = copies(&members);
+                Ok("ok".to_owned())
+            }
             ["rss"] => {
                 let links: usize = members.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).sum();
                 let timeouts: u64 =
@@ -398,18 +428,26 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 let stall = stall.load(std::sync::atomic::Ordering::Relaxed);
                 Ok(format!("ok {} {stall} {links} {timeouts}", rss_kib()))
             }
-            ["publish", n] => {
-                // The first node here publishes n events; the answer is the CPU time of this thread per event (the
-                // submit path runs on the caller: encoding and queueing to every member's link).
+            ["publish", n, rest @ ..] => {
+                // The first node here publishes n events (`publish N PACE_MS`: PACE_MS apart); the answer is the CPU
+                // time of this thread per event (the submit path runs on the caller: encoding and queueing to every
+                // member's link, or to its tree children).
                 let n: u64 = n.parse()?;
+                let pace = Duration::from_millis(rest.first().map_or(Ok(0), |p| p.parse::<u64>())?);
                 let (_, ch, _) = members.first().ok_or_else(|| anyhow!("no node here"))?;
-                let mut src = ch.source()?;
+                let src = match &mut source {
+                    Some(s) => s,
+                    None => source.insert(ch.source()?),
+                };
                 let attrs = kecho::Attrs::new();
                 let payload = [7u8; 100];
                 rt.block_on(async {
                     let cpu = crate::util::self_cpu_ns();
                     for _ in 0..n {
                         src.submit("m", &attrs, &payload).await?;
+                        if !pace.is_zero() {
+                            tokio::time::sleep(pace).await;
+                        }
                     }
                     Ok::<_, anyhow::Error>(format!("ok {}", (crate::util::self_cpu_ns() - cpu) / n.max(1)))
                 })
@@ -435,7 +473,7 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                         }
                         got += here;
                     }
-                    let copies: u64 = members.iter().map(|(_, ch, _)| ch.stats().received).sum();
+                    let copies = copies(&members) - marked;
                     Ok::<_, anyhow::Error>(format!("ok {got} {missed} {copies}"))
                 })
             }
@@ -449,9 +487,34 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
     std::process::exit(0)
 }
 
+/// Event frames that arrived at the nodes here, and events of local sources delivered to their local sinks: in a
+/// full mesh the events received; in tree mode every frame carrying an event, duplicates included.
+fn copies(members: &[(Node, Channel, Sink)]) -> u64 {
+    members
+        .iter()
+        .map(|(_, ch, _)| {
+            let (stats, tree) = (ch.stats(), ch.tree_stats());
+            if tree.on {
+                tree.event_frames + stats.received.saturating_sub(tree.delivered)
+            } else {
+                stats.received
+            }
+        })
+        .sum()
+}
+
+/// `KECHO_BENCH_TREE=THRESHOLD`: the member nodes' tree threshold (`NodeBuilder::tree_threshold`).
+fn tree_threshold() -> Option<usize> {
+    std::env::var("KECHO_BENCH_TREE").ok().and_then(|v| v.trim().parse().ok())
+}
+
 async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, Channel, Sink), Instant)> {
     let membership = MembershipConfig { open_timeout: STEP_LIMIT, ..MembershipConfig::default() };
-    let node = Node::builder().registry(registry).membership(membership).start().await.context("starting a node")?;
+    let mut builder = Node::builder().registry(registry).membership(membership);
+    if let Some(t) = tree_threshold() {
+        builder = builder.tree_threshold(t);
+    }
+    let node = builder.start().await.context("starting a node")?;
     let ch = node.channel(channel).await.context("opening the channel")?;
     let opened = Instant::now();
     let sink = ch.sink(SinkOptions::new())?;

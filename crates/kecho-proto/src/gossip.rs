@@ -1,6 +1,7 @@
 //! Membership and dissemination for large channels, without I/O: HyParView partial views (Leitão, Pereira and
 //! Rodrigues, 2007) and Plumtree epidemic broadcast trees (Leitão, Pereira and Rodrigues, 2007), as iroh-gossip keeps
-//! them, written for kecho. Not yet wired into channels (docs/SCALE.md has the plan and the simulation's figures).
+//! them, written for kecho. A channel runs one above its tree threshold (`crates/kecho/src/channel/tree.rs`;
+//! docs/SCALE.md has the design and the figures).
 //!
 //! Each member keeps a small **active view** (its links, at most [`GossipConfig::active`]) and a larger **passive
 //! view** (addresses to replace failed links from), both bounded whatever the channel's size. Joins walk the overlay
@@ -215,7 +216,9 @@ pub struct Gossip {
     /// Announced events not received: who announced them, and when to graft.
     missing: HashMap<EventId, (VecDeque<NodeId>, u64)>,
     sources: HashMap<NodeId, SourceState>,
-    next_seq: u64,
+    /// The next number of each stream this member publishes on (its own id, and any other of
+    /// [`Gossip::broadcast_on`]).
+    next_seq: HashMap<NodeId, u64>,
     next_shuffle: u64,
     next_summary: u64,
     next_refill: u64,
@@ -242,7 +245,7 @@ impl Gossip {
             order: VecDeque::new(),
             missing: HashMap::new(),
             sources: HashMap::new(),
-            next_seq: 1,
+            next_seq: HashMap::new(),
             next_shuffle,
             next_summary,
             next_refill,
@@ -287,10 +290,18 @@ impl Gossip {
 
     /// Publishes an event from this member; returns its identity.
     pub fn broadcast(&mut self, payload: bytes::Bytes, now: u64) -> EventId {
-        let id = EventId { source: self.me, seq: self.next_seq };
-        self.next_seq += 1;
+        self.broadcast_on(self.me, payload, now)
+    }
+
+    /// Publishes an event on `stream`, a sequence of its own numbered from 1 that only this member publishes on
+    /// (its own id for [`Gossip::broadcast`]; another id, say, for messages its members must not count as lost
+    /// events). Each stream has its own tree, order and loss reports.
+    pub fn broadcast_on(&mut self, stream: NodeId, payload: bytes::Bytes, now: u64) -> EventId {
+        let next = self.next_seq.entry(stream).or_insert(1);
+        let id = EventId { source: stream, seq: *next };
+        *next += 1;
         self.remember(id, payload.clone());
-        let s = self.sources.entry(self.me).or_default();
+        let s = self.sources.entry(stream).or_default();
         s.next = id.seq + 1;
         s.heard = id.seq;
         s.last_at = now;
@@ -621,12 +632,19 @@ impl Gossip {
 
     fn drain_source(&mut self, src: NodeId, now: u64) {
         let Some(s) = self.sources.get_mut(&src) else { return };
+        let before = s.next;
         while let Some(payload) = s.ahead.remove(&s.next) {
             self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
             s.next += 1;
         }
         let gap = !s.ahead.is_empty() || s.heard >= s.next;
-        s.gap_since = if gap { Some(s.gap_since.unwrap_or(now)) } else { None };
+        // The loss timer counts time without progress: in a busy stream whose announcements run ahead of its events
+        // (a slow tree parent), a gap is open all the time, but not for the same events.
+        s.gap_since = match (gap, s.next != before) {
+            (false, _) => None,
+            (true, true) => Some(now),
+            (true, false) => Some(s.gap_since.unwrap_or(now)),
+        };
     }
 
     // ---- views -----------------------------------------------------------------------------------------------

@@ -273,6 +273,9 @@ pub struct ChannelState {
     wall: Option<(Instant, Duration)>,
     /// The owner was told that this node's own credential expired (`Output::Refused`).
     expiry_told: bool,
+    /// Members' snapshots reach this node through an overlay (a channel in tree mode), not each on its own link:
+    /// a member heard of from a third party is not dropped for not speaking to this node directly.
+    relayed: bool,
     out: VecDeque<Output>,
 }
 
@@ -316,7 +319,27 @@ impl ChannelState {
             policy_pinned: false,
             wall: None,
             expiry_told: false,
+            relayed: false,
             out: VecDeque::new(),
+        }
+    }
+
+    /// Members' snapshots reach this node through an overlay from now on (the node layer's tree mode), not each on
+    /// the member's own link: members heard of from a third party (a join answer, a relay) are not dropped for not
+    /// speaking to this node directly.
+    pub fn set_relayed(&mut self, on: bool) {
+        self.relayed = on;
+        if on {
+            self.unconfirmed.clear();
+        }
+    }
+
+    /// Asks the contact for its view again soon (a lookup in the registry, then a `JoinRequest` whose answer lists
+    /// every member): the node layer's overlay lost snapshots of a member this node may not know of.
+    pub fn resync(&mut self, now: Instant) {
+        if self.phase == Phase::Member && self.contact != Some(self.me) {
+            self.resync = true;
+            self.check_contact(now);
         }
     }
 
@@ -493,7 +516,8 @@ impl ChannelState {
             Phase::Backoff { until } => Some(*until),
             _ => None,
         };
-        let unconfirmed = self.unconfirmed.values().min().copied().filter(|_| self.phase == Phase::Member);
+        let unconfirmed =
+            self.unconfirmed.values().min().copied().filter(|_| self.phase == Phase::Member && !self.relayed);
         let expiry = self.next_expiry().filter(|_| self.phase == Phase::Member);
         let own = self.own_expiry().filter(|_| self.phase == Phase::Member);
         [phase_timer, self.deadline, self.next_renew, unconfirmed, expiry, own].into_iter().flatten().min()
@@ -794,6 +818,9 @@ impl ChannelState {
             // The others drop this node now: say so, so that the owner renews (`set_token`).
             self.expiry_told = true;
             self.out.push_back(Output::Refused(Refusal::Expired { channel: self.name.clone() }));
+        }
+        if self.relayed {
+            self.unconfirmed.clear();
         }
         if self.phase == Phase::Member {
             let silent: Vec<NodeId> = self.unconfirmed.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();

@@ -5,6 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use kecho_proto::access::{Authority, Policy, Roles};
 use kecho_proto::codec::*;
+use kecho_proto::gossip::{EventId, GossipMsg};
 use kecho_proto::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -62,10 +63,11 @@ fn variant(m: &Message) -> &'static str {
         Message::SourceEnd { .. } => "SourceEnd",
         Message::Deadline { .. } => "Deadline",
         Message::Expired { .. } => "Expired",
+        Message::Gossip { .. } => "Gossip",
     }
 }
 
-const VARIANTS: usize = 25;
+const VARIANTS: usize = 26;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -90,7 +92,7 @@ fn one_of_each() -> Vec<Message> {
         sinks: 2,
         expires_in_ms: 9000,
     };
-    vec![
+    let mut all = vec![
         Message::Hello {
             version: PROTOCOL_VERSION,
             node: NodeId(1),
@@ -183,7 +185,29 @@ fn one_of_each() -> Vec<Message> {
         },
         Message::RegList { req: 4 },
         Message::RegReply { req: 4, result: RegResult::Entries(vec![entry.clone(), entry]) },
-    ]
+    ];
+    // Every gossip message, each in its own frame (the payload of an event is the rest of its frame).
+    let id = EventId { source: NodeId(4), seq: 77 };
+    let frame = Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 }.to_bytes();
+    let bodies = vec![
+        GossipMsg::Join,
+        GossipMsg::ForwardJoin { joiner: NodeId(5), ttl: 6 },
+        GossipMsg::Neighbor { high: true },
+        GossipMsg::NeighborReply { accepted: false },
+        GossipMsg::Disconnect,
+        GossipMsg::Shuffle { origin: NodeId(5), ttl: 3, peers: vec![NodeId(5), NodeId(6)] },
+        GossipMsg::ShuffleReply { peers: vec![NodeId(7)] },
+        GossipMsg::Event { id, hops: 3, payload: frame },
+        GossipMsg::Event { id, hops: 0, payload: Bytes::new() },
+        GossipMsg::IHave { ids: vec![id, EventId { source: NodeId(5), seq: 1 }] },
+        GossipMsg::Graft { id },
+        GossipMsg::Prune { source: NodeId(4) },
+    ];
+    for (i, body) in bodies.into_iter().enumerate() {
+        let addrs = if i % 2 == 0 { vec![(NodeId(5), "10.0.0.5:7000".to_owned())] } else { Vec::new() };
+        all.push(Message::Gossip { channel: ChannelId(9), addrs, body });
+    }
+    all
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use kecho_proto::access::{Policy, Roles, Token};
 use kecho_proto::codec::*;
+use kecho_proto::gossip::{EventId, GossipMsg};
 use kecho_proto::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -110,6 +111,32 @@ fn reg_result() -> impl Strategy<Value = RegResult> {
     ]
 }
 
+fn gossip_body() -> impl Strategy<Value = GossipMsg> {
+    let node = any::<u64>().prop_map(NodeId);
+    let id = (any::<u64>(), any::<u64>()).prop_map(|(s, seq)| EventId { source: NodeId(s), seq });
+    prop_oneof![
+        Just(GossipMsg::Join),
+        (node.clone(), any::<u8>()).prop_map(|(joiner, ttl)| GossipMsg::ForwardJoin { joiner, ttl }),
+        any::<bool>().prop_map(|high| GossipMsg::Neighbor { high }),
+        any::<bool>().prop_map(|accepted| GossipMsg::NeighborReply { accepted }),
+        Just(GossipMsg::Disconnect),
+        (node.clone(), any::<u8>(), vec(node.clone(), 0..4)).prop_map(|(origin, ttl, peers)| GossipMsg::Shuffle {
+            origin,
+            ttl,
+            peers
+        }),
+        vec(node.clone(), 0..4).prop_map(|peers| GossipMsg::ShuffleReply { peers }),
+        (id.clone(), any::<u16>(), vec(any::<u8>(), 0..64)).prop_map(|(id, hops, payload)| GossipMsg::Event {
+            id,
+            hops,
+            payload: payload.into()
+        }),
+        vec(id.clone(), 0..4).prop_map(|ids| GossipMsg::IHave { ids }),
+        id.prop_map(|id| GossipMsg::Graft { id }),
+        node.prop_map(|source| GossipMsg::Prune { source }),
+    ]
+}
+
 fn message() -> impl Strategy<Value = Message> {
     let ch = any::<u64>().prop_map(ChannelId);
     let node = any::<u64>().prop_map(NodeId);
@@ -194,6 +221,8 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
             }),
         (ch.clone(), any::<u64>()).prop_map(|(channel, unix_us)| Message::Deadline { channel, unix_us }),
+        (ch.clone(), vec((node.clone(), name()), 0..3), gossip_body())
+            .prop_map(|(channel, addrs, body)| Message::Gossip { channel, addrs, body }),
         (ch.clone(), any::<u32>(), any::<u64>(), name(), vec(any::<u32>(), 0..4)).prop_map(
             |(channel, s, seq, ty, ids)| Message::Expired {
                 channel,

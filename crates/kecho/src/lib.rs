@@ -37,7 +37,7 @@ mod transport;
 pub mod wasm;
 
 pub use channel::{
-    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, Typed, TypedSink, TypedSource,
+    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, TreeStats, Typed, TypedSink, TypedSource,
 };
 pub use error::{Error, LinkFailure, LinkFailureKind, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};

@@ -140,6 +140,18 @@ impl NodeBuilder {
         self
     }
 
+    /// The size above which this node runs a channel in tree mode: once it knows more than `n` member nodes (itself
+    /// included), or once another member talks to it in tree mode, it stops linking to every member and joins the
+    /// channel's overlay instead (HyParView partial views: about 5 links per node whatever the channel's size), and
+    /// events travel along a tree per source (Plumtree), each node forwarding them to its tree children and
+    /// delivering them to its own sinks in per-source order; gaps the tree cannot repair are reported to the sinks
+    /// as missed. A channel of at most `n` nodes stays a full mesh. Default 64. See docs/SCALE.md for what tree mode
+    /// does not do yet (OUT-filters, Block back-pressure, deadlines and histories apply in full-mesh mode only).
+    pub fn tree_threshold(mut self, n: usize) -> Self {
+        self.cfg.tree_threshold = n.max(1);
+        self
+    }
+
     /// What every source of this node keeps, by default, of the events that sinks of cut-off nodes miss, to replay
     /// to them in order should their node come back ([`crate::Source::set_history`] sets it per source). Default:
     /// nothing, and returning sinks are told how many events they missed. See docs/DURABILITY.md.

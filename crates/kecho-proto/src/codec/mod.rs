@@ -14,13 +14,14 @@ use crate::access::{Policy, Roles, Token};
 use crate::snapshot::NodeSnapshot;
 use crate::types::*;
 
+mod gossip;
 mod registry;
 
 // The registry's messages carry these; they are named from here like every other message field.
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -374,6 +375,17 @@ pub enum Message {
         /// What it knows of each node's share; empty when the source's node left without closing the source first.
         dests: Vec<EndDest>,
     },
+    /// A channel in tree mode (docs/SCALE.md): one message of its membership and dissemination state machine
+    /// ([`crate::gossip`]), with the addresses the sender knows of the nodes the message names (a joiner, shuffled
+    /// peers), so that the receiver can dial them. Version 7.
+    Gossip {
+        /// Channel.
+        channel: ChannelId,
+        /// Node addresses: those of the nodes `body` names, as far as the sender knows them.
+        addrs: Vec<(NodeId, String)>,
+        /// The message. An event's payload is an encoded `Event` frame, forwarded unchanged.
+        body: crate::gossip::GossipMsg,
+    },
     /// Registry: create, renew or take over an entry.
     RegClaim {
         /// Request id, echoed in the reply.
@@ -457,6 +469,7 @@ mod kind {
     pub const SOURCE_END: u8 = 25;
     pub const DEADLINE: u8 = 30;
     pub const EXPIRED: u8 = 31;
+    pub const GOSSIP: u8 = 40;
 }
 
 impl Message {
@@ -489,6 +502,7 @@ impl Message {
             Message::SourceEnd { .. } => SOURCE_END,
             Message::Deadline { .. } => DEADLINE,
             Message::Expired { .. } => EXPIRED,
+            Message::Gossip { .. } => GOSSIP,
         }
     }
 
@@ -575,6 +589,10 @@ impl Message {
                 for s in sinks {
                     dst.put_u32_le(s.0);
                 }
+            }
+            Message::Gossip { channel, addrs, body } => {
+                dst.put_u64_le(channel.0);
+                gossip::put_gossip(dst, addrs, body);
             }
             Message::SourceEnd { channel, origin, source, last, dests } => {
                 dst.put_u64_le(channel.0);
@@ -1250,6 +1268,11 @@ impl Reader {
                 Message::Targets { channel, sinks }
             }
             DEADLINE => Message::Deadline { channel: ChannelId(self.u64()?), unix_us: self.u64()? },
+            GOSSIP => {
+                let channel = ChannelId(self.u64()?);
+                let (addrs, body) = self.gossip()?;
+                Message::Gossip { channel, addrs, body }
+            }
             EXPIRED => {
                 let channel = ChannelId(self.u64()?);
                 let source = LocalId(self.u32()?);

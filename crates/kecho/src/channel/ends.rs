@@ -200,6 +200,10 @@ impl ChannelInner {
     /// node's share (`dests`; empty if it is unknown here).
     pub(super) fn source_ended(&self, source: LocalId, last: u64, dests: Vec<EndDest>) {
         let Some(node) = self.node.upgrade() else { return };
+        if self.tree_on() {
+            // Not to every member in tree mode: the overlay's summaries account for a source's last events.
+            return;
+        }
         let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };
         let peers: Vec<(NodeId, String)> =
             self.state.lock().peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
@@ -244,7 +248,7 @@ impl ChannelInner {
         }
         let end = End::of(node.id, last, &dests);
         let direct = from == origin;
-        if direct {
+        if direct && !self.tree_on() {
             // Relay it once to every other member, and to members that appear later.
             let msg = Message::SourceEnd { channel: self.id(), origin, source, last, dests };
             let peers: Vec<(NodeId, String)> = self
@@ -347,7 +351,7 @@ impl ChannelInner {
             let seen: HashSet<NodeId> = seen.iter().copied().collect();
             peers.iter().filter(|(p, _)| !seen.contains(p)).collect()
         };
-        if !fresh.is_empty() {
+        if !fresh.is_empty() && !self.tree_on() {
             let ends = self.ends.lock();
             for (to, addr) in fresh {
                 for r in ends.iter().filter(|r| r.origin != *to && at.duration_since(r.at) < node.cfg.gap_memory) {

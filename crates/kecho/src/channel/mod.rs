@@ -9,7 +9,9 @@
 //! - `deliver`: events arriving from other nodes, loss accounting, the IN-filter, offering to local sinks;
 //! - `ends`: sources that end, and what their sinks missed (`SourceEnd`, relayed by every member);
 //! - `sink`: [`Sink`], its options and the typed wrappers;
-//! - `install`: sandboxed filters installed by members.
+//! - `install`: sandboxed filters installed by members;
+//! - `tree`: tree mode, for channels above `NodeBuilder::tree_threshold` member nodes (bounded links, events along
+//!   per-source trees).
 
 mod deliver;
 mod ends;
@@ -19,6 +21,7 @@ mod routes;
 mod sink;
 mod source;
 mod table;
+mod tree;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -39,6 +42,7 @@ use sink::LocalSink;
 pub use sink::{Sink, SinkOptions, Typed, TypedSink, TypedSource};
 pub use source::Source;
 pub(crate) use table::{Channels, NodeGuard};
+pub use tree::TreeStats;
 
 use crate::clock::now;
 use crate::error::{Error, Refusal, Result};
@@ -159,6 +163,8 @@ pub(crate) struct ChannelInner {
     guard_sources: AtomicBool,
     /// The nodes holding the source right, when `guard_sources` is set.
     senders: RwLock<Arc<Vec<NodeId>>>,
+    /// Tree mode (`tree.rs`).
+    tree: tree::Tree,
 }
 
 impl ChannelInner {
@@ -214,6 +220,7 @@ impl ChannelInner {
             seen_peers: Mutex::new(Vec::new()),
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
+            tree: tree::Tree::default(),
         });
         node.index_channel(None, fresh, &ch);
         let weak = Arc::downgrade(&ch);
@@ -259,8 +266,12 @@ impl ChannelInner {
     }
 
     pub(crate) fn membership_input(self: &Arc<Self>, from: NodeId, msg: Message) {
+        let join = matches!(msg, Message::JoinRequest { .. });
         self.state.lock().handle_message(from, msg, now());
         self.flush();
+        if join {
+            self.tree_join_request(from);
+        }
     }
 
     /// Executes everything the state machine asked for.
@@ -279,8 +290,13 @@ impl ChannelInner {
             let Some(out) = st.poll_output() else { break };
             match out {
                 Output::Send { to, addr, msg } => {
+                    let tree = self.tree_check(&mut st);
                     drop(st);
-                    node.send(to, &addr, &msg);
+                    if tree {
+                        self.tree_send_membership(&node, to, &addr, msg);
+                    } else {
+                        node.send(to, &addr, &msg);
+                    }
                 }
                 Output::Registry(op) => {
                     let msg = st.registry_message(&op, 0);
@@ -305,6 +321,9 @@ impl ChannelInner {
                     });
                 }
                 Output::Changed => {
+                    if self.tree_check(&mut st) {
+                        self.tree_learn(&st);
+                    }
                     drop(st);
                     self.rebuild_routes(&node);
                 }
@@ -447,6 +466,7 @@ impl ChannelInner {
         }
         self.state.lock().leave(now());
         self.flush_leave().await;
+        self.tree_leave();
         self.close_local();
         if let Some(node) = self.node.upgrade() {
             node.forget_channel(self);
@@ -468,6 +488,9 @@ impl ChannelInner {
             };
             match next {
                 None => break,
+                Some(Ok(Output::Send { to, addr, msg })) if self.tree_on() => {
+                    self.tree_send_membership(&node, to, &addr, msg)
+                }
                 Some(Ok(Output::Send { to, addr, msg })) => node.send(to, &addr, &msg),
                 Some(Ok(_)) => {}
                 Some(Err(registry_msg)) => {
@@ -655,6 +678,11 @@ impl Channel {
     /// Counters for this channel on this node.
     pub fn stats(&self) -> ChannelStats {
         self.inner.stats()
+    }
+
+    /// Counters of tree mode for this channel on this node (see [`crate::NodeBuilder::tree_threshold`]).
+    pub fn tree_stats(&self) -> TreeStats {
+        self.inner.tree_stats()
     }
 
     /// Leaves the channel: other members are told, local sinks are closed.

@@ -216,6 +216,9 @@ static ROUTES_BUILT: AtomicU64 = AtomicU64::new(1);
 impl ChannelInner {
     /// The link to node `id` is gone: its members leave the view, and its sinks are remembered as cut off.
     pub(crate) fn peer_lost(self: &Arc<Self>, id: NodeId) {
+        if self.tree_peer_lost(id) {
+            return;
+        }
         let mut st = self.state.lock();
         if let (Some(p), Some(node)) = (st.peers().get(&id), self.node.upgrade()) {
             // Remember its sinks: events they would have got while it is cut off are counted and reported to it as

@@ -151,6 +151,16 @@ impl Channels {
         }
     }
 
+    /// Closes the links that no channel needs (channels in tree mode use only their overlay neighbours').
+    pub(crate) fn release_links(&self) {
+        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
+        for id in self.links.up_peers() {
+            if !chans.iter().any(|c| c.needs_link(id)) {
+                self.links.release(id);
+            }
+        }
+    }
+
     /// Leaves every channel cleanly (members are told).
     pub(crate) async fn leave_all(&self) {
         let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
@@ -216,6 +226,11 @@ impl LinkHandler for Channels {
             Message::Routed { channel, source, skipped } => {
                 if let Some(ch) = self.channel_by_id(channel) {
                     ch.routed(from, source, skipped);
+                }
+            }
+            Message::Gossip { channel, addrs, body } => {
+                if let Some(ch) = self.channel_by_id(channel) {
+                    ch.gossip_input(from, addrs, body);
                 }
             }
             Message::JoinRequest { channel, ref addr, .. } => match self.channel_by_id(channel) {

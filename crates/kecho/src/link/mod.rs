@@ -402,6 +402,56 @@ impl<H: LinkHandler> Links<H> {
         p.ensure_link(self);
     }
 
+    /// Sends an encoded frame (a control frame: it keeps its place after the frames queued before it) to node `to`
+    /// (at `addr`), dialling if needed.
+    pub(crate) fn send_frame(self: &Arc<Self>, to: NodeId, addr: &str, frame: Bytes) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        let p = self.peer(to, addr);
+        p.outbox.push_control(frame);
+        p.ensure_link(self);
+    }
+
+    /// A link to `id` is up now.
+    pub(crate) fn is_up(&self, id: NodeId) -> bool {
+        self.peers.lock().get(&id).is_some_and(|p| p.is_up())
+    }
+
+    /// A link to `id` is up or being dialled.
+    pub(crate) fn is_linked_or_dialing(&self, id: NodeId) -> bool {
+        self.peers.lock().get(&id).is_some_and(|p| !matches!(*p.link.lock(), LinkState::Idle))
+    }
+
+    /// The address node `id` is dialled at, if this node knows it.
+    pub(crate) fn addr_of(&self, id: NodeId) -> Option<String> {
+        let p = self.peers.lock().get(&id).cloned()?;
+        let addr = p.addr.lock().clone();
+        (!addr.is_empty()).then_some(addr)
+    }
+
+    /// The queue for node `id` has room for `len` more bytes of events (true for a node without a queue yet).
+    pub(crate) fn has_room(&self, id: NodeId, len: usize) -> bool {
+        self.peers.lock().get(&id).is_none_or(|p| p.outbox.has_room(len, 0))
+    }
+
+    /// The nodes a link is up to.
+    pub(crate) fn up_peers(&self) -> Vec<NodeId> {
+        self.peers.lock().values().filter(|p| p.is_up()).map(|p| p.id).collect()
+    }
+
+    /// Closes the link to `id` if it is up and has nothing queued (nobody needs it any more); the peer sees the link
+    /// end as a lost link. A later message dials it again.
+    pub(crate) fn release(&self, id: NodeId) -> bool {
+        let Some(p) = self.peers.lock().get(&id).cloned() else { return false };
+        if !p.is_up() || !p.outbox.is_empty() {
+            return false;
+        }
+        tracing::debug!(node = %id, "closing a link no channel needs");
+        p.abort();
+        true
+    }
+
     /// Why the last attempt to link with another node failed, if one did.
     pub(crate) fn last_error(&self) -> Option<LinkFailure> {
         self.last_error.lock().clone()

@@ -293,6 +293,10 @@ impl<H: LinkHandler> Receiver<H> {
                 // Over budget: a genuine joiner asks again after `MembershipConfig::join_attempt`.
                 tracing::debug!(peer = %peer.id, "membership budget spent: dropping a {} message", msg.kind());
             }
+            Message::Gossip { ref body, .. } if body.is_membership() && !peer.take_membership_token() => {
+                // Over budget: the overlay repairs itself (joins are retried, views refilled on a timer).
+                tracing::debug!(peer = %peer.id, "membership budget spent: dropping a gossip message");
+            }
             Message::Snapshot { .. } if !peer.take_membership_token() => {
                 if peer.defer_snapshot(msg) {
                     let (handler, peer) = (self.handler.clone(), peer.clone());
@@ -316,7 +320,8 @@ impl<H: LinkHandler> Receiver<H> {
             | Message::Lagged { .. }
             | Message::SourceEnd { .. }
             | Message::Expired { .. }
-            | Message::Routed { .. } => self.handler.control(peer.id, msg),
+            | Message::Routed { .. }
+            | Message::Gossip { .. } => self.handler.control(peer.id, msg),
             other => return Err(LinkError::Unexpected(other.kind())),
         }
         Ok(())

@@ -1,0 +1,779 @@
+//! Tree mode: a channel that outgrew `NodeBuilder::tree_threshold` member nodes stops linking every member to every
+//! other and runs `kecho_proto::gossip` instead (docs/SCALE.md): HyParView partial views decide the links (about
+//! five per node whatever the channel's size) and events travel along one Plumtree tree per source.
+//!
+//! - *Switching.* A node turns tree mode on, for good, when it knows more than the threshold of member nodes
+//!   (itself included), or when another member sends it a `Gossip` frame for the channel. It then joins the overlay
+//!   through the channel's contact (or the node whose frame switched it). A channel under an access policy stays a
+//!   full mesh: messages relayed through the overlay carry no proof of their origin.
+//! - *Membership.* `ChannelState` keeps the registry lease, the contact role and every member's snapshot, but a
+//!   snapshot no longer goes to every member on its own link: it is broadcast once on the node's membership stream
+//!   of the overlay (and sent directly only over links that are up). Joins still go to the contact.
+//! - *Events.* A local source encodes its event once (`Event` frame) and broadcasts those bytes on the node's event
+//!   stream; every node forwards them unchanged to its eager peers of that stream's tree, announces them to the
+//!   lazy ones, delivers them to its own sinks in the node's order (so in each source's order), filtering there by
+//!   type and content filter, and reports a gap the tree could not fill as missed (`RecvError::Lagged`) to all its
+//!   sinks, as for a loss in transit in full-mesh mode.
+//! - *Links.* Every second a node closes the links no channel needs: in tree mode those to nodes out of the active
+//!   view, a few seconds after the last message exchanged with them (join answers, refused neighbour requests).
+//!
+//! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode. Not in
+//! tree mode (yet): sinks' Block back-pressure on sources (a full Block sink loses the event, reported), priorities
+//! and deadlines, histories and `SourceEnd` accounting; the whole channel's events reach every node and are
+//! filtered at its sinks (no per-subtree aggregate filter).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kecho_proto::codec::{decode_body, encode_event};
+use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
+use kecho_proto::membership::ChannelState;
+use kecho_proto::{Attrs, LocalId, Message, NodeId, NodeSnapshot};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::deliver::SinkList;
+use super::sink::LocalSink;
+use super::{ChannelInner, Channels};
+use crate::clock::now;
+use crate::filter::{InDecision, InEvent, LocalSinks};
+use crate::queue::{Event, Offer, SourceKey};
+
+/// A link that carried a channel message this recently is kept even when the overlay does not use it (a join in
+/// progress, a neighbour request being answered).
+const LINK_GRACE: Duration = Duration::from_secs(5);
+/// A lost link to a node this channel sent to this recently counts as a failure of that node even if it is not an
+/// overlay neighbour (a dial that failed).
+const TRIED: Duration = Duration::from_secs(1);
+/// A node asks the contact for its view (having lost snapshots of an unknown member) at most this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+/// How often a node in tree mode closes the links no channel needs.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A node's membership stream is its id with these bits flipped: a stream of its own, so that a gap in it is not
+/// reported to sinks as missed events.
+const MEMBERSHIP_STREAM: u64 = 0x6b65_6368_6f2e_6d62;
+
+/// The overlay's settings: the simulation's, but a gap is given 5 s without progress (not 2 s) before it is reported
+/// missed, since a real host can stall for seconds (a loaded machine), and a report is final (an event that comes
+/// after it is dropped as old).
+fn gossip_config() -> GossipConfig {
+    GossipConfig { loss_after: 5_000, ..GossipConfig::default() }
+}
+
+fn membership_stream(node: NodeId) -> NodeId {
+    NodeId(node.0 ^ MEMBERSHIP_STREAM)
+}
+
+/// Counters of a channel's tree mode on this node, from [`crate::Channel::tree_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TreeStats {
+    /// The channel runs in tree mode on this node.
+    pub on: bool,
+    /// Overlay neighbours (the links the channel uses).
+    pub active: usize,
+    /// Addresses kept to replace failed neighbours.
+    pub passive: usize,
+    /// Frames that arrived carrying an event of another node (first copies and duplicates): divided by
+    /// `delivered`, the copies per event this node received.
+    pub event_frames: u64,
+    /// Events of other nodes' sources delivered here (in order), whether or not a local sink wanted them.
+    pub delivered: u64,
+    /// Events of other nodes reported missed to the local sinks (gaps the tree could not fill).
+    pub lost: u64,
+    /// Event frames this node sent in full (its own events and forwarded ones).
+    pub forwarded: u64,
+}
+
+/// A channel's tree-mode state on one node.
+pub(super) struct Tree {
+    /// Tree mode is on (it stays on).
+    on: AtomicBool,
+    /// Someone is executing the overlay's outputs: others leave theirs to it.
+    pumping: AtomicBool,
+    wake: Notify,
+    inner: Mutex<TreeInner>,
+    event_frames: AtomicU64,
+    delivered: AtomicU64,
+    lost: AtomicU64,
+    forwarded: AtomicU64,
+}
+
+struct TreeInner {
+    gossip: Option<Gossip>,
+    /// The origin of the overlay's clock (it counts milliseconds).
+    base: Instant,
+    /// When tree mode went on.
+    since: Option<Instant>,
+    /// Addresses of nodes, learnt from membership and from `Gossip` frames.
+    book: HashMap<NodeId, String>,
+    /// When this channel last sent a message to each node.
+    recent: HashMap<NodeId, Instant>,
+    /// The newest own snapshot version broadcast so far.
+    broadcast_version: u64,
+    /// Streams known to carry events (a gap in them is reported to sinks), and membership streams.
+    event_streams: HashSet<NodeId>,
+    /// When this node last asked the contact for its view.
+    last_resync: Option<Instant>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree {
+            on: AtomicBool::new(false),
+            pumping: AtomicBool::new(false),
+            wake: Notify::new(),
+            inner: Mutex::new(TreeInner {
+                gossip: None,
+                base: now(),
+                since: None,
+                book: HashMap::new(),
+                recent: HashMap::new(),
+                broadcast_version: 0,
+                event_streams: HashSet::new(),
+                last_resync: None,
+            }),
+            event_frames: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+        }
+    }
+}
+
+impl TreeInner {
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_millis() as u64
+    }
+}
+
+impl ChannelInner {
+    /// The channel runs in tree mode on this node.
+    pub(super) fn tree_on(&self) -> bool {
+        self.tree.on.load(Ordering::Acquire)
+    }
+
+    /// Counters of tree mode.
+    pub(super) fn tree_stats(&self) -> TreeStats {
+        let t = &self.tree;
+        let (active, passive) = {
+            let inner = t.inner.lock();
+            inner.gossip.as_ref().map_or((0, 0), |g| (g.active().len(), g.passive().len()))
+        };
+        TreeStats {
+            on: self.tree_on(),
+            active,
+            passive,
+            event_frames: t.event_frames.load(Ordering::Relaxed),
+            delivered: t.delivered.load(Ordering::Relaxed),
+            lost: t.lost.load(Ordering::Relaxed),
+            forwarded: t.forwarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// With the channel's state locked: turns tree mode on if the channel outgrew the threshold. Returns whether
+    /// tree mode is on.
+    pub(super) fn tree_check(self: &Arc<Self>, st: &mut ChannelState) -> bool {
+        if self.tree_on() {
+            return true;
+        }
+        let Some(node) = self.node.upgrade() else { return false };
+        if st.policy().is_some() || st.peers().len() < node.cfg.tree_threshold {
+            return false;
+        }
+        let via = st.contact().filter(|c| *c != node.id);
+        self.tree_start(&node, st, via);
+        true
+    }
+
+    /// Turns tree mode on and joins the overlay through `via`.
+    fn tree_start(self: &Arc<Self>, node: &Arc<Channels>, st: &mut ChannelState, via: Option<NodeId>) {
+        if self.tree.on.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        st.set_relayed(true);
+        let at = now();
+        {
+            let mut t = self.tree.inner.lock();
+            let ms = t.ms(at);
+            let mut g = Gossip::new(node.id, gossip_config(), rand::random(), ms);
+            for (id, p) in st.peers() {
+                t.book.insert(*id, p.addr.clone());
+            }
+            if let Some(via) = via {
+                g.join(via, ms);
+            }
+            t.gossip = Some(g);
+            t.since = Some(at);
+        }
+        tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
+        node.spawn(tree_loop(Arc::downgrade(self)));
+        // The loop's first pass sends the join.
+        self.tree.wake.notify_one();
+    }
+
+    /// Keeps the address book current (after a membership change).
+    pub(super) fn tree_learn(&self, st: &ChannelState) {
+        if !self.tree_on() {
+            return;
+        }
+        let mut t = self.tree.inner.lock();
+        for (id, p) in st.peers() {
+            if t.book.get(id) != Some(&p.addr) {
+                t.book.insert(*id, p.addr.clone());
+            }
+        }
+    }
+
+    /// Sends a message of the membership state machine in tree mode: joins as they are; this node's snapshot over
+    /// links that are up, and once per version through the overlay; others' snapshots (relays) over links that are
+    /// up only.
+    pub(super) fn tree_send_membership(self: &Arc<Self>, node: &Arc<Channels>, to: NodeId, addr: &str, msg: Message) {
+        match &msg {
+            Message::Snapshot { channel, node: who, addr: who_addr, snapshot, left, .. } if *who == node.id => {
+                if node.links.is_up(to) {
+                    node.send(to, addr, &msg);
+                }
+                let at = now();
+                let mut t = self.tree.inner.lock();
+                if snapshot.version <= t.broadcast_version {
+                    return;
+                }
+                t.broadcast_version = snapshot.version;
+                let copy = Message::Snapshot {
+                    channel: *channel,
+                    node: *who,
+                    addr: who_addr.clone(),
+                    snapshot: snapshot.clone(),
+                    left: *left,
+                    reply: false,
+                };
+                let ms = t.ms(at);
+                if let Some(g) = t.gossip.as_mut() {
+                    g.broadcast_on(membership_stream(node.id), copy.to_bytes(), ms);
+                }
+                drop(t);
+                self.tree_pump(node);
+            }
+            Message::Snapshot { .. } => {
+                if node.links.is_up(to) {
+                    node.send(to, addr, &msg);
+                }
+            }
+            _ => {
+                self.tree.inner.lock().recent.insert(to, now());
+                node.send(to, addr, &msg);
+            }
+        }
+    }
+
+    /// A `JoinRequest` from `from` was handled: a contact in tree mode tells the joiner so (with a sample of its
+    /// views to start from), so that a joiner that knows too few members to switch by itself joins the overlay.
+    pub(super) fn tree_join_request(self: &Arc<Self>, from: NodeId) {
+        if !self.tree_on() || !self.state.lock().peers().contains_key(&from) {
+            return;
+        }
+        let Some(node) = self.node.upgrade() else { return };
+        let peers: Vec<NodeId> = {
+            let t = self.tree.inner.lock();
+            let Some(g) = t.gossip.as_ref() else { return };
+            g.active().iter().chain(g.passive()).copied().filter(|p| *p != from).take(8).collect()
+        };
+        self.gossip_send(&node, from, GossipMsg::ShuffleReply { peers }, &mut None);
+    }
+
+    /// A `Gossip` frame from `from`.
+    pub(crate) fn gossip_input(self: &Arc<Self>, from: NodeId, addrs: Vec<(NodeId, String)>, body: GossipMsg) {
+        let Some(node) = self.node.upgrade() else { return };
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let started = !self.tree_on();
+        if started {
+            let mut st = self.state.lock();
+            if st.policy().is_some() {
+                tracing::debug!(channel = %self.name, node = %from, "a gossip frame in a channel under a policy");
+                return;
+            }
+            self.tree_start(&node, &mut st, None);
+        }
+        if matches!(body, GossipMsg::Event { .. }) {
+            self.tree.event_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        {
+            let at = now();
+            let mut t = self.tree.inner.lock();
+            // A node that talks to this one keeps its link (it may count this node among its neighbours while a
+            // `Disconnect` is on its way; closing the link would make it take this node for gone).
+            t.recent.insert(from, at);
+            for (id, addr) in addrs {
+                if id != node.id && !addr.is_empty() {
+                    t.book.insert(id, addr);
+                }
+            }
+            let ms = t.ms(at);
+            let Some(g) = t.gossip.as_mut() else { return };
+            let links = matches!(
+                body,
+                GossipMsg::Join
+                    | GossipMsg::ForwardJoin { .. }
+                    | GossipMsg::Neighbor { .. }
+                    | GossipMsg::NeighborReply { .. }
+                    | GossipMsg::Disconnect
+            );
+            if started && !links && g.active().is_empty() {
+                // Switched by this frame (a contact's answer to this node's join, say): join through its sender.
+                g.join(from, ms);
+            }
+            g.handle(from, body, ms);
+        }
+        self.tree_pump(&node);
+    }
+
+    /// The link to `id` is gone. Returns true if tree mode handled it (the caller then leaves the channel's view
+    /// alone). A link that the other side closed as unneeded says nothing about its node. A neighbour's link that
+    /// failed may: this node dials it again, and if no link is up two heartbeat timeouts later, takes the node for
+    /// gone, as in full-mesh mode, and, since no other member may have a link to it, tells them with a goodbye on
+    /// its behalf through the overlay (a node that is alive and hears it publishes a newer snapshot). The dial keeps
+    /// a node that only stalled for a while (a loaded host) in the channel.
+    pub(super) fn tree_peer_lost(self: &Arc<Self>, id: NodeId) -> bool {
+        if !self.tree_on() {
+            return false;
+        }
+        let Some(node) = self.node.upgrade() else { return true };
+        let neighbour = {
+            let at = now();
+            let mut t = self.tree.inner.lock();
+            let ms = t.ms(at);
+            let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&id));
+            // A link that ends without this node having used it lately was closed by the other side as unneeded:
+            // the node stays a candidate neighbour (in the passive view). A neighbour's link, or one this node just
+            // tried to use (a dial that failed), is a failure.
+            let tried = t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < TRIED);
+            if let Some(g) = t.gossip.as_mut() {
+                if tried || neighbour {
+                    g.peer_failed(id, ms);
+                }
+            }
+            neighbour
+        };
+        self.tree_pump(&node);
+        let member = self.state.lock().is_member();
+        if !member {
+            // A joiner (that may have lost its contact): the usual path.
+            return false;
+        }
+        if neighbour {
+            // An empty sample: a message that changes nothing but needs a link.
+            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new() }, &mut None);
+            let weak = Arc::downgrade(self);
+            // Long enough to dial a node whose process runs; shorter than `LINK_GRACE`, so that the link the dial
+            // made is still there when looked at.
+            let wait = (node.cfg.heartbeat_timeout * 2).min(LINK_GRACE - SWEEP_EVERY);
+            node.spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Some(ch) = weak.upgrade() {
+                    ch.tree_confirm_gone(id);
+                }
+            });
+        }
+        true
+    }
+
+    /// A neighbour's link failed a while ago: unless a link to it is up again, the node is gone.
+    fn tree_confirm_gone(self: &Arc<Self>, id: NodeId) {
+        let Some(node) = self.node.upgrade() else { return };
+        if self.closed.load(Ordering::Acquire) || node.links.is_linked_or_dialing(id) {
+            // Up again, or still being dialled (its process runs slowly, or a handshake waits for it): not gone.
+            return;
+        }
+        let goodbye = {
+            let st = self.state.lock();
+            st.peers().get(&id).map(|p| Message::Snapshot {
+                channel: self.id(),
+                node: id,
+                addr: p.addr.clone(),
+                snapshot: NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
+                left: true,
+                reply: false,
+            })
+        };
+        let Some(msg) = goodbye else { return };
+        tracing::debug!(channel = %self.name, node = %id, "a neighbour is gone: telling the members");
+        {
+            let at = now();
+            let mut t = self.tree.inner.lock();
+            let ms = t.ms(at);
+            if let Some(g) = t.gossip.as_mut() {
+                g.broadcast_on(membership_stream(node.id), msg.to_bytes(), ms);
+            }
+        }
+        self.tree_pump(&node);
+        self.state.lock().handle_peer_lost(id, now());
+        self.flush();
+    }
+
+    /// Publishes an event of local source `source` in tree mode: encoded once, broadcast on this node's stream, and
+    /// offered to the local sinks that accept it.
+    pub(super) fn submit_tree(
+        self: &Arc<Self>,
+        source: LocalId,
+        key: SourceKey,
+        seq: u64,
+        ty: &str,
+        attrs: &Attrs,
+        payload: &[u8],
+    ) {
+        let Some(node) = self.node.upgrade() else { return };
+        let mut b = BytesMut::new();
+        encode_event(&mut b, self.id(), source, seq, ty, attrs, payload);
+        let frame = b.freeze();
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        {
+            let at = now();
+            let mut t = self.tree.inner.lock();
+            let ms = t.ms(at);
+            if let Some(g) = t.gossip.as_mut() {
+                g.broadcast(frame.clone(), ms);
+            }
+        }
+        self.tree_pump(&node);
+        let payload = frame.slice(frame.len() - payload.len()..);
+        if self.offer_now(Arc::from(ty), attrs.clone(), payload, seq, key) {
+            self.counters.received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Leaving: the neighbours are told at once (they replace the link) rather than by its loss.
+    pub(super) fn tree_leave(self: &Arc<Self>) {
+        if !self.tree_on() {
+            return;
+        }
+        let Some(node) = self.node.upgrade() else { return };
+        let active: Vec<NodeId> = {
+            let t = self.tree.inner.lock();
+            t.gossip.as_ref().map(|g| g.active().to_vec()).unwrap_or_default()
+        };
+        for p in active {
+            self.gossip_send(&node, p, GossipMsg::Disconnect, &mut None);
+        }
+    }
+
+    /// True if this channel needs the link to `id`.
+    pub(super) fn needs_link(&self, id: NodeId) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.tree_on() {
+            if !self.is_ready() {
+                return true;
+            }
+            let st = self.state.lock();
+            return st.peers().contains_key(&id) || st.contact() == Some(id);
+        }
+        let at = now();
+        let t = self.tree.inner.lock();
+        t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
+            || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
+            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE)
+    }
+
+    /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).
+    fn tree_pump(self: &Arc<Self>, node: &Arc<Channels>) {
+        self.tree_execute(node);
+        self.tree.wake.notify_one();
+    }
+
+    /// Executes the overlay's outputs until there are none (one thread at a time; others leave theirs to it).
+    fn tree_execute(self: &Arc<Self>, node: &Arc<Channels>) {
+        if self.tree.pumping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // The last event frame encoded, reused for every eager peer it goes to.
+        let mut encoded: Option<(EventId, u16, Bytes)> = None;
+        loop {
+            let outs: Vec<GossipOut> = {
+                let mut t = self.tree.inner.lock();
+                let outs: Vec<GossipOut> = match t.gossip.as_mut() {
+                    Some(g) => std::iter::from_fn(|| g.poll_output()).collect(),
+                    None => Vec::new(),
+                };
+                if outs.is_empty() {
+                    // Under the lock that producers hold to add outputs, so that none is left behind.
+                    self.tree.pumping.store(false, Ordering::Release);
+                    break;
+                }
+                outs
+            };
+            for out in outs {
+                match out {
+                    GossipOut::Send { to, msg } => self.gossip_send(node, to, msg, &mut encoded),
+                    GossipOut::Deliver { id, payload } => self.gossip_deliver(node, id, payload),
+                    GossipOut::Lost { source, first, count } => self.gossip_lost(node, source, first, count),
+                    GossipOut::Isolated => self.tree_rejoin(node),
+                }
+            }
+        }
+    }
+
+    /// Sends one overlay message to `to` (dialling if there is no link). An event is encoded once for all the peers
+    /// it goes to (`encoded`), and not queued to a link whose queue is full: the receiver then grafts it from
+    /// another peer, or reports it missed.
+    fn gossip_send(
+        self: &Arc<Self>,
+        node: &Arc<Channels>,
+        to: NodeId,
+        msg: GossipMsg,
+        encoded: &mut Option<(EventId, u16, Bytes)>,
+    ) {
+        let event = match &msg {
+            GossipMsg::Event { id, hops, .. } => Some((*id, *hops)),
+            _ => None,
+        };
+        let (addr, frame) = {
+            let mut t = self.tree.inner.lock();
+            t.recent.insert(to, now());
+            let addr = t.book.get(&to).cloned().or_else(|| node.links.addr_of(to)).unwrap_or_default();
+            let frame = match (&event, &*encoded) {
+                (Some((id, hops)), Some((i, h, f))) if i == id && h == hops => Some(f.clone()),
+                _ => None,
+            };
+            let frame = frame.unwrap_or_else(|| {
+                let named: Vec<NodeId> = match &msg {
+                    GossipMsg::ForwardJoin { joiner, .. } => vec![*joiner],
+                    GossipMsg::Shuffle { origin, peers, .. } => std::iter::once(*origin).chain(peers.clone()).collect(),
+                    GossipMsg::ShuffleReply { peers } => peers.clone(),
+                    _ => Vec::new(),
+                };
+                let addrs: Vec<(NodeId, String)> = named
+                    .into_iter()
+                    .filter_map(|n| {
+                        let a = t.book.get(&n).cloned().or_else(|| node.links.addr_of(n))?;
+                        Some((n, a))
+                    })
+                    .collect();
+                let f = Message::Gossip { channel: self.id(), addrs, body: msg }.to_bytes();
+                if let Some((id, hops)) = event {
+                    *encoded = Some((id, hops, f.clone()));
+                }
+                f
+            });
+            (addr, frame)
+        };
+        if event.is_some() {
+            if !node.links.has_room(to, frame.len()) {
+                return;
+            }
+            self.tree.forwarded.fetch_add(1, Ordering::Relaxed);
+            self.counters.sent.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
+        node.links.send_frame(to, &addr, frame);
+    }
+
+    /// An event or a snapshot of another node, in that node's order.
+    fn gossip_deliver(self: &Arc<Self>, node: &Arc<Channels>, id: EventId, frame: Bytes) {
+        if frame.len() < 4 {
+            return;
+        }
+        let msg = match decode_body(frame.slice(4..)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(channel = %self.name, stream = %id.source, "a frame relayed in the overlay: {e}");
+                return;
+            }
+        };
+        match msg {
+            Message::Event(e) => {
+                let origin = id.source;
+                if origin == node.id {
+                    return;
+                }
+                self.tree.inner.lock().event_streams.insert(origin);
+                self.tree.delivered.fetch_add(1, Ordering::Relaxed);
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                self.offer_now(e.ty, e.attrs, e.payload, e.seq, SourceKey::new(origin, e.source));
+            }
+            Message::Snapshot { node: who, left: true, .. } if who == node.id => {
+                // Another member took this node for gone (its link to it failed): it is not.
+                tracing::debug!(channel = %self.name, "taken for gone by a member: publishing again");
+                self.publish_members();
+            }
+            Message::Snapshot { node: who, .. } if membership_stream(who) == id.source => {
+                self.membership_input(who, msg);
+            }
+            Message::Snapshot { left: true, .. } => {
+                // A goodbye on behalf of a node whose link to the relaying member failed.
+                self.membership_input(NodeId(id.source.0 ^ MEMBERSHIP_STREAM), msg);
+            }
+            other => {
+                tracing::debug!(channel = %self.name, "kind {} relayed in the overlay, ignored", other.kind());
+            }
+        }
+    }
+
+    /// Offers an event that arrived through the overlay to the local sinks that accept it, without waiting: the
+    /// reader that delivers it also forwards the channel's tree, which must not stop for one full sink.
+    /// Returns false if no local sink wanted it.
+    fn offer_now(&self, ty: Arc<str>, mut attrs: Attrs, payload: Bytes, seq: u64, key: SourceKey) -> bool {
+        let sinks = self.local_sinks.read().clone();
+        let mut chosen: SinkList<'_> = sinks.iter().filter(|s| accepts(s, &ty, &attrs)).collect();
+        if chosen.is_empty() {
+            return false;
+        }
+        let filter = self.in_filter.read().clone();
+        if let Some(f) = filter {
+            let sink_attrs: Vec<Attrs> = chosen.iter().map(|s| s.attrs.lock().clone()).collect();
+            let decision = {
+                let mut ev = InEvent { ty: &ty, attrs: &mut attrs, payload: &payload };
+                f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
+            };
+            match decision {
+                InDecision::Deliver => {}
+                InDecision::Drop => {
+                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                InDecision::Only(keep) => {
+                    chosen = chosen.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect();
+                }
+            }
+        }
+        let ev = Event::new(ty, attrs, payload, seq, key, None);
+        for s in chosen {
+            match s.queue.offer(ev.clone()) {
+                Offer::Queued | Offer::Closed => {}
+                Offer::Dropped => {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Offer::Full(_) => {
+                    // A Block sink does not hold the tree up: the event is lost to it, and it is told.
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    s.queue.add_lag(1);
+                }
+            }
+        }
+        true
+    }
+
+    /// Events `first..first + count` of stream `stream` will not come.
+    fn gossip_lost(&self, node: &Arc<Channels>, stream: NodeId, first: u64, count: u64) {
+        let events = {
+            let t = self.tree.inner.lock();
+            t.event_streams.contains(&stream)
+        } || self.state.lock().peers().contains_key(&stream);
+        if !events {
+            // Snapshots of a member the overlay did not deliver (a graft that took too long on a loaded host, say):
+            // ask the member directly, so that this node does not miss its members for good.
+            let origin = NodeId(stream.0 ^ MEMBERSHIP_STREAM);
+            tracing::debug!(channel = %self.name, node = %origin, first, count, "snapshots lost in the overlay: asking");
+            let mut st = self.state.lock();
+            let known = st.peers().get(&origin).map(|p| p.addr.clone());
+            let Some(addr) = known
+                .or_else(|| self.tree.inner.lock().book.get(&origin).cloned())
+                .or_else(|| node.links.addr_of(origin))
+            else {
+                // A member this node does not know at all: the contact's view lists it (asked at most every
+                // `RESYNC_EVERY`, so that a node does not flood the contact with joins).
+                let at = now();
+                let mut t = self.tree.inner.lock();
+                if t.last_resync.is_none_or(|r| at.saturating_duration_since(r) >= RESYNC_EVERY) {
+                    t.last_resync = Some(at);
+                    drop(t);
+                    st.resync(at);
+                    drop(st);
+                    self.timer.notify_one();
+                }
+                return;
+            };
+            let ask = Message::Snapshot {
+                channel: self.id(),
+                node: node.id,
+                addr: node.links.addr.clone(),
+                snapshot: st.local().clone(),
+                left: false,
+                reply: true,
+            };
+            drop(st);
+            self.tree.inner.lock().recent.insert(origin, now());
+            node.send(origin, &addr, &ask);
+            return;
+        }
+        tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
+        self.tree.lost.fetch_add(count, Ordering::Relaxed);
+        self.counters.missed.fetch_add(count, Ordering::Relaxed);
+        // Which sinks wanted them is unknown here: every sink is told, as for a loss in transit.
+        for s in self.local_sinks.read().iter() {
+            s.queue.add_lag(count);
+        }
+    }
+
+    /// The overlay has no neighbour and no address left: join again through the contact, or any member known.
+    fn tree_rejoin(self: &Arc<Self>, node: &Arc<Channels>) {
+        let via = {
+            let st = self.state.lock();
+            st.contact().filter(|c| *c != node.id).or_else(|| {
+                let peers: Vec<NodeId> = st.peers().keys().copied().collect();
+                (!peers.is_empty()).then(|| peers[rand::random::<usize>() % peers.len()])
+            })
+        };
+        let Some(via) = via else { return };
+        let at = now();
+        let mut t = self.tree.inner.lock();
+        let ms = t.ms(at);
+        if let Some(g) = t.gossip.as_mut() {
+            g.join(via, ms);
+        }
+        // The outputs are executed by the pump running now.
+    }
+}
+
+/// The sink wants an event of type `ty` with `attrs` (its type filter, then its content filter).
+fn accepts(s: &LocalSink, ty: &str, attrs: &Attrs) -> bool {
+    s.types.accepts(ty) && s.filter.as_ref().is_none_or(|f| f.matches(ty, attrs))
+}
+
+/// Drives the overlay's timers (grafts, loss reports, summaries, refills, shuffles) and closes unneeded links.
+async fn tree_loop(weak: Weak<ChannelInner>) {
+    let mut next_sweep = now() + SWEEP_EVERY;
+    loop {
+        let Some(ch) = weak.upgrade() else { return };
+        if ch.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let due = {
+            let t = ch.tree.inner.lock();
+            let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
+            t.base.checked_add(Duration::from_millis(ms)).map_or(next_sweep, |d| d.min(next_sweep))
+        };
+        {
+            let notified = ch.tree.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let until = tokio::time::Instant::from_std(due);
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = &mut notified => {}
+            }
+        }
+        let Some(node) = ch.node.upgrade() else { return };
+        let at = now();
+        {
+            let mut t = ch.tree.inner.lock();
+            let ms = t.ms(at);
+            if let Some(g) = t.gossip.as_mut() {
+                if g.poll_timeout() <= ms {
+                    g.handle_timeout(ms);
+                }
+            }
+        }
+        ch.tree_execute(&node);
+        if at >= next_sweep {
+            next_sweep = at + SWEEP_EVERY;
+            node.release_links();
+        }
+    }
+}

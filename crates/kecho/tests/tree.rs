@@ -1,0 +1,198 @@
+//! Tree mode (docs/SCALE.md): 40 nodes in one process, real TCP links on loopback, a tree threshold of 8. Every
+//! sink gets every event in per-source order, each node keeps at most 8 links, each event reaches each node about
+//! once, and when a node that forwarded events is killed, the sinks behind it get what they missed by graft or are
+//! told of it, and every member drops the killed node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use kecho::{Attrs, Channel, MembershipConfig, Node, RecvError, RegistryClient, SinkOptions};
+use parking_lot::Mutex;
+
+const NODES: usize = 40;
+const THRESHOLD: usize = 8;
+/// Generous: 40 nodes share the test's runtime on a loaded 2-core machine.
+const T: Duration = Duration::from_secs(90);
+
+async fn node_on(reg: &RegistryClient) -> Result<Node> {
+    let m = MembershipConfig { lease_ttl: Duration::from_secs(3), ..MembershipConfig::default() };
+    Ok(Node::builder()
+        .registry_client(reg.clone())
+        .heartbeat_timeout(Duration::from_millis(1500))
+        .membership(m)
+        .tree_threshold(THRESHOLD)
+        .start()
+        .await?)
+}
+
+/// What one sink received: per source (each publishes its own type), the sequence numbers in arrival order, and the
+/// events reported missed.
+#[derive(Default)]
+struct Log {
+    seqs: HashMap<String, Vec<u64>>,
+    lagged: u64,
+    other: Vec<String>,
+}
+
+impl Log {
+    fn count(&self, key: &str) -> usize {
+        self.seqs.get(key).map_or(0, Vec::len)
+    }
+}
+
+/// Waits until `f` holds, polling every 50 ms, at most `T`.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(start.elapsed())
+}
+
+fn up_links(n: &Node) -> usize {
+    n.link_stats().iter().filter(|l| l.up).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_nodes_in_tree_mode() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    let mut chans: Vec<Channel> = Vec::new();
+    let mut logs: Vec<Arc<Mutex<Log>>> = Vec::new();
+    for i in 0..NODES {
+        let node = node_on(&reg).await?;
+        let ch = if i == 0 { node.create_channel("big").await? } else { node.open_channel("big").await? };
+        let mut sink = ch.sink(SinkOptions::new().capacity(100_000))?;
+        let log = Arc::new(Mutex::new(Log::default()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            loop {
+                match sink.recv().await {
+                    Ok(e) => l.lock().seqs.entry(e.ty().to_owned()).or_default().push(e.seq()),
+                    Err(RecvError::Lagged(n)) => l.lock().lagged += n,
+                    Err(RecvError::Closed) => return,
+                    Err(other) => l.lock().other.push(other.to_string()),
+                }
+            }
+        });
+        nodes.push(node);
+        chans.push(ch);
+        logs.push(log);
+    }
+    let joined = eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == NODES)).await?;
+    eprintln!("every node knows the {NODES} sinks {:.1} s after the last join", joined.as_secs_f64());
+    for (i, c) in chans.iter().enumerate() {
+        assert!(c.tree_stats().on, "node {i} runs the channel in tree mode");
+    }
+    let settled =
+        eventually(&format!("at most {THRESHOLD} links per node"), || nodes.iter().all(|n| up_links(n) <= THRESHOLD))
+            .await?;
+    let links: Vec<usize> = nodes.iter().map(up_links).collect();
+    eprintln!(
+        "links per node {:.1} s later: max {}, mean {:.1}",
+        settled.as_secs_f64(),
+        links.iter().max().unwrap_or(&0),
+        links.iter().sum::<usize>() as f64 / NODES as f64
+    );
+
+    // Two sources; their first events shape their trees (duplicates prune links), then the steady state counts.
+    let (a, b) = (5, 23);
+    let mut src_a = chans[a].source()?;
+    let mut src_b = chans[b].source()?;
+    let (key_a, key_b) = ("a", "b");
+    const WARM: u64 = 20;
+    const STEADY: u64 = 200;
+    for _ in 0..WARM {
+        src_a.submit(key_a, &Attrs::new(), b"warm").await?;
+        src_b.submit(key_b, &Attrs::new(), b"warm").await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the warm-up events at every sink", || {
+        logs.iter().all(|l| {
+            let l = l.lock();
+            l.count(key_a) as u64 == WARM && l.count(key_b) as u64 == WARM
+        })
+    })
+    .await?;
+    let before: Vec<_> = chans.iter().map(Channel::tree_stats).collect();
+    for _ in 0..STEADY {
+        src_a.submit(key_a, &Attrs::new(), &[7u8; 100]).await?;
+        src_b.submit(key_b, &Attrs::new(), &[8u8; 100]).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = WARM + STEADY;
+    eventually("every event at every sink", || {
+        logs.iter().all(|l| {
+            let l = l.lock();
+            l.count(key_a) as u64 == total && l.count(key_b) as u64 == total
+        })
+    })
+    .await?;
+    for (i, l) in logs.iter().enumerate() {
+        let l = l.lock();
+        let want: Vec<u64> = (1..=total).collect();
+        assert_eq!(l.seqs[key_a], want, "sink {i}: source a's events, in order");
+        assert_eq!(l.seqs[key_b], want, "sink {i}: source b's events, in order");
+        assert_eq!(l.lagged, 0, "sink {i}: nothing missed");
+        assert!(l.other.is_empty(), "sink {i}: {:?}", l.other);
+    }
+    let after: Vec<_> = chans.iter().map(Channel::tree_stats).collect();
+    let frames: u64 = after.iter().zip(&before).map(|(x, y)| x.event_frames - y.event_frames).sum();
+    let delivered: u64 = after.iter().zip(&before).map(|(x, y)| x.delivered - y.delivered).sum();
+    let copies = frames as f64 / delivered as f64;
+    eprintln!("steady state: {frames} event frames for {delivered} deliveries, {copies:.3} copies per event per node");
+    assert_eq!(delivered, 2 * STEADY * (NODES as u64 - 1), "each node delivers the other nodes' events once");
+    assert!(copies <= 1.2, "copies per event per node {copies:.3}");
+    // Still bounded once the traffic is over (a link that failed under load is dialled again for a while).
+    eventually(&format!("at most {THRESHOLD} links per node after the events"), || {
+        nodes.iter().all(|n| up_links(n) <= THRESHOLD)
+    })
+    .await?;
+
+    // Kill the node (not a source's) that forwarded most of source a's events: a parent in a's tree.
+    let forwarded = |i: usize| after[i].forwarded - before[i].forwarded;
+    let victim = (0..NODES).filter(|i| *i != a && *i != b).max_by_key(|i| forwarded(*i)).unwrap_or(0);
+    assert!(forwarded(victim) > 0, "some node other than the sources forwarded events");
+    eprintln!("killing node {victim}, which forwarded {} event frames", forwarded(victim));
+    nodes[victim].kill();
+    const CUT: u64 = 200;
+    for _ in 0..CUT {
+        src_a.submit(key_a, &Attrs::new(), b"after").await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let survivors: Vec<usize> = (0..NODES).filter(|i| *i != victim).collect();
+    let waited = eventually("every event after the kill received or reported missed", || {
+        survivors.iter().all(|i| {
+            let l = logs[*i].lock();
+            l.count(key_a) as u64 + l.lagged >= total + CUT
+        })
+    })
+    .await?;
+    let (mut got, mut missed) = (0, 0);
+    for i in &survivors {
+        let l = logs[*i].lock();
+        let seqs = &l.seqs[key_a];
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sink {i}: source a in order, nothing twice");
+        assert_eq!(l.count(key_a) as u64 + l.lagged, total + CUT, "sink {i}: every event received or reported");
+        got += l.count(key_a) as u64 - total;
+        missed += l.lagged;
+    }
+    eprintln!(
+        "after the kill ({:.1} s): {got} of {} events received by the {} surviving sinks, {missed} reported missed",
+        waited.as_secs_f64(),
+        CUT * survivors.len() as u64,
+        survivors.len()
+    );
+    // Its neighbours found it gone and told everyone (no other member had a link to it).
+    let gone = eventually("every survivor to drop the killed node", || {
+        survivors.iter().all(|i| chans[*i].sinks() == NODES - 1)
+    })
+    .await?;
+    eprintln!("every survivor dropped the killed node {:.1} s after the events", gone.as_secs_f64());
+    Ok(())
+}
