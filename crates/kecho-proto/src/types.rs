@@ -265,6 +265,11 @@ impl TypeIndex {
         self.len == 0
     }
 
+    /// True if every sink accepts every type (no filter lists types), so that nothing needs looking up.
+    pub fn accepts_everything(&self) -> bool {
+        self.all.len() == self.len
+    }
+
     /// The sinks whose filter accepts type `ty`, ascending: exactly those `i` for which the `i`-th filter's
     /// [`TypeFilter::accepts`] is true.
     #[inline]
@@ -405,5 +410,7 @@ mod tests {
         assert_eq!(ix.accepting("t3").collect::<Vec<_>>(), [3, 6, 7]);
         check(&many, &["t0", "t9", "t19", "t20", "t"]);
         assert_eq!(TypeIndex::default().accepting("x").count(), 0);
+        assert!(TypeIndex::build(&[TypeFilter::All, TypeFilter::All]).accepts_everything());
+        assert!(!TypeIndex::build(&[TypeFilter::All, only(&[])]).accepts_everything());
     }
 }

@@ -101,16 +101,20 @@ impl Routes {
     /// table (one lookup of the type), comparing the type with each sink's filter otherwise.
     #[inline]
     pub(super) fn accepting<'a>(&'a self, ty: &'a str) -> Accepting<'a> {
-        if self.by_type.len() == self.sinks.len() {
-            Accepting::Indexed(self.by_type.accepting(ty))
-        } else {
+        if self.by_type.len() != self.sinks.len() {
             Accepting::Scan(self.sinks.iter().enumerate(), ty)
+        } else if self.by_type.accepts_everything() {
+            // No sink lists types (the common case): every sink, in order, without looking anything up.
+            Accepting::Every(0..self.sinks.len())
+        } else {
+            Accepting::Indexed(self.by_type.accepting(ty))
         }
     }
 }
 
 /// See `Routes::accepting`.
 pub(super) enum Accepting<'a> {
+    Every(std::ops::Range<usize>),
     Indexed(kecho_proto::Accepting<'a>),
     Scan(std::iter::Enumerate<std::slice::Iter<'a, RouteSink>>, &'a str),
 }
@@ -121,6 +125,7 @@ impl Iterator for Accepting<'_> {
     #[inline]
     fn next(&mut self) -> Option<usize> {
         match self {
+            Accepting::Every(r) => r.next(),
             Accepting::Indexed(i) => i.next(),
             Accepting::Scan(sinks, ty) => {
                 let ty: &str = ty;
