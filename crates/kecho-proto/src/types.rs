@@ -1,5 +1,6 @@
 //! Identifiers, attribute values and member descriptions.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use bytes::Bytes;
@@ -203,6 +204,128 @@ impl TypeFilter {
     }
 }
 
+/// The sinks of a table (numbered in table order) that accept each event type, found without matching the type
+/// against every sink's [`TypeFilter`]: built once from the filters when the table is made, then asked once per event.
+/// Sources route every event through their channel's table, so with many sinks a per-sink comparison of type names
+/// was the largest cost of sending a small event; with the index an event costs one lookup of its type plus the
+/// sinks that accept it.
+#[derive(Clone, Debug, Default)]
+pub struct TypeIndex {
+    /// The sinks that accept every type, ascending.
+    all: Vec<usize>,
+    /// Per type name that some filter lists: the sinks that list it, ascending (each once).
+    named: Vec<(Box<str>, Vec<usize>)>,
+    /// Positions in `named` by name, once there are more names than a scan of them finds quickly.
+    lookup: Option<HashMap<Box<str>, usize>>,
+    /// How many filters the index was built from.
+    len: usize,
+}
+
+impl TypeIndex {
+    /// Up to this many type names are found by comparing them in turn (a channel's sinks usually name a few); more
+    /// are hashed.
+    const SCAN: usize = 8;
+
+    /// Indexes `filters`, the `i`-th being sink `i`'s.
+    pub fn build<'a>(filters: impl IntoIterator<Item = &'a TypeFilter>) -> TypeIndex {
+        let mut ix = TypeIndex::default();
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (i, f) in filters.into_iter().enumerate() {
+            ix.len = i + 1;
+            match f {
+                TypeFilter::All => ix.all.push(i),
+                TypeFilter::Only(list) => {
+                    for name in list {
+                        match at.get(name.as_str()) {
+                            // A name listed twice by one filter names the sink once.
+                            Some(&k) if ix.named[k].1.last() == Some(&i) => {}
+                            Some(&k) => ix.named[k].1.push(i),
+                            None => {
+                                at.insert(name, ix.named.len());
+                                ix.named.push((name.as_str().into(), vec![i]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if ix.named.len() > Self::SCAN {
+            ix.lookup = Some(ix.named.iter().enumerate().map(|(k, (n, _))| (n.clone(), k)).collect());
+        }
+        ix
+    }
+
+    /// How many filters (sinks) the index covers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if it covers no sink.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True if every sink accepts every type (no filter lists types), so that nothing needs looking up.
+    pub fn accepts_everything(&self) -> bool {
+        self.all.len() == self.len
+    }
+
+    /// The sinks whose filter accepts type `ty`, ascending: exactly those `i` for which the `i`-th filter's
+    /// [`TypeFilter::accepts`] is true.
+    #[inline]
+    pub fn accepting(&self, ty: &str) -> Accepting<'_> {
+        // Where every sink takes every type (the common case of a channel without typed sinks), nothing is compared.
+        let named = if self.named.is_empty() {
+            &[][..]
+        } else {
+            let k = match &self.lookup {
+                Some(map) => map.get(ty).copied(),
+                None => self.named.iter().position(|(n, _)| **n == *ty),
+            };
+            k.map_or(&[][..], |k| self.named[k].1.as_slice())
+        };
+        Accepting { all: &self.all, named }
+    }
+}
+
+/// The sinks accepting one type, ascending: see [`TypeIndex::accepting`].
+#[derive(Clone, Debug)]
+pub struct Accepting<'a> {
+    all: &'a [usize],
+    named: &'a [usize],
+}
+
+impl Iterator for Accepting<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        // A merge of two ascending lists without common entries (a sink either accepts every type or lists some).
+        match (self.all.split_first(), self.named.split_first()) {
+            (Some((&a, rest)), Some((&n, _))) if a < n => {
+                self.all = rest;
+                Some(a)
+            }
+            (_, Some((&n, rest))) => {
+                self.named = rest;
+                Some(n)
+            }
+            (Some((&a, rest)), None) => {
+                self.all = rest;
+                Some(a)
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.all.len() + self.named.len();
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Accepting<'_> {}
+
 /// The role of a channel member.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Role {
@@ -228,4 +351,66 @@ pub struct MemberInfo {
     pub role: Role,
     /// Attributes it supplies to filters (used by channel filters).
     pub attrs: Attrs,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{TypeFilter, TypeIndex};
+
+    /// The index against the filters themselves: for every type, the sinks it yields are exactly those whose filter
+    /// accepts the type, in table order.
+    fn check(filters: &[TypeFilter], types: &[&str]) {
+        let ix = TypeIndex::build(filters);
+        assert_eq!(ix.len(), filters.len());
+        for ty in types {
+            let want: Vec<usize> = (0..filters.len()).filter(|&i| filters[i].accepts(ty)).collect();
+            let got: Vec<usize> = ix.accepting(ty).collect();
+            assert_eq!(got, want, "type {ty:?} over {filters:?}");
+            assert_eq!(ix.accepting(ty).len(), want.len());
+        }
+    }
+
+    /// More names than `TypeIndex::SCAN`, so that both ways of finding a name are exercised.
+    const NAMES: [&str; 12] = ["a", "b", "ab", "ba", "", "request", "op", "offer", "c", "d", "e", "free"];
+
+    fn filter() -> impl Strategy<Value = TypeFilter> {
+        prop_oneof![
+            1 => Just(TypeFilter::All),
+            3 => prop::collection::vec(0..NAMES.len(), 0..6)
+                .prop_map(|l| TypeFilter::Only(l.into_iter().map(|n| NAMES[n].to_owned()).collect())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_index_accepts_what_the_filters_accept(filters in prop::collection::vec(filter(), 0..40)) {
+            // Every listed name, names no filter lists, and names that differ from listed ones in case or length.
+            let mut types = NAMES.to_vec();
+            types.extend(["A", "requests", "reques", "g", "offe"]);
+            check(&filters, &types);
+        }
+    }
+
+    #[test]
+    fn duplicates_all_and_empty_lists() {
+        let only = |l: &[&str]| TypeFilter::Only(l.iter().map(|s| (*s).to_owned()).collect());
+        let filters = [only(&["x", "x", "y"]), TypeFilter::All, only(&[]), only(&["y"]), TypeFilter::All, only(&["x"])];
+        check(&filters, &["x", "y", "z"]);
+        let ix = TypeIndex::build(&filters);
+        assert_eq!(ix.accepting("x").collect::<Vec<_>>(), [0, 1, 4, 5]);
+        assert_eq!(ix.accepting("z").collect::<Vec<_>>(), [1, 4]);
+        assert!(TypeIndex::build(std::iter::empty()).is_empty());
+        // Past `TypeIndex::SCAN` names the index hashes them.
+        let many: Vec<TypeFilter> =
+            (0..20).map(|i| only(&[format!("t{i}").as_str(), format!("t{}", i / 2).as_str()])).collect();
+        let ix = TypeIndex::build(&many);
+        assert!(ix.lookup.is_some());
+        assert_eq!(ix.accepting("t3").collect::<Vec<_>>(), [3, 6, 7]);
+        check(&many, &["t0", "t9", "t19", "t20", "t"]);
+        assert_eq!(TypeIndex::default().accepting("x").count(), 0);
+        assert!(TypeIndex::build(&[TypeFilter::All, TypeFilter::All]).accepts_everything());
+        assert!(!TypeIndex::build(&[TypeFilter::All, only(&[])]).accepts_everything());
+    }
 }

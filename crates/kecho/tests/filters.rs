@@ -219,6 +219,95 @@ async fn content_filters_run_at_the_source() -> Result<()> {
     Ok(())
 }
 
+/// Many sinks with overlapping type filters (every type, one type, several, a name listed twice, types nobody
+/// sends) and content filters, on the source's node and on two others: each sink gets exactly the events its types and
+/// filter accept, in order, nothing is counted as lost, and a sink that joins later with a type no other sink names is
+/// routed to as soon as the source sees it. (Sources find the sinks of a type through an index of the routing table;
+/// this is what it must keep.)
+#[cfg(feature = "cel")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_and_content_filters_of_many_sinks_pick_exactly_their_events() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let a = nodes[0].create_channel("many").await?;
+    let b = nodes[1].open_channel("many").await?;
+    let c = nodes[2].open_channel("many").await?;
+    let opts = || SinkOptions::new().capacity(1 << 12);
+    // (channel, types, filter): what each sink asks for.
+    let specs: [(&kecho::Channel, &[&str], Option<&str>); 9] = [
+        (&b, &[], None),
+        (&b, &["x"], None),
+        (&b, &["x", "y", "x"], None),
+        (&b, &["y"], Some("i >= 10")),
+        (&c, &["z"], None),
+        (&c, &["x"], Some(r#"to == "c""#)),
+        (&c, &["q", "r"], None),
+        (&a, &["y"], None),
+        (&a, &[], Some(r#"type == "z" || to == "b""#)),
+    ];
+    let mut sinks = Vec::new();
+    for (ch, types, filter) in specs {
+        let mut o = opts();
+        if !types.is_empty() {
+            o = o.types(types.iter().copied());
+        }
+        if let Some(f) = filter {
+            o = o.filter(f);
+        }
+        sinks.push(ch.sink(o)?);
+    }
+    a.wait_for_sinks(specs.len(), T).await?;
+    let mut src = a.source()?;
+    let types = ["x", "y", "z", "w"];
+    let accepts = |k: usize, ty: &str, i: i64, to: &str| {
+        let (_, tys, filter) = specs[k];
+        let typed = tys.is_empty() || tys.contains(&ty);
+        typed
+            && match filter {
+                None => true,
+                Some("i >= 10") => i >= 10,
+                Some(r#"to == "c""#) => to == "c",
+                Some(_) => ty == "z" || to == "b",
+            }
+    };
+    let mut expected: Vec<Vec<(String, i64)>> = vec![Vec::new(); specs.len()];
+    // Event `i`'s type and `to` attribute.
+    let event = |i: i64| (types[(i as usize) % 4], if i % 3 == 0 { "c" } else { "b" });
+    for i in 0..80 {
+        let (ty, to) = event(i);
+        src.submit(ty, &Attrs::new().with("i", i).with("to", to), b"").await?;
+        for (k, e) in expected.iter_mut().enumerate() {
+            if accepts(k, ty, i, to) {
+                e.push((ty.to_owned(), i));
+            }
+        }
+    }
+    let total = expected.iter().map(Vec::len).sum::<usize>() as u64;
+    let got = settle(sinks.iter_mut().collect(), total).await?;
+    for (k, (got, want)) in got.iter().zip(&expected).enumerate() {
+        let got: Vec<(String, i64)> = got.iter().map(|e| (e.ty().to_owned(), int(e, "i"))).collect();
+        assert_eq!(&got, want, "sink {k} ({:?}, {:?})", specs[k].1, specs[k].2);
+    }
+    // A sink of a type nobody asked for so far: the source's next table routes it.
+    let mut late = c.sink(opts().types(["w"]))?;
+    a.wait_for_sinks(specs.len() + 1, T).await?;
+    let mut late_want = Vec::new();
+    for i in 80..100 {
+        let (ty, to) = event(i);
+        src.submit(ty, &Attrs::new().with("i", i).with("to", to), b"").await?;
+        if ty == "w" {
+            late_want.push(i);
+        }
+    }
+    let got: Vec<i64> = settle(vec![&mut late], late_want.len() as u64).await?[0].iter().map(|e| int(e, "i")).collect();
+    assert_eq!(got, late_want);
+    // Nothing was dropped or reported missing: every node's count of the events not meant for it was right.
+    for ch in [&a, &b, &c] {
+        let s = ch.stats();
+        assert_eq!((s.dropped, s.missed), (0, 0), "{s:?}");
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cel")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_expressions_are_refused_with_a_position() -> Result<()> {

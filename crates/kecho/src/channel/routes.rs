@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use kecho_proto::access::Roles;
 use kecho_proto::membership::Peer as MemberPeer;
-use kecho_proto::{Attrs, LocalId, NodeId, Overflow, Role, TypeFilter};
+use kecho_proto::{Attrs, LocalId, NodeId, Overflow, Role, TypeFilter, TypeIndex};
 
 use super::sink::LocalSink;
 use super::{ChannelInner, Channels};
@@ -82,11 +82,57 @@ pub(super) struct RouteSink {
 pub(super) struct Routes {
     pub(super) sinks: Vec<RouteSink>,
     pub(super) peers: Vec<Arc<Peer>>,
+    /// Which of `sinks` accept each event type (see `Routes::accepting`).
+    pub(super) by_type: TypeIndex,
     /// Some sink's content filter needs the CEL interpreter.
     pub(super) slow_filter: bool,
     /// Counts the tables built for this process (1 for the first), so that a source can tell a new one from one it
     /// has seen.
     pub(super) generation: u64,
+}
+
+impl Routes {
+    /// Indexes the sinks by the types they accept; called once the table holds all of its sinks.
+    pub(super) fn index_types(&mut self) {
+        self.by_type = TypeIndex::build(self.sinks.iter().map(|r| &*r.types));
+    }
+
+    /// The index of every sink whose type filter accepts `ty`, in table order: through the index when it covers the
+    /// table (one lookup of the type), comparing the type with each sink's filter otherwise.
+    #[inline]
+    pub(super) fn accepting<'a>(&'a self, ty: &'a str) -> Accepting<'a> {
+        if self.by_type.len() != self.sinks.len() {
+            Accepting::Scan(self.sinks.iter().enumerate(), ty)
+        } else if self.by_type.accepts_everything() {
+            // No sink lists types (the common case): every sink, in order, without looking anything up.
+            Accepting::Every(0..self.sinks.len())
+        } else {
+            Accepting::Indexed(self.by_type.accepting(ty))
+        }
+    }
+}
+
+/// See `Routes::accepting`.
+pub(super) enum Accepting<'a> {
+    Every(std::ops::Range<usize>),
+    Indexed(kecho_proto::Accepting<'a>),
+    Scan(std::iter::Enumerate<std::slice::Iter<'a, RouteSink>>, &'a str),
+}
+
+impl Iterator for Accepting<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Accepting::Every(r) => r.next(),
+            Accepting::Indexed(i) => i.next(),
+            Accepting::Scan(sinks, ty) => {
+                let ty: &str = ty;
+                sinks.find(|(_, r)| r.types.accepts(ty)).map(|(i, _)| i)
+            }
+        }
+    }
 }
 
 /// One remote node's sinks as routes, kept between membership changes (see `RouteBook`).
@@ -324,6 +370,7 @@ impl ChannelInner {
             });
         }
         routes.slow_filter = routes.sinks.iter().any(|r| r.filter.as_ref().is_some_and(|f| !f.is_fast()));
+        routes.index_types();
         *self.routes.write() = Arc::new(routes);
         self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
@@ -541,6 +588,19 @@ mod tests {
             let count = book.assemble(&world.peers, &mut routes);
             let got = table_rows(&routes);
             assert_eq!(got, world.expected(), "after {op:?}");
+            // The sinks a source finds for a type, before the table is indexed (by comparing) and after (through the
+            // index), are those whose type filter accepts it, in table order.
+            let scan = |routes: &Routes, ty: &str| -> Vec<usize> {
+                routes.sinks.iter().enumerate().filter(|(_, r)| r.types.accepts(ty)).map(|(i, _)| i).collect()
+            };
+            for indexed in [false, true] {
+                if indexed {
+                    routes.index_types();
+                }
+                for ty in ["a", "b", "c"] {
+                    assert_eq!(routes.accepting(ty).collect::<Vec<_>>(), scan(&routes, ty), "{ty} after {op:?}");
+                }
+            }
             assert_eq!(count, got.len());
             // Every peer in the table has a sink, and each appears once.
             let mut ids: Vec<NodeId> = routes.peers.iter().map(|p| p.id).collect();

@@ -110,6 +110,10 @@ struct Pick {
     picked: Vec<bool>,
     /// Per peer (as `Routes::peers`): what goes to that node.
     peers: Vec<PeerPick>,
+    /// The peers with sinks accepting the event (indices into `peers`, in table order): the only ones the later
+    /// steps visit and the next reset clears, so that an event costs the nodes it may go to, not every node of the
+    /// channel.
+    touched: Vec<usize>,
     /// Local sinks that get the event.
     locals: Vec<Arc<LocalSink>>,
     /// Sinks of cut-off nodes that accept the event.
@@ -382,7 +386,7 @@ impl Source {
         if timing.deadline.is_some_and(|(at, _)| now() >= at) {
             // It expired while waiting for room: its sinks are told, nothing is sent.
             c.expired.fetch_add(1, Ordering::Relaxed);
-            self.enc.send_expired(&mut pick.peers, routes, &mut self.loss, head, ty, timing);
+            self.enc.send_expired(&mut pick.peers, &pick.touched, routes, &mut self.loss, head, ty, timing);
             for l in &pick.locals {
                 l.queue.add_expired(1);
             }
@@ -392,6 +396,7 @@ impl Source {
         let ev = EventView { ty, attrs, payload };
         let frame = self.enc.send(
             &mut pick.peers,
+            &pick.touched,
             routes,
             &mut self.loss,
             c,
@@ -461,11 +466,15 @@ impl Routing {
 impl Pick {
     /// Empties the buffers for an event, one `PeerPick` per peer of `routes` (each keeping its list's memory).
     fn reset(&mut self, routes: &Routes) {
-        self.peers.truncate(routes.peers.len());
-        for p in &mut self.peers {
-            (p.accepting, p.chosen, p.blocks) = (0, 0, false);
-            p.ids.clear();
+        // Only the peers the last event touched can hold anything.
+        for &p in &self.touched {
+            if let Some(p) = self.peers.get_mut(p) {
+                (p.accepting, p.chosen, p.blocks) = (0, 0, false);
+                p.ids.clear();
+            }
         }
+        self.touched.clear();
+        self.peers.truncate(routes.peers.len());
         self.peers.resize_with(routes.peers.len(), PeerPick::default);
         self.locals.clear();
         self.candidates.clear();
@@ -481,12 +490,16 @@ impl Pick {
         let root = self.cel.as_ref();
         let mut ctx: Option<FilterContext<'_>> = None;
         let mut at = None;
-        for (i, r) in routes.sinks.iter().enumerate() {
-            if !r.types.accepts(ty) {
-                continue;
-            }
+        for i in routes.accepting(ty) {
+            let r = &routes.sinks[i];
             match r.dest {
-                Dest::Remote(p) => self.peers[p].accepting += 1,
+                Dest::Remote(p) => {
+                    let pick = &mut self.peers[p];
+                    if pick.accepting == 0 {
+                        self.touched.push(p);
+                    }
+                    pick.accepting += 1;
+                }
                 Dest::Ghost(_, until) if *at.get_or_insert_with(now) >= until => continue,
                 _ => {}
             }
@@ -552,7 +565,8 @@ impl Pick {
     /// Step 4: waits until every chosen Block sink has room for an event of `len` bytes (or, if not `wait`, fails
     /// when one has none).
     async fn wait_for_room(&self, routes: &Routes, len: usize, wait: bool, lane: u8) -> Result<()> {
-        for (p, pick) in self.peers.iter().enumerate() {
+        for &p in &self.touched {
+            let pick = &self.peers[p];
             if pick.chosen > 0 && pick.blocks && !routes.peers[p].outbox.has_room(len, lane) {
                 if !wait {
                     return Err(Error::WouldBlock);
@@ -740,6 +754,7 @@ impl Encoder {
     fn send(
         &mut self,
         peers: &mut [PeerPick],
+        touched: &[usize],
         routes: &Routes,
         loss: &mut LossTrack,
         c: &Counters,
@@ -762,7 +777,8 @@ impl Encoder {
         }
         // Counted once per submit rather than per link.
         let (mut sent_to, mut sent_bytes) = (0, 0);
-        for (p, pick) in peers.iter_mut().enumerate() {
+        for &p in touched {
+            let pick = &mut peers[p];
             if pick.chosen == 0 {
                 continue;
             }
@@ -860,16 +876,19 @@ impl Encoder {
 impl Encoder {
     /// Sends, in place of an event that expired before it was sent, its expiry notice to every node with chosen
     /// sinks (in the event's place in the node's numbering, so that it is not taken for a loss).
+    #[allow(clippy::too_many_arguments)]
     fn send_expired(
         &mut self,
         peers: &mut [PeerPick],
+        touched: &[usize],
         routes: &Routes,
         loss: &mut LossTrack,
         head: Head,
         ty: &str,
         timing: Timing,
     ) {
-        for (p, pick) in peers.iter_mut().enumerate() {
+        for &p in touched {
+            let pick = &mut peers[p];
             if pick.chosen == 0 {
                 continue;
             }

@@ -216,15 +216,23 @@ impl Fast {
                 Value::Bytes(_) => return None,
             },
             Fast::Not(a) => V::Bool(!a.eval(ty, attrs)?),
-            Fast::And(a, b) => match (a.eval(ty, attrs), b.eval(ty, attrs)) {
-                (Some(false), _) | (_, Some(false)) => V::Bool(false),
-                (Some(true), Some(true)) => V::Bool(true),
-                _ => return None,
+            // The right side is evaluated only when the left does not decide (an error on the left still lets the
+            // right decide, as in CEL): `type == "a" || to == "b"` costs one comparison for events of type `a`.
+            Fast::And(a, b) => match a.eval(ty, attrs) {
+                Some(false) => V::Bool(false),
+                Some(true) => V::Bool(b.eval(ty, attrs)?),
+                None => match b.eval(ty, attrs) {
+                    Some(false) => V::Bool(false),
+                    _ => return None,
+                },
             },
-            Fast::Or(a, b) => match (a.eval(ty, attrs), b.eval(ty, attrs)) {
-                (Some(true), _) | (_, Some(true)) => V::Bool(true),
-                (Some(false), Some(false)) => V::Bool(false),
-                _ => return None,
+            Fast::Or(a, b) => match a.eval(ty, attrs) {
+                Some(true) => V::Bool(true),
+                Some(false) => V::Bool(b.eval(ty, attrs)?),
+                None => match b.eval(ty, attrs) {
+                    Some(true) => V::Bool(true),
+                    _ => return None,
+                },
             },
             Fast::Cmp(a, o, b) => V::Bool(compare(a.value(ty, attrs)?, *o, b.value(ty, attrs)?)?),
             Fast::In(a, list) => {
@@ -255,6 +263,12 @@ fn lit(l: &Lit) -> V<'_> {
 /// types is an error.
 fn compare(a: V<'_>, o: CmpOp, b: V<'_>) -> Option<bool> {
     use std::cmp::Ordering as O;
+    // Strings of different lengths are unequal without comparing their bytes (most equality tests in filters fail).
+    match (a, o, b) {
+        (V::Str(x), CmpOp::Eq, V::Str(y)) => return Some(x == y),
+        (V::Str(x), CmpOp::Ne, V::Str(y)) => return Some(x != y),
+        _ => {}
+    }
     let ord: Option<O> = match (a, b) {
         (V::Int(x), V::Int(y)) => Some(x.cmp(&y)),
         (V::Int(x), V::Float(y)) => (x as f64).partial_cmp(&y),
@@ -337,6 +351,14 @@ mod tests {
             "zone > 1",
             "cpu == 1",
             "type != \"load\"",
+            // Short-circuits: the side that does not decide may be an error or missing.
+            "ok || missing > 1",
+            "!ok && zone > 1",
+            "zone > 1 || ok",
+            "zone > 1 && !ok",
+            "missing == 1 || (n > 2 && zone == \"a\")",
+            "zone == \"bb\" || zone != \"c\"",
+            "type == \"load\" || zone == \"a\"",
         ];
         let mut seed = 12345u64;
         let mut next = move |n: u64| {
