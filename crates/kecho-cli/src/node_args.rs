@@ -76,6 +76,11 @@ pub struct NodeArgs {
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
+    /// Run a channel in tree mode once it has more than N member nodes: about 5 links per node and events forwarded
+    /// along per-source trees, instead of a link to every member (see docs/SCALE.md for what tree mode does not do
+    /// yet). Default: never (full mesh at any size).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub tree_threshold: Option<u64>,
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
     #[arg(long)]
     pub allow_filters: bool,
@@ -139,6 +144,9 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
         .shared_memory((args.same_host_ring_kib > 0).then(|| args.same_host_ring_kib.saturating_mul(1024)))
         .low_latency(Duration::from_micros(args.low_latency_us))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
+    if let Some(n) = args.tree_threshold {
+        builder = builder.tree_threshold(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     if let Some(a) = &args.advertise {
         builder = builder.advertise(parse_addr("advertise", a)?);
     }

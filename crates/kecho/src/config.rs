@@ -68,7 +68,7 @@ pub(crate) struct NodeConfig {
     /// What each source keeps of the events cut-off sinks miss, to replay to them (`NodeBuilder::history`).
     pub(crate) history: History,
     /// A channel whose member nodes number more than this (as this node knows it) runs in tree mode: bounded links
-    /// and events forwarded along per-source trees (`channel/tree.rs`, docs/SCALE.md). Default 64.
+    /// and events forwarded along per-source trees (`channel/tree.rs`, docs/SCALE.md). Default `usize::MAX`: never.
     pub(crate) tree_threshold: usize,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
@@ -136,7 +136,7 @@ impl Default for NodeConfig {
             gap_memory: Duration::from_secs(60),
             source_grace: Duration::from_secs(10),
             history: History::off(),
-            tree_threshold: 64,
+            tree_threshold: usize::MAX,
             tls: None,
             transport: crate::transport::Transport::Tcp,
             identity: None,

@@ -47,6 +47,7 @@ pub async fn run(cmd: Args) -> Result<()> {
         same_host_ring_kib: 0,
         low_latency_us: 0,
         heartbeat: 3.0,
+        tree_threshold: None,
         allow_filters: false,
         identity,
         tls,
