@@ -277,10 +277,37 @@ impl ChannelInner {
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
+    /// Runs the channel's IN-filter (if any) over an event bound for the local `sinks`: the sinks it keeps, or `None`
+    /// (counted as filtered) when it drops the event. The filter may rewrite `attrs`.
+    pub(super) fn in_filtered<'a>(
+        &self,
+        sinks: SinkList<'a>,
+        ty: &str,
+        attrs: &mut Attrs,
+        payload: &Bytes,
+    ) -> Option<SinkList<'a>> {
+        let Some(f) = self.in_filter.read().clone() else { return Some(sinks) };
+        let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();
+        let decision = {
+            let mut ev = InEvent { ty, attrs, payload };
+            f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
+        };
+        match decision {
+            InDecision::Deliver => Some(sinks),
+            InDecision::Drop => {
+                self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            InDecision::Only(keep) => {
+                Some(sinks.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect())
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn dispatch(
         &self,
-        mut sinks: SinkList<'_>,
+        sinks: SinkList<'_>,
         ty: Arc<str>,
         mut attrs: Attrs,
         payload: Bytes,
@@ -288,24 +315,7 @@ impl ChannelInner {
         source: SourceKey,
         deadline: Option<u64>,
     ) {
-        let filter = self.in_filter.read().clone();
-        if let Some(f) = filter {
-            let sink_attrs: Vec<Attrs> = sinks.iter().map(|s| s.attrs.lock().clone()).collect();
-            let decision = {
-                let mut ev = InEvent { ty: &ty, attrs: &mut attrs, payload: &payload };
-                f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
-            };
-            match decision {
-                InDecision::Deliver => {}
-                InDecision::Drop => {
-                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                InDecision::Only(keep) => {
-                    sinks = sinks.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect();
-                }
-            }
-        }
+        let Some(sinks) = self.in_filtered(sinks, &ty, &mut attrs, &payload) else { return };
         if sinks.is_empty() {
             return;
         }

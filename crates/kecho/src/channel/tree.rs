@@ -39,7 +39,6 @@ use super::deliver::SinkList;
 use super::sink::LocalSink;
 use super::{ChannelInner, Channels};
 use crate::clock::now;
-use crate::filter::{InDecision, InEvent, LocalSinks};
 use crate::queue::{Event, Offer, SourceKey};
 
 /// A link that carried a channel message this recently is kept even when the overlay does not use it (a join in
@@ -620,28 +619,11 @@ impl ChannelInner {
     /// Returns false if no local sink wanted it.
     fn offer_now(&self, ty: Arc<str>, mut attrs: Attrs, payload: Bytes, seq: u64, key: SourceKey) -> bool {
         let sinks = self.local_sinks.read().clone();
-        let mut chosen: SinkList<'_> = sinks.iter().filter(|s| accepts(s, &ty, &attrs)).collect();
+        let chosen: SinkList<'_> = sinks.iter().filter(|s| accepts(s, &ty, &attrs)).collect();
         if chosen.is_empty() {
             return false;
         }
-        let filter = self.in_filter.read().clone();
-        if let Some(f) = filter {
-            let sink_attrs: Vec<Attrs> = chosen.iter().map(|s| s.attrs.lock().clone()).collect();
-            let decision = {
-                let mut ev = InEvent { ty: &ty, attrs: &mut attrs, payload: &payload };
-                f.filter(&mut ev, &LocalSinks { attrs: &sink_attrs })
-            };
-            match decision {
-                InDecision::Deliver => {}
-                InDecision::Drop => {
-                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                InDecision::Only(keep) => {
-                    chosen = chosen.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, s)| s).collect();
-                }
-            }
-        }
+        let Some(chosen) = self.in_filtered(chosen, &ty, &mut attrs, &payload) else { return true };
         let ev = Event::new(ty, attrs, payload, seq, key, None);
         for s in chosen {
             match s.queue.offer(ev.clone()) {
