@@ -10,6 +10,7 @@ use kecho::{
 use tokio::time::timeout;
 
 mod common;
+use common::{eventually, recv};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -33,35 +34,11 @@ async fn node_on(reg: &RegistryClient) -> Result<Node> {
         .await?)
 }
 
-async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
-    let waited = timeout(T, sink.recv()).await;
-    let Ok(got) = waited else {
-        // Says whether the event never came or came and the receiver was not woken.
-        bail!("timed out waiting for an event ({} queued at the sink)", sink.len());
-    };
-    match got {
-        Ok(e) => Ok(e),
-        Err(e) => bail!("recv: {e}"),
-    }
-}
-
 fn attr_i(ev: &Event, k: &str) -> i64 {
     match ev.attrs().get(k) {
         Some(Value::Int(i)) => *i,
         other => panic!("attribute {k}: {other:?}"),
     }
-}
-
-/// Waits until `f` holds, polling every 10 ms, at most `T`.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
-    let start = tokio::time::Instant::now();
-    while !f() {
-        if start.elapsed() > T {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(start.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,20 +435,7 @@ async fn every_receive_style_wakes_on_arrival() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_member_is_removed_within_the_heartbeat_timeout() -> Result<()> {
     let (_reg, nodes) = cluster(3).await?;
-    let a = nodes[0].create_channel("crash").await?;
-    let b = nodes[1].open_channel("crash").await?;
-    let c = nodes[2].open_channel("crash").await?;
-    let _sb = b.sink(SinkOptions::new())?;
-    let mut sc = c.sink(SinkOptions::new())?;
-    a.wait_for_sinks(2, T).await?;
-    nodes[1].kill();
-    let took = eventually("crashed sink removed", || a.sinks() == 1).await?;
-    assert!(took < Duration::from_millis(2000), "took {took:?}");
-    // The others carry on.
-    let mut src = a.source()?;
-    src.submit("e", &Attrs::new(), b"").await?;
-    assert_eq!(recv(&mut sc).await?.seq(), 1);
-    Ok(())
+    common::a_crashed_member_is_removed_and_the_others_carry_on(&nodes, || {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Event, MembershipConfig, Node, Overflow, RegistryClient, SinkOptions};
+use kecho::{Attrs, MembershipConfig, Node, Overflow, RegistryClient, SinkOptions};
 use tokio::time::timeout;
 
 mod common;
+use common::{eventually, recv};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -38,24 +39,6 @@ fn builder(reg: &RegistryClient, mode: Mode) -> kecho::NodeBuilder {
         .low_latency(mode.low_latency)
         .heartbeat_timeout(Duration::from_millis(600))
         .membership(m)
-}
-
-async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
-    match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
-        Ok(e) => Ok(e),
-        Err(e) => bail!("recv: {e}"),
-    }
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
-    let start = tokio::time::Instant::now();
-    while !f() {
-        if start.elapsed() > T {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(start.elapsed())
 }
 
 /// Every link of `n` that is up is same-host (or not, as `want` says).
@@ -192,20 +175,7 @@ async fn a_crashed_same_host_member_is_removed_and_the_others_carry_on() -> Resu
         builder(&reg, SAME_HOST).start().await?,
         builder(&reg, SAME_HOST).start().await?,
     ];
-    let a = nodes[0].create_channel("crash").await?;
-    let b = nodes[1].open_channel("crash").await?;
-    let c = nodes[2].open_channel("crash").await?;
-    let _sb = b.sink(SinkOptions::new())?;
-    let mut sc = c.sink(SinkOptions::new())?;
-    a.wait_for_sinks(2, T).await?;
-    check_shared_memory(&nodes[0], true);
-    nodes[1].kill();
-    let took = eventually("crashed sink removed", || a.sinks() == 1).await?;
-    assert!(took < Duration::from_millis(2000), "took {took:?}");
-    let mut src = a.source()?;
-    src.submit("e", &Attrs::new(), b"").await?;
-    assert_eq!(recv(&mut sc).await?.seq(), 1);
-    Ok(())
+    common::a_crashed_member_is_removed_and_the_others_carry_on(&nodes, || check_shared_memory(&nodes[0], true)).await
 }
 
 /// A Block sink nobody reads stalls the link; the events of another channel that find the link full are dropped at

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Node, Overflow, RecvError, SinkOptions};
+use kecho::{Attrs, Event, Node, Overflow, RecvError, SinkOptions};
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
@@ -61,5 +61,49 @@ pub async fn events_dropped_at_a_full_link_are_reported(
     assert_eq!(lagged, dropped_at_source);
     assert_eq!(got + lagged, n);
     drain.abort();
+    Ok(())
+}
+
+/// The next event of `sink`, at most `T`; says whether the event never came or came and the receiver was not woken.
+pub async fn recv(sink: &mut kecho::Sink) -> Result<Event> {
+    let waited = timeout(T, sink.recv()).await;
+    let Ok(got) = waited else {
+        bail!("timed out waiting for an event ({} queued at the sink)", sink.len());
+    };
+    match got {
+        Ok(e) => Ok(e),
+        Err(e) => bail!("recv: {e}"),
+    }
+}
+
+/// Waits until `f` holds, polling every 10 ms, at most `T`; how long it took.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Three member nodes; the second is killed (no goodbye): the first drops its sink within 2 s and still reaches the
+/// third. `linked` runs once both sinks are known (to check which transport the links took).
+pub async fn a_crashed_member_is_removed_and_the_others_carry_on(nodes: &[Node], linked: impl FnOnce()) -> Result<()> {
+    let a = nodes[0].create_channel("crash").await?;
+    let b = nodes[1].open_channel("crash").await?;
+    let c = nodes[2].open_channel("crash").await?;
+    let _sb = b.sink(SinkOptions::new())?;
+    let mut sc = c.sink(SinkOptions::new())?;
+    a.wait_for_sinks(2, T).await?;
+    linked();
+    nodes[1].kill();
+    let took = eventually("crashed sink removed", || a.sinks() == 1).await?;
+    assert!(took < Duration::from_millis(2000), "took {took:?}");
+    // The others carry on.
+    let mut src = a.source()?;
+    src.submit("e", &Attrs::new(), b"").await?;
+    assert_eq!(recv(&mut sc).await?.seq(), 1);
     Ok(())
 }
