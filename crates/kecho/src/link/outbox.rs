@@ -350,6 +350,12 @@ impl Outbox {
         if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
+        // A prioritised frame marks the link even when it is written directly (a quiet link): from then on takes
+        // are budgeted and the kernel's send queue kept short, or the next backlog would go out as one take.
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
+        }
         q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
         if written == len {
@@ -359,10 +365,6 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        if lane > 0 && !q.prioritised {
-            q.prioritised = true;
-            self.prioritised.store(true, Ordering::Release);
-        }
         let lane = rest_lane(lane, written);
         let timely = written == 0 && u.expiry.is_some();
         let l = &mut q.lanes[lane];
@@ -399,6 +401,12 @@ impl Outbox {
         if !u.blocks && queued != 0 && queued + len > self.limit {
             return false;
         }
+        // A prioritised frame marks the link even when it is written directly (a quiet link): from then on takes
+        // are budgeted and the kernel's send queue kept short, or the next backlog would go out as one take.
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
+        }
         q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
         if written == len {
@@ -408,10 +416,6 @@ impl Outbox {
         }
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
-        if lane > 0 && !q.prioritised {
-            q.prioritised = true;
-            self.prioritised.store(true, Ordering::Release);
-        }
         let lane = rest_lane(lane, written);
         let l = &mut q.lanes[lane];
         if written < first.len() {
