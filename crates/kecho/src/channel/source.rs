@@ -26,6 +26,8 @@ use crate::link::{Expiry, Held, Peer, SourceGate, Urgency, COPY_BELOW};
 use crate::queue::{ChunkBuf, SourceKey};
 use crate::timely::{unix_us, EventOptions, Priority, BEST_EFFORT_ATTR};
 
+mod batch;
+
 /// Size of a source's encoding chunk (larger frames get a chunk of their own size).
 const ENCODE_CHUNK: usize = 64 * 1024;
 
@@ -144,6 +146,13 @@ struct Encoder {
     prefix: BytesMut,
     /// Whether this source has been idle long enough to write to a quiet link itself.
     gate: SourceGate,
+    /// A batch's run of event frames (`Source::submit_many`), back to back, and where each ends.
+    run: BytesMut,
+    ends: Vec<usize>,
+    /// The run with each event preceded by its `Targets` frame, for a node where not every accepting sink was
+    /// chosen, and where each ends.
+    targeted: BytesMut,
+    targeted_ends: Vec<usize>,
 }
 
 /// Loss accounting at the source (see docs/PROTOCOL.md, "Loss accounting").
