@@ -235,7 +235,7 @@ impl Taken {
         let mut n = 0;
         while n < max {
             match self.items.front() {
-                Some(Item::Event(e)) if !now.is_some_and(|t| e.deadline_us().is_some_and(|d| t > d)) => {}
+                Some(Item::Event(e)) if now.is_none_or(|t| e.deadline_us().is_none_or(|d| t <= d)) => {}
                 _ => break,
             }
             if let Some(Item::Event(e)) = self.items.pop_front() {
