@@ -146,12 +146,9 @@ struct Encoder {
     prefix: BytesMut,
     /// Whether this source has been idle long enough to write to a quiet link itself.
     gate: SourceGate,
-    /// A batch's run of event frames (`Source::submit_many`), back to back, and where each ends.
-    run: BytesMut,
+    /// Where each event of a batch's run of frames ends (`Source::submit_many`); and where each ends in the run
+    /// with every event preceded by its `Targets` frame, for a node where not every accepting sink was chosen.
     ends: Vec<usize>,
-    /// The run with each event preceded by its `Targets` frame, for a node where not every accepting sink was
-    /// chosen, and where each ends.
-    targeted: BytesMut,
     targeted_ends: Vec<usize>,
 }
 

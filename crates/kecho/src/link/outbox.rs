@@ -428,16 +428,16 @@ impl Outbox {
         true
     }
 
-    /// Queues a run of small event frames of one source (`run`, frame `i` ending at `ends[i]`), preceded by `first`
-    /// (the first frame's routing frame, or empty), by copying them under one lock with one wake-up of the writer: the
-    /// batched form of `push_event_copied` (the same lanes and direct writes). Returns how many of the frames were
-    /// queued: all if `u.blocks` (the source waited for room for the run; the limit is then exceeded by at most one
-    /// run), else those that fit, in order (when nothing is queued the first always goes, as a single frame would).
-    /// The caller accounts for the rest as lost. `run` holds no frame with an expiry.
-    pub(crate) fn push_events_copied(
+    /// Queues a run of event frames of one source (`run`, frame `i` ending at `ends[i]`, shared rather than copied),
+    /// preceded by `first` (the first frame's routing frame, or empty; copied), under one lock with one wake-up of the
+    /// writer: the batched form of `push_event_with` (the same lanes and direct writes). Returns how many of the
+    /// frames were queued: all if `u.blocks` (the source waited for room for the run; the limit is then exceeded by
+    /// at most one run), else those that fit, in order (when nothing is queued the first always goes, as a single
+    /// frame would). The caller accounts for the rest as lost. No frame of the run has an expiry.
+    pub(crate) fn push_events(
         &self,
         first: &[u8],
-        run: &[u8],
+        run: &Bytes,
         ends: &[usize],
         gate: &mut SourceGate,
         u: Urgency<'_>,
@@ -462,14 +462,14 @@ impl Outbox {
         if n == 0 {
             return 0;
         }
-        let run = &run[..ends[n - 1]];
-        let len = first.len() + run.len();
+        let end = ends[n - 1];
+        let len = first.len() + end;
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
         }
         q.events += n as u64;
-        let written = self.try_direct(&mut q, first, run, gate);
+        let written = self.try_direct(&mut q, first, &run[..end], gate);
         if written == len {
             drop(q);
             self.direct_done();
@@ -481,9 +481,10 @@ impl Outbox {
         let lane = rest_lane(lane, written);
         let l = &mut q.lanes[lane];
         if written < first.len() {
-            l.append_both(&first[written..], run);
+            l.append(&first[written..]);
+            l.push_after_prefix(run.slice(..end));
         } else {
-            l.append(&run[written - first.len()..]);
+            l.push(run.slice(written - first.len()..end), None);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
         self.queued_wake(q);
@@ -894,25 +895,26 @@ mod tests {
             frames.iter().flat_map(|f| f.iter().copied()).collect::<Vec<u8>>()
         };
         // Room for the prefix and the first three frames (2 + 18 bytes) of six.
-        let run = b"aaaaaabbbbbbccccccdddddd";
+        let run = Bytes::from_static(b"aaaaaabbbbbbccccccdddddd");
         let ends = [6, 12, 18, 24];
-        assert_eq!(out.push_events_copied(b"pp", run, &ends, &mut gate, Urgency::plain(&mut held)), 3);
+        assert_eq!(out.push_events(b"pp", &run, &ends, &mut gate, Urgency::plain(&mut held)), 3);
         assert_eq!(out.events(), 3);
         // A single frame after the run comes behind it; nothing fits now.
-        assert_eq!(out.push_events_copied(b"", b"ee", &[2], &mut gate, Urgency::plain(&mut held)), 0);
+        assert_eq!(out.push_events(b"", &Bytes::from_static(b"ee"), &[2], &mut gate, Urgency::plain(&mut held)), 0);
         assert_eq!(taken(), b"ppaaaaaabbbbbbcccccc");
         // On an empty outbox the first frame goes whatever its size, as a single frame would.
-        assert_eq!(out.push_events_copied(b"", b"0123456789012345678901234", &[25], &mut gate, lane(0, &mut held)), 1);
+        let large = Bytes::from_static(b"0123456789012345678901234");
+        assert_eq!(out.push_events(b"", &large, &[25], &mut gate, lane(0, &mut held)), 1);
         assert!(!out.push_event_copied(b"", b"x", &mut gate, lane(0, &mut held)), "full behind the large frame");
         assert_eq!(taken(), b"0123456789012345678901234");
         // A run for a Block sink is taken whole (its source waited for room), between the frames around it.
         assert!(out.push_event_copied(b"", b"1", &mut gate, lane(0, &mut held)));
         let blocking = Urgency { blocks: true, ..Urgency::plain(&mut held) };
-        assert_eq!(out.push_events_copied(b"r", run, &ends, &mut gate, blocking), 4);
+        assert_eq!(out.push_events(b"r", &run, &ends, &mut gate, blocking), 4);
         out.push_control(Bytes::from_static(b"c"));
         assert!(!out.push_event_copied(b"", b"2", &mut gate, lane(0, &mut held)), "full");
         assert_eq!(taken(), b"1raaaaaabbbbbbccccccddddddc");
-        assert_eq!(out.push_events_copied(b"", b"", &[], &mut gate, lane(0, &mut held)), 0, "an empty run");
+        assert_eq!(out.push_events(b"", &Bytes::new(), &[], &mut gate, lane(0, &mut held)), 0, "an empty run");
     }
 
     #[test]

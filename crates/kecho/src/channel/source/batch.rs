@@ -3,8 +3,8 @@
 //! `Source::submit_many` takes the steps of `Source::submit_inner` once for a run of events instead of once per
 //! event: the routing table, the type's sinks and content filters, the room check at Block sinks, the counters, one
 //! lock of each link's outbox and one wake-up of its writer. The events are encoded back to back, each as the frame it
-//! would have been alone, so the wire and the receivers see exactly what single submits would have sent; per link the
-//! run is copied into the outbox in one piece. Whatever needs a decision per event (an OUT-filter, a deadline,
+//! would have been alone, so the wire and the receivers see exactly what single submits would have sent; every link's
+//! outbox queues the run as one shared piece of memory (no copy per link). Whatever needs a decision per event (an OUT-filter, a deadline,
 //! best-effort datagrams, tree mode, cut-off sinks, a non-waiting submit to a local Block sink) takes the per-event
 //! path for the batch, so every guarantee holds as it does for single submits.
 
@@ -15,7 +15,7 @@ use bytes::Bytes;
 use kecho_proto::codec::{encode_event, encode_routed, encode_targets};
 use kecho_proto::{Attrs, Overflow};
 
-use super::{Encoder, SendTrack, Source, Timing, Told};
+use super::{Encoder, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
 use crate::channel::block_on;
 use crate::channel::deliver::SinkList;
 use crate::channel::history::SentTo;
@@ -129,20 +129,22 @@ impl Source {
                     e => Err(e),
                 };
             }
-            self.send_run(&routes, ty, attrs, &payloads[at..end], timing).await;
+            self.send_run(&routes, ty, attrs, &payloads[at..end], base, timing).await;
             at = end;
         }
         Ok(first..self.seq + 1)
     }
 
     /// Numbers, encodes and sends a run of events whose sinks `self.pick` holds (chosen without an OUT-filter, with
-    /// room at Block sinks), then gives them to local sinks.
+    /// room at Block sinks), then gives them to local sinks. `base`: an event's frame length without its payload.
+    #[allow(clippy::too_many_arguments)]
     async fn send_run<P: AsRef<[u8]>>(
         &mut self,
         routes: &super::Routes,
         ty: &str,
         attrs: &Attrs,
         payloads: &[P],
+        base: usize,
         timing: Timing,
     ) {
         let k = payloads.len();
@@ -157,14 +159,16 @@ impl Source {
             c.filtered.fetch_add(k as u64, Ordering::Relaxed);
             return;
         }
-        // Encoded once, back to back, each event as its own frame.
+        // Encoded once, back to back, each event as its own frame, into memory that every link shares.
         let enc = &mut self.enc;
-        enc.run.clear();
         enc.ends.clear();
+        let bytes: usize = payloads.iter().map(|p| base + p.as_ref().len()).sum();
+        let b = enc.buf.room(bytes, ENCODE_CHUNK);
         for (i, p) in payloads.iter().enumerate() {
-            encode_event(&mut enc.run, channel, source, seq0 + i as u64, ty, attrs, p.as_ref());
-            enc.ends.push(enc.run.len());
+            encode_event(b, channel, source, seq0 + i as u64, ty, attrs, p.as_ref());
+            enc.ends.push(b.len());
         }
+        let run = b.split().freeze();
         let keep = self.kept.is_on();
         let mut went: Vec<smallvec::SmallVec<[SentTo; 1]>> = Vec::new();
         if keep {
@@ -183,35 +187,30 @@ impl Source {
                 track.replay_in_flight(peer, &self.kept, channel, source, &mut self.enc);
             }
             let (told, tell) = track.before(peer, seq0);
-            let Encoder { run, ends, targeted: trun, targeted_ends: tends, prefix, gate, .. } = &mut self.enc;
+            let Encoder { buf, ends, targeted_ends: tends, prefix, gate, .. } = &mut self.enc;
             if tell {
                 encode_routed(prefix, channel, source, told.skipped);
             }
             // Sinks chosen by content filters among the node's accepting ones: each event is preceded by its
             // `Targets` frame, as it would be alone.
             let targeted = pp.chosen < pp.accepting;
-            let (bytes, ends): (&[u8], &[usize]) = if targeted {
-                trun.clear();
+            let (frames, ends) = if targeted {
                 tends.clear();
+                let b = buf.room(run.len() + k * (24 + 4 * pp.ids.len()), ENCODE_CHUNK);
                 let mut start = 0;
                 for &e in ends.iter() {
-                    encode_targets(trun, channel, &pp.ids);
-                    trun.extend_from_slice(&run[start..e]);
-                    tends.push(trun.len());
+                    encode_targets(b, channel, &pp.ids);
+                    b.extend_from_slice(&run[start..e]);
+                    tends.push(b.len());
                     start = e;
                 }
-                (trun, tends)
+                (b.split().freeze(), &tends[..])
             } else {
-                (run, ends)
+                (run.clone(), &ends[..])
             };
             let routed = track.routed;
-            let n = peer.outbox.push_events_copied(
-                prefix,
-                bytes,
-                ends,
-                gate,
-                timing.urgency(&mut track.held, None, pp.blocks),
-            );
+            let urgency = timing.urgency(&mut track.held, None, pp.blocks);
+            let n = peer.outbox.push_events(prefix, &frames, ends, gate, urgency);
             prefix.clear();
             if n > 0 {
                 track.sent_many(told, n as u64);
@@ -237,13 +236,13 @@ impl Source {
         }
         self.enc.gate.done();
         if keep {
-            // Kept for a node whose link breaks with them in flight.
+            // Kept for a node whose link breaks with them in flight (sharing the run's memory).
             let at = self.kept.needs_time().then(now);
             let mut start = 0;
             for (i, w) in went.into_iter().enumerate() {
                 let e = self.enc.ends[i];
                 if !w.is_empty() {
-                    self.kept.sent_small(seq0 + i as u64, &self.enc.run[start..e], w, at);
+                    self.kept.sent(seq0 + i as u64, run.slice(start..e), w, at);
                 }
                 start = e;
             }
