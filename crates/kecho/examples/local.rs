@@ -139,9 +139,14 @@ fn main() -> Result<()> {
         latency_table(n, &names, &mut lat, &cpus);
     }
     println!();
-    println!("| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds |");
-    println!("|---|---|---|");
-    let mut rates = vec![Vec::new(); 8];
+    println!(
+        "| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds \
+         | CPU ns/event, source process (median) | sink process |"
+    );
+    println!("|---|---|---|---|---|");
+    // Per run: events per second and CPU nanoseconds per event in the source's and the sink's process (NaN: not
+    // measured).
+    let mut rates: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 8];
     for _ in 0..ROUNDS {
         for sh in (0..3u8).filter(|&i| runs(i)) {
             let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events, 1)).await? })?;
@@ -157,7 +162,7 @@ fn main() -> Result<()> {
         }
         for (i, shm) in [(3, true), (4, false)] {
             if runs(i) {
-                rates[i as usize].push(raw(shm, events * 4)?);
+                rates[i as usize].push((raw(shm, events * 4)?, f64::NAN, f64::NAN));
             }
         }
     }
@@ -171,13 +176,20 @@ fn main() -> Result<()> {
         format!("kecho {}, batched", link_name(1)),
         format!("kecho {}, batched", link_name(2)),
     ];
-    for (name, mut r) in names.iter().zip(rates) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ns = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.0}") };
+    for (name, r) in names.iter().zip(rates) {
         if r.is_empty() {
             continue;
         }
-        r.sort_by(f64::total_cmp);
-        let all: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
-        println!("| {name} | {:.2} | {} |", r[r.len() / 2] / 1e6, all.join(", "));
+        let mut rate: Vec<f64> = r.iter().map(|x| x.0).collect();
+        rate.sort_by(f64::total_cmp);
+        let all: Vec<String> = rate.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        let (src_ns, sink_ns) = (median(r.iter().map(|x| x.1).collect()), median(r.iter().map(|x| x.2).collect()));
+        println!("| {name} | {:.2} | {} | {} | {} |", median(rate) / 1e6, all.join(", "), ns(src_ns), ns(sink_ns));
     }
     Ok(())
 }
@@ -310,8 +322,8 @@ fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: u8, n: u64) -> Result<
 }
 
 /// Events per second from this process's source to a child's sink, submitted one at a time (`batch` 1) or `batch` at a
-/// time, and received the same way.
-async fn stream(registry: SocketAddr, sh: u8, n: u64, batch: usize) -> Result<f64> {
+/// time, and received the same way; with the CPU nanoseconds per event this process and the child used meanwhile.
+async fn stream(registry: SocketAddr, sh: u8, n: u64, batch: usize) -> Result<(f64, f64, f64)> {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let node = builder(registry, 0, sh).start().await?;
     let channel = format!("stream-{sh}-{}", RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -326,7 +338,7 @@ async fn stream(registry: SocketAddr, sh: u8, n: u64, batch: usize) -> Result<f6
     let mut src = ch.source()?;
     let (attrs, payload) = (Attrs::new(), [0x5au8; SIZE]);
     let payloads = vec![payload; batch];
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), cpu_seconds());
     if batch == 1 {
         for _ in 0..n {
             src.submit("e", &attrs, &payload).await?;
@@ -340,14 +352,14 @@ async fn stream(registry: SocketAddr, sh: u8, n: u64, batch: usize) -> Result<f6
         }
     }
     let done = tokio::task::block_in_place(|| line(&mut c))?;
-    let secs = t0.elapsed().as_secs_f64();
-    tokio::task::block_in_place(|| finish(c))?;
+    let (secs, mine) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    let theirs = tokio::task::block_in_place(|| finish(c))?;
     if done != format!("received {n} lost 0") {
         bail!("child said {done:?} of {n}");
     }
     drop(src);
     node.shutdown().await;
-    Ok(n as f64 / secs)
+    Ok((n as f64 / secs, mine / n as f64 * 1e9, theirs / n as f64 * 1e9))
 }
 
 fn count(registry: SocketAddr, channel: &str, sh: u8, n: u64, batch: usize) -> Result<()> {
