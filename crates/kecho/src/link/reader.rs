@@ -102,7 +102,14 @@ impl<H: LinkHandler> Receiver<H> {
             loop {
                 let handled = match codec::split_frame(&mut buf, max_frame) {
                     Ok(Some(frame)) if codec::is_event(&frame) => match codec::decode_event_with(frame, &mut names) {
-                        Ok(e) => self.event(e).await,
+                        // The common case without a future per event: only a batch that must go first is awaited.
+                        Ok(e) => {
+                            if self.must_deliver_before(e.channel) {
+                                self.deliver().await;
+                                self.on = e.channel;
+                            }
+                            self.arrived(e)
+                        }
                         Err(e) => Err(e.into()),
                     },
                     Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
@@ -184,6 +191,22 @@ impl<H: LinkHandler> Receiver<H> {
 
     /// An event: joins the batch of its channel (the batch so far is delivered first if it is another channel's).
     async fn event(&mut self, e: EventMsg) -> Result<(), LinkError> {
+        if self.must_deliver_before(e.channel) {
+            self.deliver().await;
+            self.on = e.channel;
+        }
+        self.arrived(e)
+    }
+
+    /// The batch gathered so far must be delivered before an event of `channel` joins: it is another channel's, or
+    /// full.
+    #[inline]
+    fn must_deliver_before(&self, channel: ChannelId) -> bool {
+        channel != self.on || self.batch.events.len() >= MAX_BATCH
+    }
+
+    /// An event joins the batch (which `must_deliver_before` allowed), with its pending `Targets` and `Deadline`.
+    fn arrived(&mut self, e: EventMsg) -> Result<(), LinkError> {
         let targets = match self.targets.take() {
             Some(t) if t.channel == e.channel => Some(t.sinks),
             Some(_) => return Err(LinkError::Protocol("a Targets frame was not followed by its event")),
@@ -194,8 +217,8 @@ impl<H: LinkHandler> Receiver<H> {
             Some(_) => return Err(LinkError::Protocol("a Deadline frame was not followed by its event")),
             None => None,
         };
-        let channel = e.channel;
-        self.stage(channel, Arrived::new(e, targets, deadline)).await;
+        debug_assert!(!self.must_deliver_before(e.channel));
+        self.batch.events.push(Arrived::new(e, targets, deadline));
         Ok(())
     }
 
