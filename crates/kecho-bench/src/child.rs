@@ -42,8 +42,8 @@ pub fn run(role: &str) -> Result<()> {
         ["local-kecho", registry, channel, ll, sh, n] => {
             crate::local::kecho_child(registry.parse()?, channel, ll, sh, n.parse()?)
         }
-        ["local-count", registry, channel, ll, sh, n] => {
-            crate::local::count_child(registry.parse()?, channel, ll, sh, n.parse()?)
+        ["local-count", registry, channel, ll, sh, n, batch] => {
+            crate::local::count_child(registry.parse()?, channel, ll, sh, n.parse()?, batch.parse()?)
         }
         _ => bail!("unknown child role {role:?}"),
     }

@@ -158,10 +158,13 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let tn = count(args, 2_000_000, 1_000);
     let mut trows = Vec::new();
     for mode in [MODES[0], MODES[2], MODES[4]] {
-        let channel = format!("local-stream-{}", mode.arg().replace(',', "-"));
-        let (events, secs) =
-            rt.block_on(kecho_stream(args, registry, &channel, mode, tn)).with_context(|| mode.name())?;
-        trows.push(ThroughputRow { system: mode.name(), events, secs, rate: events as f64 / secs });
+        for batch in [1, STREAM_BATCH] {
+            let channel = format!("local-stream-{}-{batch}", mode.arg().replace(',', "-"));
+            let (events, secs) =
+                rt.block_on(kecho_stream(args, registry, &channel, mode, tn, batch)).with_context(|| mode.name())?;
+            let system = if batch == 1 { mode.name() } else { batched_name(mode) };
+            trows.push(ThroughputRow { system, events, secs, rate: events as f64 / secs });
+        }
     }
     rt.block_on(reg.shutdown());
 
@@ -202,8 +205,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         s.checks.push(Check::at_most("low-latency p50 (same-host shm) / blocking socket p50", ll / floor, 2.0, "x"));
         s.checks.push(Check::at_most("low-latency p50 (same-host shm)", ll / 1000.0, 5.0, "us"));
     }
-    if let Some(r) = trows.iter().find(|r| r.system == MODES[4].name()) {
-        s.checks.push(Check::at_least("same-host shm 100 B 1->1", r.rate / 1e6, 15.0, "M/s"));
+    if let Some(r) = trows.iter().find(|r| r.system == batched_name(MODES[4])) {
+        s.checks.push(Check::at_least("same-host shm 100 B 1->1 (batched)", r.rate / 1e6, 15.0, "M/s"));
     }
     s.put("latency", &rows);
     s.put("throughput", &trows);
@@ -363,12 +366,28 @@ pub fn kecho_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u
     Ok(())
 }
 
-/// 1->1 throughput: this process's source submits `n` events as fast as it can; the child counts them. Returns the
-/// events received and the seconds from the first submit to the child's last arrival (the child reports when).
-async fn kecho_stream(args: &BenchArgs, registry: SocketAddr, channel: &str, mode: Mode, n: u64) -> Result<(u64, f64)> {
+/// Events per `Source::submit_many` (and at most 16 times as many per `Sink::recv_many`) in the batched 1->1 runs.
+const STREAM_BATCH: usize = 256;
+
+/// The name of a batched 1->1 run.
+fn batched_name(mode: Mode) -> String {
+    format!("{}, batched ({STREAM_BATCH} per submit_many)", mode.name())
+}
+
+/// 1->1 throughput: this process's source submits `n` events as fast as it can, one at a time (`batch` 1) or `batch`
+/// at a time; the child counts them, received the same way. Returns the events received and the seconds from the
+/// first submit to the child's last arrival (the child reports when).
+async fn kecho_stream(
+    args: &BenchArgs,
+    registry: SocketAddr,
+    channel: &str,
+    mode: Mode,
+    n: u64,
+    batch: usize,
+) -> Result<(u64, f64)> {
     let node = mode.builder(registry).start().await?;
     let ch = node.create_channel(channel).await?;
-    let mut child = spawn(args, &format!("local-count,{registry},{channel},{},{n}", mode.arg()))?;
+    let mut child = spawn(args, &format!("local-count,{registry},{channel},{},{n},{batch}", mode.arg()))?;
     let ready = tokio::task::block_in_place(|| line(&mut child))?;
     if ready != "ready" {
         bail!("child said {ready:?}");
@@ -377,9 +396,19 @@ async fn kecho_stream(args: &BenchArgs, registry: SocketAddr, channel: &str, mod
     let mut src = ch.source()?;
     let attrs = Attrs::new();
     let payload = vec![0x5au8; SIZE];
+    let payloads = vec![payload.clone(); batch];
     let t0 = Instant::now();
-    for _ in 0..n {
-        src.submit("e", &attrs, &payload).await?;
+    if batch <= 1 {
+        for _ in 0..n {
+            src.submit("e", &attrs, &payload).await?;
+        }
+    } else {
+        let mut left = n as usize;
+        while left > 0 {
+            let k = left.min(batch);
+            src.submit_many("e", &attrs, &payloads[..k]).await?;
+            left -= k;
+        }
     }
     let done = tokio::task::block_in_place(|| line(&mut child))?;
     let secs = t0.elapsed().as_secs_f64();
@@ -396,8 +425,9 @@ async fn kecho_stream(args: &BenchArgs, registry: SocketAddr, channel: &str, mod
     Ok((got, secs))
 }
 
-/// The child of a throughput run: a Block sink that counts `n` events, says when it has them all, and leaves.
-pub fn count_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u64) -> Result<()> {
+/// The child of a throughput run: a Block sink that counts `n` events (received one at a time for `batch` 1, else
+/// with `recv_many` and one timeout per call), says when it has them all, and leaves.
+pub fn count_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u64, batch: usize) -> Result<()> {
     let mode = Mode::parse(ll, sh)?;
     let rt = runtime()?;
     let (got, lost, cpu) = rt.block_on(async {
@@ -408,11 +438,21 @@ pub fn count_child(registry: SocketAddr, channel: &str, ll: &str, sh: &str, n: u
         std::io::stdout().flush()?;
         let (mut got, mut lost) = (0u64, 0u64);
         let cpu0 = process_cpu_ns();
+        let mut evs = Vec::with_capacity(16 * batch);
         while got + lost < n {
-            match tokio::time::timeout(Duration::from_secs(30), sink.recv()).await {
-                Ok(Ok(_)) => got += 1,
-                Ok(Err(RecvError::Lagged(k))) => lost += k,
-                Ok(Err(_)) | Err(_) => break,
+            if batch <= 1 {
+                match tokio::time::timeout(Duration::from_secs(30), sink.recv()).await {
+                    Ok(Ok(_)) => got += 1,
+                    Ok(Err(RecvError::Lagged(k))) => lost += k,
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            } else {
+                match tokio::time::timeout(Duration::from_secs(30), sink.recv_many(&mut evs, 16 * batch)).await {
+                    Ok(Ok(k)) => got += k as u64,
+                    Ok(Err(RecvError::Lagged(k))) => lost += k,
+                    Ok(Err(_)) | Err(_) => break,
+                }
+                evs.clear();
             }
         }
         println!("received {got} lost {lost}");

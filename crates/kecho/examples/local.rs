@@ -3,12 +3,18 @@
 //! rounds: blocking std sockets in both (the floor), then kecho over loopback TCP, over same-host links on the Unix
 //! socket itself and over same-host links through shared memory, each in the default and the low-latency receive
 //! mode; with each process's CPU per message. Then 100 B events 1->1 as fast as the source submits them over the
-//! three, in alternated rounds, and the transports alone (100 B writes through a shared-memory ring and through a
-//! Unix socket, no kecho above them), as the bound a transport puts on the rate.
+//! three, in alternated rounds, one at a time (`Source::submit`, `Sink::recv`) and batched (`Source::submit_many`,
+//! `Sink::recv_many`), and the transports alone (100 B writes through a shared-memory ring and through a Unix socket,
+//! no kecho above them), as the bound a transport puts on the rate.
 //! `cargo run --release -p kecho --no-default-features --example local -- [pingpongs per round] [budget us] [events]
-//! [links] [ring KiB]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1 same-host
-//! socket, 2 shared memory, 3 and 4 the transports alone; default all), e.g. to profile one of them; `ring KiB` sets
-//! the shared-memory rings (default `kecho_shm::DEFAULT_RING`).
+//! [links] [ring KiB] [batch]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1
+//! same-host socket, 2 shared memory, 3 and 4 the transports alone, 5 to 7 as 0 to 2 batched; default all), e.g. to
+//! profile one of them; `ring KiB` sets the shared-memory rings (default `kecho_shm::DEFAULT_RING`, 0: default);
+//! `batch` the events per `submit_many` (default 256).
+
+mod common;
+
+use common::cpu_seconds;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,15 +27,6 @@ use kecho::{Attrs, Node, Overflow, RecvError, SinkOptions};
 const SIZE: usize = 100;
 const ROUNDS: usize = 4;
 const T: Duration = Duration::from_secs(20);
-
-/// CPU time of this process so far (user + system), in seconds (10 ms ticks).
-fn cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (field(11) + field(12)) / 100.0
-}
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
@@ -93,16 +90,19 @@ fn main() -> Result<()> {
         Some("echo") => {
             return echo(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4].parse()?, argv[5].parse()?);
         }
-        Some("count") => return count(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4].parse()?),
+        Some("count") => {
+            return count(argv[1].parse()?, &argv[2], argv[3].parse()?, argv[4].parse()?, argv[5].parse()?);
+        }
         Some("raw-count") => return raw_count(&argv[1], argv[2] == "shm", argv[3].parse()?),
         _ => {}
     }
     let n: u64 = argv.first().and_then(|a| a.parse().ok()).unwrap_or(5000);
     let budget: u64 = argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
     let events: u64 = argv.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
-    let links: String = argv.get(3).cloned().unwrap_or_else(|| "01234".into());
+    let links: String = argv.get(3).cloned().unwrap_or_else(|| "01234567".into());
     let runs = |i: u8| links.contains(char::from(b'0' + i));
-    if let Some(kib) = argv.get(4) {
+    let batch: usize = argv.get(5).and_then(|a| a.parse().ok()).unwrap_or(256).max(1);
+    if let Some(kib) = argv.get(4).filter(|k| *k != "0") {
         // Read by this process and inherited by the children.
         std::env::set_var("KECHO_LOCAL_RING_KIB", kib);
     }
@@ -139,17 +139,30 @@ fn main() -> Result<()> {
         latency_table(n, &names, &mut lat, &cpus);
     }
     println!();
-    println!("| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds |");
-    println!("|---|---|---|");
-    let mut rates = vec![Vec::new(); 5];
+    println!(
+        "| 100 B events 1->1, two processes, {events} events, {ROUNDS} alternated rounds | M events/s (median) | rounds \
+         | CPU ns/event, source process (median) | sink process |"
+    );
+    println!("|---|---|---|---|---|");
+    // Per run: events per second and CPU nanoseconds per event in the source's and the sink's process (NaN: not
+    // measured).
+    let mut rates: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 8];
     for _ in 0..ROUNDS {
         for sh in (0..3u8).filter(|&i| runs(i)) {
-            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events)).await? })?;
+            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events, 1)).await? })?;
             rates[sh as usize].push(r);
+            if runs(sh + 5) {
+                let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events, batch)).await? })?;
+                rates[sh as usize + 5].push(r);
+            }
+        }
+        for sh in (0..3u8).filter(|&i| runs(i + 5) && !runs(i)) {
+            let r = rt.block_on(async move { tokio::spawn(stream(registry, sh, events, batch)).await? })?;
+            rates[sh as usize + 5].push(r);
         }
         for (i, shm) in [(3, true), (4, false)] {
             if runs(i) {
-                rates[i as usize].push(raw(shm, events * 4)?);
+                rates[i as usize].push((raw(shm, events * 4)?, f64::NAN, f64::NAN));
             }
         }
     }
@@ -159,14 +172,24 @@ fn main() -> Result<()> {
         format!("kecho {}", link_name(2)),
         "transport alone: shared-memory ring, 100 B writes".to_owned(),
         "transport alone: Unix socket, 100 B blocking writes".to_owned(),
+        format!("kecho TCP, batched ({batch} per submit_many, recv_many)"),
+        format!("kecho {}, batched", link_name(1)),
+        format!("kecho {}, batched", link_name(2)),
     ];
-    for (name, mut r) in names.iter().zip(rates) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ns = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.0}") };
+    for (name, r) in names.iter().zip(rates) {
         if r.is_empty() {
             continue;
         }
-        r.sort_by(f64::total_cmp);
-        let all: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
-        println!("| {name} | {:.2} | {} |", r[r.len() / 2] / 1e6, all.join(", "));
+        let mut rate: Vec<f64> = r.iter().map(|x| x.0).collect();
+        rate.sort_by(f64::total_cmp);
+        let all: Vec<String> = rate.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        let (src_ns, sink_ns) = (median(r.iter().map(|x| x.1).collect()), median(r.iter().map(|x| x.2).collect()));
+        println!("| {name} | {:.2} | {} | {} | {} |", median(rate) / 1e6, all.join(", "), ns(src_ns), ns(sink_ns));
     }
     Ok(())
 }
@@ -200,14 +223,14 @@ fn floor(n: u64) -> Result<(Vec<f64>, (f64, f64))> {
     let msg = [0x5au8; SIZE];
     let mut back = [0u8; SIZE];
     let mut out = Vec::with_capacity(n as usize);
-    let c0 = cpu();
+    let c0 = cpu_seconds();
     for _ in 0..n {
         let t0 = Instant::now();
         s.write_all(&msg)?;
         s.read_exact(&mut back)?;
         out.push(t0.elapsed().as_nanos() as f64 / 2e3);
     }
-    let mine = cpu() - c0;
+    let mine = cpu_seconds() - c0;
     Ok((out, (mine, finish(c)?)))
 }
 
@@ -215,12 +238,12 @@ fn echo_tcp(addr: SocketAddr, n: u64) -> Result<()> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let mut buf = [0u8; SIZE];
-    let c0 = cpu();
+    let c0 = cpu_seconds();
     for _ in 0..n {
         s.read_exact(&mut buf)?;
         s.write_all(&buf)?;
     }
-    println!("cpu {}", cpu() - c0);
+    println!("cpu {}", cpu_seconds() - c0);
     Ok(())
 }
 
@@ -241,10 +264,10 @@ async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: u8, n: u64
     ping.wait_for_sinks(1, T).await?;
     let (attrs, payload) = (Attrs::new(), [0x5au8; SIZE]);
     let mut out = Vec::with_capacity(n as usize);
-    let mut c0 = cpu();
+    let mut c0 = cpu_seconds();
     for i in 0..n + warm {
         if i == warm {
-            c0 = cpu();
+            c0 = cpu_seconds();
         }
         let t0 = Instant::now();
         src.submit("e", &attrs, &payload).await?;
@@ -256,7 +279,7 @@ async fn pingpong(registry: SocketAddr, channel: String, ll: u64, sh: u8, n: u64
             out.push(t0.elapsed().as_nanos() as f64 / 2e3);
         }
     }
-    let mine = cpu() - c0;
+    let mine = cpu_seconds() - c0;
     let theirs = tokio::task::block_in_place(|| finish(c))?;
     drop((src, sink));
     node.shutdown().await;
@@ -276,10 +299,10 @@ fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: u8, n: u64) -> Result<
             std::io::stdout().flush()?;
             pong.wait_for_sinks(1, T).await?;
             let attrs = Attrs::new();
-            let mut c0 = cpu();
+            let mut c0 = cpu_seconds();
             for i in 0..n {
                 if i == 200 {
-                    c0 = cpu();
+                    c0 = cpu_seconds();
                 }
                 let ev = match tokio::time::timeout(T, sink.recv()).await {
                     Ok(Ok(ev)) => ev,
@@ -287,7 +310,7 @@ fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: u8, n: u64) -> Result<
                 };
                 src.submit("e", &attrs, ev.payload()).await?;
             }
-            let used = cpu() - c0;
+            let used = cpu_seconds() - c0;
             drop((src, sink));
             node.shutdown().await;
             Ok::<_, anyhow::Error>(used)
@@ -298,13 +321,15 @@ fn echo(registry: SocketAddr, channel: &str, ll: u64, sh: u8, n: u64) -> Result<
     Ok(())
 }
 
-/// Events per second from this process's source to a child's sink.
-async fn stream(registry: SocketAddr, sh: u8, n: u64) -> Result<f64> {
+/// Events per second from this process's source to a child's sink, submitted one at a time (`batch` 1) or `batch` at a
+/// time, and received the same way; with the CPU nanoseconds per event this process and the child used meanwhile.
+async fn stream(registry: SocketAddr, sh: u8, n: u64, batch: usize) -> Result<(f64, f64, f64)> {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let node = builder(registry, 0, sh).start().await?;
     let channel = format!("stream-{sh}-{}", RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let ch = node.create_channel(&channel).await?;
-    let mut c = child(&["count".into(), registry.to_string(), channel, sh.to_string(), n.to_string()])?;
+    let args = ["count".into(), registry.to_string(), channel, sh.to_string(), n.to_string(), batch.to_string()];
+    let mut c = child(&args)?;
     let ready = tokio::task::block_in_place(|| line(&mut c))?;
     if ready != "ready" {
         bail!("child said {ready:?}");
@@ -312,22 +337,32 @@ async fn stream(registry: SocketAddr, sh: u8, n: u64) -> Result<f64> {
     ch.wait_for_sinks(1, T).await?;
     let mut src = ch.source()?;
     let (attrs, payload) = (Attrs::new(), [0x5au8; SIZE]);
-    let t0 = Instant::now();
-    for _ in 0..n {
-        src.submit("e", &attrs, &payload).await?;
+    let payloads = vec![payload; batch];
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    if batch == 1 {
+        for _ in 0..n {
+            src.submit("e", &attrs, &payload).await?;
+        }
+    } else {
+        let mut left = n as usize;
+        while left > 0 {
+            let k = left.min(batch);
+            src.submit_many("e", &attrs, &payloads[..k]).await?;
+            left -= k;
+        }
     }
     let done = tokio::task::block_in_place(|| line(&mut c))?;
-    let secs = t0.elapsed().as_secs_f64();
-    tokio::task::block_in_place(|| finish(c))?;
+    let (secs, mine) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    let theirs = tokio::task::block_in_place(|| finish(c))?;
     if done != format!("received {n} lost 0") {
         bail!("child said {done:?} of {n}");
     }
     drop(src);
     node.shutdown().await;
-    Ok(n as f64 / secs)
+    Ok((n as f64 / secs, mine / n as f64 * 1e9, theirs / n as f64 * 1e9))
 }
 
-fn count(registry: SocketAddr, channel: &str, sh: u8, n: u64) -> Result<()> {
+fn count(registry: SocketAddr, channel: &str, sh: u8, n: u64, batch: usize) -> Result<()> {
     let channel = channel.to_owned();
     let used = runtime()?.block_on(async move {
         tokio::spawn(async move {
@@ -337,17 +372,30 @@ fn count(registry: SocketAddr, channel: &str, sh: u8, n: u64) -> Result<()> {
             println!("ready");
             std::io::stdout().flush()?;
             let (mut got, mut lost) = (0u64, 0u64);
-            let c0 = cpu();
-            while got + lost < n {
-                match tokio::time::timeout(T, sink.recv()).await {
-                    Ok(Ok(_)) => got += 1,
-                    Ok(Err(RecvError::Lagged(k))) => lost += k,
-                    _ => break,
+            let c0 = cpu_seconds();
+            if batch == 1 {
+                while got + lost < n {
+                    match tokio::time::timeout(T, sink.recv()).await {
+                        Ok(Ok(_)) => got += 1,
+                        Ok(Err(RecvError::Lagged(k))) => lost += k,
+                        _ => break,
+                    }
+                }
+            } else {
+                // One timeout per batch, not per event.
+                let mut evs = Vec::with_capacity(4096);
+                while got + lost < n {
+                    match tokio::time::timeout(T, sink.recv_many(&mut evs, 4096)).await {
+                        Ok(Ok(k)) => got += k as u64,
+                        Ok(Err(RecvError::Lagged(k))) => lost += k,
+                        _ => break,
+                    }
+                    evs.clear();
                 }
             }
             println!("received {got} lost {lost}");
             std::io::stdout().flush()?;
-            let used = cpu() - c0;
+            let used = cpu_seconds() - c0;
             drop(sink);
             node.shutdown().await;
             Ok::<_, anyhow::Error>(used)

@@ -4,6 +4,10 @@
 //! used per second of the run. The floor is two threads with blocking std sockets doing the same.
 //! `cargo run --release -p kecho --no-default-features --features quic --example low_latency -- [rounds] [spin us]`
 
+mod common;
+
+use common::cpu_seconds;
+
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -13,16 +17,6 @@ const T: Duration = Duration::from_secs(10);
 const N: usize = 2000;
 const PACE: Duration = Duration::from_micros(200);
 
-/// CPU time of this process so far (user + system), from /proc (100 ticks per second).
-fn cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    // Fields 14 and 15 of the file (utime, stime) are the 12th and 13th after the command name.
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (field(11) + field(12)) / 100.0
-}
-
 /// One-way latencies (us) between two threads over blocking loopback TCP, and CPU per wall second.
 fn floor() -> std::io::Result<(Vec<f64>, f64)> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -30,7 +24,7 @@ fn floor() -> std::io::Result<(Vec<f64>, f64)> {
     let (mut rx, _) = l.accept()?;
     tx.set_nodelay(true)?;
     let base = Instant::now();
-    let (c0, w0) = (cpu(), Instant::now());
+    let (c0, w0) = (cpu_seconds(), Instant::now());
     let reader = std::thread::spawn(move || {
         let mut out = Vec::with_capacity(N);
         let mut buf = [0u8; 100];
@@ -48,7 +42,7 @@ fn floor() -> std::io::Result<(Vec<f64>, f64)> {
         std::thread::sleep(PACE);
     }
     let out = reader.join().expect("reader")?;
-    Ok((out, (cpu() - c0) / w0.elapsed().as_secs_f64()))
+    Ok((out, (cpu_seconds() - c0) / w0.elapsed().as_secs_f64()))
 }
 
 /// The same between two kecho nodes; the receiver polls its sink for up to `spin` first (zero: `recv().await` only).
@@ -62,7 +56,7 @@ async fn kecho(spin: Duration) -> kecho::Result<(Vec<f64>, f64)> {
     ca.wait_for_sinks(1, T).await?;
     let mut src = ca.source()?;
     let base = Instant::now();
-    let (c0, w0) = (cpu(), Instant::now());
+    let (c0, w0) = (cpu_seconds(), Instant::now());
     let mut out = Vec::with_capacity(N);
     for _ in 0..N {
         let mut payload = (base.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
@@ -78,7 +72,7 @@ async fn kecho(spin: Duration) -> kecho::Result<(Vec<f64>, f64)> {
         // A blocking sleep, as the floor's sender does: the runtime's other thread is what receives.
         std::thread::sleep(PACE);
     }
-    let load = (cpu() - c0) / w0.elapsed().as_secs_f64();
+    let load = (cpu_seconds() - c0) / w0.elapsed().as_secs_f64();
     a.kill();
     b.kill();
     Ok((out, load))

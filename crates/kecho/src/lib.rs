@@ -17,6 +17,22 @@
 //! assert_eq!(ev.attrs().get("util"), Some(&kecho::Value::Float(0.42)));
 //! # Ok(()) }
 //! ```
+//!
+//! For high event rates, [`Source::submit_many`] sends many events of one type and attributes with the per-event
+//! routing, room checks and locking paid once per run of them, and [`Sink::recv_many`] takes many queued events under
+//! one lock; each event is still numbered, filtered, ordered and accounted for as a single one would be.
+//!
+//! ```no_run
+//! # async fn demo(src: &mut kecho::Source, sink: &mut kecho::Sink) -> kecho::Result<()> {
+//! let payloads = vec![[0u8; 100]; 256];
+//! let seqs = src.submit_many("tick", &kecho::Attrs::new(), &payloads).await?;
+//! assert_eq!(seqs.end - seqs.start, 256);
+//! let mut events = Vec::with_capacity(1024);
+//! if let Ok(n) = sink.recv_many(&mut events, 1024).await {
+//!     assert_eq!(events.len(), n);
+//! }
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

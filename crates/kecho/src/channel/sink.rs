@@ -109,6 +109,23 @@ impl Sink {
         self.sink.queue.try_recv(&mut self.taken)
     }
 
+    /// Waits for events and moves up to `max` of them into `out` (appended, in order), taking everything queued
+    /// under one lock: the batched form of [`Sink::recv`], for high event rates. Returns how many it moved (at least
+    /// one; 0 only for `max` 0). A notice (lag, a lost source, expired events) comes as the error of the call where
+    /// it is first, so that `out` never holds events from both sides of it: the events before a notice come in one
+    /// call, the notice in the next, the events after it in the one after.
+    pub async fn recv_many(&mut self, out: &mut Vec<Event>, max: usize) -> Result<usize, RecvError> {
+        self.sink.queue.recv_many(&mut self.taken, out, max).await
+    }
+
+    /// [`Sink::recv_many`] without waiting: [`TryRecvError::Empty`] if nothing is queued.
+    pub fn try_recv_many(&mut self, out: &mut Vec<Event>, max: usize) -> Result<usize, TryRecvError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.sink.queue.try_recv_many(&mut self.taken, out, max)
+    }
+
     /// The next event, blocking the thread (for code outside the runtime). `None` waits forever.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Event, TryRecvError> {
         self.sink.queue.recv_blocking(&mut self.taken, timeout)

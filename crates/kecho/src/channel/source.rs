@@ -26,6 +26,8 @@ use crate::link::{Expiry, Held, Peer, SourceGate, Urgency, COPY_BELOW};
 use crate::queue::{ChunkBuf, SourceKey};
 use crate::timely::{unix_us, EventOptions, Priority, BEST_EFFORT_ATTR};
 
+mod batch;
+
 /// Size of a source's encoding chunk (larger frames get a chunk of their own size).
 const ENCODE_CHUNK: usize = 64 * 1024;
 
@@ -144,6 +146,10 @@ struct Encoder {
     prefix: BytesMut,
     /// Whether this source has been idle long enough to write to a quiet link itself.
     gate: SourceGate,
+    /// Where each event of a batch's run of frames ends (`Source::submit_many`); and where each ends in the run
+    /// with every event preceded by its `Targets` frame, for a node where not every accepting sink was chosen.
+    ends: Vec<usize>,
+    targeted_ends: Vec<usize>,
 }
 
 /// Loss accounting at the source (see docs/PROTOCOL.md, "Loss accounting").

@@ -428,6 +428,69 @@ impl Outbox {
         true
     }
 
+    /// Queues a run of event frames of one source (`run`, frame `i` ending at `ends[i]`, shared rather than copied),
+    /// preceded by `first` (the first frame's routing frame, or empty; copied), under one lock with one wake-up of the
+    /// writer: the batched form of `push_event_with` (the same lanes and direct writes). Returns how many of the
+    /// frames were queued: all if `u.blocks` (the source waited for room for the run; the limit is then exceeded by
+    /// at most one run), else those that fit, in order (when nothing is queued the first always goes, as a single
+    /// frame would). The caller accounts for the rest as lost. No frame of the run has an expiry.
+    pub(crate) fn push_events(
+        &self,
+        first: &[u8],
+        run: &Bytes,
+        ends: &[usize],
+        gate: &mut SourceGate,
+        u: Urgency<'_>,
+    ) -> usize {
+        debug_assert!(u.expiry.is_none());
+        let Some(&last) = ends.last() else { return 0 };
+        debug_assert_eq!(last, run.len());
+        let mut q = self.q.lock();
+        let lane = q.lane_for(self.id(), &u);
+        let queued = q.bytes_from(lane as u8);
+        let n = if u.blocks {
+            ends.len()
+        } else {
+            let room = self.limit.saturating_sub(queued + first.len());
+            let fit = ends.partition_point(|&e| e <= room);
+            if queued == 0 {
+                fit.max(1)
+            } else {
+                fit
+            }
+        };
+        if n == 0 {
+            return 0;
+        }
+        let end = ends[n - 1];
+        let len = first.len() + end;
+        if lane > 0 && !q.prioritised {
+            q.prioritised = true;
+            self.prioritised.store(true, Ordering::Release);
+        }
+        q.events += n as u64;
+        let written = self.try_direct(&mut q, first, &run[..end], gate);
+        if written == len {
+            drop(q);
+            self.direct_done();
+            self.direct_writes.fetch_add(n as u64 - 1, Ordering::Relaxed);
+            return n;
+        }
+        q.bytes += len - written;
+        self.queued.store(q.bytes, Ordering::Release);
+        let lane = rest_lane(lane, written);
+        let l = &mut q.lanes[lane];
+        if written < first.len() {
+            l.append(&first[written..]);
+            l.push_after_prefix(run.slice(..end));
+        } else {
+            l.push(run.slice(written - first.len()..end), None);
+        }
+        *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
+        self.queued_wake(q);
+        n
+    }
+
     /// Releases the lock after queueing; wakes the writer if it is idle (one that is writing comes back for more on
     /// its own).
     fn queued_wake(&self, q: parking_lot::MutexGuard<'_, OutQ>) {
@@ -818,6 +881,40 @@ mod tests {
         out.take_all(&mut frames);
         let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert_eq!(bytes, b"789abcdef");
+    }
+
+    #[test]
+    fn a_run_of_frames_keeps_its_order_and_what_does_not_fit_is_refused_at_its_tail() {
+        let out = Outbox::with_quiet(20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let mut held = Held::default();
+        let mut frames = VecDeque::new();
+        let mut taken = || {
+            frames.clear();
+            out.take_all(&mut frames);
+            frames.iter().flat_map(|f| f.iter().copied()).collect::<Vec<u8>>()
+        };
+        // Room for the prefix and the first three frames (2 + 18 bytes) of six.
+        let run = Bytes::from_static(b"aaaaaabbbbbbccccccdddddd");
+        let ends = [6, 12, 18, 24];
+        assert_eq!(out.push_events(b"pp", &run, &ends, &mut gate, Urgency::plain(&mut held)), 3);
+        assert_eq!(out.events(), 3);
+        // A single frame after the run comes behind it; nothing fits now.
+        assert_eq!(out.push_events(b"", &Bytes::from_static(b"ee"), &[2], &mut gate, Urgency::plain(&mut held)), 0);
+        assert_eq!(taken(), b"ppaaaaaabbbbbbcccccc");
+        // On an empty outbox the first frame goes whatever its size, as a single frame would.
+        let large = Bytes::from_static(b"0123456789012345678901234");
+        assert_eq!(out.push_events(b"", &large, &[25], &mut gate, lane(0, &mut held)), 1);
+        assert!(!out.push_event_copied(b"", b"x", &mut gate, lane(0, &mut held)), "full behind the large frame");
+        assert_eq!(taken(), b"0123456789012345678901234");
+        // A run for a Block sink is taken whole (its source waited for room), between the frames around it.
+        assert!(out.push_event_copied(b"", b"1", &mut gate, lane(0, &mut held)));
+        let blocking = Urgency { blocks: true, ..Urgency::plain(&mut held) };
+        assert_eq!(out.push_events(b"r", &run, &ends, &mut gate, blocking), 4);
+        out.push_control(Bytes::from_static(b"c"));
+        assert!(!out.push_event_copied(b"", b"2", &mut gate, lane(0, &mut held)), "full");
+        assert_eq!(taken(), b"1raaaaaabbbbbbccccccddddddc");
+        assert_eq!(out.push_events(b"", &Bytes::new(), &[], &mut gate, lane(0, &mut held)), 0, "an empty run");
     }
 
     #[test]

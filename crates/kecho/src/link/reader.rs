@@ -21,8 +21,8 @@ use crate::clock::now;
 const READ_SMALL: usize = 64 * 1024;
 const READ_BIG: usize = 256 * 1024;
 
-/// At most this many events are delivered as one batch.
-const MAX_BATCH: usize = 256;
+/// At most this many events are delivered as one batch (a 256 KiB read holds about 1900 events of 100 B).
+const MAX_BATCH: usize = 1024;
 
 /// Runs a link's reader until the link fails; then the link is dropped and, if it was the current one, the peer lost.
 /// A QUIC link's reader also takes its datagrams (best-effort events), in the same task, so that they are delivered
@@ -95,14 +95,21 @@ impl<H: LinkHandler> Receiver<H> {
         let max_frame = links.cfg.max_frame;
         let mut names = codec::TypeNames::default();
         let mut busy = false;
-        // The buffer read into before `buf`: its events may still be queued at sinks, and once they are gone its
-        // memory serves again (see `more_room`).
-        let mut spare = BytesMut::new();
+        // The buffers read into before `buf`: their events may still be queued at sinks, and once they are gone
+        // their memory serves again (see `more_room`).
+        let mut spare: Vec<BytesMut> = Vec::new();
         let why = 'outer: loop {
             loop {
                 let handled = match codec::split_frame(&mut buf, max_frame) {
                     Ok(Some(frame)) if codec::is_event(&frame) => match codec::decode_event_with(frame, &mut names) {
-                        Ok(e) => self.event(e).await,
+                        // The common case without a future per event: only a batch that must go first is awaited.
+                        Ok(e) => {
+                            if self.must_deliver_before(e.channel) {
+                                self.deliver().await;
+                                self.on = e.channel;
+                            }
+                            self.arrived(e)
+                        }
                         Err(e) => Err(e.into()),
                     },
                     Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
@@ -184,6 +191,22 @@ impl<H: LinkHandler> Receiver<H> {
 
     /// An event: joins the batch of its channel (the batch so far is delivered first if it is another channel's).
     async fn event(&mut self, e: EventMsg) -> Result<(), LinkError> {
+        if self.must_deliver_before(e.channel) {
+            self.deliver().await;
+            self.on = e.channel;
+        }
+        self.arrived(e)
+    }
+
+    /// The batch gathered so far must be delivered before an event of `channel` joins: it is another channel's, or
+    /// full.
+    #[inline]
+    fn must_deliver_before(&self, channel: ChannelId) -> bool {
+        channel != self.on || self.batch.events.len() >= MAX_BATCH
+    }
+
+    /// An event joins the batch (which `must_deliver_before` allowed), with its pending `Targets` and `Deadline`.
+    fn arrived(&mut self, e: EventMsg) -> Result<(), LinkError> {
         let targets = match self.targets.take() {
             Some(t) if t.channel == e.channel => Some(t.sinks),
             Some(_) => return Err(LinkError::Protocol("a Targets frame was not followed by its event")),
@@ -194,8 +217,8 @@ impl<H: LinkHandler> Receiver<H> {
             Some(_) => return Err(LinkError::Protocol("a Deadline frame was not followed by its event")),
             None => None,
         };
-        let channel = e.channel;
-        self.stage(channel, Arrived::new(e, targets, deadline)).await;
+        debug_assert!(!self.must_deliver_before(e.channel));
+        self.batch.events.push(Arrived::new(e, targets, deadline));
         Ok(())
     }
 
@@ -338,20 +361,62 @@ impl<H: LinkHandler> Receiver<H> {
     }
 }
 
+/// How many buffers a reader keeps for use again besides the one it reads into: enough that a busy link whose
+/// events wait at a sink for a while finds one of them free rather than allocating (and faulting in) a new one.
+const SPARE_BUFFERS: usize = 4;
+
 /// Gives a reader's buffer at least `want` bytes of free room, keeping the bytes it holds (the start of a frame not
 /// read whole yet). Events hold on to the memory they were read into, so a buffer can rarely grow in place; rather than
-/// a new allocation each time (whose pages the kernel must fault in afresh), the previous buffer is used again once
-/// nothing refers to it any more.
-fn more_room(buf: &mut BytesMut, spare: &mut BytesMut, want: usize) {
+/// a new allocation each time (whose pages the kernel must fault in afresh, and whose freeing unmaps them), an earlier
+/// buffer is used again once nothing refers to it any more. At most [`SPARE_BUFFERS`] are kept, the oldest dropped.
+fn more_room(buf: &mut BytesMut, spare: &mut Vec<BytesMut>, want: usize) {
     if buf.try_reclaim(want) {
         return;
     }
-    let mut next = if spare.try_reclaim(want + buf.len()) {
-        std::mem::take(spare)
-    } else {
-        BytesMut::with_capacity(want.max(2 * buf.len()))
+    let need = want + buf.len();
+    let mut next = match spare.iter_mut().position(|s| s.try_reclaim(need)) {
+        Some(i) => spare.remove(i),
+        // With room for the start of a frame besides `want`, or a buffer could serve again only when no frame
+        // straddled the reads.
+        None => BytesMut::with_capacity((want + want / 4).max(2 * buf.len())),
     };
     next.extend_from_slice(buf);
-    *spare = std::mem::replace(buf, next);
-    spare.clear();
+    let mut old = std::mem::replace(buf, next);
+    old.clear();
+    if spare.len() >= SPARE_BUFFERS {
+        spare.remove(0);
+    }
+    spare.push(old);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `n` bytes into `buf` and takes all but the last 10 as events that stay queued somewhere.
+    fn read_and_hold(buf: &mut BytesMut, n: usize) -> Bytes {
+        buf.extend_from_slice(&vec![7; n]);
+        buf.split_to(buf.len() - 10).freeze()
+    }
+
+    #[test]
+    fn a_reader_uses_its_earlier_buffers_again_once_their_events_are_gone() {
+        let mut buf = BytesMut::with_capacity(1280);
+        let mut spare = Vec::new();
+        let first = buf.as_ptr();
+        let held1 = read_and_hold(&mut buf, 1000);
+        more_room(&mut buf, &mut spare, 1024);
+        assert_ne!(buf.as_ptr(), first, "the first buffer is still in use");
+        assert_eq!(&buf[..], &[7; 10], "the start of a frame moves along");
+        let held2 = read_and_hold(&mut buf, 1000);
+        more_room(&mut buf, &mut spare, 1024);
+        // Events of both earlier buffers wait; once the first buffer's are gone it serves again (the second is
+        // still in use): no new allocation.
+        drop(held1);
+        let _held3 = read_and_hold(&mut buf, 1000);
+        more_room(&mut buf, &mut spare, 1024);
+        assert_eq!(buf.as_ptr(), first);
+        assert!(spare.len() <= SPARE_BUFFERS);
+        drop(held2);
+    }
 }

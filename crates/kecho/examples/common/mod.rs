@@ -1,0 +1,13 @@
+//! What the examples share.
+
+/// CPU time of this process so far (user + system), in seconds, from /proc/self/stat (100 ticks per second; 0 where
+/// there is no /proc).
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) are space-separated; utime and stime are the 14th and
+    // 15th of the whole line, the 12th and 13th after the name.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
+}

@@ -1,0 +1,253 @@
+//! Batched submits and receives (`Source::submit_many`, `Sink::recv_many`) over TCP, same-host sockets and shared
+//! memory: order (mixed with single submits), every event accounted for, Block back-pressure, type and content
+//! filters (a node where only some sinks are chosen gets each event's target list), and local sinks.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kecho::{Attrs, Error, Event, Node, Overflow, RecvError, RegistryClient, SinkOptions};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+/// The transports of the tests: (same host, shared-memory ring).
+const MODES: [(bool, Option<usize>); 3] = [(false, None), (true, None), (true, Some(kecho_shm::DEFAULT_RING))];
+
+fn builder(reg: &RegistryClient, (same_host, ring): (bool, Option<usize>)) -> kecho::NodeBuilder {
+    Node::builder().registry_client(reg.clone()).same_host(same_host).shared_memory(ring)
+}
+
+/// The payload of event `i`: its number, padded to a size that varies (so that runs straddle reads and chunks).
+fn payload(i: u32) -> Vec<u8> {
+    let mut p = i.to_le_bytes().to_vec();
+    p.resize(4 + (i as usize * 37) % 700, 0xa5);
+    p
+}
+
+/// Receives with `recv_many` (at most `max` at a time) until `n` events came; lag notices are an error.
+async fn recv_n(sink: &mut kecho::Sink, n: usize, max: usize) -> Result<Vec<Event>> {
+    let mut evs = Vec::with_capacity(n);
+    while evs.len() < n {
+        let before = evs.len();
+        match timeout(T, sink.recv_many(&mut evs, max)).await {
+            Err(_) => bail!("timed out after {before} of {n} events ({} queued)", sink.len()),
+            Ok(Err(e)) => bail!("after {before} events: {e}"),
+            Ok(Ok(k)) => assert!(k >= 1 && k <= max && evs.len() == before + k, "{k} events of at most {max}"),
+        }
+    }
+    Ok(evs)
+}
+
+/// Checks that `evs` are events `from..from + len` of the source, in order, whole.
+fn check_run(evs: &[Event], from: u32) {
+    for (k, ev) in evs.iter().enumerate() {
+        let i = from + k as u32;
+        let got = u32::from_le_bytes(ev.payload()[..4].try_into().expect("4 bytes"));
+        assert_eq!((got, ev.seq()), (i, u64::from(i) + 1), "out of order");
+        assert_eq!(&ev.payload()[..], &payload(i)[..], "event {i} changed on the way");
+    }
+}
+
+/// Batches of varied sizes, mixed with single submits, reach a small Block sink on another node whole and in order
+/// (the source waits for room again and again); the numbers `submit_many` returns are the events' sequence numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_arrive_whole_and_in_order_through_a_small_block_sink() -> Result<()> {
+    for mode in MODES {
+        let reg = RegistryClient::in_process_private();
+        let a = builder(&reg, mode).link_queue_bytes(16 * 1024).start().await?;
+        let b = builder(&reg, mode).start().await?;
+        let ca = a.create_channel("order").await?;
+        let cb = b.open_channel("order").await?;
+        let mut sink = cb.sink(SinkOptions::new().capacity(64).overflow(Overflow::Block))?;
+        ca.wait_for_sinks(1, T).await?;
+        let mut src = ca.source()?;
+        let n = 20_000u32;
+        let sender = tokio::spawn(async move {
+            let mut i = 0;
+            let mut size = 1;
+            while i < n {
+                if size % 7 == 0 {
+                    assert_eq!(src.submit("e", &Attrs::new(), &payload(i)).await?, u64::from(i) + 1);
+                    i += 1;
+                } else {
+                    let k = size.min(n - i);
+                    let batch: Vec<Vec<u8>> = (i..i + k).map(payload).collect();
+                    let seqs = src.submit_many("e", &Attrs::new(), &batch).await?;
+                    assert_eq!(seqs, u64::from(i) + 1..u64::from(i + k) + 1);
+                    i += k;
+                }
+                size = size * 3 % 1001;
+            }
+            Ok::<_, anyhow::Error>(src)
+        });
+        let evs = recv_n(&mut sink, n as usize, 100).await.with_context(|| format!("mode {mode:?}"))?;
+        check_run(&evs, 0);
+        let src = sender.await??;
+        assert_eq!(sink.dropped(), 0);
+        assert_eq!(ca.stats().dropped, 0);
+        drop(src);
+    }
+    Ok(())
+}
+
+/// Type and content filters choose per batch as per event: a sink for another type gets none, a sink whose filter
+/// refuses the batch's attributes gets none (its node gets the events with target lists naming only the other sink),
+/// and every sink sees its share in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_choose_batches_as_they_choose_single_events() -> Result<()> {
+    for mode in MODES {
+        let reg = RegistryClient::in_process_private();
+        let a = builder(&reg, mode).start().await?;
+        let b = builder(&reg, mode).start().await?;
+        let ca = a.create_channel("filters").await?;
+        let cb = b.open_channel("filters").await?;
+        let opts = || SinkOptions::new().capacity(100_000).overflow(Overflow::Block);
+        let mut all = cb.sink(opts())?;
+        let mut odd = cb.sink(opts().filter("k == 1"))?;
+        let mut other = cb.sink(opts().types(["other"]))?;
+        ca.wait_for_sinks(3, T).await?;
+        let mut src = ca.source()?;
+        let mut odd_attrs = Attrs::new();
+        odd_attrs.set("k", 1i64);
+        let mut even_attrs = Attrs::new();
+        even_attrs.set("k", 2i64);
+        let (batches, per) = (40u32, 50u32);
+        for b in 0..batches {
+            let attrs = if b % 2 == 1 { &odd_attrs } else { &even_attrs };
+            let batch: Vec<Vec<u8>> = (b * per..(b + 1) * per).map(payload).collect();
+            src.submit_many("e", attrs, &batch).await?;
+        }
+        let evs = recv_n(&mut all, (batches * per) as usize, 1000).await?;
+        check_run(&evs, 0);
+        let evs = recv_n(&mut odd, (batches / 2 * per) as usize, 1000).await?;
+        for (j, chunk) in evs.chunks(per as usize).enumerate() {
+            check_run(chunk, (2 * j as u32 + 1) * per);
+            assert!(chunk.iter().all(|e| e.attrs().get("k") == Some(&kecho::Value::Int(1))));
+        }
+        // A marker of the other type comes after every event of the batches (the sink of all types gets it too), so
+        // nothing of the batches may follow it.
+        src.submit("other", &Attrs::new(), b"end").await?;
+        for sink in [&mut other, &mut all] {
+            let evs = recv_n(sink, 1, 10).await?;
+            assert_eq!((evs[0].ty(), &evs[0].payload()[..]), ("other", &b"end"[..]));
+        }
+        assert!(all.is_empty() && odd.is_empty());
+        assert_eq!(all.dropped() + odd.dropped() + other.dropped(), 0);
+    }
+    Ok(())
+}
+
+/// A Block sink that nobody reads stalls the link: `try_submit_many` then sends a prefix of its batch or fails with
+/// `WouldBlock`, sending nothing; the events of another channel whose batches find the link full are dropped at the
+/// source and reported to their (DropNewest) sink exactly, so that what arrived and what was reported add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_that_find_a_link_full_are_refused_or_reported_exactly() -> Result<()> {
+    for mode in MODES {
+        let reg = RegistryClient::in_process_private();
+        let a = builder(&reg, mode).link_queue_bytes(64 * 1024).start().await?;
+        let b = builder(&reg, mode).start().await?;
+        let ax = a.create_channel("x").await?;
+        let bx = b.open_channel("x").await?;
+        let mut blocker = bx.sink(SinkOptions::new().capacity(1).overflow(Overflow::Block))?;
+        let ay = a.create_channel("y").await?;
+        let by = b.open_channel("y").await?;
+        let mut lossy = by.sink(SinkOptions::new().capacity(1_000_000).overflow(Overflow::DropNewest))?;
+        ax.wait_for_sinks(1, T).await?;
+        ay.wait_for_sinks(1, T).await?;
+        let (mut sx, mut sy) = (ax.source()?, ay.source()?);
+        let big = vec![vec![0u8; 4096]; 8];
+        let (mut sent, mut refusals, mut partial) = (0u64, 0, false);
+        while refusals < 5 {
+            match sx.try_submit_many("x", &Attrs::new(), &big) {
+                Ok(seqs) => {
+                    assert!(!seqs.is_empty() && seqs.start == sent + 1, "{seqs:?} after {sent}");
+                    partial |= seqs.end - seqs.start < big.len() as u64;
+                    sent = seqs.end - 1;
+                    refusals = 0;
+                }
+                Err(Error::WouldBlock) => {
+                    refusals += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => bail!("{e}"),
+            }
+            assert!(sent < 100_000, "the link never filled up");
+        }
+        assert!(partial || sent % big.len() as u64 == 0);
+        let (n, per) = (2000u64, 100usize);
+        let small = vec![b"y".to_vec(); per];
+        for _ in 0..n / per as u64 {
+            sy.submit_many("y", &Attrs::new(), &small).await?;
+        }
+        let dropped_at_source = ay.stats().dropped;
+        assert!(dropped_at_source > 0, "nothing was dropped at the full link ({mode:?})");
+        let drain = tokio::spawn(async move {
+            let mut evs = Vec::new();
+            while let Ok(Ok(_)) = timeout(Duration::from_millis(500), blocker.recv_many(&mut evs, 16)).await {
+                evs.clear();
+            }
+        });
+        let (mut got, mut lagged) = (0u64, 0u64);
+        let mut evs = Vec::new();
+        while got + lagged < n {
+            match timeout(T, lossy.recv_many(&mut evs, 64)).await.context("y events")? {
+                Ok(k) => got += k as u64,
+                Err(RecvError::Lagged(k)) => lagged += k,
+                Err(e) => bail!("{e}"),
+            }
+        }
+        assert_eq!(lagged, dropped_at_source, "{mode:?}");
+        assert_eq!(got + lagged, n);
+        assert_eq!(evs.len() as u64, got);
+        drain.abort();
+    }
+    Ok(())
+}
+
+/// Local sinks get batches in order too, a Block one making the source wait (its receiver takes them in batches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_sinks_get_batches_in_order() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = builder(&reg, (false, None)).start().await?;
+    let ch = a.create_channel("local").await?;
+    let mut sink = ch.sink(SinkOptions::new().capacity(16).overflow(Overflow::Block))?;
+    let mut src = ch.source()?;
+    let n = 5000u32;
+    let sender = tokio::spawn(async move {
+        for b in 0..n / 250 {
+            let batch: Vec<Vec<u8>> = (b * 250..(b + 1) * 250).map(payload).collect();
+            src.submit_many("e", &Attrs::new(), &batch).await?;
+        }
+        Ok::<_, anyhow::Error>(src)
+    });
+    let evs = recv_n(&mut sink, n as usize, 7).await?;
+    check_run(&evs, 0);
+    let _src = sender.await??;
+    // Nothing full, nothing waits: the non-waiting form sends the whole batch.
+    let mut src = ch.source()?;
+    let mut sink2 = ch.sink(SinkOptions::new())?;
+    let seqs = src.try_submit_many("e", &Attrs::new(), &[b"a", b"b", b"c"])?;
+    assert_eq!(seqs, 1..4);
+    let evs = recv_n(&mut sink2, 3, 10).await?;
+    assert_eq!(evs.iter().map(|e| e.payload().to_vec()).collect::<Vec<_>>(), [b"a", b"b", b"c"]);
+    assert_eq!(src.submit_many::<&[u8]>("e", &Attrs::new(), &[]).await?, 4..4, "an empty batch sends nothing");
+    Ok(())
+}
+
+/// A batch with an event over the frame limit fails whole: nothing of it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_invalid_event_sends_nothing() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = builder(&reg, (false, None)).start().await?;
+    let ch = a.create_channel("invalid").await?;
+    let mut sink = ch.sink(SinkOptions::new())?;
+    let mut src = ch.source()?;
+    let huge = vec![0u8; 64 << 20];
+    let batch: [&[u8]; 3] = [b"a", &huge, b"c"];
+    assert!(matches!(src.submit_many("e", &Attrs::new(), &batch).await, Err(Error::Invalid(_))));
+    assert!(matches!(src.submit_many("", &Attrs::new(), &[b"a"]).await, Err(Error::Invalid(_))));
+    assert_eq!(src.submit("e", &Attrs::new(), b"after").await?, 1, "no number was used");
+    let evs = recv_n(&mut sink, 1, 10).await?;
+    assert_eq!(&evs[0].payload()[..], b"after");
+    Ok(())
+}
