@@ -49,6 +49,8 @@ struct Run {
     secs: f64,
     cpu_s: f64,
     syscalls: u64,
+    /// CPU time of the peer thread (feeder or drainer), not counted in `cpu_s`.
+    peer_cpu_s: f64,
 }
 
 impl Run {
@@ -60,6 +62,9 @@ impl Run {
     }
     fn cpu_per_gb(&self) -> f64 {
         self.cpu_s / (self.bytes as f64 / 1e9)
+    }
+    fn peer_cpu_per_gb(&self) -> f64 {
+        self.peer_cpu_s / (self.bytes as f64 / 1e9)
     }
 }
 
@@ -184,7 +189,15 @@ fn measure(
     let m = body()?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = clock().saturating_sub(cpu0).saturating_sub(m.peer_cpu_ns);
-    Ok(Run { what: what.into(), bytes: m.bytes, records, secs, cpu_s: cpu as f64 / 1e9, syscalls: m.syscalls })
+    Ok(Run {
+        what: what.into(),
+        bytes: m.bytes,
+        records,
+        secs,
+        cpu_s: cpu as f64 / 1e9,
+        syscalls: m.syscalls,
+        peer_cpu_s: m.peer_cpu_ns as f64 / 1e9,
+    })
 }
 
 /// Joins a peer thread.
@@ -587,6 +600,24 @@ fn decrypt_part(
                 if r.what.starts_with("flow") { fmt_ratio(r.rec_s() / mc.rec_s()) } else { String::new() },
             ]);
         }
+        // The most a pipeline can gain on this machine: the feeder (the network peer) runs on the same cores, so the
+        // flow's threads and the feeder share `cores` cores; the one-thread program needs one core.
+        let ncores = cores() as f64;
+        let bound = ncores / (meds[0].peer_cpu_per_gb() + meds[0].cpu_per_gb()) * 1e3;
+        s.notes.push(format!(
+            "{size} B, CPU per GB (median rounds): feeder {:.2} s, memory-centric {:.2} s ({:.2} cores busy), flow {:.2} s \
+             ({:.2} cores); all {} cores on the feeder and the flow give at most {:.0} MB/s = {:.2}x the memory-centric \
+             program's {:.0} MB/s",
+            meds[0].peer_cpu_per_gb(),
+            mc.cpu_per_gb(),
+            mc.cpu_s / mc.secs,
+            meds[0].cpu_per_gb(),
+            meds[0].cpu_s / meds[0].secs,
+            ncores,
+            bound,
+            bound / mc.mb_s(),
+            mc.mb_s()
+        ));
         s.notes.push(format!(
             "{size} B, flow / memory-centric per round (alternating, {rounds} rounds): {}",
             ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ")
@@ -638,6 +669,8 @@ fn replicas_part(
     std::fs::write(&enc, stream(key, n, 1024))?;
     let ncores = cores();
     let mut speedups = Vec::new();
+    let mut cpu_per_gb: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut one_mb_s = Vec::new();
     for round in 0..count(args, 3, 1) {
         let mut base = 0.0;
         for reps in [1, 2] {
@@ -650,8 +683,10 @@ fn replicas_part(
             let (r, fs) = flow_run(&spec, Peer::None, n, format!("{reps} replicas"))?;
             let machine = MachineCpu::now().cores_busy_since(m0, ncores);
             let own = r.cpu_s / r.secs;
+            cpu_per_gb[reps - 1].push(r.cpu_per_gb());
             if reps == 1 {
                 base = r.mb_s();
+                one_mb_s.push(base);
             } else {
                 speedups.push(r.mb_s() / base);
             }
@@ -670,6 +705,16 @@ fn replicas_part(
             runs.push(r);
         }
     }
+    // With the work spread perfectly over the cores, 2 replicas run at most `cores` / (their CPU per GB): against
+    // one replica's measured rate, that is the most replication could gain on this machine with these costs.
+    let (c1, c2) = (median(cpu_per_gb[0].clone()), median(cpu_per_gb[1].clone()));
+    let one = median(one_mb_s);
+    let most = ncores as f64 / c2.max(1e-9) * 1e3;
+    s.notes.push(format!(
+        "replicas (medians): CPU per GB 1 replica {c1:.3} s, 2 replicas {c2:.3} s; 1 replica {one:.0} MB/s; all \
+         {ncores} cores busy with the 2-replica flow alone would give {most:.0} MB/s = {:.2}x",
+        most / one.max(1e-9)
+    ));
     s.checks.push(Check::at_least(
         "2 decrypt replicas / 1 (decryption bound; median of rounds)",
         median(speedups),

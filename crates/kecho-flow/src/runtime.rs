@@ -1346,13 +1346,16 @@ struct Fan {
 }
 
 impl Delivery {
-    fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize) -> Result<Self, FlowError> {
+    /// `on_tail`: the delivery runs on a tail thread that does nothing else (the last stage is replicated from the
+    /// start), so a single sink is written there rather than behind one more thread and hand-over.
+    fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize, on_tail: bool) -> Result<Self, FlowError> {
         if sinks.len() == 1 {
             let s = sinks.remove(0);
             // A kernel object is written on its own thread (overlapping the flow thread's reads and transforms); a
             // kecho channel's submit is cheap and stays inline.
             return Ok(match s.io {
                 Some(SinkIo::Channel(..)) => Delivery::One(Box::new(s)),
+                _ if on_tail => Delivery::One(Box::new(s)),
                 _ => Delivery::Behind(Behind::start(sh, s)?),
             });
         }
@@ -1620,14 +1623,16 @@ fn pipeline(
     let pool = Pool::new(chunk + 4096);
     let parts: Vec<_> = stages.iter().map(|s| s.parallel()).collect();
     let work = stages.iter().map(|_| Work::default()).collect();
-    let delivery = Delivery::new(sh, sinks, chunk)?;
-    let has_first = !stages.is_empty();
-    let tail = Tail { sh: sh.clone(), first: 0, stages: std::mem::take(&mut stages), parts, work, delivery };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let fixed = specs.iter().enumerate().find_map(|(i, s)| match s.replicas {
         Replicas::Fixed(n) if n > 1 => Some((i, n)),
         _ => None,
     });
+    // Replicating the last stage from the start leaves the tail thread only the reordering and the sink's writes.
+    let on_tail = matches!(fixed, Some((r, _)) if r + 1 == stages.len() && parts[r].is_some());
+    let delivery = Delivery::new(sh, sinks, chunk, on_tail)?;
+    let has_first = !stages.is_empty();
+    let tail = Tail { sh: sh.clone(), first: 0, stages: std::mem::take(&mut stages), parts, work, delivery };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
     let mut mode = match fixed {
         Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0)?,
