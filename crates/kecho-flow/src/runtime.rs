@@ -94,6 +94,11 @@ pub type ReplicaPlanner =
 /// Chunks a flow with `replicas=auto` moves before it asks its [`ReplicaPlanner`].
 pub const WARM_UP_CHUNKS: u64 = 64;
 
+/// The built-in planner is asked no earlier than this either: it reads the machine's idle cores from /proc/stat,
+/// which counts in ticks of 10 ms, so 64 chunks of a fast flow (16 MiB in ~20 ms) would give it two or three ticks
+/// per core to judge by. An application's own planner is asked after [`WARM_UP_CHUNKS`] alone.
+pub const WARM_UP_TIME: Duration = Duration::from_millis(200);
+
 impl Default for FlowBuilder {
     fn default() -> Self {
         FlowBuilder {
@@ -273,6 +278,7 @@ impl FlowBuilder {
             notify: Mutex::new(self.notify.take()),
             results: Mutex::new(Vec::new()),
             scheduler: self.scheduler.as_ref().map(Arc::downgrade),
+            warm_up: if self.planner.is_some() { Duration::ZERO } else { WARM_UP_TIME },
             planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
         });
         if let Some(s) = &self.scheduler {
@@ -368,6 +374,8 @@ pub struct Shared {
     results: Mutex<Vec<String>>,
     scheduler: Option<Weak<Scheduler>>,
     planner: ReplicaPlanner,
+    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_CHUNKS`]).
+    warm_up: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -1641,6 +1649,7 @@ fn pipeline(
     let mut carry: Vec<u8> = Vec::new();
     let mut seq = 0u64;
     let mut eof = false;
+    let mut asked = false;
     let start = Instant::now();
     let machine0 = MachineCpu::now();
     let src_stat = &sh.stats[0];
@@ -1688,7 +1697,8 @@ fn pipeline(
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.
-            if auto && seq == WARM_UP_CHUNKS {
+            if auto && !asked && seq >= WARM_UP_CHUNKS && start.elapsed() >= sh.warm_up {
+                asked = true;
                 if let Mode::Inline(_) = &mode {
                     let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
                     let cap = machine0.capacity(cores, &loads, start.elapsed());
