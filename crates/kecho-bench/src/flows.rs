@@ -49,6 +49,8 @@ struct Run {
     secs: f64,
     cpu_s: f64,
     syscalls: u64,
+    /// CPU time of the peer thread (feeder or drainer), not counted in `cpu_s`.
+    peer_cpu_s: f64,
 }
 
 impl Run {
@@ -60,6 +62,9 @@ impl Run {
     }
     fn cpu_per_gb(&self) -> f64 {
         self.cpu_s / (self.bytes as f64 / 1e9)
+    }
+    fn peer_cpu_per_gb(&self) -> f64 {
+        self.peer_cpu_s / (self.bytes as f64 / 1e9)
     }
 }
 
@@ -184,7 +189,15 @@ fn measure(
     let m = body()?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = clock().saturating_sub(cpu0).saturating_sub(m.peer_cpu_ns);
-    Ok(Run { what: what.into(), bytes: m.bytes, records, secs, cpu_s: cpu as f64 / 1e9, syscalls: m.syscalls })
+    Ok(Run {
+        what: what.into(),
+        bytes: m.bytes,
+        records,
+        secs,
+        cpu_s: cpu as f64 / 1e9,
+        syscalls: m.syscalls,
+        peer_cpu_s: m.peer_cpu_ns as f64 / 1e9,
+    })
 }
 
 /// Joins a peer thread.
@@ -257,9 +270,11 @@ enum Peer {
     Drain(Drainer),
 }
 
-/// Runs the flow `spec` with its peer; the bytes are the sink's (or the drainer's).
-fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, kecho_flow::FlowStats)> {
+/// Runs the flow `spec` with its peer; the bytes are the sink's (or the drainer's). Also returns what the scheduler
+/// did (the flow's `replicated` events, e.g. "decrypt aes-256-gcm: its own thread").
+fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, kecho_flow::FlowStats, String)> {
     let mut stats = None;
+    let mut decided = String::new();
     let run = measure(what, records, process_cpu_ns, || {
         let f = Flow::from_spec(&parse(spec).map_err(|e| anyhow::anyhow!("{e}"))?)
             .start()
@@ -268,6 +283,17 @@ fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, 
             (Peer::Feed(d), Some(a)) => Some(feeder(a, d.clone())),
             _ => None,
         };
+        // The events are the handle's; look at them once the flow ended (a check every 20 ms costs nothing).
+        while !f.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        decided = f
+            .events()
+            .iter()
+            .filter(|e| e.what == "replicated")
+            .map(|e| format!("{}: {}", e.endpoint, e.detail))
+            .collect::<Vec<_>>()
+            .join("; ");
         let s = f.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (peer_cpu_ns, bytes) = match (peer, feed) {
             (_, Some(h)) => (join(h)?, s.stages.last().map(|x| x.bytes_out).unwrap_or(0)),
@@ -278,7 +304,7 @@ fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, 
         stats = Some(s);
         Ok(Moved { bytes, syscalls, peer_cpu_ns })
     })?;
-    Ok((run, stats.ok_or_else(|| anyhow::anyhow!("no stats"))?))
+    Ok((run, stats.ok_or_else(|| anyhow::anyhow!("no stats"))?, decided))
 }
 
 /// Copies `from` to `to` with a plain read/write loop (64 KiB buffer); returns bytes and system calls.
@@ -540,6 +566,8 @@ fn decrypt_part(
         let mut mcs = Vec::new();
         let mut flows: Vec<Vec<Run>> = vec![Vec::new(); programs.len()];
         let mut ratios = Vec::new();
+        let mut decisions = Vec::new();
+        let mut busiest = Vec::new();
         let mut round_rows = Vec::new();
         for round in 0..rounds {
             let mc = memory_centric(key, data.clone(), &out, n, size)?;
@@ -554,7 +582,21 @@ fn decrypt_part(
                     keyfile.display(),
                     out.display()
                 );
-                let (fl, fs) = flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B"))?;
+                let (fl, fs, decided) = flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B"))?;
+                if *reps == "auto" {
+                    // The CPU per GB of the flow's busiest thread: the source and the decrypt stage share the
+                    // reading thread unless the scheduler moved decryption off it.
+                    let cpu = |i: usize| fs.stages.get(i).map_or(0.0, |x| x.cpu_s);
+                    let reps = fs.stages.get(1).map_or(1, |x| x.replicas.max(1)) as f64;
+                    let threads = if decided.is_empty() {
+                        vec![cpu(0) + cpu(1), cpu(2)]
+                    } else {
+                        vec![cpu(0), cpu(1) / reps, cpu(2)]
+                    };
+                    let gb = fl.bytes as f64 / 1e9;
+                    busiest.push(threads.into_iter().fold(0.0, f64::max) / gb.max(1e-12));
+                    decisions.push(if decided.is_empty() { "kept inline".to_owned() } else { decided });
+                }
                 std::fs::remove_file(&out)?;
                 anyhow::ensure!(fl.bytes == mc.bytes, "byte counts differ: {} {}", fl.bytes, mc.bytes);
                 if k == 0 {
@@ -587,9 +629,24 @@ fn decrypt_part(
                 if r.what.starts_with("flow") { fmt_ratio(r.rec_s() / mc.rec_s()) } else { String::new() },
             ]);
         }
+        // What a pipeline can gain at most: each of its threads on a core of its own and the one-thread program on
+        // one core, the flow is at most as fast as its busiest thread allows.
+        let busiest = median(busiest);
         s.notes.push(format!(
-            "{size} B, flow / memory-centric per round (alternating, {rounds} rounds): {}",
-            ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ")
+            "{size} B, CPU per GB (median rounds): feeder {:.2} s, memory-centric {:.2} s ({:.2} cores busy), flow {:.2} s \
+             ({:.2} cores), the flow's busiest thread {busiest:.2} s: with a core for each thread, the flow can be at \
+             most {:.2}x the memory-centric program",
+            meds[0].peer_cpu_per_gb(),
+            mc.cpu_per_gb(),
+            mc.cpu_s / mc.secs,
+            meds[0].cpu_per_gb(),
+            meds[0].cpu_s / meds[0].secs,
+            mc.cpu_per_gb() / busiest.max(1e-9)
+        ));
+        s.notes.push(format!(
+            "{size} B, flow / memory-centric per round (alternating, {rounds} rounds): {}; replicas=auto per round: {}",
+            ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", "),
+            decisions.join(", ")
         ));
         s.checks.push(Check::at_least(
             format!("flow / memory-centric throughput at {size} B (paper {paper}x; median of rounds)"),
@@ -638,6 +695,8 @@ fn replicas_part(
     std::fs::write(&enc, stream(key, n, 1024))?;
     let ncores = cores();
     let mut speedups = Vec::new();
+    let mut cpu_per_gb: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut one_mb_s = Vec::new();
     for round in 0..count(args, 3, 1) {
         let mut base = 0.0;
         for reps in [1, 2] {
@@ -647,11 +706,13 @@ fn replicas_part(
                 keyfile.display()
             );
             let m0 = MachineCpu::now();
-            let (r, fs) = flow_run(&spec, Peer::None, n, format!("{reps} replicas"))?;
+            let (r, fs, _) = flow_run(&spec, Peer::None, n, format!("{reps} replicas"))?;
             let machine = MachineCpu::now().cores_busy_since(m0, ncores);
             let own = r.cpu_s / r.secs;
+            cpu_per_gb[reps - 1].push(r.cpu_per_gb());
             if reps == 1 {
                 base = r.mb_s();
+                one_mb_s.push(base);
             } else {
                 speedups.push(r.mb_s() / base);
             }
@@ -670,6 +731,16 @@ fn replicas_part(
             runs.push(r);
         }
     }
+    // With the work spread perfectly over the cores, 2 replicas run at most `cores` / (their CPU per GB): against
+    // one replica's measured rate, that is the most replication could gain on this machine with these costs.
+    let (c1, c2) = (median(cpu_per_gb[0].clone()), median(cpu_per_gb[1].clone()));
+    let one = median(one_mb_s);
+    let most = ncores as f64 / c2.max(1e-9) * 1e3;
+    s.notes.push(format!(
+        "replicas (medians): CPU per GB 1 replica {c1:.3} s, 2 replicas {c2:.3} s; 1 replica {one:.0} MB/s; all \
+         {ncores} cores busy with the 2-replica flow alone would give {most:.0} MB/s = {:.2}x",
+        most / one.max(1e-9)
+    ));
     s.checks.push(Check::at_least(
         "2 decrypt replicas / 1 (decryption bound; median of rounds)",
         median(speedups),

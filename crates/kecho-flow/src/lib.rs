@@ -25,7 +25,9 @@ pub mod wasm;
 
 pub use ladder::Decision;
 pub use record::RecordError;
-pub use runtime::{Flow, FlowBuilder, FlowEvent, FlowHandle, FlowWatcher, ReplicaPlanner, Scheduler, WARM_UP_CHUNKS};
+pub use runtime::{
+    Flow, FlowBuilder, FlowEvent, FlowHandle, FlowWatcher, ReplicaPlanner, Scheduler, WARM_UP_CHUNKS, WARM_UP_TIME,
+};
 pub use spec::{parse, Endpoint, EndpointSpec, FlowSpec, SpecError, TransformSpec};
 pub use stats::{FlowStats, StageStats};
 

@@ -94,6 +94,11 @@ pub type ReplicaPlanner =
 /// Chunks a flow with `replicas=auto` moves before it asks its [`ReplicaPlanner`].
 pub const WARM_UP_CHUNKS: u64 = 64;
 
+/// The built-in planner is asked no earlier than this either: it reads the machine's idle cores from /proc/stat,
+/// which counts in ticks of 10 ms, so 64 chunks of a fast flow (16 MiB in ~20 ms) would give it two or three ticks
+/// per core to judge by. An application's own planner is asked after [`WARM_UP_CHUNKS`] alone.
+pub const WARM_UP_TIME: Duration = Duration::from_millis(200);
+
 impl Default for FlowBuilder {
     fn default() -> Self {
         FlowBuilder {
@@ -273,6 +278,7 @@ impl FlowBuilder {
             notify: Mutex::new(self.notify.take()),
             results: Mutex::new(Vec::new()),
             scheduler: self.scheduler.as_ref().map(Arc::downgrade),
+            warm_up: if self.planner.is_some() { Duration::ZERO } else { WARM_UP_TIME },
             planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
         });
         if let Some(s) = &self.scheduler {
@@ -368,6 +374,8 @@ pub struct Shared {
     results: Mutex<Vec<String>>,
     scheduler: Option<Weak<Scheduler>>,
     planner: ReplicaPlanner,
+    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_CHUNKS`]).
+    warm_up: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -1346,13 +1354,16 @@ struct Fan {
 }
 
 impl Delivery {
-    fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize) -> Result<Self, FlowError> {
+    /// `on_tail`: the delivery runs on a tail thread that does nothing else (the last stage is replicated from the
+    /// start), so a single sink is written there rather than behind one more thread and hand-over.
+    fn new(sh: &Arc<Shared>, mut sinks: Vec<SinkRt>, chunk: usize, on_tail: bool) -> Result<Self, FlowError> {
         if sinks.len() == 1 {
             let s = sinks.remove(0);
             // A kernel object is written on its own thread (overlapping the flow thread's reads and transforms); a
             // kecho channel's submit is cheap and stays inline.
             return Ok(match s.io {
                 Some(SinkIo::Channel(..)) => Delivery::One(Box::new(s)),
+                _ if on_tail => Delivery::One(Box::new(s)),
                 _ => Delivery::Behind(Behind::start(sh, s)?),
             });
         }
@@ -1620,14 +1631,16 @@ fn pipeline(
     let pool = Pool::new(chunk + 4096);
     let parts: Vec<_> = stages.iter().map(|s| s.parallel()).collect();
     let work = stages.iter().map(|_| Work::default()).collect();
-    let delivery = Delivery::new(sh, sinks, chunk)?;
-    let has_first = !stages.is_empty();
-    let tail = Tail { sh: sh.clone(), first: 0, stages: std::mem::take(&mut stages), parts, work, delivery };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let fixed = specs.iter().enumerate().find_map(|(i, s)| match s.replicas {
         Replicas::Fixed(n) if n > 1 => Some((i, n)),
         _ => None,
     });
+    // Replicating the last stage from the start leaves the tail thread only the reordering and the sink's writes.
+    let on_tail = matches!(fixed, Some((r, _)) if r + 1 == stages.len() && parts[r].is_some());
+    let delivery = Delivery::new(sh, sinks, chunk, on_tail)?;
+    let has_first = !stages.is_empty();
+    let tail = Tail { sh: sh.clone(), first: 0, stages: std::mem::take(&mut stages), parts, work, delivery };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
     let mut mode = match fixed {
         Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0)?,
@@ -1636,6 +1649,7 @@ fn pipeline(
     let mut carry: Vec<u8> = Vec::new();
     let mut seq = 0u64;
     let mut eof = false;
+    let mut asked = false;
     let start = Instant::now();
     let machine0 = MachineCpu::now();
     let src_stat = &sh.stats[0];
@@ -1683,7 +1697,8 @@ fn pipeline(
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.
-            if auto && seq == WARM_UP_CHUNKS {
+            if auto && !asked && seq >= WARM_UP_CHUNKS && start.elapsed() >= sh.warm_up {
+                asked = true;
                 if let Mode::Inline(_) = &mode {
                     let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
                     let cap = machine0.capacity(cores, &loads, start.elapsed());
