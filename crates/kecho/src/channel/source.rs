@@ -343,14 +343,16 @@ impl Source {
     ) -> Result<u64> {
         let len = self.check(ty, attrs, payload)?;
         // Tree mode (`tree.rs`): along the overlay, unless an OUT-filter must choose the sinks (then directly).
+        let opts = self.options(ty, opts);
+        let timing = if opts == EventOptions::default() { Timing::default() } else { Timing::of(opts) };
         if self.ch.tree_on() && self.out_filter.is_none() && self.ch.out_default.read().is_none() {
             self.seq += 1;
             self.shared_seq.store(self.seq, Ordering::Release);
-            self.ch.submit_tree(self.id, self.key, self.seq, ty, attrs, payload);
+            let head = super::TreeHead { lane: timing.lane, deadline: timing.deadline.map(|(_, unix)| unix) };
+            let history = self.kept.limits();
+            self.ch.submit_tree(self.id, self.key, self.seq, (ty, attrs, payload), head, history);
             return Ok(self.seq);
         }
-        let opts = self.options(ty, opts);
-        let timing = if opts == EventOptions::default() { Timing::default() } else { Timing::of(opts) };
         self.routing.refresh(&self.ch);
         let routes = &*self.routing.routes;
         let pick = &mut self.pick;
