@@ -103,7 +103,7 @@ async fn relay(
 }
 
 /// A node in tree mode above `THRESHOLD` members, reachable only through its own proxy.
-async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Proxy)> {
+async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration) -> Result<(Node, Proxy)> {
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
     let hold = TcpListener::bind("127.0.0.1:0").await?;
     let node_addr = hold.local_addr()?;
@@ -112,7 +112,7 @@ async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Pr
     let node = Node::builder()
         .registry_client(reg.clone())
         .listen(node_addr)
-        .heartbeat_timeout(Duration::from_millis(600))
+        .heartbeat_timeout(heartbeat)
         .membership(m)
         .source_grace(grace)
         .tree_threshold(THRESHOLD)
@@ -131,10 +131,15 @@ struct Net {
 
 impl Net {
     async fn start(name: &str, grace: Duration) -> Result<Net> {
+        Net::start_with(name, grace, Duration::from_millis(600)).await
+    }
+
+    /// `start` with a heartbeat timeout of `heartbeat`.
+    async fn start_with(name: &str, grace: Duration, heartbeat: Duration) -> Result<Net> {
         let reg = RegistryClient::in_process_private();
         let mut net = Net { nodes: Vec::new(), chans: Vec::new(), sinks: Vec::new() };
         for i in 0..NODES {
-            let (node, proxy) = proxied_node(&reg, grace).await?;
+            let (node, proxy) = proxied_node(&reg, grace, heartbeat).await?;
             let ch = if i == 0 { node.create_channel(name).await? } else { node.open_channel(name).await? };
             net.sinks.push(Some(ch.sink(SinkOptions::new().capacity(100_000))?));
             net.nodes.push((node, proxy));
@@ -358,5 +363,64 @@ async fn deadlines_and_priorities_travel_the_tree() -> Result<()> {
     }
     let expired: u64 = net.chans.iter().map(|c| c.stats().expired).sum();
     assert!(expired >= NODES as u64 - 1, "counted: {expired}");
+    Ok(())
+}
+
+/// A Block sink in tree mode gets its events directly from the source, which it slows down as in full-mesh mode: a
+/// sink that reads slowly behind a small queue misses nothing, while the other sinks get every event once, through
+/// the overlay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Result<()> {
+    const N: u64 = 2_000;
+    // A heartbeat timeout that a loaded machine's scheduling cannot reach while a reader waits for the Block sink.
+    let mut net = Net::start_with("block", T * 3, Duration::from_secs(3)).await?;
+    let mut sinks: Vec<kecho::Sink> = (0..NODES).filter(|i| *i != SRC).map(|i| net.sink(i)).collect();
+    let slow = net.chans[4].sink(SinkOptions::new().capacity(8).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let reader = tokio::spawn(async move {
+        let mut slow = slow;
+        let mut t = Tally::default();
+        let deadline = tokio::time::Instant::now() + T;
+        while (t.seqs.len() as u64) + t.missed < N {
+            match tokio::time::timeout_at(deadline, slow.recv()).await {
+                Err(_) => bail!("timed out: {} received, {} missed", t.seqs.len(), t.missed),
+                Ok(Ok(ev)) => t.seqs.push(ev.seq()),
+                Ok(Err(RecvError::Lagged(n))) => t.missed += n,
+                Ok(Err(e)) => bail!("slow sink: {e}"),
+            }
+            if t.seqs.len() < 300 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        anyhow::Ok(t)
+    });
+    let mut src = ch.source()?;
+    let started = tokio::time::Instant::now();
+    for i in 0..N {
+        if tokio::time::timeout(T, src.submit("e", &Attrs::new(), &[5u8; 1024])).await.is_err() {
+            bail!("submit {i} stuck: {:?} / {:?} / {:?}", ch.stats(), net.chans[4].stats(), net.nodes[SRC].0.link_stats());
+        }
+    }
+    let took = started.elapsed();
+    let t = tokio::time::timeout(T, reader).await???;
+    assert_eq!(
+        t.missed,
+        0,
+        "the Block sink missed nothing: {} received; {:?} / {:?} / {:?}",
+        t.seqs.len(),
+        ch.stats(),
+        net.chans[4].stats(),
+        net.nodes[SRC].0.link_stats()
+    );
+    assert_eq!(t.seqs, (1..=N).collect::<Vec<u64>>(), "every event, in order, once");
+    for (i, s) in sinks.iter_mut().enumerate() {
+        let mut k = Tally::default();
+        k.until(s, &format!("sink {i}: every event"), |t| t.seqs.len() as u64 + t.missed >= N).await?;
+        assert_eq!((k.missed, k.seqs.len() as u64), (0, N), "sink {i}");
+        assert!(k.in_order(), "sink {i}: in order, once");
+    }
+    assert!(net.chans[4].stats().dropped == 0, "nothing dropped at the Block sink's node");
+    eprintln!("{N} events submitted in {:.2} s behind a slow Block sink", took.as_secs_f64());
     Ok(())
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
 use kecho_proto::membership::ChannelState;
-use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot};
+use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot, Overflow};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -463,9 +463,11 @@ impl ChannelInner {
         }
         let at = now();
         let t = self.tree.inner.lock();
-        t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
+        let used = t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
-            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE)
+            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
+        drop(t);
+        used || self.tree_direct(id)
     }
 
     /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).
@@ -609,7 +611,9 @@ impl ChannelInner {
         deadline: Option<u64>,
     ) -> bool {
         let sinks = self.local_sinks.read().clone();
-        let chosen: SinkList<'_> = sinks.iter().filter(|s| accepts(s, &ty, &attrs)).collect();
+        // Block sinks get their events directly from the source (`Source::submit`), not from the overlay.
+        let chosen: SinkList<'_> =
+            sinks.iter().filter(|s| s.queue.overflow() != Overflow::Block && accepts(s, &ty, &attrs)).collect();
         if chosen.is_empty() {
             return false;
         }
@@ -622,7 +626,7 @@ impl ChannelInner {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Offer::Full(_) => {
-                    // A Block sink does not hold the tree up: the event is lost to it, and it is told.
+                    // Not a Block sink (those are served directly): the event is lost to it, and it is told.
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     s.queue.add_lag(1);
                 }
@@ -677,8 +681,9 @@ impl ChannelInner {
         tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
         self.tree.lost.fetch_add(count, Ordering::Relaxed);
         self.counters.missed.fetch_add(count, Ordering::Relaxed);
-        // Which sinks wanted them is unknown here: every sink is told, as for a loss in transit.
-        for s in self.local_sinks.read().iter() {
+        // Which sinks wanted them is unknown here: every sink is told, as for a loss in transit (but Block sinks, whose
+        // events come directly from their sources).
+        for s in self.local_sinks.read().iter().filter(|s| s.queue.overflow() != Overflow::Block) {
             s.queue.add_lag(count);
         }
     }

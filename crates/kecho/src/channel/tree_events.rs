@@ -27,10 +27,11 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use kecho_proto::codec::{decode_body, encode_deadline, encode_event};
 use kecho_proto::gossip::{EventId, Gossip, GossipMsg};
-use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId};
+use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow};
 use parking_lot::Mutex;
 
 use super::super::history::History;
+use super::super::routes::Dest;
 use super::super::{ChannelInner, Channels};
 use crate::clock::now;
 use crate::queue::SourceKey;
@@ -374,6 +375,15 @@ impl ChannelInner {
             _ => {}
         }
         (None, announce)
+    }
+
+    /// Node `id` has a Block sink of this channel: this node's sources send to it directly, so the link stays.
+    pub(super) fn tree_direct(&self, id: NodeId) -> bool {
+        let routes = self.routes.read().clone();
+        routes.sinks.iter().any(|r| {
+            r.overflow == Overflow::Block
+                && matches!(r.dest, Dest::Remote(p) if routes.peers.get(p).is_some_and(|p| p.id == id))
+        })
     }
 
     /// After the overlay's outputs were executed: new overlay neighbours hear of the ends remembered here.
