@@ -381,7 +381,7 @@ async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Resu
     let reader = tokio::spawn(async move {
         let mut slow = slow;
         let mut t = Tally::default();
-        let deadline = tokio::time::Instant::now() + T;
+        let deadline = tokio::time::Instant::now() + T * 2;
         while (t.seqs.len() as u64) + t.missed < N {
             match tokio::time::timeout_at(deadline, slow.recv()).await {
                 Err(_) => bail!("timed out: {} received, {} missed", t.seqs.len(), t.missed),
@@ -398,12 +398,22 @@ async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Resu
     let mut src = ch.source()?;
     let started = tokio::time::Instant::now();
     for i in 0..N {
-        if tokio::time::timeout(T, src.submit("e", &Attrs::new(), &[5u8; 1024])).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(20), src.submit("e", &Attrs::new(), &[5u8; 1024])).await.is_err() {
             bail!("submit {i} stuck: {:?} / {:?} / {:?}", ch.stats(), net.chans[4].stats(), net.nodes[SRC].0.link_stats());
         }
     }
     let took = started.elapsed();
-    let t = tokio::time::timeout(T, reader).await???;
+    let t = match tokio::time::timeout(T, reader).await {
+        Ok(r) => r??,
+        Err(_) => bail!(
+            "the Block sink stalled: src {:?} {:?}\nits node {:?} {:?} sinks {}",
+            net.nodes[SRC].0.id(),
+            net.nodes[SRC].0.link_stats(),
+            net.nodes[4].0.id(),
+            net.nodes[4].0.link_stats(),
+            ch.sinks()
+        ),
+    };
     assert_eq!(
         t.missed,
         0,
@@ -417,7 +427,8 @@ async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Resu
     for (i, s) in sinks.iter_mut().enumerate() {
         let mut k = Tally::default();
         k.until(s, &format!("sink {i}: every event"), |t| t.seqs.len() as u64 + t.missed >= N).await?;
-        assert_eq!((k.missed, k.seqs.len() as u64), (0, N), "sink {i}");
+        let stats: Vec<_> = net.chans.iter().map(|c| (c.tree_stats(), c.stats())).collect();
+        assert_eq!((k.missed, k.seqs.len() as u64), (0, N), "sink {i}: {stats:#?}");
         assert!(k.in_order(), "sink {i}: in order, once");
     }
     assert!(net.chans[4].stats().dropped == 0, "nothing dropped at the Block sink's node");

@@ -372,6 +372,15 @@ impl Source {
         }
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
+        if tree {
+            // Block sinks' nodes get the event directly: a link to each, whether or not the overlay uses it.
+            for &p in &pick.touched {
+                let peer = &routes.peers[p];
+                if pick.peers[p].chosen > 0 && !peer.is_up() {
+                    self.ch.tree_dial(peer.id);
+                }
+            }
+        }
         // 4. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
         pick.wait_for_room(routes, len, wait, timing.lane).await?;
 

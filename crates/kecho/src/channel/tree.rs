@@ -362,6 +362,8 @@ impl ChannelInner {
             return false;
         }
         let Some(node) = self.node.upgrade() else { return true };
+        // Events for Block sinks go to their nodes directly: the routes take the new peer, which is dialled.
+        self.tree_direct_lost(&node, id);
         let neighbour = {
             let at = now();
             let mut t = self.tree.inner.lock();
@@ -561,7 +563,9 @@ impl ChannelInner {
             (addr, frame)
         };
         if event.is_some() {
-            if !node.links.has_room(to, frame.len()) {
+            // A node with a Block sink fills its links from the sources' nodes with the events they send it directly
+            // (each waiting for room first): the overlay's frames still go, so that its other sinks are served.
+            if !node.links.has_room(to, frame.len()) && !self.tree_direct(to) {
                 return;
             }
             self.tree.forwarded.fetch_add(1, Ordering::Relaxed);

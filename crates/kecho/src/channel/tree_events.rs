@@ -377,13 +377,35 @@ impl ChannelInner {
         (None, announce)
     }
 
-    /// Node `id` has a Block sink of this channel: this node's sources send to it directly, so the link stays.
+    /// The link with node `id` carries events sent directly for a Block sink: node `id` has one (this node's sources
+    /// send to it directly), or this node has one (node `id`'s sources may send to it). Such links stay up.
     pub(super) fn tree_direct(&self, id: NodeId) -> bool {
+        if self.local_sinks.read().iter().any(|s| s.queue.overflow() == Overflow::Block) {
+            return true;
+        }
         let routes = self.routes.read().clone();
         routes.sinks.iter().any(|r| {
             r.overflow == Overflow::Block
                 && matches!(r.dest, Dest::Remote(p) if routes.peers.get(p).is_some_and(|p| p.id == id))
         })
+    }
+
+    /// The link with node `id` is gone: if it carried events for Block sinks, the routing table takes the node's new
+    /// peer (the lost one is forgotten) and the node is dialled again.
+    pub(super) fn tree_direct_lost(self: &Arc<Self>, node: &Arc<Channels>, id: NodeId) {
+        if self.tree_direct(id) && self.state.lock().peers().contains_key(&id) {
+            self.rebuild_routes(node);
+            self.tree_dial(id);
+        }
+    }
+
+    /// Opens a link to node `id` if there is none (for events sent to it directly).
+    pub(in crate::channel) fn tree_dial(self: &Arc<Self>, id: NodeId) {
+        let Some(node) = self.node.upgrade() else { return };
+        if !node.links.is_linked_or_dialing(id) {
+            // An empty sample: a message that changes nothing but needs a link.
+            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new() }, &mut None);
+        }
     }
 
     /// After the overlay's outputs were executed: new overlay neighbours hear of the ends remembered here.
