@@ -17,10 +17,9 @@
 //! - *Links.* Every second a node closes the links no channel needs: in tree mode those to nodes out of the active
 //!   view, a few seconds after the last message exchanged with them (join answers, refused neighbour requests).
 //!
-//! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode. Not in
-//! tree mode (yet): sinks' Block back-pressure on sources (a full Block sink loses the event, reported), priorities
-//! and deadlines, histories and `SourceEnd` accounting; the whole channel's events reach every node and are
-//! filtered at its sinks (no per-subtree aggregate filter).
+//! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode, and so do
+//! events for Block sinks. A source's end, histories, priorities and deadlines: `tree_events.rs`. The whole channel's
+//! events reach every node and are filtered at its sinks (no per-subtree aggregate filter).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

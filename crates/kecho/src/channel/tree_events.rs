@@ -367,10 +367,10 @@ impl ChannelInner {
                     }
                 }
             }
-            GossipMsg::Event { id, .. } => {
-                if id.source != from && known(id.source) && g.next_of(id.source).is_some_and(|n| id.seq > n) {
-                    announce.push((id.source, EventId { source: id.source, seq: id.seq - 1 }));
-                }
+            GossipMsg::Event { id, .. }
+                if id.source != from && known(id.source) && g.next_of(id.source).is_some_and(|n| id.seq > n) =>
+            {
+                announce.push((id.source, EventId { source: id.source, seq: id.seq - 1 }));
             }
             _ => {}
         }
