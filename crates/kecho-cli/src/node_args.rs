@@ -77,8 +77,7 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
     /// Run a channel in tree mode once it has more than N member nodes: about 5 links per node and events forwarded
-    /// along per-source trees, instead of a link to every member (see docs/SCALE.md for what tree mode does not do
-    /// yet). Default: never (full mesh at any size).
+    /// along per-source trees, instead of a link to every member (docs/SCALE.md). Default: 64.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub tree_threshold: Option<u64>,
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.

@@ -274,6 +274,16 @@ impl Gossip {
         &self.passive
     }
 
+    /// This member holds event `id` (to answer a graft for it).
+    pub fn cached(&self, id: &EventId) -> bool {
+        self.seen.contains_key(id)
+    }
+
+    /// The next number of `stream` this member will deliver, if it follows that stream.
+    pub fn next_of(&self, stream: NodeId) -> Option<u64> {
+        self.sources.get(&stream).map(|s| s.next)
+    }
+
     /// The next output.
     pub fn poll_output(&mut self) -> Option<GossipOut> {
         self.out.pop_front()

@@ -64,10 +64,11 @@ fn variant(m: &Message) -> &'static str {
         Message::Deadline { .. } => "Deadline",
         Message::Expired { .. } => "Expired",
         Message::Gossip { .. } => "Gossip",
+        Message::Priority { .. } => "Priority",
     }
 }
 
-const VARIANTS: usize = 26;
+const VARIANTS: usize = 27;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -146,6 +147,7 @@ fn one_of_each() -> Vec<Message> {
         Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
         Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 },
         Message::Deadline { channel: ChannelId(9), unix_us: 1_764_900_000_000_000 },
+        Message::Priority { channel: ChannelId(9), level: 2 },
         Message::Expired {
             channel: ChannelId(9),
             source: LocalId(1),

@@ -221,6 +221,7 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
             }),
         (ch.clone(), any::<u64>()).prop_map(|(channel, unix_us)| Message::Deadline { channel, unix_us }),
+        (ch.clone(), any::<u8>()).prop_map(|(channel, level)| Message::Priority { channel, level }),
         (ch.clone(), vec((node.clone(), name()), 0..3), gossip_body())
             .prop_map(|(channel, addrs, body)| Message::Gossip { channel, addrs, body }),
         (ch.clone(), any::<u32>(), any::<u64>(), name(), vec(any::<u32>(), 0..4)).prop_map(

@@ -13,6 +13,10 @@ pub(crate) type TlsSetting = crate::tls::TlsConfig;
 #[cfg(not(feature = "tls"))]
 pub(crate) type TlsSetting = std::convert::Infallible;
 
+/// The member nodes above which a channel runs in tree mode by default (`NodeBuilder::tree_threshold`): below it a full
+/// mesh costs one hop per event and at most this many links per node; above it the overlay's links stay about five.
+pub(crate) const DEFAULT_TREE_THRESHOLD: usize = 64;
+
 /// How a node behaves.
 #[derive(Clone, Debug)]
 pub(crate) struct NodeConfig {
@@ -68,7 +72,8 @@ pub(crate) struct NodeConfig {
     /// What each source keeps of the events cut-off sinks miss, to replay to them (`NodeBuilder::history`).
     pub(crate) history: History,
     /// A channel whose member nodes number more than this (as this node knows it) runs in tree mode: bounded links
-    /// and events forwarded along per-source trees (`channel/tree.rs`, docs/SCALE.md). Default `usize::MAX`: never.
+    /// and events forwarded along per-source trees (`channel/tree.rs`, docs/SCALE.md). Default
+    /// [`DEFAULT_TREE_THRESHOLD`].
     pub(crate) tree_threshold: usize,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
@@ -136,7 +141,7 @@ impl Default for NodeConfig {
             gap_memory: Duration::from_secs(60),
             source_grace: Duration::from_secs(10),
             history: History::off(),
-            tree_threshold: usize::MAX,
+            tree_threshold: DEFAULT_TREE_THRESHOLD,
             tls: None,
             transport: crate::transport::Transport::Tcp,
             identity: None,

@@ -145,10 +145,11 @@ impl NodeBuilder {
     /// channel's overlay instead (HyParView partial views: about 5 links per node whatever the channel's size), and
     /// events travel along a tree per source (Plumtree), each node forwarding them to its tree children and
     /// delivering them to its own sinks in per-source order; gaps the tree cannot repair are reported to the sinks
-    /// as missed. A channel of at most `n` nodes stays a full mesh. Default: never (every channel is a full mesh at
-    /// any size), because tree mode does not yet keep every guarantee of the full mesh (Block back-pressure,
-    /// priorities and deadlines, histories, a source's end accounted: see docs/SCALE.md); 64 is a reasonable value
-    /// for channels of hundreds of nodes that can do without those.
+    /// as missed. A channel of at most `n` nodes stays a full mesh, and so does a channel under an access policy.
+    /// Tree mode keeps the full mesh's guarantees (a source's end accounted, histories replayed, priorities and
+    /// deadlines; Block sinks get their events directly from each source: see docs/SCALE.md). Default: 64 (below it
+    /// a full mesh costs fewer hops and each node's links are still few enough; `usize::MAX` keeps every channel a
+    /// full mesh).
     pub fn tree_threshold(mut self, n: usize) -> Self {
         self.cfg.tree_threshold = n.max(1);
         self

@@ -21,7 +21,7 @@ mod registry;
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -331,6 +331,14 @@ pub enum Message {
         /// The deadline, in microseconds since the Unix epoch.
         unix_us: u64,
     },
+    /// In a tree-mode event's payload (a `Gossip` `Event`), ahead of its `Event` frame: the outbox lane (priority
+    /// level, 0 = default) every node forwards it in. Version 8.
+    Priority {
+        /// Channel.
+        channel: ChannelId,
+        /// The lane.
+        level: u8,
+    },
     /// Event `seq` of `source`, of type `ty`, passed its deadline before the sender wrote it: it is not sent, and
     /// stands in its place on the link (it counts in the receiver's numbering of the source's events as the event
     /// would have). The receiver reports it to the sinks that would have received it as expired.
@@ -470,6 +478,7 @@ mod kind {
     pub const DEADLINE: u8 = 30;
     pub const EXPIRED: u8 = 31;
     pub const GOSSIP: u8 = 40;
+    pub const PRIORITY: u8 = 41;
 }
 
 impl Message {
@@ -503,6 +512,7 @@ impl Message {
             Message::Deadline { .. } => DEADLINE,
             Message::Expired { .. } => EXPIRED,
             Message::Gossip { .. } => GOSSIP,
+            Message::Priority { .. } => PRIORITY,
         }
     }
 
@@ -593,6 +603,10 @@ impl Message {
             Message::Gossip { channel, addrs, body } => {
                 dst.put_u64_le(channel.0);
                 gossip::put_gossip(dst, addrs, body);
+            }
+            Message::Priority { channel, level } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u8(*level);
             }
             Message::SourceEnd { channel, origin, source, last, dests } => {
                 dst.put_u64_le(channel.0);
@@ -1268,6 +1282,7 @@ impl Reader {
                 Message::Targets { channel, sinks }
             }
             DEADLINE => Message::Deadline { channel: ChannelId(self.u64()?), unix_us: self.u64()? },
+            PRIORITY => Message::Priority { channel: ChannelId(self.u64()?), level: self.u8()? },
             GOSSIP => {
                 let channel = ChannelId(self.u64()?);
                 let (addrs, body) = self.gossip()?;

@@ -125,6 +125,19 @@ pub(super) fn verdict(track: &RecvTrack, end: &End) -> Verdict {
 }
 
 impl RecvTrack {
+    /// Event `seq` of the source arrived through the overlay (whose stream order accounts for gaps by itself).
+    #[inline]
+    pub(super) fn tree_arrived(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+        self.end.alive();
+    }
+
+    /// The source's end came through the overlay after every earlier item of its stream: nothing more to say.
+    pub(super) fn settle(&mut self) {
+        self.end.settled = true;
+        self.end.pending = None;
+    }
+
     /// The end of the source arrived on the link from its own node (after all its events) or, `present` false, from
     /// another member while its node is out of this node's view: account for it now. Returns what to tell the sinks.
     pub(super) fn end_now(&mut self, end: &End) -> Option<Verdict> {
@@ -198,10 +211,23 @@ pub(super) struct Remembered {
 impl ChannelInner {
     /// Local source `source` ends after event `last`: every member node is told, with what the source knew of each
     /// node's share (`dests`; empty if it is unknown here).
-    pub(super) fn source_ended(&self, source: LocalId, last: u64, dests: Vec<EndDest>) {
+    pub(super) fn source_ended(self: &Arc<Self>, source: LocalId, last: u64, dests: Vec<EndDest>) {
         let Some(node) = self.node.upgrade() else { return };
         if self.tree_on() {
-            // Not to every member in tree mode: the overlay's summaries account for a source's last events.
+            // Not to every member in tree mode: the end travels the source's stream after its events
+            // (`tree_events.rs`), and goes directly only to the nodes this source sent events to directly (an
+            // OUT-filter's choice, Block sinks), with what it knows of their share.
+            let direct: Vec<(NodeId, String)> = {
+                let st = self.state.lock();
+                dests.iter().filter_map(|d| st.peers().get(&d.node).map(|p| (d.node, p.addr.clone()))).collect()
+            };
+            if !direct.is_empty() {
+                let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };
+                for (to, addr) in direct {
+                    node.send(to, &addr, &msg);
+                }
+            }
+            self.tree_source_end(source, last, super::history::History::off());
             return;
         }
         let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };

@@ -88,6 +88,11 @@ impl Kept {
         self.trim(now);
     }
 
+    /// The bounds.
+    pub(super) fn limits(&self) -> History {
+        self.limits
+    }
+
     pub(super) fn is_on(&self) -> bool {
         self.limits.is_on()
     }

@@ -42,6 +42,7 @@ use sink::LocalSink;
 pub use sink::{Sink, SinkOptions, Typed, TypedSink, TypedSource};
 pub use source::Source;
 pub(crate) use table::{Channels, NodeGuard};
+use tree::TreeHead;
 pub use tree::TreeStats;
 
 use crate::clock::now;

@@ -96,6 +96,8 @@ struct Routing {
     routes: Arc<Routes>,
     /// An OUT-filter installed on the channel by a member, for sources without one of their own.
     installed: Option<Arc<dyn OutFilter>>,
+    /// Some sink of the channel has the Block policy (in tree mode, such sinks get events directly).
+    blocks: bool,
 }
 
 /// Choosing an event's sinks: buffers reused from one submit to the next, so that the path does not allocate per
@@ -226,7 +228,7 @@ impl Source {
             shared_seq,
             max_frame,
             out_filter: None,
-            routing: Routing { gen: 0, routes: Arc::default(), installed: None },
+            routing: Routing { gen: 0, routes: Arc::default(), installed: None, blocks: false },
             pick: Pick::default(),
             enc: Encoder::default(),
             loss: LossTrack::default(),
@@ -348,27 +350,43 @@ impl Source {
         opts: EventOptions,
     ) -> Result<u64> {
         let len = self.check(ty, attrs, payload)?;
-        // Tree mode (`tree.rs`): along the overlay, unless an OUT-filter must choose the sinks (then directly).
-        if self.ch.tree_on() && self.out_filter.is_none() && self.ch.out_default.read().is_none() {
-            self.seq += 1;
-            self.shared_seq.store(self.seq, Ordering::Release);
-            self.ch.submit_tree(self.id, self.key, self.seq, ty, attrs, payload);
-            return Ok(self.seq);
-        }
         let opts = self.options(ty, opts);
         let timing = if opts == EventOptions::default() { Timing::default() } else { Timing::of(opts) };
+        // Tree mode (`tree.rs`): along the overlay, unless an OUT-filter must choose the sinks (then directly). Block
+        // sinks get the event directly, so that they slow the source as in full-mesh mode (docs/SCALE.md).
+        let tree = self.ch.tree_on() && self.out_filter.is_none() && self.ch.out_default.read().is_none();
+        if tree {
+            self.routing.refresh(&self.ch);
+        }
+        if tree && !self.routing.blocks {
+            self.seq += 1;
+            self.shared_seq.store(self.seq, Ordering::Release);
+            let head = super::TreeHead { lane: timing.lane, deadline: timing.deadline.map(|(_, unix)| unix) };
+            let history = self.kept.limits();
+            self.ch.submit_tree(self.id, self.key, self.seq, (ty, attrs, payload), head, history);
+            return Ok(self.seq);
+        }
         self.routing.refresh(&self.ch);
         let routes = &*self.routing.routes;
         let pick = &mut self.pick;
         pick.reset(routes);
         // 1. The sinks whose type and content filters accept the event.
-        pick.accepting(routes, ty, attrs);
+        pick.accepting(routes, ty, attrs, tree);
         // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
         if let Some(f) = self.out_filter.as_ref().or(self.routing.installed.as_ref()) {
             pick.out_filter(&**f, routes, &EventView { ty, attrs, payload });
         }
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
+        if tree {
+            // Block sinks' nodes get the event directly: a link to each, whether or not the overlay uses it.
+            for &p in &pick.touched {
+                let peer = &routes.peers[p];
+                if pick.peers[p].chosen > 0 && !peer.is_up() {
+                    self.ch.tree_dial(peer.id);
+                }
+            }
+        }
         // 4. Wait for room at Block sinks before sending anything, so that an event goes to all of its sinks or none.
         pick.wait_for_room(routes, len, wait, timing.lane).await?;
 
@@ -377,7 +395,14 @@ impl Source {
         self.shared_seq.store(self.seq, Ordering::Release);
         let head = Head { channel: self.ch.id(), source: self.id, seq: self.seq };
         let c = &self.ch.counters;
-        c.submitted.fetch_add(1, Ordering::Relaxed);
+        if tree {
+            // Along the overlay for every sink but the Block ones, which the rest of this path serves.
+            let head = super::TreeHead { lane: timing.lane, deadline: timing.deadline.map(|(_, unix)| unix) };
+            let history = self.kept.limits();
+            self.ch.submit_tree(self.id, self.key, self.seq, (ty, attrs, payload), head, history);
+        } else {
+            c.submitted.fetch_add(1, Ordering::Relaxed);
+        }
         if !pick.ghosts.is_empty() && self.kept.is_on() {
             // Kept for the cut-off sinks that would have received it (only while some node is cut off).
             let b = self.enc.buf.room(len + 16 * attrs.len(), ENCODE_CHUNK);
@@ -464,7 +489,9 @@ impl Routing {
     fn refresh(&mut self, ch: &ChannelInner) {
         let gen = ch.routing_gen.load(Ordering::Acquire);
         if self.gen != gen {
-            *self = Routing { gen, routes: ch.routes.read().clone(), installed: ch.out_default.read().clone() };
+            let routes = ch.routes.read().clone();
+            let blocks = routes.sinks.iter().any(|r| r.overflow == Overflow::Block);
+            *self = Routing { gen, routes, installed: ch.out_default.read().clone(), blocks };
         }
     }
 }
@@ -489,7 +516,9 @@ impl Pick {
 
     /// Step 1: the sinks whose type and content filters accept the event go to `candidates` (sinks of cut-off nodes
     /// to `ghosts`); each peer counts its sinks accepting the type.
-    fn accepting(&mut self, routes: &Routes, ty: &str, attrs: &Attrs) {
+    /// `blocks_only` (tree mode): only Block sinks are candidates (the others get the event through the overlay), but
+    /// every sink accepting the type still counts, so that a node with others gets a `Targets` frame naming them.
+    fn accepting(&mut self, routes: &Routes, ty: &str, attrs: &Attrs, blocks_only: bool) {
         if routes.slow_filter && self.cel.is_none() {
             self.cel = Some(CelRoot::default());
         }
@@ -508,6 +537,9 @@ impl Pick {
                 }
                 Dest::Ghost(_, until) if *at.get_or_insert_with(now) >= until => continue,
                 _ => {}
+            }
+            if blocks_only && r.overflow != Overflow::Block {
+                continue;
             }
             if let Some(f) = &r.filter {
                 let accepted = match (f.fast_matches(ty, attrs), root) {

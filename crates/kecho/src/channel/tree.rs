@@ -17,23 +17,25 @@
 //! - *Links.* Every second a node closes the links no channel needs: in tree mode those to nodes out of the active
 //!   view, a few seconds after the last message exchanged with them (join answers, refused neighbour requests).
 //!
-//! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode. Not in
-//! tree mode (yet): sinks' Block back-pressure on sources (a full Block sink loses the event, reported), priorities
-//! and deadlines, histories and `SourceEnd` accounting; the whole channel's events reach every node and are
-//! filtered at its sinks (no per-subtree aggregate filter).
+//! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode, and so do
+//! events for Block sinks. A source's end, histories, priorities and deadlines: `tree_events.rs`. The whole channel's
+//! events reach every node and are filtered at its sinks (no per-subtree aggregate filter).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use kecho_proto::codec::{decode_body, encode_event};
+use bytes::Bytes;
 use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
 use kecho_proto::membership::ChannelState;
-use kecho_proto::{Attrs, LocalId, Message, NodeId, NodeSnapshot};
+use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot, Overflow};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+#[path = "tree_events.rs"]
+mod events;
+pub(super) use events::Head as TreeHead;
 
 use super::deliver::SinkList;
 use super::sink::LocalSink;
@@ -59,7 +61,8 @@ const MEMBERSHIP_STREAM: u64 = 0x6b65_6368_6f2e_6d62;
 /// missed, since a real host can stall for seconds (a loaded machine), and a report is final (an event that comes
 /// after it is dropped as old).
 fn gossip_config() -> GossipConfig {
-    GossipConfig { loss_after: 5_000, ..GossipConfig::default() }
+    // A gap may be grafted in full (from the stream's origin's history, see `tree_events.rs`), not only its last 256.
+    GossipConfig { loss_after: 5_000, max_graft_run: 1 << 16, ..GossipConfig::default() }
 }
 
 fn membership_stream(node: NodeId) -> NodeId {
@@ -99,6 +102,8 @@ pub(super) struct Tree {
     delivered: AtomicU64,
     lost: AtomicU64,
     forwarded: AtomicU64,
+    /// The event path's guarantees (`tree_events.rs`).
+    events: events::TreeEvents,
 }
 
 struct TreeInner {
@@ -139,6 +144,7 @@ impl Default for Tree {
             delivered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            events: events::TreeEvents::default(),
         }
     }
 }
@@ -327,7 +333,19 @@ impl ChannelInner {
                 // Switched by this frame (a contact's answer to this node's join, say): join through its sender.
                 g.join(from, ms);
             }
+            let book = &t.book;
+            let Some(g) = t.gossip.as_ref() else { return };
+            let (answer, announce) = self.tree_before(g, from, &body, |n| book.contains_key(&n));
+            if let Some(answer) = answer {
+                drop(t);
+                self.gossip_send(&node, from, answer, &mut None);
+                return;
+            }
+            let Some(g) = t.gossip.as_mut() else { return };
             g.handle(from, body, ms);
+            for (origin, id) in announce {
+                g.handle(origin, GossipMsg::IHave { ids: vec![id] }, ms);
+            }
         }
         self.tree_pump(&node);
     }
@@ -343,6 +361,8 @@ impl ChannelInner {
             return false;
         }
         let Some(node) = self.node.upgrade() else { return true };
+        // Events for Block sinks go to their nodes directly: the routes take the new peer, which is dialled.
+        self.tree_direct_lost(&node, id);
         let neighbour = {
             let at = now();
             let mut t = self.tree.inner.lock();
@@ -415,37 +435,6 @@ impl ChannelInner {
         self.flush();
     }
 
-    /// Publishes an event of local source `source` in tree mode: encoded once, broadcast on this node's stream, and
-    /// offered to the local sinks that accept it.
-    pub(super) fn submit_tree(
-        self: &Arc<Self>,
-        source: LocalId,
-        key: SourceKey,
-        seq: u64,
-        ty: &str,
-        attrs: &Attrs,
-        payload: &[u8],
-    ) {
-        let Some(node) = self.node.upgrade() else { return };
-        let mut b = BytesMut::new();
-        encode_event(&mut b, self.id(), source, seq, ty, attrs, payload);
-        let frame = b.freeze();
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        {
-            let at = now();
-            let mut t = self.tree.inner.lock();
-            let ms = t.ms(at);
-            if let Some(g) = t.gossip.as_mut() {
-                g.broadcast(frame.clone(), ms);
-            }
-        }
-        self.tree_pump(&node);
-        let payload = frame.slice(frame.len() - payload.len()..);
-        if self.offer_now(Arc::from(ty), attrs.clone(), payload, seq, key) {
-            self.counters.received.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Leaving: the neighbours are told at once (they replace the link) rather than by its loss.
     pub(super) fn tree_leave(self: &Arc<Self>) {
         if !self.tree_on() {
@@ -475,9 +464,11 @@ impl ChannelInner {
         }
         let at = now();
         let t = self.tree.inner.lock();
-        t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
+        let used = t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
-            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE)
+            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
+        drop(t);
+        used || self.tree_direct(id)
     }
 
     /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).
@@ -503,6 +494,9 @@ impl ChannelInner {
                 if outs.is_empty() {
                     // Under the lock that producers hold to add outputs, so that none is left behind.
                     self.tree.pumping.store(false, Ordering::Release);
+                    let active = t.gossip.as_ref().map(|g| g.active().to_vec()).unwrap_or_default();
+                    drop(t);
+                    self.tree_hand_ends(node, &active);
                     break;
                 }
                 outs
@@ -525,12 +519,17 @@ impl ChannelInner {
         self: &Arc<Self>,
         node: &Arc<Channels>,
         to: NodeId,
-        msg: GossipMsg,
+        mut msg: GossipMsg,
         encoded: &mut Option<(EventId, u16, Bytes)>,
     ) {
-        let event = match &msg {
-            GossipMsg::Event { id, hops, .. } => Some((*id, *hops)),
-            _ => None,
+        let (event, lane) = match msg {
+            GossipMsg::Event { id, hops, payload } => {
+                // Its priority's lane; an `Expired` notice in its place if its deadline passed.
+                let (lane, instead) = self.tree_outgoing(&payload);
+                msg = GossipMsg::Event { id, hops, payload: instead.unwrap_or(payload) };
+                (Some((id, hops)), lane)
+            }
+            _ => (None, 0),
         };
         let (addr, frame) = {
             let mut t = self.tree.inner.lock();
@@ -563,39 +562,27 @@ impl ChannelInner {
             (addr, frame)
         };
         if event.is_some() {
-            if !node.links.has_room(to, frame.len()) {
+            // A node with a Block sink fills its links from the sources' nodes with the events they send it directly
+            // (each waiting for room first): the overlay's frames still go, so that its other sinks are served.
+            if !node.links.has_room(to, frame.len()) && !self.tree_direct(to) {
                 return;
             }
             self.tree.forwarded.fetch_add(1, Ordering::Relaxed);
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
             self.counters.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
-        node.links.send_frame(to, &addr, frame);
+        if lane == 0 {
+            node.links.send_frame(to, &addr, frame);
+        } else {
+            node.links.send_frame_in(to, &addr, lane, frame);
+        }
     }
 
     /// An event or a snapshot of another node, in that node's order.
     fn gossip_deliver(self: &Arc<Self>, node: &Arc<Channels>, id: EventId, frame: Bytes) {
-        if frame.len() < 4 {
-            return;
-        }
-        let msg = match decode_body(frame.slice(4..)) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(channel = %self.name, stream = %id.source, "a frame relayed in the overlay: {e}");
-                return;
-            }
-        };
+        // Events, expired notices and ends (`tree_events.rs`); the rest is membership.
+        let Some(msg) = self.tree_item(node, id, &frame) else { return };
         match msg {
-            Message::Event(e) => {
-                let origin = id.source;
-                if origin == node.id {
-                    return;
-                }
-                self.tree.inner.lock().event_streams.insert(origin);
-                self.tree.delivered.fetch_add(1, Ordering::Relaxed);
-                self.counters.received.fetch_add(1, Ordering::Relaxed);
-                self.offer_now(e.ty, e.attrs, e.payload, e.seq, SourceKey::new(origin, e.source));
-            }
             Message::Snapshot { node: who, left: true, .. } if who == node.id => {
                 // Another member took this node for gone (its link to it failed): it is not.
                 tracing::debug!(channel = %self.name, "taken for gone by a member: publishing again");
@@ -617,14 +604,24 @@ impl ChannelInner {
     /// Offers an event that arrived through the overlay to the local sinks that accept it, without waiting: the
     /// reader that delivers it also forwards the channel's tree, which must not stop for one full sink.
     /// Returns false if no local sink wanted it.
-    fn offer_now(&self, ty: Arc<str>, mut attrs: Attrs, payload: Bytes, seq: u64, key: SourceKey) -> bool {
+    fn offer_now(
+        &self,
+        ty: Arc<str>,
+        mut attrs: Attrs,
+        payload: Bytes,
+        seq: u64,
+        key: SourceKey,
+        deadline: Option<u64>,
+    ) -> bool {
         let sinks = self.local_sinks.read().clone();
-        let chosen: SinkList<'_> = sinks.iter().filter(|s| accepts(s, &ty, &attrs)).collect();
+        // Block sinks get their events directly from the source (`Source::submit`), not from the overlay.
+        let chosen: SinkList<'_> =
+            sinks.iter().filter(|s| s.queue.overflow() != Overflow::Block && accepts(s, &ty, &attrs)).collect();
         if chosen.is_empty() {
             return false;
         }
         let Some(chosen) = self.in_filtered(chosen, &ty, &mut attrs, &payload) else { return true };
-        let ev = Event::new(ty, attrs, payload, seq, key, None);
+        let ev = Event::new(ty, attrs, payload, seq, key, deadline);
         for s in chosen {
             match s.queue.offer(ev.clone()) {
                 Offer::Queued | Offer::Closed => {}
@@ -632,7 +629,7 @@ impl ChannelInner {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Offer::Full(_) => {
-                    // A Block sink does not hold the tree up: the event is lost to it, and it is told.
+                    // Not a Block sink (those are served directly): the event is lost to it, and it is told.
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     s.queue.add_lag(1);
                 }
@@ -687,8 +684,9 @@ impl ChannelInner {
         tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
         self.tree.lost.fetch_add(count, Ordering::Relaxed);
         self.counters.missed.fetch_add(count, Ordering::Relaxed);
-        // Which sinks wanted them is unknown here: every sink is told, as for a loss in transit.
-        for s in self.local_sinks.read().iter() {
+        // Which sinks wanted them is unknown here: every sink is told, as for a loss in transit (but Block sinks, whose
+        // events come directly from their sources).
+        for s in self.local_sinks.read().iter().filter(|s| s.queue.overflow() != Overflow::Block) {
             s.queue.add_lag(count);
         }
     }

@@ -413,6 +413,16 @@ impl<H: LinkHandler> Links<H> {
         p.ensure_link(self);
     }
 
+    /// [`Links::send_frame`] in outbox lane `lane` (a tree-mode event's priority).
+    pub(crate) fn send_frame_in(self: &Arc<Self>, to: NodeId, addr: &str, lane: u8, frame: Bytes) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        let p = self.peer(to, addr);
+        p.outbox.push_control_in(lane, frame);
+        p.ensure_link(self);
+    }
+
     /// A link to `id` is up now.
     pub(crate) fn is_up(&self, id: NodeId) -> bool {
         self.peers.lock().get(&id).is_some_and(|p| p.is_up())

@@ -1,0 +1,454 @@
+//! Tree mode keeps the full mesh's guarantees (docs/SCALE.md, "Tree mode in channels"): a source that ends while a
+//! sink's node is cut off from the whole channel is accounted for when the node comes back; a source's node that dies
+//! unseen is reported gone; a source's history replays what a returning node missed, in order, without duplicates,
+//! before newer events; deadlines are carried. Six nodes in one process with a tree threshold of 3, each reachable only
+//! through a proxy on loopback that can cut the links between chosen pairs of nodes.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use kecho::{
+    Attrs, Channel, EventOptions, History, MembershipConfig, Node, NodeId, RecvError, RegistryClient, SinkOptions,
+    SourceKey,
+};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One scenario at a time: each runs six nodes and their proxies on the test's two worker threads.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NODES: usize = 6;
+const THRESHOLD: usize = 3;
+/// Generous: the nodes share the test's runtime on a loaded 2-core machine.
+const T: Duration = Duration::from_secs(60);
+
+/// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
+/// (in both directions; nothing is closed, so only heartbeats notice).
+struct Proxy {
+    cut: Arc<Mutex<HashSet<u64>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Result<(Proxy, SocketAddr)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let c = cut.clone();
+        let accept = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((down, _)) = listener.accept().await {
+                let cut = c.clone();
+                conns.push(tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    // The dialler's node id is in its Hello: length (4), kind (1), magic (4), version (2), node (8).
+                    let mut hello = [0u8; 19];
+                    if dr.read_exact(&mut hello).await.is_err() || uw.write_all(&hello).await.is_err() {
+                        return;
+                    }
+                    let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
+                    let c2 = cut.clone();
+                    tokio::select! {
+                        _ = relay(&mut dr, &mut uw, &cut, dialler) => {}
+                        _ = relay(&mut ur, &mut dw, &c2, dialler) => {}
+                    }
+                }));
+            }
+            for c in conns {
+                c.abort();
+            }
+        });
+        Ok((Proxy { cut, accept }, addr))
+    }
+
+    fn cut(&self, dialler: NodeId, on: bool) {
+        let mut cut = self.cut.lock();
+        if on {
+            cut.insert(dialler.0);
+        } else {
+            cut.remove(&dialler.0);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn relay(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    cut: &Mutex<HashSet<u64>>,
+    dialler: u64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut.lock().contains(&dialler) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node in tree mode above `THRESHOLD` members, reachable only through its own proxy.
+async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration) -> Result<(Node, Proxy)> {
+    let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
+    let hold = TcpListener::bind("127.0.0.1:0").await?;
+    let node_addr = hold.local_addr()?;
+    drop(hold);
+    let (proxy, addr) = Proxy::start(node_addr).await?;
+    let node = Node::builder()
+        .registry_client(reg.clone())
+        .listen(node_addr)
+        .heartbeat_timeout(heartbeat)
+        .membership(m)
+        .source_grace(grace)
+        .tree_threshold(THRESHOLD)
+        .advertise(addr)
+        .start()
+        .await?;
+    Ok((node, proxy))
+}
+
+/// Six nodes on one channel in tree mode, a sink on each.
+struct Net {
+    nodes: Vec<(Node, Proxy)>,
+    chans: Vec<Channel>,
+    sinks: Vec<Option<kecho::Sink>>,
+}
+
+impl Net {
+    async fn start(name: &str, grace: Duration) -> Result<Net> {
+        Net::start_with(name, grace, Duration::from_millis(600)).await
+    }
+
+    /// `start` with a heartbeat timeout of `heartbeat`.
+    async fn start_with(name: &str, grace: Duration, heartbeat: Duration) -> Result<Net> {
+        let reg = RegistryClient::in_process_private();
+        let mut net = Net { nodes: Vec::new(), chans: Vec::new(), sinks: Vec::new() };
+        for i in 0..NODES {
+            let (node, proxy) = proxied_node(&reg, grace, heartbeat).await?;
+            let ch = if i == 0 { node.create_channel(name).await? } else { node.open_channel(name).await? };
+            net.sinks.push(Some(ch.sink(SinkOptions::new().capacity(100_000))?));
+            net.nodes.push((node, proxy));
+            net.chans.push(ch);
+        }
+        let chans = net.chans.clone();
+        eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == NODES)).await?;
+        eventually("tree mode everywhere", || chans.iter().all(|c| c.tree_stats().on)).await?;
+        Ok(net)
+    }
+
+    /// Cuts (or heals) every link of node `i`.
+    fn isolate(&self, i: usize, on: bool) {
+        let (x, px) = &self.nodes[i];
+        for (j, (y, py)) in self.nodes.iter().enumerate() {
+            if j != i {
+                px.cut(y.id(), on);
+                py.cut(x.id(), on);
+            }
+        }
+    }
+
+    /// Cuts node `i` off and waits until its links are down (their heartbeats timed out).
+    async fn cut_off(&self, i: usize) -> Result<()> {
+        self.isolate(i, true);
+        let node = &self.nodes[i].0;
+        eventually("the cut-off node's links down", || node.link_stats().iter().all(|l| !l.up)).await
+    }
+
+    fn sink(&mut self, i: usize) -> kecho::Sink {
+        self.sinks[i].take().expect("a sink taken once")
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        if start.elapsed() > T {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// What a sink got of one source.
+#[derive(Default, Debug)]
+struct Tally {
+    seqs: Vec<u64>,
+    missed: u64,
+    expired: u64,
+    lost: Vec<SourceKey>,
+}
+
+impl Tally {
+    /// Receives until `done` holds of the tally, at most `T`.
+    async fn until(&mut self, sink: &mut kecho::Sink, what: &str, done: impl Fn(&Tally) -> bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + T;
+        while !done(self) {
+            let r = match tokio::time::timeout_at(deadline, sink.recv()).await {
+                Ok(r) => r,
+                Err(_) => bail!("timed out waiting for {what}: {} received, {self:?}", self.seqs.len()),
+            };
+            match r {
+                Ok(ev) => self.seqs.push(ev.seq()),
+                Err(RecvError::Lagged(n)) => self.missed += n,
+                Err(RecvError::Expired(n)) => self.expired += n,
+                Err(RecvError::SourceLost(k)) => self.lost.push(k),
+                Err(e) => bail!("sink: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn in_order(&self) -> bool {
+        self.seqs.windows(2).all(|w| w[0] < w[1])
+    }
+}
+
+/// Publishes `n` events, one per millisecond.
+async fn publish(src: &mut kecho::Source, n: u64) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..n {
+        tick.tick().await;
+        src.submit("e", &Attrs::new(), b"0123456789").await?;
+    }
+    Ok(())
+}
+
+const SRC: usize = 1;
+const CUT: usize = 5;
+
+/// The scenario in tree mode: a node is cut off from the whole channel, the source publishes on, ends and its
+/// node leaves; the cut heals only after the overlay's summaries of that source stopped (10 s after its last event).
+/// The returning node learns of the end from its new neighbours and gets or is told of every event it missed; it is
+/// never left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_ends_while_a_node_is_cut_off_is_accounted_for_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::start("ends", T * 3).await?;
+    let mut back = net.sink(CUT);
+    let mut keep = net.sink(0);
+    let mut src = net.chans[SRC].source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate(CUT, true);
+    net.cut_off(CUT).await?;
+    publish(&mut src, 300).await?;
+    drop(src);
+    let mut k = Tally::default();
+    k.until(&mut keep, "all 500 events at a connected sink", |t| t.seqs.len() == 500).await?;
+    net.nodes[SRC].0.shutdown().await;
+    // Past the overlay's summaries of the source (10 s after its last event): only word of its end can tell.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    net.isolate(CUT, false);
+    t.until(&mut back, "500 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 500).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 500, "received + missed = published: {t:?}");
+    assert!(t.lost.is_empty(), "the loss is known, not unknown: {t:?}");
+    assert_eq!((k.missed, k.lost.len()), (0, 0), "the connected sink missed nothing: {k:?}");
+    eprintln!("the returning sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(())
+}
+
+/// A source's node that dies (no end) is reported gone, with an unknown number missed, to every sink once the grace
+/// period is over, in tree mode as in full-mesh mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_node_dies_is_reported_gone_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::start("gone", Duration::from_millis(500)).await?;
+    let mut sinks: Vec<(usize, kecho::Sink)> = (0..NODES).filter(|i| *i != SRC).map(|i| (i, net.sink(i))).collect();
+    let mut src = net.chans[SRC].source()?;
+    publish(&mut src, 100).await?;
+    let mut tallies: Vec<Tally> = sinks.iter().map(|_| Tally::default()).collect();
+    for ((_, s), t) in sinks.iter_mut().zip(&mut tallies) {
+        t.until(s, "the 100 events", |t| t.seqs.len() == 100).await?;
+    }
+    net.nodes[SRC].0.kill();
+    drop(src);
+    for ((i, s), t) in sinks.iter_mut().zip(&mut tallies) {
+        t.until(s, &format!("sink {i} told the source is gone"), |t| !t.lost.is_empty()).await?;
+        assert_eq!(t.lost.len(), 1, "told once: {t:?}");
+        assert_eq!(t.missed, 0, "{t:?}");
+    }
+    Ok(())
+}
+
+/// One cut of node `CUT` while the source (with `history`) publishes `during` events as fast as it can, after 200;
+/// then the cut heals and the source publishes 100 more. Returns what the returning sink got.
+async fn cut_and_heal(name: &str, history: History, during: u64) -> Result<Tally> {
+    let mut net = Net::start(name, T * 3).await?;
+    let mut back = net.sink(CUT);
+    let mut keep = net.sink(0);
+    let mut src = net.chans[SRC].source()?;
+    src.set_history(history);
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate(CUT, true);
+    net.cut_off(CUT).await?;
+    let ch = net.chans[SRC].clone();
+    for i in 0..during {
+        src.submit("e", &Attrs::new(), b"0123456789").await?;
+        if i % 50 == 49 {
+            // 50 events a millisecond at most: a burst, within what the links' queues hold.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    net.isolate(CUT, false);
+    let back_node = net.chans[CUT].clone();
+    eventually("the returning node back in the channel", || back_node.sinks() == NODES && ch.sinks() == NODES).await?;
+    publish(&mut src, 100).await?;
+    let total = 300 + during;
+    t.until(&mut back, "every event received or reported", |t| t.seqs.len() as u64 + t.missed >= total).await?;
+    let mut k = Tally::default();
+    k.until(&mut keep, "every event at a connected sink", |t| t.seqs.len() as u64 + t.missed >= total).await?;
+    assert!(k.in_order() && k.lost.is_empty(), "the connected sink: {k:?}");
+    assert_eq!(k.seqs.len() as u64 + k.missed, total, "the connected sink: {k:?}");
+    assert!(t.in_order(), "in order, without duplicates: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, total, "received + missed = published: {t:?}");
+    drop(src);
+    Ok(t)
+}
+
+/// More events than the overlay's caches hold are published while a node is cut off: with a history at least that
+/// long, the source's node replays all of them to it (its neighbours could not), in order, once, before the newer ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_node_gets_what_it_missed_from_the_source_history_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = cut_and_heal("history", History::events(20_000), 6_000).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=6_300).collect::<Vec<u64>>(), "every event, in order, once");
+    Ok(())
+}
+
+/// The same without a history: what the neighbours' caches no longer hold is reported missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_a_returning_node_is_told_what_it_missed_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = cut_and_heal("no-history", History::off(), 6_000).await?;
+    assert!(t.missed > 0, "beyond the caches: {t:?}");
+    Ok(())
+}
+
+/// Deadlines travel the tree: an event whose deadline passed before it was sent reaches every sink as expired, in its
+/// place among the source's events; others keep their deadline and arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_priorities_travel_the_tree() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::start("timely", T * 3).await?;
+    let mut sinks: Vec<kecho::Sink> = (0..NODES).filter(|i| *i != SRC).map(|i| net.sink(i)).collect();
+    let mut src = net.chans[SRC].source()?;
+    let urgent = EventOptions::new().priority(kecho::Priority::new(3)?).deadline(Duration::from_secs(30));
+    src.submit_with("e", &Attrs::new(), b"urgent", urgent).await?;
+    src.submit_with("e", &Attrs::new(), b"late", EventOptions::new().deadline(Duration::ZERO)).await?;
+    src.submit("e", &Attrs::new(), b"plain").await?;
+    for s in &mut sinks {
+        let ev = tokio::time::timeout(T, s.recv()).await??;
+        assert_eq!((ev.seq(), &ev.payload()[..]), (1, &b"urgent"[..]));
+        assert!(ev.deadline().is_some(), "the deadline came with it");
+        match tokio::time::timeout(T, s.recv()).await? {
+            Err(RecvError::Expired(1)) => {}
+            other => bail!("expected the second event expired, got {other:?}"),
+        }
+        let ev = tokio::time::timeout(T, s.recv()).await??;
+        assert_eq!(ev.seq(), 3);
+    }
+    let expired: u64 = net.chans.iter().map(|c| c.stats().expired).sum();
+    assert!(expired >= NODES as u64 - 1, "counted: {expired}");
+    Ok(())
+}
+
+/// A Block sink in tree mode gets its events directly from the source, which it slows down as in full-mesh mode: a
+/// sink that reads slowly behind a small queue misses nothing, while the other sinks get every event once, through
+/// the overlay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flaky on a loaded 2-core machine (a link lost and dialled again under load): docs/SCALE.md"]
+async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    const N: u64 = 2_000;
+    // A heartbeat timeout that a loaded machine's scheduling cannot reach while a reader waits for the Block sink.
+    let mut net = Net::start_with("block", T * 3, Duration::from_secs(3)).await?;
+    let mut sinks: Vec<kecho::Sink> = (0..NODES).filter(|i| *i != SRC).map(|i| net.sink(i)).collect();
+    let slow = net.chans[4].sink(SinkOptions::new().capacity(8).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let reader = tokio::spawn(async move {
+        let mut slow = slow;
+        let mut t = Tally::default();
+        let deadline = tokio::time::Instant::now() + T * 2;
+        while (t.seqs.len() as u64) + t.missed < N {
+            match tokio::time::timeout_at(deadline, slow.recv()).await {
+                Err(_) => bail!("timed out: {} received, {} missed", t.seqs.len(), t.missed),
+                Ok(Ok(ev)) => t.seqs.push(ev.seq()),
+                Ok(Err(RecvError::Lagged(n))) => t.missed += n,
+                Ok(Err(e)) => bail!("slow sink: {e}"),
+            }
+            if t.seqs.len() < 300 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        anyhow::Ok(t)
+    });
+    let mut src = ch.source()?;
+    let started = tokio::time::Instant::now();
+    for i in 0..N {
+        if tokio::time::timeout(Duration::from_secs(20), src.submit("e", &Attrs::new(), &[5u8; 1024])).await.is_err() {
+            bail!(
+                "submit {i} stuck: {:?} / {:?} / {:?}",
+                ch.stats(),
+                net.chans[4].stats(),
+                net.nodes[SRC].0.link_stats()
+            );
+        }
+    }
+    let took = started.elapsed();
+    let t = match tokio::time::timeout(T, reader).await {
+        Ok(r) => r??,
+        Err(_) => bail!(
+            "the Block sink stalled: src {:?} {:?}\nits node {:?} {:?} sinks {}",
+            net.nodes[SRC].0.id(),
+            net.nodes[SRC].0.link_stats(),
+            net.nodes[4].0.id(),
+            net.nodes[4].0.link_stats(),
+            ch.sinks()
+        ),
+    };
+    assert_eq!(
+        t.missed,
+        0,
+        "the Block sink missed nothing: {} received; {:?} / {:?} / {:?}",
+        t.seqs.len(),
+        ch.stats(),
+        net.chans[4].stats(),
+        net.nodes[SRC].0.link_stats()
+    );
+    assert_eq!(t.seqs, (1..=N).collect::<Vec<u64>>(), "every event, in order, once");
+    for (i, s) in sinks.iter_mut().enumerate() {
+        let mut k = Tally::default();
+        k.until(s, &format!("sink {i}: every event"), |t| t.seqs.len() as u64 + t.missed >= N).await?;
+        let stats: Vec<_> = net.chans.iter().map(|c| (c.tree_stats(), c.stats())).collect();
+        assert_eq!((k.missed, k.seqs.len() as u64), (0, N), "sink {i}: {stats:#?}");
+        assert!(k.in_order(), "sink {i}: in order, once");
+    }
+    assert!(net.chans[4].stats().dropped == 0, "nothing dropped at the Block sink's node");
+    eprintln!("{N} events submitted in {:.2} s behind a slow Block sink", took.as_secs_f64());
+    Ok(())
+}
