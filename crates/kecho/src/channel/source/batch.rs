@@ -107,7 +107,7 @@ impl Source {
             let routes = self.routing.routes.clone();
             let pick = &mut self.pick;
             pick.reset(&routes);
-            pick.accepting(&routes, ty, attrs);
+            pick.accepting(&routes, ty, attrs, false);
             pick.by_place(&routes);
             let local_block = pick.locals.iter().any(|l| l.queue.overflow() == Overflow::Block);
             if self.routing.installed.is_some() || !pick.ghosts.is_empty() || (!wait && local_block) {
