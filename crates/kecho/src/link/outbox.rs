@@ -875,6 +875,56 @@ mod tests {
         assert_eq!(take_at(&out, t), b"a6b5");
     }
 
+    /// Takes what the urgent stream's writer would, as one byte string.
+    fn take_urgent_bytes(out: &Outbox) -> Vec<u8> {
+        let mut frames = VecDeque::new();
+        out.take_urgent(&mut frames);
+        frames.iter().flat_map(|f| f.iter().copied()).collect()
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn in_streams_mode_each_stream_takes_its_lanes_and_a_source_crossing_streams_waits() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut a, mut b) = (Held::default(), Held::default());
+        let t = Instant::now();
+        assert!(take_urgent_bytes(&out).is_empty(), "no urgent stream before streams mode");
+        assert_eq!(out.start_streams(), sync_frame());
+        assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(0, &mut a)));
+        assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(3, &mut b)));
+        assert_eq!(take_at(&out, t), b"a1", "the main stream takes lane 0 only");
+        assert_eq!(take_urgent_bytes(&out), b"b1");
+        // A goes urgent once a1 was taken: a Wait for the 2 bytes the main stream was given comes first.
+        assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+        assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(2), b"a2"]));
+        // Back to lane 0 while its urgent a3 is still queued: a4 follows a3 on the urgent stream.
+        assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"a4", &mut gate, lane(0, &mut a)));
+        assert!(take_at(&out, t).is_empty());
+        assert_eq!(take_urgent_bytes(&out), b"a3a4");
+        // Then lane 0 again: a Wait for all 2 + 13 + 2 + 4 bytes of the urgent stream first.
+        assert!(out.push_event_copied(b"", b"a5", &mut gate, lane(0, &mut a)));
+        assert_eq!(take_at(&out, t), cat(&[&wait_frame(21), b"a5"]));
+        // A control frame of lane 0 waits until the urgent frames queued before it are taken.
+        assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(2, &mut b)));
+        out.push_control(Bytes::from_static(b"c1"));
+        assert!(take_at(&out, t).is_empty(), "c1 waits for b2");
+        assert_eq!(take_urgent_bytes(&out), b"b2");
+        assert_eq!(take_at(&out, t), cat(&[&wait_frame(23), b"c1"]));
+        assert_eq!(out.urgent_done(), None, "the urgent writer has not come back from writing b2");
+        assert!(take_urgent_bytes(&out).is_empty());
+        assert_eq!(out.urgent_done(), Some(wait_frame(23)));
+        assert!(out.is_empty());
+        // A new link starts with one stream.
+        out.stop_streams();
+        assert!(out.push_event_copied(b"", b"b3", &mut gate, lane(3, &mut b)));
+        assert_eq!(take_at(&out, t), b"b3");
+    }
+
     #[test]
     fn with_priorities_in_use_a_take_is_bounded_and_keeps_prefixes_with_their_events() {
         let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
