@@ -150,25 +150,23 @@ pub(super) async fn writer<H: LinkHandler>(
                             tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
                         }
                     }
-                    // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged).
+                    // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged),
+                    // unless the urgent lanes get a stream of their own, which the peer may take: from then on this
+                    // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
+                    // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
+                    // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
                     (Some(n), LinkWr::Stream(_)) => {
-                        peer.shorten_send_queue(n);
-                        // And the urgent lanes get a stream of their own, if the peer takes one: from now on this
-                        // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
-                        // the frames taken before).
                         let conn = peer.datagrams.lock().clone();
-                        if let Some(d) = conn.filter(|d| d.has_streams()) {
-                            match d.open_urgent().await {
-                                Some(u) => {
-                                    frames.push_back(peer.outbox.start_streams());
-                                    if let Some(tx) = to_urgent.take() {
-                                        let _ = tx.send(u);
-                                    }
-                                }
-                                None => {
-                                    tracing::debug!(peer = %peer.id, "no urgent stream: the connection refused one")
-                                }
+                        let urgent = match conn.filter(|d| d.has_streams()) {
+                            Some(d) => d.open_urgent().await,
+                            None => None,
+                        };
+                        match (urgent, to_urgent.take()) {
+                            (Some(u), Some(tx)) => {
+                                frames.push_back(peer.outbox.start_streams());
+                                let _ = tx.send(u);
                             }
+                            _ => peer.shorten_send_queue(n),
                         }
                     }
                     (None, _) => {}
