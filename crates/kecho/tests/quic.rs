@@ -286,7 +286,7 @@ async fn an_urgent_event_passes_a_stalled_bulk_stream_over_quic() -> Result<()> 
     let mut bulk = ch_a.source()?;
     let mut alarm = ch_a.source()?;
     let urgent = kecho::EventOptions::new().priority(kecho::Priority::HIGHEST);
-    alarm.submit_with("warm-up", &Attrs::new(), b"", urgent.clone()).await?;
+    alarm.submit_with("warm-up", &Attrs::new(), b"", urgent).await?;
     assert_eq!(recv(&mut urgent_sink).await?.ty(), "warm-up");
     let payload = vec![0u8; 64 << 10];
     for _ in 0..BULK {
