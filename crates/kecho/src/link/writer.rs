@@ -77,7 +77,9 @@ pub(super) async fn writer<H: LinkHandler>(
     peer.outbox.stop_streams();
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-    let mut lowat = links.cfg.send_lowat;
+    let lowat = links.cfg.send_lowat;
+    // The link's reaction to carrying priorities is still to come (once).
+    let mut unprioritised = true;
     // A QUIC link whose peer takes a stream per priority gets its urgent stream once it carries priorities; its writer
     // runs alongside this one (`urgent_writer`), so that neither waits for the other's writes.
     let (to_urgent, urgent_stream) = tokio::sync::oneshot::channel();
@@ -140,10 +142,11 @@ pub(super) async fn writer<H: LinkHandler>(
                 }
             }
             peer.outbox.writable.notify_waiters();
-            if lowat.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
+            if unprioritised && peer.outbox.prioritised.load(Ordering::Acquire) {
+                unprioritised = false;
                 // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
                 // lanes, not the socket's FIFO, decide what waits.
-                match (lowat.take(), &wr) {
+                match (lowat, &wr) {
                     (Some(n), LinkWr::Tcp(sock)) => {
                         let stream: &tokio::net::TcpStream = (**sock).as_ref();
                         if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
@@ -155,7 +158,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
                     // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
                     // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
-                    (Some(n), LinkWr::Stream(_)) => {
+                    (_, LinkWr::Stream(_)) => {
                         let conn = peer.datagrams.lock().clone();
                         let urgent = match conn.filter(|d| d.has_streams()) {
                             Some(d) => d.open_urgent().await,
@@ -166,7 +169,11 @@ pub(super) async fn writer<H: LinkHandler>(
                                 frames.push_back(peer.outbox.start_streams());
                                 let _ = tx.send(u);
                             }
-                            _ => peer.shorten_send_queue(n),
+                            _ => {
+                                if let Some(n) = lowat {
+                                    peer.shorten_send_queue(n);
+                                }
+                            }
                         }
                     }
                     (None, _) => {}
