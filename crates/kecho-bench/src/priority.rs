@@ -2,9 +2,10 @@
 //! from node A to node B while a second channel's source on A streams 64 KB events to B as fast as the link takes
 //! them. Measured in one run, rounds alternated: on an idle link; behind the bulk with no priority; behind the bulk
 //! with the highest priority; the last again without `TCP_NOTSENT_LOWAT` (the kernel's default send buffer), and
-//! with a 256 KiB receive buffer (on loopback the receiving node is the slower side, so the backlog forms in its
-//! kernel receive buffer, where priorities cannot reach it). The issue's target: the urgent event's p99 behind the bulk at most 2x its
-//! p99 on the idle link.
+//! with a 256 KiB and a 64 KiB receive buffer (on loopback the receiving node is the slower side, so the backlog forms
+//! in its kernel receive buffer, where priorities cannot reach it); and over QUIC idle, behind the bulk with no
+//! priority, and with the highest (on the link's urgent stream). The issue's target: the urgent event's p99 behind
+//! the bulk at most 2x its p99 on the same transport's idle link.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,11 +28,28 @@ enum Case {
     BulkPriority,
     BulkPriorityNoLowat,
     BulkPrioritySmallRcvbuf,
+    BulkPriorityRcvbuf64,
+    QuicIdle,
+    QuicBulkPlain,
+    QuicBulkPriority,
 }
 
 impl Case {
-    const ALL: [Case; 5] =
-        [Case::Idle, Case::BulkPlain, Case::BulkPriority, Case::BulkPriorityNoLowat, Case::BulkPrioritySmallRcvbuf];
+    const ALL: [Case; 9] = [
+        Case::Idle,
+        Case::BulkPlain,
+        Case::BulkPriority,
+        Case::BulkPriorityNoLowat,
+        Case::BulkPrioritySmallRcvbuf,
+        Case::BulkPriorityRcvbuf64,
+        Case::QuicIdle,
+        Case::QuicBulkPlain,
+        Case::QuicBulkPriority,
+    ];
+
+    fn quic(self) -> bool {
+        matches!(self, Case::QuicIdle | Case::QuicBulkPlain | Case::QuicBulkPriority)
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -40,6 +58,10 @@ impl Case {
             Case::BulkPriority => "behind 64 KB bulk, priority 3",
             Case::BulkPriorityNoLowat => "behind 64 KB bulk, priority 3, no TCP_NOTSENT_LOWAT",
             Case::BulkPrioritySmallRcvbuf => "behind 64 KB bulk, priority 3, receive buffer 256 KiB",
+            Case::BulkPriorityRcvbuf64 => "behind 64 KB bulk, priority 3, receive buffer 64 KiB",
+            Case::QuicIdle => "QUIC: idle link, default priority",
+            Case::QuicBulkPlain => "QUIC: behind 64 KB bulk, default priority",
+            Case::QuicBulkPriority => "QUIC: behind 64 KB bulk, priority 3 (urgent stream)",
         }
     }
 }
@@ -90,9 +112,10 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         .map(|((c, h), r)| Row { case: *c, latency: Summary::of(h), bulk_mb_s: crate::util::median(r) })
         .collect();
     let mut s = Section::new("priority");
-    let idle = rows[0].latency;
+    let idle_of = |c: Case| if c.quic() { rows[6].latency } else { rows[0].latency };
     let mut t = Table::new(
-        "urgent 100 B events behind a 64 KB bulk stream (one-way, loopback TCP)",
+        "urgent 100 B events behind a 64 KB bulk stream (one-way, loopback TCP and QUIC; ratios to the same \
+         transport's idle p99)",
         &["case", "p50", "p99", "p99.9", "p99 / idle p99", "bulk MB/s"],
     );
     for r in &rows {
@@ -101,14 +124,20 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             fmt_ns(r.latency.p50),
             fmt_ns(r.latency.p99),
             fmt_ns(r.latency.p999),
-            fmt_ratio(r.latency.p99 / idle.p99),
-            if r.case == Case::Idle { "-".into() } else { format!("{:.0}", r.bulk_mb_s) },
+            fmt_ratio(r.latency.p99 / idle_of(r.case).p99),
+            if matches!(r.case, Case::Idle | Case::QuicIdle) { "-".into() } else { format!("{:.0}", r.bulk_mb_s) },
         ]);
     }
     s.tables.push(t);
     s.checks.push(Check::at_most(
         "urgent p99 behind bulk (priority 3) / idle p99",
-        rows[2].latency.p99 / idle.p99,
+        rows[2].latency.p99 / rows[0].latency.p99,
+        2.0,
+        "x",
+    ));
+    s.checks.push(Check::at_most(
+        "QUIC: urgent p99 behind bulk (priority 3) / QUIC idle p99",
+        rows[8].latency.p99 / rows[6].latency.p99,
         2.0,
         "x",
     ));
@@ -130,6 +159,8 @@ async fn one(case: Case, n: u64) -> Result<(Vec<u64>, f64)> {
         match case {
             Case::BulkPriorityNoLowat => b.send_lowat(None),
             Case::BulkPrioritySmallRcvbuf => b.recv_buffer(Some(256 << 10)),
+            Case::BulkPriorityRcvbuf64 => b.recv_buffer(Some(64 << 10)),
+            c if c.quic() => b.transport(kecho::Transport::Quic),
             _ => b,
         }
     };
@@ -162,7 +193,7 @@ async fn one(case: Case, n: u64) -> Result<(Vec<u64>, f64)> {
             }
         })
     };
-    let writer = if case == Case::Idle {
+    let writer = if matches!(case, Case::Idle | Case::QuicIdle) {
         None
     } else {
         let mut src = bulk_a.source()?;
@@ -185,7 +216,7 @@ async fn one(case: Case, n: u64) -> Result<(Vec<u64>, f64)> {
 
     let mut src = ch_a.source()?;
     let opts = match case {
-        Case::Idle | Case::BulkPlain => EventOptions::new(),
+        Case::Idle | Case::BulkPlain | Case::QuicIdle | Case::QuicBulkPlain => EventOptions::new(),
         _ => EventOptions::new().priority(Priority::HIGHEST),
     };
     let receive = tokio::spawn(async move {

@@ -77,8 +77,9 @@ impl NodeBuilder {
     /// Bytes a TCP link may leave unsent in the kernel (`TCP_NOTSENT_LOWAT`) once it carries an event of a priority
     /// above the default: kept short so that a high-priority event queued behind a bulk transfer waits for little
     /// more than the outbox's lanes let it (see [`crate::Priority`]). Links without priorities keep the kernel's
-    /// default (which holds megabytes on a busy link), as does `None`. On a QUIC link the same bound applies to the
-    /// connection's send window (the bytes quinn holds unsent or unacknowledged). Default 128 KiB.
+    /// default (which holds megabytes on a busy link), as does `None`. A QUIC link whose peer takes a stream per
+    /// priority sends its urgent lanes on a stream of their own instead; with a peer that does not, the same bound
+    /// applies to the connection's send window (the bytes quinn holds unsent or unacknowledged). Default 128 KiB.
     pub fn send_lowat(mut self, bytes: Option<u32>) -> Self {
         self.cfg.send_lowat = bytes;
         self

@@ -62,6 +62,15 @@ impl Datagrams {
     pub(crate) fn set_send_window(&self, _: u64) {
         match *self {}
     }
+    pub(crate) fn has_streams(&self) -> bool {
+        match *self {}
+    }
+    pub(crate) async fn open_urgent(&self) -> Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> {
+        match *self {}
+    }
+    pub(crate) async fn accept_urgent(&self) -> Option<tls::Rd> {
+        match *self {}
+    }
 }
 
 /// How long a connection may take to complete its handshake.

@@ -29,6 +29,9 @@ pub(crate) struct Outbox {
     pub(crate) readable: Notify,
     /// Sources waiting for room (Block sinks) wait here.
     pub(crate) writable: Notify,
+    /// With a stream per priority (see [`Outbox::start_streams`]), the urgent stream's writer waits here for frames of
+    /// lanes 1 and up.
+    pub(crate) readable_urgent: Notify,
     /// An event went out through a direct write since the writer last looked (it counts as sending for heartbeats).
     sent_direct: AtomicBool,
     /// Events written directly by submitting threads, for tests and statistics.
@@ -65,6 +68,11 @@ struct Queued {
     /// Ends with the prefix (routing and target frames) of the next entry's event: the writer takes both together,
     /// so that no frame of another lane can come between them.
     glued: bool,
+    /// Streams mode only (see [`Outbox::start_streams`]): an empty entry that stands for a `Wait` frame on its
+    /// stream. The writer of this entry's stream takes it once each lane of the other stream has had
+    /// `taken` reach the position given here (0: any), and writes in its place a `Wait` for every byte the other stream
+    /// has been given so far: the receiver reads on past it only once it has read that much of the other stream.
+    wait: Option<Box<[u64; LANES]>>,
 }
 
 /// One priority's queue.
@@ -107,7 +115,7 @@ impl Lane {
     fn push(&mut self, bytes: Bytes, expiry: Option<Box<Expiry>>) {
         self.seal();
         self.pushed += bytes.len() as u64;
-        self.frames.push_back(Queued { bytes, expiry, glued: false });
+        self.frames.push_back(Queued { bytes, expiry, glued: false, wait: None });
     }
 
     /// Pushes an event frame whose prefix was just copied into the open run: the run is glued to it.
@@ -119,11 +127,17 @@ impl Lane {
         self.push(bytes, None);
     }
 
+    /// Queues a `Wait` placeholder (see [`Queued::wait`]).
+    fn push_wait(&mut self, after: [u64; LANES]) {
+        self.seal();
+        self.frames.push_back(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait: Some(Box::new(after)) });
+    }
+
     /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
     fn seal(&mut self) {
         if self.open.pending() != 0 {
             let run = self.open.split();
-            self.frames.push_back(Queued { bytes: run, expiry: None, glued: false });
+            self.frames.push_back(Queued { bytes: run, expiry: None, glued: false, wait: None });
         }
     }
 }
@@ -175,6 +189,48 @@ pub(crate) struct OutQ {
     /// When the link counts as quiet (`None`: now): [`DIRECT_QUIET`] after the writer ran out of frames or after the
     /// last direct write. A deadline rather than a time stamp, so that the check is one comparison.
     quiet_at: Option<Instant>,
+    /// Streams mode (a QUIC link with a stream per priority, see [`Outbox::start_streams`]): lane 0 goes to the main
+    /// stream, lanes 1 and up to the urgent stream, each taken by its own writer.
+    streams: Option<Box<Streams>>,
+}
+
+/// The state of streams mode: what each stream's writer was given, for the `Wait` frames.
+#[derive(Default)]
+struct Streams {
+    /// Bytes given to the main stream's writer after its `Sync` frame, and to the urgent stream's writer.
+    given: [u64; 2],
+    /// The urgent stream's writer took frames and has not finished writing them.
+    writing_urgent: bool,
+    /// A stream's writer stopped at a `Wait` placeholder whose condition the other stream's writer must meet first:
+    /// wake it when that one takes frames.
+    stalled: [bool; 2],
+}
+
+/// The stream a lane goes to in streams mode: 0 the main one, 1 the urgent one.
+fn stream_of(lane: usize) -> usize {
+    usize::from(lane > 0)
+}
+
+/// The frame that starts the count of the main stream's bytes (kind [`SYNC_KIND`], empty).
+pub(crate) const SYNC_KIND: u8 = 50;
+/// The frame that makes the receiver wait for the other stream (kind [`WAIT_KIND`], `u64` bytes).
+pub(crate) const WAIT_KIND: u8 = 51;
+
+/// A `Sync` frame, with its length prefix.
+pub(crate) fn sync_frame() -> Bytes {
+    let mut b = BytesMut::with_capacity(5);
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&[SYNC_KIND]);
+    b.freeze()
+}
+
+/// A `Wait` frame for `bytes` of the other stream, with its length prefix.
+pub(crate) fn wait_frame(bytes: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(13);
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&[WAIT_KIND]);
+    b.extend_from_slice(&bytes.to_le_bytes());
+    b.freeze()
 }
 
 /// The size of the memory small frames are copied into (see `Lane::open`).
@@ -198,14 +254,41 @@ impl OutQ {
         self.lanes.iter().all(Lane::is_empty)
     }
 
-    /// The lane a source's frame goes to: its own, unless frames of this source are still queued in a lower one.
+    /// The lane a source's frame goes to: its own, unless frames of this source are still queued in a lower one. In
+    /// streams mode also an urgent lane that still holds frames of the source, when it wants lane 0 (they would be on
+    /// another stream otherwise).
     fn lane_for(&self, id: usize, u: &Urgency<'_>) -> usize {
         let want = usize::from(u.lane).min(LANES - 1);
         match u.held.0 {
             Some((o, l, pos)) if o == id && usize::from(l) < want && self.lanes[usize::from(l)].taken < pos => {
                 usize::from(l)
             }
+            Some((o, l, pos))
+                if o == id
+                    && self.streams.is_some()
+                    && want == 0
+                    && l > 0
+                    && self.lanes[usize::from(l).min(LANES - 1)].taken < pos =>
+            {
+                usize::from(l).min(LANES - 1)
+            }
             _ => want,
+        }
+    }
+
+    /// Streams mode: queues a `Wait` placeholder in `lane` ahead of a source's frame if its last frame went to the
+    /// other stream (so that the receiver takes this one only after that one), whose writer took it already.
+    fn wait_for_source(&mut self, id: usize, held: &Held, lane: usize) {
+        if self.streams.is_none() {
+            return;
+        }
+        if let Some((o, l, pos)) = held.0 {
+            let l = usize::from(l).min(LANES - 1);
+            if o == id && stream_of(l) != stream_of(lane) {
+                let mut after = [0; LANES];
+                after[l] = pos;
+                self.lanes[lane].push_wait(after);
+            }
         }
     }
 }
@@ -279,9 +362,11 @@ impl Outbox {
                 writing: false,
                 direct: None,
                 quiet_at: None,
+                streams: None,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
+            readable_urgent: Notify::new(),
             sent_direct: AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
             direct_bytes: AtomicU64::new(0),
@@ -367,6 +452,7 @@ impl Outbox {
         self.queued.store(q.bytes, Ordering::Release);
         let lane = rest_lane(lane, written);
         let timely = written == 0 && u.expiry.is_some();
+        q.wait_for_source(self.id(), u.held, lane);
         let l = &mut q.lanes[lane];
         if timely {
             // Both parts in one entry, so that they expire together.
@@ -383,7 +469,7 @@ impl Outbox {
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
         q.timely += usize::from(timely);
-        self.queued_wake(q);
+        self.queued_wake(q, lane);
         true
     }
 
@@ -417,6 +503,7 @@ impl Outbox {
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
         let lane = rest_lane(lane, written);
+        q.wait_for_source(self.id(), u.held, lane);
         let l = &mut q.lanes[lane];
         if written < first.len() {
             l.append_both(&first[written..], frame);
@@ -424,7 +511,7 @@ impl Outbox {
             l.append(&frame[written - first.len()..]);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
-        self.queued_wake(q);
+        self.queued_wake(q, lane);
         true
     }
 
@@ -479,6 +566,7 @@ impl Outbox {
         q.bytes += len - written;
         self.queued.store(q.bytes, Ordering::Release);
         let lane = rest_lane(lane, written);
+        q.wait_for_source(self.id(), u.held, lane);
         let l = &mut q.lanes[lane];
         if written < first.len() {
             l.append(&first[written..]);
@@ -487,18 +575,65 @@ impl Outbox {
             l.push(run.slice(written - first.len()..end), None);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
-        self.queued_wake(q);
+        self.queued_wake(q, lane);
         n
     }
 
-    /// Releases the lock after queueing; wakes the writer if it is idle (one that is writing comes back for more on
-    /// its own).
-    fn queued_wake(&self, q: parking_lot::MutexGuard<'_, OutQ>) {
-        let idle = !q.writing;
-        drop(q);
-        if idle {
-            self.readable.notify_one();
+    /// Releases the lock after queueing in `lane`; wakes the writer that takes it if it is idle (one that is writing
+    /// comes back for more on its own).
+    fn queued_wake(&self, q: parking_lot::MutexGuard<'_, OutQ>, lane: usize) {
+        match &q.streams {
+            Some(s) if lane > 0 => {
+                let idle = !s.writing_urgent;
+                drop(q);
+                if idle {
+                    self.readable_urgent.notify_one();
+                }
+            }
+            _ => {
+                let idle = !q.writing;
+                drop(q);
+                if idle {
+                    self.readable.notify_one();
+                }
+            }
         }
+    }
+
+    /// Starts streams mode (a QUIC link whose peer takes a stream per priority; called by the link's writer): from
+    /// now on lane 0 goes to the link's main stream and lanes 1 and up to an urgent stream, each taken by its own
+    /// writer (`take_all` and `take_urgent`), so that an urgent frame never waits behind bulk bytes in one stream.
+    /// Returns the `Sync` frame that the main stream's writer writes first (the receiver counts the main stream's
+    /// bytes from it, for `Wait` frames). A source's order across the two streams is kept by `Wait` placeholders
+    /// (`wait_for_source`), and a control frame of lane 0 waits for everything queued in the urgent lanes before it.
+    pub(crate) fn start_streams(&self) -> Bytes {
+        let mut q = self.q.lock();
+        q.streams = Some(Box::default());
+        drop(q);
+        self.readable_urgent.notify_one();
+        sync_frame()
+    }
+
+    /// Ends streams mode (a new link starts with one stream; its writer starts streams mode again once prioritised).
+    pub(crate) fn stop_streams(&self) {
+        self.q.lock().streams = None;
+    }
+
+    /// Streams mode is on.
+    pub(crate) fn has_streams(&self) -> bool {
+        self.q.lock().streams.is_some()
+    }
+
+    /// Streams mode: nothing is queued in the urgent lanes and their writer is not writing (a graceful shutdown
+    /// waits for that before it ends the main stream); then the `Wait` frame for everything the urgent stream was
+    /// given, which the main stream ends with, so that the receiver reads the urgent stream to its end first.
+    pub(crate) fn urgent_done(&self) -> Option<Bytes> {
+        let q = self.q.lock();
+        let s = q.streams.as_ref()?;
+        if s.writing_urgent || q.lanes[1..].iter().any(|l| !l.is_empty()) {
+            return None;
+        }
+        Some(wait_frame(s.given[1]))
     }
 
     /// Writes `first` and `frame` to the socket from the submitting thread if the link and the source are quiet (see
@@ -561,12 +696,25 @@ impl Outbox {
     /// Queues a control frame regardless of the limit in lane `lane` (a lag notice goes where its source's events
     /// go, so that it keeps its place among them).
     pub(crate) fn push_control_in(&self, lane: u8, frame: Bytes) {
+        let lane = usize::from(lane).min(LANES - 1);
         let mut q = self.q.lock();
         q.bytes += frame.len();
         self.queued.store(q.bytes, Ordering::Release);
-        q.lanes[usize::from(lane).min(LANES - 1)].push(frame, None);
+        if lane == 0 && q.streams.is_some() {
+            // Streams mode: a control frame of lane 0 keeps its place behind every frame queued in the urgent lanes
+            // before it (a `SourceEnd` behind its source's urgent events, a `Close` behind everything).
+            let mut after = [0; LANES];
+            for (a, l) in after.iter_mut().zip(&q.lanes).skip(1) {
+                *a = l.pushed;
+            }
+            q.lanes[0].push_wait(after);
+        }
+        q.lanes[lane].push(frame, None);
         drop(q);
         self.readable.notify_one();
+        if lane > 0 {
+            self.readable_urgent.notify_one();
+        }
     }
 
     /// Queues a control frame ahead of everything else (the handshake answer).
@@ -576,30 +724,55 @@ impl Outbox {
         self.queued.store(q.bytes, Ordering::Release);
         let top = &mut q.lanes[LANES - 1];
         top.pushed += frame.len() as u64;
-        top.frames.push_front(Queued { bytes: frame, expiry: None, glued: false });
+        top.frames.push_front(Queued { bytes: frame, expiry: None, glued: false, wait: None });
         drop(q);
         self.readable.notify_one();
+        self.readable_urgent.notify_one();
     }
 
     /// Takes the queued frames, highest lane first (the caller is the writer: until it comes back for more, it is
     /// writing them). Once priorities are in use on the link it takes at most [`TAKE_BUDGET`] bytes (at least one
     /// frame), so that what is queued in a higher lane meanwhile goes next. A frame past its deadline at `now` (read
     /// only if a queued frame has one) is replaced by its expiry notice.
+    /// In streams mode it takes lane 0 only (the main stream's frames; see [`Outbox::start_streams`]).
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
         self.take(into, crate::clock::now)
     }
 
+    /// Streams mode: takes the frames of lanes 1 and up for the urgent stream, highest lane first, as `take_all` does.
+    pub(crate) fn take_urgent(&self, into: &mut VecDeque<Bytes>) {
+        self.take_stream(1, into, crate::clock::now)
+    }
+
     /// `take_all` with the clock passed in.
     pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, clock: impl FnOnce() -> Instant) {
+        self.take_stream(0, into, clock)
+    }
+
+    /// Takes for stream `stream` (0: the main one, with every lane outside streams mode; 1: the urgent one).
+    fn take_stream(&self, stream: usize, into: &mut VecDeque<Bytes>, clock: impl FnOnce() -> Instant) {
         let mut q = self.q.lock();
+        let split = q.streams.is_some();
+        if stream == 1 && !split {
+            return;
+        }
+        let (lo, hi) = match (split, stream) {
+            (false, _) => (0, LANES),
+            (true, 0) => (0, 1),
+            (true, _) => (1, LANES),
+        };
+        let before = into.len();
         let now = if q.timely > 0 { Some(clock()) } else { None };
         let budget = if q.prioritised { TAKE_BUDGET } else { usize::MAX };
         let mut took = 0usize;
         let mut expired = 0u64;
         let mut timely_taken = 0usize;
-        let whole = budget == usize::MAX && q.timely == 0;
-        let OutQ { lanes, .. } = &mut *q;
-        'lanes: for lane in lanes.iter_mut().rev() {
+        let whole = budget == usize::MAX && q.timely == 0 && !split;
+        let mut stalled = false;
+        let OutQ { lanes, streams, .. } = &mut *q;
+        let other: [u64; LANES] = std::array::from_fn(|i| lanes[i].taken);
+        'lanes: for i in (lo..hi).rev() {
+            let lane = &mut lanes[i];
             if lane.is_empty() {
                 continue;
             }
@@ -620,6 +793,19 @@ impl Outbox {
                     break 'lanes;
                 }
                 glued = f.glued;
+                if let Some(after) = &f.wait {
+                    // A `Wait` placeholder: its condition is on the other stream's lanes, which this take does not
+                    // touch (`other` is their state as of this lock).
+                    if after.iter().zip(&other).any(|(a, t)| t < a) {
+                        lane.frames.push_front(f);
+                        stalled = true;
+                        break 'lanes;
+                    }
+                    if let Some(s) = streams.as_deref() {
+                        into.push_back(wait_frame(s.given[1 - stream]));
+                    }
+                    continue;
+                }
                 let n = f.bytes.len();
                 took += n;
                 lane.taken += n as u64;
@@ -642,11 +828,33 @@ impl Outbox {
         q.timely -= timely_taken;
         q.bytes -= took.min(q.bytes);
         self.queued.store(q.bytes, Ordering::Release);
-        if into.is_empty() && q.writing {
-            q.quiet_at = Instant::now().checked_add(self.quiet);
+        let took_any = into.len() > before;
+        let mut wake_other = false;
+        if let Some(s) = q.streams.as_deref_mut() {
+            s.given[stream] += into.iter().skip(before).map(|b| b.len() as u64).sum::<u64>();
+            s.stalled[stream] = stalled;
+            if took_any && s.stalled[1 - stream] {
+                s.stalled[1 - stream] = false;
+                wake_other = true;
+            }
+            if stream == 1 {
+                s.writing_urgent = !into.is_empty();
+            }
         }
-        q.writing = !into.is_empty();
+        if stream == 0 {
+            if into.is_empty() && q.writing {
+                q.quiet_at = Instant::now().checked_add(self.quiet);
+            }
+            q.writing = !into.is_empty();
+        }
         drop(q);
+        if wake_other {
+            if stream == 0 {
+                self.readable_urgent.notify_one();
+            } else {
+                self.readable.notify_one();
+            }
+        }
         if expired > 0 {
             self.expired.fetch_add(expired, Ordering::Relaxed);
         }
@@ -729,6 +937,56 @@ mod tests {
         assert!(out.push_event_copied(b"", b"a6", &mut gate, lane(2, &mut a)));
         assert!(out.push_event_copied(b"", b"b5", &mut gate, lane(1, &mut b)));
         assert_eq!(take_at(&out, t), b"a6b5");
+    }
+
+    /// Takes what the urgent stream's writer would, as one byte string.
+    fn take_urgent_bytes(out: &Outbox) -> Vec<u8> {
+        let mut frames = VecDeque::new();
+        out.take_urgent(&mut frames);
+        frames.iter().flat_map(|f| f.iter().copied()).collect()
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn in_streams_mode_each_stream_takes_its_lanes_and_a_source_crossing_streams_waits() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut a, mut b) = (Held::default(), Held::default());
+        let t = Instant::now();
+        assert!(take_urgent_bytes(&out).is_empty(), "no urgent stream before streams mode");
+        assert_eq!(out.start_streams(), sync_frame());
+        assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(0, &mut a)));
+        assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(3, &mut b)));
+        assert_eq!(take_at(&out, t), b"a1", "the main stream takes lane 0 only");
+        assert_eq!(take_urgent_bytes(&out), b"b1");
+        // A goes urgent once a1 was taken: a Wait for the 2 bytes the main stream was given comes first.
+        assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+        assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(2), b"a2"]));
+        // Back to lane 0 while its urgent a3 is still queued: a4 follows a3 on the urgent stream.
+        assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"a4", &mut gate, lane(0, &mut a)));
+        assert!(take_at(&out, t).is_empty());
+        assert_eq!(take_urgent_bytes(&out), b"a3a4");
+        // Then lane 0 again: a Wait for all 2 + 13 + 2 + 4 bytes of the urgent stream first.
+        assert!(out.push_event_copied(b"", b"a5", &mut gate, lane(0, &mut a)));
+        assert_eq!(take_at(&out, t), cat(&[&wait_frame(21), b"a5"]));
+        // A control frame of lane 0 waits until the urgent frames queued before it are taken.
+        assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(2, &mut b)));
+        out.push_control(Bytes::from_static(b"c1"));
+        assert!(take_at(&out, t).is_empty(), "c1 waits for b2");
+        assert_eq!(take_urgent_bytes(&out), b"b2");
+        assert_eq!(take_at(&out, t), cat(&[&wait_frame(23), b"c1"]));
+        assert_eq!(out.urgent_done(), None, "the urgent writer has not come back from writing b2");
+        assert!(take_urgent_bytes(&out).is_empty());
+        assert_eq!(out.urgent_done(), Some(wait_frame(23)));
+        assert!(out.is_empty());
+        // A new link starts with one stream.
+        out.stop_streams();
+        assert!(out.push_event_copied(b"", b"b3", &mut gate, lane(3, &mut b)));
+        assert_eq!(take_at(&out, t), b"b3");
     }
 
     #[test]

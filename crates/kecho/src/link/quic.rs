@@ -28,8 +28,17 @@ use super::LinkError;
 use crate::config::TlsSetting;
 use crate::tls::TlsError;
 
-/// The ALPN protocol name of kecho links.
+/// The ALPN protocol name of kecho links: one stream for everything.
 const ALPN: &[u8] = b"kecho/1";
+/// The ALPN protocol name of kecho links with a stream per priority: the main stream and, once the link carries
+/// prioritised events, an urgent stream each way (docs/PROTOCOL.md, "Priorities and deadlines"). Preferred; a peer
+/// that knows only `kecho/1` gets that.
+const ALPN_STREAMS: &[u8] = b"kecho/2";
+
+/// The ALPN names offered and accepted, preferred first.
+fn alpn() -> Vec<Vec<u8>> {
+    vec![ALPN_STREAMS.to_vec(), ALPN.to_vec()]
+}
 /// The name a dialler asks for when the node has no TLS configuration (nothing checks it).
 const ANONYMOUS_NAME: &str = "kecho";
 
@@ -52,7 +61,8 @@ fn transport(heartbeat: Duration) -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(16 << 20));
     t.send_window(16 << 20);
-    // Links open one stream each way; the rest are for future use (priorities) and bounded.
+    // Links open one bidirectional stream and, with priorities, one unidirectional stream each way; the rest are
+    // bounded.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(16));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
     // The receiver acknowledges once more than 8 ack-eliciting packets (or 1 ms) went unacknowledged, not every 2nd
@@ -79,8 +89,8 @@ impl QuicEndpoint {
             Some(tls) => {
                 let mut server = (*tls.server).clone();
                 let mut client = (*tls.client).clone();
-                server.alpn_protocols = vec![ALPN.to_vec()];
-                client.alpn_protocols = vec![ALPN.to_vec()];
+                server.alpn_protocols = alpn();
+                client.alpn_protocols = alpn();
                 (server, client)
             }
             None => {
@@ -99,8 +109,8 @@ impl QuicEndpoint {
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
                     .with_no_client_auth();
-                server.alpn_protocols = vec![ALPN.to_vec()];
-                client.alpn_protocols = vec![ALPN.to_vec()];
+                server.alpn_protocols = alpn();
+                client.alpn_protocols = alpn();
                 (server, client)
             }
         };
@@ -184,6 +194,8 @@ pub(crate) async fn accept(
 /// in one go this way, outside the stream) and the connection's send window.
 pub(crate) struct Datagrams {
     conn: quinn::Connection,
+    /// The peer takes a stream per priority (ALPN `kecho/2`).
+    streams: bool,
     /// Test hook: every `drop_every`th datagram is dropped instead of sent (0: none), as a network would lose it.
     drop_every: u64,
     tried: AtomicU64,
@@ -191,7 +203,29 @@ pub(crate) struct Datagrams {
 
 impl Datagrams {
     fn new(conn: quinn::Connection, drop_every: u64) -> Arc<Self> {
-        Arc::new(Datagrams { conn, drop_every, tried: AtomicU64::new(0) })
+        let streams = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .is_some_and(|p| p == ALPN_STREAMS);
+        Arc::new(Datagrams { conn, streams, drop_every, tried: AtomicU64::new(0) })
+    }
+
+    /// The peer takes an urgent stream besides the main one (a stream per priority).
+    pub(crate) fn has_streams(&self) -> bool {
+        self.streams
+    }
+
+    /// Opens the urgent stream: unidirectional, sent ahead of the main stream's data (quinn's stream priority).
+    pub(crate) async fn open_urgent(&self) -> Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> {
+        let s = self.conn.open_uni().await.ok()?;
+        s.set_priority(1).ok()?;
+        Some(Box::new(s))
+    }
+
+    /// The peer's urgent stream, once it opens it; `None` if the connection is gone.
+    pub(crate) async fn accept_urgent(&self) -> Option<Rd> {
+        Some(Box::new(self.conn.accept_uni().await.ok()?))
     }
 
     /// The largest datagram the connection takes now (`None`: the peer takes none).

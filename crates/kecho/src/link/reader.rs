@@ -3,7 +3,7 @@
 //! channel into batches; everything for channels goes up through [`LinkHandler`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,9 @@ use bytes::{Bytes, BytesMut};
 use kecho_proto::codec::{self, EventMsg};
 use kecho_proto::{ChannelId, LocalId, Message};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::Notify;
+
+use super::outbox::{SYNC_KIND, WAIT_KIND};
 
 use super::{
     close, Arrived, Batch, Datagrams, LinkError, LinkHandler, LinkLive, Links, Numbered, Peer, MEMBERSHIP_RATE,
@@ -39,16 +42,29 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     // The handler lives as long as the node; a reader of a node being dropped has nothing to deliver to.
     let Some(handler) = links.handler.upgrade() else { return };
     let later = std::cell::RefCell::new(Vec::new());
-    let mut rx = Receiver {
-        handler,
-        peer: peer.clone(),
-        live,
-        targets: None,
-        deadline: None,
-        batch: Batch::default(),
-        on: ChannelId(0),
+    // A QUIC link with a stream per priority: the peer's urgent stream is read here too, by a second receiver.
+    let sync = datagrams.as_ref().filter(|d| d.has_streams()).map(|_| Arc::new(StreamSync::default()));
+    let urgent_conn = datagrams.clone();
+    let mut rx = Receiver::new(handler.clone(), peer.clone(), live.clone(), sync.clone().map(|s| (s, 0)));
+    let both = async {
+        let urgent = async {
+            let (Some(sync), Some(d)) = (sync, urgent_conn) else { return std::future::pending().await };
+            let Some(rd) = d.accept_urgent().await else { return std::future::pending().await };
+            // Everything on the urgent stream was sent after the main stream's `Sync`.
+            sync.wait(0, 0).await;
+            let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync, 1)));
+            match urx.read_loop(&links, rd, None, BytesMut::with_capacity(READ_SMALL), remote).await {
+                // The urgent stream ends before the main one (which waits for it to be read): the link goes on.
+                LinkError::Eof => std::future::pending().await,
+                why => why,
+            }
+        };
+        tokio::select! {
+            why = rx.read_loop(&links, rd, datagrams, buf, remote) => why,
+            why = urgent => why,
+        }
     };
-    let why = crate::queue::WAKE_LATER.scope(later, rx.read_loop(&links, rd, datagrams, buf, remote)).await;
+    let why = crate::queue::WAKE_LATER.scope(later, both).await;
     tracing::debug!(peer = %peer.id, "reader stopped: {why}");
     // Give the writer a moment to send a Close we queued, then drop the link.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -70,11 +86,55 @@ struct PendingTargets {
     sinks: Vec<LocalId>,
 }
 
+/// How far the receivers of a link with a stream per priority have read each stream (docs/PROTOCOL.md, "Priorities and
+/// deadlines"): bytes of the main stream after its `Sync` frame (`u64::MAX` before it), and of the urgent stream.
+/// A receiver publishes its count only once the events before it are delivered, and a `Wait` frame holds its
+/// stream until the other stream's count reaches the frame's value.
+#[derive(Debug)]
+struct StreamSync {
+    read: [AtomicU64; 2],
+    changed: Notify,
+}
+
+impl Default for StreamSync {
+    fn default() -> Self {
+        StreamSync { read: [AtomicU64::new(u64::MAX), AtomicU64::new(0)], changed: Notify::new() }
+    }
+}
+
+impl StreamSync {
+    /// Waits until stream `stream` has been read (and its events delivered) up to `bytes`.
+    async fn wait(&self, stream: usize, bytes: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let read = self.read[stream].load(Ordering::Acquire);
+            if read != u64::MAX && read >= bytes {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn publish(&self, stream: usize, bytes: u64) {
+        if self.read[stream].swap(bytes, Ordering::AcqRel) != bytes {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 /// A reader's state between frames.
 struct Receiver<H> {
     handler: Arc<H>,
     peer: Arc<Peer>,
     live: Arc<LinkLive>,
+    /// Streams mode: the link's [`StreamSync`] and which stream this receiver reads (0 main, 1 urgent).
+    sync: Option<(Arc<StreamSync>, usize)>,
+    /// Bytes of frames read from this receiver's stream (for the main stream in streams mode: since `Sync`).
+    consumed: u64,
+    /// Streams mode, main stream: its `Sync` frame was read.
+    synced: bool,
     targets: Option<PendingTargets>,
     /// The deadline of a `Deadline` frame (channel, microseconds since the Unix epoch), held for its event.
     deadline: Option<(ChannelId, u64)>,
@@ -84,6 +144,59 @@ struct Receiver<H> {
 }
 
 impl<H: LinkHandler> Receiver<H> {
+    fn new(handler: Arc<H>, peer: Arc<Peer>, live: Arc<LinkLive>, sync: Option<(Arc<StreamSync>, usize)>) -> Self {
+        let synced = sync.as_ref().is_some_and(|(_, s)| *s == 1);
+        Receiver {
+            handler,
+            peer,
+            live,
+            sync,
+            consumed: 0,
+            synced,
+            targets: None,
+            deadline: None,
+            batch: Batch::default(),
+            on: ChannelId(0),
+        }
+    }
+
+    /// Delivers what is staged and, in streams mode, publishes how far this stream is read.
+    async fn settle(&mut self) {
+        self.deliver().await;
+        crate::queue::flush_deferred_wakes();
+        if let Some((sync, stream)) = &self.sync {
+            if self.synced {
+                sync.publish(*stream, self.consumed);
+            }
+        }
+    }
+
+    /// A `Sync` or `Wait` frame of a link with a stream per priority.
+    async fn stream_frame(&mut self, frame: &[u8]) -> Result<(), LinkError> {
+        let Some((sync, stream)) = self.sync.clone() else {
+            return Err(LinkError::Protocol("a stream frame on a link with one stream"));
+        };
+        match (frame, stream) {
+            ([SYNC_KIND], 0) if !self.synced => {
+                self.deliver().await;
+                crate::queue::flush_deferred_wakes();
+                self.synced = true;
+                self.consumed = 0;
+                sync.publish(0, 0);
+                Ok(())
+            }
+            ([WAIT_KIND, rest @ ..], _) if rest.len() == 8 && self.synced => {
+                self.consumed += frame.len() as u64 + codec::LEN_PREFIX as u64;
+                self.settle().await;
+                let mut n = [0u8; 8];
+                n.copy_from_slice(rest);
+                sync.wait(1 - stream, u64::from_le_bytes(n)).await;
+                Ok(())
+            }
+            _ => Err(LinkError::Protocol("a malformed or misplaced Sync or Wait frame")),
+        }
+    }
+
     async fn read_loop<R: AsyncRead + Unpin>(
         &mut self,
         links: &Links<H>,
@@ -101,21 +214,32 @@ impl<H: LinkHandler> Receiver<H> {
         let why = 'outer: loop {
             loop {
                 let handled = match codec::split_frame(&mut buf, max_frame) {
-                    Ok(Some(frame)) if codec::is_event(&frame) => match codec::decode_event_with(frame, &mut names) {
-                        // The common case without a future per event: only a batch that must go first is awaited.
-                        Ok(e) => {
-                            if self.must_deliver_before(e.channel) {
-                                self.deliver().await;
-                                self.on = e.channel;
+                    Ok(Some(frame)) if codec::is_event(&frame) => {
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        match codec::decode_event_with(frame, &mut names) {
+                            // The common case without a future per event: only a batch that must go first is awaited.
+                            Ok(e) => {
+                                if self.must_deliver_before(e.channel) {
+                                    self.deliver().await;
+                                    self.on = e.channel;
+                                }
+                                self.arrived(e)
                             }
-                            self.arrived(e)
+                            Err(e) => Err(e.into()),
                         }
-                        Err(e) => Err(e.into()),
-                    },
-                    Ok(Some(frame)) => match codec::decode_body_with(frame, &mut names) {
-                        Ok(msg) => self.frame(links, msg).await,
-                        Err(e) => Err(e.into()),
-                    },
+                    }
+                    Ok(Some(frame))
+                        if self.sync.is_some() && matches!(frame.first(), Some(&(SYNC_KIND | WAIT_KIND))) =>
+                    {
+                        self.stream_frame(&frame).await
+                    }
+                    Ok(Some(frame)) => {
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        match codec::decode_body_with(frame, &mut names) {
+                            Ok(msg) => self.frame(links, msg).await,
+                            Err(e) => Err(e.into()),
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => Err(e.into()),
                 };
@@ -132,9 +256,9 @@ impl<H: LinkHandler> Receiver<H> {
                     break 'outer why;
                 }
             }
-            self.deliver().await;
-            // Every complete frame read so far is handled: wake the sinks that got events, once each.
-            crate::queue::flush_deferred_wakes();
+            // Every complete frame read so far is handled: wake the sinks that got events, once each (and, with a
+            // stream per priority, tell the other stream's receiver how far this one is).
+            self.settle().await;
             // Reads of up to READ_SMALL on a quiet link; a link whose last read filled the buffer is busy, and larger
             // reads then cost fewer system calls and wake-ups per event.
             let want = if busy { READ_BIG } else { READ_SMALL };
@@ -184,8 +308,7 @@ impl<H: LinkHandler> Receiver<H> {
             }
         };
         // Events read before whatever stopped the reader are delivered.
-        self.deliver().await;
-        crate::queue::flush_deferred_wakes();
+        self.settle().await;
         why
     }
 

@@ -74,103 +74,188 @@ pub(super) async fn writer<H: LinkHandler>(
         Wr::Stream(w) => LinkWr::Stream(w),
         Wr::Shm(w) => LinkWr::Stream(w),
     };
+    peer.outbox.stop_streams();
     let mut frames = VecDeque::new();
     let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-    let mut lowat = links.cfg.send_lowat;
-    let why = loop {
-        let wake = peer.outbox.readable.notified();
-        tokio::pin!(wake);
-        wake.as_mut().enable();
-        // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
-        peer.flush_lag();
-        peer.outbox.take_all(&mut frames);
-        if frames.is_empty() {
-            if links.closing.load(Ordering::Acquire) {
-                // Graceful shutdown: everything queued is written. Send FIN and let the reader see the peer's EOF, so
-                // that no unread data makes the kernel reset the connection and discard what we sent.
-                wr.shutdown(&peer.outbox).await;
-                tracing::debug!(peer = %peer.id, "writer finished for shutdown");
-                return;
-            }
-            let deadline = live.lock().deadline();
-            tokio::select! {
-                _ = &mut wake => continue,
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    if live.reader_waiting.load(Ordering::Acquire) {
-                        live.lock().on_receive(now());
-                    }
-                    if peer.outbox.take_sent_direct() {
-                        live.lock().on_send(now());
-                    }
-                    let action = live.lock().poll_due(now(), deadline);
-                    match action {
-                        LivenessAction::Wait => continue,
-                        // Through the outbox, so that no direct write can interleave with it; in its highest lane, so
-                        // that no backlog of events delays it.
-                        LivenessAction::SendPing => {
-                            peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
-                            continue;
+    let lowat = links.cfg.send_lowat;
+    // The link's reaction to carrying priorities is still to come (once).
+    let mut unprioritised = true;
+    // A QUIC link whose peer takes a stream per priority gets its urgent stream once it carries priorities; its writer
+    // runs alongside this one (`urgent_writer`), so that neither waits for the other's writes.
+    let (to_urgent, urgent_stream) = tokio::sync::oneshot::channel();
+    let mut to_urgent = Some(to_urgent);
+    let urgent = urgent_writer(&peer, urgent_stream, &live);
+    tokio::pin!(urgent);
+    let main = async {
+        loop {
+            let wake = peer.outbox.readable.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
+            peer.flush_lag();
+            peer.outbox.take_all(&mut frames);
+            if frames.is_empty() {
+                if links.closing.load(Ordering::Acquire) {
+                    if peer.outbox.has_streams() {
+                        // The main stream ends with a `Wait` for the whole urgent stream, once that is written, so that
+                        // the receiver reads it to its end before it sees this one's.
+                        match peer.outbox.urgent_done() {
+                            Some(w) => frames.push_back(w),
+                            None => {
+                                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                                continue;
+                            }
                         }
-                        LivenessAction::Dead => {
+                        if let Err(e) = wr.write(&mut frames, &mut batch).await {
+                            break Some(LinkError::Io(e));
+                        }
+                    }
+                    // Graceful shutdown: everything queued is written. Send FIN and let the reader see the peer's EOF, so
+                    // that no unread data makes the kernel reset the connection and discard what we sent.
+                    break None;
+                }
+                let deadline = live.lock().deadline();
+                tokio::select! {
+                    _ = &mut wake => continue,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        if live.reader_waiting.load(Ordering::Acquire) {
+                            live.lock().on_receive(now());
+                        }
+                        if peer.outbox.take_sent_direct() {
+                            live.lock().on_send(now());
+                        }
+                        let action = live.lock().poll_due(now(), deadline);
+                        match action {
+                            LivenessAction::Wait => continue,
+                            // Through the outbox, so that no direct write can interleave with it; in its highest lane, so
+                            // that no backlog of events delays it.
+                            LivenessAction::SendPing => {
+                                peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
+                                continue;
+                            }
+                            LivenessAction::Dead => {
+                                peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+                                break Some(LinkError::Heartbeat(""));
+                            }
+                        }
+                    }
+                }
+            }
+            peer.outbox.writable.notify_waiters();
+            if unprioritised && peer.outbox.prioritised.load(Ordering::Acquire) {
+                unprioritised = false;
+                // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
+                // lanes, not the socket's FIFO, decide what waits.
+                match (lowat, &wr) {
+                    (Some(n), LinkWr::Tcp(sock)) => {
+                        let stream: &tokio::net::TcpStream = (**sock).as_ref();
+                        if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                            tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                        }
+                    }
+                    // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged),
+                    // unless the urgent lanes get a stream of their own, which the peer may take: from then on this
+                    // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
+                    // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
+                    // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
+                    (_, LinkWr::Stream(_)) => {
+                        let conn = peer.datagrams.lock().clone();
+                        let urgent = match conn.filter(|d| d.has_streams()) {
+                            Some(d) => d.open_urgent().await,
+                            None => None,
+                        };
+                        match (urgent, to_urgent.take()) {
+                            (Some(u), Some(tx)) => {
+                                frames.push_back(peer.outbox.start_streams());
+                                let _ = tx.send(u);
+                            }
+                            _ => {
+                                if let Some(n) = lowat {
+                                    peer.shorten_send_queue(n);
+                                }
+                            }
+                        }
+                    }
+                    (None, _) => {}
+                }
+            }
+            let n = frames.len() as u64;
+            let bytes: usize = frames.iter().map(Bytes::len).sum();
+            // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
+            // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
+            // declared dead.
+            let write = wr.write(&mut frames, &mut batch);
+            tokio::pin!(write);
+            let written = loop {
+                let deadline = live.lock().deadline();
+                tokio::select! {
+                    r = &mut write => break r.map_err(LinkError::Io),
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        if live.reader_waiting.load(Ordering::Acquire) {
+                            live.lock().on_receive(now());
+                        }
+                        // Pings are not sent from here: the write in progress shows the peer we are alive once it
+                        // drains, and a ping could not overtake it anyway.
+                        if live.lock().poll_due(now(), deadline) == LivenessAction::Dead {
                             peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
-                            break LinkError::Heartbeat("");
+                            break Err(LinkError::Heartbeat(" while writing"));
                         }
                     }
                 }
+            };
+            if let Err(e) = written {
+                break Some(e);
             }
+            peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+            peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+            live.lock().on_send(now());
         }
-        peer.outbox.writable.notify_waiters();
-        if lowat.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
-            // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
-            // lanes, not the socket's FIFO, decide what waits.
-            match (lowat.take(), &wr) {
-                (Some(n), LinkWr::Tcp(sock)) => {
-                    let stream: &tokio::net::TcpStream = (**sock).as_ref();
-                    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
-                        tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
-                    }
-                }
-                // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged).
-                (Some(n), LinkWr::Stream(_)) => peer.shorten_send_queue(n),
-                (None, _) => {}
-            }
-        }
-        let n = frames.len() as u64;
-        let bytes: usize = frames.iter().map(Bytes::len).sum();
-        // A write blocks while the peer's receive window is full, which is exactly what a cut-off or frozen peer
-        // causes: keep watching the heartbeat deadline meanwhile, or a busy link to a dead peer would never be
-        // declared dead.
-        let write = wr.write(&mut frames, &mut batch);
-        tokio::pin!(write);
-        let written = loop {
-            let deadline = live.lock().deadline();
-            tokio::select! {
-                r = &mut write => break r.map_err(LinkError::Io),
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    if live.reader_waiting.load(Ordering::Acquire) {
-                        live.lock().on_receive(now());
-                    }
-                    // Pings are not sent from here: the write in progress shows the peer we are alive once it
-                    // drains, and a ping could not overtake it anyway.
-                    if live.lock().poll_due(now(), deadline) == LivenessAction::Dead {
-                        peer.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
-                        break Err(LinkError::Heartbeat(" while writing"));
-                    }
-                }
-            }
-        };
-        if let Err(e) = written {
-            break e;
-        }
-        peer.frames_sent.fetch_add(n, Ordering::Relaxed);
-        peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
-        live.lock().on_send(now());
+    };
+    let why = tokio::select! {
+        why = main => why,
+        why = &mut urgent => Some(why),
+    };
+    let Some(why) = why else {
+        wr.shutdown(&peer.outbox).await;
+        tracing::debug!(peer = %peer.id, "writer finished for shutdown");
+        return;
     };
     tracing::debug!(peer = %peer.id, "writer stopped: {why}");
     wr.shutdown(&peer.outbox).await;
     if peer.link_down(gen) {
         tracing::info!(peer = %peer.id, "link lost: {why}");
         links.peer_lost(peer.id);
+    }
+}
+
+/// The writer of a QUIC link's urgent stream (streams mode, see `Outbox::start_streams`): waits for the stream, then
+/// writes what `take_urgent` gives until the link fails (it returns why; the main writer handles a graceful end).
+async fn urgent_writer(
+    peer: &Peer,
+    stream: tokio::sync::oneshot::Receiver<Box<dyn AsyncWrite + Unpin + Send>>,
+    live: &LinkLive,
+) -> LinkError {
+    let Ok(mut w) = stream.await else { return std::future::pending().await };
+    let mut frames = VecDeque::new();
+    let mut batch = BytesMut::with_capacity(super::outbox::TAKE_BUDGET);
+    loop {
+        let wake = peer.outbox.readable_urgent.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        peer.outbox.take_urgent(&mut frames);
+        if frames.is_empty() {
+            wake.await;
+            continue;
+        }
+        peer.outbox.writable.notify_waiters();
+        let n = frames.len() as u64;
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        if let Err(e) = write_frames(&mut w, &mut frames, &mut batch).await {
+            return LinkError::Io(e);
+        }
+        peer.frames_sent.fetch_add(n, Ordering::Relaxed);
+        peer.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        live.lock().on_send(now());
     }
 }
 
