@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::cpu_seconds;
 use kecho::{Attrs, EventOptions, Node, Overflow, Priority, RecvError, RegistryClient, SinkOptions, Transport};
 
 const T: Duration = Duration::from_secs(10);
@@ -19,17 +21,6 @@ async fn pair(t: Transport) -> kecho::Result<(Node, Node)> {
     let a = Node::builder().registry_client(reg.clone()).transport(t).start().await?;
     let b = Node::builder().registry_client(reg).transport(t).start().await?;
     Ok((a, b))
-}
-
-/// CPU time (user + system) the process has used, in seconds, from /proc/self/stat (clock ticks of 10 ms): a
-/// figure per event that the machine's load does not change as much as it changes the rate.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name (which may hold spaces) are space-separated; utime and stime are the 14th
-    // and 15th of the whole line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    f.iter().sum::<f64>() / 100.0
 }
 
 /// Events of `size` bytes per second from one node to the other, and the CPU microseconds per event both nodes
