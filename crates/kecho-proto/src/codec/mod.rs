@@ -21,7 +21,7 @@ mod registry;
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -160,6 +160,17 @@ pub struct EndDest {
     pub routed: u64,
     /// Events sinks of that node would have received while it was cut off, per sink, not yet reported to it.
     pub missed: Vec<(LocalId, u64)>,
+}
+
+/// One member node in a [`Message::ViewSync`] list: its snapshot version as the sender knows it, or that it left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViewEntry {
+    /// The node.
+    pub node: NodeId,
+    /// The version of its snapshot the sender has (or had when it learnt that the node left).
+    pub version: u64,
+    /// The sender learnt that the node left (or was taken for gone) at `version`: a tombstone, kept for a while.
+    pub left: bool,
 }
 
 /// Where a sandboxed filter runs.
@@ -386,6 +397,19 @@ pub enum Message {
         /// The message. An event's payload is an encoded `Event` frame, forwarded unchanged.
         body: crate::gossip::GossipMsg,
     },
+    /// Anti-entropy of a channel's membership in tree mode (docs/SCALE.md, "Membership in tree mode"): the digest
+    /// of the sender's view, and with `list`, the view itself. Version 8.
+    ViewSync {
+        /// Channel.
+        channel: ChannelId,
+        /// How many member nodes the sender knows, itself included.
+        count: u32,
+        /// An order-independent hash of those nodes and their snapshot versions (`membership::view_hash`).
+        hash: u64,
+        /// `None`: the digest alone. `Some((reply, entries))`: every member node the sender knows (itself included)
+        /// and its recent departures; `reply` asks the receiver for its own list back.
+        list: Option<(bool, Vec<ViewEntry>)>,
+    },
     /// Registry: create, renew or take over an entry.
     RegClaim {
         /// Request id, echoed in the reply.
@@ -470,6 +494,7 @@ mod kind {
     pub const DEADLINE: u8 = 30;
     pub const EXPIRED: u8 = 31;
     pub const GOSSIP: u8 = 40;
+    pub const VIEW_SYNC: u8 = 41;
 }
 
 impl Message {
@@ -503,6 +528,7 @@ impl Message {
             Message::Deadline { .. } => DEADLINE,
             Message::Expired { .. } => EXPIRED,
             Message::Gossip { .. } => GOSSIP,
+            Message::ViewSync { .. } => VIEW_SYNC,
         }
     }
 
@@ -593,6 +619,23 @@ impl Message {
             Message::Gossip { channel, addrs, body } => {
                 dst.put_u64_le(channel.0);
                 gossip::put_gossip(dst, addrs, body);
+            }
+            Message::ViewSync { channel, count, hash, list } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(*count);
+                dst.put_u64_le(*hash);
+                match list {
+                    None => dst.put_u8(0),
+                    Some((reply, entries)) => {
+                        dst.put_u8(if *reply { 2 } else { 1 });
+                        dst.put_u32_le(entries.len() as u32);
+                        for e in entries {
+                            dst.put_u64_le(e.node.0);
+                            dst.put_u64_le(e.version);
+                            dst.put_u8(u8::from(e.left));
+                        }
+                    }
+                }
             }
             Message::SourceEnd { channel, origin, source, last, dests } => {
                 dst.put_u64_le(channel.0);
@@ -1272,6 +1315,27 @@ impl Reader {
                 let channel = ChannelId(self.u64()?);
                 let (addrs, body) = self.gossip()?;
                 Message::Gossip { channel, addrs, body }
+            }
+            VIEW_SYNC => {
+                let channel = ChannelId(self.u64()?);
+                let count = self.u32()?;
+                let hash = self.u64()?;
+                let list = match self.u8()? {
+                    0 => None,
+                    t @ (1 | 2) => {
+                        let n = self.count(17)?;
+                        let mut entries = Vec::with_capacity(n.min(PREALLOC));
+                        for _ in 0..n {
+                            let node = NodeId(self.u64()?);
+                            let version = self.u64()?;
+                            let left = self.flag("view entry left")?;
+                            entries.push(ViewEntry { node, version, left });
+                        }
+                        Some((t == 2, entries))
+                    }
+                    t => return Err(self.bad("view sync list", t)),
+                };
+                Message::ViewSync { channel, count, hash, list }
             }
             EXPIRED => {
                 let channel = ChannelId(self.u64()?);

@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 
 use super::deliver::SinkList;
 use super::sink::LocalSink;
+use super::view_sync::SYNC_EVERY;
 use super::{ChannelInner, Channels};
 use crate::clock::now;
 use crate::queue::{Event, Offer, SourceKey};
@@ -153,6 +154,11 @@ impl ChannelInner {
     /// The channel runs in tree mode on this node.
     pub(super) fn tree_on(&self) -> bool {
         self.tree.on.load(Ordering::Acquire)
+    }
+
+    /// The overlay neighbours.
+    pub(super) fn tree_neighbours(&self) -> Vec<NodeId> {
+        self.tree.inner.lock().gossip.as_ref().map(|g| g.active().to_vec()).unwrap_or_default()
     }
 
     /// Counters of tree mode.
@@ -721,6 +727,7 @@ fn accepts(s: &LocalSink, ty: &str, attrs: &Attrs) -> bool {
 /// Drives the overlay's timers (grafts, loss reports, summaries, refills, shuffles) and closes unneeded links.
 async fn tree_loop(weak: Weak<ChannelInner>) {
     let mut next_sweep = now() + SWEEP_EVERY;
+    let mut next_sync = now() + SYNC_EVERY;
     loop {
         let Some(ch) = weak.upgrade() else { return };
         if ch.closed.load(Ordering::Acquire) {
@@ -729,7 +736,8 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         let due = {
             let t = ch.tree.inner.lock();
             let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
-            t.base.checked_add(Duration::from_millis(ms)).map_or(next_sweep, |d| d.min(next_sweep))
+            let next = next_sweep.min(next_sync);
+            t.base.checked_add(Duration::from_millis(ms)).map_or(next, |d| d.min(next))
         };
         {
             let notified = ch.tree.wake.notified();
@@ -756,6 +764,10 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         if at >= next_sweep {
             next_sweep = at + SWEEP_EVERY;
             node.release_links();
+        }
+        if at >= next_sync {
+            next_sync = at + SYNC_EVERY;
+            ch.tree_sync();
         }
     }
 }
