@@ -86,6 +86,12 @@ pub struct TreeStats {
     pub lost: u64,
     /// Event frames this node sent in full (its own events and forwarded ones).
     pub forwarded: u64,
+    /// Every other frame this channel sent in tree mode: membership (joins, snapshots direct and through the
+    /// overlay, view digests and lists) and the overlay's own (neighbour requests, shuffles, announcements, grafts,
+    /// prunes). Divided by members and time in an idle channel: membership traffic per member.
+    pub control_frames: u64,
+    /// The bytes of those frames.
+    pub control_bytes: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -100,6 +106,8 @@ pub(super) struct Tree {
     delivered: AtomicU64,
     lost: AtomicU64,
     forwarded: AtomicU64,
+    control_frames: AtomicU64,
+    control_bytes: AtomicU64,
 }
 
 struct TreeInner {
@@ -140,6 +148,8 @@ impl Default for Tree {
             delivered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            control_frames: AtomicU64::new(0),
+            control_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -176,6 +186,8 @@ impl ChannelInner {
             delivered: t.delivered.load(Ordering::Relaxed),
             lost: t.lost.load(Ordering::Relaxed),
             forwarded: t.forwarded.load(Ordering::Relaxed),
+            control_frames: t.control_frames.load(Ordering::Relaxed),
+            control_bytes: t.control_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -240,7 +252,7 @@ impl ChannelInner {
         match &msg {
             Message::Snapshot { channel, node: who, addr: who_addr, snapshot, left, .. } if *who == node.id => {
                 if node.links.is_up(to) {
-                    node.send(to, addr, &msg);
+                    self.control_send(node, to, addr, &msg);
                 }
                 let at = now();
                 let mut t = self.tree.inner.lock();
@@ -265,12 +277,12 @@ impl ChannelInner {
             }
             Message::Snapshot { .. } => {
                 if node.links.is_up(to) {
-                    node.send(to, addr, &msg);
+                    self.control_send(node, to, addr, &msg);
                 }
             }
             _ => {
                 self.tree.inner.lock().recent.insert(to, now());
-                node.send(to, addr, &msg);
+                self.control_send(node, to, addr, &msg);
             }
         }
     }
@@ -568,6 +580,9 @@ impl ChannelInner {
             });
             (addr, frame)
         };
+        if event.is_none_or(|(id, _)| self.tree.inner.lock().book.contains_key(&membership_stream(id.source))) {
+            self.count_control(frame.len());
+        }
         if event.is_some() {
             if !node.links.has_room(to, frame.len()) {
                 return;
@@ -687,7 +702,7 @@ impl ChannelInner {
             };
             drop(st);
             self.tree.inner.lock().recent.insert(origin, now());
-            node.send(origin, &addr, &ask);
+            self.control_send(node, origin, &addr, &ask);
             return;
         }
         tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
@@ -716,6 +731,20 @@ impl ChannelInner {
             g.join(via, ms);
         }
         // The outputs are executed by the pump running now.
+    }
+}
+
+impl ChannelInner {
+    /// Sends a membership message directly, counted in [`TreeStats::control_frames`].
+    fn control_send(&self, node: &Arc<Channels>, to: NodeId, addr: &str, msg: &Message) {
+        // Encoded once more to count it: membership messages are few per node and change.
+        self.count_control(msg.to_bytes().len());
+        node.send(to, addr, msg);
+    }
+
+    fn count_control(&self, bytes: usize) {
+        self.tree.control_frames.fetch_add(1, Ordering::Relaxed);
+        self.tree.control_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
