@@ -473,12 +473,28 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                             let channel = channel.to_owned();
                             all.spawn(async move { join(registry, &channel, k).await });
                         }
+                        // When the last joiner here had opened the channel, and knew every sink.
+                        let (mut opened, mut known) = (Duration::ZERO, Duration::ZERO);
                         while let Some(joined) = all.join_next().await {
-                            members.push(joined.context("a joining node's task")??.0);
+                            let (m, at) = joined.context("a joining node's task")??;
+                            opened = opened.max(at - t0);
+                            known = known.max(t0.elapsed());
+                            members.push(m);
                         }
-                        for (_, ch, _) in &members {
+                        let mut slow = Vec::new();
+                        for (i, (_, ch, _)) in members.iter().enumerate() {
                             ch.wait_for_sinks(k, STEP_LIMIT).await?;
+                            slow.push((t0.elapsed(), i));
                         }
+                        slow.sort();
+                        let slowest: Vec<String> =
+                            slow.iter().rev().take(3).map(|(t, i)| format!("member {i} at {t:?}")).collect();
+                        eprintln!("kecho-bench members: slowest here: {}", slowest.join(", "));
+                        eprintln!(
+                            "kecho-bench members: storm of {m} here: opened {opened:?}, the joiners knew every sink \
+                             {known:?}, every member {:?}",
+                            t0.elapsed()
+                        );
                         Ok::<_, anyhow::Error>(())
                     })
                     .await;
