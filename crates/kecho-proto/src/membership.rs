@@ -279,6 +279,10 @@ pub struct ChannelState {
     /// Tree mode: members that left or were taken for gone, with their address, the snapshot version at which they
     /// went and when this node learnt it (tombstones, kept for [`TOMBSTONE_FOR`]; see `bury`).
     departed: BTreeMap<NodeId, (String, u64, Instant)>,
+    /// When this node's own snapshot last changed or a member was last dropped (see `quiet`).
+    view_changed: Option<Instant>,
+    /// Tree mode: when this node last sent its view as a list.
+    last_list: Option<Instant>,
     out: VecDeque<Output>,
 }
 
@@ -324,6 +328,8 @@ impl ChannelState {
             expiry_told: false,
             relayed: false,
             departed: BTreeMap::new(),
+            view_changed: None,
+            last_list: None,
             out: VecDeque::new(),
         }
     }
@@ -361,14 +367,29 @@ impl ChannelState {
     /// that failed, a broadcast made before it was in the overlay) would otherwise never learn it. Where the
     /// digests differ, the two exchange their lists of (node, version) and then only the snapshots and departures
     /// the other lacks; where they agree, the cost is one small message. Called by the node layer every second or so.
-    pub fn sync_with(&mut self, to: NodeId) {
+    pub fn sync_with(&mut self, to: NodeId, now: Instant) {
         if self.phase != Phase::Member || to == self.me {
             return;
         }
         let Some(addr) = self.peers.get(&to).map(|p| p.addr.clone()) else { return };
-        let (count, hash) = self.view_digest();
-        let msg = Message::ViewSync { channel: self.id, count, hash, list: None };
+        let msg = self.view_sync(None, now);
         self.out.push_back(Output::Send { to, addr, msg });
+    }
+
+    /// How long this node's view has not changed: no member's snapshot arrived newer, none was dropped, its own
+    /// did not change.
+    fn quiet(&self, now: Instant) -> Duration {
+        let last = self.peers.values().map(|p| p.updated).chain(self.view_changed).max();
+        last.map_or(Duration::MAX, |t| now.saturating_duration_since(t))
+    }
+
+    fn view_sync(&mut self, list: Option<(bool, Vec<ViewEntry>)>, now: Instant) -> Message {
+        let quiet_ms = self.quiet(now).as_millis().min(u128::from(u32::MAX)) as u32;
+        let (count, hash) = self.view_digest();
+        if list.is_some() {
+            self.last_list = Some(now);
+        }
+        Message::ViewSync { channel: self.id, count, hash, quiet_ms, list }
     }
 
     /// This node's view as a list: every member node it knows (itself included) and its recent departures.
@@ -389,6 +410,7 @@ impl ChannelState {
         from: NodeId,
         count: u32,
         hash: u64,
+        quiet_ms: u32,
         list: Option<(bool, Vec<ViewEntry>)>,
         now: Instant,
     ) {
@@ -397,10 +419,14 @@ impl ChannelState {
         }
         let Some(from_addr) = self.peers.get(&from).map(|p| p.addr.clone()) else { return };
         let Some((reply, entries)) = list else {
-            if self.view_digest() != (count, hash) {
+            // A list costs O(members): not for views that differ only by a broadcast still on its way (one of them
+            // changed within `VIEW_SETTLE`), unless this node sent none for `VIEW_LIST_FLOOR` (under continuous
+            // churn views are never quiet, and what a member missed must still be repaired).
+            let quiet = self.quiet(now).min(Duration::from_millis(u64::from(quiet_ms)));
+            let floor = self.last_list.is_none_or(|t| now.saturating_duration_since(t) >= VIEW_LIST_FLOOR);
+            if self.view_digest() != (count, hash) && (quiet >= VIEW_SETTLE || floor) {
                 let list = Some((true, self.view_entries()));
-                let (count, hash) = self.view_digest();
-                let msg = Message::ViewSync { channel: self.id, count, hash, list };
+                let msg = self.view_sync(list, now);
                 self.out.push_back(Output::Send { to: from, addr: from_addr, msg });
             }
             return;
@@ -448,9 +474,8 @@ impl ChannelState {
             *n != self.me && !*left && !self.buried(*n, *v) && self.peers.get(n).is_none_or(|p| p.snapshot.version < *v)
         });
         if reply && more {
-            let (count, hash) = self.view_digest();
             let list = Some((false, self.view_entries()));
-            let msg = Message::ViewSync { channel: self.id, count, hash, list };
+            let msg = self.view_sync(list, now);
             self.out.push_back(Output::Send { to: from, addr: from_addr, msg });
         }
     }
@@ -694,6 +719,7 @@ impl ChannelState {
     /// Tells every other member node our new snapshot.
     fn publish_local(&mut self, now: Instant) {
         self.local.version += 1;
+        self.view_changed = Some(now);
         if self.phase == Phase::Member {
             let targets: Vec<NodeId> = self.peers.keys().copied().collect();
             for to in targets {
@@ -776,7 +802,9 @@ impl ChannelState {
             Message::Snapshot { node, addr, snapshot, left, reply, .. } => {
                 self.on_snapshot(from, node, addr, snapshot, left, reply, now)
             }
-            Message::ViewSync { count, hash, list, .. } => self.on_view_sync(from, count, hash, list, now),
+            Message::ViewSync { count, hash, quiet_ms, list, .. } => {
+                self.on_view_sync(from, count, hash, quiet_ms, list, now)
+            }
             _ => {}
         }
     }
@@ -1384,6 +1412,7 @@ impl ChannelState {
     fn drop_peer(&mut self, node: NodeId, now: Instant) -> bool {
         self.unconfirmed.remove(&node);
         let Some(p) = self.peers.remove(&node) else { return false };
+        self.view_changed = Some(now);
         if self.relayed {
             self.bury(node, p.addr, p.snapshot.version, now);
         }
@@ -1452,6 +1481,12 @@ impl ChannelState {
 
 /// How long a node in tree mode remembers that a member left (see `ChannelState::bury`).
 pub const TOMBSTONE_FOR: Duration = Duration::from_secs(60);
+/// Anti-entropy: views that differ are exchanged as lists once both have been unchanged this long (a change the
+/// overlay is still spreading explains a younger difference).
+pub const VIEW_SETTLE: Duration = Duration::from_millis(500);
+/// Anti-entropy: a member whose view keeps changing still sends its list this often when asked by a digest that
+/// differs.
+pub const VIEW_LIST_FLOOR: Duration = Duration::from_secs(5);
 
 /// An order-independent hash of member nodes and their snapshot versions (the digest of
 /// [`ChannelState::view_digest`]; the same on every node, whatever its architecture).

@@ -227,12 +227,14 @@ fn message() -> impl Strategy<Value = Message> {
             ch.clone(),
             any::<u32>(),
             any::<u64>(),
+            any::<u32>(),
             proptest::option::of((any::<bool>(), vec((node.clone(), any::<u64>(), any::<bool>()), 0..4)))
         )
-            .prop_map(|(channel, count, hash, list)| Message::ViewSync {
+            .prop_map(|(channel, count, hash, quiet_ms, list)| Message::ViewSync {
                 channel,
                 count,
                 hash,
+                quiet_ms,
                 list: list.map(|(reply, es)| {
                     let entries = es.into_iter().map(|(node, version, left)| ViewEntry { node, version, left });
                     (reply, entries.collect())

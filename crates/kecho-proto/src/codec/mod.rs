@@ -406,6 +406,9 @@ pub enum Message {
         count: u32,
         /// An order-independent hash of those nodes and their snapshot versions (`membership::view_hash`).
         hash: u64,
+        /// How long the sender's view has not changed, in milliseconds (as far as it noticed; saturating): a
+        /// mismatch between views that just changed is most likely a broadcast still on its way.
+        quiet_ms: u32,
         /// `None`: the digest alone. `Some((reply, entries))`: every member node the sender knows (itself included)
         /// and its recent departures; `reply` asks the receiver for its own list back.
         list: Option<(bool, Vec<ViewEntry>)>,
@@ -620,10 +623,11 @@ impl Message {
                 dst.put_u64_le(channel.0);
                 gossip::put_gossip(dst, addrs, body);
             }
-            Message::ViewSync { channel, count, hash, list } => {
+            Message::ViewSync { channel, count, hash, quiet_ms, list } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(*count);
                 dst.put_u64_le(*hash);
+                dst.put_u32_le(*quiet_ms);
                 match list {
                     None => dst.put_u8(0),
                     Some((reply, entries)) => {
@@ -1320,6 +1324,7 @@ impl Reader {
                 let channel = ChannelId(self.u64()?);
                 let count = self.u32()?;
                 let hash = self.u64()?;
+                let quiet_ms = self.u32()?;
                 let list = match self.u8()? {
                     0 => None,
                     t @ (1 | 2) => {
@@ -1335,7 +1340,7 @@ impl Reader {
                     }
                     t => return Err(self.bad("view sync list", t)),
                 };
-                Message::ViewSync { channel, count, hash, list }
+                Message::ViewSync { channel, count, hash, quiet_ms, list }
             }
             EXPIRED => {
                 let channel = ChannelId(self.u64()?);

@@ -966,7 +966,8 @@ impl Sim {
                 }
                 let tree = self.tree.as_mut().expect("tree mode");
                 let to = neighbours[tree.rng.below(neighbours.len() as u64) as usize];
-                self.chan_mut(id.0, &name).st.sync_with(to);
+                let now = self.now;
+                self.chan_mut(id.0, &name).st.sync_with(to, now);
                 self.pump(id, &name);
             }
         }

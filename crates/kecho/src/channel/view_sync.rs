@@ -29,7 +29,7 @@ impl ChannelInner {
             return;
         }
         let to = neighbours[rand::random::<usize>() % neighbours.len()];
-        st.sync_with(to);
+        st.sync_with(to, crate::clock::now());
         drop(st);
         self.flush();
     }
