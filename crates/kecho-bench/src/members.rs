@@ -477,6 +477,13 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                         let (mut opened, mut known) = (Duration::ZERO, Duration::ZERO);
                         while let Some(joined) = all.join_next().await {
                             let (m, at) = joined.context("a joining node's task")??;
+                            if at - t0 > Duration::from_secs(2) {
+                                eprintln!(
+                                    "kecho-bench members: node {} opened the channel {:?} after the storm's start",
+                                    m.0.id(),
+                                    at - t0
+                                );
+                            }
                             opened = opened.max(at - t0);
                             known = known.max(t0.elapsed());
                             members.push(m);
