@@ -1166,7 +1166,13 @@ impl ChannelState {
             if !asked || self.contact != Some(from) {
                 return;
             }
-        } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
+        } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from)
+            && !(asked && matches!(self.phase, Phase::LookingUp | Phase::Backoff { .. } | Phase::Joining { .. }))
+        {
+            // Neither the contact we are waiting for, nor the node our last request went to: an answer to a request
+            // given up on after the attempt's time (a process that stalled runs the attempt's timer before reading
+            // the answer that came meanwhile; dropping it made the joiner ask again, at the cost of another
+            // `JoinAccept` listing every member, and under load again and again) still counts.
             return;
         }
         if policy != self.policy {
