@@ -1166,14 +1166,15 @@ impl ChannelState {
             if !asked || self.contact != Some(from) {
                 return;
             }
-        } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from)
-            && !(asked && matches!(self.phase, Phase::LookingUp | Phase::Backoff { .. } | Phase::Joining { .. }))
-        {
-            // Neither the contact we are waiting for, nor the node our last request went to: an answer to a request
-            // given up on after the attempt's time (a process that stalled runs the attempt's timer before reading
-            // the answer that came meanwhile; dropping it made the joiner ask again, at the cost of another
-            // `JoinAccept` listing every member, and under load again and again) still counts.
-            return;
+        } else {
+            let waiting = matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from);
+            // The answer to a request given up on after the attempt's time still counts (a process that stalled
+            // runs the attempt's timer before reading the answer that came meanwhile; dropping it made the joiner
+            // ask again, at the cost of another `JoinAccept` listing every member, and under load again and again).
+            let late = asked && matches!(self.phase, Phase::LookingUp | Phase::Backoff { .. } | Phase::Joining { .. });
+            if !(waiting || late) {
+                return;
+            }
         }
         if policy != self.policy {
             let why = Refusal::PolicyMismatch { channel: self.name.clone(), found: policy, expected: self.policy };
