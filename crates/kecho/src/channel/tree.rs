@@ -550,7 +550,7 @@ impl ChannelInner {
             GossipMsg::Event { id, hops, .. } => Some((*id, *hops)),
             _ => None,
         };
-        let (addr, frame) = {
+        let (addr, frame, control) = {
             let mut t = self.tree.inner.lock();
             t.recent.insert(to, now());
             let addr = t.book.get(&to).cloned().or_else(|| node.links.addr_of(to)).unwrap_or_default();
@@ -578,9 +578,12 @@ impl ChannelInner {
                 }
                 f
             });
-            (addr, frame)
+            // Everything but an event of an event stream counts as control: a membership stream's id XOR the
+            // constant is its node's id, in the book; an event stream's is not.
+            let control = event.is_none_or(|(id, _)| t.book.contains_key(&membership_stream(id.source)));
+            (addr, frame, control)
         };
-        if event.is_none_or(|(id, _)| self.tree.inner.lock().book.contains_key(&membership_stream(id.source))) {
+        if control {
             self.count_control(frame.len());
         }
         if event.is_some() {
