@@ -50,6 +50,18 @@ struct StormRow {
     converged_ms: f64,
 }
 
+/// Membership traffic (tree mode's control frames, `TreeStats::control_frames`), summed over every member node.
+#[derive(Debug, Serialize)]
+struct TrafficRow {
+    members: usize,
+    /// Frames and bytes sent from the storm's start until it converged, per member node and per joiner.
+    storm_frames_per_member_per_join: f64,
+    storm_bytes_per_member_per_join: f64,
+    /// Frames and bytes sent per member node and second in an idle channel, 12 s after the storm.
+    idle_frames_per_member_per_s: f64,
+    idle_bytes_per_member_per_s: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct ProcRow {
     nodes: usize,
@@ -163,7 +175,10 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             eprintln!("kecho-bench members: {nth} nodes joined");
         }
     }
+    let mut tables_later: Vec<Table> = Vec::new();
     let mut storms = Vec::new();
+    let mut traffic = Vec::new();
+    let before_storm = control(&mut hosts)?;
     if stopped.is_none() {
         let after = total + storm;
         let mut share = vec![0; procs];
@@ -187,6 +202,39 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             }
             Some(e) => stopped = Some(e),
         }
+        if stopped.is_none() {
+            let after = control(&mut hosts)?;
+            let members = (total + storm) as f64;
+            std::thread::sleep(IDLE_AFTER);
+            let idle0 = control(&mut hosts)?;
+            let t = Instant::now();
+            std::thread::sleep(IDLE_FOR);
+            let idle1 = control(&mut hosts)?;
+            let secs = t.elapsed().as_secs_f64();
+            let per_join = |a: u64, b: u64| (b - a) as f64 / members / storm as f64;
+            let per_s = |a: u64, b: u64| (b - a) as f64 / members / secs;
+            traffic.push(TrafficRow {
+                members: total + storm,
+                storm_frames_per_member_per_join: per_join(before_storm.0, after.0),
+                storm_bytes_per_member_per_join: per_join(before_storm.1, after.1),
+                idle_frames_per_member_per_s: per_s(idle0.0, idle1.0),
+                idle_bytes_per_member_per_s: per_s(idle0.1, idle1.1),
+            });
+        }
+    }
+    if let Some(tr) = traffic.first() {
+        let mut t = Table::new(
+            "membership traffic per member node (tree mode's control frames)",
+            &["members", "storm: frames per join", "storm: bytes per join", "idle: frames/s", "idle: bytes/s"],
+        );
+        t.row(vec![
+            tr.members.to_string(),
+            format!("{:.2}", tr.storm_frames_per_member_per_join),
+            format!("{:.0}", tr.storm_bytes_per_member_per_join),
+            format!("{:.2}", tr.idle_frames_per_member_per_s),
+            format!("{:.0}", tr.idle_bytes_per_member_per_s),
+        ]);
+        tables_later.push(t);
     }
     let mut events = Vec::new();
     if stopped.is_none() {
@@ -236,6 +284,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         s.tables.push(t);
         s.checks.push(Check::at_most("storm convergence", st.converged_ms / 1e3, 2.0, "s"));
     }
+    s.tables.extend(tables_later);
     if let Some(e) = events.first() {
         let mut t = Table::new(
             "events from one source to every member",
@@ -302,7 +351,27 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     s.put("storms", &storms);
     s.put("processes", &procs_rows);
     s.put("events", &events);
+    s.put("traffic", &traffic);
     Ok(s)
+}
+
+/// After the storm, the channel is left idle this long before its membership traffic is measured (the overlay's
+/// summaries name a snapshot broadcast for 10 s).
+const IDLE_AFTER: Duration = Duration::from_secs(12);
+/// How long the idle traffic is measured.
+const IDLE_FOR: Duration = Duration::from_secs(10);
+
+/// Tree mode's control frames and bytes sent so far by every member node.
+fn control(hosts: &mut [Host]) -> Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for h in hosts.iter_mut() {
+        h.ask("control")?;
+        let w = h.answer()?;
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        sum.0 += num(0);
+        sum.1 += num(1);
+    }
+    Ok(sum)
 }
 
 /// Events the first node publishes once every member has joined.
@@ -404,18 +473,48 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                             let channel = channel.to_owned();
                             all.spawn(async move { join(registry, &channel, k).await });
                         }
+                        // When the last joiner here had opened the channel, and knew every sink.
+                        let (mut opened, mut known) = (Duration::ZERO, Duration::ZERO);
                         while let Some(joined) = all.join_next().await {
-                            members.push(joined.context("a joining node's task")??.0);
+                            let (m, at) = joined.context("a joining node's task")??;
+                            if at - t0 > Duration::from_secs(2) {
+                                eprintln!(
+                                    "kecho-bench members: node {} opened the channel {:?} after the storm's start",
+                                    m.0.id(),
+                                    at - t0
+                                );
+                            }
+                            opened = opened.max(at - t0);
+                            known = known.max(t0.elapsed());
+                            members.push(m);
                         }
-                        for (_, ch, _) in &members {
+                        let mut slow = Vec::new();
+                        for (i, (_, ch, _)) in members.iter().enumerate() {
                             ch.wait_for_sinks(k, STEP_LIMIT).await?;
+                            slow.push((t0.elapsed(), i));
                         }
+                        slow.sort();
+                        let slowest: Vec<String> =
+                            slow.iter().rev().take(3).map(|(t, i)| format!("member {i} at {t:?}")).collect();
+                        eprintln!("kecho-bench members: slowest here: {}", slowest.join(", "));
+                        eprintln!(
+                            "kecho-bench members: storm of {m} here: opened {opened:?}, the joiners knew every sink \
+                             {known:?}, every member {:?}",
+                            t0.elapsed()
+                        );
                         Ok::<_, anyhow::Error>(())
                     })
                     .await;
                     joined.map_err(|_| anyhow!("storm not converged within {STEP_LIMIT:?}"))??;
                     Ok(format!("ok {}", t0.elapsed().as_nanos()))
                 })
+            }
+            ["control"] => {
+                let (frames, bytes) = members.iter().fold((0, 0), |(f, b), (_, ch, _)| {
+                    let t = ch.tree_stats();
+                    (f + t.control_frames, b + t.control_bytes)
+                });
+                Ok(format!("ok {frames} {bytes}"))
             }
             ["mark"] => {
                 marked = copies(&members);

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::access::{Denied, Policy, Roles, Token};
-use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult};
+use crate::codec::{ClaimMode, Message, PeerEntry, RegEntry, RegErrorCode, RegResult, ViewEntry};
 use crate::snapshot::NodeSnapshot;
 use crate::types::{ChannelId, ChannelSecret, MemberInfo, NodeId};
 
@@ -276,6 +276,13 @@ pub struct ChannelState {
     /// Members' snapshots reach this node through an overlay (a channel in tree mode), not each on its own link:
     /// a member heard of from a third party is not dropped for not speaking to this node directly.
     relayed: bool,
+    /// Tree mode: members that left or were taken for gone, with their address, the snapshot version at which they
+    /// went and when this node learnt it (tombstones, kept for [`TOMBSTONE_FOR`]; see `bury`).
+    departed: BTreeMap<NodeId, (String, u64, Instant)>,
+    /// When this node's own snapshot last changed or a member was last dropped (see `quiet`).
+    view_changed: Option<Instant>,
+    /// Tree mode: when this node last sent its view as a list.
+    last_list: Option<Instant>,
     out: VecDeque<Output>,
 }
 
@@ -320,6 +327,9 @@ impl ChannelState {
             wall: None,
             expiry_told: false,
             relayed: false,
+            departed: BTreeMap::new(),
+            view_changed: None,
+            last_list: None,
             out: VecDeque::new(),
         }
     }
@@ -340,6 +350,133 @@ impl ChannelState {
         if self.phase == Phase::Member && self.contact != Some(self.me) {
             self.resync = true;
             self.check_contact(now);
+        }
+    }
+
+    /// The digest of this node's view (tree mode's anti-entropy, see [`ChannelState::sync_with`]): how many member
+    /// nodes it knows, itself included, and [`view_hash`] of them with their snapshot versions. Two members with
+    /// the same digest know the same members at the same versions.
+    pub fn view_digest(&self) -> (u32, u64) {
+        let me = std::iter::once((self.me, self.local.version));
+        let all = me.chain(self.peers.iter().map(|(n, p)| (*n, p.snapshot.version)));
+        ((self.peers.len() + 1) as u32, view_hash(all))
+    }
+
+    /// Tree mode's anti-entropy: sends member `to` (an overlay neighbour) the digest of this node's view. The
+    /// overlay broadcasts every snapshot once, and a member that missed one (a stall on a loaded host, a graft
+    /// that failed, a broadcast made before it was in the overlay) would otherwise never learn it. Where the
+    /// digests differ, the two exchange their lists of (node, version) and then only the snapshots and departures
+    /// the other lacks; where they agree, the cost is one small message. Called by the node layer every second or so.
+    pub fn sync_with(&mut self, to: NodeId, now: Instant) {
+        if self.phase != Phase::Member || to == self.me {
+            return;
+        }
+        let Some(addr) = self.peers.get(&to).map(|p| p.addr.clone()) else { return };
+        let msg = self.view_sync(None, now);
+        self.out.push_back(Output::Send { to, addr, msg });
+    }
+
+    /// How long this node's view has not changed: no member's snapshot arrived newer, none was dropped, its own
+    /// did not change.
+    fn quiet(&self, now: Instant) -> Duration {
+        let last = self.peers.values().map(|p| p.updated).chain(self.view_changed).max();
+        last.map_or(Duration::MAX, |t| now.saturating_duration_since(t))
+    }
+
+    fn view_sync(&mut self, list: Option<(bool, Vec<ViewEntry>)>, now: Instant) -> Message {
+        let quiet_ms = self.quiet(now).as_millis().min(u128::from(u32::MAX)) as u32;
+        let (count, hash) = self.view_digest();
+        if list.is_some() {
+            self.last_list = Some(now);
+        }
+        Message::ViewSync { channel: self.id, count, hash, quiet_ms, list }
+    }
+
+    /// This node's view as a list: every member node it knows (itself included) and its recent departures.
+    fn view_entries(&self) -> Vec<ViewEntry> {
+        let me = ViewEntry { node: self.me, version: self.local.version, left: false };
+        let peers = self.peers.iter().map(|(n, p)| ViewEntry { node: *n, version: p.snapshot.version, left: false });
+        let gone = self.departed.iter().filter(|(n, _)| !self.peers.contains_key(n)).map(|(n, (_, v, _))| ViewEntry {
+            node: *n,
+            version: *v,
+            left: true,
+        });
+        std::iter::once(me).chain(peers).chain(gone).collect()
+    }
+
+    /// A `ViewSync` from `from` (see [`ChannelState::sync_with`]).
+    fn on_view_sync(
+        &mut self,
+        from: NodeId,
+        count: u32,
+        hash: u64,
+        quiet_ms: u32,
+        list: Option<(bool, Vec<ViewEntry>)>,
+        now: Instant,
+    ) {
+        if self.phase != Phase::Member {
+            return;
+        }
+        let Some(from_addr) = self.peers.get(&from).map(|p| p.addr.clone()) else { return };
+        let Some((reply, entries)) = list else {
+            // A list costs O(members): not for views that differ only by a broadcast still on its way (one of them
+            // changed within `VIEW_SETTLE`), unless this node sent none for `VIEW_LIST_FLOOR` (under continuous
+            // churn views are never quiet, and what a member missed must still be repaired).
+            let quiet = self.quiet(now).min(Duration::from_millis(u64::from(quiet_ms)));
+            let floor = self.last_list.is_none_or(|t| now.saturating_duration_since(t) >= VIEW_LIST_FLOOR);
+            if self.view_digest() != (count, hash) && (quiet >= VIEW_SETTLE || floor) {
+                let list = Some((true, self.view_entries()));
+                let msg = self.view_sync(list, now);
+                self.out.push_back(Output::Send { to: from, addr: from_addr, msg });
+            }
+            return;
+        };
+        let theirs: BTreeMap<NodeId, (u64, bool)> = entries.iter().map(|e| (e.node, (e.version, e.left))).collect();
+        // This node itself: taken for gone by someone (its link failed), or unknown or old there.
+        match theirs.get(&self.me) {
+            Some((v, true)) if *v >= self.local.version => self.publish_local(now),
+            Some((v, false)) if *v >= self.local.version => {}
+            _ => self.send_snapshot(from, false, false),
+        }
+        // Departures this node knows of and the other does not: a goodbye, as the departed node's own would be.
+        for (node, v, addr) in self.departed.iter().map(|(n, (a, v, _))| (*n, *v, a.clone())).collect::<Vec<_>>() {
+            if self.peers.contains_key(&node) || node == from {
+                continue;
+            }
+            if theirs.get(&node).is_some_and(|(tv, tl)| !*tl && *tv <= v) {
+                let snapshot = NodeSnapshot { version: v, members: Vec::new(), token: None };
+                let msg = self.snapshot_message(node, addr, snapshot, true, false);
+                self.out.push_back(Output::Send { to: from, addr: from_addr.clone(), msg });
+            }
+        }
+        // Members this node knows at a newer version (or at all); members the other knows to have left.
+        let mine: Vec<(NodeId, u64)> = self.peers.iter().map(|(n, p)| (*n, p.snapshot.version)).collect();
+        for (node, v) in mine {
+            if node == from {
+                continue;
+            }
+            match theirs.get(&node) {
+                Some((tv, true)) if *tv >= v => {
+                    if self.drop_peer(node, now) {
+                        self.after_departure(node, now);
+                    }
+                }
+                Some((tv, _)) if *tv >= v => {}
+                _ => {
+                    let p = &self.peers[&node];
+                    let msg = self.snapshot_message(node, p.addr.clone(), p.snapshot.clone(), false, false);
+                    self.out.push_back(Output::Send { to: from, addr: from_addr.clone(), msg });
+                }
+            }
+        }
+        // What the other knows that this node does not: it sends it on seeing this node's list.
+        let more = theirs.iter().any(|(n, (v, left))| {
+            *n != self.me && !*left && !self.buried(*n, *v) && self.peers.get(n).is_none_or(|p| p.snapshot.version < *v)
+        });
+        if reply && more {
+            let list = Some((false, self.view_entries()));
+            let msg = self.view_sync(list, now);
+            self.out.push_back(Output::Send { to: from, addr: from_addr, msg });
         }
     }
 
@@ -478,7 +615,7 @@ impl ChannelState {
                 }
                 Err(why) => {
                     self.out.push_back(Output::Denied { node, reason: why });
-                    if self.drop_peer(node) && self.phase == Phase::Member {
+                    if self.drop_peer(node, now) && self.phase == Phase::Member {
                         self.after_departure(node, now);
                     }
                 }
@@ -582,6 +719,7 @@ impl ChannelState {
     /// Tells every other member node our new snapshot.
     fn publish_local(&mut self, now: Instant) {
         self.local.version += 1;
+        self.view_changed = Some(now);
         if self.phase == Phase::Member {
             let targets: Vec<NodeId> = self.peers.keys().copied().collect();
             for to in targets {
@@ -663,6 +801,9 @@ impl ChannelState {
             Message::JoinRefused { reason, .. } => self.on_join_refused(from, Refusal::ByContact(reason)),
             Message::Snapshot { node, addr, snapshot, left, reply, .. } => {
                 self.on_snapshot(from, node, addr, snapshot, left, reply, now)
+            }
+            Message::ViewSync { count, hash, quiet_ms, list, .. } => {
+                self.on_view_sync(from, count, hash, quiet_ms, list, now)
             }
             _ => {}
         }
@@ -781,7 +922,7 @@ impl ChannelState {
                 return;
             }
         }
-        if self.drop_peer(node) {
+        if self.drop_peer(node, now) {
             if self.phase == Phase::Member {
                 self.lost_member(node, now);
             }
@@ -828,7 +969,7 @@ impl ChannelState {
                 if let Some(p) = self.peers.get(&node) {
                     self.add_outsider(node, p.addr.clone(), now);
                 }
-                if self.drop_peer(node) {
+                if self.drop_peer(node, now) {
                     self.lost_member(node, now);
                 }
             }
@@ -979,7 +1120,7 @@ impl ChannelState {
                 self.out.push_back(Output::Denied { node: from, reason: why });
                 self.out.push_back(Output::Send { to: from, addr, msg });
                 // A member joining again that is no longer covered (its credential expired) is a member no longer.
-                if self.drop_peer(from) {
+                if self.drop_peer(from, now) {
                     self.after_departure(from, now);
                 }
                 return;
@@ -1025,8 +1166,15 @@ impl ChannelState {
             if !asked || self.contact != Some(from) {
                 return;
             }
-        } else if !matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from) {
-            return;
+        } else {
+            let waiting = matches!(&self.phase, Phase::Joining { contact: c, .. } if *c == from);
+            // The answer to a request given up on after the attempt's time still counts (a process that stalled
+            // runs the attempt's timer before reading the answer that came meanwhile; dropping it made the joiner
+            // ask again, at the cost of another `JoinAccept` listing every member, and under load again and again).
+            let late = asked && matches!(self.phase, Phase::LookingUp | Phase::Backoff { .. } | Phase::Joining { .. });
+            if !(waiting || late) {
+                return;
+            }
         }
         if policy != self.policy {
             let why = Refusal::PolicyMismatch { channel: self.name.clone(), found: policy, expected: self.policy };
@@ -1057,7 +1205,7 @@ impl ChannelState {
         }
         let listed: Vec<NodeId> = nodes.iter().map(|n| n.node).collect();
         for n in nodes {
-            if n.node == self.me {
+            if n.node == self.me || self.buried(n.node, n.snapshot.version) {
                 continue;
             }
             let stale = self.peers.get(&n.node).is_some_and(|p| p.snapshot.version >= n.snapshot.version);
@@ -1141,7 +1289,10 @@ impl ChannelState {
         }
         if left {
             let newer = self.peers.get(&node).is_none_or(|p| snapshot.version >= p.snapshot.version);
-            if newer && self.drop_peer(node) && self.phase == Phase::Member {
+            if newer && self.relayed {
+                self.bury(node, addr.clone(), snapshot.version, now);
+            }
+            if newer && self.drop_peer(node, now) && self.phase == Phase::Member {
                 if self.contact == Some(self.me) {
                     // The contact relays departures as it relays arrivals. A member whose relayed copy of a joiner's
                     // snapshot arrived after the joiner's own goodbye (another link, another latency), or that joined
@@ -1157,6 +1308,11 @@ impl ChannelState {
             }
             return;
         }
+        if from != node && self.buried(node, snapshot.version) {
+            // Relayed news of a node that left at this version or later (anti-entropy from a member that missed the
+            // departure, say): stale.
+            return;
+        }
         let stale = self.peers.get(&node).is_some_and(|p| p.snapshot.version >= snapshot.version);
         let rights = if stale {
             Roles::NONE
@@ -1166,7 +1322,7 @@ impl ChannelState {
                 None => {
                     // Not covered (a member without the credential its members need, or whose credential expired):
                     // it is no member of ours, and we relay nothing of it.
-                    if self.drop_peer(node) && self.phase == Phase::Member {
+                    if self.drop_peer(node, now) && self.phase == Phase::Member {
                         self.after_departure(node, now);
                     }
                     return;
@@ -1251,20 +1407,41 @@ impl ChannelState {
                 true
             }
             None => {
+                self.departed.remove(&node);
                 self.peers.insert(node, Peer { addr, snapshot, updated: now, rights });
                 true
             }
         }
     }
 
-    /// Removes a peer; true if it was one (and `Changed` was reported).
-    fn drop_peer(&mut self, node: NodeId) -> bool {
+    /// Removes a peer; true if it was one (and `Changed` was reported). In tree mode the departure is remembered
+    /// for a while (see `bury`).
+    fn drop_peer(&mut self, node: NodeId, now: Instant) -> bool {
         self.unconfirmed.remove(&node);
-        let was = self.peers.remove(&node).is_some();
-        if was {
-            self.out.push_back(Output::Changed);
+        let Some(p) = self.peers.remove(&node) else { return false };
+        self.view_changed = Some(now);
+        if self.relayed {
+            self.bury(node, p.addr, p.snapshot.version, now);
         }
-        was
+        self.out.push_back(Output::Changed);
+        true
+    }
+
+    /// Remembers (in tree mode) that `node` left or was taken for gone at snapshot `version`, for
+    /// [`TOMBSTONE_FOR`]: anti-entropy then spreads the departure instead of bringing the node back from a member
+    /// that missed it, and relayed news of the node at that version or older is stale.
+    fn bury(&mut self, node: NodeId, addr: String, version: u64, now: Instant) {
+        self.departed.retain(|_, (_, _, at)| now.saturating_duration_since(*at) < TOMBSTONE_FOR);
+        let e = self.departed.entry(node).or_insert((addr, version, now));
+        if version >= e.1 {
+            e.1 = version;
+            e.2 = now;
+        }
+    }
+
+    /// Relayed news of `node` at `version` is older than its departure, as this node knows it (tree mode).
+    fn buried(&self, node: NodeId, version: u64) -> bool {
+        self.relayed && self.departed.get(&node).is_some_and(|(_, v, _)| *v >= version)
     }
 
     /// Member node `node` was lost without saying goodbye (its link broke, or it never confirmed).
@@ -1307,6 +1484,28 @@ impl ChannelState {
             self.check_contact(now + self.cfg.join_attempt);
         }
     }
+}
+
+/// How long a node in tree mode remembers that a member left (see `ChannelState::bury`).
+pub const TOMBSTONE_FOR: Duration = Duration::from_secs(60);
+/// Anti-entropy: views that differ are exchanged as lists once both have been unchanged this long (a change the
+/// overlay is still spreading explains a younger difference).
+pub const VIEW_SETTLE: Duration = Duration::from_millis(500);
+/// Anti-entropy: a member whose view keeps changing still sends its list this often when asked by a digest that
+/// differs.
+pub const VIEW_LIST_FLOOR: Duration = Duration::from_secs(5);
+
+/// An order-independent hash of member nodes and their snapshot versions (the digest of
+/// [`ChannelState::view_digest`]; the same on every node, whatever its architecture).
+pub fn view_hash(entries: impl Iterator<Item = (NodeId, u64)>) -> u64 {
+    entries.fold(0u64, |h, (n, v)| h.wrapping_add(mix(n.0 ^ mix(v.wrapping_add(0x9e37_79b9_7f4a_7c15)))))
+}
+
+/// SplitMix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// The first eight hex digits of a key, to name it in messages.

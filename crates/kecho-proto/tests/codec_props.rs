@@ -65,10 +65,11 @@ fn variant(m: &Message) -> &'static str {
         Message::Expired { .. } => "Expired",
         Message::Gossip { .. } => "Gossip",
         Message::Priority { .. } => "Priority",
+        Message::ViewSync { .. } => "ViewSync",
     }
 }
 
-const VARIANTS: usize = 27;
+const VARIANTS: usize = 28;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -209,6 +210,31 @@ fn one_of_each() -> Vec<Message> {
         let addrs = if i % 2 == 0 { vec![(NodeId(5), "10.0.0.5:7000".to_owned())] } else { Vec::new() };
         all.push(Message::Gossip { channel: ChannelId(9), addrs, body });
     }
+    all.push(Message::ViewSync {
+        channel: ChannelId(9),
+        count: 3,
+        hash: 0x1234_5678_9abc_def0,
+        quiet_ms: 1500,
+        list: None,
+    });
+    let entries = vec![
+        ViewEntry { node: NodeId(5), version: 4, left: false },
+        ViewEntry { node: NodeId(6), version: 9, left: true },
+    ];
+    all.push(Message::ViewSync {
+        channel: ChannelId(9),
+        count: 2,
+        hash: 7,
+        quiet_ms: 0,
+        list: Some((true, entries.clone())),
+    });
+    all.push(Message::ViewSync {
+        channel: ChannelId(9),
+        count: 2,
+        hash: 7,
+        quiet_ms: 0,
+        list: Some((false, Vec::new())),
+    });
     all
 }
 

@@ -224,6 +224,23 @@ fn message() -> impl Strategy<Value = Message> {
         (ch.clone(), any::<u8>()).prop_map(|(channel, level)| Message::Priority { channel, level }),
         (ch.clone(), vec((node.clone(), name()), 0..3), gossip_body())
             .prop_map(|(channel, addrs, body)| Message::Gossip { channel, addrs, body }),
+        (
+            ch.clone(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::option::of((any::<bool>(), vec((node.clone(), any::<u64>(), any::<bool>()), 0..4)))
+        )
+            .prop_map(|(channel, count, hash, quiet_ms, list)| Message::ViewSync {
+                channel,
+                count,
+                hash,
+                quiet_ms,
+                list: list.map(|(reply, es)| {
+                    let entries = es.into_iter().map(|(node, version, left)| ViewEntry { node, version, left });
+                    (reply, entries.collect())
+                }),
+            }),
         (ch.clone(), any::<u32>(), any::<u64>(), name(), vec(any::<u32>(), 0..4)).prop_map(
             |(channel, s, seq, ty, ids)| Message::Expired {
                 channel,

@@ -1035,3 +1035,21 @@ mod access {
         assert!(told, "c was not told that its credential expired");
     }
 }
+
+#[test]
+fn a_join_answer_that_comes_just_after_the_attempt_timed_out_still_counts() {
+    // The round trip to the contact (503 ms) is a little longer than a join attempt (500 ms): every answer reaches
+    // the joiner while it is looking the contact up again. A stalled process does the same (it runs the attempt's
+    // timer before reading the answer that came meanwhile). Dropping such answers made the joiner ask again and
+    // again, each time costing the contact another `JoinAccept` listing every member, until `open` timed out.
+    let mut sim = Sim::new(SimConfig::default());
+    sim.open(1, CH, OpenMode::Create);
+    sim.run_until(LIMIT, "creator ready", |s| s.ready(1, CH));
+    sim.add_node(2);
+    sim.set_latency(1, 2, Duration::from_micros(251_500));
+    sim.open(2, CH, JOIN);
+    let took = sim.run_until(Duration::from_secs(2), "joiner ready", |s| s.ready(2, CH));
+    assert!(took < Duration::from_secs(1), "joined after {took:?}");
+    settle(&mut sim);
+    assert!(sim.nodes[&NodeId(1)].lost.is_empty(), "no link was lost");
+}

@@ -162,6 +162,17 @@ pub struct EndDest {
     pub missed: Vec<(LocalId, u64)>,
 }
 
+/// One member node in a [`Message::ViewSync`] list: its snapshot version as the sender knows it, or that it left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViewEntry {
+    /// The node.
+    pub node: NodeId,
+    /// The version of its snapshot the sender has (or had when it learnt that the node left).
+    pub version: u64,
+    /// The sender learnt that the node left (or was taken for gone) at `version`: a tombstone, kept for a while.
+    pub left: bool,
+}
+
 /// Where a sandboxed filter runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterKind {
@@ -394,6 +405,22 @@ pub enum Message {
         /// The message. An event's payload is an encoded `Event` frame, forwarded unchanged.
         body: crate::gossip::GossipMsg,
     },
+    /// Anti-entropy of a channel's membership in tree mode (docs/SCALE.md, "Membership in tree mode"): the digest
+    /// of the sender's view, and with `list`, the view itself. Version 8.
+    ViewSync {
+        /// Channel.
+        channel: ChannelId,
+        /// How many member nodes the sender knows, itself included.
+        count: u32,
+        /// An order-independent hash of those nodes and their snapshot versions (`membership::view_hash`).
+        hash: u64,
+        /// How long the sender's view has not changed, in milliseconds (as far as it noticed; saturating): a
+        /// mismatch between views that just changed is most likely a broadcast still on its way.
+        quiet_ms: u32,
+        /// `None`: the digest alone. `Some((reply, entries))`: every member node the sender knows (itself included)
+        /// and its recent departures; `reply` asks the receiver for its own list back.
+        list: Option<(bool, Vec<ViewEntry>)>,
+    },
     /// Registry: create, renew or take over an entry.
     RegClaim {
         /// Request id, echoed in the reply.
@@ -479,6 +506,7 @@ mod kind {
     pub const EXPIRED: u8 = 31;
     pub const GOSSIP: u8 = 40;
     pub const PRIORITY: u8 = 41;
+    pub const VIEW_SYNC: u8 = 42;
 }
 
 impl Message {
@@ -513,6 +541,7 @@ impl Message {
             Message::Expired { .. } => EXPIRED,
             Message::Gossip { .. } => GOSSIP,
             Message::Priority { .. } => PRIORITY,
+            Message::ViewSync { .. } => VIEW_SYNC,
         }
     }
 
@@ -607,6 +636,24 @@ impl Message {
             Message::Priority { channel, level } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u8(*level);
+            }
+            Message::ViewSync { channel, count, hash, quiet_ms, list } => {
+                dst.put_u64_le(channel.0);
+                dst.put_u32_le(*count);
+                dst.put_u64_le(*hash);
+                dst.put_u32_le(*quiet_ms);
+                match list {
+                    None => dst.put_u8(0),
+                    Some((reply, entries)) => {
+                        dst.put_u8(if *reply { 2 } else { 1 });
+                        dst.put_u32_le(entries.len() as u32);
+                        for e in entries {
+                            dst.put_u64_le(e.node.0);
+                            dst.put_u64_le(e.version);
+                            dst.put_u8(u8::from(e.left));
+                        }
+                    }
+                }
             }
             Message::SourceEnd { channel, origin, source, last, dests } => {
                 dst.put_u64_le(channel.0);
@@ -1287,6 +1334,28 @@ impl Reader {
                 let channel = ChannelId(self.u64()?);
                 let (addrs, body) = self.gossip()?;
                 Message::Gossip { channel, addrs, body }
+            }
+            VIEW_SYNC => {
+                let channel = ChannelId(self.u64()?);
+                let count = self.u32()?;
+                let hash = self.u64()?;
+                let quiet_ms = self.u32()?;
+                let list = match self.u8()? {
+                    0 => None,
+                    t @ (1 | 2) => {
+                        let n = self.count(17)?;
+                        let mut entries = Vec::with_capacity(n.min(PREALLOC));
+                        for _ in 0..n {
+                            let node = NodeId(self.u64()?);
+                            let version = self.u64()?;
+                            let left = self.flag("view entry left")?;
+                            entries.push(ViewEntry { node, version, left });
+                        }
+                        Some((t == 2, entries))
+                    }
+                    t => return Err(self.bad("view sync list", t)),
+                };
+                Message::ViewSync { channel, count, hash, quiet_ms, list }
             }
             EXPIRED => {
                 let channel = ChannelId(self.u64()?);

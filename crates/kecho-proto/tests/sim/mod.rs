@@ -158,6 +158,38 @@ pub struct Sim {
     reg_events: BTreeMap<(Instant, u64), RegEvent>,
     seq: u64,
     next_channel: u64,
+    /// Tree mode, modelled (see [`TreeModel`]); `None`: every channel is a full mesh.
+    pub tree: Option<TreeModel>,
+    /// Tree mode: the overlay's links (symmetric).
+    pub overlay: BTreeMap<NodeId, BTreeSet<NodeId>>,
+    /// Tree mode: `ViewSync` messages sent with a list, and without.
+    pub view_lists: u64,
+    /// Tree mode: `ViewSync` digests sent.
+    pub view_digests: u64,
+    overlay_q: BTreeMap<(Instant, u64), (NodeId, NodeId, String, Message)>,
+    broadcast_version: BTreeMap<(NodeId, String), u64>,
+    next_sync: Option<Instant>,
+}
+
+/// Tree mode as the node layer runs it (`crates/kecho/src/channel/tree.rs`), for its membership: every channel is
+/// relayed (`ChannelState::set_relayed`); a node's own snapshot goes directly only to its overlay neighbours and is
+/// broadcast once per version through the overlay, which delivers it to every other member after a few hops or, with
+/// probability `loss_permille`, never (the overlay gave up: a stall, a graft that failed, a member not yet in the
+/// overlay); others' snapshots (relays) go to overlay neighbours only; a lost link does not drop a member (only a
+/// goodbye does, see [`Sim::take_for_gone`]). With `sync_every`, every member sends a random neighbour the digest
+/// of its view that often (`ChannelState::sync_with`).
+#[derive(Clone, Debug)]
+pub struct TreeModel {
+    /// Overlay neighbours a newcomer links to (fewer while the channel is smaller).
+    pub degree: usize,
+    /// Share of overlay deliveries lost, per mille.
+    pub loss_permille: u64,
+    /// Latency of one overlay hop; a delivery takes one to three.
+    pub hop: Duration,
+    /// Anti-entropy period; `None`: off.
+    pub sync_every: Option<Duration>,
+    /// The model's randomness.
+    pub rng: XorShift,
 }
 
 /// Records a line in the trace, formatting it only if the trace keeps anything.
@@ -229,6 +261,13 @@ impl Sim {
             reg_events: BTreeMap::new(),
             seq: 0,
             next_channel: 1,
+            tree: None,
+            overlay: BTreeMap::new(),
+            view_lists: 0,
+            view_digests: 0,
+            overlay_q: BTreeMap::new(),
+            broadcast_version: BTreeMap::new(),
+            next_sync: None,
         }
     }
 
@@ -298,10 +337,28 @@ impl Sim {
         let secret = ChannelSecret(u128::from(fresh.0) << 64 | u128::from(id));
         let mut st = ChannelState::new(name, fresh, secret, NodeId(id), &node.addr, cfg);
         configure(&mut st);
+        if self.tree.is_some() {
+            st.set_relayed(true);
+        }
         st.set_members(members, now);
         st.open(mode, now);
         node.chans.insert(name.to_owned(), Chan { st, notices: Vec::new(), result: None });
         trace!(self, "n{id} open {name:?} {mode:?}");
+        if let Some(tree) = self.tree.as_mut() {
+            let mut others: Vec<NodeId> = self.overlay.keys().copied().filter(|n| *n != NodeId(id)).collect();
+            let mut picked = Vec::new();
+            while picked.len() < tree.degree && !others.is_empty() {
+                let i = tree.rng.below(others.len() as u64) as usize;
+                picked.push(others.swap_remove(i));
+            }
+            self.overlay.entry(NodeId(id)).or_default().extend(picked.iter().copied());
+            for p in picked {
+                self.overlay.entry(p).or_default().insert(NodeId(id));
+            }
+            if self.next_sync.is_none() {
+                self.next_sync = tree.sync_every.map(|d| self.now + d);
+            }
+        }
         self.pump(NodeId(id), name);
     }
 
@@ -554,7 +611,11 @@ impl Sim {
                         self.fail(&format!("{id:?} sends to {to:?} at {addr:?}, which listens at {:?}", dest.addr));
                     }
                     trace!(self, "n{} -> n{}: {}", id.0, to.0, short(&msg));
-                    self.send(id, to, msg);
+                    if self.tree.is_some() {
+                        self.tree_send(id, name, to, msg);
+                    } else {
+                        self.send(id, to, msg);
+                    }
                 }
                 Output::Registry(op) => {
                     self.seq += 1;
@@ -596,6 +657,12 @@ impl Sim {
         if let Some(((t, _), _)) = self.reg_events.first_key_value() {
             consider(*t);
         }
+        if let Some(((t, _), _)) = self.overlay_q.first_key_value() {
+            consider(*t);
+        }
+        if let Some(t) = self.next_sync {
+            consider(t);
+        }
         for node in self.nodes.values().filter(|n| !n.crashed) {
             for chan in node.chans.values() {
                 if let Some(t) = chan.st.poll_timeout() {
@@ -635,6 +702,19 @@ impl Sim {
                 }
                 let ev = entry.remove();
                 self.registry_event(ev);
+                progressed = true;
+            }
+            // Tree mode: overlay deliveries, anti-entropy.
+            while let Some(entry) = self.overlay_q.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let (from, to, name, msg) = entry.remove();
+                self.overlay_deliver(from, to, &name, msg);
+                progressed = true;
+            }
+            if self.next_sync.is_some_and(|t| t <= self.now) {
+                self.sync_round();
                 progressed = true;
             }
             // Heartbeats.
@@ -710,8 +790,13 @@ impl Sim {
         let elapsed = self.elapsed();
         let node = self.nodes.get_mut(&id).expect("node");
         node.lost.push((elapsed, peer));
+        let tree = self.tree.is_some();
         for chan in node.chans.values_mut() {
-            chan.st.handle_peer_lost(peer, now);
+            // In tree mode a lost link says nothing of a member's node (the node layer confirms a neighbour gone
+            // and broadcasts a goodbye for it: `take_for_gone`).
+            if !(tree && chan.st.is_member()) {
+                chan.st.handle_peer_lost(peer, now);
+            }
         }
         self.pump_all(id);
     }
@@ -747,7 +832,8 @@ impl Sim {
             | Message::JoinAccept { channel, .. }
             | Message::JoinRedirect { channel }
             | Message::JoinRefused { channel, .. }
-            | Message::Snapshot { channel, .. } => {
+            | Message::Snapshot { channel, .. }
+            | Message::ViewSync { channel, .. } => {
                 trace!(self, "n{} <- n{}: {}", to.0, from.0, short(&msg));
                 let node = self.nodes.get_mut(&to).expect("node");
                 let name = node.chans.iter().find(|(_, c)| c.st.id() == channel).map(|(n, _)| n.clone());
@@ -765,6 +851,125 @@ impl Sim {
                 }
             }
             other => self.fail(&format!("unexpected message on a node link: {other:?}")),
+        }
+    }
+
+    /// Tree mode: what the node layer does with a membership message of node `id` (`tree_send_membership`).
+    fn tree_send(&mut self, id: NodeId, name: &str, to: NodeId, msg: Message) {
+        let neighbour = self.overlay.get(&id).is_some_and(|n| n.contains(&to));
+        match &msg {
+            Message::Snapshot { node, snapshot, .. } if *node == id => {
+                let version = snapshot.version;
+                if neighbour {
+                    self.send(id, to, msg.clone());
+                }
+                let last = self.broadcast_version.entry((id, name.to_owned())).or_insert(0);
+                if version > *last {
+                    *last = version;
+                    self.overlay_broadcast(id, name, msg);
+                }
+            }
+            Message::Snapshot { .. } => {
+                if neighbour {
+                    self.send(id, to, msg);
+                }
+            }
+            Message::ViewSync { list, .. } => {
+                if list.is_some() {
+                    self.view_lists += 1;
+                } else {
+                    self.view_digests += 1;
+                }
+                self.send(id, to, msg);
+            }
+            _ => self.send(id, to, msg),
+        }
+    }
+
+    /// Tree mode: `msg` of `origin` reaches every other node with channel `name` open, each after one to three
+    /// hops, unless lost.
+    fn overlay_broadcast(&mut self, origin: NodeId, name: &str, msg: Message) {
+        let dests: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.id != origin && !n.crashed && n.chans.contains_key(name))
+            .map(|n| n.id)
+            .collect();
+        let tree = self.tree.as_mut().expect("tree mode");
+        let mut plan = Vec::new();
+        for to in dests {
+            if tree.rng.below(1000) < tree.loss_permille {
+                continue;
+            }
+            let hops = 1 + tree.rng.below(3) as u32;
+            plan.push((self.now + tree.hop * hops, to));
+        }
+        for (at, to) in plan {
+            self.seq += 1;
+            self.overlay_q.insert((at, self.seq), (origin, to, name.to_owned(), msg.clone()));
+        }
+    }
+
+    /// Tree mode: a broadcast reaches `to` (applied as the node layer's `gossip_deliver` does).
+    fn overlay_deliver(&mut self, origin: NodeId, to: NodeId, name: &str, msg: Message) {
+        let now = self.now;
+        let node = &self.nodes[&to];
+        if node.crashed || !node.chans.contains_key(name) {
+            return;
+        }
+        trace!(self, "n{} <~ n{} (overlay): {}", to.0, origin.0, short(&msg));
+        let chan = self.nodes.get_mut(&to).and_then(|n| n.chans.get_mut(name)).expect("chan");
+        match msg {
+            Message::Snapshot { node, left: true, .. } if node == to => {
+                // Taken for gone by a member: publish a newer snapshot.
+                let members = chan.st.local().members.clone();
+                chan.st.set_members(members, now);
+            }
+            Message::Snapshot { node, .. } if node == origin => chan.st.handle_message(node, msg, now),
+            other => chan.st.handle_message(origin, other, now),
+        }
+        self.pump(to, name);
+    }
+
+    /// Tree mode: `relayer` takes its neighbour `gone` for gone (its link failed and was not dialled again in
+    /// time): it broadcasts a goodbye on `gone`'s behalf, at the version it knows, and drops it.
+    pub fn take_for_gone(&mut self, relayer: u64, gone: u64, name: &str) {
+        let now = self.now;
+        let st = &self.chan(relayer, name).st;
+        let Some(p) = st.peers().get(&NodeId(gone)) else { return };
+        let msg = Message::Snapshot {
+            channel: st.id(),
+            node: NodeId(gone),
+            addr: p.addr.clone(),
+            snapshot: kecho_proto::NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
+            left: true,
+            reply: false,
+        };
+        trace!(self, "n{relayer} takes n{gone} for gone");
+        self.overlay_broadcast(NodeId(relayer), name, msg);
+        self.chan_mut(relayer, name).st.handle_peer_lost(NodeId(gone), now);
+        self.pump(NodeId(relayer), name);
+    }
+
+    /// Tree mode: every member sends a random overlay neighbour the digest of its view.
+    fn sync_round(&mut self) {
+        let Some(every) = self.tree.as_ref().and_then(|t| t.sync_every) else { return };
+        self.next_sync = Some(self.now + every);
+        let ids: Vec<NodeId> = self.nodes.values().filter(|n| !n.crashed).map(|n| n.id).collect();
+        for id in ids {
+            let names: Vec<String> = self.nodes[&id].chans.keys().cloned().collect();
+            for name in names {
+                let neighbours: Vec<NodeId> =
+                    self.overlay.get(&id).map(|n| n.iter().copied().collect()).unwrap_or_default();
+                if neighbours.is_empty() {
+                    continue;
+                }
+                let tree = self.tree.as_mut().expect("tree mode");
+                let to = neighbours[tree.rng.below(neighbours.len() as u64) as usize];
+                let now = self.now;
+                self.chan_mut(id.0, &name).st.sync_with(to, now);
+                self.pump(id, &name);
+            }
         }
     }
 

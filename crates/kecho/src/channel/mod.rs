@@ -22,6 +22,7 @@ mod sink;
 mod source;
 mod table;
 mod tree;
+mod view_sync;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};

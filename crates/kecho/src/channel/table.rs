@@ -243,7 +243,8 @@ impl LinkHandler for Channels {
             Message::JoinAccept { channel, .. }
             | Message::JoinRedirect { channel }
             | Message::JoinRefused { channel, .. }
-            | Message::Snapshot { channel, .. } => {
+            | Message::Snapshot { channel, .. }
+            | Message::ViewSync { channel, .. } => {
                 if let Some(ch) = self.channel_by_id(channel) {
                     ch.membership_input(from, msg);
                 }

@@ -39,6 +39,7 @@ pub(super) use events::Head as TreeHead;
 
 use super::deliver::SinkList;
 use super::sink::LocalSink;
+use super::view_sync::SYNC_EVERY;
 use super::{ChannelInner, Channels};
 use crate::clock::now;
 use crate::queue::{Event, Offer, SourceKey};
@@ -88,6 +89,12 @@ pub struct TreeStats {
     pub lost: u64,
     /// Event frames this node sent in full (its own events and forwarded ones).
     pub forwarded: u64,
+    /// Every other frame this channel sent in tree mode: membership (joins, snapshots direct and through the
+    /// overlay, view digests and lists) and the overlay's own (neighbour requests, shuffles, announcements, grafts,
+    /// prunes). Divided by members and time in an idle channel: membership traffic per member.
+    pub control_frames: u64,
+    /// The bytes of those frames.
+    pub control_bytes: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -104,6 +111,8 @@ pub(super) struct Tree {
     forwarded: AtomicU64,
     /// The event path's guarantees (`tree_events.rs`).
     events: events::TreeEvents,
+    control_frames: AtomicU64,
+    control_bytes: AtomicU64,
 }
 
 struct TreeInner {
@@ -145,6 +154,8 @@ impl Default for Tree {
             lost: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             events: events::TreeEvents::default(),
+            control_frames: AtomicU64::new(0),
+            control_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -159,6 +170,11 @@ impl ChannelInner {
     /// The channel runs in tree mode on this node.
     pub(super) fn tree_on(&self) -> bool {
         self.tree.on.load(Ordering::Acquire)
+    }
+
+    /// The overlay neighbours.
+    pub(super) fn tree_neighbours(&self) -> Vec<NodeId> {
+        self.tree.inner.lock().gossip.as_ref().map(|g| g.active().to_vec()).unwrap_or_default()
     }
 
     /// Counters of tree mode.
@@ -176,6 +192,8 @@ impl ChannelInner {
             delivered: t.delivered.load(Ordering::Relaxed),
             lost: t.lost.load(Ordering::Relaxed),
             forwarded: t.forwarded.load(Ordering::Relaxed),
+            control_frames: t.control_frames.load(Ordering::Relaxed),
+            control_bytes: t.control_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -240,7 +258,7 @@ impl ChannelInner {
         match &msg {
             Message::Snapshot { channel, node: who, addr: who_addr, snapshot, left, .. } if *who == node.id => {
                 if node.links.is_up(to) {
-                    node.send(to, addr, &msg);
+                    self.control_send(node, to, addr, &msg);
                 }
                 let at = now();
                 let mut t = self.tree.inner.lock();
@@ -265,12 +283,12 @@ impl ChannelInner {
             }
             Message::Snapshot { .. } => {
                 if node.links.is_up(to) {
-                    node.send(to, addr, &msg);
+                    self.control_send(node, to, addr, &msg);
                 }
             }
             _ => {
                 self.tree.inner.lock().recent.insert(to, now());
-                node.send(to, addr, &msg);
+                self.control_send(node, to, addr, &msg);
             }
         }
     }
@@ -531,7 +549,7 @@ impl ChannelInner {
             }
             _ => (None, 0),
         };
-        let (addr, frame) = {
+        let (addr, frame, control) = {
             let mut t = self.tree.inner.lock();
             t.recent.insert(to, now());
             let addr = t.book.get(&to).cloned().or_else(|| node.links.addr_of(to)).unwrap_or_default();
@@ -559,8 +577,14 @@ impl ChannelInner {
                 }
                 f
             });
-            (addr, frame)
+            // Everything but an event of an event stream counts as control: a membership stream's id XOR the
+            // constant is its node's id, in the book; an event stream's is not.
+            let control = event.is_none_or(|(id, _)| t.book.contains_key(&membership_stream(id.source)));
+            (addr, frame, control)
         };
+        if control {
+            self.count_control(frame.len());
+        }
         if event.is_some() {
             // A node with a Block sink fills its links from the sources' nodes with the events they send it directly
             // (each waiting for room first): the overlay's frames still go, so that its other sinks are served.
@@ -678,7 +702,7 @@ impl ChannelInner {
             };
             drop(st);
             self.tree.inner.lock().recent.insert(origin, now());
-            node.send(origin, &addr, &ask);
+            self.control_send(node, origin, &addr, &ask);
             return;
         }
         tracing::debug!(channel = %self.name, node = %stream, first, count, "events lost in the overlay");
@@ -711,6 +735,20 @@ impl ChannelInner {
     }
 }
 
+impl ChannelInner {
+    /// Sends a membership message directly, counted in [`TreeStats::control_frames`].
+    fn control_send(&self, node: &Arc<Channels>, to: NodeId, addr: &str, msg: &Message) {
+        // Encoded once more to count it: membership messages are few per node and change.
+        self.count_control(msg.to_bytes().len());
+        node.send(to, addr, msg);
+    }
+
+    fn count_control(&self, bytes: usize) {
+        self.tree.control_frames.fetch_add(1, Ordering::Relaxed);
+        self.tree.control_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
 /// The sink wants an event of type `ty` with `attrs` (its type filter, then its content filter).
 fn accepts(s: &LocalSink, ty: &str, attrs: &Attrs) -> bool {
     s.types.accepts(ty) && s.filter.as_ref().is_none_or(|f| f.matches(ty, attrs))
@@ -719,6 +757,7 @@ fn accepts(s: &LocalSink, ty: &str, attrs: &Attrs) -> bool {
 /// Drives the overlay's timers (grafts, loss reports, summaries, refills, shuffles) and closes unneeded links.
 async fn tree_loop(weak: Weak<ChannelInner>) {
     let mut next_sweep = now() + SWEEP_EVERY;
+    let mut next_sync = now() + SYNC_EVERY;
     loop {
         let Some(ch) = weak.upgrade() else { return };
         if ch.closed.load(Ordering::Acquire) {
@@ -727,7 +766,8 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         let due = {
             let t = ch.tree.inner.lock();
             let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
-            t.base.checked_add(Duration::from_millis(ms)).map_or(next_sweep, |d| d.min(next_sweep))
+            let next = next_sweep.min(next_sync);
+            t.base.checked_add(Duration::from_millis(ms)).map_or(next, |d| d.min(next))
         };
         {
             let notified = ch.tree.wake.notified();
@@ -754,6 +794,10 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         if at >= next_sweep {
             next_sweep = at + SWEEP_EVERY;
             node.release_links();
+        }
+        if at >= next_sync {
+            next_sync = at + SYNC_EVERY;
+            ch.tree_sync();
         }
     }
 }

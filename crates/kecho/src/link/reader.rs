@@ -434,6 +434,7 @@ impl<H: LinkHandler> Receiver<H> {
             | Message::JoinAccept { .. }
             | Message::JoinRedirect { .. }
             | Message::JoinRefused { .. }
+            | Message::ViewSync { .. }
                 if !peer.take_membership_token() =>
             {
                 // Over budget: a genuine joiner asks again after `MembershipConfig::join_attempt`.
@@ -467,7 +468,8 @@ impl<H: LinkHandler> Receiver<H> {
             | Message::SourceEnd { .. }
             | Message::Expired { .. }
             | Message::Routed { .. }
-            | Message::Gossip { .. } => self.handler.control(peer.id, msg),
+            | Message::Gossip { .. }
+            | Message::ViewSync { .. } => self.handler.control(peer.id, msg),
             other => return Err(LinkError::Unexpected(other.kind())),
         }
         Ok(())

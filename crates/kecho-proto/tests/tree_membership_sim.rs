@@ -1,0 +1,80 @@
+//! Membership of a channel in tree mode, simulated (see `sim/mod.rs`, `TreeModel`): snapshots are broadcast once
+//! through an overlay that loses some deliveries for good (a member stalled on a loaded host, a graft that failed, a
+//! member not yet in the overlay when the broadcast passed), and members are taken for gone by a neighbour whose
+//! link to them failed. Without anti-entropy (`ChannelState::sync_with`), a member that missed a broadcast never
+//! learns it: after a storm of joins views stay apart (what the real-process workload showed: a joiner that knew
+//! 119 of 220 members after 60 s). With it, views converge within seconds, and once they agree only digests flow.
+
+mod sim;
+
+use std::time::Duration;
+
+use kecho_proto::membership::OpenMode;
+use sim::{Sim, SimConfig, TreeModel, XorShift, JOIN};
+
+const CH: &str = "big";
+
+/// `before` members join one at a time, then `storm` at once; one member is taken for gone by a neighbour (its
+/// own copy of the goodbye may be lost too). Returns the simulation with every joiner a member.
+fn storm(seed: u64, before: u64, storm: u64, loss_permille: u64, sync_every: Option<Duration>) -> Sim {
+    let mut sim = Sim::new(SimConfig { max_steps: 20_000_000, ..SimConfig::default() });
+    sim.trace_cap = 0;
+    sim.tree = Some(TreeModel {
+        degree: 4,
+        loss_permille,
+        hop: Duration::from_millis(10),
+        sync_every,
+        rng: XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+    });
+    sim.open(1, CH, OpenMode::Create);
+    sim.run_until(Duration::from_secs(5), "creator ready", |s| s.ready(1, CH));
+    for id in 2..=before {
+        sim.open(id, CH, JOIN);
+        sim.run_until(Duration::from_secs(5), "joiner ready", |s| s.ready(id, CH));
+    }
+    for id in before + 1..=before + storm {
+        sim.open(id, CH, JOIN);
+    }
+    let last = before + storm;
+    sim.run_until(Duration::from_secs(10), "storm joiners ready", |s| (before + 1..=last).all(|id| s.ready(id, CH)));
+    // A neighbour whose link to member 3 failed takes it for gone (member 3 is alive and must come back).
+    let relayer = *sim.overlay[&kecho_proto::NodeId(3)].iter().next().expect("a neighbour");
+    sim.take_for_gone(relayer.0, 3, CH);
+    sim
+}
+
+#[test]
+fn anti_entropy_converges_views_after_a_storm_over_a_lossy_overlay() {
+    for seed in [1, 2, 3] {
+        let mut sim = storm(seed, 40, 30, 100, Some(Duration::from_secs(1)));
+        let took = sim.run_until(Duration::from_secs(15), "views converge", |s| s.views_agree(CH).is_ok());
+        assert_eq!(sim.live_members(CH).len(), 70);
+        // Once views agree, one digest per member per period and nothing else.
+        let lists = sim.view_lists;
+        let digests = sim.view_digests;
+        sim.run_for(Duration::from_secs(5));
+        assert!(sim.views_agree(CH).is_ok(), "seed {seed}: views came apart: {:?}", sim.views_agree(CH));
+        assert_eq!(sim.view_lists, lists, "seed {seed}: lists exchanged while views agreed");
+        let per_member = (sim.view_digests - digests) as f64 / 70.0 / 5.0;
+        assert!((0.8..=1.2).contains(&per_member), "seed {seed}: {per_member} digests per member per second");
+        eprintln!("seed {seed}: converged {took:?} after the goodbye; {lists} lists, {digests} digests before");
+    }
+}
+
+#[test]
+fn without_anti_entropy_a_lost_broadcast_is_never_repaired() {
+    // The same storm without `sync_with`: what the committed code did before. Some member misses some snapshot
+    // (10 % of overlay deliveries are lost), and nothing makes it learn it.
+    let mut sim = storm(1, 40, 30, 100, None);
+    sim.run_for(Duration::from_secs(30));
+    assert!(sim.views_agree(CH).is_err(), "views converged without anti-entropy: the model lost nothing");
+}
+
+#[test]
+fn a_member_taken_for_gone_comes_back_through_anti_entropy_alone() {
+    // Every overlay delivery of the goodbye and of the answer may be lost: with half of them lost, some members
+    // hear the goodbye and drop member 3, and member 3 learns it was taken for gone only from a neighbour's list.
+    let mut sim = storm(7, 20, 0, 500, Some(Duration::from_secs(1)));
+    sim.run_until(Duration::from_secs(20), "views converge", |s| s.views_agree(CH).is_ok());
+    assert_eq!(sim.live_members(CH).len(), 20);
+}
