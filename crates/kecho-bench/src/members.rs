@@ -26,8 +26,9 @@ use serde::Serialize;
 
 use crate::pipe::fresh_name;
 use crate::report::{Check, Section, Table};
-use crate::util::{rss_kib, runtime, start_registry};
+use crate::util::{rss_kib, runtime, start_registry_for};
 use crate::BenchArgs;
+use kecho_registry::MAX_CONNECTIONS;
 
 /// How long one join (or the storm) may take before the run stops there.
 const STEP_LIMIT: Duration = Duration::from_secs(60);
@@ -153,7 +154,8 @@ fn ms(words: &[String], i: usize) -> Result<f64> {
 pub fn run(args: &BenchArgs) -> Result<Section> {
     let (total, procs, storm) = settings(args)?;
     let rt = runtime()?;
-    let (addr, reg) = rt.block_on(start_registry())?;
+    // Every member node keeps a registry connection while it is up: room for all of them (and the storm's).
+    let (addr, reg) = rt.block_on(start_registry_for((total + storm + 64).max(MAX_CONNECTIONS)))?;
     let channel = fresh_name("members");
     let mut hosts = (0..procs).map(|_| Host::start(args, addr, &channel)).collect::<Result<Vec<_>>>()?;
     let mut joins = Vec::new();

@@ -120,7 +120,14 @@ pub fn rss_kib() -> u64 {
 /// A registry server on a loopback port, run on the current runtime, as a deployment would use (the in-process
 /// registry would hide the round trips that KECho's group server cost).
 pub async fn start_registry() -> Result<(SocketAddr, kecho_registry::RegistryHandle)> {
-    let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    start_registry_for(kecho_registry::MAX_CONNECTIONS).await
+}
+
+/// [`start_registry`] serving up to `max_connections` connections at once (each node keeps one while it is up).
+pub async fn start_registry_for(max_connections: usize) -> Result<(SocketAddr, kecho_registry::RegistryHandle)> {
+    let server = kecho_registry::RegistryServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await?
+        .with_max_connections(max_connections);
     let addr = server.local_addr();
     Ok((addr, server.spawn()))
 }

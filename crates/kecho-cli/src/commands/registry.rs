@@ -21,6 +21,10 @@ pub struct Args {
     /// it a restarted replica comes back empty (see docs/REGISTRY.md).
     #[arg(long, value_name = "DIR", requires = "peers")]
     data: Option<std::path::PathBuf>,
+    /// Connections served at once (every node keeps one while it is up, so a cluster of more nodes than this needs
+    /// a higher limit, and as many open files); further connections are closed with a warning.
+    #[arg(long, value_name = "N", default_value_t = kecho_registry::MAX_CONNECTIONS)]
+    max_connections: usize,
     #[command(flatten)]
     metrics: crate::observe::MetricsArg,
 }
@@ -28,7 +32,7 @@ pub struct Args {
 pub async fn run(a: Args) -> Result<()> {
     let listen = a.listen.as_str();
     let addr = parse_addr("listen", listen)?;
-    let mut server = RegistryServer::bind(addr).await?;
+    let mut server = RegistryServer::bind(addr).await?.with_max_connections(a.max_connections);
     let mut replicas = vec![server.local_addr()];
     if let Some(peers) = &a.peers {
         let peers = parse_addrs("peer", peers)?;
