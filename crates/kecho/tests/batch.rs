@@ -93,6 +93,7 @@ async fn batches_arrive_whole_and_in_order_through_a_small_block_sink() -> Resul
 /// Type and content filters choose per batch as per event: a sink for another type gets none, a sink whose filter
 /// refuses the batch's attributes gets none (its node gets the events with target lists naming only the other sink),
 /// and every sink sees its share in order.
+#[cfg(feature = "cel")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_choose_batches_as_they_choose_single_events() -> Result<()> {
     for mode in MODES {
