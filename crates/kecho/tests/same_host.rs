@@ -60,11 +60,16 @@ fn check_shared_memory(n: &Node, want: bool) {
     }
 }
 
+/// The heartbeat of `in_order`'s nodes.
+const ORDER_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// `n` events from one source, each carrying its number, arrive at a Block sink on another node all and in order.
 async fn in_order(mode: Mode, n: u32) -> Result<(Node, Node)> {
     let reg = RegistryClient::in_process_private();
-    let a = builder(&reg, mode).start().await?;
-    let b = builder(&reg, mode).start().await?;
+    // Order and wholeness over a link that stays up: a heartbeat that a starved test process (nice 19 beside busy
+    // cores) cannot miss, so that a lost link's reported loss does not stand in for what this checks.
+    let a = builder(&reg, mode).heartbeat_timeout(ORDER_HEARTBEAT).start().await?;
+    let b = builder(&reg, mode).heartbeat_timeout(ORDER_HEARTBEAT).start().await?;
     let ca = a.create_channel("order").await?;
     let cb = b.open_channel("order").await?;
     let mut sink = cb.sink(SinkOptions::new().capacity(256).overflow(Overflow::Block))?;

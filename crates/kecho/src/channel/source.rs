@@ -201,6 +201,15 @@ struct Head {
     seq: u64,
 }
 
+/// Takes a unit of the task's tokio budget before a submit that waits for nothing, and yields once it is spent (every
+/// 128 submits or so). A loop of such submits would otherwise never give its worker back: the link writer it wakes
+/// sits in that worker's next-task slot, which other workers cannot steal, so nothing would reach the wire (and the
+/// node would answer no heartbeat) until the loop blocked on a full link. Before anything is done, so a submit
+/// cancelled at this point has sent nothing.
+pub(super) async fn cooperate() {
+    tokio::task::coop::consume_budget().await;
+}
+
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Source").field("channel", &self.ch.name).field("seq", &self.seq).finish()
@@ -242,6 +251,7 @@ impl Source {
 
     /// Submits an event; waits only if a sink with the Block policy is full. Returns the event's sequence number.
     pub async fn submit(&mut self, ty: &str, attrs: &Attrs, payload: &[u8]) -> Result<u64> {
+        cooperate().await;
         self.submit_inner(ty, attrs, payload, true, EventOptions::default()).await
     }
 
@@ -249,6 +259,7 @@ impl Source {
     /// [`Source::set_type_options`] and [`Source::set_options`]). An event whose deadline passes before it reaches a
     /// sink's receiver is not delivered: the sink gets [`crate::RecvError::Expired`] in its place.
     pub async fn submit_with(&mut self, ty: &str, attrs: &Attrs, payload: &[u8], opts: EventOptions) -> Result<u64> {
+        cooperate().await;
         self.submit_inner(ty, attrs, payload, true, opts).await
     }
 
