@@ -7,8 +7,8 @@ use bytes::BytesMut;
 
 use crate::access::{Policy, Roles};
 use crate::codec::{
-    decode_body_with, decode_event_with, decode_frame, is_event, split_frame, ClaimMode, Message, Purpose, RegEntry,
-    RegErrorCode, RegResult, TypeNames, PROTOCOL_VERSION,
+    decode_body_with, decode_event_run, decode_event_with, decode_frame, encode_event_run, is_event, is_event_run,
+    split_frame, ClaimMode, Message, Purpose, RegEntry, RegErrorCode, RegResult, TypeNames, PROTOCOL_VERSION,
 };
 use crate::handshake::{accept_first, dial_answer, Accept, Dial};
 use crate::membership::{ChannelState, MembershipConfig, OpenMode, RegistryUnreachable};
@@ -25,6 +25,26 @@ pub fn decode_frames(data: &[u8]) {
             Ok(Some(frame)) => frame,
             Ok(None) | Err(_) => return,
         };
+        if is_event_run(&frame) {
+            // A run of events is no single message: its own decoder takes all of it or none, and what it takes
+            // encodes to the very bytes it came from.
+            let mut evs = Vec::new();
+            match decode_event_run(frame, &mut event_names, &mut evs) {
+                Ok(()) => {
+                    let e = &evs[0];
+                    let mut again = BytesMut::new();
+                    let payloads = evs.iter().map(|e| &e.payload[..]);
+                    encode_event_run(&mut again, e.channel, e.source, e.seq, &e.ty, &e.attrs, payloads);
+                    let consumed = before.len() - buf.len();
+                    assert_eq!(&again[..], &before[..consumed], "re-encoding an event run differs");
+                    continue;
+                }
+                Err(_) => {
+                    assert!(evs.is_empty(), "a refused run yielded events");
+                    return;
+                }
+            }
+        }
         let decoded = decode_body_with(frame.clone(), &mut names);
         if is_event(&frame) {
             // A receiving link decodes event frames through their own path: it must agree with the general one.

@@ -140,6 +140,39 @@ async fn oversized_frame_after_handshake_closes_only_that_connection() -> Result
     still_flows(&mut src, &mut sink).await
 }
 
+/// An `EventRun` frame whose last payload runs past the frame closes that connection with `Close(Malformed)`;
+/// nothing else notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_event_run_closes_only_that_connection() -> Result<()> {
+    let (a, _b, mut src, mut sink) = pair().await?;
+    let mut s = TcpStream::connect(a.local_addr()).await?;
+    s.write_all(&hello(PROTOCOL_VERSION)).await?;
+    let mut run = BytesMut::new();
+    let payloads: [&[u8]; 2] = [b"one", b"two"];
+    kecho_proto::codec::encode_event_run(
+        &mut run,
+        kecho_proto::ChannelId(1),
+        kecho_proto::LocalId(1),
+        1,
+        "t",
+        &Attrs::new(),
+        payloads.into_iter(),
+    );
+    // One byte short of the last payload, with a length prefix that says so.
+    run.truncate(run.len() - 1);
+    let len = (run.len() - 4) as u32;
+    run[..4].copy_from_slice(&len.to_le_bytes());
+    s.write_all(&run).await?;
+    let msgs = read_until_closed(&mut s).await?;
+    assert!(matches!(msgs.first(), Some(Message::HelloAck { .. })), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, Message::Close { code: CloseCode::Malformed, reason } if reason.contains("60"))),
+        "expected a Close(Malformed) naming kind 60: {msgs:?}"
+    );
+    still_flows(&mut src, &mut sink).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_mismatch_is_refused_with_a_reason() -> Result<()> {
     let (a, _b, mut src, mut sink) = pair().await?;

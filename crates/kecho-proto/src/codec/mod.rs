@@ -16,12 +16,14 @@ use crate::types::*;
 
 mod gossip;
 mod registry;
+mod run;
 
 // The registry's messages carry these; they are named from here like every other message field.
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
+pub use run::{decode_event_run, encode_event_run, is_event_run, EVENT_RUN};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -507,6 +509,8 @@ mod kind {
     pub const GOSSIP: u8 = 40;
     pub const PRIORITY: u8 = 41;
     pub const VIEW_SYNC: u8 = 42;
+    /// A run of events in one compact frame (`run.rs`); not a `Message`.
+    pub const EVENT_RUN: u8 = 60;
 }
 
 impl Message {

@@ -141,6 +141,8 @@ struct Receiver<H> {
     /// Consecutive events of one channel (`on`), delivered together.
     batch: Batch,
     on: ChannelId,
+    /// The events of an `EventRun` frame, decoded before they join the batch (kept for its memory).
+    run: Vec<EventMsg>,
 }
 
 impl<H: LinkHandler> Receiver<H> {
@@ -157,6 +159,7 @@ impl<H: LinkHandler> Receiver<H> {
             deadline: None,
             batch: Batch::default(),
             on: ChannelId(0),
+            run: Vec::new(),
         }
     }
 
@@ -227,6 +230,10 @@ impl<H: LinkHandler> Receiver<H> {
                             }
                             Err(e) => Err(e.into()),
                         }
+                    }
+                    Ok(Some(frame)) if codec::is_event_run(&frame) => {
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        self.event_run(frame, &mut names).await
                     }
                     Ok(Some(frame))
                         if self.sync.is_some() && matches!(frame.first(), Some(&(SYNC_KIND | WAIT_KIND))) =>
@@ -319,6 +326,30 @@ impl<H: LinkHandler> Receiver<H> {
             self.on = e.channel;
         }
         self.arrived(e)
+    }
+
+    /// An `EventRun` frame: its events join the batch of their channel in order, each as if it had come in an
+    /// `Event` frame of its own (checked whole first: a damaged run stages none of its events).
+    async fn event_run(&mut self, frame: Bytes, names: &mut codec::TypeNames) -> Result<(), LinkError> {
+        if self.targets.is_some() || self.deadline.is_some() {
+            return Err(LinkError::Protocol("a Targets or Deadline frame before an event run"));
+        }
+        let mut run = std::mem::take(&mut self.run);
+        codec::decode_event_run(frame, names, &mut run)?;
+        let mut evs = run.drain(..);
+        while let Some(e) = evs.next() {
+            if self.must_deliver_before(e.channel) {
+                self.deliver().await;
+                self.on = e.channel;
+            }
+            self.batch.events.push(Arrived::new(e, None, None));
+            // The rest of the run as far as the batch has room, without a check per event.
+            let room = MAX_BATCH.saturating_sub(self.batch.events.len());
+            self.batch.events.extend(evs.by_ref().take(room).map(|e| Arrived::new(e, None, None)));
+        }
+        drop(evs);
+        self.run = run;
+        Ok(())
     }
 
     /// The batch gathered so far must be delivered before an event of `channel` joins: it is another channel's, or

@@ -2,9 +2,11 @@
 //!
 //! `Source::submit_many` takes the steps of `Source::submit_inner` once for a run of events instead of once per
 //! event: the routing table, the type's sinks and content filters, the room check at Block sinks, the counters, one
-//! lock of each link's outbox and one wake-up of its writer. The events are encoded back to back, each as the frame it
-//! would have been alone, so the wire and the receivers see exactly what single submits would have sent; every link's
-//! outbox queues the run as one shared piece of memory (no copy per link). Whatever needs a decision per event (an OUT-filter, a deadline,
+//! lock of each link's outbox and one wake-up of its writer. The events are encoded once, in compact `EventRun` frames
+//! (one header per up to 4 KiB of events; docs/PROTOCOL.md, "Event runs") that receivers take apart into the very
+//! events single submits would have sent, or as `Event` frames of their own where an event must stand alone on the
+//! wire (kept for a replay, or behind its own `Targets` frame); every link's outbox queues the run as one shared piece
+//! of memory (no copy per link). Whatever needs a decision per event (an OUT-filter, a deadline,
 //! best-effort datagrams, tree mode, cut-off sinks, a non-waiting submit to a local Block sink) takes the per-event
 //! path for the batch, so every guarantee holds as it does for single submits.
 
@@ -12,7 +14,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use kecho_proto::codec::{encode_event, encode_routed, encode_targets};
+use kecho_proto::codec::{encode_event, encode_event_run, encode_routed, encode_targets};
 use kecho_proto::{Attrs, Overflow};
 
 use super::{Encoder, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
@@ -26,6 +28,11 @@ use crate::timely::EventOptions;
 /// A batch is routed and sent in runs of at most this many bytes of frames (and at least one event): enough to make
 /// the per-run costs vanish per event, small enough that a run fits a link's outbox many times over.
 const RUN_BYTES: usize = 64 * 1024;
+
+/// A run goes on the wire as compact `EventRun` frames of at most this many bytes each (docs/PROTOCOL.md, "Event
+/// runs"): few enough headers per event, and pieces small enough that a nearly full link takes most of a run rather
+/// than losing all of it.
+const COMPACT_BYTES: usize = 4 * 1024;
 
 impl Source {
     /// Submits `payloads` as events of type `ty`, all with attributes `attrs`, in order; waits only if a sink with
@@ -98,6 +105,9 @@ impl Source {
         if timing.deadline.is_some() || timing.best_effort || self.out_filter.is_some() {
             return self.submit_each(ty, attrs, payloads, wait, opts, first).await;
         }
+        // An event alone in an `EventRun` frame takes 8 bytes more than in an `Event` frame.
+        let big = payloads.iter().map(|p| p.as_ref().len()).max().unwrap_or(0);
+        let compact_fits = base + big + 8 <= self.max_frame;
         let mut at = 0;
         while at < payloads.len() {
             if self.ch.tree_on() {
@@ -129,14 +139,15 @@ impl Source {
                     e => Err(e),
                 };
             }
-            self.send_run(&routes, ty, attrs, &payloads[at..end], base, timing).await;
+            self.send_run(&routes, ty, attrs, &payloads[at..end], base, timing, compact_fits).await;
             at = end;
         }
         Ok(first..self.seq + 1)
     }
 
     /// Numbers, encodes and sends a run of events whose sinks `self.pick` holds (chosen without an OUT-filter, with
-    /// room at Block sinks), then gives them to local sinks. `base`: an event's frame length without its payload.
+    /// room at Block sinks), then gives them to local sinks. `base`: an event's frame length without its payload;
+    /// `compact_fits`: each event fits an `EventRun` frame of its own.
     #[allow(clippy::too_many_arguments)]
     async fn send_run<P: AsRef<[u8]>>(
         &mut self,
@@ -146,6 +157,7 @@ impl Source {
         payloads: &[P],
         base: usize,
         timing: Timing,
+        compact_fits: bool,
     ) {
         let k = payloads.len();
         let seq0 = self.seq + 1;
@@ -159,17 +171,50 @@ impl Source {
             c.filtered.fetch_add(k as u64, Ordering::Relaxed);
             return;
         }
-        // Encoded once, back to back, each event as its own frame, into memory that every link shares.
+        let keep = self.kept.is_on();
+        // Compact `EventRun` frames, unless some event must stand alone on the wire: kept for a replay (which
+        // resends events one by one), or preceded by its own `Targets` frame at a node where content filters chose
+        // some of the accepting sinks.
+        let compact = compact_fits
+            && !keep
+            && pick
+                .touched
+                .iter()
+                .all(|&p| pick.peers[p].chosen == 0 || pick.peers[p].chosen >= pick.peers[p].accepting);
+        // Encoded once into memory that every link shares: `ends` are where the frames end, `upto` how many of the
+        // run's events the frames up to each hold.
         let enc = &mut self.enc;
         enc.ends.clear();
-        let bytes: usize = payloads.iter().map(|p| base + p.as_ref().len()).sum();
-        let b = enc.buf.room(bytes, ENCODE_CHUNK);
-        for (i, p) in payloads.iter().enumerate() {
-            encode_event(b, channel, source, seq0 + i as u64, ty, attrs, p.as_ref());
-            enc.ends.push(b.len());
-        }
-        let run = b.split().freeze();
-        let keep = self.kept.is_on();
+        let mut upto: smallvec::SmallVec<[usize; 32]> = smallvec::SmallVec::new();
+        let run = if compact {
+            let head = base + 4;
+            let bytes: usize = payloads.iter().map(|p| 4 + p.as_ref().len()).sum::<usize>() + head;
+            let b = enc.buf.room(bytes + bytes / (COMPACT_BYTES / 2) * head, ENCODE_CHUNK);
+            let mut i = 0;
+            while i < k {
+                let mut j = i + 1;
+                let mut len = head + 4 + payloads[i].as_ref().len();
+                while j < k && len + 4 + payloads[j].as_ref().len() <= COMPACT_BYTES {
+                    len += 4 + payloads[j].as_ref().len();
+                    j += 1;
+                }
+                let ps = payloads[i..j].iter().map(|p| p.as_ref());
+                encode_event_run(b, channel, source, seq0 + i as u64, ty, attrs, ps);
+                enc.ends.push(b.len());
+                upto.push(j);
+                i = j;
+            }
+            b.split().freeze()
+        } else {
+            // Each event as its own frame, as it would be alone.
+            let bytes: usize = payloads.iter().map(|p| base + p.as_ref().len()).sum();
+            let b = enc.buf.room(bytes, ENCODE_CHUNK);
+            for (i, p) in payloads.iter().enumerate() {
+                encode_event(b, channel, source, seq0 + i as u64, ty, attrs, p.as_ref());
+                enc.ends.push(b.len());
+            }
+            b.split().freeze()
+        };
         let mut went: Vec<smallvec::SmallVec<[SentTo; 1]>> = Vec::new();
         if keep {
             went.resize_with(k, Default::default);
@@ -210,12 +255,17 @@ impl Source {
             };
             let routed = track.routed;
             let urgency = timing.urgency(&mut track.held, None, pp.blocks);
-            let n = peer.outbox.push_events(prefix, &frames, ends, gate, urgency);
+            let frames_in = peer.outbox.push_events(prefix, &frames, ends, gate, urgency);
             prefix.clear();
+            let n = match frames_in {
+                0 => 0,
+                f if compact => upto[f - 1],
+                f => f,
+            };
             if n > 0 {
                 track.sent_many(told, n as u64);
                 sent_to += n as u64;
-                sent_bytes += ends[n - 1] as u64;
+                sent_bytes += ends[frames_in - 1] as u64;
                 if keep {
                     for (i, w) in went.iter_mut().take(n).enumerate() {
                         w.push((peer.id, routed + 1 + i as u64, targeted.then(|| pp.ids.clone())));

@@ -1,0 +1,111 @@
+//! The compact frame for a run of events (`EventRun`, kind 60, protocol version 9): consecutive events of one source,
+//! one type and one attribute list, with one header for the lot instead of one per event.
+//!
+//! ```text
+//! kind u8 = 60 | channel u64 | source u32 | first seq u64 | type str | attrs | count u32 | count × (len u32 | payload)
+//! ```
+//!
+//! Event `i` (from 0) of the run has sequence number `first + i`, the run's type and attributes, and its own payload;
+//! a receiver treats it exactly as the `Event` frame that single submits would have sent. A run is not a
+//! [`Message`](super::Message): `decode_body` refuses its kind, and links decode it with [`decode_event_run`].
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::{begin_frame, end_frame, kind, put_attrs, put_str, DecodeError, EventMsg, Reader, TypeNames};
+use crate::types::{Attrs, ChannelId, LocalId};
+
+/// The kind byte of an event run.
+pub const EVENT_RUN: u8 = kind::EVENT_RUN;
+
+/// True if a frame's body (as `split_frame` returns it) is an event run.
+pub fn is_event_run(frame: &[u8]) -> bool {
+    frame.first() == Some(&kind::EVENT_RUN)
+}
+
+/// Appends an event run's frame (`event_frame_len(ty, attrs, 0) + 4` bytes and 4 more per event besides the
+/// payloads, length prefix included): `payloads` as events `first`, `first + 1`, ... of `source`, all of type `ty` with
+/// attributes `attrs`. At least one payload.
+pub fn encode_event_run<'a>(
+    dst: &mut BytesMut,
+    channel: ChannelId,
+    source: LocalId,
+    first: u64,
+    ty: &str,
+    attrs: &Attrs,
+    payloads: impl ExactSizeIterator<Item = &'a [u8]>,
+) {
+    debug_assert!(payloads.len() > 0, "an empty event run");
+    let start = begin_frame(dst, kind::EVENT_RUN);
+    dst.put_u64_le(channel.0);
+    dst.put_u32_le(source.0);
+    dst.put_u64_le(first);
+    put_str(dst, ty);
+    put_attrs(dst, attrs);
+    dst.put_u32_le(payloads.len() as u32);
+    for p in payloads {
+        dst.put_u32_le(p.len() as u32);
+        dst.put_slice(p);
+    }
+    end_frame(dst, start);
+}
+
+/// Decodes an event run's frame body (see [`is_event_run`]) and appends its events to `out`, in order; the payloads
+/// share the frame's memory. The whole frame is checked before anything is appended: on an error `out` is as it
+/// was. A run of no events, one whose numbers would pass `u64::MAX`, a length beyond the frame or bytes after the last
+/// event are errors.
+pub fn decode_event_run(mut frame: Bytes, names: &mut TypeNames, out: &mut Vec<EventMsg>) -> Result<(), DecodeError> {
+    if frame.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let k = frame.get_u8();
+    if k != kind::EVENT_RUN {
+        return Err(DecodeError::UnknownKind(k));
+    }
+    let mut r = Reader { b: frame, kind: k };
+    r.need(8 + 4 + 8 + 4)?;
+    let channel = ChannelId(r.b.get_u64_le());
+    let source = LocalId(r.b.get_u32_le());
+    let first = r.b.get_u64_le();
+    let n = r.b.get_u32_le() as usize;
+    r.need(n)?;
+    let ty = names.name(&r.b[..n], k)?;
+    r.b.advance(n);
+    let attrs = r.attrs()?;
+    let count = r.count(4)?;
+    if count == 0 || first == 0 || first.checked_add(count as u64 - 1).is_none() {
+        return Err(DecodeError::BadTag { kind: k, what: "event run numbering", tag: 0 });
+    }
+    // Checked whole first: the payloads' lengths must add up to the rest of the frame exactly.
+    let body = r.b;
+    let mut at = 0usize;
+    for _ in 0..count {
+        if body.len() - at < 4 {
+            return Err(DecodeError::Truncated { kind: k });
+        }
+        let len = u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]) as usize;
+        at += 4;
+        if body.len() - at < len {
+            return Err(DecodeError::Truncated { kind: k });
+        }
+        at += len;
+    }
+    if at != body.len() {
+        return Err(DecodeError::Trailing { kind: k, extra: body.len() - at });
+    }
+    out.reserve(count);
+    let mut at = 0usize;
+    for i in 0..count {
+        let len = u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]) as usize;
+        at += 4;
+        out.push(EventMsg {
+            channel,
+            source,
+            seq: first + i as u64,
+            ty: ty.clone(),
+            attrs: attrs.clone(),
+            payload: body.slice(at..at + len),
+        });
+        at += len;
+    }
+    Ok(())
+}
