@@ -26,6 +26,10 @@ fn the_flows_bench_runs_every_part() {
     // One round at this scale: memory-centric and two flows, at 64 B and 1 KB.
     assert_eq!(rounds.len(), 6, "{rounds:?}");
     assert!(s.data["moves"].as_array().is_some_and(|m| m.len() >= 8), "{:?}", s.data["moves"]);
+    // The pure moves are repeated: the table says how many rounds each median is of.
+    let moves = s.tables.iter().find(|t| t.title.contains("pure move")).expect("a pure move table");
+    let rounds = moves.columns.iter().position(|c| c == "rounds").expect("a rounds column");
+    assert!(moves.rows.iter().all(|r| r[rounds].parse::<u32>().is_ok_and(|n| n >= 1)), "{:?}", moves.rows);
     for plot in ["flows-decrypt-64B.svg", "flows-decrypt-1024B.svg", "flows-move-socket-to-file.svg"] {
         assert!(out.join(plot).exists(), "{plot} not drawn");
     }
