@@ -199,6 +199,23 @@ struct SourceState {
     last_at: u64,
 }
 
+/// Payloads shorter than this are copied into an allocation of their own when they arrive, before they are kept.
+const COMPACT_BELOW: usize = 64 * 1024;
+
+/// A received payload as it is kept (in the cache that answers grafts, ahead of a gap, and forwarded): a payload
+/// read from a link is a slice of the reader's buffer (64 KiB and more), and holding it holds that whole buffer. With
+/// events that arrive sparsely (a member's snapshot on its membership stream, one per join) the cache of up to
+/// [`GossipConfig::cache`] payloads held every buffer a member ever read, about 5 KB per other member at 1,000
+/// members (docs/SCALE.md, "Memory per member"). A short payload is copied (one copy per hop, of the payload's
+/// length); a long one fills most of its buffer anyway and is kept as it is.
+fn compact(payload: bytes::Bytes) -> bytes::Bytes {
+    if payload.len() < COMPACT_BELOW {
+        bytes::Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
+}
+
 /// One member's HyParView and Plumtree state.
 #[derive(Debug)]
 pub struct Gossip {
@@ -444,6 +461,7 @@ impl Gossip {
                 if self.active.contains(&from) {
                     self.eager_of(id.source).insert(from);
                 }
+                let payload = compact(payload);
                 self.remember(id, payload.clone());
                 self.accept(id, payload.clone(), now);
                 self.push(id, hops + 1, payload, Some(from), now);
@@ -756,5 +774,42 @@ impl Gossip {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         (self.rng % n.max(1) as u64) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event a member answers a graft of `id` with, after receiving it from another member.
+    fn kept_after_receiving(payload: bytes::Bytes) -> bytes::Bytes {
+        let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+        let mut g = Gossip::new(b, GossipConfig::default(), 7, 0);
+        let id = EventId { source: a, seq: 1 };
+        g.handle(a, GossipMsg::Event { id, hops: 0, payload }, 0);
+        while g.poll_output().is_some() {}
+        g.handle(c, GossipMsg::Graft { id }, 1);
+        std::iter::from_fn(|| g.poll_output())
+            .find_map(|o| match o {
+                GossipOut::Send { to, msg: GossipMsg::Event { payload, .. } } if to == c => Some(payload),
+                _ => None,
+            })
+            .expect("the graft is answered")
+    }
+
+    #[test]
+    fn a_short_payload_is_kept_apart_from_the_buffer_it_was_read_from() {
+        // A reader's 64 KiB buffer with one 100-byte event in it: keeping the event must not keep the buffer.
+        let buf = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+        let within = |p: &bytes::Bytes| {
+            (buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len()).contains(&(p.as_ptr() as usize))
+        };
+        let kept = kept_after_receiving(buf.slice(10..110));
+        assert_eq!(&kept[..], &buf[10..110]);
+        assert!(!within(&kept), "the kept payload still points into the read buffer");
+        // A payload of 64 KiB or more fills most of its buffer: kept as it is, not copied.
+        let big = bytes::Bytes::from(vec![9u8; 200 * 1024]);
+        let kept = kept_after_receiving(big.slice(..100 * 1024));
+        assert_eq!(kept.as_ptr(), big.as_ptr());
     }
 }
