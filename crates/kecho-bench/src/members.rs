@@ -10,7 +10,10 @@
 //! counted: in tree mode they shape its tree) and 200 events of 100 B (its thread's
 //! CPU per event, what every sink received or was told it missed, and the event frames per event per member), and each
 //! process reports its resident memory, the links up per node, heartbeat timeouts and the longest delay of a 50 ms
-//! timer on its runtime (how long its tasks could not run). Up to the nodes' tree threshold (64, or
+//! timer on its runtime (how long its tasks could not run). Then 30 % of the member nodes in every process (never
+//! the source's) are killed at once, as a crash would stop them (`Node::kill`: links dropped, no goodbye), and the
+//! first node publishes 200 more events 10 ms apart: what every surviving sink received or was told it missed, and
+//! what it was never told of (the target: 99.9 % received, the rest reported). Up to the nodes' tree threshold (64, or
 //! `KECHO_BENCH_TREE=THRESHOLD`) the channel is a full mesh (each node links to every other), so a run is bounded by
 //! file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory; above it the channel runs
 //! in tree mode (about 5 links per node; docs/SCALE.md).
@@ -86,6 +89,25 @@ struct EventRow {
     missed: u64,
     copies: u64,
 }
+
+/// Delivery to the survivors after a share of the member nodes was killed at once.
+#[derive(Serialize)]
+struct KillRow {
+    members: usize,
+    killed: usize,
+    events: u64,
+    received: u64,
+    missed: u64,
+    /// Neither received nor reported when the step limit was reached.
+    unaccounted: u64,
+    /// From the first event after the kill until every survivor had every event received or reported (ms).
+    accounted_ms: f64,
+}
+
+/// The share of member nodes killed at once (percent).
+const KILL_PERCENT: usize = 30;
+/// Events published after the kill, 10 ms apart.
+const AFTER_KILL: u64 = 200;
 
 fn settings(args: &BenchArgs) -> Result<(usize, usize, usize)> {
     let raw = std::env::var("KECHO_BENCH_MEMBERS").unwrap_or_else(|_| "200,4,20".into());
@@ -245,6 +267,13 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             Err(e) => stopped = Some(format!("events: {e:#}")),
         }
     }
+    let mut kills = Vec::new();
+    if stopped.is_none() {
+        match kill_and_publish(&mut hosts) {
+            Ok(row) => kills.push(row),
+            Err(e) => stopped = Some(format!("kill of {KILL_PERCENT} %: {e:#}")),
+        }
+    }
     let mut procs_rows = Vec::new();
     for h in &mut hosts {
         h.ask("rss")?;
@@ -310,6 +339,36 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         ]);
         s.tables.push(t);
     }
+    if let Some(k) = kills.first() {
+        let mut t = Table::new(
+            "after 30 % of the member nodes were killed at once (no goodbye)",
+            &[
+                "members",
+                "killed",
+                "events after",
+                "received by survivors",
+                "reported missed",
+                "never told",
+                "received (%)",
+                "all accounted for (ms)",
+            ],
+        );
+        let want = k.events * (k.members - k.killed) as u64;
+        let share = k.received as f64 / want.max(1) as f64;
+        t.row(vec![
+            k.members.to_string(),
+            k.killed.to_string(),
+            k.events.to_string(),
+            k.received.to_string(),
+            k.missed.to_string(),
+            k.unaccounted.to_string(),
+            format!("{:.2}", share * 100.0),
+            format!("{:.0}", k.accounted_ms),
+        ]);
+        s.tables.push(t);
+        s.checks.push(Check::at_least("received by the survivors after the kill", share * 100.0, 99.9, "%"));
+        s.checks.push(Check::at_most("events never told of after the kill", k.unaccounted as f64, 0.0, "events"));
+    }
     let mut t = Table::new(
         "member processes",
         &[
@@ -354,6 +413,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     s.put("processes", &procs_rows);
     s.put("events", &events);
     s.put("traffic", &traffic);
+    s.put("kills", &kills);
     Ok(s)
 }
 
@@ -417,6 +477,37 @@ fn publish(hosts: &mut [Host], n: u64) -> Result<EventRow> {
     Ok(EventRow { sinks, events: n, source_cpu_us: cpu_ns as f64 / 1e3, received, missed, copies })
 }
 
+/// Kills `KILL_PERCENT` % of the member nodes in every process at once, then the first node publishes `AFTER_KILL`
+/// events 10 ms apart; every surviving sink must get each of them or be told it missed it.
+fn kill_and_publish(hosts: &mut [Host]) -> Result<KillRow> {
+    let members: usize = hosts.iter().map(|h| h.nodes).sum();
+    for h in hosts.iter_mut() {
+        h.ask(&format!("kill {KILL_PERCENT}"))?;
+    }
+    let mut killed = 0;
+    for h in hosts.iter_mut() {
+        let k = h.answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<usize>()?;
+        h.nodes -= k;
+        killed += k;
+    }
+    let t0 = Instant::now();
+    hosts[0].ask(&format!("publish {AFTER_KILL} 10"))?;
+    hosts[0].answer()?;
+    let (mut received, mut missed) = (0, 0);
+    for h in hosts.iter_mut() {
+        h.ask(&format!("count {AFTER_KILL}"))?;
+    }
+    for h in hosts.iter_mut() {
+        let w = h.answer()?;
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        received += num(0).saturating_sub(num(1));
+        missed += num(1);
+    }
+    let accounted_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let unaccounted = (AFTER_KILL * (members - killed) as u64).saturating_sub(received + missed);
+    Ok(KillRow { members, killed, events: AFTER_KILL, received, missed, unaccounted, accounted_ms })
+}
+
 /// The child: hosts member nodes of `channel`, started on the parent's word (`join K`: one node, answered when it
 /// knows K sinks; `storm M K`: M nodes at once, answered when every node here knows K sinks; `rss`).
 pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
@@ -443,6 +534,7 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
         }
     });
     let mut members: Vec<(Node, Channel, Sink)> = Vec::new();
+    let mut killed: Vec<(Node, Channel, Sink)> = Vec::new();
     // Event frames that arrived here up to the last `mark`.
     let mut marked = 0u64;
     // The first node's source, made at the first `publish` and kept (a new source would change the node's members).
@@ -510,6 +602,21 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                     joined.map_err(|_| anyhow!("storm not converged within {STEP_LIMIT:?}"))??;
                     Ok(format!("ok {}", t0.elapsed().as_nanos()))
                 })
+            }
+            ["kill", pct] => {
+                // `kill PCT`: PCT % of the nodes here stop at once, as in a crash (no goodbye, links dropped); never
+                // the first (it may hold the source). Spread over the order of joining.
+                let pct: usize = pct.parse()?;
+                let n = members.len();
+                let k = (n * pct + 50) / 100;
+                let victims: Vec<usize> = (0..k).map(|j| 1 + j * (n - 1) / k.max(1)).filter(|i| *i < n).collect();
+                for &i in victims.iter().rev() {
+                    let m = members.remove(i);
+                    m.0.kill();
+                    // Kept (not dropped) until the process exits: a crashed node does nothing more.
+                    killed.push(m);
+                }
+                Ok(format!("ok {}", victims.len()))
             }
             ["control"] => {
                 let (frames, bytes) = members.iter().fold((0, 0), |(f, b), (_, ch, _)| {

@@ -197,6 +197,11 @@ struct SourceState {
     heard: u64,
     /// When its last event arrived or was published (for summaries).
     last_at: u64,
+    /// Per announcer, the number up to which it is listed among the announcers of every event of this source still
+    /// missing: an announcement looks only at the numbers above it, so that a member far behind a busy stream does
+    /// not walk its whole gap again for each announcement (quadratic in the gap). Lowered when the announcer is taken
+    /// off an event's list (grafted), so that its next announcement lists it again there.
+    listed: HashMap<NodeId, u64>,
 }
 
 /// Payloads shorter than this are copied into an allocation of their own when they arrive, before they are kept.
@@ -347,6 +352,9 @@ impl Gossip {
         for (announcers, _) in self.missing.values_mut() {
             announcers.retain(|p| *p != peer);
         }
+        for s in self.sources.values_mut() {
+            s.listed.remove(&peer);
+        }
     }
 
     /// A message from `from`.
@@ -495,6 +503,9 @@ impl Gossip {
             match announcers.pop_front() {
                 Some(p) => {
                     *at = now + self.cfg.graft_after;
+                    if let Some(mark) = self.sources.get_mut(&id.source).and_then(|s| s.listed.get_mut(&p)) {
+                        *mark = (*mark).min(id.seq.saturating_sub(1));
+                    }
                     if self.active.contains(&p) {
                         self.eager_of(id.source).insert(p);
                     }
@@ -584,12 +595,18 @@ impl Gossip {
         if id.seq < s.next {
             return;
         }
-        let first = s.next.max(id.seq.saturating_sub(self.cfg.max_graft_run - 1));
         s.heard = s.heard.max(id.seq);
         s.last_at = s.last_at.max(now);
         if s.gap_since.is_none() {
             s.gap_since = Some(now);
         }
+        let listed = s.listed.get(&from).copied().unwrap_or(0);
+        if id.seq <= listed {
+            // Every number up to it is missing with `from` listed, or arrived.
+            return;
+        }
+        let first = s.next.max(id.seq.saturating_sub(self.cfg.max_graft_run - 1)).max(listed + 1);
+        s.listed.insert(from, id.seq);
         for seq in first..=id.seq {
             let e = EventId { source: id.source, seq };
             if !self.seen.contains_key(&e) {

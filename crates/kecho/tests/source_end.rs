@@ -3,97 +3,16 @@
 //! waiting. Nodes reach each other through proxies on loopback that cut the links between chosen pairs of nodes (a
 //! proxy knows who dialled from the node id in the `Hello` frame), so the rest of the channel stays connected.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use kecho::{Attrs, MembershipConfig, Node, NodeId, RecvError, RegistryClient, SinkOptions, SourceKey};
-use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use kecho::{Attrs, MembershipConfig, Node, RecvError, RegistryClient, SinkOptions, SourceKey};
+use tokio::net::TcpListener;
+
+mod common;
+use common::Proxy;
 
 const T: Duration = Duration::from_secs(20);
-
-/// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
-/// (in both directions; nothing is closed, so only heartbeats notice).
-struct Proxy {
-    cut: Arc<Mutex<HashSet<u64>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Result<(Proxy, SocketAddr)> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let c = cut.clone();
-        let accept = tokio::spawn(async move {
-            let mut conns = Vec::new();
-            while let Ok((down, _)) = listener.accept().await {
-                let cut = c.clone();
-                conns.push(tokio::spawn(async move {
-                    let Ok(up) = TcpStream::connect(upstream).await else { return };
-                    let (mut dr, mut dw) = down.into_split();
-                    let (mut ur, mut uw) = up.into_split();
-                    // The dialler's node id is in its Hello: length (4), kind (1), magic (4), version (2), node (8).
-                    let mut hello = [0u8; 19];
-                    if dr.read_exact(&mut hello).await.is_err() || uw.write_all(&hello).await.is_err() {
-                        return;
-                    }
-                    let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
-                    let c2 = cut.clone();
-                    tokio::select! {
-                        _ = relay(&mut dr, &mut uw, &cut, dialler) => {}
-                        _ = relay(&mut ur, &mut dw, &c2, dialler) => {}
-                    }
-                }));
-            }
-            for c in conns {
-                c.abort();
-            }
-        });
-        Ok((Proxy { cut, accept }, addr))
-    }
-
-    fn cut(&self, dialler: NodeId, on: bool) {
-        let mut cut = self.cut.lock();
-        if on {
-            cut.insert(dialler.0);
-        } else {
-            cut.remove(&dialler.0);
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-async fn relay(
-    from: &mut tokio::net::tcp::OwnedReadHalf,
-    to: &mut tokio::net::tcp::OwnedWriteHalf,
-    cut: &Mutex<HashSet<u64>>,
-    dialler: u64,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if cut.lock().contains(&dialler) {
-            continue;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// A node reachable only through its own proxy.
 async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Proxy)> {

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use kecho::{Attrs, Channel, MembershipConfig, Node, RecvError, RegistryClient, SinkOptions};
+use kecho::{Attrs, Channel, Node, RecvError, RegistryClient, SinkOptions};
 use parking_lot::Mutex;
+
+mod common;
 
 const NODES: usize = 40;
 const THRESHOLD: usize = 8;
@@ -17,14 +19,7 @@ const THRESHOLD: usize = 8;
 const T: Duration = Duration::from_secs(90);
 
 async fn node_on(reg: &RegistryClient) -> Result<Node> {
-    let m = MembershipConfig { lease_ttl: Duration::from_secs(3), ..MembershipConfig::default() };
-    Ok(Node::builder()
-        .registry_client(reg.clone())
-        .heartbeat_timeout(Duration::from_millis(1500))
-        .membership(m)
-        .tree_threshold(THRESHOLD)
-        .start()
-        .await?)
+    common::tree_node(reg, THRESHOLD).await
 }
 
 /// What one sink received: per source (each publishes its own type), the sequence numbers in arrival order, and the
@@ -58,8 +53,12 @@ fn up_links(n: &Node) -> usize {
     n.link_stats().iter().filter(|l| l.up).count()
 }
 
+/// One test at a time: each runs its tens of nodes on the test's two worker threads.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_nodes_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let reg = RegistryClient::in_process_private();
     let mut nodes = Vec::new();
     let mut chans: Vec<Channel> = Vec::new();
@@ -194,5 +193,121 @@ async fn forty_nodes_in_tree_mode() -> Result<()> {
     })
     .await?;
     eprintln!("every survivor dropped the killed node {:.1} s after the events", gone.as_secs_f64());
+    Ok(())
+}
+
+/// `n` nodes on channel `name`, a sink on each whose log a task keeps.
+async fn members(
+    reg: &RegistryClient,
+    name: &str,
+    n: usize,
+) -> Result<(Vec<Node>, Vec<Channel>, Vec<Arc<Mutex<Log>>>)> {
+    let (mut nodes, mut chans, mut logs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let node = node_on(reg).await?;
+        let ch = if i == 0 { node.create_channel(name).await? } else { node.open_channel(name).await? };
+        let mut sink = ch.sink(SinkOptions::new().capacity(100_000))?;
+        let log = Arc::new(Mutex::new(Log::default()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            loop {
+                match sink.recv().await {
+                    Ok(e) => l.lock().seqs.entry(e.ty().to_owned()).or_default().push(e.seq()),
+                    Err(RecvError::Lagged(n)) => l.lock().lagged += n,
+                    Err(RecvError::Closed) => return,
+                    Err(other) => l.lock().other.push(other.to_string()),
+                }
+            }
+        });
+        nodes.push(node);
+        chans.push(ch);
+        logs.push(log);
+    }
+    Ok((nodes, chans, logs))
+}
+
+/// The issue's target in one process: 30 % of the member nodes (10 of 34) are killed at once (no goodbye, links
+/// dropped), while a source publishes. Every survivor gets every event published during the repair or is told it
+/// missed it (never silent), and every event published once the survivors dropped the dead gets to every survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 34;
+    const KILLED: usize = 10;
+    let reg = RegistryClient::in_process_private();
+    let (nodes, chans, logs) = members(&reg, "thirty", N).await?;
+    eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == N)).await?;
+    eventually("tree mode everywhere", || chans.iter().all(|c| c.tree_stats().on)).await?;
+    let key = "e";
+    let mut src = chans[0].source()?;
+    const WARM: u64 = 50;
+    for _ in 0..WARM {
+        src.submit(key, &Attrs::new(), b"warm").await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("the warm-up events at every sink", || logs.iter().all(|l| l.lock().count(key) as u64 == WARM)).await?;
+    // The killed: every third node but the source's, so that each part of the trees loses some.
+    let killed: Vec<usize> = (1..N).filter(|i| i % 3 == 1).take(KILLED).collect();
+    assert_eq!(killed.len(), KILLED);
+    for &i in &killed {
+        nodes[i].kill();
+    }
+    let survivors: Vec<usize> = (0..N).filter(|i| !killed.contains(i)).collect();
+    const DURING: u64 = 300;
+    for _ in 0..DURING {
+        src.submit(key, &Attrs::new(), &[1u8; 100]).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let total = WARM + DURING;
+    let waited = eventually("every event of the repair received or reported missed", || {
+        survivors.iter().all(|i| {
+            let l = logs[*i].lock();
+            l.count(key) as u64 + l.lagged >= total
+        })
+    })
+    .await?;
+    let (mut got, mut missed) = (0, 0);
+    for i in &survivors {
+        let l = logs[*i].lock();
+        let seqs = &l.seqs[key];
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sink {i}: in order, nothing twice");
+        assert_eq!(l.count(key) as u64 + l.lagged, total, "sink {i}: every event received or reported");
+        assert!(l.other.is_empty(), "sink {i}: {:?}", l.other);
+        got += l.count(key) as u64 - WARM;
+        missed += l.lagged;
+    }
+    let share = got as f64 / (DURING * survivors.len() as u64) as f64;
+    eprintln!(
+        "{KILLED} of {N} nodes killed at once: {got} of {} events received by the {} survivors ({:.2} %), {missed} \
+         reported missed, all accounted for {:.1} s after the last",
+        DURING * survivors.len() as u64,
+        survivors.len(),
+        share * 100.0,
+        waited.as_secs_f64()
+    );
+    let gone = eventually("every survivor to drop the killed nodes", || {
+        survivors.iter().all(|i| chans[*i].sinks() == N - KILLED)
+    })
+    .await?;
+    eprintln!("every survivor dropped the killed nodes {:.1} s later", gone.as_secs_f64());
+    const AFTER: u64 = 200;
+    let lagged: Vec<u64> = survivors.iter().map(|i| logs[*i].lock().lagged).collect();
+    for _ in 0..AFTER {
+        src.submit(key, &Attrs::new(), &[2u8; 100]).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually("every later event at every survivor", || {
+        survivors.iter().all(|i| {
+            let l = logs[*i].lock();
+            l.count(key) as u64 + l.lagged >= total + AFTER
+        })
+    })
+    .await?;
+    for (i, before) in survivors.iter().zip(lagged) {
+        let l = logs[*i].lock();
+        assert_eq!(l.lagged, before, "sink {i}: nothing of the later events missed");
+        let tail: Vec<u64> = l.seqs[key].iter().copied().filter(|s| *s > total).collect();
+        assert_eq!(tail, (total + 1..=total + AFTER).collect::<Vec<u64>>(), "sink {i}: every later event, in order");
+    }
     Ok(())
 }

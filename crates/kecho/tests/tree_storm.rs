@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use kecho::{Channel, MembershipConfig, Node, RegistryClient, Sink, SinkOptions};
+use kecho::{Channel, Node, RegistryClient, Sink, SinkOptions};
+
+mod common;
 
 const BEFORE: usize = 24;
 const STORM: usize = 12;
@@ -15,14 +17,7 @@ const THRESHOLD: usize = 8;
 const T: Duration = Duration::from_secs(60);
 
 async fn node_on(reg: &RegistryClient) -> Result<Node> {
-    let m = MembershipConfig { lease_ttl: Duration::from_secs(3), ..MembershipConfig::default() };
-    Ok(Node::builder()
-        .registry_client(reg.clone())
-        .heartbeat_timeout(Duration::from_millis(1500))
-        .membership(m)
-        .tree_threshold(THRESHOLD)
-        .start()
-        .await?)
+    common::tree_node(reg, THRESHOLD).await
 }
 
 async fn join(reg: &RegistryClient) -> Result<(Node, Channel, Sink)> {

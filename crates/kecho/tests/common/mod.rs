@@ -1,9 +1,19 @@
 //! Scenarios that more than one transport's tests run as they are.
 
+// Each test file uses some of these helpers.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Event, Node, Overflow, RecvError, SinkOptions};
+use kecho::{Attrs, Event, MembershipConfig, Node, NodeId, Overflow, RecvError, RegistryClient, SinkOptions};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
@@ -106,4 +116,98 @@ pub async fn a_crashed_member_is_removed_and_the_others_carry_on(nodes: &[Node],
     src.submit("e", &Attrs::new(), b"").await?;
     assert_eq!(recv(&mut sc).await?.seq(), 1);
     Ok(())
+}
+
+/// A node in tree mode above `threshold` member nodes, on loopback (the tree tests' nodes: a lease of 3 s and a
+/// heartbeat timeout of 1.5 s, generous on a loaded machine).
+pub async fn tree_node(reg: &RegistryClient, threshold: usize) -> Result<Node> {
+    let m = MembershipConfig { lease_ttl: Duration::from_secs(3), ..MembershipConfig::default() };
+    Ok(Node::builder()
+        .registry_client(reg.clone())
+        .heartbeat_timeout(Duration::from_millis(1500))
+        .membership(m)
+        .tree_threshold(threshold)
+        .start()
+        .await?)
+}
+
+/// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
+/// (in both directions; nothing is closed, so only heartbeats notice). A proxy knows who dialled from the node id in
+/// the `Hello` frame.
+pub struct Proxy {
+    cut: Arc<Mutex<HashSet<u64>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy towards `upstream`, and the address it listens on.
+    pub async fn start(upstream: SocketAddr) -> Result<(Proxy, SocketAddr)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let c = cut.clone();
+        let accept = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((down, _)) = listener.accept().await {
+                let cut = c.clone();
+                conns.push(tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    // The dialler's node id is in its Hello: length (4), kind (1), magic (4), version (2), node (8).
+                    let mut hello = [0u8; 19];
+                    if dr.read_exact(&mut hello).await.is_err() || uw.write_all(&hello).await.is_err() {
+                        return;
+                    }
+                    let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
+                    let c2 = cut.clone();
+                    tokio::select! {
+                        _ = relay(&mut dr, &mut uw, &cut, dialler) => {}
+                        _ = relay(&mut ur, &mut dw, &c2, dialler) => {}
+                    }
+                }));
+            }
+            for c in conns {
+                c.abort();
+            }
+        });
+        Ok((Proxy { cut, accept }, addr))
+    }
+
+    /// Cuts (or heals) the connections dialled by node `dialler`.
+    pub fn cut(&self, dialler: NodeId, on: bool) {
+        let mut cut = self.cut.lock();
+        if on {
+            cut.insert(dialler.0);
+        } else {
+            cut.remove(&dialler.0);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn relay(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    cut: &Mutex<HashSet<u64>>,
+    dialler: u64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut.lock().contains(&dialler) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
