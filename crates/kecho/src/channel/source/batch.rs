@@ -44,7 +44,7 @@ impl Source {
     /// wake-up are paid once per run of events rather than once per event: the way to the highest event rates. The
     /// events are checked before any is sent: one that is too large fails the batch with nothing sent.
     pub async fn submit_many<P: AsRef<[u8]>>(&mut self, ty: &str, attrs: &Attrs, payloads: &[P]) -> Result<Range<u64>> {
-        super::cooperate().await;
+        self.cooperate(u32::try_from(payloads.len()).unwrap_or(u32::MAX)).await;
         self.submit_many_inner(ty, attrs, payloads, true, EventOptions::default()).await
     }
 
@@ -57,7 +57,7 @@ impl Source {
         payloads: &[P],
         opts: EventOptions,
     ) -> Result<Range<u64>> {
-        super::cooperate().await;
+        self.cooperate(u32::try_from(payloads.len()).unwrap_or(u32::MAX)).await;
         self.submit_many_inner(ty, attrs, payloads, true, opts).await
     }
 
