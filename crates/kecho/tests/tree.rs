@@ -60,29 +60,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn forty_nodes_in_tree_mode() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let reg = RegistryClient::in_process_private();
-    let mut nodes = Vec::new();
-    let mut chans: Vec<Channel> = Vec::new();
-    let mut logs: Vec<Arc<Mutex<Log>>> = Vec::new();
-    for i in 0..NODES {
-        let node = node_on(&reg).await?;
-        let ch = if i == 0 { node.create_channel("big").await? } else { node.open_channel("big").await? };
-        let mut sink = ch.sink(SinkOptions::new().capacity(100_000))?;
-        let log = Arc::new(Mutex::new(Log::default()));
-        let l = log.clone();
-        tokio::spawn(async move {
-            loop {
-                match sink.recv().await {
-                    Ok(e) => l.lock().seqs.entry(e.ty().to_owned()).or_default().push(e.seq()),
-                    Err(RecvError::Lagged(n)) => l.lock().lagged += n,
-                    Err(RecvError::Closed) => return,
-                    Err(other) => l.lock().other.push(other.to_string()),
-                }
-            }
-        });
-        nodes.push(node);
-        chans.push(ch);
-        logs.push(log);
-    }
+    let (nodes, chans, logs) = members(&reg, "big", NODES).await?;
     let joined = eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == NODES)).await?;
     eprintln!("every node knows the {NODES} sinks {:.1} s after the last join", joined.as_secs_f64());
     for (i, c) in chans.iter().enumerate() {
