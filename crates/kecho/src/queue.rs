@@ -82,6 +82,7 @@ impl Event {
     }
 
     /// The deadline in microseconds since the Unix epoch, if it has one.
+    #[inline]
     fn deadline_us(&self) -> Option<u64> {
         self.extra.as_ref().and_then(|x| x.deadline).map(std::num::NonZeroU64::get)
     }
@@ -127,6 +128,73 @@ impl std::fmt::Debug for Event {
             .field("attrs", self.attrs())
             .field("payload_len", &self.payload.len())
             .finish()
+    }
+}
+
+/// The events of an `EventRun` frame as a sink queue holds them, built one at a time (straight into a queue by
+/// [`SinkQueue::offer_many`]). The run's events share one type name, one attribute list and one payload buffer of
+/// their own: what the receiving link's reader adds to their reference counts per event stays in its core's cache,
+/// and the sink's thread drops them later with the run's other events, instead of both threads counting on a link's
+/// type name and read buffer at the same time.
+#[derive(Clone)]
+pub(crate) struct RunEvents {
+    ty: Arc<str>,
+    extra: Option<Arc<Extra>>,
+    /// `len u32 | payload` per event, checked when the frame was decoded.
+    body: Bytes,
+    at: usize,
+    left: usize,
+    seq: u64,
+    source: SourceKey,
+}
+
+impl RunEvents {
+    /// The events of `run` from its source `source`, skipping its first `skip` (which arrived before).
+    pub(crate) fn new(run: kecho_proto::codec::EventRunMsg, skip: usize, source: SourceKey) -> RunEvents {
+        let ty: Arc<str> = Arc::from(&*run.ty);
+        let extra = (!run.attrs.is_empty()).then(|| Arc::new(Extra { attrs: run.attrs, deadline: None }));
+        let mut evs =
+            RunEvents { ty, extra, body: Bytes::from_owner(run.body), at: 0, left: run.count, seq: run.first, source };
+        for _ in 0..skip.min(run.count) {
+            evs.next_payload();
+        }
+        evs
+    }
+
+    /// The next event's place in `body` and its sequence number.
+    #[inline]
+    fn next_payload(&mut self) -> Option<(std::ops::Range<usize>, u64)> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let b = self.body.get(self.at..self.at + 4)?;
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let start = self.at + 4;
+        self.at = start + len;
+        let seq = self.seq;
+        self.seq += 1;
+        Some((start..self.at, seq))
+    }
+}
+
+impl Iterator for RunEvents {
+    type Item = Event;
+
+    #[inline]
+    fn next(&mut self) -> Option<Event> {
+        let (r, seq) = self.next_payload()?;
+        Some(Event {
+            ty: self.ty.clone(),
+            extra: self.extra.clone(),
+            payload: self.body.slice(r),
+            seq,
+            source: self.source,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
     }
 }
 
@@ -232,6 +300,16 @@ impl Taken {
     /// (`now_us` is read once, and only if an event may have a deadline); returns how many it moved.
     fn pop_events(&mut self, out: &mut Vec<Event>, max: usize, now_us: impl Fn() -> u64) -> usize {
         let now = self.timely.then(now_us);
+        if now.is_none() {
+            // No deadlines to look at: the events before the first notice move in one go.
+            let n = self.items.iter().take(max).take_while(|i| matches!(i, Item::Event(_))).count();
+            out.extend(self.items.drain(..n).filter_map(|i| match i {
+                Item::Event(e) => Some(e),
+                _ => None,
+            }));
+            self.events -= n;
+            return n;
+        }
         let mut n = 0;
         while n < max {
             match self.items.front() {
@@ -374,10 +452,20 @@ impl SinkQueue {
     /// Offers events in order under one lock. Stops at the first that does not fit a full Block queue and returns
     /// it (the caller waits for room, then offers it and the rest again), or at a closed queue. Returns how many
     /// were queued (whole or in place of discarded ones) and what stopped it.
-    pub(crate) fn offer_many(&self, evs: impl Iterator<Item = Event>) -> (u64, u64, Option<Offer>) {
+    pub(crate) fn offer_many(&self, mut evs: impl Iterator<Item = Event>) -> (u64, u64, Option<Offer>) {
         let mut q = self.q.lock();
         let (mut queued, mut dropped) = (0, 0);
         let mut stop = None;
+        // As many as surely fit go in without a decision each (every policy queues an event that fits).
+        let fit = evs.size_hint().0.min(self.cap.saturating_sub(q.events));
+        if fit > 0 && !q.closed {
+            let (mut timely, before) = (false, q.items.len());
+            q.items.extend(evs.by_ref().take(fit).inspect(|e| timely |= e.deadline_us().is_some()).map(Item::Event));
+            let n = q.items.len() - before;
+            q.timely |= timely;
+            q.events += n;
+            queued += n as u64;
+        }
         for ev in evs {
             match self.offer_locked(&mut q, ev) {
                 Offer::Queued => queued += 1,
