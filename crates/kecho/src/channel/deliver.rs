@@ -458,3 +458,30 @@ impl ChannelInner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `arrived_run` decides as `arrived` per event would, from every state a source's track can be in: what arrived
+    /// before (skipped), the gap before the rest, and the track afterwards.
+    #[test]
+    fn a_run_is_accounted_for_as_its_events_one_by_one() {
+        for skipped in 0..4 {
+            for last in 0..8 {
+                for first in 1..10 {
+                    for count in 1..6usize {
+                        let track = || RecvTrack { skipped, last, last_seq: last + skipped, ..RecvTrack::default() };
+                        let mut one = track();
+                        let each: Vec<Option<u64>> = (0..count).map(|i| one.arrived(first + i as u64)).collect();
+                        let want = each.iter().position(Option::is_some).map(|i| (i, each[i].unwrap_or(0)));
+                        let mut run = track();
+                        let case = (skipped, last, first, count);
+                        assert_eq!(run.arrived_run(first, count), want, "{case:?}: {each:?}");
+                        assert_eq!((run.last, run.last_seq), (one.last, one.last_seq), "{case:?}");
+                    }
+                }
+            }
+        }
+    }
+}
