@@ -817,15 +817,24 @@ fn push_lag(items: &mut VecDeque<Item>, n: u64) {
     }
 }
 
+/// How much memory of earlier chunks a [`ChunkBuf`] keeps to use again: the default bound of a link's queue
+/// (`NodeBuilder::link_queue_bytes`), since a busy link's queue pins that much of a source's chunks until the writer
+/// has sent them. With less kept, a source that its link holds back finds the kept chunks still pinned and allocates
+/// a fresh one for most of its frames, and the allocator hands back memory that the kernel must fault in page by page
+/// (a third of such a source's CPU in `examples/local`, before). A source that was never held back keeps little:
+/// chunks are kept only once they were needed.
+const SPARE_BYTES: usize = 8 << 20;
+
 /// Memory that frames are cut from (and share until they are written): chunks of a given size. A chunk whose frames
 /// are all gone is used again rather than freed, so that a busy sender neither allocates nor touches fresh pages per
 /// chunk (freed chunks of this size tend to go back to the system and come back as page faults); nothing is
-/// allocated before the first use.
+/// allocated before the first use, and at most [`SPARE_BYTES`] of earlier chunks are kept.
 #[derive(Default)]
 pub(crate) struct ChunkBuf {
     cur: BytesMut,
-    /// The chunk used before `cur`, kept to be reclaimed once its last frame is dropped.
-    spare: BytesMut,
+    /// Chunks used before `cur`, oldest first (the first to be free again), kept to be reclaimed once their last
+    /// frame is dropped.
+    spares: VecDeque<BytesMut>,
 }
 
 impl ChunkBuf {
@@ -839,15 +848,30 @@ impl ChunkBuf {
     #[inline]
     pub(crate) fn room(&mut self, need: usize, chunk: usize) -> &mut BytesMut {
         if self.left() < need {
-            debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
-            let want = need.max(chunk);
-            if self.spare.try_reclaim(want) {
-                std::mem::swap(&mut self.cur, &mut self.spare);
-            } else if !self.cur.try_reclaim(want) {
-                self.spare = std::mem::replace(&mut self.cur, BytesMut::with_capacity(want));
-            }
+            self.next_chunk(need.max(chunk));
         }
         &mut self.cur
+    }
+
+    /// Makes a chunk with room for `want` bytes current: the current one if all its frames are gone, else the oldest
+    /// kept one that is free, else a new one.
+    #[cold]
+    fn next_chunk(&mut self, want: usize) {
+        debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
+        if self.cur.try_reclaim(want) {
+            return;
+        }
+        let next = match self.spares.iter_mut().position(|s| s.try_reclaim(want)) {
+            Some(i) => self.spares.remove(i).unwrap_or_default(),
+            None => BytesMut::with_capacity(want),
+        };
+        let old = std::mem::replace(&mut self.cur, next);
+        if old.capacity() > 0 {
+            if (self.spares.len() + 1) * want > SPARE_BYTES {
+                self.spares.pop_front();
+            }
+            self.spares.push_back(old);
+        }
     }
 
     /// The bytes written since the last `split`.
@@ -1092,6 +1116,30 @@ mod tests {
         let queued = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("offer woken").unwrap();
         assert!(queued);
         assert_eq!(drain_with(&q, &mut taken), ["2", "3"]);
+    }
+
+    /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its
+    /// chunks again once their frames are sent, rather than allocating one after the other.
+    #[test]
+    fn chunks_pinned_by_a_long_queue_are_used_again() {
+        let mut c = ChunkBuf::default();
+        let mut queued = VecDeque::new();
+        let (mut bases, mut fresh_later) = (std::collections::HashSet::new(), 0);
+        for i in 0..30_000 {
+            let switch = c.left() < 1_000;
+            let b = c.room(1_000, 64 * 1024);
+            if switch && bases.insert(b.as_ptr() as usize) && i > 10_000 {
+                fresh_later += 1;
+            }
+            b.extend_from_slice(&[i as u8; 1_000]);
+            queued.push_back(c.split());
+            // The writer sends the oldest frame once 6,500 wait.
+            if queued.len() > 6_500 {
+                queued.pop_front();
+            }
+        }
+        assert_eq!(fresh_later, 0, "chunks allocated in the steady state (of {} in all)", bases.len());
+        assert!(bases.len() < 110, "{} chunks for about 100 in flight", bases.len());
     }
 
     #[test]
