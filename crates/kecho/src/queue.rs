@@ -82,6 +82,7 @@ impl Event {
     }
 
     /// The deadline in microseconds since the Unix epoch, if it has one.
+    #[inline]
     fn deadline_us(&self) -> Option<u64> {
         self.extra.as_ref().and_then(|x| x.deadline).map(std::num::NonZeroU64::get)
     }
@@ -127,6 +128,73 @@ impl std::fmt::Debug for Event {
             .field("attrs", self.attrs())
             .field("payload_len", &self.payload.len())
             .finish()
+    }
+}
+
+/// The events of an `EventRun` frame as a sink queue holds them, built one at a time (straight into a queue by
+/// [`SinkQueue::offer_many`]). The run's events share one type name, one attribute list and one payload buffer of
+/// their own: what the receiving link's reader adds to their reference counts per event stays in its core's cache,
+/// and the sink's thread drops them later with the run's other events, instead of both threads counting on a link's
+/// type name and read buffer at the same time.
+#[derive(Clone)]
+pub(crate) struct RunEvents {
+    ty: Arc<str>,
+    extra: Option<Arc<Extra>>,
+    /// `len u32 | payload` per event, checked when the frame was decoded.
+    body: Bytes,
+    at: usize,
+    left: usize,
+    seq: u64,
+    source: SourceKey,
+}
+
+impl RunEvents {
+    /// The events of `run` from its source `source`, skipping its first `skip` (which arrived before).
+    pub(crate) fn new(run: kecho_proto::codec::EventRunMsg, skip: usize, source: SourceKey) -> RunEvents {
+        let ty: Arc<str> = Arc::from(&*run.ty);
+        let extra = (!run.attrs.is_empty()).then(|| Arc::new(Extra { attrs: run.attrs, deadline: None }));
+        let mut evs =
+            RunEvents { ty, extra, body: Bytes::from_owner(run.body), at: 0, left: run.count, seq: run.first, source };
+        for _ in 0..skip.min(run.count) {
+            evs.next_payload();
+        }
+        evs
+    }
+
+    /// The next event's place in `body` and its sequence number.
+    #[inline]
+    fn next_payload(&mut self) -> Option<(std::ops::Range<usize>, u64)> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let b = self.body.get(self.at..self.at + 4)?;
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let start = self.at + 4;
+        self.at = start + len;
+        let seq = self.seq;
+        self.seq += 1;
+        Some((start..self.at, seq))
+    }
+}
+
+impl Iterator for RunEvents {
+    type Item = Event;
+
+    #[inline]
+    fn next(&mut self) -> Option<Event> {
+        let (r, seq) = self.next_payload()?;
+        Some(Event {
+            ty: self.ty.clone(),
+            extra: self.extra.clone(),
+            payload: self.body.slice(r),
+            seq,
+            source: self.source,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
     }
 }
 
@@ -232,6 +300,16 @@ impl Taken {
     /// (`now_us` is read once, and only if an event may have a deadline); returns how many it moved.
     fn pop_events(&mut self, out: &mut Vec<Event>, max: usize, now_us: impl Fn() -> u64) -> usize {
         let now = self.timely.then(now_us);
+        if now.is_none() {
+            // No deadlines to look at: the events before the first notice move in one go.
+            let n = self.items.iter().take(max).take_while(|i| matches!(i, Item::Event(_))).count();
+            out.extend(self.items.drain(..n).filter_map(|i| match i {
+                Item::Event(e) => Some(e),
+                _ => None,
+            }));
+            self.events -= n;
+            return n;
+        }
         let mut n = 0;
         while n < max {
             match self.items.front() {
@@ -374,10 +452,20 @@ impl SinkQueue {
     /// Offers events in order under one lock. Stops at the first that does not fit a full Block queue and returns
     /// it (the caller waits for room, then offers it and the rest again), or at a closed queue. Returns how many
     /// were queued (whole or in place of discarded ones) and what stopped it.
-    pub(crate) fn offer_many(&self, evs: impl Iterator<Item = Event>) -> (u64, u64, Option<Offer>) {
+    pub(crate) fn offer_many(&self, mut evs: impl Iterator<Item = Event>) -> (u64, u64, Option<Offer>) {
         let mut q = self.q.lock();
         let (mut queued, mut dropped) = (0, 0);
         let mut stop = None;
+        // As many as surely fit go in without a decision each (every policy queues an event that fits).
+        let fit = evs.size_hint().0.min(self.cap.saturating_sub(q.events));
+        if fit > 0 && !q.closed {
+            let (mut timely, before) = (false, q.items.len());
+            q.items.extend(evs.by_ref().take(fit).inspect(|e| timely |= e.deadline_us().is_some()).map(Item::Event));
+            let n = q.items.len() - before;
+            q.timely |= timely;
+            q.events += n;
+            queued += n as u64;
+        }
         for ev in evs {
             match self.offer_locked(&mut q, ev) {
                 Offer::Queued => queued += 1,
@@ -729,15 +817,24 @@ fn push_lag(items: &mut VecDeque<Item>, n: u64) {
     }
 }
 
+/// How much memory of earlier chunks a [`ChunkBuf`] keeps to use again: the default bound of a link's queue
+/// (`NodeBuilder::link_queue_bytes`), since a busy link's queue pins that much of a source's chunks until the writer
+/// has sent them. With less kept, a source that its link holds back finds the kept chunks still pinned and allocates
+/// a fresh one for most of its frames, and the allocator hands back memory that the kernel must fault in page by page
+/// (a third of such a source's CPU in `examples/local`, before). A source that was never held back keeps little:
+/// chunks are kept only once they were needed.
+const SPARE_BYTES: usize = 8 << 20;
+
 /// Memory that frames are cut from (and share until they are written): chunks of a given size. A chunk whose frames
 /// are all gone is used again rather than freed, so that a busy sender neither allocates nor touches fresh pages per
 /// chunk (freed chunks of this size tend to go back to the system and come back as page faults); nothing is
-/// allocated before the first use.
+/// allocated before the first use, and at most [`SPARE_BYTES`] of earlier chunks are kept.
 #[derive(Default)]
 pub(crate) struct ChunkBuf {
     cur: BytesMut,
-    /// The chunk used before `cur`, kept to be reclaimed once its last frame is dropped.
-    spare: BytesMut,
+    /// Chunks used before `cur`, oldest first (the first to be free again), kept to be reclaimed once their last
+    /// frame is dropped.
+    spares: VecDeque<BytesMut>,
 }
 
 impl ChunkBuf {
@@ -751,15 +848,30 @@ impl ChunkBuf {
     #[inline]
     pub(crate) fn room(&mut self, need: usize, chunk: usize) -> &mut BytesMut {
         if self.left() < need {
-            debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
-            let want = need.max(chunk);
-            if self.spare.try_reclaim(want) {
-                std::mem::swap(&mut self.cur, &mut self.spare);
-            } else if !self.cur.try_reclaim(want) {
-                self.spare = std::mem::replace(&mut self.cur, BytesMut::with_capacity(want));
-            }
+            self.next_chunk(need.max(chunk));
         }
         &mut self.cur
+    }
+
+    /// Makes a chunk with room for `want` bytes current: the current one if all its frames are gone, else the oldest
+    /// kept one that is free, else a new one.
+    #[cold]
+    fn next_chunk(&mut self, want: usize) {
+        debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
+        if self.cur.try_reclaim(want) {
+            return;
+        }
+        let next = match self.spares.iter_mut().position(|s| s.try_reclaim(want)) {
+            Some(i) => self.spares.remove(i).unwrap_or_default(),
+            None => BytesMut::with_capacity(want),
+        };
+        let old = std::mem::replace(&mut self.cur, next);
+        if old.capacity() > 0 {
+            if (self.spares.len() + 1) * want > SPARE_BYTES {
+                self.spares.pop_front();
+            }
+            self.spares.push_back(old);
+        }
     }
 
     /// The bytes written since the last `split`.
@@ -1004,6 +1116,30 @@ mod tests {
         let queued = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("offer woken").unwrap();
         assert!(queued);
         assert_eq!(drain_with(&q, &mut taken), ["2", "3"]);
+    }
+
+    /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its
+    /// chunks again once their frames are sent, rather than allocating one after the other.
+    #[test]
+    fn chunks_pinned_by_a_long_queue_are_used_again() {
+        let mut c = ChunkBuf::default();
+        let mut queued = VecDeque::new();
+        let (mut bases, mut fresh_later) = (std::collections::HashSet::new(), 0);
+        for i in 0..30_000 {
+            let switch = c.left() < 1_000;
+            let b = c.room(1_000, 64 * 1024);
+            if switch && bases.insert(b.as_ptr() as usize) && i > 10_000 {
+                fresh_later += 1;
+            }
+            b.extend_from_slice(&[i as u8; 1_000]);
+            queued.push_back(c.split());
+            // The writer sends the oldest frame once 6,500 wait.
+            if queued.len() > 6_500 {
+                queued.pop_front();
+            }
+        }
+        assert_eq!(fresh_later, 0, "chunks allocated in the steady state (of {} in all)", bases.len());
+        assert!(bases.len() < 110, "{} chunks for about 100 in flight", bases.len());
     }
 
     #[test]

@@ -350,3 +350,89 @@ async fn mixed_runs_arrive_in_order_with_their_types_and_attributes() -> Result<
     }
     Ok(())
 }
+
+/// Waits until `sink` has counted `n` events as dropped (its queue's policy discarded them).
+async fn dropped_reaches(sink: &kecho::Sink, n: u64) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    while sink.dropped() < n {
+        if t0.elapsed() > T {
+            bail!("{} of {n} events counted as dropped", sink.dropped());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Drains a sink that holds `kept` events after `lost` were reported lost: its events' numbers in order, and the lag
+/// notices as `None` with their count.
+async fn drain_exactly(sink: &mut kecho::Sink, total: usize) -> Result<(Vec<u32>, u64)> {
+    let (mut got, mut lagged, mut evs) = (Vec::new(), 0u64, Vec::new());
+    while got.len() + lagged as usize != total {
+        match timeout(T, sink.recv_many(&mut evs, 64)).await.context("draining")? {
+            Ok(_) => got.extend(evs.drain(..).map(|e| u32::from_le_bytes(e.payload()[..4].try_into().expect("4")))),
+            Err(RecvError::Lagged(k)) => lagged += k,
+            Err(e) => bail!("{e}"),
+        }
+        assert!(got.len() + lagged as usize <= total, "more than {total} events or notices");
+    }
+    Ok((got, lagged))
+}
+
+/// Runs reaching several sinks of which none blocks (each sink's events are built straight into its queue) and,
+/// through an IN-filter, the per-event path: each sink gets its share whole and in order, a full queue's drops are
+/// reported exactly in their place (DropNewest keeps the first events, DropOldest the last), and the IN-filter
+/// decides on every event of a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_reach_several_sinks_with_exact_loss_and_in_filters_per_event() -> Result<()> {
+    for mode in MODES {
+        for in_filter in [false, true] {
+            let reg = RegistryClient::in_process_private();
+            let a = builder(&reg, mode).start().await?;
+            let b = builder(&reg, mode).start().await?;
+            let ca = a.create_channel("several").await?;
+            let cb = b.open_channel("several").await?;
+            // Every third event is dropped by the IN-filter, if there is one.
+            let kept = |i: u32| !in_filter || !i.is_multiple_of(3);
+            if in_filter {
+                cb.set_in_filter(Some(std::sync::Arc::new(
+                    |ev: &mut kecho::filter::InEvent<'_>, _: &kecho::filter::LocalSinks<'_>| {
+                        let i = u32::from_le_bytes(ev.payload()[..4].try_into().expect("4 bytes"));
+                        if i.is_multiple_of(3) {
+                            kecho::filter::InDecision::Drop
+                        } else {
+                            kecho::filter::InDecision::Deliver
+                        }
+                    },
+                )));
+            }
+            let mut all = cb.sink(SinkOptions::new().capacity(100_000).overflow(Overflow::DropNewest))?;
+            let mut newest = cb.sink(SinkOptions::new().capacity(50).overflow(Overflow::DropNewest))?;
+            let mut oldest = cb.sink(SinkOptions::new().capacity(50).overflow(Overflow::DropOldest))?;
+            ca.wait_for_sinks(3, T).await?;
+            let mut src = ca.source()?;
+            let n = 5_000u32;
+            for from in (0..n).step_by(250) {
+                let batch: Vec<Vec<u8>> = (from..from + 250).map(payload).collect();
+                src.submit_many("e", &Attrs::new(), &batch).await?;
+            }
+            let want: Vec<u32> = (0..n).filter(|&i| kept(i)).collect();
+            let ctx = || format!("mode {mode:?}, IN-filter {in_filter}");
+            let evs = recv_n(&mut all, want.len(), 100).await.with_context(ctx)?;
+            for (ev, &i) in evs.iter().zip(&want) {
+                assert_eq!((ev.seq(), &ev.payload()[..]), (u64::from(i) + 1, &payload(i)[..]), "{}", ctx());
+            }
+            let lost = (want.len() - 50) as u64;
+            dropped_reaches(&newest, lost).await.with_context(ctx)?;
+            dropped_reaches(&oldest, lost).await.with_context(ctx)?;
+            assert_eq!(drain_exactly(&mut newest, want.len()).await?, (want[..50].to_vec(), lost), "{}", ctx());
+            assert_eq!(
+                drain_exactly(&mut oldest, want.len()).await?,
+                (want[want.len() - 50..].to_vec(), lost),
+                "{}",
+                ctx()
+            );
+            assert_eq!(all.dropped(), 0, "{}", ctx());
+        }
+    }
+    Ok(())
+}

@@ -20,7 +20,9 @@ mod run;
 
 // The registry's messages carry these; they are named from here like every other message field.
 pub use registry::{ClaimMode, RegEntry, RegErrorCode, RegResult};
-pub use run::{decode_event_run, encode_event_run, is_event_run, EVENT_RUN};
+pub use run::{
+    decode_event_run, decode_event_run_msg, encode_event_run, is_event_run, EventRunMsg, RunPayloads, EVENT_RUN,
+};
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
 pub const PROTOCOL_VERSION: u16 = 9;

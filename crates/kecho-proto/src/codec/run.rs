@@ -9,6 +9,8 @@
 //! a receiver treats it exactly as the `Event` frame that single submits would have sent. A run is not a
 //! [`Message`](super::Message): `decode_body` refuses its kind, and links decode it with [`decode_event_run`].
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{begin_frame, end_frame, kind, put_attrs, put_str, DecodeError, EventMsg, Reader, TypeNames};
@@ -49,11 +51,94 @@ pub fn encode_event_run<'a>(
     end_frame(dst, start);
 }
 
+/// An event run's frame, checked whole and not yet split into events: its header, and the events' lengths and
+/// payloads (`body`) as on the wire. [`EventRunMsg::events`] yields the very events [`decode_event_run`] does; a
+/// receiver may instead walk [`EventRunMsg::payloads`] and build its own representation of each event, without an
+/// [`EventMsg`] in between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRunMsg {
+    /// Channel.
+    pub channel: ChannelId,
+    /// The source on the sending node.
+    pub source: LocalId,
+    /// The first event's sequence number (at least 1; `first + count - 1` does not pass `u64::MAX`).
+    pub first: u64,
+    /// The run's type name (shared through the decoder's [`TypeNames`] cache).
+    pub ty: Arc<str>,
+    /// The run's attribute list.
+    pub attrs: Attrs,
+    /// Number of events, at least 1.
+    pub count: usize,
+    /// `count` times `len u32 | payload`, checked: the lengths add up to the body exactly.
+    pub body: Bytes,
+}
+
+impl EventRunMsg {
+    /// The payloads' places in `body`, in order (checked at decoding, so no bounds fail).
+    pub fn payloads(&self) -> RunPayloads<'_> {
+        RunPayloads { body: &self.body, at: 0, left: self.count }
+    }
+
+    /// The run's events as `Event` frames of their own would carry them; the payloads share `body`'s memory.
+    pub fn events(self) -> impl ExactSizeIterator<Item = EventMsg> {
+        let ranges: Vec<std::ops::Range<usize>> = self.payloads().collect();
+        let EventRunMsg { channel, source, first, ty, attrs, body, .. } = self;
+        ranges.into_iter().enumerate().map(move |(i, r)| EventMsg {
+            channel,
+            source,
+            seq: first + i as u64,
+            ty: ty.clone(),
+            attrs: attrs.clone(),
+            payload: body.slice(r),
+        })
+    }
+}
+
+/// The places of a run's payloads in its body (see [`EventRunMsg::payloads`]).
+#[derive(Debug)]
+pub struct RunPayloads<'a> {
+    body: &'a [u8],
+    at: usize,
+    left: usize,
+}
+
+impl Iterator for RunPayloads<'_> {
+    type Item = std::ops::Range<usize>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let b = &self.body[self.at..self.at + 4];
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let start = self.at + 4;
+        self.at = start + len;
+        Some(start..self.at)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for RunPayloads<'_> {}
+
 /// Decodes an event run's frame body (see [`is_event_run`]) and appends its events to `out`, in order; the payloads
 /// share the frame's memory. The whole frame is checked before anything is appended: on an error `out` is as it
 /// was. A run of no events, one whose numbers would pass `u64::MAX`, a length beyond the frame or bytes after the last
 /// event are errors.
-pub fn decode_event_run(mut frame: Bytes, names: &mut TypeNames, out: &mut Vec<EventMsg>) -> Result<(), DecodeError> {
+pub fn decode_event_run(frame: Bytes, names: &mut TypeNames, out: &mut Vec<EventMsg>) -> Result<(), DecodeError> {
+    let run = decode_event_run_msg(frame, names)?;
+    out.reserve(run.count);
+    out.extend(run.events());
+    Ok(())
+}
+
+/// Decodes and checks an event run's frame body whole (the errors of [`decode_event_run`]) without splitting it into
+/// events.
+pub fn decode_event_run_msg(mut frame: Bytes, names: &mut TypeNames) -> Result<EventRunMsg, DecodeError> {
     if frame.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -75,7 +160,7 @@ pub fn decode_event_run(mut frame: Bytes, names: &mut TypeNames, out: &mut Vec<E
     if count == 0 || first == 0 || first.checked_add(count as u64 - 1).is_none() {
         return Err(DecodeError::BadTag { kind: k, what: "event run numbering", tag: 0 });
     }
-    // Checked whole first: the payloads' lengths must add up to the rest of the frame exactly.
+    // Checked whole: the payloads' lengths must add up to the rest of the frame exactly.
     let body = r.b;
     let mut at = 0usize;
     for _ in 0..count {
@@ -92,20 +177,5 @@ pub fn decode_event_run(mut frame: Bytes, names: &mut TypeNames, out: &mut Vec<E
     if at != body.len() {
         return Err(DecodeError::Trailing { kind: k, extra: body.len() - at });
     }
-    out.reserve(count);
-    let mut at = 0usize;
-    for i in 0..count {
-        let len = u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]) as usize;
-        at += 4;
-        out.push(EventMsg {
-            channel,
-            source,
-            seq: first + i as u64,
-            ty: ty.clone(),
-            attrs: attrs.clone(),
-            payload: body.slice(at..at + len),
-        });
-        at += len;
-    }
-    Ok(())
+    Ok(EventRunMsg { channel, source, first, ty, attrs, count, body })
 }

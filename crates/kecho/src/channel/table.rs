@@ -191,7 +191,11 @@ impl LinkHandler for Channels {
         async move {
             match ch {
                 Some(ch) => ch.deliver_batch(from, batch).await,
-                None => batch.events.clear(),
+                None => {
+                    batch.events.clear();
+                    batch.runs.clear();
+                    batch.run_events = 0;
+                }
             }
         }
     }

@@ -82,7 +82,7 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// policy is full), which holds up that link's reader, as back-pressure should.
 pub(crate) trait LinkHandler: Send + Sync + 'static {
     /// Events that arrived together on one link from node `from`, all on `channel`, in order. Leaves
-    /// `batch.events` empty.
+    /// `batch.events` and `batch.runs` empty.
     fn deliver<'a>(
         &'a self,
         from: NodeId,
@@ -160,7 +160,13 @@ impl Arrived {
 /// both kept from read to read for their memory.
 #[derive(Default)]
 pub(crate) struct Batch {
+    /// Events of single `Event` frames (or datagrams). A batch holds these or `runs`, never both.
     pub(crate) events: Vec<Arrived>,
+    /// `EventRun` frames, checked whole and not split into events: the handler builds each event straight into
+    /// the sinks' queues.
+    pub(crate) runs: Vec<kecho_proto::codec::EventRunMsg>,
+    /// Events in `runs`.
+    pub(crate) run_events: usize,
     /// The handler's: events with the mask of the local sinks they go to.
     pub(crate) staged: Vec<(Event, u64)>,
 }

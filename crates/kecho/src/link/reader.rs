@@ -141,8 +141,6 @@ struct Receiver<H> {
     /// Consecutive events of one channel (`on`), delivered together.
     batch: Batch,
     on: ChannelId,
-    /// The events of an `EventRun` frame, decoded before they join the batch (kept for its memory).
-    run: Vec<EventMsg>,
 }
 
 impl<H: LinkHandler> Receiver<H> {
@@ -159,7 +157,6 @@ impl<H: LinkHandler> Receiver<H> {
             deadline: None,
             batch: Batch::default(),
             on: ChannelId(0),
-            run: Vec::new(),
         }
     }
 
@@ -328,35 +325,28 @@ impl<H: LinkHandler> Receiver<H> {
         self.arrived(e)
     }
 
-    /// An `EventRun` frame: its events join the batch of their channel in order, each as if it had come in an
-    /// `Event` frame of its own (checked whole first: a damaged run stages none of its events).
+    /// An `EventRun` frame: checked whole (a damaged run stages none of its events) and staged as one, after the
+    /// batch so far if that holds single events or another channel's; its events are built straight into the
+    /// sinks' queues at delivery, each treated as if it had come in an `Event` frame of its own.
     async fn event_run(&mut self, frame: Bytes, names: &mut codec::TypeNames) -> Result<(), LinkError> {
         if self.targets.is_some() || self.deadline.is_some() {
             return Err(LinkError::Protocol("a Targets or Deadline frame before an event run"));
         }
-        let mut run = std::mem::take(&mut self.run);
-        codec::decode_event_run(frame, names, &mut run)?;
-        let mut evs = run.drain(..);
-        while let Some(e) = evs.next() {
-            if self.must_deliver_before(e.channel) {
-                self.deliver().await;
-                self.on = e.channel;
-            }
-            self.batch.events.push(Arrived::new(e, None, None));
-            // The rest of the run as far as the batch has room, without a check per event.
-            let room = MAX_BATCH.saturating_sub(self.batch.events.len());
-            self.batch.events.extend(evs.by_ref().take(room).map(|e| Arrived::new(e, None, None)));
+        let run = codec::decode_event_run_msg(frame, names)?;
+        if run.channel != self.on || !self.batch.events.is_empty() || self.batch.run_events >= MAX_BATCH {
+            self.deliver().await;
+            self.on = run.channel;
         }
-        drop(evs);
-        self.run = run;
+        self.batch.run_events += run.count;
+        self.batch.runs.push(run);
         Ok(())
     }
 
     /// The batch gathered so far must be delivered before an event of `channel` joins: it is another channel's, or
-    /// full.
+    /// full, or holds runs.
     #[inline]
     fn must_deliver_before(&self, channel: ChannelId) -> bool {
-        channel != self.on || self.batch.events.len() >= MAX_BATCH
+        channel != self.on || self.batch.events.len() >= MAX_BATCH || !self.batch.runs.is_empty()
     }
 
     /// An event joins the batch (which `must_deliver_before` allowed), with its pending `Targets` and `Deadline`.
@@ -378,7 +368,7 @@ impl<H: LinkHandler> Receiver<H> {
 
     /// Adds an arrived event to the batch of `channel`.
     async fn stage(&mut self, channel: ChannelId, a: Arrived) {
-        if channel != self.on || self.batch.events.len() >= MAX_BATCH {
+        if self.must_deliver_before(channel) {
             self.deliver().await;
             self.on = channel;
         }
@@ -508,7 +498,7 @@ impl<H: LinkHandler> Receiver<H> {
 
     /// Delivers the events gathered so far, if any.
     async fn deliver(&mut self) {
-        if self.batch.events.is_empty() {
+        if self.batch.events.is_empty() && self.batch.runs.is_empty() {
             return;
         }
         self.live.reader_waiting.store(true, Ordering::Release);
