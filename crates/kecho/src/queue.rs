@@ -859,6 +859,9 @@ impl ChunkBuf {
     fn next_chunk(&mut self, want: usize) {
         debug_assert!(self.cur.is_empty(), "bytes not cut off would be left behind");
         if self.cur.try_reclaim(want) {
+            // Every frame cut from the current chunk is gone, so whatever backlog the kept chunks served has drained:
+            // give their memory back rather than keep a burst's high-water mark for the life of the source or link.
+            self.spares.clear();
             return;
         }
         let next = match self.spares.iter_mut().position(|s| s.try_reclaim(want)) {
@@ -1140,6 +1143,15 @@ mod tests {
         }
         assert_eq!(fresh_later, 0, "chunks allocated in the steady state (of {} in all)", bases.len());
         assert!(bases.len() < 110, "{} chunks for about 100 in flight", bases.len());
+        assert!(!c.spares.is_empty(), "a held-back sender keeps its chunks");
+        // The backlog drains, and the sender goes on with a writer that keeps up: the kept chunks are given back.
+        queued.clear();
+        for i in 0..200 {
+            let b = c.room(1_000, 64 * 1024);
+            b.extend_from_slice(&[i as u8; 1_000]);
+            drop(c.split());
+        }
+        assert!(c.spares.is_empty(), "{} chunks kept after the backlog drained", c.spares.len());
     }
 
     #[test]
