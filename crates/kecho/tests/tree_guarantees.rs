@@ -369,3 +369,83 @@ async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Resu
     eprintln!("{N} events submitted in {:.2} s behind a slow Block sink", took.as_secs_f64());
     Ok(())
 }
+
+/// A node in tree mode from its channel's second member, not behind a proxy, with the default heartbeat timeout (3 s).
+async fn plain_node(reg: &RegistryClient) -> Result<Node> {
+    Ok(Node::builder().registry_client(reg.clone()).listen("127.0.0.1:0".parse()?).tree_threshold(1).start().await?)
+}
+
+/// How long the source of `contact_killed` goes on after the contact's node died: less than a member waits (two
+/// heartbeat timeouts, at most 4 s) before it takes a neighbour whose link failed for gone.
+const AFTER_KILL: Duration = Duration::from_millis(2500);
+
+/// The node that created a two-member channel in tree mode (its contact, with a sink of `overflow`) dies; the other
+/// member's source publishes on for `AFTER_KILL`. A node that opens the channel after the death joins it through
+/// the member that took the contact's role over, switches to tree mode and receives the source's events up to its
+/// last, in order, with any gap reported (durability.rs's durable sink killed and restarted, in one process).
+async fn contact_killed(name: &str, overflow: kecho::Overflow) -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = plain_node(&reg).await?;
+    let ca = a.create_channel(name).await?;
+    let _gone = ca.sink(SinkOptions::new().overflow(overflow))?;
+    let b = plain_node(&reg).await?;
+    let cb = b.open_channel(name).await?;
+    eventually("tree mode on both members", || ca.tree_stats().on && cb.tree_stats().on).await?;
+    eventually("the source's node knows the sink", || cb.sinks() == 1).await?;
+    let mut src = cb.source()?;
+    publish(&mut src, 200).await?;
+    a.kill();
+    let killed = tokio::time::Instant::now();
+    let publisher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut n = 200;
+        while killed.elapsed() < AFTER_KILL {
+            tick.tick().await;
+            src.submit("e", &Attrs::new(), b"0123456789").await?;
+            n += 1;
+        }
+        anyhow::Ok(n)
+    });
+    let d = plain_node(&reg).await?;
+    let cd = tokio::time::timeout(T, d.open_channel(name)).await??;
+    let joined = killed.elapsed();
+    let mut sink = cd.sink(SinkOptions::new().overflow(overflow).capacity(100_000))?;
+    let last = publisher.await??;
+    let mut t = Tally::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while t.seqs.last() != Some(&last) {
+        match tokio::time::timeout_at(deadline, sink.recv()).await {
+            Ok(Ok(ev)) => t.seqs.push(ev.seq()),
+            Ok(Err(RecvError::Lagged(n))) => t.missed += n,
+            Ok(Err(e)) => bail!("the new sink: {e}"),
+            Err(_) => bail!(
+                "the new node (in the channel {joined:?} after the kill, tree mode {}) never got event {last}: \
+                 {} received, {} missed",
+                cd.tree_stats().on,
+                t.seqs.len(),
+                t.missed
+            ),
+        }
+    }
+    assert!(cd.tree_stats().on, "the new node runs the channel in tree mode");
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    let first = t.seqs[0];
+    assert_eq!(t.seqs.len() as u64 + t.missed, last - first + 1, "received + missed from its first: {t:?}");
+    eprintln!(
+        "{name}: the new node joined {joined:?} after the contact's death and received {} events ({first} to {last}), \
+         {} missed",
+        t.seqs.len(),
+        t.missed
+    );
+    Ok(())
+}
+
+/// The contact's node dies while another member's source publishes: a node that joins next gets in and gets the
+/// events, whether the dead node's sink was a Block sink (the source dials its node again and again for its events)
+/// or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_after_the_contact_died_gets_tree_mode_and_the_events() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    contact_killed("contact-block", kecho::Overflow::Block).await?;
+    contact_killed("contact-drop", kecho::Overflow::DropOldest).await
+}
