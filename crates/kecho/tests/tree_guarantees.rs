@@ -25,6 +25,16 @@ const T: Duration = Duration::from_secs(60);
 
 /// A node in tree mode above `THRESHOLD` members, reachable only through its own proxy.
 async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration) -> Result<(Node, Proxy)> {
+    proxied_node_with(reg, grace, heartbeat, THRESHOLD).await
+}
+
+/// `proxied_node` with a tree threshold of `threshold`.
+async fn proxied_node_with(
+    reg: &RegistryClient,
+    grace: Duration,
+    heartbeat: Duration,
+    threshold: usize,
+) -> Result<(Node, Proxy)> {
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
     let hold = TcpListener::bind("127.0.0.1:0").await?;
     let node_addr = hold.local_addr()?;
@@ -36,7 +46,7 @@ async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration
         .heartbeat_timeout(heartbeat)
         .membership(m)
         .source_grace(grace)
-        .tree_threshold(THRESHOLD)
+        .tree_threshold(threshold)
         .advertise(addr)
         .start()
         .await?;
@@ -81,6 +91,18 @@ impl Net {
                 py.cut(x.id(), on);
             }
         }
+    }
+
+    /// Cuts (or heals) every link of node `i`, and makes the others' dials to it fail at once (or succeed again),
+    /// so that they take it for gone.
+    fn isolate_refusing(&self, i: usize, on: bool) {
+        let (_, px) = &self.nodes[i];
+        for (j, (y, _)) in self.nodes.iter().enumerate() {
+            if j != i {
+                px.refuse(y.id(), on);
+            }
+        }
+        self.isolate(i, on);
     }
 
     /// Cuts node `i` off and waits until its links are down (their heartbeats timed out).
@@ -448,4 +470,79 @@ async fn a_node_that_joins_after_the_contact_died_gets_tree_mode_and_the_events(
     let _serial = SERIAL.lock().await;
     contact_killed("contact-block", kecho::Overflow::Block).await?;
     contact_killed("contact-drop", kecho::Overflow::DropOldest).await
+}
+
+/// A Block sink (served directly by the source, not through the overlay) on a node that is cut off until the source's
+/// node takes it for gone (its view changes without a goodbye of the node's own): the events the source publishes
+/// meanwhile are counted for the sink and reported to it when its node comes back; none is silently lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let net = Net::start("ghost", T * 3).await?;
+    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let mut src = ch.source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate_refusing(CUT, true);
+    net.cut_off(CUT).await?;
+    // The source's node drops the cut-off node (taken for gone by its neighbours, not by a link of its own).
+    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
+    publish(&mut src, 300).await?;
+    net.isolate_refusing(CUT, false);
+    eventually("the node back in the source's view", || ch.sinks() == NODES + 1).await?;
+    publish(&mut src, 100).await?;
+    t.until(&mut block, "600 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 600).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 600, "received + missed = published: {t:?}");
+    eprintln!("the Block sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(())
+}
+
+/// Full mesh: the link between a source's node and a sink's node is cut (both still reach the channel's contact) for
+/// a few seconds, long enough for the source's node to lose the node, take it back from the contact's view and lose it
+/// again; every event the source publishes meanwhile is received or reported missed once the cut heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mesh() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    let mut chans = Vec::new();
+    for i in 0..3 {
+        let (node, proxy) = proxied_node_with(&reg, T * 3, Duration::from_millis(600), 64).await?;
+        let ch = if i == 0 { node.create_channel("mesh").await? } else { node.open_channel("mesh").await? };
+        nodes.push((node, proxy));
+        chans.push(ch);
+    }
+    let (p, s) = (1, 2);
+    let mut sink = chans[s].sink(SinkOptions::new().capacity(100_000))?;
+    let ch = chans[p].clone();
+    eventually("the source's node knows the sink", || ch.sinks() == 1).await?;
+    assert!(!ch.tree_stats().on, "a full mesh");
+    let mut src = ch.source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut sink, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    let cut = |on: bool| {
+        nodes[p].1.cut(nodes[s].0.id(), on);
+        nodes[s].1.cut(nodes[p].0.id(), on);
+    };
+    cut(true);
+    for _ in 0..8 {
+        publish(&mut src, 100).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cut(false);
+    let sid = nodes[s].0.id();
+    let pn = &nodes[p].0;
+    eventually("the link between the two up again", || pn.link_stats().iter().any(|l| l.node == sid && l.up)).await?;
+    eventually("the sink back in the source's view", || ch.sinks() == 1).await?;
+    publish(&mut src, 100).await?;
+    t.until(&mut sink, "1,100 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 1_100).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 1_100, "received + missed = published: {t:?}");
+    eprintln!("the sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(())
 }

@@ -166,6 +166,10 @@ struct LossTrack {
     /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
     /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
     ghosts_seen: u64,
+    /// A node with counts in `ghost_missed` is back in the table but its link is not up yet: the check runs at every
+    /// event until it is (what it missed is reported on a link that is up, not queued on one that may still fail and
+    /// throw its queue away).
+    ghosts_waiting: bool,
 }
 
 /// Loss accounting at a source, per destination node: how many of its events were queued to that node, and what the
@@ -656,7 +660,7 @@ impl LossTrack {
         for g in ghosts.drain(..) {
             *self.ghost_missed.entry(g).or_default() += 1;
         }
-        if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
+        if !self.ghost_missed.is_empty() && (self.ghosts_seen != routes.generation || self.ghosts_waiting) {
             self.ghosts_seen = routes.generation;
             self.report_ghost_missed(routes, head.channel, head.source, kept, enc);
         }
@@ -675,9 +679,14 @@ impl LossTrack {
     ) {
         let mut back: Vec<NodeId> = Vec::new();
         let mut gone: Vec<NodeId> = Vec::new();
+        self.ghosts_waiting = false;
         for g in self.ghost_missed.keys() {
-            if routes.peers.iter().any(|p| p.id == g.node) {
-                if !back.contains(&g.node) {
+            if let Some(p) = routes.peers.iter().find(|p| p.id == g.node) {
+                if !p.is_up() {
+                    // Back in the view (a member's view listed it again, say) but not reached yet: if the dial
+                    // fails, it leaves the view again and the count goes on.
+                    self.ghosts_waiting = true;
+                } else if !back.contains(&g.node) {
                     back.push(g.node);
                 }
             } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node)) {
