@@ -507,12 +507,32 @@ async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mesh() -> Result<()> {
     let _serial = SERIAL.lock().await;
+    let t = cut_between_source_and_sink("mesh", History::default()).await?;
+    assert_eq!(t.missed, 800, "the events of the cut reported missed: {t:?}");
+    Ok(())
+}
+
+/// The same with a history on the source: the events of the cut are replayed, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect (docs/DURABILITY.md): with the node re-admitted and lost again during the cut, the sink got \
+            1-300, 701-1000, 601-700 (out of order), 1001-1100 and was told of 300 missed (301-600)"]
+async fn a_sink_cut_off_from_the_source_alone_gets_what_it_missed_from_the_history_in_full_mesh() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = cut_between_source_and_sink("mesh-history", History::events(10_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=1_100).collect::<Vec<u64>>(), "every event, in order, once");
+    Ok(())
+}
+
+/// Full mesh, three nodes: the link between the source's node and the sink's node is cut for 4 s while the source
+/// (with `history`) publishes 800 events; returns what the sink got of the 1,100 published in all.
+async fn cut_between_source_and_sink(name: &str, history: History) -> Result<Tally> {
     let reg = RegistryClient::in_process_private();
     let mut nodes = Vec::new();
     let mut chans = Vec::new();
     for i in 0..3 {
         let (node, proxy) = proxied_node_with(&reg, T * 3, Duration::from_millis(600), 64).await?;
-        let ch = if i == 0 { node.create_channel("mesh").await? } else { node.open_channel("mesh").await? };
+        let ch = if i == 0 { node.create_channel(name).await? } else { node.open_channel(name).await? };
         nodes.push((node, proxy));
         chans.push(ch);
     }
@@ -522,6 +542,7 @@ async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mes
     eventually("the source's node knows the sink", || ch.sinks() == 1).await?;
     assert!(!ch.tree_stats().on, "a full mesh");
     let mut src = ch.source()?;
+    src.set_history(history);
     publish(&mut src, 200).await?;
     let mut t = Tally::default();
     t.until(&mut sink, "the first 200 events", |t| t.seqs.len() == 200).await?;
@@ -543,6 +564,6 @@ async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mes
     t.until(&mut sink, "1,100 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 1_100).await?;
     assert!(t.in_order(), "in order, nothing twice: {t:?}");
     assert_eq!(t.seqs.len() as u64 + t.missed, 1_100, "received + missed = published: {t:?}");
-    eprintln!("the sink received {} and was told of {} missed", t.seqs.len(), t.missed);
-    Ok(())
+    eprintln!("{name}: the sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(t)
 }
