@@ -515,8 +515,6 @@ async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mes
 
 /// The same with a history on the source: the events of the cut are replayed, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect (docs/DURABILITY.md): with the node re-admitted and lost again during the cut, the sink got \
-            1-300, 701-1000, 601-700 (out of order), 1001-1100 and was told of 300 missed (301-600)"]
 async fn a_sink_cut_off_from_the_source_alone_gets_what_it_missed_from_the_history_in_full_mesh() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let t = cut_between_source_and_sink("mesh-history", History::events(10_000)).await?;
