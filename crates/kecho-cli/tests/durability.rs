@@ -307,8 +307,6 @@ fn with_a_recorder_a_durable_sink_killed_and_restarted_misses_nothing_even_with_
 }
 
 #[test]
-#[ignore = "fails every run: the restarted sink (its node the channel's only member besides the publisher's, the \
-            killed one having created the channel) logs no switch to tree mode and receives nothing (docs/DURABILITY.md)"]
 fn in_tree_mode_a_durable_sink_killed_and_restarted_is_told_what_it_missed() -> Result<()> {
     in_tree_mode(|| {
         let (lost, _) = durable_sink_killed_and_restarted("dur", false, Some(Duration::from_millis(300)))?;

@@ -221,8 +221,11 @@ async fn a_returning_sink_gets_the_events_it_missed_replayed_from_the_history() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_falls_outside_the_history_is_reported_missed() -> Result<()> {
     let t = cut_and_heal_with_history(kecho::History::events(100)).await?;
-    assert_eq!(t.missed, 400, "100 of the 500 replayed: {t:?}");
-    assert!((701..=800).all(|s| t.seqs.contains(&s)), "the last 100 of the cut replayed: {t:?}");
+    // The 100 newest events kept are replayed: those of the cut, and any submitted after the node was back in the
+    // view but before its link was up (kept for it too, not queued: docs/DURABILITY.md). The older ones are missed.
+    assert!((400..450).contains(&t.missed), "100 of the 500 replayed: {t:?}");
+    let after: Vec<u64> = t.seqs.iter().copied().filter(|s| *s > 300).collect();
+    assert_eq!(after, (301 + t.missed..=1000).collect::<Vec<u64>>(), "the newest kept replayed, then the rest: {t:?}");
     Ok(())
 }
 

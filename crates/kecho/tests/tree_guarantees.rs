@@ -25,6 +25,16 @@ const T: Duration = Duration::from_secs(60);
 
 /// A node in tree mode above `THRESHOLD` members, reachable only through its own proxy.
 async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration) -> Result<(Node, Proxy)> {
+    proxied_node_with(reg, grace, heartbeat, THRESHOLD).await
+}
+
+/// `proxied_node` with a tree threshold of `threshold`.
+async fn proxied_node_with(
+    reg: &RegistryClient,
+    grace: Duration,
+    heartbeat: Duration,
+    threshold: usize,
+) -> Result<(Node, Proxy)> {
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
     let hold = TcpListener::bind("127.0.0.1:0").await?;
     let node_addr = hold.local_addr()?;
@@ -36,7 +46,7 @@ async fn proxied_node(reg: &RegistryClient, grace: Duration, heartbeat: Duration
         .heartbeat_timeout(heartbeat)
         .membership(m)
         .source_grace(grace)
-        .tree_threshold(THRESHOLD)
+        .tree_threshold(threshold)
         .advertise(addr)
         .start()
         .await?;
@@ -81,6 +91,18 @@ impl Net {
                 py.cut(x.id(), on);
             }
         }
+    }
+
+    /// Cuts (or heals) every link of node `i`, and makes the others' dials to it fail at once (or succeed again),
+    /// so that they take it for gone.
+    fn isolate_refusing(&self, i: usize, on: bool) {
+        let (_, px) = &self.nodes[i];
+        for (j, (y, _)) in self.nodes.iter().enumerate() {
+            if j != i {
+                px.refuse(y.id(), on);
+            }
+        }
+        self.isolate(i, on);
     }
 
     /// Cuts node `i` off and waits until its links are down (their heartbeats timed out).
@@ -368,4 +390,179 @@ async fn a_block_sink_slows_the_source_and_misses_nothing_in_tree_mode() -> Resu
     assert!(net.chans[4].stats().dropped == 0, "nothing dropped at the Block sink's node");
     eprintln!("{N} events submitted in {:.2} s behind a slow Block sink", took.as_secs_f64());
     Ok(())
+}
+
+/// A node in tree mode from its channel's second member, not behind a proxy, with the default heartbeat timeout (3 s).
+async fn plain_node(reg: &RegistryClient) -> Result<Node> {
+    Ok(Node::builder().registry_client(reg.clone()).listen("127.0.0.1:0".parse()?).tree_threshold(1).start().await?)
+}
+
+/// How long the source of `contact_killed` goes on after the contact's node died: less than a member waits (two
+/// heartbeat timeouts, at most 4 s) before it takes a neighbour whose link failed for gone.
+const AFTER_KILL: Duration = Duration::from_millis(2500);
+
+/// The node that created a two-member channel in tree mode (its contact, with a sink of `overflow`) dies; the other
+/// member's source publishes on for `AFTER_KILL`. A node that opens the channel after the death joins it through
+/// the member that took the contact's role over, switches to tree mode and receives the source's events up to its
+/// last, in order, with any gap reported (durability.rs's durable sink killed and restarted, in one process).
+async fn contact_killed(name: &str, overflow: kecho::Overflow) -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = plain_node(&reg).await?;
+    let ca = a.create_channel(name).await?;
+    let _gone = ca.sink(SinkOptions::new().overflow(overflow))?;
+    let b = plain_node(&reg).await?;
+    let cb = b.open_channel(name).await?;
+    eventually("tree mode on both members", || ca.tree_stats().on && cb.tree_stats().on).await?;
+    eventually("the source's node knows the sink", || cb.sinks() == 1).await?;
+    let mut src = cb.source()?;
+    publish(&mut src, 200).await?;
+    a.kill();
+    let killed = tokio::time::Instant::now();
+    let publisher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut n = 200;
+        while killed.elapsed() < AFTER_KILL {
+            tick.tick().await;
+            src.submit("e", &Attrs::new(), b"0123456789").await?;
+            n += 1;
+        }
+        anyhow::Ok(n)
+    });
+    let d = plain_node(&reg).await?;
+    let cd = tokio::time::timeout(T, d.open_channel(name)).await??;
+    let joined = killed.elapsed();
+    let mut sink = cd.sink(SinkOptions::new().overflow(overflow).capacity(100_000))?;
+    let last = publisher.await??;
+    let mut t = Tally::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while t.seqs.last() != Some(&last) {
+        match tokio::time::timeout_at(deadline, sink.recv()).await {
+            Ok(Ok(ev)) => t.seqs.push(ev.seq()),
+            Ok(Err(RecvError::Lagged(n))) => t.missed += n,
+            Ok(Err(e)) => bail!("the new sink: {e}"),
+            Err(_) => bail!(
+                "the new node (in the channel {joined:?} after the kill, tree mode {}) never got event {last}: \
+                 {} received, {} missed",
+                cd.tree_stats().on,
+                t.seqs.len(),
+                t.missed
+            ),
+        }
+    }
+    assert!(cd.tree_stats().on, "the new node runs the channel in tree mode");
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    let first = t.seqs[0];
+    assert_eq!(t.seqs.len() as u64 + t.missed, last - first + 1, "received + missed from its first: {t:?}");
+    eprintln!(
+        "{name}: the new node joined {joined:?} after the contact's death and received {} events ({first} to {last}), \
+         {} missed",
+        t.seqs.len(),
+        t.missed
+    );
+    Ok(())
+}
+
+/// The contact's node dies while another member's source publishes: a node that joins next gets in and gets the
+/// events, whether the dead node's sink was a Block sink (the source dials its node again and again for its events)
+/// or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_after_the_contact_died_gets_tree_mode_and_the_events() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    contact_killed("contact-block", kecho::Overflow::Block).await?;
+    contact_killed("contact-drop", kecho::Overflow::DropOldest).await
+}
+
+/// A Block sink (served directly by the source, not through the overlay) on a node that is cut off until the source's
+/// node takes it for gone (its view changes without a goodbye of the node's own): the events the source publishes
+/// meanwhile are counted for the sink and reported to it when its node comes back; none is silently lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let net = Net::start("ghost", T * 3).await?;
+    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let mut src = ch.source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate_refusing(CUT, true);
+    net.cut_off(CUT).await?;
+    // The source's node drops the cut-off node (taken for gone by its neighbours, not by a link of its own).
+    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
+    publish(&mut src, 300).await?;
+    net.isolate_refusing(CUT, false);
+    eventually("the node back in the source's view", || ch.sinks() == NODES + 1).await?;
+    publish(&mut src, 100).await?;
+    t.until(&mut block, "600 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 600).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 600, "received + missed = published: {t:?}");
+    eprintln!("the Block sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(())
+}
+
+/// Full mesh: the link between a source's node and a sink's node is cut (both still reach the channel's contact) for
+/// a few seconds, long enough for the source's node to lose the node, take it back from the contact's view and lose it
+/// again; every event the source publishes meanwhile is received or reported missed once the cut heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_cut_off_from_the_source_alone_is_told_what_it_missed_in_full_mesh() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = cut_between_source_and_sink("mesh", History::default()).await?;
+    // The 800 published during the cut (any of the 100 after it lost in transit would be reported too).
+    assert!(t.missed >= 800, "the events of the cut reported missed: {t:?}");
+    Ok(())
+}
+
+/// The same with a history on the source: the events of the cut are replayed, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_cut_off_from_the_source_alone_gets_what_it_missed_from_the_history_in_full_mesh() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = cut_between_source_and_sink("mesh-history", History::events(10_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=1_100).collect::<Vec<u64>>(), "every event, in order, once");
+    Ok(())
+}
+
+/// Full mesh, three nodes: the link between the source's node and the sink's node is cut for 4 s while the source
+/// (with `history`) publishes 800 events; returns what the sink got of the 1,100 published in all.
+async fn cut_between_source_and_sink(name: &str, history: History) -> Result<Tally> {
+    let reg = RegistryClient::in_process_private();
+    let mut nodes = Vec::new();
+    let mut chans = Vec::new();
+    for i in 0..3 {
+        let (node, proxy) = proxied_node_with(&reg, T * 3, Duration::from_millis(600), 64).await?;
+        let ch = if i == 0 { node.create_channel(name).await? } else { node.open_channel(name).await? };
+        nodes.push((node, proxy));
+        chans.push(ch);
+    }
+    let (p, s) = (1, 2);
+    let mut sink = chans[s].sink(SinkOptions::new().capacity(100_000))?;
+    let ch = chans[p].clone();
+    eventually("the source's node knows the sink", || ch.sinks() == 1).await?;
+    assert!(!ch.tree_stats().on, "a full mesh");
+    let mut src = ch.source()?;
+    src.set_history(history);
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut sink, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    let cut = |on: bool| {
+        nodes[p].1.cut(nodes[s].0.id(), on);
+        nodes[s].1.cut(nodes[p].0.id(), on);
+    };
+    cut(true);
+    for _ in 0..8 {
+        publish(&mut src, 100).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cut(false);
+    let sid = nodes[s].0.id();
+    let pn = &nodes[p].0;
+    eventually("the link between the two up again", || pn.link_stats().iter().any(|l| l.node == sid && l.up)).await?;
+    eventually("the sink back in the source's view", || ch.sinks() == 1).await?;
+    publish(&mut src, 100).await?;
+    t.until(&mut sink, "1,100 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 1_100).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 1_100, "received + missed = published: {t:?}");
+    eprintln!("{name}: the sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(t)
 }

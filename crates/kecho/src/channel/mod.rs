@@ -38,7 +38,7 @@ use deliver::RecvTrack;
 pub use history::History;
 pub use install::InstallReport;
 use install::Sandbox;
-use routes::{Ghost, IdMap, RouteBook, Routes};
+use routes::{Ghosts, IdMap, RouteBook, Routes};
 use sink::LocalSink;
 pub use sink::{Sink, SinkOptions, Typed, TypedSink, TypedSource};
 pub use source::Source;
@@ -141,7 +141,7 @@ pub(crate) struct ChannelInner {
     attrs_pending: AtomicBool,
     last_publish: Mutex<Option<Instant>>,
     /// Nodes cut off from the channel, for loss accounting at local sources.
-    ghosts: Mutex<Vec<Ghost>>,
+    ghosts: Mutex<Ghosts>,
     /// The remote part of `routes`, kept per node so that a membership change recomputes only what changed.
     book: Mutex<RouteBook>,
     /// Held for the whole of a routes rebuild, so that rebuilds finish in the order they read membership: two
@@ -212,7 +212,7 @@ impl ChannelInner {
             faults: tokio::sync::broadcast::channel(64).0,
             attrs_pending: AtomicBool::new(false),
             last_publish: Mutex::new(None),
-            ghosts: Mutex::new(Vec::new()),
+            ghosts: Mutex::new(Ghosts::default()),
             book: Mutex::new(RouteBook::default()),
             rebuilding: Mutex::new(()),
             reg_tickets: AtomicU64::new(0),
@@ -269,6 +269,9 @@ impl ChannelInner {
 
     pub(crate) fn membership_input(self: &Arc<Self>, from: NodeId, msg: Message) {
         let join = matches!(msg, Message::JoinRequest { .. });
+        if matches!(&msg, Message::Snapshot { node, left: true, .. } if *node == from) {
+            self.farewell(from);
+        }
         self.state.lock().handle_message(from, msg, now());
         self.flush();
         if join {

@@ -24,22 +24,33 @@ pub(super) enum Dest {
     Remote(usize),
     /// On this node.
     Local(Arc<LocalSink>),
-    /// On a node cut off from the channel (its link was lost) until the given time: nothing is sent, but events it
-    /// would have received are counted, and reported to it as missed if it comes back.
+    /// On a node that left this node's view without saying goodbye (its link was lost, it was taken for gone, a
+    /// view from another member no longer lists it...), until the given time: nothing is sent, but events it would
+    /// have received are counted, and reported to it as missed if it comes back.
     Ghost(NodeId, Instant),
 }
 
-/// A node whose link was lost while it had sinks in the channel, remembered for loss accounting.
-pub(super) struct Ghost {
+/// The nodes that left the view with sinks in the channel and without a goodbye of their own, remembered for loss
+/// accounting (see `ChannelInner::rebuild_routes`), and the nodes whose own goodbye arrived.
+#[derive(Default)]
+pub(super) struct Ghosts {
+    list: Vec<Ghost>,
+    /// Nodes that said goodbye themselves, and when: their sinks leaving the view are no loss.
+    farewells: IdMap<NodeId, Instant>,
+}
+
+/// A node that left the view while it had sinks in the channel.
+struct Ghost {
     node: NodeId,
     until: Instant,
     sinks: Vec<GhostSink>,
 }
 
-/// A sink of a cut-off node, as it was when the node was lost.
-struct GhostSink {
+/// A sink of a node that left the view, as it was then.
+pub(super) struct GhostSink {
     id: LocalId,
     types: Arc<TypeFilter>,
+    overflow: Overflow,
     filter: Option<Arc<ContentFilter>>,
 }
 
@@ -169,13 +180,14 @@ pub(super) struct RouteBook {
 impl RouteBook {
     /// Brings the parts up to date with `peers` (the members' snapshots). `link` gives the current link to a node
     /// (a part whose link was replaced is rebuilt); `compile` a sink's content filter, or `Err` when it cannot be
-    /// compiled here (that sink is left out: it gets nothing rather than what it did not ask for).
+    /// compiled here (that sink is left out: it gets nothing rather than what it did not ask for). Returns the sinks
+    /// of the nodes that left `peers`, by node.
     pub(super) fn update(
         &mut self,
         peers: &BTreeMap<NodeId, MemberPeer>,
         mut link: impl FnMut(NodeId, &str) -> Arc<Peer>,
         compile: impl Fn(&str) -> Result<Arc<ContentFilter>, ()>,
-    ) {
+    ) -> Vec<(NodeId, Vec<GhostSink>)> {
         for (id, p) in peers {
             if let Some(part) = self.parts.get(id) {
                 let same = part.version == p.snapshot.version && part.updated == p.updated && part.addr == p.addr;
@@ -189,9 +201,22 @@ impl RouteBook {
             self.parts.insert(*id, part);
         }
         // Every member has a part now, so more parts than members means some left.
+        let mut left = Vec::new();
         if self.parts.len() > peers.len() {
-            self.parts.retain(|id, _| peers.contains_key(id));
+            let gone: Vec<NodeId> = self.parts.keys().filter(|id| !peers.contains_key(id)).copied().collect();
+            for id in gone {
+                let Some(part) = self.parts.remove(&id) else { continue };
+                let sinks: Vec<GhostSink> = part
+                    .sinks
+                    .into_iter()
+                    .map(|s| GhostSink { id: s.entry.id, types: s.types, overflow: s.overflow, filter: s.filter })
+                    .collect();
+                if !sinks.is_empty() {
+                    left.push((id, sinks));
+                }
+            }
         }
+        left
     }
 
     /// Appends every remote sink to `routes`, node by node in `peers` order, and returns how many there are.
@@ -260,40 +285,33 @@ impl NodePart {
 static ROUTES_BUILT: AtomicU64 = AtomicU64::new(1);
 
 impl ChannelInner {
-    /// The link to node `id` is gone: its members leave the view, and its sinks are remembered as cut off.
+    /// The link to node `id` is gone: its members leave the view (its sinks become ghosts, see `rebuild_routes`).
     pub(crate) fn peer_lost(self: &Arc<Self>, id: NodeId) {
         if self.tree_peer_lost(id) {
             return;
         }
-        let mut st = self.state.lock();
-        if let (Some(p), Some(node)) = (st.peers().get(&id), self.node.upgrade()) {
-            // Remember its sinks: events they would have got while it is cut off are counted and reported to it as
-            // missed should it come back.
-            let sinks: Vec<_> = p
-                .snapshot
-                .members
-                .iter()
-                .filter_map(|m| match &m.role {
-                    Role::Sink { types, filter, .. } => {
-                        let filter = match filter {
-                            None => None,
-                            Some(expr) => Some(node.content_filter(expr).ok()?),
-                        };
-                        Some(GhostSink { id: m.id, types: Arc::new(types.clone()), filter })
-                    }
-                    Role::Source => None,
-                })
-                .collect();
-            if !sinks.is_empty() {
-                let until = now() + node.cfg.gap_memory;
-                let mut ghosts = self.ghosts.lock();
-                ghosts.retain(|g| g.node != id);
-                ghosts.push(Ghost { node: id, until, sinks });
-            }
-        }
-        st.handle_peer_lost(id, now());
-        drop(st);
+        self.state.lock().handle_peer_lost(id, now());
         self.flush();
+    }
+
+    /// Node `from`'s own goodbye (a `Snapshot` with the left flag, from the node itself) is about to be handled: its
+    /// sinks leave the view by their own word, not as ghosts; a ghost made of it before (from a goodbye relayed on
+    /// its behalf, or a lost link) is dropped.
+    pub(super) fn farewell(self: &Arc<Self>, from: NodeId) {
+        let Some(node) = self.node.upgrade() else { return };
+        let had_ghost = {
+            let mut g = self.ghosts.lock();
+            let at = now();
+            let keep = node.cfg.gap_memory;
+            g.farewells.retain(|_, t| at.saturating_duration_since(*t) < keep);
+            g.farewells.insert(from, at);
+            let before = g.list.len();
+            g.list.retain(|x| x.node != from);
+            g.list.len() != before
+        };
+        if had_ghost {
+            self.rebuild_routes(&node);
+        }
     }
 
     /// Brings the routing table up to date with membership, the cut-off nodes and the local sinks. Only the nodes
@@ -308,9 +326,9 @@ impl ChannelInner {
         let st = self.state.lock();
         let view: Vec<(NodeId, String)> = st.peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         let mut routes = Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), ..Routes::default() };
-        let remote_sinks = {
+        let (remote_sinks, left) = {
             let mut book = self.book.lock();
-            book.update(
+            let left = book.update(
                 st.peers(),
                 |id, addr| node.peer(id, addr),
                 |expr| {
@@ -321,14 +339,26 @@ impl ChannelInner {
                     })
                 },
             );
-            book.assemble(st.peers(), &mut routes)
+            (book.assemble(st.peers(), &mut routes), left)
         };
         let at = now();
         {
             let mut ghosts = self.ghosts.lock();
-            ghosts.retain(|g| g.until > at && !st.peers().contains_key(&g.node));
-            for g in ghosts.iter() {
-                for GhostSink { id, types, filter } in &g.sinks {
+            let Ghosts { list, farewells } = &mut *ghosts;
+            // Whatever way a node with sinks left the view (a lost link, taken for gone, a goodbye relayed on its
+            // behalf, a view from another member without it), unless by its own goodbye: its sinks are ghosts, and
+            // what they miss is counted and reported to them (replayed from a source's history) should it come back.
+            for (id, sinks) in left {
+                if farewells.remove(&id).is_none() && !list.iter().any(|g| g.node == id) {
+                    tracing::debug!(channel = %self.name, node = %id, "a node with sinks left the view unsaid");
+                    list.push(Ghost { node: id, until: at + node.cfg.gap_memory, sinks });
+                }
+            }
+            // A node back in the view is no longer a ghost, and a goodbye of its before does not cover its next exit.
+            farewells.retain(|id, _| !st.peers().contains_key(id));
+            list.retain(|g| g.until > at && !st.peers().contains_key(&g.node));
+            for g in list.iter() {
+                for GhostSink { id, types, overflow, filter } in &g.sinks {
                     routes.sinks.push(RouteSink {
                         entry: Arc::new(SinkEntry {
                             node: g.node,
@@ -338,7 +368,9 @@ impl ChannelInner {
                             updated: at,
                         }),
                         types: types.clone(),
-                        overflow: Overflow::DropNewest,
+                        // Kept: in tree mode a source counts only its Block sinks' events (the overlay accounts
+                        // for the others').
+                        overflow: *overflow,
                         filter: filter.clone(),
                         dest: Dest::Ghost(g.node, g.until),
                     });

@@ -166,6 +166,11 @@ struct LossTrack {
     /// The routing table `ghost_missed` was last checked against: nodes come back (or are forgotten) only when the
     /// table is rebuilt, so the check runs once per table, not once per event while a node is cut off.
     ghosts_seen: u64,
+    /// Nodes with counts in `ghost_missed` back in the table whose link is not up yet: the check runs at every event
+    /// until it is (what they missed is reported on a link that is up, not queued on one that may still fail and
+    /// throw its queue away), and their sinks stay ghosts meanwhile (events for them are counted and kept, not
+    /// queued), so that everything they missed is replayed by one path, in order.
+    waiting: Vec<NodeId>,
 }
 
 /// Loss accounting at a source, per destination node: how many of its events were queued to that node, and what the
@@ -391,10 +396,13 @@ impl Source {
         }
         self.routing.refresh(&self.ch);
         let routes = &*self.routing.routes;
+        // 0. Nodes whose sinks missed events and that are back get what they missed ahead of this event; those whose
+        // link is not up yet stay ghosts for it.
+        self.loss.report_if_due(routes, self.ch.id(), self.id, &mut self.kept, &mut self.enc);
         let pick = &mut self.pick;
         pick.reset(routes);
         // 1. The sinks whose type and content filters accept the event.
-        pick.accepting(routes, ty, attrs, tree);
+        pick.accepting(routes, ty, attrs, tree, &self.loss.waiting);
         // 2. The OUT-filter chooses among them (the source's own, or one installed on the channel by a member).
         if let Some(f) = self.out_filter.as_ref().or(self.routing.installed.as_ref()) {
             pick.out_filter(&**f, routes, &EventView { ty, attrs, payload });
@@ -541,7 +549,8 @@ impl Pick {
     /// to `ghosts`); each peer counts its sinks accepting the type.
     /// `blocks_only` (tree mode): only Block sinks are candidates (the others get the event through the overlay), but
     /// every sink accepting the type still counts, so that a node with others gets a `Targets` frame naming them.
-    fn accepting(&mut self, routes: &Routes, ty: &str, attrs: &Attrs, blocks_only: bool) {
+    /// `waiting`: nodes whose sinks are still ghosts although back in the table (see `LossTrack::waiting`).
+    fn accepting(&mut self, routes: &Routes, ty: &str, attrs: &Attrs, blocks_only: bool, waiting: &[NodeId]) {
         if routes.slow_filter && self.cel.is_none() {
             self.cel = Some(CelRoot::default());
         }
@@ -576,6 +585,10 @@ impl Pick {
             }
             if let Dest::Ghost(node, _) = r.dest {
                 self.ghosts.push(RemoteSink { node, sink: r.entry.id });
+                continue;
+            }
+            if !waiting.is_empty() && !r.entry.local && waiting.contains(&r.entry.node) {
+                self.ghosts.push(RemoteSink { node: r.entry.node, sink: r.entry.id });
                 continue;
             }
             self.candidates.push(i);
@@ -656,9 +669,26 @@ impl LossTrack {
         for g in ghosts.drain(..) {
             *self.ghost_missed.entry(g).or_default() += 1;
         }
-        if !self.ghost_missed.is_empty() && self.ghosts_seen != routes.generation {
+        self.report_if_due(routes, head.channel, head.source, kept, enc);
+    }
+
+    /// Some sink's missed events are still to be reported.
+    fn has_ghost_counts(&self) -> bool {
+        !self.ghost_missed.is_empty()
+    }
+
+    /// `report_ghost_missed` once per routing table, and at every event while a node waits for its link.
+    fn report_if_due(
+        &mut self,
+        routes: &Routes,
+        channel: ChannelId,
+        source: LocalId,
+        kept: &mut Kept,
+        enc: &mut Encoder,
+    ) {
+        if !self.ghost_missed.is_empty() && (self.ghosts_seen != routes.generation || !self.waiting.is_empty()) {
             self.ghosts_seen = routes.generation;
-            self.report_ghost_missed(routes, head.channel, head.source, kept, enc);
+            self.report_ghost_missed(routes, channel, source, kept, enc);
         }
     }
 
@@ -675,9 +705,16 @@ impl LossTrack {
     ) {
         let mut back: Vec<NodeId> = Vec::new();
         let mut gone: Vec<NodeId> = Vec::new();
+        self.waiting.clear();
         for g in self.ghost_missed.keys() {
-            if routes.peers.iter().any(|p| p.id == g.node) {
-                if !back.contains(&g.node) {
+            if let Some(p) = routes.peers.iter().find(|p| p.id == g.node) {
+                if !p.is_up() {
+                    // Back in the view (a member's view listed it again, say) but not reached yet: if the dial
+                    // fails, it leaves the view again and the count goes on.
+                    if !self.waiting.contains(&g.node) {
+                        self.waiting.push(g.node);
+                    }
+                } else if !back.contains(&g.node) {
                     back.push(g.node);
                 }
             } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node)) {

@@ -50,6 +50,8 @@ const LINK_GRACE: Duration = Duration::from_secs(5);
 /// A lost link to a node this channel sent to this recently counts as a failure of that node even if it is not an
 /// overlay neighbour (a dial that failed).
 const TRIED: Duration = Duration::from_secs(1);
+/// How often a node looks again at a failed neighbour's link while it waits to take the neighbour for gone.
+const GONE_CHECK: Duration = Duration::from_millis(100);
 /// A node asks the contact for its view (having lost snapshots of an unknown member) at most this often.
 const RESYNC_EVERY: Duration = Duration::from_secs(10);
 /// How often a node in tree mode closes the links no channel needs.
@@ -131,6 +133,9 @@ struct TreeInner {
     event_streams: HashSet<NodeId>,
     /// When this node last asked the contact for its view.
     last_resync: Option<Instant>,
+    /// Neighbours whose link failed and that are not yet taken for gone: how many of this node's links to each
+    /// failed since (dials that found nothing listening, or handshakes that timed out).
+    failing: HashMap<NodeId, u32>,
 }
 
 impl Default for Tree {
@@ -148,6 +153,7 @@ impl Default for Tree {
                 broadcast_version: 0,
                 event_streams: HashSet::new(),
                 last_resync: None,
+                failing: HashMap::new(),
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -386,6 +392,12 @@ impl ChannelInner {
             let mut t = self.tree.inner.lock();
             let ms = t.ms(at);
             let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&id));
+            if neighbour {
+                t.failing.insert(id, 0);
+            } else if let Some(n) = t.failing.get_mut(&id) {
+                // A dial made since the neighbour's link failed failed too.
+                *n += 1;
+            }
             // A link that ends without this node having used it lately was closed by the other side as unneeded:
             // the node stays a candidate neighbour (in the passive view). A neighbour's link, or one this node just
             // tried to use (a dial that failed), is a failure.
@@ -411,20 +423,44 @@ impl ChannelInner {
             // made is still there when looked at.
             let wait = (node.cfg.heartbeat_timeout * 2).min(LINK_GRACE - SWEEP_EVERY);
             node.spawn(async move {
-                tokio::time::sleep(wait).await;
-                if let Some(ch) = weak.upgrade() {
-                    ch.tree_confirm_gone(id);
+                // Looked at every `GONE_CHECK`: a node whose redial failed is taken for gone then, not at the end of
+                // the wait (the channel's contact holds the registry's lease and answers joins: while it is not
+                // taken for gone, no member takes its role over, and a node that joins finds only a dead contact).
+                let mut left = wait;
+                while !left.is_zero() {
+                    let step = GONE_CHECK.min(left);
+                    tokio::time::sleep(step).await;
+                    left -= step;
+                    let Some(ch) = weak.upgrade() else { return };
+                    if left.is_zero() || ch.tree_gone(id) != Some(false) {
+                        ch.tree_confirm_gone(id);
+                        return;
+                    }
                 }
             });
         }
         true
     }
 
-    /// A neighbour's link failed a while ago: unless a link to it is up again, the node is gone.
+    /// Whether neighbour `id`, whose link failed, is gone: no link to it is up, and none is being dialled or a dial
+    /// made since failed. A node that is still being dialled for the first time (its process runs slowly, or a
+    /// handshake waits for it) is not; one that a source dials again and again (for a Block sink's events, say) and
+    /// that never answers is. None: the channel or node is closed.
+    fn tree_gone(&self, id: NodeId) -> Option<bool> {
+        let node = self.node.upgrade()?;
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let failed = self.tree.inner.lock().failing.get(&id).is_some_and(|n| *n > 0);
+        Some(!node.links.is_up(id) && (failed || !node.links.is_linked_or_dialing(id)))
+    }
+
+    /// A neighbour's link failed a while ago: unless a link to it is up again or being dialled, the node is gone.
     fn tree_confirm_gone(self: &Arc<Self>, id: NodeId) {
         let Some(node) = self.node.upgrade() else { return };
-        if self.closed.load(Ordering::Acquire) || node.links.is_linked_or_dialing(id) {
-            // Up again, or still being dialled (its process runs slowly, or a handshake waits for it): not gone.
+        let gone = self.tree_gone(id);
+        self.tree.inner.lock().failing.remove(&id);
+        if gone != Some(true) {
             return;
         }
         let goodbye = {

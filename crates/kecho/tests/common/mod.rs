@@ -133,9 +133,11 @@ pub async fn tree_node(reg: &RegistryClient, threshold: usize) -> Result<Node> {
 
 /// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
 /// (in both directions; nothing is closed, so only heartbeats notice). A proxy knows who dialled from the node id in
-/// the `Hello` frame.
+/// the `Hello` frame. It can also refuse the nodes in `refused`: their connections are closed once their `Hello`
+/// arrived, so that a dial fails at once, as to a node whose process died.
 pub struct Proxy {
     cut: Arc<Mutex<HashSet<u64>>>,
+    refused: Arc<Mutex<HashSet<u64>>>,
     accept: JoinHandle<()>,
 }
 
@@ -145,21 +147,26 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let c = cut.clone();
+        let refused: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let (c, r) = (cut.clone(), refused.clone());
         let accept = tokio::spawn(async move {
             let mut conns = Vec::new();
             while let Ok((down, _)) = listener.accept().await {
                 let cut = c.clone();
+                let refused = r.clone();
                 conns.push(tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(upstream).await else { return };
                     let (mut dr, mut dw) = down.into_split();
                     let (mut ur, mut uw) = up.into_split();
                     // The dialler's node id is in its Hello: length (4), kind (1), magic (4), version (2), node (8).
                     let mut hello = [0u8; 19];
-                    if dr.read_exact(&mut hello).await.is_err() || uw.write_all(&hello).await.is_err() {
+                    if dr.read_exact(&mut hello).await.is_err() {
                         return;
                     }
                     let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
+                    if refused.lock().contains(&dialler) || uw.write_all(&hello).await.is_err() {
+                        return;
+                    }
                     let c2 = cut.clone();
                     tokio::select! {
                         _ = relay(&mut dr, &mut uw, &cut, dialler) => {}
@@ -171,7 +178,17 @@ impl Proxy {
                 c.abort();
             }
         });
-        Ok((Proxy { cut, accept }, addr))
+        Ok((Proxy { cut, refused, accept }, addr))
+    }
+
+    /// Refuses (or accepts again) the connections dialled by node `dialler` from now on.
+    pub fn refuse(&self, dialler: NodeId, on: bool) {
+        let mut refused = self.refused.lock();
+        if on {
+            refused.insert(dialler.0);
+        } else {
+            refused.remove(&dialler.0);
+        }
     }
 
     /// Cuts (or heals) the connections dialled by node `dialler`.

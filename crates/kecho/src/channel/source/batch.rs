@@ -119,10 +119,12 @@ impl Source {
             let routes = self.routing.routes.clone();
             let pick = &mut self.pick;
             pick.reset(&routes);
-            pick.accepting(&routes, ty, attrs, false);
+            pick.accepting(&routes, ty, attrs, false, &self.loss.waiting);
             pick.by_place(&routes);
             let local_block = pick.locals.iter().any(|l| l.queue.overflow() == Overflow::Block);
-            if self.routing.installed.is_some() || !pick.ghosts.is_empty() || (!wait && local_block) {
+            // Ghosts, or counts of ghosts to report to nodes that are back (ahead of their next event): one by one.
+            let ghosts = !pick.ghosts.is_empty() || self.loss.has_ghost_counts();
+            if self.routing.installed.is_some() || ghosts || (!wait && local_block) {
                 return self.submit_each(ty, attrs, &payloads[at..], wait, opts, first).await;
             }
             // The run: events from `at` while their frames fit `RUN_BYTES` (at least one).
