@@ -1154,6 +1154,41 @@ mod tests {
         assert!(c.spares.is_empty(), "{} chunks kept after the backlog drained", c.spares.len());
     }
 
+    /// Events of mixed sizes (a large one now and then among small ones) from a sender whose link holds back more of
+    /// its frames than `SPARE_BYTES` (a link queue configured larger than the default): the earlier chunks kept for use
+    /// again stay within `SPARE_BYTES`, counted in bytes, plus at most one chunk, whatever the size asked for now.
+    #[test]
+    fn chunks_kept_stay_within_their_byte_bound_for_mixed_sizes() {
+        for (every, big) in [(8, 1 << 20), (2, 200_000), (64, 16 << 20)] {
+            let mut c = ChunkBuf::default();
+            let mut queued: VecDeque<Bytes> = VecDeque::new();
+            let (mut queued_bytes, mut worst, mut biggest) = (0usize, 0usize, 0usize);
+            // A chunk's size by where it ends (which splitting frames off its front does not move): its capacity
+            // when it became current, whole.
+            let mut sizes = std::collections::HashMap::new();
+            let end = |b: &BytesMut| b.as_ptr() as usize + b.capacity();
+            for i in 0..3_000usize {
+                let len = if i % every == 0 { big } else { 1_000 };
+                let b = c.room(len, 64 * 1024);
+                let size = sizes.entry(end(b)).or_insert(0);
+                *size = b.capacity().max(*size);
+                b.extend_from_slice(&vec![i as u8; len]);
+                let f = c.split();
+                queued_bytes += f.len();
+                queued.push_back(f);
+                // The link sends the oldest frames once more than 32 MiB wait.
+                while queued_bytes > 32 << 20 {
+                    queued_bytes -= queued.pop_front().map_or(0, |f| f.len());
+                }
+                let kept: Vec<usize> = c.spares.iter().map(|s| sizes[&end(s)]).collect();
+                biggest = biggest.max(kept.iter().copied().max().unwrap_or(0));
+                worst = worst.max(kept.iter().sum());
+            }
+            let case = (every, big);
+            assert!(worst <= SPARE_BYTES + biggest, "{case:?}: {worst} bytes of chunks kept, chunks up to {biggest}");
+        }
+    }
+
     #[test]
     fn chunk_memory_is_used_again_once_its_frames_are_gone() {
         let mut c = ChunkBuf::default();
