@@ -173,7 +173,8 @@ impl RunEvents {
         let start = self.at + 4;
         self.at = start + len;
         let seq = self.seq;
-        self.seq += 1;
+        // Wrapping: a run's last number may be `u64::MAX` (the decoder allows it), and nothing follows it.
+        self.seq = seq.wrapping_add(1);
         Some((start..self.at, seq))
     }
 }
@@ -1119,6 +1120,31 @@ mod tests {
         let queued = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("offer woken").unwrap();
         assert!(queued);
         assert_eq!(drain_with(&q, &mut taken), ["2", "3"]);
+    }
+
+    /// A run whose last event has the largest sequence number there is (which the decoder accepts: the numbers do not
+    /// pass `u64::MAX`) yields its events with their numbers and no overflow, whole or after a skipped prefix, into a
+    /// queue as one at a time.
+    #[test]
+    fn a_run_ending_at_the_last_sequence_number_is_built_whole() {
+        use kecho_proto::codec::{decode_event_run_msg, encode_event_run, split_frame, TypeNames};
+        let payloads: [&[u8]; 3] = [b"a", b"bb", b"ccc"];
+        let first = u64::MAX - 2;
+        let mut buf = BytesMut::new();
+        let (channel, local) = (kecho_proto::ChannelId(1), kecho_proto::LocalId(1));
+        encode_event_run(&mut buf, channel, local, first, "t", &Attrs::new(), payloads.into_iter());
+        let frame = split_frame(&mut buf, 1 << 20).expect("a frame").expect("whole");
+        let run = decode_event_run_msg(frame, &mut TypeNames::default()).expect("a valid run");
+        for skip in 0..3 {
+            let evs: Vec<(u64, Bytes)> =
+                RunEvents::new(run.clone(), skip, SourceKey(1)).map(|e| (e.seq, e.payload)).collect();
+            let want: Vec<(u64, Bytes)> =
+                (skip..3).map(|i| (first + i as u64, Bytes::copy_from_slice(payloads[i]))).collect();
+            assert_eq!(evs, want, "skipping {skip}");
+            let q = SinkQueue::new(2, Overflow::DropNewest);
+            let (queued, dropped, stop) = q.offer_many(RunEvents::new(run.clone(), skip, SourceKey(1)));
+            assert_eq!((queued, dropped, stop.is_none()), ((3 - skip).min(2) as u64, (1 - skip.min(1)) as u64, true));
+        }
     }
 
     /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its
