@@ -141,6 +141,11 @@ impl Source {
                     e => Err(e),
                 };
             }
+            // Nodes back from being cut off first get what their sinks missed meanwhile (a `Lagged` frame, or the
+            // kept events replayed), ahead of this run, as a single submit gives them (`count_ghosts`): without it, a
+            // source that sends only batches never told them.
+            let head = super::Head { channel: self.ch.id(), source: self.id, seq: self.seq + 1 };
+            self.loss.count_ghosts(&mut self.pick.ghosts, &routes, head, &mut self.kept, &mut self.enc);
             self.send_run(&routes, ty, attrs, &payloads[at..end], base, timing, compact_fits).await;
             at = end;
         }
