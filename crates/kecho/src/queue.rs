@@ -1147,6 +1147,33 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// The events a sink's queue builds from a run (`RunEvents`, which walks the run's body itself) are those the
+        /// codec's own split yields, from any skipped prefix on: numbers, payloads, type and attributes.
+        #[test]
+        fn a_run_builds_the_events_the_codec_splits_it_into(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 1..40),
+            first in proptest::prop_oneof![1u64..1_000, (u64::MAX - 100)..u64::MAX],
+            tagged in proptest::prelude::any::<bool>(),
+            skip in 0usize..45,
+        ) {
+            use kecho_proto::codec::{decode_event_run_msg, encode_event_run, split_frame, TypeNames};
+            let first = first.min(u64::MAX - (payloads.len() as u64 - 1));
+            let attrs = if tagged { Attrs::new().with("k", 7i64) } else { Attrs::new() };
+            let mut buf = BytesMut::new();
+            let (channel, local) = (kecho_proto::ChannelId(1), kecho_proto::LocalId(1));
+            encode_event_run(&mut buf, channel, local, first, "ty", &attrs, payloads.iter().map(|p| &p[..]));
+            let frame = split_frame(&mut buf, 1 << 20).expect("a frame").expect("whole");
+            let run = decode_event_run_msg(frame, &mut TypeNames::default()).expect("a valid run");
+            let want: Vec<_> = run.clone().events().skip(skip).map(|e| (e.seq, e.payload, e.ty, e.attrs)).collect();
+            let evs = RunEvents::new(run, skip, SourceKey(1));
+            proptest::prop_assert_eq!(evs.size_hint(), (want.len(), Some(want.len())));
+            let got: Vec<_> = evs.map(|e| (e.seq, e.payload.clone(), Arc::from(&*e.ty), e.attrs().clone())).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
     /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its
     /// chunks again once their frames are sent, rather than allocating one after the other.
     #[test]
