@@ -68,6 +68,39 @@ fn a_run_of_no_events_or_numbers_past_the_end_is_refused() {
     }
 }
 
+/// `EventRunMsg`'s fields are public, so a caller may change a decoded run: its payloads and events then end where
+/// its body does (a count past the body, a body cut short, a length past the body, numbers up to `u64::MAX`), with
+/// no panic.
+#[test]
+fn a_run_changed_after_decoding_never_panics() {
+    let frame = run_frame(u64::MAX - 2, "t", &Attrs::default(), &[b"one".to_vec(), b"two".to_vec(), b"3".to_vec()]);
+    let run = decode_event_run_msg(frame, &mut TypeNames::default()).unwrap();
+    assert_eq!(run.payloads().count(), 3);
+    assert_eq!(run.clone().events().map(|e| e.seq).collect::<Vec<_>>(), [u64::MAX - 2, u64::MAX - 1, u64::MAX]);
+    let changed = |f: &dyn Fn(&mut EventRunMsg)| {
+        let mut r = run.clone();
+        f(&mut r);
+        r
+    };
+    let cases = [
+        ("count past the body", changed(&|r| r.count = 5), 3, 3),
+        ("body cut short", changed(&|r| r.body.truncate(r.body.len() - 1)), 2, 2),
+        ("body cut in a length", changed(&|r| r.body.truncate(9)), 1, 1),
+        ("a length past the body", changed(&|r| r.body = Bytes::from_static(&[1, 0, 0, 0, 7, 9, 0, 0, 0, 1])), 1, 1),
+        // The events end at the last number there is.
+        ("numbers past u64::MAX", changed(&|r| r.first = u64::MAX), 3, 1),
+    ];
+    for (what, r, n, events) in cases {
+        assert_eq!(r.payloads().count(), n, "{what}");
+        let evs: Vec<EventMsg> = r.clone().events().collect();
+        assert_eq!(evs.len(), events, "{what}");
+        assert!(evs.iter().enumerate().all(|(i, e)| e.seq == r.first + i as u64), "{what}");
+        for (e, p) in evs.iter().zip(r.payloads()) {
+            assert_eq!(e.payload, r.body.slice(p), "{what}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -173,7 +173,8 @@ impl RunEvents {
         let start = self.at + 4;
         self.at = start + len;
         let seq = self.seq;
-        self.seq += 1;
+        // Wrapping: a run's last number may be `u64::MAX` (the decoder allows it), and nothing follows it.
+        self.seq = seq.wrapping_add(1);
         Some((start..self.at, seq))
     }
 }
@@ -1121,6 +1122,58 @@ mod tests {
         assert_eq!(drain_with(&q, &mut taken), ["2", "3"]);
     }
 
+    /// A run whose last event has the largest sequence number there is (which the decoder accepts: the numbers do not
+    /// pass `u64::MAX`) yields its events with their numbers and no overflow, whole or after a skipped prefix, into a
+    /// queue as one at a time.
+    #[test]
+    fn a_run_ending_at_the_last_sequence_number_is_built_whole() {
+        use kecho_proto::codec::{decode_event_run_msg, encode_event_run, split_frame, TypeNames};
+        let payloads: [&[u8]; 3] = [b"a", b"bb", b"ccc"];
+        let first = u64::MAX - 2;
+        let mut buf = BytesMut::new();
+        let (channel, local) = (kecho_proto::ChannelId(1), kecho_proto::LocalId(1));
+        encode_event_run(&mut buf, channel, local, first, "t", &Attrs::new(), payloads.into_iter());
+        let frame = split_frame(&mut buf, 1 << 20).expect("a frame").expect("whole");
+        let run = decode_event_run_msg(frame, &mut TypeNames::default()).expect("a valid run");
+        for skip in 0..3 {
+            let evs: Vec<(u64, Bytes)> =
+                RunEvents::new(run.clone(), skip, SourceKey(1)).map(|e| (e.seq, e.payload)).collect();
+            let want: Vec<(u64, Bytes)> =
+                (skip..3).map(|i| (first + i as u64, Bytes::copy_from_slice(payloads[i]))).collect();
+            assert_eq!(evs, want, "skipping {skip}");
+            let q = SinkQueue::new(2, Overflow::DropNewest);
+            let (queued, dropped, stop) = q.offer_many(RunEvents::new(run.clone(), skip, SourceKey(1)));
+            assert_eq!((queued, dropped, stop.is_none()), ((3 - skip).min(2) as u64, (1 - skip.min(1)) as u64, true));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// The events a sink's queue builds from a run (`RunEvents`, which walks the run's body itself) are those the
+        /// codec's own split yields, from any skipped prefix on: numbers, payloads, type and attributes.
+        #[test]
+        fn a_run_builds_the_events_the_codec_splits_it_into(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 1..40),
+            first in proptest::prop_oneof![1u64..1_000, (u64::MAX - 100)..u64::MAX],
+            tagged in proptest::prelude::any::<bool>(),
+            skip in 0usize..45,
+        ) {
+            use kecho_proto::codec::{decode_event_run_msg, encode_event_run, split_frame, TypeNames};
+            let first = first.min(u64::MAX - (payloads.len() as u64 - 1));
+            let attrs = if tagged { Attrs::new().with("k", 7i64) } else { Attrs::new() };
+            let mut buf = BytesMut::new();
+            let (channel, local) = (kecho_proto::ChannelId(1), kecho_proto::LocalId(1));
+            encode_event_run(&mut buf, channel, local, first, "ty", &attrs, payloads.iter().map(|p| &p[..]));
+            let frame = split_frame(&mut buf, 1 << 20).expect("a frame").expect("whole");
+            let run = decode_event_run_msg(frame, &mut TypeNames::default()).expect("a valid run");
+            let want: Vec<_> = run.clone().events().skip(skip).map(|e| (e.seq, e.payload, e.ty, e.attrs)).collect();
+            let evs = RunEvents::new(run, skip, SourceKey(1));
+            proptest::prop_assert_eq!(evs.size_hint(), (want.len(), Some(want.len())));
+            let got: Vec<_> = evs.map(|e| (e.seq, e.payload.clone(), Arc::from(&*e.ty), e.attrs().clone())).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
     /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its
     /// chunks again once their frames are sent, rather than allocating one after the other.
     #[test]
@@ -1152,6 +1205,41 @@ mod tests {
             drop(c.split());
         }
         assert!(c.spares.is_empty(), "{} chunks kept after the backlog drained", c.spares.len());
+    }
+
+    /// Events of mixed sizes (a large one now and then among small ones) from a sender whose link holds back more of
+    /// its frames than `SPARE_BYTES` (a link queue configured larger than the default): the earlier chunks kept for use
+    /// again stay within `SPARE_BYTES`, counted in bytes, plus at most one chunk, whatever the size asked for now.
+    #[test]
+    fn chunks_kept_stay_within_their_byte_bound_for_mixed_sizes() {
+        for (every, big) in [(8, 1 << 20), (2, 200_000), (64, 16 << 20)] {
+            let mut c = ChunkBuf::default();
+            let mut queued: VecDeque<Bytes> = VecDeque::new();
+            let (mut queued_bytes, mut worst, mut biggest) = (0usize, 0usize, 0usize);
+            // A chunk's size by where it ends (which splitting frames off its front does not move): its capacity
+            // when it became current, whole.
+            let mut sizes = std::collections::HashMap::new();
+            let end = |b: &BytesMut| b.as_ptr() as usize + b.capacity();
+            for i in 0..3_000usize {
+                let len = if i % every == 0 { big } else { 1_000 };
+                let b = c.room(len, 64 * 1024);
+                let size = sizes.entry(end(b)).or_insert(0);
+                *size = b.capacity().max(*size);
+                b.extend_from_slice(&vec![i as u8; len]);
+                let f = c.split();
+                queued_bytes += f.len();
+                queued.push_back(f);
+                // The link sends the oldest frames once more than 32 MiB wait.
+                while queued_bytes > 32 << 20 {
+                    queued_bytes -= queued.pop_front().map_or(0, |f| f.len());
+                }
+                let kept: Vec<usize> = c.spares.iter().map(|s| sizes[&end(s)]).collect();
+                biggest = biggest.max(kept.iter().copied().max().unwrap_or(0));
+                worst = worst.max(kept.iter().sum());
+            }
+            let case = (every, big);
+            assert!(worst <= SPARE_BYTES + biggest, "{case:?}: {worst} bytes of chunks kept, chunks up to {biggest}");
+        }
     }
 
     #[test]

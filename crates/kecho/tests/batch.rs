@@ -436,3 +436,104 @@ async fn runs_reach_several_sinks_with_exact_loss_and_in_filters_per_event() -> 
     }
     Ok(())
 }
+
+/// The number in event `ev`'s payload (see `payload`).
+fn number(ev: &Event) -> u32 {
+    u32::from_le_bytes(ev.payload()[..4].try_into().expect("4 bytes"))
+}
+
+/// Reads a Block sink with receives of every kind in turn (`recv`, `recv_many`, `try_recv`), slowly at first so that
+/// its queue fills and holds up the link, until `n` events came; lag notices are an error.
+async fn recv_mixed(sink: &mut kecho::Sink, n: usize) -> Result<Vec<u32>> {
+    let (mut got, mut evs) = (Vec::with_capacity(n), Vec::new());
+    let mut turn = 0u32;
+    while got.len() < n {
+        turn += 1;
+        if turn < 40 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let before = got.len();
+        match turn % 3 {
+            0 => match timeout(T, sink.recv()).await {
+                Err(_) => bail!("timed out after {before} of {n} events"),
+                Ok(r) => got.push(number(&r.with_context(|| format!("after {before} events"))?)),
+            },
+            1 => match timeout(T, sink.recv_many(&mut evs, 7)).await {
+                Err(_) => bail!("timed out after {before} of {n} events"),
+                Ok(r) => {
+                    r.with_context(|| format!("after {before} events"))?;
+                    got.extend(evs.drain(..).map(|e| number(&e)));
+                }
+            },
+            _ => match sink.try_recv() {
+                Ok(e) => got.push(number(&e)),
+                Err(kecho::TryRecvError::Empty) => {}
+                Err(e) => bail!("after {before} events: {e}"),
+            },
+        }
+    }
+    Ok(got)
+}
+
+/// Runs of two types on one link reach sinks of one node with different type filters: runs of type `b` go to two
+/// sinks of which none blocks (built straight into their queues), runs of type `a` to two sinks of which one blocks
+/// (the per-event path, offered in step), and with 65 sinks everything takes the per-event path. The blocking sink,
+/// read slowly with every kind of receive, holds up the link again and again, so that batches switch paths midway.
+/// Every sink gets its share whole and in per-source order (a second source's single events interleaved), and the
+/// DropOldest sink reports exactly what it lost, in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_several_types_take_both_delivery_paths_in_order() -> Result<()> {
+    for mode in MODES {
+        for extra in [0usize, 62] {
+            let ctx = || format!("mode {mode:?}, {} sinks", 3 + extra);
+            let reg = RegistryClient::in_process_private();
+            let a = builder(&reg, mode).start().await?;
+            let b = builder(&reg, mode).start().await?;
+            let ca = a.create_channel("paths").await?;
+            let cb = b.open_channel("paths").await?;
+            let mut blocker = cb.sink(SinkOptions::new().types(["a"]).capacity(40).overflow(Overflow::Block))?;
+            let mut all = cb.sink(SinkOptions::new().capacity(1_000_000).overflow(Overflow::DropNewest))?;
+            let mut only_b = cb.sink(SinkOptions::new().types(["b"]).capacity(30).overflow(Overflow::DropOldest))?;
+            let mut more = Vec::new();
+            for _ in 0..extra {
+                more.push(cb.sink(SinkOptions::new().types(["a"]).capacity(1_000_000).overflow(Overflow::DropNewest))?);
+            }
+            ca.wait_for_sinks(3 + extra, T).await?;
+            let (mut s1, mut s2) = (ca.source()?, ca.source()?);
+            // Source 1: runs of `a` and `b` in turn (numbers from 0); source 2: single `a` events (from 1,000,000).
+            let (rounds, per) = (40u32, 60u32);
+            let sender = tokio::spawn(async move {
+                for r in 0..rounds {
+                    let ty = if r % 2 == 0 { "a" } else { "b" };
+                    let batch: Vec<Vec<u8>> = (r * per..(r + 1) * per).map(payload).collect();
+                    s1.submit_many(ty, &Attrs::new(), &batch).await?;
+                    s2.submit("a", &Attrs::new(), &payload(1_000_000 + r)).await?;
+                }
+                Ok::<_, anyhow::Error>((s1, s2))
+            });
+            let of_a: Vec<u32> = (0..rounds).filter(|r| r % 2 == 0).flat_map(|r| r * per..(r + 1) * per).collect();
+            let of_b: Vec<u32> = (0..rounds).filter(|r| r % 2 == 1).flat_map(|r| r * per..(r + 1) * per).collect();
+            let singles: Vec<u32> = (0..rounds).map(|r| 1_000_000 + r).collect();
+            let split = |got: Vec<u32>| -> (Vec<u32>, Vec<u32>) { got.into_iter().partition(|&i| i < 1_000_000) };
+            let got = recv_mixed(&mut blocker, of_a.len() + singles.len()).await.with_context(ctx)?;
+            assert_eq!(split(got), (of_a.clone(), singles.clone()), "{}: the Block sink", ctx());
+            let _sources = sender.await??;
+            let total = (rounds * per + rounds) as usize;
+            let (got, lagged) = drain_exactly(&mut all, total).await.with_context(ctx)?;
+            assert_eq!(lagged, 0, "{}", ctx());
+            let (runs, single) = split(got);
+            assert_eq!(runs, (0..rounds * per).collect::<Vec<_>>(), "{}: the sink of every type", ctx());
+            assert_eq!(single, singles, "{}: the sink of every type", ctx());
+            let lost = of_b.len() - 30;
+            dropped_reaches(&only_b, lost as u64).await.with_context(ctx)?;
+            let kept = drain_exactly(&mut only_b, of_b.len()).await.with_context(ctx)?;
+            assert_eq!(kept, (of_b[lost..].to_vec(), lost as u64), "{}: the DropOldest sink", ctx());
+            for s in &mut more {
+                let (got, lagged) = drain_exactly(s, of_a.len() + singles.len()).await.with_context(ctx)?;
+                assert_eq!((split(got), lagged), ((of_a.clone(), singles.clone()), 0), "{}", ctx());
+            }
+            assert!(all.is_empty() && blocker.is_empty() && only_b.is_empty(), "{}", ctx());
+        }
+    }
+    Ok(())
+}

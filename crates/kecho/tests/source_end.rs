@@ -90,6 +90,20 @@ async fn publish(src: &mut kecho::Source, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// `publish`, or (`batched`) the same events 10 at a time every 10 ms with `submit_many`.
+async fn publish_as(src: &mut kecho::Source, n: u64, batched: bool) -> Result<()> {
+    if !batched {
+        return publish(src, n).await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let batch = [b"0123456789"; 10];
+    for _ in 0..n / 10 {
+        tick.tick().await;
+        src.submit_many("e", &Attrs::new(), &batch).await?;
+    }
+    Ok(())
+}
+
 /// The scenario in one process: the source's node is cut off from one sink's node (and only from it), the
 /// source publishes on, then ends and its node leaves before the cut heals. The cut-off sink learns from the other
 /// member exactly how many events it missed; the other sink got everything and is told nothing.
@@ -171,7 +185,7 @@ async fn a_source_whose_node_dies_unseen_is_reported_gone_with_an_unknown_loss()
 
 /// One run of a cut with the source keeping `history`: 300 events before the cut, 500 during it, then 200 after the
 /// heal. Returns what the cut-off sink got.
-async fn cut_and_heal_with_history(history: kecho::History) -> Result<Tally> {
+async fn cut_and_heal_with_history(history: kecho::History, batched: bool) -> Result<Tally> {
     let reg = RegistryClient::in_process_private();
     let (c, _pc) = proxied_node(&reg, T * 3).await?;
     let (b, pb) = proxied_node(&reg, T * 3).await?;
@@ -185,15 +199,15 @@ async fn cut_and_heal_with_history(history: kecho::History) -> Result<Tally> {
     let mut src = ca.source()?;
     src.set_history(history);
 
-    publish(&mut src, 300).await?;
+    publish_as(&mut src, 300, batched).await?;
     let mut t = Tally::default();
     t.until(&mut back, "the first 300 events", |t| t.seqs.len() == 300).await?;
     cut_between((&a, &pa), (&b, &pb), true);
     eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
-    publish(&mut src, 500).await?;
+    publish_as(&mut src, 500, batched).await?;
     cut_between((&a, &pa), (&b, &pb), false);
     eventually("the cut-off sink back", || ca.sinks() == 2).await?;
-    publish(&mut src, 200).await?;
+    publish_as(&mut src, 200, batched).await?;
     t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&1000)).await?;
     let mut k = Tally::default();
     k.until(&mut keep, "all 1000 events", |t| t.seqs.len() == 1000).await?;
@@ -209,7 +223,7 @@ async fn cut_and_heal_with_history(history: kecho::History) -> Result<Tally> {
 /// (and reported).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_sink_gets_the_events_it_missed_replayed_from_the_history() -> Result<()> {
-    let t = cut_and_heal_with_history(kecho::History::events(10_000)).await?;
+    let t = cut_and_heal_with_history(kecho::History::events(10_000), false).await?;
     // The first 300 arrived before the cut and the 500 of the cut were submitted once the source's node had dropped
     // the sink's (none in flight on the link that broke): all of them are replayed.
     assert_eq!(t.seqs, (1..=1000).collect::<Vec<u64>>(), "every event, in order, once");
@@ -220,7 +234,7 @@ async fn a_returning_sink_gets_the_events_it_missed_replayed_from_the_history() 
 /// A history shorter than the cut replays its last events; the older ones are reported missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_falls_outside_the_history_is_reported_missed() -> Result<()> {
-    let t = cut_and_heal_with_history(kecho::History::events(100)).await?;
+    let t = cut_and_heal_with_history(kecho::History::events(100), false).await?;
     // The 100 newest events kept are replayed: those of the cut, and any submitted after the node was back in the
     // view but before its link was up (kept for it too, not queued: docs/DURABILITY.md). The older ones are missed.
     assert!((400..450).contains(&t.missed), "100 of the 500 replayed: {t:?}");
@@ -232,7 +246,7 @@ async fn what_falls_outside_the_history_is_reported_missed() -> Result<()> {
 /// Without a history the returning sink is told of everything it missed, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_history_a_returning_sink_is_told_what_it_missed() -> Result<()> {
-    let t = cut_and_heal_with_history(kecho::History::off()).await?;
+    let t = cut_and_heal_with_history(kecho::History::off(), false).await?;
     assert_eq!(t.missed, 500, "{t:?}");
     assert!(!(301..=800).any(|s| t.seqs.contains(&s)), "nothing replayed: {t:?}");
     Ok(())
@@ -243,7 +257,7 @@ async fn without_a_history_a_returning_sink_is_told_what_it_missed() -> Result<(
 /// in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_flight_when_the_link_broke_are_replayed_once() -> Result<()> {
-    let t = cut_while_publishing(kecho::History::events(100_000)).await?;
+    let t = cut_while_publishing(kecho::History::events(100_000), false).await?;
     assert_eq!(t.missed, 0, "nothing missed: {t:?}");
     assert_eq!(t.seqs, (1..=IN_FLIGHT_N + 100).collect::<Vec<u64>>(), "every event once, in order");
     Ok(())
@@ -252,7 +266,7 @@ async fn events_in_flight_when_the_link_broke_are_replayed_once() -> Result<()> 
 /// The same without a history: the events of the cut are reported missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_history_events_of_a_cut_while_publishing_are_reported() -> Result<()> {
-    let t = cut_while_publishing(kecho::History::off()).await?;
+    let t = cut_while_publishing(kecho::History::off(), false).await?;
     assert!(t.missed > 0, "{t:?}");
     assert_eq!(t.seqs.len() as u64 + t.missed, IN_FLIGHT_N + 100, "{t:?}");
     Ok(())
@@ -260,7 +274,7 @@ async fn without_a_history_events_of_a_cut_while_publishing_are_reported() -> Re
 
 const IN_FLIGHT_N: u64 = 1500;
 
-async fn cut_while_publishing(history: kecho::History) -> Result<Tally> {
+async fn cut_while_publishing(history: kecho::History, batched: bool) -> Result<Tally> {
     const N: u64 = IN_FLIGHT_N;
     let reg = RegistryClient::in_process_private();
     let (c, _pc) = proxied_node(&reg, T * 3).await?;
@@ -275,7 +289,7 @@ async fn cut_while_publishing(history: kecho::History) -> Result<Tally> {
     let mut src = ca.source()?;
     src.set_history(history);
     let publisher = tokio::spawn(async move {
-        publish(&mut src, N).await?;
+        publish_as(&mut src, N, batched).await?;
         anyhow::Ok(src)
     });
     let mut t = Tally::default();
@@ -287,8 +301,36 @@ async fn cut_while_publishing(history: kecho::History) -> Result<Tally> {
     eventually("the cut-off sink back", || ca.sinks() == 2).await?;
     let mut src = tokio::time::timeout(T, publisher).await???;
     // What the sink missed goes to it with the source's next event (or its end).
-    publish(&mut src, 100).await?;
+    publish_as(&mut src, 100, batched).await?;
     t.until(&mut back, "the last event", |t| t.seqs.last() == Some(&(N + 100))).await?;
     assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
     Ok(t)
+}
+
+/// `a_returning_sink_gets_the_events_it_missed_replayed_from_the_history` with a source that submits batches only
+/// (`submit_many`): the kept events are replayed before the newer ones all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_sink_gets_the_batches_it_missed_replayed_from_the_history() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::events(10_000), true).await?;
+    assert_eq!(t.seqs, (1..=1000).collect::<Vec<u64>>(), "every event, in order, once");
+    assert_eq!(t.missed, 0);
+    Ok(())
+}
+
+/// `without_a_history_a_returning_sink_is_told_what_it_missed` with a source that submits batches only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_history_a_returning_sink_is_told_what_batches_it_missed() -> Result<()> {
+    let t = cut_and_heal_with_history(kecho::History::off(), true).await?;
+    assert_eq!(t.missed, 500, "{t:?}");
+    assert!(!(301..=800).any(|s| t.seqs.contains(&s)), "nothing replayed: {t:?}");
+    Ok(())
+}
+
+/// `events_in_flight_when_the_link_broke_are_replayed_once` with a source that submits batches only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_flight_when_the_link_broke_are_replayed_once() -> Result<()> {
+    let t = cut_while_publishing(kecho::History::events(100_000), true).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=IN_FLIGHT_N + 100).collect::<Vec<u64>>(), "every event once, in order");
+    Ok(())
 }

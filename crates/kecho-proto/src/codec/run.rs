@@ -74,14 +74,17 @@ pub struct EventRunMsg {
 }
 
 impl EventRunMsg {
-    /// The payloads' places in `body`, in order (checked at decoding, so no bounds fail).
+    /// The payloads' places in `body`, in order. A decoded run holds `count` of them; one that a caller changed
+    /// afterwards yields those its body holds (up to `count`).
     pub fn payloads(&self) -> RunPayloads<'_> {
         RunPayloads { body: &self.body, at: 0, left: self.count }
     }
 
-    /// The run's events as `Event` frames of their own would carry them; the payloads share `body`'s memory.
+    /// The run's events as `Event` frames of their own would carry them; the payloads share `body`'s memory. (Of a
+    /// run that a caller changed after decoding: those of [`EventRunMsg::payloads`] numbered up to `u64::MAX`.)
     pub fn events(self) -> impl ExactSizeIterator<Item = EventMsg> {
-        let ranges: Vec<std::ops::Range<usize>> = self.payloads().collect();
+        let numbered = usize::try_from(u64::MAX - self.first).map_or(usize::MAX, |n| n.saturating_add(1));
+        let ranges: Vec<std::ops::Range<usize>> = self.payloads().take(numbered).collect();
         let EventRunMsg { channel, source, first, ty, attrs, body, .. } = self;
         ranges.into_iter().enumerate().map(move |(i, r)| EventMsg {
             channel,
@@ -111,11 +114,19 @@ impl Iterator for RunPayloads<'_> {
             return None;
         }
         self.left -= 1;
-        let b = &self.body[self.at..self.at + 4];
-        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        // Checked at decoding; the checks here keep a run that a caller changed afterwards from panicking.
+        let Some(&[a, b, c, d]) = self.body.get(self.at..self.at + 4) else {
+            self.left = 0;
+            return None;
+        };
         let start = self.at + 4;
-        self.at = start + len;
-        Some(start..self.at)
+        let end = start + u32::from_le_bytes([a, b, c, d]) as usize;
+        if end > self.body.len() {
+            self.left = 0;
+            return None;
+        }
+        self.at = end;
+        Some(start..end)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
