@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
-use crate::endpoint::{self, Conn, Listener, Method, Moved};
+use crate::endpoint::{self, Conn, DirectEnd, Listener, Method, Moved};
 use crate::ladder::{Action, Decision, FaultKind, Ladder};
 use crate::sched::{self, Reorder, StageLoad, TokenBucket};
 use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
@@ -83,21 +83,30 @@ pub struct FlowBuilder {
     app_out: HashMap<String, AppSink>,
     scheduler: Option<Arc<Scheduler>>,
     planner: Option<ReplicaPlanner>,
+    warm_up_bytes: u64,
 }
 
-/// Decides `replicas=auto` once the flow has warmed up ([`WARM_UP_CHUNKS`]): given the stages' loads, the wall time
+/// Decides `replicas=auto` once the flow has warmed up ([`WARM_UP_BYTES`]): given the stages' loads, the wall time
 /// so far, how many stages run on the flow's thread, and the cores the flow can count on, the stage to replicate
 /// and how many replicas (1: a thread of its own). The default is [`sched::plan_replicas`].
 pub type ReplicaPlanner =
     Arc<dyn Fn(&[StageLoad], Duration, usize, sched::Capacity) -> Option<(usize, usize)> + Send + Sync>;
 
-/// Chunks a flow with `replicas=auto` moves before it asks its [`ReplicaPlanner`].
-pub const WARM_UP_CHUNKS: u64 = 64;
+/// Bytes a flow with `replicas=auto` reads before it asks its [`ReplicaPlanner`] (at the end of the chunk that
+/// reaches them). A byte count, not a chunk count, so that the chunk size (`chunk=`) does not change when the
+/// decision comes or how much it has seen. [`FlowBuilder::warm_up_bytes`] changes it for one flow.
+pub const WARM_UP_BYTES: u64 = 16 << 20;
 
 /// The built-in planner is asked no earlier than this either: it reads the machine's idle cores from /proc/stat,
-/// which counts in ticks of 10 ms, so 64 chunks of a fast flow (16 MiB in ~20 ms) would give it two or three ticks
-/// per core to judge by. An application's own planner is asked after [`WARM_UP_CHUNKS`] alone.
+/// which counts in ticks of 10 ms, so the 16 MiB of a fast flow (~20 ms) would give it two or three ticks per core
+/// to judge by. An application's own planner is asked after [`WARM_UP_BYTES`] alone.
 pub const WARM_UP_TIME: Duration = Duration::from_millis(200);
+
+/// True once a flow that read `bytes` in `elapsed` has warmed up: at least `min_bytes` read and `min_time` passed.
+/// Whatever the chunk size, the answer for the same bytes and time is the same.
+pub fn warmed_up(bytes: u64, elapsed: Duration, min_bytes: u64, min_time: Duration) -> bool {
+    bytes >= min_bytes && elapsed >= min_time
+}
 
 impl Default for FlowBuilder {
     fn default() -> Self {
@@ -116,6 +125,7 @@ impl Default for FlowBuilder {
             app_out: HashMap::new(),
             scheduler: None,
             planner: None,
+            warm_up_bytes: WARM_UP_BYTES,
         }
     }
 }
@@ -221,6 +231,13 @@ impl FlowBuilder {
         self
     }
 
+    /// Bytes `replicas=auto` reads before it asks the planner (default [`WARM_UP_BYTES`]): less for short flows,
+    /// more to judge a slowly varying one. The built-in planner also waits [`WARM_UP_TIME`].
+    pub fn warm_up_bytes(mut self, n: u64) -> Self {
+        self.warm_up_bytes = n;
+        self
+    }
+
     /// Starts the flow on its own threads. Files named in the spec are read and listeners bound here, so that
     /// configuration errors come back at once.
     pub fn start(mut self) -> Result<FlowHandle, FlowError> {
@@ -238,6 +255,30 @@ impl FlowBuilder {
         }
         if self.sinks.is_empty() {
             return Err(FlowError::Config("a flow needs at least one sink".into()));
+        }
+        if source.direct {
+            return Err(FlowError::Config("`direct` is an option of a file sink, not of a source".into()));
+        }
+        if let Some(d) = self.sinks.iter().find(|s| s.direct) {
+            let why = if !self.stages.is_empty() {
+                Some("a flow with transforms")
+            } else if self.sinks.len() > 1 {
+                Some("a flow with several sinks")
+            } else if d.append {
+                Some("an `append` sink (O_DIRECT writes whole blocks at block offsets)")
+            } else if d.force_copy {
+                Some("a `copy` sink")
+            } else if matches!(source.endpoint, Endpoint::Channel(_)) {
+                Some("a kecho channel source")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(FlowError::Config(format!(
+                    "`direct` (on {}) is for an untransformed flow with one file sink, not {why}",
+                    d.endpoint
+                )));
+            }
         }
         let mut stages = Vec::new();
         for s in &self.stages {
@@ -279,6 +320,7 @@ impl FlowBuilder {
             results: Mutex::new(Vec::new()),
             scheduler: self.scheduler.as_ref().map(Arc::downgrade),
             warm_up: if self.planner.is_some() { Duration::ZERO } else { WARM_UP_TIME },
+            warm_up_bytes: self.warm_up_bytes,
             planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
         });
         if let Some(s) = &self.scheduler {
@@ -374,8 +416,10 @@ pub struct Shared {
     results: Mutex<Vec<String>>,
     scheduler: Option<Weak<Scheduler>>,
     planner: ReplicaPlanner,
-    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_CHUNKS`]).
+    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_BYTES`]).
     warm_up: Duration,
+    /// The bytes read before `replicas=auto` asks the planner.
+    warm_up_bytes: u64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -625,6 +669,38 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             s.connect_or_recover()?;
         }
         sinks.push(s);
+    }
+    // O_DIRECT (`direct`, checked at start: no transform, one file sink): one copy per byte into aligned buffers,
+    // none into the page cache; a file system that refuses O_DIRECT gets the zero-copy path instead (rung 4).
+    if ctx.sinks.len() == 1 && ctx.sinks[0].direct {
+        if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
+            *sh.path.lock() = "direct (reads into aligned buffers, O_DIRECT writes)".into();
+            let mut pace = |n| sh.pace(n);
+            let step = ctx.chunk.max(1 << 20);
+            let end =
+                endpoint::direct_move(s, d, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(|e| {
+                    io_err(format!("O_DIRECT move from {} to {}", ctx.source.endpoint, ctx.sinks[0].endpoint), e)
+                })?;
+            match end {
+                DirectEnd::Done { direct, buffered } => {
+                    sh.results.lock().push(format!(
+                        "{}: {direct} bytes written with O_DIRECT, {buffered} through the page cache (the unaligned end)",
+                        ctx.sinks[0].endpoint
+                    ));
+                    return sinks.remove(0).close();
+                }
+                DirectEnd::Stopped => return Err(FlowError::Stopped),
+                DirectEnd::Refused(e) => {
+                    sh.event(
+                        4,
+                        "fallback",
+                        &ctx.sinks[0].endpoint.to_string(),
+                        format!("O_DIRECT: {e}; splicing instead"),
+                    );
+                    *sh.path.lock() = "starting".into();
+                }
+            }
+        }
     }
     // The zero-copy path: no transform, one sink, two kernel objects.
     if t == 0 && sinks.len() == 1 && !ctx.source.force_copy && !ctx.sinks[0].force_copy {
@@ -1648,6 +1724,7 @@ fn pipeline(
     };
     let mut carry: Vec<u8> = Vec::new();
     let mut seq = 0u64;
+    let mut read_total = 0u64;
     let mut eof = false;
     let mut asked = false;
     let start = Instant::now();
@@ -1676,6 +1753,7 @@ fn pipeline(
             src_stat.busy(&t);
             src_stat.moved(n, n);
             src_stat.copied(n);
+            read_total += n as u64;
             if n == 0 && sh.stopped() {
                 // An interrupted read looks like the end of input.
                 return Err(FlowError::Stopped);
@@ -1697,7 +1775,7 @@ fn pipeline(
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.
-            if auto && !asked && seq >= WARM_UP_CHUNKS && start.elapsed() >= sh.warm_up {
+            if auto && !asked && warmed_up(read_total, start.elapsed(), sh.warm_up_bytes, sh.warm_up) {
                 asked = true;
                 if let Mode::Inline(_) = &mode {
                     let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
@@ -1711,6 +1789,7 @@ fn pipeline(
                             };
                             mode = split(sh, tail, i - 1, n, pool.clone(), seq)?;
                             let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
+                            let how = format!("{how} after {read_total} bytes");
                             sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
                         }
                     }

@@ -117,6 +117,10 @@ pub struct EndpointSpec {
     pub event_type: String,
     /// Disable the zero-copy path (`copy`): for measurements and for files that lie about splice support.
     pub force_copy: bool,
+    /// Write a file sink with `O_DIRECT` from aligned user buffers (`direct`): one copy per byte (the receive) and
+    /// none into the page cache; the unaligned end goes through the page cache. Untransformed flows with one file
+    /// sink only.
+    pub direct: bool,
 }
 
 impl EndpointSpec {
@@ -132,6 +136,7 @@ impl EndpointSpec {
             full: FullPolicy::Detach,
             event_type: "flow.data".into(),
             force_copy: false,
+            direct: false,
         }
     }
 }
@@ -409,6 +414,12 @@ fn parse_endpoints(spec: &str, seg: &[Token], mut flow: Option<&mut FlowSpec>) -
             "resume" => ep.resume = true,
             "append" => ep.append = true,
             "copy" => ep.force_copy = true,
+            "direct" => {
+                if !matches!(ep.endpoint, Endpoint::File(_)) {
+                    return Err(err(format!("`direct` is for file sinks, not {}", ep.endpoint)));
+                }
+                ep.direct = true;
+            }
             "queue" => ep.queue = parse_size(&need(v)?).ok_or_else(|| err("queue is a size like 16M".into()))?,
             "full" => {
                 ep.full = match need(v)?.as_str() {
