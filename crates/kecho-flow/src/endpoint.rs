@@ -659,6 +659,109 @@ pub fn direct_move(
     })
 }
 
+/// A file sink written with `O_DIRECT` behind a transform: the chunk's ranges (e.g. decrypted records, which lie
+/// between their headers and tags) are gathered into an aligned buffer, cache-hot right after the transform
+/// wrote them, and each full buffer is written with one direct write; nothing is copied into the page cache. The
+/// unaligned end is written through the page cache by [`DirectWriter::finish`].
+#[derive(Debug)]
+pub struct DirectWriter {
+    buf: AlignedBuf,
+    fill: usize,
+    at: u64,
+    on: bool,
+    flags: rustix::fs::OFlags,
+    /// Bytes written with `O_DIRECT` and through the page cache.
+    pub direct: u64,
+    /// Bytes written through the page cache (the unaligned end, or all if the file system refused direct writes).
+    pub buffered: u64,
+}
+
+impl DirectWriter {
+    /// Sets `O_DIRECT` on `fd` (a regular file opened for writing, at offset 0); an error if the file refuses it.
+    pub fn new(fd: BorrowedFd<'_>, cap: usize) -> io::Result<Self> {
+        let flags = rustix::fs::fcntl_getfl(fd)?;
+        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::DIRECT)?;
+        Ok(DirectWriter { buf: AlignedBuf::new(cap), fill: 0, at: 0, on: true, flags, direct: 0, buffered: 0 })
+    }
+
+    /// Gathers the ranges and writes every full buffer.
+    pub fn write_ranges(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &[u8],
+        segs: &[std::ops::Range<usize>],
+        stat: &StageStat,
+    ) -> io::Result<()> {
+        let cap = self.buf.bytes().len();
+        let mut total = 0;
+        for r in segs {
+            let mut src = &buf[r.clone()];
+            while !src.is_empty() {
+                let n = (cap - self.fill).min(src.len());
+                self.buf.bytes_mut()[self.fill..self.fill + n].copy_from_slice(&src[..n]);
+                self.fill += n;
+                total += n;
+                src = &src[n..];
+                if self.fill == cap {
+                    self.flush(fd, stat, false)?;
+                }
+            }
+        }
+        stat.copied(total);
+        Ok(())
+    }
+
+    /// Writes what the buffer holds: its whole blocks with `O_DIRECT`; with `all`, the rest too, through the page
+    /// cache.
+    fn flush(&mut self, fd: BorrowedFd<'_>, stat: &StageStat, all: bool) -> io::Result<()> {
+        let aligned = self.fill / DIRECT_ALIGN * DIRECT_ALIGN;
+        let mut done = 0;
+        let upto = if all { self.fill } else { aligned };
+        while done < upto {
+            if self.on && done >= aligned {
+                stat.syscall();
+                rustix::fs::fcntl_setfl(fd, self.flags)?;
+                self.on = false;
+            }
+            let end = if self.on { aligned } else { upto };
+            stat.syscall();
+            match rustix::io::pwrite(fd, &self.buf.bytes()[done..end], self.at) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote nothing")),
+                Ok(n) => {
+                    if self.on {
+                        self.direct += n as u64;
+                    } else {
+                        self.buffered += n as u64;
+                    }
+                    done += n;
+                    self.at += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::INVAL) if self.on && self.at == 0 => {
+                    // Refused by the file system's write path: through the page cache from here on.
+                    stat.syscall();
+                    rustix::fs::fcntl_setfl(fd, self.flags)?;
+                    self.on = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if done < self.fill {
+            self.buf.bytes_mut().copy_within(done..self.fill, 0);
+        }
+        self.fill -= done;
+        Ok(())
+    }
+
+    /// Writes everything left (the unaligned end through the page cache) and restores the descriptor's flags.
+    pub fn finish(&mut self, fd: BorrowedFd<'_>, stat: &StageStat) -> io::Result<()> {
+        let r = self.flush(fd, stat, true);
+        let _ = rustix::fs::fcntl_setfl(fd, self.flags);
+        self.on = false;
+        r
+    }
+}
+
 /// Sleeps up to `d`, waking early when `stop` is set.
 pub fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let end = std::time::Instant::now() + d;

@@ -117,7 +117,7 @@ impl Default for FlowBuilder {
             sinks: Vec::new(),
             priority: 1,
             rate: None,
-            chunk: 256 << 10,
+            chunk: crate::spec::DEFAULT_CHUNK,
             on_fault: None,
             notify: None,
             channel_in: HashMap::new(),
@@ -260,9 +260,7 @@ impl FlowBuilder {
             return Err(FlowError::Config("`direct` is an option of a file sink, not of a source".into()));
         }
         if let Some(d) = self.sinks.iter().find(|s| s.direct) {
-            let why = if !self.stages.is_empty() {
-                Some("a flow with transforms")
-            } else if self.sinks.len() > 1 {
+            let why = if self.sinks.len() > 1 {
                 Some("a flow with several sinks")
             } else if d.append {
                 Some("an `append` sink (O_DIRECT writes whole blocks at block offsets)")
@@ -275,7 +273,7 @@ impl FlowBuilder {
             };
             if let Some(why) = why {
                 return Err(FlowError::Config(format!(
-                    "`direct` (on {}) is for an untransformed flow with one file sink, not {why}",
+                    "`direct` (on {}) is for a flow with one file sink, not {why}",
                     d.endpoint
                 )));
             }
@@ -670,13 +668,14 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         }
         sinks.push(s);
     }
-    // O_DIRECT (`direct`, checked at start: no transform, one file sink): one copy per byte into aligned buffers,
+    // O_DIRECT (`direct`, checked at start: one file sink) without a transform: one copy per byte into aligned buffers,
     // none into the page cache; a file system that refuses O_DIRECT gets the zero-copy path instead (rung 4).
-    if ctx.sinks.len() == 1 && ctx.sinks[0].direct {
+    if t == 0 && ctx.sinks.len() == 1 && ctx.sinks[0].direct {
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             *sh.path.lock() = "direct (reads into aligned buffers, O_DIRECT writes)".into();
             let mut pace = |n| sh.pace(n);
-            let step = ctx.chunk.max(1 << 20);
+            // Buffers of `chunk=` bytes (default 1 MiB), at least 64 KiB.
+            let step = ctx.chunk.max(64 << 10);
             let end =
                 endpoint::direct_move(s, d, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(|e| {
                     io_err(format!("O_DIRECT move from {} to {}", ctx.source.endpoint, ctx.sinks[0].endpoint), e)
@@ -1050,6 +1049,8 @@ struct SinkRt {
     zero_copy: bool,
     /// The offset the last connection's peer reported (zero-copy resume).
     peer_has: Option<u64>,
+    /// A `direct` file sink behind a transform: its O_DIRECT writer, once the first chunk came.
+    direct: Option<endpoint::DirectWriter>,
 }
 
 fn connection_fault(e: &io::Error) -> bool {
@@ -1074,6 +1075,7 @@ impl SinkRt {
             replay: Default::default(),
             zero_copy: false,
             peer_has: None,
+            direct: None,
         }
     }
 
@@ -1224,6 +1226,29 @@ impl SinkRt {
                     }
                     break r;
                 }
+                Some(SinkIo::Fd(c)) if self.spec.direct => {
+                    let st = &self.sh.stats[self.stat];
+                    if self.direct.is_none() {
+                        st.syscall();
+                        match endpoint::DirectWriter::new(c.fd(), chunk.buf.capacity().max(1 << 20)) {
+                            Ok(w) => self.direct = Some(w),
+                            Err(e) => {
+                                self.sh.event(
+                                    4,
+                                    "fallback",
+                                    &self.current.to_string(),
+                                    format!("O_DIRECT: {e}; writing through the page cache"),
+                                );
+                                self.spec.direct = false;
+                                continue;
+                            }
+                        }
+                    }
+                    let w = self.direct.as_mut().expect("set above");
+                    break w
+                        .write_ranges(c.fd(), &chunk.buf, &chunk.segs, st)
+                        .map_err(|e| io_err(format!("write {}", self.current), e));
+                }
                 Some(SinkIo::Fd(c)) => {
                     match endpoint::write_ranges(c.fd(), &chunk.buf, &chunk.segs, skip, &self.sh.stats[self.stat]) {
                         Ok(n) => {
@@ -1341,6 +1366,13 @@ impl SinkRt {
     }
 
     fn close(mut self) -> Result<(), FlowError> {
+        if let (Some(w), Some(SinkIo::Fd(c))) = (self.direct.as_mut(), &self.io) {
+            w.finish(c.fd(), &self.sh.stats[self.stat]).map_err(|e| io_err(format!("write {}", self.current), e))?;
+            self.sh.results.lock().push(format!(
+                "{}: {} bytes written with O_DIRECT, {} through the page cache (the unaligned end)",
+                self.current, w.direct, w.buffered
+            ));
+        }
         loop {
             match self.io.take() {
                 Some(SinkIo::Fd(c)) if self.spec.resume && !self.zero_copy => match c.close_confirmed() {
@@ -1628,7 +1660,21 @@ enum Mode {
         tx: Option<crossbeam_channel::Sender<Chunk>>,
         workers: Vec<JoinHandle<()>>,
         tail: Option<JoinHandle<Result<(), FlowError>>>,
+        help: Helper,
     },
+}
+
+/// The reading thread's share of a replicated stage: when every replica is busy (their queue is full), the
+/// reading thread runs the stage's parallel part on the chunk it just read, while the chunk is still in its cache,
+/// and hands it to the tail itself, rather than sleep until a replica is free. So the reader, which must keep up
+/// with all the replicas, never idles while there is work, and no core waits on another's hand-over.
+struct Helper {
+    part: Arc<dyn Parallel>,
+    done: Option<crossbeam_channel::Sender<Chunk>>,
+    work: Work,
+    /// Chunks the reading thread ran itself, and all chunks handed on.
+    helped: u64,
+    chunks: u64,
 }
 
 /// Splits the flow at stage `r` into `n` replicas; `next` is the sequence number of the next chunk the source reads
@@ -1671,7 +1717,7 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next
             .map_err(|e| io_err("spawn a replica", e))?;
         workers.push(w);
     }
-    drop(dtx);
+    let dtx_help = dtx;
     let mut t = Tail { sh: sh.clone(), first: r + 1, stages: rest, parts: parts_rest, work: work_rest, delivery };
     let sh2 = sh.clone();
     let tail = std::thread::Builder::new()
@@ -1693,7 +1739,8 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next
             t.finish(last + 1_000_000, &pool)
         })
         .map_err(|e| io_err("spawn the tail thread", e))?;
-    Ok(Mode::Split { r, front: stages, front_work: work, tx: Some(tx), workers, tail: Some(tail) })
+    let help = Helper { part, done: Some(dtx_help), work: Work::default(), helped: 0, chunks: 0 };
+    Ok(Mode::Split { r, front: stages, front_work: work, tx: Some(tx), workers, tail: Some(tail), help })
 }
 
 fn pipeline(
@@ -1856,7 +1903,9 @@ fn empty_tail(sh: &Arc<Shared>) -> Tail {
 fn send(sh: &Arc<Shared>, mode: &mut Mode, c: Chunk) -> Result<(), FlowError> {
     match mode {
         Mode::Inline(tail) => tail.process(c),
-        Mode::Split { r, front, front_work, tx, .. } => front_send(sh, *r, front, front_work, tx.as_ref(), c),
+        Mode::Split { r, front, front_work, tx, help, .. } => {
+            front_send(sh, *r, front, front_work, tx.as_ref(), help, c)
+        }
     }
 }
 
@@ -1867,6 +1916,7 @@ fn front_send(
     front: &mut [Box<dyn Stage>],
     work: &[Work],
     tx: Option<&crossbeam_channel::Sender<Chunk>>,
+    help: &mut Helper,
     mut c: Chunk,
 ) -> Result<(), FlowError> {
     for k in 0..=r {
@@ -1881,7 +1931,25 @@ fn front_send(
         }
     }
     let tx = tx.ok_or(FlowError::Stopped)?;
-    tx.send(c).map_err(|_| FlowError::Transform("the replicas stopped".into()))
+    let stopped = || FlowError::Transform("the replicas stopped".into());
+    help.chunks += 1;
+    match tx.try_send(c) {
+        Ok(()) => Ok(()),
+        Err(crossbeam_channel::TrySendError::Full(mut c)) => {
+            // Every replica is busy: run the stage here (see `Helper`), as a replica would.
+            let t = Timing::start();
+            let before = c.len();
+            help.part.run(&mut c, &help.work);
+            let st = &sh.stats[1 + r];
+            st.busy(&t);
+            st.moved(before, c.len());
+            st.copied(help.work.copied.swap(0, Ordering::Relaxed) as usize);
+            c.done = r + 1;
+            help.helped += 1;
+            help.done.as_ref().ok_or_else(stopped)?.send(c).map_err(|_| stopped())
+        }
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(stopped()),
+    }
 }
 
 fn finish(
@@ -1899,7 +1967,7 @@ fn finish(
                 Err(e)
             }
         },
-        Mode::Split { r, mut front, front_work, tx, workers, mut tail } => {
+        Mode::Split { r, mut front, front_work, tx, workers, mut tail, mut help } => {
             let mut result = result;
             let mut seq = seq;
             if result.is_ok() {
@@ -1908,7 +1976,7 @@ fn finish(
                         Ok(Some(mut c)) => {
                             seq += 1;
                             c.done = k + 1;
-                            if let Err(e) = front_send(sh, r, &mut front, &front_work, tx.as_ref(), c) {
+                            if let Err(e) = front_send(sh, r, &mut front, &front_work, tx.as_ref(), &mut help, c) {
                                 result = Err(e);
                                 break;
                             }
@@ -1927,12 +1995,22 @@ fn finish(
                 }
             }
             drop(tx);
+            // The tail ends once every sender is gone: the replicas' and the reading thread's own.
+            drop(help.done.take());
             for w in workers {
                 let _ = w.join();
             }
             let tail_result = tail
                 .take()
                 .map(|t| t.join().unwrap_or_else(|_| Err(FlowError::Transform("the tail thread panicked".into()))));
+            if help.helped > 0 {
+                sh.results.lock().push(format!(
+                    "{}: the reading thread ran {} of {} chunks itself (every replica was busy)",
+                    front[r].name(),
+                    help.helped,
+                    help.chunks
+                ));
+            }
             // The tail's error (an authentication failure found by a replica) explains a front-side send failure.
             match (result, tail_result) {
                 (Ok(()), Some(r)) => r,
