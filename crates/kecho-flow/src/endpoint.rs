@@ -550,9 +550,8 @@ pub fn direct_move(
     }
     let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(DIRECT_BUFFERS);
     let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(DIRECT_BUFFERS);
-    for _ in 0..DIRECT_BUFFERS {
-        let _ = free_tx.send(AlignedBuf::new(step));
-    }
+    // Buffers are made as the move needs them (a small move pays for one), up to DIRECT_BUFFERS.
+    let mut made = 0;
     std::thread::scope(|scope| {
         // The writer: whole blocks with O_DIRECT at increasing offsets, then the tail through the page cache.
         let writer = scope.spawn(move || -> io::Result<(u64, u64)> {
@@ -604,7 +603,18 @@ pub fn direct_move(
         });
         let read = (|| -> io::Result<bool> {
             loop {
-                let Ok(mut buf) = free_rx.recv() else { return Ok(true) };
+                let mut buf = match free_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if made < DIRECT_BUFFERS => {
+                        made += 1;
+                        AlignedBuf::new(step)
+                    }
+                    Err(_) => match free_rx.recv() {
+                        Ok(b) => b,
+                        // The writer failed: its error is the move's.
+                        Err(_) => return Ok(true),
+                    },
+                };
                 let mut len = 0;
                 let mut eof = false;
                 let cap = buf.bytes().len();
