@@ -567,8 +567,20 @@ fn decrypt_part(
         std::fs::write(&streamed, stream(key, n, size))?;
         let data = Feed::File(streamed.clone());
         let out = scratch.file("decrypted");
-        // The flow as declared (the scheduler may replicate decryption), and pinned to one decrypting core.
-        let programs = [("auto", "flow"), ("1", "flow, 1 decrypt core")];
+        // The flow as declared (the scheduler may replicate decryption), and pinned to one decrypting core;
+        // `KECHO_BENCH_FLOWS_CHUNK=SIZE` adds the declared flow with that chunk, to compare chunk sizes in one run.
+        let other_chunk = std::env::var("KECHO_BENCH_FLOWS_CHUNK").ok();
+        let mut programs = vec![
+            ("auto", "flow".to_owned(), String::new(), ""),
+            ("1", "flow, 1 decrypt core".into(), String::new(), ""),
+        ];
+        if let Some(c) = &other_chunk {
+            programs.push(("auto", format!("flow, chunk={c}"), format!(" chunk={c}"), ""));
+        }
+        // `KECHO_BENCH_FLOWS_DIRECT=1` adds the declared flow with a `direct` (O_DIRECT) file sink.
+        if std::env::var("KECHO_BENCH_FLOWS_DIRECT").is_ok_and(|v| v == "1") {
+            programs.push(("auto", "flow, direct sink".into(), String::new(), " direct"));
+        }
         let mut mcs = Vec::new();
         let mut flows: Vec<Vec<Run>> = vec![Vec::new(); programs.len()];
         let mut ratios = Vec::new();
@@ -582,14 +594,14 @@ fn decrypt_part(
             round_rows.push(serde_json::json!({
                 "size": size, "round": round + 1, "program": "memory-centric", "records_per_s": mc.rec_s()
             }));
-            for (k, (reps, label)) in programs.iter().enumerate() {
+            for (k, (reps, label, chunk, sink_opts)) in programs.iter().enumerate() {
                 let spec = format!(
-                    "tcp-listen:127.0.0.1:0 ! decrypt aes-256-gcm key={} replicas={reps} ! file:{}",
+                    "tcp-listen:127.0.0.1:0{chunk} ! decrypt aes-256-gcm key={} replicas={reps} ! file:{}{sink_opts}",
                     keyfile.display(),
                     out.display()
                 );
                 let (fl, fs, decided) = flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B"))?;
-                if *reps == "auto" {
+                if k == 0 {
                     // The CPU per GB of the flow's busiest thread: the source and the decrypt stage share the
                     // reading thread unless the scheduler moved decryption off it.
                     let cpu = |i: usize| fs.stages.get(i).map_or(0.0, |x| x.cpu_s);
@@ -782,6 +794,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         .map(|&b| ((b as f64 * args.scale.min(1.0)) as u64).max(64 << 10))
         .collect();
     let mut worst = (0.0f64, String::new());
+    let mut worst_direct = (0.0f64, String::new());
     let mut points = Vec::new();
     for &size in &sizes {
         let data = std::sync::Arc::new(vec![0x5au8; size as usize]);
@@ -798,6 +811,15 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
             let mut rows = vec![flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?.0];
             std::fs::remove_file(&out)?;
             rows.push(rw_socket_to_file(data.clone(), &out)?);
+            std::fs::remove_file(&out)?;
+            // The flow with `direct`: reads into aligned buffers, O_DIRECT writes (no page-cache copy).
+            let spec = format!("tcp-listen:127.0.0.1:0 ! file:{} direct", out.display());
+            let (r, fs, _) = flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (O_DIRECT)".into())?;
+            if !fs.path.starts_with("direct") && !s.notes.iter().any(|n| n.starts_with("O_DIRECT refused")) {
+                // A file system without O_DIRECT (the flow fell back, rung 4): the row measures that path.
+                s.notes.push(format!("O_DIRECT refused here: the `direct` row took the path {}", fs.path));
+            }
+            rows.push(r);
             std::fs::remove_file(&out)?;
             if socat {
                 rows.push(socat_socket_to_file(data.clone(), &out)?);
@@ -826,17 +848,28 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         for (k, name) in ["socket -> file", "file -> socket"].into_iter().enumerate() {
             let meds: Vec<Run> = by[k].iter().map(|rs| median_cpu_run(rs)).collect();
             let ratio = meds[0].cpu_s / meds[1].cpu_s.max(1e-9);
-            let per_round: Vec<String> =
-                by[k][0].iter().zip(&by[k][1]).map(|(f, l)| format!("{:.2}x", f.cpu_s / l.cpu_s.max(1e-9))).collect();
+            let per_round = |j: usize| -> Vec<String> {
+                by[k][j].iter().zip(&by[k][1]).map(|(f, l)| format!("{:.2}x", f.cpu_s / l.cpu_s.max(1e-9))).collect()
+            };
             if size >= 64 << 20 && ratio > worst.0 {
                 worst = (ratio, format!("{name}, {}", fmt_bytes(size)));
             }
+            let direct = meds.iter().position(|r| r.what == "flow (O_DIRECT)");
+            if let (Some(j), true) = (direct, size >= 64 << 20) {
+                let r = meds[j].cpu_s / meds[1].cpu_s.max(1e-9);
+                if r > worst_direct.0 {
+                    worst_direct = (r, fmt_bytes(size));
+                }
+            }
             if size >= 64 << 20 {
-                s.notes.push(format!(
-                    "pure move {name} {}: flow CPU / loop CPU per round {}",
-                    fmt_bytes(size),
-                    per_round.join(", ")
-                ));
+                for j in std::iter::once(0).chain(direct) {
+                    s.notes.push(format!(
+                        "pure move {name} {}: {} CPU / loop CPU per round {}",
+                        fmt_bytes(size),
+                        meds[j].what,
+                        per_round(j).join(", ")
+                    ));
+                }
             }
             for r in &meds {
                 points.push(serde_json::json!({
@@ -850,7 +883,11 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                     format!("{:.0}", r.mb_s()),
                     format!("{:.3}", r.cpu_per_gb()),
                     r.syscalls.to_string(),
-                    if r.what.starts_with("flow") { fmt_ratio(ratio) } else { String::new() },
+                    if r.what.starts_with("flow") {
+                        fmt_ratio(r.cpu_s / meds[1].cpu_s.max(1e-9))
+                    } else {
+                        String::new()
+                    },
                 ]);
             }
             runs.extend(by[k].iter().flatten().cloned());
@@ -868,6 +905,18 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         0.5,
         "x",
     ));
+    if !worst_direct.1.is_empty() {
+        s.checks.push(Check::at_most(
+            format!(
+                "pure move socket -> file with `direct` (O_DIRECT): flow CPU per GB / read-write loop's (median of \
+                 rounds; worst of 64 MiB and up: {})",
+                worst_direct.1
+            ),
+            worst_direct.0,
+            0.5,
+            "x",
+        ));
+    }
     Ok(())
 }
 

@@ -468,6 +468,310 @@ pub fn zero_copy(
     }
 }
 
+/// The alignment `O_DIRECT` asks of a buffer's address, a write's length and its file offset: the page size, which
+/// is a multiple of every logical block size Linux file systems use.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned, made without `unsafe`: a zeroed vector one
+/// alignment longer, used from the first aligned byte. Allocated once and reused, so the zeroing is paid once.
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl AlignedBuf {
+    /// `len` is rounded up to [`DIRECT_ALIGN`].
+    pub fn new(len: usize) -> Self {
+        let len = len.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
+        let v = vec![0u8; len + DIRECT_ALIGN];
+        let off = (DIRECT_ALIGN - (v.as_ptr() as usize) % DIRECT_ALIGN) % DIRECT_ALIGN;
+        AlignedBuf { v, off, len }
+    }
+
+    /// The aligned bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.v[self.off..self.off + self.len]
+    }
+
+    /// The aligned bytes, to read into.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+/// Buffers of the direct move: one being filled, the rest written or waiting to be.
+const DIRECT_BUFFERS: usize = 4;
+
+/// How [`direct_move`] wrote the file.
+#[derive(Debug)]
+pub enum DirectEnd {
+    /// Everything written: `direct` bytes with `O_DIRECT`, `buffered` through the page cache after clearing
+    /// `O_DIRECT`: the unaligned end (under [`DIRECT_ALIGN`] bytes; a direct write must be whole blocks), or every
+    /// byte if the file system refused the first direct write.
+    Done {
+        /// Bytes written with `O_DIRECT`.
+        direct: u64,
+        /// Bytes written through the page cache.
+        buffered: u64,
+    },
+    /// The file refused `O_DIRECT` before any byte was written (e.g. tmpfs): nothing was read, use another path.
+    Refused(io::Error),
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Moves everything from `src` into the regular file `dst` (opened for writing at offset 0, truncated) through
+/// aligned user buffers of `step` bytes written with `O_DIRECT`: each byte is copied once, by the receive into a
+/// buffer the writer then hands to the device, and never into the page cache. The flow thread fills a buffer
+/// completely (several reads), a writer thread writes it, so receiving overlaps the device's writes. A direct write
+/// must be whole blocks: the last `len % 4096` bytes are written after clearing `O_DIRECT`, through the page cache.
+/// A file that refuses `O_DIRECT` in `fcntl` gets [`DirectEnd::Refused`] before any byte is read; one that refuses
+/// the first direct write is written through the page cache from there on (see [`DirectEnd::Done`]).
+pub fn direct_move(
+    src: &Conn,
+    dst: &Conn,
+    stop: &AtomicBool,
+    step: usize,
+    pace: &mut dyn FnMut(usize),
+    stat_in: &StageStat,
+    stat_out: &StageStat,
+) -> io::Result<DirectEnd> {
+    let flags = rustix::fs::fcntl_getfl(dst.fd())?;
+    stat_out.syscall();
+    if let Err(e) = rustix::fs::fcntl_setfl(dst.fd(), flags | rustix::fs::OFlags::DIRECT) {
+        return Ok(DirectEnd::Refused(e.into()));
+    }
+    let (full_tx, full_rx) = crossbeam_channel::bounded::<(AlignedBuf, usize)>(DIRECT_BUFFERS);
+    let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(DIRECT_BUFFERS);
+    // Buffers are made as the move needs them (a small move pays for one), up to DIRECT_BUFFERS.
+    let mut made = 0;
+    std::thread::scope(|scope| {
+        // The writer: whole blocks with O_DIRECT at increasing offsets, then the tail through the page cache.
+        let writer = scope.spawn(move || -> io::Result<(u64, u64)> {
+            let (mut direct, mut buffered) = (0u64, 0u64);
+            let mut at = 0u64;
+            let mut direct_on = true;
+            for (buf, len) in full_rx {
+                let t = crate::stats::Timing::start();
+                let aligned = len / DIRECT_ALIGN * DIRECT_ALIGN;
+                let mut done = 0;
+                while done < len {
+                    if direct_on && done >= aligned {
+                        // The unaligned end: O_DIRECT writes whole blocks only, so it goes through the page cache.
+                        stat_out.syscall();
+                        rustix::fs::fcntl_setfl(dst.fd(), flags)?;
+                        direct_on = false;
+                    }
+                    let end = if direct_on { aligned } else { len };
+                    stat_out.syscall();
+                    match rustix::io::pwrite(dst.fd(), &buf.bytes()[done..end], at) {
+                        Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote nothing")),
+                        Ok(n) => {
+                            if direct_on {
+                                direct += n as u64;
+                            } else {
+                                buffered += n as u64;
+                            }
+                            done += n;
+                            at += n as u64;
+                        }
+                        Err(Errno::INTR) => {}
+                        Err(Errno::INVAL) if direct_on && at == 0 => {
+                            // Accepted by fcntl, refused by the file system's write path: no O_DIRECT for this
+                            // file, every byte goes through the page cache (still one copy, from a hot buffer).
+                            stat_out.syscall();
+                            rustix::fs::fcntl_setfl(dst.fd(), flags)?;
+                            direct_on = false;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                stat_out.busy(&t);
+                stat_out.moved(len, len);
+                if free_tx.send(buf).is_err() {
+                    break;
+                }
+            }
+            Ok((direct, buffered))
+        });
+        let read = (|| -> io::Result<bool> {
+            loop {
+                let mut buf = match free_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if made < DIRECT_BUFFERS => {
+                        made += 1;
+                        AlignedBuf::new(step)
+                    }
+                    Err(_) => match free_rx.recv() {
+                        Ok(b) => b,
+                        // The writer failed: its error is the move's.
+                        Err(_) => return Ok(true),
+                    },
+                };
+                let mut len = 0;
+                let mut eof = false;
+                let cap = buf.bytes().len();
+                while len < cap {
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(false);
+                    }
+                    pace(cap - len);
+                    let t = crate::stats::Timing::start();
+                    stat_in.syscall();
+                    let r = rustix::io::read(src.fd(), &mut buf.bytes_mut()[len..]);
+                    stat_in.busy(&t);
+                    match r {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            stat_in.moved(n, n);
+                            stat_in.copied(n);
+                            len += n;
+                        }
+                        Err(Errno::INTR | Errno::AGAIN) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if eof && stop.load(Ordering::Acquire) {
+                    // An interrupted read looks like the end of input.
+                    return Ok(false);
+                }
+                if len > 0 && full_tx.send((buf, len)).is_err() {
+                    // The writer failed: its error is the move's.
+                    return Ok(true);
+                }
+                if eof {
+                    return Ok(true);
+                }
+            }
+        })();
+        drop(full_tx);
+        let written = writer.join().map_err(|_| io::Error::other("the direct writer panicked"))?;
+        // Leave the descriptor as it was found, whatever happened.
+        let _ = rustix::fs::fcntl_setfl(dst.fd(), flags);
+        match read {
+            Ok(false) => Ok(DirectEnd::Stopped),
+            Err(e) => Err(e),
+            Ok(true) => {
+                let (direct, buffered) = written?;
+                Ok(DirectEnd::Done { direct, buffered })
+            }
+        }
+    })
+}
+
+/// A file sink written with `O_DIRECT` behind a transform: the chunk's ranges (e.g. decrypted records, which lie
+/// between their headers and tags) are gathered into an aligned buffer, cache-hot right after the transform
+/// wrote them, and each full buffer is written with one direct write; nothing is copied into the page cache. The
+/// unaligned end is written through the page cache by [`DirectWriter::finish`].
+#[derive(Debug)]
+pub struct DirectWriter {
+    buf: AlignedBuf,
+    fill: usize,
+    at: u64,
+    on: bool,
+    flags: rustix::fs::OFlags,
+    /// Bytes written with `O_DIRECT` and through the page cache.
+    pub direct: u64,
+    /// Bytes written through the page cache (the unaligned end, or all if the file system refused direct writes).
+    pub buffered: u64,
+}
+
+impl DirectWriter {
+    /// Sets `O_DIRECT` on `fd` (a regular file opened for writing, at offset 0); an error if the file refuses it.
+    pub fn new(fd: BorrowedFd<'_>, cap: usize) -> io::Result<Self> {
+        let flags = rustix::fs::fcntl_getfl(fd)?;
+        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::DIRECT)?;
+        Ok(DirectWriter { buf: AlignedBuf::new(cap), fill: 0, at: 0, on: true, flags, direct: 0, buffered: 0 })
+    }
+
+    /// Gathers the ranges and writes every full buffer.
+    pub fn write_ranges(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &[u8],
+        segs: &[std::ops::Range<usize>],
+        stat: &StageStat,
+    ) -> io::Result<()> {
+        let cap = self.buf.bytes().len();
+        let mut total = 0;
+        for r in segs {
+            let mut src = &buf[r.clone()];
+            while !src.is_empty() {
+                let n = (cap - self.fill).min(src.len());
+                self.buf.bytes_mut()[self.fill..self.fill + n].copy_from_slice(&src[..n]);
+                self.fill += n;
+                total += n;
+                src = &src[n..];
+                if self.fill == cap {
+                    self.flush(fd, stat, false)?;
+                }
+            }
+        }
+        stat.copied(total);
+        Ok(())
+    }
+
+    /// Writes what the buffer holds: its whole blocks with `O_DIRECT`; with `all`, the rest too, through the page
+    /// cache.
+    fn flush(&mut self, fd: BorrowedFd<'_>, stat: &StageStat, all: bool) -> io::Result<()> {
+        let aligned = self.fill / DIRECT_ALIGN * DIRECT_ALIGN;
+        let mut done = 0;
+        let upto = if all { self.fill } else { aligned };
+        while done < upto {
+            if self.on && done >= aligned {
+                stat.syscall();
+                rustix::fs::fcntl_setfl(fd, self.flags)?;
+                self.on = false;
+            }
+            let end = if self.on { aligned } else { upto };
+            stat.syscall();
+            match rustix::io::pwrite(fd, &self.buf.bytes()[done..end], self.at) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote nothing")),
+                Ok(n) => {
+                    if self.on {
+                        self.direct += n as u64;
+                    } else {
+                        self.buffered += n as u64;
+                    }
+                    done += n;
+                    self.at += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::INVAL) if self.on && self.at == 0 => {
+                    // Refused by the file system's write path: through the page cache from here on.
+                    stat.syscall();
+                    rustix::fs::fcntl_setfl(fd, self.flags)?;
+                    self.on = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if done < self.fill {
+            self.buf.bytes_mut().copy_within(done..self.fill, 0);
+        }
+        self.fill -= done;
+        Ok(())
+    }
+
+    /// Writes everything left (the unaligned end through the page cache) and restores the descriptor's flags.
+    pub fn finish(&mut self, fd: BorrowedFd<'_>, stat: &StageStat) -> io::Result<()> {
+        let r = self.flush(fd, stat, true);
+        let _ = rustix::fs::fcntl_setfl(fd, self.flags);
+        self.on = false;
+        r
+    }
+}
+
 /// Sleeps up to `d`, waking early when `stop` is set.
 pub fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let end = std::time::Instant::now() + d;

@@ -26,7 +26,8 @@ pub mod wasm;
 pub use ladder::Decision;
 pub use record::RecordError;
 pub use runtime::{
-    Flow, FlowBuilder, FlowEvent, FlowHandle, FlowWatcher, ReplicaPlanner, Scheduler, WARM_UP_CHUNKS, WARM_UP_TIME,
+    warmed_up, Flow, FlowBuilder, FlowEvent, FlowHandle, FlowWatcher, ReplicaPlanner, Scheduler, WARM_UP_BYTES,
+    WARM_UP_TIME,
 };
 pub use spec::{parse, Endpoint, EndpointSpec, FlowSpec, SpecError, TransformSpec};
 pub use stats::{FlowStats, StageStats};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
-use crate::endpoint::{self, Conn, Listener, Method, Moved};
+use crate::endpoint::{self, Conn, DirectEnd, Listener, Method, Moved};
 use crate::ladder::{Action, Decision, FaultKind, Ladder};
 use crate::sched::{self, Reorder, StageLoad, TokenBucket};
 use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
@@ -83,21 +83,30 @@ pub struct FlowBuilder {
     app_out: HashMap<String, AppSink>,
     scheduler: Option<Arc<Scheduler>>,
     planner: Option<ReplicaPlanner>,
+    warm_up_bytes: u64,
 }
 
-/// Decides `replicas=auto` once the flow has warmed up ([`WARM_UP_CHUNKS`]): given the stages' loads, the wall time
+/// Decides `replicas=auto` once the flow has warmed up ([`WARM_UP_BYTES`]): given the stages' loads, the wall time
 /// so far, how many stages run on the flow's thread, and the cores the flow can count on, the stage to replicate
 /// and how many replicas (1: a thread of its own). The default is [`sched::plan_replicas`].
 pub type ReplicaPlanner =
     Arc<dyn Fn(&[StageLoad], Duration, usize, sched::Capacity) -> Option<(usize, usize)> + Send + Sync>;
 
-/// Chunks a flow with `replicas=auto` moves before it asks its [`ReplicaPlanner`].
-pub const WARM_UP_CHUNKS: u64 = 64;
+/// Bytes a flow with `replicas=auto` reads before it asks its [`ReplicaPlanner`] (at the end of the chunk that
+/// reaches them). A byte count, not a chunk count, so that the chunk size (`chunk=`) does not change when the
+/// decision comes or how much it has seen. [`FlowBuilder::warm_up_bytes`] changes it for one flow.
+pub const WARM_UP_BYTES: u64 = 16 << 20;
 
 /// The built-in planner is asked no earlier than this either: it reads the machine's idle cores from /proc/stat,
-/// which counts in ticks of 10 ms, so 64 chunks of a fast flow (16 MiB in ~20 ms) would give it two or three ticks
-/// per core to judge by. An application's own planner is asked after [`WARM_UP_CHUNKS`] alone.
+/// which counts in ticks of 10 ms, so the 16 MiB of a fast flow (~20 ms) would give it two or three ticks per core
+/// to judge by. An application's own planner is asked after [`WARM_UP_BYTES`] alone.
 pub const WARM_UP_TIME: Duration = Duration::from_millis(200);
+
+/// True once a flow that read `bytes` in `elapsed` has warmed up: at least `min_bytes` read and `min_time` passed.
+/// Whatever the chunk size, the answer for the same bytes and time is the same.
+pub fn warmed_up(bytes: u64, elapsed: Duration, min_bytes: u64, min_time: Duration) -> bool {
+    bytes >= min_bytes && elapsed >= min_time
+}
 
 impl Default for FlowBuilder {
     fn default() -> Self {
@@ -108,7 +117,7 @@ impl Default for FlowBuilder {
             sinks: Vec::new(),
             priority: 1,
             rate: None,
-            chunk: 256 << 10,
+            chunk: crate::spec::DEFAULT_CHUNK,
             on_fault: None,
             notify: None,
             channel_in: HashMap::new(),
@@ -116,6 +125,7 @@ impl Default for FlowBuilder {
             app_out: HashMap::new(),
             scheduler: None,
             planner: None,
+            warm_up_bytes: WARM_UP_BYTES,
         }
     }
 }
@@ -221,6 +231,13 @@ impl FlowBuilder {
         self
     }
 
+    /// Bytes `replicas=auto` reads before it asks the planner (default [`WARM_UP_BYTES`]): less for short flows,
+    /// more to judge a slowly varying one. The built-in planner also waits [`WARM_UP_TIME`].
+    pub fn warm_up_bytes(mut self, n: u64) -> Self {
+        self.warm_up_bytes = n;
+        self
+    }
+
     /// Starts the flow on its own threads. Files named in the spec are read and listeners bound here, so that
     /// configuration errors come back at once.
     pub fn start(mut self) -> Result<FlowHandle, FlowError> {
@@ -238,6 +255,28 @@ impl FlowBuilder {
         }
         if self.sinks.is_empty() {
             return Err(FlowError::Config("a flow needs at least one sink".into()));
+        }
+        if source.direct {
+            return Err(FlowError::Config("`direct` is an option of a file sink, not of a source".into()));
+        }
+        if let Some(d) = self.sinks.iter().find(|s| s.direct) {
+            let why = if self.sinks.len() > 1 {
+                Some("a flow with several sinks")
+            } else if d.append {
+                Some("an `append` sink (O_DIRECT writes whole blocks at block offsets)")
+            } else if d.force_copy {
+                Some("a `copy` sink")
+            } else if matches!(source.endpoint, Endpoint::Channel(_)) {
+                Some("a kecho channel source")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(FlowError::Config(format!(
+                    "`direct` (on {}) is for a flow with one file sink, not {why}",
+                    d.endpoint
+                )));
+            }
         }
         let mut stages = Vec::new();
         for s in &self.stages {
@@ -279,6 +318,7 @@ impl FlowBuilder {
             results: Mutex::new(Vec::new()),
             scheduler: self.scheduler.as_ref().map(Arc::downgrade),
             warm_up: if self.planner.is_some() { Duration::ZERO } else { WARM_UP_TIME },
+            warm_up_bytes: self.warm_up_bytes,
             planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
         });
         if let Some(s) = &self.scheduler {
@@ -374,8 +414,10 @@ pub struct Shared {
     results: Mutex<Vec<String>>,
     scheduler: Option<Weak<Scheduler>>,
     planner: ReplicaPlanner,
-    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_CHUNKS`]).
+    /// The least time before `replicas=auto` asks the planner (besides [`WARM_UP_BYTES`]).
     warm_up: Duration,
+    /// The bytes read before `replicas=auto` asks the planner.
+    warm_up_bytes: u64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -625,6 +667,39 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
             s.connect_or_recover()?;
         }
         sinks.push(s);
+    }
+    // O_DIRECT (`direct`, checked at start: one file sink) without a transform: one copy per byte into aligned buffers,
+    // none into the page cache; a file system that refuses O_DIRECT gets the zero-copy path instead (rung 4).
+    if t == 0 && ctx.sinks.len() == 1 && ctx.sinks[0].direct {
+        if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
+            *sh.path.lock() = "direct (reads into aligned buffers, O_DIRECT writes)".into();
+            let mut pace = |n| sh.pace(n);
+            // Buffers of `chunk=` bytes (default 1 MiB), at least 64 KiB.
+            let step = ctx.chunk.max(64 << 10);
+            let end =
+                endpoint::direct_move(s, d, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(|e| {
+                    io_err(format!("O_DIRECT move from {} to {}", ctx.source.endpoint, ctx.sinks[0].endpoint), e)
+                })?;
+            match end {
+                DirectEnd::Done { direct, buffered } => {
+                    sh.results.lock().push(format!(
+                        "{}: {direct} bytes written with O_DIRECT, {buffered} through the page cache (the unaligned end)",
+                        ctx.sinks[0].endpoint
+                    ));
+                    return sinks.remove(0).close();
+                }
+                DirectEnd::Stopped => return Err(FlowError::Stopped),
+                DirectEnd::Refused(e) => {
+                    sh.event(
+                        4,
+                        "fallback",
+                        &ctx.sinks[0].endpoint.to_string(),
+                        format!("O_DIRECT: {e}; splicing instead"),
+                    );
+                    *sh.path.lock() = "starting".into();
+                }
+            }
+        }
     }
     // The zero-copy path: no transform, one sink, two kernel objects.
     if t == 0 && sinks.len() == 1 && !ctx.source.force_copy && !ctx.sinks[0].force_copy {
@@ -974,6 +1049,8 @@ struct SinkRt {
     zero_copy: bool,
     /// The offset the last connection's peer reported (zero-copy resume).
     peer_has: Option<u64>,
+    /// A `direct` file sink behind a transform: its O_DIRECT writer, once the first chunk came.
+    direct: Option<endpoint::DirectWriter>,
 }
 
 fn connection_fault(e: &io::Error) -> bool {
@@ -998,6 +1075,7 @@ impl SinkRt {
             replay: Default::default(),
             zero_copy: false,
             peer_has: None,
+            direct: None,
         }
     }
 
@@ -1148,6 +1226,29 @@ impl SinkRt {
                     }
                     break r;
                 }
+                Some(SinkIo::Fd(c)) if self.spec.direct => {
+                    let st = &self.sh.stats[self.stat];
+                    if self.direct.is_none() {
+                        st.syscall();
+                        match endpoint::DirectWriter::new(c.fd(), chunk.buf.capacity().max(1 << 20)) {
+                            Ok(w) => self.direct = Some(w),
+                            Err(e) => {
+                                self.sh.event(
+                                    4,
+                                    "fallback",
+                                    &self.current.to_string(),
+                                    format!("O_DIRECT: {e}; writing through the page cache"),
+                                );
+                                self.spec.direct = false;
+                                continue;
+                            }
+                        }
+                    }
+                    let w = self.direct.as_mut().expect("set above");
+                    break w
+                        .write_ranges(c.fd(), &chunk.buf, &chunk.segs, st)
+                        .map_err(|e| io_err(format!("write {}", self.current), e));
+                }
                 Some(SinkIo::Fd(c)) => {
                     match endpoint::write_ranges(c.fd(), &chunk.buf, &chunk.segs, skip, &self.sh.stats[self.stat]) {
                         Ok(n) => {
@@ -1265,6 +1366,13 @@ impl SinkRt {
     }
 
     fn close(mut self) -> Result<(), FlowError> {
+        if let (Some(w), Some(SinkIo::Fd(c))) = (self.direct.as_mut(), &self.io) {
+            w.finish(c.fd(), &self.sh.stats[self.stat]).map_err(|e| io_err(format!("write {}", self.current), e))?;
+            self.sh.results.lock().push(format!(
+                "{}: {} bytes written with O_DIRECT, {} through the page cache (the unaligned end)",
+                self.current, w.direct, w.buffered
+            ));
+        }
         loop {
             match self.io.take() {
                 Some(SinkIo::Fd(c)) if self.spec.resume && !self.zero_copy => match c.close_confirmed() {
@@ -1552,7 +1660,21 @@ enum Mode {
         tx: Option<crossbeam_channel::Sender<Chunk>>,
         workers: Vec<JoinHandle<()>>,
         tail: Option<JoinHandle<Result<(), FlowError>>>,
+        help: Helper,
     },
+}
+
+/// The reading thread's share of a replicated stage: when every replica is busy (their queue is full), the
+/// reading thread runs the stage's parallel part on the chunk it just read, while the chunk is still in its cache,
+/// and hands it to the tail itself, rather than sleep until a replica is free. So the reader, which must keep up
+/// with all the replicas, never idles while there is work, and no core waits on another's hand-over.
+struct Helper {
+    part: Arc<dyn Parallel>,
+    done: Option<crossbeam_channel::Sender<Chunk>>,
+    work: Work,
+    /// Chunks the reading thread ran itself, and all chunks handed on.
+    helped: u64,
+    chunks: u64,
 }
 
 /// Splits the flow at stage `r` into `n` replicas; `next` is the sequence number of the next chunk the source reads
@@ -1595,7 +1717,7 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next
             .map_err(|e| io_err("spawn a replica", e))?;
         workers.push(w);
     }
-    drop(dtx);
+    let dtx_help = dtx;
     let mut t = Tail { sh: sh.clone(), first: r + 1, stages: rest, parts: parts_rest, work: work_rest, delivery };
     let sh2 = sh.clone();
     let tail = std::thread::Builder::new()
@@ -1617,7 +1739,8 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next
             t.finish(last + 1_000_000, &pool)
         })
         .map_err(|e| io_err("spawn the tail thread", e))?;
-    Ok(Mode::Split { r, front: stages, front_work: work, tx: Some(tx), workers, tail: Some(tail) })
+    let help = Helper { part, done: Some(dtx_help), work: Work::default(), helped: 0, chunks: 0 };
+    Ok(Mode::Split { r, front: stages, front_work: work, tx: Some(tx), workers, tail: Some(tail), help })
 }
 
 fn pipeline(
@@ -1648,6 +1771,7 @@ fn pipeline(
     };
     let mut carry: Vec<u8> = Vec::new();
     let mut seq = 0u64;
+    let mut read_total = 0u64;
     let mut eof = false;
     let mut asked = false;
     let start = Instant::now();
@@ -1676,6 +1800,7 @@ fn pipeline(
             src_stat.busy(&t);
             src_stat.moved(n, n);
             src_stat.copied(n);
+            read_total += n as u64;
             if n == 0 && sh.stopped() {
                 // An interrupted read looks like the end of input.
                 return Err(FlowError::Stopped);
@@ -1697,7 +1822,7 @@ fn pipeline(
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.
-            if auto && !asked && seq >= WARM_UP_CHUNKS && start.elapsed() >= sh.warm_up {
+            if auto && !asked && warmed_up(read_total, start.elapsed(), sh.warm_up_bytes, sh.warm_up) {
                 asked = true;
                 if let Mode::Inline(_) = &mode {
                     let loads: Vec<StageLoad> = sh.stats.iter().map(StageStat::load).collect();
@@ -1711,6 +1836,7 @@ fn pipeline(
                             };
                             mode = split(sh, tail, i - 1, n, pool.clone(), seq)?;
                             let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
+                            let how = format!("{how} after {read_total} bytes");
                             sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
                         }
                     }
@@ -1777,7 +1903,9 @@ fn empty_tail(sh: &Arc<Shared>) -> Tail {
 fn send(sh: &Arc<Shared>, mode: &mut Mode, c: Chunk) -> Result<(), FlowError> {
     match mode {
         Mode::Inline(tail) => tail.process(c),
-        Mode::Split { r, front, front_work, tx, .. } => front_send(sh, *r, front, front_work, tx.as_ref(), c),
+        Mode::Split { r, front, front_work, tx, help, .. } => {
+            front_send(sh, *r, front, front_work, tx.as_ref(), help, c)
+        }
     }
 }
 
@@ -1788,6 +1916,7 @@ fn front_send(
     front: &mut [Box<dyn Stage>],
     work: &[Work],
     tx: Option<&crossbeam_channel::Sender<Chunk>>,
+    help: &mut Helper,
     mut c: Chunk,
 ) -> Result<(), FlowError> {
     for k in 0..=r {
@@ -1802,7 +1931,25 @@ fn front_send(
         }
     }
     let tx = tx.ok_or(FlowError::Stopped)?;
-    tx.send(c).map_err(|_| FlowError::Transform("the replicas stopped".into()))
+    let stopped = || FlowError::Transform("the replicas stopped".into());
+    help.chunks += 1;
+    match tx.try_send(c) {
+        Ok(()) => Ok(()),
+        Err(crossbeam_channel::TrySendError::Full(mut c)) => {
+            // Every replica is busy: run the stage here (see `Helper`), as a replica would.
+            let t = Timing::start();
+            let before = c.len();
+            help.part.run(&mut c, &help.work);
+            let st = &sh.stats[1 + r];
+            st.busy(&t);
+            st.moved(before, c.len());
+            st.copied(help.work.copied.swap(0, Ordering::Relaxed) as usize);
+            c.done = r + 1;
+            help.helped += 1;
+            help.done.as_ref().ok_or_else(stopped)?.send(c).map_err(|_| stopped())
+        }
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(stopped()),
+    }
 }
 
 fn finish(
@@ -1820,7 +1967,7 @@ fn finish(
                 Err(e)
             }
         },
-        Mode::Split { r, mut front, front_work, tx, workers, mut tail } => {
+        Mode::Split { r, mut front, front_work, tx, workers, mut tail, mut help } => {
             let mut result = result;
             let mut seq = seq;
             if result.is_ok() {
@@ -1829,7 +1976,7 @@ fn finish(
                         Ok(Some(mut c)) => {
                             seq += 1;
                             c.done = k + 1;
-                            if let Err(e) = front_send(sh, r, &mut front, &front_work, tx.as_ref(), c) {
+                            if let Err(e) = front_send(sh, r, &mut front, &front_work, tx.as_ref(), &mut help, c) {
                                 result = Err(e);
                                 break;
                             }
@@ -1848,12 +1995,22 @@ fn finish(
                 }
             }
             drop(tx);
+            // The tail ends once every sender is gone: the replicas' and the reading thread's own.
+            drop(help.done.take());
             for w in workers {
                 let _ = w.join();
             }
             let tail_result = tail
                 .take()
                 .map(|t| t.join().unwrap_or_else(|_| Err(FlowError::Transform("the tail thread panicked".into()))));
+            if help.helped > 0 {
+                sh.results.lock().push(format!(
+                    "{}: the reading thread ran {} of {} chunks itself (every replica was busy)",
+                    front[r].name(),
+                    help.helped,
+                    help.chunks
+                ));
+            }
             // The tail's error (an authentication failure found by a replica) explains a front-side send failure.
             match (result, tail_result) {
                 (Ok(()), Some(r)) => r,

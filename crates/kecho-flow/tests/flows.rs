@@ -157,7 +157,15 @@ fn replicated_decrypt_keeps_order() {
     .unwrap();
     assert_eq!(s.stages[1].replicas, 2);
     assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
-    // `auto` decides after 64 chunks (here about 190) whether the stage moves off the reading thread, on 1 or more
+    // When both replicas are busy the reading thread decrypts the chunk itself and hands it to the reordering tail:
+    // those chunks are in the output above, in order; the flow says how many there were.
+    if let Some(r) = s.results.iter().find(|r| r.contains("the reading thread ran")) {
+        let n: Vec<u64> = r.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        // Reads fill a pooled buffer of the chunk plus 4 KiB: at most 20 KiB a chunk.
+        assert!(n[0] >= 1 && n[0] <= n[1] && n[1] >= 3_000_000 / (20 << 10), "{r}");
+        eprintln!("{r}");
+    }
+    // `auto` decides after its warm-up (16 MiB here: this input stays inline) whether the stage moves off the reading thread, on 1 or more
     // threads, depending on the cores free now: whichever it chose, the output is whole and in order, and the
     // stages' CPU time is counted.
     let s = run(&format!(
@@ -219,6 +227,7 @@ fn auto_replicas_split_mid_flow_and_lose_nothing() {
         let asked = Arc::new(AtomicUsize::new(0));
         let seen = asked.clone();
         let f = Flow::from_spec(&parse(&spec).unwrap())
+            .warm_up_bytes(1 << 20)
             .replica_planner(move |loads, wall, inline, _cap| {
                 seen.fetch_add(1, Ordering::SeqCst);
                 // Asked once, after the warm-up: the source and the transforms all ran on the flow's thread.
@@ -238,8 +247,60 @@ fn auto_replicas_split_mid_flow_and_lose_nothing() {
         assert_eq!(out.len(), input.len(), "{spec}");
         assert!(out == input, "{spec}: the output differs from the input");
         // The split came mid-flow: more chunks than the warm-up went through the flow.
-        assert!(s.bytes_in > kecho_flow::WARM_UP_CHUNKS * (16 << 10), "{spec}: {s:#?}");
+        assert!(s.bytes_in > 1 << 20, "{spec}: {s:#?}");
     }
+}
+
+/// `replicas=auto` decides after a number of bytes, not of chunks: with chunks of 16 KiB and of 256 KiB the planner
+/// is asked once the same warm-up is read, within one chunk of it (a chunk count would ask 16 times later in bytes
+/// at the larger chunk).
+#[test]
+fn the_warm_up_counts_bytes_whatever_the_chunk_size() {
+    let d = Dir::new("warm-up-bytes");
+    let k = key_file(&d);
+    let input = data(4_000_000);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1024)).unwrap();
+    let warm = 1u64 << 20;
+    for chunk in [16usize << 10, 256 << 10] {
+        let _ = std::fs::remove_file(d.path("out"));
+        let spec = format!(
+            "file:{} chunk={} ! decrypt aes-256-gcm key={k} replicas=auto ! file:{}",
+            d.path("enc"),
+            chunk,
+            d.path("out")
+        );
+        let f = Flow::from_spec(&parse(&spec).unwrap())
+            .warm_up_bytes(warm)
+            .replica_planner(|_, _, _, _| Some((1, 1)))
+            .start()
+            .unwrap();
+        await_end(&f);
+        let events = f.events();
+        let s = f.wait().unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let ev = events.iter().find(|e| e.what == "replicated").unwrap_or_else(|| panic!("{spec}: {events:?}"));
+        let at: u64 = ev
+            .detail
+            .rsplit_once("after ")
+            .and_then(|(_, b)| b.strip_suffix(" bytes"))
+            .and_then(|b| b.parse().ok())
+            .unwrap_or_else(|| panic!("{spec}: {ev:?}"));
+        // A read takes at most a chunk plus the pool's slack (4 KiB) and the partial record carried over.
+        let most = warm + chunk as u64 + 8192;
+        assert!((warm..most).contains(&at), "{spec}: planner asked after {at} bytes, not in {warm}..{most}");
+        assert_eq!(std::fs::read(d.path("out")).unwrap(), input, "{spec}");
+        assert_eq!(s.stages[1].replicas, 1, "{spec}: {s:#?}");
+    }
+}
+
+#[test]
+fn warmed_up_is_a_byte_and_time_threshold() {
+    use kecho_flow::warmed_up;
+    let ms = Duration::from_millis;
+    assert!(!warmed_up(1000, ms(300), 1001, ms(200)));
+    assert!(!warmed_up(1001, ms(199), 1001, ms(200)));
+    assert!(warmed_up(1001, ms(200), 1001, ms(200)));
+    assert!(warmed_up(u64::MAX, ms(200), 1001, ms(200)));
 }
 
 #[test]
@@ -299,6 +360,89 @@ fn untransformed_flows_take_the_zero_copy_path() {
     let s = run(&format!("file:{} ! tcp-connect:{addr}", d.path("in"))).unwrap();
     assert_eq!(s.path, "zero-copy (sendfile)");
     assert_eq!(reader.join().unwrap(), input);
+}
+
+/// The bytes a `direct` sink wrote with O_DIRECT and through the page cache, from the flow's results; `None` if the
+/// file system refused O_DIRECT (the flow then says so with a rung-4 event).
+fn direct_counts(s: &FlowStats) -> Option<(u64, u64)> {
+    let r = s.results.iter().find(|r| r.contains("with O_DIRECT"))?;
+    let nums: Vec<u64> = r.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    Some((nums[0], nums[1]))
+}
+
+/// A `direct` file sink writes exactly the input, whatever its length: the whole blocks with O_DIRECT, the unaligned
+/// end (under 4 KiB) through the page cache; from a file (full reads) and from a socket (reads of any size).
+#[test]
+fn a_direct_sink_writes_exactly_the_bytes_tail_included() {
+    let d = Dir::new("direct");
+    for n in [0usize, 1, 4095, 4096, 4097, (1 << 20) + 123, 3 << 20, (5 << 20) / 2 + 7] {
+        let input = data(n);
+        std::fs::write(d.path("in"), &input).unwrap();
+        // A stale longer file is truncated, not overwritten in place.
+        std::fs::write(d.path("out"), vec![7u8; n + 10_000]).unwrap();
+        let s = run(&format!("file:{} ! file:{} direct", d.path("in"), d.path("out"))).unwrap();
+        assert!(std::fs::read(d.path("out")).unwrap() == input, "{n} bytes from a file: the output differs");
+        assert_eq!(s.path, "direct (reads into aligned buffers, O_DIRECT writes)", "{n}");
+        let (direct, buffered) = direct_counts(&s).unwrap_or_else(|| panic!("{n}: {:?}", s.results));
+        assert_eq!((direct, buffered), ((n / 4096 * 4096) as u64, (n % 4096) as u64), "{n}");
+
+        let _ = std::fs::remove_file(d.path("tcp"));
+        let f = start(&format!("tcp-listen:127.0.0.1:0 ! file:{} direct", d.path("tcp")));
+        let mut c = TcpStream::connect(f.local_addr().unwrap()).unwrap();
+        // Odd write sizes, so that reads end anywhere.
+        for part in input.chunks(70_001) {
+            c.write_all(part).unwrap();
+        }
+        drop(c);
+        let s = f.wait().unwrap();
+        assert!(std::fs::read(d.path("tcp")).unwrap() == input, "{n} bytes from a socket: the output differs");
+        assert_eq!(direct_counts(&s), Some(((n / 4096 * 4096) as u64, (n % 4096) as u64)), "{n}: {:?}", s.results);
+        assert_eq!(s.bytes_out, n as u64, "{n}");
+    }
+}
+
+/// Behind a transform, a `direct` sink gathers the chunk's records into aligned buffers and writes them with
+/// O_DIRECT: the output is exactly the plaintext, its unaligned end included, with one replica or several.
+#[test]
+fn a_direct_sink_behind_decryption_writes_exactly_the_plaintext() {
+    let d = Dir::new("direct-decrypt");
+    let k = key_file(&d);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    for (n, record, reps) in [(0usize, 1024, 1), (5000, 1000, 1), (3_000_001, 1024, 1), (2_500_000, 777, 2)] {
+        let input = data(n);
+        std::fs::write(d.path("enc"), record::seal_all(&key, &input, record)).unwrap();
+        std::fs::write(d.path("out"), vec![1u8; n + 5000]).unwrap();
+        let spec = format!(
+            "file:{} chunk=64K ! decrypt aes-256-gcm key={k} replicas={reps} ! file:{} direct",
+            d.path("enc"),
+            d.path("out")
+        );
+        let s = run(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(std::fs::read(d.path("out")).unwrap() == input, "{spec}: the output differs");
+        if n > 0 {
+            assert_eq!(
+                direct_counts(&s),
+                Some(((n / 4096 * 4096) as u64, (n % 4096) as u64)),
+                "{spec}: {:?}",
+                s.results
+            );
+        }
+    }
+}
+
+#[test]
+fn direct_is_refused_where_it_cannot_apply() {
+    let d = Dir::new("direct-bad");
+    let e = parse(&format!("file:{} ! tcp-connect:127.0.0.1:9 direct", d.path("in"))).unwrap_err();
+    assert!(e.to_string().contains("`direct` is for file sinks"), "{e}");
+    for (spec, why) in [
+        (format!("file:{} ! file:{} direct file:{}", d.path("in"), d.path("o"), d.path("p")), "several sinks"),
+        (format!("file:{} ! file:{} direct append", d.path("in"), d.path("o")), "append"),
+        (format!("file:{} direct ! file:{}", d.path("in"), d.path("o")), "not of a source"),
+    ] {
+        let e = Flow::from_spec(&parse(&spec).unwrap()).start().map(|_| ()).unwrap_err();
+        assert!(matches!(&e, FlowError::Config(m) if m.contains(why)), "{spec}: {e}");
+    }
 }
 
 #[test]
