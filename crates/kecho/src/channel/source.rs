@@ -348,6 +348,11 @@ impl Source {
     /// to every sink whose type and content filters accept it. Replacing it between two submits loses or repeats
     /// nothing: each event sees exactly one filter.
     pub fn set_out_filter(&mut self, filter: Option<Arc<dyn OutFilter>>) {
+        match (self.out_filter.is_some(), filter.is_some()) {
+            (false, true) => _ = self.ch.out_sources.fetch_add(1, Ordering::AcqRel),
+            (true, false) => _ = self.ch.out_sources.fetch_sub(1, Ordering::AcqRel),
+            _ => {}
+        }
         self.out_filter = filter;
     }
 
@@ -390,6 +395,14 @@ impl Source {
             return Ok(self.seq);
         }
         self.routing.refresh(&self.ch);
+        if !tree && !self.routing.routes.direct && self.ch.tree_on() {
+            // An OUT-filter in tree mode: the table must give every sink a link (it gives them only to the nodes
+            // with Block sinks while no source needs more). Set now, so it stays so while the filter is on.
+            if let Some(node) = self.ch.node.upgrade() {
+                self.ch.rebuild_routes(&node);
+            }
+            self.routing.refresh(&self.ch);
+        }
         let routes = &*self.routing.routes;
         let pick = &mut self.pick;
         pick.reset(routes);
@@ -618,7 +631,8 @@ impl Pick {
                     p.ids.push(r.entry.id);
                 }
                 Dest::Local(l) => self.locals.push(l.clone()),
-                Dest::Ghost(..) => {}
+                // Through the overlay (`submit_tree`); never a candidate of the direct path (`Routes::direct`).
+                Dest::Ghost(..) | Dest::Overlay => {}
             }
         }
     }
@@ -1020,6 +1034,9 @@ fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>
 
 impl Drop for Source {
     fn drop(&mut self) {
+        if self.out_filter.is_some() {
+            self.ch.out_sources.fetch_sub(1, Ordering::AcqRel);
+        }
         if self.seq > 0 && !self.ch.closed.load(Ordering::Acquire) {
             // The end: nodes that are back get what they missed while cut off, pending lag notices go out, and then
             // every member learns how far this source got and what it sent where (docs/PROTOCOL.md, "Sources that
