@@ -103,8 +103,10 @@ async fn an_out_filtered_source_in_tree_mode_reaches_the_sink_it_chooses() -> Re
         members.push((node, ch, sink));
     }
     converged(&members, N).await?;
-    let (node, ch, _) = &members[0];
-    assert!(ch.tree_stats().on, "the channel runs in tree mode");
+    // The source on a late joiner (the first node, the contact, may still have links to most members).
+    let (others, last) = members.split_at_mut(N - 2);
+    let (source, chosen) = last.split_at_mut(1);
+    let (node, ch, _) = &source[0];
     let mut src = ch.source()?;
     src.set_out_filter(Some(Arc::new(|_: &EventView<'_>, sinks: &SinkView<'_>, chosen: &mut Vec<usize>| {
         chosen.extend((0..sinks.len()).filter(|&i| sinks.get(i).number("pick") == Some(1.0)));
@@ -112,19 +114,35 @@ async fn an_out_filtered_source_in_tree_mode_reaches_the_sink_it_chooses() -> Re
     for _ in 0..20 {
         src.submit("e", &Attrs::new(), b"x").await?;
     }
-    let chosen = members[N - 1].0.id();
-    assert!(node.link_stats().iter().any(|l| l.node == chosen), "the chosen sink's node is linked");
+    let chosen_id = chosen[0].0.id();
+    assert!(node.link_stats().iter().any(|l| l.node == chosen_id), "the chosen sink's node is linked");
     let mut got = 0;
     while got < 20 {
-        match tokio::time::timeout(Duration::from_secs(10), members[N - 1].2.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(10), chosen[0].2.recv()).await {
             Ok(Ok(_)) => got += 1,
             other => bail!("the chosen sink got {got} of 20, then {other:?}"),
         }
     }
-    for (_, _, sink) in &mut members[1..N - 1] {
+    for (_, _, sink) in others.iter_mut() {
         if let Ok(e) = tokio::time::timeout(Duration::from_millis(100), sink.recv()).await {
             bail!("a sink the OUT-filter did not choose got {e:?}");
         }
     }
+    let never_linked = |n: &Node| n.link_stats().iter().filter(|l| !l.up && l.connects == 0).count();
+    let entries = node.link_stats().len();
+    assert!(entries >= N - 1, "with the OUT-filter on, every sink's node is linked: {entries} of {}", N - 1);
+    eprintln!("with the OUT-filter: {entries} link table entries, {} never linked", never_linked(node));
+    // Without the filter, the table links no sink (none is a Block sink) and the sweep (every second) forgets the
+    // link state it held for nodes never dialled.
+    src.set_out_filter(None);
+    src.submit("e", &Attrs::new(), b"x").await?;
+    let start = tokio::time::Instant::now();
+    while never_linked(node) > 0 {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the source's node still keeps state for {} nodes it never linked to", never_linked(node));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("without: {} link table entries", node.link_stats().len());
     Ok(())
 }

@@ -350,7 +350,18 @@ impl Source {
     pub fn set_out_filter(&mut self, filter: Option<Arc<dyn OutFilter>>) {
         match (self.out_filter.is_some(), filter.is_some()) {
             (false, true) => _ = self.ch.out_sources.fetch_add(1, Ordering::AcqRel),
-            (true, false) => _ = self.ch.out_sources.fetch_sub(1, Ordering::AcqRel),
+            (true, false) => {
+                self.out_filter = None;
+                // In tree mode the table need not link every sink any more (its idle links are then forgotten).
+                if self.ch.out_sources.fetch_sub(1, Ordering::AcqRel) == 1 && self.routing.routes.direct {
+                    if let Some(node) = self.ch.node.upgrade() {
+                        if self.ch.tree_on() {
+                            self.ch.rebuild_routes(&node);
+                        }
+                    }
+                }
+                self.routing.refresh(&self.ch);
+            }
             _ => {}
         }
         self.out_filter = filter;
