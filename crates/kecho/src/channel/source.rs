@@ -425,8 +425,9 @@ impl Source {
         }
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
-        if tree {
-            // Block sinks' nodes get the event directly: a link to each, whether or not the overlay uses it.
+        if self.ch.tree_on() {
+            // Block sinks' nodes (and, with an OUT-filter, the chosen sinks' nodes) get the event directly: a link to
+            // each, whether or not the overlay uses it.
             for &p in &pick.touched {
                 let peer = &routes.peers[p];
                 if pick.peers[p].chosen > 0 && !peer.is_up() {
