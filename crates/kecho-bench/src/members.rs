@@ -202,6 +202,13 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let mut tables_later: Vec<Table> = Vec::new();
     let mut storms = Vec::new();
     let mut traffic = Vec::new();
+    // Resident memory per node once the nodes joined one at a time (before the storm and the kill change the count).
+    let mut joined_kib = Vec::new();
+    for h in &mut hosts {
+        h.ask("rss")?;
+        let kib = h.answer().ok().and_then(|w| w.first().and_then(|x| x.parse::<u64>().ok())).unwrap_or(0);
+        joined_kib.push(if h.nodes > 0 { kib / h.nodes as u64 } else { 0 });
+    }
     let before_storm = control(&mut hosts)?;
     if stopped.is_none() {
         let after = total + storm;
@@ -376,6 +383,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             "nodes",
             "resident (MiB)",
             "per node (KiB)",
+            "per node after the joins (KiB)",
             "links per node",
             "longest stall (ms)",
             "heartbeat timeouts (known peers)",
@@ -389,6 +397,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             p.nodes.to_string(),
             format!("{:.0}", p.rss_kib as f64 / 1024.0),
             per.to_string(),
+            joined_kib.get(i).map_or_else(String::new, |k| k.to_string()),
             format!("{links:.1}"),
             p.stall_ms.to_string(),
             p.heartbeat_timeouts.to_string(),

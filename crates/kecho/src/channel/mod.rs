@@ -24,7 +24,7 @@ mod table;
 mod tree;
 mod view_sync;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,8 @@ pub(crate) struct ChannelInner {
     in_filter: RwLock<Option<Arc<dyn InFilter>>>,
     /// An OUT-filter installed by another member, used by local sources that have none of their own.
     out_default: RwLock<Option<Arc<dyn OutFilter>>>,
+    /// Local sources with an OUT-filter of their own (they send directly in tree mode: `Routes::direct`).
+    out_sources: AtomicUsize,
     sandbox: Mutex<Sandbox>,
     faults: tokio::sync::broadcast::Sender<FilterFault>,
     attrs_pending: AtomicBool,
@@ -208,6 +210,7 @@ impl ChannelInner {
             counters: Counters::default(),
             in_filter: RwLock::new(None),
             out_default: RwLock::new(None),
+            out_sources: AtomicUsize::new(0),
             sandbox: Mutex::new(Sandbox::default()),
             faults: tokio::sync::broadcast::channel(64).0,
             attrs_pending: AtomicBool::new(false),

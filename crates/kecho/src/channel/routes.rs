@@ -28,6 +28,9 @@ pub(super) enum Dest {
     /// view from another member no longer lists it...), until the given time: nothing is sent, but events it would
     /// have received are counted, and reported to it as missed if it comes back.
     Ghost(NodeId, Instant),
+    /// On another node that gets its events through the overlay (tree mode): no link is held for it, since no local
+    /// source sends to it directly (see `Routes::direct`).
+    Overlay,
 }
 
 /// The nodes that left the view with sinks in the channel and without a goodbye of their own, remembered for loss
@@ -100,6 +103,11 @@ pub(super) struct Routes {
     /// Counts the tables built for this process (1 for the first), so that a source can tell a new one from one it
     /// has seen.
     pub(super) generation: u64,
+    /// Every remote sink has a link (`Dest::Remote`): built in full-mesh mode, or in tree mode while a local source
+    /// has an OUT-filter (its own or one installed on the channel) and so sends to chosen sinks directly. Otherwise,
+    /// in tree mode, only the nodes with a Block sink have one (their events go directly) and the others' sinks are
+    /// `Dest::Overlay`: a node keeps no link state for the members it never sends to (docs/SCALE.md).
+    pub(super) direct: bool,
 }
 
 impl Routes {
@@ -153,8 +161,11 @@ struct NodePart {
     version: u64,
     updated: Instant,
     addr: String,
-    /// The link to the node, present when it has sinks.
+    /// The link to the node, present when it has sinks and the table sends to them directly (`Routes::direct`,
+    /// or a Block sink among them).
     peer: Option<Arc<Peer>>,
+    /// Built for a table whose every remote sink has a link.
+    direct: bool,
     sinks: Vec<PartSink>,
 }
 
@@ -178,25 +189,31 @@ pub(super) struct RouteBook {
 }
 
 impl RouteBook {
-    /// Brings the parts up to date with `peers` (the members' snapshots). `link` gives the current link to a node
-    /// (a part whose link was replaced is rebuilt); `compile` a sink's content filter, or `Err` when it cannot be
-    /// compiled here (that sink is left out: it gets nothing rather than what it did not ask for). Returns the sinks
-    /// of the nodes that left `peers`, by node.
+    /// Brings the parts up to date with `peers` (the members' snapshots). `direct`: every node with sinks gets a
+    /// link (`Routes::direct`); otherwise only those with a Block sink. `link` gives the current link to a node,
+    /// created if there is none (a part whose link was replaced is rebuilt); it is called only for the nodes that
+    /// get one. `compile` gives a sink's content filter, or `Err` when it cannot be compiled here (that sink is left
+    /// out: it gets nothing rather than what it did not ask for). Returns the sinks of the nodes that left `peers`,
+    /// by node.
     pub(super) fn update(
         &mut self,
         peers: &BTreeMap<NodeId, MemberPeer>,
+        direct: bool,
         mut link: impl FnMut(NodeId, &str) -> Arc<Peer>,
         compile: impl Fn(&str) -> Result<Arc<ContentFilter>, ()>,
     ) -> Vec<(NodeId, Vec<GhostSink>)> {
         for (id, p) in peers {
             if let Some(part) = self.parts.get(id) {
-                let same = part.version == p.snapshot.version && part.updated == p.updated && part.addr == p.addr;
+                let same = part.version == p.snapshot.version
+                    && part.updated == p.updated
+                    && part.addr == p.addr
+                    && part.direct == direct;
                 // A link that was dropped and made anew is another `Peer`: the part must send to the new one.
                 if same && part.peer.as_ref().is_none_or(|l| Arc::ptr_eq(l, &link(*id, &p.addr))) {
                     continue;
                 }
             }
-            let part = NodePart::build(*id, p, &mut link, &compile);
+            let part = NodePart::build(*id, p, direct, &mut link, &compile);
             self.built += 1;
             self.parts.insert(*id, part);
         }
@@ -224,16 +241,20 @@ impl RouteBook {
         let mut count = 0;
         for id in peers.keys() {
             let Some(part) = self.parts.get(id) else { continue };
-            let (Some(peer), false) = (&part.peer, part.sinks.is_empty()) else { continue };
-            routes.peers.push(peer.clone());
-            let index = routes.peers.len() - 1;
+            if part.sinks.is_empty() {
+                continue;
+            }
+            let index = part.peer.as_ref().map(|peer| {
+                routes.peers.push(peer.clone());
+                routes.peers.len() - 1
+            });
             count += part.sinks.len();
             routes.sinks.extend(part.sinks.iter().map(|s| RouteSink {
                 entry: s.entry.clone(),
                 types: s.types.clone(),
                 overflow: s.overflow,
                 filter: s.filter.clone(),
-                dest: Dest::Remote(index),
+                dest: index.map_or(Dest::Overlay, Dest::Remote),
             }));
         }
         count
@@ -250,6 +271,7 @@ impl NodePart {
     fn build(
         id: NodeId,
         p: &MemberPeer,
+        direct: bool,
         link: &mut impl FnMut(NodeId, &str) -> Arc<Peer>,
         compile: &impl Fn(&str) -> Result<Arc<ContentFilter>, ()>,
     ) -> Self {
@@ -276,8 +298,9 @@ impl NodePart {
                 filter,
             });
         }
-        let peer = (!sinks.is_empty()).then(|| link(id, &p.addr));
-        NodePart { version: p.snapshot.version, updated: p.updated, addr: p.addr.clone(), peer, sinks }
+        let linked = direct || sinks.iter().any(|s| s.overflow == Overflow::Block);
+        let peer = (linked && !sinks.is_empty()).then(|| link(id, &p.addr));
+        NodePart { version: p.snapshot.version, updated: p.updated, addr: p.addr.clone(), peer, direct, sinks }
     }
 }
 
@@ -285,6 +308,13 @@ impl NodePart {
 static ROUTES_BUILT: AtomicU64 = AtomicU64::new(1);
 
 impl ChannelInner {
+    /// The routing table must give every remote sink a link (`Routes::direct`): in full-mesh mode, or while a local
+    /// source has an OUT-filter or one is installed on the channel (such sources send to the sinks they choose
+    /// directly, in tree mode too).
+    pub(super) fn routes_direct(&self) -> bool {
+        !self.tree_on() || self.out_sources.load(Ordering::Acquire) > 0 || self.out_default.read().is_some()
+    }
+
     /// The link to node `id` is gone: its members leave the view (its sinks become ghosts, see `rebuild_routes`).
     pub(crate) fn peer_lost(self: &Arc<Self>, id: NodeId) {
         if self.tree_peer_lost(id) {
@@ -325,11 +355,14 @@ impl ChannelInner {
         let _serial = self.rebuilding.lock();
         let st = self.state.lock();
         let view: Vec<(NodeId, String)> = st.peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
-        let mut routes = Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), ..Routes::default() };
+        let direct = self.routes_direct();
+        let mut routes =
+            Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), direct, ..Routes::default() };
         let (remote_sinks, left) = {
             let mut book = self.book.lock();
             let left = book.update(
                 st.peers(),
+                direct,
                 |id, addr| node.peer(id, addr),
                 |expr| {
                     node.content_filter(expr).map_err(|e| {
@@ -552,10 +585,12 @@ mod tests {
             }
         }
 
-        /// The table's remote sinks as the members' snapshots say they are, derived from scratch.
-        fn expected(&self) -> Vec<Row> {
+        /// The table's remote sinks as the members' snapshots say they are, derived from scratch. `direct`: every
+        /// node with sinks has a link; otherwise (tree mode) only those with a Block sink (that compiles).
+        fn expected(&self, direct: bool) -> Vec<Row> {
             let mut rows = Vec::new();
             for (id, p) in &self.peers {
+                let first = rows.len();
                 for m in &p.snapshot.members {
                     let Role::Sink { types, overflow, filter } = &m.role else { continue };
                     let filter = match filter {
@@ -565,6 +600,11 @@ mod tests {
                     };
                     let link = self.links.get(id).map(Arc::as_ptr);
                     rows.push((*id, m.id, types.clone(), *overflow, filter, m.attrs.clone(), p.updated, link));
+                }
+                if !direct && !rows[first..].iter().any(|r| r.3 == Overflow::Block) {
+                    for r in &mut rows[first..] {
+                        r.7 = None;
+                    }
                 }
             }
             rows
@@ -578,9 +618,12 @@ mod tests {
             .sinks
             .iter()
             .map(|r| {
-                let Dest::Remote(i) = r.dest else { panic!("only remote sinks are assembled") };
-                let peer = &routes.peers[i];
-                assert_eq!(peer.id, r.entry.node, "a sink points at another node's link");
+                let peer = match r.dest {
+                    Dest::Remote(i) => Some(&routes.peers[i]),
+                    Dest::Overlay => None,
+                    _ => panic!("only remote sinks are assembled"),
+                };
+                assert!(peer.is_none_or(|p| p.id == r.entry.node), "a sink points at another node's link");
                 (
                     r.entry.node,
                     r.entry.id,
@@ -589,13 +632,13 @@ mod tests {
                     r.filter.is_some(),
                     r.entry.attrs.clone(),
                     r.entry.updated,
-                    Some(Arc::as_ptr(peer)),
+                    peer.map(Arc::as_ptr),
                 )
             })
             .collect()
     }
 
-    fn check(ops: &[Op]) {
+    fn check(ops: &[Op], direct: bool) {
         let mut world = World { peers: BTreeMap::new(), links: BTreeMap::new(), t0: Instant::now(), tick: 0 };
         let mut book = RouteBook::default();
         let compile = |expr: &str| ContentFilter::compile(expr).map(Arc::new).map_err(|_| ());
@@ -606,6 +649,7 @@ mod tests {
             let links = std::cell::RefCell::new(links);
             book.update(
                 &world.peers,
+                direct,
                 |id, addr| {
                     links
                         .borrow_mut()
@@ -619,7 +663,7 @@ mod tests {
             let mut routes = Routes::default();
             let count = book.assemble(&world.peers, &mut routes);
             let got = table_rows(&routes);
-            assert_eq!(got, world.expected(), "after {op:?}");
+            assert_eq!(got, world.expected(direct), "after {op:?}");
             // The sinks a source finds for a type, before the table is indexed (by comparing) and after (through the
             // index), are those whose type filter accepts it, in table order.
             let scan = |routes: &Routes, ty: &str| -> Vec<usize> {
@@ -648,8 +692,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
         #[test]
-        fn incremental_table_equals_a_full_derivation(ops in prop::collection::vec(op(), 1..60)) {
-            check(&ops);
+        fn incremental_table_equals_a_full_derivation(ops in prop::collection::vec(op(), 1..60), direct: bool) {
+            check(&ops, direct);
         }
     }
 
@@ -659,6 +703,7 @@ mod tests {
         ops.push(Op::Update { node: 3, add: true, attr: 7 });
         ops.push(Op::Leave { node: 4 });
         ops.push(Op::Relink { node: 5 });
-        check(&ops);
+        check(&ops, true);
+        check(&ops, false);
     }
 }

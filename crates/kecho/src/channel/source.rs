@@ -353,6 +353,22 @@ impl Source {
     /// to every sink whose type and content filters accept it. Replacing it between two submits loses or repeats
     /// nothing: each event sees exactly one filter.
     pub fn set_out_filter(&mut self, filter: Option<Arc<dyn OutFilter>>) {
+        match (self.out_filter.is_some(), filter.is_some()) {
+            (false, true) => _ = self.ch.out_sources.fetch_add(1, Ordering::AcqRel),
+            (true, false) => {
+                self.out_filter = None;
+                // In tree mode the table need not link every sink any more (its idle links are then forgotten).
+                if self.ch.out_sources.fetch_sub(1, Ordering::AcqRel) == 1 && self.routing.routes.direct {
+                    if let Some(node) = self.ch.node.upgrade() {
+                        if self.ch.tree_on() {
+                            self.ch.rebuild_routes(&node);
+                        }
+                    }
+                }
+                self.routing.refresh(&self.ch);
+            }
+            _ => {}
+        }
         self.out_filter = filter;
     }
 
@@ -395,6 +411,14 @@ impl Source {
             return Ok(self.seq);
         }
         self.routing.refresh(&self.ch);
+        if !tree && !self.routing.routes.direct && self.ch.tree_on() {
+            // An OUT-filter in tree mode: the table must give every sink a link (it gives them only to the nodes
+            // with Block sinks while no source needs more). Set now, so it stays so while the filter is on.
+            if let Some(node) = self.ch.node.upgrade() {
+                self.ch.rebuild_routes(&node);
+            }
+            self.routing.refresh(&self.ch);
+        }
         let routes = &*self.routing.routes;
         // 0. Nodes whose sinks missed events and that are back get what they missed ahead of this event; those whose
         // link is not up yet stay ghosts for it.
@@ -409,8 +433,9 @@ impl Source {
         }
         // 3. Where they are: per peer node, and local.
         pick.by_place(routes);
-        if tree {
-            // Block sinks' nodes get the event directly: a link to each, whether or not the overlay uses it.
+        if self.ch.tree_on() {
+            // Block sinks' nodes (and, with an OUT-filter, the chosen sinks' nodes) get the event directly: a link to
+            // each, whether or not the overlay uses it.
             for &p in &pick.touched {
                 let peer = &routes.peers[p];
                 if pick.peers[p].chosen > 0 && !peer.is_up() {
@@ -631,7 +656,8 @@ impl Pick {
                     p.ids.push(r.entry.id);
                 }
                 Dest::Local(l) => self.locals.push(l.clone()),
-                Dest::Ghost(..) => {}
+                // Through the overlay (`submit_tree`); never a candidate of the direct path (`Routes::direct`).
+                Dest::Ghost(..) | Dest::Overlay => {}
             }
         }
     }
@@ -1057,6 +1083,9 @@ fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>
 
 impl Drop for Source {
     fn drop(&mut self) {
+        if self.out_filter.is_some() {
+            self.ch.out_sources.fetch_sub(1, Ordering::AcqRel);
+        }
         if self.seq > 0 && !self.ch.closed.load(Ordering::Acquire) {
             // The end: nodes that are back get what they missed while cut off, pending lag notices go out, and then
             // every member learns how far this source got and what it sent where (docs/PROTOCOL.md, "Sources that

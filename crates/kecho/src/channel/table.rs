@@ -151,7 +151,8 @@ impl Channels {
         }
     }
 
-    /// Closes the links that no channel needs (channels in tree mode use only their overlay neighbours').
+    /// Closes the links that no channel needs (channels in tree mode use only their overlay neighbours'), and
+    /// forgets the link state kept for nodes that nothing sends to any more.
     pub(crate) fn release_links(&self) {
         let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
         for id in self.links.up_peers() {
@@ -159,6 +160,7 @@ impl Channels {
                 self.links.release(id);
             }
         }
+        self.links.forget_unused();
     }
 
     /// Leaves every channel cleanly (members are told).

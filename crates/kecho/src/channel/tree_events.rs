@@ -378,14 +378,17 @@ impl ChannelInner {
     }
 
     /// The link with node `id` carries events sent directly for a Block sink: node `id` has one (this node's sources
-    /// send to it directly), or this node has one (node `id`'s sources may send to it). Such links stay up.
+    /// send to it directly), or this node has one (node `id`'s sources may send to it); or, while a local source has
+    /// an OUT-filter, node `id` has a sink. Such links stay up.
     pub(super) fn tree_direct(&self, id: NodeId) -> bool {
         if self.local_sinks.read().iter().any(|s| s.queue.overflow() == Overflow::Block) {
             return true;
         }
         let routes = self.routes.read().clone();
+        // While a local source has an OUT-filter, every sink's node may be sent to directly (`Routes::direct`).
+        let direct = routes.direct && self.routes_direct();
         routes.sinks.iter().any(|r| {
-            r.overflow == Overflow::Block
+            (direct || r.overflow == Overflow::Block)
                 && matches!(r.dest, Dest::Remote(p) if routes.peers.get(p).is_some_and(|p| p.id == id))
         })
     }

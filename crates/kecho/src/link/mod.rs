@@ -477,6 +477,22 @@ impl<H: LinkHandler> Links<H> {
         true
     }
 
+    /// Forgets the peers nothing uses: no link up or being dialled, nothing queued, no lag notice pending, and no
+    /// reference but the table's (no routing table sends to it). Such a peer was made for a node this node may have
+    /// sent to once (a routing table made while a source had an OUT-filter, say); a later message makes a new one.
+    /// Returns how many were forgotten.
+    pub(crate) fn forget_unused(&self) -> usize {
+        let mut peers = self.peers.lock();
+        let before = peers.len();
+        peers.retain(|_, p| {
+            Arc::strong_count(p) > 1
+                || !matches!(*p.link.lock(), LinkState::Idle)
+                || !p.outbox.is_empty()
+                || !p.lag.lock().is_empty()
+        });
+        before - peers.len()
+    }
+
     /// Why the last attempt to link with another node failed, if one did.
     pub(crate) fn last_error(&self) -> Option<LinkFailure> {
         self.last_error.lock().clone()
