@@ -101,7 +101,6 @@ pub(super) async fn writer<H: LinkHandler>(
             // by a direct write (they are taken here first, and streams mode starts at a later turn).
             if to_urgent.is_some()
                 && peer.outbox.prioritised.load(Ordering::Acquire)
-                && frames.is_empty()
                 && peer.outbox.urgent_lanes_empty()
             {
                 let tcp_urgent = peer.urgent_tcp.lock().clone();
