@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use super::tls::{secure_accept, secure_dial, Rd, Wr};
+use super::urgent::{self, TcpUrgent};
 use super::{close, Datagrams, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
 use crate::clock::now;
 use crate::transport::Transport;
@@ -107,6 +108,8 @@ async fn dial_inner<H: LinkHandler>(
     };
     #[cfg_attr(not(feature = "quic"), allow(unused_mut))]
     let mut datagrams: Option<Arc<Datagrams>> = None;
+    // A TCP link: the acceptor's handshake answer ends with the token of the link's urgent connection.
+    let mut tcp = false;
     let (mut rd, mut wr, remote, poller) = match (local, transport) {
         (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
@@ -126,6 +129,7 @@ async fn dial_inner<H: LinkHandler>(
             let remote = stream.peer_addr().ok();
             let poller = poller(&stream, &links.cfg);
             let (rd, wr) = secure_dial(links.cfg.tls.as_ref(), stream, at).await?;
+            tcp = true;
             (rd, wr, remote, poller)
         }
     };
@@ -141,7 +145,7 @@ async fn dial_inner<H: LinkHandler>(
         let first = read_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
         match handshake::dial_answer(&first, peer.id, addr) {
             handshake::Dial::Up => {}
-            handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
+            handshake::Dial::Duplicate => return Ok((DialOutcome::Duplicate, None)),
             handshake::Dial::Failed(why) => return Err(LinkError::Handshake(why.to_string())),
         }
         // The peer proves it is the node we meant to reach.
@@ -150,20 +154,99 @@ async fn dial_inner<H: LinkHandler>(
         off_workers(move || handshake::check_ack_proof(&proof, from, me))
             .await?
             .map_err(|e| LinkError::Handshake(e.to_string()))?;
-        Ok(DialOutcome::Up)
+        if tcp {
+            let frame = read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
+            let token = urgent::parse_token(&frame)
+                .ok_or_else(|| LinkError::Handshake("expected the urgent connection's token".into()))?;
+            return Ok((DialOutcome::Up, Some(TcpUrgent::new(token))));
+        }
+        Ok((DialOutcome::Up, None))
     };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
-        DialOutcome::Up => {}
-        other => return Ok(other),
-    }
+    let urgent =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
+            (DialOutcome::Up, u) => u,
+            (other, _) => return Ok(other),
+        };
     let mut link = peer.link.lock();
     if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
+    if let Some(u) = &urgent {
+        links.tasks.spawn(dial_urgent(links.cfg.clone(), at.to_owned(), links.id, u.clone()));
+    }
+    let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
+}
+
+/// Dials a TCP link's urgent connection (see `urgent.rs`) to `at`, as the main one (TLS where configured), and
+/// joins it to the link of token `u`. If it cannot, the link goes on with one connection.
+async fn dial_urgent(cfg: Arc<crate::config::NodeConfig>, at: String, me: kecho_proto::NodeId, u: Arc<TcpUrgent>) {
+    let up = async {
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&at))
+            .await
+            .map_err(|_| LinkError::ConnectTimeout { addr: at.clone() })?
+            .map_err(|source| LinkError::Connect { addr: at.clone(), source })?;
+        tune(&stream, &cfg);
+        mark_urgent(&stream);
+        let (rd, mut wr) = secure_dial(cfg.tls.as_ref(), stream, &at).await?;
+        wr.write_all(&urgent::join_frame(me, &u.token())).await?;
+        Ok::<_, LinkError>((rd, wr))
+    };
+    let up = up.await;
+    match up {
+        Ok((rd, wr)) => {
+            u.join(rd, Box::new(wr));
+        }
+        Err(e) => {
+            tracing::debug!(%at, "no urgent connection, the link keeps one: {e}");
+            u.failed();
+        }
+    }
+}
+
+/// Socket options of an urgent connection: a small send buffer and the DSCP class EF (expedited forwarding), so
+/// that a priority queueing discipline on the way may serve it first. Failures leave the defaults.
+fn mark_urgent(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_send_buffer_size(64 * 1024);
+    // DSCP EF (46) in the upper six bits of the TOS byte.
+    let tos = 46 << 2;
+    let r = match stream.local_addr() {
+        Ok(a) if a.is_ipv6() => sock.set_tclass_v6(tos),
+        _ => sock.set_tos_v4(tos),
+    };
+    if let Err(e) = r {
+        tracing::debug!("urgent connection not marked: {e}");
+    }
+}
+
+/// Serves an `UrgentJoin`: binds the connection to the current link of the node it names if the token is that
+/// link's, and refuses it otherwise.
+async fn join_urgent<H: LinkHandler>(links: &Links<H>, frame: &[u8], rd: Rd, wr: Wr, remote: Option<SocketAddr>) {
+    let joined = match urgent::parse_join(frame) {
+        Some((node, token)) => {
+            let peer = links.peers.lock().get(&node).cloned();
+            let u = peer.and_then(|p| p.urgent_tcp.lock().clone());
+            match u {
+                Some(u) if u.owns(token) => Ok(u),
+                _ => Err("an urgent connection for a link it does not own"),
+            }
+        }
+        None => Err("a malformed UrgentJoin"),
+    };
+    match joined {
+        Ok(u) => {
+            if !u.join(rd, Box::new(wr)) {
+                tracing::warn!(?remote, "refusing a second urgent connection for one link");
+            }
+        }
+        Err(why) => {
+            tracing::warn!(?remote, "refusing connection: {why}");
+            refuse(rd, wr, close(CloseCode::Handshake, why)).await;
+        }
+    }
 }
 
 /// Socket options of a TCP link: no Nagle delay, and the receive buffer if one is configured
@@ -249,8 +332,21 @@ async fn accept_link_with<H: LinkHandler>(
     datagrams: Option<Arc<Datagrams>>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
-    {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
+    // A TCP link's urgent connection joins its link instead of starting one.
+    let tcp = transport == Transport::Tcp && remote.is_some();
+    if let Ok(Ok(frame)) = &first {
+        if frame.first() == Some(&urgent::JOIN_KIND) {
+            if tcp {
+                join_urgent(&links, frame, rd, wr, remote).await;
+            } else {
+                refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection on a link that is not TCP")).await;
+            }
+            return;
+        }
+    }
+    let first = first.map(|r| r.and_then(|f| codec::decode_body(f).map_err(LinkError::from)));
+    let first = match first {
         Ok(Ok(m)) => m,
         Ok(Err(why)) => {
             tracing::warn!(?remote, "closing connection before handshake: {why}");
@@ -294,6 +390,10 @@ async fn accept_link_with<H: LinkHandler>(
     let mut ack = BytesMut::new();
     Message::HelloAck { version: PROTOCOL_VERSION, node: links.id }.encode(&mut ack);
     proof.encode(&mut ack);
+    let urgent = tcp.then(|| TcpUrgent::new(TcpUrgent::random_token()));
+    if let Some(u) = &urgent {
+        ack.extend_from_slice(&urgent::token_frame(&u.token()));
+    }
     let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
     let refused = {
@@ -315,7 +415,7 @@ async fn accept_link_with<H: LinkHandler>(
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
+            let tasks = start_link(&links, &peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -349,6 +449,23 @@ async fn off_workers<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
 }
 
 /// Reads one whole frame during the handshake.
+/// Reads one frame, kind and body without decoding it.
+async fn read_raw_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<bytes::Bytes, LinkError> {
+    loop {
+        if let Some(f) = codec::split_frame(buf, max)? {
+            return Ok(f);
+        }
+        buf.reserve(4096);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(LinkError::Eof);
+        }
+    }
+}
+
 async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<Message, LinkError> {
     loop {
         if let Some(m) = codec::decode_frame(buf, max)? {
@@ -361,6 +478,10 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: u
     }
 }
 
+/// An established link's connection: its halves, the low-latency poller, a QUIC link's datagram path, a TCP link's
+/// urgent connection.
+type Conn<R> = (R, Wr, Option<super::spin::Poller>, Option<Arc<Datagrams>>, Option<Arc<TcpUrgent>>);
+
 /// Starts the reader and writer of an established link (`remote` is `None` for a same-host link). Generic over the byte stream: this and the dial/accept
 /// functions above are all a new transport (QUIC streams, a same-host pipe) has to provide (its write half as
 /// `Wr::Stream`).
@@ -368,7 +489,7 @@ fn start_link<H: LinkHandler, R>(
     links: &Arc<Links<H>>,
     peer: &Arc<Peer>,
     gen: u64,
-    (rd, wr, poller, datagrams): (R, Wr, Option<super::spin::Poller>, Option<Arc<Datagrams>>),
+    (rd, wr, poller, datagrams, urgent): Conn<R>,
     remote: Option<SocketAddr>,
     buf: BytesMut,
     transport: Transport,
@@ -380,6 +501,7 @@ where
     *peer.transport.lock() = transport;
     super::local::mark(peer, remote.is_none(), &wr);
     *peer.datagrams.lock() = datagrams.clone();
+    *peer.urgent_tcp.lock() = urgent;
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),

@@ -15,6 +15,7 @@ pub(crate) mod quic;
 pub(crate) mod reader;
 mod spin;
 pub(crate) mod tls;
+pub(crate) mod urgent;
 pub(crate) mod writer;
 
 use std::collections::HashMap;
@@ -609,6 +610,8 @@ pub(crate) struct Peer {
     transport: Mutex<crate::Transport>,
     /// The current connection's datagram path (QUIC links only).
     datagrams: Mutex<Option<Arc<Datagrams>>>,
+    /// The current TCP link's urgent connection (see `urgent.rs`), if both ends set one up.
+    pub(crate) urgent_tcp: Mutex<Option<Arc<urgent::TcpUrgent>>>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,
 }
@@ -670,6 +673,7 @@ impl Peer {
             frames_sent: AtomicU64::new(0),
             transport: Mutex::new(crate::Transport::Tcp),
             datagrams: Mutex::new(None),
+            urgent_tcp: Mutex::new(None),
             counters: LinkCounters::default(),
         }
     }

@@ -43,13 +43,21 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     let Some(handler) = links.handler.upgrade() else { return };
     let later = std::cell::RefCell::new(Vec::new());
     // A QUIC link with a stream per priority: the peer's urgent stream is read here too, by a second receiver.
-    let sync = datagrams.as_ref().filter(|d| d.has_streams()).map(|_| Arc::new(StreamSync::default()));
+    // A TCP link's urgent connection (`urgent.rs`) plays the same part.
+    let tcp_urgent = peer.urgent_tcp.lock().clone();
+    let sync = (tcp_urgent.is_some() || datagrams.as_ref().is_some_and(|d| d.has_streams()))
+        .then(|| Arc::new(StreamSync::default()));
     let urgent_conn = datagrams.clone();
     let mut rx = Receiver::new(handler.clone(), peer.clone(), live.clone(), sync.clone().map(|s| (s, 0)));
     let both = async {
         let urgent = async {
-            let (Some(sync), Some(d)) = (sync, urgent_conn) else { return std::future::pending().await };
-            let Some(rd) = d.accept_urgent().await else { return std::future::pending().await };
+            let Some(sync) = sync else { return std::future::pending().await };
+            let rd = match (tcp_urgent, urgent_conn) {
+                (Some(u), _) => u.accept_urgent().await,
+                (None, Some(d)) => d.accept_urgent().await,
+                (None, None) => None,
+            };
+            let Some(rd) = rd else { return std::future::pending().await };
             // Everything on the urgent stream was sent after the main stream's `Sync`.
             sync.wait(0, 0).await;
             let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync, 1)));

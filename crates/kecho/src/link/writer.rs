@@ -93,6 +93,28 @@ pub(super) async fn writer<H: LinkHandler>(
             wake.as_mut().enable();
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
+            // A TCP link with an urgent connection (`urgent.rs`), once it carries priorities: the urgent lanes go there
+            // from now on, after a `Sync` on this connection, as on a QUIC link's urgent stream. Checked before taking,
+            // so that the `Sync` comes before the frames not taken yet (a prioritised event may have been written
+            // directly, with nothing taken since).
+            // Not while lanes 1 and up hold frames: one of them may be the rest of a frame begun on this connection
+            // by a direct write (they are taken here first, and streams mode starts at a later turn).
+            if to_urgent.is_some()
+                && peer.outbox.prioritised.load(Ordering::Acquire)
+                && peer.outbox.urgent_lanes_empty()
+            {
+                let tcp_urgent = peer.urgent_tcp.lock().clone();
+                if let Some(u) = tcp_urgent {
+                    let tx = to_urgent.take();
+                    match (u.open_urgent(super::HANDSHAKE_TIMEOUT).await, tx) {
+                        (Some(w), Some(tx)) => {
+                            frames.push_back(peer.outbox.start_streams());
+                            let _ = tx.send(w);
+                        }
+                        _ => tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's"),
+                    }
+                }
+            }
             peer.outbox.take_all(&mut frames);
             if frames.is_empty() {
                 if links.closing.load(Ordering::Acquire) {
@@ -144,8 +166,6 @@ pub(super) async fn writer<H: LinkHandler>(
             peer.outbox.writable.notify_waiters();
             if unprioritised && peer.outbox.prioritised.load(Ordering::Acquire) {
                 unprioritised = false;
-                // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
-                // lanes, not the socket's FIFO, decide what waits.
                 match (lowat, &wr) {
                     (Some(n), LinkWr::Tcp(sock)) => {
                         let stream: &tokio::net::TcpStream = (**sock).as_ref();
