@@ -158,7 +158,11 @@ async fn dial_inner<H: LinkHandler>(
             let frame = read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
             let token = urgent::parse_token(&frame)
                 .ok_or_else(|| LinkError::Handshake("expected the urgent connection's token".into()))?;
-            return Ok((DialOutcome::Up, Some(TcpUrgent::new(token))));
+            // Dialled later, once one side's outbox carries priorities (see the link's reader), if both allow it.
+            let slot = token
+                .filter(|_| links.cfg.urgent_connection)
+                .map(|t| TcpUrgent::new(t, urgent::Role::Dialler { at: at.to_owned() }));
+            return Ok((DialOutcome::Up, slot));
         }
         Ok((DialOutcome::Up, None))
     };
@@ -172,51 +176,56 @@ async fn dial_inner<H: LinkHandler>(
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    if let Some(u) = &urgent {
-        links.tasks.spawn(dial_urgent(links.cfg.clone(), at.to_owned(), links.id, u.clone()));
-    }
     let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
 }
 
-/// Dials a TCP link's urgent connection (see `urgent.rs`) to `at`, as the main one (TLS where configured), and
-/// joins it to the link of token `u`. If it cannot, the link goes on with one connection.
-async fn dial_urgent(cfg: Arc<crate::config::NodeConfig>, at: String, me: kecho_proto::NodeId, u: Arc<TcpUrgent>) {
+/// Dials a TCP link's urgent connection (see `urgent.rs`) to where the main one went, as the main one (TLS where
+/// configured), and joins it to the link of slot `u` (called by the dialler's reader once the connection is wanted).
+/// If it cannot within the handshake timeout, the link goes on with one connection.
+pub(super) async fn dial_urgent(cfg: &crate::config::NodeConfig, me: kecho_proto::NodeId, u: &TcpUrgent) {
+    let Some(at) = u.dials() else { return };
     let up = async {
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&at))
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(at))
             .await
-            .map_err(|_| LinkError::ConnectTimeout { addr: at.clone() })?
-            .map_err(|source| LinkError::Connect { addr: at.clone(), source })?;
-        tune(&stream, &cfg);
-        mark_urgent(&stream);
-        let (rd, mut wr) = secure_dial(cfg.tls.as_ref(), stream, &at).await?;
+            .map_err(|_| LinkError::ConnectTimeout { addr: at.to_owned() })?
+            .map_err(|source| LinkError::Connect { addr: at.to_owned(), source })?;
+        tune(&stream, cfg);
+        mark_urgent(socket2::SockRef::from(&stream));
+        let (rd, mut wr) = secure_dial(cfg.tls.as_ref(), stream, at).await?;
         wr.write_all(&urgent::join_frame(me, &u.token())).await?;
         Ok::<_, LinkError>((rd, wr))
     };
-    let up = up.await;
-    match up {
-        Ok((rd, wr)) => {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, up).await {
+        Ok(Ok((rd, wr))) => {
             u.join(rd, Box::new(wr));
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::debug!(%at, "no urgent connection, the link keeps one: {e}");
+            u.failed();
+        }
+        Err(_) => {
+            tracing::debug!(%at, "no urgent connection within {HANDSHAKE_TIMEOUT:?}, the link keeps one");
             u.failed();
         }
     }
 }
 
-/// Socket options of an urgent connection: a small send buffer and the DSCP class EF (expedited forwarding), so
-/// that a priority queueing discipline on the way may serve it first. Failures leave the defaults.
-fn mark_urgent(stream: &TcpStream) {
-    let sock = socket2::SockRef::from(stream);
+/// Socket options of an urgent connection (both ends): a small send buffer, the DSCP class EF (expedited forwarding)
+/// and the socket priority 6 (`TC_PRIO_INTERACTIVE`, band 0 of the `prio` and `pfifo_fast` queueing disciplines'
+/// default priority map), so that a queueing discipline that honours either serves its packets before bulk ones
+/// (docs/PROTOCOL.md, "Priorities and deadlines"). Failures leave the defaults.
+fn mark_urgent(sock: socket2::SockRef<'_>) {
     let _ = sock.set_send_buffer_size(64 * 1024);
     // DSCP EF (46) in the upper six bits of the TOS byte.
     let tos = 46 << 2;
-    let r = match stream.local_addr() {
-        Ok(a) if a.is_ipv6() => sock.set_tclass_v6(tos),
+    let r = match sock.local_addr().ok().and_then(|a| a.as_socket()) {
+        Some(a) if a.is_ipv6() => sock.set_tclass_v6(tos),
         _ => sock.set_tos_v4(tos),
     };
+    // After IP_TOS, which sets the socket priority from the TOS byte (EF maps to 4, band 1, as the bulk's 0 does).
+    let r = r.and_then(|()| sock.set_priority(6));
     if let Err(e) = r {
         tracing::debug!("urgent connection not marked: {e}");
     }
@@ -224,22 +233,36 @@ fn mark_urgent(stream: &TcpStream) {
 
 /// Serves an `UrgentJoin`: binds the connection to the current link of the node it names if the token is that
 /// link's, and refuses it otherwise.
-async fn join_urgent<H: LinkHandler>(links: &Links<H>, frame: &[u8], rd: Rd, wr: Wr, remote: Option<SocketAddr>) {
+async fn join_urgent<H: LinkHandler>(
+    links: &Links<H>,
+    frame: &[u8],
+    (rd, wr): (Rd, Wr),
+    remote: Option<SocketAddr>,
+    sock: Option<socket2::Socket>,
+) {
     let joined = match urgent::parse_join(frame) {
         Some((node, token)) => {
             let peer = links.peers.lock().get(&node).cloned();
-            let u = peer.and_then(|p| p.urgent_tcp.lock().clone());
+            let u = peer.as_ref().and_then(|p| p.urgent_tcp.lock().clone());
             match u {
-                Some(u) if u.owns(token) => Ok(u),
+                Some(u) if u.accepts(token) && u.open() => Ok((u, peer)),
+                Some(u) if u.accepts(token) => Err("a second urgent connection for one link"),
                 _ => Err("an urgent connection for a link it does not own"),
             }
         }
         None => Err("a malformed UrgentJoin"),
     };
     match joined {
-        Ok(u) => {
+        Ok((u, peer)) => {
+            if let Some(s) = &sock {
+                mark_urgent(socket2::SockRef::from(s));
+            }
             if !u.join(rd, Box::new(wr)) {
                 tracing::warn!(?remote, "refusing a second urgent connection for one link");
+            }
+            // The writer moves the urgent lanes at its next turn: let it have one now.
+            if let Some(p) = peer {
+                p.outbox.readable.notify_one();
             }
         }
         Err(why) => {
@@ -284,8 +307,10 @@ pub(super) fn poller(fd: impl std::os::fd::AsFd, cfg: &crate::config::NodeConfig
 async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
     tune(&stream, &links.cfg);
     let poller = poller(&stream, &links.cfg);
+    // A second handle on the socket, in case this is an urgent connection (marked then; dropped at once otherwise).
+    let sock = links.cfg.urgent_connection.then(|| socket2::SockRef::from(&stream).try_clone().ok()).flatten();
     let Some((rd, wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
-    accept_link(links, rd, wr, Some(remote), Transport::Tcp, poller).await;
+    accept_link_with(links, rd, wr, Some(remote), Transport::Tcp, poller, None, sock).await;
 }
 
 /// Accepts QUIC connections from other nodes until the node stops.
@@ -302,7 +327,7 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
         links.tasks.spawn(async move {
             let _slot = slot;
             if let Some((rd, wr, remote, datagrams)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await {
-                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams)).await;
+                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams), None).await;
             }
         });
     }
@@ -318,10 +343,12 @@ pub(super) async fn accept_link<H: LinkHandler>(
     transport: Transport,
     poller: Option<super::spin::Poller>,
 ) {
-    accept_link_with(links, rd, wr, remote, transport, poller, None).await
+    accept_link_with(links, rd, wr, remote, transport, poller, None, None).await
 }
 
-/// `accept_link` for a connection that has a datagram path besides its byte stream (QUIC).
+/// `accept_link` for a connection that has a datagram path besides its byte stream (QUIC), or a second handle on
+/// its TCP socket (to mark it if it turns out to be an urgent connection).
+#[allow(clippy::too_many_arguments)]
 async fn accept_link_with<H: LinkHandler>(
     links: Arc<Links<H>>,
     mut rd: Rd,
@@ -330,6 +357,7 @@ async fn accept_link_with<H: LinkHandler>(
     transport: Transport,
     poller: Option<super::spin::Poller>,
     datagrams: Option<Arc<Datagrams>>,
+    sock: Option<socket2::Socket>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
@@ -338,13 +366,14 @@ async fn accept_link_with<H: LinkHandler>(
     if let Ok(Ok(frame)) = &first {
         if frame.first() == Some(&urgent::JOIN_KIND) {
             if tcp {
-                join_urgent(&links, frame, rd, wr, remote).await;
+                join_urgent(&links, frame, (rd, wr), remote, sock).await;
             } else {
                 refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection on a link that is not TCP")).await;
             }
             return;
         }
     }
+    drop(sock);
     let first = first.map(|r| r.and_then(|f| codec::decode_body(f).map_err(LinkError::from)));
     let first = match first {
         Ok(Ok(m)) => m,
@@ -390,9 +419,11 @@ async fn accept_link_with<H: LinkHandler>(
     let mut ack = BytesMut::new();
     Message::HelloAck { version: PROTOCOL_VERSION, node: links.id }.encode(&mut ack);
     proof.encode(&mut ack);
-    let urgent = tcp.then(|| TcpUrgent::new(TcpUrgent::random_token()));
-    if let Some(u) = &urgent {
-        ack.extend_from_slice(&urgent::token_frame(&u.token()));
+    // A TCP link's slot for its urgent connection (an empty token if this node takes none).
+    let urgent =
+        (tcp && links.cfg.urgent_connection).then(|| TcpUrgent::new(TcpUrgent::random_token(), urgent::Role::Acceptor));
+    if tcp {
+        ack.extend_from_slice(&urgent::token_frame(urgent.as_ref().map(|u| u.token()).as_ref()));
     }
     let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.

@@ -385,6 +385,7 @@ impl<H: LinkHandler> Links<H> {
                     shared_memory: c.shared_memory.load(Ordering::Relaxed),
                     datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
                     datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
+                    urgent_apart: p.is_up() && p.outbox.has_streams(),
                 }
             })
             .collect()
@@ -592,6 +593,9 @@ pub struct LinkStats {
     pub datagrams_sent: u64,
     /// Datagrams that arrived (each one best-effort event, delivered or, if late, dropped and counted as missed).
     pub datagrams_received: u64,
+    /// This node sends its urgent frames (priorities 1 to 3) to the other on a connection of their own (a TCP link,
+    /// see [`crate::NodeBuilder::urgent_connection`]) or a stream of their own (QUIC) now.
+    pub urgent_apart: bool,
 }
 
 /// Another node, as this node sees it.

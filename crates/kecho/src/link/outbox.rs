@@ -440,6 +440,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
@@ -492,6 +495,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
@@ -554,6 +560,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += n as u64;
         let written = self.try_direct(&mut q, first, &run[..end], gate);

@@ -53,7 +53,17 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
         let urgent = async {
             let Some(sync) = sync else { return std::future::pending().await };
             let rd = match (tcp_urgent, urgent_conn) {
-                (Some(u), _) => u.accept_urgent().await,
+                (Some(u), _) => {
+                    // The dialler opens the connection once either side wants it (under this task, so that it ends
+                    // with the link).
+                    if u.dials().is_some() {
+                        u.wanted().await;
+                        super::dial::dial_urgent(&links.cfg, links.id, &u).await;
+                        // The writer moves the urgent lanes at its next turn: let it have one now.
+                        peer.outbox.readable.notify_one();
+                    }
+                    u.accept_urgent().await
+                }
                 (None, Some(d)) => d.accept_urgent().await,
                 (None, None) => None,
             };
@@ -242,6 +252,14 @@ impl<H: LinkHandler> Receiver<H> {
                     Ok(Some(frame)) if codec::is_event_run(&frame) => {
                         self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
                         self.event_run(frame, &mut names).await
+                    }
+                    Ok(Some(frame)) if frame.first() == Some(&super::urgent::WANTED_KIND) && frame.len() == 1 => {
+                        // The acceptor asks for the urgent connection (ignored where there is no slot for one).
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref() {
+                            u.want();
+                        }
+                        Ok(())
                     }
                     Ok(Some(frame))
                         if self.sync.is_some() && matches!(frame.first(), Some(&(SYNC_KIND | WAIT_KIND))) =>
