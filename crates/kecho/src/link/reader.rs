@@ -254,9 +254,10 @@ impl<H: LinkHandler> Receiver<H> {
                         self.event_run(frame, &mut names).await
                     }
                     Ok(Some(frame)) if frame.first() == Some(&super::urgent::WANTED_KIND) && frame.len() == 1 => {
-                        // The acceptor asks for the urgent connection (ignored where there is no slot for one).
+                        // The acceptor asks for the urgent connection (ignored where this node has no slot for one, or
+                        // is the acceptor itself).
                         self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
-                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref() {
+                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref().filter(|u| u.dials().is_some()) {
                             u.want();
                         }
                         Ok(())
