@@ -4,10 +4,11 @@
 //! 2 ms apart to B, on an idle link or while a second channel's source on A streams 64 KB events to B as fast as the
 //! link takes them; B measures each one-way latency (one clock: the namespaces share the host). Cases: TCP with one
 //! connection without priorities and with priority 3, TCP with the urgent connection (priority 3), QUIC (priority 3,
-//! its urgent stream), each with its idle baseline; under two queueing disciplines inside the shaper: a FIFO (tbf's
-//! own) and `pfifo_fast` (three bands by socket priority: 6, the urgent connection's mark, goes to the first, which
-//! is served first; `prio` would do the same, but this kernel lacks it). The veth ends' transmit queue is 100
-//! packets, so that both queues hold about as much (tbf's own: 5 ms at the rate, 125 KB plus the 32 KB burst).
+//! its urgent stream), each with its idle baseline; under three shapers: tbf with its own FIFO, tbf with
+//! `pfifo_fast` inside (three bands by socket priority: 6, the urgent connection's mark, goes to the first; `prio`
+//! would do the same, but this kernel lacks it), and `htb` at the same rate with a class for DSCP EF (the urgent
+//! connection's other mark, matched by a `u32` filter) served before the rest. The veth ends' transmit queue is 100
+//! packets, so that the queues hold about as much (tbf's own: 5 ms at the rate, 125 KB plus the 32 KB burst).
 //! Rounds alternate the order. While a bulk case runs, the shaper's queue (backlog) is sampled, to say how long a packet waits there.
 //!
 //! Needs root (namespaces, tc); not part of `all`. `kecho-bench urgent-net`.
@@ -99,6 +100,29 @@ impl Net {
     fn shape(&self, inner: &str) -> Result<()> {
         for (ns, dev) in [(&self.a, "ku7va"), (&self.b, "ku7vb")] {
             let _ = sh(&["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]);
+            if inner == "htb-ef" {
+                // The same rate from an htb shaper, with a class served first for DSCP EF (the urgent connection).
+                let tc = |args: &[&str]| {
+                    let mut v = vec!["ip", "netns", "exec", ns.as_str(), "tc"];
+                    v.extend_from_slice(args);
+                    sh(&v)
+                };
+                tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])?;
+                tc(&[
+                    "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", RATE, "burst", "32kb",
+                ])?;
+                for (id, rate, prio) in [("1:10", "20mbit", "0"), ("1:20", "180mbit", "1")] {
+                    tc(&[
+                        "class", "add", "dev", dev, "parent", "1:1", "classid", id, "htb", "rate", rate, "ceil", RATE,
+                        "prio", prio, "burst", "32kb",
+                    ])?;
+                }
+                tc(&[
+                    "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                    "tos", "0xb8", "0xfc", "flowid", "1:10",
+                ])?;
+                continue;
+            }
             sh(&[
                 "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate",
                 RATE, "burst", "32kb", "latency", "5ms",
@@ -111,6 +135,13 @@ impl Net {
             }
         }
         Ok(())
+    }
+
+    /// Packets A's shaper sent in its class for DSCP EF (the `htb-ef` set-up), for the record.
+    fn ef_packets(&self) -> Option<String> {
+        let out = sh(&["ip", "netns", "exec", &self.a, "tc", "-s", "class", "show", "dev", "ku7va", "classid", "1:10"])
+            .ok()?;
+        out.lines().find(|l| l.trim_start().starts_with("Sent")).map(|l| l.trim().to_owned())
     }
 
     /// Bytes queued in A's shaper now.
@@ -142,7 +173,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
     let n = count(args, 1000, 20);
     let rounds = if args.scale < 0.1 { 1 } else { 3 };
     let net = Net::new().context("building the namespaces (needs root, iproute2 and tc)")?;
-    let qdiscs = ["fifo", "pfifo_fast"];
+    let qdiscs = ["fifo", "pfifo_fast", "htb-ef"];
     let mut hists: Vec<Vec<_>> = qdiscs.iter().map(|_| CASES.iter().map(|_| histogram()).collect()).collect();
     let mut backlogs: Vec<Vec<Vec<u64>>> = qdiscs.iter().map(|_| CASES.iter().map(|_| Vec::new()).collect()).collect();
     for round in 0..rounds {
@@ -160,6 +191,9 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
                     hists[qi][i].record(v.max(1))?;
                 }
                 backlogs[qi][i].extend(bl);
+                if *q == "htb-ef" {
+                    eprintln!("kecho-bench: urgent-net: A's EF class so far: {}", net.ef_packets().unwrap_or_default());
+                }
             }
         }
     }
@@ -169,8 +203,13 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         let idle_of = |c: &Case| sum[CASES.iter().position(|x| x.name == c.idle).unwrap_or(0)];
         let mut t = Table::new(
             format!(
-                "urgent 100 B events, namespaces joined by a veth pair shaped to {RATE} (tbf, inner queue: {q}); ratio to \
-                 the same configuration's idle p99; backlog: A's shaper queue sampled during the bulk cases (median)"
+                "urgent 100 B events, namespaces joined by a veth pair shaped to {RATE} ({}); ratio to the same \
+                 configuration's idle p99; backlog: A's shaper queue sampled during the bulk cases (median)",
+                match *q {
+                    "htb-ef" => "htb, DSCP EF in a class served first",
+                    "fifo" => "tbf, its own FIFO",
+                    _ => "tbf, pfifo_fast inside: socket priority 6 served first",
+                }
             ),
             &["case", "p50", "p99", "p99.9", "p99 / idle p99", "shaper backlog", "its wait at the rate"],
         );
