@@ -45,6 +45,10 @@ pub fn run(role: &str) -> Result<()> {
         ["local-count", registry, channel, ll, sh, n, batch] => {
             crate::local::count_child(registry.parse()?, channel, ll, sh, n.parse()?, batch.parse()?)
         }
+        ["urgent-net-b", quic, two, _, _, n] => crate::urgent_net::child_b(quic.parse()?, two.parse()?, n.parse()?),
+        ["urgent-net-a", quic, two, prio, bulk, n] => {
+            crate::urgent_net::child_a(quic.parse()?, two.parse()?, prio.parse()?, bulk.parse()?, n.parse()?)
+        }
         _ => bail!("unknown child role {role:?}"),
     }
 }

@@ -37,6 +37,7 @@ mod submit;
 mod syscalls;
 mod systems;
 mod throughput;
+mod urgent_net;
 mod util;
 
 #[cfg(feature = "peers")]
@@ -123,6 +124,10 @@ pub enum Workload {
     /// Urgent 100 B events behind a 64 KB bulk stream: idle link, no priority, priority 3, and priority 3 without
     /// `TCP_NOTSENT_LOWAT` (not part of `all`).
     Priority,
+    /// Urgent 100 B events behind a 64 KB bulk stream on a link shaped to 200 Mbit/s between two network namespaces:
+    /// TCP with one connection (with and without priorities), with the urgent connection, QUIC; a FIFO and a
+    /// `pfifo_fast` (priority bands) queue in the shaper (needs root; not part of `all`).
+    UrgentNet,
     /// Two processes on one host: 100 B ping-pong against a blocking-socket floor, kecho's default and low-latency
     /// receive modes over TCP and same-host links, with CPU per message; 100 B 1->1 throughput over TCP and
     /// same-host links (not part of `all`).
@@ -163,6 +168,7 @@ impl Workload {
             Workload::Resources => "resources",
             Workload::Balance => "balance",
             Workload::Priority => "priority",
+            Workload::UrgentNet => "urgent-net",
             Workload::Local => "local",
             Workload::Members => "members",
         }
@@ -230,6 +236,7 @@ fn run_one(w: Workload, args: &BenchArgs) -> Result<Section> {
         Workload::Resources => resources::run(args),
         Workload::Balance => balance::run(args),
         Workload::Priority => priority::run(args),
+        Workload::UrgentNet => urgent_net::run(args),
         Workload::Local => local::run(args),
         Workload::Members => members::run(args),
     }

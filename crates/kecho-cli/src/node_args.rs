@@ -73,6 +73,10 @@ pub struct NodeArgs {
     /// polls). 0: off.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub low_latency_us: u64,
+    /// Whether TCP links may take a second connection for urgent events (priorities 1 to 3), dialled once a link
+    /// carries one; a link has it only if both nodes allow it (docs/PROTOCOL.md, "Priorities and deadlines").
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub urgent_connection: bool,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
@@ -128,6 +132,15 @@ pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
         .with_context(|| format!("invalid {what} address {s:?}"))
 }
 
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, not {s:?}")),
+    }
+}
+
 /// Starts this process's node; `open_timeout` bounds how long opening a channel may take (seconds).
 pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>) -> Result<Node> {
     let registry = reg.addrs()?;
@@ -142,6 +155,7 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
         .same_host(args.same_host)
         .shared_memory((args.same_host_ring_kib > 0).then(|| args.same_host_ring_kib.saturating_mul(1024)))
         .low_latency(Duration::from_micros(args.low_latency_us))
+        .urgent_connection(args.urgent_connection)
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(n) = args.tree_threshold {
         builder = builder.tree_threshold(usize::try_from(n).unwrap_or(usize::MAX));

@@ -41,6 +41,9 @@ pub(crate) struct NodeConfig {
     /// `SO_RCVBUF` of TCP links (`None`: the kernel's autotuned default). A small one bounds what can wait in the
     /// receiving kernel ahead of an urgent event when the receiver is the slower side. Default `None`.
     pub(crate) recv_buffer: Option<usize>,
+    /// TCP links take a second connection for their urgent lanes once they carry priorities (`link/urgent.rs`), if
+    /// both nodes allow it. Default on.
+    pub(crate) urgent_connection: bool,
     /// The low-latency receive mode: how long a link's reader keeps polling its socket after it found it empty
     /// before it parks (`link/spin.rs`). `None` (the default) parks at once.
     pub(crate) low_latency: Option<Duration>,
@@ -129,6 +132,7 @@ impl Default for NodeConfig {
             max_frame: MAX_FRAME_DEFAULT,
             send_lowat: Some(128 << 10),
             recv_buffer: None,
+            urgent_connection: true,
             low_latency: None,
             drop_datagrams_every: 0,
             same_host: false,

@@ -95,6 +95,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether TCP links may take a second connection for their urgent lanes (priorities 1 to 3). With it, once a
+    /// link carries an event of a priority above the default, the dialling node opens a second TCP (or TLS)
+    /// connection to the same address and both nodes send their urgent frames on it, so that an urgent event no
+    /// longer waits behind the bulk bytes in the kernel's buffers and in flight; the frames that say where each
+    /// source's events cross from one connection to the other keep every source's order. The urgent connection is
+    /// marked for priority queueing (DSCP EF and `SO_PRIORITY` 6: see docs/PROTOCOL.md, "Priorities and deadlines",
+    /// for a queueing discipline that serves it first). A link that never carries priorities keeps one connection, as
+    /// does every link of a node with this off (or whose peer has it off). Losing either connection is losing the
+    /// link. Default on.
+    pub fn urgent_connection(mut self, on: bool) -> Self {
+        self.cfg.urgent_connection = on;
+        self
+    }
+
     /// Largest frame accepted or sent. Default 16 MiB.
     pub fn max_frame(mut self, n: usize) -> Self {
         self.cfg.max_frame = n;

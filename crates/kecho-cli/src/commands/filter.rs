@@ -46,6 +46,7 @@ pub async fn run(cmd: Args) -> Result<()> {
         same_host: false,
         same_host_ring_kib: 0,
         low_latency_us: 0,
+        urgent_connection: true,
         heartbeat: 3.0,
         tree_threshold: None,
         allow_filters: false,

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use super::tls::{secure_accept, secure_dial, Rd, Wr};
+use super::urgent::{self, TcpUrgent};
 use super::{close, Datagrams, LinkError, LinkHandler, LinkLive, LinkState, Links, Peer, HANDSHAKE_TIMEOUT};
 use crate::clock::now;
 use crate::transport::Transport;
@@ -107,6 +108,8 @@ async fn dial_inner<H: LinkHandler>(
     };
     #[cfg_attr(not(feature = "quic"), allow(unused_mut))]
     let mut datagrams: Option<Arc<Datagrams>> = None;
+    // A TCP link: the acceptor's handshake answer ends with the token of the link's urgent connection.
+    let mut tcp = false;
     let (mut rd, mut wr, remote, poller) = match (local, transport) {
         (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
@@ -126,6 +129,7 @@ async fn dial_inner<H: LinkHandler>(
             let remote = stream.peer_addr().ok();
             let poller = poller(&stream, &links.cfg);
             let (rd, wr) = secure_dial(links.cfg.tls.as_ref(), stream, at).await?;
+            tcp = true;
             (rd, wr, remote, poller)
         }
     };
@@ -141,7 +145,7 @@ async fn dial_inner<H: LinkHandler>(
         let first = read_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
         match handshake::dial_answer(&first, peer.id, addr) {
             handshake::Dial::Up => {}
-            handshake::Dial::Duplicate => return Ok(DialOutcome::Duplicate),
+            handshake::Dial::Duplicate => return Ok((DialOutcome::Duplicate, None)),
             handshake::Dial::Failed(why) => return Err(LinkError::Handshake(why.to_string())),
         }
         // The peer proves it is the node we meant to reach.
@@ -150,20 +154,122 @@ async fn dial_inner<H: LinkHandler>(
         off_workers(move || handshake::check_ack_proof(&proof, from, me))
             .await?
             .map_err(|e| LinkError::Handshake(e.to_string()))?;
-        Ok(DialOutcome::Up)
+        if tcp {
+            let frame = read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
+            let token = urgent::parse_token(&frame)
+                .ok_or_else(|| LinkError::Handshake("expected the urgent connection's token".into()))?;
+            // Dialled later, once one side's outbox carries priorities (see the link's reader), if both allow it.
+            let slot = token
+                .filter(|_| links.cfg.urgent_connection)
+                .map(|t| TcpUrgent::new(t, urgent::Role::Dialler { at: at.to_owned() }));
+            return Ok((DialOutcome::Up, slot));
+        }
+        Ok((DialOutcome::Up, None))
     };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
-        DialOutcome::Up => {}
-        other => return Ok(other),
-    }
+    let urgent =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await.map_err(|_| LinkError::HandshakeTimeout)?? {
+            (DialOutcome::Up, u) => u,
+            (other, _) => return Ok(other),
+        };
     let mut link = peer.link.lock();
     if !matches!(*link, LinkState::Dialing { gen: g } if g == gen) {
         // An inbound connection from the peer won meanwhile.
         return Ok(DialOutcome::Superseded);
     }
-    let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
+    let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
     Ok(DialOutcome::Up)
+}
+
+/// Dials a TCP link's urgent connection (see `urgent.rs`) to where the main one went, as the main one (TLS where
+/// configured), and joins it to the link of slot `u` (called by the dialler's reader once the connection is wanted).
+/// If it cannot within the handshake timeout, the link goes on with one connection.
+pub(super) async fn dial_urgent(cfg: &crate::config::NodeConfig, me: kecho_proto::NodeId, u: &TcpUrgent) {
+    let Some(at) = u.dials() else { return };
+    let up = async {
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(at))
+            .await
+            .map_err(|_| LinkError::ConnectTimeout { addr: at.to_owned() })?
+            .map_err(|source| LinkError::Connect { addr: at.to_owned(), source })?;
+        tune(&stream, cfg);
+        mark_urgent(socket2::SockRef::from(&stream));
+        let (rd, mut wr) = secure_dial(cfg.tls.as_ref(), stream, at).await?;
+        wr.write_all(&urgent::join_frame(me, &u.token())).await?;
+        Ok::<_, LinkError>((rd, wr))
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, up).await {
+        Ok(Ok((rd, wr))) => {
+            u.join(rd, Box::new(wr));
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%at, "no urgent connection, the link keeps one: {e}");
+            u.failed();
+        }
+        Err(_) => {
+            tracing::debug!(%at, "no urgent connection within {HANDSHAKE_TIMEOUT:?}, the link keeps one");
+            u.failed();
+        }
+    }
+}
+
+/// Socket options of an urgent connection (both ends): a small send buffer, the DSCP class EF (expedited forwarding)
+/// and the socket priority 6 (`TC_PRIO_INTERACTIVE`, band 0 of the `prio` and `pfifo_fast` queueing disciplines'
+/// default priority map), so that a queueing discipline that honours either serves its packets before bulk ones
+/// (docs/PROTOCOL.md, "Priorities and deadlines"). Failures leave the defaults.
+fn mark_urgent(sock: socket2::SockRef<'_>) {
+    let _ = sock.set_send_buffer_size(64 * 1024);
+    // DSCP EF (46) in the upper six bits of the TOS byte.
+    let tos = 46 << 2;
+    let r = match sock.local_addr().ok().and_then(|a| a.as_socket()) {
+        Some(a) if a.is_ipv6() => sock.set_tclass_v6(tos),
+        _ => sock.set_tos_v4(tos),
+    };
+    // After IP_TOS, which sets the socket priority from the TOS byte (EF maps to 4, band 1, as the bulk's 0 does).
+    let r = r.and_then(|()| sock.set_priority(6));
+    if let Err(e) = r {
+        tracing::debug!("urgent connection not marked: {e}");
+    }
+}
+
+/// Serves an `UrgentJoin`: binds the connection to the current link of the node it names if the token is that
+/// link's, and refuses it otherwise.
+async fn join_urgent<H: LinkHandler>(
+    links: &Links<H>,
+    frame: &[u8],
+    (rd, wr): (Rd, Wr),
+    remote: Option<SocketAddr>,
+    sock: Option<socket2::Socket>,
+) {
+    let joined = match urgent::parse_join(frame) {
+        Some((node, token)) => {
+            let peer = links.peers.lock().get(&node).cloned();
+            let u = peer.as_ref().and_then(|p| p.urgent_tcp.lock().clone());
+            match u {
+                Some(u) if u.accepts(token) && u.open() => Ok((u, peer)),
+                Some(u) if u.accepts(token) => Err("a second urgent connection for one link"),
+                _ => Err("an urgent connection for a link it does not own"),
+            }
+        }
+        None => Err("a malformed UrgentJoin"),
+    };
+    match joined {
+        Ok((u, peer)) => {
+            if let Some(s) = &sock {
+                mark_urgent(socket2::SockRef::from(s));
+            }
+            if !u.join(rd, Box::new(wr)) {
+                tracing::warn!(?remote, "refusing a second urgent connection for one link");
+            }
+            // The writer moves the urgent lanes at its next turn: let it have one now.
+            if let Some(p) = peer {
+                p.outbox.readable.notify_one();
+            }
+        }
+        Err(why) => {
+            tracing::warn!(?remote, "refusing connection: {why}");
+            refuse(rd, wr, close(CloseCode::Handshake, why)).await;
+        }
+    }
 }
 
 /// Socket options of a TCP link: no Nagle delay, and the receive buffer if one is configured
@@ -201,8 +307,10 @@ pub(super) fn poller(fd: impl std::os::fd::AsFd, cfg: &crate::config::NodeConfig
 async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote: SocketAddr) {
     tune(&stream, &links.cfg);
     let poller = poller(&stream, &links.cfg);
+    // A second handle on the socket, in case this is an urgent connection (marked then; dropped at once otherwise).
+    let sock = links.cfg.urgent_connection.then(|| socket2::SockRef::from(&stream).try_clone().ok()).flatten();
     let Some((rd, wr)) = secure_accept(links.cfg.tls.as_ref(), stream, remote).await else { return };
-    accept_link(links, rd, wr, Some(remote), Transport::Tcp, poller).await;
+    accept_link_with(links, rd, wr, Some(remote), Transport::Tcp, poller, None, sock).await;
 }
 
 /// Accepts QUIC connections from other nodes until the node stops.
@@ -219,7 +327,7 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
         links.tasks.spawn(async move {
             let _slot = slot;
             if let Some((rd, wr, remote, datagrams)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await {
-                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams)).await;
+                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams), None).await;
             }
         });
     }
@@ -235,10 +343,12 @@ pub(super) async fn accept_link<H: LinkHandler>(
     transport: Transport,
     poller: Option<super::spin::Poller>,
 ) {
-    accept_link_with(links, rd, wr, remote, transport, poller, None).await
+    accept_link_with(links, rd, wr, remote, transport, poller, None, None).await
 }
 
-/// `accept_link` for a connection that has a datagram path besides its byte stream (QUIC).
+/// `accept_link` for a connection that has a datagram path besides its byte stream (QUIC), or a second handle on
+/// its TCP socket (to mark it if it turns out to be an urgent connection).
+#[allow(clippy::too_many_arguments)]
 async fn accept_link_with<H: LinkHandler>(
     links: Arc<Links<H>>,
     mut rd: Rd,
@@ -247,10 +357,25 @@ async fn accept_link_with<H: LinkHandler>(
     transport: Transport,
     poller: Option<super::spin::Poller>,
     datagrams: Option<Arc<Datagrams>>,
+    sock: Option<socket2::Socket>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, links.cfg.max_frame)).await
-    {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
+    // A TCP link's urgent connection joins its link instead of starting one.
+    let tcp = transport == Transport::Tcp && remote.is_some();
+    if let Ok(Ok(frame)) = &first {
+        if frame.first() == Some(&urgent::JOIN_KIND) {
+            if tcp {
+                join_urgent(&links, frame, (rd, wr), remote, sock).await;
+            } else {
+                refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection on a link that is not TCP")).await;
+            }
+            return;
+        }
+    }
+    drop(sock);
+    let first = first.map(|r| r.and_then(|f| codec::decode_body(f).map_err(LinkError::from)));
+    let first = match first {
         Ok(Ok(m)) => m,
         Ok(Err(why)) => {
             tracing::warn!(?remote, "closing connection before handshake: {why}");
@@ -294,6 +419,12 @@ async fn accept_link_with<H: LinkHandler>(
     let mut ack = BytesMut::new();
     Message::HelloAck { version: PROTOCOL_VERSION, node: links.id }.encode(&mut ack);
     proof.encode(&mut ack);
+    // A TCP link's slot for its urgent connection (an empty token if this node takes none).
+    let urgent =
+        (tcp && links.cfg.urgent_connection).then(|| TcpUrgent::new(TcpUrgent::random_token(), urgent::Role::Acceptor));
+    if tcp {
+        ack.extend_from_slice(&urgent::token_frame(urgent.as_ref().map(|u| u.token()).as_ref()));
+    }
     let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
     let refused = {
@@ -315,7 +446,7 @@ async fn accept_link_with<H: LinkHandler>(
             let gen = links.next_gen();
             // The ack goes first through the outbox, so nothing can overtake it.
             peer.outbox.push_front_control(ack);
-            let tasks = start_link(&links, &peer, gen, (rd, wr, poller, datagrams), remote, buf, transport);
+            let tasks = start_link(&links, &peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
             *link = LinkState::Up { gen, outbound: false, tasks };
             None
         }
@@ -349,6 +480,23 @@ async fn off_workers<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
 }
 
 /// Reads one whole frame during the handshake.
+/// Reads one frame, kind and body without decoding it.
+async fn read_raw_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<bytes::Bytes, LinkError> {
+    loop {
+        if let Some(f) = codec::split_frame(buf, max)? {
+            return Ok(f);
+        }
+        buf.reserve(4096);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(LinkError::Eof);
+        }
+    }
+}
+
 async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<Message, LinkError> {
     loop {
         if let Some(m) = codec::decode_frame(buf, max)? {
@@ -361,6 +509,10 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: u
     }
 }
 
+/// An established link's connection: its halves, the low-latency poller, a QUIC link's datagram path, a TCP link's
+/// urgent connection.
+type Conn<R> = (R, Wr, Option<super::spin::Poller>, Option<Arc<Datagrams>>, Option<Arc<TcpUrgent>>);
+
 /// Starts the reader and writer of an established link (`remote` is `None` for a same-host link). Generic over the byte stream: this and the dial/accept
 /// functions above are all a new transport (QUIC streams, a same-host pipe) has to provide (its write half as
 /// `Wr::Stream`).
@@ -368,7 +520,7 @@ fn start_link<H: LinkHandler, R>(
     links: &Arc<Links<H>>,
     peer: &Arc<Peer>,
     gen: u64,
-    (rd, wr, poller, datagrams): (R, Wr, Option<super::spin::Poller>, Option<Arc<Datagrams>>),
+    (rd, wr, poller, datagrams, urgent): Conn<R>,
     remote: Option<SocketAddr>,
     buf: BytesMut,
     transport: Transport,
@@ -380,6 +532,7 @@ where
     *peer.transport.lock() = transport;
     super::local::mark(peer, remote.is_none(), &wr);
     *peer.datagrams.lock() = datagrams.clone();
+    *peer.urgent_tcp.lock() = urgent;
     let live = Arc::new(LinkLive {
         live: Mutex::new(Liveness::new(now(), links.cfg.heartbeat_timeout)),
         reader_waiting: AtomicBool::new(false),

@@ -15,6 +15,7 @@ pub(crate) mod quic;
 pub(crate) mod reader;
 mod spin;
 pub(crate) mod tls;
+pub(crate) mod urgent;
 pub(crate) mod writer;
 
 use std::collections::HashMap;
@@ -390,6 +391,7 @@ impl<H: LinkHandler> Links<H> {
                     shared_memory: c.shared_memory.load(Ordering::Relaxed),
                     datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
                     datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
+                    urgent_apart: p.is_up() && p.outbox.has_streams(),
                 }
             })
             .collect()
@@ -613,6 +615,9 @@ pub struct LinkStats {
     pub datagrams_sent: u64,
     /// Datagrams that arrived (each one best-effort event, delivered or, if late, dropped and counted as missed).
     pub datagrams_received: u64,
+    /// This node sends its urgent frames (priorities 1 to 3) to the other on a connection of their own (a TCP link,
+    /// see [`crate::NodeBuilder::urgent_connection`]) or a stream of their own (QUIC) now.
+    pub urgent_apart: bool,
 }
 
 /// Another node, as this node sees it.
@@ -631,6 +636,8 @@ pub(crate) struct Peer {
     transport: Mutex<crate::Transport>,
     /// The current connection's datagram path (QUIC links only).
     datagrams: Mutex<Option<Arc<Datagrams>>>,
+    /// The current TCP link's urgent connection (see `urgent.rs`), if both ends set one up.
+    pub(crate) urgent_tcp: Mutex<Option<Arc<urgent::TcpUrgent>>>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,
 }
@@ -692,6 +699,7 @@ impl Peer {
             frames_sent: AtomicU64::new(0),
             transport: Mutex::new(crate::Transport::Tcp),
             datagrams: Mutex::new(None),
+            urgent_tcp: Mutex::new(None),
             counters: LinkCounters::default(),
         }
     }

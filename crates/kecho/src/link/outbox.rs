@@ -440,6 +440,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
@@ -492,6 +495,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
@@ -554,6 +560,9 @@ impl Outbox {
         if lane > 0 && !q.prioritised {
             q.prioritised = true;
             self.prioritised.store(true, Ordering::Release);
+            // The writer reacts to it at once (a TCP link asks for its urgent connection), even when this frame is
+            // written directly and nothing wakes it otherwise.
+            self.readable.notify_one();
         }
         q.events += n as u64;
         let written = self.try_direct(&mut q, first, &run[..end], gate);
@@ -619,6 +628,12 @@ impl Outbox {
         self.q.lock().streams = None;
     }
 
+    /// Nothing is queued in lanes 1 and up (in particular no rest of a frame begun by a direct write, which must
+    /// follow its start on the same connection): streams mode may start.
+    pub(crate) fn urgent_lanes_empty(&self) -> bool {
+        self.q.lock().lanes[1..].iter().all(Lane::is_empty)
+    }
+
     /// Streams mode is on.
     pub(crate) fn has_streams(&self) -> bool {
         self.q.lock().streams.is_some()
@@ -639,7 +654,9 @@ impl Outbox {
     /// Writes `first` and `frame` to the socket from the submitting thread if the link and the source are quiet (see
     /// `push_event_with`); returns how many bytes went out.
     fn try_direct(&self, q: &mut OutQ, first: &[u8], frame: &[u8], gate: &mut SourceGate) -> usize {
-        if !q.is_empty() || q.writing {
+        // In streams mode (a TCP link with an urgent connection) every frame goes through the writers, which count
+        // each connection's bytes for the `Wait` frames; a direct write would also split a frame across connections.
+        if !q.is_empty() || q.writing || q.streams.is_some() {
             return 0;
         }
         let Some(sock) = &q.direct else { return 0 };

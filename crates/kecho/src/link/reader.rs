@@ -43,13 +43,31 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     let Some(handler) = links.handler.upgrade() else { return };
     let later = std::cell::RefCell::new(Vec::new());
     // A QUIC link with a stream per priority: the peer's urgent stream is read here too, by a second receiver.
-    let sync = datagrams.as_ref().filter(|d| d.has_streams()).map(|_| Arc::new(StreamSync::default()));
+    // A TCP link's urgent connection (`urgent.rs`) plays the same part.
+    let tcp_urgent = peer.urgent_tcp.lock().clone();
+    let sync = (tcp_urgent.is_some() || datagrams.as_ref().is_some_and(|d| d.has_streams()))
+        .then(|| Arc::new(StreamSync::default()));
     let urgent_conn = datagrams.clone();
     let mut rx = Receiver::new(handler.clone(), peer.clone(), live.clone(), sync.clone().map(|s| (s, 0)));
     let both = async {
         let urgent = async {
-            let (Some(sync), Some(d)) = (sync, urgent_conn) else { return std::future::pending().await };
-            let Some(rd) = d.accept_urgent().await else { return std::future::pending().await };
+            let Some(sync) = sync else { return std::future::pending().await };
+            let rd = match (tcp_urgent, urgent_conn) {
+                (Some(u), _) => {
+                    // The dialler opens the connection once either side wants it (under this task, so that it ends
+                    // with the link).
+                    if u.dials().is_some() {
+                        u.wanted().await;
+                        super::dial::dial_urgent(&links.cfg, links.id, &u).await;
+                        // The writer moves the urgent lanes at its next turn: let it have one now.
+                        peer.outbox.readable.notify_one();
+                    }
+                    u.accept_urgent().await
+                }
+                (None, Some(d)) => d.accept_urgent().await,
+                (None, None) => None,
+            };
+            let Some(rd) = rd else { return std::future::pending().await };
             // Everything on the urgent stream was sent after the main stream's `Sync`.
             sync.wait(0, 0).await;
             let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync, 1)));
@@ -231,6 +249,15 @@ impl<H: LinkHandler> Receiver<H> {
                     Ok(Some(frame)) if codec::is_event_run(&frame) => {
                         self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
                         self.event_run(frame, &mut names).await
+                    }
+                    Ok(Some(frame)) if frame.first() == Some(&super::urgent::WANTED_KIND) && frame.len() == 1 => {
+                        // The acceptor asks for the urgent connection (ignored where this node has no slot for one, or
+                        // is the acceptor itself).
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref().filter(|u| u.dials().is_some()) {
+                            u.want();
+                        }
+                        Ok(())
                     }
                     Ok(Some(frame))
                         if self.sync.is_some() && matches!(frame.first(), Some(&(SYNC_KIND | WAIT_KIND))) =>

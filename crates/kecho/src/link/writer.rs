@@ -84,6 +84,9 @@ pub(super) async fn writer<H: LinkHandler>(
     // runs alongside this one (`urgent_writer`), so that neither waits for the other's writes.
     let (to_urgent, urgent_stream) = tokio::sync::oneshot::channel();
     let mut to_urgent = Some(to_urgent);
+    // A TCP link's urgent connection slot, and its write half once it is up but not yet in use.
+    let tcp_urgent = peer.urgent_tcp.lock().clone();
+    let mut urgent_wr = None;
     let urgent = urgent_writer(&peer, urgent_stream, &live);
     tokio::pin!(urgent);
     let main = async {
@@ -93,6 +96,36 @@ pub(super) async fn writer<H: LinkHandler>(
             wake.as_mut().enable();
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
+            // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
+            // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
+            // after a `Sync` on this connection, as on a QUIC link's urgent stream. Never waited for: until it is up,
+            // urgent frames share this connection. Checked before taking, so that the `Sync` comes before the frames
+            // not taken yet (a prioritised event may have been written directly, with nothing taken since).
+            // Not while lanes 1 and up hold frames: one of them may be the rest of a frame begun on this connection
+            // by a direct write (they are taken here first, and streams mode starts at a later turn).
+            if to_urgent.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
+                if let Some(u) = &tcp_urgent {
+                    if u.want() && u.dials().is_none() {
+                        peer.outbox.push_link_control(super::urgent::wanted_frame());
+                    }
+                    if urgent_wr.is_none() {
+                        match u.try_writer() {
+                            super::urgent::Ready::Up(w) => urgent_wr = Some(w),
+                            super::urgent::Ready::NotYet => {}
+                            super::urgent::Ready::Never => {
+                                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
+                                to_urgent = None;
+                            }
+                        }
+                    }
+                    if urgent_wr.is_some() && peer.outbox.urgent_lanes_empty() {
+                        if let (Some(w), Some(tx)) = (urgent_wr.take(), to_urgent.take()) {
+                            frames.push_back(peer.outbox.start_streams());
+                            let _ = tx.send(w);
+                        }
+                    }
+                }
+            }
             peer.outbox.take_all(&mut frames);
             if frames.is_empty() {
                 if links.closing.load(Ordering::Acquire) {
@@ -144,8 +177,6 @@ pub(super) async fn writer<H: LinkHandler>(
             peer.outbox.writable.notify_waiters();
             if unprioritised && peer.outbox.prioritised.load(Ordering::Acquire) {
                 unprioritised = false;
-                // The link carries priorities: keep the kernel's unsent queue short from now on, so that the outbox's
-                // lanes, not the socket's FIFO, decide what waits.
                 match (lowat, &wr) {
                     (Some(n), LinkWr::Tcp(sock)) => {
                         let stream: &tokio::net::TcpStream = (**sock).as_ref();
@@ -158,7 +189,8 @@ pub(super) async fn writer<H: LinkHandler>(
                     // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
                     // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
                     // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
-                    (_, LinkWr::Stream(_)) => {
+                    // (Not a TLS link with an urgent connection slot: that one moves its urgent lanes above.)
+                    (_, LinkWr::Stream(_)) if tcp_urgent.is_none() => {
                         let conn = peer.datagrams.lock().clone();
                         let urgent = match conn.filter(|d| d.has_streams()) {
                             Some(d) => d.open_urgent().await,
@@ -176,7 +208,7 @@ pub(super) async fn writer<H: LinkHandler>(
                             }
                         }
                     }
-                    (None, _) => {}
+                    _ => {}
                 }
             }
             let n = frames.len() as u64;

@@ -1,0 +1,274 @@
+//! A TCP link's second connection, for its urgent lanes (outbox lanes 1-3): the TCP counterpart of a QUIC link's
+//! urgent stream (docs/PROTOCOL.md, "Priorities and deadlines"). On one TCP connection an urgent frame waits behind
+//! every bulk byte already in the kernel's send buffer, in flight and in the receiver's socket buffer; on a
+//! connection of its own it waits behind none of them.
+//!
+//! Set-up: the accepting node ends its handshake answer (`HelloAck` and its proof) with an `UrgentToken` frame (kind
+//! [`TOKEN_KIND`], 16 random bytes, or none if the acceptor does not take urgent connections), sent on the
+//! authenticated main connection. Nothing more happens until one side's outbox carries a prioritised event: the
+//! dialler then opens a second TCP connection to the same address (TLS as the first, where configured) whose first
+//! frame is `UrgentJoin` (kind [`JOIN_KIND`]: `u64` node id, the 16 token bytes); the acceptor, in that case, first
+//! asks the dialler for it with an `UrgentWanted` frame (kind [`WANTED_KIND`], empty) on the main connection. The
+//! acceptor binds the joining connection to the current link of that node only if the token is that link's: a
+//! connection that claims a link it does not own is refused with a `Close`. Both ends then use the connection as the
+//! two urgent streams of a QUIC link (each direction's writer starts using it once it carries priorities and the
+//! connection is up, after the main stream's `Sync`); the `Sync`/`Wait` frames keep each source's order. A link whose
+//! urgent connection is never wanted has one connection, as does a link where either node has urgent connections
+//! off (`NodeBuilder::urgent_connection`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kecho_proto::codec::LEN_PREFIX;
+use kecho_proto::NodeId;
+use parking_lot::Mutex;
+use tokio::io::AsyncWrite;
+use tokio::sync::{oneshot, Notify};
+
+use super::tls::Rd;
+
+/// The frame that hands the dialler its token (on the main connection, right after the acceptor's proof).
+pub(crate) const TOKEN_KIND: u8 = 65;
+/// The first frame of an urgent connection: the node id and the token of the link it joins.
+pub(crate) const JOIN_KIND: u8 = 66;
+/// The acceptor asks the dialler to open the urgent connection (on the main connection, once).
+pub(crate) const WANTED_KIND: u8 = 67;
+/// Token length in bytes.
+pub(crate) const TOKEN_LEN: usize = 16;
+
+/// The write half of an urgent connection.
+pub(crate) type UrgentWr = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Which end of the link this node is: the dialler opens the urgent connection (to `at`, the address it dialled),
+/// the acceptor takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Role {
+    Dialler { at: String },
+    Acceptor,
+}
+
+/// A TCP link's urgent connection slot: until the connection is up, where its halves go; then each half goes to the
+/// task that asks for it (the writer, the reader).
+pub(crate) struct TcpUrgent {
+    token: [u8; TOKEN_LEN],
+    role: Role,
+    /// Until the connection is up: where its halves go.
+    give: Mutex<Option<(oneshot::Sender<Rd>, oneshot::Sender<UrgentWr>)>>,
+    rd: Mutex<Option<oneshot::Receiver<Rd>>>,
+    wr: Mutex<Option<oneshot::Receiver<UrgentWr>>>,
+    /// One side's writer wants the connection (its outbox carries priorities), or the acceptor asked for it.
+    wanted: AtomicBool,
+    want: Notify,
+}
+
+/// What the writer finds when it looks for the urgent connection's write half.
+pub(crate) enum Ready {
+    /// Up: here it is (given once).
+    Up(UrgentWr),
+    /// Not up yet.
+    NotYet,
+    /// It will never be up (the dial failed, the link has none): the link keeps one connection.
+    Never,
+}
+
+impl TcpUrgent {
+    /// A link's urgent connection slot, for token `token`, at this node's end `role`.
+    pub(crate) fn new(token: [u8; TOKEN_LEN], role: Role) -> Arc<Self> {
+        let (rtx, rrx) = oneshot::channel();
+        let (wtx, wrx) = oneshot::channel();
+        Arc::new(TcpUrgent {
+            token,
+            role,
+            give: Mutex::new(Some((rtx, wtx))),
+            rd: Mutex::new(Some(rrx)),
+            wr: Mutex::new(Some(wrx)),
+            wanted: AtomicBool::new(false),
+            want: Notify::new(),
+        })
+    }
+
+    /// A fresh random token.
+    pub(crate) fn random_token() -> [u8; TOKEN_LEN] {
+        rand::random()
+    }
+
+    /// The token, for the acceptor's `UrgentToken` frame and the dialler's `UrgentJoin`.
+    pub(crate) fn token(&self) -> [u8; TOKEN_LEN] {
+        self.token
+    }
+
+    /// The address to dial, at the dialler's end; `None` at the acceptor's.
+    pub(crate) fn dials(&self) -> Option<&str> {
+        match &self.role {
+            Role::Dialler { at } => Some(at),
+            Role::Acceptor => None,
+        }
+    }
+
+    /// A joining connection that presents `token` may take this slot: this is the acceptor's end of the link and the
+    /// token is the link's (compared in constant time). The dialler's end takes no connection from outside.
+    pub(crate) fn accepts(&self, token: &[u8]) -> bool {
+        self.role == Role::Acceptor
+            && token.len() == TOKEN_LEN
+            && token.iter().zip(self.token.iter()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    }
+
+    /// The connection is wanted (the first call returns `true`: the acceptor then asks the dialler with an
+    /// `UrgentWanted` frame; the dialler's reader starts dialling).
+    pub(crate) fn want(&self) -> bool {
+        let first = !self.wanted.swap(true, Ordering::AcqRel);
+        if first {
+            self.want.notify_waiters();
+        }
+        first
+    }
+
+    /// Waits until the connection is wanted.
+    pub(crate) async fn wanted(&self) {
+        loop {
+            let n = self.want.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.wanted.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Binds the connection's halves to the link; `false` if it already has one (the new one is then refused).
+    pub(crate) fn join(&self, rd: Rd, wr: UrgentWr) -> bool {
+        let Some((rtx, wtx)) = self.give.lock().take() else { return false };
+        let _ = rtx.send(rd);
+        let _ = wtx.send(wr);
+        true
+    }
+
+    /// No connection has joined (or failed) yet.
+    pub(crate) fn open(&self) -> bool {
+        self.give.lock().is_some()
+    }
+
+    /// The connection could not be made: whoever waits for it goes on with one connection.
+    pub(crate) fn failed(&self) {
+        self.give.lock().take();
+    }
+
+    /// The write half, if the connection is up (without waiting; see [`Ready`]).
+    pub(crate) fn try_writer(&self) -> Ready {
+        let mut slot = self.wr.lock();
+        let Some(rx) = slot.as_mut() else { return Ready::Never };
+        match rx.try_recv() {
+            Ok(w) => {
+                *slot = None;
+                Ready::Up(w)
+            }
+            Err(oneshot::error::TryRecvError::Empty) => Ready::NotYet,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                *slot = None;
+                Ready::Never
+            }
+        }
+    }
+
+    /// The read half, once the connection is up; `None` if it never comes.
+    pub(crate) async fn accept_urgent(&self) -> Option<Rd> {
+        let rx = self.rd.lock().take()?;
+        rx.await.ok()
+    }
+}
+
+/// The `UrgentWanted` frame.
+pub(crate) fn wanted_frame() -> Bytes {
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + 1);
+    b.put_u32_le(1);
+    b.put_u8(WANTED_KIND);
+    b.freeze()
+}
+
+/// The `UrgentToken` frame; without a token (the acceptor takes no urgent connections), an empty one.
+pub(crate) fn token_frame(token: Option<&[u8; TOKEN_LEN]>) -> Bytes {
+    let token: &[u8] = token.map_or(&[], |t| t);
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + 1 + TOKEN_LEN);
+    b.put_u32_le((1 + token.len()) as u32);
+    b.put_u8(TOKEN_KIND);
+    b.put_slice(token);
+    b.freeze()
+}
+
+/// The `UrgentJoin` frame.
+pub(crate) fn join_frame(node: NodeId, token: &[u8; TOKEN_LEN]) -> Bytes {
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + 1 + 8 + TOKEN_LEN);
+    b.put_u32_le((1 + 8 + TOKEN_LEN) as u32);
+    b.put_u8(JOIN_KIND);
+    b.put_u64_le(node.0);
+    b.put_slice(token);
+    b.freeze()
+}
+
+/// Parses an `UrgentToken` frame's body (kind byte included): `Some(None)` for an empty one.
+pub(crate) fn parse_token(frame: &[u8]) -> Option<Option<[u8; TOKEN_LEN]>> {
+    match frame {
+        [TOKEN_KIND] => Some(None),
+        [TOKEN_KIND, rest @ ..] if rest.len() == TOKEN_LEN => rest.try_into().ok().map(Some),
+        _ => None,
+    }
+}
+
+/// Parses an `UrgentJoin` frame's body (kind byte included).
+pub(crate) fn parse_join(frame: &[u8]) -> Option<(NodeId, &[u8])> {
+    match frame {
+        [JOIN_KIND, rest @ ..] if rest.len() == 8 + TOKEN_LEN => {
+            let id = u64::from_le_bytes(rest[..8].try_into().ok()?);
+            Some((NodeId(id), &rest[8..]))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_tokens_are_checked() {
+        let t = TcpUrgent::random_token();
+        let u = TcpUrgent::new(t, Role::Acceptor);
+        let f = token_frame(Some(&t));
+        assert_eq!(parse_token(&f[LEN_PREFIX..]), Some(Some(t)));
+        assert_eq!(parse_token(&token_frame(None)[LEN_PREFIX..]), Some(None));
+        assert_eq!(parse_token(&f[LEN_PREFIX..LEN_PREFIX + 9]), None);
+        let j = join_frame(NodeId(7), &t);
+        let (n, tok) = parse_join(&j[LEN_PREFIX..]).unwrap();
+        assert_eq!(n, NodeId(7));
+        assert!(u.accepts(tok));
+        let mut other = t;
+        other[3] ^= 1;
+        assert!(!u.accepts(&other));
+        assert!(!u.accepts(&t[..8]));
+        assert!(parse_join(&f[LEN_PREFIX..]).is_none());
+        // The dialler's end never takes a connection from outside, whatever it presents.
+        let d = TcpUrgent::new(t, Role::Dialler { at: "a:1".into() });
+        assert!(!d.accepts(&t));
+    }
+
+    #[test]
+    fn the_writer_gets_the_connection_once_and_learns_when_it_never_comes() {
+        let u = TcpUrgent::new(TcpUrgent::random_token(), Role::Acceptor);
+        assert!(matches!(u.try_writer(), Ready::NotYet));
+        assert!(u.want());
+        assert!(!u.want(), "asked for once");
+        let (a, _b) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(a);
+        assert!(u.join(Box::new(r), Box::new(w)));
+        assert!(matches!(u.try_writer(), Ready::Up(_)));
+        assert!(matches!(u.try_writer(), Ready::Never));
+        let (a, _b) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(a);
+        assert!(!u.join(Box::new(r), Box::new(w)), "a second connection is refused");
+        let v = TcpUrgent::new(TcpUrgent::random_token(), Role::Acceptor);
+        v.failed();
+        assert!(matches!(v.try_writer(), Ready::Never));
+    }
+}
