@@ -263,10 +263,23 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
         share * 100.0,
         waited.as_secs_f64()
     );
-    let gone = eventually("every survivor to drop the killed nodes", || {
+    let gone = match eventually("every survivor to drop the killed nodes", || {
         survivors.iter().all(|i| chans[*i].sinks() == N - KILLED)
     })
-    .await?;
+    .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            // Which survivors still count sinks of the dead, and how many: enough to tell a killed node nobody took
+            // for gone (seen by every survivor) from a view that one member keeps (seen by few).
+            let late: Vec<(usize, usize)> = survivors
+                .iter()
+                .filter(|i| chans[**i].sinks() != N - KILLED)
+                .map(|i| (*i, chans[*i].sinks()))
+                .collect();
+            bail!("{e}: survivors (index, sinks known) not at {}: {late:?}", N - KILLED);
+        }
+    };
     eprintln!("every survivor dropped the killed nodes {:.1} s later", gone.as_secs_f64());
     const AFTER: u64 = 200;
     let lagged: Vec<u64> = survivors.iter().map(|i| logs[*i].lock().lagged).collect();

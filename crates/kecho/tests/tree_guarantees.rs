@@ -493,11 +493,64 @@ async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mo
     publish(&mut src, 300).await?;
     net.isolate_refusing(CUT, false);
     eventually("the node back in the source's view", || ch.sinks() == NODES + 1).await?;
+    // What the sink missed is reported on a link that is up, at the source's next event: the source's node dials the
+    // returning node itself (the overlay need not link the two).
+    let (sn, cid) = (&net.nodes[SRC].0, net.nodes[CUT].0.id());
+    eventually("a link from the source's node to the sink's", || sn.link_stats().iter().any(|l| l.node == cid && l.up))
+        .await?;
     publish(&mut src, 100).await?;
     t.until(&mut block, "600 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 600).await?;
     assert!(t.in_order(), "in order, nothing twice: {t:?}");
     assert_eq!(t.seqs.len() as u64 + t.missed, 600, "received + missed = published: {t:?}");
     eprintln!("the Block sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(())
+}
+
+/// Tree mode: only the links between the source's node and a Block sink's node are cut (dials between them fail at
+/// once), while both reach the other members, so that the source's node may take the sink's node for gone and have
+/// it back in its view through the overlay (the node hears it was taken for gone and publishes itself again) with no
+/// link to it. After the cut heals, the source's node must dial it itself (the overlay need not link the two): every
+/// event is then received or reported, in order, and the events published after the heal are received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_sink_cut_off_from_the_source_alone_gets_the_events_after_the_cut_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let net = Net::start("ghost-alone", T * 3).await?;
+    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let mut src = ch.source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    let ((s, ps), (c, pc)) = (&net.nodes[SRC], &net.nodes[CUT]);
+    let cut = |on: bool| {
+        pc.refuse(s.id(), on);
+        ps.refuse(c.id(), on);
+        pc.cut(s.id(), on);
+        ps.cut(c.id(), on);
+    };
+    cut(true);
+    let cid = c.id();
+    eventually("no link from the source's node to the sink's", || {
+        !s.link_stats().iter().any(|l| l.node == cid && l.up)
+    })
+    .await?;
+    for _ in 0..6 {
+        publish(&mut src, 50).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cut(false);
+    eventually("the node in the source's view", || ch.sinks() == NODES + 1).await?;
+    publish(&mut src, 100).await?;
+    t.until(&mut block, "600 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 600).await?;
+    t.until(&mut block, "the last event", |t| t.seqs.last() == Some(&600)).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 600, "received + missed = published: {t:?}");
+    eprintln!(
+        "cut from the source alone: the Block sink received {} and was told of {} missed",
+        t.seqs.len(),
+        t.missed
+    );
     Ok(())
 }
 

@@ -423,6 +423,14 @@ impl Source {
         // 0. Nodes whose sinks missed events and that are back get what they missed ahead of this event; those whose
         // link is not up yet stay ghosts for it.
         self.loss.report_if_due(routes, self.ch.id(), self.id, &mut self.kept, &mut self.enc);
+        if tree {
+            // Nothing is queued to a waiting node (its sinks are ghosts until its link is up), so nothing else makes
+            // this node dial it in tree mode, where only overlay neighbours keep links: without a dial its link would
+            // come up only if the overlay happened to pick it, and until then it would miss every event.
+            for &id in &self.loss.waiting {
+                self.ch.tree_dial(id);
+            }
+        }
         let pick = &mut self.pick;
         pick.reset(routes);
         // 1. The sinks whose type and content filters accept the event.
