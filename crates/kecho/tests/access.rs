@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use kecho::{Attrs, Authority, Error, FilterKind, Identity, Node, Policy, RegistryClient, Roles, SinkOptions, Token};
-use kecho_proto::codec::{decode_frame, EventMsg, Purpose, RegResult};
+use kecho_proto::codec::{decode_body, split_frame, EventMsg, Purpose, RegResult};
 use kecho_proto::{LocalId, MemberInfo, Message, NodeSnapshot, Overflow, Role, TypeFilter, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -248,11 +248,19 @@ async fn a_member_bypassing_its_own_checks_gets_nothing_in() -> Result<()> {
     Ok(())
 }
 
-/// Reads messages from `s` until one matches.
+/// The link-internal frames of the urgent TCP connection (`UrgentToken`, `UrgentJoin`, `UrgentWanted`: kinds 65-67),
+/// which a raw peer that never opens an urgent connection may ignore.
+const URGENT_KINDS: std::ops::RangeInclusive<u8> = 65..=67;
+
+/// Reads messages from `s` until one matches (skipping the urgent connection's frames).
 async fn read_until(s: &mut TcpStream, want: impl Fn(&Message) -> bool) -> Result<Message> {
     let mut buf = BytesMut::new();
     loop {
-        while let Some(m) = decode_frame(&mut buf, 1 << 24)? {
+        while let Some(frame) = split_frame(&mut buf, 1 << 24)? {
+            if frame.first().is_some_and(|k| URGENT_KINDS.contains(k)) {
+                continue;
+            }
+            let m = decode_body(frame)?;
             if want(&m) {
                 return Ok(m);
             }
