@@ -245,6 +245,10 @@ pub enum TryRecvError {
 
 enum Item {
     Event(Event),
+    /// Events of one run not yet received, built one by one as the receiver takes them: a run queued whole costs the
+    /// reader one item, not one `Event` written here and moved again by the receiver. Never empty; runs carry no
+    /// deadlines. Boxed so that the common `Event` item stays as small as it was.
+    Run(Box<RunEvents>),
     Lagged(u64),
     /// A source is gone with an unknown number of events missed.
     Lost(SourceKey),
@@ -286,11 +290,23 @@ impl Taken {
                 return Some(Err(late));
             }
         }
+        while let Some(Item::Run(r)) = self.items.front_mut() {
+            let e = r.next();
+            // (A run's body was checked when its frame was decoded, so `next` yields `left` events.)
+            if r.left == 0 || e.is_none() {
+                self.items.pop_front();
+            }
+            if let Some(e) = e {
+                self.events -= 1;
+                return Some(Ok(e));
+            }
+        }
         Some(match self.items.pop_front()? {
             Item::Event(e) => {
                 self.events -= 1;
                 Ok(e)
             }
+            Item::Run(_) => unreachable!("runs at the front were handled above"),
             Item::Lagged(n) => Err(TryRecvError::Lagged(n)),
             Item::Lost(k) => Err(TryRecvError::SourceLost(k)),
             Item::Expired(n) => Err(TryRecvError::Expired(n)),
@@ -302,12 +318,20 @@ impl Taken {
     fn pop_events(&mut self, out: &mut Vec<Event>, max: usize, now_us: impl Fn() -> u64) -> usize {
         let now = self.timely.then(now_us);
         if now.is_none() {
-            // No deadlines to look at: the events before the first notice move in one go.
-            let n = self.items.iter().take(max).take_while(|i| matches!(i, Item::Event(_))).count();
-            out.extend(self.items.drain(..n).filter_map(|i| match i {
-                Item::Event(e) => Some(e),
-                _ => None,
-            }));
+            // No deadlines to look at: the events before the first notice move in one go, and runs are built
+            // straight into `out`.
+            let mut n = 0;
+            loop {
+                let k = self.items.iter().take(max - n).take_while(|i| matches!(i, Item::Event(_))).count();
+                out.extend(self.items.drain(..k).filter_map(|i| match i {
+                    Item::Event(e) => Some(e),
+                    _ => None,
+                }));
+                n += k;
+                if n == max || !self.pop_run(out, max - n, &mut n) {
+                    break;
+                }
+            }
             self.events -= n;
             return n;
         }
@@ -315,6 +339,11 @@ impl Taken {
         while n < max {
             match self.items.front() {
                 Some(Item::Event(e)) if now.is_none_or(|t| e.deadline_us().is_none_or(|d| t <= d)) => {}
+                Some(Item::Run(_)) => {
+                    // Runs carry no deadlines.
+                    let _ = self.pop_run(out, max - n, &mut n);
+                    continue;
+                }
                 _ => break,
             }
             if let Some(Item::Event(e)) = self.items.pop_front() {
@@ -324,6 +353,23 @@ impl Taken {
         }
         self.events -= n;
         n
+    }
+
+    /// Builds up to `max` events of the run at the front (if the front is a run) into `out`, adding them to `n`;
+    /// false if the front is not a run. (`events` is the caller's to update.)
+    #[inline]
+    fn pop_run(&mut self, out: &mut Vec<Event>, max: usize, n: &mut usize) -> bool {
+        let Some(Item::Run(r)) = self.items.front_mut() else {
+            return false;
+        };
+        let (k, before) = (r.left.min(max), out.len());
+        out.extend((&mut **r).take(k));
+        let got = out.len() - before;
+        *n += got;
+        if r.left == 0 || got < k {
+            self.items.pop_front();
+        }
+        true
     }
 
     /// Removes the run of events past their deadline at the front, if there is one, and reports it (only for sinks
@@ -450,6 +496,25 @@ impl SinkQueue {
         outcome
     }
 
+    /// Queues a run whole, as one item whose events the receiver builds as it takes them, if it fits the queue (every
+    /// policy queues events that fit); otherwise gives it back for `offer_many`, which decides event by event.
+    pub(crate) fn offer_run(&self, evs: RunEvents) -> Result<(), RunEvents> {
+        let n = evs.left;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut q = self.q.lock();
+        if q.closed || n > self.cap.saturating_sub(q.events) {
+            return Err(evs);
+        }
+        q.items.push_back(Item::Run(Box::new(evs)));
+        q.events += n;
+        drop(q);
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        self.wake_readers();
+        Ok(())
+    }
+
     /// Offers events in order under one lock. Stops at the first that does not fit a full Block queue and returns
     /// it (the caller waits for room, then offers it and the rest again), or at a closed queue. Returns how many
     /// were queued (whole or in place of discarded ones) and what stopped it.
@@ -513,7 +578,14 @@ impl SinkQueue {
                         match front {
                             Item::Lagged(n) => lag += n,
                             marker @ (Item::Lost(_) | Item::Expired(_)) => lost.push(marker),
-                            Item::Event(_) => {
+                            Item::Event(_) | Item::Run(_) => {
+                                if let Item::Run(mut r) = front {
+                                    // Its first event is the oldest: discard that one only.
+                                    r.next_payload();
+                                    if r.left > 0 {
+                                        q.items.push_front(Item::Run(r));
+                                    }
+                                }
                                 q.events -= 1;
                                 if let Some(Item::Lagged(n)) = q.items.front() {
                                     lag += n;
@@ -659,8 +731,13 @@ impl SinkQueue {
     /// offerer know there is room.
     fn take(&self, q: &mut parking_lot::MutexGuard<'_, SinkQ>, taken: &mut Taken) {
         if self.overflow == Overflow::DropOldest {
-            if let Some(item) = q.items.pop_front() {
-                if matches!(item, Item::Event(_)) {
+            let item = match q.items.front_mut() {
+                // One event of a run: the rest stays where an offer can still discard it.
+                Some(Item::Run(r)) if r.left > 1 => r.next().map(Item::Event),
+                _ => q.items.pop_front(),
+            };
+            if let Some(item) = item {
+                if matches!(item, Item::Event(_) | Item::Run(_)) {
                     q.events -= 1;
                     taken.events += 1;
                 }
@@ -1172,6 +1249,139 @@ mod tests {
             let got: Vec<_> = evs.map(|e| (e.seq, e.payload.clone(), Arc::from(&*e.ty), e.attrs().clone())).collect();
             proptest::prop_assert_eq!(got, want);
         }
+    }
+
+    /// A run of `count` events numbered from `first`, each payload its number's bytes.
+    fn run_of(first: u64, count: usize) -> RunEvents {
+        use kecho_proto::codec::{decode_event_run_msg, encode_event_run, split_frame, TypeNames};
+        let payloads: Vec<[u8; 8]> = (0..count as u64).map(|i| (first + i).to_le_bytes()).collect();
+        let mut buf = BytesMut::new();
+        let (channel, local) = (kecho_proto::ChannelId(1), kecho_proto::LocalId(1));
+        encode_event_run(&mut buf, channel, local, first, "t", &Attrs::new(), payloads.iter().map(|p| &p[..]));
+        let frame = split_frame(&mut buf, 1 << 20).expect("a frame").expect("whole");
+        let run = decode_event_run_msg(frame, &mut TypeNames::default()).expect("a valid run");
+        RunEvents::new(run, 0, SourceKey(1))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Offer,
+        Run(usize),
+        Lag(u64),
+        Recv,
+        RecvMany(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            2 => Just(Op::Offer),
+            3 => (1usize..12).prop_map(Op::Run),
+            1 => (1u64..4).prop_map(Op::Lag),
+            2 => Just(Op::Recv),
+            2 => (1usize..10).prop_map(Op::RecvMany),
+        ]
+    }
+
+    /// What a receive returned: events as their numbers (checked against their payloads), notices as such.
+    fn received(r: Result<Vec<Event>, TryRecvError>) -> String {
+        match r {
+            Ok(evs) => evs
+                .iter()
+                .map(|e| {
+                    if e.payload.len() == 8 {
+                        assert_eq!(e.payload[..], e.seq().to_le_bytes(), "payload of {}", e.seq());
+                    }
+                    e.seq().to_string()
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// A run queued whole (one item, its events built as the receiver takes them) behaves exactly as its events
+        /// offered one by one: the same events and notices in the same order to `try_recv` and `try_recv_many`, the
+        /// same counters and lengths, under every overflow policy and whether or not it fits.
+        #[test]
+        fn a_run_queued_whole_is_received_as_its_events_offered_one_by_one(
+            ops in proptest::collection::vec(op(), 1..60),
+            cap in 1usize..20,
+            policy in 0u8..3,
+        ) {
+            let overflow = [Overflow::Block, Overflow::DropOldest, Overflow::DropNewest][policy as usize];
+            let (runs, events) = (SinkQueue::new(cap, overflow), SinkQueue::new(cap, overflow));
+            let (mut taken_r, mut taken_e) = (Taken::default(), Taken::default());
+            let mut next = 1u64;
+            for op in ops {
+                match op {
+                    Op::Offer => {
+                        let a = !matches!(runs.offer(ev(next)), Offer::Full(_));
+                        let b = !matches!(events.offer(ev(next)), Offer::Full(_));
+                        proptest::prop_assert_eq!(a, b);
+                        next += 1;
+                    }
+                    Op::Run(k) => {
+                        // As the reader does: whole if it fits, else event by event (a Block queue keeps what fits).
+                        if let Err(mut rest) = runs.offer_run(run_of(next, k)) {
+                            runs.offer_many(&mut rest);
+                        }
+                        let mut each = run_of(next, k);
+                        events.offer_many(&mut each);
+                        next += k as u64;
+                    }
+                    Op::Lag(n) => {
+                        runs.add_lag(n);
+                        events.add_lag(n);
+                    }
+                    Op::Recv => {
+                        let a = received(runs.try_recv(&mut taken_r).map(|e| vec![e]));
+                        let b = received(events.try_recv(&mut taken_e).map(|e| vec![e]));
+                        proptest::prop_assert_eq!(a, b);
+                    }
+                    Op::RecvMany(max) => {
+                        let (mut a, mut b) = (Vec::new(), Vec::new());
+                        let ra = runs.try_recv_many(&mut taken_r, &mut a, max).map(|_| a);
+                        let rb = events.try_recv_many(&mut taken_e, &mut b, max).map(|_| b);
+                        proptest::prop_assert_eq!(received(ra), received(rb));
+                    }
+                }
+                proptest::prop_assert_eq!(runs.len(&taken_r), events.len(&taken_e));
+                proptest::prop_assert_eq!(runs.is_full(), events.is_full());
+                proptest::prop_assert_eq!(runs.received.load(Ordering::Relaxed), events.received.load(Ordering::Relaxed));
+                proptest::prop_assert_eq!(runs.dropped.load(Ordering::Relaxed), events.dropped.load(Ordering::Relaxed));
+            }
+            // And what is left comes out the same.
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            loop {
+                let (ra, rb) = (runs.try_recv(&mut taken_r), events.try_recv(&mut taken_e));
+                let done = matches!(ra, Err(TryRecvError::Empty));
+                a.push(received(ra.map(|e| vec![e])));
+                b.push(received(rb.map(|e| vec![e])));
+                if done {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(a, b);
+        }
+    }
+
+    /// A run queued whole is one item: the receiver builds its events, and `try_recv_many` splits it at `max`.
+    #[test]
+    fn a_run_that_fits_is_queued_as_one_item_and_split_by_the_receiver() {
+        let q = SinkQueue::new(100, Overflow::DropNewest);
+        assert!(q.offer_run(run_of(1, 10)).is_ok());
+        assert_eq!(q.q.lock().items.len(), 1, "one item for ten events");
+        assert_eq!(q.len(&Taken::default()), 10);
+        let mut taken = Taken::default();
+        assert_eq!(drain_many(&q, &mut taken, 4), ["1,2,3,4", "5,6,7,8", "9,10"]);
+        // One that does not fit is given back whole.
+        let q = SinkQueue::new(5, Overflow::Block);
+        let back = q.offer_run(run_of(1, 6)).expect_err("does not fit");
+        assert_eq!(back.size_hint().0, 6);
+        assert_eq!(q.len(&Taken::default()), 0);
     }
 
     /// A sender whose frames stay queued for many chunks (a link's queue holding about 6.5 MB of them) uses its

@@ -176,10 +176,10 @@ impl ChannelInner {
                     continue;
                 }
                 if m >> j == 1 {
-                    self.offer_to(s, evs).await;
+                    self.offer_run_to(s, evs).await;
                     break;
                 }
-                self.offer_to(s, evs.clone()).await;
+                self.offer_run_to(s, evs.clone()).await;
             }
         }
         drop(todo);
@@ -333,6 +333,13 @@ impl ChannelInner {
             }
         }
         staged.clear();
+    }
+
+    /// Offers a run to one sink: queued whole if it fits, else event by event as `offer_to` does.
+    async fn offer_run_to(&self, s: &LocalSink, evs: crate::queue::RunEvents) {
+        if let Err(evs) = s.queue.offer_run(evs) {
+            self.offer_to(s, evs).await;
+        }
     }
 
     /// Offers events to one sink under its overflow policy, waiting for room if it blocks.
