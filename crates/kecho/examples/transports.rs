@@ -3,14 +3,15 @@
 //! same link (on another channel): with the default priority, with the highest, and (QUIC) as best-effort events,
 //! which go as datagrams. Prints each figure and QUIC's ratio to TCP.
 //! `cargo run --release -p kecho --no-default-features --features quic --example transports -- [rounds] [events]
-//! [throughput]` (with `throughput`, only the throughput rounds: for a profile of that workload).
+//! [throughput|idle]` (with `throughput`, only the throughput rounds: for a profile of that workload; with `idle`, only
+//! the idle-link latency rounds, `events` unused, and a fourth argument `tcp` or `quic` runs only that transport).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::cpu_seconds;
+use common::{context_switches, cpu_seconds};
 use kecho::{Attrs, EventOptions, Node, Overflow, Priority, RecvError, RegistryClient, SinkOptions, Transport};
 
 const T: Duration = Duration::from_secs(10);
@@ -161,7 +162,11 @@ async fn main() -> kecho::Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let only_throughput = args.next().is_some_and(|a| a == "throughput");
+    let what = args.next();
+    let only_throughput = what.as_deref() == Some("throughput");
+    let only_idle = what.as_deref() == Some("idle");
+    // With `idle`, a fourth argument `tcp` or `quic` runs that transport only (for a profile or a system-call count).
+    let only = args.next();
     let lat_n = 2000;
     let transports = [Transport::Tcp, Transport::Quic];
     let mut tp = [Vec::new(), Vec::new()];
@@ -174,6 +179,23 @@ async fn main() -> kecho::Result<()> {
         // Alternate which transport goes first, so that neither always runs on a warmer machine.
         let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
         for &i in &order {
+            if only_idle {
+                if only.as_deref().is_some_and(|o| o != transports[i].to_string()) {
+                    continue;
+                }
+                let (cs0, cpu0) = (context_switches(), cpu_seconds());
+                let mut v = latency(transports[i], lat_n, false, Mode::Plain).await?.0;
+                let cs = (context_switches() - cs0) as f64 / lat_n as f64;
+                let cpu = (cpu_seconds() - cpu0) * 1e6 / lat_n as f64;
+                println!(
+                    "round {r} {}: idle p50 {:.1} us, {cs:.1} voluntary context switches and {cpu:.0} us CPU per event \
+                     (both nodes)",
+                    transports[i],
+                    pct(&mut v, 0.5)
+                );
+                idle[i].extend(v);
+                continue;
+            }
             let (rate, us) = throughput(transports[i], n, 1024).await?;
             tp[i].push(rate);
             cpu[i].push(us);
@@ -193,6 +215,16 @@ async fn main() -> kecho::Result<()> {
         }
     }
     let median = |v: &mut Vec<f64>| pct(v, 0.5);
+    if only_idle {
+        if only.is_some() {
+            return Ok(());
+        }
+        for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+            let (a, b) = (pct(&mut idle[0], p), pct(&mut idle[1], p));
+            println!("| one-way latency 100 B, idle link, {name} (us) | {a:.1} | {b:.1} | {:.2} |", b / a);
+        }
+        return Ok(());
+    }
     println!("| figure ({rounds} rounds, alternated) | TCP | QUIC | QUIC/TCP |");
     println!("|---|---|---|---|");
     let (t0, t1) = (median(&mut tp[0]) / 1e3, median(&mut tp[1]) / 1e3);

@@ -11,3 +11,20 @@ pub fn cpu_seconds() -> f64 {
     let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     (field(11) + field(12)) / 100.0
 }
+
+/// Context switches of this process so far (voluntary and involuntary, every thread's), from /proc/self/task (0
+/// where there is none): about the number of times a thread went to sleep and was woken.
+#[allow(dead_code)]
+pub fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    n
+}
