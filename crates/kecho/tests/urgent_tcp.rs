@@ -239,9 +239,14 @@ async fn an_urgent_event_passes_a_stalled_bulk_connection() -> Result<()> {
 /// events, the urgent event would take the sink's next free place ahead of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Result<()> {
-    const BULK: i64 = 8;
     let reg = RegistryClient::in_process_private();
     let (a, _ra, b, _rb) = pair(&reg).await?;
+    mixed_order(&a, &b).await
+}
+
+/// A source at `a` mixes priorities towards a full `Block` sink at `b` (see the test above).
+async fn mixed_order(a: &Node, b: &Node) -> Result<()> {
+    const BULK: i64 = 8;
     let ch_b = b.channel("mixed").await?;
     let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(2))?;
     let ch_a = a.channel("mixed").await?;
@@ -249,7 +254,7 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
     let mut src = ch_a.source()?;
     src.submit_with("urgent", &Attrs::new().with("k", 0), b"u", urgent()).await?;
     assert_eq!(attr_i(&recv(&mut sink).await?, "k"), 0);
-    apart(&a, &b).await?;
+    apart(a, b).await?;
     let big = vec![1u8; 64 << 10];
     let (mut k, mut next) = (1, 1);
     for round in 0..3 {
@@ -259,7 +264,7 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
             src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
             k += 1;
         }
-        eventually("the bulk events taken by the writer", || link_of(&a, &b).queued_bytes == 0).await?;
+        eventually("the bulk events taken by the writer", || link_of(a, b).queued_bytes == 0).await?;
         src.submit_with("urgent", &Attrs::new().with("k", k), b"u", urgent()).await?;
         k += 1;
         // The urgent connection's reader has it by now (loopback), and waits.
@@ -270,8 +275,45 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
             next += 1;
         }
     }
+    assert!(link_of(a, b).urgent_apart);
+    assert_eq!(link_of(a, b).connects, 1, "the link was replaced");
+    Ok(())
+}
+
+/// Over TLS (both connections, each authenticated against the nodes' CA), the urgent connection comes up and a
+/// source mixing priorities keeps its order; a plaintext `UrgentJoin` sent to a TLS node is closed unread.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urgent_connection_works_over_tls() -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca = || -> Result<_> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+    };
+    let tls_for = |issuer: &CertifiedIssuer<'static, KeyPair>| -> Result<kecho::TlsConfig> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, issuer)?;
+        Ok(kecho::TlsConfig::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), issuer.pem().as_bytes())?)
+    };
+    let ours = ca()?;
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
+    mixed_order(&a, &b).await?;
+    let ports = [a.local_addr().port(), b.local_addr().port()];
+    assert!(open_sockets_of(&ports) >= 4, "two connections, both ends: {}", open_sockets_of(&ports));
+    // A plaintext UrgentJoin to a TLS node is not even read as one (the TLS handshake fails first): it is closed.
+    let mut plain = TcpStream::connect(b.local_addr()).await?;
+    let mut join = vec![25, 0, 0, 0, 66];
+    join.extend_from_slice(&a.id().0.to_le_bytes());
+    join.extend_from_slice(&[0; 16]);
+    plain.write_all(&join).await?;
+    let mut buf = [0u8; 256];
+    let r = tokio::time::timeout(T, plain.read(&mut buf)).await.context("a plaintext join left open")?;
+    ensure!(matches!(r, Ok(0) | Err(_)) || r.as_ref().is_ok_and(|_| buf[0] == 0x15), "answered: {r:?}");
+    assert_eq!(link_of(&a, &b).connects, 1);
     assert!(link_of(&a, &b).urgent_apart);
-    assert_eq!(link_of(&a, &b).connects, 1, "the link was replaced");
     Ok(())
 }
 
