@@ -320,31 +320,9 @@ async fn the_urgent_connection_works_over_tls() -> Result<()> {
 /// A node that shuts down gracefully right after submitting delivers everything on both connections first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_delivers_both_connections() -> Result<()> {
-    const N: i64 = 300;
     let reg = RegistryClient::in_process_private();
     let (a, _ra, b, _rb) = pair(&reg).await?;
-    let ch_b = b.channel("close").await?;
-    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1024))?;
-    let ch_a = a.channel("close").await?;
-    ch_a.wait_for_sinks(1, T).await?;
-    let mut src = ch_a.source()?;
-    src.submit_with("urgent", &Attrs::new().with("k", 0), b"u", urgent()).await?;
-    assert_eq!(attr_i(&recv(&mut sink).await?, "k"), 0);
-    apart(&a, &b).await?;
-    let big = vec![2u8; 16 << 10];
-    for k in 1..=N {
-        if k % 3 == 0 {
-            src.submit_with("urgent", &Attrs::new().with("k", k), b"u", urgent()).await?;
-        } else {
-            src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
-        }
-    }
-    drop(src);
-    a.shutdown().await;
-    for k in 1..=N {
-        assert_eq!(attr_i(&recv(&mut sink).await?, "k"), k, "out of order or missing");
-    }
-    Ok(())
+    common::a_graceful_shutdown_delivers_both_streams(&a, &b, |a, b| link_of(a, b).urgent_apart).await
 }
 
 /// A link that carries no priorities keeps one connection; the first prioritised event brings the second (on the
