@@ -349,29 +349,13 @@ async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
 /// stream ends with a `Wait` for the whole urgent stream, and the node's leave waits for the urgent frames before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_delivers_both_streams_over_quic() -> Result<()> {
-    const N: i64 = 300;
     let reg = RegistryClient::in_process_private();
     let (a, b) = priority_pair(&reg).await?;
-    let ch_b = b.channel("close").await?;
-    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1024))?;
-    let ch_a = a.channel("close").await?;
-    ch_a.wait_for_sinks(1, T).await?;
-    let mut src = ch_a.source()?;
-    let big = vec![2u8; 16 << 10];
-    for k in 1..=N {
-        if k % 3 == 0 {
-            let o = kecho::EventOptions::new().priority(kecho::Priority::HIGHEST);
-            src.submit_with("urgent", &Attrs::new().with("k", k), b"u", o).await?;
-        } else {
-            src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
-        }
-    }
-    drop(src);
-    a.shutdown().await;
-    for k in 1..=N {
-        assert_eq!(attr_i(&recv(&mut sink).await?, "k"), k, "out of order or missing");
-    }
-    Ok(())
+    // The urgent event's stream of its own, on a QUIC link.
+    let apart = |a: &Node, b: &Node| {
+        a.link_stats().iter().any(|l| l.node == b.id() && l.transport == Transport::Quic && l.urgent_apart)
+    };
+    common::a_graceful_shutdown_delivers_both_streams(&a, &b, apart).await
 }
 
 /// Batches go over QUIC in compact `EventRun` frames too (docs/PROTOCOL.md, "Event runs"): whole and in order through

@@ -239,9 +239,14 @@ async fn an_urgent_event_passes_a_stalled_bulk_connection() -> Result<()> {
 /// events, the urgent event would take the sink's next free place ahead of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Result<()> {
-    const BULK: i64 = 8;
     let reg = RegistryClient::in_process_private();
     let (a, _ra, b, _rb) = pair(&reg).await?;
+    mixed_order(&a, &b).await
+}
+
+/// A source at `a` mixes priorities towards a full `Block` sink at `b` (see the test above).
+async fn mixed_order(a: &Node, b: &Node) -> Result<()> {
+    const BULK: i64 = 8;
     let ch_b = b.channel("mixed").await?;
     let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(2))?;
     let ch_a = a.channel("mixed").await?;
@@ -249,7 +254,7 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
     let mut src = ch_a.source()?;
     src.submit_with("urgent", &Attrs::new().with("k", 0), b"u", urgent()).await?;
     assert_eq!(attr_i(&recv(&mut sink).await?, "k"), 0);
-    apart(&a, &b).await?;
+    apart(a, b).await?;
     let big = vec![1u8; 64 << 10];
     let (mut k, mut next) = (1, 1);
     for round in 0..3 {
@@ -259,7 +264,7 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
             src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
             k += 1;
         }
-        eventually("the bulk events taken by the writer", || link_of(&a, &b).queued_bytes == 0).await?;
+        eventually("the bulk events taken by the writer", || link_of(a, b).queued_bytes == 0).await?;
         src.submit_with("urgent", &Attrs::new().with("k", k), b"u", urgent()).await?;
         k += 1;
         // The urgent connection's reader has it by now (loopback), and waits.
@@ -270,39 +275,54 @@ async fn a_source_mixing_priorities_keeps_its_order_over_two_connections() -> Re
             next += 1;
         }
     }
+    assert!(link_of(a, b).urgent_apart);
+    assert_eq!(link_of(a, b).connects, 1, "the link was replaced");
+    Ok(())
+}
+
+/// Over TLS (both connections, each authenticated against the nodes' CA), the urgent connection comes up and a
+/// source mixing priorities keeps its order; a plaintext `UrgentJoin` sent to a TLS node is closed unread.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urgent_connection_works_over_tls() -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca = || -> Result<_> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+    };
+    let tls_for = |issuer: &CertifiedIssuer<'static, KeyPair>| -> Result<kecho::TlsConfig> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, issuer)?;
+        Ok(kecho::TlsConfig::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), issuer.pem().as_bytes())?)
+    };
+    let ours = ca()?;
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
+    mixed_order(&a, &b).await?;
+    let ports = [a.local_addr().port(), b.local_addr().port()];
+    assert!(open_sockets_of(&ports) >= 4, "two connections, both ends: {}", open_sockets_of(&ports));
+    // A plaintext UrgentJoin to a TLS node is not even read as one (the TLS handshake fails first): it is closed.
+    let mut plain = TcpStream::connect(b.local_addr()).await?;
+    let mut join = vec![25, 0, 0, 0, 66];
+    join.extend_from_slice(&a.id().0.to_le_bytes());
+    join.extend_from_slice(&[0; 16]);
+    plain.write_all(&join).await?;
+    let mut buf = [0u8; 256];
+    let r = tokio::time::timeout(T, plain.read(&mut buf)).await.context("a plaintext join left open")?;
+    ensure!(matches!(r, Ok(0) | Err(_)) || r.as_ref().is_ok_and(|_| buf[0] == 0x15), "answered: {r:?}");
+    assert_eq!(link_of(&a, &b).connects, 1);
     assert!(link_of(&a, &b).urgent_apart);
-    assert_eq!(link_of(&a, &b).connects, 1, "the link was replaced");
     Ok(())
 }
 
 /// A node that shuts down gracefully right after submitting delivers everything on both connections first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_delivers_both_connections() -> Result<()> {
-    const N: i64 = 300;
     let reg = RegistryClient::in_process_private();
     let (a, _ra, b, _rb) = pair(&reg).await?;
-    let ch_b = b.channel("close").await?;
-    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1024))?;
-    let ch_a = a.channel("close").await?;
-    ch_a.wait_for_sinks(1, T).await?;
-    let mut src = ch_a.source()?;
-    src.submit_with("urgent", &Attrs::new().with("k", 0), b"u", urgent()).await?;
-    assert_eq!(attr_i(&recv(&mut sink).await?, "k"), 0);
-    apart(&a, &b).await?;
-    let big = vec![2u8; 16 << 10];
-    for k in 1..=N {
-        if k % 3 == 0 {
-            src.submit_with("urgent", &Attrs::new().with("k", k), b"u", urgent()).await?;
-        } else {
-            src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
-        }
-    }
-    drop(src);
-    a.shutdown().await;
-    for k in 1..=N {
-        assert_eq!(attr_i(&recv(&mut sink).await?, "k"), k, "out of order or missing");
-    }
-    Ok(())
+    common::a_graceful_shutdown_delivers_both_streams(&a, &b, |a, b| link_of(a, b).urgent_apart).await
 }
 
 /// A link that carries no priorities keeps one connection; the first prioritised event brings the second (on the
@@ -458,13 +478,202 @@ async fn a_forged_urgent_connection_is_refused() -> Result<()> {
 
 /// Sends `UrgentJoin{node, token}` to `to` and expects `Close{Handshake}`.
 async fn refused(to: SocketAddr, node: NodeId, token: &[u8; 16]) -> Result<()> {
-    let mut forged = TcpStream::connect(to).await?;
     let mut join = Vec::new();
     join.extend_from_slice(&25u32.to_le_bytes());
     join.push(66);
     join.extend_from_slice(&node.0.to_le_bytes());
     join.extend_from_slice(token);
-    forged.write_all(&join).await?;
+    refused_raw(to, &join).await
+}
+
+/// The TCP sockets of this machine (IPv4 and IPv6) that touch one of `ports` (as their local or their remote port)
+/// and are open at this end: established, or closed by the other end but not by this one (`CLOSE_WAIT`). Listening sockets
+/// and those in `TIME_WAIT` hold no descriptor.
+fn open_sockets_of(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let (Some(l), Some(r), Some(st)) = (f.get(1), f.get(2), f.get(3)) else { continue };
+            // 01 ESTABLISHED, 08 CLOSE_WAIT.
+            let touches = |a: &str| port_of(a).is_some_and(|p| ports.contains(&p));
+            if (touches(l) || touches(r)) && matches!(*st, "01" | "08") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Nodes come, link with a node that stays (each way, the new node's events urgent, the staying node's not), and
+/// leave, again and again: the staying node keeps no socket of theirs open, urgent connections included (the halves
+/// of one that no task took, at the end whose outbox never carried priorities, go with the link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_connection_closes_with_its_link() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let b = Node::builder().registry_client(reg.clone()).start().await?;
+    let ch_b = b.channel("churn").await?;
+    let mut sink_b = ch_b.sink(SinkOptions::new().types(["urgent"]))?;
+    // One source at B for the whole test: it keeps the routing table of its last submit until its next.
+    let mut src_b = ch_b.source()?;
+    for round in 0..6 {
+        let a = Node::builder().registry_client(reg.clone()).start().await?;
+        let ports = [a.local_addr().port(), b.local_addr().port()];
+        let ch_a = a.channel("churn").await?;
+        let mut sink_a = ch_a.sink(SinkOptions::new().types(["plain"]))?;
+        ch_a.wait_for_sinks(2, T).await?;
+        ch_b.wait_for_sinks(2, T).await?;
+        let mut src_a = ch_a.source()?;
+        src_a.submit_with("urgent", &Attrs::new(), b"u", urgent()).await?;
+        assert_eq!(recv(&mut sink_b).await?.ty(), "urgent");
+        src_b.submit("plain", &Attrs::new(), b"p").await?;
+        assert_eq!(recv(&mut sink_a).await?.ty(), "plain");
+        apart(&a, &b).await?;
+        eventually("two connections between the nodes", || open_sockets_of(&ports) >= 4).await?;
+        drop((src_a, sink_a, ch_a));
+        a.shutdown().await;
+        eventually("B's link to A gone", || try_link_of(&b, &a).is_none_or(|l| !l.up)).await?;
+        let r = eventually("every socket of A's link closed at B", || open_sockets_of(&ports) == 0).await;
+        r.with_context(|| format!("round {round}: {} sockets left open", open_sockets_of(&ports)))?;
+    }
+    Ok(())
+}
+
+/// Connections that are not urgent connections of a link this node accepted are closed, and the links it has are not
+/// disturbed: a malformed `UrgentJoin`, a join naming a node this node has no link with, and a connection that sends
+/// nothing (closed once the handshake time is up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_joins_and_silent_connections_leave_the_links_alone() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (a, _ra, b, _rb) = pair(&reg).await?;
+    let ch_b = b.channel("bad").await?;
+    let mut sink = ch_b.sink(SinkOptions::new())?;
+    let ch_a = a.channel("bad").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    let mut src = ch_a.source()?;
+    src.submit_with("e", &Attrs::new().with("k", 0), b"", urgent()).await?;
+    assert_eq!(attr_i(&recv(&mut sink).await?, "k"), 0);
+    apart(&a, &b).await?;
+    let silent = [TcpStream::connect(a.local_addr()).await?, TcpStream::connect(b.local_addr()).await?];
+    let mut short = vec![];
+    short.extend_from_slice(&9u32.to_le_bytes());
+    short.push(66);
+    short.extend_from_slice(&a.id().0.to_le_bytes());
+    for to in [a.local_addr(), b.local_addr()] {
+        refused_raw(to, &short).await.context("a join without its token")?;
+        refused(to, NodeId(0x5eed), &[7; 16]).await.context("a join for a node without a link")?;
+    }
+    for k in 1..=20 {
+        let o = if k % 2 == 0 { urgent() } else { EventOptions::new() };
+        src.submit_with("e", &Attrs::new().with("k", k), b"", o).await?;
+        assert_eq!(attr_i(&recv(&mut sink).await?, "k"), k);
+    }
+    // The silent connections are closed after the handshake time (5 s), without an answer.
+    for mut s in silent {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await.context("left open")?;
+        ensure!(matches!(n, Ok(0) | Err(_)), "a silent connection got an answer: {n:?}");
+    }
+    assert_eq!(link_of(&a, &b).connects, 1, "the link was replaced");
+    assert!(link_of(&a, &b).urgent_apart);
+    Ok(())
+}
+
+/// A hand-made node (identity `me`) links with `to` over TCP and opens the link's urgent connection, whose first
+/// write is its `UrgentJoin` and `then`: the main and urgent connections.
+async fn hand_made_link(to: &Node, me: &kecho::Identity, then: &[u8]) -> Result<(TcpStream, TcpStream)> {
+    let addr = "127.0.0.1:9";
+    let mut main = TcpStream::connect(to.local_addr()).await?;
+    let mut out = BytesMut::new();
+    Message::Hello {
+        version: kecho_proto::PROTOCOL_VERSION,
+        node: me.node_id(),
+        addr: addr.into(),
+        purpose: codec::Purpose::Node,
+    }
+    .encode(&mut out);
+    me.hello_proof(to.id(), addr).encode(&mut out);
+    main.write_all(&out).await?;
+    // The answer: `HelloAck`, `Proof`, `UrgentToken`.
+    let mut buf = BytesMut::new();
+    let mut frames = vec![];
+    while frames.len() < 3 {
+        if let Some(f) = codec::split_frame(&mut buf, 1 << 20)? {
+            frames.push(f);
+            continue;
+        }
+        let n = tokio::time::timeout(T, main.read_buf(&mut buf)).await.context("no answer")??;
+        ensure!(n > 0, "closed during the handshake");
+    }
+    ensure!(frames[2].len() == 17 && frames[2][0] == 65, "no token: {:?}", &frames[2][..]);
+    let mut urgent = TcpStream::connect(to.local_addr()).await?;
+    let mut join = Vec::new();
+    join.extend_from_slice(&25u32.to_le_bytes());
+    join.push(66);
+    join.extend_from_slice(&me.node_id().0.to_le_bytes());
+    join.extend_from_slice(&frames[2][1..]);
+    join.extend_from_slice(then);
+    urgent.write_all(&join).await?;
+    Ok((main, urgent))
+}
+
+/// How long until `to` closes `main` (reading and dropping whatever it sends), at most `most`.
+async fn closed_within(main: &mut TcpStream, most: Duration) -> Result<Duration> {
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((start + most).into(), main.read(&mut buf)).await {
+            Err(_) => bail!("still open after {most:?}"),
+            Ok(Ok(0) | Err(_)) => return Ok(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// An urgent connection that ends inside a frame, or before the bytes a `Wait` on the main connection names, fails
+/// the link at once: its events are incomplete, and waiting would hold the link's reader until the heartbeat timeout
+/// (here a minute) while the peer may answer pings all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_connection_cut_short_fails_the_link_at_once() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let b = Node::builder().registry_client(reg.clone()).heartbeat_timeout(Duration::from_secs(60)).start().await?;
+    let me = kecho::Identity::from_secret([0x17; 32]);
+    // 10 bytes of a frame of 100.
+    let mut part = 100u32.to_le_bytes().to_vec();
+    part.extend_from_slice(&[3; 10]);
+    // Cut inside a frame, written with the `UrgentJoin` (the node must keep what it read past the join) or after it.
+    for with_join in [true, false] {
+        let (mut main, mut urgent) = hand_made_link(&b, &me, if with_join { &part } else { &[] }).await?;
+        // The main connection's `Sync` (the urgent connection's bytes count from there).
+        main.write_all(&[1, 0, 0, 0, 50]).await?;
+        if !with_join {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            urgent.write_all(&part).await?;
+        }
+        urgent.shutdown().await?;
+        let took = closed_within(&mut main, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("urgent connection cut in a frame (written with the join: {with_join})"))?;
+        eprintln!("cut in a frame (with the join: {with_join}): link closed after {took:?}");
+        eventually("the link gone", || b.link_stats().iter().all(|l| !l.up)).await?;
+    }
+    // Ended between frames (at once), with a `Wait` for 100 of its bytes on the main connection after its `Sync`.
+    let (mut main, mut urgent) = hand_made_link(&b, &me, &[]).await?;
+    urgent.shutdown().await?;
+    let mut frames = vec![1, 0, 0, 0, 50, 9, 0, 0, 0, 51];
+    frames.extend_from_slice(&100u64.to_le_bytes());
+    main.write_all(&frames).await?;
+    let took = closed_within(&mut main, Duration::from_secs(10)).await.context("a Wait past the urgent end")?;
+    eprintln!("a Wait past the end: link closed after {took:?}");
+    Ok(())
+}
+
+/// Sends `bytes` as a connection's first bytes to `to` and expects `Close{Handshake}`.
+async fn refused_raw(to: SocketAddr, bytes: &[u8]) -> Result<()> {
+    let mut forged = TcpStream::connect(to).await?;
+    forged.write_all(bytes).await?;
     let mut buf = BytesMut::new();
     let answer = tokio::time::timeout(T, async {
         loop {

@@ -199,7 +199,7 @@ pub(super) async fn dial_urgent(cfg: &crate::config::NodeConfig, me: kecho_proto
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, up).await {
         Ok(Ok((rd, wr))) => {
-            u.join(rd, Box::new(wr));
+            u.join(rd, BytesMut::new(), Box::new(wr));
         }
         Ok(Err(e)) => {
             tracing::debug!(%at, "no urgent connection, the link keeps one: {e}");
@@ -236,7 +236,7 @@ fn mark_urgent(sock: socket2::SockRef<'_>) {
 async fn join_urgent<H: LinkHandler>(
     links: &Links<H>,
     frame: &[u8],
-    (rd, wr): (Rd, Wr),
+    (rd, wr, read): (Rd, Wr, BytesMut),
     remote: Option<SocketAddr>,
     sock: Option<socket2::Socket>,
 ) {
@@ -257,7 +257,9 @@ async fn join_urgent<H: LinkHandler>(
             if let Some(s) = &sock {
                 mark_urgent(socket2::SockRef::from(s));
             }
-            if !u.join(rd, Box::new(wr)) {
+            // The bytes read past the join (the dialler writes its first urgent frames right after it) are the
+            // connection's: its reader starts with them.
+            if !u.join(rd, read, Box::new(wr)) {
                 tracing::warn!(?remote, "refusing a second urgent connection for one link");
             }
             // The writer moves the urgent lanes at its next turn: let it have one now.
@@ -366,7 +368,8 @@ async fn accept_link_with<H: LinkHandler>(
     if let Ok(Ok(frame)) = &first {
         if frame.first() == Some(&urgent::JOIN_KIND) {
             if tcp {
-                join_urgent(&links, frame, (rd, wr), remote, sock).await;
+                let read = std::mem::take(&mut buf);
+                join_urgent(&links, frame, (rd, wr, read), remote, sock).await;
             } else {
                 refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection on a link that is not TCP")).await;
             }

@@ -851,7 +851,14 @@ impl Peer {
                 }
             }
             *link = LinkState::Idle;
+            // The link's urgent connection goes with it (taken under the link's lock: a new link sets its own under
+            // it). The halves that no task took yet (the write half, where this node's outbox never carried
+            // priorities) would otherwise stay open until the next link of this peer.
+            let urgent = self.urgent_tcp.lock().take();
             drop(link);
+            if let Some(u) = urgent {
+                u.close();
+            }
             self.outbox.set_direct(None);
             *self.datagrams.lock() = None;
             if clear {

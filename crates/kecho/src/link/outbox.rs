@@ -176,8 +176,8 @@ pub(crate) struct OutQ {
     pub(crate) bytes: usize,
     /// Frames with a deadline queued (the writer reads the clock only when there are some).
     timely: usize,
-    /// A frame was queued in a lane above 0: from then on the writer takes at most [`TAKE_BUDGET`] bytes at a time,
-    /// so that a frame of a higher lane never waits behind a whole queue of lower ones.
+    /// A frame was queued in a lane above 0 (the writer then shortens the socket's unsent queue and, on a TCP link,
+    /// asks for the urgent connection).
     prioritised: bool,
     /// Event frames accepted (written directly or queued), for statistics.
     events: u64,
@@ -236,8 +236,8 @@ pub(crate) fn wait_frame(bytes: u64) -> Bytes {
 /// The size of the memory small frames are copied into (see `Lane::open`).
 const OPEN_CHUNK: usize = 64 * 1024;
 
-/// Once priorities are in use on a link, the writer takes at most this many bytes (and at least one frame) at a
-/// time: a higher-priority frame queued meanwhile then waits for at most this much (plus what the socket holds).
+/// The writer takes at most this many bytes (and at least one frame) at a time: a higher-priority frame queued
+/// meanwhile then waits for at most this much (plus what the socket holds), the first one on a link too.
 pub(crate) const TAKE_BUDGET: usize = 64 * 1024;
 
 impl OutQ {
@@ -748,8 +748,8 @@ impl Outbox {
     }
 
     /// Takes the queued frames, highest lane first (the caller is the writer: until it comes back for more, it is
-    /// writing them). Once priorities are in use on the link it takes at most [`TAKE_BUDGET`] bytes (at least one
-    /// frame), so that what is queued in a higher lane meanwhile goes next. A frame past its deadline at `now` (read
+    /// writing them). It takes at most [`TAKE_BUDGET`] bytes (at least one frame), so that what is queued in a higher
+    /// lane meanwhile goes next. A frame past its deadline at `now` (read
     /// only if a queued frame has one) is replaced by its expiry notice.
     /// In streams mode it takes lane 0 only (the main stream's frames; see [`Outbox::start_streams`]).
     pub(crate) fn take_all(&self, into: &mut VecDeque<Bytes>) {
@@ -780,11 +780,14 @@ impl Outbox {
         };
         let before = into.len();
         let now = if q.timely > 0 { Some(clock()) } else { None };
-        let budget = if q.prioritised { TAKE_BUDGET } else { usize::MAX };
+        // Every link takes at most TAKE_BUDGET a turn, a link that has carried no priority yet too: its first
+        // prioritised event then waits behind at most that much of what the writer took before it (the whole outbox,
+        // up to `link_queue_bytes`, before). A queue that fits is taken whole, without touching each frame.
+        let budget = TAKE_BUDGET;
         let mut took = 0usize;
         let mut expired = 0u64;
         let mut timely_taken = 0usize;
-        let whole = budget == usize::MAX && q.timely == 0 && !split;
+        let whole = q.bytes <= budget && q.timely == 0 && !split;
         let mut stalled = false;
         let OutQ { lanes, streams, .. } = &mut *q;
         let other: [u64; LANES] = std::array::from_fn(|i| lanes[i].taken);
@@ -1007,7 +1010,7 @@ mod tests {
     }
 
     #[test]
-    fn with_priorities_in_use_a_take_is_bounded_and_keeps_prefixes_with_their_events() {
+    fn a_take_is_bounded_before_and_after_priorities_and_keeps_prefixes_with_their_events() {
         let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
         let mut gate = SourceGate::default();
         let (mut bulk, mut urgent) = (Held::default(), Held::default());
@@ -1016,8 +1019,23 @@ mod tests {
         for _ in 0..300 {
             assert!(out.push_event_with(b"<p>", big.clone(), &mut gate, lane(0, &mut bulk)));
         }
-        // Before any priority was used, the writer takes everything at once.
-        assert_eq!(take_at(&out, t).len(), 300 * 1003);
+        // Before any priority was used the takes are bounded too: the first prioritised event waits behind at most one
+        // of them (it used to be the whole outbox). A queue that fits is taken whole.
+        let mut total = 0;
+        loop {
+            let more = take_at(&out, t);
+            if more.is_empty() {
+                break;
+            }
+            assert!(more.len() <= TAKE_BUDGET + 1003, "a take is bounded ({} bytes)", more.len());
+            assert_eq!(more.len() % 1003, 0, "no prefix is taken without its event");
+            total += more.len();
+        }
+        assert_eq!(total, 300 * 1003);
+        for _ in 0..30 {
+            assert!(out.push_event_with(b"<p>", big.clone(), &mut gate, lane(0, &mut bulk)));
+        }
+        assert_eq!(take_at(&out, t).len(), 30 * 1003);
         for _ in 0..300 {
             assert!(out.push_event_with(b"<p>", big.clone(), &mut gate, lane(0, &mut bulk)));
         }

@@ -3,7 +3,7 @@
 //! channel into batches; everything for channels goes up through [`LinkHandler`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,16 +64,20 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                     }
                     u.accept_urgent().await
                 }
-                (None, Some(d)) => d.accept_urgent().await,
+                (None, Some(d)) => d.accept_urgent().await.map(|rd| (rd, BytesMut::with_capacity(READ_SMALL))),
                 (None, None) => None,
             };
-            let Some(rd) = rd else { return std::future::pending().await };
+            let Some((rd, read)) = rd else { return std::future::pending().await };
             // Everything on the urgent stream was sent after the main stream's `Sync`.
             sync.wait(0, 0).await;
-            let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync, 1)));
-            match urx.read_loop(&links, rd, None, BytesMut::with_capacity(READ_SMALL), remote).await {
-                // The urgent stream ends before the main one (which waits for it to be read): the link goes on.
-                LinkError::Eof => std::future::pending().await,
+            let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync.clone(), 1)));
+            match urx.read_loop(&links, rd, None, read, remote).await {
+                // The urgent stream ends (between two frames) before the main one, which waits for it to be read: the
+                // link goes on, but a `Wait` for more than it carried can never be met and fails the link.
+                LinkError::Eof => {
+                    sync.end_urgent();
+                    std::future::pending().await
+                }
                 why => why,
             }
         };
@@ -111,28 +115,45 @@ struct PendingTargets {
 #[derive(Debug)]
 struct StreamSync {
     read: [AtomicU64; 2],
+    /// The urgent stream has ended (its count is final).
+    urgent_ended: AtomicBool,
     changed: Notify,
 }
 
 impl Default for StreamSync {
     fn default() -> Self {
-        StreamSync { read: [AtomicU64::new(u64::MAX), AtomicU64::new(0)], changed: Notify::new() }
+        StreamSync {
+            read: [AtomicU64::new(u64::MAX), AtomicU64::new(0)],
+            urgent_ended: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
     }
 }
 
 impl StreamSync {
-    /// Waits until stream `stream` has been read (and its events delivered) up to `bytes`.
-    async fn wait(&self, stream: usize, bytes: u64) {
+    /// Waits until stream `stream` has been read (and its events delivered) up to `bytes`; `false` if it never will
+    /// be (the urgent stream ended short of it).
+    async fn wait(&self, stream: usize, bytes: u64) -> bool {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let ended = stream == 1 && self.urgent_ended.load(Ordering::Acquire);
             let read = self.read[stream].load(Ordering::Acquire);
             if read != u64::MAX && read >= bytes {
-                return;
+                return true;
+            }
+            if ended {
+                return false;
             }
             changed.await;
         }
+    }
+
+    /// The urgent stream ended (after its receiver published its last count).
+    fn end_urgent(&self) {
+        self.urgent_ended.store(true, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     fn publish(&self, stream: usize, bytes: u64) {
@@ -208,8 +229,11 @@ impl<H: LinkHandler> Receiver<H> {
                 self.settle().await;
                 let mut n = [0u8; 8];
                 n.copy_from_slice(rest);
-                sync.wait(1 - stream, u64::from_le_bytes(n)).await;
-                Ok(())
+                if sync.wait(1 - stream, u64::from_le_bytes(n)).await {
+                    Ok(())
+                } else {
+                    Err(LinkError::Protocol("a Wait for more than the urgent stream carried before it ended"))
+                }
             }
             _ => Err(LinkError::Protocol("a malformed or misplaced Sync or Wait frame")),
         }
@@ -327,6 +351,9 @@ impl<H: LinkHandler> Receiver<H> {
                 }
             };
             match read {
+                // A stream that ends inside a frame was cut (a peer that closes a stream gracefully does so between
+                // frames): what it carried is incomplete, and the link fails rather than waits for the rest.
+                Ok(0) if !buf.is_empty() => break LinkError::Protocol("the connection ended in the middle of a frame"),
                 Ok(0) => break LinkError::Eof,
                 Ok(n) => {
                     self.peer.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);

@@ -37,6 +37,10 @@ pub(crate) const WANTED_KIND: u8 = 67;
 /// Token length in bytes.
 pub(crate) const TOKEN_LEN: usize = 16;
 
+/// The read half of an urgent connection, with the bytes already read from it past the `UrgentJoin` (at the acceptor:
+/// the dialler's first frames may come in the same read).
+pub(crate) type UrgentRd = (Rd, BytesMut);
+
 /// The write half of an urgent connection.
 pub(crate) type UrgentWr = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -54,8 +58,8 @@ pub(crate) struct TcpUrgent {
     token: [u8; TOKEN_LEN],
     role: Role,
     /// Until the connection is up: where its halves go.
-    give: Mutex<Option<(oneshot::Sender<Rd>, oneshot::Sender<UrgentWr>)>>,
-    rd: Mutex<Option<oneshot::Receiver<Rd>>>,
+    give: Mutex<Option<(oneshot::Sender<UrgentRd>, oneshot::Sender<UrgentWr>)>>,
+    rd: Mutex<Option<oneshot::Receiver<UrgentRd>>>,
     wr: Mutex<Option<oneshot::Receiver<UrgentWr>>>,
     /// One side's writer wants the connection (its outbox carries priorities), or the acceptor asked for it.
     wanted: AtomicBool,
@@ -137,10 +141,11 @@ impl TcpUrgent {
         }
     }
 
-    /// Binds the connection's halves to the link; `false` if it already has one (the new one is then refused).
-    pub(crate) fn join(&self, rd: Rd, wr: UrgentWr) -> bool {
+    /// Binds the connection's halves to the link (`read`: the bytes already read from it past the `UrgentJoin`, which
+    /// its reader takes first); `false` if it already has one (the new one is then refused).
+    pub(crate) fn join(&self, rd: Rd, read: BytesMut, wr: UrgentWr) -> bool {
         let Some((rtx, wtx)) = self.give.lock().take() else { return false };
-        let _ = rtx.send(rd);
+        let _ = rtx.send((rd, read));
         let _ = wtx.send(wr);
         true
     }
@@ -153,6 +158,13 @@ impl TcpUrgent {
     /// The connection could not be made: whoever waits for it goes on with one connection.
     pub(crate) fn failed(&self) {
         self.give.lock().take();
+    }
+
+    /// The link is gone: drops whatever halves of the connection no task took (closing it), and refuses any later.
+    pub(crate) fn close(&self) {
+        self.give.lock().take();
+        self.rd.lock().take();
+        self.wr.lock().take();
     }
 
     /// The write half, if the connection is up (without waiting; see [`Ready`]).
@@ -172,8 +184,8 @@ impl TcpUrgent {
         }
     }
 
-    /// The read half, once the connection is up; `None` if it never comes.
-    pub(crate) async fn accept_urgent(&self) -> Option<Rd> {
+    /// The read half and the bytes already read from it, once the connection is up; `None` if it never comes.
+    pub(crate) async fn accept_urgent(&self) -> Option<UrgentRd> {
         let rx = self.rd.lock().take()?;
         rx.await.ok()
     }
@@ -261,12 +273,12 @@ mod tests {
         assert!(!u.want(), "asked for once");
         let (a, _b) = tokio::io::duplex(64);
         let (r, w) = tokio::io::split(a);
-        assert!(u.join(Box::new(r), Box::new(w)));
+        assert!(u.join(Box::new(r), BytesMut::new(), Box::new(w)));
         assert!(matches!(u.try_writer(), Ready::Up(_)));
         assert!(matches!(u.try_writer(), Ready::Never));
         let (a, _b) = tokio::io::duplex(64);
         let (r, w) = tokio::io::split(a);
-        assert!(!u.join(Box::new(r), Box::new(w)), "a second connection is refused");
+        assert!(!u.join(Box::new(r), BytesMut::new(), Box::new(w)), "a second connection is refused");
         let v = TcpUrgent::new(TcpUrgent::random_token(), Role::Acceptor);
         v.failed();
         assert!(matches!(v.try_writer(), Ready::Never));

@@ -228,3 +228,42 @@ async fn relay(
         }
     }
 }
+
+/// A source at `a` alternating large events of the default priority and small ones of the highest (on the link's
+/// urgent stream or connection, once `apart(a, b)` says it is in use) submits 300 of them and its node shuts down
+/// gracefully at once: a Block sink at `b` gets them all, in order (the main stream ends with a `Wait` for the whole
+/// urgent one, and the node's leave waits for both).
+pub async fn a_graceful_shutdown_delivers_both_streams(
+    a: &Node,
+    b: &Node,
+    apart: impl Fn(&Node, &Node) -> bool,
+) -> Result<()> {
+    const N: i64 = 300;
+    let k_of = |ev: &Event| match ev.attrs().get("k") {
+        Some(kecho::Value::Int(i)) => *i,
+        other => panic!("attribute k: {other:?}"),
+    };
+    let urgent = || kecho::EventOptions::new().priority(kecho::Priority::HIGHEST);
+    let ch_b = b.channel("close").await?;
+    let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1024))?;
+    let ch_a = a.channel("close").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    let mut src = ch_a.source()?;
+    src.submit_with("urgent", &Attrs::new().with("k", 0), b"u", urgent()).await?;
+    assert_eq!(k_of(&recv(&mut sink).await?), 0);
+    eventually("the urgent stream in use", || apart(a, b)).await?;
+    let big = vec![2u8; 16 << 10];
+    for k in 1..=N {
+        if k % 3 == 0 {
+            src.submit_with("urgent", &Attrs::new().with("k", k), b"u", urgent()).await?;
+        } else {
+            src.submit("bulk", &Attrs::new().with("k", k), &big).await?;
+        }
+    }
+    drop(src);
+    a.shutdown().await;
+    for k in 1..=N {
+        assert_eq!(k_of(&recv(&mut sink).await?), k, "out of order or missing");
+    }
+    Ok(())
+}
