@@ -582,3 +582,31 @@ impl Stage for Checksum {
         Some(format!("crc32={:08x} over {} bytes", self.hasher.clone().finalize(), self.bytes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk's lists go back to the pool with its buffer, emptied, and the next chunk starts with their capacity.
+    #[test]
+    fn a_chunks_lists_are_reused_empty() {
+        let pool = Pool::new(64);
+        let mut c = Chunk::new(0, vec![1; 64], Some(pool.clone()));
+        c.segs.extend((0..1000).map(|i| i..i + 1));
+        c.records.extend((0..1000).map(|i| record::RecordRef {
+            start: i,
+            len: 1,
+            index: i as u64,
+            offset: 0,
+            position: 0,
+            word: 1,
+        }));
+        drop(c);
+        let c = Chunk::new(1, pool.get(64), Some(pool.clone()));
+        assert!(c.segs.capacity() >= 1000 && c.records.capacity() >= 1000, "the lists were not reused");
+        assert!(c.records.is_empty(), "a reused record list kept records");
+        assert_eq!(c.segs, Vec::<Range<usize>>::new(), "an empty buffer has no data ranges");
+        let c = Chunk::new(2, vec![7; 10], Some(pool));
+        assert_eq!(c.segs, vec![0..10], "a reused range list must hold exactly the new buffer's range");
+    }
+}
