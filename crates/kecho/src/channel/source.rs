@@ -1,17 +1,18 @@
 //! Sources and the submit path: choosing the sinks an event goes to, waiting for room at Block sinks, encoding it
 //! once and queueing it on every chosen link, loss accounting towards each node, and handing it to local sinks.
 //!
-//! `Source::submit_inner` runs the steps in order; each is a method of the part of the source it works on, so that
+//! `Source::submit_steps` runs the steps in order; each is a method of the part of the source it works on, so that
 //! the routing table can stay borrowed (not cloned) through all of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 use std::time::Instant;
 
 use kecho_proto::codec::{encode_deadline, encode_event, encode_routed, encode_targets, event_frame_len, EndDest};
 use kecho_proto::{Attrs, ChannelId, LocalId, Message, NodeId, Overflow, Value};
+use parking_lot::Mutex;
 
 use super::deliver::SinkList;
 use super::history::{History, Kept, RemoteSink, SentTo};
@@ -51,6 +52,10 @@ pub struct Source {
     loss: LossTrack,
     /// Events cut-off sinks missed, kept to replay to them should their node come back.
     kept: Kept,
+    /// `loss`, `kept` and `enc` are lent to the channel (held in `slot`) between submits, see [`Lent`].
+    lent: bool,
+    /// Where they are lent, made the first time they are.
+    slot: Option<Arc<Lent>>,
     /// The type name of the last event given to local sinks.
     ty_name: Option<Arc<str>>,
     /// The priority and deadline of events that set none themselves: per type, then for all.
@@ -173,6 +178,170 @@ struct LossTrack {
     waiting: Vec<NodeId>,
 }
 
+/// A source's loss accounting, history and encoder, lent to its channel between submits while sinks of cut-off nodes
+/// have missed events not yet reported: the source's task owns the [`Source`] and may submit nothing for a long time,
+/// so that the report (or the replay from the history) could not wait for its next event. The channel calls
+/// [`Lent::wake`] when a node may be back (its routing table changed, a link came up); the source takes its parts
+/// back at the start of its next submit, so the report goes ahead of that submit's event. In the common case (no
+/// count pending) nothing is lent and the submit path takes no lock for this.
+pub(super) struct Lent {
+    source: LocalId,
+    state: Mutex<LentState>,
+}
+
+#[derive(Default)]
+struct LentState {
+    /// The parts, while lent.
+    core: Option<Core>,
+    /// A wake came while the source held its parts (in a submit): it reports when it lends them again.
+    kicked: bool,
+}
+
+/// What a report needs of a source.
+#[derive(Default)]
+struct Core {
+    loss: LossTrack,
+    kept: Kept,
+    enc: Encoder,
+}
+
+impl Lent {
+    /// A node may be back: what its sinks missed is reported (or replayed) now if its link is up. Called with no lock
+    /// held.
+    pub(super) fn wake(&self, ch: &Arc<ChannelInner>) {
+        let waiting = {
+            let mut st = self.state.lock();
+            match st.core.as_mut() {
+                Some(core) => core.report_due(ch, self.source),
+                None => {
+                    st.kicked = true;
+                    return;
+                }
+            }
+        };
+        dial_waiting(ch, waiting);
+    }
+}
+
+impl Core {
+    /// Reports what is due against the channel's current routing table; returns the nodes back in it whose link is
+    /// not up yet (in tree mode, to dial).
+    fn report_due(&mut self, ch: &ChannelInner, source: LocalId) -> Vec<NodeId> {
+        let routes = ch.routes.read().clone();
+        self.loss.report_if_due(&routes, ch.id(), source, &mut self.kept, &mut self.enc);
+        self.enc.gate.done();
+        if ch.tree_on() {
+            self.loss.waiting.clone()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// In tree mode nothing else makes this node dial a node back in the view whose sinks wait for what they missed
+/// (see `submit_steps`). From a task of its own: the caller may hold the overlay's locks.
+fn dial_waiting(ch: &Arc<ChannelInner>, waiting: Vec<NodeId>) {
+    if waiting.is_empty() {
+        return;
+    }
+    let Some(node) = ch.node.upgrade() else { return };
+    let ch = ch.clone();
+    node.spawn(async move {
+        for id in waiting {
+            ch.tree_dial(id);
+        }
+    });
+}
+
+/// Lends a source's parts to its channel when dropped (the end of a submit, or its cancellation).
+struct LendOnExit<'a>(&'a mut Source);
+
+impl Drop for LendOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.lend_if_due();
+    }
+}
+
+impl Source {
+    /// Takes back the parts lent to the channel, if they are.
+    #[inline]
+    pub(super) fn reclaim(&mut self) {
+        if self.lent {
+            self.take_back();
+        }
+    }
+
+    #[cold]
+    fn take_back(&mut self) {
+        self.lent = false;
+        let Some(slot) = &self.slot else { return };
+        let core = slot.state.lock().core.take();
+        debug_assert!(core.is_some(), "lent parts are in the slot");
+        if let Some(Core { loss, kept, enc }) = core {
+            (self.loss, self.kept, self.enc) = (loss, kept, enc);
+        }
+    }
+
+    /// Lends the parts to the channel if some sink's missed events are still to be reported.
+    #[inline]
+    pub(super) fn lend_if_due(&mut self) {
+        if !self.lent && self.loss.has_ghost_counts() {
+            self.lend();
+        }
+    }
+
+    #[cold]
+    fn lend(&mut self) {
+        let slot = match &self.slot {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(Lent { source: self.id, state: Mutex::new(LentState::default()) });
+                let mut lenders = self.ch.lenders.lock();
+                // Sources dropped since are forgotten here too, so that the list stays as long as the live ones.
+                lenders.retain(|w| w.strong_count() > 0);
+                lenders.push(Arc::downgrade(&s));
+                drop(lenders);
+                self.slot = Some(s.clone());
+                s
+            }
+        };
+        let mut core = Core {
+            loss: std::mem::take(&mut self.loss),
+            kept: std::mem::take(&mut self.kept),
+            enc: std::mem::take(&mut self.enc),
+        };
+        let mut st = slot.state.lock();
+        // A wake that came during the submit is answered now, under the lock: none is lost between the two.
+        let waiting = if std::mem::take(&mut st.kicked) { core.report_due(&self.ch, self.id) } else { Vec::new() };
+        if core.loss.has_ghost_counts() {
+            st.core = Some(core);
+            self.lent = true;
+        } else {
+            drop(st);
+            (self.loss, self.kept, self.enc) = (core.loss, core.kept, core.enc);
+        }
+        dial_waiting(&self.ch, waiting);
+    }
+}
+
+impl ChannelInner {
+    /// A node may be back in this channel (the routing table changed, or a link came up): sources that lent their
+    /// parts report what is due. Called with no lock held.
+    pub(super) fn wake_lenders(self: &Arc<Self>) {
+        let lenders: Vec<Arc<Lent>> = {
+            let mut l = self.lenders.lock();
+            if l.is_empty() {
+                return;
+            }
+            l.retain(|w| w.strong_count() > 0);
+            l.iter().filter_map(Weak::upgrade).collect()
+        };
+        for lent in lenders {
+            lent.wake(self);
+        }
+    }
+}
+
 /// Loss accounting at a source, per destination node: how many of its events were queued to that node, and what the
 /// node was last told about the others (see `Message::Routed`).
 #[derive(Default)]
@@ -244,6 +413,8 @@ impl Source {
             enc: Encoder::default(),
             loss: LossTrack::default(),
             kept,
+            lent: false,
+            slot: None,
             ty_name: None,
             type_opts: Vec::new(),
             opts: EventOptions::default(),
@@ -376,7 +547,9 @@ impl Source {
     /// before anything newer) should their node come back; what falls outside is reported to them as missed. The
     /// default is the node's ([`crate::NodeBuilder::history`]). See docs/DURABILITY.md.
     pub fn set_history(&mut self, history: History) {
+        self.reclaim();
         self.kept.set_limits(history, now());
+        self.lend_if_due();
     }
 
     /// Sets an attribute this source supplies to the channel (published promptly, coalesced).
@@ -386,6 +559,22 @@ impl Source {
 
     /// The submit path. `wait`: wait for room at full Block sinks (else fail with `WouldBlock`, sending nothing).
     async fn submit_inner(
+        &mut self,
+        ty: &str,
+        attrs: &Attrs,
+        payload: &[u8],
+        wait: bool,
+        opts: EventOptions,
+    ) -> Result<u64> {
+        self.reclaim();
+        // Lent again once the submit is over, whether it finished or was cancelled at an await.
+        let lend = LendOnExit(self);
+        let r = lend.0.submit_steps(ty, attrs, payload, wait, opts).await;
+        r
+    }
+
+    /// The steps of a submit, with `loss`, `kept` and `enc` at hand (not lent).
+    async fn submit_steps(
         &mut self,
         ty: &str,
         attrs: &Attrs,
@@ -1091,6 +1280,7 @@ fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>
 
 impl Drop for Source {
     fn drop(&mut self) {
+        self.reclaim();
         if self.out_filter.is_some() {
             self.ch.out_sources.fetch_sub(1, Ordering::AcqRel);
         }

@@ -97,6 +97,9 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 
     /// The link to node `id` is gone (and no new one is up): its members left every channel.
     fn peer_lost(&self, id: NodeId);
+
+    /// A link to node `id` is up (dialled or accepted); called with no lock of the link's held.
+    fn peer_up(&self, id: NodeId);
 }
 
 /// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
@@ -513,6 +516,16 @@ impl<H: LinkHandler> Links<H> {
         }
         if let Some(h) = self.handler.upgrade() {
             h.peer_lost(id);
+        }
+    }
+
+    /// A link to `id` is up: tell the handler.
+    fn peer_up(&self, id: NodeId) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        if let Some(h) = self.handler.upgrade() {
+            h.peer_up(id);
         }
     }
 

@@ -1,6 +1,6 @@
 //! Batched submits: many events of one type with the same attributes, routed once per run of them.
 //!
-//! `Source::submit_many` takes the steps of `Source::submit_inner` once for a run of events instead of once per
+//! `Source::submit_many` takes the steps of `Source::submit_steps` once for a run of events instead of once per
 //! event: the routing table, the type's sinks and content filters, the room check at Block sinks, the counters, one
 //! lock of each link's outbox and one wake-up of its writer. The events are encoded once, in compact `EventRun` frames
 //! (one header per up to 4 KiB of events; docs/PROTOCOL.md, "Event runs") that receivers take apart into the very
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use kecho_proto::codec::{encode_event, encode_event_run, encode_routed, encode_targets};
 use kecho_proto::{Attrs, Overflow};
 
-use super::{Encoder, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
+use super::{Encoder, LendOnExit, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
 use crate::channel::block_on;
 use crate::channel::deliver::SinkList;
 use crate::channel::history::SentTo;
@@ -81,6 +81,21 @@ impl Source {
     }
 
     async fn submit_many_inner<P: AsRef<[u8]>>(
+        &mut self,
+        ty: &str,
+        attrs: &Attrs,
+        payloads: &[P],
+        wait: bool,
+        opts: EventOptions,
+    ) -> Result<Range<u64>> {
+        self.reclaim();
+        // Lent again once the batch is over, whether it finished or was cancelled at an await (see `Lent`).
+        let lend = LendOnExit(self);
+        let r = lend.0.submit_many_steps(ty, attrs, payloads, wait, opts).await;
+        r
+    }
+
+    async fn submit_many_steps<P: AsRef<[u8]>>(
         &mut self,
         ty: &str,
         attrs: &Attrs,
