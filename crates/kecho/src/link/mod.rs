@@ -377,10 +377,16 @@ impl<H: LinkHandler> Links<H> {
             .iter()
             .map(|p| {
                 let c = &p.counters;
+                // Each lock taken and released alone: in the struct below a guard would live to its end, and the
+                // link's lock taken under `transport`'s deadlocked with `start_link`, which takes them the other way
+                // round (a test polling `link_stats` hung while a link came up).
+                let up = p.is_up();
+                let transport = *p.transport.lock();
+                let addr = p.addr.lock().clone();
                 LinkStats {
                     node: p.id,
-                    addr: p.addr.lock().clone(),
-                    up: p.is_up(),
+                    addr,
+                    up,
                     event_frames: p.outbox.events(),
                     writes: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
                     bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
@@ -389,12 +395,12 @@ impl<H: LinkHandler> Links<H> {
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
                     expired: p.outbox.expired.load(Ordering::Relaxed),
-                    transport: *p.transport.lock(),
+                    transport,
                     same_host: c.same_host.load(Ordering::Relaxed),
                     shared_memory: c.shared_memory.load(Ordering::Relaxed),
                     datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
                     datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
-                    urgent_apart: p.is_up() && p.outbox.has_streams(),
+                    urgent_apart: up && p.outbox.has_streams(),
                 }
             })
             .collect()
