@@ -1,6 +1,6 @@
 //! Batched submits: many events of one type with the same attributes, routed once per run of them.
 //!
-//! `Source::submit_many` takes the steps of `Source::submit_steps` once for a run of events instead of once per
+//! `Source::submit_many` takes the steps of `Source::submit_inner` once for a run of events instead of once per
 //! event: the routing table, the type's sinks and content filters, the room check at Block sinks, the counters, one
 //! lock of each link's outbox and one wake-up of its writer. The events are encoded once, in compact `EventRun` frames
 //! (one header per up to 4 KiB of events; docs/PROTOCOL.md, "Event runs") that receivers take apart into the very
