@@ -338,3 +338,63 @@ async fn batches_in_flight_when_the_link_broke_are_replayed_once() -> Result<()>
     assert_eq!(t.seqs, (1..=IN_FLIGHT_N + 100).collect::<Vec<u64>>(), "every event once, in order");
     Ok(())
 }
+
+/// One cut between the source's node and the sink's (the third node, the contact, reaches both): 300 events before
+/// it, 500 during it, then the cut heals and the source, still open, submits nothing. Returns what the returning sink
+/// got by the time every event was received or reported, and the source (kept open until then).
+async fn cut_heal_and_go_quiet(name: &str, history: kecho::History) -> Result<(Tally, kecho::Sink, kecho::Source)> {
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel(name).await?;
+    let _keep = cc.sink(SinkOptions::new().capacity(100_000))?;
+    let cb = b.open_channel(name).await?;
+    let mut back = cb.sink(SinkOptions::new().capacity(100_000))?;
+    let ca = a.open_channel(name).await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.set_history(history);
+    publish(&mut src, 300).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 300 events", |t| t.seqs.len() == 300).await?;
+    cut_between((&a, &pa), (&b, &pb), true);
+    eventually("the source's node dropped the cut-off sink", || ca.sinks() == 1).await?;
+    publish(&mut src, 500).await?;
+    cut_between((&a, &pa), (&b, &pb), false);
+    // No event after the heal: what the sink missed must reach it all the same (the source is still open).
+    t.until(&mut back, "800 events received or reported with the source quiet", |t| {
+        t.seqs.len() as u64 + t.missed >= 800
+    })
+    .await?;
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 800, "received + missed = published: {t:?}");
+    assert!(t.lost.is_empty(), "{t:?}");
+    // The source's next events follow what was reported, and nothing is counted twice.
+    publish(&mut src, 10).await?;
+    t.until(&mut back, "the events after the report", |t| t.seqs.last() == Some(&810)).await?;
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]), "in order, without duplicates: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 810, "received + missed = published: {t:?}");
+    drop((pa, pb));
+    Ok((t, back, src))
+}
+
+/// A source that goes quiet right after a cut heals (open, submitting nothing): the returning sink is told what it
+/// missed when the link to its node comes up, not at the source's next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_source_tells_a_returning_sink_what_it_missed() -> Result<()> {
+    let (t, _sink, _src) = cut_heal_and_go_quiet("quiet", kecho::History::off()).await?;
+    assert_eq!(t.missed, 500, "the events of the cut reported: {t:?}");
+    assert_eq!(t.seqs.len(), 310, "{t:?}");
+    Ok(())
+}
+
+/// The same with a history: the events of the cut are replayed to the returning sink without a further event, in
+/// order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_source_replays_to_a_returning_sink_from_its_history() -> Result<()> {
+    let (t, _sink, _src) = cut_heal_and_go_quiet("quiet-history", kecho::History::events(10_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=810).collect::<Vec<u64>>(), "every event, in order, once");
+    Ok(())
+}

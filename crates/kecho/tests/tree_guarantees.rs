@@ -619,3 +619,54 @@ async fn cut_between_source_and_sink(name: &str, history: History) -> Result<Tal
     eprintln!("{name}: the sink received {} and was told of {} missed", t.seqs.len(), t.missed);
     Ok(t)
 }
+
+/// Tree mode: a Block sink's node (its events come directly from the source) is cut off until the source's node takes
+/// it for gone; the source publishes 300 events, the cut heals and the source, still open, submits nothing. Returns
+/// what the Block sink got once every event was received or reported.
+async fn block_sink_back_to_a_quiet_source(name: &str, history: History) -> Result<Tally> {
+    let net = Net::start(name, T * 3).await?;
+    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
+    let ch = net.chans[SRC].clone();
+    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+    let mut src = ch.source()?;
+    src.set_history(history);
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate_refusing(CUT, true);
+    net.cut_off(CUT).await?;
+    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
+    publish(&mut src, 300).await?;
+    net.isolate_refusing(CUT, false);
+    // No event after the heal.
+    t.until(&mut block, "500 events accounted for with the source quiet", |t| t.seqs.len() as u64 + t.missed >= 500)
+        .await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 500, "received + missed = published: {t:?}");
+    publish(&mut src, 10).await?;
+    t.until(&mut block, "the events after the report", |t| t.seqs.last() == Some(&510)).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 510, "received + missed = published: {t:?}");
+    eprintln!("{name}: the Block sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    Ok(t)
+}
+
+/// A source that goes quiet once a Block sink's node is back (tree mode): the sink is told what it missed without a
+/// further event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_source_tells_a_returning_block_sink_what_it_missed_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = block_sink_back_to_a_quiet_source("quiet-block", History::off()).await?;
+    assert_eq!(t.missed, 300, "the events of the cut reported: {t:?}");
+    Ok(())
+}
+
+/// The same with a history: the events of the cut are replayed without a further event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_source_replays_to_a_returning_block_sink_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let t = block_sink_back_to_a_quiet_source("quiet-block-history", History::events(10_000)).await?;
+    assert_eq!(t.missed, 0, "nothing missed: {t:?}");
+    assert_eq!(t.seqs, (1..=510).collect::<Vec<u64>>(), "every event, in order, once");
+    Ok(())
+}

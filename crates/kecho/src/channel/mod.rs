@@ -169,6 +169,8 @@ pub(crate) struct ChannelInner {
     senders: RwLock<Arc<Vec<NodeId>>>,
     /// Tree mode (`tree.rs`).
     tree: tree::Tree,
+    /// Local sources whose sinks' missed events wait for their nodes to come back (`source::Lent`).
+    lenders: Mutex<Vec<Weak<source::Lent>>>,
 }
 
 impl ChannelInner {
@@ -226,6 +228,7 @@ impl ChannelInner {
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
             tree: tree::Tree::default(),
+            lenders: Mutex::new(Vec::new()),
         });
         node.index_channel(None, fresh, &ch);
         let weak = Arc::downgrade(&ch);

@@ -440,6 +440,14 @@ impl ChannelInner {
         self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
         self.view_changed(&view);
+        drop(_serial);
+        // A node back in the table may have missed events of a local source that submits nothing now.
+        self.wake_lenders();
+    }
+
+    /// A link to node `id` came up: what its sinks missed while cut off can go to it now.
+    pub(crate) fn peer_up(self: &Arc<Self>, _id: NodeId) {
+        self.wake_lenders();
     }
 }
 

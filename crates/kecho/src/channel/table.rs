@@ -265,6 +265,13 @@ impl LinkHandler for Channels {
             ch.peer_lost(id);
         }
     }
+
+    fn peer_up(&self, id: NodeId) {
+        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
+        for ch in chans {
+            ch.peer_up(id);
+        }
+    }
 }
 
 /// Stops the node when the last handle on it (node, channel, source or sink) is dropped, as if the process ended:

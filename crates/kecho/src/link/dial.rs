@@ -178,6 +178,8 @@ async fn dial_inner<H: LinkHandler>(
     }
     let tasks = start_link(links, peer, gen, (rd, wr, poller, datagrams, urgent), remote, buf, transport);
     *link = LinkState::Up { gen, outbound: true, tasks };
+    drop(link);
+    links.peer_up(peer.id);
     Ok(DialOutcome::Up)
 }
 
@@ -454,8 +456,9 @@ async fn accept_link_with<H: LinkHandler>(
             None
         }
     };
-    if let Some((rd, wr)) = refused {
-        refuse(rd, wr, close(CloseCode::Duplicate, "a connection between these nodes exists")).await;
+    match refused {
+        Some((rd, wr)) => refuse(rd, wr, close(CloseCode::Duplicate, "a connection between these nodes exists")).await,
+        None => links.peer_up(their),
     }
 }
 

@@ -97,6 +97,9 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 
     /// The link to node `id` is gone (and no new one is up): its members left every channel.
     fn peer_lost(&self, id: NodeId);
+
+    /// A link to node `id` is up (dialled or accepted); called with no lock of the link's held.
+    fn peer_up(&self, id: NodeId);
 }
 
 /// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
@@ -374,10 +377,16 @@ impl<H: LinkHandler> Links<H> {
             .iter()
             .map(|p| {
                 let c = &p.counters;
+                // Each lock taken and released alone: in the struct below a guard would live to its end, and the
+                // link's lock taken under `transport`'s deadlocked with `start_link`, which takes them the other way
+                // round (a test polling `link_stats` hung while a link came up).
+                let up = p.is_up();
+                let transport = *p.transport.lock();
+                let addr = p.addr.lock().clone();
                 LinkStats {
                     node: p.id,
-                    addr: p.addr.lock().clone(),
-                    up: p.is_up(),
+                    addr,
+                    up,
                     event_frames: p.outbox.events(),
                     writes: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
                     bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
@@ -386,12 +395,12 @@ impl<H: LinkHandler> Links<H> {
                     connects: c.connects.load(Ordering::Relaxed),
                     heartbeat_timeouts: c.heartbeat_timeouts.load(Ordering::Relaxed),
                     expired: p.outbox.expired.load(Ordering::Relaxed),
-                    transport: *p.transport.lock(),
+                    transport,
                     same_host: c.same_host.load(Ordering::Relaxed),
                     shared_memory: c.shared_memory.load(Ordering::Relaxed),
                     datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
                     datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
-                    urgent_apart: p.is_up() && p.outbox.has_streams(),
+                    urgent_apart: up && p.outbox.has_streams(),
                 }
             })
             .collect()
@@ -513,6 +522,16 @@ impl<H: LinkHandler> Links<H> {
         }
         if let Some(h) = self.handler.upgrade() {
             h.peer_lost(id);
+        }
+    }
+
+    /// A link to `id` is up: tell the handler.
+    fn peer_up(&self, id: NodeId) {
+        if self.tasks.is_closed() {
+            return;
+        }
+        if let Some(h) = self.handler.upgrade() {
+            h.peer_up(id);
         }
     }
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use kecho_proto::codec::{encode_event, encode_event_run, encode_routed, encode_targets};
 use kecho_proto::{Attrs, Overflow};
 
-use super::{Encoder, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
+use super::{Encoder, LendOnExit, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
 use crate::channel::block_on;
 use crate::channel::deliver::SinkList;
 use crate::channel::history::SentTo;
@@ -81,6 +81,21 @@ impl Source {
     }
 
     async fn submit_many_inner<P: AsRef<[u8]>>(
+        &mut self,
+        ty: &str,
+        attrs: &Attrs,
+        payloads: &[P],
+        wait: bool,
+        opts: EventOptions,
+    ) -> Result<Range<u64>> {
+        self.reclaim();
+        // Lent again once the batch is over, whether it finished or was cancelled at an await (see `Lent`).
+        let lend = LendOnExit(self);
+        let r = lend.0.submit_many_steps(ty, attrs, payloads, wait, opts).await;
+        r
+    }
+
+    async fn submit_many_steps<P: AsRef<[u8]>>(
         &mut self,
         ty: &str,
         attrs: &Attrs,
