@@ -269,14 +269,6 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
     .await
     {
         Ok(d) => d,
-        // A known defect (issue 17, docs/SCALE.md "Guarantees in tree mode"): a killed node whose overlay neighbours
-        // were all killed with it has no survivor to notice its death, so every survivor keeps it in its view. Seen
-        // in about 1 run in 10; tolerated for one such node, known to every survivor alike, so that the rest of the
-        // test (later events at every survivor) still runs. Anything else fails.
-        Err(_) if survivors.iter().all(|i| chans[*i].sinks() == N - KILLED + 1) => {
-            eprintln!("KNOWN DEFECT: one killed node is still in every survivor's view");
-            T
-        }
         Err(e) => {
             // Which survivors still count sinks of the dead, and how many: enough to tell a killed node nobody took
             // for gone (seen by every survivor) from a view that one member keeps (seen by few).
@@ -307,6 +299,48 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
         assert_eq!(l.lagged, before, "sink {i}: nothing of the later events missed");
         let tail: Vec<u64> = l.seqs[key].iter().copied().filter(|s| *s > total).collect();
         assert_eq!(tail, (total + 1..=total + AFTER).collect::<Vec<u64>>(), "sink {i}: every later event, in order");
+    }
+    Ok(())
+}
+
+/// Issue 17's defect, made deterministic: a node killed together with its whole active view has no surviving
+/// neighbour to notice its death. The liveness check (one probe per member per second of a non-neighbour member,
+/// suspicion, then a goodbye on its behalf) takes it out of every survivor's view within seconds; before it, every
+/// survivor kept it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_its_whole_active_view_leaves_every_view() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 24;
+    let reg = RegistryClient::in_process_private();
+    let (nodes, chans, _logs) = members(&reg, "alone", N).await?;
+    eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == N)).await?;
+    eventually("tree mode everywhere", || chans.iter().all(|c| c.tree_stats().on)).await?;
+    // A node that is not the first (the contact), and its neighbours, once the overlay settled.
+    eventually("the overlay to settle", || chans.iter().all(|c| (2..=6).contains(&c.tree_stats().active))).await?;
+    let victim = N / 2;
+    let ids: Vec<_> = nodes.iter().map(|n| n.id()).collect();
+    let mut killed: Vec<usize> = chans[victim]
+        .tree_neighbours()
+        .iter()
+        .filter_map(|id| ids.iter().position(|i| i == id))
+        .filter(|i| *i != 0)
+        .collect();
+    killed.push(victim);
+    for &i in &killed {
+        nodes[i].kill();
+    }
+    let survivors: Vec<usize> = (0..N).filter(|i| !killed.contains(i)).collect();
+    let took = eventually("every survivor to drop the killed nodes", || {
+        survivors.iter().all(|i| chans[*i].sinks() == N - killed.len())
+    })
+    .await?;
+    eprintln!(
+        "node {victim} killed with its neighbours {killed:?}: out of every survivor's view {:.1} s later",
+        took.as_secs_f64()
+    );
+    // And no survivor was taken for gone on the way.
+    for i in &survivors {
+        assert_eq!(chans[*i].sinks(), N - killed.len(), "survivor {i}");
     }
     Ok(())
 }

@@ -29,12 +29,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
 use kecho_proto::membership::ChannelState;
+use kecho_proto::probe::Prober;
 use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot, Overflow};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 #[path = "tree_events.rs"]
 mod events;
+#[path = "tree_probe.rs"]
+mod probe;
 pub(super) use events::Head as TreeHead;
 
 use super::deliver::SinkList;
@@ -136,6 +139,10 @@ struct TreeInner {
     /// Neighbours whose link failed and that are not yet taken for gone: how many of this node's links to each
     /// failed since (dials that found nothing listening, or handshakes that timed out).
     failing: HashMap<NodeId, u32>,
+    /// The liveness check of non-neighbour members (`tree_probe.rs`).
+    prober: Option<Prober>,
+    /// Links kept for a probe until then: this node's unanswered probes (true), and probes it answered (false).
+    probe_links: HashMap<NodeId, (Instant, bool)>,
 }
 
 impl Default for Tree {
@@ -154,6 +161,8 @@ impl Default for Tree {
                 event_streams: HashSet::new(),
                 last_resync: None,
                 failing: HashMap::new(),
+                prober: None,
+                probe_links: HashMap::new(),
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -236,6 +245,7 @@ impl ChannelInner {
                 g.join(via, ms);
             }
             t.gossip = Some(g);
+            t.prober = Some(Prober::new(probe::PROBE, rand::random(), ms));
             t.since = Some(at);
         }
         tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
@@ -329,6 +339,11 @@ impl ChannelInner {
             }
             self.tree_start(&node, &mut st, None);
         }
+        if matches!(body, GossipMsg::Probe { .. } | GossipMsg::ProbeAck { .. } | GossipMsg::Suspect { .. }) {
+            // The liveness check's, not the overlay's (and not a reason to keep the link).
+            self.probe_input(&node, from, body);
+            return;
+        }
         if matches!(body, GossipMsg::Event { .. }) {
             self.tree.event_frames.fetch_add(1, Ordering::Relaxed);
         }
@@ -387,6 +402,7 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return true };
         // Events for Block sinks go to their nodes directly: the routes take the new peer, which is dialled.
         self.tree_direct_lost(&node, id);
+        self.probe_link_lost(&node, id);
         let neighbour = {
             let at = now();
             let mut t = self.tree.inner.lock();
@@ -522,7 +538,7 @@ impl ChannelInner {
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
             || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
         drop(t);
-        used || self.tree_direct(id)
+        used || self.probe_needs_link(id, at) || self.tree_direct(id)
     }
 
     /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).
@@ -654,6 +670,9 @@ impl ChannelInner {
             Message::Snapshot { left: true, .. } => {
                 // A goodbye on behalf of a node whose link to the relaying member failed.
                 self.membership_input(NodeId(id.source.0 ^ MEMBERSHIP_STREAM), msg);
+            }
+            Message::Gossip { body: GossipMsg::Suspect { node: who, version }, .. } => {
+                self.suspected(node, who, version);
             }
             other => {
                 tracing::debug!(channel = %self.name, "kind {} relayed in the overlay, ignored", other.kind());
@@ -802,6 +821,7 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         let due = {
             let t = ch.tree.inner.lock();
             let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
+            let ms = ms.min(t.prober.as_ref().map_or(u64::MAX, |p| p.poll_timeout()));
             let next = next_sweep.min(next_sync);
             t.base.checked_add(Duration::from_millis(ms)).map_or(next, |d| d.min(next))
         };
@@ -827,6 +847,7 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
             }
         }
         ch.tree_execute(&node);
+        ch.probe_tick(&node);
         if at >= next_sweep {
             next_sweep = at + SWEEP_EVERY;
             node.release_links();
