@@ -731,6 +731,10 @@ async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, C
     if let Some(t) = tree_threshold() {
         builder = builder.tree_threshold(t);
     }
+    // `KECHO_BENCH_PROBE=0`: tree mode's liveness check off, to measure what it costs.
+    if std::env::var("KECHO_BENCH_PROBE").is_ok_and(|v| v.trim() == "0") {
+        builder = builder.tree_liveness_check(false);
+    }
     let node = builder.start().await.context("starting a node")?;
     let ch = node.channel(channel).await.context("opening the channel")?;
     let opened = Instant::now();

@@ -317,14 +317,17 @@ async fn a_node_killed_with_its_whole_active_view_leaves_every_view() -> Result<
     eventually("tree mode everywhere", || chans.iter().all(|c| c.tree_stats().on)).await?;
     // A node that is not the first (the contact), and its neighbours, once the overlay settled.
     eventually("the overlay to settle", || chans.iter().all(|c| (2..=6).contains(&c.tree_stats().active))).await?;
-    let victim = N / 2;
+    // A node none of whose neighbours is the first (the channel's creator and first contact, kept alive), killed with
+    // all of them, so that no survivor is its neighbour.
     let ids: Vec<_> = nodes.iter().map(|n| n.id()).collect();
-    let mut killed: Vec<usize> = chans[victim]
-        .tree_neighbours()
-        .iter()
-        .filter_map(|id| ids.iter().position(|i| i == id))
-        .filter(|i| *i != 0)
-        .collect();
+    let (victim, mut killed) = (N / 2..N)
+        .map(|v| {
+            let near: Vec<usize> =
+                chans[v].tree_neighbours().iter().filter_map(|id| ids.iter().position(|i| i == id)).collect();
+            (v, near)
+        })
+        .find(|(_, near)| !near.contains(&0))
+        .expect("a node that is not the first's neighbour");
     killed.push(victim);
     for &i in &killed {
         nodes[i].kill();

@@ -245,7 +245,7 @@ impl ChannelInner {
                 g.join(via, ms);
             }
             t.gossip = Some(g);
-            t.prober = Some(Prober::new(probe::PROBE, rand::random(), ms));
+            t.prober = node.cfg.tree_probe.then(|| Prober::new(probe::PROBE, rand::random(), ms));
             t.since = Some(at);
         }
         tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
