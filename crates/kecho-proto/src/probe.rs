@@ -132,6 +132,11 @@ impl Prober {
         self.suspects.remove(&from);
     }
 
+    /// The nonce of the unanswered probe of `node`, if one is.
+    pub fn pending_nonce(&self, node: NodeId) -> Option<u64> {
+        self.pending.filter(|p| p.node == node).map(|p| p.nonce)
+    }
+
     /// The probe of `node` failed before its timeout (nothing accepts at its address): treated as unanswered now.
     pub fn failed(&mut self, node: NodeId, now: u64) {
         if let Some(p) = self.pending.as_mut().filter(|p| p.node == node) {

@@ -347,3 +347,34 @@ async fn a_node_killed_with_its_whole_active_view_leaves_every_view() -> Result<
     }
     Ok(())
 }
+
+/// The liveness check keeps false positives out: in an idle channel of 30 live nodes every node probes one member per
+/// second, and none is suspected (before the probe of a link lost before its answer was sent again, a link that the
+/// probed node closed as unneeded before reading the probe made 2 suspicions in 10 s here). Prints the membership
+/// traffic per member (probes included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_in_tree_mode_suspects_no_member() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 30;
+    let reg = RegistryClient::in_process_private();
+    let (_nodes, chans, _logs) = members(&reg, "idle", N).await?;
+    eventually("every node to know every sink", || chans.iter().all(|c| c.sinks() == N)).await?;
+    // Past the overlay's 10 s of summaries after the last snapshot.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let a: Vec<_> = chans.iter().map(Channel::tree_stats).collect();
+    const IDLE: u64 = 10;
+    tokio::time::sleep(Duration::from_secs(IDLE)).await;
+    let b: Vec<_> = chans.iter().map(Channel::tree_stats).collect();
+    let frames: u64 = a.iter().zip(&b).map(|(x, y)| y.control_frames - x.control_frames).sum();
+    let bytes: u64 = a.iter().zip(&b).map(|(x, y)| y.control_bytes - x.control_bytes).sum();
+    let suspicions: u64 = b.iter().map(|x| x.suspicions).sum();
+    let per = |v: u64| v as f64 / N as f64 / IDLE as f64;
+    eprintln!(
+        "idle: {:.2} membership frames and {:.0} bytes per member per second; {suspicions} suspicions",
+        per(frames),
+        per(bytes)
+    );
+    assert_eq!(suspicions, 0, "live members suspected");
+    assert_eq!(chans.iter().filter(|c| c.sinks() != N).count(), 0, "a live member dropped");
+    Ok(())
+}

@@ -100,6 +100,10 @@ pub struct TreeStats {
     pub control_frames: u64,
     /// The bytes of those frames.
     pub control_bytes: u64,
+    /// Members this node suspected (a probe unanswered, `tree_probe.rs`), and suspicions of itself it refuted.
+    pub suspicions: u64,
+    /// See `suspicions`.
+    pub refuted: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -118,6 +122,8 @@ pub(super) struct Tree {
     events: events::TreeEvents,
     control_frames: AtomicU64,
     control_bytes: AtomicU64,
+    suspicions: AtomicU64,
+    refuted: AtomicU64,
 }
 
 struct TreeInner {
@@ -143,6 +149,8 @@ struct TreeInner {
     prober: Option<Prober>,
     /// Links kept for a probe until then: this node's unanswered probes (true), and probes it answered (false).
     probe_links: HashMap<NodeId, (Instant, bool)>,
+    /// Unanswered probes already sent again after their link was lost.
+    probe_retried: HashSet<NodeId>,
 }
 
 impl Default for Tree {
@@ -163,6 +171,7 @@ impl Default for Tree {
                 failing: HashMap::new(),
                 prober: None,
                 probe_links: HashMap::new(),
+                probe_retried: HashSet::new(),
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -171,6 +180,8 @@ impl Default for Tree {
             events: events::TreeEvents::default(),
             control_frames: AtomicU64::new(0),
             control_bytes: AtomicU64::new(0),
+            suspicions: AtomicU64::new(0),
+            refuted: AtomicU64::new(0),
         }
     }
 }
@@ -209,6 +220,8 @@ impl ChannelInner {
             forwarded: t.forwarded.load(Ordering::Relaxed),
             control_frames: t.control_frames.load(Ordering::Relaxed),
             control_bytes: t.control_bytes.load(Ordering::Relaxed),
+            suspicions: t.suspicions.load(Ordering::Relaxed),
+            refuted: t.refuted.load(Ordering::Relaxed),
         }
     }
 

@@ -59,16 +59,30 @@ impl ChannelInner {
             return;
         }
         tracing::debug!(channel = %self.name, version, "suspected by a member's liveness check: publishing again");
+        self.tree.refuted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.publish_members();
     }
 
-    /// The link to `id` is gone: if this node's probe of it is unanswered and no link is up, the probe failed.
+    /// The link to `id` is gone while this node's probe of it is unanswered: the probe is sent once more on a new
+    /// link (the far side may have closed a link that had just come up, as unneeded, before reading the probe: seen
+    /// as false suspicions); if that link is lost too (a dead process refuses the dial), the probe failed.
     pub(super) fn probe_link_lost(&self, node: &Arc<Channels>, id: NodeId) {
         let at = now();
         let mut t = self.tree.inner.lock();
-        if t.probe_links.remove(&id).is_none_or(|(_, own)| !own) || node.links.is_up(id) {
+        let Some((_, own)) = t.probe_links.get(&id).copied() else { return };
+        if !own || node.links.is_up(id) {
             return;
         }
+        if t.probe_retried.insert(id) {
+            let nonce = t.prober.as_ref().and_then(|p| p.pending_nonce(id));
+            drop(t);
+            if let Some(nonce) = nonce {
+                tracing::debug!(channel = %self.name, node = %id, "a probe's link lost before the answer: probing again");
+                self.probe_send(node, id, GossipMsg::Probe { nonce });
+            }
+            return;
+        }
+        t.probe_links.remove(&id);
         let ms = t.ms(at);
         if let Some(p) = t.prober.as_mut() {
             p.failed(id, ms);
@@ -109,10 +123,13 @@ impl ChannelInner {
             for o in &outs {
                 if let ProbeOut::Probe { node: to, .. } = o {
                     t.probe_links.insert(*to, (at + Duration::from_millis(PROBE.timeout), true));
+                    t.probe_retried.remove(to);
                 }
             }
             // Answered or timed-out probes' links are no longer needed (a late answer still counts).
             t.probe_links.retain(|_, (until, _)| *until > at);
+            let inner = &mut *t;
+            inner.probe_retried.retain(|n| inner.probe_links.contains_key(n));
             outs
         };
         for out in outs {
@@ -120,6 +137,7 @@ impl ChannelInner {
                 ProbeOut::Probe { node: to, nonce } => self.probe_send(node, to, GossipMsg::Probe { nonce }),
                 ProbeOut::Suspect { node: who, version } => {
                     tracing::debug!(channel = %self.name, node = %who, version, "a probe unanswered: suspected");
+                    self.tree.suspicions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let msg =
                         Message::Gossip { channel, addrs: Vec::new(), body: GossipMsg::Suspect { node: who, version } };
                     let mut t = self.tree.inner.lock();
