@@ -13,7 +13,8 @@
 //! timer on its runtime (how long its tasks could not run). Then 30 % of the member nodes in every process (never
 //! the source's) are killed at once, as a crash would stop them (`Node::kill`: links dropped, no goodbye), and the
 //! first node publishes 200 more events 10 ms apart: what every surviving sink received or was told it missed, and
-//! what it was never told of (the target: 99.9 % received, the rest reported). Up to the nodes' tree threshold (64, or
+//! what it was never told of (the target: 99.9 % received, the rest reported), and whether every survivor
+//! dropped every killed node from its view within 60 s (checked once the events are accounted for). Up to the nodes' tree threshold (64, or
 //! `KECHO_BENCH_TREE=THRESHOLD`) the channel is a full mesh (each node links to every other), so a run is bounded by
 //! file descriptors (a process holds about NODES x NODES / PROCESSES sockets) and memory; above it the channel runs
 //! in tree mode (about 5 links per node; docs/SCALE.md).
@@ -102,7 +103,15 @@ struct KillRow {
     unaccounted: u64,
     /// From the first event after the kill until every survivor had every event received or reported (ms).
     accounted_ms: f64,
+    /// Survivors that still counted a killed node's sink `VIEWS_WITHIN` after the kill.
+    stale_views: usize,
+    /// When every survivor was seen counting the survivors' sinks only, in ms after the kill, if within
+    /// `VIEWS_WITHIN`: looked at only once the events after the kill were accounted for, so an upper bound.
+    views_ms: Option<f64>,
 }
+
+/// How long the survivors are given to drop every killed node from their views.
+const VIEWS_WITHIN: Duration = Duration::from_secs(60);
 
 /// The share of member nodes killed at once (percent).
 const KILL_PERCENT: usize = 30;
@@ -358,6 +367,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
                 "never told",
                 "received (%)",
                 "all accounted for (ms)",
+                "every view without the killed, seen at (ms after the kill)",
             ],
         );
         let want = k.events * (k.members - k.killed) as u64;
@@ -371,8 +381,10 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             k.unaccounted.to_string(),
             format!("{:.2}", share * 100.0),
             format!("{:.0}", k.accounted_ms),
+            k.views_ms.map_or(format!("not within {VIEWS_WITHIN:?}"), |v| format!("{v:.0}")),
         ]);
         s.tables.push(t);
+        s.checks.push(Check::at_most("survivors still listing a killed node", k.stale_views as f64, 0.0, "members"));
         s.checks.push(Check::at_least("received by the survivors after the kill", share * 100.0, 99.9, "%"));
         s.checks.push(Check::at_most("events never told of after the kill", k.unaccounted as f64, 0.0, "events"));
     }
@@ -499,6 +511,7 @@ fn kill_and_publish(hosts: &mut [Host]) -> Result<KillRow> {
         h.nodes -= k;
         killed += k;
     }
+    let killed_at = Instant::now();
     let t0 = Instant::now();
     hosts[0].ask(&format!("publish {AFTER_KILL} 10"))?;
     hosts[0].answer()?;
@@ -514,7 +527,27 @@ fn kill_and_publish(hosts: &mut [Host]) -> Result<KillRow> {
     }
     let accounted_ms = t0.elapsed().as_secs_f64() * 1e3;
     let unaccounted = (AFTER_KILL * (members - killed) as u64).saturating_sub(received + missed);
-    Ok(KillRow { members, killed, events: AFTER_KILL, received, missed, unaccounted, accounted_ms })
+    // Every survivor must drop every killed node (tree mode's liveness check takes out those no neighbour saw die).
+    let left = VIEWS_WITHIN.saturating_sub(killed_at.elapsed());
+    for h in hosts.iter_mut() {
+        h.ask(&format!("views {} {}", members - killed, left.as_millis()))?;
+    }
+    let mut stale_views = 0;
+    for h in hosts.iter_mut() {
+        stale_views += h.answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<usize>()?;
+    }
+    let views_ms = (stale_views == 0).then(|| killed_at.elapsed().as_secs_f64() * 1e3);
+    Ok(KillRow {
+        members,
+        killed,
+        events: AFTER_KILL,
+        received,
+        missed,
+        unaccounted,
+        accounted_ms,
+        stale_views,
+        views_ms,
+    })
 }
 
 /// The child: hosts member nodes of `channel`, started on the parent's word (`join K`: one node, answered when it
@@ -627,6 +660,21 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 }
                 Ok(format!("ok {}", victims.len()))
             }
+            ["views", n, ms] => {
+                // `views N MS`: waits up to MS for every node here to count N sinks (one per surviving member node);
+                // the answer is how many still do not.
+                let (n, ms): (usize, u64) = (n.parse()?, ms.parse()?);
+                rt.block_on(async {
+                    let until = Instant::now() + Duration::from_millis(ms);
+                    loop {
+                        let stale = members.iter().filter(|(_, ch, _)| ch.sinks() != n).count();
+                        if stale == 0 || Instant::now() >= until {
+                            return Ok::<_, anyhow::Error>(format!("ok {stale}"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+            }
             ["control"] => {
                 let (frames, bytes) = members.iter().fold((0, 0), |(f, b), (_, ch, _)| {
                     let t = ch.tree_stats();
@@ -730,6 +778,10 @@ async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, C
     let mut builder = Node::builder().registry(registry).membership(membership);
     if let Some(t) = tree_threshold() {
         builder = builder.tree_threshold(t);
+    }
+    // `KECHO_BENCH_PROBE=0`: tree mode's liveness check off, to measure what it costs.
+    if std::env::var("KECHO_BENCH_PROBE").is_ok_and(|v| v.trim() == "0") {
+        builder = builder.tree_liveness_check(false);
     }
     let node = builder.start().await.context("starting a node")?;
     let ch = node.channel(channel).await.context("opening the channel")?;

@@ -140,6 +140,25 @@ pub enum GossipMsg {
         /// Whose tree.
         source: NodeId,
     },
+    /// The liveness check ([`crate::probe`]): is the receiver alive? Version 11.
+    Probe {
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// The answer to a `Probe`. Version 11.
+    ProbeAck {
+        /// The probe's nonce.
+        nonce: u64,
+    },
+    /// `node`, at snapshot `version`, did not answer a probe: it is suspected, and refutes by publishing a newer
+    /// snapshot. Never sent on a link by itself: broadcast on the suspecting member's membership stream, inside an
+    /// encoded `Gossip` frame. Version 11.
+    Suspect {
+        /// The suspected node.
+        node: NodeId,
+        /// Its snapshot version the suspicion is about.
+        version: u64,
+    },
 }
 
 impl GossipMsg {
@@ -490,6 +509,8 @@ impl Gossip {
             GossipMsg::Prune { source } => {
                 self.eager_of(source).remove(&from);
             }
+            // The liveness check is the I/O layer's (`crate::probe`).
+            GossipMsg::Probe { .. } | GossipMsg::ProbeAck { .. } | GossipMsg::Suspect { .. } => {}
         }
     }
 

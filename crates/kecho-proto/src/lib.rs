@@ -25,6 +25,7 @@ pub mod gossip;
 pub mod handshake;
 pub mod liveness;
 pub mod membership;
+pub mod probe;
 pub mod registry;
 mod snapshot;
 pub mod types;

@@ -205,6 +205,9 @@ fn one_of_each() -> Vec<Message> {
         GossipMsg::IHave { ids: vec![id, EventId { source: NodeId(5), seq: 1 }] },
         GossipMsg::Graft { id },
         GossipMsg::Prune { source: NodeId(4) },
+        GossipMsg::Probe { nonce: 77 },
+        GossipMsg::ProbeAck { nonce: u64::MAX },
+        GossipMsg::Suspect { node: NodeId(6), version: 12 },
     ];
     for (i, body) in bodies.into_iter().enumerate() {
         let addrs = if i % 2 == 0 { vec![(NodeId(5), "10.0.0.5:7000".to_owned())] } else { Vec::new() };

@@ -133,7 +133,10 @@ fn gossip_body() -> impl Strategy<Value = GossipMsg> {
         }),
         vec(id.clone(), 0..4).prop_map(|ids| GossipMsg::IHave { ids }),
         id.prop_map(|id| GossipMsg::Graft { id }),
-        node.prop_map(|source| GossipMsg::Prune { source }),
+        node.clone().prop_map(|source| GossipMsg::Prune { source }),
+        any::<u64>().prop_map(|nonce| GossipMsg::Probe { nonce }),
+        any::<u64>().prop_map(|nonce| GossipMsg::ProbeAck { nonce }),
+        (node, any::<u64>()).prop_map(|(node, version)| GossipMsg::Suspect { node, version }),
     ]
 }
 

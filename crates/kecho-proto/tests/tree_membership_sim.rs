@@ -10,6 +10,8 @@ mod sim;
 use std::time::Duration;
 
 use kecho_proto::membership::OpenMode;
+use kecho_proto::probe::ProbeConfig;
+use kecho_proto::NodeId;
 use sim::{Sim, SimConfig, TreeModel, XorShift, JOIN};
 
 const CH: &str = "big";
@@ -24,6 +26,7 @@ fn storm(seed: u64, before: u64, storm: u64, loss_permille: u64, sync_every: Opt
         loss_permille,
         hop: Duration::from_millis(10),
         sync_every,
+        probe: None,
         rng: XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
     });
     sim.open(1, CH, OpenMode::Create);
@@ -77,4 +80,99 @@ fn a_member_taken_for_gone_comes_back_through_anti_entropy_alone() {
     let mut sim = storm(7, 20, 0, 500, Some(Duration::from_secs(1)));
     sim.run_until(Duration::from_secs(20), "views converge", |s| s.views_agree(CH).is_ok());
     assert_eq!(sim.live_members(CH).len(), 20);
+}
+
+/// `n` members join one at a time over a lossless overlay with anti-entropy, and with the liveness check `probe`.
+fn channel_of(seed: u64, n: u64, probe: Option<ProbeConfig>) -> Sim {
+    let mut sim = Sim::new(SimConfig { max_steps: 20_000_000, ..SimConfig::default() });
+    sim.trace_cap = 0;
+    sim.tree = Some(TreeModel {
+        degree: 4,
+        loss_permille: 0,
+        hop: Duration::from_millis(10),
+        sync_every: Some(Duration::from_secs(1)),
+        probe,
+        rng: XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+    });
+    sim.open(1, CH, OpenMode::Create);
+    sim.run_until(Duration::from_secs(5), "creator ready", |s| s.ready(1, CH));
+    for id in 2..=n {
+        sim.open(id, CH, JOIN);
+        sim.run_until(Duration::from_secs(5), "joiner ready", |s| s.ready(id, CH));
+    }
+    sim.run_until(Duration::from_secs(10), "views agree", |s| s.views_agree(CH).is_ok());
+    sim
+}
+
+/// Kills member `victim` together with every overlay neighbour it has; the survivors' neighbours of the killed
+/// notice their own dead neighbours. Returns the killed.
+fn kill_with_neighbours(sim: &mut Sim, victim: u64) -> Vec<u64> {
+    let mut killed: Vec<u64> = sim.overlay[&NodeId(victim)].iter().map(|n| n.0).collect();
+    killed.push(victim);
+    sim.crash_noticed(&killed, CH);
+    killed
+}
+
+/// Issue 17's defect, deterministically: a member killed together with its whole active view has no survivor to
+/// notice its death, and without the liveness check nothing takes it out of the survivors' views (anti-entropy
+/// compares views that all list it at the same version).
+#[test]
+fn without_the_liveness_check_a_member_killed_with_its_neighbours_stays_in_every_view() {
+    let mut sim = channel_of(1, 40, None);
+    let killed = kill_with_neighbours(&mut sim, 20);
+    sim.run_for(Duration::from_secs(60));
+    let live = sim.live_members(CH);
+    assert_eq!(live.len(), 40 - killed.len());
+    for id in &live {
+        let peers = sim.st(id.0, CH).peers();
+        assert!(peers.contains_key(&NodeId(20)), "{id:?} dropped the victim without a liveness check");
+        for k in &killed[..killed.len() - 1] {
+            assert!(!peers.contains_key(&NodeId(*k)), "{id:?} still lists n{k}, whose neighbour noticed");
+        }
+    }
+}
+
+#[test]
+fn the_liveness_check_takes_out_a_member_killed_with_its_neighbours() {
+    for seed in [1, 2, 3] {
+        let mut sim = channel_of(seed, 40, Some(ProbeConfig::default()));
+        let killed = kill_with_neighbours(&mut sim, 20);
+        let took =
+            sim.run_until(Duration::from_secs(20), "views agree without the killed", |s| s.views_agree(CH).is_ok());
+        for id in sim.live_members(CH) {
+            assert!(!sim.st(id.0, CH).peers().contains_key(&NodeId(20)), "seed {seed}: {id:?} lists the victim");
+        }
+        eprintln!(
+            "seed {seed}: {} killed, the last out of every view {took:?} later; {} suspicions, {} taken for gone by \
+             the check",
+            killed.len(),
+            sim.suspicions,
+            sim.probe_deaths
+        );
+        assert!(sim.probe_deaths >= 1, "seed {seed}: the check took nobody for gone");
+        // Idle, with every view agreeing: one probe per member per period, no suspicion.
+        let (probes, suspicions) = (sim.probes, sim.suspicions);
+        sim.run_for(Duration::from_secs(10));
+        let members = sim.live_members(CH).len() as f64;
+        let per_member = (sim.probes - probes) as f64 / members / 10.0;
+        assert!((0.8..=1.2).contains(&per_member), "seed {seed}: {per_member} probes per member per second");
+        assert_eq!(sim.suspicions, suspicions, "seed {seed}: suspicions among live members");
+    }
+}
+
+/// A member that no other member can reach directly (its probes are never answered) but that still hears the
+/// overlay refutes every suspicion: it is never taken for gone.
+#[test]
+fn a_member_that_cannot_be_probed_but_is_alive_refutes_and_stays() {
+    let mut sim = channel_of(4, 30, Some(ProbeConfig::default()));
+    let others: Vec<u64> = (1..=30).filter(|i| *i != 7).collect();
+    sim.partition(&[7], &others);
+    sim.run_for(Duration::from_secs(40));
+    assert!(sim.suspicions >= 3, "only {} suspicions: the cut was not probed", sim.suspicions);
+    assert_eq!(sim.probe_deaths, 0, "an alive member was taken for gone");
+    for id in sim.live_members(CH) {
+        if id != NodeId(7) {
+            assert!(sim.st(id.0, CH).peers().contains_key(&NodeId(7)), "{id:?} dropped member 7");
+        }
+    }
 }

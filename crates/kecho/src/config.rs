@@ -78,6 +78,9 @@ pub(crate) struct NodeConfig {
     /// and events forwarded along per-source trees (`channel/tree.rs`, docs/SCALE.md). Default
     /// [`DEFAULT_TREE_THRESHOLD`].
     pub(crate) tree_threshold: usize,
+    /// Tree mode probes non-neighbour members (`channel/tree_probe.rs`); off only in tests and benchmarks that
+    /// compare with the check off.
+    pub(crate) tree_probe: bool,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub(crate) tls: Option<TlsSetting>,
@@ -146,6 +149,7 @@ impl Default for NodeConfig {
             source_grace: Duration::from_secs(10),
             history: History::off(),
             tree_threshold: DEFAULT_TREE_THRESHOLD,
+            tree_probe: true,
             tls: None,
             transport: crate::transport::Transport::Tcp,
             identity: None,

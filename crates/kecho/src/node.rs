@@ -170,6 +170,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Test hook: turns tree mode's liveness check off (docs/SCALE.md, "Liveness check"), to show what it fixes and
+    /// to measure its cost. Default on.
+    #[doc(hidden)]
+    pub fn tree_liveness_check(mut self, on: bool) -> Self {
+        self.cfg.tree_probe = on;
+        self
+    }
+
     /// What every source of this node keeps, by default, of the events that sinks of cut-off nodes miss, to replay
     /// to them in order should their node come back ([`crate::Source::set_history`] sets it per source). Default:
     /// nothing, and returning sinks are told how many events they missed. See docs/DURABILITY.md.

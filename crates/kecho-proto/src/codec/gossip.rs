@@ -18,6 +18,9 @@ const EVENT: u8 = 7;
 const IHAVE: u8 = 8;
 const GRAFT: u8 = 9;
 const PRUNE: u8 = 10;
+const PROBE: u8 = 11;
+const PROBE_ACK: u8 = 12;
+const SUSPECT: u8 = 13;
 
 /// Appends the address list and the message (everything after the channel id).
 pub(super) fn put_gossip(dst: &mut BytesMut, addrs: &[(NodeId, String)], body: &GossipMsg) {
@@ -76,6 +79,19 @@ pub(super) fn put_gossip(dst: &mut BytesMut, addrs: &[(NodeId, String)], body: &
             dst.put_u8(PRUNE);
             dst.put_u64_le(source.0);
         }
+        GossipMsg::Probe { nonce } => {
+            dst.put_u8(PROBE);
+            dst.put_u64_le(*nonce);
+        }
+        GossipMsg::ProbeAck { nonce } => {
+            dst.put_u8(PROBE_ACK);
+            dst.put_u64_le(*nonce);
+        }
+        GossipMsg::Suspect { node, version } => {
+            dst.put_u8(SUSPECT);
+            dst.put_u64_le(node.0);
+            dst.put_u64_le(*version);
+        }
     }
 }
 
@@ -123,6 +139,9 @@ impl Reader {
             }
             GRAFT => GossipMsg::Graft { id: EventId { source: NodeId(self.u64()?), seq: self.u64()? } },
             PRUNE => GossipMsg::Prune { source: NodeId(self.u64()?) },
+            PROBE => GossipMsg::Probe { nonce: self.u64()? },
+            PROBE_ACK => GossipMsg::ProbeAck { nonce: self.u64()? },
+            SUSPECT => GossipMsg::Suspect { node: NodeId(self.u64()?), version: self.u64()? },
             t => return Err(self.bad("gossip message", t)),
         };
         Ok((addrs, body))

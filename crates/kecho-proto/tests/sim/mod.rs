@@ -18,8 +18,10 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use kecho_proto::codec::{ClaimMode, Message, RegEntry, RegResult};
+use kecho_proto::gossip::GossipMsg;
 use kecho_proto::liveness::{Liveness, LivenessAction};
 use kecho_proto::membership::{ChannelState, MembershipConfig, OpenFailure, OpenMode, Output, RegistryUnreachable};
+use kecho_proto::probe::{ProbeConfig, ProbeOut, Prober};
 use kecho_proto::registry::RegistryTable;
 use kecho_proto::{Attrs, ChannelId, ChannelSecret, LocalId, MemberInfo, NodeId, Overflow, Role, TypeFilter};
 
@@ -169,6 +171,17 @@ pub struct Sim {
     overlay_q: BTreeMap<(Instant, u64), (NodeId, NodeId, String, Message)>,
     broadcast_version: BTreeMap<(NodeId, String), u64>,
     next_sync: Option<Instant>,
+    /// Tree mode with [`TreeModel::probe`]: each member's liveness check, per channel.
+    probers: BTreeMap<(NodeId, String), Prober>,
+    /// Answers to probes on their way: when, to which prober, from which node, nonce.
+    probe_acks: Vec<(Instant, NodeId, String, NodeId, u64)>,
+    next_probe_tick: Option<Instant>,
+    /// Tree mode: probes sent, suspicions broadcast, nodes taken for gone by the liveness check.
+    pub probes: u64,
+    /// See `probes`.
+    pub suspicions: u64,
+    /// See `probes`.
+    pub probe_deaths: u64,
 }
 
 /// Tree mode as the node layer runs it (`crates/kecho/src/channel/tree.rs`), for its membership: every channel is
@@ -188,6 +201,10 @@ pub struct TreeModel {
     pub hop: Duration,
     /// Anti-entropy period; `None`: off.
     pub sync_every: Option<Duration>,
+    /// The liveness check (`kecho_proto::probe`) as the node layer runs it; `None`: off (a crashed member is
+    /// dropped only by a goodbye of a neighbour that noticed, `Sim::crash_noticed`). A probe is answered after a
+    /// round trip unless its target crashed or is cut off from the prober.
+    pub probe: Option<ProbeConfig>,
     /// The model's randomness.
     pub rng: XorShift,
 }
@@ -201,6 +218,9 @@ macro_rules! trace {
         }
     };
 }
+
+/// How often the simulation runs the members' liveness checks (their timers are due at most this late).
+const PROBE_TICK: Duration = Duration::from_millis(50);
 
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
@@ -268,6 +288,12 @@ impl Sim {
             overlay_q: BTreeMap::new(),
             broadcast_version: BTreeMap::new(),
             next_sync: None,
+            probers: BTreeMap::new(),
+            probe_acks: Vec::new(),
+            next_probe_tick: None,
+            probes: 0,
+            suspicions: 0,
+            probe_deaths: 0,
         }
     }
 
@@ -357,6 +383,12 @@ impl Sim {
             }
             if self.next_sync.is_none() {
                 self.next_sync = tree.sync_every.map(|d| self.now + d);
+            }
+            if let Some(cfg) = tree.probe {
+                let seed = tree.rng.below(u64::MAX);
+                let ms = (self.now - self.t0).as_millis() as u64;
+                self.probers.insert((NodeId(id), name.to_owned()), Prober::new(cfg, seed, ms));
+                self.next_probe_tick.get_or_insert(self.now + PROBE_TICK);
             }
         }
         self.pump(NodeId(id), name);
@@ -663,6 +695,9 @@ impl Sim {
         if let Some(t) = self.next_sync {
             consider(t);
         }
+        if let Some(t) = self.next_probe_tick {
+            consider(t);
+        }
         for node in self.nodes.values().filter(|n| !n.crashed) {
             for chan in node.chans.values() {
                 if let Some(t) = chan.st.poll_timeout() {
@@ -715,6 +750,10 @@ impl Sim {
             }
             if self.next_sync.is_some_and(|t| t <= self.now) {
                 self.sync_round();
+                progressed = true;
+            }
+            if self.next_probe_tick.is_some_and(|t| t <= self.now) {
+                self.probe_round();
                 progressed = true;
             }
             // Heartbeats.
@@ -925,6 +964,13 @@ impl Sim {
                 let members = chan.st.local().members.clone();
                 chan.st.set_members(members, now);
             }
+            Message::Gossip { body: GossipMsg::Suspect { node, version }, .. } => {
+                // Suspected by a member's liveness check: refute with a newer snapshot (its incarnation).
+                if node == to && version >= chan.st.local().version {
+                    let members = chan.st.local().members.clone();
+                    chan.st.set_members(members, now);
+                }
+            }
             Message::Snapshot { node, .. } if node == origin => chan.st.handle_message(node, msg, now),
             other => chan.st.handle_message(origin, other, now),
         }
@@ -949,6 +995,80 @@ impl Sim {
         self.overlay_broadcast(NodeId(relayer), name, msg);
         self.chan_mut(relayer, name).st.handle_peer_lost(NodeId(gone), now);
         self.pump(NodeId(relayer), name);
+    }
+
+    /// Tree mode: the members in `ids` crash at once; each of their overlay neighbours that survives notices (its
+    /// link failed) and takes the crashed neighbour for gone, as the node layer does. A crashed member whose
+    /// neighbours all crashed with it is noticed by nobody.
+    pub fn crash_noticed(&mut self, ids: &[u64], name: &str) {
+        for id in ids {
+            self.crash(*id);
+        }
+        for id in ids {
+            let neighbours: Vec<NodeId> =
+                self.overlay.get(&NodeId(*id)).map(|n| n.iter().copied().collect()).unwrap_or_default();
+            for n in neighbours {
+                if !self.nodes[&n].crashed && self.nodes[&n].chans.contains_key(name) {
+                    self.take_for_gone(n.0, *id, name);
+                }
+            }
+        }
+    }
+
+    /// Tree mode: the liveness check of every live member, every `PROBE_TICK`.
+    fn probe_round(&mut self) {
+        self.next_probe_tick = Some(self.now + PROBE_TICK);
+        let now = self.now;
+        let ms = (now - self.t0).as_millis() as u64;
+        let rtt = self.cfg.latency * 2;
+        let due: Vec<_> = self.probe_acks.iter().filter(|a| a.0 <= now).cloned().collect();
+        self.probe_acks.retain(|a| a.0 > now);
+        for (_, prober, name, from, nonce) in due {
+            if let Some(p) = self.probers.get_mut(&(prober, name)) {
+                p.ack(from, nonce);
+            }
+        }
+        let keys: Vec<(NodeId, String)> = self.probers.keys().cloned().collect();
+        for (id, name) in keys {
+            let node = &self.nodes[&id];
+            let Some(chan) = node.chans.get(&name).filter(|c| !node.crashed && c.st.is_member()) else { continue };
+            let members: BTreeMap<NodeId, u64> =
+                chan.st.peers().iter().map(|(n, p)| (*n, p.snapshot.version)).collect();
+            let neighbours: BTreeSet<NodeId> = self
+                .overlay
+                .get(&id)
+                .map(|n| n.iter().copied().filter(|p| !self.nodes[p].crashed).collect())
+                .unwrap_or_default();
+            let channel = chan.st.id();
+            let prober = self.probers.get_mut(&(id, name.clone())).expect("prober");
+            if prober.poll_timeout() > ms {
+                continue;
+            }
+            prober.handle_timeout(ms, &members, &neighbours);
+            let outs: Vec<ProbeOut> = std::iter::from_fn(|| prober.poll_output()).collect();
+            for out in outs {
+                match out {
+                    ProbeOut::Probe { node, nonce } => {
+                        self.probes += 1;
+                        let alive = self.nodes.get(&node).is_some_and(|n| !n.crashed && n.chans.contains_key(&name));
+                        if alive && !self.is_cut(id, node) {
+                            self.probe_acks.push((now + rtt, id, name.clone(), node, nonce));
+                        }
+                    }
+                    ProbeOut::Suspect { node, version } => {
+                        self.suspicions += 1;
+                        trace!(self, "n{} suspects n{} at v{version}", id.0, node.0);
+                        let msg =
+                            Message::Gossip { channel, addrs: Vec::new(), body: GossipMsg::Suspect { node, version } };
+                        self.overlay_broadcast(id, &name, msg);
+                    }
+                    ProbeOut::Dead { node, .. } => {
+                        self.probe_deaths += 1;
+                        self.take_for_gone(id.0, node.0, &name);
+                    }
+                }
+            }
+        }
     }
 
     /// Tree mode: every member sends a random overlay neighbour the digest of its view.

@@ -696,6 +696,12 @@ impl Channel {
         self.inner.tree_stats()
     }
 
+    /// Test hook: this node's overlay neighbours in tree mode (none in full-mesh mode).
+    #[doc(hidden)]
+    pub fn tree_neighbours(&self) -> Vec<NodeId> {
+        self.inner.tree_neighbours()
+    }
+
     /// Leaves the channel: other members are told, local sinks are closed.
     pub async fn close(&self) {
         self.inner.leave().await;

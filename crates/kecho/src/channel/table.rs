@@ -163,6 +163,14 @@ impl Channels {
         self.links.forget_unused();
     }
 
+    /// Closes the link to `id` at once if no channel needs it (a probe's link, once answered).
+    pub(crate) fn release_if_unneeded(&self, id: NodeId) {
+        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
+        if self.links.is_up(id) && !chans.iter().any(|c| c.needs_link(id)) {
+            self.links.release(id);
+        }
+    }
+
     /// Leaves every channel cleanly (members are told).
     pub(crate) async fn leave_all(&self) {
         let chans: Vec<_> = self.by_name.lock().values().cloned().collect();

@@ -29,12 +29,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
 use kecho_proto::membership::ChannelState;
+use kecho_proto::probe::Prober;
 use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot, Overflow};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 #[path = "tree_events.rs"]
 mod events;
+#[path = "tree_probe.rs"]
+mod probe;
 pub(super) use events::Head as TreeHead;
 
 use super::deliver::SinkList;
@@ -97,6 +100,10 @@ pub struct TreeStats {
     pub control_frames: u64,
     /// The bytes of those frames.
     pub control_bytes: u64,
+    /// Members this node suspected (a probe unanswered, `tree_probe.rs`), and suspicions of itself it refuted.
+    pub suspicions: u64,
+    /// See `suspicions`.
+    pub refuted: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -115,6 +122,8 @@ pub(super) struct Tree {
     events: events::TreeEvents,
     control_frames: AtomicU64,
     control_bytes: AtomicU64,
+    suspicions: AtomicU64,
+    refuted: AtomicU64,
 }
 
 struct TreeInner {
@@ -136,6 +145,12 @@ struct TreeInner {
     /// Neighbours whose link failed and that are not yet taken for gone: how many of this node's links to each
     /// failed since (dials that found nothing listening, or handshakes that timed out).
     failing: HashMap<NodeId, u32>,
+    /// The liveness check of non-neighbour members (`tree_probe.rs`).
+    prober: Option<Prober>,
+    /// Links kept for a probe until then: this node's unanswered probes (true), and probes it answered (false).
+    probe_links: HashMap<NodeId, (Instant, bool)>,
+    /// Unanswered probes already sent again after their link was lost.
+    probe_retried: HashSet<NodeId>,
 }
 
 impl Default for Tree {
@@ -154,6 +169,9 @@ impl Default for Tree {
                 event_streams: HashSet::new(),
                 last_resync: None,
                 failing: HashMap::new(),
+                prober: None,
+                probe_links: HashMap::new(),
+                probe_retried: HashSet::new(),
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -162,6 +180,8 @@ impl Default for Tree {
             events: events::TreeEvents::default(),
             control_frames: AtomicU64::new(0),
             control_bytes: AtomicU64::new(0),
+            suspicions: AtomicU64::new(0),
+            refuted: AtomicU64::new(0),
         }
     }
 }
@@ -200,6 +220,8 @@ impl ChannelInner {
             forwarded: t.forwarded.load(Ordering::Relaxed),
             control_frames: t.control_frames.load(Ordering::Relaxed),
             control_bytes: t.control_bytes.load(Ordering::Relaxed),
+            suspicions: t.suspicions.load(Ordering::Relaxed),
+            refuted: t.refuted.load(Ordering::Relaxed),
         }
     }
 
@@ -236,6 +258,7 @@ impl ChannelInner {
                 g.join(via, ms);
             }
             t.gossip = Some(g);
+            t.prober = node.cfg.tree_probe.then(|| Prober::new(probe::PROBE, rand::random(), ms));
             t.since = Some(at);
         }
         tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
@@ -329,6 +352,11 @@ impl ChannelInner {
             }
             self.tree_start(&node, &mut st, None);
         }
+        if matches!(body, GossipMsg::Probe { .. } | GossipMsg::ProbeAck { .. } | GossipMsg::Suspect { .. }) {
+            // The liveness check's, not the overlay's (and not a reason to keep the link).
+            self.probe_input(&node, from, body);
+            return;
+        }
         if matches!(body, GossipMsg::Event { .. }) {
             self.tree.event_frames.fetch_add(1, Ordering::Relaxed);
         }
@@ -387,6 +415,7 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return true };
         // Events for Block sinks go to their nodes directly: the routes take the new peer, which is dialled.
         self.tree_direct_lost(&node, id);
+        self.probe_link_lost(&node, id);
         let neighbour = {
             let at = now();
             let mut t = self.tree.inner.lock();
@@ -522,7 +551,7 @@ impl ChannelInner {
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
             || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
         drop(t);
-        used || self.tree_direct(id)
+        used || self.probe_needs_link(id, at) || self.tree_direct(id)
     }
 
     /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).
@@ -654,6 +683,9 @@ impl ChannelInner {
             Message::Snapshot { left: true, .. } => {
                 // A goodbye on behalf of a node whose link to the relaying member failed.
                 self.membership_input(NodeId(id.source.0 ^ MEMBERSHIP_STREAM), msg);
+            }
+            Message::Gossip { body: GossipMsg::Suspect { node: who, version }, .. } => {
+                self.suspected(node, who, version);
             }
             other => {
                 tracing::debug!(channel = %self.name, "kind {} relayed in the overlay, ignored", other.kind());
@@ -802,6 +834,7 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         let due = {
             let t = ch.tree.inner.lock();
             let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
+            let ms = ms.min(t.prober.as_ref().map_or(u64::MAX, |p| p.poll_timeout()));
             let next = next_sweep.min(next_sync);
             t.base.checked_add(Duration::from_millis(ms)).map_or(next, |d| d.min(next))
         };
@@ -827,6 +860,7 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
             }
         }
         ch.tree_execute(&node);
+        ch.probe_tick(&node);
         if at >= next_sweep {
             next_sweep = at + SWEEP_EVERY;
             node.release_links();

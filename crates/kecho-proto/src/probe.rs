@@ -1,0 +1,327 @@
+//! The liveness check of a channel's members in tree mode (docs/SCALE.md, "Guarantees in tree mode"), after SWIM
+//! (Das, Gupta and Motivala, 2002), sans-IO: time in milliseconds passed in, outputs polled, seeded randomness.
+//!
+//! In tree mode only a member's overlay neighbours notice its death (their links fail). A member whose neighbours all
+//! died with it (30 % of a channel killed at once) would stay in every survivor's view for good. So every
+//! [`ProbeConfig::period`] each member probes one other member that is *not* one of its neighbours (whose links'
+//! heartbeats watch them already): the member nodes are taken in a shuffled round-robin order, so that each is
+//! probed by every prober within one pass. A probe is a [`crate::gossip::GossipMsg::Probe`] sent on a link (one
+//! dialled for it if none is up); the probed node answers with a `ProbeAck`. A probe unanswered within
+//! [`ProbeConfig::timeout`] does not declare the node dead: it makes it *suspected* ([`ProbeOut::Suspect`]: the
+//! I/O layer broadcasts the suspicion through the overlay, and the suspected node, if it is alive and hears it,
+//! refutes it by publishing a newer snapshot, its incarnation number). A suspicion not refuted within
+//! [`ProbeConfig::suspect_for`] (no newer snapshot version of the node seen, no late answer) becomes
+//! [`ProbeOut::Dead`]: the I/O layer broadcasts a goodbye on the node's behalf, as a neighbour does when its link
+//! fails; a node that is alive and hears it publishes a newer snapshot and is back.
+//!
+//! Cost: one probe and one answer per member per period, whatever the channel's size; a suspicion is one broadcast
+//! per failed probe.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::NodeId;
+
+/// Periods of the liveness check, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// How often a member probes another.
+    pub period: u64,
+    /// A probe unanswered this long makes its node suspected.
+    pub timeout: u64,
+    /// A suspicion not refuted this long makes its node taken for gone.
+    pub suspect_for: u64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig { period: 1_000, timeout: 2_000, suspect_for: 3_000 }
+    }
+}
+
+/// What the prober asks its I/O layer to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeOut {
+    /// Send `node` a probe with this nonce (dialling it if no link is up); its answer goes to [`Prober::ack`].
+    Probe {
+        /// The probed node.
+        node: NodeId,
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// `node`, at snapshot `version`, did not answer: tell the members (it refutes with a newer version).
+    Suspect {
+        /// The suspected node.
+        node: NodeId,
+        /// The snapshot version it was suspected at.
+        version: u64,
+    },
+    /// `node`'s suspicion was not refuted: take it for gone (a goodbye on its behalf at `version`).
+    Dead {
+        /// The node.
+        node: NodeId,
+        /// The snapshot version it was suspected at.
+        version: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    node: NodeId,
+    version: u64,
+    nonce: u64,
+    deadline: u64,
+}
+
+/// One member's liveness check of the others.
+#[derive(Clone, Debug)]
+pub struct Prober {
+    cfg: ProbeConfig,
+    rng: u64,
+    next_probe: u64,
+    /// The rest of the current pass over the members, in shuffled order.
+    order: Vec<NodeId>,
+    pending: Option<Pending>,
+    /// Suspected nodes: the version they were suspected at, and when the suspicion runs out.
+    suspects: BTreeMap<NodeId, (u64, u64)>,
+    nonce: u64,
+    outs: VecDeque<ProbeOut>,
+    probes: u64,
+}
+
+impl Prober {
+    /// A prober whose first probe is due one period after `now` (a jittered part of it, so that members that
+    /// started together do not probe in step).
+    pub fn new(cfg: ProbeConfig, seed: u64, now: u64) -> Self {
+        let mut p = Prober {
+            cfg,
+            rng: seed | 1,
+            next_probe: 0,
+            order: Vec::new(),
+            pending: None,
+            suspects: BTreeMap::new(),
+            nonce: seed.rotate_left(17),
+            outs: VecDeque::new(),
+            probes: 0,
+        };
+        p.next_probe = now + cfg.period / 2 + p.below(cfg.period.max(1));
+        p
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n.max(1)
+    }
+
+    /// Probes sent so far.
+    pub fn probes(&self) -> u64 {
+        self.probes
+    }
+
+    /// Nodes suspected now.
+    pub fn suspects(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.suspects.keys().copied()
+    }
+
+    /// The answer to a probe arrived from `from`: it is alive (a late answer refutes a suspicion too).
+    pub fn ack(&mut self, from: NodeId, nonce: u64) {
+        if self.pending.is_some_and(|p| p.node == from && p.nonce == nonce) {
+            self.pending = None;
+        }
+        self.suspects.remove(&from);
+    }
+
+    /// The nonce of the unanswered probe of `node`, if one is.
+    pub fn pending_nonce(&self, node: NodeId) -> Option<u64> {
+        self.pending.filter(|p| p.node == node).map(|p| p.nonce)
+    }
+
+    /// The probe of `node` failed before its timeout (nothing accepts at its address): treated as unanswered now.
+    pub fn failed(&mut self, node: NodeId, now: u64) {
+        if let Some(p) = self.pending.as_mut().filter(|p| p.node == node) {
+            p.deadline = p.deadline.min(now);
+        }
+    }
+
+    /// When [`Prober::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut t = self.next_probe;
+        if let Some(p) = self.pending {
+            t = t.min(p.deadline);
+        }
+        for (_, deadline) in self.suspects.values() {
+            t = t.min(*deadline);
+        }
+        t
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<ProbeOut> {
+        self.outs.pop_front()
+    }
+
+    /// Advances to `now`. `members`: every other member node this member knows, with its snapshot version;
+    /// `neighbours`: those whose links the overlay watches (not probed).
+    pub fn handle_timeout(&mut self, now: u64, members: &BTreeMap<NodeId, u64>, neighbours: &BTreeSet<NodeId>) {
+        // A suspicion ends when its node is gone from the view (someone took it for gone, or it left) or refuted
+        // with a newer snapshot; otherwise, once it ran out, the node is taken for gone.
+        let suspects: Vec<(NodeId, (u64, u64))> = self.suspects.iter().map(|(n, s)| (*n, *s)).collect();
+        for (node, (version, deadline)) in suspects {
+            match members.get(&node) {
+                Some(v) if *v <= version => {
+                    if deadline <= now {
+                        self.suspects.remove(&node);
+                        self.outs.push_back(ProbeOut::Dead { node, version });
+                    }
+                }
+                _ => {
+                    self.suspects.remove(&node);
+                }
+            }
+        }
+        if let Some(p) = self.pending {
+            if !members.contains_key(&p.node) || neighbours.contains(&p.node) {
+                self.pending = None;
+            } else if p.deadline <= now {
+                self.pending = None;
+                let version = members[&p.node].max(p.version);
+                if !self.suspects.contains_key(&p.node) {
+                    self.suspects.insert(p.node, (version, now + self.cfg.suspect_for));
+                    self.outs.push_back(ProbeOut::Suspect { node: p.node, version });
+                }
+            }
+        }
+        if now < self.next_probe {
+            return;
+        }
+        self.next_probe = now + self.cfg.period;
+        if self.pending.is_some() {
+            // One probe at a time: the next waits for this one's answer or timeout.
+            return;
+        }
+        let eligible =
+            |n: &NodeId, s: &Self| members.contains_key(n) && !neighbours.contains(n) && !s.suspects.contains_key(n);
+        let mut target = None;
+        for pass in 0..2 {
+            while let Some(n) = self.order.pop() {
+                if eligible(&n, self) {
+                    target = Some(n);
+                    break;
+                }
+            }
+            if target.is_some() || pass == 1 {
+                break;
+            }
+            // A new pass over the members, in a fresh random order.
+            let mut order: Vec<NodeId> = members.keys().copied().collect();
+            for i in (1..order.len()).rev() {
+                let j = self.below(i as u64 + 1) as usize;
+                order.swap(i, j);
+            }
+            self.order = order;
+        }
+        let Some(node) = target else { return };
+        self.nonce = self.nonce.wrapping_add(1);
+        let nonce = self.nonce;
+        self.probes += 1;
+        self.pending = Some(Pending { node, version: members[&node], nonce, deadline: now + self.cfg.timeout });
+        self.outs.push_back(ProbeOut::Probe { node, nonce });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[(u64, u64)]) -> BTreeMap<NodeId, u64> {
+        ids.iter().map(|(n, v)| (NodeId(*n), *v)).collect()
+    }
+
+    fn drain(p: &mut Prober) -> Vec<ProbeOut> {
+        std::iter::from_fn(|| p.poll_output()).collect()
+    }
+
+    /// Runs the prober to `until` in steps of 10 ms, answering the probes of the nodes in `alive`.
+    fn run(p: &mut Prober, from: u64, until: u64, m: &BTreeMap<NodeId, u64>, alive: &[u64]) -> Vec<ProbeOut> {
+        let mut seen = Vec::new();
+        let none = BTreeSet::new();
+        let mut t = from;
+        while t <= until {
+            p.handle_timeout(t, m, &none);
+            for o in drain(p) {
+                if let ProbeOut::Probe { node, nonce } = o {
+                    if alive.contains(&node.0) {
+                        p.ack(node, nonce);
+                    }
+                }
+                seen.push(o);
+            }
+            t += 10;
+        }
+        seen
+    }
+
+    #[test]
+    fn every_member_is_probed_once_per_pass_and_neighbours_never() {
+        let mut p = Prober::new(ProbeConfig::default(), 7, 0);
+        let m = members(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
+        let neighbours: BTreeSet<NodeId> = [NodeId(5)].into();
+        let mut probed = Vec::new();
+        for t in (0..=8_500).step_by(10) {
+            p.handle_timeout(t, &m, &neighbours);
+            for o in drain(&mut p) {
+                let ProbeOut::Probe { node, nonce } = o else { panic!("{o:?}") };
+                p.ack(node, nonce);
+                probed.push(node.0);
+            }
+        }
+        assert!((7..=9).contains(&probed.len()), "one probe per period: {probed:?}");
+        let mut first: Vec<u64> = probed[..4].to_vec();
+        first.sort();
+        assert_eq!(first, vec![1, 2, 3, 4], "each non-neighbour once per pass");
+    }
+
+    #[test]
+    fn an_unanswered_probe_suspects_then_takes_for_gone() {
+        let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+        let m = members(&[(9, 4)]);
+        let seen = run(&mut p, 0, 8_000, &m, &[]);
+        let at = |o: &ProbeOut| seen.iter().position(|x| x == o);
+        let suspect = at(&ProbeOut::Suspect { node: NodeId(9), version: 4 }).expect("suspected");
+        let dead = at(&ProbeOut::Dead { node: NodeId(9), version: 4 }).expect("taken for gone");
+        assert!(suspect < dead);
+        assert_eq!(seen.iter().filter(|o| matches!(o, ProbeOut::Dead { .. })).count(), 1);
+    }
+
+    #[test]
+    fn a_newer_snapshot_or_a_late_answer_refutes_a_suspicion() {
+        // Refuted by a newer version.
+        let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+        let seen = run(&mut p, 0, 3_990, &members(&[(9, 4)]), &[]);
+        assert!(seen.contains(&ProbeOut::Suspect { node: NodeId(9), version: 4 }), "{seen:?}");
+        let seen = run(&mut p, 4_000, 20_000, &members(&[(9, 5)]), &[9]);
+        assert!(!seen.iter().any(|o| matches!(o, ProbeOut::Dead { .. } | ProbeOut::Suspect { .. })), "{seen:?}");
+        // Refuted by an answer that came late.
+        let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+        let m = members(&[(9, 4)]);
+        let seen = run(&mut p, 0, 3_990, &m, &[]);
+        let Some(ProbeOut::Probe { nonce, .. }) = seen.iter().find(|o| matches!(o, ProbeOut::Probe { .. })).copied()
+        else {
+            panic!("no probe")
+        };
+        p.ack(NodeId(9), nonce);
+        let seen = run(&mut p, 4_000, 20_000, &m, &[9]);
+        assert!(!seen.iter().any(|o| matches!(o, ProbeOut::Dead { .. })), "{seen:?}");
+    }
+
+    #[test]
+    fn a_node_that_left_the_view_is_no_longer_suspected_or_probed() {
+        let mut p = Prober::new(ProbeConfig::default(), 5, 0);
+        run(&mut p, 0, 3_990, &members(&[(9, 4)]), &[]);
+        assert_eq!(p.suspects().collect::<Vec<_>>(), vec![NodeId(9)]);
+        let seen = run(&mut p, 4_000, 20_000, &members(&[]), &[]);
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(p.suspects().count(), 0);
+    }
+}
