@@ -352,8 +352,8 @@ struct SendTrack {
     stream_last: u64,
     /// What was last told to the node, if anything.
     told: Option<Told>,
-    /// The link (`Peer` address and epoch) the kept events in flight were last replayed on.
-    replayed_on: Option<(usize, u64)>,
+    /// The link (`Peer::serial` and epoch) the kept events in flight were last replayed on.
+    replayed_on: Option<(u64, u64)>,
     /// Where this source's last frame to the node went in the link's outbox (its next must not overtake it).
     held: Held,
 }
@@ -363,8 +363,8 @@ struct SendTrack {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Told {
     skipped: u64,
-    /// The `Peer` object, by address.
-    peer: usize,
+    /// The `Peer` object, by `Peer::serial` (not by address: a dropped `Peer`'s successor may reuse it).
+    peer: u64,
     /// Its epoch (`Peer::epoch`).
     epoch: u64,
 }
@@ -1002,18 +1002,14 @@ impl SendTrack {
     /// Before event `seq` goes to `peer`: what the node must know of the events not meant for it, and whether it must
     /// be told (whenever that changed, and on every new link). Call `sent` once the event is queued.
     fn before(&self, peer: &Arc<Peer>, seq: u64) -> (Told, bool) {
-        let now = Told {
-            skipped: seq.saturating_sub(self.routed + 1),
-            peer: Arc::as_ptr(peer) as usize,
-            epoch: peer.epoch(),
-        };
+        let now = Told { skipped: seq.saturating_sub(self.routed + 1), peer: peer.serial(), epoch: peer.epoch() };
         (now, self.told != Some(now))
     }
 
     /// True if events went to the node on a link that is not `peer`'s current one (it broke, perhaps with some of
     /// them in flight) and they were not replayed on this one yet.
     fn relinked(&self, peer: &Arc<Peer>) -> bool {
-        let link = (Arc::as_ptr(peer) as usize, peer.epoch());
+        let link = (peer.serial(), peer.epoch());
         self.replayed_on != Some(link) && self.told.is_some_and(|t| (t.peer, t.epoch) != link)
     }
 
@@ -1027,7 +1023,7 @@ impl SendTrack {
         source: LocalId,
         enc: &mut Encoder,
     ) {
-        self.replayed_on = Some((Arc::as_ptr(peer) as usize, peer.epoch()));
+        self.replayed_on = Some((peer.serial(), peer.epoch()));
         for (seq, n, frame, targets) in kept.sent_to(peer.id) {
             self.stream_last = self.stream_last.max(n);
             encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
@@ -1290,5 +1286,36 @@ impl Drop for Source {
             self.ch.source_ended(self.id, self.seq, self.loss.dests());
         }
         self.ch.remove_member(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Peer` dropped as unused (`Links::forget_unused`) and made again for the same node is a new link: the node
+    /// must be told again what it skipped, and events kept in flight must be replayed on it, even where the new
+    /// `Peer` was allocated at the old one's address with the same epoch (0). Many rounds, so that the allocator
+    /// reuses the address in some of them (it does in most with the system allocator).
+    #[test]
+    fn a_peer_made_again_for_the_same_node_is_a_new_link_to_a_source() {
+        let node = NodeId(7);
+        let mut reused = 0;
+        for _ in 0..100 {
+            let mut track = SendTrack::default();
+            let old = Arc::new(Peer::new(node, "old".into(), 1 << 20));
+            let (told, tell) = track.before(&old, 5);
+            assert!(tell, "a first event is always told");
+            track.sent(told);
+            assert!(!track.before(&old, 6).1, "the same link, nothing skipped: nothing to tell");
+            assert!(!track.relinked(&old));
+            let at = Arc::as_ptr(&old) as usize;
+            drop(old);
+            let new = Arc::new(Peer::new(node, "new".into(), 1 << 20));
+            reused += usize::from(Arc::as_ptr(&new) as usize == at);
+            assert!(track.before(&new, 6).1, "a new Peer is a new link: the node is told again");
+            assert!(track.relinked(&new), "events sent on the old Peer are replayed on the new one");
+        }
+        eprintln!("the new Peer reused the old one's address in {reused} of 100 rounds");
     }
 }

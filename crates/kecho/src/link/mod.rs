@@ -642,6 +642,8 @@ pub struct LinkStats {
 /// Another node, as this node sees it.
 pub(crate) struct Peer {
     pub(crate) id: NodeId,
+    /// Unique among the `Peer`s this process ever made (see `Peer::serial`).
+    serial: u64,
     pub(crate) addr: Mutex<String>,
     pub(crate) outbox: Outbox,
     link: Mutex<LinkState>,
@@ -703,8 +705,10 @@ enum LinkState {
 
 impl Peer {
     pub(crate) fn new(id: NodeId, addr: String, limit: usize) -> Self {
+        static SERIALS: AtomicU64 = AtomicU64::new(1);
         Peer {
             id,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             addr: Mutex::new(addr),
             outbox: Outbox::new(limit),
             link: Mutex::new(LinkState::Idle),
@@ -821,6 +825,12 @@ impl Peer {
     /// the peer before may not have arrived.
     pub(crate) fn epoch(&self) -> u64 {
         self.flags.epoch.load(Ordering::Acquire)
+    }
+
+    /// This `Peer` among all a process ever made: unused `Peer`s are dropped (`Links::forget_unused`), and a new one
+    /// for the same node may be allocated where the old one was, so its address does not tell them apart.
+    pub(crate) fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Sends pending lag notices, if any, ahead of the next event.
