@@ -304,7 +304,7 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
 }
 
 /// Issue 17's defect, made deterministic: a node killed together with its whole active view has no surviving
-/// neighbour to notice its death. The liveness check (one probe per member per second of a non-neighbour member,
+/// neighbour to notice its death. The liveness check (one probe per member every 5 s of a non-neighbour member,
 /// suspicion, then a goodbye on its behalf) takes it out of every survivor's view within seconds; before it, every
 /// survivor kept it for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,8 +348,8 @@ async fn a_node_killed_with_its_whole_active_view_leaves_every_view() -> Result<
     Ok(())
 }
 
-/// The liveness check keeps false positives out: in an idle channel of 30 live nodes every node probes one member per
-/// second, and none is suspected (before the probe of a link lost before its answer was sent again, a link that the
+/// The liveness check keeps false positives out: in an idle channel of 30 live nodes every node probes one member every
+/// 5 s, and none is suspected (before the probe of a link lost before its answer was sent again, a link that the
 /// probed node closed as unneeded before reading the probe made 2 suspicions in 10 s here). Prints the membership
 /// traffic per member (probes included).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
