@@ -51,6 +51,12 @@ pub(crate) struct QuicEndpoint {
     drop_every: u64,
 }
 
+/// The largest best-effort event sent as a datagram, whatever the path's packets carry: about what a 1500-byte path
+/// takes. With packets of up to `MAX_PACKET` on loopback, datagrams of several KiB let the best-effort test
+/// `mixed_paths_keep_order_and_reliable_events` fail 4 runs in 15 (events skipped before a reliable one and not
+/// reported in place; 0 in 10 with 1452-byte packets): until that is understood, larger events go on the stream.
+const MAX_DATAGRAM: usize = 1200;
+
 /// The largest UDP payload a link sends or takes (its packet size once path MTU discovery found that the path carries
 /// it). Larger ones did no better on loopback (32000: no better than quinn's default, in two runs).
 const MAX_PACKET: u16 = 16384;
@@ -249,9 +255,10 @@ impl Datagrams {
         Some(Box::new(self.conn.accept_uni().await.ok()?))
     }
 
-    /// The largest datagram the connection takes now (`None`: the peer takes none).
+    /// The largest datagram a best-effort event goes in: what the connection takes now, at most `MAX_DATAGRAM`
+    /// (`None`: the peer takes none).
     pub(crate) fn max_size(&self) -> Option<usize> {
-        self.conn.max_datagram_size()
+        self.conn.max_datagram_size().map(|m| m.min(MAX_DATAGRAM))
     }
 
     /// Sends one datagram without waiting (quinn may drop older unsent datagrams to make room, which the receiver
