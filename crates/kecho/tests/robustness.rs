@@ -353,3 +353,93 @@ async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
     );
     Ok(())
 }
+
+/// CPU time this process has used (user and system), from /proc/self/stat.
+fn cpu_time() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name (which is in parentheses and may hold spaces); utime and stime are the
+    // 14th and 15th of the whole line, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit_once(')').context("no command name")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// A gossip frame switches a channel that is still opening to tree mode (a joiner may hear the overlay before its
+/// `JoinAccept`); its liveness check falls due a few seconds later, while the node is no member yet. The check then
+/// has nothing to do, and the channel's tree loop must sleep until the next period, not wake again at once: here the
+/// channel's contact (a node id in the registry, at an address nothing listens on) never answers, so the node stays
+/// a joiner for the whole open timeout, and a hand-made peer sends it a `Probe`.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_channel_in_tree_mode_does_not_spin() -> Result<()> {
+    use kecho_proto::codec::ClaimMode;
+    use kecho_proto::gossip::GossipMsg;
+    use kecho_proto::{ChannelId, ChannelSecret};
+    let reg = RegistryClient::in_process_private();
+    let ghost = Identity::from_secret([0x77; 32]);
+    let channel = ChannelId(0x5eed);
+    let claim = Message::RegClaim {
+        req: 0,
+        name: "joining".into(),
+        channel,
+        node: ghost.node_id(),
+        addr: "127.0.0.1:9".into(),
+        ttl_ms: 120_000,
+        mode: ClaimMode::Create,
+        sources: 0,
+        sinks: 1,
+        secret: ChannelSecret(5),
+    };
+    reg.request(claim).await?;
+    let m = kecho::MembershipConfig { open_timeout: Duration::from_secs(40), ..Default::default() };
+    let b = Node::builder().registry_client(reg.clone()).membership(m).start().await?;
+    let opening = {
+        let b = b.clone();
+        tokio::spawn(async move { b.open_channel("joining").await.map(|_| ()) })
+    };
+    // The joiner has looked the channel up (and keeps dialling its contact in vain).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let me = Identity::from_secret([0x42; 32]);
+    let addr = "127.0.0.1:9";
+    let mut out = BytesMut::new();
+    Message::Hello { version: PROTOCOL_VERSION, node: me.node_id(), addr: addr.into(), purpose: Purpose::Node }
+        .encode(&mut out);
+    me.hello_proof(b.id(), addr).encode(&mut out);
+    Message::Gossip { channel, addrs: Vec::new(), body: GossipMsg::Probe { nonce: 1 } }.encode(&mut out);
+    let mut s = TcpStream::connect(b.local_addr()).await?;
+    s.write_all(&out).await?;
+    // The answer shows that the channel took the frame (and switched to tree mode).
+    let mut buf = BytesMut::new();
+    let answered = timeout(T, async {
+        loop {
+            while let Some(frame) = kecho_proto::codec::split_frame(&mut buf, 1 << 20)? {
+                // (The urgent connection's link-internal frames, kinds 65 to 67, are skipped.)
+                if frame.first().is_some_and(|k| (65..=67).contains(k)) {
+                    continue;
+                }
+                let m = kecho_proto::codec::decode_body(frame)?;
+                if let Message::Gossip { body: GossipMsg::ProbeAck { nonce: 1 }, .. } = m {
+                    return anyhow::Ok(());
+                }
+            }
+            if s.read_buf(&mut buf).await? == 0 {
+                bail!("closed");
+            }
+        }
+    })
+    .await;
+    answered.context("no ProbeAck")??;
+    // The first probe falls due 2.5 to 7.5 s after tree mode began; the node stays a joiner until 40 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!opening.is_finished(), "the open ended early: {:?}", opening.await);
+    let (t0, c0) = (std::time::Instant::now(), cpu_time()?);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (wall, cpu) = (t0.elapsed(), cpu_time()? - c0);
+    eprintln!("a joining node in tree mode: {cpu:?} of CPU in {wall:?}");
+    // Idle but for its dials to the contact: a few tens of milliseconds. A loop that never sleeps takes a worker
+    // thread whole (on a loaded 2-core machine, still above a second in four).
+    assert!(cpu < Duration::from_millis(400), "{cpu:?} of CPU in {wall:?}: something spins");
+    opening.abort();
+    Ok(())
+}

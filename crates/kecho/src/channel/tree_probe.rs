@@ -112,10 +112,13 @@ impl ChannelInner {
         };
         let (members, channel) = {
             let st = self.state.lock();
-            if !st.is_member() {
-                return;
-            }
-            let members: BTreeMap<NodeId, u64> = st.peers().iter().map(|(id, p)| (*id, p.snapshot.version)).collect();
+            // A node that is no member (yet: a joiner may hear the overlay before its `JoinAccept`) probes nobody,
+            // but its prober's timers must move on all the same: left due, they woke the tree loop again at once.
+            let members: BTreeMap<NodeId, u64> = if st.is_member() {
+                st.peers().iter().map(|(id, p)| (*id, p.snapshot.version)).collect()
+            } else {
+                BTreeMap::new()
+            };
             (members, self.id())
         };
         let outs: Vec<ProbeOut> = {
