@@ -38,7 +38,12 @@ impl ChannelInner {
     pub(super) fn probe_input(self: &Arc<Self>, node: &Arc<Channels>, from: NodeId, body: GossipMsg) {
         match body {
             GossipMsg::Probe { nonce } => {
-                self.tree.inner.lock().probe_links.insert(from, (now() + ANSWER_GRACE, false));
+                // Probes may cross: an entry for this node's own unanswered probe of `from` stays one (its resend
+                // when the link is lost goes by it), held at least until the answer's grace ends.
+                let until = now() + ANSWER_GRACE;
+                let mut t = self.tree.inner.lock();
+                t.probe_links.entry(from).and_modify(|(u, _)| *u = (*u).max(until)).or_insert((until, false));
+                drop(t);
                 self.probe_send(node, from, GossipMsg::ProbeAck { nonce });
             }
             GossipMsg::ProbeAck { nonce } => {
