@@ -324,4 +324,101 @@ mod tests {
         assert!(seen.is_empty(), "{seen:?}");
         assert_eq!(p.suspects().count(), 0);
     }
+
+    /// What a peer, the overlay or the clock can do to a prober.
+    #[derive(Clone, Debug)]
+    enum Input {
+        /// Time passes (ms).
+        Wait(u64),
+        /// An answer from `node` with a nonce: the pending probe's, or any other (late, repeated or forged).
+        Ack { node: u64, right: bool, nonce: u64 },
+        /// A dial to `node` failed.
+        Failed(u64),
+        /// The view changes: member `node` is at `version` (0: it left the view).
+        View { node: u64, version: u64 },
+        /// The overlay takes `node` as a neighbour, or drops it.
+        Neighbour { node: u64, on: bool },
+    }
+
+    fn input() -> impl proptest::strategy::Strategy<Value = Input> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u64..4_000).prop_map(Input::Wait),
+            2 => (0u64..8, any::<bool>(), any::<u64>()).prop_map(|(node, right, nonce)| Input::Ack { node, right, nonce }),
+            1 => (0u64..8).prop_map(Input::Failed),
+            2 => (0u64..8, 0u64..6).prop_map(|(node, version)| Input::View { node, version }),
+            1 => (0u64..8, any::<bool>()).prop_map(|(node, on)| Input::Neighbour { node, on }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Whatever it is fed, the prober never panics, is never due again at once (its I/O layer sleeps until
+        /// `poll_timeout`: a timeout not past `now` would wake it in a loop), probes one node at a time and only
+        /// members that are neither neighbours nor suspected, and takes for gone only a member it suspected.
+        #[test]
+        fn the_prober_holds_its_invariants_under_any_input(
+            seed in proptest::prelude::any::<u64>(),
+            start in 0u64..1_000_000,
+            inputs in proptest::collection::vec(input(), 1..120),
+        ) {
+            let mut p = Prober::new(ProbeConfig::default(), seed, start);
+            let (mut now, mut members, mut neighbours) = (start, BTreeMap::new(), BTreeSet::new());
+            let mut suspected: BTreeSet<NodeId> = BTreeSet::new();
+            for i in inputs {
+                match i {
+                    Input::Wait(ms) => now += ms,
+                    Input::Ack { node, right, nonce } => {
+                        let node = NodeId(node);
+                        let nonce = match p.pending_nonce(node) {
+                            Some(n) if right => n,
+                            _ => nonce,
+                        };
+                        p.ack(node, nonce);
+                        suspected.remove(&node);
+                    }
+                    Input::Failed(node) => p.failed(NodeId(node), now),
+                    Input::View { node, version: 0 } => {
+                        members.remove(&NodeId(node));
+                    }
+                    Input::View { node, version } => {
+                        members.insert(NodeId(node), version);
+                    }
+                    Input::Neighbour { node, on: true } => {
+                        neighbours.insert(NodeId(node));
+                    }
+                    Input::Neighbour { node, on: false } => {
+                        neighbours.remove(&NodeId(node));
+                    }
+                }
+                if p.poll_timeout() > now {
+                    continue;
+                }
+                p.handle_timeout(now, &members, &neighbours);
+                proptest::prop_assert!(p.poll_timeout() > now, "due again at once: {} at {now}", p.poll_timeout());
+                while let Some(o) = p.poll_output() {
+                    match o {
+                        ProbeOut::Probe { node, .. } => {
+                            proptest::prop_assert!(members.contains_key(&node), "probed a non-member {node:?}");
+                            proptest::prop_assert!(!neighbours.contains(&node), "probed a neighbour {node:?}");
+                            proptest::prop_assert!(p.suspects().all(|s| s != node), "probed a suspect {node:?}");
+                        }
+                        ProbeOut::Suspect { node, .. } => {
+                            proptest::prop_assert!(members.contains_key(&node), "suspected a non-member {node:?}");
+                            suspected.insert(node);
+                        }
+                        ProbeOut::Dead { node, version } => {
+                            proptest::prop_assert!(suspected.remove(&node), "gone without a suspicion: {node:?}");
+                            proptest::prop_assert!(members.get(&node).is_some_and(|v| *v <= version));
+                        }
+                    }
+                }
+                // At most one probe outstanding.
+                let outstanding: Vec<NodeId> = members.keys().filter(|n| p.pending_nonce(**n).is_some()).copied().collect();
+                proptest::prop_assert!(outstanding.len() <= 1, "{outstanding:?}");
+                proptest::prop_assert!(p.suspects().all(|n| members.contains_key(&n)), "a suspect out of the view");
+                suspected.retain(|n| p.suspects().any(|s| s == *n));
+            }
+        }
+    }
 }

@@ -228,25 +228,14 @@ async fn identity_and_access_hold_over_quic() -> Result<()> {
 /// With a TLS configuration QUIC authenticates against the node's CA: nodes of one CA link, a stranger does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_uses_the_nodes_tls_certificates() -> Result<()> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let ca_config = || -> Result<_> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
-    };
-    let tls_for = |issuer: &CertifiedIssuer<'static, KeyPair>| -> Result<kecho::TlsConfig> {
-        let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, issuer)?;
-        Ok(kecho::TlsConfig::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), issuer.pem().as_bytes())?)
-    };
-    let (ours, theirs) = (ca_config()?, ca_config()?);
+    let (ours, theirs) = (common::Ca::new()?, common::Ca::new()?);
     let reg = RegistryClient::in_process_private();
     let m = MembershipConfig { open_timeout: Duration::from_secs(3), ..MembershipConfig::default() };
     let start = |tls: kecho::TlsConfig| {
         Node::builder().registry_client(reg.clone()).membership(m.clone()).transport(Transport::Quic).tls(tls).start()
     };
-    let a = start(tls_for(&ours)?).await?;
-    let b = start(tls_for(&ours)?).await?;
+    let a = start(ours.loopback()?).await?;
+    let b = start(ours.loopback()?).await?;
     let ca = a.create_channel("secure").await?;
     let cb = b.open_channel("secure").await?;
     let mut sink = cb.sink(SinkOptions::new())?;
@@ -254,7 +243,7 @@ async fn quic_uses_the_nodes_tls_certificates() -> Result<()> {
     ca.source()?.submit("e", &Attrs::new(), b"secret").await?;
     assert_eq!(&recv(&mut sink).await?.payload()[..], b"secret");
     check_transport(&a, Transport::Quic);
-    let stranger = start(tls_for(&theirs)?).await?;
+    let stranger = start(theirs.loopback()?).await?;
     match stranger.open_channel("secure").await {
         Err(e @ Error::OpenTimeout { .. }) => assert!(e.to_string().contains("QUIC"), "{e}"),
         other => bail!("a node of another CA linked: {other:?}"),

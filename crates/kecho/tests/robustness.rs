@@ -353,3 +353,87 @@ async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
     );
     Ok(())
 }
+
+/// How long this test's runtime's worker threads were busy in all (the nodes of a test run on its runtime).
+fn busy() -> Duration {
+    let m = tokio::runtime::Handle::current().metrics();
+    (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum()
+}
+
+/// A gossip frame switches a channel that is still opening to tree mode (a joiner may hear the overlay before its
+/// `JoinAccept`); its liveness check falls due a few seconds later, while the node is no member yet. The check then
+/// has nothing to do, and the channel's tree loop must sleep until the next period, not wake again at once: here the
+/// channel's contact (a node id in the registry, at an address nothing listens on) never answers, so the node stays
+/// a joiner for the whole open timeout, and a hand-made peer sends it a `Probe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_channel_in_tree_mode_does_not_spin() -> Result<()> {
+    use kecho_proto::codec::ClaimMode;
+    use kecho_proto::gossip::GossipMsg;
+    use kecho_proto::{ChannelId, ChannelSecret};
+    let reg = RegistryClient::in_process_private();
+    let ghost = Identity::from_secret([0x77; 32]);
+    let channel = ChannelId(0x5eed);
+    let claim = Message::RegClaim {
+        req: 0,
+        name: "joining".into(),
+        channel,
+        node: ghost.node_id(),
+        addr: "127.0.0.1:9".into(),
+        ttl_ms: 120_000,
+        mode: ClaimMode::Create,
+        sources: 0,
+        sinks: 1,
+        secret: ChannelSecret(5),
+    };
+    reg.request(claim).await?;
+    let m = kecho::MembershipConfig { open_timeout: Duration::from_secs(40), ..Default::default() };
+    let b = Node::builder().registry_client(reg.clone()).membership(m).start().await?;
+    let opening = {
+        let b = b.clone();
+        tokio::spawn(async move { b.open_channel("joining").await.map(|_| ()) })
+    };
+    // The joiner has looked the channel up (and keeps dialling its contact in vain).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let me = Identity::from_secret([0x42; 32]);
+    let addr = "127.0.0.1:9";
+    let mut out = BytesMut::new();
+    Message::Hello { version: PROTOCOL_VERSION, node: me.node_id(), addr: addr.into(), purpose: Purpose::Node }
+        .encode(&mut out);
+    me.hello_proof(b.id(), addr).encode(&mut out);
+    Message::Gossip { channel, addrs: Vec::new(), body: GossipMsg::Probe { nonce: 1 } }.encode(&mut out);
+    let mut s = TcpStream::connect(b.local_addr()).await?;
+    s.write_all(&out).await?;
+    // The answer shows that the channel took the frame (and switched to tree mode).
+    let mut buf = BytesMut::new();
+    let answered = timeout(T, async {
+        loop {
+            while let Some(frame) = kecho_proto::codec::split_frame(&mut buf, 1 << 20)? {
+                // (The urgent connection's link-internal frames, kinds 65 to 67, are skipped.)
+                if frame.first().is_some_and(|k| (65..=67).contains(k)) {
+                    continue;
+                }
+                let m = kecho_proto::codec::decode_body(frame)?;
+                if let Message::Gossip { body: GossipMsg::ProbeAck { nonce: 1 }, .. } = m {
+                    return anyhow::Ok(());
+                }
+            }
+            if s.read_buf(&mut buf).await? == 0 {
+                bail!("closed");
+            }
+        }
+    })
+    .await;
+    answered.context("no ProbeAck")??;
+    // The first probe falls due 2.5 to 7.5 s after tree mode began; the node stays a joiner until 40 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!opening.is_finished(), "the open ended early: {:?}", opening.await);
+    let (t0, b0) = (std::time::Instant::now(), busy());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (wall, busy) = (t0.elapsed(), busy() - b0);
+    eprintln!("a joining node in tree mode: its runtime's workers busy {busy:?} in {wall:?}");
+    // Idle but for its dials to the contact: a few tens of milliseconds. A loop that never sleeps keeps a worker
+    // busy the whole time, however little CPU a loaded machine gives it.
+    assert!(busy < Duration::from_millis(800), "workers busy {busy:?} in {wall:?}: something spins");
+    opening.abort();
+    Ok(())
+}

@@ -6,35 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use kecho::{Attrs, Error, MembershipConfig, Node, RegistryClient, SinkOptions, TlsConfig, TlsError};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+mod common;
+use common::Ca;
 
 const T: Duration = Duration::from_secs(10);
-
-/// A CA and the PEM texts of its certificate.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Result<Ca> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Ok(Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)? })
-    }
-
-    /// A node certificate for `names` (IP addresses or DNS names) and the node's TLS configuration.
-    fn node(&self, names: &[&str]) -> Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    fn config(&self, names: &[&str]) -> Result<TlsConfig> {
-        let (cert, key) = self.node(names)?;
-        Ok(TlsConfig::from_pem(cert.as_bytes(), key.as_bytes(), self.issuer.pem().as_bytes())?)
-    }
-}
 
 async fn node(reg: &RegistryClient, tls: Option<TlsConfig>) -> Result<Node> {
     let m = MembershipConfig { open_timeout: Duration::from_secs(3), ..MembershipConfig::default() };
@@ -49,8 +25,8 @@ async fn node(reg: &RegistryClient, tls: Option<TlsConfig>) -> Result<Node> {
 async fn nodes_of_one_ca_exchange_events_over_tls() -> Result<()> {
     let ca = Ca::new()?;
     let reg = RegistryClient::in_process_private();
-    let a = node(&reg, Some(ca.config(&["127.0.0.1"])?)).await?;
-    let b = node(&reg, Some(ca.config(&["127.0.0.1"])?)).await?;
+    let a = node(&reg, Some(ca.loopback()?)).await?;
+    let b = node(&reg, Some(ca.loopback()?)).await?;
     let ca_ = a.create_channel("secure").await?;
     let cb = b.open_channel("secure").await?;
     let mut sink = cb.sink(SinkOptions::new())?;
@@ -74,7 +50,7 @@ async fn strangers_and_plaintext_nodes_are_refused_with_a_reason() -> Result<()>
     let ca = Ca::new()?;
     let other = Ca::new()?;
     let reg = RegistryClient::in_process_private();
-    let a = node(&reg, Some(ca.config(&["127.0.0.1"])?)).await?;
+    let a = node(&reg, Some(ca.loopback()?)).await?;
     let ch = a.create_channel("secure").await?;
     let _sink = ch.sink(SinkOptions::new())?;
 
@@ -104,7 +80,7 @@ async fn strangers_and_plaintext_nodes_are_refused_with_a_reason() -> Result<()>
     assert_eq!(a.links(), 0);
 
     // A certificate for another name is refused too: the dialler checks the address it dials.
-    let wrong_name = node(&reg, Some(ca.config(&["127.0.0.1"])?)).await?;
+    let wrong_name = node(&reg, Some(ca.loopback()?)).await?;
     let b = node(&reg, Some(ca.config(&["node-b.example"])?)).await?;
     let cb = b.create_channel("named").await?;
     let _sb = cb.sink(SinkOptions::new())?;
@@ -137,7 +113,7 @@ fn unusable_certificate_files_are_clear_errors() -> Result<()> {
     let ca = Ca::new()?;
     let (cert, key) = ca.node(&["127.0.0.1"])?;
     let (_, other_key) = ca.node(&["127.0.0.1"])?;
-    let ca_pem = ca.issuer.pem();
+    let ca_pem = ca.pem();
     let dir = std::env::temp_dir().join(format!("kecho-tls-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let missing = dir.join("missing.pem");

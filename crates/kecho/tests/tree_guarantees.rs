@@ -472,26 +472,50 @@ async fn a_node_that_joins_after_the_contact_died_gets_tree_mode_and_the_events(
     contact_killed("contact-drop", kecho::Overflow::DropOldest).await
 }
 
+/// Tree mode, six nodes: a Block sink on node `CUT` (served directly by the source, not through the overlay) that
+/// received the first 200 events of a source on node `SRC` (with `history`).
+struct BlockSink {
+    net: Net,
+    block: kecho::Sink,
+    ch: Channel,
+    src: kecho::Source,
+    t: Tally,
+}
+
+impl BlockSink {
+    async fn start(name: &str, history: History) -> Result<BlockSink> {
+        let net = Net::start(name, T * 3).await?;
+        let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
+        let ch = net.chans[SRC].clone();
+        eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
+        let mut src = ch.source()?;
+        src.set_history(history);
+        publish(&mut src, 200).await?;
+        let mut t = Tally::default();
+        t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+        Ok(BlockSink { net, block, ch, src, t })
+    }
+}
+
+/// Cuts node `CUT` off until the source's node (channel `ch`) takes it for gone (by its neighbours, not by a link of
+/// its own), publishes `n` events on `src` meanwhile, and heals the cut.
+async fn taken_for_gone_while_publishing(net: &Net, ch: &Channel, src: &mut kecho::Source, n: u64) -> Result<()> {
+    net.isolate_refusing(CUT, true);
+    net.cut_off(CUT).await?;
+    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
+    publish(src, n).await?;
+    net.isolate_refusing(CUT, false);
+    Ok(())
+}
+
 /// A Block sink (served directly by the source, not through the overlay) on a node that is cut off until the source's
 /// node takes it for gone (its view changes without a goodbye of the node's own): the events the source publishes
 /// meanwhile are counted for the sink and reported to it when its node comes back; none is silently lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mode() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let net = Net::start("ghost", T * 3).await?;
-    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
-    let ch = net.chans[SRC].clone();
-    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
-    let mut src = ch.source()?;
-    publish(&mut src, 200).await?;
-    let mut t = Tally::default();
-    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
-    net.isolate_refusing(CUT, true);
-    net.cut_off(CUT).await?;
-    // The source's node drops the cut-off node (taken for gone by its neighbours, not by a link of its own).
-    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
-    publish(&mut src, 300).await?;
-    net.isolate_refusing(CUT, false);
+    let BlockSink { net, mut block, ch, mut src, mut t } = BlockSink::start("ghost", History::off()).await?;
+    taken_for_gone_while_publishing(&net, &ch, &mut src, 300).await?;
     eventually("the node back in the source's view", || ch.sinks() == NODES + 1).await?;
     // What the sink missed is reported on a link that is up, at the source's next event: the source's node dials the
     // returning node itself (the overlay need not link the two).
@@ -514,14 +538,7 @@ async fn a_block_sink_of_a_node_taken_for_gone_is_told_what_it_missed_in_tree_mo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_sink_cut_off_from_the_source_alone_gets_the_events_after_the_cut_in_tree_mode() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let net = Net::start("ghost-alone", T * 3).await?;
-    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
-    let ch = net.chans[SRC].clone();
-    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
-    let mut src = ch.source()?;
-    publish(&mut src, 200).await?;
-    let mut t = Tally::default();
-    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    let BlockSink { net, mut block, ch, mut src, mut t } = BlockSink::start("ghost-alone", History::off()).await?;
     let ((s, ps), (c, pc)) = (&net.nodes[SRC], &net.nodes[CUT]);
     let cut = |on: bool| {
         pc.refuse(s.id(), on);
@@ -624,20 +641,8 @@ async fn cut_between_source_and_sink(name: &str, history: History) -> Result<Tal
 /// it for gone; the source publishes 300 events, the cut heals and the source, still open, submits nothing. Returns
 /// what the Block sink got once every event was received or reported.
 async fn block_sink_back_to_a_quiet_source(name: &str, history: History) -> Result<Tally> {
-    let net = Net::start(name, T * 3).await?;
-    let mut block = net.chans[CUT].sink(SinkOptions::new().capacity(100_000).overflow(kecho::Overflow::Block))?;
-    let ch = net.chans[SRC].clone();
-    eventually("the source's node knows the Block sink", || ch.sinks() == NODES + 1).await?;
-    let mut src = ch.source()?;
-    src.set_history(history);
-    publish(&mut src, 200).await?;
-    let mut t = Tally::default();
-    t.until(&mut block, "the first 200 events", |t| t.seqs.len() == 200).await?;
-    net.isolate_refusing(CUT, true);
-    net.cut_off(CUT).await?;
-    eventually("the cut-off node's sinks out of the source's view", || ch.sinks() == NODES - 1).await?;
-    publish(&mut src, 300).await?;
-    net.isolate_refusing(CUT, false);
+    let BlockSink { net, mut block, ch, mut src, mut t } = BlockSink::start(name, history).await?;
+    taken_for_gone_while_publishing(&net, &ch, &mut src, 300).await?;
     // No event after the heal.
     t.until(&mut block, "500 events accounted for with the source quiet", |t| t.seqs.len() as u64 + t.missed >= 500)
         .await?;

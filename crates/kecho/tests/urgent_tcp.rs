@@ -285,21 +285,10 @@ async fn mixed_order(a: &Node, b: &Node) -> Result<()> {
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_urgent_connection_works_over_tls() -> Result<()> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let ca = || -> Result<_> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
-    };
-    let tls_for = |issuer: &CertifiedIssuer<'static, KeyPair>| -> Result<kecho::TlsConfig> {
-        let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, issuer)?;
-        Ok(kecho::TlsConfig::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), issuer.pem().as_bytes())?)
-    };
-    let ours = ca()?;
+    let ours = common::Ca::new()?;
     let reg = RegistryClient::in_process_private();
-    let a = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
-    let b = Node::builder().registry_client(reg.clone()).tls(tls_for(&ours)?).start().await?;
+    let a = Node::builder().registry_client(reg.clone()).tls(ours.loopback()?).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).tls(ours.loopback()?).start().await?;
     mixed_order(&a, &b).await?;
     let ports = [a.local_addr().port(), b.local_addr().port()];
     assert!(open_sockets_of(&ports) >= 4, "two connections, both ends: {}", open_sockets_of(&ports));

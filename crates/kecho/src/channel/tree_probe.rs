@@ -38,7 +38,12 @@ impl ChannelInner {
     pub(super) fn probe_input(self: &Arc<Self>, node: &Arc<Channels>, from: NodeId, body: GossipMsg) {
         match body {
             GossipMsg::Probe { nonce } => {
-                self.tree.inner.lock().probe_links.insert(from, (now() + ANSWER_GRACE, false));
+                // Probes may cross: an entry for this node's own unanswered probe of `from` stays one (its resend
+                // when the link is lost goes by it), held at least until the answer's grace ends.
+                let until = now() + ANSWER_GRACE;
+                let mut t = self.tree.inner.lock();
+                t.probe_links.entry(from).and_modify(|(u, _)| *u = (*u).max(until)).or_insert((until, false));
+                drop(t);
                 self.probe_send(node, from, GossipMsg::ProbeAck { nonce });
             }
             GossipMsg::ProbeAck { nonce } => {
@@ -112,10 +117,13 @@ impl ChannelInner {
         };
         let (members, channel) = {
             let st = self.state.lock();
-            if !st.is_member() {
-                return;
-            }
-            let members: BTreeMap<NodeId, u64> = st.peers().iter().map(|(id, p)| (*id, p.snapshot.version)).collect();
+            // A node that is no member (yet: a joiner may hear the overlay before its `JoinAccept`) probes nobody,
+            // but its prober's timers must move on all the same: left due, they woke the tree loop again at once.
+            let members: BTreeMap<NodeId, u64> = if st.is_member() {
+                st.peers().iter().map(|(id, p)| (*id, p.snapshot.version)).collect()
+            } else {
+                BTreeMap::new()
+            };
             (members, self.id())
         };
         let outs: Vec<ProbeOut> = {

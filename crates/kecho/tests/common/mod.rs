@@ -16,6 +16,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+#[cfg(feature = "tls")]
+mod ca;
+// Not every test file that has these helpers makes certificates.
+#[cfg(feature = "tls")]
+#[allow(unused_imports)]
+pub use ca::Ca;
+
 const T: Duration = Duration::from_secs(10);
 
 /// A Block sink on `b` that nobody reads stalls the link from `a` (whose link queue must be small); the events of
