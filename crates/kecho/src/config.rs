@@ -32,6 +32,8 @@ pub(crate) struct NodeConfig {
     pub(crate) heartbeat_timeout: Duration,
     /// Bytes of events queued per link before the link counts as full. Default 8 MiB.
     pub(crate) link_queue_bytes: usize,
+    /// The same for same-host links (Unix socket or shared memory), which take the lesser of the two. Default 2 MiB.
+    pub(crate) same_host_queue_bytes: usize,
     /// Largest frame accepted or sent. Default 16 MiB.
     pub(crate) max_frame: usize,
     /// `TCP_NOTSENT_LOWAT` of a TCP link once it carries an event of a priority above the default: at most about
@@ -132,6 +134,7 @@ impl Default for NodeConfig {
             registry: None,
             heartbeat_timeout: Duration::from_secs(3),
             link_queue_bytes: 8 << 20,
+            same_host_queue_bytes: 2 << 20,
             max_frame: MAX_FRAME_DEFAULT,
             send_lowat: Some(128 << 10),
             recv_buffer: None,

@@ -68,9 +68,20 @@ impl NodeBuilder {
         self
     }
 
-    /// Bytes of events queued per link before the link counts as full. Default 8 MiB.
+    /// Bytes of events queued per link before the link counts as full. Default 8 MiB. Same-host links take the
+    /// lesser of this and [`NodeBuilder::same_host_queue_bytes`].
     pub fn link_queue_bytes(mut self, n: usize) -> Self {
         self.cfg.link_queue_bytes = n;
+        self
+    }
+
+    /// Bytes of events queued per same-host link (Unix socket or shared memory, see [`NodeBuilder::same_host`])
+    /// before it counts as full, if less than [`NodeBuilder::link_queue_bytes`]. Default 2 MiB: the other end drains
+    /// at memory speed, so a deeper queue absorbs no more than this one does and costs the source its caches (every
+    /// event is written into memory last touched a whole queue earlier; 8 MiB against 2 MiB halved the source's
+    /// throughput in `examples/local`, BENCHMARKS.md).
+    pub fn same_host_queue_bytes(mut self, n: usize) -> Self {
+        self.cfg.same_host_queue_bytes = n;
         self
     }
 

@@ -537,6 +537,10 @@ where
     peer.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *peer.transport.lock() = transport;
     super::local::mark(peer, remote.is_none(), &wr);
+    let cfg = &links.cfg;
+    let limit =
+        if remote.is_none() { cfg.link_queue_bytes.min(cfg.same_host_queue_bytes) } else { cfg.link_queue_bytes };
+    peer.outbox.set_limit(limit);
     *peer.datagrams.lock() = datagrams.clone();
     *peer.urgent_tcp.lock() = urgent;
     let live = Arc::new(LinkLive {

@@ -23,7 +23,9 @@ use crate::queue::ChunkBuf;
 /// `SourceEnd` must follow the source's events); those that need no place (pings, pongs, join messages) go to the
 /// highest, ahead of any backlog (`push_link_control`). The rest of a frame begun by a direct write goes first of all.
 pub(crate) struct Outbox {
-    limit: usize,
+    /// Bytes of events queued before the outbox counts as full: set per link kind when a link comes up
+    /// ([`Outbox::set_limit`]).
+    limit: AtomicUsize,
     q: Mutex<OutQ>,
     /// The writer waits here for frames.
     pub(crate) readable: Notify,
@@ -347,12 +349,22 @@ impl Outbox {
         Outbox { source_idle: SOURCE_IDLE, ..Self::with_quiet(limit, DIRECT_QUIET) }
     }
 
+    /// Bytes of events queued before the outbox counts as full.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets the bound (when a link comes up: same-host links may keep a shorter queue than network ones).
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
     /// An outbox whose link counts as quiet after `quiet` (tests use a long one to be independent of timing).
     pub(crate) fn with_quiet(limit: usize, quiet: Duration) -> Self {
         Outbox {
             quiet,
             source_idle: quiet,
-            limit,
+            limit: AtomicUsize::new(limit),
             q: Mutex::new(OutQ {
                 lanes: Default::default(),
                 bytes: 0,
@@ -407,7 +419,7 @@ impl Outbox {
     #[inline]
     pub(crate) fn has_room(&self, len: usize, lane: u8) -> bool {
         let bytes = if lane == 0 { self.queued.load(Ordering::Acquire) } else { self.q.lock().bytes_from(lane) };
-        bytes == 0 || bytes + len <= self.limit
+        bytes == 0 || bytes + len <= self.limit()
     }
 
     /// Queues a shared event frame, preceded by `first` (its routing and target frames, or empty; copied), if there is
@@ -432,7 +444,7 @@ impl Outbox {
         let len = first.len() + frame.len();
         let lane = q.lane_for(self.id(), &u);
         let queued = q.bytes_from(lane as u8);
-        if !u.blocks && queued != 0 && queued + len > self.limit {
+        if !u.blocks && queued != 0 && queued + len > self.limit() {
             return false;
         }
         // A prioritised frame marks the link even when it is written directly (a quiet link): from then on takes
@@ -487,7 +499,7 @@ impl Outbox {
         let len = first.len() + frame.len();
         let lane = q.lane_for(self.id(), &u);
         let queued = q.bytes_from(lane as u8);
-        if !u.blocks && queued != 0 && queued + len > self.limit {
+        if !u.blocks && queued != 0 && queued + len > self.limit() {
             return false;
         }
         // A prioritised frame marks the link even when it is written directly (a quiet link): from then on takes
@@ -544,7 +556,7 @@ impl Outbox {
         let n = if u.blocks {
             ends.len()
         } else {
-            let room = self.limit.saturating_sub(queued + first.len());
+            let room = self.limit().saturating_sub(queued + first.len());
             let fit = ends.partition_point(|&e| e <= room);
             if queued == 0 {
                 fit.max(1)
