@@ -10,7 +10,8 @@
 //! [links] [ring KiB] [batch]`: 0 ping-pongs skips the latency table; `links` picks the 1->1 runs (digits: 0 TCP, 1
 //! same-host socket, 2 shared memory, 3 and 4 the transports alone, 5 to 7 as 0 to 2 batched; default all), e.g. to
 //! profile one of them; `ring KiB` sets the shared-memory rings (default `kecho_shm::DEFAULT_RING`, 0: default);
-//! `batch` the events per `submit_many` (default 256).
+//! `batch` the events per `submit_many` (default 256). `KECHO_LOCAL_QUEUE_KIB` sets the links' queue bound
+//! (`NodeBuilder::link_queue_bytes`, KiB) in every process.
 
 mod common;
 
@@ -40,10 +41,15 @@ fn ring_bytes() -> usize {
         .map_or(kecho_shm::DEFAULT_RING, |k| k << 10)
 }
 
-/// Links: 0 TCP, 1 same-host over the Unix socket, 2 same-host through shared memory.
+/// Links: 0 TCP, 1 same-host over the Unix socket, 2 same-host through shared memory. The links' queue bound is the
+/// node's default unless `KECHO_LOCAL_QUEUE_KIB` sets it (KiB; read by this process and its children alike).
 fn builder(registry: SocketAddr, ll_us: u64, link: u8) -> kecho::NodeBuilder {
-    Node::builder()
-        .registry(registry)
+    let queue = std::env::var("KECHO_LOCAL_QUEUE_KIB").ok().and_then(|v| v.parse::<usize>().ok());
+    let b = match queue {
+        Some(k) => Node::builder().link_queue_bytes(k << 10),
+        None => Node::builder(),
+    };
+    b.registry(registry)
         .low_latency(Duration::from_micros(ll_us))
         .same_host(link > 0)
         .shared_memory((link == 2).then(ring_bytes))

@@ -895,13 +895,21 @@ fn push_lag(items: &mut VecDeque<Item>, n: u64) {
     }
 }
 
-/// How much memory of earlier chunks a [`ChunkBuf`] keeps to use again: the default bound of a link's queue
-/// (`NodeBuilder::link_queue_bytes`), since a busy link's queue pins that much of a source's chunks until the writer
-/// has sent them. With less kept, a source that its link holds back finds the kept chunks still pinned and allocates
-/// a fresh one for most of its frames, and the allocator hands back memory that the kernel must fault in page by page
-/// (a third of such a source's CPU in `examples/local`, before). A source that was never held back keeps little:
-/// chunks are kept only once they were needed.
-const SPARE_BYTES: usize = 8 << 20;
+/// How much memory of earlier chunks a [`ChunkBuf`] keeps to use again: twice the default bound of a link's queue
+/// (`NodeBuilder::link_queue_bytes`), since a busy link's queue pins that much of a source's frames until the writer
+/// has sent them, and the chunks holding them are larger: a frame that does not fit the rest of a chunk starts the
+/// next one, so chunks are filled to between about half and all of their size (two 27 KiB batches of 256 small
+/// events to a 64 KiB chunk, in `examples/local`, which pinned about 9.4 MiB of chunks for the 8 MiB queue). With less
+/// kept, a source that its link holds back finds the kept chunks still pinned and allocates a fresh one for most of
+/// its frames, and the allocator hands back memory that the kernel must fault in page by page (a fifth to a third of
+/// such a source's CPU in `examples/local`, before). A source that was never held back keeps little: chunks are kept
+/// only once they were needed, and given back once a backlog has drained.
+const SPARE_BYTES: usize = 16 << 20;
+
+/// How many of the oldest kept chunks [`ChunkBuf::next_chunk`] tries before it allocates: links send frames in the
+/// order they were queued, so the oldest chunks are the first to be free again, and trying every kept chunk (a
+/// couple of hundred while a link holds a source back) cost more per event than the encoding of the event itself.
+const SPARES_TRIED: usize = 4;
 
 /// Memory that frames are cut from (and share until they are written): chunks of a given size. A chunk whose frames
 /// are all gone is used again rather than freed, so that a busy sender neither allocates nor touches fresh pages per
@@ -913,6 +921,9 @@ pub(crate) struct ChunkBuf {
     /// Chunks used before `cur`, oldest first (the first to be free again), kept to be reclaimed once their last
     /// frame is dropped.
     spares: VecDeque<BytesMut>,
+    /// Chunks allocated so far (tests check that a steady stream allocates none).
+    #[cfg(test)]
+    allocated: usize,
 }
 
 impl ChunkBuf {
@@ -942,9 +953,15 @@ impl ChunkBuf {
             self.spares.clear();
             return;
         }
-        let next = match self.spares.iter_mut().position(|s| s.try_reclaim(want)) {
+        let next = match self.spares.iter_mut().take(SPARES_TRIED).position(|s| s.try_reclaim(want)) {
             Some(i) => self.spares.remove(i).unwrap_or_default(),
-            None => BytesMut::with_capacity(want),
+            None => {
+                #[cfg(test)]
+                {
+                    self.allocated += 1;
+                }
+                BytesMut::with_capacity(want)
+            }
         };
         let old = std::mem::replace(&mut self.cur, next);
         if old.capacity() > 0 {
@@ -1415,6 +1432,32 @@ mod tests {
             drop(c.split());
         }
         assert!(c.spares.is_empty(), "{} chunks kept after the backlog drained", c.spares.len());
+    }
+
+    /// Batches of small events as `Source::submit_many` encodes them (two 27 KiB runs to a 64 KiB chunk, so chunks are
+    /// only 85% full) from a source that its link holds back by the default queue bound, 8 MiB of frames: the chunks
+    /// pinned by the queue (about 9.4 MiB) are all kept and used again once sent, none allocated in the steady state.
+    #[test]
+    fn chunks_filled_in_part_by_a_full_default_queue_are_used_again() {
+        let (run, room) = (27_000, 28_000);
+        let mut c = ChunkBuf::default();
+        let mut queued: VecDeque<Bytes> = VecDeque::new();
+        let (mut queued_bytes, mut warm) = (0usize, 0);
+        for i in 0..6_000 {
+            if i == 2_000 {
+                warm = c.allocated;
+            }
+            c.room(room, 64 * 1024).extend_from_slice(&vec![i as u8; run]);
+            let f = c.split();
+            queued_bytes += f.len();
+            queued.push_back(f);
+            // The writer sends the oldest frames while more than the default link queue bound waits.
+            while queued_bytes > 8 << 20 {
+                queued_bytes -= queued.pop_front().map_or(0, |f| f.len());
+            }
+        }
+        assert!((150..170).contains(&warm), "{warm} chunks for about 155 in flight");
+        assert_eq!(c.allocated, warm, "chunks allocated in the steady state");
     }
 
     /// Events of mixed sizes (a large one now and then among small ones) from a sender whose link holds back more of
