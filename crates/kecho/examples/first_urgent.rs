@@ -45,6 +45,7 @@ async fn main() -> kecho::Result<()> {
         urgent_src
             .submit_with("urgent", &Attrs::new(), b"now", EventOptions::new().priority(Priority::HIGHEST))
             .await?;
+        let submitted = sent.elapsed();
         let got = tokio::time::timeout(Duration::from_secs(30), urgent.recv()).await;
         let took = sent.elapsed();
         if got.is_err() {
@@ -52,8 +53,10 @@ async fn main() -> kecho::Result<()> {
         }
         let apart_now = a.link_stats().iter().any(|l| l.urgent_apart);
         println!(
-            "first urgent event: {:.1} ms (outbox held {} KiB; urgent connection in use after it: {apart_now})",
+            "first urgent event: {:.1} ms (submit {:.1} ms; outbox held {} KiB; urgent connection in use after it: \
+             {apart_now})",
             took.as_secs_f64() * 1e3,
+            submitted.as_secs_f64() * 1e3,
             queued >> 10
         );
         ms.push(took.as_secs_f64() * 1e3);

@@ -72,7 +72,17 @@ struct Queued {
     /// stream. The writer of this entry's stream takes it once each lane of the other stream has had
     /// `taken` reach the position given here (0: any), and writes in its place a `Wait` for every byte the other stream
     /// has been given so far: the receiver reads on past it only once it has read that much of the other stream.
-    wait: Option<Box<[u64; LANES]>>,
+    wait: Option<Box<WaitFor>>,
+}
+
+/// A `Wait` placeholder's condition and what it writes.
+struct WaitFor {
+    /// Taken once each lane's `taken` reached this (lanes of the other stream; 0: any).
+    after: [u64; LANES],
+    /// Writes `Wait` for 0 bytes (the receiver waits only until the main stream's `Sync` is read) rather than for
+    /// everything the other stream has been given: for a source whose last frame went on the main connection before
+    /// the split, which the `Sync` follows.
+    sync_only: bool,
 }
 
 /// One priority's queue.
@@ -128,9 +138,10 @@ impl Lane {
     }
 
     /// Queues a `Wait` placeholder (see [`Queued::wait`]).
-    fn push_wait(&mut self, after: [u64; LANES]) {
+    fn push_wait(&mut self, after: [u64; LANES], sync_only: bool) {
         self.seal();
-        self.frames.push_back(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait: Some(Box::new(after)) });
+        let wait = Some(Box::new(WaitFor { after, sync_only }));
+        self.frames.push_back(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait });
     }
 
     /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
@@ -196,6 +207,9 @@ pub(crate) struct OutQ {
     /// takes lane 0 only, and frames are queued as in streams mode (a source's order across the lanes kept by `Wait`
     /// placeholders), until streams mode starts or the hold is released.
     hold: bool,
+    /// Each lane's `taken` when frames started being queued for two streams (the hold or streams mode): a source's
+    /// frame of an urgent lane that ended there went on the main stream.
+    split_taken: [u64; LANES],
     /// The top lane's position after the rest of a frame begun by a direct write (0: none): that rest must follow its
     /// start on the same connection, so the urgent lanes cannot move to another one until it is taken.
     rest_end: u64,
@@ -273,7 +287,8 @@ impl OutQ {
             *a = l.pushed;
         }
         let l0 = &mut self.lanes[0];
-        l0.frames.push_front(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait: Some(Box::new(after)) });
+        let wait = Some(Box::new(WaitFor { after, sync_only: false }));
+        l0.frames.push_front(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait });
     }
 
     /// Bytes queued in lane `lane` and above.
@@ -316,10 +331,14 @@ impl OutQ {
         }
         if let Some((o, l, pos)) = held.0 {
             let l = usize::from(l).min(LANES - 1);
-            if o == id && stream_of(l) != stream_of(lane) {
+            // The stream its last frame went to: a frame taken before the split went on the main one, before its
+            // `Sync` (the receiver may still be reading it there), whatever its lane.
+            let before_split = pos <= self.split_taken[l];
+            let went = if before_split { 0 } else { stream_of(l) };
+            if o == id && went != stream_of(lane) {
                 let mut after = [0; LANES];
                 after[l] = pos;
-                self.lanes[lane].push_wait(after);
+                self.lanes[lane].push_wait(after, before_split);
             }
         }
     }
@@ -396,6 +415,7 @@ impl Outbox {
                 quiet_at: None,
                 streams: None,
                 hold: false,
+                split_taken: [0; LANES],
                 rest_end: 0,
             }),
             readable: Notify::new(),
@@ -659,6 +679,7 @@ impl Outbox {
         debug_assert!(q.lanes[LANES - 1].taken >= q.rest_end, "the rest of a direct write is still queued");
         if !q.hold {
             q.wait_for_urgent_lanes();
+            q.split_taken = std::array::from_fn(|i| q.lanes[i].taken);
         }
         q.hold = false;
         q.streams = Some(Box::default());
@@ -693,6 +714,7 @@ impl Outbox {
             return;
         }
         q.wait_for_urgent_lanes();
+        q.split_taken = std::array::from_fn(|i| q.lanes[i].taken);
         q.hold = true;
     }
 
@@ -799,7 +821,7 @@ impl Outbox {
             for (a, l) in after.iter_mut().zip(&q.lanes).skip(1) {
                 *a = l.pushed;
             }
-            q.lanes[0].push_wait(after);
+            q.lanes[0].push_wait(after, false);
         }
         q.lanes[lane].push(frame, None);
         drop(q);
@@ -890,16 +912,16 @@ impl Outbox {
                     break 'lanes;
                 }
                 glued = f.glued;
-                if let Some(after) = &f.wait {
+                if let Some(w) = &f.wait {
                     // A `Wait` placeholder: its condition is on the other stream's lanes, which this take does not
                     // touch (`other` is their state as of this lock).
-                    if after.iter().zip(&other).any(|(a, t)| t < a) {
+                    if w.after.iter().zip(&other).any(|(a, t)| t < a) {
                         lane.frames.push_front(f);
                         stalled = true;
                         break 'lanes;
                     }
                     if let Some(s) = streams.as_deref() {
-                        into.push_back(wait_frame(s.given[1 - stream]));
+                        into.push_back(wait_frame(if w.sync_only { 0 } else { s.given[1 - stream] }));
                     }
                     continue;
                 }

@@ -105,6 +105,8 @@ pub(super) async fn writer<H: LinkHandler>(
     let tcp_urgent = peer.urgent_tcp.lock().clone();
     let mut urgent_wr = None;
     let mut hold = Hold::Not;
+    // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
+    let mut pending = VecDeque::new();
     let urgent = urgent_writer(&peer, urgent_stream, &live);
     tokio::pin!(urgent);
     let main = async {
@@ -114,53 +116,8 @@ pub(super) async fn writer<H: LinkHandler>(
             wake.as_mut().enable();
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
-            // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
-            // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
-            // after a `Sync` on this connection, as on a QUIC link's urgent stream, with the frames they hold (lane 0
-            // waits for those: `Outbox::start_streams`). Meanwhile the dialling end holds its urgent lanes (at most
-            // `HOLD_URGENT`): written here, the first urgent frames would wait behind everything this connection's
-            // socket holds. The accepting end does not hold them: its `UrgentWanted` crosses this connection behind
-            // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
-            // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
-            if to_urgent.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) && peer.outbox.may_split() {
-                if let Some(u) = &tcp_urgent {
-                    if u.want() && u.dials().is_none() {
-                        // Written next, ahead of anything taken (the urgent lanes included).
-                        frames.push_back(super::urgent::wanted_frame());
-                    }
-                    if urgent_wr.is_none() {
-                        match u.try_writer() {
-                            super::urgent::Ready::Up(w) => urgent_wr = Some(w),
-                            super::urgent::Ready::NotYet => {}
-                            super::urgent::Ready::Never => {
-                                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
-                                to_urgent = None;
-                                peer.outbox.release_hold();
-                            }
-                        }
-                    }
-                    if let Some(w) = urgent_wr.take() {
-                        if let Some(tx) = to_urgent.take() {
-                            frames.push_back(peer.outbox.start_streams());
-                            let _ = tx.send(w);
-                            hold = Hold::Over;
-                        }
-                    } else if to_urgent.is_some() && u.dials().is_some() {
-                        match hold {
-                            Hold::Not => {
-                                peer.outbox.hold_urgent();
-                                hold = Hold::Until(tokio::time::Instant::now() + HOLD_URGENT);
-                            }
-                            Hold::Until(t) if tokio::time::Instant::now() >= t => {
-                                tracing::debug!(peer = %peer.id, "no urgent connection within {HOLD_URGENT:?} yet");
-                                peer.outbox.release_hold();
-                                hold = Hold::Over;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
+            frames.append(&mut pending);
+            urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut frames);
             if links.closing.load(Ordering::Acquire) && hold != Hold::Over {
                 // A graceful shutdown writes everything queued: nothing is held for a connection still to come.
                 peer.outbox.release_hold();
@@ -279,10 +236,38 @@ pub(super) async fn writer<H: LinkHandler>(
             // declared dead.
             let write = wr.write(&mut frames, &mut batch);
             tokio::pin!(write);
+            let mut was_woken = false;
             let written = loop {
                 let deadline = live.lock().deadline();
+                // A TCP link that may still move its urgent lanes looks again when an event is queued (the first
+                // prioritised one among them), when the urgent connection joins or fails, and when a hold ends.
+                let watch = tcp_urgent.as_ref().filter(|_| to_urgent.is_some());
+                let until = match hold {
+                    Hold::Until(t) => Some(t),
+                    _ => None,
+                };
+                // This turn's `wake` (enabled at its start, unused by a turn that writes) tells of the queueing;
+                // once it fired, it stays ready.
+                let woken = &mut wake;
+                let nudge = async {
+                    let Some(u) = watch else { return std::future::pending::<bool>().await };
+                    tokio::select! {
+                        _ = woken, if !was_woken => true,
+                        _ = u.settled() => false,
+                        _ = async {
+                            match until {
+                                Some(t) => tokio::time::sleep_until(t).await,
+                                None => std::future::pending().await,
+                            }
+                        } => false,
+                    }
+                };
                 tokio::select! {
                     r = &mut write => break r.map_err(LinkError::Io),
+                    woke = nudge => {
+                        was_woken |= woke;
+                        urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut pending);
+                    }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         if live.reader_waiting.load(Ordering::Acquire) {
                             live.lock().on_receive(now());
@@ -318,6 +303,67 @@ pub(super) async fn writer<H: LinkHandler>(
     if peer.link_down(gen) {
         tracing::info!(peer = %peer.id, "link lost: {why}");
         links.peer_lost(peer.id);
+    }
+}
+
+/// One look at a TCP link's urgent connection (`urgent.rs`), at each turn of the writer and while a write of the main
+/// connection is in progress (a write into a full socket buffer can take tens of milliseconds, which the first urgent
+/// frame must not wait for before the connection is even asked for).
+/// Frames for the main connection go to `next`, ahead of anything taken later.
+fn urgent_turn(
+    peer: &Peer,
+    tcp_urgent: &Option<Arc<super::urgent::TcpUrgent>>,
+    to_urgent: &mut Option<tokio::sync::oneshot::Sender<Box<dyn AsyncWrite + Unpin + Send>>>,
+    urgent_wr: &mut Option<super::urgent::UrgentWr>,
+    hold: &mut Hold,
+    next: &mut VecDeque<Bytes>,
+) {
+    // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
+    // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
+    // after a `Sync` on this connection, as on a QUIC link's urgent stream, with the frames they hold (lane 0
+    // waits for those: `Outbox::start_streams`). Meanwhile the dialling end holds its urgent lanes (at most
+    // `HOLD_URGENT`): written here, the first urgent frames would wait behind everything this connection's
+    // socket holds. The accepting end does not hold them: its `UrgentWanted` crosses this connection behind
+    // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
+    // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
+    let Some(u) = tcp_urgent else { return };
+    if to_urgent.is_none() || !peer.outbox.prioritised.load(Ordering::Acquire) || !peer.outbox.may_split() {
+        return;
+    }
+    if u.want() && u.dials().is_none() {
+        // Written next, ahead of anything taken (the urgent lanes included).
+        next.push_back(super::urgent::wanted_frame());
+    }
+    if urgent_wr.is_none() {
+        match u.try_writer() {
+            super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
+            super::urgent::Ready::NotYet => {}
+            super::urgent::Ready::Never => {
+                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
+                *to_urgent = None;
+                peer.outbox.release_hold();
+            }
+        }
+    }
+    if let Some(w) = urgent_wr.take() {
+        if let Some(tx) = to_urgent.take() {
+            next.push_back(peer.outbox.start_streams());
+            let _ = tx.send(w);
+            *hold = Hold::Over;
+        }
+    } else if to_urgent.is_some() && u.dials().is_some() {
+        match *hold {
+            Hold::Not => {
+                peer.outbox.hold_urgent();
+                *hold = Hold::Until(tokio::time::Instant::now() + HOLD_URGENT);
+            }
+            Hold::Until(t) if tokio::time::Instant::now() >= t => {
+                tracing::debug!(peer = %peer.id, "no urgent connection within {HOLD_URGENT:?} yet");
+                peer.outbox.release_hold();
+                *hold = Hold::Over;
+            }
+            _ => {}
+        }
     }
 }
 
