@@ -252,6 +252,8 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
         try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
     })
     .await?;
+    // A second dial made at the same moment may reach its relay a little later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let to = |r: &Relay| r.counts().0 - r.counts().1;
     let x_dialled = match (to(&rx), to(&ry)) {
         (0, _) => true,
@@ -272,9 +274,16 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!link_of(a, b).urgent_apart, "an urgent connection in use before any priority");
     alarm.submit_with("urgent", &Attrs::new(), b"now", urgent()).await?;
-    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink))
-        .await
-        .context("the first urgent event waited behind the stalled bulk backlog")??;
+    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink)).await.with_context(|| {
+        let urgent_conns = rx.counts().1 + ry.counts().1;
+        format!(
+            "the first urgent event waited behind the stalled bulk backlog (connections to x {:?}, to y {:?}; urgent \
+             connections {urgent_conns}, in use {})",
+            rx.counts(),
+            ry.counts(),
+            link_of(a, b).urgent_apart
+        )
+    })??;
     assert_eq!(got.ty(), "urgent");
     assert!(link_of(a, b).urgent_apart);
     assert!(bulk_sink.len() <= 8, "the bulk sink was read");

@@ -246,13 +246,16 @@ pub(super) async fn writer<H: LinkHandler>(
                     Hold::Until(t) => Some(t),
                     _ => None,
                 };
-                // This turn's `wake` (enabled at its start, unused by a turn that writes) tells of the queueing;
-                // once it fired, it stays ready.
+                // This turn's `wake` (enabled at its start, unused by a turn that writes) tells of the queueing
+                // (once it fired, it stays ready).
                 let woken = &mut wake;
                 let nudge = async {
                     let Some(u) = watch else { return std::future::pending::<bool>().await };
                     tokio::select! {
                         _ = woken, if !was_woken => true,
+                        // Once this turn's `wake` fired (a control frame queued, say), a fresh wait: the next
+                        // queueing may be the first prioritised event, while this write never ends (a stalled peer).
+                        _ = peer.outbox.readable.notified(), if was_woken => false,
                         _ = u.settled() => false,
                         _ = async {
                             match until {
