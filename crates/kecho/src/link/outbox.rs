@@ -1151,6 +1151,30 @@ mod tests {
         }
     }
 
+    /// A source's frames taken before the urgent stream starts went on the main stream, whatever their lane: its
+    /// next urgent frame is preceded by a `Wait` for 0 bytes (the receiver, which reads the urgent stream at once,
+    /// holds it until the main stream's `Sync` is read); one of a source that sent nothing before, or only on the
+    /// urgent stream since, goes without.
+    #[test]
+    fn an_urgent_frame_after_the_switch_waits_for_its_sources_frames_from_before() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut a, mut b, mut c) = (Held::default(), Held::default(), Held::default());
+        let t = Instant::now();
+        assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(0, &mut b)));
+        assert_eq!(take_at(&out, t), b"a1b1", "one stream: both on the main one");
+        assert_eq!(out.start_streams(), sync_frame());
+        assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(3, &mut b)));
+        assert!(out.push_event_copied(b"", b"c1", &mut gate, lane(3, &mut c)));
+        assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(0), b"a2", &wait_frame(0), b"b2c1"]));
+        // From then on A's urgent frames follow each other on the urgent stream.
+        assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+        assert_eq!(take_urgent_bytes(&out), b"a3");
+        assert!(take_at(&out, t).is_empty());
+    }
+
     #[test]
     fn a_take_is_bounded_before_and_after_priorities_and_keeps_prefixes_with_their_events() {
         let out = Outbox::with_quiet(1 << 30, Duration::from_secs(60));
