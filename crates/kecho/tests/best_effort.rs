@@ -83,10 +83,12 @@ async fn best_effort_events_go_as_datagrams_over_quic() -> Result<()> {
     let delivered = got.iter().filter(|g| g.0 == "be").count();
     assert!(delivered >= 1000, "only {delivered} of 2000 best-effort events arrived on loopback");
     let (sent, received) = (link_to(&a, &b), link_to(&b, &a));
-    assert_eq!(sent.datagrams_sent, 2000, "every best-effort event went as a datagram");
-    assert!(received.datagrams_received >= delivered as u64);
-    // The reliable event went on the stream.
-    assert_eq!(sent.event_frames, 1);
+    // The source's first event to the node goes on the stream (the receiver's baseline), and so do those submitted
+    // while it still waits in the link's outbox (a datagram would overtake it); the others go as datagrams.
+    assert_eq!(got.first().map(|g| (g.1, g.2)), Some((1, 0)), "the first event arrived");
+    assert_eq!(sent.datagrams_sent + sent.event_frames, 2001, "every event went one way or the other");
+    assert!(sent.datagrams_sent >= 1900, "only {} best-effort events went as datagrams", sent.datagrams_sent);
+    assert!(received.datagrams_received >= delivered as u64 - (sent.event_frames - 1));
     Ok(())
 }
 
@@ -102,11 +104,15 @@ async fn a_lost_datagram_is_reported_as_missed_in_its_place() -> Result<()> {
     let got = drain(&mut sink, "end").await?;
     check_account(&got);
     let missed: u64 = got.iter().map(|g| g.2).sum();
-    assert!(missed >= 200, "every fifth datagram was dropped at the sender, {missed} reported missed");
-    assert!(got.iter().all(|g| g.0 != "be" || g.1 % 5 != 0), "a dropped datagram arrived");
+    // The source's first events went on the stream (see `best_effort_events_go_as_datagrams_over_quic`), the others
+    // as datagrams, of which every fifth was dropped.
+    let l = link_to(&a, &b);
+    let tried = 1001 - l.event_frames;
+    assert!(tried >= 900, "only {tried} best-effort events went as datagrams");
+    assert_eq!(l.datagrams_sent, tried - tried / 5);
+    assert!(missed >= tried / 5, "{} datagrams were dropped at the sender, {missed} reported missed", tried / 5);
     assert_eq!(got.len() as u64 + missed, 1001, "every event delivered or reported missed");
     assert_eq!(cb.stats().missed, missed);
-    assert_eq!(link_to(&a, &b).datagrams_sent, 800);
     Ok(())
 }
 

@@ -233,6 +233,66 @@ async fn an_urgent_event_passes_a_stalled_bulk_connection() -> Result<()> {
     Ok(())
 }
 
+/// The first urgent event on a link whose main connection is stalled by a bulk backlog (as above, but with no urgent
+/// event before it: the urgent connection is made for this one) passes the backlog when its node dialled the link:
+/// the writer holds the urgent lanes for the moment the connection takes to come up, then sends them there. Before,
+/// it went on the main connection, behind the backlog, and arrived only once the bulk sink was read. (At the
+/// accepting end nothing is held: its `UrgentWanted` would cross the same backlog before the dial could start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_connection() -> Result<()> {
+    const BULK: usize = 400;
+    let reg = RegistryClient::in_process_private();
+    let (x, rx, y, ry) = pair(&reg).await?;
+    // Bring the link up, then send from the node that dialled it (the relays count the connections made to their
+    // node; when both nodes dialled at once, the connection dialled by the lower node id is the one kept).
+    let (cx, cy) = (x.channel("first").await?, y.channel("first").await?);
+    let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
+    cy.wait_for_sinks(1, T).await?;
+    eventually("the link up at both ends", || {
+        try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
+    })
+    .await?;
+    // A second dial made at the same moment may reach its relay a little later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let to = |r: &Relay| r.counts().0 - r.counts().1;
+    let x_dialled = match (to(&rx), to(&ry)) {
+        (0, _) => true,
+        (_, 0) => false,
+        _ => x.id() < y.id(),
+    };
+    let ((a, ch_a), (b, ch_b)) = if x_dialled { ((&x, cx), (&y, cy)) } else { ((&y, cy), (&x, cx)) };
+    let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;
+    let mut urgent_sink = ch_b.sink(SinkOptions::new().types(["urgent"]))?;
+    // The probe and the two sinks (the count includes local sinks).
+    ch_a.wait_for_sinks(3, T).await?;
+    let mut bulk = ch_a.source()?;
+    let mut alarm = ch_a.source()?;
+    let payload = vec![0u8; 64 << 10];
+    for _ in 0..BULK {
+        bulk.submit("bulk", &Attrs::new(), &payload).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!link_of(a, b).urgent_apart, "an urgent connection in use before any priority");
+    alarm.submit_with("urgent", &Attrs::new(), b"now", urgent()).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink)).await.with_context(|| {
+        let urgent_conns = rx.counts().1 + ry.counts().1;
+        format!(
+            "the first urgent event waited behind the stalled bulk backlog (connections to x {:?}, to y {:?}; urgent \
+             connections {urgent_conns}, in use {})",
+            rx.counts(),
+            ry.counts(),
+            link_of(a, b).urgent_apart
+        )
+    })??;
+    assert_eq!(got.ty(), "urgent");
+    assert!(link_of(a, b).urgent_apart);
+    assert!(bulk_sink.len() <= 8, "the bulk sink was read");
+    for _ in 0..BULK {
+        assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");
+    }
+    Ok(())
+}
+
 /// A source's urgent event crosses to the urgent connection while the bulk events it sent before are still on the
 /// main connection, unread: the receiving node's sink is full (`Block`) and its main reader waits for room. Without
 /// the `Wait` frame that holds the urgent connection's reader until the main connection has been read past those

@@ -1100,7 +1100,11 @@ impl Encoder {
             let (told, tell) = track.before(peer, head.seq);
             // A best-effort event goes as a datagram where the link has them, it fits, no sink there waits for room
             // (a Block sink is promised every event) and none of the source's frames wait in the outbox ahead of it.
-            if timing.best_effort && !pick.blocks && peer.has_datagrams() && !peer.outbox.holds(&track.held) {
+            // Not the source's first event to the node: that one goes on the stream (see `datagram::numbers`).
+            let numbers = datagram::numbers(track.routed, track.stream_last);
+            if let Some(numbers) = numbers.filter(|_| {
+                timing.best_effort && !pick.blocks && peer.has_datagrams() && !peer.outbox.holds(&track.held)
+            }) {
                 let bytes: &[u8] = if copied {
                     &self.small
                 } else {
@@ -1111,7 +1115,6 @@ impl Encoder {
                     })
                 };
                 let targets = (pick.chosen < pick.accepting).then_some(&pick.ids[..]);
-                let numbers = (track.routed + 1, track.stream_last);
                 if send_datagram(peer, &mut self.prefix, head, numbers, targets, timing, bytes) {
                     track.sent_datagram();
                     if keep {

@@ -39,6 +39,21 @@ pub(crate) fn split_header(d: &mut Bytes) -> Result<(u64, u64), &'static str> {
     Ok((number, after))
 }
 
+/// The sender's rule: the numbers a best-effort event's datagram carries, `(number, after)`, when the source queued
+/// `routed` events to the node before it and the last of them that went on the link's stream was `stream_last` (0:
+/// none); `None` if the event must go on the stream instead.
+///
+/// A source's first event to a node always goes on the stream. The receiver takes the first stream event of a source
+/// it sees as its baseline (docs/PROTOCOL.md, "Loss accounting": a node that opens a channel late must not be told of
+/// events before it), and a datagram sent before it (`after` 0) may be lost, dropped by QUIC's buffers or read after
+/// it: that stream event would then hide the datagrams' loss (seen as events skipped before a reliable event without
+/// a report, once events of several KiB went as datagrams so that a source's first events all did). After the first
+/// stream event, every datagram names a stream event (`after` at least 1), which the receiver has delivered before it
+/// delivers the datagram, so its baseline is set by then and every gap is counted.
+pub(crate) fn numbers(routed: u64, stream_last: u64) -> Option<(u64, u64)> {
+    (stream_last > 0).then_some((routed + 1, stream_last))
+}
+
 /// What a receiver does with a datagram of a source, given the number of the last event of that source it delivered
 /// (`last`, 0 before the first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -74,7 +74,17 @@ struct Queued {
     /// stream. The writer of this entry's stream takes it once each lane of the other stream has had
     /// `taken` reach the position given here (0: any), and writes in its place a `Wait` for every byte the other stream
     /// has been given so far: the receiver reads on past it only once it has read that much of the other stream.
-    wait: Option<Box<[u64; LANES]>>,
+    wait: Option<Box<WaitFor>>,
+}
+
+/// A `Wait` placeholder's condition and what it writes.
+struct WaitFor {
+    /// Taken once each lane's `taken` reached this (lanes of the other stream; 0: any).
+    after: [u64; LANES],
+    /// Writes `Wait` for 0 bytes (the receiver waits only until the main stream's `Sync` is read) rather than for
+    /// everything the other stream has been given: for a source whose last frame went on the main connection before
+    /// the split, which the `Sync` follows.
+    sync_only: bool,
 }
 
 /// One priority's queue.
@@ -130,9 +140,10 @@ impl Lane {
     }
 
     /// Queues a `Wait` placeholder (see [`Queued::wait`]).
-    fn push_wait(&mut self, after: [u64; LANES]) {
+    fn push_wait(&mut self, after: [u64; LANES], sync_only: bool) {
         self.seal();
-        self.frames.push_back(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait: Some(Box::new(after)) });
+        let wait = Some(Box::new(WaitFor { after, sync_only }));
+        self.frames.push_back(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait });
     }
 
     /// Moves the small frames copied so far behind `frames`, so that what is queued next goes after them.
@@ -194,6 +205,16 @@ pub(crate) struct OutQ {
     /// Streams mode (a QUIC link with a stream per priority, see [`Outbox::start_streams`]): lane 0 goes to the main
     /// stream, lanes 1 and up to the urgent stream, each taken by its own writer.
     streams: Option<Box<Streams>>,
+    /// The urgent lanes are held for a second connection that is being made ([`Outbox::hold_urgent`]): the writer
+    /// takes lane 0 only, and frames are queued as in streams mode (a source's order across the lanes kept by `Wait`
+    /// placeholders), until streams mode starts or the hold is released.
+    hold: bool,
+    /// Each lane's `taken` when frames started being queued for two streams (the hold or streams mode): a source's
+    /// frame of an urgent lane that ended there went on the main stream.
+    split_taken: [u64; LANES],
+    /// The top lane's position after the rest of a frame begun by a direct write (0: none): that rest must follow its
+    /// start on the same connection, so the urgent lanes cannot move to another one until it is taken.
+    rest_end: u64,
 }
 
 /// The state of streams mode: what each stream's writer was given, for the `Wait` frames.
@@ -243,6 +264,35 @@ const OPEN_CHUNK: usize = 64 * 1024;
 pub(crate) const TAKE_BUDGET: usize = 64 * 1024;
 
 impl OutQ {
+    /// Frames are queued for two streams (streams mode, or the urgent lanes held for one).
+    fn split(&self) -> bool {
+        self.streams.is_some() || self.hold
+    }
+
+    /// Remembers that the rest of a frame begun by a direct write was queued in the top lane (`written` > 0).
+    fn rest_queued(&mut self, written: usize) {
+        if written > 0 {
+            self.rest_end = self.lanes[LANES - 1].pushed;
+        }
+    }
+
+    /// Queues at the front of lane 0 a `Wait` placeholder for everything queued in the urgent lanes, if anything is:
+    /// from now on they go to another stream, and a source's frames queued in lane 0 after its urgent ones (before
+    /// the split, with no placeholder of their own) must not overtake them.
+    fn wait_for_urgent_lanes(&mut self) {
+        if self.lanes[1..].iter().all(Lane::is_empty) {
+            return;
+        }
+        let mut after = [0; LANES];
+        for (a, l) in after.iter_mut().zip(&mut self.lanes).skip(1) {
+            l.seal();
+            *a = l.pushed;
+        }
+        let l0 = &mut self.lanes[0];
+        let wait = Some(Box::new(WaitFor { after, sync_only: false }));
+        l0.frames.push_front(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait });
+    }
+
     /// Bytes queued in lane `lane` and above.
     fn bytes_from(&self, lane: u8) -> usize {
         if lane == 0 {
@@ -260,17 +310,14 @@ impl OutQ {
     /// streams mode also an urgent lane that still holds frames of the source, when it wants lane 0 (they would be on
     /// another stream otherwise).
     fn lane_for(&self, id: usize, u: &Urgency<'_>) -> usize {
+        let split = self.split();
         let want = usize::from(u.lane).min(LANES - 1);
         match u.held.0 {
             Some((o, l, pos)) if o == id && usize::from(l) < want && self.lanes[usize::from(l)].taken < pos => {
                 usize::from(l)
             }
             Some((o, l, pos))
-                if o == id
-                    && self.streams.is_some()
-                    && want == 0
-                    && l > 0
-                    && self.lanes[usize::from(l).min(LANES - 1)].taken < pos =>
+                if o == id && split && want == 0 && l > 0 && self.lanes[usize::from(l).min(LANES - 1)].taken < pos =>
             {
                 usize::from(l).min(LANES - 1)
             }
@@ -281,15 +328,19 @@ impl OutQ {
     /// Streams mode: queues a `Wait` placeholder in `lane` ahead of a source's frame if its last frame went to the
     /// other stream (so that the receiver takes this one only after that one), whose writer took it already.
     fn wait_for_source(&mut self, id: usize, held: &Held, lane: usize) {
-        if self.streams.is_none() {
+        if !self.split() {
             return;
         }
         if let Some((o, l, pos)) = held.0 {
             let l = usize::from(l).min(LANES - 1);
-            if o == id && stream_of(l) != stream_of(lane) {
+            // The stream its last frame went to: a frame taken before the split went on the main one, before its
+            // `Sync` (the receiver may still be reading it there), whatever its lane.
+            let before_split = pos <= self.split_taken[l];
+            let went = if before_split { 0 } else { stream_of(l) };
+            if o == id && went != stream_of(lane) {
                 let mut after = [0; LANES];
                 after[l] = pos;
-                self.lanes[lane].push_wait(after);
+                self.lanes[lane].push_wait(after, before_split);
             }
         }
     }
@@ -375,6 +426,9 @@ impl Outbox {
                 direct: None,
                 quiet_at: None,
                 streams: None,
+                hold: false,
+                split_taken: [0; LANES],
+                rest_end: 0,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -483,6 +537,7 @@ impl Outbox {
             l.push(frame.slice(written - first.len()..), None);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
+        q.rest_queued(written);
         q.timely += usize::from(timely);
         self.queued_wake(q, lane);
         true
@@ -529,6 +584,7 @@ impl Outbox {
             l.append(&frame[written - first.len()..]);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
+        q.rest_queued(written);
         self.queued_wake(q, lane);
         true
     }
@@ -596,6 +652,7 @@ impl Outbox {
             l.push(run.slice(written - first.len()..end), None);
         }
         *u.held = Held(Some((self.id(), lane as u8, l.pushed)));
+        q.rest_queued(written);
         self.queued_wake(q, lane);
         n
     }
@@ -627,8 +684,16 @@ impl Outbox {
     /// Returns the `Sync` frame that the main stream's writer writes first (the receiver counts the main stream's
     /// bytes from it, for `Wait` frames). A source's order across the two streams is kept by `Wait` placeholders
     /// (`wait_for_source`), and a control frame of lane 0 waits for everything queued in the urgent lanes before it.
+    /// Frames already queued in the urgent lanes go to the urgent stream too: lane 0 waits for them first (see
+    /// `wait_for_urgent_lanes`). Not while the rest of a directly written frame is queued ([`Outbox::may_split`]).
     pub(crate) fn start_streams(&self) -> Bytes {
         let mut q = self.q.lock();
+        debug_assert!(q.lanes[LANES - 1].taken >= q.rest_end, "the rest of a direct write is still queued");
+        if !q.hold {
+            q.wait_for_urgent_lanes();
+            q.split_taken = std::array::from_fn(|i| q.lanes[i].taken);
+        }
+        q.hold = false;
         q.streams = Some(Box::default());
         drop(q);
         self.readable_urgent.notify_one();
@@ -637,13 +702,44 @@ impl Outbox {
 
     /// Ends streams mode (a new link starts with one stream; its writer starts streams mode again once prioritised).
     pub(crate) fn stop_streams(&self) {
-        self.q.lock().streams = None;
+        let mut q = self.q.lock();
+        q.streams = None;
+        q.hold = false;
     }
 
-    /// Nothing is queued in lanes 1 and up (in particular no rest of a frame begun by a direct write, which must
-    /// follow its start on the same connection): streams mode may start.
-    pub(crate) fn urgent_lanes_empty(&self) -> bool {
-        self.q.lock().lanes[1..].iter().all(Lane::is_empty)
+    /// No rest of a frame begun by a direct write is queued (it must follow its start on the same connection): the
+    /// urgent lanes may be held for, or moved to, another connection.
+    pub(crate) fn may_split(&self) -> bool {
+        let q = self.q.lock();
+        q.lanes[LANES - 1].taken >= q.rest_end
+    }
+
+    /// Holds the urgent lanes for a connection of their own that is being made (a TCP link's urgent connection):
+    /// until [`Outbox::start_streams`] or [`Outbox::release_hold`], the writer takes lane 0 only, no frame is written
+    /// directly, and a source's frames are queued as in streams mode, so that the frames held can go to the new
+    /// connection once it is up without any source's order changing. Frames already in the urgent lanes are held
+    /// too, and lane 0 waits for them (`wait_for_urgent_lanes`). Not while [`Outbox::may_split`] is false.
+    pub(crate) fn hold_urgent(&self) {
+        let mut q = self.q.lock();
+        debug_assert!(q.lanes[LANES - 1].taken >= q.rest_end, "the rest of a direct write is still queued");
+        if q.streams.is_some() || q.hold {
+            return;
+        }
+        q.wait_for_urgent_lanes();
+        q.split_taken = std::array::from_fn(|i| q.lanes[i].taken);
+        q.hold = true;
+    }
+
+    /// Ends a hold without streams mode (the connection did not come, or not in time): the writer takes every lane
+    /// again, highest first; the placeholders queued meanwhile keep each source's order and write nothing.
+    pub(crate) fn release_hold(&self) {
+        let mut q = self.q.lock();
+        if !q.hold {
+            return;
+        }
+        q.hold = false;
+        drop(q);
+        self.readable.notify_one();
     }
 
     /// Streams mode is on.
@@ -668,7 +764,8 @@ impl Outbox {
     fn try_direct(&self, q: &mut OutQ, first: &[u8], frame: &[u8], gate: &mut SourceGate) -> usize {
         // In streams mode (a TCP link with an urgent connection) every frame goes through the writers, which count
         // each connection's bytes for the `Wait` frames; a direct write would also split a frame across connections.
-        if !q.is_empty() || q.writing || q.streams.is_some() {
+        // Nor while the urgent lanes are held for such a connection.
+        if !q.is_empty() || q.writing || q.split() {
             return 0;
         }
         let Some(sock) = &q.direct else { return 0 };
@@ -729,14 +826,14 @@ impl Outbox {
         let mut q = self.q.lock();
         q.bytes += frame.len();
         self.queued.store(q.bytes, Ordering::Release);
-        if lane == 0 && q.streams.is_some() {
+        if lane == 0 && q.split() {
             // Streams mode: a control frame of lane 0 keeps its place behind every frame queued in the urgent lanes
             // before it (a `SourceEnd` behind its source's urgent events, a `Close` behind everything).
             let mut after = [0; LANES];
             for (a, l) in after.iter_mut().zip(&q.lanes).skip(1) {
                 *a = l.pushed;
             }
-            q.lanes[0].push_wait(after);
+            q.lanes[0].push_wait(after, false);
         }
         q.lanes[lane].push(frame, None);
         drop(q);
@@ -785,7 +882,9 @@ impl Outbox {
         if stream == 1 && !split {
             return;
         }
-        let (lo, hi) = match (split, stream) {
+        // Holding the urgent lanes: the main writer takes lane 0 only, as in streams mode.
+        let held = q.hold && !split;
+        let (lo, hi) = match (split || held, stream) {
             (false, _) => (0, LANES),
             (true, 0) => (0, 1),
             (true, _) => (1, LANES),
@@ -799,7 +898,7 @@ impl Outbox {
         let mut took = 0usize;
         let mut expired = 0u64;
         let mut timely_taken = 0usize;
-        let whole = q.bytes <= budget && q.timely == 0 && !split;
+        let whole = q.bytes <= budget && q.timely == 0 && !split && !held;
         let mut stalled = false;
         let OutQ { lanes, streams, .. } = &mut *q;
         let other: [u64; LANES] = std::array::from_fn(|i| lanes[i].taken);
@@ -825,16 +924,16 @@ impl Outbox {
                     break 'lanes;
                 }
                 glued = f.glued;
-                if let Some(after) = &f.wait {
+                if let Some(w) = &f.wait {
                     // A `Wait` placeholder: its condition is on the other stream's lanes, which this take does not
                     // touch (`other` is their state as of this lock).
-                    if after.iter().zip(&other).any(|(a, t)| t < a) {
+                    if w.after.iter().zip(&other).any(|(a, t)| t < a) {
                         lane.frames.push_front(f);
                         stalled = true;
                         break 'lanes;
                     }
                     if let Some(s) = streams.as_deref() {
-                        into.push_back(wait_frame(s.given[1 - stream]));
+                        into.push_back(wait_frame(if w.sync_only { 0 } else { s.given[1 - stream] }));
                     }
                     continue;
                 }
@@ -1019,6 +1118,73 @@ mod tests {
         out.stop_streams();
         assert!(out.push_event_copied(b"", b"b3", &mut gate, lane(3, &mut b)));
         assert_eq!(take_at(&out, t), b"b3");
+    }
+
+    /// A TCP link's dialling end holds its urgent lanes while it makes the urgent connection: the writer takes
+    /// nothing of them, and lane 0 waits for the urgent frames queued before the hold (a source's frame queued in
+    /// lane 0 after its urgent one, with no placeholder while the link had one stream, must not overtake it). Then
+    /// either the connection is up (streams mode: the urgent stream takes what was held, and the main one a `Wait`
+    /// for it first) or the hold is released (the main stream takes everything, highest lane first, each source in
+    /// its order).
+    #[test]
+    fn held_urgent_lanes_go_to_the_urgent_stream_or_back_to_the_main_one_in_each_sources_order() {
+        for up in [true, false] {
+            let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+            let mut gate = SourceGate::default();
+            let (mut a, mut b, mut c) = (Held::default(), Held::default(), Held::default());
+            let t = Instant::now();
+            assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(3, &mut a)));
+            assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(0, &mut a)));
+            assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(0, &mut b)));
+            assert!(out.may_split());
+            out.hold_urgent();
+            assert!(take_at(&out, t).is_empty(), "a2 waits for a1, and b1 behind it ({up})");
+            // Held: C's urgent c1 waits with a1; A's urgent a3 joins a2 in lane 0 (a source never overtakes itself).
+            assert!(out.push_event_copied(b"", b"c1", &mut gate, lane(3, &mut c)));
+            assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+            assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(0, &mut b)));
+            assert!(take_at(&out, t).is_empty());
+            assert!(take_urgent_bytes(&out).is_empty(), "no urgent stream while held ({up})");
+            if up {
+                assert_eq!(out.start_streams(), sync_frame());
+                assert!(take_at(&out, t).is_empty(), "the main stream waits for the urgent one");
+                assert_eq!(take_urgent_bytes(&out), b"a1c1");
+                assert_eq!(take_at(&out, t), cat(&[&wait_frame(4), b"a2b1a3b2"]));
+            } else {
+                out.release_hold();
+                let first = take_at(&out, t);
+                assert_eq!(cat(&[&first, &take_at(&out, t)]), b"a1c1a2b1a3b2");
+                // One stream again: an urgent frame overtakes lane 0 as before.
+                assert!(out.push_event_copied(b"", b"b3", &mut gate, lane(0, &mut b)));
+                assert!(out.push_event_copied(b"", b"c2", &mut gate, lane(3, &mut c)));
+                assert_eq!(take_at(&out, t), b"c2b3");
+            }
+            assert!(out.is_empty());
+        }
+    }
+
+    /// A source's frames taken before the urgent stream starts went on the main stream, whatever their lane: its
+    /// next urgent frame is preceded by a `Wait` for 0 bytes (the receiver, which reads the urgent stream at once,
+    /// holds it until the main stream's `Sync` is read); one of a source that sent nothing before, or only on the
+    /// urgent stream since, goes without.
+    #[test]
+    fn an_urgent_frame_after_the_switch_waits_for_its_sources_frames_from_before() {
+        let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+        let mut gate = SourceGate::default();
+        let (mut a, mut b, mut c) = (Held::default(), Held::default(), Held::default());
+        let t = Instant::now();
+        assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(0, &mut b)));
+        assert_eq!(take_at(&out, t), b"a1b1", "one stream: both on the main one");
+        assert_eq!(out.start_streams(), sync_frame());
+        assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+        assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(3, &mut b)));
+        assert!(out.push_event_copied(b"", b"c1", &mut gate, lane(3, &mut c)));
+        assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(0), b"a2", &wait_frame(0), b"b2c1"]));
+        // From then on A's urgent frames follow each other on the urgent stream.
+        assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
+        assert_eq!(take_urgent_bytes(&out), b"a3");
+        assert!(take_at(&out, t).is_empty());
     }
 
     #[test]

@@ -51,12 +51,6 @@ pub(crate) struct QuicEndpoint {
     drop_every: u64,
 }
 
-/// The largest best-effort event sent as a datagram, whatever the path's packets carry: about what a 1500-byte path
-/// takes. With packets of up to `MAX_PACKET` on loopback, datagrams of several KiB let the best-effort test
-/// `mixed_paths_keep_order_and_reliable_events` fail 4 runs in 15 (events skipped before a reliable one and not
-/// reported in place; 0 in 10 with 1452-byte packets): until that is understood, larger events go on the stream.
-const MAX_DATAGRAM: usize = 1200;
-
 /// The largest UDP payload a link sends or takes (its packet size once path MTU discovery found that the path carries
 /// it). Larger ones did no better on loopback (32000: no better than quinn's default, in two runs).
 const MAX_PACKET: u16 = 16384;
@@ -255,10 +249,14 @@ impl Datagrams {
         Some(Box::new(self.conn.accept_uni().await.ok()?))
     }
 
-    /// The largest datagram a best-effort event goes in: what the connection takes now, at most `MAX_DATAGRAM`
-    /// (`None`: the peer takes none).
+    /// The largest datagram a best-effort event goes in: what the connection takes now (`None`: the peer takes none).
+    /// It follows the path's packet size: about 1.2 KB on a path of 1500-byte packets, up to about 16 KB on loopback
+    /// once MTU discovery has run, and it shrinks again if a probe finds large packets lost (quinn then drops the
+    /// queued datagrams that no longer fit, which the receiver reports as missed like any lost datagram). No bound of
+    /// our own: datagrams of several KiB once broke the loss account, but that was the source sending its first
+    /// events to a node as datagrams (`datagram::numbers`), not their size.
     pub(crate) fn max_size(&self) -> Option<usize> {
-        self.conn.max_datagram_size().map(|m| m.min(MAX_DATAGRAM))
+        self.conn.max_datagram_size()
     }
 
     /// Sends one datagram without waiting (quinn may drop older unsent datagrams to make room, which the receiver

@@ -68,8 +68,10 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                 (None, None) => None,
             };
             let Some((rd, read)) = rd else { return std::future::pending().await };
-            // Everything on the urgent stream was sent after the main stream's `Sync`.
-            sync.wait(0, 0).await;
+            // Read at once: the urgent stream's events do not wait for the main stream's `Sync` (the main connection
+            // may hold a backlog before it). An event of a source whose frames went on the main stream before comes
+            // after a `Wait` (which holds until the `Sync` is read and beyond); other frames wait for the `Sync`
+            // (`Receiver::after_sync`).
             let mut urx = Receiver::new(handler, peer.clone(), live, Some((sync.clone(), 1)));
             match urx.read_loop(&links, rd, None, read, remote).await {
                 // The urgent stream ends (between two frames) before the main one, which waits for it to be read: the
@@ -210,6 +212,22 @@ impl<H: LinkHandler> Receiver<H> {
         }
     }
 
+    /// On the urgent stream, a frame other than an event and the frames that come with one (`Routed`, `Targets`,
+    /// `Deadline`, `Expired`) waits until the main stream's `Sync` is read: it may depend on what the main stream
+    /// carried before the urgent lanes moved (a `Lagged` after its source's events, a join before its channel's
+    /// frames). Events need no such wait: a source whose frames went on the main stream before sends a `Wait` first.
+    async fn after_sync(&mut self, msg: &Message) {
+        let Some((sync, 1)) = self.sync.clone() else { return };
+        if matches!(
+            msg,
+            Message::Routed { .. } | Message::Targets { .. } | Message::Deadline { .. } | Message::Expired { .. }
+        ) {
+            return;
+        }
+        self.settle().await;
+        sync.wait(0, 0).await;
+    }
+
     /// A `Sync` or `Wait` frame of a link with a stream per priority.
     async fn stream_frame(&mut self, frame: &[u8]) -> Result<(), LinkError> {
         let Some((sync, stream)) = self.sync.clone() else {
@@ -291,7 +309,10 @@ impl<H: LinkHandler> Receiver<H> {
                     Ok(Some(frame)) => {
                         self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
                         match codec::decode_body_with(frame, &mut names) {
-                            Ok(msg) => self.frame(links, msg).await,
+                            Ok(msg) => {
+                                self.after_sync(&msg).await;
+                                self.frame(links, msg).await
+                            }
                             Err(e) => Err(e.into()),
                         }
                     }

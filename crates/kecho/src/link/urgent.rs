@@ -64,6 +64,8 @@ pub(crate) struct TcpUrgent {
     /// One side's writer wants the connection (its outbox carries priorities), or the acceptor asked for it.
     wanted: AtomicBool,
     want: Notify,
+    /// Notified when the connection joins or fails (the writer waits for it while it holds the urgent lanes).
+    settled: Notify,
 }
 
 /// What the writer finds when it looks for the urgent connection's write half.
@@ -89,6 +91,7 @@ impl TcpUrgent {
             wr: Mutex::new(Some(wrx)),
             wanted: AtomicBool::new(false),
             want: Notify::new(),
+            settled: Notify::new(),
         })
     }
 
@@ -147,6 +150,7 @@ impl TcpUrgent {
         let Some((rtx, wtx)) = self.give.lock().take() else { return false };
         let _ = rtx.send((rd, read));
         let _ = wtx.send(wr);
+        self.settled.notify_waiters();
         true
     }
 
@@ -158,6 +162,12 @@ impl TcpUrgent {
     /// The connection could not be made: whoever waits for it goes on with one connection.
     pub(crate) fn failed(&self) {
         self.give.lock().take();
+        self.settled.notify_waiters();
+    }
+
+    /// Notified when the connection joins or fails: create (and enable) before looking with [`TcpUrgent::try_writer`].
+    pub(crate) fn settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.settled.notified()
     }
 
     /// The link is gone: drops whatever halves of the connection no task took (closing it), and refuses any later.

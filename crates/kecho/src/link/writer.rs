@@ -24,6 +24,23 @@ const WRITE_BATCH: usize = 256 * 1024;
 const MAX_IOV: usize = 64;
 /// Frames this long or longer are written from where they are rather than copied (see `write_frames`).
 pub(crate) const COPY_BELOW: usize = 512;
+/// How long the dialling end of a TCP link holds its urgent lanes for the urgent connection it is making (see
+/// `Outbox::hold_urgent`): on loopback or a LAN the dial takes a few milliseconds, and meanwhile an urgent frame
+/// written to the main connection would wait behind everything its socket holds. A dial that takes longer (a
+/// distant or lossy peer) releases the hold: held frames, pings among them, then go on the main connection, and the
+/// urgent lanes move once the connection is up, as before.
+const HOLD_URGENT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The dialling end's hold of its urgent lanes for the urgent connection being made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Not yet (the link carries no priorities, or the rest of a direct write is still queued).
+    Not,
+    /// Holding until then at most.
+    Until(tokio::time::Instant),
+    /// Over: the connection is up, or it took too long (the urgent lanes move once it is up), or it never comes.
+    Over,
+}
 
 /// The write half as a link's writer holds it.
 enum LinkWr {
@@ -87,6 +104,9 @@ pub(super) async fn writer<H: LinkHandler>(
     // A TCP link's urgent connection slot, and its write half once it is up but not yet in use.
     let tcp_urgent = peer.urgent_tcp.lock().clone();
     let mut urgent_wr = None;
+    let mut hold = Hold::Not;
+    // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
+    let mut pending = VecDeque::new();
     let urgent = urgent_writer(&peer, urgent_stream, &live);
     tokio::pin!(urgent);
     let main = async {
@@ -96,35 +116,12 @@ pub(super) async fn writer<H: LinkHandler>(
             wake.as_mut().enable();
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
-            // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
-            // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
-            // after a `Sync` on this connection, as on a QUIC link's urgent stream. Never waited for: until it is up,
-            // urgent frames share this connection. Checked before taking, so that the `Sync` comes before the frames
-            // not taken yet (a prioritised event may have been written directly, with nothing taken since).
-            // Not while lanes 1 and up hold frames: one of them may be the rest of a frame begun on this connection
-            // by a direct write (they are taken here first, and streams mode starts at a later turn).
-            if to_urgent.is_some() && peer.outbox.prioritised.load(Ordering::Acquire) {
-                if let Some(u) = &tcp_urgent {
-                    if u.want() && u.dials().is_none() {
-                        peer.outbox.push_link_control(super::urgent::wanted_frame());
-                    }
-                    if urgent_wr.is_none() {
-                        match u.try_writer() {
-                            super::urgent::Ready::Up(w) => urgent_wr = Some(w),
-                            super::urgent::Ready::NotYet => {}
-                            super::urgent::Ready::Never => {
-                                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
-                                to_urgent = None;
-                            }
-                        }
-                    }
-                    if urgent_wr.is_some() && peer.outbox.urgent_lanes_empty() {
-                        if let (Some(w), Some(tx)) = (urgent_wr.take(), to_urgent.take()) {
-                            frames.push_back(peer.outbox.start_streams());
-                            let _ = tx.send(w);
-                        }
-                    }
-                }
+            frames.append(&mut pending);
+            urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut frames);
+            if links.closing.load(Ordering::Acquire) && hold != Hold::Over {
+                // A graceful shutdown writes everything queued: nothing is held for a connection still to come.
+                peer.outbox.release_hold();
+                hold = Hold::Over;
             }
             peer.outbox.take_all(&mut frames);
             if frames.is_empty() {
@@ -147,9 +144,30 @@ pub(super) async fn writer<H: LinkHandler>(
                     // that no unread data makes the kernel reset the connection and discard what we sent.
                     break None;
                 }
+                // While the urgent lanes are held: woken when the connection joins or fails, and when the hold ends.
+                let h = hold;
+                let settled = async {
+                    match (h, &tcp_urgent) {
+                        (Hold::Until(t), Some(u)) => {
+                            let n = u.settled();
+                            tokio::pin!(n);
+                            n.as_mut().enable();
+                            if !u.open() {
+                                return;
+                            }
+                            tokio::select! {
+                                _ = n => {}
+                                _ = tokio::time::sleep_until(t) => {}
+                            }
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(settled);
                 let deadline = live.lock().deadline();
                 tokio::select! {
                     _ = &mut wake => continue,
+                    _ = &mut settled => continue,
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         if live.reader_waiting.load(Ordering::Acquire) {
                             live.lock().on_receive(now());
@@ -218,10 +236,41 @@ pub(super) async fn writer<H: LinkHandler>(
             // declared dead.
             let write = wr.write(&mut frames, &mut batch);
             tokio::pin!(write);
+            let mut was_woken = false;
             let written = loop {
                 let deadline = live.lock().deadline();
+                // A TCP link that may still move its urgent lanes looks again when an event is queued (the first
+                // prioritised one among them), when the urgent connection joins or fails, and when a hold ends.
+                let watch = tcp_urgent.as_ref().filter(|_| to_urgent.is_some());
+                let until = match hold {
+                    Hold::Until(t) => Some(t),
+                    _ => None,
+                };
+                // This turn's `wake` (enabled at its start, unused by a turn that writes) tells of the queueing
+                // (once it fired, it stays ready).
+                let woken = &mut wake;
+                let nudge = async {
+                    let Some(u) = watch else { return std::future::pending::<bool>().await };
+                    tokio::select! {
+                        _ = woken, if !was_woken => true,
+                        // Once this turn's `wake` fired (a control frame queued, say), a fresh wait: the next
+                        // queueing may be the first prioritised event, while this write never ends (a stalled peer).
+                        _ = peer.outbox.readable.notified(), if was_woken => false,
+                        _ = u.settled() => false,
+                        _ = async {
+                            match until {
+                                Some(t) => tokio::time::sleep_until(t).await,
+                                None => std::future::pending().await,
+                            }
+                        } => false,
+                    }
+                };
                 tokio::select! {
                     r = &mut write => break r.map_err(LinkError::Io),
+                    woke = nudge => {
+                        was_woken |= woke;
+                        urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut pending);
+                    }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         if live.reader_waiting.load(Ordering::Acquire) {
                             live.lock().on_receive(now());
@@ -257,6 +306,67 @@ pub(super) async fn writer<H: LinkHandler>(
     if peer.link_down(gen) {
         tracing::info!(peer = %peer.id, "link lost: {why}");
         links.peer_lost(peer.id);
+    }
+}
+
+/// One look at a TCP link's urgent connection (`urgent.rs`), at each turn of the writer and while a write of the main
+/// connection is in progress (a write into a full socket buffer can take tens of milliseconds, which the first urgent
+/// frame must not wait for before the connection is even asked for).
+/// Frames for the main connection go to `next`, ahead of anything taken later.
+fn urgent_turn(
+    peer: &Peer,
+    tcp_urgent: &Option<Arc<super::urgent::TcpUrgent>>,
+    to_urgent: &mut Option<tokio::sync::oneshot::Sender<Box<dyn AsyncWrite + Unpin + Send>>>,
+    urgent_wr: &mut Option<super::urgent::UrgentWr>,
+    hold: &mut Hold,
+    next: &mut VecDeque<Bytes>,
+) {
+    // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
+    // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
+    // after a `Sync` on this connection, as on a QUIC link's urgent stream, with the frames they hold (lane 0
+    // waits for those: `Outbox::start_streams`). Meanwhile the dialling end holds its urgent lanes (at most
+    // `HOLD_URGENT`): written here, the first urgent frames would wait behind everything this connection's
+    // socket holds. The accepting end does not hold them: its `UrgentWanted` crosses this connection behind
+    // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
+    // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
+    let Some(u) = tcp_urgent else { return };
+    if to_urgent.is_none() || !peer.outbox.prioritised.load(Ordering::Acquire) || !peer.outbox.may_split() {
+        return;
+    }
+    if u.want() && u.dials().is_none() {
+        // Written next, ahead of anything taken (the urgent lanes included).
+        next.push_back(super::urgent::wanted_frame());
+    }
+    if urgent_wr.is_none() {
+        match u.try_writer() {
+            super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
+            super::urgent::Ready::NotYet => {}
+            super::urgent::Ready::Never => {
+                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
+                *to_urgent = None;
+                peer.outbox.release_hold();
+            }
+        }
+    }
+    if let Some(w) = urgent_wr.take() {
+        if let Some(tx) = to_urgent.take() {
+            next.push_back(peer.outbox.start_streams());
+            let _ = tx.send(w);
+            *hold = Hold::Over;
+        }
+    } else if to_urgent.is_some() && u.dials().is_some() {
+        match *hold {
+            Hold::Not => {
+                peer.outbox.hold_urgent();
+                *hold = Hold::Until(tokio::time::Instant::now() + HOLD_URGENT);
+            }
+            Hold::Until(t) if tokio::time::Instant::now() >= t => {
+                tracing::debug!(peer = %peer.id, "no urgent connection within {HOLD_URGENT:?} yet");
+                peer.outbox.release_hold();
+                *hold = Hold::Over;
+            }
+            _ => {}
+        }
     }
 }
 
