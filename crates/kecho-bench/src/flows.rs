@@ -542,6 +542,33 @@ fn median_run(runs: &[Run]) -> Run {
     v[(v.len() - 1) / 2].clone()
 }
 
+/// Environment settings: (name, value) pairs.
+type EnvSet = [(String, String)];
+
+/// `KECHO_BENCH_FLOWS_ENV=NAME=VALUE[,NAME=VALUE]`: environment settings of the flow runtime that an extra program
+/// runs with (set around its run only), so that a runtime knob is compared with the default in the same rounds.
+fn env_variant() -> Option<Vec<(String, String)>> {
+    let v = std::env::var("KECHO_BENCH_FLOWS_ENV").ok()?;
+    let kv: Vec<(String, String)> = v
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    (!kv.is_empty()).then_some(kv)
+}
+
+/// Runs `f` with the settings `env` in the environment (none of the flow's threads runs meanwhile).
+fn with_env<T>(env: Option<&EnvSet>, f: impl FnOnce() -> T) -> T {
+    for (k, v) in env.unwrap_or(&[]) {
+        std::env::set_var(k, v);
+    }
+    let r = f();
+    for (k, _) in env.unwrap_or(&[]) {
+        std::env::remove_var(k);
+    }
+    r
+}
+
 /// Which parts run: `KECHO_BENCH_FLOWS=limits,decrypt,replicas,moves` (any subset; default all), e.g. to profile
 /// one part alone.
 fn part(name: &str) -> bool {
@@ -610,6 +637,11 @@ fn decrypt_part(
             ("auto", "flow".to_owned(), String::new(), ""),
             ("1", "flow, 1 decrypt core".into(), String::new(), ""),
         ];
+        let variant = env_variant();
+        if let Some(v) = &variant {
+            let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
+            programs.push(("auto", format!("flow, {}", names.join(" ")), String::new(), ""));
+        }
         if let Some(c) = &other_chunk {
             programs.push(("auto", format!("flow, chunk={c}"), format!(" chunk={c}"), ""));
         }
@@ -637,7 +669,9 @@ fn decrypt_part(
                     keyfile.display(),
                     out.display()
                 );
-                let (fl, fs, decided) = flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B"))?;
+                let env = if label.contains('=') && !label.contains("chunk=") { variant.as_deref() } else { None };
+                let (fl, fs, decided) =
+                    with_env(env, || flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B")))?;
                 if k == 0 {
                     // The CPU per GB of the flow's busiest thread: the source and the decrypt stage share the
                     // reading thread unless the scheduler moved decryption off it.
@@ -657,6 +691,15 @@ fn decrypt_part(
                 anyhow::ensure!(fl.bytes == mc.bytes, "byte counts differ: {} {}", fl.bytes, mc.bytes);
                 if k == 0 {
                     ratios.push(fl.rec_s() / mc.rec_s());
+                }
+                if k > 0 && env.is_some() {
+                    s.notes.push(format!(
+                        "{size} B round {}: {label} / memory-centric {:.2}x (flow {:.2}x); CPU s/GB {:.3}",
+                        round + 1,
+                        fl.rec_s() / mc.rec_s(),
+                        flows[0].last().map_or(0.0, |f| f.rec_s() / mc.rec_s()),
+                        fl.cpu_per_gb()
+                    ));
                 }
                 if round == 0 {
                     s.notes.push(format!(
@@ -754,18 +797,47 @@ fn replicas_part(
     let mut speedups = Vec::new();
     let mut cpu_per_gb: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut one_mb_s = Vec::new();
+    let variant = env_variant();
+    let mut var_speedups = Vec::new();
     for round in 0..count(args, 3, 1) {
         let mut base = 0.0;
-        for reps in [1, 2] {
+        let plain = [(1usize, None), (2, None)];
+        let with: Vec<(usize, Option<&EnvSet>)> =
+            variant.as_deref().map(|v| vec![(1, Some(v)), (2, Some(v))]).unwrap_or_default();
+        let mut var_base = 0.0;
+        for (reps, env) in plain.into_iter().chain(with) {
             let spec = format!(
                 "file:{} ! decrypt aes-256-gcm key={} replicas={reps} ! file:/dev/null",
                 enc.display(),
                 keyfile.display()
             );
             let m0 = MachineCpu::now();
-            let (r, fs, _) = flow_run(&spec, Peer::None, n, format!("{reps} replicas"))?;
+            let label = match env {
+                Some(e) => format!(
+                    "{reps} replicas, {}",
+                    e.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                ),
+                None => format!("{reps} replicas"),
+            };
+            let (r, fs, _) = with_env(env, || flow_run(&spec, Peer::None, n, label.clone()))?;
             let machine = MachineCpu::now().cores_busy_since(m0, ncores);
             let own = r.cpu_s / r.secs;
+            if env.is_some() {
+                if reps == 1 {
+                    var_base = r.mb_s();
+                } else {
+                    var_speedups.push((r.mb_s() / base, r.mb_s() / var_base));
+                }
+                s.notes.push(format!(
+                    "replicas round {}: {label}: {:.0} MB/s, CPU {:.3} s/GB, {own:.2} cores; {}",
+                    round + 1,
+                    r.mb_s(),
+                    r.cpu_per_gb(),
+                    stage_line(&fs)
+                ));
+                runs.push(r);
+                continue;
+            }
             cpu_per_gb[reps - 1].push(r.cpu_per_gb());
             if reps == 1 {
                 base = r.mb_s();
@@ -798,6 +870,12 @@ fn replicas_part(
          {ncores} cores busy with the 2-replica flow alone would give {most:.0} MB/s = {:.2}x",
         most / one.max(1e-9)
     ));
+    if !var_speedups.is_empty() {
+        s.notes.push(format!(
+            "replicas with the variant: 2 replicas (variant) / 1 replica (plain), and / 1 replica (variant), per round: {}",
+            var_speedups.iter().map(|(a, b)| format!("{a:.2}x/{b:.2}x")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     s.checks.push(Check::at_least(
         "2 decrypt replicas / 1 (decryption bound; median of rounds)",
         median(speedups),

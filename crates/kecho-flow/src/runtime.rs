@@ -1677,9 +1677,33 @@ struct Helper {
     chunks: u64,
 }
 
+/// Threads of their own for `n` replicas of a stage on `cores` cores: `n`, except that `n` replicas taking every core
+/// (n >= cores, n > 1) leave the reading thread to be the last of them, unless `own` asks for a thread each.
+pub fn own_threads(n: usize, cores: usize, own: bool) -> usize {
+    if n > 1 && n >= cores && !own {
+        n - 1
+    } else {
+        n
+    }
+}
+
+fn part_name(stages: &[Box<dyn Stage>], r: usize) -> String {
+    stages.get(r).map(|s| s.name()).unwrap_or_default()
+}
+
 /// Splits the flow at stage `r` into `n` replicas; `next` is the sequence number of the next chunk the source reads
 /// (0 from the start; later when `replicas=auto` splits after its warm-up, the chunks before having gone through inline).
-fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next: u64) -> Result<Mode, FlowError> {
+/// `declared`: the replicas were declared (`replicas=N`), so the reading thread may be one of them (`own_threads`);
+/// `replicas=auto`'s planner counts threads of their own and gets them.
+fn split(
+    sh: &Arc<Shared>,
+    tail: Tail,
+    r: usize,
+    n: usize,
+    pool: Arc<Pool>,
+    next: u64,
+    declared: bool,
+) -> Result<Mode, FlowError> {
     let Tail { sh: _, first, mut stages, parts, work, delivery } = tail;
     debug_assert_eq!(first, 0);
     let rest = stages.split_off(r + 1);
@@ -1688,11 +1712,26 @@ fn split(sh: &Arc<Shared>, tail: Tail, r: usize, n: usize, pool: Arc<Pool>, next
     let parts_rest = parts_rest.split_off(r + 1);
     let mut work = work;
     let work_rest = work.split_off(r + 1);
-    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(2 * n);
+    // N replicas that would take every core leave none to the reading thread, which must run too: N + 1 busy threads
+    // on N cores share them by time slices, and each replica decrypts what the reader copied on another core. Then
+    // the reading thread is one of the N: N - 1 threads of their own, and the reader runs the stage on the chunk it
+    // just read (still in its cache) whenever they are busy (see `Helper`). `KECHO_FLOW_OWN_REPLICAS=1` gives every
+    // replica a thread of its own as before (to compare the two in one run).
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let own = !declared || std::env::var("KECHO_FLOW_OWN_REPLICAS").is_ok_and(|v| v == "1");
+    let threads = own_threads(n, cores, own);
+    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(2 * threads);
     let (dtx, drx) = crossbeam_channel::bounded::<Chunk>(4 * n);
     let mut workers = Vec::new();
     sh.stats[1 + r].set_replicas(n);
-    for i in 0..n {
+    if threads < n {
+        sh.results.lock().push(format!(
+            "{}: {n} replicas on {cores} cores: {threads} thread{} of its own and the reading thread",
+            part_name(&stages, r),
+            if threads == 1 { "" } else { "s" }
+        ));
+    }
+    for i in 0..threads {
         let (rx, dtx, part, sh) = (rx.clone(), dtx.clone(), part.clone(), sh.clone());
         let w = std::thread::Builder::new()
             .name(format!("kecho-flow-{}-s{r}r{i}", sh.id))
@@ -1766,7 +1805,7 @@ fn pipeline(
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let auto = specs.iter().any(|s| s.replicas == Replicas::Auto);
     let mut mode = match fixed {
-        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0)?,
+        Some((r, n)) if tail.parts[r].is_some() => split(sh, tail, r, n, pool.clone(), 0, true)?,
         _ => Mode::Inline(tail),
     };
     let mut carry: Vec<u8> = Vec::new();
@@ -1834,7 +1873,7 @@ fn pipeline(
                             let Mode::Inline(tail) = std::mem::replace(&mut mode, Mode::Inline(empty_tail(sh))) else {
                                 unreachable!("checked above")
                             };
-                            mode = split(sh, tail, i - 1, n, pool.clone(), seq)?;
+                            mode = split(sh, tail, i - 1, n, pool.clone(), seq, false)?;
                             let how = if n == 1 { "its own thread".to_owned() } else { format!("{n} replicas") };
                             let how = format!("{how} after {read_total} bytes");
                             sh.event(0, "replicated", &specs[i - 1].transform.name(), how);
@@ -2053,4 +2092,23 @@ fn read_channel(sh: &Shared, sink: &mut kecho::Sink, buf: &mut Vec<u8>, chunk: u
         }
     }
     Ok(buf.len() - start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_threads;
+
+    /// Replicas that would take every core leave the reading thread to be the last of them; fewer replicas than
+    /// cores, one replica, or the switch for a thread each keep a thread per replica.
+    #[test]
+    fn the_reading_thread_is_a_replica_only_when_the_replicas_take_every_core() {
+        assert_eq!(own_threads(2, 2, false), 1);
+        assert_eq!(own_threads(3, 2, false), 2);
+        assert_eq!(own_threads(4, 4, false), 3);
+        assert_eq!(own_threads(2, 4, false), 2);
+        assert_eq!(own_threads(3, 4, false), 3);
+        assert_eq!(own_threads(1, 1, false), 1);
+        assert_eq!(own_threads(1, 2, false), 1);
+        assert_eq!(own_threads(2, 2, true), 2);
+    }
 }

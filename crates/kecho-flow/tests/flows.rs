@@ -178,6 +178,30 @@ fn replicated_decrypt_keeps_order() {
     assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
+/// As many replicas as cores: the reading thread is the last of them (one thread of their own fewer) and runs the
+/// stage on the chunks it reads while the others are busy; the output is still whole and in order, and the flow
+/// says how the replicas were placed.
+#[test]
+fn replicas_on_every_core_count_the_reading_thread() {
+    let d = Dir::new("replicas-all-cores");
+    let k = key_file(&d);
+    let input = data(2_000_000);
+    let key = Key::parse(std::fs::read(&k).unwrap().as_slice()).unwrap();
+    std::fs::write(d.path("enc"), record::seal_all(&key, &input, 1000)).unwrap();
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).max(2);
+    let s = run(&format!(
+        "file:{} chunk=8K ! decrypt aes-256-gcm key={k} replicas={cores} ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    assert_eq!(std::fs::read(d.path("out")).unwrap(), input);
+    assert_eq!(s.stages[1].replicas, cores);
+    let placed = format!("{cores} replicas on ");
+    let r = s.results.iter().find(|r| r.contains(&placed)).unwrap_or_else(|| panic!("{:#?}", s.results));
+    assert!(r.contains(&format!("{} thread", cores - 1)) && r.contains("and the reading thread"), "{r}");
+}
+
 /// `replicas=auto` split mid-flow, forced: the planner is told to answer, whatever the cores, so that the split
 /// after the warm-up happens on every machine. The chunks before it went through inline, the ones after through the
 /// replicas and the reordering tail, which must start from the chunk after the warm-up: the output is the input,
