@@ -463,4 +463,11 @@ impl Node {
     pub fn kill(&self) {
         self.channels.stop();
     }
+
+    /// Test hook: tasks the node's own code asked for after it was stopped (killed or shut down), each refused. A
+    /// task that was running when the node stopped runs on to its next await; what it asks for then must not run.
+    #[doc(hidden)]
+    pub fn tasks_after_stop(&self) -> u64 {
+        self.channels.tasks.late()
+    }
 }
