@@ -258,7 +258,10 @@ impl ChannelInner {
                 g.join(via, ms);
             }
             t.gossip = Some(g);
-            t.prober = node.cfg.tree_probe.then(|| Prober::new(probe::PROBE, rand::random(), ms));
+            t.prober = node
+                .cfg
+                .tree_probe
+                .then(|| Prober::new(probe::probe_config(node.cfg.tree_probe_every), rand::random(), ms));
             t.since = Some(at);
         }
         tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
