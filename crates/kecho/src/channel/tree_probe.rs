@@ -29,7 +29,7 @@ use crate::clock::now;
 /// cores, a probe per member per second (a dial and handshake each, at both ends) stalled the processes for 4 to 6 s
 /// at a time and a storm of 40 joins did not converge in 60 s (docs/SCALE.md).
 pub(super) fn probe_config(period: Duration) -> ProbeConfig {
-    ProbeConfig { period: period.as_millis().max(1) as u64, timeout: PROBE_TIMEOUT, suspect_for: 3_000 }
+    ProbeConfig { period: period.as_millis().max(1) as u64, timeout: PROBE_TIMEOUT, ..ProbeConfig::default() }
 }
 
 /// How long a probe may go unanswered before its member is suspected (ms).
