@@ -506,8 +506,12 @@ fn kill_and_publish(hosts: &mut [Host]) -> Result<KillRow> {
         h.ask(&format!("kill {KILL_PERCENT}"))?;
     }
     let mut killed = 0;
+    // The killed nodes' ids (for the diagnosis below).
+    let mut killed_ids = Vec::new();
     for h in hosts.iter_mut() {
-        let k = h.answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<usize>()?;
+        let w = h.answer()?;
+        let k = w.first().ok_or_else(|| anyhow!("short answer"))?.parse::<usize>()?;
+        killed_ids.extend(w.get(1).cloned());
         h.nodes -= k;
         killed += k;
     }
@@ -537,6 +541,17 @@ fn kill_and_publish(hosts: &mut [Host]) -> Result<KillRow> {
         stale_views += h.answer()?.first().ok_or_else(|| anyhow!("short answer"))?.parse::<usize>()?;
     }
     let views_ms = (stale_views == 0).then(|| killed_at.elapsed().as_secs_f64() * 1e3);
+    // What the survivors' views and the killed nodes look like now (on standard error, per process).
+    let mut survivors = Vec::new();
+    for h in hosts.iter_mut() {
+        h.ask("ids")?;
+        survivors.extend(h.answer()?.first().cloned());
+    }
+    let (killed_ids, survivors) = (killed_ids.join(","), survivors.join(","));
+    for h in hosts.iter_mut() {
+        h.ask(&format!("diagnose {killed_ids} {survivors}"))?;
+        h.answer()?;
+    }
     Ok(KillRow {
         members,
         killed,
@@ -652,13 +667,15 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 let n = members.len();
                 let k = (n * pct + 50) / 100;
                 let victims: Vec<usize> = (0..k).map(|j| 1 + j * (n - 1) / k.max(1)).filter(|i| *i < n).collect();
+                let mut ids = Vec::new();
                 for &i in victims.iter().rev() {
                     let m = members.remove(i);
                     m.0.kill();
+                    ids.push(m.0.id().to_string());
                     // Kept (not dropped) until the process exits: a crashed node does nothing more.
                     killed.push(m);
                 }
-                Ok(format!("ok {}", victims.len()))
+                Ok(format!("ok {} {}", victims.len(), ids.join(",")))
             }
             ["views", n, ms] => {
                 // `views N MS`: waits up to MS for every node here to count N sinks (one per surviving member node);
@@ -674,6 +691,14 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 })
+            }
+            ["ids"] => {
+                let ids: Vec<String> = members.iter().map(|(n, _, _)| n.id().to_string()).collect();
+                Ok(format!("ok {}", ids.join(",")))
+            }
+            ["diagnose", killed_ids, survivors] => {
+                diagnose(&members, &killed, killed_ids, survivors);
+                Ok("ok".to_owned())
             }
             ["control"] => {
                 let (frames, bytes) = members.iter().fold((0, 0), |(f, b), (_, ch, _)| {
@@ -724,17 +749,34 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 rt.block_on(async {
                     let (mut got, mut missed) = (0u64, 0u64);
                     let deadline = tokio::time::Instant::now() + STEP_LIMIT;
-                    for (_, _, sink) in members.iter_mut() {
-                        let mut here = 0;
+                    for (node, ch, sink) in members.iter_mut() {
+                        let (mut here, mut lagged, mut ended) = (0, 0, String::from("the step limit"));
                         while here < n {
                             match tokio::time::timeout_at(deadline, sink.recv()).await {
                                 Ok(Ok(_)) => here += 1,
                                 Ok(Err(kecho::RecvError::Lagged(k))) => {
                                     missed += k;
+                                    lagged += k;
                                     here += k;
                                 }
-                                Ok(Err(_)) | Err(_) => break,
+                                Ok(Err(e)) => {
+                                    ended = format!("{e:?}");
+                                    break;
+                                }
+                                Err(_) => break,
                             }
+                        }
+                        if here < n {
+                            let t = ch.tree_stats();
+                            eprintln!(
+                                "kecho-bench members: node {} accounted for {here} of {n} ({lagged} reported missed) \
+                                 until {ended}; overlay: {} neighbours, {} passive, {} delivered, {} lost",
+                                node.id(),
+                                t.active,
+                                t.passive,
+                                t.delivered,
+                                t.lost
+                            );
                         }
                         got += here;
                     }
@@ -791,4 +833,58 @@ async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, C
         .await
         .with_context(|| format!("{} member nodes known", ch.member_nodes().len()))?;
     Ok(((node, ch, sink), opened))
+}
+
+/// On standard error: which killed nodes the survivors here still list (and whether a link to them is up, or they
+/// are overlay neighbours), which survivors they miss, the liveness check's counters, and whether the killed nodes
+/// here kept links or asked for tasks after they were stopped.
+fn diagnose(members: &[(Node, Channel, Sink)], killed: &[(Node, Channel, Sink)], killed_ids: &str, survivors: &str) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let killed_ids: BTreeSet<&str> = killed_ids.split(',').filter(|s| !s.is_empty()).collect();
+    let survivors: BTreeSet<&str> = survivors.split(',').filter(|s| !s.is_empty()).collect();
+    let (mut stale, mut linked, mut neighbours) = (0, 0, 0);
+    let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut missing: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut suspicions, mut refuted) = (0, 0);
+    for (node, ch, _) in members {
+        let known: BTreeSet<String> = ch.member_nodes().iter().map(|n| n.to_string()).collect();
+        let up: BTreeSet<String> = node.link_stats().iter().filter(|l| l.up).map(|l| l.node.to_string()).collect();
+        let near: BTreeSet<String> = ch.tree_neighbours().iter().map(|n| n.to_string()).collect();
+        let me = node.id().to_string();
+        let extra: Vec<&String> = known.iter().filter(|k| killed_ids.contains(k.as_str())).collect();
+        let lacks: Vec<&&str> = survivors.iter().filter(|s| **s != me && !known.contains(**s)).collect();
+        if !extra.is_empty() || !lacks.is_empty() {
+            stale += 1;
+        }
+        for k in extra {
+            *listed.entry(k.clone()).or_default() += 1;
+            linked += usize::from(up.contains(k));
+            neighbours += usize::from(near.contains(k));
+        }
+        for s in lacks {
+            *missing.entry((*s).to_owned()).or_default() += 1;
+        }
+        let t = ch.tree_stats();
+        suspicions += t.suspicions;
+        refuted += t.refuted;
+    }
+    let kept_links: usize = killed.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).sum();
+    let late: u64 = killed.iter().map(|(n, _, _)| n.tasks_after_stop()).sum();
+    let top = |m: &BTreeMap<String, usize>| {
+        let mut v: Vec<(usize, &String)> = m.iter().map(|(k, c)| (*c, k)).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.iter().take(5).map(|(c, k)| format!("{k} by {c}")).collect::<Vec<_>>().join(", ")
+    };
+    eprintln!(
+        "kecho-bench members: diagnosis here: {stale} of {} survivors with a wrong view; killed nodes listed: {} \
+         distinct ({}), {linked} of those with a link up, {neighbours} as overlay neighbours; survivors missing: {} \
+         distinct ({}); suspicions {suspicions}, refuted {refuted}; the {} killed here: {kept_links} links up, \
+         {late} tasks asked for after the kill",
+        members.len(),
+        listed.len(),
+        top(&listed),
+        missing.len(),
+        top(&missing),
+        killed.len()
+    );
 }

@@ -28,13 +28,29 @@ pub struct ProbeConfig {
     pub period: u64,
     /// A probe unanswered this long makes its node suspected.
     pub timeout: u64,
-    /// A suspicion not refuted this long makes its node taken for gone.
+    /// A suspicion not refuted this long makes its node taken for gone (at least; see `suspect_per_decade`).
     pub suspect_for: u64,
+    /// A suspicion lasts at least this long per decade of the channel's members (`log10` of the member count), as
+    /// memberlist scales it: a refutation crosses more overlay hops, each on a host that may stall, in a larger
+    /// channel. 4 s per decade: 10.4 s at 400 members, 6.4 s at 40.
+    pub suspect_per_decade: u64,
+    /// A member whose own timer ran this late (its process did not run: a loaded host) has not seen the answers and
+    /// refutations that may be waiting unread for it: it gives each due probe and suspicion another `timeout`
+    /// instead of deciding on them (Lifeguard's local health, in its simplest form).
+    pub late_after: u64,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { period: 1_000, timeout: 2_000, suspect_for: 3_000 }
+        ProbeConfig { period: 1_000, timeout: 2_000, suspect_for: 3_000, suspect_per_decade: 4_000, late_after: 1_000 }
+    }
+}
+
+impl ProbeConfig {
+    /// How long a suspicion lasts in a channel of `members` member nodes.
+    pub fn suspicion(&self, members: usize) -> u64 {
+        let decades = ((members.max(1)) as f64).log10();
+        self.suspect_for.max((self.suspect_per_decade as f64 * decades) as u64)
     }
 }
 
@@ -164,6 +180,22 @@ impl Prober {
     /// Advances to `now`. `members`: every other member node this member knows, with its snapshot version;
     /// `neighbours`: those whose links the overlay watches (not probed).
     pub fn handle_timeout(&mut self, now: u64, members: &BTreeMap<NodeId, u64>, neighbours: &BTreeSet<NodeId>) {
+        let due = self.poll_timeout();
+        if now >= due.saturating_add(self.cfg.late_after) {
+            // This member did not run for a while: answers and refutations may be waiting unread in its sockets.
+            // Nothing is decided on what it could not see; every decision due gets another `timeout` to come.
+            let again = now + self.cfg.timeout;
+            if let Some(p) = self.pending.as_mut().filter(|p| p.deadline <= now) {
+                p.deadline = again;
+            }
+            for (_, deadline) in self.suspects.values_mut() {
+                if *deadline <= now {
+                    *deadline = again;
+                }
+            }
+            self.next_probe = self.next_probe.max(again.min(now + self.cfg.period));
+            return;
+        }
         // A suspicion ends when its node is gone from the view (someone took it for gone, or it left) or refuted
         // with a newer snapshot; otherwise, once it ran out, the node is taken for gone.
         let suspects: Vec<(NodeId, (u64, u64))> = self.suspects.iter().map(|(n, s)| (*n, *s)).collect();
@@ -187,7 +219,7 @@ impl Prober {
                 self.pending = None;
                 let version = members[&p.node].max(p.version);
                 if !self.suspects.contains_key(&p.node) {
-                    self.suspects.insert(p.node, (version, now + self.cfg.suspect_for));
+                    self.suspects.insert(p.node, (version, now + self.cfg.suspicion(members.len() + 1)));
                     self.outs.push_back(ProbeOut::Suspect { node: p.node, version });
                 }
             }
@@ -313,6 +345,42 @@ mod tests {
         p.ack(NodeId(9), nonce);
         let seen = run(&mut p, 4_000, 20_000, &m, &[9]);
         assert!(!seen.iter().any(|o| matches!(o, ProbeOut::Dead { .. })), "{seen:?}");
+    }
+
+    #[test]
+    fn a_suspicion_lasts_longer_in_a_larger_channel() {
+        let cfg = ProbeConfig::default();
+        assert_eq!(cfg.suspicion(5), 3_000);
+        assert_eq!(cfg.suspicion(40), 6_408);
+        assert_eq!(cfg.suspicion(400), 10_408);
+    }
+
+    /// A member that did not run past a probe's timeout (its own process stalled) does not suspect on what it could
+    /// not read: the probe gets another timeout, and an answer read then counts.
+    #[test]
+    fn a_member_that_did_not_run_decides_nothing_on_what_it_could_not_read() {
+        let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+        let m = members(&[(9, 4)]);
+        let none = BTreeSet::new();
+        let mut probe = None;
+        let mut t = 0;
+        while probe.is_none() {
+            p.handle_timeout(t, &m, &none);
+            probe = drain(&mut p).into_iter().find_map(|o| match o {
+                ProbeOut::Probe { node, nonce } => Some((node, nonce)),
+                _ => None,
+            });
+            t += 10;
+        }
+        // Its next timer comes 4 s late (the probe's timeout was 2 s): no suspicion.
+        let late = p.poll_timeout() + 4_000;
+        p.handle_timeout(late, &m, &none);
+        assert!(drain(&mut p).is_empty(), "decided while it did not run");
+        // The answer that was waiting is read now, and counts.
+        let (node, nonce) = probe.expect("probed");
+        p.ack(node, nonce);
+        let seen = run(&mut p, late + 10, late + 1_500, &m, &[9]);
+        assert!(!seen.iter().any(|o| matches!(o, ProbeOut::Suspect { .. } | ProbeOut::Dead { .. })), "{seen:?}");
     }
 
     #[test]

@@ -176,3 +176,30 @@ fn a_member_that_cannot_be_probed_but_is_alive_refutes_and_stays() {
         }
     }
 }
+
+/// Issue 17 at 400 member nodes, where every survivor ended with most of the others missing from its view: under
+/// load, live members are suspected (a probe answered after its 2 s) and their refutations, crossing several overlay
+/// hops on stalled hosts, came after the 3 s a suspicion lasted: each such member was taken for gone, and the
+/// goodbyes and refutations fed the load. Here 12 of 60 members answer probes 6 s late and an overlay hop takes
+/// 0.7 s (a broadcast 0.7 to 2.1 s): with suspicions of a fixed 3 s some live member is taken for gone; with
+/// suspicions scaled by the channel's size (7.1 s at 60 members) none is.
+#[test]
+fn slow_members_suspected_under_load_refute_in_time_when_suspicions_scale_with_the_channel() {
+    let run = |cfg: ProbeConfig| {
+        let mut sim = channel_of(11, 60, Some(cfg));
+        for id in (5..=60).step_by(5) {
+            sim.slow_answers.insert(NodeId(id), Duration::from_millis(6_000));
+        }
+        sim.tree.as_mut().expect("tree mode").hop = Duration::from_millis(700);
+        sim.run_for(Duration::from_secs(30));
+        (sim.suspicions, sim.live_taken_for_gone)
+    };
+    let fixed = ProbeConfig { suspect_per_decade: 0, ..ProbeConfig::default() };
+    let (suspicions, taken) = run(fixed);
+    eprintln!("suspicions of a fixed 3 s: {suspicions} suspicions, {taken} live members taken for gone");
+    assert!(suspicions > 0 && taken > 0, "the model suspected nobody, or every refutation came in time");
+    let (suspicions, taken) = run(ProbeConfig::default());
+    eprintln!("suspicions scaled: {suspicions} suspicions, {taken} live members taken for gone");
+    assert!(suspicions > 0, "the slow members were not suspected: the model shows nothing");
+    assert_eq!(taken, 0, "a live member was taken for gone");
+}

@@ -83,6 +83,8 @@ pub(crate) struct NodeConfig {
     /// Tree mode probes non-neighbour members (`channel/tree_probe.rs`); off only in tests and benchmarks that
     /// compare with the check off.
     pub(crate) tree_probe: bool,
+    /// How often tree mode's liveness check probes a member (`channel/tree_probe.rs`). Default 5 s.
+    pub(crate) tree_probe_every: std::time::Duration,
     /// TLS for node links (mutually authenticated against a CA); `None` (the default) runs them in plaintext. Every
     /// node of a deployment must agree: a plaintext node dialling a TLS node is refused with a reason.
     pub(crate) tls: Option<TlsSetting>,
@@ -153,6 +155,7 @@ impl Default for NodeConfig {
             history: History::off(),
             tree_threshold: DEFAULT_TREE_THRESHOLD,
             tree_probe: true,
+            tree_probe_every: std::time::Duration::from_secs(5),
             tls: None,
             transport: crate::transport::Transport::Tcp,
             identity: None,

@@ -189,6 +189,17 @@ impl NodeBuilder {
         self
     }
 
+    /// How often, in tree mode, this node probes one member that is not its overlay neighbour (the liveness check:
+    /// a member killed together with all of its neighbours is noticed by nobody else; docs/SCALE.md, "Liveness
+    /// check"). A dead member no neighbour noticed is out of every view a few seconds after some member first
+    /// probes it: with N members probing, about `every` x (members / N) after its death on average. Each probe of a
+    /// member with no link up costs a dial and a handshake at both ends, so a host running hundreds of nodes on a
+    /// few cores wants it rarer; a host per node can afford a second. Default 5 s (at least 100 ms).
+    pub fn tree_probe_every(mut self, every: Duration) -> Self {
+        self.cfg.tree_probe_every = every.max(Duration::from_millis(100));
+        self
+    }
+
     /// What every source of this node keeps, by default, of the events that sinks of cut-off nodes miss, to replay
     /// to them in order should their node come back ([`crate::Source::set_history`] sets it per source). Default:
     /// nothing, and returning sinks are told how many events they missed. See docs/DURABILITY.md.
@@ -473,5 +484,12 @@ impl Node {
     /// Stops everything at once without telling anyone, as if the process crashed. For tests.
     pub fn kill(&self) {
         self.channels.stop();
+    }
+
+    /// Test hook: tasks the node's own code asked for after it was stopped (killed or shut down), each refused. A
+    /// task that was running when the node stopped runs on to its next await; what it asks for then must not run.
+    #[doc(hidden)]
+    pub fn tasks_after_stop(&self) -> u64 {
+        self.channels.tasks.late()
     }
 }

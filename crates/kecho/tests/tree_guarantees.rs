@@ -208,6 +208,38 @@ async fn a_source_that_ends_while_a_node_is_cut_off_is_accounted_for_in_tree_mod
     Ok(())
 }
 
+/// A node cut off from the whole channel while the source publishes and then goes quiet (it does not end, its node
+/// stays) comes back after the overlay's summaries of the source stopped (10 s after its last event): its new
+/// neighbours name the newest event they have of every event stream, so it grafts or is told of every event it
+/// missed. Before, nothing named the stream to it any more, and its sink waited for them unaware for good (at 400
+/// nodes: survivors of a 30 % kill whose whole active view died and whose refills took longer than 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_a_source_went_quiet_learns_what_it_missed_in_tree_mode() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::start("quiet", T * 3).await?;
+    let mut back = net.sink(CUT);
+    let mut keep = net.sink(0);
+    let mut src = net.chans[SRC].source()?;
+    publish(&mut src, 200).await?;
+    let mut t = Tally::default();
+    t.until(&mut back, "the first 200 events", |t| t.seqs.len() == 200).await?;
+    net.isolate(CUT, true);
+    net.cut_off(CUT).await?;
+    publish(&mut src, 300).await?;
+    let mut k = Tally::default();
+    k.until(&mut keep, "all 500 events at a connected sink", |t| t.seqs.len() == 500).await?;
+    // Past the overlay's summaries of the source (10 s after its last event); the source stays, quiet.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    net.isolate(CUT, false);
+    t.until(&mut back, "500 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 500).await?;
+    assert!(t.in_order(), "in order, nothing twice: {t:?}");
+    assert_eq!(t.seqs.len() as u64 + t.missed, 500, "received + missed = published: {t:?}");
+    assert!(t.lost.is_empty(), "the loss is known, not unknown: {t:?}");
+    eprintln!("the returning sink received {} and was told of {} missed", t.seqs.len(), t.missed);
+    drop(src);
+    Ok(())
+}
+
 /// A source's node that dies (no end) is reported gone, with an unknown number missed, to every sink once the grace
 /// period is over, in tree mode as in full-mesh mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,10 @@ pub struct Sim {
     pub suspicions: u64,
     /// See `probes`.
     pub probe_deaths: u64,
+    /// Tree mode: members that answer probes this much later than a round trip (a process that stalls).
+    pub slow_answers: BTreeMap<NodeId, Duration>,
+    /// Tree mode: members the liveness check took for gone while they were alive.
+    pub live_taken_for_gone: u64,
 }
 
 /// Tree mode as the node layer runs it (`crates/kecho/src/channel/tree.rs`), for its membership: every channel is
@@ -294,6 +298,8 @@ impl Sim {
             probes: 0,
             suspicions: 0,
             probe_deaths: 0,
+            slow_answers: BTreeMap::new(),
+            live_taken_for_gone: 0,
         }
     }
 
@@ -1052,7 +1058,8 @@ impl Sim {
                         self.probes += 1;
                         let alive = self.nodes.get(&node).is_some_and(|n| !n.crashed && n.chans.contains_key(&name));
                         if alive && !self.is_cut(id, node) {
-                            self.probe_acks.push((now + rtt, id, name.clone(), node, nonce));
+                            let slow = self.slow_answers.get(&node).copied().unwrap_or_default();
+                            self.probe_acks.push((now + rtt + slow, id, name.clone(), node, nonce));
                         }
                     }
                     ProbeOut::Suspect { node, version } => {
@@ -1064,6 +1071,9 @@ impl Sim {
                     }
                     ProbeOut::Dead { node, .. } => {
                         self.probe_deaths += 1;
+                        if self.nodes.get(&node).is_some_and(|n| !n.crashed) {
+                            self.live_taken_for_gone += 1;
+                        }
                         self.take_for_gone(id.0, node.0, &name);
                     }
                 }

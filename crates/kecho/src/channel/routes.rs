@@ -446,7 +446,8 @@ impl ChannelInner {
     }
 
     /// A link to node `id` came up: what its sinks missed while cut off can go to it now.
-    pub(crate) fn peer_up(self: &Arc<Self>, _id: NodeId) {
+    pub(crate) fn peer_up(self: &Arc<Self>, id: NodeId) {
+        self.tree_link_up(id);
         self.wake_lenders();
     }
 }

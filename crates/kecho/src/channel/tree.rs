@@ -53,6 +53,10 @@ const LINK_GRACE: Duration = Duration::from_secs(5);
 /// A lost link to a node this channel sent to this recently counts as a failure of that node even if it is not an
 /// overlay neighbour (a dial that failed).
 const TRIED: Duration = Duration::from_secs(1);
+/// A link that came up this recently is kept even when nothing uses it yet: the node that dialled it has a message
+/// on its way on it (a probe, say), which this node has not read yet. Closing it as unneeded before that made the
+/// prober's probe fail (twice, with the retry) and the node suspected.
+const FRESH_LINK: Duration = Duration::from_secs(2);
 /// How often a node looks again at a failed neighbour's link while it waits to take the neighbour for gone.
 const GONE_CHECK: Duration = Duration::from_millis(100);
 /// A node asks the contact for its view (having lost snapshots of an unknown member) at most this often.
@@ -151,6 +155,8 @@ struct TreeInner {
     probe_links: HashMap<NodeId, (Instant, bool)>,
     /// Unanswered probes already sent again after their link was lost.
     probe_retried: HashSet<NodeId>,
+    /// When links to these nodes came up (kept for `FRESH_LINK`).
+    fresh: HashMap<NodeId, Instant>,
 }
 
 impl Default for Tree {
@@ -172,6 +178,7 @@ impl Default for Tree {
                 prober: None,
                 probe_links: HashMap::new(),
                 probe_retried: HashSet::new(),
+                fresh: HashMap::new(),
             }),
             event_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -258,7 +265,10 @@ impl ChannelInner {
                 g.join(via, ms);
             }
             t.gossip = Some(g);
-            t.prober = node.cfg.tree_probe.then(|| Prober::new(probe::PROBE, rand::random(), ms));
+            t.prober = node
+                .cfg
+                .tree_probe
+                .then(|| Prober::new(probe::probe_config(node.cfg.tree_probe_every), rand::random(), ms));
             t.since = Some(at);
         }
         tracing::debug!(channel = %self.name, members = st.peers().len() + 1, "tree mode on");
@@ -518,6 +528,17 @@ impl ChannelInner {
         self.flush();
     }
 
+    /// A link to `id` came up: kept for `FRESH_LINK` whatever uses it.
+    pub(super) fn tree_link_up(&self, id: NodeId) {
+        if !self.tree_on() {
+            return;
+        }
+        let at = now();
+        let mut t = self.tree.inner.lock();
+        t.fresh.retain(|_, u| at.saturating_duration_since(*u) < FRESH_LINK);
+        t.fresh.insert(id, at);
+    }
+
     /// Leaving: the neighbours are told at once (they replace the link) rather than by its loss.
     pub(super) fn tree_leave(self: &Arc<Self>) {
         if !self.tree_on() {
@@ -548,6 +569,7 @@ impl ChannelInner {
         let at = now();
         let t = self.tree.inner.lock();
         let used = t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
+            || t.fresh.get(&id).is_some_and(|u| at.saturating_duration_since(*u) < FRESH_LINK)
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
             || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
         drop(t);

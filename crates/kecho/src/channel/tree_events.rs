@@ -411,9 +411,14 @@ impl ChannelInner {
         }
     }
 
-    /// After the overlay's outputs were executed: new overlay neighbours hear of the ends remembered here.
+    /// After the overlay's outputs were executed: new overlay neighbours hear of the ends remembered here, and of the
+    /// newest item this node has of every event stream. The overlay's periodic summaries name a stream only for 10 s
+    /// after its last item: a node that comes back later (its whole active view died with 30 % of the channel and
+    /// its refills took long on a loaded host, say) would otherwise never learn of the last events of a source that
+    /// went quiet, and its sinks would wait for them unaware (seen at 400 nodes: events neither received nor
+    /// reported missed).
     pub(super) fn tree_hand_ends(self: &Arc<Self>, node: &Arc<Channels>, active: &[NodeId]) {
-        let (fresh, ids) = {
+        let (fresh, mut ids) = {
             let mut ev = self.tree.events.inner.lock();
             if ev.told == active {
                 return;
@@ -426,6 +431,22 @@ impl ChannelInner {
                 ev.ends.iter().filter(|e| at.saturating_duration_since(e.at) < gap_memory).map(|e| e.id).collect();
             (fresh, ids)
         };
+        if fresh.is_empty() {
+            return;
+        }
+        {
+            let t = self.tree.inner.lock();
+            if let Some(g) = t.gossip.as_ref() {
+                for stream in t.event_streams.iter().copied().chain(std::iter::once(node.id)) {
+                    if let Some(next) = g.next_of(stream).filter(|n| *n > 1) {
+                        let newest = EventId { source: stream, seq: next - 1 };
+                        if !ids.contains(&newest) {
+                            ids.push(newest);
+                        }
+                    }
+                }
+            }
+        }
         if ids.is_empty() {
             return;
         }

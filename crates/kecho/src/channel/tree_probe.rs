@@ -1,7 +1,7 @@
 //! Tree mode's liveness check (docs/SCALE.md, "Guarantees in tree mode"): the node side of `kecho_proto::probe`.
 //!
 //! Only a member's overlay neighbours notice its death (their links fail); a member killed together with its whole
-//! active view was noticed by nobody and stayed in every survivor's view. So every [`PROBE`]`.period` each node in
+//! active view was noticed by nobody and stayed in every survivor's view. So every `NodeBuilder::tree_probe_every` each node in
 //! tree mode probes one member that is not its neighbour: a `Probe` on a link to it (dialled with the normal
 //! handshake if none is up, so that the answer proves the node's identity, not only that something listens at its
 //! address), answered by a `ProbeAck`. A probe unanswered within the timeout, or whose dial failed, makes the node
@@ -22,13 +22,18 @@ use kecho_proto::{Message, NodeId, NodeSnapshot};
 use super::{membership_stream, ChannelInner, Channels};
 use crate::clock::now;
 
-/// The liveness check's periods: a probe every 5 s, 2 s to answer, 3 s to refute a suspicion. A dead member no
-/// neighbour noticed is out of every view a few seconds after some member first probes it (a dial to a dead
-/// process fails at once); an alive one gets 5 s and more, and a goodbye it hears anyway brings it back. Not every
-/// second: with 400 member nodes in 4 processes on 2 cores, a probe per member per second (a dial and handshake
-/// each, at both ends) stalled the processes for 4 to 6 s at a time and a storm of 40 joins did not converge in 60 s
-/// (docs/SCALE.md).
-pub(super) const PROBE: ProbeConfig = ProbeConfig { period: 5_000, timeout: 2_000, suspect_for: 3_000 };
+/// The liveness check's periods: a probe every `period` (`NodeBuilder::tree_probe_every`, 5 s by default), 2 s to
+/// answer, 3 s to refute a suspicion. A dead member no neighbour noticed is out of every view a few seconds after
+/// some member first probes it (a dial to a dead process fails at once); an alive one gets 5 s and more, and a
+/// goodbye it hears anyway brings it back. Not every second by default: with 400 member nodes in 4 processes on 2
+/// cores, a probe per member per second (a dial and handshake each, at both ends) stalled the processes for 4 to 6 s
+/// at a time and a storm of 40 joins did not converge in 60 s (docs/SCALE.md).
+pub(super) fn probe_config(period: Duration) -> ProbeConfig {
+    ProbeConfig { period: period.as_millis().max(1) as u64, timeout: PROBE_TIMEOUT, ..ProbeConfig::default() }
+}
+
+/// How long a probe may go unanswered before its member is suspected (ms).
+const PROBE_TIMEOUT: u64 = 2_000;
 
 /// A node that answered a probe keeps the link this long (so that its sweep does not close it under the answer).
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
@@ -133,7 +138,7 @@ impl ChannelInner {
             let outs: Vec<ProbeOut> = std::iter::from_fn(|| p.poll_output()).collect();
             for o in &outs {
                 if let ProbeOut::Probe { node: to, .. } = o {
-                    t.probe_links.insert(*to, (at + Duration::from_millis(PROBE.timeout), true));
+                    t.probe_links.insert(*to, (at + Duration::from_millis(PROBE_TIMEOUT), true));
                     t.probe_retried.remove(to);
                 }
             }
