@@ -181,31 +181,7 @@ const CUT: usize = 5;
 /// never left waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_ends_while_a_node_is_cut_off_is_accounted_for_in_tree_mode() -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let mut net = Net::start("ends", T * 3).await?;
-    let mut back = net.sink(CUT);
-    let mut keep = net.sink(0);
-    let mut src = net.chans[SRC].source()?;
-    publish(&mut src, 200).await?;
-    let mut t = Tally::default();
-    t.until(&mut back, "the first 200 events", |t| t.seqs.len() == 200).await?;
-    net.isolate(CUT, true);
-    net.cut_off(CUT).await?;
-    publish(&mut src, 300).await?;
-    drop(src);
-    let mut k = Tally::default();
-    k.until(&mut keep, "all 500 events at a connected sink", |t| t.seqs.len() == 500).await?;
-    net.nodes[SRC].0.shutdown().await;
-    // Past the overlay's summaries of the source (10 s after its last event): only word of its end can tell.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    net.isolate(CUT, false);
-    t.until(&mut back, "500 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 500).await?;
-    assert!(t.in_order(), "in order, nothing twice: {t:?}");
-    assert_eq!(t.seqs.len() as u64 + t.missed, 500, "received + missed = published: {t:?}");
-    assert!(t.lost.is_empty(), "the loss is known, not unknown: {t:?}");
-    assert_eq!((k.missed, k.lost.len()), (0, 0), "the connected sink missed nothing: {k:?}");
-    eprintln!("the returning sink received {} and was told of {} missed", t.seqs.len(), t.missed);
-    Ok(())
+    back_after_the_summaries_stopped("ends", true).await
 }
 
 /// A node cut off from the whole channel while the source publishes and then goes quiet (it does not end, its node
@@ -215,8 +191,16 @@ async fn a_source_that_ends_while_a_node_is_cut_off_is_accounted_for_in_tree_mod
 /// nodes: survivors of a 30 % kill whose whole active view died and whose refills took longer than 10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_after_a_source_went_quiet_learns_what_it_missed_in_tree_mode() -> Result<()> {
+    back_after_the_summaries_stopped("quiet", false).await
+}
+
+/// Node `CUT` gets 200 events, is cut off from the whole channel while the source publishes 300 more, and comes back
+/// 11 s later, past the overlay's summaries of the source; meanwhile the source ends and its node leaves (`ends`) or
+/// it stays, quiet. The returning sink must receive or be told of all 500, in order, none of it "unknown"; a sink
+/// that stayed connected misses nothing.
+async fn back_after_the_summaries_stopped(name: &str, ends: bool) -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut net = Net::start("quiet", T * 3).await?;
+    let mut net = Net::start(name, T * 3).await?;
     let mut back = net.sink(CUT);
     let mut keep = net.sink(0);
     let mut src = net.chans[SRC].source()?;
@@ -226,15 +210,26 @@ async fn a_node_back_after_a_source_went_quiet_learns_what_it_missed_in_tree_mod
     net.isolate(CUT, true);
     net.cut_off(CUT).await?;
     publish(&mut src, 300).await?;
+    let src = if ends {
+        drop(src);
+        None
+    } else {
+        Some(src)
+    };
     let mut k = Tally::default();
     k.until(&mut keep, "all 500 events at a connected sink", |t| t.seqs.len() == 500).await?;
-    // Past the overlay's summaries of the source (10 s after its last event); the source stays, quiet.
+    if ends {
+        net.nodes[SRC].0.shutdown().await;
+    }
+    // Past the overlay's summaries of the source (10 s after its last event): only word of its end, or of the
+    // newest event of its stream, can tell.
     tokio::time::sleep(Duration::from_secs(11)).await;
     net.isolate(CUT, false);
     t.until(&mut back, "500 events accounted for", |t| t.seqs.len() as u64 + t.missed >= 500).await?;
     assert!(t.in_order(), "in order, nothing twice: {t:?}");
     assert_eq!(t.seqs.len() as u64 + t.missed, 500, "received + missed = published: {t:?}");
     assert!(t.lost.is_empty(), "the loss is known, not unknown: {t:?}");
+    assert_eq!((k.missed, k.lost.len()), (0, 0), "the connected sink missed nothing: {k:?}");
     eprintln!("the returning sink received {} and was told of {} missed", t.seqs.len(), t.missed);
     drop(src);
     Ok(())
