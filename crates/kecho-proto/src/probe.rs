@@ -181,6 +181,13 @@ impl Prober {
     /// `neighbours`: those whose links the overlay watches (not probed).
     pub fn handle_timeout(&mut self, now: u64, members: &BTreeMap<NodeId, u64>, neighbours: &BTreeSet<NodeId>) {
         let due = self.poll_timeout();
+        // A suspicion ends when its node is gone from the view (someone took it for gone, or it left) or refuted with
+        // a newer snapshot, and a probe of a node that left the view or became a neighbour is void: bookkeeping that
+        // needs no answer from anyone, so it is done even on a late tick.
+        self.suspects.retain(|node, (version, _)| matches!(members.get(node), Some(v) if *v <= *version));
+        if self.pending.is_some_and(|p| !members.contains_key(&p.node) || neighbours.contains(&p.node)) {
+            self.pending = None;
+        }
         if now >= due.saturating_add(self.cfg.late_after) {
             // This member did not run for a while: answers and refutations may be waiting unread in its sockets.
             // Nothing is decided on what it could not see; every decision due gets another `timeout` to come.
@@ -196,26 +203,15 @@ impl Prober {
             self.next_probe = self.next_probe.max(again.min(now + self.cfg.period));
             return;
         }
-        // A suspicion ends when its node is gone from the view (someone took it for gone, or it left) or refuted
-        // with a newer snapshot; otherwise, once it ran out, the node is taken for gone.
-        let suspects: Vec<(NodeId, (u64, u64))> = self.suspects.iter().map(|(n, s)| (*n, *s)).collect();
-        for (node, (version, deadline)) in suspects {
-            match members.get(&node) {
-                Some(v) if *v <= version => {
-                    if deadline <= now {
-                        self.suspects.remove(&node);
-                        self.outs.push_back(ProbeOut::Dead { node, version });
-                    }
-                }
-                _ => {
-                    self.suspects.remove(&node);
-                }
-            }
+        // A suspicion still standing (above) that ran out: the node is taken for gone.
+        let expired: Vec<(NodeId, u64)> =
+            self.suspects.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(n, (v, _))| (*n, *v)).collect();
+        for (node, version) in expired {
+            self.suspects.remove(&node);
+            self.outs.push_back(ProbeOut::Dead { node, version });
         }
         if let Some(p) = self.pending {
-            if !members.contains_key(&p.node) || neighbours.contains(&p.node) {
-                self.pending = None;
-            } else if p.deadline <= now {
+            if p.deadline <= now {
                 self.pending = None;
                 let version = members[&p.node].max(p.version);
                 if !self.suspects.contains_key(&p.node) {
