@@ -54,6 +54,16 @@ async fn urgent_behind_bulk(urgent: EventOptions) -> Result<Vec<String>> {
     let mut alarm = ch_a.source()?;
     // One prioritised event first: from then on the link keeps its kernel send queue short (TCP_NOTSENT_LOWAT).
     alarm.submit_with("warm-up", &Attrs::new(), b"", EventOptions::new().priority(Priority::HIGHEST)).await?;
+    // ... and sends its urgent lanes on a connection of their own once that is up: wait for it, so that the test does
+    // not depend on how long the dial takes on a loaded machine (a dial slower than the writer's hold sends the
+    // warm-up on the main connection, and the source's later urgent event then follows it behind the backlog).
+    timeout(T, async {
+        while !a.link_stats().iter().any(|l| l.node == b.id() && l.urgent_apart) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .context("the urgent connection did not come up")?;
     let payload = vec![0u8; BULK_SIZE];
     for _ in 0..BULK {
         bulk.submit("bulk", &Attrs::new(), &payload).await?;
