@@ -46,6 +46,9 @@ pub(crate) struct NodeConfig {
     /// TCP links take a second connection for their urgent lanes once they carry priorities (`link/urgent.rs`), if
     /// both nodes allow it. Default on.
     pub(crate) urgent_connection: bool,
+    /// This node asks for the urgent connection as soon as a TCP link is up, not once a link carries priorities
+    /// (`NodeBuilder::urgent_connection_at_once`). Default off.
+    pub(crate) urgent_at_once: bool,
     /// The low-latency receive mode: how long a link's reader keeps polling its socket after it found it empty
     /// before it parks (`link/spin.rs`). `None` (the default) parks at once.
     pub(crate) low_latency: Option<Duration>,
@@ -141,6 +144,7 @@ impl Default for NodeConfig {
             send_lowat: Some(128 << 10),
             recv_buffer: None,
             urgent_connection: true,
+            urgent_at_once: false,
             low_latency: None,
             drop_datagrams_every: 0,
             same_host: false,

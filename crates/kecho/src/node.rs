@@ -120,6 +120,18 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether this node's TCP links open their urgent connection (see [`NodeBuilder::urgent_connection`]) as soon
+    /// as they are up rather than when they first carry a prioritised event. The connection is always dialled by the
+    /// node that dialled the link; the other node asks for it on the link's connection, and when it asks only once it
+    /// has an urgent event to send, that request waits behind whatever backlog that connection already holds, and so
+    /// does its first urgent event. Turn this on for nodes whose first urgent event must not wait (an alarm sent
+    /// while a bulk transfer saturates the link); it costs a second TCP connection per link (with TLS, a second TLS
+    /// handshake) whether or not the link ever carries priorities. Either node turning it on is enough. Default off.
+    pub fn urgent_connection_at_once(mut self, on: bool) -> Self {
+        self.cfg.urgent_at_once = on;
+        self
+    }
+
     /// Largest frame accepted or sent. Default 16 MiB.
     pub fn max_frame(mut self, n: usize) -> Self {
         self.cfg.max_frame = n;

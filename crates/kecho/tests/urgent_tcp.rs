@@ -161,12 +161,16 @@ async fn pipe(
 /// A TCP node behind a relay, with a large outbox (a bulk backlog waits there and in the sockets rather than being
 /// refused).
 async fn node(reg: &RegistryClient, urgent_connection: bool) -> Result<(Node, Relay)> {
+    node_with(reg, |b| b.urgent_connection(urgent_connection)).await
+}
+
+/// As [`node`], with the builder set by `how`.
+async fn node_with(
+    reg: &RegistryClient,
+    how: impl FnOnce(kecho::NodeBuilder) -> kecho::NodeBuilder,
+) -> Result<(Node, Relay)> {
     let relay = Relay::start().await?;
-    let n = Node::builder()
-        .registry_client(reg.clone())
-        .link_queue_bytes(64 << 20)
-        .advertise(relay.addr)
-        .urgent_connection(urgent_connection)
+    let n = how(Node::builder().registry_client(reg.clone()).link_queue_bytes(64 << 20).advertise(relay.addr))
         .start()
         .await?;
     relay.upstream.set(n.local_addr()).ok();
@@ -286,6 +290,57 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
     })??;
     assert_eq!(got.ty(), "urgent");
     assert!(link_of(a, b).urgent_apart);
+    assert!(bulk_sink.len() <= 8, "the bulk sink was read");
+    for _ in 0..BULK {
+        assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");
+    }
+    Ok(())
+}
+
+/// With `urgent_connection_at_once` the urgent connection comes up with the link, before any priority, and the
+/// first urgent event of the node that *accepted* the link passes a stalled bulk backlog: that node asks for the
+/// connection with the first frame it writes, ahead of any backlog. (Without it, its `UrgentWanted` would cross the
+/// backlog first, and the event with it.) Only the accepting node has the setting on: either end is enough. The
+/// other node cannot be dialled (its relay refuses every connection), so the node with the setting is the acceptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_once_the_first_urgent_event_of_the_accepting_node_passes_a_stalled_bulk_connection() -> Result<()> {
+    const BULK: usize = 400;
+    let reg = RegistryClient::in_process_private();
+    let (a, ra) = node_with(&reg, |b| b.urgent_connection_at_once(true)).await?;
+    // B's relay never learns where B is: every connection to it is dropped, so only B dials.
+    let rb = Relay::start().await?;
+    let b = Node::builder()
+        .registry_client(reg.clone())
+        .link_queue_bytes(64 << 20)
+        .advertise(rb.addr)
+        .start()
+        .await?;
+    let ch_a = a.channel("first").await?;
+    let ch_b = b.channel("first").await?;
+    let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;
+    let mut urgent_sink = ch_b.sink(SinkOptions::new().types(["urgent"]))?;
+    ch_a.wait_for_sinks(2, T).await?;
+    eventually("the link up at both ends", || {
+        try_link_of(&a, &b).is_some_and(|l| l.up) && try_link_of(&b, &a).is_some_and(|l| l.up)
+    })
+    .await?;
+    ensure!(ra.counts().0 >= 1, "B did not dial A: {:?}", ra.counts());
+    // The urgent connection, dialled by B as soon as A asked, before any event of any priority.
+    eventually("the urgent connection made with the link", || ra.counts().1 == 1).await?;
+    let mut bulk = ch_a.source()?;
+    let mut alarm = ch_a.source()?;
+    let payload = vec![0u8; 64 << 10];
+    for _ in 0..BULK {
+        bulk.submit("bulk", &Attrs::new(), &payload).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!link_of(&a, &b).urgent_apart, "urgent lanes apart before any priority");
+    alarm.submit_with("urgent", &Attrs::new(), b"now", urgent()).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink))
+        .await
+        .context("the first urgent event of the accepting node waited behind the stalled bulk backlog")??;
+    assert_eq!(got.ty(), "urgent");
+    assert!(link_of(&a, &b).urgent_apart);
     assert!(bulk_sink.len() <= 8, "the bulk sink was read");
     for _ in 0..BULK {
         assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");

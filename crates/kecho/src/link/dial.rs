@@ -430,6 +430,12 @@ async fn accept_link_with<H: LinkHandler>(
     if tcp {
         ack.extend_from_slice(&urgent::token_frame(urgent.as_ref().map(|u| u.token()).as_ref()));
     }
+    if let Some(u) = urgent.as_ref().filter(|_| links.cfg.urgent_at_once) {
+        // Wanted at once (`NodeBuilder::urgent_connection_at_once`): asked for right after the token, ahead of any
+        // event the link will carry (the writer then asks no more).
+        u.want();
+        ack.extend_from_slice(&urgent::wanted_frame());
+    }
     let ack = ack.freeze();
     // Decide under the lock, write (if refused) after it: the guard must not live across an await.
     let refused = {

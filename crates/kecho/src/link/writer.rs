@@ -107,6 +107,11 @@ pub(super) async fn writer<H: LinkHandler>(
     let mut hold = Hold::Not;
     // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
     let mut pending = VecDeque::new();
+    if let Some(u) = tcp_urgent.as_ref().filter(|u| links.cfg.urgent_at_once && u.dials().is_some()) {
+        // The connection is wanted now (`NodeBuilder::urgent_connection_at_once`): the dialler's reader dials at once.
+        // (An acceptor asks for it at the end of its handshake answer: `dial.rs`.)
+        u.want();
+    }
     let urgent = urgent_writer(&peer, urgent_stream, &live);
     tokio::pin!(urgent);
     let main = async {
