@@ -1,0 +1,153 @@
+//! Flags and outputs as a new user meets them from the documentation: the values the docs give are accepted, and
+//! a sink that is told of expired events ends on its `--count` and says so once, not once per notice.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const KECHO: &str = env!("CARGO_BIN_EXE_kecho");
+
+/// A child process killed when dropped, so a failing test leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Result<Proc> {
+        let child = Command::new(KECHO)
+            .args(args)
+            .env_remove("KECHO_REGISTRY")
+            .env_remove("KECHO_SAME_HOST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn kecho")?;
+        Ok(Proc(child))
+    }
+
+    /// Waits (bounded) for the process to exit and returns its output.
+    fn finish(mut self, within: Duration) -> Result<Output> {
+        let deadline = Instant::now() + within;
+        while self.0.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("kecho did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let child = std::mem::replace(&mut self.0, Command::new("true").spawn()?);
+        Ok(child.wait_with_output()?)
+    }
+}
+
+fn free_port() -> Result<String> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A registry on a free port, once it listens.
+fn registry() -> Result<(Proc, String)> {
+    let addr = free_port()?;
+    let reg = Proc::spawn(&["registry", "--listen", &addr])?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the registry never listened on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((reg, addr))
+}
+
+/// Publishes `count` events of `payload` on `channel` with `extra` flags; asserts success.
+fn publish(addr: &str, channel: &str, count: &str, extra: &[&str]) -> Result<Output> {
+    let mut args = vec!["pub", channel, "--registry", addr, "--count", count, "--wait-sinks", "1"];
+    args.extend_from_slice(extra);
+    args.push("x");
+    let out = Proc::spawn(&args)?.finish(Duration::from_secs(30))?;
+    assert!(out.status.success(), "pub {extra:?} failed: {}", text(&out.stderr));
+    Ok(out)
+}
+
+/// `--urgent-connection on|off` (docs/PROTOCOL.md) and `KECHO_SAME_HOST=1` are taken as written, by a sink and a
+/// source that then exchange events.
+#[test]
+fn on_off_and_boolish_flag_values_are_accepted() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let sub = Proc::spawn(&["sub", "flags", "--registry", &addr, "--count", "2", "--urgent-connection", "off"])?;
+    publish(&addr, "flags", "1", &["--urgent-connection", "on", "--priority", "2"])?;
+    publish(&addr, "flags", "1", &["--urgent-connection=off"])?;
+    let out = sub.finish(Duration::from_secs(20))?;
+    assert!(out.status.success(), "sub failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2, "{}", text(&out.stdout));
+
+    for v in ["1", "yes", "on", "true"] {
+        let mut c = Command::new(KECHO);
+        c.args(["pub", "flags", "--registry", &addr, "--count", "1"]).env("KECHO_SAME_HOST", v);
+        let out = c.output()?;
+        assert!(out.status.success(), "KECHO_SAME_HOST={v}: {}", text(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A sink whose standard output is not read for the first second while 20,000 events with a 50 ms deadline arrive: most of
+/// them expire. `--count 20000` counts the expired ones, so the sink ends (with a failure status and a statement of
+/// what it received) instead of waiting forever, and the expiry notices are said in a few lines, not one per notice.
+#[test]
+fn expired_events_count_towards_count_and_are_said_in_few_lines() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let mut sub = Proc::spawn(&["sub", "dl", "--registry", &addr, "--count", "20000"])?;
+    let mut stdout = sub.0.stdout.take().context("stdout")?;
+    let mut stderr = sub.0.stderr.take().context("stderr")?;
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // The publisher ends once its links drained, which needs the sink to read: its output is read a second after the
+    // publisher started, while the publisher waits.
+    let publisher =
+        std::thread::spawn(move || publish(&addr, "dl", "20000", &["--deadline-ms", "50", "--size", "100"]));
+    std::thread::sleep(Duration::from_secs(1));
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    publisher.join().map_err(|_| anyhow::anyhow!("publisher thread"))??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = sub.0.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("sub --count 20000 did not end though every event was received or reported expired");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let printed = out_reader.join().map_err(|_| anyhow::anyhow!("stdout reader"))?.lines().count() as u64;
+    let err = err_reader.join().map_err(|_| anyhow::anyhow!("stderr reader"))?;
+    let said: u64 = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("kecho: ")?.strip_suffix(" event(s) expired before they could be received"))
+        .map(|n| n.parse::<u64>())
+        .sum::<Result<u64, _>>()?;
+    assert!(said > 0, "nothing expired in this run: {err}");
+    assert_eq!(printed + said, 20_000, "every event printed or said expired: {err}");
+    let lines = err.lines().filter(|l| l.contains("expired before they could be received")).count();
+    assert!(lines <= 40, "{lines} lines of expiry notices: {err}");
+    assert!(!status.success(), "a sink that received fewer than --count events fails: {err}");
+    assert!(err.contains(&format!("received {printed} of 20000 event(s); 0 reported missed, {said} expired")), "{err}");
+    Ok(())
+}
