@@ -151,3 +151,37 @@ fn expired_events_count_towards_count_and_are_said_in_few_lines() -> Result<()> 
     assert!(err.contains(&format!("received {printed} of 20000 event(s); 0 reported missed, {said} expired")), "{err}");
     Ok(())
 }
+
+/// `kecho flow run SPEC --json`: an option after the spec is taken by the spec (whose words may start with `-`);
+/// the error says to give it before the spec rather than calling it an unknown endpoint option, and given there it
+/// works. `-` still names standard input and output.
+#[test]
+fn an_option_after_the_flow_spec_is_named_as_such() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kecho-user-flags-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (input, output) = (dir.join("in"), dir.join("out"));
+    std::fs::write(&input, vec![5u8; 70_000])?;
+    let spec = format!("file:{} ! checksum ! file:{}", input.display(), output.display());
+    let flow = |args: &[&str]| Command::new(KECHO).args(args).env("KECHO_FLOW_DIR", dir.join("ctl")).output();
+    let out = flow(&["flow", "run", &spec, "--json"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("`--json` follows the flow spec") && err.contains("before the spec"), "{err}");
+    assert!(!output.exists(), "nothing ran");
+
+    let out = flow(&["flow", "run", "--json", &spec])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).context("the final counters as JSON")?;
+    assert_eq!(stats["bytes_in"], 70_000, "{stats}");
+    assert_eq!(std::fs::read(&output)?.len(), 70_000);
+
+    let mut c = Command::new(KECHO);
+    c.args(["flow", "run", "--dir"]).arg(dir.join("ctl")).args(["-", "!", "-"]);
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, b"through\n")?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "through\n");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -42,7 +42,8 @@ pub enum Args {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// The spec: SOURCE [opts] ! TRANSFORM args ! ... ! SINK [opts] [SINK [opts]...].
+    /// The spec: SOURCE [opts] ! TRANSFORM args ! ... ! SINK [opts] [SINK [opts]...]. Every word from the spec's
+    /// first on is the spec's: this command's options go before it.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
     spec: Vec<String>,
     /// Print the final counters as JSON on standard output.
@@ -138,6 +139,15 @@ fn send(dir: Option<PathBuf>, id: u64, req: &str) -> Result<()> {
 }
 
 async fn run_flow(a: RunArgs) -> Result<()> {
+    // No spec word starts with `--`: such a word is one of this command's options given after the spec, which the
+    // spec took (its words may start with `-`, and given unquoted they run to the end of the line).
+    if let Some(opt) = a.spec.iter().find(|w| w.starts_with("--")) {
+        eprintln!(
+            "kecho: `{opt}` follows the flow spec, whose words run to the end of the command line: give the options \
+             of `kecho flow run` before the spec (`kecho flow run {opt} ... 'SPEC'`)"
+        );
+        std::process::exit(2);
+    }
     let text = a.spec.join(" ");
     let spec = match kecho_flow::parse(&text) {
         Ok(s) => s,
