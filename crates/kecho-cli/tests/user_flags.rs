@@ -1,7 +1,7 @@
 //! Flags and outputs as a new user meets them from the documentation: the values the docs give are accepted, and
 //! a sink that is told of expired events ends on its `--count` and says so once, not once per notice.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -183,5 +183,48 @@ fn an_option_after_the_flow_spec_is_named_as_such() -> Result<()> {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "through\n");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// `kecho record CHANNEL --dir DIR --print` beside a running recorder (docs/DURABILITY.md) reads the recording and
+/// writes nothing: a half-written last record (the recorder's write in progress) is left as it is (it was cut off,
+/// after which the recorder wrote on past a hole), and a directory without a recording is an error, not created.
+#[test]
+fn printing_a_recording_writes_nothing() -> Result<()> {
+    use kecho_store::{LogOptions, Recorded, Recorder};
+    let dir = tempfile::tempdir()?;
+    let rec_dir = dir.path().join("rec");
+    let mut rec = Recorder::open(&rec_dir, LogOptions::default())?;
+    for seq in 1..=3 {
+        let ev = Recorded {
+            source: kecho::SourceKey(7),
+            seq,
+            ty: "t".into(),
+            attrs: kecho::Attrs::default(),
+            payload: format!("event {seq}").into_bytes().into(),
+        };
+        rec.record(&ev)?;
+    }
+    rec.flush()?;
+    drop(rec);
+    let seg = rec_dir.join("00000000000000000000.log");
+    // The first bytes of a fourth record, as a recorder in the middle of a write leaves them.
+    std::fs::OpenOptions::new().append(true).open(&seg)?.write_all(&[40, 0, 0, 0, 1, 2])?;
+    let before = std::fs::read(&seg)?;
+
+    let out = Command::new(KECHO).args(["record", "c", "--print", "--dir"]).arg(&rec_dir).output()?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>().context("JSON lines")?;
+    let seqs: Vec<u64> = lines.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    assert_eq!(seqs, [1, 2, 3], "{lines:?}");
+    assert!(text(&out.stderr).contains("not a whole record"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&seg)?, before, "the recording is as it was");
+
+    let missing = dir.path().join("none");
+    let out = Command::new(KECHO).args(["record", "c", "--print", "--dir"]).arg(&missing).output()?;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no recording in"), "{}", text(&out.stderr));
+    assert!(!missing.exists(), "--print created {}", missing.display());
     Ok(())
 }
