@@ -228,3 +228,58 @@ fn printing_a_recording_writes_nothing() -> Result<()> {
     assert!(!missing.exists(), "--print created {}", missing.display());
     Ok(())
 }
+
+/// `kecho flow stop ID` ends the flow with a statement of what it moved, not as a failure of the flow ("flow
+/// failed: stopped"); the status still says that the source did not end.
+#[test]
+fn a_stopped_flow_says_what_it_moved() -> Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let ctl = dir.path().join("ctl");
+    let spec = format!("tcp-listen:127.0.0.1:0 ! file:{}", dir.path().join("out").display());
+    let mut flow = Command::new(KECHO)
+        .args(["flow", "run", &spec])
+        .env("KECHO_FLOW_DIR", &ctl)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(flow.stderr.take().context("stderr")?).lines();
+    let first = lines.next().context("a line")??;
+    let addr = first.rsplit(' ').next().context("the address")?.to_owned();
+    let flow = Proc(flow);
+    let mut conn = std::net::TcpStream::connect(&addr)?;
+    conn.write_all(&[1u8; 1000])?;
+    let t = Instant::now();
+    loop {
+        let ls = Command::new(KECHO).args(["flow", "ls"]).env("KECHO_FLOW_DIR", &ctl).output()?;
+        let ls = text(&ls.stdout);
+        if ls.contains(" 1000 ") {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the flow never showed its 1000 bytes: {ls}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new(KECHO).args(["flow", "stop", "1"]).env("KECHO_FLOW_DIR", &ctl).output()?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = {
+        let mut flow = flow;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = flow.0.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                bail!("the stopped flow did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let rest = rest.join("\n");
+    assert!(!status.success(), "{rest}");
+    assert!(rest.contains("flow 1 stopped before its source ended: 1000 bytes in, 1000 bytes out"), "{rest}");
+    assert!(!rest.contains("failed"), "{rest}");
+    Ok(())
+}

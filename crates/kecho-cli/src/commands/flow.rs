@@ -188,6 +188,7 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     let dir = a.dir.unwrap_or_else(control::default_dir);
     let ctl = Control::serve(&dir, flow.watcher()).with_context(|| format!("control socket in {}", dir.display()))?;
     let w = flow.watcher();
+    let watcher = flow.watcher();
     let stop = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             w.stop();
@@ -196,7 +197,22 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     let r = tokio::task::spawn_blocking(move || flow.wait()).await?;
     stop.abort();
     drop(ctl);
-    let s = r.map_err(|e| anyhow::anyhow!("flow failed: {e}"))?;
+    let s = match r {
+        Ok(s) => s,
+        // Stopped on request (`kecho flow stop`, Ctrl-C) before its source ended: not a fault of the flow, but the
+        // data may be incomplete, hence the failure status.
+        Err(kecho_flow::FlowError::Stopped) => {
+            let s = watcher.stats();
+            bail!(
+                "flow {} stopped before its source ended: {} bytes in, {} bytes out in {:.3} s",
+                s.id,
+                s.bytes_in,
+                s.bytes_out,
+                s.elapsed_s
+            );
+        }
+        Err(e) => return Err(anyhow::anyhow!("flow failed: {e}")),
+    };
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
     } else {
