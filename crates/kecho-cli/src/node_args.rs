@@ -83,7 +83,7 @@ pub struct NodeArgs {
     pub heartbeat: f64,
     /// Run a channel in tree mode once it has more than N member nodes: about 5 links per node and events forwarded
     /// along per-source trees, instead of a link to every member (docs/SCALE.md). Default: 64.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_member_count)]
     pub tree_threshold: Option<u64>,
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
     #[arg(long)]
@@ -131,6 +131,15 @@ pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
         .with_context(|| format!("invalid {what} address {s:?}"))?
         .next()
         .with_context(|| format!("invalid {what} address {s:?}"))
+}
+
+/// A number of member nodes, at least 1 (clap's range check said "0 is not in 1..18446744073709551615").
+fn parse_member_count(s: &str) -> std::result::Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("a channel has at least one member node: give 1 or more".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a number of member nodes, not {s:?}")),
+    }
 }
 
 /// `on` or `off`.

@@ -283,3 +283,24 @@ fn a_stopped_flow_says_what_it_moved() -> Result<()> {
     assert!(!rest.contains("failed"), "{rest}");
     Ok(())
 }
+
+/// Values the command line cannot use get errors that say why in its terms: an `app:` sink (a library program's
+/// function), a tree threshold of 0.
+#[test]
+fn library_only_and_impossible_values_are_explained() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(KECHO)
+        .args(["flow", "run", "-", "!", "app:store"])
+        .env("KECHO_FLOW_DIR", dir.path())
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("`app:store`") && err.contains("the command line has none"), "{err}");
+
+    let out = Command::new(KECHO).args(["pub", "c", "--tree-threshold", "0"]).env_remove("KECHO_REGISTRY").output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("at least one member node") && !err.contains("18446744073709551615"), "{err}");
+    Ok(())
+}

@@ -157,6 +157,13 @@ async fn run_flow(a: RunArgs) -> Result<()> {
             std::process::exit(2);
         }
     };
+    // An `app:` sink hands the output to a function of a program built on the library; this one has none to give.
+    if let Some(Endpoint::App(name)) = spec.sinks.iter().map(|s| &s.endpoint).find(|e| matches!(e, Endpoint::App(_))) {
+        bail!(
+            "`app:{name}` hands a flow's output to a function of a program built on the library \
+             (FlowBuilder::app_sink); the command line has none: use `-` (standard output) or `exec:'CMD'`"
+        );
+    }
     let mut b = Flow::from_spec(&spec).name(text.clone());
     let channels: Vec<&Endpoint> = std::iter::once(&spec.source.endpoint)
         .chain(spec.sinks.iter().map(|s| &s.endpoint))
