@@ -142,11 +142,11 @@ fn parse_member_count(s: &str) -> std::result::Result<u64, String> {
     }
 }
 
-/// `on` or `off`.
+/// `on` or `off` (also true/false, as a TOML boolean in a config file gives it, yes/no and 1/0).
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
     match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
         _ => Err(format!("expected on or off, not {s:?}")),
     }
 }

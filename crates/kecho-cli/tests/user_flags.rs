@@ -304,3 +304,24 @@ fn library_only_and_impossible_values_are_explained() -> Result<()> {
     assert!(err.contains("at least one member node") && !err.contains("18446744073709551615"), "{err}");
     Ok(())
 }
+
+/// `urgent-connection = false` in a config file (a TOML boolean, as `same-host = true` is) is taken like
+/// `--urgent-connection off`: the command gets as far as the (absent) registry instead of refusing the value.
+#[test]
+fn a_config_file_boolean_sets_an_on_off_flag() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("kecho.toml");
+    std::fs::write(&cfg, "urgent-connection = false\nsame-host = true\n")?;
+    let dead = free_port()?;
+    let out = Command::new(KECHO)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["pub", "c", "--registry", &dead, "--count", "1", "--timeout", "2"])
+        .env_remove("KECHO_SAME_HOST")
+        .output()?;
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "no registry there: {err}");
+    assert!(!err.contains("invalid value") && out.status.code() != Some(2), "{err}");
+    assert!(err.contains("registry"), "{err}");
+    Ok(())
+}
