@@ -15,8 +15,7 @@ pub const DEFAULT_REGISTRY: &str = "127.0.0.1:7400";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RegistryArg {
-    /// Registry address, or the replicas' addresses of a replicated registry separated by commas
-    /// [default: $KECHO_REGISTRY, then 127.0.0.1:7400].
+    /// Registry address, or the replicas' addresses of a replicated registry separated by commas.
     #[arg(long, env = "KECHO_REGISTRY", default_value = DEFAULT_REGISTRY)]
     pub registry: String,
 }
@@ -61,8 +60,8 @@ pub struct NodeArgs {
     #[arg(long, default_value = "tcp", value_name = "tcp|quic|both", env = "KECHO_TRANSPORT")]
     pub transport: kecho::Transport,
     /// Link to nodes of this host through shared memory, set up over Unix-domain sockets (when they run with
-    /// --same-host too), instead of TCP or QUIC.
-    #[arg(long, env = "KECHO_SAME_HOST")]
+    /// --same-host too), instead of TCP or QUIC. `KECHO_SAME_HOST` takes 1/0, true/false, yes/no or on/off.
+    #[arg(long, env = "KECHO_SAME_HOST", value_parser = clap::builder::BoolishValueParser::new())]
     pub same_host: bool,
     /// KiB of each shared-memory ring of the same-host links this node dials (per direction); 0 carries their bytes
     /// over the Unix-domain socket itself.
@@ -75,14 +74,16 @@ pub struct NodeArgs {
     pub low_latency_us: u64,
     /// Whether TCP links may take a second connection for urgent events (priorities 1 to 3), dialled once a link
     /// carries one; a link has it only if both nodes allow it (docs/PROTOCOL.md, "Priorities and deadlines").
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    // `Set`: a bool field would otherwise be a flag without a value (clap's `SetTrue`), which hands "true" to
+    // `parse_on_off` and refuses `--urgent-connection off`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub urgent_connection: bool,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
     /// Run a channel in tree mode once it has more than N member nodes: about 5 links per node and events forwarded
     /// along per-source trees, instead of a link to every member (docs/SCALE.md). Default: 64.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_member_count)]
     pub tree_threshold: Option<u64>,
     /// Let other members install sandboxed (WebAssembly) filters on this node's part of the channel.
     #[arg(long)]
@@ -132,11 +133,20 @@ pub fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
         .with_context(|| format!("invalid {what} address {s:?}"))
 }
 
-/// `on` or `off`.
+/// A number of member nodes, at least 1 (clap's range check said "0 is not in 1..18446744073709551615").
+fn parse_member_count(s: &str) -> std::result::Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("a channel has at least one member node: give 1 or more".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a number of member nodes, not {s:?}")),
+    }
+}
+
+/// `on` or `off` (also true/false, as a TOML boolean in a config file gives it, yes/no and 1/0).
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
     match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
         _ => Err(format!("expected on or off, not {s:?}")),
     }
 }

@@ -42,7 +42,8 @@ pub enum Args {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// The spec: SOURCE [opts] ! TRANSFORM args ! ... ! SINK [opts] [SINK [opts]...].
+    /// The spec: SOURCE [opts] ! TRANSFORM args ! ... ! SINK [opts] [SINK [opts]...]. Every word from the spec's
+    /// first on is the spec's: this command's options go before it.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
     spec: Vec<String>,
     /// Print the final counters as JSON on standard output.
@@ -138,6 +139,15 @@ fn send(dir: Option<PathBuf>, id: u64, req: &str) -> Result<()> {
 }
 
 async fn run_flow(a: RunArgs) -> Result<()> {
+    // No spec word starts with `--`: such a word is one of this command's options given after the spec, which the
+    // spec took (its words may start with `-`, and given unquoted they run to the end of the line).
+    if let Some(opt) = a.spec.iter().find(|w| w.starts_with("--")) {
+        eprintln!(
+            "kecho: `{opt}` follows the flow spec, whose words run to the end of the command line: give the options \
+             of `kecho flow run` before the spec (`kecho flow run {opt} ... 'SPEC'`)"
+        );
+        std::process::exit(2);
+    }
     let text = a.spec.join(" ");
     let spec = match kecho_flow::parse(&text) {
         Ok(s) => s,
@@ -147,6 +157,13 @@ async fn run_flow(a: RunArgs) -> Result<()> {
             std::process::exit(2);
         }
     };
+    // An `app:` sink hands the output to a function of a program built on the library; this one has none to give.
+    if let Some(Endpoint::App(name)) = spec.sinks.iter().map(|s| &s.endpoint).find(|e| matches!(e, Endpoint::App(_))) {
+        bail!(
+            "`app:{name}` hands a flow's output to a function of a program built on the library \
+             (FlowBuilder::app_sink); the command line has none: use `-` (standard output) or `exec:'CMD'`"
+        );
+    }
     let mut b = Flow::from_spec(&spec).name(text.clone());
     let channels: Vec<&Endpoint> = std::iter::once(&spec.source.endpoint)
         .chain(spec.sinks.iter().map(|s| &s.endpoint))
@@ -178,6 +195,7 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     let dir = a.dir.unwrap_or_else(control::default_dir);
     let ctl = Control::serve(&dir, flow.watcher()).with_context(|| format!("control socket in {}", dir.display()))?;
     let w = flow.watcher();
+    let watcher = flow.watcher();
     let stop = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             w.stop();
@@ -186,7 +204,22 @@ async fn run_flow(a: RunArgs) -> Result<()> {
     let r = tokio::task::spawn_blocking(move || flow.wait()).await?;
     stop.abort();
     drop(ctl);
-    let s = r.map_err(|e| anyhow::anyhow!("flow failed: {e}"))?;
+    let s = match r {
+        Ok(s) => s,
+        // Stopped on request (`kecho flow stop`, Ctrl-C) before its source ended: not a fault of the flow, but the
+        // data may be incomplete, hence the failure status.
+        Err(kecho_flow::FlowError::Stopped) => {
+            let s = watcher.stats();
+            bail!(
+                "flow {} stopped before its source ended: {} bytes in, {} bytes out in {:.3} s",
+                s.id,
+                s.bytes_in,
+                s.bytes_out,
+                s.elapsed_s
+            );
+        }
+        Err(e) => return Err(anyhow::anyhow!("flow failed: {e}")),
+    };
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
     } else {

@@ -3,10 +3,10 @@
 //! recorder's own restarts. It answers replay requests on `CHANNEL.replay` (`kecho_store::replay`): sinks that come
 //! back or join late get what it recorded. `--print` writes what is recorded as JSON lines and exits.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use kecho::{RecvError, SinkOptions};
 use kecho_store::replay::{self, Request};
 use kecho_store::{LogOptions, Recorded, Recorder};
@@ -21,7 +21,8 @@ pub struct Args {
     /// The recording's directory (created if missing; reopened and continued if it exists).
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
-    /// Print the recorded events as JSON lines, oldest first, and exit (no network).
+    /// Print the recorded events as JSON lines, oldest first, and exit (no network; the recording is only read, so
+    /// this may run beside its recorder).
     #[arg(long)]
     print: bool,
     /// A log segment rolls over at this many MiB.
@@ -43,6 +44,9 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    if a.print {
+        return print_recording(&a.dir);
+    }
     anyhow::ensure!(a.segment_mb > 0, "--segment-mb must be at least 1");
     let opts = LogOptions { segment_bytes: a.segment_mb << 20, max_bytes: a.max_mb.map_or(u64::MAX, |m| m << 20) };
     let mut rec =
@@ -53,14 +57,6 @@ pub async fn run(a: Args) -> Result<()> {
              records before it are kept",
             seg.display()
         );
-    }
-    if a.print {
-        let mut out = std::io::stdout().lock();
-        for r in rec.events(0)? {
-            use std::io::Write;
-            writeln!(out, "{}", recorded_json(&r))?;
-        }
-        return Ok(());
     }
     let node = node(&a.reg, &a.node, a.timeout).await?;
     let ch = open(&node, &a.channel, false).await?;
@@ -149,4 +145,54 @@ async fn serve(rec: &mut Recorder, out: &mut kecho::Source, req: &Request) -> Re
     done.set("replay_count", chosen.len() as i64);
     out.submit(replay::DONE, &done, &[]).await?;
     Ok(chosen.len() as u64)
+}
+
+/// `--print`: the recording in `dir`, read without writing to it. It may run beside the recorder, whose newest
+/// record may be half written at any moment: opening the log as the recorder does would cut that tail off under the
+/// recorder's feet (which then writes on at its own offset, past a hole) and would create a recording where there
+/// is none.
+fn print_recording(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("no recording in {}", dir.display()))?;
+    let mut segments: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        let first = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".log"));
+        if let Some(first) = first.and_then(|f| f.parse::<u64>().ok()) {
+            segments.push((first, path));
+        }
+    }
+    if segments.is_empty() {
+        bail!("no recording in {} (no log segments)", dir.display());
+    }
+    segments.sort();
+    let mut out = std::io::stdout().lock();
+    let newest = segments.len() - 1;
+    for (i, (_, path)) in segments.iter().enumerate() {
+        let bytes = match std::fs::read(path) {
+            // The recorder deleted it meanwhile (the oldest segments go beyond --max-mb).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && i < newest => continue,
+            r => r.with_context(|| format!("reading {}", path.display()))?,
+        };
+        let scan = kecho_store::log::scan(&bytes);
+        if let Some(why) = &scan.bad {
+            if i < newest {
+                bail!("{}: damaged at byte {}: {why}", path.display(), scan.valid);
+            }
+            eprintln!(
+                "kecho: {}: the last {} byte(s) are not a whole record ({why}): a write in progress or an interrupted \
+                 one (left as they are)",
+                path.display(),
+                bytes.len() - scan.valid
+            );
+        }
+        for &(at, len) in &scan.records {
+            let r = Recorded::decode(&bytes[at..at + len])
+                .with_context(|| format!("{}: the record at byte {at} is not an event", path.display()))?;
+            use std::io::Write;
+            if writeln!(out, "{}", recorded_json(&r)).is_err() {
+                return Ok(()); // standard output closed (piped into head)
+            }
+        }
+    }
+    Ok(())
 }

@@ -18,8 +18,8 @@ pub struct Args {
     /// Only these event types (repeatable); default all.
     #[arg(long = "type", value_name = "T")]
     types: Vec<String>,
-    /// Exit after this many events. Events reported missed count too: once the events received and those reported
-    /// missed reach the count, or once every source is gone with an unknown number missed, it exits with a statement
+    /// Exit after this many events. Events reported missed or expired count too: once the events received and those
+    /// reported missed or expired reach the count, or once every source is gone with an unknown number missed, it exits with a statement
     /// of the loss (and a failure status) rather than waiting forever.
     #[arg(long)]
     count: Option<u64>,
@@ -170,6 +170,11 @@ pub async fn run(a: Args) -> Result<()> {
     // Events reported missed, and sources gone with an unknown number missed.
     let mut missed = 0u64;
     let mut lost = 0u64;
+    // Events that expired (their deadline passed before this sink could take them): accounted for as missed ones
+    // are. Under overload the notices come many a second, each for a few events, so they are said at most once a
+    // second (`unsaid` holds the count not said yet; the rest is said when the loop ends).
+    let mut expired = 0u64;
+    let (mut unsaid, mut said_at): (u64, Option<std::time::Instant>) = (0, None);
     let mut out = std::io::stdout().lock();
     let (n, m) = print_replayed(&mut out, replayed, a.format, true)?;
     got += n;
@@ -179,8 +184,13 @@ pub async fn run(a: Args) -> Result<()> {
             if got >= n {
                 break Ok(());
             }
-            if got + missed >= n {
-                break Err(anyhow::anyhow!("received {got} of {n} event(s); {missed} reported missed"));
+            if got + missed + expired >= n {
+                let expired = if expired > 0 {
+                    format!(", {expired} expired before they could be received")
+                } else {
+                    String::new()
+                };
+                break Err(anyhow::anyhow!("received {got} of {n} event(s); {missed} reported missed{expired}"));
             }
             if lost > 0 && ch.sources() == 0 && sink.is_empty() {
                 break Err(anyhow::anyhow!(
@@ -266,11 +276,21 @@ pub async fn run(a: Args) -> Result<()> {
                 lost += 1;
                 eprintln!("kecho: source {k} is gone; an unknown number of its events were missed");
             }
-            Some(Err(RecvError::Expired(n))) => eprintln!("kecho: {n} event(s) expired before they could be received"),
+            Some(Err(RecvError::Expired(n))) => {
+                expired += n;
+                unsaid += n;
+                if said_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    eprintln!("kecho: {unsaid} event(s) expired before they could be received");
+                    (unsaid, said_at) = (0, Some(std::time::Instant::now()));
+                }
+            }
             Some(Err(RecvError::Closed)) => break Err(anyhow::anyhow!("channel closed")),
             Some(Err(e)) => break Err(e.into()),
         }
     };
+    if unsaid > 0 {
+        eprintln!("kecho: {unsaid} event(s) expired before they could be received");
+    }
     let committed = sink.commit();
     drop(out);
     drop(sink);
