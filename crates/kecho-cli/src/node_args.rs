@@ -72,12 +72,12 @@ pub struct NodeArgs {
     /// polls). 0: off.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub low_latency_us: u64,
-    /// Whether TCP links may take a second connection for urgent events (priorities 1 to 3), dialled once a link
-    /// carries one; a link has it only if both nodes allow it (docs/PROTOCOL.md, "Priorities and deadlines").
-    // `Set`: a bool field would otherwise be a flag without a value (clap's `SetTrue`), which hands "true" to
-    // `parse_on_off` and refuses `--urgent-connection off`.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub urgent_connection: bool,
+    /// Whether TCP links may take a second connection for urgent events (priorities 1 to 3): `on`, dialled once a
+    /// link carries one; `at-once`, as soon as a link is up (a first urgent event from either end then never waits
+    /// behind a bulk backlog; it costs a second connection per link); `off`. A link has it only if both nodes allow
+    /// it (docs/PROTOCOL.md, "Priorities and deadlines").
+    #[arg(long, value_name = "on|off|at-once", default_value = "on", value_parser = parse_urgent)]
+    pub urgent_connection: UrgentConnection,
     /// Seconds of silence after which another node counts as dead and its members are removed.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat: f64,
@@ -142,6 +142,28 @@ fn parse_member_count(s: &str) -> std::result::Result<u64, String> {
     }
 }
 
+/// `--urgent-connection`: whether TCP links take an urgent connection, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrgentConnection {
+    Off,
+    /// Once a link carries a prioritised event.
+    On,
+    /// As soon as a link is up.
+    AtOnce,
+}
+
+/// `on`, `off` or `at-once` (also what [`parse_on_off`] takes for on and off).
+fn parse_urgent(s: &str) -> std::result::Result<UrgentConnection, String> {
+    match s {
+        "at-once" => Ok(UrgentConnection::AtOnce),
+        _ => match parse_on_off(s) {
+            Ok(true) => Ok(UrgentConnection::On),
+            Ok(false) => Ok(UrgentConnection::Off),
+            Err(_) => Err(format!("expected on, off or at-once, not {s:?}")),
+        },
+    }
+}
+
 /// `on` or `off` (also true/false, as a TOML boolean in a config file gives it, yes/no and 1/0).
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
     match s {
@@ -165,7 +187,8 @@ pub async fn node(reg: &RegistryArg, args: &NodeArgs, open_timeout: Option<f64>)
         .same_host(args.same_host)
         .shared_memory((args.same_host_ring_kib > 0).then(|| args.same_host_ring_kib.saturating_mul(1024)))
         .low_latency(Duration::from_micros(args.low_latency_us))
-        .urgent_connection(args.urgent_connection)
+        .urgent_connection(args.urgent_connection != UrgentConnection::Off)
+        .urgent_connection_at_once(args.urgent_connection == UrgentConnection::AtOnce)
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat));
     if let Some(n) = args.tree_threshold {
         builder = builder.tree_threshold(usize::try_from(n).unwrap_or(usize::MAX));

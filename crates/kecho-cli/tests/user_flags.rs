@@ -80,17 +80,18 @@ fn publish(addr: &str, channel: &str, count: &str, extra: &[&str]) -> Result<Out
     Ok(out)
 }
 
-/// `--urgent-connection on|off` (docs/PROTOCOL.md) and `KECHO_SAME_HOST=1` are taken as written, by a sink and a
+/// `--urgent-connection on|off|at-once` (docs/PROTOCOL.md) and `KECHO_SAME_HOST=1` are taken as written, by a sink and a
 /// source that then exchange events.
 #[test]
 fn on_off_and_boolish_flag_values_are_accepted() -> Result<()> {
     let (_reg, addr) = registry()?;
-    let sub = Proc::spawn(&["sub", "flags", "--registry", &addr, "--count", "2", "--urgent-connection", "off"])?;
+    let sub = Proc::spawn(&["sub", "flags", "--registry", &addr, "--count", "3", "--urgent-connection", "off"])?;
     publish(&addr, "flags", "1", &["--urgent-connection", "on", "--priority", "2"])?;
     publish(&addr, "flags", "1", &["--urgent-connection=off"])?;
+    publish(&addr, "flags", "1", &["--urgent-connection", "at-once", "--priority", "1"])?;
     let out = sub.finish(Duration::from_secs(20))?;
     assert!(out.status.success(), "sub failed: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).lines().count(), 2, "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout).lines().count(), 3, "{}", text(&out.stdout));
 
     for v in ["1", "yes", "on", "true"] {
         let mut c = Command::new(KECHO);

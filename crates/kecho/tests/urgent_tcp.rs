@@ -309,12 +309,7 @@ async fn at_once_the_first_urgent_event_of_the_accepting_node_passes_a_stalled_b
     let (a, ra) = node_with(&reg, |b| b.urgent_connection_at_once(true)).await?;
     // B's relay never learns where B is: every connection to it is dropped, so only B dials.
     let rb = Relay::start().await?;
-    let b = Node::builder()
-        .registry_client(reg.clone())
-        .link_queue_bytes(64 << 20)
-        .advertise(rb.addr)
-        .start()
-        .await?;
+    let b = Node::builder().registry_client(reg.clone()).link_queue_bytes(64 << 20).advertise(rb.addr).start().await?;
     let ch_a = a.channel("first").await?;
     let ch_b = b.channel("first").await?;
     let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
 use crate::access;
-use crate::node_args::{node, NodeArgs, RegistryArg, TlsArgs};
+use crate::node_args::{node, NodeArgs, RegistryArg, TlsArgs, UrgentConnection};
 
 #[derive(Subcommand, Debug)]
 pub enum Args {
@@ -46,7 +46,7 @@ pub async fn run(cmd: Args) -> Result<()> {
         same_host: false,
         same_host_ring_kib: 0,
         low_latency_us: 0,
-        urgent_connection: true,
+        urgent_connection: UrgentConnection::On,
         heartbeat: 3.0,
         tree_threshold: None,
         allow_filters: false,
