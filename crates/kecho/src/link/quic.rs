@@ -308,7 +308,7 @@ impl QuicEndpoint {
         }
         let id = conn.0.st.lock().proto.streams().open(Dir::Bi).ok_or_else(|| fail("cannot open a stream".into()))?;
         let (rd, wr) = (RecvStream::new(conn.clone(), id), SendStream::new(conn.clone(), id));
-        Ok((Box::new(rd), Wr::Stream(Box::new(wr)), to, Datagrams::new(conn, ep.drop_every)))
+        Ok((Box::new(rd), Wr::Stream(Box::new(wr)), to, Datagrams::new(conn, id, ep.drop_every)))
     }
 
     /// The next connection a peer made (its handshake under way); `None` once the endpoint is closed.
@@ -365,7 +365,7 @@ pub(crate) async fn accept(
     match tokio::time::timeout(timeout, up).await {
         Ok(Ok(id)) => {
             let (rd, wr) = (RecvStream::new(conn.clone(), id), SendStream::new(conn.clone(), id));
-            Some((Box::new(rd), Wr::Stream(Box::new(wr)), remote, Datagrams::new(conn, ep.ep().drop_every)))
+            Some((Box::new(rd), Wr::Stream(Box::new(wr)), remote, Datagrams::new(conn, id, ep.ep().drop_every)))
         }
         Ok(Err(why)) => {
             tracing::warn!(%remote, "refusing a QUIC connection: {why}");
@@ -967,10 +967,57 @@ impl Drop for SendStream {
     }
 }
 
+/// A link's main stream as the outbox holds it for direct writes: written into the connection's state under its lock
+/// and sent at once by the submitting thread, as a plain TCP link's socket is written. Not a handle that keeps the
+/// connection open (the link's streams are).
+#[derive(Clone)]
+pub(crate) struct DirectStream {
+    conn: Arc<Conn>,
+    id: StreamId,
+}
+
+impl DirectStream {
+    /// Writes `first` and `frame` as far as the stream takes them now and sends; returns how many bytes it took (the
+    /// rest is the writer's to write).
+    pub(crate) fn write_now(&self, first: &[u8], frame: &[u8]) -> usize {
+        let c = &self.conn;
+        let mut st = c.st.lock();
+        if st.error.is_some() {
+            return 0;
+        }
+        let mut total = 0;
+        for b in [first, frame] {
+            if b.is_empty() {
+                continue;
+            }
+            match st.proto.send_stream(self.id).write(b) {
+                Ok(n) => {
+                    total += n;
+                    if n < b.len() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if total > 0 {
+            c.drive(&mut st);
+        }
+        total
+    }
+
+    /// The same stream of the same connection.
+    pub(crate) fn same(&self, other: &DirectStream) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn) && self.id == other.id
+    }
+}
+
 /// A QUIC link's connection as the link uses it besides its stream: the datagram path (best-effort events that fit
 /// in one go this way, outside the stream), the urgent streams and the connection's send window.
 pub(crate) struct Datagrams {
     conn: ConnRef,
+    /// The link's main stream.
+    main: StreamId,
     /// The peer takes a stream per priority (ALPN `kecho/2`).
     streams: bool,
     /// Test hook: every `drop_every`th datagram is dropped instead of sent (0: none), as a network would lose it.
@@ -979,7 +1026,7 @@ pub(crate) struct Datagrams {
 }
 
 impl Datagrams {
-    fn new(conn: ConnRef, drop_every: u64) -> Arc<Self> {
+    fn new(conn: ConnRef, main: StreamId, drop_every: u64) -> Arc<Self> {
         let streams = conn
             .0
             .st
@@ -990,7 +1037,12 @@ impl Datagrams {
             .and_then(|d| d.downcast::<quinn_proto::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol)
             .is_some_and(|p| p == ALPN_STREAMS);
-        Arc::new(Datagrams { conn, streams, drop_every, tried: AtomicU64::new(0) })
+        Arc::new(Datagrams { conn, main, streams, drop_every, tried: AtomicU64::new(0) })
+    }
+
+    /// The main stream as a submitting thread's direct write takes it (see `Outbox::push_event_with`).
+    pub(crate) fn direct(&self) -> super::outbox::Direct {
+        super::outbox::Direct::Quic(DirectStream { conn: self.conn.0.clone(), id: self.main })
     }
 
     /// The peer takes an urgent stream besides the main one (a stream per priority).
