@@ -97,7 +97,7 @@ pub(super) async fn writer<H: LinkHandler>(
             #[cfg(feature = "quic")]
             let direct = peer.datagrams.lock().as_ref().map(|d| d.direct());
             #[cfg(not(feature = "quic"))]
-            let direct = None;
+            let direct: Option<Direct> = None;
             if let Some(d) = &direct {
                 peer.outbox.set_direct_to(Some(d.clone()));
             }
