@@ -846,6 +846,8 @@ fn diagnose(members: &[(Node, Channel, Sink)], killed: &[(Node, Channel, Sink)],
     let mut listed: BTreeMap<String, usize> = BTreeMap::new();
     let mut missing: BTreeMap<String, usize> = BTreeMap::new();
     let (mut suspicions, mut refuted) = (0, 0);
+    // What made the probes behind the suspicions fail, counted at the probers.
+    let (mut timed_out, mut lost, mut refused, mut identity) = (0, 0, 0, 0);
     for (node, ch, _) in members {
         let known: BTreeSet<String> = ch.member_nodes().iter().map(|n| n.to_string()).collect();
         let up: BTreeSet<String> = node.link_stats().iter().filter(|l| l.up).map(|l| l.node.to_string()).collect();
@@ -867,6 +869,10 @@ fn diagnose(members: &[(Node, Channel, Sink)], killed: &[(Node, Channel, Sink)],
         let t = ch.tree_stats();
         suspicions += t.suspicions;
         refuted += t.refuted;
+        timed_out += t.suspicion_causes.timed_out;
+        lost += t.suspicion_causes.lost;
+        refused += t.suspicion_causes.refused;
+        identity += t.suspicion_causes.identity;
     }
     let kept_links: usize = killed.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).sum();
     let late: u64 = killed.iter().map(|(n, _, _)| n.tasks_after_stop()).sum();
@@ -878,8 +884,9 @@ fn diagnose(members: &[(Node, Channel, Sink)], killed: &[(Node, Channel, Sink)],
     eprintln!(
         "kecho-bench members: diagnosis here: {stale} of {} survivors with a wrong view; killed nodes listed: {} \
          distinct ({}), {linked} of those with a link up, {neighbours} as overlay neighbours; survivors missing: {} \
-         distinct ({}); suspicions {suspicions}, refuted {refuted}; the {} killed here: {kept_links} links up, \
-         {late} tasks asked for after the kill",
+         distinct ({}); suspicions {suspicions} (after a timeout {timed_out}, a failed or lost connection {lost}, a \
+         refusal {refused}, a wrong identity {identity}), refuted {refuted}; the {} killed here: {kept_links} links \
+         up, {late} tasks asked for after the kill",
         members.len(),
         listed.len(),
         top(&listed),

@@ -173,6 +173,13 @@ pub fn handshake(data: &[u8]) {
                 assert!(acceptable, "accepted {msg:?}");
                 assert!(matches!(&msg, Message::Hello { node, addr: a, .. } if *node == peer && *a == addr));
             }
+            Accept::Probe { from, channel, nonce } => {
+                assert!(
+                    matches!(&msg, Message::ProbeHello { version, from: f, to, channel: c, nonce: n }
+                        if *version == PROTOCOL_VERSION && *to == me && (*f, *c, *n) == (from, channel, nonce)),
+                    "probe accepted on {msg:?}"
+                );
+            }
             Accept::Refuse { reason, .. } => {
                 assert!(!acceptable, "refused {msg:?}");
                 assert!(!reason.is_empty(), "a refusal says why");
@@ -183,6 +190,8 @@ pub fn handshake(data: &[u8]) {
             let claimed = NodeId::from_public_key(key);
             assert!(crate::handshake::check_hello_proof(&msg, claimed, "127.0.0.1:9", me).is_err(), "forged proof");
             assert!(crate::handshake::check_ack_proof(&msg, claimed, me).is_err(), "forged proof");
+            let probe = crate::handshake::check_probe_answer(&msg, claimed, me, crate::ChannelId(1), 2);
+            assert!(probe.is_err(), "forged probe answer");
         }
         let up = matches!(
             &msg,

@@ -13,7 +13,7 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::codec::{CloseCode, Message, Purpose, PROTOCOL_VERSION};
-use crate::types::NodeId;
+use crate::types::{ChannelId, NodeId};
 
 /// A node's identity: its signing key. Its node id derives from the public key.
 #[derive(Clone)]
@@ -58,6 +58,12 @@ impl Identity {
         self.proof(&ack_transcript(self.node_id(), to))
     }
 
+    /// The answer to `prober`'s `ProbeHello` with `nonce` about `channel`: proof that this node, alive and a member of
+    /// the channel, answers (one signature, no link; see [`check_probe_answer`]).
+    pub fn probe_proof(&self, prober: NodeId, channel: ChannelId, nonce: u64) -> Message {
+        self.proof(&probe_transcript(self.node_id(), prober, channel, nonce))
+    }
+
     fn proof(&self, transcript: &[u8]) -> Message {
         Message::Proof { key: self.public_key(), sig: self.key.sign(transcript).to_bytes() }
     }
@@ -77,6 +83,16 @@ fn ack_transcript(from: NodeId, to: NodeId) -> Vec<u8> {
     t.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     t.extend_from_slice(&from.0.to_le_bytes());
     t.extend_from_slice(&to.0.to_le_bytes());
+    t
+}
+
+fn probe_transcript(from: NodeId, prober: NodeId, channel: ChannelId, nonce: u64) -> Vec<u8> {
+    let mut t = b"kecho probe proof".to_vec();
+    t.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    t.extend_from_slice(&from.0.to_le_bytes());
+    t.extend_from_slice(&prober.0.to_le_bytes());
+    t.extend_from_slice(&channel.0.to_le_bytes());
+    t.extend_from_slice(&nonce.to_le_bytes());
     t
 }
 
@@ -128,6 +144,47 @@ fn check(proof: &Message, claimed: NodeId, transcript: &[u8]) -> Result<(), Proo
     key.verify_strict(transcript, &Signature::from_bytes(sig)).map_err(|_| ProofError::BadSignature { claimed })
 }
 
+/// Why a probe's answer does not show the probed node alive and a member.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// Another node answered at the address (say, one restarted there with a new identity), or the signature does
+    /// not verify over this probe.
+    #[error("the probe's answer is no proof of node {expected}: {why}")]
+    Identity {
+        /// The node probed.
+        expected: NodeId,
+        /// What was wrong with the proof.
+        why: ProofError,
+    },
+    /// The node refused the probe: it is no member of the channel (its channel is gone), or is another node, or
+    /// speaks another version.
+    #[error("the probe was refused ({code:?}): {reason}")]
+    Refused {
+        /// The close code.
+        code: CloseCode,
+        /// The node's reason.
+        reason: String,
+    },
+}
+
+/// Decides on the answer to our `ProbeHello` (node `me` probing node `expected` about `channel` with `nonce`): `Ok`
+/// exactly when it is `expected`'s signature over this probe. Pure; the signature check costs one Ed25519
+/// verification.
+pub fn check_probe_answer(
+    answer: &Message,
+    expected: NodeId,
+    me: NodeId,
+    channel: ChannelId,
+    nonce: u64,
+) -> Result<(), ProbeError> {
+    match answer {
+        Message::Close { code, reason } => Err(ProbeError::Refused { code: *code, reason: reason.clone() }),
+        other => check(other, expected, &probe_transcript(expected, me, channel, nonce))
+            .map_err(|why| ProbeError::Identity { expected, why }),
+    }
+}
+
 /// What the accepting side of a node link does with the connection's first message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Accept {
@@ -137,6 +194,16 @@ pub enum Accept {
         peer: NodeId,
         /// Its listening address.
         addr: String,
+    },
+    /// A probe of this node (tree mode's liveness check): if this node is a member of `channel`, answer with
+    /// [`Identity::probe_proof`], else refuse; then close. No link, no peer.
+    Probe {
+        /// The prober.
+        from: NodeId,
+        /// The channel.
+        channel: ChannelId,
+        /// The nonce to sign.
+        nonce: u64,
     },
     /// Refuse the connection: send `Close` with this code and reason, then close.
     Refuse {
@@ -163,6 +230,18 @@ pub fn accept_first(first: &Message, me: NodeId) -> Accept {
         }
         Message::Hello { node, .. } if *node == me => refuse(CloseCode::Handshake, "connection to self".into()),
         Message::Hello { node, addr, purpose: Purpose::Node, .. } => Accept::Node { peer: *node, addr: addr.clone() },
+        Message::ProbeHello { version, .. } if *version != PROTOCOL_VERSION => refuse(
+            CloseCode::VersionMismatch,
+            format!("protocol version mismatch: this node speaks version {PROTOCOL_VERSION}, the prober {version}"),
+        ),
+        // Another node listens at the address the prober has for `to` (one restarted there with a new identity):
+        // refused at no cost (no signature).
+        Message::ProbeHello { to, .. } if *to != me => {
+            refuse(CloseCode::Handshake, format!("this is node {me}, not {to}"))
+        }
+        Message::ProbeHello { from, channel, nonce, .. } => {
+            Accept::Probe { from: *from, channel: *channel, nonce: *nonce }
+        }
         other => refuse(CloseCode::Handshake, format!("expected Hello, got message kind {}", other.kind())),
     }
 }
@@ -267,6 +346,55 @@ mod tests {
         let e = check_ack_proof(&Message::Ping(1), ib, ia).unwrap_err();
         assert!(matches!(e, ProofError::NotAProof { .. }), "{e}");
         assert_eq!(Identity::from_secret(a.secret()).node_id(), ia);
+    }
+
+    /// A probe's answer counts only as the probed node's signature over this very probe: an answer of a node
+    /// restarted at the address with a new identity, one made for another nonce, channel or prober, or a refusal
+    /// (its channel gone), all fail the probe.
+    #[test]
+    fn a_probe_answer_proves_the_probed_node_and_this_probe() {
+        let a = Identity::from_secret([1; 32]);
+        let b = Identity::from_secret([2; 32]);
+        let restarted = Identity::from_secret([4; 32]);
+        let (ia, ib) = (a.node_id(), b.node_id());
+        let ch = ChannelId(77);
+        let answer = b.probe_proof(ia, ch, 5);
+        assert_eq!(check_probe_answer(&answer, ib, ia, ch, 5), Ok(()));
+        // Identity mismatch: the node at the address now is another one.
+        let other = restarted.probe_proof(ia, ch, 5);
+        let e = check_probe_answer(&other, ib, ia, ch, 5).unwrap_err();
+        assert_eq!(e, ProbeError::Identity { expected: ib, why: ProofError::WrongKey { claimed: ib } });
+        // Replayed for another nonce, channel or prober; a handshake proof is no probe proof.
+        let bad = ProbeError::Identity { expected: ib, why: ProofError::BadSignature { claimed: ib } };
+        assert_eq!(check_probe_answer(&answer, ib, ia, ch, 6), Err(bad.clone()));
+        assert_eq!(check_probe_answer(&answer, ib, ia, ChannelId(78), 5), Err(bad.clone()));
+        assert_eq!(check_probe_answer(&b.probe_proof(NodeId(3), ch, 5), ib, ia, ch, 5), Err(bad.clone()));
+        assert_eq!(check_probe_answer(&b.ack_proof(ia), ib, ia, ch, 5), Err(bad));
+        // Refused (its channel is gone), or something else entirely.
+        let gone = Message::Close { code: CloseCode::Handshake, reason: "no such channel".into() };
+        let e = check_probe_answer(&gone, ib, ia, ch, 5).unwrap_err();
+        assert_eq!(e.to_string(), "the probe was refused (Handshake): no such channel");
+        assert!(matches!(
+            check_probe_answer(&Message::Ping(1), ib, ia, ch, 5),
+            Err(ProbeError::Identity { why: ProofError::NotAProof { .. }, .. })
+        ));
+    }
+
+    #[test]
+    fn a_probe_is_accepted_only_for_this_node_and_version() {
+        let me = NodeId(7);
+        let probe = |version, to| Message::ProbeHello { version, from: NodeId(1), to, channel: ChannelId(2), nonce: 3 };
+        assert_eq!(
+            accept_first(&probe(PROTOCOL_VERSION, me), me),
+            Accept::Probe { from: NodeId(1), channel: ChannelId(2), nonce: 3 }
+        );
+        let Accept::Refuse { code, reason } = accept_first(&probe(PROTOCOL_VERSION, NodeId(8)), me) else { panic!() };
+        assert_eq!(
+            (code, reason.as_str()),
+            (CloseCode::Handshake, "this is node 0000000000000007, not 0000000000000008")
+        );
+        let Accept::Refuse { code, .. } = accept_first(&probe(PROTOCOL_VERSION + 1, me), me) else { panic!() };
+        assert_eq!(code, CloseCode::VersionMismatch);
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! died with it (30 % of a channel killed at once) would stay in every survivor's view for good. So every
 //! [`ProbeConfig::period`] each member probes one other member that is *not* one of its neighbours (whose links'
 //! heartbeats watch them already): the member nodes are taken in a shuffled round-robin order, so that each is
-//! probed by every prober within one pass. A probe is a [`crate::gossip::GossipMsg::Probe`] sent on a link (one
-//! dialled for it if none is up); the probed node answers with a `ProbeAck`. A probe unanswered within
+//! probed by every prober within one pass. A probe needs no link: the I/O layer opens a connection to the node and
+//! sends a `ProbeHello` (`crate::codec::Message::ProbeHello`), which the node answers before any handshake with its
+//! signature over the probe's nonce (`crate::handshake::check_probe_answer`), or refuses if it is no member of the
+//! channel; a good answer goes to [`Prober::ack`], a bad one or a failed connection to [`Prober::failed`] with what
+//! went wrong. (A `GossipMsg::Probe` on a link that is up, answered by a `ProbeAck`, counts the same.) A probe
+//! unanswered within
 //! [`ProbeConfig::timeout`] does not declare the node dead: it makes it *suspected* ([`ProbeOut::Suspect`]: the
 //! I/O layer broadcasts the suspicion through the overlay, and the suspected node, if it is alive and hears it,
 //! refutes it by publishing a newer snapshot, its incarnation number). A suspicion not refuted within
@@ -14,8 +18,8 @@
 //! [`ProbeOut::Dead`]: the I/O layer broadcasts a goodbye on the node's behalf, as a neighbour does when its link
 //! fails; a node that is alive and hears it publishes a newer snapshot and is back.
 //!
-//! Cost: one probe and one answer per member per period, whatever the channel's size; a suspicion is one broadcast
-//! per failed probe.
+//! Cost: one probe and one answer per member per period, whatever the channel's size (one connection, one signature
+//! at the probed node and one verification at the prober); a suspicion is one broadcast per failed probe.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -80,12 +84,47 @@ pub enum ProbeOut {
     },
 }
 
+/// Why a probe failed before its timeout, as the I/O layer found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// Nothing accepts at the node's address, or the connection ended before an answer (a process that died).
+    Lost,
+    /// The node refused the probe: it is no member of the channel (its channel is gone), or not the node probed.
+    Refused,
+    /// The answer is no proof of the node's identity over this probe (another node at its address, say one
+    /// restarted there with a new identity).
+    Identity,
+}
+
+/// Suspicions this prober raised, by what made the probe fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Suspicions {
+    /// No answer within the timeout.
+    pub timed_out: u64,
+    /// [`ProbeFailure::Lost`].
+    pub lost: u64,
+    /// [`ProbeFailure::Refused`].
+    pub refused: u64,
+    /// [`ProbeFailure::Identity`].
+    pub identity: u64,
+}
+
+impl Suspicions {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.timed_out + self.lost + self.refused + self.identity
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     node: NodeId,
     version: u64,
     nonce: u64,
     deadline: u64,
+    /// What made the probe fail before its timeout, if something did.
+    failure: Option<ProbeFailure>,
 }
 
 /// One member's liveness check of the others.
@@ -102,6 +141,7 @@ pub struct Prober {
     nonce: u64,
     outs: VecDeque<ProbeOut>,
     probes: u64,
+    suspicions: Suspicions,
 }
 
 impl Prober {
@@ -118,6 +158,7 @@ impl Prober {
             nonce: seed.rotate_left(17),
             outs: VecDeque::new(),
             probes: 0,
+            suspicions: Suspicions::default(),
         };
         p.next_probe = now + cfg.period / 2 + p.below(cfg.period.max(1));
         p
@@ -133,6 +174,11 @@ impl Prober {
     /// Probes sent so far.
     pub fn probes(&self) -> u64 {
         self.probes
+    }
+
+    /// Suspicions raised so far, by cause.
+    pub fn suspicions(&self) -> Suspicions {
+        self.suspicions
     }
 
     /// Nodes suspected now.
@@ -153,10 +199,13 @@ impl Prober {
         self.pending.filter(|p| p.node == node).map(|p| p.nonce)
     }
 
-    /// The probe of `node` failed before its timeout (nothing accepts at its address): treated as unanswered now.
-    pub fn failed(&mut self, node: NodeId, now: u64) {
-        if let Some(p) = self.pending.as_mut().filter(|p| p.node == node) {
+    /// The probe of `node` with `nonce` failed before its timeout, for reason `why`: treated as unanswered now (a
+    /// suspicion at the next [`Prober::handle_timeout`], which the node refutes if it is alive and a member). A
+    /// failure of an earlier probe (another nonce) is ignored.
+    pub fn failed(&mut self, node: NodeId, nonce: u64, why: ProbeFailure, now: u64) {
+        if let Some(p) = self.pending.as_mut().filter(|p| p.node == node && p.nonce == nonce) {
             p.deadline = p.deadline.min(now);
+            p.failure.get_or_insert(why);
         }
     }
 
@@ -217,6 +266,13 @@ impl Prober {
                 if !self.suspects.contains_key(&p.node) {
                     self.suspects.insert(p.node, (version, now + self.cfg.suspicion(members.len() + 1)));
                     self.outs.push_back(ProbeOut::Suspect { node: p.node, version });
+                    let count = match p.failure {
+                        None => &mut self.suspicions.timed_out,
+                        Some(ProbeFailure::Lost) => &mut self.suspicions.lost,
+                        Some(ProbeFailure::Refused) => &mut self.suspicions.refused,
+                        Some(ProbeFailure::Identity) => &mut self.suspicions.identity,
+                    };
+                    *count += 1;
                 }
             }
         }
@@ -253,7 +309,8 @@ impl Prober {
         self.nonce = self.nonce.wrapping_add(1);
         let nonce = self.nonce;
         self.probes += 1;
-        self.pending = Some(Pending { node, version: members[&node], nonce, deadline: now + self.cfg.timeout });
+        let deadline = now + self.cfg.timeout;
+        self.pending = Some(Pending { node, version: members[&node], nonce, deadline, failure: None });
         self.outs.push_back(ProbeOut::Probe { node, nonce });
     }
 }
@@ -389,6 +446,76 @@ mod tests {
         assert_eq!(p.suspects().count(), 0);
     }
 
+    /// The first probe `p` sends when run from 0 with members `m`, and when.
+    fn first_probe(p: &mut Prober, m: &BTreeMap<NodeId, u64>) -> (NodeId, u64, u64) {
+        let none = BTreeSet::new();
+        let mut t = 0;
+        loop {
+            p.handle_timeout(t, m, &none);
+            for o in drain(p) {
+                if let ProbeOut::Probe { node, nonce } = o {
+                    return (node, nonce, t);
+                }
+            }
+            t += 10;
+        }
+    }
+
+    /// A probe answered by another identity (a node restarted at the member's address), refused (the member's
+    /// channel is gone) or whose connection failed suspects the member at once, not after the timeout, and each
+    /// suspicion is counted under its cause; an unanswered one under the timeout.
+    #[test]
+    fn a_failed_probe_suspects_at_once_and_is_counted_by_cause() {
+        for why in [ProbeFailure::Identity, ProbeFailure::Refused, ProbeFailure::Lost] {
+            let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+            let m = members(&[(9, 4)]);
+            let (node, nonce, at) = first_probe(&mut p, &m);
+            p.failed(node, nonce, why, at + 20);
+            p.handle_timeout(at + 20, &m, &BTreeSet::new());
+            assert_eq!(drain(&mut p), vec![ProbeOut::Suspect { node, version: 4 }], "{why:?}");
+            let s = p.suspicions();
+            let counted = match why {
+                ProbeFailure::Identity => s.identity,
+                ProbeFailure::Refused => s.refused,
+                ProbeFailure::Lost => s.lost,
+            };
+            assert_eq!((counted, s.total()), (1, 1), "{why:?}: {s:?}");
+        }
+        let mut p = Prober::new(ProbeConfig::default(), 3, 0);
+        let seen = run(&mut p, 0, 3_990, &members(&[(9, 4)]), &[]);
+        assert!(seen.contains(&ProbeOut::Suspect { node: NodeId(9), version: 4 }), "{seen:?}");
+        assert_eq!(p.suspicions(), Suspicions { timed_out: 1, ..Suspicions::default() });
+    }
+
+    /// A failure reported for an earlier probe (a connection of a probe already answered, ending late) does not fail
+    /// the current probe of a live member: only the current probe's answer or failure counts.
+    #[test]
+    fn a_failure_of_an_earlier_probe_does_not_suspect_a_live_member() {
+        let cfg = ProbeConfig { period: 500, ..ProbeConfig::default() };
+        let mut p = Prober::new(cfg, 3, 0);
+        let m = members(&[(9, 4)]);
+        let (node, first, at) = first_probe(&mut p, &m);
+        p.ack(node, first);
+        // The next probe of the same member.
+        let none = BTreeSet::new();
+        let mut t = at + 10;
+        let second = loop {
+            p.handle_timeout(t, &m, &none);
+            if let Some(ProbeOut::Probe { nonce, .. }) =
+                drain(&mut p).into_iter().find(|o| matches!(o, ProbeOut::Probe { .. }))
+            {
+                break nonce;
+            }
+            t += 10;
+        };
+        assert_ne!(first, second);
+        p.failed(node, first, ProbeFailure::Lost, t + 10);
+        p.ack(node, second);
+        let seen = run(&mut p, t + 20, t + 600, &m, &[9]);
+        assert!(!seen.iter().any(|o| matches!(o, ProbeOut::Suspect { .. })), "{seen:?}");
+        assert_eq!(p.suspicions().total(), 0);
+    }
+
     /// What a peer, the overlay or the clock can do to a prober.
     #[derive(Clone, Debug)]
     enum Input {
@@ -396,8 +523,8 @@ mod tests {
         Wait(u64),
         /// An answer from `node` with a nonce: the pending probe's, or any other (late, repeated or forged).
         Ack { node: u64, right: bool, nonce: u64 },
-        /// A dial to `node` failed.
-        Failed(u64),
+        /// A probe of `node` failed (with the pending probe's nonce or another).
+        Failed { node: u64, right: bool, nonce: u64, why: u8 },
         /// The view changes: member `node` is at `version` (0: it left the view).
         View { node: u64, version: u64 },
         /// The overlay takes `node` as a neighbour, or drops it.
@@ -409,7 +536,8 @@ mod tests {
         prop_oneof![
             4 => (0u64..4_000).prop_map(Input::Wait),
             2 => (0u64..8, any::<bool>(), any::<u64>()).prop_map(|(node, right, nonce)| Input::Ack { node, right, nonce }),
-            1 => (0u64..8).prop_map(Input::Failed),
+            1 => (0u64..8, any::<bool>(), any::<u64>(), 0u8..3)
+                .prop_map(|(node, right, nonce, why)| Input::Failed { node, right, nonce, why }),
             2 => (0u64..8, 0u64..6).prop_map(|(node, version)| Input::View { node, version }),
             1 => (0u64..8, any::<bool>()).prop_map(|(node, on)| Input::Neighbour { node, on }),
         ]
@@ -429,6 +557,7 @@ mod tests {
             let mut p = Prober::new(ProbeConfig::default(), seed, start);
             let (mut now, mut members, mut neighbours) = (start, BTreeMap::new(), BTreeSet::new());
             let mut suspected: BTreeSet<NodeId> = BTreeSet::new();
+            let mut raised = 0u64;
             for i in inputs {
                 match i {
                     Input::Wait(ms) => now += ms,
@@ -441,7 +570,15 @@ mod tests {
                         p.ack(node, nonce);
                         suspected.remove(&node);
                     }
-                    Input::Failed(node) => p.failed(NodeId(node), now),
+                    Input::Failed { node, right, nonce, why } => {
+                        let node = NodeId(node);
+                        let nonce = match p.pending_nonce(node) {
+                            Some(n) if right => n,
+                            _ => nonce,
+                        };
+                        let why = [ProbeFailure::Lost, ProbeFailure::Refused, ProbeFailure::Identity][why as usize];
+                        p.failed(node, nonce, why, now);
+                    }
                     Input::View { node, version: 0 } => {
                         members.remove(&NodeId(node));
                     }
@@ -470,6 +607,7 @@ mod tests {
                         ProbeOut::Suspect { node, .. } => {
                             proptest::prop_assert!(members.contains_key(&node), "suspected a non-member {node:?}");
                             suspected.insert(node);
+                            raised += 1;
                         }
                         ProbeOut::Dead { node, version } => {
                             proptest::prop_assert!(suspected.remove(&node), "gone without a suspicion: {node:?}");
@@ -482,6 +620,8 @@ mod tests {
                 proptest::prop_assert!(outstanding.len() <= 1, "{outstanding:?}");
                 proptest::prop_assert!(p.suspects().all(|n| members.contains_key(&n)), "a suspect out of the view");
                 suspected.retain(|n| p.suspects().any(|s| s == *n));
+                // Every suspicion is counted under exactly one cause.
+                proptest::prop_assert_eq!(p.suspicions().total(), raised);
             }
         }
     }

@@ -44,6 +44,7 @@ fn variant(m: &Message) -> &'static str {
         Message::Ping(_) => "Ping",
         Message::Pong(_) => "Pong",
         Message::Proof { .. } => "Proof",
+        Message::ProbeHello { .. } => "ProbeHello",
         Message::JoinRequest { .. } => "JoinRequest",
         Message::JoinAccept { .. } => "JoinAccept",
         Message::JoinRefused { .. } => "JoinRefused",
@@ -69,7 +70,7 @@ fn variant(m: &Message) -> &'static str {
     }
 }
 
-const VARIANTS: usize = 28;
+const VARIANTS: usize = 29;
 
 fn one_of_each() -> Vec<Message> {
     let sink = MemberInfo {
@@ -106,6 +107,7 @@ fn one_of_each() -> Vec<Message> {
         Message::Ping(1),
         Message::Pong(u64::MAX),
         Message::Proof { key: [7; 32], sig: [9; 64] },
+        Message::ProbeHello { version: 3, from: NodeId(1), to: NodeId(2), channel: ChannelId(5), nonce: 9 },
         Message::JoinRequest { channel: ChannelId(9), addr: "h:1".into(), snapshot: snapshot.clone() },
         Message::JoinAccept {
             channel: ChannelId(9),

@@ -202,6 +202,8 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<[u8; 32]>(), vec(any::<u8>(), 64))
             .prop_map(|(key, sig)| Message::Proof { key, sig: sig.try_into().expect("64 bytes") }),
+        (any::<u16>(), node.clone(), node.clone(), ch.clone(), any::<u64>())
+            .prop_map(|(version, from, to, channel, nonce)| Message::ProbeHello { version, from, to, channel, nonce }),
         (
             ch.clone(),
             node.clone(),

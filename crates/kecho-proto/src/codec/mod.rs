@@ -244,6 +244,22 @@ pub enum Message {
         /// The signature.
         sig: [u8; 64],
     },
+    /// First and only message of a probe connection (tree mode's liveness check, `crate::probe`), in place of
+    /// `Hello`: the prober asks node `to` to prove, with no link, that it is alive and still a member of `channel`.
+    /// Answered before any handshake with a `Proof` signed over the probe (`crate::handshake::Identity::probe_proof`),
+    /// or refused with `Close`; then the connection closes.
+    ProbeHello {
+        /// Protocol version of the prober.
+        version: u16,
+        /// The prober's node id.
+        from: NodeId,
+        /// The node the prober means to reach.
+        to: NodeId,
+        /// The channel whose membership is checked.
+        channel: ChannelId,
+        /// Signed in the answer, so an answer is good for this probe only.
+        nonce: u64,
+    },
     /// A node asks the channel's contact to let it join.
     JoinRequest {
         /// Channel.
@@ -489,6 +505,7 @@ mod kind {
     pub const PING: u8 = 4;
     pub const PONG: u8 = 5;
     pub const PROOF: u8 = 6;
+    pub const PROBE_HELLO: u8 = 7;
     pub const JOIN_REFUSED: u8 = 9;
     pub const JOIN_REQUEST: u8 = 10;
     pub const JOIN_ACCEPT: u8 = 11;
@@ -526,6 +543,7 @@ impl Message {
             Message::Ping(_) => PING,
             Message::Pong(_) => PONG,
             Message::Proof { .. } => PROOF,
+            Message::ProbeHello { .. } => PROBE_HELLO,
             Message::JoinRequest { .. } => JOIN_REQUEST,
             Message::JoinAccept { .. } => JOIN_ACCEPT,
             Message::JoinRefused { .. } => JOIN_REFUSED,
@@ -585,6 +603,14 @@ impl Message {
             Message::Proof { key, sig } => {
                 dst.put_slice(key);
                 dst.put_slice(sig);
+            }
+            Message::ProbeHello { version, from, to, channel, nonce } => {
+                dst.put_u32_le(MAGIC);
+                dst.put_u16_le(*version);
+                dst.put_u64_le(from.0);
+                dst.put_u64_le(to.0);
+                dst.put_u64_le(channel.0);
+                dst.put_u64_le(*nonce);
             }
             Message::JoinRequest { channel, addr, snapshot } => {
                 dst.put_u64_le(channel.0);
@@ -1239,6 +1265,19 @@ impl Reader {
                 self.b.copy_to_slice(&mut key);
                 self.b.copy_to_slice(&mut sig);
                 Message::Proof { key, sig }
+            }
+            PROBE_HELLO => {
+                let magic = self.u32()?;
+                if magic != MAGIC {
+                    return Err(DecodeError::BadTag { kind: self.kind, what: "magic", tag: (magic >> 24) as u8 });
+                }
+                Message::ProbeHello {
+                    version: self.u16()?,
+                    from: NodeId(self.u64()?),
+                    to: NodeId(self.u64()?),
+                    channel: ChannelId(self.u64()?),
+                    nonce: self.u64()?,
+                }
             }
             JOIN_REQUEST => Message::JoinRequest {
                 channel: ChannelId(self.u64()?),

@@ -163,14 +163,6 @@ impl Channels {
         self.links.forget_unused();
     }
 
-    /// Closes the link to `id` at once if no channel needs it (a probe's link, once answered).
-    pub(crate) fn release_if_unneeded(&self, id: NodeId) {
-        let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
-        if self.links.is_up(id) && !chans.iter().any(|c| c.needs_link(id)) {
-            self.links.release(id);
-        }
-    }
-
     /// Leaves every channel cleanly (members are told).
     pub(crate) async fn leave_all(&self) {
         let chans: Vec<_> = self.by_name.lock().values().cloned().collect();
@@ -279,6 +271,14 @@ impl LinkHandler for Channels {
         for ch in chans {
             ch.peer_up(id);
         }
+    }
+
+    fn probed(&self, channel: ChannelId, answer: usize) -> bool {
+        let ch = self.channel_by_id(channel).filter(|ch| ch.is_member_now());
+        if let Some(ch) = &ch {
+            ch.count_probe_answer(answer);
+        }
+        ch.is_some()
     }
 }
 

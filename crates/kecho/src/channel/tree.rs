@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kecho_proto::gossip::{EventId, Gossip, GossipConfig, GossipMsg, GossipOut};
 use kecho_proto::membership::ChannelState;
-use kecho_proto::probe::Prober;
+use kecho_proto::probe::{Prober, Suspicions};
 use kecho_proto::{Attrs, Message, NodeId, NodeSnapshot, Overflow};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -108,6 +108,9 @@ pub struct TreeStats {
     pub suspicions: u64,
     /// See `suspicions`.
     pub refuted: u64,
+    /// `suspicions` by what made the probe fail: no answer in time, the connection failed or ended, the node
+    /// refused (no member of the channel, or another node at its address), or an answer that is no proof.
+    pub suspicion_causes: Suspicions,
 }
 
 /// A channel's tree-mode state on one node.
@@ -151,10 +154,6 @@ struct TreeInner {
     failing: HashMap<NodeId, u32>,
     /// The liveness check of non-neighbour members (`tree_probe.rs`).
     prober: Option<Prober>,
-    /// Links kept for a probe until then: this node's unanswered probes (true), and probes it answered (false).
-    probe_links: HashMap<NodeId, (Instant, bool)>,
-    /// Unanswered probes already sent again after their link was lost.
-    probe_retried: HashSet<NodeId>,
     /// When links to these nodes came up (kept for `FRESH_LINK`).
     fresh: HashMap<NodeId, Instant>,
 }
@@ -176,8 +175,6 @@ impl Default for Tree {
                 last_resync: None,
                 failing: HashMap::new(),
                 prober: None,
-                probe_links: HashMap::new(),
-                probe_retried: HashSet::new(),
                 fresh: HashMap::new(),
             }),
             event_frames: AtomicU64::new(0),
@@ -213,9 +210,10 @@ impl ChannelInner {
     /// Counters of tree mode.
     pub(super) fn tree_stats(&self) -> TreeStats {
         let t = &self.tree;
-        let (active, passive) = {
+        let (active, passive, suspicion_causes) = {
             let inner = t.inner.lock();
-            inner.gossip.as_ref().map_or((0, 0), |g| (g.active().len(), g.passive().len()))
+            let (a, p) = inner.gossip.as_ref().map_or((0, 0), |g| (g.active().len(), g.passive().len()));
+            (a, p, inner.prober.as_ref().map(|p| p.suspicions()).unwrap_or_default())
         };
         TreeStats {
             on: self.tree_on(),
@@ -229,6 +227,7 @@ impl ChannelInner {
             control_bytes: t.control_bytes.load(Ordering::Relaxed),
             suspicions: t.suspicions.load(Ordering::Relaxed),
             refuted: t.refuted.load(Ordering::Relaxed),
+            suspicion_causes,
         }
     }
 
@@ -425,7 +424,6 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return true };
         // Events for Block sinks go to their nodes directly: the routes take the new peer, which is dialled.
         self.tree_direct_lost(&node, id);
-        self.probe_link_lost(&node, id);
         let neighbour = {
             let at = now();
             let mut t = self.tree.inner.lock();
@@ -573,7 +571,7 @@ impl ChannelInner {
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
             || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
         drop(t);
-        used || self.probe_needs_link(id, at) || self.tree_direct(id)
+        used || self.tree_direct(id)
     }
 
     /// Executes the overlay's outputs, then wakes the timer loop (its next deadline may have moved).

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use kecho_proto::codec::{self, CloseCode, Purpose};
 use kecho_proto::handshake;
 use kecho_proto::liveness::Liveness;
+use kecho_proto::probe::ProbeFailure;
 use kecho_proto::{Message, PROTOCOL_VERSION};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -89,18 +90,33 @@ enum DialOutcome {
     Duplicate,
 }
 
-async fn dial_inner<H: LinkHandler>(
+/// A new connection to a node, before any kecho frame: its halves, the low-latency poller, a QUIC connection's
+/// datagram path, the transport, the address dialled and the remote's socket address (`None` same-host), and
+/// whether it is TCP (its handshake answer then ends with an urgent connection's token).
+struct Connected {
+    rd: Rd,
+    wr: Wr,
+    poller: Option<super::spin::Poller>,
+    datagrams: Option<Arc<Datagrams>>,
+    transport: Transport,
+    at: String,
+    remote: Option<SocketAddr>,
+    tcp: bool,
+}
+
+/// Opens a connection to the node advertising `addr` (same-host if both run so, else the transport both speak; TLS
+/// where configured).
+async fn connect<H: LinkHandler>(
     links: &Arc<Links<H>>,
-    peer: &Arc<Peer>,
-    gen: u64,
+    to: kecho_proto::NodeId,
     addr: &str,
-) -> Result<DialOutcome, LinkError> {
+) -> Result<Connected, LinkError> {
     let (transport, at) = crate::transport::pick(links.cfg.transport, addr)?;
     let local = match same_host_path(links, addr) {
         Some(path) => match super::local::dial(path, &links.cfg).await {
             Ok(stream) => Some(stream),
             Err(e) => {
-                tracing::debug!(peer = %peer.id, "same-host dial failed, dialling {transport}: {e}");
+                tracing::debug!(peer = %to, "same-host dial failed, dialling {transport}: {e}");
                 None
             }
         },
@@ -110,7 +126,7 @@ async fn dial_inner<H: LinkHandler>(
     let mut datagrams: Option<Arc<Datagrams>> = None;
     // A TCP link: the acceptor's handshake answer ends with the token of the link's urgent connection.
     let mut tcp = false;
-    let (mut rd, mut wr, remote, poller) = match (local, transport) {
+    let (rd, wr, remote, poller) = match (local, transport) {
         (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
         (None, Transport::Quic) => {
@@ -133,6 +149,18 @@ async fn dial_inner<H: LinkHandler>(
             (rd, wr, remote, poller)
         }
     };
+    Ok(Connected { rd, wr, poller, datagrams, transport, at: at.to_owned(), remote, tcp })
+}
+
+async fn dial_inner<H: LinkHandler>(
+    links: &Arc<Links<H>>,
+    peer: &Arc<Peer>,
+    gen: u64,
+    addr: &str,
+) -> Result<DialOutcome, LinkError> {
+    let Connected { mut rd, mut wr, poller, datagrams, transport, at, remote, tcp } =
+        connect(links, peer.id, addr).await?;
+    let at = at.as_str();
     let my_addr = links.addr.clone();
     let mut hello = BytesMut::new();
     Message::Hello { version: PROTOCOL_VERSION, node: links.id, addr: my_addr.clone(), purpose: Purpose::Node }
@@ -394,6 +422,10 @@ async fn accept_link_with<H: LinkHandler>(
     };
     let (their, their_addr) = match handshake::accept_first(&first, links.id) {
         handshake::Accept::Node { peer, addr } => (peer, addr),
+        handshake::Accept::Probe { from, channel, nonce } => {
+            answer_probe(&links, (rd, wr), from, channel, nonce).await;
+            return;
+        }
         handshake::Accept::Refuse { code, reason } => {
             tracing::warn!(?remote, "refusing connection: {reason}");
             refuse(rd, wr, close(code, &reason)).await;
@@ -466,6 +498,81 @@ async fn accept_link_with<H: LinkHandler>(
         Some((rd, wr)) => refuse(rd, wr, close(CloseCode::Duplicate, "a connection between these nodes exists")).await,
         None => links.peer_up(their),
     }
+}
+
+/// Answers a probe of tree mode's liveness check (`kecho_proto::probe`) before any handshake: this node's signature
+/// over the probe if it is a member of `channel`, a refusal if not (its channel is gone); then the connection
+/// closes. No peer, no link, no link tasks: one signature.
+async fn answer_probe<H: LinkHandler>(
+    links: &Arc<Links<H>>,
+    (rd, wr): (Rd, Wr),
+    from: kecho_proto::NodeId,
+    channel: kecho_proto::ChannelId,
+    nonce: u64,
+) {
+    // Every proof frame has the same length: a public key and a signature.
+    let proof_len = Message::Proof { key: [0; 32], sig: [0; 64] }.to_bytes().len();
+    let member = links.handler.upgrade().is_some_and(|h| h.probed(channel, proof_len));
+    let answer = if member {
+        let identity = links.identity.clone();
+        match off_workers(move || identity.probe_proof(from, channel, nonce)).await {
+            Ok(proof) => proof.to_bytes(),
+            Err(_) => return,
+        }
+    } else {
+        tracing::debug!(prober = %from, %channel, "probed about a channel this node is no member of");
+        close(CloseCode::Handshake, "not a member of the channel")
+    };
+    refuse(rd, wr, answer).await;
+}
+
+/// Probes node `to` at `addr` about `channel` with `nonce` (tree mode's liveness check, `kecho_proto::probe`): a
+/// connection, a `ProbeHello`, and the answer's signature checked; no handshake, no link, no link tasks. `None` if
+/// nothing was decided within the handshake timeout (the prober's own timeout decides then).
+pub(crate) async fn probe<H: LinkHandler>(
+    links: &Arc<Links<H>>,
+    to: kecho_proto::NodeId,
+    addr: &str,
+    channel: kecho_proto::ChannelId,
+    nonce: u64,
+) -> Option<Result<(), ProbeFailure>> {
+    let asked = async {
+        let Connected { mut rd, mut wr, .. } = match connect(links, to, addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(node = %to, %addr, "probe: {e}");
+                return Err(ProbeFailure::Lost);
+            }
+        };
+        let hello = Message::ProbeHello { version: PROTOCOL_VERSION, from: links.id, to, channel, nonce };
+        let mut buf = BytesMut::with_capacity(256);
+        let answer = match wr.write_all(&hello.to_bytes()).await {
+            Ok(()) => read_frame(&mut rd, &mut buf, links.cfg.max_frame).await,
+            Err(e) => Err(e.into()),
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(node = %to, %addr, "probe: no answer: {e}");
+                return Err(ProbeFailure::Lost);
+            }
+        };
+        let me = links.id;
+        let checked = off_workers(move || handshake::check_probe_answer(&answer, to, me, channel, nonce))
+            .await
+            .map_err(|_| ProbeFailure::Lost)?;
+        match checked {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(node = %to, %addr, "probe failed: {e}");
+                Err(match e {
+                    handshake::ProbeError::Refused { .. } => ProbeFailure::Refused,
+                    _ => ProbeFailure::Identity,
+                })
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, asked).await.ok()
 }
 
 /// Refuses a connection with a `Close` frame, and keeps it open until the dialler has read it and hung up (at most

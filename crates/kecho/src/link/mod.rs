@@ -100,6 +100,10 @@ pub(crate) trait LinkHandler: Send + Sync + 'static {
 
     /// A link to node `id` is up (dialled or accepted); called with no lock of the link's held.
     fn peer_up(&self, id: NodeId);
+
+    /// A probe of the liveness check asks, before any handshake, whether this node is a member of `channel` now;
+    /// if it is, the handler counts the answer (`answer` bytes) as the channel's traffic.
+    fn probed(&self, channel: ChannelId, answer: usize) -> bool;
 }
 
 /// An event that arrived, with the sink ids of the `Targets` frame before it if it had one, and the deadline of
