@@ -211,6 +211,25 @@ enum Phase {
     Left,
 }
 
+/// How this node's `open` went, step by step (for benchmarks and diagnosis: where a joiner's time goes).
+/// Times are from the call to [`ChannelState::open`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JoinTrace {
+    /// Registry lookups sent until the channel was open (one per join attempt).
+    pub lookups: u32,
+    /// `JoinRequest`s sent until the channel was open.
+    pub requests: u32,
+    /// Until the first lookup's answer arrived.
+    pub first_lookup: Option<Duration>,
+    /// Until the last `JoinRequest` before the answer that counted was sent.
+    pub last_request: Option<Duration>,
+    /// Until the contact's `JoinAccept` was taken (the channel open).
+    pub accepted: Option<Duration>,
+    /// Member nodes that `JoinAccept` listed with their snapshots (the contact included).
+    pub accept_entries: usize,
+}
+
 /// Another node in the channel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Peer {
@@ -283,6 +302,9 @@ pub struct ChannelState {
     view_changed: Option<Instant>,
     /// Tree mode: when this node last sent its view as a list.
     last_list: Option<Instant>,
+    /// When `open` was called, and how it went (see [`JoinTrace`]).
+    opened_at: Option<Instant>,
+    trace: JoinTrace,
     out: VecDeque<Output>,
 }
 
@@ -330,8 +352,19 @@ impl ChannelState {
             departed: BTreeMap::new(),
             view_changed: None,
             last_list: None,
+            opened_at: None,
+            trace: JoinTrace::default(),
             out: VecDeque::new(),
         }
+    }
+
+    /// How this node's `open` went (see [`JoinTrace`]).
+    pub fn join_trace(&self) -> JoinTrace {
+        self.trace
+    }
+
+    fn since_open(&self, now: Instant) -> Option<Duration> {
+        self.opened_at.map(|t| now.saturating_duration_since(t))
     }
 
     /// Members' snapshots reach this node through an overlay from now on (the node layer's tree mode), not each on
@@ -694,6 +727,7 @@ impl ChannelState {
         }
         self.mode = mode;
         self.deadline = Some(now + self.cfg.open_timeout);
+        self.opened_at = Some(now);
         if let Some(policy) = &self.policy {
             // Our own credential first: better a clear error here than a refusal from every other member.
             if let Err(why) = policy.admit(&self.name, self.me, &self.local, self.unix(now)) {
@@ -827,6 +861,9 @@ impl ChannelState {
             // neither fail a failed open again nor start a lookup after the channel was given up).
             return;
         }
+        if op == RegistryOp::Lookup && self.phase == Phase::LookingUp && self.trace.first_lookup.is_none() {
+            self.trace.first_lookup = self.since_open(now);
+        }
         match (op, result) {
             (RegistryOp::Lookup, Ok(RegResult::Entry(e))) => {
                 if self.phase == Phase::Member {
@@ -843,6 +880,8 @@ impl ChannelState {
                     return;
                 }
                 self.phase = Phase::Joining { contact: e.contact, addr: e.addr.clone(), since: now };
+                self.trace.requests += 1;
+                self.trace.last_request = self.since_open(now);
                 self.send_join_request(e.contact, e.addr, now);
             }
             (RegistryOp::Lookup, Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, .. })) => {
@@ -987,6 +1026,7 @@ impl ChannelState {
     }
 
     fn start_lookup(&mut self) {
+        self.trace.lookups += 1;
         self.phase = Phase::LookingUp;
         self.registry(RegistryOp::Lookup);
     }
@@ -1192,6 +1232,10 @@ impl ChannelState {
             self.policy = policy;
             // Anyone we heard of before knowing the policy must pass it now.
             self.recheck_peers(now);
+        }
+        if !rejoin {
+            self.trace.accepted = self.since_open(now);
+            self.trace.accept_entries = nodes.len();
         }
         let sent_version = self.join_sent.take().map(|(_, _, v)| v);
         self.secret = secret;
@@ -1512,3 +1556,4 @@ fn mix(mut z: u64) -> u64 {
 fn hex8(key: &[u8; 32]) -> String {
     key[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
+

@@ -686,6 +686,12 @@ impl Channel {
         }
     }
 
+    /// How this node's open of the channel went: registry lookups, join requests, when the contact's answer came
+    /// and how many member nodes it listed (for benchmarks and diagnosis).
+    pub fn join_trace(&self) -> kecho_proto::membership::JoinTrace {
+        self.inner.state.lock().join_trace()
+    }
+
     /// Counters for this channel on this node.
     pub fn stats(&self) -> ChannelStats {
         self.inner.stats()
