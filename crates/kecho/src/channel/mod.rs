@@ -333,7 +333,7 @@ impl ChannelInner {
                 }
                 Output::Changed => {
                     if self.tree_check(&mut st) {
-                        self.tree_learn(&st);
+                        self.tree_learn(&mut st);
                     }
                     drop(st);
                     self.rebuild_routes(&node);
