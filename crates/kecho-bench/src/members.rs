@@ -622,12 +622,14 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                         let mut all = tokio::task::JoinSet::new();
                         for _ in 0..m {
                             let channel = channel.to_owned();
-                            all.spawn(async move { join(registry, &channel, k).await });
+                            all.spawn(async move { join_steps(registry, &channel, k).await });
                         }
                         // When the last joiner here had opened the channel, and knew every sink.
                         let (mut opened, mut known) = (Duration::ZERO, Duration::ZERO);
+                        let mut steps = Vec::new();
                         while let Some(joined) = all.join_next().await {
-                            let (m, at) = joined.context("a joining node's task")??;
+                            let (m, at, s) = joined.context("a joining node's task")??;
+                            steps.push(s);
                             if at - t0 > Duration::from_secs(2) {
                                 eprintln!(
                                     "kecho-bench members: node {} opened the channel {:?} after the storm's start",
@@ -639,6 +641,7 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                             known = known.max(t0.elapsed());
                             members.push(m);
                         }
+                        storm_breakdown(&steps);
                         let mut slow = Vec::new();
                         for (i, (_, ch, _)) in members.iter().enumerate() {
                             ch.wait_for_sinks(k, STEP_LIMIT).await?;
@@ -815,7 +818,25 @@ fn tree_threshold() -> Option<usize> {
     std::env::var("KECHO_BENCH_TREE").ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// One joiner's steps, from the call to `join` (for the storm's breakdown on standard error).
+struct Steps {
+    /// The node started (its listener bound).
+    started: Duration,
+    /// The channel open (the contact's answer taken and handed to the application).
+    opened: Duration,
+    /// It knew every sink.
+    known: Duration,
+    /// The membership state machine's record of the open (times from the open's start).
+    trace: kecho::JoinTrace,
+}
+
 async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, Channel, Sink), Instant)> {
+    let (m, opened, _) = join_steps(registry, channel, k).await?;
+    Ok((m, opened))
+}
+
+async fn join_steps(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, Channel, Sink), Instant, Steps)> {
+    let t0 = Instant::now();
     let membership = MembershipConfig { open_timeout: STEP_LIMIT, ..MembershipConfig::default() };
     let mut builder = Node::builder().registry(registry).membership(membership);
     if let Some(t) = tree_threshold() {
@@ -826,13 +847,49 @@ async fn join(registry: SocketAddr, channel: &str, k: usize) -> Result<((Node, C
         builder = builder.tree_liveness_check(false);
     }
     let node = builder.start().await.context("starting a node")?;
+    let started = t0.elapsed();
     let ch = node.channel(channel).await.context("opening the channel")?;
     let opened = Instant::now();
     let sink = ch.sink(SinkOptions::new())?;
     ch.wait_for_sinks(k, STEP_LIMIT)
         .await
         .with_context(|| format!("{} member nodes known", ch.member_nodes().len()))?;
-    Ok(((node, ch, sink), opened))
+    let steps = Steps { started, opened: opened - t0, known: t0.elapsed(), trace: ch.join_trace() };
+    Ok(((node, ch, sink), opened, steps))
+}
+
+/// The storm joiners' steps in this process, on standard error: the least, median and greatest of each (ms), so that
+/// a slow storm shows where its joiners' time went (node start, registry lookup, `JoinRequest` to the contact's
+/// `JoinAccept`, every sink known).
+fn storm_breakdown(steps: &[Steps]) {
+    if steps.is_empty() {
+        return;
+    }
+    let spread = |f: &dyn Fn(&Steps) -> Option<Duration>| {
+        let mut v: Vec<f64> = steps.iter().filter_map(f).map(|d| d.as_secs_f64() * 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => "-".to_owned(),
+            n => format!("{:.0}/{:.0}/{:.0}", v[0], v[n / 2], v[n - 1]),
+        }
+    };
+    let lookups: u32 = steps.iter().map(|s| s.trace.lookups).sum();
+    let requests: u32 = steps.iter().map(|s| s.trace.requests).sum();
+    let retried = steps.iter().filter(|s| s.trace.requests > 1).count();
+    let entries = steps.iter().map(|s| s.trace.accept_entries).max().unwrap_or(0);
+    eprintln!(
+        "kecho-bench members: storm joiners here ({}; ms, least/median/greatest from the node's start): node started \
+         {}, first lookup answered +{}, last JoinRequest sent +{}, JoinAccept taken +{}, open returned {}, every sink \
+         known {}; {lookups} lookups and {requests} JoinRequests in all ({retried} joiners asked more than once); \
+         JoinAccept listed up to {entries} member nodes",
+        steps.len(),
+        spread(&|s| Some(s.started)),
+        spread(&|s| s.trace.first_lookup),
+        spread(&|s| s.trace.last_request),
+        spread(&|s| s.trace.accepted),
+        spread(&|s| Some(s.opened)),
+        spread(&|s| Some(s.known)),
+    );
 }
 
 /// On standard error: which killed nodes the survivors here still list (and whether a link to them is up, or they

@@ -14,7 +14,7 @@
 //!
 //! Inputs carry `now` in milliseconds; outputs are drained with [`Gossip::poll_output`]; randomness is seeded.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crate::types::NodeId;
 
@@ -257,6 +257,9 @@ pub struct Gossip {
     /// Announced events not received: who announced them, and when to graft.
     missing: HashMap<EventId, (VecDeque<NodeId>, u64)>,
     sources: HashMap<NodeId, SourceState>,
+    /// The sources with a gap open (`SourceState::gap_since`), in order: the timers look at these only, not at
+    /// every stream (two per member in a channel's tree mode, and a tick per node was a pass over all of them).
+    gapped: BTreeSet<NodeId>,
     /// The next number of each stream this member publishes on (its own id, and any other of
     /// [`Gossip::broadcast_on`]).
     next_seq: HashMap<NodeId, u64>,
@@ -286,6 +289,7 @@ impl Gossip {
             order: VecDeque::new(),
             missing: HashMap::new(),
             sources: HashMap::new(),
+            gapped: BTreeSet::new(),
             next_seq: HashMap::new(),
             next_shuffle,
             next_summary,
@@ -333,7 +337,12 @@ impl Gossip {
     /// When [`Gossip::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> u64 {
         let graft = self.missing.values().map(|(_, at)| *at).min();
-        let loss = self.sources.values().filter_map(|s| s.gap_since).min().map(|t| t + self.cfg.loss_after);
+        let loss = self
+            .gapped
+            .iter()
+            .filter_map(|src| self.sources.get(src).and_then(|s| s.gap_since))
+            .min()
+            .map(|t| t + self.cfg.loss_after);
         let refill = (self.active.len() < self.cfg.active / 2).then_some(self.next_refill);
         let summary = (!self.active.is_empty() && !self.sources.is_empty()).then_some(self.next_summary);
         [Some(self.next_shuffle), graft, loss, refill, summary].into_iter().flatten().min().unwrap_or(u64::MAX)
@@ -539,8 +548,8 @@ impl Gossip {
         }
         let loss_after = self.cfg.loss_after;
         let mut lost = Vec::new();
-        let mut srcs: Vec<NodeId> = self.sources.keys().copied().collect();
-        srcs.sort_unstable();
+        // Only sources with a gap open: in any other, nothing is held ahead and nothing is due (in order already).
+        let srcs: Vec<NodeId> = self.gapped.iter().copied().collect();
         for src in &srcs {
             let Some(s) = self.sources.get_mut(src) else { continue };
             if s.gap_since.is_some_and(|t| now >= t + loss_after) {
@@ -554,6 +563,7 @@ impl Gossip {
                     s.next = upto;
                 }
                 s.gap_since = None;
+                self.gapped.remove(src);
             }
         }
         for l in lost {
@@ -610,6 +620,7 @@ impl Gossip {
             let s =
                 SourceState { next: id.seq, heard: id.seq, last_at: now, gap_since: Some(now), ..Default::default() };
             self.sources.insert(id.source, s);
+            self.gapped.insert(id.source);
             self.want(from, id, now);
             return;
         };
@@ -620,6 +631,7 @@ impl Gossip {
         s.last_at = s.last_at.max(now);
         if s.gap_since.is_none() {
             s.gap_since = Some(now);
+            self.gapped.insert(id.source);
         }
         let listed = s.listed.get(&from).copied().unwrap_or(0);
         if id.seq <= listed {
@@ -711,6 +723,11 @@ impl Gossip {
             (true, true) => Some(now),
             (true, false) => Some(s.gap_since.unwrap_or(now)),
         };
+        if s.gap_since.is_some() {
+            self.gapped.insert(src);
+        } else {
+            self.gapped.remove(&src);
+        }
     }
 
     // ---- views -----------------------------------------------------------------------------------------------
@@ -849,5 +866,58 @@ mod tests {
         let big = bytes::Bytes::from(vec![9u8; 200 * 1024]);
         let kept = kept_after_receiving(big.slice(..100 * 1024));
         assert_eq!(kept.as_ptr(), big.as_ptr());
+    }
+
+    /// The index of gapped sources must name exactly the sources with a gap open, whatever arrives: the timers look
+    /// at these only, and a source missing from it would never have its gap reported (nor its held events delivered).
+    #[test]
+    fn the_gapped_index_names_exactly_the_sources_with_a_gap_open() {
+        let me = NodeId(100);
+        let peers = [NodeId(1), NodeId(2), NodeId(3)];
+        let cfg = GossipConfig { loss_after: 300, ..GossipConfig::default() };
+        for seed in 1..20u64 {
+            let mut g = Gossip::new(me, cfg.clone(), seed, 0);
+            for p in peers {
+                g.handle(p, GossipMsg::Neighbor { high: true }, 0);
+            }
+            let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut next = || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut now = 0;
+            for _ in 0..400 {
+                now += next() % 40;
+                let from = peers[(next() % 3) as usize];
+                let id = EventId { source: NodeId(10 + next() % 5), seq: 1 + next() % 12 };
+                match next() % 4 {
+                    0 | 1 => {
+                        g.handle(from, GossipMsg::Event { id, hops: 0, payload: bytes::Bytes::from_static(b"e") }, now)
+                    }
+                    2 => g.handle(from, GossipMsg::IHave { ids: vec![id] }, now),
+                    _ => {
+                        if g.poll_timeout() <= now {
+                            g.handle_timeout(now);
+                        }
+                    }
+                }
+                while g.poll_output().is_some() {}
+                let open: BTreeSet<NodeId> =
+                    g.sources.iter().filter(|(_, s)| s.gap_since.is_some()).map(|(n, _)| *n).collect();
+                assert_eq!(g.gapped, open, "seed {seed}");
+                // Nothing is held ahead of a source that is not in the index.
+                assert!(g.sources.iter().all(|(n, s)| s.ahead.is_empty() || g.gapped.contains(n)), "seed {seed}");
+            }
+            // Every gap ends (delivered or reported) once its time is up, through the index alone.
+            now += 10 * cfg.loss_after + 10 * cfg.graft_after;
+            for _ in 0..50 {
+                g.handle_timeout(now);
+                while g.poll_output().is_some() {}
+                now += cfg.loss_after;
+            }
+            assert!(g.gapped.is_empty(), "seed {seed}: {:?} still gapped", g.gapped);
+        }
     }
 }

@@ -211,6 +211,25 @@ enum Phase {
     Left,
 }
 
+/// How this node's `open` went, step by step (for benchmarks and diagnosis: where a joiner's time goes).
+/// Times are from the call to [`ChannelState::open`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JoinTrace {
+    /// Registry lookups sent until the channel was open (one per join attempt).
+    pub lookups: u32,
+    /// `JoinRequest`s sent until the channel was open.
+    pub requests: u32,
+    /// Until the first lookup's answer arrived.
+    pub first_lookup: Option<Duration>,
+    /// Until the last `JoinRequest` before the answer that counted was sent.
+    pub last_request: Option<Duration>,
+    /// Until the contact's `JoinAccept` was taken (the channel open).
+    pub accepted: Option<Duration>,
+    /// Member nodes that `JoinAccept` listed with their snapshots (the contact included).
+    pub accept_entries: usize,
+}
+
 /// Another node in the channel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Peer {
@@ -283,6 +302,13 @@ pub struct ChannelState {
     view_changed: Option<Instant>,
     /// Tree mode: when this node last sent its view as a list.
     last_list: Option<Instant>,
+    /// Tree mode (`relayed`): members added or whose snapshot or address changed since the owner last took them
+    /// ([`ChannelState::take_touched`]), so that the owner's per-change work is about the members that changed, not
+    /// about every member.
+    touched: Vec<NodeId>,
+    /// When `open` was called, and how it went (see [`JoinTrace`]).
+    opened_at: Option<Instant>,
+    trace: JoinTrace,
     out: VecDeque<Output>,
 }
 
@@ -330,8 +356,30 @@ impl ChannelState {
             departed: BTreeMap::new(),
             view_changed: None,
             last_list: None,
+            touched: Vec::new(),
+            opened_at: None,
+            trace: JoinTrace::default(),
             out: VecDeque::new(),
         }
+    }
+
+    /// How this node's `open` went (see [`JoinTrace`]).
+    pub fn join_trace(&self) -> JoinTrace {
+        self.trace
+    }
+
+    /// Tree mode: the members added, or whose snapshot or address changed, since the last call (each once, in no
+    /// particular order). Kept only while members' snapshots are relayed (`set_relayed`); the owner learns the
+    /// others from [`ChannelState::peers`] when it turns that on.
+    pub fn take_touched(&mut self) -> Vec<NodeId> {
+        let mut t = std::mem::take(&mut self.touched);
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
+
+    fn since_open(&self, now: Instant) -> Option<Duration> {
+        self.opened_at.map(|t| now.saturating_duration_since(t))
     }
 
     /// Members' snapshots reach this node through an overlay from now on (the node layer's tree mode), not each on
@@ -341,6 +389,8 @@ impl ChannelState {
         self.relayed = on;
         if on {
             self.unconfirmed.clear();
+        } else {
+            self.touched.clear();
         }
     }
 
@@ -694,6 +744,7 @@ impl ChannelState {
         }
         self.mode = mode;
         self.deadline = Some(now + self.cfg.open_timeout);
+        self.opened_at = Some(now);
         if let Some(policy) = &self.policy {
             // Our own credential first: better a clear error here than a refusal from every other member.
             if let Err(why) = policy.admit(&self.name, self.me, &self.local, self.unix(now)) {
@@ -827,6 +878,9 @@ impl ChannelState {
             // neither fail a failed open again nor start a lookup after the channel was given up).
             return;
         }
+        if op == RegistryOp::Lookup && self.phase == Phase::LookingUp && self.trace.first_lookup.is_none() {
+            self.trace.first_lookup = self.since_open(now);
+        }
         match (op, result) {
             (RegistryOp::Lookup, Ok(RegResult::Entry(e))) => {
                 if self.phase == Phase::Member {
@@ -843,6 +897,8 @@ impl ChannelState {
                     return;
                 }
                 self.phase = Phase::Joining { contact: e.contact, addr: e.addr.clone(), since: now };
+                self.trace.requests += 1;
+                self.trace.last_request = self.since_open(now);
                 self.send_join_request(e.contact, e.addr, now);
             }
             (RegistryOp::Lookup, Ok(RegResult::Error { code: RegErrorCode::UnknownChannel, .. })) => {
@@ -987,6 +1043,7 @@ impl ChannelState {
     }
 
     fn start_lookup(&mut self) {
+        self.trace.lookups += 1;
         self.phase = Phase::LookingUp;
         self.registry(RegistryOp::Lookup);
     }
@@ -1192,6 +1249,10 @@ impl ChannelState {
             self.policy = policy;
             // Anyone we heard of before knowing the policy must pass it now.
             self.recheck_peers(now);
+        }
+        if !rejoin {
+            self.trace.accepted = self.since_open(now);
+            self.trace.accept_entries = nodes.len();
         }
         let sent_version = self.join_sent.take().map(|(_, _, v)| v);
         self.secret = secret;
@@ -1404,13 +1465,26 @@ impl ChannelState {
                 p.addr = addr;
                 p.updated = now;
                 p.rights = rights;
+                self.touch(node);
                 true
             }
             None => {
                 self.departed.remove(&node);
                 self.peers.insert(node, Peer { addr, snapshot, updated: now, rights });
+                self.touch(node);
                 true
             }
+        }
+    }
+
+    fn touch(&mut self, node: NodeId) {
+        if self.relayed {
+            // Bounded by the members: a burst of changes of the same members between two takes adds no more.
+            if self.touched.len() > 2 * self.peers.len() + 16 {
+                self.touched.sort_unstable();
+                self.touched.dedup();
+            }
+            self.touched.push(node);
         }
     }
 
@@ -1511,4 +1585,94 @@ fn mix(mut z: u64) -> u64 {
 /// The first eight hex digits of a key, to name it in messages.
 fn hex8(key: &[u8; 32]) -> String {
     key[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHANNEL: ChannelId = ChannelId(9);
+
+    /// A node that created the channel (its contact), with `relayed` as given, and the time it became a member.
+    fn contact(relayed: bool) -> (ChannelState, Instant) {
+        let now = Instant::now();
+        let mut st = ChannelState::new("c", CHANNEL, ChannelSecret(1), NodeId(1), "a:1", Default::default());
+        st.set_relayed(relayed);
+        st.open(OpenMode::Create, now);
+        let entry = RegEntry {
+            name: "c".into(),
+            channel: CHANNEL,
+            contact: NodeId(1),
+            addr: "a:1".into(),
+            sources: 0,
+            sinks: 0,
+            expires_in_ms: 9_000,
+        };
+        st.handle_registry(Ok(RegResult::Entry(entry)), now);
+        assert!(st.is_member(), "the creator is a member");
+        while st.poll_output().is_some() {}
+        (st, now)
+    }
+
+    fn check_touched(st: &mut ChannelState, expected: &[u64]) {
+        let got: Vec<u64> = st.take_touched().into_iter().map(|n| n.0).collect();
+        assert_eq!(got, expected);
+    }
+
+    fn snapshot(version: u64) -> NodeSnapshot {
+        NodeSnapshot { version, ..NodeSnapshot::default() }
+    }
+
+    fn relayed(node: u64, version: u64) -> Message {
+        Message::Snapshot {
+            channel: CHANNEL,
+            node: NodeId(node),
+            addr: format!("n:{node}"),
+            snapshot: snapshot(version),
+            left: false,
+            reply: false,
+        }
+    }
+
+    #[test]
+    fn in_tree_mode_the_owner_learns_which_members_changed_and_only_those() {
+        let (mut st, now) = contact(true);
+        check_touched(&mut st, &[]);
+        let join = Message::JoinRequest { channel: CHANNEL, addr: "n:5".into(), snapshot: snapshot(1) };
+        st.handle_message(NodeId(5), join, now);
+        st.handle_message(NodeId(7), relayed(3, 2), now);
+        st.handle_message(NodeId(7), relayed(3, 4), now);
+        check_touched(&mut st, &[3, 5]);
+        // Taken: the next change names only its own member.
+        st.handle_message(NodeId(7), relayed(5, 2), now);
+        check_touched(&mut st, &[5]);
+        // An older or equal snapshot changes nothing.
+        st.handle_message(NodeId(7), relayed(3, 4), now);
+        st.handle_message(NodeId(7), relayed(3, 1), now);
+        check_touched(&mut st, &[]);
+        // Many changes of the same members between two takes stay bounded.
+        for v in 5..1_000 {
+            st.handle_message(NodeId(7), relayed(3, v), now);
+        }
+        assert!(st.touched.len() <= 2 * st.peers().len() + 17, "{} kept", st.touched.len());
+        check_touched(&mut st, &[3]);
+    }
+
+    #[test]
+    fn in_full_mesh_mode_nothing_is_kept_for_the_owner_to_take() {
+        let (mut st, now) = contact(false);
+        for v in 1..100 {
+            let msg = Message::Snapshot {
+                channel: CHANNEL,
+                node: NodeId(3),
+                addr: "n:3".into(),
+                snapshot: snapshot(v),
+                left: false,
+                reply: false,
+            };
+            st.handle_message(NodeId(3), msg, now);
+        }
+        assert!(st.peers().contains_key(&NodeId(3)));
+        assert!(st.touched.is_empty());
+    }
 }

@@ -59,7 +59,7 @@ pub use error::{Error, LinkFailure, LinkFailureKind, PayloadError, Refusal, Resu
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};
 pub use kecho_proto::codec::FilterKind;
 pub use kecho_proto::handshake::Identity;
-pub use kecho_proto::membership::MembershipConfig;
+pub use kecho_proto::membership::{JoinTrace, MembershipConfig};
 pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
 pub use node::{LinkStats, Node, NodeBuilder};

@@ -12,7 +12,6 @@
 //! The decisions (`EndTrack`, `verdict`) are pure and take the time as input; `ChannelInner`'s methods here apply
 //! them.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -325,23 +324,28 @@ impl ChannelInner {
 
     /// After a membership change: accounts for sources whose node left the view, arms the grace timer for those lost
     /// without word of their end, stops it for those back, and relays remembered ends to members that appeared.
-    pub(super) fn view_changed(self: &Arc<Self>, peers: &[(NodeId, String)]) {
+    ///
+    /// `peers` are the member nodes now, in order (the membership's map keys): looked up by binary search, so that
+    /// a change costs one pass over the tracked sources and, in full-mesh mode, one over the members, with no set
+    /// built per change (in tree mode every member of a large channel runs this on every change).
+    pub(super) fn view_changed(self: &Arc<Self>, peers: &[NodeId]) {
+        debug_assert!(peers.windows(2).all(|w| w[0] < w[1]));
         let Some(node) = self.node.upgrade() else { return };
         let at = now();
         let mut verdicts = Vec::new();
         let mut pending = Vec::new();
         let mut arm = false;
-        // Sets, so that a change costs O(members) and not O(members^2) in a large channel.
-        let present: HashSet<NodeId> = peers.iter().map(|(p, _)| *p).collect();
+        let present = |n: &NodeId| peers.binary_search(n).is_ok();
         {
-            let before: HashSet<NodeId> = self.seen_peers.lock().iter().copied().collect();
+            let seen = self.seen_peers.lock();
+            let before = |n: &NodeId| seen.binary_search(n).is_ok();
             let mut tracks = self.tracks.lock();
             for ((origin, source), t) in tracks.iter_mut() {
-                if present.contains(origin) {
+                if present(origin) {
                     t.node_back();
                     continue;
                 }
-                if before.contains(origin) {
+                if before(origin) {
                     // In the view before this change (the track may have begun since the last one).
                     t.node_back();
                 }
@@ -371,21 +375,31 @@ impl ChannelInner {
                 }
             });
         }
-        // Members that appeared since the last change hear of the ends this node relays.
-        let mut seen = self.seen_peers.lock();
-        let fresh: Vec<&(NodeId, String)> = {
-            let seen: HashSet<NodeId> = seen.iter().copied().collect();
-            peers.iter().filter(|(p, _)| !seen.contains(p)).collect()
+        // Members that appeared since the last change hear of the ends this node relays (in full-mesh mode; in tree
+        // mode ends travel on the overlay).
+        let fresh: Vec<NodeId> = {
+            let mut seen = self.seen_peers.lock();
+            let fresh = if self.tree_on() {
+                Vec::new()
+            } else {
+                peers.iter().filter(|p| seen.binary_search(p).is_err()).copied().collect()
+            };
+            seen.clear();
+            seen.extend_from_slice(peers);
+            fresh
         };
-        if !fresh.is_empty() && !self.tree_on() {
+        if !fresh.is_empty() && !self.ends.lock().is_empty() {
+            let addrs: Vec<(NodeId, String)> = {
+                let st = self.state.lock();
+                fresh.iter().filter_map(|n| st.peers().get(n).map(|p| (*n, p.addr.clone()))).collect()
+            };
             let ends = self.ends.lock();
-            for (to, addr) in fresh {
-                for r in ends.iter().filter(|r| r.origin != *to && at.duration_since(r.at) < node.cfg.gap_memory) {
-                    node.send(*to, addr, &r.msg);
+            for (to, addr) in addrs {
+                for r in ends.iter().filter(|r| r.origin != to && at.duration_since(r.at) < node.cfg.gap_memory) {
+                    node.send(to, &addr, &r.msg);
                 }
             }
         }
-        *seen = peers.iter().map(|(p, _)| *p).collect();
     }
 
     /// The grace period armed at `since` is over: sources whose node is still out of view and of whose end no word

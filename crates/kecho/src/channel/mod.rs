@@ -333,7 +333,7 @@ impl ChannelInner {
                 }
                 Output::Changed => {
                     if self.tree_check(&mut st) {
-                        self.tree_learn(&st);
+                        self.tree_learn(&mut st);
                     }
                     drop(st);
                     self.rebuild_routes(&node);
@@ -684,6 +684,12 @@ impl Channel {
                 secs: timeout.as_secs_f64(),
             }),
         }
+    }
+
+    /// How this node's open of the channel went: registry lookups, join requests, when the contact's answer came
+    /// and how many member nodes it listed (for benchmarks and diagnosis).
+    pub fn join_trace(&self) -> kecho_proto::membership::JoinTrace {
+        self.inner.state.lock().join_trace()
     }
 
     /// Counters for this channel on this node.

@@ -354,7 +354,7 @@ impl ChannelInner {
     pub(super) fn rebuild_routes(self: &Arc<Self>, node: &Arc<Channels>) {
         let _serial = self.rebuilding.lock();
         let st = self.state.lock();
-        let view: Vec<(NodeId, String)> = st.peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
+        let view: Vec<NodeId> = st.peers().keys().copied().collect();
         let direct = self.routes_direct();
         let mut routes =
             Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), direct, ..Routes::default() };

@@ -276,15 +276,21 @@ impl ChannelInner {
         self.tree.wake.notify_one();
     }
 
-    /// Keeps the address book current (after a membership change).
-    pub(super) fn tree_learn(&self, st: &ChannelState) {
+    /// Keeps the address book current (after a membership change): only the members that changed are looked at
+    /// (a pass over every member on every change, in each of a process's nodes, was a large part of a storm's CPU).
+    pub(super) fn tree_learn(&self, st: &mut ChannelState) {
         if !self.tree_on() {
             return;
         }
+        let touched = st.take_touched();
+        if touched.is_empty() {
+            return;
+        }
         let mut t = self.tree.inner.lock();
-        for (id, p) in st.peers() {
-            if t.book.get(id) != Some(&p.addr) {
-                t.book.insert(*id, p.addr.clone());
+        for id in touched {
+            let Some(p) = st.peers().get(&id) else { continue };
+            if t.book.get(&id) != Some(&p.addr) {
+                t.book.insert(id, p.addr.clone());
             }
         }
     }
