@@ -348,7 +348,7 @@ async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote:
 /// Accepts QUIC connections from other nodes until the node stops.
 #[cfg(feature = "quic")]
 pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
-    while let Some(incoming) = ep.accept().await {
+    while let Some(incoming) = ep.endpoint.accept().await {
         let Some(links) = links.upgrade() else { return };
         let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
             tracing::warn!(remote = %incoming.remote_address(), "too many connections; refusing");

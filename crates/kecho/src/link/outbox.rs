@@ -13,37 +13,6 @@ use tokio::sync::Notify;
 
 use crate::queue::ChunkBuf;
 
-/// Where a submitting thread's direct write goes: a plain TCP link's socket, or a QUIC link's main stream (written
-/// into the connection's state and sent at once, see `quic::DirectStream`).
-#[derive(Clone)]
-pub(crate) enum Direct {
-    Tcp(Arc<OwnedWriteHalf>),
-    #[cfg(feature = "quic")]
-    Quic(super::quic::DirectStream),
-}
-
-impl Direct {
-    /// Writes without waiting; returns how many bytes went (see `writer::write_now`).
-    fn write_now(&self, first: &[u8], frame: &[u8]) -> usize {
-        match self {
-            Direct::Tcp(sock) => super::writer::write_now(sock, first, frame),
-            #[cfg(feature = "quic")]
-            Direct::Quic(s) => s.write_now(first, frame),
-        }
-    }
-
-    /// The same socket or stream.
-    fn same(&self, other: &Direct) -> bool {
-        match (self, other) {
-            (Direct::Tcp(a), Direct::Tcp(b)) => Arc::ptr_eq(a, b),
-            #[cfg(feature = "quic")]
-            (Direct::Quic(a), Direct::Quic(b)) => a.same(b),
-            #[cfg(feature = "quic")]
-            _ => false,
-        }
-    }
-}
-
 /// A link's outgoing frames. Bounded in bytes for events; control frames are always admitted (they are small and
 /// rare, and must not be lost to congestion).
 ///
@@ -227,9 +196,9 @@ pub(crate) struct OutQ {
     events: u64,
     /// The writer took frames and has not finished writing them: nothing may be written around it.
     writing: bool,
-    /// The link's socket or stream, for direct writes by submitting threads (plain TCP and QUIC links; `None` for
-    /// TLS and while there is no link).
-    direct: Option<Direct>,
+    /// The link's socket, for direct writes by submitting threads (plain TCP links; `None` for TLS and while there
+    /// is no link).
+    direct: Option<Arc<OwnedWriteHalf>>,
     /// When the link counts as quiet (`None`: now): [`DIRECT_QUIET`] after the writer ran out of frames or after the
     /// last direct write. A deadline rather than a time stamp, so that the check is one comparison.
     quiet_at: Option<Instant>,
@@ -804,7 +773,7 @@ impl Outbox {
         if !(q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle)) {
             return 0;
         }
-        let written = sock.write_now(first, frame);
+        let written = super::writer::write_now(sock, first, frame);
         self.direct_bytes.fetch_add(written as u64, Ordering::Relaxed);
         q.quiet_at = now.checked_add(self.quiet);
         gate.wrote = true;
@@ -819,20 +788,15 @@ impl Outbox {
     /// Gives the outbox the link's socket for direct writes (`None`: no more direct writes). The writer is idle on a
     /// new link until it takes frames.
     pub(crate) fn set_direct(&self, sock: Option<Arc<OwnedWriteHalf>>) {
-        self.set_direct_to(sock.map(Direct::Tcp));
-    }
-
-    /// `set_direct` for any kind of link.
-    pub(crate) fn set_direct_to(&self, to: Option<Direct>) {
         let mut q = self.q.lock();
-        q.direct = to;
+        q.direct = sock;
         q.writing = false;
     }
 
-    /// Stops direct writes to `sock` if it is still the outbox's socket or stream (a newer link's is left alone).
-    pub(crate) fn clear_direct(&self, sock: &Direct) {
+    /// Stops direct writes to `sock` if it is still the outbox's socket (a newer link's is left alone).
+    pub(crate) fn clear_direct(&self, sock: &Arc<OwnedWriteHalf>) {
         let mut q = self.q.lock();
-        if q.direct.as_ref().is_some_and(|d| d.same(sock)) {
+        if q.direct.as_ref().is_some_and(|d| Arc::ptr_eq(d, sock)) {
             q.direct = None;
         }
     }

@@ -13,7 +13,7 @@ use kecho_proto::Message;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{Direct, Outbox};
+use super::outbox::Outbox;
 use super::tls::Wr;
 use super::{LinkError, LinkHandler, LinkLive, Links, Peer};
 use crate::clock::now;
@@ -46,15 +46,14 @@ enum Hold {
 enum LinkWr {
     /// Plain TCP, shared with the outbox.
     Tcp(Arc<OwnedWriteHalf>),
-    /// Any other stream; a QUIC link's main stream is shared with the outbox too.
-    Stream(Box<dyn AsyncWrite + Unpin + Send>, Option<Direct>),
+    Stream(Box<dyn AsyncWrite + Unpin + Send>),
 }
 
 impl LinkWr {
     async fn write(&mut self, frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) -> std::io::Result<()> {
         match self {
             LinkWr::Tcp(sock) => write_frames_tcp(sock, frames, batch).await,
-            LinkWr::Stream(w, _) => write_frames(w, frames, batch).await,
+            LinkWr::Stream(w) => write_frames(w, frames, batch).await,
         }
     }
 
@@ -62,16 +61,13 @@ impl LinkWr {
     async fn shutdown(self, outbox: &Outbox) {
         match self {
             LinkWr::Tcp(sock) => {
-                outbox.clear_direct(&Direct::Tcp(sock.clone()));
+                outbox.clear_direct(&sock);
                 // The outbox held the only other reference, and only under its lock: this one is now alone.
                 if let Ok(mut w) = Arc::try_unwrap(sock) {
                     let _ = w.shutdown().await;
                 }
             }
-            LinkWr::Stream(mut w, direct) => {
-                if let Some(d) = direct {
-                    outbox.clear_direct(&d);
-                }
+            LinkWr::Stream(mut w) => {
                 let _ = w.shutdown().await;
             }
         }
@@ -92,18 +88,8 @@ pub(super) async fn writer<H: LinkHandler>(
             peer.outbox.set_direct(Some(sock.clone()));
             LinkWr::Tcp(sock)
         }
-        Wr::Stream(w) => {
-            // A QUIC link's main stream takes direct writes as a TCP socket does.
-            #[cfg(feature = "quic")]
-            let direct = peer.datagrams.lock().as_ref().map(|d| d.direct());
-            #[cfg(not(feature = "quic"))]
-            let direct: Option<Direct> = None;
-            if let Some(d) = &direct {
-                peer.outbox.set_direct_to(Some(d.clone()));
-            }
-            LinkWr::Stream(w, direct)
-        }
-        Wr::Shm(w) => LinkWr::Stream(w, None),
+        Wr::Stream(w) => LinkWr::Stream(w),
+        Wr::Shm(w) => LinkWr::Stream(w),
     };
     peer.outbox.stop_streams();
     let mut frames = VecDeque::new();
@@ -227,7 +213,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
                     // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
                     // (Not a TLS link with an urgent connection slot: that one moves its urgent lanes above.)
-                    (_, LinkWr::Stream(..)) if tcp_urgent.is_none() => {
+                    (_, LinkWr::Stream(_)) if tcp_urgent.is_none() => {
                         let conn = peer.datagrams.lock().clone();
                         let urgent = match conn.filter(|d| d.has_streams()) {
                             Some(d) => d.open_urgent().await,
