@@ -320,6 +320,7 @@ impl FlowBuilder {
             warm_up: if self.planner.is_some() { Duration::ZERO } else { WARM_UP_TIME },
             warm_up_bytes: self.warm_up_bytes,
             planner: self.planner.take().unwrap_or_else(|| Arc::new(sched::plan_replicas)),
+            source_child: Mutex::new(None),
         });
         if let Some(s) = &self.scheduler {
             s.flows.lock().push(Arc::downgrade(&sh));
@@ -418,6 +419,8 @@ pub struct Shared {
     warm_up: Duration,
     /// The bytes read before `replicas=auto` asks the planner.
     warm_up_bytes: u64,
+    /// An `exec:` source's process (its pid and the endpoint), whose exit status the flow checks once its output ended.
+    source_child: Mutex<Option<(u32, String)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -623,7 +626,49 @@ fn io_err(what: impl std::fmt::Display, e: io::Error) -> FlowError {
     FlowError::Io { what: what.to_string(), source: e }
 }
 
-fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
+/// How long a flow waits, once its `exec:` source's output ended, for the process's exit status.
+const SOURCE_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the flow; a flow whose `exec:` source failed (exit status other than 0, or killed by a signal) fails, even
+/// though everything it read was moved: the process may not have produced all of its output.
+fn run(sh: &Arc<Shared>, ctx: Ctx) -> Result<(), FlowError> {
+    let r = run_flow(sh, ctx);
+    match sh.source_child.lock().take() {
+        Some((pid, ep)) if r.is_ok() => source_exit(pid, &ep),
+        _ => r,
+    }
+}
+
+/// The exit status of an `exec:` source whose output ended (the process is reaped here).
+fn source_exit(pid: u32, ep: &str) -> Result<(), FlowError> {
+    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return Ok(()) };
+    let until = Instant::now() + SOURCE_EXIT_WAIT;
+    let failed = |why: String| Err(io_err(format!("source {ep}"), io::Error::other(why)));
+    loop {
+        match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((_, st))) => {
+                return match (st.exit_status(), st.terminating_signal()) {
+                    (Some(0), _) => Ok(()),
+                    (Some(code), _) => failed(format!("the source process exited with status {code}")),
+                    (None, Some(sig)) => failed(format!("the source process was killed by signal {sig}")),
+                    (None, None) => Ok(()),
+                };
+            }
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                // It closed its output and goes on (a daemon, say): what it wrote was all moved.
+                tracing::warn!(source = ep, "the source process closed its output but has not exited");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(source = ep, "no exit status for the source process: {e}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
     let src = match (&ctx.listener, &ctx.source.endpoint) {
         (Some(l), ep) => match l.accept(&sh.stop) {
             Ok(c) => SourceIo::Fd(c),
@@ -638,6 +683,9 @@ fn run(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
     drop(ctx.listener.take());
     if let SourceIo::Fd(c) = &src {
         sh.interrupt_on_stop(c);
+        if let Conn::ChildOut(child, _) = c {
+            *sh.source_child.lock() = Some((child.id(), ctx.source.endpoint.to_string()));
+        }
     }
     let t = ctx.stages.len();
     // A file sent untransformed to one sink goes by sendfile, which can resume a dropped connection at any offset
@@ -1142,6 +1190,12 @@ impl SinkRt {
                 return Err(FlowError::Stopped);
             }
             let ep = self.current.to_string();
+            // A process's stdin is not a connection to re-establish: started again, the command would get the rest of
+            // the stream as if it were all of it. An `exec:` sink that failed goes on to the alternates, the
+            // application and the end, never to a retry.
+            while matches!(action, Action::Retry { .. }) && matches!(self.current, Endpoint::Exec(_)) {
+                action = self.ladder.on_fault(FaultKind::Connection);
+            }
             match action {
                 Action::Retry { attempt, after } => {
                     self.sh.event(1, "retry", &ep, format!("attempt {attempt} in {after:?} after: {err}"));

@@ -825,6 +825,30 @@ fn exec_endpoints_read_stdout_and_write_stdin() {
     // A sink process that reads everything but fails: its exit status fails the flow.
     let err = run(&format!("file:{} ! exec:'cat > /dev/null; exit 4'", d.path("in"))).unwrap_err();
     assert!(err.to_string().contains("exit status: 4"), "{err}");
+
+    // A source process that writes its output and then fails (or a command that does not exist): the flow fails
+    // with its exit status rather than report done, on the zero-copy path and through a transform alike.
+    let err = run(&format!("exec:'cat {}; exit 5' ! file:{}", d.path("in"), d.path("e"))).unwrap_err();
+    assert!(err.to_string().contains("exited with status 5"), "{err}");
+    let err = run(&format!("exec:'cat {}; exit 6' ! checksum ! file:{}", d.path("in"), d.path("f"))).unwrap_err();
+    assert!(err.to_string().contains("exited with status 6"), "{err}");
+    let err = run(&format!("exec:no-such-command-here ! file:{}", d.path("g"))).unwrap_err();
+    assert!(err.to_string().contains("exited with status 127"), "{err}");
+    let err = run(&format!("exec:'kill -9 $$' ! file:{}", d.path("h"))).unwrap_err();
+    assert!(err.to_string().contains("killed by signal 9"), "{err}");
+
+    // A sink process that stops reading early is not started again with the rest of the stream (as a retry would):
+    // the flow fails, and the command ran once (it appends what it took: 10 bytes, not 10 per start).
+    for spec in [
+        format!("file:{} ! exec:'head -c 10 >> {}'", d.path("in"), d.path("once")),
+        format!("file:{} ! checksum ! exec:'head -c 10 >> {}'", d.path("in"), d.path("once2")),
+        format!("file:{} ! exec:true", d.path("in")),
+    ] {
+        let err = run(&spec).unwrap_err();
+        assert!(matches!(err, FlowError::Terminated { .. }), "{spec}: {err}");
+    }
+    assert_eq!(std::fs::read(d.path("once")).unwrap(), input[..10]);
+    assert_eq!(std::fs::read(d.path("once2")).unwrap(), input[..10]);
 }
 
 /// The zero-copy path resumes too: a file sent by `sendfile` to a peer that drops the connection after 1 MB is
