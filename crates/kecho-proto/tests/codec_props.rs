@@ -305,6 +305,7 @@ fn named_codes_sent_as_other_come_back_named() {
         (2, RegErrorCode::Exists),
         (3, RegErrorCode::NotContact),
         (4, RegErrorCode::Invalid),
+        (5, RegErrorCode::NotLeader),
     ] {
         let error = |code| Message::RegReply { req: 1, result: RegResult::Error { code, message: String::new() } };
         let got = decode_frame(&mut error(RegErrorCode::Other(c)).to_bytes().into(), MAX_FRAME_DEFAULT);
