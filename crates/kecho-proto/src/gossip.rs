@@ -221,6 +221,8 @@ struct SourceState {
     /// not walk its whole gap again for each announcement (quadratic in the gap). Lowered when the announcer is taken
     /// off an event's list (grafted), so that its next announcement lists it again there.
     listed: HashMap<NodeId, u64>,
+    /// The peer this source's newest event first came from: its tree parent here.
+    parent: Option<NodeId>,
 }
 
 /// Payloads shorter than this are copied into an allocation of their own when they arrive, before they are kept.
@@ -240,6 +242,31 @@ fn compact(payload: bytes::Bytes) -> bytes::Bytes {
     }
 }
 
+/// An announced event not received yet.
+#[derive(Debug)]
+struct Missing {
+    /// Who announced it, in order: the next to graft first.
+    announcers: VecDeque<NodeId>,
+    /// When to graft the next announcer.
+    graft_at: u64,
+    /// A graft was sent for it.
+    grafted: bool,
+}
+
+/// What a member's dissemination did, for statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GossipCounters {
+    /// Grafts sent (an announced event that did not come in time, asked of its announcer).
+    pub grafts: u64,
+    /// Second and later copies of events received.
+    pub duplicates: u64,
+    /// Grafts that turned out needless: the grafted event's tree copy came too.
+    pub late_grafts: u64,
+}
+
+/// Grafted events remembered to tell a needless graft from a needed one.
+const GRAFTED_KEPT: usize = 4096;
+
 /// One member's HyParView and Plumtree state.
 #[derive(Debug)]
 pub struct Gossip {
@@ -255,7 +282,12 @@ pub struct Gossip {
     seen: HashMap<EventId, bytes::Bytes>,
     order: VecDeque<EventId>,
     /// Announced events not received: who announced them, and when to graft.
-    missing: HashMap<EventId, (VecDeque<NodeId>, u64)>,
+    missing: HashMap<EventId, Missing>,
+    /// Grafted events that arrived (or whose announcers ran out), oldest first: a second copy of one of them means
+    /// the graft was needless.
+    grafted: HashSet<EventId>,
+    grafted_order: VecDeque<EventId>,
+    counters: GossipCounters,
     sources: HashMap<NodeId, SourceState>,
     /// The sources with a gap open (`SourceState::gap_since`), in order: the timers look at these only, not at
     /// every stream (two per member in a channel's tree mode, and a tick per node was a pass over all of them).
@@ -288,6 +320,9 @@ impl Gossip {
             seen: HashMap::new(),
             order: VecDeque::new(),
             missing: HashMap::new(),
+            grafted: HashSet::new(),
+            grafted_order: VecDeque::new(),
+            counters: GossipCounters::default(),
             sources: HashMap::new(),
             gapped: BTreeSet::new(),
             next_seq: HashMap::new(),
@@ -329,6 +364,11 @@ impl Gossip {
         self.sources.get(&stream).map(|s| s.next)
     }
 
+    /// What this member's dissemination did so far.
+    pub fn counters(&self) -> GossipCounters {
+        self.counters
+    }
+
     /// The next output.
     pub fn poll_output(&mut self) -> Option<GossipOut> {
         self.out.pop_front()
@@ -336,7 +376,7 @@ impl Gossip {
 
     /// When [`Gossip::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> u64 {
-        let graft = self.missing.values().map(|(_, at)| *at).min();
+        let graft = self.missing.values().map(|m| m.graft_at).min();
         let loss = self
             .gapped
             .iter()
@@ -377,8 +417,8 @@ impl Gossip {
             self.refill_tries = 0;
             self.refill();
         }
-        for (announcers, _) in self.missing.values_mut() {
-            announcers.retain(|p| *p != peer);
+        for m in self.missing.values_mut() {
+            m.announcers.retain(|p| *p != peer);
         }
         for s in self.sources.values_mut() {
             s.listed.remove(&peer);
@@ -489,13 +529,23 @@ impl Gossip {
             GossipMsg::Event { id, hops, payload } => {
                 if self.seen.contains_key(&id) || id.seq < self.sources.get(&id.source).map_or(1, |s| s.next) {
                     // A second copy: this link need not carry this source's events in full, in either direction.
+                    self.counters.duplicates += 1;
+                    if self.grafted.remove(&id) {
+                        // The graft was needless: the tree's copy was late, not lost.
+                        self.counters.late_grafts += 1;
+                    }
                     self.eager_of(id.source).remove(&from);
                     self.send(from, GossipMsg::Prune { source: id.source });
                     return;
                 }
-                self.missing.remove(&id);
+                if self.missing.remove(&id).is_some_and(|m| m.grafted) {
+                    self.remember_grafted(id);
+                }
                 if self.active.contains(&from) {
                     self.eager_of(id.source).insert(from);
+                }
+                if let Some(s) = self.sources.get_mut(&id.source) {
+                    s.parent = Some(from);
                 }
                 let payload = compact(payload);
                 self.remember(id, payload.clone());
@@ -525,14 +575,16 @@ impl Gossip {
 
     /// Timers: grafts for announced events that did not come, lost gaps, shuffles.
     pub fn handle_timeout(&mut self, now: u64) {
-        let mut due: Vec<EventId> = self.missing.iter().filter(|(_, (_, at))| *at <= now).map(|(id, _)| *id).collect();
+        let mut due: Vec<EventId> = self.missing.iter().filter(|(_, m)| m.graft_at <= now).map(|(id, _)| *id).collect();
         // In a fixed order, so that a run depends on its seed only.
         due.sort_unstable();
         for id in due {
-            let Some((announcers, at)) = self.missing.get_mut(&id) else { continue };
-            match announcers.pop_front() {
+            let Some(m) = self.missing.get_mut(&id) else { continue };
+            match m.announcers.pop_front() {
                 Some(p) => {
-                    *at = now + self.cfg.graft_after;
+                    m.graft_at = now + self.cfg.graft_after;
+                    m.grafted = true;
+                    self.counters.grafts += 1;
                     if let Some(mark) = self.sources.get_mut(&id.source).and_then(|s| s.listed.get_mut(&p)) {
                         *mark = (*mark).min(id.seq.saturating_sub(1));
                     }
@@ -540,9 +592,21 @@ impl Gossip {
                         self.eager_of(id.source).insert(p);
                     }
                     self.send(p, GossipMsg::Graft { id });
+                    // The tree parent did not bring it in time: a stalled or slow parent's copies would all come
+                    // late, each a duplicate (a parent that resumes after a stall sends its whole backlog before it
+                    // reads the prune a duplicate causes). Pruned now, it sends what it already queued, then
+                    // announcements only; the grafted announcer is the new parent.
+                    let parent = self.sources.get_mut(&id.source).and_then(|s| s.parent.replace(p));
+                    if let Some(old) = parent.filter(|old| *old != p) {
+                        if self.eager_of(id.source).remove(&old) {
+                            self.send(old, GossipMsg::Prune { source: id.source });
+                        }
+                    }
                 }
                 None => {
-                    self.missing.remove(&id);
+                    if self.missing.remove(&id).is_some_and(|m| m.grafted) {
+                        self.remember_grafted(id);
+                    }
                 }
             }
         }
@@ -650,9 +714,21 @@ impl Gossip {
 
     fn want(&mut self, from: NodeId, id: EventId, now: u64) {
         let graft_at = now + self.cfg.graft_after;
-        let entry = self.missing.entry(id).or_insert_with(|| (VecDeque::new(), graft_at));
-        if !entry.0.contains(&from) {
-            entry.0.push_back(from);
+        let entry =
+            self.missing.entry(id).or_insert_with(|| Missing { announcers: VecDeque::new(), graft_at, grafted: false });
+        if !entry.announcers.contains(&from) {
+            entry.announcers.push_back(from);
+        }
+    }
+
+    /// A grafted event arrived: remembered for a while, so that a second copy tells the graft was needless.
+    fn remember_grafted(&mut self, id: EventId) {
+        self.grafted.insert(id);
+        self.grafted_order.push_back(id);
+        while self.grafted_order.len() > GRAFTED_KEPT {
+            if let Some(old) = self.grafted_order.pop_front() {
+                self.grafted.remove(&old);
+            }
         }
     }
 

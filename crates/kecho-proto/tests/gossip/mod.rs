@@ -39,6 +39,9 @@ pub struct Net {
     pub lost_by: Vec<u64>,
     /// Members that found themselves isolated and joined again.
     pub rejoins: u64,
+    /// Until when each member is stalled (a frozen process, or a runtime that gets no core): it reads nothing and
+    /// its timers do not fire; what arrives meanwhile waits, in order, and is handled when the stall ends.
+    pub stalled_until: Vec<u64>,
 }
 
 impl Net {
@@ -59,6 +62,7 @@ impl Net {
             delivered_by: Vec::new(),
             lost_by: Vec::new(),
             rejoins: 0,
+            stalled_until: Vec::new(),
         }
     }
 
@@ -78,6 +82,7 @@ impl Net {
         self.copies.push(0);
         self.delivered_by.push(0);
         self.lost_by.push(0);
+        self.stalled_until.push(0);
         if let Some(c) = contact {
             let now = self.now;
             self.nodes[i].join(NodeId(c as u64), now);
@@ -97,6 +102,11 @@ impl Net {
 
     pub fn kill(&mut self, i: usize) {
         self.alive[i] = false;
+    }
+
+    /// Stalls member `i` for `ms` from now.
+    pub fn stall(&mut self, i: usize, ms: u64) {
+        self.stalled_until[i] = self.stalled_until[i].max(self.now + ms);
     }
 
     pub fn publish(&mut self, i: usize) -> EventId {
@@ -163,6 +173,14 @@ impl Net {
             if next_msg == Some(next) {
                 let Some(Reverse((_, seq))) = self.queue.pop() else { break };
                 let Some(item) = self.items.remove(&seq) else { continue };
+                if let Item::Msg { to, .. } = &item {
+                    let until = self.stalled_until[*to];
+                    if until > self.now {
+                        // Handled when the stall ends, after what arrived before it (pushed in arrival order).
+                        self.push(until, item);
+                        continue;
+                    }
+                }
                 match item {
                     Item::Msg { from, to, msg } => {
                         if !self.alive[from] {
@@ -191,6 +209,10 @@ impl Net {
                 }
             } else {
                 let Some(Reverse((t, i))) = self.timers.pop() else { break };
+                if self.stalled_until[i] > self.now {
+                    self.timers.push(Reverse((self.stalled_until[i], i)));
+                    continue;
+                }
                 if self.alive[i] && self.nodes[i].poll_timeout() <= t {
                     let now = self.now;
                     self.nodes[i].handle_timeout(now);
@@ -331,5 +353,82 @@ pub fn run(n: usize, seed: u64) -> Figures {
         rejoins: net.rejoins - rejoins_before,
         msgs_per_join,
         delivered_steady,
+    }
+}
+
+/// What the stalls scenario measured.
+#[derive(Debug, Clone)]
+pub struct StallFigures {
+    /// Full copies of an event received per member while members stalled.
+    pub copies_per_event: f64,
+    /// Share of (member, event) pairs delivered, and reported lost.
+    pub delivered: f64,
+    pub reported: f64,
+    /// Grafts sent, and needless ones (the tree's copy came too), by all members.
+    pub grafts: u64,
+    pub late_grafts: u64,
+}
+
+/// `n` members; one source publishes an event every 20 ms for 30 s while, every 50 ms, a random member other than
+/// the source stalls for 200 to 1,200 ms (about a tenth of the members stalled at any time: a loaded host, where
+/// each process's runtime waits for a core). Per-source order and loss accounting must hold; copies per event show
+/// what grafts of events still on their way cost.
+pub fn run_stalls(n: usize, seed: u64, cfg: GossipConfig) -> StallFigures {
+    run_stalls_with(n, seed, cfg, 5, 200, 1001)
+}
+
+/// [`run_stalls`] with a stall every `every` events of `least + [0, spread)` ms.
+pub fn run_stalls_with(n: usize, seed: u64, cfg: GossipConfig, every: usize, least: u64, spread: u64) -> StallFigures {
+    let cfg = GossipConfig { shuffle_every: u64::MAX / 4, ..cfg };
+    let mut net = Net::new(cfg, seed);
+    net.add(None);
+    for _ in 1..n {
+        let c = net.random_alive();
+        net.add(Some(c));
+        let t = net.now + 2;
+        net.run_until(t);
+    }
+    let t = net.now + 3000;
+    net.run_until(t);
+    let source = 0;
+    for _ in 0..20 {
+        net.publish(source);
+        let t = net.now + 50;
+        net.run_until(t);
+    }
+    let t = net.now + 2000;
+    net.run_until(t);
+    let copies_before: u64 = net.copies.iter().sum();
+    let counters =
+        |net: &Net| net.nodes.iter().map(|g| g.counters()).fold((0, 0), |a, c| (a.0 + c.grafts, a.1 + c.late_grafts));
+    let (grafts_before, late_before) = counters(&net);
+    let delivered_before: u64 = net.delivered_by.iter().sum();
+    let lost_before: u64 = net.lost_by.iter().sum();
+    let events = 1500;
+    for k in 0..events {
+        net.publish(source);
+        if k % every == 0 {
+            let who = 1 + net.rand(n as u64 - 1) as usize;
+            let ms = least + net.rand(spread);
+            net.stall(who, ms);
+        }
+        let t = net.now + 20;
+        net.run_until(t);
+    }
+    // Long enough for every gap to be filled or reported (the loss timer runs after the last stall ends).
+    let t = net.now + 4 * net.cfg.loss_after + 2000;
+    net.run_until(t);
+    let copies: u64 = net.copies.iter().sum::<u64>() - copies_before;
+    let (grafts, late) = counters(&net);
+    let delivered: u64 = net.delivered_by.iter().sum::<u64>() - delivered_before;
+    let lost: u64 = net.lost_by.iter().sum::<u64>() - lost_before;
+    // The source delivers its own events too (counted in `delivered_by`), and receives no copies.
+    let pairs = (events * (n - 1)) as f64;
+    StallFigures {
+        copies_per_event: copies as f64 / pairs,
+        delivered: (delivered - events as u64) as f64 / pairs,
+        reported: lost as f64 / pairs,
+        grafts: grafts - grafts_before,
+        late_grafts: late - late_before,
     }
 }

@@ -111,6 +111,12 @@ pub struct TreeStats {
     /// `suspicions` by what made the probe fail: no answer in time, the connection failed or ended, the node
     /// refused (no member of the channel, or another node at its address), or an answer that is no proof.
     pub suspicion_causes: Suspicions,
+    /// Grafts this node sent: an announced event that did not come by the tree in time, asked of its announcer.
+    pub grafts: u64,
+    /// Grafts that were needless: the tree's copy came after all (a second copy).
+    pub late_grafts: u64,
+    /// Second and later copies of events (and membership snapshots) received.
+    pub duplicates: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -210,10 +216,12 @@ impl ChannelInner {
     /// Counters of tree mode.
     pub(super) fn tree_stats(&self) -> TreeStats {
         let t = &self.tree;
-        let (active, passive, suspicion_causes) = {
+        let (active, passive, suspicion_causes, counters) = {
             let inner = t.inner.lock();
-            let (a, p) = inner.gossip.as_ref().map_or((0, 0), |g| (g.active().len(), g.passive().len()));
-            (a, p, inner.prober.as_ref().map(|p| p.suspicions()).unwrap_or_default())
+            let g = inner.gossip.as_ref();
+            let (a, p) = g.map_or((0, 0), |g| (g.active().len(), g.passive().len()));
+            let counters = g.map(Gossip::counters).unwrap_or_default();
+            (a, p, inner.prober.as_ref().map(|p| p.suspicions()).unwrap_or_default(), counters)
         };
         TreeStats {
             on: self.tree_on(),
@@ -228,6 +236,9 @@ impl ChannelInner {
             suspicions: t.suspicions.load(Ordering::Relaxed),
             refuted: t.refuted.load(Ordering::Relaxed),
             suspicion_causes,
+            grafts: counters.grafts,
+            late_grafts: counters.late_grafts,
+            duplicates: counters.duplicates,
         }
     }
 
