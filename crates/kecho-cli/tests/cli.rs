@@ -629,3 +629,67 @@ fn webfarm_with_an_empty_overhead_sweep_runs_and_skips_it() -> Result<()> {
     assert!(stderr(&o).contains("overhead-hz"), "{}", stderr(&o));
     Ok(())
 }
+
+/// `pub` to a subscriber whose process is frozen (SIGSTOP) after it joined: the link stalls, and `pub` gives up after
+/// `--linger`, says how many events it abandoned still queued, and fails, instead of reporting them published.
+#[test]
+fn pub_reports_events_it_abandoned_when_a_sink_node_is_frozen() -> Result<()> {
+    let addr = free_port()?;
+    let _reg = registry(&addr)?;
+    // `pub` creates the channel (it is the contact), so that nothing it needs waits on the frozen subscriber.
+    let publ = Proc::spawn(
+        "pub",
+        &[
+            "pub",
+            "stall",
+            "--registry",
+            &addr,
+            "--wait-sinks",
+            "1",
+            "--timeout",
+            "20",
+            "--count",
+            "100000",
+            "--size",
+            "4000",
+            "--linger",
+            "1",
+            "--heartbeat",
+            "60",
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(&["channels", "--registry", &addr], None)?;
+        if stdout(&o).lines().any(|l| l.starts_with("stall")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("pub never created the channel: {}", stderr(&o));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A sink that never holds its source back (a Block one would make `pub` wait for it instead).
+    let sub = subscriber(&addr, "stall", &["--overflow", "drop-oldest"])?;
+    // Its sink is announced, then it stops reading (and answering) for good.
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(sub.child.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let started = Instant::now();
+    let o = publ.finish(Duration::from_secs(40))?;
+    let err = stderr(&o);
+    eprintln!("{err}");
+    assert!(!o.status.success(), "pub succeeded although its link stalled: {err}");
+    assert!(err.contains("kecho: published 100000 event(s)"), "{err}");
+    assert!(err.contains("still sending after --linger 1s") && err.contains("abandoned"), "{err}");
+    assert!(err.contains("were still queued when the links were closed after --linger 1s and never sent"), "{err}");
+    let abandoned: u64 = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("kecho: "))
+        .find_map(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .with_context(|| format!("no count of abandoned events in {err}"))?;
+    assert!(abandoned > 0, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "pub took {:?} after the freeze", started.elapsed());
+    drop(sub);
+    Ok(())
+}

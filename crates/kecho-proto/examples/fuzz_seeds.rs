@@ -19,7 +19,7 @@ fn main() -> std::io::Result<()> {
         attrs: Attrs::new().with("zone", "a"),
     };
     let source = MemberInfo { id: LocalId(1), role: Role::Source, attrs: Attrs::new() };
-    let snap = NodeSnapshot { version: 3, members: vec![source, sink], token: None };
+    let snap = NodeSnapshot { version: 3, instance: 0x1234_5678, members: vec![source, sink], token: None };
     let ch = ChannelId(1);
     let entry = RegEntry {
         name: "fuzz".into(),

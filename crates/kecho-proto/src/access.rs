@@ -141,7 +141,7 @@ mod tests {
     }
 
     fn snap(members: Vec<MemberInfo>, token: Option<Token>) -> NodeSnapshot {
-        NodeSnapshot { version: 1, members, token: token.map(std::sync::Arc::new) }
+        NodeSnapshot { version: 1, instance: 0, members, token: token.map(std::sync::Arc::new) }
     }
 
     #[test]

@@ -494,7 +494,7 @@ impl ChannelState {
                 continue;
             }
             if theirs.get(&node).is_some_and(|(tv, tl)| !*tl && *tv <= v) {
-                let snapshot = NodeSnapshot { version: v, members: Vec::new(), token: None };
+                let snapshot = NodeSnapshot { version: v, instance: 0, members: Vec::new(), token: None };
                 let msg = self.snapshot_message(node, addr, snapshot, true, false);
                 self.out.push_back(Output::Send { to: from, addr: from_addr.clone(), msg });
             }
@@ -611,6 +611,12 @@ impl ChannelState {
             return self.local_rights(now).is_ok_and(|r| r.contains(role));
         }
         self.peers.get(&node).is_some_and(|p| p.rights.contains(role))
+    }
+
+    /// Sets the instance this node's snapshots carry ([`NodeSnapshot::instance`]): a number the caller draws at random
+    /// for each opening of the channel, before [`ChannelState::open`].
+    pub fn set_instance(&mut self, instance: u64) {
+        self.local.instance = instance;
     }
 
     /// Replaces this node's credential in the channel (a renewed one, say) and tells every other member node.

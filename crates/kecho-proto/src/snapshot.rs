@@ -11,6 +11,10 @@ use crate::types::{MemberInfo, Role};
 pub struct NodeSnapshot {
     /// Increases by one with every change the node makes to its membership in this channel.
     pub version: u64,
+    /// Drawn at random each time the node opens the channel (0: unknown), so that a member that closed the channel
+    /// and opened it again is told from the instance before it: a source numbers its events to each instance anew
+    /// (docs/PROTOCOL.md, "Loss accounting").
+    pub instance: u64,
     /// The node's members; empty when it has left.
     pub members: Vec<MemberInfo>,
     /// The node's credential in the channel, for channels with an access policy (see [`crate::access`]).

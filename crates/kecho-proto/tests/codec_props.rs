@@ -85,7 +85,7 @@ fn one_of_each() -> Vec<Message> {
     let source = MemberInfo { id: LocalId(1), role: Role::Source, attrs: Attrs::new() };
     let holder = handshake::Identity::from_secret([3; 32]).public_key();
     let token = Authority::from_secret([4; 32]).grant("chan", Roles::SOURCE.union(Roles::SINK), holder, 99).unwrap();
-    let snapshot = NodeSnapshot { version: 7, members: vec![source, sink], token: Some(token.into()) };
+    let snapshot = NodeSnapshot { version: 7, instance: 0, members: vec![source, sink], token: Some(token.into()) };
     let entry = RegEntry {
         name: "chan".into(),
         channel: ChannelId(9),
@@ -122,7 +122,7 @@ fn one_of_each() -> Vec<Message> {
             channel: ChannelId(9),
             node: NodeId(4),
             addr: "h:4".into(),
-            snapshot: NodeSnapshot { version: 8, members: vec![], token: None },
+            snapshot: NodeSnapshot { version: 8, instance: 0, members: vec![], token: None },
             left: true,
             reply: true,
         },

@@ -57,8 +57,9 @@ fn token() -> impl Strategy<Value = Token> {
 }
 
 fn snapshot() -> impl Strategy<Value = NodeSnapshot> {
-    (any::<u64>(), vec(member(), 0..4), proptest::option::of(token()))
-        .prop_map(|(version, members, token)| NodeSnapshot { version, members, token: token.map(Into::into) })
+    (any::<u64>(), vec(member(), 0..4), proptest::option::of(token())).prop_map(|(version, members, token)| {
+        NodeSnapshot { version, instance: version.rotate_left(17) ^ 0x9e37_79b9, members, token: token.map(Into::into) }
+    })
 }
 
 fn policy() -> impl Strategy<Value = Option<Policy>> {

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::{now, RegistryError, MAX_REGISTRY_FRAME};
+use crate::{now, RegistryError, ReplicaOutcome, MAX_REGISTRY_FRAME};
 
 /// Default time allowed for the TCP connection to a registry.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -366,6 +366,8 @@ impl RemoteRegistry {
         let attempt = self.request_timeout / 4;
         let n = self.shared.addrs.len();
         let mut misses = 0usize;
+        // What each replica said when last asked, for the error should no leader answer in time.
+        let mut outcomes: Vec<Option<Failure>> = vec![None; n];
         loop {
             let used = self.shared.current.load(Ordering::Relaxed) % n;
             let addr = self.shared.addrs[used];
@@ -390,7 +392,11 @@ impl RemoteRegistry {
                             self.switch(used, leader);
                             continue;
                         }
-                        _ => Failure::Protocol(format!("{addr} is not the registry's leader and knows of none")),
+                        Some(leader) if leader != used => Failure::Protocol(format!(
+                            "not the leader; the leader it names, {}, failed a request recently",
+                            self.shared.addrs[leader]
+                        )),
+                        _ => Failure::Protocol("not the leader, and knows of no leader".to_owned()),
                     }
                 }
                 Ok(result) => {
@@ -406,8 +412,16 @@ impl RemoteRegistry {
             }
             let next = (1..n).map(|k| (used + k) % n).find(|i| !self.avoided(*i)).unwrap_or((used + 1) % n);
             self.switch(used, next);
+            outcomes[used] = Some(failure);
             if tokio::time::Instant::now() >= deadline {
-                return Err(failure.into_error(addr));
+                let replicas = self
+                    .shared
+                    .addrs
+                    .iter()
+                    .zip(outcomes)
+                    .map(|(a, f)| ReplicaOutcome { addr: *a, error: f.map(|f| Box::new(f.into_error(*a))) })
+                    .collect();
+                return Err(RegistryError::NoLeader { waited: 2 * self.request_timeout, replicas });
             }
             // After a round without an answer (an election is under way), wait a little before the next round.
             if misses.is_multiple_of(n) {

@@ -47,6 +47,15 @@ pub enum RegistryError {
         /// Its address.
         addr: SocketAddr,
     },
+    /// A replicated registry: no replica answered as the leader before the request's time ran out (no majority is
+    /// up, or none can reach the others). Every replica's last outcome, in the order of the addresses given.
+    #[error("no registry replica answered as the leader within {waited:?}; {}", replica_outcomes(replicas))]
+    NoLeader {
+        /// How long the request tried.
+        waited: std::time::Duration,
+        /// Each replica, with what it said when last asked.
+        replicas: Vec<ReplicaOutcome>,
+    },
     /// The registry speaks another protocol version.
     #[error("registry speaks protocol version {theirs}, this program speaks version {ours}")]
     VersionMismatch {
@@ -93,6 +102,37 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What one replica of a replicated registry did when last asked a request that no leader answered (see
+/// [`RegistryError::NoLeader`]).
+#[derive(Debug)]
+pub struct ReplicaOutcome {
+    /// The replica's address.
+    pub addr: SocketAddr,
+    /// Why it did not answer: unreachable (refused, reset, ...), timed out, not the leader, another protocol version,
+    /// not a registry. `None`: the request's time ran out before it was asked.
+    pub error: Option<Box<RegistryError>>,
+}
+
+fn replica_outcomes(replicas: &[ReplicaOutcome]) -> String {
+    let each: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            let what = match r.error.as_deref() {
+                None => "not asked before the time ran out".to_owned(),
+                Some(RegistryError::Unreachable { source, .. }) => format!("unreachable: {source}"),
+                Some(RegistryError::Timeout { .. }) => "did not answer in time".to_owned(),
+                Some(RegistryError::Protocol(why)) => {
+                    let own = format!("{}: ", r.addr);
+                    why.strip_prefix(&own).unwrap_or(why).to_owned()
+                }
+                Some(e) => e.to_string(),
+            };
+            format!("{} {what}", r.addr)
+        })
+        .collect();
+    format!("each replica, as last asked: {}", each.join("; "))
 }
 
 fn bind_reason(e: &std::io::Error) -> String {

@@ -618,3 +618,50 @@ async fn in_process_leases_follow_tokio_time() -> Result<()> {
     })
     .await
 }
+
+/// A replicated registry with no leader to be had: the error names every replica and what each did (two addresses
+/// where nothing listens refuse the connection, one that accepts and never answers times out), not only the last one
+/// asked.
+#[tokio::test]
+async fn without_a_leader_the_error_names_every_replica_and_its_answer() -> Result<()> {
+    within(async {
+        // Accepts connections and says nothing: not a registry.
+        let mute = TcpListener::bind("127.0.0.1:0").await?;
+        let silent = mute.local_addr()?;
+        // Ports bound and let go again: nothing listens there.
+        let bound = [TcpListener::bind("127.0.0.1:0").await?, TcpListener::bind("127.0.0.1:0").await?];
+        let refused = [bound[0].local_addr()?, bound[1].local_addr()?];
+        drop(bound);
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((s, _)) = mute.accept().await {
+                conns.push(s);
+            }
+        });
+        let addrs = vec![refused[0], silent, refused[1]];
+        let c = RegistryClient::replicated(addrs.clone())
+            .with_timeouts(Duration::from_millis(200), Duration::from_millis(800));
+        let err = c.list().await.expect_err("no registry listens");
+        let text = err.to_string();
+        eprintln!("{text}");
+        let RegistryError::NoLeader { replicas, .. } = &err else { bail!("expected NoLeader, got {err:?}") };
+        assert_eq!(replicas.iter().map(|r| r.addr).collect::<Vec<_>>(), addrs, "{text}");
+        for (r, want_refused) in replicas.iter().zip([true, false, true]) {
+            let e = r.error.as_deref().with_context(|| format!("{} was never asked: {text}", r.addr))?;
+            if want_refused {
+                let RegistryError::Unreachable { source, .. } = e else { bail!("{}: {e:?}", r.addr) };
+                assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused, "{text}");
+            } else {
+                assert!(matches!(e, RegistryError::Timeout { .. }), "{}: {e:?}", r.addr);
+            }
+        }
+        for a in &addrs {
+            assert!(text.contains(&a.to_string()), "{a} missing from: {text}");
+        }
+        assert!(text.contains("did not answer in time"), "{text}");
+        assert!(text.contains("unreachable: Connection refused"), "{text}");
+        held.abort();
+        Ok(())
+    })
+    .await
+}

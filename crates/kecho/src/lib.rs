@@ -62,7 +62,7 @@ pub use kecho_proto::handshake::Identity;
 pub use kecho_proto::membership::{JoinTrace, MembershipConfig};
 pub use kecho_proto::{Attrs, NodeId, Overflow, TypeFilter, Value};
 pub use kecho_registry::{RegistryClient, RegistryError};
-pub use node::{LinkStats, Node, NodeBuilder};
+pub use node::{LinkStats, Node, NodeBuilder, ShutdownReport, Undrained, SHUTDOWN_DRAIN};
 pub use queue::{Event, RecvError, SourceKey, TryRecvError};
 pub use timely::{EventOptions, InvalidPriority, Priority, BEST_EFFORT_ATTR};
 #[cfg(feature = "tls")]

@@ -13,7 +13,31 @@ use crate::channel::{Channel, Channels, NodeGuard};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::link::dial::accept_loop;
-pub use crate::link::LinkStats;
+pub use crate::link::{LinkStats, Undrained};
+
+/// How long [`Node::shutdown`] lets the links send what they have queued before it closes them.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// What a shutdown could not send (see [`Node::shutdown_within`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The links that still held frames when the shutdown stopped waiting (or were still writing), with what they
+    /// held. Empty: every link sent everything queued for it (what the other nodes do with it is theirs).
+    pub undrained: Vec<Undrained>,
+}
+
+impl ShutdownReport {
+    /// Every link sent everything it had queued.
+    pub fn is_clean(&self) -> bool {
+        self.undrained.is_empty()
+    }
+
+    /// Events that were queued for links and never sent (a lower bound, see [`Undrained::events`]).
+    pub fn events_abandoned(&self) -> u64 {
+        self.undrained.iter().map(|u| u.events).sum()
+    }
+}
 use crate::transport::Transport;
 
 /// Configures and starts a [`Node`]: the one way to set a node up. Every setting has a default (see each method), so
@@ -485,12 +509,22 @@ impl Node {
         self.channels.open(name, OpenMode::OpenOrCreate, &self.guard).await
     }
 
-    /// Leaves every channel cleanly (members are told), then closes all links.
-    pub async fn shutdown(&self) {
+    /// Leaves every channel cleanly (members are told), lets every link send what it has queued for at most
+    /// [`SHUTDOWN_DRAIN`], then closes all links. Returns what could not be sent in that time (see
+    /// [`Node::shutdown_within`]).
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.shutdown_within(SHUTDOWN_DRAIN).await
+    }
+
+    /// [`Node::shutdown`], waiting at most `limit` for the links to send what they have queued. What is still queued
+    /// then is dropped with the links; the report says how much, per link, so that a caller can tell a clean end from
+    /// one that abandoned events (nothing waits longer than needed: a link that sent everything closes at once).
+    pub async fn shutdown_within(&self, limit: Duration) -> ShutdownReport {
         self.channels.leave_all().await;
         // Let every link drain what it has queued (events and leave messages), then close it gracefully.
-        self.channels.links.drain(Duration::from_secs(5)).await;
+        let undrained = self.channels.links.drain(limit).await;
         self.channels.stop();
+        ShutdownReport { undrained }
     }
 
     /// Stops everything at once without telling anyone, as if the process crashed. For tests.

@@ -977,6 +977,11 @@ impl ChunkBuf {
         self.cur.len()
     }
 
+    /// The bytes written since the last `split`, to read.
+    pub(crate) fn pending_bytes(&self) -> &[u8] {
+        &self.cur
+    }
+
     /// Cuts off the bytes written since the last `split`.
     pub(crate) fn split(&mut self) -> Bytes {
         self.cur.split().freeze()

@@ -194,7 +194,7 @@ async fn a_member_bypassing_its_own_checks_gets_nothing_in() -> Result<()> {
     Message::Hello { version: PROTOCOL_VERSION, node: rogue.node_id(), addr: addr.into(), purpose: Purpose::Node }
         .encode(&mut out);
     rogue.hello_proof(ia.node_id(), addr).encode(&mut out);
-    let snapshot = NodeSnapshot { version: 1, members: vec![sink.clone()], token: Some(token.clone()) };
+    let snapshot = NodeSnapshot { version: 1, instance: 0, members: vec![sink.clone()], token: Some(token.clone()) };
     Message::JoinRequest { channel: entry.channel, addr: addr.into(), snapshot }.encode(&mut out);
     s.write_all(&out).await?;
     // Admitted as a sink: a's view now has two sinks.
@@ -230,7 +230,7 @@ async fn a_member_bypassing_its_own_checks_gets_nothing_in() -> Result<()> {
 
     // It adds a source to its snapshot: a drops it from the channel altogether.
     let source = MemberInfo { id: LocalId(2), role: Role::Source, attrs: Attrs::new() };
-    let snapshot = NodeSnapshot { version: 2, members: vec![sink, source], token: Some(token) };
+    let snapshot = NodeSnapshot { version: 2, instance: 0, members: vec![sink, source], token: Some(token) };
     let msg = Message::Snapshot {
         channel: entry.channel,
         node: rogue.node_id(),

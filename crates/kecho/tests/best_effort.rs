@@ -169,3 +169,52 @@ async fn best_effort_is_reliable_over_tcp_and_towards_block_sinks() -> Result<()
     }
     Ok(())
 }
+
+/// A sink's node closes the channel and opens it again, on the same link (another channel keeps it up): the source's
+/// best-effort events to the new instance are delivered or reported missed, never lost silently. (The source used to
+/// number them on from where it was with the old instance, whose receiver state is gone: every datagram then named a
+/// stream event the new instance never saw and was dropped as one that overtook it, with no report.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_events_to_a_reopened_channel_are_delivered_or_reported() -> Result<()> {
+    let (a, b) = pair(Transport::Quic, 4).await?;
+    // Keeps the link between the two nodes up while the channel under test is closed.
+    let _keep_a = a.channel("keep").await?;
+    let _keep_b = b.channel("keep").await?;
+    let ca = a.channel("again").await?;
+    let cb = b.channel("again").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    send_best_effort(&mut src, 300, 64).await?;
+    let got = drain(&mut sink, "end").await?;
+    check_account(&got);
+    let links_before = link_to(&a, &b);
+    drop(sink);
+    cb.close().await;
+    drop(cb);
+    let deadline = tokio::time::Instant::now() + T;
+    while src.sinks() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the source still sees the closed channel's sink");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cb = b.channel("again").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let first = src.submit("be", &Attrs::new(), b"first").await?;
+    send_best_effort(&mut src, 300, 64).await?;
+    let got = drain(&mut sink, "end").await?;
+    let missed: u64 = got.iter().map(|g| g.2).sum();
+    assert_eq!(
+        got.len() as u64 + missed,
+        302,
+        "every event sent to the new instance delivered or reported missed ({} delivered, {missed} missed)",
+        got.len()
+    );
+    assert_eq!(got.first().map(|g| (g.1, g.2)), Some((first, 0)), "the first event to the new instance arrived");
+    let rebased: Vec<(String, u64, u64)> = got.iter().map(|(t, s, m)| (t.clone(), s - first + 1, *m)).collect();
+    check_account(&rebased);
+    let l = link_to(&a, &b);
+    assert!(l.datagrams_sent > links_before.datagrams_sent + 100, "the events went as datagrams");
+    assert_eq!(cb.stats().missed, missed);
+    Ok(())
+}

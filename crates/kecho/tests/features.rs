@@ -87,7 +87,7 @@ async fn a_sandboxed_filter_from_a_peer_without_wasm_is_refused_with_the_reason(
         .encode(&mut out);
     // The node's id is needed for the proof; it is the one the registry names as the contact.
     peer.hello_proof(entry.contact, addr).encode(&mut out);
-    let snapshot = NodeSnapshot { version: 1, members: vec![], token: None };
+    let snapshot = NodeSnapshot { version: 1, instance: 0, members: vec![], token: None };
     Message::JoinRequest { channel: entry.channel, addr: addr.into(), snapshot }.encode(&mut out);
     let module = Bytes::from_static(b"(module)");
     Message::InstallFilter { channel: entry.channel, req: 7, kind: FilterKind::In, module }.encode(&mut out);

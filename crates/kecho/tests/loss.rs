@@ -238,3 +238,74 @@ async fn missed_while_cut_off(per_tick: u64) -> Result<()> {
     drop((pa, pb));
     Ok(())
 }
+
+/// A shutdown that cannot drain a link (the other node's Block sink is full and unread, so its reader stops and the
+/// connection stalls) says what it abandoned: the link, still up, and the events still queued for it. One that can
+/// drain says nothing was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_reports_the_events_it_could_not_send() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).start().await?;
+    let ca = a.channel("stall").await?;
+    let cb = b.channel("stall").await?;
+    let _sink = cb.sink(SinkOptions::new().capacity(4).overflow(kecho::Overflow::Block))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    let payload = vec![5u8; 4096];
+    // Until the link's queue is full: the sink is never read, so nothing more leaves this node.
+    let mut queued = 0u64;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match src.try_submit("bulk", &Attrs::new(), &payload) {
+            Ok(_) => queued += 1,
+            Err(kecho::Error::WouldBlock) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if src.try_submit("bulk", &Attrs::new(), &payload).is_err() {
+                    break;
+                }
+                queued += 1;
+            }
+            Err(e) => bail!("submit: {e}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the link never filled after {queued} events");
+        }
+    }
+    drop(src);
+    let started = std::time::Instant::now();
+    let report = a.shutdown_within(Duration::from_millis(500)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the shutdown took {took:?} with a limit of 500 ms");
+    assert!(!report.is_clean(), "a stalled link was reported drained: {report:?}");
+    let u = report.undrained.iter().find(|u| u.node == b.id()).context("no report for the stalled link")?;
+    eprintln!("{queued} events submitted; after {took:?}: {u:?}");
+    assert!(u.up, "{u:?}");
+    assert!(u.events > 0 && u.events <= queued, "{} of {queued} events reported abandoned", u.events);
+    assert!(u.frames >= u.events && u.bytes as u64 >= u.events * 4096, "{u:?}");
+    assert_eq!(report.events_abandoned(), u.events);
+    b.kill();
+
+    // A link that drains: nothing abandoned.
+    let c = Node::builder().registry_client(reg.clone()).start().await?;
+    let d = Node::builder().registry_client(reg).start().await?;
+    let cc = c.channel("drains").await?;
+    let cd = d.channel("drains").await?;
+    let mut sink = cd.sink(SinkOptions::new().capacity(1 << 16))?;
+    cc.wait_for_sinks(1, T).await?;
+    let mut src = cc.source()?;
+    for _ in 0..1000 {
+        src.submit("e", &Attrs::new(), &payload).await?;
+    }
+    drop(src);
+    let report = c.shutdown_within(Duration::from_secs(10)).await;
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.events_abandoned(), 0);
+    let mut got = 0;
+    while got < 1000 {
+        tokio::time::timeout(T, sink.recv()).await?.map_err(|e| anyhow::anyhow!("recv: {e}"))?;
+        got += 1;
+    }
+    d.shutdown().await;
+    Ok(())
+}

@@ -239,7 +239,7 @@ async fn silent_member_is_removed_by_heartbeat_expiry() -> Result<()> {
     let join = Message::JoinRequest {
         channel: entry.channel,
         addr: "127.0.0.1:9".into(),
-        snapshot: NodeSnapshot { version: 1, members: vec![sink], token: None },
+        snapshot: NodeSnapshot { version: 1, instance: 0, members: vec![sink], token: None },
     };
     s.write_all(&join.to_bytes()).await?;
     ch.wait_for_sinks(1, T).await?;
@@ -274,6 +274,7 @@ async fn membership_floods_are_rate_limited_and_coalesced() -> Result<()> {
     };
     let sinks = |n: u32| NodeSnapshot {
         version: 0,
+        instance: 0,
         members: (1..=n)
             .map(|i| MemberInfo {
                 id: LocalId(i),

@@ -83,7 +83,7 @@ async fn setup(name: &str, advertise: Option<String>) -> Result<Setup> {
     Message::Hello { version: PROTOCOL_VERSION, node: me.node_id(), addr: addr.clone(), purpose: Purpose::Node }
         .encode(&mut out);
     me.hello_proof(node.id(), &addr).encode(&mut out);
-    let snapshot = NodeSnapshot { version: 1, members: vec![sink], token: None };
+    let snapshot = NodeSnapshot { version: 1, instance: 0, members: vec![sink], token: None };
     Message::JoinRequest { channel, addr: addr.clone(), snapshot }.encode(&mut out);
     let disconnect = Message::Gossip { channel, addrs: Vec::new(), body: GossipMsg::Disconnect }.to_bytes();
     out.extend_from_slice(&disconnect);

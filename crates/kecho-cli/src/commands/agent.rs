@@ -152,7 +152,12 @@ fn registry_unreachable(e: &kecho::Error) -> bool {
     match e {
         kecho::Error::RegistryFailed(RegistryFailure::Unreachable(_)) => true,
         kecho::Error::Registry(r) => {
-            matches!(r, kecho::RegistryError::Unreachable { .. } | kecho::RegistryError::Timeout { .. })
+            matches!(
+                r,
+                kecho::RegistryError::Unreachable { .. }
+                    | kecho::RegistryError::Timeout { .. }
+                    | kecho::RegistryError::NoLeader { .. }
+            )
         }
         _ => false,
     }

@@ -73,6 +73,11 @@ pub struct Args {
     /// nothing changes.
     #[arg(long)]
     best_effort: bool,
+    /// Seconds to wait at the end for the links to send what is still queued. Whatever is still queued then is
+    /// abandoned: `pub` says how many events that was and exits with an error. A link that sent everything ends the
+    /// wait at once.
+    #[arg(long, value_name = "SECS", default_value_t = kecho::SHUTDOWN_DRAIN.as_secs_f64())]
+    linger: f64,
     #[command(flatten)]
     node: NodeArgs,
     #[command(flatten)]
@@ -91,6 +96,9 @@ pub async fn run(a: Args) -> Result<()> {
     }
     if !(a.timeout >= 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a non-negative number of seconds");
+    }
+    if !(a.linger >= 0.0 && a.linger.is_finite()) {
+        bail!("--linger must be a non-negative number of seconds");
     }
     // Checked before anything starts, so that a bad value is the error reported.
     let opts = options(&a)?;
@@ -156,11 +164,35 @@ pub async fn run(a: Args) -> Result<()> {
     let stats = ch.stats();
     drop(src);
     drop(observer);
-    node.shutdown().await;
+    let report = node.shutdown_within(Duration::from_secs_f64(a.linger)).await;
     eprintln!(
-        "kecho: published {sent} event(s) ({} frame(s) sent, {} dropped, {} expired)",
+        "kecho: published {sent} event(s) ({} frame(s) handed to links, {} dropped, {} expired)",
         stats.sent, stats.dropped, stats.expired
     );
+    let abandoned = report.events_abandoned();
+    for u in &report.undrained {
+        if u.frames == 0 {
+            // Everything was handed to the connection; the other node had not closed its side yet.
+            eprintln!(
+                "kecho: link to node {} ({}) still open after --linger {}s: everything queued was written, its \
+                 arrival is not confirmed",
+                u.node, u.addr, a.linger
+            );
+            continue;
+        }
+        let state = if u.up { "still sending" } else { "down" };
+        eprintln!(
+            "kecho: link to node {} ({}) {state} after --linger {}s: {} event(s) still queued ({} frame(s), {} bytes), \
+             abandoned",
+            u.node, u.addr, a.linger, u.events, u.frames, u.bytes
+        );
+    }
+    if abandoned > 0 {
+        bail!(
+            "{abandoned} event(s) were still queued when the links were closed after --linger {}s and never sent",
+            a.linger
+        );
+    }
     Ok(())
 }
 

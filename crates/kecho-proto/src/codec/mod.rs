@@ -25,7 +25,7 @@ pub use run::{
 };
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 13;
+pub const PROTOCOL_VERSION: u16 = 14;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -915,6 +915,7 @@ fn put_attrs(dst: &mut BytesMut, attrs: &Attrs) {
 
 fn put_snapshot(dst: &mut BytesMut, s: &NodeSnapshot) {
     dst.put_u64_le(s.version);
+    dst.put_u64_le(s.instance);
     dst.put_u32_le(s.members.len() as u32);
     for m in &s.members {
         dst.put_u32_le(m.id.0);
@@ -1181,6 +1182,7 @@ impl Reader {
 
     fn snapshot(&mut self) -> Result<NodeSnapshot, DecodeError> {
         let version = self.u64()?;
+        let instance = self.u64()?;
         let n = self.count(9)?;
         let mut members = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
@@ -1220,7 +1222,7 @@ impl Reader {
         } else {
             None
         };
-        Ok(NodeSnapshot { version, members, token })
+        Ok(NodeSnapshot { version, instance, members, token })
     }
 
     fn entry(&mut self) -> Result<RegEntry, DecodeError> {

@@ -993,7 +993,12 @@ impl Sim {
             channel: st.id(),
             node: NodeId(gone),
             addr: p.addr.clone(),
-            snapshot: kecho_proto::NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
+            snapshot: kecho_proto::NodeSnapshot {
+                version: p.snapshot.version,
+                instance: p.snapshot.instance,
+                members: Vec::new(),
+                token: None,
+            },
             left: true,
             reply: false,
         };

@@ -213,6 +213,13 @@ impl Kept {
         out
     }
 
+    /// Forgets where events went to node `node` (its channel was opened again: they are no longer in flight to it).
+    pub(super) fn forget_sent_to(&mut self, node: NodeId) {
+        for s in self.sent.iter_mut() {
+            s.to.retain(|(d, _, _)| *d != node);
+        }
+    }
+
     /// Forgets node `node` (gone for good).
     pub(super) fn forget(&mut self, node: NodeId) {
         for e in self.entries.iter_mut() {

@@ -181,6 +181,8 @@ impl ChannelInner {
         let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         state.set_wall_clock(now(), epoch);
+        // Never 0 (unknown): a source tells this opening of the channel from an earlier or later one by it.
+        state.set_instance(rand::random::<u64>() | 1);
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {

@@ -96,6 +96,9 @@ pub(super) struct RouteSink {
 pub(super) struct Routes {
     pub(super) sinks: Vec<RouteSink>,
     pub(super) peers: Vec<Arc<Peer>>,
+    /// Per entry of `peers`: the instance of the channel on that node (`NodeSnapshot::instance`) whose sinks the
+    /// table holds, so that a source numbers its events to a node that closed the channel and opened it again anew.
+    pub(super) instances: Vec<u64>,
     /// Which of `sinks` accept each event type (see `Routes::accepting`).
     pub(super) by_type: TypeIndex,
     /// Some sink's content filter needs the CEL interpreter.
@@ -157,8 +160,9 @@ impl Iterator for Accepting<'_> {
 /// One remote node's sinks as routes, kept between membership changes (see `RouteBook`).
 struct NodePart {
     /// What the part was built from: the node's snapshot version, when that snapshot arrived (the sinks' attribute
-    /// age), and its address.
+    /// age), its address and the instance of the channel there.
     version: u64,
+    instance: u64,
     updated: Instant,
     addr: String,
     /// The link to the node, present when it has sinks and the table sends to them directly (`Routes::direct`,
@@ -205,6 +209,7 @@ impl RouteBook {
         for (id, p) in peers {
             if let Some(part) = self.parts.get(id) {
                 let same = part.version == p.snapshot.version
+                    && part.instance == p.snapshot.instance
                     && part.updated == p.updated
                     && part.addr == p.addr
                     && part.direct == direct;
@@ -246,6 +251,7 @@ impl RouteBook {
             }
             let index = part.peer.as_ref().map(|peer| {
                 routes.peers.push(peer.clone());
+                routes.instances.push(part.instance);
                 routes.peers.len() - 1
             });
             count += part.sinks.len();
@@ -300,7 +306,15 @@ impl NodePart {
         }
         let linked = direct || sinks.iter().any(|s| s.overflow == Overflow::Block);
         let peer = (linked && !sinks.is_empty()).then(|| link(id, &p.addr));
-        NodePart { version: p.snapshot.version, updated: p.updated, addr: p.addr.clone(), peer, direct, sinks }
+        NodePart {
+            version: p.snapshot.version,
+            instance: p.snapshot.instance,
+            updated: p.updated,
+            addr: p.addr.clone(),
+            peer,
+            direct,
+            sinks,
+        }
     }
 }
 
@@ -554,7 +568,7 @@ mod tests {
                         attrs: Attrs::new(),
                     }));
                     let version = self.peers.get(&id).map_or(1, |p| p.snapshot.version + 1);
-                    let snapshot = NodeSnapshot { version, members, token: None };
+                    let snapshot = NodeSnapshot { version, instance: 0, members, token: None };
                     let addr = format!("10.0.0.{node}:7000");
                     self.peers.insert(id, MemberPeer { addr, snapshot, updated: now, rights: Roles::ALL });
                     Some(id)

@@ -346,6 +346,10 @@ impl ChannelInner {
 /// node was last told about the others (see `Message::Routed`).
 #[derive(Default)]
 struct SendTrack {
+    /// The instance of the channel on the node (`Routes::instances`) that this numbering is towards: a node that
+    /// closed the channel and opened it again knows nothing of the numbers before, so its new instance gets a new
+    /// track (`track_for`).
+    instance: u64,
     routed: u64,
     /// The number (in `routed`'s count) of the last event sent to the node on the link's stream: a datagram sent
     /// after it names it, so that the node never delivers the datagram ahead of it (`link::datagram`).
@@ -660,7 +664,16 @@ impl Source {
         if timing.deadline.is_some_and(|(at, _)| now() >= at) {
             // It expired while waiting for room: its sinks are told, nothing is sent.
             c.expired.fetch_add(1, Ordering::Relaxed);
-            this.enc.send_expired(&mut pick.peers, &pick.touched, routes, &mut this.loss, head, ty, timing);
+            this.enc.send_expired(
+                &mut pick.peers,
+                &pick.touched,
+                routes,
+                &mut this.loss,
+                &mut this.kept,
+                head,
+                ty,
+                timing,
+            );
             for l in &pick.locals {
                 l.queue.add_expired(1);
             }
@@ -940,9 +953,10 @@ impl LossTrack {
         }
         let at = now();
         for node in back {
-            let Some(peer) = routes.peers.iter().find(|p| p.id == node) else { continue };
+            let Some(at_p) = routes.peers.iter().position(|p| p.id == node) else { continue };
+            let (peer, instance) = (&routes.peers[at_p], routes.instances[at_p]);
             if kept.is_on() {
-                let track = self.sent_to.entry(node).or_default();
+                let track = track_for(&mut self.sent_to, node, instance, kept);
                 if track.relinked(peer) {
                     track.replay_in_flight(peer, kept, channel, source, enc);
                 }
@@ -965,7 +979,7 @@ impl LossTrack {
                 }
                 false
             });
-            let track = self.sent_to.entry(node).or_default();
+            let track = track_for(&mut self.sent_to, node, instance, kept);
             for r in replays {
                 let (told, tell) = track.before(peer, r.seq);
                 if tell {
@@ -996,6 +1010,28 @@ impl LossTrack {
         }
         out
     }
+}
+
+/// The track of node `node` for `instance` of the channel there. When the node opened the channel again since the
+/// track was last used, the new instance's receiver has no state for this source: the numbering starts again (its
+/// first event goes on the stream and sets its baseline, with a `Routed` frame, see `datagram::numbers`), and the
+/// events kept for replay to the old instance are forgotten (they were never meant for the new one). Only the
+/// source's place in the link's outbox (`held`) carries over, so that its frames still never overtake each other.
+fn track_for<'a>(
+    sent_to: &'a mut IdMap<NodeId, SendTrack>,
+    node: NodeId,
+    instance: u64,
+    kept: &mut Kept,
+) -> &'a mut SendTrack {
+    let track = sent_to.entry(node).or_default();
+    if track.instance != instance {
+        if track.instance != 0 {
+            kept.forget_sent_to(node);
+            *track = SendTrack { held: std::mem::take(&mut track.held), ..SendTrack::default() };
+        }
+        track.instance = instance;
+    }
+    track
 }
 
 impl SendTrack {
@@ -1093,7 +1129,7 @@ impl Encoder {
             peer.flush_lag();
             // Loss accounting: tell the node how many events were not meant for it whenever that changed, and on
             // every new link.
-            let track = loss.sent_to.entry(peer.id).or_default();
+            let track = track_for(&mut loss.sent_to, peer.id, routes.instances[p], kept);
             if keep && track.relinked(peer) {
                 track.replay_in_flight(peer, kept, head.channel, head.source, self);
             }
@@ -1193,6 +1229,7 @@ impl Encoder {
         touched: &[usize],
         routes: &Routes,
         loss: &mut LossTrack,
+        kept: &mut Kept,
         head: Head,
         ty: &str,
         timing: Timing,
@@ -1204,7 +1241,7 @@ impl Encoder {
             }
             let peer = &routes.peers[p];
             peer.flush_lag();
-            let track = loss.sent_to.entry(peer.id).or_default();
+            let track = track_for(&mut loss.sent_to, peer.id, routes.instances[p], kept);
             let (told, tell) = track.before(peer, head.seq);
             let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
             let notice = expired_notice(head, ty, targets, tell.then_some(told.skipped));
@@ -1320,5 +1357,31 @@ mod tests {
             assert!(track.relinked(&new), "events sent on the old Peer are replayed on the new one");
         }
         eprintln!("the new Peer reused the old one's address in {reused} of 100 rounds");
+    }
+
+    /// A node that opened the channel again (a new instance) gets a new numbering: its first event goes on the stream
+    /// and tells it `Routed`, and nothing sent to the old instance is replayed to it.
+    #[test]
+    fn a_new_instance_of_the_channel_at_a_node_gets_a_new_track() {
+        let node = NodeId(3);
+        let peer = Arc::new(Peer::new(node, "n".into(), 1 << 20));
+        let mut kept = Kept::default();
+        kept.set_limits(History::events(100), now());
+        let mut sent_to: IdMap<NodeId, SendTrack> = IdMap::default();
+        for seq in 1..=5 {
+            let track = track_for(&mut sent_to, node, 11, &mut kept);
+            let (told, _) = track.before(&peer, seq);
+            track.sent(told);
+            kept.sent_small(seq, b"frame", smallvec::smallvec![(node, track.routed, None)], None);
+        }
+        let track = track_for(&mut sent_to, node, 11, &mut kept);
+        assert_eq!((track.routed, track.stream_last), (5, 5), "the same instance: the numbering goes on");
+        assert!(datagram::numbers(track.routed, track.stream_last).is_some());
+        assert_eq!(kept.sent_to(node).count(), 5);
+        let track = track_for(&mut sent_to, node, 12, &mut kept);
+        assert_eq!((track.routed, track.stream_last, track.instance), (0, 0, 12), "a new instance starts again");
+        assert!(datagram::numbers(track.routed, track.stream_last).is_none(), "its first event goes on the stream");
+        assert!(track.before(&peer, 6).1, "and is preceded by Routed");
+        assert_eq!(kept.sent_to(node).count(), 0, "nothing of the old instance's is replayed to the new one");
     }
 }

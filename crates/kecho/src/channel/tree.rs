@@ -523,7 +523,12 @@ impl ChannelInner {
                 channel: self.id(),
                 node: id,
                 addr: p.addr.clone(),
-                snapshot: NodeSnapshot { version: p.snapshot.version, members: Vec::new(), token: None },
+                snapshot: NodeSnapshot {
+                    version: p.snapshot.version,
+                    instance: p.snapshot.instance,
+                    members: Vec::new(),
+                    token: None,
+                },
                 left: true,
                 reply: false,
             })

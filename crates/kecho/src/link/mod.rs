@@ -541,7 +541,10 @@ impl<H: LinkHandler> Links<H> {
 
     /// Lets every link drain what it has queued, then close gracefully (each writer sends FIN once its queue is
     /// empty and the link ends when the peer closes its side); waits at most `limit`.
-    pub(crate) async fn drain(&self, limit: Duration) {
+    /// Returns the links that still held frames when it stopped waiting: those still up at the limit (their writer
+    /// had not written everything), and those that were down (never came up, or were being dialled again) with
+    /// frames queued.
+    pub(crate) async fn drain(&self, limit: Duration) -> Vec<Undrained> {
         self.closing.store(true, Ordering::Release);
         let peers: Vec<_> = self.peers.lock().values().cloned().collect();
         for p in &peers {
@@ -551,6 +554,21 @@ impl<H: LinkHandler> Links<H> {
         while tokio::time::Instant::now() < deadline && peers.iter().any(|p| p.is_up()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        peers
+            .iter()
+            .filter_map(|p| {
+                let up = p.is_up();
+                let left = p.outbox.unsent();
+                (up || left.frames > 0).then(|| Undrained {
+                    node: p.id,
+                    addr: p.addr.lock().clone(),
+                    up,
+                    events: left.events,
+                    frames: left.frames,
+                    bytes: left.bytes,
+                })
+            })
+            .collect()
     }
 
     /// Drops every link at once without telling anyone.
@@ -641,6 +659,28 @@ pub struct LinkStats {
     /// This node sends its urgent frames (priorities 1 to 3) to the other on a connection of their own (a TCP link,
     /// see [`crate::NodeBuilder::urgent_connection`]) or a stream of their own (QUIC) now.
     pub urgent_apart: bool,
+}
+
+/// A link that a shutdown stopped before it had sent everything (see [`crate::ShutdownReport`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Undrained {
+    /// The other node.
+    pub node: NodeId,
+    /// The address it is dialled at.
+    pub addr: String,
+    /// The link was up when the shutdown gave up on it (still writing: the other node or the network did not take
+    /// its bytes in time); `false`: it was down (it never came up, or broke and was not made again), so nothing
+    /// queued for it could go.
+    pub up: bool,
+    /// Events still queued for the link, not handed to its connection: they are lost. A lower bound of what the
+    /// other node never gets: what the link's writer had taken, and what the connection had not delivered yet, is
+    /// not counted.
+    pub events: u64,
+    /// Frames still queued (the events' and control frames, a farewell among them).
+    pub frames: u64,
+    /// Bytes still queued.
+    pub bytes: usize,
 }
 
 /// Another node, as this node sees it.

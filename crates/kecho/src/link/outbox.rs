@@ -1025,7 +1025,58 @@ impl Outbox {
     pub(crate) fn is_empty(&self) -> bool {
         self.q.lock().is_empty()
     }
+
+    /// What is queued and not taken by the writer yet: frames, the events among them (an event run counts its
+    /// events) and bytes. For the report of a shutdown that could not drain the link (cold: it reads every frame's
+    /// header).
+    pub(crate) fn unsent(&self) -> Unsent {
+        let q = self.q.lock();
+        let mut u = Unsent { bytes: q.bytes, ..Unsent::default() };
+        for (i, lane) in q.lanes.iter().enumerate() {
+            let mut entries = lane.frames.iter().filter(|f| f.wait.is_none()).map(|f| &f.bytes[..]).peekable();
+            if i == LANES - 1 && q.rest_end > lane.taken {
+                // The rest of an event frame begun by a direct write: no header of its own.
+                if entries.next().is_some() {
+                    u.frames += 1;
+                    u.events += 1;
+                }
+            }
+            for bytes in entries.chain(std::iter::once(lane.open.pending_bytes())) {
+                u.count(bytes);
+            }
+        }
+        u
+    }
 }
+
+/// What an outbox still holds (see [`Outbox::unsent`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Unsent {
+    pub(crate) frames: u64,
+    pub(crate) events: u64,
+    pub(crate) bytes: usize,
+}
+
+impl Unsent {
+    /// Counts the whole frames (length prefix, kind, body) in `bytes`.
+    fn count(&mut self, mut bytes: &[u8]) {
+        use kecho_proto::codec::{decode_event_run_msg, is_event, is_event_run, TypeNames};
+        while bytes.len() > LEN_PREFIX {
+            let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            let Some(frame) = bytes.get(LEN_PREFIX..LEN_PREFIX + len) else { break };
+            self.frames += 1;
+            if is_event(frame) {
+                self.events += 1;
+            } else if is_event_run(frame) {
+                let run = decode_event_run_msg(Bytes::copy_from_slice(frame), &mut TypeNames::default());
+                self.events += run.map_or(1, |r| r.count as u64);
+            }
+            bytes = &bytes[LEN_PREFIX + len..];
+        }
+    }
+}
+
+const LEN_PREFIX: usize = kecho_proto::codec::LEN_PREFIX;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use kecho_proto::codec::{encode_event, encode_event_run, encode_routed, encode_targets};
 use kecho_proto::{Attrs, Overflow};
 
-use super::{Encoder, LendOnExit, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
+use super::{track_for, Encoder, LendOnExit, SendTrack, Source, Timing, Told, ENCODE_CHUNK};
 use crate::channel::block_on;
 use crate::channel::deliver::SinkList;
 use crate::channel::history::SentTo;
@@ -246,7 +246,7 @@ impl Source {
             }
             let peer = &routes.peers[p];
             peer.flush_lag();
-            let track = self.loss.sent_to.entry(peer.id).or_default();
+            let track = track_for(&mut self.loss.sent_to, peer.id, routes.instances[p], &mut self.kept);
             if keep && track.relinked(peer) {
                 track.replay_in_flight(peer, &self.kept, channel, source, &mut self.enc);
             }
