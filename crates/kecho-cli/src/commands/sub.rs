@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kecho::{Event, RecvError, Sink, SinkOptions};
-use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient};
+use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -50,7 +50,10 @@ pub struct Args {
     #[arg(long)]
     timeout: Option<f64>,
     /// A durable sink named NAME: its position per source is kept in --state-dir, and after a restart it prints
-    /// nothing twice and reports the events it missed while it was away (docs/DURABILITY.md).
+    /// nothing twice and reports the events it missed while it was away. With a recorder on the channel (`kecho
+    /// record`) it gets them replayed first, including those of sources that began while it was away (from its
+    /// starting point at that recorder, taken when it first runs); without one, a source it never heard of cannot be
+    /// known (docs/DURABILITY.md).
     #[arg(long, value_name = "NAME", requires = "state_dir")]
     durable: Option<String>,
     /// Where durable sinks keep their positions (a directory per name).
@@ -159,9 +162,15 @@ pub async fn run(a: Args) -> Result<()> {
                 eprintln!("kecho: {n} event(s) replayed from a recorder");
                 replayed = items;
             }
-            None if a.last > 0 || d.positions().all().next().is_some() => {
-                eprintln!("kecho: no recorder on the channel; nothing replayed")
-            }
+            None if a.durable.is_some() && d.is_new() => eprintln!(
+                "kecho: no recorder on the channel: if this sink is stopped, it will be told of the events it misses \
+                 only from sources it has heard of (a source it never heard of cannot be known without a recorder)"
+            ),
+            None if a.durable.is_some() => eprintln!(
+                "kecho: no recorder on the channel; nothing replayed, and the events of sources this sink never heard \
+                 of, sent while it was away, cannot be known"
+            ),
+            None if a.last > 0 => eprintln!("kecho: no recorder on the channel; nothing replayed"),
             None => {}
         }
     }
@@ -311,6 +320,11 @@ fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Fo
                     eprintln!("kecho: missed {n} event(s)");
                 }
             }
+            CatchUp::Unknown(why) => {
+                if say {
+                    eprintln!("kecho: {}", unknown(&why));
+                }
+            }
             CatchUp::Event(r) => {
                 got += 1;
                 let line = match format {
@@ -323,4 +337,26 @@ fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Fo
     }
     out.flush()?;
     Ok((got, missed))
+}
+
+/// What a catch-up could not account for, said.
+fn unknown(why: &Unknown) -> String {
+    match why {
+        Unknown::NoStart { recorder, others } if others.is_empty() => format!(
+            "this sink had no starting point at recorder {recorder} (it began with no recorder, or its state was \
+             written by an earlier version): events of sources it never heard of, recorded before now, cannot be known"
+        ),
+        Unknown::NoStart { recorder, others } => format!(
+            "the recorder(s) this sink has a starting point at ({}) are not on the channel and recorder {recorder} \
+             answered: events of sources this sink never heard of, recorded before now, cannot be known",
+            others.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        Unknown::Deleted { recorder, records } => format!(
+            "recorder {recorder} no longer holds {records} event(s) recorded after this sink's starting point (deleted \
+             beyond its size bound): those of sources this sink never heard of are missed, how many is not known"
+        ),
+        Unknown::OldRecorder => "the recorder speaks an earlier version of the replay exchange: events of sources \
+                                 this sink never heard of cannot be known"
+            .to_owned(),
+    }
 }
