@@ -66,9 +66,23 @@ pub struct Args {
     /// it does not have either are reported (--durable and --last sinks always do).
     #[arg(long)]
     recover: bool,
-    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds.
+    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds. A durable sink's first
+    /// run waits at most 0.5 s, and while it has no starting point at a recorder it looks for one every second.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     replay_wait: f64,
+}
+
+/// How long a new durable sink waits for a recorder before it goes on (it looks again every [`LOOK_EVERY`]).
+const NEW_WAIT: Duration = Duration::from_millis(500);
+/// How often a durable sink with no starting point looks for a recorder.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// What the receive loop got.
+enum Next {
+    Got(Result<Result<Event, RecvError>>),
+    /// Time to look for a recorder.
+    Look,
+    Stop,
 }
 
 /// The sink, plain or durable.
@@ -156,7 +170,10 @@ pub async fn run(a: Args) -> Result<()> {
     if let Input::Durable(d) = &mut sink {
         let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
         let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
-        match d.catch_up(c, a.last, wait, true).await? {
+        // A new durable sink only takes its starting point: it need not wait long, as it receives every event from
+        // now on while it runs, and takes one when a recorder appears (below).
+        let first_wait = if a.durable.is_some() && d.is_new() && a.last == 0 { wait.min(NEW_WAIT) } else { wait };
+        match d.catch_up(c, a.last, first_wait, true).await? {
             Some(items) => {
                 let n = items.iter().filter(|i| matches!(i, CatchUp::Event(_))).count();
                 eprintln!("kecho: {n} event(s) replayed from a recorder");
@@ -164,7 +181,8 @@ pub async fn run(a: Args) -> Result<()> {
             }
             None if a.durable.is_some() && d.is_new() => eprintln!(
                 "kecho: no recorder on the channel: if this sink is stopped, it will be told of the events it misses \
-                 only from sources it has heard of (a source it never heard of cannot be known without a recorder)"
+                 only from sources it has heard of (a source it never heard of cannot be known without a recorder; \
+                 if one appears while this sink runs, it takes a starting point there)"
             ),
             None if a.durable.is_some() => eprintln!(
                 "kecho: no recorder on the channel; nothing replayed, and the events of sources this sink never heard \
@@ -184,6 +202,8 @@ pub async fn run(a: Args) -> Result<()> {
     // second (`unsaid` holds the count not said yet; the rest is said when the loop ends).
     let mut expired = 0u64;
     let (mut unsaid, mut said_at): (u64, Option<std::time::Instant>) = (0, None);
+    let mut look_tick = tokio::time::interval(LOOK_EVERY);
+    look_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = std::io::stdout().lock();
     let (n, m) = print_replayed(&mut out, replayed, a.format, true)?;
     got += n;
@@ -208,13 +228,18 @@ pub async fn run(a: Args) -> Result<()> {
                 ));
             }
         }
+        // A durable sink with no starting point at a recorder looks for one now and then while it runs.
+        let look = client.is_some()
+            && a.durable.is_some()
+            && matches!(&sink, Input::Durable(d) if d.starting_points().is_empty());
         let next = async {
             tokio::select! {
-                r = sink.recv() => Some(r),
-                _ = tokio::signal::ctrl_c() => None,
+                r = sink.recv() => Next::Got(r),
+                _ = look_tick.tick(), if look => Next::Look,
+                _ = tokio::signal::ctrl_c() => Next::Stop,
             }
         };
-        let r: Option<Result<Result<Event, RecvError>>> = match deadline {
+        let r: Next = match deadline {
             Some(d) => match tokio::time::timeout_at(d, next).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -227,9 +252,24 @@ pub async fn run(a: Args) -> Result<()> {
             None => next.await,
         };
         let r = match r {
-            None => None,
-            Some(Ok(r)) => Some(r),
-            Some(Err(e)) => break Err(e),
+            Next::Stop => None,
+            Next::Got(Ok(r)) => Some(r),
+            Next::Got(Err(e)) => break Err(e),
+            Next::Look => {
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    if c.recorder_present(Duration::ZERO).await {
+                        if let Some(items) = d.catch_up(c, 0, Duration::ZERO, false).await? {
+                            let (n, m) = print_replayed(&mut out, items, a.format, true)?;
+                            (got, missed) = (got + n, missed + m);
+                            eprintln!(
+                                "kecho: a recorder is on the channel now: this sink has a starting point there ({n} \
+                                 event(s) replayed)"
+                            );
+                        }
+                    }
+                }
+                continue;
+            }
         };
         match r {
             None => break Ok(()),
