@@ -334,8 +334,20 @@ fn sources_begun_while_away() -> Result<()> {
         Proc::spawn(
             name,
             &[
-                "sub", "away", "--registry", &addr, "--format", "json", "--durable", durable, "--state-dir", s, "--count",
-                &count, "--timeout", "30",
+                "sub",
+                "away",
+                "--registry",
+                &addr,
+                "--format",
+                "json",
+                "--durable",
+                durable,
+                "--state-dir",
+                s,
+                "--count",
+                &count,
+                "--timeout",
+                "30",
             ],
         )
     };
@@ -373,6 +385,38 @@ fn sources_begun_while_away() -> Result<()> {
         p.tree_checked()?;
     }
     rec.tree_checked()?;
+    Ok(())
+}
+
+/// A durable sink that began with no recorder says what it cannot know; when a recorder appears while it runs, it
+/// takes a starting point there, and after a restart gets from it the events of a source that began while it was
+/// away.
+#[test]
+fn a_durable_sink_that_began_without_a_recorder_takes_a_starting_point_when_one_appears() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let d = rec_dir.path().to_str().context("path")?;
+    let s = state.path().to_str().context("path")?;
+    let args = ["sub", "later", "--registry", &addr, "--format", "json", "--durable", "w", "--state-dir", s];
+    let mut w = Proc::spawn("w-1", &args)?;
+    w.wait_stderr("no recorder on the channel")?;
+    ensure!(w.stderr().contains("a source it never heard of cannot be known"), "{}", w.stderr());
+    let _rec = Proc::spawn("record", &["record", "later", "--dir", d, "--registry", &addr])?;
+    w.wait_stderr("a recorder is on the channel now")?;
+    w.child.kill()?;
+    w.finish()?;
+    let mut p = publish(&addr, "later", 5, 1000, 1)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    let deadline = Instant::now() + WAIT;
+    while print_recording(rec_dir.path())?.0.len() < 5 {
+        ensure!(Instant::now() < deadline, "the recorder never held 5 events");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut w = Proc::spawn("w-2", &[&args[..], &["--count", "5", "--timeout", "30"]].concat())?;
+    ensure!(w.finish()?, "w, restarted: {}", w.stderr());
+    ensure!(w.stderr().contains("5 event(s) replayed from a recorder"), "{}", w.stderr());
+    ensure!(!w.stderr().contains("cannot be known"), "{}", w.stderr());
+    ensure!(seqs(&w.stdout())? == (1..=5).collect::<Vec<_>>(), "{:?}", w.stdout());
     Ok(())
 }
 

@@ -406,7 +406,8 @@ impl ReplayClient {
     pub async fn fetch(&mut self, ask: &Ask, wait: Duration) -> Result<Option<Answer>, ReplayError> {
         let Some(to) = self.choose(&ask.since, wait).await else { return Ok(None) };
         let since = to.and_then(|r| ask.since.get(&r).copied());
-        let req = Request { id: self.id.clone(), version: VERSION, to, after: ask.after.clone(), since, last: ask.last };
+        let req =
+            Request { id: self.id.clone(), version: VERSION, to, after: ask.after.clone(), since, last: ask.last };
         self.src.submit(REQUEST, &req.to_attrs(), &[]).await?;
         let limit = Duration::from_secs(30);
         let mut answer = Answer { recorder: to, since, ..Answer::default() };
@@ -508,14 +509,7 @@ mod tests {
         let r = Request::from_attrs(&v1).unwrap();
         assert_eq!(
             r,
-            Request {
-                id: "old".into(),
-                version: 1,
-                to: None,
-                after: vec![(SourceKey(0xab), 7)],
-                since: None,
-                last: 3
-            }
+            Request { id: "old".into(), version: 1, to: None, after: vec![(SourceKey(0xab), 7)], since: None, last: 3 }
         );
         assert!(r.is_for(RecorderId(1)) && r.is_for(RecorderId(2)), "every recorder answers it");
         assert_eq!(r.to_attrs(), v1, "written back as version 1");
@@ -529,9 +523,13 @@ mod tests {
 
     #[test]
     fn an_answer_has_what_follows_each_position_and_the_newest_n_once_in_order() {
-        let log: Vec<(u64, Recorded)> =
-            [rec(1, 1), rec(2, 1), rec(1, 2), rec(2, 2), rec(1, 3), rec(3, 1)].into_iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
-        let seqs = |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
+        let log: Vec<(u64, Recorded)> = [rec(1, 1), rec(2, 1), rec(1, 2), rec(2, 2), rec(1, 3), rec(3, 1)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64, r))
+            .collect();
+        let seqs =
+            |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
         assert_eq!(seqs(&req(vec![(1, 1)], None, 0)), vec![(1, 2), (1, 3)]);
         assert_eq!(seqs(&req(vec![], None, 2)), vec![(1, 3), (3, 1)]);
         assert_eq!(seqs(&req(vec![(2, 0)], None, 1)), vec![(2, 1), (2, 2), (3, 1)]);
@@ -546,7 +544,8 @@ mod tests {
             .enumerate()
             .map(|(i, r)| (i as u64, r))
             .collect();
-        let seqs = |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
+        let seqs =
+            |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
         // Source 1 by its position (even before the starting point), the others from index 3 on, in recorded order.
         assert_eq!(seqs(&req(vec![(1, 1)], Some(3), 0)), vec![(1, 2), (2, 2), (1, 3), (3, 1), (3, 2)]);
         // A sink that never received an event: everything from its starting point.
