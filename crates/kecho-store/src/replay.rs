@@ -147,7 +147,7 @@ impl Request {
         if version == 1 {
             return Ok(Request { id, version, to: None, after, since: None, last });
         }
-        if version > VERSION {
+        if version == 0 || version > VERSION {
             return Err(Malformed(format!(
                 "replay request version {version}; this recorder speaks versions 1 to {VERSION}"
             )));

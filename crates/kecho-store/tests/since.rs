@@ -27,19 +27,25 @@ struct Rec {
 
 impl Rec {
     async fn start(reg: &RegistryClient, dir: &Path) -> Result<Rec> {
+        Rec::start_as(reg, dir, false).await
+    }
+
+    /// With `v1`, as a recorder of version 1 of the exchange would: no identity advertised, every request answered
+    /// as version 1 (attributes it does not know ignored).
+    async fn start_as(reg: &RegistryClient, dir: &Path, v1: bool) -> Result<Rec> {
         let mut rec = Recorder::open(dir, LogOptions::default())?;
         let id = rec.id();
         let node = Node::builder().registry_client(reg.clone()).start().await?;
         let ch = node.channel(CH).await?;
         let mut sink = ch.sink(SinkOptions::new().capacity(65_536))?;
         let rch = node.channel(&replay::channel_of(CH)).await?;
-        let mut requests = rch.sink(
-            SinkOptions::new()
-                .types([replay::REQUEST])
-                .attr(replay::RECORDER_ATTR, true)
+        let mut opts = SinkOptions::new().types([replay::REQUEST]).attr(replay::RECORDER_ATTR, true);
+        if !v1 {
+            opts = opts
                 .attr(replay::RECORDER_ID_ATTR, id.to_string())
-                .attr(replay::RECORDER_VERSION_ATTR, replay::VERSION as i64),
-        )?;
+                .attr(replay::RECORDER_VERSION_ATTR, replay::VERSION as i64);
+        }
+        let mut requests = rch.sink(opts)?;
         let mut answers = rch.source()?;
         let recorded = Arc::new(AtomicU64::new(rec.next_index()));
         let count = recorded.clone();
@@ -54,7 +60,10 @@ impl Rec {
                         count.store(rec.next_index(), Ordering::SeqCst);
                     }
                     req = requests.recv() => {
-                        let req = Request::from_attrs(req?.attrs())?;
+                        let mut req = Request::from_attrs(req?.attrs())?;
+                        if v1 {
+                            (req.version, req.to, req.since) = (1, None, None);
+                        }
                         replay::serve(&mut rec, &mut answers, &req).await?;
                     }
                 }
@@ -268,6 +277,41 @@ async fn state_of_the_previous_format_opens_and_gets_a_starting_point() -> Resul
     assert_eq!(events, names("later", 2));
     assert!(other.is_empty(), "{other:?}");
     run.stop().await;
+    rec.stop().await;
+    Ok(())
+}
+
+/// A recorder of version 1 of the exchange (an earlier `kecho record`): the sink's known sources are replayed after
+/// their positions as before, and it is told that sources it never heard of cannot be known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_version_1_recorder_known_sources_are_replayed_and_the_rest_is_said_unknown() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let rec = Rec::start_as(&reg, rec_dir.path(), true).await?;
+    let (mut run, items) = Run::start(&reg, state.path()).await?;
+    assert_eq!(items, Some(vec![CatchUp::Unknown(Unknown::OldRecorder)]));
+    assert!(run.sink.starting_points().is_empty(), "a version 1 recorder gives none");
+    // One source, half received: the other half replayed after the position, as with version 1.
+    let node = Node::builder().registry_client(reg.clone()).start().await?;
+    let ch = node.channel(CH).await?;
+    ch.wait_for_sinks(2, T).await?;
+    let mut src = ch.source()?;
+    for i in 1..=2 {
+        src.submit("t", &kecho::Attrs::default(), format!("a-{i}").as_bytes()).await?;
+    }
+    assert_eq!(run.recv(2).await?, names("a", 2));
+    run.stop().await;
+    for i in 3..=4 {
+        src.submit("t", &kecho::Attrs::default(), format!("a-{i}").as_bytes()).await?;
+    }
+    rec.wait_recorded(4).await?;
+    let (run, items) = Run::start(&reg, state.path()).await?;
+    let (events, other) = replayed(items.context("no recorder answered")?);
+    assert_eq!(events, vec!["a-3".to_owned(), "a-4".to_owned()]);
+    assert_eq!(other, vec![CatchUp::Unknown(Unknown::OldRecorder)]);
+    run.stop().await;
+    drop(src);
+    node.shutdown().await;
     rec.stop().await;
     Ok(())
 }

@@ -202,6 +202,7 @@ pub async fn run(a: Args) -> Result<()> {
     // second (`unsaid` holds the count not said yet; the rest is said when the loop ends).
     let mut expired = 0u64;
     let (mut unsaid, mut said_at): (u64, Option<std::time::Instant>) = (0, None);
+    let mut looking = true;
     let mut look_tick = tokio::time::interval(LOOK_EVERY);
     look_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = std::io::stdout().lock();
@@ -229,7 +230,8 @@ pub async fn run(a: Args) -> Result<()> {
             }
         }
         // A durable sink with no starting point at a recorder looks for one now and then while it runs.
-        let look = client.is_some()
+        let look = looking
+            && client.is_some()
             && a.durable.is_some()
             && matches!(&sink, Input::Durable(d) if d.starting_points().is_empty());
         let next = async {
@@ -261,10 +263,14 @@ pub async fn run(a: Args) -> Result<()> {
                         if let Some(items) = d.catch_up(c, 0, Duration::ZERO, false).await? {
                             let (n, m) = print_replayed(&mut out, items, a.format, true)?;
                             (got, missed) = (got + n, missed + m);
-                            eprintln!(
-                                "kecho: a recorder is on the channel now: this sink has a starting point there ({n} \
-                                 event(s) replayed)"
-                            );
+                            if !d.starting_points().is_empty() {
+                                eprintln!(
+                                    "kecho: a recorder is on the channel now: this sink has a starting point there \
+                                     ({n} event(s) replayed)"
+                                );
+                            }
+                            // Answered: a recorder that gave no starting point (an earlier version) will not later.
+                            looking = false;
                         }
                     }
                 }
