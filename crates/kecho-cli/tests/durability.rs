@@ -351,12 +351,23 @@ fn sources_begun_while_away() -> Result<()> {
             ],
         )
     };
-    // `z` takes its starting point at the recorder and exits at once (`--count 0`), having received nothing.
-    let mut z = sub("z-1", "z", 0)?;
-    ensure!(z.finish()?, "z: {}", z.stderr());
-    ensure!(z.stderr().contains("0 event(s) replayed from a recorder"), "{}", z.stderr());
+    // `z` takes its starting point at the recorder (at once, or when it sees the recorder a moment later) and is
+    // killed, having received nothing.
+    let mut z = sub("z-1", "z", 1)?;
+    z.wait("a starting point", |_, e| {
+        e.iter().any(|l| {
+            l.contains("0 event(s) replayed from a recorder") || l.contains("a recorder is on the channel now")
+        })
+    })?;
+    z.child.kill()?;
+    z.finish()?;
+    ensure!(z.stdout().is_empty(), "z received {:?}", z.stdout());
     let mut b = sub("b-1", "b", 3)?;
-    b.wait_stderr("replayed from a recorder")?;
+    b.wait("a starting point", |_, e| {
+        e.iter().any(|l| {
+            l.contains("0 event(s) replayed from a recorder") || l.contains("a recorder is on the channel now")
+        })
+    })?;
     let mut p = publish(&addr, "away", 3, 1000, 2)?;
     ensure!(p.finish()?, "pub: {}", p.stderr());
     ensure!(b.finish()?, "b: {}", b.stderr());

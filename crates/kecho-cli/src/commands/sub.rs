@@ -67,15 +67,18 @@ pub struct Args {
     #[arg(long)]
     recover: bool,
     /// How long to wait for a recorder to replay from (with --durable or --last), in seconds. A durable sink's first
-    /// run waits at most 0.5 s, and while it has no starting point at a recorder it looks for one every second.
+    /// run does not wait (it has nothing to replay); while it has no starting point at a recorder it looks for one
+    /// every 250 ms.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     replay_wait: f64,
 }
 
-/// How long a new durable sink waits for a recorder before it goes on (it looks again every [`LOOK_EVERY`]).
-const NEW_WAIT: Duration = Duration::from_millis(500);
+/// How long a new durable sink waits for a recorder before it goes on (it looks again every [`LOOK_EVERY`]): not at
+/// all, as its first answer has nothing to replay (it only gives a starting point) and its events would queue
+/// meanwhile.
+const NEW_WAIT: Duration = Duration::ZERO;
 /// How often a durable sink with no starting point looks for a recorder.
-const LOOK_EVERY: Duration = Duration::from_secs(1);
+const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// What the receive loop got.
 enum Next {
@@ -170,8 +173,8 @@ pub async fn run(a: Args) -> Result<()> {
     if let Input::Durable(d) = &mut sink {
         let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
         let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
-        // A new durable sink only takes its starting point: it need not wait long, as it receives every event from
-        // now on while it runs, and takes one when a recorder appears (below).
+        // A new durable sink only takes its starting point: it need not wait, as it receives every event from now on
+        // while it runs, and takes one when a recorder appears (below).
         let first_wait = if a.durable.is_some() && d.is_new() && a.last == 0 { wait.min(NEW_WAIT) } else { wait };
         match d.catch_up(c, a.last, first_wait, true).await? {
             Some(items) => {
@@ -180,7 +183,7 @@ pub async fn run(a: Args) -> Result<()> {
                 replayed = items;
             }
             None if a.durable.is_some() && d.is_new() => eprintln!(
-                "kecho: no recorder on the channel: if this sink is stopped, it will be told of the events it misses \
+                "kecho: no recorder on the channel yet: if this sink is stopped, it will be told of the events it misses \
                  only from sources it has heard of (a source it never heard of cannot be known without a recorder; \
                  if one appears while this sink runs, it takes a starting point there)"
             ),
