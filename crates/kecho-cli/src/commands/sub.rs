@@ -66,9 +66,9 @@ pub struct Args {
     /// it does not have either are reported (--durable and --last sinks always do).
     #[arg(long)]
     recover: bool,
-    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds. A durable sink's first
-    /// run does not wait (it has nothing to replay); while it has no starting point at a recorder it looks for one
-    /// every 250 ms.
+    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds. A new durable sink
+    /// without --last does not wait (it has nothing to replay); while it has no starting point at a recorder it looks
+    /// for one every 250 ms.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     replay_wait: f64,
 }
