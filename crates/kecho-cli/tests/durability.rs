@@ -222,7 +222,12 @@ fn recording() -> Result<()> {
     // A write torn by a crash: `--print` only reads (it may run beside the recorder, whose last record may be half
     // written) and says so; the recorder, opening the recording, cuts the torn record off with a message and keeps
     // the rest.
-    let seg = std::fs::read_dir(dir.path())?.filter_map(|e| e.ok()).map(|e| e.path()).max().context("a segment")?;
+    let seg = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .context("a segment")?;
     let len = std::fs::metadata(&seg)?.len();
     std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(len - 3)?;
     let (got, err) = print_recording(dir.path())?;
@@ -295,7 +300,145 @@ fn durable_sink_killed_and_restarted(channel: &str, recorder: bool, away: Option
         run2.first()
     );
     ensure!(lost == reported, "{lost} missing but {reported} reported: {}", second.stderr());
+    if !recorder {
+        // Without a recorder, what cannot be known is said, when the sink begins and when it comes back.
+        ensure!(first.stderr().contains("a source it never heard of cannot be known"), "{}", first.stderr());
+        ensure!(second.stderr().contains("sources this sink never heard of"), "{}", second.stderr());
+    }
     Ok((lost, reported))
+}
+
+/// The events of JSON lines as (source, seq).
+fn events(lines: &[String]) -> Result<Vec<(String, u64)>> {
+    lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("not JSON: {l}"))?;
+            Ok((v["source"].as_str().context("no source")?.to_owned(), v["seq"].as_u64().context("no seq")?))
+        })
+        .collect()
+}
+
+/// A recorder on the channel; durable sink `b` receives the 3 events of one `pub` and stops; a second `pub` sends 4
+/// events while it is away (recorded); `b` restarted gets those 4 from the recorder, in order, once. Durable sink `z`,
+/// which first ran before either `pub` and never received an event, gets all 7 when it runs again.
+fn sources_begun_while_away() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let d = rec_dir.path().to_str().context("path")?;
+    let s = state.path().to_str().context("path")?;
+    let mut rec = Proc::spawn("record", &["record", "away", "--dir", d, "--registry", &addr])?;
+    rec.wait_stderr("recording")?;
+    let sub = |name: &str, durable: &str, count: u64| {
+        let count = count.to_string();
+        Proc::spawn(
+            name,
+            &[
+                "sub",
+                "away",
+                "--registry",
+                &addr,
+                "--format",
+                "json",
+                "--durable",
+                durable,
+                "--state-dir",
+                s,
+                "--count",
+                &count,
+                "--timeout",
+                "30",
+            ],
+        )
+    };
+    // `z` takes its starting point at the recorder (at once, or when it sees the recorder a moment later) and is
+    // killed, having received nothing.
+    let mut z = sub("z-1", "z", 1)?;
+    z.wait("a starting point", |_, e| {
+        e.iter().any(|l| {
+            l.contains("0 event(s) replayed from a recorder") || l.contains("a recorder is on the channel now")
+        })
+    })?;
+    z.child.kill()?;
+    z.finish()?;
+    ensure!(z.stdout().is_empty(), "z received {:?}", z.stdout());
+    let mut b = sub("b-1", "b", 3)?;
+    b.wait("a starting point", |_, e| {
+        e.iter().any(|l| {
+            l.contains("0 event(s) replayed from a recorder") || l.contains("a recorder is on the channel now")
+        })
+    })?;
+    let mut p = publish(&addr, "away", 3, 1000, 2)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    ensure!(b.finish()?, "b: {}", b.stderr());
+    let first = events(&b.stdout())?;
+    ensure!(first.iter().map(|e| e.1).eq(1..=3), "first run: {first:?}");
+    let mut p = publish(&addr, "away", 4, 1000, 1)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    let deadline = Instant::now() + WAIT;
+    while print_recording(rec_dir.path())?.0.len() < 7 {
+        ensure!(Instant::now() < deadline, "the recorder never held 7 events");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut b = sub("b-2", "b", 4)?;
+    ensure!(b.finish()?, "b, restarted: {}", b.stderr());
+    ensure!(b.stderr().contains("4 event(s) replayed from a recorder"), "{}", b.stderr());
+    ensure!(missed(&b.stderr()) == 0, "{}", b.stderr());
+    let second = events(&b.stdout())?;
+    ensure!(second.iter().map(|e| e.1).eq(1..=4), "second run: {second:?}");
+    ensure!(second.iter().all(|e| e.0 == second[0].0 && e.0 != first[0].0), "not the second source's: {second:?}");
+    let mut z = sub("z-2", "z", 7)?;
+    ensure!(z.finish()?, "z, restarted: {}", z.stderr());
+    ensure!(z.stderr().contains("7 event(s) replayed from a recorder"), "{}", z.stderr());
+    let all = events(&z.stdout())?;
+    ensure!(all[..3] == first[..] && all[3..] == second[..], "z: {all:?}");
+    for p in [&b, &z] {
+        p.tree_checked()?;
+    }
+    rec.tree_checked()?;
+    Ok(())
+}
+
+/// A durable sink that began with no recorder says what it cannot know; when a recorder appears while it runs, it
+/// takes a starting point there, and after a restart gets from it the events of a source that began while it was
+/// away.
+#[test]
+fn a_durable_sink_that_began_without_a_recorder_takes_a_starting_point_when_one_appears() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let d = rec_dir.path().to_str().context("path")?;
+    let s = state.path().to_str().context("path")?;
+    let args = ["sub", "later", "--registry", &addr, "--format", "json", "--durable", "w", "--state-dir", s];
+    let mut w = Proc::spawn("w-1", &args)?;
+    w.wait_stderr("no recorder on the channel")?;
+    ensure!(w.stderr().contains("a source it never heard of cannot be known"), "{}", w.stderr());
+    let _rec = Proc::spawn("record", &["record", "later", "--dir", d, "--registry", &addr])?;
+    w.wait_stderr("a recorder is on the channel now")?;
+    w.child.kill()?;
+    w.finish()?;
+    let mut p = publish(&addr, "later", 5, 1000, 1)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    let deadline = Instant::now() + WAIT;
+    while print_recording(rec_dir.path())?.0.len() < 5 {
+        ensure!(Instant::now() < deadline, "the recorder never held 5 events");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut w = Proc::spawn("w-2", &[&args[..], &["--count", "5", "--timeout", "30"]].concat())?;
+    ensure!(w.finish()?, "w, restarted: {}", w.stderr());
+    ensure!(w.stderr().contains("5 event(s) replayed from a recorder"), "{}", w.stderr());
+    ensure!(!w.stderr().contains("cannot be known"), "{}", w.stderr());
+    ensure!(seqs(&w.stdout())? == (1..=5).collect::<Vec<_>>(), "{:?}", w.stdout());
+    Ok(())
+}
+
+#[test]
+fn a_durable_sink_gets_from_a_recorder_the_events_of_sources_that_began_while_it_was_away() -> Result<()> {
+    sources_begun_while_away()
+}
+
+#[test]
+fn in_tree_mode_a_durable_sink_gets_from_a_recorder_the_events_of_sources_that_began_while_it_was_away() -> Result<()> {
+    in_tree_mode(sources_begun_while_away)
 }
 
 #[test]

@@ -5,6 +5,13 @@
 //! [`Positions`] decides (pure); [`DurableSink`] wraps a [`kecho::Sink`] and keeps the positions in a [`Log`] of
 //! 16-byte records (source key, seq), compacted to one record per source each time it is opened.
 //!
+//! It also keeps its starting points: per recorder ([`RecorderId`]), the index in that recorder's log from which
+//! it has every event of the sources it has no position for, as 24-byte records ([`MARK_TAG`], recorder id, index).
+//! A catch-up asks the recorder for its known sources after their positions and for every other source's events
+//! recorded from that index on, so that a source that began while the sink was away is replayed too; the answer
+//! moves the starting point to the recorder's next index. State written before starting points existed (only
+//! 16-byte records) opens as it is: the sink has no starting point until its first answer, and says so.
+//!
 //! Delivery is at least once at the instant of a kill: an event's position is written when the application asks for
 //! the next event (or calls [`DurableSink::commit`]), so the event it was handling when killed comes again.
 
@@ -15,7 +22,10 @@ use kecho::{Event, RecvError, Sink, SourceKey};
 
 use crate::log::{Log, LogError, LogOptions};
 use crate::record::Recorded;
-use crate::replay::{ReplayClient, ReplayError};
+use crate::replay::{Ask, RecorderId, ReplayClient, ReplayError};
+
+/// The first 8 bytes of a starting point's record (a position's record is 16 bytes, a starting point's 24).
+pub const MARK_TAG: [u8; 8] = *b"kechoSP\0";
 
 /// What to do with an arriving event.
 #[derive(Debug, PartialEq, Eq)]
@@ -102,7 +112,7 @@ pub enum DurableError {
     /// The positions' log failed.
     #[error("durable sink positions: {0}")]
     Log(#[from] LogError),
-    /// A record of the positions' log is not 16 bytes.
+    /// A record of the positions' log is neither a position (16 bytes) nor a starting point (24 bytes, tagged).
     #[error("durable sink positions: record {0} is not a position")]
     BadRecord(u64),
     /// The sink itself.
@@ -120,6 +130,32 @@ pub enum CatchUp {
     Missed(u64),
     /// A recorded event.
     Event(Recorded),
+    /// The answer cannot say whether sources this sink never heard of sent events it missed.
+    Unknown(Unknown),
+}
+
+/// Why a catch-up cannot account for sources the sink never heard of (each is said, never passed over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// The sink had no starting point at the recorder that answered (its state predates starting points, it began
+    /// with no recorder on the channel, or its starting point is at another recorder, not present): events of sources
+    /// it never heard of, recorded before this answer, are neither replayed nor counted. From now on it has one.
+    NoStart {
+        /// The recorder that answered.
+        recorder: RecorderId,
+        /// The recorders the sink has a starting point at.
+        others: Vec<RecorderId>,
+    },
+    /// The recorder no longer holds the oldest `records` events recorded from the sink's starting point on (deleted
+    /// beyond its size bound): those of sources the sink never heard of are missed, how many is not known.
+    Deleted {
+        /// The recorder that answered.
+        recorder: RecorderId,
+        /// Records gone between the starting point and the oldest kept.
+        records: u64,
+    },
+    /// A version 1 recorder answered: it knows no starting points.
+    OldRecorder,
 }
 
 fn check_name(name: &str) -> Result<(), DurableError> {
@@ -146,6 +182,10 @@ pub struct DurableSink {
     /// An event held back behind its missed-count report.
     held: Option<Event>,
     dir: PathBuf,
+    /// Per recorder, the index of its log from which this sink has every event of a source it has no position for.
+    marks: HashMap<RecorderId, u64>,
+    /// Its state was created by this opening (it never ran before).
+    new: bool,
 }
 
 impl DurableSink {
@@ -153,22 +193,46 @@ impl DurableSink {
     pub fn open(sink: Sink, state_dir: &Path, name: &str) -> Result<DurableSink, DurableError> {
         check_name(name)?;
         let dir = state_dir.join(name);
-        let (log, last) = load(&dir)?;
-        Ok(DurableSink { sink, positions: Positions::resumed(last), log: Some(log), pending: None, held: None, dir })
+        let State { log, last, marks, new } = load(&dir)?;
+        Ok(DurableSink {
+            sink,
+            positions: Positions::resumed(last),
+            log: Some(log),
+            pending: None,
+            held: None,
+            dir,
+            marks,
+            new,
+        })
     }
 
     /// Wraps `sink` with its positions kept in memory only: a replay ([`DurableSink::catch_up`]) is then merged with
     /// the live events without duplicates (a late joiner's `--last N`).
     pub fn in_memory(sink: Sink) -> DurableSink {
-        DurableSink { sink, positions: Positions::default(), log: None, pending: None, held: None, dir: PathBuf::new() }
+        DurableSink {
+            sink,
+            positions: Positions::default(),
+            log: None,
+            pending: None,
+            held: None,
+            dir: PathBuf::new(),
+            marks: HashMap::new(),
+            new: true,
+        }
     }
 
-    /// Asks the channel's recorders (through `client`) for the events after this sink's positions and for the
-    /// newest `last` events, and returns what to hand over before any live event, in order (each recorded event
-    /// once, after what the application has; events missed ahead of them counted). `None` if no recorder appears
-    /// within `wait`. The positions of what is returned are written. `resume`: the first live event of each source
-    /// replayed counts the events between the replay and it as missed (for a sink that starts; not for one filling a
-    /// loss the channel reported, whose count already covers them).
+    /// Asks a recorder of the channel (through `client`) for the events after this sink's positions, for every other
+    /// source's events recorded since its starting point at that recorder, and for the newest `last` events, and
+    /// returns what to hand over before any live event, in order (each recorded event once, after what the
+    /// application has; events missed ahead of them counted; what cannot be accounted for said as
+    /// [`CatchUp::Unknown`]). `None` if no recorder appears within `wait` (a recorder it has a starting point at is
+    /// waited for that long; another one present is asked then). The positions of what is returned are written, and
+    /// the starting point at the recorder moves to the recorder's next index. `resume`: the first live event of each
+    /// source replayed counts the events between the replay and it as missed (for a sink that starts; not for one
+    /// filling a loss the channel reported, whose count already covers them).
+    ///
+    /// A durable sink always asks (a new one to learn its starting point); one kept in memory only if it has
+    /// positions, a starting point or `last` to ask for.
     pub async fn catch_up(
         &mut self,
         client: &mut ReplayClient,
@@ -176,14 +240,32 @@ impl DurableSink {
         wait: std::time::Duration,
         resume: bool,
     ) -> Result<Option<Vec<CatchUp>>, DurableError> {
-        let after: Vec<(SourceKey, u64)> = self.positions.all().collect();
-        if after.is_empty() && last == 0 {
+        let ask = Ask { after: self.positions.all().collect(), last, since: self.marks.clone() };
+        if self.log.is_none() && ask.after.is_empty() && last == 0 && ask.since.is_empty() {
             return Ok(Some(Vec::new()));
         }
-        let Some(got) = client.fetch(after, last, wait).await? else { return Ok(None) };
+        let Some(answer) = client.fetch(&ask, wait).await? else { return Ok(None) };
         let mut out = Vec::new();
+        match answer.recorder {
+            None if self.log.is_some() => out.push(CatchUp::Unknown(Unknown::OldRecorder)),
+            None => {}
+            Some(recorder) => match (answer.since, answer.first) {
+                (None, _) if !self.new => out.push(CatchUp::Unknown(Unknown::NoStart {
+                    recorder,
+                    others: {
+                        let mut o: Vec<RecorderId> = self.marks.keys().copied().collect();
+                        o.sort();
+                        o
+                    },
+                })),
+                (Some(since), Some(first)) if first > since => {
+                    out.push(CatchUp::Unknown(Unknown::Deleted { recorder, records: first - since }))
+                }
+                _ => {}
+            },
+        }
         let mut newest: HashMap<SourceKey, u64> = HashMap::new();
-        for r in got {
+        for r in answer.events {
             match self.positions.replay(r.source, r.seq, resume) {
                 None => continue,
                 Some(0) => {}
@@ -192,13 +274,32 @@ impl DurableSink {
             newest.insert(r.source, r.seq);
             out.push(CatchUp::Event(r));
         }
+        let mark = answer.recorder.zip(answer.next);
+        if let Some((r, next)) = mark {
+            self.marks.insert(r, next);
+        }
+        self.new = false;
         if let Some(log) = &mut self.log {
             for (k, s) in newest {
                 log.append(&record(k, s))?;
             }
+            if let Some((r, next)) = mark {
+                log.append(&mark_record(r, next))?;
+            }
             log.flush()?;
         }
         Ok(Some(out))
+    }
+
+    /// Its starting points: per recorder, the index from which it has every event of a source it has no position
+    /// for.
+    pub fn starting_points(&self) -> &HashMap<RecorderId, u64> {
+        &self.marks
+    }
+
+    /// Whether its state was created by this opening and no recorder has answered it yet.
+    pub fn is_new(&self) -> bool {
+        self.new
     }
 
     /// The directory holding the positions.
@@ -265,31 +366,69 @@ impl DurableSink {
     }
 }
 
-/// Reads the positions kept in `dir` and compacts them: one record per source in a fresh segment, on disk before the
-/// old segments go.
-fn load(dir: &Path) -> Result<(Log, HashMap<SourceKey, u64>), DurableError> {
+/// What a durable sink's directory holds.
+struct State {
+    log: Log,
+    last: HashMap<SourceKey, u64>,
+    marks: HashMap<RecorderId, u64>,
+    /// Nothing was kept: the sink never ran before.
+    new: bool,
+}
+
+/// Reads the positions and starting points kept in `dir` and compacts them: one record per source and per recorder
+/// in a fresh segment, on disk before the old segments go. A new sink's directory gets a record saying so (a
+/// starting point at recorder 0, which no recording has), so that when it is opened again it is not new.
+fn load(dir: &Path) -> Result<State, DurableError> {
     let mut log = Log::open(dir, LogOptions::default())?;
     let mut last = HashMap::new();
-    for (i, rec) in log.read_from(0)? {
-        let (k, s) = rec.split_at_checked(8).ok_or(DurableError::BadRecord(i))?;
-        let k = u64::from_le_bytes(k.try_into().map_err(|_| DurableError::BadRecord(i))?);
-        let s = u64::from_le_bytes(s.try_into().map_err(|_| DurableError::BadRecord(i))?);
-        let e = last.entry(SourceKey(k)).or_insert(0);
-        *e = (*e).max(s);
+    let mut marks = HashMap::new();
+    let records = log.read_from(0)?;
+    let new = records.is_empty();
+    for (i, rec) in records {
+        let bad = || DurableError::BadRecord(i);
+        let word = |at: usize| -> Result<u64, DurableError> {
+            Ok(u64::from_le_bytes(rec.get(at..at + 8).ok_or_else(bad)?.try_into().map_err(|_| bad())?))
+        };
+        match rec.len() {
+            16 => {
+                let e = last.entry(SourceKey(word(0)?)).or_insert(0);
+                *e = (*e).max(word(8)?);
+            }
+            24 if rec[..8] == MARK_TAG => {
+                let r = RecorderId(word(8)?);
+                if r.0 != 0 {
+                    // The newest is the furthest: a catch-up moves it forward only.
+                    marks.insert(r, word(16)?);
+                }
+            }
+            _ => return Err(bad()),
+        }
     }
     log.roll()?;
     for (k, s) in &last {
         log.append(&record(*k, *s))?;
     }
+    log.append(&mark_record(RecorderId(0), 0))?;
+    for (r, i) in &marks {
+        log.append(&mark_record(*r, *i))?;
+    }
     log.sync()?;
     log.drop_all_but_newest()?;
-    Ok((log, last))
+    Ok(State { log, last, marks, new })
 }
 
 fn record(k: SourceKey, seq: u64) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&k.0.to_le_bytes());
     b[8..].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
+fn mark_record(r: RecorderId, index: u64) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&MARK_TAG);
+    b[8..16].copy_from_slice(&r.0.to_le_bytes());
+    b[16..].copy_from_slice(&index.to_le_bytes());
     b
 }
 
@@ -331,28 +470,71 @@ mod tests {
     #[test]
     fn positions_survive_reopening_compacted() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, last) = load(dir.path()).unwrap();
-        assert!(last.is_empty());
+        let State { mut log, last, new, .. } = load(dir.path()).unwrap();
+        assert!(last.is_empty() && new);
         for seq in 1..=5 {
             log.append(&record(SourceKey(1), seq)).unwrap();
         }
         log.append(&record(SourceKey(2), 9)).unwrap();
         log.flush().unwrap();
         drop(log);
-        let (mut log, last) = load(dir.path()).unwrap();
+        let State { mut log, last, new, .. } = load(dir.path()).unwrap();
+        assert!(!new);
         assert_eq!(last, HashMap::from([(SourceKey(1), 5), (SourceKey(2), 9)]));
-        assert_eq!(log.read_from(0).unwrap().len(), 2, "compacted");
+        assert_eq!(log.read_from(0).unwrap().len(), 3, "compacted: two positions and the sink's own record");
         log.append(&record(SourceKey(1), 6)).unwrap();
         log.flush().unwrap();
         drop(log);
-        let (_, last) = load(dir.path()).unwrap();
+        let State { last, .. } = load(dir.path()).unwrap();
         assert_eq!(last[&SourceKey(1)], 6);
         // A record that is not a position is refused with its index.
-        let (mut log, _) = load(dir.path()).unwrap();
+        let State { mut log, .. } = load(dir.path()).unwrap();
         log.append(b"short").unwrap();
         log.flush().unwrap();
         drop(log);
         assert!(matches!(load(dir.path()), Err(DurableError::BadRecord(_))));
+    }
+
+    #[test]
+    fn starting_points_survive_reopening_the_newest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let State { mut log, marks, .. } = load(dir.path()).unwrap();
+        assert!(marks.is_empty());
+        log.append(&mark_record(RecorderId(7), 10)).unwrap();
+        log.append(&record(SourceKey(1), 3)).unwrap();
+        log.append(&mark_record(RecorderId(7), 25)).unwrap();
+        log.append(&mark_record(RecorderId(8), 4)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let State { log, last, marks, new } = load(dir.path()).unwrap();
+        assert!(!new);
+        assert_eq!(marks, HashMap::from([(RecorderId(7), 25), (RecorderId(8), 4)]));
+        assert_eq!(last, HashMap::from([(SourceKey(1), 3)]));
+        drop(log);
+        let State { marks, .. } = load(dir.path()).unwrap();
+        assert_eq!(marks, HashMap::from([(RecorderId(7), 25), (RecorderId(8), 4)]), "compacted and read again");
+        // A 24-byte record without the tag is not a starting point.
+        let State { mut log, .. } = load(dir.path()).unwrap();
+        log.append(&[1u8; 24]).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        assert!(matches!(load(dir.path()), Err(DurableError::BadRecord(_))));
+    }
+
+    #[test]
+    fn state_written_before_starting_points_opens_with_its_positions_and_none() {
+        // The previous format: a log of 16-byte positions only, written with the log directly.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), LogOptions::default()).unwrap();
+        log.append(&record(SourceKey(0xab), 3)).unwrap();
+        log.append(&record(SourceKey(0xab), 4)).unwrap();
+        log.append(&record(SourceKey(0xcd), 1)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let State { last, marks, new, .. } = load(dir.path()).unwrap();
+        assert_eq!(last, HashMap::from([(SourceKey(0xab), 4), (SourceKey(0xcd), 1)]));
+        assert!(marks.is_empty(), "no starting point yet");
+        assert!(!new, "a sink that ran before: its first answer says what it cannot know");
     }
 
     #[test]

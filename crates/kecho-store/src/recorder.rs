@@ -1,5 +1,9 @@
 //! The recorder's event log: every event of a channel, once, in a [`Log`]. The decisions (what to keep) are pure in
 //! [`Seen`]; [`Recorder`] applies them to the log.
+//!
+//! A recording has an identity ([`RecorderId`], random, made with the recording and kept in its directory as
+//! `recording.id`): a durable sink's starting point is an index in one recording's log and means nothing to
+//! another's (a recording started afresh in the same directory numbers its records from 0 again).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,6 +12,10 @@ use kecho::SourceKey;
 
 use crate::log::{Log, LogError, LogOptions, Opened};
 use crate::record::{DecodeError, Recorded};
+use crate::replay::RecorderId;
+
+/// The file holding a recording's identity (16 hex digits and a newline).
+pub const ID_FILE: &str = "recording.id";
 
 /// Errors of the recorder.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +31,14 @@ pub enum RecorderError {
         index: u64,
         /// Why.
         source: DecodeError,
+    },
+    /// The identity file cannot be read or written, or does not hold an identity.
+    #[error("{path}: {why}")]
+    Id {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
     },
 }
 
@@ -50,6 +66,7 @@ impl Seen {
 /// A channel's recorded events on disk.
 #[derive(Debug)]
 pub struct Recorder {
+    id: RecorderId,
     log: Log,
     seen: Seen,
     buf: Vec<u8>,
@@ -64,7 +81,34 @@ impl Recorder {
             let r = Recorded::decode(&rec).map_err(|source| RecorderError::Decode { index, source })?;
             seen.fresh(r.source, r.seq);
         }
-        Ok(Recorder { log, seen, buf: Vec::new() })
+        let id = identity(dir)?;
+        Ok(Recorder { id, log, seen, buf: Vec::new() })
+    }
+
+    /// The recording's identity.
+    pub fn id(&self) -> RecorderId {
+        self.id
+    }
+
+    /// The index the next recorded event gets.
+    pub fn next_index(&self) -> u64 {
+        self.log.next_index()
+    }
+
+    /// The index of the oldest event kept.
+    pub fn first_index(&self) -> u64 {
+        self.log.first_index()
+    }
+
+    /// The recorded events from log index `from` on, oldest first, each with its index.
+    pub fn indexed(&mut self, from: u64) -> Result<Vec<(u64, Recorded)>, RecorderError> {
+        self.log
+            .read_from(from)?
+            .into_iter()
+            .map(|(index, rec)| {
+                Recorded::decode(&rec).map(|r| (index, r)).map_err(|source| RecorderError::Decode { index, source })
+            })
+            .collect()
     }
 
     /// What opening found.
@@ -100,6 +144,48 @@ impl Recorder {
     /// The last sequence number recorded per source.
     pub fn seen(&self) -> &Seen {
         &self.seen
+    }
+}
+
+/// The identity of the recording in `dir`, made (at random, never 0) if it has none: written to a temporary file,
+/// synced, then renamed, so that a crash leaves either no identity or a whole one.
+fn identity(dir: &Path) -> Result<RecorderId, RecorderError> {
+    let path = dir.join(ID_FILE);
+    let err = |why: String| RecorderError::Id { path: path.clone(), why };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return RecorderId::parse(text.trim())
+                .filter(|id| id.0 != 0)
+                .ok_or_else(|| err(format!("not a recording identity: {:?}", text.trim())));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let id = RecorderId(random_u64());
+    let tmp = dir.join(format!("{ID_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{id}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| err(e.to_string()))?;
+    Ok(id)
+}
+
+/// A random non-zero `u64` (the standard library's randomly keyed hasher over the time and the process id).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        let v = h.finish();
+        if v != 0 {
+            return v;
+        }
     }
 }
 
@@ -140,5 +226,29 @@ mod tests {
         let got: Vec<(u64, u64)> = r.events(0).unwrap().iter().map(|e| (e.source.0, e.seq)).collect();
         assert_eq!(got, vec![(1, 1), (1, 2), (2, 1)]);
         assert_eq!(r.events(0).unwrap()[2], ev(2, 1));
+    }
+
+    #[test]
+    fn a_recording_keeps_its_identity_and_numbers_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Recorder::open(dir.path(), LogOptions::default()).unwrap();
+        let id = r.id();
+        assert_ne!(id.0, 0);
+        assert_eq!((r.first_index(), r.next_index()), (0, 0));
+        r.record(&ev(1, 1)).unwrap();
+        r.record(&ev(2, 1)).unwrap();
+        assert_eq!(r.next_index(), 2);
+        drop(r);
+        let mut r = Recorder::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!(r.id(), id, "the same recording");
+        let got: Vec<(u64, u64)> = r.indexed(1).unwrap().iter().map(|(i, e)| (*i, e.source.0)).collect();
+        assert_eq!(got, vec![(1, 2)]);
+        // Another recording has another identity.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Recorder::open(other.path(), LogOptions::default()).unwrap().id(), id);
+        // An identity file that holds something else is refused, with the file named.
+        std::fs::write(dir.path().join(ID_FILE), "garbage\n").unwrap();
+        let e = Recorder::open(dir.path(), LogOptions::default()).unwrap_err();
+        assert!(e.to_string().contains(ID_FILE), "{e}");
     }
 }

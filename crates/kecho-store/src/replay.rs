@@ -2,20 +2,28 @@
 //! the channel's recorders for what it missed, and gets it before anything newer.
 //!
 //! The exchange runs on a companion channel, `CHANNEL.replay`, with ordinary events: the recorder's sink there
-//! (types `kecho.replay-request`, attribute `kecho_recorder = true`) takes requests; a request names the requester
+//! (types `kecho.replay-request`, attribute `kecho_recorder = true`, and since version 2 the recording's identity in
+//! `kecho_recorder_id` and `kecho_replay_version = 2`) takes requests; a request names the requester
 //! (`replay_for`), the positions it has (`after`: `KEY:SEQ,...`, source keys in hex) and how many of the newest events
-//! it wants (`last`); the recorder answers with one `kecho.replay` event per recorded event (its source, sequence
-//! number and type in `replay_src`, `replay_seq`, `replay_type`, then the event's own attributes; its payload), then
-//! `kecho.replay-done` (`replay_count`). The requester's sink takes only events whose `replay_for` is its own.
+//! it wants (`last`); since version 2 also the recorder it is for (`replay_to`) and a starting point in that
+//! recorder's log (`since`): every event of a source not named in `after` recorded at that index or later. The
+//! recorder answers with one `kecho.replay` event per recorded event (its source, sequence number and type in
+//! `replay_src`, `replay_seq`, `replay_type`, since version 2 `replay_by`, then the event's own attributes; its
+//! payload), then `kecho.replay-done` (`replay_count`; since version 2 `replay_by`, and `replay_next`, the index its
+//! next record gets: a starting point for the requester's next request). The requester's sink takes only events
+//! whose `replay_for` is its own. Version 1 requests (no `replay_version`) are answered as before.
 //!
-//! What to answer is decided by [`answer`] (pure); [`ReplayClient`] and the `kecho record` command do the I/O.
+//! What to answer is decided by [`answer`] (pure); [`serve`], [`ReplayClient`] and the `kecho record` command do
+//! the I/O.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 use kecho::{Attrs, Channel, Event, Node, RecvError, SinkOptions, Source, SourceKey, Value};
 
 use crate::record::Recorded;
+use crate::recorder::{Recorder, RecorderError};
 
 /// The type of a request.
 pub const REQUEST: &str = "kecho.replay-request";
@@ -25,10 +33,37 @@ pub const REPLAY: &str = "kecho.replay";
 pub const DONE: &str = "kecho.replay-done";
 /// The attribute a recorder's request sink carries.
 pub const RECORDER_ATTR: &str = "kecho_recorder";
+/// The attribute holding a recorder's identity (its recording's, 16 hex digits; version 2).
+pub const RECORDER_ID_ATTR: &str = "kecho_recorder_id";
+/// The attribute holding the exchange's version a recorder speaks (version 2; absent: 1).
+pub const RECORDER_VERSION_ATTR: &str = "kecho_replay_version";
+/// The version of the exchange this crate speaks (and the highest it answers).
+pub const VERSION: u64 = 2;
+/// `replay_to` of a request meant for version 1 recorders (which ignore the attribute): no version 2 recorder answers
+/// it.
+pub const TO_VERSION_1: &str = "-";
 
 /// The companion channel of `channel`.
 pub fn channel_of(channel: &str) -> String {
     format!("{channel}.replay")
+}
+
+/// A recording's identity: random, made when the recording is created, kept in its directory. A starting point
+/// (an index in a recorder's log) means something only to the recorder of that identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecorderId(pub u64);
+
+impl fmt::Display for RecorderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl RecorderId {
+    /// Parses 16 hex digits (or fewer).
+    pub fn parse(s: &str) -> Option<RecorderId> {
+        (!s.is_empty() && s.len() <= 16).then(|| u64::from_str_radix(s, 16).ok().map(RecorderId)).flatten()
+    }
 }
 
 /// A request for a replay.
@@ -36,8 +71,14 @@ pub fn channel_of(channel: &str) -> String {
 pub struct Request {
     /// Who asks (unique per requester).
     pub id: String,
+    /// The exchange's version the request was written in (1: no `replay_version`, no `replay_to`, no `since`).
+    pub version: u64,
+    /// Version 2: the recorder it is for; `None` for version 1 recorders only ([`TO_VERSION_1`]).
+    pub to: Option<RecorderId>,
     /// Per source, the last sequence number the requester has: it wants the recorded events after it.
     pub after: Vec<(SourceKey, u64)>,
+    /// Version 2: every event of a source not named in `after` recorded at this index of the recorder's log or later.
+    pub since: Option<u64>,
     /// The newest events it wants, of every source (0: none).
     pub last: u64,
 }
@@ -61,6 +102,13 @@ fn int_attr(a: &Attrs, name: &str) -> Result<u64, Malformed> {
     }
 }
 
+fn opt_int_attr(a: &Attrs, name: &str) -> Result<Option<u64>, Malformed> {
+    match a.get(name) {
+        None => Ok(None),
+        Some(_) => int_attr(a, name).map(Some),
+    }
+}
+
 fn int(n: u64) -> Value {
     Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
@@ -73,10 +121,18 @@ impl Request {
         let after: Vec<String> = self.after.iter().map(|(k, s)| format!("{k}:{s}")).collect();
         a.set("after", after.join(","));
         a.set("last", int(self.last));
+        if self.version >= 2 {
+            a.set("replay_version", int(self.version));
+            a.set("replay_to", self.to.map_or_else(|| TO_VERSION_1.to_owned(), |r| r.to_string()));
+            if let Some(s) = self.since {
+                a.set("since", int(s));
+            }
+        }
         a
     }
 
-    /// The request these attributes carry.
+    /// The request these attributes carry. A version this crate does not speak is malformed (see
+    /// [`Request::requester`] to answer it with a refusal).
     pub fn from_attrs(a: &Attrs) -> Result<Request, Malformed> {
         let id = str_attr(a, "replay_for")?.to_owned();
         let mut after = Vec::new();
@@ -86,43 +142,158 @@ impl Request {
             let s = s.parse().map_err(|_| Malformed(format!("sequence number {s:?}")))?;
             after.push((SourceKey(k), s));
         }
-        Ok(Request { id, after, last: int_attr(a, "last")? })
+        let last = int_attr(a, "last")?;
+        let version = opt_int_attr(a, "replay_version")?.unwrap_or(1);
+        if version == 1 {
+            return Ok(Request { id, version, to: None, after, since: None, last });
+        }
+        if version == 0 || version > VERSION {
+            return Err(Malformed(format!(
+                "replay request version {version}; this recorder speaks versions 1 to {VERSION}"
+            )));
+        }
+        let to = match str_attr(a, "replay_to")? {
+            TO_VERSION_1 => None,
+            s => Some(RecorderId::parse(s).ok_or_else(|| Malformed(format!("recorder id {s:?}")))?),
+        };
+        let since = opt_int_attr(a, "since")?;
+        Ok(Request { id, version, to, after, since, last })
+    }
+
+    /// Who asks, if the attributes say so (to answer a request that is not well formed with a refusal).
+    pub fn requester(a: &Attrs) -> Option<&str> {
+        str_attr(a, "replay_for").ok()
+    }
+
+    /// Whether recorder `me` answers it: a version 1 request is for every recorder, a version 2 one for the recorder
+    /// it names.
+    pub fn is_for(&self, me: RecorderId) -> bool {
+        self.version < 2 || self.to == Some(me)
     }
 }
 
-/// The recorded events (oldest first) that answer `req`: those of the named sources after the positions given,
-/// and the newest `req.last` of all; each once, oldest first.
-pub fn answer<'a>(req: &Request, recorded: &'a [Recorded]) -> Vec<&'a Recorded> {
+/// The recorded events (oldest first, each with its index in the recorder's log, from some index to the newest)
+/// that answer `req`: those of the sources named after the positions given, those of every other source recorded at
+/// `req.since` or later, and the newest `req.last` of those given (pass the whole recording for `last`); each once,
+/// oldest first.
+pub fn answer<'a>(req: &Request, recorded: &'a [(u64, Recorded)]) -> Vec<&'a Recorded> {
     let after: HashMap<SourceKey, u64> = req.after.iter().copied().collect();
     let tail_from = recorded.len().saturating_sub(usize::try_from(req.last).unwrap_or(usize::MAX));
     recorded
         .iter()
         .enumerate()
-        .filter(|(i, r)| *i >= tail_from || after.get(&r.source).is_some_and(|p| r.seq > *p))
-        .map(|(_, r)| r)
+        .filter(|(i, (index, r))| {
+            *i >= tail_from
+                || match after.get(&r.source) {
+                    Some(p) => r.seq > *p,
+                    None => req.since.is_some_and(|s| *index >= s),
+                }
+        })
+        .map(|(_, (_, r))| r)
         .collect()
 }
 
-/// The attributes of replayed event `r` for requester `id`.
-pub fn replay_attrs(id: &str, r: &Recorded) -> Attrs {
+/// The index of the oldest record an answer to `req` needs, `None` if it needs none.
+pub fn read_from(req: &Request, first: u64) -> Option<u64> {
+    if req.last > 0 || !req.after.is_empty() {
+        Some(first)
+    } else {
+        req.since.map(|s| s.max(first))
+    }
+}
+
+/// The attributes of replayed event `r` for requester `id` (from recorder `by`, version 2).
+pub fn replay_attrs(id: &str, by: Option<RecorderId>, r: &Recorded) -> Attrs {
     let mut a = Attrs::default();
     a.set("replay_for", id);
     a.set("replay_src", r.source.to_string());
     a.set("replay_seq", int(r.seq));
     a.set("replay_type", r.ty.as_str());
+    if let Some(by) = by {
+        a.set("replay_by", by.to_string());
+    }
     a.0.extend(r.attrs.0.iter().cloned());
     a
 }
 
-/// The recorded event a `kecho.replay` event carries.
-pub fn replayed(ev: &Event) -> Result<Recorded, Malformed> {
+/// The recorded event a `kecho.replay` event carries (`by`: whether it was written by a version 2 recorder, which
+/// puts `replay_by` fifth).
+pub fn replayed(ev: &Event, by: bool) -> Result<Recorded, Malformed> {
     let a = ev.attrs();
     let k = str_attr(a, "replay_src")?;
     let source = SourceKey(u64::from_str_radix(k, 16).map_err(|_| Malformed(format!("source key {k:?}")))?);
     let seq = int_attr(a, "replay_seq")?;
     let ty = str_attr(a, "replay_type")?.to_owned();
-    let attrs = Attrs(a.0.iter().skip(4).cloned().collect());
+    let attrs = Attrs(a.0.iter().skip(if by { 5 } else { 4 }).cloned().collect());
     Ok(Recorded { source, seq, ty, attrs, payload: ev.payload().clone() })
+}
+
+/// The recorder that wrote a `kecho.replay` or `kecho.replay-done` event: `None` for a version 1 recorder, or a
+/// value that is not an id.
+fn replay_by(ev: &Event) -> Option<RecorderId> {
+    str_attr(ev.attrs(), "replay_by").ok().and_then(RecorderId::parse)
+}
+
+/// Errors of serving a request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Reading the recording failed.
+    #[error(transparent)]
+    Recorder(#[from] RecorderError),
+    /// Sending the answer failed.
+    #[error(transparent)]
+    Kecho(#[from] kecho::Error),
+}
+
+/// Answers request `req` (if it is for this recorder; else `None`) from the recording, on `out`: the events it asks
+/// for, then the end of the answer. Returns how many events were replayed.
+pub async fn serve(rec: &mut Recorder, out: &mut Source, req: &Request) -> Result<Option<u64>, ServeError> {
+    if !req.is_for(rec.id()) {
+        return Ok(None);
+    }
+    let by = (req.version >= 2).then(|| rec.id());
+    let all = match read_from(req, rec.first_index()) {
+        Some(from) => rec.indexed(from)?,
+        None => Vec::new(),
+    };
+    let chosen: Vec<&Recorded> = answer(req, &all);
+    for r in &chosen {
+        out.submit(REPLAY, &replay_attrs(&req.id, by, r), &r.payload).await?;
+    }
+    let mut done = Attrs::default();
+    done.set("replay_for", req.id.as_str());
+    done.set("replay_count", int(chosen.len() as u64));
+    if let Some(by) = by {
+        done.set("replay_by", by.to_string());
+        done.set("replay_next", int(rec.next_index()));
+        done.set("replay_first", int(rec.first_index()));
+    }
+    out.submit(DONE, &done, &[]).await?;
+    Ok(Some(chosen.len() as u64))
+}
+
+/// Refuses a request that is not well formed (a version this recorder does not speak), if it names its requester:
+/// an answer with no event and `replay_error`, so that the requester fails at once rather than waiting.
+/// Only a request that names recorder `me` (or names none) is refused by it.
+pub async fn refuse(out: &mut Source, me: RecorderId, attrs: &Attrs, why: &Malformed) -> Result<bool, kecho::Error> {
+    let Some(id) = Request::requester(attrs) else { return Ok(false) };
+    let to = match attrs.get("replay_to") {
+        Some(Value::Str(to)) => Some(to.as_str()),
+        _ => None,
+    };
+    if to.is_some_and(|to| RecorderId::parse(to) != Some(me)) {
+        return Ok(false);
+    }
+    let mut done = Attrs::default();
+    done.set("replay_for", id);
+    done.set("replay_count", 0i64);
+    done.set("replay_error", why.0.as_str());
+    if to.is_some() {
+        done.set("replay_by", me.to_string());
+    }
+    out.submit(DONE, &done, &[]).await?;
+    Ok(true)
 }
 
 /// Errors of a replay.
@@ -141,6 +312,36 @@ pub enum ReplayError {
     /// The recorder began answering and did not finish in time.
     #[error("the recorder's answer did not finish within {0:?}")]
     Timeout(Duration),
+    /// The recorder refused the request.
+    #[error("the recorder refused the request: {0}")]
+    Refused(String),
+}
+
+/// What to ask the recorders for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// Per source, the last sequence number the requester has.
+    pub after: Vec<(SourceKey, u64)>,
+    /// The newest events of every source it wants (0: none).
+    pub last: u64,
+    /// Its starting points: per recorder, the index from which it wants every event of a source not in `after`.
+    /// A recorder named here is preferred (waited for, within the wait given).
+    pub since: HashMap<RecorderId, u64>,
+}
+
+/// A recorder's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answer {
+    /// Who answered; `None`: a version 1 recorder (which knows no starting points).
+    pub recorder: Option<RecorderId>,
+    /// The starting point that was asked of it, if any.
+    pub since: Option<u64>,
+    /// The events, in the order recorded.
+    pub events: Vec<Recorded>,
+    /// The index its next record gets (version 2): a starting point for the next request.
+    pub next: Option<u64>,
+    /// The index of the oldest record it holds (version 2).
+    pub first: Option<u64>,
 }
 
 /// A requester's end of the exchange.
@@ -150,6 +351,18 @@ pub struct ReplayClient {
     src: Source,
     sink: kecho::Sink,
     id: String,
+}
+
+/// A recorder present on the replay channel: `Some(id)` for version 2, `None` for version 1.
+fn recorders(ch: &Channel) -> Vec<Option<RecorderId>> {
+    ch.sink_attrs()
+        .iter()
+        .filter(|(_, a)| a.get(RECORDER_ATTR).is_some())
+        .map(|(_, a)| match (a.get(RECORDER_ID_ATTR), a.get(RECORDER_VERSION_ATTR)) {
+            (Some(Value::Str(id)), Some(Value::Int(v))) if *v >= 2 => RecorderId::parse(id),
+            _ => None,
+        })
+        .collect()
 }
 
 impl ReplayClient {
@@ -164,45 +377,64 @@ impl ReplayClient {
 
     /// A recorder is present (waiting for one at most `wait`).
     pub async fn recorder_present(&self, wait: Duration) -> bool {
+        self.choose(&HashMap::new(), wait).await.is_some()
+    }
+
+    /// The recorder to ask: one named in `since` if one appears within `wait`, else a version 2 recorder present
+    /// then, else a version 1 one (`Some(None)`); `None` if none appears within `wait`.
+    async fn choose(&self, since: &HashMap<RecorderId, u64>, wait: Duration) -> Option<Option<RecorderId>> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if self.ch.sink_attrs().iter().any(|(_, a)| a.get(RECORDER_ATTR).is_some()) {
-                return true;
+            let present = recorders(&self.ch);
+            if let Some(r) = present.iter().flatten().find(|r| since.contains_key(r)) {
+                return Some(Some(*r));
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+            let over = tokio::time::Instant::now() >= deadline;
+            // Without a starting point to honour, the first recorder seen will do.
+            if !present.is_empty() && (over || since.is_empty()) {
+                let v2 = present.iter().flatten().min().copied();
+                return Some(v2);
+            }
+            if over {
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Asks the recorders for `after` and `last` (see [`Request`]) and returns the recorded events of the first
-    /// complete answer, oldest first; `None` if no recorder appears within `wait`.
-    pub async fn fetch(
-        &mut self,
-        after: Vec<(SourceKey, u64)>,
-        last: u64,
-        wait: Duration,
-    ) -> Result<Option<Vec<Recorded>>, ReplayError> {
-        if !self.recorder_present(wait).await {
-            return Ok(None);
-        }
-        let req = Request { id: self.id.clone(), after, last };
+    /// Asks a recorder for `ask` and returns its complete answer; `None` if no recorder appears within `wait`.
+    pub async fn fetch(&mut self, ask: &Ask, wait: Duration) -> Result<Option<Answer>, ReplayError> {
+        let Some(to) = self.choose(&ask.since, wait).await else { return Ok(None) };
+        let since = to.and_then(|r| ask.since.get(&r).copied());
+        let req =
+            Request { id: self.id.clone(), version: VERSION, to, after: ask.after.clone(), since, last: ask.last };
         self.src.submit(REQUEST, &req.to_attrs(), &[]).await?;
         let limit = Duration::from_secs(30);
-        let mut out = Vec::new();
+        let mut answer = Answer { recorder: to, since, ..Answer::default() };
         let result = tokio::time::timeout(limit, async {
             loop {
                 let ev = self.sink.recv().await?;
+                // Only the answer of the recorder asked (a version 1 recorder's bears no `replay_by`; a version 2
+                // recorder answers only requests naming it, but what is left of an earlier answer is dropped here).
+                if replay_by(&ev) != to {
+                    continue;
+                }
                 if ev.ty() == DONE {
+                    if let Ok(why) = str_attr(ev.attrs(), "replay_error") {
+                        return Err(ReplayError::Refused(why.to_owned()));
+                    }
+                    if to.is_some() {
+                        answer.next = Some(int_attr(ev.attrs(), "replay_next")?);
+                        answer.first = Some(int_attr(ev.attrs(), "replay_first")?);
+                    }
                     return Ok::<_, ReplayError>(());
                 }
-                out.push(replayed(&ev)?);
+                answer.events.push(replayed(&ev, to.is_some())?);
             }
         })
         .await;
         match result {
-            Ok(Ok(())) => Ok(Some(out)),
+            Ok(Ok(())) => Ok(Some(answer)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ReplayError::Timeout(limit)),
         }
@@ -234,10 +466,32 @@ mod tests {
         Recorded { source: SourceKey(source), seq, ty: "t".into(), attrs: Attrs::default(), payload: Bytes::new() }
     }
 
+    fn req(after: Vec<(u64, u64)>, since: Option<u64>, last: u64) -> Request {
+        Request {
+            id: "a".into(),
+            version: VERSION,
+            to: Some(RecorderId(9)),
+            after: after.into_iter().map(|(k, s)| (SourceKey(k), s)).collect(),
+            since,
+            last,
+        }
+    }
+
     #[test]
     fn requests_round_trip_through_attributes() {
-        let r = Request { id: "n1/d".into(), after: vec![(SourceKey(0xab), 7), (SourceKey(2), 0)], last: 5 };
-        assert_eq!(Request::from_attrs(&r.to_attrs()), Ok(r));
+        let r = Request {
+            id: "n1/d".into(),
+            version: 2,
+            to: Some(RecorderId(0xfeed)),
+            after: vec![(SourceKey(0xab), 7), (SourceKey(2), 0)],
+            since: Some(12),
+            last: 5,
+        };
+        assert_eq!(Request::from_attrs(&r.to_attrs()), Ok(r.clone()));
+        let for_v1 = Request { to: None, since: None, ..r.clone() };
+        assert_eq!(Request::from_attrs(&for_v1.to_attrs()), Ok(for_v1.clone()));
+        assert!(!for_v1.is_for(RecorderId(0xfeed)), "a request for version 1 recorders only");
+        assert!(r.is_for(RecorderId(0xfeed)) && !r.is_for(RecorderId(1)));
         let mut bad = Attrs::default();
         bad.set("replay_for", "x");
         bad.set("after", "zz:1");
@@ -246,18 +500,76 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_request_is_read_as_before_and_a_newer_version_is_refused() {
+        // What a version 1 requester sends: no replay_version, replay_to or since.
+        let mut v1 = Attrs::default();
+        v1.set("replay_for", "old");
+        v1.set("after", "00000000000000ab:7");
+        v1.set("last", 3i64);
+        let r = Request::from_attrs(&v1).unwrap();
+        assert_eq!(
+            r,
+            Request { id: "old".into(), version: 1, to: None, after: vec![(SourceKey(0xab), 7)], since: None, last: 3 }
+        );
+        assert!(r.is_for(RecorderId(1)) && r.is_for(RecorderId(2)), "every recorder answers it");
+        assert_eq!(r.to_attrs(), v1, "written back as version 1");
+        let mut v3 = v1.clone();
+        v3.set("replay_version", 3i64);
+        v3.set("replay_to", "0000000000000001");
+        let e = Request::from_attrs(&v3).unwrap_err();
+        assert!(e.0.contains("version 3"), "{e}");
+        assert_eq!(Request::requester(&v3), Some("old"));
+    }
+
+    #[test]
     fn an_answer_has_what_follows_each_position_and_the_newest_n_once_in_order() {
-        let log = vec![rec(1, 1), rec(2, 1), rec(1, 2), rec(2, 2), rec(1, 3), rec(3, 1)];
+        let log: Vec<(u64, Recorded)> = [rec(1, 1), rec(2, 1), rec(1, 2), rec(2, 2), rec(1, 3), rec(3, 1)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64, r))
+            .collect();
         let seqs =
             |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
-        let after = Request { id: "a".into(), after: vec![(SourceKey(1), 1)], last: 0 };
-        assert_eq!(seqs(&after), vec![(1, 2), (1, 3)]);
-        let last = Request { id: "a".into(), after: vec![], last: 2 };
-        assert_eq!(seqs(&last), vec![(1, 3), (3, 1)]);
-        let both = Request { id: "a".into(), after: vec![(SourceKey(2), 0)], last: 1 };
-        assert_eq!(seqs(&both), vec![(2, 1), (2, 2), (3, 1)]);
-        let none = Request { id: "a".into(), after: vec![(SourceKey(1), 3)], last: 0 };
-        assert!(seqs(&none).is_empty());
+        assert_eq!(seqs(&req(vec![(1, 1)], None, 0)), vec![(1, 2), (1, 3)]);
+        assert_eq!(seqs(&req(vec![], None, 2)), vec![(1, 3), (3, 1)]);
+        assert_eq!(seqs(&req(vec![(2, 0)], None, 1)), vec![(2, 1), (2, 2), (3, 1)]);
+        assert!(seqs(&req(vec![(1, 3)], None, 0)).is_empty());
+    }
+
+    #[test]
+    fn an_answer_since_a_starting_point_has_every_other_source_recorded_from_it() {
+        // Index: 0 (1,1) 1 (2,1) 2 (1,2) 3 (2,2) 4 (1,3) 5 (3,1) 6 (3,2).
+        let log: Vec<(u64, Recorded)> = [rec(1, 1), rec(2, 1), rec(1, 2), rec(2, 2), rec(1, 3), rec(3, 1), rec(3, 2)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64, r))
+            .collect();
+        let seqs =
+            |req: &Request| -> Vec<(u64, u64)> { answer(req, &log).iter().map(|r| (r.source.0, r.seq)).collect() };
+        // Source 1 by its position (even before the starting point), the others from index 3 on, in recorded order.
+        assert_eq!(seqs(&req(vec![(1, 1)], Some(3), 0)), vec![(1, 2), (2, 2), (1, 3), (3, 1), (3, 2)]);
+        // A sink that never received an event: everything from its starting point.
+        assert_eq!(seqs(&req(vec![], Some(5), 0)), vec![(3, 1), (3, 2)]);
+        // A position beyond what is recorded: nothing of that source, whatever the starting point.
+        assert_eq!(seqs(&req(vec![(3, 2)], Some(0), 0)), vec![(1, 1), (2, 1), (1, 2), (2, 2), (1, 3)]);
+        assert!(seqs(&req(vec![], Some(7), 0)).is_empty(), "nothing recorded since");
+        // With `last` as well, each event once.
+        assert_eq!(seqs(&req(vec![], Some(5), 3)), vec![(1, 3), (3, 1), (3, 2)]);
+        // What to read: from the starting point when only that is asked.
+        assert_eq!(read_from(&req(vec![], Some(5), 0), 2), Some(5));
+        assert_eq!(read_from(&req(vec![], Some(1), 0), 2), Some(2), "the records before 2 are gone");
+        assert_eq!(read_from(&req(vec![(1, 1)], Some(5), 0), 2), Some(2));
+        assert_eq!(read_from(&req(vec![], None, 0), 2), None, "a request for a starting point only");
+    }
+
+    #[test]
+    fn recorder_ids_print_and_parse_as_16_hex_digits() {
+        let r = RecorderId(0xab);
+        assert_eq!(r.to_string(), "00000000000000ab");
+        assert_eq!(RecorderId::parse(&r.to_string()), Some(r));
+        for bad in ["", "-", "xyz", "00000000000000000"] {
+            assert_eq!(RecorderId::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -62,10 +62,22 @@ pub async fn run(a: Args) -> Result<()> {
     let ch = open(&node, &a.channel, false).await?;
     let mut sink = ch.sink(SinkOptions::new().capacity(65_536))?;
     let rch = open(&node, &replay::channel_of(&a.channel), false).await?;
-    let mut requests =
-        rch.sink(SinkOptions::new().types([replay::REQUEST]).attr(replay::RECORDER_ATTR, true).capacity(1024))?;
+    let mut requests = rch.sink(
+        SinkOptions::new()
+            .types([replay::REQUEST])
+            .attr(replay::RECORDER_ATTR, true)
+            .attr(replay::RECORDER_ID_ATTR, rec.id().to_string())
+            .attr(replay::RECORDER_VERSION_ATTR, replay::VERSION as i64)
+            .capacity(1024),
+    )?;
     let mut answers = rch.source()?;
-    eprintln!("kecho: recording {:?} into {} ({} event(s) so far)", a.channel, a.dir.display(), rec.opened().records);
+    eprintln!(
+        "kecho: recording {:?} into {} ({} event(s) so far; recording {})",
+        a.channel,
+        a.dir.display(),
+        rec.opened().records,
+        rec.id()
+    );
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let (mut recorded, mut missed) = (0u64, 0u64);
     let result = loop {
@@ -95,10 +107,17 @@ pub async fn run(a: Args) -> Result<()> {
                 rec.flush()?;
                 match Request::from_attrs(req.attrs()) {
                     Ok(req) => {
-                        let n = serve(&mut rec, &mut answers, &req).await?;
-                        eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                        if let Some(n) = replay::serve(&mut rec, &mut answers, &req).await? {
+                            eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                        }
                     }
-                    Err(e) => eprintln!("kecho: ignored a replay request: {e}"),
+                    Err(e) => {
+                        if replay::refuse(&mut answers, rec.id(), req.attrs(), &e).await? {
+                            eprintln!("kecho: refused a replay request: {e}");
+                        } else {
+                            eprintln!("kecho: ignored a replay request: {e}");
+                        }
+                    }
                 }
                 continue;
             }
@@ -131,20 +150,6 @@ pub async fn run(a: Args) -> Result<()> {
     drop(sink);
     node.shutdown().await;
     result
-}
-
-/// Answers replay request `req` from the recording: the events it asks for, then the end of the answer.
-async fn serve(rec: &mut Recorder, out: &mut kecho::Source, req: &Request) -> Result<u64> {
-    let all = rec.events(0)?;
-    let chosen: Vec<&Recorded> = replay::answer(req, &all);
-    for r in &chosen {
-        out.submit(replay::REPLAY, &replay::replay_attrs(&req.id, r), &r.payload).await?;
-    }
-    let mut done = kecho::Attrs::default();
-    done.set("replay_for", req.id.as_str());
-    done.set("replay_count", chosen.len() as i64);
-    out.submit(replay::DONE, &done, &[]).await?;
-    Ok(chosen.len() as u64)
 }
 
 /// `--print`: the recording in `dir`, read without writing to it. It may run beside the recorder, whose newest

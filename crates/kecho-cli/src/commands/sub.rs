@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kecho::{Event, RecvError, Sink, SinkOptions};
-use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient};
+use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -50,7 +50,10 @@ pub struct Args {
     #[arg(long)]
     timeout: Option<f64>,
     /// A durable sink named NAME: its position per source is kept in --state-dir, and after a restart it prints
-    /// nothing twice and reports the events it missed while it was away (docs/DURABILITY.md).
+    /// nothing twice and reports the events it missed while it was away. With a recorder on the channel (`kecho
+    /// record`) it gets them replayed first, including those of sources that began while it was away (from its
+    /// starting point at that recorder, taken when it first runs); without one, a source it never heard of cannot be
+    /// known (docs/DURABILITY.md).
     #[arg(long, value_name = "NAME", requires = "state_dir")]
     durable: Option<String>,
     /// Where durable sinks keep their positions (a directory per name).
@@ -63,9 +66,26 @@ pub struct Args {
     /// it does not have either are reported (--durable and --last sinks always do).
     #[arg(long)]
     recover: bool,
-    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds.
+    /// How long to wait for a recorder to replay from (with --durable or --last), in seconds. A new durable sink
+    /// without --last does not wait (it has nothing to replay); while it has no starting point at a recorder it looks
+    /// for one every 250 ms.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     replay_wait: f64,
+}
+
+/// How long a new durable sink waits for a recorder before it goes on (it looks again every [`LOOK_EVERY`]): not at
+/// all, as its first answer has nothing to replay (it only gives a starting point) and its events would queue
+/// meanwhile.
+const NEW_WAIT: Duration = Duration::ZERO;
+/// How often a durable sink with no starting point looks for a recorder.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// What the receive loop got.
+enum Next {
+    Got(Result<Result<Event, RecvError>>),
+    /// Time to look for a recorder.
+    Look,
+    Stop,
 }
 
 /// The sink, plain or durable.
@@ -153,15 +173,25 @@ pub async fn run(a: Args) -> Result<()> {
     if let Input::Durable(d) = &mut sink {
         let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
         let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
-        match d.catch_up(c, a.last, wait, true).await? {
+        // A new durable sink only takes its starting point: it need not wait, as it receives every event from now on
+        // while it runs, and takes one when a recorder appears (below).
+        let first_wait = if a.durable.is_some() && d.is_new() && a.last == 0 { wait.min(NEW_WAIT) } else { wait };
+        match d.catch_up(c, a.last, first_wait, true).await? {
             Some(items) => {
                 let n = items.iter().filter(|i| matches!(i, CatchUp::Event(_))).count();
                 eprintln!("kecho: {n} event(s) replayed from a recorder");
                 replayed = items;
             }
-            None if a.last > 0 || d.positions().all().next().is_some() => {
-                eprintln!("kecho: no recorder on the channel; nothing replayed")
-            }
+            None if a.durable.is_some() && d.is_new() => eprintln!(
+                "kecho: no recorder on the channel yet: if this sink is stopped, it will be told of the events it misses \
+                 only from sources it has heard of (a source it never heard of cannot be known without a recorder; \
+                 if one appears while this sink runs, it takes a starting point there)"
+            ),
+            None if a.durable.is_some() => eprintln!(
+                "kecho: no recorder on the channel; nothing replayed, and the events of sources this sink never heard \
+                 of, sent while it was away, cannot be known"
+            ),
+            None if a.last > 0 => eprintln!("kecho: no recorder on the channel; nothing replayed"),
             None => {}
         }
     }
@@ -175,6 +205,9 @@ pub async fn run(a: Args) -> Result<()> {
     // second (`unsaid` holds the count not said yet; the rest is said when the loop ends).
     let mut expired = 0u64;
     let (mut unsaid, mut said_at): (u64, Option<std::time::Instant>) = (0, None);
+    let mut looking = true;
+    let mut look_tick = tokio::time::interval(LOOK_EVERY);
+    look_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = std::io::stdout().lock();
     let (n, m) = print_replayed(&mut out, replayed, a.format, true)?;
     got += n;
@@ -199,13 +232,19 @@ pub async fn run(a: Args) -> Result<()> {
                 ));
             }
         }
+        // A durable sink with no starting point at a recorder looks for one now and then while it runs.
+        let look = looking
+            && client.is_some()
+            && a.durable.is_some()
+            && matches!(&sink, Input::Durable(d) if d.starting_points().is_empty());
         let next = async {
             tokio::select! {
-                r = sink.recv() => Some(r),
-                _ = tokio::signal::ctrl_c() => None,
+                r = sink.recv() => Next::Got(r),
+                _ = look_tick.tick(), if look => Next::Look,
+                _ = tokio::signal::ctrl_c() => Next::Stop,
             }
         };
-        let r: Option<Result<Result<Event, RecvError>>> = match deadline {
+        let r: Next = match deadline {
             Some(d) => match tokio::time::timeout_at(d, next).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -218,9 +257,28 @@ pub async fn run(a: Args) -> Result<()> {
             None => next.await,
         };
         let r = match r {
-            None => None,
-            Some(Ok(r)) => Some(r),
-            Some(Err(e)) => break Err(e),
+            Next::Stop => None,
+            Next::Got(Ok(r)) => Some(r),
+            Next::Got(Err(e)) => break Err(e),
+            Next::Look => {
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    if c.recorder_present(Duration::ZERO).await {
+                        if let Some(items) = d.catch_up(c, 0, Duration::ZERO, false).await? {
+                            let (n, m) = print_replayed(&mut out, items, a.format, true)?;
+                            (got, missed) = (got + n, missed + m);
+                            if !d.starting_points().is_empty() {
+                                eprintln!(
+                                    "kecho: a recorder is on the channel now: this sink has a starting point there \
+                                     ({n} event(s) replayed)"
+                                );
+                            }
+                            // Answered: a recorder that gave no starting point (an earlier version) will not later.
+                            looking = false;
+                        }
+                    }
+                }
+                continue;
+            }
         };
         match r {
             None => break Ok(()),
@@ -311,6 +369,11 @@ fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Fo
                     eprintln!("kecho: missed {n} event(s)");
                 }
             }
+            CatchUp::Unknown(why) => {
+                if say {
+                    eprintln!("kecho: {}", unknown(&why));
+                }
+            }
             CatchUp::Event(r) => {
                 got += 1;
                 let line = match format {
@@ -323,4 +386,26 @@ fn print_replayed(out: &mut impl std::io::Write, items: Vec<CatchUp>, format: Fo
     }
     out.flush()?;
     Ok((got, missed))
+}
+
+/// What a catch-up could not account for, said.
+fn unknown(why: &Unknown) -> String {
+    match why {
+        Unknown::NoStart { recorder, others } if others.is_empty() => format!(
+            "this sink had no starting point at recorder {recorder} (it began with no recorder, or its state was \
+             written by an earlier version): events of sources it never heard of, recorded before now, cannot be known"
+        ),
+        Unknown::NoStart { recorder, others } => format!(
+            "the recorder(s) this sink has a starting point at ({}) are not on the channel and recorder {recorder} \
+             answered: events of sources this sink never heard of, recorded before now, cannot be known",
+            others.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        Unknown::Deleted { recorder, records } => format!(
+            "recorder {recorder} no longer holds {records} event(s) recorded after this sink's starting point (deleted \
+             beyond its size bound): those of sources this sink never heard of are missed, how many is not known"
+        ),
+        Unknown::OldRecorder => "the recorder speaks an earlier version of the replay exchange: events of sources \
+                                 this sink never heard of cannot be known"
+            .to_owned(),
+    }
 }
