@@ -369,8 +369,8 @@ pub struct StallFigures {
     pub late_grafts: u64,
 }
 
-/// `n` members; one source publishes an event every 20 ms for 30 s while, every 50 ms, a random member other than
-/// the source stalls for 200 to 1,200 ms (about a tenth of the members stalled at any time: a loaded host, where
+/// `n` members; one source publishes an event every 20 ms for 30 s while, every 100 ms, a random member other than
+/// the source stalls for 200 to 1,200 ms (about 7 of the 100 members stalled at any time: a loaded host, where
 /// each process's runtime waits for a core). Per-source order and loss accounting must hold; copies per event show
 /// what grafts of events still on their way cost.
 pub fn run_stalls(n: usize, seed: u64, cfg: GossipConfig) -> StallFigures {
