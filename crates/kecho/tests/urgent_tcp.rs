@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::BytesMut;
-use kecho::{Attrs, Event, EventOptions, Node, Overflow, Priority, RecvError, RegistryClient, SinkOptions, Transport};
+use kecho::{
+    Attrs, Channel, Event, EventOptions, Node, Overflow, Priority, RecvError, RegistryClient, SinkOptions, Transport,
+};
 use kecho_proto::codec::{self, CloseCode};
 use kecho_proto::{Message, NodeId};
 use parking_lot::Mutex;
@@ -244,7 +246,6 @@ async fn an_urgent_event_passes_a_stalled_bulk_connection() -> Result<()> {
 /// accepting end nothing is held: its `UrgentWanted` would cross the same backlog before the dial could start.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_connection() -> Result<()> {
-    const BULK: usize = 400;
     let reg = RegistryClient::in_process_private();
     let (x, rx, y, ry) = pair(&reg).await?;
     // Bring the link up, then send from the node that dialled it (the relays count the connections made to their
@@ -265,10 +266,35 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
         _ => x.id() < y.id(),
     };
     let ((a, ch_a), (b, ch_b)) = if x_dialled { ((&x, cx), (&y, cy)) } else { ((&y, cy), (&x, cx)) };
+    // The probe and the two sinks (the count includes local sinks).
+    urgent_passes_backlog(a, b, &ch_a, &ch_b, 3, || {
+        let urgent_conns = rx.counts().1 + ry.counts().1;
+        format!(
+            "the first urgent event waited behind the stalled bulk backlog (connections to x {:?}, to y {:?}; urgent \
+             connections {urgent_conns}, in use {})",
+            rx.counts(),
+            ry.counts(),
+            link_of(a, b).urgent_apart
+        )
+    })
+    .await
+}
+
+/// Node `a` sends 400 bulk events of 64 KiB that `b` cannot read (its bulk sink blocks at 8), then one urgent event:
+/// it must reach `b`'s urgent sink within 5 s, on the urgent connection, and every bulk event must follow in order
+/// once read. `sinks`: how many sinks `ch_a` must see before sending; `why`: the failure's context.
+async fn urgent_passes_backlog(
+    a: &Node,
+    b: &Node,
+    ch_a: &Channel,
+    ch_b: &Channel,
+    sinks: usize,
+    why: impl FnOnce() -> String,
+) -> Result<()> {
+    const BULK: usize = 400;
     let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;
     let mut urgent_sink = ch_b.sink(SinkOptions::new().types(["urgent"]))?;
-    // The probe and the two sinks (the count includes local sinks).
-    ch_a.wait_for_sinks(3, T).await?;
+    ch_a.wait_for_sinks(sinks, T).await?;
     let mut bulk = ch_a.source()?;
     let mut alarm = ch_a.source()?;
     let payload = vec![0u8; 64 << 10];
@@ -278,16 +304,7 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!link_of(a, b).urgent_apart, "an urgent connection in use before any priority");
     alarm.submit_with("urgent", &Attrs::new(), b"now", urgent()).await?;
-    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink)).await.with_context(|| {
-        let urgent_conns = rx.counts().1 + ry.counts().1;
-        format!(
-            "the first urgent event waited behind the stalled bulk backlog (connections to x {:?}, to y {:?}; urgent \
-             connections {urgent_conns}, in use {})",
-            rx.counts(),
-            ry.counts(),
-            link_of(a, b).urgent_apart
-        )
-    })??;
+    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink)).await.with_context(why)??;
     assert_eq!(got.ty(), "urgent");
     assert!(link_of(a, b).urgent_apart);
     assert!(bulk_sink.len() <= 8, "the bulk sink was read");
@@ -304,7 +321,6 @@ async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_conne
 /// other node cannot be dialled (its relay refuses every connection), so the node with the setting is the acceptor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_once_the_first_urgent_event_of_the_accepting_node_passes_a_stalled_bulk_connection() -> Result<()> {
-    const BULK: usize = 400;
     let reg = RegistryClient::in_process_private();
     let (a, ra) = node_with(&reg, |b| b.urgent_connection_at_once(true)).await?;
     // B's relay never learns where B is: every connection to it is dropped, so only B dials.
@@ -312,9 +328,9 @@ async fn at_once_the_first_urgent_event_of_the_accepting_node_passes_a_stalled_b
     let b = Node::builder().registry_client(reg.clone()).link_queue_bytes(64 << 20).advertise(rb.addr).start().await?;
     let ch_a = a.channel("first").await?;
     let ch_b = b.channel("first").await?;
-    let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;
-    let mut urgent_sink = ch_b.sink(SinkOptions::new().types(["urgent"]))?;
-    ch_a.wait_for_sinks(2, T).await?;
+    // A sink, so that the link comes up before the events.
+    let _probe = ch_b.sink(SinkOptions::new().types(["none"]))?;
+    ch_a.wait_for_sinks(1, T).await?;
     eventually("the link up at both ends", || {
         try_link_of(&a, &b).is_some_and(|l| l.up) && try_link_of(&b, &a).is_some_and(|l| l.up)
     })
@@ -322,25 +338,11 @@ async fn at_once_the_first_urgent_event_of_the_accepting_node_passes_a_stalled_b
     ensure!(ra.counts().0 >= 1, "B did not dial A: {:?}", ra.counts());
     // The urgent connection, dialled by B as soon as A asked, before any event of any priority.
     eventually("the urgent connection made with the link", || ra.counts().1 == 1).await?;
-    let mut bulk = ch_a.source()?;
-    let mut alarm = ch_a.source()?;
-    let payload = vec![0u8; 64 << 10];
-    for _ in 0..BULK {
-        bulk.submit("bulk", &Attrs::new(), &payload).await?;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!link_of(&a, &b).urgent_apart, "urgent lanes apart before any priority");
-    alarm.submit_with("urgent", &Attrs::new(), b"now", urgent()).await?;
-    let got = tokio::time::timeout(Duration::from_secs(5), recv(&mut urgent_sink))
-        .await
-        .context("the first urgent event of the accepting node waited behind the stalled bulk backlog")??;
-    assert_eq!(got.ty(), "urgent");
-    assert!(link_of(&a, &b).urgent_apart);
-    assert!(bulk_sink.len() <= 8, "the bulk sink was read");
-    for _ in 0..BULK {
-        assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");
-    }
-    Ok(())
+    // The probe and the two sinks.
+    urgent_passes_backlog(&a, &b, &ch_a, &ch_b, 3, || {
+        "the first urgent event of the accepting node waited behind the stalled bulk backlog".to_owned()
+    })
+    .await
 }
 
 /// A source's urgent event crosses to the urgent connection while the bulk events it sent before are still on the
