@@ -14,6 +14,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::link::dial::accept_loop;
 pub use crate::link::{LinkStats, Undrained};
+use crate::transport::Transport;
 
 /// How long [`Node::shutdown`] lets the links send what they have queued before it closes them.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
@@ -38,7 +39,6 @@ impl ShutdownReport {
         self.undrained.iter().map(|u| u.events).sum()
     }
 }
-use crate::transport::Transport;
 
 /// Configures and starts a [`Node`]: the one way to set a node up. Every setting has a default (see each method), so
 /// `Node::builder().start()` is a node on loopback with the in-process registry.
