@@ -425,6 +425,15 @@ impl Gossip {
         }
     }
 
+    /// `holder` has event `id` (and may be grafted for it and the events of its source before it), as if it had
+    /// announced it, without being a neighbour: the I/O layer's knowledge (a stream's origin holds its own events),
+    /// not a message, so it is never answered.
+    pub fn held_by(&mut self, holder: NodeId, id: EventId, now: u64) {
+        if holder != self.me {
+            self.announced(holder, id, now);
+        }
+    }
+
     /// A message from `from`.
     pub fn handle(&mut self, from: NodeId, msg: GossipMsg, now: u64) {
         if from == self.me {

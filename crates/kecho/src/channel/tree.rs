@@ -422,7 +422,7 @@ impl ChannelInner {
             let Some(g) = t.gossip.as_mut() else { return };
             g.handle(from, body, ms);
             for (origin, id) in announce {
-                g.handle(origin, GossipMsg::IHave { ids: vec![id] }, ms);
+                g.held_by(origin, id, ms);
             }
         }
         self.tree_pump(&node);
