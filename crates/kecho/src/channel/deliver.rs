@@ -25,9 +25,35 @@ pub(super) struct RecvTrack {
     pub(super) last_seq: u64,
     /// How the source's end is accounted for (see `channel::ends`).
     pub(super) end: super::ends::EndTrack,
+    /// A `Routed` frame numbered for this instance of the channel arrived: before one, the source's events are
+    /// numbered for another instance (an earlier opening of the channel on this node; a source always sends one
+    /// before its first event to an instance) and must not set the baseline.
+    pub(super) anchored: bool,
+    /// The source's own sequence number of the first event that arrived after the anchoring `Routed` (0 before): a
+    /// source numbers its events to an instance of the channel from an event submitted after every event it sent to
+    /// the instances before, so an event below it (a late datagram, say) was numbered for another instance.
+    pub(super) floor: u64,
 }
 
 impl RecvTrack {
+    /// True if event `seq` of the source was numbered for another instance of the channel on this node (see
+    /// `anchored`, `floor`): it is ignored, neither delivered nor counted in a gap.
+    #[inline]
+    pub(super) fn stale(&self, seq: u64) -> bool {
+        !self.anchored || seq < self.floor
+    }
+
+    /// A `Routed` frame of the source arrived, numbered for instance `instance` of the channel on this node, which is
+    /// `mine`: false (and nothing changes) if it is another instance's.
+    pub(super) fn routed(&mut self, instance: u64, mine: u64, skipped: u64) -> bool {
+        if instance != mine {
+            return false;
+        }
+        self.anchored = true;
+        self.skipped = skipped;
+        true
+    }
+
     /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it, or
     /// `None` if it arrived before (a source replays the events that were in flight on a link that broke, some of
     /// which had arrived: see docs/DURABILITY.md).
@@ -39,6 +65,9 @@ impl RecvTrack {
         let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
         self.last = self.last.max(n);
         self.last_seq = self.last_seq.max(seq);
+        if self.floor == 0 {
+            self.floor = seq;
+        }
         self.end.alive();
         Some(gap)
     }
@@ -98,9 +127,16 @@ impl ChannelInner {
         }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let Some(gap) = self.tracks.lock().entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
-            return;
+        let gap = {
+            let mut tracks = self.tracks.lock();
+            let track = tracks.entry((from, e.source)).or_default();
+            if track.stale(e.seq) {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            track.arrived_as(e.seq, numbered)
         };
+        let Some(gap) = gap else { return };
         if gap > 0 {
             // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
             // wanted them is unknown here, so every sink is told.
@@ -155,11 +191,18 @@ impl ChannelInner {
             }
             self.counters.received.fetch_add(run.count as u64, Ordering::Relaxed);
             let key = SourceKey::new(from, run.source);
-            let Some((skip, gap)) =
-                self.tracks.lock().entry((from, run.source)).or_default().arrived_run(run.first, run.count)
-            else {
-                continue;
+            let arrived = {
+                let mut tracks = self.tracks.lock();
+                let track = tracks.entry((from, run.source)).or_default();
+                if track.stale(run.first) {
+                    // A run's events follow one another: all of them were numbered for the same instance.
+                    self.counters.stale.fetch_add(run.count as u64, Ordering::Relaxed);
+                    None
+                } else {
+                    track.arrived_run(run.first, run.count)
+                }
             };
+            let Some((skip, gap)) = arrived else { continue };
             if gap > 0 {
                 self.counters.missed.fetch_add(gap, Ordering::Relaxed);
                 for s in sinks.iter() {
@@ -227,9 +270,12 @@ impl ChannelInner {
                 for a in evs.by_ref() {
                     let numbered = a.numbered();
                     let (e, chosen, deadline) = a.parts();
-                    let Some(gap) = tracks.entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
+                    let track = tracks.entry((from, e.source)).or_default();
+                    if track.stale(e.seq) {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
                         continue;
-                    };
+                    }
+                    let Some(gap) = track.arrived_as(e.seq, numbered) else { continue };
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {
@@ -367,9 +413,12 @@ impl ChannelInner {
         !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
     }
 
-    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`).
-    pub(crate) fn routed(&self, from: NodeId, source: LocalId, skipped: u64) {
-        self.tracks.lock().entry((from, source)).or_default().skipped = skipped;
+    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`),
+    /// numbering them for instance `instance` of the channel here: ignored (and counted) if that is not this one.
+    pub(crate) fn routed(&self, from: NodeId, source: LocalId, instance: u64, skipped: u64) {
+        if !self.tracks.lock().entry((from, source)).or_default().routed(instance, self.instance, skipped) {
+            self.counters.stale.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
@@ -436,9 +485,16 @@ impl ChannelInner {
             return;
         }
         let sinks = self.local_sinks.read().clone();
-        let Some(gap) = self.tracks.lock().entry((from, source)).or_default().arrived(seq) else {
-            return;
+        let gap = {
+            let mut tracks = self.tracks.lock();
+            let track = tracks.entry((from, source)).or_default();
+            if track.stale(seq) {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            track.arrived(seq)
         };
+        let Some(gap) = gap else { return };
         if gap > 0 {
             self.counters.missed.fetch_add(gap, Ordering::Relaxed);
             for s in sinks.iter() {
@@ -564,6 +620,23 @@ mod tests {
             }
             receive(&arrivals, len as u64, &format!("round {round}: {sent:?} arriving as {arrivals:?}"));
         }
+    }
+
+    /// A receiver takes a source's events as its own only after a `Routed` frame numbered for its instance of the
+    /// channel, and then only from the first event after it on: events of another instance's numbering (before the
+    /// frame, or a late datagram below that first event) are stale, whatever their numbers say.
+    #[test]
+    fn only_events_numbered_for_this_instance_count() {
+        let mut track = RecvTrack::default();
+        assert!(track.stale(1), "no Routed frame yet: an earlier instance's event");
+        assert!(!track.routed(7, 9, 300), "another instance's Routed frame is refused");
+        assert!(track.stale(301) && track.skipped == 0, "and changes nothing");
+        assert!(track.routed(9, 9, 499));
+        assert!(!track.stale(500));
+        assert_eq!(track.arrived(500), Some(0), "the first event sets the baseline");
+        assert!(track.stale(480), "an event submitted before the first one was numbered for another instance");
+        assert!(!track.stale(501));
+        assert_eq!(track.arrived_as(502, Some(Numbered { number: 3, after: 1 })), Some(1));
     }
 
     /// `arrived_run` decides as `arrived` per event would, from every state a source's track can be in: what arrived

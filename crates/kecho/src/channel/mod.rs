@@ -89,6 +89,10 @@ pub struct ChannelStats {
     /// or found late at a local sink's receive. Events that expire in this node's link queues are counted per link
     /// ([`crate::LinkStats::expired`]).
     pub expired: u64,
+    /// Frames from remote sources numbered for another instance of this channel on this node (an earlier opening of
+    /// it, whose events were still in flight when it was opened again; see docs/PROTOCOL.md, "Loss accounting"):
+    /// ignored, not delivered and not counted as missed.
+    pub stale: u64,
 }
 
 #[derive(Default)]
@@ -103,6 +107,7 @@ struct Counters {
     published: AtomicU64,
     denied: AtomicU64,
     expired: AtomicU64,
+    stale: AtomicU64,
 }
 
 #[derive(Default)]
@@ -119,6 +124,9 @@ const ATTR_INTERVAL: Duration = Duration::from_millis(20);
 
 pub(crate) struct ChannelInner {
     name: String,
+    /// This opening of the channel (`NodeSnapshot::instance`, drawn at random, never 0): remote sources name it in
+    /// their `Routed` frames, and frames numbered for another instance are ignored (`RecvTrack::stale`).
+    instance: u64,
     node: Weak<Channels>,
     state: Mutex<ChannelState>,
     id: AtomicU64,
@@ -182,7 +190,8 @@ impl ChannelInner {
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         state.set_wall_clock(now(), epoch);
         // Never 0 (unknown): a source tells this opening of the channel from an earlier or later one by it.
-        state.set_instance(rand::random::<u64>() | 1);
+        let instance = rand::random::<u64>() | 1;
+        state.set_instance(instance);
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {
@@ -200,6 +209,7 @@ impl ChannelInner {
         }
         let ch = Arc::new(ChannelInner {
             name: name.to_owned(),
+            instance,
             node: Arc::downgrade(node),
             state: Mutex::new(state),
             id: AtomicU64::new(fresh.0),
@@ -545,6 +555,7 @@ impl ChannelInner {
             denied: c.denied.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed)
                 + self.local_sinks.read().iter().map(|s| s.queue.expired.load(Ordering::Relaxed)).sum::<u64>(),
+            stale: c.stale.load(Ordering::Relaxed),
         }
     }
 }

@@ -983,7 +983,7 @@ impl LossTrack {
             for r in replays {
                 let (told, tell) = track.before(peer, r.seq);
                 if tell {
-                    encode_routed(&mut enc.prefix, channel, source, told.skipped);
+                    encode_routed(&mut enc.prefix, channel, source, track.instance, told.skipped);
                 }
                 encode_targets(&mut enc.prefix, channel, &r.sinks);
                 if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, Urgency::plain(&mut track.held)) {
@@ -1062,7 +1062,7 @@ impl SendTrack {
         self.replayed_on = Some((peer.serial(), peer.epoch()));
         for (seq, n, frame, targets) in kept.sent_to(peer.id) {
             self.stream_last = self.stream_last.max(n);
-            encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
+            encode_routed(&mut enc.prefix, channel, source, self.instance, seq.saturating_sub(n));
             if let Some(t) = targets {
                 encode_targets(&mut enc.prefix, channel, t);
             }
@@ -1164,7 +1164,7 @@ impl Encoder {
             }
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
-                encode_routed(&mut self.prefix, head.channel, head.source, told.skipped);
+                encode_routed(&mut self.prefix, head.channel, head.source, track.instance, told.skipped);
             }
             if pick.chosen < pick.accepting {
                 encode_targets(&mut self.prefix, head.channel, &pick.ids);
@@ -1173,7 +1173,10 @@ impl Encoder {
             let expiry = timing.deadline.map(|(at, unix)| {
                 encode_deadline(&mut self.prefix, head.channel, unix);
                 let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
-                Expiry { deadline: at, instead: expired_notice(head, ev.ty, targets, tell.then_some(told.skipped)) }
+                Expiry {
+                    deadline: at,
+                    instead: expired_notice(head, ev.ty, targets, tell.then_some((track.instance, told.skipped))),
+                }
             });
             let urgency = timing.urgency(&mut track.held, expiry, pick.blocks);
             let (pushed, sent) = if copied {
@@ -1244,7 +1247,7 @@ impl Encoder {
             let track = track_for(&mut loss.sent_to, peer.id, routes.instances[p], kept);
             let (told, tell) = track.before(peer, head.seq);
             let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
-            let notice = expired_notice(head, ty, targets, tell.then_some(told.skipped));
+            let notice = expired_notice(head, ty, targets, tell.then_some((track.instance, told.skipped)));
             let urgency = timing.urgency(&mut track.held, None, pick.blocks);
             if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
                 track.sent(told);
@@ -1287,11 +1290,12 @@ fn send_datagram(
     sent
 }
 
-/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one, and `Expired`.
-fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>) -> Bytes {
+/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one (`(instance,
+/// skipped)`), and `Expired`.
+fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<(u64, u64)>) -> Bytes {
     let mut b = BytesMut::new();
-    if let Some(skipped) = routed {
-        encode_routed(&mut b, head.channel, head.source, skipped);
+    if let Some((instance, skipped)) = routed {
+        encode_routed(&mut b, head.channel, head.source, instance, skipped);
     }
     Message::Expired {
         channel: head.channel,
