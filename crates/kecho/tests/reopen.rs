@@ -114,3 +114,47 @@ async fn events_in_flight_to_an_earlier_instance_do_not_set_the_new_ones_baselin
     assert_eq!(cb.stats().missed, 0);
     Ok(())
 }
+
+/// A source's node closes the channel and opens it again: the new instance's sources (whose local ids and sequence
+/// numbers start again at 1) are delivered from their first event, not taken for the old instance's sources, whose
+/// account at the sink is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_of_a_reopened_channel_are_not_taken_for_the_old_ones() -> Result<()> {
+    let (a, b) = pair().await?;
+    let _keep_a = a.channel("keep").await?;
+    let _keep_b = b.channel("keep").await?;
+    let ca = a.channel("again").await?;
+    let mut sink = ca.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    let cb = b.channel("again").await?;
+    cb.wait_for_sinks(1, T).await?;
+    let mut src = cb.source()?;
+    for _ in 0..30 {
+        src.submit("old", &Attrs::new(), b"").await?;
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    let old_key = {
+        let e = timeout(T, sink.recv()).await?;
+        e.map_err(|e| anyhow::anyhow!("recv: {e}"))?.source()
+    };
+    assert_eq!(drain(&mut sink, "end").await?.len(), 30);
+    drop(src);
+    cb.close().await;
+    drop(cb);
+
+    let cb = b.channel("again").await?;
+    cb.wait_for_sinks(1, T).await?;
+    let mut src = cb.source()?;
+    for _ in 0..5 {
+        src.submit("new", &Attrs::new(), b"").await?;
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    let e = timeout(T, sink.recv()).await.context("timed out waiting for the new source's first event")?;
+    let e = e.map_err(|e| anyhow::anyhow!("recv: {e}"))?;
+    assert_eq!((e.ty(), e.seq()), ("new", 1), "the new source's first event");
+    assert_eq!(e.source(), old_key, "the new source has the old one's key (else the test shows nothing)");
+    let got = drain(&mut sink, "end").await?;
+    let seqs: Vec<u64> = got.iter().map(|g| g.1).collect();
+    assert_eq!(seqs, vec![2, 3, 4, 5, 6], "the new source's events: {got:?}");
+    assert!(got.iter().all(|g| g.2 == 0), "nothing reported missed: {got:?}");
+    Ok(())
+}

@@ -33,6 +33,9 @@ pub(super) struct RecvTrack {
     /// source numbers its events to an instance of the channel from an event submitted after every event it sent to
     /// the instances before, so an event below it (a late datagram, say) was numbered for another instance.
     pub(super) floor: u64,
+    /// The instance of the channel on the source's node that the source belongs to (0 until the first membership
+    /// change after the track began, see `ChannelInner::view_changed`).
+    pub(super) origin_instance: u64,
 }
 
 impl RecvTrack {

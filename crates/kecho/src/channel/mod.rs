@@ -171,6 +171,9 @@ pub(crate) struct ChannelInner {
     ends: Mutex<Vec<ends::Remembered>>,
     /// The member nodes as of the last membership change, to tell the ones that appear.
     seen_peers: Mutex<Vec<NodeId>>,
+    /// The instance of the channel (`NodeSnapshot::instance`) last seen on each node that is a member or that remote
+    /// sources in `tracks` are on, as of the last membership change (see `ChannelInner::view_changed`).
+    instances_seen: Mutex<IdMap<NodeId, u64>>,
     /// The channel's policy requires a credential for sources: events are accepted only from `senders`.
     guard_sources: AtomicBool,
     /// The nodes holding the source right, when `guard_sources` is set.
@@ -179,6 +182,25 @@ pub(crate) struct ChannelInner {
     tree: tree::Tree,
     /// Local sources whose sinks' missed events wait for their nodes to come back (`source::Lent`).
     lenders: Mutex<Vec<Weak<source::Lent>>>,
+}
+
+/// Where the snapshot versions of a channel opened now start (`ChannelState::start_versions_at`): the wall clock in
+/// microseconds since the Unix epoch (`epoch`), kept increasing within the process, so that every opening of a channel
+/// on this node has versions above those of the openings before it (each opening publishes far fewer snapshots than
+/// microseconds pass between two openings).
+fn version_base(epoch: std::time::Duration) -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let wall = u64::try_from(epoch.as_micros()).unwrap_or(u64::MAX >> 1);
+    let prev = LAST.fetch_max(wall, Ordering::Relaxed);
+    if prev >= wall {
+        // Several openings within a microsecond, or a clock that went back: above the last one, with room for its
+        // versions.
+        let next = prev + (1 << 20);
+        LAST.fetch_max(next, Ordering::Relaxed);
+        next
+    } else {
+        wall
+    }
 }
 
 impl ChannelInner {
@@ -192,6 +214,7 @@ impl ChannelInner {
         // Never 0 (unknown): a source tells this opening of the channel from an earlier or later one by it.
         let instance = rand::random::<u64>() | 1;
         state.set_instance(instance);
+        state.start_versions_at(version_base(epoch));
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {
@@ -237,6 +260,7 @@ impl ChannelInner {
             tracks: Mutex::new(IdMap::default()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),
+            instances_seen: Mutex::new(IdMap::default()),
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
             tree: tree::Tree::default(),

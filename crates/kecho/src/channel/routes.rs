@@ -369,6 +369,7 @@ impl ChannelInner {
         let _serial = self.rebuilding.lock();
         let st = self.state.lock();
         let view: Vec<NodeId> = st.peers().keys().copied().collect();
+        let instances: Vec<u64> = st.peers().values().map(|p| p.snapshot.instance).collect();
         let direct = self.routes_direct();
         let mut routes =
             Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), direct, ..Routes::default() };
@@ -453,7 +454,7 @@ impl ChannelInner {
         *self.routes.write() = Arc::new(routes);
         self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
-        self.view_changed(&view);
+        self.view_changed(&view, &instances);
         drop(_serial);
         // A node back in the table may have missed events of a local source that submits nothing now.
         self.wake_lenders();
