@@ -616,8 +616,8 @@ impl ChannelState {
         self.peers.get(&node).is_some_and(|p| p.rights.contains(role))
     }
 
-    /// Sets the instance this node's snapshots carry ([`NodeSnapshot::instance`]): a number the caller draws at random
-    /// for each opening of the channel, before [`ChannelState::open`].
+    /// Sets the instance this node's snapshots carry ([`NodeSnapshot::instance`]): a number the caller takes for each
+    /// opening of the channel, above those of the node's earlier openings, before [`ChannelState::open`].
     pub fn set_instance(&mut self, instance: u64) {
         self.local.instance = instance;
     }

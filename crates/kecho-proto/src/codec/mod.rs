@@ -399,6 +399,10 @@ pub enum Message {
         /// numbers these events for: a receiver ignores the frame, and the events after it, when it names another
         /// instance (an earlier opening of the channel there, whose events were still in flight).
         instance: u64,
+        /// The sender's own instance of the channel, which the source belongs to: a receiver takes a source of a
+        /// later instance for a new source (its local id and sequence numbers start again), and ignores frames of an
+        /// earlier one. Instances of one node's channel increase with each opening.
+        origin: u64,
         /// Its events not meant for the receiving node so far.
         skipped: u64,
     },
@@ -578,8 +582,8 @@ impl Message {
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
             Message::Event(e) => return encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload),
-            Message::Routed { channel, source, instance, skipped } => {
-                return encode_routed(dst, *channel, *source, *instance, *skipped)
+            Message::Routed { channel, source, instance, origin, skipped } => {
+                return encode_routed(dst, *channel, *source, *instance, *origin, *skipped)
             }
             Message::Targets { channel, sinks } => return encode_targets(dst, *channel, sinks),
             Message::Deadline { channel, unix_us } => return encode_deadline(dst, *channel, *unix_us),
@@ -823,12 +827,20 @@ pub fn encode_event(
 }
 
 /// Appends a `Routed` frame without building a [`Message`] (submit path).
-pub fn encode_routed(dst: &mut BytesMut, channel: ChannelId, source: LocalId, instance: u64, skipped: u64) {
-    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8 + 8);
+pub fn encode_routed(
+    dst: &mut BytesMut,
+    channel: ChannelId,
+    source: LocalId,
+    instance: u64,
+    origin: u64,
+    skipped: u64,
+) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8 + 8 + 8);
     let start = begin_frame(dst, kind::ROUTED);
     dst.put_u64_le(channel.0);
     dst.put_u32_le(source.0);
     dst.put_u64_le(instance);
+    dst.put_u64_le(origin);
     dst.put_u64_le(skipped);
     end_frame(dst, start);
 }
@@ -1363,6 +1375,7 @@ impl Reader {
                 channel: ChannelId(self.u64()?),
                 source: LocalId(self.u32()?),
                 instance: self.u64()?,
+                origin: self.u64()?,
                 skipped: self.u64()?,
             },
             INSTALL_FILTER => Message::InstallFilter {

@@ -33,8 +33,8 @@ pub(super) struct RecvTrack {
     /// source numbers its events to an instance of the channel from an event submitted after every event it sent to
     /// the instances before, so an event below it (a late datagram, say) was numbered for another instance.
     pub(super) floor: u64,
-    /// The instance of the channel on the source's node that the source belongs to (0 until the first membership
-    /// change after the track began, see `ChannelInner::view_changed`).
+    /// The instance of the channel on the source's node that the source belongs to, as its `Routed` frames say (0
+    /// before the first): a later instance's source is another source with the same local id (see `routed`).
     pub(super) origin_instance: u64,
 }
 
@@ -47,14 +47,29 @@ impl RecvTrack {
     }
 
     /// A `Routed` frame of the source arrived, numbered for instance `instance` of the channel on this node, which is
-    /// `mine`: false (and nothing changes) if it is another instance's.
-    pub(super) fn routed(&mut self, instance: u64, mine: u64, skipped: u64) -> bool {
-        if instance != mine {
-            return false;
+    /// `mine`, from a source of the sender's instance `origin`: false (and nothing changes) if it is another instance
+    /// of this node's, or an earlier instance of the sender's than the track's. A later instance of the sender's is
+    /// a new source (its node opened the channel again): the track starts again, and what to tell the sinks of the
+    /// old one is returned (`RecvTrack::instance_gone`).
+    pub(super) fn routed(
+        &mut self,
+        instance: u64,
+        mine: u64,
+        origin: u64,
+        skipped: u64,
+    ) -> Result<Option<super::ends::Verdict>, ()> {
+        if instance != mine || origin < self.origin_instance {
+            return Err(());
         }
+        let mut gone = None;
+        if origin > self.origin_instance && self.origin_instance != 0 {
+            gone = self.instance_gone();
+            *self = RecvTrack::default();
+        }
+        self.origin_instance = origin;
         self.anchored = true;
         self.skipped = skipped;
-        true
+        Ok(gone)
     }
 
     /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it, or
@@ -418,9 +433,12 @@ impl ChannelInner {
 
     /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`),
     /// numbering them for instance `instance` of the channel here: ignored (and counted) if that is not this one.
-    pub(crate) fn routed(&self, from: NodeId, source: LocalId, instance: u64, skipped: u64) {
-        if !self.tracks.lock().entry((from, source)).or_default().routed(instance, self.instance, skipped) {
-            self.counters.stale.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn routed(&self, from: NodeId, source: LocalId, instance: u64, origin: u64, skipped: u64) {
+        let r = self.tracks.lock().entry((from, source)).or_default().routed(instance, self.instance, origin, skipped);
+        match r {
+            Err(()) => _ = self.counters.stale.fetch_add(1, Ordering::Relaxed),
+            Ok(Some(v)) => self.tell(SourceKey::new(from, source), v),
+            Ok(None) => {}
         }
     }
 
@@ -632,14 +650,31 @@ mod tests {
     fn only_events_numbered_for_this_instance_count() {
         let mut track = RecvTrack::default();
         assert!(track.stale(1), "no Routed frame yet: an earlier instance's event");
-        assert!(!track.routed(7, 9, 300), "another instance's Routed frame is refused");
+        assert!(track.routed(7, 9, 1, 300).is_err(), "another instance's Routed frame is refused");
         assert!(track.stale(301) && track.skipped == 0, "and changes nothing");
-        assert!(track.routed(9, 9, 499));
+        assert_eq!(track.routed(9, 9, 1, 499), Ok(None));
         assert!(!track.stale(500));
         assert_eq!(track.arrived(500), Some(0), "the first event sets the baseline");
         assert!(track.stale(480), "an event submitted before the first one was numbered for another instance");
         assert!(!track.stale(501));
         assert_eq!(track.arrived_as(502, Some(Numbered { number: 3, after: 1 })), Some(1));
+    }
+
+    /// A `Routed` frame from a later instance of the sender's channel names a new source with the old one's local id
+    /// (the sender opened the channel again): the track starts again, and the old source is reported gone; frames of
+    /// an earlier instance of the sender's are refused.
+    #[test]
+    fn a_source_of_a_later_instance_of_its_nodes_channel_is_a_new_source() {
+        let mut track = RecvTrack::default();
+        assert_eq!(track.routed(9, 9, 5, 0), Ok(None));
+        for seq in 1..=30 {
+            assert_eq!(track.arrived(seq), Some(0));
+        }
+        assert_eq!(track.routed(9, 9, 6, 0), Ok(Some(super::super::ends::Verdict::Unknown)), "the old source is gone");
+        assert_eq!(track.arrived(1), Some(0), "the new source's first event is delivered");
+        assert_eq!(track.routed(9, 9, 5, 40), Err(()), "a late frame of the old instance is refused");
+        assert_eq!((track.skipped, track.origin_instance), (0, 6), "and changes nothing");
+        assert_eq!(track.arrived(2), Some(0));
     }
 
     /// `arrived_run` decides as `arrived` per event would, from every state a source's track can be in: what arrived

@@ -344,9 +344,10 @@ impl ChannelInner {
     /// built per change (in tree mode every member of a large channel runs this on every change).
     ///
     /// `instances` are the members' instances of the channel, in the order of `peers`: the remote sources of a member
-    /// whose instance changed since their track began were on an earlier opening of the channel there, which is closed
+    /// that is on a later instance than theirs were on an earlier opening of the channel there, which is closed
     /// (whether or not its goodbye arrived). Their tracks are accounted for (`RecvTrack::instance_gone`) and dropped,
-    /// so that the new opening's sources, whose local ids and sequence numbers start again, get tracks of their own.
+    /// so that the new opening's sources, whose local ids and sequence numbers start again, get tracks of their own
+    /// (a new source's `Routed` frame, should it come first, starts its track again itself, see `RecvTrack::routed`).
     pub(super) fn view_changed(self: &Arc<Self>, peers: &[NodeId], instances: &[u64]) {
         debug_assert!(peers.windows(2).all(|w| w[0] < w[1]));
         debug_assert_eq!(peers.len(), instances.len());
@@ -356,27 +357,18 @@ impl ChannelInner {
         let mut pending = Vec::new();
         let mut arm = false;
         let present = |n: &NodeId| peers.binary_search(n).is_ok();
-        {
-            let mut seen = self.instances_seen.lock();
-            let mut tracks = self.tracks.lock();
-            tracks.retain(|(origin, source), t| {
-                let Ok(i) = peers.binary_search(origin) else { return true };
-                if t.origin_instance == 0 {
-                    // Begun since the last change: on the instance seen then, if the node was a member then.
-                    t.origin_instance = seen.get(origin).copied().unwrap_or(instances[i]);
-                }
-                if t.origin_instance == instances[i] {
-                    return true;
-                }
-                if let Some(v) = t.instance_gone() {
-                    verdicts.push((SourceKey::new(*origin, *source), v));
-                }
-                false
-            });
-            let origins: std::collections::HashSet<NodeId> = tracks.keys().map(|(o, _)| *o).collect();
-            seen.retain(|n, _| origins.contains(n));
-            seen.extend(peers.iter().copied().zip(instances.iter().copied()));
-        }
+        self.tracks.lock().retain(|(origin, source), t| {
+            let Ok(i) = peers.binary_search(origin) else { return true };
+            // Instances of one node's channel increase with each opening; a track's source is on the one its `Routed`
+            // frames named (0: none yet).
+            if t.origin_instance == 0 || t.origin_instance >= instances[i] {
+                return true;
+            }
+            if let Some(v) = t.instance_gone() {
+                verdicts.push((SourceKey::new(*origin, *source), v));
+            }
+            false
+        });
         {
             let seen = self.seen_peers.lock();
             let before = |n: &NodeId| seen.binary_search(n).is_ok();
@@ -485,7 +477,7 @@ impl ChannelInner {
     }
 
     /// Tells the local sinks what they missed of source `key`.
-    fn tell(&self, key: SourceKey, v: Verdict) {
+    pub(super) fn tell(&self, key: SourceKey, v: Verdict) {
         let sinks = self.local_sinks.read().clone();
         match v {
             Verdict::Quiet => {}

@@ -124,9 +124,10 @@ const ATTR_INTERVAL: Duration = Duration::from_millis(20);
 
 pub(crate) struct ChannelInner {
     name: String,
-    /// This opening of the channel (`NodeSnapshot::instance`, drawn at random, never 0): remote sources name it in
-    /// their `Routed` frames, and frames numbered for another instance are ignored (`RecvTrack::stale`).
-    instance: u64,
+    /// This opening of the channel (`NodeSnapshot::instance`: never 0, above the node's earlier openings of the
+    /// channel, see `version_base`): remote sources name it in their `Routed` frames, and frames numbered for another
+    /// instance are ignored (`RecvTrack::stale`); local sources name it as their origin.
+    pub(super) instance: u64,
     node: Weak<Channels>,
     state: Mutex<ChannelState>,
     id: AtomicU64,
@@ -171,9 +172,6 @@ pub(crate) struct ChannelInner {
     ends: Mutex<Vec<ends::Remembered>>,
     /// The member nodes as of the last membership change, to tell the ones that appear.
     seen_peers: Mutex<Vec<NodeId>>,
-    /// The instance of the channel (`NodeSnapshot::instance`) last seen on each node that is a member or that remote
-    /// sources in `tracks` are on, as of the last membership change (see `ChannelInner::view_changed`).
-    instances_seen: Mutex<IdMap<NodeId, u64>>,
     /// The channel's policy requires a credential for sources: events are accepted only from `senders`.
     guard_sources: AtomicBool,
     /// The nodes holding the source right, when `guard_sources` is set.
@@ -211,10 +209,12 @@ impl ChannelInner {
         let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         state.set_wall_clock(now(), epoch);
-        // Never 0 (unknown): a source tells this opening of the channel from an earlier or later one by it.
-        let instance = rand::random::<u64>() | 1;
+        // Never 0 (unknown), and above this node's earlier openings of the channel: a node tells this opening of the
+        // channel from an earlier or later one by it (`Routed` frames, snapshots), and orders them. Versions start
+        // there too.
+        let instance = version_base(epoch).max(1);
         state.set_instance(instance);
-        state.start_versions_at(version_base(epoch));
+        state.start_versions_at(instance);
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {
@@ -260,7 +260,6 @@ impl ChannelInner {
             tracks: Mutex::new(IdMap::default()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),
-            instances_seen: Mutex::new(IdMap::default()),
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
             tree: tree::Tree::default(),

@@ -147,6 +147,8 @@ struct PeerPick {
 /// Encoding: the event is encoded once per submit, whatever the number of links.
 #[derive(Default)]
 struct Encoder {
+    /// This node's instance of the channel (`ChannelInner::instance`), which `Routed` frames name as their origin.
+    me: u64,
     /// Where frames shared by several links or local sinks are encoded.
     buf: ChunkBuf,
     /// The last small event frame, encoded once and copied into each link's outbox.
@@ -402,6 +404,7 @@ impl Source {
     ) -> Self {
         let mut kept = Kept::default();
         kept.set_limits(history, now());
+        let me = ch.instance;
         Source {
             _guard: guard,
             ch,
@@ -414,7 +417,7 @@ impl Source {
             out_filter: None,
             routing: Routing { gen: 0, routes: Arc::default(), installed: None, blocks: false },
             pick: Pick::default(),
-            enc: Encoder::default(),
+            enc: Encoder { me, ..Encoder::default() },
             loss: LossTrack::default(),
             kept,
             lent: false,
@@ -996,7 +999,7 @@ impl LossTrack {
             for r in replays {
                 let (told, tell) = track.before(peer, r.seq);
                 if tell {
-                    encode_routed(&mut enc.prefix, channel, source, track.instance, told.skipped);
+                    encode_routed(&mut enc.prefix, channel, source, track.instance, enc.me, told.skipped);
                 }
                 encode_targets(&mut enc.prefix, channel, &r.sinks);
                 if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, Urgency::plain(&mut track.held)) {
@@ -1075,7 +1078,7 @@ impl SendTrack {
         self.replayed_on = Some((peer.serial(), peer.epoch()));
         for (seq, n, frame, targets) in kept.sent_to(peer.id) {
             self.stream_last = self.stream_last.max(n);
-            encode_routed(&mut enc.prefix, channel, source, self.instance, seq.saturating_sub(n));
+            encode_routed(&mut enc.prefix, channel, source, self.instance, enc.me, seq.saturating_sub(n));
             if let Some(t) = targets {
                 encode_targets(&mut enc.prefix, channel, t);
             }
@@ -1177,7 +1180,7 @@ impl Encoder {
             }
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
-                encode_routed(&mut self.prefix, head.channel, head.source, track.instance, told.skipped);
+                encode_routed(&mut self.prefix, head.channel, head.source, track.instance, self.me, told.skipped);
             }
             if pick.chosen < pick.accepting {
                 encode_targets(&mut self.prefix, head.channel, &pick.ids);
@@ -1188,7 +1191,12 @@ impl Encoder {
                 let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
                 Expiry {
                     deadline: at,
-                    instead: expired_notice(head, ev.ty, targets, tell.then_some((track.instance, told.skipped))),
+                    instead: expired_notice(
+                        head,
+                        ev.ty,
+                        targets,
+                        tell.then_some((track.instance, self.me, told.skipped)),
+                    ),
                 }
             });
             let urgency = timing.urgency(&mut track.held, expiry, pick.blocks);
@@ -1260,7 +1268,7 @@ impl Encoder {
             let track = track_for(&mut loss.sent_to, peer.id, routes.instances[p], kept);
             let (told, tell) = track.before(peer, head.seq);
             let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
-            let notice = expired_notice(head, ty, targets, tell.then_some((track.instance, told.skipped)));
+            let notice = expired_notice(head, ty, targets, tell.then_some((track.instance, self.me, told.skipped)));
             let urgency = timing.urgency(&mut track.held, None, pick.blocks);
             if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
                 track.sent(told);
@@ -1303,12 +1311,12 @@ fn send_datagram(
     sent
 }
 
-/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one (`(instance,
+/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one (`(instance, origin,
 /// skipped)`), and `Expired`.
-fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<(u64, u64)>) -> Bytes {
+fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<(u64, u64, u64)>) -> Bytes {
     let mut b = BytesMut::new();
-    if let Some((instance, skipped)) = routed {
-        encode_routed(&mut b, head.channel, head.source, instance, skipped);
+    if let Some((instance, origin, skipped)) = routed {
+        encode_routed(&mut b, head.channel, head.source, instance, origin, skipped);
     }
     Message::Expired {
         channel: head.channel,
