@@ -81,7 +81,7 @@ fn main() -> std::io::Result<()> {
             payload: Bytes::from_static(b"payload"),
         }),
         Message::Lagged { channel: ch, source: LocalId(1), count: 9, sinks: vec![LocalId(2)] },
-        Message::Routed { channel: ch, source: LocalId(1), skipped: 4 },
+        Message::Routed { channel: ch, source: LocalId(1), instance: 3, origin: 5, skipped: 4 },
         Message::Targets { channel: ch, sinks: vec![LocalId(2), LocalId(5)] },
         Message::InstallFilter {
             channel: ch,

@@ -9,7 +9,10 @@
 //! sends it a `JoinRequest` with its snapshot and gets back every member node; from then on every node sends its own
 //! snapshot directly to every other member node whenever its members change, and answers a newcomer's first snapshot
 //! with its own. Snapshots are versioned, so the newest wins whatever the order of arrival, and the contact relays a
-//! joiner's snapshot so that nobody depends on the joiner's direct links alone.
+//! joiner's snapshot so that nobody depends on the joiner's direct links alone. A node's versions start, at each
+//! opening of the channel, above those of its openings before ([`ChannelState::start_versions_at`]): a reopened
+//! channel's snapshots replace the old instance's at members that missed its goodbye, and a late snapshot of the old
+//! instance is stale.
 //!
 //! Beyond the paper: when the contact leaves or is lost, the remaining member with the lowest node id takes the role
 //! over through a compare-and-set in the registry; a node that finds it lost a contest (the registry names someone
@@ -613,10 +616,24 @@ impl ChannelState {
         self.peers.get(&node).is_some_and(|p| p.rights.contains(role))
     }
 
-    /// Sets the instance this node's snapshots carry ([`NodeSnapshot::instance`]): a number the caller draws at random
-    /// for each opening of the channel, before [`ChannelState::open`].
+    /// Sets the instance this node's snapshots carry ([`NodeSnapshot::instance`]): a number the caller takes for each
+    /// opening of the channel, above those of the node's earlier openings, before [`ChannelState::open`].
     pub fn set_instance(&mut self, instance: u64) {
         self.local.instance = instance;
+    }
+
+    /// Starts this opening's snapshot versions above `base` (call before [`ChannelState::open`]). Versions order a
+    /// node's snapshots whatever the order of arrival; a node that closes the channel and opens it again must have
+    /// its new instance's snapshots taken as newer than the old one's by members that missed the goodbye, and a late
+    /// snapshot of the old instance taken as stale. The caller passes the wall clock in microseconds since the Unix
+    /// epoch (kept increasing by the node between its openings of a channel), so that an instance's versions start
+    /// above those of every instance before it on that node, restarts included, unless the clock went back by more
+    /// than the time between the two openings (members that missed the goodbye then keep the old instance's snapshot
+    /// until the new one's versions pass it).
+    pub fn start_versions_at(&mut self, base: u64) {
+        if self.phase == Phase::Idle {
+            self.local.version = self.local.version.max(base);
+        }
     }
 
     /// Replaces this node's credential in the channel (a renewed one, say) and tells every other member node.

@@ -9,10 +9,13 @@ use crate::types::{MemberInfo, Role};
 /// one whatever the order of arrival.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct NodeSnapshot {
-    /// Increases by one with every change the node makes to its membership in this channel.
+    /// Increases by one with every change the node makes to its membership in this channel; starts, at each opening
+    /// of the channel, above the versions of the node's openings before
+    /// (`membership::ChannelState::start_versions_at`).
     pub version: u64,
-    /// Drawn at random each time the node opens the channel (0: unknown), so that a member that closed the channel
-    /// and opened it again is told from the instance before it: a source numbers its events to each instance anew
+    /// Taken each time the node opens the channel (0: unknown), increasing from one opening to the next (the node
+    /// layer takes the wall clock in microseconds), so that a member that closed the channel and opened it again is
+    /// told from, and ordered after, the instance before it: a source numbers its events to each instance anew
     /// (docs/PROTOCOL.md, "Loss accounting").
     pub instance: u64,
     /// The node's members; empty when it has left.

@@ -148,7 +148,7 @@ fn one_of_each() -> Vec<Message> {
         },
         Message::FilterStatus { channel: ChannelId(9), req: 11, ok: false, message: "out of fuel".into() },
         Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
-        Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 },
+        Message::Routed { channel: ChannelId(9), source: LocalId(1), instance: 0x5eed, origin: 0xfeed, skipped: 7 },
         Message::Deadline { channel: ChannelId(9), unix_us: 1_764_900_000_000_000 },
         Message::Priority { channel: ChannelId(9), level: 2 },
         Message::Expired {
@@ -193,7 +193,9 @@ fn one_of_each() -> Vec<Message> {
     ];
     // Every gossip message, each in its own frame (the payload of an event is the rest of its frame).
     let id = EventId { source: NodeId(4), seq: 77 };
-    let frame = Message::Routed { channel: ChannelId(9), source: LocalId(1), skipped: 7 }.to_bytes();
+    let frame =
+        Message::Routed { channel: ChannelId(9), source: LocalId(1), instance: 0x5eed, origin: 0xfeed, skipped: 7 }
+            .to_bytes();
     let bodies = vec![
         GossipMsg::Join,
         GossipMsg::ForwardJoin { joiner: NodeId(5), ttl: 6 },

@@ -258,11 +258,15 @@ fn message() -> impl Strategy<Value = Message> {
                 sinks: ids.into_iter().map(LocalId).collect()
             }
         ),
-        (ch.clone(), any::<u32>(), any::<u64>()).prop_map(|(channel, s, skipped)| Message::Routed {
-            channel,
-            source: LocalId(s),
-            skipped
-        }),
+        (ch.clone(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(channel, s, instance, origin, skipped)| Message::Routed {
+                channel,
+                source: LocalId(s),
+                instance,
+                origin,
+                skipped
+            }
+        ),
         (
             (any::<u32>(), name(), ch.clone(), node.clone(), name(), any::<u64>()),
             (mode, any::<u32>(), any::<u32>(), any::<u128>())

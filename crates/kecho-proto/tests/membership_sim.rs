@@ -1053,3 +1053,44 @@ fn a_join_answer_that_comes_just_after_the_attempt_timed_out_still_counts() {
     settle(&mut sim);
     assert!(sim.nodes[&NodeId(1)].lost.is_empty(), "no link was lost");
 }
+
+/// A node closes the channel and opens it again, its goodbye lost: the new instance's snapshots replace the old
+/// instance's at every member (their versions start above the old ones', as the node layer has them do with
+/// `start_versions_at`), and a late snapshot of the old instance does not bring it back. (With versions restarting
+/// at 1, the old instance's snapshot stayed: the members' views never agreed with the new instance's own.)
+#[test]
+fn a_reopened_channel_replaces_the_old_instance_whose_goodbye_was_lost() {
+    let mut sim = Sim::new(SimConfig::default());
+    build(&mut sim, 1, &[2, 3]);
+    let old = sim.st(3, CH).local().clone();
+    let channel = sim.st(3, CH).id();
+    let addr = sim.st(1, CH).peers()[&NodeId(3)].addr.clone();
+    sim.vanish(3, CH);
+    sim.open_configured(3, CH, JOIN, standard_members(3), |st| {
+        st.set_instance(old.instance + 1);
+        st.start_versions_at(old.version + 1_000);
+    });
+    sim.run_until(LIMIT, "the reopened channel ready", |s| s.ready(3, CH));
+    settle(&mut sim);
+    for id in [1, 2] {
+        let p = &sim.st(id, CH).peers()[&NodeId(3)];
+        assert_eq!(p.snapshot.instance, old.instance + 1, "n{id} holds the new instance");
+    }
+    // A copy of the old instance's last snapshot, delayed somewhere, arrives at each member after the new one.
+    for id in [1, 2] {
+        let msg = Message::Snapshot {
+            channel,
+            node: NodeId(3),
+            addr: addr.clone(),
+            snapshot: old.clone(),
+            left: false,
+            reply: true,
+        };
+        sim.inject(3, id, msg);
+    }
+    sim.run_for(Duration::from_secs(5));
+    sim.views_agree(CH).unwrap_or_else(|e| sim.fail(&format!("the old instance came back: {e}")));
+    for id in [1, 2] {
+        assert_eq!(sim.st(id, CH).peers()[&NodeId(3)].snapshot.instance, old.instance + 1, "n{id}");
+    }
+}

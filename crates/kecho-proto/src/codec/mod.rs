@@ -25,7 +25,7 @@ pub use run::{
 };
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 14;
+pub const PROTOCOL_VERSION: u16 = 15;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -388,12 +388,21 @@ pub enum Message {
     /// Loss accounting: of `source`'s events up to and including the next one it sends on this link, `skipped` in
     /// all were not meant for the receiving node (no sink there wanted them, or the OUT-filter chose others). The
     /// receiver numbers the events meant for it as `seq - skipped`; a jump in that number is a loss in transit (a
-    /// link that broke with events on the way). Sent only when the value changes.
+    /// link that broke with events on the way). Sent only when the value changes, and before a source's first event
+    /// to each instance of the channel on the receiving node.
     Routed {
         /// Channel.
         channel: ChannelId,
         /// The source.
         source: LocalId,
+        /// The instance of the channel on the receiving node ([`crate::NodeSnapshot::instance`]) that the source
+        /// numbers these events for: a receiver ignores the frame, and the events after it, when it names another
+        /// instance (an earlier opening of the channel there, whose events were still in flight).
+        instance: u64,
+        /// The sender's own instance of the channel, which the source belongs to: a receiver takes a source of a
+        /// later instance for a new source (its local id and sequence numbers start again), and ignores frames of an
+        /// earlier one. Instances of one node's channel increase with each opening.
+        origin: u64,
         /// Its events not meant for the receiving node so far.
         skipped: u64,
     },
@@ -573,7 +582,9 @@ impl Message {
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
             Message::Event(e) => return encode_event(dst, e.channel, e.source, e.seq, &e.ty, &e.attrs, &e.payload),
-            Message::Routed { channel, source, skipped } => return encode_routed(dst, *channel, *source, *skipped),
+            Message::Routed { channel, source, instance, origin, skipped } => {
+                return encode_routed(dst, *channel, *source, *instance, *origin, *skipped)
+            }
             Message::Targets { channel, sinks } => return encode_targets(dst, *channel, sinks),
             Message::Deadline { channel, unix_us } => return encode_deadline(dst, *channel, *unix_us),
             _ => {}
@@ -816,11 +827,20 @@ pub fn encode_event(
 }
 
 /// Appends a `Routed` frame without building a [`Message`] (submit path).
-pub fn encode_routed(dst: &mut BytesMut, channel: ChannelId, source: LocalId, skipped: u64) {
-    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8);
+pub fn encode_routed(
+    dst: &mut BytesMut,
+    channel: ChannelId,
+    source: LocalId,
+    instance: u64,
+    origin: u64,
+    skipped: u64,
+) {
+    dst.reserve(LEN_PREFIX + 1 + 8 + 4 + 8 + 8 + 8);
     let start = begin_frame(dst, kind::ROUTED);
     dst.put_u64_le(channel.0);
     dst.put_u32_le(source.0);
+    dst.put_u64_le(instance);
+    dst.put_u64_le(origin);
     dst.put_u64_le(skipped);
     end_frame(dst, start);
 }
@@ -1351,9 +1371,13 @@ impl Reader {
                 }
                 Message::SourceEnd { channel, origin, source, last, dests }
             }
-            ROUTED => {
-                Message::Routed { channel: ChannelId(self.u64()?), source: LocalId(self.u32()?), skipped: self.u64()? }
-            }
+            ROUTED => Message::Routed {
+                channel: ChannelId(self.u64()?),
+                source: LocalId(self.u32()?),
+                instance: self.u64()?,
+                origin: self.u64()?,
+                skipped: self.u64()?,
+            },
             INSTALL_FILTER => Message::InstallFilter {
                 channel: ChannelId(self.u64()?),
                 req: self.u32()?,

@@ -424,6 +424,20 @@ impl Sim {
         node.left.insert(name.to_owned(), chan);
     }
 
+    /// Node `id` closes `name` and its goodbye is lost: the channel is forgotten there, no member is told (messages
+    /// for it that arrive later go to a new opening of the channel, if any, as on a real node).
+    pub fn vanish(&mut self, id: u64, name: &str) {
+        let node = self.nodes.get_mut(&NodeId(id)).expect("node");
+        node.chans.remove(name).expect("chan");
+        trace!(self, "n{id} closes {name:?}, its goodbye lost");
+    }
+
+    /// Node `from` sends `msg` to node `to` over their link, as if its channel had (a late copy, say).
+    pub fn inject(&mut self, from: u64, to: u64, msg: Message) {
+        trace!(self, "n{from} -> n{to} injected: {}", short(&msg));
+        self.send(NodeId(from), NodeId(to), msg);
+    }
+
     /// The node stops dead: no answers, no close, nothing.
     pub fn crash(&mut self, id: u64) {
         self.nodes.get_mut(&NodeId(id)).expect("node").crashed = true;

@@ -25,9 +25,53 @@ pub(super) struct RecvTrack {
     pub(super) last_seq: u64,
     /// How the source's end is accounted for (see `channel::ends`).
     pub(super) end: super::ends::EndTrack,
+    /// A `Routed` frame numbered for this instance of the channel arrived: before one, the source's events are
+    /// numbered for another instance (an earlier opening of the channel on this node; a source always sends one
+    /// before its first event to an instance) and must not set the baseline.
+    pub(super) anchored: bool,
+    /// The source's own sequence number of the first event that arrived after the anchoring `Routed` (0 before): a
+    /// source numbers its events to an instance of the channel from an event submitted after every event it sent to
+    /// the instances before, so an event below it (a late datagram, say) was numbered for another instance.
+    pub(super) floor: u64,
+    /// The instance of the channel on the source's node that the source belongs to, as its `Routed` frames say (0
+    /// before the first): a later instance's source is another source with the same local id (see `routed`).
+    pub(super) origin_instance: u64,
 }
 
 impl RecvTrack {
+    /// True if event `seq` of the source was numbered for another instance of the channel on this node (see
+    /// `anchored`, `floor`): it is ignored, neither delivered nor counted in a gap.
+    #[inline]
+    pub(super) fn stale(&self, seq: u64) -> bool {
+        !self.anchored || seq < self.floor
+    }
+
+    /// A `Routed` frame of the source arrived, numbered for instance `instance` of the channel on this node, which is
+    /// `mine`, from a source of the sender's instance `origin`: false (and nothing changes) if it is another instance
+    /// of this node's, or an earlier instance of the sender's than the track's. A later instance of the sender's is
+    /// a new source (its node opened the channel again): the track starts again, and what to tell the sinks of the
+    /// old one is returned (`RecvTrack::instance_gone`).
+    pub(super) fn routed(
+        &mut self,
+        instance: u64,
+        mine: u64,
+        origin: u64,
+        skipped: u64,
+    ) -> Result<Option<super::ends::Verdict>, ()> {
+        if instance != mine || origin < self.origin_instance {
+            return Err(());
+        }
+        let mut gone = None;
+        if origin > self.origin_instance && self.origin_instance != 0 {
+            gone = self.instance_gone();
+            *self = RecvTrack::default();
+        }
+        self.origin_instance = origin;
+        self.anchored = true;
+        self.skipped = skipped;
+        Ok(gone)
+    }
+
     /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it, or
     /// `None` if it arrived before (a source replays the events that were in flight on a link that broke, some of
     /// which had arrived: see docs/DURABILITY.md).
@@ -39,6 +83,9 @@ impl RecvTrack {
         let gap = if self.last != 0 && n > self.last + 1 { n - self.last - 1 } else { 0 };
         self.last = self.last.max(n);
         self.last_seq = self.last_seq.max(seq);
+        if self.floor == 0 {
+            self.floor = seq;
+        }
         self.end.alive();
         Some(gap)
     }
@@ -98,9 +145,16 @@ impl ChannelInner {
         }
         let sinks = self.local_sinks.read().clone();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let Some(gap) = self.tracks.lock().entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
-            return;
+        let gap = {
+            let mut tracks = self.tracks.lock();
+            let track = tracks.entry((from, e.source)).or_default();
+            if track.stale(e.seq) {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            track.arrived_as(e.seq, numbered)
         };
+        let Some(gap) = gap else { return };
         if gap > 0 {
             // Events meant for this node were lost on the way (a link broke with them in flight). Which of its sinks
             // wanted them is unknown here, so every sink is told.
@@ -155,11 +209,18 @@ impl ChannelInner {
             }
             self.counters.received.fetch_add(run.count as u64, Ordering::Relaxed);
             let key = SourceKey::new(from, run.source);
-            let Some((skip, gap)) =
-                self.tracks.lock().entry((from, run.source)).or_default().arrived_run(run.first, run.count)
-            else {
-                continue;
+            let arrived = {
+                let mut tracks = self.tracks.lock();
+                let track = tracks.entry((from, run.source)).or_default();
+                if track.stale(run.first) {
+                    // A run's events follow one another: all of them were numbered for the same instance.
+                    self.counters.stale.fetch_add(run.count as u64, Ordering::Relaxed);
+                    None
+                } else {
+                    track.arrived_run(run.first, run.count)
+                }
             };
+            let Some((skip, gap)) = arrived else { continue };
             if gap > 0 {
                 self.counters.missed.fetch_add(gap, Ordering::Relaxed);
                 for s in sinks.iter() {
@@ -227,9 +288,12 @@ impl ChannelInner {
                 for a in evs.by_ref() {
                     let numbered = a.numbered();
                     let (e, chosen, deadline) = a.parts();
-                    let Some(gap) = tracks.entry((from, e.source)).or_default().arrived_as(e.seq, numbered) else {
+                    let track = tracks.entry((from, e.source)).or_default();
+                    if track.stale(e.seq) {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
                         continue;
-                    };
+                    }
+                    let Some(gap) = track.arrived_as(e.seq, numbered) else { continue };
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {
@@ -367,9 +431,15 @@ impl ChannelInner {
         !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
     }
 
-    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`).
-    pub(crate) fn routed(&self, from: NodeId, source: LocalId, skipped: u64) {
-        self.tracks.lock().entry((from, source)).or_default().skipped = skipped;
+    /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`),
+    /// numbering them for instance `instance` of the channel here: ignored (and counted) if that is not this one.
+    pub(crate) fn routed(&self, from: NodeId, source: LocalId, instance: u64, origin: u64, skipped: u64) {
+        let r = self.tracks.lock().entry((from, source)).or_default().routed(instance, self.instance, origin, skipped);
+        match r {
+            Err(()) => _ = self.counters.stale.fetch_add(1, Ordering::Relaxed),
+            Ok(Some(v)) => self.tell(SourceKey::new(from, source), v),
+            Ok(None) => {}
+        }
     }
 
     /// Runs the IN-filter, then offers the event to the chosen local sinks under their overflow policies.
@@ -436,9 +506,16 @@ impl ChannelInner {
             return;
         }
         let sinks = self.local_sinks.read().clone();
-        let Some(gap) = self.tracks.lock().entry((from, source)).or_default().arrived(seq) else {
-            return;
+        let gap = {
+            let mut tracks = self.tracks.lock();
+            let track = tracks.entry((from, source)).or_default();
+            if track.stale(seq) {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            track.arrived(seq)
         };
+        let Some(gap) = gap else { return };
         if gap > 0 {
             self.counters.missed.fetch_add(gap, Ordering::Relaxed);
             for s in sinks.iter() {
@@ -564,6 +641,40 @@ mod tests {
             }
             receive(&arrivals, len as u64, &format!("round {round}: {sent:?} arriving as {arrivals:?}"));
         }
+    }
+
+    /// A receiver takes a source's events as its own only after a `Routed` frame numbered for its instance of the
+    /// channel, and then only from the first event after it on: events of another instance's numbering (before the
+    /// frame, or a late datagram below that first event) are stale, whatever their numbers say.
+    #[test]
+    fn only_events_numbered_for_this_instance_count() {
+        let mut track = RecvTrack::default();
+        assert!(track.stale(1), "no Routed frame yet: an earlier instance's event");
+        assert!(track.routed(7, 9, 1, 300).is_err(), "another instance's Routed frame is refused");
+        assert!(track.stale(301) && track.skipped == 0, "and changes nothing");
+        assert_eq!(track.routed(9, 9, 1, 499), Ok(None));
+        assert!(!track.stale(500));
+        assert_eq!(track.arrived(500), Some(0), "the first event sets the baseline");
+        assert!(track.stale(480), "an event submitted before the first one was numbered for another instance");
+        assert!(!track.stale(501));
+        assert_eq!(track.arrived_as(502, Some(Numbered { number: 3, after: 1 })), Some(1));
+    }
+
+    /// A `Routed` frame from a later instance of the sender's channel names a new source with the old one's local id
+    /// (the sender opened the channel again): the track starts again, and the old source is reported gone; frames of
+    /// an earlier instance of the sender's are refused.
+    #[test]
+    fn a_source_of_a_later_instance_of_its_nodes_channel_is_a_new_source() {
+        let mut track = RecvTrack::default();
+        assert_eq!(track.routed(9, 9, 5, 0), Ok(None));
+        for seq in 1..=30 {
+            assert_eq!(track.arrived(seq), Some(0));
+        }
+        assert_eq!(track.routed(9, 9, 6, 0), Ok(Some(super::super::ends::Verdict::Unknown)), "the old source is gone");
+        assert_eq!(track.arrived(1), Some(0), "the new source's first event is delivered");
+        assert_eq!(track.routed(9, 9, 5, 40), Err(()), "a late frame of the old instance is refused");
+        assert_eq!((track.skipped, track.origin_instance), (0, 6), "and changes nothing");
+        assert_eq!(track.arrived(2), Some(0));
     }
 
     /// `arrived_run` decides as `arrived` per event would, from every state a source's track can be in: what arrived

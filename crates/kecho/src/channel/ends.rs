@@ -186,6 +186,20 @@ impl RecvTrack {
         Some(Verdict::Unknown)
     }
 
+    /// The source's node opened the channel again (its instance changed), so the source is gone: a relayed end is
+    /// accounted for now, else the sinks are told it is gone with an unknown number missed, as for a node lost out of
+    /// view (without the grace period: it cannot come back). `None` if it was accounted for already.
+    pub(super) fn instance_gone(&mut self) -> Option<Verdict> {
+        if let Some(end) = self.end.pending.take() {
+            return self.end_now(&end);
+        }
+        if self.end.settled || self.end.told_unknown || (self.last_seq == 0 && !self.end.seen) {
+            return None;
+        }
+        self.end.told_unknown = true;
+        Some(Verdict::Unknown)
+    }
+
     /// The source's node is (back) in this node's view: stop waiting for it.
     pub(super) fn node_back(&mut self) {
         self.end.lost_at = None;
@@ -328,14 +342,33 @@ impl ChannelInner {
     /// `peers` are the member nodes now, in order (the membership's map keys): looked up by binary search, so that
     /// a change costs one pass over the tracked sources and, in full-mesh mode, one over the members, with no set
     /// built per change (in tree mode every member of a large channel runs this on every change).
-    pub(super) fn view_changed(self: &Arc<Self>, peers: &[NodeId]) {
+    ///
+    /// `instances` are the members' instances of the channel, in the order of `peers`: the remote sources of a member
+    /// that is on a later instance than theirs were on an earlier opening of the channel there, which is closed
+    /// (whether or not its goodbye arrived). Their tracks are accounted for (`RecvTrack::instance_gone`) and dropped,
+    /// so that the new opening's sources, whose local ids and sequence numbers start again, get tracks of their own
+    /// (a new source's `Routed` frame, should it come first, starts its track again itself, see `RecvTrack::routed`).
+    pub(super) fn view_changed(self: &Arc<Self>, peers: &[NodeId], instances: &[u64]) {
         debug_assert!(peers.windows(2).all(|w| w[0] < w[1]));
+        debug_assert_eq!(peers.len(), instances.len());
         let Some(node) = self.node.upgrade() else { return };
         let at = now();
         let mut verdicts = Vec::new();
         let mut pending = Vec::new();
         let mut arm = false;
         let present = |n: &NodeId| peers.binary_search(n).is_ok();
+        self.tracks.lock().retain(|(origin, source), t| {
+            let Ok(i) = peers.binary_search(origin) else { return true };
+            // Instances of one node's channel increase with each opening; a track's source is on the one its `Routed`
+            // frames named (0: none yet).
+            if t.origin_instance == 0 || t.origin_instance >= instances[i] {
+                return true;
+            }
+            if let Some(v) = t.instance_gone() {
+                verdicts.push((SourceKey::new(*origin, *source), v));
+            }
+            false
+        });
         {
             let seen = self.seen_peers.lock();
             let before = |n: &NodeId| seen.binary_search(n).is_ok();
@@ -444,7 +477,7 @@ impl ChannelInner {
     }
 
     /// Tells the local sinks what they missed of source `key`.
-    fn tell(&self, key: SourceKey, v: Verdict) {
+    pub(super) fn tell(&self, key: SourceKey, v: Verdict) {
         let sinks = self.local_sinks.read().clone();
         match v {
             Verdict::Quiet => {}

@@ -13,10 +13,12 @@ use kecho_proto::{LocalId, NodeId};
 
 pub use crate::config::History;
 
-/// A sink on another node, as a source names it.
+/// A sink on another node, as a source names it: with the instance of the channel there (`NodeSnapshot::instance`)
+/// that it belongs to, since a node that opens the channel again numbers its sinks from 1 again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct RemoteSink {
     pub(super) node: NodeId,
+    pub(super) instance: u64,
     pub(super) sink: LocalId,
 }
 
@@ -190,15 +192,15 @@ impl Kept {
         }
     }
 
-    /// Node `node` is back: the kept events its sinks missed, oldest first, each with the sinks that want it. They
-    /// are forgotten here.
-    pub(super) fn take_for(&mut self, node: NodeId, now: Instant) -> Vec<Replay> {
+    /// Node `node` is back with instance `instance` of the channel: the kept events its sinks (of that instance)
+    /// missed, oldest first, each with the sinks that want it. They are forgotten here.
+    pub(super) fn take_for(&mut self, node: NodeId, instance: u64, now: Instant) -> Vec<Replay> {
         self.trim(now);
         let mut out = Vec::new();
         for e in self.entries.iter_mut() {
             let mut sinks = Vec::new();
             e.sinks.retain(|s| {
-                if s.node == node {
+                if s.node == node && s.instance == instance {
                     sinks.push(s.sink);
                     false
                 } else {
@@ -228,6 +230,15 @@ impl Kept {
         self.drop_done();
     }
 
+    /// Forgets the sinks of node `node` but those of instance `instance` of the channel there (the node opened the
+    /// channel again: the sinks of its earlier instances are gone for good).
+    pub(super) fn forget_other_instances(&mut self, node: NodeId, instance: u64) {
+        for e in self.entries.iter_mut() {
+            e.sinks.retain(|s| s.node != node || s.instance == instance);
+        }
+        self.drop_done();
+    }
+
     fn drop_done(&mut self) {
         let mut bytes = self.bytes;
         self.entries.retain(|e| {
@@ -252,7 +263,7 @@ mod tests {
     use std::time::Duration;
 
     fn rs(node: u64, sink: u32) -> RemoteSink {
-        RemoteSink { node: NodeId(node), sink: LocalId(sink) }
+        RemoteSink { node: NodeId(node), instance: 1, sink: LocalId(sink) }
     }
 
     fn frame(n: usize) -> Bytes {
@@ -276,10 +287,10 @@ mod tests {
             k.keep(seq, frame(10), &[rs(1, 1), rs(2, 7)], t0);
         }
         // Events 1 and 2 fell out (3 events at most).
-        let r = k.take_for(NodeId(1), t0);
+        let r = k.take_for(NodeId(1), 1, t0);
         assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert!(r.iter().all(|r| r.sinks == vec![LocalId(1)]));
-        assert!(k.take_for(NodeId(1), t0).is_empty(), "replayed once");
+        assert!(k.take_for(NodeId(1), 1, t0).is_empty(), "replayed once");
         assert_eq!(k.len(), 3, "still kept for node 2");
         k.forget(NodeId(2));
         assert_eq!(k.len(), 0);
@@ -287,7 +298,7 @@ mod tests {
         k.keep(6, frame(40), &[rs(1, 1)], t0);
         k.keep(7, frame(40), &[rs(1, 1)], t0);
         k.keep(8, frame(40), &[rs(1, 1)], t0);
-        assert_eq!(k.take_for(NodeId(1), t0).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8]);
+        assert_eq!(k.take_for(NodeId(1), 1, t0).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8]);
     }
 
     #[test]
@@ -297,7 +308,7 @@ mod tests {
         k.set_limits(History::events(100).age(Duration::from_secs(5)), t0);
         k.keep(1, frame(1), &[rs(1, 1)], t0);
         k.keep(2, frame(1), &[rs(1, 1)], t0 + Duration::from_secs(4));
-        let r = k.take_for(NodeId(1), t0 + Duration::from_secs(6));
+        let r = k.take_for(NodeId(1), 1, t0 + Duration::from_secs(6));
         assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2]);
     }
 

@@ -89,6 +89,10 @@ pub struct ChannelStats {
     /// or found late at a local sink's receive. Events that expire in this node's link queues are counted per link
     /// ([`crate::LinkStats::expired`]).
     pub expired: u64,
+    /// Frames from remote sources numbered for another instance of this channel on this node (an earlier opening of
+    /// it, whose events were still in flight when it was opened again; see docs/PROTOCOL.md, "Loss accounting"):
+    /// ignored, not delivered and not counted as missed.
+    pub stale: u64,
 }
 
 #[derive(Default)]
@@ -103,6 +107,7 @@ struct Counters {
     published: AtomicU64,
     denied: AtomicU64,
     expired: AtomicU64,
+    stale: AtomicU64,
 }
 
 #[derive(Default)]
@@ -119,6 +124,10 @@ const ATTR_INTERVAL: Duration = Duration::from_millis(20);
 
 pub(crate) struct ChannelInner {
     name: String,
+    /// This opening of the channel (`NodeSnapshot::instance`: never 0, above the node's earlier openings of the
+    /// channel, see `version_base`): remote sources name it in their `Routed` frames, and frames numbered for another
+    /// instance are ignored (`RecvTrack::stale`); local sources name it as their origin.
+    pub(super) instance: u64,
     node: Weak<Channels>,
     state: Mutex<ChannelState>,
     id: AtomicU64,
@@ -173,6 +182,25 @@ pub(crate) struct ChannelInner {
     lenders: Mutex<Vec<Weak<source::Lent>>>,
 }
 
+/// Where the snapshot versions of a channel opened now start (`ChannelState::start_versions_at`): the wall clock in
+/// microseconds since the Unix epoch (`epoch`), kept increasing within the process, so that every opening of a channel
+/// on this node has versions above those of the openings before it (each opening publishes far fewer snapshots than
+/// microseconds pass between two openings).
+fn version_base(epoch: std::time::Duration) -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let wall = u64::try_from(epoch.as_micros()).unwrap_or(u64::MAX >> 1);
+    let prev = LAST.fetch_max(wall, Ordering::Relaxed);
+    if prev >= wall {
+        // Several openings within a microsecond, or a clock that went back: above the last one, with room for its
+        // versions.
+        let next = prev + (1 << 20);
+        LAST.fetch_max(next, Ordering::Relaxed);
+        next
+    } else {
+        wall
+    }
+}
+
 impl ChannelInner {
     pub(crate) fn new(node: &Arc<Channels>, name: &str) -> Arc<Self> {
         let fresh = ChannelId(rand::random());
@@ -181,8 +209,12 @@ impl ChannelInner {
         let mut state = ChannelState::new(name, fresh, secret, node.id, &addr, node.cfg.membership.clone());
         let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         state.set_wall_clock(now(), epoch);
-        // Never 0 (unknown): a source tells this opening of the channel from an earlier or later one by it.
-        state.set_instance(rand::random::<u64>() | 1);
+        // Never 0 (unknown), and above this node's earlier openings of the channel: a node tells this opening of the
+        // channel from an earlier or later one by it (`Routed` frames, snapshots), and orders them. Versions start
+        // there too.
+        let instance = version_base(epoch).max(1);
+        state.set_instance(instance);
+        state.start_versions_at(instance);
         state.set_policy(node.cfg.access.policy_for(name));
         let key = node.identity.public_key();
         match node.cfg.access.token_for(name, &key) {
@@ -200,6 +232,7 @@ impl ChannelInner {
         }
         let ch = Arc::new(ChannelInner {
             name: name.to_owned(),
+            instance,
             node: Arc::downgrade(node),
             state: Mutex::new(state),
             id: AtomicU64::new(fresh.0),
@@ -545,6 +578,7 @@ impl ChannelInner {
             denied: c.denied.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed)
                 + self.local_sinks.read().iter().map(|s| s.queue.expired.load(Ordering::Relaxed)).sum::<u64>(),
+            stale: c.stale.load(Ordering::Relaxed),
         }
     }
 }

@@ -26,8 +26,9 @@ pub(super) enum Dest {
     Local(Arc<LocalSink>),
     /// On a node that left this node's view without saying goodbye (its link was lost, it was taken for gone, a
     /// view from another member no longer lists it...), until the given time: nothing is sent, but events it would
-    /// have received are counted, and reported to it as missed if it comes back.
-    Ghost(NodeId, Instant),
+    /// have received are counted, and reported to it as missed if it comes back. With the instance of the channel
+    /// there that the sinks were on: counts and replays are for that instance only.
+    Ghost(NodeId, u64, Instant),
     /// On another node that gets its events through the overlay (tree mode): no link is held for it, since no local
     /// source sends to it directly (see `Routes::direct`).
     Overlay,
@@ -45,6 +46,8 @@ pub(super) struct Ghosts {
 /// A node that left the view while it had sinks in the channel.
 struct Ghost {
     node: NodeId,
+    /// The instance of the channel on the node that the sinks were on.
+    instance: u64,
     until: Instant,
     sinks: Vec<GhostSink>,
 }
@@ -84,6 +87,8 @@ pub(super) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 /// One sink of the channel, for the submit path.
 pub(super) struct RouteSink {
     pub(super) entry: Arc<SinkEntry>,
+    /// The instance of the channel on the sink's node (`NodeSnapshot::instance`; this node's for a local sink).
+    pub(super) instance: u64,
     pub(super) types: Arc<TypeFilter>,
     pub(super) overflow: Overflow,
     pub(super) filter: Option<Arc<ContentFilter>>,
@@ -205,7 +210,7 @@ impl RouteBook {
         direct: bool,
         mut link: impl FnMut(NodeId, &str) -> Arc<Peer>,
         compile: impl Fn(&str) -> Result<Arc<ContentFilter>, ()>,
-    ) -> Vec<(NodeId, Vec<GhostSink>)> {
+    ) -> Vec<(NodeId, u64, Vec<GhostSink>)> {
         for (id, p) in peers {
             if let Some(part) = self.parts.get(id) {
                 let same = part.version == p.snapshot.version
@@ -234,7 +239,7 @@ impl RouteBook {
                     .map(|s| GhostSink { id: s.entry.id, types: s.types, overflow: s.overflow, filter: s.filter })
                     .collect();
                 if !sinks.is_empty() {
-                    left.push((id, sinks));
+                    left.push((id, part.instance, sinks));
                 }
             }
         }
@@ -257,6 +262,7 @@ impl RouteBook {
             count += part.sinks.len();
             routes.sinks.extend(part.sinks.iter().map(|s| RouteSink {
                 entry: s.entry.clone(),
+                instance: part.instance,
                 types: s.types.clone(),
                 overflow: s.overflow,
                 filter: s.filter.clone(),
@@ -369,6 +375,7 @@ impl ChannelInner {
         let _serial = self.rebuilding.lock();
         let st = self.state.lock();
         let view: Vec<NodeId> = st.peers().keys().copied().collect();
+        let instances: Vec<u64> = st.peers().values().map(|p| p.snapshot.instance).collect();
         let direct = self.routes_direct();
         let mut routes =
             Routes { generation: ROUTES_BUILT.fetch_add(1, Ordering::Relaxed), direct, ..Routes::default() };
@@ -395,10 +402,10 @@ impl ChannelInner {
             // Whatever way a node with sinks left the view (a lost link, taken for gone, a goodbye relayed on its
             // behalf, a view from another member without it), unless by its own goodbye: its sinks are ghosts, and
             // what they miss is counted and reported to them (replayed from a source's history) should it come back.
-            for (id, sinks) in left {
+            for (id, instance, sinks) in left {
                 if farewells.remove(&id).is_none() && !list.iter().any(|g| g.node == id) {
                     tracing::debug!(channel = %self.name, node = %id, "a node with sinks left the view unsaid");
-                    list.push(Ghost { node: id, until: at + node.cfg.gap_memory, sinks });
+                    list.push(Ghost { node: id, instance, until: at + node.cfg.gap_memory, sinks });
                 }
             }
             // A node back in the view is no longer a ghost, and a goodbye of its before does not cover its next exit.
@@ -419,7 +426,8 @@ impl ChannelInner {
                         // for the others').
                         overflow: *overflow,
                         filter: filter.clone(),
-                        dest: Dest::Ghost(g.node, g.until),
+                        instance: g.instance,
+                        dest: Dest::Ghost(g.node, g.instance, g.until),
                     });
                 }
             }
@@ -442,6 +450,7 @@ impl ChannelInner {
                     attrs: s.attrs.lock().clone(),
                     updated: at,
                 }),
+                instance: self.instance,
                 types: Arc::new(s.types.clone()),
                 overflow: s.queue.overflow(),
                 filter: s.filter.clone(),
@@ -453,7 +462,7 @@ impl ChannelInner {
         *self.routes.write() = Arc::new(routes);
         self.routing_gen.fetch_add(1, Ordering::AcqRel);
         self.sinks_present.send_replace(remote_sinks + locals.len());
-        self.view_changed(&view);
+        self.view_changed(&view, &instances);
         drop(_serial);
         // A node back in the table may have missed events of a local source that submits nothing now.
         self.wake_lenders();

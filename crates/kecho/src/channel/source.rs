@@ -147,6 +147,8 @@ struct PeerPick {
 /// Encoding: the event is encoded once per submit, whatever the number of links.
 #[derive(Default)]
 struct Encoder {
+    /// This node's instance of the channel (`ChannelInner::instance`), which `Routed` frames name as their origin.
+    me: u64,
     /// Where frames shared by several links or local sinks are encoded.
     buf: ChunkBuf,
     /// The last small event frame, encoded once and copied into each link's outbox.
@@ -402,6 +404,7 @@ impl Source {
     ) -> Self {
         let mut kept = Kept::default();
         kept.set_limits(history, now());
+        let me = ch.instance;
         Source {
             _guard: guard,
             ch,
@@ -414,7 +417,7 @@ impl Source {
             out_filter: None,
             routing: Routing { gen: 0, routes: Arc::default(), installed: None, blocks: false },
             pick: Pick::default(),
-            enc: Encoder::default(),
+            enc: Encoder { me, ..Encoder::default() },
             loss: LossTrack::default(),
             kept,
             lent: false,
@@ -792,7 +795,7 @@ impl Pick {
                     }
                     pick.accepting += 1;
                 }
-                Dest::Ghost(_, until) if *at.get_or_insert_with(now) >= until => continue,
+                Dest::Ghost(_, _, until) if *at.get_or_insert_with(now) >= until => continue,
                 _ => {}
             }
             if blocks_only && r.overflow != Overflow::Block {
@@ -808,12 +811,12 @@ impl Pick {
                     continue;
                 }
             }
-            if let Dest::Ghost(node, _) = r.dest {
-                self.ghosts.push(RemoteSink { node, sink: r.entry.id });
+            if let Dest::Ghost(node, instance, _) = r.dest {
+                self.ghosts.push(RemoteSink { node, instance, sink: r.entry.id });
                 continue;
             }
             if !waiting.is_empty() && !r.entry.local && waiting.contains(&r.entry.node) {
-                self.ghosts.push(RemoteSink { node: r.entry.node, sink: r.entry.id });
+                self.ghosts.push(RemoteSink { node: r.entry.node, instance: r.instance, sink: r.entry.id });
                 continue;
             }
             self.candidates.push(i);
@@ -931,10 +934,18 @@ impl LossTrack {
     ) {
         let mut back: Vec<NodeId> = Vec::new();
         let mut gone: Vec<NodeId> = Vec::new();
+        let mut reopened: Vec<(NodeId, u64)> = Vec::new();
         self.waiting.clear();
         for g in self.ghost_missed.keys() {
-            if let Some(p) = routes.peers.iter().find(|p| p.id == g.node) {
-                if !p.is_up() {
+            if let Some(at_p) = routes.peers.iter().position(|p| p.id == g.node) {
+                let p = &routes.peers[at_p];
+                if routes.instances[at_p] != g.instance {
+                    // Back with another instance of the channel: the sinks counted for are gone with theirs, and the
+                    // new instance's (numbered from 1 again) must get nothing of theirs.
+                    if !reopened.iter().any(|(n, _)| *n == g.node) {
+                        reopened.push((g.node, routes.instances[at_p]));
+                    }
+                } else if !p.is_up() {
                     // Back in the view (a member's view listed it again, say) but not reached yet: if the dial
                     // fails, it leaves the view again and the count goes on.
                     if !self.waiting.contains(&g.node) {
@@ -943,13 +954,18 @@ impl LossTrack {
                 } else if !back.contains(&g.node) {
                     back.push(g.node);
                 }
-            } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _) if n == g.node)) {
+            } else if !routes.sinks.iter().any(|r| matches!(r.dest, Dest::Ghost(n, _, _) if n == g.node)) {
                 gone.push(g.node);
             }
         }
         for node in gone {
             self.ghost_missed.retain(|g, _| g.node != node);
             kept.forget(node);
+        }
+        for (node, instance) in reopened {
+            tracing::debug!(node = %node, "a cut-off node came back with the channel opened again: what its earlier sinks missed is forgotten");
+            self.ghost_missed.retain(|g, _| g.node != node || g.instance == instance);
+            kept.forget_other_instances(node, instance);
         }
         let at = now();
         for node in back {
@@ -961,7 +977,7 @@ impl LossTrack {
                     track.replay_in_flight(peer, kept, channel, source, enc);
                 }
             }
-            let replays = kept.take_for(node, at);
+            let replays = kept.take_for(node, instance, at);
             let mut replayed: IdMap<LocalId, u64> = IdMap::default();
             for r in &replays {
                 for s in &r.sinks {
@@ -969,7 +985,7 @@ impl LossTrack {
                 }
             }
             self.ghost_missed.retain(|g, count| {
-                if g.node != node {
+                if g.node != node || g.instance != instance {
                     return true;
                 }
                 let left = count.saturating_sub(replayed.get(&g.sink).copied().unwrap_or(0));
@@ -983,7 +999,7 @@ impl LossTrack {
             for r in replays {
                 let (told, tell) = track.before(peer, r.seq);
                 if tell {
-                    encode_routed(&mut enc.prefix, channel, source, told.skipped);
+                    encode_routed(&mut enc.prefix, channel, source, track.instance, enc.me, told.skipped);
                 }
                 encode_targets(&mut enc.prefix, channel, &r.sinks);
                 if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, Urgency::plain(&mut track.held)) {
@@ -1062,7 +1078,7 @@ impl SendTrack {
         self.replayed_on = Some((peer.serial(), peer.epoch()));
         for (seq, n, frame, targets) in kept.sent_to(peer.id) {
             self.stream_last = self.stream_last.max(n);
-            encode_routed(&mut enc.prefix, channel, source, seq.saturating_sub(n));
+            encode_routed(&mut enc.prefix, channel, source, self.instance, enc.me, seq.saturating_sub(n));
             if let Some(t) = targets {
                 encode_targets(&mut enc.prefix, channel, t);
             }
@@ -1164,7 +1180,7 @@ impl Encoder {
             }
             // Routing and target frames go in a buffer of the source's, copied into the outbox with the event.
             if tell {
-                encode_routed(&mut self.prefix, head.channel, head.source, told.skipped);
+                encode_routed(&mut self.prefix, head.channel, head.source, track.instance, self.me, told.skipped);
             }
             if pick.chosen < pick.accepting {
                 encode_targets(&mut self.prefix, head.channel, &pick.ids);
@@ -1173,7 +1189,15 @@ impl Encoder {
             let expiry = timing.deadline.map(|(at, unix)| {
                 encode_deadline(&mut self.prefix, head.channel, unix);
                 let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
-                Expiry { deadline: at, instead: expired_notice(head, ev.ty, targets, tell.then_some(told.skipped)) }
+                Expiry {
+                    deadline: at,
+                    instead: expired_notice(
+                        head,
+                        ev.ty,
+                        targets,
+                        tell.then_some((track.instance, self.me, told.skipped)),
+                    ),
+                }
             });
             let urgency = timing.urgency(&mut track.held, expiry, pick.blocks);
             let (pushed, sent) = if copied {
@@ -1244,7 +1268,7 @@ impl Encoder {
             let track = track_for(&mut loss.sent_to, peer.id, routes.instances[p], kept);
             let (told, tell) = track.before(peer, head.seq);
             let targets = if pick.chosen < pick.accepting { &pick.ids[..] } else { &[] };
-            let notice = expired_notice(head, ty, targets, tell.then_some(told.skipped));
+            let notice = expired_notice(head, ty, targets, tell.then_some((track.instance, self.me, told.skipped)));
             let urgency = timing.urgency(&mut track.held, None, pick.blocks);
             if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
                 track.sent(told);
@@ -1287,11 +1311,12 @@ fn send_datagram(
     sent
 }
 
-/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one, and `Expired`.
-fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<u64>) -> Bytes {
+/// The frames that stand in for an expired event on one link: its `Routed` frame if it had one (`(instance, origin,
+/// skipped)`), and `Expired`.
+fn expired_notice(head: Head, ty: &str, targets: &[LocalId], routed: Option<(u64, u64, u64)>) -> Bytes {
     let mut b = BytesMut::new();
-    if let Some(skipped) = routed {
-        encode_routed(&mut b, head.channel, head.source, skipped);
+    if let Some((instance, origin, skipped)) = routed {
+        encode_routed(&mut b, head.channel, head.source, instance, origin, skipped);
     }
     Message::Expired {
         channel: head.channel,
@@ -1383,5 +1408,36 @@ mod tests {
         assert!(datagram::numbers(track.routed, track.stream_last).is_none(), "its first event goes on the stream");
         assert!(track.before(&peer, 6).1, "and is preceded by Routed");
         assert_eq!(kept.sent_to(node).count(), 0, "nothing of the old instance's is replayed to the new one");
+    }
+
+    /// What sinks of a cut-off node missed is counted and kept for the instance of the channel they were on: when the
+    /// node is back with the channel opened again (another instance), the counts and kept events are forgotten, not
+    /// reported or replayed to the new instance's sinks (whose local ids start at 1 again); back with the same
+    /// instance, they wait for its link as before.
+    #[test]
+    fn what_sinks_of_an_earlier_instance_missed_never_goes_to_a_new_one() {
+        let node = NodeId(3);
+        let peer = Arc::new(Peer::new(node, "n".into(), 1 << 20));
+        let mut kept = Kept::default();
+        kept.set_limits(History::events(100), now());
+        let old = RemoteSink { node, instance: 11, sink: LocalId(1) };
+        let mut loss = LossTrack::default();
+        loss.ghost_missed.insert(old, 4);
+        kept.keep(1, Bytes::from_static(b"frame"), &[old], now());
+        let mut enc = Encoder::default();
+        let table = |generation: u64, instance: u64| Routes {
+            generation,
+            peers: vec![peer.clone()],
+            instances: vec![instance],
+            ..Routes::default()
+        };
+        loss.report_if_due(&table(1, 11), ChannelId(1), LocalId(1), &mut kept, &mut enc);
+        assert!(loss.has_ghost_counts(), "back with the same instance, its link not up yet: the counts wait");
+        assert_eq!(loss.waiting, vec![node]);
+        loss.report_if_due(&table(2, 12), ChannelId(1), LocalId(1), &mut kept, &mut enc);
+        assert!(!loss.has_ghost_counts(), "back with another instance: the old sinks' counts are forgotten");
+        assert!(loss.waiting.is_empty(), "and nothing waits for the node's link to report them");
+        assert!(kept.take_for(node, 11, now()).is_empty(), "the events kept for the old sinks are forgotten");
+        assert!(peer.outbox.is_empty(), "nothing was queued to the node");
     }
 }

@@ -229,9 +229,9 @@ impl LinkHandler for Channels {
                     ch.remote_expired(from, source, seq, &ty, &sinks);
                 }
             }
-            Message::Routed { channel, source, skipped } => {
+            Message::Routed { channel, source, instance, origin, skipped } => {
                 if let Some(ch) = self.channel_by_id(channel) {
-                    ch.routed(from, source, skipped);
+                    ch.routed(from, source, instance, origin, skipped);
                 }
             }
             Message::Gossip { channel, addrs, body } => {

@@ -251,9 +251,9 @@ impl Source {
                 track.replay_in_flight(peer, &self.kept, channel, source, &mut self.enc);
             }
             let (told, tell) = track.before(peer, seq0);
-            let Encoder { buf, ends, targeted_ends: tends, prefix, gate, .. } = &mut self.enc;
+            let Encoder { me, buf, ends, targeted_ends: tends, prefix, gate, .. } = &mut self.enc;
             if tell {
-                encode_routed(prefix, channel, source, told.skipped);
+                encode_routed(prefix, channel, source, track.instance, *me, told.skipped);
             }
             // Sinks chosen by content filters among the node's accepting ones: each event is preceded by its
             // `Targets` frame, as it would be alone.
