@@ -299,7 +299,11 @@ fn durable_sink_killed_and_restarted(channel: &str, recorder: bool, away: Option
         run2.len(),
         run2.first()
     );
-    ensure!(lost == reported, "{lost} missing but {reported} reported: {}", second.stderr());
+    // Everything missing is reported. Without a recorder the count may be one over: the event being printed when
+    // the first run was killed (its position not yet written) is the one at-least-once delivery would bring again,
+    // and with no recorder to bring it, it is reported missed although it was printed.
+    let over = if recorder { 0 } else { 1 };
+    ensure!((lost..=lost + over).contains(&reported), "{lost} missing but {reported} reported: {}", second.stderr());
     if !recorder {
         // Without a recorder, what cannot be known is said, when the sink begins and when it comes back.
         ensure!(first.stderr().contains("a source it never heard of cannot be known"), "{}", first.stderr());
