@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use kecho::{Attrs, MembershipConfig, Node, RecvError, RegistryClient, SinkOptions, SourceKey};
-use tokio::net::TcpListener;
 
 mod common;
 use common::Proxy;
@@ -19,19 +18,16 @@ async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Pr
     // The node must advertise the proxy's address, which exists only once the node's own listener does: start the
     // proxy towards a placeholder listener, then the node, then point the proxy at it.
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
-    let hold = TcpListener::bind("127.0.0.1:0").await?;
-    let node_addr = hold.local_addr()?;
-    drop(hold);
-    let (proxy, addr) = Proxy::start(node_addr).await?;
+    let (proxy, addr) = Proxy::start("127.0.0.1:9".parse()?).await?;
     let node = Node::builder()
         .registry_client(reg.clone())
-        .listen(node_addr)
         .heartbeat_timeout(Duration::from_millis(600))
         .membership(m)
         .source_grace(grace)
         .advertise(addr)
         .start()
         .await?;
+    proxy.point_at(node.local_addr());
     Ok((node, proxy))
 }
 

@@ -10,7 +10,6 @@ use anyhow::{bail, Result};
 use kecho::{
     Attrs, Channel, EventOptions, History, MembershipConfig, Node, RecvError, RegistryClient, SinkOptions, SourceKey,
 };
-use tokio::net::TcpListener;
 
 mod common;
 use common::Proxy;
@@ -36,13 +35,11 @@ async fn proxied_node_with(
     threshold: usize,
 ) -> Result<(Node, Proxy)> {
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
-    let hold = TcpListener::bind("127.0.0.1:0").await?;
-    let node_addr = hold.local_addr()?;
-    drop(hold);
-    let (proxy, addr) = Proxy::start(node_addr).await?;
+    // The node advertises its proxy's address: the proxy first (towards a placeholder), then the node, then the
+    // proxy pointed at the node's listener.
+    let (proxy, addr) = Proxy::start("127.0.0.1:9".parse()?).await?;
     let node = Node::builder()
         .registry_client(reg.clone())
-        .listen(node_addr)
         .heartbeat_timeout(heartbeat)
         .membership(m)
         .source_grace(grace)
@@ -50,6 +47,7 @@ async fn proxied_node_with(
         .advertise(addr)
         .start()
         .await?;
+    proxy.point_at(node.local_addr());
     Ok((node, proxy))
 }
 

@@ -143,16 +143,19 @@ pub async fn tree_node(reg: &RegistryClient, threshold: usize) -> Result<Node> {
 /// the `Hello` frame. It can also refuse the nodes in `refused`: their connections are closed once their `Hello`
 /// arrived, so that a dial fails at once, as to a node whose process died.
 pub struct Proxy {
+    upstream: Arc<Mutex<SocketAddr>>,
     cut: Arc<Mutex<HashSet<u64>>>,
     refused: Arc<Mutex<HashSet<u64>>>,
     accept: JoinHandle<()>,
 }
 
 impl Proxy {
-    /// A proxy towards `upstream`, and the address it listens on.
+    /// A proxy towards `upstream` (see [`Proxy::point_at`]), and the address it listens on.
     pub async fn start(upstream: SocketAddr) -> Result<(Proxy, SocketAddr)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let up = Arc::new(Mutex::new(upstream));
+        let target = up.clone();
         let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let refused: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let (c, r) = (cut.clone(), refused.clone());
@@ -161,6 +164,7 @@ impl Proxy {
             while let Ok((down, _)) = listener.accept().await {
                 let cut = c.clone();
                 let refused = r.clone();
+                let upstream = *target.lock();
                 conns.push(tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(upstream).await else { return };
                     let (mut dr, mut dw) = down.into_split();
@@ -185,7 +189,13 @@ impl Proxy {
                 c.abort();
             }
         });
-        Ok((Proxy { cut, refused, accept }, addr))
+        Ok((Proxy { upstream: up, cut, refused, accept }, addr))
+    }
+
+    /// Relays the connections accepted from now on to `upstream` (a node started after its proxy, since it must
+    /// advertise the proxy's address: binding a port, closing it and listening on it again races other processes).
+    pub fn point_at(&self, upstream: SocketAddr) {
+        *self.upstream.lock() = upstream;
     }
 
     /// Refuses (or accepts again) the connections dialled by node `dialler` from now on.
