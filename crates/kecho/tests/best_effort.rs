@@ -5,9 +5,11 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use kecho::{Attrs, EventOptions, LinkStats, Node, Overflow, RecvError, RegistryClient, SinkOptions, Transport};
-use tokio::time::timeout;
+use anyhow::Result;
+use kecho::{Attrs, EventOptions, LinkStats, Node, Overflow, RegistryClient, SinkOptions, Transport};
+
+mod common;
+use common::drain;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -17,25 +19,6 @@ async fn pair(transport: Transport, drop_every: u64) -> Result<(Node, Node)> {
     let a = Node::builder().registry_client(reg.clone()).transport(transport).drop_datagrams_every(drop_every);
     let b = Node::builder().registry_client(reg).transport(transport);
     Ok((a.start().await?, b.start().await?))
-}
-
-/// What a sink got: `(type, seq, events reported missed just before it)` per event, up to and including the first
-/// event of type `last`.
-async fn drain(sink: &mut kecho::Sink, last: &str) -> Result<Vec<(String, u64, u64)>> {
-    let mut got = Vec::new();
-    let mut missed = 0;
-    loop {
-        match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
-            Ok(e) => {
-                got.push((e.ty().to_owned(), e.seq(), std::mem::take(&mut missed)));
-                if e.ty() == last {
-                    return Ok(got);
-                }
-            }
-            Err(RecvError::Lagged(n)) => missed += n,
-            Err(e) => bail!("recv: {e}"),
-        }
-    }
 }
 
 /// Checks the per-source account: sequence numbers only grow, and every number skipped between two delivered events

@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Node, Overflow, RecvError, RegistryClient, SinkOptions, Transport};
+use kecho::{Attrs, Node, Overflow, RegistryClient, SinkOptions, Transport};
 use tokio::time::timeout;
+
+mod common;
+use common::drain;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -15,25 +18,6 @@ async fn pair() -> Result<(Node, Node)> {
     let a = Node::builder().registry_client(reg.clone()).transport(Transport::Tcp);
     let b = Node::builder().registry_client(reg).transport(Transport::Tcp);
     Ok((a.start().await?, b.start().await?))
-}
-
-/// What a sink got: `(type, seq, events reported missed just before it)` per event, up to and including the first
-/// event of type `last`.
-async fn drain(sink: &mut kecho::Sink, last: &str) -> Result<Vec<(String, u64, u64)>> {
-    let mut got = Vec::new();
-    let mut missed = 0;
-    loop {
-        match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
-            Ok(e) => {
-                got.push((e.ty().to_owned(), e.seq(), std::mem::take(&mut missed)));
-                if e.ty() == last {
-                    return Ok(got);
-                }
-            }
-            Err(RecvError::Lagged(n)) => missed += n,
-            Err(e) => bail!("recv: {e}"),
-        }
-    }
 }
 
 /// Waits until `f` holds.

@@ -284,3 +284,22 @@ pub async fn a_graceful_shutdown_delivers_both_streams(
     }
     Ok(())
 }
+
+/// What a sink got: `(type, seq, events reported missed just before it)` per event, up to and including the first
+/// event of type `last`.
+pub async fn drain(sink: &mut kecho::Sink, last: &str) -> Result<Vec<(String, u64, u64)>> {
+    let mut got = Vec::new();
+    let mut missed = 0;
+    loop {
+        match timeout(T, sink.recv()).await.context("timed out waiting for an event")? {
+            Ok(e) => {
+                got.push((e.ty().to_owned(), e.seq(), std::mem::take(&mut missed)));
+                if e.ty() == last {
+                    return Ok(got);
+                }
+            }
+            Err(RecvError::Lagged(n)) => missed += n,
+            Err(e) => bail!("recv: {e}"),
+        }
+    }
+}
