@@ -29,15 +29,11 @@ fn process_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// Children's CPU (user + system) in nanoseconds, from /proc/self/stat (clock ticks of 10 ms).
+/// Children's CPU (user + system) in nanoseconds, from `getrusage(RUSAGE_CHILDREN)` (waited-for children only).
 fn children_cpu_ns() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the command: state is index 0, so cutime is field 16 -> index 13, cstime index 14.
-    let ticks: u64 =
-        f.get(13).and_then(|x| x.parse().ok()).unwrap_or(0) + f.get(14).and_then(|x| x.parse().ok()).unwrap_or(0);
-    ticks * 10_000_000
+    use nix::sys::resource::{getrusage, UsageWho};
+    let ns = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000_000 + t.tv_usec() as u64 * 1_000;
+    getrusage(UsageWho::RUSAGE_CHILDREN).map(|u| ns(u.user_time()) + ns(u.system_time())).unwrap_or(0)
 }
 
 /// One measured run.
@@ -319,18 +315,16 @@ fn flow_run(spec: &str, peer: Peer, records: u64, what: String) -> Result<(Run, 
             (Peer::Feed(d), Some(a)) => Some(feeder(a, d.clone())),
             _ => None,
         };
-        // The events are the handle's; look at them once the flow ended (a check every 20 ms costs nothing).
-        while !f.is_finished() {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        decided = f
+        // The events outlive the handle in its watcher: the wall clock stops when the flow's thread ends.
+        let w = f.watcher();
+        let s = f.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
+        decided = w
             .events()
             .iter()
             .filter(|e| e.what == "replicated")
             .map(|e| format!("{}: {}", e.endpoint, e.detail))
             .collect::<Vec<_>>()
             .join("; ");
-        let s = f.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (peer_cpu_ns, bytes) = match (peer, feed) {
             (_, Some(h)) => (join(h)?, s.stages.last().map(|x| x.bytes_out).unwrap_or(0)),
             (Peer::Drain(h), None) => join(h)?,
@@ -601,7 +595,7 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
         "CPU s/GB is this process's CPU clock (user and kernel time of all its threads, the flow's set-up and \
          ended threads included) minus the CPU clock of the peer thread that feeds or drains the socket; on \
          loopback the kernel runs much of the receiving side's TCP work on the sending thread, so each side pays \
-         part of the other's; socat's is its own (children, 10 ms ticks)."
+         part of the other's; socat's is its own (`getrusage` of the waited-for child)."
             .into(),
     );
     Ok(s)

@@ -577,6 +577,10 @@ impl FlowWatcher {
     pub fn stats(&self) -> FlowStats {
         self.0.snapshot()
     }
+    /// Events so far (the ladder's steps and the scheduler's decisions), also after the flow ended.
+    pub fn events(&self) -> Vec<FlowEvent> {
+        self.0.events.lock().clone()
+    }
     /// See [`FlowHandle::stop`].
     pub fn stop(&self) {
         self.0.stop.store(true, Ordering::Release);
@@ -751,22 +755,23 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
     }
     // The zero-copy path: no transform, one sink, two kernel objects.
     if t == 0 && sinks.len() == 1 && !ctx.source.force_copy && !ctx.sinks[0].force_copy {
+        // Held apart while the sink's connection is borrowed; put back before the sink is written or closed.
+        let mut prealloc = sinks[0].prealloc.take();
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             let method = Method::choose(s, d);
             *sh.path.lock() = method.name().into();
             let mut pace = |n| sh.pace(n);
             let step = ctx.chunk.max(1 << 20);
             let moved = if method == Method::Sendfile {
+                sinks[0].prealloc = prealloc.take();
                 sendfile_with_ladder(sh, s, &mut sinks[0], step)?
             } else {
-                endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &sh.stats[0], &sh.stats[1]).map_err(
-                    |e| {
-                        io_err(
-                            format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint),
-                            e,
-                        )
-                    },
-                )?
+                let (stats, p) = (&sh.stats, prealloc.as_mut());
+                let r = endpoint::zero_copy(s, d, method, &sh.stop, step, &mut pace, &stats[0], &stats[1], p);
+                sinks[0].prealloc = prealloc.take();
+                r.map_err(|e| {
+                    io_err(format!("{} from {} to {}", method.name(), ctx.source.endpoint, ctx.sinks[0].endpoint), e)
+                })?
             };
             match moved {
                 Moved::Done => {
@@ -792,6 +797,9 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
                     *sh.path.lock() = format!("copy (fallback: {} refused: {e})", method.name());
                 }
             }
+        }
+        if prealloc.is_some() {
+            sinks[0].prealloc = prealloc;
         }
     }
     // Zero-copy fan-out: no transform, several sinks, all kernel objects, none resuming (resume keeps the bytes).
@@ -1099,6 +1107,8 @@ struct SinkRt {
     peer_has: Option<u64>,
     /// A `direct` file sink behind a transform: its O_DIRECT writer, once the first chunk came.
     direct: Option<endpoint::DirectWriter>,
+    /// Space reserved ahead of the writes of a regular file written from its start (set at each open).
+    prealloc: Option<endpoint::Prealloc>,
 }
 
 fn connection_fault(e: &io::Error) -> bool {
@@ -1124,6 +1134,7 @@ impl SinkRt {
             zero_copy: false,
             peer_has: None,
             direct: None,
+            prealloc: None,
         }
     }
 
@@ -1133,6 +1144,7 @@ impl SinkRt {
 
     fn connect(&mut self) -> io::Result<()> {
         let c = endpoint::open(&self.current, true, self.spec.append)?;
+        self.prealloc = endpoint::Prealloc::for_sink(&c, !self.spec.append && !self.spec.direct);
         if self.spec.resume {
             // The resume protocol: the peer first says how many bytes of this stream it holds (u64 BE).
             let mut b = [0u8; 8];
@@ -1304,7 +1316,15 @@ impl SinkRt {
                         .map_err(|e| io_err(format!("write {}", self.current), e));
                 }
                 Some(SinkIo::Fd(c)) => {
-                    match endpoint::write_ranges(c.fd(), &chunk.buf, &chunk.segs, skip, &self.sh.stats[self.stat]) {
+                    let st = &self.sh.stats[self.stat];
+                    if let Some(p) = self.prealloc.as_mut() {
+                        p.before(c.fd(), total - skip, st);
+                    }
+                    let r = endpoint::write_ranges(c.fd(), &chunk.buf, &chunk.segs, skip, st);
+                    if let (Some(p), Ok(n) | Err((n, _))) = (self.prealloc.as_mut(), &r) {
+                        p.wrote(*n);
+                    }
+                    match r {
                         Ok(n) => {
                             self.keep(chunk, skip, n);
                             self.written += n as u64;
@@ -1374,6 +1394,9 @@ impl SinkRt {
                     endpoint::write_ranges(c.fd(), &buf, std::slice::from_ref(&all), 0, st).map(|_| n)
                 })
             } else {
+                if let Some(p) = self.prealloc.as_mut() {
+                    p.before(c.fd(), TEE_PIPE, st);
+                }
                 st.syscall();
                 splice(r, None, c.fd(), None, TEE_PIPE, SpliceFlags::MOVE | SpliceFlags::MORE)
                     .map_err(|e| (0, io::Error::from(e)))
@@ -1385,6 +1408,9 @@ impl SinkRt {
                     st.moved(n, n);
                     self.written += n as u64;
                     self.ladder.succeeded();
+                    if let Some(p) = self.prealloc.as_mut() {
+                        p.wrote(n);
+                    }
                 }
                 Err((_, e)) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
                 Err((_, e)) if e.raw_os_error() == Some(Errno::AGAIN.raw_os_error()) => {
@@ -1437,6 +1463,9 @@ impl SinkRt {
                     Err(e) => return Err(io_err(format!("close {}", self.current), e)),
                 },
                 Some(SinkIo::Fd(c)) => {
+                    if let Some(p) = &self.prealloc {
+                        p.release(c.fd(), self.stat()).map_err(|e| io_err(format!("truncate {}", self.current), e))?;
+                    }
                     return c.close().map_err(|e| io_err(format!("close {}", self.current), e));
                 }
                 _ => return Ok(()),
@@ -1461,9 +1490,15 @@ enum Delivery {
     Fan(Vec<Fan>),
 }
 
-/// Chunks a single sink's thread may hold: enough that writing one chunk overlaps reading and transforming the
-/// next, few enough that the buffers stay warm in the cache.
-const BEHIND_QUEUE: usize = 4;
+/// Bytes a single sink's thread may hold queued: enough that writing overlaps reading and transforming, and that a
+/// sink thread preempted for a few milliseconds (two cores shared by the reader, the sink and the peer) does not
+/// stop the reader (16 chunks of the default 1 MiB, where 4 chunks were: docs/FLOWS.md has the rounds).
+const BEHIND_BYTES: usize = 16 << 20;
+
+/// The sink thread's queue in chunks: [`BEHIND_BYTES`] of them, at least 4 and at most 64.
+fn behind_queue(chunk: usize) -> usize {
+    (BEHIND_BYTES / chunk.max(1)).clamp(4, 64)
+}
 
 /// A single sink written on its own thread: the flow thread reads and transforms the next chunks while this one
 /// writes (the paper's devices with command queues: the stages work at once, not in turn). The queue blocks when
@@ -1482,8 +1517,8 @@ impl Drop for Behind {
 }
 
 impl Behind {
-    fn start(sh: &Arc<Shared>, mut s: SinkRt) -> Result<Self, FlowError> {
-        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(BEHIND_QUEUE);
+    fn start(sh: &Arc<Shared>, mut s: SinkRt, chunk: usize) -> Result<Self, FlowError> {
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(behind_queue(chunk));
         let thread = std::thread::Builder::new()
             .name(format!("kecho-flow-{}-sink", sh.id))
             .spawn(move || {
@@ -1526,7 +1561,7 @@ impl Delivery {
             return Ok(match s.io {
                 Some(SinkIo::Channel(..)) => Delivery::One(Box::new(s)),
                 _ if on_tail => Delivery::One(Box::new(s)),
-                _ => Delivery::Behind(Behind::start(sh, s)?),
+                _ => Delivery::Behind(Behind::start(sh, s, chunk)?),
             });
         }
         let mut fans = Vec::new();

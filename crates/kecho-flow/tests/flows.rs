@@ -946,3 +946,47 @@ fn an_app_sink_sees_the_bytes_it_asked_for() {
     let e = Flow::from_spec(&parse(&format!("file:{} ! app:nobody", d.path("in"))).unwrap()).start().unwrap_err();
     assert!(matches!(e, FlowError::Config(_)), "{e}");
 }
+
+/// A file sink reserves disk space ahead of its writes (`fallocate` with `KEEP_SIZE`: each write lands in blocks
+/// already allocated) and gives back what it did not write when it closes: while the flow runs, the file holds more
+/// blocks than its size and its size is only what was written; once it ended, the file is the input exactly and holds
+/// no more blocks than its size needs. On the copying path behind a transform, the zero-copy splice from a socket,
+/// and copy_file_range from a file.
+#[test]
+fn file_sinks_reserve_space_ahead_and_give_the_rest_back() {
+    use std::os::unix::fs::MetadataExt;
+    let (d, input) = with_input("prealloc", 3_000_000);
+    let allocated = |p: &str| std::fs::metadata(p).unwrap().blocks() * 512;
+    let size = |p: &str| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let step = kecho_flow::endpoint::Prealloc::STEP;
+    let first = 100_000usize;
+    for (name, via) in [("behind a transform", " ! checksum"), ("spliced", "")] {
+        let out = d.path("out");
+        let _ = std::fs::remove_file(&out);
+        let f = start(&format!("tcp-listen:127.0.0.1:0{via} ! file:{out}"));
+        let mut s = TcpStream::connect(f.local_addr().unwrap()).unwrap();
+        s.write_all(&input[..first]).unwrap();
+        let t = Instant::now();
+        while size(&out) < first as u64 {
+            assert!(t.elapsed() < Duration::from_secs(20), "{name}: the sink wrote {} bytes", size(&out));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(size(&out), first as u64, "{name}: the size is what was written");
+        assert!(allocated(&out) >= step, "{name}: {} bytes allocated mid-flow, {step} reserved", allocated(&out));
+        s.write_all(&input[first..]).unwrap();
+        drop(s);
+        f.wait().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(std::fs::read(&out).unwrap() == input, "{name}: the output differs from the input");
+        let slack = 1 << 20;
+        assert!(
+            allocated(&out) < input.len() as u64 + slack,
+            "{name}: {} bytes allocated for {} written: the reserve was not given back",
+            allocated(&out),
+            input.len()
+        );
+    }
+    let out = d.path("copied");
+    run(&format!("file:{} ! file:{out}", d.path("in"))).unwrap();
+    assert!(std::fs::read(&out).unwrap() == input, "copy_file_range: the output differs from the input");
+    assert!(allocated(&out) < input.len() as u64 + (1 << 20), "copy_file_range: {} bytes allocated", allocated(&out));
+}
