@@ -390,6 +390,25 @@ fn rw_file_to_socket(input: &Path) -> Result<Run> {
     })
 }
 
+/// File -> socket with a plain `sendfile` loop (1 MiB per call, as the flow's steps): the kernel's own cost of a
+/// zero-copy move to this socket, the floor no program that sends by `sendfile` goes below.
+fn sendfile_file_to_socket(input: &Path) -> Result<Run> {
+    measure("plain sendfile loop", 0, process_cpu_ns, || {
+        let (addr, d) = drained()?;
+        let (file, sock) = (std::fs::File::open(input)?, TcpStream::connect(addr)?);
+        let mut calls = 0u64;
+        loop {
+            calls += 1;
+            if rustix::fs::sendfile(&sock, &file, None, 1 << 20)? == 0 {
+                break;
+            }
+        }
+        drop(sock);
+        let (peer_cpu_ns, bytes) = join(d)?;
+        Ok(Moved { bytes, syscalls: calls, peer_cpu_ns })
+    })
+}
+
 fn have_socat() -> bool {
     std::process::Command::new("socat")
         .arg("-V")
@@ -941,6 +960,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
             let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
             let mut back = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (sendfile)".into())?.0];
             back.push(rw_file_to_socket(&input)?);
+            back.push(sendfile_file_to_socket(&input)?);
             if socat {
                 back.push(socat_file_to_socket(&input)?);
             }
@@ -971,6 +991,15 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                 if r > worst_direct.0 {
                     worst_direct = (r, fmt_bytes(size));
                 }
+            }
+            if let (Some(j), true) = (meds.iter().position(|r| r.what == "plain sendfile loop"), size >= 64 << 20) {
+                s.notes.push(format!(
+                    "pure move {name} {}: flow CPU / the plain sendfile loop's {:.2}x; the plain sendfile loop's / \
+                     the read-write loop's {:.2}x (medians)",
+                    fmt_bytes(size),
+                    meds[0].cpu_s / meds[j].cpu_s.max(1e-9),
+                    meds[j].cpu_s / meds[1].cpu_s.max(1e-9)
+                ));
             }
             if size >= 64 << 20 {
                 for j in std::iter::once(0).chain(direct) {
