@@ -48,6 +48,14 @@ impl Conn {
         }
     }
 
+    /// Sets `TCP_NODELAY` on a TCP connection (nothing on other objects).
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_nodelay(on),
+            _ => Ok(()),
+        }
+    }
+
     /// True for regular files (copy_file_range and sendfile sources).
     pub fn is_file(&self) -> bool {
         matches!(self, Conn::File(f) if f.metadata().is_ok_and(|m| m.is_file()))

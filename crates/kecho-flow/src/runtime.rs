@@ -830,6 +830,10 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
         sh.event(1, "resumed", &sink.current.to_string(), format!("at byte {off}, 0 bytes sent again"));
     }
     let mut total = 0u64;
+    // Nagle's algorithm stays on while the file streams: with TCP_NODELAY (which a sink sets so that records go out
+    // at once) the kernel pushes the tail of every call as a segment of its own, about 10% more CPU per GB on
+    // loopback. Set again at the end, which sends what is left at once.
+    let mut streaming = false;
     loop {
         if sh.stopped() {
             return Ok(Moved::Stopped);
@@ -837,6 +841,10 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
         sh.pace(step);
         let r = match &sink.io {
             Some(SinkIo::Fd(d)) => {
+                if !streaming {
+                    let _ = d.set_nodelay(false);
+                    streaming = true;
+                }
                 let t = Timing::start();
                 sh.stats[0].syscall();
                 let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
@@ -845,10 +853,14 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
             }
             _ => {
                 sink.connect_or_recover()?;
+                streaming = false;
                 off = sink.peer_has.take().unwrap_or(off);
                 continue;
             }
         };
+        if let (Ok(0), Some(SinkIo::Fd(d))) = (&r, &sink.io) {
+            let _ = d.set_nodelay(true);
+        }
         let e = match r {
             Ok(0) if sh.stopped() => return Ok(Moved::Stopped),
             Ok(0) if !sink.spec.resume => return Ok(Moved::Done),
