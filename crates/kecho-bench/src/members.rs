@@ -9,8 +9,8 @@
 //! every member in every process knows every sink. Then the first node publishes 20 events 50 ms apart (not
 //! counted: in tree mode they shape its tree) and 200 events of 100 B (its thread's
 //! CPU per event, what every sink received or was told it missed, and the event frames per event per member), and each
-//! process reports its resident memory, the links up per node, heartbeat timeouts and the longest delay of a 50 ms
-//! timer on its runtime (how long its tasks could not run). Then 30 % of the member nodes in every process (never
+//! process reports its resident memory, the links up per node (and the most at one node), heartbeat timeouts and
+//! the longest delay of a 50 ms timer on its runtime (how long its tasks could not run). Then 30 % of the member nodes in every process (never
 //! the source's) are killed at once, as a crash would stop them (`Node::kill`: links dropped, no goodbye), and the
 //! first node publishes 200 more events 10 ms apart: what every surviving sink received or was told it missed, and
 //! what it was never told of (the issue's target: 99.9 % received, the rest reported), and whether every survivor
@@ -75,6 +75,9 @@ struct ProcRow {
     stall_ms: u64,
     /// Links up at the end, summed over the process's nodes (each link counted at both of its ends).
     links: usize,
+    /// The most links up at one node of the process, and how many of its nodes had more than 8.
+    links_max: usize,
+    over_8: usize,
     /// Links declared dead on a heartbeat timeout during the run, summed over the nodes.
     heartbeat_timeouts: u64,
 }
@@ -301,6 +304,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             stall_ms: num(1),
             links: num(2) as usize,
             heartbeat_timeouts: num(3),
+            links_max: num(4) as usize,
+            over_8: num(5) as usize,
         });
     }
     drop(hosts);
@@ -397,6 +402,8 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             "per node (KiB)",
             "per node after the joins (KiB)",
             "links per node",
+            "most links at a node",
+            "nodes with more than 8",
             "longest stall (ms)",
             "heartbeat timeouts (known peers)",
         ],
@@ -411,11 +418,16 @@ pub fn run(args: &BenchArgs) -> Result<Section> {
             per.to_string(),
             joined_kib.get(i).map_or_else(String::new, |k| k.to_string()),
             format!("{links:.1}"),
+            p.links_max.to_string(),
+            p.over_8.to_string(),
             p.stall_ms.to_string(),
             p.heartbeat_timeouts.to_string(),
         ]);
     }
     s.tables.push(t);
+    if let Some(most) = procs_rows.iter().map(|p| p.links_max).max() {
+        s.checks.push(Check::at_most("links at one node, the most (end of the run)", most as f64, 8.0, ""));
+    }
     if let Some(last) = joins.last() {
         s.checks.push(Check::at_most(format!("join of node {} (all known)", last.nth), last.known_ms / 1e3, 1.0, "s"));
     }
@@ -715,11 +727,33 @@ pub fn child(registry: SocketAddr, channel: &str) -> Result<()> {
                 Ok("ok".to_owned())
             }
             ["rss"] => {
-                let links: usize = members.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).sum();
+                let per: Vec<usize> =
+                    members.iter().map(|(n, _, _)| n.link_stats().iter().filter(|l| l.up).count()).collect();
+                let links: usize = per.iter().sum();
+                let most = per.iter().copied().max().unwrap_or(0);
+                let over = per.iter().filter(|&&k| k > 8).count();
+                // The nodes with the most links over 8 (at most 3 per process): their overlay views, and how much
+                // their links carried (diagnosis on standard error).
+                let mut over_8: Vec<(usize, usize)> = per.iter().copied().enumerate().filter(|&(_, k)| k > 8).collect();
+                over_8.sort_by_key(|&(_, k)| std::cmp::Reverse(k));
+                for &(i, k) in over_8.iter().take(3) {
+                    let (n, ch, _) = &members[i];
+                    let t = ch.tree_stats();
+                    let up: Vec<_> = n.link_stats().into_iter().filter(|l| l.up).collect();
+                    let small = up.iter().filter(|l| l.bytes_sent + l.bytes_received < 1024).count();
+                    let sent: u64 = up.iter().map(|l| l.bytes_sent).sum();
+                    eprintln!(
+                        "node #{i} here: {k} links up (active view {}, passive {}; {small} of them carried under 1 KB; \
+                         {sent} bytes sent on them), {} sinks known",
+                        t.active,
+                        t.passive,
+                        ch.sinks()
+                    );
+                }
                 let timeouts: u64 =
                     members.iter().flat_map(|(n, _, _)| n.link_stats()).map(|l| l.heartbeat_timeouts).sum();
                 let stall = stall.load(std::sync::atomic::Ordering::Relaxed);
-                Ok(format!("ok {} {stall} {links} {timeouts}", rss_kib()))
+                Ok(format!("ok {} {stall} {links} {timeouts} {most} {over}", rss_kib()))
             }
             ["publish", n, rest @ ..] => {
                 // The first node here publishes n events (`publish N PACE_MS`: PACE_MS apart); the answer is the CPU
