@@ -528,11 +528,16 @@ impl ChannelInner {
         }
     }
 
-    /// A source did not deliver `count` events meant for `ids` (every local sink if empty): its link was full, or
-    /// this node was cut off from the channel.
-    pub(crate) fn remote_lag(&self, from: NodeId, count: u64, ids: &[LocalId]) {
+    /// A source did not deliver `count` events meant for `ids` (every local sink if empty) of instance `instance`
+    /// of the channel here: its link was full, or this node was cut off from the channel. Ignored (and counted as
+    /// stale) if that is another instance: its sinks are not this one's, even where their local ids are the same.
+    pub(crate) fn remote_lag(&self, from: NodeId, instance: u64, count: u64, ids: &[LocalId]) {
         if !self.may_send(from) {
             // Only a node that may publish can have missed events for our sinks.
+            return;
+        }
+        if instance != self.instance {
+            self.counters.stale.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let sinks = self.local_sinks.read().clone();
