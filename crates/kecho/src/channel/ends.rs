@@ -179,6 +179,13 @@ impl RecvTrack {
         Some(v)
     }
 
+    /// The end of the source arrived from its own node: `end_now`, and nothing of the source counts any more (see
+    /// `RecvTrack::ended`).
+    pub(super) fn own_end(&mut self, end: &End) -> Option<Verdict> {
+        self.ended = true;
+        self.end_now(end)
+    }
+
     /// Another member relayed the source's end while its node is still in this node's view: keep it until the node
     /// leaves the view.
     pub(super) fn end_later(&mut self, end: End) {
@@ -391,7 +398,7 @@ impl ChannelInner {
             // tracked source is gone with its instance (as in `RecvTrack::routed`).
             let gone = track.started_again(origin_instance);
             let verdict = if direct {
-                track.end_now(&end)
+                track.own_end(&end)
             } else {
                 // Relayed: the source's own copy, on the link from its node, may still be behind events in flight
                 // (that link may even still be coming up), so wait a heartbeat timeout, then account for it if the
