@@ -91,8 +91,10 @@ pub struct ChannelStats {
     pub expired: u64,
     /// Frames from remote sources meant for another instance of this channel on this node (an earlier opening of
     /// it, whose events, lag notices and source ends were still in flight, or relayed late, when it was opened
-    /// again), and ends of sources of an earlier instance of their node's channel than the one tracked (see
-    /// docs/PROTOCOL.md, "Loss accounting"): ignored, not delivered and not counted as missed.
+    /// again), ends of sources of an earlier instance of their node's channel than the one tracked, and events that
+    /// arrive under a source's key after its own end (see docs/PROTOCOL.md, "Loss accounting"): ignored, not
+    /// delivered. A datagram of the current instance that overtook the `Routed` frame announcing it is counted here
+    /// too, and reported to the sinks as missed (and counted in `missed`) by the gap the next event reveals.
     pub stale: u64,
 }
 
