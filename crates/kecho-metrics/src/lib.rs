@@ -28,6 +28,7 @@
 //! | `kecho_channel_events_dropped_total` | `channel` | events discarded here (full sink queue, full link) |
 //! | `kecho_channel_events_filtered_total` | `channel` | events discarded on purpose (IN-filter, no sink chosen) |
 //! | `kecho_channel_events_lagged_total` | `channel` | events meant for this node's sinks that never arrived |
+//! | `kecho_channel_frames_stale_total` | `channel` | frames (events, lag notices, source ends) from remote sources meant for another opening of the channel here, ignored ([`kecho::ChannelStats::stale`]) |
 //! | `kecho_channel_access_denied_total` | `channel` | refusals under the channel's access policy |
 //! | `kecho_channel_sinks`, `kecho_channel_sources` | `channel` | sinks and sources present in the channel |
 //! | `kecho_channel_member_nodes` | `channel` | other member nodes |

@@ -203,6 +203,14 @@ impl Collector for NodeCollector {
         )?;
         family(
             e,
+            "kecho_channel_frames_stale",
+            "Frames from remote sources meant for another opening (instance) of the channel on this node, ignored",
+            None,
+            c,
+            counters(ch, |r| r.stats.stale),
+        )?;
+        family(
+            e,
             "kecho_channel_access_denied",
             "Refusals under the channel's access policy",
             None,

@@ -73,10 +73,55 @@ async fn channel_link_and_latency_metrics_follow_the_events_over_http() -> Resul
     let s = parse(&kecho_metrics::scrape(server.local_addr()).await?)?;
     check(&s, "kecho_channel_events_received_total", &[("channel", "news")], 10.0);
     check(&s, "kecho_channel_events_dropped_total", &[("channel", "news")], 0.0);
+    check(&s, "kecho_channel_frames_stale_total", &[("channel", "news")], 0.0);
     check(&s, "kecho_delivery_latency_seconds_count", &[("channel", "news")], 10.0);
     check(&s, "kecho_delivery_latency_seconds_bucket", &[("channel", "news"), ("le", "+Inf")], 10.0);
     let a_id = b.link_stats()[0].node.to_string();
     assert!(value(&s, "kecho_link_received_bytes_total", &[("peer", &a_id)]).unwrap() >= 50.0);
+    Ok(())
+}
+
+/// A node that closes a channel and opens it again: a source's end meant for its earlier opening, which another
+/// member remembered and relays to it when it appears again, is ignored there and counted as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_for_an_earlier_opening_of_a_channel_are_counted_as_stale() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).start().await?;
+    let c = Node::builder().registry_client(reg).start().await?;
+    let mut reg_b = Registry::default();
+    kecho_metrics::register_node(&mut reg_b, &b);
+    let cc = c.create_channel("again").await?;
+    let ca = a.open_channel("again").await?;
+    let cb = b.open_channel("again").await?;
+    let mut sink = cb.sink(SinkOptions::new())?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    for _ in 0..5 {
+        src.submit("e", &Attrs::new(), b"").await?;
+    }
+    for _ in 0..5 {
+        tokio::time::timeout(T, sink.recv()).await?.context("sink closed")?;
+    }
+    // The source's end goes to `b` and `c`; `c` remembers it for members that appear later.
+    drop(src);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    check(&samples(&reg_b)?, "kecho_channel_frames_stale_total", &[("channel", "again")], 0.0);
+    drop(sink);
+    cb.close().await;
+    drop(cb);
+    let start = tokio::time::Instant::now();
+    while cc.member_nodes().contains(&b.id()) {
+        assert!(start.elapsed() < T, "b never left c's view");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cb = b.open_channel("again").await?;
+    while cb.stats().stale == 0 {
+        assert!(start.elapsed() < 2 * T, "the earlier opening's end never reached the new one");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stale = cb.stats().stale;
+    check(&samples(&reg_b)?, "kecho_channel_frames_stale_total", &[("channel", "again")], stale as f64);
     Ok(())
 }
 

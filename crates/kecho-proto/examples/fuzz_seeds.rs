@@ -80,8 +80,16 @@ fn main() -> std::io::Result<()> {
                 .with("b", Bytes::from_static(b"\x00\x01")),
             payload: Bytes::from_static(b"payload"),
         }),
-        Message::Lagged { channel: ch, source: LocalId(1), count: 9, sinks: vec![LocalId(2)] },
+        Message::Lagged { channel: ch, source: LocalId(1), instance: 3, count: 9, sinks: vec![LocalId(2)] },
         Message::Routed { channel: ch, source: LocalId(1), instance: 3, origin: 5, skipped: 4 },
+        Message::SourceEnd {
+            channel: ch,
+            origin: NodeId(4),
+            origin_instance: 5,
+            source: LocalId(1),
+            last: 40,
+            dests: vec![codec::EndDest { node: NodeId(6), instance: 3, routed: 30, missed: vec![(LocalId(2), 9)] }],
+        },
         Message::Targets { channel: ch, sinks: vec![LocalId(2), LocalId(5)] },
         Message::InstallFilter {
             channel: ch,

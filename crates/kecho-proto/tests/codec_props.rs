@@ -147,7 +147,13 @@ fn one_of_each() -> Vec<Message> {
             module: Bytes::from_static(b"\0asm\x01\0\0\0"),
         },
         Message::FilterStatus { channel: ChannelId(9), req: 11, ok: false, message: "out of fuel".into() },
-        Message::Lagged { channel: ChannelId(9), source: LocalId(1), count: 42, sinks: vec![LocalId(3)] },
+        Message::Lagged {
+            channel: ChannelId(9),
+            source: LocalId(1),
+            instance: 0x5eed,
+            count: 42,
+            sinks: vec![LocalId(3)],
+        },
         Message::Routed { channel: ChannelId(9), source: LocalId(1), instance: 0x5eed, origin: 0xfeed, skipped: 7 },
         Message::Deadline { channel: ChannelId(9), unix_us: 1_764_900_000_000_000 },
         Message::Priority { channel: ChannelId(9), level: 2 },
@@ -161,11 +167,17 @@ fn one_of_each() -> Vec<Message> {
         Message::SourceEnd {
             channel: ChannelId(9),
             origin: NodeId(4),
+            origin_instance: 0xfeed,
             source: LocalId(1),
             last: 4000,
             dests: vec![
-                EndDest { node: NodeId(5), routed: 1248, missed: vec![(LocalId(3), 2400), (LocalId(6), 7)] },
-                EndDest { node: NodeId(6), routed: 4000, missed: vec![] },
+                EndDest {
+                    node: NodeId(5),
+                    instance: 0x5eed,
+                    routed: 1248,
+                    missed: vec![(LocalId(3), 2400), (LocalId(6), 7)],
+                },
+                EndDest { node: NodeId(6), instance: 0x6eed, routed: 4000, missed: vec![] },
             ],
         },
         Message::RegClaim {

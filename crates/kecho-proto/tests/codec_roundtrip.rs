@@ -200,9 +200,15 @@ fn message() -> impl Strategy<Value = Message> {
         ),
         (ch.clone(), vec(any::<u32>(), 0..8))
             .prop_map(|(channel, ids)| Message::Targets { channel, sinks: ids.into_iter().map(LocalId).collect() }),
-        (ch.clone(), any::<u32>(), any::<u64>(), vec(any::<u32>(), 0..4)).prop_map(|(channel, s, count, ids)| {
-            Message::Lagged { channel, source: LocalId(s), count, sinks: ids.into_iter().map(LocalId).collect() }
-        }),
+        (ch.clone(), any::<u32>(), any::<u64>(), any::<u64>(), vec(any::<u32>(), 0..4)).prop_map(
+            |(channel, s, instance, count, ids)| Message::Lagged {
+                channel,
+                source: LocalId(s),
+                instance,
+                count,
+                sinks: ids.into_iter().map(LocalId).collect(),
+            }
+        ),
         (any::<[u8; 32]>(), vec(any::<u8>(), 64))
             .prop_map(|(key, sig)| Message::Proof { key, sig: sig.try_into().expect("64 bytes") }),
         (any::<u16>(), node.clone(), node.clone(), ch.clone(), any::<u64>())
@@ -210,19 +216,22 @@ fn message() -> impl Strategy<Value = Message> {
         (
             ch.clone(),
             node.clone(),
+            any::<u64>(),
             any::<u32>(),
             any::<u64>(),
-            vec((any::<u64>(), any::<u64>(), vec((any::<u32>(), any::<u64>()), 0..3)), 0..3)
+            vec((any::<u64>(), any::<u64>(), any::<u64>(), vec((any::<u32>(), any::<u64>()), 0..3)), 0..3)
         )
-            .prop_map(|(channel, origin, s, last, dests)| Message::SourceEnd {
+            .prop_map(|(channel, origin, origin_instance, s, last, dests)| Message::SourceEnd {
                 channel,
                 origin,
+                origin_instance,
                 source: LocalId(s),
                 last,
                 dests: dests
                     .into_iter()
-                    .map(|(n, routed, missed)| EndDest {
+                    .map(|(n, instance, routed, missed)| EndDest {
                         node: NodeId(n),
+                        instance,
                         routed,
                         missed: missed.into_iter().map(|(id, c)| (LocalId(id), c)).collect(),
                     })

@@ -200,6 +200,11 @@ async fn a_member_bypassing_its_own_checks_gets_nothing_in() -> Result<()> {
     // Admitted as a sink: a's view now has two sinks.
     ca.wait_for_sinks(2, T).await?;
     let before = ca.stats().denied;
+    // a's instance of the channel, from its answer: a forged lag notice naming another one would be ignored anyway.
+    let instance = match read_until(&mut s, |m| matches!(m, Message::JoinAccept { .. })).await? {
+        Message::JoinAccept { nodes, .. } => nodes.first().map(|p| p.snapshot.instance).context("no contact listed")?,
+        _ => unreachable!(),
+    };
 
     // It publishes (a sink credential grants no source right) and asks a to run its filter.
     out.clear();
@@ -215,7 +220,7 @@ async fn a_member_bypassing_its_own_checks_gets_nothing_in() -> Result<()> {
         Message::Event(e).encode(&mut out);
     }
     // ... and claims that the local sink missed some of its events.
-    Message::Lagged { channel: entry.channel, source: LocalId(9), count: 3, sinks: vec![] }.encode(&mut out);
+    Message::Lagged { channel: entry.channel, source: LocalId(9), instance, count: 3, sinks: vec![] }.encode(&mut out);
     let module = Bytes::from_static(ACCEPT_ALL.as_bytes());
     Message::InstallFilter { channel: entry.channel, req: 7, kind: FilterKind::In, module }.encode(&mut out);
     s.write_all(&out).await?;

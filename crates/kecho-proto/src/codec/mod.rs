@@ -25,7 +25,7 @@ pub use run::{
 };
 
 /// The protocol version this crate speaks. Peers with another version are refused in the handshake.
-pub const PROTOCOL_VERSION: u16 = 15;
+pub const PROTOCOL_VERSION: u16 = 16;
 /// "KECH": the first four bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: u32 = 0x4b45_4348;
 /// Default maximum frame length (kind and body), 16 MiB.
@@ -159,6 +159,9 @@ pub struct PeerEntry {
 pub struct EndDest {
     /// The node.
     pub node: NodeId,
+    /// The node's instance of the channel ([`crate::NodeSnapshot::instance`]) that `routed` and `missed` are for: a
+    /// receiver takes the entry as its own only when it names its own instance (version 16).
+    pub instance: u64,
     /// How many of the source's events were queued to that node in all (the receiver's own numbering of the events
     /// meant for it, see `Message::Routed`): whatever of these did not arrive was lost in transit.
     pub routed: u64,
@@ -349,6 +352,10 @@ pub enum Message {
         channel: ChannelId,
         /// The source whose events were missed.
         source: LocalId,
+        /// The instance of the channel on the receiving node ([`crate::NodeSnapshot::instance`]) whose sinks missed
+        /// them: a receiver ignores the frame when it names another instance (an earlier opening of the channel
+        /// there). Version 16.
+        instance: u64,
         /// How many.
         count: u64,
         /// The sinks that missed them; empty means every sink of the channel on the receiving node.
@@ -416,6 +423,10 @@ pub enum Message {
         channel: ChannelId,
         /// The source's node.
         origin: NodeId,
+        /// The instance of the channel on the source's node that the source belongs to (as in `Routed`'s `origin`):
+        /// a receiver ignores the end of a source of an earlier instance than the one it tracks under that local id.
+        /// Version 16.
+        origin_instance: u64,
         /// The source.
         source: LocalId,
         /// Its last sequence number (0: it sent nothing).
@@ -698,14 +709,16 @@ impl Message {
                     }
                 }
             }
-            Message::SourceEnd { channel, origin, source, last, dests } => {
+            Message::SourceEnd { channel, origin, origin_instance, source, last, dests } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u64_le(origin.0);
+                dst.put_u64_le(*origin_instance);
                 dst.put_u32_le(source.0);
                 dst.put_u64_le(*last);
                 dst.put_u32_le(dests.len() as u32);
                 for d in dests {
                     dst.put_u64_le(d.node.0);
+                    dst.put_u64_le(d.instance);
                     dst.put_u64_le(d.routed);
                     dst.put_u32_le(d.missed.len() as u32);
                     for (sink, n) in &d.missed {
@@ -714,9 +727,10 @@ impl Message {
                     }
                 }
             }
-            Message::Lagged { channel, source, count, sinks } => {
+            Message::Lagged { channel, source, instance, count, sinks } => {
                 dst.put_u64_le(channel.0);
                 dst.put_u32_le(source.0);
+                dst.put_u64_le(*instance);
                 dst.put_u64_le(*count);
                 dst.put_u32_le(sinks.len() as u32);
                 for s in sinks {
@@ -1348,28 +1362,31 @@ impl Reader {
             LAGGED => {
                 let channel = ChannelId(self.u64()?);
                 let source = LocalId(self.u32()?);
+                let instance = self.u64()?;
                 let count = self.u64()?;
                 let sinks = self.local_ids()?;
-                Message::Lagged { channel, source, count, sinks }
+                Message::Lagged { channel, source, instance, count, sinks }
             }
             SOURCE_END => {
                 let channel = ChannelId(self.u64()?);
                 let origin = NodeId(self.u64()?);
+                let origin_instance = self.u64()?;
                 let source = LocalId(self.u32()?);
                 let last = self.u64()?;
-                let n = self.count(20)?;
+                let n = self.count(28)?;
                 let mut dests = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     let node = NodeId(self.u64()?);
+                    let instance = self.u64()?;
                     let routed = self.u64()?;
                     let m = self.count(12)?;
                     let mut missed = Vec::with_capacity(m.min(PREALLOC));
                     for _ in 0..m {
                         missed.push((LocalId(self.u32()?), self.u64()?));
                     }
-                    dests.push(EndDest { node, routed, missed });
+                    dests.push(EndDest { node, instance, routed, missed });
                 }
-                Message::SourceEnd { channel, origin, source, last, dests }
+                Message::SourceEnd { channel, origin, origin_instance, source, last, dests }
             }
             ROUTED => Message::Routed {
                 channel: ChannelId(self.u64()?),

@@ -36,6 +36,12 @@ pub(super) struct RecvTrack {
     /// The instance of the channel on the source's node that the source belongs to, as its `Routed` frames say (0
     /// before the first): a later instance's source is another source with the same local id (see `routed`).
     pub(super) origin_instance: u64,
+    /// The source's end arrived from its own node, behind every frame of the source on the link (`RecvTrack::own_end`):
+    /// the source sends nothing more, so what arrives under its key until a `Routed` frame of a later instance of
+    /// its node's channel starts the track again is stale (a late datagram, whose loss the end counted already, or a
+    /// datagram of that later instance's source with the same local id, which overtook the `Routed` frame and the
+    /// first event that go on the stream before it, and would otherwise be numbered as the old source's).
+    pub(super) ended: bool,
 }
 
 impl RecvTrack {
@@ -43,7 +49,7 @@ impl RecvTrack {
     /// `anchored`, `floor`): it is ignored, neither delivered nor counted in a gap.
     #[inline]
     pub(super) fn stale(&self, seq: u64) -> bool {
-        !self.anchored || seq < self.floor
+        !self.anchored || seq < self.floor || self.ended
     }
 
     /// A `Routed` frame of the source arrived, numbered for instance `instance` of the channel on this node, which is
@@ -528,11 +534,16 @@ impl ChannelInner {
         }
     }
 
-    /// A source did not deliver `count` events meant for `ids` (every local sink if empty): its link was full, or
-    /// this node was cut off from the channel.
-    pub(crate) fn remote_lag(&self, from: NodeId, count: u64, ids: &[LocalId]) {
+    /// A source did not deliver `count` events meant for `ids` (every local sink if empty) of instance `instance`
+    /// of the channel here: its link was full, or this node was cut off from the channel. Ignored (and counted as
+    /// stale) if that is another instance: its sinks are not this one's, even where their local ids are the same.
+    pub(crate) fn remote_lag(&self, from: NodeId, instance: u64, count: u64, ids: &[LocalId]) {
         if !self.may_send(from) {
             // Only a node that may publish can have missed events for our sinks.
+            return;
+        }
+        if instance != self.instance {
+            self.counters.stale.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let sinks = self.local_sinks.read().clone();
@@ -658,6 +669,35 @@ mod tests {
         assert!(track.stale(480), "an event submitted before the first one was numbered for another instance");
         assert!(!track.stale(501));
         assert_eq!(track.arrived_as(502, Some(Numbered { number: 3, after: 1 })), Some(1));
+    }
+
+    /// A source whose end came from its own node sends nothing more: a datagram that arrives under its key after that
+    /// (here one of a later instance's source with the same local id, sent after that source's first event, which
+    /// travels on the stream with its `Routed` frame, and arriving before them) is stale. It used to be numbered as the
+    /// old source's, delivered ahead of the new source's first event, and then reported missed as well.
+    #[test]
+    fn nothing_counts_after_a_sources_own_end_until_a_later_instances_source_starts() {
+        use super::super::ends::{End, Verdict};
+        let mut track = RecvTrack::default();
+        assert_eq!(track.routed(9, 9, 5, 0), Ok(None));
+        assert_eq!(track.arrived(1), Some(0));
+        let end = End::of(
+            NodeId(7),
+            9,
+            1,
+            &[kecho_proto::codec::EndDest { node: NodeId(7), instance: 9, routed: 1, missed: Vec::new() }],
+        )
+        .0;
+        assert_eq!(track.own_end(&end), Some(Verdict::Quiet));
+        assert!(track.stale(2), "a datagram of the later instance's source, ahead of its Routed frame");
+        assert_eq!(track.routed(9, 9, 6, 0), Ok(None), "the later instance's source: the old one was accounted for");
+        assert!(!track.stale(1));
+        assert_eq!(track.arrived(1), Some(0), "its first event sets the baseline");
+        assert_eq!(
+            track.arrived_as(3, Some(Numbered { number: 3, after: 1 })),
+            Some(1),
+            "the stale datagram is missed"
+        );
     }
 
     /// A `Routed` frame from a later instance of the sender's channel names a new source with the old one's local id

@@ -43,9 +43,13 @@ pub(super) struct End {
 }
 
 impl End {
-    /// The end carried by a `SourceEnd` message, as node `me` sees it.
-    pub(super) fn of(me: NodeId, last: u64, dests: &[EndDest]) -> End {
-        End { last, listed: !dests.is_empty(), mine: dests.iter().find(|d| d.node == me).cloned() }
+    /// The end carried by a `SourceEnd` message, as instance `instance` of the channel on node `me` sees it: a
+    /// share listed for another instance there (an earlier opening of the channel, whose sinks and numbering are not
+    /// this one's) is not its own. Also returns whether the list named `me` with another instance only.
+    pub(super) fn of(me: NodeId, instance: u64, last: u64, dests: &[EndDest]) -> (End, bool) {
+        let mine = dests.iter().find(|d| d.node == me && d.instance == instance).cloned();
+        let other = mine.is_none() && dests.iter().any(|d| d.node == me);
+        (End { last, listed: !dests.is_empty(), mine }, other)
     }
 }
 
@@ -124,6 +128,28 @@ pub(super) fn verdict(track: &RecvTrack, end: &End) -> Verdict {
 }
 
 impl RecvTrack {
+    /// The end of a source of instance `origin` of its node's channel concerns this track: not if the track is of a
+    /// later instance's source with the same local id (its node opened the channel again since).
+    #[inline]
+    pub(super) fn end_applies(&self, origin: u64) -> bool {
+        origin >= self.origin_instance
+    }
+
+    /// A frame of a source of instance `origin` of its node's channel, at least the track's: if it is a later one,
+    /// the tracked source is gone with its instance, and the track starts again for the new source (whose local id
+    /// is the same). Returns what to tell the sinks of the old one.
+    pub(super) fn started_again(&mut self, origin: u64) -> Option<Verdict> {
+        if origin <= self.origin_instance {
+            return None;
+        }
+        let gone = if self.origin_instance != 0 { self.instance_gone() } else { None };
+        if self.origin_instance != 0 {
+            *self = RecvTrack::default();
+        }
+        self.origin_instance = origin;
+        gone
+    }
+
     /// Event `seq` of the source arrived through the overlay (whose stream order accounts for gaps by itself).
     #[inline]
     pub(super) fn tree_arrived(&mut self, seq: u64) {
@@ -151,6 +177,13 @@ impl RecvTrack {
         self.end.told_unknown |= v == Verdict::Unknown;
         self.end.pending = None;
         Some(v)
+    }
+
+    /// The end of the source arrived from its own node: `end_now`, and nothing of the source counts any more (see
+    /// `RecvTrack::ended`).
+    pub(super) fn own_end(&mut self, end: &End) -> Option<Verdict> {
+        self.ended = true;
+        self.end_now(end)
     }
 
     /// Another member relayed the source's end while its node is still in this node's view: keep it until the node
@@ -235,7 +268,14 @@ impl ChannelInner {
                 dests.iter().filter_map(|d| st.peers().get(&d.node).map(|p| (d.node, p.addr.clone()))).collect()
             };
             if !direct.is_empty() {
-                let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };
+                let msg = Message::SourceEnd {
+                    channel: self.id(),
+                    origin: node.id,
+                    origin_instance: self.instance,
+                    source,
+                    last,
+                    dests,
+                };
                 for (to, addr) in direct {
                     node.send(to, &addr, &msg);
                 }
@@ -243,7 +283,14 @@ impl ChannelInner {
             self.tree_source_end(source, last, super::history::History::off());
             return;
         }
-        let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests };
+        let msg = Message::SourceEnd {
+            channel: self.id(),
+            origin: node.id,
+            origin_instance: self.instance,
+            source,
+            last,
+            dests,
+        };
         let peers: Vec<(NodeId, String)> =
             self.state.lock().peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         for (to, addr) in peers {
@@ -272,11 +319,19 @@ impl ChannelInner {
         })
     }
 
-    /// A `SourceEnd` arrived from node `from`.
+    /// A `SourceEnd` arrived from node `from`, of source `source` of instance `origin_instance` of the channel on
+    /// node `origin`.
+    ///
+    /// It is relayed whatever it says (other members may need it), but applied here only as far as it concerns this
+    /// instance of the channel: a share listed for another instance of this node's (an earlier opening, whose end
+    /// reaches this one late: in flight, or relayed by a member that remembered it) is not this one's, and the end of
+    /// a source of an earlier instance of `origin`'s than the one tracked under that local id is not the tracked
+    /// source's. Either is counted as stale.
     pub(crate) fn source_end(
         self: &Arc<Self>,
         from: NodeId,
         origin: NodeId,
+        origin_instance: u64,
         source: LocalId,
         last: u64,
         dests: Vec<EndDest>,
@@ -285,11 +340,14 @@ impl ChannelInner {
         if origin == node.id {
             return;
         }
-        let end = End::of(node.id, last, &dests);
+        let (end, other_instance) = End::of(node.id, self.instance, last, &dests);
+        // The instance of `origin`'s channel this node knows now: the tracks of its earlier instances' sources were
+        // accounted for and dropped when it changed (`view_changed`).
+        let current = self.state.lock().peers().get(&origin).map(|p| p.snapshot.instance);
         let direct = from == origin;
         if direct && !self.tree_on() {
             // Relay it once to every other member, and to members that appear later.
-            let msg = Message::SourceEnd { channel: self.id(), origin, source, last, dests };
+            let msg = Message::SourceEnd { channel: self.id(), origin, origin_instance, source, last, dests };
             let peers: Vec<(NodeId, String)> = self
                 .state
                 .lock()
@@ -310,26 +368,51 @@ impl ChannelInner {
             ends.push(Remembered { at, origin, msg });
         }
         let key = (origin, source);
-        let verdict = {
+        let stale = || _ = self.counters.stale.fetch_add(1, Ordering::Relaxed);
+        let (verdict, gone) = {
             let mut tracks = self.tracks.lock();
-            // A source this node never heard from matters only if it says something was meant for this node.
+            // A source this node never heard from matters only if it says something was meant for this node (and
+            // is not of an earlier instance of its node's channel, whose sources were accounted for).
             let track = match tracks.get_mut(&key) {
                 Some(t) => t,
-                None if end.mine.is_some() => tracks.entry(key).or_default(),
-                None => return,
+                None if end.mine.is_some() && current.is_none_or(|c| origin_instance >= c) => {
+                    let t = tracks.entry(key).or_default();
+                    t.origin_instance = origin_instance;
+                    t
+                }
+                None => {
+                    if other_instance || current.is_some_and(|c| origin_instance < c) {
+                        stale();
+                    }
+                    return;
+                }
             };
-            if direct {
-                track.end_now(&end)
+            if !track.end_applies(origin_instance) {
+                stale();
+                return;
+            }
+            if other_instance {
+                stale();
+            }
+            // The end of a later instance's source with the tracked one's local id, before its `Routed` frame: the
+            // tracked source is gone with its instance (as in `RecvTrack::routed`).
+            let gone = track.started_again(origin_instance);
+            let verdict = if direct {
+                track.own_end(&end)
             } else {
                 // Relayed: the source's own copy, on the link from its node, may still be behind events in flight
                 // (that link may even still be coming up), so wait a heartbeat timeout, then account for it if the
                 // node is out of view by then (else when it leaves the view, see `view_changed`).
                 track.end_later(end);
                 None
-            }
+            };
+            (verdict, gone)
         };
         if !direct {
             self.pending_later(origin, source, node.cfg.heartbeat_timeout);
+        }
+        if let Some(v) = gone {
+            self.tell(SourceKey::new(origin, source), v);
         }
         if let Some(v) = verdict {
             self.tell(SourceKey::new(origin, source), v);
@@ -516,8 +599,21 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The instance of the channel on every node in these tests, unless one says otherwise.
+    const INSTANCE: u64 = 1;
+
     fn dest(node: u64, routed: u64, missed: &[(u32, u64)]) -> EndDest {
-        EndDest { node: NodeId(node), routed, missed: missed.iter().map(|&(s, n)| (LocalId(s), n)).collect() }
+        EndDest {
+            node: NodeId(node),
+            instance: INSTANCE,
+            routed,
+            missed: missed.iter().map(|&(s, n)| (LocalId(s), n)).collect(),
+        }
+    }
+
+    /// The end as instance `INSTANCE` of the channel on `me` sees it.
+    fn end_of(me: NodeId, last: u64, dests: &[EndDest]) -> End {
+        End::of(me, INSTANCE, last, dests).0
     }
 
     /// A track of a source whose node has been in view.
@@ -532,14 +628,14 @@ mod tests {
         let me = NodeId(7);
         let mut t = RecvTrack { last: 3, last_seq: 3, ..RecvTrack::default() };
         assert_eq!(t.node_gone(Instant::now()), (None, false), "events came before its snapshot");
-        t.end_later(End::of(me, 3, &[dest(7, 3, &[])]));
+        t.end_later(end_of(me, 3, &[dest(7, 3, &[])]));
         assert_eq!(t.pending_due(), Some(Verdict::Quiet), "the grace period over, the relayed end counts");
     }
 
     #[test]
     fn an_end_counts_what_was_queued_and_not_received_and_what_was_counted_while_cut_off() {
         let me = NodeId(7);
-        let end = End::of(me, 4000, &[dest(6, 4000, &[]), dest(7, 1300, &[(2, 2400), (3, 0)])]);
+        let end = end_of(me, 4000, &[dest(6, 4000, &[]), dest(7, 1300, &[(2, 2400), (3, 0)])]);
         let mut t = track(1248, 1248);
         assert_eq!(t.end_now(&end), Some(Verdict::Missed { all: 52, sinks: vec![(LocalId(2), 2400)] }));
         assert_eq!(t.end_now(&end), None, "told once");
@@ -548,14 +644,14 @@ mod tests {
     #[test]
     fn an_end_with_nothing_missing_or_nothing_meant_here_is_quiet() {
         let me = NodeId(7);
-        assert_eq!(track(10, 10).end_now(&End::of(me, 10, &[dest(7, 10, &[])])), Some(Verdict::Quiet));
-        assert_eq!(track(0, 0).end_now(&End::of(me, 10, &[dest(6, 10, &[])])), Some(Verdict::Quiet));
+        assert_eq!(track(10, 10).end_now(&end_of(me, 10, &[dest(7, 10, &[])])), Some(Verdict::Quiet));
+        assert_eq!(track(0, 0).end_now(&end_of(me, 10, &[dest(6, 10, &[])])), Some(Verdict::Quiet));
         // Without a list (its node left first) only the last sequence number is known.
-        assert_eq!(track(9, 10).end_now(&End::of(me, 10, &[])), Some(Verdict::Quiet));
-        assert_eq!(track(9, 9).end_now(&End::of(me, 10, &[])), Some(Verdict::Missed { all: 1, sinks: vec![] }));
+        assert_eq!(track(9, 10).end_now(&end_of(me, 10, &[])), Some(Verdict::Quiet));
+        assert_eq!(track(9, 9).end_now(&end_of(me, 10, &[])), Some(Verdict::Missed { all: 1, sinks: vec![] }));
         let mut filtered = track(9, 9);
         filtered.skipped = 2;
-        assert_eq!(filtered.end_now(&End::of(me, 10, &[])), Some(Verdict::Unknown), "some were not meant for it");
+        assert_eq!(filtered.end_now(&end_of(me, 10, &[])), Some(Verdict::Unknown), "some were not meant for it");
     }
 
     #[test]
@@ -563,15 +659,15 @@ mod tests {
         let me = NodeId(7);
         let t0 = Instant::now();
         let mut t = track(100, 100);
-        t.end_later(End::of(me, 500, &[dest(7, 500, &[])]));
+        t.end_later(end_of(me, 500, &[dest(7, 500, &[])]));
         // Events still in flight on the direct link arrive, then the source's own copy of its end.
         t.last = 500;
         t.last_seq = 500;
-        assert_eq!(t.end_now(&End::of(me, 500, &[dest(7, 500, &[])])), Some(Verdict::Quiet));
+        assert_eq!(t.end_now(&end_of(me, 500, &[dest(7, 500, &[])])), Some(Verdict::Quiet));
         assert_eq!(t.node_gone(t0), (None, false), "settled: nothing more");
         // The node leaves the view before its own copy arrives: the relayed one is used (once it has waited).
         let mut t = track(100, 100);
-        t.end_later(End::of(me, 500, &[dest(7, 500, &[])]));
+        t.end_later(end_of(me, 500, &[dest(7, 500, &[])]));
         assert_eq!(t.node_gone(t0), (None, false));
         assert!(t.end.has_pending());
         assert_eq!(t.pending_due(), Some(Verdict::Missed { all: 400, sinks: vec![] }));
@@ -588,8 +684,34 @@ mod tests {
         assert_eq!(t.grace_over(t0), Some(Verdict::Unknown));
         assert_eq!(t.grace_over(t0), None, "told once");
         // Word of the end comes after all: the exact account follows.
-        let end = End::of(me, 300, &[dest(7, 300, &[])]);
+        let end = end_of(me, 300, &[dest(7, 300, &[])]);
         assert_eq!(t.end_now(&end), Some(Verdict::Missed { all: 200, sinks: vec![] }));
+    }
+
+    /// A share listed for another instance of the channel on this node (an earlier opening) is not this one's.
+    #[test]
+    fn a_share_listed_for_another_instance_of_this_node_is_not_its_own() {
+        let me = NodeId(7);
+        let earlier = EndDest { instance: INSTANCE + 1, ..dest(7, 40, &[(1, 5)]) };
+        let (end, other) = End::of(me, INSTANCE, 40, &[earlier.clone(), dest(6, 40, &[])]);
+        assert!(other && end.mine.is_none() && end.listed);
+        assert_eq!(track(0, 0).end_now(&end), Some(Verdict::Quiet), "nothing of it was meant for this instance");
+        let (end, other) = End::of(me, INSTANCE + 1, 40, std::slice::from_ref(&earlier));
+        assert!(!other);
+        assert_eq!(end.mine, Some(earlier));
+    }
+
+    /// The end of a source of an earlier instance of its node's channel leaves a later instance's source (same local
+    /// id) alone; that of a later instance's source starts the track again, the old source gone.
+    #[test]
+    fn ends_name_the_instance_their_source_belongs_to() {
+        let mut t = track(5, 5);
+        t.origin_instance = 6;
+        assert!(!t.end_applies(5) && t.end_applies(6) && t.end_applies(7));
+        assert_eq!(t.started_again(6), None, "the same instance's source");
+        assert_eq!(t.started_again(7), Some(Verdict::Unknown), "the tracked source is gone, its loss unknown");
+        assert_eq!((t.origin_instance, t.last, t.last_seq), (7, 0, 0));
+        assert_eq!(t.started_again(7), None);
     }
 
     #[test]

@@ -89,9 +89,12 @@ pub struct ChannelStats {
     /// or found late at a local sink's receive. Events that expire in this node's link queues are counted per link
     /// ([`crate::LinkStats::expired`]).
     pub expired: u64,
-    /// Frames from remote sources numbered for another instance of this channel on this node (an earlier opening of
-    /// it, whose events were still in flight when it was opened again; see docs/PROTOCOL.md, "Loss accounting"):
-    /// ignored, not delivered and not counted as missed.
+    /// Frames from remote sources meant for another instance of this channel on this node (an earlier opening of
+    /// it, whose events, lag notices and source ends were still in flight, or relayed late, when it was opened
+    /// again), ends of sources of an earlier instance of their node's channel than the one tracked, and events that
+    /// arrive under a source's key after its own end (see docs/PROTOCOL.md, "Loss accounting"): ignored, not
+    /// delivered. A datagram of the current instance that overtook the `Routed` frame announcing it is counted here
+    /// too, and reported to the sinks as missed (and counted in `missed`) by the gap the next event reveals.
     pub stale: u64,
 }
 

@@ -990,7 +990,7 @@ impl LossTrack {
                 }
                 let left = count.saturating_sub(replayed.get(&g.sink).copied().unwrap_or(0));
                 if left > 0 {
-                    let msg = Message::Lagged { channel, source, count: left, sinks: vec![g.sink] };
+                    let msg = Message::Lagged { channel, source, instance, count: left, sinks: vec![g.sink] };
                     peer.outbox.push_control(msg.to_bytes());
                 }
                 false
@@ -1005,7 +1005,7 @@ impl LossTrack {
                 if peer.outbox.push_event_with(&enc.prefix, r.frame, &mut enc.gate, Urgency::plain(&mut track.held)) {
                     track.sent(told);
                 } else {
-                    peer.add_lag(channel, source, &r.sinks, 1, 0);
+                    peer.add_lag(channel, source, track.instance, &r.sinks, 1, 0);
                 }
                 enc.prefix.clear();
             }
@@ -1016,12 +1016,17 @@ impl LossTrack {
 impl LossTrack {
     /// What this source knows of each node's share of its events, for its `SourceEnd`.
     fn dests(&self) -> Vec<EndDest> {
-        let mut out: Vec<EndDest> =
-            self.sent_to.iter().map(|(n, t)| EndDest { node: *n, routed: t.routed, missed: Vec::new() }).collect();
+        let mut out: Vec<EndDest> = self
+            .sent_to
+            .iter()
+            .map(|(n, t)| EndDest { node: *n, instance: t.instance, routed: t.routed, missed: Vec::new() })
+            .collect();
+        // Per node and instance: counts kept for sinks of an earlier instance of a node's channel are not the
+        // numbering of its current one.
         for (g, n) in &self.ghost_missed {
-            match out.iter_mut().find(|d| d.node == g.node) {
+            match out.iter_mut().find(|d| d.node == g.node && d.instance == g.instance) {
                 Some(d) => d.missed.push((g.sink, *n)),
-                None => out.push(EndDest { node: g.node, routed: 0, missed: vec![(g.sink, *n)] }),
+                None => out.push(EndDest { node: g.node, instance: g.instance, routed: 0, missed: vec![(g.sink, *n)] }),
             }
         }
         out
@@ -1222,7 +1227,7 @@ impl Encoder {
             } else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 let lane = track.held.lane().map_or(timing.lane, |l| l.min(timing.lane));
-                peer.add_lag(head.channel, head.source, &pick.ids, 1, lane);
+                peer.add_lag(head.channel, head.source, track.instance, &pick.ids, 1, lane);
             }
             pick.ids.clear();
         }
@@ -1273,7 +1278,7 @@ impl Encoder {
             if peer.outbox.push_event_with(&[], notice, &mut self.gate, urgency) {
                 track.sent(told);
             } else {
-                peer.add_lag(head.channel, head.source, &pick.ids, 1, timing.lane);
+                peer.add_lag(head.channel, head.source, track.instance, &pick.ids, 1, timing.lane);
             }
             pick.ids.clear();
         }

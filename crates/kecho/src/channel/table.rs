@@ -214,14 +214,14 @@ impl LinkHandler for Channels {
                     ch.filter_status(from, req, ok, message);
                 }
             }
-            Message::Lagged { channel, count, sinks, .. } => {
+            Message::Lagged { channel, instance, count, sinks, .. } => {
                 if let Some(ch) = self.channel_by_id(channel) {
-                    ch.remote_lag(from, count, &sinks);
+                    ch.remote_lag(from, instance, count, &sinks);
                 }
             }
-            Message::SourceEnd { channel, origin, source, last, dests } => {
+            Message::SourceEnd { channel, origin, origin_instance, source, last, dests } => {
                 if let Some(ch) = self.channel_by_id(channel) {
-                    ch.source_end(from, origin, source, last, dests);
+                    ch.source_end(from, origin, origin_instance, source, last, dests);
                 }
             }
             Message::Expired { channel, source, seq, ty, sinks } => {

@@ -231,7 +231,14 @@ impl ChannelInner {
     /// Local source `source` ended after event `last`: its end goes as the last item of its stream.
     pub(in crate::channel) fn tree_source_end(self: &Arc<Self>, source: LocalId, last: u64, history: History) {
         let Some(node) = self.node.upgrade() else { return };
-        let msg = Message::SourceEnd { channel: self.id(), origin: node.id, source, last, dests: Vec::new() };
+        let msg = Message::SourceEnd {
+            channel: self.id(),
+            origin: node.id,
+            origin_instance: self.instance,
+            source,
+            last,
+            dests: Vec::new(),
+        };
         self.tree_broadcast(&node, source, msg.to_bytes(), history);
     }
 
@@ -295,7 +302,7 @@ impl ChannelInner {
                 self.expired_here(&ty);
                 None
             }
-            Message::SourceEnd { origin: o, source, last, .. } if o == origin && origin != node.id => {
+            Message::SourceEnd { origin: o, origin_instance, source, last, .. } if o == origin && origin != node.id => {
                 tracing::debug!(channel = %self.name, node = %origin, source = source.0, last, "a source's end in the overlay");
                 {
                     let at = now();
@@ -310,7 +317,8 @@ impl ChannelInner {
                 // Every earlier item of the stream was delivered or reported missed: nothing more to say, unless
                 // events also came directly (an OUT-filter, Block sinks), whose account is the direct `SourceEnd`.
                 if let Some(t) = self.tracks.lock().get_mut(&(origin, source)) {
-                    if t.last == 0 {
+                    // Not the end of a later instance's source with the same local id (see `RecvTrack::end_applies`).
+                    if t.last == 0 && t.end_applies(origin_instance) {
                         t.settle();
                     }
                 }

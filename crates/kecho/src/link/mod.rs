@@ -737,6 +737,8 @@ struct PendingLag {
     lane: u8,
     channel: ChannelId,
     source: LocalId,
+    /// The peer's instance of the channel whose sinks missed the events.
+    instance: u64,
     sinks: Vec<LocalId>,
     count: u64,
 }
@@ -818,14 +820,24 @@ impl Peer {
         self.datagrams.lock().is_some()
     }
 
-    /// Remembers that `n` events of `source` meant for `sinks` were dropped for this peer because the link was full.
-    /// `lane`: the outbox lane of the source's events.
-    pub(crate) fn add_lag(&self, channel: ChannelId, source: LocalId, sinks: &[LocalId], n: u64, lane: u8) {
+    /// Remembers that `n` events of `source` meant for `sinks` of the peer's instance `instance` of the channel were
+    /// dropped for this peer because the link was full. `lane`: the outbox lane of the source's events.
+    pub(crate) fn add_lag(
+        &self,
+        channel: ChannelId,
+        source: LocalId,
+        instance: u64,
+        sinks: &[LocalId],
+        n: u64,
+        lane: u8,
+    ) {
         let mut lag = self.lag.lock();
-        match lag.iter_mut().find(|l| l.channel == channel && l.source == source && l.sinks == sinks && l.lane == lane)
-        {
+        let same = |l: &PendingLag| {
+            l.channel == channel && l.source == source && l.instance == instance && l.sinks == sinks && l.lane == lane
+        };
+        match lag.iter_mut().find(|l| same(l)) {
             Some(l) => l.count += n,
-            None => lag.push(PendingLag { lane, channel, source, sinks: sinks.to_vec(), count: n }),
+            None => lag.push(PendingLag { lane, channel, source, instance, sinks: sinks.to_vec(), count: n }),
         }
         self.flags.has_lag.store(true, Ordering::Release);
     }
@@ -884,8 +896,8 @@ impl Peer {
         }
         let pending = std::mem::take(&mut *self.lag.lock());
         self.flags.has_lag.store(false, Ordering::Release);
-        for PendingLag { lane, channel, source, sinks, count } in pending {
-            self.outbox.push_control_in(lane, Message::Lagged { channel, source, count, sinks }.to_bytes());
+        for PendingLag { lane, channel, source, instance, sinks, count } in pending {
+            self.outbox.push_control_in(lane, Message::Lagged { channel, source, instance, count, sinks }.to_bytes());
         }
     }
 

@@ -296,7 +296,7 @@ impl Source {
                 let lost = (k - n) as u64;
                 c.dropped.fetch_add(lost, Ordering::Relaxed);
                 let lane = track.held.lane().map_or(timing.lane, |l| l.min(timing.lane));
-                peer.add_lag(channel, source, &pp.ids, lost, lane);
+                peer.add_lag(channel, source, track.instance, &pp.ids, lost, lane);
             }
         }
         if sent_to > 0 {
