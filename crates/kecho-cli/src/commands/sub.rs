@@ -83,6 +83,8 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// What the receive loop got.
 enum Next {
     Got(Result<Result<Event, RecvError>>),
+    /// The durable sink holds an event back behind events of its source it may have missed: fill the gap.
+    Behind,
     /// Time to look for a recorder.
     Look,
     Stop,
@@ -95,13 +97,14 @@ enum Input {
 }
 
 impl Input {
-    async fn recv(&mut self) -> Result<Result<Event, RecvError>> {
+    async fn recv(&mut self) -> Next {
         match self {
-            Input::Plain(s) => Ok(s.recv().await),
+            Input::Plain(s) => Next::Got(Ok(s.recv().await)),
             Input::Durable(d) => match d.recv().await {
-                Ok(ev) => Ok(Ok(ev)),
-                Err(DurableError::Recv(e)) => Ok(Err(e)),
-                Err(e) => Err(e.into()),
+                Ok(ev) => Next::Got(Ok(Ok(ev))),
+                Err(DurableError::Recv(e)) => Next::Got(Ok(Err(e))),
+                Err(DurableError::Behind(_)) => Next::Behind,
+                Err(e) => Next::Got(Err(e.into())),
             },
         }
     }
@@ -239,7 +242,7 @@ pub async fn run(a: Args) -> Result<()> {
             && matches!(&sink, Input::Durable(d) if d.starting_points().is_empty());
         let next = async {
             tokio::select! {
-                r = sink.recv() => Next::Got(r),
+                r = sink.recv() => r,
                 _ = look_tick.tick(), if look => Next::Look,
                 _ = tokio::signal::ctrl_c() => Next::Stop,
             }
@@ -260,6 +263,17 @@ pub async fn run(a: Args) -> Result<()> {
             Next::Stop => None,
             Next::Got(Ok(r)) => Some(r),
             Next::Got(Err(e)) => break Err(e),
+            Next::Behind => {
+                // Events of a source before the event held back, which may have been sent while it did not yet send
+                // to this sink (it began as this sink joined) or after its position (a restart): from a recorder, as
+                // a catch-up does, or said missed. The recorder may be a moment behind: asked again (about 2 s).
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    let items = d.fill(c, 20, Duration::from_millis(100)).await?;
+                    let (n, m) = print_replayed(&mut out, items, a.format, true)?;
+                    (got, missed) = (got + n, missed + m);
+                }
+                continue;
+            }
             Next::Look => {
                 if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
                     if c.recorder_present(Duration::ZERO).await {
@@ -403,6 +417,11 @@ fn unknown(why: &Unknown) -> String {
         Unknown::Deleted { recorder, records } => format!(
             "recorder {recorder} no longer holds {records} event(s) recorded after this sink's starting point (deleted \
              beyond its size bound): those of sources this sink never heard of are missed, how many is not known"
+        ),
+        Unknown::Began { source, events } => format!(
+            "the first event of source {source} here came after {events} of its event(s) this sink did not receive; \
+             whether they were sent after this sink's starting point cannot be known (no recorder answered, or it \
+             cannot say what it recorded of the source)"
         ),
         Unknown::OldRecorder => "the recorder speaks an earlier version of the replay exchange: events of sources \
                                  this sink never heard of cannot be known"
