@@ -12,6 +12,12 @@
 //! moves the starting point to the recorder's next index. State written before starting points existed (only
 //! 16-byte records) opens as it is: the sink has no starting point until its first answer, and says so.
 //!
+//! Replays are filtered as live events are, by the wrapped sink's own type and content filters
+//! ([`kecho::Sink::accepts`]); a replayed event they reject counts as had (its position moves, it is not missed). A
+//! sink with a starting point holds back a live event that comes past events of its source it may have missed (a
+//! position's gap after a restart, or a new source's first event past its first: the source began as the sink joined)
+//! and [`DurableSink::fill`] gets them from a recorder or says them missed.
+//!
 //! Delivery is at least once at the instant of a kill: an event's position is written when the application asks for
 //! the next event (or calls [`DurableSink::commit`]), so the event it was handling when killed comes again.
 
@@ -57,7 +63,8 @@ impl Positions {
     /// Event `seq` of `source` arrived.
     ///
     /// The first event of a source this sink had a position for counts as missed every event in between. (A source
-    /// whose OUT-filter or content filters sent some of those elsewhere is over-counted: the sink cannot tell.)
+    /// whose OUT-filter or the sink's filters kept some of those from it is over-counted: the sink cannot tell. A sink
+    /// with a recorder asks it instead: [`Positions::gap`], [`DurableSink::fill`].)
     pub fn admit(&mut self, source: SourceKey, seq: u64) -> Admit {
         match self.last.get(&source) {
             Some(&last) if seq <= last => Admit::Duplicate,

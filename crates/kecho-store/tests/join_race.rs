@@ -86,16 +86,18 @@ async fn a_source_that_starts_as_a_durable_sink_joins_loses_nothing_unreported()
     let rec = Rec::start(&reg, rec_dir.path()).await?;
     let mut recorded = 0;
     let (mut raced, mut before, rounds) = (0, 0, 40);
-    for round in 0..rounds {
+    for round in 0..rounds as u64 {
         let state = tempfile::tempdir()?;
         let publish = async {
             let node = Node::builder().registry_client(reg.clone()).start().await?;
             let ch = node.channel(common::CH).await?;
             let mut src = ch.source()?;
+            // Each round a little later, so that the rounds sweep the moment the sink's node joins.
+            tokio::time::sleep(Duration::from_millis(round % 10)).await;
             for i in 1..=50u64 {
                 src.submit("t", &kecho::Attrs::default(), format!("r{round}-{i}").as_bytes()).await?;
-                if i.is_multiple_of(10) {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                if i.is_multiple_of(2) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
             anyhow::Ok((node, src))

@@ -53,7 +53,7 @@ pub struct Args {
     /// nothing twice and reports the events it missed while it was away. With a recorder on the channel (`kecho
     /// record`) it gets them replayed first, including those of sources that began while it was away (from its
     /// starting point at that recorder, taken when it first runs); without one, a source it never heard of cannot be
-    /// known (docs/DURABILITY.md).
+    /// known (docs/DURABILITY.md). Replays are filtered by --type and --filter as live events are.
     #[arg(long, value_name = "NAME", requires = "state_dir")]
     durable: Option<String>,
     /// Where durable sinks keep their positions (a directory per name).
