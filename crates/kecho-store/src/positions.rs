@@ -406,7 +406,9 @@ impl DurableSink {
     ) -> Result<Vec<CatchUp>, DurableError> {
         let mut out = Vec::new();
         let Some(gap) = self.gap else { return Ok(out) };
-        let (mut covered, mut knowable) = (gap.from - 1, false);
+        // Whether what is not had can be said missed: a new source's earlier events only if a recorder says how far
+        // it recorded the source (else they may have been before the starting point).
+        let (mut covered, mut knowable) = (gap.from - 1, !gap.new);
         for i in 0..tries.max(1) {
             if i > 0 {
                 tokio::time::sleep(pause).await;

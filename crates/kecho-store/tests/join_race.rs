@@ -74,6 +74,50 @@ async fn a_sources_events_recorded_before_the_starting_point_are_neither_replaye
     Ok(())
 }
 
+/// With no recorder on the channel any more: a restarted sink's gap after its position is reported missed, and a new
+/// source's events before its first one here are said unknown (they may have been sent before its starting point).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_recorder_gone_a_gap_is_reported_missed_and_a_new_sources_said_unknown() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let rec = Rec::start(&reg, rec_dir.path()).await?;
+    let (mut run, _) = Run::start(&reg, state.path()).await?;
+    let mut p = Pub::start(&reg, 2).await?;
+    for i in 1..=3 {
+        p.send("t", "a", &format!("p-{i}")).await?;
+    }
+    assert_eq!(run.take(3).await?.0, names("p", 3));
+    run.stop().await;
+    rec.stop().await;
+    let mut q = Pub::start(&reg, 0).await?;
+    for i in 4..=6 {
+        p.send("t", "a", &format!("p-{i}")).await?;
+    }
+    for i in 1..=2 {
+        q.send("t", "a", &format!("q-{i}")).await?;
+    }
+    let mut run = Run::open(&reg, state.path(), SinkOptions::new()).await?;
+    assert!(!run.sink.starting_points().is_empty(), "it has a starting point at the recorder gone");
+    p.ch.wait_for_sinks(1, T).await?;
+    q.ch.wait_for_sinks(1, T).await?;
+    p.send("t", "a", "p-7").await?;
+    q.send("t", "a", "q-3").await?;
+    let (mut got, other, fills) = run.take(2).await?;
+    got.sort();
+    assert_eq!(got, ["p-7", "q-3"]);
+    assert_eq!(fills, 2);
+    assert_eq!(other.len(), 2, "{other:?}");
+    assert!(other.contains(&CatchUp::Missed(3)), "p's 4 to 6: {other:?}");
+    assert!(
+        other.iter().any(|i| matches!(i, CatchUp::Unknown(kecho_store::Unknown::Began { events: 2, .. }))),
+        "q's 1 and 2: {other:?}"
+    );
+    run.stop().await;
+    p.stop().await;
+    q.stop().await;
+    Ok(())
+}
+
 /// The race itself, many times: a durable sink starts (joins, and takes its starting point at the recorder) while a
 /// source's node joins and publishes at once, without waiting for sinks. The sink receives every event recorded
 /// since its starting point, in order, once, and nothing is reported missed (the recorder has every event); the
