@@ -442,6 +442,26 @@ impl DurableSink {
         Ok(out)
     }
 
+    /// Gives a sink that never ran (its state created by this opening, no recorder answered yet) its first starting
+    /// point: `start`, a recorder's next index (`Answer::next`) fetched **before its sink joined the channel** (a
+    /// request asking for nothing, [`crate::replay::Ask::default`]). Its first catch-up then replays every event
+    /// recorded since, filtered, so that a source that begins as the sink joins, and whose first events reach the
+    /// recorder before its node sees the sink, loses none of them. (A starting point taken by the first catch-up
+    /// itself comes after the sink joined: events a source sent before it saw the sink and that were recorded before
+    /// that answer would not be the sink's.) Returns whether it took it; a sink that ran before keeps its own.
+    pub fn start_at(&mut self, start: (RecorderId, u64)) -> Result<bool, DurableError> {
+        if !self.new || !self.marks.is_empty() {
+            return Ok(false);
+        }
+        let (r, next) = start;
+        self.marks.insert(r, next);
+        if let Some(log) = &mut self.log {
+            log.append(&mark_record(r, next))?;
+            log.flush()?;
+        }
+        Ok(true)
+    }
+
     /// Its starting points: per recorder, the index from which it has every event of a source it has no position
     /// for.
     pub fn starting_points(&self) -> &HashMap<RecorderId, u64> {

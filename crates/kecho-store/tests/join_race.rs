@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{names, Pub, Rec, Run, T};
 use kecho::{Node, RegistryClient, SinkOptions};
-use kecho_store::{CatchUp, DurableError};
+use kecho_store::{Ask, CatchUp, DurableError, DurableSink, ReplayClient};
 
 /// The state the race leaves, made deterministic: the sink has a starting point at the recorder, the source's first
 /// five events are recorded after it but never sent to the sink (its node joins only after them), and the sink
@@ -40,6 +40,54 @@ async fn a_sources_first_events_recorded_after_the_starting_point_are_replayed_b
     assert!(other.is_empty(), "{other:?}");
     assert_eq!(fills, 1);
     run.stop().await;
+    p.stop().await;
+    rec.stop().await;
+    Ok(())
+}
+
+/// A new sink that takes its starting point before its sink joins (`DurableSink::start_at`, as `kecho sub` does when
+/// a recorder is there): a source that begins as it joins and whose first events are recorded before its node sees
+/// the sink gets them replayed by the first catch-up. (A starting point taken by that catch-up would come after them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sink_that_takes_its_starting_point_before_joining_gets_what_a_source_sent_as_it_joined() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (rec_dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let rec = Rec::start(&reg, rec_dir.path()).await?;
+    let node = Node::builder().registry_client(reg.clone()).start().await?;
+    let mut client = ReplayClient::open(&node, common::CH, &format!("{}-b", node.id())).await?;
+    // As `kecho sub` asks: without waiting (the recorder is seen as soon as the replay channel is joined).
+    let answer = client.fetch(&Ask::default(), Duration::ZERO).await?.context("no recorder seen at once")?;
+    let start = (answer.recorder.context("a version 2 recorder")?, answer.next.context("its next index")?);
+    assert_eq!(start, (rec.id, 0));
+    // The source begins; its first events reach the recorder only.
+    let mut p = Pub::start(&reg, 1).await?;
+    for i in 1..=5 {
+        p.send("t", "a", &format!("e-{i}")).await?;
+    }
+    rec.wait_recorded(5).await?;
+    let ch = node.channel(common::CH).await?;
+    let mut sink = DurableSink::open(ch.sink(SinkOptions::new())?, state.path(), "b")?;
+    assert!(sink.start_at(start)?, "a new sink takes it");
+    let items = sink.catch_up(&mut client, 0, T, true).await?.context("no recorder answered")?;
+    let (events, other) = common::replayed(items);
+    assert_eq!(events, names("e", 5), "what the source sent before it saw the sink");
+    assert!(other.is_empty(), "{other:?}");
+    let mut run = Run { node, sink, client };
+    p.ch.wait_for_sinks(2, T).await?;
+    for i in 6..=8 {
+        p.send("t", "a", &format!("e-{i}")).await?;
+    }
+    let (got, other, _) = run.take(3).await?;
+    assert_eq!(got, ["e-6", "e-7", "e-8"]);
+    assert!(other.is_empty(), "{other:?}");
+    run.stop().await;
+    // Opened again, it keeps its own starting point.
+    let node = Node::builder().registry_client(reg.clone()).start().await?;
+    let ch = node.channel(common::CH).await?;
+    let mut again = DurableSink::open(ch.sink(SinkOptions::new())?, state.path(), "b")?;
+    assert!(!again.start_at((rec.id, 0))?, "a sink that ran before keeps its own");
+    drop(again);
+    node.shutdown().await;
     p.stop().await;
     rec.stop().await;
     Ok(())

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kecho::{Event, RecvError, Sink, SinkOptions};
-use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
+use kecho_store::{Ask, CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -77,6 +77,9 @@ pub struct Args {
 /// all, as its first answer has nothing to replay (it only gives a starting point) and its events would queue
 /// meanwhile.
 const NEW_WAIT: Duration = Duration::ZERO;
+/// How long a durable sink waits to join the replay channel before its sink joins the channel, to take its first
+/// starting point before (see `run`).
+const PREFETCH_WAIT: Duration = Duration::from_millis(500);
 /// How often a durable sink with no starting point looks for a recorder.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
@@ -162,6 +165,25 @@ pub async fn run(a: Args) -> Result<()> {
     let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
+    let mut client = None;
+    let wants_client = a.durable.is_some() || a.last > 0 || a.recover;
+    let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
+    let opening = ReplayClient::open(&node, &a.channel, &who);
+    tokio::pin!(opening);
+    // A durable sink's first starting point, if it is new: a recorder's next index taken before its sink joins, so
+    // that its first catch-up replays what a source that begins as it joins sent before seeing it. Only if a recorder
+    // is there at once (a new sink does not wait for one, see NEW_WAIT) and the replay channel is joined within
+    // PREFETCH_WAIT: the sink must not wait long to join (the replay channel's contact may be a node that died, whose
+    // lease has not run out).
+    let mut start = None;
+    if wants_client {
+        if let Ok(c) = tokio::time::timeout(PREFETCH_WAIT, &mut opening).await {
+            let c = client.insert(c?);
+            if a.durable.is_some() {
+                start = c.fetch(&Ask::default(), Duration::ZERO).await?.and_then(|r| r.recorder.zip(r.next));
+            }
+        }
+    }
     let sink = ch.sink(opts)?;
     let mut sink = match (&a.durable, &a.state_dir) {
         (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
@@ -172,10 +194,13 @@ pub async fn run(a: Args) -> Result<()> {
     let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
     // A durable sink that comes back, or a late joiner asking for the newest events: what a recorder has first.
     let mut replayed = Vec::new();
-    let mut client = None;
-    if let Input::Durable(d) = &mut sink {
-        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
-        let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
+    if wants_client && client.is_none() {
+        client = Some(opening.await?);
+    }
+    if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+        if let Some(start) = start {
+            d.start_at(start)?;
+        }
         // A new durable sink only takes its starting point: it need not wait, as it receives every event from now on
         // while it runs, and takes one when a recorder appears (below).
         let first_wait = if a.durable.is_some() && d.is_new() && a.last == 0 { wait.min(NEW_WAIT) } else { wait };
