@@ -18,7 +18,7 @@ pub mod recorder;
 pub mod replay;
 
 pub use log::{Log, LogError, LogOptions, Opened};
-pub use positions::{Admit, CatchUp, DurableError, DurableSink, Positions, Unknown};
+pub use positions::{Admit, CatchUp, DurableError, DurableSink, Gap, Positions, Unknown};
 pub use record::{DecodeError, Recorded};
 pub use recorder::{Recorder, RecorderError, Seen};
 pub use replay::{Answer, Ask, RecorderId, ReplayClient, ReplayError, Request};

@@ -12,6 +12,12 @@
 //! moves the starting point to the recorder's next index. State written before starting points existed (only
 //! 16-byte records) opens as it is: the sink has no starting point until its first answer, and says so.
 //!
+//! Replays are filtered as live events are, by the wrapped sink's own type and content filters
+//! ([`kecho::Sink::accepts`]); a replayed event they reject counts as had (its position moves, it is not missed). A
+//! sink with a starting point holds back a live event that comes past events of its source it may have missed (a
+//! position's gap after a restart, or a new source's first event past its first: the source began as the sink joined)
+//! and [`DurableSink::fill`] gets them from a recorder or says them missed.
+//!
 //! Delivery is at least once at the instant of a kill: an event's position is written when the application asks for
 //! the next event (or calls [`DurableSink::commit`]), so the event it was handling when killed comes again.
 
@@ -57,7 +63,8 @@ impl Positions {
     /// Event `seq` of `source` arrived.
     ///
     /// The first event of a source this sink had a position for counts as missed every event in between. (A source
-    /// whose OUT-filter or content filters sent some of those elsewhere is over-counted: the sink cannot tell.)
+    /// whose OUT-filter or the sink's filters kept some of those from it is over-counted: the sink cannot tell. A sink
+    /// with a recorder asks it instead: [`Positions::gap`], [`DurableSink::fill`].)
     pub fn admit(&mut self, source: SourceKey, seq: u64) -> Admit {
         match self.last.get(&source) {
             Some(&last) if seq <= last => Admit::Duplicate,
@@ -66,6 +73,21 @@ impl Positions {
                 Admit::Deliver { missed }
             }
             None => Admit::Deliver { missed: 0 },
+        }
+    }
+
+    /// Event `seq` of `source` came live, and events before it may have been missed: those after a position kept from
+    /// the last run (its first event in this run), or, for a source it has no position for, those before its first
+    /// event here (they may have been sent after the sink's starting point while the source did not yet send to it).
+    /// `None` if it follows on (or is the source's first event).
+    pub fn gap(&self, source: SourceKey, seq: u64) -> Option<Gap> {
+        match self.last.get(&source) {
+            Some(&last) if self.resumed.contains_key(&source) && seq > last + 1 => {
+                Some(Gap { source, from: last + 1, to: seq - 1, new: false })
+            }
+            Some(_) => None,
+            None if seq > 1 => Some(Gap { source, from: 1, to: seq - 1, new: true }),
+            None => None,
         }
     }
 
@@ -102,6 +124,35 @@ impl Positions {
     }
 }
 
+/// Events of one source before its first live event in this run that a durable sink may have missed
+/// ([`Positions::gap`], [`DurableError::Behind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// The source.
+    pub source: SourceKey,
+    /// Its first sequence number not accounted for.
+    pub from: u64,
+    /// Its last (the one before the live event held back).
+    pub to: u64,
+    /// A source the sink had no position for: events of it recorded before the sink's starting point are not its.
+    pub new: bool,
+}
+
+impl Gap {
+    /// The last sequence number of the gap accounted for after an answer, given the source's position (events up to
+    /// it were handed over, rejected by the sink's filters, or counted missed) and, for a source the sink had no
+    /// position for, the last sequence number the recorder has recorded of it (`recorded`): what it recorded and did
+    /// not replay since the starting point was recorded before it, so not the sink's. The gap is filled once this
+    /// reaches [`Gap::to`].
+    pub fn covered(&self, position: Option<u64>, recorded: Option<u64>) -> u64 {
+        let mut c = position.unwrap_or(0).max(self.from - 1);
+        if self.new {
+            c = c.max(recorded.unwrap_or(0));
+        }
+        c.min(self.to)
+    }
+}
+
 /// Errors of durable sinks.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -121,6 +172,12 @@ pub enum DurableError {
     /// A replay from a recorder failed.
     #[error("replay: {0}")]
     Replay(#[from] ReplayError),
+    /// Not a failure: a live event came past events of its source that this sink (which has a starting point at a
+    /// recorder) may have missed. It is held back: call [`DurableSink::fill`], which gets them from a recorder or
+    /// says they are missed, and then `recv` again, which hands it over. (Calling `recv` without filling hands it
+    /// over as a sink without a recorder would: a position's gap reported as `Lagged`, a new source's not at all.)
+    #[error("events of source {} before {} may be missed: fill the gap from a recorder", .0.source, .0.to + 1)]
+    Behind(Gap),
 }
 
 /// What a catch-up hands over, in order.
@@ -156,6 +213,15 @@ pub enum Unknown {
     },
     /// A version 1 recorder answered: it knows no starting points.
     OldRecorder,
+    /// The first event of `source` this sink received came after `events` of its events that it did not receive, and
+    /// whether they were sent after the sink's starting point (its to have) cannot be known: no recorder answered, or
+    /// the one that did cannot say what it recorded of the source (it predates the question).
+    Began {
+        /// The source.
+        source: SourceKey,
+        /// How many of its events may be missed.
+        events: u64,
+    },
 }
 
 fn check_name(name: &str) -> Result<(), DurableError> {
@@ -179,8 +245,10 @@ pub struct DurableSink {
     log: Option<Log>,
     /// Handed over and not yet written.
     pending: Option<(SourceKey, u64)>,
-    /// An event held back behind its missed-count report.
+    /// An event held back behind its missed-count report, or behind `gap`.
     held: Option<Event>,
+    /// The events the held event came past ([`DurableError::Behind`]), until [`DurableSink::fill`].
+    gap: Option<Gap>,
     dir: PathBuf,
     /// Per recorder, the index of its log from which this sink has every event of a source it has no position for.
     marks: HashMap<RecorderId, u64>,
@@ -200,6 +268,7 @@ impl DurableSink {
             log: Some(log),
             pending: None,
             held: None,
+            gap: None,
             dir,
             marks,
             new,
@@ -215,6 +284,7 @@ impl DurableSink {
             log: None,
             pending: None,
             held: None,
+            gap: None,
             dir: PathBuf::new(),
             marks: HashMap::new(),
             new: true,
@@ -233,6 +303,9 @@ impl DurableSink {
     ///
     /// A durable sink always asks (a new one to learn its starting point); one kept in memory only if it has
     /// positions, a starting point or `last` to ask for.
+    ///
+    /// Replayed events are filtered as live ones are: those this sink's type and content filters reject
+    /// ([`kecho::Sink::accepts`]) are not handed over, but count as had (they move the position, and are not missed).
     pub async fn catch_up(
         &mut self,
         client: &mut ReplayClient,
@@ -240,11 +313,35 @@ impl DurableSink {
         wait: std::time::Duration,
         resume: bool,
     ) -> Result<Option<Vec<CatchUp>>, DurableError> {
-        let ask = Ask { after: self.positions.all().collect(), last, since: self.marks.clone() };
+        Ok(self.ask(client, last, wait, resume, None).await?.map(|(items, _)| items))
+    }
+
+    /// [`DurableSink::catch_up`], asking the recorder also for the last sequence number it recorded of `probe`.
+    /// Returns the items and what the answer says of `probe`: whether the sink's starting point was asked of the
+    /// recorder that answered, and the last sequence number it recorded of the source (`None` if it recorded none;
+    /// the outer `None` if it does not say).
+    async fn ask(
+        &mut self,
+        client: &mut ReplayClient,
+        last: u64,
+        wait: std::time::Duration,
+        resume: bool,
+        probe: Option<SourceKey>,
+    ) -> Result<Option<(Vec<CatchUp>, Probed)>, DurableError> {
+        let ask = Ask {
+            after: self.positions.all().collect(),
+            last,
+            since: self.marks.clone(),
+            newest: probe.into_iter().collect(),
+        };
         if self.log.is_none() && ask.after.is_empty() && last == 0 && ask.since.is_empty() {
-            return Ok(Some(Vec::new()));
+            return Ok(Some((Vec::new(), Probed::default())));
         }
         let Some(answer) = client.fetch(&ask, wait).await? else { return Ok(None) };
+        let probed = Probed {
+            since: answer.since.is_some(),
+            recorded: probe.and_then(|k| answer.newest.as_ref().map(|n| n.get(&k).copied())),
+        };
         let mut out = Vec::new();
         match answer.recorder {
             None if self.log.is_some() => out.push(CatchUp::Unknown(Unknown::OldRecorder)),
@@ -272,7 +369,10 @@ impl DurableSink {
                 Some(n) => out.push(CatchUp::Missed(n)),
             }
             newest.insert(r.source, r.seq);
-            out.push(CatchUp::Event(r));
+            // Filtered as a live event is: one the sink would not have received is had, not missed.
+            if self.sink.accepts(&r.ty, &r.attrs) {
+                out.push(CatchUp::Event(r));
+            }
         }
         let mark = answer.recorder.zip(answer.next);
         if let Some((r, next)) = mark {
@@ -288,7 +388,78 @@ impl DurableSink {
             }
             log.flush()?;
         }
-        Ok(Some(out))
+        Ok(Some((out, probed)))
+    }
+
+    /// Fills the gap a [`DurableError::Behind`] reported: asks a recorder (through `client`) for what follows the
+    /// sink's positions and what was recorded since its starting point, as [`DurableSink::catch_up`] does, and for
+    /// what it recorded of the gap's source, up to `tries` times `pause` apart (the recorder receives the events as
+    /// the sink does and may not have recorded the newest yet), until the gap is accounted for. Returns what to hand
+    /// over before the held event, in order: the replayed events (filtered as live ones), and what could not be had
+    /// as [`CatchUp::Missed`] (or [`Unknown::Began`] where it cannot be known whether it was the sink's). Events of a
+    /// new source recorded before the sink's starting point are not the sink's: neither replayed nor counted.
+    pub async fn fill(
+        &mut self,
+        client: &mut ReplayClient,
+        tries: u32,
+        pause: std::time::Duration,
+    ) -> Result<Vec<CatchUp>, DurableError> {
+        let mut out = Vec::new();
+        let Some(gap) = self.gap else { return Ok(out) };
+        // Whether what is not had can be said missed: a new source's earlier events only if a recorder says how far
+        // it recorded the source (else they may have been before the starting point).
+        let (mut covered, mut knowable) = (gap.from - 1, !gap.new);
+        for i in 0..tries.max(1) {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            let Some((items, probed)) = self.ask(client, 0, std::time::Duration::ZERO, false, Some(gap.source)).await?
+            else {
+                break;
+            };
+            // A source it had no position for, asked of a recorder it has no starting point at (or of version 1):
+            // the answer said what cannot be known (`Unknown::NoStart` or `OldRecorder`).
+            let said = gap.new && !probed.since;
+            out.extend(items);
+            knowable = !gap.new || probed.recorded.is_some();
+            covered = gap.covered(self.positions.get(gap.source), probed.recorded.flatten());
+            if said || covered >= gap.to {
+                covered = gap.to;
+                break;
+            }
+        }
+        if covered < gap.to {
+            let events = gap.to - covered;
+            out.push(if knowable {
+                CatchUp::Missed(events)
+            } else {
+                CatchUp::Unknown(Unknown::Began { source: gap.source, events })
+            });
+        }
+        // Accounted for: the held event follows on.
+        self.positions.handed(gap.source, gap.to);
+        self.gap = None;
+        Ok(out)
+    }
+
+    /// Gives a sink that never ran (its state created by this opening, no recorder answered yet) its first starting
+    /// point: `start`, a recorder's next index (`Answer::next`) fetched **before its sink joined the channel** (a
+    /// request asking for nothing, [`crate::replay::Ask::default`]). Its first catch-up then replays every event
+    /// recorded since, filtered, so that a source that begins as the sink joins, and whose first events reach the
+    /// recorder before its node sees the sink, loses none of them. (A starting point taken by the first catch-up
+    /// itself comes after the sink joined: events a source sent before it saw the sink and that were recorded before
+    /// that answer would not be the sink's.) Returns whether it took it; a sink that ran before keeps its own.
+    pub fn start_at(&mut self, start: (RecorderId, u64)) -> Result<bool, DurableError> {
+        if !self.new || !self.marks.is_empty() {
+            return Ok(false);
+        }
+        let (r, next) = start;
+        self.marks.insert(r, next);
+        if let Some(log) = &mut self.log {
+            log.append(&mark_record(r, next))?;
+            log.flush()?;
+        }
+        Ok(true)
     }
 
     /// Its starting points: per recorder, the index from which it has every event of a source it has no position
@@ -317,16 +488,34 @@ impl DurableSink {
     /// a [`DurableSink::catch_up`] right after the report brings them (the event held back behind the report is then
     /// handed over only if the catch-up did not bring it too). That is worth doing after a first catch-up: the
     /// sources may start sending to a new sink only after its first catch-up was answered.
+    ///
+    /// A sink with a starting point at a recorder does not count such a gap itself: it holds the event back and
+    /// returns [`DurableError::Behind`] (also for the first event of a source it has no position for that is not the
+    /// source's first: the events before it may have been sent after its starting point, while the source did not
+    /// yet send to it), and [`DurableSink::fill`] gets the events from a recorder, filtered as live ones, or says
+    /// what is missed.
     pub async fn recv(&mut self) -> Result<Event, DurableError> {
         self.commit()?;
-        if let Some(ev) = self.held.take() {
-            // Unless a catch-up since its report brought it already.
-            if self.positions.get(ev.source()).is_none_or(|p| ev.seq() > p) {
-                return Ok(self.hand(ev));
-            }
-        }
         loop {
-            let ev = self.sink.recv().await?;
+            let ev = match self.held.take() {
+                // Unless a catch-up since its report brought it already (then a duplicate, below). A gap not filled
+                // is counted as without a recorder.
+                Some(ev) => {
+                    self.gap = None;
+                    ev
+                }
+                None => {
+                    let ev = self.sink.recv().await?;
+                    if self.log.is_some() && !self.marks.is_empty() {
+                        if let Some(gap) = self.positions.gap(ev.source(), ev.seq()) {
+                            self.held = Some(ev);
+                            self.gap = Some(gap);
+                            return Err(DurableError::Behind(gap));
+                        }
+                    }
+                    ev
+                }
+            };
             match self.positions.admit(ev.source(), ev.seq()) {
                 Admit::Duplicate => continue,
                 Admit::Deliver { missed: 0 } => return Ok(self.hand(ev)),
@@ -364,6 +553,15 @@ impl DurableSink {
     pub fn sink(&self) -> &Sink {
         &self.sink
     }
+}
+
+/// What an answer said of the source asked about.
+#[derive(Debug, Default)]
+struct Probed {
+    /// The sink's starting point was asked of the recorder that answered.
+    since: bool,
+    /// The last sequence number it recorded of the source (`Some(None)`: none); `None` if it does not say.
+    recorded: Option<Option<u64>>,
 }
 
 /// What a durable sink's directory holds.
@@ -465,6 +663,34 @@ mod tests {
         assert_eq!(p.admit(a, 14), Admit::Duplicate);
         assert_eq!(p.admit(a, 15), Admit::Deliver { missed: 0 });
         assert_eq!(p.admit(b, 8), Admit::Deliver { missed: 2 });
+    }
+
+    #[test]
+    fn a_gap_is_a_resumed_sources_jump_or_a_new_sources_first_event_past_its_first() {
+        let (a, b) = (SourceKey(1), SourceKey(2));
+        let mut p = Positions::resumed(HashMap::from([(a, 10)]));
+        assert_eq!(p.gap(a, 11), None, "right where it left off");
+        assert_eq!(p.gap(a, 9), None, "a duplicate");
+        assert_eq!(p.gap(a, 14), Some(Gap { source: a, from: 11, to: 13, new: false }));
+        assert_eq!(p.gap(b, 1), None, "a new source's first event");
+        assert_eq!(p.gap(b, 6), Some(Gap { source: b, from: 1, to: 5, new: true }));
+        // A source that sent in this run: later jumps are the channel's to report (or its filters').
+        assert_eq!(p.admit(a, 11), Admit::Deliver { missed: 0 });
+        p.handed(a, 11);
+        assert_eq!(p.gap(a, 20), None);
+    }
+
+    #[test]
+    fn a_gap_is_covered_by_the_position_and_for_a_new_source_by_what_was_recorded() {
+        let resumed = Gap { source: SourceKey(1), from: 11, to: 13, new: false };
+        assert_eq!(resumed.covered(Some(10), None), 10, "nothing replayed");
+        assert_eq!(resumed.covered(Some(12), Some(20)), 12, "the recorder's last says nothing of a known source");
+        assert_eq!(resumed.covered(Some(15), None), 13);
+        let new = Gap { source: SourceKey(2), from: 1, to: 5, new: true };
+        assert_eq!(new.covered(None, None), 0, "the recorder has recorded none of it yet");
+        assert_eq!(new.covered(None, Some(3)), 3, "1 to 3 recorded before the starting point; 4 and 5 not yet");
+        assert_eq!(new.covered(None, Some(9)), 5, "all recorded before the starting point: not the sink's");
+        assert_eq!(new.covered(Some(4), Some(4)), 4, "replayed to 4 (since the starting point), 5 not recorded yet");
     }
 
     #[test]

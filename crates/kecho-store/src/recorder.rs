@@ -57,6 +57,11 @@ impl Seen {
         true
     }
 
+    /// The last sequence number recorded of `source`, if any.
+    pub fn get(&self, source: SourceKey) -> Option<u64> {
+        self.0.get(&source).copied().filter(|s| *s > 0)
+    }
+
     /// Sources recorded and their last sequence numbers.
     pub fn sources(&self) -> impl Iterator<Item = (SourceKey, u64)> + '_ {
         self.0.iter().map(|(k, v)| (*k, *v))

@@ -13,6 +13,12 @@
 //! next record gets: a starting point for the requester's next request). The requester's sink takes only events
 //! whose `replay_for` is its own. Version 1 requests (no `replay_version`) are answered as before.
 //!
+//! A version 2 request may also name sources in `newest` (`KEY,...`): the answer's end then carries `replay_newest`
+//! (`KEY:SEQ,...`), the last sequence number recorded of each of them that the recorder has recorded (a source it
+//! never recorded is left out). A durable sink asks it of a source whose first live event came past events it may
+//! have missed: it tells events recorded before the sink's starting point from events not recorded yet. A recorder
+//! that predates it ignores the attribute, and its answer has no `replay_newest`.
+//!
 //! What to answer is decided by [`answer`] (pure); [`serve`], [`ReplayClient`] and the `kecho record` command do
 //! the I/O.
 
@@ -81,6 +87,8 @@ pub struct Request {
     pub since: Option<u64>,
     /// The newest events it wants, of every source (0: none).
     pub last: u64,
+    /// Version 2: sources whose last recorded sequence number it wants to know (`replay_newest` in the answer).
+    pub newest: Vec<SourceKey>,
 }
 
 /// A message of the exchange that is not well formed.
@@ -109,6 +117,21 @@ fn opt_int_attr(a: &Attrs, name: &str) -> Result<Option<u64>, Malformed> {
     }
 }
 
+fn source_key(k: &str) -> Result<SourceKey, Malformed> {
+    u64::from_str_radix(k, 16).map(SourceKey).map_err(|_| Malformed(format!("source key {k:?}")))
+}
+
+/// `KEY:SEQ,...` (source keys in hex).
+fn positions(list: &str) -> Result<Vec<(SourceKey, u64)>, Malformed> {
+    let mut out = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (k, s) = part.split_once(':').ok_or_else(|| Malformed(format!("position {part:?}")))?;
+        let s = s.parse().map_err(|_| Malformed(format!("sequence number {s:?}")))?;
+        out.push((source_key(k)?, s));
+    }
+    Ok(out)
+}
+
 fn int(n: u64) -> Value {
     Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
@@ -127,6 +150,10 @@ impl Request {
             if let Some(s) = self.since {
                 a.set("since", int(s));
             }
+            if !self.newest.is_empty() {
+                let keys: Vec<String> = self.newest.iter().map(ToString::to_string).collect();
+                a.set("newest", keys.join(","));
+            }
         }
         a
     }
@@ -135,17 +162,11 @@ impl Request {
     /// [`Request::requester`] to answer it with a refusal).
     pub fn from_attrs(a: &Attrs) -> Result<Request, Malformed> {
         let id = str_attr(a, "replay_for")?.to_owned();
-        let mut after = Vec::new();
-        for part in str_attr(a, "after")?.split(',').filter(|p| !p.is_empty()) {
-            let (k, s) = part.split_once(':').ok_or_else(|| Malformed(format!("position {part:?}")))?;
-            let k = u64::from_str_radix(k, 16).map_err(|_| Malformed(format!("source key {k:?}")))?;
-            let s = s.parse().map_err(|_| Malformed(format!("sequence number {s:?}")))?;
-            after.push((SourceKey(k), s));
-        }
+        let after = positions(str_attr(a, "after")?)?;
         let last = int_attr(a, "last")?;
         let version = opt_int_attr(a, "replay_version")?.unwrap_or(1);
         if version == 1 {
-            return Ok(Request { id, version, to: None, after, since: None, last });
+            return Ok(Request { id, version, to: None, after, since: None, last, newest: Vec::new() });
         }
         if version == 0 || version > VERSION {
             return Err(Malformed(format!(
@@ -157,7 +178,13 @@ impl Request {
             s => Some(RecorderId::parse(s).ok_or_else(|| Malformed(format!("recorder id {s:?}")))?),
         };
         let since = opt_int_attr(a, "since")?;
-        Ok(Request { id, version, to, after, since, last })
+        let newest = match a.get("newest") {
+            None => Vec::new(),
+            Some(_) => {
+                str_attr(a, "newest")?.split(',').filter(|p| !p.is_empty()).map(source_key).collect::<Result<_, _>>()?
+            }
+        };
+        Ok(Request { id, version, to, after, since, last, newest })
     }
 
     /// Who asks, if the attributes say so (to answer a request that is not well formed with a refusal).
@@ -268,6 +295,12 @@ pub async fn serve(rec: &mut Recorder, out: &mut Source, req: &Request) -> Resul
         done.set("replay_by", by.to_string());
         done.set("replay_next", int(rec.next_index()));
         done.set("replay_first", int(rec.first_index()));
+        if !req.newest.is_empty() {
+            let seen = rec.seen();
+            let newest: Vec<String> =
+                req.newest.iter().filter_map(|k| seen.get(*k).map(|s| format!("{k}:{s}"))).collect();
+            done.set("replay_newest", newest.join(","));
+        }
     }
     out.submit(DONE, &done, &[]).await?;
     Ok(Some(chosen.len() as u64))
@@ -327,6 +360,8 @@ pub struct Ask {
     /// Its starting points: per recorder, the index from which it wants every event of a source not in `after`.
     /// A recorder named here is preferred (waited for, within the wait given).
     pub since: HashMap<RecorderId, u64>,
+    /// Sources whose last recorded sequence number it wants to know ([`Answer::newest`]).
+    pub newest: Vec<SourceKey>,
 }
 
 /// A recorder's answer.
@@ -342,6 +377,9 @@ pub struct Answer {
     pub next: Option<u64>,
     /// The index of the oldest record it holds (version 2).
     pub first: Option<u64>,
+    /// For the sources asked about in [`Ask::newest`], the last sequence number recorded of those it recorded;
+    /// `None` if the recorder did not say (it predates the question, or none was asked).
+    pub newest: Option<HashMap<SourceKey, u64>>,
 }
 
 /// A requester's end of the exchange.
@@ -406,8 +444,15 @@ impl ReplayClient {
     pub async fn fetch(&mut self, ask: &Ask, wait: Duration) -> Result<Option<Answer>, ReplayError> {
         let Some(to) = self.choose(&ask.since, wait).await else { return Ok(None) };
         let since = to.and_then(|r| ask.since.get(&r).copied());
-        let req =
-            Request { id: self.id.clone(), version: VERSION, to, after: ask.after.clone(), since, last: ask.last };
+        let req = Request {
+            id: self.id.clone(),
+            version: VERSION,
+            to,
+            after: ask.after.clone(),
+            since,
+            last: ask.last,
+            newest: if to.is_some() { ask.newest.clone() } else { Vec::new() },
+        };
         self.src.submit(REQUEST, &req.to_attrs(), &[]).await?;
         let limit = Duration::from_secs(30);
         let mut answer = Answer { recorder: to, since, ..Answer::default() };
@@ -426,6 +471,9 @@ impl ReplayClient {
                     if to.is_some() {
                         answer.next = Some(int_attr(ev.attrs(), "replay_next")?);
                         answer.first = Some(int_attr(ev.attrs(), "replay_first")?);
+                        if let Ok(list) = str_attr(ev.attrs(), "replay_newest") {
+                            answer.newest = Some(positions(list)?.into_iter().collect());
+                        }
                     }
                     return Ok::<_, ReplayError>(());
                 }
@@ -474,6 +522,7 @@ mod tests {
             after: after.into_iter().map(|(k, s)| (SourceKey(k), s)).collect(),
             since,
             last,
+            newest: Vec::new(),
         }
     }
 
@@ -486,8 +535,11 @@ mod tests {
             after: vec![(SourceKey(0xab), 7), (SourceKey(2), 0)],
             since: Some(12),
             last: 5,
+            newest: vec![SourceKey(0xcd), SourceKey(3)],
         };
         assert_eq!(Request::from_attrs(&r.to_attrs()), Ok(r.clone()));
+        let no_newest = Request { newest: Vec::new(), ..r.clone() };
+        assert_eq!(Request::from_attrs(&no_newest.to_attrs()), Ok(no_newest));
         let for_v1 = Request { to: None, since: None, ..r.clone() };
         assert_eq!(Request::from_attrs(&for_v1.to_attrs()), Ok(for_v1.clone()));
         assert!(!for_v1.is_for(RecorderId(0xfeed)), "a request for version 1 recorders only");
@@ -509,7 +561,15 @@ mod tests {
         let r = Request::from_attrs(&v1).unwrap();
         assert_eq!(
             r,
-            Request { id: "old".into(), version: 1, to: None, after: vec![(SourceKey(0xab), 7)], since: None, last: 3 }
+            Request {
+                id: "old".into(),
+                version: 1,
+                to: None,
+                after: vec![(SourceKey(0xab), 7)],
+                since: None,
+                last: 3,
+                newest: Vec::new()
+            }
         );
         assert!(r.is_for(RecorderId(1)) && r.is_for(RecorderId(2)), "every recorder answers it");
         assert_eq!(r.to_attrs(), v1, "written back as version 1");

@@ -283,6 +283,15 @@ async fn type_and_content_filters_of_many_sinks_pick_exactly_their_events() -> R
     }
     let total = expected.iter().map(Vec::len).sum::<usize>() as u64;
     let got = settle(sinks.iter_mut().collect(), total).await?;
+    // `Sink::accepts` (what a replay from a recorder is filtered by) says what the sources decided.
+    for (k, sink) in sinks.iter().enumerate() {
+        let said: Vec<(String, i64)> = (0..80)
+            .map(|i| (event(i), i))
+            .filter(|((ty, to), i)| sink.accepts(ty, &Attrs::new().with("i", *i).with("to", *to)))
+            .map(|((ty, _), i)| (ty.to_owned(), i))
+            .collect();
+        assert_eq!(said, expected[k], "Sink::accepts of sink {k}");
+    }
     for (k, (got, want)) in got.iter().zip(&expected).enumerate() {
         let got: Vec<(String, i64)> = got.iter().map(|e| (e.ty().to_owned(), int(e, "i"))).collect();
         assert_eq!(&got, want, "sink {k} ({:?}, {:?})", specs[k].1, specs[k].2);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kecho::{Event, RecvError, Sink, SinkOptions};
-use kecho_store::{CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
+use kecho_store::{Ask, CatchUp, DurableError, DurableSink, ReplayClient, Unknown};
 
 use crate::attrs;
 use crate::node_args::{node, open, NodeArgs, RegistryArg};
@@ -53,7 +53,7 @@ pub struct Args {
     /// nothing twice and reports the events it missed while it was away. With a recorder on the channel (`kecho
     /// record`) it gets them replayed first, including those of sources that began while it was away (from its
     /// starting point at that recorder, taken when it first runs); without one, a source it never heard of cannot be
-    /// known (docs/DURABILITY.md).
+    /// known (docs/DURABILITY.md). Replays are filtered by --type and --filter as live events are.
     #[arg(long, value_name = "NAME", requires = "state_dir")]
     durable: Option<String>,
     /// Where durable sinks keep their positions (a directory per name).
@@ -77,12 +77,17 @@ pub struct Args {
 /// all, as its first answer has nothing to replay (it only gives a starting point) and its events would queue
 /// meanwhile.
 const NEW_WAIT: Duration = Duration::ZERO;
+/// How long a durable sink waits to join the replay channel before its sink joins the channel, to take its first
+/// starting point before (see `run`).
+const PREFETCH_WAIT: Duration = Duration::from_millis(500);
 /// How often a durable sink with no starting point looks for a recorder.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// What the receive loop got.
 enum Next {
     Got(Result<Result<Event, RecvError>>),
+    /// The durable sink holds an event back behind events of its source it may have missed: fill the gap.
+    Behind,
     /// Time to look for a recorder.
     Look,
     Stop,
@@ -95,13 +100,14 @@ enum Input {
 }
 
 impl Input {
-    async fn recv(&mut self) -> Result<Result<Event, RecvError>> {
+    async fn recv(&mut self) -> Next {
         match self {
-            Input::Plain(s) => Ok(s.recv().await),
+            Input::Plain(s) => Next::Got(Ok(s.recv().await)),
             Input::Durable(d) => match d.recv().await {
-                Ok(ev) => Ok(Ok(ev)),
-                Err(DurableError::Recv(e)) => Ok(Err(e)),
-                Err(e) => Err(e.into()),
+                Ok(ev) => Next::Got(Ok(Ok(ev))),
+                Err(DurableError::Recv(e)) => Next::Got(Ok(Err(e))),
+                Err(DurableError::Behind(_)) => Next::Behind,
+                Err(e) => Next::Got(Err(e.into())),
             },
         }
     }
@@ -159,6 +165,25 @@ pub async fn run(a: Args) -> Result<()> {
     let observer = a.observe.start(&node).await?;
     let ch = open(&node, &a.channel, a.existing).await?;
     ch.set_remote_filters(a.node.allow_filters);
+    let mut client = None;
+    let wants_client = a.durable.is_some() || a.last > 0 || a.recover;
+    let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
+    let opening = ReplayClient::open(&node, &a.channel, &who);
+    tokio::pin!(opening);
+    // A durable sink's first starting point, if it is new: a recorder's next index taken before its sink joins, so
+    // that its first catch-up replays what a source that begins as it joins sent before seeing it. Only if a recorder
+    // is there at once (a new sink does not wait for one, see NEW_WAIT) and the replay channel is joined within
+    // PREFETCH_WAIT: the sink must not wait long to join (the replay channel's contact may be a node that died, whose
+    // lease has not run out).
+    let mut start = None;
+    if wants_client {
+        if let Ok(c) = tokio::time::timeout(PREFETCH_WAIT, &mut opening).await {
+            let c = client.insert(c?);
+            if a.durable.is_some() {
+                start = c.fetch(&Ask::default(), Duration::ZERO).await?.and_then(|r| r.recorder.zip(r.next));
+            }
+        }
+    }
     let sink = ch.sink(opts)?;
     let mut sink = match (&a.durable, &a.state_dir) {
         (Some(name), Some(dir)) => Input::Durable(Box::new(DurableSink::open(sink, dir, name)?)),
@@ -169,10 +194,13 @@ pub async fn run(a: Args) -> Result<()> {
     let wait = Duration::from_secs_f64(a.replay_wait.max(0.0));
     // A durable sink that comes back, or a late joiner asking for the newest events: what a recorder has first.
     let mut replayed = Vec::new();
-    let mut client = None;
-    if let Input::Durable(d) = &mut sink {
-        let who = format!("{}-{}", node.id(), a.durable.as_deref().unwrap_or("sink"));
-        let c = client.insert(ReplayClient::open(&node, &a.channel, &who).await?);
+    if wants_client && client.is_none() {
+        client = Some(opening.await?);
+    }
+    if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+        if let Some(start) = start {
+            d.start_at(start)?;
+        }
         // A new durable sink only takes its starting point: it need not wait, as it receives every event from now on
         // while it runs, and takes one when a recorder appears (below).
         let first_wait = if a.durable.is_some() && d.is_new() && a.last == 0 { wait.min(NEW_WAIT) } else { wait };
@@ -239,7 +267,7 @@ pub async fn run(a: Args) -> Result<()> {
             && matches!(&sink, Input::Durable(d) if d.starting_points().is_empty());
         let next = async {
             tokio::select! {
-                r = sink.recv() => Next::Got(r),
+                r = sink.recv() => r,
                 _ = look_tick.tick(), if look => Next::Look,
                 _ = tokio::signal::ctrl_c() => Next::Stop,
             }
@@ -260,6 +288,17 @@ pub async fn run(a: Args) -> Result<()> {
             Next::Stop => None,
             Next::Got(Ok(r)) => Some(r),
             Next::Got(Err(e)) => break Err(e),
+            Next::Behind => {
+                // Events of a source before the event held back, which may have been sent while it did not yet send
+                // to this sink (it began as this sink joined) or after its position (a restart): from a recorder, as
+                // a catch-up does, or said missed. The recorder may be a moment behind: asked again (about 2 s).
+                if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
+                    let items = d.fill(c, 20, Duration::from_millis(100)).await?;
+                    let (n, m) = print_replayed(&mut out, items, a.format, true)?;
+                    (got, missed) = (got + n, missed + m);
+                }
+                continue;
+            }
             Next::Look => {
                 if let (Input::Durable(d), Some(c)) = (&mut sink, &mut client) {
                     if c.recorder_present(Duration::ZERO).await {
@@ -403,6 +442,11 @@ fn unknown(why: &Unknown) -> String {
         Unknown::Deleted { recorder, records } => format!(
             "recorder {recorder} no longer holds {records} event(s) recorded after this sink's starting point (deleted \
              beyond its size bound): those of sources this sink never heard of are missed, how many is not known"
+        ),
+        Unknown::Began { source, events } => format!(
+            "the first event of source {source} here came after {events} of its event(s) this sink did not receive; \
+             whether they were sent after this sink's starting point cannot be known (no recorder answered, or it \
+             cannot say what it recorded of the source)"
         ),
         Unknown::OldRecorder => "the recorder speaks an earlier version of the replay exchange: events of sources \
                                  this sink never heard of cannot be known"

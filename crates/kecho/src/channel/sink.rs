@@ -24,6 +24,15 @@ pub(super) struct LocalSink {
     pub(super) queue: SinkQueue,
 }
 
+impl LocalSink {
+    /// The sink wants an event of type `ty` with `attrs`: its type filter, then its content filter, as sources
+    /// apply them (a replay from elsewhere, e.g. a recorder, is filtered by the same rule through
+    /// [`Sink::accepts`]).
+    pub(super) fn accepts(&self, ty: &str, attrs: &Attrs) -> bool {
+        self.types.accepts(ty) && self.filter.as_ref().is_none_or(|f| f.matches(ty, attrs))
+    }
+}
+
 /// Options for a new sink.
 #[derive(Debug, Default)]
 pub struct SinkOptions {
@@ -97,6 +106,12 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     pub(super) fn new(ch: Arc<ChannelInner>, sink: Arc<LocalSink>, guard: Arc<NodeGuard>) -> Self {
         Sink { ch, sink, taken: Taken::default(), _guard: guard }
+    }
+
+    /// Whether this sink's type and content filters accept an event of type `ty` with `attrs`: what sources decide
+    /// for its live events, for events that reach it another way (a replay from a recorder).
+    pub fn accepts(&self, ty: &str, attrs: &Attrs) -> bool {
+        self.sink.accepts(ty, attrs)
     }
 
     /// The next event, waiting for one. Returns [`RecvError::Lagged`] once where events were missed.

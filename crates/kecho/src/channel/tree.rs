@@ -861,7 +861,7 @@ impl ChannelInner {
 
 /// The sink wants an event of type `ty` with `attrs` (its type filter, then its content filter).
 fn accepts(s: &LocalSink, ty: &str, attrs: &Attrs) -> bool {
-    s.types.accepts(ty) && s.filter.as_ref().is_none_or(|f| f.matches(ty, attrs))
+    s.accepts(ty, attrs)
 }
 
 /// Drives the overlay's timers (grafts, loss reports, summaries, refills, shuffles) and closes unneeded links.
