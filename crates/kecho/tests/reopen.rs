@@ -223,20 +223,7 @@ async fn lag_notices_for_an_earlier_instance_do_not_reach_the_new_ones_sinks() -
 
     // The link from `a` to `b` fills up behind the Block sink nobody reads.
     let mut sx = ax.source()?;
-    let (mut filled, mut refusals) = (0u64, 0);
-    while refusals < 5 {
-        match sx.try_submit("x", &Attrs::new(), &[0u8; 4096]) {
-            Ok(_) => {
-                filled += 1;
-                refusals = 0;
-            }
-            Err(_) => {
-                refusals += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        assert!(filled < 100_000, "the link never filled up");
-    }
+    common::fill_until_refused(&mut sx).await?;
     // Events for `b`'s sink find the link full: dropped, and lag notices for this instance wait on the link.
     let mut src = ca.source()?;
     for _ in 0..100 {

@@ -255,6 +255,12 @@ pub(super) struct Remembered {
 }
 
 impl ChannelInner {
+    /// This opening's `SourceEnd` for local source `source` of node `origin` (this node), ended after event `last`,
+    /// with what the source knew of each node's share (`dests`).
+    pub(super) fn source_end_msg(&self, origin: NodeId, source: LocalId, last: u64, dests: Vec<EndDest>) -> Message {
+        Message::SourceEnd { channel: self.id(), origin, origin_instance: self.instance, source, last, dests }
+    }
+
     /// Local source `source` ends after event `last`: every member node is told, with what the source knew of each
     /// node's share (`dests`; empty if it is unknown here).
     pub(super) fn source_ended(self: &Arc<Self>, source: LocalId, last: u64, dests: Vec<EndDest>) {
@@ -268,14 +274,7 @@ impl ChannelInner {
                 dests.iter().filter_map(|d| st.peers().get(&d.node).map(|p| (d.node, p.addr.clone()))).collect()
             };
             if !direct.is_empty() {
-                let msg = Message::SourceEnd {
-                    channel: self.id(),
-                    origin: node.id,
-                    origin_instance: self.instance,
-                    source,
-                    last,
-                    dests,
-                };
+                let msg = self.source_end_msg(node.id, source, last, dests);
                 for (to, addr) in direct {
                     node.send(to, &addr, &msg);
                 }
@@ -283,14 +282,7 @@ impl ChannelInner {
             self.tree_source_end(source, last, super::history::History::off());
             return;
         }
-        let msg = Message::SourceEnd {
-            channel: self.id(),
-            origin: node.id,
-            origin_instance: self.instance,
-            source,
-            last,
-            dests,
-        };
+        let msg = self.source_end_msg(node.id, source, last, dests);
         let peers: Vec<(NodeId, String)> =
             self.state.lock().peers().iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         for (to, addr) in peers {

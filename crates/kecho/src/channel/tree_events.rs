@@ -231,14 +231,7 @@ impl ChannelInner {
     /// Local source `source` ended after event `last`: its end goes as the last item of its stream.
     pub(in crate::channel) fn tree_source_end(self: &Arc<Self>, source: LocalId, last: u64, history: History) {
         let Some(node) = self.node.upgrade() else { return };
-        let msg = Message::SourceEnd {
-            channel: self.id(),
-            origin: node.id,
-            origin_instance: self.instance,
-            source,
-            last,
-            dests: Vec::new(),
-        };
+        let msg = self.source_end_msg(node.id, source, last, Vec::new());
         self.tree_broadcast(&node, source, msg.to_bytes(), history);
     }
 

@@ -25,6 +25,28 @@ pub use ca::Ca;
 
 const T: Duration = Duration::from_secs(10);
 
+/// Submits 4 KiB events until five tries in a row, 20 ms apart, are refused (a link behind a Block sink nobody reads
+/// is full); returns how many went. An error if 100,000 went without that.
+pub async fn fill_until_refused(source: &mut kecho::Source) -> Result<u64> {
+    let (mut filled, mut refusals) = (0u64, 0);
+    while refusals < 5 {
+        match source.try_submit("x", &Attrs::new(), &[0u8; 4096]) {
+            Ok(_) => {
+                filled += 1;
+                refusals = 0;
+            }
+            Err(_) => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if filled >= 100_000 {
+            bail!("the link never filled up");
+        }
+    }
+    Ok(filled)
+}
+
 /// A Block sink on `b` that nobody reads stalls the link from `a` (whose link queue must be small); the events of
 /// another channel that find the link full are dropped at the source and reported to their sink, exactly, once the
 /// link moves again. `linked` runs once both channels have their sink (to check which transport the link took).
@@ -44,20 +66,8 @@ pub async fn events_dropped_at_a_full_link_are_reported(
     linked();
     let mut sx = ax.source()?;
     let mut sy = ay.source()?;
-    let mut filled = 0u64;
-    let mut refusals = 0;
-    while refusals < 5 {
-        match sx.try_submit("x", &Attrs::new(), &[0u8; 4096]) {
-            Ok(_) => {
-                filled += 1;
-                refusals = 0;
-            }
-            Err(_) => {
-                refusals += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        assert!(filled < 100_000, "the link never filled up: {:?} {:?} {}", ax.stats(), bx.stats(), blocker.len());
+    if let Err(e) = fill_until_refused(&mut sx).await {
+        bail!("{e}: {:?} {:?} {}", ax.stats(), bx.stats(), blocker.len());
     }
     let n = 1000u64;
     for _ in 0..n {
