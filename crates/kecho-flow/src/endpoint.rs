@@ -521,11 +521,6 @@ impl Prealloc {
         (from_start && conn.is_file()).then(Prealloc::default)
     }
 
-    /// The file offset up to which space is reserved (0: none).
-    pub fn reserved_to(&self) -> u64 {
-        self.end
-    }
-
     /// Before writing `len` bytes: reserves the next step if they would pass the reserved end.
     pub fn before(&mut self, fd: BorrowedFd<'_>, len: usize, stat: &StageStat) {
         let want = self.pos + len as u64;
