@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kecho::{Attrs, Node, Overflow, RegistryClient, SinkOptions, Transport};
+use kecho::{Attrs, Node, Overflow, RegistryClient, SinkOptions, Transport, TryRecvError};
 use tokio::time::timeout;
 
 mod common;
@@ -140,6 +140,65 @@ async fn sources_of_a_reopened_channel_are_not_taken_for_the_old_ones() -> Resul
     let seqs: Vec<u64> = got.iter().map(|g| g.1).collect();
     assert_eq!(seqs, vec![2, 3, 4, 5, 6], "the new source's events: {got:?}");
     assert!(got.iter().all(|g| g.2 == 0), "nothing reported missed: {got:?}");
+    Ok(())
+}
+
+/// A source's node closes the channel and opens it again while its link to the sink's node is stalled (behind a
+/// full Block sink of another channel): the old source's end waits on the link, and the new opening's join, which
+/// goes ahead of a link's backlog, overtakes it. The sink's node then sees the new instance before the old source's
+/// end, and must wait for that end rather than tell its sink that the source is gone with an unknown number missed
+/// (it was: a false alarm, for a source whose every event had arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_sources_end_overtaken_by_its_nodes_new_opening_still_settles_it() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let a = Node::builder().registry_client(reg.clone()).transport(Transport::Tcp).start().await?;
+    let b = Node::builder().registry_client(reg).transport(Transport::Tcp).link_queue_bytes(64 << 10).start().await?;
+    let keep_a = a.channel("keep").await?;
+    let keep_b = b.channel("keep").await?;
+    let mut stall = keep_a.sink(SinkOptions::new().capacity(1).overflow(Overflow::Block))?;
+    let ca = a.channel("again").await?;
+    let mut sink = ca.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    let cb = b.channel("again").await?;
+    cb.wait_for_sinks(1, T).await?;
+    let mut src = cb.source()?;
+    for _ in 0..30 {
+        src.submit("old", &Attrs::new(), b"").await?;
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    assert_eq!(drain(&mut sink, "end").await?.len(), 31, "every event of the old source arrived");
+
+    // a's link reader stops at the full Block sink of "keep"; the link from b fills up behind it.
+    keep_b.wait_for_sinks(1, T).await?;
+    let mut keep_src = keep_b.source()?;
+    let filled = common::fill_until_refused(&mut keep_src).await?;
+    // The old source's end, then the channel's goodbye, wait behind the filler; the new opening's join overtakes them.
+    drop(src);
+    cb.close().await;
+    drop(cb);
+    let b2 = b.clone();
+    let reopen = tokio::spawn(async move { b2.channel("again").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..filled {
+        timeout(T, stall.recv()).await.context("the stalled Block sink's events")?.context("recv")?;
+    }
+    let cb = reopen.await??;
+    cb.wait_for_sinks(1, T).await?;
+    let mut src = cb.source()?;
+    for _ in 0..5 {
+        src.submit("new", &Attrs::new(), b"").await?;
+    }
+    src.submit("end", &Attrs::new(), b"").await?;
+    let e = timeout(T, sink.recv()).await.context("timed out waiting for the new source's first event")?;
+    let e = e.map_err(|e| anyhow::anyhow!("the sink's next item, before the new source's first event: {e}"))?;
+    assert_eq!((e.ty(), e.seq()), ("new", 1), "the new source's first event");
+    let got = drain(&mut sink, "end").await?;
+    assert_eq!(got.len(), 5, "the new source's events: {got:?}");
+    assert!(got.iter().all(|g| g.2 == 0), "nothing reported missed: {got:?}");
+    // Past the wait for an end that did not come (a heartbeat timeout): still nothing said of the old source.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let next = sink.try_recv();
+    assert!(matches!(next, Err(TryRecvError::Empty)), "nothing more for the sink: {next:?}");
+    assert_eq!(ca.stats().missed, 0, "no loss counted");
     Ok(())
 }
 

@@ -55,27 +55,22 @@ impl RecvTrack {
     /// A `Routed` frame of the source arrived, numbered for instance `instance` of the channel on this node, which is
     /// `mine`, from a source of the sender's instance `origin`: false (and nothing changes) if it is another instance
     /// of this node's, or an earlier instance of the sender's than the track's. A later instance of the sender's is
-    /// a new source (its node opened the channel again): the track starts again, and what to tell the sinks of the
-    /// old one is returned (`RecvTrack::instance_gone`).
+    /// a new source (its node opened the channel again): the track starts again, and the old source's track is
+    /// returned, to account for (`ChannelInner::source_gone_with_instance`).
     pub(super) fn routed(
         &mut self,
         instance: u64,
         mine: u64,
         origin: u64,
         skipped: u64,
-    ) -> Result<Option<super::ends::Verdict>, ()> {
+    ) -> Result<Option<RecvTrack>, ()> {
         if instance != mine || origin < self.origin_instance {
             return Err(());
         }
-        let mut gone = None;
-        if origin > self.origin_instance && self.origin_instance != 0 {
-            gone = self.instance_gone();
-            *self = RecvTrack::default();
-        }
-        self.origin_instance = origin;
+        let old = self.started_again(origin);
         self.anchored = true;
         self.skipped = skipped;
-        Ok(gone)
+        Ok(old)
     }
 
     /// Event `seq` of the source arrived: returns how many events meant for this node went missing before it, or
@@ -439,11 +434,11 @@ impl ChannelInner {
 
     /// A remote source says how many of its events so far were not meant for this node (see `Message::Routed`),
     /// numbering them for instance `instance` of the channel here: ignored (and counted) if that is not this one.
-    pub(crate) fn routed(&self, from: NodeId, source: LocalId, instance: u64, origin: u64, skipped: u64) {
+    pub(crate) fn routed(self: &Arc<Self>, from: NodeId, source: LocalId, instance: u64, origin: u64, skipped: u64) {
         let r = self.tracks.lock().entry((from, source)).or_default().routed(instance, self.instance, origin, skipped);
         match r {
             Err(()) => _ = self.counters.stale.fetch_add(1, Ordering::Relaxed),
-            Ok(Some(v)) => self.tell(SourceKey::new(from, source), v),
+            Ok(Some(old)) => self.source_gone_with_instance(from, source, old),
             Ok(None) => {}
         }
     }
@@ -663,7 +658,7 @@ mod tests {
         assert!(track.stale(1), "no Routed frame yet: an earlier instance's event");
         assert!(track.routed(7, 9, 1, 300).is_err(), "another instance's Routed frame is refused");
         assert!(track.stale(301) && track.skipped == 0, "and changes nothing");
-        assert_eq!(track.routed(9, 9, 1, 499), Ok(None));
+        assert!(matches!(track.routed(9, 9, 1, 499), Ok(None)));
         assert!(!track.stale(500));
         assert_eq!(track.arrived(500), Some(0), "the first event sets the baseline");
         assert!(track.stale(480), "an event submitted before the first one was numbered for another instance");
@@ -679,7 +674,7 @@ mod tests {
     fn nothing_counts_after_a_sources_own_end_until_a_later_instances_source_starts() {
         use super::super::ends::{End, Verdict};
         let mut track = RecvTrack::default();
-        assert_eq!(track.routed(9, 9, 5, 0), Ok(None));
+        assert!(matches!(track.routed(9, 9, 5, 0), Ok(None)));
         assert_eq!(track.arrived(1), Some(0));
         let end = End::of(
             NodeId(7),
@@ -690,7 +685,8 @@ mod tests {
         .0;
         assert_eq!(track.own_end(&end), Some(Verdict::Quiet));
         assert!(track.stale(2), "a datagram of the later instance's source, ahead of its Routed frame");
-        assert_eq!(track.routed(9, 9, 6, 0), Ok(None), "the later instance's source: the old one was accounted for");
+        let mut old = track.routed(9, 9, 6, 0).expect("the later instance's source").expect("the old one's track");
+        assert_eq!(old.instance_gone(), super::super::ends::Gone::Now(None), "the old one was accounted for");
         assert!(!track.stale(1));
         assert_eq!(track.arrived(1), Some(0), "its first event sets the baseline");
         assert_eq!(
@@ -706,13 +702,14 @@ mod tests {
     #[test]
     fn a_source_of_a_later_instance_of_its_nodes_channel_is_a_new_source() {
         let mut track = RecvTrack::default();
-        assert_eq!(track.routed(9, 9, 5, 0), Ok(None));
+        assert!(matches!(track.routed(9, 9, 5, 0), Ok(None)));
         for seq in 1..=30 {
             assert_eq!(track.arrived(seq), Some(0));
         }
-        assert_eq!(track.routed(9, 9, 6, 0), Ok(Some(super::super::ends::Verdict::Unknown)), "the old source is gone");
+        let mut old = track.routed(9, 9, 6, 0).expect("the later instance's source").expect("the old source is gone");
+        assert_eq!(old.instance_gone(), super::super::ends::Gone::AwaitEnd, "its end may be on its way");
         assert_eq!(track.arrived(1), Some(0), "the new source's first event is delivered");
-        assert_eq!(track.routed(9, 9, 5, 40), Err(()), "a late frame of the old instance is refused");
+        assert!(track.routed(9, 9, 5, 40).is_err(), "a late frame of the old instance is refused");
         assert_eq!((track.skipped, track.origin_instance), (0, 6), "and changes nothing");
         assert_eq!(track.arrived(2), Some(0));
     }

@@ -65,6 +65,15 @@ pub(super) enum Verdict {
     Unknown,
 }
 
+/// What becomes of the track of a source gone with its instance of its node's channel (`RecvTrack::instance_gone`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Gone {
+    /// It is accounted for: the sinks are told this (or nothing).
+    Now(Option<Verdict>),
+    /// No word of its end yet: the track waits apart for it (`ChannelInner::retire`).
+    AwaitEnd,
+}
+
 /// Where a receiver stands with a remote source's end.
 #[derive(Default, Debug)]
 pub(super) struct EndTrack {
@@ -137,17 +146,14 @@ impl RecvTrack {
 
     /// A frame of a source of instance `origin` of its node's channel, at least the track's: if it is a later one,
     /// the tracked source is gone with its instance, and the track starts again for the new source (whose local id
-    /// is the same). Returns what to tell the sinks of the old one.
-    pub(super) fn started_again(&mut self, origin: u64) -> Option<Verdict> {
+    /// is the same). Returns the old source's track, to account for (`ChannelInner::source_gone_with_instance`).
+    pub(super) fn started_again(&mut self, origin: u64) -> Option<RecvTrack> {
         if origin <= self.origin_instance {
             return None;
         }
-        let gone = if self.origin_instance != 0 { self.instance_gone() } else { None };
-        if self.origin_instance != 0 {
-            *self = RecvTrack::default();
-        }
+        let old = (self.origin_instance != 0).then(|| std::mem::take(self));
         self.origin_instance = origin;
-        gone
+        old
     }
 
     /// Event `seq` of the source arrived through the overlay (whose stream order accounts for gaps by itself).
@@ -220,13 +226,24 @@ impl RecvTrack {
     }
 
     /// The source's node opened the channel again (its instance changed), so the source is gone: a relayed end is
-    /// accounted for now, else the sinks are told it is gone with an unknown number missed, as for a node lost out of
-    /// view (without the grace period: it cannot come back). `None` if it was accounted for already.
-    pub(super) fn instance_gone(&mut self) -> Option<Verdict> {
+    /// accounted for now. With no word of its end yet, the end may still be on its way (on the link from the source's
+    /// node, behind frames that news of the new instance overtook: a join goes ahead of a link's backlog, and another
+    /// member may tell of it first): the track waits apart for it (`Gone::AwaitEnd`), and the sinks are told the
+    /// source is gone with an unknown number missed only if it does not come (`retired_due`).
+    pub(super) fn instance_gone(&mut self) -> Gone {
         if let Some(end) = self.end.pending.take() {
-            return self.end_now(&end);
+            return Gone::Now(self.end_now(&end));
         }
         if self.end.settled || self.end.told_unknown || (self.last_seq == 0 && !self.end.seen) {
+            return Gone::Now(None);
+        }
+        Gone::AwaitEnd
+    }
+
+    /// A track that waited apart for its source's end (`Gone::AwaitEnd`) waited long enough: the source is gone
+    /// with an unknown number missed, unless its end came meanwhile.
+    pub(super) fn retired_due(&mut self) -> Option<Verdict> {
+        if self.end.settled || self.end.told_unknown {
             return None;
         }
         self.end.told_unknown = true;
@@ -361,6 +378,19 @@ impl ChannelInner {
         }
         let key = (origin, source);
         let stale = || _ = self.counters.stale.fetch_add(1, Ordering::Relaxed);
+        // The end of a source whose track waits apart, gone with its instance (`retire`): it came after all, behind
+        // frames that news of its node's new instance overtook.
+        let retired = self.retired.lock().remove(&(origin, source, origin_instance));
+        if let Some(mut old) = retired {
+            if other_instance {
+                stale();
+            }
+            let v = if direct { old.own_end(&end) } else { old.end_now(&end) };
+            if let Some(v) = v {
+                self.tell(SourceKey::new(origin, source), v);
+            }
+            return;
+        }
         let (verdict, gone) = {
             let mut tracks = self.tracks.lock();
             // A source this node never heard from matters only if it says something was meant for this node (and
@@ -403,8 +433,8 @@ impl ChannelInner {
         if !direct {
             self.pending_later(origin, source, node.cfg.heartbeat_timeout);
         }
-        if let Some(v) = gone {
-            self.tell(SourceKey::new(origin, source), v);
+        if let Some(old) = gone {
+            self.source_gone_with_instance(origin, source, old);
         }
         if let Some(v) = verdict {
             self.tell(SourceKey::new(origin, source), v);
@@ -430,6 +460,7 @@ impl ChannelInner {
         let at = now();
         let mut verdicts = Vec::new();
         let mut pending = Vec::new();
+        let mut gone = Vec::new();
         let mut arm = false;
         let present = |n: &NodeId| peers.binary_search(n).is_ok();
         self.tracks.lock().retain(|(origin, source), t| {
@@ -439,11 +470,12 @@ impl ChannelInner {
             if t.origin_instance == 0 || t.origin_instance >= instances[i] {
                 return true;
             }
-            if let Some(v) = t.instance_gone() {
-                verdicts.push((SourceKey::new(*origin, *source), v));
-            }
+            gone.push((*origin, *source, std::mem::take(t)));
             false
         });
+        for (origin, source, old) in gone {
+            self.source_gone_with_instance(origin, source, old);
+        }
         {
             let seen = self.seen_peers.lock();
             let before = |n: &NodeId| seen.binary_search(n).is_ok();
@@ -524,6 +556,37 @@ impl ChannelInner {
         };
         for (key, v) in verdicts {
             self.tell(key, v);
+        }
+    }
+
+    /// The track `old` of source `source` of node `origin` is of an earlier instance of the channel there, which is
+    /// closed: accounts for it, or keeps it apart (`retired`) for its end to come, for a heartbeat timeout at most.
+    pub(super) fn source_gone_with_instance(self: &Arc<Self>, origin: NodeId, source: LocalId, mut old: RecvTrack) {
+        match old.instance_gone() {
+            Gone::Now(Some(v)) => self.tell(SourceKey::new(origin, source), v),
+            Gone::Now(None) => {}
+            Gone::AwaitEnd => {
+                let Some(node) = self.node.upgrade() else { return };
+                let instance = old.origin_instance;
+                self.retired.lock().insert((origin, source, instance), old);
+                let wait = node.cfg.heartbeat_timeout;
+                let weak = Arc::downgrade(self);
+                node.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    if let Some(ch) = weak.upgrade() {
+                        ch.retired_due(origin, source, instance);
+                    }
+                });
+            }
+        }
+    }
+
+    /// A track kept apart for its source's end waited long enough: the sinks are told the source is gone, with an
+    /// unknown number missed, unless the end came meanwhile.
+    fn retired_due(&self, origin: NodeId, source: LocalId, instance: u64) {
+        let v = self.retired.lock().remove(&(origin, source, instance)).and_then(|mut t| t.retired_due());
+        if let Some(v) = v {
+            self.tell(SourceKey::new(origin, source), v);
         }
     }
 
@@ -700,10 +763,37 @@ mod tests {
         let mut t = track(5, 5);
         t.origin_instance = 6;
         assert!(!t.end_applies(5) && t.end_applies(6) && t.end_applies(7));
-        assert_eq!(t.started_again(6), None, "the same instance's source");
-        assert_eq!(t.started_again(7), Some(Verdict::Unknown), "the tracked source is gone, its loss unknown");
-        assert_eq!((t.origin_instance, t.last, t.last_seq), (7, 0, 0));
-        assert_eq!(t.started_again(7), None);
+        assert!(t.started_again(6).is_none(), "the same instance's source");
+        let mut old = t.started_again(7).expect("the tracked source is gone");
+        assert_eq!((t.origin_instance, t.last, t.last_seq), (7, 0, 0), "the track starts again");
+        assert!(t.started_again(7).is_none());
+        assert_eq!((old.origin_instance, old.last), (6, 5), "the old source's track");
+        assert_eq!(old.instance_gone(), Gone::AwaitEnd, "no word of its end yet: it may be on its way");
+        assert_eq!(old.retired_due(), Some(Verdict::Unknown), "it did not come: its loss unknown");
+        assert_eq!(old.retired_due(), None, "said once");
+    }
+
+    /// The end of a source gone with its instance, arriving after news of the new instance (which overtook it),
+    /// settles the old source's account: nothing is reported if nothing was missed, the exact number if some was,
+    /// and the wait's end then says nothing more.
+    #[test]
+    fn the_end_of_a_source_gone_with_its_instance_settles_it_when_it_comes_late() {
+        let me = NodeId(1);
+        for (arrived, routed, missed) in [(30, 30, None), (25, 30, Some(Verdict::Missed { all: 5, sinks: Vec::new() }))]
+        {
+            let mut old = track(arrived, arrived);
+            old.origin_instance = 6;
+            assert_eq!(old.instance_gone(), Gone::AwaitEnd);
+            let (end, _) = End::of(me, INSTANCE, routed, &[dest(1, routed, &[])]);
+            assert_eq!(old.own_end(&end), Some(missed.clone().unwrap_or(Verdict::Quiet)));
+            assert_eq!(old.retired_due(), None, "accounted for: nothing more said");
+        }
+        // A relayed end that was waiting is accounted for at once, without a wait.
+        let mut old = track(30, 30);
+        old.end_later(End::of(me, INSTANCE, 30, &[dest(1, 30, &[])]).0);
+        assert_eq!(old.instance_gone(), Gone::Now(Some(Verdict::Quiet)));
+        // A source never heard from and never in view: nothing to say.
+        assert_eq!(RecvTrack::default().instance_gone(), Gone::Now(None));
     }
 
     #[test]

@@ -171,6 +171,9 @@ pub(crate) struct ChannelInner {
     reg_answered: watch::Sender<u64>,
     /// Loss accounting of events arriving from remote sources.
     tracks: Mutex<IdMap<(NodeId, LocalId), RecvTrack>>,
+    /// Tracks of remote sources gone with an earlier instance of their node's channel, kept apart (by node, local
+    /// id and that instance) until their end arrives or a heartbeat timeout passes (see `ChannelInner::retire`).
+    retired: Mutex<std::collections::HashMap<(NodeId, LocalId, u64), RecvTrack>>,
     /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
     ends: Mutex<Vec<ends::Remembered>>,
     /// The member nodes as of the last membership change, to tell the ones that appear.
@@ -261,6 +264,7 @@ impl ChannelInner {
             reg_tickets: AtomicU64::new(0),
             reg_answered: watch::channel(0).0,
             tracks: Mutex::new(IdMap::default()),
+            retired: Mutex::new(std::collections::HashMap::new()),
             ends: Mutex::new(Vec::new()),
             seen_peers: Mutex::new(Vec::new()),
             guard_sources: AtomicBool::new(false),
