@@ -150,10 +150,16 @@ impl ChannelInner {
             let mut tracks = self.tracks.lock();
             let track = tracks.entry((from, e.source)).or_default();
             if track.stale(e.seq) {
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                return;
+                match self.with_retired(track, from, e.source, e.seq, |t| t.arrived_as(e.seq, numbered)) {
+                    Some(gap) => gap,
+                    None => {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            } else {
+                track.arrived_as(e.seq, numbered)
             }
-            track.arrived_as(e.seq, numbered)
         };
         let Some(gap) = gap else { return };
         if gap > 0 {
@@ -215,8 +221,12 @@ impl ChannelInner {
                 let track = tracks.entry((from, run.source)).or_default();
                 if track.stale(run.first) {
                     // A run's events follow one another: all of them were numbered for the same instance.
-                    self.counters.stale.fetch_add(run.count as u64, Ordering::Relaxed);
-                    None
+                    let first = run.first;
+                    self.with_retired(track, from, run.source, first, |t| t.arrived_run(first, run.count))
+                        .unwrap_or_else(|| {
+                            self.counters.stale.fetch_add(run.count as u64, Ordering::Relaxed);
+                            None
+                        })
                 } else {
                     track.arrived_run(run.first, run.count)
                 }
@@ -290,11 +300,18 @@ impl ChannelInner {
                     let numbered = a.numbered();
                     let (e, chosen, deadline) = a.parts();
                     let track = tracks.entry((from, e.source)).or_default();
-                    if track.stale(e.seq) {
-                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let Some(gap) = track.arrived_as(e.seq, numbered) else { continue };
+                    let gap = if track.stale(e.seq) {
+                        match self.with_retired(track, from, e.source, e.seq, |t| t.arrived_as(e.seq, numbered)) {
+                            Some(gap) => gap,
+                            None => {
+                                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                    } else {
+                        track.arrived_as(e.seq, numbered)
+                    };
+                    let Some(gap) = gap else { continue };
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {
@@ -427,6 +444,33 @@ impl ChannelInner {
         }
     }
 
+    /// Event `seq` of source `source` of node `from` is stale for that source's track `track`: while the track is not
+    /// anchored by a `Routed` frame (which a source sends before its first event to an instance, and which travels
+    /// behind its earlier frames), the event is of the source of an earlier instance of `from`'s channel whose track
+    /// waits apart for its end (`ChannelInner::source_gone_with_instance`), if one does. Applies `f` to that track
+    /// then (the event is delivered and counted in it); `None` if there is none or the event is stale for it too.
+    fn with_retired<R>(
+        &self,
+        track: &RecvTrack,
+        from: NodeId,
+        source: LocalId,
+        seq: u64,
+        f: impl FnOnce(&mut RecvTrack) -> R,
+    ) -> Option<R> {
+        if track.anchored {
+            return None;
+        }
+        let mut retired = self.retired.lock();
+        let (_, old) = retired
+            .iter_mut()
+            .filter(|((n, s, _), _)| *n == from && *s == source)
+            .max_by_key(|((_, _, instance), _)| *instance)?;
+        if old.stale(seq) {
+            return None;
+        }
+        Some(f(old))
+    }
+
     /// False if the channel's policy requires the source right and node `from` does not hold it.
     fn may_send(&self, from: NodeId) -> bool {
         !self.guard_sources.load(Ordering::Acquire) || self.senders.read().contains(&from)
@@ -511,10 +555,16 @@ impl ChannelInner {
             let mut tracks = self.tracks.lock();
             let track = tracks.entry((from, source)).or_default();
             if track.stale(seq) {
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                return;
+                match self.with_retired(track, from, source, seq, |t| t.arrived(seq)) {
+                    Some(gap) => gap,
+                    None => {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            } else {
+                track.arrived(seq)
             }
-            track.arrived(seq)
         };
         let Some(gap) = gap else { return };
         if gap > 0 {
