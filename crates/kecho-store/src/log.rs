@@ -287,7 +287,7 @@ impl Log {
         encode_record(&mut self.buf, payload);
         let seg = self.segments.last_mut().expect("a log has a segment");
         self.out.write_all(&self.buf).map_err(io(&seg.path))?;
-        if (self.next - seg.first) % MARK_EVERY == 0 {
+        if (self.next - seg.first).is_multiple_of(MARK_EVERY) {
             seg.marks.push(seg.bytes);
         }
         seg.bytes += self.buf.len() as u64;

@@ -107,8 +107,12 @@ pub async fn run(a: Args) -> Result<()> {
                 rec.flush()?;
                 match Request::from_attrs(req.attrs()) {
                     Ok(req) => {
-                        if let Some(n) = replay::serve(&mut rec, &mut answers, &req).await? {
-                            eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                        match replay::serve(&mut rec, &mut answers, &req).await {
+                            Ok(Some(n)) => eprintln!("kecho: replayed {n} event(s) to {}", req.id),
+                            Ok(None) => {}
+                            // Refused (a filter that does not compile): the requester was told why.
+                            Err(e @ replay::ServeError::BadFilter { .. }) => eprintln!("kecho: {e}"),
+                            Err(e) => break Err(e.into()),
                         }
                     }
                     Err(e) => {
