@@ -609,5 +609,11 @@ fn replays_to_a_durable_sink_and_a_late_joiner_are_filtered_as_live_events() -> 
     ensure!(l.stderr().contains("2 event(s) replayed from a recorder"), "{}", l.stderr());
     ensure!(kinds(&l.stdout())? == want[..2], "{:?}", l.stdout());
     ensure!(seqs(&l.stdout())? == [2, 3], "{:?}", l.stdout());
+    rec.wait_stderr("replayed 2 event(s)")?;
+    // The first run of `b` was killed: its requests' source is lost (after the source grace, 10 s), which the
+    // recorder notes and goes on (it used to end with `replay requests: source ... is gone`).
+    rec.wait_stderr("requester's source")?;
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(rec.child.try_wait()?.is_none(), "the recorder exited: {}", rec.stderr());
     Ok(())
 }

@@ -125,6 +125,16 @@ pub async fn run(a: Args) -> Result<()> {
                 }
                 continue;
             }
+            // A requester's requests lost, or its source gone (it left without a word): its own affair (it asks
+            // again or gives up); the recorder goes on.
+            Some(Err(Err(RecvError::Lagged(n)))) => {
+                eprintln!("kecho: {n} replay request(s) lost");
+                continue;
+            }
+            Some(Err(Err(RecvError::SourceLost(k)))) => {
+                eprintln!("kecho: requester's source {k} is gone");
+                continue;
+            }
             Some(Err(Err(e))) => break Err(anyhow::anyhow!("replay requests: {e}")),
         };
         match r {
