@@ -154,6 +154,60 @@ async fn events_the_recorder_lacks_are_still_reported_missed_and_the_rejected_on
     Ok(())
 }
 
+/// Durable sink `b`'s state in `state`: a position of 1 at source 0x77 and a starting point at `rec`'s next index.
+fn state_at(state: &Path, rec: &Rec, next: u64) -> Result<()> {
+    let mut log = kecho_store::Log::open(&state.join("b"), LogOptions::default())?;
+    let mut pos = [0u8; 16];
+    pos[..8].copy_from_slice(&0x77u64.to_le_bytes());
+    pos[8..].copy_from_slice(&1u64.to_le_bytes());
+    log.append(&pos)?;
+    let mut mark = [0u8; 24];
+    mark[..8].copy_from_slice(&kecho_store::positions::MARK_TAG);
+    mark[8..16].copy_from_slice(&rec.id.0.to_le_bytes());
+    mark[16..].copy_from_slice(&next.to_le_bytes());
+    log.append(&mark)?;
+    log.flush()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_sinks_position_moves_over_what_the_filters_reject_and_what_the_recorder_lacks_is_missed(
+) -> Result<()> {
+    let mut results = Vec::new();
+    for speaks in [Speaks::Now, Speaks::NoFilters] {
+        let reg = RegistryClient::in_process_private();
+        let (dir, state) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        recording_with_gaps(dir.path())?;
+        let rec = Rec::start_speaking(&reg, dir.path(), speaks).await?;
+        state_at(state.path(), &rec, rec.first)?;
+        let (run, items) = Run::start_with(&reg, state.path(), filtered()).await?;
+        results.push((
+            items.context("no recorder answered")?,
+            run.sink.positions().get(SourceKey(0x77)),
+            rec.served().0,
+        ));
+        run.stop().await;
+        rec.stop().await;
+    }
+    let seqs = |items: &[CatchUp]| -> Vec<String> {
+        items
+            .iter()
+            .map(|c| match c {
+                CatchUp::Event(r) => r.seq.to_string(),
+                CatchUp::Missed(n) => format!("missed {n}"),
+                CatchUp::Unknown(u) => format!("{u:?}"),
+            })
+            .collect()
+    };
+    // After its position (1): 3 and 4 rejected, 5 and 6 lacking; 12 rejected, 13 lacking; 20 rejected, its position.
+    let want = ["2", "missed 2", "7", "10", "11", "missed 1", "14", "17", "19"];
+    assert_eq!(seqs(&results[0].0), want, "with the recorder filtering");
+    assert_eq!(seqs(&results[1].0), want, "with the sink filtering");
+    assert_eq!((results[0].1, results[1].1), (Some(20), Some(20)), "the position moved over the rejected 20");
+    assert_eq!((results[0].2, results[1].2), (7, 16), "events sent");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_the_recorder_cannot_compile_is_refused_and_asked_again_without_it() -> Result<()> {
     let reg = RegistryClient::in_process_private();
