@@ -598,5 +598,22 @@ fn replays_to_a_durable_sink_and_a_late_joiner_are_filtered_as_live_events() -> 
     ensure!(l.finish()?, "late: {}", l.stderr());
     ensure!(l.stderr().contains("3 event(s) replayed from a recorder"), "{}", l.stderr());
     ensure!(kinds(&l.stdout())? == want, "{:?}", l.stdout());
+    // The recorder applied the filters: it sent the 3 events they accept, never the 12 recorded.
+    rec.wait_stderr("replayed 3 event(s)")?;
+    ensure!(!rec.stderr().contains("replayed 12 event(s)"), "{}", rec.stderr());
+
+    // `--last 2` with the filters: the newest 2 they accept (the newest 2 recorded are of zone b).
+    let late = ["sub", "filt", "--registry", &addr, "--last", "2", "--count", "2"];
+    let mut l = Proc::spawn("late-2", &[&late[..], &filters[..]].concat())?;
+    ensure!(l.finish()?, "late: {}", l.stderr());
+    ensure!(l.stderr().contains("2 event(s) replayed from a recorder"), "{}", l.stderr());
+    ensure!(kinds(&l.stdout())? == want[..2], "{:?}", l.stdout());
+    ensure!(seqs(&l.stdout())? == [2, 3], "{:?}", l.stdout());
+    rec.wait_stderr("replayed 2 event(s)")?;
+    // The first run of `b` was killed: its requests' source is lost (after the source grace, 10 s), which the
+    // recorder notes and goes on (it used to end with `replay requests: source ... is gone`).
+    rec.wait_stderr("requester's source")?;
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(rec.child.try_wait()?.is_none(), "the recorder exited: {}", rec.stderr());
     Ok(())
 }

@@ -12,6 +12,11 @@
 //! opening fails with [`LogError::Corrupt`] naming the file and offset.
 //!
 //! Which records a segment's bytes hold is decided by [`scan`], a pure function; the file handling around it is thin.
+//!
+//! An open log keeps, per segment, a sparse index in memory: the byte offset of every [`MARK_EVERY`]th record
+//! (rebuilt when the log is opened, kept up to date by appends, dropped with the segment). A read from some index
+//! ([`Log::for_each`]) starts at the nearest offset at or before it instead of the segment's first record, and a
+//! read up to some index stops at the next offset after it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -23,6 +28,8 @@ pub const MAGIC: &[u8; 8] = b"KECHOLG1";
 const HEADER: usize = 8;
 /// The largest record accepted (16 MiB).
 pub const MAX_RECORD: usize = 16 << 20;
+/// A segment's index holds the byte offset of every `MARK_EVERY`th record (counted from the segment's first).
+pub const MARK_EVERY: u64 = 256;
 
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +82,12 @@ pub fn scan(bytes: &[u8]) -> Scan {
         let why = if bytes.len() < MAGIC.len() { "short header" } else { "wrong magic" };
         return Scan { records: Vec::new(), valid: 0, bad: Some(why.to_owned()) };
     }
+    scan_records(bytes, MAGIC.len())
+}
+
+/// The whole records in `bytes` from byte `at` on (a record boundary), as [`scan`] finds them (pure).
+fn scan_records(bytes: &[u8], mut at: usize) -> Scan {
     let mut records = Vec::new();
-    let mut at = MAGIC.len();
     let bad = loop {
         let rest = &bytes[at..];
         if rest.is_empty() {
@@ -146,6 +157,26 @@ struct Segment {
     first: u64,
     path: PathBuf,
     bytes: u64,
+    /// The byte offset of records `first`, `first + MARK_EVERY`, ... (the sparse index).
+    marks: Vec<u64>,
+}
+
+impl Segment {
+    /// The index and byte offset of the nearest record at or before `index` that the sparse index holds.
+    fn mark_at_or_before(&self, index: u64) -> (u64, u64) {
+        let k = (index.saturating_sub(self.first) / MARK_EVERY) as usize;
+        let k = k.min(self.marks.len().saturating_sub(1));
+        match self.marks.get(k) {
+            Some(off) => (self.first + k as u64 * MARK_EVERY, *off),
+            None => (self.first, MAGIC.len() as u64),
+        }
+    }
+
+    /// The byte offset of the first record after `index` that the sparse index holds (`None`: read to the end).
+    fn mark_after(&self, index: u64) -> Option<u64> {
+        let k = (index.saturating_sub(self.first) / MARK_EVERY) as usize + 1;
+        self.marks.get(k).copied()
+    }
 }
 
 /// An open log. Appends are buffered: [`Log::flush`] hands them to the kernel (they then survive the process being
@@ -176,7 +207,7 @@ impl Log {
             let name = entry.file_name();
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
             let first: u64 = stem.parse().map_err(|_| LogError::NotASegment(path.clone()))?;
-            segments.push(Segment { first, path, bytes: 0 });
+            segments.push(Segment { first, path, bytes: 0, marks: Vec::new() });
         }
         segments.sort_by_key(|s| s.first);
         let mut opened = Opened::default();
@@ -210,6 +241,7 @@ impl Log {
                 opened.truncated = Some((seg.path.clone(), (bytes.len() - s.valid) as u64, why));
             }
             seg.bytes = s.valid.max(MAGIC.len()) as u64;
+            seg.marks = s.records.iter().step_by(MARK_EVERY as usize).map(|(at, _)| (at - HEADER) as u64).collect();
             next += s.records.len() as u64;
         }
         opened.records = next - segments.first().map_or(0, |s| s.first);
@@ -255,6 +287,9 @@ impl Log {
         encode_record(&mut self.buf, payload);
         let seg = self.segments.last_mut().expect("a log has a segment");
         self.out.write_all(&self.buf).map_err(io(&seg.path))?;
+        if (self.next - seg.first).is_multiple_of(MARK_EVERY) {
+            seg.marks.push(seg.bytes);
+        }
         seg.bytes += self.buf.len() as u64;
         let i = self.next;
         self.next += 1;
@@ -306,27 +341,62 @@ impl Log {
 
     /// The records from index `from` on (flushed first), oldest first, each with its index.
     pub fn read_from(&mut self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
-        self.flush()?;
         let mut out = Vec::new();
+        self.for_each(from, u64::MAX, |i, rec| {
+            out.push((i, rec.to_vec()));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each record from index `from` to index `to` (both included; flushed first), oldest first,
+    /// until it breaks. Reads start at the segment's nearest indexed record at or before `from` and stop at the
+    /// nearest one after `to`, so a read of a few records near the end of a large log reads little of it.
+    pub fn for_each(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), LogError> {
+        self.flush()?;
+        let to = to.min(self.next.saturating_sub(1));
+        if self.next == 0 || from > to {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
         for (i, seg) in self.segments.iter().enumerate() {
             let end = self.segments.get(i + 1).map_or(self.next, |s| s.first);
-            if end <= from {
+            if end <= from || seg.first > to {
                 continue;
             }
-            let mut bytes = Vec::new();
-            File::open(&seg.path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(&seg.path))?;
-            let s = scan(&bytes);
-            if let Some(why) = s.bad {
-                return Err(LogError::Corrupt { path: seg.path.clone(), offset: s.valid as u64, why });
-            }
-            for (k, (at, len)) in s.records.into_iter().enumerate() {
-                let idx = seg.first + k as u64;
-                if idx >= from {
-                    out.push((idx, bytes[at..at + len].to_vec()));
+            let (mut idx, start) = seg.mark_at_or_before(from);
+            let stop = seg.mark_after(to);
+            bytes.clear();
+            let read = |bytes: &mut Vec<u8>| -> std::io::Result<()> {
+                let mut file = File::open(&seg.path)?;
+                file.seek(SeekFrom::Start(start))?;
+                match stop {
+                    Some(stop) => file.take(stop - start).read_to_end(bytes),
+                    None => file.read_to_end(bytes),
                 }
+                .map(|_| ())
+            };
+            read(&mut bytes).map_err(io(&seg.path))?;
+            let s = scan_records(&bytes, 0);
+            if let Some(why) = s.bad {
+                return Err(LogError::Corrupt { path: seg.path.clone(), offset: start + s.valid as u64, why });
+            }
+            for (at, len) in s.records {
+                if idx > to {
+                    return Ok(());
+                }
+                if idx >= from && f(idx, &bytes[at..at + len]).is_break() {
+                    return Ok(());
+                }
+                idx += 1;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -335,7 +405,7 @@ fn new_segment(dir: &Path, first: u64) -> Result<Segment, LogError> {
     let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
     f.write_all(MAGIC).map_err(io(&path))?;
     f.sync_all().map_err(io(&path))?;
-    Ok(Segment { first, path, bytes: MAGIC.len() as u64 })
+    Ok(Segment { first, path, bytes: MAGIC.len() as u64, marks: Vec::new() })
 }
 
 #[cfg(test)]
@@ -457,5 +527,60 @@ mod tests {
         assert_eq!((log.first_index(), log.next_index()), (first, 20));
         assert_eq!(log.read_from(0).unwrap().len() as u64, 20 - first);
         assert!(log.append(&vec![0; MAX_RECORD + 1]).is_err());
+    }
+
+    #[test]
+    fn a_read_from_the_middle_starts_near_it_across_segments_reopening_and_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { segment_bytes: 4000, max_bytes: u64::MAX };
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        let rec = |i: u64| format!("record {i:05}").into_bytes();
+        for i in 0..3000 {
+            assert_eq!(log.append(&rec(i)).unwrap(), i);
+        }
+        let check = |log: &mut Log, from: u64, to: u64, last: u64| {
+            let mut got = Vec::new();
+            log.for_each(from, to, |i, b| {
+                got.push((i, b.to_vec()));
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+            let want: Vec<(u64, Vec<u8>)> = (from..=to.min(last)).map(|i| (i, rec(i))).collect();
+            assert_eq!(got, want, "{from}..={to}");
+        };
+        assert!(log.segments.len() > 5, "{} segments", log.segments.len());
+        for (from, to) in [(0, 0), (255, 257), (1234, 1300), (2999, 2999), (1000, u64::MAX), (700, 2999)] {
+            check(&mut log, from, to, 2999);
+        }
+        // A read that stops: nothing after.
+        let mut n = 0;
+        log.for_each(100, u64::MAX, |_, _| {
+            n += 1;
+            if n == 3 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(n, 3);
+        log.flush().unwrap();
+        drop(log);
+        // Reopened, with the newest record torn: the index is rebuilt, the cut record is gone, appends follow.
+        let newest = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+        let len = fs::metadata(&newest).unwrap().len();
+        OpenOptions::new().write(true).open(&newest).unwrap().set_len(len - 3).unwrap();
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        assert!(log.opened().truncated.is_some());
+        assert_eq!(log.next_index(), 2999);
+        for (from, to) in [(1234, 1300), (2990, u64::MAX), (0, 10)] {
+            check(&mut log, from, to, 2998);
+        }
+        for i in 2999..3600 {
+            log.append(&rec(i)).unwrap();
+        }
+        for (from, to) in [(2990, 3010), (3300, u64::MAX), (2500, 3599)] {
+            check(&mut log, from, to, 3599);
+        }
     }
 }

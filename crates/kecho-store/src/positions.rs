@@ -12,8 +12,10 @@
 //! moves the starting point to the recorder's next index. State written before starting points existed (only
 //! 16-byte records) opens as it is: the sink has no starting point until its first answer, and says so.
 //!
-//! Replays are filtered as live events are, by the wrapped sink's own type and content filters
-//! ([`kecho::Sink::accepts`]); a replayed event they reject counts as had (its position moves, it is not missed). A
+//! Replays are filtered as live events are, by the wrapped sink's own type and content filters: a request carries
+//! them and the recorder applies them ([`crate::replay::Filters`]); the sink checks each event again
+//! ([`kecho::Sink::accepts`]), for a recorder that predates this and sends everything. A replayed event they reject
+//! counts as had (its position moves, it is not missed). A
 //! sink with a starting point holds back a live event that comes past events of its source it may have missed (a
 //! position's gap after a restart, or a new source's first event past its first: the source began as the sink joined)
 //! and [`DurableSink::fill`] gets them from a recorder or says them missed.
@@ -28,7 +30,7 @@ use kecho::{Event, RecvError, Sink, SourceKey};
 
 use crate::log::{Log, LogError, LogOptions};
 use crate::record::Recorded;
-use crate::replay::{Ask, RecorderId, ReplayClient, ReplayError};
+use crate::replay::{Ask, Filters, RecorderId, ReplayClient, ReplayError};
 
 /// The first 8 bytes of a starting point's record (a position's record is 16 bytes, a starting point's 24).
 pub const MARK_TAG: [u8; 8] = *b"kechoSP\0";
@@ -304,8 +306,10 @@ impl DurableSink {
     /// A durable sink always asks (a new one to learn its starting point); one kept in memory only if it has
     /// positions, a starting point or `last` to ask for.
     ///
-    /// Replayed events are filtered as live ones are: those this sink's type and content filters reject
-    /// ([`kecho::Sink::accepts`]) are not handed over, but count as had (they move the position, and are not missed).
+    /// Replayed events are filtered as live ones are: those this sink's type and content filters reject are not sent
+    /// by a recorder that applies them, nor handed over ([`kecho::Sink::accepts`]), but count as had (they move the
+    /// position, and are not missed); `last` counts the newest that the filters accept (of a recorder that predates
+    /// filtered requests: those the filters accept of the newest `last`).
     pub async fn catch_up(
         &mut self,
         client: &mut ReplayClient,
@@ -333,6 +337,7 @@ impl DurableSink {
             last,
             since: self.marks.clone(),
             newest: probe.into_iter().collect(),
+            filters: Filters::of(&self.sink),
         };
         if self.log.is_none() && ask.after.is_empty() && last == 0 && ask.since.is_empty() {
             return Ok(Some((Vec::new(), Probed::default())));
@@ -362,16 +367,33 @@ impl DurableSink {
             },
         }
         let mut newest: HashMap<SourceKey, u64> = HashMap::new();
+        let filtered = answer.filtered;
+        let mut missed = answer.missed.into_iter();
         for r in answer.events {
+            // A filtered answer says what the recorder lacks before each event (the events between that its filters
+            // rejected are had); an unfiltered one holds every event, and the gaps are what it lacks.
+            let lacking = missed.next();
             match self.positions.replay(r.source, r.seq, resume) {
                 None => continue,
-                Some(0) => {}
-                Some(n) => out.push(CatchUp::Missed(n)),
+                Some(n) => match if filtered { lacking.unwrap_or(0) } else { n } {
+                    0 => {}
+                    n => out.push(CatchUp::Missed(n)),
+                },
             }
             newest.insert(r.source, r.seq);
-            // Filtered as a live event is: one the sink would not have received is had, not missed.
+            // Filtered as a live event is: one the sink would not have received is had, not missed. (A recorder
+            // that applied the filters sent only events they accept: this is the check of one that did not.)
             if self.sink.accepts(&r.ty, &r.attrs) {
                 out.push(CatchUp::Event(r));
+            }
+        }
+        for (k, seq, lacking) in answer.passed {
+            // The source's last events in the answer, rejected by the filters at the recorder: had, not missed.
+            if self.positions.replay(k, seq, resume).is_some() {
+                if lacking > 0 {
+                    out.push(CatchUp::Missed(lacking));
+                }
+                newest.insert(k, seq);
             }
         }
         let mark = answer.recorder.zip(answer.next);

@@ -70,6 +70,12 @@ impl Recorded {
         out.extend_from_slice(&self.payload);
     }
 
+    /// The source and sequence number of a record, without decoding the rest.
+    pub fn peek(b: &[u8]) -> Result<(SourceKey, u64), DecodeError> {
+        let mut r = Reader(b);
+        Ok((SourceKey(r.u64()?), r.u64()?))
+    }
+
     /// Decodes a record.
     pub fn decode(b: &[u8]) -> Result<Recorded, DecodeError> {
         let mut r = Reader(b);

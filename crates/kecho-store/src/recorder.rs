@@ -6,6 +6,7 @@
 //! another's (a recording started afresh in the same directory numbers its records from 0 again).
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use kecho::SourceKey;
@@ -68,13 +69,83 @@ impl Seen {
     }
 }
 
+/// Every `SOURCE_MARK_EVERY`th record of a source is in the [`Index`].
+pub const SOURCE_MARK_EVERY: u64 = 64;
+
+#[derive(Debug, Default)]
+struct SourceMarks {
+    /// `(seq, log index)` of the source's records 0, K, 2K, ... (K = [`SOURCE_MARK_EVERY`]), oldest first; the first
+    /// may be older than the log's oldest record (then read as the log's oldest).
+    marks: Vec<(u64, u64)>,
+    /// Records of the source indexed.
+    count: u64,
+    /// The log index of its newest record.
+    last: u64,
+}
+
+/// Where in the log a source's records are (pure, in memory, rebuilt when the recording is opened): per source, the
+/// sequence number and log index of every [`SOURCE_MARK_EVERY`]th record, and the index of its newest. Bounded by
+/// the records kept (one entry per K records of a source, and one per source): marks of deleted records are dropped
+/// but the newest of them, which still bounds where the source's next records are.
+#[derive(Debug, Default)]
+pub struct Index {
+    sources: HashMap<SourceKey, SourceMarks>,
+    /// The log's oldest index.
+    first: u64,
+}
+
+impl Index {
+    /// Record `index` of the log is event `seq` of `source` (records are noted in index order, and a source's
+    /// sequence numbers grow with them).
+    pub fn note(&mut self, source: SourceKey, seq: u64, index: u64) {
+        let e = self.sources.entry(source).or_default();
+        if e.count.is_multiple_of(SOURCE_MARK_EVERY) {
+            e.marks.push((seq, index));
+        }
+        e.count += 1;
+        e.last = index;
+    }
+
+    /// The records before `first` were deleted.
+    pub fn forget_before(&mut self, first: u64) {
+        if first <= self.first {
+            return;
+        }
+        self.first = first;
+        self.sources.retain(|_, e| e.last >= first);
+        for e in self.sources.values_mut() {
+            let k = e.marks.partition_point(|(_, i)| *i < first);
+            if k > 1 {
+                e.marks.drain(..k - 1);
+            }
+        }
+    }
+
+    /// The log indexes between which every kept record of `source` with a sequence number above `after` lies (the
+    /// read may start a little before the first: at most K records of the source); `None` if it has none kept.
+    pub fn after(&self, source: SourceKey, after: u64) -> Option<(u64, u64)> {
+        let e = self.sources.get(&source)?;
+        let k = e.marks.partition_point(|(s, _)| *s <= after);
+        let (_, start) = e.marks.get(k.saturating_sub(1))?;
+        Some(((*start).max(self.first), e.last))
+    }
+
+    /// Index entries held (a measure of its memory).
+    pub fn entries(&self) -> usize {
+        self.sources.values().map(|e| e.marks.len() + 1).sum()
+    }
+}
+
 /// A channel's recorded events on disk.
 #[derive(Debug)]
 pub struct Recorder {
     id: RecorderId,
     log: Log,
     seen: Seen,
+    index: Index,
     buf: Vec<u8>,
+    /// Records read by [`Recorder::for_each`] since the recording was opened.
+    read: u64,
 }
 
 impl Recorder {
@@ -82,12 +153,25 @@ impl Recorder {
     pub fn open(dir: &Path, opts: LogOptions) -> Result<Recorder, RecorderError> {
         let mut log = Log::open(dir, opts)?;
         let mut seen = Seen::default();
-        for (index, rec) in log.read_from(0)? {
-            let r = Recorded::decode(&rec).map_err(|source| RecorderError::Decode { index, source })?;
-            seen.fresh(r.source, r.seq);
+        let mut index = Index { first: log.first_index(), ..Index::default() };
+        let mut bad = None;
+        log.for_each(0, u64::MAX, |i, rec| match Recorded::decode(rec) {
+            Ok(r) => {
+                if seen.fresh(r.source, r.seq) {
+                    index.note(r.source, r.seq, i);
+                }
+                ControlFlow::Continue(())
+            }
+            Err(source) => {
+                bad = Some(RecorderError::Decode { index: i, source });
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
         }
         let id = identity(dir)?;
-        Ok(Recorder { id, log, seen, buf: Vec::new() })
+        Ok(Recorder { id, log, seen, index, buf: Vec::new(), read: 0 })
     }
 
     /// The recording's identity.
@@ -103,6 +187,31 @@ impl Recorder {
     /// The index of the oldest event kept.
     pub fn first_index(&self) -> u64 {
         self.log.first_index()
+    }
+
+    /// Calls `f` with each record from log index `from` to `to` (both included), oldest first, until it breaks: its
+    /// index and its bytes ([`Recorded::decode`], [`Recorded::peek`]).
+    pub fn for_each(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), RecorderError> {
+        let read = &mut self.read;
+        Ok(self.log.for_each(from, to, |i, b| {
+            *read += 1;
+            f(i, b)
+        })?)
+    }
+
+    /// Records read by [`Recorder::for_each`] (answers) since the recording was opened: what an answer cost.
+    pub fn records_read(&self) -> u64 {
+        self.read
+    }
+
+    /// Where the records of each source are.
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// The recorded events from log index `from` on, oldest first, each with its index.
@@ -128,7 +237,9 @@ impl Recorder {
         }
         self.buf.clear();
         r.encode(&mut self.buf);
-        self.log.append(&self.buf)?;
+        let i = self.log.append(&self.buf)?;
+        self.index.forget_before(self.log.first_index());
+        self.index.note(r.source, r.seq, i);
         Ok(true)
     }
 

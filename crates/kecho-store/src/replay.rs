@@ -19,8 +19,16 @@
 //! have missed: it tells events recorded before the sink's starting point from events not recorded yet. A recorder
 //! that predates it ignores the attribute, and its answer has no `replay_newest`.
 //!
-//! What to answer is decided by [`answer`] (pure); [`serve`], [`ReplayClient`] and the `kecho record` command do
-//! the I/O.
+//! A version 2 request may also carry the requester's sink's filters ([`Filters`]: `replay_types`, `replay_filter`).
+//! The recorder then sends only the events they accept (the newest `last` that they accept), each with the events of
+//! its source it lacks before it (`replay_missed`), and ends with `replay_filtered` and, per source whose last events
+//! it passed over, the last of them (`replay_passed`), so that the requester counts as missed exactly what it would
+//! have counted filtering an unfiltered answer ([`narrow`]). A filter it cannot compile is refused
+//! (`replay_bad_filter`) and the requester asks again without it. A recorder that predates filters ignores them.
+//!
+//! Which records answer is decided by [`Select`] and [`narrow`] (pure); where to read them by [`read_range`] from the
+//! recorder's [`Index`], so that an answer reads the recording from near the positions asked, not from its start;
+//! [`serve`], [`ReplayClient`] and the `kecho record` command do the I/O.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,8 +36,10 @@ use std::time::Duration;
 
 use kecho::{Attrs, Channel, Event, Node, RecvError, SinkOptions, Source, SourceKey, Value};
 
+use std::ops::ControlFlow;
+
 use crate::record::Recorded;
-use crate::recorder::{Recorder, RecorderError};
+use crate::recorder::{Index, Recorder, RecorderError, Seen};
 
 /// The type of a request.
 pub const REQUEST: &str = "kecho.replay-request";
@@ -89,6 +99,123 @@ pub struct Request {
     pub last: u64,
     /// Version 2: sources whose last recorded sequence number it wants to know (`replay_newest` in the answer).
     pub newest: Vec<SourceKey>,
+    /// Version 2: the requester's filters, for the recorder to apply ([`Filters`]); none: every event asked for.
+    pub filters: Filters,
+}
+
+/// A requester's sink's filters, as it was opened with them: a type filter (the types it accepts; `None`: every
+/// type) and a content filter expression. A recorder that knows them (version 2 with `replay_types` or
+/// `replay_filter`) sends only the events they accept, and says what the others were ([`Narrowed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// The types accepted; `None`: every type.
+    pub types: Option<Vec<String>>,
+    /// The content filter expression.
+    pub expr: Option<String>,
+}
+
+impl Filters {
+    /// No filter: every event.
+    pub fn is_none(&self) -> bool {
+        self.types.is_none() && self.expr.is_none()
+    }
+
+    /// The filters of `sink`.
+    pub fn of(sink: &kecho::Sink) -> Filters {
+        let types = match sink.type_filter() {
+            kecho::TypeFilter::All => None,
+            kecho::TypeFilter::Only(list) => Some(list.clone()),
+        };
+        Filters { types, expr: sink.filter_expr().map(str::to_owned) }
+    }
+
+    /// Compiled for matching; a content filter that does not compile (or is longer than [`MAX_FILTER`]) is refused
+    /// with the reason.
+    pub fn compile(&self) -> Result<Matcher, String> {
+        let content = match &self.expr {
+            None => None,
+            Some(e) if e.len() > MAX_FILTER => {
+                return Err(format!("content filter of {} bytes is longer than the limit of {MAX_FILTER}", e.len()))
+            }
+            Some(e) => Some(kecho::filter::ContentFilter::compile(e).map_err(|e| format!("content filter: {e}"))?),
+        };
+        let types = match &self.types {
+            Some(list) if !list.is_empty() => kecho::TypeFilter::Only(list.clone()),
+            _ => kecho::TypeFilter::All,
+        };
+        Ok(Matcher { types, content })
+    }
+}
+
+/// The longest content filter expression a recorder compiles for a requester (16 KiB).
+pub const MAX_FILTER: usize = 16 << 10;
+
+/// Compiled [`Filters`]: the rule sources apply to live events (type filter, then content filter).
+#[derive(Debug)]
+pub struct Matcher {
+    types: kecho::TypeFilter,
+    content: Option<kecho::filter::ContentFilter>,
+}
+
+impl Matcher {
+    /// Whether the filters accept an event of type `ty` with `attrs`.
+    pub fn accepts(&self, ty: &str, attrs: &Attrs) -> bool {
+        self.types.accepts(ty) && self.content.as_ref().is_none_or(|c| c.matches(ty, attrs))
+    }
+}
+
+/// `list` joined by commas, each item's `%` and `,` escaped (`%25`, `%2C`).
+fn join_escaped(list: &[String]) -> String {
+    list.iter().map(|t| t.replace('%', "%25").replace(',', "%2C")).collect::<Vec<_>>().join(",")
+}
+
+/// The inverse of [`join_escaped`].
+fn split_escaped(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        return Vec::new();
+    }
+    s.split(',').map(|t| t.replace("%2C", ",").replace("%2c", ",").replace("%25", "%")).collect()
+}
+
+/// What a filtered answer holds (decided by [`narrow`], pure): the events the filters accept, each with the events
+/// of its source the recorder lacks between the requester's position (or the source's previous event in the answer)
+/// and it, and per source whose newest events in the answer the filters rejected, the last of them and the events
+/// lacking up to it. A requester moves its positions over the rejected events (they count as had, as a live event
+/// its filters reject) and reports only the lacking ones missed: what an unfiltered answer filtered by the requester
+/// gives.
+#[derive(Debug, Default, PartialEq)]
+pub struct Narrowed {
+    /// The accepted events, oldest first, each with the events lacking before it.
+    pub events: Vec<(Recorded, u64)>,
+    /// Per source whose last events in the answer were rejected: the last sequence number rejected, and the events
+    /// lacking before it since the source's last accepted event (or the position).
+    pub passed: Vec<(SourceKey, u64, u64)>,
+}
+
+/// Narrows `chosen` (an answer's events, oldest first) to those `accepts` takes, for a requester at positions
+/// `after` (pure): the events it has already (at or below its position) are left out; the missed counts follow the
+/// rule a requester applies to a replay ([`crate::Positions::replay`]).
+pub fn narrow(after: &[(SourceKey, u64)], chosen: Vec<Recorded>, accepts: impl Fn(&Recorded) -> bool) -> Narrowed {
+    let mut last: HashMap<SourceKey, u64> = after.iter().copied().collect();
+    let mut pending: HashMap<SourceKey, (u64, u64)> = HashMap::new();
+    let mut events = Vec::new();
+    for r in chosen {
+        let missed = match last.get(&r.source) {
+            Some(&l) if r.seq <= l => continue,
+            Some(&l) => r.seq - l - 1,
+            None => 0,
+        };
+        last.insert(r.source, r.seq);
+        let before = pending.remove(&r.source).map_or(0, |(_, m)| m);
+        if accepts(&r) {
+            events.push((r, before + missed));
+        } else {
+            pending.insert(r.source, (r.seq, before + missed));
+        }
+    }
+    let mut passed: Vec<(SourceKey, u64, u64)> = pending.into_iter().map(|(k, (s, m))| (k, s, m)).collect();
+    passed.sort();
+    Narrowed { events, passed }
 }
 
 /// A message of the exchange that is not well formed.
@@ -154,6 +281,12 @@ impl Request {
                 let keys: Vec<String> = self.newest.iter().map(ToString::to_string).collect();
                 a.set("newest", keys.join(","));
             }
+            if let Some(types) = &self.filters.types {
+                a.set("replay_types", join_escaped(types));
+            }
+            if let Some(expr) = &self.filters.expr {
+                a.set("replay_filter", expr.as_str());
+            }
         }
         a
     }
@@ -166,7 +299,16 @@ impl Request {
         let last = int_attr(a, "last")?;
         let version = opt_int_attr(a, "replay_version")?.unwrap_or(1);
         if version == 1 {
-            return Ok(Request { id, version, to: None, after, since: None, last, newest: Vec::new() });
+            return Ok(Request {
+                id,
+                version,
+                to: None,
+                after,
+                since: None,
+                last,
+                newest: Vec::new(),
+                filters: Filters::default(),
+            });
         }
         if version == 0 || version > VERSION {
             return Err(Malformed(format!(
@@ -184,7 +326,15 @@ impl Request {
                 str_attr(a, "newest")?.split(',').filter(|p| !p.is_empty()).map(source_key).collect::<Result<_, _>>()?
             }
         };
-        Ok(Request { id, version, to, after, since, last, newest })
+        let types = match a.get("replay_types") {
+            None => None,
+            Some(_) => Some(split_escaped(str_attr(a, "replay_types")?)),
+        };
+        let expr = match a.get("replay_filter") {
+            None => None,
+            Some(_) => Some(str_attr(a, "replay_filter")?.to_owned()),
+        };
+        Ok(Request { id, version, to, after, since, last, newest, filters: Filters { types, expr } })
     }
 
     /// Who asks, if the attributes say so (to answer a request that is not well formed with a refusal).
@@ -199,38 +349,78 @@ impl Request {
     }
 }
 
-/// The recorded events (oldest first, each with its index in the recorder's log, from some index to the newest)
-/// that answer `req`: those of the sources named after the positions given, those of every other source recorded at
-/// `req.since` or later, and the newest `req.last` of those given (pass the whole recording for `last`); each once,
-/// oldest first.
-pub fn answer<'a>(req: &Request, recorded: &'a [(u64, Recorded)]) -> Vec<&'a Recorded> {
-    let after: HashMap<SourceKey, u64> = req.after.iter().copied().collect();
-    let tail_from = recorded.len().saturating_sub(usize::try_from(req.last).unwrap_or(usize::MAX));
-    recorded
-        .iter()
-        .enumerate()
-        .filter(|(i, (index, r))| {
-            *i >= tail_from
-                || match after.get(&r.source) {
-                    Some(p) => r.seq > *p,
-                    None => req.since.is_some_and(|s| *index >= s),
-                }
-        })
-        .map(|(_, (_, r))| r)
-        .collect()
+/// Which recorded events answer a request (pure): those of the sources named after the positions given, those of
+/// every other source recorded at `since` or later, and every one from `tail_from` on (the newest `last`).
+#[derive(Debug)]
+pub struct Select {
+    after: HashMap<SourceKey, u64>,
+    since: Option<u64>,
+    tail_from: u64,
 }
 
-/// The index of the oldest record an answer to `req` needs, `None` if it needs none.
-pub fn read_from(req: &Request, first: u64) -> Option<u64> {
-    if req.last > 0 || !req.after.is_empty() {
-        Some(first)
-    } else {
-        req.since.map(|s| s.max(first))
+impl Select {
+    /// For `req`, its newest `last` events starting at log index `tail_from` (`u64::MAX`: none).
+    pub fn new(req: &Request, tail_from: u64) -> Select {
+        Select { after: req.after.iter().copied().collect(), since: req.since, tail_from }
+    }
+
+    /// Whether record `index`, event `seq` of `source`, is in the answer.
+    pub fn wants(&self, index: u64, source: SourceKey, seq: u64) -> bool {
+        index >= self.tail_from
+            || match self.after.get(&source) {
+                Some(p) => seq > *p,
+                None => self.since.is_some_and(|s| index >= s),
+            }
     }
 }
 
-/// The attributes of replayed event `r` for requester `id` (from recorder `by`, version 2).
-pub fn replay_attrs(id: &str, by: Option<RecorderId>, r: &Recorded) -> Attrs {
+/// The recorded events (oldest first, each with its index in the recorder's log, from some index to the newest)
+/// that answer `req` unfiltered: those of the sources named after the positions given, those of every other source
+/// recorded at `req.since` or later, and the newest `req.last` of those given (pass the whole recording for
+/// `last`); each once, oldest first.
+pub fn answer<'a>(req: &Request, recorded: &'a [(u64, Recorded)]) -> Vec<&'a Recorded> {
+    let tail = recorded.len().saturating_sub(usize::try_from(req.last).unwrap_or(usize::MAX));
+    let tail_from = if req.last == 0 { u64::MAX } else { recorded.get(tail).map_or(u64::MAX, |(i, _)| *i) };
+    let select = Select::new(req, tail_from);
+    recorded.iter().filter(|(i, r)| select.wants(*i, r.source, r.seq)).map(|(_, r)| r).collect()
+}
+
+/// The log indexes an answer to `req` reads between (both included), given where the newest `last` begin
+/// (`tail_from`, `u64::MAX` for none), the recording's oldest index and next index, where each source's records
+/// are and the last sequence number recorded of each; `None` if it needs none. A known source after its position
+/// costs a read from near that position (the index), not from the recording's start.
+pub fn read_range(
+    req: &Request,
+    tail_from: u64,
+    first: u64,
+    next: u64,
+    index: &Index,
+    seen: &Seen,
+) -> Option<(u64, u64)> {
+    let mut from = u64::MAX;
+    let mut to = 0;
+    if tail_from != u64::MAX {
+        from = from.min(tail_from.max(first));
+        to = next;
+    }
+    if let Some(s) = req.since {
+        from = from.min(s.max(first));
+        to = next;
+    }
+    for (k, p) in &req.after {
+        if seen.get(*k).is_some_and(|s| s > *p) {
+            if let Some((a, b)) = index.after(*k, *p) {
+                from = from.min(a);
+                to = to.max(b);
+            }
+        }
+    }
+    (from < next && from <= to).then(|| (from, to.min(next.saturating_sub(1))))
+}
+
+/// The attributes of replayed event `r` for requester `id` (from recorder `by`, version 2; in a filtered answer,
+/// `missed`: the events of its source the recorder lacks before it).
+pub fn replay_attrs(id: &str, by: Option<RecorderId>, missed: Option<u64>, r: &Recorded) -> Attrs {
     let mut a = Attrs::default();
     a.set("replay_for", id);
     a.set("replay_src", r.source.to_string());
@@ -239,20 +429,26 @@ pub fn replay_attrs(id: &str, by: Option<RecorderId>, r: &Recorded) -> Attrs {
     if let Some(by) = by {
         a.set("replay_by", by.to_string());
     }
+    if let Some(m) = missed {
+        a.set("replay_missed", int(m));
+    }
     a.0.extend(r.attrs.0.iter().cloned());
     a
 }
 
 /// The recorded event a `kecho.replay` event carries (`by`: whether it was written by a version 2 recorder, which
-/// puts `replay_by` fifth).
-pub fn replayed(ev: &Event, by: bool) -> Result<Recorded, Malformed> {
+/// puts `replay_by` fifth; `filtered`: whether it belongs to a filtered answer, which puts `replay_missed` sixth),
+/// and in a filtered answer the events lacking before it.
+pub fn replayed(ev: &Event, by: bool, filtered: bool) -> Result<(Recorded, u64), Malformed> {
     let a = ev.attrs();
     let k = str_attr(a, "replay_src")?;
     let source = SourceKey(u64::from_str_radix(k, 16).map_err(|_| Malformed(format!("source key {k:?}")))?);
     let seq = int_attr(a, "replay_seq")?;
     let ty = str_attr(a, "replay_type")?.to_owned();
-    let attrs = Attrs(a.0.iter().skip(if by { 5 } else { 4 }).cloned().collect());
-    Ok(Recorded { source, seq, ty, attrs, payload: ev.payload().clone() })
+    let missed = if filtered { int_attr(a, "replay_missed")? } else { 0 };
+    let skip = 4 + usize::from(by) + usize::from(filtered);
+    let attrs = Attrs(a.0.iter().skip(skip).cloned().collect());
+    Ok((Recorded { source, seq, ty, attrs, payload: ev.payload().clone() }, missed))
 }
 
 /// The recorder that wrote a `kecho.replay` or `kecho.replay-done` event: `None` for a version 1 recorder, or a
@@ -271,26 +467,151 @@ pub enum ServeError {
     /// Sending the answer failed.
     #[error(transparent)]
     Kecho(#[from] kecho::Error),
+    /// The request's filters cannot be applied (an expression that does not compile): the requester was sent a
+    /// refusal saying why, and the recorder goes on.
+    #[error("refused the request of {requester}: {why}")]
+    BadFilter {
+        /// Who asked.
+        requester: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The log index from which the newest `last` events that `matcher` accepts (all if `None`) were recorded:
+/// `u64::MAX` for `last` 0. With a filter, the recording is read backwards from its end in growing windows until
+/// `last` accepted events are found (or its start is reached).
+fn tail_from(rec: &mut Recorder, last: u64, matcher: Option<&Matcher>) -> Result<u64, RecorderError> {
+    let (first, next) = (rec.first_index(), rec.next_index());
+    if last == 0 {
+        return Ok(u64::MAX);
+    }
+    let Some(m) = matcher else { return Ok(next.saturating_sub(last).max(first)) };
+    let (mut hi, mut found, mut window) = (next, 0u64, last.saturating_mul(4).max(1024));
+    while hi > first {
+        let lo = hi.saturating_sub(window).max(first);
+        let mut accepted = Vec::new();
+        let mut bad = None;
+        rec.for_each(lo, hi - 1, |i, b| match Recorded::decode(b) {
+            Ok(r) => {
+                if m.accepts(&r.ty, &r.attrs) {
+                    accepted.push(i);
+                }
+                ControlFlow::Continue(())
+            }
+            Err(source) => {
+                bad = Some(RecorderError::Decode { index: i, source });
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        let need = last - found;
+        if accepted.len() as u64 >= need {
+            return Ok(accepted[accepted.len() - need as usize]);
+        }
+        found += accepted.len() as u64;
+        hi = lo;
+        window = window.saturating_mul(2);
+    }
+    Ok(first)
+}
+
+/// The events that answer `req`, oldest first (see [`Select`], [`read_range`]).
+fn chosen(rec: &mut Recorder, req: &Request, tail_from: u64) -> Result<Vec<Recorded>, RecorderError> {
+    let Some((from, to)) = read_range(req, tail_from, rec.first_index(), rec.next_index(), rec.index(), rec.seen())
+    else {
+        return Ok(Vec::new());
+    };
+    let select = Select::new(req, tail_from);
+    let mut out = Vec::new();
+    let mut bad = None;
+    rec.for_each(from, to, |i, b| {
+        let r =
+            Recorded::peek(b)
+                .and_then(|(k, s)| if select.wants(i, k, s) { Recorded::decode(b).map(Some) } else { Ok(None) });
+        match r {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) => {}
+            Err(source) => {
+                bad = Some(RecorderError::Decode { index: i, source });
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// What an answer to a request holds ([`prepare`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Answered {
+    /// The events to send, oldest first; in a filtered answer each with the events of its source the recorder lacks
+    /// before it.
+    pub events: Vec<(Recorded, Option<u64>)>,
+    /// In a filtered answer, [`Narrowed::passed`]; `None` for an unfiltered one.
+    pub passed: Option<Vec<(SourceKey, u64, u64)>>,
+}
+
+/// What to send in answer to `req` from the recording, filtered by `matcher` ([`Filters::compile`] of the request's
+/// filters) if given. Reads from near the oldest record the answer needs ([`read_range`]).
+pub fn prepare(rec: &mut Recorder, req: &Request, matcher: Option<&Matcher>) -> Result<Answered, RecorderError> {
+    let tail = tail_from(rec, req.last, matcher)?;
+    let all = chosen(rec, req, tail)?;
+    Ok(match matcher {
+        None => Answered { events: all.into_iter().map(|r| (r, None)).collect(), passed: None },
+        Some(m) => {
+            let n = narrow(&req.after, all, |r| m.accepts(&r.ty, &r.attrs));
+            Answered { events: n.events.into_iter().map(|(r, m)| (r, Some(m))).collect(), passed: Some(n.passed) }
+        }
+    })
 }
 
 /// Answers request `req` (if it is for this recorder; else `None`) from the recording, on `out`: the events it asks
-/// for, then the end of the answer. Returns how many events were replayed.
+/// for (only those its filters accept, if it gives them: [`narrow`]), then the end of the answer. Returns how many
+/// events were replayed. Filters that cannot be applied are refused ([`ServeError::BadFilter`], after the refusal is
+/// sent).
 pub async fn serve(rec: &mut Recorder, out: &mut Source, req: &Request) -> Result<Option<u64>, ServeError> {
     if !req.is_for(rec.id()) {
         return Ok(None);
     }
     let by = (req.version >= 2).then(|| rec.id());
-    let all = match read_from(req, rec.first_index()) {
-        Some(from) => rec.indexed(from)?,
-        None => Vec::new(),
+    let matcher = if req.filters.is_none() {
+        None
+    } else {
+        match req.filters.compile() {
+            Ok(m) => Some(m),
+            Err(why) => {
+                let mut done = Attrs::default();
+                done.set("replay_for", req.id.as_str());
+                done.set("replay_count", 0i64);
+                done.set("replay_error", why.as_str());
+                done.set("replay_bad_filter", true);
+                if let Some(by) = by {
+                    done.set("replay_by", by.to_string());
+                }
+                out.submit(DONE, &done, &[]).await?;
+                return Err(ServeError::BadFilter { requester: req.id.clone(), why });
+            }
+        }
     };
-    let chosen: Vec<&Recorded> = answer(req, &all);
-    for r in &chosen {
-        out.submit(REPLAY, &replay_attrs(&req.id, by, r), &r.payload).await?;
-    }
+    let answered = prepare(rec, req, matcher.as_ref())?;
     let mut done = Attrs::default();
     done.set("replay_for", req.id.as_str());
-    done.set("replay_count", int(chosen.len() as u64));
+    for (r, missed) in &answered.events {
+        out.submit(REPLAY, &replay_attrs(&req.id, by, *missed, r), &r.payload).await?;
+    }
+    let count = answered.events.len();
+    if let Some(passed) = &answered.passed {
+        done.set("replay_filtered", true);
+        let passed: Vec<String> = passed.iter().map(|(k, s, m)| format!("{k}:{s}:{m}")).collect();
+        done.set("replay_passed", passed.join(","));
+    }
+    done.set("replay_count", int(count as u64));
     if let Some(by) = by {
         done.set("replay_by", by.to_string());
         done.set("replay_next", int(rec.next_index()));
@@ -303,7 +624,21 @@ pub async fn serve(rec: &mut Recorder, out: &mut Source, req: &Request) -> Resul
         }
     }
     out.submit(DONE, &done, &[]).await?;
-    Ok(Some(chosen.len() as u64))
+    Ok(Some(count as u64))
+}
+
+/// `KEY:SEQ:MISSED,...`.
+fn passed_list(list: &str) -> Result<Vec<(SourceKey, u64, u64)>, Malformed> {
+    let mut out = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let mut it = part.split(':');
+        let (Some(k), Some(s), Some(m), None) = (it.next(), it.next(), it.next(), it.next()) else {
+            return Err(Malformed(format!("passed {part:?}")));
+        };
+        let num = |v: &str| v.parse::<u64>().map_err(|_| Malformed(format!("passed {part:?}")));
+        out.push((source_key(k)?, num(s)?, num(m)?));
+    }
+    Ok(out)
 }
 
 /// Refuses a request that is not well formed (a version this recorder does not speak), if it names its requester:
@@ -348,6 +683,9 @@ pub enum ReplayError {
     /// The recorder refused the request.
     #[error("the recorder refused the request: {0}")]
     Refused(String),
+    /// The recorder refused the filters the request carried (it is asked again without them).
+    #[error("the recorder refused the request's filters: {0}")]
+    BadFilter(String),
 }
 
 /// What to ask the recorders for.
@@ -362,6 +700,9 @@ pub struct Ask {
     pub since: HashMap<RecorderId, u64>,
     /// Sources whose last recorded sequence number it wants to know ([`Answer::newest`]).
     pub newest: Vec<SourceKey>,
+    /// The requester's sink's filters, for the recorder to apply ([`Filters::of`]); a recorder that cannot (it
+    /// predates them, or refuses the expression) sends every event asked for, and the requester filters.
+    pub filters: Filters,
 }
 
 /// A recorder's answer.
@@ -380,6 +721,15 @@ pub struct Answer {
     /// For the sources asked about in [`Ask::newest`], the last sequence number recorded of those it recorded;
     /// `None` if the recorder did not say (it predates the question, or none was asked).
     pub newest: Option<HashMap<SourceKey, u64>>,
+    /// The recorder applied the filters asked ([`Ask::filters`]): `events` holds only those they accept, `missed`
+    /// and `passed` say what the others were ([`Narrowed`]).
+    pub filtered: bool,
+    /// In a filtered answer, per event (in the order of `events`), the events of its source the recorder lacks before
+    /// it.
+    pub missed: Vec<u64>,
+    /// In a filtered answer, per source whose last events in it the filters rejected: the last of them and the
+    /// events the recorder lacks before it ([`Narrowed::passed`]).
+    pub passed: Vec<(SourceKey, u64, u64)>,
 }
 
 /// A requester's end of the exchange.
@@ -440,11 +790,12 @@ impl ReplayClient {
         }
     }
 
-    /// Asks a recorder for `ask` and returns its complete answer; `None` if no recorder appears within `wait`.
+    /// Asks a recorder for `ask` and returns its complete answer; `None` if no recorder appears within `wait`. A
+    /// recorder that refuses the filters asked is asked again without them.
     pub async fn fetch(&mut self, ask: &Ask, wait: Duration) -> Result<Option<Answer>, ReplayError> {
         let Some(to) = self.choose(&ask.since, wait).await else { return Ok(None) };
         let since = to.and_then(|r| ask.since.get(&r).copied());
-        let req = Request {
+        let mut req = Request {
             id: self.id.clone(),
             version: VERSION,
             to,
@@ -452,10 +803,23 @@ impl ReplayClient {
             since,
             last: ask.last,
             newest: if to.is_some() { ask.newest.clone() } else { Vec::new() },
+            filters: if to.is_some() { ask.filters.clone() } else { Filters::default() },
         };
+        match self.ask_once(&req).await {
+            Err(ReplayError::BadFilter(_)) if !req.filters.is_none() => {
+                req.filters = Filters::default();
+                self.ask_once(&req).await.map(Some)
+            }
+            r => r.map(Some),
+        }
+    }
+
+    async fn ask_once(&mut self, req: &Request) -> Result<Answer, ReplayError> {
+        let to = req.to;
         self.src.submit(REQUEST, &req.to_attrs(), &[]).await?;
         let limit = Duration::from_secs(30);
-        let mut answer = Answer { recorder: to, since, ..Answer::default() };
+        let mut answer = Answer { recorder: to, since: req.since, ..Answer::default() };
+        let mut events = Vec::new();
         let result = tokio::time::timeout(limit, async {
             loop {
                 let ev = self.sink.recv().await?;
@@ -465,27 +829,44 @@ impl ReplayClient {
                     continue;
                 }
                 if ev.ty() == DONE {
-                    if let Ok(why) = str_attr(ev.attrs(), "replay_error") {
+                    let a = ev.attrs();
+                    if let Ok(why) = str_attr(a, "replay_error") {
+                        if matches!(a.get("replay_bad_filter"), Some(Value::Bool(true))) {
+                            return Err(ReplayError::BadFilter(why.to_owned()));
+                        }
                         return Err(ReplayError::Refused(why.to_owned()));
                     }
                     if to.is_some() {
-                        answer.next = Some(int_attr(ev.attrs(), "replay_next")?);
-                        answer.first = Some(int_attr(ev.attrs(), "replay_first")?);
-                        if let Ok(list) = str_attr(ev.attrs(), "replay_newest") {
+                        answer.next = Some(int_attr(a, "replay_next")?);
+                        answer.first = Some(int_attr(a, "replay_first")?);
+                        if let Ok(list) = str_attr(a, "replay_newest") {
                             answer.newest = Some(positions(list)?.into_iter().collect());
+                        }
+                        // Only a filtered request gets a filtered answer.
+                        if !req.filters.is_none() && matches!(a.get("replay_filtered"), Some(Value::Bool(true))) {
+                            answer.filtered = true;
+                            answer.passed = passed_list(str_attr(a, "replay_passed")?)?;
                         }
                     }
                     return Ok::<_, ReplayError>(());
                 }
-                answer.events.push(replayed(&ev, to.is_some())?);
+                events.push(ev);
             }
         })
         .await;
         match result {
-            Ok(Ok(())) => Ok(Some(answer)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ReplayError::Timeout(limit)),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ReplayError::Timeout(limit)),
         }
+        for ev in &events {
+            let (r, missed) = replayed(ev, to.is_some(), answer.filtered)?;
+            answer.events.push(r);
+            if answer.filtered {
+                answer.missed.push(missed);
+            }
+        }
+        Ok(answer)
     }
 }
 
@@ -523,6 +904,7 @@ mod tests {
             since,
             last,
             newest: Vec::new(),
+            filters: Filters::default(),
         }
     }
 
@@ -536,11 +918,14 @@ mod tests {
             since: Some(12),
             last: 5,
             newest: vec![SourceKey(0xcd), SourceKey(3)],
+            filters: Filters { types: Some(vec!["a,b".into(), "50%".into()]), expr: Some("zone == \"a\"".into()) },
         };
         assert_eq!(Request::from_attrs(&r.to_attrs()), Ok(r.clone()));
+        let no_filters = Request { filters: Filters::default(), ..r.clone() };
+        assert_eq!(Request::from_attrs(&no_filters.to_attrs()), Ok(no_filters));
         let no_newest = Request { newest: Vec::new(), ..r.clone() };
         assert_eq!(Request::from_attrs(&no_newest.to_attrs()), Ok(no_newest));
-        let for_v1 = Request { to: None, since: None, ..r.clone() };
+        let for_v1 = Request { to: None, since: None, filters: Filters::default(), ..r.clone() };
         assert_eq!(Request::from_attrs(&for_v1.to_attrs()), Ok(for_v1.clone()));
         assert!(!for_v1.is_for(RecorderId(0xfeed)), "a request for version 1 recorders only");
         assert!(r.is_for(RecorderId(0xfeed)) && !r.is_for(RecorderId(1)));
@@ -568,7 +953,8 @@ mod tests {
                 after: vec![(SourceKey(0xab), 7)],
                 since: None,
                 last: 3,
-                newest: Vec::new()
+                newest: Vec::new(),
+                filters: Filters::default(),
             }
         );
         assert!(r.is_for(RecorderId(1)) && r.is_for(RecorderId(2)), "every recorder answers it");
@@ -616,10 +1002,77 @@ mod tests {
         // With `last` as well, each event once.
         assert_eq!(seqs(&req(vec![], Some(5), 3)), vec![(1, 3), (3, 1), (3, 2)]);
         // What to read: from the starting point when only that is asked.
-        assert_eq!(read_from(&req(vec![], Some(5), 0), 2), Some(5));
-        assert_eq!(read_from(&req(vec![], Some(1), 0), 2), Some(2), "the records before 2 are gone");
-        assert_eq!(read_from(&req(vec![(1, 1)], Some(5), 0), 2), Some(2));
-        assert_eq!(read_from(&req(vec![], None, 0), 2), None, "a request for a starting point only");
+        let (mut index, mut seen) = (Index::default(), Seen::default());
+        for (i, r) in &log {
+            seen.fresh(r.source, r.seq);
+            index.note(r.source, r.seq, *i);
+        }
+        let range = |req: &Request, first: u64, index: &Index| read_range(req, u64::MAX, first, 7, index, &seen);
+        assert_eq!(range(&req(vec![], Some(5), 0), 0, &index), Some((5, 6)));
+        assert_eq!(range(&req(vec![(1, 1)], Some(5), 0), 0, &index), Some((0, 6)));
+        assert_eq!(range(&req(vec![(1, 1)], None, 0), 0, &index), Some((0, 4)), "up to source 1's last record");
+        assert_eq!(range(&req(vec![(1, 3)], None, 0), 0, &index), None, "it has everything of source 1");
+        assert_eq!(range(&req(vec![], None, 0), 0, &index), None, "a request for a starting point only");
+        index.forget_before(2);
+        assert_eq!(range(&req(vec![], Some(1), 0), 2, &index), Some((2, 6)), "the records before 2 are gone");
+        assert_eq!(range(&req(vec![(1, 1)], Some(5), 0), 2, &index), Some((2, 6)));
+        assert_eq!(read_range(&req(vec![], None, 2), 5, 0, 7, &index, &seen), Some((5, 6)), "the newest 2");
+    }
+
+    #[test]
+    fn the_index_starts_a_read_near_a_sources_position() {
+        // Two sources interleaved: source 1's event s at index 2(s-1), source 2's at 2(s-1)+1.
+        let mut index = Index::default();
+        for s in 1..=1000u64 {
+            index.note(SourceKey(1), s, 2 * (s - 1));
+            index.note(SourceKey(2), s, 2 * (s - 1) + 1);
+        }
+        let (from, to) = index.after(SourceKey(1), 900).unwrap();
+        let wanted = 2 * 900; // the index of event 901
+        assert!(from <= wanted && wanted - from <= 2 * crate::recorder::SOURCE_MARK_EVERY, "{from}");
+        assert_eq!(to, 2 * 999);
+        assert_eq!(index.after(SourceKey(1), 0).unwrap().0, 0, "from its first record");
+        assert_eq!(index.after(SourceKey(3), 0), None, "never recorded");
+        // Records deleted: a read starts no earlier than the oldest kept, and still before what it needs.
+        index.forget_before(1500);
+        assert_eq!(index.after(SourceKey(2), 10).unwrap().0, 1500);
+        let (from, _) = index.after(SourceKey(2), 800).unwrap();
+        assert!((1500..=2 * 800 + 1).contains(&from), "{from}");
+        assert!(index.entries() <= 2 * (500 / crate::recorder::SOURCE_MARK_EVERY as usize + 3), "{}", index.entries());
+    }
+
+    #[test]
+    fn a_filtered_answer_has_the_accepted_events_and_says_what_the_recorder_lacks() {
+        let ev = |source: u64, seq: u64, ty: &str| Recorded { ty: ty.into(), ..rec(source, seq) };
+        // Source 1: 2 to 9 recorded but 5 (lacking); source 2 from 1, its last two rejected and 3 lacking.
+        let chosen = vec![
+            ev(1, 2, "no"),
+            ev(2, 1, "yes"),
+            ev(1, 3, "yes"),
+            ev(1, 4, "no"),
+            ev(1, 6, "no"),
+            ev(2, 2, "no"),
+            ev(1, 7, "yes"),
+            ev(2, 4, "no"),
+            ev(1, 8, "no"),
+            ev(1, 9, "yes"),
+        ];
+        let n = narrow(&[(SourceKey(1), 1)], chosen, |r| r.ty == "yes");
+        let got: Vec<(u64, u64, u64)> = n.events.iter().map(|(r, m)| (r.source.0, r.seq, *m)).collect();
+        assert_eq!(got, vec![(2, 1, 0), (1, 3, 0), (1, 7, 1), (1, 9, 0)]);
+        assert_eq!(n.passed, vec![(SourceKey(2), 4, 1)]);
+        // What the requester already has is left out.
+        let n = narrow(&[(SourceKey(1), 8)], vec![ev(1, 7, "yes"), ev(1, 9, "yes")], |_| true);
+        assert_eq!(n.events.len(), 1);
+        // Filters: the types and the expression, as sinks apply them; a bad expression is refused with the reason.
+        let f = Filters { types: Some(vec!["yes".into()]), expr: Some("zone == \"a\"".into()) }.compile().unwrap();
+        let mut a = Attrs::default();
+        a.set("zone", "a");
+        assert!(f.accepts("yes", &a) && !f.accepts("no", &a) && !f.accepts("yes", &Attrs::default()));
+        let bad = Filters { types: None, expr: Some("zone ==".into()) }.compile().unwrap_err();
+        assert!(bad.starts_with("content filter"), "{bad}");
+        let long = Filters { types: None, expr: Some("a".repeat(MAX_FILTER + 1)) }.compile().unwrap_err();
+        assert!(long.contains("limit"), "{long}");
     }
 
     #[test]

@@ -107,8 +107,12 @@ pub async fn run(a: Args) -> Result<()> {
                 rec.flush()?;
                 match Request::from_attrs(req.attrs()) {
                     Ok(req) => {
-                        if let Some(n) = replay::serve(&mut rec, &mut answers, &req).await? {
-                            eprintln!("kecho: replayed {n} event(s) to {}", req.id);
+                        match replay::serve(&mut rec, &mut answers, &req).await {
+                            Ok(Some(n)) => eprintln!("kecho: replayed {n} event(s) to {}", req.id),
+                            Ok(None) => {}
+                            // Refused (a filter that does not compile): the requester was told why.
+                            Err(e @ replay::ServeError::BadFilter { .. }) => eprintln!("kecho: {e}"),
+                            Err(e) => break Err(e.into()),
                         }
                     }
                     Err(e) => {
@@ -119,6 +123,16 @@ pub async fn run(a: Args) -> Result<()> {
                         }
                     }
                 }
+                continue;
+            }
+            // A requester's requests lost, or its source gone (it left without a word): its own affair (it asks
+            // again or gives up); the recorder goes on.
+            Some(Err(Err(RecvError::Lagged(n)))) => {
+                eprintln!("kecho: {n} replay request(s) lost");
+                continue;
+            }
+            Some(Err(Err(RecvError::SourceLost(k)))) => {
+                eprintln!("kecho: requester's source {k} is gone");
                 continue;
             }
             Some(Err(Err(e))) => break Err(anyhow::anyhow!("replay requests: {e}")),

@@ -24,6 +24,21 @@ pub struct Rec {
     /// The payloads recorded by this run of the recorder, in the order recorded (from index `first`).
     pub payloads: Arc<std::sync::Mutex<Vec<String>>>,
     pub first: u64,
+    /// Events sent in answers, and their payload bytes.
+    pub served: Arc<(AtomicU64, AtomicU64)>,
+    /// Requests refused for their filters.
+    pub refused: Arc<AtomicU64>,
+}
+
+/// How a test recorder speaks the exchange.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// As `kecho record` does.
+    Now,
+    /// As a version 1 recorder: no identity advertised, every request answered as version 1.
+    V1,
+    /// As a version 2 recorder that predates filters: it ignores them and sends every event asked for.
+    NoFilters,
 }
 
 impl Rec {
@@ -34,6 +49,11 @@ impl Rec {
     /// With `v1`, as a recorder of version 1 of the exchange would: no identity advertised, every request answered
     /// as version 1 (attributes it does not know ignored).
     pub async fn start_as(reg: &RegistryClient, dir: &Path, v1: bool) -> Result<Rec> {
+        Rec::start_speaking(reg, dir, if v1 { Speaks::V1 } else { Speaks::Now }).await
+    }
+
+    pub async fn start_speaking(reg: &RegistryClient, dir: &Path, speaks: Speaks) -> Result<Rec> {
+        let v1 = speaks == Speaks::V1;
         let mut rec = Recorder::open(dir, LogOptions::default())?;
         let id = rec.id();
         let node = Node::builder().registry_client(reg.clone()).start().await?;
@@ -53,6 +73,9 @@ impl Rec {
         let first = rec.next_index();
         let payloads = Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = payloads.clone();
+        let served = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let (sent, refused) = (served.clone(), Arc::new(AtomicU64::new(0)));
+        let refusals = refused.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -70,12 +93,25 @@ impl Rec {
                         if v1 {
                             (req.version, req.to, req.since) = (1, None, None);
                         }
-                        replay::serve(&mut rec, &mut answers, &req).await?;
+                        if speaks != Speaks::Now {
+                            req.filters = replay::Filters::default();
+                        }
+                        let m = (!req.filters.is_none()).then(|| req.filters.compile()).and_then(Result::ok);
+                        if req.is_for(rec.id()) {
+                            let a = replay::prepare(&mut rec, &req, m.as_ref())?;
+                            sent.0.fetch_add(a.events.len() as u64, Ordering::SeqCst);
+                            let bytes: usize = a.events.iter().map(|(r, _)| r.payload.len()).sum();
+                            sent.1.fetch_add(bytes as u64, Ordering::SeqCst);
+                        }
+                        match replay::serve(&mut rec, &mut answers, &req).await {
+                            Err(replay::ServeError::BadFilter { .. }) => _ = refusals.fetch_add(1, Ordering::SeqCst),
+                            r => _ = r?,
+                        }
                     }
                 }
             }
         });
-        Ok(Rec { node, task, id, recorded, payloads, first })
+        Ok(Rec { node, task, id, recorded, payloads, first, served, refused })
     }
 
     pub async fn wait_recorded(&self, n: u64) -> Result<()> {
@@ -87,6 +123,11 @@ impl Rec {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// Events sent in answers so far, and their payload bytes.
+    pub fn served(&self) -> (u64, u64) {
+        (self.served.0.load(Ordering::SeqCst), self.served.1.load(Ordering::SeqCst))
     }
 
     pub async fn stop(self) {

@@ -114,6 +114,16 @@ impl Sink {
         self.sink.accepts(ty, attrs)
     }
 
+    /// The type filter this sink was opened with (e.g. to ask a recorder to apply it to a replay).
+    pub fn type_filter(&self) -> &TypeFilter {
+        &self.sink.types
+    }
+
+    /// The content filter expression this sink was opened with, if any.
+    pub fn filter_expr(&self) -> Option<&str> {
+        self.sink.filter_expr.as_deref()
+    }
+
     /// The next event, waiting for one. Returns [`RecvError::Lagged`] once where events were missed.
     pub async fn recv(&mut self) -> Result<Event, RecvError> {
         self.sink.queue.recv(&mut self.taken).await
