@@ -2,8 +2,6 @@
 //! recording from near that position, not from its start, and returns exactly what a read of the whole recording
 //! would, across segments, after the recorder is opened again and after a torn tail was cut off.
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use kecho::{Attrs, SourceKey};
 use kecho_store::recorder::SOURCE_MARK_EVERY;
@@ -158,44 +156,4 @@ fn the_newest_n_a_filter_accepts_are_found_from_the_end() {
     req.filters = Filters::default();
     let (got, _) = answer(&mut rec, &req);
     assert_eq!(got, [(2, 2_999), (3, 2_999), (1, 3_000), (2, 3_000), (3, 3_000)]);
-}
-
-/// The measurement in docs/DURABILITY.md: a replay of the last 100 events of one source from a recording of
-/// 1,000,000 events, through the whole-recording path an answer took before the index and through the index.
-/// `cargo test -p kecho-store --test index -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn measure_a_replay_of_the_last_100_events_of_one_source_from_a_million() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rec = Recorder::open(dir.path(), LogOptions::default()).unwrap();
-    let per = 1_000_000 / SOURCES + 1;
-    let t = Instant::now();
-    fill(&mut rec, 1, per);
-    println!("recorded {} events in {:?}", rec.next_index(), t.elapsed());
-    drop(rec);
-    let t = Instant::now();
-    let mut rec = Recorder::open(dir.path(), LogOptions::default()).unwrap();
-    println!("opened (index rebuilt) in {:?}; {} index entries", t.elapsed(), rec.index().entries());
-    let req = after(2, per - 100);
-    // Each path three times, the index first (a read of the whole recording leaves a million freed allocations
-    // behind, which slows what follows it at once).
-    for _ in 0..3 {
-        let t = Instant::now();
-        let (got, read) = answer(&mut rec, &req);
-        let after = t.elapsed();
-        assert_eq!(got.len(), 100);
-        println!("with the index: {after:?} ({read} records read)");
-    }
-    for _ in 0..3 {
-        let t = Instant::now();
-        let old = whole(&mut rec, &req);
-        let before = t.elapsed();
-        assert_eq!(old, answer(&mut rec, &req).0);
-        println!("whole recording: {before:?}");
-    }
-    let segments = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
-        .count();
-    println!("{segments} segment(s)");
 }
