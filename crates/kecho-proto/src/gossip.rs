@@ -110,11 +110,17 @@ pub enum GossipMsg {
         ttl: u8,
         /// The sample.
         peers: Vec<NodeId>,
+        /// The walk so far, back to its origin: the nodes it passed, the origin first (empty from the origin).
+        back: Vec<NodeId>,
     },
-    /// The answer to a `Shuffle`, straight to its origin.
+    /// The answer to a `Shuffle`, back the way the walk came, from neighbour to neighbour (the answerer sends it to
+    /// the node the walk came from, each node on the way to the last of `back`), so that no node links to the
+    /// walk's origin only to answer it.
     ShuffleReply {
         /// A sample of the answerer's passive view.
         peers: Vec<NodeId>,
+        /// The rest of the way back: empty when it reaches the origin.
+        back: Vec<NodeId>,
     },
     /// An event in full.
     Event {
@@ -262,7 +268,13 @@ pub struct GossipCounters {
     pub duplicates: u64,
     /// Grafts that turned out needless: the grafted event's tree copy came too.
     pub late_grafts: u64,
+    /// Shuffle answers dropped on their way back because the walk's previous node was no longer a neighbour.
+    pub shuffle_replies_dropped: u64,
 }
+
+/// The most nodes a `Shuffle` walk passes (its way back is carried in the message): a walk that asks for more ends
+/// there.
+const MAX_WALK: usize = 32;
 
 /// Grafted events remembered to tell a needless graft from a needed one.
 const GRAFTED_KEPT: usize = 4096;
@@ -523,26 +535,37 @@ impl Gossip {
                     }
                 }
             }
-            GossipMsg::Shuffle { origin, ttl, peers } => {
+            GossipMsg::Shuffle { origin, ttl, peers, mut back } => {
                 if origin == self.me {
                     return;
                 }
                 match self.random_active_except(&[from, origin]) {
-                    Some(next) if ttl > 1 => self.send(next, GossipMsg::Shuffle { origin, ttl: ttl - 1, peers }),
+                    Some(next) if ttl > 1 && back.len() < MAX_WALK => {
+                        back.push(from);
+                        self.send(next, GossipMsg::Shuffle { origin, ttl: ttl - 1, peers, back });
+                    }
                     _ => {
                         let sample = self.sample(&self.passive.clone(), peers.len());
-                        self.send(origin, GossipMsg::ShuffleReply { peers: sample });
+                        self.send(from, GossipMsg::ShuffleReply { peers: sample, back });
                         for p in peers {
                             self.add_passive(p);
                         }
                     }
                 }
             }
-            GossipMsg::ShuffleReply { peers } => {
-                for p in peers {
-                    self.add_passive(p);
+            GossipMsg::ShuffleReply { peers, mut back } => match back.pop() {
+                None => {
+                    for p in peers {
+                        self.add_passive(p);
+                    }
                 }
-            }
+                // On its way back: to the previous node of the walk, while it is a neighbour (a shuffle is a
+                // best-effort exchange; an answer whose way back broke is dropped rather than sent over a new link).
+                Some(prev) if self.active.contains(&prev) => {
+                    self.send(prev, GossipMsg::ShuffleReply { peers, back });
+                }
+                Some(_) => self.counters.shuffle_replies_dropped += 1,
+            },
             GossipMsg::Event { id, hops, payload } => {
                 if self.seen.contains_key(&id) || id.seq < self.sources.get(&id.source).map_or(1, |s| s.next) {
                     // A second copy: this link need not carry this source's events in full, in either direction.
@@ -669,7 +692,7 @@ impl Gossip {
                     if let Some(to) = self.random_active_except(&[]) {
                         let mut peers = vec![self.me];
                         peers.extend(self.sample(&self.active.clone(), 3));
-                        self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: 1, peers });
+                        self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: 1, peers, back: Vec::new() });
                     }
                 } else {
                     // A request that must be accepted would make the asked member drop a random link, which can
@@ -686,7 +709,7 @@ impl Gossip {
                 let mut peers = vec![self.me];
                 peers.extend(self.sample(&self.active.clone(), 3));
                 peers.extend(self.sample(&self.passive.clone(), 4));
-                self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: self.cfg.arwl, peers });
+                self.send(to, GossipMsg::Shuffle { origin: self.me, ttl: self.cfg.arwl, peers, back: Vec::new() });
             }
         }
     }
@@ -952,6 +975,55 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A shuffle's answer comes back the way the walk went, from neighbour to neighbour: no node sends a `Shuffle`
+    /// or a `ShuffleReply` to a node outside its active view (each such send is a link made only for it, kept for
+    /// seconds: with a shuffle every 10 s per member, about two extra links at every member of a 100-member channel),
+    /// and the walk's origin gets the end's sample. An answer whose way back broke is dropped and counted.
+    #[test]
+    fn a_shuffle_answer_goes_back_along_the_walk() {
+        // A line: o - a - b - c; c also knows x and y (its passive view).
+        let ids = [NodeId(1), NodeId(2), NodeId(3), NodeId(4)];
+        let (o, a, b, c) = (ids[0], ids[1], ids[2], ids[3]);
+        let mut g: HashMap<NodeId, Gossip> =
+            ids.iter().map(|&n| (n, Gossip::new(n, GossipConfig::default(), n.0, 0))).collect();
+        for w in ids.windows(2) {
+            g.get_mut(&w[0]).unwrap().handle(w[1], GossipMsg::Neighbor { high: true }, 0);
+            g.get_mut(&w[1]).unwrap().handle(w[0], GossipMsg::Neighbor { high: true }, 0);
+        }
+        let (x, y) = (NodeId(50), NodeId(51));
+        g.get_mut(&c).unwrap().handle(b, GossipMsg::ShuffleReply { peers: vec![x, y], back: Vec::new() }, 0);
+        for n in g.values_mut() {
+            sent(n);
+        }
+        assert_eq!(g[&c].passive(), &[x, y]);
+        // o's walk (what its timer sends to a neighbour).
+        let mut queue = vec![(o, a, GossipMsg::Shuffle { origin: o, ttl: 6, peers: vec![o, NodeId(60)], back: Vec::new() })];
+        let mut hops = Vec::new();
+        while let Some((from, to, msg)) = queue.pop() {
+            hops.push((from, to, matches!(msg, GossipMsg::ShuffleReply { .. })));
+            let node = g.get_mut(&to).unwrap();
+            node.handle(from, msg, 1);
+            for (next, m) in sent(node) {
+                assert!(node.active().contains(&next), "{to:?} sent {m:?} to {next:?}, no neighbour of it");
+                queue.push((to, next, m));
+            }
+        }
+        assert_eq!(
+            hops,
+            [(o, a, false), (a, b, false), (b, c, false), (c, b, true), (b, a, true), (a, o, true)],
+            "out along the line and back"
+        );
+        assert!(g[&o].passive().contains(&x) && g[&o].passive().contains(&y), "{:?}", g[&o].passive());
+        assert!(!g[&a].passive().contains(&x) && !g[&b].passive().contains(&x), "only the origin takes the sample");
+        // The way back broken (b no longer a neighbour of a): the answer is dropped at a, not sent over a new link.
+        let ga = g.get_mut(&a).unwrap();
+        ga.handle(b, GossipMsg::Disconnect, 2);
+        sent(ga);
+        ga.handle(o, GossipMsg::ShuffleReply { peers: vec![x], back: vec![NodeId(7), b] }, 3);
+        assert!(sent(ga).is_empty());
+        assert_eq!(ga.counters().shuffle_replies_dropped, 1);
     }
 
     /// Views that disagree are mended: a member that takes another for a neighbour when the other does not would

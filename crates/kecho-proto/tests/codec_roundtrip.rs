@@ -123,12 +123,10 @@ fn gossip_body() -> impl Strategy<Value = GossipMsg> {
         any::<bool>().prop_map(|high| GossipMsg::Neighbor { high }),
         any::<bool>().prop_map(|accepted| GossipMsg::NeighborReply { accepted }),
         Just(GossipMsg::Disconnect),
-        (node.clone(), any::<u8>(), vec(node.clone(), 0..4)).prop_map(|(origin, ttl, peers)| GossipMsg::Shuffle {
-            origin,
-            ttl,
-            peers
-        }),
-        vec(node.clone(), 0..4).prop_map(|peers| GossipMsg::ShuffleReply { peers }),
+        (node.clone(), any::<u8>(), vec(node.clone(), 0..4), vec(node.clone(), 0..4))
+            .prop_map(|(origin, ttl, peers, back)| GossipMsg::Shuffle { origin, ttl, peers, back }),
+        (vec(node.clone(), 0..4), vec(node.clone(), 0..4))
+            .prop_map(|(peers, back)| GossipMsg::ShuffleReply { peers, back }),
         (id.clone(), any::<u16>(), vec(any::<u8>(), 0..64)).prop_map(|(id, hops, payload)| GossipMsg::Event {
             id,
             hops,

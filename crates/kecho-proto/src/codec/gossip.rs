@@ -45,15 +45,17 @@ pub(super) fn put_gossip(dst: &mut BytesMut, addrs: &[(NodeId, String)], body: &
             dst.put_u8(u8::from(*accepted));
         }
         GossipMsg::Disconnect => dst.put_u8(DISCONNECT),
-        GossipMsg::Shuffle { origin, ttl, peers } => {
+        GossipMsg::Shuffle { origin, ttl, peers, back } => {
             dst.put_u8(SHUFFLE);
             dst.put_u64_le(origin.0);
             dst.put_u8(*ttl);
             put_nodes(dst, peers);
+            put_nodes(dst, back);
         }
-        GossipMsg::ShuffleReply { peers } => {
+        GossipMsg::ShuffleReply { peers, back } => {
             dst.put_u8(SHUFFLE_REPLY);
             put_nodes(dst, peers);
+            put_nodes(dst, back);
         }
         GossipMsg::Event { id, hops, payload } => {
             dst.put_u8(EVENT);
@@ -120,9 +122,9 @@ impl Reader {
             SHUFFLE => {
                 let origin = NodeId(self.u64()?);
                 let ttl = self.u8()?;
-                GossipMsg::Shuffle { origin, ttl, peers: self.nodes()? }
+                GossipMsg::Shuffle { origin, ttl, peers: self.nodes()?, back: self.nodes()? }
             }
-            SHUFFLE_REPLY => GossipMsg::ShuffleReply { peers: self.nodes()? },
+            SHUFFLE_REPLY => GossipMsg::ShuffleReply { peers: self.nodes()?, back: self.nodes()? },
             EVENT => {
                 let id = EventId { source: NodeId(self.u64()?), seq: self.u64()? };
                 let hops = self.u16()?;

@@ -360,7 +360,7 @@ impl ChannelInner {
             let Some(g) = t.gossip.as_ref() else { return };
             g.active().iter().chain(g.passive()).copied().filter(|p| *p != from).take(8).collect()
         };
-        self.gossip_send(&node, from, GossipMsg::ShuffleReply { peers }, &mut None);
+        self.gossip_send(&node, from, GossipMsg::ShuffleReply { peers, back: Vec::new() }, &mut None);
     }
 
     /// A `Gossip` frame from `from`.
@@ -471,7 +471,7 @@ impl ChannelInner {
         }
         if neighbour {
             // An empty sample: a message that changes nothing but needs a link.
-            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new() }, &mut None);
+            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new(), back: Vec::new() }, &mut None);
             let weak = Arc::downgrade(self);
             // Long enough to dial a node whose process runs; shorter than `LINK_GRACE`, so that the link the dial
             // made is still there when looked at.
@@ -668,7 +668,7 @@ impl ChannelInner {
                 let named: Vec<NodeId> = match &msg {
                     GossipMsg::ForwardJoin { joiner, .. } => vec![*joiner],
                     GossipMsg::Shuffle { origin, peers, .. } => std::iter::once(*origin).chain(peers.clone()).collect(),
-                    GossipMsg::ShuffleReply { peers } => peers.clone(),
+                    GossipMsg::ShuffleReply { peers, .. } => peers.clone(),
                     _ => Vec::new(),
                 };
                 let addrs: Vec<(NodeId, String)> = named

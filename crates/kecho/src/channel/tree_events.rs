@@ -408,7 +408,7 @@ impl ChannelInner {
         let Some(node) = self.node.upgrade() else { return };
         if !node.links.is_linked_or_dialing(id) {
             // An empty sample: a message that changes nothing but needs a link.
-            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new() }, &mut None);
+            self.gossip_send(&node, id, GossipMsg::ShuffleReply { peers: Vec::new(), back: Vec::new() }, &mut None);
         }
     }
 
