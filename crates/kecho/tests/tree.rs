@@ -54,7 +54,7 @@ fn up_links(n: &Node) -> usize {
 }
 
 /// The most links up at the channel's contact while the survivors of a mass failure repair the overlay: its
-/// neighbours (at most 6), and a few others' talk answered lately (7 to 12 seen; 17 in every run before the links
+/// neighbours (at most 6), and a few others' talk answered lately (6 to 12 seen; 17 in every run before the links
 /// kept for others' talk were bounded).
 const CONTACT_MOST: usize = 14;
 

@@ -687,6 +687,8 @@ impl ChannelInner {
         };
         let (addr, frame, control) = {
             let mut t = self.tree.inner.lock();
+            let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&to));
+            let keep = links::keep_sent(&msg, neighbour, keep);
             if matches!(msg, GossipMsg::Disconnect) {
                 // No neighbour any more: what it said before does not keep the link (`links::keep_after_receiving`).
                 t.recent.cut(to, now(), keep);
