@@ -999,7 +999,8 @@ mod tests {
         }
         assert_eq!(g[&c].passive(), &[x, y]);
         // o's walk (what its timer sends to a neighbour).
-        let mut queue = vec![(o, a, GossipMsg::Shuffle { origin: o, ttl: 6, peers: vec![o, NodeId(60)], back: Vec::new() })];
+        let mut queue =
+            vec![(o, a, GossipMsg::Shuffle { origin: o, ttl: 6, peers: vec![o, NodeId(60)], back: Vec::new() })];
         let mut hops = Vec::new();
         while let Some((from, to, msg)) = queue.pop() {
             hops.push((from, to, matches!(msg, GossipMsg::ShuffleReply { .. })));

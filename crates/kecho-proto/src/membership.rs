@@ -1543,7 +1543,11 @@ impl ChannelState {
 
     /// Member node `node` was lost without saying goodbye (its link broke, or it never confirmed).
     fn lost_member(&mut self, node: NodeId, now: Instant) {
-        if self.contact != Some(node) && self.contact != Some(self.me) {
+        // In tree mode (`relayed`) the node layer compares views with an overlay neighbour every second (`sync_with`),
+        // which repairs what a lost link hid, without the contact: after a mass failure every survivor that lost a
+        // neighbour joined through the contact again, and the contact kept a link to each of them (270 links, each
+        // answered with every member's snapshot).
+        if !self.relayed && self.contact != Some(node) && self.contact != Some(self.me) {
             // A lost link is not a dead node: after a partition between two members that both still reach the
             // contact, neither would ever hear of the other again. Ask the contact for its view a little later (by
             // then it has dropped the node too if the node died).
@@ -1697,5 +1701,87 @@ mod tests {
         }
         assert!(st.peers().contains_key(&NodeId(3)));
         assert!(st.touched.is_empty());
+    }
+
+    /// Node `me` joins the channel whose contact is `contact` (from `contact()`), with `relayed` as given; the
+    /// contact's answers are handed over. Returns the member.
+    fn join(contact: &mut ChannelState, me: u64, relayed: bool, now: Instant) -> ChannelState {
+        let mut st =
+            ChannelState::new("c", ChannelId(99), ChannelSecret(2), NodeId(me), &format!("n:{me}"), Default::default());
+        st.set_relayed(relayed);
+        st.open(OpenMode::Open, now);
+        let entry = RegEntry {
+            name: "c".into(),
+            channel: CHANNEL,
+            contact: NodeId(1),
+            addr: "a:1".into(),
+            sources: 0,
+            sinks: 0,
+            expires_in_ms: 9_000,
+        };
+        st.handle_registry(Ok(RegResult::Entry(entry)), now);
+        let mut to_contact = Vec::new();
+        while let Some(out) = st.poll_output() {
+            if let Output::Send { to: NodeId(1), msg, .. } = out {
+                to_contact.push(msg);
+            }
+        }
+        assert!(!to_contact.is_empty(), "a join request to the contact");
+        for msg in to_contact {
+            contact.handle_message(NodeId(me), msg, now);
+        }
+        while let Some(out) = contact.poll_output() {
+            if let Output::Send { to, msg, .. } = out {
+                if to == NodeId(me) {
+                    st.handle_message(NodeId(1), msg, now);
+                }
+            }
+        }
+        assert!(st.is_member(), "node {me} joined");
+        while st.poll_output().is_some() {}
+        st
+    }
+
+    /// Whether `st`, given time up to `until`, asks the registry for the contact or sends the contact a join request.
+    fn rejoins_through_the_contact(st: &mut ChannelState, from: Instant, until: Duration) -> bool {
+        let mut asked = false;
+        let mut at = from;
+        while at <= from + until {
+            st.handle_timeout(at);
+            while let Some(out) = st.poll_output() {
+                match out {
+                    Output::Registry(RegistryOp::Lookup) => asked = true,
+                    Output::Send { msg: Message::JoinRequest { .. }, .. } => asked = true,
+                    _ => {}
+                }
+            }
+            at += Duration::from_millis(100);
+        }
+        asked
+    }
+
+    #[test]
+    fn in_tree_mode_a_lost_member_is_left_to_the_neighbours_not_to_the_contact() {
+        // Full mesh: a member whose link to another member broke asks the contact for its view again (a lost link is
+        // not a dead node, and only the contact can introduce it again).
+        for (relayed, expected) in [(false, true), (true, false)] {
+            let (mut c, now) = contact(relayed);
+            let mut a = join(&mut c, 2, relayed, now);
+            let _b = join(&mut c, 3, relayed, now);
+            // The contact's view reaches `a` (a relay, or the overlay in tree mode).
+            a.handle_message(NodeId(1), relayed_snapshot(3), now);
+            assert!(a.peers().contains_key(&NodeId(3)), "a knows b");
+            while a.poll_output().is_some() {}
+            a.handle_peer_lost(NodeId(3), now);
+            assert!(!a.peers().contains_key(&NodeId(3)), "b dropped");
+            let wait = a.cfg.join_attempt * 3;
+            let asked = rejoins_through_the_contact(&mut a, now, wait);
+            // In tree mode the survivors of a mass failure all did so at once, and the contact kept a link to each.
+            assert_eq!(asked, expected, "relayed {relayed}: a rejoin through the contact");
+        }
+    }
+
+    fn relayed_snapshot(node: u64) -> Message {
+        relayed(node, 1)
     }
 }

@@ -53,6 +53,11 @@ fn up_links(n: &Node) -> usize {
     n.link_stats().iter().filter(|l| l.up).count()
 }
 
+/// The most links up at the channel's contact while the survivors of a mass failure repair the overlay: its
+/// neighbours (at most 6), and a few others' talk answered lately (6 to 12 seen; 17 in every run before the links
+/// kept for others' talk were bounded).
+const CONTACT_MOST: usize = 14;
+
 /// One test at a time: each runs its tens of nodes on the test's two worker threads.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -243,6 +248,8 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
     // The killed: every third node but the source's, so that each part of the trees loses some.
     let killed: Vec<usize> = (1..N).filter(|i| i % 3 == 1).take(KILLED).collect();
     assert_eq!(killed.len(), KILLED);
+    // The links of the joins and of the switch to tree mode closed.
+    eventually("the contact's links to settle", || up_links(&nodes[0]) <= 8).await?;
     for &i in &killed {
         nodes[i].kill();
     }
@@ -253,7 +260,10 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let total = WARM + DURING;
+    // The links up at the first node (the channel's contact), looked at while the survivors repair, the most.
+    let mut contact_most = 0;
     let waited = eventually("every event of the repair received or reported missed", || {
+        contact_most = contact_most.max(up_links(&nodes[0]));
         survivors.iter().all(|i| {
             let l = logs[*i].lock();
             l.count(key) as u64 + l.lagged >= total
@@ -280,6 +290,7 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
         waited.as_secs_f64()
     );
     let gone = match eventually("every survivor to drop the killed nodes", || {
+        contact_most = contact_most.max(up_links(&nodes[0]));
         survivors.iter().all(|i| chans[*i].sinks() == N - KILLED)
     })
     .await
@@ -304,12 +315,18 @@ async fn thirty_percent_of_the_members_killed_at_once_in_tree_mode() -> Result<(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eventually("every later event at every survivor", || {
+        contact_most = contact_most.max(up_links(&nodes[0]));
         survivors.iter().all(|i| {
             let l = logs[*i].lock();
             l.count(key) as u64 + l.lagged >= total + AFTER
         })
     })
     .await?;
+    // The contact, which every joiner goes through, is no neighbour of most survivors: it keeps links for their talk
+    // only briefly. Before, every survivor that lost a neighbour joined through it again, and it kept a link to each
+    // (17 links here; 270 of 308 survivors at 440 nodes, docs/SCALE.md).
+    eprintln!("the contact had at most {contact_most} links up during the repair");
+    assert!(contact_most <= CONTACT_MOST, "the contact had {contact_most} links up during the repair");
     for (i, before) in survivors.iter().zip(lagged) {
         let l = logs[*i].lock();
         assert_eq!(l.lagged, before, "sink {i}: nothing of the later events missed");

@@ -15,7 +15,8 @@
 //!   type and content filter, and reports a gap the tree could not fill as missed (`RecvError::Lagged`) to all its
 //!   sinks, as for a loss in transit in full-mesh mode.
 //! - *Links.* Every second a node closes the links no channel needs: in tree mode those to nodes out of the active
-//!   view, a few seconds after the last message exchanged with them (join answers, refused neighbour requests).
+//!   view, a few seconds after the last message exchanged with them (`tree_links.rs`: 5 s after this node's own
+//!   requests, 2 s after answers and others' talk), and it opens few links to ask members for lost snapshots.
 //!
 //! An event of a source with an OUT-filter goes directly to the chosen sinks' nodes, as in full-mesh mode, and so do
 //! events for Block sinks. A source's end, histories, priorities and deadlines: `tree_events.rs`. The whole channel's
@@ -36,6 +37,8 @@ use tokio::sync::Notify;
 
 #[path = "tree_events.rs"]
 mod events;
+#[path = "tree_links.rs"]
+mod links;
 #[path = "tree_probe.rs"]
 mod probe;
 pub(super) use events::Head as TreeHead;
@@ -47,9 +50,8 @@ use super::{ChannelInner, Channels};
 use crate::clock::now;
 use crate::queue::{Event, Offer, SourceKey};
 
-/// A link that carried a channel message this recently is kept even when the overlay does not use it (a join in
-/// progress, a neighbour request being answered).
-const LINK_GRACE: Duration = Duration::from_secs(5);
+use links::{AskBudget, Talks, ANSWER_LINGER, LINK_GRACE};
+
 /// A lost link to a node this channel sent to this recently counts as a failure of that node even if it is not an
 /// overlay neighbour (a dial that failed).
 const TRIED: Duration = Duration::from_secs(1);
@@ -147,8 +149,11 @@ struct TreeInner {
     since: Option<Instant>,
     /// Addresses of nodes, learnt from membership and from `Gossip` frames.
     book: HashMap<NodeId, String>,
-    /// When this channel last sent a message to each node.
-    recent: HashMap<NodeId, Instant>,
+    /// When this channel last talked with each node (sent to it, or received the overlay's messages from it), and
+    /// until when that keeps the link.
+    recent: Talks,
+    /// Links opened to ask members for snapshots the overlay lost.
+    asks: AskBudget,
     /// The newest own snapshot version broadcast so far.
     broadcast_version: u64,
     /// Streams known to carry events (a gap in them is reported to sinks), and membership streams.
@@ -175,7 +180,8 @@ impl Default for Tree {
                 base: now(),
                 since: None,
                 book: HashMap::new(),
-                recent: HashMap::new(),
+                recent: Talks::default(),
+                asks: AskBudget::default(),
                 broadcast_version: 0,
                 event_streams: HashSet::new(),
                 last_resync: None,
@@ -342,7 +348,13 @@ impl ChannelInner {
                 }
             }
             _ => {
-                self.tree.inner.lock().recent.insert(to, now());
+                // A join's answer ends the exchange: its link is not kept for long (the contact answers every joiner).
+                let answer = matches!(
+                    msg,
+                    Message::JoinAccept { .. } | Message::JoinRedirect { .. } | Message::JoinRefused { .. }
+                );
+                let keep = if answer { ANSWER_LINGER } else { LINK_GRACE };
+                self.tree.inner.lock().recent.note(to, now(), keep);
                 self.control_send(node, to, addr, &msg);
             }
         }
@@ -360,7 +372,13 @@ impl ChannelInner {
             let Some(g) = t.gossip.as_ref() else { return };
             g.active().iter().chain(g.passive()).copied().filter(|p| *p != from).take(8).collect()
         };
-        self.gossip_send(&node, from, GossipMsg::ShuffleReply { peers, back: Vec::new() }, &mut None);
+        self.gossip_send_keep(
+            &node,
+            from,
+            GossipMsg::ShuffleReply { peers, back: Vec::new() },
+            &mut None,
+            ANSWER_LINGER,
+        );
     }
 
     /// A `Gossip` frame from `from`.
@@ -390,8 +408,10 @@ impl ChannelInner {
             let at = now();
             let mut t = self.tree.inner.lock();
             // A node that talks to this one keeps its link (it may count this node among its neighbours while a
-            // `Disconnect` is on its way; closing the link would make it take this node for gone).
-            t.recent.insert(from, at);
+            // `Disconnect` is on its way; closing the link would make it take this node for gone), for how long
+            // depends on the message (`links::keep_after_receiving`).
+            let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&from));
+            t.recent.note(from, at, links::keep_after_receiving(&body, neighbour));
             for (id, addr) in addrs {
                 if id != node.id && !addr.is_empty() {
                     t.book.insert(id, addr);
@@ -455,7 +475,7 @@ impl ChannelInner {
             // A link that ends without this node having used it lately was closed by the other side as unneeded:
             // the node stays a candidate neighbour (in the passive view). A neighbour's link, or one this node just
             // tried to use (a dial that failed), is a failure.
-            let tried = t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < TRIED);
+            let tried = t.recent.last(id).is_some_and(|r| at.saturating_duration_since(r) < TRIED);
             if let Some(g) = t.gossip.as_mut() {
                 if tried || neighbour {
                     g.peer_failed(id, ms);
@@ -591,7 +611,7 @@ impl ChannelInner {
         let used = t.since.is_none_or(|s| at.saturating_duration_since(s) < LINK_GRACE)
             || t.fresh.get(&id).is_some_and(|u| at.saturating_duration_since(*u) < FRESH_LINK)
             || t.gossip.as_ref().is_some_and(|g| g.active().contains(&id))
-            || t.recent.get(&id).is_some_and(|r| at.saturating_duration_since(*r) < LINK_GRACE);
+            || t.recent.keeps(id, at);
         drop(t);
         used || self.tree_direct(id)
     }
@@ -628,7 +648,10 @@ impl ChannelInner {
             };
             for out in outs {
                 match out {
-                    GossipOut::Send { to, msg } => self.gossip_send(node, to, msg, &mut encoded),
+                    GossipOut::Send { to, msg } => {
+                        let keep = links::keep_after_sending(&msg);
+                        self.gossip_send_keep(node, to, msg, &mut encoded, keep);
+                    }
                     GossipOut::Deliver { id, payload } => self.gossip_deliver(node, id, payload),
                     GossipOut::Lost { source, first, count } => self.gossip_lost(node, source, first, count),
                     GossipOut::Isolated => self.tree_rejoin(node),
@@ -644,8 +667,20 @@ impl ChannelInner {
         self: &Arc<Self>,
         node: &Arc<Channels>,
         to: NodeId,
+        msg: GossipMsg,
+        encoded: &mut Option<(EventId, u16, Bytes)>,
+    ) {
+        self.gossip_send_keep(node, to, msg, encoded, LINK_GRACE);
+    }
+
+    /// `gossip_send`, keeping the link for `keep` after it if the overlay does not use it.
+    fn gossip_send_keep(
+        self: &Arc<Self>,
+        node: &Arc<Channels>,
+        to: NodeId,
         mut msg: GossipMsg,
         encoded: &mut Option<(EventId, u16, Bytes)>,
+        keep: Duration,
     ) {
         let (event, lane) = match msg {
             GossipMsg::Event { id, hops, payload } => {
@@ -658,7 +693,14 @@ impl ChannelInner {
         };
         let (addr, frame, control) = {
             let mut t = self.tree.inner.lock();
-            t.recent.insert(to, now());
+            let neighbour = t.gossip.as_ref().is_some_and(|g| g.active().contains(&to));
+            let keep = links::keep_sent(&msg, neighbour, keep);
+            if matches!(msg, GossipMsg::Disconnect) {
+                // No neighbour any more: what it said before does not keep the link (`links::keep_after_receiving`).
+                t.recent.cut(to, now(), keep);
+            } else {
+                t.recent.note(to, now(), keep);
+            }
             let addr = t.book.get(&to).cloned().or_else(|| node.links.addr_of(to)).unwrap_or_default();
             let frame = match (&event, &*encoded) {
                 (Some((id, hops)), Some((i, h, f))) if i == id && h == hops => Some(f.clone()),
@@ -785,6 +827,18 @@ impl ChannelInner {
             tracing::debug!(channel = %self.name, node = %origin, first, count, "snapshots lost in the overlay: asking");
             let mut st = self.state.lock();
             let known = st.peers().get(&origin).map(|p| p.addr.clone());
+            if known.is_some() && !node.links.is_up(origin) {
+                // A member this node knows (most often from the contact's answer to its join, which lists every
+                // member's snapshot): asked on a link of its own only within a small budget, or a storm's joiner
+                // opens a link to each of the members whose broadcasts passed before it was in the overlay. What is
+                // not asked, the anti-entropy with the neighbours repairs; this node's own snapshot, which the ask
+                // also carries, reaches the members through the overlay (announced to every new neighbour).
+                let at = now();
+                if !self.tree.inner.lock().asks.allow(at) {
+                    tracing::debug!(channel = %self.name, node = %origin, "snapshots lost: left to the anti-entropy");
+                    return;
+                }
+            }
             let Some(addr) = known
                 .or_else(|| self.tree.inner.lock().book.get(&origin).cloned())
                 .or_else(|| node.links.addr_of(origin))
@@ -811,7 +865,7 @@ impl ChannelInner {
                 reply: true,
             };
             drop(st);
-            self.tree.inner.lock().recent.insert(origin, now());
+            self.tree.inner.lock().recent.note(origin, now(), LINK_GRACE);
             self.control_send(node, origin, &addr, &ask);
             return;
         }

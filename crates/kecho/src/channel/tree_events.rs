@@ -438,7 +438,10 @@ impl ChannelInner {
         {
             let t = self.tree.inner.lock();
             if let Some(g) = t.gossip.as_ref() {
-                for stream in t.event_streams.iter().copied().chain(std::iter::once(node.id)) {
+                // This node's own streams too: its events, and its membership stream, so that a joiner's snapshot
+                // spreads from its first neighbours on (it was broadcast when the joiner had none yet).
+                let own = [node.id, super::membership_stream(node.id)];
+                for stream in t.event_streams.iter().copied().chain(own) {
                     if let Some(next) = g.next_of(stream).filter(|n| *n > 1) {
                         let newest = EventId { source: stream, seq: next - 1 };
                         if !ids.contains(&newest) {
