@@ -169,7 +169,7 @@ mod tests {
         let answers = [
             GossipMsg::Disconnect,
             GossipMsg::NeighborReply { accepted: false },
-            GossipMsg::ShuffleReply { peers: vec![NodeId(4)] },
+            GossipMsg::ShuffleReply { peers: vec![NodeId(4)], back: Vec::new() },
         ];
         for m in &answers {
             assert_eq!(keep_after_sending(m), ANSWER_LINGER, "{m:?} sent");
@@ -180,7 +180,7 @@ mod tests {
         // An empty shuffle answer dials a neighbour whose link failed: the dialled node keeps the link for the grace,
         // neighbour or not, or the dialler would take it for gone.
         for neighbour in [false, true] {
-            let dial = GossipMsg::ShuffleReply { peers: Vec::new() };
+            let dial = GossipMsg::ShuffleReply { peers: Vec::new(), back: Vec::new() };
             assert_eq!(keep_after_receiving(&dial, neighbour), LINK_GRACE);
         }
         // Anything from a node that is no neighbour; a neighbour's announcements and requests keep the grace.
@@ -195,7 +195,7 @@ mod tests {
             GossipMsg::ForwardJoin { joiner: NodeId(4), ttl: 2 },
             GossipMsg::Neighbor { high: false },
             GossipMsg::NeighborReply { accepted: true },
-            GossipMsg::Shuffle { origin: NodeId(4), ttl: 2, peers: Vec::new() },
+            GossipMsg::Shuffle { origin: NodeId(4), ttl: 2, peers: Vec::new(), back: Vec::new() },
             GossipMsg::IHave { ids: Vec::new() },
         ];
         for m in &others {
@@ -203,7 +203,10 @@ mod tests {
         }
         assert_eq!(keep_after_receiving(&ihave, true), LINK_GRACE);
         assert_eq!(
-            keep_after_receiving(&GossipMsg::Shuffle { origin: NodeId(4), ttl: 2, peers: Vec::new() }, true),
+            keep_after_receiving(
+                &GossipMsg::Shuffle { origin: NodeId(4), ttl: 2, peers: Vec::new(), back: Vec::new() },
+                true
+            ),
             LINK_GRACE
         );
     }
