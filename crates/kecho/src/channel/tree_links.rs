@@ -23,7 +23,7 @@ pub(super) const ANSWER_LINGER: Duration = Duration::from_secs(2);
 pub(super) const ASK_LINKS: usize = 2;
 
 /// How long the overlay's message `msg`, sent, keeps its link (unless the overlay uses it): an answer that ends an
-/// exchange (a `Disconnect`, a refused neighbour request, a shuffle's answer to its origin) for `ANSWER_LINGER`,
+/// exchange (a `Disconnect`, a refused neighbour request, a shuffle's answer) for `ANSWER_LINGER`,
 /// anything else for `LINK_GRACE`.
 pub(super) fn keep_after_sending(msg: &GossipMsg) -> Duration {
     match msg {
@@ -48,8 +48,9 @@ pub(super) fn keep_sent(msg: &GossipMsg, neighbour: bool, keep: Duration) -> Dur
 
 /// How long the overlay's message `msg`, received, keeps its link (`neighbour`: its sender is in this node's active
 /// view). A shuffle's answer keeps it for `LINK_GRACE`: an empty one is what a node sends to dial a neighbour whose
-/// link failed, and it takes the neighbour for gone if no link is up a few seconds later (a shuffle's real answer
-/// comes on a link its sender closes after `ANSWER_LINGER`). A neighbour's message keeps it for `LINK_GRACE` too (it
+/// link failed, and it takes the neighbour for gone if no link is up a few seconds later (a shuffle's answer comes
+/// from a neighbour, back along its walk; the contact's answer to a joiner comes on a link its sender closes after
+/// `ANSWER_LINGER`). A neighbour's message keeps it for `LINK_GRACE` too (it
 /// stays linked as a neighbour anyway), but one that ends an exchange (a `Disconnect`, an answer to a neighbour
 /// request) for `ANSWER_LINGER`, and so does any other message from a node that is no neighbour: a stale
 /// announcement or event of a former neighbour (answered with a `Disconnect` where the overlay does so), a `Join` or
