@@ -38,6 +38,10 @@ pub struct GossipConfig {
     pub loss_after: u64,
     /// Events kept per member to answer grafts.
     pub cache: usize,
+    /// How long a received event stays in that cache at most (ms): grafts ask for events announced lately (a
+    /// summary names sources active in the last [`GossipConfig::summary_for`]), and an idle member's cache is
+    /// then empty rather than one event of every member that ever changed (its memory O(1), not O(members)).
+    pub cache_for: u64,
     /// How often a member tells each active peer the newest event it has of every recently active source (ms), so
     /// that a member whose tree parent died learns of events it missed even when no later event comes (Plumtree's
     /// lazy queue, batched).
@@ -61,6 +65,7 @@ impl Default for GossipConfig {
             graft_after: 250,
             loss_after: 2_000,
             cache: 4096,
+            cache_for: 30_000,
             summary_every: 500,
             summary_for: 10_000,
             refill_every: 500,
@@ -214,21 +219,48 @@ pub enum GossipOut {
 struct SourceState {
     /// The next number to deliver.
     next: u64,
-    /// Events received ahead of `next`.
-    ahead: BTreeMap<u64, bytes::Bytes>,
+    /// What only a stream with a gap needs (boxed: a member follows two streams per other member of a channel in
+    /// tree mode, nearly all of them without a gap, and each byte here is multiplied by the channel's size).
+    held: Option<Box<Held>>,
     /// Since when a gap has been open.
     gap_since: Option<u64>,
     /// The highest number known to exist (received or announced).
     heard: u64,
     /// When its last event arrived or was published (for summaries).
     last_at: u64,
+    /// The peer this source's newest event first came from: its tree parent here.
+    parent: Option<NodeId>,
+}
+
+/// The part of a source's state that matters while events of it are missing.
+#[derive(Debug, Default)]
+struct Held {
+    /// Events received ahead of `next`.
+    ahead: BTreeMap<u64, bytes::Bytes>,
     /// Per announcer, the number up to which it is listed among the announcers of every event of this source still
     /// missing: an announcement looks only at the numbers above it, so that a member far behind a busy stream does
     /// not walk its whole gap again for each announcement (quadratic in the gap). Lowered when the announcer is taken
     /// off an event's list (grafted), so that its next announcement lists it again there.
     listed: HashMap<NodeId, u64>,
-    /// The peer this source's newest event first came from: its tree parent here.
-    parent: Option<NodeId>,
+}
+
+impl SourceState {
+    fn held(&mut self) -> &mut Held {
+        self.held.get_or_insert_with(Box::default)
+    }
+
+    /// The first number held ahead of a gap.
+    fn first_ahead(&self) -> Option<u64> {
+        self.held.as_ref().and_then(|h| h.ahead.keys().next().copied())
+    }
+
+    fn has_ahead(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| !h.ahead.is_empty())
+    }
+
+    fn listed_mut(&mut self, p: &NodeId) -> Option<&mut u64> {
+        self.held.as_mut().and_then(|h| h.listed.get_mut(p))
+    }
 }
 
 /// Payloads shorter than this are copied into an allocation of their own when they arrive, before they are kept.
@@ -245,6 +277,46 @@ fn compact(payload: bytes::Bytes) -> bytes::Bytes {
         bytes::Bytes::copy_from_slice(&payload)
     } else {
         payload
+    }
+}
+
+/// A small set of peers (a source's eager peers: at most the active view, a handful), kept as a list: a hash set
+/// per source cost about twice the memory, for every source a member follows (two per member of a channel in tree
+/// mode).
+#[derive(Debug, Clone, Default)]
+struct PeerSet(Vec<NodeId>);
+
+impl PeerSet {
+    fn contains(&self, p: &NodeId) -> bool {
+        self.0.contains(p)
+    }
+
+    /// Adds `p`; false if it was there.
+    fn insert(&mut self, p: NodeId) -> bool {
+        if self.contains(&p) {
+            return false;
+        }
+        self.0.push(p);
+        true
+    }
+
+    /// Removes `p`; false if it was not there.
+    fn remove(&mut self, p: &NodeId) -> bool {
+        match self.0.iter().position(|x| x == p) {
+            Some(i) => {
+                self.0.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Gives back most of a queue's memory once it holds far less than it has room for: a burst (the snapshots of a
+/// join storm) must not leave every member holding room for it for good.
+pub fn shrink_idle<T>(q: &mut VecDeque<T>) {
+    if q.capacity() > 64 && q.len() < q.capacity() / 4 {
+        q.shrink_to((2 * q.len()).max(16));
     }
 }
 
@@ -289,10 +361,10 @@ pub struct Gossip {
     /// Per source, the active peers its events are pushed to in full (the rest of the active view gets
     /// announcements): one tree per source, so that pruning for one source's events never cuts another's tree. A
     /// source not in the map has every active peer eager.
-    eager: HashMap<NodeId, HashSet<NodeId>>,
-    /// Events received (for duplicates and grafts), oldest first.
+    eager: HashMap<NodeId, PeerSet>,
+    /// Events received (for duplicates and grafts), and when, oldest first.
     seen: HashMap<EventId, bytes::Bytes>,
-    order: VecDeque<EventId>,
+    order: VecDeque<(EventId, u64)>,
     /// Announced events not received: who announced them, and when to graft.
     missing: HashMap<EventId, Missing>,
     /// Grafted events that arrived (or whose announcers ran out), oldest first: a second copy of one of them means
@@ -383,7 +455,11 @@ impl Gossip {
 
     /// The next output.
     pub fn poll_output(&mut self) -> Option<GossipOut> {
-        self.out.pop_front()
+        let out = self.out.pop_front();
+        if out.is_none() {
+            shrink_idle(&mut self.out);
+        }
+        out
     }
 
     /// When [`Gossip::handle_timeout`] is due.
@@ -412,7 +488,7 @@ impl Gossip {
         let next = self.next_seq.entry(stream).or_insert(1);
         let id = EventId { source: stream, seq: *next };
         *next += 1;
-        self.remember(id, payload.clone());
+        self.remember(id, payload.clone(), now);
         let s = self.sources.entry(stream).or_default();
         s.next = id.seq + 1;
         s.heard = id.seq;
@@ -433,7 +509,9 @@ impl Gossip {
             m.announcers.retain(|p| *p != peer);
         }
         for s in self.sources.values_mut() {
-            s.listed.remove(&peer);
+            if let Some(h) = s.held.as_mut() {
+                h.listed.remove(&peer);
+            }
         }
     }
 
@@ -585,7 +663,7 @@ impl Gossip {
                     self.eager_of(id.source).insert(from);
                 }
                 let payload = compact(payload);
-                self.remember(id, payload.clone());
+                self.remember(id, payload.clone(), now);
                 self.accept(id, payload.clone(), now);
                 if let Some(s) = self.sources.get_mut(&id.source) {
                     s.parent = Some(from);
@@ -615,6 +693,7 @@ impl Gossip {
 
     /// Timers: grafts for announced events that did not come, lost gaps, shuffles.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.forget_old(now);
         let mut due: Vec<EventId> = self.missing.iter().filter(|(_, m)| m.graft_at <= now).map(|(id, _)| *id).collect();
         // In a fixed order, so that a run depends on its seed only.
         due.sort_unstable();
@@ -625,7 +704,7 @@ impl Gossip {
                     m.graft_at = now + self.cfg.graft_after;
                     m.grafted = true;
                     self.counters.grafts += 1;
-                    if let Some(mark) = self.sources.get_mut(&id.source).and_then(|s| s.listed.get_mut(&p)) {
+                    if let Some(mark) = self.sources.get_mut(&id.source).and_then(|s| s.listed_mut(&p)) {
                         *mark = (*mark).min(id.seq.saturating_sub(1));
                     }
                     if self.active.contains(&p) {
@@ -658,7 +737,7 @@ impl Gossip {
             let Some(s) = self.sources.get_mut(src) else { continue };
             if s.gap_since.is_some_and(|t| now >= t + loss_after) {
                 // Up to the first event held ahead, or, with none held, up to the newest announced.
-                let upto = s.ahead.keys().next().copied().unwrap_or(s.heard + 1);
+                let upto = s.first_ahead().unwrap_or(s.heard + 1);
                 if upto > s.next {
                     lost.push(GossipOut::Lost { source: *src, first: s.next, count: upto - s.next });
                     for seq in s.next..upto {
@@ -737,13 +816,13 @@ impl Gossip {
             s.gap_since = Some(now);
             self.gapped.insert(id.source);
         }
-        let listed = s.listed.get(&from).copied().unwrap_or(0);
+        let listed = s.listed_mut(&from).copied().unwrap_or(0);
         if id.seq <= listed {
             // Every number up to it is missing with `from` listed, or arrived.
             return;
         }
         let first = s.next.max(id.seq.saturating_sub(self.cfg.max_graft_run - 1)).max(listed + 1);
-        s.listed.insert(from, id.seq);
+        s.held().listed.insert(from, id.seq);
         for seq in first..=id.seq {
             let e = EventId { source: id.source, seq };
             if !self.seen.contains_key(&e) {
@@ -790,25 +869,43 @@ impl Gossip {
     }
 
     fn push(&mut self, id: EventId, hops: u16, payload: bytes::Bytes, from: Option<NodeId>, _now: u64) {
-        let eager = self.eager_of(id.source).clone();
-        for p in self.active.clone() {
+        self.eager_of(id.source);
+        let eager = &self.eager[&id.source];
+        for &p in &self.active {
             if Some(p) == from {
                 continue;
             }
-            if eager.contains(&p) {
-                self.send(p, GossipMsg::Event { id, hops, payload: payload.clone() });
+            let msg = if eager.contains(&p) {
+                GossipMsg::Event { id, hops, payload: payload.clone() }
             } else {
-                self.send(p, GossipMsg::IHave { ids: vec![id] });
-            }
+                GossipMsg::IHave { ids: vec![id] }
+            };
+            self.out.push_back(GossipOut::Send { to: p, msg });
         }
     }
 
-    fn remember(&mut self, id: EventId, payload: bytes::Bytes) {
+    fn remember(&mut self, id: EventId, payload: bytes::Bytes, now: u64) {
         self.seen.insert(id, payload);
-        self.order.push_back(id);
+        self.order.push_back((id, now));
         while self.order.len() > self.cfg.cache {
-            if let Some(old) = self.order.pop_front() {
+            if let Some((old, _)) = self.order.pop_front() {
                 self.seen.remove(&old);
+            }
+        }
+        self.forget_old(now);
+    }
+
+    /// Drops the cached events older than [`GossipConfig::cache_for`].
+    fn forget_old(&mut self, now: u64) {
+        let before = self.order.len();
+        while let Some((old, _)) = self.order.front().filter(|(_, at)| at.saturating_add(self.cfg.cache_for) <= now) {
+            self.seen.remove(old);
+            self.order.pop_front();
+        }
+        if self.order.len() < before {
+            shrink_idle(&mut self.order);
+            if self.seen.capacity() > 4 * self.seen.len().max(16) {
+                self.seen.shrink_to(2 * self.seen.len());
             }
         }
     }
@@ -820,18 +917,29 @@ impl Gossip {
         let s = self.sources.entry(id.source).or_insert_with(|| SourceState { next: id.seq, ..Default::default() });
         s.heard = s.heard.max(id.seq);
         s.last_at = now;
-        s.ahead.insert(id.seq, payload);
+        if id.seq == s.next && !s.has_ahead() {
+            // In order (the common case): delivered at once. A map holding one event would keep its node's memory
+            // (a few hundred bytes) after the event left it, for every source ever heard.
+            self.out.push_back(GossipOut::Deliver { id, payload });
+            s.next += 1;
+        } else {
+            s.held().ahead.insert(id.seq, payload);
+        }
         self.drain_source(id.source, now);
     }
 
     fn drain_source(&mut self, src: NodeId, now: u64) {
         let Some(s) = self.sources.get_mut(&src) else { return };
         let before = s.next;
-        while let Some(payload) = s.ahead.remove(&s.next) {
+        while let Some(payload) = s.held.as_mut().and_then(|h| h.ahead.remove(&s.next)) {
             self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
             s.next += 1;
         }
-        let gap = !s.ahead.is_empty() || s.heard >= s.next;
+        if let Some(h) = s.held.as_mut().filter(|h| h.ahead.is_empty()) {
+            // An emptied map keeps its node: let it go.
+            h.ahead = BTreeMap::new();
+        }
+        let gap = s.has_ahead() || s.heard >= s.next;
         // The loss timer counts time without progress: in a busy stream whose announcements run ahead of its events
         // (a slow tree parent), a gap is open all the time, but not for the same events.
         s.gap_since = match (gap, s.next != before) {
@@ -839,6 +947,11 @@ impl Gossip {
             (true, true) => Some(now),
             (true, false) => Some(s.gap_since.unwrap_or(now)),
         };
+        if !gap {
+            // Nothing of this source is missing: the announcers' marks only shorten the walk over missing numbers,
+            // and an announcement after this one walks from `next` anyway.
+            s.held = None;
+        }
         if s.gap_since.is_some() {
             self.gapped.insert(src);
         } else {
@@ -875,9 +988,9 @@ impl Gossip {
     }
 
     /// The eager peers of `source`'s tree (every active peer for a source not seen before).
-    fn eager_of(&mut self, source: NodeId) -> &mut HashSet<NodeId> {
+    fn eager_of(&mut self, source: NodeId) -> &mut PeerSet {
         let active = &self.active;
-        self.eager.entry(source).or_insert_with(|| active.iter().copied().collect())
+        self.eager.entry(source).or_insert_with(|| PeerSet(active.clone()))
     }
 
     fn add_passive(&mut self, p: NodeId) {
@@ -1135,7 +1248,7 @@ mod tests {
                     g.sources.iter().filter(|(_, s)| s.gap_since.is_some()).map(|(n, _)| *n).collect();
                 assert_eq!(g.gapped, open, "seed {seed}");
                 // Nothing is held ahead of a source that is not in the index.
-                assert!(g.sources.iter().all(|(n, s)| s.ahead.is_empty() || g.gapped.contains(n)), "seed {seed}");
+                assert!(g.sources.iter().all(|(n, s)| !s.has_ahead() || g.gapped.contains(n)), "seed {seed}");
             }
             // Every gap ends (delivered or reported) once its time is up, through the index alone.
             now += 10 * cfg.loss_after + 10 * cfg.graft_after;

@@ -716,7 +716,11 @@ impl ChannelState {
 
     /// Next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let out = self.out.pop_front();
+        if out.is_none() {
+            crate::gossip::shrink_idle(&mut self.out);
+        }
+        out
     }
 
     /// When [`ChannelState::handle_timeout`] should next be called.
