@@ -956,6 +956,11 @@ impl Outbox {
                 }
             }
         }
+        for lane in &mut lanes[lo..hi] {
+            if lane.frames.is_empty() {
+                kecho_proto::gossip::shrink_idle(&mut lane.frames);
+            }
+        }
         q.timely -= timely_taken;
         q.bytes -= took.min(q.bytes);
         self.queued.store(q.bytes, Ordering::Release);

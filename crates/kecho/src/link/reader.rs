@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kecho_proto::codec::{self, EventMsg};
@@ -21,7 +21,7 @@ use super::{
 use crate::clock::now;
 
 /// How much a link's reader reads at a time: on a quiet link, and on a busy one (its last read filled the buffer).
-const READ_SMALL: usize = 64 * 1024;
+const READ_SMALL: usize = 16 * 1024;
 const READ_BIG: usize = 256 * 1024;
 
 /// At most this many events are delivered as one batch (a 256 KiB read holds about 1900 events of 100 B).
@@ -271,6 +271,8 @@ impl<H: LinkHandler> Receiver<H> {
         // The buffers read into before `buf`: their events may still be queued at sinks, and once they are gone
         // their memory serves again (see `more_room`).
         let mut spare: Vec<BytesMut> = Vec::new();
+        // Since when every read has been a quiet one (see `release_when_quiet`).
+        let mut quiet_since = None;
         let why = 'outer: loop {
             loop {
                 let handled = match codec::split_frame(&mut buf, max_frame) {
@@ -337,6 +339,7 @@ impl<H: LinkHandler> Receiver<H> {
             self.settle().await;
             // Reads of up to READ_SMALL on a quiet link; a link whose last read filled the buffer is busy, and larger
             // reads then cost fewer system calls and wake-ups per event.
+            release_when_quiet(&mut quiet_since, busy, now(), &mut buf, &mut spare);
             let want = if busy { READ_BIG } else { READ_SMALL };
             if buf.capacity() - buf.len() < want / 4 {
                 more_room(&mut buf, &mut spare, want);
@@ -586,6 +589,34 @@ impl<H: LinkHandler> Receiver<H> {
 /// events wait at a sink for a while finds one of them free rather than allocating (and faulting in) a new one.
 const SPARE_BUFFERS: usize = 4;
 
+/// A link whose reads have all been quiet (none filled the buffer) this long gives back what its busy times left it.
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
+
+/// Called between reads, with every complete frame handled: once the link has been quiet for [`RELEASE_AFTER`], its
+/// spare buffers are dropped, and a large buffer holding no part of a frame is given up for a small one (at the next
+/// read). A burst (a join storm's snapshots) left every link that carried it a busy link's buffers, up to about 1.5
+/// MiB, for good; most of a tree's links are quiet most of the time.
+fn release_when_quiet(
+    quiet_since: &mut Option<Instant>,
+    busy: bool,
+    now: Instant,
+    buf: &mut BytesMut,
+    spare: &mut Vec<BytesMut>,
+) {
+    if busy {
+        *quiet_since = None;
+        return;
+    }
+    let since = *quiet_since.get_or_insert(now);
+    if now.duration_since(since) < RELEASE_AFTER {
+        return;
+    }
+    spare.clear();
+    if buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
+        *buf = BytesMut::new();
+    }
+}
+
 /// Gives a reader's buffer at least `want` bytes of free room, keeping the bytes it holds (the start of a frame not
 /// read whole yet). Events hold on to the memory they were read into, so a buffer can rarely grow in place; rather than
 /// a new allocation each time (whose pages the kernel must fault in afresh, and whose freeing unmaps them), an earlier
@@ -639,5 +670,33 @@ mod tests {
         assert_eq!(buf.as_ptr(), first);
         assert!(spare.len() <= SPARE_BUFFERS);
         drop(held2);
+    }
+
+    #[test]
+    fn a_link_quiet_for_a_while_gives_back_its_busy_buffers() {
+        let t0 = Instant::now();
+        let big = || BytesMut::with_capacity(READ_BIG + READ_BIG / 4);
+        let mut buf = big();
+        let mut spare = vec![big(), big()];
+        let mut quiet = None;
+        // Busy, then quiet for less than RELEASE_AFTER: everything is kept (a link between two bursts).
+        release_when_quiet(&mut quiet, true, t0, &mut buf, &mut spare);
+        release_when_quiet(&mut quiet, false, t0, &mut buf, &mut spare);
+        release_when_quiet(&mut quiet, false, t0 + RELEASE_AFTER / 2, &mut buf, &mut spare);
+        assert_eq!((spare.len(), buf.capacity() >= READ_BIG), (2, true));
+        // A busy read starts the count again.
+        release_when_quiet(&mut quiet, true, t0 + RELEASE_AFTER, &mut buf, &mut spare);
+        release_when_quiet(&mut quiet, false, t0 + RELEASE_AFTER, &mut buf, &mut spare);
+        release_when_quiet(&mut quiet, false, t0 + RELEASE_AFTER * 3 / 2, &mut buf, &mut spare);
+        assert_eq!(spare.len(), 2, "quiet for half of RELEASE_AFTER since the last busy read");
+        // Quiet long enough, with the start of a frame in the buffer: the spares go, the buffer (and its bytes) stay.
+        buf.extend_from_slice(b"part");
+        release_when_quiet(&mut quiet, false, t0 + RELEASE_AFTER * 2, &mut buf, &mut spare);
+        assert!(spare.is_empty());
+        assert_eq!((&buf[..], buf.capacity() >= READ_BIG), (&b"part"[..], true));
+        // And once it holds nothing, the large buffer goes too (the next read takes a small one).
+        buf.clear();
+        release_when_quiet(&mut quiet, false, t0 + RELEASE_AFTER * 2, &mut buf, &mut spare);
+        assert_eq!(buf.capacity(), 0);
     }
 }

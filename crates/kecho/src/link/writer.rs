@@ -20,6 +20,8 @@ use crate::clock::now;
 
 /// Largest buffer the writer fills before one write call; many small frames go out in one system call.
 const WRITE_BATCH: usize = 256 * 1024;
+/// The least room `coalesce` asks for at a time.
+const MIN_BATCH: usize = 4 * 1024;
 /// Most segments given to one vectored write (Linux takes up to 1024).
 const MAX_IOV: usize = 64;
 /// Frames this long or longer are written from where they are rather than copied (see `write_frames`).
@@ -93,7 +95,7 @@ pub(super) async fn writer<H: LinkHandler>(
     };
     peer.outbox.stop_streams();
     let mut frames = VecDeque::new();
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let mut batch = BytesMut::new();
     let lowat = links.cfg.send_lowat;
     // The link's reaction to carrying priorities is still to come (once).
     let mut unprioritised = true;
@@ -130,6 +132,8 @@ pub(super) async fn writer<H: LinkHandler>(
             }
             peer.outbox.take_all(&mut frames);
             if frames.is_empty() {
+                // Idle: room kept for a past burst goes back.
+                kecho_proto::gossip::shrink_idle(&mut frames);
                 if links.closing.load(Ordering::Acquire) {
                     if peer.outbox.has_streams() {
                         // The main stream ends with a `Wait` for the whole urgent stream, once that is written, so that
@@ -439,10 +443,17 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 }
 
 /// Replaces each run of frames shorter than [`COPY_BELOW`] by one segment holding their bytes (cut from `batch`,
-/// whose memory is used again once the segments are written and dropped).
+/// whose memory is used again once the segments are written and dropped). The buffer is as large as the small
+/// frames need, up to [`WRITE_BATCH`]: a link that only ever carries a few small frames at a time (most of a tree's
+/// links) holds a few KiB, not a busy link's 256 KiB.
 fn coalesce(frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) {
-    if frames.iter().all(|f| f.len() >= COPY_BELOW) {
+    let mut small: usize = frames.iter().filter(|f| f.len() < COPY_BELOW).map(Bytes::len).sum();
+    if small == 0 {
         return;
+    }
+    if batch.is_empty() && batch.capacity() < small.min(WRITE_BATCH) {
+        // Room for the whole run at once (the buffer a quiet time left small), rather than a first segment cut short.
+        batch.reserve(small.clamp(MIN_BATCH, WRITE_BATCH));
     }
     for _ in 0..frames.len() {
         let Some(f) = frames.pop_front() else { break };
@@ -453,8 +464,9 @@ fn coalesce(frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) {
                 if !batch.is_empty() {
                     frames.push_back(batch.split().freeze());
                 }
-                batch.reserve(WRITE_BATCH);
+                batch.reserve(small.clamp(MIN_BATCH, WRITE_BATCH));
             }
+            small -= f.len();
             batch.extend_from_slice(&f);
             if batch.len() < WRITE_BATCH {
                 continue;
@@ -631,6 +643,22 @@ mod tests {
         // 40 frames, about 60 % of them large: fewer segments than one vectored write takes.
         assert_eq!(check(1 << 20, true, 40), 1);
         assert_eq!(check(1 << 20, false, 40), 1);
+    }
+
+    #[test]
+    fn the_copy_buffer_is_as_large_as_the_small_frames_need() {
+        // A few small frames (a quiet link's gossip): a few KiB, not WRITE_BATCH.
+        let mut q: VecDeque<Bytes> = (0..5u8).map(|i| frame(i, 100)).collect();
+        let mut batch = BytesMut::new();
+        coalesce(&mut q, &mut batch);
+        assert_eq!(q.len(), 1, "one segment");
+        assert!(batch.capacity() <= 2 * MIN_BATCH, "{} bytes of room for 500 bytes of frames", batch.capacity());
+        // A burst of small frames: the whole burst (up to WRITE_BATCH) in one segment, as before.
+        drop(q);
+        let mut q: VecDeque<Bytes> = (0..2000u32).map(|i| frame(i as u8, 100)).collect();
+        coalesce(&mut q, &mut batch);
+        assert_eq!(q.len(), 1, "one segment for 200,000 bytes");
+        assert_eq!(q[0].len(), 200_000);
     }
 
     #[test]
