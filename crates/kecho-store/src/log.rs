@@ -375,15 +375,22 @@ fn remove_if_there(path: &Path) -> Result<(), LogError> {
     }
 }
 
-/// Reads segment `seg` at opening (the newest one if `newest`): from its index file if it has a usable one, then the
+/// Reads segment `seg` at opening (the newest one if `newest`): from its index file if it has a usable one (and
+/// `use_index`), then the
 /// bytes after what that describes (all of them without). Fills in its length, sparse index and last record, cuts
 /// a torn tail off the newest, and says what it found.
-fn open_segment(seg: &mut Segment, newest: bool, opened: &mut Opened) -> Result<SegmentOpened, LogError> {
+fn open_segment(
+    seg: &mut Segment,
+    newest: bool,
+    opened: &mut Opened,
+    use_index: bool,
+) -> Result<SegmentOpened, LogError> {
     let path = seg.path.clone();
     let mut file = OpenOptions::new().read(true).write(newest).open(&path).map_err(io(&path))?;
     let len = file.metadata().map_err(io(&path))?.len();
     let idx = index_path(&path);
-    let index = match fs::read(&idx) {
+    let read = if use_index { fs::read(&idx) } else { Err(std::io::ErrorKind::NotFound.into()) };
+    let index = match read {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(IndexState::Missing),
         Err(e) => Err(IndexState::Unusable(format!("cannot be read: {e}"))),
         Ok(b) => IndexFile::decode(&b)
@@ -481,7 +488,24 @@ impl Log {
         let mut segments_opened = Vec::with_capacity(segments.len());
         let n = segments.len();
         let mut next = segments.first().map_or(0, |s| s.first);
-        for (i, seg) in segments.iter_mut().enumerate() {
+        for i in 0..n {
+            if segments[i].first != next {
+                // An index file that miscounts its segment's records (the next segment says so): read it instead.
+                let prev =
+                    segments_opened.last().filter(|o: &&SegmentOpened| matches!(o.index, IndexState::Loaded { .. }));
+                if let Some(prev) = prev {
+                    let why = format!(
+                        "it counts {} record(s), the next segment starts at {}",
+                        prev.records, segments[i].first
+                    );
+                    next -= prev.records;
+                    let mut o = open_segment(&mut segments[i - 1], false, &mut opened, false)?;
+                    o.index = IndexState::Unusable(why);
+                    next += o.records;
+                    *segments_opened.last_mut().expect("a segment before") = o;
+                }
+            }
+            let seg = &mut segments[i];
             if seg.first != next {
                 return Err(LogError::Corrupt {
                     path: seg.path.clone(),
@@ -489,7 +513,7 @@ impl Log {
                     why: format!("starts at record {} where {next} was expected", seg.first),
                 });
             }
-            let o = open_segment(seg, i + 1 == n, &mut opened)?;
+            let o = open_segment(seg, i + 1 == n, &mut opened, true)?;
             next += o.records;
             segments_opened.push(o);
         }
@@ -989,5 +1013,31 @@ mod tests {
         assert_eq!(log.opened().records, 0);
         log.append(b"fresh").unwrap();
         assert_eq!(log.read_from(0).unwrap(), vec![(0, b"fresh".to_vec())]);
+    }
+
+    #[test]
+    fn an_index_file_that_miscounts_its_records_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { segment_bytes: 1_000, max_bytes: u64::MAX };
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        for i in 0..100u64 {
+            if log.is_full() {
+                log.seal(b"").unwrap();
+            }
+            log.append(&i.to_le_bytes()).unwrap();
+        }
+        drop(log);
+        // Whole and checksummed, consistent in itself, but one record short.
+        let idx = dir.path().join("00000000000000000000.idx");
+        let mut ix = IndexFile::decode(&fs::read(&idx).unwrap()).unwrap();
+        ix.records -= 1;
+        fs::write(&idx, ix.encode()).unwrap();
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        let first = log.segments_opened().remove(0);
+        assert!(matches!(&first.index, IndexState::Unusable(why) if why.contains("next segment")), "{first:?}");
+        assert_eq!(first.records, ix.records + 1);
+        let got: Vec<u64> =
+            log.read_from(0).unwrap().iter().map(|(_, b)| u64::from_le_bytes(b[..].try_into().unwrap())).collect();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
     }
 }
