@@ -8,7 +8,7 @@ use kecho::SourceKey;
 use kecho_store::recorder::SOURCE_MARK_EVERY;
 use kecho_store::replay::{self, Filters, Request};
 use kecho_store::{LogOptions, Recorder, RecorderId};
-use recording::{after, answer, ev, fill, whole, SOURCES};
+use recording::{after, answer, ev, files, fill, whole, SOURCES};
 
 /// Most records read for an answer of `n` events of one source among `SOURCES` interleaved: from the source's mark
 /// at or before its position (at most `SOURCE_MARK_EVERY` of its records back) and the log's mark before that (at
@@ -23,10 +23,7 @@ fn a_replay_from_the_middle_reads_near_it_and_returns_exactly_the_right_events()
     let opts = LogOptions { segment_bytes: 64 << 10, max_bytes: u64::MAX };
     let mut rec = Recorder::open(dir.path(), opts).unwrap();
     fill(&mut rec, 1, 10_000);
-    let segments = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
-        .count();
+    let segments = files(dir.path(), ".log").len();
     assert!(segments > 20, "a recording of {segments} segment(s)");
 
     for (s, p) in [(2, 5_000), (1, 9_900), (3, 1), (2, 9_999), (1, 0)] {
@@ -55,12 +52,7 @@ fn a_replay_from_the_middle_reads_near_it_and_returns_exactly_the_right_events()
 
     // A torn tail: the last record (source 3's event 10,000) is cut off, and recorded again when it comes again.
     drop(rec);
-    let newest = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .max()
-        .unwrap();
+    let newest = files(dir.path(), ".log").pop().unwrap();
     let len = std::fs::metadata(&newest).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(len - 5).unwrap();
     let mut rec = Recorder::open(dir.path(), opts).unwrap();

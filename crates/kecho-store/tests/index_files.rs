@@ -9,19 +9,9 @@ mod recording;
 
 use kecho::SourceKey;
 use kecho_store::{LogOptions, Recorder};
-use recording::{after, answer, ev, fill, SOURCES};
+use recording::{after, answer, ev, files, fill, SOURCES};
 
 const OPTS: LogOptions = LogOptions { segment_bytes: 64 << 10, max_bytes: u64::MAX };
-
-fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_str().is_some_and(|n| n.ends_with(ext)))
-        .collect();
-    v.sort();
-    v
-}
 
 /// Replays from several positions (in every segment) answer exactly the events after them, reading near them; the
 /// recorder knows each source's last event (a duplicate is refused).

@@ -1,6 +1,8 @@
-//! What the recording tests share (index.rs, index_files.rs): events of three sources interleaved, and answers to
-//! requests after a position.
+//! What the recording tests and examples share (tests/index.rs, tests/index_files.rs, examples/replay_index.rs): events
+//! of three sources interleaved, answers to requests after a position, the files of a recording.
 #![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use kecho::{Attrs, SourceKey};
@@ -53,4 +55,15 @@ pub fn answer(rec: &mut Recorder, req: &Request) -> (Vec<(u64, u64)>, u64) {
 pub fn whole(rec: &mut Recorder, req: &Request) -> Vec<(u64, u64)> {
     let all = rec.indexed(rec.first_index()).unwrap();
     replay::answer(req, &all).iter().map(|r| (r.source.0, r.seq)).collect()
+}
+
+/// The files in `dir` whose names end with `ext`, sorted.
+pub fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_str().is_some_and(|n| n.ends_with(ext)))
+        .collect();
+    v.sort();
+    v
 }
