@@ -239,7 +239,7 @@ impl SegmentSummary {
             return Err(format!("version {v}, not {SUMMARY_VERSION}"));
         }
         let mut out = BTreeMap::new();
-        let (mut records, n) = (0u64, r.u32()?);
+        let n = r.u32()?;
         for _ in 0..n {
             let k = SourceKey(r.u64()?);
             let first = (r.u64()?, r.u64()?);
@@ -254,10 +254,9 @@ impl SegmentSummary {
             if !inside || !ordered || count < marks.len() as u64 || last_seq == 0 || out.contains_key(&k) {
                 return Err(format!("source {k} is not of this segment"));
             }
-            records += 1;
             out.insert(k, SourcePart { first, count, last_seq, last, marks });
         }
-        if !r.0.is_empty() || records > range.end - range.start {
+        if !r.0.is_empty() || out.len() as u64 > range.end - range.start {
             return Err("it does not end where it should".to_owned());
         }
         Ok(SegmentSummary(out))
@@ -297,9 +296,8 @@ pub struct Recorder {
 impl Recorder {
     /// Opens (or creates) the recording in `dir`; a torn tail is cut off (see [`Recorder::opened`]). The index is
     /// loaded from the segments' index files and rebuilt from the records after what they describe; a sealed
-    /// segment's index file that is missing or unusable is written again from its records, with a warning (a
-    /// tracing warning naming the file and why; see
-    /// [`Recorder::open_report`]).
+    /// segment's index file that is missing or unusable is written again from its records, with a tracing warning
+    /// naming the file and why (see [`Recorder::open_report`]).
     pub fn open(dir: &Path, opts: LogOptions) -> Result<Recorder, RecorderError> {
         let mut log = Log::open(dir, opts)?;
         let mut seen = Seen::default();
@@ -596,5 +594,35 @@ mod tests {
         std::fs::write(dir.path().join(ID_FILE), "garbage\n").unwrap();
         let e = Recorder::open(dir.path(), LogOptions::default()).unwrap_err();
         assert!(e.to_string().contains(ID_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_segments_part_round_trips_and_one_not_of_its_segment_is_refused() {
+        let mut index = Index::default();
+        for i in 100..400u64 {
+            index.note(SourceKey(i % 3), i, i);
+        }
+        let part = index.segment().clone();
+        let b = part.encode();
+        assert_eq!(SegmentSummary::decode(&b, 100..400), Ok(part.clone()));
+        for range in [100..300, 200..400] {
+            let e = SegmentSummary::decode(&b, range.clone()).unwrap_err();
+            assert!(e.contains("not of this segment"), "{range:?}: {e}");
+        }
+        for n in 0..b.len() {
+            assert!(SegmentSummary::decode(&b[..n], 100..400).is_err(), "cut at {n}");
+        }
+        let mut v2 = b.clone();
+        v2[0] = 2;
+        assert!(SegmentSummary::decode(&v2, 100..400).unwrap_err().contains("version 2"));
+        // Taken in, it answers as the records noted one by one do.
+        let mut loaded = Index::default();
+        loaded.load_segment(part);
+        for k in 0..3 {
+            for after in [0, 150, 250, 399] {
+                assert_eq!(loaded.after(SourceKey(k), after), index.after(SourceKey(k), after), "{k} after {after}");
+            }
+        }
+        assert_eq!(loaded.entries(), index.entries());
     }
 }
