@@ -20,5 +20,5 @@ pub mod replay;
 pub use log::{Log, LogError, LogOptions, Opened};
 pub use positions::{Admit, CatchUp, DurableError, DurableSink, Gap, Positions, Unknown};
 pub use record::{DecodeError, Recorded};
-pub use recorder::{Index, Recorder, RecorderError, Seen};
+pub use recorder::{Index, OpenReport, Recorder, RecorderError, Seen, SegmentSummary};
 pub use replay::{Answer, Ask, Filters, RecorderId, ReplayClient, ReplayError, Request};

@@ -17,6 +17,20 @@
 //! (rebuilt when the log is opened, kept up to date by appends, dropped with the segment). A read from some index
 //! ([`Log::for_each`]) starts at the nearest offset at or before it instead of the segment's first record, and a
 //! read up to some index stops at the next offset after it.
+//!
+//! **Index files.** An owner that seals its segments ([`Log::seal`] when [`Log::is_full`], [`Log::write_index`] on a
+//! clean close) keeps beside each segment `NNNN.log` an index file `NNNN.idx` ([`IndexFile`]): what opening would
+//! learn by reading the segment's first `bytes` bytes (its records, the sparse index, the header of its last record)
+//! and bytes of the owner's own ([`IndexFile::extra`]), under one CRC-32. Opening then reads no record an index file
+//! describes: it reads only the bytes after them (the newest segment's appends since the index file was written).
+//! An index file is used only if its checksum holds, it names the segment's first record, the segment is at least
+//! as long as it says and holds the header of the last record it describes where it says; otherwise (and when it is
+//! missing) the segment is read whole as before, and [`Log::segments_opened`] says why. Index files are written to a
+//! temporary file, synced, renamed and the directory synced (after the segment's data is synced), so that a crash
+//! leaves the old file, none or the whole new one; a leftover temporary file and an index file without its segment
+//! are deleted on opening, and a segment's index file goes with it (the byte bound, [`Log::drop_all_but_newest`]).
+//! Records an index file describes are not checked at open: damage among them is found (as
+//! [`LogError::Corrupt`]) when they are read.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -25,11 +39,13 @@ use std::path::{Path, PathBuf};
 /// The first bytes of every segment.
 pub const MAGIC: &[u8; 8] = b"KECHOLG1";
 /// A record's header: length and checksum.
-const HEADER: usize = 8;
+pub const HEADER: usize = 8;
 /// The largest record accepted (16 MiB).
 pub const MAX_RECORD: usize = 16 << 20;
 /// A segment's index holds the byte offset of every `MARK_EVERY`th record (counted from the segment's first).
 pub const MARK_EVERY: u64 = 256;
+/// The first bytes of every index file.
+pub const INDEX_MAGIC: &[u8; 8] = b"KECHOIX1";
 
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +166,139 @@ pub struct Opened {
     pub truncated: Option<(PathBuf, u64, String)>,
     /// Records in the log.
     pub records: u64,
+    /// Records read from the segments' bytes to open the log (those their index files describe are not read).
+    pub scanned: u64,
+}
+
+/// What opening found of one segment's index file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexState {
+    /// It was used: it described the segment's first `records` records (not read), and kept the owner's `extra`.
+    Loaded {
+        /// The records it described.
+        records: u64,
+        /// [`IndexFile::extra`].
+        extra: Vec<u8>,
+    },
+    /// There is none (the newest segment has none until it is sealed or the log closed cleanly).
+    Missing,
+    /// There is one and it was not used, for this reason (the segment was read whole).
+    Unusable(String),
+}
+
+/// What opening found of one segment ([`Log::segments_opened`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentOpened {
+    /// The index of its first record.
+    pub first: u64,
+    /// Its records.
+    pub records: u64,
+    /// The segment file.
+    pub path: PathBuf,
+    /// Its index file.
+    pub index: IndexState,
+}
+
+/// A reader of little-endian fields that says "truncated" when the bytes end (index files' layouts).
+pub(crate) struct Fields<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Fields<'a> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("truncated".to_owned());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+    }
+}
+
+/// A segment's index file (`NNNN.idx` beside `NNNN.log`): what opening learns by reading the segment's first
+/// `bytes` bytes, and bytes of the log's owner. Layout (little-endian): [`INDEX_MAGIC`], `u64` first, `u64` records,
+/// `u64` bytes, `u64` offset of the last record, its 8-byte header, `u32` count of marks, each a `u64` offset (of
+/// records 0, [`MARK_EVERY`], ...), `u32` length of `extra`, `extra`, then a `u32` CRC-32 of all before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexFile {
+    /// The index of the segment's first record.
+    pub first: u64,
+    /// The records described (at least one).
+    pub records: u64,
+    /// The length of the segment they fill (magic and whole records).
+    pub bytes: u64,
+    /// The byte offset of the last of them.
+    pub last_at: u64,
+    /// Its header (length and checksum), as in the segment.
+    pub last_header: [u8; HEADER],
+    /// The byte offsets of records `first`, `first + MARK_EVERY`, ...
+    pub marks: Vec<u64>,
+    /// The owner's bytes ([`Log::seal`]).
+    pub extra: Vec<u8>,
+}
+
+impl IndexFile {
+    /// Its bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(60 + 8 * self.marks.len() + self.extra.len());
+        b.extend_from_slice(INDEX_MAGIC);
+        for v in [self.first, self.records, self.bytes, self.last_at] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.last_header);
+        b.extend_from_slice(&(self.marks.len() as u32).to_le_bytes());
+        for m in &self.marks {
+            b.extend_from_slice(&m.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.extra.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.extra);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Reads an index file's bytes, checking its checksum and that it describes whole records consistently (pure);
+    /// the reason if not.
+    pub fn decode(b: &[u8]) -> Result<IndexFile, String> {
+        if b.len() < INDEX_MAGIC.len() + 4 {
+            return Err(format!("{} byte(s): too short", b.len()));
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap_or_default()) {
+            return Err("checksum mismatch".to_owned());
+        }
+        if &body[..INDEX_MAGIC.len()] != INDEX_MAGIC {
+            return Err("wrong magic".to_owned());
+        }
+        let mut r = Fields(&body[INDEX_MAGIC.len()..]);
+        let first = r.u64()?;
+        let records = r.u64()?;
+        let bytes = r.u64()?;
+        let last_at = r.u64()?;
+        let last_header: [u8; HEADER] = r.take(HEADER)?.try_into().unwrap_or_default();
+        let n = r.u32()? as usize;
+        if n as u64 != records.div_ceil(MARK_EVERY) {
+            return Err(format!("{n} mark(s) for {records} record(s)"));
+        }
+        let marks = (0..n).map(|_| r.u64()).collect::<Result<Vec<u64>, String>>()?;
+        let e = r.u32()? as usize;
+        let extra = r.take(e)?.to_vec();
+        if !r.0.is_empty() {
+            return Err("bytes after the end".to_owned());
+        }
+        let last_len = u64::from(u32::from_le_bytes(last_header[..4].try_into().unwrap_or_default()));
+        let ordered = marks.first() == Some(&(MAGIC.len() as u64))
+            && marks.windows(2).all(|w| w[0] < w[1])
+            && marks.last().is_some_and(|m| *m <= last_at);
+        if records == 0 || !ordered || last_at.checked_add(HEADER as u64 + last_len) != Some(bytes) {
+            return Err("it does not describe whole records".to_owned());
+        }
+        Ok(IndexFile { first, records, bytes, last_at, last_header, marks, extra })
+    }
 }
 
 #[derive(Debug)]
@@ -159,6 +308,8 @@ struct Segment {
     bytes: u64,
     /// The byte offset of records `first`, `first + MARK_EVERY`, ... (the sparse index).
     marks: Vec<u64>,
+    /// The byte offset and header of its last record, if it has one.
+    last: Option<(u64, [u8; HEADER])>,
 }
 
 impl Segment {
@@ -189,6 +340,8 @@ pub struct Log {
     out: BufWriter<File>,
     next: u64,
     opened: Opened,
+    /// Per segment, what opening found (until [`Log::segments_opened`] takes it).
+    segments_opened: Vec<SegmentOpened>,
     buf: Vec<u8>,
 }
 
@@ -196,27 +349,163 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
 
+/// The index file of the segment at `segment`.
+pub fn index_path(segment: &Path) -> PathBuf {
+    segment.with_extension("idx")
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the file as it was (or none) or whole: to the temporary file
+/// `tmp` beside it, synced, renamed over it, then the directory synced.
+pub fn write_atomically(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(tmp, path)?;
+    match path.parent() {
+        Some(dir) => File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Deletes `path`; there being none is fine.
+fn remove_if_there(path: &Path) -> Result<(), LogError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LogError::Io { path: path.to_owned(), source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads segment `seg` at opening (the newest one if `newest`): from its index file if it has a usable one (and
+/// `use_index`), then the
+/// bytes after what that describes (all of them without). Fills in its length, sparse index and last record, cuts
+/// a torn tail off the newest, and says what it found.
+fn open_segment(
+    seg: &mut Segment,
+    newest: bool,
+    opened: &mut Opened,
+    use_index: bool,
+) -> Result<SegmentOpened, LogError> {
+    let path = seg.path.clone();
+    let mut file = OpenOptions::new().read(true).write(newest).open(&path).map_err(io(&path))?;
+    let len = file.metadata().map_err(io(&path))?.len();
+    let idx = index_path(&path);
+    let read = if use_index { fs::read(&idx) } else { Err(std::io::ErrorKind::NotFound.into()) };
+    let index = match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(IndexState::Missing),
+        Err(e) => Err(IndexState::Unusable(format!("cannot be read: {e}"))),
+        Ok(b) => IndexFile::decode(&b)
+            .and_then(|ix| {
+                if ix.first != seg.first {
+                    return Err(format!("describes the segment of record {}", ix.first));
+                }
+                if ix.bytes > len {
+                    return Err(format!("describes {} byte(s) of a segment of {len}", ix.bytes));
+                }
+                let mut header = [0u8; HEADER];
+                file.seek(SeekFrom::Start(ix.last_at))
+                    .and_then(|_| file.read_exact(&mut header))
+                    .map_err(|e| format!("reading the segment: {e}"))?;
+                if header != ix.last_header {
+                    return Err(format!("the segment holds another record at byte {}", ix.last_at));
+                }
+                Ok(ix)
+            })
+            .map_err(IndexState::Unusable),
+    };
+    let (start, described, state) = match index {
+        Ok(ix) => {
+            seg.marks = ix.marks;
+            seg.last = Some((ix.last_at, ix.last_header));
+            (ix.bytes, ix.records, IndexState::Loaded { records: ix.records, extra: ix.extra })
+        }
+        Err(state) => {
+            seg.marks.clear();
+            seg.last = None;
+            (0, 0, state)
+        }
+    };
+    let mut bytes = Vec::with_capacity(len.saturating_sub(start) as usize);
+    file.seek(SeekFrom::Start(start)).and_then(|_| file.read_to_end(&mut bytes)).map_err(io(&path))?;
+    let s = if start == 0 { scan(&bytes) } else { scan_records(&bytes, 0) };
+    if let Some(why) = s.bad {
+        if !newest {
+            return Err(LogError::Corrupt { path, offset: start + s.valid as u64, why });
+        }
+        // A torn write at the end: keep the whole records (and a fresh magic if even that was torn).
+        if start == 0 && s.valid == 0 {
+            file.set_len(0).map_err(io(&path))?;
+            file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(MAGIC)).map_err(io(&path))?;
+        } else {
+            file.set_len(start + s.valid as u64).map_err(io(&path))?;
+        }
+        file.sync_all().map_err(io(&path))?;
+        opened.truncated = Some((path.clone(), (bytes.len() - s.valid) as u64, why));
+    }
+    for (k, (at, _)) in s.records.iter().enumerate() {
+        if (described + k as u64).is_multiple_of(MARK_EVERY) {
+            seg.marks.push(start + (at - HEADER) as u64);
+        }
+    }
+    if let Some((at, _)) = s.records.last() {
+        let header = bytes[at - HEADER..*at].try_into().unwrap_or_default();
+        seg.last = Some((start + (at - HEADER) as u64, header));
+    }
+    seg.bytes = (start + s.valid as u64).max(MAGIC.len() as u64);
+    opened.scanned += s.records.len() as u64;
+    Ok(SegmentOpened { first: seg.first, records: described + s.records.len() as u64, path, index: state })
+}
+
 impl Log {
-    /// Opens (or creates) the log in `dir`, cutting a torn tail off its newest segment.
+    /// Opens (or creates) the log in `dir`, cutting a torn tail off its newest segment. Segments with a usable
+    /// index file are read only after what it describes (see the module's documentation).
     pub fn open(dir: &Path, opts: LogOptions) -> Result<Log, LogError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let mut segments = Vec::new();
+        let mut index_files = Vec::new();
         for entry in fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
             let path = entry.path();
             let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
-            let first: u64 = stem.parse().map_err(|_| LogError::NotASegment(path.clone()))?;
-            segments.push(Segment { first, path, bytes: 0, marks: Vec::new() });
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".idx.tmp") {
+                // An index file whose writing a crash interrupted: the segment is read instead.
+                remove_if_there(&path)?;
+            } else if name.ends_with(".idx") {
+                index_files.push(path);
+            } else if let Some(stem) = name.strip_suffix(".log") {
+                let first: u64 = stem.parse().map_err(|_| LogError::NotASegment(path.clone()))?;
+                segments.push(Segment { first, path, bytes: 0, marks: Vec::new(), last: None });
+            }
+        }
+        // An index file left by a segment deleted (a crash between the two deletions).
+        for idx in index_files {
+            if !idx.with_extension("log").exists() {
+                remove_if_there(&idx)?;
+            }
         }
         segments.sort_by_key(|s| s.first);
         let mut opened = Opened::default();
+        let mut segments_opened = Vec::with_capacity(segments.len());
         let n = segments.len();
         let mut next = segments.first().map_or(0, |s| s.first);
-        for (i, seg) in segments.iter_mut().enumerate() {
-            let bytes = fs::read(&seg.path).map_err(io(&seg.path))?;
-            let s = scan(&bytes);
-            let newest = i + 1 == n;
+        for i in 0..n {
+            if segments[i].first != next {
+                // An index file that miscounts its segment's records (the next segment says so): read it instead.
+                let prev =
+                    segments_opened.last().filter(|o: &&SegmentOpened| matches!(o.index, IndexState::Loaded { .. }));
+                if let Some(prev) = prev {
+                    let why = format!(
+                        "it counts {} record(s), the next segment starts at {}",
+                        prev.records, segments[i].first
+                    );
+                    next -= prev.records;
+                    let mut o = open_segment(&mut segments[i - 1], false, &mut opened, false)?;
+                    o.index = IndexState::Unusable(why);
+                    next += o.records;
+                    *segments_opened.last_mut().expect("a segment before") = o;
+                }
+            }
+            let seg = &mut segments[i];
             if seg.first != next {
                 return Err(LogError::Corrupt {
                     path: seg.path.clone(),
@@ -224,25 +513,9 @@ impl Log {
                     why: format!("starts at record {} where {next} was expected", seg.first),
                 });
             }
-            if let Some(why) = s.bad {
-                if !newest {
-                    return Err(LogError::Corrupt { path: seg.path.clone(), offset: s.valid as u64, why });
-                }
-                // A torn write at the end: keep the whole records (and a fresh magic if even that was torn).
-                let keep = s.valid.max(MAGIC.len());
-                let f = OpenOptions::new().write(true).open(&seg.path).map_err(io(&seg.path))?;
-                if s.valid == 0 {
-                    f.set_len(0).map_err(io(&seg.path))?;
-                    (&f).write_all(MAGIC).map_err(io(&seg.path))?;
-                } else {
-                    f.set_len(keep as u64).map_err(io(&seg.path))?;
-                }
-                f.sync_all().map_err(io(&seg.path))?;
-                opened.truncated = Some((seg.path.clone(), (bytes.len() - s.valid) as u64, why));
-            }
-            seg.bytes = s.valid.max(MAGIC.len()) as u64;
-            seg.marks = s.records.iter().step_by(MARK_EVERY as usize).map(|(at, _)| (at - HEADER) as u64).collect();
-            next += s.records.len() as u64;
+            let o = open_segment(seg, i + 1 == n, &mut opened, true)?;
+            next += o.records;
+            segments_opened.push(o);
         }
         opened.records = next - segments.first().map_or(0, |s| s.first);
         if segments.is_empty() {
@@ -251,7 +524,65 @@ impl Log {
         let last = segments.last().map(|s| s.path.clone()).unwrap_or_default();
         let mut f = OpenOptions::new().write(true).open(&last).map_err(io(&last))?;
         f.seek(SeekFrom::End(0)).map_err(io(&last))?;
-        Ok(Log { dir: dir.to_owned(), opts, segments, out: BufWriter::new(f), next, opened, buf: Vec::new() })
+        Ok(Log {
+            dir: dir.to_owned(),
+            opts,
+            segments,
+            out: BufWriter::new(f),
+            next,
+            opened,
+            segments_opened,
+            buf: Vec::new(),
+        })
+    }
+
+    /// What opening found of each segment, oldest first (taken: later calls return nothing).
+    pub fn segments_opened(&mut self) -> Vec<SegmentOpened> {
+        std::mem::take(&mut self.segments_opened)
+    }
+
+    /// Whether the newest segment is full: the next [`Log::append`] starts a new one. An owner that keeps index
+    /// files calls [`Log::seal`] first.
+    pub fn is_full(&self) -> bool {
+        self.segments.last().is_some_and(|s| s.bytes >= self.opts.segment_bytes)
+    }
+
+    /// Seals the newest segment: writes its index file with the owner's `extra` (after its data is on disk), then
+    /// starts a new segment ([`Log::roll`], which deletes the oldest beyond the byte bound with their index files).
+    /// A segment that holds no record gets no index file (and no new segment follows it).
+    pub fn seal(&mut self, extra: &[u8]) -> Result<(), LogError> {
+        let first = self.segments.last().map_or(0, |s| s.first);
+        self.write_index(first, extra)?;
+        self.roll()
+    }
+
+    /// Writes the index file of the segment whose first record is `first` (its data synced first), with the owner's
+    /// `extra`: for the newest on a clean close ([`Log::seal`] for the others), or for a segment whose index file
+    /// was missing or unusable at opening. Nothing for a segment that holds no record, or none of that index.
+    pub fn write_index(&mut self, first: u64, extra: &[u8]) -> Result<(), LogError> {
+        let newest = self.segments.last().is_some_and(|s| s.first == first);
+        let Some(k) = self.segments.iter().position(|s| s.first == first) else { return Ok(()) };
+        let end = self.segments.get(k + 1).map_or(self.next, |s| s.first);
+        let seg = &self.segments[k];
+        let Some((last_at, last_header)) = seg.last else { return Ok(()) };
+        if newest {
+            self.out.flush().map_err(io(&seg.path))?;
+            self.out.get_ref().sync_data().map_err(io(&seg.path))?;
+        } else {
+            File::open(&seg.path).and_then(|f| f.sync_data()).map_err(io(&seg.path))?;
+        }
+        let ix = IndexFile {
+            first,
+            records: end - first,
+            bytes: seg.bytes,
+            last_at,
+            last_header,
+            marks: seg.marks.clone(),
+            extra: extra.to_vec(),
+        };
+        let path = index_path(&seg.path);
+        let tmp = seg.path.with_extension("idx.tmp");
+        write_atomically(&path, &tmp, &ix.encode()).map_err(io(&path))
     }
 
     /// What opening found.
@@ -262,6 +593,11 @@ impl Log {
     /// The index the next record gets.
     pub fn next_index(&self) -> u64 {
         self.next
+    }
+
+    /// The index of the newest segment's first record.
+    pub fn segment_first(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.first)
     }
 
     /// The index of the oldest record kept.
@@ -290,6 +626,7 @@ impl Log {
         if (self.next - seg.first).is_multiple_of(MARK_EVERY) {
             seg.marks.push(seg.bytes);
         }
+        seg.last = Some((seg.bytes, self.buf[..HEADER].try_into().unwrap_or_default()));
         seg.bytes += self.buf.len() as u64;
         let i = self.next;
         self.next += 1;
@@ -321,9 +658,12 @@ impl Log {
         Ok(())
     }
 
+    /// Deletes the oldest segment, then its index file (a crash between the two leaves an index file without its
+    /// segment, which opening deletes).
     fn drop_oldest(&mut self) -> Result<(), LogError> {
         let old = self.segments.remove(0);
-        fs::remove_file(&old.path).map_err(io(&old.path))
+        fs::remove_file(&old.path).map_err(io(&old.path))?;
+        remove_if_there(&index_path(&old.path))
     }
 
     /// Hands buffered appends to the kernel: they survive the process being killed.
@@ -402,10 +742,12 @@ impl Log {
 
 fn new_segment(dir: &Path, first: u64) -> Result<Segment, LogError> {
     let path = dir.join(segment_name(first));
+    // An index file of that name describes another segment (of a log started afresh).
+    remove_if_there(&index_path(&path))?;
     let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
     f.write_all(MAGIC).map_err(io(&path))?;
     f.sync_all().map_err(io(&path))?;
-    Ok(Segment { first, path, bytes: MAGIC.len() as u64, marks: Vec::new() })
+    Ok(Segment { first, path, bytes: MAGIC.len() as u64, marks: Vec::new(), last: None })
 }
 
 #[cfg(test)]
@@ -446,7 +788,7 @@ mod tests {
         log.flush().unwrap();
         drop(log);
         let mut log = Log::open(dir.path(), LogOptions::default()).unwrap();
-        assert_eq!(log.opened(), &Opened { truncated: None, records: 2 });
+        assert_eq!(log.opened(), &Opened { truncated: None, records: 2, scanned: 2 });
         assert_eq!(log.append(b"c").unwrap(), 2);
         assert_eq!(payloads(&mut log), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
         assert_eq!(log.read_from(2).unwrap(), vec![(2, b"c".to_vec())]);
@@ -582,5 +924,120 @@ mod tests {
         for (from, to) in [(2990, 3010), (3300, u64::MAX), (2500, 3599)] {
             check(&mut log, from, to, 3599);
         }
+    }
+
+    #[test]
+    fn an_index_file_round_trips_and_any_flipped_bit_or_cut_is_refused() {
+        let ix = IndexFile {
+            first: 512,
+            records: 300,
+            bytes: 5_000,
+            last_at: 4_980,
+            last_header: [12, 0, 0, 0, 1, 2, 3, 4],
+            marks: vec![8, 2_100],
+            extra: b"owner".to_vec(),
+        };
+        let b = ix.encode();
+        assert_eq!(IndexFile::decode(&b), Ok(ix.clone()));
+        for i in 0..b.len() * 8 {
+            let mut c = b.clone();
+            c[i / 8] ^= 1 << (i % 8);
+            assert!(IndexFile::decode(&c).is_err(), "bit {i} flipped");
+        }
+        for n in 0..b.len() {
+            assert!(IndexFile::decode(&b[..n]).is_err(), "cut at {n}");
+        }
+        // Checksummed but inconsistent: refused with the reason.
+        let bad = IndexFile { marks: vec![8], ..ix.clone() };
+        assert!(IndexFile::decode(&bad.encode()).unwrap_err().contains("mark"));
+        let bad = IndexFile { bytes: 4_999, ..ix };
+        assert!(IndexFile::decode(&bad.encode()).unwrap_err().contains("whole records"));
+    }
+
+    #[test]
+    fn a_sealed_segment_with_an_index_file_is_not_read_at_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { segment_bytes: 1_000, max_bytes: u64::MAX };
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        let rec = |i: u64| format!("record {i:05}").into_bytes();
+        for i in 0..300 {
+            if log.is_full() {
+                log.seal(format!("extra {}", log.segment_first()).as_bytes()).unwrap();
+            }
+            log.append(&rec(i)).unwrap();
+        }
+        let newest = log.segment_first();
+        assert!(newest > 0);
+        drop(log);
+        // An index file left by a segment deleted, and a half-written one: both go.
+        fs::write(dir.path().join("00000000000000099999.idx"), b"stale").unwrap();
+        fs::write(dir.path().join(segment_name(newest)).with_extension("idx.tmp"), b"half").unwrap();
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        assert_eq!(log.opened().scanned, 300 - newest, "only the newest segment's records");
+        let segs = log.segments_opened();
+        for s in &segs[..segs.len() - 1] {
+            let extra = format!("extra {}", s.first).into_bytes();
+            assert_eq!(s.index, IndexState::Loaded { records: s.records, extra }, "{}", s.first);
+        }
+        assert_eq!(segs.last().unwrap().index, IndexState::Missing);
+        let names: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(names.iter().all(|n| n.ends_with(".log") || n.ends_with(".idx")), "{names:?}");
+        assert_eq!(names.len(), 2 * segs.len() - 1, "{names:?}");
+        // Reads through the loaded sparse index, and appends after, as before.
+        assert_eq!(log.read_from(0).unwrap().len(), 300);
+        for (i, r) in log.read_from(0).unwrap() {
+            assert_eq!(r, rec(i));
+        }
+        // The newest's index file on a clean close: nothing read at the next opening; appends after it are read.
+        log.write_index(newest, b"closed").unwrap();
+        drop(log);
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        assert_eq!(log.opened().scanned, 0);
+        log.append(&rec(300)).unwrap();
+        drop(log);
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        assert_eq!((log.opened().scanned, log.opened().records), (1, 301));
+        assert_eq!(
+            log.read_from(295).unwrap().into_iter().map(|(i, _)| i).collect::<Vec<_>>(),
+            (295..301).collect::<Vec<_>>()
+        );
+        // A log started afresh where a segment's index file was left: not taken for the new segment's.
+        for p in fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()) {
+            if p.extension().is_some_and(|x| x == "log") {
+                fs::remove_file(p).unwrap();
+            }
+        }
+        drop(log);
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        assert_eq!(log.opened().records, 0);
+        log.append(b"fresh").unwrap();
+        assert_eq!(log.read_from(0).unwrap(), vec![(0, b"fresh".to_vec())]);
+    }
+
+    #[test]
+    fn an_index_file_that_miscounts_its_records_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { segment_bytes: 1_000, max_bytes: u64::MAX };
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        for i in 0..100u64 {
+            if log.is_full() {
+                log.seal(b"").unwrap();
+            }
+            log.append(&i.to_le_bytes()).unwrap();
+        }
+        drop(log);
+        // Whole and checksummed, consistent in itself, but one record short.
+        let idx = dir.path().join("00000000000000000000.idx");
+        let mut ix = IndexFile::decode(&fs::read(&idx).unwrap()).unwrap();
+        ix.records -= 1;
+        fs::write(&idx, ix.encode()).unwrap();
+        let mut log = Log::open(dir.path(), opts).unwrap();
+        let first = log.segments_opened().remove(0);
+        assert!(matches!(&first.index, IndexState::Unusable(why) if why.contains("next segment")), "{first:?}");
+        assert_eq!(first.records, ix.records + 1);
+        let got: Vec<u64> =
+            log.read_from(0).unwrap().iter().map(|(_, b)| u64::from_le_bytes(b[..].try_into().unwrap())).collect();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
     }
 }

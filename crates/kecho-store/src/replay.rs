@@ -491,22 +491,13 @@ fn tail_from(rec: &mut Recorder, last: u64, matcher: Option<&Matcher>) -> Result
     while hi > first {
         let lo = hi.saturating_sub(window).max(first);
         let mut accepted = Vec::new();
-        let mut bad = None;
-        rec.for_each(lo, hi - 1, |i, b| match Recorded::decode(b) {
-            Ok(r) => {
-                if m.accepts(&r.ty, &r.attrs) {
-                    accepted.push(i);
-                }
-                ControlFlow::Continue(())
+        rec.for_each_decoded(lo, hi - 1, |i, b| {
+            let r = Recorded::decode(b)?;
+            if m.accepts(&r.ty, &r.attrs) {
+                accepted.push(i);
             }
-            Err(source) => {
-                bad = Some(RecorderError::Decode { index: i, source });
-                ControlFlow::Break(())
-            }
+            Ok(ControlFlow::Continue(()))
         })?;
-        if let Some(e) = bad {
-            return Err(e);
-        }
         let need = last - found;
         if accepted.len() as u64 >= need {
             return Ok(accepted[accepted.len() - need as usize]);
@@ -526,25 +517,15 @@ fn chosen(rec: &mut Recorder, req: &Request, tail_from: u64) -> Result<Vec<Recor
     };
     let select = Select::new(req, tail_from);
     let mut out = Vec::new();
-    let mut bad = None;
-    rec.for_each(from, to, |i, b| {
-        let r =
-            Recorded::peek(b)
-                .and_then(|(k, s)| if select.wants(i, k, s) { Recorded::decode(b).map(Some) } else { Ok(None) });
-        match r {
-            Ok(Some(r)) => out.push(r),
-            Ok(None) => {}
-            Err(source) => {
-                bad = Some(RecorderError::Decode { index: i, source });
-                return ControlFlow::Break(());
-            }
+    // Only the records in the answer are decoded whole.
+    rec.for_each_decoded(from, to, |i, b| {
+        let (k, s) = Recorded::peek(b)?;
+        if select.wants(i, k, s) {
+            out.push(Recorded::decode(b)?);
         }
-        ControlFlow::Continue(())
+        Ok(ControlFlow::Continue(()))
     })?;
-    match bad {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    Ok(out)
 }
 
 /// What an answer to a request holds ([`prepare`]).

@@ -2,59 +2,13 @@
 //! recording from near that position, not from its start, and returns exactly what a read of the whole recording
 //! would, across segments, after the recorder is opened again and after a torn tail was cut off.
 
-use bytes::Bytes;
-use kecho::{Attrs, SourceKey};
+mod recording;
+
+use kecho::SourceKey;
 use kecho_store::recorder::SOURCE_MARK_EVERY;
 use kecho_store::replay::{self, Filters, Request};
-use kecho_store::{LogOptions, Recorded, Recorder, RecorderId};
-
-const SOURCES: u64 = 3;
-
-fn ev(source: u64, seq: u64) -> Recorded {
-    let mut attrs = Attrs::default();
-    attrs.set("zone", if seq.is_multiple_of(2) { "a" } else { "b" });
-    Recorded {
-        source: SourceKey(source),
-        seq,
-        ty: "t".into(),
-        attrs,
-        payload: Bytes::from(format!("{source}:{seq}:{}", "x".repeat(60))),
-    }
-}
-
-/// Events `1..=per_source` of each source, interleaved.
-fn fill(rec: &mut Recorder, from: u64, per_source: u64) {
-    for seq in from..=per_source {
-        for s in 1..=SOURCES {
-            assert!(rec.record(&ev(s, seq)).unwrap());
-        }
-    }
-    rec.flush().unwrap();
-}
-
-fn after(source: u64, seq: u64) -> Request {
-    Request {
-        id: "r".into(),
-        version: replay::VERSION,
-        to: Some(RecorderId(1)),
-        after: vec![(SourceKey(source), seq)],
-        ..Request::default()
-    }
-}
-
-/// The answer's events, and the records read to make it.
-fn answer(rec: &mut Recorder, req: &Request) -> (Vec<(u64, u64)>, u64) {
-    let before = rec.records_read();
-    let m = (!req.filters.is_none()).then(|| req.filters.compile().unwrap());
-    let a = replay::prepare(rec, req, m.as_ref()).unwrap();
-    (a.events.iter().map(|(r, _)| (r.source.0, r.seq)).collect(), rec.records_read() - before)
-}
-
-/// What the whole recording says the answer is (the path an answer took before the index).
-fn whole(rec: &mut Recorder, req: &Request) -> Vec<(u64, u64)> {
-    let all = rec.indexed(rec.first_index()).unwrap();
-    replay::answer(req, &all).iter().map(|r| (r.source.0, r.seq)).collect()
-}
+use kecho_store::{LogOptions, Recorder, RecorderId};
+use recording::{after, answer, ev, files, fill, whole, SOURCES};
 
 /// Most records read for an answer of `n` events of one source among `SOURCES` interleaved: from the source's mark
 /// at or before its position (at most `SOURCE_MARK_EVERY` of its records back) and the log's mark before that (at
@@ -69,10 +23,7 @@ fn a_replay_from_the_middle_reads_near_it_and_returns_exactly_the_right_events()
     let opts = LogOptions { segment_bytes: 64 << 10, max_bytes: u64::MAX };
     let mut rec = Recorder::open(dir.path(), opts).unwrap();
     fill(&mut rec, 1, 10_000);
-    let segments = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
-        .count();
+    let segments = files(dir.path(), ".log").len();
     assert!(segments > 20, "a recording of {segments} segment(s)");
 
     for (s, p) in [(2, 5_000), (1, 9_900), (3, 1), (2, 9_999), (1, 0)] {
@@ -101,12 +52,7 @@ fn a_replay_from_the_middle_reads_near_it_and_returns_exactly_the_right_events()
 
     // A torn tail: the last record (source 3's event 10,000) is cut off, and recorded again when it comes again.
     drop(rec);
-    let newest = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .max()
-        .unwrap();
+    let newest = files(dir.path(), ".log").pop().unwrap();
     let len = std::fs::metadata(&newest).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(len - 5).unwrap();
     let mut rec = Recorder::open(dir.path(), opts).unwrap();

@@ -159,7 +159,8 @@ pub async fn run(a: Args) -> Result<()> {
             Some(Err(e)) => break Err(e.into()),
         }
     };
-    rec.flush()?;
+    // A clean close: the newest segment gets its index file, so that the next start reads no record.
+    rec.close()?;
     eprintln!("kecho: recorded {recorded} event(s); {missed} missed");
     drop(sink);
     node.shutdown().await;
