@@ -865,6 +865,16 @@ impl Outbox {
         self.take(into, crate::clock::now)
     }
 
+    /// Gives back the room emptied lanes kept for a past burst (their queues grow to a burst's frames and would keep
+    /// that room for good). For a quiet link: done on a busy one, each burst would grow them again.
+    pub(crate) fn shrink_idle(&self) {
+        for lane in &mut self.q.lock().lanes {
+            if lane.frames.is_empty() {
+                kecho_proto::gossip::shrink_idle(&mut lane.frames);
+            }
+        }
+    }
+
     /// Streams mode: takes the frames of lanes 1 and up for the urgent stream, highest lane first, as `take_all` does.
     pub(crate) fn take_urgent(&self, into: &mut VecDeque<Bytes>) {
         self.take_stream(1, into, crate::clock::now)
@@ -954,11 +964,6 @@ impl Outbox {
                         }
                     }
                 }
-            }
-        }
-        for lane in &mut lanes[lo..hi] {
-            if lane.frames.is_empty() {
-                kecho_proto::gossip::shrink_idle(&mut lane.frames);
             }
         }
         q.timely -= timely_taken;

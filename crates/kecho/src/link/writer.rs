@@ -22,6 +22,8 @@ use crate::clock::now;
 const WRITE_BATCH: usize = 256 * 1024;
 /// The least room `coalesce` asks for at a time.
 const MIN_BATCH: usize = 4 * 1024;
+/// Small frames waiting to be copied that make a link busy: `coalesce` then asks for [`WRITE_BATCH`] at once.
+const BUSY_RUN: usize = 16 * 1024;
 /// Most segments given to one vectored write (Linux takes up to 1024).
 const MAX_IOV: usize = 64;
 /// Frames this long or longer are written from where they are rather than copied (see `write_frames`).
@@ -132,8 +134,6 @@ pub(super) async fn writer<H: LinkHandler>(
             }
             peer.outbox.take_all(&mut frames);
             if frames.is_empty() {
-                // Idle: room kept for a past burst goes back.
-                kecho_proto::gossip::shrink_idle(&mut frames);
                 if links.closing.load(Ordering::Acquire) {
                     if peer.outbox.has_streams() {
                         // The main stream ends with a `Wait` for the whole urgent stream, once that is written, so that
@@ -178,6 +178,13 @@ pub(super) async fn writer<H: LinkHandler>(
                     _ = &mut wake => continue,
                     _ = &mut settled => continue,
                     _ = tokio::time::sleep_until(deadline.into()) => {
+                        // Nothing to write for a heartbeat's interval: a quiet link gives back the room a past burst
+                        // left it (on a busy one each burst would only take it again).
+                        kecho_proto::gossip::shrink_idle(&mut frames);
+                        peer.outbox.shrink_idle();
+                        if batch.is_empty() && batch.capacity() > BUSY_RUN {
+                            batch = BytesMut::new();
+                        }
                         if live.reader_waiting.load(Ordering::Acquire) {
                             live.lock().on_receive(now());
                         }
@@ -444,29 +451,30 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 
 /// Replaces each run of frames shorter than [`COPY_BELOW`] by one segment holding their bytes (cut from `batch`,
 /// whose memory is used again once the segments are written and dropped). The buffer is as large as the small
-/// frames need, up to [`WRITE_BATCH`]: a link that only ever carries a few small frames at a time (most of a tree's
-/// links) holds a few KiB, not a busy link's 256 KiB.
+/// frames need: a busy link's [`WRITE_BATCH`] once [`BUSY_RUN`] bytes of them wait, else a few KiB (most of a tree's
+/// links only ever carry a few small frames at a time).
 fn coalesce(frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) {
-    let mut small: usize = frames.iter().filter(|f| f.len() < COPY_BELOW).map(Bytes::len).sum();
-    if small == 0 {
+    if frames.iter().all(|f| f.len() >= COPY_BELOW) {
         return;
     }
-    if batch.is_empty() && batch.capacity() < small.min(WRITE_BATCH) {
-        // Room for the whole run at once (the buffer a quiet time left small), rather than a first segment cut short.
-        batch.reserve(small.clamp(MIN_BATCH, WRITE_BATCH));
-    }
-    for _ in 0..frames.len() {
+    let n = frames.len();
+    for i in 0..n {
         let Some(f) = frames.pop_front() else { break };
         if f.len() < COPY_BELOW {
-            if batch.capacity() - batch.len() < f.len() {
-                // Never let the buffer grow under a run: that would move the bytes copied so far. Close the run and
-                // start the next in reclaimed (or new) memory instead.
-                if !batch.is_empty() {
-                    frames.push_back(batch.split().freeze());
+            let room = batch.capacity() - batch.len();
+            // Also at a run's start in little room (a quiet time's small buffer), so that a burst is one segment.
+            if room < f.len() || (batch.is_empty() && room < BUSY_RUN) {
+                // The frames of this turn not copied yet: the first `n - i - 1` of the queue.
+                let want = room_for(f.len(), frames.iter().take(n - i - 1).map(Bytes::len));
+                if room < want {
+                    // Never let the buffer grow under a run: that would move the bytes copied so far. Close the
+                    // run and start the next in reclaimed (or new) memory instead.
+                    if !batch.is_empty() {
+                        frames.push_back(batch.split().freeze());
+                    }
+                    batch.reserve(want);
                 }
-                batch.reserve(small.clamp(MIN_BATCH, WRITE_BATCH));
             }
-            small -= f.len();
             batch.extend_from_slice(&f);
             if batch.len() < WRITE_BATCH {
                 continue;
@@ -482,6 +490,26 @@ fn coalesce(frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) {
     }
     if !batch.is_empty() {
         frames.push_back(batch.split().freeze());
+    }
+}
+
+/// The room to ask for a run of small frames that starts with one of `first` bytes, followed by frames of `rest`
+/// bytes: [`WRITE_BATCH`] once [`BUSY_RUN`] bytes of small frames are seen (the scan stops there), else what they
+/// need, at least [`MIN_BATCH`].
+fn room_for(first: usize, rest: impl Iterator<Item = usize>) -> usize {
+    let mut small = first;
+    for len in rest {
+        if small >= BUSY_RUN {
+            break;
+        }
+        if len < COPY_BELOW {
+            small += len;
+        }
+    }
+    if small >= BUSY_RUN {
+        WRITE_BATCH
+    } else {
+        small.max(MIN_BATCH)
     }
 }
 
