@@ -1624,13 +1624,9 @@ mod tests {
 
     const CHANNEL: ChannelId = ChannelId(9);
 
-    /// A node that created the channel (its contact), with `relayed` as given, and the time it became a member.
-    fn contact(relayed: bool) -> (ChannelState, Instant) {
-        let now = Instant::now();
-        let mut st = ChannelState::new("c", CHANNEL, ChannelSecret(1), NodeId(1), "a:1", Default::default());
-        st.set_relayed(relayed);
-        st.open(OpenMode::Create, now);
-        let entry = RegEntry {
+    /// The registry's entry of the channel: node 1 (at "a:1") is its contact.
+    fn entry() -> RegEntry {
+        RegEntry {
             name: "c".into(),
             channel: CHANNEL,
             contact: NodeId(1),
@@ -1638,8 +1634,16 @@ mod tests {
             sources: 0,
             sinks: 0,
             expires_in_ms: 9_000,
-        };
-        st.handle_registry(Ok(RegResult::Entry(entry)), now);
+        }
+    }
+
+    /// A node that created the channel (its contact), with `relayed` as given, and the time it became a member.
+    fn contact(relayed: bool) -> (ChannelState, Instant) {
+        let now = Instant::now();
+        let mut st = ChannelState::new("c", CHANNEL, ChannelSecret(1), NodeId(1), "a:1", Default::default());
+        st.set_relayed(relayed);
+        st.open(OpenMode::Create, now);
+        st.handle_registry(Ok(RegResult::Entry(entry())), now);
         assert!(st.is_member(), "the creator is a member");
         while st.poll_output().is_some() {}
         (st, now)
@@ -1714,16 +1718,7 @@ mod tests {
             ChannelState::new("c", ChannelId(99), ChannelSecret(2), NodeId(me), &format!("n:{me}"), Default::default());
         st.set_relayed(relayed);
         st.open(OpenMode::Open, now);
-        let entry = RegEntry {
-            name: "c".into(),
-            channel: CHANNEL,
-            contact: NodeId(1),
-            addr: "a:1".into(),
-            sources: 0,
-            sinks: 0,
-            expires_in_ms: 9_000,
-        };
-        st.handle_registry(Ok(RegResult::Entry(entry)), now);
+        st.handle_registry(Ok(RegResult::Entry(entry())), now);
         let mut to_contact = Vec::new();
         while let Some(out) = st.poll_output() {
             if let Output::Send { to: NodeId(1), msg, .. } = out {

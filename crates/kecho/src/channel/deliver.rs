@@ -149,17 +149,7 @@ impl ChannelInner {
         let gap = {
             let mut tracks = self.tracks.lock();
             let track = tracks.entry((from, e.source)).or_default();
-            if track.stale(e.seq) {
-                match self.with_retired(track, from, e.source, e.seq, |t| t.arrived_as(e.seq, numbered)) {
-                    Some(gap) => gap,
-                    None => {
-                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            } else {
-                track.arrived_as(e.seq, numbered)
-            }
+            self.arrive_on(track, from, e.source, e.seq, 1, |t| t.arrived_as(e.seq, numbered)).flatten()
         };
         let Some(gap) = gap else { return };
         if gap > 0 {
@@ -219,17 +209,9 @@ impl ChannelInner {
             let arrived = {
                 let mut tracks = self.tracks.lock();
                 let track = tracks.entry((from, run.source)).or_default();
-                if track.stale(run.first) {
-                    // A run's events follow one another: all of them were numbered for the same instance.
-                    let first = run.first;
-                    self.with_retired(track, from, run.source, first, |t| t.arrived_run(first, run.count))
-                        .unwrap_or_else(|| {
-                            self.counters.stale.fetch_add(run.count as u64, Ordering::Relaxed);
-                            None
-                        })
-                } else {
-                    track.arrived_run(run.first, run.count)
-                }
+                // A run's events follow one another: all of them were numbered for the same instance.
+                let (first, count) = (run.first, run.count);
+                self.arrive_on(track, from, run.source, first, count as u64, |t| t.arrived_run(first, count)).flatten()
             };
             let Some((skip, gap)) = arrived else { continue };
             if gap > 0 {
@@ -300,18 +282,8 @@ impl ChannelInner {
                     let numbered = a.numbered();
                     let (e, chosen, deadline) = a.parts();
                     let track = tracks.entry((from, e.source)).or_default();
-                    let gap = if track.stale(e.seq) {
-                        match self.with_retired(track, from, e.source, e.seq, |t| t.arrived_as(e.seq, numbered)) {
-                            Some(gap) => gap,
-                            None => {
-                                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                        }
-                    } else {
-                        track.arrived_as(e.seq, numbered)
-                    };
-                    let Some(gap) = gap else { continue };
+                    let arrived = self.arrive_on(track, from, e.source, e.seq, 1, |t| t.arrived_as(e.seq, numbered));
+                    let Some(gap) = arrived.flatten() else { continue };
                     let types = match &by_type {
                         Some((ty, m)) if Arc::ptr_eq(ty, &e.ty) => *m,
                         _ => {
@@ -449,6 +421,29 @@ impl ChannelInner {
     /// behind its earlier frames), the event is of the source of an earlier instance of `from`'s channel whose track
     /// waits apart for its end (`ChannelInner::source_gone_with_instance`), if one does. Applies `f` to that track
     /// then (the event is delivered and counted in it); `None` if there is none or the event is stale for it too.
+    /// Applies `arrive` to the track that event `seq` of `from`'s `source` belongs to: `track`, the key's current one,
+    /// or, for an event stale there, an earlier instance's track still waiting apart (`with_retired`). `None` for an
+    /// event stale in both, counted as `count` stale events (a run's length, or 1). The retired tracks are looked at
+    /// only for stale events.
+    fn arrive_on<R>(
+        &self,
+        track: &mut RecvTrack,
+        from: NodeId,
+        source: LocalId,
+        seq: u64,
+        count: u64,
+        arrive: impl FnOnce(&mut RecvTrack) -> R,
+    ) -> Option<R> {
+        if !track.stale(seq) {
+            return Some(arrive(track));
+        }
+        let arrived = self.with_retired(track, from, source, seq, arrive);
+        if arrived.is_none() {
+            self.counters.stale.fetch_add(count, Ordering::Relaxed);
+        }
+        arrived
+    }
+
     fn with_retired<R>(
         &self,
         track: &RecvTrack,
@@ -554,17 +549,7 @@ impl ChannelInner {
         let gap = {
             let mut tracks = self.tracks.lock();
             let track = tracks.entry((from, source)).or_default();
-            if track.stale(seq) {
-                match self.with_retired(track, from, source, seq, |t| t.arrived(seq)) {
-                    Some(gap) => gap,
-                    None => {
-                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            } else {
-                track.arrived(seq)
-            }
+            self.arrive_on(track, from, source, seq, 1, |t| t.arrived(seq)).flatten()
         };
         let Some(gap) = gap else { return };
         if gap > 0 {
