@@ -305,7 +305,7 @@ impl NodePart {
                     attrs: m.attrs.clone(),
                     updated: p.updated,
                 }),
-                types: Arc::new(types.clone()),
+                types: shared_types(types),
                 overflow: *overflow,
                 filter,
             });
@@ -321,6 +321,16 @@ impl NodePart {
             direct,
             sinks,
         }
+    }
+}
+
+/// A sink's type filter as the routing table holds it: the filter of every type (most sinks') is one shared value,
+/// not an allocation per remote sink in every member.
+fn shared_types(types: &TypeFilter) -> Arc<TypeFilter> {
+    static ALL: std::sync::LazyLock<Arc<TypeFilter>> = std::sync::LazyLock::new(|| Arc::new(TypeFilter::All));
+    match types {
+        TypeFilter::All => ALL.clone(),
+        only => Arc::new(only.clone()),
     }
 }
 
