@@ -244,6 +244,50 @@ fn recording() -> Result<()> {
     Ok(())
 }
 
+/// A recorder stopped by SIGTERM (how a service manager stops it) closes its recording cleanly: it says what it
+/// recorded, exits with success, and the newest segment has its index file, so that the next start reads no record.
+#[test]
+fn a_recorder_stopped_by_sigterm_closes_its_recording() -> Result<()> {
+    let (_reg, addr) = registry()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().context("path")?;
+    let mut rec = Proc::spawn("record", &["record", "term", "--dir", d, "--registry", &addr])?;
+    rec.wait_stderr("recording")?;
+    let mut p = publish(&addr, "term", 200, 5000, 1)?;
+    ensure!(p.finish()?, "pub: {}", p.stderr());
+    let deadline = Instant::now() + WAIT;
+    while print_recording(dir.path())?.0.len() < 200 {
+        ensure!(Instant::now() < deadline, "not all 200 events recorded: {}", rec.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let index = |dir: &Path| -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".log") || n.ends_with(".idx"))
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    ensure!(
+        index(dir.path())?.iter().all(|n| n.ends_with(".log")),
+        "an index file before the close: {:?}",
+        index(dir.path())?
+    );
+    let killed = Command::new("kill").args(["-TERM", &rec.child.id().to_string()]).status()?;
+    ensure!(killed.success(), "kill -TERM failed");
+    ensure!(rec.finish()?, "record did not exit cleanly: {}", rec.stderr());
+    ensure!(rec.stderr().contains("recorded 200 event(s); 0 missed"), "{}", rec.stderr());
+    let names = index(dir.path())?;
+    ensure!(
+        names.iter().filter(|n| n.ends_with(".idx")).count() == names.iter().filter(|n| n.ends_with(".log")).count(),
+        "every segment has its index file after SIGTERM: {names:?}"
+    );
+    let (got, _) = print_recording(dir.path())?;
+    ensure!(got == (1..=200).collect::<Vec<_>>(), "recorded: {got:?}");
+    Ok(())
+}
+
 /// A durable sink printing JSON, killed (SIGKILL) once it printed 300 events and started again under the same name
 /// after `away` (or, `away` None, once the publisher is gone). Returns (events printed twice, events missing, events
 /// reported missed).

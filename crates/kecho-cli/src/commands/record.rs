@@ -80,6 +80,9 @@ pub async fn run(a: Args) -> Result<()> {
     );
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
     let (mut recorded, mut missed) = (0u64, 0u64);
+    // Ctrl-C or SIGTERM (a service manager's stop) ends the recording cleanly, as `--count` does.
+    let stop = super::agent::wait_for_stop();
+    tokio::pin!(stop);
     let result = loop {
         if a.count.is_some_and(|n| recorded >= n) {
             break Ok(());
@@ -90,7 +93,7 @@ pub async fn run(a: Args) -> Result<()> {
                 biased;
                 r = sink.recv() => Some(Ok(r)),
                 r = requests.recv() => Some(Err(r)),
-                _ = tokio::signal::ctrl_c() => None,
+                _ = &mut stop => None,
             }
         };
         let r = match deadline {
