@@ -278,7 +278,11 @@ impl OutQ {
 
     /// Queues at the front of lane 0 a `Wait` placeholder for everything queued in the urgent lanes, if anything is:
     /// from now on they go to another stream, and a source's frames queued in lane 0 after its urgent ones (before
-    /// the split, with no placeholder of their own) must not overtake them.
+    /// the split, with no placeholder of their own) must not overtake them. The other way round too: at the front of
+    /// each urgent lane that holds frames, a `Wait` for the main stream's `Sync` only. Those frames were queued
+    /// before the split with no placeholder either, and their sources' frames taken before it went on the main stream
+    /// (still on their way, or unread at the receiver): the receiver takes them only once it has read the main stream
+    /// up to its `Sync`, which follows everything taken before the split.
     fn wait_for_urgent_lanes(&mut self) {
         if self.lanes[1..].iter().all(Lane::is_empty) {
             return;
@@ -287,6 +291,10 @@ impl OutQ {
         for (a, l) in after.iter_mut().zip(&mut self.lanes).skip(1) {
             l.seal();
             *a = l.pushed;
+            if !l.is_empty() {
+                let wait = Some(Box::new(WaitFor { after: [0; LANES], sync_only: true }));
+                l.frames.push_front(Queued { bytes: Bytes::new(), expiry: None, glued: false, wait });
+            }
         }
         let l0 = &mut self.lanes[0];
         let wait = Some(Box::new(WaitFor { after, sync_only: false }));
@@ -1199,8 +1207,9 @@ mod tests {
             if up {
                 assert_eq!(out.start_streams(), sync_frame());
                 assert!(take_at(&out, t).is_empty(), "the main stream waits for the urgent one");
-                assert_eq!(take_urgent_bytes(&out), b"a1c1");
-                assert_eq!(take_at(&out, t), cat(&[&wait_frame(4), b"a2b1a3b2"]));
+                // Queued before the hold, a1 waits for the main stream's `Sync` (see the test below).
+                assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(0), b"a1c1"]));
+                assert_eq!(take_at(&out, t), cat(&[&wait_frame(13 + 4), b"a2b1a3b2"]));
             } else {
                 out.release_hold();
                 let first = take_at(&out, t);
@@ -1236,6 +1245,38 @@ mod tests {
         assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
         assert_eq!(take_urgent_bytes(&out), b"a3");
         assert!(take_at(&out, t).is_empty());
+    }
+
+    /// An urgent frame queued while the link had one stream, behind nothing of its source's in the outbox (the
+    /// writer took those already, for the main stream), goes to the urgent stream when the split starts (streams mode,
+    /// or a hold for an urgent connection that then comes up): a `Wait` for the main stream's `Sync` goes first, or the
+    /// receiver would deliver it ahead of its source's frames still on their way on the main stream (seen as events
+    /// reported missed over QUIC, whose main stream is slower than a second connection's handshake).
+    #[test]
+    fn an_urgent_frame_queued_before_the_switch_waits_for_the_main_streams_sync() {
+        for hold in [false, true] {
+            let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+            let mut gate = SourceGate::default();
+            let (mut a, mut b) = (Held::default(), Held::default());
+            let t = Instant::now();
+            assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(0, &mut a)));
+            assert_eq!(take_at(&out, t), b"a1", "taken for the main stream");
+            assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+            assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(2, &mut b)));
+            if hold {
+                out.hold_urgent();
+                assert!(take_at(&out, t).is_empty(), "held");
+            }
+            assert_eq!(out.start_streams(), sync_frame());
+            // Each urgent lane that held frames at the switch starts with a `Wait` for the `Sync` only.
+            assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(0), b"a2", &wait_frame(0), b"b1"]), "hold {hold}");
+            // Queued after the switch, with nothing of its source's before: no wait.
+            assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(2, &mut b)));
+            assert_eq!(take_urgent_bytes(&out), b"b2");
+            // The main stream's placeholder for the urgent frames queued before the switch: all 32 bytes given.
+            assert_eq!(take_at(&out, t), wait_frame(13 + 2 + 13 + 2 + 2));
+            assert!(out.is_empty());
+        }
     }
 
     #[test]
