@@ -107,6 +107,8 @@ pub(super) async fn writer<H: LinkHandler>(
     // The urgent lanes may take a stream of the link's connection once it carries priorities: a stream link without
     // an urgent connection slot, or a QUIC link whose urgent connection could not be made (`urgent_turn`).
     let mut stream_wanted = tcp_urgent.is_none();
+    let streams = peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams());
+    peer.outbox.set_movable(tcp_urgent.is_some() || streams);
     let mut urgent_wr = None;
     let mut hold = Hold::Not;
     // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
