@@ -127,6 +127,7 @@ impl TcpUrgent {
     }
 
     /// The acceptor's urgent QUIC endpoint, at the dialler's end of a QUIC link.
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     pub(crate) fn dials_quic(&self) -> Option<std::net::SocketAddr> {
         match &self.role {
             Role::Dialler { quic, .. } => *quic,
