@@ -294,6 +294,27 @@ async fn an_urgent_event_passes_a_stalled_bulk_stream_over_quic() -> Result<()> 
     Ok(())
 }
 
+/// Over QUIC with TLS (both connections authenticated against the nodes' CA), the urgent connection comes up and an
+/// urgent event passes a stalled bulk stream on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urgent_connection_works_over_quic_with_tls() -> Result<()> {
+    let ca = common::Ca::new()?;
+    let reg = RegistryClient::in_process_private();
+    let start = |tls: kecho::TlsConfig| {
+        Node::builder()
+            .registry_client(reg.clone())
+            .transport(Transport::Quic)
+            .tls(tls)
+            .link_queue_bytes(64 << 20)
+            .start()
+    };
+    let a = start(ca.loopback()?).await?;
+    let b = start(ca.loopback()?).await?;
+    urgent_passes_stalled_bulk(&a, &b, "tls").await?;
+    assert_eq!(urgent_path(&a, &b), (true, true), "a's urgent frames on a connection of their own");
+    Ok(())
+}
+
 /// A node with urgent connections off (`urgent_connection(false)`) takes none: the link's urgent lanes take a stream
 /// of the one QUIC connection each way instead, and an urgent event still passes a stalled bulk stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
