@@ -3,8 +3,8 @@
 //! node B (and the registry) in one, node A in the other, each in a process of its own. A sends 100 B events paced
 //! 2 ms apart to B, on an idle link or while a second channel's source on A streams 64 KB events to B as fast as the
 //! link takes them; B measures each one-way latency (one clock: the namespaces share the host). Cases: TCP with one
-//! connection without priorities and with priority 3, TCP with the urgent connection (priority 3), QUIC (priority 3,
-//! its urgent stream), each with its idle baseline; under three shapers: tbf with its own FIFO, tbf with
+//! connection without priorities and with priority 3, TCP with the urgent connection (priority 3), QUIC (priority 3)
+//! with its urgent stream (urgent connections off) and with its urgent connection, each with its idle baseline; under three shapers: tbf with its own FIFO, tbf with
 //! `pfifo_fast` inside (three bands by socket priority: 6, the urgent connection's mark, goes to the first; `prio`
 //! would do the same, but this kernel lacks it), and `htb` at the same rate with a class for DSCP EF (the urgent
 //! connection's other mark, matched by a `u32` filter) served before the rest. The veth ends' transmit queue is 100
@@ -44,7 +44,7 @@ struct Case {
     idle: &'static str,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 9] = [
     Case { name: "tcp1-idle", quic: false, two: false, prio: true, bulk: false, idle: "tcp1-idle" },
     Case { name: "tcp1-bulk-noprio", quic: false, two: false, prio: false, bulk: true, idle: "tcp1-idle" },
     Case { name: "tcp1-bulk-prio", quic: false, two: false, prio: true, bulk: true, idle: "tcp1-idle" },
@@ -52,11 +52,14 @@ const CASES: [Case; 7] = [
     Case { name: "tcp2-bulk-prio", quic: false, two: true, prio: true, bulk: true, idle: "tcp2-idle" },
     Case { name: "quic-idle", quic: true, two: false, prio: true, bulk: false, idle: "quic-idle" },
     Case { name: "quic-bulk-prio", quic: true, two: false, prio: true, bulk: true, idle: "quic-idle" },
+    Case { name: "quic2-idle", quic: true, two: true, prio: true, bulk: false, idle: "quic2-idle" },
+    Case { name: "quic2-bulk-prio", quic: true, two: true, prio: true, bulk: true, idle: "quic2-idle" },
 ];
 
 fn label(c: &Case) -> String {
     let t = match (c.quic, c.two) {
-        (true, _) => "QUIC",
+        (true, true) => "QUIC, urgent connection",
+        (true, false) => "QUIC, urgent stream",
         (false, true) => "TCP, urgent connection",
         (false, false) => "TCP, one connection",
     };

@@ -142,7 +142,7 @@ fn parse_member_count(s: &str) -> std::result::Result<u64, String> {
     }
 }
 
-/// `--urgent-connection`: whether TCP links take an urgent connection, and when.
+/// `--urgent-connection`: whether links (TCP, and QUIC) take an urgent connection, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UrgentConnection {
     Off,

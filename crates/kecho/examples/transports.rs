@@ -3,8 +3,10 @@
 //! same link (on another channel): with the default priority, with the highest, and (QUIC) as best-effort events,
 //! which go as datagrams. Prints each figure and QUIC's ratio to TCP.
 //! `cargo run --release -p kecho --no-default-features --features quic --example transports -- [rounds] [events]
-//! [throughput|idle]` (with `throughput`, only the throughput rounds: for a profile of that workload; with `idle`, only
-//! the idle-link latency rounds, `events` unused, and a fourth argument `tcp` or `quic` runs only that transport).
+//! [throughput|idle|urgent]` (with `throughput`, only the throughput rounds: for a profile of that workload; with `idle`,
+//! only the idle-link latency rounds, `events` unused, and a fourth argument `tcp` or `quic` runs only that transport;
+//! with `urgent`, only the idle and priority-3-behind-bulk latency rounds, for TCP and for QUIC with urgent connections
+//! on (the default) and off (an urgent stream on the link's one connection), each with its p99 ratio).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,10 +20,15 @@ const T: Duration = Duration::from_secs(10);
 
 /// Two nodes on a private registry, linked by `transport`.
 async fn pair(t: Transport) -> kecho::Result<(Node, Node)> {
+    pair_with(t, true).await
+}
+
+/// Two nodes linked by `transport`, with urgent connections on or off (`NodeBuilder::urgent_connection`).
+async fn pair_with(t: Transport, urgent_connection: bool) -> kecho::Result<(Node, Node)> {
     let reg = RegistryClient::in_process_private();
-    let a = Node::builder().registry_client(reg.clone()).transport(t).start().await?;
-    let b = Node::builder().registry_client(reg).transport(t).start().await?;
-    Ok((a, b))
+    let start =
+        || Node::builder().registry_client(reg.clone()).transport(t).urgent_connection(urgent_connection).start();
+    Ok((start().await?, start().await?))
 }
 
 /// Events of `size` bytes per second from one node to the other, and the CPU microseconds per event both nodes
@@ -77,7 +84,12 @@ impl Mode {
 /// One-way latencies (us) of `n` 100 B events sent one at a time, and how many were lost (best-effort only); with
 /// `bulk`, while another channel's source streams 64 KB events over the same link as fast as it can.
 async fn latency(t: Transport, n: usize, bulk: bool, how: Mode) -> kecho::Result<(Vec<f64>, u64)> {
-    let (a, b) = pair(t).await?;
+    latency_with(t, true, n, bulk, how).await
+}
+
+/// [`latency`] with urgent connections on or off.
+async fn latency_with(t: Transport, uc: bool, n: usize, bulk: bool, how: Mode) -> kecho::Result<(Vec<f64>, u64)> {
+    let (a, b) = pair_with(t, uc).await?;
     let ca = a.channel("lat").await?;
     let cb = b.channel("lat").await?;
     let mut sink = cb.sink(SinkOptions::new().capacity(4096))?;
@@ -152,6 +164,38 @@ async fn latency(t: Transport, n: usize, bulk: bool, how: Mode) -> kecho::Result
     Ok((out, lost))
 }
 
+/// The `urgent` mode: idle and priority-3-behind-bulk latencies, alternated rounds, for TCP (urgent connection),
+/// QUIC with its urgent connection and QUIC with an urgent stream.
+async fn urgent_rounds(rounds: usize) -> kecho::Result<()> {
+    let lat_n = 2000;
+    let cases = [
+        ("TCP, urgent connection", Transport::Tcp, true),
+        ("QUIC, urgent connection", Transport::Quic, true),
+        ("QUIC, urgent stream", Transport::Quic, false),
+    ];
+    let mut idle = [Vec::new(), Vec::new(), Vec::new()];
+    let mut urgent = [Vec::new(), Vec::new(), Vec::new()];
+    for r in 0..rounds {
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (_, t, uc) = cases[i];
+            idle[i].extend(latency_with(t, uc, lat_n, false, Mode::Plain).await?.0);
+            urgent[i].extend(latency_with(t, uc, lat_n / 4, true, Mode::Urgent).await?.0);
+        }
+    }
+    println!("| 100 B one-way ({rounds} rounds, alternated) | idle p50 | idle p99 | behind bulk p50 | behind bulk p99 | p99 / idle p99 |");
+    println!("|---|---|---|---|---|---|");
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let (i50, i99) = (pct(&mut idle[i], 0.5), pct(&mut idle[i], 0.99));
+        let (u50, u99) = (pct(&mut urgent[i], 0.5), pct(&mut urgent[i], 0.99));
+        println!("| {name}, priority 3 | {i50:.1} us | {i99:.1} us | {u50:.1} us | {u99:.1} us | {:.1}x |", u99 / i99);
+    }
+    Ok(())
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -165,6 +209,9 @@ async fn main() -> kecho::Result<()> {
     let what = args.next();
     let only_throughput = what.as_deref() == Some("throughput");
     let only_idle = what.as_deref() == Some("idle");
+    if what.as_deref() == Some("urgent") {
+        return urgent_rounds(rounds).await;
+    }
     // With `idle`, a fourth argument `tcp` or `quic` runs that transport only (for a profile or a system-call count).
     let only = args.next();
     let lat_n = 2000;

@@ -130,15 +130,17 @@ impl NodeBuilder {
         self
     }
 
-    /// Whether TCP links may take a second connection for their urgent lanes (priorities 1 to 3). With it, once a
-    /// link carries an event of a priority above the default, the dialling node opens a second TCP (or TLS)
-    /// connection to the same address and both nodes send their urgent frames on it, so that an urgent event no
-    /// longer waits behind the bulk bytes in the kernel's buffers and in flight; the frames that say where each
-    /// source's events cross from one connection to the other keep every source's order. The urgent connection is
-    /// marked for priority queueing (DSCP EF and `SO_PRIORITY` 6: see docs/PROTOCOL.md, "Priorities and deadlines",
-    /// for a queueing discipline that serves it first). A link that never carries priorities keeps one connection, as
-    /// does every link of a node with this off (or whose peer has it off). Losing either connection is losing the
-    /// link. Default on.
+    /// Whether links may take a second connection for their urgent lanes (priorities 1 to 3). With it, once a link
+    /// carries an event of a priority above the default, the dialling node opens a second TCP (or TLS) connection to
+    /// the same address and both nodes send their urgent frames on it, so that an urgent event no longer waits behind
+    /// the bulk bytes in the kernel's buffers and in flight; the frames that say where each source's events cross
+    /// from one connection to the other keep every source's order. The urgent connection is marked for priority
+    /// queueing (DSCP EF and `SO_PRIORITY` 6: see docs/PROTOCOL.md, "Priorities and deadlines", for a queueing
+    /// discipline that serves it first). QUIC links likewise take a second QUIC connection, with a congestion window
+    /// of its own, between a second UDP socket at each node (bound at start on a port of its own, marked the same
+    /// way); with this off, or if that connection cannot be made, their urgent frames take a stream of the link's one
+    /// connection. A link that never carries priorities keeps one connection, as does every link of a node with this
+    /// off (or whose peer has it off). Losing either connection is losing the link. Default on.
     pub fn urgent_connection(mut self, on: bool) -> Self {
         self.cfg.urgent_connection = on;
         self
@@ -366,6 +368,15 @@ impl NodeBuilder {
         };
         let identity =
             cfg.identity.clone().unwrap_or_else(|| kecho_proto::handshake::Identity::from_secret(rand::random()));
+        // The endpoint of the urgent connections of QUIC links (a UDP socket of their own, marked DSCP EF), at the
+        // main endpoint's address on a port of its own. Without it, QUIC links keep an urgent stream.
+        #[cfg(feature = "quic")]
+        let quic_urgent = quic.as_ref().filter(|_| cfg.urgent_connection).and_then(|ep| {
+            let at = SocketAddr::new(ep.local_addr().map_or(cfg.listen.ip(), |a| a.ip()), 0);
+            crate::link::quic::QuicEndpoint::bind_urgent(at, cfg.tls.as_ref(), cfg.heartbeat_timeout)
+                .map_err(|e| tracing::warn!(%at, "no endpoint for urgent QUIC connections: {e}"))
+                .ok()
+        });
         let channels = Channels::new(identity, advertised, Arc::new(cfg), registry);
         if let Some(listener) = listener {
             channels.spawn(accept_loop(Arc::downgrade(&channels.links), listener));
@@ -375,6 +386,10 @@ impl NodeBuilder {
         }
         #[cfg(feature = "quic")]
         if let Some(ep) = quic {
+            if let Some(u) = quic_urgent {
+                let _ = channels.links.quic_urgent.set(u.clone());
+                channels.spawn(crate::link::dial::quic_urgent_accept_loop(Arc::downgrade(&channels.links), u));
+            }
             let _ = channels.links.quic.set(ep.clone());
             channels.spawn(crate::link::dial::quic_accept_loop(Arc::downgrade(&channels.links), ep));
         }

@@ -252,25 +252,90 @@ async fn quic_uses_the_nodes_tls_certificates() -> Result<()> {
 }
 
 /// Two QUIC nodes for the priority cases: a large outbox, so that a bulk backlog waits there and in quinn's stream
-/// rather than being refused.
+/// rather than being refused. `urgent_connection` is the second node's setting (off: its links keep an urgent stream
+/// on their one connection).
 async fn priority_pair(reg: &RegistryClient) -> Result<(Node, Node)> {
-    let start =
-        || Node::builder().registry_client(reg.clone()).transport(Transport::Quic).link_queue_bytes(64 << 20).start();
-    Ok((start().await?, start().await?))
+    priority_pair_with(reg, true).await
 }
 
-/// The urgent lanes have a QUIC stream of their own: an urgent event arrives while the link's main stream is stalled
-/// by a bulk backlog that the receiving node cannot deliver (its sink is full and does not read; the node's QUIC
-/// buffers hold the stream's receive window of bulk events). On one stream it would wait behind all of them.
+async fn priority_pair_with(reg: &RegistryClient, urgent_connection: bool) -> Result<(Node, Node)> {
+    let start = |u: bool| {
+        Node::builder()
+            .registry_client(reg.clone())
+            .transport(Transport::Quic)
+            .link_queue_bytes(64 << 20)
+            .urgent_connection(u)
+            .start()
+    };
+    Ok((start(true).await?, start(urgent_connection).await?))
+}
+
+/// How `a` sends its urgent frames to `b` now: `(apart from the bulk, on a connection of their own)`.
+fn urgent_path(a: &Node, b: &Node) -> (bool, bool) {
+    a.link_stats()
+        .iter()
+        .find(|l| l.node == b.id() && l.transport == Transport::Quic)
+        .map_or((false, false), |l| (l.urgent_apart, l.urgent_connection))
+}
+
+/// The urgent lanes have a QUIC connection of their own (docs/PROTOCOL.md, "Priorities and deadlines"): an urgent
+/// event arrives while the link's main stream is stalled by a bulk backlog that the receiving node cannot deliver (its
+/// sink is full and does not read; the node's QUIC buffers hold the stream's receive window of bulk events). On one
+/// stream it would wait behind all of them. Both nodes send theirs on that connection (the one that accepted the link
+/// asks the other to make it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_event_passes_a_stalled_bulk_stream_over_quic() -> Result<()> {
-    const BULK: usize = 400;
     let reg = RegistryClient::in_process_private();
     let (a, b) = priority_pair(&reg).await?;
-    let ch_b = b.channel("urgent").await?;
+    urgent_passes_stalled_bulk(&a, &b, "one").await?;
+    assert_eq!(urgent_path(&a, &b), (true, true), "a's urgent frames on a connection of their own");
+    urgent_passes_stalled_bulk(&b, &a, "two").await?;
+    assert_eq!(urgent_path(&b, &a), (true, true), "b's urgent frames on a connection of their own");
+    Ok(())
+}
+
+/// Over QUIC with TLS (both connections authenticated against the nodes' CA), the urgent connection comes up and an
+/// urgent event passes a stalled bulk stream on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urgent_connection_works_over_quic_with_tls() -> Result<()> {
+    let ca = common::Ca::new()?;
+    let reg = RegistryClient::in_process_private();
+    let start = |tls: kecho::TlsConfig| {
+        Node::builder()
+            .registry_client(reg.clone())
+            .transport(Transport::Quic)
+            .tls(tls)
+            .link_queue_bytes(64 << 20)
+            .start()
+    };
+    let a = start(ca.loopback()?).await?;
+    let b = start(ca.loopback()?).await?;
+    urgent_passes_stalled_bulk(&a, &b, "tls").await?;
+    assert_eq!(urgent_path(&a, &b), (true, true), "a's urgent frames on a connection of their own");
+    Ok(())
+}
+
+/// A node with urgent connections off (`urgent_connection(false)`) takes none: the link's urgent lanes take a stream
+/// of the one QUIC connection each way instead, and an urgent event still passes a stalled bulk stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_urgent_connections_quic_links_keep_an_urgent_stream() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (a, b) = priority_pair_with(&reg, false).await?;
+    urgent_passes_stalled_bulk(&a, &b, "one").await?;
+    assert_eq!(urgent_path(&a, &b), (true, false), "a's urgent frames on a stream of the link's connection");
+    urgent_passes_stalled_bulk(&b, &a, "two").await?;
+    assert_eq!(urgent_path(&b, &a), (true, false), "b's urgent frames on a stream of the link's connection");
+    Ok(())
+}
+
+/// `a` sends a warm-up urgent event, then 400 bulk events of 64 KiB that `b` cannot read (its bulk sink blocks at 8),
+/// then one urgent event: it arrives first, and then every bulk event.
+async fn urgent_passes_stalled_bulk(a: &Node, b: &Node, channel: &str) -> Result<()> {
+    const BULK: usize = 400;
+    let ch_b = b.channel(channel).await?;
     let mut bulk_sink = ch_b.sink(SinkOptions::new().types(["bulk"]).overflow(Overflow::Block).capacity(8))?;
     let mut urgent_sink = ch_b.sink(SinkOptions::new().types(["warm-up", "urgent"]))?;
-    let ch_a = a.channel("urgent").await?;
+    let ch_a = a.channel(channel).await?;
     ch_a.wait_for_sinks(2, T).await?;
     let mut bulk = ch_a.source()?;
     let mut alarm = ch_a.source()?;
@@ -289,18 +354,35 @@ async fn an_urgent_event_passes_a_stalled_bulk_stream_over_quic() -> Result<()> 
     for _ in 0..BULK {
         assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");
     }
-    check_transport(&a, Transport::Quic);
+    check_transport(a, Transport::Quic);
     Ok(())
 }
 
 /// A source whose events alternate between the default priority (large events, a backlog on the main stream) and the
-/// highest (small events, on the urgent stream) still has them delivered in its order, none reported missed: an
+/// highest (small events, on the urgent connection) still has them delivered in its order, none reported missed: an
 /// urgent event waits at the receiver until the main stream has been read past the source's events before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
-    const N: i64 = 600;
     let reg = RegistryClient::in_process_private();
     let (a, b) = priority_pair(&reg).await?;
+    mixing_priorities_keeps_order(&a, &b).await?;
+    assert_eq!(urgent_path(&a, &b), (true, true), "the urgent events went on a connection of their own");
+    Ok(())
+}
+
+/// The same with the urgent events on an urgent stream of the link's one connection (the second node takes no
+/// urgent connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_mixing_priorities_keeps_its_order_over_a_quic_urgent_stream() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (a, b) = priority_pair_with(&reg, false).await?;
+    mixing_priorities_keeps_order(&a, &b).await?;
+    assert_eq!(urgent_path(&a, &b), (true, false), "the urgent events went on a stream of the link's connection");
+    Ok(())
+}
+
+async fn mixing_priorities_keeps_order(a: &Node, b: &Node) -> Result<()> {
+    const N: i64 = 600;
     let ch_b = b.channel("mixed").await?;
     let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(8))?;
     let ch_a = a.channel("mixed").await?;
@@ -322,7 +404,7 @@ async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
         anyhow::Ok(())
     });
     for k in 1..=N {
-        let ev = recv(&mut sink).await?;
+        let ev = recv(&mut sink).await.with_context(|| format!("waiting for event {k}"))?;
         assert_eq!(attr_i(&ev, "k"), k, "out of order");
         if k % 5 == 0 {
             // A slow reader, so that a backlog forms on the main stream at the receiving node.
@@ -330,21 +412,22 @@ async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
         }
     }
     sender.await??;
-    check_transport(&a, Transport::Quic);
+    check_transport(a, Transport::Quic);
     Ok(())
 }
 
-/// A node that shuts down gracefully right after submitting delivers everything first, on both streams: the main
-/// stream ends with a `Wait` for the whole urgent stream, and the node's leave waits for the urgent frames before it.
+/// A node that shuts down gracefully right after submitting delivers everything first, on both connections (or
+/// streams): the main stream ends with a `Wait` for everything sent on the urgent one, and the node's leave waits for
+/// the urgent frames before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_shutdown_delivers_both_streams_over_quic() -> Result<()> {
-    let reg = RegistryClient::in_process_private();
-    let (a, b) = priority_pair(&reg).await?;
-    // The urgent event's stream of its own, on a QUIC link.
-    let apart = |a: &Node, b: &Node| {
-        a.link_stats().iter().any(|l| l.node == b.id() && l.transport == Transport::Quic && l.urgent_apart)
-    };
-    common::a_graceful_shutdown_delivers_both_streams(&a, &b, apart).await
+    for urgent_connection in [true, false] {
+        let reg = RegistryClient::in_process_private();
+        let (a, b) = priority_pair_with(&reg, urgent_connection).await?;
+        let apart = |a: &Node, b: &Node| urgent_path(a, b) == (true, urgent_connection);
+        common::a_graceful_shutdown_delivers_both_streams(&a, &b, apart).await?;
+    }
+    Ok(())
 }
 
 /// Batches go over QUIC in compact `EventRun` frames too (docs/PROTOCOL.md, "Event runs"): whole and in order through

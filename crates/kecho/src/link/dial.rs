@@ -92,7 +92,8 @@ enum DialOutcome {
 
 /// A new connection to a node, before any kecho frame: its halves, the low-latency poller, a QUIC connection's
 /// datagram path, the transport, the address dialled and the remote's socket address (`None` same-host), and
-/// whether it is TCP (its handshake answer then ends with an urgent connection's token).
+/// whether it is TCP or QUIC with a stream per priority (its handshake answer then ends with an urgent connection's
+/// token).
 struct Connected {
     rd: Rd,
     wr: Wr,
@@ -102,6 +103,7 @@ struct Connected {
     at: String,
     remote: Option<SocketAddr>,
     tcp: bool,
+    quic_streams: bool,
 }
 
 /// Opens a connection to the node advertising `addr` (same-host if both run so, else the transport both speak; TLS
@@ -124,14 +126,18 @@ async fn connect<H: LinkHandler>(
     };
     #[cfg_attr(not(feature = "quic"), allow(unused_mut))]
     let mut datagrams: Option<Arc<Datagrams>> = None;
-    // A TCP link: the acceptor's handshake answer ends with the token of the link's urgent connection.
+    // A TCP link: the acceptor's handshake answer ends with the token of the link's urgent connection (a QUIC link
+    // with a stream per priority: with the token and the port of the acceptor's urgent endpoint).
     let mut tcp = false;
+    #[cfg_attr(not(feature = "quic"), allow(unused_mut))]
+    let mut quic_streams = false;
     let (rd, wr, remote, poller) = match (local, transport) {
         (Some((rd, wr, poller)), _) => (rd, wr, None, poller),
         #[cfg(feature = "quic")]
         (None, Transport::Quic) => {
             let Some(ep) = links.quic.get() else { return Err(LinkError::Handshake("QUIC is not running".into())) };
             let (rd, wr, remote, d) = ep.dial(at, links.cfg.connect_timeout).await?;
+            quic_streams = d.has_streams();
             datagrams = Some(d);
             (rd, wr, Some(remote), None)
         }
@@ -149,7 +155,7 @@ async fn connect<H: LinkHandler>(
             (rd, wr, remote, poller)
         }
     };
-    Ok(Connected { rd, wr, poller, datagrams, transport, at: at.to_owned(), remote, tcp })
+    Ok(Connected { rd, wr, poller, datagrams, transport, at: at.to_owned(), remote, tcp, quic_streams })
 }
 
 async fn dial_inner<H: LinkHandler>(
@@ -158,7 +164,7 @@ async fn dial_inner<H: LinkHandler>(
     gen: u64,
     addr: &str,
 ) -> Result<DialOutcome, LinkError> {
-    let Connected { mut rd, mut wr, poller, datagrams, transport, at, remote, tcp } =
+    let Connected { mut rd, mut wr, poller, datagrams, transport, at, remote, tcp, quic_streams } =
         connect(links, peer.id, addr).await?;
     let at = at.as_str();
     let my_addr = links.addr.clone();
@@ -189,7 +195,21 @@ async fn dial_inner<H: LinkHandler>(
             // Dialled later, once one side's outbox carries priorities (see the link's reader), if both allow it.
             let slot = token
                 .filter(|_| links.cfg.urgent_connection)
-                .map(|t| TcpUrgent::new(t, urgent::Role::Dialler { at: at.to_owned() }));
+                .map(|t| TcpUrgent::new(t, urgent::Role::Dialler { at: at.to_owned(), quic: None }));
+            return Ok((DialOutcome::Up, slot));
+        }
+        if quic_streams {
+            let frame = read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame).await?;
+            let token = urgent::parse_quic_token(&frame)
+                .ok_or_else(|| LinkError::Handshake("expected the urgent QUIC connection's token".into()))?;
+            // The acceptor's urgent endpoint: its port at the address the main connection reached.
+            let slot = token
+                .zip(remote)
+                .filter(|_| links.cfg.urgent_connection && links.quic_urgent_port().is_some())
+                .map(|((t, port), r)| {
+                    let quic = Some(SocketAddr::new(r.ip(), port));
+                    TcpUrgent::new(t, urgent::Role::Dialler { at: at.to_owned(), quic })
+                });
             return Ok((DialOutcome::Up, slot));
         }
         Ok((DialOutcome::Up, None))
@@ -211,11 +231,37 @@ async fn dial_inner<H: LinkHandler>(
     Ok(DialOutcome::Up)
 }
 
-/// Dials a TCP link's urgent connection (see `urgent.rs`) to where the main one went, as the main one (TLS where
-/// configured), and joins it to the link of slot `u` (called by the dialler's reader once the connection is wanted).
-/// If it cannot within the handshake timeout, the link goes on with one connection.
-pub(super) async fn dial_urgent(cfg: &crate::config::NodeConfig, me: kecho_proto::NodeId, u: &TcpUrgent) {
+/// Dials a link's urgent connection (see `urgent.rs`) to where the main one went, as the main one (TLS where
+/// configured; a QUIC link's from this node's urgent endpoint to the peer's), and joins it to the link of slot `u`
+/// (called by the dialler's reader once the connection is wanted). If it cannot within the handshake timeout, the
+/// link goes on with one connection (a QUIC link: with an urgent stream on it).
+pub(super) async fn dial_urgent<H>(links: &Links<H>, u: &TcpUrgent) {
+    let (cfg, me) = (&links.cfg, links.id);
     let Some(at) = u.dials() else { return };
+    #[cfg(feature = "quic")]
+    if let Some(to) = u.dials_quic() {
+        let up = async {
+            let ep = links.quic_urgent.get().ok_or_else(|| LinkError::Handshake("no urgent QUIC endpoint".into()))?;
+            let (rd, wr, _, _) = ep.dial_to(to, at, cfg.connect_timeout).await?;
+            let Wr::Stream(mut wr) = wr else { return Err(LinkError::Handshake("not a stream".into())) };
+            wr.write_all(&urgent::join_frame(me, &u.token())).await?;
+            Ok::<_, LinkError>((rd, wr))
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, up).await {
+            Ok(Ok((rd, wr))) => {
+                u.join(rd, BytesMut::new(), wr);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%at, %to, "no urgent QUIC connection, the link keeps an urgent stream: {e}");
+                u.failed();
+            }
+            Err(_) => {
+                tracing::debug!(%at, %to, "no urgent QUIC connection within {HANDSHAKE_TIMEOUT:?}");
+                u.failed();
+            }
+        }
+        return;
+    }
     let up = async {
         let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(at))
             .await
@@ -263,7 +309,7 @@ fn mark_urgent(sock: socket2::SockRef<'_>) {
 
 /// Serves an `UrgentJoin`: binds the connection to the current link of the node it names if the token is that
 /// link's, and refuses it otherwise.
-async fn join_urgent<H: LinkHandler>(
+async fn join_urgent<H>(
     links: &Links<H>,
     frame: &[u8],
     (rd, wr, read): (Rd, Wr, BytesMut),
@@ -365,6 +411,42 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
     }
 }
 
+/// Accepts the urgent connections of this node's QUIC links on its urgent endpoint until the node stops: each must
+/// start with an `UrgentJoin` for a link of this node (see `urgent.rs`); anything else is refused.
+#[cfg(feature = "quic")]
+pub(crate) async fn quic_urgent_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
+    while let Some(incoming) = ep.endpoint.accept().await {
+        let Some(links) = links.upgrade() else { return };
+        let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "too many connections; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let (l, ep) = (links.clone(), ep.clone());
+        links.tasks.spawn(async move {
+            let _slot = slot;
+            let Some((mut rd, wr, remote, _)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await else {
+                return;
+            };
+            let mut buf = BytesMut::with_capacity(4096);
+            let first =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, l.cfg.max_frame)).await;
+            match first {
+                Ok(Ok(frame)) if frame.first() == Some(&urgent::JOIN_KIND) => {
+                    let read = std::mem::take(&mut buf);
+                    join_urgent(&l, &frame, (rd, wr, read), Some(remote), None).await;
+                }
+                Ok(Ok(_)) => {
+                    tracing::warn!(%remote, "refusing connection: not an urgent connection, on the urgent endpoint");
+                    refuse(rd, wr, close(CloseCode::Handshake, "only urgent connections are taken here")).await;
+                }
+                Ok(Err(why)) => tracing::debug!(%remote, "urgent QUIC connection closed before its join: {why}"),
+                Err(_) => tracing::debug!(%remote, "urgent QUIC connection: no join within {HANDSHAKE_TIMEOUT:?}"),
+            }
+        });
+    }
+}
+
 /// Serves one inbound connection of any transport: handshake, duplicate rule, then the link tasks. `remote` is
 /// `None` for a same-host (Unix-domain) connection.
 pub(super) async fn accept_link<H: LinkHandler>(
@@ -393,15 +475,17 @@ async fn accept_link_with<H: LinkHandler>(
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, links.cfg.max_frame)).await;
-    // A TCP link's urgent connection joins its link instead of starting one.
+    // A TCP link's urgent connection joins its link instead of starting one (a QUIC link's arrives at the urgent
+    // endpoint: `quic_urgent_accept_loop`).
     let tcp = transport == Transport::Tcp && remote.is_some();
+    let quic_streams = datagrams.as_ref().is_some_and(|d| d.has_streams());
     if let Ok(Ok(frame)) = &first {
         if frame.first() == Some(&urgent::JOIN_KIND) {
             if tcp {
                 let read = std::mem::take(&mut buf);
                 join_urgent(&links, frame, (rd, wr, read), remote, sock).await;
             } else {
-                refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection on a link that is not TCP")).await;
+                refuse(rd, wr, close(CloseCode::Handshake, "an urgent connection where none is taken")).await;
             }
             return;
         }
@@ -462,6 +546,21 @@ async fn accept_link_with<H: LinkHandler>(
     if tcp {
         ack.extend_from_slice(&urgent::token_frame(urgent.as_ref().map(|u| u.token()).as_ref()));
     }
+    // A QUIC link's: with the port of this node's urgent endpoint (an empty frame if it has none).
+    let port = links.quic_urgent_port();
+    let urgent = match (quic_streams && links.cfg.urgent_connection, port) {
+        (true, Some(port)) => {
+            let u = TcpUrgent::new(TcpUrgent::random_token(), urgent::Role::Acceptor);
+            ack.extend_from_slice(&urgent::quic_token_frame(Some((&u.token(), port))));
+            Some(u)
+        }
+        _ => {
+            if quic_streams {
+                ack.extend_from_slice(&urgent::quic_token_frame(None));
+            }
+            urgent
+        }
+    };
     if let Some(u) = urgent.as_ref().filter(|_| links.cfg.urgent_at_once) {
         // Wanted at once (`NodeBuilder::urgent_connection_at_once`): asked for right after the token, ahead of any
         // event the link will carry (the writer then asks no more).

@@ -311,6 +311,9 @@ pub(crate) struct Links<H> {
     /// The node's QUIC endpoint, if it speaks QUIC (set once, when the node starts).
     #[cfg(feature = "quic")]
     pub(crate) quic: std::sync::OnceLock<quic::QuicEndpoint>,
+    /// The node's endpoint for the urgent connections of its QUIC links (`urgent.rs`), if it takes them.
+    #[cfg(feature = "quic")]
+    pub(crate) quic_urgent: std::sync::OnceLock<quic::QuicEndpoint>,
     cfg: Arc<NodeConfig>,
     pub(crate) tasks: Arc<Tasks>,
     handler: Weak<H>,
@@ -340,6 +343,8 @@ impl<H: LinkHandler> Links<H> {
             },
             #[cfg(feature = "quic")]
             quic: std::sync::OnceLock::new(),
+            #[cfg(feature = "quic")]
+            quic_urgent: std::sync::OnceLock::new(),
             conn_slots: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             tasks,
@@ -405,6 +410,9 @@ impl<H: LinkHandler> Links<H> {
                     datagrams_sent: c.datagrams_sent.load(Ordering::Relaxed),
                     datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
                     urgent_apart: up && p.outbox.has_streams(),
+                    urgent_connection: up
+                        && p.outbox.has_streams()
+                        && p.urgent_tcp.lock().as_ref().is_some_and(|u| u.in_use()),
                 }
             })
             .collect()
@@ -577,9 +585,17 @@ impl<H: LinkHandler> Links<H> {
             p.abort();
         }
         #[cfg(feature = "quic")]
-        if let Some(ep) = self.quic.get() {
+        for ep in [self.quic.get(), self.quic_urgent.get()].into_iter().flatten() {
             ep.close();
         }
+    }
+
+    /// The UDP port of the node's endpoint for urgent QUIC connections, if it has one.
+    pub(crate) fn quic_urgent_port(&self) -> Option<u16> {
+        #[cfg(feature = "quic")]
+        return self.quic_urgent.get().and_then(|ep| ep.local_addr().ok()).map(|a| a.port());
+        #[cfg(not(feature = "quic"))]
+        None
     }
 }
 
@@ -659,6 +675,9 @@ pub struct LinkStats {
     /// This node sends its urgent frames (priorities 1 to 3) to the other on a connection of their own (a TCP link,
     /// see [`crate::NodeBuilder::urgent_connection`]) or a stream of their own (QUIC) now.
     pub urgent_apart: bool,
+    /// Those urgent frames go on a connection of their own (TCP or QUIC: see
+    /// [`crate::NodeBuilder::urgent_connection`]), not a stream of the link's one connection.
+    pub urgent_connection: bool,
 }
 
 /// A link that a shutdown stopped before it had sent everything (see [`crate::ShutdownReport`]).
@@ -701,7 +720,8 @@ pub(crate) struct Peer {
     transport: Mutex<crate::Transport>,
     /// The current connection's datagram path (QUIC links only).
     datagrams: Mutex<Option<Arc<Datagrams>>>,
-    /// The current TCP link's urgent connection (see `urgent.rs`), if both ends set one up.
+    /// The current link's urgent connection slot (see `urgent.rs`; TCP, or QUIC with a stream per priority), if both
+    /// ends set one up.
     pub(crate) urgent_tcp: Mutex<Option<Arc<urgent::TcpUrgent>>>,
     /// Counters for `Node::link_stats`.
     pub(crate) counters: LinkCounters,

@@ -215,6 +215,8 @@ pub(crate) struct OutQ {
     /// The top lane's position after the rest of a frame begun by a direct write (0: none): that rest must follow its
     /// start on the same connection, so the urgent lanes cannot move to another one until it is taken.
     rest_end: u64,
+    /// The link's urgent lanes may move to another stream or connection later ([`Outbox::set_movable`]).
+    movable: bool,
 }
 
 /// The state of streams mode: what each stream's writer was given, for the `Wait` frames.
@@ -278,7 +280,9 @@ impl OutQ {
 
     /// Queues at the front of lane 0 a `Wait` placeholder for everything queued in the urgent lanes, if anything is:
     /// from now on they go to another stream, and a source's frames queued in lane 0 after its urgent ones (before
-    /// the split, with no placeholder of their own) must not overtake them.
+    /// the split, with no placeholder of their own) must not overtake them. (The other way round, an urgent frame
+    /// queued before the split behind its source's frames already taken for the main stream, has its placeholder
+    /// from `wait_for_source`.)
     fn wait_for_urgent_lanes(&mut self) {
         if self.lanes[1..].iter().all(Lane::is_empty) {
             return;
@@ -327,8 +331,18 @@ impl OutQ {
 
     /// Streams mode: queues a `Wait` placeholder in `lane` ahead of a source's frame if its last frame went to the
     /// other stream (so that the receiver takes this one only after that one), whose writer took it already.
+    /// Before the split, on a link whose urgent lanes may move to another stream ([`Outbox::set_movable`]): an urgent
+    /// frame of a source whose last frame was taken already (so went on the main stream) gets a placeholder for the
+    /// `Sync` only, which writes nothing unless the frame does move: then the receiver takes it only once it has read
+    /// the main stream up to its `Sync`, behind the source's frames from before (seen as events reported missed over
+    /// QUIC, whose main stream carried three 32 KiB events more slowly than the urgent connection took to come up).
     fn wait_for_source(&mut self, id: usize, held: &Held, lane: usize) {
         if !self.split() {
+            if let Some((o, l, pos)) = held.0.filter(|_| self.movable && lane > 0) {
+                if o == id && self.lanes[usize::from(l).min(LANES - 1)].taken >= pos {
+                    self.lanes[lane].push_wait([0; LANES], true);
+                }
+            }
             return;
         }
         if let Some((o, l, pos)) = held.0 {
@@ -429,6 +443,7 @@ impl Outbox {
                 hold: false,
                 split_taken: [0; LANES],
                 rest_end: 0,
+                movable: false,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -700,6 +715,13 @@ impl Outbox {
         sync_frame()
     }
 
+    /// Whether the current link's urgent lanes may move to another stream or connection later (a QUIC link with a
+    /// stream per priority, a link with an urgent connection slot): until they do, an urgent frame queued behind its
+    /// source's frames already taken is marked for the move (`wait_for_source`). Set by the link's writer at start.
+    pub(crate) fn set_movable(&self, movable: bool) {
+        self.q.lock().movable = movable;
+    }
+
     /// Ends streams mode (a new link starts with one stream; its writer starts streams mode again once prioritised).
     pub(crate) fn stop_streams(&self) {
         let mut q = self.q.lock();
@@ -924,7 +946,8 @@ impl Outbox {
                 let n: usize = lane.frames.iter().map(|f| f.bytes.len()).sum();
                 took += n;
                 lane.taken += n as u64;
-                into.extend(lane.frames.drain(..).map(|f| f.bytes));
+                // Placeholders (see `wait_for_source`) write nothing on one stream.
+                into.extend(lane.frames.drain(..).filter(|f| f.wait.is_none()).map(|f| f.bytes));
                 continue;
             }
             let mut glued = false;
@@ -1246,6 +1269,45 @@ mod tests {
         assert!(out.push_event_copied(b"", b"a3", &mut gate, lane(3, &mut a)));
         assert_eq!(take_urgent_bytes(&out), b"a3");
         assert!(take_at(&out, t).is_empty());
+    }
+
+    /// An urgent frame queued while the link had one stream, behind nothing of its source's in the outbox (the
+    /// writer took those already, for the main stream), goes to the urgent stream when the split starts (streams mode,
+    /// or a hold for an urgent connection that then comes up): a `Wait` for the main stream's `Sync` goes first, or the
+    /// receiver would deliver it ahead of its source's frames still on their way on the main stream (seen as events
+    /// reported missed over QUIC, whose main stream is slower than a second connection's handshake). The urgent frame
+    /// of a source that sent nothing before goes without (the first urgent event passes a stalled backlog), and on a
+    /// link whose urgent lanes never move, nothing is marked and the placeholder writes nothing.
+    #[test]
+    fn an_urgent_frame_queued_before_the_switch_waits_for_its_sources_frames_taken_before() {
+        for (hold, movable) in [(false, true), (true, true), (false, false)] {
+            let out = Outbox::with_quiet(1 << 20, Duration::from_secs(60));
+            out.set_movable(movable);
+            let mut gate = SourceGate::default();
+            let (mut a, mut b) = (Held::default(), Held::default());
+            let t = Instant::now();
+            assert!(out.push_event_copied(b"", b"a1", &mut gate, lane(0, &mut a)));
+            assert_eq!(take_at(&out, t), b"a1", "taken for the main stream");
+            assert!(out.push_event_copied(b"", b"a2", &mut gate, lane(3, &mut a)));
+            assert!(out.push_event_copied(b"", b"b1", &mut gate, lane(3, &mut b)));
+            assert!(out.push_event_with(b"", Bytes::from_static(b"a3"), &mut gate, lane(3, &mut a)));
+            if !movable {
+                assert_eq!(take_at(&out, t), b"a2b1a3", "one stream: the placeholders write nothing");
+                continue;
+            }
+            if hold {
+                out.hold_urgent();
+                assert!(take_at(&out, t).is_empty(), "held");
+            }
+            assert_eq!(out.start_streams(), sync_frame());
+            assert_eq!(take_urgent_bytes(&out), cat(&[&wait_frame(0), b"a2b1a3"]), "hold {hold}");
+            // Queued after the switch, with nothing of its source's before: no wait.
+            assert!(out.push_event_copied(b"", b"b2", &mut gate, lane(2, &mut b)));
+            assert_eq!(take_urgent_bytes(&out), b"b2");
+            // The main stream's placeholder for the urgent frames queued before the switch.
+            assert_eq!(take_at(&out, t), wait_frame(13 + 6 + 2));
+            assert!(out.is_empty());
+        }
     }
 
     #[test]

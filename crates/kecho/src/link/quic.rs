@@ -95,6 +95,28 @@ impl QuicEndpoint {
         heartbeat: Duration,
         drop_every: u64,
     ) -> Result<Self, BindError> {
+        Self::bind_with(addr, tls, heartbeat, drop_every, false)
+    }
+
+    /// Binds the node's second UDP socket, for the urgent connections of its QUIC links, at `addr` (the node's
+    /// address with port 0): its packets are marked DSCP EF ([`MarkedSocket`]), so that a queueing discipline can
+    /// serve them before the bulk of the link's main connection, and each urgent connection has a congestion
+    /// window of its own.
+    pub(crate) fn bind_urgent(
+        addr: SocketAddr,
+        tls: Option<&TlsSetting>,
+        heartbeat: Duration,
+    ) -> Result<Self, BindError> {
+        Self::bind_with(addr, tls, heartbeat, 0, true)
+    }
+
+    fn bind_with(
+        addr: SocketAddr,
+        tls: Option<&TlsSetting>,
+        heartbeat: Duration,
+        drop_every: u64,
+        urgent: bool,
+    ) -> Result<Self, BindError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (server, client) = match tls {
             Some(tls) => {
@@ -140,10 +162,13 @@ impl QuicEndpoint {
         let socket = std::net::UdpSocket::bind(addr).map_err(BindError::Io)?;
         let runtime =
             quinn::default_runtime().ok_or_else(|| BindError::Io(std::io::Error::other("no async runtime found")))?;
-        let socket = runtime.wrap_udp_socket(socket).map_err(BindError::Io)?;
+        let socket: Arc<dyn quinn::AsyncUdpSocket> = if urgent {
+            Arc::new(MarkedSocket::new(socket).map_err(BindError::Io)?)
+        } else {
+            Arc::new(SplitGso(runtime.wrap_udp_socket(socket).map_err(BindError::Io)?))
+        };
         let mut endpoint =
-            quinn::Endpoint::new_with_abstract_socket(config, Some(server), Arc::new(SplitGso(socket)), runtime)
-                .map_err(BindError::Io)?;
+            quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime).map_err(BindError::Io)?;
         endpoint.set_default_client_config(client);
         Ok(QuicEndpoint { endpoint, tls: tls.cloned(), drop_every })
     }
@@ -165,6 +190,17 @@ impl QuicEndpoint {
             .map_err(|source| LinkError::Connect { addr: addr.to_owned(), source })?
             .next()
             .ok_or_else(|| fail("resolves to no address".into()))?;
+        self.dial_to(to, addr, timeout).await
+    }
+
+    /// Dials the socket address `to` of the node advertising `addr` (whose name TLS checks) and opens a stream.
+    pub(crate) async fn dial_to(
+        &self,
+        to: SocketAddr,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(Rd, Wr, SocketAddr, Arc<Datagrams>), LinkError> {
+        let fail = |why: String| LinkError::Quic { addr: addr.to_owned(), why };
         let name = match &self.tls {
             Some(tls) => tls.name_for(addr).map_err(|e| fail(format!("cannot start: {e}")))?.to_str().into_owned(),
             None => ANONYMOUS_NAME.to_owned(),
@@ -356,6 +392,119 @@ impl quinn::AsyncUdpSocket for SplitGso {
     }
 }
 
+/// DSCP EF (46) in the upper six bits of the IP TOS byte (or IPv6 traffic class).
+pub(crate) const EF_TOS: u32 = 46 << 2;
+
+/// The UDP socket of a node's urgent QUIC connections: marked DSCP EF (`IP_TOS` / `IPV6_TCLASS`) and socket priority 6,
+/// as the urgent TCP connection is (`dial.rs`, `mark_urgent`). quinn's own socket cannot carry the mark: it sends
+/// every packet with an `IP_TOS` control message holding the packet's ECN bits, which replaces the socket's TOS byte
+/// (DSCP 0). This one sends with plain `sendto`, so the socket's mark applies; in exchange it gives up ECN,
+/// segmentation offload and path MTU discovery (it says packets may fragment, which turns discovery off, so the
+/// connection keeps QUIC's minimum packet size, 1200 bytes), none of which the few small frames of the urgent lanes
+/// need.
+#[derive(Debug)]
+pub(crate) struct MarkedSocket {
+    io: Arc<tokio::net::UdpSocket>,
+}
+
+impl MarkedSocket {
+    fn new(socket: std::net::UdpSocket) -> std::io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let sock = socket2::SockRef::from(&socket);
+        let r = match socket.local_addr()? {
+            a if a.is_ipv6() => {
+                // A dual-stack socket's IPv4 packets take the IPv4 option's mark.
+                let _ = sock.set_tos_v4(EF_TOS);
+                sock.set_tclass_v6(EF_TOS)
+            }
+            _ => sock.set_tos_v4(EF_TOS),
+        };
+        // After IP_TOS, which sets the socket priority from the TOS byte.
+        if let Err(e) = r.and_then(|()| sock.set_priority(6)) {
+            tracing::debug!("urgent QUIC socket not marked: {e}");
+        }
+        Ok(MarkedSocket { io: Arc::new(tokio::net::UdpSocket::from_std(socket)?) })
+    }
+}
+
+/// Waits for the urgent socket to be writable (one per connection: each stores its own waker).
+struct Writable {
+    io: Arc<tokio::net::UdpSocket>,
+    fut: Option<std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Writable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writable").finish_non_exhaustive()
+    }
+}
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let fut = this.fut.get_or_insert_with(|| {
+            let io = this.io.clone();
+            Box::pin(async move { io.writable().await })
+        });
+        let r = fut.as_mut().poll(cx);
+        if r.is_ready() {
+            this.fut = None;
+        }
+        r
+    }
+}
+
+impl quinn::AsyncUdpSocket for MarkedSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(Writable { io: self.io.clone(), fut: None })
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+        // One datagram a call (`max_transmit_segments` is 1, so a batch has one segment; split one anyway).
+        let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
+        for (i, part) in t.contents.chunks(seg).enumerate() {
+            match self.io.try_send_to(part, t.destination) {
+                Ok(_) => {}
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch went: the rest counts as lost on the way, which QUIC's loss recovery repairs.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let (Some(buf), Some(m)) = (bufs.first_mut(), meta.first_mut()) else { return std::task::Poll::Ready(Ok(0)) };
+        loop {
+            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            match self.io.try_recv_from(buf) {
+                Ok((len, addr)) => {
+                    *m = quinn::udp::RecvMeta { addr, len, stride: len, ecn: None, dst_ip: None };
+                    return std::task::Poll::Ready(Ok(1));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        true
+    }
+}
+
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -450,6 +599,75 @@ mod tests {
         assert!(mtu > 4096, "after 32 MiB the link's packets are {mtu} bytes");
         reading.abort();
         a.close();
+        b.close();
+    }
+
+    /// The packets of an urgent endpoint carry DSCP EF on the wire, and those of a node's main endpoint do not
+    /// (quinn's own socket sends each packet with an `IP_TOS` control message holding only its ECN bits, which
+    /// replaces the socket's mark: bound like the main endpoint, the urgent one's packets would carry DSCP 0 too).
+    /// Seen from a raw socket, which needs root: without it the test says so and checks nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn urgent_endpoint_packets_carry_dscp_ef() {
+        use std::io::Read;
+        let raw = match socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipped: no raw socket to see packets with ({e}); needs root");
+                return;
+            }
+        };
+        raw.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let hb = Duration::from_secs(5);
+        let u = QuicEndpoint::bind_urgent("127.0.0.1:0".parse().unwrap(), None, hb).unwrap();
+        let b = QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), None, hb, 0).unwrap();
+        let (up, bp) = (u.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+        let accepting = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let incoming = b.endpoint.accept().await.expect("a connection");
+                let (mut rd, wr, _, _) = accept(&b, incoming, Duration::from_secs(10)).await.expect("accepted");
+                let Wr::Stream(mut w) = wr else { panic!("a stream") };
+                let mut buf = [0u8; 100];
+                rd.read_exact(&mut buf).await.unwrap();
+                w.write_all(&buf).await.unwrap();
+                w.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            })
+        };
+        let (mut rd, wr, _, _) = u.dial(&b.local_addr().unwrap().to_string(), Duration::from_secs(10)).await.unwrap();
+        let Wr::Stream(mut w) = wr else { panic!("a stream") };
+        w.write_all(&[5u8; 100]).await.unwrap();
+        let mut echo = [0u8; 100];
+        rd.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [5u8; 100], "the urgent connection carries data both ways");
+        accepting.await.unwrap();
+        // The TOS byte of each packet seen between the two sockets, by direction.
+        let seen = tokio::task::spawn_blocking(move || {
+            let mut seen: Vec<(bool, u8)> = Vec::new();
+            let mut buf = [0u8; 65536];
+            let until = std::time::Instant::now() + Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                let Ok(n) = (&raw).read(&mut buf) else { continue };
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                if n < ihl + 4 {
+                    continue;
+                }
+                let src = u16::from_be_bytes([buf[ihl], buf[ihl + 1]]);
+                let dst = u16::from_be_bytes([buf[ihl + 2], buf[ihl + 3]]);
+                if (src, dst) == (up, bp) || (src, dst) == (bp, up) {
+                    seen.push((src == up, buf[1]));
+                }
+            }
+            seen
+        });
+        // The raw socket sees packets from the moment it was opened: the whole exchange above.
+        let seen = seen.await.unwrap();
+        let from_urgent: Vec<u8> = seen.iter().filter(|(u, _)| *u).map(|(_, t)| t & 0xfc).collect();
+        let from_main: Vec<u8> = seen.iter().filter(|(u, _)| !*u).map(|(_, t)| t & 0xfc).collect();
+        assert!(from_urgent.len() >= 2 && from_main.len() >= 2, "packets seen: {seen:?}");
+        assert!(from_urgent.iter().all(|&t| t == EF_TOS as u8), "the urgent endpoint's packets: {from_urgent:?}");
+        assert!(from_main.iter().all(|&t| t == 0), "the main endpoint's packets: {from_main:?}");
+        u.close();
         b.close();
     }
 }

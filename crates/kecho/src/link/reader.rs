@@ -53,16 +53,32 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
         let urgent = async {
             let Some(sync) = sync else { return std::future::pending().await };
             let rd = match (tcp_urgent, urgent_conn) {
-                (Some(u), _) => {
+                (Some(u), conn) => {
                     // The dialler opens the connection once either side wants it (under this task, so that it ends
                     // with the link).
-                    if u.dials().is_some() {
-                        u.wanted().await;
-                        super::dial::dial_urgent(&links.cfg, links.id, &u).await;
-                        // The writer moves the urgent lanes at its next turn: let it have one now.
-                        peer.outbox.readable.notify_one();
+                    let connection = async {
+                        if u.dials().is_some() {
+                            u.wanted().await;
+                            super::dial::dial_urgent(&links, &u).await;
+                            // The writer moves the urgent lanes at its next turn: let it have one now.
+                            peer.outbox.readable.notify_one();
+                        }
+                        u.accept_urgent().await
+                    };
+                    // A QUIC link: a peer that could not make the urgent connection opens an urgent stream instead.
+                    // Its writer uses one or the other, so whichever comes first is the one.
+                    let stream = async {
+                        match conn.filter(|d| d.has_streams()) {
+                            Some(d) => d.accept_urgent().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        Some(c) = connection => Some(c),
+                        Some(rd) = stream => Some((rd, BytesMut::with_capacity(READ_SMALL))),
+                        else => None,
                     }
-                    u.accept_urgent().await
                 }
                 (None, Some(d)) => d.accept_urgent().await.map(|rd| (rd, BytesMut::with_capacity(READ_SMALL))),
                 (None, None) => None,

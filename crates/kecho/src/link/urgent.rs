@@ -15,6 +15,14 @@
 //! connection is up, after the main stream's `Sync`); the `Sync`/`Wait` frames keep each source's order. A link whose
 //! urgent connection is never wanted has one connection, as does a link where either node has urgent connections
 //! off (`NodeBuilder::urgent_connection`).
+//!
+//! A QUIC link whose peer takes a stream per priority gets the same slot: the acceptor's answer ends with an
+//! `UrgentQuicToken` frame (kind [`QUIC_TOKEN_KIND`]: the token and the UDP port of the acceptor's urgent endpoint, or
+//! empty), and the urgent connection is a second QUIC connection between the two nodes' urgent endpoints (a UDP
+//! socket of their own, marked DSCP EF, see `quic::MarkedSocket`), whose bidirectional stream starts with the same
+//! `UrgentJoin`. With its own socket and its own congestion window, an urgent frame no longer waits for the bulk's
+//! packets in flight, and a queueing discipline can tell its packets from the bulk's. If that connection cannot be
+//! made, the link's urgent lanes take a stream of the main connection instead, as with a peer that has none.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +42,8 @@ pub(crate) const TOKEN_KIND: u8 = 65;
 pub(crate) const JOIN_KIND: u8 = 66;
 /// The acceptor asks the dialler to open the urgent connection (on the main connection, once).
 pub(crate) const WANTED_KIND: u8 = 67;
+/// The frame that hands a QUIC link's dialler its token and the port of the acceptor's urgent endpoint.
+pub(crate) const QUIC_TOKEN_KIND: u8 = 68;
 /// Token length in bytes.
 pub(crate) const TOKEN_LEN: usize = 16;
 
@@ -44,11 +54,11 @@ pub(crate) type UrgentRd = (Rd, BytesMut);
 /// The write half of an urgent connection.
 pub(crate) type UrgentWr = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Which end of the link this node is: the dialler opens the urgent connection (to `at`, the address it dialled),
-/// the acceptor takes it.
+/// Which end of the link this node is: the dialler opens the urgent connection (to `at`, the address it dialled; a
+/// QUIC link's to `quic`, the acceptor's urgent endpoint), the acceptor takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Role {
-    Dialler { at: String },
+    Dialler { at: String, quic: Option<std::net::SocketAddr> },
     Acceptor,
 }
 
@@ -66,6 +76,8 @@ pub(crate) struct TcpUrgent {
     want: Notify,
     /// Notified when the connection joins or fails (the writer waits for it while it holds the urgent lanes).
     settled: Notify,
+    /// This node's writer sends its urgent lanes on the connection (for `LinkStats::urgent_connection`).
+    in_use: AtomicBool,
 }
 
 /// What the writer finds when it looks for the urgent connection's write half.
@@ -92,6 +104,7 @@ impl TcpUrgent {
             wanted: AtomicBool::new(false),
             want: Notify::new(),
             settled: Notify::new(),
+            in_use: AtomicBool::new(false),
         })
     }
 
@@ -108,9 +121,28 @@ impl TcpUrgent {
     /// The address to dial, at the dialler's end; `None` at the acceptor's.
     pub(crate) fn dials(&self) -> Option<&str> {
         match &self.role {
-            Role::Dialler { at } => Some(at),
+            Role::Dialler { at, .. } => Some(at),
             Role::Acceptor => None,
         }
+    }
+
+    /// The acceptor's urgent QUIC endpoint, at the dialler's end of a QUIC link.
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    pub(crate) fn dials_quic(&self) -> Option<std::net::SocketAddr> {
+        match &self.role {
+            Role::Dialler { quic, .. } => *quic,
+            Role::Acceptor => None,
+        }
+    }
+
+    /// This node's writer sends its urgent lanes on the connection.
+    pub(crate) fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// This node's writer has started sending its urgent lanes on the connection.
+    pub(crate) fn set_in_use(&self) {
+        self.in_use.store(true, Ordering::Release);
     }
 
     /// A joining connection that presents `token` may take this slot: this is the acceptor's end of the link and the
@@ -219,6 +251,33 @@ pub(crate) fn token_frame(token: Option<&[u8; TOKEN_LEN]>) -> Bytes {
     b.freeze()
 }
 
+/// The `UrgentQuicToken` frame: the token and the UDP port of the acceptor's urgent endpoint; without them (the
+/// acceptor takes no urgent connections), an empty one.
+pub(crate) fn quic_token_frame(token: Option<(&[u8; TOKEN_LEN], u16)>) -> Bytes {
+    let len = if token.is_some() { 1 + TOKEN_LEN + 2 } else { 1 };
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + len);
+    b.put_u32_le(len as u32);
+    b.put_u8(QUIC_TOKEN_KIND);
+    if let Some((t, port)) = token {
+        b.put_slice(t);
+        b.put_u16_le(port);
+    }
+    b.freeze()
+}
+
+/// Parses an `UrgentQuicToken` frame's body (kind byte included): `Some(None)` for an empty one.
+pub(crate) fn parse_quic_token(frame: &[u8]) -> Option<Option<([u8; TOKEN_LEN], u16)>> {
+    match frame {
+        [QUIC_TOKEN_KIND] => Some(None),
+        [QUIC_TOKEN_KIND, rest @ ..] if rest.len() == TOKEN_LEN + 2 => {
+            let token = rest[..TOKEN_LEN].try_into().ok()?;
+            let port = u16::from_le_bytes(rest[TOKEN_LEN..].try_into().ok()?);
+            (port != 0).then_some(Some((token, port)))
+        }
+        _ => None,
+    }
+}
+
 /// The `UrgentJoin` frame.
 pub(crate) fn join_frame(node: NodeId, token: &[u8; TOKEN_LEN]) -> Bytes {
     let mut b = BytesMut::with_capacity(LEN_PREFIX + 1 + 8 + TOKEN_LEN);
@@ -271,8 +330,16 @@ mod tests {
         assert!(!u.accepts(&t[..8]));
         assert!(parse_join(&f[LEN_PREFIX..]).is_none());
         // The dialler's end never takes a connection from outside, whatever it presents.
-        let d = TcpUrgent::new(t, Role::Dialler { at: "a:1".into() });
+        let d = TcpUrgent::new(t, Role::Dialler { at: "a:1".into(), quic: None });
         assert!(!d.accepts(&t));
+        // A QUIC link's token frame carries the port of the acceptor's urgent endpoint.
+        let q = quic_token_frame(Some((&t, 4433)));
+        assert_eq!(parse_quic_token(&q[LEN_PREFIX..]), Some(Some((t, 4433))));
+        assert_eq!(parse_quic_token(&quic_token_frame(None)[LEN_PREFIX..]), Some(None));
+        assert_eq!(parse_quic_token(&q[LEN_PREFIX..q.len() - 1]), None, "short");
+        assert_eq!(parse_quic_token(&quic_token_frame(Some((&t, 0)))[LEN_PREFIX..]), None, "port 0");
+        assert_eq!(parse_quic_token(&f[LEN_PREFIX..]), None, "a TCP link's token frame");
+        assert_eq!(parse_token(&q[LEN_PREFIX..]), None);
     }
 
     #[test]

@@ -105,8 +105,14 @@ pub(super) async fn writer<H: LinkHandler>(
     // runs alongside this one (`urgent_writer`), so that neither waits for the other's writes.
     let (to_urgent, urgent_stream) = tokio::sync::oneshot::channel();
     let mut to_urgent = Some(to_urgent);
-    // A TCP link's urgent connection slot, and its write half once it is up but not yet in use.
+    // A link's urgent connection slot (TCP, or QUIC with a stream per priority), and its write half once it is up
+    // but not yet in use.
     let tcp_urgent = peer.urgent_tcp.lock().clone();
+    // The urgent lanes may take a stream of the link's connection once it carries priorities: a stream link without
+    // an urgent connection slot, or a QUIC link whose urgent connection could not be made (`urgent_turn`).
+    let mut stream_wanted = tcp_urgent.is_none();
+    let streams = peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams());
+    peer.outbox.set_movable(tcp_urgent.is_some() || streams);
     let mut urgent_wr = None;
     let mut hold = Hold::Not;
     // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
@@ -126,7 +132,7 @@ pub(super) async fn writer<H: LinkHandler>(
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
             frames.append(&mut pending);
-            urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut frames);
+            urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut stream_wanted, &mut frames);
             if links.closing.load(Ordering::Acquire) && hold != Hold::Over {
                 // A graceful shutdown writes everything queued: nothing is held for a connection still to come.
                 peer.outbox.release_hold();
@@ -211,38 +217,36 @@ pub(super) async fn writer<H: LinkHandler>(
             peer.outbox.writable.notify_waiters();
             if unprioritised && peer.outbox.prioritised.load(Ordering::Acquire) {
                 unprioritised = false;
-                match (lowat, &wr) {
-                    (Some(n), LinkWr::Tcp(sock)) => {
-                        let stream: &tokio::net::TcpStream = (**sock).as_ref();
-                        if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
-                            tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                if let (Some(n), LinkWr::Tcp(sock)) = (lowat, &wr) {
+                    let stream: &tokio::net::TcpStream = (**sock).as_ref();
+                    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                        tracing::debug!(peer = %peer.id, "TCP_NOTSENT_LOWAT not set: {e}");
+                    }
+                }
+            }
+            // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged), unless
+            // the urgent lanes get a stream of their own, which the peer may take: from then on this writer takes lane
+            // 0 only, after a `Sync` that starts the count of this stream's bytes (behind the frames taken before).
+            // quinn sends the urgent stream's data first, and the send window stays wide, so that writing an urgent
+            // frame never waits for bulk bytes to be acknowledged. (Not a link with an urgent connection slot, TLS or
+            // QUIC, until its connection failed: that one moves its urgent lanes in `urgent_turn`.)
+            if stream_wanted && matches!(wr, LinkWr::Stream(_)) && peer.outbox.prioritised.load(Ordering::Acquire) {
+                stream_wanted = false;
+                let conn = peer.datagrams.lock().clone();
+                let urgent = match conn.filter(|d| d.has_streams()) {
+                    Some(d) => d.open_urgent().await,
+                    None => None,
+                };
+                match (urgent, to_urgent.take()) {
+                    (Some(u), Some(tx)) => {
+                        frames.push_back(peer.outbox.start_streams());
+                        let _ = tx.send(u);
+                    }
+                    _ => {
+                        if let Some(n) = lowat {
+                            peer.shorten_send_queue(n);
                         }
                     }
-                    // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged),
-                    // unless the urgent lanes get a stream of their own, which the peer may take: from then on this
-                    // writer takes lane 0 only, after a `Sync` that starts the count of this stream's bytes (behind
-                    // the frames taken before). quinn sends the urgent stream's data first, and the send window stays
-                    // wide, so that writing an urgent frame never waits for bulk bytes to be acknowledged.
-                    // (Not a TLS link with an urgent connection slot: that one moves its urgent lanes above.)
-                    (_, LinkWr::Stream(_)) if tcp_urgent.is_none() => {
-                        let conn = peer.datagrams.lock().clone();
-                        let urgent = match conn.filter(|d| d.has_streams()) {
-                            Some(d) => d.open_urgent().await,
-                            None => None,
-                        };
-                        match (urgent, to_urgent.take()) {
-                            (Some(u), Some(tx)) => {
-                                frames.push_back(peer.outbox.start_streams());
-                                let _ = tx.send(u);
-                            }
-                            _ => {
-                                if let Some(n) = lowat {
-                                    peer.shorten_send_queue(n);
-                                }
-                            }
-                        }
-                    }
-                    _ => {}
                 }
             }
             let n = frames.len() as u64;
@@ -285,7 +289,15 @@ pub(super) async fn writer<H: LinkHandler>(
                     r = &mut write => break r.map_err(LinkError::Io),
                     woke = nudge => {
                         was_woken |= woke;
-                        urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut pending);
+                        urgent_turn(
+                            &peer,
+                            &tcp_urgent,
+                            &mut to_urgent,
+                            &mut urgent_wr,
+                            &mut hold,
+                            &mut stream_wanted,
+                            &mut pending,
+                        );
                     }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         if live.reader_waiting.load(Ordering::Acquire) {
@@ -325,16 +337,19 @@ pub(super) async fn writer<H: LinkHandler>(
     }
 }
 
-/// One look at a TCP link's urgent connection (`urgent.rs`), at each turn of the writer and while a write of the main
+/// One look at a link's urgent connection (`urgent.rs`), at each turn of the writer and while a write of the main
 /// connection is in progress (a write into a full socket buffer can take tens of milliseconds, which the first urgent
 /// frame must not wait for before the connection is even asked for).
-/// Frames for the main connection go to `next`, ahead of anything taken later.
+/// Frames for the main connection go to `next`, ahead of anything taken later. A QUIC link whose urgent connection
+/// will never come sets `stream_wanted`: its urgent lanes take a stream of the main connection instead.
+#[allow(clippy::too_many_arguments)]
 fn urgent_turn(
     peer: &Peer,
     tcp_urgent: &Option<Arc<super::urgent::TcpUrgent>>,
     to_urgent: &mut Option<tokio::sync::oneshot::Sender<Box<dyn AsyncWrite + Unpin + Send>>>,
     urgent_wr: &mut Option<super::urgent::UrgentWr>,
     hold: &mut Hold,
+    stream_wanted: &mut bool,
     next: &mut VecDeque<Bytes>,
 ) {
     // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
@@ -346,7 +361,11 @@ fn urgent_turn(
     // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
     // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
     let Some(u) = tcp_urgent else { return };
-    if to_urgent.is_none() || !peer.outbox.prioritised.load(Ordering::Acquire) || !peer.outbox.may_split() {
+    if *stream_wanted
+        || to_urgent.is_none()
+        || !peer.outbox.prioritised.load(Ordering::Acquire)
+        || !peer.outbox.may_split()
+    {
         return;
     }
     if u.want() && u.dials().is_none() {
@@ -358,9 +377,15 @@ fn urgent_turn(
             super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
             super::urgent::Ready::NotYet => {}
             super::urgent::Ready::Never => {
+                peer.outbox.release_hold();
+                *hold = Hold::Over;
+                if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
+                    tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames take a stream of the link's");
+                    *stream_wanted = true;
+                    return;
+                }
                 tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
                 *to_urgent = None;
-                peer.outbox.release_hold();
             }
         }
     }
@@ -368,6 +393,7 @@ fn urgent_turn(
         if let Some(tx) = to_urgent.take() {
             next.push_back(peer.outbox.start_streams());
             let _ = tx.send(w);
+            u.set_in_use();
             *hold = Hold::Over;
         }
     } else if to_urgent.is_some() && u.dials().is_some() {
