@@ -605,17 +605,13 @@ mod tests {
     /// The packets of an urgent endpoint carry DSCP EF on the wire, and those of a node's main endpoint do not
     /// (quinn's own socket sends each packet with an `IP_TOS` control message holding only its ECN bits, which
     /// replaces the socket's mark: bound like the main endpoint, the urgent one's packets would carry DSCP 0 too).
-    /// Seen from a raw socket, which needs root: without it the test says so and checks nothing.
+    /// Seen from a raw socket, which needs root (the root-only pass of `.ci/run` runs it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs root: a raw socket to see the packets (run by .ci/run)"]
     async fn urgent_endpoint_packets_carry_dscp_ef() {
         use std::io::Read;
-        let raw = match socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP)) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("skipped: no raw socket to see packets with ({e}); needs root");
-                return;
-            }
-        };
+        let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP))
+            .expect("a raw socket to see the packets with (this test needs root)");
         raw.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let hb = Duration::from_secs(5);
         let u = QuicEndpoint::bind_urgent("127.0.0.1:0".parse().unwrap(), None, hb).unwrap();
