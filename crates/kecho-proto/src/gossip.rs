@@ -917,6 +917,7 @@ impl Gossip {
         let s = self.sources.entry(id.source).or_insert_with(|| SourceState { next: id.seq, ..Default::default() });
         s.heard = s.heard.max(id.seq);
         s.last_at = now;
+        let before = s.next;
         if id.seq == s.next && !s.has_ahead() {
             // In order (the common case): delivered at once. A map holding one event would keep its node's memory
             // (a few hundred bytes) after the event left it, for every source ever heard.
@@ -925,12 +926,19 @@ impl Gossip {
         } else {
             s.held().ahead.insert(id.seq, payload);
         }
-        self.drain_source(id.source, now);
+        self.drain_source_since(id.source, before, now);
     }
 
     fn drain_source(&mut self, src: NodeId, now: u64) {
+        if let Some(before) = self.sources.get(&src).map(|s| s.next) {
+            self.drain_source_since(src, before, now);
+        }
+    }
+
+    /// Delivers what is held in order and updates the gap's state; `before` is the next number as it was before this
+    /// turn (an event delivered at once by `accept` is progress too: it starts the loss timer again).
+    fn drain_source_since(&mut self, src: NodeId, before: u64, now: u64) {
         let Some(s) = self.sources.get_mut(&src) else { return };
-        let before = s.next;
         while let Some(payload) = s.held.as_mut().and_then(|h| h.ahead.remove(&s.next)) {
             self.out.push_back(GossipOut::Deliver { id: EventId { source: src, seq: s.next }, payload });
             s.next += 1;
@@ -1190,6 +1198,42 @@ mod tests {
         g.handle(other, e2("2"), 300);
         g.handle(parent, e2("2"), 900);
         assert_eq!((g.counters().duplicates, g.counters().late_grafts), (1, 1));
+    }
+
+    /// A stream whose announcements run ahead of its events (a slow tree parent): each event that arrives in order
+    /// is progress and starts the loss timer again, so events that keep coming, each sooner than `loss_after` after
+    /// the one before, are never reported lost, however long the gap stays open.
+    #[test]
+    fn in_order_events_behind_announcements_are_progress() {
+        let cfg = GossipConfig { loss_after: 1_000, ..GossipConfig::default() };
+        let mut g = Gossip::new(NodeId(1), cfg, 1, 0);
+        for p in [2, 3] {
+            g.handle(NodeId(p), GossipMsg::Neighbor { high: true }, 0);
+        }
+        let src = NodeId(9);
+        let ev = |seq| GossipMsg::Event {
+            id: EventId { source: src, seq },
+            hops: 1,
+            payload: bytes::Bytes::from_static(b"e"),
+        };
+        g.handle(NodeId(2), ev(1), 0);
+        g.handle(NodeId(3), GossipMsg::IHave { ids: vec![EventId { source: src, seq: 20 }] }, 0);
+        let (mut delivered, mut lost) = (Vec::new(), Vec::new());
+        let mut now = 0;
+        for seq in 2..=20 {
+            now += 600;
+            g.handle_timeout(now);
+            g.handle(NodeId(2), ev(seq), now);
+            while let Some(o) = g.poll_output() {
+                match o {
+                    GossipOut::Deliver { id, .. } => delivered.push(id.seq),
+                    GossipOut::Lost { first, count, .. } => lost.push((first, count)),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(lost, vec![], "reported lost while its events kept coming");
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
     }
 
     #[test]
