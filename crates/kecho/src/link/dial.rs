@@ -391,9 +391,15 @@ async fn accept<H: LinkHandler>(links: Arc<Links<H>>, stream: TcpStream, remote:
     accept_link_with(links, rd, wr, Some(remote), Transport::Tcp, poller, None, sock).await;
 }
 
-/// Accepts QUIC connections from other nodes until the node stops.
+/// Takes the connections of a QUIC endpoint until the node stops, each served by `serve` in a task of its own under
+/// one of the node's connection slots (refused when none is free).
 #[cfg(feature = "quic")]
-pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
+async fn quic_accept_each<H, F, Fut>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint, serve: F)
+where
+    H: LinkHandler,
+    F: Fn(Arc<Links<H>>, super::quic::QuicEndpoint, quinn::Incoming) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     while let Some(incoming) = ep.endpoint.accept().await {
         let Some(links) = links.upgrade() else { return };
         let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
@@ -401,50 +407,49 @@ pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: 
             incoming.refuse();
             continue;
         };
-        let (l, ep) = (links.clone(), ep.clone());
+        let served = serve(links.clone(), ep.clone(), incoming);
         links.tasks.spawn(async move {
             let _slot = slot;
-            if let Some((rd, wr, remote, datagrams)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await {
-                accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams), None).await;
-            }
+            served.await
         });
     }
+}
+
+/// Accepts QUIC connections from other nodes until the node stops.
+#[cfg(feature = "quic")]
+pub(crate) async fn quic_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
+    quic_accept_each(links, ep, |l, ep, incoming| async move {
+        if let Some((rd, wr, remote, datagrams)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await {
+            accept_link_with(l, rd, wr, Some(remote), Transport::Quic, None, Some(datagrams), None).await;
+        }
+    })
+    .await
 }
 
 /// Accepts the urgent connections of this node's QUIC links on its urgent endpoint until the node stops: each must
 /// start with an `UrgentJoin` for a link of this node (see `urgent.rs`); anything else is refused.
 #[cfg(feature = "quic")]
 pub(crate) async fn quic_urgent_accept_loop<H: LinkHandler>(links: Weak<Links<H>>, ep: super::quic::QuicEndpoint) {
-    while let Some(incoming) = ep.endpoint.accept().await {
-        let Some(links) = links.upgrade() else { return };
-        let Ok(slot) = links.conn_slots.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "too many connections; refusing");
-            incoming.refuse();
-            continue;
+    quic_accept_each(links, ep, |l, ep, incoming| async move {
+        let Some((mut rd, wr, remote, _)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await else {
+            return;
         };
-        let (l, ep) = (links.clone(), ep.clone());
-        links.tasks.spawn(async move {
-            let _slot = slot;
-            let Some((mut rd, wr, remote, _)) = super::quic::accept(&ep, incoming, HANDSHAKE_TIMEOUT).await else {
-                return;
-            };
-            let mut buf = BytesMut::with_capacity(4096);
-            let first =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, l.cfg.max_frame)).await;
-            match first {
-                Ok(Ok(frame)) if frame.first() == Some(&urgent::JOIN_KIND) => {
-                    let read = std::mem::take(&mut buf);
-                    join_urgent(&l, &frame, (rd, wr, read), Some(remote), None).await;
-                }
-                Ok(Ok(_)) => {
-                    tracing::warn!(%remote, "refusing connection: not an urgent connection, on the urgent endpoint");
-                    refuse(rd, wr, close(CloseCode::Handshake, "only urgent connections are taken here")).await;
-                }
-                Ok(Err(why)) => tracing::debug!(%remote, "urgent QUIC connection closed before its join: {why}"),
-                Err(_) => tracing::debug!(%remote, "urgent QUIC connection: no join within {HANDSHAKE_TIMEOUT:?}"),
+        let mut buf = BytesMut::with_capacity(4096);
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_raw_frame(&mut rd, &mut buf, l.cfg.max_frame)).await;
+        match first {
+            Ok(Ok(frame)) if frame.first() == Some(&urgent::JOIN_KIND) => {
+                let read = std::mem::take(&mut buf);
+                join_urgent(&l, &frame, (rd, wr, read), Some(remote), None).await;
             }
-        });
-    }
+            Ok(Ok(_)) => {
+                tracing::warn!(%remote, "refusing connection: not an urgent connection, on the urgent endpoint");
+                refuse(rd, wr, close(CloseCode::Handshake, "only urgent connections are taken here")).await;
+            }
+            Ok(Err(why)) => tracing::debug!(%remote, "urgent QUIC connection closed before its join: {why}"),
+            Err(_) => tracing::debug!(%remote, "urgent QUIC connection: no join within {HANDSHAKE_TIMEOUT:?}"),
+        }
+    })
+    .await
 }
 
 /// Serves one inbound connection of any transport: handshake, duplicate rule, then the link tasks. `remote` is
