@@ -246,6 +246,18 @@ pub struct Peer {
     pub rights: Roles,
 }
 
+/// The members [`ChannelState::take_touched`] names.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Added, or whose snapshot (and with it, possibly, the address) changed since the last take; each once, in
+    /// order.
+    pub nodes: Vec<NodeId>,
+    /// `nodes` names every member added or changed since the last take. False while relaying is off, and for the
+    /// first take after it was turned on (changes before it were not recorded): the owner then looks at every
+    /// member.
+    pub complete: bool,
+}
+
 /// Membership of one channel as seen by one node.
 #[derive(Debug)]
 pub struct ChannelState {
@@ -309,6 +321,8 @@ pub struct ChannelState {
     /// ([`ChannelState::take_touched`]), so that the owner's per-change work is about the members that changed, not
     /// about every member.
     touched: Vec<NodeId>,
+    /// Every change since the last take is in `touched` (relaying was on throughout).
+    touched_whole: bool,
     /// When `open` was called, and how it went (see [`JoinTrace`]).
     opened_at: Option<Instant>,
     trace: JoinTrace,
@@ -360,6 +374,7 @@ impl ChannelState {
             view_changed: None,
             last_list: None,
             touched: Vec::new(),
+            touched_whole: false,
             opened_at: None,
             trace: JoinTrace::default(),
             out: VecDeque::new(),
@@ -374,11 +389,13 @@ impl ChannelState {
     /// Tree mode: the members added, or whose snapshot or address changed, since the last call (each once, in no
     /// particular order). Kept only while members' snapshots are relayed (`set_relayed`); the owner learns the
     /// others from [`ChannelState::peers`] when it turns that on.
-    pub fn take_touched(&mut self) -> Vec<NodeId> {
-        let mut t = std::mem::take(&mut self.touched);
-        t.sort_unstable();
-        t.dedup();
-        t
+    pub fn take_touched(&mut self) -> Touched {
+        let mut nodes = std::mem::take(&mut self.touched);
+        nodes.sort_unstable();
+        nodes.dedup();
+        let complete = self.relayed && self.touched_whole;
+        self.touched_whole = self.relayed;
+        Touched { nodes, complete }
     }
 
     fn since_open(&self, now: Instant) -> Option<Duration> {
@@ -389,6 +406,10 @@ impl ChannelState {
     /// the member's own link: members heard of from a third party (a join answer, a relay) are not dropped for not
     /// speaking to this node directly.
     pub fn set_relayed(&mut self, on: bool) {
+        if on != self.relayed {
+            // Changes before relaying was on were not recorded: the next take cannot name them all.
+            self.touched_whole = false;
+        }
         self.relayed = on;
         if on {
             self.unconfirmed.clear();
@@ -1650,7 +1671,9 @@ mod tests {
     }
 
     fn check_touched(st: &mut ChannelState, expected: &[u64]) {
-        let got: Vec<u64> = st.take_touched().into_iter().map(|n| n.0).collect();
+        let touched = st.take_touched();
+        assert!(touched.complete, "relaying was on since the last take");
+        let got: Vec<u64> = touched.nodes.into_iter().map(|n| n.0).collect();
         assert_eq!(got, expected);
     }
 
@@ -1672,6 +1695,8 @@ mod tests {
     #[test]
     fn in_tree_mode_the_owner_learns_which_members_changed_and_only_those() {
         let (mut st, now) = contact(true);
+        // The first take after relaying was turned on cannot vouch for what came before.
+        assert!(!st.take_touched().complete);
         check_touched(&mut st, &[]);
         let join = Message::JoinRequest { channel: CHANNEL, addr: "n:5".into(), snapshot: snapshot(1) };
         st.handle_message(NodeId(5), join, now);
@@ -1709,6 +1734,19 @@ mod tests {
         }
         assert!(st.peers().contains_key(&NodeId(3)));
         assert!(st.touched.is_empty());
+        assert!(!st.take_touched().complete, "nothing was recorded");
+        // Turned on now: the changes before were not recorded, so the first take says so; the next one vouches.
+        st.set_relayed(true);
+        assert!(!st.take_touched().complete);
+        st.handle_message(NodeId(7), relayed(4, 1), now);
+        let touched = st.take_touched();
+        assert!(touched.complete);
+        assert_eq!(touched.nodes, vec![NodeId(4)]);
+        // Off and on again between two takes: what happened while off is unknown.
+        st.set_relayed(false);
+        st.handle_message(NodeId(7), relayed(4, 2), now);
+        st.set_relayed(true);
+        assert!(!st.take_touched().complete);
     }
 
     /// Node `me` joins the channel whose contact is `contact` (from `contact()`), with `relayed` as given; the

@@ -71,6 +71,15 @@ async fn forty_nodes_in_tree_mode() -> Result<()> {
     for (i, c) in chans.iter().enumerate() {
         assert!(c.tree_stats().on, "node {i} runs the channel in tree mode");
     }
+    // Every node lists every sink with its node and attributes, although the table its sources read holds only its
+    // own (the others', none of them Block, get events through the overlay).
+    let mut all: Vec<String> = nodes.iter().map(|n| n.id().to_string()).collect();
+    all.sort();
+    for (i, c) in chans.iter().enumerate() {
+        let mut listed: Vec<String> = c.sink_attrs().into_iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, all, "node {i}: one sink per node, each listed once");
+    }
     let settled =
         eventually(&format!("at most {THRESHOLD} links per node"), || nodes.iter().all(|n| up_links(n) <= THRESHOLD))
             .await?;

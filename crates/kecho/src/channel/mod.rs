@@ -374,11 +374,9 @@ impl ChannelInner {
                     });
                 }
                 Output::Changed => {
-                    if self.tree_check(&mut st) {
-                        self.tree_learn(&mut st);
-                    }
+                    let changed = if self.tree_check(&mut st) { self.tree_learn(&mut st) } else { None };
                     drop(st);
-                    self.rebuild_routes(&node);
+                    self.update_routes(&node, changed);
                 }
                 Output::Ready => {
                     drop(st);
@@ -701,13 +699,7 @@ impl Channel {
     /// The attributes of every sink present in the channel (local and remote) with the node it lives on, as this
     /// node knows it; sinks of nodes cut off from the channel are left out.
     pub fn sink_attrs(&self) -> Vec<(kecho_proto::NodeId, Attrs)> {
-        let routes = self.inner.routes.read().clone();
-        routes
-            .sinks
-            .iter()
-            .filter(|s| !matches!(s.dest, routes::Dest::Ghost(..)))
-            .map(|s| (s.entry.node, s.entry.attrs.clone()))
-            .collect()
+        self.inner.sink_attrs()
     }
 
     /// Member nodes of the channel other than this one, as this node knows it.

@@ -859,8 +859,7 @@ impl Pick {
                     p.ids.push(r.entry.id);
                 }
                 Dest::Local(l) => self.locals.push(l.clone()),
-                // Through the overlay (`submit_tree`); never a candidate of the direct path (`Routes::direct`).
-                Dest::Ghost(..) | Dest::Overlay => {}
+                Dest::Ghost(..) => {}
             }
         }
     }

@@ -295,21 +295,22 @@ impl ChannelInner {
 
     /// Keeps the address book current (after a membership change): only the members that changed are looked at
     /// (a pass over every member on every change, in each of a process's nodes, was a large part of a storm's CPU).
-    pub(super) fn tree_learn(&self, st: &mut ChannelState) {
+    /// Returns the members that changed when they are known to be all (for the routing table, `RouteBook::update`).
+    pub(super) fn tree_learn(&self, st: &mut ChannelState) -> Option<Vec<NodeId>> {
         if !self.tree_on() {
-            return;
+            return None;
         }
         let touched = st.take_touched();
-        if touched.is_empty() {
-            return;
-        }
-        let mut t = self.tree.inner.lock();
-        for id in touched {
-            let Some(p) = st.peers().get(&id) else { continue };
-            if t.book.get(&id) != Some(&p.addr) {
-                t.book.insert(id, p.addr.clone());
+        if !touched.nodes.is_empty() {
+            let mut t = self.tree.inner.lock();
+            for id in &touched.nodes {
+                let Some(p) = st.peers().get(id) else { continue };
+                if t.book.get(id) != Some(&p.addr) {
+                    t.book.insert(*id, p.addr.clone());
+                }
             }
         }
+        touched.complete.then_some(touched.nodes)
     }
 
     /// Sends a message of the membership state machine in tree mode: joins as they are; this node's snapshot over
