@@ -442,6 +442,35 @@ async fn a_quic_urgent_connection_that_cannot_be_made_falls_back_to_urgent_strea
     Ok(())
 }
 
+/// The same when only the accepting end of the link carries priorities: it asks for the urgent connection, the
+/// dialler's dial is refused, and the dialler, which has no urgent frames of its own, opens its urgent stream anyway
+/// (with a `Ping` on it) so that the acceptor learns it; the acceptor's urgent frames then take a stream too (without
+/// that they would share the main stream for the link's lifetime), and the source's order holds throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accepting_end_learns_that_the_quic_urgent_connection_failed() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (x, y) = priority_pair(&reg).await?;
+    // Bring the link up and see which node dialled it (when both dial at once, one link is kept: wait for that).
+    let (cx, cy) = (x.channel("probe").await?, y.channel("probe").await?);
+    let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
+    cy.wait_for_sinks(1, T).await?;
+    let link = |n: &Node, m: &Node| n.link_stats().into_iter().find(|l| l.node == m.id() && l.up);
+    common::eventually("the link up at both ends", || link(&x, &y).is_some() && link(&y, &x).is_some()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (lx, ly) = (link(&x, &y).context("x's link")?, link(&y, &x).context("y's link")?);
+    anyhow::ensure!(lx.urgent_dialler != ly.urgent_dialler, "one end dials the urgent connection: {lx:?} {ly:?}");
+    let (acceptor, dialler) = if lx.urgent_dialler { (&y, &x) } else { (&x, &y) };
+    assert!(acceptor.close_urgent_endpoint(), "the acceptor has an urgent endpoint");
+    mixing_priorities_keeps_order(acceptor, dialler, "mixed").await?;
+    common::eventually("the acceptor's urgent frames on a stream of the link's connection", || {
+        urgent_path(acceptor, dialler) == (true, false)
+    })
+    .await?;
+    assert_eq!(urgent_path(dialler, acceptor), (true, false), "the dialler's urgent stream, opened to tell");
+    assert!(link(acceptor, dialler).is_some_and(|l| l.connects == 1), "the link was never lost");
+    Ok(())
+}
+
 /// Losing a QUIC link's urgent connection mid-run (its endpoint at one node closes, which ends the connection) is
 /// losing the link, as for a TCP link's urgent connection: a new link comes up (its urgent connection refused now, so
 /// with urgent streams), and every event of a source mixing priorities is delivered once and in order or reported
@@ -484,10 +513,11 @@ async fn losing_the_quic_urgent_connection_is_losing_the_link() -> Result<()> {
     })
     .await?;
     let mut src = sender.await??;
-    // More urgent events until the new link carries them apart from the bulk (events sent while the link was down
-    // may have gone nowhere: the channel had no route to b then; they are reported missed).
+    // More urgent events until the new link carries them, apart from the bulk (events sent while the link was down
+    // may have gone nowhere: the channel had no route to b then; they are reported missed once a later one arrives).
     let mut extra = 0;
-    while urgent_path(&a, &b) != (true, false) {
+    let carried = |a: &Node, b: &Node| a.link_stats().iter().any(|l| l.node == b.id() && l.up && l.event_frames > 0);
+    while urgent_path(&a, &b) != (true, false) || !carried(&a, &b) {
         src.submit_with("e", &Attrs::new(), &[0u8; 2000], urgent).await?;
         back.submit_with("e", &Attrs::new(), b"b", urgent).await?;
         extra += 1;
