@@ -383,15 +383,16 @@ fn urgent_turn(
     // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
     // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
     let Some(u) = tcp_urgent else { return };
-    if *stream_wanted || to_urgent.is_none() || !peer.outbox.may_split() {
+    if *stream_wanted || to_urgent.is_none() {
         return;
     }
+    // (The cheap checks first: `may_split` takes the outbox's lock, at every turn of a busy writer.)
     if !peer.outbox.prioritised.load(Ordering::Acquire) {
         // The dialling end of a QUIC link whose acceptor asked for the urgent connection (its own outbox carries
         // priorities) and whose dial failed: the acceptor learns that only from this end's urgent stream, so it is
         // opened now, with a `Ping` on it, rather than once this end carries priorities itself (which may be never:
         // the acceptor's urgent frames would share the main stream for the link's lifetime).
-        if urgent_wr.is_none() && u.dials().is_some() && u.is_wanted() {
+        if urgent_wr.is_none() && u.dials().is_some() && u.is_wanted() && peer.outbox.may_split() {
             match u.try_writer() {
                 super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
                 super::urgent::Ready::NotYet => {}
@@ -404,6 +405,9 @@ fn urgent_turn(
                 }
             }
         }
+        return;
+    }
+    if !peer.outbox.may_split() {
         return;
     }
     if u.want() && u.dials().is_none() {
