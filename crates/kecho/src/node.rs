@@ -553,4 +553,18 @@ impl Node {
     pub fn tasks_after_stop(&self) -> u64 {
         self.channels.tasks.late()
     }
+
+    /// Test hook: closes this node's endpoint for the urgent connections of its QUIC links (`NodeBuilder::
+    /// urgent_connection`), as if its UDP socket became unreachable: the urgent connections up end at once (each
+    /// ends its link, as a lost TCP urgent connection does) and later ones are refused (a new link's urgent lanes then
+    /// take a stream of its main connection). `false` if the node has no such endpoint.
+    #[doc(hidden)]
+    pub fn close_urgent_endpoint(&self) -> bool {
+        #[cfg(feature = "quic")]
+        if let Some(ep) = self.channels.links.quic_urgent.get() {
+            ep.close();
+            return true;
+        }
+        false
+    }
 }

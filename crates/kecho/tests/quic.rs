@@ -365,7 +365,7 @@ async fn urgent_passes_stalled_bulk(a: &Node, b: &Node, channel: &str) -> Result
 async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
     let reg = RegistryClient::in_process_private();
     let (a, b) = priority_pair(&reg).await?;
-    mixing_priorities_keeps_order(&a, &b).await?;
+    mixing_priorities_keeps_order(&a, &b, "mixed").await?;
     assert_eq!(urgent_path(&a, &b), (true, true), "the urgent events went on a connection of their own");
     Ok(())
 }
@@ -376,16 +376,16 @@ async fn a_source_mixing_priorities_keeps_its_order_over_quic() -> Result<()> {
 async fn a_source_mixing_priorities_keeps_its_order_over_a_quic_urgent_stream() -> Result<()> {
     let reg = RegistryClient::in_process_private();
     let (a, b) = priority_pair_with(&reg, false).await?;
-    mixing_priorities_keeps_order(&a, &b).await?;
+    mixing_priorities_keeps_order(&a, &b, "mixed").await?;
     assert_eq!(urgent_path(&a, &b), (true, false), "the urgent events went on a stream of the link's connection");
     Ok(())
 }
 
-async fn mixing_priorities_keeps_order(a: &Node, b: &Node) -> Result<()> {
+async fn mixing_priorities_keeps_order(a: &Node, b: &Node, channel: &str) -> Result<()> {
     const N: i64 = 600;
-    let ch_b = b.channel("mixed").await?;
+    let ch_b = b.channel(channel).await?;
     let mut sink = ch_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(8))?;
-    let ch_a = a.channel("mixed").await?;
+    let ch_a = a.channel(channel).await?;
     ch_a.wait_for_sinks(1, T).await?;
     let mut src = ch_a.source()?;
     let sender = tokio::spawn(async move {
@@ -413,6 +413,136 @@ async fn mixing_priorities_keeps_order(a: &Node, b: &Node) -> Result<()> {
     }
     sender.await??;
     check_transport(a, Transport::Quic);
+    Ok(())
+}
+
+/// A QUIC link whose urgent connection cannot be made (the urgent endpoint of one node is closed, as if its UDP socket
+/// could not be reached: the dial is refused) takes an urgent stream of its main connection instead, both ways, and
+/// no event is lost or reordered on the way: the dialling end falls back once its dial failed, and the accepting end,
+/// which is never told of the failure, learns it from the dialler's urgent stream (without that it would keep its
+/// urgent frames on the main stream for the link's lifetime, waiting for a connection that never comes). Each
+/// direction is run twice, so that whichever node dialled the link, the other's fallback happens mid-link too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_urgent_connection_that_cannot_be_made_falls_back_to_urgent_streams() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (a, b) = priority_pair(&reg).await?;
+    assert!(b.close_urgent_endpoint(), "b has an urgent endpoint");
+    mixing_priorities_keeps_order(&a, &b, "one").await?;
+    mixing_priorities_keeps_order(&b, &a, "two").await?;
+    mixing_priorities_keeps_order(&a, &b, "three").await?;
+    mixing_priorities_keeps_order(&b, &a, "four").await?;
+    common::eventually("both nodes' urgent frames on streams of the link's connection", || {
+        urgent_path(&a, &b) == (true, false) && urgent_path(&b, &a) == (true, false)
+    })
+    .await?;
+    for (n, m) in [(&a, &b), (&b, &a)] {
+        let l = n.link_stats().into_iter().find(|l| l.node == m.id()).context("a link")?;
+        assert_eq!(l.connects, 1, "the link was never lost");
+    }
+    Ok(())
+}
+
+/// The same when only the accepting end of the link carries priorities: it asks for the urgent connection, the
+/// dialler's dial is refused, and the dialler, which has no urgent frames of its own, opens its urgent stream anyway
+/// (with a `Ping` on it) so that the acceptor learns it; the acceptor's urgent frames then take a stream too (without
+/// that they would share the main stream for the link's lifetime), and the source's order holds throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accepting_end_learns_that_the_quic_urgent_connection_failed() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (x, y) = priority_pair(&reg).await?;
+    // Bring the link up and see which node dialled it (when both dial at once, one link is kept: wait for that).
+    let (cx, cy) = (x.channel("probe").await?, y.channel("probe").await?);
+    let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
+    cy.wait_for_sinks(1, T).await?;
+    let link = |n: &Node, m: &Node| n.link_stats().into_iter().find(|l| l.node == m.id() && l.up);
+    common::eventually("the link up at both ends", || link(&x, &y).is_some() && link(&y, &x).is_some()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (lx, ly) = (link(&x, &y).context("x's link")?, link(&y, &x).context("y's link")?);
+    anyhow::ensure!(lx.urgent_dialler != ly.urgent_dialler, "one end dials the urgent connection: {lx:?} {ly:?}");
+    let (acceptor, dialler) = if lx.urgent_dialler { (&y, &x) } else { (&x, &y) };
+    assert!(acceptor.close_urgent_endpoint(), "the acceptor has an urgent endpoint");
+    mixing_priorities_keeps_order(acceptor, dialler, "mixed").await?;
+    common::eventually("the acceptor's urgent frames on a stream of the link's connection", || {
+        urgent_path(acceptor, dialler) == (true, false)
+    })
+    .await?;
+    assert_eq!(urgent_path(dialler, acceptor), (true, false), "the dialler's urgent stream, opened to tell");
+    assert!(link(acceptor, dialler).is_some_and(|l| l.connects == 1), "the link was never lost");
+    Ok(())
+}
+
+/// Losing a QUIC link's urgent connection mid-run (its endpoint at one node closes, which ends the connection) is
+/// losing the link, as for a TCP link's urgent connection: a new link comes up (its urgent connection refused now, so
+/// with urgent streams), and every event of a source mixing priorities is delivered once and in order or reported
+/// missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_quic_urgent_connection_is_losing_the_link() -> Result<()> {
+    const N: u64 = 400;
+    let reg = RegistryClient::in_process_private();
+    let (a, b) = priority_pair(&reg).await?;
+    let ch_b = b.channel("lost").await?;
+    let mut sink = ch_b.sink(SinkOptions::new().capacity(4096))?;
+    let ch_a = a.channel("lost").await?;
+    ch_a.wait_for_sinks(1, T).await?;
+    let mut src = ch_a.source()?;
+    // b sends urgent events to a too, after the loss: if b dials the new link, only b's urgent stream tells a (the
+    // accepting end) that the urgent connection was not made (see the test above).
+    let ch_back = a.channel("back").await?;
+    let _back_sink = ch_back.sink(SinkOptions::new().capacity(4096))?;
+    let ch_back = b.channel("back").await?;
+    ch_back.wait_for_sinks(1, T).await?;
+    let mut back = ch_back.source()?;
+    let urgent = kecho::EventOptions::new().priority(kecho::Priority::HIGHEST);
+    src.submit_with("urgent", &Attrs::new(), b"u", urgent).await?;
+    recv(&mut sink).await?;
+    common::eventually("the urgent connection in use", || urgent_path(&a, &b) == (true, true)).await?;
+    let sender = tokio::spawn(async move {
+        for k in 2..=N {
+            let o = if k % 2 == 0 { urgent } else { kecho::EventOptions::new() };
+            src.submit_with("e", &Attrs::new(), &[0u8; 2000], o).await?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        anyhow::Ok(src)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.close_urgent_endpoint(), "b has an urgent endpoint");
+    // A link's urgent frames never leave its urgent connection once they took it: a link to b whose urgent frames do
+    // not go there is a new one.
+    common::eventually("a new link", || {
+        a.link_stats().iter().any(|l| l.node == b.id() && l.up && !l.urgent_connection)
+    })
+    .await?;
+    let mut src = sender.await??;
+    // More urgent events until the new link carries them, apart from the bulk (events sent while the link was down
+    // may have gone nowhere: the channel had no route to b then; they are reported missed once a later one arrives).
+    let mut extra = 0;
+    let carried = |a: &Node, b: &Node| a.link_stats().iter().any(|l| l.node == b.id() && l.up && l.event_frames > 0);
+    while urgent_path(&a, &b) != (true, false) || !carried(&a, &b) {
+        src.submit_with("e", &Attrs::new(), &[0u8; 2000], urgent).await?;
+        back.submit_with("e", &Attrs::new(), b"b", urgent).await?;
+        extra += 1;
+        anyhow::ensure!(extra < 200, "no urgent stream on the new link");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_k = N + extra;
+    // Events 2 to last_k: each delivered once, in order, or reported missed.
+    let (mut got, mut lagged, mut gaps, mut last) = (0u64, 0u64, 0u64, 1u64);
+    while got + lagged < last_k - 1 {
+        match tokio::time::timeout(T, sink.recv()).await.context("events stopped arriving")? {
+            Ok(ev) => {
+                anyhow::ensure!(ev.seq() > last, "seq {} after {last} (duplicate or out of order)", ev.seq());
+                gaps += ev.seq() - last - 1;
+                last = ev.seq();
+                got += 1;
+            }
+            Err(kecho::RecvError::Lagged(n)) => lagged += n,
+            Err(e) => bail!("recv: {e}"),
+        }
+    }
+    gaps += last_k - last;
+    eprintln!("delivered {got}, reported missed {lagged}, gaps {gaps}");
+    anyhow::ensure!(gaps == lagged, "{gaps} events missing but {lagged} reported missed");
+    check_transport(&a, Transport::Quic);
     Ok(())
 }
 

@@ -413,6 +413,7 @@ impl<H: LinkHandler> Links<H> {
                     urgent_connection: up
                         && p.outbox.has_streams()
                         && p.urgent_tcp.lock().as_ref().is_some_and(|u| u.in_use()),
+                    urgent_dialler: up && p.urgent_tcp.lock().as_ref().is_some_and(|u| u.dials().is_some()),
                 }
             })
             .collect()
@@ -678,6 +679,9 @@ pub struct LinkStats {
     /// Those urgent frames go on a connection of their own (TCP or QUIC: see
     /// [`crate::NodeBuilder::urgent_connection`]), not a stream of the link's one connection.
     pub urgent_connection: bool,
+    /// This node dials the link's urgent connection (it dialled the link, and both nodes take urgent connections); the
+    /// other node accepts it.
+    pub urgent_dialler: bool,
 }
 
 /// A link that a shutdown stopped before it had sent everything (see [`crate::ShutdownReport`]).

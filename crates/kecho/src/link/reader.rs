@@ -76,7 +76,17 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                     tokio::select! {
                         biased;
                         Some(c) = connection => Some(c),
-                        Some(rd) = stream => Some((rd, BytesMut::with_capacity(READ_SMALL))),
+                        Some(rd) = stream => {
+                            // The peer's urgent frames come on a stream: its urgent connection was not made (a
+                            // dialler opens the stream only once its dial failed or if it has no urgent endpoint;
+                            // an acceptor, once it learnt so here). The accepting end learns it no other way: without this its slot would wait
+                            // for the link's lifetime, taking a join for a connection the peer gave up on, and
+                            // its own urgent lanes would share the main stream. Its writer now opens an urgent
+                            // stream of its own (`urgent_turn`), and a late join is refused.
+                            u.failed();
+                            peer.outbox.readable.notify_one();
+                            Some((rd, BytesMut::with_capacity(READ_SMALL)))
+                        }
                         else => None,
                     }
                 }

@@ -163,6 +163,11 @@ impl TcpUrgent {
         first
     }
 
+    /// The connection has been wanted (by either side).
+    pub(crate) fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire)
+    }
+
     /// Waits until the connection is wanted.
     pub(crate) async fn wanted(&self) {
         loop {

@@ -111,6 +111,8 @@ pub(super) async fn writer<H: LinkHandler>(
     // The urgent lanes may take a stream of the link's connection once it carries priorities: a stream link without
     // an urgent connection slot, or a QUIC link whose urgent connection could not be made (`urgent_turn`).
     let mut stream_wanted = tcp_urgent.is_none();
+    // The urgent stream is to be opened before this end carries priorities, to tell the peer (`urgent_turn`).
+    let mut announce = false;
     let streams = peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams());
     peer.outbox.set_movable(tcp_urgent.is_some() || streams);
     let mut urgent_wr = None;
@@ -132,14 +134,24 @@ pub(super) async fn writer<H: LinkHandler>(
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
             frames.append(&mut pending);
-            urgent_turn(&peer, &tcp_urgent, &mut to_urgent, &mut urgent_wr, &mut hold, &mut stream_wanted, &mut frames);
+            urgent_turn(
+                &peer,
+                &tcp_urgent,
+                &mut to_urgent,
+                &mut urgent_wr,
+                &mut hold,
+                &mut stream_wanted,
+                &mut announce,
+                &mut frames,
+            );
             if links.closing.load(Ordering::Acquire) && hold != Hold::Over {
                 // A graceful shutdown writes everything queued: nothing is held for a connection still to come.
                 peer.outbox.release_hold();
                 hold = Hold::Over;
             }
             peer.outbox.take_all(&mut frames);
-            if frames.is_empty() {
+            // (Nothing to write but an urgent stream to open to tell the peer: opened below, now.)
+            if frames.is_empty() && !(announce && stream_wanted) {
                 if links.closing.load(Ordering::Acquire) {
                     if peer.outbox.has_streams() {
                         // The main stream ends with a `Wait` for the whole urgent stream, once that is written, so that
@@ -230,7 +242,10 @@ pub(super) async fn writer<H: LinkHandler>(
             // quinn sends the urgent stream's data first, and the send window stays wide, so that writing an urgent
             // frame never waits for bulk bytes to be acknowledged. (Not a link with an urgent connection slot, TLS or
             // QUIC, until its connection failed: that one moves its urgent lanes in `urgent_turn`.)
-            if stream_wanted && matches!(wr, LinkWr::Stream(_)) && peer.outbox.prioritised.load(Ordering::Acquire) {
+            if stream_wanted
+                && matches!(wr, LinkWr::Stream(_))
+                && (announce || peer.outbox.prioritised.load(Ordering::Acquire))
+            {
                 stream_wanted = false;
                 let conn = peer.datagrams.lock().clone();
                 let urgent = match conn.filter(|d| d.has_streams()) {
@@ -241,9 +256,14 @@ pub(super) async fn writer<H: LinkHandler>(
                     (Some(u), Some(tx)) => {
                         frames.push_back(peer.outbox.start_streams());
                         let _ = tx.send(u);
+                        if announce {
+                            // The stream's first frame, so that the peer sees it (quinn sends nothing for a stream
+                            // before its first byte); a `Ping` has no effect but its `Pong`.
+                            peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
+                        }
                     }
                     _ => {
-                        if let Some(n) = lowat {
+                        if let Some(n) = lowat.filter(|_| !announce) {
                             peer.shorten_send_queue(n);
                         }
                     }
@@ -296,6 +316,7 @@ pub(super) async fn writer<H: LinkHandler>(
                             &mut urgent_wr,
                             &mut hold,
                             &mut stream_wanted,
+                            &mut announce,
                             &mut pending,
                         );
                     }
@@ -350,6 +371,7 @@ fn urgent_turn(
     urgent_wr: &mut Option<super::urgent::UrgentWr>,
     hold: &mut Hold,
     stream_wanted: &mut bool,
+    announce: &mut bool,
     next: &mut VecDeque<Bytes>,
 ) {
     // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
@@ -361,11 +383,31 @@ fn urgent_turn(
     // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
     // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
     let Some(u) = tcp_urgent else { return };
-    if *stream_wanted
-        || to_urgent.is_none()
-        || !peer.outbox.prioritised.load(Ordering::Acquire)
-        || !peer.outbox.may_split()
-    {
+    if *stream_wanted || to_urgent.is_none() {
+        return;
+    }
+    // (The cheap checks first: `may_split` takes the outbox's lock, at every turn of a busy writer.)
+    if !peer.outbox.prioritised.load(Ordering::Acquire) {
+        // The dialling end of a QUIC link whose acceptor asked for the urgent connection (its own outbox carries
+        // priorities) and whose dial failed: the acceptor learns that only from this end's urgent stream, so it is
+        // opened now, with a `Ping` on it, rather than once this end carries priorities itself (which may be never:
+        // the acceptor's urgent frames would share the main stream for the link's lifetime).
+        if urgent_wr.is_none() && u.dials().is_some() && u.is_wanted() && peer.outbox.may_split() {
+            match u.try_writer() {
+                super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
+                super::urgent::Ready::NotYet => {}
+                super::urgent::Ready::Never => {
+                    if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
+                        tracing::debug!(peer = %peer.id, "no urgent connection, an urgent stream tells the peer");
+                        *stream_wanted = true;
+                        *announce = true;
+                    }
+                }
+            }
+        }
+        return;
+    }
+    if !peer.outbox.may_split() {
         return;
     }
     if u.want() && u.dials().is_none() {
