@@ -923,6 +923,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         .iter()
         .map(|&b| ((b as f64 * args.scale.min(1.0)) as u64).max(64 << 10))
         .collect();
+    let variant = env_variant();
     let mut worst = (0.0f64, String::new());
     let mut worst_direct = (0.0f64, String::new());
     let mut points = Vec::new();
@@ -958,9 +959,17 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
             // File -> socket.
             let (addr, d) = drained()?;
             let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
-            let mut back = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (sendfile)".into())?.0];
+            let mut back = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (splice)".into())?.0];
             back.push(rw_file_to_socket(&input)?);
             back.push(sendfile_file_to_socket(&input)?);
+            // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g. KECHO_FLOW_SENDFILE=1).
+            if let Some(v) = &variant {
+                let (addr, d) = drained()?;
+                let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                let what = format!("flow, {}", names.join(" "));
+                back.push(with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0);
+            }
             if socat {
                 back.push(socat_file_to_socket(&input)?);
             }
@@ -1002,7 +1011,8 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                 ));
             }
             if size >= 64 << 20 {
-                for j in std::iter::once(0).chain(direct) {
+                let env = meds.iter().position(|r| r.what.starts_with("flow, "));
+                for j in std::iter::once(0).chain(direct).chain(env) {
                     s.notes.push(format!(
                         "pure move {name} {}: {} CPU / loop CPU per round {}",
                         fmt_bytes(size),
