@@ -936,7 +936,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         let rounds = if size >= 1 << 30 { count(args, 2, 1) } else { count(args, 5, 1) } as usize;
         // [direction][program] -> the rounds' runs.
         let mut by: [Vec<Vec<Run>>; 2] = [Vec::new(), Vec::new()];
-        for _ in 0..rounds {
+        for round in 0..rounds {
             // Socket -> file.
             let spec = format!("tcp-listen:127.0.0.1:0 ! file:{}", out.display());
             let mut rows = vec![flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?.0];
@@ -956,23 +956,35 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                 rows.push(socat_socket_to_file(data.clone(), &out)?);
                 std::fs::remove_file(&out)?;
             }
-            // File -> socket.
-            let (addr, d) = drained()?;
-            let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
-            let mut back = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (splice)".into())?.0];
-            back.push(rw_file_to_socket(&input)?);
-            back.push(sendfile_file_to_socket(&input)?);
-            // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g. KECHO_FLOW_SENDFILE=1).
-            if let Some(v) = &variant {
-                let (addr, d) = drained()?;
-                let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
-                let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
-                let what = format!("flow, {}", names.join(" "));
-                back.push(with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0);
+            // File -> socket. The programs take turns at going first (round r starts with program r): with a fixed
+            // order the same program always met whatever the socket -> file runs above left behind (their write-back,
+            // freed pages), which could favour or penalise it in every round.
+            let progs = 3 + usize::from(socat) + usize::from(variant.is_some());
+            let mut back: Vec<Option<Run>> = vec![None; progs];
+            for p in (0..progs).map(|i| (i + round) % progs) {
+                let r = match p {
+                    0 => {
+                        let (addr, d) = drained()?;
+                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        flow_run(&spec, Peer::Drain(d), 0, "flow (splice)".into())?.0
+                    }
+                    1 => rw_file_to_socket(&input)?,
+                    2 => sendfile_file_to_socket(&input)?,
+                    3 if socat => socat_file_to_socket(&input)?,
+                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g.
+                    // KECHO_FLOW_SENDFILE=1).
+                    _ => {
+                        let v = variant.as_deref().unwrap_or(&[]);
+                        let (addr, d) = drained()?;
+                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                        let what = format!("flow, {}", names.join(" "));
+                        with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
+                    }
+                };
+                back[p] = Some(r);
             }
-            if socat {
-                back.push(socat_file_to_socket(&input)?);
-            }
+            let back: Vec<Run> = back.into_iter().flatten().collect();
             for (k, set) in [rows, back].into_iter().enumerate() {
                 for (j, r) in set.into_iter().enumerate() {
                     anyhow::ensure!(r.bytes == size, "{}: moved {} of {size} bytes", r.what, r.bytes);
