@@ -917,7 +917,8 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
             return Ok(Moved::Stopped);
         }
         if !connection_fault(&e) {
-            return Err(io_err(format!("sendfile to {}", sink.current), e));
+            let how = if pipe.is_some() { "splice" } else { "sendfile" };
+            return Err(io_err(format!("{how} to {}", sink.current), e));
         }
         sink.io = None;
         sink.recover(e)?;
