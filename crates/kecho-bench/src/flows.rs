@@ -683,6 +683,8 @@ fn decrypt_part(
         let mut busiest = Vec::new();
         let mut round_rows = Vec::new();
         for round in 0..rounds {
+            // Each program fills `n * size` bytes of new page cache: memory touched and freed first (`back_pages`).
+            back_pages(n * size as u64);
             let mc = memory_centric(key, data.clone(), &out, n, size)?;
             verify_plain(&out, n, size)?;
             std::fs::remove_file(&out)?;
@@ -696,6 +698,7 @@ fn decrypt_part(
                     keyfile.display(),
                     out.display()
                 );
+                back_pages(n * size as u64);
                 let env = if label.contains('=') && !label.contains("chunk=") { variant.as_deref() } else { None };
                 let (fl, fs, decided) =
                     with_env(env, || flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B")))?;
