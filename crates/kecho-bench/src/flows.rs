@@ -353,6 +353,20 @@ fn read_write_loop(mut from: impl Read, mut to: impl Write) -> Result<(u64, u64)
     }
 }
 
+/// Touches `bytes` of fresh memory and frees it, outside the measurement, before a program that fills as much new
+/// page cache. On a VM whose balloon reports free pages to the host (`VIRTIO_BALLOON_F_REPORTING`), pages freed a few
+/// seconds earlier are given back to the host, and the first write to each afterwards faults in the host, charged
+/// to the writing thread as CPU time: 1 GiB written into the page cache cost 1.7-1.9 s of CPU after 8 s idle
+/// against 0.22 s right after another such write (docs/FLOWS.md). Pages touched and freed here are back on the free
+/// lists, backed, when the program allocates its page cache (not shown to remove every bad round: docs/FLOWS.md).
+fn back_pages(bytes: u64) {
+    let mut v = vec![0u8; bytes as usize];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    std::hint::black_box(&v);
+}
+
 /// Socket -> file with a plain read/write loop.
 fn rw_socket_to_file(data: std::sync::Arc<Vec<u8>>, out: &Path) -> Result<Run> {
     measure("read/write loop", 0, process_cpu_ns, || {
@@ -669,6 +683,8 @@ fn decrypt_part(
         let mut busiest = Vec::new();
         let mut round_rows = Vec::new();
         for round in 0..rounds {
+            // Each program fills `n * size` bytes of new page cache: memory touched and freed first (`back_pages`).
+            back_pages(n * size as u64);
             let mc = memory_centric(key, data.clone(), &out, n, size)?;
             verify_plain(&out, n, size)?;
             std::fs::remove_file(&out)?;
@@ -682,6 +698,7 @@ fn decrypt_part(
                     keyfile.display(),
                     out.display()
                 );
+                back_pages(n * size as u64);
                 let env = if label.contains('=') && !label.contains("chunk=") { variant.as_deref() } else { None };
                 let (fl, fs, decided) =
                     with_env(env, || flow_run(&spec, Peer::Feed(data.clone()), n, format!("{label} {size} B")))?;
@@ -923,6 +940,7 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         .iter()
         .map(|&b| ((b as f64 * args.scale.min(1.0)) as u64).max(64 << 10))
         .collect();
+    let variant = env_variant();
     let mut worst = (0.0f64, String::new());
     let mut worst_direct = (0.0f64, String::new());
     let mut points = Vec::new();
@@ -931,39 +949,72 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
         let out = scratch.file("moved");
         let input = scratch.file("to-send");
         std::fs::write(&input, &*data)?;
+        // Written back before the rounds: otherwise the write-back of up to 1 GiB runs during the first round's
+        // programs (its completions charged to whichever thread is on the core, as is the CPU its throttling takes).
+        std::fs::File::open(&input)?.sync_all()?;
         // 1 GiB rounds write 1 GiB each (and the file system's rate bounds them): fewer of those.
         let rounds = if size >= 1 << 30 { count(args, 2, 1) } else { count(args, 5, 1) } as usize;
         // [direction][program] -> the rounds' runs.
         let mut by: [Vec<Vec<Run>>; 2] = [Vec::new(), Vec::new()];
-        for _ in 0..rounds {
-            // Socket -> file.
-            let spec = format!("tcp-listen:127.0.0.1:0 ! file:{}", out.display());
-            let mut rows = vec![flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?.0];
-            std::fs::remove_file(&out)?;
-            rows.push(rw_socket_to_file(data.clone(), &out)?);
-            std::fs::remove_file(&out)?;
-            // The flow with `direct`: reads into aligned buffers, O_DIRECT writes (no page-cache copy).
-            let spec = format!("tcp-listen:127.0.0.1:0 ! file:{} direct", out.display());
-            let (r, fs, _) = flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (O_DIRECT)".into())?;
-            if !fs.path.starts_with("direct") && !s.notes.iter().any(|n| n.starts_with("O_DIRECT refused")) {
-                // A file system without O_DIRECT (the flow fell back, rung 4): the row measures that path.
-                s.notes.push(format!("O_DIRECT refused here: the `direct` row took the path {}", fs.path));
-            }
-            rows.push(r);
-            std::fs::remove_file(&out)?;
-            if socat {
-                rows.push(socat_socket_to_file(data.clone(), &out)?);
+        for round in 0..rounds {
+            // Socket -> file, the programs taking turns at going first too (round r starts with program r).
+            let n_in = 3 + usize::from(socat);
+            let mut rows: Vec<Option<Run>> = vec![None; n_in];
+            for p in (0..n_in).map(|i| (i + round) % n_in) {
+                back_pages(size);
+                let r = match p {
+                    0 => {
+                        let spec = format!("tcp-listen:127.0.0.1:0 ! file:{}", out.display());
+                        flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, "flow (splice)".into())?.0
+                    }
+                    1 => rw_socket_to_file(data.clone(), &out)?,
+                    // The flow with `direct`: reads into aligned buffers, O_DIRECT writes (no page-cache copy).
+                    2 => {
+                        let spec = format!("tcp-listen:127.0.0.1:0 ! file:{} direct", out.display());
+                        let what = "flow (O_DIRECT)".to_owned();
+                        let (r, fs, _) = flow_run(&spec, Peer::Feed(Feed::Bytes(data.clone())), 0, what)?;
+                        if !fs.path.starts_with("direct") && !s.notes.iter().any(|n| n.starts_with("O_DIRECT refused"))
+                        {
+                            // A file system without O_DIRECT (the flow fell back, rung 4): the row measures that path.
+                            s.notes.push(format!("O_DIRECT refused here: the `direct` row took the path {}", fs.path));
+                        }
+                        r
+                    }
+                    _ => socat_socket_to_file(data.clone(), &out)?,
+                };
                 std::fs::remove_file(&out)?;
+                rows[p] = Some(r);
             }
-            // File -> socket.
-            let (addr, d) = drained()?;
-            let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
-            let mut back = vec![flow_run(&spec, Peer::Drain(d), 0, "flow (sendfile)".into())?.0];
-            back.push(rw_file_to_socket(&input)?);
-            back.push(sendfile_file_to_socket(&input)?);
-            if socat {
-                back.push(socat_file_to_socket(&input)?);
+            let rows: Vec<Run> = rows.into_iter().flatten().collect();
+            // File -> socket. The programs take turns at going first (round r starts with program r): with a fixed
+            // order the same program always met whatever the socket -> file runs above left behind (their write-back,
+            // freed pages), which could favour or penalise it in every round.
+            let progs = 3 + usize::from(socat) + usize::from(variant.is_some());
+            let mut back: Vec<Option<Run>> = vec![None; progs];
+            for p in (0..progs).map(|i| (i + round) % progs) {
+                let r = match p {
+                    0 => {
+                        let (addr, d) = drained()?;
+                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        flow_run(&spec, Peer::Drain(d), 0, "flow (splice)".into())?.0
+                    }
+                    1 => rw_file_to_socket(&input)?,
+                    2 => sendfile_file_to_socket(&input)?,
+                    3 if socat => socat_file_to_socket(&input)?,
+                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g.
+                    // KECHO_FLOW_SENDFILE=1).
+                    _ => {
+                        let v = variant.as_deref().unwrap_or(&[]);
+                        let (addr, d) = drained()?;
+                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                        let what = format!("flow, {}", names.join(" "));
+                        with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
+                    }
+                };
+                back[p] = Some(r);
             }
+            let back: Vec<Run> = back.into_iter().flatten().collect();
             for (k, set) in [rows, back].into_iter().enumerate() {
                 for (j, r) in set.into_iter().enumerate() {
                     anyhow::ensure!(r.bytes == size, "{}: moved {} of {size} bytes", r.what, r.bytes);
@@ -1002,7 +1053,8 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                 ));
             }
             if size >= 64 << 20 {
-                for j in std::iter::once(0).chain(direct) {
+                let env = meds.iter().position(|r| r.what.starts_with("flow, "));
+                for j in std::iter::once(0).chain(direct).chain(env) {
                     s.notes.push(format!(
                         "pure move {name} {}: {} CPU / loop CPU per round {}",
                         fmt_bytes(size),

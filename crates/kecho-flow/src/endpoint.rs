@@ -61,6 +61,11 @@ impl Conn {
         matches!(self, Conn::File(f) if f.metadata().is_ok_and(|m| m.is_file()))
     }
 
+    /// A TCP or Unix stream connection.
+    pub fn is_socket(&self) -> bool {
+        matches!(self, Conn::Tcp(_) | Conn::Unix(_))
+    }
+
     /// Something that, called from another thread, makes blocked reads and writes on this object return.
     pub fn interrupter(&self) -> Option<Box<dyn Fn() + Send + Sync>> {
         match self {
