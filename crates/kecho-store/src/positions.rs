@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use kecho::{Event, RecvError, Sink, SourceKey};
+use kecho::{Event, RecvError, Sink, SourceFate, SourceKey};
 
 use crate::log::{Log, LogError, LogOptions};
 use crate::record::Recorded;
@@ -34,6 +34,13 @@ use crate::replay::{Ask, Filters, RecorderId, ReplayClient, ReplayError};
 
 /// The first 8 bytes of a starting point's record (a position's record is 16 bytes, a starting point's 24).
 pub const MARK_TAG: [u8; 8] = *b"kechoSP\0";
+
+/// The sequence number a position record holds for a source that ended or went away while the sink was away and was
+/// accounted for ([`DurableSink::recv`]): the next opening forgets the source.
+const GONE: u64 = u64::MAX;
+
+/// How often a resumed durable sink asks what became of the sources it heard nothing of since it started.
+const FATE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What to do with an arriving event.
 #[derive(Debug, PartialEq, Eq)]
@@ -123,6 +130,17 @@ impl Positions {
     /// Every position.
     pub fn all(&self) -> impl Iterator<Item = (SourceKey, u64)> + '_ {
         self.last.iter().map(|(k, v)| (*k, *v))
+    }
+
+    /// The sources whose position came from an earlier run and that sent nothing in this one yet.
+    pub fn resumed_sources(&self) -> Vec<SourceKey> {
+        self.resumed.keys().copied().collect()
+    }
+
+    /// Source `source` is accounted for otherwise (it ended or went away): its next event, should one come, counts
+    /// no gap.
+    pub fn settle(&mut self, source: SourceKey) {
+        self.resumed.remove(&source);
     }
 }
 
@@ -256,6 +274,10 @@ pub struct DurableSink {
     marks: HashMap<RecorderId, u64>,
     /// Its state was created by this opening (it never ran before).
     new: bool,
+    /// A source's end reported (as `Lagged`) and not yet applied to its position: (source, its last event).
+    ended: Option<(SourceKey, u64)>,
+    /// When the sources it heard nothing of were last looked up ([`kecho::Sink::source_fate`]).
+    fates_at: Option<std::time::Instant>,
 }
 
 impl DurableSink {
@@ -274,6 +296,8 @@ impl DurableSink {
             dir,
             marks,
             new,
+            ended: None,
+            fates_at: None,
         })
     }
 
@@ -290,6 +314,8 @@ impl DurableSink {
             dir: PathBuf::new(),
             marks: HashMap::new(),
             new: true,
+            ended: None,
+            fates_at: None,
         }
     }
 
@@ -518,6 +544,11 @@ impl DurableSink {
     /// what is missed.
     pub async fn recv(&mut self) -> Result<Event, DurableError> {
         self.commit()?;
+        if let Some((source, last)) = self.ended.take() {
+            // Reported; what a catch-up since brought is the application's. Nothing more comes of the source.
+            self.positions.handed(source, last);
+            self.write(source, GONE)?;
+        }
         loop {
             let ev = match self.held.take() {
                 // Unless a catch-up since its report brought it already (then a duplicate, below). A gap not filled
@@ -527,7 +558,7 @@ impl DurableSink {
                     ev
                 }
                 None => {
-                    let ev = self.sink.recv().await?;
+                    let ev = self.live().await?;
                     if self.log.is_some() && !self.marks.is_empty() {
                         if let Some(gap) = self.positions.gap(ev.source(), ev.seq()) {
                             self.held = Some(ev);
@@ -549,6 +580,65 @@ impl DurableSink {
         }
     }
 
+    /// The next live event, or what became of a source it had a position for and heard nothing of since it
+    /// started: its process was killed and started again as a new node, which no source knew, so a source that
+    /// ended, or went away, meanwhile would otherwise leave it waiting unaware. Such a source is looked up every
+    /// [`FATE_EVERY`] ([`kecho::Sink::source_fate`]): one that ended after events past the position is reported as
+    /// `Lagged` with their number (a recorder may still have them: the position moves to the source's last event
+    /// at the next `recv`); one gone without an end this node heard, as `SourceLost`. Either is written down as
+    /// accounted for (the next opening forgets the source), so that no later run reports it again.
+    async fn live(&mut self) -> Result<Event, DurableError> {
+        loop {
+            if self.log.is_none() || self.positions.resumed.is_empty() {
+                return Ok(self.sink.recv().await?);
+            }
+            let due = self.fates_at.map_or(std::time::Duration::ZERO, |t| FATE_EVERY.saturating_sub(t.elapsed()));
+            if due.is_zero() {
+                self.fates_at = Some(std::time::Instant::now());
+                if let Some(report) = self.account_fates()? {
+                    return Err(report);
+                }
+                continue;
+            }
+            if let Ok(r) = tokio::time::timeout(due, self.sink.recv()).await {
+                return Ok(r?);
+            }
+        }
+    }
+
+    /// Looks up the sources it heard nothing of since it started (see [`DurableSink::live`]); the first one
+    /// accounted for now, as its report.
+    fn account_fates(&mut self) -> Result<Option<DurableError>, DurableError> {
+        for source in self.positions.resumed_sources() {
+            let at = self.positions.get(source).unwrap_or(0);
+            match self.sink.source_fate(source) {
+                SourceFate::Ended { last } => {
+                    self.positions.settle(source);
+                    if last > at {
+                        self.ended = Some((source, last));
+                        return Ok(Some(RecvError::Lagged(last - at).into()));
+                    }
+                    self.write(source, GONE)?;
+                }
+                SourceFate::Absent => {
+                    self.positions.settle(source);
+                    self.write(source, GONE)?;
+                    return Ok(Some(RecvError::SourceLost(source).into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    fn write(&mut self, source: SourceKey, seq: u64) -> Result<(), DurableError> {
+        if let Some(log) = &mut self.log {
+            log.append(&record(source, seq))?;
+            log.flush()?;
+        }
+        Ok(())
+    }
+
     fn hand(&mut self, ev: Event) -> Event {
         self.positions.handed(ev.source(), ev.seq());
         self.pending = Some((ev.source(), ev.seq()));
@@ -558,10 +648,7 @@ impl DurableSink {
     /// Writes the position of the last event handed over (it then survives the process being killed).
     pub fn commit(&mut self) -> Result<(), DurableError> {
         if let Some((k, s)) = self.pending.take() {
-            if let Some(log) = &mut self.log {
-                log.append(&record(k, s))?;
-                log.flush()?;
-            }
+            self.write(k, s)?;
         }
         Ok(())
     }
@@ -624,6 +711,8 @@ fn load(dir: &Path) -> Result<State, DurableError> {
             _ => return Err(bad()),
         }
     }
+    // Sources accounted for as ended or gone (`DurableSink::live`) are forgotten.
+    last.retain(|_, s| *s != GONE);
     log.roll()?;
     for (k, s) in &last {
         log.append(&record(*k, *s))?;

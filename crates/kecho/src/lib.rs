@@ -53,7 +53,8 @@ mod transport;
 pub mod wasm;
 
 pub use channel::{
-    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, TreeStats, Typed, TypedSink, TypedSource,
+    Channel, ChannelStats, History, InstallReport, Sink, SinkOptions, Source, SourceFate, TreeStats, Typed, TypedSink,
+    TypedSource,
 };
 pub use error::{Error, LinkFailure, LinkFailureKind, PayloadError, Refusal, Result};
 pub use kecho_proto::access::{Authority, Policy, Roles, Token};

@@ -349,6 +349,7 @@ impl ChannelInner {
         if origin == node.id {
             return;
         }
+        self.heard_end(origin, source, last);
         let (end, other_instance) = End::of(node.id, self.instance, last, &dests);
         // The instance of `origin`'s channel this node knows now: the tracks of its earlier instances' sources were
         // accounted for and dropped when it changed (`view_changed`).

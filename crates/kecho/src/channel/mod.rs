@@ -15,6 +15,7 @@
 
 mod deliver;
 mod ends;
+mod fate;
 mod history;
 mod install;
 mod routes;
@@ -35,6 +36,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use deliver::RecvTrack;
+pub use fate::SourceFate;
 pub use history::History;
 pub use install::InstallReport;
 use install::Sandbox;
@@ -176,6 +178,10 @@ pub(crate) struct ChannelInner {
     retired: Mutex<std::collections::HashMap<(NodeId, LocalId, u64), RecvTrack>>,
     /// Ends of remote sources that arrived from their own node, to relay to members that appear later.
     ends: Mutex<Vec<ends::Remembered>>,
+    /// Ends of remote sources heard from anyone, for `Sink::source_fate` (`fate.rs`).
+    heard: Mutex<fate::HeardEnds>,
+    /// When this node became a member of the channel (first `Ready`).
+    member_since: Mutex<Option<Instant>>,
     /// The member nodes as of the last membership change, to tell the ones that appear.
     seen_peers: Mutex<Vec<NodeId>>,
     /// The channel's policy requires a credential for sources: events are accepted only from `senders`.
@@ -266,6 +272,8 @@ impl ChannelInner {
             tracks: Mutex::new(IdMap::default()),
             retired: Mutex::new(std::collections::HashMap::new()),
             ends: Mutex::new(Vec::new()),
+            heard: Mutex::new(fate::HeardEnds::default()),
+            member_since: Mutex::new(None),
             seen_peers: Mutex::new(Vec::new()),
             guard_sources: AtomicBool::new(false),
             senders: RwLock::new(Arc::new(Vec::new())),
@@ -380,6 +388,7 @@ impl ChannelInner {
                 }
                 Output::Ready => {
                     drop(st);
+                    self.member_since.lock().get_or_insert_with(now);
                     self.status.send_replace(Status::Ready);
                 }
                 Output::Failed(why) => {

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use super::{ChannelInner, NodeGuard, Source};
 use crate::error::{Error, PayloadError, Result};
 use crate::filter::{ContentFilter, FilterError};
-use crate::queue::{Event, RecvError, SinkQueue, Taken, TryRecvError};
+use crate::queue::{Event, RecvError, SinkQueue, SourceKey, Taken, TryRecvError};
 
 /// A sink on this node: what the channel and its sources need of it.
 pub(super) struct LocalSink {
@@ -206,6 +206,15 @@ impl Sink {
     /// True if no events are waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What became of source `key`, as this sink's node knows it: still a member's, ended after some event, or gone
+    /// without an end this node heard. For a sink that received from the source in an earlier life (a durable sink
+    /// whose process was killed and started again is a new node, which no source knew and no end was meant for):
+    /// `kecho_store::DurableSink` asks it for every source it has a position for and has heard nothing of since, so
+    /// that it is told what it missed of a source that ended, or went away, while it was away.
+    pub fn source_fate(&self, key: SourceKey) -> super::SourceFate {
+        self.ch.source_fate(key)
     }
 }
 

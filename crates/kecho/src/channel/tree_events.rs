@@ -297,6 +297,7 @@ impl ChannelInner {
             }
             Message::SourceEnd { origin: o, origin_instance, source, last, .. } if o == origin && origin != node.id => {
                 tracing::debug!(channel = %self.name, node = %origin, source = source.0, last, "a source's end in the overlay");
+                self.heard_end(origin, source, last);
                 {
                     let at = now();
                     let gap_memory = node.cfg.gap_memory;
