@@ -1335,7 +1335,22 @@ impl SinkRt {
             }
             match self.connect() {
                 Ok(()) => {
-                    self.sh.event(0, "reconnected", &self.current.to_string(), String::new());
+                    let ep = self.current.to_string();
+                    if self.spec.resume || self.written == 0 {
+                        self.sh.event(0, "reconnected", &ep, String::new());
+                        return Ok(());
+                    }
+                    // Without `resume` the peer does not say what it holds: the new connection gets the stream from
+                    // the first byte not handed to the last one (each byte is sent once, in order), and what that
+                    // connection's peer had not read of the bytes before it is lost. The offset is what the user
+                    // needs to know which part, so it is in the event and in the flow's results.
+                    let at = self.written;
+                    let what = format!(
+                        "without resume: the stream goes on at byte {at}; what the last connection's peer had not \
+                         read of the first {at} bytes is lost"
+                    );
+                    self.sh.results.lock().push(format!("{ep}: connection dropped, {what}"));
+                    self.sh.event(0, "reconnected", &ep, what);
                     return Ok(());
                 }
                 Err(e) if connection_fault(&e) => {

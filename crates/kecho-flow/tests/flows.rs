@@ -876,6 +876,57 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
     assert_eq!(s.user_copied, 0);
 }
 
+/// A TCP peer on loopback that takes `first` bytes on its first connection and drops it (closing with unread data:
+/// the sender gets a reset), then reads its second connection to the end. Returns both connections' bytes.
+fn dropping_reader(first: usize) -> (std::net::SocketAddr, JoinHandle<(Vec<u8>, Vec<u8>)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut a = vec![0u8; first];
+        s.read_exact(&mut a).unwrap();
+        drop(s);
+        (a, read_all(l.accept().unwrap().0))
+    });
+    (addr, peer)
+}
+
+/// Without `resume`, a file spliced to a peer that drops its connection mid-transfer: the peer cannot say what it
+/// holds, so the new connection gets the stream from the first byte not handed to the old one — the bytes still in
+/// the flow's pipe first, then the file from where it was read — each byte sent once and in order; the flow reports
+/// that offset (event and result), so the user knows exactly which part may be lost: what the first connection's
+/// peer had not read before it.
+#[test]
+fn rung_1_without_resume_a_dropped_splice_goes_on_at_the_reported_byte() {
+    let (d, input) = with_input("zcdrop", 24 << 20);
+    let first = 1 << 20;
+    let (addr, peer) = dropping_reader(first);
+    let f = start(&format!("file:{} ! tcp-connect:{addr} retries=5", d.path("in")));
+    await_end(&f);
+    let events = f.events();
+    let s = f.wait().unwrap();
+    let (a, b) = peer.join().unwrap();
+    assert_eq!(s.path, "zero-copy (splice through a pipe)");
+    assert_eq!(s.user_copied, 0, "{s:?}");
+    let re: Vec<_> = events.iter().filter(|e| e.what == "reconnected").collect();
+    assert_eq!(re.len(), 1, "{events:?}");
+    let at: usize = re[0]
+        .detail
+        .split("goes on at byte ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {:?}", re[0].detail));
+    assert!(s.results.iter().any(|r| r.contains(&format!("goes on at byte {at};"))), "{:?}", s.results);
+    // The first connection's peer read a prefix; the offset lies at or past it (what the old connection still held
+    // in its socket buffers is the loss), and the new connection got exactly the file from there on.
+    assert!(a == input[..first]);
+    assert!(at >= first && at < input.len(), "offset {at}");
+    assert_eq!(b.len(), input.len() - at, "the new connection's bytes start at byte {at}");
+    assert!(b == input[at..], "the new connection got the file from byte {at} on, in order");
+    assert_eq!(s.bytes_out, input.len() as u64, "every byte handed to a connection once");
+}
+
 /// `full=drop` on the zero-copy fan-out: the slow sink's bytes are skipped (and counted) while it holds the others
 /// up, instead of cutting it off; the other sink gets everything.
 #[test]
