@@ -584,6 +584,10 @@ fn env_variant() -> Option<Vec<(String, String)>> {
     (!kv.is_empty()).then_some(kv)
 }
 
+/// In `KECHO_BENCH_FLOWS_ENV`, `KECHO_FLOW_SENDFILE=1` gives the file -> socket flow of the extra program the sink
+/// option `sendfile` (`sendfile` instead of `splice` through the flow's pipe) rather than an environment setting.
+const SENDFILE_VAR: &str = "KECHO_FLOW_SENDFILE";
+
 /// Runs `f` with the settings `env` in the environment (none of the flow's threads runs meanwhile).
 fn with_env<T>(env: Option<&EnvSet>, f: impl FnOnce() -> T) -> T {
     for (k, v) in env.unwrap_or(&[]) {
@@ -1001,15 +1005,18 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                     1 => rw_file_to_socket(&input)?,
                     2 => sendfile_file_to_socket(&input)?,
                     3 if socat => socat_file_to_socket(&input)?,
-                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g.
-                    // KECHO_FLOW_SENDFILE=1).
+                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings; `KECHO_FLOW_SENDFILE=1`
+                    // is the bench's name for the sink's `sendfile` option (the library reads no such variable).
                     _ => {
                         let v = variant.as_deref().unwrap_or(&[]);
                         let (addr, d) = drained()?;
-                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        let sendfile = v.iter().any(|(k, x)| k == SENDFILE_VAR && x == "1");
+                        let env: Vec<(String, String)> = v.iter().filter(|(k, _)| k != SENDFILE_VAR).cloned().collect();
+                        let opt = if sendfile { " sendfile" } else { "" };
+                        let spec = format!("file:{} ! tcp-connect:{addr}{opt}", input.display());
                         let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
                         let what = format!("flow, {}", names.join(" "));
-                        with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
+                        with_env(Some(&env), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
                     }
                 };
                 back[p] = Some(r);

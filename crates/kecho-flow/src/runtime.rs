@@ -21,7 +21,7 @@ use crate::ladder::{Action, Decision, FaultKind, Ladder};
 use crate::sched::{self, Reorder, StageLoad, TokenBucket};
 use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
 use crate::stage::{self, Chunk, Parallel, Pool, Stage, Work};
-use crate::stats::{FlowStats, StageStat, Timing};
+use crate::stats::{Call, FlowStats, StageStat, Timing};
 use crate::FlowError;
 
 /// A fault or a step of the exception ladder, as the application sees it.
@@ -258,6 +258,12 @@ impl FlowBuilder {
         }
         if source.direct {
             return Err(FlowError::Config("`direct` is an option of a file sink, not of a source".into()));
+        }
+        if source.sendfile {
+            return Err(FlowError::Config("`sendfile` is an option of a socket sink, not of a source".into()));
+        }
+        if let Some(s) = self.sinks.iter().find(|s| s.sendfile && !s.endpoint.is_socket()) {
+            return Err(FlowError::Config(format!("`sendfile` is for socket sinks, not {}", s.endpoint)));
         }
         if let Some(d) = self.sinks.iter().find(|s| s.direct) {
             let why = if self.sinks.len() > 1 {
@@ -834,11 +840,9 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
     }
     // To a socket the file goes through the flow's own pipe of up to 1 MiB (`splice` in, `splice` out with
     // SPLICE_F_MORE): `sendfile` goes through the task's internal pipe of 64 KiB, i.e. 16 rounds of page lookups and
-    // socket sends per MiB. `KECHO_FLOW_SENDFILE=1` keeps `sendfile` (to compare the two in one run).
+    // socket sends per MiB. The sink's `sendfile` option keeps `sendfile` (to compare the two in one run).
     let mut pipe = match &sink.io {
-        Some(SinkIo::Fd(d)) if d.is_socket() && !std::env::var("KECHO_FLOW_SENDFILE").is_ok_and(|v| v == "1") => {
-            file_pipe(step)
-        }
+        Some(SinkIo::Fd(d)) if d.is_socket() && !sink.spec.sendfile => file_pipe(step),
         _ => None,
     };
     if pipe.is_some() {
@@ -864,7 +868,7 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
                     None => {
                         sh.pace(step);
                         let t = Timing::start();
-                        sh.stats[0].syscall();
+                        sh.stats[0].call(Call::Sendfile);
                         let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
                         sh.stats[0].busy(&t);
                         r
@@ -971,7 +975,7 @@ fn splice_file_step(
     if *piped == 0 {
         sh.pace(step);
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let n = rustix::pipe::splice(src.fd(), Some(off), w, None, step, flags);
         sh.stats[0].busy(&t);
         let n = n?;
@@ -981,7 +985,7 @@ fn splice_file_step(
     let mut sent = 0;
     while *piped > 0 {
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let m = rustix::pipe::splice(r, None, dst.fd(), None, *piped, flags);
         sh.stats[0].busy(&t);
         match m {
@@ -1060,7 +1064,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
         }
         sh.pace(cap);
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let r = splice(src.fd(), None, &mw, None, cap, SpliceFlags::MOVE | SpliceFlags::MORE);
         sh.stats[0].busy(&t);
         let mut n = match r {
@@ -1112,7 +1116,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
                 let Some(w) = &o.w else { continue };
                 let st = &sh.stats[o.stat];
                 let t = Timing::start();
-                st.syscall();
+                st.call(Call::Tee);
                 let r = tee(&mr, w, n, SpliceFlags::NONBLOCK);
                 st.busy(&t);
                 match r {
@@ -1518,7 +1522,7 @@ impl SinkRt {
                 if let Some(p) = self.prealloc.as_mut() {
                     p.before(c.fd(), TEE_PIPE, st);
                 }
-                st.syscall();
+                st.call(Call::Splice);
                 splice(r, None, c.fd(), None, TEE_PIPE, SpliceFlags::MOVE | SpliceFlags::MORE)
                     .map_err(|e| (0, io::Error::from(e)))
             };

@@ -876,9 +876,12 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
     assert_eq!(s.user_copied, 0);
 }
 
+/// Both connections' bytes, as a [`dropping_reader`] read them.
+type TwoConnections = JoinHandle<(Vec<u8>, Vec<u8>)>;
+
 /// A TCP peer on loopback that takes `first` bytes on its first connection and drops it (closing with unread data:
 /// the sender gets a reset), then reads its second connection to the end. Returns both connections' bytes.
-fn dropping_reader(first: usize) -> (std::net::SocketAddr, JoinHandle<(Vec<u8>, Vec<u8>)>) {
+fn dropping_reader(first: usize) -> (std::net::SocketAddr, TwoConnections) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let peer = std::thread::spawn(move || {
@@ -925,6 +928,44 @@ fn rung_1_without_resume_a_dropped_splice_goes_on_at_the_reported_byte() {
     assert_eq!(b.len(), input.len() - at, "the new connection's bytes start at byte {at}");
     assert!(b == input[at..], "the new connection got the file from byte {at} on, in order");
     assert_eq!(s.bytes_out, input.len() as u64, "every byte handed to a connection once");
+}
+
+/// A file to a socket goes by `splice` through the flow's pipe, or by `sendfile` with the sink's `sendfile` option;
+/// the source stage's counters name the calls that moved the bytes. The option is for socket sinks only.
+#[test]
+fn the_sendfile_option_selects_the_call_that_sends_a_file() {
+    let n = 8 << 20;
+    let (d, input) = with_input("sendfileopt", n);
+    for (opt, path) in [("", "zero-copy (splice through a pipe)"), (" sendfile", "zero-copy (sendfile)")] {
+        let (addr, peer) = tcp_reader();
+        let s = run(&format!("file:{} ! tcp-connect:{addr}{opt}", d.path("in"))).unwrap();
+        assert!(peer.join().unwrap() == input, "{opt}: every byte, in order");
+        assert_eq!(s.path, path);
+        assert_eq!(s.user_copied, 0, "{s:?}");
+        let src = &s.stages[0];
+        if opt.is_empty() {
+            // One splice into the pipe per MiB of the file and at least one out of it, plus the end.
+            assert!(src.splice > 2 * (n as u64 >> 20), "{src:?}");
+            assert_eq!(src.sendfile, 0, "{src:?}");
+        } else {
+            assert!(src.sendfile > n as u64 >> 20, "{src:?}");
+            assert_eq!(src.splice, 0, "{src:?}");
+        }
+        assert!(src.syscalls >= src.splice + src.sendfile, "{src:?}");
+    }
+    // Not for a file sink, nor on a source; a library user who sets the field on a file sink is told so too.
+    let e = parse(&format!("file:{} ! file:{} sendfile", d.path("in"), d.path("out"))).unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
+    let e = parse(&format!("file:{} sendfile ! file:{}", d.path("in"), d.path("out"))).unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
+    let mut sink = kecho_flow::EndpointSpec::new(kecho_flow::Endpoint::File(d.path("out").into()));
+    sink.sendfile = true;
+    let e = Flow::builder()
+        .source(kecho_flow::EndpointSpec::new(kecho_flow::Endpoint::File(d.path("in").into())))
+        .sink(sink)
+        .start()
+        .unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
 }
 
 /// `full=drop` on the zero-copy fan-out: the slow sink's bytes are skipped (and counted) while it holds the others
