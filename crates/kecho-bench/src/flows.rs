@@ -654,7 +654,10 @@ fn decrypt_part(
     );
     let rounds = count(args, 5, 1) as usize;
     let mut all_rounds = Vec::new();
-    for (size, paper) in [(64usize, 1.13), (1024, 1.93)] {
+    // `KECHO_BENCH_FLOWS_SIZES=1024` (or 64): one record size alone, e.g. to compare builds at 1 KB.
+    let sizes = std::env::var("KECHO_BENCH_FLOWS_SIZES").unwrap_or_default();
+    let chosen = |size: usize| sizes.is_empty() || sizes.split(',').any(|x| x.trim() == size.to_string());
+    for (size, paper) in [(64usize, 1.13), (1024, 1.93)].into_iter().filter(|(z, _)| chosen(*z)) {
         let n = count(args, 1_000_000, 1000);
         // The stream is sent from a file by sendfile: the feeder must not be what bounds both programs.
         let streamed = scratch.file("stream");

@@ -450,14 +450,16 @@ impl Shared {
     }
 
     /// Waits as the rate limit requires before moving `n` bytes.
-    fn pace(&self, n: usize) {
+    /// Waits as the rate limit requires before `n` more bytes; true if it slept.
+    fn pace(&self, n: usize) -> bool {
         let wait = match self.bucket.lock().as_mut() {
             Some(b) => b.take(n as u64, Instant::now()),
-            None => return,
+            None => return false,
         };
         if !wait.is_zero() {
             endpoint::sleep_unless(&self.stop, wait);
         }
+        !wait.is_zero()
     }
 
     fn interrupt_on_stop(&self, c: &Conn) {
@@ -731,7 +733,9 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
     if t == 0 && ctx.sinks.len() == 1 && ctx.sinks[0].direct {
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             *sh.path.lock() = "direct (reads into aligned buffers, O_DIRECT writes)".into();
-            let mut pace = |n| sh.pace(n);
+            let mut pace = |n| {
+                sh.pace(n);
+            };
             // Buffers of `chunk=` bytes (default 1 MiB), at least 64 KiB.
             let step = ctx.chunk.max(64 << 10);
             let end =
@@ -766,7 +770,9 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             let method = Method::choose(s, d);
             *sh.path.lock() = method.name().into();
-            let mut pace = |n| sh.pace(n);
+            let mut pace = |n| {
+                sh.pace(n);
+            };
             let step = ctx.chunk.max(1 << 20);
             let moved = if method == Method::Sendfile {
                 sinks[0].prealloc = prealloc.take();
@@ -1810,7 +1816,9 @@ impl Tail {
         chunk: &mut Chunk,
         par: bool,
     ) -> Result<(), FlowError> {
-        let t = Timing::start();
+        // Stage 0 runs on the reading thread, which stamped the chunk when the source's work on it ended.
+        let started = if gi == 0 { chunk.started.take() } else { None };
+        let t = started.unwrap_or_else(Timing::start);
         let before = chunk.len();
         st.sequential(chunk, work)?;
         if par {
@@ -2050,7 +2058,8 @@ fn pipeline(
                 },
                 SourceIo::Channel(sink) => read_channel(sh, sink, &mut buf, chunk)?,
             };
-            src_stat.busy(&t);
+            // The first stage's timing starts where the source's ends (one CPU clock reading fewer per chunk).
+            let t = src_stat.busy_then(&t);
             src_stat.moved(n, n);
             src_stat.copied(n);
             read_total += n as u64;
@@ -2070,8 +2079,12 @@ fn pipeline(
             if buf.is_empty() {
                 continue;
             }
-            sh.pace(buf.len());
-            let c = Chunk::new(seq, buf, Some(pool.clone()));
+            let slept = sh.pace(buf.len());
+            let mut c = Chunk::new(seq, buf, Some(pool.clone()));
+            // A wait for the rate limit is not the stage's work: then the stage reads the clocks itself.
+            if has_first && !slept {
+                c.started = Some(t);
+            }
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.

@@ -81,6 +81,14 @@ impl StageStat {
         self.busy_ns.fetch_add(t.wall.elapsed().as_nanos() as u64, Relaxed);
         self.cpu_ns.fetch_add(thread_cpu().saturating_sub(t.cpu).as_nanos() as u64, Relaxed);
     }
+    /// Like [`busy`](Self::busy), and returns the clocks as read at the end, so that the next piece of work on the
+    /// same thread can start from them: one reading of the thread's CPU clock (a system call) instead of two.
+    pub fn busy_then(&self, t: &Timing) -> Timing {
+        let now = Timing::start();
+        self.busy_ns.fetch_add(now.wall.saturating_duration_since(t.wall).as_nanos() as u64, Relaxed);
+        self.cpu_ns.fetch_add(now.cpu.saturating_sub(t.cpu).as_nanos() as u64, Relaxed);
+        now
+    }
     /// Bytes in and out.
     pub fn moved(&self, inp: usize, out: usize) {
         self.bytes_in.fetch_add(inp as u64, Relaxed);

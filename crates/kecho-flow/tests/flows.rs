@@ -178,6 +178,31 @@ fn replicated_decrypt_keeps_order() {
     assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
+/// The first stage's timing starts from the source's end reading of the clocks (one CPU clock reading fewer per
+/// chunk), but never across a wait for the rate limit: a flow held to 2 MB/s spends most of its time waiting, and
+/// neither the source nor the decrypt stage may count that wait as work.
+#[test]
+fn the_first_stage_is_not_charged_for_the_rate_limits_wait() {
+    let (d, input) = with_input("ratewait", 2 << 20);
+    let k = key_file(&d);
+    run(&format!("file:{} ! encrypt aes-256-gcm key={k} record=1000 ! file:{}", d.path("in"), d.path("enc"))).unwrap();
+    let t = Instant::now();
+    let s = run(&format!(
+        "file:{} rate=2M chunk=64K ! decrypt aes-256-gcm key={k} replicas=1 ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    let took = t.elapsed().as_secs_f64();
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    // 2.1 MB at 2 MB/s with a burst of 0.2 MB: at least 0.9 s, nearly all of it waiting.
+    assert!(took >= 0.9, "{took}");
+    for st in &s.stages[..2] {
+        assert!(st.busy_s < 0.3 * took, "{} counted the wait: {s:#?}", st.name);
+        assert!(st.cpu_s > 0.0 && st.cpu_s <= st.busy_s + 0.01, "{s:#?}");
+    }
+}
+
 /// As many replicas as cores: the reading thread is the last of them (one thread of their own fewer) and runs the
 /// stage on the chunks it reads while the others are busy; the output is still whole and in order, and the flow
 /// says how the replicas were placed.
