@@ -919,40 +919,48 @@ fn dropping_reader(first: usize) -> (std::net::SocketAddr, TwoConnections) {
     (addr, peer)
 }
 
-/// Without `resume`, a file spliced to a peer that drops its connection mid-transfer: the peer cannot say what it
-/// holds, so the new connection gets the stream from the first byte not handed to the old one — the bytes still in
-/// the flow's pipe first, then the file from where it was read — each byte sent once and in order; the flow reports
-/// that offset (event and result), so the user knows exactly which part may be lost: what the first connection's
-/// peer had not read before it.
+/// Without `resume`, a file sent to a peer that drops its connection mid-transfer: the peer cannot say what it
+/// holds, so the new connection gets the stream from the first byte not handed to the old one — on the splice path
+/// the bytes still in the flow's pipe first, then the file from where it was read — each byte sent once and in
+/// order; the flow reports that offset (event and result), so the user knows exactly which part may be lost: what
+/// the first connection's peer had not read before it. The same on the `sendfile` and the copying paths.
 #[test]
-fn rung_1_without_resume_a_dropped_splice_goes_on_at_the_reported_byte() {
+fn rung_1_without_resume_a_dropped_connection_goes_on_at_the_reported_byte() {
     let (d, input) = with_input("zcdrop", 24 << 20);
     let first = 1 << 20;
-    let (addr, peer) = dropping_reader(first);
-    let f = start(&format!("file:{} ! tcp-connect:{addr} retries=5", d.path("in")));
-    await_end(&f);
-    let events = f.events();
-    let s = f.wait().unwrap();
-    let (a, b) = peer.join().unwrap();
-    assert_eq!(s.path, "zero-copy (splice through a pipe)");
-    assert_eq!(s.user_copied, 0, "{s:?}");
-    let re: Vec<_> = events.iter().filter(|e| e.what == "reconnected").collect();
-    assert_eq!(re.len(), 1, "{events:?}");
-    let at: usize = re[0]
-        .detail
-        .split("goes on at byte ")
-        .nth(1)
-        .and_then(|t| t.split(';').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no offset in {:?}", re[0].detail));
-    assert!(s.results.iter().any(|r| r.contains(&format!("goes on at byte {at};"))), "{:?}", s.results);
-    // The first connection's peer read a prefix; the offset lies at or past it (what the old connection still held
-    // in its socket buffers is the loss), and the new connection got exactly the file from there on.
-    assert!(a == input[..first]);
-    assert!(at >= first && at < input.len(), "offset {at}");
-    assert_eq!(b.len(), input.len() - at, "the new connection's bytes start at byte {at}");
-    assert!(b == input[at..], "the new connection got the file from byte {at} on, in order");
-    assert_eq!(s.bytes_out, input.len() as u64, "every byte handed to a connection once");
+    for (mid, opt, path) in [
+        ("", "", "zero-copy (splice through a pipe)"),
+        ("", " sendfile", "zero-copy (sendfile)"),
+        (" ! checksum", "", "copy"),
+    ] {
+        let (addr, peer) = dropping_reader(first);
+        let f = start(&format!("file:{}{mid} ! tcp-connect:{addr} retries=5{opt}", d.path("in")));
+        await_end(&f);
+        let events = f.events();
+        let s = f.wait().unwrap();
+        let (a, b) = peer.join().unwrap();
+        assert_eq!(s.path, path);
+        if path != "copy" {
+            assert_eq!(s.user_copied, 0, "{s:?}");
+        }
+        let re: Vec<_> = events.iter().filter(|e| e.what == "reconnected").collect();
+        assert_eq!(re.len(), 1, "{path}: {events:?}");
+        let at: usize = re[0]
+            .detail
+            .split("goes on at byte ")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no offset in {:?}", re[0].detail));
+        assert!(s.results.iter().any(|r| r.contains(&format!("goes on at byte {at};"))), "{:?}", s.results);
+        // The first connection's peer read a prefix; the offset lies at or past it (what the old connection still
+        // held in its socket buffers is the loss), and the new connection got exactly the file from there on.
+        assert!(a == input[..first]);
+        assert!(at >= first && at < input.len(), "{path}: offset {at}");
+        assert_eq!(b.len(), input.len() - at, "{path}: the new connection's bytes start at byte {at}");
+        assert!(b == input[at..], "{path}: the new connection got the file from byte {at} on, in order");
+        assert_eq!(s.bytes_out, input.len() as u64, "{path}: every byte handed to a connection once");
+    }
 }
 
 /// A file to a socket goes by `splice` through the flow's pipe, or by `sendfile` with the sink's `sendfile` option;
