@@ -449,8 +449,7 @@ impl Shared {
         }
     }
 
-    /// Waits as the rate limit requires before moving `n` bytes.
-    /// Waits as the rate limit requires before `n` more bytes; true if it slept.
+    /// Waits as the rate limit requires before moving `n` bytes; true if it slept.
     fn pace(&self, n: usize) -> bool {
         let wait = match self.bucket.lock().as_mut() {
             Some(b) => b.take(n as u64, Instant::now()),
