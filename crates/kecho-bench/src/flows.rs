@@ -584,6 +584,10 @@ fn env_variant() -> Option<Vec<(String, String)>> {
     (!kv.is_empty()).then_some(kv)
 }
 
+/// In `KECHO_BENCH_FLOWS_ENV`, `KECHO_FLOW_SENDFILE=1` gives the file -> socket flow of the extra program the sink
+/// option `sendfile` (`sendfile` instead of `splice` through the flow's pipe) rather than an environment setting.
+const SENDFILE_VAR: &str = "KECHO_FLOW_SENDFILE";
+
 /// Runs `f` with the settings `env` in the environment (none of the flow's threads runs meanwhile).
 fn with_env<T>(env: Option<&EnvSet>, f: impl FnOnce() -> T) -> T {
     for (k, v) in env.unwrap_or(&[]) {
@@ -650,7 +654,10 @@ fn decrypt_part(
     );
     let rounds = count(args, 5, 1) as usize;
     let mut all_rounds = Vec::new();
-    for (size, paper) in [(64usize, 1.13), (1024, 1.93)] {
+    // `KECHO_BENCH_FLOWS_SIZES=1024` (or 64): one record size alone, e.g. to compare builds at 1 KB.
+    let sizes = std::env::var("KECHO_BENCH_FLOWS_SIZES").unwrap_or_default();
+    let chosen = |size: usize| sizes.is_empty() || sizes.split(',').any(|x| x.trim() == size.to_string());
+    for (size, paper) in [(64usize, 1.13), (1024, 1.93)].into_iter().filter(|(z, _)| chosen(*z)) {
         let n = count(args, 1_000_000, 1000);
         // The stream is sent from a file by sendfile: the feeder must not be what bounds both programs.
         let streamed = scratch.file("stream");
@@ -1001,15 +1008,18 @@ fn moves_part(args: &BenchArgs, s: &mut Section, scratch: &Scratch, runs: &mut V
                     1 => rw_file_to_socket(&input)?,
                     2 => sendfile_file_to_socket(&input)?,
                     3 if socat => socat_file_to_socket(&input)?,
-                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings (e.g.
-                    // KECHO_FLOW_SENDFILE=1).
+                    // `KECHO_BENCH_FLOWS_ENV`: the flow again with those runtime settings; `KECHO_FLOW_SENDFILE=1`
+                    // is the bench's name for the sink's `sendfile` option (the library reads no such variable).
                     _ => {
                         let v = variant.as_deref().unwrap_or(&[]);
                         let (addr, d) = drained()?;
-                        let spec = format!("file:{} ! tcp-connect:{addr}", input.display());
+                        let sendfile = v.iter().any(|(k, x)| k == SENDFILE_VAR && x == "1");
+                        let env: Vec<(String, String)> = v.iter().filter(|(k, _)| k != SENDFILE_VAR).cloned().collect();
+                        let opt = if sendfile { " sendfile" } else { "" };
+                        let spec = format!("file:{} ! tcp-connect:{addr}{opt}", input.display());
                         let names: Vec<String> = v.iter().map(|(k, x)| format!("{k}={x}")).collect();
                         let what = format!("flow, {}", names.join(" "));
-                        with_env(Some(v), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
+                        with_env(Some(&env), || flow_run(&spec, Peer::Drain(d), 0, what))?.0
                     }
                 };
                 back[p] = Some(r);

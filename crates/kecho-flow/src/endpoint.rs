@@ -13,7 +13,7 @@ use std::time::Duration;
 use rustix::io::Errno;
 
 use crate::spec::Endpoint;
-use crate::stats::StageStat;
+use crate::stats::{Call, StageStat};
 
 /// An open kernel object.
 #[derive(Debug)]
@@ -413,7 +413,11 @@ pub fn zero_copy(
         if let (Method::CopyFileRange, Some(p)) = (method, prealloc.as_deref_mut()) {
             p.before(dst.fd(), step, stat_out);
         }
-        stat_in.syscall();
+        stat_in.call(match method {
+            Method::CopyFileRange => Call::CopyFileRange,
+            Method::Sendfile => Call::Sendfile,
+            Method::Splice => Call::Splice,
+        });
         let r = match method {
             Method::CopyFileRange => rustix::fs::copy_file_range(src.fd(), None, dst.fd(), None, step),
             Method::Sendfile => rustix::fs::sendfile(dst.fd(), src.fd(), None, step),
@@ -447,7 +451,7 @@ pub fn zero_copy(
             let mut left = n;
             while left > 0 {
                 let t = crate::stats::Timing::start();
-                stat_out.syscall();
+                stat_out.call(Call::Splice);
                 let m = rustix::pipe::splice(
                     r,
                     None,

@@ -21,7 +21,7 @@ use crate::ladder::{Action, Decision, FaultKind, Ladder};
 use crate::sched::{self, Reorder, StageLoad, TokenBucket};
 use crate::spec::{Endpoint, EndpointSpec, FlowSpec, FullPolicy, Replicas, StageSpec, TransformSpec};
 use crate::stage::{self, Chunk, Parallel, Pool, Stage, Work};
-use crate::stats::{FlowStats, StageStat, Timing};
+use crate::stats::{Call, FlowStats, StageStat, Timing};
 use crate::FlowError;
 
 /// A fault or a step of the exception ladder, as the application sees it.
@@ -259,6 +259,12 @@ impl FlowBuilder {
         if source.direct {
             return Err(FlowError::Config("`direct` is an option of a file sink, not of a source".into()));
         }
+        if source.sendfile {
+            return Err(FlowError::Config("`sendfile` is an option of a socket sink, not of a source".into()));
+        }
+        if let Some(s) = self.sinks.iter().find(|s| s.sendfile && !s.endpoint.is_socket()) {
+            return Err(FlowError::Config(format!("`sendfile` is for socket sinks, not {}", s.endpoint)));
+        }
         if let Some(d) = self.sinks.iter().find(|s| s.direct) {
             let why = if self.sinks.len() > 1 {
                 Some("a flow with several sinks")
@@ -443,15 +449,16 @@ impl Shared {
         }
     }
 
-    /// Waits as the rate limit requires before moving `n` bytes.
-    fn pace(&self, n: usize) {
+    /// Waits as the rate limit requires before moving `n` bytes; true if it slept.
+    fn pace(&self, n: usize) -> bool {
         let wait = match self.bucket.lock().as_mut() {
             Some(b) => b.take(n as u64, Instant::now()),
-            None => return,
+            None => return false,
         };
         if !wait.is_zero() {
             endpoint::sleep_unless(&self.stop, wait);
         }
+        !wait.is_zero()
     }
 
     fn interrupt_on_stop(&self, c: &Conn) {
@@ -725,7 +732,9 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
     if t == 0 && ctx.sinks.len() == 1 && ctx.sinks[0].direct {
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             *sh.path.lock() = "direct (reads into aligned buffers, O_DIRECT writes)".into();
-            let mut pace = |n| sh.pace(n);
+            let mut pace = |n| {
+                sh.pace(n);
+            };
             // Buffers of `chunk=` bytes (default 1 MiB), at least 64 KiB.
             let step = ctx.chunk.max(64 << 10);
             let end =
@@ -760,7 +769,9 @@ fn run_flow(sh: &Arc<Shared>, mut ctx: Ctx) -> Result<(), FlowError> {
         if let (SourceIo::Fd(s), Some(SinkIo::Fd(d))) = (&src, &sinks[0].io) {
             let method = Method::choose(s, d);
             *sh.path.lock() = method.name().into();
-            let mut pace = |n| sh.pace(n);
+            let mut pace = |n| {
+                sh.pace(n);
+            };
             let step = ctx.chunk.max(1 << 20);
             let moved = if method == Method::Sendfile {
                 sinks[0].prealloc = prealloc.take();
@@ -834,11 +845,9 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
     }
     // To a socket the file goes through the flow's own pipe of up to 1 MiB (`splice` in, `splice` out with
     // SPLICE_F_MORE): `sendfile` goes through the task's internal pipe of 64 KiB, i.e. 16 rounds of page lookups and
-    // socket sends per MiB. `KECHO_FLOW_SENDFILE=1` keeps `sendfile` (to compare the two in one run).
+    // socket sends per MiB. The sink's `sendfile` option keeps `sendfile` (to compare the two in one run).
     let mut pipe = match &sink.io {
-        Some(SinkIo::Fd(d)) if d.is_socket() && !std::env::var("KECHO_FLOW_SENDFILE").is_ok_and(|v| v == "1") => {
-            file_pipe(step)
-        }
+        Some(SinkIo::Fd(d)) if d.is_socket() && !sink.spec.sendfile => file_pipe(step),
         _ => None,
     };
     if pipe.is_some() {
@@ -864,7 +873,7 @@ fn sendfile_with_ladder(sh: &Arc<Shared>, src: &Conn, sink: &mut SinkRt, step: u
                     None => {
                         sh.pace(step);
                         let t = Timing::start();
-                        sh.stats[0].syscall();
+                        sh.stats[0].call(Call::Sendfile);
                         let r = rustix::fs::sendfile(d.fd(), src.fd(), Some(&mut off), step);
                         sh.stats[0].busy(&t);
                         r
@@ -971,7 +980,7 @@ fn splice_file_step(
     if *piped == 0 {
         sh.pace(step);
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let n = rustix::pipe::splice(src.fd(), Some(off), w, None, step, flags);
         sh.stats[0].busy(&t);
         let n = n?;
@@ -981,7 +990,7 @@ fn splice_file_step(
     let mut sent = 0;
     while *piped > 0 {
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let m = rustix::pipe::splice(r, None, dst.fd(), None, *piped, flags);
         sh.stats[0].busy(&t);
         match m {
@@ -1060,7 +1069,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
         }
         sh.pace(cap);
         let t = Timing::start();
-        sh.stats[0].syscall();
+        sh.stats[0].call(Call::Splice);
         let r = splice(src.fd(), None, &mw, None, cap, SpliceFlags::MOVE | SpliceFlags::MORE);
         sh.stats[0].busy(&t);
         let mut n = match r {
@@ -1112,7 +1121,7 @@ fn tee_fan_out(sh: &Arc<Shared>, src: &Conn, sinks: Vec<SinkRt>, step: usize) ->
                 let Some(w) = &o.w else { continue };
                 let st = &sh.stats[o.stat];
                 let t = Timing::start();
-                st.syscall();
+                st.call(Call::Tee);
                 let r = tee(&mr, w, n, SpliceFlags::NONBLOCK);
                 st.busy(&t);
                 match r {
@@ -1335,7 +1344,22 @@ impl SinkRt {
             }
             match self.connect() {
                 Ok(()) => {
-                    self.sh.event(0, "reconnected", &self.current.to_string(), String::new());
+                    let ep = self.current.to_string();
+                    if self.spec.resume || self.written == 0 {
+                        self.sh.event(0, "reconnected", &ep, String::new());
+                        return Ok(());
+                    }
+                    // Without `resume` the peer does not say what it holds: the new connection gets the stream from
+                    // the first byte not handed to the last one (each byte is sent once, in order), and what that
+                    // connection's peer had not read of the bytes before it is lost. The offset is what the user
+                    // needs to know which part, so it is in the event and in the flow's results.
+                    let at = self.written;
+                    let what = format!(
+                        "without resume: the stream goes on at byte {at}; what the last connection's peer had not \
+                         read of the first {at} bytes is lost"
+                    );
+                    self.sh.results.lock().push(format!("{ep}: connection dropped, {what}"));
+                    self.sh.event(0, "reconnected", &ep, what);
                     return Ok(());
                 }
                 Err(e) if connection_fault(&e) => {
@@ -1503,7 +1527,7 @@ impl SinkRt {
                 if let Some(p) = self.prealloc.as_mut() {
                     p.before(c.fd(), TEE_PIPE, st);
                 }
-                st.syscall();
+                st.call(Call::Splice);
                 splice(r, None, c.fd(), None, TEE_PIPE, SpliceFlags::MOVE | SpliceFlags::MORE)
                     .map_err(|e| (0, io::Error::from(e)))
             };
@@ -1791,7 +1815,9 @@ impl Tail {
         chunk: &mut Chunk,
         par: bool,
     ) -> Result<(), FlowError> {
-        let t = Timing::start();
+        // Stage 0 runs on the reading thread, which stamped the chunk when the source's work on it ended.
+        let started = if gi == 0 { chunk.started.take() } else { None };
+        let t = started.unwrap_or_else(Timing::start);
         let before = chunk.len();
         st.sequential(chunk, work)?;
         if par {
@@ -2031,7 +2057,8 @@ fn pipeline(
                 },
                 SourceIo::Channel(sink) => read_channel(sh, sink, &mut buf, chunk)?,
             };
-            src_stat.busy(&t);
+            // The first stage's timing starts where the source's ends (one CPU clock reading fewer per chunk).
+            let t = src_stat.busy_then(&t);
             src_stat.moved(n, n);
             src_stat.copied(n);
             read_total += n as u64;
@@ -2051,8 +2078,12 @@ fn pipeline(
             if buf.is_empty() {
                 continue;
             }
-            sh.pace(buf.len());
-            let c = Chunk::new(seq, buf, Some(pool.clone()));
+            let slept = sh.pace(buf.len());
+            let mut c = Chunk::new(seq, buf, Some(pool.clone()));
+            // A wait for the rate limit is not the stage's work: then the stage reads the clocks itself.
+            if has_first && !slept {
+                c.started = Some(t);
+            }
             seq += 1;
             send(sh, &mut mode, c)?;
             // Auto replication: after a warm-up, ask the scheduler once.

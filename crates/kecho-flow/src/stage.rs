@@ -95,6 +95,10 @@ pub struct Chunk {
     pub error: Option<FlowError>,
     /// Processing of stage `done` and before is complete (the parallel part ran).
     pub done: usize,
+    /// The reading thread's clocks at the end of the source's work on this chunk: the first stage, which runs on
+    /// that thread, starts its timing from them (framing and the carried partial record included) instead of
+    /// reading the thread's CPU clock again.
+    pub(crate) started: Option<crate::stats::Timing>,
     pool: Option<Arc<Pool>>,
 }
 
@@ -105,7 +109,7 @@ impl Chunk {
         if !buf.is_empty() {
             segs.push(0..buf.len());
         }
-        Chunk { seq, buf, segs, records, first: (0, 0), header: None, error: None, done: 0, pool }
+        Chunk { seq, buf, segs, records, first: (0, 0), header: None, error: None, done: 0, started: None, pool }
     }
 
     /// Data bytes.

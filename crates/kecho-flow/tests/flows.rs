@@ -178,6 +178,31 @@ fn replicated_decrypt_keeps_order() {
     assert!(s.stages[1].cpu_s > 0.0 && s.stages[1].cpu_s <= s.stages[1].busy_s + 0.01, "{s:#?}");
 }
 
+/// The first stage's timing starts from the source's end reading of the clocks (one CPU clock reading fewer per
+/// chunk), but never across a wait for the rate limit: a flow held to 2 MB/s spends most of its time waiting, and
+/// neither the source nor the decrypt stage may count that wait as work.
+#[test]
+fn the_first_stage_is_not_charged_for_the_rate_limits_wait() {
+    let (d, input) = with_input("ratewait", 2 << 20);
+    let k = key_file(&d);
+    run(&format!("file:{} ! encrypt aes-256-gcm key={k} record=1000 ! file:{}", d.path("in"), d.path("enc"))).unwrap();
+    let t = Instant::now();
+    let s = run(&format!(
+        "file:{} rate=2M chunk=64K ! decrypt aes-256-gcm key={k} replicas=1 ! file:{}",
+        d.path("enc"),
+        d.path("out")
+    ))
+    .unwrap();
+    let took = t.elapsed().as_secs_f64();
+    assert!(std::fs::read(d.path("out")).unwrap() == input);
+    // 2.1 MB at 2 MB/s with a burst of 0.2 MB: at least 0.9 s, nearly all of it waiting.
+    assert!(took >= 0.9, "{took}");
+    for st in &s.stages[..2] {
+        assert!(st.busy_s < 0.3 * took, "{} counted the wait: {s:#?}", st.name);
+        assert!(st.cpu_s > 0.0 && st.cpu_s <= st.busy_s + 0.01, "{s:#?}");
+    }
+}
+
 /// As many replicas as cores: the reading thread is the last of them (one thread of their own fewer) and runs the
 /// stage on the chunks it reads while the others are busy; the output is still whole and in order, and the flow
 /// says how the replicas were placed.
@@ -874,6 +899,106 @@ fn rung_1_resumes_a_zero_copy_sendfile_at_the_peers_offset() {
     assert!(peer.join().unwrap() == input[prefix..]);
     assert_eq!(s.bytes_out, (input.len() - prefix) as u64);
     assert_eq!(s.user_copied, 0);
+}
+
+/// Both connections' bytes, as a [`dropping_reader`] read them.
+type TwoConnections = JoinHandle<(Vec<u8>, Vec<u8>)>;
+
+/// A TCP peer on loopback that takes `first` bytes on its first connection and drops it (closing with unread data:
+/// the sender gets a reset), then reads its second connection to the end. Returns both connections' bytes.
+fn dropping_reader(first: usize) -> (std::net::SocketAddr, TwoConnections) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut a = vec![0u8; first];
+        s.read_exact(&mut a).unwrap();
+        drop(s);
+        (a, read_all(l.accept().unwrap().0))
+    });
+    (addr, peer)
+}
+
+/// Without `resume`, a file sent to a peer that drops its connection mid-transfer: the peer cannot say what it
+/// holds, so the new connection gets the stream from the first byte not handed to the old one — on the splice path
+/// the bytes still in the flow's pipe first, then the file from where it was read — each byte sent once and in
+/// order; the flow reports that offset (event and result), so the user knows exactly which part may be lost: what
+/// the first connection's peer had not read before it. The same on the `sendfile` and the copying paths.
+#[test]
+fn rung_1_without_resume_a_dropped_connection_goes_on_at_the_reported_byte() {
+    let (d, input) = with_input("zcdrop", 24 << 20);
+    let first = 1 << 20;
+    for (mid, opt, path) in [
+        ("", "", "zero-copy (splice through a pipe)"),
+        ("", " sendfile", "zero-copy (sendfile)"),
+        (" ! checksum", "", "copy"),
+    ] {
+        let (addr, peer) = dropping_reader(first);
+        let f = start(&format!("file:{}{mid} ! tcp-connect:{addr} retries=5{opt}", d.path("in")));
+        await_end(&f);
+        let events = f.events();
+        let s = f.wait().unwrap();
+        let (a, b) = peer.join().unwrap();
+        assert_eq!(s.path, path);
+        if path != "copy" {
+            assert_eq!(s.user_copied, 0, "{s:?}");
+        }
+        let re: Vec<_> = events.iter().filter(|e| e.what == "reconnected").collect();
+        assert_eq!(re.len(), 1, "{path}: {events:?}");
+        let at: usize = re[0]
+            .detail
+            .split("goes on at byte ")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no offset in {:?}", re[0].detail));
+        assert!(s.results.iter().any(|r| r.contains(&format!("goes on at byte {at};"))), "{:?}", s.results);
+        // The first connection's peer read a prefix; the offset lies at or past it (what the old connection still
+        // held in its socket buffers is the loss), and the new connection got exactly the file from there on.
+        assert!(a == input[..first]);
+        assert!(at >= first && at < input.len(), "{path}: offset {at}");
+        assert_eq!(b.len(), input.len() - at, "{path}: the new connection's bytes start at byte {at}");
+        assert!(b == input[at..], "{path}: the new connection got the file from byte {at} on, in order");
+        assert_eq!(s.bytes_out, input.len() as u64, "{path}: every byte handed to a connection once");
+    }
+}
+
+/// A file to a socket goes by `splice` through the flow's pipe, or by `sendfile` with the sink's `sendfile` option;
+/// the source stage's counters name the calls that moved the bytes. The option is for socket sinks only.
+#[test]
+fn the_sendfile_option_selects_the_call_that_sends_a_file() {
+    let n = 8 << 20;
+    let (d, input) = with_input("sendfileopt", n);
+    for (opt, path) in [("", "zero-copy (splice through a pipe)"), (" sendfile", "zero-copy (sendfile)")] {
+        let (addr, peer) = tcp_reader();
+        let s = run(&format!("file:{} ! tcp-connect:{addr}{opt}", d.path("in"))).unwrap();
+        assert!(peer.join().unwrap() == input, "{opt}: every byte, in order");
+        assert_eq!(s.path, path);
+        assert_eq!(s.user_copied, 0, "{s:?}");
+        let src = &s.stages[0];
+        if opt.is_empty() {
+            // One splice into the pipe per MiB of the file and at least one out of it, plus the end.
+            assert!(src.splice > 2 * (n as u64 >> 20), "{src:?}");
+            assert_eq!(src.sendfile, 0, "{src:?}");
+        } else {
+            assert!(src.sendfile > n as u64 >> 20, "{src:?}");
+            assert_eq!(src.splice, 0, "{src:?}");
+        }
+        assert!(src.syscalls >= src.splice + src.sendfile, "{src:?}");
+    }
+    // Not for a file sink, nor on a source; a library user who sets the field on a file sink is told so too.
+    let e = parse(&format!("file:{} ! file:{} sendfile", d.path("in"), d.path("out"))).unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
+    let e = parse(&format!("file:{} sendfile ! file:{}", d.path("in"), d.path("out"))).unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
+    let mut sink = kecho_flow::EndpointSpec::new(kecho_flow::Endpoint::File(d.path("out").into()));
+    sink.sendfile = true;
+    let e = Flow::builder()
+        .source(kecho_flow::EndpointSpec::new(kecho_flow::Endpoint::File(d.path("in").into())))
+        .sink(sink)
+        .start()
+        .unwrap_err();
+    assert!(e.to_string().contains("`sendfile` is for socket sinks"), "{e}");
 }
 
 /// `full=drop` on the zero-copy fan-out: the slow sink's bytes are skipped (and counted) while it holds the others
