@@ -82,7 +82,7 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                             // an acceptor, once it learnt so here). The accepting end learns it no other way: without this its slot would wait
                             // for the link's lifetime, taking a join for a connection the peer gave up on, and
                             // its own urgent lanes would share the main stream. Its writer now opens an urgent
-                            // stream of its own (`urgent_turn`), and a late join is refused.
+                            // stream of its own (`UrgentLanes::turn`), and a late join is refused.
                             u.failed();
                             peer.outbox.readable.notify_one();
                             Some((rd, BytesMut::with_capacity(READ_SMALL)))
