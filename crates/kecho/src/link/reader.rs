@@ -329,6 +329,17 @@ impl<H: LinkHandler> Receiver<H> {
                         }
                         Ok(())
                     }
+                    Ok(Some(frame)) if frame.first() == Some(&super::urgent::FAILED_KIND) && frame.len() == 1 => {
+                        // The dialler could not make the urgent connection: the slot closes (a late join is refused)
+                        // and the writer learns it at its next turn (ignored where this node has no slot, or dials).
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref().filter(|u| u.dials().is_none()) {
+                            tracing::debug!(peer = %self.peer.id, "the peer could not make the urgent connection");
+                            u.failed();
+                            self.peer.outbox.readable.notify_one();
+                        }
+                        Ok(())
+                    }
                     Ok(Some(frame))
                         if self.sync.is_some() && matches!(frame.first(), Some(&(SYNC_KIND | WAIT_KIND))) =>
                     {

@@ -396,6 +396,12 @@ impl UrgentLanes {
                             tracing::debug!(peer = %peer.id, "no urgent connection, an urgent stream tells the peer");
                             self.stream_wanted = true;
                             self.announce = true;
+                        } else {
+                            // A TCP link: an `UrgentFailed` tells the acceptor, which closes its slot (it would
+                            // otherwise wait for the connection, and take a late join, for the link's lifetime).
+                            tracing::debug!(peer = %peer.id, "no urgent connection, the peer is told");
+                            next.push_back(super::urgent::failed_frame());
+                            self.to_writer = None;
                         }
                     }
                 }
@@ -405,7 +411,9 @@ impl UrgentLanes {
         if !peer.outbox.may_split() {
             return;
         }
-        if u.want() && u.dials().is_none() {
+        // (The dialler's `want` starts its dial; the acceptor asks for the connection once, unless it joined already
+        // or the dialler said it could not be made.)
+        if u.want() && u.dials().is_none() && u.open() {
             // Written next, ahead of anything taken (the urgent lanes included).
             next.push_back(super::urgent::wanted_frame());
         }
@@ -422,6 +430,10 @@ impl UrgentLanes {
                         return;
                     }
                     tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
+                    if u.dials().is_some() {
+                        // The dialler's dial failed: the acceptor is told (see above).
+                        next.push_back(super::urgent::failed_frame());
+                    }
                     self.to_writer = None;
                 }
             }
