@@ -98,6 +98,19 @@ impl Relay {
         (c.len(), c.iter().filter(|c| c.first_kind() == Some(66)).count())
     }
 
+    /// Stops taking connections: the relay's listening socket closes, so that a connection dialled to it now is refused
+    /// (as a firewall that lets no new connection through would), while those it carries go on.
+    async fn stop_accepting(&self) -> Result<()> {
+        self.accept.abort();
+        for _ in 0..500 {
+            if TcpStream::connect(self.addr).await.is_err() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("the relay at {} still takes connections", self.addr)
+    }
+
     /// Resets (RST) both sides of the first urgent connection carried.
     fn reset_urgent(&self) -> Result<()> {
         let mut c = self.conns.lock();
@@ -534,6 +547,69 @@ async fn losing_the_urgent_connection_is_losing_the_link() -> Result<()> {
     gaps += last_k - last;
     eprintln!("delivered {got}, reported missed {lagged}, gaps {gaps}");
     ensure!(gaps == lagged, "{gaps} events missing but {lagged} reported missed");
+    Ok(())
+}
+
+/// The dialler's urgent connection cannot be made (the accepting node's relay takes no new connection once the link is
+/// up: the dial is refused): the dialler tells the acceptor with an `UrgentFailed` frame on the main connection, so the
+/// acceptor closes its slot for the connection, and a late `UrgentJoin` with the link's token is refused as a second
+/// one. Without the frame the acceptor would wait for the connection for the link's lifetime and bind the late join
+/// (then move its urgent lanes onto a connection the dialler gave up on). Run with only the acceptor carrying
+/// priorities (the dialler's dial follows its `UrgentWanted`), and with both. The urgent events keep flowing on the
+/// main connection, in order, and the link is never replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acceptor_learns_that_the_urgent_connection_failed() -> Result<()> {
+    for dialler_urgent in [false, true] {
+        let reg = RegistryClient::in_process_private();
+        let (x, rx, y, ry) = pair(&reg).await?;
+        // Bring the link up and see which node dialled it (when both dial at once, one link is kept: wait for that).
+        let (cx, cy) = (x.channel("failed").await?, y.channel("failed").await?);
+        let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
+        cy.wait_for_sinks(1, T).await?;
+        eventually("the link up at both ends", || {
+            try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (lx, ly) = (link_of(&x, &y), link_of(&y, &x));
+        ensure!(lx.urgent_dialler != ly.urgent_dialler, "one end dials the urgent connection: {lx:?} {ly:?}");
+        let ((acceptor, ch_acc, r_acc), (dialler, ch_dia)) =
+            if lx.urgent_dialler { ((&y, &cy, &ry), (&x, &cx)) } else { ((&x, &cx, &rx), (&y, &cy)) };
+        let token = r_acc.token_for(dialler.id())?;
+        r_acc.stop_accepting().await?;
+        // The acceptor's urgent events (and the dialler's, in the second run) reach the other node (each sink takes the
+        // other node's events only: a source's events reach its own node's sinks too).
+        let mut at_dialler = ch_dia.sink(SinkOptions::new().types(["from-acceptor"]))?;
+        let mut at_acceptor = ch_acc.sink(SinkOptions::new().types(["from-dialler"]))?;
+        ch_acc.wait_for_sinks(3, T).await?;
+        ch_dia.wait_for_sinks(3, T).await?;
+        let mut from_acceptor = ch_acc.source()?;
+        let mut from_dialler = ch_dia.source()?;
+        for k in 0..20 {
+            from_acceptor.submit_with("from-acceptor", &Attrs::new().with("k", k), b"a", urgent()).await?;
+            if dialler_urgent {
+                from_dialler.submit_with("from-dialler", &Attrs::new().with("k", k), b"d", urgent()).await?;
+            }
+        }
+        for k in 0..20 {
+            ensure!(attr_i(&recv(&mut at_dialler).await?, "k") == k, "the acceptor's urgent events out of order");
+            if dialler_urgent {
+                ensure!(attr_i(&recv(&mut at_acceptor).await?, "k") == k, "the dialler's urgent events out of order");
+            }
+        }
+        // The dial was refused at once; its `UrgentFailed` follows on the main connection.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        refused(acceptor.local_addr(), dialler.id(), &token)
+            .await
+            .with_context(|| format!("a late join was taken (dialler sends priorities: {dialler_urgent})"))?;
+        from_acceptor.submit_with("from-acceptor", &Attrs::new().with("k", 20), b"a", urgent()).await?;
+        ensure!(attr_i(&recv(&mut at_dialler).await?, "k") == 20);
+        for (n, m) in [(acceptor, dialler), (dialler, acceptor)] {
+            let l = link_of(n, m);
+            ensure!(l.up && l.connects == 1 && !l.urgent_apart, "{l:?}");
+        }
+        ensure!(r_acc.counts().1 == 0, "an urgent connection was carried: {:?}", r_acc.counts());
+    }
     Ok(())
 }
 

@@ -82,7 +82,7 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                             // an acceptor, once it learnt so here). The accepting end learns it no other way: without this its slot would wait
                             // for the link's lifetime, taking a join for a connection the peer gave up on, and
                             // its own urgent lanes would share the main stream. Its writer now opens an urgent
-                            // stream of its own (`urgent_turn`), and a late join is refused.
+                            // stream of its own (`UrgentLanes::turn`), and a late join is refused.
                             u.failed();
                             peer.outbox.readable.notify_one();
                             Some((rd, BytesMut::with_capacity(READ_SMALL)))
@@ -326,6 +326,17 @@ impl<H: LinkHandler> Receiver<H> {
                         self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
                         if let Some(u) = self.peer.urgent_tcp.lock().as_ref().filter(|u| u.dials().is_some()) {
                             u.want();
+                        }
+                        Ok(())
+                    }
+                    Ok(Some(frame)) if frame.first() == Some(&super::urgent::FAILED_KIND) && frame.len() == 1 => {
+                        // The dialler could not make the urgent connection: the slot closes (a late join is refused)
+                        // and the writer learns it at its next turn (ignored where this node has no slot, or dials).
+                        self.consumed += (frame.len() + codec::LEN_PREFIX) as u64;
+                        if let Some(u) = self.peer.urgent_tcp.lock().as_ref().filter(|u| u.dials().is_none()) {
+                            tracing::debug!(peer = %self.peer.id, "the peer could not make the urgent connection");
+                            u.failed();
+                            self.peer.outbox.readable.notify_one();
                         }
                         Ok(())
                     }

@@ -16,6 +16,10 @@
 //! urgent connection is never wanted has one connection, as does a link where either node has urgent connections
 //! off (`NodeBuilder::urgent_connection`).
 //!
+//! If the dialler cannot make the connection (refused, timed out), it says so with an `UrgentFailed` frame (kind
+//! [`FAILED_KIND`], empty) on the main connection, and the acceptor closes its slot: a late `UrgentJoin` is then
+//! refused, and neither side waits for the connection any longer (on QUIC the dialler's urgent stream tells it, below).
+//!
 //! A QUIC link whose peer takes a stream per priority gets the same slot: the acceptor's answer ends with an
 //! `UrgentQuicToken` frame (kind [`QUIC_TOKEN_KIND`]: the token and the UDP port of the acceptor's urgent endpoint, or
 //! empty), and the urgent connection is a second QUIC connection between the two nodes' urgent endpoints (a UDP
@@ -44,6 +48,9 @@ pub(crate) const JOIN_KIND: u8 = 66;
 pub(crate) const WANTED_KIND: u8 = 67;
 /// The frame that hands a QUIC link's dialler its token and the port of the acceptor's urgent endpoint.
 pub(crate) const QUIC_TOKEN_KIND: u8 = 68;
+/// The dialler could not make the urgent connection (on a TCP link's main connection, once): the acceptor closes its
+/// slot.
+pub(crate) const FAILED_KIND: u8 = 69;
 /// Token length in bytes.
 pub(crate) const TOKEN_LEN: usize = 16;
 
@@ -246,6 +253,14 @@ pub(crate) fn wanted_frame() -> Bytes {
     b.freeze()
 }
 
+/// The `UrgentFailed` frame.
+pub(crate) fn failed_frame() -> Bytes {
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + 1);
+    b.put_u32_le(1);
+    b.put_u8(FAILED_KIND);
+    b.freeze()
+}
+
 /// The `UrgentToken` frame; without a token (the acceptor takes no urgent connections), an empty one.
 pub(crate) fn token_frame(token: Option<&[u8; TOKEN_LEN]>) -> Bytes {
     let token: &[u8] = token.map_or(&[], |t| t);
@@ -364,5 +379,12 @@ mod tests {
         let v = TcpUrgent::new(TcpUrgent::random_token(), Role::Acceptor);
         v.failed();
         assert!(matches!(v.try_writer(), Ready::Never));
+        // A failed slot (the dialler's `UrgentFailed`) takes no late connection.
+        assert!(!v.open());
+        let (a, _b) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(a);
+        assert!(!v.join(Box::new(r), BytesMut::new(), Box::new(w)), "a late connection is refused");
+        assert_eq!(parse_token(&failed_frame()[LEN_PREFIX..]), None);
+        assert_eq!(&failed_frame()[..], &[1, 0, 0, 0, FAILED_KIND]);
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 
 use super::outbox::Outbox;
 use super::tls::Wr;
+use super::urgent::{Ready, TcpUrgent, UrgentWr};
 use super::{LinkError, LinkHandler, LinkLive, Links, Peer};
 use crate::clock::now;
 
@@ -104,22 +105,10 @@ pub(super) async fn writer<H: LinkHandler>(
     // A QUIC link whose peer takes a stream per priority gets its urgent stream once it carries priorities; its writer
     // runs alongside this one (`urgent_writer`), so that neither waits for the other's writes.
     let (to_urgent, urgent_stream) = tokio::sync::oneshot::channel();
-    let mut to_urgent = Some(to_urgent);
-    // A link's urgent connection slot (TCP, or QUIC with a stream per priority), and its write half once it is up
-    // but not yet in use.
-    let tcp_urgent = peer.urgent_tcp.lock().clone();
-    // The urgent lanes may take a stream of the link's connection once it carries priorities: a stream link without
-    // an urgent connection slot, or a QUIC link whose urgent connection could not be made (`urgent_turn`).
-    let mut stream_wanted = tcp_urgent.is_none();
-    // The urgent stream is to be opened before this end carries priorities, to tell the peer (`urgent_turn`).
-    let mut announce = false;
-    let streams = peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams());
-    peer.outbox.set_movable(tcp_urgent.is_some() || streams);
-    let mut urgent_wr = None;
-    let mut hold = Hold::Not;
-    // Frames `urgent_turn` gave while a write was in progress, written first at the next turn.
+    let mut lanes = UrgentLanes::new(&peer, to_urgent);
+    // Frames `UrgentLanes::turn` gave while a write was in progress, written first at the next turn.
     let mut pending = VecDeque::new();
-    if let Some(u) = tcp_urgent.as_ref().filter(|u| links.cfg.urgent_at_once && u.dials().is_some()) {
+    if let Some(u) = lanes.slot.as_ref().filter(|u| links.cfg.urgent_at_once && u.dials().is_some()) {
         // The connection is wanted now (`NodeBuilder::urgent_connection_at_once`): the dialler's reader dials at once.
         // (An acceptor asks for it at the end of its handshake answer: `dial.rs`.)
         u.want();
@@ -134,24 +123,14 @@ pub(super) async fn writer<H: LinkHandler>(
             // Events dropped while the outbox was full are reported now that it has room, even if no event follows.
             peer.flush_lag();
             frames.append(&mut pending);
-            urgent_turn(
-                &peer,
-                &tcp_urgent,
-                &mut to_urgent,
-                &mut urgent_wr,
-                &mut hold,
-                &mut stream_wanted,
-                &mut announce,
-                &mut frames,
-            );
-            if links.closing.load(Ordering::Acquire) && hold != Hold::Over {
+            lanes.turn(&peer, &mut frames);
+            if links.closing.load(Ordering::Acquire) {
                 // A graceful shutdown writes everything queued: nothing is held for a connection still to come.
-                peer.outbox.release_hold();
-                hold = Hold::Over;
+                lanes.end_hold(&peer);
             }
             peer.outbox.take_all(&mut frames);
             // (Nothing to write but an urgent stream to open to tell the peer: opened below, now.)
-            if frames.is_empty() && !(announce && stream_wanted) {
+            if frames.is_empty() && !lanes.announcing() {
                 if links.closing.load(Ordering::Acquire) {
                     if peer.outbox.has_streams() {
                         // The main stream ends with a `Wait` for the whole urgent stream, once that is written, so that
@@ -172,10 +151,10 @@ pub(super) async fn writer<H: LinkHandler>(
                     break None;
                 }
                 // While the urgent lanes are held: woken when the connection joins or fails, and when the hold ends.
-                let h = hold;
+                let held = lanes.held();
                 let settled = async {
-                    match (h, &tcp_urgent) {
-                        (Hold::Until(t), Some(u)) => {
+                    match held {
+                        Some((t, u)) => {
                             let n = u.settled();
                             tokio::pin!(n);
                             n.as_mut().enable();
@@ -187,7 +166,7 @@ pub(super) async fn writer<H: LinkHandler>(
                                 _ = tokio::time::sleep_until(t) => {}
                             }
                         }
-                        _ => std::future::pending().await,
+                        None => std::future::pending().await,
                     }
                 };
                 tokio::pin!(settled);
@@ -236,38 +215,9 @@ pub(super) async fn writer<H: LinkHandler>(
                     }
                 }
             }
-            // QUIC: the connection's send window plays that part (what quinn holds unsent or unacknowledged), unless
-            // the urgent lanes get a stream of their own, which the peer may take: from then on this writer takes lane
-            // 0 only, after a `Sync` that starts the count of this stream's bytes (behind the frames taken before).
-            // quinn sends the urgent stream's data first, and the send window stays wide, so that writing an urgent
-            // frame never waits for bulk bytes to be acknowledged. (Not a link with an urgent connection slot, TLS or
-            // QUIC, until its connection failed: that one moves its urgent lanes in `urgent_turn`.)
-            if stream_wanted
-                && matches!(wr, LinkWr::Stream(_))
-                && (announce || peer.outbox.prioritised.load(Ordering::Acquire))
-            {
-                stream_wanted = false;
-                let conn = peer.datagrams.lock().clone();
-                let urgent = match conn.filter(|d| d.has_streams()) {
-                    Some(d) => d.open_urgent().await,
-                    None => None,
-                };
-                match (urgent, to_urgent.take()) {
-                    (Some(u), Some(tx)) => {
-                        frames.push_back(peer.outbox.start_streams());
-                        let _ = tx.send(u);
-                        if announce {
-                            // The stream's first frame, so that the peer sees it (quinn sends nothing for a stream
-                            // before its first byte); a `Ping` has no effect but its `Pong`.
-                            peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
-                        }
-                    }
-                    _ => {
-                        if let Some(n) = lowat.filter(|_| !announce) {
-                            peer.shorten_send_queue(n);
-                        }
-                    }
-                }
+            // QUIC, TLS: the urgent lanes may take a stream of the link's connection (`UrgentLanes::open_stream`).
+            if lanes.stream_wanted && matches!(wr, LinkWr::Stream(_)) {
+                lanes.open_stream(&peer, gen, lowat, &mut frames).await;
             }
             let n = frames.len() as u64;
             let bytes: usize = frames.iter().map(Bytes::len).sum();
@@ -281,11 +231,7 @@ pub(super) async fn writer<H: LinkHandler>(
                 let deadline = live.lock().deadline();
                 // A TCP link that may still move its urgent lanes looks again when an event is queued (the first
                 // prioritised one among them), when the urgent connection joins or fails, and when a hold ends.
-                let watch = tcp_urgent.as_ref().filter(|_| to_urgent.is_some());
-                let until = match hold {
-                    Hold::Until(t) => Some(t),
-                    _ => None,
-                };
+                let (watch, until) = lanes.watched();
                 // This turn's `wake` (enabled at its start, unused by a turn that writes) tells of the queueing
                 // (once it fired, it stays ready).
                 let woken = &mut wake;
@@ -309,16 +255,7 @@ pub(super) async fn writer<H: LinkHandler>(
                     r = &mut write => break r.map_err(LinkError::Io),
                     woke = nudge => {
                         was_woken |= woke;
-                        urgent_turn(
-                            &peer,
-                            &tcp_urgent,
-                            &mut to_urgent,
-                            &mut urgent_wr,
-                            &mut hold,
-                            &mut stream_wanted,
-                            &mut announce,
-                            &mut pending,
-                        );
+                        lanes.turn(&peer, &mut pending);
                     }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         if live.reader_waiting.load(Ordering::Acquire) {
@@ -358,98 +295,207 @@ pub(super) async fn writer<H: LinkHandler>(
     }
 }
 
-/// One look at a link's urgent connection (`urgent.rs`), at each turn of the writer and while a write of the main
-/// connection is in progress (a write into a full socket buffer can take tens of milliseconds, which the first urgent
-/// frame must not wait for before the connection is even asked for).
-/// Frames for the main connection go to `next`, ahead of anything taken later. A QUIC link whose urgent connection
-/// will never come sets `stream_wanted`: its urgent lanes take a stream of the main connection instead.
-#[allow(clippy::too_many_arguments)]
-fn urgent_turn(
-    peer: &Peer,
-    tcp_urgent: &Option<Arc<super::urgent::TcpUrgent>>,
-    to_urgent: &mut Option<tokio::sync::oneshot::Sender<Box<dyn AsyncWrite + Unpin + Send>>>,
-    urgent_wr: &mut Option<super::urgent::UrgentWr>,
-    hold: &mut Hold,
-    stream_wanted: &mut bool,
-    announce: &mut bool,
-    next: &mut VecDeque<Bytes>,
-) {
-    // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
-    // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
-    // after a `Sync` on this connection, as on a QUIC link's urgent stream, with the frames they hold (lane 0
-    // waits for those: `Outbox::start_streams`). Meanwhile the dialling end holds its urgent lanes (at most
-    // `HOLD_URGENT`): written here, the first urgent frames would wait behind everything this connection's
-    // socket holds. The accepting end does not hold them: its `UrgentWanted` crosses this connection behind
-    // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
-    // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
-    let Some(u) = tcp_urgent else { return };
-    if *stream_wanted || to_urgent.is_none() {
-        return;
+/// Where a link's urgent lanes (outbox lanes 1-3) go, as the writer decides it: the link's urgent connection slot
+/// (`urgent.rs`: TCP, or QUIC with a stream per priority), the connection's write half once it is up but not yet in
+/// use, the hold of the lanes while the dialling end makes it, and a QUIC link's urgent stream of its main connection
+/// (wanted, or to be opened to tell the peer).
+struct UrgentLanes {
+    /// The link's urgent connection slot, if it has one.
+    slot: Option<Arc<TcpUrgent>>,
+    /// Hands the urgent lanes' stream or connection to `urgent_writer`; `None` once given, or once the lanes stay on
+    /// the main connection for good.
+    to_writer: Option<tokio::sync::oneshot::Sender<UrgentWr>>,
+    /// The urgent connection's write half, taken from the slot and not yet given to `urgent_writer`.
+    conn: Option<UrgentWr>,
+    hold: Hold,
+    /// The urgent lanes may take a stream of the link's connection once it carries priorities: a stream link without
+    /// an urgent connection slot, or a QUIC link whose urgent connection could not be made.
+    stream_wanted: bool,
+    /// The urgent stream is to be opened before this end carries priorities, to tell the peer (see `turn`).
+    announce: bool,
+}
+
+impl UrgentLanes {
+    /// The state of a new link of `peer`; `to_writer` hands the lanes' stream or connection to `urgent_writer`.
+    fn new(peer: &Peer, to_writer: tokio::sync::oneshot::Sender<UrgentWr>) -> Self {
+        let slot = peer.urgent_tcp.lock().clone();
+        let streams = peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams());
+        peer.outbox.set_movable(slot.is_some() || streams);
+        UrgentLanes {
+            stream_wanted: slot.is_none(),
+            slot,
+            to_writer: Some(to_writer),
+            conn: None,
+            hold: Hold::Not,
+            announce: false,
+        }
     }
-    // (The cheap checks first: `may_split` takes the outbox's lock, at every turn of a busy writer.)
-    if !peer.outbox.prioritised.load(Ordering::Acquire) {
-        // The dialling end of a QUIC link whose acceptor asked for the urgent connection (its own outbox carries
-        // priorities) and whose dial failed: the acceptor learns that only from this end's urgent stream, so it is
-        // opened now, with a `Ping` on it, rather than once this end carries priorities itself (which may be never:
-        // the acceptor's urgent frames would share the main stream for the link's lifetime).
-        if urgent_wr.is_none() && u.dials().is_some() && u.is_wanted() && peer.outbox.may_split() {
-            match u.try_writer() {
-                super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
-                super::urgent::Ready::NotYet => {}
-                super::urgent::Ready::Never => {
-                    if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
-                        tracing::debug!(peer = %peer.id, "no urgent connection, an urgent stream tells the peer");
-                        *stream_wanted = true;
-                        *announce = true;
+
+    /// Nothing to write but an urgent stream to open to tell the peer (the writer opens it now).
+    fn announcing(&self) -> bool {
+        self.announce && self.stream_wanted
+    }
+
+    /// A graceful shutdown: nothing more is held for a connection still to come.
+    fn end_hold(&mut self, peer: &Peer) {
+        if self.hold != Hold::Over {
+            peer.outbox.release_hold();
+            self.hold = Hold::Over;
+        }
+    }
+
+    /// While the urgent lanes are held: until when, and the slot whose connection they wait for.
+    fn held(&self) -> Option<(tokio::time::Instant, &TcpUrgent)> {
+        match (self.hold, &self.slot) {
+            (Hold::Until(t), Some(u)) => Some((t, u)),
+            _ => None,
+        }
+    }
+
+    /// While a write is in progress: the slot to watch, if the urgent lanes may still move to its connection, and
+    /// when the hold ends.
+    fn watched(&self) -> (Option<&TcpUrgent>, Option<tokio::time::Instant>) {
+        let watch = self.slot.as_deref().filter(|_| self.to_writer.is_some());
+        let until = match self.hold {
+            Hold::Until(t) => Some(t),
+            _ => None,
+        };
+        (watch, until)
+    }
+
+    /// One look at the link's urgent connection, at each turn of the writer and while a write of the main
+    /// connection is in progress (a write into a full socket buffer can take tens of milliseconds, which the first
+    /// urgent frame must not wait for before the connection is even asked for). Frames for the main connection go to
+    /// `next`, ahead of anything taken later. A QUIC link whose urgent connection will never come sets
+    /// `stream_wanted`: its urgent lanes take a stream of the main connection instead.
+    fn turn(&mut self, peer: &Peer, next: &mut VecDeque<Bytes>) {
+        // A TCP link with an urgent connection slot (`urgent.rs`), once it carries priorities: the connection is
+        // asked for (the acceptor asks the dialler), and once it is up the urgent lanes go there from now on,
+        // after a `Sync` on this connection, as on a QUIC link's urgent stream, with the frames they hold (lane 0
+        // waits for those: `Outbox::start_streams`). Meanwhile the dialling end holds its urgent lanes (at most
+        // `HOLD_URGENT`): written here, the first urgent frames would wait behind everything this connection's
+        // socket holds. The accepting end does not hold them: its `UrgentWanted` crosses this connection behind
+        // that same backlog before the dial even starts, so a held frame could only arrive later. Not while the
+        // rest of a frame begun on this connection by a direct write is queued (it goes first, here).
+        let Some(u) = &self.slot else { return };
+        if self.stream_wanted || self.to_writer.is_none() {
+            return;
+        }
+        // (The cheap checks first: `may_split` takes the outbox's lock, at every turn of a busy writer.)
+        if !peer.outbox.prioritised.load(Ordering::Acquire) {
+            // The dialling end of a QUIC link whose acceptor asked for the urgent connection (its own outbox carries
+            // priorities) and whose dial failed: the acceptor learns that only from this end's urgent stream, so it
+            // is opened now, with a `Ping` on it, rather than once this end carries priorities itself (which may be
+            // never: the acceptor's urgent frames would share the main stream for the link's lifetime).
+            if self.conn.is_none() && u.dials().is_some() && u.is_wanted() && peer.outbox.may_split() {
+                match u.try_writer() {
+                    Ready::Up(w) => self.conn = Some(w),
+                    Ready::NotYet => {}
+                    Ready::Never => {
+                        if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
+                            tracing::debug!(peer = %peer.id, "no urgent connection, an urgent stream tells the peer");
+                            self.stream_wanted = true;
+                            self.announce = true;
+                        } else {
+                            // A TCP link: an `UrgentFailed` tells the acceptor, which closes its slot (it would
+                            // otherwise wait for the connection, and take a late join, for the link's lifetime).
+                            tracing::debug!(peer = %peer.id, "no urgent connection, the peer is told");
+                            next.push_back(super::urgent::failed_frame());
+                            self.to_writer = None;
+                        }
                     }
                 }
             }
+            return;
         }
-        return;
-    }
-    if !peer.outbox.may_split() {
-        return;
-    }
-    if u.want() && u.dials().is_none() {
-        // Written next, ahead of anything taken (the urgent lanes included).
-        next.push_back(super::urgent::wanted_frame());
-    }
-    if urgent_wr.is_none() {
-        match u.try_writer() {
-            super::urgent::Ready::Up(w) => *urgent_wr = Some(w),
-            super::urgent::Ready::NotYet => {}
-            super::urgent::Ready::Never => {
-                peer.outbox.release_hold();
-                *hold = Hold::Over;
-                if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
-                    tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames take a stream of the link's");
-                    *stream_wanted = true;
-                    return;
+        if !peer.outbox.may_split() {
+            return;
+        }
+        // (The dialler's `want` starts its dial; the acceptor asks for the connection once, unless it joined already
+        // or the dialler said it could not be made.)
+        if u.want() && u.dials().is_none() && u.open() {
+            // Written next, ahead of anything taken (the urgent lanes included).
+            next.push_back(super::urgent::wanted_frame());
+        }
+        if self.conn.is_none() {
+            match u.try_writer() {
+                Ready::Up(w) => self.conn = Some(w),
+                Ready::NotYet => {}
+                Ready::Never => {
+                    peer.outbox.release_hold();
+                    self.hold = Hold::Over;
+                    if peer.datagrams.lock().as_ref().is_some_and(|d| d.has_streams()) {
+                        tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames take a stream of the link's");
+                        self.stream_wanted = true;
+                        return;
+                    }
+                    tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
+                    if u.dials().is_some() {
+                        // The dialler's dial failed: the acceptor is told (see above).
+                        next.push_back(super::urgent::failed_frame());
+                    }
+                    self.to_writer = None;
                 }
-                tracing::debug!(peer = %peer.id, "no urgent connection, urgent frames share the link's");
-                *to_urgent = None;
+            }
+        }
+        if let Some(w) = self.conn.take() {
+            if let Some(tx) = self.to_writer.take() {
+                next.push_back(peer.outbox.start_streams());
+                let _ = tx.send(w);
+                u.set_in_use();
+                self.hold = Hold::Over;
+            }
+        } else if self.to_writer.is_some() && u.dials().is_some() {
+            match self.hold {
+                Hold::Not => {
+                    peer.outbox.hold_urgent();
+                    self.hold = Hold::Until(tokio::time::Instant::now() + HOLD_URGENT);
+                }
+                Hold::Until(t) if tokio::time::Instant::now() >= t => {
+                    tracing::debug!(peer = %peer.id, "no urgent connection within {HOLD_URGENT:?} yet");
+                    peer.outbox.release_hold();
+                    self.hold = Hold::Over;
+                }
+                _ => {}
             }
         }
     }
-    if let Some(w) = urgent_wr.take() {
-        if let Some(tx) = to_urgent.take() {
-            next.push_back(peer.outbox.start_streams());
-            let _ = tx.send(w);
-            u.set_in_use();
-            *hold = Hold::Over;
+
+    /// A stream link whose urgent lanes may take a stream of its connection (`stream_wanted`), once it carries
+    /// priorities or has to tell the peer: opens the stream (QUIC with a stream per priority) and starts streams mode
+    /// with its `Sync` in `frames`; a link without one (TLS, or QUIC without) shortens its send queue instead.
+    ///
+    /// QUIC: the connection's send window plays the part of TCP_NOTSENT_LOWAT (what quinn holds unsent or
+    /// unacknowledged), unless the urgent lanes get a stream of their own, which the peer may take: from then on the
+    /// main writer takes lane 0 only, after a `Sync` that starts the count of its stream's bytes (behind the frames
+    /// taken before). quinn sends the urgent stream's data first, and the send window stays wide, so that writing an
+    /// urgent frame never waits for bulk bytes to be acknowledged. (Not a link with an urgent connection slot, TLS or
+    /// QUIC, until its connection failed: that one moves its urgent lanes in `turn`.)
+    async fn open_stream(&mut self, peer: &Peer, gen: u64, lowat: Option<u32>, frames: &mut VecDeque<Bytes>) {
+        if !(self.announce || peer.outbox.prioritised.load(Ordering::Acquire)) {
+            return;
         }
-    } else if to_urgent.is_some() && u.dials().is_some() {
-        match *hold {
-            Hold::Not => {
-                peer.outbox.hold_urgent();
-                *hold = Hold::Until(tokio::time::Instant::now() + HOLD_URGENT);
+        self.stream_wanted = false;
+        let conn = peer.datagrams.lock().clone();
+        let urgent = match conn.filter(|d| d.has_streams()) {
+            Some(d) => d.open_urgent().await,
+            None => None,
+        };
+        match (urgent, self.to_writer.take()) {
+            (Some(u), Some(tx)) => {
+                frames.push_back(peer.outbox.start_streams());
+                let _ = tx.send(u);
+                if self.announce {
+                    // The stream's first frame, so that the peer sees it (quinn sends nothing for a stream before its
+                    // first byte); a `Ping` has no effect but its `Pong`.
+                    peer.outbox.push_link_control(Message::Ping(gen).to_bytes());
+                }
             }
-            Hold::Until(t) if tokio::time::Instant::now() >= t => {
-                tracing::debug!(peer = %peer.id, "no urgent connection within {HOLD_URGENT:?} yet");
-                peer.outbox.release_hold();
-                *hold = Hold::Over;
+            _ => {
+                if let Some(n) = lowat.filter(|_| !self.announce) {
+                    peer.shorten_send_queue(n);
+                }
             }
-            _ => {}
         }
     }
 }
