@@ -201,3 +201,71 @@ async fn best_effort_events_to_a_reopened_channel_are_delivered_or_reported() ->
     assert_eq!(cb.stats().missed, missed);
     Ok(())
 }
+
+/// A sink's process crashes (its node stops without a word) and starts again at the same address, as a new node:
+/// the source's datagrams for the dead node's connection go nowhere (and are not delivered to the new node, which
+/// never had its numbering), and the new node gets every best-effort event sent after it joined, delivered or
+/// reported missed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_restarted_at_the_same_address_gets_best_effort_events_delivered_or_reported() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    // A port free for TCP and UDP, taken by the sink's node, then by its restart.
+    let addr = {
+        let t = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let a = t.local_addr()?;
+        std::net::UdpSocket::bind(a)?;
+        a
+    };
+    let quic = |n: kecho::NodeBuilder| n.registry_client(reg.clone()).transport(Transport::Quic);
+    let a = quic(Node::builder()).drop_datagrams_every(4).heartbeat_timeout(Duration::from_millis(600)).start().await?;
+    let b = quic(Node::builder()).listen(addr).start().await?;
+    let ca = a.channel("crash").await?;
+    let cb = b.channel("crash").await?;
+    let mut sink = cb.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    ca.wait_for_sinks(1, T).await?;
+    let mut src = ca.source()?;
+    send_best_effort(&mut src, 200, 64).await?;
+    check_account(&drain(&mut sink, "end").await?);
+    // The crash: no goodbye, no close; the source goes on sending to the dead node for a while.
+    b.kill();
+    drop(sink);
+    drop(cb);
+    drop(b);
+    send_best_effort(&mut src, 100, 64).await?;
+    // The killed node's sockets close as its tasks wind down (a crashed process's at once).
+    let deadline = tokio::time::Instant::now() + T;
+    let b2 = loop {
+        match quic(Node::builder()).listen(addr).start().await {
+            Ok(n) => break n,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("restart: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let cb2 = b2.channel("crash").await?;
+    let mut sink = cb2.sink(SinkOptions::new().capacity(1 << 16).overflow(Overflow::DropOldest))?;
+    // The source sees the new node's sink (the old one's is gone: lost link, then taken for gone).
+    let deadline = tokio::time::Instant::now() + T;
+    while ca.member_nodes() != [b2.id()] || src.sinks() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the source never saw the restarted node alone");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = src.submit("be", &Attrs::new(), b"first").await?;
+    send_best_effort(&mut src, 300, 64).await?;
+    let got = drain(&mut sink, "end").await?;
+    let missed: u64 = got.iter().map(|g| g.2).sum();
+    assert_eq!(
+        got.len() as u64 + missed,
+        302,
+        "every event sent to the restarted node delivered or reported missed ({} delivered, {missed} missed)",
+        got.len()
+    );
+    assert_eq!(got.first().map(|g| (g.1, g.2)), Some((first, 0)), "nothing from before it joined, then the first");
+    let rebased: Vec<(String, u64, u64)> = got.iter().map(|(t, s, m)| (t.clone(), s - first + 1, *m)).collect();
+    check_account(&rebased);
+    assert!(link_to(&a, &b2).datagrams_sent > 100, "the events went as datagrams");
+    assert_eq!(cb2.stats().missed, missed);
+    Ok(())
+}
