@@ -56,6 +56,7 @@ pub(crate) async fn dial<H: LinkHandler>(links: Arc<Links<H>>, peer: Arc<Peer>, 
         Ok(DialOutcome::Duplicate) => {
             // The peer's own connection to us wins; it is on its way, and what we queued will go over it. If it never
             // comes (its dial failed), try again.
+            tracing::debug!(peer = %peer.id, %addr, "refused as a duplicate: the peer's connection is expected");
             if peer.link_end(gen, false) {
                 let l = links.clone();
                 links.tasks.spawn(async move {
