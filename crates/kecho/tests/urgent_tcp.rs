@@ -868,3 +868,58 @@ async fn refused_raw(to: SocketAddr, bytes: &[u8]) -> Result<()> {
         other => bail!("expected Close{{Handshake}}, got {other:?}"),
     }
 }
+
+/// A new source's first urgent event is written directly to the main connection of a quiet link (nothing queued)
+/// whose receiver is stalled by a few bulk events it cannot deliver (its Block sink is full): the event waits in the
+/// sockets behind them. The link's dialler then makes the urgent connection, and the source's next urgent events go
+/// there. They must wait for the first (a `Wait` for the main connection's `Sync`): before, the source's place after
+/// a direct write was not recorded, so the second event went with no `Wait`, arrived ahead of the first and of its
+/// `Routed` frame, was counted `stale` at the sink's node and reported to the sink as missed (as
+/// `kecho-bench priority` saw, with the urgent connection read at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_first_urgent_event_was_written_directly_keeps_its_order() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    // A dials B: A's relay never learns where A is.
+    let (ra, rb) = (Relay::start().await?, Relay::start().await?);
+    let a = Node::builder().registry_client(reg.clone()).advertise(ra.addr).start().await?;
+    let b = Node::builder().registry_client(reg.clone()).advertise(rb.addr).start().await?;
+    rb.upstream.set(b.local_addr()).ok();
+    let urgent_b = b.channel("urgent").await?;
+    let bulk_b = b.channel("bulk").await?;
+    let mut urgent_sink = urgent_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(64))?;
+    let mut bulk_sink = bulk_b.sink(SinkOptions::new().overflow(Overflow::Block).capacity(1))?;
+    let urgent_a = a.channel("urgent").await?;
+    let bulk_a = a.channel("bulk").await?;
+    urgent_a.wait_for_sinks(1, T).await?;
+    bulk_a.wait_for_sinks(1, T).await?;
+    // A few bulk events: B's reader waits for room at the bulk sink, the rest stay in the sockets' buffers (far
+    // from full), and A's outbox is empty.
+    const BULK: usize = 4;
+    let mut bulk = bulk_a.source()?;
+    let payload = vec![0u8; 64 << 10];
+    for _ in 0..BULK {
+        bulk.submit("bulk", &Attrs::new(), &payload).await?;
+    }
+    eventually("the bulk events written", || link_of(&a, &b).queued_bytes == 0).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let writes = link_of(&a, &b).writes;
+    let mut src = urgent_a.source()?;
+    src.submit_with("urgent", &Attrs::new().with("k", 0), b"first", urgent()).await?;
+    // The urgent connection comes up (A dials it for this event), and the next events take it.
+    apart(&a, &b).await?;
+    for k in 1..4 {
+        src.submit_with("urgent", &Attrs::new().with("k", k), b"next", urgent()).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(link_of(&a, &b).writes > writes);
+    for _ in 0..BULK {
+        assert_eq!(recv(&mut bulk_sink).await?.ty(), "bulk");
+    }
+    for k in 0..4 {
+        let got = recv(&mut urgent_sink).await.with_context(|| format!("event {k}: at B {:?}", urgent_b.stats()))?;
+        assert_eq!(attr_i(&got, "k"), k);
+    }
+    let sb = urgent_b.stats();
+    assert_eq!((sb.stale, sb.missed), (0, 0), "at B {sb:?}");
+    Ok(())
+}

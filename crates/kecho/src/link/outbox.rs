@@ -329,6 +329,17 @@ impl OutQ {
         }
     }
 
+    /// A source's frame of lane `lane` was written directly (only on a link with one connection and nothing queued):
+    /// its place is recorded as a frame of that lane taken already, so that its next frame is treated as one behind
+    /// frames that went on the main connection (a `Wait` for its `Sync` if it goes to the urgent one). Without it, a
+    /// new source whose first urgent event was written directly sent its second on a newly made urgent connection
+    /// with no `Wait`: it overtook the first (and its `Routed` frame) while the main connection held a bulk backlog,
+    /// and the receiver counted it `stale` and then missed.
+    fn went_directly(&mut self, id: usize, held: &mut Held, lane: usize) {
+        debug_assert!(self.is_empty() && !self.split(), "a direct write with frames queued or lanes split");
+        *held = Held(Some((id, lane as u8, self.lanes[lane].taken)));
+    }
+
     /// Streams mode: queues a `Wait` placeholder in `lane` ahead of a source's frame if its last frame went to the
     /// other stream (so that the receiver takes this one only after that one), whose writer took it already.
     /// Before the split, on a link whose urgent lanes may move to another stream ([`Outbox::set_movable`]): an urgent
@@ -528,6 +539,7 @@ impl Outbox {
         q.events += 1;
         let written = self.try_direct(&mut q, first, &frame, gate);
         if written == len {
+            q.went_directly(self.id(), u.held, lane);
             drop(q);
             self.direct_done();
             return true;
@@ -584,6 +596,7 @@ impl Outbox {
         q.events += 1;
         let written = self.try_direct(&mut q, first, frame, gate);
         if written == len {
+            q.went_directly(self.id(), u.held, lane);
             drop(q);
             self.direct_done();
             return true;
@@ -650,6 +663,7 @@ impl Outbox {
         q.events += n as u64;
         let written = self.try_direct(&mut q, first, &run[..end], gate);
         if written == len {
+            q.went_directly(self.id(), u.held, lane);
             drop(q);
             self.direct_done();
             self.direct_writes.fetch_add(n as u64 - 1, Ordering::Relaxed);

@@ -42,20 +42,23 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     // The handler lives as long as the node; a reader of a node being dropped has nothing to deliver to.
     let Some(handler) = links.handler.upgrade() else { return };
     let later = std::cell::RefCell::new(Vec::new());
-    // A QUIC link with a stream per priority: the peer's urgent stream is read here too, by a second receiver.
-    // A TCP link's urgent connection (`urgent.rs`) plays the same part.
+    // A QUIC link with a stream per priority: the peer's urgent stream is read by a second receiver, in a task of its
+    // own (see below). A TCP link's urgent connection (`urgent.rs`) plays the same part.
     let tcp_urgent = peer.urgent_tcp.lock().clone();
     let sync = (tcp_urgent.is_some() || datagrams.as_ref().is_some_and(|d| d.has_streams()))
         .then(|| Arc::new(StreamSync::default()));
     let urgent_conn = datagrams.clone();
+    let has_urgent = sync.is_some();
     let mut rx = Receiver::new(handler.clone(), peer.clone(), live.clone(), sync.clone().map(|s| (s, 0)));
     let both = async {
-        let urgent = async {
+        let (links_u, peer_u) = (links.clone(), peer.clone());
+        let urgent = async move {
+            let (links, peer) = (links_u, peer_u);
             let Some(sync) = sync else { return std::future::pending().await };
             let rd = match (tcp_urgent, urgent_conn) {
                 (Some(u), conn) => {
-                    // The dialler opens the connection once either side wants it (under this task, so that it ends
-                    // with the link).
+                    // The dialler opens the connection once either side wants it (under the urgent receiver's task,
+                    // which ends with the reader, so with the link).
                     let connection = async {
                         if u.dials().is_some() {
                             u.wanted().await;
@@ -109,9 +112,22 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
                 why => why,
             }
         };
+        // The urgent receiver runs as a task of its own (with its own deferred wakes), so that it reads its connection
+        // as soon as bytes arrive: in the reader's task it was polled only when the main receiver had nothing to read,
+        // which under a bulk transfer meant when tokio's budget made the task yield. It ends with the reader. The
+        // order between the two connections does not depend on when each is read (`Sync`/`Wait`, `after_sync`).
+        // (None on a link that can have no urgent stream or connection.)
+        let mut urgent =
+            has_urgent.then(|| AbortOnDrop(tokio::spawn(crate::queue::WAKE_LATER.scope(Default::default(), urgent))));
+        let urgent_ended = async {
+            match urgent.as_mut() {
+                Some(task) => (&mut task.0).await.unwrap_or(LinkError::Protocol("the urgent receiver stopped")),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             why = rx.read_loop(&links, rd, datagrams, buf, remote) => why,
-            why = urgent => why,
+            why = urgent_ended => why,
         }
     };
     let why = crate::queue::WAKE_LATER.scope(later, both).await;
@@ -121,6 +137,15 @@ pub(super) async fn reader<H: LinkHandler, R: AsyncRead + Unpin>(
     if peer.link_down(gen) {
         tracing::info!(peer = %peer.id, "link lost: {why}");
         links.peer_lost(peer.id);
+    }
+}
+
+/// Aborts a task when dropped (the urgent receiver, with its link's reader).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
