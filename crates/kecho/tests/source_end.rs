@@ -15,13 +15,18 @@ const T: Duration = Duration::from_secs(20);
 
 /// A node reachable only through its own proxy.
 async fn proxied_node(reg: &RegistryClient, grace: Duration) -> Result<(Node, Proxy)> {
+    proxied_node_with(reg, grace, Duration::from_millis(600)).await
+}
+
+/// [`proxied_node`] with heartbeat timeout `heartbeat`.
+async fn proxied_node_with(reg: &RegistryClient, grace: Duration, heartbeat: Duration) -> Result<(Node, Proxy)> {
     // The node must advertise the proxy's address, which exists only once the node's own listener does: start the
     // proxy towards a placeholder listener, then the node, then point the proxy at it.
     let m = MembershipConfig { lease_ttl: Duration::from_millis(1500), ..MembershipConfig::default() };
     let (proxy, addr) = Proxy::start("127.0.0.1:9".parse()?).await?;
     let node = Node::builder()
         .registry_client(reg.clone())
-        .heartbeat_timeout(Duration::from_millis(600))
+        .heartbeat_timeout(heartbeat)
         .membership(m)
         .source_grace(grace)
         .advertise(addr)
@@ -139,6 +144,83 @@ async fn a_source_that_ends_while_a_sink_is_cut_off_is_accounted_for_through_ano
     assert_eq!((t_keep.missed, t_keep.lost.len()), (0, 0), "the connected sink missed nothing: {t_keep:?}");
     assert!(keep.is_empty(), "nothing beyond the 800 events");
     drop((pa, pb, pc));
+    Ok(())
+}
+
+/// A node that publishes and shuts down at once, before its link to a sink's node is up (the other node is slow to
+/// answer: its connections wait, in both directions, as in the backlog of a frozen process): the shutdown waits for
+/// the link, within its limit, and the event is delivered, not abandoned. (The shutdown used to stop waiting as soon
+/// as no link was up, and so dropped everything queued for a link still being set up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_publishes_and_leaves_at_once_waits_for_a_link_still_being_set_up() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    // (A heartbeat timeout well beyond the hold: a sink's node told of the source's end by another member waits that
+    // long for the source's own link before it takes what has not come for lost.)
+    let hb = Duration::from_secs(5);
+    let (c, _pc) = proxied_node_with(&reg, T * 3, hb).await?;
+    let (b, pb) = proxied_node_with(&reg, T * 3, hb).await?;
+    let (a, pa) = proxied_node_with(&reg, T * 3, hb).await?;
+    let cc = c.create_channel("late").await?;
+    let mut at_contact = cc.sink(SinkOptions::new())?;
+    let cb = b.open_channel("late").await?;
+    let mut slow = cb.sink(SinkOptions::new())?;
+    pb.hold(a.id(), true);
+    pa.hold(b.id(), true);
+    let ca = a.open_channel("late").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.submit("e", &Attrs::new(), b"x").await?;
+    drop(src);
+    let a_id = a.id();
+    let shutdown = tokio::spawn(async move { a.shutdown_within(Duration::from_secs(10)).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!shutdown.is_finished(), "the shutdown did not wait for the link still being set up");
+    pb.hold(a_id, false);
+    pa.hold(b.id(), false);
+    let report = tokio::time::timeout(T, shutdown).await??;
+    assert!(report.is_clean(), "{report:?}");
+    for sink in [&mut at_contact, &mut slow] {
+        let ev = tokio::time::timeout(T, sink.recv()).await?.map_err(|e| anyhow::anyhow!("recv: {e}"))?;
+        assert_eq!(&ev.payload()[..], b"x");
+    }
+    Ok(())
+}
+
+/// The same, but the link never comes up (while the shutdown waits, each node's connections to the other are
+/// refused, as by a process that died): the shutdown ends as soon as the dial has failed, and reports the event it
+/// could not send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_reports_what_was_queued_for_a_link_that_never_came_up() -> Result<()> {
+    let reg = RegistryClient::in_process_private();
+    let (c, _pc) = proxied_node(&reg, T * 3).await?;
+    let (b, pb) = proxied_node(&reg, T * 3).await?;
+    let (a, pa) = proxied_node(&reg, T * 3).await?;
+    let cc = c.create_channel("never").await?;
+    let _at_contact = cc.sink(SinkOptions::new())?;
+    let cb = b.open_channel("never").await?;
+    let _unreachable = cb.sink(SinkOptions::new())?;
+    pb.hold(a.id(), true);
+    pa.hold(b.id(), true);
+    let ca = a.open_channel("never").await?;
+    ca.wait_for_sinks(2, T).await?;
+    let mut src = ca.source()?;
+    src.submit("e", &Attrs::new(), b"x").await?;
+    drop(src);
+    let (a_id, b_id) = (a.id(), b.id());
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(async move { a.shutdown_within(Duration::from_secs(15)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (p, dialler) in [(&pb, a_id), (&pa, b_id)] {
+        p.refuse(dialler, true);
+        p.hold(dialler, false);
+    }
+    let report = tokio::time::timeout(T, shutdown).await??;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "the shutdown waited {took:?} for a link that had failed");
+    let u = report.undrained.iter().find(|u| u.node == b_id);
+    let u = u.ok_or_else(|| anyhow::anyhow!("no report for the link that never came up: {report:?}"))?;
+    assert!(!u.up && u.events == 1, "{u:?}");
+    assert_eq!(report.events_abandoned(), 1, "{report:?}");
     Ok(())
 }
 

@@ -151,11 +151,14 @@ pub async fn tree_node(reg: &RegistryClient, threshold: usize) -> Result<Node> {
 /// A TCP relay in front of a node's listener that swallows the bytes of connections dialled by the nodes in `cut`
 /// (in both directions; nothing is closed, so only heartbeats notice). A proxy knows who dialled from the node id in
 /// the `Hello` frame. It can also refuse the nodes in `refused`: their connections are closed once their `Hello`
-/// arrived, so that a dial fails at once, as to a node whose process died.
+/// arrived, so that a dial fails at once, as to a node whose process died. And it can hold the connections of the
+/// nodes in `held`: their `Hello` waits in the proxy until the hold ends, as a connection waits in the backlog of a
+/// process that is frozen or slow to run.
 pub struct Proxy {
     upstream: Arc<Mutex<SocketAddr>>,
     cut: Arc<Mutex<HashSet<u64>>>,
     refused: Arc<Mutex<HashSet<u64>>>,
+    held: Arc<Mutex<HashSet<u64>>>,
     accept: JoinHandle<()>,
 }
 
@@ -168,12 +171,14 @@ impl Proxy {
         let target = up.clone();
         let cut: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let refused: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let (c, r) = (cut.clone(), refused.clone());
+        let held: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let (c, r, h) = (cut.clone(), refused.clone(), held.clone());
         let accept = tokio::spawn(async move {
             let mut conns = Vec::new();
             while let Ok((down, _)) = listener.accept().await {
                 let cut = c.clone();
                 let refused = r.clone();
+                let held = h.clone();
                 let upstream = *target.lock();
                 conns.push(tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(upstream).await else { return };
@@ -185,6 +190,9 @@ impl Proxy {
                         return;
                     }
                     let dialler = u64::from_le_bytes(hello[11..19].try_into().expect("8 bytes"));
+                    while held.lock().contains(&dialler) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     if refused.lock().contains(&dialler) || uw.write_all(&hello).await.is_err() {
                         return;
                     }
@@ -199,7 +207,7 @@ impl Proxy {
                 c.abort();
             }
         });
-        Ok((Proxy { upstream: up, cut, refused, accept }, addr))
+        Ok((Proxy { upstream: up, cut, refused, held, accept }, addr))
     }
 
     /// Relays the connections accepted from now on to `upstream` (a node started after its proxy, since it must
@@ -215,6 +223,16 @@ impl Proxy {
             refused.insert(dialler.0);
         } else {
             refused.remove(&dialler.0);
+        }
+    }
+
+    /// Holds (or lets through) the connections dialled by node `dialler` from now on, before their `Hello`.
+    pub fn hold(&self, dialler: NodeId, on: bool) {
+        let mut held = self.held.lock();
+        if on {
+            held.insert(dialler.0);
+        } else {
+            held.remove(&dialler.0);
         }
     }
 
