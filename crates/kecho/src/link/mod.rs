@@ -38,7 +38,7 @@ use crate::config::NodeConfig;
 use crate::error::{LinkFailure, LinkFailureKind};
 use crate::queue::Event;
 use crate::tasks::Tasks;
-pub(crate) use outbox::{Expiry, Held, Outbox, SourceGate, Unsent, Urgency};
+pub(crate) use outbox::{Expiry, Held, Outbox, SourceGate, Urgency};
 pub(crate) use writer::COPY_BELOW;
 
 /// A QUIC link's datagram path (see `quic::Datagrams`).
@@ -552,43 +552,25 @@ impl<H: LinkHandler> Links<H> {
     /// empty and the link ends when the peer closes its side); waits at most `limit`. A link still being set up with
     /// frames queued for it (dialled, or waiting for the peer's own connection) is waited for too: its frames go
     /// once it is up, and a node that publishes and leaves at once would otherwise abandon them while the other node
-    /// is merely slow to answer.
+    /// is merely slow to answer. A dial that fails meanwhile ends the wait for that link, as a link that broke before
+    /// the shutdown: the other node's loss accounting tells its sinks what they missed.
     /// Returns the links that still held frames when it stopped waiting: those still up at the limit (their writer
-    /// had not written everything), those that were down with frames queued, and those whose frames were dropped
-    /// with a failed dial while it waited (they never came up).
+    /// had not written everything), and those that were down or still being set up with frames queued.
     pub(crate) async fn drain(&self, limit: Duration) -> Vec<Undrained> {
         self.closing.store(true, Ordering::Release);
         let peers: Vec<_> = self.peers.lock().values().cloned().collect();
         for p in &peers {
             p.outbox.readable.notify_one();
         }
-        // Per peer: frames written before the wait, and what was last seen queued while it was not up.
-        let mut seen: Vec<(u64, Unsent)> = peers
-            .iter()
-            .map(|p| {
-                let queued = if p.is_up() { Unsent::default() } else { p.outbox.unsent() };
-                (p.frames_sent.load(Ordering::Relaxed), queued)
-            })
-            .collect();
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline && peers.iter().any(|p| p.is_up() || !p.outbox.is_empty()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            for (p, (_, queued)) in peers.iter().zip(&mut seen) {
-                if !p.is_up() && !p.outbox.is_empty() {
-                    *queued = p.outbox.unsent();
-                }
-            }
         }
         peers
             .iter()
-            .zip(&seen)
-            .filter_map(|(p, &(written, queued))| {
+            .filter_map(|p| {
                 let up = p.is_up();
-                let mut left = p.outbox.unsent();
-                if !up && left.frames == 0 && p.frames_sent.load(Ordering::Relaxed) == written {
-                    // Never up while waited for: what it held was dropped with a failed dial.
-                    left = queued;
-                }
+                let left = p.outbox.unsent();
                 (up || left.frames > 0).then(|| Undrained {
                     node: p.id,
                     addr: p.addr.lock().clone(),
