@@ -359,7 +359,7 @@ pub async fn drive<P: Placer + Send + Sync + 'static>(
                             last_alive = Some(Instant::now());
                             queue.extend(session.placed(p, Instant::now().into_std()));
                         }
-                        Err(e) => queue.extend(session.place_failed(&e.to_string())),
+                        Err(e) => queue.extend(session.place_failed(&e.to_string(), Instant::now().into_std())),
                     },
                     RunAction::Release(p) => {
                         // In the background: a lost agent answers no release, and the run must not wait for it.

@@ -469,6 +469,7 @@ impl State {
             limits: Limits { cpus: s.spec.cpus, mem: s.spec.mem },
             state: s.state.clone(),
         };
+        self.supersede(&s.task, s.run, &who);
         let probe_env = self.supervisor.probe_env(&spec);
         let mut task = match self.supervisor.spawn(spec).await {
             Ok(t) => t,
@@ -531,6 +532,21 @@ impl State {
         if let Some(old) = self.runs.insert(s.task.clone(), run) {
             self.remember(s.task, old);
         }
+    }
+
+    /// A newer run `run` of `task` is about to start here: an older run of it that still runs here is stopped. Its
+    /// submitter gave it up (this agent fell silent for longer than the heartbeat timeout, a freeze or a cut, and the
+    /// task was restarted: here again, since no other agent fitted), and two runs of one task must not go on side by
+    /// side. Its end is not reported: the submitter follows the newer run only.
+    fn supersede(&mut self, task: &TaskId, run: u32, who: &str) {
+        let Some(old) = self.runs.get_mut(task).filter(|r| r.run < run && r.state == "running") else { return };
+        old.stopping = true;
+        old.state = format!("superseded by run {run}");
+        let control = old.control.clone();
+        let grace = self.cfg.stop_grace;
+        let detail = format!("run {} superseded by run {run}", old.run);
+        tokio::spawn(async move { control.stop(grace).await });
+        self.audit(who, "stop", &task.0, &detail);
     }
 
     fn remember(&mut self, task: TaskId, run: Run) {

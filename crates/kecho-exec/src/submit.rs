@@ -23,6 +23,12 @@ pub const EXIT_LOST: i32 = 255;
 /// How many different agents may refuse a task before the submitter gives up.
 const MAX_REFUSALS: usize = 3;
 
+/// After a node loss, when no other agent fits the task: how often, and how far apart, the placement is tried again
+/// with the lost agent among the candidates (taken for lost, it may only have been silent for a while: frozen, or cut
+/// off, past the heartbeat timeout), before the run ends as not placed.
+const PLACE_AGAIN_TRIES: u32 = 5;
+const PLACE_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the submitter does next.
 // A handful of actions per run, each consumed at once: boxing the message would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -61,6 +67,11 @@ pub struct RunSession {
     started_at: Option<Instant>,
     cursor: OutputCursor,
     refused_by: Vec<AgentName>,
+    /// The current placement is a restart after a node loss that avoids the lost agent: how many times it was tried
+    /// again with every agent (`PLACE_AGAIN_TRIES`), `None` otherwise.
+    after_loss: Option<u32>,
+    /// A placement is due at the next `resubmit` (the wake-up after `place_failed`).
+    place_due: bool,
     stopping: bool,
     done: bool,
 }
@@ -77,6 +88,8 @@ impl RunSession {
             started_at: None,
             cursor: OutputCursor::default(),
             refused_by: Vec::new(),
+            after_loss: None,
+            place_due: false,
             stopping: false,
             done: false,
         }
@@ -113,16 +126,31 @@ impl RunSession {
             return vec![RunAction::Release(placement)];
         }
         let agent = placement.agent.clone();
+        self.after_loss = None;
         self.placement = Some(placement.clone());
         self.started_at = Some(now);
         let submit = Submit { run: self.run, placement: Some(placement), ..self.template.clone() };
         vec![RunAction::Send(agent, ExecMsg::Submit(submit))]
     }
 
-    /// No agent could take the task. When agents have refused it before and no other fits, the run ends as refused
-    /// (126): the refusals, not the lack of room, are why it did not run.
-    pub fn place_failed(&mut self, reason: &str) -> Vec<RunAction> {
+    /// No agent could take the task at `now`. When agents have refused it before and no other fits, the run ends as
+    /// refused (126): the refusals, not the lack of room, are why it did not run. A restart after a node loss that
+    /// finds no agent but the lost one tries again with that one too, a few times a second apart (`resubmit` at the
+    /// wake-up): an agent taken for lost after a freeze or a short cut is usually back by then (and stops the older
+    /// run it may still have when the newer one arrives).
+    pub fn place_failed(&mut self, reason: &str, now: Instant) -> Vec<RunAction> {
         let task = self.template.task.clone();
+        if let Some(tries) = self.after_loss.filter(|&t| t < PLACE_AGAIN_TRIES && !self.done) {
+            self.after_loss = Some(tries + 1);
+            self.place_due = true;
+            return vec![
+                RunAction::Note(format!(
+                    "task {task}: no other agent fits ({reason}); trying again in {PLACE_AGAIN_AFTER:?} with every agent"
+                )),
+                RunAction::WakeAt(now + PLACE_AGAIN_AFTER),
+            ];
+        }
+        self.after_loss = None;
         match self.refused_by.len() {
             0 => self.finish(EXIT_NOT_PLACED, format!("task {task} cannot be placed: {reason}")),
             n => {
@@ -201,6 +229,9 @@ impl RunSession {
 
     /// A restart's backoff is over: send the task again where it was.
     pub fn resubmit(&mut self, now: Instant) -> Vec<RunAction> {
+        if std::mem::take(&mut self.place_due) {
+            return if self.done { Vec::new() } else { vec![self.place(self.refused_by.clone())] };
+        }
         match self.placement.clone() {
             Some(p) if !self.done => self.placed(p, now),
             _ => Vec::new(),
@@ -252,6 +283,9 @@ impl RunSession {
                     if self.template.state.is_some() { " from its last checkpoint" } else { "" }
                 ))];
                 out.extend(self.release());
+                if ending == Ending::NodeLost {
+                    self.after_loss = Some(0);
+                }
                 out.push(self.place(lost));
                 out
             }
@@ -436,8 +470,42 @@ mod tests {
             }
         }
         assert_eq!(
-            session(RestartPolicy::Never).place_failed("no agent").last(),
+            session(RestartPolicy::Never).place_failed("no agent", t0).last(),
             Some(&RunAction::Exit(EXIT_NOT_PLACED))
         );
+    }
+    #[test]
+    fn a_node_loss_with_no_other_agent_tries_the_lost_one_again_then_gives_up() {
+        let t0 = Instant::now();
+        let mut s = session(RestartPolicy::OnNodeLoss);
+        s.start();
+        s.placed(at("a", 1), t0);
+        let actions = s.agent_lost(t0);
+        assert!(matches!(actions.last(), Some(RunAction::Place { avoid, .. }) if avoid == &[AgentName("a".into())]));
+        // Nothing but the lost agent fits: not the end, a wake-up, then a placement that avoids nobody.
+        let mut now = t0;
+        let again = s.place_failed("no agent fits", now);
+        assert!(matches!(&again[0], RunAction::Note(n) if n.contains("trying again")), "{again:?}");
+        assert_eq!(again[1], RunAction::WakeAt(now + PLACE_AGAIN_AFTER));
+        now += PLACE_AGAIN_AFTER;
+        assert!(matches!(&s.resubmit(now)[..], [RunAction::Place { avoid, .. }] if avoid.is_empty()));
+        // The agent was back: the task runs there again, as run 1, from its last state.
+        let sub = sent_submit(&s.placed(at("a", 2), now));
+        assert_eq!((sub.run, sub.placement.map(|p| p.agent.0)), (1, Some("a".to_string())));
+        assert!(!s.is_done());
+
+        // Lost for good: a bounded number of tries, then the run ends as not placed.
+        s.agent_lost(now);
+        for _ in 0..PLACE_AGAIN_TRIES {
+            assert_eq!(s.place_failed("no agent fits", now).last(), Some(&RunAction::WakeAt(now + PLACE_AGAIN_AFTER)));
+            now += PLACE_AGAIN_AFTER;
+            assert!(matches!(&s.resubmit(now)[..], [RunAction::Place { .. }]));
+        }
+        assert_eq!(s.place_failed("no agent fits", now).last(), Some(&RunAction::Exit(EXIT_NOT_PLACED)));
+        assert!(s.is_done());
+        // A first placement that fails is not retried: only a restart after a loss is.
+        let mut fresh = session(RestartPolicy::OnNodeLoss);
+        fresh.start();
+        assert_eq!(fresh.place_failed("no agent", t0).last(), Some(&RunAction::Exit(EXIT_NOT_PLACED)));
     }
 }

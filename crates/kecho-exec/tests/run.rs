@@ -116,7 +116,7 @@ async fn a_drained_agent_task_continues_elsewhere_from_its_checkpoint() -> Resul
                     match action {
                         RunAction::Place { spec, avoid } => match placer.place(&spec, &avoid).await {
                             Ok(p) => queue.extend(session.placed(p, Instant::now())),
-                            Err(e) => queue.extend(session.place_failed(&e.to_string())),
+                            Err(e) => queue.extend(session.place_failed(&e.to_string(), Instant::now())),
                         },
                         RunAction::Release(p) => placer.release(&p).await?,
                         RunAction::Send(agent, msg) => match travel(&msg)? {
