@@ -33,6 +33,25 @@ impl Direct {
         }
     }
 
+    /// Whether a direct write may be tried now, on a link that carries priorities or not. Always on TCP. A QUIC link
+    /// takes one only from a task of the runtime: quinn wakes the connection driver while it holds the connection's
+    /// lock, and a wake-up from a thread that is not one of the runtime's workers (a `block_on` future, a plain
+    /// thread) starts the driver at once on a worker, where it blocks on that lock (seen with `perf`: about one event
+    /// in four, with a futex wait and wake-up more, and the idle latency worse than through the writer task; in a
+    /// task, the driver is queued behind it on its worker). And only while the link carries no priorities: with
+    /// direct writes there, a source mixing priorities lost its order when the urgent connection could not be made
+    /// and the urgent lanes moved to an urgent stream (`tests/quic.rs`,
+    /// `a_quic_urgent_connection_that_cannot_be_made_falls_back_to_urgent_streams` failed in 11 of 22 runs, an
+    /// event arriving ahead of up to 9 before it; the cause was not found).
+    #[cfg_attr(not(feature = "quic"), allow(unused_variables))]
+    fn takes(&self, prioritised: bool) -> bool {
+        match self {
+            Direct::Tcp(_) => true,
+            #[cfg(feature = "quic")]
+            Direct::Quic(_) => !prioritised && tokio::task::try_id().is_some(),
+        }
+    }
+
     fn same(&self, other: &Direct) -> bool {
         match (self, other) {
             (Direct::Tcp(a), Direct::Tcp(b)) => Arc::ptr_eq(a, b),
@@ -835,16 +854,7 @@ impl Outbox {
         if !q.is_empty() || q.writing || q.split() {
             return 0;
         }
-        let Some(to) = &q.direct else { return 0 };
-        // A QUIC link that carries priorities leaves every frame to its writers: with direct writes there, a source
-        // mixing priorities lost its order when the urgent connection could not be made and the urgent lanes moved
-        // to an urgent stream (`tests/quic.rs`, `a_quic_urgent_connection_that_cannot_be_made_falls_back_to_urgent_
-        // streams` failed in 11 of 22 runs, an event arriving ahead of up to 9 before it; the cause was not found).
-        // A link's plain events keep the shortcut until then.
-        #[cfg(feature = "quic")]
-        if q.prioritised && matches!(to, Direct::Quic(_)) {
-            return 0;
-        }
+        let Some(to) = q.direct.as_ref().filter(|d| d.takes(q.prioritised)) else { return 0 };
         let now = gate.now();
         if !(q.quiet_at.is_none_or(|t| now >= t) && gate.idle(self.source_idle)) {
             return 0;

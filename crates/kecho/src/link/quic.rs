@@ -328,7 +328,8 @@ impl Datagrams {
 
 /// A QUIC link's main send stream, shared by the link's writer task and its outbox: a submitting thread writes a
 /// quiet link's event into it itself (`Outbox::push_event_with`, under the same rules as a plain TCP link's direct
-/// write: nothing queued, the writer idle, one connection for every lane), which spares the writer task's wake-up.
+/// write: nothing queued, the writer idle, one connection for every lane; and, see `Direct::takes`, no priorities on
+/// the link and a runtime task submitting), which spares the writer task's wake-up.
 /// quinn's connection driver still builds and sends the packet.
 pub(crate) struct QuicSend(parking_lot::Mutex<quinn::SendStream>);
 
@@ -340,18 +341,9 @@ impl QuicSend {
     /// Writes `first` and `frame` into the stream without waiting (a submitting thread's direct write); returns how
     /// many bytes it took: all, or 0 when the stream's or the connection's send window is full (quinn then holds a
     /// waker that does nothing; the writer, which takes what was not written, registers its own). An error (the
-    /// connection gone) is the writer's or the reader's to find.
-    ///
-    /// Only from a task of the runtime: quinn wakes the connection driver while it holds the connection's lock, and a
-    /// wake-up from a thread that is not the runtime's (a `block_on` future, a plain thread) starts the driver at once
-    /// on a worker, where it blocks on that lock (seen with `perf`: about one event in four, a futex wait and wake-up
-    /// more, and the idle latency worse than through the writer task; BENCHMARKS.md). From a task the driver is
-    /// queued on the same worker and runs once the task yields. Elsewhere nothing is written here and the writer
-    /// task takes the frame.
+    /// connection gone) is the writer's or the reader's to find. From a task of the runtime only (see
+    /// `Direct::takes`).
     pub(crate) fn write_now(&self, first: &[u8], frame: &[u8]) -> usize {
-        if tokio::task::try_id().is_none() {
-            return 0;
-        }
         let mut one = bytes::BytesMut::with_capacity(first.len() + frame.len());
         one.extend_from_slice(first);
         one.extend_from_slice(frame);
