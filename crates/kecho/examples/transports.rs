@@ -3,8 +3,10 @@
 //! same link (on another channel): with the default priority, with the highest, and (QUIC) as best-effort events,
 //! which go as datagrams. Prints each figure and QUIC's ratio to TCP.
 //! `cargo run --release -p kecho --no-default-features --features quic --example transports -- [rounds] [events]
-//! [throughput|idle|urgent]` (with `throughput`, only the throughput rounds: for a profile of that workload; with `idle`,
-//! only the idle-link latency rounds, `events` unused, and a fourth argument `tcp` or `quic` runs only that transport;
+//! [throughput|idle|idle-task|urgent]` (with `throughput`, only the throughput rounds: for a profile of that workload;
+//! with `idle`, only the idle-link latency rounds, `events` unused, and a fourth argument `tcp` or `quic` runs only that
+//! transport; `idle-task` is `idle` with each round's events submitted and received in a task of the runtime instead
+//! of `main`'s future, which runs on the main thread;
 //! with `urgent`, only the idle and priority-3-behind-bulk latency rounds, for TCP and for QUIC with urgent connections
 //! on (the default) and off (an urgent stream on the link's one connection), each with its p99 ratio).
 
@@ -208,7 +210,11 @@ async fn main() -> kecho::Result<()> {
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let what = args.next();
     let only_throughput = what.as_deref() == Some("throughput");
-    let only_idle = what.as_deref() == Some("idle");
+    let only_idle = matches!(what.as_deref(), Some("idle" | "idle-task"));
+    // With `idle-task`, each latency round runs in a task of the runtime rather than in `main`'s own future (which
+    // `block_on` polls on the main thread, not on a worker: every wake-up between it and the nodes' tasks crosses
+    // threads).
+    let in_task = what.as_deref() == Some("idle-task");
     if what.as_deref() == Some("urgent") {
         return urgent_rounds(rounds).await;
     }
@@ -231,7 +237,11 @@ async fn main() -> kecho::Result<()> {
                     continue;
                 }
                 let (cs0, cpu0) = (context_switches(), cpu_seconds());
-                let mut v = latency(transports[i], lat_n, false, Mode::Plain).await?.0;
+                let mut v = if in_task {
+                    tokio::spawn(latency(transports[i], lat_n, false, Mode::Plain)).await.expect("the round's task")?.0
+                } else {
+                    latency(transports[i], lat_n, false, Mode::Plain).await?.0
+                };
                 let cs = (context_switches() - cs0) as f64 / lat_n as f64;
                 let cpu = (cpu_seconds() - cpu0) * 1e6 / lat_n as f64;
                 println!(

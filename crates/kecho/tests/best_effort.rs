@@ -32,6 +32,28 @@ fn check_account(got: &[(String, u64, u64)]) {
     }
 }
 
+/// Checks the account of `n` events sent to a sink that joined after the source had numbered others, the first of
+/// them numbered `first`: every one delivered or reported missed, the first delivered with nothing missed before it,
+/// and from there the account of [`check_account`]. Returns how many were reported missed. `to`: the sink's node, as
+/// the failures name it.
+fn check_from(got: &[(String, u64, u64)], first: u64, n: u64, to: &str) -> u64 {
+    let missed: u64 = got.iter().map(|g| g.2).sum();
+    assert_eq!(
+        got.len() as u64 + missed,
+        n,
+        "every event sent to {to} delivered or reported missed ({} delivered, {missed} missed)",
+        got.len()
+    );
+    assert_eq!(
+        got.first().map(|g| (g.1, g.2)),
+        Some((first, 0)),
+        "{to}: nothing from before it joined, then the first"
+    );
+    let rebased: Vec<(String, u64, u64)> = got.iter().map(|(t, s, m)| (t.clone(), s - first + 1, *m)).collect();
+    check_account(&rebased);
+    missed
+}
+
 fn link_to(n: &Node, other: &Node) -> LinkStats {
     n.link_stats().into_iter().find(|l| l.node == other.id()).expect("a link between the two nodes")
 }
@@ -186,16 +208,7 @@ async fn best_effort_events_to_a_reopened_channel_are_delivered_or_reported() ->
     let first = src.submit("be", &Attrs::new(), b"first").await?;
     send_best_effort(&mut src, 300, 64).await?;
     let got = drain(&mut sink, "end").await?;
-    let missed: u64 = got.iter().map(|g| g.2).sum();
-    assert_eq!(
-        got.len() as u64 + missed,
-        302,
-        "every event sent to the new instance delivered or reported missed ({} delivered, {missed} missed)",
-        got.len()
-    );
-    assert_eq!(got.first().map(|g| (g.1, g.2)), Some((first, 0)), "the first event to the new instance arrived");
-    let rebased: Vec<(String, u64, u64)> = got.iter().map(|(t, s, m)| (t.clone(), s - first + 1, *m)).collect();
-    check_account(&rebased);
+    let missed = check_from(&got, first, 302, "the new instance");
     let l = link_to(&a, &b);
     assert!(l.datagrams_sent > links_before.datagrams_sent + 100, "the events went as datagrams");
     assert_eq!(cb.stats().missed, missed);
@@ -255,16 +268,7 @@ async fn a_sink_restarted_at_the_same_address_gets_best_effort_events_delivered_
     let first = src.submit("be", &Attrs::new(), b"first").await?;
     send_best_effort(&mut src, 300, 64).await?;
     let got = drain(&mut sink, "end").await?;
-    let missed: u64 = got.iter().map(|g| g.2).sum();
-    assert_eq!(
-        got.len() as u64 + missed,
-        302,
-        "every event sent to the restarted node delivered or reported missed ({} delivered, {missed} missed)",
-        got.len()
-    );
-    assert_eq!(got.first().map(|g| (g.1, g.2)), Some((first, 0)), "nothing from before it joined, then the first");
-    let rebased: Vec<(String, u64, u64)> = got.iter().map(|(t, s, m)| (t.clone(), s - first + 1, *m)).collect();
-    check_account(&rebased);
+    let missed = check_from(&got, first, 302, "the restarted node");
     assert!(link_to(&a, &b2).datagrams_sent > 100, "the events went as datagrams");
     assert_eq!(cb2.stats().missed, missed);
     Ok(())

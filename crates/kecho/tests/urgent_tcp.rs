@@ -198,6 +198,33 @@ async fn pair(reg: &RegistryClient) -> Result<(Node, Relay, Node, Relay)> {
     Ok((a, ra, b, rb))
 }
 
+/// Two nodes as from [`pair`], with channel `name` open at both and the link between them up at both ends (a probe
+/// sink at `x` that takes nothing makes `y` want it), then settled: a second dial made at the same moment (both nodes
+/// dialling at once; one link is kept) has reached its relay.
+struct Linked {
+    x: Node,
+    rx: Relay,
+    y: Node,
+    ry: Relay,
+    cx: Channel,
+    cy: Channel,
+    _probe: kecho::Sink,
+}
+
+async fn linked_pair(reg: &RegistryClient, name: &str) -> Result<Linked> {
+    let (x, rx, y, ry) = pair(reg).await?;
+    let (cx, cy) = (x.channel(name).await?, y.channel(name).await?);
+    let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
+    cy.wait_for_sinks(1, T).await?;
+    eventually("the link up at both ends", || {
+        try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
+    })
+    .await?;
+    // A second dial made at the same moment may reach its relay a little later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(Linked { x, rx, y, ry, cx, cy, _probe })
+}
+
 fn attr_i(ev: &Event, k: &str) -> i64 {
     match ev.attrs().get(k) {
         Some(kecho::Value::Int(i)) => *i,
@@ -260,18 +287,9 @@ async fn an_urgent_event_passes_a_stalled_bulk_connection() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_urgent_event_of_the_dialling_node_passes_a_stalled_bulk_connection() -> Result<()> {
     let reg = RegistryClient::in_process_private();
-    let (x, rx, y, ry) = pair(&reg).await?;
     // Bring the link up, then send from the node that dialled it (the relays count the connections made to their
     // node; when both nodes dialled at once, the connection dialled by the lower node id is the one kept).
-    let (cx, cy) = (x.channel("first").await?, y.channel("first").await?);
-    let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
-    cy.wait_for_sinks(1, T).await?;
-    eventually("the link up at both ends", || {
-        try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
-    })
-    .await?;
-    // A second dial made at the same moment may reach its relay a little later.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Linked { x, rx, y, ry, cx, cy, _probe } = linked_pair(&reg, "first").await?;
     let to = |r: &Relay| r.counts().0 - r.counts().1;
     let x_dialled = match (to(&rx), to(&ry)) {
         (0, _) => true,
@@ -561,16 +579,8 @@ async fn losing_the_urgent_connection_is_losing_the_link() -> Result<()> {
 async fn the_acceptor_learns_that_the_urgent_connection_failed() -> Result<()> {
     for dialler_urgent in [false, true] {
         let reg = RegistryClient::in_process_private();
-        let (x, rx, y, ry) = pair(&reg).await?;
         // Bring the link up and see which node dialled it (when both dial at once, one link is kept: wait for that).
-        let (cx, cy) = (x.channel("failed").await?, y.channel("failed").await?);
-        let _probe = cx.sink(SinkOptions::new().types(["none"]))?;
-        cy.wait_for_sinks(1, T).await?;
-        eventually("the link up at both ends", || {
-            try_link_of(&x, &y).is_some_and(|l| l.up) && try_link_of(&y, &x).is_some_and(|l| l.up)
-        })
-        .await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Linked { x, rx, y, ry, cx, cy, _probe } = linked_pair(&reg, "failed").await?;
         let (lx, ly) = (link_of(&x, &y), link_of(&y, &x));
         ensure!(lx.urgent_dialler != ly.urgent_dialler, "one end dials the urgent connection: {lx:?} {ly:?}");
         let ((acceptor, ch_acc, r_acc), (dialler, ch_dia)) =

@@ -244,7 +244,7 @@ pub(super) async fn dial_urgent<H>(links: &Links<H>, u: &TcpUrgent) {
         let up = async {
             let ep = links.quic_urgent.get().ok_or_else(|| LinkError::Handshake("no urgent QUIC endpoint".into()))?;
             let (rd, wr, _, _) = ep.dial_to(to, at, cfg.connect_timeout).await?;
-            let Wr::Stream(mut wr) = wr else { return Err(LinkError::Handshake("not a stream".into())) };
+            let mut wr = wr.into_stream();
             wr.write_all(&urgent::join_frame(me, &u.token())).await?;
             Ok::<_, LinkError>((rd, wr))
         };

@@ -398,6 +398,7 @@ impl<H: LinkHandler> Links<H> {
                     up,
                     event_frames: p.outbox.events(),
                     writes: p.frames_sent.load(Ordering::Relaxed) + p.outbox.direct_writes.load(Ordering::Relaxed),
+                    direct_writes: p.outbox.direct_writes.load(Ordering::Relaxed),
                     bytes_sent: c.bytes_sent.load(Ordering::Relaxed) + p.outbox.direct_bytes.load(Ordering::Relaxed),
                     bytes_received: c.bytes_received.load(Ordering::Relaxed),
                     queued_bytes: p.outbox.queued_bytes(),
@@ -651,6 +652,9 @@ pub struct LinkStats {
     pub event_frames: u64,
     /// Writes to the socket (each carries one or more frames, events and control messages).
     pub writes: u64,
+    /// Of those, events a submitting task wrote itself on a quiet link (a plain TCP link's socket, a QUIC link's main
+    /// stream) rather than through the link's writer task.
+    pub direct_writes: u64,
     /// Bytes written.
     pub bytes_sent: u64,
     /// Bytes read.

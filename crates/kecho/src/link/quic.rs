@@ -1,7 +1,8 @@
 //! QUIC links (quinn): the node's UDP endpoint, dialling and accepting connections. A link is one QUIC connection per
 //! pair of nodes; its frames travel on one bidirectional stream that the dialler opens, so everything above (the
 //! kecho handshake with its identity proofs, the reader, the writer, heartbeats, loss accounting) is the same code as
-//! over TCP: the stream's halves are a link's `Rd` and `Wr::Stream`.
+//! over TCP: the stream's halves are a link's `Rd` and `Wr::Quic` (shared with the outbox for direct writes, as a
+//! plain TCP link's socket is: [`QuicSend`]).
 //!
 //! Best-effort events (`EventOptions::best_effort`) that fit in a datagram travel as QUIC datagrams instead
 //! ([`Datagrams`]; the layout and the receiver's rule are in `datagram.rs`).
@@ -211,7 +212,7 @@ impl QuicEndpoint {
             .map_err(|_| LinkError::ConnectTimeout { addr: addr.to_owned() })?
             .map_err(|e| fail(format!("handshake failed: {e}")))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| fail(format!("cannot open a stream: {e}")))?;
-        Ok((Box::new(recv), Wr::Stream(Box::new(send)), to, Datagrams::new(conn, self.drop_every)))
+        Ok((Box::new(recv), Wr::Quic(send), to, Datagrams::new(conn, self.drop_every)))
     }
 
     /// Closes the endpoint: every connection ends at once.
@@ -234,7 +235,7 @@ pub(crate) async fn accept(
     };
     match tokio::time::timeout(timeout, up).await {
         Ok(Ok((send, recv, conn))) => {
-            Some((Box::new(recv), Wr::Stream(Box::new(send)), remote, Datagrams::new(conn, ep.drop_every)))
+            Some((Box::new(recv), Wr::Quic(send), remote, Datagrams::new(conn, ep.drop_every)))
         }
         Ok(Err(why)) => {
             tracing::warn!(%remote, "refusing a QUIC connection: {why}");
@@ -322,6 +323,73 @@ impl Datagrams {
     /// The next datagram that arrived; `None` once the connection is gone.
     pub(crate) async fn recv(&self) -> Option<Bytes> {
         self.conn.read_datagram().await.ok()
+    }
+}
+
+/// A QUIC link's main send stream, shared by the link's writer task and its outbox: a submitting thread writes a
+/// quiet link's event into it itself (`Outbox::push_event_with`, under the same rules as a plain TCP link's direct
+/// write: nothing queued, the writer idle, one connection for every lane; and, see `Direct::takes`, no priorities on
+/// the link and a runtime task submitting), which spares the writer task's wake-up.
+/// quinn's connection driver still builds and sends the packet.
+pub(crate) struct QuicSend(parking_lot::Mutex<quinn::SendStream>);
+
+impl QuicSend {
+    pub(crate) fn new(s: quinn::SendStream) -> Arc<Self> {
+        Arc::new(QuicSend(parking_lot::Mutex::new(s)))
+    }
+
+    /// Writes `first` and `frame` into the stream without waiting (a submitting thread's direct write); returns how
+    /// many bytes it took: all, or 0 when the stream's or the connection's send window is full (quinn then holds a
+    /// waker that does nothing; the writer, which takes what was not written, registers its own). An error (the
+    /// connection gone) is the writer's or the reader's to find. From a task of the runtime only (see
+    /// `Direct::takes`).
+    pub(crate) fn write_now(&self, first: &[u8], frame: &[u8]) -> usize {
+        let mut one = bytes::BytesMut::with_capacity(first.len() + frame.len());
+        one.extend_from_slice(first);
+        one.extend_from_slice(frame);
+        let mut chunks = [one.freeze()];
+        let mut s = self.0.lock();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // One call (one lock of the connection, one wake-up of its driver) for both parts. `write_chunks` is cancel
+        // safe: dropped while pending, it wrote nothing.
+        let polled = std::future::Future::poll(std::pin::pin!(s.write_chunks(&mut chunks)), &mut cx);
+        match polled {
+            std::task::Poll::Ready(Ok(w)) => w.bytes,
+            _ => 0,
+        }
+    }
+
+    /// Ends the stream (FIN) once what was written is sent.
+    fn finish(&self) -> std::io::Result<()> {
+        self.0.lock().finish().map_err(std::io::Error::other)
+    }
+}
+
+/// The writer task's handle on a [`QuicSend`].
+pub(crate) struct QuicWr(pub(crate) Arc<QuicSend>);
+
+impl tokio::io::AsyncWrite for QuicWr {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut s = self.0 .0.lock();
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut *s), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(self.0.finish())
     }
 }
 
@@ -580,7 +648,7 @@ mod tests {
             })
         };
         let (_rd, wr, _, conn) = a.dial(&to, Duration::from_secs(10)).await.unwrap();
-        let Wr::Stream(mut w) = wr else { panic!("a QUIC link writes to a stream") };
+        let mut w = wr.into_stream();
         // The acceptor sees the stream once the dialler writes on it.
         w.write_all(&[0u8; 1024]).await.unwrap();
         let (mut rd, _wr, _, _) = accepting.await.unwrap();
@@ -622,7 +690,7 @@ mod tests {
             tokio::spawn(async move {
                 let incoming = b.endpoint.accept().await.expect("a connection");
                 let (mut rd, wr, _, _) = accept(&b, incoming, Duration::from_secs(10)).await.expect("accepted");
-                let Wr::Stream(mut w) = wr else { panic!("a stream") };
+                let mut w = wr.into_stream();
                 let mut buf = [0u8; 100];
                 rd.read_exact(&mut buf).await.unwrap();
                 w.write_all(&buf).await.unwrap();
@@ -631,7 +699,7 @@ mod tests {
             })
         };
         let (mut rd, wr, _, _) = u.dial(&b.local_addr().unwrap().to_string(), Duration::from_secs(10)).await.unwrap();
-        let Wr::Stream(mut w) = wr else { panic!("a stream") };
+        let mut w = wr.into_stream();
         w.write_all(&[5u8; 100]).await.unwrap();
         let mut echo = [0u8; 100];
         rd.read_exact(&mut echo).await.unwrap();

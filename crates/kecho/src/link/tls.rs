@@ -30,6 +30,24 @@ pub(crate) enum Wr {
     Stream(Box<dyn AsyncWrite + Unpin + Send>),
     /// A same-host link's shared-memory ring (`link/local.rs`); the writer task takes it as a `Stream`.
     Shm(Box<kecho_shm::ShmWriter>),
+    /// A QUIC link's stream: the link's writer shares its main stream with the outbox for direct writes
+    /// (`quic::QuicSend`); an urgent connection's is taken as a `Stream`.
+    #[cfg(feature = "quic")]
+    Quic(quinn::SendStream),
+}
+
+impl Wr {
+    /// The write half as a plain byte stream (no direct writes).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    pub(crate) fn into_stream(self) -> Box<dyn AsyncWrite + Unpin + Send> {
+        match self {
+            Wr::Tcp(w) => Box::new(w),
+            Wr::Stream(w) => w,
+            Wr::Shm(w) => w,
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => Box::new(w),
+        }
+    }
 }
 
 impl AsyncWrite for Wr {
@@ -38,6 +56,8 @@ impl AsyncWrite for Wr {
             Wr::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             Wr::Stream(w) => Pin::new(w).poll_write(cx, buf),
             Wr::Shm(w) => Pin::new(w).poll_write(cx, buf),
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => tokio::io::AsyncWrite::poll_write(Pin::new(w), cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -49,6 +69,8 @@ impl AsyncWrite for Wr {
             Wr::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             Wr::Stream(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             Wr::Shm(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => tokio::io::AsyncWrite::poll_write_vectored(Pin::new(w), cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -56,6 +78,8 @@ impl AsyncWrite for Wr {
             Wr::Tcp(w) => w.is_write_vectored(),
             Wr::Stream(w) => w.is_write_vectored(),
             Wr::Shm(w) => w.is_write_vectored(),
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => tokio::io::AsyncWrite::is_write_vectored(w),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -63,6 +87,8 @@ impl AsyncWrite for Wr {
             Wr::Tcp(w) => Pin::new(w).poll_flush(cx),
             Wr::Stream(w) => Pin::new(w).poll_flush(cx),
             Wr::Shm(w) => Pin::new(w).poll_flush(cx),
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => tokio::io::AsyncWrite::poll_flush(Pin::new(w), cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -70,6 +96,8 @@ impl AsyncWrite for Wr {
             Wr::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             Wr::Stream(w) => Pin::new(w).poll_shutdown(cx),
             Wr::Shm(w) => Pin::new(w).poll_shutdown(cx),
+            #[cfg(feature = "quic")]
+            Wr::Quic(w) => tokio::io::AsyncWrite::poll_shutdown(Pin::new(w), cx),
         }
     }
 }

@@ -13,7 +13,7 @@ use kecho_proto::Message;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::Outbox;
+use super::outbox::{Direct, Outbox};
 use super::tls::Wr;
 use super::urgent::{Ready, TcpUrgent, UrgentWr};
 use super::{LinkError, LinkHandler, LinkLive, Links, Peer};
@@ -51,6 +51,9 @@ enum Hold {
 enum LinkWr {
     /// Plain TCP, shared with the outbox.
     Tcp(Arc<OwnedWriteHalf>),
+    /// A QUIC link's main stream, shared with the outbox.
+    #[cfg(feature = "quic")]
+    Quic(super::quic::QuicWr),
     Stream(Box<dyn AsyncWrite + Unpin + Send>),
 }
 
@@ -58,6 +61,8 @@ impl LinkWr {
     async fn write(&mut self, frames: &mut VecDeque<Bytes>, batch: &mut BytesMut) -> std::io::Result<()> {
         match self {
             LinkWr::Tcp(sock) => write_frames_tcp(sock, frames, batch).await,
+            #[cfg(feature = "quic")]
+            LinkWr::Quic(w) => write_frames(w, frames, batch).await,
             LinkWr::Stream(w) => write_frames(w, frames, batch).await,
         }
     }
@@ -66,16 +71,27 @@ impl LinkWr {
     async fn shutdown(self, outbox: &Outbox) {
         match self {
             LinkWr::Tcp(sock) => {
-                outbox.clear_direct(&sock);
+                outbox.clear_direct(&Direct::Tcp(sock.clone()));
                 // The outbox held the only other reference, and only under its lock: this one is now alone.
                 if let Ok(mut w) = Arc::try_unwrap(sock) {
                     let _ = w.shutdown().await;
                 }
             }
+            #[cfg(feature = "quic")]
+            LinkWr::Quic(mut w) => {
+                outbox.clear_direct(&Direct::Quic(w.0.clone()));
+                let _ = w.shutdown().await;
+            }
             LinkWr::Stream(mut w) => {
                 let _ = w.shutdown().await;
             }
         }
+    }
+
+    /// A stream of the link's connection can carry the urgent lanes (QUIC, TLS; not TCP, whose urgent lanes take a
+    /// connection of their own).
+    fn is_stream(&self) -> bool {
+        !matches!(self, LinkWr::Tcp(_))
     }
 }
 
@@ -90,8 +106,14 @@ pub(super) async fn writer<H: LinkHandler>(
     let mut wr = match wr {
         Wr::Tcp(w) => {
             let sock = Arc::new(w);
-            peer.outbox.set_direct(Some(sock.clone()));
+            peer.outbox.set_direct(Some(Direct::Tcp(sock.clone())));
             LinkWr::Tcp(sock)
+        }
+        #[cfg(feature = "quic")]
+        Wr::Quic(s) => {
+            let s = super::quic::QuicSend::new(s);
+            peer.outbox.set_direct(Some(Direct::Quic(s.clone())));
+            LinkWr::Quic(super::quic::QuicWr(s))
         }
         Wr::Stream(w) => LinkWr::Stream(w),
         Wr::Shm(w) => LinkWr::Stream(w),
@@ -216,7 +238,7 @@ pub(super) async fn writer<H: LinkHandler>(
                 }
             }
             // QUIC, TLS: the urgent lanes may take a stream of the link's connection (`UrgentLanes::open_stream`).
-            if lanes.stream_wanted && matches!(wr, LinkWr::Stream(_)) {
+            if lanes.stream_wanted && wr.is_stream() {
                 lanes.open_stream(&peer, gen, lowat, &mut frames).await;
             }
             let n = frames.len() as u64;
@@ -475,12 +497,23 @@ impl UrgentLanes {
         if !(self.announce || peer.outbox.prioritised.load(Ordering::Acquire)) {
             return;
         }
+        // Not while the rest of a frame begun by a direct write is queued (it goes first, on the main stream: at the
+        // next turn). While the stream is being opened, the urgent lanes are held as for an urgent connection being
+        // made, which also stops direct writes: one written then, and cut short by a full window, would leave its
+        // rest in the top lane, for the urgent stream.
+        if !peer.outbox.may_split() {
+            return;
+        }
         self.stream_wanted = false;
+        peer.outbox.hold_urgent();
         let conn = peer.datagrams.lock().clone();
         let urgent = match conn.filter(|d| d.has_streams()) {
             Some(d) => d.open_urgent().await,
             None => None,
         };
+        if urgent.is_none() || self.to_writer.is_none() {
+            peer.outbox.release_hold();
+        }
         match (urgent, self.to_writer.take()) {
             (Some(u), Some(tx)) => {
                 frames.push_back(peer.outbox.start_streams());
@@ -853,7 +886,7 @@ mod tests {
     async fn direct_writes_never_overtake_queued_frames() {
         let (sock, _ra, mut b) = socket_pair().await;
         let out = Outbox::with_quiet(1 << 30, QUIET);
-        out.set_direct(Some(sock.clone()));
+        out.set_direct(Some(Direct::Tcp(sock.clone())));
         let mut batch = BytesMut::new();
         let mut taken = VecDeque::new();
         let mut wire = Vec::new();
@@ -908,7 +941,7 @@ mod tests {
     async fn a_partial_direct_write_leaves_the_rest_queued_in_order() {
         let (sock, _ra, mut b) = socket_pair().await;
         let out = Outbox::with_quiet(1 << 30, QUIET);
-        out.set_direct(Some(sock.clone()));
+        out.set_direct(Some(Direct::Tcp(sock.clone())));
         // Far more than the socket buffers take while nobody reads: the direct write is partial.
         let big: Bytes = (0..32u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         quiet();
@@ -951,7 +984,7 @@ mod tests {
     async fn nothing_overtakes_the_rest_of_a_partial_direct_write() {
         let (sock, _ra, mut b) = socket_pair().await;
         let out = Outbox::with_quiet(1 << 30, QUIET);
-        out.set_direct(Some(sock.clone()));
+        out.set_direct(Some(Direct::Tcp(sock.clone())));
         let big: Bytes = (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         quiet();
         let mut bulk = Held::default();
