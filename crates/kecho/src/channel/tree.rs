@@ -39,6 +39,8 @@ use tokio::sync::Notify;
 mod events;
 #[path = "tree_links.rs"]
 mod links;
+#[path = "tree_own.rs"]
+mod own;
 #[path = "tree_probe.rs"]
 mod probe;
 pub(super) use events::Head as TreeHead;
@@ -119,6 +121,9 @@ pub struct TreeStats {
     pub late_grafts: u64,
     /// Second and later copies of events (and membership snapshots) received.
     pub duplicates: u64,
+    /// Versions of this node's own snapshot broadcast through the overlay (changes in quick succession go as one,
+    /// with the newest version).
+    pub own_broadcasts: u64,
 }
 
 /// A channel's tree-mode state on one node.
@@ -139,6 +144,7 @@ pub(super) struct Tree {
     control_bytes: AtomicU64,
     suspicions: AtomicU64,
     refuted: AtomicU64,
+    own_broadcasts: AtomicU64,
 }
 
 struct TreeInner {
@@ -154,8 +160,8 @@ struct TreeInner {
     recent: Talks,
     /// Links opened to ask members for snapshots the overlay lost.
     asks: AskBudget,
-    /// The newest own snapshot version broadcast so far.
-    broadcast_version: u64,
+    /// The own snapshot's broadcasts, a change waiting briefly for the next (`tree_own.rs`).
+    own: own::OwnBroadcast,
     /// Streams known to carry events (a gap in them is reported to sinks), and membership streams.
     event_streams: HashSet<NodeId>,
     /// When this node last asked the contact for its view.
@@ -182,7 +188,7 @@ impl Default for Tree {
                 book: HashMap::new(),
                 recent: Talks::default(),
                 asks: AskBudget::default(),
-                broadcast_version: 0,
+                own: own::OwnBroadcast::default(),
                 event_streams: HashSet::new(),
                 last_resync: None,
                 failing: HashMap::new(),
@@ -198,6 +204,7 @@ impl Default for Tree {
             control_bytes: AtomicU64::new(0),
             suspicions: AtomicU64::new(0),
             refuted: AtomicU64::new(0),
+            own_broadcasts: AtomicU64::new(0),
         }
     }
 }
@@ -245,6 +252,7 @@ impl ChannelInner {
             grafts: counters.grafts,
             late_grafts: counters.late_grafts,
             duplicates: counters.duplicates,
+            own_broadcasts: t.own_broadcasts.load(Ordering::Relaxed),
         }
     }
 
@@ -314,8 +322,8 @@ impl ChannelInner {
     }
 
     /// Sends a message of the membership state machine in tree mode: joins as they are; this node's snapshot over
-    /// links that are up, and once per version through the overlay; others' snapshots (relays) over links that are
-    /// up only.
+    /// links that are up, and once per version through the overlay (changes in quick succession once, with the
+    /// newest version: `tree_own.rs`); others' snapshots (relays) over links that are up only.
     pub(super) fn tree_send_membership(self: &Arc<Self>, node: &Arc<Channels>, to: NodeId, addr: &str, msg: Message) {
         match &msg {
             Message::Snapshot { channel, node: who, addr: who_addr, snapshot, left, .. } if *who == node.id => {
@@ -324,10 +332,10 @@ impl ChannelInner {
                 }
                 let at = now();
                 let mut t = self.tree.inner.lock();
-                if snapshot.version <= t.broadcast_version {
+                // Checked before the encoding: the state machine asks this once per member.
+                if !t.own.is_new(snapshot.version) {
                     return;
                 }
-                t.broadcast_version = snapshot.version;
                 let copy = Message::Snapshot {
                     channel: *channel,
                     node: *who,
@@ -336,9 +344,16 @@ impl ChannelInner {
                     left: *left,
                     reply: false,
                 };
+                // A goodbye goes at once; a change when its window ends (the timer loop), with the newest version.
+                let Some(now_due) = t.own.offer(snapshot.version, copy.to_bytes(), *left, at) else {
+                    drop(t);
+                    self.tree.wake.notify_one();
+                    return;
+                };
                 let ms = t.ms(at);
                 if let Some(g) = t.gossip.as_mut() {
-                    g.broadcast_on(membership_stream(node.id), copy.to_bytes(), ms);
+                    g.broadcast_on(membership_stream(node.id), now_due, ms);
+                    self.tree.own_broadcasts.fetch_add(1, Ordering::Relaxed);
                 }
                 drop(t);
                 self.tree_pump(node);
@@ -932,7 +947,7 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
             let t = ch.tree.inner.lock();
             let ms = t.gossip.as_ref().map_or(u64::MAX, |g| g.poll_timeout());
             let ms = ms.min(t.prober.as_ref().map_or(u64::MAX, |p| p.poll_timeout()));
-            let next = next_sweep.min(next_sync);
+            let next = next_sweep.min(next_sync).min(t.own.due().unwrap_or(next_sweep));
             t.base.checked_add(Duration::from_millis(ms)).map_or(next, |d| d.min(next))
         };
         {
@@ -950,7 +965,12 @@ async fn tree_loop(weak: Weak<ChannelInner>) {
         {
             let mut t = ch.tree.inner.lock();
             let ms = t.ms(at);
+            let own = t.own.take_due(at);
             if let Some(g) = t.gossip.as_mut() {
+                if let Some(snapshot) = own {
+                    g.broadcast_on(membership_stream(node.id), snapshot, ms);
+                    ch.tree.own_broadcasts.fetch_add(1, Ordering::Relaxed);
+                }
                 if g.poll_timeout() <= ms {
                     g.handle_timeout(ms);
                 }
